@@ -1,0 +1,327 @@
+//! The readiness report: per package status and reason, overall percentage, and its
+//! renderings (table for people, JSON for scripts, Markdown for READMEs, JUnit for CI).
+
+use crate::status::PackageStatus;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One fixed-output hash to fill in (issue-level detail for `needs-hash` packages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashFix {
+    pub file: String,
+    pub attribute: String,
+    pub old: String,
+    pub new: String,
+}
+
+/// One package's line in the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackageReport {
+    pub attr: String,
+    pub status: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub pname: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub version: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub drv_path: String,
+    /// Output name to store path.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    pub pinned: bool,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub rev: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub position: String,
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub agent: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub failed_dependency: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub fod_drv: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub specified_hash: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub got_hash: String,
+    #[serde(default)]
+    pub hash_fixes: Vec<HashFix>,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub log_tail: String,
+}
+
+impl PackageReport {
+    pub fn status(&self) -> PackageStatus {
+        self.status.parse().unwrap_or(PackageStatus::Pending)
+    }
+}
+
+/// Totals over a report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub total: usize,
+    pub ready: usize,
+    /// Ready packages as a percentage of all, rounded to one decimal.
+    pub percent: f64,
+    pub by_status: BTreeMap<String, usize>,
+}
+
+/// A run's readiness report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub run_id: String,
+    pub state: String,
+    pub label: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub error: String,
+    pub summary: Summary,
+    pub packages: Vec<PackageReport>,
+}
+
+impl Report {
+    pub fn new(run_id: String, state: String, label: String, error: String, mut packages: Vec<PackageReport>) -> Self {
+        packages.sort_by(|a, b| a.attr.cmp(&b.attr));
+        let summary = summarize(&packages);
+        Report { run_id, state, label, error, summary, packages }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    pub fn to_table(&self) -> String {
+        let mut t = comfy_table::Table::new();
+        t.load_style(comfy_table::presets::UTF8_BORDERS_ONLY);
+        t.set_header(vec!["package", "status", "reason", "time", "agent"]);
+        for p in &self.packages {
+            t.add_row(vec![
+                p.attr.clone(),
+                p.status.clone(),
+                truncate(&p.reason, 90),
+                if p.duration_ms > 0 { format_ms(p.duration_ms) } else { String::new() },
+                p.agent.clone(),
+            ]);
+        }
+        let mut out = format!("Run {} ({}): {}\n", self.run_id, self.state, self.label);
+        if !self.error.is_empty() {
+            let _ = writeln!(out, "error: {}", self.error);
+        }
+        let _ = writeln!(out, "{t}");
+        let _ = writeln!(out, "{}", self.summary_line());
+        out
+    }
+
+    pub fn summary_line(&self) -> String {
+        let counts: Vec<String> = self
+            .summary
+            .by_status
+            .iter()
+            .filter(|(k, _)| k.as_str() != "ready")
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect();
+        let mut s = format!(
+            "Ready: {}/{} ({:.1}%)",
+            self.summary.ready, self.summary.total, self.summary.percent
+        );
+        if !counts.is_empty() {
+            let _ = write!(s, "; {}", counts.join(", "));
+        }
+        s
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "## nixfarm readiness: {:.1}% ({}/{} ready)\n", self.summary.percent, self.summary.ready, self.summary.total);
+        if !self.error.is_empty() {
+            let _ = writeln!(out, "> **error:** {}\n", md_escape(&self.error));
+        }
+        let _ = writeln!(out, "| package | status | reason |");
+        let _ = writeln!(out, "|---|---|---|");
+        for p in &self.packages {
+            let icon = match p.status() {
+                PackageStatus::Ready => "✅",
+                PackageStatus::Unpinned | PackageStatus::NeedsHash => "⚠️",
+                PackageStatus::Pending => "⏳",
+                _ => "❌",
+            };
+            let _ = writeln!(out, "| `{}` | {icon} {} | {} |", p.attr, p.status, md_escape(&truncate(&p.reason, 200)));
+        }
+        let failures: Vec<&PackageReport> =
+            self.packages.iter().filter(|p| !p.log_tail.is_empty() && p.status().is_failure()).collect();
+        for p in failures {
+            let _ = writeln!(out, "\n<details><summary><code>{}</code> log tail</summary>\n\n```\n{}\n```\n</details>", p.attr, p.log_tail.trim_end().replace("```", "'''"));
+        }
+        out
+    }
+
+    pub fn to_junit(&self) -> String {
+        let failures = self.packages.iter().filter(|p| p.status().is_failure()).count();
+        let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        let _ = writeln!(
+            out,
+            "<testsuites name=\"nixfarm\" tests=\"{}\" failures=\"{}\">",
+            self.packages.len(),
+            failures
+        );
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\">",
+            xml_escape(&self.label),
+            self.packages.len(),
+            failures
+        );
+        for p in &self.packages {
+            let secs = p.duration_ms as f64 / 1000.0;
+            let _ = write!(out, "    <testcase classname=\"nixfarm\" name=\"{}\" time=\"{secs:.3}\"", xml_escape(&p.attr));
+            if p.status().is_failure() {
+                let _ = writeln!(out, ">");
+                let _ = writeln!(
+                    out,
+                    "      <failure type=\"{}\" message=\"{}\">{}</failure>",
+                    xml_escape(&p.status),
+                    xml_escape(&p.reason),
+                    xml_escape(&p.log_tail)
+                );
+                let _ = writeln!(out, "    </testcase>");
+            } else {
+                let _ = writeln!(out, "/>");
+            }
+        }
+        out.push_str("  </testsuite>\n</testsuites>\n");
+        out
+    }
+}
+
+fn summarize(packages: &[PackageReport]) -> Summary {
+    let mut by_status = BTreeMap::new();
+    for p in packages {
+        *by_status.entry(p.status.clone()).or_insert(0) += 1;
+    }
+    let total = packages.len();
+    let ready = by_status.get("ready").copied().unwrap_or(0);
+    let percent = if total == 0 { 0.0 } else { (ready as f64 * 1000.0 / total as f64).round() / 10.0 };
+    Summary { total, ready, percent, by_status }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let line = s.lines().next().unwrap_or_default();
+    if line.chars().count() <= max {
+        line.to_string()
+    } else {
+        let mut t: String = line.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            // XML 1.0 forbids most control characters even escaped.
+            c if (c as u32) < 0x20 && !matches!(c, '\n' | '\r' | '\t') => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Formats a duration in milliseconds for people.
+pub fn format_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkg(attr: &str, status: &str) -> PackageReport {
+        PackageReport {
+            attr: attr.into(),
+            status: status.into(),
+            reason: format!("because <{attr}> & \"x\""),
+            pname: String::new(),
+            version: String::new(),
+            drv_path: String::new(),
+            outputs: BTreeMap::new(),
+            pinned: true,
+            rev: String::new(),
+            position: String::new(),
+            duration_ms: 1500,
+            agent: "a1".into(),
+            failed_dependency: String::new(),
+            fod_drv: String::new(),
+            specified_hash: String::new(),
+            got_hash: String::new(),
+            hash_fixes: vec![],
+            log_tail: "line1\nline2".into(),
+        }
+    }
+
+    fn report() -> Report {
+        Report::new(
+            "r1".into(),
+            "finished".into(),
+            "repo".into(),
+            String::new(),
+            vec![pkg("b", "build-failed"), pkg("a", "ready"), pkg("c", "ready")],
+        )
+    }
+
+    #[test]
+    fn summary_counts_and_percent() {
+        let r = report();
+        assert_eq!(r.summary.total, 3);
+        assert_eq!(r.summary.ready, 2);
+        assert_eq!(r.summary.percent, 66.7);
+        assert_eq!(r.packages[0].attr, "a");
+        assert_eq!(r.summary_line(), "Ready: 2/3 (66.7%); 1 build-failed");
+    }
+
+    #[test]
+    fn json_has_the_documented_shape() {
+        let v: serde_json::Value = serde_json::from_str(&report().to_json()).unwrap();
+        assert_eq!(v["summary"]["total"], 3);
+        assert_eq!(v["summary"]["ready"], 2);
+        assert_eq!(v["packages"][1]["attr"], "b");
+        assert_eq!(v["packages"][1]["status"], "build-failed");
+        assert!(v["packages"][0]["hash_fixes"].is_array());
+    }
+
+    #[test]
+    fn junit_escapes_and_counts_failures() {
+        let x = report().to_junit();
+        assert!(x.contains("tests=\"3\" failures=\"1\""));
+        assert!(x.contains("&lt;b&gt; &amp; &quot;x&quot;"));
+        assert_eq!(x.matches("<failure").count(), 1);
+    }
+
+    #[test]
+    fn markdown_and_table_list_every_package() {
+        let r = report();
+        let md = r.to_markdown();
+        assert!(md.contains("66.7%"));
+        assert!(md.contains("| `b` | ❌ build-failed |"));
+        let t = r.to_table();
+        for a in ["a", "b", "c"] {
+            assert!(t.contains(a));
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Running real Nix as a child process (argv, never a shell string) and parsing what Nix
+//! and Lix print, across the versions users run.
+
+pub mod derivation;
+pub mod hash;
+pub mod messages;
+pub mod runner;
+
+pub use derivation::Derivation;
+pub use runner::{AttrInfo, BuildOptions, BuildRun, Nix, NixError};

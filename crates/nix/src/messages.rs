@@ -1,0 +1,298 @@
+//! Parsing what Nix and Lix print when builds fail, from Nix 2.0 to today's Nix and Lix.
+//!
+//! The parsers are line-based and forgiving: indentation, an `error: ` prefix, ANSI colour
+//! codes, timestamps before each line and extra lines (`likely URL:`, `expected path:`)
+//! are all tolerated, because users run many versions and pipe logs through CI systems.
+
+use crate::hash::{Algo, Hash, to_sri};
+
+/// A fixed-output hash mismatch, hashes in SRI form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashMismatch {
+    /// The derivation (Nix ≥ 2.4) or output path (older Nix) the message names.
+    pub path: String,
+    pub specified: String,
+    pub got: String,
+}
+
+/// Removes ANSI escape sequences (`\x1b[…m` and friends).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters, then one final byte in @..~.
+                for n in chars.by_ref() {
+                    if ('@'..='~').contains(&n) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The text after `key` on a line, if the line (past any prefix) has `key` as a word.
+fn value_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let idx = line.find(key)?;
+    let before = &line[..idx];
+    // `key` must start a word: "got:" but not "forgot:".
+    if before.chars().last().is_some_and(|c| c.is_alphanumeric()) {
+        return None;
+    }
+    Some(line[idx + key.len()..].trim())
+}
+
+fn quoted(s: &str) -> Option<&str> {
+    let start = s.find(['\'', '‘', '`', '"'])?;
+    let rest = &s[start..];
+    let open = rest.chars().next()?;
+    let rest = &rest[open.len_utf8()..];
+    let end = rest.find(['\'', '’', '`', '"'])?;
+    Some(&rest[..end])
+}
+
+fn algo_of(s: &str) -> Option<Algo> {
+    let s = s.trim();
+    let name = s.split(['-', ':']).next()?;
+    Algo::parse(name)
+}
+
+/// Every fixed-output hash mismatch reported in a log, in order.
+pub fn parse_hash_mismatches(log: &str) -> Vec<HashMismatch> {
+    let clean = strip_ansi(log);
+    let lines: Vec<&str> = clean.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if let Some(idx) = line.find("hash mismatch in fixed-output derivation") {
+            let path = quoted(&line[idx..]).unwrap_or_default().to_string();
+            let mut specified = None;
+            let mut got = None;
+            let mut j = i + 1;
+            // The values follow within a few lines (Lix puts `likely URL:` first).
+            while j < lines.len() && j <= i + 8 {
+                let l = lines[j];
+                if l.contains("hash mismatch in fixed-output derivation") {
+                    break;
+                }
+                if specified.is_none() {
+                    specified = value_after(l, "specified:").or_else(|| value_after(l, "wanted:"));
+                }
+                if got.is_none() {
+                    got = value_after(l, "got:");
+                }
+                if specified.is_some() && got.is_some() {
+                    break;
+                }
+                j += 1;
+            }
+            if let (Some(s), Some(g)) = (specified, got) {
+                let algo = algo_of(s);
+                out.push(HashMismatch { path, specified: to_sri(s, algo), got: to_sri(g, algo.or(algo_of(g))) });
+                i = j;
+            }
+        } else if let Some(idx) = line.find("fixed-output derivation produced path") {
+            // Nix 2.0–2.1: "… produced path 'P' with sha256 hash 'GOT' instead of the expected hash 'WANTED'"
+            let rest = &line[idx..];
+            let path = quoted(rest).unwrap_or_default().to_string();
+            let algo = rest
+                .split_whitespace()
+                .skip_while(|w| *w != "with")
+                .nth(1)
+                .and_then(Algo::parse);
+            let got = rest.find(" hash ").and_then(|k| quoted(&rest[k..]));
+            let wanted = rest.find("expected hash").and_then(|k| quoted(&rest[k..]));
+            if let (Some(g), Some(w)) = (got, wanted) {
+                out.push(HashMismatch { path, specified: to_sri(w, algo), got: to_sri(g, algo) });
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// What a failed build attempt was, as far as Nix's output and exit code tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    HashMismatch(HashMismatch),
+    TimedOut(String),
+    /// The builder ran and failed (or an input it needed did).
+    BuildFailed(String),
+    /// Nix itself, the store or the machine broke: worth retrying elsewhere.
+    Infra(String),
+}
+
+/// Classifies a failed `nix-store --realise` / `nix build` from its exit code and log.
+pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
+    let clean = strip_ansi(log);
+    if let Some(m) = parse_hash_mismatches(&clean).into_iter().next() {
+        return Failure::HashMismatch(m);
+    }
+    if let Some(l) = clean.lines().find(|l| l.contains("timed out after")) {
+        return Failure::TimedOut(trim_error(l));
+    }
+    // nix-store: 0x60 | 0x04 permanent | 0x01 timeout | 0x02 hash mismatch.
+    if let Some(code) = exit_code {
+        if (100..=111).contains(&code) && code & 0x01 != 0 {
+            return Failure::TimedOut(first_error(&clean).unwrap_or_else(|| "build timed out".into()));
+        }
+    }
+    let builder_failed = clean.lines().find(|l| {
+        l.contains("builder for") && l.contains("failed")
+            || l.contains("Cannot build")
+            || l.contains("Reason: builder failed")
+            || l.contains("dependencies of derivation")
+            || l.contains("dependency failed")
+    });
+    if let Some(l) = builder_failed {
+        return Failure::BuildFailed(trim_error(l));
+    }
+    if matches!(exit_code, Some(100..=111)) {
+        return Failure::BuildFailed(first_error(&clean).unwrap_or_else(|| "build failed".into()));
+    }
+    Failure::Infra(first_error(&clean).unwrap_or_else(|| match exit_code {
+        Some(c) => format!("nix exited with code {c}"),
+        None => "nix was killed by a signal".into(),
+    }))
+}
+
+fn trim_error(l: &str) -> String {
+    let l = l.trim();
+    l.strip_prefix("error:").unwrap_or(l).trim().trim_end_matches(';').to_string()
+}
+
+/// The first `error:` message in a log, with its continuation lines, for reports.
+pub fn first_error(log: &str) -> Option<String> {
+    let clean = strip_ansi(log);
+    let lines: Vec<&str> = clean.lines().collect();
+    let start = lines.iter().position(|l| l.trim_start().starts_with("error:"))?;
+    let mut msg = trim_error(lines[start]);
+    // Nix ≥ 2.4 nests the real cause below "… while evaluating": keep the last error line.
+    let mut last_error = None;
+    for l in &lines[start + 1..] {
+        let t = l.trim();
+        if let Some(e) = t.strip_prefix("error:") {
+            last_error = Some(e.trim().to_string());
+        }
+    }
+    if let Some(e) = last_error.filter(|e| !e.is_empty()) {
+        msg = e;
+    } else if msg.is_empty() {
+        msg = lines[start + 1..].iter().map(|l| l.trim()).find(|l| !l.is_empty()).unwrap_or_default().to_string();
+    }
+    Some(msg)
+}
+
+/// Parses `nix --version` output ("nix (Nix) 2.8.0", "nix (Lix, like Nix) 2.91.1").
+pub fn parse_version(s: &str) -> Option<(u32, u32)> {
+    let v = s.split_whitespace().last()?;
+    let mut parts = v.split(['.', 'p', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Converts a single hash in any spelling to SRI, guessing sha256 for bare digests.
+pub fn hash_to_sri(s: &str) -> String {
+    Hash::parse(s, Some(Algo::Sha256)).map(|h| h.to_sri()).unwrap_or_else(|| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const GOT: &str = "sha256-PVeE0nwHh0ZHzgquwGISnMlgMM5757mfRZ2F6p65gDc=";
+
+    #[test]
+    fn nix_2_8_new_cli() {
+        let log = format!(
+            "error: hash mismatch in fixed-output derivation '/nix/store/abc-source.drv':\n         specified: {FAKE}\n            got:    {GOT}\n"
+        );
+        let m = parse_hash_mismatches(&log);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].path, "/nix/store/abc-source.drv");
+        assert_eq!(m[0].specified, FAKE);
+        assert_eq!(m[0].got, GOT);
+    }
+
+    #[test]
+    fn nix_2_3_wanted_got_nix32() {
+        let log = "hash mismatch in fixed-output derivation '/nix/store/xyz-source':\n  wanted: sha256:0000000000000000000000000000000000000000000000000000\n  got:    sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n";
+        let m = parse_hash_mismatches(log);
+        assert_eq!(m[0].specified, FAKE);
+        assert_eq!(m[0].got, "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+    }
+
+    #[test]
+    fn nix_2_0_produced_path_form() {
+        let log = "builder for '/nix/store/a.drv' failed\nerror: fixed-output derivation produced path '/nix/store/x-src' with sha256 hash '0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73' instead of the expected hash '0000000000000000000000000000000000000000000000000000'";
+        let m = parse_hash_mismatches(log);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].path, "/nix/store/x-src");
+        assert_eq!(m[0].specified, FAKE);
+        assert_eq!(m[0].got, "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+    }
+
+    #[test]
+    fn lix_with_likely_url_colours_and_timestamps() {
+        let log = format!(
+            "2026-01-01T00:00:00Z \x1b[31;1merror:\x1b[0m hash mismatch in fixed-output derivation '\x1b[35;1m/nix/store/q-source.drv\x1b[0m':\n2026-01-01T00:00:00Z          likely URL: https://example.org/a.tar.gz\n2026-01-01T00:00:00Z           specified: {FAKE}\n2026-01-01T00:00:00Z                 got: {GOT}\n2026-01-01T00:00:00Z       expected path: /nix/store/a\n2026-01-01T00:00:00Z            got path: /nix/store/b\n"
+        );
+        let m = parse_hash_mismatches(&log);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].path, "/nix/store/q-source.drv");
+        assert_eq!(m[0].got, GOT);
+    }
+
+    #[test]
+    fn several_mismatches_and_base16() {
+        let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let log = format!(
+            "error: hash mismatch in fixed-output derivation '/nix/store/1.drv':\n specified: {FAKE}\n got: {GOT}\nerror: hash mismatch in fixed-output derivation '/nix/store/2.drv':\n specified: sha256:{hex}\n got: sha256:{hex}\n"
+        );
+        let m = parse_hash_mismatches(&log);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].got, "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+    }
+
+    #[test]
+    fn sha512_keeps_its_algorithm() {
+        let sri512 = format!("sha512-{}==", "A".repeat(86));
+        let log = format!("hash mismatch in fixed-output derivation '/nix/store/s.drv':\n specified: {sri512}\n got: {sri512}\n");
+        assert!(parse_hash_mismatches(&log)[0].got.starts_with("sha512-"));
+    }
+
+    #[test]
+    fn classifies_failures() {
+        let b = "error: builder for '/nix/store/x.drv' failed with exit code 1;\n       last 3 log lines:\n       > boom";
+        assert!(matches!(classify_failure(Some(100), b), Failure::BuildFailed(m) if m.contains("exit code 1")));
+        let new = "error: Cannot build '/nix/store/x.drv'.\n       Reason: builder failed with exit code 1.";
+        assert!(matches!(classify_failure(Some(1), new), Failure::BuildFailed(_)));
+        let t = "error: building of '/nix/store/x.drv!out' from .drv file timed out after 3 seconds of silence";
+        assert!(matches!(classify_failure(Some(101), t), Failure::TimedOut(m) if m.contains("3 seconds of silence")));
+        assert!(matches!(classify_failure(Some(101), ""), Failure::TimedOut(_)));
+        assert!(matches!(classify_failure(Some(1), "error: opening lock file '/nix/var/nix/db/big-lock': Permission denied"), Failure::Infra(m) if m.contains("lock")));
+        assert!(matches!(classify_failure(None, ""), Failure::Infra(_)));
+    }
+
+    #[test]
+    fn first_error_prefers_the_innermost_cause() {
+        let log = "error: some outer context\n\n       … while evaluating the attribute 'drvPath'\n\n       error: feed-generator: unsupported on this platform\n";
+        assert_eq!(first_error(log).unwrap(), "feed-generator: unsupported on this platform");
+        assert_eq!(first_error("warning: x\nerror: attribute 'nope' missing").unwrap(), "attribute 'nope' missing");
+        assert!(first_error("all fine").is_none());
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("nix (Nix) 2.8.0"), Some((2, 8)));
+        assert_eq!(parse_version("nix (Lix, like Nix) 2.91.1"), Some((2, 91)));
+        assert_eq!(parse_version("nix (Nix) 2.24.0pre20240101_dirty"), Some((2, 24)));
+    }
+}

@@ -1,0 +1,457 @@
+//! The Nix child processes nixfarm runs: evaluation, derivation queries, builds and copies.
+
+use crate::derivation::{Derivation, parse_show_derivation};
+use crate::messages::{Failure, classify_failure, first_error};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+/// Why a Nix call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    /// Nix ran and reported an error about the input (evaluation error and the like).
+    #[error("{message}")]
+    Failed { message: String, log: String },
+    /// Nix could not be started, was killed, or printed something we could not read.
+    #[error("{0}")]
+    Infra(String),
+}
+
+impl NixError {
+    pub fn is_infra(&self) -> bool {
+        matches!(self, NixError::Infra(_))
+    }
+}
+
+/// What one attribute evaluates to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttrInfo {
+    pub drv_path: String,
+    pub outputs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pname: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub position: String,
+    #[serde(default)]
+    pub rev: String,
+    #[serde(default)]
+    pub system: String,
+    /// `meta.timeout`, seconds (0: none).
+    #[serde(default)]
+    pub timeout: u64,
+    /// `meta.maxSilent`, seconds (0: none).
+    #[serde(default)]
+    pub max_silent: u64,
+}
+
+/// Options of one build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Binary cache to substitute from (empty: none, the local store only).
+    pub substituter: String,
+    pub trusted_public_keys: Vec<String>,
+    pub timeout: Option<Duration>,
+    pub max_silent: Option<Duration>,
+}
+
+/// What one `nix-store --realise` did.
+#[derive(Debug, Clone)]
+pub struct BuildRun {
+    pub result: Result<Vec<String>, Failure>,
+    pub log_tail: String,
+    pub duration: Duration,
+    /// True when Nix fetched the outputs instead of building them.
+    pub substituted: bool,
+    pub cancelled: bool,
+}
+
+/// How to call Nix: binaries and options shared by every call.
+#[derive(Debug, Clone)]
+pub struct Nix {
+    pub nix: PathBuf,
+    pub nix_store: PathBuf,
+    /// Bytes of log kept for reports.
+    pub log_tail_bytes: usize,
+}
+
+impl Default for Nix {
+    fn default() -> Self {
+        Nix { nix: "nix".into(), nix_store: "nix-store".into(), log_tail_bytes: 16 * 1024 }
+    }
+}
+
+/// Escapes a string for a Nix double-quoted string literal.
+pub fn nix_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '$' => out.push_str("\\$"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Renders an attribute path (`packages.x86_64-linux`) as a flake fragment with each
+/// element quoted where needed.
+fn fragment(attr_path: &str) -> String {
+    attr_path
+        .split('.')
+        .map(|p| if p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') && !p.is_empty() { p.to_string() } else { nix_string(p) })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+const INFO_EXPR: &str = r#"d: let
+  outs = d.outputs or [ "out" ];
+  src = d.src or null;
+  meta = d.meta or { };
+  parsed = builtins.parseDrvName (d.name or "");
+in {
+  drvPath = d.drvPath;
+  outputs = builtins.listToAttrs (map (o: { name = o; value = d.${o}.outPath; }) outs);
+  pname = toString (d.pname or parsed.name);
+  version = toString (d.version or parsed.version);
+  position = if builtins.isAttrs meta && meta ? position then toString meta.position else "";
+  rev = if builtins.isAttrs src && src ? rev then toString src.rev else "";
+  system = d.system or "";
+  timeout = if builtins.isAttrs meta && builtins.isInt (meta.timeout or null) then meta.timeout else 0;
+  maxSilent = if builtins.isAttrs meta && builtins.isInt (meta.maxSilent or null) then meta.maxSilent else 0;
+}"#;
+
+impl Nix {
+    fn nix_cmd(&self) -> Command {
+        let mut c = Command::new(&self.nix);
+        c.args(["--extra-experimental-features", "nix-command flakes"]);
+        c.kill_on_drop(true);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// `nix --version`, e.g. "nix (Nix) 2.8.0".
+    pub async fn version(&self) -> Result<String, NixError> {
+        let out = Command::new(&self.nix)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| NixError::Infra(format!("cannot run {}: {e}", self.nix.display())))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    async fn run_json(&self, mut cmd: Command, mem_mib: u64) -> Result<String, NixError> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        limit_memory(&mut cmd, mem_mib);
+        let out = cmd.output().await.map_err(|e| NixError::Infra(format!("cannot run nix: {e}")))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).to_string());
+        }
+        match first_error(&stderr) {
+            Some(message) => Err(NixError::Failed { message, log: stderr }),
+            None => Err(NixError::Infra(format!(
+                "nix failed ({}) without an error message: {}",
+                out.status,
+                tail(&stderr, 2000)
+            ))),
+        }
+    }
+
+    fn eval_cmd(&self, substituter: &str) -> Command {
+        let mut c = self.nix_cmd();
+        // --no-eval-cache: the eval cache replays failures as misleading errors (NixOS/nix#3872).
+        c.args(["eval", "--json", "--no-eval-cache", "--option", "substituters", substituter]);
+        c
+    }
+
+    /// Attribute names below `attr_path` of `flake`.
+    pub async fn list_attrs(&self, flake: &str, attr_path: &str) -> Result<Vec<String>, NixError> {
+        let mut c = self.eval_cmd("");
+        c.arg(format!("{flake}#{}", fragment(attr_path)));
+        c.args(["--apply", "s: if builtins.isAttrs s then builtins.attrNames s else throw \"not an attribute set\""]);
+        let out = self.run_json(c, 0).await?;
+        serde_json::from_str(&out).map_err(|e| NixError::Infra(format!("cannot parse attribute list: {e}")))
+    }
+
+    /// Instantiates `attrs` (below `attr_path`) in one process; any failing attribute fails it all,
+    /// so callers bisect to isolate failures.
+    pub async fn eval_attrs(
+        &self,
+        flake: &str,
+        attr_path: &str,
+        attrs: &[String],
+        mem_mib: u64,
+    ) -> Result<BTreeMap<String, AttrInfo>, NixError> {
+        let names: Vec<String> = attrs.iter().map(|a| nix_string(a)).collect();
+        let apply = format!(
+            "s: let info = {INFO_EXPR}; in builtins.listToAttrs (map (n: {{ name = n; value = info s.${{n}}; }}) [ {} ])",
+            names.join(" ")
+        );
+        let mut c = self.eval_cmd("");
+        c.arg(format!("{flake}#{}", fragment(attr_path)));
+        c.arg("--apply").arg(apply);
+        let out = self.run_json(c, mem_mib).await?;
+        serde_json::from_str(&out).map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
+    }
+
+    /// The derivations in the closures of `drvs`, with their inputs.
+    pub async fn show_derivations(&self, drvs: &[String]) -> Result<Vec<Derivation>, NixError> {
+        let mut all = BTreeMap::new();
+        for chunk in drvs.chunks(500) {
+            let mut c = self.nix_cmd();
+            c.args(["show-derivation", "-r"]);
+            c.args(chunk);
+            let out = self.run_json(c, 0).await?;
+            for d in parse_show_derivation(&out).map_err(|e| NixError::Infra(format!("cannot parse derivations: {e}")))? {
+                all.insert(d.path.clone(), d);
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// Copies `paths` (with their closures) to a binary cache, signing with `secret_key_file`.
+    /// `.drv` paths are copied as derivations, not built.
+    pub async fn copy_to(&self, cache: &str, paths: &[String], secret_key_file: Option<&std::path::Path>) -> Result<(), NixError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let mut url = cache.to_string();
+        let mut params = Vec::new();
+        if cache.starts_with("file://") && !cache.contains("compression=") {
+            params.push("compression=zstd".to_string());
+        }
+        if let Some(k) = secret_key_file {
+            params.push(format!("secret-key={}", k.display()));
+        }
+        if !params.is_empty() {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&params.join("&"));
+        }
+        for chunk in paths.chunks(500) {
+            let mut c = self.nix_cmd();
+            c.args(["copy", "--option", "substituters", ""]);
+            if chunk.iter().any(|p| p.ends_with(".drv")) {
+                c.arg("--derivation");
+            }
+            c.arg("--to").arg(&url).args(chunk);
+            c.stdout(Stdio::null()).stderr(Stdio::piped());
+            let out = c.output().await.map_err(|e| NixError::Infra(format!("cannot run nix copy: {e}")))?;
+            if !out.status.success() {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                return Err(NixError::Infra(format!(
+                    "nix copy to {cache} failed: {}",
+                    first_error(&stderr).unwrap_or_else(|| tail(&stderr, 500))
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every path is valid in the local store.
+    pub async fn paths_valid(&self, paths: &[String]) -> bool {
+        if paths.is_empty() {
+            return true;
+        }
+        let mut c = Command::new(&self.nix_store);
+        c.args(["--check-validity"]).args(paths).stdout(Stdio::null()).stderr(Stdio::null());
+        matches!(c.status().await, Ok(s) if s.success())
+    }
+
+    /// Builds one derivation with `nix-store --realise`, streaming its log to `on_log`.
+    /// Cancelling `cancel` interrupts Nix (which stops the builder) and reports `cancelled`.
+    pub async fn realise(
+        &self,
+        drv: &str,
+        opts: &BuildOptions,
+        cancel: CancellationToken,
+        mut on_log: impl FnMut(&[u8]) + Send,
+    ) -> BuildRun {
+        let start = Instant::now();
+        let mut c = Command::new(&self.nix_store);
+        c.kill_on_drop(true).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.args(["--realise", drv, "--option", "substituters", &opts.substituter]);
+        c.args(["--option", "builders", ""]);
+        if !opts.substituter.is_empty() {
+            if opts.trusted_public_keys.is_empty() {
+                c.args(["--option", "require-sigs", "false"]);
+            } else {
+                c.args(["--option", "trusted-public-keys", &opts.trusted_public_keys.join(" ")]);
+            }
+        }
+        if let Some(t) = opts.timeout {
+            c.args(["--option", "timeout", &t.as_secs().max(1).to_string()]);
+        }
+        if let Some(t) = opts.max_silent {
+            c.args(["--option", "max-silent-time", &t.as_secs().max(1).to_string()]);
+        }
+        let mut child = match c.spawn() {
+            Ok(ch) => ch,
+            Err(e) => {
+                return BuildRun {
+                    result: Err(Failure::Infra(format!("cannot run nix-store: {e}"))),
+                    log_tail: String::new(),
+                    duration: start.elapsed(),
+                    substituted: false,
+                    cancelled: false,
+                };
+            }
+        };
+        let mut stdout = child.stdout.take();
+        let mut stderr = child.stderr.take();
+        let out_task = tokio::spawn(async move {
+            let mut s = String::new();
+            if let Some(o) = stdout.as_mut() {
+                let _ = o.read_to_string(&mut s).await;
+            }
+            s
+        });
+        let mut log = TailBuffer::new(self.log_tail_bytes.max(64 * 1024));
+        let mut cancelled = false;
+        if let Some(err) = stderr.as_mut() {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                tokio::select! {
+                    n = read_some(err, &mut buf) => match n {
+                        Some(n) => { on_log(&buf[..n]); log.push(&buf[..n]); }
+                        None => break,
+                    },
+                    _ = cancel.cancelled(), if !cancelled => {
+                        cancelled = true;
+                        interrupt(&child);
+                    }
+                }
+            }
+        }
+        let status = tokio::select! {
+            s = child.wait() => s.ok(),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => { let _ = child.kill().await; None }
+        };
+        let stdout = out_task.await.unwrap_or_default();
+        let full_log = log.text();
+        let substituted = full_log.contains("copying path") && !full_log.contains("building '");
+        let result = if cancelled {
+            Err(Failure::Infra("cancelled".into()))
+        } else if status.is_some_and(|s| s.success()) {
+            Ok(stdout.lines().map(str::trim).filter(|l| l.starts_with('/')).map(String::from).collect())
+        } else {
+            Err(classify_failure(status.and_then(|s| s.code()), &full_log))
+        };
+        BuildRun {
+            result,
+            log_tail: tail(&full_log, self.log_tail_bytes),
+            duration: start.elapsed(),
+            substituted,
+            cancelled,
+        }
+    }
+}
+
+async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<usize> {
+    match r.read(buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(n),
+    }
+}
+
+/// Asks Nix to stop (SIGINT), so it stops its builder and releases its locks.
+fn interrupt(child: &tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) on a pid we spawned; no memory is touched.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGINT);
+        }
+    }
+}
+
+/// Caps the child's address space (for evaluation workers), so one runaway evaluation
+/// fails alone instead of exhausting the host.
+fn limit_memory(cmd: &mut Command, mem_mib: u64) {
+    if mem_mib == 0 {
+        return;
+    }
+    let bytes = mem_mib.saturating_mul(1024 * 1024) as libc::rlim_t;
+    // SAFETY: setrlimit is async-signal-safe and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The last `max` bytes of a string, cut at a line start where possible.
+pub fn tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    let cut = &s[start..];
+    match cut.find('\n') {
+        Some(i) if i + 1 < cut.len() => cut[i + 1..].to_string(),
+        _ => cut.to_string(),
+    }
+}
+
+/// Keeps the last bytes of a stream, bounded whatever its length.
+struct TailBuffer {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl TailBuffer {
+    fn new(cap: usize) -> Self {
+        TailBuffer { buf: Vec::new(), cap }
+    }
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() > self.cap * 2 {
+            let drop = self.buf.len() - self.cap;
+            self.buf.drain(..drop);
+        }
+    }
+    fn text(&self) -> String {
+        let start = self.buf.len().saturating_sub(self.cap);
+        String::from_utf8_lossy(&self.buf[start..]).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_strings_escape_interpolation() {
+        assert_eq!(nix_string("a\"b${c}\\"), "\"a\\\"b\\${c}\\\\\"");
+        assert_eq!(fragment("packages.x86_64-linux"), "packages.x86_64-linux");
+        assert_eq!(fragment("legacyPackages.x86_64-linux.a b"), "legacyPackages.x86_64-linux.\"a b\"");
+    }
+
+    #[test]
+    fn tail_keeps_whole_lines() {
+        assert_eq!(tail("abc", 10), "abc");
+        assert_eq!(tail("line1\nline2\nline3", 8), "line3");
+        let mut t = TailBuffer::new(4);
+        for _ in 0..10 {
+            t.push(b"abc");
+        }
+        assert_eq!(t.text(), "cabc");
+    }
+}
