@@ -1,1 +1,307 @@
-//! placeholder
+//! The nixfarm agent: dials the coordinator over one gRPC stream, advertises what it can
+//! build, and runs evaluation and build jobs with real Nix as child processes.
+//!
+//! The agent never stops a build because the coordinator went away: results are kept and
+//! delivered again after every reconnect (the coordinator ignores duplicates by attempt id).
+
+pub mod config;
+mod jobs;
+
+pub use config::AgentConfig;
+
+use anyhow::Context;
+use nixfarm_nix::Nix;
+use nixfarm_proto::v1 as pb;
+use nixfarm_proto::v1::agent_service_client::AgentServiceClient;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a delivered result is kept to be sent again after a reconnect.
+const REDELIVER_FOR: Duration = Duration::from_secs(600);
+
+/// Shared state of one agent process.
+pub(crate) struct Shared {
+    pub cfg: AgentConfig,
+    pub nix: Nix,
+    pub running: Mutex<HashMap<String, CancellationToken>>,
+    /// Serialises snapshot downloads so two jobs do not unpack the same source at once.
+    pub source_lock: tokio::sync::Mutex<()>,
+    pub token: Option<String>,
+}
+
+/// An agent, ready to run.
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        let token = cfg.token()?;
+        std::fs::create_dir_all(&cfg.work_dir)
+            .with_context(|| format!("cannot create work dir {}", cfg.work_dir.display()))?;
+        let nix = Nix {
+            nix: cfg.nix_bin.join("nix"),
+            nix_store: cfg.nix_bin.join("nix-store"),
+            log_tail_bytes: 16 * 1024,
+        };
+        Ok(Agent {
+            shared: Arc::new(Shared {
+                cfg,
+                nix,
+                running: Mutex::new(HashMap::new()),
+                source_lock: tokio::sync::Mutex::new(()),
+                token,
+            }),
+        })
+    }
+
+    /// Runs until `shutdown` is cancelled: then it takes no new jobs, lets running ones
+    /// finish (up to the drain deadline), delivers their results and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let shared = self.shared;
+        let nix_version = shared.nix.version().await.unwrap_or_default();
+        if nix_version.is_empty() {
+            anyhow::bail!(
+                "cannot run '{}': is Nix installed?",
+                shared.nix.nix.display()
+            );
+        }
+        let (results_tx, mut results_rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
+        let (log_tx, mut log_rx) = mpsc::channel::<pb::AgentMessage>(256);
+        let mut recent: VecDeque<(Instant, pb::AgentMessage)> = VecDeque::new();
+        let mut backoff = Duration::from_millis(200);
+        let mut draining = false;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if draining && running_count(&shared) == 0 && results_rx.is_empty() {
+                return Ok(());
+            }
+            let endpoint = Endpoint::from_shared(shared.cfg.coordinator.clone())
+                .with_context(|| {
+                    format!(
+                        "'{}' is not a valid coordinator URL",
+                        shared.cfg.coordinator
+                    )
+                })?
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true);
+            let channel = match endpoint.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot reach coordinator {}: {e}; retrying in {:?}",
+                        shared.cfg.coordinator,
+                        backoff
+                    );
+                    if wait_or_shutdown(&shutdown, jitter(backoff)).await
+                        && running_count(&shared) == 0
+                    {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(15));
+                    continue;
+                }
+            };
+            let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(1024);
+            let running: Vec<String> = shared
+                .running
+                .lock()
+                .map(|r| r.keys().cloned().collect())
+                .unwrap_or_default();
+            let register = pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Register(pb::Register {
+                    name: shared.cfg.name.clone(),
+                    systems: shared.cfg.systems.clone(),
+                    features: shared.cfg.features.clone(),
+                    max_jobs: if draining { 1 } else { shared.cfg.max_jobs },
+                    nix_version: nix_version.clone(),
+                    running_attempts: running,
+                })),
+            };
+            let _ = out_tx.send(register).await;
+            let mut client = AgentServiceClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+            add_token(&mut req, &shared.token);
+            let mut inbound = match client.connect_agent(req).await {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    if status.code() == tonic::Code::Unauthenticated
+                        || status.code() == tonic::Code::InvalidArgument
+                    {
+                        anyhow::bail!("the coordinator refused this agent: {}", status.message());
+                    }
+                    tracing::warn!("coordinator refused the stream: {status}; retrying");
+                    if wait_or_shutdown(&shutdown, jitter(backoff)).await
+                        && running_count(&shared) == 0
+                    {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(15));
+                    continue;
+                }
+            };
+            // Results from before a reconnect go out again; duplicates are ignored upstream.
+            recent.retain(|(t, _)| t.elapsed() < REDELIVER_FOR);
+            for (_, m) in &recent {
+                let _ = out_tx.send(m.clone()).await;
+            }
+            let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+            let connected_at = Instant::now();
+            let reason: String = loop {
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(msg)) => {
+                            if let Some(pb::coordinator_message::Msg::Registered(r)) = &msg.msg {
+                                tracing::info!(agent = r.agent_id, "registered with coordinator");
+                                backoff = Duration::from_millis(200);
+                                if r.heartbeat_interval_ms > 0 {
+                                    heartbeat = tokio::time::interval(Duration::from_millis(r.heartbeat_interval_ms as u64));
+                                }
+                                continue;
+                            }
+                            handle(&shared, &channel, msg, draining, &results_tx, &log_tx);
+                        }
+                        Ok(None) => break "the coordinator closed the stream".to_string(),
+                        Err(e) => break format!("stream error: {e}"),
+                    },
+                    Some(r) = results_rx.recv() => {
+                        recent.push_back((Instant::now(), r.clone()));
+                        if out_tx.send(r).await.is_err() {
+                            break "the stream closed".to_string();
+                        }
+                        if draining && running_count(&shared) == 0 && results_rx.is_empty() {
+                            // Give the stream a moment to flush the last result.
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            return Ok(());
+                        }
+                    }
+                    Some(l) = log_rx.recv() => {
+                        let _ = out_tx.try_send(l);
+                    }
+                    _ = heartbeat.tick() => {
+                        let running: Vec<String> = shared.running.lock().map(|r| r.keys().cloned().collect()).unwrap_or_default();
+                        let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { running_attempts: running })) };
+                        if out_tx.send(hb).await.is_err() {
+                            break "the stream closed".to_string();
+                        }
+                    }
+                    _ = shutdown.cancelled(), if !draining => {
+                        draining = true;
+                        drain_deadline = Some(tokio::time::Instant::now() + shared.cfg.drain_timeout());
+                        tracing::info!(running = running_count(&shared), "draining: no new jobs; waiting for running ones");
+                        if running_count(&shared) == 0 {
+                            return Ok(());
+                        }
+                    }
+                    _ = sleep_until_opt(drain_deadline) => {
+                        tracing::warn!("drain deadline passed; handing running jobs back");
+                        if let Ok(r) = shared.running.lock() {
+                            for t in r.values() { t.cancel(); }
+                        }
+                        drain_deadline = None;
+                    }
+                }
+            };
+            if connected_at.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(200);
+            }
+            tracing::warn!(
+                "lost the coordinator ({reason}); builds continue; reconnecting in about {:?}",
+                backoff
+            );
+            let _ = wait_or_shutdown(&shutdown, jitter(backoff)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(15));
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn running_count(shared: &Shared) -> usize {
+    shared.running.lock().map(|r| r.len()).unwrap_or(0)
+}
+
+/// Waits `d`; returns true when shutdown was requested meanwhile.
+async fn wait_or_shutdown(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => shutdown.is_cancelled(),
+        _ = shutdown.cancelled() => true,
+    }
+}
+
+/// Full jitter, so a restarted coordinator is not hit by every agent at once.
+fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(ms / 2 + fastrand::u64(0..=ms / 2 + 1))
+}
+
+pub(crate) fn add_token<T>(req: &mut tonic::Request<T>, token: &Option<String>) {
+    if let Some(t) = token {
+        if let Ok(v) = format!("Bearer {t}").parse() {
+            req.metadata_mut().insert("authorization", v);
+        }
+    }
+}
+
+fn handle(
+    shared: &Arc<Shared>,
+    channel: &Channel,
+    msg: pb::CoordinatorMessage,
+    draining: bool,
+    results: &mpsc::UnboundedSender<pb::AgentMessage>,
+    logs: &mpsc::Sender<pb::AgentMessage>,
+) {
+    use pb::coordinator_message::Msg;
+    match msg.msg {
+        Some(Msg::Assign(a)) => {
+            let attempt = a.attempt_id.clone();
+            if draining {
+                // Hand it straight back: the coordinator requeues cancelled work.
+                let _ = results.send(jobs::cancelled_result(&a));
+                return;
+            }
+            let token = CancellationToken::new();
+            {
+                let Ok(mut r) = shared.running.lock() else {
+                    return;
+                };
+                if r.contains_key(&attempt) {
+                    return; // a duplicate assignment: already running
+                }
+                r.insert(attempt.clone(), token.clone());
+            }
+            let shared = shared.clone();
+            let channel = channel.clone();
+            let results = results.clone();
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let result = jobs::run(&shared, channel, a, token, logs).await;
+                if let Ok(mut r) = shared.running.lock() {
+                    r.remove(&attempt);
+                }
+                let _ = results.send(result);
+            });
+        }
+        Some(Msg::Cancel(c)) => {
+            if let Ok(r) = shared.running.lock() {
+                if let Some(t) = r.get(&c.attempt_id) {
+                    t.cancel();
+                }
+            }
+        }
+        Some(Msg::Drain(_)) | Some(Msg::Registered(_)) | None => {}
+    }
+}

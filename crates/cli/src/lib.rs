@@ -1,1 +1,579 @@
-//! placeholder
+//! The `nixfarm` command line: submit runs, watch their progress, render readiness reports,
+//! and run a whole farm locally (`nixfarm local`).
+
+pub mod source;
+pub mod watch;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nixfarm_core::report::{HashFix, PackageReport, Report};
+use nixfarm_proto::v1 as pb;
+use nixfarm_proto::v1::run_service_client::RunServiceClient;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// nixfarm: is every package in your Nix repository ready?
+///
+/// nixfarm evaluates every package of a flake, builds them across agents, and reports per
+/// package whether it is ready: it evaluates, its source is pinned to a commit, every
+/// fixed-output hash is right, it builds, and its outputs are in the binary cache.
+///
+/// Quick start (no setup: an embedded coordinator and local agents):
+///   nixfarm local examples/atproto-pkgs
+///
+/// Against a farm:
+///   nixfarm --coordinator http://farm:7420 submit . --watch
+///   nixfarm report RUN --format markdown > readiness.md
+#[derive(Parser, Debug)]
+#[command(name = "nixfarm", version, about, long_about, verbatim_doc_comment)]
+pub struct Cli {
+    /// Coordinator URL.
+    #[arg(long, global = true, env = "NIXFARM_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Client token for the coordinator (prefer the environment variable: flags show in `ps`).
+    #[arg(long, global = true, env = "NIXFARM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CLI config file (TOML with `coordinator` and `token_file`). Default: ~/.config/nixfarm/config.toml.
+    #[arg(long, global = true, env = "NIXFARM_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Submit a run: a local checkout (uncommitted changes included) or a flake reference.
+    Submit(SubmitArgs),
+    /// Follow a run's progress until it finishes, then print its report. Ctrl-C detaches.
+    Watch {
+        run: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Print a run's readiness report.
+    Report {
+        run: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// List runs.
+    Runs,
+    /// List agents: what they offer and what they are building.
+    Agents,
+    /// Cancel a run: nothing new starts, running builds are stopped.
+    Cancel { run: String },
+    /// Run a whole farm on this machine (embedded coordinator + local agents) on a checkout.
+    Local(LocalArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Attribute path whose attributes are the packages.
+    #[arg(long, default_value = "packages.x86_64-linux")]
+    pub attr_path: String,
+    /// Binary cache the agents share, e.g. file:///srv/cache (agents on other hosts need one).
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// Public key(s) the cache's signatures are checked against (name:base64).
+    #[arg(long = "trusted-public-key")]
+    pub trusted_public_keys: Vec<String>,
+    /// Build timeout per derivation, seconds (packages' meta.timeout wins).
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u64,
+    /// Max time without log output per build, seconds (packages' meta.maxSilent wins).
+    #[arg(long, default_value_t = 0)]
+    pub max_silent: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Report format: table for people, json for scripts, markdown for READMEs/PRs, junit for CI.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Exit with status 1 when fewer than PCT percent of the packages are ready.
+    #[arg(long, value_name = "PCT")]
+    pub fail_under: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// A directory holding flake.nix, or a flake reference (github:owner/repo, git+https://…).
+    pub source: String,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Follow the run until it finishes and print its report.
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct LocalArgs {
+    /// A directory holding flake.nix, or a flake reference.
+    pub source: String,
+    /// Number of local agents.
+    #[arg(long, default_value_t = 1)]
+    pub agents: u32,
+    /// Jobs per agent. Default: CPUs divided among the agents (at least 1).
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// State directory of the embedded coordinator (database, snapshots).
+    #[arg(long, env = "NIXFARM_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Markdown,
+    Junit,
+}
+
+/// `~/.config/nixfarm/config.toml`.
+#[derive(serde::Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct CliConfig {
+    /// Coordinator URL.
+    coordinator: Option<String>,
+    /// File holding the client token.
+    token_file: Option<PathBuf>,
+}
+
+struct Conn {
+    url: String,
+    token: Option<String>,
+}
+
+fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
+    let path = cli.config.clone().or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/nixfarm/config.toml"))
+    });
+    let cfg: CliConfig = match path {
+        Some(p) if p.is_file() => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid nixfarm CLI config", p.display()))?
+        }
+        Some(p) if cli.config.is_some() => bail!("config file {} does not exist", p.display()),
+        _ => CliConfig::default(),
+    };
+    let url = cli
+        .coordinator
+        .clone()
+        .or(cfg.coordinator)
+        .unwrap_or_else(|| "http://127.0.0.1:7420".into());
+    let token = match (&cli.token, &cfg.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    Ok(Conn { url, token })
+}
+
+/// A connected client with its token attached to every call.
+#[derive(Clone)]
+pub struct Client {
+    inner: RunServiceClient<Channel>,
+    token: Option<String>,
+    pub url: String,
+}
+
+impl Client {
+    pub async fn connect(url: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| {
+                format!("'{url}' is not a valid coordinator URL (expected http://HOST:PORT)")
+            })?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect().await.map_err(|e| {
+            anyhow::anyhow!("cannot reach the coordinator at {url}: {e}\n  (is it running? set --coordinator or NIXFARM_COORDINATOR, or use `nixfarm local`)")
+        })?;
+        let inner = RunServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        Ok(Client {
+            inner,
+            token,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn req<T>(&self, t: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(t);
+        if let Some(tok) = &self.token {
+            if let Ok(v) = format!("Bearer {tok}").parse() {
+                r.metadata_mut().insert("authorization", v);
+            }
+        }
+        r
+    }
+
+    pub fn raw(&self) -> RunServiceClient<Channel> {
+        self.inner.clone()
+    }
+}
+
+/// Turns a gRPC status into the message a user should see.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unauthenticated => anyhow::anyhow!("{}", s.message()),
+        tonic::Code::Unavailable => {
+            anyhow::anyhow!("the coordinator is unavailable: {}", s.message())
+        }
+        _ => anyhow::anyhow!("{}", s.message()),
+    }
+}
+
+pub fn report_from_wire(r: pb::Report) -> Report {
+    let packages = r
+        .packages
+        .into_iter()
+        .map(|p| PackageReport {
+            attr: p.attr,
+            status: p.status,
+            reason: p.reason,
+            pname: p.pname,
+            version: p.version,
+            drv_path: p.drv_path,
+            outputs: p
+                .outputs
+                .into_iter()
+                .map(|o| (o.name, o.path))
+                .collect::<BTreeMap<_, _>>(),
+            pinned: p.pinned,
+            rev: p.rev,
+            position: p.position,
+            duration_ms: p.duration_ms,
+            agent: p.agent,
+            failed_dependency: p.failed_dependency,
+            fod_drv: p.fod_drv,
+            specified_hash: p.specified_hash,
+            got_hash: p.got_hash,
+            hash_fixes: Vec::<HashFix>::new(),
+            log_tail: p.log_tail,
+        })
+        .collect();
+    Report::new(r.run_id, r.state, r.label, r.error, packages)
+}
+
+/// Prints a report in the chosen format on stdout; returns the exit code.
+pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
+    let format = out
+        .format
+        .unwrap_or(if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            Format::Table
+        } else {
+            Format::Table
+        });
+    let text = match format {
+        Format::Table => report.to_table(),
+        Format::Json => report.to_json() + "\n",
+        Format::Markdown => report.to_markdown(),
+        Format::Junit => report.to_junit(),
+    };
+    print!("{text}");
+    if report.state == "failed" {
+        eprintln!("error: run {} failed: {}", report.run_id, report.error);
+        return 2;
+    }
+    if let Some(pct) = out.fail_under {
+        if report.summary.percent < pct {
+            eprintln!(
+                "readiness {:.1}% is below --fail-under {pct}%",
+                report.summary.percent
+            );
+            return 1;
+        }
+    }
+    0
+}
+
+async fn submit(client: &Client, source: &str, run: &RunArgs) -> anyhow::Result<String> {
+    let (src, label) = source::prepare(client, source).await?;
+    let req = pb::SubmitRunRequest {
+        source: Some(src),
+        attr_path: run.attr_path.clone(),
+        label,
+        cache: run.cache.clone().unwrap_or_default(),
+        trusted_public_keys: run.trusted_public_keys.clone(),
+        timeout_secs: run.timeout,
+        max_silent_secs: run.max_silent,
+    };
+    let resp = client
+        .raw()
+        .submit_run(client.req(req))
+        .await
+        .map_err(status_error)?;
+    Ok(resp.into_inner().run_id)
+}
+
+async fn get_report(client: &Client, run: &str) -> anyhow::Result<Report> {
+    let r = client
+        .raw()
+        .get_report(client.req(pb::GetReportRequest {
+            run_id: run.to_string(),
+        }))
+        .await
+        .map_err(status_error)?;
+    Ok(report_from_wire(r.into_inner()))
+}
+
+async fn watch_and_report(client: &Client, run: &str, out: &OutputArgs) -> anyhow::Result<i32> {
+    match watch::watch(client, run).await? {
+        watch::End::Detached => {
+            eprintln!("detached; the run continues. Follow it again with: nixfarm watch {run}");
+            Ok(130)
+        }
+        watch::End::Finished => Ok(print_report(&get_report(client, run).await?, out)),
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Local(args) = &cli.command {
+        return local(args).await;
+    }
+    let conn = resolve_conn(&cli)?;
+    let client = Client::connect(&conn.url, conn.token).await?;
+    match cli.command {
+        Command::Submit(args) => {
+            let id = submit(&client, &args.source, &args.run).await?;
+            if args.watch {
+                eprintln!("submitted run {id}");
+                watch_and_report(&client, &id, &args.out).await
+            } else {
+                println!("{id}");
+                Ok(0)
+            }
+        }
+        Command::Watch { run, out } => watch_and_report(&client, &run, &out).await,
+        Command::Report { run, out } => Ok(print_report(&get_report(&client, &run).await?, &out)),
+        Command::Runs => {
+            let runs = client
+                .raw()
+                .list_runs(client.req(pb::ListRunsRequest {}))
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .runs;
+            let mut t = comfy();
+            t.set_header(vec!["run", "state", "ready", "source"]);
+            for r in runs {
+                t.add_row(vec![
+                    r.run_id,
+                    r.state,
+                    format!("{}/{}", r.ready, r.total),
+                    r.label,
+                ]);
+            }
+            println!("{t}");
+            Ok(0)
+        }
+        Command::Agents => {
+            let agents = client
+                .raw()
+                .list_agents(client.req(pb::ListAgentsRequest {}))
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .agents;
+            let mut t = comfy();
+            t.set_header(vec![
+                "agent",
+                "connected",
+                "systems",
+                "jobs",
+                "nix",
+                "building",
+            ]);
+            for a in agents {
+                let building: Vec<String> = a
+                    .building
+                    .iter()
+                    .map(|d| short_name(d).to_string())
+                    .collect();
+                t.add_row(vec![
+                    a.name,
+                    if a.connected {
+                        "yes".into()
+                    } else {
+                        "no".into()
+                    },
+                    a.systems.join(" "),
+                    format!("{}/{}", a.building.len(), a.max_jobs),
+                    a.nix_version,
+                    building.join(", "),
+                ]);
+            }
+            println!("{t}");
+            Ok(0)
+        }
+        Command::Cancel { run } => {
+            let r = client
+                .raw()
+                .cancel_run(client.req(pb::CancelRunRequest {
+                    run_id: run.clone(),
+                }))
+                .await
+                .map_err(status_error)?;
+            if r.into_inner().cancelled {
+                eprintln!("cancelled run {run}");
+            } else {
+                eprintln!("run {run} had already finished");
+            }
+            Ok(0)
+        }
+        Command::Local(_) => unreachable!("handled above"),
+    }
+}
+
+fn comfy() -> comfy_table_shim::Table {
+    comfy_table_shim::Table::new()
+}
+
+/// A minimal table for listings (the report has its own renderer in nixfarm-core).
+mod comfy_table_shim {
+    pub struct Table {
+        header: Vec<String>,
+        rows: Vec<Vec<String>>,
+    }
+    impl Table {
+        pub fn new() -> Self {
+            Table {
+                header: vec![],
+                rows: vec![],
+            }
+        }
+        pub fn set_header(&mut self, h: Vec<&str>) {
+            self.header = h.into_iter().map(String::from).collect();
+        }
+        pub fn add_row(&mut self, r: Vec<String>) {
+            self.rows.push(r);
+        }
+    }
+    impl std::fmt::Display for Table {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let n = self.header.len();
+            let mut w = vec![0; n];
+            for row in std::iter::once(&self.header).chain(self.rows.iter()) {
+                for (i, c) in row.iter().enumerate().take(n) {
+                    w[i] = w[i].max(c.chars().count());
+                }
+            }
+            for (k, row) in std::iter::once(&self.header)
+                .chain(self.rows.iter())
+                .enumerate()
+            {
+                let cells: Vec<String> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+                    .collect();
+                writeln!(f, "{}", cells.join("  ").trim_end())?;
+                if k == 0 {
+                    writeln!(
+                        f,
+                        "{}",
+                        w.iter()
+                            .map(|x| "-".repeat(*x))
+                            .collect::<Vec<_>>()
+                            .join("  ")
+                    )?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn short_name(path: &str) -> &str {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    let base = base.strip_suffix(".drv").unwrap_or(base);
+    match base.split_once('-') {
+        Some((h, n)) if h.len() == 32 => n,
+        _ => base,
+    }
+}
+
+async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
+    // Nix must be here: say so plainly before starting anything.
+    let version = tokio::process::Command::new("nix")
+        .arg("--version")
+        .output()
+        .await;
+    if !matches!(&version, Ok(o) if o.status.success()) {
+        bail!(
+            "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
+        );
+    }
+    // Check the source before starting a farm for it.
+    source::check_local_or_ref(&args.source)?;
+    let state_dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".local/state/nixfarm/local"))
+            .unwrap_or_else(|| PathBuf::from(".nixfarm")),
+    };
+    let config = nixfarm_coordinator::Config {
+        listen: "127.0.0.1:0".into(),
+        state_dir: state_dir.clone(),
+        ..Default::default()
+    };
+    let coordinator = nixfarm_coordinator::server::start(&config)
+        .await
+        .context("cannot start the embedded coordinator")?;
+    let url = format!("http://{}", coordinator.addr);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let n = args.agents.max(1);
+    let jobs = args.jobs.unwrap_or((cpus / n).max(1));
+    let shutdown = tokio_util_token();
+    let mut agents = Vec::new();
+    for i in 1..=n {
+        let cfg = nixfarm_agent::AgentConfig {
+            coordinator: url.clone(),
+            name: format!("local-{i}"),
+            max_jobs: jobs,
+            work_dir: state_dir.join("agents").join(format!("local-{i}")),
+            ..Default::default()
+        };
+        let agent = nixfarm_agent::Agent::new(cfg)?;
+        let token = shutdown.clone();
+        agents.push(tokio::spawn(async move { agent.run(token).await }));
+    }
+    let client = Client::connect(&url, None).await?;
+    let result = async {
+        let id = submit(&client, &args.source, &args.run).await?;
+        eprintln!(
+            "run {id}: {n} local agent(s), {jobs} job(s) each; state in {}",
+            state_dir.display()
+        );
+        watch_and_report(&client, &id, &args.out).await
+    }
+    .await;
+    shutdown.cancel();
+    for a in agents {
+        let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+    }
+    coordinator.stop().await;
+    result
+}
+
+fn tokio_util_token() -> tokio_util::sync::CancellationToken {
+    tokio_util::sync::CancellationToken::new()
+}

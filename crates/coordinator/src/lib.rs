@@ -1,1 +1,14 @@
-//! placeholder
+//! The nixfarm coordinator: durable run state in SQLite, the derivation scheduler, and the
+//! gRPC services agents and the CLI talk to. It needs no Nix itself.
+
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod engine;
+pub mod model;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+
+pub use config::Config;
+pub use engine::{Engine, EngineError, EngineOptions};

@@ -3,7 +3,9 @@
 /// Why a string is not a flake reference nixfarm accepts.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FlakeRefError {
-    #[error("'{0}' is not a flake reference: expected TYPE:… (github:OWNER/REPO, git+https://…, path:/…, https://….tar.gz, …)")]
+    #[error(
+        "'{0}' is not a flake reference: expected TYPE:… (github:OWNER/REPO, git+https://…, path:/…, https://….tar.gz, …)"
+    )]
     NoScheme(String),
     #[error("'{input}' is not a flake reference: unknown type '{scheme}'")]
     UnknownScheme { input: String, scheme: String },
@@ -12,9 +14,25 @@ pub enum FlakeRefError {
 }
 
 const SCHEMES: &[&str] = &[
-    "github", "gitlab", "sourcehut", "git+https", "git+http", "git+ssh", "git+file", "git",
-    "hg+https", "hg+http", "hg+file", "https", "http", "file", "tarball+https", "tarball+http",
-    "tarball+file", "path", "flake",
+    "github",
+    "gitlab",
+    "sourcehut",
+    "git+https",
+    "git+http",
+    "git+ssh",
+    "git+file",
+    "git",
+    "hg+https",
+    "hg+http",
+    "hg+file",
+    "https",
+    "http",
+    "file",
+    "tarball+https",
+    "tarball+http",
+    "tarball+file",
+    "path",
+    "flake",
 ];
 
 /// Checks that `input` looks like a flake reference Nix understands (without fetching it),
@@ -22,7 +40,10 @@ const SCHEMES: &[&str] = &[
 pub fn validate(input: &str) -> Result<(), FlakeRefError> {
     let s = input.trim();
     if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(FlakeRefError::Invalid(input.into(), "it is empty or contains white space"));
+        return Err(FlakeRefError::Invalid(
+            input.into(),
+            "it is empty or contains white space",
+        ));
     }
     if s.contains('#') {
         return Err(FlakeRefError::Invalid(
@@ -34,19 +55,28 @@ pub fn validate(input: &str) -> Result<(), FlakeRefError> {
         return Err(FlakeRefError::NoScheme(input.into()));
     };
     if !SCHEMES.contains(&scheme) {
-        return Err(FlakeRefError::UnknownScheme { input: input.into(), scheme: scheme.into() });
+        return Err(FlakeRefError::UnknownScheme {
+            input: input.into(),
+            scheme: scheme.into(),
+        });
     }
     let body = rest.split('?').next().unwrap_or_default();
     match scheme {
         "github" | "gitlab" | "sourcehut" => {
             let parts: Vec<&str> = body.split('/').collect();
             if parts.len() < 2 || parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
-                return Err(FlakeRefError::Invalid(input.into(), "expected OWNER/REPO[/REF]"));
+                return Err(FlakeRefError::Invalid(
+                    input.into(),
+                    "expected OWNER/REPO[/REF]",
+                ));
             }
         }
         "path" => {
             if !body.starts_with('/') {
-                return Err(FlakeRefError::Invalid(input.into(), "a path: reference needs an absolute path"));
+                return Err(FlakeRefError::Invalid(
+                    input.into(),
+                    "a path: reference needs an absolute path",
+                ));
             }
         }
         "flake" => {
@@ -56,7 +86,10 @@ pub fn validate(input: &str) -> Result<(), FlakeRefError> {
         }
         _ => {
             if !body.starts_with("//") || body.len() <= 2 {
-                return Err(FlakeRefError::Invalid(input.into(), "expected a URL (TYPE://HOST/…)"));
+                return Err(FlakeRefError::Invalid(
+                    input.into(),
+                    "expected a URL (TYPE://HOST/…)",
+                ));
             }
         }
     }
@@ -83,8 +116,14 @@ mod tests {
 
     #[test]
     fn refuses_malformed_references() {
-        assert!(matches!(validate("nonsense"), Err(FlakeRefError::NoScheme(_))));
-        assert!(matches!(validate("gopher:x"), Err(FlakeRefError::UnknownScheme { .. })));
+        assert!(matches!(
+            validate("nonsense"),
+            Err(FlakeRefError::NoScheme(_))
+        ));
+        assert!(matches!(
+            validate("gopher:x"),
+            Err(FlakeRefError::UnknownScheme { .. })
+        ));
         assert!(validate("github:onlyowner").is_err());
         assert!(validate("github:a/b#pkg").is_err());
         assert!(validate("path:relative").is_err());

@@ -81,10 +81,23 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(run_id: String, state: String, label: String, error: String, mut packages: Vec<PackageReport>) -> Self {
+    pub fn new(
+        run_id: String,
+        state: String,
+        label: String,
+        error: String,
+        mut packages: Vec<PackageReport>,
+    ) -> Self {
         packages.sort_by(|a, b| a.attr.cmp(&b.attr));
         let summary = summarize(&packages);
-        Report { run_id, state, label, error, summary, packages }
+        Report {
+            run_id,
+            state,
+            label,
+            error,
+            summary,
+            packages,
+        }
     }
 
     pub fn to_json(&self) -> String {
@@ -100,7 +113,11 @@ impl Report {
                 p.attr.clone(),
                 p.status.clone(),
                 truncate(&p.reason, 90),
-                if p.duration_ms > 0 { format_ms(p.duration_ms) } else { String::new() },
+                if p.duration_ms > 0 {
+                    format_ms(p.duration_ms)
+                } else {
+                    String::new()
+                },
                 p.agent.clone(),
             ]);
         }
@@ -133,7 +150,11 @@ impl Report {
 
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "## nixfarm readiness: {:.1}% ({}/{} ready)\n", self.summary.percent, self.summary.ready, self.summary.total);
+        let _ = writeln!(
+            out,
+            "## nixfarm readiness: {:.1}% ({}/{} ready)\n",
+            self.summary.percent, self.summary.ready, self.summary.total
+        );
         if !self.error.is_empty() {
             let _ = writeln!(out, "> **error:** {}\n", md_escape(&self.error));
         }
@@ -146,18 +167,36 @@ impl Report {
                 PackageStatus::Pending => "⏳",
                 _ => "❌",
             };
-            let _ = writeln!(out, "| `{}` | {icon} {} | {} |", p.attr, p.status, md_escape(&truncate(&p.reason, 200)));
+            let _ = writeln!(
+                out,
+                "| `{}` | {icon} {} | {} |",
+                p.attr,
+                p.status,
+                md_escape(&truncate(&p.reason, 200))
+            );
         }
-        let failures: Vec<&PackageReport> =
-            self.packages.iter().filter(|p| !p.log_tail.is_empty() && p.status().is_failure()).collect();
+        let failures: Vec<&PackageReport> = self
+            .packages
+            .iter()
+            .filter(|p| !p.log_tail.is_empty() && p.status().is_failure())
+            .collect();
         for p in failures {
-            let _ = writeln!(out, "\n<details><summary><code>{}</code> log tail</summary>\n\n```\n{}\n```\n</details>", p.attr, p.log_tail.trim_end().replace("```", "'''"));
+            let _ = writeln!(
+                out,
+                "\n<details><summary><code>{}</code> log tail</summary>\n\n```\n{}\n```\n</details>",
+                p.attr,
+                p.log_tail.trim_end().replace("```", "'''")
+            );
         }
         out
     }
 
     pub fn to_junit(&self) -> String {
-        let failures = self.packages.iter().filter(|p| p.status().is_failure()).count();
+        let failures = self
+            .packages
+            .iter()
+            .filter(|p| p.status().is_failure())
+            .count();
         let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
         let _ = writeln!(
             out,
@@ -174,7 +213,11 @@ impl Report {
         );
         for p in &self.packages {
             let secs = p.duration_ms as f64 / 1000.0;
-            let _ = write!(out, "    <testcase classname=\"nixfarm\" name=\"{}\" time=\"{secs:.3}\"", xml_escape(&p.attr));
+            let _ = write!(
+                out,
+                "    <testcase classname=\"nixfarm\" name=\"{}\" time=\"{secs:.3}\"",
+                xml_escape(&p.attr)
+            );
             if p.status().is_failure() {
                 let _ = writeln!(out, ">");
                 let _ = writeln!(
@@ -201,8 +244,17 @@ fn summarize(packages: &[PackageReport]) -> Summary {
     }
     let total = packages.len();
     let ready = by_status.get("ready").copied().unwrap_or(0);
-    let percent = if total == 0 { 0.0 } else { (ready as f64 * 1000.0 / total as f64).round() / 10.0 };
-    Summary { total, ready, percent, by_status }
+    let percent = if total == 0 {
+        0.0
+    } else {
+        (ready as f64 * 1000.0 / total as f64).round() / 10.0
+    };
+    Summary {
+        total,
+        ready,
+        percent,
+        by_status,
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -281,7 +333,11 @@ mod tests {
             "finished".into(),
             "repo".into(),
             String::new(),
-            vec![pkg("b", "build-failed"), pkg("a", "ready"), pkg("c", "ready")],
+            vec![
+                pkg("b", "build-failed"),
+                pkg("a", "ready"),
+                pkg("c", "ready"),
+            ],
         )
     }
 

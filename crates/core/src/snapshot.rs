@@ -16,7 +16,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_bytes: 256 * 1024 * 1024, max_entries: 100_000 }
+        Limits {
+            max_bytes: 256 * 1024 * 1024,
+            max_entries: 100_000,
+        }
     }
 }
 
@@ -33,7 +36,10 @@ pub enum SnapshotError {
     #[error("snapshot entry '{0}' has an unsupported type")]
     UnsupportedEntry(String),
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn io(path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -53,7 +59,9 @@ pub fn pack(root: &Path, files: &[PathBuf], limits: Limits) -> Result<Vec<u8>, S
     files.sort();
     files.dedup();
     if files.len() > limits.max_entries {
-        return Err(SnapshotError::TooManyEntries { limit: limits.max_entries });
+        return Err(SnapshotError::TooManyEntries {
+            limit: limits.max_entries,
+        });
     }
     let mut builder = tar::Builder::new(Vec::new());
     let mut total: u64 = 0;
@@ -71,19 +79,25 @@ pub fn pack(root: &Path, files: &[PathBuf], limits: Limits) -> Result<Vec<u8>, S
             header.set_entry_type(tar::EntryType::Symlink);
             header.set_size(0);
             header.set_mode(0o777);
-            builder.append_link(&mut header, rel, &target).map_err(io(&full))?;
+            builder
+                .append_link(&mut header, rel, &target)
+                .map_err(io(&full))?;
         } else if meta.is_file() {
             use std::os::unix::fs::PermissionsExt;
             total += meta.len();
             if total > limits.max_bytes {
-                return Err(SnapshotError::TooLarge { limit: limits.max_bytes });
+                return Err(SnapshotError::TooLarge {
+                    limit: limits.max_bytes,
+                });
             }
             let exec = meta.permissions().mode() & 0o111 != 0;
             header.set_entry_type(tar::EntryType::Regular);
             header.set_size(meta.len());
             header.set_mode(if exec { 0o755 } else { 0o644 });
             let f = std::fs::File::open(&full).map_err(io(&full))?;
-            builder.append_data(&mut header, rel, f).map_err(io(&full))?;
+            builder
+                .append_data(&mut header, rel, f)
+                .map_err(io(&full))?;
         }
         // Directories are implied by their files; sockets and devices are skipped.
     }
@@ -92,8 +106,14 @@ pub fn pack(root: &Path, files: &[PathBuf], limits: Limits) -> Result<Vec<u8>, S
 
 fn check_relative(rel: &Path) -> Result<(), SnapshotError> {
     let ok = !rel.as_os_str().is_empty()
-        && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-    if ok { Ok(()) } else { Err(SnapshotError::UnsafePath(rel.display().to_string())) }
+        && rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if ok {
+        Ok(())
+    } else {
+        Err(SnapshotError::UnsafePath(rel.display().to_string()))
+    }
 }
 
 /// A link is safe when, resolved lexically from its own directory, it stays inside the tree.
@@ -131,7 +151,11 @@ pub fn unpack(bytes: &[u8], dest: &Path, limits: Limits) -> Result<usize, Snapsh
         }
         match entry.header().entry_type() {
             tar::EntryType::Symlink => {
-                let target = entry.link_name().map_err(io(&out))?.unwrap_or_default().into_owned();
+                let target = entry
+                    .link_name()
+                    .map_err(io(&out))?
+                    .unwrap_or_default()
+                    .into_owned();
                 std::os::unix::fs::symlink(&target, &out).map_err(io(&out))?;
             }
             tar::EntryType::Directory => std::fs::create_dir_all(&out).map_err(io(&out))?,
@@ -142,7 +166,8 @@ pub fn unpack(bytes: &[u8], dest: &Path, limits: Limits) -> Result<usize, Snapsh
                 entry.read_to_end(&mut data).map_err(io(&out))?;
                 std::fs::write(&out, &data).map_err(io(&out))?;
                 let perm = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
-                std::fs::set_permissions(&out, std::fs::Permissions::from_mode(perm)).map_err(io(&out))?;
+                std::fs::set_permissions(&out, std::fs::Permissions::from_mode(perm))
+                    .map_err(io(&out))?;
             }
         }
         Ok(())
@@ -155,7 +180,9 @@ fn walk(
     mut f: impl FnMut(&mut tar::Entry<'_, &[u8]>, &Path) -> Result<(), SnapshotError>,
 ) -> Result<usize, SnapshotError> {
     if bytes.len() as u64 > limits.max_bytes + (limits.max_entries as u64 + 2) * 1024 {
-        return Err(SnapshotError::TooLarge { limit: limits.max_bytes });
+        return Err(SnapshotError::TooLarge {
+            limit: limits.max_bytes,
+        });
     }
     let mut archive = tar::Archive::new(bytes);
     let mut count = 0;
@@ -164,13 +191,19 @@ fn walk(
         let mut entry = entry.map_err(io("snapshot"))?;
         count += 1;
         if count > limits.max_entries {
-            return Err(SnapshotError::TooManyEntries { limit: limits.max_entries });
+            return Err(SnapshotError::TooManyEntries {
+                limit: limits.max_entries,
+            });
         }
         let rel = entry.path().map_err(io("snapshot"))?.into_owned();
         check_relative(&rel)?;
         match entry.header().entry_type() {
             tar::EntryType::Symlink => {
-                let target = entry.link_name().map_err(io(&rel))?.unwrap_or_default().into_owned();
+                let target = entry
+                    .link_name()
+                    .map_err(io(&rel))?
+                    .unwrap_or_default()
+                    .into_owned();
                 check_link(&rel, &target)?;
             }
             tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous => {}
@@ -178,7 +211,9 @@ fn walk(
         }
         total += entry.header().size().map_err(io(&rel))?;
         if total > limits.max_bytes {
-            return Err(SnapshotError::TooLarge { limit: limits.max_bytes });
+            return Err(SnapshotError::TooLarge {
+                limit: limits.max_bytes,
+            });
         }
         f(&mut entry, &rel)?;
     }
@@ -201,13 +236,19 @@ mod tests {
     #[test]
     fn pack_is_deterministic_and_round_trips() {
         let d = tree();
-        let files: Vec<PathBuf> = ["pkgs/a/x.nix", "flake.nix", "pkgs/a/link.nix"].iter().map(PathBuf::from).collect();
+        let files: Vec<PathBuf> = ["pkgs/a/x.nix", "flake.nix", "pkgs/a/link.nix"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
         let a = pack(d.path(), &files, Limits::default()).unwrap();
         let b = pack(d.path(), &files, Limits::default()).unwrap();
         assert_eq!(digest(&a), digest(&b));
         let out = tempfile::tempdir().unwrap();
         assert_eq!(unpack(&a, out.path(), Limits::default()).unwrap(), 3);
-        assert_eq!(std::fs::read_to_string(out.path().join("pkgs/a/link.nix")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(out.path().join("pkgs/a/link.nix")).unwrap(),
+            "1"
+        );
     }
 
     #[test]
@@ -234,16 +275,31 @@ mod tests {
         h.set_cksum();
         b.append(&h, &b"x"[..]).unwrap();
         let bytes = b.into_inner().unwrap();
-        assert!(matches!(verify(&bytes, Limits::default()), Err(SnapshotError::UnsafePath(_))));
+        assert!(matches!(
+            verify(&bytes, Limits::default()),
+            Err(SnapshotError::UnsafePath(_))
+        ));
     }
 
     #[test]
     fn enforces_limits() {
         let d = tree();
         let files = vec![PathBuf::from("flake.nix"), PathBuf::from("pkgs/a/x.nix")];
-        let small = Limits { max_bytes: 5, max_entries: 10 };
-        assert!(matches!(pack(d.path(), &files, small), Err(SnapshotError::TooLarge { .. })));
-        let few = Limits { max_bytes: 1 << 20, max_entries: 1 };
-        assert!(matches!(pack(d.path(), &files, few), Err(SnapshotError::TooManyEntries { .. })));
+        let small = Limits {
+            max_bytes: 5,
+            max_entries: 10,
+        };
+        assert!(matches!(
+            pack(d.path(), &files, small),
+            Err(SnapshotError::TooLarge { .. })
+        ));
+        let few = Limits {
+            max_bytes: 1 << 20,
+            max_entries: 1,
+        };
+        assert!(matches!(
+            pack(d.path(), &files, few),
+            Err(SnapshotError::TooManyEntries { .. })
+        ));
     }
 }

@@ -83,11 +83,20 @@ impl FromStr for PackageStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOutcome {
     Built,
-    BuildFailed { message: String },
-    HashMismatch { specified: String, got: String },
-    TimedOut { message: String },
+    BuildFailed {
+        message: String,
+    },
+    HashMismatch {
+        specified: String,
+        got: String,
+    },
+    TimedOut {
+        message: String,
+    },
     /// Nix or the agent broke; retried with backoff up to a bound.
-    InfraFailed { message: String },
+    InfraFailed {
+        message: String,
+    },
     Cancelled,
 }
 
@@ -175,8 +184,24 @@ mod tests {
 
     #[test]
     fn only_infra_failures_retry() {
-        assert!(JobOutcome::InfraFailed { message: String::new() }.is_retryable());
-        assert!(!JobOutcome::BuildFailed { message: String::new() }.is_retryable());
-        assert!(!JobOutcome::HashMismatch { specified: String::new(), got: String::new() }.is_retryable());
+        assert!(
+            JobOutcome::InfraFailed {
+                message: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !JobOutcome::BuildFailed {
+                message: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !JobOutcome::HashMismatch {
+                specified: String::new(),
+                got: String::new()
+            }
+            .is_retryable()
+        );
     }
 }

@@ -20,7 +20,11 @@ pub struct Derivation {
 }
 
 fn full_path(p: &str) -> String {
-    if p.starts_with('/') { p.to_string() } else { format!("{STORE_DIR}/{p}") }
+    if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("{STORE_DIR}/{p}")
+    }
 }
 
 /// Parses the JSON object keyed by derivation path (Nix 2.4 to today; newer versions key by
@@ -37,7 +41,11 @@ pub fn parse_show_derivation(json: &str) -> Result<Vec<Derivation>, serde_json::
     };
     let mut out = Vec::with_capacity(map.len());
     for (path, d) in map {
-        let system = d.get("system").and_then(Value::as_str).unwrap_or_default().to_string();
+        let system = d
+            .get("system")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let env = d.get("env");
         let features = env
             .and_then(|e| e.get("requiredSystemFeatures"))
@@ -49,12 +57,23 @@ pub fn parse_show_derivation(json: &str) -> Result<Vec<Derivation>, serde_json::
         let mut output_hash = String::new();
         if let Some(Value::Object(outs)) = d.get("outputs") {
             for (name, o) in outs {
-                let p = o.get("path").and_then(Value::as_str).map(full_path).unwrap_or_default();
+                let p = o
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .map(full_path)
+                    .unwrap_or_default();
                 if let Some(h) = o.get("hash").and_then(Value::as_str) {
                     fixed_output = true;
-                    let algo = o.get("hashAlgo").and_then(Value::as_str).unwrap_or("sha256");
+                    let algo = o
+                        .get("hashAlgo")
+                        .and_then(Value::as_str)
+                        .unwrap_or("sha256");
                     let algo = algo.trim_start_matches("r:").trim_start_matches("text:");
-                    output_hash = if h.contains('-') || h.contains(':') { h.to_string() } else { format!("{algo}:{h}") };
+                    output_hash = if h.contains('-') || h.contains(':') {
+                        h.to_string()
+                    } else {
+                        format!("{algo}:{h}")
+                    };
                 }
                 outputs.push((name.clone(), p));
             }
@@ -63,7 +82,15 @@ pub fn parse_show_derivation(json: &str) -> Result<Vec<Derivation>, serde_json::
             Some(Value::Object(m)) => m.keys().map(|k| full_path(k)).collect(),
             _ => Vec::new(),
         };
-        out.push(Derivation { path: full_path(&path), system, features, outputs, input_drvs, fixed_output, output_hash });
+        out.push(Derivation {
+            path: full_path(&path),
+            system,
+            features,
+            outputs,
+            input_drvs,
+            fixed_output,
+            output_hash,
+        });
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
@@ -91,7 +118,10 @@ mod tests {
         let j = r#"{"version":4,"derivations":{"a-x.drv":{"outputs":{"out":{"path":"o-x"}},"inputDrvs":{"b-y.drv":{"outputs":["out"],"dynamicOutputs":{}}},"system":"aarch64-linux","env":{}}}}"#;
         let d = parse_show_derivation(j).unwrap();
         assert_eq!(d[0].path, "/nix/store/a-x.drv");
-        assert_eq!(d[0].outputs, vec![("out".to_string(), "/nix/store/o-x".to_string())]);
+        assert_eq!(
+            d[0].outputs,
+            vec![("out".to_string(), "/nix/store/o-x".to_string())]
+        );
         assert_eq!(d[0].input_drvs, vec!["/nix/store/b-y.drv"]);
         assert_eq!(d[0].system, "aarch64-linux");
     }

@@ -56,7 +56,11 @@ pub fn nix32_encode(bytes: &[u8]) -> String {
         let i = b / 8;
         let j = b % 8;
         let lo = (bytes[i] as u16) >> j;
-        let hi = if i + 1 < bytes.len() { (bytes[i + 1] as u16) << (8 - j) } else { 0 };
+        let hi = if i + 1 < bytes.len() {
+            (bytes[i + 1] as u16) << (8 - j)
+        } else {
+            0
+        };
         out.push(NIX32[((lo | hi) & 0x1f) as usize] as char);
     }
     out
@@ -103,7 +107,9 @@ fn decode_digest(algo: Algo, s: &str) -> Option<Vec<u8>> {
 /// Guesses the algorithm of a bare digest from its length.
 fn algo_for_bare(s: &str) -> Option<Algo> {
     Algo::ALL.into_iter().find(|a| {
-        s.len() == a.size() * 2 || s.len() == nix32_len(a.size()) || s.len() == BASE64.encode_len(a.size())
+        s.len() == a.size() * 2
+            || s.len() == nix32_len(a.size())
+            || s.len() == BASE64.encode_len(a.size())
     })
 }
 
@@ -121,16 +127,27 @@ impl Hash {
         let s = s.trim().trim_matches(|c| c == '\'' || c == '"');
         if let Some((a, rest)) = s.split_once('-') {
             if let Some(algo) = Algo::parse(a) {
-                let digest = BASE64.decode(rest.as_bytes()).ok().filter(|d| d.len() == algo.size())?;
+                let digest = BASE64
+                    .decode(rest.as_bytes())
+                    .ok()
+                    .filter(|d| d.len() == algo.size())?;
                 return Some(Hash { algo, digest });
             }
         }
         if let Some((a, rest)) = s.split_once(':') {
             let algo = Algo::parse(a)?;
-            return Some(Hash { algo, digest: decode_digest(algo, rest)? });
+            return Some(Hash {
+                algo,
+                digest: decode_digest(algo, rest)?,
+            });
         }
-        let algo = default.filter(|a| decode_digest(*a, s).is_some()).or_else(|| algo_for_bare(s))?;
-        Some(Hash { algo, digest: decode_digest(algo, s)? })
+        let algo = default
+            .filter(|a| decode_digest(*a, s).is_some())
+            .or_else(|| algo_for_bare(s))?;
+        Some(Hash {
+            algo,
+            digest: decode_digest(algo, s)?,
+        })
     }
 
     /// The SRI form Nix prints today: `sha256-<base64>`.
@@ -146,7 +163,9 @@ impl Hash {
 
 /// Converts any accepted hash spelling to SRI, or returns it unchanged if it cannot be parsed.
 pub fn to_sri(s: &str, default: Option<Algo>) -> String {
-    Hash::parse(s, default).map(|h| h.to_sri()).unwrap_or_else(|| s.trim().to_string())
+    Hash::parse(s, default)
+        .map(|h| h.to_sri())
+        .unwrap_or_else(|| s.trim().to_string())
 }
 
 #[cfg(test)]

@@ -95,7 +95,11 @@ pub fn parse_hash_mismatches(log: &str) -> Vec<HashMismatch> {
             }
             if let (Some(s), Some(g)) = (specified, got) {
                 let algo = algo_of(s);
-                out.push(HashMismatch { path, specified: to_sri(s, algo), got: to_sri(g, algo.or(algo_of(g))) });
+                out.push(HashMismatch {
+                    path,
+                    specified: to_sri(s, algo),
+                    got: to_sri(g, algo.or(algo_of(g))),
+                });
                 i = j;
             }
         } else if let Some(idx) = line.find("fixed-output derivation produced path") {
@@ -110,7 +114,11 @@ pub fn parse_hash_mismatches(log: &str) -> Vec<HashMismatch> {
             let got = rest.find(" hash ").and_then(|k| quoted(&rest[k..]));
             let wanted = rest.find("expected hash").and_then(|k| quoted(&rest[k..]));
             if let (Some(g), Some(w)) = (got, wanted) {
-                out.push(HashMismatch { path, specified: to_sri(w, algo), got: to_sri(g, algo) });
+                out.push(HashMismatch {
+                    path,
+                    specified: to_sri(w, algo),
+                    got: to_sri(g, algo),
+                });
             }
         }
         i += 1;
@@ -141,7 +149,9 @@ pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
     // nix-store: 0x60 | 0x04 permanent | 0x01 timeout | 0x02 hash mismatch.
     if let Some(code) = exit_code {
         if (100..=111).contains(&code) && code & 0x01 != 0 {
-            return Failure::TimedOut(first_error(&clean).unwrap_or_else(|| "build timed out".into()));
+            return Failure::TimedOut(
+                first_error(&clean).unwrap_or_else(|| "build timed out".into()),
+            );
         }
     }
     let builder_failed = clean.lines().find(|l| {
@@ -165,14 +175,20 @@ pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
 
 fn trim_error(l: &str) -> String {
     let l = l.trim();
-    l.strip_prefix("error:").unwrap_or(l).trim().trim_end_matches(';').to_string()
+    l.strip_prefix("error:")
+        .unwrap_or(l)
+        .trim()
+        .trim_end_matches(';')
+        .to_string()
 }
 
 /// The first `error:` message in a log, with its continuation lines, for reports.
 pub fn first_error(log: &str) -> Option<String> {
     let clean = strip_ansi(log);
     let lines: Vec<&str> = clean.lines().collect();
-    let start = lines.iter().position(|l| l.trim_start().starts_with("error:"))?;
+    let start = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("error:"))?;
     let mut msg = trim_error(lines[start]);
     // Nix ≥ 2.4 nests the real cause below "… while evaluating": keep the last error line.
     let mut last_error = None;
@@ -185,7 +201,12 @@ pub fn first_error(log: &str) -> Option<String> {
     if let Some(e) = last_error.filter(|e| !e.is_empty()) {
         msg = e;
     } else if msg.is_empty() {
-        msg = lines[start + 1..].iter().map(|l| l.trim()).find(|l| !l.is_empty()).unwrap_or_default().to_string();
+        msg = lines[start + 1..]
+            .iter()
+            .map(|l| l.trim())
+            .find(|l| !l.is_empty())
+            .unwrap_or_default()
+            .to_string();
     }
     Some(msg)
 }
@@ -199,7 +220,9 @@ pub fn parse_version(s: &str) -> Option<(u32, u32)> {
 
 /// Converts a single hash in any spelling to SRI, guessing sha256 for bare digests.
 pub fn hash_to_sri(s: &str) -> String {
-    Hash::parse(s, Some(Algo::Sha256)).map(|h| h.to_sri()).unwrap_or_else(|| s.to_string())
+    Hash::parse(s, Some(Algo::Sha256))
+        .map(|h| h.to_sri())
+        .unwrap_or_else(|| s.to_string())
 }
 
 #[cfg(test)]
@@ -226,7 +249,10 @@ mod tests {
         let log = "hash mismatch in fixed-output derivation '/nix/store/xyz-source':\n  wanted: sha256:0000000000000000000000000000000000000000000000000000\n  got:    sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n";
         let m = parse_hash_mismatches(log);
         assert_eq!(m[0].specified, FAKE);
-        assert_eq!(m[0].got, "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+        assert_eq!(
+            m[0].got,
+            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
     }
 
     #[test]
@@ -236,7 +262,10 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].path, "/nix/store/x-src");
         assert_eq!(m[0].specified, FAKE);
-        assert_eq!(m[0].got, "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+        assert_eq!(
+            m[0].got,
+            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
     }
 
     #[test]
@@ -258,34 +287,57 @@ mod tests {
         );
         let m = parse_hash_mismatches(&log);
         assert_eq!(m.len(), 2);
-        assert_eq!(m[1].got, "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+        assert_eq!(
+            m[1].got,
+            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
     }
 
     #[test]
     fn sha512_keeps_its_algorithm() {
         let sri512 = format!("sha512-{}==", "A".repeat(86));
-        let log = format!("hash mismatch in fixed-output derivation '/nix/store/s.drv':\n specified: {sri512}\n got: {sri512}\n");
+        let log = format!(
+            "hash mismatch in fixed-output derivation '/nix/store/s.drv':\n specified: {sri512}\n got: {sri512}\n"
+        );
         assert!(parse_hash_mismatches(&log)[0].got.starts_with("sha512-"));
     }
 
     #[test]
     fn classifies_failures() {
         let b = "error: builder for '/nix/store/x.drv' failed with exit code 1;\n       last 3 log lines:\n       > boom";
-        assert!(matches!(classify_failure(Some(100), b), Failure::BuildFailed(m) if m.contains("exit code 1")));
+        assert!(
+            matches!(classify_failure(Some(100), b), Failure::BuildFailed(m) if m.contains("exit code 1"))
+        );
         let new = "error: Cannot build '/nix/store/x.drv'.\n       Reason: builder failed with exit code 1.";
-        assert!(matches!(classify_failure(Some(1), new), Failure::BuildFailed(_)));
+        assert!(matches!(
+            classify_failure(Some(1), new),
+            Failure::BuildFailed(_)
+        ));
         let t = "error: building of '/nix/store/x.drv!out' from .drv file timed out after 3 seconds of silence";
-        assert!(matches!(classify_failure(Some(101), t), Failure::TimedOut(m) if m.contains("3 seconds of silence")));
-        assert!(matches!(classify_failure(Some(101), ""), Failure::TimedOut(_)));
-        assert!(matches!(classify_failure(Some(1), "error: opening lock file '/nix/var/nix/db/big-lock': Permission denied"), Failure::Infra(m) if m.contains("lock")));
+        assert!(
+            matches!(classify_failure(Some(101), t), Failure::TimedOut(m) if m.contains("3 seconds of silence"))
+        );
+        assert!(matches!(
+            classify_failure(Some(101), ""),
+            Failure::TimedOut(_)
+        ));
+        assert!(
+            matches!(classify_failure(Some(1), "error: opening lock file '/nix/var/nix/db/big-lock': Permission denied"), Failure::Infra(m) if m.contains("lock"))
+        );
         assert!(matches!(classify_failure(None, ""), Failure::Infra(_)));
     }
 
     #[test]
     fn first_error_prefers_the_innermost_cause() {
         let log = "error: some outer context\n\n       … while evaluating the attribute 'drvPath'\n\n       error: feed-generator: unsupported on this platform\n";
-        assert_eq!(first_error(log).unwrap(), "feed-generator: unsupported on this platform");
-        assert_eq!(first_error("warning: x\nerror: attribute 'nope' missing").unwrap(), "attribute 'nope' missing");
+        assert_eq!(
+            first_error(log).unwrap(),
+            "feed-generator: unsupported on this platform"
+        );
+        assert_eq!(
+            first_error("warning: x\nerror: attribute 'nope' missing").unwrap(),
+            "attribute 'nope' missing"
+        );
         assert!(first_error("all fine").is_none());
     }
 
@@ -293,6 +345,9 @@ mod tests {
     fn versions() {
         assert_eq!(parse_version("nix (Nix) 2.8.0"), Some((2, 8)));
         assert_eq!(parse_version("nix (Lix, like Nix) 2.91.1"), Some((2, 91)));
-        assert_eq!(parse_version("nix (Nix) 2.24.0pre20240101_dirty"), Some((2, 24)));
+        assert_eq!(
+            parse_version("nix (Nix) 2.24.0pre20240101_dirty"),
+            Some((2, 24))
+        );
     }
 }

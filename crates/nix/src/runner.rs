@@ -84,7 +84,11 @@ pub struct Nix {
 
 impl Default for Nix {
     fn default() -> Self {
-        Nix { nix: "nix".into(), nix_store: "nix-store".into(), log_tail_bytes: 16 * 1024 }
+        Nix {
+            nix: "nix".into(),
+            nix_store: "nix-store".into(),
+            log_tail_bytes: 16 * 1024,
+        }
     }
 }
 
@@ -110,7 +114,16 @@ pub fn nix_string(s: &str) -> String {
 fn fragment(attr_path: &str) -> String {
     attr_path
         .split('.')
-        .map(|p| if p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') && !p.is_empty() { p.to_string() } else { nix_string(p) })
+        .map(|p| {
+            if p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                && !p.is_empty()
+            {
+                p.to_string()
+            } else {
+                nix_string(p)
+            }
+        })
         .collect::<Vec<_>>()
         .join(".")
 }
@@ -154,13 +167,19 @@ impl Nix {
     async fn run_json(&self, mut cmd: Command, mem_mib: u64) -> Result<String, NixError> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         limit_memory(&mut cmd, mem_mib);
-        let out = cmd.output().await.map_err(|e| NixError::Infra(format!("cannot run nix: {e}")))?;
+        let out = cmd
+            .output()
+            .await
+            .map_err(|e| NixError::Infra(format!("cannot run nix: {e}")))?;
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         if out.status.success() {
             return Ok(String::from_utf8_lossy(&out.stdout).to_string());
         }
         match first_error(&stderr) {
-            Some(message) => Err(NixError::Failed { message, log: stderr }),
+            Some(message) => Err(NixError::Failed {
+                message,
+                log: stderr,
+            }),
             None => Err(NixError::Infra(format!(
                 "nix failed ({}) without an error message: {}",
                 out.status,
@@ -172,7 +191,14 @@ impl Nix {
     fn eval_cmd(&self, substituter: &str) -> Command {
         let mut c = self.nix_cmd();
         // --no-eval-cache: the eval cache replays failures as misleading errors (NixOS/nix#3872).
-        c.args(["eval", "--json", "--no-eval-cache", "--option", "substituters", substituter]);
+        c.args([
+            "eval",
+            "--json",
+            "--no-eval-cache",
+            "--option",
+            "substituters",
+            substituter,
+        ]);
         c
     }
 
@@ -182,7 +208,8 @@ impl Nix {
         c.arg(format!("{flake}#{}", fragment(attr_path)));
         c.args(["--apply", "s: if builtins.isAttrs s then builtins.attrNames s else throw \"not an attribute set\""]);
         let out = self.run_json(c, 0).await?;
-        serde_json::from_str(&out).map_err(|e| NixError::Infra(format!("cannot parse attribute list: {e}")))
+        serde_json::from_str(&out)
+            .map_err(|e| NixError::Infra(format!("cannot parse attribute list: {e}")))
     }
 
     /// Instantiates `attrs` (below `attr_path`) in one process; any failing attribute fails it all,
@@ -203,7 +230,8 @@ impl Nix {
         c.arg(format!("{flake}#{}", fragment(attr_path)));
         c.arg("--apply").arg(apply);
         let out = self.run_json(c, mem_mib).await?;
-        serde_json::from_str(&out).map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
+        serde_json::from_str(&out)
+            .map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
     }
 
     /// The derivations in the closures of `drvs`, with their inputs.
@@ -214,7 +242,9 @@ impl Nix {
             c.args(["show-derivation", "-r"]);
             c.args(chunk);
             let out = self.run_json(c, 0).await?;
-            for d in parse_show_derivation(&out).map_err(|e| NixError::Infra(format!("cannot parse derivations: {e}")))? {
+            for d in parse_show_derivation(&out)
+                .map_err(|e| NixError::Infra(format!("cannot parse derivations: {e}")))?
+            {
                 all.insert(d.path.clone(), d);
             }
         }
@@ -223,7 +253,12 @@ impl Nix {
 
     /// Copies `paths` (with their closures) to a binary cache, signing with `secret_key_file`.
     /// `.drv` paths are copied as derivations, not built.
-    pub async fn copy_to(&self, cache: &str, paths: &[String], secret_key_file: Option<&std::path::Path>) -> Result<(), NixError> {
+    pub async fn copy_to(
+        &self,
+        cache: &str,
+        paths: &[String],
+        secret_key_file: Option<&std::path::Path>,
+    ) -> Result<(), NixError> {
         if paths.is_empty() {
             return Ok(());
         }
@@ -247,7 +282,10 @@ impl Nix {
             }
             c.arg("--to").arg(&url).args(chunk);
             c.stdout(Stdio::null()).stderr(Stdio::piped());
-            let out = c.output().await.map_err(|e| NixError::Infra(format!("cannot run nix copy: {e}")))?;
+            let out = c
+                .output()
+                .await
+                .map_err(|e| NixError::Infra(format!("cannot run nix copy: {e}")))?;
             if !out.status.success() {
                 let stderr = String::from_utf8_lossy(&out.stderr);
                 return Err(NixError::Infra(format!(
@@ -265,7 +303,10 @@ impl Nix {
             return true;
         }
         let mut c = Command::new(&self.nix_store);
-        c.args(["--check-validity"]).args(paths).stdout(Stdio::null()).stderr(Stdio::null());
+        c.args(["--check-validity"])
+            .args(paths)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         matches!(c.status().await, Ok(s) if s.success())
     }
 
@@ -280,21 +321,38 @@ impl Nix {
     ) -> BuildRun {
         let start = Instant::now();
         let mut c = Command::new(&self.nix_store);
-        c.kill_on_drop(true).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        c.args(["--realise", drv, "--option", "substituters", &opts.substituter]);
+        c.kill_on_drop(true)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.args([
+            "--realise",
+            drv,
+            "--option",
+            "substituters",
+            &opts.substituter,
+        ]);
         c.args(["--option", "builders", ""]);
         if !opts.substituter.is_empty() {
             if opts.trusted_public_keys.is_empty() {
                 c.args(["--option", "require-sigs", "false"]);
             } else {
-                c.args(["--option", "trusted-public-keys", &opts.trusted_public_keys.join(" ")]);
+                c.args([
+                    "--option",
+                    "trusted-public-keys",
+                    &opts.trusted_public_keys.join(" "),
+                ]);
             }
         }
         if let Some(t) = opts.timeout {
             c.args(["--option", "timeout", &t.as_secs().max(1).to_string()]);
         }
         if let Some(t) = opts.max_silent {
-            c.args(["--option", "max-silent-time", &t.as_secs().max(1).to_string()]);
+            c.args([
+                "--option",
+                "max-silent-time",
+                &t.as_secs().max(1).to_string(),
+            ]);
         }
         let mut child = match c.spawn() {
             Ok(ch) => ch,
@@ -344,7 +402,12 @@ impl Nix {
         let result = if cancelled {
             Err(Failure::Infra("cancelled".into()))
         } else if status.is_some_and(|s| s.success()) {
-            Ok(stdout.lines().map(str::trim).filter(|l| l.starts_with('/')).map(String::from).collect())
+            Ok(stdout
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with('/'))
+                .map(String::from)
+                .collect())
         } else {
             Err(classify_failure(status.and_then(|s| s.code()), &full_log))
         };
@@ -385,7 +448,10 @@ fn limit_memory(cmd: &mut Command, mem_mib: u64) {
     // SAFETY: setrlimit is async-signal-safe and touches no memory shared with the parent.
     unsafe {
         cmd.pre_exec(move || {
-            let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
             if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -418,7 +484,10 @@ struct TailBuffer {
 
 impl TailBuffer {
     fn new(cap: usize) -> Self {
-        TailBuffer { buf: Vec::new(), cap }
+        TailBuffer {
+            buf: Vec::new(),
+            cap,
+        }
     }
     fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
@@ -441,7 +510,10 @@ mod tests {
     fn nix_strings_escape_interpolation() {
         assert_eq!(nix_string("a\"b${c}\\"), "\"a\\\"b\\${c}\\\\\"");
         assert_eq!(fragment("packages.x86_64-linux"), "packages.x86_64-linux");
-        assert_eq!(fragment("legacyPackages.x86_64-linux.a b"), "legacyPackages.x86_64-linux.\"a b\"");
+        assert_eq!(
+            fragment("legacyPackages.x86_64-linux.a b"),
+            "legacyPackages.x86_64-linux.\"a b\""
+        );
     }
 
     #[test]

@@ -1,0 +1,115 @@
+//! The agent's configuration (TOML file, flags and environment).
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `nixfarm-agent.toml`. Unknown fields are refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Coordinator URL. Default `http://127.0.0.1:7420`.
+    pub coordinator: String,
+    /// Name the agent registers under; unique per farm. Default: the host name.
+    pub name: String,
+    /// File holding the join token (or env `NIXFARM_AGENT_TOKEN`). Default: none.
+    pub token_file: Option<PathBuf>,
+    /// Systems this agent builds for. Default `["x86_64-linux"]`.
+    pub systems: Vec<String>,
+    /// System features offered (`requiredSystemFeatures`). Default `["big-parallel", "benchmark", "nixos-test"]`, plus `kvm` when /dev/kvm exists.
+    pub features: Vec<String>,
+    /// Jobs run at once. Default: the number of CPUs.
+    pub max_jobs: u32,
+    /// Evaluation worker processes per evaluation job. Default 2.
+    pub eval_workers: usize,
+    /// Scratch directory for unpacked sources. Default `/var/lib/nixfarm-agent`.
+    pub work_dir: PathBuf,
+    /// Directory holding `nix` and `nix-store`. Default: empty, found through PATH.
+    pub nix_bin: PathBuf,
+    /// Nix secret key file used to sign what this agent pushes to a binary cache. Default: none.
+    pub signing_key_file: Option<PathBuf>,
+    /// Seconds a draining agent waits for running jobs before handing them back. Default 600.
+    pub drain_timeout_secs: u64,
+    /// Bytes of live log streamed to the coordinator per job. Default 1048576 (1 MiB).
+    pub log_limit_bytes: usize,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agent".into())
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        let mut features: Vec<String> = ["big-parallel", "benchmark", "nixos-test"]
+            .map(String::from)
+            .to_vec();
+        if Path::new("/dev/kvm").exists() {
+            features.push("kvm".into());
+        }
+        AgentConfig {
+            coordinator: "http://127.0.0.1:7420".into(),
+            name: hostname(),
+            token_file: None,
+            systems: vec!["x86_64-linux".into()],
+            features,
+            max_jobs: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            eval_workers: 2,
+            work_dir: "/var/lib/nixfarm-agent".into(),
+            nix_bin: PathBuf::new(),
+            signing_key_file: None,
+            drain_timeout_secs: 600,
+            log_limit_bytes: 1 << 20,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid agent config: {e}", path.display()))
+    }
+
+    /// The join token: `NIXFARM_AGENT_TOKEN`, else the token file.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Ok(t) = std::env::var("NIXFARM_AGENT_TOKEN") {
+            if !t.trim().is_empty() {
+                return Ok(Some(t.trim().to_string()));
+            }
+        }
+        match &self.token_file {
+            Some(p) => Ok(Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", p.display()))?
+                    .trim()
+                    .to_string(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_unknown_fields() {
+        let c: AgentConfig =
+            toml::from_str("coordinator = \"http://c:1\"\nmax_jobs = 3\n").unwrap();
+        assert_eq!(c.max_jobs, 3);
+        assert_eq!(c.systems, vec!["x86_64-linux"]);
+        assert!(toml::from_str::<AgentConfig>("max_job = 3").is_err());
+    }
+}

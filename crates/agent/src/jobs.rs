@@ -1,0 +1,407 @@
+//! Running one assigned job: fetch the source, evaluate or build with Nix, report.
+
+use crate::{Shared, add_token};
+use nixfarm_core::snapshot;
+use nixfarm_nix::messages::Failure;
+use nixfarm_nix::{AttrInfo, BuildOptions, NixError};
+use nixfarm_proto::v1 as pb;
+use nixfarm_proto::v1::agent_service_client::AgentServiceClient;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+fn msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(m) }
+}
+
+/// The result message for an assignment handed back unrun.
+pub(crate) fn cancelled_result(a: &pb::Assignment) -> pb::AgentMessage {
+    use pb::assignment::Job;
+    match &a.job {
+        Some(Job::Build(_)) => msg(pb::agent_message::Msg::Build(pb::BuildResult {
+            attempt_id: a.attempt_id.clone(),
+            status: pb::BuildStatus::Cancelled as i32,
+            message: "the agent is draining".into(),
+            ..Default::default()
+        })),
+        Some(Job::EvalList(_)) => msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
+            attempt_id: a.attempt_id.clone(),
+            error: "the agent is draining".into(),
+            infra: true,
+            ..Default::default()
+        })),
+        _ => msg(pb::agent_message::Msg::EvalChunk(pb::EvalChunkResult {
+            attempt_id: a.attempt_id.clone(),
+            error: "the agent is draining".into(),
+            infra: true,
+            ..Default::default()
+        })),
+    }
+}
+
+pub(crate) async fn run(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    a: pb::Assignment,
+    cancel: CancellationToken,
+    logs: mpsc::Sender<pb::AgentMessage>,
+) -> pb::AgentMessage {
+    use pb::assignment::Job;
+    let attempt = a.attempt_id.clone();
+    match a.job {
+        Some(Job::EvalList(j)) => {
+            let result = async {
+                let flake = prepare_source(shared, channel, j.source).await?;
+                shared.nix.list_attrs(&flake, &j.attr_path).await
+            }
+            .await;
+            let (attrs, error, infra) = match result {
+                Ok(a) => (a, String::new(), false),
+                Err(e) => (vec![], e.to_string(), e.is_infra()),
+            };
+            msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
+                attempt_id: attempt,
+                attrs,
+                error,
+                infra,
+            }))
+        }
+        Some(Job::EvalChunk(j)) => {
+            let mut r = eval_chunk(shared, channel, j).await;
+            r.attempt_id = attempt;
+            msg(pb::agent_message::Msg::EvalChunk(r))
+        }
+        Some(Job::Build(j)) => {
+            let mut r = build(shared, j, cancel, logs, attempt.clone()).await;
+            r.attempt_id = attempt;
+            msg(pb::agent_message::Msg::Build(r))
+        }
+        None => msg(pb::agent_message::Msg::Build(pb::BuildResult {
+            attempt_id: attempt,
+            status: pb::BuildStatus::InfraFailed as i32,
+            message: "empty assignment".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Makes the run's flake available locally and returns a flake reference to it.
+async fn prepare_source(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    source: Option<pb::Source>,
+) -> Result<String, NixError> {
+    match source.and_then(|s| s.kind) {
+        Some(pb::source::Kind::FlakeRef(f)) => Ok(f),
+        Some(pb::source::Kind::Snapshot(digest)) => {
+            let dir = fetch_snapshot(shared, channel, &digest).await?;
+            Ok(format!("path:{}", dir.display()))
+        }
+        None => Err(NixError::Infra("the job names no source".into())),
+    }
+}
+
+async fn fetch_snapshot(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    digest: &str,
+) -> Result<PathBuf, NixError> {
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(NixError::Infra(format!("bad snapshot digest '{digest}'")));
+    }
+    let dir = shared.cfg.work_dir.join("sources").join(digest);
+    let _guard = shared.source_lock.lock().await;
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut req = tonic::Request::new(pb::FetchSourceRequest {
+        digest: digest.to_string(),
+    });
+    add_token(&mut req, &shared.token);
+    let infra = |e: String| NixError::Infra(format!("cannot fetch source {digest}: {e}"));
+    let mut stream = client
+        .fetch_source(req)
+        .await
+        .map_err(|e| infra(e.to_string()))?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(|e| infra(e.to_string()))? {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    if snapshot::digest(&bytes) != digest {
+        return Err(infra("digest mismatch".into()));
+    }
+    let tmp = shared
+        .cfg
+        .work_dir
+        .join("sources")
+        .join(format!(".tmp-{digest}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| infra(e.to_string()))?;
+    snapshot::unpack(&bytes, &tmp, snapshot::Limits::default())
+        .map_err(|e| infra(e.to_string()))?;
+    std::fs::rename(&tmp, &dir).map_err(|e| infra(e.to_string()))?;
+    Ok(dir)
+}
+
+fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput> {
+    o.iter()
+        .map(|(n, p)| pb::DrvOutput {
+            name: n.clone(),
+            path: p.clone(),
+        })
+        .collect()
+}
+
+/// Evaluates attributes in groups; a group that fails is split in two until each failing
+/// attribute stands alone, so one attribute that throws never hides the others.
+async fn eval_isolated(
+    shared: &Arc<Shared>,
+    flake: &str,
+    attr_path: &str,
+    attrs: Vec<String>,
+    mem: u64,
+) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(shared.cfg.eval_workers.max(1)));
+    let mut out = BTreeMap::new();
+    let mut pending = vec![attrs];
+    while !pending.is_empty() {
+        let mut set = tokio::task::JoinSet::new();
+        for group in pending.drain(..) {
+            let (shared, flake, attr_path, sem) = (
+                shared.clone(),
+                flake.to_string(),
+                attr_path.to_string(),
+                sem.clone(),
+            );
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let r = shared.nix.eval_attrs(&flake, &attr_path, &group, mem).await;
+                (group, r)
+            });
+        }
+        while let Some(joined) = set.join_next().await {
+            let (group, r) =
+                joined.map_err(|e| NixError::Infra(format!("evaluation task failed: {e}")))?;
+            match r {
+                Ok(map) => {
+                    for (k, v) in map {
+                        out.insert(k, Ok(v));
+                    }
+                }
+                Err(NixError::Failed { message, .. }) if group.len() == 1 => {
+                    out.insert(group[0].clone(), Err(message));
+                }
+                Err(NixError::Failed { .. }) => {
+                    let mid = group.len() / 2;
+                    pending.push(group[..mid].to_vec());
+                    pending.push(group[mid..].to_vec());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn eval_chunk(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    j: pb::EvalChunkJob,
+) -> pb::EvalChunkResult {
+    let fail = |e: NixError| pb::EvalChunkResult {
+        error: e.to_string(),
+        infra: e.is_infra(),
+        ..Default::default()
+    };
+    let flake = match prepare_source(shared, channel, j.source).await {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let evaluated = match eval_isolated(
+        shared,
+        &flake,
+        &j.attr_path,
+        j.attrs.clone(),
+        j.eval_memory_mib,
+    )
+    .await
+    {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let mut attrs = Vec::new();
+    let mut tops = Vec::new();
+    for name in &j.attrs {
+        match evaluated.get(name) {
+            Some(Ok(info)) => {
+                tops.push(info.drv_path.clone());
+                attrs.push(pb::EvaluatedAttr {
+                    attr: name.clone(),
+                    drv_path: info.drv_path.clone(),
+                    outputs: outputs_to_wire(&info.outputs),
+                    pname: info.pname.clone(),
+                    version: info.version.clone(),
+                    position: info.position.clone(),
+                    rev: info.rev.clone(),
+                    system: info.system.clone(),
+                    error: String::new(),
+                    timeout_secs: info.timeout,
+                    max_silent_secs: info.max_silent,
+                });
+            }
+            Some(Err(e)) => attrs.push(pb::EvaluatedAttr {
+                attr: name.clone(),
+                error: e.clone(),
+                ..Default::default()
+            }),
+            None => attrs.push(pb::EvaluatedAttr {
+                attr: name.clone(),
+                error: "attribute vanished during evaluation".into(),
+                ..Default::default()
+            }),
+        }
+    }
+    let drvs = match shared.nix.show_derivations(&tops).await {
+        Ok(d) => d,
+        Err(e) => return fail(NixError::Infra(format!("cannot read derivations: {e}"))),
+    };
+    if !j.cache.is_empty() {
+        // Builders on other hosts fetch the derivations (and their sources) from the cache.
+        if let Err(e) = shared
+            .nix
+            .copy_to(&j.cache, &tops, shared.cfg.signing_key_file.as_deref())
+            .await
+        {
+            return fail(e);
+        }
+    }
+    let drvs = drvs
+        .into_iter()
+        .map(|d| pb::DrvNode {
+            drv_path: d.path,
+            system: d.system,
+            features: d.features,
+            outputs: d
+                .outputs
+                .into_iter()
+                .map(|(name, path)| pb::DrvOutput { name, path })
+                .collect(),
+            input_drvs: d.input_drvs,
+            fixed_output: d.fixed_output,
+            output_hash: d.output_hash,
+        })
+        .collect();
+    pb::EvalChunkResult {
+        attempt_id: String::new(),
+        attrs,
+        drvs,
+        error: String::new(),
+        infra: false,
+    }
+}
+
+async fn build(
+    shared: &Arc<Shared>,
+    j: pb::BuildJob,
+    cancel: CancellationToken,
+    logs: mpsc::Sender<pb::AgentMessage>,
+    attempt: String,
+) -> pb::BuildResult {
+    let opts = BuildOptions {
+        substituter: j.cache.clone(),
+        trusted_public_keys: j.trusted_public_keys.clone(),
+        timeout: (j.timeout_secs > 0).then(|| Duration::from_secs(j.timeout_secs)),
+        max_silent: (j.max_silent_secs > 0).then(|| Duration::from_secs(j.max_silent_secs)),
+    };
+    let limit = shared.cfg.log_limit_bytes;
+    let mut sent = 0usize;
+    let run = shared
+        .nix
+        .realise(&j.drv_path, &opts, cancel, |chunk| {
+            // Live log, capped per job; the tail always travels with the result.
+            if sent < limit {
+                let n = chunk.len().min(limit - sent);
+                sent += n;
+                let _ = logs.try_send(msg(pb::agent_message::Msg::Log(pb::LogChunk {
+                    attempt_id: attempt.clone(),
+                    data: chunk[..n].to_vec(),
+                })));
+            }
+        })
+        .await;
+    let mut r = pb::BuildResult {
+        duration_ms: run.duration.as_millis() as u64,
+        log_tail: run.log_tail.clone(),
+        substituted: run.substituted,
+        ..Default::default()
+    };
+    if run.cancelled {
+        r.status = pb::BuildStatus::Cancelled as i32;
+        r.message = "cancelled".into();
+        return r;
+    }
+    match run.result {
+        Ok(paths) => {
+            if !j.cache.is_empty() && !run.substituted {
+                if let Err(e) = shared
+                    .nix
+                    .copy_to(&j.cache, &paths, shared.cfg.signing_key_file.as_deref())
+                    .await
+                {
+                    r.status = pb::BuildStatus::InfraFailed as i32;
+                    r.message = format!("built, but the push to the cache failed: {e}");
+                    return r;
+                }
+            }
+            r.status = pb::BuildStatus::Built as i32;
+            r.outputs = match shared
+                .nix
+                .show_derivations(std::slice::from_ref(&j.drv_path))
+                .await
+            {
+                Ok(ds) => ds
+                    .into_iter()
+                    .find(|d| d.path == j.drv_path)
+                    .map(|d| {
+                        d.outputs
+                            .into_iter()
+                            .map(|(name, path)| pb::DrvOutput { name, path })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                Err(_) => paths
+                    .iter()
+                    .map(|p| pb::DrvOutput {
+                        name: "out".into(),
+                        path: p.clone(),
+                    })
+                    .collect(),
+            };
+        }
+        Err(Failure::HashMismatch(m)) => {
+            r.status = pb::BuildStatus::HashMismatch as i32;
+            r.message = format!("hash mismatch: specified {}, got {}", m.specified, m.got);
+            r.specified_hash = m.specified;
+            r.got_hash = m.got;
+        }
+        Err(Failure::TimedOut(m)) => {
+            r.status = pb::BuildStatus::TimedOut as i32;
+            r.message = m;
+        }
+        Err(Failure::BuildFailed(m)) => {
+            r.status = pb::BuildStatus::Failed as i32;
+            r.message = m;
+        }
+        Err(Failure::Infra(m)) => {
+            r.status = pb::BuildStatus::InfraFailed as i32;
+            r.message = m;
+        }
+    }
+    r
+}

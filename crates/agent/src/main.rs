@@ -1,0 +1,93 @@
+//! `nixfarm-agent`: dials a coordinator and builds with the local Nix. Thin: logic is in the library.
+
+use clap::Parser;
+use nixfarm_agent::{Agent, AgentConfig};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// A nixfarm build agent: runs evaluation and build jobs with this host's Nix.
+///
+/// The agent dials the coordinator (it needs no open port), registers its systems, features
+/// and job capacity, and keeps building when the coordinator goes away: it reconnects and
+/// delivers results later. SIGTERM drains it: no new jobs, running ones finish.
+///
+/// Example: nixfarm-agent --coordinator http://farm.example.org:7420 --name builder1 --max-jobs 4
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Config file (TOML); see deploy/agent.toml for every field and default.
+    #[arg(long, short, env = "NIXFARM_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Coordinator URL, e.g. http://127.0.0.1:7420.
+    #[arg(long, env = "NIXFARM_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Name to register under (unique in the farm). Default: host name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Jobs to run at once. Default: number of CPUs.
+    #[arg(long)]
+    max_jobs: Option<u32>,
+    /// Systems to build for (repeatable). Default: x86_64-linux.
+    #[arg(long = "system")]
+    systems: Vec<String>,
+    /// Scratch directory for unpacked sources.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Nix secret key file to sign what this agent pushes to binary caches.
+    #[arg(long, env = "NIXFARM_SIGNING_KEY_FILE")]
+    signing_key_file: Option<PathBuf>,
+    /// File holding the join token (or set NIXFARM_AGENT_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(c) = args.coordinator {
+        cfg.coordinator = c;
+    }
+    if let Some(n) = args.name {
+        cfg.name = n;
+    }
+    if let Some(m) = args.max_jobs {
+        cfg.max_jobs = m;
+    }
+    if !args.systems.is_empty() {
+        cfg.systems = args.systems;
+    }
+    if let Some(w) = args.work_dir {
+        cfg.work_dir = w;
+    }
+    if args.signing_key_file.is_some() {
+        cfg.signing_key_file = args.signing_key_file;
+    }
+    if args.token_file.is_some() {
+        cfg.token_file = args.token_file;
+    }
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        s.cancel();
+    });
+    Agent::new(cfg)?.run(shutdown).await
+}

@@ -1,0 +1,189 @@
+//! What a run builds: a snapshot of a local checkout (tracked files plus untracked ones git
+//! does not ignore, so uncommitted work is built) or a flake reference agents fetch.
+
+use crate::{Client, status_error};
+use anyhow::{Context, bail};
+use nixfarm_core::{flakeref, snapshot};
+use nixfarm_proto::v1 as pb;
+use std::path::{Path, PathBuf};
+
+/// What the user named.
+pub enum Named {
+    Dir(PathBuf),
+    FlakeRef(String),
+}
+
+/// Decides whether `s` is a local flake directory or a flake reference, with a clear error
+/// for anything else.
+pub fn check_local_or_ref(s: &str) -> anyhow::Result<Named> {
+    let p = Path::new(s);
+    if p.exists() {
+        let dir = p
+            .canonicalize()
+            .with_context(|| format!("cannot read {s}"))?;
+        if !dir.is_dir() {
+            bail!("{s} is not a directory: point nixfarm at the directory holding flake.nix");
+        }
+        if std::fs::read_dir(&dir).is_err() {
+            bail!("cannot read directory {s}: permission denied");
+        }
+        if !dir.join("flake.nix").is_file() {
+            bail!("{s} is not a flake: it has no flake.nix");
+        }
+        return Ok(Named::Dir(dir));
+    }
+    let looks_like_ref = s.contains(':') && !s.starts_with('/') && !s.starts_with('.');
+    if !looks_like_ref {
+        bail!(
+            "{s}: no such file or directory (and not a flake reference such as github:owner/repo)"
+        );
+    }
+    flakeref::validate(s)?;
+    Ok(Named::FlakeRef(s.to_string()))
+}
+
+/// The files of a checkout, relative to it: git's view when it is a git work tree.
+pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let git = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output();
+    if let Ok(out) = git {
+        if out.status.success() {
+            let files = out
+                .stdout
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| PathBuf::from(String::from_utf8_lossy(s).into_owned()))
+                // Deleted but not yet committed: not part of the working tree.
+                .filter(|p| dir.join(p).symlink_metadata().is_ok())
+                .collect();
+            return Ok(files);
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), &mut out)?;
+    Ok(out)
+}
+
+fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(root.join(rel))
+        .with_context(|| format!("cannot read {}", root.join(rel).display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == ".git"
+            || (rel.as_os_str().is_empty() && (name == "result" || name == ".nixfarm"))
+        {
+            continue;
+        }
+        let r = rel.join(&name);
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            walk(root, &r, out)?;
+        } else {
+            out.push(r);
+        }
+    }
+    Ok(())
+}
+
+/// Uploads a local checkout (or passes a flake reference through) and returns the run's source.
+pub async fn prepare(client: &Client, s: &str) -> anyhow::Result<(pb::Source, String)> {
+    match check_local_or_ref(s)? {
+        Named::FlakeRef(f) => Ok((
+            pb::Source {
+                kind: Some(pb::source::Kind::FlakeRef(f.clone())),
+            },
+            f,
+        )),
+        Named::Dir(dir) => {
+            let files = list_files(&dir)?;
+            let bytes = snapshot::pack(&dir, &files, snapshot::Limits::default())
+                .with_context(|| format!("cannot snapshot {}", dir.display()))?;
+            let chunks: Vec<pb::SourceChunk> = bytes
+                .chunks(1 << 20)
+                .map(|c| pb::SourceChunk { data: c.to_vec() })
+                .collect();
+            let resp = client
+                .raw()
+                .upload_source(client.req(tokio_stream::iter(chunks)))
+                .await
+                .map_err(status_error)
+                .context("uploading the source snapshot failed")?
+                .into_inner();
+            eprintln!(
+                "uploaded {} ({} files, {} bytes)",
+                dir.display(),
+                files.len(),
+                resp.size
+            );
+            Ok((
+                pb::Source {
+                    kind: Some(pb::source::Kind::Snapshot(resp.digest)),
+                },
+                dir.display().to_string(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clear_errors_for_bad_sources() {
+        let e = check_local_or_ref("/definitely/not/here")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no such file or directory"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let e = check_local_or_ref(d.path().to_str().unwrap())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("is not a flake"), "{e}");
+        let e = check_local_or_ref("github:only-owner")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not a flake reference"), "{e}");
+        assert!(matches!(
+            check_local_or_ref("github:o/r").unwrap(),
+            Named::FlakeRef(_)
+        ));
+    }
+
+    #[test]
+    fn untracked_files_are_included_ignored_ones_are_not() {
+        let d = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            std::process::Command::new("git")
+                .arg("-C")
+                .arg(d.path())
+                .args(args)
+                .output()
+                .unwrap();
+        };
+        run(&["init", "-q"]);
+        std::fs::write(d.path().join("flake.nix"), "{}").unwrap();
+        std::fs::write(d.path().join(".gitignore"), "ignored.txt\n").unwrap();
+        run(&["add", "flake.nix", ".gitignore"]);
+        std::fs::write(d.path().join("new.nix"), "1").unwrap();
+        std::fs::write(d.path().join("ignored.txt"), "x").unwrap();
+        let mut files = list_files(d.path()).unwrap();
+        files.sort();
+        let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(names, vec![".gitignore", "flake.nix", "new.nix"]);
+    }
+}

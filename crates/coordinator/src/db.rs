@@ -1,0 +1,472 @@
+//! Durable coordinator state in SQLite: runs, packages, the derivation graph, attempts,
+//! events and agents. Every state change is written here before it is acted on, so a
+//! restarted coordinator resumes each run where it stood.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+
+pub use rusqlite::Error as DbError;
+
+const SCHEMA: &str = r#"
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+PRAGMA foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+  id TEXT PRIMARY KEY,
+  state TEXT NOT NULL,
+  label TEXT NOT NULL,
+  spec TEXT NOT NULL,
+  error TEXT NOT NULL DEFAULT '',
+  created_ms INTEGER NOT NULL,
+  finished_ms INTEGER NOT NULL DEFAULT 0,
+  eval_chunks_total INTEGER NOT NULL DEFAULT -1
+);
+CREATE TABLE IF NOT EXISTS eval_tasks (
+  run_id TEXT NOT NULL REFERENCES runs(id),
+  task INTEGER NOT NULL,
+  attrs TEXT NOT NULL,
+  done INTEGER NOT NULL DEFAULT 0,
+  infra_failures INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (run_id, task)
+);
+CREATE TABLE IF NOT EXISTS packages (
+  run_id TEXT NOT NULL REFERENCES runs(id),
+  attr TEXT NOT NULL,
+  info TEXT NOT NULL,
+  PRIMARY KEY (run_id, attr)
+);
+CREATE TABLE IF NOT EXISTS drvs (
+  run_id TEXT NOT NULL REFERENCES runs(id),
+  drv_path TEXT NOT NULL,
+  node TEXT NOT NULL,
+  state TEXT NOT NULL DEFAULT 'waiting',
+  result TEXT NOT NULL DEFAULT '',
+  infra_failures INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (run_id, drv_path)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+  id TEXT PRIMARY KEY,
+  run_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  target TEXT NOT NULL,
+  agent TEXT NOT NULL,
+  state TEXT NOT NULL,
+  outcome TEXT NOT NULL DEFAULT '',
+  started_ms INTEGER NOT NULL,
+  finished_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS attempts_run ON attempts(run_id, kind, target);
+CREATE TABLE IF NOT EXISTS events (
+  run_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  json TEXT NOT NULL,
+  PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE IF NOT EXISTS agents (
+  name TEXT PRIMARY KEY,
+  info TEXT NOT NULL,
+  last_seen_ms INTEGER NOT NULL
+);
+"#;
+
+/// The coordinator's database.
+pub struct Db {
+    conn: Connection,
+}
+
+/// A stored run row.
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    pub id: String,
+    pub state: String,
+    pub label: String,
+    pub spec: String,
+    pub error: String,
+    pub created_ms: i64,
+    pub finished_ms: i64,
+    pub eval_tasks_total: i64,
+}
+
+/// A stored derivation row.
+#[derive(Debug, Clone)]
+pub struct DrvRow {
+    pub drv_path: String,
+    pub node: String,
+    pub state: String,
+    pub result: String,
+    pub infra_failures: i64,
+}
+
+/// A stored attempt row.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    pub id: String,
+    pub run_id: String,
+    pub kind: String,
+    pub target: String,
+    pub agent: String,
+    pub state: String,
+}
+
+impl Db {
+    /// Opens (creating if needed) the database; a file that is not a nixfarm database is refused.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Db, DbError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Db, DbError> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Reading the schema first turns a corrupt file into an error here, at start-up.
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        conn.execute_batch(SCHEMA)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', '1')",
+            [],
+        )?;
+        Ok(Db { conn })
+    }
+
+    /// Runs `f` in one transaction.
+    pub fn tx<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn insert_run(&self, r: &RunRow) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO runs(id, state, label, spec, error, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![r.id, r.state, r.label, r.spec, r.error, r.created_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_run_state(
+        &self,
+        id: &str,
+        state: &str,
+        error: &str,
+        finished_ms: i64,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE runs SET state = ?2, error = ?3, finished_ms = ?4 WHERE id = ?1",
+            params![id, state, error, finished_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_eval_tasks_total(&self, id: &str, n: i64) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE runs SET eval_chunks_total = ?2 WHERE id = ?1",
+            params![id, n],
+        )?;
+        Ok(())
+    }
+
+    fn run_from_row(r: &rusqlite::Row<'_>) -> Result<RunRow, DbError> {
+        Ok(RunRow {
+            id: r.get(0)?,
+            state: r.get(1)?,
+            label: r.get(2)?,
+            spec: r.get(3)?,
+            error: r.get(4)?,
+            created_ms: r.get(5)?,
+            finished_ms: r.get(6)?,
+            eval_tasks_total: r.get(7)?,
+        })
+    }
+
+    const RUN_COLS: &'static str =
+        "id, state, label, spec, error, created_ms, finished_ms, eval_chunks_total";
+
+    pub fn run(&self, id: &str) -> Result<Option<RunRow>, DbError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {} FROM runs WHERE id = ?1", Self::RUN_COLS),
+                [id],
+                Self::run_from_row,
+            )
+            .optional()
+    }
+
+    pub fn runs(&self) -> Result<Vec<RunRow>, DbError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {} FROM runs ORDER BY created_ms, id",
+            Self::RUN_COLS
+        ))?;
+        st.query_map([], Self::run_from_row)?.collect()
+    }
+
+    pub fn insert_eval_task(&self, run: &str, task: i64, attrs: &str) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO eval_tasks(run_id, task, attrs) VALUES (?1, ?2, ?3)",
+            params![run, task, attrs],
+        )?;
+        Ok(())
+    }
+
+    pub fn finish_eval_task(&self, run: &str, task: i64) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE eval_tasks SET done = 1 WHERE run_id = ?1 AND task = ?2",
+            params![run, task],
+        )?;
+        Ok(())
+    }
+
+    pub fn eval_task_infra_failure(&self, run: &str, task: i64) -> Result<i64, DbError> {
+        self.conn.query_row(
+            "UPDATE eval_tasks SET infra_failures = infra_failures + 1 WHERE run_id = ?1 AND task = ?2 RETURNING infra_failures",
+            params![run, task],
+            |r| r.get(0),
+        )
+    }
+
+    /// (task, attrs json, done) for a run.
+    pub fn eval_tasks(&self, run: &str) -> Result<Vec<(i64, String, bool)>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT task, attrs, done FROM eval_tasks WHERE run_id = ?1 ORDER BY task")?;
+        st.query_map([run], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0))
+        })?
+        .collect()
+    }
+
+    pub fn upsert_package(&self, run: &str, attr: &str, info: &str) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO packages(run_id, attr, info) VALUES (?1, ?2, ?3)
+             ON CONFLICT(run_id, attr) DO UPDATE SET info = excluded.info",
+            params![run, attr, info],
+        )?;
+        Ok(())
+    }
+
+    pub fn packages(&self, run: &str) -> Result<Vec<(String, String)>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT attr, info FROM packages WHERE run_id = ?1 ORDER BY attr")?;
+        st.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+    }
+
+    pub fn insert_drv(&self, run: &str, drv: &str, node: &str) -> Result<bool, DbError> {
+        Ok(self.conn.execute(
+            "INSERT OR IGNORE INTO drvs(run_id, drv_path, node) VALUES (?1, ?2, ?3)",
+            params![run, drv, node],
+        )? > 0)
+    }
+
+    pub fn set_drv_state(
+        &self,
+        run: &str,
+        drv: &str,
+        state: &str,
+        result: &str,
+    ) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE drvs SET state = ?3, result = ?4 WHERE run_id = ?1 AND drv_path = ?2",
+            params![run, drv, state, result],
+        )?;
+        Ok(())
+    }
+
+    pub fn drv_infra_failure(&self, run: &str, drv: &str) -> Result<i64, DbError> {
+        self.conn.query_row(
+            "UPDATE drvs SET infra_failures = infra_failures + 1 WHERE run_id = ?1 AND drv_path = ?2 RETURNING infra_failures",
+            params![run, drv],
+            |r| r.get(0),
+        )
+    }
+
+    pub fn drvs(&self, run: &str) -> Result<Vec<DrvRow>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT drv_path, node, state, result, infra_failures FROM drvs WHERE run_id = ?1 ORDER BY drv_path",
+        )?;
+        st.query_map([run], |r| {
+            Ok(DrvRow {
+                drv_path: r.get(0)?,
+                node: r.get(1)?,
+                state: r.get(2)?,
+                result: r.get(3)?,
+                infra_failures: r.get(4)?,
+            })
+        })?
+        .collect()
+    }
+
+    pub fn insert_attempt(&self, a: &AttemptRow, started_ms: i64) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO attempts(id, run_id, kind, target, agent, state, started_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![a.id, a.run_id, a.kind, a.target, a.agent, a.state, started_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Finishes an attempt once: returns false when it was already finished (a duplicate).
+    pub fn finish_attempt(
+        &self,
+        id: &str,
+        state: &str,
+        outcome: &str,
+        finished_ms: i64,
+    ) -> Result<bool, DbError> {
+        Ok(self.conn.execute(
+            "UPDATE attempts SET state = ?2, outcome = ?3, finished_ms = ?4 WHERE id = ?1 AND state = 'running'",
+            params![id, state, outcome, finished_ms],
+        )? > 0)
+    }
+
+    pub fn attempt(&self, id: &str) -> Result<Option<AttemptRow>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT id, run_id, kind, target, agent, state FROM attempts WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(AttemptRow {
+                        id: r.get(0)?,
+                        run_id: r.get(1)?,
+                        kind: r.get(2)?,
+                        target: r.get(3)?,
+                        agent: r.get(4)?,
+                        state: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    pub fn running_attempts(&self) -> Result<Vec<AttemptRow>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, run_id, kind, target, agent, state FROM attempts WHERE state = 'running' ORDER BY started_ms",
+        )?;
+        st.query_map([], |r| {
+            Ok(AttemptRow {
+                id: r.get(0)?,
+                run_id: r.get(1)?,
+                kind: r.get(2)?,
+                target: r.get(3)?,
+                agent: r.get(4)?,
+                state: r.get(5)?,
+            })
+        })?
+        .collect()
+    }
+
+    /// How many build attempts a run made for a derivation (for "built once" checks).
+    pub fn build_attempts(&self, run: &str, drv: &str) -> Result<i64, DbError> {
+        self.conn.query_row(
+            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND target = ?2",
+            params![run, drv],
+            |r| r.get(0),
+        )
+    }
+
+    /// Appends an event and returns its sequence number (1-based, per run).
+    pub fn append_event(&self, run: &str, kind: &str, json: &str) -> Result<i64, DbError> {
+        self.conn.query_row(
+            "INSERT INTO events(run_id, seq, kind, json)
+             VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM events WHERE run_id = ?1), ?2, ?3)
+             RETURNING seq",
+            params![run, kind, json],
+            |r| r.get(0),
+        )
+    }
+
+    pub fn events_after(
+        &self,
+        run: &str,
+        after: i64,
+    ) -> Result<Vec<(i64, String, String)>, DbError> {
+        let mut st = self.conn.prepare(
+            "SELECT seq, kind, json FROM events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq",
+        )?;
+        st.query_map(params![run, after], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect()
+    }
+
+    pub fn upsert_agent(&self, name: &str, info: &str, now_ms: i64) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO agents(name, info, last_seen_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET info = excluded.info, last_seen_ms = excluded.last_seen_ms",
+            params![name, info, now_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn agents(&self) -> Result<Vec<(String, String, i64)>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, info, last_seen_ms FROM agents ORDER BY name")?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_numbered_per_run() {
+        let db = Db::open_in_memory().unwrap();
+        assert_eq!(db.append_event("a", "x", "{}").unwrap(), 1);
+        assert_eq!(db.append_event("a", "y", "{}").unwrap(), 2);
+        assert_eq!(db.append_event("b", "x", "{}").unwrap(), 1);
+        let ev = db.events_after("a", 1).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].1, "y");
+    }
+
+    #[test]
+    fn attempts_finish_once() {
+        let db = Db::open_in_memory().unwrap();
+        let a = AttemptRow {
+            id: "t1".into(),
+            run_id: "r".into(),
+            kind: "build".into(),
+            target: "/nix/store/x.drv".into(),
+            agent: "a".into(),
+            state: "running".into(),
+        };
+        db.insert_attempt(&a, 1).unwrap();
+        assert!(db.finish_attempt("t1", "done", "built", 2).unwrap());
+        assert!(!db.finish_attempt("t1", "done", "built", 3).unwrap());
+        assert_eq!(db.build_attempts("r", "/nix/store/x.drv").unwrap(), 1);
+    }
+
+    #[test]
+    fn corrupt_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.db");
+        std::fs::write(
+            &p,
+            b"this is not a database, just some bytes that are long enough to matter....",
+        )
+        .unwrap();
+        let err = Db::open(&p)
+            .err()
+            .expect("corrupt database must be refused");
+        assert!(err.to_string().contains("not a database"), "{err}");
+    }
+}

@@ -1,0 +1,1500 @@
+//! The coordinator's state machine: runs move from evaluation to building to finished,
+//! agents connect and take jobs, results come back once. Every change is written to the
+//! database first; the in-memory state is a cache of it that [`Engine::open`] rebuilds.
+
+use crate::clock::Clock;
+use crate::db::{AttemptRow, Db, DbError, RunRow};
+use crate::model::*;
+use crate::scheduler::{Capabilities, Class, NodeId, NodeState, Scheduler};
+use nixfarm_core::report::{PackageReport, Report};
+use nixfarm_core::{PackageStatus, RunState, rev_is_pinned};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{broadcast, mpsc};
+
+/// Errors the engine reports to its callers (mapped to gRPC statuses in one place).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("too many runs in flight (limit {0}); wait for one to finish")]
+    Busy(usize),
+    #[error("database error: {0}")]
+    Db(#[from] DbError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Tunables of the engine (the config file's `[scheduler]` part).
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Attributes per evaluation task.
+    pub eval_chunk_size: usize,
+    /// Memory cap per evaluation worker, MiB.
+    pub eval_memory_mib: u64,
+    /// Infrastructure failures tolerated per job before it is reported infra-failed.
+    pub max_infra_retries: i64,
+    /// Runs evaluating or building at once.
+    pub max_runs_in_flight: usize,
+    /// Milliseconds without any message after which an agent's jobs are requeued.
+    pub lease_ms: i64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            eval_chunk_size: 16,
+            eval_memory_mib: 4096,
+            max_infra_retries: 3,
+            max_runs_in_flight: 64,
+            lease_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum EvalTask {
+    List,
+    Chunk(i64),
+}
+
+struct RunMem {
+    id: String,
+    spec: RunSpec,
+    state: RunState,
+    eval_queue: VecDeque<EvalTask>,
+    eval_tasks_total: Option<usize>,
+    eval_tasks_done: HashSet<i64>,
+    sched: Option<Scheduler>,
+    node_of: HashMap<String, NodeId>,
+    drv_of: Vec<String>,
+    /// Per-derivation build limits from the packages' meta (timeout, max-silent).
+    limits: HashMap<String, (u64, u64)>,
+    done_builds: u64,
+    /// Attribute names of each evaluation task.
+    chunk_attrs: HashMap<i64, Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+enum JobRef {
+    Eval(EvalTask),
+    Build(NodeId),
+}
+
+#[derive(Debug, Clone)]
+struct AttemptMem {
+    run_id: String,
+    job: JobRef,
+    agent: String,
+    target: String,
+}
+
+struct AgentMem {
+    reg: Registration,
+    caps: Capabilities,
+    conn: u64,
+    tx: Option<mpsc::UnboundedSender<ToAgent>>,
+    running: HashSet<String>,
+    last_seen_ms: i64,
+    draining: bool,
+}
+
+struct Inner {
+    db: Db,
+    runs: Vec<RunMem>,
+    agents: BTreeMap<String, AgentMem>,
+    attempts: HashMap<String, AttemptMem>,
+    next_conn: u64,
+}
+
+/// The coordinator engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<RunEvent>,
+    clock: Arc<dyn Clock>,
+    opts: EngineOptions,
+    sources_dir: PathBuf,
+}
+
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}{:016x}", fastrand::u64(..))
+}
+
+impl Engine {
+    /// Opens the engine over a database and resumes every unfinished run from it.
+    pub fn open(
+        db: Db,
+        sources_dir: PathBuf,
+        clock: Arc<dyn Clock>,
+        opts: EngineOptions,
+    ) -> Result<Engine, EngineError> {
+        std::fs::create_dir_all(&sources_dir)?;
+        let (events, _) = broadcast::channel(8192);
+        let engine = Engine {
+            inner: Arc::new(Mutex::new(Inner {
+                db,
+                runs: Vec::new(),
+                agents: BTreeMap::new(),
+                attempts: HashMap::new(),
+                next_conn: 1,
+            })),
+            events,
+            clock,
+            opts,
+            sources_dir,
+        };
+        engine.recover()?;
+        Ok(engine)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic mid-update; the database is still the truth, so go on.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn sources_dir(&self) -> &std::path::Path {
+        &self.sources_dir
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, inner: &Inner, run_id: &str, kind: &str, payload: serde_json::Value) {
+        let json = payload.to_string();
+        match inner.db.append_event(run_id, kind, &json) {
+            Ok(seq) => {
+                let _ = self.events.send(RunEvent {
+                    run_id: run_id.into(),
+                    seq: seq as u64,
+                    kind: kind.into(),
+                    json,
+                });
+            }
+            Err(e) => tracing::error!(run = run_id, "cannot store event: {e}"),
+        }
+    }
+
+    // ----- recovery ---------------------------------------------------------------------
+
+    fn recover(&self) -> Result<(), EngineError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        // Attempts that were running when the coordinator stopped: their agents will
+        // reconnect and either claim them (reattach) or they are requeued below.
+        let running = inner.db.running_attempts()?;
+        for row in inner.db.runs()? {
+            let state: RunState = row.state.parse().unwrap_or(RunState::Failed);
+            if state.is_terminal() {
+                continue;
+            }
+            let spec: RunSpec = match serde_json::from_str(&row.spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    inner.db.set_run_state(
+                        &row.id,
+                        "failed",
+                        &format!("unreadable run spec: {e}"),
+                        self.clock.now_ms(),
+                    )?;
+                    continue;
+                }
+            };
+            let mut run = RunMem::new(row.id.clone(), spec, state);
+            let tasks = inner.db.eval_tasks(&row.id)?;
+            if row.eval_tasks_total < 0 {
+                run.eval_queue.push_back(EvalTask::List);
+            } else {
+                run.eval_tasks_total = Some(row.eval_tasks_total as usize);
+                for (task, attrs, done) in &tasks {
+                    run.chunk_attrs
+                        .insert(*task, serde_json::from_str(attrs).unwrap_or_default());
+                    if *done {
+                        run.eval_tasks_done.insert(*task);
+                    } else {
+                        run.eval_queue.push_back(EvalTask::Chunk(*task));
+                    }
+                }
+            }
+            if run.eval_complete() {
+                Self::build_scheduler(&inner.db, &mut run)?;
+            }
+            inner.runs.push(run);
+        }
+        for a in running {
+            let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
+                inner.db.finish_attempt(
+                    &a.id,
+                    "lost",
+                    "coordinator restarted; run finished",
+                    self.clock.now_ms(),
+                )?;
+                continue;
+            };
+            let job = match a.kind.as_str() {
+                "build" => match run.node_of.get(&a.target) {
+                    Some(&n) => {
+                        if let Some(s) = run.sched.as_mut() {
+                            s.mark_running(n);
+                        }
+                        JobRef::Build(n)
+                    }
+                    None => continue,
+                },
+                "eval-list" => {
+                    run.eval_queue.retain(|t| *t != EvalTask::List);
+                    JobRef::Eval(EvalTask::List)
+                }
+                _ => {
+                    let task = a.target.parse().unwrap_or(-1);
+                    run.eval_queue.retain(|t| *t != EvalTask::Chunk(task));
+                    JobRef::Eval(EvalTask::Chunk(task))
+                }
+            };
+            // Held for the agent; requeued by the lease check if it does not come back.
+            inner.attempts.insert(
+                a.id.clone(),
+                AttemptMem {
+                    run_id: a.run_id.clone(),
+                    job,
+                    agent: a.agent.clone(),
+                    target: a.target.clone(),
+                },
+            );
+        }
+        let now = self.clock.now_ms();
+        for (name, info, _) in inner.db.agents()? {
+            if let Ok(reg) = serde_json::from_str::<Registration>(&info) {
+                let running: HashSet<String> = inner
+                    .attempts
+                    .iter()
+                    .filter(|(_, a)| a.agent == name)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let caps = Capabilities {
+                    systems: reg.systems.clone(),
+                    features: reg.features.clone(),
+                };
+                // Disconnected until it dials in; its lease starts now.
+                inner.agents.insert(
+                    name,
+                    AgentMem {
+                        reg,
+                        caps,
+                        conn: 0,
+                        tx: None,
+                        running,
+                        last_seen_ms: now,
+                        draining: false,
+                    },
+                );
+            }
+        }
+        drop(g);
+        self.check_all_runs();
+        Ok(())
+    }
+
+    fn build_scheduler(db: &Db, run: &mut RunMem) -> Result<(), EngineError> {
+        let rows = db.drvs(&run.id)?;
+        let mut sched = Scheduler::new();
+        let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let node: DrvNode = serde_json::from_str(&row.node).unwrap_or(DrvNode {
+                system: String::new(),
+                features: vec![],
+                outputs: Default::default(),
+                input_drvs: vec![],
+                fixed_output: false,
+                output_hash: String::new(),
+            });
+            let mut features = node.features.clone();
+            features.sort();
+            features.dedup();
+            let id = sched.add_node(
+                Class {
+                    system: node.system.clone(),
+                    features,
+                },
+                1,
+            );
+            run.node_of.insert(row.drv_path.clone(), id);
+            run.drv_of.push(row.drv_path.clone());
+            nodes.push(node);
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            for input in &node.input_drvs {
+                if let Some(&j) = run.node_of.get(input) {
+                    sched.add_edge(i as NodeId, j);
+                }
+            }
+        }
+        for (i, row) in rows.iter().enumerate() {
+            let state = match row.state.as_str() {
+                "built" => NodeState::Built,
+                "failed" => NodeState::Failed,
+                "dependency-failed" => NodeState::DependencyFailed,
+                "cancelled" => NodeState::Cancelled,
+                _ => continue,
+            };
+            let root = serde_json::from_str::<BuildReport>(&row.result)
+                .ok()
+                .and_then(|r| run.node_of.get(&r.failed_root).copied());
+            sched.restore(i as NodeId, state, root);
+            if state == NodeState::Built {
+                run.done_builds += 1;
+            }
+        }
+        sched.start();
+        for (attr, info) in db.packages(&run.id)? {
+            let _ = attr;
+            if let Ok(p) = serde_json::from_str::<PackageInfo>(&info) {
+                if !p.drv_path.is_empty() && (p.timeout_secs > 0 || p.max_silent_secs > 0) {
+                    run.limits
+                        .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
+                }
+            }
+        }
+        run.sched = Some(sched);
+        if run.state == RunState::Evaluating || run.state == RunState::Queued {
+            run.state = RunState::Building;
+            db.set_run_state(&run.id, "building", "", 0)?;
+        }
+        Ok(())
+    }
+
+    // ----- runs -------------------------------------------------------------------------
+
+    /// Accepts a run; evaluation starts as soon as an agent is free.
+    pub fn submit(&self, spec: RunSpec) -> Result<String, EngineError> {
+        if spec.attr_path.trim().is_empty() {
+            return Err(EngineError::Invalid("the attribute path is empty".into()));
+        }
+        match &spec.source {
+            SourceSpec::Snapshot(d) => {
+                if !self.sources_dir.join(format!("{d}.tar")).is_file() {
+                    return Err(EngineError::Invalid(format!(
+                        "no uploaded source with digest {d}; upload it first"
+                    )));
+                }
+            }
+            SourceSpec::FlakeRef(f) => {
+                nixfarm_core::flakeref::validate(f)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            }
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let in_flight = inner.runs.iter().filter(|r| !r.state.is_terminal()).count();
+        if in_flight >= self.opts.max_runs_in_flight {
+            return Err(EngineError::Busy(self.opts.max_runs_in_flight));
+        }
+        let id = random_id("r");
+        let spec_json =
+            serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        inner.db.insert_run(&RunRow {
+            id: id.clone(),
+            state: "evaluating".into(),
+            label: spec.label.clone(),
+            spec: spec_json,
+            error: String::new(),
+            created_ms: self.clock.now_ms(),
+            finished_ms: 0,
+            eval_tasks_total: -1,
+        })?;
+        let mut run = RunMem::new(id.clone(), spec.clone(), RunState::Evaluating);
+        run.eval_queue.push_back(EvalTask::List);
+        inner.runs.push(run);
+        self.emit(
+            inner,
+            &id,
+            "run-started",
+            json!({"label": spec.label, "attr_path": spec.attr_path}),
+        );
+        self.dispatch(inner);
+        Ok(id)
+    }
+
+    /// Cancels a run: nothing new starts, running builds are told to stop.
+    pub fn cancel(&self, run_id: &str) -> Result<bool, EngineError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(idx) = inner.runs.iter().position(|r| r.id == run_id) else {
+            return match inner.db.run(run_id)? {
+                Some(_) => Ok(false),
+                None => Err(EngineError::NotFound(format!("run {run_id}"))),
+            };
+        };
+        if inner.runs[idx].state.is_terminal() {
+            return Ok(false);
+        }
+        let now = self.clock.now_ms();
+        let run = &mut inner.runs[idx];
+        run.eval_queue.clear();
+        run.state = RunState::Cancelled;
+        if let Some(s) = run.sched.as_mut() {
+            for n in s.cancel_pending() {
+                inner
+                    .db
+                    .set_drv_state(run_id, &run.drv_of[n as usize], "cancelled", "")?;
+            }
+        }
+        let running: Vec<(String, String)> = inner
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.run_id == run_id)
+            .map(|(id, a)| (id.clone(), a.agent.clone()))
+            .collect();
+        for (attempt, agent) in running {
+            if let Some(ag) = inner.agents.get(&agent) {
+                if let Some(tx) = &ag.tx {
+                    let _ = tx.send(ToAgent::Cancel {
+                        attempt: attempt.clone(),
+                    });
+                }
+            }
+        }
+        inner.db.set_run_state(run_id, "cancelled", "", now)?;
+        let report = self.report_locked(inner, run_id)?;
+        self.emit(
+            inner,
+            run_id,
+            "run-finished",
+            json!({"state": "cancelled", "summary": report.summary}),
+        );
+        Ok(true)
+    }
+
+    fn check_all_runs(&self) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let ids: Vec<String> = inner.runs.iter().map(|r| r.id.clone()).collect();
+        for id in ids {
+            if let Err(e) = self.maybe_finish(inner, &id) {
+                tracing::error!(run = id, "cannot finish run: {e}");
+            }
+        }
+        self.dispatch(inner);
+    }
+
+    fn maybe_finish(&self, inner: &mut Inner, run_id: &str) -> Result<(), EngineError> {
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        if run.state.is_terminal() {
+            return Ok(());
+        }
+        let finished = match &run.sched {
+            Some(s) => s.unfinished() == 0,
+            None => false,
+        };
+        if !finished {
+            return Ok(());
+        }
+        run.state = RunState::Finished;
+        inner
+            .db
+            .set_run_state(run_id, "finished", "", self.clock.now_ms())?;
+        let report = self.report_locked(inner, run_id)?;
+        self.emit(
+            inner,
+            run_id,
+            "run-finished",
+            json!({"state": "finished", "summary": report.summary}),
+        );
+        Ok(())
+    }
+
+    fn fail_run(&self, inner: &mut Inner, run_id: &str, error: &str) -> Result<(), EngineError> {
+        if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
+            if run.state.is_terminal() {
+                return Ok(());
+            }
+            run.state = RunState::Failed;
+            run.eval_queue.clear();
+        }
+        inner
+            .db
+            .set_run_state(run_id, "failed", error, self.clock.now_ms())?;
+        self.emit(inner, run_id, "run-failed", json!({"error": error}));
+        Ok(())
+    }
+
+    // ----- agents -----------------------------------------------------------------------
+
+    /// Registers (or re-registers) an agent. Attempts it still runs are kept; any other
+    /// attempt the coordinator thought it had is requeued. Returns the connection number.
+    pub fn connect_agent(
+        &self,
+        reg: Registration,
+        tx: mpsc::UnboundedSender<ToAgent>,
+    ) -> Result<u64, EngineError> {
+        if reg.name.trim().is_empty() {
+            return Err(EngineError::Invalid("agent name is empty".into()));
+        }
+        if reg.max_jobs == 0 {
+            return Err(EngineError::Invalid("max_jobs must be at least 1".into()));
+        }
+        if reg.systems.is_empty() {
+            return Err(EngineError::Invalid(
+                "an agent must offer at least one system".into(),
+            ));
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        let conn = inner.next_conn;
+        inner.next_conn += 1;
+        let info = serde_json::to_string(&reg).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        inner.db.upsert_agent(&reg.name, &info, now)?;
+        let claimed: HashSet<String> = reg.running_attempts.iter().cloned().collect();
+        let previous: Vec<String> = inner
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.agent == reg.name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut running = HashSet::new();
+        for id in previous {
+            if claimed.contains(&id) {
+                running.insert(id);
+            } else {
+                self.lose_attempt(inner, &id, "the agent reconnected without it")?;
+            }
+        }
+        let caps = Capabilities {
+            systems: reg.systems.clone(),
+            features: reg.features.clone(),
+        };
+        tracing::info!(agent = reg.name, systems = ?reg.systems, max_jobs = reg.max_jobs, reattached = running.len(), "agent connected");
+        inner.agents.insert(
+            reg.name.clone(),
+            AgentMem {
+                reg,
+                caps,
+                conn,
+                tx: Some(tx),
+                running,
+                last_seen_ms: now,
+                draining: false,
+            },
+        );
+        self.dispatch(inner);
+        Ok(conn)
+    }
+
+    /// The agent's stream ended. Its jobs stay with it for the lease period, so a quick
+    /// reconnect reattaches to them.
+    pub fn disconnect_agent(&self, name: &str, conn: u64) {
+        let mut g = self.lock();
+        if let Some(a) = g.agents.get_mut(name) {
+            if a.conn == conn {
+                a.tx = None;
+                tracing::info!(agent = name, "agent disconnected");
+            }
+        }
+    }
+
+    /// Requeues the jobs of agents silent for longer than the lease; call periodically.
+    pub fn check_leases(&self) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        let expired: Vec<String> = inner
+            .agents
+            .iter()
+            .filter(|(_, a)| !a.running.is_empty() && now - a.last_seen_ms > self.opts.lease_ms)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            let ids: Vec<String> = inner
+                .agents
+                .get(&name)
+                .map(|a| a.running.iter().cloned().collect())
+                .unwrap_or_default();
+            tracing::warn!(
+                agent = name,
+                jobs = ids.len(),
+                "agent lease expired; requeueing its jobs"
+            );
+            for id in ids {
+                if let Err(e) = self.lose_attempt(inner, &id, "the agent stopped responding") {
+                    tracing::error!("cannot requeue {id}: {e}");
+                }
+            }
+            if let Some(a) = inner.agents.get_mut(&name) {
+                a.tx = None;
+            }
+        }
+        self.dispatch(inner);
+    }
+
+    /// Puts an attempt's job back in the queue; its late result will be ignored.
+    fn lose_attempt(&self, inner: &mut Inner, attempt: &str, why: &str) -> Result<(), EngineError> {
+        let Some(a) = inner.attempts.remove(attempt) else {
+            return Ok(());
+        };
+        if let Some(ag) = inner.agents.get_mut(&a.agent) {
+            ag.running.remove(attempt);
+        }
+        inner
+            .db
+            .finish_attempt(attempt, "lost", why, self.clock.now_ms())?;
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
+            return Ok(());
+        };
+        if run.state.is_terminal() {
+            return Ok(());
+        }
+        match a.job {
+            JobRef::Eval(t) => run.eval_queue.push_front(t),
+            JobRef::Build(n) => {
+                if let Some(s) = run.sched.as_mut() {
+                    s.requeue(n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one message from a registered agent.
+    pub fn agent_message(&self, name: &str, msg: FromAgent) -> Result<(), EngineError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        if let Some(a) = inner.agents.get_mut(name) {
+            a.last_seen_ms = now;
+        }
+        match msg {
+            FromAgent::Heartbeat { .. } => {}
+            FromAgent::Log { .. } => {}
+            FromAgent::EvalList { attempt, result } => {
+                if let Some(a) = self.take_attempt(
+                    inner,
+                    name,
+                    &attempt,
+                    result.as_ref().err().map(|e| e.0.as_str()),
+                )? {
+                    self.on_eval_list(inner, a, result)?;
+                }
+            }
+            FromAgent::EvalChunk { attempt, result } => {
+                if let Some(a) = self.take_attempt(
+                    inner,
+                    name,
+                    &attempt,
+                    result.as_ref().err().map(|e| e.0.as_str()),
+                )? {
+                    self.on_eval_chunk(inner, a, result)?;
+                }
+            }
+            FromAgent::Build {
+                attempt,
+                mut report,
+            } => {
+                report.agent = name.to_string();
+                if let Some(a) = self.take_attempt(inner, name, &attempt, Some(&report.kind))? {
+                    self.on_build(inner, a, report)?;
+                }
+            }
+        }
+        self.dispatch(inner);
+        Ok(())
+    }
+
+    /// Completes an attempt exactly once: a duplicate or late result returns None.
+    fn take_attempt(
+        &self,
+        inner: &mut Inner,
+        agent: &str,
+        attempt: &str,
+        outcome: Option<&str>,
+    ) -> Result<Option<AttemptMem>, EngineError> {
+        let ok = inner.db.finish_attempt(
+            attempt,
+            "done",
+            outcome.unwrap_or("ok"),
+            self.clock.now_ms(),
+        )?;
+        let mem = inner.attempts.remove(attempt);
+        if let Some(a) = inner.agents.get_mut(agent) {
+            a.running.remove(attempt);
+        }
+        if !ok {
+            tracing::debug!(attempt, "ignoring duplicate or late result");
+            return Ok(None);
+        }
+        Ok(mem)
+    }
+
+    fn on_eval_list(
+        &self,
+        inner: &mut Inner,
+        a: AttemptMem,
+        result: Result<Vec<String>, (String, bool)>,
+    ) -> Result<(), EngineError> {
+        let run_id = a.run_id.clone();
+        let attrs = match result {
+            Ok(attrs) => attrs,
+            Err((msg, true)) => return self.retry_eval(inner, &run_id, EvalTask::List, -1, &msg),
+            Err((msg, false)) => {
+                let attr_path = inner
+                    .runs
+                    .iter()
+                    .find(|r| r.id == run_id)
+                    .map(|r| r.spec.attr_path.clone())
+                    .unwrap_or_default();
+                return self.fail_run(
+                    inner,
+                    &run_id,
+                    &format!("cannot list the attributes of '{attr_path}': {msg}"),
+                );
+            }
+        };
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        if run.state.is_terminal() {
+            return Ok(());
+        }
+        let agents = inner
+            .agents
+            .values()
+            .filter(|a| a.tx.is_some())
+            .count()
+            .max(1);
+        // Enough tasks to spread over the agents, bounded so each process stays small.
+        let size = attrs
+            .len()
+            .div_ceil(agents * 2)
+            .clamp(1, self.opts.eval_chunk_size.max(1));
+        let chunks: Vec<&[String]> = attrs.chunks(size).collect();
+        let total = chunks.len();
+        inner.db.tx(|tx| {
+            for (i, c) in chunks.iter().enumerate() {
+                tx.execute(
+                    "INSERT OR IGNORE INTO eval_tasks(run_id, task, attrs) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![
+                        run_id,
+                        i as i64,
+                        serde_json::to_string(c).unwrap_or_default()
+                    ],
+                )?;
+            }
+            tx.execute(
+                "UPDATE runs SET eval_chunks_total = ?2 WHERE id = ?1",
+                rusqlite::params![run_id, total as i64],
+            )?;
+            Ok(())
+        })?;
+        run.eval_tasks_total = Some(total);
+        for (i, c) in chunks.iter().enumerate() {
+            run.chunk_attrs.insert(i as i64, c.to_vec());
+            run.eval_queue.push_back(EvalTask::Chunk(i as i64));
+        }
+        self.emit(
+            inner,
+            &run_id,
+            "eval-listed",
+            json!({"attrs": attrs.len(), "tasks": total}),
+        );
+        if total == 0 {
+            self.start_building(inner, &run_id)?;
+        }
+        Ok(())
+    }
+
+    fn retry_eval(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        task: EvalTask,
+        task_no: i64,
+        msg: &str,
+    ) -> Result<(), EngineError> {
+        let failures = if task_no >= 0 {
+            inner.db.eval_task_infra_failure(run_id, task_no)?
+        } else {
+            1
+        };
+        if failures > self.opts.max_infra_retries {
+            return self.fail_run(
+                inner,
+                run_id,
+                &format!("evaluation kept failing on agents: {msg}"),
+            );
+        }
+        tracing::warn!(
+            run = run_id,
+            "evaluation infrastructure failure, retrying: {msg}"
+        );
+        if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
+            run.eval_queue.push_back(task);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn on_eval_chunk(
+        &self,
+        inner: &mut Inner,
+        a: AttemptMem,
+        result: Result<(Vec<EvaluatedAttr>, BTreeMap<String, DrvNode>), (String, bool)>,
+    ) -> Result<(), EngineError> {
+        let run_id = a.run_id.clone();
+        let JobRef::Eval(EvalTask::Chunk(task)) = a.job else {
+            return Ok(());
+        };
+        let (attrs, drvs) = match result {
+            Ok(r) => r,
+            Err((msg, _infra)) => {
+                return self.retry_eval(inner, &run_id, EvalTask::Chunk(task), task, &msg);
+            }
+        };
+        if inner
+            .runs
+            .iter()
+            .find(|r| r.id == run_id)
+            .is_none_or(|r| r.state.is_terminal())
+        {
+            return Ok(());
+        }
+        let failed = attrs
+            .iter()
+            .filter(|a| !a.info.eval_error.is_empty())
+            .count();
+        inner.db.tx(|tx| {
+            for ea in &attrs {
+                tx.execute(
+                    "INSERT INTO packages(run_id, attr, info) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(run_id, attr) DO UPDATE SET info = excluded.info",
+                    rusqlite::params![
+                        run_id,
+                        ea.attr,
+                        serde_json::to_string(&ea.info).unwrap_or_default()
+                    ],
+                )?;
+            }
+            for (path, node) in &drvs {
+                tx.execute(
+                    "INSERT OR IGNORE INTO drvs(run_id, drv_path, node) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![
+                        run_id,
+                        path,
+                        serde_json::to_string(node).unwrap_or_default()
+                    ],
+                )?;
+            }
+            tx.execute(
+                "UPDATE eval_tasks SET done = 1 WHERE run_id = ?1 AND task = ?2",
+                rusqlite::params![run_id, task],
+            )?;
+            Ok(())
+        })?;
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        run.eval_tasks_done.insert(task);
+        let (done, total) = (run.eval_tasks_done.len(), run.eval_tasks_total.unwrap_or(0));
+        self.emit(
+            inner,
+            &run_id,
+            "eval-progress",
+            json!({"task": task, "attrs": attrs.len(), "eval_failed": failed, "tasks_done": done, "tasks": total}),
+        );
+        if done >= total {
+            self.start_building(inner, &run_id)?;
+        }
+        Ok(())
+    }
+
+    fn start_building(&self, inner: &mut Inner, run_id: &str) -> Result<(), EngineError> {
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        Self::build_scheduler(&inner.db, run)?;
+        let (drvs, packages) = (run.drv_of.len(), inner.db.packages(run_id)?.len());
+        self.emit(
+            inner,
+            run_id,
+            "eval-done",
+            json!({"packages": packages, "drvs": drvs}),
+        );
+        self.maybe_finish(inner, run_id)
+    }
+
+    fn on_build(
+        &self,
+        inner: &mut Inner,
+        a: AttemptMem,
+        mut report: BuildReport,
+    ) -> Result<(), EngineError> {
+        let run_id = a.run_id.clone();
+        let JobRef::Build(node) = a.job else {
+            return Ok(());
+        };
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        let drv = run.drv_of[node as usize].clone();
+        let Some(sched) = run.sched.as_mut() else {
+            return Ok(());
+        };
+        let mut dep_failed = Vec::new();
+        let state = match report.kind.as_str() {
+            "built" => {
+                sched.complete(node);
+                run.done_builds += 1;
+                "built"
+            }
+            "infra-failed" => {
+                let n = inner.db.drv_infra_failure(&run_id, &drv)?;
+                if n <= self.opts.max_infra_retries && !run.state.is_terminal() {
+                    tracing::warn!(
+                        run = run_id,
+                        drv,
+                        attempt = n,
+                        "infrastructure failure, requeueing: {}",
+                        report.message
+                    );
+                    sched.requeue(node);
+                    self.emit(
+                        inner,
+                        &run_id,
+                        "job-retry",
+                        json!({"drv": drv, "message": report.message, "retry": n}),
+                    );
+                    return Ok(());
+                }
+                dep_failed = sched.fail(node);
+                "failed"
+            }
+            "cancelled" => {
+                sched.cancel_running(node);
+                "cancelled"
+            }
+            _ => {
+                dep_failed = sched.fail(node);
+                "failed"
+            }
+        };
+        if report.kind == "cancelled" && !run.state.is_terminal() {
+            // A cancel the run did not ask for (the agent was drained): try again elsewhere.
+            sched.requeue(node);
+            return Ok(());
+        }
+        let (done, total) = (sched.len() - sched.unfinished(), sched.len());
+        let report_json = serde_json::to_string(&report).unwrap_or_default();
+        report.log_tail.clear();
+        let dep_names: Vec<String> = dep_failed
+            .iter()
+            .map(|&n| run.drv_of[n as usize].clone())
+            .collect();
+        inner.db.tx(|tx| {
+            tx.execute(
+                "UPDATE drvs SET state = ?3, result = ?4 WHERE run_id = ?1 AND drv_path = ?2",
+                rusqlite::params![run_id, drv, state, report_json],
+            )?;
+            let dep = serde_json::to_string(&BuildReport { kind: "dependency-failed".into(), failed_root: drv.clone(), ..Default::default() })
+                .unwrap_or_default();
+            for d in &dep_names {
+                tx.execute(
+                    "UPDATE drvs SET state = 'dependency-failed', result = ?3 WHERE run_id = ?1 AND drv_path = ?2",
+                    rusqlite::params![run_id, d, dep],
+                )?;
+            }
+            Ok(())
+        })?;
+        self.emit(
+            inner,
+            &run_id,
+            "job-finished",
+            json!({"drv": drv, "name": store_name(&drv), "agent": a.agent, "outcome": report.kind, "message": report.message,
+                   "duration_ms": report.duration_ms, "substituted": report.substituted,
+                   "dependency_failed": dep_names.len(), "done": done, "total": total}),
+        );
+        self.maybe_finish(inner, &run_id)
+    }
+
+    // ----- dispatch ---------------------------------------------------------------------
+
+    fn dispatch(&self, inner: &mut Inner) {
+        let now = self.clock.now_ms();
+        let names: Vec<String> = inner.agents.keys().cloned().collect();
+        for name in names {
+            loop {
+                let Some(agent) = inner.agents.get(&name) else {
+                    break;
+                };
+                if agent.tx.is_none()
+                    || agent.draining
+                    || agent.running.len() >= agent.reg.max_jobs as usize
+                {
+                    break;
+                }
+                let caps = agent.caps.clone();
+                let Some((run_id, job_ref, job, target)) =
+                    Self::next_job(&mut inner.runs, &caps, &self.opts)
+                else {
+                    break;
+                };
+                let attempt = random_id("a");
+                let kind = match &job {
+                    Job::EvalList { .. } => "eval-list",
+                    Job::EvalChunk { .. } => "eval-chunk",
+                    Job::Build { .. } => "build",
+                };
+                let row = AttemptRow {
+                    id: attempt.clone(),
+                    run_id: run_id.clone(),
+                    kind: kind.into(),
+                    target: target.clone(),
+                    agent: name.clone(),
+                    state: "running".into(),
+                };
+                if let Err(e) = inner.db.insert_attempt(&row, now) {
+                    tracing::error!("cannot record attempt: {e}");
+                    Self::unpop(&mut inner.runs, &run_id, &job_ref);
+                    return;
+                }
+                let sent = inner
+                    .agents
+                    .get(&name)
+                    .and_then(|a| a.tx.as_ref())
+                    .is_some_and(|tx| {
+                        tx.send(ToAgent::Assign {
+                            attempt: attempt.clone(),
+                            run_id: run_id.clone(),
+                            job,
+                        })
+                        .is_ok()
+                    });
+                inner.attempts.insert(
+                    attempt.clone(),
+                    AttemptMem {
+                        run_id: run_id.clone(),
+                        job: job_ref,
+                        agent: name.clone(),
+                        target: target.clone(),
+                    },
+                );
+                if let Some(a) = inner.agents.get_mut(&name) {
+                    a.running.insert(attempt.clone());
+                }
+                if !sent {
+                    let _ = self.lose_attempt(inner, &attempt, "the agent's stream closed");
+                    if let Some(a) = inner.agents.get_mut(&name) {
+                        a.tx = None;
+                    }
+                    break;
+                }
+                if kind == "build" {
+                    self.emit(
+                        inner,
+                        &run_id,
+                        "job-started",
+                        json!({"drv": target, "name": store_name(&target), "agent": name}),
+                    );
+                }
+            }
+        }
+    }
+
+    fn next_job(
+        runs: &mut [RunMem],
+        caps: &Capabilities,
+        opts: &EngineOptions,
+    ) -> Option<(String, JobRef, Job, String)> {
+        // Evaluation first (it unlocks builds), oldest run first.
+        for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
+            if let Some(task) = run.eval_queue.pop_front() {
+                let source = run.spec.source.clone();
+                let attr_path = run.spec.attr_path.clone();
+                return Some(match task {
+                    EvalTask::List => (
+                        run.id.clone(),
+                        JobRef::Eval(task),
+                        Job::EvalList { source, attr_path },
+                        "list".into(),
+                    ),
+                    EvalTask::Chunk(n) => {
+                        let attrs = run.chunk_attrs.get(&n).cloned().unwrap_or_default();
+                        (
+                            run.id.clone(),
+                            JobRef::Eval(task),
+                            Job::EvalChunk {
+                                source,
+                                attr_path,
+                                attrs,
+                                cache: run.spec.cache.clone(),
+                                memory_mib: opts.eval_memory_mib,
+                            },
+                            n.to_string(),
+                        )
+                    }
+                });
+            }
+        }
+        for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
+            let Some(sched) = run.sched.as_mut() else {
+                continue;
+            };
+            if let Some(n) = sched.pop_for(caps) {
+                let drv = run.drv_of[n as usize].clone();
+                let (t, s) = run.limits.get(&drv).copied().unwrap_or((0, 0));
+                let job = Job::Build {
+                    drv_path: drv.clone(),
+                    cache: run.spec.cache.clone(),
+                    trusted_public_keys: run.spec.trusted_public_keys.clone(),
+                    timeout_secs: if t > 0 { t } else { run.spec.timeout_secs },
+                    max_silent_secs: if s > 0 { s } else { run.spec.max_silent_secs },
+                };
+                return Some((run.id.clone(), JobRef::Build(n), job, drv));
+            }
+        }
+        None
+    }
+
+    fn unpop(runs: &mut [RunMem], run_id: &str, job: &JobRef) {
+        if let Some(run) = runs.iter_mut().find(|r| r.id == run_id) {
+            match job {
+                JobRef::Eval(t) => run.eval_queue.push_front(*t),
+                JobRef::Build(n) => {
+                    if let Some(s) = run.sched.as_mut() {
+                        s.requeue(*n);
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- queries ----------------------------------------------------------------------
+
+    /// Events of a run after `after`, from the database.
+    pub fn events_after(&self, run_id: &str, after: u64) -> Result<Vec<RunEvent>, EngineError> {
+        let g = self.lock();
+        if g.db.run(run_id)?.is_none() {
+            return Err(EngineError::NotFound(format!("run {run_id}")));
+        }
+        Ok(g.db
+            .events_after(run_id, after as i64)?
+            .into_iter()
+            .map(|(seq, kind, json)| RunEvent {
+                run_id: run_id.into(),
+                seq: seq as u64,
+                kind,
+                json,
+            })
+            .collect())
+    }
+
+    pub fn run_state(&self, run_id: &str) -> Result<RunState, EngineError> {
+        let g = self.lock();
+        let row =
+            g.db.run(run_id)?
+                .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
+        Ok(row.state.parse().unwrap_or(RunState::Failed))
+    }
+
+    pub fn report(&self, run_id: &str) -> Result<Report, EngineError> {
+        let g = self.lock();
+        self.report_locked(&g, run_id)
+    }
+
+    fn report_locked(&self, inner: &Inner, run_id: &str) -> Result<Report, EngineError> {
+        let row = inner
+            .db
+            .run(run_id)?
+            .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
+        let run_state: RunState = row.state.parse().unwrap_or(RunState::Failed);
+        let drv_rows = inner.db.drvs(run_id)?;
+        let mut results: HashMap<&str, (&str, BuildReport)> = HashMap::new();
+        let mut nodes: HashMap<&str, DrvNode> = HashMap::new();
+        for r in &drv_rows {
+            let rep: BuildReport = serde_json::from_str(&r.result).unwrap_or_default();
+            results.insert(r.drv_path.as_str(), (r.state.as_str(), rep));
+            if let Ok(n) = serde_json::from_str::<DrvNode>(&r.node) {
+                nodes.insert(r.drv_path.as_str(), n);
+            }
+        }
+        let packages = inner.db.packages(run_id)?;
+        let top_of: HashMap<String, String> = packages
+            .iter()
+            .filter_map(|(attr, info)| {
+                serde_json::from_str::<PackageInfo>(info)
+                    .ok()
+                    .map(|p| (p.drv_path, attr.clone()))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (attr, info) in &packages {
+            let p: PackageInfo = serde_json::from_str(info).unwrap_or_default();
+            out.push(package_report(
+                attr, &p, run_state, &results, &nodes, &top_of,
+            ));
+        }
+        Ok(Report::new(row.id, row.state, row.label, row.error, out))
+    }
+
+    pub fn list_runs(&self) -> Result<Vec<RunListing>, EngineError> {
+        let g = self.lock();
+        let mut out = Vec::new();
+        for r in g.db.runs()? {
+            let rep = self.report_locked(&g, &r.id)?;
+            out.push(RunListing {
+                id: r.id,
+                state: r.state,
+                label: r.label,
+                total: rep.summary.total as u64,
+                ready: rep.summary.ready as u64,
+                created_ms: r.created_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn list_agents(&self) -> Vec<AgentStatus> {
+        let g = self.lock();
+        g.agents
+            .iter()
+            .map(|(name, a)| AgentStatus {
+                name: name.clone(),
+                systems: a.reg.systems.clone(),
+                features: a.reg.features.clone(),
+                max_jobs: a.reg.max_jobs,
+                nix_version: a.reg.nix_version.clone(),
+                connected: a.tx.is_some(),
+                building: a
+                    .running
+                    .iter()
+                    .filter_map(|id| g.attempts.get(id))
+                    .map(|at| at.target.clone())
+                    .collect(),
+                last_seen_ms: a.last_seen_ms,
+            })
+            .collect()
+    }
+
+    /// How many build attempts a run made for a derivation.
+    pub fn build_attempts(&self, run_id: &str, drv: &str) -> Result<i64, EngineError> {
+        Ok(self.lock().db.build_attempts(run_id, drv)?)
+    }
+}
+
+impl RunMem {
+    fn new(id: String, spec: RunSpec, state: RunState) -> Self {
+        RunMem {
+            id,
+            spec,
+            state,
+            eval_queue: VecDeque::new(),
+            eval_tasks_total: None,
+            eval_tasks_done: HashSet::new(),
+            sched: None,
+            node_of: HashMap::new(),
+            drv_of: Vec::new(),
+            limits: HashMap::new(),
+            done_builds: 0,
+            chunk_attrs: HashMap::new(),
+        }
+    }
+
+    fn eval_complete(&self) -> bool {
+        self.eval_tasks_total
+            .is_some_and(|t| self.eval_tasks_done.len() >= t)
+    }
+}
+
+/// Derives one package's status and reason from its evaluation and its closure's builds.
+fn package_report(
+    attr: &str,
+    p: &PackageInfo,
+    run_state: RunState,
+    results: &HashMap<&str, (&str, BuildReport)>,
+    nodes: &HashMap<&str, DrvNode>,
+    top_of: &HashMap<String, String>,
+) -> PackageReport {
+    let mut r = PackageReport {
+        attr: attr.to_string(),
+        status: String::new(),
+        reason: String::new(),
+        pname: p.pname.clone(),
+        version: p.version.clone(),
+        drv_path: p.drv_path.clone(),
+        outputs: p.outputs.clone(),
+        pinned: p.rev.is_empty() || rev_is_pinned(&p.rev),
+        rev: p.rev.clone(),
+        position: p.position.clone(),
+        duration_ms: 0,
+        agent: String::new(),
+        failed_dependency: String::new(),
+        fod_drv: String::new(),
+        specified_hash: String::new(),
+        got_hash: String::new(),
+        hash_fixes: vec![],
+        log_tail: String::new(),
+    };
+    let set = |r: &mut PackageReport, st: PackageStatus, reason: String| {
+        r.status = st.as_str().to_string();
+        r.reason = reason;
+    };
+    if !p.eval_error.is_empty() {
+        set(&mut r, PackageStatus::EvalFailed, p.eval_error.clone());
+        return r;
+    }
+    let Some((state, rep)) = results.get(p.drv_path.as_str()) else {
+        let st = if run_state == RunState::Cancelled {
+            PackageStatus::Cancelled
+        } else {
+            PackageStatus::Pending
+        };
+        set(&mut r, st, String::new());
+        return r;
+    };
+    r.duration_ms = rep.duration_ms;
+    r.agent = rep.agent.clone();
+    if !rep.outputs.is_empty() {
+        r.outputs = rep.outputs.clone();
+    }
+    // Every hash mismatch in the closure: a package can need several hashes at once.
+    let mismatches = closure_mismatches(&p.drv_path, results, nodes);
+    if let Some((fod, m)) = mismatches.first() {
+        r.fod_drv = fod.clone();
+        r.specified_hash = m.specified.clone();
+        r.got_hash = m.got.clone();
+    }
+    match *state {
+        "built" => {
+            if r.pinned {
+                set(
+                    &mut r,
+                    PackageStatus::Ready,
+                    if rep.substituted {
+                        "already in the cache".into()
+                    } else {
+                        String::new()
+                    },
+                );
+            } else {
+                set(
+                    &mut r,
+                    PackageStatus::Unpinned,
+                    format!(
+                        "source rev '{}' is a branch or tag name, not a commit",
+                        p.rev
+                    ),
+                );
+            }
+        }
+        "failed" => {
+            r.log_tail = rep.log_tail.clone();
+            match rep.kind.as_str() {
+                "hash-mismatch" => set(
+                    &mut r,
+                    PackageStatus::NeedsHash,
+                    format!(
+                        "hash mismatch in {}: specified {}, got {}",
+                        store_name(&p.drv_path),
+                        rep.specified,
+                        rep.got
+                    ),
+                ),
+                "timed-out" => set(&mut r, PackageStatus::TimedOut, rep.message.clone()),
+                "infra-failed" => set(&mut r, PackageStatus::InfraFailed, rep.message.clone()),
+                _ => set(&mut r, PackageStatus::BuildFailed, rep.message.clone()),
+            }
+        }
+        "dependency-failed" => {
+            let root = rep.failed_root.as_str();
+            let root_rep = results
+                .get(root)
+                .map(|(_, b)| b.clone())
+                .unwrap_or_default();
+            r.log_tail = root_rep.log_tail.clone();
+            if !mismatches.is_empty() {
+                let list: Vec<String> = mismatches
+                    .iter()
+                    .map(|(fod, m)| {
+                        format!(
+                            "{}: specified {}, got {}",
+                            store_name(fod),
+                            m.specified,
+                            m.got
+                        )
+                    })
+                    .collect();
+                set(
+                    &mut r,
+                    PackageStatus::NeedsHash,
+                    format!("hash mismatch in {}", list.join("; ")),
+                );
+            } else {
+                let name = top_of
+                    .get(root)
+                    .cloned()
+                    .unwrap_or_else(|| store_name(root).to_string());
+                r.failed_dependency = name.clone();
+                set(
+                    &mut r,
+                    PackageStatus::DependencyFailed,
+                    format!("dependency {name} failed: {}", root_rep.kind),
+                );
+            }
+        }
+        "cancelled" => set(
+            &mut r,
+            PackageStatus::Cancelled,
+            "the run was cancelled".into(),
+        ),
+        _ => {
+            let st = if run_state == RunState::Cancelled {
+                PackageStatus::Cancelled
+            } else {
+                PackageStatus::Pending
+            };
+            set(&mut r, st, String::new());
+        }
+    }
+    r
+}
+
+struct Mismatch {
+    specified: String,
+    got: String,
+}
+
+fn closure_mismatches(
+    top: &str,
+    results: &HashMap<&str, (&str, BuildReport)>,
+    nodes: &HashMap<&str, DrvNode>,
+) -> Vec<(String, Mismatch)> {
+    let mut seen = HashSet::new();
+    let mut stack = vec![top.to_string()];
+    let mut out = Vec::new();
+    while let Some(d) = stack.pop() {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        if let Some((_, rep)) = results.get(d.as_str()) {
+            if rep.kind == "hash-mismatch" {
+                out.push((
+                    d.clone(),
+                    Mismatch {
+                        specified: rep.specified.clone(),
+                        got: rep.got.clone(),
+                    },
+                ));
+            }
+        }
+        if let Some(n) = nodes.get(d.as_str()) {
+            stack.extend(n.input_drvs.iter().cloned());
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

@@ -1,0 +1,54 @@
+//! `nixfarm-coordinator`: serves the farm. Thin: everything lives in the library.
+
+use anyhow::Context;
+use clap::Parser;
+use nixfarm_coordinator::{Config, server};
+use std::path::PathBuf;
+
+/// The nixfarm coordinator: splits package sets across agents and keeps every run's state.
+///
+/// Agents dial in with `nixfarm-agent --coordinator http://HOST:PORT`; the CLI submits runs
+/// with `nixfarm submit`. State lives in STATE_DIR/coordinator.sqlite; restarting resumes runs.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Config file (TOML); see deploy/coordinator.toml for every field and default.
+    #[arg(long, short, env = "NIXFARM_COORDINATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (overrides the config's `listen`), e.g. 0.0.0.0:7420.
+    #[arg(long)]
+    listen: Option<String>,
+    /// State directory (overrides the config's `state_dir`).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = args.state_dir {
+        config.state_dir = d;
+    }
+    let running = server::start(&config)
+        .await
+        .context("coordinator failed to start")?;
+    // Print the bound address on stdout so scripts (and tests) can find a :0 port.
+    println!("listening on {}", running.addr);
+    tokio::select! {
+        r = running.wait() => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

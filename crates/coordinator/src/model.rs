@@ -1,0 +1,225 @@
+//! The coordinator's domain types: run specifications, what agents report, what the
+//! coordinator assigns. The gRPC layer converts wire messages into these at the edge.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Where a run's flake comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceSpec {
+    /// An uploaded snapshot, by hex SHA-256.
+    Snapshot(String),
+    /// A flake reference agents fetch themselves.
+    FlakeRef(String),
+}
+
+/// What a user submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub source: SourceSpec,
+    pub attr_path: String,
+    pub label: String,
+    /// Binary cache URL the agents share (empty: the agents share one store).
+    #[serde(default)]
+    pub cache: String,
+    #[serde(default)]
+    pub trusted_public_keys: Vec<String>,
+    /// Default build timeout, seconds (0: none).
+    #[serde(default)]
+    pub timeout_secs: u64,
+    /// Default max-silent time, seconds (0: none).
+    #[serde(default)]
+    pub max_silent_secs: u64,
+}
+
+/// What an agent offers when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub name: String,
+    pub systems: Vec<String>,
+    pub features: Vec<String>,
+    pub max_jobs: u32,
+    pub nix_version: String,
+    pub running_attempts: Vec<String>,
+}
+
+/// One output of a derivation.
+pub type Outputs = BTreeMap<String, String>;
+
+/// A derivation in a run's graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrvNode {
+    pub system: String,
+    #[serde(default)]
+    pub features: Vec<String>,
+    pub outputs: Outputs,
+    #[serde(default)]
+    pub input_drvs: Vec<String>,
+    #[serde(default)]
+    pub fixed_output: bool,
+    #[serde(default)]
+    pub output_hash: String,
+}
+
+/// What evaluation found for one attribute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PackageInfo {
+    #[serde(default)]
+    pub eval_error: String,
+    #[serde(default)]
+    pub drv_path: String,
+    #[serde(default)]
+    pub outputs: Outputs,
+    #[serde(default)]
+    pub pname: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub position: String,
+    #[serde(default)]
+    pub rev: String,
+    #[serde(default)]
+    pub system: String,
+    #[serde(default)]
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub max_silent_secs: u64,
+}
+
+/// One attribute's evaluation as an agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvaluatedAttr {
+    pub attr: String,
+    pub info: PackageInfo,
+}
+
+/// The result of one build attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BuildReport {
+    /// built, build-failed, hash-mismatch, timed-out, infra-failed, cancelled.
+    pub kind: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub specified: String,
+    #[serde(default)]
+    pub got: String,
+    #[serde(default)]
+    pub outputs: Outputs,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub log_tail: String,
+    #[serde(default)]
+    pub substituted: bool,
+    #[serde(default)]
+    pub agent: String,
+    /// For dependency failures: the derivation that failed.
+    #[serde(default)]
+    pub failed_root: String,
+}
+
+/// Messages an agent sends after registering.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromAgent {
+    Heartbeat {
+        running: Vec<String>,
+    },
+    Log {
+        attempt: String,
+        data: Vec<u8>,
+    },
+    EvalList {
+        attempt: String,
+        result: Result<Vec<String>, (String, bool)>,
+    },
+    EvalChunk {
+        attempt: String,
+        result: Result<(Vec<EvaluatedAttr>, BTreeMap<String, DrvNode>), (String, bool)>,
+    },
+    Build {
+        attempt: String,
+        report: BuildReport,
+    },
+}
+
+/// Work the coordinator hands to an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Job {
+    EvalList {
+        source: SourceSpec,
+        attr_path: String,
+    },
+    EvalChunk {
+        source: SourceSpec,
+        attr_path: String,
+        attrs: Vec<String>,
+        cache: String,
+        memory_mib: u64,
+    },
+    Build {
+        drv_path: String,
+        cache: String,
+        trusted_public_keys: Vec<String>,
+        timeout_secs: u64,
+        max_silent_secs: u64,
+    },
+}
+
+/// Messages the coordinator sends an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToAgent {
+    Assign {
+        attempt: String,
+        run_id: String,
+        job: Job,
+    },
+    Cancel {
+        attempt: String,
+    },
+    Drain,
+}
+
+/// A run event as stored and streamed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunEvent {
+    pub run_id: String,
+    pub seq: u64,
+    pub kind: String,
+    pub json: String,
+}
+
+/// What `nixfarm agents` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub name: String,
+    pub systems: Vec<String>,
+    pub features: Vec<String>,
+    pub max_jobs: u32,
+    pub nix_version: String,
+    pub connected: bool,
+    pub building: Vec<String>,
+    pub last_seen_ms: i64,
+}
+
+/// A line of `nixfarm runs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunListing {
+    pub id: String,
+    pub state: String,
+    pub label: String,
+    pub total: u64,
+    pub ready: u64,
+    pub created_ms: i64,
+}
+
+/// The name part of a store path (`/nix/store/<hash>-<name>` → `<name>`).
+pub fn store_name(path: &str) -> &str {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    let base = base.strip_suffix(".drv").unwrap_or(base);
+    match base.split_once('-') {
+        Some((h, n)) if h.len() == 32 => n,
+        _ => base,
+    }
+}

@@ -1,0 +1,512 @@
+//! The derivation scheduler: a pure, in-memory list scheduler over one run's derivation graph.
+//!
+//! A derivation becomes ready when all its inputs are built; ready derivations wait in one
+//! priority heap per routing class (system plus required features) and are handed out by
+//! critical path (the longest chain of work that still depends on them). No I/O happens
+//! here, so the benchmark and the coordinator drive the same code.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+/// Index of a node in a [`Scheduler`].
+pub type NodeId = u32;
+
+/// Where a node is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Inputs not built yet.
+    Waiting,
+    Ready,
+    Running,
+    Built,
+    Failed,
+    /// An input failed; `failed_root` says which.
+    DependencyFailed,
+    Cancelled,
+}
+
+impl NodeState {
+    pub fn is_done(self) -> bool {
+        matches!(
+            self,
+            Self::Built | Self::Failed | Self::DependencyFailed | Self::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    class: u32,
+    cost: u64,
+    priority: u64,
+    deps_left: u32,
+    inputs: Vec<NodeId>,
+    dependents: Vec<NodeId>,
+    state: NodeState,
+    failed_root: Option<NodeId>,
+}
+
+/// What a node needs of the agent that builds it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Class {
+    pub system: String,
+    /// Sorted, deduplicated.
+    pub features: Vec<String>,
+}
+
+/// What an agent offers.
+#[derive(Debug, Clone, Default)]
+pub struct Capabilities {
+    pub systems: Vec<String>,
+    pub features: Vec<String>,
+}
+
+impl Capabilities {
+    pub fn can_build(&self, class: &Class) -> bool {
+        // `builtin` derivations (builtin:fetchurl and the like) run on any Nix.
+        (class.system == "builtin" || self.systems.iter().any(|s| *s == class.system))
+            && class.features.iter().all(|f| self.features.contains(f))
+    }
+}
+
+/// The scheduler for one graph.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    nodes: Vec<Node>,
+    classes: Vec<Class>,
+    class_ids: HashMap<Class, u32>,
+    ready: Vec<BinaryHeap<(u64, Reverse<NodeId>)>>,
+    unfinished: usize,
+    running: usize,
+}
+
+impl Scheduler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a node; `cost` is its expected build time in any unit (1 when unknown).
+    pub fn add_node(&mut self, class: Class, cost: u64) -> NodeId {
+        let next = self.classes.len() as u32;
+        let cid = *self.class_ids.entry(class.clone()).or_insert_with(|| {
+            self.classes.push(class);
+            self.ready.push(BinaryHeap::new());
+            next
+        });
+        let id = self.nodes.len() as NodeId;
+        self.nodes.push(Node {
+            class: cid,
+            cost: cost.max(1),
+            priority: 0,
+            deps_left: 0,
+            inputs: Vec::new(),
+            dependents: Vec::new(),
+            state: NodeState::Waiting,
+            failed_root: None,
+        });
+        self.unfinished += 1;
+        id
+    }
+
+    /// `node` needs `input` built first.
+    pub fn add_edge(&mut self, node: NodeId, input: NodeId) {
+        self.nodes[node as usize].inputs.push(input);
+        self.nodes[input as usize].dependents.push(node);
+    }
+
+    /// Computes priorities and the initial ready set. Call once, after every node and edge
+    /// is added, and after [`Self::restore`] for nodes already finished.
+    pub fn start(&mut self) {
+        for n in &mut self.nodes {
+            n.inputs.sort_unstable();
+            n.inputs.dedup();
+            n.dependents.sort_unstable();
+            n.dependents.dedup();
+        }
+        // Bottom level: own cost plus the most expensive chain of dependents, computed in
+        // reverse topological order (Kahn's algorithm over dependents).
+        let n = self.nodes.len();
+        let mut pending: Vec<u32> = self
+            .nodes
+            .iter()
+            .map(|x| x.dependents.len() as u32)
+            .collect();
+        let mut stack: Vec<NodeId> = (0..n as NodeId)
+            .filter(|&i| pending[i as usize] == 0)
+            .collect();
+        while let Some(i) = stack.pop() {
+            let node = &self.nodes[i as usize];
+            let best = node
+                .dependents
+                .iter()
+                .map(|&d| self.nodes[d as usize].priority)
+                .max()
+                .unwrap_or(0);
+            let pri = best + node.cost;
+            self.nodes[i as usize].priority = pri;
+            let inputs = std::mem::take(&mut self.nodes[i as usize].inputs);
+            for &inp in &inputs {
+                pending[inp as usize] -= 1;
+                if pending[inp as usize] == 0 {
+                    stack.push(inp);
+                }
+            }
+            self.nodes[i as usize].inputs = inputs;
+        }
+        for i in 0..n {
+            let left = self.nodes[i]
+                .inputs
+                .iter()
+                .filter(|&&inp| self.nodes[inp as usize].state != NodeState::Built)
+                .count() as u32;
+            self.nodes[i].deps_left = left;
+        }
+        // Failed inputs propagate, then everything whose inputs are built becomes ready.
+        for i in 0..n as NodeId {
+            if matches!(
+                self.nodes[i as usize].state,
+                NodeState::Failed | NodeState::DependencyFailed
+            ) {
+                let root = self.nodes[i as usize].failed_root.unwrap_or(i);
+                self.fail_dependents(i, root);
+            }
+        }
+        for i in 0..n as NodeId {
+            let node = &self.nodes[i as usize];
+            if node.state == NodeState::Waiting && node.deps_left == 0 {
+                self.make_ready(i);
+            }
+        }
+    }
+
+    /// Marks a node as already finished (restored from the database) before [`Self::start`].
+    pub fn restore(&mut self, id: NodeId, state: NodeState, failed_root: Option<NodeId>) {
+        let node = &mut self.nodes[id as usize];
+        if node.state.is_done() {
+            return;
+        }
+        node.state = state;
+        node.failed_root = failed_root;
+        if state.is_done() {
+            self.unfinished -= 1;
+        }
+    }
+
+    fn make_ready(&mut self, id: NodeId) {
+        let node = &mut self.nodes[id as usize];
+        node.state = NodeState::Ready;
+        self.ready[node.class as usize].push((node.priority, Reverse(id)));
+    }
+
+    /// The highest-priority ready node that an agent with `caps` can build, now running.
+    pub fn pop_for(&mut self, caps: &Capabilities) -> Option<NodeId> {
+        let mut best: Option<(u64, NodeId, usize)> = None;
+        for (cid, class) in self.classes.iter().enumerate() {
+            if !caps.can_build(class) {
+                continue;
+            }
+            let heap = &mut self.ready[cid];
+            // Drop stale entries (nodes cancelled while queued).
+            while let Some(&(_, Reverse(id))) = heap.peek() {
+                if self.nodes[id as usize].state == NodeState::Ready {
+                    break;
+                }
+                heap.pop();
+            }
+            if let Some(&(pri, Reverse(id))) = heap.peek() {
+                if best.is_none_or(|(bp, bid, _)| (pri, Reverse(id)) > (bp, Reverse(bid))) {
+                    best = Some((pri, id, cid));
+                }
+            }
+        }
+        let (_, id, cid) = best?;
+        self.ready[cid].pop();
+        self.nodes[id as usize].state = NodeState::Running;
+        self.running += 1;
+        Some(id)
+    }
+
+    /// Takes a specific ready node (used when restoring a running attempt).
+    pub fn mark_running(&mut self, id: NodeId) {
+        let node = &mut self.nodes[id as usize];
+        if matches!(node.state, NodeState::Ready | NodeState::Waiting) {
+            node.state = NodeState::Running;
+            self.running += 1;
+        }
+    }
+
+    /// A running node goes back to the queue (infrastructure failure, lost agent).
+    pub fn requeue(&mut self, id: NodeId) {
+        if self.nodes[id as usize].state == NodeState::Running {
+            self.running -= 1;
+            self.make_ready(id);
+        }
+    }
+
+    /// A node built: returns the nodes that became ready.
+    pub fn complete(&mut self, id: NodeId) -> Vec<NodeId> {
+        if self.nodes[id as usize].state.is_done() {
+            return Vec::new();
+        }
+        if self.nodes[id as usize].state == NodeState::Running {
+            self.running -= 1;
+        }
+        self.nodes[id as usize].state = NodeState::Built;
+        self.unfinished -= 1;
+        let mut newly = Vec::new();
+        let dependents = self.nodes[id as usize].dependents.clone();
+        for d in dependents {
+            let dn = &mut self.nodes[d as usize];
+            if dn.state == NodeState::Waiting {
+                dn.deps_left = dn.deps_left.saturating_sub(1);
+                if dn.deps_left == 0 {
+                    self.make_ready(d);
+                    newly.push(d);
+                }
+            }
+        }
+        newly
+    }
+
+    /// A node failed deterministically: returns every node that can now never build.
+    pub fn fail(&mut self, id: NodeId) -> Vec<NodeId> {
+        if self.nodes[id as usize].state.is_done() {
+            return Vec::new();
+        }
+        if self.nodes[id as usize].state == NodeState::Running {
+            self.running -= 1;
+        }
+        self.nodes[id as usize].state = NodeState::Failed;
+        self.unfinished -= 1;
+        self.fail_dependents(id, id)
+    }
+
+    fn fail_dependents(&mut self, id: NodeId, root: NodeId) -> Vec<NodeId> {
+        let mut out = Vec::new();
+        let mut stack = self.nodes[id as usize].dependents.clone();
+        while let Some(d) = stack.pop() {
+            let dn = &mut self.nodes[d as usize];
+            if dn.state.is_done() || dn.state == NodeState::Running {
+                continue;
+            }
+            dn.state = NodeState::DependencyFailed;
+            dn.failed_root = Some(root);
+            self.unfinished -= 1;
+            out.push(d);
+            stack.extend(self.nodes[d as usize].dependents.iter().copied());
+        }
+        out
+    }
+
+    /// Cancels every node not finished and not running; returns them.
+    pub fn cancel_pending(&mut self) -> Vec<NodeId> {
+        let mut out = Vec::new();
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if matches!(n.state, NodeState::Waiting | NodeState::Ready) {
+                n.state = NodeState::Cancelled;
+                self.unfinished -= 1;
+                out.push(i as NodeId);
+            }
+        }
+        out
+    }
+
+    /// Marks a running node cancelled.
+    pub fn cancel_running(&mut self, id: NodeId) {
+        let n = &mut self.nodes[id as usize];
+        if n.state == NodeState::Running {
+            n.state = NodeState::Cancelled;
+            self.running -= 1;
+            self.unfinished -= 1;
+        }
+    }
+
+    pub fn state(&self, id: NodeId) -> NodeState {
+        self.nodes[id as usize].state
+    }
+    pub fn failed_root(&self, id: NodeId) -> Option<NodeId> {
+        self.nodes[id as usize].failed_root
+    }
+    pub fn priority(&self, id: NodeId) -> u64 {
+        self.nodes[id as usize].priority
+    }
+    pub fn cost(&self, id: NodeId) -> u64 {
+        self.nodes[id as usize].cost
+    }
+    pub fn inputs(&self, id: NodeId) -> &[NodeId] {
+        &self.nodes[id as usize].inputs
+    }
+    pub fn class(&self, id: NodeId) -> &Class {
+        &self.classes[self.nodes[id as usize].class as usize]
+    }
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+    /// Nodes not built, failed or cancelled yet.
+    pub fn unfinished(&self) -> usize {
+        self.unfinished
+    }
+    pub fn running(&self) -> usize {
+        self.running
+    }
+    /// Whether some ready node is waiting for an agent.
+    pub fn has_ready(&self) -> bool {
+        self.nodes.iter().any(|n| n.state == NodeState::Ready)
+    }
+    /// Routing classes that have ready nodes (for "why does this wait" reasons).
+    pub fn ready_classes(&self) -> Vec<&Class> {
+        let mut v: Vec<&Class> = Vec::new();
+        for n in &self.nodes {
+            if n.state == NodeState::Ready {
+                let c = &self.classes[n.class as usize];
+                if !v.contains(&c) {
+                    v.push(c);
+                }
+            }
+        }
+        v
+    }
+    /// Longest chain of costs in the graph (the critical path).
+    pub fn critical_path(&self) -> u64 {
+        self.nodes.iter().map(|n| n.priority).max().unwrap_or(0)
+    }
+    pub fn total_cost(&self) -> u64 {
+        self.nodes.iter().map(|n| n.cost).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn x86() -> Class {
+        Class {
+            system: "x86_64-linux".into(),
+            features: vec![],
+        }
+    }
+    fn caps() -> Capabilities {
+        Capabilities {
+            systems: vec!["x86_64-linux".into()],
+            features: vec![],
+        }
+    }
+
+    #[test]
+    fn dependencies_gate_readiness_and_shared_inputs_run_once() {
+        // lib <- a, lib <- b
+        let mut s = Scheduler::new();
+        let lib = s.add_node(x86(), 1);
+        let a = s.add_node(x86(), 1);
+        let b = s.add_node(x86(), 1);
+        s.add_edge(a, lib);
+        s.add_edge(b, lib);
+        s.start();
+        assert_eq!(s.pop_for(&caps()), Some(lib));
+        assert_eq!(s.pop_for(&caps()), None);
+        let mut newly = s.complete(lib);
+        newly.sort();
+        assert_eq!(newly, vec![a, b]);
+        assert!(s.pop_for(&caps()).is_some());
+        assert!(s.pop_for(&caps()).is_some());
+        assert_eq!(s.pop_for(&caps()), None);
+    }
+
+    #[test]
+    fn critical_path_goes_first() {
+        let mut s = Scheduler::new();
+        let short = s.add_node(x86(), 1);
+        let long0 = s.add_node(x86(), 1);
+        let long1 = s.add_node(x86(), 5);
+        s.add_edge(long1, long0);
+        s.start();
+        assert_eq!(s.priority(long0), 6);
+        assert_eq!(s.pop_for(&caps()), Some(long0));
+        assert_eq!(s.pop_for(&caps()), Some(short));
+        assert_eq!(s.critical_path(), 6);
+    }
+
+    #[test]
+    fn failure_propagates_to_all_dependents() {
+        let mut s = Scheduler::new();
+        let a = s.add_node(x86(), 1);
+        let b = s.add_node(x86(), 1);
+        let c = s.add_node(x86(), 1);
+        let other = s.add_node(x86(), 1);
+        s.add_edge(b, a);
+        s.add_edge(c, b);
+        s.start();
+        let got = s.pop_for(&caps()).unwrap();
+        assert!(got == a || got == other);
+        let a_id = if got == a {
+            a
+        } else {
+            s.pop_for(&caps()).unwrap()
+        };
+        let mut failed = s.fail(a_id);
+        failed.sort();
+        assert_eq!(failed, vec![b, c]);
+        assert_eq!(s.failed_root(c), Some(a));
+        assert_eq!(s.state(c), NodeState::DependencyFailed);
+    }
+
+    #[test]
+    fn routing_by_system_and_features() {
+        let mut s = Scheduler::new();
+        let kvm = s.add_node(
+            Class {
+                system: "x86_64-linux".into(),
+                features: vec!["kvm".into()],
+            },
+            1,
+        );
+        let arm = s.add_node(
+            Class {
+                system: "aarch64-linux".into(),
+                features: vec![],
+            },
+            1,
+        );
+        s.start();
+        assert_eq!(s.pop_for(&caps()), None);
+        let with_kvm = Capabilities {
+            systems: vec!["x86_64-linux".into()],
+            features: vec!["kvm".into()],
+        };
+        assert_eq!(s.pop_for(&with_kvm), Some(kvm));
+        assert_eq!(s.ready_classes()[0].system, "aarch64-linux");
+        let _ = arm;
+    }
+
+    #[test]
+    fn restore_skips_finished_work() {
+        let mut s = Scheduler::new();
+        let a = s.add_node(x86(), 1);
+        let b = s.add_node(x86(), 1);
+        s.add_edge(b, a);
+        s.restore(a, NodeState::Built, None);
+        s.start();
+        assert_eq!(s.pop_for(&caps()), Some(b));
+        assert_eq!(s.unfinished(), 1);
+        s.complete(b);
+        assert_eq!(s.unfinished(), 0);
+    }
+
+    #[test]
+    fn requeue_and_idempotent_completion() {
+        let mut s = Scheduler::new();
+        let a = s.add_node(x86(), 1);
+        s.start();
+        assert_eq!(s.pop_for(&caps()), Some(a));
+        s.requeue(a);
+        assert_eq!(s.pop_for(&caps()), Some(a));
+        s.complete(a);
+        assert!(s.complete(a).is_empty());
+        assert!(s.fail(a).is_empty());
+        assert_eq!(s.state(a), NodeState::Built);
+        assert_eq!(s.running(), 0);
+    }
+}

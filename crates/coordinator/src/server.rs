@@ -1,0 +1,173 @@
+//! Starting the coordinator: open the database, resume runs, serve gRPC, check leases.
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, read_secret};
+use crate::db::Db;
+use crate::engine::{Engine, EngineOptions};
+use crate::service::{AgentSvc, RunSvc};
+use anyhow::Context;
+use nixfarm_core::snapshot;
+use nixfarm_proto::v1::agent_service_server::AgentServiceServer;
+use nixfarm_proto::v1::run_service_server::RunServiceServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
+
+/// A running coordinator.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Running {
+    /// Stops serving and waits for the server to end.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+        self.task.abort();
+    }
+
+    /// Waits until the server ends (an error, or forever).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await?.context("gRPC server failed")
+    }
+}
+
+fn token_check(
+    expected: Option<String>,
+    who: &'static str,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let Some(expected) = &expected else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Compare in constant time so the token cannot be guessed byte by byte.
+        let ok = given.len() == expected.len()
+            && given
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if ok {
+            Ok(req)
+        } else if given.is_empty() {
+            Err(Status::unauthenticated(format!(
+                "this coordinator requires a {who} token (--token or NIXFARM_TOKEN)"
+            )))
+        } else {
+            Err(Status::unauthenticated(format!(
+                "the {who} token was refused: check --token or NIXFARM_TOKEN"
+            )))
+        }
+    }
+}
+
+/// Opens the state directory and starts serving on `listener`.
+pub async fn start_with_listener(
+    config: &Config,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    let db_path = config.state_dir.join("coordinator.sqlite");
+    let db = Db::open(&db_path)
+        .with_context(|| format!("cannot open database {}", db_path.display()))?;
+    let s = &config.scheduler;
+    let opts = EngineOptions {
+        eval_chunk_size: s.eval_chunk_size,
+        eval_memory_mib: s.eval_memory_mib,
+        max_infra_retries: s.max_infra_retries,
+        max_runs_in_flight: s.max_runs_in_flight,
+        lease_ms: (s.lease_secs * 1000) as i64,
+    };
+    let engine = Engine::open(db, config.state_dir.join("sources"), clock, opts)
+        .context("cannot resume runs")?;
+    let agent_token = config
+        .auth
+        .agent_token_file
+        .as_deref()
+        .map(read_secret)
+        .transpose()?;
+    let client_token = config
+        .auth
+        .client_token_file
+        .as_deref()
+        .map(read_secret)
+        .transpose()?;
+    let max_msg = config.limits.max_message_bytes;
+    let agent_svc = AgentServiceServer::new(AgentSvc {
+        engine: engine.clone(),
+        heartbeat_ms: (s.heartbeat_secs * 1000) as u32,
+    })
+    .max_decoding_message_size(max_msg)
+    .max_encoding_message_size(max_msg);
+    let run_svc = RunServiceServer::new(RunSvc {
+        engine: engine.clone(),
+        snapshot_limits: snapshot::Limits {
+            max_bytes: config.limits.snapshot_max_bytes,
+            max_entries: config.limits.snapshot_max_files,
+        },
+    })
+    .max_decoding_message_size(max_msg)
+    .max_encoding_message_size(max_msg);
+    let addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let lease_engine = engine.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            t.tick().await;
+            lease_engine.check_leases();
+        }
+    });
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(InterceptedService::new(
+                agent_svc,
+                token_check(agent_token, "agent"),
+            ))
+            .add_service(InterceptedService::new(
+                run_svc,
+                token_check(client_token, "client"),
+            ))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            }),
+    );
+    tracing::info!(%addr, state_dir = %config.state_dir.display(), "coordinator listening");
+    Ok(Running {
+        addr,
+        engine,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+/// Binds `config.listen` and starts serving.
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    start_with_listener(config, listener, Arc::new(SystemClock)).await
+}
