@@ -1,1 +1,340 @@
-//! e2e
+//! Harness for nixfarm's end-to-end tests: starts the real binaries (coordinator, agents in
+//! their own Nix stores, the CLI) against real Nix, on loopback.
+
+use anyhow::{Context, bail};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where cargo put the binaries (target/<profile>/), found from this test executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+pub fn example_repo() -> PathBuf {
+    repo_root().join("examples/atproto-pkgs")
+}
+
+/// Expected statuses of the example repository, as the fixture documents them.
+pub fn expected() -> serde_json::Value {
+    let text =
+        std::fs::read_to_string(example_repo().join("expected.json")).expect("expected.json");
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+/// A scratch directory that every Nix build user can enter (mode 755).
+pub fn scratch() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("nixfarm-e2e-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    set_mode(d.path(), 0o755);
+    d
+}
+
+pub fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// Sends SIGTERM (drain) and waits up to `d`.
+    pub fn terminate(&mut self, d: Duration) {
+        unsafe_kill(self.child.id(), 15);
+        let start = Instant::now();
+        while start.elapsed() < d {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A running coordinator binary.
+pub struct Coordinator {
+    pub proc: Proc,
+    pub url: String,
+    pub state_dir: PathBuf,
+}
+
+impl Coordinator {
+    pub fn start(state_dir: &Path) -> anyhow::Result<Coordinator> {
+        Self::start_on(state_dir, "127.0.0.1:0", &[])
+    }
+
+    pub fn start_on(state_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Coordinator> {
+        std::fs::create_dir_all(state_dir)?;
+        let log = state_dir.join(format!("coordinator-{}.log", fastrand_u32()));
+        let mut child = Command::new(bin("nixfarm-coordinator"))
+            .args(["--listen", listen, "--state-dir"])
+            .arg(state_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start coordinator")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!(
+                "coordinator did not start: {line}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Ok(Coordinator {
+            url: format!("http://{addr}"),
+            proc: Proc {
+                child,
+                name: "coordinator".into(),
+                log,
+            },
+            state_dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// The coordinator's database, read-only (for checking its records).
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(
+            self.state_dir.join("coordinator.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open coordinator db")
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+/// An agent process on its own "host": its own mount namespace with its own /nix, its own
+/// home directory, sharing nothing with the others but the coordinator and the cache.
+pub struct Host {
+    pub root: PathBuf,
+}
+
+impl Host {
+    pub fn new(root: &Path) -> Host {
+        for d in ["nix", "home", "work"] {
+            std::fs::create_dir_all(root.join(d)).expect("host dirs");
+        }
+        set_mode(root, 0o755);
+        set_mode(&root.join("nix"), 0o755);
+        Host {
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// A command that runs `argv` inside this host's mount namespace.
+    pub fn command(&self, argv: &[&str]) -> Command {
+        let mut script = String::from("set -e; mount --bind \"$NF_HOST/nix\" /nix; exec \"$@\"");
+        script.push('\n');
+        let mut c = Command::new("unshare");
+        c.args([
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "host",
+        ]);
+        c.args(argv);
+        c.env("NF_HOST", &self.root)
+            .env("HOME", self.root.join("home"))
+            .env("XDG_CACHE_HOME", self.root.join("home/.cache"))
+            // Simulated hosts share this machine's nixbld UIDs but not their stores' user
+            // lock pools, so two Nix instances would both take nixbld1 and kill each other's
+            // builder (Nix kills a build user's processes before use). Real hosts do not share
+            // UIDs; here each host builds as root instead (the sandbox is off either way).
+            .env(
+                "NIX_CONFIG",
+                "substituters = \nexperimental-features = nix-command flakes\nbuild-users-group = ",
+            );
+        c
+    }
+
+    pub fn start_agent(
+        &self,
+        name: &str,
+        coordinator: &str,
+        signing_key: Option<&Path>,
+        max_jobs: u32,
+    ) -> anyhow::Result<Proc> {
+        let agent = bin("nixfarm-agent");
+        let work = self.root.join("work");
+        let mut argv: Vec<String> = vec![
+            agent.display().to_string(),
+            "--coordinator".into(),
+            coordinator.into(),
+            "--name".into(),
+            name.into(),
+            "--max-jobs".into(),
+            max_jobs.to_string(),
+            "--work-dir".into(),
+            work.display().to_string(),
+        ];
+        if let Some(k) = signing_key {
+            argv.push("--signing-key-file".into());
+            argv.push(k.display().to_string());
+        }
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let log = self.root.join(format!("{name}.log"));
+        let child = self
+            .command(&refs)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start agent")?;
+        Ok(Proc {
+            child,
+            name: name.into(),
+            log,
+        })
+    }
+
+    /// Runs a command in this host and returns its output.
+    pub fn run(&self, argv: &[&str]) -> Output {
+        self.command(argv).output().expect("run in host")
+    }
+
+    /// Whether a store path is valid in this host's store.
+    pub fn has_path(&self, path: &str) -> bool {
+        self.run(&["nix-store", "--check-validity", path])
+            .status
+            .success()
+    }
+}
+
+/// A signing key pair for a binary cache: (secret key file, public key).
+pub fn cache_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let sk = dir.join("cache.sk");
+    let pk = dir.join("cache.pk");
+    let st = Command::new("nix-store")
+        .args(["--generate-binary-cache-key", name])
+        .arg(&sk)
+        .arg(&pk)
+        .status()
+        .expect("nix-store --generate-binary-cache-key");
+    assert!(st.success());
+    set_mode(&sk, 0o644);
+    (
+        sk,
+        std::fs::read_to_string(&pk)
+            .expect("public key")
+            .trim()
+            .to_string(),
+    )
+}
+
+/// Runs the CLI against a coordinator.
+pub fn cli(coordinator: &str, args: &[&str]) -> Output {
+    Command::new(bin("nixfarm"))
+        .args(args)
+        .env("NIXFARM_COORDINATOR", coordinator)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nixfarm")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Copies a directory tree (for fixtures that a test modifies).
+pub fn copy_tree(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+}
+
+/// Packages of a JSON report by attribute.
+pub fn packages_by_attr(
+    report: &serde_json::Value,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    report["packages"]
+        .as_array()
+        .expect("packages array")
+        .iter()
+        .map(|p| (p["attr"].as_str().expect("attr").to_string(), p.clone()))
+        .collect()
+}

@@ -79,10 +79,10 @@ impl AgentConfig {
 
     /// The join token: `NIXFARM_AGENT_TOKEN`, else the token file.
     pub fn token(&self) -> anyhow::Result<Option<String>> {
-        if let Ok(t) = std::env::var("NIXFARM_AGENT_TOKEN") {
-            if !t.trim().is_empty() {
-                return Ok(Some(t.trim().to_string()));
-            }
+        if let Ok(t) = std::env::var("NIXFARM_AGENT_TOKEN")
+            && !t.trim().is_empty()
+        {
+            return Ok(Some(t.trim().to_string()));
         }
         match &self.token_file {
             Some(p) => Ok(Some(

@@ -348,16 +348,16 @@ async fn build(
     }
     match run.result {
         Ok(paths) => {
-            if !j.cache.is_empty() && !run.substituted {
-                if let Err(e) = shared
+            if !j.cache.is_empty()
+                && !run.substituted
+                && let Err(e) = shared
                     .nix
                     .copy_to(&j.cache, &paths, shared.cfg.signing_key_file.as_deref())
                     .await
-                {
-                    r.status = pb::BuildStatus::InfraFailed as i32;
-                    r.message = format!("built, but the push to the cache failed: {e}");
-                    return r;
-                }
+            {
+                r.status = pb::BuildStatus::InfraFailed as i32;
+                r.message = format!("built, but the push to the cache failed: {e}");
+                return r;
             }
             r.status = pb::BuildStatus::Built as i32;
             r.outputs = match shared

@@ -249,10 +249,10 @@ fn jitter(d: Duration) -> Duration {
 }
 
 pub(crate) fn add_token<T>(req: &mut tonic::Request<T>, token: &Option<String>) {
-    if let Some(t) = token {
-        if let Ok(v) = format!("Bearer {t}").parse() {
-            req.metadata_mut().insert("authorization", v);
-        }
+    if let Some(t) = token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
     }
 }
 
@@ -296,10 +296,10 @@ fn handle(
             });
         }
         Some(Msg::Cancel(c)) => {
-            if let Ok(r) = shared.running.lock() {
-                if let Some(t) = r.get(&c.attempt_id) {
-                    t.cancel();
-                }
+            if let Ok(r) = shared.running.lock()
+                && let Some(t) = r.get(&c.attempt_id)
+            {
+                t.cancel();
             }
         }
         Some(Msg::Drain(_)) | Some(Msg::Registered(_)) | None => {}

@@ -214,10 +214,10 @@ impl Client {
 
     pub fn req<T>(&self, t: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(t);
-        if let Some(tok) = &self.token {
-            if let Ok(v) = format!("Bearer {tok}").parse() {
-                r.metadata_mut().insert("authorization", v);
-            }
+        if let Some(tok) = &self.token
+            && let Ok(v) = format!("Bearer {tok}").parse()
+        {
+            r.metadata_mut().insert("authorization", v);
         }
         r
     }
@@ -272,13 +272,7 @@ pub fn report_from_wire(r: pb::Report) -> Report {
 
 /// Prints a report in the chosen format on stdout; returns the exit code.
 pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
-    let format = out
-        .format
-        .unwrap_or(if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-            Format::Table
-        } else {
-            Format::Table
-        });
+    let format = out.format.unwrap_or(Format::Table);
     let text = match format {
         Format::Table => report.to_table(),
         Format::Json => report.to_json() + "\n",
@@ -290,14 +284,14 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
         eprintln!("error: run {} failed: {}", report.run_id, report.error);
         return 2;
     }
-    if let Some(pct) = out.fail_under {
-        if report.summary.percent < pct {
-            eprintln!(
-                "readiness {:.1}% is below --fail-under {pct}%",
-                report.summary.percent
-            );
-            return 1;
-        }
+    if let Some(pct) = out.fail_under
+        && report.summary.percent < pct
+    {
+        eprintln!(
+            "readiness {:.1}% is below --fail-under {pct}%",
+            report.summary.percent
+        );
+        return 1;
     }
     0
 }
@@ -380,7 +374,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     r.label,
                 ]);
             }
-            println!("{t}");
+            print!("{t}");
             Ok(0)
         }
         Command::Agents => {
@@ -419,7 +413,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     building.join(", "),
                 ]);
             }
-            println!("{t}");
+            print!("{t}");
             Ok(0)
         }
         Command::Cancel { run } => {

@@ -56,18 +56,18 @@ pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         ])
         .stderr(std::process::Stdio::null())
         .output();
-    if let Ok(out) = git {
-        if out.status.success() {
-            let files = out
-                .stdout
-                .split(|b| *b == 0)
-                .filter(|s| !s.is_empty())
-                .map(|s| PathBuf::from(String::from_utf8_lossy(s).into_owned()))
-                // Deleted but not yet committed: not part of the working tree.
-                .filter(|p| dir.join(p).symlink_metadata().is_ok())
-                .collect();
-            return Ok(files);
-        }
+    if let Ok(out) = git
+        && out.status.success()
+    {
+        let files = out
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| PathBuf::from(String::from_utf8_lossy(s).into_owned()))
+            // Deleted but not yet committed: not part of the working tree.
+            .filter(|p| dir.join(p).symlink_metadata().is_ok())
+            .collect();
+        return Ok(files);
     }
     let mut out = Vec::new();
     walk(dir, Path::new(""), &mut out)?;

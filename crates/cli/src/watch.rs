@@ -101,10 +101,10 @@ impl View {
                 }
             }
             "job-finished" => {
-                if let Some(list) = self.building.get_mut(&s("agent")) {
-                    if let Some(i) = list.iter().position(|x| *x == s("name")) {
-                        list.remove(i);
-                    }
+                if let Some(list) = self.building.get_mut(&s("agent"))
+                    && let Some(i) = list.iter().position(|x| *x == s("name"))
+                {
+                    list.remove(i);
                 }
                 let outcome = s("outcome");
                 let secs = n("duration_ms") as f64 / 1000.0;

@@ -353,11 +353,12 @@ impl Engine {
         sched.start();
         for (attr, info) in db.packages(&run.id)? {
             let _ = attr;
-            if let Ok(p) = serde_json::from_str::<PackageInfo>(&info) {
-                if !p.drv_path.is_empty() && (p.timeout_secs > 0 || p.max_silent_secs > 0) {
-                    run.limits
-                        .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
-                }
+            if let Ok(p) = serde_json::from_str::<PackageInfo>(&info)
+                && !p.drv_path.is_empty()
+                && (p.timeout_secs > 0 || p.max_silent_secs > 0)
+            {
+                run.limits
+                    .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
             }
         }
         run.sched = Some(sched);
@@ -451,12 +452,12 @@ impl Engine {
             .map(|(id, a)| (id.clone(), a.agent.clone()))
             .collect();
         for (attempt, agent) in running {
-            if let Some(ag) = inner.agents.get(&agent) {
-                if let Some(tx) = &ag.tx {
-                    let _ = tx.send(ToAgent::Cancel {
-                        attempt: attempt.clone(),
-                    });
-                }
+            if let Some(ag) = inner.agents.get(&agent)
+                && let Some(tx) = &ag.tx
+            {
+                let _ = tx.send(ToAgent::Cancel {
+                    attempt: attempt.clone(),
+                });
             }
         }
         inner.db.set_run_state(run_id, "cancelled", "", now)?;
@@ -592,11 +593,11 @@ impl Engine {
     /// reconnect reattaches to them.
     pub fn disconnect_agent(&self, name: &str, conn: u64) {
         let mut g = self.lock();
-        if let Some(a) = g.agents.get_mut(name) {
-            if a.conn == conn {
-                a.tx = None;
-                tracing::info!(agent = name, "agent disconnected");
-            }
+        if let Some(a) = g.agents.get_mut(name)
+            && a.conn == conn
+        {
+            a.tx = None;
+            tracing::info!(agent = name, "agent disconnected");
         }
     }
 
@@ -736,7 +737,7 @@ impl Engine {
         &self,
         inner: &mut Inner,
         a: AttemptMem,
-        result: Result<Vec<String>, (String, bool)>,
+        result: Result<Vec<String>, AgentFailure>,
     ) -> Result<(), EngineError> {
         let run_id = a.run_id.clone();
         let attrs = match result {
@@ -839,12 +840,11 @@ impl Engine {
         Ok(())
     }
 
-    #[allow(clippy::type_complexity)]
     fn on_eval_chunk(
         &self,
         inner: &mut Inner,
         a: AttemptMem,
-        result: Result<(Vec<EvaluatedAttr>, BTreeMap<String, DrvNode>), (String, bool)>,
+        result: Result<EvalChunkOutput, AgentFailure>,
     ) -> Result<(), EngineError> {
         let run_id = a.run_id.clone();
         let JobRef::Eval(EvalTask::Chunk(task)) = a.job else {
@@ -974,6 +974,11 @@ impl Engine {
                 dep_failed = sched.fail(node);
                 "failed"
             }
+            "cancelled" if !run.state.is_terminal() => {
+                // A cancel the run did not ask for (the agent was drained): try again elsewhere.
+                sched.requeue(node);
+                return Ok(());
+            }
             "cancelled" => {
                 sched.cancel_running(node);
                 "cancelled"
@@ -983,11 +988,6 @@ impl Engine {
                 "failed"
             }
         };
-        if report.kind == "cancelled" && !run.state.is_terminal() {
-            // A cancel the run did not ask for (the agent was drained): try again elsewhere.
-            sched.requeue(node);
-            return Ok(());
-        }
         let (done, total) = (sched.len() - sched.unfinished(), sched.len());
         let report_json = serde_json::to_string(&report).unwrap_or_default();
         report.log_tail.clear();
@@ -1027,10 +1027,7 @@ impl Engine {
         let now = self.clock.now_ms();
         let names: Vec<String> = inner.agents.keys().cloned().collect();
         for name in names {
-            loop {
-                let Some(agent) = inner.agents.get(&name) else {
-                    break;
-                };
+            while let Some(agent) = inner.agents.get(&name) {
                 if agent.tx.is_none()
                     || agent.draining
                     || agent.running.len() >= agent.reg.max_jobs as usize
@@ -1480,16 +1477,16 @@ fn closure_mismatches(
         if !seen.insert(d.clone()) {
             continue;
         }
-        if let Some((_, rep)) = results.get(d.as_str()) {
-            if rep.kind == "hash-mismatch" {
-                out.push((
-                    d.clone(),
-                    Mismatch {
-                        specified: rep.specified.clone(),
-                        got: rep.got.clone(),
-                    },
-                ));
-            }
+        if let Some((_, rep)) = results.get(d.as_str())
+            && rep.kind == "hash-mismatch"
+        {
+            out.push((
+                d.clone(),
+                Mismatch {
+                    specified: rep.specified.clone(),
+                    got: rep.got.clone(),
+                },
+            ));
         }
         if let Some(n) = nodes.get(d.as_str()) {
             stack.extend(n.input_drvs.iter().cloned());

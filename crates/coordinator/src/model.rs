@@ -120,6 +120,13 @@ pub struct BuildReport {
     pub failed_root: String,
 }
 
+/// A job's failure as an agent reports it: the message, and whether the agent or Nix broke
+/// (true) rather than the input being wrong (false).
+pub type AgentFailure = (String, bool);
+
+/// What an evaluation task produces: the attributes and the derivation graph below them.
+pub type EvalChunkOutput = (Vec<EvaluatedAttr>, BTreeMap<String, DrvNode>);
+
 /// Messages an agent sends after registering.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FromAgent {
@@ -136,7 +143,7 @@ pub enum FromAgent {
     },
     EvalChunk {
         attempt: String,
-        result: Result<(Vec<EvaluatedAttr>, BTreeMap<String, DrvNode>), (String, bool)>,
+        result: Result<EvalChunkOutput, AgentFailure>,
     },
     Build {
         attempt: String,

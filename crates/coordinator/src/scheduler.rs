@@ -64,7 +64,7 @@ pub struct Capabilities {
 impl Capabilities {
     pub fn can_build(&self, class: &Class) -> bool {
         // `builtin` derivations (builtin:fetchurl and the like) run on any Nix.
-        (class.system == "builtin" || self.systems.iter().any(|s| *s == class.system))
+        (class.system == "builtin" || self.systems.contains(&class.system))
             && class.features.iter().all(|f| self.features.contains(f))
     }
 }
@@ -78,6 +78,8 @@ pub struct Scheduler {
     ready: Vec<BinaryHeap<(u64, Reverse<NodeId>)>>,
     unfinished: usize,
     running: usize,
+    /// Nodes in the Ready state (the heaps may also hold stale entries).
+    ready_count: usize,
 }
 
 impl Scheduler {
@@ -195,6 +197,7 @@ impl Scheduler {
     fn make_ready(&mut self, id: NodeId) {
         let node = &mut self.nodes[id as usize];
         node.state = NodeState::Ready;
+        self.ready_count += 1;
         self.ready[node.class as usize].push((node.priority, Reverse(id)));
     }
 
@@ -213,14 +216,15 @@ impl Scheduler {
                 }
                 heap.pop();
             }
-            if let Some(&(pri, Reverse(id))) = heap.peek() {
-                if best.is_none_or(|(bp, bid, _)| (pri, Reverse(id)) > (bp, Reverse(bid))) {
-                    best = Some((pri, id, cid));
-                }
+            if let Some(&(pri, Reverse(id))) = heap.peek()
+                && best.is_none_or(|(bp, bid, _)| (pri, Reverse(id)) > (bp, Reverse(bid)))
+            {
+                best = Some((pri, id, cid));
             }
         }
         let (_, id, cid) = best?;
         self.ready[cid].pop();
+        self.ready_count -= 1;
         self.nodes[id as usize].state = NodeState::Running;
         self.running += 1;
         Some(id)
@@ -230,6 +234,9 @@ impl Scheduler {
     pub fn mark_running(&mut self, id: NodeId) {
         let node = &mut self.nodes[id as usize];
         if matches!(node.state, NodeState::Ready | NodeState::Waiting) {
+            if node.state == NodeState::Ready {
+                self.ready_count -= 1;
+            }
             node.state = NodeState::Running;
             self.running += 1;
         }
@@ -303,6 +310,9 @@ impl Scheduler {
         let mut out = Vec::new();
         for (i, n) in self.nodes.iter_mut().enumerate() {
             if matches!(n.state, NodeState::Waiting | NodeState::Ready) {
+                if n.state == NodeState::Ready {
+                    self.ready_count -= 1;
+                }
                 n.state = NodeState::Cancelled;
                 self.unfinished -= 1;
                 out.push(i as NodeId);
@@ -354,7 +364,7 @@ impl Scheduler {
     }
     /// Whether some ready node is waiting for an agent.
     pub fn has_ready(&self) -> bool {
-        self.nodes.iter().any(|n| n.state == NodeState::Ready)
+        self.ready_count > 0
     }
     /// Routing classes that have ready nodes (for "why does this wait" reasons).
     pub fn ready_classes(&self) -> Vec<&Class> {

@@ -125,14 +125,14 @@ impl Hash {
     /// `default` is the algorithm for a bare digest when its length does not tell.
     pub fn parse(s: &str, default: Option<Algo>) -> Option<Hash> {
         let s = s.trim().trim_matches(|c| c == '\'' || c == '"');
-        if let Some((a, rest)) = s.split_once('-') {
-            if let Some(algo) = Algo::parse(a) {
-                let digest = BASE64
-                    .decode(rest.as_bytes())
-                    .ok()
-                    .filter(|d| d.len() == algo.size())?;
-                return Some(Hash { algo, digest });
-            }
+        if let Some((a, rest)) = s.split_once('-')
+            && let Some(algo) = Algo::parse(a)
+        {
+            let digest = BASE64
+                .decode(rest.as_bytes())
+                .ok()
+                .filter(|d| d.len() == algo.size())?;
+            return Some(Hash { algo, digest });
         }
         if let Some((a, rest)) = s.split_once(':') {
             let algo = Algo::parse(a)?;

@@ -147,12 +147,11 @@ pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
         return Failure::TimedOut(trim_error(l));
     }
     // nix-store: 0x60 | 0x04 permanent | 0x01 timeout | 0x02 hash mismatch.
-    if let Some(code) = exit_code {
-        if (100..=111).contains(&code) && code & 0x01 != 0 {
-            return Failure::TimedOut(
-                first_error(&clean).unwrap_or_else(|| "build timed out".into()),
-            );
-        }
+    if let Some(code) = exit_code
+        && (100..=111).contains(&code)
+        && code & 0x01 != 0
+    {
+        return Failure::TimedOut(first_error(&clean).unwrap_or_else(|| "build timed out".into()));
     }
     let builder_failed = clean.lines().find(|l| {
         l.contains("builder for") && l.contains("failed")

@@ -1,0 +1,337 @@
+//! End to end: the coordinator binary, two agents each in its own Nix store, the CLI, real
+//! Nix, and the example repository. Outputs travel between agents only through the cache.
+
+use nixfarm_tests::*;
+use std::time::Duration;
+
+struct Farm {
+    _dir: tempfile::TempDir,
+    coordinator: Coordinator,
+    hosts: Vec<Host>,
+    agents: Vec<Proc>,
+    cache_url: String,
+    public_key: String,
+}
+
+fn farm(agents: usize) -> Farm {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).expect("coordinator");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    set_mode(&cache, 0o755);
+    let (sk, pk) = cache_key(dir.path(), "nixfarm-test-1");
+    let mut hosts = Vec::new();
+    let mut procs = Vec::new();
+    for i in 0..agents {
+        let host = Host::new(&dir.path().join(format!("host{i}")));
+        procs.push(
+            host.start_agent(&format!("agent{i}"), &coordinator.url, Some(&sk), 2)
+                .expect("agent"),
+        );
+        hosts.push(host);
+    }
+    wait_for(Duration::from_secs(30), "agents to connect", || {
+        let out = cli(&coordinator.url, &["agents"]);
+        (stdout(&out).matches(" yes ").count() >= agents).then_some(())
+    });
+    Farm {
+        cache_url: format!("file://{}", cache.display()),
+        public_key: pk,
+        _dir: dir,
+        coordinator,
+        hosts,
+        agents: procs,
+    }
+}
+
+impl Farm {
+    fn submit_json(
+        &self,
+        source: &str,
+        extra: &[&str],
+    ) -> (std::process::Output, serde_json::Value) {
+        let mut args = vec![
+            "submit",
+            source,
+            "--watch",
+            "--format",
+            "json",
+            "--cache",
+            &self.cache_url,
+            "--trusted-public-key",
+            &self.public_key,
+        ];
+        args.extend_from_slice(extra);
+        let out = cli(&self.coordinator.url, &args);
+        let json = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| {
+            panic!(
+                "report is not JSON ({e}): stdout={} stderr={}\ncoordinator:\n{}\nagents:\n{}",
+                stdout(&out),
+                stderr(&out),
+                self.coordinator.proc.log_text(),
+                self.agents
+                    .iter()
+                    .map(|a| a.log_text())
+                    .collect::<Vec<_>>()
+                    .join("\n----\n")
+            )
+        });
+        (out, json)
+    }
+}
+
+#[test]
+fn every_status_matches_the_repository_and_outputs_travel_through_the_cache() {
+    let f = farm(2);
+    let (_out, report) = f.submit_json(example_repo().to_str().unwrap(), &[]);
+    let expected = expected();
+    let got = packages_by_attr(&report);
+    let exp = expected.as_object().unwrap();
+    assert_eq!(
+        got.len(),
+        exp.len(),
+        "every attribute is reported: {:?}",
+        got.keys()
+    );
+    for (attr, e) in exp {
+        let p = &got[attr];
+        assert_eq!(p["status"], e["status"], "{attr}: {}", p["reason"]);
+        if let Some(dep) = e.get("dependency") {
+            assert_eq!(
+                &p["failed_dependency"], dep,
+                "{attr} names the dependency that failed"
+            );
+            assert!(
+                p["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains(dep.as_str().unwrap())
+            );
+        }
+    }
+    // Reasons a user can act on.
+    assert!(
+        got["jetstream"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("'main'")
+    );
+    assert!(
+        got["feed-generator"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("unsupported on this platform")
+    );
+    assert!(
+        got["ozone"]["log_tail"].as_str().unwrap().contains("exit")
+            || !got["ozone"]["log_tail"].as_str().unwrap().is_empty()
+    );
+    assert!(
+        got["did-plc"]["got_hash"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256-")
+    );
+    assert!(
+        got["relay"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("timed out")
+    );
+    let total = exp.len() as u64;
+    let ready = exp.values().filter(|e| e["status"] == "ready").count() as u64;
+    assert_eq!(report["summary"]["total"], total);
+    assert_eq!(report["summary"]["ready"], ready);
+
+    // Each ready package's outputs are in the store of the agent that built it, and in the
+    // cache: a fresh, empty store substitutes them with signatures required.
+    let fresh = Host::new(&f._dir.path().join("fresh"));
+    for (attr, p) in got.iter().filter(|(_, p)| p["status"] == "ready") {
+        let agent = p["agent"].as_str().unwrap();
+        let idx: usize = agent.trim_start_matches("agent").parse().unwrap();
+        for (_, path) in p["outputs"].as_object().unwrap() {
+            let path = path.as_str().unwrap();
+            assert!(
+                f.hosts[idx].has_path(path),
+                "{attr}: {path} is in {agent}'s store"
+            );
+            let out = fresh.run(&[
+                "nix-store",
+                "--realise",
+                path,
+                "--option",
+                "substituters",
+                &f.cache_url,
+                "--option",
+                "trusted-public-keys",
+                &f.public_key,
+                "--option",
+                "require-sigs",
+                "true",
+            ]);
+            assert!(
+                out.status.success(),
+                "{attr}: fresh store substitutes {path}: {}",
+                stderr(&out)
+            );
+        }
+    }
+    // Work really was spread: both agents built something.
+    let db = f.coordinator.db();
+    let agents: i64 = db
+        .query_row(
+            "SELECT count(DISTINCT agent) FROM attempts WHERE kind = 'build'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(agents, 2, "both agents took build jobs");
+}
+
+#[test]
+fn a_shared_dependency_is_built_exactly_once() {
+    let f = farm(2);
+    let (_out, report) = f.submit_json(example_repo().to_str().unwrap(), &[]);
+    let got = packages_by_attr(&report);
+    let lexicons = got["atproto-lexicons"]["drv_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let run_id = report["run_id"].as_str().unwrap();
+    let db = f.coordinator.db();
+    let n: i64 = db
+        .query_row(
+            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND target = ?2",
+            [run_id, &lexicons],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        n, 1,
+        "atproto-lexicons (a dependency of six packages) is built once"
+    );
+    let dup: i64 = db
+        .query_row(
+            "SELECT count(*) FROM (SELECT target FROM attempts WHERE run_id = ?1 AND kind = 'build' GROUP BY target HAVING count(*) > 1)",
+            [run_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(dup, 0, "no derivation was built twice");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_leaves_nothing_half_done() {
+    let f = farm(1);
+    let check = |args: &[&str], needle: &str| {
+        let out = cli(&f.coordinator.url, args);
+        assert!(!out.status.success(), "{args:?} must fail");
+        let err = stderr(&out);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected '{needle}' in: {err}"
+        );
+    };
+    check(&["submit", "/no/such/dir"], "no such file or directory");
+    let notflake = scratch();
+    check(
+        &["submit", notflake.path().to_str().unwrap()],
+        "is not a flake",
+    );
+    check(&["submit", "github:only-an-owner"], "not a flake reference");
+    check(&["submit", "gopher:whatever"], "unknown type 'gopher'");
+    // None of those created a run.
+    let runs = stdout(&cli(&f.coordinator.url, &["runs"]));
+    assert_eq!(runs.lines().count(), 2, "only the header: {runs}");
+
+    // A missing attribute path: the run fails as a whole, saying why, and builds nothing.
+    let out = cli(
+        &f.coordinator.url,
+        &[
+            "submit",
+            example_repo().to_str().unwrap(),
+            "--attr-path",
+            "packages.aarch64-darwin",
+            "--watch",
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("packages.aarch64-darwin"), "{err}");
+    assert!(
+        err.contains("does not provide attribute") || err.contains("missing"),
+        "{err}"
+    );
+    let db = f.coordinator.db();
+    let builds: i64 = db
+        .query_row(
+            "SELECT count(*) FROM attempts WHERE kind = 'build'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(builds, 0);
+    // An unreachable coordinator.
+    let out = cli("http://127.0.0.1:9", &["runs"]);
+    assert!(
+        stderr(&out).contains("cannot reach the coordinator"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn cancel_stops_a_run_and_reports_cancelled() {
+    let f = farm(1);
+    let dir = scratch();
+    let repo = dir.path().join("slow");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: script: deps: derivation { inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; inherit deps; };
+      slow = mk "slow" "for i in $(seq 1 120); do echo tick $i; sleep 1; done; echo done > $out" [];
+    in { packages.x86_64-linux = { inherit slow; after = mk "after" "echo ${slow} > $out" [ slow ]; }; }; }"#,
+    )
+    .unwrap();
+    let out = cli(
+        &f.coordinator.url,
+        &[
+            "submit",
+            repo.to_str().unwrap(),
+            "--cache",
+            &f.cache_url,
+            "--trusted-public-key",
+            &f.public_key,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    wait_for(Duration::from_secs(60), "the slow build to start", || {
+        stdout(&cli(&f.coordinator.url, &["agents"]))
+            .contains("slow")
+            .then_some(())
+    });
+    let out = cli(&f.coordinator.url, &["cancel", &run]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = wait_for(Duration::from_secs(30), "cancelled report", || {
+        let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
+            &f.coordinator.url,
+            &["report", &run, "--format", "json"],
+        )))
+        .ok()?;
+        (r["state"] == "cancelled").then_some(r)
+    });
+    let got = packages_by_attr(&report);
+    assert_eq!(got["slow"]["status"], "cancelled");
+    assert_eq!(got["after"]["status"], "cancelled");
+    // The agent stopped the build: it is free again soon.
+    wait_for(
+        Duration::from_secs(30),
+        "the agent to stop building",
+        || (!stdout(&cli(&f.coordinator.url, &["agents"])).contains("slow")).then_some(()),
+    );
+}
