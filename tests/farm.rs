@@ -126,12 +126,27 @@ fn every_status_matches_the_repository_and_outputs_travel_through_the_cache() {
         got["ozone"]["log_tail"].as_str().unwrap().contains("exit")
             || !got["ozone"]["log_tail"].as_str().unwrap().is_empty()
     );
-    assert!(
-        got["did-plc"]["got_hash"]
-            .as_str()
-            .unwrap()
-            .starts_with("sha256-")
-    );
+    // Without --fix-hashes the report still names every mismatch and the edit that fixes it.
+    for (attr, e) in exp.iter().filter(|(_, e)| e["status"] == "needs-hash") {
+        let p = &got[attr];
+        assert!(
+            p["hash_mismatches"][0]["got"]
+                .as_str()
+                .unwrap()
+                .starts_with("sha256-"),
+            "{attr}"
+        );
+        let first = &e["fixes"][0];
+        assert!(
+            p["hash_fixes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["file"] == first["file"] && f["new"] == first["new"]),
+            "{attr}: {}",
+            p["hash_fixes"]
+        );
+    }
     assert!(
         got["relay"]["reason"]
             .as_str()
@@ -334,4 +349,193 @@ fn cancel_stops_a_run_and_reports_cancelled() {
         "the agent to stop building",
         || (!stdout(&cli(&f.coordinator.url, &["agents"])).contains("slow")).then_some(()),
     );
+}
+
+/// The five hash-broken packages of the example: single stage, two stage (source plus
+/// npmDepsHash), a stale literal, lib.fakeSha256, and two fake hashes in one file.
+#[test]
+fn fix_hashes_yields_a_patch_that_makes_every_broken_package_build_with_plain_nix() {
+    let f = farm(2);
+    let dir = scratch();
+    let work = dir.path().join("work");
+    copy_tree(&example_repo(), &work);
+    let patch = dir.path().join("fix.patch");
+    let (out, report) = f.submit_json(
+        work.to_str().unwrap(),
+        &["--fix-hashes", "--patch-out", patch.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let expected = expected();
+    let got = packages_by_attr(&report);
+    let mut fixed_files = std::collections::BTreeSet::new();
+    for (attr, e) in expected.as_object().unwrap() {
+        let p = &got[attr];
+        let fixes = p["hash_fixes"].as_array().unwrap();
+        match e.get("fixes") {
+            Some(want) => {
+                assert_eq!(
+                    p["status"], "ready",
+                    "{attr} builds with its fixes: {}",
+                    p["reason"]
+                );
+                let mut want: Vec<(String, String, u64, String, String)> = want
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|w| {
+                        fixed_files.insert(w["file"].as_str().unwrap().to_string());
+                        (
+                            w["file"].as_str().unwrap().into(),
+                            w["attribute"].as_str().unwrap().into(),
+                            w["line"].as_u64().unwrap(),
+                            w["old"].as_str().unwrap().into(),
+                            w["new"].as_str().unwrap().into(),
+                        )
+                    })
+                    .collect();
+                let mut have: Vec<(String, String, u64, String, String)> = fixes
+                    .iter()
+                    .map(|w| {
+                        (
+                            w["file"].as_str().unwrap().into(),
+                            w["attribute"].as_str().unwrap().into(),
+                            w["line"].as_u64().unwrap(),
+                            w["old"].as_str().unwrap().into(),
+                            w["new"].as_str().unwrap().into(),
+                        )
+                    })
+                    .collect();
+                want.sort();
+                have.sort();
+                assert_eq!(have, want, "{attr}: hash_fixes");
+            }
+            None => {
+                assert!(fixes.is_empty(), "{attr} needs no fix: {fixes:?}");
+                assert_eq!(p["status"], e["status"], "{attr}: {}", p["reason"]);
+            }
+        }
+    }
+    // Source hash, then the npm bundle built from it, then verification.
+    assert_eq!(report["fix_rounds"].as_array().unwrap().len(), 3);
+    // Without --apply the checkout is untouched.
+    for file in &fixed_files {
+        assert_eq!(
+            std::fs::read(work.join(file)).unwrap(),
+            std::fs::read(example_repo().join(file)).unwrap(),
+            "{file} untouched"
+        );
+    }
+    // The patch touches exactly the broken packages' files and applies with both tools.
+    let text = std::fs::read_to_string(&patch).unwrap();
+    let touched: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("+++ b/"))
+        .map(String::from)
+        .collect();
+    assert_eq!(touched, fixed_files);
+    let clean = dir.path().join("clean");
+    copy_tree(&example_repo(), &clean);
+    let git = std::process::Command::new("git")
+        .args(["apply", "--check", "-v"])
+        .arg(&patch)
+        .current_dir(&clean)
+        .output()
+        .unwrap();
+    assert!(git.status.success(), "git apply --check: {}", stderr(&git));
+    let p1 = std::process::Command::new("patch")
+        .args(["-p1", "--forward", "-i"])
+        .arg(&patch)
+        .current_dir(&clean)
+        .output()
+        .unwrap();
+    assert!(p1.status.success(), "patch -p1: {}", stdout(&p1));
+    // Plain Nix, on a fresh store that has seen nothing of the farm, builds every fixed package.
+    let fresh = Host::new(&dir.path().join("fresh"));
+    for attr in expected
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| e.get("fixes").is_some())
+        .map(|(a, _)| a)
+    {
+        let out = fresh.run(&[
+            "nix",
+            "build",
+            "--no-link",
+            &format!("path:{}#{attr}", clean.display()),
+        ]);
+        assert!(out.status.success(), "nix build {attr}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn apply_writes_the_fixes_into_the_checkout_and_round_limits_are_reported() {
+    let f = farm(1);
+    let dir = scratch();
+    let work = dir.path().join("work");
+    copy_tree(&example_repo(), &work);
+    let file = "pkgs/bluesky-social/statusphere-example-app.nix";
+    // Two rounds cannot verify a two-stage package: the bundle's hash is found in round 2.
+    let (out, report) = f.submit_json(
+        work.to_str().unwrap(),
+        &[
+            "--attr",
+            "statusphere-example-app",
+            "--fix-hashes",
+            "--max-rounds",
+            "2",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p = &packages_by_attr(&report)["statusphere-example-app"];
+    assert_eq!(report["summary"]["total"], 1, "--attr selects one package");
+    assert_eq!(p["status"], "needs-hash");
+    assert!(
+        p["reason"].as_str().unwrap().contains("not verified"),
+        "{}",
+        p["reason"]
+    );
+    assert_eq!(p["hash_fixes"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        std::fs::read(work.join(file)).unwrap(),
+        std::fs::read(example_repo().join(file)).unwrap()
+    );
+    // --apply edits the checkout in place; only the hash values change.
+    let (out, report) = f.submit_json(
+        work.to_str().unwrap(),
+        &["--attr", "statusphere-example-app", "--apply"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        packages_by_attr(&report)["statusphere-example-app"]["status"],
+        "ready"
+    );
+    let before = std::fs::read_to_string(example_repo().join(file)).unwrap();
+    let after = std::fs::read_to_string(work.join(file)).unwrap();
+    let fixes = &expected()["statusphere-example-app"]["fixes"];
+    let mut want = before.clone();
+    for (needle, fix) in [
+        ("    hash = lib.fakeHash;", &fixes[0]),
+        ("  npmDepsHash = lib.fakeHash;", &fixes[1]),
+    ] {
+        let attr = fix["attribute"].as_str().unwrap();
+        want = want.replacen(
+            needle,
+            &needle.replace(
+                "lib.fakeHash",
+                &format!("\"{}\"", fix["new"].as_str().unwrap()),
+            ),
+            1,
+        );
+        assert!(after.contains(&format!("{attr} = \"{}\";", fix["new"].as_str().unwrap())));
+    }
+    assert_eq!(after, want, "byte for byte apart from the two values");
+    // A second run of the fixed checkout needs nothing.
+    let (_, report) = f.submit_json(
+        work.to_str().unwrap(),
+        &["--attr", "statusphere-example-app"],
+    );
+    let p = &packages_by_attr(&report)["statusphere-example-app"];
+    assert_eq!(p["status"], "ready");
+    assert!(p["hash_fixes"].as_array().unwrap().is_empty());
 }

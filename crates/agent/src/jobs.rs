@@ -295,6 +295,7 @@ async fn eval_chunk(
             input_drvs: d.input_drvs,
             fixed_output: d.fixed_output,
             output_hash: d.output_hash,
+            hints: d.hints,
         })
         .collect();
     pb::EvalChunkResult {

@@ -1,12 +1,13 @@
 //! The `nixfarm` command line: submit runs, watch their progress, render readiness reports,
 //! and run a whole farm locally (`nixfarm local`).
 
+pub mod fix;
 pub mod source;
 pub mod watch;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nixfarm_core::report::{HashFix, PackageReport, Report};
+use nixfarm_core::report::{HashMismatch, PackageReport, Report};
 use nixfarm_proto::v1 as pb;
 use nixfarm_proto::v1::run_service_client::RunServiceClient;
 use std::collections::BTreeMap;
@@ -73,6 +74,9 @@ pub struct RunArgs {
     /// Attribute path whose attributes are the packages.
     #[arg(long, default_value = "packages.x86_64-linux")]
     pub attr_path: String,
+    /// Only this package (an attribute name under --attr-path); repeat for several.
+    #[arg(long = "attr", value_name = "NAME")]
+    pub attrs: Vec<String>,
     /// Binary cache the agents share, e.g. file:///srv/cache (agents on other hosts need one).
     #[arg(long)]
     pub cache: Option<String>,
@@ -107,6 +111,8 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub watch: bool,
     #[command(flatten)]
+    pub fix: fix::FixArgs,
+    #[command(flatten)]
     pub out: OutputArgs,
 }
 
@@ -125,6 +131,8 @@ pub struct LocalArgs {
     pub state_dir: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
+    #[command(flatten)]
+    pub fix: fix::FixArgs,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -260,10 +268,17 @@ pub fn report_from_wire(r: pb::Report) -> Report {
             duration_ms: p.duration_ms,
             agent: p.agent,
             failed_dependency: p.failed_dependency,
-            fod_drv: p.fod_drv,
-            specified_hash: p.specified_hash,
-            got_hash: p.got_hash,
-            hash_fixes: Vec::<HashFix>::new(),
+            hash_mismatches: p
+                .hash_mismatches
+                .into_iter()
+                .map(|m| HashMismatch {
+                    fod_drv: m.fod_drv,
+                    specified: m.specified,
+                    got: m.got,
+                    hints: m.hints,
+                })
+                .collect(),
+            hash_fixes: Vec::new(),
             log_tail: p.log_tail,
         })
         .collect();
@@ -296,8 +311,14 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     0
 }
 
-async fn submit(client: &Client, source: &str, run: &RunArgs) -> anyhow::Result<String> {
-    let (src, label) = source::prepare(client, source).await?;
+async fn submit(
+    client: &Client,
+    source: &str,
+    run: &RunArgs,
+    overrides: &BTreeMap<PathBuf, Vec<u8>>,
+    attrs: &[String],
+) -> anyhow::Result<String> {
+    let (src, label) = source::prepare(client, source, overrides).await?;
     let req = pb::SubmitRunRequest {
         source: Some(src),
         attr_path: run.attr_path.clone(),
@@ -306,6 +327,7 @@ async fn submit(client: &Client, source: &str, run: &RunArgs) -> anyhow::Result<
         trusted_public_keys: run.trusted_public_keys.clone(),
         timeout_secs: run.timeout,
         max_silent_secs: run.max_silent,
+        attrs: attrs.to_vec(),
     };
     let resp = client
         .raw()
@@ -324,6 +346,37 @@ async fn get_report(client: &Client, run: &str) -> anyhow::Result<Report> {
         .await
         .map_err(status_error)?;
     Ok(report_from_wire(r.into_inner()))
+}
+
+/// Submits a source and follows it to its report. A local checkout goes through the hash
+/// fixer, which fills in each needs-hash package's `hash_fixes` (and, with `--fix-hashes`,
+/// runs further rounds).
+async fn submit_and_watch(
+    client: &Client,
+    source: &str,
+    run: &RunArgs,
+    fix: &fix::FixArgs,
+    out: &OutputArgs,
+) -> anyhow::Result<i32> {
+    match source::check_local_or_ref(source)? {
+        source::Named::Dir(dir) => {
+            let outcome = fix::run(client, &dir, run, fix).await?;
+            if outcome.detached {
+                return Ok(130);
+            }
+            Ok(print_report(&outcome.report, out))
+        }
+        source::Named::FlakeRef(f) => {
+            if fix.enabled() {
+                bail!(
+                    "--fix-hashes edits files, so it needs a local checkout; clone {f} and point nixfarm at the directory"
+                );
+            }
+            let id = submit(client, source, run, &BTreeMap::new(), &run.attrs).await?;
+            eprintln!("submitted run {id}");
+            watch_and_report(client, &id, out).await
+        }
+    }
 }
 
 async fn watch_and_report(client: &Client, run: &str, out: &OutputArgs) -> anyhow::Result<i32> {
@@ -345,11 +398,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let client = Client::connect(&conn.url, conn.token).await?;
     match cli.command {
         Command::Submit(args) => {
-            let id = submit(&client, &args.source, &args.run).await?;
-            if args.watch {
-                eprintln!("submitted run {id}");
-                watch_and_report(&client, &id, &args.out).await
+            if args.watch || args.fix.enabled() {
+                submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out).await
             } else {
+                let id = submit(
+                    &client,
+                    &args.source,
+                    &args.run,
+                    &BTreeMap::new(),
+                    &args.run.attrs,
+                )
+                .await?;
                 println!("{id}");
                 Ok(0)
             }
@@ -551,15 +610,11 @@ async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         agents.push(tokio::spawn(async move { agent.run(token).await }));
     }
     let client = Client::connect(&url, None).await?;
-    let result = async {
-        let id = submit(&client, &args.source, &args.run).await?;
-        eprintln!(
-            "run {id}: {n} local agent(s), {jobs} job(s) each; state in {}",
-            state_dir.display()
-        );
-        watch_and_report(&client, &id, &args.out).await
-    }
-    .await;
+    eprintln!(
+        "{n} local agent(s), {jobs} job(s) each; state in {}",
+        state_dir.display()
+    );
+    let result = submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out).await;
     shutdown.cancel();
     for a in agents {
         let _ = tokio::time::timeout(Duration::from_secs(10), a).await;

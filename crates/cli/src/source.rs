@@ -5,6 +5,7 @@ use crate::{Client, status_error};
 use anyhow::{Context, bail};
 use nixfarm_core::{flakeref, snapshot};
 use nixfarm_proto::v1 as pb;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// What the user named.
@@ -97,7 +98,11 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 }
 
 /// Uploads a local checkout (or passes a flake reference through) and returns the run's source.
-pub async fn prepare(client: &Client, s: &str) -> anyhow::Result<(pb::Source, String)> {
+pub async fn prepare(
+    client: &Client,
+    s: &str,
+    overrides: &BTreeMap<PathBuf, Vec<u8>>,
+) -> anyhow::Result<(pb::Source, String)> {
     match check_local_or_ref(s)? {
         Named::FlakeRef(f) => Ok((
             pb::Source {
@@ -107,7 +112,7 @@ pub async fn prepare(client: &Client, s: &str) -> anyhow::Result<(pb::Source, St
         )),
         Named::Dir(dir) => {
             let files = list_files(&dir)?;
-            let bytes = snapshot::pack(&dir, &files, snapshot::Limits::default())
+            let bytes = snapshot::pack_with(&dir, &files, overrides, snapshot::Limits::default())
                 .with_context(|| format!("cannot snapshot {}", dir.display()))?;
             let chunks: Vec<pb::SourceChunk> = bytes
                 .chunks(1 << 20)

@@ -6,7 +6,7 @@ use crate::clock::Clock;
 use crate::db::{AttemptRow, Db, DbError, RunRow};
 use crate::model::*;
 use crate::scheduler::{Capabilities, Class, NodeId, NodeState, Scheduler};
-use nixfarm_core::report::{PackageReport, Report};
+use nixfarm_core::report::{HashMismatch, PackageReport, Report};
 use nixfarm_core::{PackageStatus, RunState, rev_is_pinned};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -305,14 +305,7 @@ impl Engine {
         let mut sched = Scheduler::new();
         let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
         for row in &rows {
-            let node: DrvNode = serde_json::from_str(&row.node).unwrap_or(DrvNode {
-                system: String::new(),
-                features: vec![],
-                outputs: Default::default(),
-                input_drvs: vec![],
-                fixed_output: false,
-                output_hash: String::new(),
-            });
+            let node: DrvNode = serde_json::from_str(&row.node).unwrap_or_default();
             let mut features = node.features.clone();
             features.sort();
             features.dedup();
@@ -740,7 +733,7 @@ impl Engine {
         result: Result<Vec<String>, AgentFailure>,
     ) -> Result<(), EngineError> {
         let run_id = a.run_id.clone();
-        let attrs = match result {
+        let mut attrs = match result {
             Ok(attrs) => attrs,
             Err((msg, true)) => return self.retry_eval(inner, &run_id, EvalTask::List, -1, &msg),
             Err((msg, false)) => {
@@ -762,6 +755,26 @@ impl Engine {
         };
         if run.state.is_terminal() {
             return Ok(());
+        }
+        if !run.spec.attrs.is_empty() {
+            let listed: HashSet<&String> = attrs.iter().collect();
+            let missing: Vec<&str> = run
+                .spec
+                .attrs
+                .iter()
+                .filter(|a| !listed.contains(a))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                let msg = format!(
+                    "no attribute {} in '{}'",
+                    missing.join(", "),
+                    run.spec.attr_path
+                );
+                return self.fail_run(inner, &run_id, &msg);
+            }
+            let wanted: HashSet<&String> = run.spec.attrs.iter().collect();
+            attrs.retain(|a| wanted.contains(a));
         }
         let agents = inner
             .agents
@@ -1330,9 +1343,7 @@ fn package_report(
         duration_ms: 0,
         agent: String::new(),
         failed_dependency: String::new(),
-        fod_drv: String::new(),
-        specified_hash: String::new(),
-        got_hash: String::new(),
+        hash_mismatches: vec![],
         hash_fixes: vec![],
         log_tail: String::new(),
     };
@@ -1359,15 +1370,28 @@ fn package_report(
         r.outputs = rep.outputs.clone();
     }
     // Every hash mismatch in the closure: a package can need several hashes at once.
-    let mismatches = closure_mismatches(&p.drv_path, results, nodes);
-    if let Some((fod, m)) = mismatches.first() {
-        r.fod_drv = fod.clone();
-        r.specified_hash = m.specified.clone();
-        r.got_hash = m.got.clone();
-    }
+    let closure = closure_of(&p.drv_path, nodes);
+    let mismatches = closure_mismatches(&closure, results, nodes);
+    r.hash_mismatches = mismatches.clone();
     match *state {
         "built" => {
-            if r.pinned {
+            let fake: Vec<&str> = closure
+                .iter()
+                .filter(|d| nodes.get(d.as_str()).is_some_and(has_fake_hash))
+                .map(|d| store_name(d))
+                .collect();
+            if !fake.is_empty() {
+                // Nix only accepts a fake hash when the output is already valid: what the
+                // package built against is unverified.
+                set(
+                    &mut r,
+                    PackageStatus::NeedsHash,
+                    format!(
+                        "fixed-output derivation {} succeeded with a fake hash (its output was already in a store or cache); set its real hash",
+                        fake.join(", ")
+                    ),
+                );
+            } else if r.pinned {
                 set(
                     &mut r,
                     PackageStatus::Ready,
@@ -1416,10 +1440,10 @@ fn package_report(
             if !mismatches.is_empty() {
                 let list: Vec<String> = mismatches
                     .iter()
-                    .map(|(fod, m)| {
+                    .map(|m| {
                         format!(
                             "{}: specified {}, got {}",
-                            store_name(fod),
+                            store_name(&m.fod_drv),
                             m.specified,
                             m.got
                         )
@@ -1460,16 +1484,8 @@ fn package_report(
     r
 }
 
-struct Mismatch {
-    specified: String,
-    got: String,
-}
-
-fn closure_mismatches(
-    top: &str,
-    results: &HashMap<&str, (&str, BuildReport)>,
-    nodes: &HashMap<&str, DrvNode>,
-) -> Vec<(String, Mismatch)> {
+/// Every derivation in a package's build closure, the package's own first.
+fn closure_of(top: &str, nodes: &HashMap<&str, DrvNode>) -> Vec<String> {
     let mut seen = HashSet::new();
     let mut stack = vec![top.to_string()];
     let mut out = Vec::new();
@@ -1477,21 +1493,65 @@ fn closure_mismatches(
         if !seen.insert(d.clone()) {
             continue;
         }
-        if let Some((_, rep)) = results.get(d.as_str())
-            && rep.kind == "hash-mismatch"
-        {
-            out.push((
-                d.clone(),
-                Mismatch {
-                    specified: rep.specified.clone(),
-                    got: rep.got.clone(),
-                },
-            ));
-        }
         if let Some(n) = nodes.get(d.as_str()) {
             stack.extend(n.input_drvs.iter().cloned());
         }
+        out.push(d);
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// A fixed output whose stated hash is all zeros (`lib.fakeHash`, `lib.fakeSha256`, `""`).
+fn has_fake_hash(n: &DrvNode) -> bool {
+    n.fixed_output
+        && nixfarm_nix::hash::Hash::parse(&n.output_hash, None)
+            .is_some_and(|h| h.digest.iter().all(|&b| b == 0))
+}
+
+fn closure_mismatches(
+    closure: &[String],
+    results: &HashMap<&str, (&str, BuildReport)>,
+    nodes: &HashMap<&str, DrvNode>,
+) -> Vec<HashMismatch> {
+    let mut out: Vec<HashMismatch> = closure
+        .iter()
+        .filter_map(|d| {
+            let (_, rep) = results.get(d.as_str())?;
+            (rep.kind == "hash-mismatch").then(|| HashMismatch {
+                fod_drv: d.clone(),
+                specified: rep.specified.clone(),
+                got: rep.got.clone(),
+                hints: nodes
+                    .get(d.as_str())
+                    .map(|n| n.hints.clone())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.fod_drv.cmp(&b.fod_drv));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_hashes_are_recognised_in_every_spelling() {
+        let node = |h: &str| DrvNode {
+            fixed_output: true,
+            output_hash: h.into(),
+            ..Default::default()
+        };
+        assert!(has_fake_hash(&node(&format!("sha256:{}", "0".repeat(52)))));
+        assert!(has_fake_hash(&node(
+            "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+        )));
+        assert!(!has_fake_hash(&node(
+            "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ="
+        )));
+        let mut not_fixed = node("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+        not_fixed.fixed_output = false;
+        assert!(!has_fake_hash(&not_fixed));
+    }
 }

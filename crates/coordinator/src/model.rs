@@ -31,6 +31,9 @@ pub struct RunSpec {
     /// Default max-silent time, seconds (0: none).
     #[serde(default)]
     pub max_silent_secs: u64,
+    /// Only these attributes (empty: all of the attribute path).
+    #[serde(default)]
+    pub attrs: Vec<String>,
 }
 
 /// What an agent offers when it registers.
@@ -48,7 +51,7 @@ pub struct Registration {
 pub type Outputs = BTreeMap<String, String>;
 
 /// A derivation in a run's graph.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DrvNode {
     pub system: String,
     #[serde(default)]
@@ -60,6 +63,9 @@ pub struct DrvNode {
     pub fixed_output: bool,
     #[serde(default)]
     pub output_hash: String,
+    /// Fixed-output derivations: what identifies the fetch (name, rev, url…).
+    #[serde(default)]
+    pub hints: Vec<String>,
 }
 
 /// What evaluation found for one attribute.

@@ -81,6 +81,14 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
             trusted_public_keys: r.trusted_public_keys,
             timeout_secs: r.timeout_secs,
             max_silent_secs: r.max_silent_secs,
+            attrs: {
+                for a in &r.attrs {
+                    if a.is_empty() || a.contains(['"', '\n', '$']) {
+                        return Err(WireError(format!("'{a}' is not an attribute name")));
+                    }
+                }
+                r.attrs
+            },
         })
     }
 }
@@ -176,6 +184,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                             input_drvs: d.input_drvs,
                             fixed_output: d.fixed_output,
                             output_hash: d.output_hash,
+                            hints: d.hints,
                         },
                     );
                 }
@@ -306,9 +315,16 @@ pub fn report_to_wire(r: &Report) -> pb::Report {
                 version: p.version.clone(),
                 position: p.position.clone(),
                 failed_dependency: p.failed_dependency.clone(),
-                specified_hash: p.specified_hash.clone(),
-                got_hash: p.got_hash.clone(),
-                fod_drv: p.fod_drv.clone(),
+                hash_mismatches: p
+                    .hash_mismatches
+                    .iter()
+                    .map(|m| pb::HashMismatch {
+                        fod_drv: m.fod_drv.clone(),
+                        specified: m.specified.clone(),
+                        got: m.got.clone(),
+                        hints: m.hints.clone(),
+                    })
+                    .collect(),
             })
             .collect(),
     }

@@ -6,17 +6,35 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-/// One fixed-output hash to fill in (issue-level detail for `needs-hash` packages).
+/// One fixed-output hash to fill in: the value of `attribute` in `file` goes from `old` to
+/// `new` (both SRI).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HashFix {
+    /// Relative to the repository root.
     pub file: String,
     pub attribute: String,
     pub old: String,
     pub new: String,
+    /// 1-based line of the value in the submitted file.
+    #[serde(default)]
+    pub line: usize,
+}
+
+/// A fixed-output derivation in the package's closure whose hash did not match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HashMismatch {
+    pub fod_drv: String,
+    /// SRI.
+    pub specified: String,
+    /// SRI.
+    pub got: String,
+    /// What the derivation says about itself (name, rev, url…), used to find it in the source.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub hints: Vec<String>,
 }
 
 /// One package's line in the report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct PackageReport {
     pub attr: String,
     pub status: String,
@@ -40,12 +58,10 @@ pub struct PackageReport {
     pub agent: String,
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub failed_dependency: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
-    pub fod_drv: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
-    pub specified_hash: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
-    pub got_hash: String,
+    /// Every hash mismatch in the package's closure in this run.
+    #[serde(default)]
+    pub hash_mismatches: Vec<HashMismatch>,
+    /// The edits that fill in its hashes (found by the CLI from the submitted tree).
     #[serde(default)]
     pub hash_fixes: Vec<HashFix>,
     #[serde(skip_serializing_if = "String::is_empty", default)]
@@ -78,6 +94,9 @@ pub struct Report {
     pub error: String,
     pub summary: Summary,
     pub packages: Vec<PackageReport>,
+    /// With `--fix-hashes`: the run of each round, first to last (the first is `run_id`).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub fix_rounds: Vec<String>,
 }
 
 impl Report {
@@ -97,7 +116,52 @@ impl Report {
             error,
             summary,
             packages,
+            fix_rounds: Vec::new(),
         }
+    }
+
+    /// Recomputes the summary after packages changed.
+    pub fn resummarize(&mut self) {
+        self.packages.sort_by(|a, b| a.attr.cmp(&b.attr));
+        self.summary = summarize(&self.packages);
+    }
+
+    /// Every hash fix, once each, in file order.
+    pub fn all_fixes(&self) -> Vec<&HashFix> {
+        let mut v: Vec<&HashFix> = self.packages.iter().flat_map(|p| &p.hash_fixes).collect();
+        v.sort_by(|a, b| (&a.file, a.line, &a.new).cmp(&(&b.file, b.line, &b.new)));
+        v.dedup();
+        v
+    }
+
+    fn fixes_text(&self, bullet: &str, code: bool) -> String {
+        let fixes = self.all_fixes();
+        if fixes.is_empty() && self.fix_rounds.is_empty() {
+            return String::new();
+        }
+        let q = if code { "`" } else { "" };
+        let mut out = String::new();
+        let files: std::collections::BTreeSet<&str> =
+            fixes.iter().map(|f| f.file.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "Hash fixes: {} in {} file(s){}",
+            fixes.len(),
+            files.len(),
+            if self.fix_rounds.is_empty() {
+                String::new()
+            } else {
+                format!(", {} round(s)", self.fix_rounds.len())
+            }
+        );
+        for f in fixes {
+            let _ = writeln!(
+                out,
+                "{bullet}{q}{}:{}{q} {q}{}{q}: {} -> {q}{}{q}",
+                f.file, f.line, f.attribute, f.old, f.new
+            );
+        }
+        out
     }
 
     pub fn to_json(&self) -> String {
@@ -126,6 +190,7 @@ impl Report {
             let _ = writeln!(out, "error: {}", self.error);
         }
         let _ = writeln!(out, "{t}");
+        out.push_str(&self.fixes_text("  ", false));
         let _ = writeln!(out, "{}", self.summary_line());
         out
     }
@@ -174,6 +239,10 @@ impl Report {
                 p.status,
                 md_escape(&truncate(&p.reason, 200))
             );
+        }
+        let fixes = self.fixes_text("- ", true);
+        if !fixes.is_empty() {
+            let _ = write!(out, "\n{fixes}");
         }
         let failures: Vec<&PackageReport> = self
             .packages
@@ -319,9 +388,7 @@ mod tests {
             duration_ms: 1500,
             agent: "a1".into(),
             failed_dependency: String::new(),
-            fod_drv: String::new(),
-            specified_hash: String::new(),
-            got_hash: String::new(),
+            hash_mismatches: vec![],
             hash_fixes: vec![],
             log_tail: "line1\nline2".into(),
         }

@@ -2,6 +2,7 @@
 //! and a checked unpacker that refuses anything that could escape the target directory.
 
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
@@ -55,6 +56,17 @@ pub fn digest(bytes: &[u8]) -> String {
 /// Packs `files` (paths relative to `root`) into a tar with fixed metadata, so the same
 /// tree always gives the same bytes and the same digest.
 pub fn pack(root: &Path, files: &[PathBuf], limits: Limits) -> Result<Vec<u8>, SnapshotError> {
+    pack_with(root, files, &BTreeMap::new(), limits)
+}
+
+/// Like [`pack`], with the content of some regular files replaced (an edited tree that is not
+/// written to disk).
+pub fn pack_with(
+    root: &Path,
+    files: &[PathBuf],
+    overrides: &BTreeMap<PathBuf, Vec<u8>>,
+    limits: Limits,
+) -> Result<Vec<u8>, SnapshotError> {
     let mut files: Vec<&PathBuf> = files.iter().collect();
     files.sort();
     files.dedup();
@@ -84,7 +96,9 @@ pub fn pack(root: &Path, files: &[PathBuf], limits: Limits) -> Result<Vec<u8>, S
                 .map_err(io(&full))?;
         } else if meta.is_file() {
             use std::os::unix::fs::PermissionsExt;
-            total += meta.len();
+            let replaced = overrides.get(rel.as_path());
+            let len = replaced.map_or(meta.len(), |b| b.len() as u64);
+            total += len;
             if total > limits.max_bytes {
                 return Err(SnapshotError::TooLarge {
                     limit: limits.max_bytes,
@@ -92,12 +106,18 @@ pub fn pack(root: &Path, files: &[PathBuf], limits: Limits) -> Result<Vec<u8>, S
             }
             let exec = meta.permissions().mode() & 0o111 != 0;
             header.set_entry_type(tar::EntryType::Regular);
-            header.set_size(meta.len());
+            header.set_size(len);
             header.set_mode(if exec { 0o755 } else { 0o644 });
-            let f = std::fs::File::open(&full).map_err(io(&full))?;
-            builder
-                .append_data(&mut header, rel, f)
-                .map_err(io(&full))?;
+            if let Some(bytes) = replaced {
+                builder
+                    .append_data(&mut header, rel, bytes.as_slice())
+                    .map_err(io(&full))?;
+            } else {
+                let f = std::fs::File::open(&full).map_err(io(&full))?;
+                builder
+                    .append_data(&mut header, rel, f)
+                    .map_err(io(&full))?;
+            }
         }
         // Directories are implied by their files; sockets and devices are skipped.
     }

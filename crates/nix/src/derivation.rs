@@ -17,6 +17,42 @@ pub struct Derivation {
     pub fixed_output: bool,
     /// The fixed output's hash as the derivation states it (`hashAlgo` + `hash`).
     pub output_hash: String,
+    /// For fixed-output derivations: short environment values (`name`, `rev`, `url`, `owner`,
+    /// …) that tie the derivation to the place in the source that defines it.
+    pub hints: Vec<String>,
+}
+
+/// Environment variables that never identify a fetch.
+const NOT_HINTS: &[&str] = &[
+    "builder",
+    "system",
+    "PATH",
+    "out",
+    "outputs",
+    "outputHash",
+    "outputHashAlgo",
+    "outputHashMode",
+    "args",
+    "preferLocalBuild",
+    "impureEnvVars",
+    "allowSubstitutes",
+];
+
+fn fod_hints(env: Option<&Value>) -> Vec<String> {
+    let Some(Value::Object(env)) = env else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = env
+        .iter()
+        .filter(|(k, _)| !NOT_HINTS.contains(&k.as_str()))
+        .filter_map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty() && v.len() <= 512 && !v.contains('\n'))
+        .map(String::from)
+        .collect();
+    out.sort();
+    out.dedup();
+    out.truncate(32);
+    out
 }
 
 fn full_path(p: &str) -> String {
@@ -88,6 +124,11 @@ pub fn parse_show_derivation(json: &str) -> Result<Vec<Derivation>, serde_json::
             features,
             outputs,
             input_drvs,
+            hints: if fixed_output {
+                fod_hints(env)
+            } else {
+                Vec::new()
+            },
             fixed_output,
             output_hash,
         });
@@ -103,7 +144,7 @@ mod tests {
     #[test]
     fn nix_2_8_shape() {
         let j = r#"{"/nix/store/a-x.drv":{"outputs":{"out":{"path":"/nix/store/o-x"}},"inputSrcs":[],"inputDrvs":{"/nix/store/b-src.drv":["out"]},"system":"x86_64-linux","builder":"/bin/sh","args":[],"env":{"requiredSystemFeatures":"kvm big-parallel"}},
-                   "/nix/store/b-src.drv":{"outputs":{"out":{"path":"/nix/store/s-src","hashAlgo":"r:sha256","hash":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux","builder":"/bin/sh","args":[],"env":{}}}"#;
+                   "/nix/store/b-src.drv":{"outputs":{"out":{"path":"/nix/store/s-src","hashAlgo":"r:sha256","hash":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}},"inputSrcs":[],"inputDrvs":{},"system":"x86_64-linux","builder":"/bin/sh","args":[],"env":{"rev":"abc1234","name":"source","outputHash":"e3b0","builder":"/bin/sh"}}}"#;
         let d = parse_show_derivation(j).unwrap();
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].input_drvs, vec!["/nix/store/b-src.drv"]);
@@ -111,6 +152,8 @@ mod tests {
         assert!(!d[0].fixed_output);
         assert!(d[1].fixed_output);
         assert!(d[1].output_hash.starts_with("sha256:e3b0"));
+        assert!(d[0].hints.is_empty());
+        assert_eq!(d[1].hints, vec!["abc1234", "source"]);
     }
 
     #[test]
