@@ -78,6 +78,39 @@ impl AgentConfig {
     }
 
     /// The join token: `NIXFARM_AGENT_TOKEN`, else the token file.
+    /// Reads the cache credentials: `CACHIX_AUTH_TOKEN` (or `CACHIX_AUTH_TOKEN_FILE`), and
+    /// the signing key from `CACHIX_SIGNING_KEY` or `signing_key_file`.
+    pub fn cache_credentials(&self) -> anyhow::Result<CacheCredentials> {
+        let from_env_or_file = |var: &str| -> anyhow::Result<Option<String>> {
+            if let Ok(v) = std::env::var(var)
+                && !v.trim().is_empty()
+            {
+                return Ok(Some(v.trim().to_string()));
+            }
+            if let Ok(f) = std::env::var(format!("{var}_FILE")) {
+                let v = std::fs::read_to_string(&f)
+                    .map_err(|e| anyhow::anyhow!("cannot read {var}_FILE {f}: {e}"))?;
+                return Ok(Some(v.trim().to_string()));
+            }
+            Ok(None)
+        };
+        let key = match (
+            &self.signing_key_file,
+            from_env_or_file("CACHIX_SIGNING_KEY")?,
+        ) {
+            (Some(f), _) => Some(nixfarm_store::narinfo::Key::from_file(f)?),
+            (None, Some(k)) => Some(
+                nixfarm_store::narinfo::Key::parse(&k)
+                    .map_err(|e| anyhow::anyhow!("CACHIX_SIGNING_KEY: {e}"))?,
+            ),
+            (None, None) => None,
+        };
+        Ok(CacheCredentials {
+            cachix_token: from_env_or_file("CACHIX_AUTH_TOKEN")?,
+            key,
+        })
+    }
+
     pub fn token(&self) -> anyhow::Result<Option<String>> {
         if let Ok(t) = std::env::var("NIXFARM_AGENT_TOKEN")
             && !t.trim().is_empty()
@@ -111,5 +144,21 @@ mod tests {
         assert_eq!(c.max_jobs, 3);
         assert_eq!(c.systems, vec!["x86_64-linux"]);
         assert!(toml::from_str::<AgentConfig>("max_job = 3").is_err());
+    }
+}
+
+/// Secrets for pushing to caches. Debug never prints them.
+#[derive(Clone, Default)]
+pub struct CacheCredentials {
+    pub cachix_token: Option<String>,
+    pub key: Option<nixfarm_store::narinfo::Key>,
+}
+
+impl std::fmt::Debug for CacheCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheCredentials")
+            .field("cachix_token", &self.cachix_token.as_ref().map(|_| "<set>"))
+            .field("key", &self.key.as_ref().map(|k| k.name.clone()))
+            .finish()
     }
 }

@@ -209,6 +209,26 @@ async fn eval_isolated(
     Ok(out)
 }
 
+/// The pusher for a run's cache URL.
+async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pusher>, NixError> {
+    let mut map = shared.pushers.lock().await;
+    if let Some(p) = map.get(url) {
+        return Ok(p.clone());
+    }
+    let target = nixfarm_store::Target::parse(url).map_err(|e| NixError::Infra(e.to_string()))?;
+    let p = Arc::new(
+        nixfarm_store::Pusher::new(
+            target,
+            shared.nix.clone(),
+            shared.creds.key.clone(),
+            shared.creds.cachix_token.clone(),
+        )
+        .map_err(|e| NixError::Infra(e.to_string()))?,
+    );
+    map.insert(url.to_string(), p.clone());
+    Ok(p)
+}
+
 async fn eval_chunk(
     shared: &Arc<Shared>,
     channel: Channel,
@@ -271,19 +291,58 @@ async fn eval_chunk(
         Ok(d) => d,
         Err(e) => return fail(NixError::Infra(format!("cannot read derivations: {e}"))),
     };
+    // Warm mode: derivations whose outputs the cache (or, without one, this store) has.
+    let mut present = std::collections::HashSet::new();
+    if j.skip_cached {
+        let outs: Vec<String> = drvs
+            .iter()
+            .flat_map(|d| d.outputs.iter().map(|(_, p)| p.clone()))
+            .filter(|p| !p.is_empty())
+            .collect();
+        let missing: std::collections::HashSet<String> = if j.cache.is_empty() {
+            let mut m = std::collections::HashSet::new();
+            for o in &outs {
+                if !shared.nix.paths_valid(std::slice::from_ref(o)).await {
+                    m.insert(o.clone());
+                }
+            }
+            m
+        } else {
+            match pusher(shared, &j.cache).await {
+                Ok(p) => match p.missing(&outs).await {
+                    Ok(m) => m.into_iter().collect(),
+                    Err(e) => return fail(NixError::Infra(format!("cannot query the cache: {e}"))),
+                },
+                Err(e) => return fail(e),
+            }
+        };
+        for d in &drvs {
+            if !d.outputs.is_empty()
+                && d.outputs
+                    .iter()
+                    .all(|(_, p)| !p.is_empty() && !missing.contains(p))
+            {
+                present.insert(d.path.clone());
+            }
+        }
+    }
     if !j.cache.is_empty() {
         // Builders on other hosts fetch the derivations (and their sources) from the cache.
-        if let Err(e) = shared
-            .nix
-            .copy_to(&j.cache, &tops, shared.cfg.signing_key_file.as_deref())
-            .await
-        {
-            return fail(e);
+        let pushed = match pusher(shared, &j.cache).await {
+            Ok(p) => p.push_closure(&tops).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = pushed {
+            return fail(NixError::Infra(format!(
+                "cannot push the derivations to {}: {e}",
+                j.cache.split('?').next().unwrap_or_default()
+            )));
         }
     }
     let drvs = drvs
         .into_iter()
         .map(|d| pb::DrvNode {
+            present: present.contains(&d.path),
             drv_path: d.path,
             system: d.system,
             features: d.features,
@@ -314,9 +373,43 @@ async fn build(
     logs: mpsc::Sender<pb::AgentMessage>,
     attempt: String,
 ) -> pb::BuildResult {
+    // What Nix substitutes from: the cache's read URL (Cachix: its `uri`) and its keys.
+    let mut trusted = j.trusted_public_keys.clone();
+    let mut substituter = String::new();
+    let push = if j.cache.is_empty() {
+        None
+    } else {
+        match pusher(shared, &j.cache).await {
+            Ok(p) => {
+                match p.substituter().await {
+                    Ok((url, keys)) => {
+                        substituter = url;
+                        trusted.extend(keys);
+                    }
+                    Err(e) => {
+                        return pb::BuildResult {
+                            status: pb::BuildStatus::InfraFailed as i32,
+                            message: format!("cannot reach the cache: {e}"),
+                            ..Default::default()
+                        };
+                    }
+                }
+                Some(p)
+            }
+            Err(e) => {
+                return pb::BuildResult {
+                    status: pb::BuildStatus::InfraFailed as i32,
+                    message: e.to_string(),
+                    ..Default::default()
+                };
+            }
+        }
+    };
+    trusted.sort();
+    trusted.dedup();
     let opts = BuildOptions {
-        substituter: j.cache.clone(),
-        trusted_public_keys: j.trusted_public_keys.clone(),
+        substituter,
+        trusted_public_keys: trusted,
         timeout: (j.timeout_secs > 0).then(|| Duration::from_secs(j.timeout_secs)),
         max_silent: (j.max_silent_secs > 0).then(|| Duration::from_secs(j.max_silent_secs)),
     };
@@ -349,18 +442,16 @@ async fn build(
     }
     match run.result {
         Ok(paths) => {
-            if !j.cache.is_empty()
-                && !run.substituted
-                && let Err(e) = shared
-                    .nix
-                    .copy_to(&j.cache, &paths, shared.cfg.signing_key_file.as_deref())
-                    .await
-            {
-                r.status = pb::BuildStatus::InfraFailed as i32;
-                r.message = format!("built, but the push to the cache failed: {e}");
-                return r;
-            }
             r.status = pb::BuildStatus::Built as i32;
+            // Pushed even when nothing was built: the output may predate the run (the push asks
+            // the cache first and uploads only what it lacks).
+            if let Some(p) = &push
+                && let Err(e) = p.push_closure(&paths).await
+            {
+                // Built: the outputs exist; only publishing failed, after retries.
+                r.status = pb::BuildStatus::NotCached as i32;
+                r.message = format!("built, but the push to the cache failed: {e}");
+            }
             r.outputs = match shared
                 .nix
                 .show_derivations(std::slice::from_ref(&j.drv_path))

@@ -31,6 +31,10 @@ pub(crate) struct Shared {
     /// Serialises snapshot downloads so two jobs do not unpack the same source at once.
     pub source_lock: tokio::sync::Mutex<()>,
     pub token: Option<String>,
+    /// One pusher per cache URL, created on first use.
+    pub pushers: tokio::sync::Mutex<HashMap<String, Arc<nixfarm_store::Pusher>>>,
+    /// Cache credentials: they stay on this host and are never sent or logged.
+    pub creds: config::CacheCredentials,
 }
 
 /// An agent, ready to run.
@@ -41,6 +45,7 @@ pub struct Agent {
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<Agent> {
         let token = cfg.token()?;
+        let cfg_creds = cfg.cache_credentials()?;
         std::fs::create_dir_all(&cfg.work_dir)
             .with_context(|| format!("cannot create work dir {}", cfg.work_dir.display()))?;
         let nix = Nix {
@@ -55,6 +60,8 @@ impl Agent {
                 running: Mutex::new(HashMap::new()),
                 source_lock: tokio::sync::Mutex::new(()),
                 token,
+                pushers: tokio::sync::Mutex::new(HashMap::new()),
+                creds: cfg_creds,
             }),
         })
     }

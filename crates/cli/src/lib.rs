@@ -47,6 +47,9 @@ pub struct Cli {
 pub enum Command {
     /// Submit a run: a local checkout (uncommitted changes included) or a flake reference.
     Submit(SubmitArgs),
+    /// Warm a cache: build and push whatever of the repository is not in it yet; outputs
+    /// already cached are not built. Example: nixfarm warm . --cache cachix://my-cache
+    Warm(WarmArgs),
     /// Follow a run's progress until it finishes, then print its report. Ctrl-C detaches.
     Watch {
         run: String,
@@ -77,9 +80,17 @@ pub struct RunArgs {
     /// Only this package (an attribute name under --attr-path); repeat for several.
     #[arg(long = "attr", value_name = "NAME")]
     pub attrs: Vec<String>,
-    /// Binary cache the agents share, e.g. file:///srv/cache (agents on other hosts need one).
+    /// Binary cache the agents push to and substitute from: cachix://NAME, file:///path or
+    /// http(s)://host/path (a cache that accepts PUT). Agents on other hosts need one.
+    /// Credentials (CACHIX_AUTH_TOKEN, CACHIX_SIGNING_KEY, a Nix secret key) stay on the agents.
     #[arg(long)]
     pub cache: Option<String>,
+    /// Cachix API root, for cachix:// caches (default: Cachix's own).
+    #[arg(long, env = "NIXFARM_CACHIX_API_URL")]
+    pub cachix_api_url: Option<String>,
+    /// Do not build outputs the cache already has; they show as ready (warm mode).
+    #[arg(long)]
+    pub skip_cached: bool,
     /// Public key(s) the cache's signatures are checked against (name:base64).
     #[arg(long = "trusted-public-key")]
     pub trusted_public_keys: Vec<String>,
@@ -117,6 +128,16 @@ pub struct SubmitArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct WarmArgs {
+    /// A directory holding flake.nix, or a flake reference.
+    pub source: String,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct LocalArgs {
     /// A directory holding flake.nix, or a flake reference.
     pub source: String,
@@ -129,6 +150,10 @@ pub struct LocalArgs {
     /// State directory of the embedded coordinator (database, snapshots).
     #[arg(long, env = "NIXFARM_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Nix secret key file the local agents sign pushed paths with (file:// and HTTP caches,
+    /// self-signed Cachix caches; CACHIX_SIGNING_KEY works too).
+    #[arg(long)]
+    pub signing_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]
@@ -319,15 +344,17 @@ async fn submit(
     attrs: &[String],
 ) -> anyhow::Result<String> {
     let (src, label) = source::prepare(client, source, overrides).await?;
+    let cache = run_cache(run)?;
     let req = pb::SubmitRunRequest {
         source: Some(src),
         attr_path: run.attr_path.clone(),
         label,
-        cache: run.cache.clone().unwrap_or_default(),
+        cache,
         trusted_public_keys: run.trusted_public_keys.clone(),
         timeout_secs: run.timeout,
         max_silent_secs: run.max_silent,
         attrs: attrs.to_vec(),
+        skip_cached: run.skip_cached,
     };
     let resp = client
         .raw()
@@ -348,6 +375,73 @@ async fn get_report(client: &Client, run: &str) -> anyhow::Result<Report> {
     Ok(report_from_wire(r.into_inner()))
 }
 
+/// The run's cache URL as agents get it (a cachix:// URL carries its API root), checked.
+fn run_cache(run: &RunArgs) -> anyhow::Result<String> {
+    let Some(url) = &run.cache else {
+        if run.cachix_api_url.is_some() {
+            bail!("--cachix-api-url needs --cache cachix://NAME");
+        }
+        return Ok(String::new());
+    };
+    let target = nixfarm_store::Target::parse(url)?;
+    Ok(match (target, &run.cachix_api_url) {
+        (nixfarm_store::Target::Cachix { name, .. }, Some(api)) => {
+            nixfarm_store::cachix_url(&name, Some(api))
+        }
+        _ => url.clone(),
+    })
+}
+
+/// Checks "cached" against the cache itself: a ready package whose outputs the cache does not
+/// have becomes not-cached.
+async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> {
+    let url = run_cache(run)?;
+    if url.is_empty() {
+        return Ok(());
+    }
+    let token = std::env::var("CACHIX_AUTH_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let pusher = nixfarm_store::Pusher::new(
+        nixfarm_store::Target::parse(&url)?,
+        nixfarm_nix::Nix::default(),
+        None,
+        token,
+    )?;
+    let outs: Vec<String> = report
+        .packages
+        .iter()
+        .filter(|p| p.status() == nixfarm_core::PackageStatus::Ready)
+        .flat_map(|p| p.outputs.values().cloned())
+        .collect();
+    let missing: std::collections::HashSet<String> = pusher
+        .missing(&outs)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot check the cache {}",
+                run.cache.as_deref().unwrap_or_default()
+            )
+        })?
+        .into_iter()
+        .collect();
+    let mut changed = false;
+    for p in &mut report.packages {
+        if p.status() != nixfarm_core::PackageStatus::Ready {
+            continue;
+        }
+        if let Some(o) = p.outputs.values().find(|o| missing.contains(*o)) {
+            p.status = nixfarm_core::PackageStatus::NotCached.as_str().into();
+            p.reason = format!("{o} is not in the cache");
+            changed = true;
+        }
+    }
+    if changed {
+        report.resummarize();
+    }
+    Ok(())
+}
+
 /// Submits a source and follows it to its report. A local checkout goes through the hash
 /// fixer, which fills in each needs-hash package's `hash_fixes` (and, with `--fix-hashes`,
 /// runs further rounds).
@@ -360,10 +454,11 @@ async fn submit_and_watch(
 ) -> anyhow::Result<i32> {
     match source::check_local_or_ref(source)? {
         source::Named::Dir(dir) => {
-            let outcome = fix::run(client, &dir, run, fix).await?;
+            let mut outcome = fix::run(client, &dir, run, fix).await?;
             if outcome.detached {
                 return Ok(130);
             }
+            check_cached(&mut outcome.report, run).await?;
             Ok(print_report(&outcome.report, out))
         }
         source::Named::FlakeRef(f) => {
@@ -374,7 +469,19 @@ async fn submit_and_watch(
             }
             let id = submit(client, source, run, &BTreeMap::new(), &run.attrs).await?;
             eprintln!("submitted run {id}");
-            watch_and_report(client, &id, out).await
+            match watch::watch(client, &id).await? {
+                watch::End::Detached => {
+                    eprintln!(
+                        "detached; the run continues. Follow it again with: nixfarm watch {id}"
+                    );
+                    Ok(130)
+                }
+                watch::End::Finished => {
+                    let mut report = get_report(client, &id).await?;
+                    check_cached(&mut report, run).await?;
+                    Ok(print_report(&report, out))
+                }
+            }
         }
     }
 }
@@ -412,6 +519,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{id}");
                 Ok(0)
             }
+        }
+        Command::Warm(mut args) => {
+            if args.run.cache.is_none() {
+                bail!(
+                    "warm needs --cache: the cache to fill (cachix://NAME, file:///path, http(s)://…)"
+                );
+            }
+            args.run.skip_cached = true;
+            submit_and_watch(
+                &client,
+                &args.source,
+                &args.run,
+                &fix::FixArgs::default(),
+                &args.out,
+            )
+            .await
         }
         Command::Watch { run, out } => watch_and_report(&client, &run, &out).await,
         Command::Report { run, out } => Ok(print_report(&get_report(&client, &run).await?, &out)),
@@ -603,6 +726,7 @@ async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
             name: format!("local-{i}"),
             max_jobs: jobs,
             work_dir: state_dir.join("agents").join(format!("local-{i}")),
+            signing_key_file: args.signing_key_file.clone(),
             ..Default::default()
         };
         let agent = nixfarm_agent::Agent::new(cfg)?;

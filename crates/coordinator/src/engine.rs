@@ -930,6 +930,25 @@ impl Engine {
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
         };
+        // Warm mode: what the cache already has is done before anything is dispatched.
+        for row in inner.db.drvs(run_id)? {
+            if row.state.is_empty()
+                && serde_json::from_str::<DrvNode>(&row.node).is_ok_and(|n| n.present)
+            {
+                let rep = BuildReport {
+                    kind: "built".into(),
+                    substituted: true,
+                    message: "already in the cache".into(),
+                    ..Default::default()
+                };
+                inner.db.set_drv_state(
+                    run_id,
+                    &row.drv_path,
+                    "built",
+                    &serde_json::to_string(&rep).unwrap_or_default(),
+                )?;
+            }
+        }
         Self::build_scheduler(&inner.db, run)?;
         let (drvs, packages) = (run.drv_of.len(), inner.db.packages(run_id)?.len());
         self.emit(
@@ -960,7 +979,8 @@ impl Engine {
         };
         let mut dep_failed = Vec::new();
         let state = match report.kind.as_str() {
-            "built" => {
+            // Not cached still built: dependents on this agent can go on.
+            "built" | "not-cached" => {
                 sched.complete(node);
                 run.done_builds += 1;
                 "built"
@@ -1143,6 +1163,7 @@ impl Engine {
                                 attrs,
                                 cache: run.spec.cache.clone(),
                                 memory_mib: opts.eval_memory_mib,
+                                skip_cached: run.spec.skip_cached,
                             },
                             n.to_string(),
                         )
@@ -1391,6 +1412,8 @@ fn package_report(
                         fake.join(", ")
                     ),
                 );
+            } else if rep.kind == "not-cached" {
+                set(&mut r, PackageStatus::NotCached, rep.message.clone());
             } else if r.pinned {
                 set(
                     &mut r,

@@ -34,6 +34,9 @@ pub struct RunSpec {
     /// Only these attributes (empty: all of the attribute path).
     #[serde(default)]
     pub attrs: Vec<String>,
+    /// Do not build what the cache already has.
+    #[serde(default)]
+    pub skip_cached: bool,
 }
 
 /// What an agent offers when it registers.
@@ -66,6 +69,9 @@ pub struct DrvNode {
     /// Fixed-output derivations: what identifies the fetch (name, rev, url…).
     #[serde(default)]
     pub hints: Vec<String>,
+    /// Outputs already available (warm mode): not built.
+    #[serde(default)]
+    pub present: bool,
 }
 
 /// What evaluation found for one attribute.
@@ -170,6 +176,7 @@ pub enum Job {
         attrs: Vec<String>,
         cache: String,
         memory_mib: u64,
+        skip_cached: bool,
     },
     Build {
         drv_path: String,

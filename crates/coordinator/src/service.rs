@@ -89,6 +89,7 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
                 }
                 r.attrs
             },
+            skip_cached: r.skip_cached,
         })
     }
 }
@@ -185,6 +186,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                             fixed_output: d.fixed_output,
                             output_hash: d.output_hash,
                             hints: d.hints,
+                            present: d.present,
                         },
                     );
                 }
@@ -203,6 +205,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                     pb::BuildStatus::TimedOut => "timed-out",
                     pb::BuildStatus::InfraFailed => "infra-failed",
                     pb::BuildStatus::Cancelled => "cancelled",
+                    pb::BuildStatus::NotCached => "not-cached",
                     pb::BuildStatus::Unspecified => {
                         return Err(WireError("build result without a status".into()));
                     }
@@ -257,12 +260,14 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         attrs,
                         cache,
                         memory_mib,
+                        skip_cached,
                     } => J::EvalChunk(pb::EvalChunkJob {
                         source: Some(source_to_wire(&source)),
                         attr_path,
                         attrs,
                         cache,
                         eval_memory_mib: memory_mib,
+                        skip_cached,
                     }),
                     Job::Build {
                         drv_path,

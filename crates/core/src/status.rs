@@ -19,12 +19,14 @@ pub enum PackageStatus {
     Cancelled,
     /// The agent or Nix broke more often than the retry bound allows.
     InfraFailed,
+    /// Builds, but its outputs are not in the run's binary cache (the push failed).
+    NotCached,
     /// Not finished yet (only seen in reports of runs still going).
     Pending,
 }
 
 impl PackageStatus {
-    pub const ALL: [PackageStatus; 10] = [
+    pub const ALL: [PackageStatus; 11] = [
         Self::Ready,
         Self::NeedsHash,
         Self::Unpinned,
@@ -34,6 +36,7 @@ impl PackageStatus {
         Self::TimedOut,
         Self::Cancelled,
         Self::InfraFailed,
+        Self::NotCached,
         Self::Pending,
     ];
 
@@ -48,6 +51,7 @@ impl PackageStatus {
             Self::TimedOut => "timed-out",
             Self::Cancelled => "cancelled",
             Self::InfraFailed => "infra-failed",
+            Self::NotCached => "not-cached",
             Self::Pending => "pending",
         }
     }

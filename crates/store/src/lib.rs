@@ -1,0 +1,839 @@
+//! Publishing store paths to binary caches: NAR streaming, narinfo and signatures, and the
+//! Cachix, `file://` and HTTP cache clients.
+//!
+//! A push asks the cache which paths of the closure are missing (in batches), then for each
+//! missing path, dependencies first: streams its NAR through SHA-256 and zstd into a staging
+//! file (memory stays bounded by the part size whatever the path's size), checks the NAR hash
+//! against the store's, signs the fingerprint, uploads, and only then writes the narinfo, so a
+//! narinfo never exists without its NAR.
+
+pub mod nar;
+pub mod narinfo;
+
+use futures_util::StreamExt;
+use md5::Md5;
+use narinfo::{Key, NarInfo, basename, sha256_nix32, store_hash};
+use nixfarm_nix::Nix;
+use nixfarm_nix::runner::StorePathInfo;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Cachix's own API root.
+pub const CACHIX_API: &str = "https://app.cachix.org/api/v1/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported cache URL '{0}': use cachix://NAME, file:///path or http(s)://host/path")]
+    BadUrl(String),
+    #[error("{0}")]
+    Nix(#[from] nixfarm_nix::NixError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Http(String),
+    #[error("{0}")]
+    Key(#[from] narinfo::KeyError),
+    #[error("{path} is corrupt in the local store: its NAR hashes to {got}, the store says {want}")]
+    Corrupt {
+        path: String,
+        got: String,
+        want: String,
+    },
+    #[error(
+        "cache {0} needs a signing key: set CACHIX_SIGNING_KEY or give the agent --signing-key-file"
+    )]
+    NoKey(String),
+    #[error("pushing to Cachix needs CACHIX_AUTH_TOKEN on the agent")]
+    NoToken,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let what = what.into();
+    move |source| StoreError::Io { what, source }
+}
+
+/// Where a run's outputs go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    File(PathBuf),
+    Http(String),
+    Cachix { name: String, api: String },
+}
+
+impl Target {
+    /// `cachix://NAME` (with `?api=URL` to point at another API host), `file:///path`, or
+    /// `http(s)://…` (a cache that accepts PUT).
+    pub fn parse(url: &str) -> Result<Target, StoreError> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        if let Some(name) = base.strip_prefix("cachix://") {
+            let name = name.trim_end_matches('/');
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(StoreError::BadUrl(url.into()));
+            }
+            let api = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("api="))
+                .map(String::from)
+                .unwrap_or_else(|| CACHIX_API.to_string());
+            let api = if api.ends_with('/') {
+                api
+            } else {
+                format!("{api}/")
+            };
+            return Ok(Target::Cachix {
+                name: name.into(),
+                api,
+            });
+        }
+        if let Some(path) = base.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(StoreError::BadUrl(url.into()));
+            }
+            return Ok(Target::File(PathBuf::from(path)));
+        }
+        if base.starts_with("http://") || base.starts_with("https://") {
+            return Ok(Target::Http(base.trim_end_matches('/').to_string()));
+        }
+        Err(StoreError::BadUrl(url.into()))
+    }
+}
+
+/// `cachix://NAME` with the API host folded in, as runs carry it to the agents.
+pub fn cachix_url(name: &str, api: Option<&str>) -> String {
+    match api {
+        Some(a) if !a.is_empty() => format!("cachix://{name}?api={a}"),
+        _ => format!("cachix://{name}"),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachixCache {
+    pub name: String,
+    pub uri: String,
+    #[serde(default)]
+    pub is_public: bool,
+    #[serde(default)]
+    pub public_signing_keys: Vec<String>,
+    #[serde(default)]
+    pub preferred_compression_method: Option<String>,
+}
+
+/// What the pusher did, for reports and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub paths_uploaded: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+/// Tuning; the defaults follow the reference Cachix client, with smaller parts to bound memory.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bytes per multipart part (object stores refuse parts under 5 MiB but the last).
+    pub part_size: usize,
+    /// Parts of one path in flight.
+    pub parts_in_flight: usize,
+    /// Attempts per request on 429, 5xx and connection errors.
+    pub request_attempts: u32,
+    /// Extra attempts per path after a failed upload.
+    pub path_retries: u32,
+    /// First retry delay; doubles, jittered, capped at 15 s.
+    pub backoff: Duration,
+    pub zstd_level: i32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            part_size: 8 << 20,
+            parts_in_flight: 4,
+            request_attempts: 8,
+            path_retries: 3,
+            backoff: Duration::from_millis(200),
+            zstd_level: 3,
+        }
+    }
+}
+
+/// Pushes store paths to one cache.
+pub struct Pusher {
+    target: Target,
+    nix: Nix,
+    key: Option<Key>,
+    token: Option<String>,
+    http: reqwest::Client,
+    cachix: tokio::sync::OnceCell<CachixCache>,
+    pub opts: Options,
+    pub stats: Arc<Stats>,
+}
+
+/// A NAR staged on disk, compressed, with its hashes.
+struct Staged {
+    file: std::fs::File,
+    nar_hash: Vec<u8>,
+    nar_size: u64,
+    file_hash: Vec<u8>,
+    file_size: u64,
+}
+
+/// Hashes and counts what passes through it.
+struct Tee<W> {
+    inner: W,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn stage(path: &Path, level: i32) -> Result<Staged, StoreError> {
+    let tmp = tempfile::tempfile().map_err(io("cannot create a staging file"))?;
+    let compressed = Tee {
+        inner: std::io::BufWriter::with_capacity(1 << 20, tmp),
+        hash: Sha256::new(),
+        len: 0,
+    };
+    let encoder = zstd::stream::Encoder::new(compressed, level)
+        .map_err(io("cannot start the zstd encoder"))?;
+    let mut nar = Tee {
+        inner: encoder,
+        hash: Sha256::new(),
+        len: 0,
+    };
+    nar::dump(path, &mut nar).map_err(io(format!("cannot archive {}", path.display())))?;
+    let nar_hash = nar.hash.finalize().to_vec();
+    let nar_size = nar.len;
+    let compressed = nar.inner.finish().map_err(io("zstd failed"))?;
+    let file_hash = compressed.hash.finalize().to_vec();
+    let file_size = compressed.len;
+    let mut file = compressed.inner.into_inner().map_err(|e| StoreError::Io {
+        what: "cannot write the staging file".into(),
+        source: e.into_error(),
+    })?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(io("cannot rewind the staging file"))?;
+    Ok(Staged {
+        file,
+        nar_hash,
+        nar_size,
+        file_hash,
+        file_size,
+    })
+}
+
+fn retryable(status: reqwest::StatusCode) -> bool {
+    status.as_u16() == 429 || status.is_server_error()
+}
+
+impl Pusher {
+    /// `token` is Cachix's auth token; `key` signs (required for file:// and HTTP caches and
+    /// for self-signed Cachix caches).
+    pub fn new(
+        target: Target,
+        nix: Nix,
+        key: Option<Key>,
+        token: Option<String>,
+    ) -> Result<Pusher, StoreError> {
+        // reqwest is built without a default TLS provider: the workspace uses ring only.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| StoreError::Http(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Pusher {
+            target,
+            nix,
+            key,
+            token,
+            http,
+            cachix: tokio::sync::OnceCell::new(),
+            opts: Options::default(),
+            stats: Arc::new(Stats::default()),
+        })
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Sends a request, retrying on connection errors, 429 and 5xx with jittered backoff.
+    async fn send(
+        &self,
+        what: &str,
+        mk: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, StoreError> {
+        let mut delay = self.opts.backoff;
+        let mut last = String::new();
+        for attempt in 0..self.opts.request_attempts.max(1) {
+            if attempt > 0 {
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                let jitter = delay.mul_f64(0.5 + fastrand::f64());
+                tokio::time::sleep(jitter).await;
+                delay = (delay * 2).min(Duration::from_secs(15));
+            }
+            match mk().send().await {
+                Ok(r) if retryable(r.status()) => {
+                    if let Some(s) = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                    {
+                        delay = Duration::from_secs(s.min(15));
+                    }
+                    last = format!("{what}: HTTP {}", r.status());
+                }
+                Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => return Ok(r),
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    return Err(StoreError::Http(format!(
+                        "{what}: HTTP {status}: {}",
+                        body.chars().take(300).collect::<String>()
+                    )));
+                }
+                Err(e) => last = format!("{what}: {}", error_chain(&e)),
+            }
+        }
+        Err(StoreError::Http(format!("{last} (gave up after retries)")))
+    }
+
+    fn bearer(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    /// The Cachix cache's description (`GET cache/NAME`), fetched once.
+    pub async fn cachix_cache(&self) -> Result<&CachixCache, StoreError> {
+        let Target::Cachix { name, api } = &self.target else {
+            return Err(StoreError::BadUrl("not a cachix:// cache".into()));
+        };
+        self.cachix
+            .get_or_try_init(|| async {
+                let url = format!("{api}cache/{name}");
+                let r = self
+                    .send("reading the Cachix cache", || {
+                        self.bearer(self.http.get(&url))
+                    })
+                    .await?;
+                if r.status().as_u16() == 404 {
+                    return Err(StoreError::Http(format!(
+                        "Cachix has no cache named '{name}'"
+                    )));
+                }
+                r.json::<CachixCache>()
+                    .await
+                    .map_err(|e| StoreError::Http(format!("unreadable cache description: {e}")))
+            })
+            .await
+    }
+
+    /// The URL Nix substitutes from, and the keys its signatures verify against.
+    pub async fn substituter(&self) -> Result<(String, Vec<String>), StoreError> {
+        let own: Vec<String> = self.key.iter().map(|k| k.public()).collect();
+        match &self.target {
+            Target::File(p) => Ok((format!("file://{}", p.display()), own)),
+            Target::Http(u) => Ok((u.clone(), own)),
+            Target::Cachix { .. } => {
+                let c = self.cachix_cache().await?;
+                Ok((c.uri.clone(), c.public_signing_keys.clone()))
+            }
+        }
+    }
+
+    /// Which of `paths` the cache lacks, in the order given.
+    pub async fn missing(&self, paths: &[String]) -> Result<Vec<String>, StoreError> {
+        match &self.target {
+            Target::File(dir) => Ok(paths
+                .iter()
+                .filter(|p| !dir.join(format!("{}.narinfo", store_hash(p))).exists())
+                .cloned()
+                .collect()),
+            Target::Http(base) => {
+                let mut out = Vec::new();
+                for p in paths {
+                    let url = format!("{base}/{}.narinfo", store_hash(p));
+                    let r = self
+                        .send("asking the cache", || self.http.head(&url))
+                        .await?;
+                    if !r.status().is_success() {
+                        out.push(p.clone());
+                    }
+                }
+                Ok(out)
+            }
+            Target::Cachix { name, api } => {
+                let url = format!("{api}cache/{name}/narinfo");
+                let mut missing = std::collections::HashSet::new();
+                for chunk in paths.chunks(4096) {
+                    let hashes: Vec<&str> = chunk.iter().map(|p| store_hash(p)).collect();
+                    let r = self
+                        .send("asking Cachix which paths are missing", || {
+                            self.bearer(self.http.post(&url)).json(&hashes)
+                        })
+                        .await?;
+                    let list: Vec<String> = r
+                        .json()
+                        .await
+                        .map_err(|e| StoreError::Http(format!("unreadable narinfo answer: {e}")))?;
+                    missing.extend(list);
+                }
+                Ok(paths
+                    .iter()
+                    .filter(|p| missing.contains(store_hash(p)))
+                    .cloned()
+                    .collect())
+            }
+        }
+    }
+
+    /// Pushes the closure of `paths`: asks which are missing and uploads only those,
+    /// dependencies first. Returns the paths uploaded.
+    pub async fn push_closure(&self, paths: &[String]) -> Result<Vec<String>, StoreError> {
+        if matches!(self.target, Target::Cachix { .. }) && self.token.is_none() {
+            return Err(StoreError::NoToken);
+        }
+        let closure = self.nix.requisites(paths).await?;
+        let missing = self.missing(&closure).await?;
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let infos = self.nix.path_infos(&missing).await?;
+        let by_path: std::collections::HashMap<&str, &StorePathInfo> =
+            infos.iter().map(|i| (i.path.as_str(), i)).collect();
+        let mut done = Vec::new();
+        for p in &missing {
+            let Some(info) = by_path.get(p.as_str()) else {
+                return Err(StoreError::Http(format!(
+                    "{p} is not valid in the local store"
+                )));
+            };
+            let mut attempt = 0;
+            loop {
+                match self.push_one(info).await {
+                    Ok(()) => break,
+                    Err(
+                        e @ (StoreError::Corrupt { .. }
+                        | StoreError::NoKey(_)
+                        | StoreError::NoToken),
+                    ) => {
+                        return Err(e);
+                    }
+                    Err(e) if attempt < self.opts.path_retries => {
+                        attempt += 1;
+                        tracing::warn!(path = %p, error = %e, attempt, "push failed; starting the path again");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            done.push(p.clone());
+        }
+        Ok(done)
+    }
+
+    async fn push_one(&self, info: &StorePathInfo) -> Result<(), StoreError> {
+        let path = PathBuf::from(&info.path);
+        let level = self.opts.zstd_level;
+        let staged = tokio::task::spawn_blocking(move || stage(&path, level))
+            .await
+            .map_err(|e| StoreError::Http(format!("staging task failed: {e}")))??;
+        if let Some(want) = narinfo::nar_hash_bytes(&info.nar_hash)
+            && want != staged.nar_hash
+        {
+            return Err(StoreError::Corrupt {
+                path: info.path.clone(),
+                got: sha256_nix32(&staged.nar_hash),
+                want: info.nar_hash.clone(),
+            });
+        }
+        let mut refs = info.references.clone();
+        refs.sort();
+        let mut ni = NarInfo {
+            store_path: info.path.clone(),
+            url: format!(
+                "nar/{}.nar.zst",
+                nixfarm_nix::hash::nix32_encode(&staged.file_hash)
+            ),
+            compression: "zstd".into(),
+            file_hash: staged.file_hash.clone(),
+            file_size: staged.file_size,
+            nar_hash: staged.nar_hash.clone(),
+            nar_size: staged.nar_size,
+            references: refs,
+            deriver: info.deriver.clone(),
+            sigs: Vec::new(),
+            ca: info.ca.clone(),
+        };
+        match &self.target {
+            Target::File(dir) => {
+                let key = self
+                    .key
+                    .as_ref()
+                    .ok_or_else(|| StoreError::NoKey(format!("file://{}", dir.display())))?;
+                ni.sign(key);
+                self.push_file(dir, staged, &ni).await?
+            }
+            Target::Http(base) => {
+                let key = self
+                    .key
+                    .as_ref()
+                    .ok_or_else(|| StoreError::NoKey(base.clone()))?;
+                ni.sign(key);
+                self.push_http(base, staged, &ni).await?
+            }
+            Target::Cachix { name, api } => self.push_cachix(name, api, staged, &ni).await?,
+        }
+        self.stats.paths_uploaded.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn push_file(&self, dir: &Path, staged: Staged, ni: &NarInfo) -> Result<(), StoreError> {
+        let dir = dir.to_path_buf();
+        let ni_text = ni.render();
+        let nar_rel = ni.url.clone();
+        let hash = store_hash(&ni.store_path).to_string();
+        let size = staged.file_size;
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            std::fs::create_dir_all(dir.join("nar"))
+                .map_err(io(format!("cannot create {}", dir.display())))?;
+            let info = dir.join("nix-cache-info");
+            if !info.exists() {
+                write_atomic(
+                    &info,
+                    b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
+                )?;
+            }
+            let mut src = staged.file;
+            let nar_path = dir.join(&nar_rel);
+            let tmp = nar_path.with_extension("tmp");
+            let mut out = std::fs::File::create(&tmp)
+                .map_err(io(format!("cannot write {}", tmp.display())))?;
+            std::io::copy(&mut src, &mut out)
+                .map_err(io(format!("cannot write {}", tmp.display())))?;
+            out.sync_all().map_err(io("sync"))?;
+            std::fs::rename(&tmp, &nar_path)
+                .map_err(io(format!("cannot write {}", nar_path.display())))?;
+            // The narinfo last: it never points at a NAR that is not there.
+            write_atomic(&dir.join(format!("{hash}.narinfo")), ni_text.as_bytes())
+        })
+        .await
+        .map_err(|e| StoreError::Http(format!("file push task failed: {e}")))??;
+        self.stats.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn push_http(&self, base: &str, staged: Staged, ni: &NarInfo) -> Result<(), StoreError> {
+        let nar_url = format!("{base}/{}", ni.url);
+        let size = staged.file_size;
+        let file = staged.file;
+        // Streamed from the staging file; each attempt reads it again from the start. The
+        // declared length makes a short read fail the request instead of uploading less.
+        self.send("uploading the NAR", || {
+            let body = match file.try_clone().and_then(|mut c| {
+                c.seek(SeekFrom::Start(0))?;
+                Ok(c)
+            }) {
+                Ok(c) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
+                    tokio::fs::File::from_std(c),
+                )),
+                Err(_) => reqwest::Body::from(Vec::new()),
+            };
+            self.http
+                .put(&nar_url)
+                .header("content-type", "application/x-nix-nar")
+                .header("content-length", size)
+                .body(body)
+        })
+        .await?;
+        let ni_url = format!("{base}/{}.narinfo", store_hash(&ni.store_path));
+        let text = ni.render();
+        self.send("uploading the narinfo", || {
+            self.http
+                .put(&ni_url)
+                .header("content-type", "text/x-nix-narinfo")
+                .body(text.clone())
+        })
+        .await?;
+        self.stats.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn push_cachix(
+        &self,
+        name: &str,
+        api: &str,
+        staged: Staged,
+        ni: &NarInfo,
+    ) -> Result<(), StoreError> {
+        let cache = self.cachix_cache().await?;
+        // Self-signed caches publish our key; server-signed ones sign themselves.
+        let sig = match &self.key {
+            Some(k) => Some(k.sign_raw(&ni.fingerprint())),
+            None if cache.public_signing_keys.is_empty() => None,
+            None => return Err(StoreError::NoKey(format!("cachix://{name}"))),
+        };
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Created {
+            nar_id: String,
+            upload_id: String,
+        }
+        let r = self
+            .send("starting the upload", || {
+                self.bearer(
+                    self.http
+                        .post(format!("{api}cache/{name}/multipart-nar?compression=zst")),
+                )
+            })
+            .await?;
+        let created: Created = r
+            .json()
+            .await
+            .map_err(|e| StoreError::Http(format!("unreadable multipart answer: {e}")))?;
+        let size = staged.file_size;
+        let file = Arc::new(std::sync::Mutex::new(staged.file));
+        let ranges: Vec<(u32, u64, usize)> = (0..size.max(1))
+            .step_by(self.opts.part_size)
+            .enumerate()
+            .map(|(i, o)| {
+                (
+                    i as u32 + 1,
+                    o,
+                    self.opts.part_size.min((size - o) as usize),
+                )
+            })
+            .collect();
+        let base = format!("{api}cache/{name}/multipart-nar/{}", created.nar_id);
+        let upload_id = created.upload_id.clone();
+        let results: Vec<Result<(u32, String), StoreError>> =
+            futures_util::stream::iter(ranges.into_iter().map(|(n, offset, len)| {
+                let file = file.clone();
+                let base = base.clone();
+                let upload_id = upload_id.clone();
+                async move {
+                    let bytes = {
+                        let file = file.clone();
+                        tokio::task::spawn_blocking(move || read_part(&file, offset, len))
+                            .await
+                            .map_err(|e| StoreError::Http(format!("read task failed: {e}")))??
+                    };
+                    let md5 = data_encoding::BASE64.encode(&Md5::digest(&bytes));
+                    #[derive(Deserialize)]
+                    #[serde(rename_all = "camelCase")]
+                    struct Url {
+                        upload_url: String,
+                    }
+                    let r = self
+                        .send("getting a part's upload URL", || {
+                            self.bearer(self.http.post(&base).query(&[
+                                ("uploadId", upload_id.as_str()),
+                                ("partNumber", &n.to_string()),
+                            ]))
+                            .json(&serde_json::json!({ "contentMD5": md5 }))
+                        })
+                        .await?;
+                    let url: Url = r
+                        .json()
+                        .await
+                        .map_err(|e| StoreError::Http(format!("unreadable part answer: {e}")))?;
+                    let bytes = bytes::Bytes::from(bytes);
+                    // The presigned URL is the credential: no Authorization header here.
+                    let r = self
+                        .send("uploading a part", || {
+                            self.http
+                                .put(&url.upload_url)
+                                .header("content-type", "application/octet-stream")
+                                .header("content-md5", &md5)
+                                .body(bytes.clone())
+                        })
+                        .await?;
+                    let etag = r
+                        .headers()
+                        .get("etag")
+                        .and_then(|v| v.to_str().ok())
+                        .map(String::from)
+                        .ok_or_else(|| {
+                            StoreError::Http("part upload answered without an ETag".into())
+                        })?;
+                    self.stats
+                        .bytes_uploaded
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    Ok((n, etag))
+                }
+            }))
+            .buffer_unordered(self.opts.parts_in_flight.max(1))
+            .collect()
+            .await;
+        let mut parts = Vec::new();
+        for r in results {
+            match r {
+                Ok(p) => parts.push(p),
+                Err(e) => {
+                    let _ = self
+                        .send("aborting the upload", || {
+                            self.bearer(
+                                self.http
+                                    .post(format!("{base}/abort"))
+                                    .query(&[("uploadId", upload_id.as_str())]),
+                            )
+                        })
+                        .await;
+                    return Err(e);
+                }
+            }
+        }
+        parts.sort_by_key(|p| p.0);
+        let mut refs: Vec<&str> = ni.references.iter().map(|r| basename(r)).collect();
+        refs.sort();
+        let body = serde_json::json!({
+            "parts": parts.iter().map(|(n, e)| serde_json::json!({"partNumber": n, "eTag": e})).collect::<Vec<_>>(),
+            "narInfoCreate": {
+                "cStoreHash": store_hash(&ni.store_path),
+                "cStoreSuffix": basename(&ni.store_path).split_once('-').map(|x| x.1).unwrap_or_default(),
+                "cNarHash": sha256_nix32(&ni.nar_hash),
+                "cNarSize": ni.nar_size,
+                "cFileHash": data_encoding::HEXLOWER.encode(&ni.file_hash),
+                "cFileSize": ni.file_size,
+                "cReferences": refs,
+                "cDeriver": ni.deriver.as_deref().map(basename).unwrap_or("unknown-deriver"),
+                "cSig": sig,
+            }
+        });
+        let done = self
+            .send("completing the upload", || {
+                self.bearer(
+                    self.http
+                        .post(format!("{base}/complete"))
+                        .query(&[("uploadId", upload_id.as_str())]),
+                )
+                .json(&body)
+            })
+            .await;
+        if let Err(e) = done {
+            let _ = self
+                .send("aborting the upload", || {
+                    self.bearer(
+                        self.http
+                            .post(format!("{base}/abort"))
+                            .query(&[("uploadId", upload_id.as_str())]),
+                    )
+                })
+                .await;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+fn read_part(
+    file: &std::sync::Mutex<std::fs::File>,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, StoreError> {
+    let mut f = file
+        .lock()
+        .map_err(|_| StoreError::Http("staging file lock poisoned".into()))?;
+    f.seek(SeekFrom::Start(offset)).map_err(io("seek"))?;
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf)
+        .map_err(io("cannot read the staging file"))?;
+    Ok(buf)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp-nixfarm");
+    std::fs::write(&tmp, bytes).map_err(io(format!("cannot write {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("cannot write {}", path.display())))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_urls() {
+        assert_eq!(
+            Target::parse("cachix://my-cache").unwrap(),
+            Target::Cachix {
+                name: "my-cache".into(),
+                api: CACHIX_API.into()
+            }
+        );
+        assert_eq!(
+            Target::parse(&cachix_url("c", Some("http://127.0.0.1:9/api/v1"))).unwrap(),
+            Target::Cachix {
+                name: "c".into(),
+                api: "http://127.0.0.1:9/api/v1/".into()
+            }
+        );
+        assert_eq!(
+            Target::parse("file:///srv/cache?compression=zstd").unwrap(),
+            Target::File("/srv/cache".into())
+        );
+        assert!(
+            matches!(Target::parse("https://c.example/x/").unwrap(), Target::Http(u) if u == "https://c.example/x")
+        );
+        for bad in [
+            "s3://bucket",
+            "cachix://",
+            "cachix://a/b",
+            "file://relative",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn staging_hashes_both_streams_and_compresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("blob");
+        std::fs::write(&f, vec![b'a'; 300_000]).unwrap();
+        let mut staged = stage(&f, 3).unwrap();
+        let mut nar = Vec::new();
+        nar::dump(&f, &mut nar).unwrap();
+        assert_eq!(staged.nar_size, nar.len() as u64);
+        assert_eq!(staged.nar_hash, Sha256::digest(&nar).to_vec());
+        let mut compressed = Vec::new();
+        staged.file.read_to_end(&mut compressed).unwrap();
+        assert_eq!(staged.file_size, compressed.len() as u64);
+        assert!(staged.file_size < 10_000);
+        assert_eq!(staged.file_hash, Sha256::digest(&compressed).to_vec());
+        assert_eq!(zstd::decode_all(compressed.as_slice()).unwrap(), nar);
+    }
+}

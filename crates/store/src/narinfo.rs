@@ -1,0 +1,217 @@
+//! narinfo files, their fingerprints and ed25519 signatures.
+
+use data_encoding::BASE64;
+use ed25519_dalek::{Signer, SigningKey};
+use nixfarm_nix::hash::{Algo, Hash, nix32_encode};
+use std::fmt::Write as _;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read the signing key {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the signing key is not `name:base64(64 bytes)` (or base64 of 64 bytes for Cachix)")]
+    Malformed,
+}
+
+/// A cache signing key: the name signatures are filed under, and the ed25519 key.
+#[derive(Clone)]
+pub struct Key {
+    pub name: String,
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for Key {
+    // Never print the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({})", self.name)
+    }
+}
+
+impl Key {
+    /// Parses Nix's secret key format, `name:base64(seed ‖ public)`, or Cachix's
+    /// `CACHIX_SIGNING_KEY` (base64 of the same 64 bytes, no name).
+    pub fn parse(text: &str) -> Result<Key, KeyError> {
+        let text = text.trim();
+        let (name, b64) = match text.split_once(':') {
+            Some((n, b)) => (n.to_string(), b),
+            None => (String::new(), text),
+        };
+        let bytes = BASE64
+            .decode(b64.as_bytes())
+            .map_err(|_| KeyError::Malformed)?;
+        let seed: [u8; 32] = bytes
+            .get(..32)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(KeyError::Malformed)?;
+        if bytes.len() != 64 {
+            return Err(KeyError::Malformed);
+        }
+        Ok(Key {
+            name,
+            key: SigningKey::from_bytes(&seed),
+        })
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Key, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Key::parse(&text)
+    }
+
+    /// `name:base64(public key)`, what `trusted-public-keys` takes.
+    pub fn public(&self) -> String {
+        format!(
+            "{}:{}",
+            self.name,
+            BASE64.encode(self.key.verifying_key().as_bytes())
+        )
+    }
+
+    /// Base64 of the signature of `fingerprint`, without the key name.
+    pub fn sign_raw(&self, fingerprint: &str) -> String {
+        BASE64.encode(&self.key.sign(fingerprint.as_bytes()).to_bytes())
+    }
+}
+
+/// Everything a narinfo says about one store path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarInfo {
+    /// Full store path.
+    pub store_path: String,
+    /// `nar/<file hash>.nar.zst`.
+    pub url: String,
+    /// `zstd`, `xz` or `none`.
+    pub compression: String,
+    /// SHA-256 of the compressed file.
+    pub file_hash: Vec<u8>,
+    pub file_size: u64,
+    /// SHA-256 of the NAR.
+    pub nar_hash: Vec<u8>,
+    pub nar_size: u64,
+    /// Full store paths, sorted.
+    pub references: Vec<String>,
+    /// Full store path of the deriver.
+    pub deriver: Option<String>,
+    /// `keyname:base64`.
+    pub sigs: Vec<String>,
+    /// Content address, for content-addressed paths (derivations, fixed outputs).
+    pub ca: Option<String>,
+}
+
+pub fn sha256_nix32(digest: &[u8]) -> String {
+    format!("sha256:{}", nix32_encode(digest))
+}
+
+/// Parses a NAR hash in any spelling Nix prints (SRI, `sha256:nix32`, hex) into bytes.
+pub fn nar_hash_bytes(s: &str) -> Option<Vec<u8>> {
+    Hash::parse(s, Some(Algo::Sha256))
+        .filter(|h| h.algo == Algo::Sha256)
+        .map(|h| h.digest)
+}
+
+/// `/nix/store/<hash>-<name>` → `<hash>`.
+pub fn store_hash(path: &str) -> &str {
+    let base = basename(path);
+    base.split_once('-').map_or(base, |(h, _)| h)
+}
+
+pub fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+impl NarInfo {
+    /// `1;<path>;<narhash>;<narsize>;<refs,…>`: what a signature covers.
+    pub fn fingerprint(&self) -> String {
+        let mut refs = self.references.clone();
+        refs.sort();
+        format!(
+            "1;{};{};{};{}",
+            self.store_path,
+            sha256_nix32(&self.nar_hash),
+            self.nar_size,
+            refs.join(",")
+        )
+    }
+
+    pub fn sign(&mut self, key: &Key) {
+        let sig = key.sign_raw(&self.fingerprint());
+        self.sigs.push(format!("{}:{sig}", key.name));
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "StorePath: {}", self.store_path);
+        let _ = writeln!(s, "URL: {}", self.url);
+        let _ = writeln!(s, "Compression: {}", self.compression);
+        let _ = writeln!(s, "FileHash: {}", sha256_nix32(&self.file_hash));
+        let _ = writeln!(s, "FileSize: {}", self.file_size);
+        let _ = writeln!(s, "NarHash: {}", sha256_nix32(&self.nar_hash));
+        let _ = writeln!(s, "NarSize: {}", self.nar_size);
+        let mut refs: Vec<&str> = self.references.iter().map(|r| basename(r)).collect();
+        refs.sort();
+        let _ = writeln!(s, "References: {}", refs.join(" "));
+        if let Some(d) = &self.deriver {
+            let _ = writeln!(s, "Deriver: {}", basename(d));
+        }
+        for sig in &self.sigs {
+            let _ = writeln!(s, "Sig: {sig}");
+        }
+        if let Some(ca) = &self.ca {
+            let _ = writeln!(s, "CA: {ca}");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sign_what_nix_verifies() {
+        // `nix-store --generate-binary-cache-key` writes exactly this shape.
+        let seed = [7u8; 32];
+        let sk = SigningKey::from_bytes(&seed);
+        let mut bytes = seed.to_vec();
+        bytes.extend_from_slice(sk.verifying_key().as_bytes());
+        let key = Key::parse(&format!("test-1:{}", BASE64.encode(&bytes))).unwrap();
+        assert_eq!(key.name, "test-1");
+        assert!(key.public().starts_with("test-1:"));
+        assert!(
+            format!("{key:?}").contains("test-1")
+                && !format!("{key:?}").contains(&BASE64.encode(&bytes))
+        );
+        let cachix = Key::parse(&BASE64.encode(&bytes)).unwrap();
+        assert_eq!(cachix.sign_raw("x"), key.sign_raw("x"));
+        assert!(Key::parse("name:AAAA").is_err());
+        let mut info = NarInfo {
+            store_path: "/nix/store/0000000000000000000000000000000a-x".into(),
+            url: "nar/x.nar.zst".into(),
+            compression: "zstd".into(),
+            file_hash: vec![1; 32],
+            file_size: 10,
+            nar_hash: vec![2; 32],
+            nar_size: 120,
+            references: vec![
+                "/nix/store/0000000000000000000000000000000c-z".into(),
+                "/nix/store/0000000000000000000000000000000b-y".into(),
+            ],
+            deriver: Some("/nix/store/0000000000000000000000000000000d-x.drv".into()),
+            sigs: vec![],
+            ca: None,
+        };
+        assert!(info.fingerprint().ends_with(";120;/nix/store/0000000000000000000000000000000b-y,/nix/store/0000000000000000000000000000000c-z"));
+        info.sign(&key);
+        let text = info.render();
+        assert!(text.contains(
+            "References: 0000000000000000000000000000000b-y 0000000000000000000000000000000c-z\n"
+        ));
+        assert!(text.contains("Deriver: 0000000000000000000000000000000d-x.drv\n"));
+        assert!(text.contains("Sig: test-1:"));
+    }
+}
