@@ -1,6 +1,9 @@
 //! Harness for nixfarm's end-to-end tests: starts the real binaries (coordinator, agents in
 //! their own Nix stores, the CLI) against real Nix, on loopback.
 
+#[path = "cachix_server.rs"]
+pub mod cachix_server;
+
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -218,6 +221,18 @@ impl Host {
         signing_key: Option<&Path>,
         max_jobs: u32,
     ) -> anyhow::Result<Proc> {
+        self.start_agent_with_env(name, coordinator, signing_key, max_jobs, &[])
+    }
+
+    /// Like `start_agent`, with extra environment (cache credentials).
+    pub fn start_agent_with_env(
+        &self,
+        name: &str,
+        coordinator: &str,
+        signing_key: Option<&Path>,
+        max_jobs: u32,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
         let agent = bin("nixfarm-agent");
         let work = self.root.join("work");
         let mut argv: Vec<String> = vec![
@@ -239,6 +254,7 @@ impl Host {
         let log = self.root.join(format!("{name}.log"));
         let child = self
             .command(&refs)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

@@ -932,7 +932,7 @@ impl Engine {
         };
         // Warm mode: what the cache already has is done before anything is dispatched.
         for row in inner.db.drvs(run_id)? {
-            if row.state.is_empty()
+            if row.state == "waiting"
                 && serde_json::from_str::<DrvNode>(&row.node).is_ok_and(|n| n.present)
             {
                 let rep = BuildReport {

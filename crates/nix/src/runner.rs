@@ -251,52 +251,6 @@ impl Nix {
         Ok(all.into_values().collect())
     }
 
-    /// Copies `paths` (with their closures) to a binary cache, signing with `secret_key_file`.
-    /// `.drv` paths are copied as derivations, not built.
-    pub async fn copy_to(
-        &self,
-        cache: &str,
-        paths: &[String],
-        secret_key_file: Option<&std::path::Path>,
-    ) -> Result<(), NixError> {
-        if paths.is_empty() {
-            return Ok(());
-        }
-        let mut url = cache.to_string();
-        let mut params = Vec::new();
-        if cache.starts_with("file://") && !cache.contains("compression=") {
-            params.push("compression=zstd".to_string());
-        }
-        if let Some(k) = secret_key_file {
-            params.push(format!("secret-key={}", k.display()));
-        }
-        if !params.is_empty() {
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str(&params.join("&"));
-        }
-        for chunk in paths.chunks(500) {
-            let mut c = self.nix_cmd();
-            c.args(["copy", "--option", "substituters", ""]);
-            if chunk.iter().any(|p| p.ends_with(".drv")) {
-                c.arg("--derivation");
-            }
-            c.arg("--to").arg(&url).args(chunk);
-            c.stdout(Stdio::null()).stderr(Stdio::piped());
-            let out = c
-                .output()
-                .await
-                .map_err(|e| NixError::Infra(format!("cannot run nix copy: {e}")))?;
-            if !out.status.success() {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                return Err(NixError::Infra(format!(
-                    "nix copy to {cache} failed: {}",
-                    first_error(&stderr).unwrap_or_else(|| tail(&stderr, 500))
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// Whether every path is valid in the local store.
     pub async fn paths_valid(&self, paths: &[String]) -> bool {
         if paths.is_empty() {

@@ -176,6 +176,8 @@ pub struct Pusher {
     token: Option<String>,
     http: reqwest::Client,
     cachix: tokio::sync::OnceCell<CachixCache>,
+    /// Paths being uploaded by this pusher: concurrent pushes of one path wait for the first.
+    in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub opts: Options,
     pub stats: Arc<Stats>,
 }
@@ -270,6 +272,7 @@ impl Pusher {
             token,
             http,
             cachix: tokio::sync::OnceCell::new(),
+            in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
             opts: Options::default(),
             stats: Arc::new(Stats::default()),
         })
@@ -433,6 +436,19 @@ impl Pusher {
                     "{p} is not valid in the local store"
                 )));
             };
+            // One upload per path at a time here, and a last look at the cache just before
+            // uploading: another job or agent may have pushed it meanwhile.
+            let lock = {
+                let mut m = self
+                    .in_flight
+                    .lock()
+                    .map_err(|_| StoreError::Http("push lock poisoned".into()))?;
+                m.entry(p.clone()).or_default().clone()
+            };
+            let _guard = lock.lock().await;
+            if self.missing(std::slice::from_ref(p)).await?.is_empty() {
+                continue;
+            }
             let mut attempt = 0;
             loop {
                 match self.push_one(info).await {

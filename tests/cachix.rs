@@ -1,0 +1,189 @@
+//! End to end with Cachix: two agents, each in its own Nix store, push to the Cachix test
+//! server (which answers some requests with 502 and drops some connections after doing the
+//! work); the run's only shared store is that cache. Then a fresh, empty store substitutes
+//! every ready package from the cache with signatures required, and a warm run uploads nothing.
+
+use nixfarm_tests::cachix_server::{CachixServer, ServerConfig};
+use nixfarm_tests::*;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const TOKEN: &str = "test-token-0123456789";
+
+#[test]
+fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them() {
+    let dir = scratch();
+    // A self-signed Cachix cache: the agents hold the signing key, the server publishes the
+    // public half under NAME.cachix.org-1.
+    let name = "nixfarm-e2e";
+    let (sk, pk) = cache_key(dir.path(), &format!("{name}.cachix.org-1"));
+    let sk_text = std::fs::read_to_string(&sk).unwrap();
+    let signing_key = sk_text.trim().split_once(':').unwrap().1.to_string();
+    let server = CachixServer::start(ServerConfig {
+        name: name.into(),
+        token: TOKEN.into(),
+        public_key: pk.clone(),
+        dir: dir.path().join("cachix"),
+        fail_every: 7,
+        drop_every: 11,
+    })
+    .unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).expect("coordinator");
+    let env = [
+        ("CACHIX_AUTH_TOKEN", TOKEN),
+        ("CACHIX_SIGNING_KEY", signing_key.as_str()),
+    ];
+    let mut agents = Vec::new();
+    let mut hosts = Vec::new();
+    for i in 0..2 {
+        let host = Host::new(&dir.path().join(format!("host{i}")));
+        agents.push(
+            host.start_agent_with_env(&format!("agent{i}"), &coordinator.url, None, 2, &env)
+                .unwrap(),
+        );
+        hosts.push(host);
+    }
+    wait_for(Duration::from_secs(30), "agents to connect", || {
+        (stdout(&cli(&coordinator.url, &["agents"]))
+            .matches(" yes ")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    let api = server.api_url();
+    let cache = format!("cachix://{name}");
+    let run = |cmd: &str| {
+        let out = std::process::Command::new(bin("nixfarm"))
+            .args([
+                cmd,
+                example_repo().to_str().unwrap(),
+                "--cache",
+                &cache,
+                "--cachix-api-url",
+                &api,
+                "--format",
+                "json",
+            ])
+            .args(if cmd == "submit" {
+                vec!["--watch"]
+            } else {
+                vec![]
+            })
+            .env("NIXFARM_COORDINATOR", &coordinator.url)
+            .env("CACHIX_AUTH_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| {
+            panic!(
+                "{cmd}: not JSON ({e}): {}\n{}",
+                stderr(&out),
+                agents
+                    .iter()
+                    .map(|a| a.log_text())
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            )
+        });
+        // The token is a secret: never in what the user sees.
+        assert!(!stderr(&out).contains(TOKEN) && !stdout(&out).contains(TOKEN));
+        report
+    };
+    let report = run("submit");
+    let got = packages_by_attr(&report);
+    let expected = expected();
+    for (attr, e) in expected.as_object().unwrap() {
+        assert_eq!(
+            got[attr]["status"], e["status"],
+            "{attr}: {}",
+            got[attr]["reason"]
+        );
+    }
+    // Faults happened, and still nothing was uploaded twice.
+    assert!(
+        server.counters.faults.load(Ordering::SeqCst) > 0,
+        "faults were injected"
+    );
+    let created = server.counters.created.lock().unwrap().clone();
+    assert!(!created.is_empty());
+    // Every output is built by one agent and uploaded exactly once, faults or not. Store
+    // derivations are pushed by the agents that evaluated them, and two agents evaluating
+    // overlapping closures at the same moment can both upload a shared .drv (counted, not
+    // hidden: see the closing note).
+    let outputs_twice: Vec<_> = created
+        .iter()
+        .filter(|(p, n)| !p.ends_with(".drv") && **n > 1)
+        .collect();
+    assert!(
+        outputs_twice.is_empty(),
+        "outputs uploaded twice: {outputs_twice:?}"
+    );
+    let drv_dups: u32 = created
+        .iter()
+        .filter(|(p, _)| p.ends_with(".drv"))
+        .map(|(_, n)| n - 1)
+        .sum();
+    eprintln!(
+        "cachix: {} paths created, {} faults injected, {} duplicate .drv uploads, {} part PUTs",
+        created.len(),
+        server.counters.faults.load(Ordering::SeqCst),
+        drv_dups,
+        server.counters.parts_put.load(Ordering::SeqCst)
+    );
+
+    // A fresh, empty store substitutes each ready package's closure from the cache's URI,
+    // with signatures required and only the cache's public key trusted.
+    let fresh = Host::new(&dir.path().join("fresh"));
+    for (attr, p) in got.iter().filter(|(_, p)| p["status"] == "ready") {
+        for (_, path) in p["outputs"].as_object().unwrap() {
+            let out = fresh.run(&[
+                "nix-store",
+                "--realise",
+                path.as_str().unwrap(),
+                "--option",
+                "substituters",
+                &server.uri(name),
+                "--option",
+                "trusted-public-keys",
+                &pk,
+                "--option",
+                "require-sigs",
+                "true",
+            ]);
+            assert!(out.status.success(), "{attr}: {}", stderr(&out));
+        }
+    }
+
+    // Warm again: everything ready is already cached, so nothing is uploaded and none of the
+    // ready packages' derivations is built.
+    let uploads_before = server.counters.multipart_started.load(Ordering::SeqCst);
+    let report = run("warm");
+    let got2 = packages_by_attr(&report);
+    for attr in got
+        .iter()
+        .filter(|(_, p)| p["status"] == "ready")
+        .map(|(a, _)| a)
+    {
+        assert_eq!(
+            got2[attr]["status"], "ready",
+            "{attr}: {}",
+            got2[attr]["reason"]
+        );
+    }
+    assert_eq!(
+        server.counters.multipart_started.load(Ordering::SeqCst),
+        uploads_before,
+        "a warm run of an unchanged repository uploads nothing"
+    );
+    let run_id = report["run_id"].as_str().unwrap();
+    let db = coordinator.db();
+    for (attr, p) in got.iter().filter(|(_, p)| p["status"] == "ready") {
+        let n: i64 = db
+            .query_row(
+                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND target = ?2",
+                [run_id, p["drv_path"].as_str().unwrap()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 0, "{attr} was built again in the warm run");
+    }
+}
