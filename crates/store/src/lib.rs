@@ -146,6 +146,8 @@ pub struct Options {
     pub part_size: usize,
     /// Parts of one path in flight.
     pub parts_in_flight: usize,
+    /// Paths uploaded at once (within one wave of the closure).
+    pub paths_in_flight: usize,
     /// Attempts per request on 429, 5xx and connection errors.
     pub request_attempts: u32,
     /// Extra attempts per path after a failed upload.
@@ -160,6 +162,7 @@ impl Default for Options {
         Options {
             part_size: 8 << 20,
             parts_in_flight: 4,
+            paths_in_flight: 8,
             request_attempts: 8,
             path_retries: 3,
             backoff: Duration::from_millis(200),
@@ -185,6 +188,8 @@ pub struct Pusher {
 /// A NAR staged on disk, compressed, with its hashes.
 struct Staged {
     file: std::fs::File,
+    /// Set when staged inside a file:// cache: the NAR is renamed into place, not copied.
+    named: Option<tempfile::TempPath>,
     nar_hash: Vec<u8>,
     nar_size: u64,
     file_hash: Vec<u8>,
@@ -210,15 +215,40 @@ impl<W: Write> Write for Tee<W> {
     }
 }
 
-fn stage(path: &Path, level: i32) -> Result<Staged, StoreError> {
-    let tmp = tempfile::tempfile().map_err(io("cannot create a staging file"))?;
+fn stage(
+    path: &Path,
+    level: i32,
+    dir: Option<&Path>,
+    multithread: bool,
+) -> Result<Staged, StoreError> {
+    let (tmp, named) = match dir {
+        Some(d) => {
+            let (f, p) = tempfile::NamedTempFile::new_in(d)
+                .map_err(io(format!(
+                    "cannot create a staging file in {}",
+                    d.display()
+                )))?
+                .into_parts();
+            (f, Some(p))
+        }
+        None => (
+            tempfile::tempfile().map_err(io("cannot create a staging file"))?,
+            None,
+        ),
+    };
     let compressed = Tee {
         inner: std::io::BufWriter::with_capacity(1 << 20, tmp),
         hash: Sha256::new(),
         len: 0,
     };
-    let encoder = zstd::stream::Encoder::new(compressed, level)
+    let mut encoder = zstd::stream::Encoder::new(compressed, level)
         .map_err(io("cannot start the zstd encoder"))?;
+    // Compression runs on worker threads while this one archives and hashes (only worth
+    // the threads' start-up for large paths).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    if multithread && workers > 1 {
+        let _ = encoder.multithread(workers);
+    }
     let mut nar = Tee {
         inner: encoder,
         hash: Sha256::new(),
@@ -238,6 +268,7 @@ fn stage(path: &Path, level: i32) -> Result<Staged, StoreError> {
         .map_err(io("cannot rewind the staging file"))?;
     Ok(Staged {
         file,
+        named,
         nar_hash,
         nar_size,
         file_hash,
@@ -429,55 +460,101 @@ impl Pusher {
         let infos = self.nix.path_infos(&missing).await?;
         let by_path: std::collections::HashMap<&str, &StorePathInfo> =
             infos.iter().map(|i| (i.path.as_str(), i)).collect();
-        let mut done = Vec::new();
+        let mut remaining: Vec<&StorePathInfo> = Vec::with_capacity(missing.len());
         for p in &missing {
-            let Some(info) = by_path.get(p.as_str()) else {
-                return Err(StoreError::Http(format!(
-                    "{p} is not valid in the local store"
-                )));
-            };
-            // One upload per path at a time here, and a last look at the cache just before
-            // uploading: another job or agent may have pushed it meanwhile.
-            let lock = {
-                let mut m = self
-                    .in_flight
-                    .lock()
-                    .map_err(|_| StoreError::Http("push lock poisoned".into()))?;
-                m.entry(p.clone()).or_default().clone()
-            };
-            let _guard = lock.lock().await;
-            if self.missing(std::slice::from_ref(p)).await?.is_empty() {
-                continue;
-            }
-            let mut attempt = 0;
-            loop {
-                match self.push_one(info).await {
-                    Ok(()) => break,
-                    Err(
-                        e @ (StoreError::Corrupt { .. }
-                        | StoreError::NoKey(_)
-                        | StoreError::NoToken),
-                    ) => {
-                        return Err(e);
-                    }
-                    Err(e) if attempt < self.opts.path_retries => {
-                        attempt += 1;
-                        tracing::warn!(path = %p, error = %e, attempt, "push failed; starting the path again");
-                    }
-                    Err(e) => return Err(e),
+            match by_path.get(p.as_str()) {
+                Some(i) => remaining.push(i),
+                None => {
+                    return Err(StoreError::Http(format!(
+                        "{p} is not valid in the local store"
+                    )));
                 }
             }
-            done.push(p.clone());
+        }
+        // Waves of paths whose missing references are all uploaded: dependencies first,
+        // independent paths in parallel.
+        let pending: std::collections::HashSet<&str> = missing.iter().map(String::as_str).collect();
+        let mut uploaded: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut done = Vec::new();
+        while !remaining.is_empty() {
+            let (mut ready, mut rest): (Vec<&StorePathInfo>, Vec<&StorePathInfo>) =
+                remaining.into_iter().partition(|i| {
+                    i.references.iter().all(|r| {
+                        r == &i.path || !pending.contains(r.as_str()) || uploaded.contains(r)
+                    })
+                });
+            if ready.is_empty() {
+                // Cannot happen for a valid store; never loop forever on a bad answer.
+                ready = rest.drain(..1).collect();
+            }
+            let results: Vec<Result<(String, bool), StoreError>> =
+                futures_util::stream::iter(ready.into_iter().map(|i| async move {
+                    self.push_path(i).await.map(|up| (i.path.clone(), up))
+                }))
+                .buffer_unordered(self.opts.paths_in_flight.max(1))
+                .collect()
+                .await;
+            for r in results {
+                let (path, up) = r?;
+                if up {
+                    done.push(path.clone());
+                }
+                uploaded.insert(path);
+            }
+            remaining = rest;
         }
         Ok(done)
+    }
+
+    /// Uploads one path unless it is (by now) in the cache; true when it was uploaded.
+    async fn push_path(&self, info: &StorePathInfo) -> Result<bool, StoreError> {
+        let p = &info.path;
+        // One upload per path at a time here, and a last look at the cache just before
+        // uploading: another job or agent may have pushed it meanwhile.
+        let lock = {
+            let mut m = self
+                .in_flight
+                .lock()
+                .map_err(|_| StoreError::Http("push lock poisoned".into()))?;
+            m.entry(p.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        if self.missing(std::slice::from_ref(p)).await?.is_empty() {
+            return Ok(false);
+        }
+        let mut attempt = 0;
+        loop {
+            match self.push_one(info).await {
+                Ok(()) => return Ok(true),
+                Err(
+                    e @ (StoreError::Corrupt { .. } | StoreError::NoKey(_) | StoreError::NoToken),
+                ) => return Err(e),
+                Err(e) if attempt < self.opts.path_retries => {
+                    attempt += 1;
+                    tracing::warn!(path = %p, error = %e, attempt, "push failed; starting the path again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn push_one(&self, info: &StorePathInfo) -> Result<(), StoreError> {
         let path = PathBuf::from(&info.path);
         let level = self.opts.zstd_level;
-        let staged = tokio::task::spawn_blocking(move || stage(&path, level))
-            .await
-            .map_err(|e| StoreError::Http(format!("staging task failed: {e}")))??;
+        let big = info.nar_size > 8 << 20;
+        let stage_dir = match &self.target {
+            Target::File(d) => {
+                let nar = d.join("nar");
+                std::fs::create_dir_all(&nar)
+                    .map_err(io(format!("cannot create {}", nar.display())))?;
+                Some(nar)
+            }
+            _ => None,
+        };
+        let staged =
+            tokio::task::spawn_blocking(move || stage(&path, level, stage_dir.as_deref(), big))
+                .await
+                .map_err(|e| StoreError::Http(format!("staging task failed: {e}")))??;
         if let Some(want) = narinfo::nar_hash_bytes(&info.nar_hash)
             && want != staged.nar_hash
         {
@@ -544,16 +621,26 @@ impl Pusher {
                     b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
                 )?;
             }
-            let mut src = staged.file;
             let nar_path = dir.join(&nar_rel);
-            let tmp = nar_path.with_extension("tmp");
-            let mut out = std::fs::File::create(&tmp)
-                .map_err(io(format!("cannot write {}", tmp.display())))?;
-            std::io::copy(&mut src, &mut out)
-                .map_err(io(format!("cannot write {}", tmp.display())))?;
-            out.sync_all().map_err(io("sync"))?;
-            std::fs::rename(&tmp, &nar_path)
-                .map_err(io(format!("cannot write {}", nar_path.display())))?;
+            match staged.named {
+                // Staged in the cache's own nar/ directory: renamed into place.
+                Some(tmp) => {
+                    tmp.persist(&nar_path).map_err(|e| StoreError::Io {
+                        what: format!("cannot write {}", nar_path.display()),
+                        source: e.error,
+                    })?;
+                }
+                None => {
+                    let mut src = staged.file;
+                    let tmp = nar_path.with_extension("tmp");
+                    let mut out = std::fs::File::create(&tmp)
+                        .map_err(io(format!("cannot write {}", tmp.display())))?;
+                    std::io::copy(&mut src, &mut out)
+                        .map_err(io(format!("cannot write {}", tmp.display())))?;
+                    std::fs::rename(&tmp, &nar_path)
+                        .map_err(io(format!("cannot write {}", nar_path.display())))?;
+                }
+            }
             // The narinfo last: it never points at a NAR that is not there.
             write_atomic(&dir.join(format!("{hash}.narinfo")), ni_text.as_bytes())
         })
@@ -840,7 +927,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("blob");
         std::fs::write(&f, vec![b'a'; 300_000]).unwrap();
-        let mut staged = stage(&f, 3).unwrap();
+        let mut staged = stage(&f, 3, None, true).unwrap();
         let mut nar = Vec::new();
         nar::dump(&f, &mut nar).unwrap();
         assert_eq!(staged.nar_size, nar.len() as u64);
