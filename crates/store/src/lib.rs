@@ -487,10 +487,13 @@ impl Pusher {
                 // Cannot happen for a valid store; never loop forever on a bad answer.
                 ready = rest.drain(..1).collect();
             }
-            let results: Vec<Result<(String, bool), StoreError>> =
-                futures_util::stream::iter(ready.into_iter().map(|i| async move {
-                    self.push_path(i).await.map(|up| (i.path.clone(), up))
-                }))
+            // Futures built eagerly (they do nothing until polled): a closure returning a
+            // borrowing future here makes the caller's future not provably Send.
+            let mut futs = Vec::with_capacity(ready.len());
+            for i in ready {
+                futs.push(self.push_path(i.clone()));
+            }
+            let results: Vec<Result<(String, bool), StoreError>> = futures_util::stream::iter(futs)
                 .buffer_unordered(self.opts.paths_in_flight.max(1))
                 .collect()
                 .await;
@@ -507,7 +510,7 @@ impl Pusher {
     }
 
     /// Uploads one path unless it is (by now) in the cache; true when it was uploaded.
-    async fn push_path(&self, info: &StorePathInfo) -> Result<bool, StoreError> {
+    async fn push_path(&self, info: StorePathInfo) -> Result<(String, bool), StoreError> {
         let p = &info.path;
         // One upload per path at a time here, and a last look at the cache just before
         // uploading: another job or agent may have pushed it meanwhile.
@@ -520,12 +523,12 @@ impl Pusher {
         };
         let _guard = lock.lock().await;
         if self.missing(std::slice::from_ref(p)).await?.is_empty() {
-            return Ok(false);
+            return Ok((p.clone(), false));
         }
         let mut attempt = 0;
         loop {
-            match self.push_one(info).await {
-                Ok(()) => return Ok(true),
+            match self.push_one(&info).await {
+                Ok(()) => return Ok((p.clone(), true)),
                 Err(
                     e @ (StoreError::Corrupt { .. } | StoreError::NoKey(_) | StoreError::NoToken),
                 ) => return Err(e),
