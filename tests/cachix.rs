@@ -187,3 +187,74 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
         assert_eq!(n, 0, "{attr} was built again in the warm run");
     }
 }
+
+/// An `http(s)://` cache that accepts PUT, with xz chosen on the URL: the local farm pushes
+/// to it, and a fresh store substitutes the result with signatures required.
+#[test]
+fn an_http_put_cache_with_xz_serves_real_nix() {
+    let dir = scratch();
+    let (sk, pk) = cache_key(dir.path(), "http-cache-1");
+    let server = CachixServer::start(ServerConfig {
+        name: "plain".into(),
+        token: TOKEN.into(),
+        public_key: pk.clone(),
+        dir: dir.path().join("cache"),
+        fail_every: 0,
+        drop_every: 0,
+    })
+    .unwrap();
+    let cache = format!("{}?compression=xz", server.uri("plain"));
+    let host = Host::new(&dir.path().join("builder"));
+    let state = dir.path().join("state");
+    let nixfarm = bin("nixfarm");
+    let out = host.run(&[
+        nixfarm.to_str().unwrap(),
+        "local",
+        example_repo().to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--attr",
+        "goat",
+        "--cache",
+        &cache,
+        "--signing-key-file",
+        sk.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    let goat = &packages_by_attr(&report)["goat"];
+    assert_eq!(goat["status"], "ready", "{}", goat["reason"]);
+    let narinfos: Vec<_> = std::fs::read_dir(dir.path().join("cache"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
+        .collect();
+    assert!(!narinfos.is_empty());
+    for e in &narinfos {
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        assert!(
+            text.contains("Compression: xz\n") && text.contains(".nar.xz\n"),
+            "{text}"
+        );
+    }
+    let fresh = Host::new(&dir.path().join("fresh"));
+    for (_, path) in goat["outputs"].as_object().unwrap() {
+        let out = fresh.run(&[
+            "nix-store",
+            "--realise",
+            path.as_str().unwrap(),
+            "--option",
+            "substituters",
+            &server.uri("plain"),
+            "--option",
+            "trusted-public-keys",
+            &pk,
+            "--option",
+            "require-sigs",
+            "true",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}

@@ -436,6 +436,25 @@ async fn serve(State(st): S, Path((name, file)): Path<(String, String)>) -> Resp
     }
 }
 
+/// The plain binary cache at the same URI also takes PUT, as an `http(s)://` cache target.
+async fn serve_put(
+    State(st): S,
+    Path((name, file)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if name != st.cfg.name || file.contains("..") || file.starts_with('/') {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let path = st.cfg.dir.join(&file);
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    match std::fs::write(&path, &body) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 /// A running server.
 pub struct CachixServer {
     pub addr: SocketAddr,
@@ -484,7 +503,7 @@ impl CachixServer {
                 post(multipart_abort),
             )
             .route("/upload/{nar_id}/{part}", put(part_put))
-            .route("/serve/{name}/{*file}", get(serve))
+            .route("/serve/{name}/{*file}", get(serve).put(serve_put))
             .layer(axum::middleware::from_fn_with_state(st.clone(), faults))
             .with_state(st);
         let thread = std::thread::spawn(move || {

@@ -215,10 +215,9 @@ async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pu
     if let Some(p) = map.get(url) {
         return Ok(p.clone());
     }
-    let target = nixfarm_store::Target::parse(url).map_err(|e| NixError::Infra(e.to_string()))?;
     let p = Arc::new(
-        nixfarm_store::Pusher::new(
-            target,
+        nixfarm_store::Pusher::for_url(
+            url,
             shared.nix.clone(),
             shared.creds.key.clone(),
             shared.creds.cachix_token.clone(),

@@ -402,12 +402,7 @@ async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> 
     let token = std::env::var("CACHIX_AUTH_TOKEN")
         .ok()
         .filter(|t| !t.trim().is_empty());
-    let pusher = nixfarm_store::Pusher::new(
-        nixfarm_store::Target::parse(&url)?,
-        nixfarm_nix::Nix::default(),
-        None,
-        token,
-    )?;
+    let pusher = nixfarm_store::Pusher::for_url(&url, nixfarm_nix::Nix::default(), None, token)?;
     let outs: Vec<String> = report
         .packages
         .iter()

@@ -2,7 +2,7 @@
 //! Used by scripts/bench-push; handy by hand too:
 //!   cargo run --release -p nixfarm-store --example push -- file:///tmp/cache key.sec /nix/store/…
 
-use nixfarm_store::{Pusher, Target, narinfo::Key};
+use nixfarm_store::{Pusher, narinfo::Key};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,12 +13,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let paths: Vec<String> = args.collect();
     let key = Key::from_file(std::path::Path::new(&key))?;
     let token = std::env::var("CACHIX_AUTH_TOKEN").ok();
-    let pusher = Pusher::new(
-        Target::parse(&url)?,
-        nixfarm_nix::Nix::default(),
-        Some(key),
-        token,
-    )?;
+    let pusher = Pusher::for_url(&url, nixfarm_nix::Nix::default(), Some(key), token)?;
     let start = std::time::Instant::now();
     let done = pusher.push_closure(&paths).await?;
     eprintln!(

@@ -148,6 +148,8 @@ pub struct Options {
     pub parts_in_flight: usize,
     /// Paths uploaded at once (within one wave of the closure).
     pub paths_in_flight: usize,
+    /// Explicit compression (None: the cache's preference, else zstd).
+    pub compression: Option<Compression>,
     /// Attempts per request on 429, 5xx and connection errors.
     pub request_attempts: u32,
     /// Extra attempts per path after a failed upload.
@@ -163,6 +165,7 @@ impl Default for Options {
             part_size: 8 << 20,
             parts_in_flight: 4,
             paths_in_flight: 8,
+            compression: None,
             request_attempts: 8,
             path_retries: 3,
             backoff: Duration::from_millis(200),
@@ -215,8 +218,77 @@ impl<W: Write> Write for Tee<W> {
     }
 }
 
+/// How NARs are compressed on their way to the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Zstd,
+    Xz,
+}
+
+impl Compression {
+    /// The narinfo's `Compression:` value.
+    pub fn narinfo_name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Xz => "xz",
+        }
+    }
+    fn extension(self) -> &'static str {
+        match self {
+            Compression::Zstd => "nar.zst",
+            Compression::Xz => "nar.xz",
+        }
+    }
+    /// Cachix's `compression` query parameter.
+    fn cachix_param(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zst",
+            Compression::Xz => "xz",
+        }
+    }
+    /// `zstd`/`zst`/`ZSTD`, `xz`/`XZ`.
+    pub fn parse(s: &str) -> Option<Compression> {
+        match s.to_ascii_lowercase().as_str() {
+            "zstd" | "zst" => Some(Compression::Zstd),
+            "xz" => Some(Compression::Xz),
+            _ => None,
+        }
+    }
+}
+
+/// The two encoders behind one writer.
+enum Encoder<W: Write> {
+    Zstd(zstd::stream::Encoder<'static, W>),
+    Xz(xz2::write::XzEncoder<W>),
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Encoder::Zstd(e) => e.write(buf),
+            Encoder::Xz(e) => e.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Encoder::Zstd(e) => e.flush(),
+            Encoder::Xz(e) => e.flush(),
+        }
+    }
+}
+
+impl<W: Write> Encoder<W> {
+    fn finish(self) -> std::io::Result<W> {
+        match self {
+            Encoder::Zstd(e) => e.finish(),
+            Encoder::Xz(e) => e.finish(),
+        }
+    }
+}
+
 fn stage(
     path: &Path,
+    compression: Compression,
     level: i32,
     dir: Option<&Path>,
     multithread: bool,
@@ -241,14 +313,21 @@ fn stage(
         hash: Sha256::new(),
         len: 0,
     };
-    let mut encoder = zstd::stream::Encoder::new(compressed, level)
-        .map_err(io("cannot start the zstd encoder"))?;
-    // Compression runs on worker threads while this one archives and hashes (only worth
-    // the threads' start-up for large paths).
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    if multithread && workers > 1 {
-        let _ = encoder.multithread(workers);
-    }
+    let encoder = match compression {
+        Compression::Zstd => {
+            let mut e = zstd::stream::Encoder::new(compressed, level)
+                .map_err(io("cannot start the zstd encoder"))?;
+            // Compression runs on worker threads while this one archives and hashes (only
+            // worth the threads' start-up for large paths).
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            if multithread && workers > 1 {
+                let _ = e.multithread(workers);
+            }
+            Encoder::Zstd(e)
+        }
+        // Level 6, xz's default, as Nix uses.
+        Compression::Xz => Encoder::Xz(xz2::write::XzEncoder::new(compressed, 6)),
+    };
     let mut nar = Tee {
         inner: encoder,
         hash: Sha256::new(),
@@ -257,7 +336,7 @@ fn stage(
     nar::dump(path, &mut nar).map_err(io(format!("cannot archive {}", path.display())))?;
     let nar_hash = nar.hash.finalize().to_vec();
     let nar_size = nar.len;
-    let compressed = nar.inner.finish().map_err(io("zstd failed"))?;
+    let compressed = nar.inner.finish().map_err(io("compression failed"))?;
     let file_hash = compressed.hash.finalize().to_vec();
     let file_size = compressed.len;
     let mut file = compressed.inner.into_inner().map_err(|e| StoreError::Io {
@@ -281,6 +360,22 @@ fn retryable(status: reqwest::StatusCode) -> bool {
 }
 
 impl Pusher {
+    /// A pusher for a cache URL; `?compression=xz|zstd` on it is an explicit choice.
+    pub fn for_url(
+        url: &str,
+        nix: Nix,
+        key: Option<Key>,
+        token: Option<String>,
+    ) -> Result<Pusher, StoreError> {
+        let mut p = Pusher::new(Target::parse(url)?, nix, key, token)?;
+        p.opts.compression = url
+            .split_once('?')
+            .and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("compression=")))
+            .map(|c| Compression::parse(c).ok_or_else(|| StoreError::BadUrl(url.into())))
+            .transpose()?;
+        Ok(p)
+    }
+
     /// `token` is Cachix's auth token; `key` signs (required for file:// and HTTP caches and
     /// for self-signed Cachix caches).
     pub fn new(
@@ -311,6 +406,26 @@ impl Pusher {
 
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// An explicit choice (`?compression=` on the cache URL) wins, then the cache's
+    /// preference (Cachix's `preferredCompressionMethod`), then zstd.
+    pub async fn compression(&self) -> Result<Compression, StoreError> {
+        if let Some(c) = self.opts.compression {
+            return Ok(c);
+        }
+        if let Target::Cachix { .. } = &self.target {
+            let pref = self
+                .cachix_cache()
+                .await?
+                .preferred_compression_method
+                .clone();
+            return Ok(pref
+                .as_deref()
+                .and_then(Compression::parse)
+                .unwrap_or(Compression::Zstd));
+        }
+        Ok(Compression::Zstd)
     }
 
     /// Sends a request, retrying on connection errors, 429 and 5xx with jittered backoff.
@@ -544,6 +659,7 @@ impl Pusher {
     async fn push_one(&self, info: &StorePathInfo) -> Result<(), StoreError> {
         let path = PathBuf::from(&info.path);
         let level = self.opts.zstd_level;
+        let compression = self.compression().await?;
         let big = info.nar_size > 8 << 20;
         let stage_dir = match &self.target {
             Target::File(d) => {
@@ -554,10 +670,11 @@ impl Pusher {
             }
             _ => None,
         };
-        let staged =
-            tokio::task::spawn_blocking(move || stage(&path, level, stage_dir.as_deref(), big))
-                .await
-                .map_err(|e| StoreError::Http(format!("staging task failed: {e}")))??;
+        let staged = tokio::task::spawn_blocking(move || {
+            stage(&path, compression, level, stage_dir.as_deref(), big)
+        })
+        .await
+        .map_err(|e| StoreError::Http(format!("staging task failed: {e}")))??;
         if let Some(want) = narinfo::nar_hash_bytes(&info.nar_hash)
             && want != staged.nar_hash
         {
@@ -572,10 +689,11 @@ impl Pusher {
         let mut ni = NarInfo {
             store_path: info.path.clone(),
             url: format!(
-                "nar/{}.nar.zst",
-                nixfarm_nix::hash::nix32_encode(&staged.file_hash)
+                "nar/{}.{}",
+                nixfarm_nix::hash::nix32_encode(&staged.file_hash),
+                compression.extension()
             ),
-            compression: "zstd".into(),
+            compression: compression.narinfo_name().into(),
             file_hash: staged.file_hash.clone(),
             file_size: staged.file_size,
             nar_hash: staged.nar_hash.clone(),
@@ -709,12 +827,13 @@ impl Pusher {
             nar_id: String,
             upload_id: String,
         }
+        let compression = self.compression().await?;
         let r = self
             .send("starting the upload", || {
-                self.bearer(
-                    self.http
-                        .post(format!("{api}cache/{name}/multipart-nar?compression=zst")),
-                )
+                self.bearer(self.http.post(format!(
+                    "{api}cache/{name}/multipart-nar?compression={}",
+                    compression.cachix_param()
+                )))
             })
             .await?;
         let created: Created = r
@@ -930,7 +1049,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("blob");
         std::fs::write(&f, vec![b'a'; 300_000]).unwrap();
-        let mut staged = stage(&f, 3, None, true).unwrap();
+        let mut xz = stage(&f, Compression::Xz, 3, None, false).unwrap();
+        let mut xz_bytes = Vec::new();
+        xz.file.read_to_end(&mut xz_bytes).unwrap();
+        let mut unpacked = Vec::new();
+        xz2::read::XzDecoder::new(xz_bytes.as_slice())
+            .read_to_end(&mut unpacked)
+            .unwrap();
+        assert_eq!(xz.file_size, xz_bytes.len() as u64);
+        let mut staged = stage(&f, Compression::Zstd, 3, None, true).unwrap();
         let mut nar = Vec::new();
         nar::dump(&f, &mut nar).unwrap();
         assert_eq!(staged.nar_size, nar.len() as u64);
@@ -941,5 +1068,7 @@ mod tests {
         assert!(staged.file_size < 10_000);
         assert_eq!(staged.file_hash, Sha256::digest(&compressed).to_vec());
         assert_eq!(zstd::decode_all(compressed.as_slice()).unwrap(), nar);
+        assert_eq!(unpacked, nar);
+        assert_eq!(xz.nar_hash, staged.nar_hash);
     }
 }
