@@ -1,0 +1,86 @@
+//! deploy/ is part of the product: its example configs parse with the real config types
+//! (which refuse unknown fields), the units start the binaries with flags they accept, and
+//! the NixOS module is valid Nix that exposes every field of the example configs.
+
+use nixfarm_tests::*;
+
+fn deploy(rel: &str) -> std::path::PathBuf {
+    repo_root().join("deploy").join(rel)
+}
+
+#[test]
+fn example_configs_parse_with_the_real_types() {
+    let c =
+        nixfarm_coordinator::Config::load(&deploy("coordinator.toml")).expect("coordinator.toml");
+    assert_eq!(c.listen, "0.0.0.0:7420");
+    assert_eq!(c.scheduler.lease_secs, 60);
+    assert!(c.auth.agent_token_file.is_some());
+    let a = nixfarm_agent::AgentConfig::load(&deploy("agent.toml")).expect("agent.toml");
+    assert_eq!(a.max_jobs, 4);
+    assert_eq!(a.coordinator, "http://farm.example.org:7420");
+    // A typo is an error, not a silently ignored setting.
+    let dir = scratch();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listne = \"0.0.0.0:1\"\n").unwrap();
+    let err = nixfarm_coordinator::Config::load(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listne"), "{err}");
+}
+
+#[test]
+fn units_use_flags_the_binaries_accept() {
+    for (unit, binary) in [
+        ("systemd/nixfarm-coordinator.service", "nixfarm-coordinator"),
+        ("systemd/nixfarm-agent.service", "nixfarm-agent"),
+    ] {
+        let text = std::fs::read_to_string(deploy(unit)).unwrap();
+        let exec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("ExecStart");
+        assert!(exec.contains(binary));
+        let help = stdout(
+            &std::process::Command::new(bin(binary))
+                .arg("--help")
+                .output()
+                .unwrap(),
+        );
+        for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+            assert!(help.contains(flag), "{unit}: {binary} has no {flag}");
+        }
+        for hardening in [
+            "ProtectSystem=strict",
+            "StateDirectory=",
+            "NoNewPrivileges=yes",
+        ] {
+            assert!(text.contains(hardening), "{unit} lacks {hardening}");
+        }
+    }
+}
+
+#[test]
+fn the_nixos_module_parses_and_covers_every_config_field() {
+    let module = deploy("nixos/module.nix");
+    let out = std::process::Command::new("nix-instantiate")
+        .arg("--parse")
+        .arg(&module)
+        .output()
+        .expect("nix-instantiate");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&module).unwrap();
+    for file in ["coordinator.toml", "agent.toml"] {
+        let cfg = std::fs::read_to_string(deploy(file)).unwrap();
+        for key in cfg
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .filter(|k| !k.is_empty())
+        {
+            assert!(
+                text.contains(key),
+                "the module does not mention {key} of {file}"
+            );
+        }
+    }
+}
