@@ -116,11 +116,19 @@ impl Agent {
                 }
             };
             let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(1024);
-            let running: Vec<String> = shared
+            // Results that finished while disconnected join the redelivery list, and their
+            // attempts count as held: the coordinator keeps them instead of giving them up.
+            while let Ok(r) = results_rx.try_recv() {
+                recent.push_back((Instant::now(), r));
+            }
+            let mut running: Vec<String> = shared
                 .running
                 .lock()
                 .map(|r| r.keys().cloned().collect())
                 .unwrap_or_default();
+            running.extend(recent.iter().filter_map(|(_, m)| result_attempt(m)));
+            running.sort();
+            running.dedup();
             let register = pb::AgentMessage {
                 msg: Some(pb::agent_message::Msg::Register(pb::Register {
                     name: shared.cfg.name.clone(),
@@ -311,4 +319,16 @@ fn handle(
         }
         Some(Msg::Drain(_)) | Some(Msg::Registered(_)) | None => {}
     }
+}
+
+/// The attempt a result message answers.
+fn result_attempt(m: &pb::AgentMessage) -> Option<String> {
+    use pb::agent_message::Msg;
+    match m.msg.as_ref()? {
+        Msg::EvalList(r) => Some(r.attempt_id.clone()),
+        Msg::EvalChunk(r) => Some(r.attempt_id.clone()),
+        Msg::Build(r) => Some(r.attempt_id.clone()),
+        _ => None,
+    }
+    .filter(|a| !a.is_empty())
 }

@@ -1,0 +1,265 @@
+//! Faults with real processes: kill -9 of the coordinator mid-run (it resumes from SQLite,
+//! agents reconnect, `watch` resumes) and kill -9 of an agent mid-build (its jobs are
+//! requeued after the lease and the run completes on the other agent).
+
+use nixfarm_tests::*;
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A flake of `n` independent packages that each build for `secs` seconds, printing as they
+/// go, and one that depends on all of them.
+fn slow_repo(dir: &std::path::Path, n: usize, secs: u32) -> std::path::PathBuf {
+    let repo = dir.join("slow");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: let
+      mk = name: script: deps: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; inherit deps; }};
+      leaf = i: mk "leaf-${{toString i}}" "for s in $(seq 1 {secs}); do echo tick $s; sleep 1; done; echo ${{toString i}} > $out" [];
+      leaves = builtins.genList leaf {n};
+      pkgs = builtins.listToAttrs (map (d: {{ name = d.name; value = d; }}) leaves);
+    in {{ packages.x86_64-linux = pkgs // {{ all = mk "all" "cat $deps > $out" leaves; }}; }}; }}"#
+        ),
+    )
+    .unwrap();
+    repo
+}
+
+/// The cache the agents share (their stores are separate): (URL, secret key file, public key).
+fn cache(dir: &std::path::Path) -> (String, std::path::PathBuf, String) {
+    let c = dir.join("cache");
+    std::fs::create_dir_all(&c).unwrap();
+    set_mode(&c, 0o755);
+    let (sk, pk) = cache_key(dir, "faults-1");
+    (format!("file://{}", c.display()), sk, pk)
+}
+
+/// A coordinator config with a grace period of `lease` seconds before a silent agent's jobs
+/// are requeued.
+fn config(dir: &std::path::Path, lease: u64) -> std::path::PathBuf {
+    let p = dir.join("coordinator.toml");
+    std::fs::write(
+        &p,
+        format!("[scheduler]\nlease_secs = {lease}\nheartbeat_secs = 1\n"),
+    )
+    .unwrap();
+    p
+}
+
+fn builds_per_drv(db: &rusqlite::Connection, run: &str) -> BTreeMap<String, (i64, i64)> {
+    let mut st = db
+        .prepare(
+            "SELECT target, count(*), sum(outcome = 'built') FROM attempts WHERE run_id = ?1 AND kind = 'build' GROUP BY target",
+        )
+        .unwrap();
+    st.query_map([run], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+#[test]
+fn kill_9_of_the_coordinator_mid_run_loses_nothing_and_redoes_nothing() {
+    let dir = scratch();
+    // A grace period longer than the outage: builds running at the kill must reattach.
+    let cfg = config(dir.path(), 30);
+    let state = dir.path().join("coordinator");
+    let (cache_url, sk, pk) = cache(dir.path());
+    let mut coordinator =
+        Coordinator::start_on(&state, "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]).unwrap();
+    let listen = coordinator.url.trim_start_matches("http://").to_string();
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        let host = Host::new(&dir.path().join(format!("host{i}")));
+        agents.push((
+            host.start_agent(&format!("agent{i}"), &coordinator.url, Some(&sk), 2)
+                .unwrap(),
+            host,
+        ));
+    }
+    let repo = slow_repo(dir.path(), 8, 3);
+    let out = cli(
+        &coordinator.url,
+        &[
+            "submit",
+            repo.to_str().unwrap(),
+            "--cache",
+            &cache_url,
+            "--trusted-public-key",
+            &pk,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    // A watcher that must live through the restart.
+    let watcher = Command::new(bin("nixfarm"))
+        .args(["watch", &run, "--format", "json"])
+        .env("NIXFARM_COORDINATOR", &coordinator.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Some builds done, others running: then kill -9.
+    wait_for(Duration::from_secs(120), "two finished builds", || {
+        let n: i64 = coordinator
+            .db()
+            .query_row(
+                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND outcome = 'built'",
+                [&run],
+                |r| r.get(0),
+            )
+            .ok()?;
+        (n >= 2).then_some(())
+    });
+    let done_before: Vec<String> = {
+        let db = coordinator.db();
+        let mut st = db
+            .prepare("SELECT target FROM attempts WHERE run_id = ?1 AND kind = 'build' AND outcome = 'built'")
+            .unwrap();
+        st.query_map([&run], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    coordinator.proc.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    let coordinator =
+        Coordinator::start_on(&state, &listen, &["--config", cfg.to_str().unwrap()]).unwrap();
+    let out = watcher.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|e| {
+            panic!(
+                "watch did not end with a report ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_eq!(report["state"], "finished");
+    assert_eq!(
+        report["summary"]["ready"], 9,
+        "every package ready: {report}"
+    );
+    let per_drv = builds_per_drv(&coordinator.db(), &run);
+    assert_eq!(per_drv.len(), 9);
+    for d in &done_before {
+        assert_eq!(
+            per_drv[d].0, 1,
+            "{d} finished before the kill and was not built again"
+        );
+    }
+    for (d, (attempts, built)) in &per_drv {
+        assert_eq!(*built, 1, "{d}: one successful build");
+        if *attempts != 1 {
+            let db = coordinator.db();
+            let mut st = db
+                .prepare("SELECT id, agent, state, outcome FROM attempts WHERE target = ?1")
+                .unwrap();
+            let rows: Vec<(String, String, String, String)> = st
+                .query_map([d], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            panic!(
+                "{d}: builds running at the kill reattached, not restarted: {rows:?}\n{}",
+                coordinator.proc.log_text()
+            );
+        }
+    }
+    // The watcher saw each build finish exactly once, across the restart.
+    let log = String::from_utf8_lossy(&out.stderr);
+    for i in 0..8 {
+        let name = format!("built leaf-{i} ");
+        assert_eq!(log.matches(&name).count(), 1, "'{name}' once in:\n{log}");
+    }
+    drop(agents);
+}
+
+#[test]
+fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
+    let dir = scratch();
+    let cfg = config(dir.path(), 4);
+    let coordinator = Coordinator::start_on(
+        &dir.path().join("coordinator"),
+        "127.0.0.1:0",
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let (cache_url, sk, pk) = cache(dir.path());
+    let hosts: Vec<Host> = (0..2)
+        .map(|i| Host::new(&dir.path().join(format!("host{i}"))))
+        .collect();
+    let mut victim = hosts[0]
+        .start_agent("victim", &coordinator.url, Some(&sk), 2)
+        .unwrap();
+    let _survivor = hosts[1]
+        .start_agent("survivor", &coordinator.url, Some(&sk), 2)
+        .unwrap();
+    wait_for(Duration::from_secs(30), "agents", || {
+        (stdout(&cli(&coordinator.url, &["agents"]))
+            .matches(" yes ")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    let repo = slow_repo(dir.path(), 6, 4);
+    let out = cli(
+        &coordinator.url,
+        &[
+            "submit",
+            repo.to_str().unwrap(),
+            "--cache",
+            &cache_url,
+            "--trusted-public-key",
+            &pk,
+        ],
+    );
+    let run = stdout(&out).trim().to_string();
+    wait_for(Duration::from_secs(60), "the victim to be building", || {
+        let n: i64 = coordinator
+            .db()
+            .query_row(
+                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND agent = 'victim' AND state = 'running'",
+                [&run],
+                |r| r.get(0),
+            )
+            .ok()?;
+        (n >= 1).then_some(())
+    });
+    victim.kill();
+    let report: serde_json::Value = wait_for(Duration::from_secs(120), "the run to finish", || {
+        let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
+            &coordinator.url,
+            &["report", &run, "--format", "json"],
+        )))
+        .ok()?;
+        (r["state"] == "finished").then_some(r)
+    });
+    assert_eq!(report["summary"]["ready"], 7, "{report}");
+    let names: Vec<&str> = report["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["attr"].as_str().unwrap())
+        .collect();
+    let mut unique = names.clone();
+    unique.dedup();
+    assert_eq!(names, unique, "each package reported once");
+    let per_drv = builds_per_drv(&coordinator.db(), &run);
+    for (d, (_, built)) in &per_drv {
+        assert_eq!(*built, 1, "{d}: exactly one successful build counted");
+    }
+    let lost: i64 = coordinator
+        .db()
+        .query_row(
+            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND agent = 'victim' AND state = 'lost'",
+            [&run],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        lost >= 1,
+        "the victim's running attempts were given up, not reported"
+    );
+}
