@@ -13,6 +13,8 @@ let
   cfgC = config.services.nixfarm.coordinator;
   cfgA = config.services.nixfarm.agent;
   toml = pkgs.formats.toml { };
+  # TOML has no null: unset optional settings are left out (the binaries' defaults apply).
+  clean = lib.filterAttrsRecursive (_: v: v != null);
   hardening = {
     ProtectSystem = "strict";
     ProtectHome = true;
@@ -51,6 +53,11 @@ in
           options = {
             listen = mkOption { type = types.str; default = "127.0.0.1:7420"; description = "gRPC listen address."; };
             state_dir = mkOption { type = types.str; default = "/var/lib/nixfarm"; description = "SQLite database and snapshots."; };
+            tls = {
+              cert_file = mkOption { type = types.nullOr types.str; default = null; description = "PEM certificate chain; enables TLS."; };
+              key_file = mkOption { type = types.nullOr types.str; default = null; description = "PEM private key (keep it out of the Nix store)."; };
+              client_ca_file = mkOption { type = types.nullOr types.str; default = null; description = "CA of agents' client certificates (mTLS)."; };
+            };
             scheduler = {
               eval_chunk_size = mkOption { type = types.ints.positive; default = 16; description = "Attributes per evaluation task."; };
               eval_memory_mib = mkOption { type = types.ints.unsigned; default = 4096; description = "Memory cap per evaluation process, MiB (0: none)."; };
@@ -99,6 +106,9 @@ in
             max_jobs = mkOption { type = types.ints.positive; default = 2; description = "Jobs at once."; };
             eval_workers = mkOption { type = types.ints.positive; default = 2; description = "Evaluation processes per job."; };
             work_dir = mkOption { type = types.str; default = "/var/lib/nixfarm-agent"; description = "Scratch directory."; };
+            tls_ca_file = mkOption { type = types.nullOr types.str; default = null; description = "CA of the coordinator's certificate."; };
+            tls_cert_file = mkOption { type = types.nullOr types.str; default = null; description = "Client certificate (mTLS)."; };
+            tls_key_file = mkOption { type = types.nullOr types.str; default = null; description = "Key of the client certificate."; };
             nix_bin = mkOption { type = types.str; default = "${config.nix.package}/bin"; description = "Directory of nix and nix-store."; };
             drain_timeout_secs = mkOption { type = types.ints.unsigned; default = 600; description = "Drain deadline on stop, seconds."; };
             log_limit_bytes = mkOption { type = types.ints.positive; default = 1048576; description = "Live log per job, bytes."; };
@@ -117,7 +127,7 @@ in
         wants = [ "network-online.target" ];
         serviceConfig = hardening // {
           ExecStart = "${config.services.nixfarm.package}/bin/nixfarm-coordinator --config ${
-            toml.generate "nixfarm-coordinator.toml" (cfgC.settings // {
+            toml.generate "nixfarm-coordinator.toml" (clean cfgC.settings // {
               auth = optionalAttrs (cfgC.agentTokenFile != null) {
                 agent_token_file = "/run/credentials/nixfarm-coordinator.service/agent-token";
               } // optionalAttrs (cfgC.clientTokenFile != null) {
@@ -151,7 +161,7 @@ in
         environment.NIX_REMOTE = "daemon";
         serviceConfig = hardening // {
           ExecStart = "${config.services.nixfarm.package}/bin/nixfarm-agent --config ${
-            toml.generate "nixfarm-agent.toml" (cfgA.settings
+            toml.generate "nixfarm-agent.toml" (clean cfgA.settings
               // optionalAttrs (cfgA.agentTokenFile != null) {
                 token_file = "/run/credentials/nixfarm-agent.service/agent-token";
               }

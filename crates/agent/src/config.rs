@@ -32,6 +32,14 @@ pub struct AgentConfig {
     pub drain_timeout_secs: u64,
     /// Bytes of live log streamed to the coordinator per job. Default 1048576 (1 MiB).
     pub log_limit_bytes: usize,
+    /// PEM CA that signed the coordinator's certificate (https:// URLs). Default: none, which
+    /// means the public web PKI roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mTLS (the coordinator's `tls.client_ca_file` signs it).
+    /// Default: none.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM key of `tls_cert_file`. Default: none.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 fn hostname() -> String {
@@ -65,6 +73,9 @@ impl Default for AgentConfig {
             signing_key_file: None,
             drain_timeout_secs: 600,
             log_limit_bytes: 1 << 20,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }

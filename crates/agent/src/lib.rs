@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How long a delivered result is kept to be sent again after a reconnect.
 const REDELIVER_FOR: Duration = Duration::from_secs(600);
@@ -87,17 +87,17 @@ impl Agent {
             if draining && running_count(&shared) == 0 && results_rx.is_empty() {
                 return Ok(());
             }
-            let endpoint = Endpoint::from_shared(shared.cfg.coordinator.clone())
-                .with_context(|| {
-                    format!(
-                        "'{}' is not a valid coordinator URL",
-                        shared.cfg.coordinator
-                    )
-                })?
-                .connect_timeout(Duration::from_secs(5))
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .keep_alive_while_idle(true);
+            let endpoint = nixfarm_proto::client::endpoint(
+                &shared.cfg.coordinator,
+                &nixfarm_proto::client::TlsFiles {
+                    ca_file: shared.cfg.tls_ca_file.as_deref(),
+                    cert_file: shared.cfg.tls_cert_file.as_deref(),
+                    key_file: shared.cfg.tls_key_file.as_deref(),
+                },
+            )?
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
             let channel = match endpoint.connect().await {
                 Ok(c) => c,
                 Err(e) => {

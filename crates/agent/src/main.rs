@@ -39,6 +39,15 @@ struct Args {
     /// File holding the join token (or set NIXFARM_AGENT_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// PEM CA of the coordinator's certificate, for https:// coordinators with a private CA.
+    #[arg(long, env = "NIXFARM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate (mTLS), instead of a join token.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -74,6 +83,13 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.token_file.is_some() {
         cfg.token_file = args.token_file;
+    }
+    if args.tls_ca.is_some() {
+        cfg.tls_ca_file = args.tls_ca;
+    }
+    if args.tls_cert.is_some() {
+        cfg.tls_cert_file = args.tls_cert;
+        cfg.tls_key_file = args.tls_key;
     }
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

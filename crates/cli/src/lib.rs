@@ -39,6 +39,9 @@ pub struct Cli {
     /// CLI config file (TOML with `coordinator` and `token_file`). Default: ~/.config/nixfarm/config.toml.
     #[arg(long, global = true, env = "NIXFARM_CONFIG")]
     pub config: Option<PathBuf>,
+    /// PEM CA of the coordinator's certificate, for https:// coordinators with a private CA.
+    #[arg(long, global = true, env = "NIXFARM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -178,11 +181,14 @@ struct CliConfig {
     coordinator: Option<String>,
     /// File holding the client token.
     token_file: Option<PathBuf>,
+    /// PEM CA of the coordinator's certificate.
+    tls_ca_file: Option<PathBuf>,
 }
 
 struct Conn {
     url: String,
     token: Option<String>,
+    tls_ca: Option<PathBuf>,
 }
 
 fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
@@ -214,7 +220,11 @@ fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
         ),
         _ => None,
     };
-    Ok(Conn { url, token })
+    Ok(Conn {
+        url,
+        token,
+        tls_ca: cli.tls_ca.clone().or(cfg.tls_ca_file),
+    })
 }
 
 /// A connected client with its token attached to every call.
@@ -227,13 +237,31 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str, token: Option<String>) -> anyhow::Result<Client> {
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .with_context(|| {
-                format!("'{url}' is not a valid coordinator URL (expected http://HOST:PORT)")
-            })?
-            .connect_timeout(Duration::from_secs(5));
+        Self::connect_tls(url, token, None).await
+    }
+
+    /// Connects over TLS for https:// URLs (verified against `ca`, else the web PKI roots).
+    pub async fn connect_tls(
+        url: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Client> {
+        let endpoint = nixfarm_proto::client::endpoint(
+            url,
+            &nixfarm_proto::client::TlsFiles {
+                ca_file: ca,
+                ..Default::default()
+            },
+        )?;
         let channel = endpoint.connect().await.map_err(|e| {
-            anyhow::anyhow!("cannot reach the coordinator at {url}: {e}\n  (is it running? set --coordinator or NIXFARM_COORDINATOR, or use `nixfarm local`)")
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            anyhow::anyhow!("cannot reach the coordinator at {url}: {msg}\n  (is it running? set --coordinator or NIXFARM_COORDINATOR, or use `nixfarm local`; for https:// with a private CA, --tls-ca)")
         })?;
         let inner = RunServiceClient::new(channel)
             .max_decoding_message_size(64 << 20)
@@ -497,7 +525,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         return local(args).await;
     }
     let conn = resolve_conn(&cli)?;
-    let client = Client::connect(&conn.url, conn.token).await?;
+    let client = Client::connect_tls(&conn.url, conn.token, conn.tls_ca.as_deref()).await?;
     match cli.command {
         Command::Submit(args) => {
             if args.watch || args.fix.enabled() {

@@ -13,6 +13,7 @@ pub struct Config {
     /// Directory for the SQLite database and uploaded snapshots. Default `/var/lib/nixfarm`.
     pub state_dir: PathBuf,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
     pub scheduler: SchedulerConfig,
     pub limits: LimitsConfig,
 }
@@ -25,6 +26,19 @@ pub struct AuthConfig {
     pub agent_token_file: Option<PathBuf>,
     /// File holding the token the CLI presents. Default: none (no check; loopback only).
     pub client_token_file: Option<PathBuf>,
+}
+
+/// TLS for every gRPC connection (rustls). Default: off (plain HTTP/2, loopback only).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the coordinator. Setting it (with `key_file`) turns TLS on.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the coordinator.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA that signs agents' client certificates (mTLS): an agent that presents one is
+    /// admitted without the join token. Default: none.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +98,7 @@ impl Default for Config {
             listen: "127.0.0.1:7420".into(),
             state_dir: "/var/lib/nixfarm".into(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
             scheduler: SchedulerConfig::default(),
             limits: LimitsConfig::default(),
         }

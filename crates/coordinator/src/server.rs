@@ -43,9 +43,19 @@ impl Running {
 fn token_check(
     expected: Option<String>,
     who: &'static str,
+    client_certs: bool,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
+        // A client certificate the TLS layer verified against the client CA admits an agent.
+        if client_certs && req.peer_certs().is_some_and(|c| !c.is_empty()) {
+            return Ok(req);
+        }
         let Some(expected) = &expected else {
+            if client_certs {
+                return Err(Status::unauthenticated(format!(
+                    "this coordinator requires a client certificate (or a {who} token)"
+                )));
+            }
             return Ok(req);
         };
         let given = req
@@ -139,17 +149,43 @@ pub async fn start_with_listener(
             lease_engine.check_leases();
         }
     });
+    let mut builder = tonic::transport::Server::builder();
+    let tls = &config.tls;
+    let client_certs = tls.client_ca_file.is_some();
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let mut t = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+            );
+            if let Some(ca) = &tls.client_ca_file {
+                // Optional at the TLS layer: the CLI connects with a token, agents with either.
+                t = t
+                    .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+                    .client_auth_optional(true);
+            }
+            builder = builder
+                .tls_config(t)
+                .context("the TLS certificate or key is not usable")?;
+        }
+        (None, None) if !client_certs => {}
+        _ => anyhow::bail!(
+            "[tls] needs both cert_file and key_file (and they enable client_ca_file)"
+        ),
+    }
     let task = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(InterceptedService::new(
                 agent_svc,
-                token_check(agent_token, "agent"),
+                token_check(agent_token, "agent", client_certs),
             ))
             .add_service(InterceptedService::new(
                 run_svc,
-                token_check(client_token, "client"),
+                token_check(client_token, "client", false),
             ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;

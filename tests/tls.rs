@@ -1,0 +1,237 @@
+//! TLS on the wire (rustls): the CLI verifies the coordinator against a private CA and
+//! presents its token; agents are admitted by a client certificate from the farm's CA;
+//! everything else is refused with a message that says why.
+
+use nixfarm_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+}
+
+/// A CA and a certificate it signs; returns (ca.pem, cert.pem, key.pem).
+fn pki(dir: &Path, ca: &str, leaf: &str, ext: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = format!("{ca}.key");
+    let ca_pem = format!("{ca}.pem");
+    if !dir.join(&ca_pem).exists() {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &ca_key,
+                "-out",
+                &ca_pem,
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={ca}"),
+            ],
+        );
+    }
+    let ext_file = format!("{leaf}.ext");
+    std::fs::write(dir.join(&ext_file), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{leaf}.key"),
+            "-out",
+            &format!("{leaf}.csr"),
+            "-subj",
+            &format!("/CN={leaf}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{leaf}.csr"),
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &format!("{leaf}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &ext_file,
+        ],
+    );
+    (
+        dir.join(ca_pem),
+        dir.join(format!("{leaf}.pem")),
+        dir.join(format!("{leaf}.key")),
+    )
+}
+
+#[test]
+fn tls_tokens_and_client_certificates() {
+    let dir = scratch();
+    let d = dir.path();
+    let server_ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
+    let client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
+    let (ca, srv_cert, srv_key) = pki(d, "farm-ca", "coordinator", server_ext);
+    let (_, agent_cert, agent_key) = pki(d, "farm-ca", "agent", client_ext);
+    let (_, rogue_cert, rogue_key) = pki(d, "rogue-ca", "rogue", client_ext);
+    std::fs::write(d.join("client-token"), "cli-secret-1\n").unwrap();
+    let cfg = d.join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[auth]\nclient_token_file = \"{}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+            d.join("client-token").display(),
+            srv_cert.display(),
+            srv_key.display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start_on(
+        &d.join("state"),
+        "127.0.0.1:0",
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let url = coordinator.url.replace("http://", "https://");
+    let run_cli = |args: &[&str], extra_env: &[(&str, &str)]| {
+        Command::new(bin("nixfarm"))
+            .args(args)
+            .env("NIXFARM_COORDINATOR", &url)
+            .envs(extra_env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let ca_s = ca.to_str().unwrap();
+    // The CLI with the CA and its token.
+    let ok = run_cli(
+        &["runs"],
+        &[("NIXFARM_TLS_CA", ca_s), ("NIXFARM_TOKEN", "cli-secret-1")],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // Wrong token: refused, saying so.
+    let bad = run_cli(
+        &["runs"],
+        &[("NIXFARM_TLS_CA", ca_s), ("NIXFARM_TOKEN", "guess")],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("token was refused"),
+        "{}",
+        stderr(&bad)
+    );
+    // No CA: the coordinator's certificate is not trusted.
+    let untrusted = run_cli(&["runs"], &[("NIXFARM_TOKEN", "cli-secret-1")]);
+    assert!(!untrusted.status.success());
+    assert!(
+        stderr(&untrusted).to_lowercase().contains("certificate"),
+        "{}",
+        stderr(&untrusted)
+    );
+    // Plain HTTP/2 against the TLS port fails instead of leaking anything.
+    let plain = Command::new(bin("nixfarm"))
+        .args(["runs"])
+        .env("NIXFARM_COORDINATOR", &coordinator.url)
+        .env("NIXFARM_TOKEN", "cli-secret-1")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+
+    // Agents: a certificate from the farm's CA admits one; no certificate and no token is
+    // refused with a reason; a certificate from another CA never gets through the handshake.
+    let host = Host::new(&d.join("host"));
+    let agent_bin = bin("nixfarm-agent");
+    let start = |name: &str, cert: Option<(&Path, &Path)>| {
+        let mut argv: Vec<String> = vec![
+            agent_bin.display().to_string(),
+            "--coordinator".into(),
+            url.clone(),
+            "--name".into(),
+            name.into(),
+            "--tls-ca".into(),
+            ca_s.into(),
+            "--work-dir".into(),
+            host.root.join("work").join(name).display().to_string(),
+        ];
+        if let Some((c, k)) = cert {
+            argv.extend([
+                "--tls-cert".into(),
+                c.display().to_string(),
+                "--tls-key".into(),
+                k.display().to_string(),
+            ]);
+        }
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        host.command(&refs)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut good = start("good", Some((&agent_cert, &agent_key)));
+    let env = [("NIXFARM_TLS_CA", ca_s), ("NIXFARM_TOKEN", "cli-secret-1")];
+    wait_for(Duration::from_secs(30), "the certified agent", || {
+        stdout(&run_cli(&["agents"], &env))
+            .contains("good")
+            .then_some(())
+    });
+    let anonymous = start("anonymous", None).wait_with_output().unwrap();
+    assert!(!anonymous.status.success());
+    assert!(
+        stderr(&anonymous).contains("requires a client certificate"),
+        "{}",
+        stderr(&anonymous)
+    );
+    let mut rogue = start("rogue", Some((&rogue_cert, &rogue_key)));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!stdout(&run_cli(&["agents"], &env)).contains("rogue"));
+    let _ = rogue.kill();
+
+    // A whole run over TLS.
+    let repo = d.join("tiny");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: { packages.x86_64-linux.hello = derivation { name = "hello-tls"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo hi > $out" ]; }; }; }"#,
+    )
+    .unwrap();
+    let out = run_cli(
+        &[
+            "submit",
+            repo.to_str().unwrap(),
+            "--watch",
+            "--format",
+            "json",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["summary"]["ready"], 1, "{report}");
+    // The token never shows in what the user sees.
+    assert!(!stderr(&out).contains("cli-secret-1"));
+    let _ = good.kill();
+}
