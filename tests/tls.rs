@@ -209,6 +209,7 @@ fn tls_tokens_and_client_certificates() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(!stdout(&run_cli(&["agents"], &env)).contains("rogue"));
     let _ = rogue.kill();
+    let _ = rogue.wait();
 
     // A whole run over TLS.
     let repo = d.join("tiny");
@@ -234,4 +235,5 @@ fn tls_tokens_and_client_certificates() {
     // The token never shows in what the user sees.
     assert!(!stderr(&out).contains("cli-secret-1"));
     let _ = good.kill();
+    let _ = good.wait();
 }
