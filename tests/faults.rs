@@ -180,10 +180,19 @@ fn kill_9_of_the_coordinator_mid_run_loses_nothing_and_redoes_nothing() {
 fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
     let dir = scratch();
     let cfg = config(dir.path(), 4);
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
     let coordinator = Coordinator::start_on(
         &dir.path().join("coordinator"),
         "127.0.0.1:0",
-        &["--config", cfg.to_str().unwrap()],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--metrics-listen",
+            &metrics,
+        ],
     )
     .unwrap();
     let (cache_url, sk, pk) = cache(dir.path());
@@ -216,7 +225,16 @@ fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
         ],
     );
     let run = stdout(&out).trim().to_string();
-    wait_for(Duration::from_secs(60), "the victim to be building", || {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    wait_for(Duration::from_secs(61), "the victim to be building", || {
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "the victim never built: {}\n{}\n{}",
+                stdout(&cli(&coordinator.url, &["report", &run])),
+                stdout(&cli(&coordinator.url, &["agents"])),
+                coordinator.proc.log_text()
+            );
+        }
         let n: i64 = coordinator
             .db()
             .query_row(
@@ -262,4 +280,29 @@ fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
         lost >= 1,
         "the victim's running attempts were given up, not reported"
     );
+    // The same figures on /metrics, as Prometheus scrapes them.
+    let text = http_get(&metrics, "/metrics");
+    assert!(text.contains("nixfarm_agents_connected 1"), "{text}");
+    assert!(
+        text.contains("nixfarm_builds_total{outcome=\"built\"} 7"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("nixfarm_attempts_lost_total {lost}")),
+        "{text}"
+    );
+    assert!(text.contains("nixfarm_jobs{state=\"queued\"} 0"), "{text}");
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
 }

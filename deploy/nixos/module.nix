@@ -53,6 +53,7 @@ in
           options = {
             listen = mkOption { type = types.str; default = "127.0.0.1:7420"; description = "gRPC listen address."; };
             state_dir = mkOption { type = types.str; default = "/var/lib/nixfarm"; description = "SQLite database and snapshots."; };
+            metrics_listen = mkOption { type = types.nullOr types.str; default = null; description = "Address of the Prometheus /metrics endpoint."; };
             tls = {
               cert_file = mkOption { type = types.nullOr types.str; default = null; description = "PEM certificate chain; enables TLS."; };
               key_file = mkOption { type = types.nullOr types.str; default = null; description = "PEM private key (keep it out of the Nix store)."; };

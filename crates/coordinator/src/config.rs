@@ -12,6 +12,8 @@ pub struct Config {
     pub listen: String,
     /// Directory for the SQLite database and uploaded snapshots. Default `/var/lib/nixfarm`.
     pub state_dir: PathBuf,
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP). Default: none (off).
+    pub metrics_listen: Option<String>,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub scheduler: SchedulerConfig,
@@ -97,6 +99,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:7420".into(),
             state_dir: "/var/lib/nixfarm".into(),
+            metrics_listen: None,
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             scheduler: SchedulerConfig::default(),

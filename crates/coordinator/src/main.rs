@@ -21,6 +21,9 @@ struct Args {
     /// State directory (overrides the config's `state_dir`).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9420).
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[tokio::main]
@@ -42,11 +45,23 @@ async fn main() -> anyhow::Result<()> {
     if let Some(d) = args.state_dir {
         config.state_dir = d;
     }
+    if args.metrics_listen.is_some() {
+        config.metrics_listen = args.metrics_listen;
+    }
     let running = server::start(&config)
         .await
         .context("coordinator failed to start")?;
     // Print the bound address on stdout so scripts (and tests) can find a :0 port.
-    println!("listening on {}", running.addr);
+    // One line, written without panicking: whoever started us may stop reading stdout.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening on {}", running.addr);
+        let _ = out.flush();
+    }
+    if let Some(m) = running.metrics_addr {
+        tracing::info!("metrics on http://{m}/metrics");
+    }
     tokio::select! {
         r = running.wait() => r,
         _ = tokio::signal::ctrl_c() => Ok(()),

@@ -6,6 +6,7 @@ use crate::db::Db;
 use crate::engine::{Engine, EngineOptions};
 use crate::service::{AgentSvc, RunSvc};
 use anyhow::Context;
+use axum::response::IntoResponse;
 use nixfarm_core::snapshot;
 use nixfarm_proto::v1::agent_service_server::AgentServiceServer;
 use nixfarm_proto::v1::run_service_server::RunServiceServer;
@@ -19,6 +20,8 @@ use tonic::{Request, Status};
 /// A running coordinator.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub engine: Engine,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -191,9 +194,42 @@ pub async fn start_with_listener(
                 let _ = rx.await;
             }),
     );
+    let metrics_addr = match &config.metrics_listen {
+        Some(l) => {
+            let listener = TcpListener::bind(l)
+                .await
+                .with_context(|| format!("cannot listen on {l} for metrics"))?;
+            let a = listener.local_addr()?;
+            let e = engine.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let e = e.clone();
+                    async move {
+                        match e.metrics_text() {
+                            Ok(t) => {
+                                ([("content-type", "text/plain; version=0.0.4")], t).into_response()
+                            }
+                            Err(err) => (
+                                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                err.to_string(),
+                            )
+                                .into_response(),
+                        }
+                    }
+                }),
+            );
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            Some(a)
+        }
+        None => None,
+    };
     tracing::info!(%addr, state_dir = %config.state_dir.display(), "coordinator listening");
     Ok(Running {
         addr,
+        metrics_addr,
         engine,
         shutdown: Some(tx),
         task,
