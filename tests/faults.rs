@@ -306,3 +306,27 @@ fn http_get(addr: &str, path: &str) -> String {
     );
     out
 }
+
+#[test]
+fn a_corrupt_database_stops_the_coordinator_with_a_clear_error_and_is_left_untouched() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 13) as u8).collect();
+    std::fs::write(state.join("coordinator.sqlite"), &garbage).unwrap();
+    let out = Command::new(bin("nixfarm-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cannot open database"), "{err}");
+    assert!(err.contains("not a database"), "{err}");
+    assert_eq!(
+        std::fs::read(state.join("coordinator.sqlite")).unwrap(),
+        garbage
+    );
+}

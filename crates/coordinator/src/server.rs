@@ -101,8 +101,12 @@ pub async fn start_with_listener(
         )
     })?;
     let db_path = config.state_dir.join("coordinator.sqlite");
-    let db = Db::open(&db_path)
-        .with_context(|| format!("cannot open database {}", db_path.display()))?;
+    let db = Db::open(&db_path).with_context(|| {
+        format!(
+            "cannot open database {} (left untouched; if it is damaged, restore a backup or move it aside to start with an empty state)",
+            db_path.display()
+        )
+    })?;
     let s = &config.scheduler;
     let opts = EngineOptions {
         eval_chunk_size: s.eval_chunk_size,
