@@ -330,3 +330,48 @@ fn a_corrupt_database_stops_the_coordinator_with_a_clear_error_and_is_left_untou
         garbage
     );
 }
+
+#[test]
+fn a_waiting_job_says_why_it_waits() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let _agent = host
+        .start_agent("plain", &coordinator.url, None, 1)
+        .unwrap();
+    let repo = dir.path().join("gpu");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: extra: derivation ({ inherit name; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; } // extra);
+      trainer = mk "trainer" { requiredSystemFeatures = [ "gpu" ]; };
+    in { packages.x86_64-linux = { inherit trainer; app = mk "app" { dep = trainer; }; }; }; }"#,
+    )
+    .unwrap();
+    let out = cli(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let report: serde_json::Value =
+        wait_for(Duration::from_secs(60), "a report with reasons", || {
+            let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
+                &coordinator.url,
+                &["report", &run, "--format", "json"],
+            )))
+            .ok()?;
+            let p = packages_by_attr(&r);
+            (p.get("trainer")?["reason"] != "" && p["trainer"]["reason"] != "evaluating")
+                .then_some(r)
+        });
+    let p = packages_by_attr(&report);
+    assert_eq!(p["trainer"]["status"], "pending");
+    assert_eq!(
+        p["trainer"]["reason"],
+        "no connected agent builds x86_64-linux with gpu"
+    );
+    let app = p["app"]["reason"].as_str().unwrap();
+    assert!(
+        app.starts_with("waiting on 1 dependencies") && app.contains("trainer: no connected agent"),
+        "{app}"
+    );
+}

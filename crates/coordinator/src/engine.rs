@@ -1265,9 +1265,11 @@ impl Engine {
         let mut out = Vec::new();
         for (attr, info) in &packages {
             let p: PackageInfo = serde_json::from_str(info).unwrap_or_default();
-            out.push(package_report(
-                attr, &p, run_state, &results, &nodes, &top_of,
-            ));
+            let mut r = package_report(attr, &p, run_state, &results, &nodes, &top_of);
+            if r.status == PackageStatus::Pending.as_str() {
+                r.reason = waiting_reason(inner, run_id, &p.drv_path);
+            }
+            out.push(r);
         }
         Ok(Report::new(row.id, row.state, row.label, row.error, out))
     }
@@ -1679,5 +1681,92 @@ mod tests {
         let mut not_fixed = node("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
         not_fixed.fixed_output = false;
         assert!(!has_fake_hash(&not_fixed));
+    }
+}
+
+/// Why a package of an unfinished run is not done yet: evaluating, building where, queued
+/// (and whether any connected agent can take it), or waiting on dependencies.
+fn waiting_reason(inner: &Inner, run_id: &str, drv: &str) -> String {
+    let Some(run) = inner.runs.iter().find(|r| r.id == run_id) else {
+        return String::new();
+    };
+    let (Some(sched), Some(&top)) = (&run.sched, run.node_of.get(drv)) else {
+        return "evaluating".into();
+    };
+    let describe = |class: &Class| {
+        if class.features.is_empty() {
+            class.system.clone()
+        } else {
+            format!("{} with {}", class.system, class.features.join(", "))
+        }
+    };
+    let queued = |id: NodeId| -> String {
+        let class = sched.class(id);
+        let capable: Vec<&AgentMem> = inner
+            .agents
+            .values()
+            .filter(|a| a.tx.is_some() && !a.draining && a.caps.can_build(class))
+            .collect();
+        if capable.is_empty() {
+            format!("no connected agent builds {}", describe(class))
+        } else if capable
+            .iter()
+            .all(|a| a.running.len() >= a.reg.max_jobs as usize)
+        {
+            format!(
+                "queued: all {} agent(s) that build {} are busy",
+                capable.len(),
+                describe(class)
+            )
+        } else {
+            "queued".into()
+        }
+    };
+    match sched.state(top) {
+        NodeState::Running => {
+            let agent = inner
+                .attempts
+                .values()
+                .find(|a| a.run_id == run_id && a.target == drv)
+                .map(|a| a.agent.clone())
+                .unwrap_or_default();
+            format!("building on {agent}")
+        }
+        NodeState::Ready => queued(top),
+        NodeState::Waiting => {
+            // The unbuilt derivations below it, and what holds the first ready one.
+            let mut seen = HashSet::new();
+            let mut stack = vec![top];
+            let mut unbuilt = 0usize;
+            let mut blocked: Option<String> = None;
+            while let Some(n) = stack.pop() {
+                if !seen.insert(n) {
+                    continue;
+                }
+                for &i in sched.inputs(n) {
+                    match sched.state(i) {
+                        NodeState::Built => {}
+                        NodeState::Ready => {
+                            unbuilt += 1;
+                            let why = queued(i);
+                            if blocked.is_none() && why != "queued" {
+                                blocked =
+                                    Some(format!("{}: {why}", store_name(&run.drv_of[i as usize])));
+                            }
+                            stack.push(i);
+                        }
+                        _ => {
+                            unbuilt += 1;
+                            stack.push(i);
+                        }
+                    }
+                }
+            }
+            match blocked {
+                Some(b) => format!("waiting on {unbuilt} dependencies ({b})"),
+                None => format!("waiting on {unbuilt} dependencies"),
+            }
+        }
+        _ => String::new(),
     }
 }
