@@ -1660,30 +1660,6 @@ fn closure_mismatches(
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fake_hashes_are_recognised_in_every_spelling() {
-        let node = |h: &str| DrvNode {
-            fixed_output: true,
-            output_hash: h.into(),
-            ..Default::default()
-        };
-        assert!(has_fake_hash(&node(&format!("sha256:{}", "0".repeat(52)))));
-        assert!(has_fake_hash(&node(
-            "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
-        )));
-        assert!(!has_fake_hash(&node(
-            "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ="
-        )));
-        let mut not_fixed = node("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
-        not_fixed.fixed_output = false;
-        assert!(!has_fake_hash(&not_fixed));
-    }
-}
-
 /// Why a package of an unfinished run is not done yet: evaluating, building where, queued
 /// (and whether any connected agent can take it), or waiting on dependencies.
 fn waiting_reason(inner: &Inner, run_id: &str, drv: &str) -> String {
@@ -1768,5 +1744,29 @@ fn waiting_reason(inner: &Inner, run_id: &str, drv: &str) -> String {
             }
         }
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_hashes_are_recognised_in_every_spelling() {
+        let node = |h: &str| DrvNode {
+            fixed_output: true,
+            output_hash: h.into(),
+            ..Default::default()
+        };
+        assert!(has_fake_hash(&node(&format!("sha256:{}", "0".repeat(52)))));
+        assert!(has_fake_hash(&node(
+            "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+        )));
+        assert!(!has_fake_hash(&node(
+            "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ="
+        )));
+        let mut not_fixed = node("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+        not_fixed.fixed_output = false;
+        assert!(!has_fake_hash(&not_fixed));
     }
 }
