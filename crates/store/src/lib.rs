@@ -807,6 +807,19 @@ impl Pusher {
         Ok(())
     }
 
+    /// Tells Cachix to drop a multipart upload that will not complete (best effort).
+    async fn abort(&self, base: &str, upload_id: &str) {
+        let _ = self
+            .send("aborting the upload", || {
+                self.bearer(
+                    self.http
+                        .post(format!("{base}/abort"))
+                        .query(&[("uploadId", upload_id)]),
+                )
+            })
+            .await;
+    }
+
     async fn push_cachix(
         &self,
         name: &str,
@@ -919,15 +932,7 @@ impl Pusher {
             match r {
                 Ok(p) => parts.push(p),
                 Err(e) => {
-                    let _ = self
-                        .send("aborting the upload", || {
-                            self.bearer(
-                                self.http
-                                    .post(format!("{base}/abort"))
-                                    .query(&[("uploadId", upload_id.as_str())]),
-                            )
-                        })
-                        .await;
+                    self.abort(&base, &upload_id).await;
                     return Err(e);
                 }
             }
@@ -960,15 +965,7 @@ impl Pusher {
             })
             .await;
         if let Err(e) = done {
-            let _ = self
-                .send("aborting the upload", || {
-                    self.bearer(
-                        self.http
-                            .post(format!("{base}/abort"))
-                            .query(&[("uploadId", upload_id.as_str())]),
-                    )
-                })
-                .await;
+            self.abort(&base, &upload_id).await;
             return Err(e);
         }
         Ok(())
