@@ -375,3 +375,96 @@ fn a_waiting_job_says_why_it_waits() {
         "{app}"
     );
 }
+
+#[test]
+fn sigterm_drains_an_agent_its_running_build_finishes_and_is_reported() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let (cache_url, sk, pk) = cache(dir.path());
+    let first = Host::new(&dir.path().join("first"));
+    let mut draining = first
+        .start_agent("draining", &coordinator.url, Some(&sk), 1)
+        .unwrap();
+    let repo = slow_repo(dir.path(), 2, 3);
+    let out = cli(
+        &coordinator.url,
+        &[
+            "submit",
+            repo.to_str().unwrap(),
+            "--cache",
+            &cache_url,
+            "--trusted-public-key",
+            &pk,
+        ],
+    );
+    let run = stdout(&out).trim().to_string();
+    let building: String = wait_for(Duration::from_secs(60), "a build on the agent", || {
+        coordinator
+            .db()
+            .query_row(
+                "SELECT target FROM attempts WHERE run_id = ?1 AND kind = 'build' AND state = 'running'",
+                [&run],
+                |r| r.get(0),
+            )
+            .ok()
+    });
+    let pid = draining.child.id().to_string();
+    // The agent runs under `unshare … sh -c exec`, so the pid is the agent itself.
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = draining.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "a drained agent exits cleanly: {status:?}"
+    );
+    let db = coordinator.db();
+    let outcome: String = db
+        .query_row(
+            "SELECT outcome FROM attempts WHERE run_id = ?1 AND target = ?2",
+            [&run, &building],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        outcome, "built",
+        "the running build finished and was reported"
+    );
+    let started: i64 = db
+        .query_row(
+            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND agent = 'draining' AND outcome != 'cancelled'",
+            [&run],
+            |r| r.get(0),
+        )
+        .unwrap();
+    // (A job sent in the instant before the coordinator heard of the drain is handed back
+    // unstarted, as `cancelled`, and requeued.)
+    assert_eq!(started, 1, "no new job ran after SIGTERM");
+    // Another agent finishes the run without rebuilding what the drained one built.
+    let second = Host::new(&dir.path().join("second"));
+    let _next = second
+        .start_agent("next", &coordinator.url, Some(&sk), 2)
+        .unwrap();
+    let report: serde_json::Value = wait_for(Duration::from_secs(90), "the run to finish", || {
+        let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
+            &coordinator.url,
+            &["report", &run, "--format", "json"],
+        )))
+        .ok()?;
+        (r["state"] == "finished").then_some(r)
+    });
+    assert_eq!(report["summary"]["ready"], 3, "{report}");
+    let rebuilt: i64 = coordinator
+        .db()
+        .query_row(
+            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND target = ?2",
+            [&run, &building],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rebuilt, 1);
+}

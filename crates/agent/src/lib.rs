@@ -203,13 +203,16 @@ impl Agent {
                     }
                     _ = heartbeat.tick() => {
                         let running: Vec<String> = shared.running.lock().map(|r| r.keys().cloned().collect()).unwrap_or_default();
-                        let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { running_attempts: running })) };
+                        let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { running_attempts: running, draining })) };
                         if out_tx.send(hb).await.is_err() {
                             break "the stream closed".to_string();
                         }
                     }
                     _ = shutdown.cancelled(), if !draining => {
                         draining = true;
+                        // Tell the coordinator at once, so nothing new is sent our way.
+                        let running: Vec<String> = shared.running.lock().map(|r| r.keys().cloned().collect()).unwrap_or_default();
+                        let _ = out_tx.try_send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { running_attempts: running, draining: true })) });
                         drain_deadline = Some(tokio::time::Instant::now() + shared.cfg.drain_timeout());
                         tracing::info!(running = running_count(&shared), "draining: no new jobs; waiting for running ones");
                         if running_count(&shared) == 0 {

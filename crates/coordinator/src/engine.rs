@@ -665,6 +665,14 @@ impl Engine {
             a.last_seen_ms = now;
         }
         match msg {
+            FromAgent::Heartbeat { draining: true, .. } => {
+                if let Some(a) = inner.agents.get_mut(name)
+                    && !a.draining
+                {
+                    tracing::info!(agent = name, "agent draining: no new jobs for it");
+                    a.draining = true;
+                }
+            }
             FromAgent::Heartbeat { .. } => {}
             FromAgent::Log { .. } => {}
             FromAgent::EvalList { attempt, result } => {

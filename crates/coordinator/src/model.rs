@@ -144,6 +144,8 @@ pub type EvalChunkOutput = (Vec<EvaluatedAttr>, BTreeMap<String, DrvNode>);
 pub enum FromAgent {
     Heartbeat {
         running: Vec<String>,
+        /// Set once the agent drains; it stays set until the agent registers again.
+        draining: bool,
     },
     Log {
         attempt: String,

@@ -139,6 +139,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
         Ok(match m.msg {
             Some(Msg::Heartbeat(h)) => FromAgent::Heartbeat {
                 running: h.running_attempts,
+                draining: h.draining,
             },
             Some(Msg::Log(l)) => FromAgent::Log {
                 attempt: l.attempt_id,
