@@ -1,0 +1,257 @@
+//! Load test: one coordinator (real gRPC on loopback, SQLite on disk) and 200 simulated
+//! agents, each on its own bidirectional stream, answering every job at once; a run of
+//! 10,000 packages whose derivations form a DAG. Prints the wall time from submit to the
+//! end of the run, jobs per second, and peak memory (coordinator and agents share this
+//! process, so the figure bounds the coordinator's).
+//!
+//! cargo bench -p nixfarm-coordinator --bench load [-- AGENTS PACKAGES]
+
+use nixfarm_coordinator::Config;
+use nixfarm_coordinator::clock::SystemClock;
+use nixfarm_proto::v1 as pb;
+use pb::agent_message::Msg;
+use pb::coordinator_message::Msg as CMsg;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+fn drv(i: usize) -> String {
+    format!("/nix/store/{i:0>32}-p{i}.drv")
+}
+
+fn out(i: usize) -> String {
+    format!("/nix/store/{i:0>31}c-p{i}")
+}
+
+/// Inputs of package i: a nixpkgs-like fan-in to low-numbered, heavily shared packages.
+fn deps(i: usize) -> Vec<usize> {
+    let mut d = Vec::new();
+    if i > 0 {
+        d.push(i / 2);
+    }
+    if i > 2 {
+        d.push(i / 3);
+    }
+    if i % 50 == 49 {
+        d.push(i - 1);
+    }
+    d.sort();
+    d.dedup();
+    d
+}
+
+async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>) {
+    let Ok(mut client) = pb::agent_service_client::AgentServiceClient::connect(url).await else {
+        eprintln!("{name}: cannot connect");
+        return;
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(64);
+    let _ = tx
+        .send(pb::AgentMessage {
+            msg: Some(Msg::Register(pb::Register {
+                name: name.clone(),
+                systems: vec!["x86_64-linux".into()],
+                features: vec![],
+                max_jobs: 4,
+                nix_version: "nix (Nix) 2.8.0".into(),
+                running_attempts: vec![],
+            })),
+        })
+        .await;
+    let Ok(resp) = client
+        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    else {
+        eprintln!("{name}: stream refused");
+        return;
+    };
+    let mut inbound = resp.into_inner();
+    while let Ok(Some(m)) = inbound.message().await {
+        let Some(CMsg::Assign(a)) = m.msg else {
+            continue;
+        };
+        jobs.fetch_add(1, Ordering::Relaxed);
+        let reply = match a.job {
+            Some(pb::assignment::Job::EvalList(_)) => Msg::EvalList(pb::EvalListResult {
+                attempt_id: a.attempt_id,
+                attrs: (0..packages).map(|i| format!("p{i}")).collect(),
+                ..Default::default()
+            }),
+            Some(pb::assignment::Job::EvalChunk(c)) => {
+                let idx: Vec<usize> = c
+                    .attrs
+                    .iter()
+                    .filter_map(|a| a.trim_start_matches('p').parse().ok())
+                    .collect();
+                Msg::EvalChunk(pb::EvalChunkResult {
+                    attempt_id: a.attempt_id,
+                    attrs: idx
+                        .iter()
+                        .map(|&i| pb::EvaluatedAttr {
+                            attr: format!("p{i}"),
+                            drv_path: drv(i),
+                            outputs: vec![pb::DrvOutput {
+                                name: "out".into(),
+                                path: out(i),
+                            }],
+                            pname: format!("p{i}"),
+                            version: "1".into(),
+                            system: "x86_64-linux".into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    drvs: idx
+                        .iter()
+                        .map(|&i| pb::DrvNode {
+                            drv_path: drv(i),
+                            system: "x86_64-linux".into(),
+                            outputs: vec![pb::DrvOutput {
+                                name: "out".into(),
+                                path: out(i),
+                            }],
+                            input_drvs: deps(i).into_iter().map(drv).collect(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+            }
+            Some(pb::assignment::Job::Build(b)) => {
+                let i: usize = b
+                    .drv_path
+                    .rsplit("-p")
+                    .next()
+                    .and_then(|s| s.trim_end_matches(".drv").parse().ok())
+                    .unwrap_or(0);
+                Msg::Build(pb::BuildResult {
+                    attempt_id: a.attempt_id,
+                    status: pb::BuildStatus::Built as i32,
+                    outputs: vec![pb::DrvOutput {
+                        name: "out".into(),
+                        path: out(i),
+                    }],
+                    duration_ms: 1,
+                    ..Default::default()
+                })
+            }
+            None => continue,
+        };
+        if tx
+            .send(pb::AgentMessage { msg: Some(reply) })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let agents: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(200);
+    let packages: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    let dir = tempfile::tempdir()?;
+    let mut config = Config {
+        listen: "127.0.0.1:0".into(),
+        state_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    config.scheduler.eval_chunk_size = 100;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let running =
+        nixfarm_coordinator::server::start_with_listener(&config, listener, Arc::new(SystemClock))
+            .await?;
+    let url = format!("http://{}", running.addr);
+    let jobs = Arc::new(AtomicU64::new(0));
+    for i in 0..agents {
+        tokio::spawn(agent(
+            url.clone(),
+            format!("sim-{i}"),
+            packages,
+            jobs.clone(),
+        ));
+    }
+    let mut client = pb::run_service_client::RunServiceClient::connect(url.clone()).await?;
+    // Every agent registered before the clock starts.
+    loop {
+        let n = client
+            .list_agents(pb::ListAgentsRequest {})
+            .await?
+            .into_inner()
+            .agents
+            .iter()
+            .filter(|a| a.connected)
+            .count();
+        if n >= agents {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = Instant::now();
+    let run = client
+        .submit_run(pb::SubmitRunRequest {
+            source: Some(pb::Source {
+                kind: Some(pb::source::Kind::FlakeRef("github:bench/load".into())),
+            }),
+            attr_path: "packages.x86_64-linux".into(),
+            label: "load".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let mut events = client
+        .watch_run(pb::WatchRunRequest {
+            run_id: run.clone(),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let mut seen = 0u64;
+    while let Some(e) = events.message().await? {
+        seen += 1;
+        if e.kind == "run-finished" || e.kind == "run-failed" {
+            break;
+        }
+    }
+    let elapsed = start.elapsed();
+    let report = client
+        .get_report(pb::GetReportRequest { run_id: run })
+        .await?
+        .into_inner();
+    let ready = report
+        .packages
+        .iter()
+        .filter(|p| p.status == "ready")
+        .count();
+    let n = jobs.load(Ordering::Relaxed);
+    println!("load test: {agents} agents (gRPC streams), {packages} packages, one coordinator");
+    println!(
+        "  run state {}: {ready}/{} ready",
+        report.state,
+        report.packages.len()
+    );
+    println!(
+        "  {n} jobs (eval + build) in {:.2} s: {:.0} jobs/s; {seen} events streamed to the watcher",
+        elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  peak memory of the process (coordinator + simulated agents): {:.0} MB",
+        peak_rss_mb()
+    );
+    running.stop().await;
+    Ok(())
+}
