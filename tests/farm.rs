@@ -332,14 +332,12 @@ fn cancel_stops_a_run_and_reports_cancelled() {
     });
     let out = cli(&f.coordinator.url, &["cancel", &run]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = wait_for(Duration::from_secs(30), "cancelled report", || {
-        let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
-            &f.coordinator.url,
-            &["report", &run, "--format", "json"],
-        )))
-        .ok()?;
-        (r["state"] == "cancelled").then_some(r)
-    });
+    let report = wait_for_state(
+        &f.coordinator.url,
+        &run,
+        "cancelled",
+        Duration::from_secs(30),
+    );
     let got = packages_by_attr(&report);
     assert_eq!(got["slow"]["status"], "cancelled");
     assert_eq!(got["after"]["status"], "cancelled");

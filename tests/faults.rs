@@ -37,6 +37,23 @@ fn cache(dir: &std::path::Path) -> (String, std::path::PathBuf, String) {
     (format!("file://{}", c.display()), sk, pk)
 }
 
+/// Submits `repo` with the cache the agents share; returns the run id.
+fn submit_shared(url: &str, repo: &std::path::Path, cache_url: &str, pk: &str) -> String {
+    let out = cli(
+        url,
+        &[
+            "submit",
+            repo.to_str().unwrap(),
+            "--cache",
+            cache_url,
+            "--trusted-public-key",
+            pk,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
 /// A coordinator config with a grace period of `lease` seconds before a silent agent's jobs
 /// are requeued.
 fn config(dir: &std::path::Path, lease: u64) -> std::path::PathBuf {
@@ -81,19 +98,7 @@ fn kill_9_of_the_coordinator_mid_run_loses_nothing_and_redoes_nothing() {
         ));
     }
     let repo = slow_repo(dir.path(), 8, 3);
-    let out = cli(
-        &coordinator.url,
-        &[
-            "submit",
-            repo.to_str().unwrap(),
-            "--cache",
-            &cache_url,
-            "--trusted-public-key",
-            &pk,
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let run = stdout(&out).trim().to_string();
+    let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
     // A watcher that must live through the restart.
     let watcher = Command::new(bin("nixfarm"))
         .args(["watch", &run, "--format", "json"])
@@ -213,18 +218,7 @@ fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
             .then_some(())
     });
     let repo = slow_repo(dir.path(), 6, 4);
-    let out = cli(
-        &coordinator.url,
-        &[
-            "submit",
-            repo.to_str().unwrap(),
-            "--cache",
-            &cache_url,
-            "--trusted-public-key",
-            &pk,
-        ],
-    );
-    let run = stdout(&out).trim().to_string();
+    let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     wait_for(Duration::from_secs(61), "the victim to be building", || {
         if std::time::Instant::now() > deadline {
@@ -246,14 +240,7 @@ fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
         (n >= 1).then_some(())
     });
     victim.kill();
-    let report: serde_json::Value = wait_for(Duration::from_secs(120), "the run to finish", || {
-        let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
-            &coordinator.url,
-            &["report", &run, "--format", "json"],
-        )))
-        .ok()?;
-        (r["state"] == "finished").then_some(r)
-    });
+    let report = wait_for_state(&coordinator.url, &run, "finished", Duration::from_secs(120));
     assert_eq!(report["summary"]["ready"], 7, "{report}");
     let names: Vec<&str> = report["packages"]
         .as_array()
@@ -386,18 +373,7 @@ fn sigterm_drains_an_agent_its_running_build_finishes_and_is_reported() {
         .start_agent("draining", &coordinator.url, Some(&sk), 1)
         .unwrap();
     let repo = slow_repo(dir.path(), 2, 3);
-    let out = cli(
-        &coordinator.url,
-        &[
-            "submit",
-            repo.to_str().unwrap(),
-            "--cache",
-            &cache_url,
-            "--trusted-public-key",
-            &pk,
-        ],
-    );
-    let run = stdout(&out).trim().to_string();
+    let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
     let building: String = wait_for(Duration::from_secs(60), "a build on the agent", || {
         coordinator
             .db()
@@ -449,14 +425,7 @@ fn sigterm_drains_an_agent_its_running_build_finishes_and_is_reported() {
     let _next = second
         .start_agent("next", &coordinator.url, Some(&sk), 2)
         .unwrap();
-    let report: serde_json::Value = wait_for(Duration::from_secs(90), "the run to finish", || {
-        let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
-            &coordinator.url,
-            &["report", &run, "--format", "json"],
-        )))
-        .ok()?;
-        (r["state"] == "finished").then_some(r)
-    });
+    let report = wait_for_state(&coordinator.url, &run, "finished", Duration::from_secs(90));
     assert_eq!(report["summary"]["ready"], 3, "{report}");
     let rebuilt: i64 = coordinator
         .db()

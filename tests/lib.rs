@@ -354,3 +354,20 @@ pub fn packages_by_attr(
         .map(|p| (p["attr"].as_str().expect("attr").to_string(), p.clone()))
         .collect()
 }
+
+/// Polls `nixfarm report RUN --format json` until the run is in `state`; returns the report.
+pub fn wait_for_state(
+    coordinator: &str,
+    run: &str,
+    state: &str,
+    timeout: Duration,
+) -> serde_json::Value {
+    wait_for(timeout, &format!("run {run} to be {state}"), || {
+        let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
+            coordinator,
+            &["report", run, "--format", "json"],
+        )))
+        .ok()?;
+        (r["state"] == state).then_some(r)
+    })
+}

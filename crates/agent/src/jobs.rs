@@ -299,13 +299,10 @@ async fn eval_chunk(
             .filter(|p| !p.is_empty())
             .collect();
         let missing: std::collections::HashSet<String> = if j.cache.is_empty() {
-            let mut m = std::collections::HashSet::new();
-            for o in &outs {
-                if !shared.nix.paths_valid(std::slice::from_ref(o)).await {
-                    m.insert(o.clone());
-                }
+            match shared.nix.invalid_paths(&outs).await {
+                Ok(m) => m.into_iter().collect(),
+                Err(e) => return fail(e),
             }
-            m
         } else {
             match pusher(shared, &j.cache).await {
                 Ok(p) => match p.missing(&outs).await {

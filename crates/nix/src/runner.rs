@@ -325,6 +325,28 @@ impl Nix {
         Ok(all)
     }
 
+    /// Which of `paths` are not valid in the store, in one `nix-store` call.
+    pub async fn invalid_paths(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
+        let mut out = Vec::new();
+        for chunk in paths.chunks(2000) {
+            let o = Command::new(&self.nix_store)
+                .args(["--check-validity", "--print-invalid"])
+                .args(chunk)
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
+            if !o.status.success() {
+                return Err(NixError::Infra(format!(
+                    "nix-store --check-validity failed: {}",
+                    tail(&String::from_utf8_lossy(&o.stderr), 500)
+                )));
+            }
+            out.extend(String::from_utf8_lossy(&o.stdout).lines().map(String::from));
+        }
+        Ok(out)
+    }
+
     /// Builds one derivation with `nix-store --realise`, streaming its log to `on_log`.
     /// Cancelling `cancel` interrupts Nix (which stops the builder) and reports `cancelled`.
     pub async fn realise(
