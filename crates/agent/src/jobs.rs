@@ -76,7 +76,7 @@ pub(crate) async fn run(
             msg(pb::agent_message::Msg::EvalChunk(r))
         }
         Some(Job::Build(j)) => {
-            let mut r = build(shared, j, cancel, logs, attempt.clone()).await;
+            let mut r = build(shared, channel, j, cancel, logs, attempt.clone()).await;
             r.attempt_id = attempt;
             msg(pb::agent_message::Msg::Build(r))
         }
@@ -209,6 +209,67 @@ async fn eval_isolated(
     Ok(out)
 }
 
+/// Upload claims held at the coordinator: agents whose closures overlap (two evaluating
+/// chunks that share derivations and sources) upload each path once.
+struct Claims<'a> {
+    shared: &'a Shared,
+    channel: Channel,
+    cache: &'a str,
+}
+
+impl<'a> Claims<'a> {
+    fn new(shared: &'a Shared, channel: Channel, cache: &'a str) -> Self {
+        Claims {
+            shared,
+            channel,
+            cache,
+        }
+    }
+
+    async fn call(&self, paths: &[String], release: bool) -> Result<Vec<bool>, String> {
+        let mut client = AgentServiceClient::new(self.channel.clone());
+        let mut granted = Vec::with_capacity(paths.len());
+        for chunk in paths.chunks(10_000) {
+            let mut req = tonic::Request::new(pb::ClaimUploadsRequest {
+                agent: self.shared.cfg.name.clone(),
+                cache: self.cache.to_string(),
+                paths: chunk.to_vec(),
+                release,
+            });
+            req.set_timeout(Duration::from_secs(10));
+            add_token(&mut req, &self.shared.token);
+            let r = tokio::time::timeout(Duration::from_secs(15), client.claim_uploads(req))
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|s| s.message().to_string())?;
+            granted.extend(r.into_inner().granted);
+        }
+        Ok(granted)
+    }
+}
+
+impl nixfarm_store::Arbiter for Claims<'_> {
+    async fn claim(&self, paths: &[String]) -> Vec<bool> {
+        match self.call(paths, false).await {
+            Ok(g) if g.len() == paths.len() => g,
+            Ok(_) | Err(_) => {
+                // A coordinator out of reach must not stop the push: upload it all here.
+                tracing::warn!(
+                    "cannot claim uploads at the coordinator; uploading without a claim"
+                );
+                vec![true; paths.len()]
+            }
+        }
+    }
+    async fn release(&self, paths: &[String]) {
+        if !paths.is_empty()
+            && let Err(e) = self.call(paths, true).await
+        {
+            tracing::debug!("cannot release upload claims: {e}");
+        }
+    }
+}
+
 /// The pusher for a run's cache URL.
 async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pusher>, NixError> {
     let mut map = shared.pushers.lock().await;
@@ -238,7 +299,7 @@ async fn eval_chunk(
         infra: e.is_infra(),
         ..Default::default()
     };
-    let flake = match prepare_source(shared, channel, j.source).await {
+    let flake = match prepare_source(shared, channel.clone(), j.source).await {
         Ok(f) => f,
         Err(e) => return fail(e),
     };
@@ -324,8 +385,12 @@ async fn eval_chunk(
     }
     if !j.cache.is_empty() {
         // Builders on other hosts fetch the derivations (and their sources) from the cache.
+        let claims = Claims::new(shared, channel, &j.cache);
         let pushed = match pusher(shared, &j.cache).await {
-            Ok(p) => p.push_closure(&tops).await.map_err(|e| e.to_string()),
+            Ok(p) => p
+                .push_closure_with(&tops, &claims)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = pushed {
@@ -364,6 +429,7 @@ async fn eval_chunk(
 
 async fn build(
     shared: &Arc<Shared>,
+    channel: Channel,
     j: pb::BuildJob,
     cancel: CancellationToken,
     logs: mpsc::Sender<pb::AgentMessage>,
@@ -442,7 +508,9 @@ async fn build(
             // Pushed even when nothing was built: the output may predate the run (the push asks
             // the cache first and uploads only what it lacks).
             if let Some(p) = &push
-                && let Err(e) = p.push_closure(&paths).await
+                && let Err(e) = p
+                    .push_closure_with(&paths, &Claims::new(shared, channel, &j.cache))
+                    .await
             {
                 // Built: the outputs exist; only publishing failed, after retries.
                 r.status = pb::BuildStatus::NotCached as i32;

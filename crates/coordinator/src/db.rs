@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS agents (
   info TEXT NOT NULL,
   last_seen_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS upload_claims (
+  cache TEXT NOT NULL,
+  path TEXT NOT NULL,
+  agent TEXT NOT NULL,
+  claimed_ms INTEGER NOT NULL,
+  PRIMARY KEY (cache, path)
+);
 "#;
 
 /// The coordinator's database.
@@ -411,6 +418,67 @@ impl Db {
              ON CONFLICT(name) DO UPDATE SET info = excluded.info, last_seen_ms = excluded.last_seen_ms",
             params![name, info, now_ms],
         )?;
+        Ok(())
+    }
+
+    /// Claims each of `paths` in `cache` for `agent` where it is unclaimed, already the
+    /// agent's, or `lapsed(holder, claimed_ms)` says the holder's claim lapsed; one
+    /// transaction. Returns, per path, whether the agent now holds it.
+    pub fn claim_uploads(
+        &mut self,
+        cache: &str,
+        agent: &str,
+        paths: &[String],
+        now_ms: i64,
+        lapsed: impl Fn(&str, i64) -> bool,
+    ) -> Result<Vec<bool>, DbError> {
+        self.tx(|tx| {
+            let mut get = tx.prepare_cached(
+                "SELECT agent, claimed_ms FROM upload_claims WHERE cache = ?1 AND path = ?2",
+            )?;
+            let mut set = tx.prepare_cached(
+                "INSERT INTO upload_claims(cache, path, agent, claimed_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(cache, path) DO UPDATE SET agent = excluded.agent, claimed_ms = excluded.claimed_ms",
+            )?;
+            let mut granted = Vec::with_capacity(paths.len());
+            for p in paths {
+                let held: Option<(String, i64)> = get
+                    .query_row(params![cache, p], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let free = match &held {
+                    None => true,
+                    Some((holder, at)) => holder == agent || lapsed(holder, *at),
+                };
+                if free {
+                    set.execute(params![cache, p, agent, now_ms])?;
+                }
+                granted.push(free);
+            }
+            Ok(granted)
+        })
+    }
+
+    /// Drops `agent`'s claims on `paths` (all of its claims when `paths` is None).
+    pub fn release_upload_claims(
+        &self,
+        agent: &str,
+        cache: &str,
+        paths: Option<&[String]>,
+    ) -> Result<(), DbError> {
+        match paths {
+            Some(paths) => {
+                let mut st = self.conn.prepare_cached(
+                    "DELETE FROM upload_claims WHERE agent = ?1 AND cache = ?2 AND path = ?3",
+                )?;
+                for p in paths {
+                    st.execute(params![agent, cache, p])?;
+                }
+            }
+            None => {
+                self.conn
+                    .execute("DELETE FROM upload_claims WHERE agent = ?1", params![agent])?;
+            }
+        }
         Ok(())
     }
 

@@ -121,6 +121,10 @@ pub struct Engine {
     sources_dir: PathBuf,
 }
 
+/// An upload claim older than this lapses even while its holder looks alive (a stuck
+/// upload must not hold up every other agent for ever), in milliseconds.
+pub const UPLOAD_CLAIM_TTL_MS: i64 = 10 * 60 * 1000;
+
 fn random_id(prefix: &str) -> String {
     format!("{prefix}{:016x}", fastrand::u64(..))
 }
@@ -553,6 +557,10 @@ impl Engine {
             .filter(|(_, a)| a.agent == reg.name)
             .map(|(id, _)| id.clone())
             .collect();
+        if reg.running_attempts.is_empty() {
+            // Nothing running there: no upload of its is in flight, so its claims lapse now.
+            inner.db.release_upload_claims(&reg.name, "", None)?;
+        }
         let mut running = HashSet::new();
         for id in previous {
             if claimed.contains(&id) {
@@ -626,6 +634,44 @@ impl Engine {
             }
         }
         self.dispatch(inner);
+    }
+
+    /// Claims the upload of `paths` to `cache` for `agent`: true for each path the agent
+    /// should upload itself, false where another agent is uploading it (the caller waits for
+    /// the cache to have it). So agents whose closures overlap upload each path once. A claim
+    /// lapses when its holder is gone for longer than the lease, when the holder registers
+    /// again with nothing running, or after [`UPLOAD_CLAIM_TTL_MS`]. With `release`, drops
+    /// the agent's claims on `paths` instead (uploaded, or given up) and returns nothing.
+    pub fn claim_uploads(
+        &self,
+        agent: &str,
+        cache: &str,
+        paths: &[String],
+        release: bool,
+    ) -> Result<Vec<bool>, EngineError> {
+        if cache.is_empty() {
+            return Err(EngineError::Invalid("an upload claim needs a cache".into()));
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        if let Some(a) = inner.agents.get_mut(agent) {
+            a.last_seen_ms = now;
+        }
+        if release {
+            inner.db.release_upload_claims(agent, cache, Some(paths))?;
+            return Ok(Vec::new());
+        }
+        let lease = self.opts.lease_ms;
+        let agents = &inner.agents;
+        let lapsed = |holder: &str, at: i64| {
+            now - at > UPLOAD_CLAIM_TTL_MS
+                || match agents.get(holder) {
+                    Some(h) => h.tx.is_none() && now - h.last_seen_ms.max(at) > lease,
+                    None => now - at > lease,
+                }
+        };
+        Ok(inner.db.claim_uploads(cache, agent, paths, now, lapsed)?)
     }
 
     /// Puts an attempt's job back in the queue; its late result will be ignored.
@@ -1776,5 +1822,87 @@ mod tests {
         let mut not_fixed = node("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
         not_fixed.fixed_output = false;
         assert!(!has_fake_hash(&not_fixed));
+    }
+
+    #[test]
+    fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(
+            Db::open_in_memory().unwrap(),
+            dir.path().join("sources"),
+            clock.clone(),
+            EngineOptions {
+                lease_ms: 5_000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let connect = |name: &str| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let reg = Registration {
+                name: name.into(),
+                systems: vec!["x86_64-linux".into()],
+                features: vec![],
+                max_jobs: 1,
+                nix_version: "2.8.0".into(),
+                running_attempts: vec![],
+            };
+            (engine.connect_agent(reg, tx).unwrap(), rx)
+        };
+        let (conn_a, _rx_a) = connect("a");
+        let (conn_b, _rx_b) = connect("b");
+        let paths = vec!["/nix/store/p1".to_string(), "/nix/store/p2".to_string()];
+        let c = "file:///cache";
+        assert_eq!(
+            engine.claim_uploads("a", c, &paths, false).unwrap(),
+            [true, true]
+        );
+        // Held by a: b waits; a asking again keeps its claim.
+        assert_eq!(
+            engine.claim_uploads("b", c, &paths, false).unwrap(),
+            [false, false]
+        );
+        assert_eq!(
+            engine.claim_uploads("a", c, &paths, false).unwrap(),
+            [true, true]
+        );
+        // Another cache is another claim.
+        assert_eq!(
+            engine
+                .claim_uploads("b", "file:///other", &paths[..1], false)
+                .unwrap(),
+            [true]
+        );
+        // a uploaded p1: b may claim it (and will find it in the cache).
+        engine.claim_uploads("a", c, &paths[..1], true).unwrap();
+        assert_eq!(
+            engine.claim_uploads("b", c, &paths, false).unwrap(),
+            [true, false]
+        );
+        // The streams drop: a's claim holds through the lease, then lapses.
+        engine.disconnect_agent("b", conn_b);
+        engine.disconnect_agent("a", conn_a);
+        clock.advance(4_000);
+        assert_eq!(
+            engine.claim_uploads("b", c, &paths[1..], false).unwrap(),
+            [false]
+        );
+        clock.advance(2_000);
+        assert_eq!(
+            engine.claim_uploads("b", c, &paths[1..], false).unwrap(),
+            [true]
+        );
+        // A holder that registers again with nothing running has no upload in flight.
+        let (_, _rx_a2) = connect("a");
+        assert_eq!(
+            engine.claim_uploads("a", c, &paths[1..], false).unwrap(),
+            [false]
+        );
+        let (_, _rx_b2) = connect("b");
+        assert_eq!(
+            engine.claim_uploads("a", c, &paths[1..], false).unwrap(),
+            [true]
+        );
     }
 }

@@ -402,6 +402,29 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         Ok(Response::new(Box::pin(out)))
     }
 
+    async fn claim_uploads(
+        &self,
+        req: Request<pb::ClaimUploadsRequest>,
+    ) -> Result<Response<pb::ClaimUploadsResponse>, Status> {
+        let r = req.into_inner();
+        if r.agent.is_empty() || r.paths.len() > 100_000 {
+            return Err(
+                WireError("a claim names its agent and at most 100000 paths".into()).into(),
+            );
+        }
+        if let Some(p) = r
+            .paths
+            .iter()
+            .find(|p| !p.starts_with('/') || p.contains('\n'))
+        {
+            return Err(WireError(format!("'{p}' is not a store path")).into());
+        }
+        let granted = self
+            .engine
+            .claim_uploads(&r.agent, &r.cache, &r.paths, r.release)?;
+        Ok(Response::new(pb::ClaimUploadsResponse { granted }))
+    }
+
     async fn fetch_source(
         &self,
         req: Request<pb::FetchSourceRequest>,

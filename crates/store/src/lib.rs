@@ -188,6 +188,26 @@ pub struct Pusher {
     pub stats: Arc<Stats>,
 }
 
+/// Decides which pusher uploads a path when several push overlapping closures to one cache
+/// (agents on separate hosts: the coordinator decides).
+pub trait Arbiter: Sync {
+    /// Per path, in order: true when this pusher should upload it, false when another one
+    /// is. An arbiter that cannot be asked answers true (a second upload beats a hang).
+    fn claim(&self, paths: &[String]) -> impl std::future::Future<Output = Vec<bool>> + Send;
+    /// This pusher is done with `paths`: uploaded, or given up.
+    fn release(&self, paths: &[String]) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// The arbiter of a pusher that is alone: every path is its own.
+pub struct Alone;
+
+impl Arbiter for Alone {
+    async fn claim(&self, paths: &[String]) -> Vec<bool> {
+        vec![true; paths.len()]
+    }
+    async fn release(&self, _: &[String]) {}
+}
+
 /// A NAR staged on disk, compressed, with its hashes.
 struct Staged {
     file: std::fs::File,
@@ -564,6 +584,18 @@ impl Pusher {
     /// Pushes the closure of `paths`: asks which are missing and uploads only those,
     /// dependencies first. Returns the paths uploaded.
     pub async fn push_closure(&self, paths: &[String]) -> Result<Vec<String>, StoreError> {
+        self.push_closure_with(paths, &Alone).await
+    }
+
+    /// Like [`Pusher::push_closure`], with other pushers to the same cache: `arbiter` says
+    /// which missing paths this one uploads; for the others it waits until the cache has
+    /// them (taking them over when their claim lapses). Returns once the whole closure is in
+    /// the cache, so each path is uploaded once however the pushers' closures overlap.
+    pub async fn push_closure_with<A: Arbiter>(
+        &self,
+        paths: &[String],
+        arbiter: &A,
+    ) -> Result<Vec<String>, StoreError> {
         if matches!(self.target, Target::Cachix { .. }) && self.token.is_none() {
             return Err(StoreError::NoToken);
         }
@@ -573,53 +605,113 @@ impl Pusher {
             return Ok(Vec::new());
         }
         let infos = self.nix.path_infos(&missing).await?;
-        let by_path: std::collections::HashMap<&str, &StorePathInfo> =
-            infos.iter().map(|i| (i.path.as_str(), i)).collect();
-        let mut remaining: Vec<&StorePathInfo> = Vec::with_capacity(missing.len());
-        for p in &missing {
-            match by_path.get(p.as_str()) {
-                Some(i) => remaining.push(i),
-                None => {
-                    return Err(StoreError::Http(format!(
-                        "{p} is not valid in the local store"
-                    )));
-                }
+        let mut by_path: std::collections::HashMap<String, StorePathInfo> =
+            infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+        if let Some(p) = missing.iter().find(|p| !by_path.contains_key(p.as_str())) {
+            return Err(StoreError::Http(format!(
+                "{p} is not valid in the local store"
+            )));
+        }
+        let granted = arbiter.claim(&missing).await;
+        let mut remaining: Vec<StorePathInfo> = Vec::with_capacity(missing.len());
+        // Paths another pusher is uploading: waited for, not uploaded here.
+        let mut theirs: Vec<String> = Vec::new();
+        for (i, p) in missing.iter().enumerate() {
+            if granted.get(i).copied().unwrap_or(true) {
+                remaining.extend(by_path.remove(p));
+            } else {
+                theirs.push(p.clone());
             }
         }
-        // Waves of paths whose missing references are all uploaded: dependencies first,
-        // independent paths in parallel.
+        let result = self
+            .push_waves(&missing, remaining, theirs, by_path, arbiter)
+            .await;
+        if result.is_err() {
+            // Whatever is not uploaded is free for another pusher at once.
+            arbiter.release(&missing).await;
+        }
+        result
+    }
+
+    async fn push_waves<A: Arbiter>(
+        &self,
+        missing: &[String],
+        mut remaining: Vec<StorePathInfo>,
+        mut theirs: Vec<String>,
+        mut infos: std::collections::HashMap<String, StorePathInfo>,
+        arbiter: &A,
+    ) -> Result<Vec<String>, StoreError> {
         let pending: std::collections::HashSet<&str> = missing.iter().map(String::as_str).collect();
-        let mut uploaded: std::collections::HashSet<String> = std::collections::HashSet::new();
+        // Missing paths that are in the cache by now, uploaded here or by another pusher.
+        let mut in_cache: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut done = Vec::new();
-        while !remaining.is_empty() {
-            let (mut ready, mut rest): (Vec<&StorePathInfo>, Vec<&StorePathInfo>) =
+        let mut wait = Duration::from_millis(100);
+        let mut waited = Duration::ZERO;
+        while !remaining.is_empty() || !theirs.is_empty() {
+            // Waves of paths whose missing references are all in the cache: dependencies
+            // first, independent paths in parallel.
+            let (mut ready, rest): (Vec<StorePathInfo>, Vec<StorePathInfo>) =
                 remaining.into_iter().partition(|i| {
                     i.references.iter().all(|r| {
-                        r == &i.path || !pending.contains(r.as_str()) || uploaded.contains(r)
+                        r == &i.path || !pending.contains(r.as_str()) || in_cache.contains(r)
                     })
                 });
+            remaining = rest;
+            if ready.is_empty() && !theirs.is_empty() {
+                // Everything left waits on paths another pusher is uploading.
+                tokio::time::sleep(wait).await;
+                waited += wait;
+                wait = (wait * 2).min(Duration::from_secs(2));
+                let still = self.missing(&theirs).await?;
+                in_cache.extend(theirs.iter().filter(|p| !still.contains(p)).cloned());
+                theirs = still;
+                if waited >= Duration::from_secs(3) && !theirs.is_empty() {
+                    // Take over what the other pusher gave up (its claim lapsed or was released).
+                    waited = Duration::ZERO;
+                    let granted = arbiter.claim(&theirs).await;
+                    let mut keep = Vec::new();
+                    for (p, g) in theirs.into_iter().zip(granted) {
+                        match (g, infos.remove(&p)) {
+                            (true, Some(i)) => remaining.push(i),
+                            _ => keep.push(p),
+                        }
+                    }
+                    theirs = keep;
+                }
+                continue;
+            }
             if ready.is_empty() {
                 // Cannot happen for a valid store; never loop forever on a bad answer.
-                ready = rest.drain(..1).collect();
+                ready = remaining.drain(..1).collect();
             }
             // Futures built eagerly (they do nothing until polled): a closure returning a
             // borrowing future here makes the caller's future not provably Send.
             let mut futs = Vec::with_capacity(ready.len());
             for i in ready {
-                futs.push(self.push_path(i.clone()));
+                futs.push(self.push_path(i));
             }
             let results: Vec<Result<(String, bool), StoreError>> = futures_util::stream::iter(futs)
                 .buffer_unordered(self.opts.paths_in_flight.max(1))
                 .collect()
                 .await;
+            let mut wave = Vec::with_capacity(results.len());
+            let mut failed = None;
             for r in results {
-                let (path, up) = r?;
-                if up {
-                    done.push(path.clone());
+                match r {
+                    Ok((path, up)) => {
+                        if up {
+                            done.push(path.clone());
+                        }
+                        wave.push(path);
+                    }
+                    Err(e) => failed = failed.or(Some(e)),
                 }
-                uploaded.insert(path);
             }
-            remaining = rest;
+            arbiter.release(&wave).await;
+            in_cache.extend(wave);
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
         Ok(done)
     }
