@@ -171,6 +171,97 @@ fn fastrand_u32() -> u32 {
 /// home directory, sharing nothing with the others but the coordinator and the cache.
 pub struct Host {
     pub root: PathBuf,
+    /// The network namespace the host lives in (None: this machine's own network).
+    pub netns: Option<String>,
+}
+
+/// A network namespace joined to this machine's by a veth pair: a host whose link can be
+/// cut. The machine's end is `host_ip`, the namespace's end `ns_ip`. Removed when dropped.
+pub struct NetNs {
+    pub name: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+    veth: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = std::process::id() % 10_000;
+        // Addresses of this test's own hosts only: a /30 inside 10.231.0.0/16.
+        let subnet = (id * 4 + n) % 16_000;
+        let (a, b) = (subnet / 64, (subnet % 64) * 4);
+        let ns = NetNs {
+            name: format!("nixfarm-{id}-{n}"),
+            host_ip: format!("10.231.{a}.{}", b + 1),
+            ns_ip: format!("10.231.{a}.{}", b + 2),
+            veth: format!("nfh{id}x{n}"),
+        };
+        let peer = format!("nfa{id}x{n}");
+        ip(&["netns", "add", &ns.name]);
+        ip(&[
+            "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &ns.name]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &ns.veth,
+        ]);
+        ip(&["link", "set", &ns.veth, "up"]);
+        let cidr = format!("{}/30", ns.ns_ip);
+        for args in [
+            ["addr", "add", cidr.as_str(), "dev", peer.as_str()].as_slice(),
+            &["link", "set", &peer, "up"],
+            &["link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["netns", "exec", &ns.name, "ip"];
+            full.extend_from_slice(args);
+            ip(&full);
+        }
+        ns
+    }
+
+    /// Cuts the link: packets stop in both directions; connections stay open, as in a
+    /// real network outage.
+    pub fn cut(&self) {
+        ip(&["link", "set", &self.veth, "down"]);
+    }
+
+    pub fn restore(&self) {
+        ip(&["link", "set", &self.veth, "up"]);
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 impl Host {
@@ -182,6 +273,15 @@ impl Host {
         set_mode(&root.join("nix"), 0o755);
         Host {
             root: root.to_path_buf(),
+            netns: None,
+        }
+    }
+
+    /// A host on a network of its own (see [`NetNs`]).
+    pub fn in_netns(root: &Path, netns: &NetNs) -> Host {
+        Host {
+            netns: Some(netns.name.clone()),
+            ..Host::new(root)
         }
     }
 
@@ -189,7 +289,14 @@ impl Host {
     pub fn command(&self, argv: &[&str]) -> Command {
         let mut script = String::from("set -e; mount --bind \"$NF_HOST/nix\" /nix; exec \"$@\"");
         script.push('\n');
-        let mut c = Command::new("unshare");
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "unshare"]);
+                c
+            }
+            None => Command::new("unshare"),
+        };
         c.args([
             "-m",
             "--propagation",

@@ -583,17 +583,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Agents => {
-            let agents = client
+            let resp = client
                 .raw()
                 .list_agents(client.req(pb::ListAgentsRequest {}))
                 .await
                 .map_err(status_error)?
-                .into_inner()
-                .agents;
+                .into_inner();
+            let (agents, waiting) = (resp.agents, resp.waiting);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             let mut t = comfy();
             t.set_header(vec![
                 "agent",
                 "connected",
+                "last seen",
                 "systems",
                 "jobs",
                 "nix",
@@ -612,6 +616,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     } else {
                         "no".into()
                     },
+                    format!("{}s ago", now_ms.saturating_sub(a.last_seen_ms) / 1000),
                     a.systems.join(" "),
                     format!("{}/{}", a.building.len(), a.max_jobs),
                     a.nix_version,
@@ -619,6 +624,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 ]);
             }
             print!("{t}");
+            if !waiting.is_empty() {
+                println!("\nwaiting jobs:");
+                for w in waiting {
+                    println!("  {:>6}  {} (e.g. {})", w.jobs, w.reason, w.example);
+                }
+            }
             Ok(0)
         }
         Command::Cancel { run } => {

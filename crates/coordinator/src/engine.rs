@@ -1367,6 +1367,39 @@ impl Engine {
             .collect()
     }
 
+    /// Every job of the unfinished runs that is not running, grouped by why it waits:
+    /// (reason, number of jobs, one of them), most jobs first.
+    pub fn waiting_jobs(&self) -> Vec<(String, u64, String)> {
+        let g = self.lock();
+        let mut groups: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        for run in g.runs.iter().filter(|r| !r.state.is_terminal()) {
+            let Some(sched) = &run.sched else {
+                if !run.eval_queue.is_empty() {
+                    let e = groups
+                        .entry("evaluation: waiting for an agent".into())
+                        .or_insert((0, run.id.clone()));
+                    e.0 += run.eval_queue.len() as u64;
+                }
+                continue;
+            };
+            for id in 0..sched.len() as NodeId {
+                let reason = match sched.state(id) {
+                    NodeState::Ready => queued_reason(&g, sched.class(id)),
+                    NodeState::Waiting => "waiting on dependencies".into(),
+                    _ => continue,
+                };
+                let e = groups
+                    .entry(reason)
+                    .or_insert_with(|| (0, store_name(&run.drv_of[id as usize]).to_string()));
+                e.0 += 1;
+            }
+        }
+        let mut out: Vec<(String, u64, String)> =
+            groups.into_iter().map(|(r, (n, ex))| (r, n, ex)).collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
+    }
+
     /// The Prometheus text exposition of the farm's state: agents, jobs by state, builds by
     /// outcome with durations, retries and attempts lost to vanished agents.
     pub fn metrics_text(&self) -> Result<String, EngineError> {
@@ -1716,6 +1749,36 @@ fn closure_mismatches(
 
 /// Why a package of an unfinished run is not done yet: evaluating, building where, queued
 /// (and whether any connected agent can take it), or waiting on dependencies.
+/// Why a derivation that is ready to build is not running yet.
+fn queued_reason(inner: &Inner, class: &Class) -> String {
+    let describe = || {
+        if class.features.is_empty() {
+            class.system.clone()
+        } else {
+            format!("{} with {}", class.system, class.features.join(", "))
+        }
+    };
+    let capable: Vec<&AgentMem> = inner
+        .agents
+        .values()
+        .filter(|a| a.tx.is_some() && !a.draining && a.caps.can_build(class))
+        .collect();
+    if capable.is_empty() {
+        format!("no connected agent builds {}", describe())
+    } else if capable
+        .iter()
+        .all(|a| a.running.len() >= a.reg.max_jobs as usize)
+    {
+        format!(
+            "queued: all {} agent(s) that build {} are busy",
+            capable.len(),
+            describe()
+        )
+    } else {
+        "queued".into()
+    }
+}
+
 fn waiting_reason(inner: &Inner, run_id: &str, drv: &str) -> String {
     let Some(run) = inner.runs.iter().find(|r| r.id == run_id) else {
         return String::new();
@@ -1723,35 +1786,7 @@ fn waiting_reason(inner: &Inner, run_id: &str, drv: &str) -> String {
     let (Some(sched), Some(&top)) = (&run.sched, run.node_of.get(drv)) else {
         return "evaluating".into();
     };
-    let describe = |class: &Class| {
-        if class.features.is_empty() {
-            class.system.clone()
-        } else {
-            format!("{} with {}", class.system, class.features.join(", "))
-        }
-    };
-    let queued = |id: NodeId| -> String {
-        let class = sched.class(id);
-        let capable: Vec<&AgentMem> = inner
-            .agents
-            .values()
-            .filter(|a| a.tx.is_some() && !a.draining && a.caps.can_build(class))
-            .collect();
-        if capable.is_empty() {
-            format!("no connected agent builds {}", describe(class))
-        } else if capable
-            .iter()
-            .all(|a| a.running.len() >= a.reg.max_jobs as usize)
-        {
-            format!(
-                "queued: all {} agent(s) that build {} are busy",
-                capable.len(),
-                describe(class)
-            )
-        } else {
-            "queued".into()
-        }
-    };
+    let queued = |id: NodeId| queued_reason(inner, sched.class(id));
     match sched.state(top) {
         NodeState::Running => {
             let agent = inner

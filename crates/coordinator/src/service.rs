@@ -641,7 +641,17 @@ impl pb::run_service_server::RunService for RunSvc {
                 last_seen_ms: a.last_seen_ms as u64,
             })
             .collect();
-        Ok(Response::new(pb::ListAgentsResponse { agents }))
+        let waiting = self
+            .engine
+            .waiting_jobs()
+            .into_iter()
+            .map(|(reason, jobs, example)| pb::WaitingJobs {
+                reason,
+                jobs,
+                example,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAgentsResponse { agents, waiting }))
     }
 
     async fn cancel_run(
