@@ -620,3 +620,102 @@ fn a_network_cut_longer_than_the_lease_requeues_and_the_run_completes() {
     assert_nothing_lost_or_repeated(&p);
     assert!(p.lost >= 1, "the cut agent's attempts were given up");
 }
+
+#[test]
+fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let (cache_url, sk, pk) = cache(dir.path());
+    // 48 MiB of store, and a package that writes 64 MiB.
+    let tiny = Host::with_small_disk(&dir.path().join("tiny"), 48);
+    let _tiny = tiny
+        .start_agent_with(
+            "tiny",
+            &coordinator.url,
+            Some(&sk),
+            2,
+            &[],
+            &["--min-free-mib", "4"],
+        )
+        .unwrap();
+    let repo = dir.path().join("big");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: script: derivation { inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
+    in { packages.x86_64-linux = {
+      big = mk "big" "head -c 67108864 /dev/zero > $out";
+      small = mk "small" "echo small > $out";
+    }; }; }"#,
+    )
+    .unwrap();
+    let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
+    let watcher = Command::new(bin("nixfarm"))
+        .args(["watch", &run, "--format", "json"])
+        .env("NIXFARM_COORDINATOR", &coordinator.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The build fails for want of space, and the agent stops taking work.
+    wait_for(Duration::from_secs(90), "the disk to fill up", || {
+        let n: i64 = coordinator
+            .db()
+            .query_row(
+                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND agent = 'tiny' AND outcome = 'infra-failed'",
+                [&run],
+                |r| r.get(0),
+            )
+            .ok()?;
+        (n >= 1).then_some(())
+    });
+    let agents = stdout(&cli(&coordinator.url, &["agents"]));
+    assert!(agents.contains("yes (paused)"), "{agents}");
+    assert!(
+        agents.contains("tiny: a build ran out of disk space in /nix/store; no new jobs for"),
+        "{agents}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&cli(
+        &coordinator.url,
+        &["report", &run, "--format", "json"],
+    )))
+    .unwrap();
+    let p = packages_by_attr(&report);
+    assert_eq!(p["big"]["status"], "pending", "{report}");
+    assert!(
+        p["big"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("queued: all 1 agent(s) that build x86_64-linux are paused (tiny: a build ran out of disk space"),
+        "{report}"
+    );
+    // An agent with room takes it over; the full one is not sent it again.
+    let roomy = Host::new(&dir.path().join("roomy"));
+    let _roomy = roomy
+        .start_agent("roomy", &coordinator.url, Some(&sk), 2)
+        .unwrap();
+    let out = watcher.wait_with_output().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let p = packages_by_attr(&report);
+    assert_eq!(p["big"]["status"], "ready", "{report}");
+    assert_eq!(p["big"]["agent"], "roomy");
+    assert_eq!(p["small"]["status"], "ready", "{report}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("retrying big: agent tiny ran out of disk space:")
+            && log.contains("No space left on device"),
+        "what the user sees: {log}"
+    );
+    let tiny_big: i64 = coordinator
+        .db()
+        .query_row(
+            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND agent = 'tiny' AND target LIKE '%-big.drv'",
+            [&run],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tiny_big, 1, "the full agent was not given the build again");
+}

@@ -173,6 +173,8 @@ pub struct Host {
     pub root: PathBuf,
     /// The network namespace the host lives in (None: this machine's own network).
     pub netns: Option<String>,
+    /// A store on a file system of this many MiB (None: the size of /tmp's).
+    pub store_mib: Option<u64>,
 }
 
 /// A network namespace joined to this machine's by a veth pair: a host whose link can be
@@ -274,6 +276,15 @@ impl Host {
         Host {
             root: root.to_path_buf(),
             netns: None,
+            store_mib: None,
+        }
+    }
+
+    /// A host whose /nix is a file system of `mib` MiB: its disk fills up.
+    pub fn with_small_disk(root: &Path, mib: u64) -> Host {
+        Host {
+            store_mib: Some(mib),
+            ..Host::new(root)
         }
     }
 
@@ -287,7 +298,12 @@ impl Host {
 
     /// A command that runs `argv` inside this host's mount namespace.
     pub fn command(&self, argv: &[&str]) -> Command {
-        let mut script = String::from("set -e; mount --bind \"$NF_HOST/nix\" /nix; exec \"$@\"");
+        let mut script = match self.store_mib {
+            Some(mib) => format!(
+                "set -e; mount -t tmpfs -o size={mib}m,mode=755 nixfarm-small-disk /nix; exec \"$@\""
+            ),
+            None => String::from("set -e; mount --bind \"$NF_HOST/nix\" /nix; exec \"$@\""),
+        };
         script.push('\n');
         let mut c = match &self.netns {
             Some(ns) => {
@@ -340,6 +356,19 @@ impl Host {
         max_jobs: u32,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Proc> {
+        self.start_agent_with(name, coordinator, signing_key, max_jobs, env, &[])
+    }
+
+    /// Like `start_agent_with_env`, with extra agent flags.
+    pub fn start_agent_with(
+        &self,
+        name: &str,
+        coordinator: &str,
+        signing_key: Option<&Path>,
+        max_jobs: u32,
+        env: &[(&str, &str)],
+        flags: &[&str],
+    ) -> anyhow::Result<Proc> {
         let agent = bin("nixfarm-agent");
         let work = self.root.join("work");
         let mut argv: Vec<String> = vec![
@@ -357,6 +386,7 @@ impl Host {
             argv.push("--signing-key-file".into());
             argv.push(k.display().to_string());
         }
+        argv.extend(flags.iter().map(|f| f.to_string()));
         let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
         let log = self.root.join(format!("{name}.log"));
         let child = self

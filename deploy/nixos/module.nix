@@ -113,6 +113,7 @@ in
             nix_bin = mkOption { type = types.str; default = "${config.nix.package}/bin"; description = "Directory of nix and nix-store."; };
             drain_timeout_secs = mkOption { type = types.ints.unsigned; default = 600; description = "Drain deadline on stop, seconds."; };
             log_limit_bytes = mkOption { type = types.ints.positive; default = 1048576; description = "Live log per job, bytes."; };
+            min_free_mib = mkOption { type = types.ints.unsigned; default = 512; description = "MiB kept free in /nix/store's file system; below it no new jobs are taken (0: no check)."; };
           };
         };
       };

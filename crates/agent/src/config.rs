@@ -32,6 +32,9 @@ pub struct AgentConfig {
     pub drain_timeout_secs: u64,
     /// Bytes of live log streamed to the coordinator per job. Default 1048576 (1 MiB).
     pub log_limit_bytes: usize,
+    /// MiB that must stay free in /nix/store's file system; below it the agent takes no new
+    /// jobs (running ones go on) until space is freed. 0: no check. Default 512.
+    pub min_free_mib: u64,
     /// PEM CA that signed the coordinator's certificate (https:// URLs). Default: none, which
     /// means the public web PKI roots.
     pub tls_ca_file: Option<PathBuf>,
@@ -73,6 +76,7 @@ impl Default for AgentConfig {
             signing_key_file: None,
             drain_timeout_secs: 600,
             log_limit_bytes: 1 << 20,
+            min_free_mib: 512,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,

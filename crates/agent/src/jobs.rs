@@ -554,6 +554,14 @@ async fn build(
             r.status = pb::BuildStatus::Failed as i32;
             r.message = m;
         }
+        Err(Failure::DiskFull(m)) => {
+            // Retried elsewhere; this agent takes nothing new until it has room again.
+            if let Ok(mut until) = shared.disk_full_until.lock() {
+                *until = Some(std::time::Instant::now() + crate::DISK_FULL_PAUSE);
+            }
+            r.status = pb::BuildStatus::InfraFailed as i32;
+            r.message = format!("agent {} ran out of disk space: {m}", shared.cfg.name);
+        }
         Err(Failure::Infra(m)) => {
             r.status = pb::BuildStatus::InfraFailed as i32;
             r.message = m;

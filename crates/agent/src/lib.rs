@@ -14,6 +14,7 @@ use nixfarm_nix::Nix;
 use nixfarm_proto::v1 as pb;
 use nixfarm_proto::v1::agent_service_client::AgentServiceClient;
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -22,6 +23,13 @@ use tonic::transport::Channel;
 
 /// How long a delivered result is kept to be sent again after a reconnect.
 const REDELIVER_FOR: Duration = Duration::from_secs(600);
+
+/// After a build ran out of disk space, how long the agent takes no new jobs (the failed
+/// build's files are gone at once, so free space alone would call it healthy again).
+pub(crate) const DISK_FULL_PAUSE: Duration = Duration::from_secs(60);
+
+/// Where Nix keeps store paths (builds fill this file system).
+const STORE_DIR: &str = "/nix/store";
 
 /// Shared state of one agent process.
 pub(crate) struct Shared {
@@ -35,6 +43,44 @@ pub(crate) struct Shared {
     pub pushers: tokio::sync::Mutex<HashMap<String, Arc<nixfarm_store::Pusher>>>,
     /// Cache credentials: they stay on this host and are never sent or logged.
     pub creds: config::CacheCredentials,
+    /// Set when a build ran out of disk space: no new jobs until then.
+    pub disk_full_until: Mutex<Option<Instant>>,
+}
+
+/// Why this agent takes no new jobs now; empty when it takes them.
+fn pause_reason(shared: &Shared) -> String {
+    if let Ok(until) = shared.disk_full_until.lock()
+        && let Some(t) = *until
+        && let Some(left) = t.checked_duration_since(Instant::now())
+    {
+        return format!(
+            "a build ran out of disk space in {STORE_DIR}; no new jobs for {} s",
+            left.as_secs() + 1
+        );
+    }
+    let min = shared.cfg.min_free_mib;
+    match free_mib(Path::new(STORE_DIR)) {
+        Some(free) if min > 0 && free < min => {
+            format!("only {free} MiB free in {STORE_DIR} (min_free_mib = {min})")
+        }
+        _ => String::new(),
+    }
+}
+
+/// Free space of the file system holding `path`, in MiB (None when it cannot be read).
+fn free_mib(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs; statvfs(3) writes
+    // only into it, and it is read only when the call succeeded.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: initialised by the successful call above.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize) >> 20)
 }
 
 /// An agent, ready to run.
@@ -62,6 +108,7 @@ impl Agent {
                 token,
                 pushers: tokio::sync::Mutex::new(HashMap::new()),
                 creds: cfg_creds,
+                disk_full_until: Mutex::new(None),
             }),
         })
     }
@@ -169,6 +216,7 @@ impl Agent {
                 let _ = out_tx.send(m.clone()).await;
             }
             let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+            let mut paused = String::new();
             let connected_at = Instant::now();
             let reason: String = loop {
                 tokio::select! {
@@ -182,12 +230,20 @@ impl Agent {
                                 }
                                 continue;
                             }
-                            handle(&shared, &channel, msg, draining, &results_tx, &log_tx);
+                            let refuse = draining || !pause_reason(&shared).is_empty();
+                            handle(&shared, &channel, msg, refuse, &results_tx, &log_tx);
                         }
                         Ok(None) => break "the coordinator closed the stream".to_string(),
                         Err(e) => break format!("stream error: {e}"),
                     },
                     Some(r) = results_rx.recv() => {
+                        // A job that made this agent pause (its disk filled up): say so before
+                        // its result, so the retry is not sent straight back here.
+                        let now_paused = pause_reason(&shared);
+                        if now_paused != paused {
+                            paused = now_paused;
+                            let _ = out_tx.send(heartbeat_msg(&shared, draining, &paused)).await;
+                        }
                         recent.push_back((Instant::now(), r.clone()));
                         if out_tx.send(r).await.is_err() {
                             break "the stream closed".to_string();
@@ -202,17 +258,15 @@ impl Agent {
                         let _ = out_tx.try_send(l);
                     }
                     _ = heartbeat.tick() => {
-                        let running: Vec<String> = shared.running.lock().map(|r| r.keys().cloned().collect()).unwrap_or_default();
-                        let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { running_attempts: running, draining })) };
-                        if out_tx.send(hb).await.is_err() {
+                        paused = pause_reason(&shared);
+                        if out_tx.send(heartbeat_msg(&shared, draining, &paused)).await.is_err() {
                             break "the stream closed".to_string();
                         }
                     }
                     _ = shutdown.cancelled(), if !draining => {
                         draining = true;
                         // Tell the coordinator at once, so nothing new is sent our way.
-                        let running: Vec<String> = shared.running.lock().map(|r| r.keys().cloned().collect()).unwrap_or_default();
-                        let _ = out_tx.try_send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { running_attempts: running, draining: true })) });
+                        let _ = out_tx.try_send(heartbeat_msg(&shared, true, &paused));
                         drain_deadline = Some(tokio::time::Instant::now() + shared.cfg.drain_timeout());
                         tracing::info!(running = running_count(&shared), "draining: no new jobs; waiting for running ones");
                         if running_count(&shared) == 0 {
@@ -238,6 +292,21 @@ impl Agent {
             let _ = wait_or_shutdown(&shutdown, jitter(backoff)).await;
             backoff = (backoff * 2).min(Duration::from_secs(15));
         }
+    }
+}
+
+fn heartbeat_msg(shared: &Shared, draining: bool, paused: &str) -> pb::AgentMessage {
+    let running: Vec<String> = shared
+        .running
+        .lock()
+        .map(|r| r.keys().cloned().collect())
+        .unwrap_or_default();
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+            running_attempts: running,
+            draining,
+            paused: paused.to_string(),
+        })),
     }
 }
 

@@ -39,6 +39,10 @@ struct Args {
     /// File holding the join token (or set NIXFARM_AGENT_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// MiB that must stay free in /nix/store's file system; below it no new jobs are taken.
+    /// 0 turns the check off. Default 512.
+    #[arg(long)]
+    min_free_mib: Option<u64>,
     /// PEM CA of the coordinator's certificate, for https:// coordinators with a private CA.
     #[arg(long, env = "NIXFARM_TLS_CA")]
     tls_ca: Option<PathBuf>,
@@ -74,6 +78,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if !args.systems.is_empty() {
         cfg.systems = args.systems;
+    }
+    if let Some(m) = args.min_free_mib {
+        cfg.min_free_mib = m;
     }
     if let Some(w) = args.work_dir {
         cfg.work_dir = w;

@@ -603,6 +603,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 "nix",
                 "building",
             ]);
+            let paused: Vec<String> = agents
+                .iter()
+                .filter(|a| a.connected && !a.paused.is_empty())
+                .map(|a| format!("  {}: {}", a.name, a.paused))
+                .collect();
             for a in agents {
                 let building: Vec<String> = a
                     .building
@@ -611,10 +616,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .collect();
                 t.add_row(vec![
                     a.name,
-                    if a.connected {
-                        "yes".into()
-                    } else {
-                        "no".into()
+                    match (a.connected, a.draining, a.paused.is_empty()) {
+                        (false, _, _) => "no".into(),
+                        (true, true, _) => "yes (draining)".into(),
+                        (true, false, false) => "yes (paused)".into(),
+                        (true, false, true) => "yes".into(),
                     },
                     format!("{}s ago", now_ms.saturating_sub(a.last_seen_ms) / 1000),
                     a.systems.join(" "),
@@ -624,6 +630,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 ]);
             }
             print!("{t}");
+            if !paused.is_empty() {
+                println!("\ntaking no new jobs:\n{}", paused.join("\n"));
+            }
             if !waiting.is_empty() {
                 println!("\nwaiting jobs:");
                 for w in waiting {

@@ -101,6 +101,8 @@ struct AgentMem {
     running: HashSet<String>,
     last_seen_ms: i64,
     draining: bool,
+    /// Why the agent takes no new jobs for now (its disk is full); empty: it takes them.
+    paused: String,
 }
 
 struct Inner {
@@ -295,6 +297,7 @@ impl Engine {
                         running,
                         last_seen_ms: now,
                         draining: false,
+                        paused: String::new(),
                     },
                 );
             }
@@ -584,6 +587,7 @@ impl Engine {
                 running,
                 last_seen_ms: now,
                 draining: false,
+                paused: String::new(),
             },
         );
         self.dispatch(inner);
@@ -711,15 +715,24 @@ impl Engine {
             a.last_seen_ms = now;
         }
         match msg {
-            FromAgent::Heartbeat { draining: true, .. } => {
-                if let Some(a) = inner.agents.get_mut(name)
-                    && !a.draining
-                {
-                    tracing::info!(agent = name, "agent draining: no new jobs for it");
-                    a.draining = true;
+            FromAgent::Heartbeat {
+                draining, paused, ..
+            } => {
+                if let Some(a) = inner.agents.get_mut(name) {
+                    if draining && !a.draining {
+                        tracing::info!(agent = name, "agent draining: no new jobs for it");
+                        a.draining = true;
+                    }
+                    if paused != a.paused {
+                        if paused.is_empty() {
+                            tracing::info!(agent = name, "agent takes jobs again");
+                        } else {
+                            tracing::warn!(agent = name, "agent paused: {paused}");
+                        }
+                        a.paused = paused;
+                    }
                 }
             }
-            FromAgent::Heartbeat { .. } => {}
             FromAgent::Log { .. } => {}
             FromAgent::EvalList { attempt, result } => {
                 if let Some(a) = self.take_attempt(
@@ -1117,6 +1130,7 @@ impl Engine {
             while let Some(agent) = inner.agents.get(&name) {
                 if agent.tx.is_none()
                     || agent.draining
+                    || !agent.paused.is_empty()
                     || agent.running.len() >= agent.reg.max_jobs as usize
                 {
                     break;
@@ -1363,6 +1377,8 @@ impl Engine {
                     .map(|at| at.target.clone())
                     .collect(),
                 last_seen_ms: a.last_seen_ms,
+                paused: a.paused.clone(),
+                draining: a.draining,
             })
             .collect()
     }
@@ -1758,12 +1774,20 @@ fn queued_reason(inner: &Inner, class: &Class) -> String {
             format!("{} with {}", class.system, class.features.join(", "))
         }
     };
-    let capable: Vec<&AgentMem> = inner
+    let (capable, paused): (Vec<&AgentMem>, Vec<&AgentMem>) = inner
         .agents
         .values()
         .filter(|a| a.tx.is_some() && !a.draining && a.caps.can_build(class))
-        .collect();
-    if capable.is_empty() {
+        .partition(|a| a.paused.is_empty());
+    if capable.is_empty() && !paused.is_empty() {
+        format!(
+            "queued: all {} agent(s) that build {} are paused ({}: {})",
+            paused.len(),
+            describe(),
+            paused[0].reg.name,
+            paused[0].paused
+        )
+    } else if capable.is_empty() {
         format!("no connected agent builds {}", describe())
     } else if capable
         .iter()

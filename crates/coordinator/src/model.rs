@@ -146,6 +146,8 @@ pub enum FromAgent {
         running: Vec<String>,
         /// Set once the agent drains; it stays set until the agent registers again.
         draining: bool,
+        /// Why the agent takes no new jobs for now (its disk is full); empty: it takes them.
+        paused: String,
     },
     Log {
         attempt: String,
@@ -223,6 +225,8 @@ pub struct AgentStatus {
     pub connected: bool,
     pub building: Vec<String>,
     pub last_seen_ms: i64,
+    pub paused: String,
+    pub draining: bool,
 }
 
 /// A line of `nixfarm runs`.

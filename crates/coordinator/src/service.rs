@@ -140,6 +140,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
             Some(Msg::Heartbeat(h)) => FromAgent::Heartbeat {
                 running: h.running_attempts,
                 draining: h.draining,
+                paused: h.paused.chars().take(500).collect(),
             },
             Some(Msg::Log(l)) => FromAgent::Log {
                 attempt: l.attempt_id,
@@ -639,6 +640,8 @@ impl pb::run_service_server::RunService for RunSvc {
                 connected: a.connected,
                 building: a.building,
                 last_seen_ms: a.last_seen_ms as u64,
+                paused: a.paused,
+                draining: a.draining,
             })
             .collect();
         let waiting = self

@@ -135,6 +135,9 @@ pub enum Failure {
     BuildFailed(String),
     /// Nix itself, the store or the machine broke: worth retrying elsewhere.
     Infra(String),
+    /// The machine ran out of disk space (ENOSPC) while building: retry elsewhere, and give
+    /// this machine no more work until it has room.
+    DiskFull(String),
 }
 
 /// Classifies a failed `nix-store --realise` / `nix build` from its exit code and log.
@@ -152,6 +155,14 @@ pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
         && code & 0x01 != 0
     {
         return Failure::TimedOut(first_error(&clean).unwrap_or_else(|| "build timed out".into()));
+    }
+    // Whoever hit it (the builder, Nix writing the output or its database), a full disk is
+    // the machine's fault, not the package's.
+    if let Some(l) = clean
+        .lines()
+        .find(|l| l.contains("No space left on device") || l.contains("Disk quota exceeded"))
+    {
+        return Failure::DiskFull(trim_error(l.trim_start_matches(['>', ' '])));
     }
     let builder_failed = clean.lines().find(|l| {
         l.contains("builder for") && l.contains("failed")
@@ -324,6 +335,14 @@ mod tests {
             matches!(classify_failure(Some(1), "error: opening lock file '/nix/var/nix/db/big-lock': Permission denied"), Failure::Infra(m) if m.contains("lock"))
         );
         assert!(matches!(classify_failure(None, ""), Failure::Infra(_)));
+        let full = "building '/nix/store/x-big.drv'...\n> head: error writing 'standard output': No space left on device\nerror: builder for '/nix/store/x-big.drv' failed with exit code 1;";
+        assert!(
+            matches!(classify_failure(Some(100), full), Failure::DiskFull(m) if m == "head: error writing 'standard output': No space left on device")
+        );
+        assert!(matches!(
+            classify_failure(Some(1), "error: writing to file: No space left on device"),
+            Failure::DiskFull(_)
+        ));
     }
 
     #[test]
