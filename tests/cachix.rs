@@ -26,6 +26,7 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
         dir: dir.path().join("cachix"),
         fail_every: 7,
         drop_every: 11,
+        refuse_prefix: None,
     })
     .unwrap();
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).expect("coordinator");
@@ -188,6 +189,7 @@ fn an_http_put_cache_with_xz_serves_real_nix() {
         dir: dir.path().join("cache"),
         fail_every: 0,
         drop_every: 0,
+        refuse_prefix: None,
     })
     .unwrap();
     let cache = format!("{}?compression=xz", server.uri("plain"));
@@ -244,4 +246,133 @@ fn an_http_put_cache_with_xz_serves_real_nix() {
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
+}
+
+/// The main job against Cachix, as a user runs it: `nixfarm local --cache cachix://NAME`
+/// (an embedded coordinator and two local agents) leaves every ready package's closure in
+/// the cache, where real Nix substitutes it with signatures required. A package whose
+/// upload Cachix keeps refusing (403 at `complete`, every time) is `not-cached`, not
+/// failed, and no narinfo exists for it. A second run with --skip-cached builds and uploads
+/// none of what is cached.
+#[test]
+fn nixfarm_local_publishes_to_cachix_and_a_refused_push_is_not_cached() {
+    let dir = scratch();
+    let name = "nixfarm-local";
+    let (sk, pk) = cache_key(dir.path(), &format!("{name}.cachix.org-1"));
+    let sk_text = std::fs::read_to_string(&sk).unwrap();
+    let signing_key = sk_text.trim().split_once(':').unwrap().1.to_string();
+    let server = CachixServer::start(ServerConfig {
+        name: name.into(),
+        token: TOKEN.into(),
+        public_key: pk.clone(),
+        dir: dir.path().join("cachix"),
+        fail_every: 0,
+        drop_every: 0,
+        refuse_prefix: Some("goat-".into()),
+    })
+    .unwrap();
+    let host = Host::new(&dir.path().join("builder"));
+    let state = dir.path().join("state");
+    let nixfarm = bin("nixfarm").display().to_string();
+    let api = server.api_url();
+    let cache = format!("cachix://{name}");
+    let repo = example_repo();
+    let local = |extra: &[&str]| -> serde_json::Value {
+        let mut argv = vec![
+            nixfarm.as_str(),
+            "local",
+            repo.to_str().unwrap(),
+            "--agents",
+            "2",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--cache",
+            &cache,
+            "--cachix-api-url",
+            &api,
+            "--format",
+            "json",
+        ];
+        argv.extend_from_slice(extra);
+        let out = host
+            .command(&argv)
+            .env("CACHIX_AUTH_TOKEN", TOKEN)
+            .env("CACHIX_SIGNING_KEY", &signing_key)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains(TOKEN) && !err.contains(&signing_key));
+        serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("not JSON ({e}): {err}"))
+    };
+    let report = local(&[]);
+    let got = packages_by_attr(&report);
+    for (attr, e) in expected().as_object().unwrap() {
+        let want = if attr == "goat" {
+            "not-cached"
+        } else {
+            e["status"].as_str().unwrap()
+        };
+        assert_eq!(got[attr]["status"], want, "{attr}: {}", got[attr]["reason"]);
+    }
+    let reason = got["goat"]["reason"].as_str().unwrap();
+    assert!(reason.contains("storage quota exceeded"), "{reason}");
+    // Retried from scratch, each refused upload aborted, and no narinfo without its NAR.
+    let refused = server.counters.refused.load(Ordering::SeqCst);
+    assert!(refused >= 2, "the refused path was started again");
+    assert!(server.counters.aborted.load(Ordering::SeqCst) >= refused);
+    let goat_out = got["goat"]["outputs"]["out"].as_str().unwrap();
+    let goat_hash = &goat_out["/nix/store/".len()..][..32];
+    assert!(
+        !dir.path()
+            .join(format!("cachix/{goat_hash}.narinfo"))
+            .exists(),
+        "no narinfo for the refused path"
+    );
+    // Real Nix, in an empty store, with signatures required.
+    let fresh = Host::new(&dir.path().join("fresh"));
+    for (attr, p) in got.iter().filter(|(_, p)| p["status"] == "ready") {
+        for (_, path) in p["outputs"].as_object().unwrap() {
+            let out = fresh.run(&[
+                "nix-store",
+                "--realise",
+                path.as_str().unwrap(),
+                "--option",
+                "substituters",
+                &server.uri(name),
+                "--option",
+                "trusted-public-keys",
+                &pk,
+                "--option",
+                "require-sigs",
+                "true",
+            ]);
+            assert!(out.status.success(), "{attr}: {}", stderr(&out));
+        }
+    }
+    // Again, warm: what is cached is neither built nor uploaded.
+    let created_before = server.counters.created.lock().unwrap().clone();
+    let report = local(&["--skip-cached"]);
+    let again = packages_by_attr(&report);
+    let db = rusqlite::Connection::open(state.join("coordinator.sqlite")).unwrap();
+    for (attr, p) in got.iter().filter(|(_, p)| p["status"] == "ready") {
+        assert_eq!(
+            again[attr]["status"], "ready",
+            "{attr}: {}",
+            again[attr]["reason"]
+        );
+        let builds: i64 = db
+            .query_row(
+                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND target = ?2",
+                [report["run_id"].as_str().unwrap(), p["drv_path"].as_str().unwrap()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(builds, 0, "{attr} was not built again");
+    }
+    assert_eq!(again["goat"]["status"], "not-cached");
+    assert_eq!(
+        *server.counters.created.lock().unwrap(),
+        created_before,
+        "the second run uploaded nothing new"
+    );
 }

@@ -33,6 +33,9 @@ pub struct ServerConfig {
     /// Every Nth API or upload request is carried out, then its connection is dropped
     /// before the answer (0: never).
     pub drop_every: u64,
+    /// Store paths (not derivations) whose name starts with this are refused at `complete`
+    /// with 403, every time, as a cache over its storage quota would (None: none).
+    pub refuse_prefix: Option<String>,
 }
 
 #[derive(Default)]
@@ -50,6 +53,9 @@ pub struct Counters {
     pub faults: AtomicU64,
     pub multipart_started: AtomicU64,
     pub parts_put: AtomicU64,
+    /// Completes refused through `refuse_prefix`, and aborts received.
+    pub refused: AtomicU64,
+    pub aborted: AtomicU64,
     /// Narinfos created, per store path basename: more than 1 means a path was uploaded twice.
     pub created: Mutex<HashMap<String, u32>>,
 }
@@ -368,6 +374,13 @@ async fn multipart_complete(
         .as_str()
         .unwrap_or_default()
         .to_string();
+    if let Some(prefix) = &st.cfg.refuse_prefix
+        && suffix.starts_with(prefix.as_str())
+        && !suffix.ends_with(".drv")
+    {
+        st.counters.refused.fetch_add(1, Ordering::SeqCst);
+        return err(StatusCode::FORBIDDEN, "storage quota exceeded");
+    }
     let file_nix32 = nixfarm_nix::hash::nix32_encode(&Sha256::digest(&file));
     let nar_rel = format!("nar/{file_nix32}.nar.zst");
     let mut refs: Vec<String> = field("cReferences")
@@ -420,6 +433,7 @@ async fn multipart_abort(
         return r;
     }
     st.uploads.lock().unwrap().remove(&nar_id);
+    st.counters.aborted.fetch_add(1, Ordering::SeqCst);
     StatusCode::OK.into_response()
 }
 

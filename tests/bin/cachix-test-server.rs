@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         dir: dir.into(),
         fail_every: 0,
         drop_every: 0,
+        refuse_prefix: None,
     })?;
     println!("api {}", server.api_url());
     println!("uri {}", server.uri(&name));
