@@ -291,6 +291,23 @@ impl Nix {
 
     /// What the store knows of each path: NAR hash and size, references, deriver.
     pub async fn path_infos(&self, paths: &[String]) -> Result<Vec<StorePathInfo>, NixError> {
+        self.path_infos_with(paths, false).await
+    }
+
+    /// [`Nix::path_infos`] of the whole closure of `paths` (each path once): one Nix call
+    /// where asking for the closure and then for its infos would take two.
+    pub async fn closure_infos(&self, paths: &[String]) -> Result<Vec<StorePathInfo>, NixError> {
+        let mut all = self.path_infos_with(paths, true).await?;
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|i| seen.insert(i.path.clone()));
+        Ok(all)
+    }
+
+    async fn path_infos_with(
+        &self,
+        paths: &[String],
+        recursive: bool,
+    ) -> Result<Vec<StorePathInfo>, NixError> {
         // A .drv path means its outputs unless --derivation is given, and with it an output
         // path means its deriver: ask about the two kinds separately.
         let (drvs, others): (Vec<String>, Vec<String>) =
@@ -300,6 +317,9 @@ impl Nix {
             for chunk in list.chunks(500) {
                 let mut c = self.nix_cmd();
                 c.args(["path-info", "--json"]);
+                if recursive {
+                    c.arg("--recursive");
+                }
                 if derivation {
                     c.arg("--derivation");
                 }

@@ -342,6 +342,8 @@ fn stage(
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
             if multithread && workers > 1 {
                 let _ = e.multithread(workers);
+                // Smaller jobs than zstd's default (4 windows) bound what the workers hold.
+                let _ = e.set_parameter(zstd::zstd_safe::CParameter::JobSize(2 << 20));
             }
             Encoder::Zstd(e)
         }
@@ -353,7 +355,13 @@ fn stage(
         hash: Sha256::new(),
         len: 0,
     };
-    nar::dump(path, &mut nar).map_err(io(format!("cannot archive {}", path.display())))?;
+    // Buffered: the NAR's many small tokens reach the hasher and the encoder in large writes.
+    let mut buffered = std::io::BufWriter::with_capacity(256 << 10, &mut nar);
+    nar::dump(path, &mut buffered).map_err(io(format!("cannot archive {}", path.display())))?;
+    buffered
+        .flush()
+        .map_err(io(format!("cannot archive {}", path.display())))?;
+    drop(buffered);
     let nar_hash = nar.hash.finalize().to_vec();
     let nar_size = nar.len;
     let compressed = nar.inner.finish().map_err(io("compression failed"))?;
@@ -599,19 +607,19 @@ impl Pusher {
         if matches!(self.target, Target::Cachix { .. }) && self.token.is_none() {
             return Err(StoreError::NoToken);
         }
-        let closure = self.nix.requisites(paths).await?;
-        let missing = self.missing(&closure).await?;
-        if missing.is_empty() {
-            return Ok(Vec::new());
-        }
-        let infos = self.nix.path_infos(&missing).await?;
-        let mut by_path: std::collections::HashMap<String, StorePathInfo> =
-            infos.into_iter().map(|i| (i.path.clone(), i)).collect();
-        if let Some(p) = missing.iter().find(|p| !by_path.contains_key(p.as_str())) {
+        let infos = self.nix.closure_infos(paths).await?;
+        let closure: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
+        if let Some(p) = paths.iter().find(|p| !closure.contains(p)) {
             return Err(StoreError::Http(format!(
                 "{p} is not valid in the local store"
             )));
         }
+        let missing = self.missing(&closure).await?;
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut by_path: std::collections::HashMap<String, StorePathInfo> =
+            infos.into_iter().map(|i| (i.path.clone(), i)).collect();
         let granted = arbiter.claim(&missing).await;
         let mut remaining: Vec<StorePathInfo> = Vec::with_capacity(missing.len());
         // Paths another pusher is uploading: waited for, not uploaded here.
@@ -838,6 +846,10 @@ impl Pusher {
             match staged.named {
                 // Staged in the cache's own nar/ directory: renamed into place.
                 Some(tmp) => {
+                    // Readable by whoever serves the cache (staging files start private).
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+                        .map_err(io(format!("cannot write {}", nar_path.display())))?;
                     tmp.persist(&nar_path).map_err(|e| StoreError::Io {
                         what: format!("cannot write {}", nar_path.display()),
                         source: e.error,

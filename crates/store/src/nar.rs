@@ -20,6 +20,32 @@ fn write_str(w: &mut impl Write, s: &str) -> io::Result<()> {
     write_bytes(w, s.as_bytes())
 }
 
+/// Copies with a 1 MiB buffer (io::copy's 8 KiB means a write per 8 KiB through the hashers
+/// and the compressor), allocated only for files larger than a small one.
+fn copy_large(r: &mut impl Read, w: &mut impl Write) -> io::Result<u64> {
+    let mut small = [0u8; 16 << 10];
+    let mut large: Vec<u8> = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let buf: &mut [u8] = if total >= small.len() as u64 {
+            if large.is_empty() {
+                large = vec![0u8; 256 << 10];
+            }
+            &mut large
+        } else {
+            &mut small
+        };
+        let n = match r.read(buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
 /// Writes the NAR of `path` (a file, directory or symlink) to `w`, as `nix-store --dump` does.
 pub fn dump(path: &Path, w: &mut impl Write) -> io::Result<()> {
     write_str(w, "nix-archive-1")?;
@@ -44,8 +70,8 @@ fn node(path: &Path, w: &mut impl Write) -> io::Result<()> {
         write_str(w, "contents")?;
         let len = meta.len();
         w.write_all(&len.to_le_bytes())?;
-        let mut f = std::fs::File::open(path)?;
-        let copied = io::copy(&mut (&mut f).take(len), w)?;
+        let f = std::fs::File::open(path)?;
+        let copied = copy_large(&mut f.take(len), w)?;
         if copied != len {
             return Err(io::Error::other(format!(
                 "{} changed size while being archived",
