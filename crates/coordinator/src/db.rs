@@ -387,6 +387,15 @@ impl Db {
         )
     }
 
+    /// Attempts at `target` in `run` given up because their agent vanished.
+    pub fn lost_attempts(&self, run: &str, target: &str) -> Result<i64, DbError> {
+        self.conn.query_row(
+            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND target = ?2 AND state = 'lost'",
+            params![run, target],
+            |r| r.get(0),
+        )
+    }
+
     /// Appends an event and returns its sequence number (1-based, per run).
     pub fn append_event(&self, run: &str, kind: &str, json: &str) -> Result<i64, DbError> {
         self.conn.query_row(

@@ -695,6 +695,28 @@ impl Engine {
         if run.state.is_terminal() {
             return Ok(());
         }
+        // Counted apart from failures, and capped: a job that keeps taking its agent down
+        // (or whose agents keep being cut off) is given up, not requeued for ever.
+        let lost = inner.db.lost_attempts(&a.run_id, &a.target)?;
+        if lost > self.opts.max_infra_retries {
+            let msg =
+                format!("given up after {lost} attempts lost with their agents (last: {why})");
+            return match a.job {
+                JobRef::Eval(_) => self.fail_run(inner, &a.run_id, &format!("evaluation {msg}")),
+                JobRef::Build(_) => {
+                    let report = BuildReport {
+                        kind: "infra-failed".into(),
+                        message: msg,
+                        agent: a.agent.clone(),
+                        ..Default::default()
+                    };
+                    self.on_build(inner, a, report, false)
+                }
+            };
+        }
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
+            return Ok(());
+        };
         match a.job {
             JobRef::Eval(t) => run.eval_queue.push_front(t),
             JobRef::Build(n) => {
@@ -760,7 +782,7 @@ impl Engine {
             } => {
                 report.agent = name.to_string();
                 if let Some(a) = self.take_attempt(inner, name, &attempt, Some(&report.kind))? {
-                    self.on_build(inner, a, report)?;
+                    self.on_build(inner, a, report, true)?;
                 }
             }
         }
@@ -1027,11 +1049,14 @@ impl Engine {
         self.maybe_finish(inner, run_id)
     }
 
+    /// Records a build's outcome; an infrastructure failure is retried while `retry` and
+    /// the job's retry budget allow.
     fn on_build(
         &self,
         inner: &mut Inner,
         a: AttemptMem,
         mut report: BuildReport,
+        retry: bool,
     ) -> Result<(), EngineError> {
         let run_id = a.run_id.clone();
         let JobRef::Build(node) = a.job else {
@@ -1054,7 +1079,7 @@ impl Engine {
             }
             "infra-failed" => {
                 let n = inner.db.drv_infra_failure(&run_id, &drv)?;
-                if n <= self.opts.max_infra_retries && !run.state.is_terminal() {
+                if retry && n <= self.opts.max_infra_retries && !run.state.is_terminal() {
                     tracing::warn!(
                         run = run_id,
                         drv,
@@ -1962,6 +1987,128 @@ mod tests {
         assert_eq!(
             engine.claim_uploads("a", c, &paths[1..], false).unwrap(),
             [true]
+        );
+    }
+
+    /// The next assignment sent to an agent: (attempt, job).
+    fn assigned(rx: &mut mpsc::UnboundedReceiver<ToAgent>) -> (String, Job) {
+        loop {
+            match rx.try_recv().expect("an assignment") {
+                ToAgent::Assign { attempt, job, .. } => return (attempt, job),
+                _ => continue,
+            }
+        }
+    }
+
+    #[test]
+    fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(
+            Db::open_in_memory().unwrap(),
+            dir.path().join("sources"),
+            clock.clone(),
+            EngineOptions {
+                lease_ms: 5_000,
+                max_infra_retries: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let connect = || {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let reg = Registration {
+                name: "a".into(),
+                systems: vec!["x86_64-linux".into()],
+                features: vec![],
+                max_jobs: 1,
+                nix_version: "2.8.0".into(),
+                running_attempts: vec![],
+            };
+            engine.connect_agent(reg, tx).unwrap();
+            rx
+        };
+        let mut rx = connect();
+        let run = engine
+            .submit(RunSpec {
+                source: SourceSpec::FlakeRef("path:/x".into()),
+                attr_path: "packages.x86_64-linux".into(),
+                label: String::new(),
+                cache: String::new(),
+                trusted_public_keys: vec![],
+                timeout_secs: 0,
+                max_silent_secs: 0,
+                attrs: vec![],
+                skip_cached: false,
+            })
+            .unwrap();
+        let (list, _) = assigned(&mut rx);
+        engine
+            .agent_message(
+                "a",
+                FromAgent::EvalList {
+                    attempt: list,
+                    result: Ok(vec!["crash".into()]),
+                },
+            )
+            .unwrap();
+        let (chunk, _) = assigned(&mut rx);
+        let drv = "/nix/store/00000000000000000000000000000000-crash.drv".to_string();
+        let node = DrvNode {
+            system: "x86_64-linux".into(),
+            outputs: [(
+                "out".to_string(),
+                "/nix/store/11111111111111111111111111111111-crash".to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let attr = EvaluatedAttr {
+            attr: "crash".into(),
+            info: PackageInfo {
+                drv_path: drv.clone(),
+                system: "x86_64-linux".into(),
+                ..Default::default()
+            },
+        };
+        engine
+            .agent_message(
+                "a",
+                FromAgent::EvalChunk {
+                    attempt: chunk,
+                    result: Ok((vec![attr], [(drv.clone(), node)].into())),
+                },
+            )
+            .unwrap();
+        // Each time the build starts, the agent falls silent and its lease runs out.
+        let mut builds = 0;
+        loop {
+            let (_, job) = assigned(&mut rx);
+            assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+            builds += 1;
+            clock.advance(6_000);
+            engine.check_leases();
+            if engine.run_state(&run).unwrap().is_terminal() {
+                break;
+            }
+            assert!(builds < 10, "requeued for ever");
+            rx = connect();
+        }
+        // The first attempt and two retries, then it is given up: reported, not failed.
+        assert_eq!(builds, 3);
+        let report = engine.report(&run).unwrap();
+        let p = &report.packages[0];
+        assert_eq!(p.status, "infra-failed");
+        assert!(
+            p.reason
+                .contains("given up after 3 attempts lost with their agents"),
+            "{}",
+            p.reason
+        );
+        assert!(
+            p.reason.contains("the agent stopped responding"),
+            "{}",
+            p.reason
         );
     }
 }
