@@ -254,6 +254,33 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing_half_done() {
         "is not a flake",
     );
     check(&["submit", "github:only-an-owner"], "not a flake reference");
+    check(&["submit", "/etc/hostname"], "is not a directory");
+    // Unreadable input, as a user who may not read it (root reads everything).
+    let unreadable = scratch();
+    let repo = unreadable.path().join("repo");
+    copy_tree(&example_repo(), &repo);
+    std::fs::write(repo.join("secret.txt"), "x").unwrap();
+    set_mode(&repo.join("secret.txt"), 0o600);
+    let as_nobody = |needle: &str| {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin("nixfarm"))
+            .args(["submit", repo.to_str().unwrap()])
+            .env("NIXFARM_COORDINATOR", &f.coordinator.url)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = stderr(&out);
+        assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    };
+    as_nobody(&format!(
+        "cannot read {}/secret.txt: Permission denied",
+        repo.display()
+    ));
+    set_mode(&repo.join("flake.nix"), 0o600);
+    as_nobody(&format!("cannot read {}/flake.nix", repo.display()));
+    set_mode(&repo, 0o700);
+    as_nobody("permission denied");
     check(&["submit", "gopher:whatever"], "unknown type 'gopher'");
     // None of those created a run.
     let runs = stdout(&cli(&f.coordinator.url, &["runs"]));

@@ -524,6 +524,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Local(args) = &cli.command {
         return local(args).await;
     }
+    // Bad input is reported as such, before (and whether or not) the coordinator answers.
+    if let Command::Submit(SubmitArgs { source, .. }) | Command::Warm(WarmArgs { source, .. }) =
+        &cli.command
+    {
+        source::check_local_or_ref(source)?;
+    }
     let conn = resolve_conn(&cli)?;
     let client = Client::connect_tls(&conn.url, conn.token, conn.tls_ca.as_deref()).await?;
     match cli.command {

@@ -31,6 +31,9 @@ pub fn check_local_or_ref(s: &str) -> anyhow::Result<Named> {
         if !dir.join("flake.nix").is_file() {
             bail!("{s} is not a flake: it has no flake.nix");
         }
+        if let Err(e) = std::fs::File::open(dir.join("flake.nix")) {
+            bail!("cannot read {}: {e}", dir.join("flake.nix").display());
+        }
         return Ok(Named::Dir(dir));
     }
     let looks_like_ref = s.contains(':') && !s.starts_with('/') && !s.starts_with('.');

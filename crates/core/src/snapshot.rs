@@ -36,7 +36,7 @@ pub enum SnapshotError {
     UnsafeLink(String),
     #[error("snapshot entry '{0}' has an unsupported type")]
     UnsupportedEntry(String),
-    #[error("I/O error on {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: String,
         source: std::io::Error,
