@@ -552,17 +552,19 @@ impl Pusher {
                 .cloned()
                 .collect()),
             Target::Http(base) => {
-                let mut out = Vec::new();
+                // A plain binary cache has no bulk query: one HEAD per path, 16 at a time.
+                // (Futures built eagerly: a mapping closure would make callers' futures not
+                // provably Send.)
+                let mut futs = Vec::with_capacity(paths.len());
                 for p in paths {
-                    let url = format!("{base}/{}.narinfo", store_hash(p));
-                    let r = self
-                        .send("asking the cache", || self.http.head(&url))
-                        .await?;
-                    if !r.status().is_success() {
-                        out.push(p.clone());
-                    }
+                    futs.push(self.http_missing(base, p));
                 }
-                Ok(out)
+                let answers: Vec<Result<Option<String>, StoreError>> =
+                    futures_util::stream::iter(futs)
+                        .buffered(16)
+                        .collect()
+                        .await;
+                answers.into_iter().filter_map(Result::transpose).collect()
             }
             Target::Cachix { name, api } => {
                 let url = format!("{api}cache/{name}/narinfo");
@@ -587,6 +589,15 @@ impl Pusher {
                     .collect())
             }
         }
+    }
+
+    /// `Some(path)` when the HTTP cache at `base` lacks it.
+    async fn http_missing(&self, base: &str, path: &str) -> Result<Option<String>, StoreError> {
+        let url = format!("{base}/{}.narinfo", store_hash(path));
+        let r = self
+            .send("asking the cache", || self.http.head(&url))
+            .await?;
+        Ok((!r.status().is_success()).then(|| path.to_string()))
     }
 
     /// Pushes the closure of `paths`: asks which are missing and uploads only those,
