@@ -10,6 +10,36 @@ use std::time::Duration;
 
 const TOKEN: &str = "test-token-0123456789";
 
+/// A fresh, empty store (a host of its own) substitutes every output of `packages` from the
+/// cache at `uri`, with signatures required and only `public_key` trusted.
+fn substitute_into_fresh_store(
+    root: &std::path::Path,
+    packages: &[&serde_json::Value],
+    uri: &str,
+    public_key: &str,
+) {
+    let fresh = Host::new(root);
+    for p in packages {
+        for (_, path) in p["outputs"].as_object().unwrap() {
+            let out = fresh.run(&[
+                "nix-store",
+                "--realise",
+                path.as_str().unwrap(),
+                "--option",
+                "substituters",
+                uri,
+                "--option",
+                "trusted-public-keys",
+                public_key,
+                "--option",
+                "require-sigs",
+                "true",
+            ]);
+            assert!(out.status.success(), "{}: {}", p["attr"], stderr(&out));
+        }
+    }
+}
+
 #[test]
 fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them() {
     let dir = scratch();
@@ -120,26 +150,8 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
 
     // A fresh, empty store substitutes each ready package's closure from the cache's URI,
     // with signatures required and only the cache's public key trusted.
-    let fresh = Host::new(&dir.path().join("fresh"));
-    for (attr, p) in got.iter().filter(|(_, p)| p["status"] == "ready") {
-        for (_, path) in p["outputs"].as_object().unwrap() {
-            let out = fresh.run(&[
-                "nix-store",
-                "--realise",
-                path.as_str().unwrap(),
-                "--option",
-                "substituters",
-                &server.uri(name),
-                "--option",
-                "trusted-public-keys",
-                &pk,
-                "--option",
-                "require-sigs",
-                "true",
-            ]);
-            assert!(out.status.success(), "{attr}: {}", stderr(&out));
-        }
-    }
+    let ready: Vec<&serde_json::Value> = got.values().filter(|p| p["status"] == "ready").collect();
+    substitute_into_fresh_store(&dir.path().join("fresh"), &ready, &server.uri(name), &pk);
 
     // Warm again: everything ready is already cached, so nothing is uploaded and none of the
     // ready packages' derivations is built.
@@ -228,24 +240,12 @@ fn an_http_put_cache_with_xz_serves_real_nix() {
             "{text}"
         );
     }
-    let fresh = Host::new(&dir.path().join("fresh"));
-    for (_, path) in goat["outputs"].as_object().unwrap() {
-        let out = fresh.run(&[
-            "nix-store",
-            "--realise",
-            path.as_str().unwrap(),
-            "--option",
-            "substituters",
-            &server.uri("plain"),
-            "--option",
-            "trusted-public-keys",
-            &pk,
-            "--option",
-            "require-sigs",
-            "true",
-        ]);
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
+    substitute_into_fresh_store(
+        &dir.path().join("fresh"),
+        &[goat],
+        &server.uri("plain"),
+        &pk,
+    );
 }
 
 /// The main job against Cachix, as a user runs it: `nixfarm local --cache cachix://NAME`
@@ -329,26 +329,8 @@ fn nixfarm_local_publishes_to_cachix_and_a_refused_push_is_not_cached() {
         "no narinfo for the refused path"
     );
     // Real Nix, in an empty store, with signatures required.
-    let fresh = Host::new(&dir.path().join("fresh"));
-    for (attr, p) in got.iter().filter(|(_, p)| p["status"] == "ready") {
-        for (_, path) in p["outputs"].as_object().unwrap() {
-            let out = fresh.run(&[
-                "nix-store",
-                "--realise",
-                path.as_str().unwrap(),
-                "--option",
-                "substituters",
-                &server.uri(name),
-                "--option",
-                "trusted-public-keys",
-                &pk,
-                "--option",
-                "require-sigs",
-                "true",
-            ]);
-            assert!(out.status.success(), "{attr}: {}", stderr(&out));
-        }
-    }
+    let ready: Vec<&serde_json::Value> = got.values().filter(|p| p["status"] == "ready").collect();
+    substitute_into_fresh_store(&dir.path().join("fresh"), &ready, &server.uri(name), &pk);
     // Again, warm: what is cached is neither built nor uploaded.
     let created_before = server.counters.created.lock().unwrap().clone();
     let report = local(&["--skip-cached"]);

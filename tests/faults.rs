@@ -9,24 +9,41 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// A flake of `n` independent packages that each build for `secs` seconds, printing as they
-/// go, and one that depends on all of them.
+/// go, and one that depends on all of them. Every builder that starts writes its name to
+/// `dir/builds-ran` (the sandbox is off), so a test counts the builds that really ran.
 fn slow_repo(dir: &std::path::Path, n: usize, secs: u32) -> std::path::PathBuf {
     let repo = dir.join("slow");
     std::fs::create_dir_all(&repo).unwrap();
+    let ran = dir.join("builds-ran");
+    std::fs::write(&ran, "").unwrap();
+    set_mode(&ran, 0o666);
     std::fs::write(
         repo.join("flake.nix"),
         format!(
             r#"{{ outputs = {{ self }}: let
       mk = name: script: deps: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
-        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; inherit deps; }};
+        PATH = "/usr/bin:/bin"; args = [ "-c" ("echo $name >> {ran}; " + script) ]; inherit deps; }};
       leaf = i: mk "leaf-${{toString i}}" "for s in $(seq 1 {secs}); do echo tick $s; sleep 1; done; echo ${{toString i}} > $out" [];
       leaves = builtins.genList leaf {n};
       pkgs = builtins.listToAttrs (map (d: {{ name = d.name; value = d; }}) leaves);
-    in {{ packages.x86_64-linux = pkgs // {{ all = mk "all" "cat $deps > $out" leaves; }}; }}; }}"#
+    in {{ packages.x86_64-linux = pkgs // {{ all = mk "all" "cat $deps > $out" leaves; }}; }}; }}"#,
+            ran = ran.display()
         ),
     )
     .unwrap();
     repo
+}
+
+/// How many times each builder of `slow_repo` really ran.
+fn builds_ran(dir: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut n = BTreeMap::new();
+    for l in std::fs::read_to_string(dir.join("builds-ran"))
+        .unwrap()
+        .lines()
+    {
+        *n.entry(l.to_string()).or_default() += 1;
+    }
+    n
 }
 
 /// The cache the agents share (their stores are separate): (URL, secret key file, public key).
@@ -67,6 +84,27 @@ fn config(dir: &std::path::Path, lease: u64) -> std::path::PathBuf {
     p
 }
 
+/// `nixfarm watch RUN --format json`, running: the report on stdout, progress on stderr.
+fn watch_json(url: &str, run: &str) -> std::process::Child {
+    Command::new(bin("nixfarm"))
+        .args(["watch", run, "--format", "json"])
+        .env("NIXFARM_COORDINATOR", url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// How many of the run's attempts match `cond` (SQL over the attempts table).
+fn attempts(db: &rusqlite::Connection, run: &str, cond: &str) -> Option<i64> {
+    db.query_row(
+        &format!("SELECT count(*) FROM attempts WHERE run_id = ?1 AND {cond}"),
+        [run],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
 fn builds_per_drv(db: &rusqlite::Connection, run: &str) -> BTreeMap<String, (i64, i64)> {
     let mut st = db
         .prepare(
@@ -101,23 +139,14 @@ fn kill_9_of_the_coordinator_mid_run_loses_nothing_and_redoes_nothing() {
     let repo = slow_repo(dir.path(), 8, 3);
     let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
     // A watcher that must live through the restart.
-    let watcher = Command::new(bin("nixfarm"))
-        .args(["watch", &run, "--format", "json"])
-        .env("NIXFARM_COORDINATOR", &coordinator.url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let watcher = watch_json(&coordinator.url, &run);
     // Some builds done, others running: then kill -9.
     wait_for(Duration::from_secs(120), "two finished builds", || {
-        let n: i64 = coordinator
-            .db()
-            .query_row(
-                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND outcome = 'built'",
-                [&run],
-                |r| r.get(0),
-            )
-            .ok()?;
+        let n: i64 = attempts(
+            &coordinator.db(),
+            &run,
+            "kind = 'build' AND outcome = 'built'",
+        )?;
         (n >= 2).then_some(())
     });
     let done_before: Vec<String> = {
@@ -155,9 +184,26 @@ fn kill_9_of_the_coordinator_mid_run_loses_nothing_and_redoes_nothing() {
             "{d} finished before the kill and was not built again"
         );
     }
-    for (d, (attempts, built)) in &per_drv {
+    // Builds running at the kill were reattached, not started again: each builder ran once.
+    // (An assignment still on the wire at the kill never reached the agent; it is requeued
+    // as lost, which is no second build.)
+    let ran = builds_ran(dir.path());
+    assert_eq!(ran.len(), 9, "{ran:?}");
+    assert!(
+        ran.values().all(|n| *n == 1),
+        "each build ran once: {ran:?}"
+    );
+    for (d, (tries, built)) in &per_drv {
         assert_eq!(*built, 1, "{d}: one successful build");
-        if *attempts != 1 {
+        let lost_unreceived = attempts(
+            &coordinator.db(),
+            &run,
+            &format!(
+                "target = '{d}' AND state = 'lost' AND outcome = 'the agent reconnected without it'"
+            ),
+        )
+        .unwrap();
+        if *tries != 1 + lost_unreceived {
             let db = coordinator.db();
             let mut st = db
                 .prepare("SELECT id, agent, state, outcome FROM attempts WHERE target = ?1")
@@ -230,14 +276,11 @@ fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
                 coordinator.proc.log_text()
             );
         }
-        let n: i64 = coordinator
-            .db()
-            .query_row(
-                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND agent = 'victim' AND state = 'running'",
-                [&run],
-                |r| r.get(0),
-            )
-            .ok()?;
+        let n: i64 = attempts(
+            &coordinator.db(),
+            &run,
+            "kind = 'build' AND agent = 'victim' AND state = 'running'",
+        )?;
         (n >= 1).then_some(())
     });
     victim.kill();
@@ -256,14 +299,12 @@ fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
     for (d, (_, built)) in &per_drv {
         assert_eq!(*built, 1, "{d}: exactly one successful build counted");
     }
-    let lost: i64 = coordinator
-        .db()
-        .query_row(
-            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND agent = 'victim' AND state = 'lost'",
-            [&run],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let lost: i64 = attempts(
+        &coordinator.db(),
+        &run,
+        "agent = 'victim' AND state = 'lost'",
+    )
+    .unwrap();
     assert!(
         lost >= 1,
         "the victim's running attempts were given up, not reported"
@@ -425,13 +466,12 @@ fn sigterm_drains_an_agent_its_running_build_finishes_and_is_reported() {
         outcome, "built",
         "the running build finished and was reported"
     );
-    let started: i64 = db
-        .query_row(
-            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND agent = 'draining' AND outcome != 'cancelled'",
-            [&run],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let started: i64 = attempts(
+        &db,
+        &run,
+        "kind = 'build' AND agent = 'draining' AND outcome != 'cancelled'",
+    )
+    .unwrap();
     // (A job sent in the instant before the coordinator heard of the drain is handed back
     // unstarted, as `cancelled`, and requeued.)
     assert_eq!(started, 1, "no new job ran after SIGTERM");
@@ -458,6 +498,8 @@ struct Partitioned {
     report: serde_json::Value,
     per_drv: BTreeMap<String, (i64, i64)>,
     lost: i64,
+    /// How many times each builder really ran.
+    ran: BTreeMap<String, usize>,
     watch_log: String,
     /// The far agent's line of `nixfarm agents` at the end of the cut.
     far_during_cut: String,
@@ -499,25 +541,16 @@ fn partition(lease: u64, cut: Duration) -> Partitioned {
     });
     let repo = slow_repo(dir.path(), 6, 8);
     let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
-    let watcher = Command::new(bin("nixfarm"))
-        .args(["watch", &run, "--format", "json"])
-        .env("NIXFARM_COORDINATOR", &coordinator.url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let watcher = watch_json(&coordinator.url, &run);
     wait_for(
         Duration::from_secs(90),
         "the far agent to be building",
         || {
-            let n: i64 = coordinator
-            .db()
-            .query_row(
-                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND agent = 'far' AND state = 'running'",
-                [&run],
-                |r| r.get(0),
-            )
-            .ok()?;
+            let n: i64 = attempts(
+                &coordinator.db(),
+                &run,
+                "kind = 'build' AND agent = 'far' AND state = 'running'",
+            )?;
             (n >= 1).then_some(())
         },
     );
@@ -539,17 +572,12 @@ fn partition(lease: u64, cut: Duration) -> Partitioned {
             )
         });
     let db = coordinator.db();
-    let lost: i64 = db
-        .query_row(
-            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND state = 'lost'",
-            [&run],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let lost: i64 = attempts(&db, &run, "state = 'lost'").unwrap();
     Partitioned {
         report,
         per_drv: builds_per_drv(&db, &run),
         lost,
+        ran: builds_ran(dir.path()),
         watch_log: String::from_utf8_lossy(&out.stderr).to_string(),
         far_during_cut,
     }
@@ -602,6 +630,11 @@ fn a_network_cut_shorter_than_the_lease_loses_no_build() {
     );
     assert_nothing_lost_or_repeated(&p);
     assert_eq!(p.lost, 0, "no attempt was given up");
+    assert!(
+        p.ran.values().all(|n| *n == 1),
+        "each build ran once: {:?}",
+        p.ran
+    );
     for (d, (attempts, _)) in &p.per_drv {
         assert_eq!(*attempts, 1, "{d} was not started again elsewhere");
     }
@@ -652,23 +685,14 @@ fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
     )
     .unwrap();
     let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
-    let watcher = Command::new(bin("nixfarm"))
-        .args(["watch", &run, "--format", "json"])
-        .env("NIXFARM_COORDINATOR", &coordinator.url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let watcher = watch_json(&coordinator.url, &run);
     // The build fails for want of space, and the agent stops taking work.
     wait_for(Duration::from_secs(90), "the disk to fill up", || {
-        let n: i64 = coordinator
-            .db()
-            .query_row(
-                "SELECT count(*) FROM attempts WHERE run_id = ?1 AND agent = 'tiny' AND outcome = 'infra-failed'",
-                [&run],
-                |r| r.get(0),
-            )
-            .ok()?;
+        let n: i64 = attempts(
+            &coordinator.db(),
+            &run,
+            "agent = 'tiny' AND outcome = 'infra-failed'",
+        )?;
         (n >= 1).then_some(())
     });
     let agents = stdout(&cli(&coordinator.url, &["agents"]));
@@ -709,13 +733,11 @@ fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
             && log.contains("No space left on device"),
         "what the user sees: {log}"
     );
-    let tiny_big: i64 = coordinator
-        .db()
-        .query_row(
-            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND agent = 'tiny' AND target LIKE '%-big.drv'",
-            [&run],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let tiny_big: i64 = attempts(
+        &coordinator.db(),
+        &run,
+        "agent = 'tiny' AND target LIKE '%-big.drv'",
+    )
+    .unwrap();
     assert_eq!(tiny_big, 1, "the full agent was not given the build again");
 }

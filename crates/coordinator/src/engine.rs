@@ -1910,30 +1910,8 @@ mod tests {
 
     #[test]
     fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
-        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(
-            Db::open_in_memory().unwrap(),
-            dir.path().join("sources"),
-            clock.clone(),
-            EngineOptions {
-                lease_ms: 5_000,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let connect = |name: &str| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let reg = Registration {
-                name: name.into(),
-                systems: vec!["x86_64-linux".into()],
-                features: vec![],
-                max_jobs: 1,
-                nix_version: "2.8.0".into(),
-                running_attempts: vec![],
-            };
-            (engine.connect_agent(reg, tx).unwrap(), rx)
-        };
+        let (engine, clock, _dir) = test_engine(EngineOptions::default());
+        let connect = |name: &str| connect_agent(&engine, name);
         let (conn_a, _rx_a) = connect("a");
         let (conn_b, _rx_b) = connect("b");
         let paths = vec!["/nix/store/p1".to_string(), "/nix/store/p2".to_string()];
@@ -1990,6 +1968,39 @@ mod tests {
         );
     }
 
+    /// An engine over an in-memory database with a manual clock and a 5 s lease.
+    fn test_engine(
+        opts: EngineOptions,
+    ) -> (Engine, Arc<crate::clock::ManualClock>, tempfile::TempDir) {
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(
+            Db::open_in_memory().unwrap(),
+            dir.path().join("sources"),
+            clock.clone(),
+            EngineOptions {
+                lease_ms: 5_000,
+                ..opts
+            },
+        )
+        .unwrap();
+        (engine, clock, dir)
+    }
+
+    /// Registers a one-job x86_64-linux agent: (connection, what it is sent).
+    fn connect_agent(engine: &Engine, name: &str) -> (u64, mpsc::UnboundedReceiver<ToAgent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reg = Registration {
+            name: name.into(),
+            systems: vec!["x86_64-linux".into()],
+            features: vec![],
+            max_jobs: 1,
+            nix_version: "2.8.0".into(),
+            running_attempts: vec![],
+        };
+        (engine.connect_agent(reg, tx).unwrap(), rx)
+    }
+
     /// The next assignment sent to an agent: (attempt, job).
     fn assigned(rx: &mut mpsc::UnboundedReceiver<ToAgent>) -> (String, Job) {
         loop {
@@ -2002,32 +2013,11 @@ mod tests {
 
     #[test]
     fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
-        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-        let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(
-            Db::open_in_memory().unwrap(),
-            dir.path().join("sources"),
-            clock.clone(),
-            EngineOptions {
-                lease_ms: 5_000,
-                max_infra_retries: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let connect = || {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let reg = Registration {
-                name: "a".into(),
-                systems: vec!["x86_64-linux".into()],
-                features: vec![],
-                max_jobs: 1,
-                nix_version: "2.8.0".into(),
-                running_attempts: vec![],
-            };
-            engine.connect_agent(reg, tx).unwrap();
-            rx
-        };
+        let (engine, clock, _dir) = test_engine(EngineOptions {
+            max_infra_retries: 2,
+            ..Default::default()
+        });
+        let connect = || connect_agent(&engine, "a").1;
         let mut rx = connect();
         let run = engine
             .submit(RunSpec {

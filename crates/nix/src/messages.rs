@@ -140,6 +140,25 @@ pub enum Failure {
     DiskFull(String),
 }
 
+/// Whether an error Nix printed is about the machine or the store (busy database, full disk,
+/// no memory, no daemon) rather than about what it was asked to evaluate or build: such an
+/// error is worth retrying, elsewhere if need be, and says nothing about the package.
+pub fn is_machine_error(message: &str) -> bool {
+    const MARKS: &[&str] = &[
+        "database is locked",
+        "No space left on device",
+        "Disk quota exceeded",
+        "Too many open files",
+        "Cannot allocate memory",
+        "out of memory",
+        "std::bad_alloc",
+        "cannot connect to socket",
+        "opening lock file",
+    ];
+    (message.contains("SQLite database") && message.contains("is busy"))
+        || MARKS.iter().any(|m| message.contains(m))
+}
+
 /// Classifies a failed `nix-store --realise` / `nix build` from its exit code and log.
 pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
     let clean = strip_ansi(log);
@@ -335,6 +354,13 @@ mod tests {
             matches!(classify_failure(Some(1), "error: opening lock file '/nix/var/nix/db/big-lock': Permission denied"), Failure::Infra(m) if m.contains("lock"))
         );
         assert!(matches!(classify_failure(None, ""), Failure::Infra(_)));
+        assert!(is_machine_error(
+            "SQLite database '/nix/var/nix/db/db.sqlite' is busy"
+        ));
+        assert!(!is_machine_error("the printer is busy"));
+        assert!(!is_machine_error(
+            "feed-generator: unsupported on this platform"
+        ));
         let full = "building '/nix/store/x-big.drv'...\n> head: error writing 'standard output': No space left on device\nerror: builder for '/nix/store/x-big.drv' failed with exit code 1;";
         assert!(
             matches!(classify_failure(Some(100), full), Failure::DiskFull(m) if m == "head: error writing 'standard output': No space left on device")

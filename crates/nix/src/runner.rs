@@ -1,7 +1,7 @@
 //! The Nix child processes nixfarm runs: evaluation, derivation queries, builds and copies.
 
 use crate::derivation::{Derivation, parse_show_derivation};
-use crate::messages::{Failure, classify_failure, first_error};
+use crate::messages::{Failure, classify_failure, first_error, is_machine_error};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -176,6 +176,9 @@ impl Nix {
             return Ok(String::from_utf8_lossy(&out.stdout).to_string());
         }
         match first_error(&stderr) {
+            // The store or the machine failed, not the expression: retried, never reported
+            // as the package's own error.
+            Some(message) if is_machine_error(&message) => Err(NixError::Infra(message)),
             Some(message) => Err(NixError::Failed {
                 message,
                 log: stderr,
