@@ -253,5 +253,13 @@ async fn main() -> anyhow::Result<()> {
         peak_rss_mb()
     );
     running.stop().await;
+    // Run in CI too (scripts/test): a lost or repeated result fails it, whatever the speed.
+    if report.state != "finished" || ready != packages || report.packages.len() != packages {
+        anyhow::bail!(
+            "the load run ended {} with {ready}/{} of {packages} packages ready",
+            report.state,
+            report.packages.len()
+        );
+    }
     Ok(())
 }
