@@ -2001,6 +2001,21 @@ mod tests {
         (engine.connect_agent(reg, tx).unwrap(), rx)
     }
 
+    /// A run of a flake's packages.x86_64-linux, no cache.
+    fn flake_run() -> RunSpec {
+        RunSpec {
+            source: SourceSpec::FlakeRef("path:/x".into()),
+            attr_path: "packages.x86_64-linux".into(),
+            label: String::new(),
+            cache: String::new(),
+            trusted_public_keys: vec![],
+            timeout_secs: 0,
+            max_silent_secs: 0,
+            attrs: vec![],
+            skip_cached: false,
+        }
+    }
+
     /// The next assignment sent to an agent: (attempt, job).
     fn assigned(rx: &mut mpsc::UnboundedReceiver<ToAgent>) -> (String, Job) {
         loop {
@@ -2019,19 +2034,7 @@ mod tests {
         });
         let connect = || connect_agent(&engine, "a").1;
         let mut rx = connect();
-        let run = engine
-            .submit(RunSpec {
-                source: SourceSpec::FlakeRef("path:/x".into()),
-                attr_path: "packages.x86_64-linux".into(),
-                label: String::new(),
-                cache: String::new(),
-                trusted_public_keys: vec![],
-                timeout_secs: 0,
-                max_silent_secs: 0,
-                attrs: vec![],
-                skip_cached: false,
-            })
-            .unwrap();
+        let run = engine.submit(flake_run()).unwrap();
         let (list, _) = assigned(&mut rx);
         engine
             .agent_message(
@@ -2100,5 +2103,22 @@ mod tests {
             "{}",
             p.reason
         );
+    }
+
+    #[test]
+    fn runs_in_flight_are_limited_and_a_finished_one_frees_its_place() {
+        let (engine, _clock, _dir) = test_engine(EngineOptions {
+            max_runs_in_flight: 1,
+            ..Default::default()
+        });
+        let spec = flake_run();
+        let first = engine.submit(spec.clone()).unwrap();
+        let err = engine.submit(spec.clone()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "too many runs in flight (limit 1); wait for one to finish"
+        );
+        assert!(engine.cancel(&first).unwrap());
+        engine.submit(spec).unwrap();
     }
 }
