@@ -267,31 +267,6 @@ impl Nix {
         matches!(c.status().await, Ok(s) if s.success())
     }
 
-    /// The closure of `paths`, dependencies before dependents (`nix-store -qR` order).
-    pub async fn requisites(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
-        if paths.is_empty() {
-            return Ok(Vec::new());
-        }
-        let out = Command::new(&self.nix_store)
-            .args(["--query", "--requisites"])
-            .args(paths)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
-        if !out.status.success() {
-            return Err(NixError::Infra(format!(
-                "nix-store --query --requisites failed: {}",
-                tail(&String::from_utf8_lossy(&out.stderr), 500)
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect())
-    }
-
     /// What the store knows of each path: NAR hash and size, references, deriver.
     pub async fn path_infos(&self, paths: &[String]) -> Result<Vec<StorePathInfo>, NixError> {
         self.path_infos_with(paths, false).await

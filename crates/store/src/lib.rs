@@ -620,7 +620,8 @@ impl Pusher {
         }
         let infos = self.nix.closure_infos(paths).await?;
         let closure: Vec<String> = infos.iter().map(|i| i.path.clone()).collect();
-        if let Some(p) = paths.iter().find(|p| !closure.contains(p)) {
+        let known: std::collections::HashSet<&str> = closure.iter().map(String::as_str).collect();
+        if let Some(p) = paths.iter().find(|p| !known.contains(p.as_str())) {
             return Err(StoreError::Http(format!(
                 "{p} is not valid in the local store"
             )));
