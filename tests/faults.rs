@@ -698,7 +698,7 @@ fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
     let agents = stdout(&cli(&coordinator.url, &["agents"]));
     assert!(agents.contains("yes (paused)"), "{agents}");
     assert!(
-        agents.contains("tiny: a build ran out of disk space in /nix/store; no new jobs for"),
+        agents.contains("tiny: a job ran out of disk space in /nix/store; no new jobs for"),
         "{agents}"
     );
     let report: serde_json::Value = serde_json::from_str(&stdout(&cli(
@@ -712,7 +712,7 @@ fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
         p["big"]["reason"]
             .as_str()
             .unwrap()
-            .starts_with("queued: all 1 agent(s) that build x86_64-linux are paused (tiny: a build ran out of disk space"),
+            .starts_with("queued: all 1 agent(s) that build x86_64-linux are paused (tiny: a job ran out of disk space"),
         "{report}"
     );
     // An agent with room takes it over; the full one is not sent it again.
@@ -740,4 +740,60 @@ fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
     )
     .unwrap();
     assert_eq!(tiny_big, 1, "the full agent was not given the build again");
+}
+
+#[test]
+fn an_agent_whose_disk_fills_up_while_evaluating_hands_the_evaluation_on() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let (cache_url, sk, pk) = cache(dir.path());
+    let tiny = Host::with_small_disk(&dir.path().join("tiny"), 48);
+    let _tiny = tiny
+        .start_agent_with(
+            "tiny",
+            &coordinator.url,
+            Some(&sk),
+            2,
+            &[],
+            &["--min-free-mib", "4"],
+        )
+        .unwrap();
+    // Evaluating the flake copies it into the store: 64 MiB do not fit.
+    let repo = dir.path().join("heavy");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("data.bin"), vec![0u8; 64 << 20]).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: { packages.x86_64-linux.app = derivation { name = "app";
+      system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo app > $out" ]; }; }; }"#,
+    )
+    .unwrap();
+    let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
+    wait_for(
+        Duration::from_secs(90),
+        "the evaluation to fill the disk",
+        || {
+            stdout(&cli(&coordinator.url, &["agents"]))
+                .contains("tiny: a job ran out of disk space")
+                .then_some(())
+        },
+    );
+    let roomy = Host::new(&dir.path().join("roomy"));
+    let _roomy = roomy
+        .start_agent("roomy", &coordinator.url, Some(&sk), 2)
+        .unwrap();
+    let report = wait_for_state(&coordinator.url, &run, "finished", Duration::from_secs(90));
+    let p = packages_by_attr(&report);
+    assert_eq!(p["app"]["status"], "ready", "{report}");
+    assert_eq!(p["app"]["agent"], "roomy");
+    let lost_evals = attempts(
+        &coordinator.db(),
+        &run,
+        "agent = 'tiny' AND kind != 'build' AND outcome LIKE '%No space left on device%'",
+    )
+    .unwrap();
+    assert!(
+        lost_evals >= 1,
+        "the full agent's evaluation failed for want of space"
+    );
 }

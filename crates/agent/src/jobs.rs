@@ -63,6 +63,9 @@ pub(crate) async fn run(
                 Ok(a) => (a, String::new(), false),
                 Err(e) => (vec![], e.to_string(), e.is_infra()),
             };
+            if error.contains("No space left on device") {
+                pause_for_full_disk(shared);
+            }
             msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
                 attempt_id: attempt,
                 attrs,
@@ -209,6 +212,14 @@ async fn eval_isolated(
     Ok(out)
 }
 
+/// A job ran out of disk space: it is retried elsewhere, and this agent takes nothing new
+/// for a while (the failed job's files are gone at once, so free space alone would look fine).
+fn pause_for_full_disk(shared: &Shared) {
+    if let Ok(mut until) = shared.disk_full_until.lock() {
+        *until = Some(std::time::Instant::now() + crate::DISK_FULL_PAUSE);
+    }
+}
+
 /// Upload claims held at the coordinator: agents whose closures overlap (two evaluating
 /// chunks that share derivations and sources) upload each path once.
 struct Claims<'a> {
@@ -294,10 +305,16 @@ async fn eval_chunk(
     channel: Channel,
     j: pb::EvalChunkJob,
 ) -> pb::EvalChunkResult {
-    let fail = |e: NixError| pb::EvalChunkResult {
-        error: e.to_string(),
-        infra: e.is_infra(),
-        ..Default::default()
+    let fail = |e: NixError| {
+        let error = e.to_string();
+        if error.contains("No space left on device") {
+            pause_for_full_disk(shared);
+        }
+        pb::EvalChunkResult {
+            error,
+            infra: e.is_infra(),
+            ..Default::default()
+        }
     };
     let flake = match prepare_source(shared, channel.clone(), j.source).await {
         Ok(f) => f,
@@ -555,10 +572,7 @@ async fn build(
             r.message = m;
         }
         Err(Failure::DiskFull(m)) => {
-            // Retried elsewhere; this agent takes nothing new until it has room again.
-            if let Ok(mut until) = shared.disk_full_until.lock() {
-                *until = Some(std::time::Instant::now() + crate::DISK_FULL_PAUSE);
-            }
+            pause_for_full_disk(shared);
             r.status = pb::BuildStatus::InfraFailed as i32;
             r.message = format!("agent {} ran out of disk space: {m}", shared.cfg.name);
         }

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 /// How long a delivered result is kept to be sent again after a reconnect.
 const REDELIVER_FOR: Duration = Duration::from_secs(600);
 
-/// After a build ran out of disk space, how long the agent takes no new jobs (the failed
+/// After a job ran out of disk space, how long the agent takes no new jobs (the failed
 /// build's files are gone at once, so free space alone would call it healthy again).
 pub(crate) const DISK_FULL_PAUSE: Duration = Duration::from_secs(60);
 
@@ -43,7 +43,7 @@ pub(crate) struct Shared {
     pub pushers: tokio::sync::Mutex<HashMap<String, Arc<nixfarm_store::Pusher>>>,
     /// Cache credentials: they stay on this host and are never sent or logged.
     pub creds: config::CacheCredentials,
-    /// Set when a build ran out of disk space: no new jobs until then.
+    /// Set when a job ran out of disk space: no new jobs until then.
     pub disk_full_until: Mutex<Option<Instant>>,
 }
 
@@ -54,7 +54,7 @@ fn pause_reason(shared: &Shared) -> String {
         && let Some(left) = t.checked_duration_since(Instant::now())
     {
         return format!(
-            "a build ran out of disk space in {STORE_DIR}; no new jobs for {} s",
+            "a job ran out of disk space in {STORE_DIR}; no new jobs for {} s",
             left.as_secs() + 1
         );
     }

@@ -387,6 +387,15 @@ impl Db {
         )
     }
 
+    /// Attempts of `kind` in `run` that ended with an error.
+    pub fn failed_attempts(&self, run: &str, kind: &str) -> Result<i64, DbError> {
+        self.conn.query_row(
+            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = ?2 AND state = 'done' AND outcome != 'ok'",
+            params![run, kind],
+            |r| r.get(0),
+        )
+    }
+
     /// Attempts at `target` in `run` given up because their agent vanished.
     pub fn lost_attempts(&self, run: &str, target: &str) -> Result<i64, DbError> {
         self.conn.query_row(

@@ -923,7 +923,8 @@ impl Engine {
         let failures = if task_no >= 0 {
             inner.db.eval_task_infra_failure(run_id, task_no)?
         } else {
-            1
+            // The listing has no task row: its failed attempts are the count.
+            inner.db.failed_attempts(run_id, "eval-list")?
         };
         if failures > self.opts.max_infra_retries {
             return self.fail_run(
@@ -2120,5 +2121,34 @@ mod tests {
         );
         assert!(engine.cancel(&first).unwrap());
         engine.submit(spec).unwrap();
+    }
+
+    #[test]
+    fn a_listing_that_keeps_failing_on_the_machine_fails_the_run_after_the_retry_budget() {
+        let (engine, _clock, _dir) = test_engine(EngineOptions {
+            max_infra_retries: 2,
+            ..Default::default()
+        });
+        let (_, mut rx) = connect_agent(&engine, "a");
+        let run = engine.submit(flake_run()).unwrap();
+        let mut tries = 0;
+        while !engine.run_state(&run).unwrap().is_terminal() {
+            assert!(tries < 10, "retried for ever");
+            let (attempt, job) = assigned(&mut rx);
+            assert!(matches!(job, Job::EvalList { .. }));
+            tries += 1;
+            let result = Err(("writing to file: No space left on device".into(), true));
+            engine
+                .agent_message("a", FromAgent::EvalList { attempt, result })
+                .unwrap();
+        }
+        assert_eq!(tries, 3, "the first try and two retries");
+        let report = engine.report(&run).unwrap();
+        assert_eq!(report.state, "failed");
+        assert!(
+            report.error.contains("No space left on device"),
+            "{}",
+            report.error
+        );
     }
 }
