@@ -51,11 +51,12 @@ pub(crate) struct Shared {
 fn pause_reason(shared: &Shared) -> String {
     if let Ok(until) = shared.disk_full_until.lock()
         && let Some(t) = *until
-        && let Some(left) = t.checked_duration_since(Instant::now())
+        && t > Instant::now()
     {
+        // No countdown: the reason is compared and logged when it changes.
         return format!(
-            "a job ran out of disk space in {STORE_DIR}; no new jobs for {} s",
-            left.as_secs() + 1
+            "a job ran out of disk space in {STORE_DIR}; no new jobs for {} s after it",
+            DISK_FULL_PAUSE.as_secs()
         );
     }
     let min = shared.cfg.min_free_mib;
