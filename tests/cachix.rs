@@ -10,6 +10,31 @@ use std::time::Duration;
 
 const TOKEN: &str = "test-token-0123456789";
 
+/// A self-signed Cachix test cache NAME in `dir`: the server, the public key it publishes
+/// (NAME.cachix.org-1:…), and the signing key as CACHIX_SIGNING_KEY takes it.
+fn self_signed_cachix(
+    dir: &std::path::Path,
+    name: &str,
+    fail_every: u64,
+    drop_every: u64,
+    refuse_prefix: Option<String>,
+) -> (CachixServer, String, String) {
+    let (sk, pk) = cache_key(dir, &format!("{name}.cachix.org-1"));
+    let sk_text = std::fs::read_to_string(&sk).unwrap();
+    let signing_key = sk_text.trim().split_once(':').unwrap().1.to_string();
+    let server = CachixServer::start(ServerConfig {
+        name: name.into(),
+        token: TOKEN.into(),
+        public_key: pk.clone(),
+        dir: dir.join("cachix"),
+        fail_every,
+        drop_every,
+        refuse_prefix,
+    })
+    .unwrap();
+    (server, pk, signing_key)
+}
+
 /// A fresh, empty store (a host of its own) substitutes every output of `packages` from the
 /// cache at `uri`, with signatures required and only `public_key` trusted.
 fn substitute_into_fresh_store(
@@ -46,19 +71,7 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
     // A self-signed Cachix cache: the agents hold the signing key, the server publishes the
     // public half under NAME.cachix.org-1.
     let name = "nixfarm-e2e";
-    let (sk, pk) = cache_key(dir.path(), &format!("{name}.cachix.org-1"));
-    let sk_text = std::fs::read_to_string(&sk).unwrap();
-    let signing_key = sk_text.trim().split_once(':').unwrap().1.to_string();
-    let server = CachixServer::start(ServerConfig {
-        name: name.into(),
-        token: TOKEN.into(),
-        public_key: pk.clone(),
-        dir: dir.path().join("cachix"),
-        fail_every: 7,
-        drop_every: 11,
-        refuse_prefix: None,
-    })
-    .unwrap();
+    let (server, pk, signing_key) = self_signed_cachix(dir.path(), name, 7, 11, None);
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).expect("coordinator");
     let env = [
         ("CACHIX_AUTH_TOKEN", TOKEN),
@@ -258,19 +271,8 @@ fn an_http_put_cache_with_xz_serves_real_nix() {
 fn nixfarm_local_publishes_to_cachix_and_a_refused_push_is_not_cached() {
     let dir = scratch();
     let name = "nixfarm-local";
-    let (sk, pk) = cache_key(dir.path(), &format!("{name}.cachix.org-1"));
-    let sk_text = std::fs::read_to_string(&sk).unwrap();
-    let signing_key = sk_text.trim().split_once(':').unwrap().1.to_string();
-    let server = CachixServer::start(ServerConfig {
-        name: name.into(),
-        token: TOKEN.into(),
-        public_key: pk.clone(),
-        dir: dir.path().join("cachix"),
-        fail_every: 0,
-        drop_every: 0,
-        refuse_prefix: Some("goat-".into()),
-    })
-    .unwrap();
+    let (server, pk, signing_key) =
+        self_signed_cachix(dir.path(), name, 0, 0, Some("goat-".into()));
     let host = Host::new(&dir.path().join("builder"));
     let state = dir.path().join("state");
     let nixfarm = bin("nixfarm").display().to_string();

@@ -654,23 +654,22 @@ fn a_network_cut_longer_than_the_lease_requeues_and_the_run_completes() {
     assert!(p.lost >= 1, "the cut agent's attempts were given up");
 }
 
+/// An agent "tiny" whose store is a 48 MiB file system.
+fn tiny_agent(dir: &std::path::Path, url: &str, sk: &std::path::Path) -> (Host, Proc) {
+    let tiny = Host::with_small_disk(&dir.join("tiny"), 48);
+    let agent = tiny
+        .start_agent_with("tiny", url, Some(sk), 2, &[], &["--min-free-mib", "4"])
+        .unwrap();
+    (tiny, agent)
+}
+
 #[test]
 fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
     let dir = scratch();
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
     let (cache_url, sk, pk) = cache(dir.path());
     // 48 MiB of store, and a package that writes 64 MiB.
-    let tiny = Host::with_small_disk(&dir.path().join("tiny"), 48);
-    let _tiny = tiny
-        .start_agent_with(
-            "tiny",
-            &coordinator.url,
-            Some(&sk),
-            2,
-            &[],
-            &["--min-free-mib", "4"],
-        )
-        .unwrap();
+    let _tiny = tiny_agent(dir.path(), &coordinator.url, &sk);
     let repo = dir.path().join("big");
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::write(
@@ -747,17 +746,7 @@ fn an_agent_whose_disk_fills_up_while_evaluating_hands_the_evaluation_on() {
     let dir = scratch();
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
     let (cache_url, sk, pk) = cache(dir.path());
-    let tiny = Host::with_small_disk(&dir.path().join("tiny"), 48);
-    let _tiny = tiny
-        .start_agent_with(
-            "tiny",
-            &coordinator.url,
-            Some(&sk),
-            2,
-            &[],
-            &["--min-free-mib", "4"],
-        )
-        .unwrap();
+    let _tiny = tiny_agent(dir.path(), &coordinator.url, &sk);
     // Evaluating the flake copies it into the store: 64 MiB do not fit.
     let repo = dir.path().join("heavy");
     std::fs::create_dir_all(&repo).unwrap();
