@@ -152,6 +152,9 @@ pub struct Options {
     pub compression: Option<Compression>,
     /// Attempts per request on 429, 5xx and connection errors.
     pub request_attempts: u32,
+    /// Time a request may spend retrying in all (the reference client's 90 s): no new
+    /// attempt starts after it.
+    pub retry_budget: Duration,
     /// Extra attempts per path after a failed upload.
     pub path_retries: u32,
     /// First retry delay; doubles, jittered, capped at 15 s.
@@ -166,7 +169,8 @@ impl Default for Options {
             parts_in_flight: 4,
             paths_in_flight: 8,
             compression: None,
-            request_attempts: 8,
+            request_attempts: 12,
+            retry_budget: Duration::from_secs(90),
             path_retries: 3,
             backoff: Duration::from_millis(200),
             zstd_level: 3,
@@ -464,8 +468,12 @@ impl Pusher {
     ) -> Result<reqwest::Response, StoreError> {
         let mut delay = self.opts.backoff;
         let mut last = String::new();
+        let started = std::time::Instant::now();
         for attempt in 0..self.opts.request_attempts.max(1) {
             if attempt > 0 {
+                if started.elapsed() + delay > self.opts.retry_budget {
+                    break;
+                }
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 let jitter = delay.mul_f64(0.5 + fastrand::f64());
                 tokio::time::sleep(jitter).await;
