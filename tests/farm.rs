@@ -261,10 +261,14 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing_half_done() {
     copy_tree(&example_repo(), &repo);
     std::fs::write(repo.join("secret.txt"), "x").unwrap();
     set_mode(&repo.join("secret.txt"), 0o600);
+    // A copy of the CLI that user can run wherever the checkout lives.
+    let cli_copy = unreadable.path().join("nixfarm");
+    std::fs::copy(bin("nixfarm"), &cli_copy).unwrap();
+    set_mode(&cli_copy, 0o755);
     let as_nobody = |needle: &str| {
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(bin("nixfarm"))
+            .arg(&cli_copy)
             .args(["submit", repo.to_str().unwrap()])
             .env("NIXFARM_COORDINATOR", &f.coordinator.url)
             .output()
