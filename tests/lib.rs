@@ -212,6 +212,9 @@ impl NetNs {
             veth: format!("nfh{id}x{n}"),
         };
         let peer = format!("nfa{id}x{n}");
+        // Leftovers of a killed earlier run with the same numbers would refuse the names.
+        let _ = Command::new("ip").args(["link", "del", &ns.veth]).output();
+        let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         ip(&["netns", "add", &ns.name]);
         ip(&[
             "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
