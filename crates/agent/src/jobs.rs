@@ -63,9 +63,7 @@ pub(crate) async fn run(
                 Ok(a) => (a, String::new(), false),
                 Err(e) => (vec![], e.to_string(), e.is_infra()),
             };
-            if error.contains("No space left on device") {
-                pause_for_full_disk(shared);
-            }
+            pause_if_disk_full(shared, &error);
             msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
                 attempt_id: attempt,
                 attrs,
@@ -220,6 +218,13 @@ fn pause_for_full_disk(shared: &Shared) {
     }
 }
 
+/// [`pause_for_full_disk`] when a failed evaluation's error says the disk is full.
+fn pause_if_disk_full(shared: &Shared, error: &str) {
+    if nixfarm_nix::messages::is_disk_full(error) {
+        pause_for_full_disk(shared);
+    }
+}
+
 /// Upload claims held at the coordinator: agents whose closures overlap (two evaluating
 /// chunks that share derivations and sources) upload each path once.
 struct Claims<'a> {
@@ -307,9 +312,7 @@ async fn eval_chunk(
 ) -> pb::EvalChunkResult {
     let fail = |e: NixError| {
         let error = e.to_string();
-        if error.contains("No space left on device") {
-            pause_for_full_disk(shared);
-        }
+        pause_if_disk_full(shared, &error);
         pb::EvalChunkResult {
             error,
             infra: e.is_infra(),

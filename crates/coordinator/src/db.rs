@@ -476,27 +476,26 @@ impl Db {
         })
     }
 
-    /// Drops `agent`'s claims on `paths` (all of its claims when `paths` is None).
+    /// Drops `agent`'s claims on `paths` in `cache`.
     pub fn release_upload_claims(
         &self,
         agent: &str,
         cache: &str,
-        paths: Option<&[String]>,
+        paths: &[String],
     ) -> Result<(), DbError> {
-        match paths {
-            Some(paths) => {
-                let mut st = self.conn.prepare_cached(
-                    "DELETE FROM upload_claims WHERE agent = ?1 AND cache = ?2 AND path = ?3",
-                )?;
-                for p in paths {
-                    st.execute(params![agent, cache, p])?;
-                }
-            }
-            None => {
-                self.conn
-                    .execute("DELETE FROM upload_claims WHERE agent = ?1", params![agent])?;
-            }
+        let mut st = self.conn.prepare_cached(
+            "DELETE FROM upload_claims WHERE agent = ?1 AND cache = ?2 AND path = ?3",
+        )?;
+        for p in paths {
+            st.execute(params![agent, cache, p])?;
         }
+        Ok(())
+    }
+
+    /// Drops every claim `agent` holds, in any cache.
+    pub fn release_all_upload_claims(&self, agent: &str) -> Result<(), DbError> {
+        self.conn
+            .execute("DELETE FROM upload_claims WHERE agent = ?1", params![agent])?;
         Ok(())
     }
 

@@ -562,7 +562,7 @@ impl Engine {
             .collect();
         if reg.running_attempts.is_empty() {
             // Nothing running there: no upload of its is in flight, so its claims lapse now.
-            inner.db.release_upload_claims(&reg.name, "", None)?;
+            inner.db.release_all_upload_claims(&reg.name)?;
         }
         let mut running = HashSet::new();
         for id in previous {
@@ -663,7 +663,7 @@ impl Engine {
             a.last_seen_ms = now;
         }
         if release {
-            inner.db.release_upload_claims(agent, cache, Some(paths))?;
+            inner.db.release_upload_claims(agent, cache, paths)?;
             return Ok(Vec::new());
         }
         let lease = self.opts.lease_ms;
@@ -1414,6 +1414,8 @@ impl Engine {
     pub fn waiting_jobs(&self) -> Vec<(String, u64, String)> {
         let g = self.lock();
         let mut groups: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        // One look at the agents per class of job, not per job: runs can hold 100k jobs.
+        let mut by_class: HashMap<&Class, String> = HashMap::new();
         for run in g.runs.iter().filter(|r| !r.state.is_terminal()) {
             let Some(sched) = &run.sched else {
                 if !run.eval_queue.is_empty() {
@@ -1426,7 +1428,10 @@ impl Engine {
             };
             for id in 0..sched.len() as NodeId {
                 let reason = match sched.state(id) {
-                    NodeState::Ready => queued_reason(&g, sched.class(id)),
+                    NodeState::Ready => by_class
+                        .entry(sched.class(id))
+                        .or_insert_with(|| queued_reason(&g, sched.class(id)))
+                        .clone(),
                     NodeState::Waiting => "waiting on dependencies".into(),
                     _ => continue,
                 };

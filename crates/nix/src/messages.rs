@@ -146,8 +146,6 @@ pub enum Failure {
 pub fn is_machine_error(message: &str) -> bool {
     const MARKS: &[&str] = &[
         "database is locked",
-        "No space left on device",
-        "Disk quota exceeded",
         "Too many open files",
         "Cannot allocate memory",
         "out of memory",
@@ -156,7 +154,13 @@ pub fn is_machine_error(message: &str) -> bool {
         "opening lock file",
     ];
     (message.contains("SQLite database") && message.contains("is busy"))
+        || is_disk_full(message)
         || MARKS.iter().any(|m| message.contains(m))
+}
+
+/// Whether an error (or a log line) says the disk is full: ENOSPC or EDQUOT.
+pub fn is_disk_full(message: &str) -> bool {
+    message.contains("No space left on device") || message.contains("Disk quota exceeded")
 }
 
 /// Classifies a failed `nix-store --realise` / `nix build` from its exit code and log.
@@ -177,10 +181,7 @@ pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
     }
     // Whoever hit it (the builder, Nix writing the output or its database), a full disk is
     // the machine's fault, not the package's.
-    if let Some(l) = clean
-        .lines()
-        .find(|l| l.contains("No space left on device") || l.contains("Disk quota exceeded"))
-    {
+    if let Some(l) = clean.lines().find(|l| is_disk_full(l)) {
         return Failure::DiskFull(trim_error(l.trim_start_matches(['>', ' '])));
     }
     let builder_failed = clean.lines().find(|l| {
