@@ -3,7 +3,9 @@
 //! Nothing here does I/O beyond reading and writing the snapshot files it is handed;
 //! the coordinator, the agent and the CLI share these types so that they agree on meaning.
 
+pub mod cache_url;
 pub mod flakeref;
+pub mod limits;
 pub mod report;
 pub mod snapshot;
 pub mod status;

@@ -32,10 +32,20 @@ pub enum SnapshotError {
     TooManyEntries { limit: usize },
     #[error("snapshot entry '{0}' is an absolute path or leaves the tree")]
     UnsafePath(String),
-    #[error("snapshot entry '{0}' is a link that points outside the tree")]
+    #[error(
+        "snapshot entry '{0}' is a link that points outside the tree (or through another link)"
+    )]
     UnsafeLink(String),
-    #[error("snapshot entry '{0}' has an unsupported type")]
+    #[error("snapshot entry '{0}' has an unsupported type (only files, directories and links)")]
     UnsupportedEntry(String),
+    #[error("snapshot entry '{0}' is a hard link; snapshots hold no hard links")]
+    HardLink(String),
+    #[error("snapshot holds '{0}' twice")]
+    Duplicate(String),
+    #[error("snapshot entry '{0}' lies beneath a symbolic link")]
+    ThroughLink(String),
+    #[error("snapshot entry '{0}' lies beneath a regular file")]
+    BeneathFile(String),
     #[error("cannot read {path}")]
     Io {
         path: String,
@@ -156,86 +166,387 @@ fn check_link(rel: &Path, target: &Path) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// Checks a snapshot without unpacking it: sizes, entry count, paths and links.
-pub fn verify(bytes: &[u8], limits: Limits) -> Result<usize, SnapshotError> {
-    walk(bytes, limits, |_, _| Ok(()))
+/// Upper bound on the bytes of a tar holding at most `limits` (headers and padding included).
+pub fn max_tar_bytes(limits: Limits) -> u64 {
+    limits.max_bytes.saturating_add(
+        (limits.max_entries as u64)
+            .saturating_add(2)
+            .saturating_mul(2048),
+    )
 }
 
-/// Unpacks a verified snapshot into `dest` (which must exist).
+/// Longest path (or link target) accepted in a snapshot, in bytes (Linux's PATH_MAX).
+const MAX_PATH_BYTES: usize = 4096;
+
+/// What a checked entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Dir,
+    Link,
+}
+
+/// A reader that refuses to go past `limit` bytes.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // One byte more than allowed tells a tar that is too long from one that fits.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(format!(
+                    "snapshot is larger than the limit of {} bytes",
+                    self.limit
+                ))),
+            };
+        }
+        let n = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let got = self.inner.read(&mut buf[..n])?;
+        self.left -= got as u64;
+        Ok(got)
+    }
+}
+
+/// Checks a snapshot without unpacking it: sizes, entry count, entry types, and the shape of
+/// the whole tree (no duplicate paths, nothing beneath a file or link, every link resolving
+/// inside the tree without passing through another link). Returns the number of entries.
+pub fn verify(reader: impl Read, limits: Limits) -> Result<usize, SnapshotError> {
+    let mut entries: Vec<(PathBuf, Kind, Option<PathBuf>)> = Vec::new();
+    walk(reader, limits, |entry, rel, kind| {
+        let target = match kind {
+            Kind::Link => Some(link_target(entry, rel)?),
+            _ => None,
+        };
+        entries.push((rel.to_path_buf(), kind, target));
+        Ok(())
+    })?;
+    check_tree(&entries)?;
+    Ok(entries.len())
+}
+
+/// The target of a symlink entry, bounded.
+fn link_target(entry: &tar::Entry<'_, impl Read>, rel: &Path) -> Result<PathBuf, SnapshotError> {
+    let target = entry
+        .link_name()
+        .map_err(io(rel))?
+        .map(|t| t.into_owned())
+        .unwrap_or_default();
+    if target.as_os_str().is_empty() || target.as_os_str().len() > MAX_PATH_BYTES {
+        return Err(SnapshotError::UnsafeLink(shown(rel)));
+    }
+    Ok(target)
+}
+
+/// A path as error messages show it: bounded, so hostile input is never echoed whole.
+fn shown(p: &Path) -> String {
+    let s = p.display().to_string();
+    if s.len() <= 200 {
+        return s;
+    }
+    let mut end = 200;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The whole-tree rules, which no entry-by-entry check can see: entries that come later may
+/// replace or redirect what earlier ones created.
+fn check_tree(entries: &[(PathBuf, Kind, Option<PathBuf>)]) -> Result<(), SnapshotError> {
+    let mut kinds: std::collections::HashMap<&Path, Kind> =
+        std::collections::HashMap::with_capacity(entries.len());
+    for (p, k, _) in entries {
+        if kinds.insert(p.as_path(), *k).is_some() {
+            return Err(SnapshotError::Duplicate(shown(p)));
+        }
+    }
+    for (p, _, target) in entries {
+        // Every ancestor is a real directory (listed as one, or implied).
+        for anc in p.ancestors().skip(1) {
+            if anc.as_os_str().is_empty() {
+                break;
+            }
+            match kinds.get(anc) {
+                Some(Kind::Link) => return Err(SnapshotError::ThroughLink(shown(p))),
+                Some(Kind::File) => return Err(SnapshotError::BeneathFile(shown(p))),
+                _ => {}
+            }
+        }
+        if let Some(t) = target {
+            check_link_target(p, t, &kinds)?;
+        }
+    }
+    Ok(())
+}
+
+/// A link is safe when its target, walked from the link's own (real) directory, stays inside
+/// the tree and steps through no other link: a link's `..` is its target's parent, not the
+/// lexical one. The last component may itself be a link (it is checked on its own).
+fn check_link_target(
+    link: &Path,
+    target: &Path,
+    kinds: &std::collections::HashMap<&Path, Kind>,
+) -> Result<(), SnapshotError> {
+    let bad = || SnapshotError::UnsafeLink(shown(link));
+    if target.is_absolute() {
+        return Err(bad());
+    }
+    let mut cur: Vec<&std::ffi::OsStr> = link
+        .parent()
+        .map(|p| {
+            p.components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let comps: Vec<Component<'_>> = target.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        match c {
+            Component::CurDir => continue,
+            Component::ParentDir => {
+                if cur.pop().is_none() {
+                    return Err(bad());
+                }
+            }
+            Component::Normal(n) => cur.push(n),
+            _ => return Err(bad()),
+        }
+        let more = comps[i + 1..]
+            .iter()
+            .any(|c| !matches!(c, Component::CurDir));
+        if more && !cur.is_empty() {
+            let here: PathBuf = cur.iter().collect();
+            if kinds.get(here.as_path()) == Some(&Kind::Link) {
+                return Err(bad());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks a snapshot held in memory into `dest` (an existing, empty directory).
 pub fn unpack(bytes: &[u8], dest: &Path, limits: Limits) -> Result<usize, SnapshotError> {
     verify(bytes, limits)?;
-    walk(bytes, limits, |entry, rel| {
-        let out = dest.join(rel);
-        if let Some(parent) = out.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
+    extract(bytes, dest, limits)
+}
+
+/// Unpacks the snapshot in the file `tar` into `dest` (an existing, empty directory): checked
+/// whole first, then written without ever following a link, read-only.
+pub fn unpack_file(tar: &Path, dest: &Path, limits: Limits) -> Result<usize, SnapshotError> {
+    let open = || {
+        std::fs::File::open(tar)
+            .map(std::io::BufReader::new)
+            .map_err(io(tar))
+    };
+    verify(open()?, limits)?;
+    extract(open()?, dest, limits)
+}
+
+/// Writes the entries of a verified tar beneath `dest`. Every path is resolved one component
+/// at a time from a directory handle with `O_NOFOLLOW`, and every file is created with
+/// `O_EXCL`, so no link (whatever the tar's order) and no pre-existing file is written through.
+fn extract(reader: impl Read, dest: &Path, limits: Limits) -> Result<usize, SnapshotError> {
+    use rustix::fs::{Mode, OFlags};
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let root = rustix::fs::open(dest, dir_flags, Mode::empty()).map_err(|e| errno(dest, e))?;
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut cached: Option<(PathBuf, std::os::fd::OwnedFd)> = None;
+    let count = walk(reader, limits, |entry, rel, kind| {
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let name = rel
+            .file_name()
+            .ok_or_else(|| SnapshotError::UnsafePath(shown(rel)))?;
+        if cached.as_ref().is_none_or(|(p, _)| p != parent) {
+            let fd = open_beneath(&root, parent, true, &mut dirs)?;
+            cached = Some((parent.to_path_buf(), fd));
         }
-        match entry.header().entry_type() {
-            tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(io(&out))?
-                    .unwrap_or_default()
-                    .into_owned();
-                std::os::unix::fs::symlink(&target, &out).map_err(io(&out))?;
+        let Some((_, dirfd)) = cached.as_ref() else {
+            return Err(SnapshotError::UnsafePath(shown(rel)));
+        };
+        match kind {
+            Kind::Dir => match rustix::fs::mkdirat(dirfd, name, Mode::from_raw_mode(0o755)) {
+                Ok(()) => dirs.push(rel.to_path_buf()),
+                // Implied by an earlier entry: it must be a real directory, not a link.
+                Err(rustix::io::Errno::EXIST) => {
+                    rustix::fs::openat(dirfd, name, dir_flags, Mode::empty())
+                        .map_err(|e| errno(rel, e))?;
+                }
+                Err(e) => return Err(errno(rel, e)),
+            },
+            Kind::Link => {
+                let target = link_target(entry, rel)?;
+                rustix::fs::symlinkat(&target, dirfd, name).map_err(|e| errno(rel, e))?;
             }
-            tar::EntryType::Directory => std::fs::create_dir_all(&out).map_err(io(&out))?,
-            _ => {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = entry.header().mode().map_err(io(&out))?;
-                let mut data = Vec::new();
-                entry.read_to_end(&mut data).map_err(io(&out))?;
-                std::fs::write(&out, &data).map_err(io(&out))?;
-                let perm = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
-                std::fs::set_permissions(&out, std::fs::Permissions::from_mode(perm))
-                    .map_err(io(&out))?;
+            Kind::File => {
+                let exec = entry.header().mode().map_err(io(rel))? & 0o111 != 0;
+                let mode = if exec { 0o555 } else { 0o444 };
+                let fd = rustix::fs::openat(
+                    dirfd,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(mode),
+                )
+                .map_err(|e| errno(rel, e))?;
+                let mut out = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd));
+                std::io::copy(entry, &mut out).map_err(io(rel))?;
+                std::io::Write::flush(&mut out).map_err(io(rel))?;
             }
         }
         Ok(())
-    })
+    })?;
+    drop(cached);
+    // Read-only once complete: nothing later changes what the run evaluates.
+    for d in dirs.iter().rev() {
+        let fd = open_beneath(&root, d, false, &mut Vec::new())?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o555)).map_err(|e| errno(d, e))?;
+    }
+    rustix::fs::fchmod(&root, Mode::from_raw_mode(0o555)).map_err(|e| errno(dest, e))?;
+    Ok(count)
 }
 
-fn walk(
-    bytes: &[u8],
-    limits: Limits,
-    mut f: impl FnMut(&mut tar::Entry<'_, &[u8]>, &Path) -> Result<(), SnapshotError>,
-) -> Result<usize, SnapshotError> {
-    if bytes.len() as u64 > limits.max_bytes + (limits.max_entries as u64 + 2) * 1024 {
-        return Err(SnapshotError::TooLarge {
-            limit: limits.max_bytes,
-        });
+/// Opens the directory `rel` beneath `root`, one component at a time, never following a
+/// link; with `create`, missing directories are made (and recorded in `made`).
+fn open_beneath(
+    root: &std::os::fd::OwnedFd,
+    rel: &Path,
+    create: bool,
+    made: &mut Vec<PathBuf>,
+) -> Result<std::os::fd::OwnedFd, SnapshotError> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut fd = rustix::fs::openat(root, ".", flags, Mode::empty()).map_err(|e| errno(rel, e))?;
+    let mut sofar = PathBuf::new();
+    for c in rel.components() {
+        let Component::Normal(n) = c else {
+            return Err(SnapshotError::UnsafePath(shown(rel)));
+        };
+        sofar.push(n);
+        let next = match rustix::fs::openat(&fd, n, flags, Mode::empty()) {
+            Err(rustix::io::Errno::NOENT) if create => {
+                rustix::fs::mkdirat(&fd, n, Mode::from_raw_mode(0o755))
+                    .map_err(|e| errno(&sofar, e))?;
+                made.push(sofar.clone());
+                rustix::fs::openat(&fd, n, flags, Mode::empty())
+            }
+            other => other,
+        }
+        .map_err(|e| errno(&sofar, e))?;
+        fd = next;
     }
-    let mut archive = tar::Archive::new(bytes);
+    Ok(fd)
+}
+
+fn errno(path: &Path, e: rustix::io::Errno) -> SnapshotError {
+    SnapshotError::Io {
+        path: shown(path),
+        source: e.into(),
+    }
+}
+
+/// Removes a tree that [`unpack_file`] made read-only (links are removed, never followed).
+pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fn writable(p: &Path) -> std::io::Result<()> {
+        let meta = std::fs::symlink_metadata(p)?;
+        if meta.is_dir() {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
+            for e in std::fs::read_dir(p)? {
+                writable(&e?.path())?;
+            }
+        }
+        Ok(())
+    }
+    match writable(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    }
+    std::fs::remove_dir_all(dir)
+}
+
+fn walk<R: Read>(
+    reader: R,
+    limits: Limits,
+    mut f: impl FnMut(&mut tar::Entry<'_, Capped<R>>, &Path, Kind) -> Result<(), SnapshotError>,
+) -> Result<usize, SnapshotError> {
+    let cap = max_tar_bytes(limits);
+    let mut archive = tar::Archive::new(Capped {
+        inner: reader,
+        left: cap,
+        limit: limits.max_bytes,
+    });
     let mut count = 0;
     let mut total = 0u64;
+    let too_large = |e: &std::io::Error| e.to_string().contains("larger than the limit");
     for entry in archive.entries().map_err(io("snapshot"))? {
-        let mut entry = entry.map_err(io("snapshot"))?;
+        let mut entry = entry.map_err(|e| {
+            if too_large(&e) {
+                SnapshotError::TooLarge {
+                    limit: limits.max_bytes,
+                }
+            } else {
+                SnapshotError::Io {
+                    path: "snapshot".into(),
+                    source: e,
+                }
+            }
+        })?;
         count += 1;
         if count > limits.max_entries {
             return Err(SnapshotError::TooManyEntries {
                 limit: limits.max_entries,
             });
         }
-        let rel = entry.path().map_err(io("snapshot"))?.into_owned();
-        check_relative(&rel)?;
-        match entry.header().entry_type() {
-            tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(io(&rel))?
-                    .unwrap_or_default()
-                    .into_owned();
-                check_link(&rel, &target)?;
+        let raw = entry.path().map_err(io("snapshot"))?.into_owned();
+        if raw.as_os_str().len() > MAX_PATH_BYTES {
+            return Err(SnapshotError::UnsafePath(shown(&raw)));
+        }
+        check_relative(&raw)?;
+        // One spelling per path ("a/./b/" is "a/b"), so duplicates are seen as such.
+        let rel: PathBuf = raw
+            .components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .collect();
+        let kind = match entry.header().entry_type() {
+            tar::EntryType::Symlink => Kind::Link,
+            tar::EntryType::Directory => Kind::Dir,
+            tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
+            tar::EntryType::Link => return Err(SnapshotError::HardLink(shown(&rel))),
+            _ => return Err(SnapshotError::UnsupportedEntry(shown(&rel))),
+        };
+        if rel.as_os_str().is_empty() {
+            // "./": the root itself, which exists already; nothing else may name it.
+            if kind == Kind::Dir {
+                continue;
             }
-            tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous => {}
-            _ => return Err(SnapshotError::UnsupportedEntry(rel.display().to_string())),
+            return Err(SnapshotError::UnsafePath(shown(&raw)));
         }
-        total += entry.header().size().map_err(io(&rel))?;
-        if total > limits.max_bytes {
-            return Err(SnapshotError::TooLarge {
+        if kind == Kind::File {
+            total = total.saturating_add(entry.header().size().map_err(io(&rel))?);
+            if total > limits.max_bytes {
+                return Err(SnapshotError::TooLarge {
+                    limit: limits.max_bytes,
+                });
+            }
+        }
+        f(&mut entry, &rel, kind).map_err(|e| match e {
+            SnapshotError::Io { source, .. } if too_large(&source) => SnapshotError::TooLarge {
                 limit: limits.max_bytes,
-            });
-        }
-        f(&mut entry, &rel)?;
+            },
+            e => e,
+        })?;
     }
     Ok(count)
 }
@@ -296,8 +607,142 @@ mod tests {
         b.append(&h, &b"x"[..]).unwrap();
         let bytes = b.into_inner().unwrap();
         assert!(matches!(
-            verify(&bytes, Limits::default()),
+            verify(&bytes[..], Limits::default()),
             Err(SnapshotError::UnsafePath(_))
+        ));
+    }
+
+    /// A hand-made tar: (path, type, link target or file content), names written raw so
+    /// nothing on the way refuses them.
+    fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, extra) in entries {
+            let mut h = tar::Header::new_old();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            let data: &[u8] = if *kind == tar::EntryType::Regular {
+                extra.as_bytes()
+            } else {
+                b""
+            };
+            h.set_size(data.len() as u64);
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            if *kind != tar::EntryType::Regular {
+                h.as_old_mut().linkname[..extra.len()].copy_from_slice(extra.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as L};
+
+    /// The escape from the trust-boundaries issue: a link to `.` makes a deep lexical path
+    /// shallow, so a `..` chain that looks inside the tree leaves it.
+    fn self_link_escape(target_file: &str) -> Vec<u8> {
+        let deep = "a/".repeat(12);
+        let up = "../".repeat(12);
+        raw_tar(&[
+            ("flake.nix", F, "{}"),
+            ("a", L, "."),
+            (&format!("{deep}esc"), L, &up),
+            (&format!("esc{target_file}"), F, "pwned"),
+        ])
+    }
+
+    #[test]
+    fn links_created_earlier_in_the_same_tar_are_taken_into_account() {
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("X");
+        let bytes = self_link_escape(victim.to_str().unwrap());
+        let err = verify(&bytes[..], Limits::default()).unwrap_err();
+        assert!(matches!(err, SnapshotError::ThroughLink(_)), "{err}");
+        let dest = tempfile::tempdir().unwrap();
+        assert!(unpack(&bytes, dest.path(), Limits::default()).is_err());
+        // Even with the tree check skipped, extraction follows no link.
+        let dest2 = tempfile::tempdir().unwrap();
+        assert!(extract(&bytes[..], dest2.path(), Limits::default()).is_err());
+        assert!(!victim.exists(), "a file was written outside the tree");
+    }
+
+    #[test]
+    fn every_shape_of_escape_is_refused() {
+        let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str)>)> = vec![
+            ("absolute link", vec![("x", L, "/etc")]),
+            ("link above the root", vec![("x", L, "..")]),
+            ("deep .. chain", vec![("p/q/x", L, "../../../../../../etc")]),
+            (
+                "'..' through another link",
+                vec![("p/q/x", L, "../.."), ("p/q/y", L, "x/../../..")],
+            ),
+            (
+                "directory replaced by a link later",
+                vec![("d", D, ""), ("d/f", F, "1"), ("d", L, "..")],
+            ),
+            (
+                "file beneath a link made earlier",
+                vec![("sub/d", L, ".."), ("sub/d/f", F, "1")],
+            ),
+            (
+                "file beneath a link made later",
+                vec![("sub/d/f", F, "1"), ("sub/d", L, "..")],
+            ),
+            ("file beneath a file", vec![("f", F, "1"), ("f/g", F, "2")]),
+            ("the same file twice", vec![("f", F, "1"), ("./f", F, "2")]),
+            ("hard link", vec![("f", F, "1"), ("g", H, "f")]),
+            ("hard link out", vec![("g", H, "/etc/shadow")]),
+            ("fifo", vec![("p", tar::EntryType::Fifo, "")]),
+            ("char device", vec![("c", tar::EntryType::Char, "")]),
+            ("block device", vec![("b", tar::EntryType::Block, "")]),
+        ];
+        for (what, entries) in cases {
+            let bytes = raw_tar(&entries);
+            assert!(
+                verify(&bytes[..], Limits::default()).is_err(),
+                "{what} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn links_inside_the_tree_and_chains_of_them_are_fine() {
+        let bytes = raw_tar(&[
+            ("flake.nix", F, "{}"),
+            ("lib/a.nix", F, "1"),
+            ("lib/b.nix", L, "a.nix"),
+            ("c.nix", L, "lib/b.nix"),
+            ("lib/up", L, ".."),
+            ("lib/dangling", L, "nowhere/x"),
+        ]);
+        let dest = tempfile::tempdir().unwrap();
+        assert_eq!(unpack(&bytes, dest.path(), Limits::default()).unwrap(), 6);
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("c.nix")).unwrap(),
+            "1"
+        );
+        // Read-only: nothing can change what a run evaluates.
+        assert!(
+            std::fs::metadata(dest.path().join("lib/a.nix"))
+                .unwrap()
+                .permissions()
+                .readonly()
+        );
+        remove_tree(dest.path()).unwrap();
+        assert!(!dest.path().exists());
+    }
+
+    #[test]
+    fn a_tar_longer_than_the_limit_is_refused_while_reading() {
+        let big = "x".repeat(4096);
+        let bytes = raw_tar(&[("a", F, &big), ("b", F, &big)]);
+        let small = Limits {
+            max_bytes: 5000,
+            max_entries: 10,
+        };
+        assert!(matches!(
+            verify(&bytes[..], small),
+            Err(SnapshotError::TooLarge { .. })
         ));
     }
 

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Cachix's own API root.
-pub const CACHIX_API: &str = "https://app.cachix.org/api/v1/";
+pub use nixfarm_core::cache_url::CACHIX_API;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,53 +60,12 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     move |source| StoreError::Io { what, source }
 }
 
-/// Where a run's outputs go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    File(PathBuf),
-    Http(String),
-    Cachix { name: String, api: String },
-}
+/// Where a run's outputs go (parsed by nixfarm-core, so every part of the farm agrees).
+pub use nixfarm_core::cache_url::CacheTarget as Target;
 
-impl Target {
-    /// `cachix://NAME` (with `?api=URL` to point at another API host), `file:///path`, or
-    /// `http(s)://…` (a cache that accepts PUT).
-    pub fn parse(url: &str) -> Result<Target, StoreError> {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        if let Some(name) = base.strip_prefix("cachix://") {
-            let name = name.trim_end_matches('/');
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(StoreError::BadUrl(url.into()));
-            }
-            let api = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("api="))
-                .map(String::from)
-                .unwrap_or_else(|| CACHIX_API.to_string());
-            let api = if api.ends_with('/') {
-                api
-            } else {
-                format!("{api}/")
-            };
-            return Ok(Target::Cachix {
-                name: name.into(),
-                api,
-            });
-        }
-        if let Some(path) = base.strip_prefix("file://") {
-            if !path.starts_with('/') {
-                return Err(StoreError::BadUrl(url.into()));
-            }
-            return Ok(Target::File(PathBuf::from(path)));
-        }
-        if base.starts_with("http://") || base.starts_with("https://") {
-            return Ok(Target::Http(base.trim_end_matches('/').to_string()));
-        }
-        Err(StoreError::BadUrl(url.into()))
+impl From<nixfarm_core::cache_url::BadCacheUrl> for StoreError {
+    fn from(e: nixfarm_core::cache_url::BadCacheUrl) -> StoreError {
+        StoreError::BadUrl(e.0)
     }
 }
 
