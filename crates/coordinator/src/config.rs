@@ -14,6 +14,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP). Default: none (off).
     pub metrics_listen: Option<String>,
+    /// Accept local flake references (`path:`, `git+file:`, `file:`, `flake:` registry names),
+    /// which agents resolve on their own disk. Only for a single-user farm whose agents also
+    /// set it; `nixfarm local` turns it on for its embedded coordinator. Default false: only
+    /// remote references (github:, gitlab:, sourcehut:, git+https://, https://) and uploads.
+    pub allow_local_flake_refs: bool,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub scheduler: SchedulerConfig,
@@ -76,12 +81,20 @@ impl Default for SchedulerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Largest source snapshot accepted, bytes. Default 268435456 (256 MiB).
+    /// Largest source snapshot accepted (sum of its file sizes), bytes. The CLI and agents are
+    /// told it. Default 268435456 (256 MiB); 1 MiB to 4 GiB.
     pub snapshot_max_bytes: u64,
-    /// Most files in one snapshot. Default 100000.
+    /// Most files in one snapshot. Default 100000; 1 to 1000000.
     pub snapshot_max_files: usize,
-    /// Largest gRPC message accepted, bytes. Default 67108864 (64 MiB).
+    /// Largest gRPC message accepted, bytes (from agents; the CLI's messages are held to at
+    /// most 4 MiB, uploads come in 1 MiB chunks). Default 67108864 (64 MiB); 1 MiB to 1 GiB.
     pub max_message_bytes: usize,
+    /// Snapshot uploads in progress at once, from all clients. Default 16; 1 to 1024.
+    pub max_concurrent_uploads: usize,
+    /// Snapshot uploads in progress at once from one client address. Default 4.
+    pub max_uploads_per_client: usize,
+    /// Seconds an upload may go without receiving data before it is aborted. Default 30.
+    pub upload_idle_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -90,6 +103,9 @@ impl Default for LimitsConfig {
             snapshot_max_bytes: 256 << 20,
             snapshot_max_files: 100_000,
             max_message_bytes: 64 << 20,
+            max_concurrent_uploads: 16,
+            max_uploads_per_client: 4,
+            upload_idle_secs: 30,
         }
     }
 }
@@ -100,6 +116,7 @@ impl Default for Config {
             listen: "127.0.0.1:7420".into(),
             state_dir: "/var/lib/nixfarm".into(),
             metrics_listen: None,
+            allow_local_flake_refs: false,
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             scheduler: SchedulerConfig::default(),
@@ -121,9 +138,100 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("config: {field} = {value} is out of range: {allowed}")]
+    Range {
+        field: &'static str,
+        value: String,
+        allowed: String,
+    },
+    #[error(
+        "{0} is empty: a token file must hold the token (an empty one would turn authentication off)"
+    )]
+    EmptySecret(PathBuf),
+}
+
+/// Checks that `value` lies in `lo..=hi`.
+fn range<T: PartialOrd + std::fmt::Display + Copy>(
+    field: &'static str,
+    value: T,
+    lo: T,
+    hi: T,
+) -> Result<(), ConfigError> {
+    if value < lo || value > hi {
+        return Err(ConfigError::Range {
+            field,
+            value: value.to_string(),
+            allowed: format!("{lo} to {hi}"),
+        });
+    }
+    Ok(())
 }
 
 impl Config {
+    /// Range-checks every numeric field, naming the field and the allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.scheduler;
+        range("[scheduler] eval_chunk_size", s.eval_chunk_size, 1, 10_000)?;
+        if s.eval_memory_mib != 0 {
+            range(
+                "[scheduler] eval_memory_mib",
+                s.eval_memory_mib,
+                256,
+                1 << 20,
+            )
+            .map_err(|e| with_note(e, " (or 0 for no cap)"))?;
+        }
+        range("[scheduler] max_infra_retries", s.max_infra_retries, 0, 100)?;
+        range(
+            "[scheduler] max_runs_in_flight",
+            s.max_runs_in_flight,
+            1,
+            100_000,
+        )?;
+        range("[scheduler] heartbeat_secs", s.heartbeat_secs, 1, 3600)?;
+        range(
+            "[scheduler] lease_secs",
+            s.lease_secs,
+            (2 * s.heartbeat_secs).max(2),
+            86_400,
+        )
+        .map_err(|e| with_note(e, " (at least twice heartbeat_secs)"))?;
+        let l = &self.limits;
+        range(
+            "[limits] snapshot_max_bytes",
+            l.snapshot_max_bytes,
+            1 << 20,
+            4 << 30,
+        )?;
+        range(
+            "[limits] snapshot_max_files",
+            l.snapshot_max_files,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "[limits] max_message_bytes",
+            l.max_message_bytes,
+            1 << 20,
+            1 << 30,
+        )?;
+        range(
+            "[limits] max_concurrent_uploads",
+            l.max_concurrent_uploads,
+            1,
+            1024,
+        )?;
+        range(
+            "[limits] max_uploads_per_client",
+            l.max_uploads_per_client,
+            1,
+            l.max_concurrent_uploads.max(1),
+        )
+        .map_err(|e| with_note(e, " (at most max_concurrent_uploads)"))?;
+        range("[limits] upload_idle_secs", l.upload_idle_secs, 1, 3600)?;
+        Ok(())
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
@@ -136,14 +244,34 @@ impl Config {
     }
 }
 
-/// Reads a secret from a file, trimmed; the value is never logged.
+fn with_note(e: ConfigError, note: &str) -> ConfigError {
+    match e {
+        ConfigError::Range {
+            field,
+            value,
+            allowed,
+        } => ConfigError::Range {
+            field,
+            value,
+            allowed: allowed + note,
+        },
+        e => e,
+    }
+}
+
+/// Reads a secret from a file, trimmed; the value is never logged. An empty (or white space
+/// only) file is an error: it must never mean "no authentication".
 pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path)
+    let s = std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
-        })
+        })?;
+    if s.is_empty() {
+        return Err(ConfigError::EmptySecret(path.into()));
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -159,5 +287,44 @@ mod tests {
         assert_eq!(c.scheduler.eval_chunk_size, 16);
         let err = toml::from_str::<Config>("lisen = \"x\"").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn every_numeric_field_is_range_checked_with_its_name() {
+        Config::default().validate().unwrap();
+        for (toml, field) in [
+            ("[scheduler]\nheartbeat_secs = 0", "heartbeat_secs"),
+            ("[scheduler]\nlease_secs = 0", "lease_secs"),
+            ("[scheduler]\nlease_secs = 15", "lease_secs"),
+            ("[scheduler]\neval_chunk_size = 0", "eval_chunk_size"),
+            ("[scheduler]\nmax_runs_in_flight = 0", "max_runs_in_flight"),
+            ("[scheduler]\neval_memory_mib = 3", "eval_memory_mib"),
+            ("[limits]\nsnapshot_max_bytes = 0", "snapshot_max_bytes"),
+            (
+                "[limits]\nsnapshot_max_bytes = 9999999999999",
+                "snapshot_max_bytes",
+            ),
+            ("[limits]\nmax_message_bytes = 10", "max_message_bytes"),
+            (
+                "[limits]\nmax_uploads_per_client = 99",
+                "max_uploads_per_client",
+            ),
+            ("[limits]\nupload_idle_secs = 0", "upload_idle_secs"),
+        ] {
+            let c: Config = toml::from_str(toml).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(" to "), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_empty_token_file_is_an_error_not_open_doors() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("token");
+        std::fs::write(&f, "  \n\t").unwrap();
+        let e = read_secret(&f).unwrap_err().to_string();
+        assert!(e.contains("is empty") && e.contains("token"), "{e}");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        assert_eq!(read_secret(&f).unwrap(), "s3cret");
     }
 }

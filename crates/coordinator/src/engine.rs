@@ -23,6 +23,10 @@ pub enum EngineError {
     NotFound(String),
     #[error("too many runs in flight (limit {0}); wait for one to finish")]
     Busy(usize),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Denied(String),
     #[error("database error: {0}")]
     Db(#[from] DbError),
     #[error("I/O error: {0}")]
@@ -42,6 +46,8 @@ pub struct EngineOptions {
     pub max_runs_in_flight: usize,
     /// Milliseconds without any message after which an agent's jobs are requeued.
     pub lease_ms: i64,
+    /// Accept flake references agents resolve on their own disk (`path:`, `git+file:`, …).
+    pub allow_local_flake_refs: bool,
 }
 
 impl Default for EngineOptions {
@@ -52,6 +58,7 @@ impl Default for EngineOptions {
             max_infra_retries: 3,
             max_runs_in_flight: 64,
             lease_ms: 60_000,
+            allow_local_flake_refs: false,
         }
     }
 }
@@ -72,6 +79,9 @@ struct RunMem {
     sched: Option<Scheduler>,
     node_of: HashMap<String, NodeId>,
     drv_of: Vec<String>,
+    /// The outputs each derivation has by the graph, by node: the only paths a build of it
+    /// may report.
+    outputs_of: Vec<Outputs>,
     /// Per-derivation build limits from the packages' meta (timeout, max-silent).
     limits: HashMap<String, (u64, u64)>,
     done_builds: u64,
@@ -103,6 +113,12 @@ struct AgentMem {
     draining: bool,
     /// Why the agent takes no new jobs for now (its disk is full); empty: it takes them.
     paused: String,
+    /// Secret of the current registration: a reconnect that presents it may replace a stream
+    /// that still looks open; anyone else is refused the name.
+    session: String,
+    /// Messages refused as protocol violations (results for attempts it does not hold,
+    /// outputs that are not the derivation's).
+    violations: u64,
 }
 
 struct Inner {
@@ -129,6 +145,29 @@ pub const UPLOAD_CLAIM_TTL_MS: i64 = 10 * 60 * 1000;
 
 fn random_id(prefix: &str) -> String {
     format!("{prefix}{:016x}", fastrand::u64(..))
+}
+
+/// 128 bits from the kernel's random source, in hex: a secret, unlike [`random_id`].
+fn secret_key() -> String {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => data_encoding::HEXLOWER.encode(&b),
+        // No /dev/urandom: still unguessable enough to tell two agents apart, never empty.
+        Err(_) => format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A Prometheus label value: quotes, backslashes and newlines escaped.
+fn prometheus_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Engine {
@@ -298,6 +337,8 @@ impl Engine {
                         last_seen_ms: now,
                         draining: false,
                         paused: String::new(),
+                        session: String::new(),
+                        violations: 0,
                     },
                 );
             }
@@ -325,6 +366,7 @@ impl Engine {
             );
             run.node_of.insert(row.drv_path.clone(), id);
             run.drv_of.push(row.drv_path.clone());
+            run.outputs_of.push(node.outputs.clone());
             nodes.push(node);
         }
         for (i, node) in nodes.iter().enumerate() {
@@ -385,7 +427,7 @@ impl Engine {
                 }
             }
             SourceSpec::FlakeRef(f) => {
-                nixfarm_core::flakeref::validate(f)
+                nixfarm_core::flakeref::validate_for_farm(f, self.opts.allow_local_flake_refs)
                     .map_err(|e| EngineError::Invalid(e.to_string()))?;
             }
         }
@@ -529,12 +571,15 @@ impl Engine {
     // ----- agents -----------------------------------------------------------------------
 
     /// Registers (or re-registers) an agent. Attempts it still runs are kept; any other
-    /// attempt the coordinator thought it had is requeued. Returns the connection number.
+    /// attempt the coordinator thought it had is requeued. A name whose stream is still open
+    /// is refused, unless the registration presents that stream's session key (the same
+    /// agent reconnecting before the coordinator noticed the old stream die). Returns the
+    /// connection number and the new session key.
     pub fn connect_agent(
         &self,
         reg: Registration,
         tx: mpsc::UnboundedSender<ToAgent>,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<(u64, String), EngineError> {
         if reg.name.trim().is_empty() {
             return Err(EngineError::Invalid("agent name is empty".into()));
         }
@@ -549,8 +594,24 @@ impl Engine {
         let mut g = self.lock();
         let inner = &mut *g;
         let now = self.clock.now_ms();
+        if let Some(old) = inner.agents.get(&reg.name)
+            && old.tx.as_ref().is_some_and(|t| !t.is_closed())
+            && !(old.session.len() == reg.session_key.len()
+                && constant_time_eq(old.session.as_bytes(), reg.session_key.as_bytes()))
+        {
+            tracing::warn!(
+                agent = reg.name,
+                "refused a registration under the name of a connected agent"
+            );
+            return Err(EngineError::Conflict(format!(
+                "an agent named '{}' is already connected; give this agent another name (--name), or stop the other one",
+                reg.name
+            )));
+        }
         let conn = inner.next_conn;
         inner.next_conn += 1;
+        let session = secret_key();
+        let violations = inner.agents.get(&reg.name).map_or(0, |a| a.violations);
         let info = serde_json::to_string(&reg).map_err(|e| EngineError::Invalid(e.to_string()))?;
         inner.db.upsert_agent(&reg.name, &info, now)?;
         let claimed: HashSet<String> = reg.running_attempts.iter().cloned().collect();
@@ -588,10 +649,20 @@ impl Engine {
                 last_seen_ms: now,
                 draining: false,
                 paused: String::new(),
+                session: session.clone(),
+                violations,
             },
         );
         self.dispatch(inner);
-        Ok(conn)
+        Ok((conn, session))
+    }
+
+    /// Counts and logs a message an agent had no right to send; it changes nothing else.
+    fn violation(&self, inner: &mut Inner, agent: &str, what: &str) {
+        tracing::warn!(agent, "protocol violation, refused: {what}");
+        if let Some(a) = inner.agents.get_mut(agent) {
+            a.violations += 1;
+        }
     }
 
     /// The agent's stream ended. Its jobs stay with it for the lease period, so a quick
@@ -649,6 +720,7 @@ impl Engine {
     pub fn claim_uploads(
         &self,
         agent: &str,
+        session: &str,
         cache: &str,
         paths: &[String],
         release: bool,
@@ -659,6 +731,17 @@ impl Engine {
         let mut g = self.lock();
         let inner = &mut *g;
         let now = self.clock.now_ms();
+        // Only the agent itself (its registration's session key) claims or releases in its name.
+        let own = inner.agents.get(agent).is_some_and(|a| {
+            !a.session.is_empty()
+                && a.session.len() == session.len()
+                && constant_time_eq(a.session.as_bytes(), session.as_bytes())
+        });
+        if !own {
+            return Err(EngineError::Denied(
+                "upload claims are made by a registered agent, with its session key".into(),
+            ));
+        }
         if let Some(a) = inner.agents.get_mut(agent) {
             a.last_seen_ms = now;
         }
@@ -728,13 +811,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Handles one message from a registered agent.
-    pub fn agent_message(&self, name: &str, msg: FromAgent) -> Result<(), EngineError> {
+    /// Handles one message from a registered agent's stream `conn`; a stream that another
+    /// registration of the same agent replaced is no longer heard.
+    pub fn agent_message(&self, name: &str, conn: u64, msg: FromAgent) -> Result<(), EngineError> {
         let mut g = self.lock();
         let inner = &mut *g;
         let now = self.clock.now_ms();
-        if let Some(a) = inner.agents.get_mut(name) {
-            a.last_seen_ms = now;
+        match inner.agents.get_mut(name) {
+            Some(a) if a.conn == conn => a.last_seen_ms = now,
+            _ => {
+                tracing::debug!(agent = name, "ignoring a message from a replaced stream");
+                return Ok(());
+            }
         }
         match msg {
             FromAgent::Heartbeat {
@@ -782,6 +870,7 @@ impl Engine {
             } => {
                 report.agent = name.to_string();
                 if let Some(a) = self.take_attempt(inner, name, &attempt, Some(&report.kind))? {
+                    self.check_outputs(inner, &a, &mut report);
                     self.on_build(inner, a, report, true)?;
                 }
             }
@@ -790,7 +879,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Completes an attempt exactly once: a duplicate or late result returns None.
+    /// Completes an attempt exactly once, and only for the agent that holds it: a duplicate
+    /// or late result returns None, and so does a result for another agent's attempt (a
+    /// protocol violation, counted against the sender).
     fn take_attempt(
         &self,
         inner: &mut Inner,
@@ -798,6 +889,25 @@ impl Engine {
         attempt: &str,
         outcome: Option<&str>,
     ) -> Result<Option<AttemptMem>, EngineError> {
+        match inner.attempts.get(attempt) {
+            None => {
+                tracing::debug!(agent, "ignoring a result for an attempt nobody holds");
+                return Ok(None);
+            }
+            Some(a) if a.agent != agent => {
+                let holder = a.agent.clone();
+                self.violation(
+                    inner,
+                    agent,
+                    &format!(
+                        "result for attempt {} which agent {holder} holds",
+                        nixfarm_core::limits::clip(attempt, 64)
+                    ),
+                );
+                return Ok(None);
+            }
+            Some(_) => {}
+        }
         let ok = inner.db.finish_attempt(
             attempt,
             "done",
@@ -813,6 +923,53 @@ impl Engine {
             return Ok(None);
         }
         Ok(mem)
+    }
+
+    /// A successful build may report only the derivation's own outputs (the graph knows
+    /// them); anything else is a protocol violation and the build counts as an
+    /// infrastructure failure, retried on another agent.
+    fn check_outputs(&self, inner: &mut Inner, a: &AttemptMem, report: &mut BuildReport) {
+        if !matches!(report.kind.as_str(), "built" | "not-cached") {
+            return;
+        }
+        let JobRef::Build(node) = a.job else { return };
+        let Some(expected) = inner
+            .runs
+            .iter()
+            .find(|r| r.id == a.run_id)
+            .and_then(|r| r.outputs_of.get(node as usize))
+        else {
+            return;
+        };
+        let same_names = expected.len() == report.outputs.len()
+            && expected.keys().all(|k| report.outputs.contains_key(k));
+        let same_paths = expected
+            .iter()
+            .all(|(name, path)| path.is_empty() || report.outputs.get(name) == Some(path));
+        if same_names && same_paths {
+            return;
+        }
+        let drv = inner
+            .runs
+            .iter()
+            .find(|r| r.id == a.run_id)
+            .and_then(|r| r.drv_of.get(node as usize))
+            .cloned()
+            .unwrap_or_default();
+        self.violation(
+            inner,
+            &a.agent,
+            &format!("build of {drv} reported outputs that are not the derivation's own"),
+        );
+        *report = BuildReport {
+            kind: "infra-failed".into(),
+            message: format!(
+                "agent {} reported outputs that are not the derivation's own; result refused",
+                a.agent
+            ),
+            agent: a.agent.clone(),
+            ..Default::default()
+        };
     }
 
     fn on_eval_list(
@@ -1405,6 +1562,7 @@ impl Engine {
                 last_seen_ms: a.last_seen_ms,
                 paused: a.paused.clone(),
                 draining: a.draining,
+                violations: a.violations,
             })
             .collect()
     }
@@ -1545,6 +1703,18 @@ impl Engine {
         );
         let _ = writeln!(
             out,
+            "# HELP nixfarm_agent_protocol_violations_total Messages refused from an agent: results for attempts it does not hold, outputs that are not the derivation's.\n# TYPE nixfarm_agent_protocol_violations_total counter"
+        );
+        for (name, a) in &g.agents {
+            let _ = writeln!(
+                out,
+                "nixfarm_agent_protocol_violations_total{{agent=\"{}\"}} {}",
+                prometheus_label(name),
+                a.violations
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP nixfarm_attempts_lost_total Attempts given up because their agent vanished or the coordinator restarted (counted apart from build failures).\n# TYPE nixfarm_attempts_lost_total counter\nnixfarm_attempts_lost_total {lost}"
         );
         Ok(out)
@@ -1568,6 +1738,7 @@ impl RunMem {
             sched: None,
             node_of: HashMap::new(),
             drv_of: Vec::new(),
+            outputs_of: Vec::new(),
             limits: HashMap::new(),
             done_builds: 0,
             chunk_attrs: HashMap::new(),
@@ -1918,34 +2089,45 @@ mod tests {
     fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
         let (engine, clock, _dir) = test_engine(EngineOptions::default());
         let connect = |name: &str| connect_agent(&engine, name);
-        let (conn_a, _rx_a) = connect("a");
-        let (conn_b, _rx_b) = connect("b");
+        let a = connect("a");
+        let b = connect("b");
+        let (conn_a, conn_b) = (a.conn, b.conn);
         let paths = vec!["/nix/store/p1".to_string(), "/nix/store/p2".to_string()];
         let c = "file:///cache";
         assert_eq!(
-            engine.claim_uploads("a", c, &paths, false).unwrap(),
+            engine
+                .claim_uploads("a", &a.session, c, &paths, false)
+                .unwrap(),
             [true, true]
         );
         // Held by a: b waits; a asking again keeps its claim.
         assert_eq!(
-            engine.claim_uploads("b", c, &paths, false).unwrap(),
+            engine
+                .claim_uploads("b", &b.session, c, &paths, false)
+                .unwrap(),
             [false, false]
         );
         assert_eq!(
-            engine.claim_uploads("a", c, &paths, false).unwrap(),
+            engine
+                .claim_uploads("a", &a.session, c, &paths, false)
+                .unwrap(),
             [true, true]
         );
         // Another cache is another claim.
         assert_eq!(
             engine
-                .claim_uploads("b", "file:///other", &paths[..1], false)
+                .claim_uploads("b", &b.session, "file:///other", &paths[..1], false)
                 .unwrap(),
             [true]
         );
         // a uploaded p1: b may claim it (and will find it in the cache).
-        engine.claim_uploads("a", c, &paths[..1], true).unwrap();
+        engine
+            .claim_uploads("a", &a.session, c, &paths[..1], true)
+            .unwrap();
         assert_eq!(
-            engine.claim_uploads("b", c, &paths, false).unwrap(),
+            engine
+                .claim_uploads("b", &b.session, c, &paths, false)
+                .unwrap(),
             [true, false]
         );
         // The streams drop: a's claim holds through the lease, then lapses.
@@ -1953,23 +2135,42 @@ mod tests {
         engine.disconnect_agent("a", conn_a);
         clock.advance(4_000);
         assert_eq!(
-            engine.claim_uploads("b", c, &paths[1..], false).unwrap(),
+            engine
+                .claim_uploads("b", &b.session, c, &paths[1..], false)
+                .unwrap(),
             [false]
         );
         clock.advance(2_000);
         assert_eq!(
-            engine.claim_uploads("b", c, &paths[1..], false).unwrap(),
+            engine
+                .claim_uploads("b", &b.session, c, &paths[1..], false)
+                .unwrap(),
             [true]
         );
         // A holder that registers again with nothing running has no upload in flight.
-        let (_, _rx_a2) = connect("a");
+        let a2 = connect("a");
         assert_eq!(
-            engine.claim_uploads("a", c, &paths[1..], false).unwrap(),
+            engine
+                .claim_uploads("a", &a2.session, c, &paths[1..], false)
+                .unwrap(),
             [false]
         );
-        let (_, _rx_b2) = connect("b");
+        // The old registration's key (or none) claims nothing in a's name any more.
+        assert!(
+            engine
+                .claim_uploads("a", &a.session, c, &paths[1..], false)
+                .is_err()
+        );
+        assert!(
+            engine
+                .claim_uploads("a", "", c, &paths[1..], false)
+                .is_err()
+        );
+        let _b2 = connect("b");
         assert_eq!(
-            engine.claim_uploads("a", c, &paths[1..], false).unwrap(),
+            engine
+                .claim_uploads("a", &a2.session, c, &paths[1..], false)
+                .unwrap(),
             [true]
         );
     }
@@ -1993,24 +2194,36 @@ mod tests {
         (engine, clock, dir)
     }
 
-    /// Registers a one-job x86_64-linux agent: (connection, what it is sent).
-    fn connect_agent(engine: &Engine, name: &str) -> (u64, mpsc::UnboundedReceiver<ToAgent>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let reg = Registration {
+    /// A registered test agent: its connection, session key and what it is sent.
+    struct TestAgent {
+        conn: u64,
+        session: String,
+        rx: mpsc::UnboundedReceiver<ToAgent>,
+    }
+
+    fn registration(name: &str, session_key: &str) -> Registration {
+        Registration {
             name: name.into(),
             systems: vec!["x86_64-linux".into()],
             features: vec![],
             max_jobs: 1,
             nix_version: "2.8.0".into(),
             running_attempts: vec![],
-        };
-        (engine.connect_agent(reg, tx).unwrap(), rx)
+            session_key: session_key.into(),
+        }
+    }
+
+    /// Registers a one-job x86_64-linux agent (any earlier stream of that name closed).
+    fn connect_agent(engine: &Engine, name: &str) -> TestAgent {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (conn, session) = engine.connect_agent(registration(name, ""), tx).unwrap();
+        TestAgent { conn, session, rx }
     }
 
     /// A run of a flake's packages.x86_64-linux, no cache.
     fn flake_run() -> RunSpec {
         RunSpec {
-            source: SourceSpec::FlakeRef("path:/x".into()),
+            source: SourceSpec::FlakeRef("github:owner/repo".into()),
             attr_path: "packages.x86_64-linux".into(),
             label: String::new(),
             cache: String::new(),
@@ -2038,20 +2251,21 @@ mod tests {
             max_infra_retries: 2,
             ..Default::default()
         });
-        let connect = || connect_agent(&engine, "a").1;
-        let mut rx = connect();
+        let connect = || connect_agent(&engine, "a");
+        let mut a = connect();
         let run = engine.submit(flake_run()).unwrap();
-        let (list, _) = assigned(&mut rx);
+        let (list, _) = assigned(&mut a.rx);
         engine
             .agent_message(
                 "a",
+                a.conn,
                 FromAgent::EvalList {
                     attempt: list,
                     result: Ok(vec!["crash".into()]),
                 },
             )
             .unwrap();
-        let (chunk, _) = assigned(&mut rx);
+        let (chunk, _) = assigned(&mut a.rx);
         let drv = "/nix/store/00000000000000000000000000000000-crash.drv".to_string();
         let node = DrvNode {
             system: "x86_64-linux".into(),
@@ -2073,6 +2287,7 @@ mod tests {
         engine
             .agent_message(
                 "a",
+                a.conn,
                 FromAgent::EvalChunk {
                     attempt: chunk,
                     result: Ok((vec![attr], [(drv.clone(), node)].into())),
@@ -2082,7 +2297,7 @@ mod tests {
         // Each time the build starts, the agent falls silent and its lease runs out.
         let mut builds = 0;
         loop {
-            let (_, job) = assigned(&mut rx);
+            let (_, job) = assigned(&mut a.rx);
             assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
             builds += 1;
             clock.advance(6_000);
@@ -2091,7 +2306,8 @@ mod tests {
                 break;
             }
             assert!(builds < 10, "requeued for ever");
-            rx = connect();
+            drop(a);
+            a = connect();
         }
         // The first attempt and two retries, then it is given up: reported, not failed.
         assert_eq!(builds, 3);
@@ -2134,7 +2350,7 @@ mod tests {
             max_infra_retries: 2,
             ..Default::default()
         });
-        let (_, mut rx) = connect_agent(&engine, "a");
+        let TestAgent { conn, mut rx, .. } = connect_agent(&engine, "a");
         let run = engine.submit(flake_run()).unwrap();
         let mut tries = 0;
         while !engine.run_state(&run).unwrap().is_terminal() {
@@ -2144,7 +2360,7 @@ mod tests {
             tries += 1;
             let result = Err(("writing to file: No space left on device".into(), true));
             engine
-                .agent_message("a", FromAgent::EvalList { attempt, result })
+                .agent_message("a", conn, FromAgent::EvalList { attempt, result })
                 .unwrap();
         }
         assert_eq!(tries, 3, "the first try and two retries");
@@ -2155,5 +2371,163 @@ mod tests {
             "{}",
             report.error
         );
+    }
+
+    /// Evaluates a one-package run on `a` and returns (run, drv, its output).
+    fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, String) {
+        let run = engine.submit(flake_run()).unwrap();
+        let (list, _) = assigned(&mut a.rx);
+        let result = Ok(vec!["pkg".into()]);
+        engine
+            .agent_message(
+                "a",
+                a.conn,
+                FromAgent::EvalList {
+                    attempt: list,
+                    result,
+                },
+            )
+            .unwrap();
+        let (chunk, _) = assigned(&mut a.rx);
+        let drv = "/nix/store/00000000000000000000000000000000-pkg.drv".to_string();
+        let out = "/nix/store/11111111111111111111111111111111-pkg".to_string();
+        let node = DrvNode {
+            system: "x86_64-linux".into(),
+            outputs: [("out".to_string(), out.clone())].into(),
+            ..Default::default()
+        };
+        let attr = EvaluatedAttr {
+            attr: "pkg".into(),
+            info: PackageInfo {
+                drv_path: drv.clone(),
+                outputs: [("out".to_string(), out.clone())].into(),
+                system: "x86_64-linux".into(),
+                ..Default::default()
+            },
+        };
+        let result = Ok((vec![attr], [(drv.clone(), node)].into()));
+        engine
+            .agent_message(
+                "a",
+                a.conn,
+                FromAgent::EvalChunk {
+                    attempt: chunk,
+                    result,
+                },
+            )
+            .unwrap();
+        (run, drv, out)
+    }
+
+    fn built(out: &str) -> BuildReport {
+        BuildReport {
+            kind: "built".into(),
+            outputs: [("out".to_string(), out.to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    fn violations(engine: &Engine, name: &str) -> u64 {
+        engine
+            .list_agents()
+            .into_iter()
+            .find(|a| a.name == name)
+            .map_or(0, |a| a.violations)
+    }
+
+    #[test]
+    fn a_result_counts_only_from_the_agent_that_holds_the_attempt() {
+        let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+        let mut a = connect_agent(&engine, "a");
+        let (run, _drv, out) = one_package_run(&engine, &mut a);
+        let (attempt, _) = assigned(&mut a.rx);
+        let b = connect_agent(&engine, "b");
+        // b claims a's build succeeded, with a path nobody built.
+        let forged = "/nix/store/22222222222222222222222222222222-evil".to_string();
+        engine
+            .agent_message(
+                "b",
+                b.conn,
+                FromAgent::Build {
+                    attempt: attempt.clone(),
+                    report: built(&forged),
+                },
+            )
+            .unwrap();
+        assert_eq!(violations(&engine, "b"), 1);
+        assert!(!engine.run_state(&run).unwrap().is_terminal());
+        // a's own result still counts, once.
+        for _ in 0..2 {
+            engine
+                .agent_message(
+                    "a",
+                    a.conn,
+                    FromAgent::Build {
+                        attempt: attempt.clone(),
+                        report: built(&out),
+                    },
+                )
+                .unwrap();
+        }
+        let report = engine.report(&run).unwrap();
+        assert_eq!(report.packages[0].status, "ready");
+        assert_eq!(report.packages[0].agent, "a");
+        assert_eq!(violations(&engine, "a"), 0);
+    }
+
+    #[test]
+    fn a_build_reporting_outputs_that_are_not_the_derivations_is_refused_and_retried() {
+        let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+        let mut a = connect_agent(&engine, "a");
+        let (run, drv, out) = one_package_run(&engine, &mut a);
+        let (attempt, _) = assigned(&mut a.rx);
+        let forged = "/nix/store/22222222222222222222222222222222-pkg".to_string();
+        let report = built(&forged);
+        engine
+            .agent_message("a", a.conn, FromAgent::Build { attempt, report })
+            .unwrap();
+        assert_eq!(violations(&engine, "a"), 1);
+        // Requeued as an infrastructure failure, not ready with the forged path.
+        let (again, job) = assigned(&mut a.rx);
+        assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+        let report = built(&out);
+        engine
+            .agent_message(
+                "a",
+                a.conn,
+                FromAgent::Build {
+                    attempt: again,
+                    report,
+                },
+            )
+            .unwrap();
+        let report = engine.report(&run).unwrap();
+        assert_eq!(report.packages[0].status, "ready");
+        assert_eq!(report.packages[0].outputs.get("out"), Some(&out));
+    }
+
+    #[test]
+    fn a_live_agents_name_is_refused_to_others_and_kept_for_its_own_reconnect() {
+        let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+        let first = connect_agent(&engine, "x");
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let err = engine
+            .connect_agent(registration("x", ""), tx.clone())
+            .unwrap_err();
+        assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+        assert!(err.to_string().contains("already connected"), "{err}");
+        let err = engine
+            .connect_agent(registration("x", "guess"), tx.clone())
+            .unwrap_err();
+        assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+        // The same agent, proving itself, takes its name over; its old stream is not heard.
+        let (conn, _) = engine
+            .connect_agent(registration("x", &first.session), tx)
+            .unwrap();
+        assert_ne!(conn, first.conn);
+        // Once the stream is gone, the name is free again.
+        drop(_rx);
+        let (tx2, _rx2) = mpsc::unbounded_channel();
+        engine.connect_agent(registration("x", ""), tx2).unwrap();
     }
 }

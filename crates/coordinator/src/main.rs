@@ -35,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    raise_fd_limit();
     let mut config = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -65,5 +66,21 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         r = running.wait() => r,
         _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+/// Each client connection holds a descriptor: take the hard limit (often 512k) rather than
+/// the soft 1024, so many idle clients cannot starve new ones.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the rlimit passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }

@@ -48,6 +48,10 @@ pub struct Registration {
     pub max_jobs: u32,
     pub nix_version: String,
     pub running_attempts: Vec<String>,
+    /// The session key of the agent's previous registration (empty: none). A secret: never
+    /// stored or logged.
+    #[serde(skip)]
+    pub session_key: String,
 }
 
 /// One output of a derivation.
@@ -227,6 +231,8 @@ pub struct AgentStatus {
     pub last_seen_ms: i64,
     pub paused: String,
     pub draining: bool,
+    /// Messages refused from it as protocol violations.
+    pub violations: u64,
 }
 
 /// A line of `nixfarm runs`.

@@ -5,9 +5,11 @@ use crate::config::{Config, read_secret};
 use crate::db::Db;
 use crate::engine::{Engine, EngineOptions};
 use crate::service::{AgentSvc, RunSvc};
+use crate::upload::{UploadLimits, Uploads};
 use anyhow::Context;
 use axum::response::IntoResponse;
 use nixfarm_core::snapshot;
+use nixfarm_proto::v1 as pb;
 use nixfarm_proto::v1::agent_service_server::AgentServiceServer;
 use nixfarm_proto::v1::run_service_server::RunServiceServer;
 use std::net::SocketAddr;
@@ -68,12 +70,8 @@ fn token_check(
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
         // Compare in constant time so the token cannot be guessed byte by byte.
-        let ok = given.len() == expected.len()
-            && given
-                .bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
+        let ok = !expected.is_empty()
+            && crate::engine::constant_time_eq(given.as_bytes(), expected.as_bytes());
         if ok {
             Ok(req)
         } else if given.is_empty() {
@@ -88,12 +86,61 @@ fn token_check(
     }
 }
 
+/// Largest message the CLI may send, bytes (uploads come in 1 MiB chunks).
+pub const CLIENT_MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+fn client_certs_configured(config: &Config) -> bool {
+    config.tls.client_ca_file.is_some()
+}
+
+/// The limits the CLI and agents are told, so they agree with this coordinator.
+fn server_limits(config: &Config, client_max_msg: usize) -> pb::ServerLimits {
+    use nixfarm_core::limits as lim;
+    pb::ServerLimits {
+        snapshot_max_bytes: config.limits.snapshot_max_bytes,
+        snapshot_max_files: config.limits.snapshot_max_files as u64,
+        max_message_bytes: client_max_msg as u64,
+        max_label_bytes: lim::MAX_LABEL as u32,
+        max_attr_path_bytes: lim::MAX_ATTR_PATH as u32,
+        max_attr_bytes: lim::MAX_ATTR as u32,
+        max_selected_attrs: lim::MAX_SELECTED_ATTRS as u32,
+        allow_local_flake_refs: config.allow_local_flake_refs,
+    }
+}
+
+/// Says so at start-up when the coordinator is reachable beyond this machine without TLS
+/// or without authentication.
+fn warn_if_exposed(addr: SocketAddr, tls: bool, agent_auth: bool, client_auth: bool) {
+    if addr.ip().is_loopback() {
+        return;
+    }
+    let mut missing = Vec::new();
+    if !tls {
+        missing.push("TLS (tokens and sources travel in clear)");
+    }
+    if !agent_auth {
+        missing
+            .push("an agent token (anyone who reaches it can join as an agent and report results)");
+    }
+    if !client_auth {
+        missing.push("a client token (anyone who reaches it can submit and cancel runs)");
+    }
+    if !missing.is_empty() {
+        let text = format!(
+            "listening on {addr}, beyond loopback, without {}; see deploy/coordinator.toml ([tls], [auth])",
+            missing.join(", without ")
+        );
+        tracing::warn!("{text}");
+    }
+}
+
 /// Opens the state directory and starts serving on `listener`.
 pub async fn start_with_listener(
     config: &Config,
     listener: TcpListener,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Running> {
+    config.validate()?;
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "cannot create state directory {}",
@@ -114,6 +161,7 @@ pub async fn start_with_listener(
         max_infra_retries: s.max_infra_retries,
         max_runs_in_flight: s.max_runs_in_flight,
         lease_ms: (s.lease_secs * 1000) as i64,
+        allow_local_flake_refs: config.allow_local_flake_refs,
     };
     let engine = Engine::open(db, config.state_dir.join("sources"), clock, opts)
         .context("cannot resume runs")?;
@@ -130,22 +178,45 @@ pub async fn start_with_listener(
         .map(read_secret)
         .transpose()?;
     let max_msg = config.limits.max_message_bytes;
+    // What the CLI sends is small (uploads come in 1 MiB chunks): a client cannot make the
+    // coordinator buffer more than this per message.
+    let client_max_msg = max_msg.min(CLIENT_MAX_MESSAGE_BYTES);
+    let l = &config.limits;
+    let snapshot_limits = snapshot::Limits {
+        max_bytes: l.snapshot_max_bytes,
+        max_entries: l.snapshot_max_files,
+    };
+    let limits = server_limits(config, client_max_msg);
     let agent_svc = AgentServiceServer::new(AgentSvc {
         engine: engine.clone(),
         heartbeat_ms: (s.heartbeat_secs * 1000) as u32,
+        limits,
     })
     .max_decoding_message_size(max_msg)
     .max_encoding_message_size(max_msg);
+    let uploads = Uploads::new(
+        engine.sources_dir(),
+        UploadLimits {
+            snapshot: snapshot_limits,
+            max_concurrent: l.max_concurrent_uploads,
+            per_client: l.max_uploads_per_client,
+            idle: Duration::from_secs(l.upload_idle_secs),
+        },
+    );
     let run_svc = RunServiceServer::new(RunSvc {
         engine: engine.clone(),
-        snapshot_limits: snapshot::Limits {
-            max_bytes: config.limits.snapshot_max_bytes,
-            max_entries: config.limits.snapshot_max_files,
-        },
+        uploads,
+        limits,
     })
-    .max_decoding_message_size(max_msg)
+    .max_decoding_message_size(client_max_msg)
     .max_encoding_message_size(max_msg);
     let addr = listener.local_addr()?;
+    warn_if_exposed(
+        addr,
+        config.tls.cert_file.is_some(),
+        agent_token.is_some() || client_certs_configured(config),
+        client_token.is_some(),
+    );
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let lease_engine = engine.clone();

@@ -3,12 +3,14 @@
 
 use crate::engine::{Engine, EngineError};
 use crate::model::*;
+use crate::upload::Uploads;
+use nixfarm_core::limits::{self as lim, check_len, clip, truncate};
 use nixfarm_core::report::Report;
-use nixfarm_core::snapshot;
 use nixfarm_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -21,6 +23,8 @@ impl From<EngineError> for Status {
             EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
             EngineError::NotFound(_) => Status::not_found(e.to_string()),
             EngineError::Busy(_) => Status::resource_exhausted(e.to_string()),
+            EngineError::Conflict(_) => Status::already_exists(e.to_string()),
+            EngineError::Denied(_) => Status::permission_denied(e.to_string()),
             EngineError::Db(_) | EngineError::Io(_) => {
                 tracing::error!("internal error: {e}");
                 Status::internal(e.to_string())
@@ -40,17 +44,44 @@ impl From<WireError> for Status {
     }
 }
 
+impl From<lim::TooLong> for WireError {
+    fn from(e: lim::TooLong) -> WireError {
+        WireError(e.to_string())
+    }
+}
+
+/// A hex SHA-256, checked before it names a file or is echoed.
+fn is_digest(d: &str) -> bool {
+    d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A run id as clients send it: checked for shape before it is looked up or echoed.
+fn checked_run_id(id: String) -> Result<String, WireError> {
+    if lim::is_run_id(&id) {
+        Ok(id)
+    } else {
+        Err(WireError(format!(
+            "'{}' is not a run id (nixfarm runs lists them)",
+            clip(&id, 64)
+        )))
+    }
+}
+
 fn source_from_wire(s: Option<pb::Source>) -> Result<SourceSpec, WireError> {
     match s.and_then(|s| s.kind) {
         Some(pb::source::Kind::Snapshot(d)) => {
-            if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !is_digest(&d) {
                 return Err(WireError(format!(
-                    "snapshot digest '{d}' is not a hex SHA-256"
+                    "snapshot digest '{}' is not a hex SHA-256",
+                    clip(&d, 80)
                 )));
             }
             Ok(SourceSpec::Snapshot(d))
         }
-        Some(pb::source::Kind::FlakeRef(f)) => Ok(SourceSpec::FlakeRef(f)),
+        Some(pb::source::Kind::FlakeRef(f)) => {
+            nixfarm_core::flakeref::validate(&f).map_err(|e| WireError(e.to_string()))?;
+            Ok(SourceSpec::FlakeRef(f))
+        }
         None => Err(WireError(
             "a run needs a source (snapshot or flake reference)".into(),
         )),
@@ -69,6 +100,41 @@ pub fn source_to_wire(s: &SourceSpec) -> pb::Source {
 impl TryFrom<pb::SubmitRunRequest> for RunSpec {
     type Error = WireError;
     fn try_from(r: pb::SubmitRunRequest) -> Result<Self, WireError> {
+        check_len("the label", &r.label, lim::MAX_LABEL)?;
+        if r.label.chars().any(char::is_control) {
+            return Err(WireError("the label holds control characters".into()));
+        }
+        check_len("the attribute path", &r.attr_path, lim::MAX_ATTR_PATH)?;
+        if r.attrs.len() > lim::MAX_SELECTED_ATTRS {
+            return Err(WireError(format!(
+                "{} attributes selected; at most {} are accepted",
+                r.attrs.len(),
+                lim::MAX_SELECTED_ATTRS
+            )));
+        }
+        check_len("the cache URL", &r.cache, lim::MAX_CACHE_URL)?;
+        if !r.cache.is_empty() {
+            nixfarm_core::cache_url::CacheTarget::parse(&r.cache)
+                .map_err(|e| WireError(e.to_string()))?;
+        }
+        if r.trusted_public_keys.len() > lim::MAX_PUBLIC_KEYS {
+            return Err(WireError(format!(
+                "at most {} trusted public keys are accepted",
+                lim::MAX_PUBLIC_KEYS
+            )));
+        }
+        for k in &r.trusted_public_keys {
+            check_len("a trusted public key", k, lim::MAX_PUBLIC_KEY)?;
+            if k.split_once(':')
+                .is_none_or(|(n, b)| n.is_empty() || b.is_empty())
+                || k.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(WireError(format!(
+                    "'{}' is not a public key (NAME:BASE64)",
+                    clip(k, 80)
+                )));
+            }
+        }
         Ok(RunSpec {
             source: source_from_wire(r.source)?,
             attr_path: if r.attr_path.is_empty() {
@@ -83,7 +149,8 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
             max_silent_secs: r.max_silent_secs,
             attrs: {
                 for a in &r.attrs {
-                    if a.is_empty() || a.contains(['"', '\n', '$']) {
+                    check_len("an attribute name", a, lim::MAX_ATTR)?;
+                    if a.is_empty() || a.contains(['"', '$']) || a.chars().any(char::is_control) {
                         return Err(WireError(format!("'{a}' is not an attribute name")));
                     }
                 }
@@ -97,22 +164,78 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
 impl TryFrom<pb::Register> for Registration {
     type Error = WireError;
     fn try_from(r: pb::Register) -> Result<Self, WireError> {
-        if r.name.is_empty() || r.name.len() > 255 {
-            return Err(WireError("agent name must be 1 to 255 bytes".into()));
+        if r.name.is_empty()
+            || r.name.len() > lim::MAX_AGENT_NAME
+            || !r
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err(WireError(
+                "an agent name is 1 to 255 letters, digits and - _ . @".into(),
+            ));
+        }
+        let words_ok = |v: &[String]| {
+            v.len() <= 64
+                && v.iter().all(|w| {
+                    !w.is_empty()
+                        && w.len() <= 64
+                        && !w.chars().any(|c| c.is_whitespace() || c.is_control())
+                })
+        };
+        if !words_ok(&r.systems) || !words_ok(&r.features) {
+            return Err(WireError(
+                "systems and features are at most 64 words of at most 64 bytes".into(),
+            ));
+        }
+        if r.running_attempts.len() > 100_000 || r.running_attempts.iter().any(|a| a.len() > 64) {
+            return Err(WireError("running attempts are not attempt ids".into()));
         }
         Ok(Registration {
             name: r.name,
             systems: r.systems,
             features: r.features,
-            max_jobs: r.max_jobs,
-            nix_version: r.nix_version,
+            max_jobs: r.max_jobs.min(4096),
+            nix_version: truncate(r.nix_version, 256),
             running_attempts: r.running_attempts,
+            session_key: r.session_key.chars().take(128).collect(),
         })
     }
 }
 
-fn outputs_from_wire(o: Vec<pb::DrvOutput>) -> Outputs {
-    o.into_iter().map(|o| (o.name, o.path)).collect()
+fn outputs_from_wire(o: Vec<pb::DrvOutput>) -> Result<Outputs, WireError> {
+    if o.len() > 64 {
+        return Err(WireError("more than 64 outputs".into()));
+    }
+    o.into_iter()
+        .map(|o| {
+            if o.name.is_empty() || o.name.len() > 64 || !store_path_ok(&o.path, false) {
+                return Err(WireError(format!(
+                    "output '{}' is not a store path",
+                    clip(&o.path, 80)
+                )));
+            }
+            Ok((o.name, o.path))
+        })
+        .collect()
+}
+
+/// The shape of a store path (`/…/<32 chars>-<name>`), bounded; empty is allowed where
+/// `drv` is false and the path is not known yet (floating outputs).
+fn store_path_ok(p: &str, drv: bool) -> bool {
+    if p.is_empty() {
+        return !drv;
+    }
+    let Some((dir, base)) = p.rsplit_once('/') else {
+        return false;
+    };
+    p.len() <= lim::MAX_STORE_PATH
+        && dir.starts_with('/')
+        && base.len() > 33
+        && base.as_bytes()[32] == b'-'
+        && base[..32].bytes().all(|b| b.is_ascii_alphanumeric())
+        && !base.contains([' ', '\n', '\0'])
+        && (!drv || base.ends_with(".drv"))
 }
 
 fn outputs_to_wire(o: &Outputs) -> Vec<pb::DrvOutput> {
@@ -132,10 +255,99 @@ fn err_or<T>(error: String, infra: bool, ok: T) -> Result<T, (String, bool)> {
     }
 }
 
+/// Short free text from an agent (names, versions, positions), bounded.
+fn short(s: String) -> String {
+    truncate(s, 1024)
+}
+
+fn list_attrs(attrs: Vec<String>) -> Result<Vec<String>, AgentFailure> {
+    if attrs.len() > lim::MAX_PACKAGES {
+        return Err((
+            format!(
+                "the attribute path has {} attributes; at most {} are accepted",
+                attrs.len(),
+                lim::MAX_PACKAGES
+            ),
+            false,
+        ));
+    }
+    if let Some(a) = attrs
+        .iter()
+        .find(|a| a.is_empty() || a.len() > lim::MAX_ATTR || a.chars().any(char::is_control))
+    {
+        return Err((
+            format!(
+                "attribute '{}…' is not a name nixfarm accepts (1 to {} bytes, no control characters)",
+                clip(a, 60),
+                lim::MAX_ATTR
+            ),
+            false,
+        ));
+    }
+    Ok(attrs)
+}
+
+fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOutput, WireError> {
+    let attrs = r
+        .attrs
+        .into_iter()
+        .map(|a| {
+            check_len("an attribute name", &a.attr, lim::MAX_ATTR)?;
+            if !a.drv_path.is_empty() && !store_path_ok(&a.drv_path, true) {
+                return Err(WireError(
+                    "an attribute's derivation is not a store path".into(),
+                ));
+            }
+            Ok(EvaluatedAttr {
+                attr: a.attr,
+                info: PackageInfo {
+                    eval_error: truncate(a.error, lim::MAX_MESSAGE),
+                    drv_path: a.drv_path,
+                    outputs: outputs_from_wire(a.outputs)?,
+                    pname: short(a.pname),
+                    version: short(a.version),
+                    position: short(a.position),
+                    rev: short(a.rev),
+                    system: short(a.system),
+                    timeout_secs: a.timeout_secs,
+                    max_silent_secs: a.max_silent_secs,
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, WireError>>()?;
+    let mut drvs = BTreeMap::new();
+    for d in r.drvs {
+        if !store_path_ok(&d.drv_path, true) || d.input_drvs.iter().any(|i| !store_path_ok(i, true))
+        {
+            return Err(WireError(format!(
+                "'{}' is not a derivation path",
+                clip(&d.drv_path, 80)
+            )));
+        }
+        drvs.insert(
+            d.drv_path,
+            DrvNode {
+                system: short(d.system),
+                features: d.features.into_iter().take(64).map(short).collect(),
+                outputs: outputs_from_wire(d.outputs)?,
+                input_drvs: d.input_drvs,
+                fixed_output: d.fixed_output,
+                output_hash: short(d.output_hash),
+                hints: d.hints.into_iter().take(64).map(short).collect(),
+                present: d.present,
+            },
+        );
+    }
+    Ok((attrs, drvs))
+}
+
 impl TryFrom<pb::AgentMessage> for FromAgent {
     type Error = WireError;
+    /// A malformed result is still a result: it becomes a failure of its attempt (so the
+    /// job is retried, not left hanging); only messages that answer no attempt are refused.
     fn try_from(m: pb::AgentMessage) -> Result<Self, WireError> {
         use pb::agent_message::Msg;
+        let malformed = |e: WireError| (format!("the agent sent a malformed result: {e}"), true);
         Ok(match m.msg {
             Some(Msg::Heartbeat(h)) => FromAgent::Heartbeat {
                 running: h.running_attempts,
@@ -148,80 +360,53 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
             },
             Some(Msg::EvalList(r)) => FromAgent::EvalList {
                 attempt: r.attempt_id,
-                result: err_or(r.error, r.infra, r.attrs),
+                result: err_or(truncate(r.error, lim::MAX_MESSAGE), r.infra, r.attrs)
+                    .and_then(list_attrs),
             },
-            Some(Msg::EvalChunk(r)) => {
-                let attrs = r
-                    .attrs
-                    .into_iter()
-                    .map(|a| EvaluatedAttr {
-                        attr: a.attr,
-                        info: PackageInfo {
-                            eval_error: a.error,
-                            drv_path: a.drv_path,
-                            outputs: outputs_from_wire(a.outputs),
-                            pname: a.pname,
-                            version: a.version,
-                            position: a.position,
-                            rev: a.rev,
-                            system: a.system,
-                            timeout_secs: a.timeout_secs,
-                            max_silent_secs: a.max_silent_secs,
-                        },
-                    })
-                    .collect();
-                let mut drvs = BTreeMap::new();
-                for d in r.drvs {
-                    if !d.drv_path.starts_with('/') || !d.drv_path.ends_with(".drv") {
-                        return Err(WireError(format!(
-                            "'{}' is not a derivation path",
-                            d.drv_path
-                        )));
-                    }
-                    drvs.insert(
-                        d.drv_path,
-                        DrvNode {
-                            system: d.system,
-                            features: d.features,
-                            outputs: outputs_from_wire(d.outputs),
-                            input_drvs: d.input_drvs,
-                            fixed_output: d.fixed_output,
-                            output_hash: d.output_hash,
-                            hints: d.hints,
-                            present: d.present,
-                        },
-                    );
-                }
+            Some(Msg::EvalChunk(mut r)) => {
+                let attempt = std::mem::take(&mut r.attempt_id);
+                let (error, infra) = (std::mem::take(&mut r.error), r.infra);
                 FromAgent::EvalChunk {
-                    attempt: r.attempt_id,
-                    result: err_or(r.error, r.infra, (attrs, drvs)),
+                    attempt,
+                    result: err_or(truncate(error, lim::MAX_MESSAGE), infra, ())
+                        .and_then(|()| eval_chunk_from_wire(r).map_err(malformed)),
                 }
             }
             Some(Msg::Build(b)) => {
-                let kind = match pb::BuildStatus::try_from(b.status)
-                    .unwrap_or(pb::BuildStatus::Unspecified)
-                {
-                    pb::BuildStatus::Built => "built",
-                    pb::BuildStatus::Failed => "build-failed",
-                    pb::BuildStatus::HashMismatch => "hash-mismatch",
-                    pb::BuildStatus::TimedOut => "timed-out",
-                    pb::BuildStatus::InfraFailed => "infra-failed",
-                    pb::BuildStatus::Cancelled => "cancelled",
-                    pb::BuildStatus::NotCached => "not-cached",
-                    pb::BuildStatus::Unspecified => {
-                        return Err(WireError("build result without a status".into()));
+                let status =
+                    pb::BuildStatus::try_from(b.status).unwrap_or(pb::BuildStatus::Unspecified);
+                let (kind, outputs, message) = match (status, outputs_from_wire(b.outputs)) {
+                    (pb::BuildStatus::Unspecified, _) => (
+                        "infra-failed",
+                        Outputs::new(),
+                        "the agent sent a build result without a status".to_string(),
+                    ),
+                    (_, Err(e)) => ("infra-failed", Outputs::new(), malformed(e).0),
+                    (s, Ok(o)) => {
+                        let kind = match s {
+                            pb::BuildStatus::Built => "built",
+                            pb::BuildStatus::Failed => "build-failed",
+                            pb::BuildStatus::HashMismatch => "hash-mismatch",
+                            pb::BuildStatus::TimedOut => "timed-out",
+                            pb::BuildStatus::Cancelled => "cancelled",
+                            pb::BuildStatus::NotCached => "not-cached",
+                            pb::BuildStatus::InfraFailed | pb::BuildStatus::Unspecified => {
+                                "infra-failed"
+                            }
+                        };
+                        (kind, o, truncate(b.message, lim::MAX_MESSAGE))
                     }
                 };
                 FromAgent::Build {
                     attempt: b.attempt_id,
                     report: BuildReport {
                         kind: kind.into(),
-                        message: b.message,
-                        specified: b.specified_hash,
-                        got: b.got_hash,
-                        outputs: outputs_from_wire(b.outputs),
+                        message,
+                        specified: short(b.specified_hash),
+                        got: short(b.got_hash),
+                        outputs,
                         duration_ms: b.duration_ms,
-                        log_tail: b.log_tail,
+                        log_tail: truncate(b.log_tail, lim::MAX_MESSAGE),
                         substituted: b.substituted,
                         agent: String::new(),
                         failed_root: String::new(),
@@ -342,6 +527,7 @@ pub fn report_to_wire(r: &Report) -> pb::Report {
 pub struct AgentSvc {
     pub engine: Engine,
     pub heartbeat_ms: u32,
+    pub limits: pb::ServerLimits,
 }
 
 #[tonic::async_trait]
@@ -367,7 +553,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         };
         let name = reg.name.clone();
         let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
-        let conn = self.engine.connect_agent(reg, tx)?;
+        let (conn, session_key) = self.engine.connect_agent(reg, tx)?;
         let engine = self.engine.clone();
         let agent = name.clone();
         tokio::spawn(async move {
@@ -375,7 +561,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 match inbound.message().await {
                     Ok(Some(m)) => match FromAgent::try_from(m) {
                         Ok(msg) => {
-                            if let Err(e) = engine.agent_message(&agent, msg) {
+                            if let Err(e) = engine.agent_message(&agent, conn, msg) {
                                 tracing::error!(agent, "agent message failed: {e}");
                             }
                         }
@@ -394,6 +580,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             msg: Some(pb::coordinator_message::Msg::Registered(pb::Registered {
                 agent_id: name,
                 heartbeat_interval_ms: self.heartbeat_ms,
+                session_key,
+                limits: Some(self.limits),
             })),
         };
         let out = tokio_stream::once(Ok(registered)).chain(
@@ -408,21 +596,22 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         req: Request<pb::ClaimUploadsRequest>,
     ) -> Result<Response<pb::ClaimUploadsResponse>, Status> {
         let r = req.into_inner();
-        if r.agent.is_empty() || r.paths.len() > 100_000 {
+        if r.agent.is_empty() || r.agent.len() > lim::MAX_AGENT_NAME || r.paths.len() > 100_000 {
             return Err(
                 WireError("a claim names its agent and at most 100000 paths".into()).into(),
             );
         }
+        check_len("the cache URL", &r.cache, lim::MAX_CACHE_URL).map_err(WireError::from)?;
         if let Some(p) = r
             .paths
             .iter()
-            .find(|p| !p.starts_with('/') || p.contains('\n'))
+            .find(|p| !store_path_ok(p, false) || p.is_empty())
         {
-            return Err(WireError(format!("'{p}' is not a store path")).into());
+            return Err(WireError(format!("'{}' is not a store path", clip(p, 80))).into());
         }
-        let granted = self
-            .engine
-            .claim_uploads(&r.agent, &r.cache, &r.paths, r.release)?;
+        let granted =
+            self.engine
+                .claim_uploads(&r.agent, &r.session_key, &r.cache, &r.paths, r.release)?;
         Ok(Response::new(pb::ClaimUploadsResponse { granted }))
     }
 
@@ -431,18 +620,41 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         req: Request<pb::FetchSourceRequest>,
     ) -> Result<Response<Self::FetchSourceStream>, Status> {
         let digest = req.into_inner().digest;
-        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_digest(&digest) {
             return Err(Status::invalid_argument("not a snapshot digest"));
         }
         let path = self.engine.sources_dir().join(format!("{digest}.tar"));
-        let bytes = tokio::fs::read(&path)
+        let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(|_| Status::not_found(format!("no snapshot {digest}")))?;
-        let chunks: Vec<Result<pb::SourceChunk, Status>> = bytes
-            .chunks(1 << 20)
-            .map(|c| Ok(pb::SourceChunk { data: c.to_vec() }))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        // Streamed from disk, a few chunks ahead of the agent: memory stays bounded.
+        let (tx, rx) = mpsc::channel::<Result<pb::SourceChunk, Status>>(4);
+        tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match file.read(&mut buf[filled..]).await {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                            return;
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return;
+                }
+                buf.truncate(filled);
+                if tx.send(Ok(pb::SourceChunk { data: buf })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -450,7 +662,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
 #[derive(Clone)]
 pub struct RunSvc {
     pub engine: Engine,
-    pub snapshot_limits: snapshot::Limits,
+    pub uploads: Arc<Uploads>,
+    pub limits: pb::ServerLimits,
 }
 
 #[tonic::async_trait]
@@ -461,48 +674,17 @@ impl pb::run_service_server::RunService for RunSvc {
         &self,
         req: Request<Streaming<pb::SourceChunk>>,
     ) -> Result<Response<pb::UploadSourceResponse>, Status> {
-        let mut inbound = req.into_inner();
-        let dir = self.engine.sources_dir().to_path_buf();
-        let tmp = dir.join(format!(".upload-{:016x}", fastrand::u64(..)));
-        let mut file = tokio::fs::File::create(&tmp)
-            .await
-            .map_err(|e| Status::internal(format!("cannot store upload: {e}")))?;
-        let mut bytes = Vec::new();
-        let limit =
-            self.snapshot_limits.max_bytes + (self.snapshot_limits.max_entries as u64 + 2) * 1024;
-        let result: Result<(), Status> = async {
-            while let Some(chunk) = inbound.message().await? {
-                bytes.extend_from_slice(&chunk.data);
-                if bytes.len() as u64 > limit {
-                    return Err(Status::resource_exhausted(format!(
-                        "snapshot is larger than the limit of {} bytes",
-                        self.snapshot_limits.max_bytes
-                    )));
-                }
-            }
-            snapshot::verify(&bytes, self.snapshot_limits)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            file.write_all(&bytes)
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-            file.sync_all()
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
-        let digest = snapshot::digest(&bytes);
-        tokio::fs::rename(&tmp, dir.join(format!("{digest}.tar")))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::UploadSourceResponse {
-            digest,
-            size: bytes.len() as u64,
-        }))
+        let client = req.remote_addr().map(|a| a.ip());
+        let slot = self.uploads.admit(client)?;
+        let (digest, size) = self.uploads.receive(&slot, req.into_inner()).await?;
+        Ok(Response::new(pb::UploadSourceResponse { digest, size }))
+    }
+
+    async fn get_limits(
+        &self,
+        _req: Request<pb::GetLimitsRequest>,
+    ) -> Result<Response<pb::ServerLimits>, Status> {
+        Ok(Response::new(self.limits))
     }
 
     async fn submit_run(
@@ -519,6 +701,7 @@ impl pb::run_service_server::RunService for RunSvc {
         req: Request<pb::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let pb::WatchRunRequest { run_id, after_seq } = req.into_inner();
+        let run_id = checked_run_id(run_id)?;
         // Subscribe before reading the backlog so no event falls between the two.
         let mut live = self.engine.subscribe();
         let backlog = self.engine.events_after(&run_id, after_seq)?;
@@ -598,7 +781,9 @@ impl pb::run_service_server::RunService for RunSvc {
         &self,
         req: Request<pb::GetReportRequest>,
     ) -> Result<Response<pb::Report>, Status> {
-        let r = self.engine.report(&req.into_inner().run_id)?;
+        let r = self
+            .engine
+            .report(&checked_run_id(req.into_inner().run_id)?)?;
         Ok(Response::new(report_to_wire(&r)))
     }
 
@@ -642,6 +827,7 @@ impl pb::run_service_server::RunService for RunSvc {
                 last_seen_ms: a.last_seen_ms as u64,
                 paused: a.paused,
                 draining: a.draining,
+                protocol_violations: a.violations,
             })
             .collect();
         let waiting = self
@@ -661,7 +847,9 @@ impl pb::run_service_server::RunService for RunSvc {
         &self,
         req: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::CancelRunResponse>, Status> {
-        let cancelled = self.engine.cancel(&req.into_inner().run_id)?;
+        let cancelled = self
+            .engine
+            .cancel(&checked_run_id(req.into_inner().run_id)?)?;
         Ok(Response::new(pb::CancelRunResponse { cancelled }))
     }
 }

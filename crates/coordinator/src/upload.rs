@@ -1,0 +1,285 @@
+//! Source snapshot uploads: streamed to disk as they arrive (never buffered whole), hashed on
+//! the way, bounded in size, in number (in all and per client) and in idle time, and checked
+//! whole before they are kept.
+
+use nixfarm_core::snapshot;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+
+/// The limits uploads are held to.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    pub snapshot: snapshot::Limits,
+    /// Uploads in progress at once, from everyone.
+    pub max_concurrent: usize,
+    /// Uploads in progress at once from one client address.
+    pub per_client: usize,
+    /// Longest wait for the next chunk.
+    pub idle: Duration,
+}
+
+/// Admits and receives uploads into the coordinator's sources directory.
+pub struct Uploads {
+    dir: PathBuf,
+    limits: UploadLimits,
+    total: Arc<Semaphore>,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A place among the uploads in progress; freed when dropped.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    client: Option<IpAddr>,
+    uploads: Arc<Uploads>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.client
+            && let Ok(mut m) = self.uploads.per_client.lock()
+            && let Some(n) = m.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A partial upload, removed unless it was kept.
+struct Partial(Option<PathBuf>);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Uploads {
+    /// Uploads into `dir`; partial uploads a crash left behind are removed.
+    pub fn new(dir: &Path, limits: UploadLimits) -> Arc<Uploads> {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".upload-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Arc::new(Uploads {
+            dir: dir.to_path_buf(),
+            limits,
+            total: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+            per_client: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a place for an upload from `client`, or says why there is none (at once: a
+    /// client is never left waiting on a full coordinator).
+    pub fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Result<Slot, Status> {
+        let permit = self.total.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the coordinator is receiving {} uploads already (its limit); try again shortly",
+                self.limits.max_concurrent
+            ))
+        })?;
+        if let Some(ip) = client {
+            let mut m = self
+                .per_client
+                .lock()
+                .map_err(|_| Status::internal("upload bookkeeping is broken"))?;
+            let n = m.entry(ip).or_insert(0);
+            if *n >= self.limits.per_client {
+                return Err(Status::resource_exhausted(format!(
+                    "{} uploads from {ip} are in progress already (the limit per client); wait for one to finish",
+                    self.limits.per_client
+                )));
+            }
+            *n += 1;
+        }
+        Ok(Slot {
+            _permit: permit,
+            client,
+            uploads: self.clone(),
+        })
+    }
+
+    /// Receives one upload: returns its digest and size once it is checked and stored.
+    pub async fn receive<S>(&self, _slot: &Slot, mut next: S) -> Result<(String, u64), Status>
+    where
+        S: AsyncChunks,
+    {
+        let tmp = self.dir.join(format!(".upload-{:016x}", fastrand::u64(..)));
+        let mut partial = Partial(Some(tmp.clone()));
+        let file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| Status::internal(format!("cannot store the upload: {e}")))?;
+        let mut out = tokio::io::BufWriter::with_capacity(256 << 10, file);
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        let cap = snapshot::max_tar_bytes(self.limits.snapshot);
+        let idle = self.limits.idle;
+        loop {
+            let chunk = match tokio::time::timeout(idle, next.next_chunk()).await {
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the upload sent nothing for {} s; aborted",
+                        idle.as_secs()
+                    )));
+                }
+                Ok(r) => r?,
+            };
+            let Some(data) = chunk else { break };
+            size += data.len() as u64;
+            if size > cap {
+                return Err(Status::resource_exhausted(format!(
+                    "the snapshot is larger than this coordinator's limit of {} bytes",
+                    self.limits.snapshot.max_bytes
+                )));
+            }
+            hasher.update(&data);
+            out.write_all(&data)
+                .await
+                .map_err(|e| Status::internal(format!("cannot store the upload: {e}")))?;
+        }
+        out.flush()
+            .await
+            .map_err(|e| Status::internal(format!("cannot store the upload: {e}")))?;
+        out.get_ref()
+            .sync_all()
+            .await
+            .map_err(|e| Status::internal(format!("cannot store the upload: {e}")))?;
+        drop(out);
+        let limits = self.limits.snapshot;
+        let path = tmp.clone();
+        tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            Ok::<_, std::io::Error>(snapshot::verify(std::io::BufReader::new(f), limits))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let digest = data_encoding::HEXLOWER.encode(&hasher.finalize());
+        tokio::fs::rename(&tmp, self.dir.join(format!("{digest}.tar")))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        partial.0 = None;
+        Ok((digest, size))
+    }
+}
+
+/// A source of upload chunks (the gRPC stream; a plain iterator in tests).
+pub trait AsyncChunks {
+    fn next_chunk(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, Status>> + Send;
+}
+
+impl AsyncChunks for tonic::Streaming<nixfarm_proto::v1::SourceChunk> {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, Status> {
+        Ok(self.message().await?.map(|c| c.data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Chunks(std::vec::IntoIter<Vec<u8>>, bool);
+
+    impl AsyncChunks for Chunks {
+        async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, Status> {
+            match self.0.next() {
+                Some(c) => Ok(Some(c)),
+                None if self.1 => std::future::pending().await,
+                None => Ok(None),
+            }
+        }
+    }
+
+    fn limits() -> UploadLimits {
+        UploadLimits {
+            snapshot: snapshot::Limits {
+                max_bytes: 1 << 20,
+                max_entries: 100,
+            },
+            max_concurrent: 2,
+            per_client: 1,
+            idle: Duration::from_millis(200),
+        }
+    }
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_streamed_checked_and_stored_under_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Uploads::new(dir.path(), limits());
+        let bytes = tar_of(&[("flake.nix", b"{}")]);
+        let slot = up.admit(None).unwrap();
+        let chunks = bytes.chunks(100).map(<[u8]>::to_vec).collect::<Vec<_>>();
+        let (digest, size) = up
+            .receive(&slot, Chunks(chunks.into_iter(), false))
+            .await
+            .unwrap();
+        assert_eq!(digest, snapshot::digest(&bytes));
+        assert_eq!(size, bytes.len() as u64);
+        assert!(dir.path().join(format!("{digest}.tar")).is_file());
+    }
+
+    #[tokio::test]
+    async fn uploads_are_capped_in_size_number_and_idle_time_and_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Uploads::new(dir.path(), limits());
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let slot = up.admit(Some(ip)).unwrap();
+        let e = up.admit(Some(ip)).err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("per client"), "{}", e.message());
+        let other = up.admit(Some("127.0.0.2".parse().unwrap())).unwrap();
+        let e = up.admit(None).err().unwrap();
+        assert!(e.message().contains("try again shortly"), "{}", e.message());
+        drop(other);
+        // Too large: refused while arriving.
+        let big = vec![vec![0u8; 1 << 20]; 4];
+        let e = up
+            .receive(&slot, Chunks(big.into_iter(), false))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        // Idle: aborted.
+        let e = up
+            .receive(&slot, Chunks(vec![vec![1u8; 10]].into_iter(), true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+        // Not a snapshot: refused after arriving.
+        let e = up
+            .receive(&slot, Chunks(vec![vec![7u8; 4096]].into_iter(), false))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        drop(slot);
+        up.admit(Some(ip)).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
