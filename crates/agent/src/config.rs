@@ -43,6 +43,10 @@ pub struct AgentConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM key of `tls_cert_file`. Default: none.
     pub tls_key_file: Option<PathBuf>,
+    /// Evaluate local flake references (`path:`, `git+file:`, `file:`, `flake:` registry
+    /// names), which read this host's own disk. Only for a single-user farm whose coordinator
+    /// allows them too; `nixfarm local` sets it for its own agents. Default false.
+    pub allow_local_flake_refs: bool,
 }
 
 fn hostname() -> String {
@@ -80,6 +84,7 @@ impl Default for AgentConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            allow_local_flake_refs: false,
         }
     }
 }
@@ -133,14 +138,48 @@ impl AgentConfig {
             return Ok(Some(t.trim().to_string()));
         }
         match &self.token_file {
-            Some(p) => Ok(Some(
-                std::fs::read_to_string(p)
+            Some(p) => {
+                let t = std::fs::read_to_string(p)
                     .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", p.display()))?
                     .trim()
-                    .to_string(),
-            )),
+                    .to_string();
+                if t.is_empty() {
+                    anyhow::bail!("token file {} is empty", p.display());
+                }
+                Ok(Some(t))
+            }
             None => Ok(None),
         }
+    }
+
+    /// Range-checks the numeric fields and the name, naming the field and what is allowed.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        fn range<T: PartialOrd + std::fmt::Display>(f: &str, v: T, lo: T, hi: T) -> anyhow::Result<()> {
+            if v < lo || v > hi {
+                anyhow::bail!("config: {f} = {v} is out of range: {lo} to {hi}");
+            }
+            Ok(())
+        }
+        range("max_jobs", self.max_jobs, 1, 4096)?;
+        range("eval_workers", self.eval_workers, 1, 256)?;
+        range("drain_timeout_secs", self.drain_timeout_secs, 0, 7 * 86_400)?;
+        range("log_limit_bytes", self.log_limit_bytes, 0, 64 << 20)?;
+        if self.name.is_empty()
+            || self.name.len() > 255
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            anyhow::bail!(
+                "config: name '{}' is not usable: 1 to 255 letters, digits and - _ . @",
+                nixfarm_core::limits::clip(&self.name, 64)
+            );
+        }
+        if self.systems.is_empty() {
+            anyhow::bail!("config: systems is empty: an agent builds for at least one system");
+        }
+        Ok(())
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -159,6 +198,24 @@ mod tests {
         assert_eq!(c.max_jobs, 3);
         assert_eq!(c.systems, vec!["x86_64-linux"]);
         assert!(toml::from_str::<AgentConfig>("max_job = 3").is_err());
+    }
+
+    #[test]
+    fn numbers_and_names_are_checked() {
+        let ok = AgentConfig {
+            name: "a1".into(),
+            ..Default::default()
+        };
+        ok.validate().unwrap();
+        for (c, field) in [
+            (AgentConfig { max_jobs: 0, ..ok.clone() }, "max_jobs"),
+            (AgentConfig { eval_workers: 0, ..ok.clone() }, "eval_workers"),
+            (AgentConfig { name: "a b".into(), ..ok.clone() }, "name"),
+            (AgentConfig { systems: vec![], ..ok.clone() }, "systems"),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }
 

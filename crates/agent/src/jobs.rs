@@ -52,10 +52,11 @@ pub(crate) async fn run(
 ) -> pb::AgentMessage {
     use pb::assignment::Job;
     let attempt = a.attempt_id.clone();
+    let run_id = a.run_id.clone();
     match a.job {
         Some(Job::EvalList(j)) => {
             let result = async {
-                let flake = prepare_source(shared, channel, j.source).await?;
+                let flake = prepare_source(shared, channel, &run_id, j.source).await?;
                 shared.nix.list_attrs(&flake, &j.attr_path).await
             }
             .await;
@@ -72,7 +73,7 @@ pub(crate) async fn run(
             }))
         }
         Some(Job::EvalChunk(j)) => {
-            let mut r = eval_chunk(shared, channel, j).await;
+            let mut r = eval_chunk(shared, channel, &run_id, j).await;
             r.attempt_id = attempt;
             msg(pb::agent_message::Msg::EvalChunk(r))
         }
@@ -94,60 +95,151 @@ pub(crate) async fn run(
 async fn prepare_source(
     shared: &Arc<Shared>,
     channel: Channel,
+    run_id: &str,
     source: Option<pb::Source>,
 ) -> Result<String, NixError> {
     match source.and_then(|s| s.kind) {
-        Some(pb::source::Kind::FlakeRef(f)) => Ok(f),
+        Some(pb::source::Kind::FlakeRef(f)) => {
+            // Checked here too: a reference that reads this host's disk is refused whatever
+            // the coordinator let through.
+            nixfarm_core::flakeref::validate_for_farm(&f, shared.cfg.allow_local_flake_refs)
+                .map_err(|e| NixError::Failed {
+                    message: e.to_string(),
+                    log: String::new(),
+                })?;
+            Ok(f)
+        }
         Some(pb::source::Kind::Snapshot(digest)) => {
-            let dir = fetch_snapshot(shared, channel, &digest).await?;
+            let dir = fetch_snapshot(shared, channel, run_id, &digest).await?;
             Ok(format!("path:{}", dir.display()))
         }
         None => Err(NixError::Infra("the job names no source".into())),
     }
 }
 
+/// Runs whose unpacked sources are kept at once (least recently used go first).
+const KEPT_RUN_SOURCES: usize = 8;
+
+/// Fetches a snapshot and unpacks it into a directory of the run's own: streamed to a file
+/// while hashed, held to the coordinator's limits, checked whole, then written without
+/// following any link and left read-only. Nothing one run sends can touch another's tree.
 async fn fetch_snapshot(
     shared: &Arc<Shared>,
     channel: Channel,
+    run_id: &str,
     digest: &str,
 ) -> Result<PathBuf, NixError> {
     if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(NixError::Infra(format!("bad snapshot digest '{digest}'")));
+        return Err(NixError::Infra("bad snapshot digest".into()));
     }
-    let dir = shared.cfg.work_dir.join("sources").join(digest);
+    if !nixfarm_core::limits::is_run_id(run_id) {
+        return Err(NixError::Infra("bad run id".into()));
+    }
+    let sources = shared.cfg.work_dir.join("sources");
+    let dir = sources.join(format!("{run_id}-{digest}"));
     let _guard = shared.source_lock.lock().await;
+    touch_run_source(shared, &sources, &dir);
     if dir.is_dir() {
         return Ok(dir);
     }
+    let infra = |e: String| NixError::Infra(format!("cannot fetch source {digest}: {e}"));
+    std::fs::create_dir_all(&sources).map_err(|e| infra(e.to_string()))?;
+    let limits = shared
+        .snapshot_limits
+        .lock()
+        .map(|l| *l)
+        .unwrap_or_default();
+    let tar = sources.join(format!(".tmp-{run_id}-{digest}.tar"));
+    let result = async {
+        download(shared, channel, digest, &tar, limits).await?;
+        let tmp = sources.join(format!(".tmp-{run_id}-{digest}"));
+        let _ = snapshot::remove_tree(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| infra(e.to_string()))?;
+        let (t, d) = (tar.clone(), tmp.clone());
+        tokio::task::spawn_blocking(move || snapshot::unpack_file(&t, &d, limits))
+            .await
+            .map_err(|e| infra(e.to_string()))?
+            .map_err(|e| infra(e.to_string()))?;
+        std::fs::rename(&tmp, &dir).map_err(|e| infra(e.to_string()))?;
+        Ok(dir.clone())
+    }
+    .await;
+    let _ = std::fs::remove_file(&tar);
+    result
+}
+
+/// Streams a snapshot from the coordinator into `to`, checking its size on the way and its
+/// digest at the end.
+async fn download(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    digest: &str,
+    to: &std::path::Path,
+    limits: snapshot::Limits,
+) -> Result<(), NixError> {
+    use sha2::Digest as _;
+    use tokio::io::AsyncWriteExt;
+    let infra = |e: String| NixError::Infra(format!("cannot fetch source {digest}: {e}"));
     let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let mut req = tonic::Request::new(pb::FetchSourceRequest {
         digest: digest.to_string(),
     });
     add_token(&mut req, &shared.token);
-    let infra = |e: String| NixError::Infra(format!("cannot fetch source {digest}: {e}"));
     let mut stream = client
         .fetch_source(req)
         .await
         .map_err(|e| infra(e.to_string()))?
         .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.map_err(|e| infra(e.to_string()))? {
-        bytes.extend_from_slice(&chunk.data);
+    let file = tokio::fs::File::create(to)
+        .await
+        .map_err(|e| infra(e.to_string()))?;
+    let mut out = tokio::io::BufWriter::new(file);
+    let mut hasher = sha2::Sha256::new();
+    let (mut size, cap) = (0u64, snapshot::max_tar_bytes(limits));
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .map_err(|_| infra("the coordinator sent nothing for 60 s".into()))?
+            .map_err(|e| infra(e.to_string()))?;
+        let Some(chunk) = chunk else { break };
+        size += chunk.data.len() as u64;
+        if size > cap {
+            return Err(infra(format!(
+                "larger than the limit of {} bytes",
+                limits.max_bytes
+            )));
+        }
+        hasher.update(&chunk.data);
+        out.write_all(&chunk.data)
+            .await
+            .map_err(|e| infra(e.to_string()))?;
     }
-    if snapshot::digest(&bytes) != digest {
+    out.flush().await.map_err(|e| infra(e.to_string()))?;
+    if data_encoding::HEXLOWER.encode(&hasher.finalize()) != digest {
         return Err(infra("digest mismatch".into()));
     }
-    let tmp = shared
-        .cfg
-        .work_dir
-        .join("sources")
-        .join(format!(".tmp-{digest}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| infra(e.to_string()))?;
-    snapshot::unpack(&bytes, &tmp, snapshot::Limits::default())
-        .map_err(|e| infra(e.to_string()))?;
-    std::fs::rename(&tmp, &dir).map_err(|e| infra(e.to_string()))?;
-    Ok(dir)
+    Ok(())
+}
+
+/// Marks the run's source as used now, and removes the least recently used ones beyond
+/// [`KEPT_RUN_SOURCES`] (a run that needs one again fetches it again).
+fn touch_run_source(shared: &Shared, sources: &std::path::Path, dir: &std::path::Path) {
+    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let Ok(mut lru) = shared.run_sources.lock() else {
+        return;
+    };
+    lru.retain(|n| *n != name);
+    lru.push_back(name);
+    let keep = KEPT_RUN_SOURCES.max(2 * shared.cfg.max_jobs as usize);
+    while lru.len() > keep {
+        if let Some(old) = lru.pop_front()
+            && let Err(e) = snapshot::remove_tree(&sources.join(&old))
+        {
+            tracing::warn!("cannot remove the old source {old}: {e}");
+        }
+    }
 }
 
 fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput> {
@@ -251,6 +343,12 @@ impl<'a> Claims<'a> {
                 cache: self.cache.to_string(),
                 paths: chunk.to_vec(),
                 release,
+                session_key: self
+                    .shared
+                    .session
+                    .lock()
+                    .map(|s| s.clone())
+                    .unwrap_or_default(),
             });
             req.set_timeout(Duration::from_secs(10));
             add_token(&mut req, &self.shared.token);
@@ -308,6 +406,7 @@ async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pu
 async fn eval_chunk(
     shared: &Arc<Shared>,
     channel: Channel,
+    run_id: &str,
     j: pb::EvalChunkJob,
 ) -> pb::EvalChunkResult {
     let fail = |e: NixError| {
@@ -319,7 +418,7 @@ async fn eval_chunk(
             ..Default::default()
         }
     };
-    let flake = match prepare_source(shared, channel.clone(), j.source).await {
+    let flake = match prepare_source(shared, channel.clone(), run_id, j.source).await {
         Ok(f) => f,
         Err(e) => return fail(e),
     };

@@ -45,6 +45,12 @@ pub(crate) struct Shared {
     pub creds: config::CacheCredentials,
     /// Set when a job ran out of disk space: no new jobs until then.
     pub disk_full_until: Mutex<Option<Instant>>,
+    /// The secret of the current registration (proves reconnects and upload claims).
+    pub session: Mutex<String>,
+    /// The coordinator's snapshot limits, as it last told them.
+    pub snapshot_limits: Mutex<nixfarm_core::snapshot::Limits>,
+    /// Runs whose sources are unpacked here, least recently used first.
+    pub run_sources: Mutex<VecDeque<String>>,
 }
 
 /// Why this agent takes no new jobs now; empty when it takes them.
@@ -91,10 +97,15 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        cfg.validate()?;
         let token = cfg.token()?;
         let cfg_creds = cfg.cache_credentials()?;
         std::fs::create_dir_all(&cfg.work_dir)
             .with_context(|| format!("cannot create work dir {}", cfg.work_dir.display()))?;
+        // Sources of an earlier process: every run unpacks its own again.
+        let sources = cfg.work_dir.join("sources");
+        nixfarm_core::snapshot::remove_tree(&sources)
+            .with_context(|| format!("cannot clear {}", sources.display()))?;
         let nix = Nix {
             nix: cfg.nix_bin.join("nix"),
             nix_store: cfg.nix_bin.join("nix-store"),
@@ -110,6 +121,9 @@ impl Agent {
                 pushers: tokio::sync::Mutex::new(HashMap::new()),
                 creds: cfg_creds,
                 disk_full_until: Mutex::new(None),
+                session: Mutex::new(String::new()),
+                snapshot_limits: Mutex::new(nixfarm_core::snapshot::Limits::default()),
+                run_sources: Mutex::new(VecDeque::new()),
             }),
         })
     }
@@ -185,6 +199,7 @@ impl Agent {
                     max_jobs: if draining { 1 } else { shared.cfg.max_jobs },
                     nix_version: nix_version.clone(),
                     running_attempts: running,
+                    session_key: shared.session.lock().map(|s| s.clone()).unwrap_or_default(),
                 })),
             };
             let _ = out_tx.send(register).await;
@@ -200,6 +215,12 @@ impl Agent {
                         || status.code() == tonic::Code::InvalidArgument
                     {
                         anyhow::bail!("the coordinator refused this agent: {}", status.message());
+                    }
+                    if status.code() == tonic::Code::AlreadyExists {
+                        // Another agent has the name, or the coordinator has not yet seen our
+                        // own old stream end: try again later, loudly.
+                        tracing::error!("the coordinator refused this agent: {}", status.message());
+                        backoff = Duration::from_secs(15);
                     }
                     tracing::warn!("coordinator refused the stream: {status}; retrying");
                     if wait_or_shutdown(&shutdown, jitter(backoff)).await
@@ -225,6 +246,17 @@ impl Agent {
                         Ok(Some(msg)) => {
                             if let Some(pb::coordinator_message::Msg::Registered(r)) = &msg.msg {
                                 tracing::info!(agent = r.agent_id, "registered with coordinator");
+                                if let Ok(mut s) = shared.session.lock() {
+                                    s.clone_from(&r.session_key);
+                                }
+                                if let Some(l) = r.limits
+                                    && let Ok(mut mine) = shared.snapshot_limits.lock()
+                                {
+                                    *mine = nixfarm_core::snapshot::Limits {
+                                        max_bytes: l.snapshot_max_bytes,
+                                        max_entries: l.snapshot_max_files as usize,
+                                    };
+                                }
                                 backoff = Duration::from_millis(200);
                                 if r.heartbeat_interval_ms > 0 {
                                     heartbeat = tokio::time::interval(Duration::from_millis(r.heartbeat_interval_ms as u64));

@@ -52,6 +52,10 @@ struct Args {
     /// PEM key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Evaluate local flake references (path:, git+file:, …), which read this host's disk.
+    /// Only for a single-user farm whose coordinator allows them too.
+    #[arg(long)]
+    allow_local_flake_refs: bool,
 }
 
 #[tokio::main]
@@ -97,6 +101,9 @@ async fn main() -> anyhow::Result<()> {
     if args.tls_cert.is_some() {
         cfg.tls_cert_file = args.tls_cert;
         cfg.tls_key_file = args.tls_key;
+    }
+    if args.allow_local_flake_refs {
+        cfg.allow_local_flake_refs = true;
     }
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -110,8 +110,8 @@ pub struct OutputArgs {
     /// Report format: table for people, json for scripts, markdown for READMEs/PRs, junit for CI.
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    /// Exit with status 1 when fewer than PCT percent of the packages are ready.
-    #[arg(long, value_name = "PCT")]
+    /// Exit with status 1 when fewer than PCT percent of the packages are ready (0 to 100).
+    #[arg(long, value_name = "PCT", value_parser = parse_percent)]
     pub fail_under: Option<f64>,
 }
 
@@ -144,11 +144,11 @@ pub struct WarmArgs {
 pub struct LocalArgs {
     /// A directory holding flake.nix, or a flake reference.
     pub source: String,
-    /// Number of local agents.
-    #[arg(long, default_value_t = 1)]
+    /// Number of local agents (1 to 64).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub agents: u32,
-    /// Jobs per agent. Default: CPUs divided among the agents (at least 1).
-    #[arg(long)]
+    /// Jobs per agent (1 to 4096). Default: CPUs divided among the agents (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub jobs: Option<u32>,
     /// State directory of the embedded coordinator (database, snapshots).
     #[arg(long, env = "NIXFARM_STATE_DIR")]
@@ -171,6 +171,18 @@ pub enum Format {
     Json,
     Markdown,
     Junit,
+}
+
+/// A percentage: a finite number from 0 to 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number"))?;
+    if !v.is_finite() || !(0.0..=100.0).contains(&v) {
+        return Err(format!("{s} is not a percentage from 0 to 100"));
+    }
+    Ok(v)
 }
 
 /// `~/.config/nixfarm/config.toml`.
@@ -578,11 +590,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut t = comfy();
             t.set_header(vec!["run", "state", "ready", "source"]);
             for r in runs {
+                // Whatever a coordinator stored, one row stays one line of sane width.
+                let label: String = nixfarm_core::limits::clip(&r.label, 120)
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
                 t.add_row(vec![
-                    r.run_id,
-                    r.state,
+                    nixfarm_core::limits::clip(&r.run_id, 64).to_string(),
+                    nixfarm_core::limits::clip(&r.state, 32).to_string(),
                     format!("{}/{}", r.ready, r.total),
-                    r.label,
+                    label,
                 ]);
             }
             print!("{t}");
@@ -756,6 +773,8 @@ async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
     let config = nixfarm_coordinator::Config {
         listen: "127.0.0.1:0".into(),
         state_dir: state_dir.clone(),
+        // One user's own machine: a path: reference reads nothing that user cannot.
+        allow_local_flake_refs: true,
         ..Default::default()
     };
     let coordinator = nixfarm_coordinator::server::start(&config)
@@ -776,6 +795,7 @@ async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
             max_jobs: jobs,
             work_dir: state_dir.join("agents").join(format!("local-{i}")),
             signing_key_file: args.signing_key_file.clone(),
+            allow_local_flake_refs: true,
             ..Default::default()
         };
         let agent = nixfarm_agent::Agent::new(cfg)?;
@@ -798,4 +818,31 @@ async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
 
 fn tokio_util_token() -> tokio_util::sync::CancellationToken {
     tokio_util::sync::CancellationToken::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fail_under_takes_percentages_only() {
+        assert_eq!(parse_percent("90").unwrap(), 90.0);
+        assert_eq!(parse_percent("0").unwrap(), 0.0);
+        assert_eq!(parse_percent("100").unwrap(), 100.0);
+        for bad in ["200", "-1", "NaN", "inf", "x", ""] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn local_refuses_zero_jobs_and_agents() {
+        for args in [
+            vec!["nixfarm", "local", ".", "--jobs", "0"],
+            vec!["nixfarm", "local", ".", "--agents", "0"],
+            vec!["nixfarm", "report", "r1", "--fail-under", "NaN"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["nixfarm", "local", ".", "--jobs", "1"]).is_ok());
+    }
 }

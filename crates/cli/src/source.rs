@@ -100,6 +100,39 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The snapshot limits of the coordinator (an older one that cannot say: the defaults).
+async fn server_limits(client: &Client) -> anyhow::Result<snapshot::Limits> {
+    match client
+        .raw()
+        .get_limits(client.req(pb::GetLimitsRequest {}))
+        .await
+    {
+        Ok(l) => {
+            let l = l.into_inner();
+            Ok(snapshot::Limits {
+                max_bytes: l.snapshot_max_bytes,
+                max_entries: usize::try_from(l.snapshot_max_files).unwrap_or(usize::MAX),
+            })
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => Ok(snapshot::Limits::default()),
+        Err(s) => Err(status_error(s)).context("cannot ask the coordinator for its limits"),
+    }
+}
+
+/// A run's label for a checkout: its path, the end of it when the path is very long.
+fn label_of(dir: &Path) -> String {
+    let full = dir.display().to_string();
+    let max = nixfarm_core::limits::MAX_LABEL;
+    if full.len() <= max {
+        return full;
+    }
+    let mut start = full.len() - (max - 3);
+    while !full.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &full[start..])
+}
+
 /// Uploads a local checkout (or passes a flake reference through) and returns the run's source.
 pub async fn prepare(
     client: &Client,
@@ -115,7 +148,8 @@ pub async fn prepare(
         )),
         Named::Dir(dir) => {
             let files = list_files(&dir)?;
-            let bytes = snapshot::pack_with(&dir, &files, overrides, snapshot::Limits::default())
+            let limits = server_limits(client).await?;
+            let bytes = snapshot::pack_with(&dir, &files, overrides, limits)
                 .with_context(|| format!("cannot snapshot {}", dir.display()))?;
             let chunks: Vec<pb::SourceChunk> = bytes
                 .chunks(1 << 20)
@@ -138,7 +172,7 @@ pub async fn prepare(
                 pb::Source {
                     kind: Some(pb::source::Kind::Snapshot(resp.digest)),
                 },
-                dir.display().to_string(),
+                label_of(&dir),
             ))
         }
     }
@@ -170,6 +204,15 @@ mod tests {
             check_local_or_ref("github:o/r").unwrap(),
             Named::FlakeRef(_)
         ));
+    }
+
+    #[test]
+    fn a_very_long_path_makes_a_label_within_the_limit() {
+        let long = PathBuf::from(format!("/{}", "d/".repeat(2000)));
+        let l = label_of(&long);
+        assert!(l.len() <= nixfarm_core::limits::MAX_LABEL, "{}", l.len());
+        assert!(l.starts_with('…'));
+        assert_eq!(label_of(Path::new("/src/x")), "/src/x");
     }
 
     #[test]

@@ -614,7 +614,9 @@ mod tests {
 
     /// A hand-made tar: (path, type, link target or file content), names written raw so
     /// nothing on the way refuses them.
-    fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    type RawEntry<'a> = (&'a str, tar::EntryType, &'a str);
+
+    fn raw_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, kind, extra) in entries {
             let mut h = tar::Header::new_old();
@@ -668,7 +670,7 @@ mod tests {
 
     #[test]
     fn every_shape_of_escape_is_refused() {
-        let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str)>)> = vec![
+        let cases: Vec<(&str, Vec<RawEntry<'_>>)> = vec![
             ("absolute link", vec![("x", L, "/etc")]),
             ("link above the root", vec![("x", L, "..")]),
             ("deep .. chain", vec![("p/q/x", L, "../../../../../../etc")]),
