@@ -154,7 +154,12 @@ impl AgentConfig {
 
     /// Range-checks the numeric fields and the name, naming the field and what is allowed.
     pub fn validate(&self) -> anyhow::Result<()> {
-        fn range<T: PartialOrd + std::fmt::Display>(f: &str, v: T, lo: T, hi: T) -> anyhow::Result<()> {
+        fn range<T: PartialOrd + std::fmt::Display>(
+            f: &str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> anyhow::Result<()> {
             if v < lo || v > hi {
                 anyhow::bail!("config: {f} = {v} is out of range: {lo} to {hi}");
             }
@@ -208,10 +213,34 @@ mod tests {
         };
         ok.validate().unwrap();
         for (c, field) in [
-            (AgentConfig { max_jobs: 0, ..ok.clone() }, "max_jobs"),
-            (AgentConfig { eval_workers: 0, ..ok.clone() }, "eval_workers"),
-            (AgentConfig { name: "a b".into(), ..ok.clone() }, "name"),
-            (AgentConfig { systems: vec![], ..ok.clone() }, "systems"),
+            (
+                AgentConfig {
+                    max_jobs: 0,
+                    ..ok.clone()
+                },
+                "max_jobs",
+            ),
+            (
+                AgentConfig {
+                    eval_workers: 0,
+                    ..ok.clone()
+                },
+                "eval_workers",
+            ),
+            (
+                AgentConfig {
+                    name: "a b".into(),
+                    ..ok.clone()
+                },
+                "name",
+            ),
+            (
+                AgentConfig {
+                    systems: vec![],
+                    ..ok.clone()
+                },
+                "systems",
+            ),
         ] {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{e}");

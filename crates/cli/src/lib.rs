@@ -631,6 +631,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .filter(|a| a.connected && !a.paused.is_empty())
                 .map(|a| format!("  {}: {}", a.name, a.paused))
                 .collect();
+            let violations: Vec<String> = agents
+                .iter()
+                .filter(|a| a.protocol_violations > 0)
+                .map(|a| format!("  {}: {}", a.name, a.protocol_violations))
+                .collect();
             for a in agents {
                 let building: Vec<String> = a
                     .building
@@ -655,6 +660,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             print!("{t}");
             if !paused.is_empty() {
                 println!("\ntaking no new jobs:\n{}", paused.join("\n"));
+            }
+            if !violations.is_empty() {
+                println!(
+                    "\nmessages refused as protocol violations (results for attempts an agent did not hold, outputs not the derivation's):\n{}",
+                    violations.join("\n")
+                );
             }
             if !waiting.is_empty() {
                 println!("\nwaiting jobs:");

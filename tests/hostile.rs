@@ -1,0 +1,764 @@
+//! Hostile input against the real binaries: a raw gRPC client (generated from `proto/`)
+//! playing a malicious client or agent, real agents in their own stores, real Nix. Each test
+//! asserts what a user relies on: nothing written outside the work dir, every run builds its
+//! own sources, no forged result is believed, the coordinator keeps serving, memory stays
+//! bounded.
+
+use nixfarm_proto::v1 as pb;
+use nixfarm_proto::v1::agent_service_client::AgentServiceClient;
+use nixfarm_proto::v1::run_service_client::RunServiceClient;
+use nixfarm_tests::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+// ----- helpers ----------------------------------------------------------------------------
+
+async fn run_client(url: &str) -> RunServiceClient<Channel> {
+    RunServiceClient::connect(url.to_string())
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20)
+}
+
+async fn agent_client(url: &str) -> AgentServiceClient<Channel> {
+    AgentServiceClient::connect(url.to_string())
+        .await
+        .expect("connect")
+}
+
+/// Uploads `bytes` as a snapshot, in 1 MiB chunks.
+async fn upload(c: &mut RunServiceClient<Channel>, bytes: &[u8]) -> Result<String, tonic::Status> {
+    let chunks: Vec<pb::SourceChunk> = bytes
+        .chunks(1 << 20)
+        .map(|c| pb::SourceChunk { data: c.to_vec() })
+        .collect();
+    Ok(c.upload_source(tokio_stream::iter(chunks))
+        .await?
+        .into_inner()
+        .digest)
+}
+
+type Entry<'a> = (&'a str, tar::EntryType, &'a str);
+
+/// A hand-made tar: (path, type, link target or file content), names written raw so that
+/// nothing on the way refuses them.
+fn raw_tar(entries: &[Entry<'_>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, kind, extra) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        let data: &[u8] = if *kind == tar::EntryType::Regular {
+            extra.as_bytes()
+        } else {
+            b""
+        };
+        h.set_size(data.len() as u64);
+        if path.len() < 100 && extra.len() < 100 {
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            if *kind != tar::EntryType::Regular {
+                h.as_old_mut().linkname[..extra.len()].copy_from_slice(extra.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        } else {
+            // Long names go through the GNU long-name entry, as a real tar would write them.
+            if *kind == tar::EntryType::Regular {
+                b.append_data(&mut h, path, data).unwrap();
+            } else {
+                b.append_link(&mut h, path, extra).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as L};
+
+/// The escape the trust-boundaries issue found: `a -> .` makes a deep path shallow, so a
+/// `..` chain that looks lexically inside the tree leaves it; then a file beneath it.
+fn self_link_escape(target_file: &Path) -> Vec<u8> {
+    let deep = "a/".repeat(12);
+    let up = "../".repeat(12);
+    raw_tar(&[
+        ("flake.nix", F, "{ outputs = _: {}; }"),
+        ("a", L, "."),
+        (&format!("{deep}esc"), L, &up),
+        (&format!("esc{}", target_file.display()), F, "pwned"),
+    ])
+}
+
+/// A flake with one package that writes `text` into its output (and `slow` seconds of
+/// sleep first).
+fn flake(dir: &Path, name: &str, text: &str, slow: u32) -> PathBuf {
+    let repo = dir.join(name);
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: {{ packages.x86_64-linux.{name} = derivation {{
+      name = "{name}"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+      args = [ "-c" "sleep {slow}; echo {text} > $out" ]; }}; }}; }}"#
+        ),
+    )
+    .unwrap();
+    repo
+}
+
+fn report_json(url: &str, run: &str) -> serde_json::Value {
+    serde_json::from_str(&stdout(&cli(url, &["report", run, "--format", "json"]))).unwrap()
+}
+
+fn wait_terminal(url: &str, run: &str, timeout: Duration) -> serde_json::Value {
+    wait_for(timeout, &format!("run {run} to end"), || {
+        let r = report_json(url, run);
+        ["finished", "failed", "cancelled"]
+            .contains(&r["state"].as_str().unwrap_or(""))
+            .then_some(r)
+    })
+}
+
+fn config_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+// ----- snapshots --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_snapshot_writes_outside_its_tree_and_every_run_builds_its_own_sources() {
+    let dir = scratch();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let victim = outside.join("X");
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let url = coordinator.url.clone();
+    let host = Host::new(&dir.path().join("host"));
+    let _agent = host.start_agent("a1", &url, None, 2).unwrap();
+    let mut c = run_client(&url).await;
+
+    // Every shape of escape is refused at the upload.
+    let variants: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a link to '.' then a deep '..' chain",
+            self_link_escape(&victim),
+        ),
+        (
+            "a directory replaced by a link later",
+            raw_tar(&[
+                ("flake.nix", F, "{}"),
+                ("d", D, ""),
+                ("d", L, &"../".repeat(8)),
+                (&format!("d{}", victim.display()), F, "pwned"),
+            ]),
+        ),
+        (
+            "a link made after the file beneath it",
+            raw_tar(&[
+                ("flake.nix", F, "{}"),
+                ("sub/d/x", F, "1"),
+                ("sub/d", L, ".."),
+            ]),
+        ),
+        (
+            "a hard link to a file outside",
+            raw_tar(&[("flake.nix", F, "{}"), ("h", H, "/etc/shadow")]),
+        ),
+        (
+            "an absolute link target",
+            raw_tar(&[
+                ("flake.nix", F, "{}"),
+                ("abs", L, outside.to_str().unwrap()),
+                ("abs/X", F, "pwned"),
+            ]),
+        ),
+        (
+            "a deep '..' chain",
+            raw_tar(&[("flake.nix", F, "{}"), ("p/q/r", L, &"../".repeat(40))]),
+        ),
+        (
+            "'..' through another link",
+            raw_tar(&[
+                ("flake.nix", F, "{}"),
+                ("p/q/x", L, "../.."),
+                ("p/q/y", L, "x/../../../../.."),
+            ]),
+        ),
+        (
+            "a FIFO",
+            raw_tar(&[("flake.nix", F, "{}"), ("fifo", tar::EntryType::Fifo, "")]),
+        ),
+    ];
+    for (what, bytes) in &variants {
+        let e = upload(&mut c, bytes).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e}");
+    }
+    assert!(!victim.exists(), "an upload wrote outside the tree");
+
+    // A snapshot that reached the coordinator's disk some other way: the agent checks it
+    // whole too, and writes nothing.
+    let planted = self_link_escape(&victim);
+    let digest = nixfarm_core::snapshot::digest(&planted);
+    std::fs::write(
+        dir.path().join(format!("coordinator/sources/{digest}.tar")),
+        &planted,
+    )
+    .unwrap();
+    let run = c
+        .submit_run(pb::SubmitRunRequest {
+            source: Some(pb::Source {
+                kind: Some(pb::source::Kind::Snapshot(digest)),
+            }),
+            label: "planted".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let r = wait_terminal(&url, &run, Duration::from_secs(90));
+    assert_eq!(r["state"], "failed", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("beneath a symbolic link"), "{error}");
+    assert!(!victim.exists(), "the agent wrote outside its work dir");
+
+    // An honest client's run builds its own sources, before and after an attacker aims an
+    // escape at that run's unpacked tree.
+    let repo = flake(dir.path(), "mine", "from-the-owner", 0);
+    for round in 0..2 {
+        let out = cli(
+            &url,
+            &[
+                "submit",
+                repo.to_str().unwrap(),
+                "--watch",
+                "--format",
+                "json",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let p = &report["packages"][0];
+        assert_eq!(p["status"], "ready", "{report}");
+        let path = p["outputs"]["out"].as_str().unwrap();
+        let text = host.run(&["cat", path]);
+        assert_eq!(
+            String::from_utf8_lossy(&text.stdout).trim(),
+            "from-the-owner"
+        );
+        if round == 0 {
+            let theirs = host
+                .root
+                .join("work/sources")
+                .join(format!("{}-*", report["run_id"].as_str().unwrap()));
+            let attack = self_link_escape(&theirs.join("flake.nix"));
+            let e = upload(&mut c, &attack).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        }
+    }
+}
+
+// ----- flake references -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flake_references_that_read_an_agents_disk_are_refused() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let url = coordinator.url.clone();
+    for r in [
+        "path:/etc",
+        "path:/",
+        "git+file:///srv/repo",
+        "file:///etc/shadow",
+        "flake:nixpkgs",
+    ] {
+        let out = cli(&url, &["submit", r]);
+        assert_eq!(out.status.code(), Some(2), "{r} was accepted");
+        let err = stderr(&out);
+        assert!(err.contains("agent's own disk"), "{r}: {err}");
+    }
+    let mut c = run_client(&url).await;
+    let e = c
+        .submit_run(pb::SubmitRunRequest {
+            source: Some(pb::Source {
+                kind: Some(pb::source::Kind::FlakeRef("path:/".into())),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let runs = stdout(&cli(&url, &["runs"]));
+    assert_eq!(runs.lines().count(), 2, "a run was created: {runs}");
+}
+
+// ----- agents bound to their attempts -----------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_result_or_a_stolen_name_changes_nothing() {
+    let dir = scratch();
+    // This coordinator lets local references through: the agent still refuses them.
+    let cfg = config_file(
+        dir.path(),
+        "coordinator.toml",
+        "allow_local_flake_refs = true\n[scheduler]\nlease_secs = 30\nheartbeat_secs = 1\n",
+    );
+    let state = dir.path().join("coordinator");
+    let coordinator =
+        Coordinator::start_on(&state, "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]).unwrap();
+    let url = coordinator.url.clone();
+    let host = Host::new(&dir.path().join("host"));
+    let _x = host.start_agent("x", &url, None, 1).unwrap();
+    let repo = flake(dir.path(), "slow", "built-by-x", 6);
+    let out = cli(&url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let attempt: String = wait_for(Duration::from_secs(60), "x to start building", || {
+        coordinator
+            .db()
+            .query_row(
+                "SELECT id FROM attempts WHERE run_id = ?1 AND kind = 'build' AND state = 'running'",
+                [&run],
+                |r| r.get(0),
+            )
+            .ok()
+    });
+
+    // Agent y (it builds for another system, so it is given nothing) reports x's build as
+    // done, with a path nobody built.
+    let mut ac = agent_client(&url).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+    let register = |name: &str, system: &str| pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            name: name.into(),
+            systems: vec![system.into()],
+            max_jobs: 1,
+            ..Default::default()
+        })),
+    };
+    tx.send(register("y", "aarch64-linux")).await.unwrap();
+    let mut from_coordinator = ac
+        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let registered = from_coordinator.message().await.unwrap().unwrap();
+    assert!(matches!(
+        registered.msg,
+        Some(pb::coordinator_message::Msg::Registered(_))
+    ));
+    let forged = "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-slow".to_string();
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Build(pb::BuildResult {
+            attempt_id: attempt.clone(),
+            status: pb::BuildStatus::Built as i32,
+            outputs: vec![pb::DrvOutput {
+                name: "out".into(),
+                path: forged.clone(),
+            }],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+
+    // Someone registers under x's name while x is connected: refused, x keeps its stream.
+    let (tx2, rx2) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+    tx2.send(register("x", "x86_64-linux")).await.unwrap();
+    let e = agent_client(&url)
+        .await
+        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    assert!(e.message().contains("already connected"), "{e}");
+
+    // And claims uploads in x's name without x's session key: refused.
+    let e = ac
+        .claim_uploads(pb::ClaimUploadsRequest {
+            agent: "x".into(),
+            cache: "file:///tmp/c".into(),
+            paths: vec![forged.clone()],
+            release: true,
+            session_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+
+    let r = wait_terminal(&url, &run, Duration::from_secs(120));
+    let p = &r["packages"][0];
+    assert_eq!(p["status"], "ready", "{r}");
+    assert_eq!(p["agent"], "x", "{r}");
+    let path = p["outputs"]["out"].as_str().unwrap();
+    assert_ne!(path, forged);
+    assert!(
+        host.has_path(path),
+        "x's own output is what the report names"
+    );
+    let agents = stdout(&cli(&url, &["agents"]));
+    assert!(agents.contains("protocol violations"), "{agents}");
+    assert!(agents.lines().any(|l| l.trim() == "y: 1"), "{agents}");
+    // x connected once: the clash did not close its stream.
+    let log = coordinator.proc.log_text();
+    let x_connects = log
+        .lines()
+        .filter(|l| l.contains("agent connected") && l.contains("agent=\"x\""))
+        .count();
+    assert_eq!(x_connects, 1, "{log}");
+    drop(tx);
+
+    // The coordinator allows path:, the agent does not: refused there, nothing copied.
+    let out = cli(&url, &["submit", "path:/etc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let r = wait_terminal(&url, &run, Duration::from_secs(60));
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("agent's own disk"),
+        "{r}"
+    );
+    let copied_etc = std::fs::read_dir(host.root.join("nix/store"))
+        .unwrap()
+        .flatten()
+        .any(|e| e.path().join("shadow").exists());
+    assert!(!copied_etc, "/etc was copied into the agent's store");
+}
+
+// ----- authentication, configuration and flags --------------------------------------------
+
+#[test]
+fn bad_configuration_stops_the_coordinator_with_the_field_named() {
+    let dir = scratch();
+    let empty = config_file(dir.path(), "empty-token", "  \n\t\n");
+    let cases = [
+        (
+            format!("[auth]\nagent_token_file = \"{}\"\n", empty.display()),
+            "is empty",
+        ),
+        (
+            format!("[auth]\nclient_token_file = \"{}\"\n", empty.display()),
+            "is empty",
+        ),
+        ("[scheduler]\nheartbeat_secs = 0\n".into(), "heartbeat_secs"),
+        ("[scheduler]\nlease_secs = 0\n".into(), "lease_secs"),
+        (
+            "[scheduler]\neval_chunk_size = 0\n".into(),
+            "eval_chunk_size",
+        ),
+        (
+            "[limits]\nsnapshot_max_bytes = 10000000000\n".into(),
+            "snapshot_max_bytes",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let cfg = config_file(dir.path(), &format!("c{i}.toml"), text);
+        let err = Coordinator::start_on(
+            &dir.path().join(format!("state{i}")),
+            "127.0.0.1:0",
+            &["--config", cfg.to_str().unwrap()],
+        )
+        .err()
+        .unwrap_or_else(|| panic!("started with {text}"))
+        .to_string();
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    // An agent with an empty token file does not start either.
+    let out = std::process::Command::new(bin("nixfarm-agent"))
+        .args(["--coordinator", "http://127.0.0.1:9", "--name", "t"])
+        .arg("--token-file")
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is empty"), "{}", stderr(&out));
+
+    // Beyond loopback without TLS or tokens: said at start-up.
+    let open = Coordinator::start_on(&dir.path().join("open"), "0.0.0.0:0", &[]).unwrap();
+    let log = wait_for(Duration::from_secs(10), "the warning", || {
+        let l = open.proc.log_text();
+        l.contains("beyond loopback").then_some(l)
+    });
+    assert!(
+        log.contains("without TLS") && log.contains("agent token"),
+        "{log}"
+    );
+    let quiet = Coordinator::start(&dir.path().join("quiet")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!quiet.proc.log_text().contains("beyond loopback"));
+
+    // Flags out of range are refused with the range, before anything runs.
+    for args in [
+        vec!["report", "r0123456789abcdef", "--fail-under", "200"],
+        vec!["report", "r0123456789abcdef", "--fail-under", "NaN"],
+        vec!["local", ".", "--jobs", "0"],
+    ] {
+        let out = cli("http://127.0.0.1:9", &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("0 to 100") || err.contains("1..=4096"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+// ----- bounded strings, one source of limits ----------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_strings_are_refused_without_being_echoed_and_limits_agree() {
+    let dir = scratch();
+    let cfg = config_file(
+        dir.path(),
+        "c.toml",
+        "[limits]\nsnapshot_max_bytes = 1048576\n",
+    );
+    let state = dir.path().join("coordinator");
+    let coordinator =
+        Coordinator::start_on(&state, "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]).unwrap();
+    let url = coordinator.url.clone();
+    let mut c = run_client(&url).await;
+    let remote = || {
+        Some(pb::Source {
+            kind: Some(pb::source::Kind::FlakeRef("github:owner/repo".into())),
+        })
+    };
+    let bad = [
+        pb::SubmitRunRequest {
+            source: remote(),
+            label: "L".repeat(70_000),
+            ..Default::default()
+        },
+        pb::SubmitRunRequest {
+            source: remote(),
+            attrs: vec!["a".repeat(10_000)],
+            ..Default::default()
+        },
+        pb::SubmitRunRequest {
+            source: remote(),
+            attr_path: "p".repeat(100_000),
+            ..Default::default()
+        },
+        pb::SubmitRunRequest {
+            source: remote(),
+            cache: "s3://x".into(),
+            ..Default::default()
+        },
+        pb::SubmitRunRequest {
+            source: remote(),
+            cache: format!("https://c.example/{}", "x".repeat(1 << 20)),
+            ..Default::default()
+        },
+        pb::SubmitRunRequest {
+            source: Some(pb::Source {
+                kind: Some(pb::source::Kind::FlakeRef(format!(
+                    "github:o/{}",
+                    "r".repeat(1 << 20)
+                ))),
+            }),
+            ..Default::default()
+        },
+    ];
+    for req in bad {
+        let e = c.submit_run(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(
+            e.message().len() < 400,
+            "echoed: {} bytes",
+            e.message().len()
+        );
+    }
+    let e = c
+        .submit_run(pb::SubmitRunRequest {
+            source: remote(),
+            cache: "s3://x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("unsupported cache URL"), "{e}");
+    // A megabyte of run id is neither looked up nor echoed.
+    let e = c
+        .get_report(pb::GetReportRequest {
+            run_id: "r".repeat(1 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().len() < 400,
+        "echoed: {} bytes",
+        e.message().len()
+    );
+    let out = cli(&url, &["runs"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The CLI packs to the coordinator's limit, whatever it is, and says so before uploading.
+    let limits = c
+        .get_limits(pb::GetLimitsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(limits.snapshot_max_bytes, 1 << 20);
+    let repo = flake(dir.path(), "big", "x", 0);
+    std::fs::write(repo.join("blob"), vec![0u8; 2 << 20]).unwrap();
+    let out = cli(&url, &["submit", repo.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("larger than the limit of 1048576 bytes"),
+        "{}",
+        stderr(&out)
+    );
+    let stored = std::fs::read_dir(state.join("sources")).unwrap().count();
+    assert_eq!(stored, 0, "something was uploaded");
+}
+
+// ----- bounded uploads --------------------------------------------------------------------
+
+/// A valid snapshot of one file of `size` zero bytes, generated chunk by chunk.
+fn zeros_snapshot_chunks(size: u64) -> impl Iterator<Item = pb::SourceChunk> {
+    let mut h = tar::Header::new_gnu();
+    h.set_path("flake.nix").unwrap();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    let header = h.as_bytes().to_vec();
+    let pad = (512 - size % 512) % 512 + 1024;
+    let body = (0..size.div_ceil(1 << 20)).map(move |i| {
+        let n = (size - i * (1 << 20)).min(1 << 20) as usize;
+        pb::SourceChunk { data: vec![0u8; n] }
+    });
+    std::iter::once(pb::SourceChunk { data: header })
+        .chain(body)
+        .chain(std::iter::once(pb::SourceChunk {
+            data: vec![0u8; pad as usize],
+        }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uploads_are_streamed_and_capped_and_the_coordinator_keeps_answering() {
+    let dir = scratch();
+    let cfg = config_file(
+        dir.path(),
+        "c.toml",
+        "[limits]\nsnapshot_max_bytes = 268435456\nmax_concurrent_uploads = 12\nmax_uploads_per_client = 8\nupload_idle_secs = 2\n",
+    );
+    let coordinator = Coordinator::start_on(
+        &dir.path().join("coordinator"),
+        "127.0.0.1:0",
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let url = coordinator.url.clone();
+    let pid = coordinator.proc.child.id();
+    let before = peak_rss_kib(pid);
+
+    // 8 parallel uploads of 200 MiB each, on their own connections.
+    const SIZE: u64 = 200 << 20;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = run_client(&url).await;
+            c.upload_source(tokio_stream::iter(zeros_snapshot_chunks(SIZE)))
+                .await
+                .map(|r| r.into_inner().size)
+        }));
+    }
+    // Meanwhile other clients are served: `nixfarm runs` answers, and a ninth upload from
+    // the same address is refused at once rather than queued.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || cli(&url, &["runs"])
+    })
+    .await
+    .unwrap();
+    let runs_took = t.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut c = run_client(&url).await;
+    let ninth = c
+        .upload_source(tokio_stream::iter(zeros_snapshot_chunks(1 << 20)))
+        .await;
+    let mut sizes = Vec::new();
+    for t in tasks {
+        sizes.push(t.await.unwrap().expect("upload"));
+    }
+    assert!(sizes.iter().all(|s| *s > SIZE), "{sizes:?}");
+    let peak_mib = peak_rss_kib(pid) / 1024;
+    eprintln!(
+        "8 x 200 MiB uploads: coordinator peak RSS {peak_mib} MiB (before: {} MiB); `nixfarm runs` answered in {runs_took:?} meanwhile",
+        before / 1024
+    );
+    assert!(peak_mib < 150, "peak RSS {peak_mib} MiB");
+    assert!(runs_took < Duration::from_secs(10), "{runs_took:?}");
+    if let Err(e) = ninth {
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    }
+
+    // Idle uploads are aborted after upload_idle_secs, and free their places.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        idle.push(tokio::spawn(async move {
+            let mut c = run_client(&url).await;
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::SourceChunk>(1);
+            tx.send(pb::SourceChunk { data: vec![0; 10] })
+                .await
+                .unwrap();
+            let r = c
+                .upload_source(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+            drop(tx);
+            r.err().map(|e| e.code())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The idle ones hold this client's places: one more is refused at once.
+    let e = c
+        .upload_source(tokio_stream::iter(zeros_snapshot_chunks(10)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    for t in idle {
+        assert_eq!(
+            t.await.unwrap(),
+            Some(tonic::Code::DeadlineExceeded),
+            "an idle upload was not aborted"
+        );
+    }
+    // Many idle connections that never speak do not starve new clients.
+    let addr = url.trim_start_matches("http://").to_string();
+    let _silent: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    let ok = c
+        .upload_source(tokio_stream::iter(zeros_snapshot_chunks(10)))
+        .await
+        .expect("an upload after the idle ones were aborted");
+    assert!(ok.into_inner().size > 0);
+    let out = tokio::task::spawn_blocking(move || cli(&url, &["runs"]))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Nothing partial is left behind.
+    let partial = std::fs::read_dir(dir.path().join("coordinator/sources"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+        .count();
+    assert_eq!(partial, 0);
+}
