@@ -54,6 +54,7 @@ in
             listen = mkOption { type = types.str; default = "127.0.0.1:7420"; description = "gRPC listen address."; };
             state_dir = mkOption { type = types.str; default = "/var/lib/nixfarm"; description = "SQLite database and snapshots."; };
             metrics_listen = mkOption { type = types.nullOr types.str; default = null; description = "Address of the Prometheus /metrics endpoint."; };
+            allow_local_flake_refs = mkOption { type = types.bool; default = false; description = "Accept flake references that agents resolve on their own disk (path:, git+file:, …): a single-user farm only."; };
             tls = {
               cert_file = mkOption { type = types.nullOr types.str; default = null; description = "PEM certificate chain; enables TLS."; };
               key_file = mkOption { type = types.nullOr types.str; default = null; description = "PEM private key (keep it out of the Nix store)."; };
@@ -70,7 +71,10 @@ in
             limits = {
               snapshot_max_bytes = mkOption { type = types.ints.positive; default = 268435456; description = "Largest snapshot, bytes."; };
               snapshot_max_files = mkOption { type = types.ints.positive; default = 100000; description = "Most files per snapshot."; };
-              max_message_bytes = mkOption { type = types.ints.positive; default = 67108864; description = "Largest gRPC message, bytes."; };
+              max_message_bytes = mkOption { type = types.ints.positive; default = 67108864; description = "Largest gRPC message from agents, bytes."; };
+              max_concurrent_uploads = mkOption { type = types.ints.positive; default = 16; description = "Snapshot uploads in progress at once."; };
+              max_uploads_per_client = mkOption { type = types.ints.positive; default = 4; description = "Snapshot uploads in progress at once from one address."; };
+              upload_idle_secs = mkOption { type = types.ints.positive; default = 30; description = "Seconds an upload may send nothing before it is aborted."; };
             };
           };
         };
@@ -107,6 +111,7 @@ in
             max_jobs = mkOption { type = types.ints.positive; default = 2; description = "Jobs at once."; };
             eval_workers = mkOption { type = types.ints.positive; default = 2; description = "Evaluation processes per job."; };
             work_dir = mkOption { type = types.str; default = "/var/lib/nixfarm-agent"; description = "Scratch directory."; };
+            allow_local_flake_refs = mkOption { type = types.bool; default = false; description = "Evaluate flake references that read this host's disk (path:, git+file:, …): a single-user farm only."; };
             tls_ca_file = mkOption { type = types.nullOr types.str; default = null; description = "CA of the coordinator's certificate."; };
             tls_cert_file = mkOption { type = types.nullOr types.str; default = null; description = "Client certificate (mTLS)."; };
             tls_key_file = mkOption { type = types.nullOr types.str; default = null; description = "Key of the client certificate."; };
