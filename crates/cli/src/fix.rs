@@ -129,7 +129,7 @@ pub async fn run(
     let mut rounds: Vec<String> = Vec::new();
     let mut only: Vec<String> = run_args.attrs.clone();
     let mut first: Option<Report> = None;
-    let mut last_state = String::new();
+    let mut last_state = nixfarm_core::RunState::Evaluating;
     let mut last_error = String::new();
     let mut unverified: BTreeSet<String> = BTreeSet::new();
     for round in 1..=max_rounds {
@@ -157,9 +157,9 @@ pub async fn run(
             });
         }
         let report = get_report(client, &id).await?;
-        last_state = report.state.clone();
+        last_state = report.state;
         last_error = report.error.clone();
-        if report.state == "failed" {
+        if report.state == nixfarm_core::RunState::Failed {
             first.get_or_insert(report);
             break;
         }
@@ -232,7 +232,7 @@ pub async fn run(
         last_error,
         pkgs,
     );
-    if first.state == "failed" {
+    if first.state == nixfarm_core::RunState::Failed {
         report = first;
     }
     if fixing {

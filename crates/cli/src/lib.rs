@@ -7,7 +7,7 @@ pub mod watch;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nixfarm_core::report::{HashMismatch, PackageReport, Report};
+use nixfarm_core::report::Report;
 use nixfarm_proto::v1 as pb;
 use nixfarm_proto::v1::run_service_client::RunServiceClient;
 use std::collections::BTreeMap;
@@ -311,45 +311,6 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
     }
 }
 
-pub fn report_from_wire(r: pb::Report) -> Report {
-    let packages = r
-        .packages
-        .into_iter()
-        .map(|p| PackageReport {
-            attr: p.attr,
-            status: p.status,
-            reason: p.reason,
-            pname: p.pname,
-            version: p.version,
-            drv_path: p.drv_path,
-            outputs: p
-                .outputs
-                .into_iter()
-                .map(|o| (o.name, o.path))
-                .collect::<BTreeMap<_, _>>(),
-            pinned: p.pinned,
-            rev: p.rev,
-            position: p.position,
-            duration_ms: p.duration_ms,
-            agent: p.agent,
-            failed_dependency: p.failed_dependency,
-            hash_mismatches: p
-                .hash_mismatches
-                .into_iter()
-                .map(|m| HashMismatch {
-                    fod_drv: m.fod_drv,
-                    specified: m.specified,
-                    got: m.got,
-                    hints: m.hints,
-                })
-                .collect(),
-            hash_fixes: Vec::new(),
-            log_tail: p.log_tail,
-        })
-        .collect();
-    Report::new(r.run_id, r.state, r.label, r.error, packages)
-}
-
 /// Prints a report in the chosen format on stdout; returns the exit code.
 pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     let format = out.format.unwrap_or(Format::Table);
@@ -360,7 +321,7 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
         Format::Junit => report.to_junit(),
     };
     print!("{text}");
-    if report.state == "failed" {
+    if report.state == nixfarm_core::RunState::Failed {
         eprintln!("error: run {} failed: {}", report.run_id, report.error);
         return 2;
     }
@@ -412,7 +373,7 @@ async fn get_report(client: &Client, run: &str) -> anyhow::Result<Report> {
         }))
         .await
         .map_err(status_error)?;
-    Ok(report_from_wire(r.into_inner()))
+    Ok(Report::try_from(r.into_inner())?)
 }
 
 /// The run's cache URL as agents get it (a cachix:// URL carries its API root), checked.
@@ -466,7 +427,7 @@ async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> 
             continue;
         }
         if let Some(o) = p.outputs.values().find(|o| missing.contains(*o)) {
-            p.status = nixfarm_core::PackageStatus::NotCached.as_str().into();
+            p.status = nixfarm_core::PackageStatus::NotCached;
             p.reason = format!("{o} is not in the cache");
             changed = true;
         }

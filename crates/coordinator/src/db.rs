@@ -2,6 +2,8 @@
 //! events and agents. Every state change is written here before it is acted on, so a
 //! restarted coordinator resumes each run where it stood.
 
+use crate::model::{BuildReport, DrvNode, DrvState};
+use nixfarm_core::RunState;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 
@@ -87,7 +89,7 @@ pub struct Db {
 #[derive(Debug, Clone)]
 pub struct RunRow {
     pub id: String,
-    pub state: String,
+    pub state: RunState,
     pub label: String,
     pub spec: String,
     pub error: String,
@@ -100,10 +102,29 @@ pub struct RunRow {
 #[derive(Debug, Clone)]
 pub struct DrvRow {
     pub drv_path: String,
-    pub node: String,
-    pub state: String,
-    pub result: String,
+    pub node: DrvNode,
+    pub state: DrvState,
+    /// The last result recorded for it (none while it waits).
+    pub result: Option<BuildReport>,
     pub infra_failures: i64,
+}
+
+/// A column that does not hold what it should: an error, never a silent default.
+fn bad_column(col: usize, what: &str, e: impl std::fmt::Display) -> DbError {
+    DbError::FromSqlConversionFailure(
+        col,
+        rusqlite::types::Type::Text,
+        format!("unreadable {what}: {e}").into(),
+    )
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(
+    r: &rusqlite::Row<'_>,
+    col: usize,
+    what: &str,
+) -> Result<T, DbError> {
+    let text: String = r.get(col)?;
+    serde_json::from_str(&text).map_err(|e| bad_column(col, what, e))
 }
 
 /// A stored attempt row.
@@ -162,7 +183,7 @@ impl Db {
     pub fn insert_run(&self, r: &RunRow) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO runs(id, state, label, spec, error, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![r.id, r.state, r.label, r.spec, r.error, r.created_ms],
+            params![r.id, r.state.as_str(), r.label, r.spec, r.error, r.created_ms],
         )?;
         Ok(())
     }
@@ -170,13 +191,13 @@ impl Db {
     pub fn set_run_state(
         &self,
         id: &str,
-        state: &str,
+        state: RunState,
         error: &str,
         finished_ms: i64,
     ) -> Result<(), DbError> {
         self.conn.execute(
             "UPDATE runs SET state = ?2, error = ?3, finished_ms = ?4 WHERE id = ?1",
-            params![id, state, error, finished_ms],
+            params![id, state.as_str(), error, finished_ms],
         )?;
         Ok(())
     }
@@ -190,9 +211,10 @@ impl Db {
     }
 
     fn run_from_row(r: &rusqlite::Row<'_>) -> Result<RunRow, DbError> {
+        let state: String = r.get(1)?;
         Ok(RunRow {
             id: r.get(0)?,
-            state: r.get(1)?,
+            state: state.parse().map_err(|e| bad_column(1, "run state", e))?,
             label: r.get(2)?,
             spec: r.get(3)?,
             error: r.get(4)?,
@@ -286,14 +308,47 @@ impl Db {
         &self,
         run: &str,
         drv: &str,
-        state: &str,
-        result: &str,
+        state: DrvState,
+        result: Option<&BuildReport>,
     ) -> Result<(), DbError> {
+        let result = match result {
+            Some(r) => serde_json::to_string(r).map_err(|e| bad_column(4, "build result", e))?,
+            None => String::new(),
+        };
         self.conn.execute(
             "UPDATE drvs SET state = ?3, result = ?4 WHERE run_id = ?1 AND drv_path = ?2",
-            params![run, drv, state, result],
+            params![run, drv, state.as_str(), result],
         )?;
         Ok(())
+    }
+
+    /// Records a build's end: the derivation's state and result, and the dependents that
+    /// can now never build, each with `dep` (naming the failed one), in one transaction.
+    pub fn finish_drv(
+        &mut self,
+        run: &str,
+        drv: &str,
+        state: DrvState,
+        result: &BuildReport,
+        dependents: &[String],
+        dep: &BuildReport,
+    ) -> Result<(), DbError> {
+        let json = |r: &BuildReport| {
+            serde_json::to_string(r).map_err(|e| bad_column(4, "build result", e))
+        };
+        let (result, dep) = (json(result)?, json(dep)?);
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE drvs SET state = ?3, result = ?4 WHERE run_id = ?1 AND drv_path = ?2",
+            params![run, drv, state.as_str(), result],
+        )?;
+        for d in dependents {
+            tx.execute(
+                "UPDATE drvs SET state = ?3, result = ?4 WHERE run_id = ?1 AND drv_path = ?2",
+                params![run, d, DrvState::DependencyFailed.as_str(), dep],
+            )?;
+        }
+        tx.commit()
     }
 
     pub fn drv_infra_failure(&self, run: &str, drv: &str) -> Result<i64, DbError> {
@@ -309,11 +364,21 @@ impl Db {
             "SELECT drv_path, node, state, result, infra_failures FROM drvs WHERE run_id = ?1 ORDER BY drv_path",
         )?;
         st.query_map([run], |r| {
+            let state: String = r.get(2)?;
+            let result: String = r.get(3)?;
             Ok(DrvRow {
                 drv_path: r.get(0)?,
-                node: r.get(1)?,
-                state: r.get(2)?,
-                result: r.get(3)?,
+                node: json_column(r, 1, "derivation")?,
+                state: DrvState::parse(&state)
+                    .ok_or_else(|| bad_column(2, "derivation state", &state))?,
+                result: if result.is_empty() {
+                    None
+                } else {
+                    Some(
+                        serde_json::from_str(&result)
+                            .map_err(|e| bad_column(3, "build result", e))?,
+                    )
+                },
                 infra_failures: r.get(4)?,
             })
         })?

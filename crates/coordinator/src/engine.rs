@@ -234,7 +234,7 @@ impl Engine {
         // reconnect and either claim them (reattach) or they are requeued below.
         let running = inner.db.running_attempts()?;
         for row in inner.db.runs()? {
-            let state: RunState = row.state.parse().unwrap_or(RunState::Failed);
+            let state = row.state;
             if state.is_terminal() {
                 continue;
             }
@@ -243,7 +243,7 @@ impl Engine {
                 Err(e) => {
                     inner.db.set_run_state(
                         &row.id,
-                        "failed",
+                        RunState::Failed,
                         &format!("unreadable run spec: {e}"),
                         self.clock.now_ms(),
                     )?;
@@ -353,7 +353,7 @@ impl Engine {
         let mut sched = Scheduler::new();
         let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
         for row in &rows {
-            let node: DrvNode = serde_json::from_str(&row.node).unwrap_or_default();
+            let node = row.node.clone();
             let mut features = node.features.clone();
             features.sort();
             features.dedup();
@@ -377,15 +377,16 @@ impl Engine {
             }
         }
         for (i, row) in rows.iter().enumerate() {
-            let state = match row.state.as_str() {
-                "built" => NodeState::Built,
-                "failed" => NodeState::Failed,
-                "dependency-failed" => NodeState::DependencyFailed,
-                "cancelled" => NodeState::Cancelled,
-                _ => continue,
+            let state = match row.state {
+                DrvState::Built => NodeState::Built,
+                DrvState::Failed => NodeState::Failed,
+                DrvState::DependencyFailed => NodeState::DependencyFailed,
+                DrvState::Cancelled => NodeState::Cancelled,
+                DrvState::Waiting => continue,
             };
-            let root = serde_json::from_str::<BuildReport>(&row.result)
-                .ok()
+            let root = row
+                .result
+                .as_ref()
                 .and_then(|r| run.node_of.get(&r.failed_root).copied());
             sched.restore(i as NodeId, state, root);
             if state == NodeState::Built {
@@ -406,7 +407,7 @@ impl Engine {
         run.sched = Some(sched);
         if run.state == RunState::Evaluating || run.state == RunState::Queued {
             run.state = RunState::Building;
-            db.set_run_state(&run.id, "building", "", 0)?;
+            db.set_run_state(&run.id, RunState::Building, "", 0)?;
         }
         Ok(())
     }
@@ -442,7 +443,7 @@ impl Engine {
             serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
         inner.db.insert_run(&RunRow {
             id: id.clone(),
-            state: "evaluating".into(),
+            state: RunState::Evaluating,
             label: spec.label.clone(),
             spec: spec_json,
             error: String::new(),
@@ -482,9 +483,12 @@ impl Engine {
         run.state = RunState::Cancelled;
         if let Some(s) = run.sched.as_mut() {
             for n in s.cancel_pending() {
-                inner
-                    .db
-                    .set_drv_state(run_id, &run.drv_of[n as usize], "cancelled", "")?;
+                inner.db.set_drv_state(
+                    run_id,
+                    &run.drv_of[n as usize],
+                    DrvState::Cancelled,
+                    None,
+                )?;
             }
         }
         let running: Vec<(String, String)> = inner
@@ -502,7 +506,9 @@ impl Engine {
                 });
             }
         }
-        inner.db.set_run_state(run_id, "cancelled", "", now)?;
+        inner
+            .db
+            .set_run_state(run_id, RunState::Cancelled, "", now)?;
         let report = self.report_locked(inner, run_id)?;
         self.emit(
             inner,
@@ -542,7 +548,7 @@ impl Engine {
         run.state = RunState::Finished;
         inner
             .db
-            .set_run_state(run_id, "finished", "", self.clock.now_ms())?;
+            .set_run_state(run_id, RunState::Finished, "", self.clock.now_ms())?;
         let report = self.report_locked(inner, run_id)?;
         self.emit(
             inner,
@@ -563,7 +569,7 @@ impl Engine {
         }
         inner
             .db
-            .set_run_state(run_id, "failed", error, self.clock.now_ms())?;
+            .set_run_state(run_id, RunState::Failed, error, self.clock.now_ms())?;
         self.emit(inner, run_id, "run-failed", json!({"error": error}));
         Ok(())
     }
@@ -788,7 +794,7 @@ impl Engine {
                 JobRef::Eval(_) => self.fail_run(inner, &a.run_id, &format!("evaluation {msg}")),
                 JobRef::Build(_) => {
                     let report = BuildReport {
-                        kind: "infra-failed".into(),
+                        kind: BuildOutcome::InfraFailed,
                         message: msg,
                         agent: a.agent.clone(),
                         ..Default::default()
@@ -869,7 +875,9 @@ impl Engine {
                 mut report,
             } => {
                 report.agent = name.to_string();
-                if let Some(a) = self.take_attempt(inner, name, &attempt, Some(&report.kind))? {
+                if let Some(a) =
+                    self.take_attempt(inner, name, &attempt, Some(report.kind.as_str()))?
+                {
                     self.check_outputs(inner, &a, &mut report);
                     self.on_build(inner, a, report, true)?;
                 }
@@ -929,7 +937,7 @@ impl Engine {
     /// them); anything else is a protocol violation and the build counts as an
     /// infrastructure failure, retried on another agent.
     fn check_outputs(&self, inner: &mut Inner, a: &AttemptMem, report: &mut BuildReport) {
-        if !matches!(report.kind.as_str(), "built" | "not-cached") {
+        if !report.kind.produced_outputs() {
             return;
         }
         let JobRef::Build(node) = a.job else { return };
@@ -962,7 +970,7 @@ impl Engine {
             &format!("build of {drv} reported outputs that are not the derivation's own"),
         );
         *report = BuildReport {
-            kind: "infra-failed".into(),
+            kind: BuildOutcome::InfraFailed,
             message: format!(
                 "agent {} reported outputs that are not the derivation's own; result refused",
                 a.agent
@@ -1179,21 +1187,16 @@ impl Engine {
         };
         // Warm mode: what the cache already has is done before anything is dispatched.
         for row in inner.db.drvs(run_id)? {
-            if row.state == "waiting"
-                && serde_json::from_str::<DrvNode>(&row.node).is_ok_and(|n| n.present)
-            {
+            if row.state == DrvState::Waiting && row.node.present {
                 let rep = BuildReport {
-                    kind: "built".into(),
+                    kind: BuildOutcome::Built,
                     substituted: true,
                     message: "already in the cache".into(),
                     ..Default::default()
                 };
-                inner.db.set_drv_state(
-                    run_id,
-                    &row.drv_path,
-                    "built",
-                    &serde_json::to_string(&rep).unwrap_or_default(),
-                )?;
+                inner
+                    .db
+                    .set_drv_state(run_id, &row.drv_path, DrvState::Built, Some(&rep))?;
             }
         }
         Self::build_scheduler(&inner.db, run)?;
@@ -1227,15 +1230,26 @@ impl Engine {
         let Some(sched) = run.sched.as_mut() else {
             return Ok(());
         };
+        // A result is applied once, to a build that is running: the scheduler and the
+        // stored state can then never disagree (a late result for a derivation already
+        // built or failed would otherwise rewrite its row under its dependents).
+        if sched.state(node) != NodeState::Running {
+            tracing::debug!(
+                run = run_id,
+                drv,
+                "ignoring a result for a build not running"
+            );
+            return Ok(());
+        }
         let mut dep_failed = Vec::new();
-        let state = match report.kind.as_str() {
+        let state = match report.kind {
             // Not cached still built: dependents on this agent can go on.
-            "built" | "not-cached" => {
+            BuildOutcome::Built | BuildOutcome::NotCached => {
                 sched.complete(node);
                 run.done_builds += 1;
-                "built"
+                DrvState::Built
             }
-            "infra-failed" => {
+            BuildOutcome::InfraFailed => {
                 let n = inner.db.drv_infra_failure(&run_id, &drv)?;
                 if retry && n <= self.opts.max_infra_retries && !run.state.is_terminal() {
                     tracing::warn!(
@@ -1255,49 +1269,44 @@ impl Engine {
                     return Ok(());
                 }
                 dep_failed = sched.fail(node);
-                "failed"
+                DrvState::Failed
             }
-            "cancelled" if !run.state.is_terminal() => {
+            BuildOutcome::Cancelled if !run.state.is_terminal() => {
                 // A cancel the run did not ask for (the agent was drained): try again elsewhere.
                 sched.requeue(node);
                 return Ok(());
             }
-            "cancelled" => {
+            BuildOutcome::Cancelled => {
                 sched.cancel_running(node);
-                "cancelled"
+                DrvState::Cancelled
             }
-            _ => {
+            BuildOutcome::BuildFailed
+            | BuildOutcome::HashMismatch
+            | BuildOutcome::TimedOut
+            | BuildOutcome::DependencyFailed => {
                 dep_failed = sched.fail(node);
-                "failed"
+                DrvState::Failed
             }
         };
         let (done, total) = (sched.len() - sched.unfinished(), sched.len());
-        let report_json = serde_json::to_string(&report).unwrap_or_default();
-        report.log_tail.clear();
         let dep_names: Vec<String> = dep_failed
             .iter()
             .map(|&n| run.drv_of[n as usize].clone())
             .collect();
-        inner.db.tx(|tx| {
-            tx.execute(
-                "UPDATE drvs SET state = ?3, result = ?4 WHERE run_id = ?1 AND drv_path = ?2",
-                rusqlite::params![run_id, drv, state, report_json],
-            )?;
-            let dep = serde_json::to_string(&BuildReport { kind: "dependency-failed".into(), failed_root: drv.clone(), ..Default::default() })
-                .unwrap_or_default();
-            for d in &dep_names {
-                tx.execute(
-                    "UPDATE drvs SET state = 'dependency-failed', result = ?3 WHERE run_id = ?1 AND drv_path = ?2",
-                    rusqlite::params![run_id, d, dep],
-                )?;
-            }
-            Ok(())
-        })?;
+        let dep = BuildReport {
+            kind: BuildOutcome::DependencyFailed,
+            failed_root: drv.clone(),
+            ..Default::default()
+        };
+        inner
+            .db
+            .finish_drv(&run_id, &drv, state, &report, &dep_names, &dep)?;
+        report.log_tail.clear();
         self.emit(
             inner,
             &run_id,
             "job-finished",
-            json!({"drv": drv, "name": store_name(&drv), "agent": a.agent, "outcome": report.kind, "message": report.message,
+            json!({"drv": drv, "name": store_name(&drv), "agent": a.agent, "outcome": report.kind.as_str(), "message": report.message,
                    "duration_ms": report.duration_ms, "substituted": report.substituted,
                    "dependency_failed": dep_names.len(), "done": done, "total": total}),
         );
@@ -1480,7 +1489,7 @@ impl Engine {
         let row =
             g.db.run(run_id)?
                 .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
-        Ok(row.state.parse().unwrap_or(RunState::Failed))
+        Ok(row.state)
     }
 
     pub fn report(&self, run_id: &str) -> Result<Report, EngineError> {
@@ -1493,16 +1502,14 @@ impl Engine {
             .db
             .run(run_id)?
             .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
-        let run_state: RunState = row.state.parse().unwrap_or(RunState::Failed);
+        let run_state = row.state;
         let drv_rows = inner.db.drvs(run_id)?;
-        let mut results: HashMap<&str, (&str, BuildReport)> = HashMap::new();
+        let mut results: HashMap<&str, (DrvState, BuildReport)> = HashMap::new();
         let mut nodes: HashMap<&str, DrvNode> = HashMap::new();
         for r in &drv_rows {
-            let rep: BuildReport = serde_json::from_str(&r.result).unwrap_or_default();
-            results.insert(r.drv_path.as_str(), (r.state.as_str(), rep));
-            if let Ok(n) = serde_json::from_str::<DrvNode>(&r.node) {
-                nodes.insert(r.drv_path.as_str(), n);
-            }
+            let rep = r.result.clone().unwrap_or_default();
+            results.insert(r.drv_path.as_str(), (r.state, rep));
+            nodes.insert(r.drv_path.as_str(), r.node.clone());
         }
         let packages = inner.db.packages(run_id)?;
         let top_of: HashMap<String, String> = packages
@@ -1517,7 +1524,7 @@ impl Engine {
         for (attr, info) in &packages {
             let p: PackageInfo = serde_json::from_str(info).unwrap_or_default();
             let mut r = package_report(attr, &p, run_state, &results, &nodes, &top_of);
-            if r.status == PackageStatus::Pending.as_str() {
+            if r.status == PackageStatus::Pending {
                 r.reason = waiting_reason(inner, run_id, &p.drv_path);
             }
             out.push(r);
@@ -1756,13 +1763,13 @@ fn package_report(
     attr: &str,
     p: &PackageInfo,
     run_state: RunState,
-    results: &HashMap<&str, (&str, BuildReport)>,
+    results: &HashMap<&str, (DrvState, BuildReport)>,
     nodes: &HashMap<&str, DrvNode>,
     top_of: &HashMap<String, String>,
 ) -> PackageReport {
     let mut r = PackageReport {
         attr: attr.to_string(),
-        status: String::new(),
+        status: PackageStatus::Pending,
         reason: String::new(),
         pname: p.pname.clone(),
         version: p.version.clone(),
@@ -1779,7 +1786,7 @@ fn package_report(
         log_tail: String::new(),
     };
     let set = |r: &mut PackageReport, st: PackageStatus, reason: String| {
-        r.status = st.as_str().to_string();
+        r.status = st;
         r.reason = reason;
     };
     if !p.eval_error.is_empty() {
@@ -1805,7 +1812,7 @@ fn package_report(
     let mismatches = closure_mismatches(&closure, results, nodes);
     r.hash_mismatches = mismatches.clone();
     match *state {
-        "built" => {
+        DrvState::Built => {
             let fake: Vec<&str> = closure
                 .iter()
                 .filter(|d| nodes.get(d.as_str()).is_some_and(has_fake_hash))
@@ -1822,7 +1829,7 @@ fn package_report(
                         fake.join(", ")
                     ),
                 );
-            } else if rep.kind == "not-cached" {
+            } else if rep.kind == BuildOutcome::NotCached {
                 set(&mut r, PackageStatus::NotCached, rep.message.clone());
             } else if r.pinned {
                 set(
@@ -1845,10 +1852,10 @@ fn package_report(
                 );
             }
         }
-        "failed" => {
+        DrvState::Failed => {
             r.log_tail = rep.log_tail.clone();
-            match rep.kind.as_str() {
-                "hash-mismatch" => set(
+            match rep.kind {
+                BuildOutcome::HashMismatch => set(
                     &mut r,
                     PackageStatus::NeedsHash,
                     format!(
@@ -1858,12 +1865,20 @@ fn package_report(
                         rep.got
                     ),
                 ),
-                "timed-out" => set(&mut r, PackageStatus::TimedOut, rep.message.clone()),
-                "infra-failed" => set(&mut r, PackageStatus::InfraFailed, rep.message.clone()),
-                _ => set(&mut r, PackageStatus::BuildFailed, rep.message.clone()),
+                BuildOutcome::TimedOut => set(&mut r, PackageStatus::TimedOut, rep.message.clone()),
+                BuildOutcome::InfraFailed => {
+                    set(&mut r, PackageStatus::InfraFailed, rep.message.clone())
+                }
+                BuildOutcome::BuildFailed
+                | BuildOutcome::Built
+                | BuildOutcome::NotCached
+                | BuildOutcome::Cancelled
+                | BuildOutcome::DependencyFailed => {
+                    set(&mut r, PackageStatus::BuildFailed, rep.message.clone())
+                }
             }
         }
-        "dependency-failed" => {
+        DrvState::DependencyFailed => {
             let root = rep.failed_root.as_str();
             let root_rep = results
                 .get(root)
@@ -1900,12 +1915,12 @@ fn package_report(
                 );
             }
         }
-        "cancelled" => set(
+        DrvState::Cancelled => set(
             &mut r,
             PackageStatus::Cancelled,
             "the run was cancelled".into(),
         ),
-        _ => {
+        DrvState::Waiting => {
             let st = if run_state == RunState::Cancelled {
                 PackageStatus::Cancelled
             } else {
@@ -1943,14 +1958,14 @@ fn has_fake_hash(n: &DrvNode) -> bool {
 
 fn closure_mismatches(
     closure: &[String],
-    results: &HashMap<&str, (&str, BuildReport)>,
+    results: &HashMap<&str, (DrvState, BuildReport)>,
     nodes: &HashMap<&str, DrvNode>,
 ) -> Vec<HashMismatch> {
     let mut out: Vec<HashMismatch> = closure
         .iter()
         .filter_map(|d| {
             let (_, rep) = results.get(d.as_str())?;
-            (rep.kind == "hash-mismatch").then(|| HashMismatch {
+            (rep.kind == BuildOutcome::HashMismatch).then(|| HashMismatch {
                 fod_drv: d.clone(),
                 specified: rep.specified.clone(),
                 got: rep.got.clone(),
@@ -2313,7 +2328,7 @@ mod tests {
         assert_eq!(builds, 3);
         let report = engine.report(&run).unwrap();
         let p = &report.packages[0];
-        assert_eq!(p.status, "infra-failed");
+        assert_eq!(p.status, PackageStatus::InfraFailed);
         assert!(
             p.reason
                 .contains("given up after 3 attempts lost with their agents"),
@@ -2365,7 +2380,7 @@ mod tests {
         }
         assert_eq!(tries, 3, "the first try and two retries");
         let report = engine.report(&run).unwrap();
-        assert_eq!(report.state, "failed");
+        assert_eq!(report.state, RunState::Failed);
         assert!(
             report.error.contains("No space left on device"),
             "{}",
@@ -2421,7 +2436,7 @@ mod tests {
 
     fn built(out: &str) -> BuildReport {
         BuildReport {
-            kind: "built".into(),
+            kind: BuildOutcome::Built,
             outputs: [("out".to_string(), out.to_string())].into(),
             ..Default::default()
         }
@@ -2470,7 +2485,7 @@ mod tests {
                 .unwrap();
         }
         let report = engine.report(&run).unwrap();
-        assert_eq!(report.packages[0].status, "ready");
+        assert_eq!(report.packages[0].status, PackageStatus::Ready);
         assert_eq!(report.packages[0].agent, "a");
         assert_eq!(violations(&engine, "a"), 0);
     }
@@ -2502,7 +2517,7 @@ mod tests {
             )
             .unwrap();
         let report = engine.report(&run).unwrap();
-        assert_eq!(report.packages[0].status, "ready");
+        assert_eq!(report.packages[0].status, PackageStatus::Ready);
         assert_eq!(report.packages[0].outputs.get("out"), Some(&out));
     }
 

@@ -1,8 +1,48 @@
 //! The coordinator's domain types: run specifications, what agents report, what the
 //! coordinator assigns. The gRPC layer converts wire messages into these at the edge.
 
+pub use nixfarm_core::BuildOutcome;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// Where a derivation of a run stands (stored per derivation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrvState {
+    /// Not finished: waiting on inputs, queued or building.
+    Waiting,
+    /// Its outputs exist (built, substituted, or already in the cache).
+    Built,
+    /// Its own build failed (the stored result says how).
+    Failed,
+    /// A dependency failed (the stored result names it).
+    DependencyFailed,
+    Cancelled,
+}
+
+impl DrvState {
+    pub const ALL: [DrvState; 5] = [
+        Self::Waiting,
+        Self::Built,
+        Self::Failed,
+        Self::DependencyFailed,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Built => "built",
+            Self::Failed => "failed",
+            Self::DependencyFailed => "dependency-failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DrvState> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+}
 
 /// Where a run's flake comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,8 +153,7 @@ pub struct EvaluatedAttr {
 /// The result of one build attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct BuildReport {
-    /// built, build-failed, hash-mismatch, timed-out, infra-failed, cancelled.
-    pub kind: String,
+    pub kind: BuildOutcome,
     #[serde(default)]
     pub message: String,
     #[serde(default)]
@@ -239,7 +278,7 @@ pub struct AgentStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunListing {
     pub id: String,
-    pub state: String,
+    pub state: nixfarm_core::RunState,
     pub label: String,
     pub total: u64,
     pub ready: u64,

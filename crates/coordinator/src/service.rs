@@ -5,7 +5,6 @@ use crate::engine::{Engine, EngineError};
 use crate::model::*;
 use crate::upload::Uploads;
 use nixfarm_core::limits::{self as lim, check_len, clip, truncate};
-use nixfarm_core::report::Report;
 use nixfarm_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -238,15 +237,6 @@ fn store_path_ok(p: &str, drv: bool) -> bool {
         && (!drv || base.ends_with(".drv"))
 }
 
-fn outputs_to_wire(o: &Outputs) -> Vec<pb::DrvOutput> {
-    o.iter()
-        .map(|(name, path)| pb::DrvOutput {
-            name: name.clone(),
-            path: path.clone(),
-        })
-        .collect()
-}
-
 fn err_or<T>(error: String, infra: bool, ok: T) -> Result<T, (String, bool)> {
     if error.is_empty() {
         Ok(ok)
@@ -377,21 +367,21 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                     pb::BuildStatus::try_from(b.status).unwrap_or(pb::BuildStatus::Unspecified);
                 let (kind, outputs, message) = match (status, outputs_from_wire(b.outputs)) {
                     (pb::BuildStatus::Unspecified, _) => (
-                        "infra-failed",
+                        BuildOutcome::InfraFailed,
                         Outputs::new(),
                         "the agent sent a build result without a status".to_string(),
                     ),
-                    (_, Err(e)) => ("infra-failed", Outputs::new(), malformed(e).0),
+                    (_, Err(e)) => (BuildOutcome::InfraFailed, Outputs::new(), malformed(e).0),
                     (s, Ok(o)) => {
                         let kind = match s {
-                            pb::BuildStatus::Built => "built",
-                            pb::BuildStatus::Failed => "build-failed",
-                            pb::BuildStatus::HashMismatch => "hash-mismatch",
-                            pb::BuildStatus::TimedOut => "timed-out",
-                            pb::BuildStatus::Cancelled => "cancelled",
-                            pb::BuildStatus::NotCached => "not-cached",
+                            pb::BuildStatus::Built => BuildOutcome::Built,
+                            pb::BuildStatus::Failed => BuildOutcome::BuildFailed,
+                            pb::BuildStatus::HashMismatch => BuildOutcome::HashMismatch,
+                            pb::BuildStatus::TimedOut => BuildOutcome::TimedOut,
+                            pb::BuildStatus::Cancelled => BuildOutcome::Cancelled,
+                            pb::BuildStatus::NotCached => BuildOutcome::NotCached,
                             pb::BuildStatus::InfraFailed | pb::BuildStatus::Unspecified => {
-                                "infra-failed"
+                                BuildOutcome::InfraFailed
                             }
                         };
                         (kind, o, truncate(b.message, lim::MAX_MESSAGE))
@@ -400,7 +390,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                 FromAgent::Build {
                     attempt: b.attempt_id,
                     report: BuildReport {
-                        kind: kind.into(),
+                        kind,
                         message,
                         specified: short(b.specified_hash),
                         got: short(b.got_hash),
@@ -478,47 +468,6 @@ impl From<ToAgent> for pb::CoordinatorMessage {
             }
         };
         pb::CoordinatorMessage { msg: Some(msg) }
-    }
-}
-
-pub fn report_to_wire(r: &Report) -> pb::Report {
-    pb::Report {
-        run_id: r.run_id.clone(),
-        state: r.state.clone(),
-        label: r.label.clone(),
-        error: r.error.clone(),
-        created_ms: 0,
-        finished_ms: 0,
-        packages: r
-            .packages
-            .iter()
-            .map(|p| pb::PackageReport {
-                attr: p.attr.clone(),
-                status: p.status.clone(),
-                reason: p.reason.clone(),
-                drv_path: p.drv_path.clone(),
-                outputs: outputs_to_wire(&p.outputs),
-                pinned: p.pinned,
-                rev: p.rev.clone(),
-                duration_ms: p.duration_ms,
-                agent: p.agent.clone(),
-                log_tail: p.log_tail.clone(),
-                pname: p.pname.clone(),
-                version: p.version.clone(),
-                position: p.position.clone(),
-                failed_dependency: p.failed_dependency.clone(),
-                hash_mismatches: p
-                    .hash_mismatches
-                    .iter()
-                    .map(|m| pb::HashMismatch {
-                        fod_drv: m.fod_drv.clone(),
-                        specified: m.specified.clone(),
-                        got: m.got.clone(),
-                        hints: m.hints.clone(),
-                    })
-                    .collect(),
-            })
-            .collect(),
     }
 }
 
@@ -784,7 +733,7 @@ impl pb::run_service_server::RunService for RunSvc {
         let r = self
             .engine
             .report(&checked_run_id(req.into_inner().run_id)?)?;
-        Ok(Response::new(report_to_wire(&r)))
+        Ok(Response::new(pb::Report::from(&r)))
     }
 
     async fn list_runs(
@@ -797,7 +746,7 @@ impl pb::run_service_server::RunService for RunSvc {
             .into_iter()
             .map(|r| pb::RunSummary {
                 run_id: r.id,
-                state: r.state,
+                state: r.state.to_string(),
                 label: r.label,
                 total: r.total,
                 ready: r.ready,

@@ -11,7 +11,7 @@ pub mod snapshot;
 pub mod status;
 
 pub use report::{PackageReport, Report, Summary};
-pub use status::{JobOutcome, PackageStatus, RunState};
+pub use status::{BuildOutcome, PackageStatus, RunState};
 
 /// Whether a source revision pins a commit (a full hex commit id), as opposed to a
 /// branch or tag name that moves.

@@ -1,7 +1,7 @@
 //! The readiness report: per package status and reason, overall percentage, and its
 //! renderings (table for people, JSON for scripts, Markdown for READMEs, JUnit for CI).
 
-use crate::status::PackageStatus;
+use crate::status::{PackageStatus, RunState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -37,7 +37,7 @@ pub struct HashMismatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct PackageReport {
     pub attr: String,
-    pub status: String,
+    pub status: PackageStatus,
     pub reason: String,
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub pname: String,
@@ -70,7 +70,7 @@ pub struct PackageReport {
 
 impl PackageReport {
     pub fn status(&self) -> PackageStatus {
-        self.status.parse().unwrap_or(PackageStatus::Pending)
+        self.status
     }
 }
 
@@ -88,7 +88,7 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub run_id: String,
-    pub state: String,
+    pub state: RunState,
     pub label: String,
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub error: String,
@@ -102,7 +102,7 @@ pub struct Report {
 impl Report {
     pub fn new(
         run_id: String,
-        state: String,
+        state: RunState,
         label: String,
         error: String,
         mut packages: Vec<PackageReport>,
@@ -175,7 +175,7 @@ impl Report {
         for p in &self.packages {
             t.add_row(vec![
                 p.attr.clone(),
-                p.status.clone(),
+                p.status.to_string(),
                 truncate(&p.reason, 90),
                 if p.duration_ms > 0 {
                     format_ms(p.duration_ms)
@@ -292,7 +292,7 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "      <failure type=\"{}\" message=\"{}\">{}</failure>",
-                    xml_escape(&p.status),
+                    xml_escape(p.status.as_str()),
                     xml_escape(&p.reason),
                     xml_escape(&p.log_tail)
                 );
@@ -309,7 +309,7 @@ impl Report {
 fn summarize(packages: &[PackageReport]) -> Summary {
     let mut by_status = BTreeMap::new();
     for p in packages {
-        *by_status.entry(p.status.clone()).or_insert(0) += 1;
+        *by_status.entry(p.status.to_string()).or_insert(0) += 1;
     }
     let total = packages.len();
     let ready = by_status.get("ready").copied().unwrap_or(0);
@@ -376,7 +376,7 @@ mod tests {
     fn pkg(attr: &str, status: &str) -> PackageReport {
         PackageReport {
             attr: attr.into(),
-            status: status.into(),
+            status: status.parse().unwrap(),
             reason: format!("because <{attr}> & \"x\""),
             pname: String::new(),
             version: String::new(),
@@ -397,7 +397,7 @@ mod tests {
     fn report() -> Report {
         Report::new(
             "r1".into(),
-            "finished".into(),
+            RunState::Finished,
             "repo".into(),
             String::new(),
             vec![

@@ -1,10 +1,14 @@
 //! Package statuses, job outcomes and run states, with their stable spellings.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
 /// The readiness status of one package, the report's main column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum PackageStatus {
     /// Evaluates, pinned, all hashes right, builds; outputs are where users pull from.
     Ready,
@@ -22,6 +26,7 @@ pub enum PackageStatus {
     /// Builds, but its outputs are not in the run's binary cache (the push failed).
     NotCached,
     /// Not finished yet (only seen in reports of runs still going).
+    #[default]
     Pending,
 }
 
@@ -83,47 +88,81 @@ impl FromStr for PackageStatus {
     }
 }
 
-/// The typed outcome of one derivation's build job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobOutcome {
+/// The outcome of one derivation's build, as an agent reports it and the coordinator
+/// records it (its kebab-case spelling is what is stored and shown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildOutcome {
     Built,
-    BuildFailed {
-        message: String,
-    },
-    HashMismatch {
-        specified: String,
-        got: String,
-    },
-    TimedOut {
-        message: String,
-    },
-    /// Nix or the agent broke; retried with backoff up to a bound.
-    InfraFailed {
-        message: String,
-    },
+    /// Built, but the push to the run's cache failed after retries.
+    NotCached,
+    BuildFailed,
+    HashMismatch,
+    TimedOut,
+    /// Nix or the agent broke (a machine error, a lost agent); retried up to a bound.
+    /// Also what an outcome nobody stated counts as: never "built" by default.
+    #[default]
+    InfraFailed,
     Cancelled,
+    /// Not built because a dependency failed (recorded against the dependent).
+    DependencyFailed,
 }
 
-impl JobOutcome {
-    /// Deterministic failures are never retried; infrastructure failures may be.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::InfraFailed { .. })
-    }
+impl BuildOutcome {
+    pub const ALL: [BuildOutcome; 8] = [
+        Self::Built,
+        Self::NotCached,
+        Self::BuildFailed,
+        Self::HashMismatch,
+        Self::TimedOut,
+        Self::InfraFailed,
+        Self::Cancelled,
+        Self::DependencyFailed,
+    ];
 
-    pub fn kind(&self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Built => "built",
-            Self::BuildFailed { .. } => "build-failed",
-            Self::HashMismatch { .. } => "hash-mismatch",
-            Self::TimedOut { .. } => "timed-out",
-            Self::InfraFailed { .. } => "infra-failed",
+            Self::NotCached => "not-cached",
+            Self::BuildFailed => "build-failed",
+            Self::HashMismatch => "hash-mismatch",
+            Self::TimedOut => "timed-out",
+            Self::InfraFailed => "infra-failed",
             Self::Cancelled => "cancelled",
+            Self::DependencyFailed => "dependency-failed",
         }
+    }
+
+    /// The outputs exist (whether or not they reached the cache): dependents can build.
+    pub fn produced_outputs(self) -> bool {
+        matches!(self, Self::Built | Self::NotCached)
+    }
+
+    /// Only infrastructure failures are retried; the rest are the package's own.
+    pub fn is_retryable(self) -> bool {
+        self == Self::InfraFailed
+    }
+}
+
+impl fmt::Display for BuildOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BuildOutcome {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_string()))
     }
 }
 
 /// The state of a whole run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RunState {
     Queued,
     Evaluating,
@@ -187,25 +226,26 @@ mod tests {
     }
 
     #[test]
-    fn only_infra_failures_retry() {
-        assert!(
-            JobOutcome::InfraFailed {
-                message: String::new()
-            }
-            .is_retryable()
-        );
-        assert!(
-            !JobOutcome::BuildFailed {
-                message: String::new()
-            }
-            .is_retryable()
-        );
-        assert!(
-            !JobOutcome::HashMismatch {
-                specified: String::new(),
-                got: String::new()
-            }
-            .is_retryable()
-        );
+    fn outcomes_and_states_keep_their_spellings_in_json() {
+        for o in BuildOutcome::ALL {
+            assert_eq!(o.as_str().parse::<BuildOutcome>().unwrap(), o);
+            assert_eq!(serde_json::to_string(&o).unwrap(), format!("\"{o}\""));
+        }
+        for st in PackageStatus::ALL {
+            assert_eq!(serde_json::to_string(&st).unwrap(), format!("\"{st}\""));
+        }
+        for st in [
+            RunState::Evaluating,
+            RunState::Finished,
+            RunState::Cancelled,
+        ] {
+            let json = serde_json::to_string(&st).unwrap();
+            assert_eq!(json, format!("\"{st}\""));
+            assert_eq!(serde_json::from_str::<RunState>(&json).unwrap(), st);
+        }
+        assert!(BuildOutcome::InfraFailed.is_retryable());
+        assert!(!BuildOutcome::BuildFailed.is_retryable());
+        assert!(BuildOutcome::NotCached.produced_outputs());
+        assert_eq!(BuildOutcome::default(), BuildOutcome::InfraFailed);
     }
 }

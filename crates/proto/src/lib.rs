@@ -5,6 +5,8 @@ pub mod v1 {
     tonic::include_proto!("nixfarm.v1");
 }
 
+pub mod convert;
+
 /// Client-side transport settings shared by the agent and the CLI.
 pub mod client {
     use std::path::Path;

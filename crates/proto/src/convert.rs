@@ -1,0 +1,161 @@
+//! Wire ↔ domain conversions: generated protobuf types become nixfarm-core's strict types
+//! here and only here, so a string crosses only the wire.
+
+use crate::v1 as pb;
+use nixfarm_core::report::{HashMismatch, PackageReport, Report};
+use nixfarm_core::{PackageStatus, RunState};
+use std::collections::BTreeMap;
+
+/// A wire message whose fields do not make a domain value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed message from the coordinator: {0}")]
+pub struct WireError(pub String);
+
+impl From<&Report> for pb::Report {
+    fn from(r: &Report) -> pb::Report {
+        pb::Report {
+            run_id: r.run_id.clone(),
+            state: r.state.to_string(),
+            label: r.label.clone(),
+            error: r.error.clone(),
+            created_ms: 0,
+            finished_ms: 0,
+            packages: r.packages.iter().map(pb::PackageReport::from).collect(),
+        }
+    }
+}
+
+impl From<&PackageReport> for pb::PackageReport {
+    fn from(p: &PackageReport) -> pb::PackageReport {
+        pb::PackageReport {
+            attr: p.attr.clone(),
+            status: p.status.to_string(),
+            reason: p.reason.clone(),
+            drv_path: p.drv_path.clone(),
+            outputs: p
+                .outputs
+                .iter()
+                .map(|(name, path)| pb::DrvOutput {
+                    name: name.clone(),
+                    path: path.clone(),
+                })
+                .collect(),
+            pinned: p.pinned,
+            rev: p.rev.clone(),
+            duration_ms: p.duration_ms,
+            agent: p.agent.clone(),
+            log_tail: p.log_tail.clone(),
+            pname: p.pname.clone(),
+            version: p.version.clone(),
+            position: p.position.clone(),
+            failed_dependency: p.failed_dependency.clone(),
+            hash_mismatches: p
+                .hash_mismatches
+                .iter()
+                .map(|m| pb::HashMismatch {
+                    fod_drv: m.fod_drv.clone(),
+                    specified: m.specified.clone(),
+                    got: m.got.clone(),
+                    hints: m.hints.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::PackageReport> for PackageReport {
+    type Error = WireError;
+    fn try_from(p: pb::PackageReport) -> Result<Self, WireError> {
+        let status: PackageStatus = p
+            .status
+            .parse()
+            .map_err(|e| WireError(format!("package {}: {e}", p.attr)))?;
+        Ok(PackageReport {
+            attr: p.attr,
+            status,
+            reason: p.reason,
+            pname: p.pname,
+            version: p.version,
+            drv_path: p.drv_path,
+            outputs: p
+                .outputs
+                .into_iter()
+                .map(|o| (o.name, o.path))
+                .collect::<BTreeMap<_, _>>(),
+            pinned: p.pinned,
+            rev: p.rev,
+            position: p.position,
+            duration_ms: p.duration_ms,
+            agent: p.agent,
+            failed_dependency: p.failed_dependency,
+            hash_mismatches: p
+                .hash_mismatches
+                .into_iter()
+                .map(|m| HashMismatch {
+                    fod_drv: m.fod_drv,
+                    specified: m.specified,
+                    got: m.got,
+                    hints: m.hints,
+                })
+                .collect(),
+            hash_fixes: Vec::new(),
+            log_tail: p.log_tail,
+        })
+    }
+}
+
+impl TryFrom<pb::Report> for Report {
+    type Error = WireError;
+    fn try_from(r: pb::Report) -> Result<Self, WireError> {
+        let state: RunState = r
+            .state
+            .parse()
+            .map_err(|e| WireError(format!("run state: {e}")))?;
+        let packages = r
+            .packages
+            .into_iter()
+            .map(PackageReport::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Report::new(r.run_id, state, r.label, r.error, packages))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_round_trips_through_the_wire_and_unknown_words_are_refused() {
+        let mut packages = Vec::new();
+        for (i, st) in PackageStatus::ALL.into_iter().enumerate() {
+            packages.push(PackageReport {
+                attr: format!("p{i}"),
+                status: st,
+                reason: format!("because {i}"),
+                outputs: [("out".to_string(), format!("/nix/store/x-p{i}"))].into(),
+                hash_mismatches: vec![HashMismatch {
+                    fod_drv: "/nix/store/y-src.drv".into(),
+                    specified: "sha256-A".into(),
+                    got: "sha256-B".into(),
+                    hints: vec!["rev".into()],
+                }],
+                ..Default::default()
+            });
+        }
+        let report = Report::new(
+            "r1".into(),
+            RunState::Finished,
+            "label".into(),
+            String::new(),
+            packages,
+        );
+        let wire = pb::Report::from(&report);
+        assert_eq!(Report::try_from(wire.clone()).unwrap(), report);
+        let mut bad = wire.clone();
+        bad.packages[0].status = "kinda-ready".into();
+        assert!(Report::try_from(bad).is_err());
+        let mut bad = wire;
+        bad.state = "sleeping".into();
+        assert!(Report::try_from(bad).is_err());
+    }
+}
