@@ -3,8 +3,8 @@
 
 use crate::{Client, status_error};
 use indicatif::{ProgressBar, ProgressStyle};
+use nixfarm_core::{BuildOutcome, RunEvent};
 use nixfarm_proto::v1 as pb;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -68,95 +68,77 @@ impl View {
         }
     }
 
-    fn event(&mut self, e: &pb::RunEvent) {
-        let v: Value = serde_json::from_str(&e.json).unwrap_or(Value::Null);
-        let s = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-        match e.kind.as_str() {
-            "run-started" => self.line(format!("run {}: evaluating {}", e.run_id, s("attr_path"))),
-            "eval-listed" => self.line(format!(
-                "{} attributes, evaluated in {} task(s)",
-                n("attrs"),
-                n("tasks")
-            )),
-            "eval-done" => {
+    fn event(&mut self, run_id: &str, e: RunEvent) {
+        match e {
+            RunEvent::RunStarted { attr_path, .. } => {
+                self.line(format!("run {run_id}: evaluating {attr_path}"))
+            }
+            RunEvent::EvalListed { attrs, tasks } => {
+                self.line(format!("{attrs} attributes, evaluated in {tasks} task(s)"))
+            }
+            RunEvent::EvalProgress { .. } => {}
+            RunEvent::EvalDone { packages, drvs } => {
                 self.line(format!(
-                    "evaluated {} packages: {} derivations to realise",
-                    n("packages"),
-                    n("drvs")
+                    "evaluated {packages} packages: {drvs} derivations to realise"
                 ));
                 if let Some(b) = &self.bar {
-                    b.set_length(n("drvs"));
+                    b.set_length(drvs);
                 }
             }
-            "job-started" => {
-                self.building.entry(s("agent")).or_default().push(s("name"));
+            RunEvent::JobStarted { name, agent, .. } => {
                 if self.bar.is_none() {
-                    self.line(format!("building {} on {}", s("name"), s("agent")));
+                    self.line(format!("building {name} on {agent}"));
                 }
+                self.building.entry(agent).or_default().push(name);
             }
-            "job-finished" => {
-                if let Some(list) = self.building.get_mut(&s("agent"))
-                    && let Some(i) = list.iter().position(|x| *x == s("name"))
+            RunEvent::JobFinished {
+                name,
+                agent,
+                outcome,
+                message,
+                duration_ms,
+                substituted,
+                dependency_failed,
+                done,
+                total,
+                ..
+            } => {
+                if let Some(list) = self.building.get_mut(&agent)
+                    && let Some(i) = list.iter().position(|x| *x == name)
                 {
                     list.remove(i);
                 }
-                let outcome = s("outcome");
-                let secs = n("duration_ms") as f64 / 1000.0;
-                let progress = format!("[{}/{}]", n("done"), n("total"));
-                if outcome == "built" {
+                let secs = duration_ms as f64 / 1000.0;
+                let progress = format!("[{done}/{total}]");
+                if outcome.produced_outputs() {
+                    // Not cached still built: the push is what failed, and it says so.
                     self.built += 1;
-                    let how = if v
-                        .get("substituted")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false)
-                    {
-                        "fetched"
-                    } else {
-                        "built"
-                    };
-                    if self.bar.is_none() {
+                    let how = if substituted { "fetched" } else { "built" };
+                    if outcome == BuildOutcome::NotCached {
                         self.line(format!(
-                            "{progress} {how} {} on {} ({secs:.1}s)",
-                            s("name"),
-                            s("agent")
+                            "{progress} {how} {name} on {agent}, not cached: {message}"
                         ));
+                    } else if self.bar.is_none() {
+                        self.line(format!("{progress} {how} {name} on {agent} ({secs:.1}s)"));
                     }
                 } else {
-                    self.failed += 1 + n("dependency_failed");
+                    self.failed += 1 + dependency_failed;
                     self.line(format!(
-                        "{progress} {outcome}: {} on {}: {}",
-                        s("name"),
-                        s("agent"),
-                        s("message")
+                        "{progress} {outcome}: {name} on {agent}: {message}"
                     ));
                 }
                 if let Some(b) = &self.bar {
-                    b.set_position(n("done"));
+                    b.set_position(done);
                 }
             }
-            "job-retry" => self.line(format!(
-                "retrying {}: {}",
-                crate::short_name(&s("drv")),
-                s("message")
-            )),
-            "run-failed" => self.line(format!("run failed: {}", s("error"))),
-            "run-finished" => {
-                let sum = v.get("summary").cloned().unwrap_or(Value::Null);
-                let ready = sum.get("ready").and_then(Value::as_u64).unwrap_or(0);
-                let total = sum.get("total").and_then(Value::as_u64).unwrap_or(0);
-                self.line(format!(
-                    "run {} {}: {ready}/{total} packages ready",
-                    e.run_id,
-                    s("state")
-                ));
+            RunEvent::JobRetry { drv, message, .. } => {
+                self.line(format!("retrying {}: {message}", crate::short_name(&drv)))
             }
-            _ => {}
+            RunEvent::RunFailed { error } => self.line(format!("run failed: {error}")),
+            RunEvent::RunFinished { state, summary } => self.line(format!(
+                "run {run_id} {state}: {}/{} packages ready",
+                summary.ready, summary.total
+            )),
         }
         self.refresh();
     }
@@ -206,8 +188,11 @@ pub async fn watch(client: &Client, run: &str) -> anyhow::Result<End> {
                             continue;
                         }
                         last = e.seq;
-                        view.event(&e);
-                        if e.kind == "run-finished" || e.kind == "run-failed" {
+                        // A kind this CLI does not know (a newer coordinator) is skipped.
+                        if let Ok(ev) = RunEvent::from_parts(&e.kind, &e.json) {
+                            view.event(&e.run_id, ev);
+                        }
+                        if RunEvent::is_terminal_kind(&e.kind) {
                             view.finish();
                             return Ok(End::Finished);
                         }

@@ -6,9 +6,9 @@ use crate::clock::Clock;
 use crate::db::{AttemptRow, Db, DbError, RunRow};
 use crate::model::*;
 use crate::scheduler::{Capabilities, Class, NodeId, NodeState, Scheduler};
+use nixfarm_core::RunEvent as Ev;
 use nixfarm_core::report::{HashMismatch, PackageReport, Report};
 use nixfarm_core::{PackageStatus, RunState, rev_is_pinned};
-use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -210,8 +210,8 @@ impl Engine {
         self.events.subscribe()
     }
 
-    fn emit(&self, inner: &Inner, run_id: &str, kind: &str, payload: serde_json::Value) {
-        let json = payload.to_string();
+    fn emit(&self, inner: &Inner, run_id: &str, event: nixfarm_core::RunEvent) {
+        let (kind, json) = (event.kind(), event.to_json());
         match inner.db.append_event(run_id, kind, &json) {
             Ok(seq) => {
                 let _ = self.events.send(RunEvent {
@@ -457,8 +457,10 @@ impl Engine {
         self.emit(
             inner,
             &id,
-            "run-started",
-            json!({"label": spec.label, "attr_path": spec.attr_path}),
+            Ev::RunStarted {
+                label: spec.label.clone(),
+                attr_path: spec.attr_path.clone(),
+            },
         );
         self.dispatch(inner);
         Ok(id)
@@ -513,8 +515,10 @@ impl Engine {
         self.emit(
             inner,
             run_id,
-            "run-finished",
-            json!({"state": "cancelled", "summary": report.summary}),
+            Ev::RunFinished {
+                state: RunState::Cancelled,
+                summary: report.summary,
+            },
         );
         Ok(true)
     }
@@ -553,8 +557,10 @@ impl Engine {
         self.emit(
             inner,
             run_id,
-            "run-finished",
-            json!({"state": "finished", "summary": report.summary}),
+            Ev::RunFinished {
+                state: RunState::Finished,
+                summary: report.summary,
+            },
         );
         Ok(())
     }
@@ -570,7 +576,13 @@ impl Engine {
         inner
             .db
             .set_run_state(run_id, RunState::Failed, error, self.clock.now_ms())?;
-        self.emit(inner, run_id, "run-failed", json!({"error": error}));
+        self.emit(
+            inner,
+            run_id,
+            Ev::RunFailed {
+                error: error.to_string(),
+            },
+        );
         Ok(())
     }
 
@@ -1068,8 +1080,10 @@ impl Engine {
         self.emit(
             inner,
             &run_id,
-            "eval-listed",
-            json!({"attrs": attrs.len(), "tasks": total}),
+            Ev::EvalListed {
+                attrs: attrs.len() as u64,
+                tasks: total as u64,
+            },
         );
         if total == 0 {
             self.start_building(inner, &run_id)?;
@@ -1172,8 +1186,13 @@ impl Engine {
         self.emit(
             inner,
             &run_id,
-            "eval-progress",
-            json!({"task": task, "attrs": attrs.len(), "eval_failed": failed, "tasks_done": done, "tasks": total}),
+            Ev::EvalProgress {
+                task,
+                attrs: attrs.len() as u64,
+                eval_failed: failed as u64,
+                tasks_done: done as u64,
+                tasks: total as u64,
+            },
         );
         if done >= total {
             self.start_building(inner, &run_id)?;
@@ -1204,8 +1223,10 @@ impl Engine {
         self.emit(
             inner,
             run_id,
-            "eval-done",
-            json!({"packages": packages, "drvs": drvs}),
+            Ev::EvalDone {
+                packages: packages as u64,
+                drvs: drvs as u64,
+            },
         );
         self.maybe_finish(inner, run_id)
     }
@@ -1263,8 +1284,11 @@ impl Engine {
                     self.emit(
                         inner,
                         &run_id,
-                        "job-retry",
-                        json!({"drv": drv, "message": report.message, "retry": n}),
+                        Ev::JobRetry {
+                            drv: drv.clone(),
+                            message: report.message.clone(),
+                            retry: n,
+                        },
                     );
                     return Ok(());
                 }
@@ -1305,10 +1329,18 @@ impl Engine {
         self.emit(
             inner,
             &run_id,
-            "job-finished",
-            json!({"drv": drv, "name": store_name(&drv), "agent": a.agent, "outcome": report.kind.as_str(), "message": report.message,
-                   "duration_ms": report.duration_ms, "substituted": report.substituted,
-                   "dependency_failed": dep_names.len(), "done": done, "total": total}),
+            Ev::JobFinished {
+                name: store_name(&drv).to_string(),
+                drv,
+                agent: a.agent.clone(),
+                outcome: report.kind,
+                message: report.message,
+                duration_ms: report.duration_ms,
+                substituted: report.substituted,
+                dependency_failed: dep_names.len() as u64,
+                done: done as u64,
+                total: total as u64,
+            },
         );
         self.maybe_finish(inner, &run_id)
     }
@@ -1387,8 +1419,11 @@ impl Engine {
                     self.emit(
                         inner,
                         &run_id,
-                        "job-started",
-                        json!({"drv": target, "name": store_name(&target), "agent": name}),
+                        Ev::JobStarted {
+                            name: store_name(&target).to_string(),
+                            drv: target.clone(),
+                            agent: name.clone(),
+                        },
                     );
                 }
             }

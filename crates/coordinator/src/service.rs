@@ -658,7 +658,7 @@ impl pb::run_service_server::RunService for RunSvc {
         let (tx, rx) = mpsc::channel::<Result<pb::RunEvent, Status>>(256);
         tokio::spawn(async move {
             let mut last = after_seq;
-            let terminal = |k: &str| k == "run-finished" || k == "run-failed";
+            let terminal = nixfarm_core::RunEvent::is_terminal_kind;
             let send = |e: RunEvent| pb::RunEvent {
                 seq: e.seq,
                 run_id: e.run_id,

@@ -4,12 +4,14 @@
 //! the coordinator, the agent and the CLI share these types so that they agree on meaning.
 
 pub mod cache_url;
+pub mod events;
 pub mod flakeref;
 pub mod limits;
 pub mod report;
 pub mod snapshot;
 pub mod status;
 
+pub use events::RunEvent;
 pub use report::{PackageReport, Report, Summary};
 pub use status::{BuildOutcome, PackageStatus, RunState};
 
