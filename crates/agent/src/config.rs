@@ -47,6 +47,11 @@ pub struct AgentConfig {
     /// names), which read this host's own disk. Only for a single-user farm whose coordinator
     /// allows them too; `nixfarm local` sets it for its own agents. Default false.
     pub allow_local_flake_refs: bool,
+    /// Directory of this agent's GC roots: one subdirectory per run, holding what the run
+    /// still needs (its derivations and outputs), removed when the run ends. Nix honours it
+    /// only below its `gcroots` directory. Default
+    /// `/nix/var/nix/gcroots/per-user/$USER/nixfarm-NAME`.
+    pub gc_roots_dir: Option<PathBuf>,
 }
 
 fn hostname() -> String {
@@ -85,6 +90,7 @@ impl Default for AgentConfig {
             tls_cert_file: None,
             tls_key_file: None,
             allow_local_flake_refs: false,
+            gc_roots_dir: None,
         }
     }
 }

@@ -78,7 +78,7 @@ pub(crate) async fn run(
             msg(pb::agent_message::Msg::EvalChunk(r))
         }
         Some(Job::Build(j)) => {
-            let mut r = build(shared, channel, j, cancel, logs, attempt.clone()).await;
+            let mut r = build(shared, channel, &run_id, j, cancel, logs, attempt.clone()).await;
             r.attempt_id = attempt;
             msg(pb::agent_message::Msg::Build(r))
         }
@@ -219,6 +219,25 @@ async fn download(
         return Err(infra("digest mismatch".into()));
     }
     Ok(())
+}
+
+/// Removes the unpacked sources of a run that ended.
+pub(crate) fn drop_run_sources(shared: &Shared, run_id: &str) {
+    if !nixfarm_core::limits::is_run_id(run_id) {
+        return;
+    }
+    let sources = shared.cfg.work_dir.join("sources");
+    let prefix = format!("{run_id}-");
+    if let Ok(mut lru) = shared.run_sources.lock() {
+        lru.retain(|n| !n.starts_with(&prefix));
+    }
+    if let Ok(entries) = std::fs::read_dir(&sources) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = snapshot::remove_tree(&e.path());
+            }
+        }
+    }
 }
 
 /// Marks the run's source as used now, and removes the least recently used ones beyond
@@ -403,6 +422,56 @@ async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pu
     Ok(p)
 }
 
+/// Evaluates a chunk and roots its derivations for the run. The host's garbage collector may
+/// strike between Nix writing a `.drv` and the root being made: then the chunk is evaluated
+/// once more (the roots already exist, so what it writes stays).
+async fn eval_rooted(
+    shared: &Arc<Shared>,
+    run_id: &str,
+    flake: &str,
+    j: &pb::EvalChunkJob,
+) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let evaluated = eval_isolated(
+            shared,
+            flake,
+            &j.attr_path,
+            j.attrs.clone(),
+            j.eval_memory_mib,
+        )
+        .await?;
+        let tops: Vec<String> = evaluated
+            .values()
+            .filter_map(|r| r.as_ref().ok().map(|i| i.drv_path.clone()))
+            .collect();
+        if let Err(e) = shared.roots.add(run_id, &tops) {
+            // Without roots the run still works, unless the host collects garbage meanwhile.
+            tracing::warn!(
+                "cannot add GC roots in {}: {e}",
+                shared.roots.dir().display()
+            );
+        }
+        let gone = shared.nix.invalid_paths(&tops).await?;
+        if gone.is_empty() {
+            return Ok(evaluated);
+        }
+        if tries >= 3 {
+            return Err(NixError::Infra(format!(
+                "{} derivation(s) were garbage-collected as soon as they were evaluated (e.g. {})",
+                gone.len(),
+                gone[0]
+            )));
+        }
+        tracing::info!(
+            run = run_id,
+            gone = gone.len(),
+            "derivations collected before they were rooted; evaluating again"
+        );
+    }
+}
+
 async fn eval_chunk(
     shared: &Arc<Shared>,
     channel: Channel,
@@ -418,19 +487,11 @@ async fn eval_chunk(
             ..Default::default()
         }
     };
-    let flake = match prepare_source(shared, channel.clone(), run_id, j.source).await {
+    let flake = match prepare_source(shared, channel.clone(), run_id, j.source.clone()).await {
         Ok(f) => f,
         Err(e) => return fail(e),
     };
-    let evaluated = match eval_isolated(
-        shared,
-        &flake,
-        &j.attr_path,
-        j.attrs.clone(),
-        j.eval_memory_mib,
-    )
-    .await
-    {
+    let evaluated = match eval_rooted(shared, run_id, &flake, &j).await {
         Ok(m) => m,
         Err(e) => return fail(e),
     };
@@ -549,6 +610,7 @@ async fn eval_chunk(
 async fn build(
     shared: &Arc<Shared>,
     channel: Channel,
+    run_id: &str,
     j: pb::BuildJob,
     cancel: CancellationToken,
     logs: mpsc::Sender<pb::AgentMessage>,
@@ -594,6 +656,39 @@ async fn build(
         timeout: (j.timeout_secs > 0).then(|| Duration::from_secs(j.timeout_secs)),
         max_silent: (j.max_silent_secs > 0).then(|| Duration::from_secs(j.max_silent_secs)),
     };
+    // A derivation this store does not hold (evaluated on another host, or collected): fetch
+    // it, with its inputs, from the run's cache; without one, say what is missing.
+    if !shared
+        .nix
+        .paths_valid(std::slice::from_ref(&j.drv_path))
+        .await
+    {
+        let fetched = if opts.substituter.is_empty() {
+            Err(NixError::Infra(
+                "the run has no cache to fetch it from".into(),
+            ))
+        } else {
+            shared
+                .nix
+                .copy_from(
+                    &opts.substituter,
+                    std::slice::from_ref(&j.drv_path),
+                    &opts.trusted_public_keys,
+                )
+                .await
+        };
+        if let Err(e) = fetched {
+            return pb::BuildResult {
+                status: pb::BuildStatus::InfraFailed as i32,
+                message: format!(
+                    "derivation {} is not in agent {}'s store and cannot be fetched: {e}; agents on separate hosts need a cache they share (--cache)",
+                    j.drv_path, shared.cfg.name
+                ),
+                ..Default::default()
+            };
+        }
+    }
+    let _ = shared.roots.add(run_id, std::slice::from_ref(&j.drv_path));
     let limit = shared.cfg.log_limit_bytes;
     let mut sent = 0usize;
     let run = shared
@@ -624,6 +719,10 @@ async fn build(
     match run.result {
         Ok(paths) => {
             r.status = pb::BuildStatus::Built as i32;
+            // Dependents may build here later: the outputs stay until the run ends.
+            if let Err(e) = shared.roots.add(run_id, &paths) {
+                tracing::warn!("cannot root the outputs of {}: {e}", j.drv_path);
+            }
             // Pushed even when nothing was built: the output may predate the run (the push asks
             // the cache first and uploads only what it lacks).
             if let Some(p) = &push

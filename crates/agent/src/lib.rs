@@ -6,6 +6,7 @@
 
 pub mod config;
 mod jobs;
+pub mod roots;
 
 pub use config::AgentConfig;
 
@@ -51,6 +52,8 @@ pub(crate) struct Shared {
     pub snapshot_limits: Mutex<nixfarm_core::snapshot::Limits>,
     /// Runs whose sources are unpacked here, least recently used first.
     pub run_sources: Mutex<VecDeque<String>>,
+    /// GC roots of what each run still needs.
+    pub roots: roots::Roots,
 }
 
 /// Why this agent takes no new jobs now; empty when it takes them.
@@ -106,6 +109,11 @@ impl Agent {
         let sources = cfg.work_dir.join("sources");
         nixfarm_core::snapshot::remove_tree(&sources)
             .with_context(|| format!("cannot clear {}", sources.display()))?;
+        let roots = roots::Roots::new(
+            cfg.gc_roots_dir
+                .clone()
+                .unwrap_or_else(|| roots::Roots::default_dir(&cfg.name)),
+        );
         let nix = Nix {
             nix: cfg.nix_bin.join("nix"),
             nix_store: cfg.nix_bin.join("nix-store"),
@@ -124,6 +132,7 @@ impl Agent {
                 session: Mutex::new(String::new()),
                 snapshot_limits: Mutex::new(nixfarm_core::snapshot::Limits::default()),
                 run_sources: Mutex::new(VecDeque::new()),
+                roots,
             }),
         })
     }
@@ -249,6 +258,10 @@ impl Agent {
                                 if let Ok(mut s) = shared.session.lock() {
                                     s.clone_from(&r.session_key);
                                 }
+                                // Runs that ended while this agent was away: drop their roots.
+                                let active: std::collections::HashSet<String> =
+                                    r.active_runs.iter().cloned().collect();
+                                shared.roots.release_all_but(&active);
                                 if let Some(l) = r.limits
                                     && let Ok(mut mine) = shared.snapshot_limits.lock()
                                 {
@@ -421,6 +434,10 @@ fn handle(
             {
                 t.cancel();
             }
+        }
+        Some(Msg::RunEnded(e)) => {
+            shared.roots.release(&e.run_id);
+            jobs::drop_run_sources(shared, &e.run_id);
         }
         Some(Msg::Drain(_)) | Some(Msg::Registered(_)) | None => {}
     }

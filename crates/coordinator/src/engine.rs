@@ -511,6 +511,7 @@ impl Engine {
         inner
             .db
             .set_run_state(run_id, RunState::Cancelled, "", now)?;
+        Self::tell_run_ended(inner, run_id);
         let report = self.report_locked(inner, run_id)?;
         self.emit(
             inner,
@@ -553,6 +554,7 @@ impl Engine {
         inner
             .db
             .set_run_state(run_id, RunState::Finished, "", self.clock.now_ms())?;
+        Self::tell_run_ended(inner, run_id);
         let report = self.report_locked(inner, run_id)?;
         self.emit(
             inner,
@@ -576,6 +578,7 @@ impl Engine {
         inner
             .db
             .set_run_state(run_id, RunState::Failed, error, self.clock.now_ms())?;
+        Self::tell_run_ended(inner, run_id);
         self.emit(
             inner,
             run_id,
@@ -584,6 +587,27 @@ impl Engine {
             },
         );
         Ok(())
+    }
+
+    /// Tells every connected agent that a run ended, so it releases what it kept for it.
+    fn tell_run_ended(inner: &Inner, run_id: &str) {
+        for a in inner.agents.values() {
+            if let Some(tx) = &a.tx {
+                let _ = tx.send(ToAgent::RunEnded {
+                    run_id: run_id.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Runs not finished yet.
+    pub fn active_runs(&self) -> Vec<String> {
+        self.lock()
+            .runs
+            .iter()
+            .filter(|r| !r.state.is_terminal())
+            .map(|r| r.id.clone())
+            .collect()
     }
 
     // ----- agents -----------------------------------------------------------------------
@@ -1943,11 +1967,19 @@ fn package_report(
                     .cloned()
                     .unwrap_or_else(|| store_name(root).to_string());
                 r.failed_dependency = name.clone();
-                set(
-                    &mut r,
-                    PackageStatus::DependencyFailed,
-                    format!("dependency {name} failed: {}", root_rep.kind),
-                );
+                // The dependency's own cause, not just its kind: "infra-failed" alone says
+                // nothing a user can act on.
+                let cause = root_rep.message.lines().next().unwrap_or_default();
+                let reason = if cause.is_empty() {
+                    format!("dependency {name} failed: {}", root_rep.kind)
+                } else {
+                    format!(
+                        "dependency {name} failed: {}: {}",
+                        root_rep.kind,
+                        nixfarm_core::limits::clip(cause, 300)
+                    )
+                };
+                set(&mut r, PackageStatus::DependencyFailed, reason);
             }
         }
         DrvState::Cancelled => set(

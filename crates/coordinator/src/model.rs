@@ -246,6 +246,10 @@ pub enum ToAgent {
         attempt: String,
     },
     Drain,
+    /// The run ended: the agent may drop its GC roots and sources.
+    RunEnded {
+        run_id: String,
+    },
 }
 
 /// A run event as stored and streamed.

@@ -419,6 +419,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                 attempt_id: attempt,
             }),
             ToAgent::Drain => Msg::Drain(pb::Drain {}),
+            ToAgent::RunEnded { run_id } => Msg::RunEnded(pb::RunEnded { run_id }),
             ToAgent::Assign {
                 attempt,
                 run_id,
@@ -531,6 +532,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 heartbeat_interval_ms: self.heartbeat_ms,
                 session_key,
                 limits: Some(self.limits),
+                active_runs: self.engine.active_runs(),
             })),
         };
         let out = tokio_stream::once(Ok(registered)).chain(

@@ -345,6 +345,40 @@ impl Nix {
         Ok(out)
     }
 
+    /// Copies `paths` (e.g. a `.drv` and its closure) from the binary cache `from` into this
+    /// store, their signatures checked against `trusted_public_keys`.
+    pub async fn copy_from(
+        &self,
+        from: &str,
+        paths: &[String],
+        trusted_public_keys: &[String],
+    ) -> Result<(), NixError> {
+        let mut c = self.nix_cmd();
+        c.args(["copy", "--from", from])
+            .args([
+                "--option",
+                "trusted-public-keys",
+                &trusted_public_keys.join(" "),
+            ])
+            .args(paths)
+            .stdout(Stdio::null());
+        let o = c
+            .output()
+            .await
+            .map_err(|e| NixError::Infra(format!("cannot run nix copy: {e}")))?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(NixError::Infra(format!(
+                "nix copy --from {from} failed: {}",
+                tail(
+                    &crate::messages::strip_ansi(&String::from_utf8_lossy(&o.stderr)),
+                    500
+                )
+            )))
+        }
+    }
+
     /// Builds one derivation with `nix-store --realise`, streaming its log to `on_log`.
     /// Cancelling `cancel` interrupts Nix (which stops the builder) and reports `cancelled`.
     pub async fn realise(
