@@ -57,7 +57,10 @@ pub(crate) async fn run(
         Some(Job::EvalList(j)) => {
             let result = async {
                 let flake = prepare_source(shared, channel, &run_id, j.source).await?;
-                shared.nix.list_attrs(&flake, &j.attr_path).await
+                shared
+                    .nix
+                    .list_attrs(&flake, &j.attr_path, j.eval_memory_mib)
+                    .await
             }
             .await;
             let (attrs, error, infra) = match result {
@@ -306,10 +309,14 @@ async fn eval_isolated(
                         out.insert(k, Ok(v));
                     }
                 }
-                Err(NixError::Failed { message, .. }) if group.len() == 1 => {
+                // An attribute that throws, or that runs past the memory cap, is the
+                // attribute's own failure: isolated, while the others go on.
+                Err(NixError::Failed { message, .. } | NixError::OutOfMemory(message))
+                    if group.len() == 1 =>
+                {
                     out.insert(group[0].clone(), Err(message));
                 }
-                Err(NixError::Failed { .. }) => {
+                Err(NixError::Failed { .. } | NixError::OutOfMemory(_)) => {
                     let mid = group.len() / 2;
                     pending.push(group[..mid].to_vec());
                     pending.push(group[mid..].to_vec());

@@ -1468,7 +1468,11 @@ impl Engine {
                     EvalTask::List => (
                         run.id.clone(),
                         JobRef::Eval(task),
-                        Job::EvalList { source, attr_path },
+                        Job::EvalList {
+                            source,
+                            attr_path,
+                            memory_mib: opts.eval_memory_mib,
+                        },
                         "list".into(),
                     ),
                     EvalTask::Chunk(n) => {

@@ -216,6 +216,8 @@ pub enum Job {
     EvalList {
         source: SourceSpec,
         attr_path: String,
+        /// Memory cap of the listing process, MiB (0: none).
+        memory_mib: u64,
     },
     EvalChunk {
         source: SourceSpec,

@@ -427,10 +427,15 @@ impl From<ToAgent> for pb::CoordinatorMessage {
             } => {
                 use pb::assignment::Job as J;
                 let job = match job {
-                    Job::EvalList { source, attr_path } => J::EvalList(pb::EvalListJob {
+                    Job::EvalList {
+                        source,
+                        attr_path,
+                        memory_mib,
+                    } => J::EvalList(pb::EvalListJob {
                         source: Some(source_to_wire(&source)),
                         attr_path,
                         cache: String::new(),
+                        eval_memory_mib: memory_mib,
                     }),
                     Job::EvalChunk {
                         source,

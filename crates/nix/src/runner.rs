@@ -20,6 +20,9 @@ pub enum NixError {
     /// Nix could not be started, was killed, or printed something we could not read.
     #[error("{0}")]
     Infra(String),
+    /// An evaluation ran past its memory cap: the expression's doing, like an error it throws.
+    #[error("{0}")]
+    OutOfMemory(String),
 }
 
 impl NixError {
@@ -176,6 +179,12 @@ impl Nix {
             return Ok(String::from_utf8_lossy(&out.stdout).to_string());
         }
         match first_error(&stderr) {
+            // Under a cap, running out of memory is the expression's own doing.
+            Some(message) if mem_mib > 0 && is_out_of_memory(&message) => {
+                Err(NixError::OutOfMemory(format!(
+                    "evaluation ran out of memory (the limit is {mem_mib} MiB per evaluation process: eval_memory_mib)"
+                )))
+            }
             // The store or the machine failed, not the expression: retried, never reported
             // as the package's own error.
             Some(message) if is_machine_error(&message) => Err(NixError::Infra(message)),
@@ -205,12 +214,18 @@ impl Nix {
         c
     }
 
-    /// Attribute names below `attr_path` of `flake`.
-    pub async fn list_attrs(&self, flake: &str, attr_path: &str) -> Result<Vec<String>, NixError> {
+    /// Attribute names below `attr_path` of `flake`, in a process capped at `mem_mib` MiB
+    /// (0: none).
+    pub async fn list_attrs(
+        &self,
+        flake: &str,
+        attr_path: &str,
+        mem_mib: u64,
+    ) -> Result<Vec<String>, NixError> {
         let mut c = self.eval_cmd("");
         c.arg(format!("{flake}#{}", fragment(attr_path)));
         c.args(["--apply", "s: if builtins.isAttrs s then builtins.attrNames s else throw \"not an attribute set\""]);
-        let out = self.run_json(c, 0).await?;
+        let out = self.run_json(c, mem_mib).await?;
         serde_json::from_str(&out)
             .map_err(|e| NixError::Infra(format!("cannot parse attribute list: {e}")))
     }
@@ -509,6 +524,13 @@ fn interrupt(child: &tokio::process::Child) {
 
 /// Caps the child's address space (for evaluation workers), so one runaway evaluation
 /// fails alone instead of exhausting the host.
+/// Whether Nix's error says it ran out of memory.
+fn is_out_of_memory(message: &str) -> bool {
+    ["out of memory", "std::bad_alloc", "Cannot allocate memory"]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
 fn limit_memory(cmd: &mut Command, mem_mib: u64) {
     if mem_mib == 0 {
         return;
