@@ -1,0 +1,369 @@
+//! Agents: registration (and who may use a name), leases, messages, and results bound to the attempt and agent that hold them.
+
+use super::*;
+
+impl Engine {
+    /// Registers (or re-registers) an agent. Attempts it still runs are kept; any other
+    /// attempt the coordinator thought it had is requeued. A name whose stream is still open
+    /// is refused, unless the registration presents that stream's session key (the same
+    /// agent reconnecting before the coordinator noticed the old stream die). Returns the
+    /// connection number and the new session key.
+    pub fn connect_agent(
+        &self,
+        reg: Registration,
+        tx: mpsc::UnboundedSender<ToAgent>,
+    ) -> Result<(u64, String), EngineError> {
+        if reg.name.trim().is_empty() {
+            return Err(EngineError::Invalid("agent name is empty".into()));
+        }
+        if reg.max_jobs == 0 {
+            return Err(EngineError::Invalid("max_jobs must be at least 1".into()));
+        }
+        if reg.systems.is_empty() {
+            return Err(EngineError::Invalid(
+                "an agent must offer at least one system".into(),
+            ));
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        if let Some(old) = inner.agents.get(&reg.name)
+            && old.tx.as_ref().is_some_and(|t| !t.is_closed())
+            && !(old.session.len() == reg.session_key.len()
+                && constant_time_eq(old.session.as_bytes(), reg.session_key.as_bytes()))
+        {
+            tracing::warn!(
+                agent = reg.name,
+                "refused a registration under the name of a connected agent"
+            );
+            return Err(EngineError::Conflict(format!(
+                "an agent named '{}' is already connected; give this agent another name (--name), or stop the other one",
+                reg.name
+            )));
+        }
+        let conn = inner.next_conn;
+        inner.next_conn += 1;
+        let session = secret_key();
+        let violations = inner.agents.get(&reg.name).map_or(0, |a| a.violations);
+        let info = serde_json::to_string(&reg).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        inner.db.upsert_agent(&reg.name, &info, now)?;
+        let claimed: HashSet<String> = reg.running_attempts.iter().cloned().collect();
+        let previous: Vec<String> = inner
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.agent == reg.name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if reg.running_attempts.is_empty() {
+            // Nothing running there: no upload of its is in flight, so its claims lapse now.
+            inner.db.release_all_upload_claims(&reg.name)?;
+        }
+        let mut running = HashSet::new();
+        for id in previous {
+            if claimed.contains(&id) {
+                running.insert(id);
+            } else {
+                self.lose_attempt(inner, &id, "the agent reconnected without it")?;
+            }
+        }
+        let caps = Capabilities {
+            systems: reg.systems.clone(),
+            features: reg.features.clone(),
+        };
+        tracing::info!(agent = reg.name, systems = ?reg.systems, max_jobs = reg.max_jobs, reattached = running.len(), "agent connected");
+        inner.agents.insert(
+            reg.name.clone(),
+            AgentMem {
+                reg,
+                caps,
+                conn,
+                tx: Some(tx),
+                running,
+                last_seen_ms: now,
+                draining: false,
+                paused: String::new(),
+                session: session.clone(),
+                violations,
+            },
+        );
+        self.dispatch(inner);
+        Ok((conn, session))
+    }
+
+    /// Counts and logs a message an agent had no right to send; it changes nothing else.
+    pub(super) fn violation(&self, inner: &mut Inner, agent: &str, what: &str) {
+        tracing::warn!(agent, "protocol violation, refused: {what}");
+        if let Some(a) = inner.agents.get_mut(agent) {
+            a.violations += 1;
+        }
+    }
+
+    /// The agent's stream ended. Its jobs stay with it for the lease period, so a quick
+    /// reconnect reattaches to them.
+    pub fn disconnect_agent(&self, name: &str, conn: u64) {
+        let mut g = self.lock();
+        if let Some(a) = g.agents.get_mut(name)
+            && a.conn == conn
+        {
+            a.tx = None;
+            tracing::info!(agent = name, "agent disconnected");
+        }
+    }
+
+    /// Requeues the jobs of agents silent for longer than the lease; call periodically.
+    pub fn check_leases(&self) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        let expired: Vec<String> = inner
+            .agents
+            .iter()
+            .filter(|(_, a)| !a.running.is_empty() && now - a.last_seen_ms > self.opts.lease_ms)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            let ids: Vec<String> = inner
+                .agents
+                .get(&name)
+                .map(|a| a.running.iter().cloned().collect())
+                .unwrap_or_default();
+            tracing::warn!(
+                agent = name,
+                jobs = ids.len(),
+                "agent lease expired; requeueing its jobs"
+            );
+            for id in ids {
+                if let Err(e) = self.lose_attempt(inner, &id, "the agent stopped responding") {
+                    tracing::error!("cannot requeue {id}: {e}");
+                }
+            }
+            if let Some(a) = inner.agents.get_mut(&name) {
+                a.tx = None;
+            }
+        }
+        self.dispatch(inner);
+    }
+
+    /// Puts an attempt's job back in the queue; its late result will be ignored.
+    pub(super) fn lose_attempt(
+        &self,
+        inner: &mut Inner,
+        attempt: &str,
+        why: &str,
+    ) -> Result<(), EngineError> {
+        let Some(a) = inner.attempts.remove(attempt) else {
+            return Ok(());
+        };
+        if let Some(ag) = inner.agents.get_mut(&a.agent) {
+            ag.running.remove(attempt);
+        }
+        inner
+            .db
+            .finish_attempt(attempt, "lost", why, self.clock.now_ms())?;
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
+            return Ok(());
+        };
+        if run.state.is_terminal() {
+            return Ok(());
+        }
+        // Counted apart from failures, and capped: a job that keeps taking its agent down
+        // (or whose agents keep being cut off) is given up, not requeued for ever.
+        let lost = inner.db.lost_attempts(&a.run_id, &a.target)?;
+        if lost > self.opts.max_infra_retries {
+            let msg =
+                format!("given up after {lost} attempts lost with their agents (last: {why})");
+            return match a.job {
+                JobRef::Eval(_) => self.fail_run(inner, &a.run_id, &format!("evaluation {msg}")),
+                JobRef::Build(_) => {
+                    let report = BuildReport {
+                        kind: BuildOutcome::InfraFailed,
+                        message: msg,
+                        agent: a.agent.clone(),
+                        ..Default::default()
+                    };
+                    self.on_build(inner, a, report, false)
+                }
+            };
+        }
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
+            return Ok(());
+        };
+        match a.job {
+            JobRef::Eval(t) => run.eval_queue.push_front(t),
+            JobRef::Build(n) => {
+                if let Some(s) = run.sched.as_mut() {
+                    s.requeue(n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one message from a registered agent's stream `conn`; a stream that another
+    /// registration of the same agent replaced is no longer heard.
+    pub fn agent_message(&self, name: &str, conn: u64, msg: FromAgent) -> Result<(), EngineError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        match inner.agents.get_mut(name) {
+            Some(a) if a.conn == conn => a.last_seen_ms = now,
+            _ => {
+                tracing::debug!(agent = name, "ignoring a message from a replaced stream");
+                return Ok(());
+            }
+        }
+        match msg {
+            FromAgent::Heartbeat {
+                draining, paused, ..
+            } => {
+                if let Some(a) = inner.agents.get_mut(name) {
+                    if draining && !a.draining {
+                        tracing::info!(agent = name, "agent draining: no new jobs for it");
+                        a.draining = true;
+                    }
+                    if paused != a.paused {
+                        if paused.is_empty() {
+                            tracing::info!(agent = name, "agent takes jobs again");
+                        } else {
+                            tracing::warn!(agent = name, "agent paused: {paused}");
+                        }
+                        a.paused = paused;
+                    }
+                }
+            }
+            FromAgent::Log { .. } => {}
+            FromAgent::EvalList { attempt, result } => {
+                if let Some(a) = self.take_attempt(
+                    inner,
+                    name,
+                    &attempt,
+                    result.as_ref().err().map(|e| e.0.as_str()),
+                )? {
+                    self.on_eval_list(inner, a, result)?;
+                }
+            }
+            FromAgent::EvalChunk { attempt, result } => {
+                if let Some(a) = self.take_attempt(
+                    inner,
+                    name,
+                    &attempt,
+                    result.as_ref().err().map(|e| e.0.as_str()),
+                )? {
+                    self.on_eval_chunk(inner, a, result)?;
+                }
+            }
+            FromAgent::Build {
+                attempt,
+                mut report,
+            } => {
+                report.agent = name.to_string();
+                if let Some(a) =
+                    self.take_attempt(inner, name, &attempt, Some(report.kind.as_str()))?
+                {
+                    self.check_outputs(inner, &a, &mut report);
+                    self.on_build(inner, a, report, true)?;
+                }
+            }
+        }
+        self.dispatch(inner);
+        Ok(())
+    }
+
+    /// Completes an attempt exactly once, and only for the agent that holds it: a duplicate
+    /// or late result returns None, and so does a result for another agent's attempt (a
+    /// protocol violation, counted against the sender).
+    pub(super) fn take_attempt(
+        &self,
+        inner: &mut Inner,
+        agent: &str,
+        attempt: &str,
+        outcome: Option<&str>,
+    ) -> Result<Option<AttemptMem>, EngineError> {
+        match inner.attempts.get(attempt) {
+            None => {
+                tracing::debug!(agent, "ignoring a result for an attempt nobody holds");
+                return Ok(None);
+            }
+            Some(a) if a.agent != agent => {
+                let holder = a.agent.clone();
+                self.violation(
+                    inner,
+                    agent,
+                    &format!(
+                        "result for attempt {} which agent {holder} holds",
+                        nixfarm_core::limits::clip(attempt, 64)
+                    ),
+                );
+                return Ok(None);
+            }
+            Some(_) => {}
+        }
+        let ok = inner.db.finish_attempt(
+            attempt,
+            "done",
+            outcome.unwrap_or("ok"),
+            self.clock.now_ms(),
+        )?;
+        let mem = inner.attempts.remove(attempt);
+        if let Some(a) = inner.agents.get_mut(agent) {
+            a.running.remove(attempt);
+        }
+        if !ok {
+            tracing::debug!(attempt, "ignoring duplicate or late result");
+            return Ok(None);
+        }
+        Ok(mem)
+    }
+
+    /// A successful build may report only the derivation's own outputs (the graph knows
+    /// them); anything else is a protocol violation and the build counts as an
+    /// infrastructure failure, retried on another agent.
+    pub(super) fn check_outputs(
+        &self,
+        inner: &mut Inner,
+        a: &AttemptMem,
+        report: &mut BuildReport,
+    ) {
+        if !report.kind.produced_outputs() {
+            return;
+        }
+        let JobRef::Build(node) = a.job else { return };
+        let Some(expected) = inner
+            .runs
+            .iter()
+            .find(|r| r.id == a.run_id)
+            .and_then(|r| r.outputs_of.get(node as usize))
+        else {
+            return;
+        };
+        let same_names = expected.len() == report.outputs.len()
+            && expected.keys().all(|k| report.outputs.contains_key(k));
+        let same_paths = expected
+            .iter()
+            .all(|(name, path)| path.is_empty() || report.outputs.get(name) == Some(path));
+        if same_names && same_paths {
+            return;
+        }
+        let drv = inner
+            .runs
+            .iter()
+            .find(|r| r.id == a.run_id)
+            .and_then(|r| r.drv_of.get(node as usize))
+            .cloned()
+            .unwrap_or_default();
+        self.violation(
+            inner,
+            &a.agent,
+            &format!("build of {drv} reported outputs that are not the derivation's own"),
+        );
+        *report = BuildReport {
+            kind: BuildOutcome::InfraFailed,
+            message: format!(
+                "agent {} reported outputs that are not the derivation's own; result refused",
+                a.agent
+            ),
+            agent: a.agent.clone(),
+            ..Default::default()
+        };
+    }
+}

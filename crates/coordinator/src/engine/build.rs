@@ -1,0 +1,119 @@
+//! Build outcomes: applied once, to a running build; infrastructure failures retried within a budget.
+
+use super::*;
+
+impl Engine {
+    /// Records a build's outcome; an infrastructure failure is retried while `retry` and
+    /// the job's retry budget allow.
+    pub(super) fn on_build(
+        &self,
+        inner: &mut Inner,
+        a: AttemptMem,
+        mut report: BuildReport,
+        retry: bool,
+    ) -> Result<(), EngineError> {
+        let run_id = a.run_id.clone();
+        let JobRef::Build(node) = a.job else {
+            return Ok(());
+        };
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        let drv = run.drv_of[node as usize].clone();
+        let Some(sched) = run.sched.as_mut() else {
+            return Ok(());
+        };
+        // A result is applied once, to a build that is running: the scheduler and the
+        // stored state can then never disagree (a late result for a derivation already
+        // built or failed would otherwise rewrite its row under its dependents).
+        if sched.state(node) != NodeState::Running {
+            tracing::debug!(
+                run = run_id,
+                drv,
+                "ignoring a result for a build not running"
+            );
+            return Ok(());
+        }
+        let mut dep_failed = Vec::new();
+        let state = match report.kind {
+            // Not cached still built: dependents on this agent can go on.
+            BuildOutcome::Built | BuildOutcome::NotCached => {
+                sched.complete(node);
+                run.done_builds += 1;
+                DrvState::Built
+            }
+            BuildOutcome::InfraFailed => {
+                let n = inner.db.drv_infra_failure(&run_id, &drv)?;
+                if retry && n <= self.opts.max_infra_retries && !run.state.is_terminal() {
+                    tracing::warn!(
+                        run = run_id,
+                        drv,
+                        attempt = n,
+                        "infrastructure failure, requeueing: {}",
+                        report.message
+                    );
+                    sched.requeue(node);
+                    self.emit(
+                        inner,
+                        &run_id,
+                        Ev::JobRetry {
+                            drv: drv.clone(),
+                            message: report.message.clone(),
+                            retry: n,
+                        },
+                    );
+                    return Ok(());
+                }
+                dep_failed = sched.fail(node);
+                DrvState::Failed
+            }
+            BuildOutcome::Cancelled if !run.state.is_terminal() => {
+                // A cancel the run did not ask for (the agent was drained): try again elsewhere.
+                sched.requeue(node);
+                return Ok(());
+            }
+            BuildOutcome::Cancelled => {
+                sched.cancel_running(node);
+                DrvState::Cancelled
+            }
+            BuildOutcome::BuildFailed
+            | BuildOutcome::HashMismatch
+            | BuildOutcome::TimedOut
+            | BuildOutcome::DependencyFailed => {
+                dep_failed = sched.fail(node);
+                DrvState::Failed
+            }
+        };
+        let (done, total) = (sched.len() - sched.unfinished(), sched.len());
+        let dep_names: Vec<String> = dep_failed
+            .iter()
+            .map(|&n| run.drv_of[n as usize].clone())
+            .collect();
+        let dep = BuildReport {
+            kind: BuildOutcome::DependencyFailed,
+            failed_root: drv.clone(),
+            ..Default::default()
+        };
+        inner
+            .db
+            .finish_drv(&run_id, &drv, state, &report, &dep_names, &dep)?;
+        report.log_tail.clear();
+        self.emit(
+            inner,
+            &run_id,
+            Ev::JobFinished {
+                name: store_name(&drv).to_string(),
+                drv,
+                agent: a.agent.clone(),
+                outcome: report.kind,
+                message: report.message,
+                duration_ms: report.duration_ms,
+                substituted: report.substituted,
+                dependency_failed: dep_names.len() as u64,
+                done: done as u64,
+                total: total as u64,
+            },
+        );
+        self.maybe_finish(inner, &run_id)
+    }
+}

@@ -1,0 +1,55 @@
+//! Upload claims: agents whose closures overlap upload each path once.
+
+use super::*;
+
+impl Engine {
+    /// Claims the upload of `paths` to `cache` for `agent`: true for each path the agent
+    /// should upload itself, false where another agent is uploading it (the caller waits for
+    /// the cache to have it). So agents whose closures overlap upload each path once. A claim
+    /// lapses when its holder is gone for longer than the lease, when the holder registers
+    /// again with nothing running, or after [`UPLOAD_CLAIM_TTL_MS`]. With `release`, drops
+    /// the agent's claims on `paths` instead (uploaded, or given up) and returns nothing.
+    pub fn claim_uploads(
+        &self,
+        agent: &str,
+        session: &str,
+        cache: &str,
+        paths: &[String],
+        release: bool,
+    ) -> Result<Vec<bool>, EngineError> {
+        if cache.is_empty() {
+            return Err(EngineError::Invalid("an upload claim needs a cache".into()));
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        // Only the agent itself (its registration's session key) claims or releases in its name.
+        let own = inner.agents.get(agent).is_some_and(|a| {
+            !a.session.is_empty()
+                && a.session.len() == session.len()
+                && constant_time_eq(a.session.as_bytes(), session.as_bytes())
+        });
+        if !own {
+            return Err(EngineError::Denied(
+                "upload claims are made by a registered agent, with its session key".into(),
+            ));
+        }
+        if let Some(a) = inner.agents.get_mut(agent) {
+            a.last_seen_ms = now;
+        }
+        if release {
+            inner.db.release_upload_claims(agent, cache, paths)?;
+            return Ok(Vec::new());
+        }
+        let lease = self.opts.lease_ms;
+        let agents = &inner.agents;
+        let lapsed = |holder: &str, at: i64| {
+            now - at > UPLOAD_CLAIM_TTL_MS
+                || match agents.get(holder) {
+                    Some(h) => h.tx.is_none() && now - h.last_seen_ms.max(at) > lease,
+                    None => now - at > lease,
+                }
+        };
+        Ok(inner.db.claim_uploads(cache, agent, paths, now, lapsed)?)
+    }
+}

@@ -1,0 +1,161 @@
+//! Dispatch: evaluation first, then builds by critical path, to agents with a free slot.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn dispatch(&self, inner: &mut Inner) {
+        let now = self.clock.now_ms();
+        let names: Vec<String> = inner.agents.keys().cloned().collect();
+        for name in names {
+            while let Some(agent) = inner.agents.get(&name) {
+                if agent.tx.is_none()
+                    || agent.draining
+                    || !agent.paused.is_empty()
+                    || agent.running.len() >= agent.reg.max_jobs as usize
+                {
+                    break;
+                }
+                let caps = agent.caps.clone();
+                let Some((run_id, job_ref, job, target)) =
+                    Self::next_job(&mut inner.runs, &caps, &self.opts)
+                else {
+                    break;
+                };
+                let attempt = random_id("a");
+                let kind = match &job {
+                    Job::EvalList { .. } => "eval-list",
+                    Job::EvalChunk { .. } => "eval-chunk",
+                    Job::Build { .. } => "build",
+                };
+                let row = AttemptRow {
+                    id: attempt.clone(),
+                    run_id: run_id.clone(),
+                    kind: kind.into(),
+                    target: target.clone(),
+                    agent: name.clone(),
+                    state: "running".into(),
+                };
+                if let Err(e) = inner.db.insert_attempt(&row, now) {
+                    tracing::error!("cannot record attempt: {e}");
+                    Self::unpop(&mut inner.runs, &run_id, &job_ref);
+                    return;
+                }
+                let sent = inner
+                    .agents
+                    .get(&name)
+                    .and_then(|a| a.tx.as_ref())
+                    .is_some_and(|tx| {
+                        tx.send(ToAgent::Assign {
+                            attempt: attempt.clone(),
+                            run_id: run_id.clone(),
+                            job,
+                        })
+                        .is_ok()
+                    });
+                inner.attempts.insert(
+                    attempt.clone(),
+                    AttemptMem {
+                        run_id: run_id.clone(),
+                        job: job_ref,
+                        agent: name.clone(),
+                        target: target.clone(),
+                    },
+                );
+                if let Some(a) = inner.agents.get_mut(&name) {
+                    a.running.insert(attempt.clone());
+                }
+                if !sent {
+                    let _ = self.lose_attempt(inner, &attempt, "the agent's stream closed");
+                    if let Some(a) = inner.agents.get_mut(&name) {
+                        a.tx = None;
+                    }
+                    break;
+                }
+                if kind == "build" {
+                    self.emit(
+                        inner,
+                        &run_id,
+                        Ev::JobStarted {
+                            name: store_name(&target).to_string(),
+                            drv: target.clone(),
+                            agent: name.clone(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    pub(super) fn next_job(
+        runs: &mut [RunMem],
+        caps: &Capabilities,
+        opts: &EngineOptions,
+    ) -> Option<(String, JobRef, Job, String)> {
+        // Evaluation first (it unlocks builds), oldest run first.
+        for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
+            if let Some(task) = run.eval_queue.pop_front() {
+                let source = run.spec.source.clone();
+                let attr_path = run.spec.attr_path.clone();
+                return Some(match task {
+                    EvalTask::List => (
+                        run.id.clone(),
+                        JobRef::Eval(task),
+                        Job::EvalList {
+                            source,
+                            attr_path,
+                            memory_mib: opts.eval_memory_mib,
+                        },
+                        "list".into(),
+                    ),
+                    EvalTask::Chunk(n) => {
+                        let attrs = run.chunk_attrs.get(&n).cloned().unwrap_or_default();
+                        (
+                            run.id.clone(),
+                            JobRef::Eval(task),
+                            Job::EvalChunk {
+                                source,
+                                attr_path,
+                                attrs,
+                                cache: run.spec.cache.clone(),
+                                memory_mib: opts.eval_memory_mib,
+                                skip_cached: run.spec.skip_cached,
+                            },
+                            n.to_string(),
+                        )
+                    }
+                });
+            }
+        }
+        for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
+            let Some(sched) = run.sched.as_mut() else {
+                continue;
+            };
+            if let Some(n) = sched.pop_for(caps) {
+                let drv = run.drv_of[n as usize].clone();
+                let (t, s) = run.limits.get(&drv).copied().unwrap_or((0, 0));
+                let job = Job::Build {
+                    drv_path: drv.clone(),
+                    cache: run.spec.cache.clone(),
+                    trusted_public_keys: run.spec.trusted_public_keys.clone(),
+                    timeout_secs: if t > 0 { t } else { run.spec.timeout_secs },
+                    max_silent_secs: if s > 0 { s } else { run.spec.max_silent_secs },
+                };
+                return Some((run.id.clone(), JobRef::Build(n), job, drv));
+            }
+        }
+        None
+    }
+
+    pub(super) fn unpop(runs: &mut [RunMem], run_id: &str, job: &JobRef) {
+        if let Some(run) = runs.iter_mut().find(|r| r.id == run_id) {
+            match job {
+                JobRef::Eval(t) => run.eval_queue.push_front(*t),
+                JobRef::Build(n) => {
+                    if let Some(s) = run.sched.as_mut() {
+                        s.requeue(*n);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Evaluation: the attribute listing, chunks evaluated in isolation, and the graph they yield.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn on_eval_list(
+        &self,
+        inner: &mut Inner,
+        a: AttemptMem,
+        result: Result<Vec<String>, AgentFailure>,
+    ) -> Result<(), EngineError> {
+        let run_id = a.run_id.clone();
+        let mut attrs = match result {
+            Ok(attrs) => attrs,
+            Err((msg, true)) => return self.retry_eval(inner, &run_id, EvalTask::List, -1, &msg),
+            Err((msg, false)) => {
+                let attr_path = inner
+                    .runs
+                    .iter()
+                    .find(|r| r.id == run_id)
+                    .map(|r| r.spec.attr_path.clone())
+                    .unwrap_or_default();
+                return self.fail_run(
+                    inner,
+                    &run_id,
+                    &format!("cannot list the attributes of '{attr_path}': {msg}"),
+                );
+            }
+        };
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        if run.state.is_terminal() {
+            return Ok(());
+        }
+        if !run.spec.attrs.is_empty() {
+            let listed: HashSet<&String> = attrs.iter().collect();
+            let missing: Vec<&str> = run
+                .spec
+                .attrs
+                .iter()
+                .filter(|a| !listed.contains(a))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                let msg = format!(
+                    "no attribute {} in '{}'",
+                    missing.join(", "),
+                    run.spec.attr_path
+                );
+                return self.fail_run(inner, &run_id, &msg);
+            }
+            let wanted: HashSet<&String> = run.spec.attrs.iter().collect();
+            attrs.retain(|a| wanted.contains(a));
+        }
+        let agents = inner
+            .agents
+            .values()
+            .filter(|a| a.tx.is_some())
+            .count()
+            .max(1);
+        // Enough tasks to spread over the agents, bounded so each process stays small.
+        let size = attrs
+            .len()
+            .div_ceil(agents * 2)
+            .clamp(1, self.opts.eval_chunk_size.max(1));
+        let chunks: Vec<&[String]> = attrs.chunks(size).collect();
+        let total = chunks.len();
+        inner.db.tx(|tx| {
+            for (i, c) in chunks.iter().enumerate() {
+                tx.execute(
+                    "INSERT OR IGNORE INTO eval_tasks(run_id, task, attrs) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![
+                        run_id,
+                        i as i64,
+                        serde_json::to_string(c).unwrap_or_default()
+                    ],
+                )?;
+            }
+            tx.execute(
+                "UPDATE runs SET eval_chunks_total = ?2 WHERE id = ?1",
+                rusqlite::params![run_id, total as i64],
+            )?;
+            Ok(())
+        })?;
+        run.eval_tasks_total = Some(total);
+        for (i, c) in chunks.iter().enumerate() {
+            run.chunk_attrs.insert(i as i64, c.to_vec());
+            run.eval_queue.push_back(EvalTask::Chunk(i as i64));
+        }
+        self.emit(
+            inner,
+            &run_id,
+            Ev::EvalListed {
+                attrs: attrs.len() as u64,
+                tasks: total as u64,
+            },
+        );
+        if total == 0 {
+            self.start_building(inner, &run_id)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn retry_eval(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        task: EvalTask,
+        task_no: i64,
+        msg: &str,
+    ) -> Result<(), EngineError> {
+        let failures = if task_no >= 0 {
+            inner.db.eval_task_infra_failure(run_id, task_no)?
+        } else {
+            // The listing has no task row: its failed attempts are the count.
+            inner.db.failed_attempts(run_id, "eval-list")?
+        };
+        if failures > self.opts.max_infra_retries {
+            return self.fail_run(
+                inner,
+                run_id,
+                &format!("evaluation kept failing on agents: {msg}"),
+            );
+        }
+        tracing::warn!(
+            run = run_id,
+            "evaluation infrastructure failure, retrying: {msg}"
+        );
+        if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
+            run.eval_queue.push_back(task);
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_eval_chunk(
+        &self,
+        inner: &mut Inner,
+        a: AttemptMem,
+        result: Result<EvalChunkOutput, AgentFailure>,
+    ) -> Result<(), EngineError> {
+        let run_id = a.run_id.clone();
+        let JobRef::Eval(EvalTask::Chunk(task)) = a.job else {
+            return Ok(());
+        };
+        let (attrs, drvs) = match result {
+            Ok(r) => r,
+            Err((msg, _infra)) => {
+                return self.retry_eval(inner, &run_id, EvalTask::Chunk(task), task, &msg);
+            }
+        };
+        if inner
+            .runs
+            .iter()
+            .find(|r| r.id == run_id)
+            .is_none_or(|r| r.state.is_terminal())
+        {
+            return Ok(());
+        }
+        let failed = attrs
+            .iter()
+            .filter(|a| !a.info.eval_error.is_empty())
+            .count();
+        inner.db.tx(|tx| {
+            for ea in &attrs {
+                tx.execute(
+                    "INSERT INTO packages(run_id, attr, info) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(run_id, attr) DO UPDATE SET info = excluded.info",
+                    rusqlite::params![
+                        run_id,
+                        ea.attr,
+                        serde_json::to_string(&ea.info).unwrap_or_default()
+                    ],
+                )?;
+            }
+            for (path, node) in &drvs {
+                tx.execute(
+                    "INSERT OR IGNORE INTO drvs(run_id, drv_path, node) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![
+                        run_id,
+                        path,
+                        serde_json::to_string(node).unwrap_or_default()
+                    ],
+                )?;
+            }
+            tx.execute(
+                "UPDATE eval_tasks SET done = 1 WHERE run_id = ?1 AND task = ?2",
+                rusqlite::params![run_id, task],
+            )?;
+            Ok(())
+        })?;
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        run.eval_tasks_done.insert(task);
+        let (done, total) = (run.eval_tasks_done.len(), run.eval_tasks_total.unwrap_or(0));
+        self.emit(
+            inner,
+            &run_id,
+            Ev::EvalProgress {
+                task,
+                attrs: attrs.len() as u64,
+                eval_failed: failed as u64,
+                tasks_done: done as u64,
+                tasks: total as u64,
+            },
+        );
+        if done >= total {
+            self.start_building(inner, &run_id)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn start_building(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+    ) -> Result<(), EngineError> {
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        // Warm mode: what the cache already has is done before anything is dispatched.
+        for row in inner.db.drvs(run_id)? {
+            if row.state == DrvState::Waiting && row.node.present {
+                let rep = BuildReport {
+                    kind: BuildOutcome::Built,
+                    substituted: true,
+                    message: "already in the cache".into(),
+                    ..Default::default()
+                };
+                inner
+                    .db
+                    .set_drv_state(run_id, &row.drv_path, DrvState::Built, Some(&rep))?;
+            }
+        }
+        Self::build_scheduler(&inner.db, run)?;
+        let (drvs, packages) = (run.drv_of.len(), inner.db.packages(run_id)?.len());
+        self.emit(
+            inner,
+            run_id,
+            Ev::EvalDone {
+                packages: packages as u64,
+                drvs: drvs as u64,
+            },
+        );
+        self.maybe_finish(inner, run_id)
+    }
+}

@@ -1,0 +1,267 @@
+//! The coordinator's state machine: runs move from evaluation to building to finished,
+//! agents connect and take jobs, results come back once. Every change is written to the
+//! database first; the in-memory state is a cache of it that [`Engine::open`] rebuilds.
+
+use crate::clock::Clock;
+use crate::db::{AttemptRow, Db, DbError, RunRow};
+use crate::model::*;
+use crate::scheduler::{Capabilities, Class, NodeId, NodeState, Scheduler};
+use nixfarm_core::RunEvent as Ev;
+use nixfarm_core::report::{HashMismatch, PackageReport, Report};
+use nixfarm_core::{PackageStatus, RunState, rev_is_pinned};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{broadcast, mpsc};
+
+/// Errors the engine reports to its callers (mapped to gRPC statuses in one place).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("too many runs in flight (limit {0}); wait for one to finish")]
+    Busy(usize),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("database error: {0}")]
+    Db(#[from] DbError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Tunables of the engine (the config file's `[scheduler]` part).
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Attributes per evaluation task.
+    pub eval_chunk_size: usize,
+    /// Memory cap per evaluation worker, MiB.
+    pub eval_memory_mib: u64,
+    /// Infrastructure failures tolerated per job before it is reported infra-failed.
+    pub max_infra_retries: i64,
+    /// Runs evaluating or building at once.
+    pub max_runs_in_flight: usize,
+    /// Milliseconds without any message after which an agent's jobs are requeued.
+    pub lease_ms: i64,
+    /// Accept flake references agents resolve on their own disk (`path:`, `git+file:`, …).
+    pub allow_local_flake_refs: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            eval_chunk_size: 16,
+            eval_memory_mib: 4096,
+            max_infra_retries: 3,
+            max_runs_in_flight: 64,
+            lease_ms: 60_000,
+            allow_local_flake_refs: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum EvalTask {
+    List,
+    Chunk(i64),
+}
+
+struct RunMem {
+    id: String,
+    spec: RunSpec,
+    state: RunState,
+    eval_queue: VecDeque<EvalTask>,
+    eval_tasks_total: Option<usize>,
+    eval_tasks_done: HashSet<i64>,
+    sched: Option<Scheduler>,
+    node_of: HashMap<String, NodeId>,
+    drv_of: Vec<String>,
+    /// The outputs each derivation has by the graph, by node: the only paths a build of it
+    /// may report.
+    outputs_of: Vec<Outputs>,
+    /// Per-derivation build limits from the packages' meta (timeout, max-silent).
+    limits: HashMap<String, (u64, u64)>,
+    done_builds: u64,
+    /// Attribute names of each evaluation task.
+    chunk_attrs: HashMap<i64, Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+enum JobRef {
+    Eval(EvalTask),
+    Build(NodeId),
+}
+
+#[derive(Debug, Clone)]
+struct AttemptMem {
+    run_id: String,
+    job: JobRef,
+    agent: String,
+    target: String,
+}
+
+struct AgentMem {
+    reg: Registration,
+    caps: Capabilities,
+    conn: u64,
+    tx: Option<mpsc::UnboundedSender<ToAgent>>,
+    running: HashSet<String>,
+    last_seen_ms: i64,
+    draining: bool,
+    /// Why the agent takes no new jobs for now (its disk is full); empty: it takes them.
+    paused: String,
+    /// Secret of the current registration: a reconnect that presents it may replace a stream
+    /// that still looks open; anyone else is refused the name.
+    session: String,
+    /// Messages refused as protocol violations (results for attempts it does not hold,
+    /// outputs that are not the derivation's).
+    violations: u64,
+}
+
+struct Inner {
+    db: Db,
+    runs: Vec<RunMem>,
+    agents: BTreeMap<String, AgentMem>,
+    attempts: HashMap<String, AttemptMem>,
+    next_conn: u64,
+}
+
+/// The coordinator engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<RunEvent>,
+    clock: Arc<dyn Clock>,
+    opts: EngineOptions,
+    sources_dir: PathBuf,
+}
+
+/// An upload claim older than this lapses even while its holder looks alive (a stuck
+/// upload must not hold up every other agent for ever), in milliseconds.
+pub const UPLOAD_CLAIM_TTL_MS: i64 = 10 * 60 * 1000;
+
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}{:016x}", fastrand::u64(..))
+}
+
+/// 128 bits from the kernel's random source, in hex: a secret, unlike [`random_id`].
+fn secret_key() -> String {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => data_encoding::HEXLOWER.encode(&b),
+        // No /dev/urandom: still unguessable enough to tell two agents apart, never empty.
+        Err(_) => format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A Prometheus label value: quotes, backslashes and newlines escaped.
+fn prometheus_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Engine {
+    /// Opens the engine over a database and resumes every unfinished run from it.
+    pub fn open(
+        db: Db,
+        sources_dir: PathBuf,
+        clock: Arc<dyn Clock>,
+        opts: EngineOptions,
+    ) -> Result<Engine, EngineError> {
+        std::fs::create_dir_all(&sources_dir)?;
+        let (events, _) = broadcast::channel(8192);
+        let engine = Engine {
+            inner: Arc::new(Mutex::new(Inner {
+                db,
+                runs: Vec::new(),
+                agents: BTreeMap::new(),
+                attempts: HashMap::new(),
+                next_conn: 1,
+            })),
+            events,
+            clock,
+            opts,
+            sources_dir,
+        };
+        engine.recover()?;
+        Ok(engine)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic mid-update; the database is still the truth, so go on.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn sources_dir(&self) -> &std::path::Path {
+        &self.sources_dir
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, inner: &Inner, run_id: &str, event: nixfarm_core::RunEvent) {
+        let (kind, json) = (event.kind(), event.to_json());
+        match inner.db.append_event(run_id, kind, &json) {
+            Ok(seq) => {
+                let _ = self.events.send(RunEvent {
+                    run_id: run_id.into(),
+                    seq: seq as u64,
+                    kind: kind.into(),
+                    json,
+                });
+            }
+            Err(e) => tracing::error!(run = run_id, "cannot store event: {e}"),
+        }
+    }
+}
+
+impl RunMem {
+    fn new(id: String, spec: RunSpec, state: RunState) -> Self {
+        RunMem {
+            id,
+            spec,
+            state,
+            eval_queue: VecDeque::new(),
+            eval_tasks_total: None,
+            eval_tasks_done: HashSet::new(),
+            sched: None,
+            node_of: HashMap::new(),
+            drv_of: Vec::new(),
+            outputs_of: Vec::new(),
+            limits: HashMap::new(),
+            done_builds: 0,
+            chunk_attrs: HashMap::new(),
+        }
+    }
+
+    fn eval_complete(&self) -> bool {
+        self.eval_tasks_total
+            .is_some_and(|t| self.eval_tasks_done.len() >= t)
+    }
+}
+
+mod agents;
+mod build;
+mod claims;
+mod dispatch;
+mod eval;
+mod metrics;
+mod queries;
+mod readiness;
+mod recovery;
+mod runs;
+mod waiting;
+
+#[cfg(test)]
+mod tests;

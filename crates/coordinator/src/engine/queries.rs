@@ -1,0 +1,120 @@
+//! Reads: events, reports, runs and agents.
+
+use super::readiness::package_report;
+use super::waiting::waiting_reason;
+use super::*;
+
+impl Engine {
+    /// Events of a run after `after`, from the database.
+    pub fn events_after(&self, run_id: &str, after: u64) -> Result<Vec<RunEvent>, EngineError> {
+        let g = self.lock();
+        if g.db.run(run_id)?.is_none() {
+            return Err(EngineError::NotFound(format!("run {run_id}")));
+        }
+        Ok(g.db
+            .events_after(run_id, after as i64)?
+            .into_iter()
+            .map(|(seq, kind, json)| RunEvent {
+                run_id: run_id.into(),
+                seq: seq as u64,
+                kind,
+                json,
+            })
+            .collect())
+    }
+
+    pub fn run_state(&self, run_id: &str) -> Result<RunState, EngineError> {
+        let g = self.lock();
+        let row =
+            g.db.run(run_id)?
+                .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
+        Ok(row.state)
+    }
+
+    pub fn report(&self, run_id: &str) -> Result<Report, EngineError> {
+        let g = self.lock();
+        self.report_locked(&g, run_id)
+    }
+
+    pub(super) fn report_locked(&self, inner: &Inner, run_id: &str) -> Result<Report, EngineError> {
+        let row = inner
+            .db
+            .run(run_id)?
+            .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
+        let run_state = row.state;
+        let drv_rows = inner.db.drvs(run_id)?;
+        let mut results: HashMap<&str, (DrvState, BuildReport)> = HashMap::new();
+        let mut nodes: HashMap<&str, DrvNode> = HashMap::new();
+        for r in &drv_rows {
+            let rep = r.result.clone().unwrap_or_default();
+            results.insert(r.drv_path.as_str(), (r.state, rep));
+            nodes.insert(r.drv_path.as_str(), r.node.clone());
+        }
+        let packages = inner.db.packages(run_id)?;
+        let top_of: HashMap<String, String> = packages
+            .iter()
+            .filter_map(|(attr, info)| {
+                serde_json::from_str::<PackageInfo>(info)
+                    .ok()
+                    .map(|p| (p.drv_path, attr.clone()))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (attr, info) in &packages {
+            let p: PackageInfo = serde_json::from_str(info).unwrap_or_default();
+            let mut r = package_report(attr, &p, run_state, &results, &nodes, &top_of);
+            if r.status == PackageStatus::Pending {
+                r.reason = waiting_reason(inner, run_id, &p.drv_path);
+            }
+            out.push(r);
+        }
+        Ok(Report::new(row.id, row.state, row.label, row.error, out))
+    }
+
+    pub fn list_runs(&self) -> Result<Vec<RunListing>, EngineError> {
+        let g = self.lock();
+        let mut out = Vec::new();
+        for r in g.db.runs()? {
+            let rep = self.report_locked(&g, &r.id)?;
+            out.push(RunListing {
+                id: r.id,
+                state: r.state,
+                label: r.label,
+                total: rep.summary.total as u64,
+                ready: rep.summary.ready as u64,
+                created_ms: r.created_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn list_agents(&self) -> Vec<AgentStatus> {
+        let g = self.lock();
+        g.agents
+            .iter()
+            .map(|(name, a)| AgentStatus {
+                name: name.clone(),
+                systems: a.reg.systems.clone(),
+                features: a.reg.features.clone(),
+                max_jobs: a.reg.max_jobs,
+                nix_version: a.reg.nix_version.clone(),
+                connected: a.tx.is_some(),
+                building: a
+                    .running
+                    .iter()
+                    .filter_map(|id| g.attempts.get(id))
+                    .map(|at| at.target.clone())
+                    .collect(),
+                last_seen_ms: a.last_seen_ms,
+                paused: a.paused.clone(),
+                draining: a.draining,
+                violations: a.violations,
+            })
+            .collect()
+    }
+
+    /// How many build attempts a run made for a derivation.
+    pub fn build_attempts(&self, run_id: &str, drv: &str) -> Result<i64, EngineError> {
+        Ok(self.lock().db.build_attempts(run_id, drv)?)
+    }
+}

@@ -1,0 +1,190 @@
+//! Resuming from the state store: unfinished runs, their graphs and the attempts that were running.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn recover(&self) -> Result<(), EngineError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        // Attempts that were running when the coordinator stopped: their agents will
+        // reconnect and either claim them (reattach) or they are requeued below.
+        let running = inner.db.running_attempts()?;
+        for row in inner.db.runs()? {
+            let state = row.state;
+            if state.is_terminal() {
+                continue;
+            }
+            let spec: RunSpec = match serde_json::from_str(&row.spec) {
+                Ok(s) => s,
+                Err(e) => {
+                    inner.db.set_run_state(
+                        &row.id,
+                        RunState::Failed,
+                        &format!("unreadable run spec: {e}"),
+                        self.clock.now_ms(),
+                    )?;
+                    continue;
+                }
+            };
+            let mut run = RunMem::new(row.id.clone(), spec, state);
+            let tasks = inner.db.eval_tasks(&row.id)?;
+            if row.eval_tasks_total < 0 {
+                run.eval_queue.push_back(EvalTask::List);
+            } else {
+                run.eval_tasks_total = Some(row.eval_tasks_total as usize);
+                for (task, attrs, done) in &tasks {
+                    run.chunk_attrs
+                        .insert(*task, serde_json::from_str(attrs).unwrap_or_default());
+                    if *done {
+                        run.eval_tasks_done.insert(*task);
+                    } else {
+                        run.eval_queue.push_back(EvalTask::Chunk(*task));
+                    }
+                }
+            }
+            if run.eval_complete() {
+                Self::build_scheduler(&inner.db, &mut run)?;
+            }
+            inner.runs.push(run);
+        }
+        for a in running {
+            let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
+                inner.db.finish_attempt(
+                    &a.id,
+                    "lost",
+                    "coordinator restarted; run finished",
+                    self.clock.now_ms(),
+                )?;
+                continue;
+            };
+            let job = match a.kind.as_str() {
+                "build" => match run.node_of.get(&a.target) {
+                    Some(&n) => {
+                        if let Some(s) = run.sched.as_mut() {
+                            s.mark_running(n);
+                        }
+                        JobRef::Build(n)
+                    }
+                    None => continue,
+                },
+                "eval-list" => {
+                    run.eval_queue.retain(|t| *t != EvalTask::List);
+                    JobRef::Eval(EvalTask::List)
+                }
+                _ => {
+                    let task = a.target.parse().unwrap_or(-1);
+                    run.eval_queue.retain(|t| *t != EvalTask::Chunk(task));
+                    JobRef::Eval(EvalTask::Chunk(task))
+                }
+            };
+            // Held for the agent; requeued by the lease check if it does not come back.
+            inner.attempts.insert(
+                a.id.clone(),
+                AttemptMem {
+                    run_id: a.run_id.clone(),
+                    job,
+                    agent: a.agent.clone(),
+                    target: a.target.clone(),
+                },
+            );
+        }
+        let now = self.clock.now_ms();
+        for (name, info, _) in inner.db.agents()? {
+            if let Ok(reg) = serde_json::from_str::<Registration>(&info) {
+                let running: HashSet<String> = inner
+                    .attempts
+                    .iter()
+                    .filter(|(_, a)| a.agent == name)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let caps = Capabilities {
+                    systems: reg.systems.clone(),
+                    features: reg.features.clone(),
+                };
+                // Disconnected until it dials in; its lease starts now.
+                inner.agents.insert(
+                    name,
+                    AgentMem {
+                        reg,
+                        caps,
+                        conn: 0,
+                        tx: None,
+                        running,
+                        last_seen_ms: now,
+                        draining: false,
+                        paused: String::new(),
+                        session: String::new(),
+                        violations: 0,
+                    },
+                );
+            }
+        }
+        drop(g);
+        self.check_all_runs();
+        Ok(())
+    }
+
+    pub(super) fn build_scheduler(db: &Db, run: &mut RunMem) -> Result<(), EngineError> {
+        let rows = db.drvs(&run.id)?;
+        let mut sched = Scheduler::new();
+        let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let node = row.node.clone();
+            let mut features = node.features.clone();
+            features.sort();
+            features.dedup();
+            let id = sched.add_node(
+                Class {
+                    system: node.system.clone(),
+                    features,
+                },
+                1,
+            );
+            run.node_of.insert(row.drv_path.clone(), id);
+            run.drv_of.push(row.drv_path.clone());
+            run.outputs_of.push(node.outputs.clone());
+            nodes.push(node);
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            for input in &node.input_drvs {
+                if let Some(&j) = run.node_of.get(input) {
+                    sched.add_edge(i as NodeId, j);
+                }
+            }
+        }
+        for (i, row) in rows.iter().enumerate() {
+            let state = match row.state {
+                DrvState::Built => NodeState::Built,
+                DrvState::Failed => NodeState::Failed,
+                DrvState::DependencyFailed => NodeState::DependencyFailed,
+                DrvState::Cancelled => NodeState::Cancelled,
+                DrvState::Waiting => continue,
+            };
+            let root = row
+                .result
+                .as_ref()
+                .and_then(|r| run.node_of.get(&r.failed_root).copied());
+            sched.restore(i as NodeId, state, root);
+            if state == NodeState::Built {
+                run.done_builds += 1;
+            }
+        }
+        sched.start();
+        for (attr, info) in db.packages(&run.id)? {
+            let _ = attr;
+            if let Ok(p) = serde_json::from_str::<PackageInfo>(&info)
+                && !p.drv_path.is_empty()
+                && (p.timeout_secs > 0 || p.max_silent_secs > 0)
+            {
+                run.limits
+                    .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
+            }
+        }
+        run.sched = Some(sched);
+        if run.state == RunState::Evaluating || run.state == RunState::Queued {
+            run.state = RunState::Building;
+            db.set_run_state(&run.id, RunState::Building, "", 0)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! A run's life: submitted, cancelled, finished or failed, and agents told when it ends.
+
+use super::*;
+
+impl Engine {
+    /// Accepts a run; evaluation starts as soon as an agent is free.
+    pub fn submit(&self, spec: RunSpec) -> Result<String, EngineError> {
+        if spec.attr_path.trim().is_empty() {
+            return Err(EngineError::Invalid("the attribute path is empty".into()));
+        }
+        match &spec.source {
+            SourceSpec::Snapshot(d) => {
+                if !self.sources_dir.join(format!("{d}.tar")).is_file() {
+                    return Err(EngineError::Invalid(format!(
+                        "no uploaded source with digest {d}; upload it first"
+                    )));
+                }
+            }
+            SourceSpec::FlakeRef(f) => {
+                nixfarm_core::flakeref::validate_for_farm(f, self.opts.allow_local_flake_refs)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            }
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let in_flight = inner.runs.iter().filter(|r| !r.state.is_terminal()).count();
+        if in_flight >= self.opts.max_runs_in_flight {
+            return Err(EngineError::Busy(self.opts.max_runs_in_flight));
+        }
+        let id = random_id("r");
+        let spec_json =
+            serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        inner.db.insert_run(&RunRow {
+            id: id.clone(),
+            state: RunState::Evaluating,
+            label: spec.label.clone(),
+            spec: spec_json,
+            error: String::new(),
+            created_ms: self.clock.now_ms(),
+            finished_ms: 0,
+            eval_tasks_total: -1,
+        })?;
+        let mut run = RunMem::new(id.clone(), spec.clone(), RunState::Evaluating);
+        run.eval_queue.push_back(EvalTask::List);
+        inner.runs.push(run);
+        self.emit(
+            inner,
+            &id,
+            Ev::RunStarted {
+                label: spec.label.clone(),
+                attr_path: spec.attr_path.clone(),
+            },
+        );
+        self.dispatch(inner);
+        Ok(id)
+    }
+
+    /// Cancels a run: nothing new starts, running builds are told to stop.
+    pub fn cancel(&self, run_id: &str) -> Result<bool, EngineError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(idx) = inner.runs.iter().position(|r| r.id == run_id) else {
+            return match inner.db.run(run_id)? {
+                Some(_) => Ok(false),
+                None => Err(EngineError::NotFound(format!("run {run_id}"))),
+            };
+        };
+        if inner.runs[idx].state.is_terminal() {
+            return Ok(false);
+        }
+        let now = self.clock.now_ms();
+        let run = &mut inner.runs[idx];
+        run.eval_queue.clear();
+        run.state = RunState::Cancelled;
+        if let Some(s) = run.sched.as_mut() {
+            for n in s.cancel_pending() {
+                inner.db.set_drv_state(
+                    run_id,
+                    &run.drv_of[n as usize],
+                    DrvState::Cancelled,
+                    None,
+                )?;
+            }
+        }
+        let running: Vec<(String, String)> = inner
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.run_id == run_id)
+            .map(|(id, a)| (id.clone(), a.agent.clone()))
+            .collect();
+        for (attempt, agent) in running {
+            if let Some(ag) = inner.agents.get(&agent)
+                && let Some(tx) = &ag.tx
+            {
+                let _ = tx.send(ToAgent::Cancel {
+                    attempt: attempt.clone(),
+                });
+            }
+        }
+        inner
+            .db
+            .set_run_state(run_id, RunState::Cancelled, "", now)?;
+        Self::tell_run_ended(inner, run_id);
+        let report = self.report_locked(inner, run_id)?;
+        self.emit(
+            inner,
+            run_id,
+            Ev::RunFinished {
+                state: RunState::Cancelled,
+                summary: report.summary,
+            },
+        );
+        Ok(true)
+    }
+
+    pub(super) fn check_all_runs(&self) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let ids: Vec<String> = inner.runs.iter().map(|r| r.id.clone()).collect();
+        for id in ids {
+            if let Err(e) = self.maybe_finish(inner, &id) {
+                tracing::error!(run = id, "cannot finish run: {e}");
+            }
+        }
+        self.dispatch(inner);
+    }
+
+    pub(super) fn maybe_finish(&self, inner: &mut Inner, run_id: &str) -> Result<(), EngineError> {
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        if run.state.is_terminal() {
+            return Ok(());
+        }
+        let finished = match &run.sched {
+            Some(s) => s.unfinished() == 0,
+            None => false,
+        };
+        if !finished {
+            return Ok(());
+        }
+        run.state = RunState::Finished;
+        inner
+            .db
+            .set_run_state(run_id, RunState::Finished, "", self.clock.now_ms())?;
+        Self::tell_run_ended(inner, run_id);
+        let report = self.report_locked(inner, run_id)?;
+        self.emit(
+            inner,
+            run_id,
+            Ev::RunFinished {
+                state: RunState::Finished,
+                summary: report.summary,
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) fn fail_run(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        error: &str,
+    ) -> Result<(), EngineError> {
+        if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
+            if run.state.is_terminal() {
+                return Ok(());
+            }
+            run.state = RunState::Failed;
+            run.eval_queue.clear();
+        }
+        inner
+            .db
+            .set_run_state(run_id, RunState::Failed, error, self.clock.now_ms())?;
+        Self::tell_run_ended(inner, run_id);
+        self.emit(
+            inner,
+            run_id,
+            Ev::RunFailed {
+                error: error.to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Tells every connected agent that a run ended, so it releases what it kept for it.
+    pub(super) fn tell_run_ended(inner: &Inner, run_id: &str) {
+        for a in inner.agents.values() {
+            if let Some(tx) = &a.tx {
+                let _ = tx.send(ToAgent::RunEnded {
+                    run_id: run_id.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Runs not finished yet.
+    pub fn active_runs(&self) -> Vec<String> {
+        self.lock()
+            .runs
+            .iter()
+            .filter(|r| !r.state.is_terminal())
+            .map(|r| r.id.clone())
+            .collect()
+    }
+}

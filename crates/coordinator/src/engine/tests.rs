@@ -1,0 +1,445 @@
+use super::*;
+
+#[test]
+fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
+    let (engine, clock, _dir) = test_engine(EngineOptions::default());
+    let connect = |name: &str| connect_agent(&engine, name);
+    let a = connect("a");
+    let b = connect("b");
+    let (conn_a, conn_b) = (a.conn, b.conn);
+    let paths = vec!["/nix/store/p1".to_string(), "/nix/store/p2".to_string()];
+    let c = "file:///cache";
+    assert_eq!(
+        engine
+            .claim_uploads("a", &a.session, c, &paths, false)
+            .unwrap(),
+        [true, true]
+    );
+    // Held by a: b waits; a asking again keeps its claim.
+    assert_eq!(
+        engine
+            .claim_uploads("b", &b.session, c, &paths, false)
+            .unwrap(),
+        [false, false]
+    );
+    assert_eq!(
+        engine
+            .claim_uploads("a", &a.session, c, &paths, false)
+            .unwrap(),
+        [true, true]
+    );
+    // Another cache is another claim.
+    assert_eq!(
+        engine
+            .claim_uploads("b", &b.session, "file:///other", &paths[..1], false)
+            .unwrap(),
+        [true]
+    );
+    // a uploaded p1: b may claim it (and will find it in the cache).
+    engine
+        .claim_uploads("a", &a.session, c, &paths[..1], true)
+        .unwrap();
+    assert_eq!(
+        engine
+            .claim_uploads("b", &b.session, c, &paths, false)
+            .unwrap(),
+        [true, false]
+    );
+    // The streams drop: a's claim holds through the lease, then lapses.
+    engine.disconnect_agent("b", conn_b);
+    engine.disconnect_agent("a", conn_a);
+    clock.advance(4_000);
+    assert_eq!(
+        engine
+            .claim_uploads("b", &b.session, c, &paths[1..], false)
+            .unwrap(),
+        [false]
+    );
+    clock.advance(2_000);
+    assert_eq!(
+        engine
+            .claim_uploads("b", &b.session, c, &paths[1..], false)
+            .unwrap(),
+        [true]
+    );
+    // A holder that registers again with nothing running has no upload in flight.
+    let a2 = connect("a");
+    assert_eq!(
+        engine
+            .claim_uploads("a", &a2.session, c, &paths[1..], false)
+            .unwrap(),
+        [false]
+    );
+    // The old registration's key (or none) claims nothing in a's name any more.
+    assert!(
+        engine
+            .claim_uploads("a", &a.session, c, &paths[1..], false)
+            .is_err()
+    );
+    assert!(
+        engine
+            .claim_uploads("a", "", c, &paths[1..], false)
+            .is_err()
+    );
+    let _b2 = connect("b");
+    assert_eq!(
+        engine
+            .claim_uploads("a", &a2.session, c, &paths[1..], false)
+            .unwrap(),
+        [true]
+    );
+}
+
+/// An engine over an in-memory database with a manual clock and a 5 s lease.
+fn test_engine(opts: EngineOptions) -> (Engine, Arc<crate::clock::ManualClock>, tempfile::TempDir) {
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(
+        Db::open_in_memory().unwrap(),
+        dir.path().join("sources"),
+        clock.clone(),
+        EngineOptions {
+            lease_ms: 5_000,
+            ..opts
+        },
+    )
+    .unwrap();
+    (engine, clock, dir)
+}
+
+/// A registered test agent: its connection, session key and what it is sent.
+struct TestAgent {
+    conn: u64,
+    session: String,
+    rx: mpsc::UnboundedReceiver<ToAgent>,
+}
+
+fn registration(name: &str, session_key: &str) -> Registration {
+    Registration {
+        name: name.into(),
+        systems: vec!["x86_64-linux".into()],
+        features: vec![],
+        max_jobs: 1,
+        nix_version: "2.8.0".into(),
+        running_attempts: vec![],
+        session_key: session_key.into(),
+    }
+}
+
+/// Registers a one-job x86_64-linux agent (any earlier stream of that name closed).
+fn connect_agent(engine: &Engine, name: &str) -> TestAgent {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (conn, session) = engine.connect_agent(registration(name, ""), tx).unwrap();
+    TestAgent { conn, session, rx }
+}
+
+/// A run of a flake's packages.x86_64-linux, no cache.
+fn flake_run() -> RunSpec {
+    RunSpec {
+        source: SourceSpec::FlakeRef("github:owner/repo".into()),
+        attr_path: "packages.x86_64-linux".into(),
+        label: String::new(),
+        cache: String::new(),
+        trusted_public_keys: vec![],
+        timeout_secs: 0,
+        max_silent_secs: 0,
+        attrs: vec![],
+        skip_cached: false,
+    }
+}
+
+/// The next assignment sent to an agent: (attempt, job).
+fn assigned(rx: &mut mpsc::UnboundedReceiver<ToAgent>) -> (String, Job) {
+    loop {
+        match rx.try_recv().expect("an assignment") {
+            ToAgent::Assign { attempt, job, .. } => return (attempt, job),
+            _ => continue,
+        }
+    }
+}
+
+#[test]
+fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
+    let (engine, clock, _dir) = test_engine(EngineOptions {
+        max_infra_retries: 2,
+        ..Default::default()
+    });
+    let connect = || connect_agent(&engine, "a");
+    let mut a = connect();
+    let run = engine.submit(flake_run()).unwrap();
+    let (list, _) = assigned(&mut a.rx);
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalList {
+                attempt: list,
+                result: Ok(vec!["crash".into()]),
+            },
+        )
+        .unwrap();
+    let (chunk, _) = assigned(&mut a.rx);
+    let drv = "/nix/store/00000000000000000000000000000000-crash.drv".to_string();
+    let node = DrvNode {
+        system: "x86_64-linux".into(),
+        outputs: [(
+            "out".to_string(),
+            "/nix/store/11111111111111111111111111111111-crash".to_string(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let attr = EvaluatedAttr {
+        attr: "crash".into(),
+        info: PackageInfo {
+            drv_path: drv.clone(),
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        },
+    };
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalChunk {
+                attempt: chunk,
+                result: Ok((vec![attr], [(drv.clone(), node)].into())),
+            },
+        )
+        .unwrap();
+    // Each time the build starts, the agent falls silent and its lease runs out.
+    let mut builds = 0;
+    loop {
+        let (_, job) = assigned(&mut a.rx);
+        assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+        builds += 1;
+        clock.advance(6_000);
+        engine.check_leases();
+        if engine.run_state(&run).unwrap().is_terminal() {
+            break;
+        }
+        assert!(builds < 10, "requeued for ever");
+        drop(a);
+        a = connect();
+    }
+    // The first attempt and two retries, then it is given up: reported, not failed.
+    assert_eq!(builds, 3);
+    let report = engine.report(&run).unwrap();
+    let p = &report.packages[0];
+    assert_eq!(p.status, PackageStatus::InfraFailed);
+    assert!(
+        p.reason
+            .contains("given up after 3 attempts lost with their agents"),
+        "{}",
+        p.reason
+    );
+    assert!(
+        p.reason.contains("the agent stopped responding"),
+        "{}",
+        p.reason
+    );
+}
+
+#[test]
+fn runs_in_flight_are_limited_and_a_finished_one_frees_its_place() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        max_runs_in_flight: 1,
+        ..Default::default()
+    });
+    let spec = flake_run();
+    let first = engine.submit(spec.clone()).unwrap();
+    let err = engine.submit(spec.clone()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "too many runs in flight (limit 1); wait for one to finish"
+    );
+    assert!(engine.cancel(&first).unwrap());
+    engine.submit(spec).unwrap();
+}
+
+#[test]
+fn a_listing_that_keeps_failing_on_the_machine_fails_the_run_after_the_retry_budget() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        max_infra_retries: 2,
+        ..Default::default()
+    });
+    let TestAgent { conn, mut rx, .. } = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let mut tries = 0;
+    while !engine.run_state(&run).unwrap().is_terminal() {
+        assert!(tries < 10, "retried for ever");
+        let (attempt, job) = assigned(&mut rx);
+        assert!(matches!(job, Job::EvalList { .. }));
+        tries += 1;
+        let result = Err(("writing to file: No space left on device".into(), true));
+        engine
+            .agent_message("a", conn, FromAgent::EvalList { attempt, result })
+            .unwrap();
+    }
+    assert_eq!(tries, 3, "the first try and two retries");
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Failed);
+    assert!(
+        report.error.contains("No space left on device"),
+        "{}",
+        report.error
+    );
+}
+
+/// Evaluates a one-package run on `a` and returns (run, drv, its output).
+fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, String) {
+    let run = engine.submit(flake_run()).unwrap();
+    let (list, _) = assigned(&mut a.rx);
+    let result = Ok(vec!["pkg".into()]);
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalList {
+                attempt: list,
+                result,
+            },
+        )
+        .unwrap();
+    let (chunk, _) = assigned(&mut a.rx);
+    let drv = "/nix/store/00000000000000000000000000000000-pkg.drv".to_string();
+    let out = "/nix/store/11111111111111111111111111111111-pkg".to_string();
+    let node = DrvNode {
+        system: "x86_64-linux".into(),
+        outputs: [("out".to_string(), out.clone())].into(),
+        ..Default::default()
+    };
+    let attr = EvaluatedAttr {
+        attr: "pkg".into(),
+        info: PackageInfo {
+            drv_path: drv.clone(),
+            outputs: [("out".to_string(), out.clone())].into(),
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        },
+    };
+    let result = Ok((vec![attr], [(drv.clone(), node)].into()));
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalChunk {
+                attempt: chunk,
+                result,
+            },
+        )
+        .unwrap();
+    (run, drv, out)
+}
+
+fn built(out: &str) -> BuildReport {
+    BuildReport {
+        kind: BuildOutcome::Built,
+        outputs: [("out".to_string(), out.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+fn violations(engine: &Engine, name: &str) -> u64 {
+    engine
+        .list_agents()
+        .into_iter()
+        .find(|a| a.name == name)
+        .map_or(0, |a| a.violations)
+}
+
+#[test]
+fn a_result_counts_only_from_the_agent_that_holds_the_attempt() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let (run, _drv, out) = one_package_run(&engine, &mut a);
+    let (attempt, _) = assigned(&mut a.rx);
+    let b = connect_agent(&engine, "b");
+    // b claims a's build succeeded, with a path nobody built.
+    let forged = "/nix/store/22222222222222222222222222222222-evil".to_string();
+    engine
+        .agent_message(
+            "b",
+            b.conn,
+            FromAgent::Build {
+                attempt: attempt.clone(),
+                report: built(&forged),
+            },
+        )
+        .unwrap();
+    assert_eq!(violations(&engine, "b"), 1);
+    assert!(!engine.run_state(&run).unwrap().is_terminal());
+    // a's own result still counts, once.
+    for _ in 0..2 {
+        engine
+            .agent_message(
+                "a",
+                a.conn,
+                FromAgent::Build {
+                    attempt: attempt.clone(),
+                    report: built(&out),
+                },
+            )
+            .unwrap();
+    }
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.packages[0].status, PackageStatus::Ready);
+    assert_eq!(report.packages[0].agent, "a");
+    assert_eq!(violations(&engine, "a"), 0);
+}
+
+#[test]
+fn a_build_reporting_outputs_that_are_not_the_derivations_is_refused_and_retried() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let (run, drv, out) = one_package_run(&engine, &mut a);
+    let (attempt, _) = assigned(&mut a.rx);
+    let forged = "/nix/store/22222222222222222222222222222222-pkg".to_string();
+    let report = built(&forged);
+    engine
+        .agent_message("a", a.conn, FromAgent::Build { attempt, report })
+        .unwrap();
+    assert_eq!(violations(&engine, "a"), 1);
+    // Requeued as an infrastructure failure, not ready with the forged path.
+    let (again, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+    let report = built(&out);
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::Build {
+                attempt: again,
+                report,
+            },
+        )
+        .unwrap();
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.packages[0].status, PackageStatus::Ready);
+    assert_eq!(report.packages[0].outputs.get("out"), Some(&out));
+}
+
+#[test]
+fn a_live_agents_name_is_refused_to_others_and_kept_for_its_own_reconnect() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let first = connect_agent(&engine, "x");
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let err = engine
+        .connect_agent(registration("x", ""), tx.clone())
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+    assert!(err.to_string().contains("already connected"), "{err}");
+    let err = engine
+        .connect_agent(registration("x", "guess"), tx.clone())
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+    // The same agent, proving itself, takes its name over; its old stream is not heard.
+    let (conn, _) = engine
+        .connect_agent(registration("x", &first.session), tx)
+        .unwrap();
+    assert_ne!(conn, first.conn);
+    // Once the stream is gone, the name is free again.
+    drop(_rx);
+    let (tx2, _rx2) = mpsc::unbounded_channel();
+    engine.connect_agent(registration("x", ""), tx2).unwrap();
+}

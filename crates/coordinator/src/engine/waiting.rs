@@ -1,0 +1,140 @@
+//! Why a job waits: for people reading `nixfarm agents` and pending packages' reasons.
+
+use super::*;
+
+impl Engine {
+    /// Every job of the unfinished runs that is not running, grouped by why it waits:
+    /// (reason, number of jobs, one of them), most jobs first.
+    pub fn waiting_jobs(&self) -> Vec<(String, u64, String)> {
+        let g = self.lock();
+        let mut groups: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        // One look at the agents per class of job, not per job: runs can hold 100k jobs.
+        let mut by_class: HashMap<&Class, String> = HashMap::new();
+        for run in g.runs.iter().filter(|r| !r.state.is_terminal()) {
+            let Some(sched) = &run.sched else {
+                if !run.eval_queue.is_empty() {
+                    let e = groups
+                        .entry("evaluation: waiting for an agent".into())
+                        .or_insert((0, run.id.clone()));
+                    e.0 += run.eval_queue.len() as u64;
+                }
+                continue;
+            };
+            for id in 0..sched.len() as NodeId {
+                let reason = match sched.state(id) {
+                    NodeState::Ready => by_class
+                        .entry(sched.class(id))
+                        .or_insert_with(|| queued_reason(&g, sched.class(id)))
+                        .clone(),
+                    NodeState::Waiting => "waiting on dependencies".into(),
+                    _ => continue,
+                };
+                let e = groups
+                    .entry(reason)
+                    .or_insert_with(|| (0, store_name(&run.drv_of[id as usize]).to_string()));
+                e.0 += 1;
+            }
+        }
+        let mut out: Vec<(String, u64, String)> =
+            groups.into_iter().map(|(r, (n, ex))| (r, n, ex)).collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
+    }
+}
+
+/// Why a package of an unfinished run is not done yet: evaluating, building where, queued
+/// (and whether any connected agent can take it), or waiting on dependencies.
+/// Why a derivation that is ready to build is not running yet.
+pub(super) fn queued_reason(inner: &Inner, class: &Class) -> String {
+    let describe = || {
+        if class.features.is_empty() {
+            class.system.clone()
+        } else {
+            format!("{} with {}", class.system, class.features.join(", "))
+        }
+    };
+    let (capable, paused): (Vec<&AgentMem>, Vec<&AgentMem>) = inner
+        .agents
+        .values()
+        .filter(|a| a.tx.is_some() && !a.draining && a.caps.can_build(class))
+        .partition(|a| a.paused.is_empty());
+    if capable.is_empty() && !paused.is_empty() {
+        format!(
+            "queued: all {} agent(s) that build {} are paused ({}: {})",
+            paused.len(),
+            describe(),
+            paused[0].reg.name,
+            paused[0].paused
+        )
+    } else if capable.is_empty() {
+        format!("no connected agent builds {}", describe())
+    } else if capable
+        .iter()
+        .all(|a| a.running.len() >= a.reg.max_jobs as usize)
+    {
+        format!(
+            "queued: all {} agent(s) that build {} are busy",
+            capable.len(),
+            describe()
+        )
+    } else {
+        "queued".into()
+    }
+}
+
+pub(super) fn waiting_reason(inner: &Inner, run_id: &str, drv: &str) -> String {
+    let Some(run) = inner.runs.iter().find(|r| r.id == run_id) else {
+        return String::new();
+    };
+    let (Some(sched), Some(&top)) = (&run.sched, run.node_of.get(drv)) else {
+        return "evaluating".into();
+    };
+    let queued = |id: NodeId| queued_reason(inner, sched.class(id));
+    match sched.state(top) {
+        NodeState::Running => {
+            let agent = inner
+                .attempts
+                .values()
+                .find(|a| a.run_id == run_id && a.target == drv)
+                .map(|a| a.agent.clone())
+                .unwrap_or_default();
+            format!("building on {agent}")
+        }
+        NodeState::Ready => queued(top),
+        NodeState::Waiting => {
+            // The unbuilt derivations below it, and what holds the first ready one.
+            let mut seen = HashSet::new();
+            let mut stack = vec![top];
+            let mut unbuilt = 0usize;
+            let mut blocked: Option<String> = None;
+            while let Some(n) = stack.pop() {
+                if !seen.insert(n) {
+                    continue;
+                }
+                for &i in sched.inputs(n) {
+                    match sched.state(i) {
+                        NodeState::Built => {}
+                        NodeState::Ready => {
+                            unbuilt += 1;
+                            let why = queued(i);
+                            if blocked.is_none() && why != "queued" {
+                                blocked =
+                                    Some(format!("{}: {why}", store_name(&run.drv_of[i as usize])));
+                            }
+                            stack.push(i);
+                        }
+                        _ => {
+                            unbuilt += 1;
+                            stack.push(i);
+                        }
+                    }
+                }
+            }
+            match blocked {
+                Some(b) => format!("waiting on {unbuilt} dependencies ({b})"),
+                None => format!("waiting on {unbuilt} dependencies"),
+            }
+        }
+        _ => String::new(),
+    }
+}
