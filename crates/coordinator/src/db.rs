@@ -2,9 +2,10 @@
 //! events and agents. Every state change is written here before it is acted on, so a
 //! restarted coordinator resumes each run where it stood.
 
-use crate::model::{BuildReport, DrvNode, DrvState};
+use crate::model::{BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo, Registration};
 use nixfarm_core::RunState;
 use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use rusqlite::Error as DbError;
@@ -127,6 +128,19 @@ fn json_column<T: serde::de::DeserializeOwned>(
     serde_json::from_str(&text).map_err(|e| bad_column(col, what, e))
 }
 
+/// Totals the metrics endpoint shows.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsCounts {
+    /// (run state, runs).
+    pub runs_by_state: Vec<(String, i64)>,
+    /// (outcome, finished build attempts, their total milliseconds).
+    pub builds: Vec<(String, i64, i64)>,
+    /// Jobs requeued after an infrastructure failure.
+    pub retries: i64,
+    /// Attempts lost with their agent.
+    pub lost: i64,
+}
+
 /// A stored attempt row.
 #[derive(Debug, Clone)]
 pub struct AttemptRow {
@@ -164,7 +178,7 @@ impl Db {
     }
 
     /// Runs `f` in one transaction.
-    pub fn tx<T>(
+    fn tx<T>(
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
@@ -176,8 +190,89 @@ impl Db {
         Ok(out)
     }
 
-    pub fn conn(&self) -> &Connection {
-        &self.conn
+    /// Records the evaluation tasks of a run (the attribute names of each) and their number.
+    pub fn record_eval_tasks(&mut self, run: &str, tasks: &[&[String]]) -> Result<(), DbError> {
+        let rows: Vec<String> = tasks
+            .iter()
+            .map(|t| serde_json::to_string(t).map_err(|e| bad_column(2, "attribute list", e)))
+            .collect::<Result<_, _>>()?;
+        self.tx(|tx| {
+            for (i, attrs) in rows.iter().enumerate() {
+                tx.execute(
+                    "INSERT OR IGNORE INTO eval_tasks(run_id, task, attrs) VALUES (?1, ?2, ?3)",
+                    params![run, i as i64, attrs],
+                )?;
+            }
+            tx.execute(
+                "UPDATE runs SET eval_chunks_total = ?2 WHERE id = ?1",
+                params![run, rows.len() as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Records what one evaluation task found (packages and derivations) and marks it done,
+    /// in one transaction.
+    pub fn record_eval_chunk(
+        &mut self,
+        run: &str,
+        task: i64,
+        attrs: &[EvaluatedAttr],
+        drvs: &BTreeMap<String, DrvNode>,
+    ) -> Result<(), DbError> {
+        let json = |r: Result<String, serde_json::Error>| r.map_err(|e| bad_column(2, "record", e));
+        let packages: Vec<(String, String)> = attrs
+            .iter()
+            .map(|a| Ok((a.attr.clone(), json(serde_json::to_string(&a.info))?)))
+            .collect::<Result<_, DbError>>()?;
+        let nodes: Vec<(String, String)> = drvs
+            .iter()
+            .map(|(p, n)| Ok((p.clone(), json(serde_json::to_string(n))?)))
+            .collect::<Result<_, DbError>>()?;
+        self.tx(|tx| {
+            for (attr, info) in &packages {
+                tx.execute(
+                    "INSERT INTO packages(run_id, attr, info) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(run_id, attr) DO UPDATE SET info = excluded.info",
+                    params![run, attr, info],
+                )?;
+            }
+            for (path, node) in &nodes {
+                tx.execute(
+                    "INSERT OR IGNORE INTO drvs(run_id, drv_path, node) VALUES (?1, ?2, ?3)",
+                    params![run, path, node],
+                )?;
+            }
+            tx.execute(
+                "UPDATE eval_tasks SET done = 1 WHERE run_id = ?1 AND task = ?2",
+                params![run, task],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Totals for `/metrics`.
+    pub fn metrics_counts(&self) -> Result<MetricsCounts, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT state, count(*) FROM runs GROUP BY state")?;
+        let runs_by_state = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut st = self.conn.prepare(
+            "SELECT outcome, count(*), coalesce(sum(finished_ms - started_ms), 0) FROM attempts WHERE kind = 'build' AND state = 'done' GROUP BY outcome",
+        )?;
+        let builds = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let scalar =
+            |sql: &str| -> Result<i64, DbError> { self.conn.query_row(sql, [], |r| r.get(0)) };
+        Ok(MetricsCounts {
+            runs_by_state,
+            builds,
+            retries: scalar("SELECT coalesce(sum(infra_failures), 0) FROM drvs")?,
+            lost: scalar("SELECT count(*) FROM attempts WHERE state = 'lost'")?,
+        })
     }
 
     pub fn insert_run(&self, r: &RunRow) -> Result<(), DbError> {
@@ -198,14 +293,6 @@ impl Db {
         self.conn.execute(
             "UPDATE runs SET state = ?2, error = ?3, finished_ms = ?4 WHERE id = ?1",
             params![id, state.as_str(), error, finished_ms],
-        )?;
-        Ok(())
-    }
-
-    pub fn set_eval_tasks_total(&self, id: &str, n: i64) -> Result<(), DbError> {
-        self.conn.execute(
-            "UPDATE runs SET eval_chunks_total = ?2 WHERE id = ?1",
-            params![id, n],
         )?;
         Ok(())
     }
@@ -245,22 +332,6 @@ impl Db {
         st.query_map([], Self::run_from_row)?.collect()
     }
 
-    pub fn insert_eval_task(&self, run: &str, task: i64, attrs: &str) -> Result<(), DbError> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO eval_tasks(run_id, task, attrs) VALUES (?1, ?2, ?3)",
-            params![run, task, attrs],
-        )?;
-        Ok(())
-    }
-
-    pub fn finish_eval_task(&self, run: &str, task: i64) -> Result<(), DbError> {
-        self.conn.execute(
-            "UPDATE eval_tasks SET done = 1 WHERE run_id = ?1 AND task = ?2",
-            params![run, task],
-        )?;
-        Ok(())
-    }
-
     pub fn eval_task_infra_failure(&self, run: &str, task: i64) -> Result<i64, DbError> {
         self.conn.query_row(
             "UPDATE eval_tasks SET infra_failures = infra_failures + 1 WHERE run_id = ?1 AND task = ?2 RETURNING infra_failures",
@@ -269,39 +340,27 @@ impl Db {
         )
     }
 
-    /// (task, attrs json, done) for a run.
-    pub fn eval_tasks(&self, run: &str) -> Result<Vec<(i64, String, bool)>, DbError> {
+    /// (task, its attribute names, done) for a run.
+    pub fn eval_tasks(&self, run: &str) -> Result<Vec<(i64, Vec<String>, bool)>, DbError> {
         let mut st = self
             .conn
             .prepare("SELECT task, attrs, done FROM eval_tasks WHERE run_id = ?1 ORDER BY task")?;
         st.query_map([run], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0))
+            Ok((
+                r.get(0)?,
+                json_column(r, 1, "attribute list")?,
+                r.get::<_, i64>(2)? != 0,
+            ))
         })?
         .collect()
     }
 
-    pub fn upsert_package(&self, run: &str, attr: &str, info: &str) -> Result<(), DbError> {
-        self.conn.execute(
-            "INSERT INTO packages(run_id, attr, info) VALUES (?1, ?2, ?3)
-             ON CONFLICT(run_id, attr) DO UPDATE SET info = excluded.info",
-            params![run, attr, info],
-        )?;
-        Ok(())
-    }
-
-    pub fn packages(&self, run: &str) -> Result<Vec<(String, String)>, DbError> {
+    pub fn packages(&self, run: &str) -> Result<Vec<(String, PackageInfo)>, DbError> {
         let mut st = self
             .conn
             .prepare("SELECT attr, info FROM packages WHERE run_id = ?1 ORDER BY attr")?;
-        st.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?
+        st.query_map([run], |r| Ok((r.get(0)?, json_column(r, 1, "package")?)))?
             .collect()
-    }
-
-    pub fn insert_drv(&self, run: &str, drv: &str, node: &str) -> Result<bool, DbError> {
-        Ok(self.conn.execute(
-            "INSERT OR IGNORE INTO drvs(run_id, drv_path, node) VALUES (?1, ?2, ?3)",
-            params![run, drv, node],
-        )? > 0)
     }
 
     pub fn set_drv_state(
@@ -407,25 +466,6 @@ impl Db {
         )? > 0)
     }
 
-    pub fn attempt(&self, id: &str) -> Result<Option<AttemptRow>, DbError> {
-        self.conn
-            .query_row(
-                "SELECT id, run_id, kind, target, agent, state FROM attempts WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(AttemptRow {
-                        id: r.get(0)?,
-                        run_id: r.get(1)?,
-                        kind: r.get(2)?,
-                        target: r.get(3)?,
-                        agent: r.get(4)?,
-                        state: r.get(5)?,
-                    })
-                },
-            )
-            .optional()
-    }
-
     pub fn running_attempts(&self) -> Result<Vec<AttemptRow>, DbError> {
         let mut st = self.conn.prepare(
             "SELECT id, run_id, kind, target, agent, state FROM attempts WHERE state = 'running' ORDER BY started_ms",
@@ -495,7 +535,11 @@ impl Db {
         .collect()
     }
 
-    pub fn upsert_agent(&self, name: &str, info: &str, now_ms: i64) -> Result<(), DbError> {
+    pub fn upsert_agent(&self, reg: &Registration, now_ms: i64) -> Result<(), DbError> {
+        let (name, info) = (
+            &reg.name,
+            serde_json::to_string(reg).map_err(|e| bad_column(1, "agent", e))?,
+        );
         self.conn.execute(
             "INSERT INTO agents(name, info, last_seen_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT(name) DO UPDATE SET info = excluded.info, last_seen_ms = excluded.last_seen_ms",
@@ -513,7 +557,7 @@ impl Db {
         agent: &str,
         paths: &[String],
         now_ms: i64,
-        lapsed: impl Fn(&str, i64) -> bool,
+        lapsed: &dyn Fn(&str, i64) -> bool,
     ) -> Result<Vec<bool>, DbError> {
         self.tx(|tx| {
             let mut get = tx.prepare_cached(
@@ -564,11 +608,11 @@ impl Db {
         Ok(())
     }
 
-    pub fn agents(&self) -> Result<Vec<(String, String, i64)>, DbError> {
+    pub fn agents(&self) -> Result<Vec<(Registration, i64)>, DbError> {
         let mut st = self
             .conn
-            .prepare("SELECT name, info, last_seen_ms FROM agents ORDER BY name")?;
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .prepare("SELECT info, last_seen_ms FROM agents ORDER BY name")?;
+        st.query_map([], |r| Ok((json_column(r, 0, "agent")?, r.get(1)?)))?
             .collect()
     }
 }

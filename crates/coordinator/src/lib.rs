@@ -9,6 +9,7 @@ pub mod model;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod state;
 pub mod upload;
 
 pub use config::Config;

@@ -24,7 +24,7 @@ impl From<EngineError> for Status {
             EngineError::Busy(_) => Status::resource_exhausted(e.to_string()),
             EngineError::Conflict(_) => Status::already_exists(e.to_string()),
             EngineError::Denied(_) => Status::permission_denied(e.to_string()),
-            EngineError::Db(_) | EngineError::Io(_) => {
+            EngineError::State(_) | EngineError::Io(_) => {
                 tracing::error!("internal error: {e}");
                 Status::internal(e.to_string())
             }

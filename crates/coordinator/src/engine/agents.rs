@@ -45,8 +45,7 @@ impl Engine {
         inner.next_conn += 1;
         let session = secret_key();
         let violations = inner.agents.get(&reg.name).map_or(0, |a| a.violations);
-        let info = serde_json::to_string(&reg).map_err(|e| EngineError::Invalid(e.to_string()))?;
-        inner.db.upsert_agent(&reg.name, &info, now)?;
+        inner.db.upsert_agent(&reg, now)?;
         let claimed: HashSet<String> = reg.running_attempts.iter().cloned().collect();
         let previous: Vec<String> = inner
             .attempts

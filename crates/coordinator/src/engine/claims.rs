@@ -50,6 +50,6 @@ impl Engine {
                     None => now - at > lease,
                 }
         };
-        Ok(inner.db.claim_uploads(cache, agent, paths, now, lapsed)?)
+        Ok(inner.db.claim_uploads(cache, agent, paths, now, &lapsed)?)
     }
 }

@@ -66,23 +66,7 @@ impl Engine {
             .clamp(1, self.opts.eval_chunk_size.max(1));
         let chunks: Vec<&[String]> = attrs.chunks(size).collect();
         let total = chunks.len();
-        inner.db.tx(|tx| {
-            for (i, c) in chunks.iter().enumerate() {
-                tx.execute(
-                    "INSERT OR IGNORE INTO eval_tasks(run_id, task, attrs) VALUES (?1, ?2, ?3)",
-                    rusqlite::params![
-                        run_id,
-                        i as i64,
-                        serde_json::to_string(c).unwrap_or_default()
-                    ],
-                )?;
-            }
-            tx.execute(
-                "UPDATE runs SET eval_chunks_total = ?2 WHERE id = ?1",
-                rusqlite::params![run_id, total as i64],
-            )?;
-            Ok(())
-        })?;
+        inner.db.record_eval_tasks(&run_id, &chunks)?;
         run.eval_tasks_total = Some(total);
         for (i, c) in chunks.iter().enumerate() {
             run.chunk_attrs.insert(i as i64, c.to_vec());
@@ -161,34 +145,7 @@ impl Engine {
             .iter()
             .filter(|a| !a.info.eval_error.is_empty())
             .count();
-        inner.db.tx(|tx| {
-            for ea in &attrs {
-                tx.execute(
-                    "INSERT INTO packages(run_id, attr, info) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(run_id, attr) DO UPDATE SET info = excluded.info",
-                    rusqlite::params![
-                        run_id,
-                        ea.attr,
-                        serde_json::to_string(&ea.info).unwrap_or_default()
-                    ],
-                )?;
-            }
-            for (path, node) in &drvs {
-                tx.execute(
-                    "INSERT OR IGNORE INTO drvs(run_id, drv_path, node) VALUES (?1, ?2, ?3)",
-                    rusqlite::params![
-                        run_id,
-                        path,
-                        serde_json::to_string(node).unwrap_or_default()
-                    ],
-                )?;
-            }
-            tx.execute(
-                "UPDATE eval_tasks SET done = 1 WHERE run_id = ?1 AND task = ?2",
-                rusqlite::params![run_id, task],
-            )?;
-            Ok(())
-        })?;
+        inner.db.record_eval_chunk(&run_id, task, &attrs, &drvs)?;
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
         };
@@ -233,7 +190,7 @@ impl Engine {
                     .set_drv_state(run_id, &row.drv_path, DrvState::Built, Some(&rep))?;
             }
         }
-        Self::build_scheduler(&inner.db, run)?;
+        Self::build_scheduler(inner.db.as_mut(), run)?;
         let (drvs, packages) = (run.drv_of.len(), inner.db.packages(run_id)?.len());
         self.emit(
             inner,

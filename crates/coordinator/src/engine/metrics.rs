@@ -49,41 +49,25 @@ impl Engine {
                 by_state.get(k).copied().unwrap_or(0)
             );
         }
-        let conn = g.db.conn();
-        let mut runs = conn.prepare("SELECT state, count(*) FROM runs GROUP BY state")?;
+        let counts = g.db.metrics_counts()?;
         let _ = writeln!(
             out,
             "# HELP nixfarm_runs Runs by state.\n# TYPE nixfarm_runs gauge"
         );
-        let rows = runs.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        for r in rows {
-            let (state, n) = r?;
+        for (state, n) in &counts.runs_by_state {
             let _ = writeln!(out, "nixfarm_runs{{state=\"{state}\"}} {n}");
         }
-        let mut builds = conn
-            .prepare(
-                "SELECT outcome, count(*), coalesce(sum(finished_ms - started_ms), 0) FROM attempts WHERE kind = 'build' AND state = 'done' GROUP BY outcome",
-            )
-            ?;
-        let rows = builds.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?;
         let _ = writeln!(
             out,
             "# HELP nixfarm_builds_total Finished build jobs by outcome.\n# TYPE nixfarm_builds_total counter"
         );
         let mut durations = String::new();
-        for r in rows {
-            let (outcome, n, ms) = r?;
+        for (outcome, n, ms) in &counts.builds {
             let _ = writeln!(out, "nixfarm_builds_total{{outcome=\"{outcome}\"}} {n}");
             let _ = writeln!(
                 durations,
                 "nixfarm_build_duration_seconds_sum{{outcome=\"{outcome}\"}} {:.3}\nnixfarm_build_duration_seconds_count{{outcome=\"{outcome}\"}} {n}",
-                ms as f64 / 1000.0
+                *ms as f64 / 1000.0
             );
         }
         let _ = writeln!(
@@ -91,10 +75,7 @@ impl Engine {
             "# HELP nixfarm_build_duration_seconds Time from dispatch to result.\n# TYPE nixfarm_build_duration_seconds summary\n{}",
             durations.trim_end()
         );
-        let scalar =
-            |sql: &str| -> Result<i64, EngineError> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
-        let retries = scalar("SELECT coalesce(sum(infra_failures), 0) FROM drvs")?;
-        let lost = scalar("SELECT count(*) FROM attempts WHERE state = 'lost'")?;
+        let (retries, lost) = (counts.retries, counts.lost);
         let _ = writeln!(
             out,
             "# HELP nixfarm_retries_total Jobs requeued after an infrastructure failure.\n# TYPE nixfarm_retries_total counter\nnixfarm_retries_total {retries}"

@@ -3,9 +3,10 @@
 //! database first; the in-memory state is a cache of it that [`Engine::open`] rebuilds.
 
 use crate::clock::Clock;
-use crate::db::{AttemptRow, Db, DbError, RunRow};
+use crate::db::{AttemptRow, RunRow};
 use crate::model::*;
 use crate::scheduler::{Capabilities, Class, NodeId, NodeState, Scheduler};
+use crate::state::{StateError, StateStore};
 use nixfarm_core::RunEvent as Ev;
 use nixfarm_core::report::{HashMismatch, PackageReport, Report};
 use nixfarm_core::{PackageStatus, RunState, rev_is_pinned};
@@ -28,7 +29,7 @@ pub enum EngineError {
     #[error("{0}")]
     Denied(String),
     #[error("database error: {0}")]
-    Db(#[from] DbError),
+    State(#[from] StateError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -122,7 +123,7 @@ struct AgentMem {
 }
 
 struct Inner {
-    db: Db,
+    db: Box<dyn StateStore>,
     runs: Vec<RunMem>,
     agents: BTreeMap<String, AgentMem>,
     attempts: HashMap<String, AttemptMem>,
@@ -173,7 +174,7 @@ fn prometheus_label(s: &str) -> String {
 impl Engine {
     /// Opens the engine over a database and resumes every unfinished run from it.
     pub fn open(
-        db: Db,
+        db: impl StateStore + 'static,
         sources_dir: PathBuf,
         clock: Arc<dyn Clock>,
         opts: EngineOptions,
@@ -182,7 +183,7 @@ impl Engine {
         let (events, _) = broadcast::channel(8192);
         let engine = Engine {
             inner: Arc::new(Mutex::new(Inner {
-                db,
+                db: Box::new(db),
                 runs: Vec::new(),
                 agents: BTreeMap::new(),
                 attempts: HashMap::new(),
@@ -210,7 +211,7 @@ impl Engine {
         self.events.subscribe()
     }
 
-    fn emit(&self, inner: &Inner, run_id: &str, event: nixfarm_core::RunEvent) {
+    fn emit(&self, inner: &mut Inner, run_id: &str, event: nixfarm_core::RunEvent) {
         let (kind, json) = (event.kind(), event.to_json());
         match inner.db.append_event(run_id, kind, &json) {
             Ok(seq) => {

@@ -53,16 +53,11 @@ impl Engine {
         let packages = inner.db.packages(run_id)?;
         let top_of: HashMap<String, String> = packages
             .iter()
-            .filter_map(|(attr, info)| {
-                serde_json::from_str::<PackageInfo>(info)
-                    .ok()
-                    .map(|p| (p.drv_path, attr.clone()))
-            })
+            .map(|(attr, p)| (p.drv_path.clone(), attr.clone()))
             .collect();
         let mut out = Vec::new();
-        for (attr, info) in &packages {
-            let p: PackageInfo = serde_json::from_str(info).unwrap_or_default();
-            let mut r = package_report(attr, &p, run_state, &results, &nodes, &top_of);
+        for (attr, p) in &packages {
+            let mut r = package_report(attr, p, run_state, &results, &nodes, &top_of);
             if r.status == PackageStatus::Pending {
                 r.reason = waiting_reason(inner, run_id, &p.drv_path);
             }

@@ -33,8 +33,7 @@ impl Engine {
             } else {
                 run.eval_tasks_total = Some(row.eval_tasks_total as usize);
                 for (task, attrs, done) in &tasks {
-                    run.chunk_attrs
-                        .insert(*task, serde_json::from_str(attrs).unwrap_or_default());
+                    run.chunk_attrs.insert(*task, attrs.clone());
                     if *done {
                         run.eval_tasks_done.insert(*task);
                     } else {
@@ -43,7 +42,7 @@ impl Engine {
                 }
             }
             if run.eval_complete() {
-                Self::build_scheduler(&inner.db, &mut run)?;
+                Self::build_scheduler(inner.db.as_mut(), &mut run)?;
             }
             inner.runs.push(run);
         }
@@ -89,8 +88,9 @@ impl Engine {
             );
         }
         let now = self.clock.now_ms();
-        for (name, info, _) in inner.db.agents()? {
-            if let Ok(reg) = serde_json::from_str::<Registration>(&info) {
+        for (reg, _) in inner.db.agents()? {
+            {
+                let name = reg.name.clone();
                 let running: HashSet<String> = inner
                     .attempts
                     .iter()
@@ -124,7 +124,10 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn build_scheduler(db: &Db, run: &mut RunMem) -> Result<(), EngineError> {
+    pub(super) fn build_scheduler(
+        db: &mut dyn StateStore,
+        run: &mut RunMem,
+    ) -> Result<(), EngineError> {
         let rows = db.drvs(&run.id)?;
         let mut sched = Scheduler::new();
         let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
@@ -170,12 +173,8 @@ impl Engine {
             }
         }
         sched.start();
-        for (attr, info) in db.packages(&run.id)? {
-            let _ = attr;
-            if let Ok(p) = serde_json::from_str::<PackageInfo>(&info)
-                && !p.drv_path.is_empty()
-                && (p.timeout_secs > 0 || p.max_silent_secs > 0)
-            {
+        for (_, p) in db.packages(&run.id)? {
+            if !p.drv_path.is_empty() && (p.timeout_secs > 0 || p.max_silent_secs > 0) {
                 run.limits
                     .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
             }

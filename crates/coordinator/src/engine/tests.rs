@@ -1,4 +1,5 @@
 use super::*;
+use crate::db::Db;
 
 #[test]
 fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {

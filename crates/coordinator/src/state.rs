@@ -1,0 +1,157 @@
+//! The persistence boundary: every durable operation of the engine, typed. The SQLite
+//! implementation ([`crate::db::Db`]) holds every SQL statement and the schema; another
+//! backend (Postgres, for a farm that outgrows one coordinator) is one new module
+//! implementing [`StateStore`]. Rows that cannot be read are errors, never defaults.
+
+use crate::db::{AttemptRow, Db, DbError, DrvRow, MetricsCounts, RunRow};
+use crate::model::{BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo, Registration};
+use nixfarm_core::RunState;
+use std::collections::BTreeMap;
+
+/// A failure of the state store (its backend's error, or a record it cannot read).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StateError(Box<dyn std::error::Error + Send + Sync>);
+
+impl From<DbError> for StateError {
+    fn from(e: DbError) -> StateError {
+        StateError(Box::new(e))
+    }
+}
+
+pub type StateResult<T> = Result<T, StateError>;
+
+/// Whether an upload claim held by (agent, since ms) has lapsed.
+pub type Lapsed<'a> = &'a dyn Fn(&str, i64) -> bool;
+
+/// Everything the engine keeps across restarts.
+pub trait StateStore: Send {
+    // Runs.
+    fn insert_run(&mut self, r: &RunRow) -> StateResult<()>;
+    fn set_run_state(
+        &mut self,
+        id: &str,
+        state: RunState,
+        error: &str,
+        finished_ms: i64,
+    ) -> StateResult<()>;
+    fn run(&self, id: &str) -> StateResult<Option<RunRow>>;
+    fn runs(&self) -> StateResult<Vec<RunRow>>;
+    // Evaluation.
+    fn record_eval_tasks(&mut self, run: &str, tasks: &[&[String]]) -> StateResult<()>;
+    fn record_eval_chunk(
+        &mut self,
+        run: &str,
+        task: i64,
+        attrs: &[EvaluatedAttr],
+        drvs: &BTreeMap<String, DrvNode>,
+    ) -> StateResult<()>;
+    fn eval_task_infra_failure(&mut self, run: &str, task: i64) -> StateResult<i64>;
+    fn eval_tasks(&self, run: &str) -> StateResult<Vec<(i64, Vec<String>, bool)>>;
+    fn packages(&self, run: &str) -> StateResult<Vec<(String, PackageInfo)>>;
+    // Derivations.
+    fn set_drv_state(
+        &mut self,
+        run: &str,
+        drv: &str,
+        state: DrvState,
+        result: Option<&BuildReport>,
+    ) -> StateResult<()>;
+    fn finish_drv(
+        &mut self,
+        run: &str,
+        drv: &str,
+        state: DrvState,
+        result: &BuildReport,
+        dependents: &[String],
+        dep: &BuildReport,
+    ) -> StateResult<()>;
+    fn drv_infra_failure(&mut self, run: &str, drv: &str) -> StateResult<i64>;
+    fn drvs(&self, run: &str) -> StateResult<Vec<DrvRow>>;
+    // Attempts.
+    fn insert_attempt(&mut self, a: &AttemptRow, started_ms: i64) -> StateResult<()>;
+    fn finish_attempt(
+        &mut self,
+        id: &str,
+        state: &str,
+        outcome: &str,
+        finished_ms: i64,
+    ) -> StateResult<bool>;
+    fn running_attempts(&self) -> StateResult<Vec<AttemptRow>>;
+    fn build_attempts(&self, run: &str, drv: &str) -> StateResult<i64>;
+    fn failed_attempts(&self, run: &str, kind: &str) -> StateResult<i64>;
+    fn lost_attempts(&self, run: &str, target: &str) -> StateResult<i64>;
+    // Events.
+    fn append_event(&mut self, run: &str, kind: &str, json: &str) -> StateResult<i64>;
+    fn events_after(&self, run: &str, after: i64) -> StateResult<Vec<(i64, String, String)>>;
+    // Agents and upload claims.
+    fn upsert_agent(&mut self, reg: &Registration, now_ms: i64) -> StateResult<()>;
+    fn agents(&self) -> StateResult<Vec<(Registration, i64)>>;
+    fn claim_uploads(
+        &mut self,
+        cache: &str,
+        agent: &str,
+        paths: &[String],
+        now_ms: i64,
+        lapsed: Lapsed<'_>,
+    ) -> StateResult<Vec<bool>>;
+    fn release_upload_claims(
+        &mut self,
+        agent: &str,
+        cache: &str,
+        paths: &[String],
+    ) -> StateResult<()>;
+    fn release_all_upload_claims(&mut self, agent: &str) -> StateResult<()>;
+    // Metrics.
+    fn metrics_counts(&self) -> StateResult<MetricsCounts>;
+}
+
+/// The SQLite store: each operation is the inherent method of the same name (`w`: takes
+/// `&mut self`, `r`: `&self`).
+macro_rules! delegate {
+    ($($kind:ident fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty;)*) => {
+        impl StateStore for Db {
+            $( delegate!(@$kind $name($($arg: $ty),*) -> $ret); )*
+        }
+    };
+    (@w $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+        fn $name(&mut self, $($arg: $ty),*) -> StateResult<$ret> {
+            Ok(Db::$name(self, $($arg),*)?)
+        }
+    };
+    (@r $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+        fn $name(&self, $($arg: $ty),*) -> StateResult<$ret> {
+            Ok(Db::$name(self, $($arg),*)?)
+        }
+    };
+}
+
+delegate! {
+    w fn insert_run(r: &RunRow) -> ();
+    w fn set_run_state(id: &str, state: RunState, error: &str, finished_ms: i64) -> ();
+    r fn run(id: &str) -> Option<RunRow>;
+    r fn runs() -> Vec<RunRow>;
+    w fn record_eval_tasks(run: &str, tasks: &[&[String]]) -> ();
+    w fn record_eval_chunk(run: &str, task: i64, attrs: &[EvaluatedAttr], drvs: &BTreeMap<String, DrvNode>) -> ();
+    w fn eval_task_infra_failure(run: &str, task: i64) -> i64;
+    r fn eval_tasks(run: &str) -> Vec<(i64, Vec<String>, bool)>;
+    r fn packages(run: &str) -> Vec<(String, PackageInfo)>;
+    w fn set_drv_state(run: &str, drv: &str, state: DrvState, result: Option<&BuildReport>) -> ();
+    w fn finish_drv(run: &str, drv: &str, state: DrvState, result: &BuildReport, dependents: &[String], dep: &BuildReport) -> ();
+    w fn drv_infra_failure(run: &str, drv: &str) -> i64;
+    r fn drvs(run: &str) -> Vec<DrvRow>;
+    w fn insert_attempt(a: &AttemptRow, started_ms: i64) -> ();
+    w fn finish_attempt(id: &str, state: &str, outcome: &str, finished_ms: i64) -> bool;
+    r fn running_attempts() -> Vec<AttemptRow>;
+    r fn build_attempts(run: &str, drv: &str) -> i64;
+    r fn failed_attempts(run: &str, kind: &str) -> i64;
+    r fn lost_attempts(run: &str, target: &str) -> i64;
+    w fn append_event(run: &str, kind: &str, json: &str) -> i64;
+    r fn events_after(run: &str, after: i64) -> Vec<(i64, String, String)>;
+    w fn upsert_agent(reg: &Registration, now_ms: i64) -> ();
+    r fn agents() -> Vec<(Registration, i64)>;
+    w fn claim_uploads(cache: &str, agent: &str, paths: &[String], now_ms: i64, lapsed: Lapsed<'_>) -> Vec<bool>;
+    w fn release_upload_claims(agent: &str, cache: &str, paths: &[String]) -> ();
+    w fn release_all_upload_claims(agent: &str) -> ();
+    r fn metrics_counts() -> MetricsCounts;
+}
