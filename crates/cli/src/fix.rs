@@ -2,7 +2,8 @@
 //! reason, each round building only the packages whose hashes the previous one filled in,
 //! and hands back the edits (report, unified diff, or the checkout itself with `--apply`).
 
-use crate::{Client, RunArgs, get_report, source, submit, watch};
+use crate::cmd::submit::{get_report, submit};
+use crate::{Client, RunArgs, source, watch};
 use anyhow::{Context, bail};
 use clap::Args;
 use nixfarm_core::PackageStatus;

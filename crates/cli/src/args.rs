@@ -1,0 +1,203 @@
+//! The command line's grammar: subcommands, their flags and what each means (`--help`).
+
+use crate::fix;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// nixfarm: is every package in your Nix repository ready?
+///
+/// nixfarm evaluates every package of a flake, builds them across agents, and reports per
+/// package whether it is ready: it evaluates, its source is pinned to a commit, every
+/// fixed-output hash is right, it builds, and its outputs are in the binary cache.
+///
+/// Quick start (no setup: an embedded coordinator and local agents):
+///   nixfarm local examples/atproto-pkgs
+///
+/// Against a farm:
+///   nixfarm --coordinator http://farm:7420 submit . --watch
+///   nixfarm report RUN --format markdown > readiness.md
+#[derive(Parser, Debug)]
+#[command(name = "nixfarm", version, about, long_about, verbatim_doc_comment)]
+pub struct Cli {
+    /// Coordinator URL.
+    #[arg(long, global = true, env = "NIXFARM_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Client token for the coordinator (prefer the environment variable: flags show in `ps`).
+    #[arg(long, global = true, env = "NIXFARM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CLI config file (TOML with `coordinator` and `token_file`). Default: ~/.config/nixfarm/config.toml.
+    #[arg(long, global = true, env = "NIXFARM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PEM CA of the coordinator's certificate, for https:// coordinators with a private CA.
+    #[arg(long, global = true, env = "NIXFARM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Submit a run: a local checkout (uncommitted changes included) or a flake reference.
+    Submit(SubmitArgs),
+    /// Warm a cache: build and push whatever of the repository is not in it yet; outputs
+    /// already cached are not built. Example: nixfarm warm . --cache cachix://my-cache
+    Warm(WarmArgs),
+    /// Follow a run's progress until it finishes, then print its report. Ctrl-C detaches.
+    Watch {
+        run: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Print a run's readiness report.
+    Report {
+        run: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// List runs.
+    Runs,
+    /// List agents: what they offer and what they are building.
+    Agents,
+    /// Cancel a run: nothing new starts, running builds are stopped.
+    Cancel { run: String },
+    /// Run a whole farm on this machine (embedded coordinator + local agents) on a checkout.
+    Local(LocalArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Attribute path whose attributes are the packages.
+    #[arg(long, default_value = "packages.x86_64-linux")]
+    pub attr_path: String,
+    /// Only this package (an attribute name under --attr-path); repeat for several.
+    #[arg(long = "attr", value_name = "NAME")]
+    pub attrs: Vec<String>,
+    /// Binary cache the agents push to and substitute from: cachix://NAME, file:///path or
+    /// http(s)://host/path (a cache that accepts PUT). Agents on other hosts need one.
+    /// Credentials (CACHIX_AUTH_TOKEN, CACHIX_SIGNING_KEY, a Nix secret key) stay on the agents.
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// Cachix API root, for cachix:// caches (default: Cachix's own).
+    #[arg(long, env = "NIXFARM_CACHIX_API_URL")]
+    pub cachix_api_url: Option<String>,
+    /// Do not build outputs the cache already has; they show as ready (warm mode).
+    #[arg(long)]
+    pub skip_cached: bool,
+    /// Public key(s) the cache's signatures are checked against (name:base64).
+    #[arg(long = "trusted-public-key")]
+    pub trusted_public_keys: Vec<String>,
+    /// Build timeout per derivation, seconds (packages' meta.timeout wins).
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u64,
+    /// Max time without log output per build, seconds (packages' meta.maxSilent wins).
+    #[arg(long, default_value_t = 0)]
+    pub max_silent: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Report format: table for people, json for scripts, markdown for READMEs/PRs, junit for CI.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Exit with status 1 when fewer than PCT percent of the packages are ready (0 to 100).
+    #[arg(long, value_name = "PCT", value_parser = parse_percent)]
+    pub fail_under: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// A directory holding flake.nix, or a flake reference (github:owner/repo, git+https://…).
+    pub source: String,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Follow the run until it finishes and print its report.
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub fix: fix::FixArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct WarmArgs {
+    /// A directory holding flake.nix, or a flake reference.
+    pub source: String,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct LocalArgs {
+    /// A directory holding flake.nix, or a flake reference.
+    pub source: String,
+    /// Number of local agents (1 to 64).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub agents: u32,
+    /// Jobs per agent (1 to 4096). Default: CPUs divided among the agents (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub jobs: Option<u32>,
+    /// State directory of the embedded coordinator (database, snapshots).
+    #[arg(long, env = "NIXFARM_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Nix secret key file the local agents sign pushed paths with (file:// and HTTP caches,
+    /// self-signed Cachix caches; CACHIX_SIGNING_KEY works too).
+    #[arg(long)]
+    pub signing_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub fix: fix::FixArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Markdown,
+    Junit,
+}
+
+/// A percentage: a finite number from 0 to 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number"))?;
+    if !v.is_finite() || !(0.0..=100.0).contains(&v) {
+        return Err(format!("{s} is not a percentage from 0 to 100"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn fail_under_takes_percentages_only() {
+        assert_eq!(parse_percent("90").unwrap(), 90.0);
+        assert_eq!(parse_percent("0").unwrap(), 0.0);
+        assert_eq!(parse_percent("100").unwrap(), 100.0);
+        for bad in ["200", "-1", "NaN", "inf", "x", ""] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn local_refuses_zero_jobs_and_agents() {
+        for args in [
+            vec!["nixfarm", "local", ".", "--jobs", "0"],
+            vec!["nixfarm", "local", ".", "--agents", "0"],
+            vec!["nixfarm", "report", "r1", "--fail-under", "NaN"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["nixfarm", "local", ".", "--jobs", "1"]).is_ok());
+    }
+}

@@ -1,0 +1,134 @@
+//! Reaching the coordinator: where it is (flags, environment, config file), its token and
+//! CA, and one client that attaches the token to every call.
+
+use crate::Cli;
+use anyhow::{Context, bail};
+use nixfarm_proto::v1::run_service_client::RunServiceClient;
+use std::path::PathBuf;
+use tonic::transport::Channel;
+
+/// `~/.config/nixfarm/config.toml`.
+#[derive(serde::Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct CliConfig {
+    /// Coordinator URL.
+    coordinator: Option<String>,
+    /// File holding the client token.
+    token_file: Option<PathBuf>,
+    /// PEM CA of the coordinator's certificate.
+    tls_ca_file: Option<PathBuf>,
+}
+
+pub(crate) struct Conn {
+    pub url: String,
+    pub token: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+}
+
+pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
+    let path = cli.config.clone().or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/nixfarm/config.toml"))
+    });
+    let cfg: CliConfig = match path {
+        Some(p) if p.is_file() => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid nixfarm CLI config", p.display()))?
+        }
+        Some(p) if cli.config.is_some() => bail!("config file {} does not exist", p.display()),
+        _ => CliConfig::default(),
+    };
+    let url = cli
+        .coordinator
+        .clone()
+        .or(cfg.coordinator)
+        .unwrap_or_else(|| "http://127.0.0.1:7420".into());
+    let token = match (&cli.token, &cfg.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    Ok(Conn {
+        url,
+        token,
+        tls_ca: cli.tls_ca.clone().or(cfg.tls_ca_file),
+    })
+}
+
+/// A connected client with its token attached to every call.
+#[derive(Clone)]
+pub struct Client {
+    inner: RunServiceClient<Channel>,
+    token: Option<String>,
+    pub url: String,
+}
+
+impl Client {
+    pub async fn connect(url: &str, token: Option<String>) -> anyhow::Result<Client> {
+        Self::connect_tls(url, token, None).await
+    }
+
+    /// Connects over TLS for https:// URLs (verified against `ca`, else the web PKI roots).
+    pub async fn connect_tls(
+        url: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Client> {
+        let endpoint = nixfarm_proto::client::endpoint(
+            url,
+            &nixfarm_proto::client::TlsFiles {
+                ca_file: ca,
+                ..Default::default()
+            },
+        )?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            anyhow::anyhow!("cannot reach the coordinator at {url}: {msg}\n  (is it running? set --coordinator or NIXFARM_COORDINATOR, or use `nixfarm local`; for https:// with a private CA, --tls-ca)")
+        })?;
+        let inner = RunServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        Ok(Client {
+            inner,
+            token,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn req<T>(&self, t: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(t);
+        if let Some(tok) = &self.token
+            && let Ok(v) = format!("Bearer {tok}").parse()
+        {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
+    pub fn raw(&self) -> RunServiceClient<Channel> {
+        self.inner.clone()
+    }
+}
+
+/// Turns a gRPC status into the message a user should see.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unauthenticated => anyhow::anyhow!("{}", s.message()),
+        tonic::Code::Unavailable => {
+            anyhow::anyhow!("the coordinator is unavailable: {}", s.message())
+        }
+        _ => anyhow::anyhow!("{}", s.message()),
+    }
+}

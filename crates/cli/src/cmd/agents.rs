@@ -1,0 +1,76 @@
+//! `nixfarm agents`: each agent (connected, paused, what it builds), protocol violations,
+//! and every waiting job of the farm grouped by why it waits.
+
+use crate::output::table;
+use crate::{Client, short_name, status_error};
+use nixfarm_proto::v1 as pb;
+
+pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
+    let resp = client
+        .raw()
+        .list_agents(client.req(pb::ListAgentsRequest {}))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let (agents, waiting) = (resp.agents, resp.waiting);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut t = table(&[
+        "agent",
+        "connected",
+        "last seen",
+        "systems",
+        "jobs",
+        "nix",
+        "building",
+    ]);
+    let paused: Vec<String> = agents
+        .iter()
+        .filter(|a| a.connected && !a.paused.is_empty())
+        .map(|a| format!("  {}: {}", a.name, a.paused))
+        .collect();
+    let violations: Vec<String> = agents
+        .iter()
+        .filter(|a| a.protocol_violations > 0)
+        .map(|a| format!("  {}: {}", a.name, a.protocol_violations))
+        .collect();
+    for a in agents {
+        let building: Vec<String> = a
+            .building
+            .iter()
+            .map(|d| short_name(d).to_string())
+            .collect();
+        t.add_row(vec![
+            a.name,
+            match (a.connected, a.draining, a.paused.is_empty()) {
+                (false, _, _) => "no".into(),
+                (true, true, _) => "yes (draining)".into(),
+                (true, false, false) => "yes (paused)".into(),
+                (true, false, true) => "yes".into(),
+            },
+            format!("{}s ago", now_ms.saturating_sub(a.last_seen_ms) / 1000),
+            a.systems.join(" "),
+            format!("{}/{}", a.building.len(), a.max_jobs),
+            a.nix_version,
+            building.join(", "),
+        ]);
+    }
+    println!("{t}");
+    if !paused.is_empty() {
+        println!("\ntaking no new jobs:\n{}", paused.join("\n"));
+    }
+    if !violations.is_empty() {
+        println!(
+            "\nmessages refused as protocol violations (results for attempts an agent did not hold, outputs not the derivation's):\n{}",
+            violations.join("\n")
+        );
+    }
+    if !waiting.is_empty() {
+        println!("\nwaiting jobs:");
+        for w in waiting {
+            println!("  {:>6}  {} (e.g. {})", w.jobs, w.reason, w.example);
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,20 @@
+//! `nixfarm cancel`: nothing new starts for the run; its running builds are stopped.
+
+use crate::{Client, status_error};
+use nixfarm_proto::v1 as pb;
+
+pub async fn cancel_cmd(client: &Client, run: String) -> anyhow::Result<i32> {
+    let r = client
+        .raw()
+        .cancel_run(client.req(pb::CancelRunRequest {
+            run_id: run.clone(),
+        }))
+        .await
+        .map_err(status_error)?;
+    if r.into_inner().cancelled {
+        eprintln!("cancelled run {run}");
+    } else {
+        eprintln!("run {run} had already finished");
+    }
+    Ok(0)
+}

@@ -1,0 +1,77 @@
+//! `nixfarm local`: a whole farm on this machine (an embedded coordinator and local agents),
+//! for one run.
+
+use crate::cmd::submit::submit_and_watch;
+use crate::{Client, LocalArgs, source};
+use anyhow::{Context, bail};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
+    // Nix must be here: say so plainly before starting anything.
+    let version = tokio::process::Command::new("nix")
+        .arg("--version")
+        .output()
+        .await;
+    if !matches!(&version, Ok(o) if o.status.success()) {
+        bail!(
+            "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
+        );
+    }
+    // Check the source before starting a farm for it.
+    source::check_local_or_ref(&args.source)?;
+    let state_dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".local/state/nixfarm/local"))
+            .unwrap_or_else(|| PathBuf::from(".nixfarm")),
+    };
+    let config = nixfarm_coordinator::Config {
+        listen: "127.0.0.1:0".into(),
+        state_dir: state_dir.clone(),
+        // One user's own machine: a path: reference reads nothing that user cannot.
+        allow_local_flake_refs: true,
+        ..Default::default()
+    };
+    let coordinator = nixfarm_coordinator::server::start(&config)
+        .await
+        .context("cannot start the embedded coordinator")?;
+    let url = format!("http://{}", coordinator.addr);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let n = args.agents.max(1);
+    let jobs = args.jobs.unwrap_or((cpus / n).max(1));
+    let shutdown = tokio_util_token();
+    let mut agents = Vec::new();
+    for i in 1..=n {
+        let cfg = nixfarm_agent::AgentConfig {
+            coordinator: url.clone(),
+            name: format!("local-{i}"),
+            max_jobs: jobs,
+            work_dir: state_dir.join("agents").join(format!("local-{i}")),
+            signing_key_file: args.signing_key_file.clone(),
+            allow_local_flake_refs: true,
+            ..Default::default()
+        };
+        let agent = nixfarm_agent::Agent::new(cfg)?;
+        let token = shutdown.clone();
+        agents.push(tokio::spawn(async move { agent.run(token).await }));
+    }
+    let client = Client::connect(&url, None).await?;
+    eprintln!(
+        "{n} local agent(s), {jobs} job(s) each; state in {}",
+        state_dir.display()
+    );
+    let result = submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out).await;
+    shutdown.cancel();
+    for a in agents {
+        let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+    }
+    coordinator.stop().await;
+    result
+}
+
+fn tokio_util_token() -> tokio_util::sync::CancellationToken {
+    tokio_util::sync::CancellationToken::new()
+}

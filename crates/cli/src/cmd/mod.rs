@@ -1,0 +1,7 @@
+//! One module per subcommand.
+
+pub mod agents;
+pub mod cancel;
+pub mod local;
+pub mod runs;
+pub mod submit;

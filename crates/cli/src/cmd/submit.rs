@@ -1,0 +1,206 @@
+//! `submit`, `warm`, `watch` and `report`: sending a run, following it, and its report
+//! (checked against the cache it was published to).
+
+use crate::{
+    Client, OutputArgs, RunArgs, SubmitArgs, WarmArgs, fix, print_report, source, status_error,
+    watch,
+};
+use anyhow::{Context, bail};
+use nixfarm_core::report::Report;
+use nixfarm_proto::v1 as pb;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// `nixfarm submit`.
+pub async fn submit_cmd(client: &Client, args: SubmitArgs) -> anyhow::Result<i32> {
+    if args.watch || args.fix.enabled() {
+        submit_and_watch(client, &args.source, &args.run, &args.fix, &args.out).await
+    } else {
+        let id = submit(
+            client,
+            &args.source,
+            &args.run,
+            &BTreeMap::new(),
+            &args.run.attrs,
+        )
+        .await?;
+        println!("{id}");
+        Ok(0)
+    }
+}
+
+/// `nixfarm warm`: a run that builds and pushes only what the cache lacks.
+pub async fn warm_cmd(client: &Client, mut args: WarmArgs) -> anyhow::Result<i32> {
+    if args.run.cache.is_none() {
+        bail!("warm needs --cache: the cache to fill (cachix://NAME, file:///path, http(s)://…)");
+    }
+    args.run.skip_cached = true;
+    submit_and_watch(
+        client,
+        &args.source,
+        &args.run,
+        &fix::FixArgs::default(),
+        &args.out,
+    )
+    .await
+}
+
+/// `nixfarm report`.
+pub async fn report_cmd(client: &Client, run: &str, out: &OutputArgs) -> anyhow::Result<i32> {
+    Ok(print_report(&get_report(client, run).await?, out))
+}
+
+pub(crate) async fn submit(
+    client: &Client,
+    source: &str,
+    run: &RunArgs,
+    overrides: &BTreeMap<PathBuf, Vec<u8>>,
+    attrs: &[String],
+) -> anyhow::Result<String> {
+    let (src, label) = source::prepare(client, source, overrides).await?;
+    let cache = run_cache(run)?;
+    let req = pb::SubmitRunRequest {
+        source: Some(src),
+        attr_path: run.attr_path.clone(),
+        label,
+        cache,
+        trusted_public_keys: run.trusted_public_keys.clone(),
+        timeout_secs: run.timeout,
+        max_silent_secs: run.max_silent,
+        attrs: attrs.to_vec(),
+        skip_cached: run.skip_cached,
+    };
+    let resp = client
+        .raw()
+        .submit_run(client.req(req))
+        .await
+        .map_err(status_error)?;
+    Ok(resp.into_inner().run_id)
+}
+
+pub(crate) async fn get_report(client: &Client, run: &str) -> anyhow::Result<Report> {
+    let r = client
+        .raw()
+        .get_report(client.req(pb::GetReportRequest {
+            run_id: run.to_string(),
+        }))
+        .await
+        .map_err(status_error)?;
+    Ok(Report::try_from(r.into_inner())?)
+}
+
+/// The run's cache URL as agents get it (a cachix:// URL carries its API root), checked.
+fn run_cache(run: &RunArgs) -> anyhow::Result<String> {
+    let Some(url) = &run.cache else {
+        if run.cachix_api_url.is_some() {
+            bail!("--cachix-api-url needs --cache cachix://NAME");
+        }
+        return Ok(String::new());
+    };
+    let target = nixfarm_store::Target::parse(url)?;
+    Ok(match (target, &run.cachix_api_url) {
+        (nixfarm_store::Target::Cachix { name, .. }, Some(api)) => {
+            nixfarm_store::cachix_url(&name, Some(api))
+        }
+        _ => url.clone(),
+    })
+}
+
+/// Checks "cached" against the cache itself: a ready package whose outputs the cache does not
+/// have becomes not-cached.
+async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> {
+    let url = run_cache(run)?;
+    if url.is_empty() {
+        return Ok(());
+    }
+    let token = std::env::var("CACHIX_AUTH_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let pusher = nixfarm_store::Pusher::for_url(&url, nixfarm_nix::Nix::default(), None, token)?;
+    let outs: Vec<String> = report
+        .packages
+        .iter()
+        .filter(|p| p.status() == nixfarm_core::PackageStatus::Ready)
+        .flat_map(|p| p.outputs.values().cloned())
+        .collect();
+    let missing: std::collections::HashSet<String> = pusher
+        .missing(&outs)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot check the cache {}",
+                run.cache.as_deref().unwrap_or_default()
+            )
+        })?
+        .into_iter()
+        .collect();
+    let mut changed = false;
+    for p in &mut report.packages {
+        if p.status() != nixfarm_core::PackageStatus::Ready {
+            continue;
+        }
+        if let Some(o) = p.outputs.values().find(|o| missing.contains(*o)) {
+            p.status = nixfarm_core::PackageStatus::NotCached;
+            p.reason = format!("{o} is not in the cache");
+            changed = true;
+        }
+    }
+    if changed {
+        report.resummarize();
+    }
+    Ok(())
+}
+
+/// Submits a source and follows it to its report. A local checkout goes through the hash
+/// fixer, which fills in each needs-hash package's `hash_fixes` (and, with `--fix-hashes`,
+/// runs further rounds).
+pub(crate) async fn submit_and_watch(
+    client: &Client,
+    source: &str,
+    run: &RunArgs,
+    fix: &fix::FixArgs,
+    out: &OutputArgs,
+) -> anyhow::Result<i32> {
+    match source::check_local_or_ref(source)? {
+        source::Named::Dir(dir) => {
+            let mut outcome = fix::run(client, &dir, run, fix).await?;
+            if outcome.detached {
+                return Ok(130);
+            }
+            check_cached(&mut outcome.report, run).await?;
+            Ok(print_report(&outcome.report, out))
+        }
+        source::Named::FlakeRef(f) => {
+            if fix.enabled() {
+                bail!(
+                    "--fix-hashes edits files, so it needs a local checkout; clone {f} and point nixfarm at the directory"
+                );
+            }
+            let id = submit(client, source, run, &BTreeMap::new(), &run.attrs).await?;
+            eprintln!("submitted run {id}");
+            match watch::watch(client, &id).await? {
+                watch::End::Detached => {
+                    eprintln!(
+                        "detached; the run continues. Follow it again with: nixfarm watch {id}"
+                    );
+                    Ok(130)
+                }
+                watch::End::Finished => {
+                    let mut report = get_report(client, &id).await?;
+                    check_cached(&mut report, run).await?;
+                    Ok(print_report(&report, out))
+                }
+            }
+        }
+    }
+}
+
+pub async fn watch_and_report(client: &Client, run: &str, out: &OutputArgs) -> anyhow::Result<i32> {
+    match watch::watch(client, run).await? {
+        watch::End::Detached => {
+            eprintln!("detached; the run continues. Follow it again with: nixfarm watch {run}");
+            Ok(130)
+        }
+        watch::End::Finished => Ok(print_report(&get_report(client, run).await?, out)),
+    }
+}
