@@ -223,7 +223,7 @@ async fn main() -> anyhow::Result<()> {
     let mut seen = 0u64;
     while let Some(e) = events.message().await? {
         seen += 1;
-        if e.kind == "run-finished" || e.kind == "run-failed" {
+        if nixfarm_core::RunEvent::is_terminal_kind(&e.kind) {
             break;
         }
     }
@@ -235,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     let ready = report
         .packages
         .iter()
-        .filter(|p| p.status == "ready")
+        .filter(|p| p.status == nixfarm_core::PackageStatus::Ready.as_str())
         .count();
     let n = jobs.load(Ordering::Relaxed);
     println!("load test: {agents} agents (gRPC streams), {packages} packages, one coordinator");

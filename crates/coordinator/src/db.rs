@@ -2,7 +2,10 @@
 //! events and agents. Every state change is written here before it is acted on, so a
 //! restarted coordinator resumes each run where it stood.
 
-use crate::model::{BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo, Registration};
+use crate::model::{
+    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo,
+    Registration,
+};
 use nixfarm_core::RunState;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
@@ -146,10 +149,10 @@ pub struct MetricsCounts {
 pub struct AttemptRow {
     pub id: String,
     pub run_id: String,
-    pub kind: String,
+    pub kind: AttemptKind,
     pub target: String,
     pub agent: String,
-    pub state: String,
+    pub state: AttemptState,
 }
 
 impl Db {
@@ -447,7 +450,15 @@ impl Db {
     pub fn insert_attempt(&self, a: &AttemptRow, started_ms: i64) -> Result<(), DbError> {
         self.conn.execute(
             "INSERT INTO attempts(id, run_id, kind, target, agent, state, started_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![a.id, a.run_id, a.kind, a.target, a.agent, a.state, started_ms],
+            params![
+                a.id,
+                a.run_id,
+                a.kind.as_str(),
+                a.target,
+                a.agent,
+                a.state.as_str(),
+                started_ms
+            ],
         )?;
         Ok(())
     }
@@ -456,13 +467,13 @@ impl Db {
     pub fn finish_attempt(
         &self,
         id: &str,
-        state: &str,
+        state: AttemptState,
         outcome: &str,
         finished_ms: i64,
     ) -> Result<bool, DbError> {
         Ok(self.conn.execute(
             "UPDATE attempts SET state = ?2, outcome = ?3, finished_ms = ?4 WHERE id = ?1 AND state = 'running'",
-            params![id, state, outcome, finished_ms],
+            params![id, state.as_str(), outcome, finished_ms],
         )? > 0)
     }
 
@@ -471,13 +482,16 @@ impl Db {
             "SELECT id, run_id, kind, target, agent, state FROM attempts WHERE state = 'running' ORDER BY started_ms",
         )?;
         st.query_map([], |r| {
+            let (kind, state): (String, String) = (r.get(2)?, r.get(5)?);
             Ok(AttemptRow {
                 id: r.get(0)?,
                 run_id: r.get(1)?,
-                kind: r.get(2)?,
+                kind: AttemptKind::parse(&kind)
+                    .ok_or_else(|| bad_column(2, "attempt kind", &kind))?,
                 target: r.get(3)?,
                 agent: r.get(4)?,
-                state: r.get(5)?,
+                state: AttemptState::parse(&state)
+                    .ok_or_else(|| bad_column(5, "attempt state", &state))?,
             })
         })?
         .collect()
@@ -493,10 +507,10 @@ impl Db {
     }
 
     /// Attempts of `kind` in `run` that ended with an error.
-    pub fn failed_attempts(&self, run: &str, kind: &str) -> Result<i64, DbError> {
+    pub fn failed_attempts(&self, run: &str, kind: AttemptKind) -> Result<i64, DbError> {
         self.conn.query_row(
             "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = ?2 AND state = 'done' AND outcome != 'ok'",
-            params![run, kind],
+            params![run, kind.as_str()],
             |r| r.get(0),
         )
     }
@@ -638,14 +652,20 @@ mod tests {
         let a = AttemptRow {
             id: "t1".into(),
             run_id: "r".into(),
-            kind: "build".into(),
+            kind: AttemptKind::Build,
             target: "/nix/store/x.drv".into(),
             agent: "a".into(),
-            state: "running".into(),
+            state: AttemptState::Running,
         };
         db.insert_attempt(&a, 1).unwrap();
-        assert!(db.finish_attempt("t1", "done", "built", 2).unwrap());
-        assert!(!db.finish_attempt("t1", "done", "built", 3).unwrap());
+        assert!(
+            db.finish_attempt("t1", AttemptState::Done, "built", 2)
+                .unwrap()
+        );
+        assert!(
+            !db.finish_attempt("t1", AttemptState::Done, "built", 3)
+                .unwrap()
+        );
         assert_eq!(db.build_attempts("r", "/nix/store/x.drv").unwrap(), 1);
     }
 

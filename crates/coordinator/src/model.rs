@@ -5,6 +5,44 @@ pub use nixfarm_core::BuildOutcome;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// What an attempt does (stored per attempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptKind {
+    /// List the attribute names of the run's attribute path.
+    EvalList,
+    /// Evaluate one chunk of attributes.
+    EvalChunk,
+    /// Build one derivation.
+    Build,
+}
+
+/// Where an attempt stands (stored per attempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptState {
+    Running,
+    /// Its result came back (the outcome is stored beside it).
+    Done,
+    /// Its agent vanished, or the coordinator restarted after its run ended.
+    Lost,
+}
+
+/// Stored spellings of the small enums, one table each: `as_str` and `parse` cannot drift.
+macro_rules! spelled {
+    ($t:ty { $($v:ident = $s:literal),* $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$v => $s),* }
+            }
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($s => Some(Self::$v),)* _ => None }
+            }
+        }
+    };
+}
+
+spelled!(AttemptKind { EvalList = "eval-list", EvalChunk = "eval-chunk", Build = "build" });
+spelled!(AttemptState { Running = "running", Done = "done", Lost = "lost" });
+
 /// Where a derivation of a run stands (stored per derivation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -20,29 +58,13 @@ pub enum DrvState {
     Cancelled,
 }
 
-impl DrvState {
-    pub const ALL: [DrvState; 5] = [
-        Self::Waiting,
-        Self::Built,
-        Self::Failed,
-        Self::DependencyFailed,
-        Self::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Waiting => "waiting",
-            Self::Built => "built",
-            Self::Failed => "failed",
-            Self::DependencyFailed => "dependency-failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<DrvState> {
-        Self::ALL.into_iter().find(|d| d.as_str() == s)
-    }
-}
+spelled!(DrvState {
+    Waiting = "waiting",
+    Built = "built",
+    Failed = "failed",
+    DependencyFailed = "dependency-failed",
+    Cancelled = "cancelled",
+});
 
 /// Where a run's flake comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

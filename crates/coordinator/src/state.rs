@@ -4,7 +4,10 @@
 //! implementing [`StateStore`]. Rows that cannot be read are errors, never defaults.
 
 use crate::db::{AttemptRow, Db, DbError, DrvRow, MetricsCounts, RunRow};
-use crate::model::{BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo, Registration};
+use crate::model::{
+    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo,
+    Registration,
+};
 use nixfarm_core::RunState;
 use std::collections::BTreeMap;
 
@@ -73,13 +76,13 @@ pub trait StateStore: Send {
     fn finish_attempt(
         &mut self,
         id: &str,
-        state: &str,
+        state: AttemptState,
         outcome: &str,
         finished_ms: i64,
     ) -> StateResult<bool>;
     fn running_attempts(&self) -> StateResult<Vec<AttemptRow>>;
     fn build_attempts(&self, run: &str, drv: &str) -> StateResult<i64>;
-    fn failed_attempts(&self, run: &str, kind: &str) -> StateResult<i64>;
+    fn failed_attempts(&self, run: &str, kind: AttemptKind) -> StateResult<i64>;
     fn lost_attempts(&self, run: &str, target: &str) -> StateResult<i64>;
     // Events.
     fn append_event(&mut self, run: &str, kind: &str, json: &str) -> StateResult<i64>;
@@ -141,10 +144,10 @@ delegate! {
     w fn drv_infra_failure(run: &str, drv: &str) -> i64;
     r fn drvs(run: &str) -> Vec<DrvRow>;
     w fn insert_attempt(a: &AttemptRow, started_ms: i64) -> ();
-    w fn finish_attempt(id: &str, state: &str, outcome: &str, finished_ms: i64) -> bool;
+    w fn finish_attempt(id: &str, state: AttemptState, outcome: &str, finished_ms: i64) -> bool;
     r fn running_attempts() -> Vec<AttemptRow>;
     r fn build_attempts(run: &str, drv: &str) -> i64;
-    r fn failed_attempts(run: &str, kind: &str) -> i64;
+    r fn failed_attempts(run: &str, kind: AttemptKind) -> i64;
     r fn lost_attempts(run: &str, target: &str) -> i64;
     w fn append_event(run: &str, kind: &str, json: &str) -> i64;
     r fn events_after(run: &str, after: i64) -> Vec<(i64, String, String)>;

@@ -158,7 +158,7 @@ impl Engine {
         }
         inner
             .db
-            .finish_attempt(attempt, "lost", why, self.clock.now_ms())?;
+            .finish_attempt(attempt, AttemptState::Lost, why, self.clock.now_ms())?;
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
             return Ok(());
         };
@@ -299,7 +299,7 @@ impl Engine {
         }
         let ok = inner.db.finish_attempt(
             attempt,
-            "done",
+            AttemptState::Done,
             outcome.unwrap_or("ok"),
             self.clock.now_ms(),
         )?;

@@ -23,17 +23,17 @@ impl Engine {
                 };
                 let attempt = random_id("a");
                 let kind = match &job {
-                    Job::EvalList { .. } => "eval-list",
-                    Job::EvalChunk { .. } => "eval-chunk",
-                    Job::Build { .. } => "build",
+                    Job::EvalList { .. } => AttemptKind::EvalList,
+                    Job::EvalChunk { .. } => AttemptKind::EvalChunk,
+                    Job::Build { .. } => AttemptKind::Build,
                 };
                 let row = AttemptRow {
                     id: attempt.clone(),
                     run_id: run_id.clone(),
-                    kind: kind.into(),
+                    kind,
                     target: target.clone(),
                     agent: name.clone(),
-                    state: "running".into(),
+                    state: AttemptState::Running,
                 };
                 if let Err(e) = inner.db.insert_attempt(&row, now) {
                     tracing::error!("cannot record attempt: {e}");
@@ -71,7 +71,7 @@ impl Engine {
                     }
                     break;
                 }
-                if kind == "build" {
+                if kind == AttemptKind::Build {
                     self.emit(
                         inner,
                         &run_id,

@@ -98,7 +98,7 @@ impl Engine {
             inner.db.eval_task_infra_failure(run_id, task_no)?
         } else {
             // The listing has no task row: its failed attempts are the count.
-            inner.db.failed_attempts(run_id, "eval-list")?
+            inner.db.failed_attempts(run_id, AttemptKind::EvalList)?
         };
         if failures > self.opts.max_infra_retries {
             return self.fail_run(

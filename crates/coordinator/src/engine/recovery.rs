@@ -50,14 +50,14 @@ impl Engine {
             let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
                 inner.db.finish_attempt(
                     &a.id,
-                    "lost",
+                    AttemptState::Lost,
                     "coordinator restarted; run finished",
                     self.clock.now_ms(),
                 )?;
                 continue;
             };
-            let job = match a.kind.as_str() {
-                "build" => match run.node_of.get(&a.target) {
+            let job = match a.kind {
+                AttemptKind::Build => match run.node_of.get(&a.target) {
                     Some(&n) => {
                         if let Some(s) = run.sched.as_mut() {
                             s.mark_running(n);
@@ -66,11 +66,11 @@ impl Engine {
                     }
                     None => continue,
                 },
-                "eval-list" => {
+                AttemptKind::EvalList => {
                     run.eval_queue.retain(|t| *t != EvalTask::List);
                     JobRef::Eval(EvalTask::List)
                 }
-                _ => {
+                AttemptKind::EvalChunk => {
                     let task = a.target.parse().unwrap_or(-1);
                     run.eval_queue.retain(|t| *t != EvalTask::Chunk(task));
                     JobRef::Eval(EvalTask::Chunk(task))
