@@ -112,6 +112,7 @@ in
             eval_workers = mkOption { type = types.ints.positive; default = 2; description = "Evaluation processes per job."; };
             work_dir = mkOption { type = types.str; default = "/var/lib/nixfarm-agent"; description = "Scratch directory."; };
             allow_local_flake_refs = mkOption { type = types.bool; default = false; description = "Evaluate flake references that read this host's disk (path:, git+file:, …): a single-user farm only."; };
+            gc_roots_dir = mkOption { type = types.nullOr types.str; default = null; description = "GC roots of what each run still needs; below Nix's gcroots directory (default per-user/$USER/nixfarm-NAME)."; };
             tls_ca_file = mkOption { type = types.nullOr types.str; default = null; description = "CA of the coordinator's certificate."; };
             tls_cert_file = mkOption { type = types.nullOr types.str; default = null; description = "Client certificate (mTLS)."; };
             tls_key_file = mkOption { type = types.nullOr types.str; default = null; description = "Key of the client certificate."; };
@@ -183,7 +184,7 @@ in
           Group = "nixfarm-agent";
           StateDirectory = "nixfarm-agent";
           StateDirectoryMode = "0700";
-          ReadWritePaths = [ "/nix/var/nix/daemon-socket" ];
+          ReadWritePaths = [ "/nix/var/nix/daemon-socket" "/nix/var/nix/gcroots/per-user" ];
           TimeoutStopSec = cfgA.settings.drain_timeout_secs + 60;
           Restart = "on-failure";
         };
