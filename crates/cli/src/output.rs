@@ -37,5 +37,9 @@ pub(crate) fn table(header: &[&str]) -> comfy_table::Table {
             .header_separator(comfy_table::LineStyle::none().fill('-').junction(' ')),
     );
     t.set_header(header.to_vec());
+    // Flush left, two spaces between columns: lines start with their first cell, for grep.
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
     t
 }

@@ -369,7 +369,8 @@ impl Nix {
         trusted_public_keys: &[String],
     ) -> Result<(), NixError> {
         let mut c = self.nix_cmd();
-        c.args(["copy", "--from", from])
+        // --derivation: a .drv path names the derivation itself, not its outputs.
+        c.args(["copy", "--derivation", "--from", from])
             .args([
                 "--option",
                 "trusted-public-keys",

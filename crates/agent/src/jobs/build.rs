@@ -1,0 +1,179 @@
+//! Build jobs: fetch a missing derivation, realise it with Nix, root and push its outputs, report the outcome.
+
+use super::*;
+
+pub(super) async fn build(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    run_id: &str,
+    j: pb::BuildJob,
+    cancel: CancellationToken,
+    logs: mpsc::Sender<pb::AgentMessage>,
+    attempt: String,
+) -> pb::BuildResult {
+    // What Nix substitutes from: the cache's read URL (Cachix: its `uri`) and its keys.
+    let mut trusted = j.trusted_public_keys.clone();
+    let mut substituter = String::new();
+    let push = if j.cache.is_empty() {
+        None
+    } else {
+        match pusher(shared, &j.cache).await {
+            Ok(p) => {
+                match p.substituter().await {
+                    Ok((url, keys)) => {
+                        substituter = url;
+                        trusted.extend(keys);
+                    }
+                    Err(e) => {
+                        return pb::BuildResult {
+                            status: pb::BuildStatus::InfraFailed as i32,
+                            message: format!("cannot reach the cache: {e}"),
+                            ..Default::default()
+                        };
+                    }
+                }
+                Some(p)
+            }
+            Err(e) => {
+                return pb::BuildResult {
+                    status: pb::BuildStatus::InfraFailed as i32,
+                    message: e.to_string(),
+                    ..Default::default()
+                };
+            }
+        }
+    };
+    trusted.sort();
+    trusted.dedup();
+    let opts = BuildOptions {
+        substituter,
+        trusted_public_keys: trusted,
+        timeout: (j.timeout_secs > 0).then(|| Duration::from_secs(j.timeout_secs)),
+        max_silent: (j.max_silent_secs > 0).then(|| Duration::from_secs(j.max_silent_secs)),
+    };
+    // A derivation this store does not hold (evaluated on another host, or collected): fetch
+    // it, with its inputs, from the run's cache; without one, say what is missing.
+    if !shared
+        .nix
+        .paths_valid(std::slice::from_ref(&j.drv_path))
+        .await
+    {
+        if opts.substituter.is_empty() {
+            return pb::BuildResult {
+                status: pb::BuildStatus::InfraFailed as i32,
+                message: format!(
+                    "derivation {} is not in agent {}'s store, and the run has no cache to fetch it from: agents on separate hosts need a cache they share (--cache)",
+                    j.drv_path, shared.cfg.name
+                ),
+                ..Default::default()
+            };
+        }
+        if let Err(e) = shared
+            .nix
+            .copy_from(
+                &opts.substituter,
+                std::slice::from_ref(&j.drv_path),
+                &opts.trusted_public_keys,
+            )
+            .await
+        {
+            // Nix may still substitute it itself while realising; if not, its error says so.
+            tracing::warn!("cannot fetch {} from the run's cache: {e}", j.drv_path);
+        }
+    }
+    let _ = shared.roots.add(run_id, std::slice::from_ref(&j.drv_path));
+    let limit = shared.cfg.log_limit_bytes;
+    let mut sent = 0usize;
+    let run = shared
+        .nix
+        .realise(&j.drv_path, &opts, cancel, |chunk| {
+            // Live log, capped per job; the tail always travels with the result.
+            if sent < limit {
+                let n = chunk.len().min(limit - sent);
+                sent += n;
+                let _ = logs.try_send(msg(pb::agent_message::Msg::Log(pb::LogChunk {
+                    attempt_id: attempt.clone(),
+                    data: chunk[..n].to_vec(),
+                })));
+            }
+        })
+        .await;
+    let mut r = pb::BuildResult {
+        duration_ms: run.duration.as_millis() as u64,
+        log_tail: run.log_tail.clone(),
+        substituted: run.substituted,
+        ..Default::default()
+    };
+    if run.cancelled {
+        r.status = pb::BuildStatus::Cancelled as i32;
+        r.message = "cancelled".into();
+        return r;
+    }
+    match run.result {
+        Ok(paths) => {
+            r.status = pb::BuildStatus::Built as i32;
+            // Dependents may build here later: the outputs stay until the run ends.
+            if let Err(e) = shared.roots.add(run_id, &paths) {
+                tracing::warn!("cannot root the outputs of {}: {e}", j.drv_path);
+            }
+            // Pushed even when nothing was built: the output may predate the run (the push asks
+            // the cache first and uploads only what it lacks).
+            if let Some(p) = &push
+                && let Err(e) = p
+                    .push_closure_with(&paths, &Claims::new(shared, channel, &j.cache))
+                    .await
+            {
+                // Built: the outputs exist; only publishing failed, after retries.
+                r.status = pb::BuildStatus::NotCached as i32;
+                r.message = format!("built, but the push to the cache failed: {e}");
+            }
+            r.outputs = match shared
+                .nix
+                .show_derivations(std::slice::from_ref(&j.drv_path))
+                .await
+            {
+                Ok(ds) => ds
+                    .into_iter()
+                    .find(|d| d.path == j.drv_path)
+                    .map(|d| {
+                        d.outputs
+                            .into_iter()
+                            .map(|(name, path)| pb::DrvOutput { name, path })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                Err(_) => paths
+                    .iter()
+                    .map(|p| pb::DrvOutput {
+                        name: "out".into(),
+                        path: p.clone(),
+                    })
+                    .collect(),
+            };
+        }
+        Err(Failure::HashMismatch(m)) => {
+            r.status = pb::BuildStatus::HashMismatch as i32;
+            r.message = format!("hash mismatch: specified {}, got {}", m.specified, m.got);
+            r.specified_hash = m.specified;
+            r.got_hash = m.got;
+        }
+        Err(Failure::TimedOut(m)) => {
+            r.status = pb::BuildStatus::TimedOut as i32;
+            r.message = m;
+        }
+        Err(Failure::BuildFailed(m)) => {
+            r.status = pb::BuildStatus::Failed as i32;
+            r.message = m;
+        }
+        Err(Failure::DiskFull(m)) => {
+            pause_for_full_disk(shared);
+            r.status = pb::BuildStatus::InfraFailed as i32;
+            r.message = format!("agent {} ran out of disk space: {m}", shared.cfg.name);
+        }
+        Err(Failure::Infra(m)) => {
+            r.status = pb::BuildStatus::InfraFailed as i32;
+            r.message = m;
+        }
+    }
+    r
+}

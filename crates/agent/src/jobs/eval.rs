@@ -1,0 +1,252 @@
+//! Evaluation jobs: attributes evaluated in isolation (bisecting failures and out-of-memory), their derivations rooted and read, pushed to the run's cache.
+
+use super::*;
+
+pub(super) fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput> {
+    o.iter()
+        .map(|(n, p)| pb::DrvOutput {
+            name: n.clone(),
+            path: p.clone(),
+        })
+        .collect()
+}
+
+/// Evaluates attributes in groups; a group that fails is split in two until each failing
+/// attribute stands alone, so one attribute that throws never hides the others.
+pub(super) async fn eval_isolated(
+    shared: &Arc<Shared>,
+    flake: &str,
+    attr_path: &str,
+    attrs: Vec<String>,
+    mem: u64,
+) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(shared.cfg.eval_workers.max(1)));
+    let mut out = BTreeMap::new();
+    let mut pending = vec![attrs];
+    while !pending.is_empty() {
+        let mut set = tokio::task::JoinSet::new();
+        for group in pending.drain(..) {
+            let (shared, flake, attr_path, sem) = (
+                shared.clone(),
+                flake.to_string(),
+                attr_path.to_string(),
+                sem.clone(),
+            );
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let r = shared.nix.eval_attrs(&flake, &attr_path, &group, mem).await;
+                (group, r)
+            });
+        }
+        while let Some(joined) = set.join_next().await {
+            let (group, r) =
+                joined.map_err(|e| NixError::Infra(format!("evaluation task failed: {e}")))?;
+            match r {
+                Ok(map) => {
+                    for (k, v) in map {
+                        out.insert(k, Ok(v));
+                    }
+                }
+                // An attribute that throws, or that runs past the memory cap, is the
+                // attribute's own failure: isolated, while the others go on.
+                Err(NixError::Failed { message, .. } | NixError::OutOfMemory(message))
+                    if group.len() == 1 =>
+                {
+                    out.insert(group[0].clone(), Err(message));
+                }
+                Err(NixError::Failed { .. } | NixError::OutOfMemory(_)) => {
+                    let mid = group.len() / 2;
+                    pending.push(group[..mid].to_vec());
+                    pending.push(group[mid..].to_vec());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Evaluates a chunk and roots its derivations for the run. The host's garbage collector may
+/// strike between Nix writing a `.drv` and the root being made: then the chunk is evaluated
+/// once more (the roots already exist, so what it writes stays).
+pub(super) async fn eval_rooted(
+    shared: &Arc<Shared>,
+    run_id: &str,
+    flake: &str,
+    j: &pb::EvalChunkJob,
+) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let evaluated = eval_isolated(
+            shared,
+            flake,
+            &j.attr_path,
+            j.attrs.clone(),
+            j.eval_memory_mib,
+        )
+        .await?;
+        let tops: Vec<String> = evaluated
+            .values()
+            .filter_map(|r| r.as_ref().ok().map(|i| i.drv_path.clone()))
+            .collect();
+        if let Err(e) = shared.roots.add(run_id, &tops) {
+            // Without roots the run still works, unless the host collects garbage meanwhile.
+            tracing::warn!(
+                "cannot add GC roots in {}: {e}",
+                shared.roots.dir().display()
+            );
+        }
+        let gone = shared.nix.invalid_paths(&tops).await?;
+        if gone.is_empty() {
+            return Ok(evaluated);
+        }
+        if tries >= 3 {
+            return Err(NixError::Infra(format!(
+                "{} derivation(s) were garbage-collected as soon as they were evaluated (e.g. {})",
+                gone.len(),
+                gone[0]
+            )));
+        }
+        tracing::info!(
+            run = run_id,
+            gone = gone.len(),
+            "derivations collected before they were rooted; evaluating again"
+        );
+    }
+}
+
+pub(super) async fn eval_chunk(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    run_id: &str,
+    j: pb::EvalChunkJob,
+) -> pb::EvalChunkResult {
+    let fail = |e: NixError| {
+        let error = e.to_string();
+        pause_if_disk_full(shared, &error);
+        pb::EvalChunkResult {
+            error,
+            infra: e.is_infra(),
+            ..Default::default()
+        }
+    };
+    let flake = match prepare_source(shared, channel.clone(), run_id, j.source.clone()).await {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let evaluated = match eval_rooted(shared, run_id, &flake, &j).await {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let mut attrs = Vec::new();
+    let mut tops = Vec::new();
+    for name in &j.attrs {
+        match evaluated.get(name) {
+            Some(Ok(info)) => {
+                tops.push(info.drv_path.clone());
+                attrs.push(pb::EvaluatedAttr {
+                    attr: name.clone(),
+                    drv_path: info.drv_path.clone(),
+                    outputs: outputs_to_wire(&info.outputs),
+                    pname: info.pname.clone(),
+                    version: info.version.clone(),
+                    position: info.position.clone(),
+                    rev: info.rev.clone(),
+                    system: info.system.clone(),
+                    error: String::new(),
+                    timeout_secs: info.timeout,
+                    max_silent_secs: info.max_silent,
+                });
+            }
+            Some(Err(e)) => attrs.push(pb::EvaluatedAttr {
+                attr: name.clone(),
+                error: e.clone(),
+                ..Default::default()
+            }),
+            None => attrs.push(pb::EvaluatedAttr {
+                attr: name.clone(),
+                error: "attribute vanished during evaluation".into(),
+                ..Default::default()
+            }),
+        }
+    }
+    let drvs = match shared.nix.show_derivations(&tops).await {
+        Ok(d) => d,
+        Err(e) => return fail(NixError::Infra(format!("cannot read derivations: {e}"))),
+    };
+    // Warm mode: derivations whose outputs the cache (or, without one, this store) has.
+    let mut present = std::collections::HashSet::new();
+    if j.skip_cached {
+        let outs: Vec<String> = drvs
+            .iter()
+            .flat_map(|d| d.outputs.iter().map(|(_, p)| p.clone()))
+            .filter(|p| !p.is_empty())
+            .collect();
+        let missing: std::collections::HashSet<String> = if j.cache.is_empty() {
+            match shared.nix.invalid_paths(&outs).await {
+                Ok(m) => m.into_iter().collect(),
+                Err(e) => return fail(e),
+            }
+        } else {
+            match pusher(shared, &j.cache).await {
+                Ok(p) => match p.missing(&outs).await {
+                    Ok(m) => m.into_iter().collect(),
+                    Err(e) => return fail(NixError::Infra(format!("cannot query the cache: {e}"))),
+                },
+                Err(e) => return fail(e),
+            }
+        };
+        for d in &drvs {
+            if !d.outputs.is_empty()
+                && d.outputs
+                    .iter()
+                    .all(|(_, p)| !p.is_empty() && !missing.contains(p))
+            {
+                present.insert(d.path.clone());
+            }
+        }
+    }
+    if !j.cache.is_empty() {
+        // Builders on other hosts fetch the derivations (and their sources) from the cache.
+        let claims = Claims::new(shared, channel, &j.cache);
+        let pushed = match pusher(shared, &j.cache).await {
+            Ok(p) => p
+                .push_closure_with(&tops, &claims)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = pushed {
+            return fail(NixError::Infra(format!(
+                "cannot push the derivations to {}: {e}",
+                j.cache.split('?').next().unwrap_or_default()
+            )));
+        }
+    }
+    let drvs = drvs
+        .into_iter()
+        .map(|d| pb::DrvNode {
+            present: present.contains(&d.path),
+            drv_path: d.path,
+            system: d.system,
+            features: d.features,
+            outputs: d
+                .outputs
+                .into_iter()
+                .map(|(name, path)| pb::DrvOutput { name, path })
+                .collect(),
+            input_drvs: d.input_drvs,
+            fixed_output: d.fixed_output,
+            output_hash: d.output_hash,
+            hints: d.hints,
+        })
+        .collect();
+    pb::EvalChunkResult {
+        attempt_id: String::new(),
+        attrs,
+        drvs,
+        error: String::new(),
+        infra: false,
+    }
+}

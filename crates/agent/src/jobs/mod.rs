@@ -1,0 +1,140 @@
+//! Running one assigned job: fetch the source, evaluate or build with Nix, report.
+
+use crate::{Shared, add_token};
+use nixfarm_core::snapshot;
+use nixfarm_nix::messages::Failure;
+use nixfarm_nix::{AttrInfo, BuildOptions, NixError};
+use nixfarm_proto::v1 as pb;
+use nixfarm_proto::v1::agent_service_client::AgentServiceClient;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+mod build;
+mod claims;
+mod eval;
+mod source;
+
+use build::build;
+use claims::Claims;
+use eval::eval_chunk;
+pub(crate) use source::drop_run_sources;
+use source::prepare_source;
+
+fn msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(m) }
+}
+
+/// The result message for an assignment handed back unrun.
+pub(crate) fn cancelled_result(a: &pb::Assignment) -> pb::AgentMessage {
+    use pb::assignment::Job;
+    match &a.job {
+        Some(Job::Build(_)) => msg(pb::agent_message::Msg::Build(pb::BuildResult {
+            attempt_id: a.attempt_id.clone(),
+            status: pb::BuildStatus::Cancelled as i32,
+            message: "the agent is draining".into(),
+            ..Default::default()
+        })),
+        Some(Job::EvalList(_)) => msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
+            attempt_id: a.attempt_id.clone(),
+            error: "the agent is draining".into(),
+            infra: true,
+            ..Default::default()
+        })),
+        _ => msg(pb::agent_message::Msg::EvalChunk(pb::EvalChunkResult {
+            attempt_id: a.attempt_id.clone(),
+            error: "the agent is draining".into(),
+            infra: true,
+            ..Default::default()
+        })),
+    }
+}
+
+pub(crate) async fn run(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    a: pb::Assignment,
+    cancel: CancellationToken,
+    logs: mpsc::Sender<pb::AgentMessage>,
+) -> pb::AgentMessage {
+    use pb::assignment::Job;
+    let attempt = a.attempt_id.clone();
+    let run_id = a.run_id.clone();
+    match a.job {
+        Some(Job::EvalList(j)) => {
+            let result = async {
+                let flake = prepare_source(shared, channel, &run_id, j.source).await?;
+                shared
+                    .nix
+                    .list_attrs(&flake, &j.attr_path, j.eval_memory_mib)
+                    .await
+            }
+            .await;
+            let (attrs, error, infra) = match result {
+                Ok(a) => (a, String::new(), false),
+                Err(e) => (vec![], e.to_string(), e.is_infra()),
+            };
+            pause_if_disk_full(shared, &error);
+            msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
+                attempt_id: attempt,
+                attrs,
+                error,
+                infra,
+            }))
+        }
+        Some(Job::EvalChunk(j)) => {
+            let mut r = eval_chunk(shared, channel, &run_id, j).await;
+            r.attempt_id = attempt;
+            msg(pb::agent_message::Msg::EvalChunk(r))
+        }
+        Some(Job::Build(j)) => {
+            let mut r = build(shared, channel, &run_id, j, cancel, logs, attempt.clone()).await;
+            r.attempt_id = attempt;
+            msg(pb::agent_message::Msg::Build(r))
+        }
+        None => msg(pb::agent_message::Msg::Build(pb::BuildResult {
+            attempt_id: attempt,
+            status: pb::BuildStatus::InfraFailed as i32,
+            message: "empty assignment".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A job ran out of disk space: it is retried elsewhere, and this agent takes nothing new
+/// for a while (the failed job's files are gone at once, so free space alone would look fine).
+fn pause_for_full_disk(shared: &Shared) {
+    if let Ok(mut until) = shared.disk_full_until.lock() {
+        *until = Some(std::time::Instant::now() + crate::DISK_FULL_PAUSE);
+    }
+}
+
+/// [`pause_for_full_disk`] when a failed evaluation's error says the disk is full.
+fn pause_if_disk_full(shared: &Shared, error: &str) {
+    if nixfarm_nix::messages::is_disk_full(error) {
+        pause_for_full_disk(shared);
+    }
+}
+
+/// The pusher for a run's cache URL.
+async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pusher>, NixError> {
+    let mut map = shared.pushers.lock().await;
+    if let Some(p) = map.get(url) {
+        return Ok(p.clone());
+    }
+    let p = Arc::new(
+        nixfarm_store::Pusher::for_url(
+            url,
+            shared.nix.clone(),
+            shared.creds.key.clone(),
+            shared.creds.cachix_token.clone(),
+        )
+        .map_err(|e| NixError::Infra(e.to_string()))?,
+    );
+    map.insert(url.to_string(), p.clone());
+    Ok(p)
+}

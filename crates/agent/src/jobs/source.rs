@@ -1,0 +1,173 @@
+//! A run's flake on this host: remote references checked, snapshots fetched as a stream, checked whole and unpacked read-only in a directory of the run's own.
+
+use super::*;
+
+/// Makes the run's flake available locally and returns a flake reference to it.
+pub(super) async fn prepare_source(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    run_id: &str,
+    source: Option<pb::Source>,
+) -> Result<String, NixError> {
+    match source.and_then(|s| s.kind) {
+        Some(pb::source::Kind::FlakeRef(f)) => {
+            // Checked here too: a reference that reads this host's disk is refused whatever
+            // the coordinator let through.
+            nixfarm_core::flakeref::validate_for_farm(&f, shared.cfg.allow_local_flake_refs)
+                .map_err(|e| NixError::Failed {
+                    message: e.to_string(),
+                    log: String::new(),
+                })?;
+            Ok(f)
+        }
+        Some(pb::source::Kind::Snapshot(digest)) => {
+            let dir = fetch_snapshot(shared, channel, run_id, &digest).await?;
+            Ok(format!("path:{}", dir.display()))
+        }
+        None => Err(NixError::Infra("the job names no source".into())),
+    }
+}
+
+/// Runs whose unpacked sources are kept at once (least recently used go first).
+pub(super) const KEPT_RUN_SOURCES: usize = 8;
+
+/// Fetches a snapshot and unpacks it into a directory of the run's own: streamed to a file
+/// while hashed, held to the coordinator's limits, checked whole, then written without
+/// following any link and left read-only. Nothing one run sends can touch another's tree.
+pub(super) async fn fetch_snapshot(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    run_id: &str,
+    digest: &str,
+) -> Result<PathBuf, NixError> {
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(NixError::Infra("bad snapshot digest".into()));
+    }
+    if !nixfarm_core::limits::is_run_id(run_id) {
+        return Err(NixError::Infra("bad run id".into()));
+    }
+    let sources = shared.cfg.work_dir.join("sources");
+    let dir = sources.join(format!("{run_id}-{digest}"));
+    let _guard = shared.source_lock.lock().await;
+    touch_run_source(shared, &sources, &dir);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let infra = |e: String| NixError::Infra(format!("cannot fetch source {digest}: {e}"));
+    std::fs::create_dir_all(&sources).map_err(|e| infra(e.to_string()))?;
+    let limits = shared
+        .snapshot_limits
+        .lock()
+        .map(|l| *l)
+        .unwrap_or_default();
+    let tar = sources.join(format!(".tmp-{run_id}-{digest}.tar"));
+    let result = async {
+        download(shared, channel, digest, &tar, limits).await?;
+        let tmp = sources.join(format!(".tmp-{run_id}-{digest}"));
+        let _ = snapshot::remove_tree(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| infra(e.to_string()))?;
+        let (t, d) = (tar.clone(), tmp.clone());
+        tokio::task::spawn_blocking(move || snapshot::unpack_file(&t, &d, limits))
+            .await
+            .map_err(|e| infra(e.to_string()))?
+            .map_err(|e| infra(e.to_string()))?;
+        std::fs::rename(&tmp, &dir).map_err(|e| infra(e.to_string()))?;
+        Ok(dir.clone())
+    }
+    .await;
+    let _ = std::fs::remove_file(&tar);
+    result
+}
+
+/// Streams a snapshot from the coordinator into `to`, checking its size on the way and its
+/// digest at the end.
+pub(super) async fn download(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    digest: &str,
+    to: &std::path::Path,
+    limits: snapshot::Limits,
+) -> Result<(), NixError> {
+    use sha2::Digest as _;
+    use tokio::io::AsyncWriteExt;
+    let infra = |e: String| NixError::Infra(format!("cannot fetch source {digest}: {e}"));
+    let mut client = AgentServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut req = tonic::Request::new(pb::FetchSourceRequest {
+        digest: digest.to_string(),
+    });
+    add_token(&mut req, &shared.token);
+    let mut stream = client
+        .fetch_source(req)
+        .await
+        .map_err(|e| infra(e.to_string()))?
+        .into_inner();
+    let file = tokio::fs::File::create(to)
+        .await
+        .map_err(|e| infra(e.to_string()))?;
+    let mut out = tokio::io::BufWriter::new(file);
+    let mut hasher = sha2::Sha256::new();
+    let (mut size, cap) = (0u64, snapshot::max_tar_bytes(limits));
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .map_err(|_| infra("the coordinator sent nothing for 60 s".into()))?
+            .map_err(|e| infra(e.to_string()))?;
+        let Some(chunk) = chunk else { break };
+        size += chunk.data.len() as u64;
+        if size > cap {
+            return Err(infra(format!(
+                "larger than the limit of {} bytes",
+                limits.max_bytes
+            )));
+        }
+        hasher.update(&chunk.data);
+        out.write_all(&chunk.data)
+            .await
+            .map_err(|e| infra(e.to_string()))?;
+    }
+    out.flush().await.map_err(|e| infra(e.to_string()))?;
+    if data_encoding::HEXLOWER.encode(&hasher.finalize()) != digest {
+        return Err(infra("digest mismatch".into()));
+    }
+    Ok(())
+}
+
+/// Removes the unpacked sources of a run that ended.
+pub(crate) fn drop_run_sources(shared: &Shared, run_id: &str) {
+    if !nixfarm_core::limits::is_run_id(run_id) {
+        return;
+    }
+    let sources = shared.cfg.work_dir.join("sources");
+    let prefix = format!("{run_id}-");
+    if let Ok(mut lru) = shared.run_sources.lock() {
+        lru.retain(|n| !n.starts_with(&prefix));
+    }
+    if let Ok(entries) = std::fs::read_dir(&sources) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = snapshot::remove_tree(&e.path());
+            }
+        }
+    }
+}
+
+/// Marks the run's source as used now, and removes the least recently used ones beyond
+/// [`KEPT_RUN_SOURCES`] (a run that needs one again fetches it again).
+pub(super) fn touch_run_source(shared: &Shared, sources: &std::path::Path, dir: &std::path::Path) {
+    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let Ok(mut lru) = shared.run_sources.lock() else {
+        return;
+    };
+    lru.retain(|n| *n != name);
+    lru.push_back(name);
+    let keep = KEPT_RUN_SOURCES.max(2 * shared.cfg.max_jobs as usize);
+    while lru.len() > keep {
+        if let Some(old) = lru.pop_front()
+            && let Err(e) = snapshot::remove_tree(&sources.join(&old))
+        {
+            tracing::warn!("cannot remove the old source {old}: {e}");
+        }
+    }
+}
