@@ -38,12 +38,8 @@ pub(super) fn package_report(
         return r;
     }
     let Some((state, rep)) = results.get(p.drv_path.as_str()) else {
-        let st = if run_state == RunState::Cancelled {
-            PackageStatus::Cancelled
-        } else {
-            PackageStatus::Pending
-        };
-        set(&mut r, st, String::new());
+        let (st, reason) = not_built(run_state);
+        set(&mut r, st, reason);
         return r;
     };
     r.duration_ms = rep.duration_ms;
@@ -122,6 +118,21 @@ pub(super) fn package_report(
                 }
             }
         }
+        // Which dependency failure decides the status (a hash mismatch anywhere in the closure
+        // wins) is only known once nothing in the closure is still building: until then it
+        // stays pending, so a status once reported never changes.
+        DrvState::DependencyFailed
+            if closure
+                .iter()
+                .any(|d| matches!(results.get(d.as_str()), Some((DrvState::Waiting, _))))
+                && !run_state.is_terminal() =>
+        {
+            set(
+                &mut r,
+                PackageStatus::Pending,
+                "a dependency failed; waiting for the rest of its closure".into(),
+            );
+        }
         DrvState::DependencyFailed => {
             let root = rep.failed_root.as_str();
             let root_rep = results
@@ -173,15 +184,26 @@ pub(super) fn package_report(
             "the run was cancelled".into(),
         ),
         DrvState::Waiting => {
-            let st = if run_state == RunState::Cancelled {
-                PackageStatus::Cancelled
-            } else {
-                PackageStatus::Pending
-            };
-            set(&mut r, st, String::new());
+            let (st, reason) = not_built(run_state);
+            set(&mut r, st, reason);
         }
     }
     r
+}
+
+/// A package not built (yet): pending while the run goes on; once the run has ended
+/// (cancelled, or failed as a whole) it never will be, and it says so.
+fn not_built(run_state: RunState) -> (PackageStatus, String) {
+    match run_state {
+        RunState::Cancelled => (PackageStatus::Cancelled, "the run was cancelled".into()),
+        RunState::Failed => (
+            PackageStatus::Cancelled,
+            "not built: the run failed (see its error)".into(),
+        ),
+        RunState::Queued | RunState::Evaluating | RunState::Building | RunState::Finished => {
+            (PackageStatus::Pending, String::new())
+        }
+    }
 }
 
 /// Every derivation in a package's build closure, the package's own first.

@@ -73,7 +73,15 @@ impl Engine {
         run.eval_queue.clear();
         run.state = RunState::Cancelled;
         if let Some(s) = run.sched.as_mut() {
-            for n in s.cancel_pending() {
+            // Running builds are cancelled too (their agents are told to stop below): a result
+            // that arrives anyway finds nothing running and changes nothing.
+            let running: Vec<NodeId> = (0..s.len() as NodeId)
+                .filter(|&n| s.state(n) == NodeState::Running)
+                .collect();
+            for &n in &running {
+                s.cancel_running(n);
+            }
+            for n in s.cancel_pending().into_iter().chain(running) {
                 inner.db.set_drv_state(
                     run_id,
                     &run.drv_of[n as usize],
