@@ -7,18 +7,24 @@
 //! against the store's, signs the fingerprint, uploads, and only then writes the narinfo, so a
 //! narinfo never exists without its NAR.
 
+mod backend;
+mod cachix;
+mod file;
+mod http;
 pub mod nar;
 pub mod narinfo;
+mod stage;
 
+pub use cachix::CachixCache;
+pub use stage::Compression;
+
+use backend::Backend;
 use futures_util::StreamExt;
-use md5::Md5;
-use narinfo::{Key, NarInfo, basename, sha256_nix32, store_hash};
+use narinfo::{Key, NarInfo, sha256_nix32};
 use nixfarm_nix::Nix;
 use nixfarm_nix::runner::StorePathInfo;
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use stage::stage;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -77,19 +83,6 @@ pub fn cachix_url(name: &str, api: Option<&str>) -> String {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CachixCache {
-    pub name: String,
-    pub uri: String,
-    #[serde(default)]
-    pub is_public: bool,
-    #[serde(default)]
-    pub public_signing_keys: Vec<String>,
-    #[serde(default)]
-    pub preferred_compression_method: Option<String>,
-}
-
 /// What the pusher did, for reports and tests.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -140,11 +133,11 @@ impl Default for Options {
 /// Pushes store paths to one cache.
 pub struct Pusher {
     target: Target,
+    backend: Box<dyn Backend>,
     nix: Nix,
-    key: Option<Key>,
+    pub(crate) key: Option<Key>,
     token: Option<String>,
-    http: reqwest::Client,
-    cachix: tokio::sync::OnceCell<CachixCache>,
+    pub(crate) http: reqwest::Client,
     /// Paths being uploaded by this pusher: concurrent pushes of one path wait for the first.
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub opts: Options,
@@ -169,181 +162,6 @@ impl Arbiter for Alone {
         vec![true; paths.len()]
     }
     async fn release(&self, _: &[String]) {}
-}
-
-/// A NAR staged on disk, compressed, with its hashes.
-struct Staged {
-    file: std::fs::File,
-    /// Set when staged inside a file:// cache: the NAR is renamed into place, not copied.
-    named: Option<tempfile::TempPath>,
-    nar_hash: Vec<u8>,
-    nar_size: u64,
-    file_hash: Vec<u8>,
-    file_size: u64,
-}
-
-/// Hashes and counts what passes through it.
-struct Tee<W> {
-    inner: W,
-    hash: Sha256,
-    len: u64,
-}
-
-impl<W: Write> Write for Tee<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// How NARs are compressed on their way to the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    Zstd,
-    Xz,
-}
-
-impl Compression {
-    /// The narinfo's `Compression:` value.
-    pub fn narinfo_name(self) -> &'static str {
-        match self {
-            Compression::Zstd => "zstd",
-            Compression::Xz => "xz",
-        }
-    }
-    fn extension(self) -> &'static str {
-        match self {
-            Compression::Zstd => "nar.zst",
-            Compression::Xz => "nar.xz",
-        }
-    }
-    /// Cachix's `compression` query parameter.
-    fn cachix_param(self) -> &'static str {
-        match self {
-            Compression::Zstd => "zst",
-            Compression::Xz => "xz",
-        }
-    }
-    /// `zstd`/`zst`/`ZSTD`, `xz`/`XZ`.
-    pub fn parse(s: &str) -> Option<Compression> {
-        match s.to_ascii_lowercase().as_str() {
-            "zstd" | "zst" => Some(Compression::Zstd),
-            "xz" => Some(Compression::Xz),
-            _ => None,
-        }
-    }
-}
-
-/// The two encoders behind one writer.
-enum Encoder<W: Write> {
-    Zstd(zstd::stream::Encoder<'static, W>),
-    Xz(xz2::write::XzEncoder<W>),
-}
-
-impl<W: Write> Write for Encoder<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Encoder::Zstd(e) => e.write(buf),
-            Encoder::Xz(e) => e.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Encoder::Zstd(e) => e.flush(),
-            Encoder::Xz(e) => e.flush(),
-        }
-    }
-}
-
-impl<W: Write> Encoder<W> {
-    fn finish(self) -> std::io::Result<W> {
-        match self {
-            Encoder::Zstd(e) => e.finish(),
-            Encoder::Xz(e) => e.finish(),
-        }
-    }
-}
-
-fn stage(
-    path: &Path,
-    compression: Compression,
-    level: i32,
-    dir: Option<&Path>,
-    multithread: bool,
-) -> Result<Staged, StoreError> {
-    let (tmp, named) = match dir {
-        Some(d) => {
-            let (f, p) = tempfile::NamedTempFile::new_in(d)
-                .map_err(io(format!(
-                    "cannot create a staging file in {}",
-                    d.display()
-                )))?
-                .into_parts();
-            (f, Some(p))
-        }
-        None => (
-            tempfile::tempfile().map_err(io("cannot create a staging file"))?,
-            None,
-        ),
-    };
-    let compressed = Tee {
-        inner: std::io::BufWriter::with_capacity(1 << 20, tmp),
-        hash: Sha256::new(),
-        len: 0,
-    };
-    let encoder = match compression {
-        Compression::Zstd => {
-            let mut e = zstd::stream::Encoder::new(compressed, level)
-                .map_err(io("cannot start the zstd encoder"))?;
-            // Compression runs on worker threads while this one archives and hashes (only
-            // worth the threads' start-up for large paths).
-            let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-            if multithread && workers > 1 {
-                let _ = e.multithread(workers);
-                // Smaller jobs than zstd's default (4 windows) bound what the workers hold.
-                let _ = e.set_parameter(zstd::zstd_safe::CParameter::JobSize(2 << 20));
-            }
-            Encoder::Zstd(e)
-        }
-        // Level 6, xz's default, as Nix uses.
-        Compression::Xz => Encoder::Xz(xz2::write::XzEncoder::new(compressed, 6)),
-    };
-    let mut nar = Tee {
-        inner: encoder,
-        hash: Sha256::new(),
-        len: 0,
-    };
-    // Buffered: the NAR's many small tokens reach the hasher and the encoder in large writes.
-    let mut buffered = std::io::BufWriter::with_capacity(256 << 10, &mut nar);
-    nar::dump(path, &mut buffered).map_err(io(format!("cannot archive {}", path.display())))?;
-    buffered
-        .flush()
-        .map_err(io(format!("cannot archive {}", path.display())))?;
-    drop(buffered);
-    let nar_hash = nar.hash.finalize().to_vec();
-    let nar_size = nar.len;
-    let compressed = nar.inner.finish().map_err(io("compression failed"))?;
-    let file_hash = compressed.hash.finalize().to_vec();
-    let file_size = compressed.len;
-    let mut file = compressed.inner.into_inner().map_err(|e| StoreError::Io {
-        what: "cannot write the staging file".into(),
-        source: e.into_error(),
-    })?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(io("cannot rewind the staging file"))?;
-    Ok(Staged {
-        file,
-        named,
-        nar_hash,
-        nar_size,
-        file_hash,
-        file_size,
-    })
 }
 
 fn retryable(status: reqwest::StatusCode) -> bool {
@@ -382,13 +200,22 @@ impl Pusher {
             .timeout(Duration::from_secs(300))
             .build()
             .map_err(|e| StoreError::Http(format!("cannot build the HTTP client: {e}")))?;
+        let backend: Box<dyn Backend> = match &target {
+            Target::File(dir) => Box::new(file::FileCache { dir: dir.clone() }),
+            Target::Http(base) => Box::new(http::HttpCache { base: base.clone() }),
+            Target::Cachix { name, api } => Box::new(cachix::CachixBackend {
+                name: name.clone(),
+                api: api.clone(),
+                info: tokio::sync::OnceCell::new(),
+            }),
+        };
         Ok(Pusher {
             target,
+            backend,
             nix,
             key,
             token,
             http,
-            cachix: tokio::sync::OnceCell::new(),
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
             opts: Options::default(),
             stats: Arc::new(Stats::default()),
@@ -405,22 +232,15 @@ impl Pusher {
         if let Some(c) = self.opts.compression {
             return Ok(c);
         }
-        if let Target::Cachix { .. } = &self.target {
-            let pref = self
-                .cachix_cache()
-                .await?
-                .preferred_compression_method
-                .clone();
-            return Ok(pref
-                .as_deref()
-                .and_then(Compression::parse)
-                .unwrap_or(Compression::Zstd));
-        }
-        Ok(Compression::Zstd)
+        Ok(self
+            .backend
+            .preferred_compression(self)
+            .await?
+            .unwrap_or(Compression::Zstd))
     }
 
     /// Sends a request, retrying on connection errors, 429 and 5xx with jittered backoff.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         what: &str,
         mk: impl Fn() -> reqwest::RequestBuilder,
@@ -465,106 +285,26 @@ impl Pusher {
         Err(StoreError::Http(format!("{last} (gave up after retries)")))
     }
 
-    fn bearer(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    pub(crate) fn bearer(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,
         }
     }
 
-    /// The Cachix cache's description (`GET cache/NAME`), fetched once.
-    pub async fn cachix_cache(&self) -> Result<&CachixCache, StoreError> {
-        let Target::Cachix { name, api } = &self.target else {
-            return Err(StoreError::BadUrl("not a cachix:// cache".into()));
-        };
-        self.cachix
-            .get_or_try_init(|| async {
-                let url = format!("{api}cache/{name}");
-                let r = self
-                    .send("reading the Cachix cache", || {
-                        self.bearer(self.http.get(&url))
-                    })
-                    .await?;
-                if r.status().as_u16() == 404 {
-                    return Err(StoreError::Http(format!(
-                        "Cachix has no cache named '{name}'"
-                    )));
-                }
-                r.json::<CachixCache>()
-                    .await
-                    .map_err(|e| StoreError::Http(format!("unreadable cache description: {e}")))
-            })
-            .await
+    /// This pusher's own public key (the one it signs with), if any.
+    pub(crate) fn own_keys(&self) -> Vec<String> {
+        self.key.iter().map(|k| k.public()).collect()
     }
 
     /// The URL Nix substitutes from, and the keys its signatures verify against.
     pub async fn substituter(&self) -> Result<(String, Vec<String>), StoreError> {
-        let own: Vec<String> = self.key.iter().map(|k| k.public()).collect();
-        match &self.target {
-            Target::File(p) => Ok((format!("file://{}", p.display()), own)),
-            Target::Http(u) => Ok((u.clone(), own)),
-            Target::Cachix { .. } => {
-                let c = self.cachix_cache().await?;
-                Ok((c.uri.clone(), c.public_signing_keys.clone()))
-            }
-        }
+        self.backend.substituter(self).await
     }
 
     /// Which of `paths` the cache lacks, in the order given.
     pub async fn missing(&self, paths: &[String]) -> Result<Vec<String>, StoreError> {
-        match &self.target {
-            Target::File(dir) => Ok(paths
-                .iter()
-                .filter(|p| !dir.join(format!("{}.narinfo", store_hash(p))).exists())
-                .cloned()
-                .collect()),
-            Target::Http(base) => {
-                // A plain binary cache has no bulk query: one HEAD per path, 16 at a time.
-                // (Futures built eagerly: a mapping closure would make callers' futures not
-                // provably Send.)
-                let mut futs = Vec::with_capacity(paths.len());
-                for p in paths {
-                    futs.push(self.http_missing(base, p));
-                }
-                let answers: Vec<Result<Option<String>, StoreError>> =
-                    futures_util::stream::iter(futs)
-                        .buffered(16)
-                        .collect()
-                        .await;
-                answers.into_iter().filter_map(Result::transpose).collect()
-            }
-            Target::Cachix { name, api } => {
-                let url = format!("{api}cache/{name}/narinfo");
-                let mut missing = std::collections::HashSet::new();
-                for chunk in paths.chunks(4096) {
-                    let hashes: Vec<&str> = chunk.iter().map(|p| store_hash(p)).collect();
-                    let r = self
-                        .send("asking Cachix which paths are missing", || {
-                            self.bearer(self.http.post(&url)).json(&hashes)
-                        })
-                        .await?;
-                    let list: Vec<String> = r
-                        .json()
-                        .await
-                        .map_err(|e| StoreError::Http(format!("unreadable narinfo answer: {e}")))?;
-                    missing.extend(list);
-                }
-                Ok(paths
-                    .iter()
-                    .filter(|p| missing.contains(store_hash(p)))
-                    .cloned()
-                    .collect())
-            }
-        }
-    }
-
-    /// `Some(path)` when the HTTP cache at `base` lacks it.
-    async fn http_missing(&self, base: &str, path: &str) -> Result<Option<String>, StoreError> {
-        let url = format!("{base}/{}.narinfo", store_hash(path));
-        let r = self
-            .send("asking the cache", || self.http.head(&url))
-            .await?;
-        Ok((!r.status().is_success()).then(|| path.to_string()))
+        self.backend.missing(self, paths).await
     }
 
     /// Pushes the closure of `paths`: asks which are missing and uploads only those,
@@ -582,7 +322,7 @@ impl Pusher {
         paths: &[String],
         arbiter: &A,
     ) -> Result<Vec<String>, StoreError> {
-        if matches!(self.target, Target::Cachix { .. }) && self.token.is_none() {
+        if self.backend.needs_token() && self.token.is_none() {
             return Err(StoreError::NoToken);
         }
         let infos = self.nix.closure_infos(paths).await?;
@@ -740,15 +480,7 @@ impl Pusher {
         let level = self.opts.zstd_level;
         let compression = self.compression().await?;
         let big = info.nar_size > 8 << 20;
-        let stage_dir = match &self.target {
-            Target::File(d) => {
-                let nar = d.join("nar");
-                std::fs::create_dir_all(&nar)
-                    .map_err(io(format!("cannot create {}", nar.display())))?;
-                Some(nar)
-            }
-            _ => None,
-        };
+        let stage_dir = self.backend.stage_dir()?;
         let staged = tokio::task::spawn_blocking(move || {
             stage(&path, compression, level, stage_dir.as_deref(), big)
         })
@@ -765,7 +497,7 @@ impl Pusher {
         }
         let mut refs = info.references.clone();
         refs.sort();
-        let mut ni = NarInfo {
+        let ni = NarInfo {
             store_path: info.path.clone(),
             url: format!(
                 "nar/{}.{}",
@@ -782,298 +514,10 @@ impl Pusher {
             sigs: Vec::new(),
             ca: info.ca.clone(),
         };
-        match &self.target {
-            Target::File(dir) => {
-                let key = self
-                    .key
-                    .as_ref()
-                    .ok_or_else(|| StoreError::NoKey(format!("file://{}", dir.display())))?;
-                ni.sign(key);
-                self.push_file(dir, staged, &ni).await?
-            }
-            Target::Http(base) => {
-                let key = self
-                    .key
-                    .as_ref()
-                    .ok_or_else(|| StoreError::NoKey(base.clone()))?;
-                ni.sign(key);
-                self.push_http(base, staged, &ni).await?
-            }
-            Target::Cachix { name, api } => self.push_cachix(name, api, staged, &ni).await?,
-        }
+        self.backend.upload(self, staged, ni).await?;
         self.stats.paths_uploaded.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-
-    async fn push_file(&self, dir: &Path, staged: Staged, ni: &NarInfo) -> Result<(), StoreError> {
-        let dir = dir.to_path_buf();
-        let ni_text = ni.render();
-        let nar_rel = ni.url.clone();
-        let hash = store_hash(&ni.store_path).to_string();
-        let size = staged.file_size;
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            std::fs::create_dir_all(dir.join("nar"))
-                .map_err(io(format!("cannot create {}", dir.display())))?;
-            let info = dir.join("nix-cache-info");
-            if !info.exists() {
-                write_atomic(
-                    &info,
-                    b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
-                )?;
-            }
-            let nar_path = dir.join(&nar_rel);
-            match staged.named {
-                // Staged in the cache's own nar/ directory: renamed into place.
-                Some(tmp) => {
-                    // Readable by whoever serves the cache (staging files start private).
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
-                        .map_err(io(format!("cannot write {}", nar_path.display())))?;
-                    tmp.persist(&nar_path).map_err(|e| StoreError::Io {
-                        what: format!("cannot write {}", nar_path.display()),
-                        source: e.error,
-                    })?;
-                }
-                None => {
-                    let mut src = staged.file;
-                    let tmp = nar_path.with_extension("tmp");
-                    let mut out = std::fs::File::create(&tmp)
-                        .map_err(io(format!("cannot write {}", tmp.display())))?;
-                    std::io::copy(&mut src, &mut out)
-                        .map_err(io(format!("cannot write {}", tmp.display())))?;
-                    std::fs::rename(&tmp, &nar_path)
-                        .map_err(io(format!("cannot write {}", nar_path.display())))?;
-                }
-            }
-            // The narinfo last: it never points at a NAR that is not there.
-            write_atomic(&dir.join(format!("{hash}.narinfo")), ni_text.as_bytes())
-        })
-        .await
-        .map_err(|e| StoreError::Http(format!("file push task failed: {e}")))??;
-        self.stats.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
-        Ok(())
-    }
-
-    async fn push_http(&self, base: &str, staged: Staged, ni: &NarInfo) -> Result<(), StoreError> {
-        let nar_url = format!("{base}/{}", ni.url);
-        let size = staged.file_size;
-        let file = staged.file;
-        // Streamed from the staging file; each attempt reads it again from the start. The
-        // declared length makes a short read fail the request instead of uploading less.
-        self.send("uploading the NAR", || {
-            let body = match file.try_clone().and_then(|mut c| {
-                c.seek(SeekFrom::Start(0))?;
-                Ok(c)
-            }) {
-                Ok(c) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
-                    tokio::fs::File::from_std(c),
-                )),
-                Err(_) => reqwest::Body::from(Vec::new()),
-            };
-            self.http
-                .put(&nar_url)
-                .header("content-type", "application/x-nix-nar")
-                .header("content-length", size)
-                .body(body)
-        })
-        .await?;
-        let ni_url = format!("{base}/{}.narinfo", store_hash(&ni.store_path));
-        let text = ni.render();
-        self.send("uploading the narinfo", || {
-            self.http
-                .put(&ni_url)
-                .header("content-type", "text/x-nix-narinfo")
-                .body(text.clone())
-        })
-        .await?;
-        self.stats.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Tells Cachix to drop a multipart upload that will not complete (best effort).
-    async fn abort(&self, base: &str, upload_id: &str) {
-        let _ = self
-            .send("aborting the upload", || {
-                self.bearer(
-                    self.http
-                        .post(format!("{base}/abort"))
-                        .query(&[("uploadId", upload_id)]),
-                )
-            })
-            .await;
-    }
-
-    async fn push_cachix(
-        &self,
-        name: &str,
-        api: &str,
-        staged: Staged,
-        ni: &NarInfo,
-    ) -> Result<(), StoreError> {
-        let cache = self.cachix_cache().await?;
-        // Self-signed caches publish our key; server-signed ones sign themselves.
-        let sig = match &self.key {
-            Some(k) => Some(k.sign_raw(&ni.fingerprint())),
-            None if cache.public_signing_keys.is_empty() => None,
-            None => return Err(StoreError::NoKey(format!("cachix://{name}"))),
-        };
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Created {
-            nar_id: String,
-            upload_id: String,
-        }
-        let compression = self.compression().await?;
-        let r = self
-            .send("starting the upload", || {
-                self.bearer(self.http.post(format!(
-                    "{api}cache/{name}/multipart-nar?compression={}",
-                    compression.cachix_param()
-                )))
-            })
-            .await?;
-        let created: Created = r
-            .json()
-            .await
-            .map_err(|e| StoreError::Http(format!("unreadable multipart answer: {e}")))?;
-        let size = staged.file_size;
-        let file = Arc::new(std::sync::Mutex::new(staged.file));
-        let ranges: Vec<(u32, u64, usize)> = (0..size.max(1))
-            .step_by(self.opts.part_size)
-            .enumerate()
-            .map(|(i, o)| {
-                (
-                    i as u32 + 1,
-                    o,
-                    self.opts.part_size.min((size - o) as usize),
-                )
-            })
-            .collect();
-        let base = format!("{api}cache/{name}/multipart-nar/{}", created.nar_id);
-        let upload_id = created.upload_id.clone();
-        let results: Vec<Result<(u32, String), StoreError>> =
-            futures_util::stream::iter(ranges.into_iter().map(|(n, offset, len)| {
-                let file = file.clone();
-                let base = base.clone();
-                let upload_id = upload_id.clone();
-                async move {
-                    let bytes = {
-                        let file = file.clone();
-                        tokio::task::spawn_blocking(move || read_part(&file, offset, len))
-                            .await
-                            .map_err(|e| StoreError::Http(format!("read task failed: {e}")))??
-                    };
-                    let md5 = data_encoding::BASE64.encode(&Md5::digest(&bytes));
-                    #[derive(Deserialize)]
-                    #[serde(rename_all = "camelCase")]
-                    struct Url {
-                        upload_url: String,
-                    }
-                    let r = self
-                        .send("getting a part's upload URL", || {
-                            self.bearer(self.http.post(&base).query(&[
-                                ("uploadId", upload_id.as_str()),
-                                ("partNumber", &n.to_string()),
-                            ]))
-                            .json(&serde_json::json!({ "contentMD5": md5 }))
-                        })
-                        .await?;
-                    let url: Url = r
-                        .json()
-                        .await
-                        .map_err(|e| StoreError::Http(format!("unreadable part answer: {e}")))?;
-                    let bytes = bytes::Bytes::from(bytes);
-                    // The presigned URL is the credential: no Authorization header here.
-                    let r = self
-                        .send("uploading a part", || {
-                            self.http
-                                .put(&url.upload_url)
-                                .header("content-type", "application/octet-stream")
-                                .header("content-md5", &md5)
-                                .body(bytes.clone())
-                        })
-                        .await?;
-                    let etag = r
-                        .headers()
-                        .get("etag")
-                        .and_then(|v| v.to_str().ok())
-                        .map(String::from)
-                        .ok_or_else(|| {
-                            StoreError::Http("part upload answered without an ETag".into())
-                        })?;
-                    self.stats
-                        .bytes_uploaded
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    Ok((n, etag))
-                }
-            }))
-            .buffer_unordered(self.opts.parts_in_flight.max(1))
-            .collect()
-            .await;
-        let mut parts = Vec::new();
-        for r in results {
-            match r {
-                Ok(p) => parts.push(p),
-                Err(e) => {
-                    self.abort(&base, &upload_id).await;
-                    return Err(e);
-                }
-            }
-        }
-        parts.sort_by_key(|p| p.0);
-        let mut refs: Vec<&str> = ni.references.iter().map(|r| basename(r)).collect();
-        refs.sort();
-        let body = serde_json::json!({
-            "parts": parts.iter().map(|(n, e)| serde_json::json!({"partNumber": n, "eTag": e})).collect::<Vec<_>>(),
-            "narInfoCreate": {
-                "cStoreHash": store_hash(&ni.store_path),
-                "cStoreSuffix": basename(&ni.store_path).split_once('-').map(|x| x.1).unwrap_or_default(),
-                "cNarHash": sha256_nix32(&ni.nar_hash),
-                "cNarSize": ni.nar_size,
-                "cFileHash": data_encoding::HEXLOWER.encode(&ni.file_hash),
-                "cFileSize": ni.file_size,
-                "cReferences": refs,
-                "cDeriver": ni.deriver.as_deref().map(basename).unwrap_or("unknown-deriver"),
-                "cSig": sig,
-            }
-        });
-        let done = self
-            .send("completing the upload", || {
-                self.bearer(
-                    self.http
-                        .post(format!("{base}/complete"))
-                        .query(&[("uploadId", upload_id.as_str())]),
-                )
-                .json(&body)
-            })
-            .await;
-        if let Err(e) = done {
-            self.abort(&base, &upload_id).await;
-            return Err(e);
-        }
-        Ok(())
-    }
-}
-
-fn read_part(
-    file: &std::sync::Mutex<std::fs::File>,
-    offset: u64,
-    len: usize,
-) -> Result<Vec<u8>, StoreError> {
-    let mut f = file
-        .lock()
-        .map_err(|_| StoreError::Http("staging file lock poisoned".into()))?;
-    f.seek(SeekFrom::Start(offset)).map_err(io("seek"))?;
-    let mut buf = vec![0u8; len];
-    f.read_exact(&mut buf)
-        .map_err(io("cannot read the staging file"))?;
-    Ok(buf)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp-nixfarm");
-    std::fs::write(&tmp, bytes).map_err(io(format!("cannot write {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("cannot write {}", path.display())))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -1090,6 +534,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
 
     #[test]
     fn cache_urls() {

@@ -1,0 +1,33 @@
+//! The caches a pusher publishes to: one trait, and one implementation per kind of cache
+//! (`file.rs`, `http.rs`, `cachix.rs`), so adding a kind touches one new file.
+
+use crate::narinfo::NarInfo;
+use crate::stage::{Compression, Staged};
+use crate::{Pusher, StoreError};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+pub(crate) type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+pub(crate) trait Backend: Send + Sync {
+    /// The URL Nix substitutes from, and the keys its signatures verify against.
+    fn substituter<'a>(&'a self, p: &'a Pusher) -> Fut<'a, (String, Vec<String>)>;
+    /// Which of `paths` the cache lacks, in the order given.
+    fn missing<'a>(&'a self, p: &'a Pusher, paths: &'a [String]) -> Fut<'a, Vec<String>>;
+    /// The compression the cache prefers, when it says.
+    fn preferred_compression<'a>(&'a self, _p: &'a Pusher) -> Fut<'a, Option<Compression>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// Where NARs are staged (None: a temporary file).
+    fn stage_dir(&self) -> Result<Option<PathBuf>, StoreError> {
+        Ok(None)
+    }
+    /// Uploads a staged NAR, then its narinfo (unsigned: the backend signs as the cache
+    /// needs), so a narinfo never points at a NAR that is not there.
+    fn upload<'a>(&'a self, p: &'a Pusher, staged: Staged, ni: NarInfo) -> Fut<'a, ()>;
+    /// Whether pushing needs a Cachix auth token.
+    fn needs_token(&self) -> bool {
+        false
+    }
+}

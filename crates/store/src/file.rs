@@ -1,0 +1,103 @@
+//! `file://` caches: a directory in the binary cache layout, written in place.
+
+use crate::backend::{Backend, Fut};
+use crate::narinfo::{NarInfo, store_hash};
+use crate::stage::Staged;
+use crate::{Pusher, StoreError, io};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+pub(crate) struct FileCache {
+    pub(crate) dir: PathBuf,
+}
+
+impl Backend for FileCache {
+    fn substituter<'a>(&'a self, p: &'a Pusher) -> Fut<'a, (String, Vec<String>)> {
+        Box::pin(async move { Ok((format!("file://{}", self.dir.display()), p.own_keys())) })
+    }
+
+    fn missing<'a>(&'a self, _p: &'a Pusher, paths: &'a [String]) -> Fut<'a, Vec<String>> {
+        Box::pin(async move {
+            Ok(paths
+                .iter()
+                .filter(|p| !self.dir.join(format!("{}.narinfo", store_hash(p))).exists())
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn stage_dir(&self) -> Result<Option<PathBuf>, StoreError> {
+        // Staged in the cache's own nar/ directory: renamed into place, never copied.
+        let nar = self.dir.join("nar");
+        std::fs::create_dir_all(&nar).map_err(io(format!("cannot create {}", nar.display())))?;
+        Ok(Some(nar))
+    }
+
+    fn upload<'a>(&'a self, p: &'a Pusher, staged: Staged, mut ni: NarInfo) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let key = p
+                .key
+                .as_ref()
+                .ok_or_else(|| StoreError::NoKey(format!("file://{}", self.dir.display())))?;
+            ni.sign(key);
+            self.push_file(p, staged, &ni).await
+        })
+    }
+}
+
+impl FileCache {
+    async fn push_file(&self, p: &Pusher, staged: Staged, ni: &NarInfo) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
+        let ni_text = ni.render();
+        let nar_rel = ni.url.clone();
+        let hash = store_hash(&ni.store_path).to_string();
+        let size = staged.file_size;
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            std::fs::create_dir_all(dir.join("nar"))
+                .map_err(io(format!("cannot create {}", dir.display())))?;
+            let info = dir.join("nix-cache-info");
+            if !info.exists() {
+                write_atomic(
+                    &info,
+                    b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
+                )?;
+            }
+            let nar_path = dir.join(&nar_rel);
+            match staged.named {
+                // Staged in the cache's own nar/ directory: renamed into place.
+                Some(tmp) => {
+                    // Readable by whoever serves the cache (staging files start private).
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+                        .map_err(io(format!("cannot write {}", nar_path.display())))?;
+                    tmp.persist(&nar_path).map_err(|e| StoreError::Io {
+                        what: format!("cannot write {}", nar_path.display()),
+                        source: e.error,
+                    })?;
+                }
+                None => {
+                    let mut src = staged.file;
+                    let tmp = nar_path.with_extension("tmp");
+                    let mut out = std::fs::File::create(&tmp)
+                        .map_err(io(format!("cannot write {}", tmp.display())))?;
+                    std::io::copy(&mut src, &mut out)
+                        .map_err(io(format!("cannot write {}", tmp.display())))?;
+                    std::fs::rename(&tmp, &nar_path)
+                        .map_err(io(format!("cannot write {}", nar_path.display())))?;
+                }
+            }
+            // The narinfo last: it never points at a NAR that is not there.
+            write_atomic(&dir.join(format!("{hash}.narinfo")), ni_text.as_bytes())
+        })
+        .await
+        .map_err(|e| StoreError::Http(format!("file push task failed: {e}")))??;
+        p.stats.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp-nixfarm");
+    std::fs::write(&tmp, bytes).map_err(io(format!("cannot write {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("cannot write {}", path.display())))
+}

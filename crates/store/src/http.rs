@@ -1,0 +1,94 @@
+//! HTTP caches that accept PUT (nginx with WebDAV, a plain object store endpoint).
+
+use crate::backend::{Backend, Fut};
+use crate::narinfo::{NarInfo, store_hash};
+use crate::stage::Staged;
+use crate::{Pusher, StoreError};
+use futures_util::StreamExt;
+use std::io::{Seek, SeekFrom};
+use std::sync::atomic::Ordering;
+
+pub(crate) struct HttpCache {
+    pub(crate) base: String,
+}
+
+impl Backend for HttpCache {
+    fn substituter<'a>(&'a self, p: &'a Pusher) -> Fut<'a, (String, Vec<String>)> {
+        Box::pin(async move { Ok((self.base.clone(), p.own_keys())) })
+    }
+
+    fn missing<'a>(&'a self, p: &'a Pusher, paths: &'a [String]) -> Fut<'a, Vec<String>> {
+        Box::pin(async move {
+            // A plain binary cache has no bulk query: one HEAD per path, 16 at a time.
+            // (Futures built eagerly: a mapping closure would make callers' futures not
+            // provably Send.)
+            let mut futs = Vec::with_capacity(paths.len());
+            for path in paths {
+                futs.push(self.http_missing(p, path));
+            }
+            let answers: Vec<Result<Option<String>, StoreError>> = futures_util::stream::iter(futs)
+                .buffered(16)
+                .collect()
+                .await;
+            answers.into_iter().filter_map(Result::transpose).collect()
+        })
+    }
+
+    fn upload<'a>(&'a self, p: &'a Pusher, staged: Staged, mut ni: NarInfo) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let key = p
+                .key
+                .as_ref()
+                .ok_or_else(|| StoreError::NoKey(self.base.clone()))?;
+            ni.sign(key);
+            self.push_http(p, staged, &ni).await
+        })
+    }
+}
+
+impl HttpCache {
+    /// `Some(path)` when the HTTP cache at `base` lacks it.
+    async fn http_missing(&self, p: &Pusher, path: &str) -> Result<Option<String>, StoreError> {
+        let base = &self.base;
+        let url = format!("{base}/{}.narinfo", store_hash(path));
+        let r = p.send("asking the cache", || p.http.head(&url)).await?;
+        Ok((!r.status().is_success()).then(|| path.to_string()))
+    }
+
+    async fn push_http(&self, p: &Pusher, staged: Staged, ni: &NarInfo) -> Result<(), StoreError> {
+        let base = &self.base;
+        let nar_url = format!("{base}/{}", ni.url);
+        let size = staged.file_size;
+        let file = staged.file;
+        // Streamed from the staging file; each attempt reads it again from the start. The
+        // declared length makes a short read fail the request instead of uploading less.
+        p.send("uploading the NAR", || {
+            let body = match file.try_clone().and_then(|mut c| {
+                c.seek(SeekFrom::Start(0))?;
+                Ok(c)
+            }) {
+                Ok(c) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
+                    tokio::fs::File::from_std(c),
+                )),
+                Err(_) => reqwest::Body::from(Vec::new()),
+            };
+            p.http
+                .put(&nar_url)
+                .header("content-type", "application/x-nix-nar")
+                .header("content-length", size)
+                .body(body)
+        })
+        .await?;
+        let ni_url = format!("{base}/{}.narinfo", store_hash(&ni.store_path));
+        let text = ni.render();
+        p.send("uploading the narinfo", || {
+            p.http
+                .put(&ni_url)
+                .header("content-type", "text/x-nix-narinfo")
+                .body(text.clone())
+        })
+        .await?;
+        p.stats.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+}
