@@ -1,61 +1,14 @@
-//! The gRPC services: wire messages become domain types here (and only here), and engine
-//! errors become `tonic::Status` in one place.
+//! Wire messages from clients and agents become domain values here (checked, bounded), and domain values become wire messages.
 
-use crate::engine::{Engine, EngineError};
-use crate::model::*;
-use crate::upload::Uploads;
-use nixfarm_core::limits::{self as lim, check_len, clip, truncate};
-use nixfarm_proto::v1 as pb;
-use std::collections::BTreeMap;
-use std::pin::Pin;
-use std::sync::Arc;
-use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-impl From<EngineError> for Status {
-    fn from(e: EngineError) -> Status {
-        match &e {
-            EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
-            EngineError::NotFound(_) => Status::not_found(e.to_string()),
-            EngineError::Busy(_) => Status::resource_exhausted(e.to_string()),
-            EngineError::Conflict(_) => Status::already_exists(e.to_string()),
-            EngineError::Denied(_) => Status::permission_denied(e.to_string()),
-            EngineError::State(_) | EngineError::Io(_) => {
-                tracing::error!("internal error: {e}");
-                Status::internal(e.to_string())
-            }
-        }
-    }
-}
-
-/// A wire message that does not convert into a domain value.
-#[derive(Debug, thiserror::Error)]
-#[error("malformed message: {0}")]
-pub struct WireError(String);
-
-impl From<WireError> for Status {
-    fn from(e: WireError) -> Status {
-        Status::invalid_argument(e.to_string())
-    }
-}
-
-impl From<lim::TooLong> for WireError {
-    fn from(e: lim::TooLong) -> WireError {
-        WireError(e.to_string())
-    }
-}
+use super::*;
 
 /// A hex SHA-256, checked before it names a file or is echoed.
-fn is_digest(d: &str) -> bool {
+pub(super) fn is_digest(d: &str) -> bool {
     d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A run id as clients send it: checked for shape before it is looked up or echoed.
-fn checked_run_id(id: String) -> Result<String, WireError> {
+pub(super) fn checked_run_id(id: String) -> Result<String, WireError> {
     if lim::is_run_id(&id) {
         Ok(id)
     } else {
@@ -66,7 +19,7 @@ fn checked_run_id(id: String) -> Result<String, WireError> {
     }
 }
 
-fn source_from_wire(s: Option<pb::Source>) -> Result<SourceSpec, WireError> {
+pub(super) fn source_from_wire(s: Option<pb::Source>) -> Result<SourceSpec, WireError> {
     match s.and_then(|s| s.kind) {
         Some(pb::source::Kind::Snapshot(d)) => {
             if !is_digest(&d) {
@@ -202,7 +155,7 @@ impl TryFrom<pb::Register> for Registration {
     }
 }
 
-fn outputs_from_wire(o: Vec<pb::DrvOutput>) -> Result<Outputs, WireError> {
+pub(super) fn outputs_from_wire(o: Vec<pb::DrvOutput>) -> Result<Outputs, WireError> {
     if o.len() > 64 {
         return Err(WireError("more than 64 outputs".into()));
     }
@@ -221,7 +174,7 @@ fn outputs_from_wire(o: Vec<pb::DrvOutput>) -> Result<Outputs, WireError> {
 
 /// The shape of a store path (`/…/<32 chars>-<name>`), bounded; empty is allowed where
 /// `drv` is false and the path is not known yet (floating outputs).
-fn store_path_ok(p: &str, drv: bool) -> bool {
+pub(super) fn store_path_ok(p: &str, drv: bool) -> bool {
     if p.is_empty() {
         return !drv;
     }
@@ -237,7 +190,7 @@ fn store_path_ok(p: &str, drv: bool) -> bool {
         && (!drv || base.ends_with(".drv"))
 }
 
-fn err_or<T>(error: String, infra: bool, ok: T) -> Result<T, (String, bool)> {
+pub(super) fn err_or<T>(error: String, infra: bool, ok: T) -> Result<T, (String, bool)> {
     if error.is_empty() {
         Ok(ok)
     } else {
@@ -246,11 +199,11 @@ fn err_or<T>(error: String, infra: bool, ok: T) -> Result<T, (String, bool)> {
 }
 
 /// Short free text from an agent (names, versions, positions), bounded.
-fn short(s: String) -> String {
+pub(super) fn short(s: String) -> String {
     truncate(s, 1024)
 }
 
-fn list_attrs(attrs: Vec<String>) -> Result<Vec<String>, AgentFailure> {
+pub(super) fn list_attrs(attrs: Vec<String>) -> Result<Vec<String>, AgentFailure> {
     if attrs.len() > lim::MAX_PACKAGES {
         return Err((
             format!(
@@ -277,7 +230,7 @@ fn list_attrs(attrs: Vec<String>) -> Result<Vec<String>, AgentFailure> {
     Ok(attrs)
 }
 
-fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOutput, WireError> {
+pub(super) fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOutput, WireError> {
     let attrs = r
         .attrs
         .into_iter()
@@ -474,338 +427,5 @@ impl From<ToAgent> for pb::CoordinatorMessage {
             }
         };
         pb::CoordinatorMessage { msg: Some(msg) }
-    }
-}
-
-/// The agent-facing service.
-#[derive(Clone)]
-pub struct AgentSvc {
-    pub engine: Engine,
-    pub heartbeat_ms: u32,
-    pub limits: pb::ServerLimits,
-}
-
-#[tonic::async_trait]
-impl pb::agent_service_server::AgentService for AgentSvc {
-    type ConnectAgentStream = BoxStream<pb::CoordinatorMessage>;
-    type FetchSourceStream = BoxStream<pb::SourceChunk>;
-
-    async fn connect_agent(
-        &self,
-        req: Request<Streaming<pb::AgentMessage>>,
-    ) -> Result<Response<Self::ConnectAgentStream>, Status> {
-        let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream ended before the agent registered")
-        })?;
-        let reg: Registration = match first.msg {
-            Some(pb::agent_message::Msg::Register(r)) => r.try_into()?,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "an agent's first message must be Register",
-                ));
-            }
-        };
-        let name = reg.name.clone();
-        let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
-        let (conn, session_key) = self.engine.connect_agent(reg, tx)?;
-        let engine = self.engine.clone();
-        let agent = name.clone();
-        tokio::spawn(async move {
-            loop {
-                match inbound.message().await {
-                    Ok(Some(m)) => match FromAgent::try_from(m) {
-                        Ok(msg) => {
-                            if let Err(e) = engine.agent_message(&agent, conn, msg) {
-                                tracing::error!(agent, "agent message failed: {e}");
-                            }
-                        }
-                        Err(e) => tracing::warn!(agent, "{e}"),
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(agent, "agent stream error: {e}");
-                        break;
-                    }
-                }
-            }
-            engine.disconnect_agent(&agent, conn);
-        });
-        let registered = pb::CoordinatorMessage {
-            msg: Some(pb::coordinator_message::Msg::Registered(pb::Registered {
-                agent_id: name,
-                heartbeat_interval_ms: self.heartbeat_ms,
-                session_key,
-                limits: Some(self.limits),
-                active_runs: self.engine.active_runs(),
-            })),
-        };
-        let out = tokio_stream::once(Ok(registered)).chain(
-            tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-                .map(|m| Ok(pb::CoordinatorMessage::from(m))),
-        );
-        Ok(Response::new(Box::pin(out)))
-    }
-
-    async fn claim_uploads(
-        &self,
-        req: Request<pb::ClaimUploadsRequest>,
-    ) -> Result<Response<pb::ClaimUploadsResponse>, Status> {
-        let r = req.into_inner();
-        if r.agent.is_empty() || r.agent.len() > lim::MAX_AGENT_NAME || r.paths.len() > 100_000 {
-            return Err(
-                WireError("a claim names its agent and at most 100000 paths".into()).into(),
-            );
-        }
-        check_len("the cache URL", &r.cache, lim::MAX_CACHE_URL).map_err(WireError::from)?;
-        if let Some(p) = r
-            .paths
-            .iter()
-            .find(|p| !store_path_ok(p, false) || p.is_empty())
-        {
-            return Err(WireError(format!("'{}' is not a store path", clip(p, 80))).into());
-        }
-        let granted =
-            self.engine
-                .claim_uploads(&r.agent, &r.session_key, &r.cache, &r.paths, r.release)?;
-        Ok(Response::new(pb::ClaimUploadsResponse { granted }))
-    }
-
-    async fn fetch_source(
-        &self,
-        req: Request<pb::FetchSourceRequest>,
-    ) -> Result<Response<Self::FetchSourceStream>, Status> {
-        let digest = req.into_inner().digest;
-        if !is_digest(&digest) {
-            return Err(Status::invalid_argument("not a snapshot digest"));
-        }
-        let path = self.engine.sources_dir().join(format!("{digest}.tar"));
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|_| Status::not_found(format!("no snapshot {digest}")))?;
-        // Streamed from disk, a few chunks ahead of the agent: memory stays bounded.
-        let (tx, rx) = mpsc::channel::<Result<pb::SourceChunk, Status>>(4);
-        tokio::spawn(async move {
-            loop {
-                let mut buf = vec![0u8; 1 << 20];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    match file.read(&mut buf[filled..]).await {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) => {
-                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                            return;
-                        }
-                    }
-                }
-                if filled == 0 {
-                    return;
-                }
-                buf.truncate(filled);
-                if tx.send(Ok(pb::SourceChunk { data: buf })).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
-}
-
-/// The CLI-facing service.
-#[derive(Clone)]
-pub struct RunSvc {
-    pub engine: Engine,
-    pub uploads: Arc<Uploads>,
-    pub limits: pb::ServerLimits,
-}
-
-#[tonic::async_trait]
-impl pb::run_service_server::RunService for RunSvc {
-    type WatchRunStream = BoxStream<pb::RunEvent>;
-
-    async fn upload_source(
-        &self,
-        req: Request<Streaming<pb::SourceChunk>>,
-    ) -> Result<Response<pb::UploadSourceResponse>, Status> {
-        let client = req.remote_addr().map(|a| a.ip());
-        let slot = self.uploads.admit(client)?;
-        let (digest, size) = self.uploads.receive(&slot, req.into_inner()).await?;
-        Ok(Response::new(pb::UploadSourceResponse { digest, size }))
-    }
-
-    async fn get_limits(
-        &self,
-        _req: Request<pb::GetLimitsRequest>,
-    ) -> Result<Response<pb::ServerLimits>, Status> {
-        Ok(Response::new(self.limits))
-    }
-
-    async fn submit_run(
-        &self,
-        req: Request<pb::SubmitRunRequest>,
-    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
-        let spec: RunSpec = req.into_inner().try_into()?;
-        let run_id = self.engine.submit(spec)?;
-        Ok(Response::new(pb::SubmitRunResponse { run_id }))
-    }
-
-    async fn watch_run(
-        &self,
-        req: Request<pb::WatchRunRequest>,
-    ) -> Result<Response<Self::WatchRunStream>, Status> {
-        let pb::WatchRunRequest { run_id, after_seq } = req.into_inner();
-        let run_id = checked_run_id(run_id)?;
-        // Subscribe before reading the backlog so no event falls between the two.
-        let mut live = self.engine.subscribe();
-        let backlog = self.engine.events_after(&run_id, after_seq)?;
-        let engine = self.engine.clone();
-        let (tx, rx) = mpsc::channel::<Result<pb::RunEvent, Status>>(256);
-        tokio::spawn(async move {
-            let mut last = after_seq;
-            let terminal = nixfarm_core::RunEvent::is_terminal_kind;
-            let send = |e: RunEvent| pb::RunEvent {
-                seq: e.seq,
-                run_id: e.run_id,
-                kind: e.kind,
-                json: e.json,
-            };
-            for e in backlog {
-                last = e.seq;
-                let end = terminal(&e.kind);
-                if tx.send(Ok(send(e))).await.is_err() || end {
-                    return;
-                }
-            }
-            if engine
-                .run_state(&run_id)
-                .map(|s| s.is_terminal())
-                .unwrap_or(true)
-            {
-                // Finished before we looked, and its last event was already in the backlog
-                // or is about to be written: read once more.
-                for e in engine.events_after(&run_id, last).unwrap_or_default() {
-                    let end = terminal(&e.kind);
-                    if tx.send(Ok(send(e))).await.is_err() || end {
-                        return;
-                    }
-                }
-                return;
-            }
-            loop {
-                match live.recv().await {
-                    Ok(e) if e.run_id == run_id && e.seq > last => {
-                        // Fill any gap from the database (events are written before sent).
-                        if e.seq > last + 1 {
-                            for g in engine.events_after(&run_id, last).unwrap_or_default() {
-                                if g.seq >= e.seq {
-                                    break;
-                                }
-                                if tx.send(Ok(send(g))).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        last = e.seq;
-                        let end = terminal(&e.kind);
-                        if tx.send(Ok(send(e))).await.is_err() || end {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        for g in engine.events_after(&run_id, last).unwrap_or_default() {
-                            last = g.seq;
-                            let end = terminal(&g.kind);
-                            if tx.send(Ok(send(g))).await.is_err() || end {
-                                return;
-                            }
-                        }
-                    }
-                    Err(_) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
-
-    async fn get_report(
-        &self,
-        req: Request<pb::GetReportRequest>,
-    ) -> Result<Response<pb::Report>, Status> {
-        let r = self
-            .engine
-            .report(&checked_run_id(req.into_inner().run_id)?)?;
-        Ok(Response::new(pb::Report::from(&r)))
-    }
-
-    async fn list_runs(
-        &self,
-        _req: Request<pb::ListRunsRequest>,
-    ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let runs = self
-            .engine
-            .list_runs()?
-            .into_iter()
-            .map(|r| pb::RunSummary {
-                run_id: r.id,
-                state: r.state.to_string(),
-                label: r.label,
-                total: r.total,
-                ready: r.ready,
-                created_ms: r.created_ms as u64,
-            })
-            .collect();
-        Ok(Response::new(pb::ListRunsResponse { runs }))
-    }
-
-    async fn list_agents(
-        &self,
-        _req: Request<pb::ListAgentsRequest>,
-    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let agents = self
-            .engine
-            .list_agents()
-            .into_iter()
-            .map(|a| pb::AgentInfo {
-                agent_id: a.name.clone(),
-                name: a.name,
-                systems: a.systems,
-                features: a.features,
-                max_jobs: a.max_jobs,
-                nix_version: a.nix_version,
-                connected: a.connected,
-                building: a.building,
-                last_seen_ms: a.last_seen_ms as u64,
-                paused: a.paused,
-                draining: a.draining,
-                protocol_violations: a.violations,
-            })
-            .collect();
-        let waiting = self
-            .engine
-            .waiting_jobs()
-            .into_iter()
-            .map(|(reason, jobs, example)| pb::WaitingJobs {
-                reason,
-                jobs,
-                example,
-            })
-            .collect();
-        Ok(Response::new(pb::ListAgentsResponse { agents, waiting }))
-    }
-
-    async fn cancel_run(
-        &self,
-        req: Request<pb::CancelRunRequest>,
-    ) -> Result<Response<pb::CancelRunResponse>, Status> {
-        let cancelled = self
-            .engine
-            .cancel(&checked_run_id(req.into_inner().run_id)?)?;
-        Ok(Response::new(pb::CancelRunResponse { cancelled }))
     }
 }

@@ -1,0 +1,140 @@
+//! The agent-facing service: one stream per agent, snapshot downloads, upload claims.
+
+use super::*;
+
+/// The agent-facing service.
+#[derive(Clone)]
+pub struct AgentSvc {
+    pub engine: Engine,
+    pub heartbeat_ms: u32,
+    pub limits: pb::ServerLimits,
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentSvc {
+    type ConnectAgentStream = BoxStream<pb::CoordinatorMessage>;
+    type FetchSourceStream = BoxStream<pb::SourceChunk>;
+
+    async fn connect_agent(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectAgentStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the stream ended before the agent registered")
+        })?;
+        let reg: Registration = match first.msg {
+            Some(pb::agent_message::Msg::Register(r)) => r.try_into()?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an agent's first message must be Register",
+                ));
+            }
+        };
+        let name = reg.name.clone();
+        let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
+        let (conn, session_key) = self.engine.connect_agent(reg, tx)?;
+        let engine = self.engine.clone();
+        let agent = name.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => match FromAgent::try_from(m) {
+                        Ok(msg) => {
+                            if let Err(e) = engine.agent_message(&agent, conn, msg) {
+                                tracing::error!(agent, "agent message failed: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!(agent, "{e}"),
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(agent, "agent stream error: {e}");
+                        break;
+                    }
+                }
+            }
+            engine.disconnect_agent(&agent, conn);
+        });
+        let registered = pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Registered(pb::Registered {
+                agent_id: name,
+                heartbeat_interval_ms: self.heartbeat_ms,
+                session_key,
+                limits: Some(self.limits),
+                active_runs: self.engine.active_runs(),
+            })),
+        };
+        let out = tokio_stream::once(Ok(registered)).chain(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+                .map(|m| Ok(pb::CoordinatorMessage::from(m))),
+        );
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn claim_uploads(
+        &self,
+        req: Request<pb::ClaimUploadsRequest>,
+    ) -> Result<Response<pb::ClaimUploadsResponse>, Status> {
+        let r = req.into_inner();
+        if r.agent.is_empty() || r.agent.len() > lim::MAX_AGENT_NAME || r.paths.len() > 100_000 {
+            return Err(
+                WireError("a claim names its agent and at most 100000 paths".into()).into(),
+            );
+        }
+        check_len("the cache URL", &r.cache, lim::MAX_CACHE_URL).map_err(WireError::from)?;
+        if let Some(p) = r
+            .paths
+            .iter()
+            .find(|p| !store_path_ok(p, false) || p.is_empty())
+        {
+            return Err(WireError(format!("'{}' is not a store path", clip(p, 80))).into());
+        }
+        let granted =
+            self.engine
+                .claim_uploads(&r.agent, &r.session_key, &r.cache, &r.paths, r.release)?;
+        Ok(Response::new(pb::ClaimUploadsResponse { granted }))
+    }
+
+    async fn fetch_source(
+        &self,
+        req: Request<pb::FetchSourceRequest>,
+    ) -> Result<Response<Self::FetchSourceStream>, Status> {
+        let digest = req.into_inner().digest;
+        if !is_digest(&digest) {
+            return Err(Status::invalid_argument("not a snapshot digest"));
+        }
+        let path = self.engine.sources_dir().join(format!("{digest}.tar"));
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|_| Status::not_found(format!("no snapshot {digest}")))?;
+        // Streamed from disk, a few chunks ahead of the agent: memory stays bounded.
+        let (tx, rx) = mpsc::channel::<Result<pb::SourceChunk, Status>>(4);
+        tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match file.read(&mut buf[filled..]).await {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                            return;
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return;
+                }
+                buf.truncate(filled);
+                if tx.send(Ok(pb::SourceChunk { data: buf })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
