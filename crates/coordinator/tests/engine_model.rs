@@ -1182,10 +1182,15 @@ impl World {
                         ),
                     ));
                 }
-                let root = package_index(&p.failed_dependency)
-                    .filter(|_| p.failed_dependency.starts_with('p'))
-                    .map(|q| self.farm.packages[q].0)
-                    .or_else(|| drv_index(&p.failed_dependency));
+                // A package's own derivation is named by the package ("p3"); any other by
+                // the package it belongs to ("p3's d5").
+                let root = match p.failed_dependency.split_once("'s ") {
+                    Some((_, drv)) => drv_index(drv),
+                    None => package_index(&p.failed_dependency)
+                        .filter(|_| p.failed_dependency.starts_with('p'))
+                        .map(|q| self.farm.packages[q].0)
+                        .or_else(|| drv_index(&p.failed_dependency)),
+                };
                 // The dependency it blames is below it and did fail that way.
                 let evidence = &self.runs[ri].failure_evidence;
                 let blamed = root

@@ -1,6 +1,6 @@
 //! Reads: events, reports, runs and agents.
 
-use super::readiness::package_report;
+use super::readiness::{closure_of, package_report};
 use super::waiting::waiting_reason;
 use super::*;
 
@@ -51,10 +51,20 @@ impl Engine {
             nodes.insert(r.drv_path.as_str(), r.node.clone());
         }
         let packages = inner.db.packages(run_id)?;
-        let top_of: HashMap<String, String> = packages
+        // What to call a derivation in a reason: its package, or the package it belongs to
+        // ("aurora-core's source"), never a bare store hash when a package owns it.
+        let mut top_of: HashMap<String, String> = packages
             .iter()
             .map(|(attr, p)| (p.drv_path.clone(), attr.clone()))
             .collect();
+        for (attr, p) in &packages {
+            for d in closure_of(&p.drv_path, &nodes) {
+                if !top_of.contains_key(&d) {
+                    let name = format!("{attr}'s {}", store_name(&d));
+                    top_of.insert(d, name);
+                }
+            }
+        }
         let mut out = Vec::new();
         for (attr, p) in &packages {
             let mut r = package_report(attr, p, run_state, &results, &nodes, &top_of);

@@ -166,7 +166,7 @@ pub(super) fn package_report(
                 // The dependency's own cause, not just its kind: "infra-failed" alone says
                 // nothing a user can act on.
                 let cause = root_rep.message.lines().next().unwrap_or_default();
-                let reason = if cause.is_empty() {
+                let mut reason = if cause.is_empty() {
                     format!("dependency {name} failed: {}", root_rep.kind)
                 } else {
                     format!(
@@ -175,6 +175,13 @@ pub(super) fn package_report(
                         nixfarm_core::limits::clip(cause, 300)
                     )
                 };
+                // A machine's failure says which machine.
+                if root_rep.kind == BuildOutcome::InfraFailed
+                    && !root_rep.agent.is_empty()
+                    && !reason.contains(&root_rep.agent)
+                {
+                    reason.push_str(&format!(" (on agent {})", root_rep.agent));
+                }
                 set(&mut r, PackageStatus::DependencyFailed, reason);
             }
         }
@@ -360,10 +367,13 @@ mod tests {
                 (
                     DEP,
                     DrvState::Failed,
-                    outcome(
-                        BuildOutcome::InfraFailed,
-                        "cannot build missing derivation\nmore",
-                    ),
+                    BuildReport {
+                        agent: "a2".into(),
+                        ..outcome(
+                            BuildOutcome::InfraFailed,
+                            "cannot build missing derivation\nmore",
+                        )
+                    },
                 ),
             ],
             pinned,
@@ -373,7 +383,7 @@ mod tests {
         assert_eq!(r.failed_dependency, "lib");
         assert_eq!(
             r.reason,
-            "dependency lib failed: infra-failed: cannot build missing derivation"
+            "dependency lib failed: infra-failed: cannot build missing derivation (on agent a2)"
         );
         // A hash mismatch anywhere in the closure: needs-hash, with the mismatch listed.
         let r = app(
