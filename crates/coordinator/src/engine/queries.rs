@@ -59,9 +59,9 @@ impl Engine {
             .collect();
         for (attr, p) in &packages {
             for d in closure_of(&p.drv_path, &nodes) {
-                if !top_of.contains_key(&d) {
-                    let name = format!("{attr}'s {}", store_name(&d));
-                    top_of.insert(d, name);
+                if let std::collections::hash_map::Entry::Vacant(e) = top_of.entry(d) {
+                    let name = format!("{attr}'s {}", store_name(e.key()));
+                    e.insert(name);
                 }
             }
         }
