@@ -29,7 +29,7 @@ pub struct HashMismatch {
     /// SRI.
     pub got: String,
     /// What the derivation says about itself (name, rev, url…), used to find it in the source.
-    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    #[serde(default)]
     pub hints: Vec<String>,
 }
 
@@ -39,24 +39,24 @@ pub struct PackageReport {
     pub attr: String,
     pub status: PackageStatus,
     pub reason: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub pname: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub version: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub drv_path: String,
     /// Output name to store path.
     #[serde(default)]
     pub outputs: BTreeMap<String, String>,
     pub pinned: bool,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub rev: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub position: String,
     pub duration_ms: u64,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub agent: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub failed_dependency: String,
     /// Every hash mismatch in the package's closure in this run.
     #[serde(default)]
@@ -64,7 +64,7 @@ pub struct PackageReport {
     /// The edits that fill in its hashes (found by the CLI from the submitted tree).
     #[serde(default)]
     pub hash_fixes: Vec<HashFix>,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub log_tail: String,
 }
 
@@ -90,12 +90,12 @@ pub struct Report {
     pub run_id: String,
     pub state: RunState,
     pub label: String,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
+    #[serde(default)]
     pub error: String,
     pub summary: Summary,
     pub packages: Vec<PackageReport>,
     /// With `--fix-hashes`: the run of each round, first to last (the first is `run_id`).
-    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    #[serde(default)]
     pub fix_rounds: Vec<String>,
 }
 
@@ -234,8 +234,8 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "| `{}` | {icon} {} | {} |",
-                p.attr,
+                "| {} | {icon} {} | {} |",
+                md_code(&p.attr),
                 p.status,
                 md_escape(&truncate(&p.reason, 200))
             );
@@ -253,7 +253,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "\n<details><summary><code>{}</code> log tail</summary>\n\n```\n{}\n```\n</details>",
-                p.attr,
+                xml_escape(&p.attr),
                 p.log_tail.trim_end().replace("```", "'''")
             );
         }
@@ -337,8 +337,32 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// Text for a Markdown table cell: one line, pipes escaped, no raw HTML.
 fn md_escape(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '|' => out.push_str("\\|"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A code span for a table cell: one line, pipes escaped (GFM splits cells on them even in
+/// code), fenced with enough backticks for its content.
+fn md_code(s: &str) -> String {
+    let one_line: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .replace('|', "\\|");
+    let fence = if one_line.contains('`') { "``" } else { "`" };
+    format!("{fence}{one_line}{fence}")
 }
 
 fn xml_escape(s: &str) -> String {
@@ -426,6 +450,52 @@ mod tests {
         assert_eq!(v["packages"][1]["attr"], "b");
         assert_eq!(v["packages"][1]["status"], "build-failed");
         assert!(v["packages"][0]["hash_fixes"].is_array());
+        // Every key is always there, empty or not: scripts index without checking.
+        let empty = Report::new(
+            "r2".into(),
+            RunState::Finished,
+            String::new(),
+            String::new(),
+            vec![PackageReport {
+                attr: "x".into(),
+                ..Default::default()
+            }],
+        );
+        let v: serde_json::Value = serde_json::from_str(&empty.to_json()).unwrap();
+        for key in [
+            "agent",
+            "log_tail",
+            "rev",
+            "position",
+            "pname",
+            "version",
+            "drv_path",
+            "failed_dependency",
+            "hash_mismatches",
+        ] {
+            assert!(v["packages"][0].get(key).is_some(), "{key} is missing");
+        }
+        assert!(v.get("error").is_some() && v.get("fix_rounds").is_some());
+    }
+
+    #[test]
+    fn markdown_cells_stay_cells() {
+        let mut bad = pkg("a|b", "build-failed");
+        bad.reason = "a | b <script>alert(1)</script>\nline two".into();
+        let r = Report::new(
+            "r".into(),
+            RunState::Finished,
+            String::new(),
+            String::new(),
+            vec![bad],
+        );
+        let md = r.to_markdown();
+        let row = md.lines().find(|l| l.contains("build-failed")).unwrap();
+        // Three cells, whatever the attribute and the reason hold.
+        assert!(row.starts_with("| ") && row.ends_with(" |"), "{row}");
+        assert_eq!(row.matches(" | ").count(), 2, "{row}");
+        assert!(!md.contains("<script>"), "{md}");
+        assert!(row.contains("&lt;script&gt;"), "{row}");
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     opts: EngineOptions,
     sources_dir: PathBuf,
+    /// (total, ready) of ended runs, which never change.
+    ended_counts: Arc<Mutex<HashMap<String, (u64, u64)>>>,
 }
 
 /// An upload claim older than this lapses even while its holder looks alive (a stuck
@@ -193,6 +195,7 @@ impl Engine {
             clock,
             opts,
             sources_dir,
+            ended_counts: Arc::new(Mutex::new(HashMap::new())),
         };
         engine.recover()?;
         Ok(engine)

@@ -80,13 +80,35 @@ impl Engine {
         let g = self.lock();
         let mut out = Vec::new();
         for r in g.db.runs()? {
-            let rep = self.report_locked(&g, &r.id)?;
+            // An ended run's counts never change: computed once, not on every listing (a
+            // coordinator keeps every run it ever had).
+            let cached = if r.state.is_terminal() {
+                self.ended_counts
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&r.id).copied())
+            } else {
+                None
+            };
+            let (total, ready) = match cached {
+                Some(c) => c,
+                None => {
+                    let rep = self.report_locked(&g, &r.id)?;
+                    let c = (rep.summary.total as u64, rep.summary.ready as u64);
+                    if r.state.is_terminal()
+                        && let Ok(mut m) = self.ended_counts.lock()
+                    {
+                        m.insert(r.id.clone(), c);
+                    }
+                    c
+                }
+            };
             out.push(RunListing {
                 id: r.id,
                 state: r.state,
                 label: r.label,
-                total: rep.summary.total as u64,
-                ready: rep.summary.ready as u64,
+                total,
+                ready,
                 created_ms: r.created_ms,
             });
         }
