@@ -38,29 +38,47 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Submit a run: a local checkout (uncommitted changes included) or a flake reference.
+    #[command(
+        after_help = "Examples:\n  nixfarm submit . --watch\n  nixfarm submit github:owner/repo --attr-path packages.x86_64-linux --cache cachix://my-cache\n  nixfarm submit . --fix-hashes --patch-out fix.patch"
+    )]
     Submit(SubmitArgs),
     /// Warm a cache: build and push whatever of the repository is not in it yet; outputs
     /// already cached are not built. Example: nixfarm warm . --cache cachix://my-cache
     Warm(WarmArgs),
     /// Follow a run's progress until it finishes, then print its report. Ctrl-C detaches.
+    #[command(after_help = "Example:\n  nixfarm watch r0123456789abcdef --format markdown")]
     Watch {
+        /// The run's id (`nixfarm runs` lists them; `submit` prints it).
         run: String,
         #[command(flatten)]
         out: OutputArgs,
     },
     /// Print a run's readiness report.
+    #[command(
+        after_help = "Examples:\n  nixfarm report r0123456789abcdef --format json > report.json\n  nixfarm report r0123456789abcdef --format junit --fail-under 90"
+    )]
     Report {
+        /// The run's id (`nixfarm runs` lists them; `submit` prints it).
         run: String,
         #[command(flatten)]
         out: OutputArgs,
     },
-    /// List runs.
+    /// List runs: id, state, packages ready, source.
+    #[command(after_help = "Example:\n  nixfarm --coordinator http://farm:7420 runs")]
     Runs,
-    /// List agents: what they offer and what they are building.
+    /// List agents: what they offer and what they are building, and why waiting jobs wait.
+    #[command(after_help = "Example:\n  nixfarm agents")]
     Agents,
     /// Cancel a run: nothing new starts, running builds are stopped.
-    Cancel { run: String },
+    #[command(after_help = "Example:\n  nixfarm cancel r0123456789abcdef")]
+    Cancel {
+        /// The run's id (`nixfarm runs` lists them).
+        run: String,
+    },
     /// Run a whole farm on this machine (embedded coordinator + local agents) on a checkout.
+    #[command(
+        after_help = "Examples:\n  nixfarm local examples/atproto-pkgs --agents 2\n  nixfarm local . --fix-hashes --patch-out fix.patch\n  nixfarm local . --format markdown --fail-under 90"
+    )]
     Local(LocalArgs),
 }
 
@@ -83,14 +101,16 @@ pub struct RunArgs {
     /// Do not build outputs the cache already has; they show as ready (warm mode).
     #[arg(long)]
     pub skip_cached: bool,
-    /// Public key(s) the cache's signatures are checked against (name:base64).
-    #[arg(long = "trusted-public-key")]
+    /// Public key the cache's signatures are checked against (NAME:BASE64); repeat for
+    /// several.
+    #[arg(long = "trusted-public-key", value_name = "KEY")]
     pub trusted_public_keys: Vec<String>,
-    /// Build timeout per derivation, seconds (packages' meta.timeout wins).
-    #[arg(long, default_value_t = 0)]
+    /// Build timeout per derivation, seconds; 0: none (packages' meta.timeout wins).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
     pub timeout: u64,
-    /// Max time without log output per build, seconds (packages' meta.maxSilent wins).
-    #[arg(long, default_value_t = 0)]
+    /// Max time without log output per build, seconds; 0: none (packages' meta.maxSilent
+    /// wins).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
     pub max_silent: u64,
 }
 

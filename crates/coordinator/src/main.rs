@@ -10,7 +10,12 @@ use std::path::PathBuf;
 /// Agents dial in with `nixfarm-agent --coordinator http://HOST:PORT`; the CLI submits runs
 /// with `nixfarm submit`. State lives in STATE_DIR/coordinator.sqlite; restarting resumes runs.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(
+    version,
+    about,
+    long_about,
+    after_help = "Examples:\n  nixfarm-coordinator --listen 127.0.0.1:7420 --state-dir ./state\n  nixfarm-coordinator --config /etc/nixfarm/coordinator.toml --metrics-listen 127.0.0.1:9420"
+)]
 struct Args {
     /// Config file (TOML); see deploy/coordinator.toml for every field and default.
     #[arg(long, short, env = "NIXFARM_COORDINATOR_CONFIG")]

@@ -45,9 +45,31 @@ impl Running {
     }
 }
 
+/// Who presents a token: the messages name that side's own flags.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Agent,
+    Client,
+}
+
+impl Role {
+    fn token(self) -> &'static str {
+        match self {
+            Role::Agent => "an agent token",
+            Role::Client => "a client token",
+        }
+    }
+    fn hint(self) -> &'static str {
+        match self {
+            Role::Agent => "the agent's --token-file or NIXFARM_AGENT_TOKEN",
+            Role::Client => "--token or NIXFARM_TOKEN",
+        }
+    }
+}
+
 fn token_check(
     expected: Option<String>,
-    who: &'static str,
+    who: Role,
     client_certs: bool,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
@@ -58,7 +80,8 @@ fn token_check(
         let Some(expected) = &expected else {
             if client_certs {
                 return Err(Status::unauthenticated(format!(
-                    "this coordinator requires a client certificate (or a {who} token)"
+                    "this coordinator requires a client certificate (or {})",
+                    who.token()
                 )));
             }
             return Ok(req);
@@ -76,11 +99,15 @@ fn token_check(
             Ok(req)
         } else if given.is_empty() {
             Err(Status::unauthenticated(format!(
-                "this coordinator requires a {who} token (--token or NIXFARM_TOKEN)"
+                "this coordinator requires {} ({})",
+                who.token(),
+                who.hint()
             )))
         } else {
             Err(Status::unauthenticated(format!(
-                "the {who} token was refused: check --token or NIXFARM_TOKEN"
+                "{} was refused: check {}",
+                who.token(),
+                who.hint()
             )))
         }
     }
@@ -259,11 +286,11 @@ pub async fn start_with_listener(
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(InterceptedService::new(
                 agent_svc,
-                token_check(agent_token, "agent", client_certs),
+                token_check(agent_token, Role::Agent, client_certs),
             ))
             .add_service(InterceptedService::new(
                 run_svc,
-                token_check(client_token, "client", false),
+                token_check(client_token, Role::Client, false),
             ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
