@@ -30,6 +30,7 @@ fn self_signed_cachix(
         fail_every,
         drop_every,
         refuse_prefix,
+        serves_cache_info: true,
     })
     .unwrap();
     (server, pk, signing_key)
@@ -215,6 +216,7 @@ fn an_http_put_cache_with_xz_serves_real_nix() {
         fail_every: 0,
         drop_every: 0,
         refuse_prefix: None,
+        serves_cache_info: false,
     })
     .unwrap();
     let cache = format!("{}?compression=xz", server.uri("plain"));
@@ -246,6 +248,10 @@ fn an_http_put_cache_with_xz_serves_real_nix() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
         .collect();
     assert!(!narinfos.is_empty());
+    // A server that only stores what it is sent gets its nix-cache-info from the pusher.
+    let info = std::fs::read_to_string(dir.path().join("cache/nix-cache-info"))
+        .expect("nix-cache-info was written to the HTTP cache");
+    assert!(info.contains("StoreDir: /nix/store"), "{info}");
     for e in &narinfos {
         let text = std::fs::read_to_string(e.path()).unwrap();
         assert!(

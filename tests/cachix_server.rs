@@ -36,6 +36,9 @@ pub struct ServerConfig {
     /// Store paths (not derivations) whose name starts with this are refused at `complete`
     /// with 403, every time, as a cache over its storage quota would (None: none).
     pub refuse_prefix: Option<String>,
+    /// Whether the server answers `nix-cache-info` itself, as Cachix does (false: like a
+    /// plain WebDAV server, only what was PUT there).
+    pub serves_cache_info: bool,
 }
 
 #[derive(Default)]
@@ -441,7 +444,7 @@ async fn serve(State(st): S, Path((name, file)): Path<(String, String)>) -> Resp
     if name != st.cfg.name || file.contains("..") {
         return StatusCode::NOT_FOUND.into_response();
     }
-    if file == "nix-cache-info" {
+    if file == "nix-cache-info" && st.cfg.serves_cache_info {
         return "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n".into_response();
     }
     match std::fs::read(st.cfg.dir.join(&file)) {

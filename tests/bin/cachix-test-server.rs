@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         fail_every: 0,
         drop_every: 0,
         refuse_prefix: None,
+        serves_cache_info: true,
     })?;
     println!("api {}", server.api_url());
     println!("uri {}", server.uri(&name));

@@ -10,7 +10,12 @@ use std::sync::atomic::Ordering;
 
 pub(crate) struct HttpCache {
     pub(crate) base: String,
+    /// Set once the cache is known to have its `nix-cache-info`.
+    pub(crate) has_info: tokio::sync::OnceCell<()>,
 }
+
+/// What a Nix binary cache says of itself; Nix refuses a cache without it.
+const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n";
 
 impl Backend for HttpCache {
     fn substituter<'a>(&'a self, p: &'a Pusher) -> Fut<'a, (String, Vec<String>)> {
@@ -41,12 +46,40 @@ impl Backend for HttpCache {
                 .as_ref()
                 .ok_or_else(|| StoreError::NoKey(self.base.clone()))?;
             ni.sign(key);
+            self.ensure_info(p).await;
             self.push_http(p, staged, &ni).await
         })
     }
 }
 
 impl HttpCache {
+    /// Writes `nix-cache-info` on the first push if the cache lacks it: a server that only
+    /// stores what it is sent (nginx with WebDAV) has none of its own, and Nix reading it
+    /// GET-only would refuse it ("does not appear to be a binary cache").
+    async fn ensure_info(&self, p: &Pusher) {
+        let _ = self
+            .has_info
+            .get_or_try_init(|| async {
+                let url = format!("{}/nix-cache-info", self.base);
+                let r = p
+                    .send("asking for nix-cache-info", || p.http.head(&url))
+                    .await?;
+                if r.status().is_success() {
+                    return Ok(());
+                }
+                p.send("writing nix-cache-info", || {
+                    p.http
+                        .put(&url)
+                        .header("content-type", "text/x-nix-cache-info")
+                        .body(CACHE_INFO)
+                })
+                .await
+                .map(|_| ())
+            })
+            .await
+            .map_err(|e: StoreError| tracing::warn!("cannot write nix-cache-info: {e}"));
+    }
+
     /// `Some(path)` when the HTTP cache at `base` lacks it.
     async fn http_missing(&self, p: &Pusher, path: &str) -> Result<Option<String>, StoreError> {
         let base = &self.base;

@@ -202,7 +202,10 @@ impl Pusher {
             .map_err(|e| StoreError::Http(format!("cannot build the HTTP client: {e}")))?;
         let backend: Box<dyn Backend> = match &target {
             Target::File(dir) => Box::new(file::FileCache { dir: dir.clone() }),
-            Target::Http(base) => Box::new(http::HttpCache { base: base.clone() }),
+            Target::Http(base) => Box::new(http::HttpCache {
+                base: base.clone(),
+                has_info: tokio::sync::OnceCell::new(),
+            }),
             Target::Cachix { name, api } => Box::new(cachix::CachixBackend {
                 name: name.clone(),
                 api: api.clone(),
