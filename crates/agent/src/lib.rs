@@ -54,6 +54,65 @@ pub(crate) struct Shared {
     pub run_sources: Mutex<VecDeque<String>>,
     /// GC roots of what each run still needs.
     pub roots: roots::Roots,
+    /// The coordinator's farm cache, as its last registration said.
+    pub farm_cache: Mutex<Option<FarmCacheUse>>,
+}
+
+/// How this agent reaches the coordinator's farm cache.
+#[derive(Debug, Clone)]
+pub(crate) struct FarmCacheUse {
+    pub url: String,
+    pub public_key: String,
+    /// A netrc file with the agent token, for Nix (None: no token).
+    pub netrc: Option<std::path::PathBuf>,
+}
+
+/// The host part of a coordinator URL (`http://farm:7420` → `farm`, `[::1]` kept whole).
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if authority.starts_with('[') {
+        return authority
+            .split_once(']')
+            .map_or(authority, |(h, _)| &authority[..h.len() + 1]);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+/// The farm cache a registration announces, with a netrc file for Nix when the agent has a
+/// token (Nix sends it as Basic auth; the farm cache takes the token as the password).
+fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<FarmCacheUse> {
+    if r.farm_cache_port == 0 {
+        return None;
+    }
+    let host = if r.farm_cache_host.is_empty() {
+        url_host(&shared.cfg.coordinator).to_string()
+    } else if r.farm_cache_host.contains(':') {
+        format!("[{}]", r.farm_cache_host)
+    } else {
+        r.farm_cache_host.clone()
+    };
+    let netrc = shared.token.as_ref().and_then(|t| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = shared.cfg.work_dir.join("farm-cache.netrc");
+        let machine = host.trim_start_matches('[').trim_end_matches(']');
+        let text = format!("machine {machine} login nixfarm password {t}\n");
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map_err(|e| tracing::warn!("cannot write {}: {e}", path.display()))
+            .ok()
+            .map(|()| path)
+    });
+    Some(FarmCacheUse {
+        url: format!("http://{host}:{}", r.farm_cache_port),
+        public_key: r.farm_cache_public_key.clone(),
+        netrc,
+    })
 }
 
 /// Why this agent takes no new jobs now; empty when it takes them.
@@ -133,6 +192,7 @@ impl Agent {
                 snapshot_limits: Mutex::new(nixfarm_core::snapshot::Limits::default()),
                 run_sources: Mutex::new(VecDeque::new()),
                 roots,
+                farm_cache: Mutex::new(None),
             }),
         })
     }
@@ -257,6 +317,10 @@ impl Agent {
                                 tracing::info!(agent = r.agent_id, "registered with coordinator");
                                 if let Ok(mut s) = shared.session.lock() {
                                     s.clone_from(&r.session_key);
+                                }
+                                let farm = farm_cache_use(&shared, r);
+                                if let Ok(mut f) = shared.farm_cache.lock() {
+                                    *f = farm;
                                 }
                                 // Runs that ended while this agent was away: drop their roots.
                                 let active: std::collections::HashSet<String> =

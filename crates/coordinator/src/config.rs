@@ -23,6 +23,32 @@ pub struct Config {
     pub tls: TlsConfig,
     pub scheduler: SchedulerConfig,
     pub limits: LimitsConfig,
+    pub farm_cache: FarmCacheConfig,
+}
+
+/// The coordinator's own binary cache, which agents move derivations and outputs through
+/// when a run names no cache: a farm of hosts that share nothing but the coordinator needs
+/// no other infrastructure. Served over plain HTTP with the agent token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FarmCacheConfig {
+    /// Serve it. Default true (`nixfarm local`, whose agents share one store, turns it off).
+    pub enabled: bool,
+    /// Address and port it listens on. Default: the gRPC `listen` address with port 0 (any
+    /// free port; agents are told which).
+    pub listen: Option<String>,
+    /// Largest NAR accepted, bytes. Default 68719476736 (64 GiB); 1 MiB to 1 TiB.
+    pub max_nar_bytes: u64,
+}
+
+impl Default for FarmCacheConfig {
+    fn default() -> Self {
+        FarmCacheConfig {
+            enabled: true,
+            listen: None,
+            max_nar_bytes: 64 << 30,
+        }
+    }
 }
 
 /// Tokens; each is read from a file so it never sits in the config itself.
@@ -121,6 +147,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             scheduler: SchedulerConfig::default(),
             limits: LimitsConfig::default(),
+            farm_cache: FarmCacheConfig::default(),
         }
     }
 }
@@ -229,6 +256,12 @@ impl Config {
         )
         .map_err(|e| with_note(e, " (at most max_concurrent_uploads)"))?;
         range("[limits] upload_idle_secs", l.upload_idle_secs, 1, 3600)?;
+        range(
+            "[farm_cache] max_nar_bytes",
+            self.farm_cache.max_nar_bytes,
+            1 << 20,
+            1 << 40,
+        )?;
         Ok(())
     }
 

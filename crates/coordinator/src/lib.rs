@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod engine;
+pub mod farm_cache;
 pub mod model;
 pub mod scheduler;
 pub mod server;

@@ -4,7 +4,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, read_secret};
 use crate::db::Db;
 use crate::engine::{Engine, EngineOptions};
-use crate::service::{AgentSvc, RunSvc};
+use crate::farm_cache::FarmCache;
+use crate::service::{AgentSvc, FarmCacheAdvert, RunSvc};
 use crate::upload::{UploadLimits, Uploads};
 use anyhow::Context;
 use axum::response::IntoResponse;
@@ -24,6 +25,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where `/metrics` is served, when enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the farm cache is served, when enabled.
+    pub farm_cache_addr: Option<SocketAddr>,
     pub engine: Engine,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -111,6 +114,45 @@ fn token_check(
             )))
         }
     }
+}
+
+/// Starts the farm cache when the config asks for it: on its own port, beside the gRPC
+/// address unless told otherwise. Beyond loopback it needs the agent token (it signs what
+/// it is sent).
+async fn start_farm_cache(
+    config: &Config,
+    grpc: SocketAddr,
+    agent_token: Option<String>,
+) -> anyhow::Result<Option<(Arc<FarmCache>, SocketAddr)>> {
+    let fc = &config.farm_cache;
+    if !fc.enabled {
+        return Ok(None);
+    }
+    let listen = fc
+        .listen
+        .clone()
+        .unwrap_or_else(|| SocketAddr::new(grpc.ip(), 0).to_string());
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} for the farm cache"))?;
+    let addr = listener.local_addr()?;
+    if agent_token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            "the farm cache is off: beyond loopback it needs an agent token ([auth] agent_token_file); runs need --cache to move outputs between hosts"
+        );
+        return Ok(None);
+    }
+    let cache = FarmCache::open(
+        config.state_dir.join("farm-cache"),
+        agent_token,
+        fc.max_nar_bytes,
+    )?;
+    let app = cache.router();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    tracing::info!(%addr, "farm cache listening");
+    Ok(Some((cache, addr)))
 }
 
 /// Largest message the CLI may send, bytes (uploads come in 1 MiB chunks).
@@ -214,10 +256,21 @@ pub async fn start_with_listener(
         max_entries: l.snapshot_max_files,
     };
     let limits = server_limits(config, client_max_msg);
+    let addr = listener.local_addr()?;
+    let farm_cache = start_farm_cache(config, addr, agent_token.clone()).await?;
     let agent_svc = AgentServiceServer::new(AgentSvc {
         engine: engine.clone(),
         heartbeat_ms: (s.heartbeat_secs * 1000) as u32,
         limits,
+        farm_cache: farm_cache.as_ref().map(|(c, a)| FarmCacheAdvert {
+            host: if a.ip().is_unspecified() {
+                String::new()
+            } else {
+                a.ip().to_string()
+            },
+            port: a.port(),
+            public_key: c.public_key(),
+        }),
     })
     .max_decoding_message_size(max_msg)
     .max_encoding_message_size(max_msg);
@@ -237,7 +290,6 @@ pub async fn start_with_listener(
     })
     .max_decoding_message_size(client_max_msg)
     .max_encoding_message_size(max_msg);
-    let addr = listener.local_addr()?;
     warn_if_exposed(
         addr,
         config.tls.cert_file.is_some(),
@@ -303,13 +355,18 @@ pub async fn start_with_listener(
                 .with_context(|| format!("cannot listen on {l} for metrics"))?;
             let a = listener.local_addr()?;
             let e = engine.clone();
+            let farm = farm_cache.as_ref().map(|(c, _)| c.clone());
             let app = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
                     let e = e.clone();
+                    let farm = farm.clone();
                     async move {
                         match e.metrics_text() {
-                            Ok(t) => {
+                            Ok(mut t) => {
+                                if let Some(f) = &farm {
+                                    t.push_str(&f.metrics_text());
+                                }
                                 ([("content-type", "text/plain; version=0.0.4")], t).into_response()
                             }
                             Err(err) => (
@@ -332,6 +389,7 @@ pub async fn start_with_listener(
     Ok(Running {
         addr,
         metrics_addr,
+        farm_cache_addr: farm_cache.map(|(_, a)| a),
         engine,
         shutdown: Some(tx),
         task,

@@ -63,6 +63,8 @@ pub struct BuildOptions {
     pub trusted_public_keys: Vec<String>,
     pub timeout: Option<Duration>,
     pub max_silent: Option<Duration>,
+    /// A netrc file with the substituter's credentials (a token-protected farm cache).
+    pub netrc: Option<std::path::PathBuf>,
 }
 
 /// What one `nix-store --realise` did.
@@ -367,8 +369,12 @@ impl Nix {
         from: &str,
         paths: &[String],
         trusted_public_keys: &[String],
+        netrc: Option<&std::path::Path>,
     ) -> Result<(), NixError> {
         let mut c = self.nix_cmd();
+        if let Some(n) = netrc {
+            c.arg("--option").arg("netrc-file").arg(n);
+        }
         // --derivation: a .drv path names the derivation itself, not its outputs.
         c.args(["copy", "--derivation", "--from", from])
             .args([
@@ -418,6 +424,9 @@ impl Nix {
             &opts.substituter,
         ]);
         c.args(["--option", "builders", ""]);
+        if let Some(n) = &opts.netrc {
+            c.arg("--option").arg("netrc-file").arg(n);
+        }
         if !opts.substituter.is_empty() {
             if opts.trusted_public_keys.is_empty() {
                 c.args(["--option", "require-sigs", "false"]);

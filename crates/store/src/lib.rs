@@ -112,6 +112,9 @@ pub struct Options {
     /// First retry delay; doubles, jittered, capped at 15 s.
     pub backoff: Duration,
     pub zstd_level: i32,
+    /// The cache signs what it is sent (a nixfarm coordinator's farm cache): narinfos go
+    /// unsigned when this pusher has no key.
+    pub server_signs: bool,
 }
 
 impl Default for Options {
@@ -126,6 +129,7 @@ impl Default for Options {
             path_retries: 3,
             backoff: Duration::from_millis(200),
             zstd_level: 3,
+            server_signs: false,
         }
     }
 }
@@ -137,6 +141,8 @@ pub struct Pusher {
     nix: Nix,
     pub(crate) key: Option<Key>,
     token: Option<String>,
+    /// Bearer token for a plain HTTP cache (a coordinator's farm cache); never Cachix's.
+    http_token: Option<String>,
     pub(crate) http: reqwest::Client,
     /// Paths being uploaded by this pusher: concurrent pushes of one path wait for the first.
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -218,11 +224,26 @@ impl Pusher {
             nix,
             key,
             token,
+            http_token: None,
             http,
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
             opts: Options::default(),
             stats: Arc::new(Stats::default()),
         })
+    }
+
+    /// Sends `token` as a bearer token with every request to a plain HTTP cache.
+    pub fn with_http_token(mut self, token: Option<String>) -> Pusher {
+        self.http_token = token;
+        self
+    }
+
+    /// A request to a plain HTTP cache, with its token when it has one.
+    pub(crate) fn http_auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.http_token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
     }
 
     pub fn target(&self) -> &Target {

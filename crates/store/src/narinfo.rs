@@ -72,6 +72,29 @@ impl Key {
         )
     }
 
+    /// A new key named `name`, from the kernel's random source.
+    pub fn generate(name: &str) -> Result<Key, KeyError> {
+        use std::io::Read as _;
+        let mut seed = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut seed))
+            .map_err(|source| KeyError::Read {
+                path: "/dev/urandom".into(),
+                source,
+            })?;
+        Ok(Key {
+            name: name.into(),
+            key: SigningKey::from_bytes(&seed),
+        })
+    }
+
+    /// Nix's secret key format, `name:base64(seed ‖ public)`: what [`Key::parse`] reads.
+    pub fn secret_text(&self) -> String {
+        let mut bytes = self.key.to_bytes().to_vec();
+        bytes.extend_from_slice(self.key.verifying_key().as_bytes());
+        format!("{}:{}", self.name, BASE64.encode(&bytes))
+    }
+
     /// Base64 of the signature of `fingerprint`, without the key name.
     pub fn sign_raw(&self, fingerprint: &str) -> String {
         BASE64.encode(&self.key.sign(fingerprint.as_bytes()).to_bytes())
@@ -124,7 +147,64 @@ pub fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
+/// A narinfo that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("not a narinfo: {0}")]
+pub struct NarInfoError(pub String);
+
 impl NarInfo {
+    /// Reads a narinfo as caches serve it (references and deriver as base names).
+    pub fn parse(text: &str) -> Result<NarInfo, NarInfoError> {
+        let bad = |what: &str| NarInfoError(what.to_string());
+        let mut f: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        let mut sigs = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (k, v) = line
+                .split_once(": ")
+                .ok_or_else(|| bad("a line without 'Key: value'"))?;
+            if k == "Sig" {
+                sigs.push(v.to_string());
+            } else if f.insert(k, v).is_some() {
+                return Err(bad(&format!("{k} twice")));
+            }
+        }
+        let get = |k: &str| f.get(k).copied().ok_or_else(|| bad(&format!("no {k}")));
+        let store_path = get("StorePath")?.to_string();
+        let store_dir = store_path
+            .rsplit_once('/')
+            .map(|(d, _)| d.to_string())
+            .filter(|d| d.starts_with('/'))
+            .ok_or_else(|| bad("StorePath is not a store path"))?;
+        let hash = |k: &str| -> Result<Vec<u8>, NarInfoError> {
+            nar_hash_bytes(get(k)?).ok_or_else(|| bad(&format!("{k} is not a SHA-256")))
+        };
+        let num = |k: &str| -> Result<u64, NarInfoError> {
+            get(k)?
+                .parse()
+                .map_err(|_| bad(&format!("{k} is not a number")))
+        };
+        let full = |b: &str| format!("{store_dir}/{b}");
+        Ok(NarInfo {
+            url: get("URL")?.to_string(),
+            compression: f.get("Compression").copied().unwrap_or("bzip2").to_string(),
+            file_hash: hash("FileHash")?,
+            file_size: num("FileSize")?,
+            nar_hash: hash("NarHash")?,
+            nar_size: num("NarSize")?,
+            references: f
+                .get("References")
+                .map(|r| r.split_whitespace().map(full).collect())
+                .unwrap_or_default(),
+            deriver: f
+                .get("Deriver")
+                .filter(|d| **d != "unknown-deriver")
+                .map(|d| full(d)),
+            sigs,
+            ca: f.get("CA").map(|c| c.to_string()),
+            store_path,
+        })
+    }
+
     /// `1;<path>;<narhash>;<narsize>;<refs,…>`: what a signature covers.
     pub fn fingerprint(&self) -> String {
         let mut refs = self.references.clone();
@@ -171,6 +251,29 @@ impl NarInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rendered_narinfo_parses_back_and_a_generated_key_reloads() {
+        let info = NarInfo {
+            store_path: "/nix/store/0000000000000000000000000000000a-x".into(),
+            url: "nar/x.nar.zst".into(),
+            compression: "zstd".into(),
+            file_hash: vec![1; 32],
+            file_size: 10,
+            nar_hash: vec![2; 32],
+            nar_size: 120,
+            references: vec!["/nix/store/0000000000000000000000000000000b-y".into()],
+            deriver: Some("/nix/store/0000000000000000000000000000000c-x.drv".into()),
+            sigs: vec!["k:abc".into()],
+            ca: None,
+        };
+        assert_eq!(NarInfo::parse(&info.render()).unwrap(), info);
+        assert!(NarInfo::parse("StorePath: x\nURL: y\n").is_err());
+        let k = Key::generate("farm-1").unwrap();
+        let again = Key::parse(&k.secret_text()).unwrap();
+        assert_eq!(again.public(), k.public());
+        assert_eq!(again.sign_raw("f"), k.sign_raw("f"));
+    }
 
     #[test]
     fn keys_sign_what_nix_verifies() {

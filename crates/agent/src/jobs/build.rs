@@ -12,12 +12,15 @@ pub(super) async fn build(
     attempt: String,
 ) -> pb::BuildResult {
     // What Nix substitutes from: the cache's read URL (Cachix: its `uri`) and its keys.
+    let cache = transport_cache(shared, &j.cache);
+    let farm = farm_cache(shared).filter(|f| f.url == cache);
     let mut trusted = j.trusted_public_keys.clone();
+    trusted.extend(farm.as_ref().map(|f| f.public_key.clone()));
     let mut substituter = String::new();
-    let push = if j.cache.is_empty() {
+    let push = if cache.is_empty() {
         None
     } else {
-        match pusher(shared, &j.cache).await {
+        match pusher(shared, &cache).await {
             Ok(p) => {
                 match p.substituter().await {
                     Ok((url, keys)) => {
@@ -50,6 +53,7 @@ pub(super) async fn build(
         trusted_public_keys: trusted,
         timeout: (j.timeout_secs > 0).then(|| Duration::from_secs(j.timeout_secs)),
         max_silent: (j.max_silent_secs > 0).then(|| Duration::from_secs(j.max_silent_secs)),
+        netrc: farm.as_ref().and_then(|f| f.netrc.clone()),
     };
     // A derivation this store does not hold (evaluated on another host, or collected): fetch
     // it, with its inputs, from the run's cache; without one, say what is missing.
@@ -74,6 +78,7 @@ pub(super) async fn build(
                 &opts.substituter,
                 std::slice::from_ref(&j.drv_path),
                 &opts.trusted_public_keys,
+                opts.netrc.as_deref(),
             )
             .await
         {
@@ -120,7 +125,7 @@ pub(super) async fn build(
             // the cache first and uploads only what it lacks).
             if let Some(p) = &push
                 && let Err(e) = p
-                    .push_closure_with(&paths, &Claims::new(shared, channel, &j.cache))
+                    .push_closure_with(&paths, &Claims::new(shared, channel, &cache))
                     .await
             {
                 // Built: the outputs exist; only publishing failed, after retries.

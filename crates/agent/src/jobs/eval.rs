@@ -207,10 +207,11 @@ pub(super) async fn eval_chunk(
             }
         }
     }
-    if !j.cache.is_empty() {
+    let cache = transport_cache(shared, &j.cache);
+    if !cache.is_empty() {
         // Builders on other hosts fetch the derivations (and their sources) from the cache.
-        let claims = Claims::new(shared, channel, &j.cache);
-        let pushed = match pusher(shared, &j.cache).await {
+        let claims = Claims::new(shared, channel, &cache);
+        let pushed = match pusher(shared, &cache).await {
             Ok(p) => p
                 .push_closure_with(&tops, &claims)
                 .await
@@ -220,7 +221,7 @@ pub(super) async fn eval_chunk(
         if let Err(e) = pushed {
             return fail(NixError::Infra(format!(
                 "cannot push the derivations to {}: {e}",
-                j.cache.split('?').next().unwrap_or_default()
+                cache.split('?').next().unwrap_or_default()
             )));
         }
     }

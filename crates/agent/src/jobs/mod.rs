@@ -120,21 +120,44 @@ fn pause_if_disk_full(shared: &Shared, error: &str) {
     }
 }
 
+/// The coordinator's farm cache, when it has one.
+fn farm_cache(shared: &Shared) -> Option<crate::FarmCacheUse> {
+    shared.farm_cache.lock().ok().and_then(|f| f.clone())
+}
+
+/// The cache a job moves derivations and outputs through: the run's own, else the
+/// coordinator's farm cache (empty: none; the agents share one store).
+fn transport_cache(shared: &Shared, run_cache: &str) -> String {
+    if !run_cache.is_empty() {
+        return run_cache.to_string();
+    }
+    farm_cache(shared).map(|f| f.url).unwrap_or_default()
+}
+
 /// The pusher for a run's cache URL.
 async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pusher>, NixError> {
     let mut map = shared.pushers.lock().await;
     if let Some(p) = map.get(url) {
         return Ok(p.clone());
     }
-    let p = Arc::new(
-        nixfarm_store::Pusher::for_url(
+    let p = match farm_cache(shared).filter(|f| f.url == url) {
+        // The farm cache checks and signs what it is sent; it takes the agent token.
+        Some(_) => {
+            let mut p = nixfarm_store::Pusher::for_url(url, shared.nix.clone(), None, None)
+                .map_err(|e| NixError::Infra(e.to_string()))?
+                .with_http_token(shared.token.clone());
+            p.opts.server_signs = true;
+            p
+        }
+        None => nixfarm_store::Pusher::for_url(
             url,
             shared.nix.clone(),
             shared.creds.key.clone(),
             shared.creds.cachix_token.clone(),
         )
         .map_err(|e| NixError::Infra(e.to_string()))?,
-    );
+    };
+    let p = Arc::new(p);
     map.insert(url.to_string(), p.clone());
     Ok(p)
 }

@@ -2,12 +2,22 @@
 
 use super::*;
 
+/// Where agents find the farm cache, as registration tells them.
+#[derive(Debug, Clone)]
+pub struct FarmCacheAdvert {
+    /// Empty: the host the agent dialled.
+    pub host: String,
+    pub port: u16,
+    pub public_key: String,
+}
+
 /// The agent-facing service.
 #[derive(Clone)]
 pub struct AgentSvc {
     pub engine: Engine,
     pub heartbeat_ms: u32,
     pub limits: pb::ServerLimits,
+    pub farm_cache: Option<FarmCacheAdvert>,
 }
 
 #[tonic::async_trait]
@@ -63,6 +73,17 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 session_key,
                 limits: Some(self.limits),
                 active_runs: self.engine.active_runs(),
+                farm_cache_host: self
+                    .farm_cache
+                    .as_ref()
+                    .map(|f| f.host.clone())
+                    .unwrap_or_default(),
+                farm_cache_port: self.farm_cache.as_ref().map_or(0, |f| f.port as u32),
+                farm_cache_public_key: self
+                    .farm_cache
+                    .as_ref()
+                    .map(|f| f.public_key.clone())
+                    .unwrap_or_default(),
             })),
         };
         let out = tokio_stream::once(Ok(registered)).chain(

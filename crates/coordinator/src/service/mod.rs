@@ -18,7 +18,7 @@ mod agent;
 mod run;
 mod wire;
 
-pub use agent::AgentSvc;
+pub use agent::{AgentSvc, FarmCacheAdvert};
 pub use run::RunSvc;
 pub use wire::source_to_wire;
 use wire::*;

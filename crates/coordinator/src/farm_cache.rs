@@ -1,0 +1,400 @@
+//! The coordinator's own binary cache (the farm cache): agents push every output and `.drv`
+//! to it and substitute from it, so hosts that share nothing but the coordinator build each
+//! other's derivations. A narinfo is accepted only when its NAR is there and hashes to what
+//! it says; the coordinator then signs it with the farm's key, so what it serves is exactly
+//! what was checked. Agents authenticate with their join token (Bearer, or Basic with the
+//! token as password, which is what Nix sends from a netrc file).
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use nixfarm_store::narinfo::{Key, NarInfo, store_hash};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+
+/// What the farm cache says of itself (priority below a user's published cache).
+const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+
+/// Largest narinfo accepted, bytes.
+const MAX_NARINFO: usize = 64 * 1024;
+
+/// The farm cache of one coordinator.
+pub struct FarmCache {
+    dir: PathBuf,
+    key: Key,
+    token: Option<String>,
+    /// Largest NAR accepted, bytes.
+    max_nar_bytes: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// Why the farm cache cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum FarmCacheError {
+    #[error("cannot prepare the farm cache in {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the farm cache's signing key {path} is unusable: {source}")]
+    Key {
+        path: String,
+        source: nixfarm_store::narinfo::KeyError,
+    },
+}
+
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> FarmCacheError + '_ {
+    move |source| FarmCacheError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl FarmCache {
+    /// Opens (creating) the cache in `dir`, its key in `dir/../farm-cache.key` (made on first
+    /// start, mode 0600). `token` is the agents' join token (None: no check).
+    pub fn open(
+        dir: PathBuf,
+        token: Option<String>,
+        max_nar_bytes: u64,
+    ) -> Result<Arc<FarmCache>, FarmCacheError> {
+        std::fs::create_dir_all(dir.join("nar")).map_err(io(&dir))?;
+        std::fs::write(dir.join("nix-cache-info"), CACHE_INFO).map_err(io(&dir))?;
+        let key_path = dir.with_file_name("farm-cache.key");
+        let key = if key_path.exists() {
+            Key::from_file(&key_path).map_err(|source| FarmCacheError::Key {
+                path: key_path.display().to_string(),
+                source,
+            })?
+        } else {
+            let key = Key::generate("nixfarm-farm-1").map_err(|source| FarmCacheError::Key {
+                path: key_path.display().to_string(),
+                source,
+            })?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_path)
+                .map_err(io(&key_path))?;
+            std::io::Write::write_all(&mut f, key.secret_text().as_bytes())
+                .map_err(io(&key_path))?;
+            key
+        };
+        Ok(Arc::new(FarmCache {
+            dir,
+            key,
+            token,
+            max_nar_bytes,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }))
+    }
+
+    /// `name:base64`: what agents trust the farm cache's signatures with.
+    pub fn public_key(&self) -> String {
+        self.key.public()
+    }
+
+    /// The HTTP routes of the cache.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        use axum::routing::get;
+        axum::Router::new()
+            .route("/{file}", get(get_top).put(put_narinfo))
+            .route("/nar/{file}", get(get_nar).put(put_nar))
+            .with_state(self.clone())
+    }
+
+    /// Prometheus lines: size on disk and the narinfo hit rate.
+    pub fn metrics_text(&self) -> String {
+        let size: u64 = std::fs::read_dir(self.dir.join("nar"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        format!(
+            "# HELP nixfarm_farm_cache_bytes NAR bytes in the coordinator's farm cache.\n# TYPE nixfarm_farm_cache_bytes gauge\nnixfarm_farm_cache_bytes {size}\n\
+             # HELP nixfarm_farm_cache_requests_total narinfo requests to the farm cache by result.\n# TYPE nixfarm_farm_cache_requests_total counter\n\
+             nixfarm_farm_cache_requests_total{{result=\"hit\"}} {}\nnixfarm_farm_cache_requests_total{{result=\"miss\"}} {}\n\
+             # HELP nixfarm_farm_cache_refused_total Uploads refused (bad token, bad name, hash mismatch, too large).\n# TYPE nixfarm_farm_cache_refused_total counter\nnixfarm_farm_cache_refused_total {}\n",
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.token else {
+            return true;
+        };
+        let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let given = if let Some(b) = v.strip_prefix("Bearer ") {
+            b.to_string()
+        } else if let Some(b) = v.strip_prefix("Basic ") {
+            data_encoding::BASE64
+                .decode(b.trim().as_bytes())
+                .ok()
+                .and_then(|d| String::from_utf8(d).ok())
+                .and_then(|s| s.split_once(':').map(|(_, p)| p.to_string()))
+                .unwrap_or_default()
+        } else {
+            return false;
+        };
+        crate::engine::constant_time_eq(given.as_bytes(), expected.as_bytes())
+    }
+
+    fn refuse(&self, status: StatusCode, why: &str) -> Response {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let mut r = (status, why.to_string()).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static("Basic realm=\"nixfarm\""),
+            );
+        }
+        r
+    }
+}
+
+type St = State<Arc<FarmCache>>;
+
+/// `<32 base-32 chars>.narinfo`
+fn is_narinfo_name(f: &str) -> bool {
+    f.strip_suffix(".narinfo").is_some_and(|h| {
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    })
+}
+
+/// `<base-32 hash>.nar[.zst|.xz|.bz2]`
+fn is_nar_name(f: &str) -> bool {
+    let stem = [".nar.zst", ".nar.xz", ".nar.bz2", ".nar"]
+        .iter()
+        .find_map(|s| f.strip_suffix(s));
+    stem.is_some_and(|h| {
+        !h.is_empty()
+            && h.len() <= 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    })
+}
+
+async fn serve_file(path: PathBuf, content_type: &'static str) -> Option<Response> {
+    let f = tokio::fs::File::open(&path).await.ok()?;
+    let len = f.metadata().await.ok()?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(f));
+    Some(
+        (
+            [
+                ("content-type", content_type.to_string()),
+                ("content-length", len.to_string()),
+            ],
+            body,
+        )
+            .into_response(),
+    )
+}
+
+async fn get_top(State(c): St, Path(file): Path<String>, headers: HeaderMap) -> Response {
+    if !c.authorized(&headers) {
+        return c.refuse(
+            StatusCode::UNAUTHORIZED,
+            "the farm cache needs an agent token",
+        );
+    }
+    if file == "nix-cache-info" {
+        return ([("content-type", "text/x-nix-cache-info")], CACHE_INFO).into_response();
+    }
+    if !is_narinfo_name(&file) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    match serve_file(c.dir.join(&file), "text/x-nix-narinfo").await {
+        Some(r) => {
+            c.hits.fetch_add(1, Ordering::Relaxed);
+            r
+        }
+        None => {
+            c.misses.fetch_add(1, Ordering::Relaxed);
+            StatusCode::NOT_FOUND.into_response()
+        }
+    }
+}
+
+async fn get_nar(State(c): St, Path(file): Path<String>, headers: HeaderMap) -> Response {
+    if !c.authorized(&headers) {
+        return c.refuse(
+            StatusCode::UNAUTHORIZED,
+            "the farm cache needs an agent token",
+        );
+    }
+    if !is_nar_name(&file) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    serve_file(c.dir.join("nar").join(&file), "application/x-nix-nar")
+        .await
+        .unwrap_or_else(|| StatusCode::NOT_FOUND.into_response())
+}
+
+/// A NAR upload: streamed to a temporary file within the size limit, then renamed in.
+async fn put_nar(
+    State(c): St,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !c.authorized(&headers) {
+        return c.refuse(
+            StatusCode::UNAUTHORIZED,
+            "the farm cache needs an agent token",
+        );
+    }
+    if !is_nar_name(&file) {
+        return c.refuse(StatusCode::BAD_REQUEST, "not a NAR file name");
+    }
+    let dest = c.dir.join("nar").join(&file);
+    let tmp = c
+        .dir
+        .join("nar")
+        .join(format!(".upload-{:016x}", fastrand::u64(..)));
+    let result: Result<(), (StatusCode, String)> = async {
+        let mut out = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let mut stream = body.into_data_stream();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > c.max_nar_bytes {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("a NAR is at most {} bytes here", c.max_nar_bytes),
+                ));
+            }
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        }
+        out.sync_all()
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        tokio::fs::rename(&tmp, &dest)
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err((status, why)) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            c.refuse(status, &why)
+        }
+    }
+}
+
+/// A narinfo upload: accepted only when its NAR is there with the size and hash it states;
+/// then signed with the farm's key (whatever signatures it came with are dropped).
+async fn put_narinfo(
+    State(c): St,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !c.authorized(&headers) {
+        return c.refuse(
+            StatusCode::UNAUTHORIZED,
+            "the farm cache needs an agent token",
+        );
+    }
+    if !is_narinfo_name(&file) {
+        return c.refuse(StatusCode::BAD_REQUEST, "not a narinfo file name");
+    }
+    if body.len() > MAX_NARINFO {
+        return c.refuse(StatusCode::PAYLOAD_TOO_LARGE, "the narinfo is too large");
+    }
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return c.refuse(StatusCode::BAD_REQUEST, "the narinfo is not UTF-8");
+    };
+    let mut ni = match NarInfo::parse(text) {
+        Ok(n) => n,
+        Err(e) => return c.refuse(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    if format!("{}.narinfo", store_hash(&ni.store_path)) != file {
+        return c.refuse(
+            StatusCode::BAD_REQUEST,
+            "the narinfo names another store path",
+        );
+    }
+    let Some(nar) = ni.url.strip_prefix("nar/").filter(|n| is_nar_name(n)) else {
+        return c.refuse(
+            StatusCode::BAD_REQUEST,
+            "the narinfo's URL is not nar/<file>",
+        );
+    };
+    let nar_path = c.dir.join("nar").join(nar);
+    let checked = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Vec<u8>)> {
+        let mut f = std::fs::File::open(&nar_path)?;
+        let mut h = Sha256::new();
+        let n = std::io::copy(&mut f, &mut h)?;
+        Ok((n, h.finalize().to_vec()))
+    })
+    .await;
+    match checked {
+        Ok(Ok((size, hash))) if size == ni.file_size && hash == ni.file_hash => {}
+        Ok(Ok(_)) => {
+            return c.refuse(
+                StatusCode::BAD_REQUEST,
+                "the NAR does not have the size and hash the narinfo states",
+            );
+        }
+        _ => return c.refuse(StatusCode::BAD_REQUEST, "upload the NAR before its narinfo"),
+    }
+    ni.sigs.clear();
+    ni.sign(&c.key);
+    let dest = c.dir.join(&file);
+    let tmp = c.dir.join(format!(".{file}.{:016x}", fastrand::u64(..)));
+    let written = async {
+        tokio::fs::write(&tmp, ni.render()).await?;
+        tokio::fs::rename(&tmp, &dest).await
+    }
+    .await;
+    match written {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_cache_file_names_are_served_or_stored() {
+        assert!(is_narinfo_name("0123456789abcdfghijklmnpqrsvwxyz.narinfo"));
+        assert!(!is_narinfo_name("../etc/passwd.narinfo"));
+        assert!(!is_narinfo_name("short.narinfo"));
+        assert!(is_nar_name("1b2c3d.nar.zst"));
+        assert!(is_nar_name("1b2c3d.nar.xz"));
+        assert!(!is_nar_name("..nar"));
+        assert!(!is_nar_name("a/b.nar"));
+        assert!(!is_nar_name(".nar.zst"));
+    }
+}

@@ -1,0 +1,171 @@
+//! A farm of hosts that share nothing but the coordinator: two agents, each with its own Nix
+//! store, and no `--cache`. Derivations and outputs travel through the coordinator's farm
+//! cache, so the bundled example ends with exactly the statuses it has on one machine, and
+//! a fresh empty store substitutes every ready output from the farm cache with signatures
+//! required. With an agent token configured, the farm cache refuses requests without it.
+
+use nixfarm_tests::*;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+/// The farm cache's address, from the coordinator's log.
+fn farm_cache_addr(c: &Coordinator) -> String {
+    wait_for(Duration::from_secs(10), "the farm cache to listen", || {
+        c.proc.log_text().lines().find_map(|l| {
+            l.contains("farm cache listening")
+                .then(|| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()
+                        .map(String::from)
+                })
+                .flatten()
+        })
+    })
+}
+
+/// One raw HTTP/1.1 GET; returns the status line.
+fn http_get(addr: &str, path: &str, auth: Option<&str>) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
+    let dir = scratch();
+    let state = dir.path().join("coordinator");
+    let coordinator = Coordinator::start(&state).unwrap();
+    let mut agents = Vec::new();
+    let mut hosts = Vec::new();
+    for i in 0..2 {
+        let host = Host::new(&dir.path().join(format!("host{i}")));
+        agents.push(
+            host.start_agent(&format!("lone{i}"), &coordinator.url, None, 2)
+                .unwrap(),
+        );
+        hosts.push(host);
+    }
+    let out = cli(
+        &coordinator.url,
+        &[
+            "submit",
+            example_repo().to_str().unwrap(),
+            "--watch",
+            "--format",
+            "json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    let expected = expected();
+    let got = packages_by_attr(&report);
+    for (attr, e) in expected.as_object().unwrap() {
+        let p = &got[attr];
+        assert_eq!(p["status"], e["status"], "{attr}: {}", p["reason"]);
+    }
+    // Work really was spread: both stores built something.
+    for (i, h) in hosts.iter().enumerate() {
+        let built = std::fs::read_dir(h.root.join("nix/store"))
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".drv"))
+            .count();
+        assert!(built > 0, "host{i} built nothing");
+    }
+    // A fresh store substitutes every ready output from the farm cache, signatures required.
+    let addr = farm_cache_addr(&coordinator);
+    let key = std::fs::read_to_string(state.join("farm-cache.key")).unwrap();
+    let public = {
+        let (name, b64) = key.trim().split_once(':').unwrap();
+        let bytes = data_encoding::BASE64.decode(b64.as_bytes()).unwrap();
+        format!("{name}:{}", data_encoding::BASE64.encode(&bytes[32..]))
+    };
+    let fresh = Host::new(&dir.path().join("fresh"));
+    let ready: Vec<&serde_json::Value> = got.values().filter(|p| p["status"] == "ready").collect();
+    assert!(!ready.is_empty());
+    for p in ready {
+        for (_, path) in p["outputs"].as_object().unwrap() {
+            let out = fresh.run(&[
+                "nix-store",
+                "--realise",
+                path.as_str().unwrap(),
+                "--option",
+                "substituters",
+                &format!("http://{addr}"),
+                "--option",
+                "trusted-public-keys",
+                &public,
+                "--option",
+                "require-sigs",
+                "true",
+            ]);
+            assert!(out.status.success(), "{}: {}", p["attr"], stderr(&out));
+        }
+    }
+    // Derivations travelled too: the farm cache holds .drv files as well as outputs.
+    let drvs_in_cache = std::fs::read_dir(state.join("farm-cache"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("StorePath:") && l.ends_with(".drv"))
+        })
+        .count();
+    assert!(
+        drvs_in_cache > 0,
+        "no derivation went through the farm cache"
+    );
+    drop(agents);
+}
+
+#[test]
+fn the_farm_cache_refuses_requests_without_the_agent_token() {
+    let dir = scratch();
+    let token = dir.path().join("agent-token");
+    std::fs::write(&token, "farm-secret-1\n").unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[auth]\nagent_token_file = \"{}\"\n", token.display()),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start_on(
+        &dir.path().join("coordinator"),
+        "127.0.0.1:0",
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let addr = farm_cache_addr(&coordinator);
+    assert!(http_get(&addr, "/nix-cache-info", None).contains(" 401 "));
+    assert!(http_get(&addr, "/nix-cache-info", Some("Bearer guess")).contains(" 401 "));
+    assert!(http_get(&addr, "/nix-cache-info", Some("Bearer farm-secret-1")).contains(" 200 "));
+    // What Nix sends from a netrc file: Basic, the token as the password.
+    let basic = format!(
+        "Basic {}",
+        data_encoding::BASE64.encode(b"nixfarm:farm-secret-1")
+    );
+    assert!(http_get(&addr, "/nix-cache-info", Some(&basic)).contains(" 200 "));
+    assert!(
+        http_get(
+            &addr,
+            "/0123456789abcdfghijklmnpqrsvwxyz.narinfo",
+            Some(&basic)
+        )
+        .contains(" 404 ")
+    );
+}
