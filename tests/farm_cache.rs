@@ -169,3 +169,75 @@ fn the_farm_cache_refuses_requests_without_the_agent_token() {
         .contains(" 404 ")
     );
 }
+
+#[test]
+fn an_agent_joining_mid_run_with_an_empty_store_builds_on_outputs_built_elsewhere() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let early = Host::new(&dir.path().join("early"));
+    let _a = early
+        .start_agent("early", &coordinator.url, None, 2)
+        .unwrap();
+    // Only an agent offering the "joiner" feature builds the top package.
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let ran = dir.path().join("ran");
+    std::fs::write(&ran, "").unwrap();
+    set_mode(&ran, 0o666);
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: extra: derivation ({ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; } // extra);
+      leaf = i: mk "leaf-${toString i}" { args = [ "-c" "echo $name >> RAN; echo leaf ${toString i} > $out" ]; };
+      leaves = builtins.genList leaf 3;
+    in { packages.x86_64-linux = {
+      leaf-0 = builtins.elemAt leaves 0;
+      top = mk "top" { requiredSystemFeatures = [ "joiner" ]; deps = leaves;
+        args = [ "-c" "cat $deps > $out" ]; };
+    }; }; }"#
+            .replace("RAN", ran.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = cli(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    wait_for(Duration::from_secs(60), "the leaves to be built", || {
+        let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
+            &coordinator.url,
+            &["report", &run, "--format", "json"],
+        )))
+        .ok()?;
+        packages_by_attr(&r)
+            .get("leaf-0")
+            .is_some_and(|p| p["status"] == "ready")
+            .then_some(())
+    });
+    let late = Host::new(&dir.path().join("late"));
+    let cfg = dir.path().join("joiner.toml");
+    std::fs::write(&cfg, "features = [\"joiner\"]\n").unwrap();
+    let _b = late
+        .start_agent_with(
+            "late",
+            &coordinator.url,
+            None,
+            1,
+            &[],
+            &["--config", cfg.to_str().unwrap()],
+        )
+        .unwrap();
+    let r = wait_for_state(&coordinator.url, &run, "finished", Duration::from_secs(120));
+    let p = packages_by_attr(&r);
+    assert_eq!(p["top"]["status"], "ready", "{}", p["top"]["reason"]);
+    assert_eq!(p["top"]["agent"], "late");
+    assert_eq!(p["leaf-0"]["agent"], "early");
+    // The late host got the leaves from the farm cache: each leaf was built once, early.
+    let builds = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(builds.lines().count(), 3, "{builds}");
+    let out = p["top"]["outputs"]["out"].as_str().unwrap();
+    let text = late.run(&["cat", out]);
+    assert_eq!(
+        String::from_utf8_lossy(&text.stdout),
+        "leaf 0\nleaf 1\nleaf 2\n"
+    );
+}

@@ -55,6 +55,18 @@ impl Roots {
         Ok(())
     }
 
+    /// Where Nix roots the outputs of `drv` for `run` as it builds them (None when the
+    /// directory cannot be made: the build goes on unrooted, rooted right after).
+    pub fn output_root(&self, run: &str, drv: &str) -> Option<PathBuf> {
+        if !nixfarm_core::limits::is_run_id(run) {
+            return None;
+        }
+        let dir = self.dir.join(run);
+        std::fs::create_dir_all(&dir).ok()?;
+        let name = Path::new(drv).file_name()?.to_string_lossy();
+        Some(dir.join(format!("{}-out", name.trim_end_matches(".drv"))))
+    }
+
     /// Drops the roots of `run`.
     pub fn release(&self, run: &str) {
         if nixfarm_core::limits::is_run_id(run) {

@@ -39,6 +39,10 @@ pub struct FarmCacheConfig {
     pub listen: Option<String>,
     /// Largest NAR accepted, bytes. Default 68719476736 (64 GiB); 1 MiB to 1 TiB.
     pub max_nar_bytes: u64,
+    /// NAR bytes kept at most: past it the least recently used paths are evicted, never
+    /// those of a run still going nor any used in the last ten minutes. Default
+    /// 21474836480 (20 GiB); at least 16 MiB.
+    pub max_bytes: u64,
 }
 
 impl Default for FarmCacheConfig {
@@ -47,6 +51,7 @@ impl Default for FarmCacheConfig {
             enabled: true,
             listen: None,
             max_nar_bytes: 64 << 30,
+            max_bytes: 20 << 30,
         }
     }
 }
@@ -261,6 +266,12 @@ impl Config {
             self.farm_cache.max_nar_bytes,
             1 << 20,
             1 << 40,
+        )?;
+        range(
+            "[farm_cache] max_bytes",
+            self.farm_cache.max_bytes,
+            16 << 20,
+            u64::MAX,
         )?;
         Ok(())
     }

@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use nixfarm_store::narinfo::{Key, NarInfo, store_hash};
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,14 @@ const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n
 /// Largest narinfo accepted, bytes.
 const MAX_NARINFO: usize = 64 * 1024;
 
+/// Store hashes (the 32 characters of a store path) that active runs still need: never
+/// evicted.
+pub type Protected = Arc<dyn Fn() -> HashSet<String> + Send + Sync>;
+
+/// Paths written or read this recently are never evicted (runs still evaluating have not
+/// told the coordinator their paths yet).
+const RECENT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The farm cache of one coordinator.
 pub struct FarmCache {
     dir: PathBuf,
@@ -30,6 +39,12 @@ pub struct FarmCache {
     token: Option<String>,
     /// Largest NAR accepted, bytes.
     max_nar_bytes: u64,
+    /// NAR bytes kept at most; the least recently used paths go first.
+    max_bytes: u64,
+    /// NAR bytes held now.
+    total: AtomicU64,
+    protected: Protected,
+    evicting: std::sync::Mutex<()>,
     hits: AtomicU64,
     misses: AtomicU64,
     refused: AtomicU64,
@@ -64,6 +79,8 @@ impl FarmCache {
         dir: PathBuf,
         token: Option<String>,
         max_nar_bytes: u64,
+        max_bytes: u64,
+        protected: Protected,
     ) -> Result<Arc<FarmCache>, FarmCacheError> {
         std::fs::create_dir_all(dir.join("nar")).map_err(io(&dir))?;
         std::fs::write(dir.join("nix-cache-info"), CACHE_INFO).map_err(io(&dir))?;
@@ -89,11 +106,16 @@ impl FarmCache {
                 .map_err(io(&key_path))?;
             key
         };
+        let total = nar_bytes(&dir);
         Ok(Arc::new(FarmCache {
             dir,
             key,
             token,
             max_nar_bytes,
+            max_bytes,
+            total: AtomicU64::new(total),
+            protected,
+            evicting: std::sync::Mutex::new(()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -114,16 +136,70 @@ impl FarmCache {
             .with_state(self.clone())
     }
 
-    /// Prometheus lines: size on disk and the narinfo hit rate.
-    pub fn metrics_text(&self) -> String {
-        let size: u64 = std::fs::read_dir(self.dir.join("nar"))
+    /// Removes least recently used paths (their narinfo, then their NAR) until the cache
+    /// holds at most nine tenths of `max_bytes`; never what an active run needs, nor what
+    /// was written or read in the last ten minutes. Returns the store hashes removed.
+    pub fn evict(&self) -> Vec<String> {
+        if self.total.load(Ordering::Relaxed) <= self.max_bytes {
+            return Vec::new();
+        }
+        let Ok(_one) = self.evicting.try_lock() else {
+            return Vec::new();
+        };
+        let protected = (self.protected)();
+        let now = std::time::SystemTime::now();
+        let mut infos: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&self.dir)
             .map(|d| {
                 d.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
+                    .filter(|e| is_narinfo_name(&e.file_name().to_string_lossy()))
+                    .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                    .collect()
             })
-            .unwrap_or(0);
+            .unwrap_or_default();
+        infos.sort();
+        let target = self.max_bytes / 10 * 9;
+        let mut removed = Vec::new();
+        for (used, path) in infos {
+            if self.total.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let Some(hash) = name.as_deref().and_then(|n| n.strip_suffix(".narinfo")) else {
+                continue;
+            };
+            if protected.contains(hash) || now.duration_since(used).is_ok_and(|d| d < RECENT) {
+                continue;
+            }
+            let nar = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| NarInfo::parse(&t).ok())
+                .and_then(|ni| ni.url.strip_prefix("nar/").map(String::from));
+            // The narinfo first: a NAR without one is never served as a path.
+            if std::fs::remove_file(&path).is_err() {
+                continue;
+            }
+            if let Some(nar) = nar.filter(|n| is_nar_name(n)) {
+                let p = self.dir.join("nar").join(nar);
+                if let Ok(m) = std::fs::metadata(&p)
+                    && std::fs::remove_file(&p).is_ok()
+                {
+                    self.total.fetch_sub(m.len(), Ordering::Relaxed);
+                }
+            }
+            removed.push(hash.to_string());
+        }
+        if !removed.is_empty() {
+            tracing::info!(
+                paths = removed.len(),
+                "farm cache: evicted least recently used paths"
+            );
+        }
+        removed
+    }
+
+    /// Prometheus lines: size on disk and the narinfo hit rate.
+    pub fn metrics_text(&self) -> String {
+        let size = self.total.load(Ordering::Relaxed);
         format!(
             "# HELP nixfarm_farm_cache_bytes NAR bytes in the coordinator's farm cache.\n# TYPE nixfarm_farm_cache_bytes gauge\nnixfarm_farm_cache_bytes {size}\n\
              # HELP nixfarm_farm_cache_requests_total narinfo requests to the farm cache by result.\n# TYPE nixfarm_farm_cache_requests_total counter\n\
@@ -171,6 +247,18 @@ impl FarmCache {
 }
 
 type St = State<Arc<FarmCache>>;
+
+/// Bytes of the NARs in `dir/nar`.
+fn nar_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("nar"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
 
 /// `<32 base-32 chars>.narinfo`
 fn is_narinfo_name(f: &str) -> bool {
@@ -223,9 +311,14 @@ async fn get_top(State(c): St, Path(file): Path<String>, headers: HeaderMap) -> 
     if !is_narinfo_name(&file) {
         return StatusCode::NOT_FOUND.into_response();
     }
-    match serve_file(c.dir.join(&file), "text/x-nix-narinfo").await {
+    let path = c.dir.join(&file);
+    match serve_file(path.clone(), "text/x-nix-narinfo").await {
         Some(r) => {
             c.hits.fetch_add(1, Ordering::Relaxed);
+            // Used now: the last to be evicted.
+            if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
             r
         }
         None => {
@@ -267,6 +360,10 @@ async fn put_nar(
         return c.refuse(StatusCode::BAD_REQUEST, "not a NAR file name");
     }
     let dest = c.dir.join("nar").join(&file);
+    if dest.exists() {
+        // Named by its content's hash: the same name is the same bytes, never replaced.
+        return StatusCode::OK.into_response();
+    }
     let tmp = c
         .dir
         .join("nar")
@@ -295,7 +392,9 @@ async fn put_nar(
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         tokio::fs::rename(&tmp, &dest)
             .await
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        c.total.fetch_add(size, Ordering::Relaxed);
+        Ok(())
     }
     .await;
     match result {
@@ -346,6 +445,13 @@ async fn put_narinfo(
             "the narinfo's URL is not nar/<file>",
         );
     };
+    // A NAR is named by the hash of its bytes, so a name pins its content.
+    if nar.split('.').next() != Some(nixfarm_nix::hash::nix32_encode(&ni.file_hash).as_str()) {
+        return c.refuse(
+            StatusCode::BAD_REQUEST,
+            "the NAR's name is not the hash of its content",
+        );
+    }
     let nar_path = c.dir.join("nar").join(nar);
     let checked = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Vec<u8>)> {
         let mut f = std::fs::File::open(&nar_path)?;
@@ -374,7 +480,11 @@ async fn put_narinfo(
     }
     .await;
     match written {
-        Ok(()) => StatusCode::OK.into_response(),
+        Ok(()) => {
+            let c2 = c.clone();
+            tokio::task::spawn_blocking(move || c2.evict());
+            StatusCode::OK.into_response()
+        }
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;
             (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
@@ -385,6 +495,59 @@ async fn put_narinfo(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cache path: its narinfo and a NAR of `size` bytes, last used `age` ago.
+    fn put(dir: &std::path::Path, hash: &str, size: usize, age: std::time::Duration) {
+        let nar = format!("{hash}x.nar.zst");
+        std::fs::write(dir.join("nar").join(&nar), vec![0u8; size]).unwrap();
+        let ni = NarInfo {
+            store_path: format!("/nix/store/{hash}-p"),
+            url: format!("nar/{nar}"),
+            compression: "zstd".into(),
+            file_hash: vec![0; 32],
+            file_size: size as u64,
+            nar_hash: vec![0; 32],
+            nar_size: size as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        let p = dir.join(format!("{hash}.narinfo"));
+        std::fs::write(&p, ni.render()).unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_and_spares_active_runs_and_recent_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("farm-cache");
+        let hour = std::time::Duration::from_secs(3600);
+        let h = |c: char| c.to_string().repeat(32);
+        let protected: Protected = {
+            let keep = h('b');
+            Arc::new(move || [keep.clone()].into())
+        };
+        let cache = FarmCache::open(dir.clone(), None, 1 << 20, 1000, protected).unwrap();
+        put(&dir, &h('a'), 400, 3 * hour); // oldest: goes
+        put(&dir, &h('b'), 400, 3 * hour); // as old, but an active run needs it
+        put(&dir, &h('c'), 400, 2 * hour); // goes too, to get under 900
+        put(&dir, &h('d'), 400, std::time::Duration::ZERO); // just written: stays
+        cache.total.store(nar_bytes(&dir), Ordering::Relaxed);
+        let removed = cache.evict();
+        assert_eq!(removed, vec![h('a'), h('c')]);
+        for (c, kept) in [('a', false), ('b', true), ('c', false), ('d', true)] {
+            assert_eq!(dir.join(format!("{}.narinfo", h(c))).exists(), kept, "{c}");
+            assert_eq!(
+                dir.join("nar").join(format!("{}x.nar.zst", h(c))).exists(),
+                kept,
+                "{c}"
+            );
+        }
+        assert_eq!(cache.total.load(Ordering::Relaxed), 800);
+        assert!(cache.evict().is_empty(), "under the limit now");
+    }
 
     #[test]
     fn only_cache_file_names_are_served_or_stored() {

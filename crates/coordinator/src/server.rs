@@ -123,6 +123,7 @@ async fn start_farm_cache(
     config: &Config,
     grpc: SocketAddr,
     agent_token: Option<String>,
+    engine: &Engine,
 ) -> anyhow::Result<Option<(Arc<FarmCache>, SocketAddr)>> {
     let fc = &config.farm_cache;
     if !fc.enabled {
@@ -142,10 +143,13 @@ async fn start_farm_cache(
         );
         return Ok(None);
     }
+    let e = engine.clone();
     let cache = FarmCache::open(
         config.state_dir.join("farm-cache"),
         agent_token,
         fc.max_nar_bytes,
+        fc.max_bytes,
+        Arc::new(move || e.protected_store_hashes()),
     )?;
     let app = cache.router();
     tokio::spawn(async move {
@@ -257,7 +261,7 @@ pub async fn start_with_listener(
     };
     let limits = server_limits(config, client_max_msg);
     let addr = listener.local_addr()?;
-    let farm_cache = start_farm_cache(config, addr, agent_token.clone()).await?;
+    let farm_cache = start_farm_cache(config, addr, agent_token.clone(), &engine).await?;
     let agent_svc = AgentServiceServer::new(AgentSvc {
         engine: engine.clone(),
         heartbeat_ms: (s.heartbeat_secs * 1000) as u32,

@@ -65,6 +65,12 @@ pub struct BuildOptions {
     pub max_silent: Option<Duration>,
     /// A netrc file with the substituter's credentials (a token-protected farm cache).
     pub netrc: Option<std::path::PathBuf>,
+    /// Registers the outputs as GC roots (this path, and `-<n>` beside it for more outputs)
+    /// as Nix builds them, so a collector running meanwhile cannot take them.
+    pub gc_root: Option<std::path::PathBuf>,
+    /// The system features this builder offers (what the coordinator was told); Nix then
+    /// builds derivations that require them. Empty: Nix's own.
+    pub system_features: Vec<String>,
 }
 
 /// What one `nix-store --realise` did.
@@ -424,6 +430,16 @@ impl Nix {
             &opts.substituter,
         ]);
         c.args(["--option", "builders", ""]);
+        if !opts.system_features.is_empty() {
+            c.args([
+                "--option",
+                "system-features",
+                &opts.system_features.join(" "),
+            ]);
+        }
+        if let Some(r) = &opts.gc_root {
+            c.arg("--add-root").arg(r).arg("--indirect");
+        }
         if let Some(n) = &opts.netrc {
             c.arg("--option").arg("netrc-file").arg(n);
         }
@@ -496,11 +512,17 @@ impl Nix {
         let result = if cancelled {
             Err(Failure::Infra("cancelled".into()))
         } else if status.is_some_and(|s| s.success()) {
+            // With --add-root Nix prints the roots it made: the outputs are their targets.
             Ok(stdout
                 .lines()
                 .map(str::trim)
                 .filter(|l| l.starts_with('/'))
-                .map(String::from)
+                .map(|l| match &opts.gc_root {
+                    Some(_) => std::fs::read_link(l)
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_else(|_| l.to_string()),
+                    None => l.to_string(),
+                })
                 .collect())
         } else {
             Err(classify_failure(status.and_then(|s| s.code()), &full_log))

@@ -54,6 +54,8 @@ pub(super) async fn build(
         timeout: (j.timeout_secs > 0).then(|| Duration::from_secs(j.timeout_secs)),
         max_silent: (j.max_silent_secs > 0).then(|| Duration::from_secs(j.max_silent_secs)),
         netrc: farm.as_ref().and_then(|f| f.netrc.clone()),
+        gc_root: shared.roots.output_root(run_id, &j.drv_path),
+        system_features: shared.cfg.features.clone(),
     };
     // A derivation this store does not hold (evaluated on another host, or collected): fetch
     // it, with its inputs, from the run's cache; without one, say what is missing.

@@ -1,0 +1,175 @@
+//! nginx as the binary cache users download from: agents on separate stores publish to it
+//! with PUT (a WebDAV location), nixfarm writes the `nix-cache-info` such a server lacks,
+//! and real Nix reading a GET-only location substitutes every ready output with signatures
+//! required. `scripts/setup` installs nginx (Debian's package); this test starts its own.
+
+use nixfarm_tests::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// nginx on 127.0.0.1, serving `root` read-write under /rw/ (PUT) and read-only under /ro/.
+struct Nginx {
+    proc: Proc,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(dir: &Path, root: &Path) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.display();
+        let r = root.display();
+        for sub in ["tmp", "logs"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"daemon off;
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log {d}/logs/access.log;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  client_max_body_size 0;
+  server {{
+    listen 127.0.0.1:{port};
+    location /rw/ {{
+      alias {r}/;
+      dav_methods PUT;
+      create_full_put_path on;
+      dav_access user:rw group:r all:r;
+    }}
+    location /ro/ {{
+      alias {r}/;
+      limit_except GET {{ deny all; }}
+    }}
+  }}
+}}
+"#
+            ),
+        )
+        .unwrap();
+        let log = dir.join("logs/stderr.log");
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("nginx (scripts/setup installs it)");
+        let proc = Proc {
+            child,
+            name: "nginx".into(),
+            log,
+        };
+        wait_for(Duration::from_secs(10), "nginx to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+        Nginx { proc, port }
+    }
+}
+
+#[test]
+fn outputs_published_to_nginx_are_substituted_by_real_nix_from_a_get_only_location() {
+    let dir = scratch();
+    let root = dir.path().join("cache");
+    std::fs::create_dir_all(&root).unwrap();
+    set_mode(&root, 0o755);
+    let nginx = Nginx::start(&dir.path().join("nginx"), &root);
+    let (sk, pk) = cache_key(dir.path(), "nginx-cache-1");
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        let host = Host::new(&dir.path().join(format!("host{i}")));
+        agents.push((
+            host.start_agent(&format!("pub{i}"), &coordinator.url, Some(&sk), 2)
+                .unwrap(),
+            host,
+        ));
+    }
+    let rw = format!("http://127.0.0.1:{}/rw", nginx.port);
+    let out = cli(
+        &coordinator.url,
+        &[
+            "submit",
+            example_repo().to_str().unwrap(),
+            "--cache",
+            &rw,
+            "--trusted-public-key",
+            &pk,
+            "--watch",
+            "--format",
+            "json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            stderr(&out),
+            nginx.proc.log_text()
+        )
+    });
+    let got = packages_by_attr(&report);
+    for (attr, e) in expected().as_object().unwrap() {
+        assert_eq!(
+            got[attr]["status"], e["status"],
+            "{attr}: {}",
+            got[attr]["reason"]
+        );
+    }
+    // nginx keeps only what it is sent: nixfarm wrote the nix-cache-info Nix needs.
+    let info = std::fs::read_to_string(root.join("nix-cache-info")).unwrap();
+    assert!(info.contains("StoreDir: /nix/store"), "{info}");
+    let ro = format!("http://127.0.0.1:{}/ro", nginx.port);
+    let fresh = Host::new(&dir.path().join("fresh"));
+    let mut substituted = 0;
+    for p in got.values().filter(|p| p["status"] == "ready") {
+        for (_, path) in p["outputs"].as_object().unwrap() {
+            let out = fresh.run(&[
+                "nix-store",
+                "--realise",
+                path.as_str().unwrap(),
+                "--option",
+                "substituters",
+                &ro,
+                "--option",
+                "trusted-public-keys",
+                &pk,
+                "--option",
+                "require-sigs",
+                "true",
+            ]);
+            assert!(out.status.success(), "{}: {}", p["attr"], stderr(&out));
+            substituted += 1;
+        }
+    }
+    assert!(substituted > 0);
+    // The GET-only location really is: a PUT there is refused.
+    let put = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{}; printf 'PUT /ro/x HTTP/1.0\\r\\nContent-Length: 1\\r\\n\\r\\nx' >&3; head -c 12 <&3",
+            nginx.port
+        ))
+        .output()
+        .unwrap();
+    assert!(stdout(&put).contains("403"), "{}", stdout(&put));
+    drop(agents);
+}
