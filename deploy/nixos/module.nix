@@ -76,6 +76,12 @@ in
               max_uploads_per_client = mkOption { type = types.ints.positive; default = 4; description = "Snapshot uploads in progress at once from one address."; };
               upload_idle_secs = mkOption { type = types.ints.positive; default = 30; description = "Seconds an upload may send nothing before it is aborted."; };
             };
+            farm_cache = {
+              enabled = mkOption { type = types.bool; default = true; description = "Serve the coordinator's own binary cache, which runs without --cache move derivations and outputs through."; };
+              listen = mkOption { type = types.nullOr types.str; default = null; description = "Address of the farm cache (default: the gRPC address, any free port)."; };
+              max_nar_bytes = mkOption { type = types.ints.positive; default = 68719476736; description = "Largest NAR accepted, bytes."; };
+              max_bytes = mkOption { type = types.ints.positive; default = 21474836480; description = "NAR bytes kept; least recently used evicted past it."; };
+            };
           };
         };
       };
