@@ -94,6 +94,10 @@ pub struct SchedulerConfig {
     pub lease_secs: u64,
     /// Seconds between agent heartbeats. Default 10.
     pub heartbeat_secs: u64,
+    /// Of equally urgent derivations, give an agent the one whose inputs it built (they are
+    /// in its store; nothing travels through a cache). Never delays a more urgent one.
+    /// Default true.
+    pub locality: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -105,6 +109,7 @@ impl Default for SchedulerConfig {
             max_runs_in_flight: 64,
             lease_secs: 60,
             heartbeat_secs: 10,
+            locality: true,
         }
     }
 }

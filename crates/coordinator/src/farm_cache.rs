@@ -48,6 +48,9 @@ pub struct FarmCache {
     hits: AtomicU64,
     misses: AtomicU64,
     refused: AtomicU64,
+    /// NAR bytes served to and received from agents: what travelled between hosts.
+    served: AtomicU64,
+    stored: AtomicU64,
 }
 
 /// Why the farm cache cannot start.
@@ -119,6 +122,8 @@ impl FarmCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
         }))
     }
 
@@ -204,10 +209,14 @@ impl FarmCache {
             "# HELP nixfarm_farm_cache_bytes NAR bytes in the coordinator's farm cache.\n# TYPE nixfarm_farm_cache_bytes gauge\nnixfarm_farm_cache_bytes {size}\n\
              # HELP nixfarm_farm_cache_requests_total narinfo requests to the farm cache by result.\n# TYPE nixfarm_farm_cache_requests_total counter\n\
              nixfarm_farm_cache_requests_total{{result=\"hit\"}} {}\nnixfarm_farm_cache_requests_total{{result=\"miss\"}} {}\n\
-             # HELP nixfarm_farm_cache_refused_total Uploads refused (bad token, bad name, hash mismatch, too large).\n# TYPE nixfarm_farm_cache_refused_total counter\nnixfarm_farm_cache_refused_total {}\n",
+             # HELP nixfarm_farm_cache_refused_total Uploads refused (bad token, bad name, hash mismatch, too large).\n# TYPE nixfarm_farm_cache_refused_total counter\nnixfarm_farm_cache_refused_total {}\n\
+             # HELP nixfarm_farm_cache_nar_bytes_total NAR bytes moved through the farm cache, by direction.\n# TYPE nixfarm_farm_cache_nar_bytes_total counter\n\
+             nixfarm_farm_cache_nar_bytes_total{{direction=\"in\"}} {}\nnixfarm_farm_cache_nar_bytes_total{{direction=\"out\"}} {}\n",
             self.hits.load(Ordering::Relaxed),
             self.misses.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
+            self.stored.load(Ordering::Relaxed),
+            self.served.load(Ordering::Relaxed),
         )
     }
 
@@ -338,9 +347,16 @@ async fn get_nar(State(c): St, Path(file): Path<String>, headers: HeaderMap) -> 
     if !is_nar_name(&file) {
         return StatusCode::NOT_FOUND.into_response();
     }
-    serve_file(c.dir.join("nar").join(&file), "application/x-nix-nar")
-        .await
-        .unwrap_or_else(|| StatusCode::NOT_FOUND.into_response())
+    let path = c.dir.join("nar").join(&file);
+    match serve_file(path.clone(), "application/x-nix-nar").await {
+        Some(r) => {
+            if let Ok(m) = std::fs::metadata(&path) {
+                c.served.fetch_add(m.len(), Ordering::Relaxed);
+            }
+            r
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 /// A NAR upload: streamed to a temporary file within the size limit, then renamed in.
@@ -394,6 +410,7 @@ async fn put_nar(
             .await
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         c.total.fetch_add(size, Ordering::Relaxed);
+        c.stored.fetch_add(size, Ordering::Relaxed);
         Ok(())
     }
     .await;

@@ -230,6 +230,71 @@ impl Scheduler {
         Some(id)
     }
 
+    /// Like [`Self::pop_for`], but among the ready nodes of the highest priority it takes
+    /// the one `score` rates highest (a tie: the lowest id). A node of lower priority never
+    /// goes first, so the critical-path order, and the makespan it bounds, stay as they are:
+    /// only which of equally urgent nodes this agent takes changes (locality: the node whose
+    /// inputs it already holds). At most `LOOK` equal nodes are weighed.
+    pub fn pop_for_preferring(
+        &mut self,
+        caps: &Capabilities,
+        score: impl Fn(NodeId, &[NodeId]) -> u32,
+    ) -> Option<NodeId> {
+        const LOOK: usize = 16;
+        let mut top: Option<u64> = None;
+        for (cid, class) in self.classes.iter().enumerate() {
+            if !caps.can_build(class) {
+                continue;
+            }
+            let heap = &mut self.ready[cid];
+            while let Some(&(_, Reverse(id))) = heap.peek() {
+                if self.nodes[id as usize].state == NodeState::Ready {
+                    break;
+                }
+                heap.pop();
+            }
+            if let Some(&(pri, _)) = heap.peek() {
+                top = Some(top.map_or(pri, |t| t.max(pri)));
+            }
+        }
+        let top = top?;
+        // Take out the equally urgent candidates, choose, and put the others back.
+        let mut taken: Vec<(usize, (u64, Reverse<NodeId>))> = Vec::new();
+        for (cid, class) in self.classes.iter().enumerate() {
+            if !caps.can_build(class) {
+                continue;
+            }
+            let heap = &mut self.ready[cid];
+            while taken.len() < LOOK {
+                match heap.peek() {
+                    Some(&(pri, Reverse(id))) if pri == top => {
+                        heap.pop();
+                        if self.nodes[id as usize].state == NodeState::Ready {
+                            taken.push((cid, (pri, Reverse(id))));
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let nodes = &self.nodes;
+        let best = taken
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, (_, (_, Reverse(id))))| {
+                (score(*id, &nodes[*id as usize].inputs), Reverse(*id))
+            })
+            .map(|(i, _)| i)?;
+        let (_, (_, Reverse(id))) = taken.swap_remove(best);
+        for (cid, entry) in taken {
+            self.ready[cid].push(entry);
+        }
+        self.ready_count -= 1;
+        self.nodes[id as usize].state = NodeState::Running;
+        self.running += 1;
+        Some(id)
+    }
+
     /// Takes a specific ready node (used when restoring a running attempt).
     pub fn mark_running(&mut self, id: NodeId) {
         let node = &mut self.nodes[id as usize];
@@ -437,6 +502,38 @@ mod tests {
         assert_eq!(s.pop_for(&caps()), Some(long0));
         assert_eq!(s.pop_for(&caps()), Some(short));
         assert_eq!(s.critical_path(), 6);
+    }
+
+    #[test]
+    fn locality_chooses_among_equally_urgent_nodes_only() {
+        // Two chains a0 <- a1 and b0 <- b1 (equal priority), and an urgent c (cost 9).
+        let mut s = Scheduler::new();
+        let a0 = s.add_node(x86(), 1);
+        let a1 = s.add_node(x86(), 1);
+        let b0 = s.add_node(x86(), 1);
+        let b1 = s.add_node(x86(), 1);
+        let c = s.add_node(x86(), 9);
+        s.add_edge(a1, a0);
+        s.add_edge(b1, b0);
+        s.start();
+        // The urgent node goes first whatever the score says.
+        assert_eq!(
+            s.pop_for_preferring(&caps(), |n, _| u32::from(n == b0)),
+            Some(c)
+        );
+        assert_eq!(
+            s.pop_for_preferring(&caps(), |n, _| u32::from(n == b0)),
+            Some(b0)
+        );
+        assert_eq!(s.pop_for(&caps()), Some(a0));
+        s.complete(a0);
+        s.complete(b0);
+        // a1 and b1 are equally urgent: the one whose input is "here" is taken.
+        // (scored by its inputs, as the engine does)
+        let here = |_: NodeId, inputs: &[NodeId]| u32::from(inputs.contains(&b0));
+        assert_eq!(s.pop_for_preferring(&caps(), here), Some(b1));
+        assert_eq!(s.pop_for_preferring(&caps(), |_, _| 0), Some(a1));
+        assert_eq!(s.pop_for_preferring(&caps(), |_, _| 0), None);
     }
 
     #[test]

@@ -235,6 +235,7 @@ pub async fn start_with_listener(
         max_runs_in_flight: s.max_runs_in_flight,
         lease_ms: (s.lease_secs * 1000) as i64,
         allow_local_flake_refs: config.allow_local_flake_refs,
+        locality: s.locality,
     };
     let engine = Engine::open(db, config.state_dir.join("sources"), clock, opts)
         .context("cannot resume runs")?;

@@ -39,6 +39,7 @@ impl Engine {
             // Not cached still built: dependents on this agent can go on.
             BuildOutcome::Built | BuildOutcome::NotCached => {
                 sched.complete(node);
+                run.built_on.insert(node, a.agent.clone());
                 run.done_builds += 1;
                 DrvState::Built
             }

@@ -17,7 +17,7 @@ impl Engine {
                 }
                 let caps = agent.caps.clone();
                 let Some((run_id, job_ref, job, target)) =
-                    Self::next_job(&mut inner.runs, &caps, &self.opts)
+                    Self::next_job(&mut inner.runs, &caps, &name, &self.opts)
                 else {
                     break;
                 };
@@ -89,6 +89,7 @@ impl Engine {
     pub(super) fn next_job(
         runs: &mut [RunMem],
         caps: &Capabilities,
+        agent: &str,
         opts: &EngineOptions,
     ) -> Option<(String, JobRef, Job, String)> {
         // Evaluation first (it unlocks builds), oldest run first.
@@ -127,10 +128,25 @@ impl Engine {
             }
         }
         for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
-            let Some(sched) = run.sched.as_mut() else {
+            let RunMem {
+                sched, built_on, ..
+            } = &mut *run;
+            let Some(sched) = sched.as_mut() else {
                 continue;
             };
-            if let Some(n) = sched.pop_for(caps) {
+            let picked = if opts.locality {
+                // Of equally urgent derivations, the one whose inputs this agent built: they
+                // are in its store already, nothing travels through the cache.
+                sched.pop_for_preferring(caps, |_, inputs| {
+                    inputs
+                        .iter()
+                        .filter(|i| built_on.get(i).is_some_and(|a| a == agent))
+                        .count() as u32
+                })
+            } else {
+                sched.pop_for(caps)
+            };
+            if let Some(n) = picked {
                 let drv = run.drv_of[n as usize].clone();
                 let (t, s) = run.limits.get(&drv).copied().unwrap_or((0, 0));
                 let job = Job::Build {

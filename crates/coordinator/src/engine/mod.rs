@@ -49,6 +49,8 @@ pub struct EngineOptions {
     pub lease_ms: i64,
     /// Accept flake references agents resolve on their own disk (`path:`, `git+file:`, …).
     pub allow_local_flake_refs: bool,
+    /// Of equally urgent derivations, give an agent the one whose inputs it built.
+    pub locality: bool,
 }
 
 impl Default for EngineOptions {
@@ -60,6 +62,7 @@ impl Default for EngineOptions {
             max_runs_in_flight: 64,
             lease_ms: 60_000,
             allow_local_flake_refs: false,
+            locality: true,
         }
     }
 }
@@ -83,6 +86,8 @@ struct RunMem {
     /// The outputs each derivation has by the graph, by node: the only paths a build of it
     /// may report.
     outputs_of: Vec<Outputs>,
+    /// Which agent built each built derivation (its outputs are in that agent's store).
+    built_on: HashMap<NodeId, String>,
     /// Per-derivation build limits from the packages' meta (timeout, max-silent).
     limits: HashMap<String, (u64, u64)>,
     done_builds: u64,
@@ -243,6 +248,7 @@ impl RunMem {
             node_of: HashMap::new(),
             drv_of: Vec::new(),
             outputs_of: Vec::new(),
+            built_on: HashMap::new(),
             limits: HashMap::new(),
             done_builds: 0,
             chunk_attrs: HashMap::new(),
