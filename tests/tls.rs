@@ -232,6 +232,15 @@ fn tls_tokens_and_client_certificates() {
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(report["summary"]["ready"], 1, "{report}");
+    // The output went to the farm cache, which is behind TLS like the gRPC services.
+    let pushed = std::fs::read_dir(d.join("state/farm-cache"))
+        .map(|e| {
+            e.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(pushed > 0, "nothing reached the farm cache over TLS");
     // The token never shows in what the user sees.
     assert!(!stderr(&out).contains("cli-secret-1"));
     let _ = good.kill();

@@ -65,6 +65,8 @@ pub(crate) struct FarmCacheUse {
     pub public_key: String,
     /// A netrc file with the agent token, for Nix (None: no token).
     pub netrc: Option<std::path::PathBuf>,
+    /// The CA Nix trusts for it (the agent's `tls_ca_file`; None: the system's).
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// The host part of a coordinator URL (`http://farm:7420` → `farm`, `[::1]` kept whole).
@@ -108,10 +110,12 @@ fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<FarmCacheUse> {
             .ok()
             .map(|()| path)
     });
+    let scheme = if r.farm_cache_tls { "https" } else { "http" };
     Some(FarmCacheUse {
-        url: format!("http://{host}:{}", r.farm_cache_port),
+        url: format!("{scheme}://{host}:{}", r.farm_cache_port),
         public_key: r.farm_cache_public_key.clone(),
         netrc,
+        ca: shared.cfg.tls_ca_file.clone(),
     })
 }
 

@@ -152,9 +152,21 @@ async fn start_farm_cache(
         Arc::new(move || e.protected_store_hashes()),
     )?;
     let app = cache.router();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    // Behind TLS whenever the gRPC services are (the same certificate).
+    match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::farm_cache::TlsListener::new(listener, cert, key)
+                .map_err(|e| anyhow::anyhow!("farm cache: {e}"))?;
+            tokio::spawn(async move {
+                let _ = axum::serve(tls, app).await;
+            });
+        }
+        _ => {
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+        }
+    }
     tracing::info!(%addr, "farm cache listening");
     Ok(Some((cache, addr)))
 }
@@ -268,13 +280,16 @@ pub async fn start_with_listener(
         heartbeat_ms: (s.heartbeat_secs * 1000) as u32,
         limits,
         farm_cache: farm_cache.as_ref().map(|(c, a)| FarmCacheAdvert {
-            host: if a.ip().is_unspecified() {
+            // The host agents dialled (which the certificate names) unless the cache listens
+            // on an address of its own.
+            host: if a.ip().is_unspecified() || a.ip() == addr.ip() {
                 String::new()
             } else {
                 a.ip().to_string()
             },
             port: a.port(),
             public_key: c.public_key(),
+            tls: config.tls.cert_file.is_some(),
         }),
     })
     .max_decoding_message_size(max_msg)

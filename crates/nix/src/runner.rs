@@ -65,6 +65,8 @@ pub struct BuildOptions {
     pub max_silent: Option<Duration>,
     /// A netrc file with the substituter's credentials (a token-protected farm cache).
     pub netrc: Option<std::path::PathBuf>,
+    /// CA certificates Nix trusts for the substituter (a farm cache behind a private CA).
+    pub ssl_cert_file: Option<std::path::PathBuf>,
     /// Registers the outputs as GC roots (this path, and `-<n>` beside it for more outputs)
     /// as Nix builds them, so a collector running meanwhile cannot take them.
     pub gc_root: Option<std::path::PathBuf>,
@@ -376,10 +378,14 @@ impl Nix {
         paths: &[String],
         trusted_public_keys: &[String],
         netrc: Option<&std::path::Path>,
+        ssl_cert_file: Option<&std::path::Path>,
     ) -> Result<(), NixError> {
         let mut c = self.nix_cmd();
         if let Some(n) = netrc {
             c.arg("--option").arg("netrc-file").arg(n);
+        }
+        if let Some(ca) = ssl_cert_file {
+            c.arg("--option").arg("ssl-cert-file").arg(ca);
         }
         // --derivation: a .drv path names the derivation itself, not its outputs.
         c.args(["copy", "--derivation", "--from", from])
@@ -442,6 +448,9 @@ impl Nix {
         }
         if let Some(n) = &opts.netrc {
             c.arg("--option").arg("netrc-file").arg(n);
+        }
+        if let Some(ca) = &opts.ssl_cert_file {
+            c.arg("--option").arg("ssl-cert-file").arg(ca);
         }
         if !opts.substituter.is_empty() {
             if opts.trusted_public_keys.is_empty() {

@@ -232,6 +232,20 @@ impl Pusher {
         })
     }
 
+    /// Trusts the PEM CA `pem` too (a cache behind a private CA, as a coordinator's farm
+    /// cache with its own certificate is).
+    pub fn with_root_ca(mut self, pem: &[u8]) -> Result<Pusher, StoreError> {
+        let ca = reqwest::Certificate::from_pem(pem)
+            .map_err(|e| StoreError::Http(format!("the CA certificate is not usable: {e}")))?;
+        self.http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(300))
+            .add_root_certificate(ca)
+            .build()
+            .map_err(|e| StoreError::Http(format!("cannot build the HTTP client: {e}")))?;
+        Ok(self)
+    }
+
     /// Sends `token` as a bearer token with every request to a plain HTTP cache.
     pub fn with_http_token(mut self, token: Option<String>) -> Pusher {
         self.http_token = token;

@@ -54,6 +54,7 @@ pub(super) async fn build(
         timeout: (j.timeout_secs > 0).then(|| Duration::from_secs(j.timeout_secs)),
         max_silent: (j.max_silent_secs > 0).then(|| Duration::from_secs(j.max_silent_secs)),
         netrc: farm.as_ref().and_then(|f| f.netrc.clone()),
+        ssl_cert_file: farm.as_ref().and_then(|f| f.ca.clone()),
         gc_root: shared.roots.output_root(run_id, &j.drv_path),
         system_features: shared.cfg.features.clone(),
     };
@@ -81,6 +82,7 @@ pub(super) async fn build(
                 std::slice::from_ref(&j.drv_path),
                 &opts.trusted_public_keys,
                 opts.netrc.as_deref(),
+                opts.ssl_cert_file.as_deref(),
             )
             .await
         {

@@ -146,6 +146,13 @@ async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pu
             let mut p = nixfarm_store::Pusher::for_url(url, shared.nix.clone(), None, None)
                 .map_err(|e| NixError::Infra(e.to_string()))?
                 .with_http_token(shared.token.clone());
+            if let Some(ca) = &shared.cfg.tls_ca_file {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| NixError::Infra(format!("cannot read {}: {e}", ca.display())))?;
+                p = p
+                    .with_root_ca(&pem)
+                    .map_err(|e| NixError::Infra(e.to_string()))?;
+            }
             p.opts.server_signs = true;
             p
         }

@@ -9,6 +9,8 @@ pub struct FarmCacheAdvert {
     pub host: String,
     pub port: u16,
     pub public_key: String,
+    /// Served over TLS (the coordinator's certificate).
+    pub tls: bool,
 }
 
 /// The agent-facing service.
@@ -79,6 +81,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                     .map(|f| f.host.clone())
                     .unwrap_or_default(),
                 farm_cache_port: self.farm_cache.as_ref().map_or(0, |f| f.port as u32),
+                farm_cache_tls: self.farm_cache.as_ref().is_some_and(|f| f.tls),
                 farm_cache_public_key: self
                     .farm_cache
                     .as_ref()
