@@ -36,36 +36,6 @@ fn self_signed_cachix(
     (server, pk, signing_key)
 }
 
-/// A fresh, empty store (a host of its own) substitutes every output of `packages` from the
-/// cache at `uri`, with signatures required and only `public_key` trusted.
-fn substitute_into_fresh_store(
-    root: &std::path::Path,
-    packages: &[&serde_json::Value],
-    uri: &str,
-    public_key: &str,
-) {
-    let fresh = Host::new(root);
-    for p in packages {
-        for (_, path) in p["outputs"].as_object().unwrap() {
-            let out = fresh.run(&[
-                "nix-store",
-                "--realise",
-                path.as_str().unwrap(),
-                "--option",
-                "substituters",
-                uri,
-                "--option",
-                "trusted-public-keys",
-                public_key,
-                "--option",
-                "require-sigs",
-                "true",
-            ]);
-            assert!(out.status.success(), "{}: {}", p["attr"], stderr(&out));
-        }
-    }
-}
-
 #[test]
 fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them() {
     let dir = scratch();

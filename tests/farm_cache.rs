@@ -92,28 +92,14 @@ fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
         let bytes = data_encoding::BASE64.decode(b64.as_bytes()).unwrap();
         format!("{name}:{}", data_encoding::BASE64.encode(&bytes[32..]))
     };
-    let fresh = Host::new(&dir.path().join("fresh"));
     let ready: Vec<&serde_json::Value> = got.values().filter(|p| p["status"] == "ready").collect();
     assert!(!ready.is_empty());
-    for p in ready {
-        for (_, path) in p["outputs"].as_object().unwrap() {
-            let out = fresh.run(&[
-                "nix-store",
-                "--realise",
-                path.as_str().unwrap(),
-                "--option",
-                "substituters",
-                &format!("http://{addr}"),
-                "--option",
-                "trusted-public-keys",
-                &public,
-                "--option",
-                "require-sigs",
-                "true",
-            ]);
-            assert!(out.status.success(), "{}: {}", p["attr"], stderr(&out));
-        }
-    }
+    substitute_into_fresh_store(
+        &dir.path().join("fresh"),
+        &ready,
+        &format!("http://{addr}"),
+        &public,
+    );
     // Derivations travelled too: the farm cache holds .drv files as well as outputs.
     let drvs_in_cache = std::fs::read_dir(state.join("farm-cache"))
         .unwrap()

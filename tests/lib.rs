@@ -511,3 +511,33 @@ pub fn wait_for_state(
         (r["state"] == state).then_some(r)
     })
 }
+
+/// A fresh, empty store (a host of its own) substitutes every output of `packages` from the
+/// cache at `uri`, with signatures required and only `public_key` trusted.
+pub fn substitute_into_fresh_store(
+    root: &std::path::Path,
+    packages: &[&serde_json::Value],
+    uri: &str,
+    public_key: &str,
+) {
+    let fresh = Host::new(root);
+    for p in packages {
+        for (_, path) in p["outputs"].as_object().unwrap() {
+            let out = fresh.run(&[
+                "nix-store",
+                "--realise",
+                path.as_str().unwrap(),
+                "--option",
+                "substituters",
+                uri,
+                "--option",
+                "trusted-public-keys",
+                public_key,
+                "--option",
+                "require-sigs",
+                "true",
+            ]);
+            assert!(out.status.success(), "{}: {}", p["attr"], stderr(&out));
+        }
+    }
+}

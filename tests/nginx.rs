@@ -138,29 +138,9 @@ fn outputs_published_to_nginx_are_substituted_by_real_nix_from_a_get_only_locati
     let info = std::fs::read_to_string(root.join("nix-cache-info")).unwrap();
     assert!(info.contains("StoreDir: /nix/store"), "{info}");
     let ro = format!("http://127.0.0.1:{}/ro", nginx.port);
-    let fresh = Host::new(&dir.path().join("fresh"));
-    let mut substituted = 0;
-    for p in got.values().filter(|p| p["status"] == "ready") {
-        for (_, path) in p["outputs"].as_object().unwrap() {
-            let out = fresh.run(&[
-                "nix-store",
-                "--realise",
-                path.as_str().unwrap(),
-                "--option",
-                "substituters",
-                &ro,
-                "--option",
-                "trusted-public-keys",
-                &pk,
-                "--option",
-                "require-sigs",
-                "true",
-            ]);
-            assert!(out.status.success(), "{}: {}", p["attr"], stderr(&out));
-            substituted += 1;
-        }
-    }
-    assert!(substituted > 0);
+    let ready: Vec<&serde_json::Value> = got.values().filter(|p| p["status"] == "ready").collect();
+    assert!(!ready.is_empty());
+    substitute_into_fresh_store(&dir.path().join("fresh"), &ready, &ro, &pk);
     // The GET-only location really is: a PUT there is refused.
     let put = Command::new("bash")
         .arg("-c")

@@ -156,6 +156,10 @@ pub fn is_machine_error(message: &str) -> bool {
     (message.contains("SQLite database") && message.contains("is busy"))
         || is_disk_full(message)
         || MARKS.iter().any(|m| message.contains(m))
+        // Nix's own state (its database, GC roots, profiles), e.g. two processes racing to
+        // set up a fresh store: "creating symlink from '/nix/var/nix/gcroots/profiles' …:
+        // File exists".
+        || message.contains("'/nix/var/nix/")
 }
 
 /// Whether an error (or a log line) says the disk is full: ENOSPC or EDQUOT.
@@ -359,6 +363,9 @@ mod tests {
             "SQLite database '/nix/var/nix/db/db.sqlite' is busy"
         ));
         assert!(!is_machine_error("the printer is busy"));
+        assert!(is_machine_error(
+            "creating symlink from '/nix/var/nix/gcroots/profiles' to '/nix/var/nix/profiles': File exists"
+        ));
         assert!(!is_machine_error(
             "feed-generator: unsupported on this platform"
         ));
