@@ -1,0 +1,67 @@
+//! Unit tests of `farm_cache.rs`.
+use super::*;
+
+/// A cache path: its narinfo and a NAR of `size` bytes, last used `age` ago.
+fn put(dir: &std::path::Path, hash: &str, size: usize, age: std::time::Duration) {
+    let nar = format!("{hash}x.nar.zst");
+    std::fs::write(dir.join("nar").join(&nar), vec![0u8; size]).unwrap();
+    let ni = NarInfo {
+        store_path: format!("/nix/store/{hash}-p"),
+        url: format!("nar/{nar}"),
+        compression: "zstd".into(),
+        file_hash: vec![0; 32],
+        file_size: size as u64,
+        nar_hash: vec![0; 32],
+        nar_size: size as u64,
+        references: vec![],
+        deriver: None,
+        sigs: vec![],
+        ca: None,
+    };
+    let p = dir.join(format!("{hash}.narinfo"));
+    std::fs::write(&p, ni.render()).unwrap();
+    let f = std::fs::File::options().write(true).open(&p).unwrap();
+    f.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+#[test]
+fn eviction_takes_the_least_recently_used_and_spares_active_runs_and_recent_paths() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("farm-cache");
+    let hour = std::time::Duration::from_secs(3600);
+    let h = |c: char| c.to_string().repeat(32);
+    let protected: Protected = {
+        let keep = h('b');
+        Arc::new(move || [keep.clone()].into())
+    };
+    let cache = FarmCache::open(dir.clone(), None, 1 << 20, 1000, protected).unwrap();
+    put(&dir, &h('a'), 400, 3 * hour); // oldest: goes
+    put(&dir, &h('b'), 400, 3 * hour); // as old, but an active run needs it
+    put(&dir, &h('c'), 400, 2 * hour); // goes too, to get under 900
+    put(&dir, &h('d'), 400, std::time::Duration::ZERO); // just written: stays
+    cache.total.store(nar_bytes(&dir), Ordering::Relaxed);
+    let removed = cache.evict();
+    assert_eq!(removed, vec![h('a'), h('c')]);
+    for (c, kept) in [('a', false), ('b', true), ('c', false), ('d', true)] {
+        assert_eq!(dir.join(format!("{}.narinfo", h(c))).exists(), kept, "{c}");
+        assert_eq!(
+            dir.join("nar").join(format!("{}x.nar.zst", h(c))).exists(),
+            kept,
+            "{c}"
+        );
+    }
+    assert_eq!(cache.total.load(Ordering::Relaxed), 800);
+    assert!(cache.evict().is_empty(), "under the limit now");
+}
+
+#[test]
+fn only_cache_file_names_are_served_or_stored() {
+    assert!(is_narinfo_name("0123456789abcdfghijklmnpqrsvwxyz.narinfo"));
+    assert!(!is_narinfo_name("../etc/passwd.narinfo"));
+    assert!(!is_narinfo_name("short.narinfo"));
+    assert!(is_nar_name("1b2c3d.nar.zst"));
+    assert!(is_nar_name("1b2c3d.nar.xz"));
+    assert!(!is_nar_name("..nar"));
+    assert!(!is_nar_name("a/b.nar"));
+    assert!(!is_nar_name(".nar.zst"));
+}

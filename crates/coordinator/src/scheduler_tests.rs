@@ -1,0 +1,162 @@
+//! Unit tests of `scheduler.rs`.
+use super::*;
+
+fn x86() -> Class {
+    Class {
+        system: "x86_64-linux".into(),
+        features: vec![],
+    }
+}
+fn caps() -> Capabilities {
+    Capabilities {
+        systems: vec!["x86_64-linux".into()],
+        features: vec![],
+    }
+}
+
+#[test]
+fn dependencies_gate_readiness_and_shared_inputs_run_once() {
+    // lib <- a, lib <- b
+    let mut s = Scheduler::new();
+    let lib = s.add_node(x86(), 1);
+    let a = s.add_node(x86(), 1);
+    let b = s.add_node(x86(), 1);
+    s.add_edge(a, lib);
+    s.add_edge(b, lib);
+    s.start();
+    assert_eq!(s.pop_for(&caps()), Some(lib));
+    assert_eq!(s.pop_for(&caps()), None);
+    let mut newly = s.complete(lib);
+    newly.sort();
+    assert_eq!(newly, vec![a, b]);
+    assert!(s.pop_for(&caps()).is_some());
+    assert!(s.pop_for(&caps()).is_some());
+    assert_eq!(s.pop_for(&caps()), None);
+}
+
+#[test]
+fn critical_path_goes_first() {
+    let mut s = Scheduler::new();
+    let short = s.add_node(x86(), 1);
+    let long0 = s.add_node(x86(), 1);
+    let long1 = s.add_node(x86(), 5);
+    s.add_edge(long1, long0);
+    s.start();
+    assert_eq!(s.priority(long0), 6);
+    assert_eq!(s.pop_for(&caps()), Some(long0));
+    assert_eq!(s.pop_for(&caps()), Some(short));
+    assert_eq!(s.critical_path(), 6);
+}
+
+#[test]
+fn locality_chooses_among_equally_urgent_nodes_only() {
+    // Two chains a0 <- a1 and b0 <- b1 (equal priority), and an urgent c (cost 9).
+    let mut s = Scheduler::new();
+    let a0 = s.add_node(x86(), 1);
+    let a1 = s.add_node(x86(), 1);
+    let b0 = s.add_node(x86(), 1);
+    let b1 = s.add_node(x86(), 1);
+    let c = s.add_node(x86(), 9);
+    s.add_edge(a1, a0);
+    s.add_edge(b1, b0);
+    s.start();
+    // The urgent node goes first whatever the score says.
+    assert_eq!(
+        s.pop_for_preferring(&caps(), |n, _| u32::from(n == b0)),
+        Some(c)
+    );
+    assert_eq!(
+        s.pop_for_preferring(&caps(), |n, _| u32::from(n == b0)),
+        Some(b0)
+    );
+    assert_eq!(s.pop_for(&caps()), Some(a0));
+    s.complete(a0);
+    s.complete(b0);
+    // a1 and b1 are equally urgent: the one whose input is "here" is taken.
+    // (scored by its inputs, as the engine does)
+    let here = |_: NodeId, inputs: &[NodeId]| u32::from(inputs.contains(&b0));
+    assert_eq!(s.pop_for_preferring(&caps(), here), Some(b1));
+    assert_eq!(s.pop_for_preferring(&caps(), |_, _| 0), Some(a1));
+    assert_eq!(s.pop_for_preferring(&caps(), |_, _| 0), None);
+}
+
+#[test]
+fn failure_propagates_to_all_dependents() {
+    let mut s = Scheduler::new();
+    let a = s.add_node(x86(), 1);
+    let b = s.add_node(x86(), 1);
+    let c = s.add_node(x86(), 1);
+    let other = s.add_node(x86(), 1);
+    s.add_edge(b, a);
+    s.add_edge(c, b);
+    s.start();
+    let got = s.pop_for(&caps()).unwrap();
+    assert!(got == a || got == other);
+    let a_id = if got == a {
+        a
+    } else {
+        s.pop_for(&caps()).unwrap()
+    };
+    let mut failed = s.fail(a_id);
+    failed.sort();
+    assert_eq!(failed, vec![b, c]);
+    assert_eq!(s.failed_root(c), Some(a));
+    assert_eq!(s.state(c), NodeState::DependencyFailed);
+}
+
+#[test]
+fn routing_by_system_and_features() {
+    let mut s = Scheduler::new();
+    let kvm = s.add_node(
+        Class {
+            system: "x86_64-linux".into(),
+            features: vec!["kvm".into()],
+        },
+        1,
+    );
+    let arm = s.add_node(
+        Class {
+            system: "aarch64-linux".into(),
+            features: vec![],
+        },
+        1,
+    );
+    s.start();
+    assert_eq!(s.pop_for(&caps()), None);
+    let with_kvm = Capabilities {
+        systems: vec!["x86_64-linux".into()],
+        features: vec!["kvm".into()],
+    };
+    assert_eq!(s.pop_for(&with_kvm), Some(kvm));
+    assert_eq!(s.ready_classes()[0].system, "aarch64-linux");
+    let _ = arm;
+}
+
+#[test]
+fn restore_skips_finished_work() {
+    let mut s = Scheduler::new();
+    let a = s.add_node(x86(), 1);
+    let b = s.add_node(x86(), 1);
+    s.add_edge(b, a);
+    s.restore(a, NodeState::Built, None);
+    s.start();
+    assert_eq!(s.pop_for(&caps()), Some(b));
+    assert_eq!(s.unfinished(), 1);
+    s.complete(b);
+    assert_eq!(s.unfinished(), 0);
+}
+
+#[test]
+fn requeue_and_idempotent_completion() {
+    let mut s = Scheduler::new();
+    let a = s.add_node(x86(), 1);
+    s.start();
+    assert_eq!(s.pop_for(&caps()), Some(a));
+    s.requeue(a);
+    assert_eq!(s.pop_for(&caps()), Some(a));
+    s.complete(a);
+    assert!(s.complete(a).is_empty());
+    assert!(s.fail(a).is_empty());
+    assert_eq!(s.state(a), NodeState::Built);
+    assert_eq!(s.running(), 0);
+}
