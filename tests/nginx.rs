@@ -153,3 +153,63 @@ fn outputs_published_to_nginx_are_substituted_by_real_nix_from_a_get_only_locati
     assert!(stdout(&put).contains("403"), "{}", stdout(&put));
     drop(agents);
 }
+
+#[test]
+fn a_cache_that_refuses_uploads_costs_packages_their_cached_not_the_run() {
+    let dir = scratch();
+    let root = dir.path().join("cache");
+    std::fs::create_dir_all(&root).unwrap();
+    set_mode(&root, 0o755);
+    let nginx = Nginx::start(&dir.path().join("nginx"), &root);
+    let (sk, pk) = cache_key(dir.path(), "nginx-cache-2");
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let _agent = host
+        .start_agent("refused", &coordinator.url, Some(&sk), 2)
+        .unwrap();
+    // The read-only location: every PUT is answered 403 with nginx's HTML page.
+    let ro = format!("http://127.0.0.1:{}/ro", nginx.port);
+    let out = cli(
+        &coordinator.url,
+        &[
+            "submit",
+            example_repo().to_str().unwrap(),
+            "--cache",
+            &ro,
+            "--trusted-public-key",
+            &pk,
+            "--watch",
+            "--format",
+            "json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    assert_eq!(report["state"], "finished", "{report}");
+    let got = packages_by_attr(&report);
+    let expected = expected();
+    assert_eq!(
+        got.len(),
+        expected.as_object().unwrap().len(),
+        "every package reported"
+    );
+    for (attr, e) in expected.as_object().unwrap() {
+        let p = &got[attr];
+        // What builds (ready, or unpinned but built) is not-cached: the push is what failed.
+        if e["status"] == "ready" || e["status"] == "unpinned" {
+            assert_eq!(p["status"], "not-cached", "{attr}: {}", p["reason"]);
+            let reason = p["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("403") && !reason.contains('<') && !reason.contains('\n'),
+                "{attr}: {reason}"
+            );
+        } else {
+            assert_eq!(p["status"], e["status"], "{attr}: {}", p["reason"]);
+        }
+    }
+    assert!(
+        stderr(&out).len() < 20_000,
+        "{} bytes of progress and warnings",
+        stderr(&out).len()
+    );
+}

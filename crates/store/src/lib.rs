@@ -312,10 +312,12 @@ impl Pusher {
                 Ok(r) => {
                     let status = r.status();
                     let body = r.text().await.unwrap_or_default();
-                    return Err(StoreError::Http(format!(
-                        "{what}: HTTP {status}: {}",
-                        body.chars().take(300).collect::<String>()
-                    )));
+                    let said = one_line(&body, 120);
+                    return Err(StoreError::Http(if said.is_empty() {
+                        format!("{what}: HTTP {status}")
+                    } else {
+                        format!("{what}: HTTP {status}: {said}")
+                    }));
                 }
                 Err(e) => last = format!("{what}: {}", error_chain(&e)),
             }
@@ -555,6 +557,39 @@ impl Pusher {
         self.backend.upload(self, staged, ni).await?;
         self.stats.paths_uploaded.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// What a server said, for one line of a report: an HTML page's tags dropped (its title
+/// when it has one), white space folded, at most `max` characters.
+pub(crate) fn one_line(body: &str, max: usize) -> String {
+    let lower = body.to_ascii_lowercase();
+    let text = match (lower.find("<title>"), lower.find("</title>")) {
+        (Some(a), Some(b)) if a < b => body[a + 7..b].to_string(),
+        _ => {
+            let mut out = String::with_capacity(body.len());
+            let mut in_tag = false;
+            for c in body.chars() {
+                match c {
+                    '<' => in_tag = true,
+                    '>' => {
+                        in_tag = false;
+                        out.push(' ');
+                    }
+                    c if !in_tag => out.push(c),
+                    _ => {}
+                }
+            }
+            out
+        }
+    };
+    let folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if folded.chars().count() <= max {
+        folded
+    } else {
+        let mut t: String = folded.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
     }
 }
 

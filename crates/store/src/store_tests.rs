@@ -63,3 +63,11 @@ fn staging_hashes_both_streams_and_compresses() {
     assert_eq!(unpacked, nar);
     assert_eq!(xz.nar_hash, staged.nar_hash);
 }
+
+#[test]
+fn a_servers_html_page_becomes_one_short_line() {
+    let page = "<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx/1.22.1</center>\r\n</body>\r\n</html>\r\n";
+    assert_eq!(one_line(page, 120), "403 Forbidden");
+    assert_eq!(one_line("<p>quota\n exceeded</p>", 120), "quota exceeded");
+    assert_eq!(one_line(&"x".repeat(500), 10).chars().count(), 10);
+}
