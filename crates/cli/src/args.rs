@@ -156,8 +156,9 @@ pub struct LocalArgs {
     /// Number of local agents (1 to 64).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub agents: u32,
-    /// Jobs per agent (1 to 4096). Default: CPUs divided among the agents (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    /// Jobs per agent (1 to 4096), as the agent's own --max-jobs. Default: CPUs divided
+    /// among the agents (at least 1).
+    #[arg(long = "max-jobs", alias = "jobs", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub jobs: Option<u32>,
     /// State directory of the embedded coordinator (database, snapshots).
     #[arg(long, env = "NIXFARM_STATE_DIR")]

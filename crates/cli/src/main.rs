@@ -1,6 +1,6 @@
 //! `nixfarm`: the command line. Thin: everything is in the library.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 #[tokio::main]
 async fn main() {
@@ -10,8 +10,31 @@ async fn main() {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
-    let cli = nixfarm_cli::Cli::parse();
+    let matches = nixfarm_cli::Cli::command().get_matches();
+    // `local` runs its own coordinator: a flag meant for another one is refused, not ignored.
+    if let Some(("local", _)) = matches.subcommand() {
+        for (id, flag) in [
+            ("coordinator", "--coordinator"),
+            ("token", "--token"),
+            ("tls_ca", "--tls-ca"),
+        ] {
+            if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                eprintln!(
+                    "error: nixfarm local runs its own coordinator on this machine; {flag} does not apply (use nixfarm submit against a farm)"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    let cli = match nixfarm_cli::Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let code = match nixfarm_cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
