@@ -43,7 +43,11 @@ pub enum Command {
     )]
     Submit(SubmitArgs),
     /// Warm a cache: build and push whatever of the repository is not in it yet; outputs
-    /// already cached are not built. Example: nixfarm warm . --cache cachix://my-cache
+    /// already cached are not built.
+    #[command(
+        mut_arg("skip_cached", |a| a.hide(true)),
+        after_help = "Example:\n  nixfarm warm . --cache cachix://my-cache"
+    )]
     Warm(WarmArgs),
     /// Follow a run's progress until it finishes, then print its report. Ctrl-C detaches.
     #[command(after_help = "Example:\n  nixfarm watch r0123456789abcdef --format markdown")]
@@ -198,7 +202,7 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory, Parser};
 
     #[test]
     fn fail_under_takes_percentages_only() {
@@ -208,6 +212,20 @@ mod tests {
         for bad in ["200", "-1", "NaN", "inf", "x", ""] {
             assert!(parse_percent(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn warm_does_not_offer_what_it_always_does() {
+        let mut cmd = Cli::command();
+        let warm = cmd.find_subcommand_mut("warm").unwrap();
+        let help = warm.render_long_help().to_string();
+        assert!(!help.contains("--skip-cached"), "{help}");
+        let submit = Cli::command()
+            .find_subcommand_mut("submit")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(submit.contains("--skip-cached"));
     }
 
     #[test]
