@@ -63,6 +63,10 @@ pub enum RunEvent {
     },
 }
 
+/// The kinds that end a run's stream, spelled once.
+const RUN_FINISHED: &str = "run-finished";
+const RUN_FAILED: &str = "run-failed";
+
 impl RunEvent {
     /// The event's kind as the wire and the database carry it.
     pub fn kind(&self) -> &'static str {
@@ -74,14 +78,14 @@ impl RunEvent {
             Self::JobStarted { .. } => "job-started",
             Self::JobRetry { .. } => "job-retry",
             Self::JobFinished { .. } => "job-finished",
-            Self::RunFinished { .. } => "run-finished",
-            Self::RunFailed { .. } => "run-failed",
+            Self::RunFinished { .. } => RUN_FINISHED,
+            Self::RunFailed { .. } => RUN_FAILED,
         }
     }
 
     /// Whether a kind ends the run's stream.
     pub fn is_terminal_kind(kind: &str) -> bool {
-        kind == "run-finished" || kind == "run-failed"
+        [RUN_FINISHED, RUN_FAILED].contains(&kind)
     }
 
     /// The JSON the wire and the database carry (the kind included).

@@ -279,19 +279,6 @@ impl Nix {
         Ok(all.into_values().collect())
     }
 
-    /// Whether every path is valid in the local store.
-    pub async fn paths_valid(&self, paths: &[String]) -> bool {
-        if paths.is_empty() {
-            return true;
-        }
-        let mut c = Command::new(&self.nix_store);
-        c.args(["--check-validity"])
-            .args(paths)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        matches!(c.status().await, Ok(s) if s.success())
-    }
-
     /// What the store knows of each path: NAR hash and size, references, deriver.
     pub async fn path_infos(&self, paths: &[String]) -> Result<Vec<StorePathInfo>, NixError> {
         self.path_infos_with(paths, false).await

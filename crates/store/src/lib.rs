@@ -14,6 +14,7 @@ mod http;
 pub mod nar;
 pub mod narinfo;
 mod stage;
+mod text;
 
 pub use cachix::CachixCache;
 pub use stage::Compression;
@@ -28,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use text::{error_chain, one_line};
 
 /// Cachix's own API root.
 pub use nixfarm_core::cache_url::CACHIX_API;
@@ -558,50 +560,6 @@ impl Pusher {
         self.stats.paths_uploaded.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-}
-
-/// What a server said, for one line of a report: an HTML page's tags dropped (its title
-/// when it has one), white space folded, at most `max` characters.
-pub(crate) fn one_line(body: &str, max: usize) -> String {
-    let lower = body.to_ascii_lowercase();
-    let text = match (lower.find("<title>"), lower.find("</title>")) {
-        (Some(a), Some(b)) if a < b => body[a + 7..b].to_string(),
-        _ => {
-            let mut out = String::with_capacity(body.len());
-            let mut in_tag = false;
-            for c in body.chars() {
-                match c {
-                    '<' => in_tag = true,
-                    '>' => {
-                        in_tag = false;
-                        out.push(' ');
-                    }
-                    c if !in_tag => out.push(c),
-                    _ => {}
-                }
-            }
-            out
-        }
-    };
-    let folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if folded.chars().count() <= max {
-        folded
-    } else {
-        let mut t: String = folded.chars().take(max.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

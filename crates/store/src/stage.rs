@@ -66,10 +66,13 @@ impl Compression {
     }
     /// `zstd`/`zst`/`ZSTD`, `xz`/`XZ`.
     pub fn parse(s: &str) -> Option<Compression> {
-        match s.to_ascii_lowercase().as_str() {
-            "zstd" | "zst" => Some(Compression::Zstd),
-            "xz" => Some(Compression::Xz),
-            _ => None,
+        let is = |name: &str| s.eq_ignore_ascii_case(name);
+        if is("zstd") || is("zst") {
+            Some(Compression::Zstd)
+        } else if is("xz") {
+            Some(Compression::Xz)
+        } else {
+            None
         }
     }
 }

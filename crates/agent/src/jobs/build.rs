@@ -59,12 +59,9 @@ pub(super) async fn build(
         system_features: shared.cfg.features.clone(),
     };
     // A derivation this store does not hold (evaluated on another host, or collected): fetch
-    // it, with its inputs, from the run's cache; without one, say what is missing.
-    if !shared
-        .nix
-        .paths_valid(std::slice::from_ref(&j.drv_path))
-        .await
-    {
+    // it, with its inputs, from the run's cache; without one, say what is missing. A stat,
+    // not a Nix process: this runs before every build.
+    if !std::path::Path::new(&j.drv_path).exists() {
         if opts.substituter.is_empty() {
             return pb::BuildResult {
                 status: pb::BuildStatus::InfraFailed as i32,
