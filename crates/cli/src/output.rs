@@ -1,13 +1,22 @@
 //! Printing reports and listings: the format the user chose, and the exit code CI reads.
 
 use crate::{Format, OutputArgs};
+use nixfarm_core::TableWidth;
+use nixfarm_core::fit;
 use nixfarm_core::report::Report;
 
 /// Prints a report in the chosen format on stdout; returns the exit code.
 pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     let format = out.format.unwrap_or(Format::Table);
     let text = match format {
-        Format::Table => report.to_table(),
+        Format::Table => report.to_table_in(if out.wide {
+            TableWidth::Wide
+        } else {
+            match stdout_columns() {
+                Some(c) => TableWidth::Columns(c),
+                None => TableWidth::Default,
+            }
+        }),
         Format::Json => report.to_json() + "\n",
         Format::Markdown => report.to_markdown(),
         Format::Junit => report.to_junit(),
@@ -29,17 +38,45 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     0
 }
 
-/// A listing table: no borders, a rule under the header, columns two spaces apart.
-pub(crate) fn table(header: &[&str]) -> comfy_table::Table {
-    let mut t = comfy_table::Table::new();
-    t.load_style(
-        comfy_table::TableStyle::new()
-            .header_separator(comfy_table::LineStyle::none().fill('-').junction(' ')),
-    );
-    t.set_header(header.to_vec());
-    // Flush left, two spaces between columns: lines start with their first cell, for grep.
-    for c in t.column_iter_mut() {
-        c.set_padding((0, 2));
+/// Columns of the terminal stdout is, if it is one.
+pub(crate) fn stdout_columns() -> Option<usize> {
+    console::Term::stdout()
+        .size_checked()
+        .map(|(_, cols)| usize::from(cols))
+        .filter(|c| *c > 0)
+}
+
+/// Columns of the terminal stderr is, if it is one.
+pub(crate) fn stderr_columns() -> Option<usize> {
+    console::Term::stderr()
+        .size_checked()
+        .map(|(_, cols)| usize::from(cols))
+        .filter(|c| *c > 0)
+}
+
+/// A listing: no borders, a rule under the header, columns two spaces apart, flush left
+/// (lines start with their first cell, for grep). On a terminal the `flex` column gives up
+/// width first so every line fits.
+pub(crate) struct Listing {
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+    flex: usize,
+}
+
+impl Listing {
+    pub(crate) fn new(header: &[&'static str], flex: usize) -> Listing {
+        Listing {
+            header: header.to_vec(),
+            rows: Vec::new(),
+            flex,
+        }
     }
-    t
+
+    pub(crate) fn add_row(&mut self, row: Vec<String>) {
+        self.rows.push(row);
+    }
+
+    pub(crate) fn render(&self) -> String {
+        fit::columns(&self.header, &self.rows, self.flex, stdout_columns())
+    }
 }

@@ -26,13 +26,10 @@ struct View {
 impl View {
     fn new() -> View {
         let bar = std::io::stderr().is_terminal().then(|| {
+            // No bar until there is something to count: a bar at 0/0 would show full.
             let b = ProgressBar::new(0);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
+            b.set_style(style("{spinner} {elapsed_precise} {wide_msg}"));
+            b.set_message("submitted");
             b.enable_steady_tick(Duration::from_millis(200));
             b
         });
@@ -46,7 +43,12 @@ impl View {
 
     fn line(&self, s: String) {
         match &self.bar {
-            Some(b) => b.println(s),
+            // On a terminal a line that wrapped would break the display: cut it (the report
+            // has the whole text).
+            Some(b) => b.println(match crate::output::stderr_columns() {
+                Some(c) => nixfarm_core::fit::fit(&nixfarm_core::fit::one_line(&s), c),
+                None => s,
+            }),
             None => eprintln!("{s}"),
         }
     }
@@ -59,12 +61,15 @@ impl View {
                 .filter(|(_, v)| !v.is_empty())
                 .map(|(a, v)| format!("{a}: {}", v.join(", ")))
                 .collect();
-            b.set_message(format!(
-                "built {} failed {} | {}",
-                self.built,
-                self.failed,
-                now.join("; ")
-            ));
+            let mut msg = if b.length().unwrap_or(0) == 0 {
+                "evaluating".to_string()
+            } else {
+                format!("built {} failed {}", self.built, self.failed)
+            };
+            if !now.is_empty() {
+                msg = format!("{msg} | {}", now.join("; "));
+            }
+            b.set_message(msg);
         }
     }
 
@@ -83,6 +88,9 @@ impl View {
                 ));
                 if let Some(b) = &self.bar {
                     b.set_length(drvs);
+                    b.set_style(style(
+                        "{spinner} {elapsed_precise} {bar:20} {pos}/{len} {wide_msg}",
+                    ));
                 }
             }
             RunEvent::JobStarted { name, agent, .. } => {
@@ -148,6 +156,11 @@ impl View {
             b.finish_and_clear();
         }
     }
+}
+
+/// A progress style; `{wide_msg}` takes what is left of the line and is cut to fit it.
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 /// Streams a run's events until it ends; reconnects and resumes after the last event seen.

@@ -5,9 +5,12 @@
 
 pub mod cache_url;
 pub mod events;
+pub mod fit;
 pub mod flakeref;
 pub mod limits;
 pub mod report;
+mod report_table;
+pub use report_table::TableWidth;
 pub mod snapshot;
 pub mod status;
 

@@ -134,7 +134,7 @@ impl Report {
         v
     }
 
-    fn fixes_text(&self, bullet: &str, code: bool) -> String {
+    pub(crate) fn fixes_text(&self, bullet: &str, code: bool) -> String {
         let fixes = self.all_fixes();
         if fixes.is_empty() && self.fix_rounds.is_empty() {
             return String::new();
@@ -166,33 +166,6 @@ impl Report {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-    }
-
-    pub fn to_table(&self) -> String {
-        let mut t = comfy_table::Table::new();
-        t.load_style(comfy_table::presets::UTF8_BORDERS_ONLY);
-        t.set_header(vec!["package", "status", "reason", "time", "agent"]);
-        for p in &self.packages {
-            t.add_row(vec![
-                p.attr.clone(),
-                p.status.to_string(),
-                truncate(&p.reason, 90),
-                if p.duration_ms > 0 {
-                    format_ms(p.duration_ms)
-                } else {
-                    String::new()
-                },
-                p.agent.clone(),
-            ]);
-        }
-        let mut out = format!("Run {} ({}): {}\n", self.run_id, self.state, self.label);
-        if !self.error.is_empty() {
-            let _ = writeln!(out, "error: {}", self.error);
-        }
-        let _ = writeln!(out, "{t}");
-        out.push_str(&self.fixes_text("  ", false));
-        let _ = writeln!(out, "{}", self.summary_line());
-        out
     }
 
     pub fn summary_line(&self) -> String {
@@ -326,7 +299,7 @@ fn summarize(packages: &[PackageReport]) -> Summary {
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     let line = s.lines().next().unwrap_or_default();
     if line.chars().count() <= max {
         line.to_string()

@@ -1,7 +1,7 @@
 //! `nixfarm agents`: each agent (connected, paused, what it builds), protocol violations,
 //! and every waiting job of the farm grouped by why it waits.
 
-use crate::output::table;
+use crate::output::Listing;
 use crate::{Client, short_name, status_error};
 use nixfarm_proto::v1 as pb;
 
@@ -16,15 +16,18 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut t = table(&[
-        "agent",
-        "connected",
-        "last seen",
-        "systems",
-        "jobs",
-        "nix",
-        "building",
-    ]);
+    let mut t = Listing::new(
+        &[
+            "agent",
+            "connected",
+            "last seen",
+            "systems",
+            "jobs",
+            "nix",
+            "building",
+        ],
+        6,
+    );
     let paused: Vec<String> = agents
         .iter()
         .filter(|a| a.connected && !a.paused.is_empty())
@@ -56,7 +59,7 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
             building.join(", "),
         ]);
     }
-    println!("{t}");
+    print!("{}", t.render());
     if !paused.is_empty() {
         println!("\ntaking no new jobs:\n{}", paused.join("\n"));
     }

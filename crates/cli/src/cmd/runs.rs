@@ -1,6 +1,6 @@
 //! `nixfarm runs`: every run the coordinator keeps, one line each.
 
-use crate::output::table;
+use crate::output::Listing;
 use crate::{Client, status_error};
 use nixfarm_proto::v1 as pb;
 
@@ -12,7 +12,7 @@ pub async fn runs_cmd(client: &Client) -> anyhow::Result<i32> {
         .map_err(status_error)?
         .into_inner()
         .runs;
-    let mut t = table(&["run", "state", "ready", "source"]);
+    let mut t = Listing::new(&["run", "state", "ready", "source"], 3);
     for r in runs {
         // Whatever a coordinator stored, one row stays one line of sane width.
         let label: String = nixfarm_core::limits::clip(&r.label, 120)
@@ -26,6 +26,6 @@ pub async fn runs_cmd(client: &Client) -> anyhow::Result<i32> {
             label,
         ]);
     }
-    println!("{t}");
+    print!("{}", t.render());
     Ok(0)
 }
