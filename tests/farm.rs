@@ -109,6 +109,13 @@ fn every_status_matches_the_repository_and_outputs_travel_through_the_cache() {
             );
         }
     }
+    // Positions name the repository's own file, as a maintainer opens it.
+    let pos = got["pds"]["position"].as_str().unwrap();
+    assert!(
+        pos.starts_with("pkgs/bluesky-social/pds.nix:")
+            && pos.rsplit(':').next().unwrap().parse::<u32>().is_ok(),
+        "position of pds: {pos}"
+    );
     // Reasons a user can act on.
     assert!(
         got["jetstream"]["reason"]

@@ -57,9 +57,10 @@ impl Checkout {
                 }
                 let bytes = std::fs::read(&full)
                     .with_context(|| format!("cannot read {}", full.display()))?;
-                // A file that is not UTF-8 cannot be edited as text; it is left alone.
-                if let Ok(text) = String::from_utf8(bytes) {
-                    original.insert(rel.to_string_lossy().into_owned(), text);
+                // A file (or a name) that is not UTF-8 cannot be edited as text; it is left
+                // alone (and still snapshotted exactly).
+                if let (Some(name), Ok(text)) = (rel.to_str(), String::from_utf8(bytes)) {
+                    original.insert(name.to_string(), text);
                 }
             }
         }

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use nixfarm_core::{flakeref, snapshot};
 use nixfarm_proto::v1 as pb;
 use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 /// What the user named.
@@ -67,7 +68,8 @@ pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             .stdout
             .split(|b| *b == 0)
             .filter(|s| !s.is_empty())
-            .map(|s| PathBuf::from(String::from_utf8_lossy(s).into_owned()))
+            // Names are bytes: a name that is not UTF-8 is carried exactly, never dropped.
+            .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)))
             // Deleted but not yet committed: not part of the working tree.
             .filter(|p| dir.join(p).symlink_metadata().is_ok())
             .collect();
@@ -236,5 +238,41 @@ mod tests {
         files.sort();
         let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
         assert_eq!(names, vec![".gitignore", "flake.nix", "new.nix"]);
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_carried_exactly() {
+        use std::ffi::OsStr;
+        let d = tempfile::tempdir().unwrap();
+        let git = |args: &[&OsStr]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(d.path())
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        };
+        git(&[OsStr::new("init"), OsStr::new("-q")]);
+        let tracked = OsStr::from_bytes(b"caf\xe9.nix");
+        let untracked = OsStr::from_bytes(b"na\xefve.txt");
+        std::fs::write(d.path().join("flake.nix"), "{}").unwrap();
+        std::fs::write(d.path().join(tracked), "latin-1").unwrap();
+        std::fs::write(d.path().join(untracked), "untracked").unwrap();
+        git(&[OsStr::new("add"), OsStr::new("flake.nix"), tracked]);
+        let files = list_files(d.path()).unwrap();
+        assert!(files.iter().any(|f| f.as_os_str() == tracked), "{files:?}");
+        assert!(
+            files.iter().any(|f| f.as_os_str() == untracked),
+            "{files:?}"
+        );
+        // Through a snapshot and back: the same bytes, the same content.
+        let tar = snapshot::pack(d.path(), &files, snapshot::Limits::default()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("t");
+        std::fs::create_dir(&dest).unwrap();
+        snapshot::unpack(&tar, &dest, snapshot::Limits::default()).unwrap();
+        assert_eq!(std::fs::read(dest.join(tracked)).unwrap(), b"latin-1");
+        assert_eq!(std::fs::read(dest.join(untracked)).unwrap(), b"untracked");
     }
 }

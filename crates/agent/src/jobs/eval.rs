@@ -151,7 +151,7 @@ pub(super) async fn eval_chunk(
                     outputs: outputs_to_wire(&info.outputs),
                     pname: info.pname.clone(),
                     version: info.version.clone(),
-                    position: info.position.clone(),
+                    position: super::source::repo_position(&info.position, &flake),
                     rev: info.rev.clone(),
                     system: info.system.clone(),
                     error: String::new(),

@@ -171,3 +171,97 @@ pub(super) fn touch_run_source(shared: &Shared, sources: &std::path::Path, dir: 
         }
     }
 }
+
+/// Largest file compared when deciding whether a position lies in the run's own tree.
+const MAX_POSITION_FILE: u64 = 4 << 20;
+
+/// A `meta.position` relative to the repository (`pkgs/foo.nix:12`) when it points into the
+/// run's own source: Nix's store copy of the tree (the same file, byte for byte, at the same
+/// place in the tree) or the tree itself. Anything else (nixpkgs, another input, a remote
+/// flake this host holds no tree of) stays as Nix gave it.
+pub(super) fn repo_position(position: &str, flake: &str) -> String {
+    relative_in(position, flake, std::path::Path::new("/nix/store"))
+        .unwrap_or_else(|| position.to_string())
+}
+
+fn relative_in(position: &str, flake: &str, store: &std::path::Path) -> Option<String> {
+    let root = std::path::Path::new(flake.strip_prefix("path:")?);
+    if flake.contains('?') || !root.is_absolute() {
+        return None;
+    }
+    let (file, line) = match position.rsplit_once(':') {
+        Some((f, l)) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => (f, Some(l)),
+        _ => (position, None),
+    };
+    let file = std::path::Path::new(file);
+    let rel = match file.strip_prefix(root) {
+        Ok(rel) => rel.to_path_buf(),
+        Err(_) => {
+            // /nix/store/<hash>-<name>/<rel>
+            let mut parts = file.strip_prefix(store).ok()?.components();
+            parts.next()?;
+            let rel = parts.as_path().to_path_buf();
+            let (a, b) = (
+                std::fs::metadata(file).ok()?,
+                std::fs::metadata(root.join(&rel)).ok()?,
+            );
+            if !a.is_file() || !b.is_file() || a.len() != b.len() || a.len() > MAX_POSITION_FILE {
+                return None;
+            }
+            if std::fs::read(file).ok()? != std::fs::read(root.join(&rel)).ok()? {
+                return None;
+            }
+            rel
+        }
+    };
+    if rel.as_os_str().is_empty()
+        || !rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    let rel = rel.to_str()?;
+    Some(match line {
+        Some(l) => format!("{rel}:{l}"),
+        None => rel.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{relative_in, repo_position};
+
+    #[test]
+    fn positions_in_the_runs_tree_become_repository_relative() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        let store = d.path().join("store");
+        let copy = store.join("0a1b-source");
+        for root in [&tree, &copy] {
+            std::fs::create_dir_all(root.join("pkgs")).unwrap();
+            std::fs::write(root.join("pkgs/a.nix"), "{ }").unwrap();
+        }
+        std::fs::write(tree.join("pkgs/b.nix"), "tree").unwrap();
+        std::fs::write(copy.join("pkgs/b.nix"), "another input's").unwrap();
+        let flake = format!("path:{}", tree.display());
+        // Inside the tree itself.
+        let p = format!("{}/pkgs/a.nix:12", tree.display());
+        assert_eq!(repo_position(&p, &flake), "pkgs/a.nix:12");
+        // Nix's store copy of the tree.
+        let p = format!("{}/pkgs/a.nix:3", copy.display());
+        assert_eq!(
+            relative_in(&p, &flake, &store).as_deref(),
+            Some("pkgs/a.nix:3")
+        );
+        // A file of the same name whose content is not the tree's: another input's.
+        let p = format!("{}/pkgs/b.nix:1", copy.display());
+        assert_eq!(relative_in(&p, &flake, &store), None);
+        assert_eq!(repo_position(&p, &flake), p);
+        // A remote flake: this host holds no tree to compare with.
+        assert_eq!(
+            repo_position("/nix/store/x-source/pkgs/a.nix:3", "github:o/r"),
+            "/nix/store/x-source/pkgs/a.nix:3"
+        );
+    }
+}
