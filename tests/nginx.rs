@@ -164,7 +164,7 @@ fn a_cache_that_refuses_uploads_costs_packages_their_cached_not_the_run() {
     let (sk, pk) = cache_key(dir.path(), "nginx-cache-2");
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
     let host = Host::new(&dir.path().join("host"));
-    let _agent = host
+    let agent = host
         .start_agent("refused", &coordinator.url, Some(&sk), 2)
         .unwrap();
     // The read-only location: every PUT is answered 403 with nginx's HTML page.
@@ -212,4 +212,18 @@ fn a_cache_that_refuses_uploads_costs_packages_their_cached_not_the_run() {
         "{} bytes of progress and warnings",
         stderr(&out).len()
     );
+    // The agent's log says each distinct refusal once (a 403 is not retried either), not
+    // once per path.
+    let log = agent.log_text();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("403"))
+        .collect();
+    assert!(
+        !refusals.is_empty() && refusals.len() <= 4,
+        "{} warnings about the 403:\n{}",
+        refusals.len(),
+        refusals.join("\n")
+    );
+    assert!(!log.contains("starting the path again"), "{log}");
 }

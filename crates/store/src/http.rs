@@ -79,7 +79,9 @@ impl HttpCache {
                 .map(|_| ())
             })
             .await
-            .map_err(|e: StoreError| tracing::warn!("cannot write nix-cache-info: {e}"));
+            .map_err(|e: StoreError| {
+                crate::PUSH_WARNINGS.warn(&format!("cannot write nix-cache-info: {e}"))
+            });
     }
 
     /// `Some(path)` when the HTTP cache at `base` lacks it.

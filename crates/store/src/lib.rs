@@ -13,6 +13,7 @@ mod file;
 mod http;
 pub mod nar;
 pub mod narinfo;
+pub mod repeats;
 mod stage;
 mod text;
 
@@ -47,6 +48,9 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Http(String),
+    /// The cache answered with a status that asking again will not change (403, 413…).
+    #[error("{0}")]
+    Refused(String),
     #[error("{0}")]
     Key(#[from] narinfo::KeyError),
     #[error("{path} is corrupt in the local store: its NAR hashes to {got}, the store says {want}")]
@@ -171,6 +175,9 @@ impl Arbiter for Alone {
     }
     async fn release(&self, _: &[String]) {}
 }
+
+/// Push warnings, each distinct one said once a minute at most.
+pub static PUSH_WARNINGS: repeats::Repeats = repeats::Repeats::new(Duration::from_secs(60));
 
 fn retryable(status: reqwest::StatusCode) -> bool {
     status.as_u16() == 429 || status.is_server_error()
@@ -315,7 +322,7 @@ impl Pusher {
                     let status = r.status();
                     let body = r.text().await.unwrap_or_default();
                     let said = one_line(&body, 120);
-                    return Err(StoreError::Http(if said.is_empty() {
+                    return Err(StoreError::Refused(if said.is_empty() {
                         format!("{what}: HTTP {status}")
                     } else {
                         format!("{what}: HTTP {status}: {said}")
@@ -506,11 +513,14 @@ impl Pusher {
             match self.push_one(&info).await {
                 Ok(()) => return Ok((p.clone(), true)),
                 Err(
-                    e @ (StoreError::Corrupt { .. } | StoreError::NoKey(_) | StoreError::NoToken),
+                    e @ (StoreError::Corrupt { .. }
+                    | StoreError::NoKey(_)
+                    | StoreError::NoToken
+                    | StoreError::Refused(_)),
                 ) => return Err(e),
                 Err(e) if attempt < self.opts.path_retries => {
                     attempt += 1;
-                    tracing::warn!(path = %p, error = %e, attempt, "push failed; starting the path again");
+                    PUSH_WARNINGS.warn(&format!("push failed; starting the path again: {e}"));
                 }
                 Err(e) => return Err(e),
             }

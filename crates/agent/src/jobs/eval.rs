@@ -222,10 +222,10 @@ pub(super) async fn eval_chunk(
             // A cache that refuses uploads costs the packages their "cached", not the run:
             // the evaluation stands, builds here go on, and each push failure is reported
             // against its package (not-cached).
-            tracing::warn!(
+            nixfarm_store::PUSH_WARNINGS.warn(&format!(
                 "cannot push the derivations to {}: {e}",
                 cache.split('?').next().unwrap_or_default()
-            );
+            ));
         }
     }
     let drvs = drvs
