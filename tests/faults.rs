@@ -321,6 +321,23 @@ fn kill_9_of_an_agent_mid_build_requeues_its_jobs_after_the_lease() {
         "{text}"
     );
     assert!(text.contains("nixfarm_jobs{state=\"queued\"} 0"), "{text}");
+    // Prometheus's own linter accepts the exposition (names, types, HELP, units).
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup installs Debian's prometheus)");
+    std::io::Write::write_all(&mut lint.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success() && lint.stdout.is_empty() && lint.stderr.is_empty(),
+        "promtool: {}{}\n{body}",
+        stdout(&lint),
+        stderr(&lint)
+    );
 }
 
 fn http_get(addr: &str, path: &str) -> String {
