@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use nixfarm_core::PackageStatus;
 use nixfarm_core::report::{HashFix, PackageReport, Report};
-use nixfarm_fix::{Mismatch, PackageMismatches, Tree};
+use nixfarm_fix::Tree;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -79,33 +79,6 @@ impl Checkout {
     }
 }
 
-fn package_mismatches(p: &PackageReport, tree: &Tree) -> PackageMismatches {
-    PackageMismatches {
-        attr: p.attr.clone(),
-        own_file: nixfarm_fix::relative_position(&p.position, tree),
-        mismatches: p
-            .hash_mismatches
-            .iter()
-            .map(|m| Mismatch {
-                fod_drv: m.fod_drv.clone(),
-                hints: m.hints.clone(),
-                specified: m.specified.clone(),
-                got: m.got.clone(),
-            })
-            .collect(),
-    }
-}
-
-fn to_report_fix(f: &nixfarm_fix::Fix) -> HashFix {
-    HashFix {
-        file: f.file.clone(),
-        attribute: f.attribute.clone(),
-        old: f.old.clone(),
-        new: f.new.clone(),
-        line: f.line,
-    }
-}
-
 /// What a fixing session ends with.
 pub struct Outcome {
     pub report: Report,
@@ -170,13 +143,7 @@ pub async fn run(
             unverified.remove(&p.attr);
         }
         first.get_or_insert_with(|| report.clone());
-        let broken: Vec<PackageMismatches> = report
-            .packages
-            .iter()
-            .filter(|p| p.status() == PackageStatus::NeedsHash && !p.hash_mismatches.is_empty())
-            .map(|p| package_mismatches(p, &current))
-            .collect();
-        let plan = nixfarm_fix::plan(&current, &broken);
+        let plan = nixfarm_fix::report::plan_report(&report, &current);
         for u in &plan.unlocated {
             unlocated.entry(u.attr.clone()).or_default().push(format!(
                 "cannot fill in {} for {}: {}",
@@ -189,7 +156,7 @@ pub async fn run(
             fixes
                 .entry(attr.clone())
                 .or_default()
-                .extend(list.iter().map(to_report_fix));
+                .extend(list.iter().map(nixfarm_fix::report::to_hash_fix));
         }
         if !fixing || plan.fixes.is_empty() {
             break;

@@ -11,6 +11,7 @@ pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod trees;
 pub mod upload;
 
 pub use config::Config;

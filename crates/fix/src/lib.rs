@@ -6,6 +6,7 @@
 
 mod lex;
 pub mod locate;
+pub mod report;
 
 use std::collections::BTreeMap;
 

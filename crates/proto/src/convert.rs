@@ -2,7 +2,7 @@
 //! here and only here, so a string crosses only the wire.
 
 use crate::v1 as pb;
-use nixfarm_core::report::{HashMismatch, PackageReport, Report};
+use nixfarm_core::report::{HashFix, HashMismatch, PackageReport, Report};
 use nixfarm_core::{PackageStatus, RunState};
 use std::collections::BTreeMap;
 
@@ -59,6 +59,17 @@ impl From<&PackageReport> for pb::PackageReport {
                     hints: m.hints.clone(),
                 })
                 .collect(),
+            hash_fixes: p
+                .hash_fixes
+                .iter()
+                .map(|f| pb::HashFix {
+                    file: f.file.clone(),
+                    line: f.line as u64,
+                    attribute: f.attribute.clone(),
+                    old: f.old.clone(),
+                    new: f.new.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -98,7 +109,17 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                     hints: m.hints,
                 })
                 .collect(),
-            hash_fixes: Vec::new(),
+            hash_fixes: p
+                .hash_fixes
+                .into_iter()
+                .map(|f| HashFix {
+                    file: f.file,
+                    line: usize::try_from(f.line).unwrap_or(0),
+                    attribute: f.attribute,
+                    old: f.old,
+                    new: f.new,
+                })
+                .collect(),
             log_tail: p.log_tail,
         })
     }
@@ -138,6 +159,13 @@ mod tests {
                     specified: "sha256-A".into(),
                     got: "sha256-B".into(),
                     hints: vec!["rev".into()],
+                }],
+                hash_fixes: vec![HashFix {
+                    file: "pkgs/a.nix".into(),
+                    line: 12,
+                    attribute: "hash".into(),
+                    old: "sha256-A".into(),
+                    new: "sha256-B".into(),
                 }],
                 ..Default::default()
             });

@@ -145,6 +145,8 @@ pub struct Engine {
     sources_dir: PathBuf,
     /// (total, ready) of ended runs, which never change.
     ended_counts: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    /// Snapshot trees the hash fixer searches.
+    trees: Arc<crate::trees::TreeCache>,
 }
 
 /// An upload claim older than this lapses even while its holder looks alive (a stuck
@@ -201,6 +203,7 @@ impl Engine {
             opts,
             sources_dir,
             ended_counts: Arc::new(Mutex::new(HashMap::new())),
+            trees: Arc::default(),
         };
         engine.recover()?;
         Ok(engine)
@@ -266,6 +269,7 @@ mod build;
 mod claims;
 mod dispatch;
 mod eval;
+mod fixes;
 mod metrics;
 mod queries;
 mod readiness;

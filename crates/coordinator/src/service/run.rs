@@ -127,7 +127,7 @@ impl pb::run_service_server::RunService for RunSvc {
     ) -> Result<Response<pb::Report>, Status> {
         let r = self
             .engine
-            .report(&checked_run_id(req.into_inner().run_id)?)?;
+            .report_with_fixes(&checked_run_id(req.into_inner().run_id)?)?;
         Ok(Response::new(pb::Report::from(&r)))
     }
 
