@@ -175,6 +175,10 @@ pub struct LocalArgs {
     /// self-signed Cachix caches; CACHIX_SIGNING_KEY works too).
     #[arg(long)]
     pub signing_key_file: Option<PathBuf>,
+    /// Also serve the web UI (live run page, agents, badges) at http://ADDR/ while the run
+    /// goes, e.g. 127.0.0.1:7421 (port 0: any free port; the URL is printed).
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]

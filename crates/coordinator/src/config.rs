@@ -24,6 +24,23 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub limits: LimitsConfig,
     pub farm_cache: FarmCacheConfig,
+    pub http: HttpConfig,
+}
+
+/// The web UI, its JSON API and readiness badges (plain HTTP; put a TLS proxy in front of it
+/// beyond a trusted network). With `[auth] client_token_file` set, every page and API call
+/// needs that token: a bearer header, or the login form's cookie.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address and port of the web UI, e.g. `127.0.0.1:7421`. Default: none (off).
+    pub listen: Option<String>,
+    /// Offer a cancel button on running runs (a POST form with a CSRF token). Default false:
+    /// the UI is read-only.
+    pub allow_cancel: bool,
+    /// Serve `/badge/…svg` without the client token, so a public README can show it (a
+    /// badge tells the ready count and nothing else). Default false.
+    pub public_badges: bool,
 }
 
 /// The coordinator's own binary cache, which agents move derivations and outputs through
@@ -158,6 +175,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             limits: LimitsConfig::default(),
             farm_cache: FarmCacheConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod service;
 pub mod state;
 pub mod trees;
 pub mod upload;
+pub mod web;
 
 pub use config::Config;
 pub use engine::{Engine, EngineError, EngineOptions};

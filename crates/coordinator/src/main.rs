@@ -14,7 +14,7 @@ use std::path::PathBuf;
     version,
     about,
     long_about,
-    after_help = "Examples:\n  nixfarm-coordinator --listen 127.0.0.1:7420 --state-dir ./state\n  nixfarm-coordinator --config /etc/nixfarm/coordinator.toml --metrics-listen 127.0.0.1:9420"
+    after_help = "Examples:\n  nixfarm-coordinator --listen 127.0.0.1:7420 --state-dir ./state\n  nixfarm-coordinator --config /etc/nixfarm/coordinator.toml --metrics-listen 127.0.0.1:9420\n  nixfarm-coordinator --listen 0.0.0.0:7420 --http-listen 0.0.0.0:7421   # web UI and badges"
 )]
 struct Args {
     /// Config file (TOML); see deploy/coordinator.toml for every field and default.
@@ -29,6 +29,10 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9420).
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Serve the web UI (runs, packages, agents, live), its JSON API under /api and
+    /// readiness badges at http://ADDR/ (e.g. 127.0.0.1:7421); the config's `[http] listen`.
+    #[arg(long)]
+    http_listen: Option<String>,
     /// Log format on stderr: text (coloured only on a terminal, never with NO_COLOR) or
     /// json, one object per line for log shippers.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -53,6 +57,9 @@ async fn main() -> anyhow::Result<()> {
     if args.metrics_listen.is_some() {
         config.metrics_listen = args.metrics_listen;
     }
+    if args.http_listen.is_some() {
+        config.http.listen = args.http_listen;
+    }
     let running = server::start(&config)
         .await
         .context("coordinator failed to start")?;
@@ -66,6 +73,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(m) = running.metrics_addr {
         tracing::info!("metrics on http://{m}/metrics");
+    }
+    if let Some(h) = running.http_addr {
+        tracing::info!("web UI on http://{h}/");
     }
     tokio::select! {
         r = running.wait() => r,

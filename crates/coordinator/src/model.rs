@@ -310,7 +310,11 @@ pub struct RunListing {
     pub label: String,
     pub total: u64,
     pub ready: u64,
+    /// Packages per status (kebab-case status name → count).
+    pub by_status: std::collections::BTreeMap<String, u64>,
     pub created_ms: i64,
+    /// When it ended (0: still going).
+    pub finished_ms: i64,
 }
 
 /// The name part of a store path (`/nix/store/<hash>-<name>` → `<name>`).

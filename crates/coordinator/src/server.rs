@@ -25,6 +25,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where `/metrics` is served, when enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the web UI is served, when enabled.
+    pub http_addr: Option<SocketAddr>,
     /// Where the farm cache is served, when enabled.
     pub farm_cache_addr: Option<SocketAddr>,
     pub engine: Engine,
@@ -362,7 +364,7 @@ pub async fn start_with_listener(
             ))
             .add_service(InterceptedService::new(
                 run_svc,
-                token_check(client_token, Role::Client, false),
+                token_check(client_token.clone(), Role::Client, false),
             ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
@@ -405,10 +407,34 @@ pub async fn start_with_listener(
         }
         None => None,
     };
+    let http_addr = match &config.http.listen {
+        Some(l) => {
+            let listener = TcpListener::bind(l)
+                .await
+                .with_context(|| format!("cannot listen on {l} for the web UI"))?;
+            let a = listener.local_addr()?;
+            if client_token.is_none() && !a.ip().is_loopback() {
+                tracing::warn!(
+                    "the web UI on {a} needs no token ([auth] client_token_file): anyone who reaches it can read every run"
+                );
+            }
+            let app = crate::web::router(crate::web::Web::new(
+                engine.clone(),
+                client_token.clone(),
+                config.http.clone(),
+            ));
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            Some(a)
+        }
+        None => None,
+    };
     tracing::info!(%addr, state_dir = %config.state_dir.display(), "coordinator listening");
     Ok(Running {
         addr,
         metrics_addr,
+        http_addr,
         farm_cache_addr: farm_cache.map(|(_, a)| a),
         engine,
         shutdown: Some(tx),

@@ -36,12 +36,19 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
             enabled: false,
             ..Default::default()
         },
+        http: nixfarm_coordinator::config::HttpConfig {
+            listen: args.http_listen.clone(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let coordinator = nixfarm_coordinator::server::start(&config)
         .await
         .context("cannot start the embedded coordinator")?;
     let url = format!("http://{}", coordinator.addr);
+    if let Some(h) = coordinator.http_addr {
+        eprintln!("web UI: http://{h}/runs");
+    }
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);

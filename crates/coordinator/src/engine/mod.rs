@@ -143,11 +143,14 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     opts: EngineOptions,
     sources_dir: PathBuf,
-    /// (total, ready) of ended runs, which never change.
-    ended_counts: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    /// Package counts of ended runs, which never change.
+    ended_counts: Arc<Mutex<HashMap<String, RunCounts>>>,
     /// Snapshot trees the hash fixer searches.
     trees: Arc<crate::trees::TreeCache>,
 }
+
+/// A run's package counts: (total, ready, per status).
+type RunCounts = (u64, u64, BTreeMap<String, u64>);
 
 /// An upload claim older than this lapses even while its holder looks alive (a stuck
 /// upload must not hold up every other agent for ever), in milliseconds.

@@ -86,19 +86,27 @@ impl Engine {
                 self.ended_counts
                     .lock()
                     .ok()
-                    .and_then(|m| m.get(&r.id).copied())
+                    .and_then(|m| m.get(&r.id).cloned())
             } else {
                 None
             };
-            let (total, ready) = match cached {
+            let (total, ready, by_status) = match cached {
                 Some(c) => c,
                 None => {
                     let rep = self.report_locked(&g, &r.id)?;
-                    let c = (rep.summary.total as u64, rep.summary.ready as u64);
+                    let c = (
+                        rep.summary.total as u64,
+                        rep.summary.ready as u64,
+                        rep.summary
+                            .by_status
+                            .iter()
+                            .map(|(k, v)| (k.clone(), *v as u64))
+                            .collect(),
+                    );
                     if r.state.is_terminal()
                         && let Ok(mut m) = self.ended_counts.lock()
                     {
-                        m.insert(r.id.clone(), c);
+                        m.insert(r.id.clone(), c.clone());
                     }
                     c
                 }
@@ -109,7 +117,9 @@ impl Engine {
                 label: r.label,
                 total,
                 ready,
+                by_status,
                 created_ms: r.created_ms,
+                finished_ms: r.finished_ms,
             });
         }
         Ok(out)

@@ -1,0 +1,97 @@
+//! Readiness badges for a repository's README: `/badge/RUN.svg`, or `/badge/LABEL.svg` for
+//! the latest run of a label ("ready 47/50", coloured by the percentage).
+
+use super::{Shared, WebError, blocking, html};
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+pub async fn badge(State(web): State<Shared>, Path(name): Path<String>) -> Response {
+    let Some(key) = name.strip_suffix(".svg") else {
+        return WebError::bad_request("a badge is /badge/RUN_OR_LABEL.svg", true).into_response();
+    };
+    if key.is_empty() || key.len() > nixfarm_core::limits::MAX_LABEL {
+        return WebError::bad_request("no such run or label", true).into_response();
+    }
+    let key = key.to_string();
+    let e = web.engine.clone();
+    let runs = match blocking(move || e.list_runs()).await {
+        Ok(r) => r,
+        Err(e) => return WebError::from(e).into_response(),
+    };
+    // A run id, else the latest run of that label.
+    let run = runs.iter().find(|r| r.id == key).or_else(|| {
+        runs.iter()
+            .filter(|r| r.label == key)
+            .max_by_key(|r| (r.created_ms, r.id.clone()))
+    });
+    let Some(run) = run else {
+        return WebError {
+            status: axum::http::StatusCode::NOT_FOUND,
+            message: format!("no run or label {key:?}"),
+            json: true,
+        }
+        .into_response();
+    };
+    let svg = render(run.ready, run.total, run.state.is_terminal());
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            // Badges are fetched through caching proxies (GitHub's camo): always ask again.
+            (header::CACHE_CONTROL, "no-cache, max-age=0"),
+        ],
+        svg,
+    )
+        .into_response()
+}
+
+/// The badge: grey label "ready", the count on a colour from red to green.
+pub fn render(ready: u64, total: u64, ended: bool) -> String {
+    let pct = super::api::percent(ready, total);
+    let colour = if !ended {
+        "#9f9f9f"
+    } else if total > 0 && ready == total {
+        "#4c1"
+    } else if pct >= 80.0 {
+        "#a4a61d"
+    } else if pct >= 50.0 {
+        "#dfb317"
+    } else {
+        "#e05d44"
+    };
+    let value = if ended {
+        format!("{ready}/{total}")
+    } else {
+        format!("{ready}/{total} running")
+    };
+    let label = "ready";
+    // Verdana 11px is about 7 px per character; shields-style padding of 5 px a side.
+    let lw = 10 + 7 * label.len();
+    let vw = 10 + 7 * value.chars().count();
+    let w = lw + vw;
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"20\" role=\"img\" aria-label=\"{label}: {v}\">\
+<title>{label}: {v}</title>\
+<rect width=\"{lw}\" height=\"20\" fill=\"#555\"/>\
+<rect x=\"{lw}\" width=\"{vw}\" height=\"20\" fill=\"{colour}\"/>\
+<g fill=\"#fff\" text-anchor=\"middle\" font-family=\"Verdana,DejaVu Sans,sans-serif\" font-size=\"11\">\
+<text x=\"{lx}\" y=\"14\">{label}</text><text x=\"{vx}\" y=\"14\">{v}</text></g></svg>",
+        v = html::esc(&value),
+        lx = lw / 2,
+        vx = lw + vw / 2,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+
+    #[test]
+    fn colour_follows_the_percentage() {
+        assert!(render(50, 50, true).contains("#4c1"));
+        assert!(render(47, 50, true).contains("#a4a61d"));
+        assert!(render(9, 19, true).contains("#e05d44"));
+        assert!(render(3, 19, false).contains("3/19 running"));
+        assert!(render(47, 50, true).contains(">47/50</text>"));
+    }
+}

@@ -1,0 +1,176 @@
+//! The coordinator's web UI: server-rendered pages of runs, packages and agents that update
+//! live from a run's events, the same data as JSON under `/api`, readiness badges, and
+//! access with the client token (a bearer header, or the login form's cookie).
+
+mod api;
+mod auth;
+mod badge;
+mod html;
+mod live;
+mod pages;
+
+use crate::config::HttpConfig;
+use crate::engine::{Engine, EngineError};
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use sha2::Digest as _;
+use std::sync::Arc;
+
+/// What the web handlers share.
+pub struct Web {
+    engine: Engine,
+    /// The client token, when one is configured.
+    token: Option<String>,
+    /// The cookie value that stands for the token (derived from it, never the token itself).
+    session: Option<String>,
+    /// Key of the CSRF tokens in forms (random per process).
+    csrf_key: String,
+    cfg: HttpConfig,
+}
+
+impl Web {
+    pub fn new(engine: Engine, token: Option<String>, cfg: HttpConfig) -> Web {
+        let session = token
+            .as_deref()
+            .map(|t| hex_sha256(&["nixfarm-web-session", t]));
+        let csrf_key = hex_sha256(&[
+            "nixfarm-csrf",
+            &format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            token.as_deref().unwrap_or_default(),
+        ]);
+        Web {
+            engine,
+            token,
+            session,
+            csrf_key,
+            cfg,
+        }
+    }
+
+    /// The CSRF token of a form acting on `run`.
+    fn csrf(&self, run: &str) -> String {
+        hex_sha256(&[&self.csrf_key, run])
+    }
+}
+
+type Shared = Arc<Web>;
+
+fn hex_sha256(parts: &[&str]) -> String {
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    data_encoding::HEXLOWER.encode(&h.finalize())
+}
+
+/// The router of the web UI, API and badges.
+pub fn router(web: Web) -> Router {
+    let shared: Shared = Arc::new(web);
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/runs") }))
+        .route("/runs", get(pages::runs))
+        .route("/runs/{id}", get(pages::run))
+        .route("/runs/{id}/packages/{attr}", get(pages::package))
+        .route("/runs/{id}/fix.patch", get(api::patch))
+        .route("/runs/{id}/cancel", post(pages::cancel))
+        .route("/agents", get(pages::agents))
+        .route("/api/runs", get(api::runs))
+        .route("/api/runs/{id}", get(api::report))
+        .route("/api/runs/{id}/events", get(live::events))
+        .route("/api/runs/{id}/live", get(live::live))
+        .route("/api/agents", get(api::agents))
+        .route("/badge/{name}", get(badge::badge))
+        .route("/login", get(auth::login_form).post(auth::login))
+        .route("/static/app.js", get(html::script))
+        .route("/static/style.css", get(html::style))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            auth::require,
+        ))
+        .with_state(shared)
+}
+
+/// An engine error as an HTTP answer: JSON for the API, a page otherwise.
+pub(crate) struct WebError {
+    status: StatusCode,
+    message: String,
+    json: bool,
+}
+
+impl WebError {
+    fn page(e: EngineError) -> WebError {
+        WebError {
+            json: false,
+            ..WebError::from(e)
+        }
+    }
+
+    fn bad_request(message: impl Into<String>, json: bool) -> WebError {
+        WebError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            json,
+        }
+    }
+}
+
+impl From<EngineError> for WebError {
+    fn from(e: EngineError) -> WebError {
+        let status = match &e {
+            EngineError::NotFound(_) => StatusCode::NOT_FOUND,
+            EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
+            EngineError::Denied(_) => StatusCode::FORBIDDEN,
+            EngineError::Conflict(_) => StatusCode::CONFLICT,
+            EngineError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::State(_) | EngineError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        WebError {
+            status,
+            message: e.to_string(),
+            json: true,
+        }
+    }
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        if self.json {
+            (
+                self.status,
+                axum::Json(serde_json::json!({ "error": self.message })),
+            )
+                .into_response()
+        } else {
+            let body = html::layout(
+                "error",
+                &format!(
+                    "<h1>{}</h1><p>{}</p>",
+                    self.status,
+                    html::esc(&self.message)
+                ),
+            );
+            (self.status, axum::response::Html(body)).into_response()
+        }
+    }
+}
+
+/// A run id from a URL, checked before it is looked up or echoed.
+fn run_id(id: &str, json: bool) -> Result<&str, WebError> {
+    if nixfarm_core::limits::is_run_id(id) {
+        Ok(id)
+    } else {
+        Err(WebError::bad_request("not a run id", json))
+    }
+}
+
+/// Runs engine work that reads the database off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?
+}
