@@ -137,14 +137,14 @@ pub fn render_run(web: &Shared, r: &Report, f: &Filter) -> String {
         );
     }
     b.push_str("</ul>");
+    // Hidden until there is something to download (the script shows it when a live run ends).
     let fixes = r.all_fixes().len();
-    if fixes > 0 {
-        let _ = write!(
-            b,
-            "<p><a class=\"button\" href=\"/runs/{id}/fix.patch\" download>Download fix.patch</a> \
-             fills in {fixes} hash(es): <code>git apply nixfarm-{id}-fix.patch</code></p>"
-        );
-    }
+    let _ = write!(
+        b,
+        "<p id=\"patch\"{}><a class=\"button\" href=\"/runs/{id}/fix.patch\" download>Download fix.patch</a> \
+         fills in <span id=\"fixes\">{fixes}</span> hash(es): <code>git apply nixfarm-{id}-fix.patch</code></p>",
+        if fixes == 0 { " hidden" } else { "" }
+    );
     if web.cfg.allow_cancel && !r.state.is_terminal() {
         let _ = write!(
             b,

@@ -99,7 +99,20 @@ function runPage(root) {
     }
     live.textContent = "live · updated " + new Date().toLocaleTimeString();
   });
-  es.addEventListener("end", () => { es.close(); live.textContent = "run ended"; });
+  es.addEventListener("end", async () => {
+    es.close();
+    live.textContent = "run ended";
+    // The hash fixes are found once the run is over: offer the patch if there is one.
+    try {
+      const r = await fetch("/api/runs/" + encodeURIComponent(run), { credentials: "same-origin" });
+      const rep = await r.json();
+      const n = new Set(rep.packages.flatMap((p) => p.hash_fixes.map((f) => f.file + ":" + f.line + ":" + f.new))).size;
+      if (n > 0) {
+        document.getElementById("fixes").textContent = n;
+        document.getElementById("patch").hidden = false;
+      }
+    } catch (_) { /* the link appears on the next load */ }
+  });
   es.onerror = () => { live.textContent = "reconnecting…"; };
 }
 

@@ -1,0 +1,271 @@
+//! The web UI in a real browser (headless Chromium over WebDriver): log in with the client
+//! token, watch a run's page fill in and turn live without a reload, filter it, open a
+//! package's log, download the patch and check `git apply` takes it, see the agents. Also
+//! the API (the same report as the CLI), the badge, and that nothing is served without the
+//! token. Screenshots go to target/test-artifacts/.
+
+#[path = "webdriver.rs"]
+mod webdriver;
+
+use nixfarm_tests::*;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::time::Duration;
+use webdriver::Browser;
+
+const TOKEN: &str = "web-client-secret-1";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP GET: (status, headers and body as text).
+fn get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+fn body(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+fn cli_env(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin("nixfarm"))
+        .arg("--coordinator")
+        .arg(url)
+        .args(args)
+        .env("NIXFARM_TOKEN", TOKEN)
+        .output()
+        .unwrap()
+}
+
+fn artifacts() -> std::path::PathBuf {
+    repo_root().join("target/test-artifacts")
+}
+
+#[test]
+fn a_run_page_goes_live_in_a_real_browser() {
+    let dir = scratch();
+    let token_file = dir.path().join("client-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let http = free_port();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nclient_token_file = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start_on(
+        &dir.path().join("coordinator"),
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let repo = dir.path().join("repo");
+    copy_tree(&example_repo(), &repo);
+    // Submitted while no agent is connected: the page opens on a run that has not started.
+    let out = cli_env(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+
+    // Nothing without the token: pages send people to the login form, the API and badges
+    // answer 401.
+    let (status, resp) = get(http, &format!("/runs/{run}"), None);
+    assert_eq!(status, 303, "{resp}");
+    assert!(resp.contains("location: /login?next="), "{resp}");
+    for path in [
+        format!("/api/runs/{run}"),
+        "/api/runs".into(),
+        "/api/agents".into(),
+        format!("/badge/{run}.svg"),
+        format!("/runs/{run}/fix.patch"),
+    ] {
+        assert_eq!(get(http, &path, None).0, 401, "{path}");
+        assert_eq!(get(http, &path, Some("a-wrong-token")).0, 401, "{path}");
+    }
+
+    let b = Browser::start();
+    let base = format!("http://127.0.0.1:{http}");
+    b.goto(&format!("{base}/runs/{run}"));
+    assert!(b.url().contains("/login"), "{}", b.url());
+    // A wrong token is refused on the form.
+    b.type_into("#token", "not-it");
+    b.click("form.login button");
+    assert!(b.text("main").contains("not this coordinator's"));
+    b.type_into("#token", TOKEN);
+    b.click("form.login button");
+    assert!(b.url().ends_with(&format!("/runs/{run}")), "{}", b.url());
+    // The token never appears in a page, and the cookie is not readable by scripts.
+    let html = b.js("return document.documentElement.outerHTML", json!([]));
+    assert!(!html.as_str().unwrap().contains(TOKEN));
+    assert_eq!(b.js("return document.cookie", json!([])), json!(""));
+    b.js("window.__nf_same_page = 42; return true", json!([]));
+    b.screenshot(&artifacts().join("web-run-waiting.png"));
+
+    // Now an agent: the page fills in and turns green without a reload.
+    let host = Host::new(&dir.path().join("host"));
+    let _agent = host
+        .start_agent("web-1", &coordinator.url, None, 2)
+        .unwrap();
+    b.wait_until(
+        "rows to appear and change live",
+        Duration::from_secs(240),
+        "return document.querySelectorAll('#packages tbody tr[data-status=ready]').length >= 9 \
+         && document.getElementById('state').textContent === 'finished'",
+    );
+    assert_eq!(
+        b.js("return window.__nf_same_page", json!([])),
+        json!(42),
+        "the page was reloaded"
+    );
+    let expected = expected();
+    let rows = b.js(
+        "return [...document.querySelectorAll('#packages tbody tr')].map(r => [r.dataset.attr, r.dataset.status])",
+        json!([]),
+    );
+    let rows: std::collections::BTreeMap<String, String> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_str().unwrap().into(), r[1].as_str().unwrap().into()))
+        .collect();
+    for (attr, e) in expected.as_object().unwrap() {
+        assert_eq!(
+            rows.get(attr).map(String::as_str),
+            e["status"].as_str(),
+            "{attr} on the live page"
+        );
+    }
+    assert!(
+        b.text("#percent").starts_with("47.4"),
+        "{}",
+        b.text("#percent")
+    );
+    // The patch is offered once the run is over, still without a reload.
+    b.wait_until(
+        "the patch link",
+        Duration::from_secs(10),
+        "return !document.getElementById('patch').hidden",
+    );
+    assert_eq!(b.text("#fixes"), "6");
+    b.screenshot(&artifacts().join("web-run-finished.png"));
+
+    // Filter by status, then by name (typed).
+    let needs_hash = expected
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|e| e["status"] == "needs-hash")
+        .count();
+    b.js(
+        "const s = document.getElementById('status'); s.value = 'needs-hash'; \
+         s.dispatchEvent(new Event('change')); return true",
+        json!([]),
+    );
+    let visible = "return [...document.querySelectorAll('#packages tbody tr')].filter(r => !r.hidden).map(r => r.dataset.attr)";
+    assert_eq!(
+        b.js(visible, json!([])).as_array().unwrap().len(),
+        needs_hash
+    );
+    b.type_into("#q", "rsky");
+    assert_eq!(b.js(visible, json!([])), json!(["rsky"]));
+    b.screenshot(&artifacts().join("web-run-filtered.png"));
+
+    // A failed package's page shows its log tail.
+    b.goto(&format!("{base}/runs/{run}/packages/ozone"));
+    assert_eq!(b.text("#pkg-status"), "build-failed");
+    assert!(!b.text("#log").is_empty());
+
+    // The patch, fetched by the page's own link, applies to the repository.
+    b.goto(&format!("{base}/runs/{run}"));
+    assert_eq!(b.text("#fixes"), "6");
+    let patch = b.js_async(
+        "const done = arguments[arguments.length - 1]; \
+         fetch(document.querySelector('a[href$=\"fix.patch\"]').href).then(r => r.text()).then(done)",
+        json!([]),
+    );
+    let patch = patch.as_str().unwrap().to_string();
+    assert!(patch.contains("+++ b/pkgs/"), "{patch}");
+    let patch_file = dir.path().join("fix.patch");
+    std::fs::write(&patch_file, &patch).unwrap();
+    let check = std::process::Command::new("git")
+        .args(["apply", "--check", "--verbose"])
+        .arg(&patch_file)
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "git apply --check: {}",
+        stderr(&check)
+    );
+
+    // The agents page lists the agent, as connected.
+    b.goto(&format!("{base}/agents"));
+    let agents = b.text("#agents");
+    assert!(
+        agents.contains("web-1") && agents.contains("yes"),
+        "{agents}"
+    );
+    b.screenshot(&artifacts().join("web-agents.png"));
+
+    // The API's report is the CLI's, byte for byte; the badge has the numbers.
+    let (status, resp) = get(http, &format!("/api/runs/{run}"), Some(TOKEN));
+    assert_eq!(status, 200);
+    let cli = cli_env(&coordinator.url, &["report", &run, "--format", "json"]);
+    assert_eq!(body(&resp), stdout(&cli));
+    let api: serde_json::Value = serde_json::from_str(body(&resp)).unwrap();
+    assert!(
+        api["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| !p["hash_fixes"].as_array().unwrap().is_empty()),
+        "the coordinator found the hash fixes"
+    );
+    let (status, resp) = get(http, &format!("/badge/{run}.svg"), Some(TOKEN));
+    assert_eq!(status, 200);
+    let svg = body(&resp);
+    assert!(resp.contains("image/svg+xml"));
+    assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+    assert!(svg.contains(">9/19</text>"), "{svg}");
+    // The latest run of a label is addressable too.
+    let label = html_seg(repo.to_str().unwrap());
+    let (status, by_label) = get(http, &format!("/badge/{label}.svg"), Some(TOKEN));
+    assert_eq!(status, 200, "{by_label}");
+    assert!(body(&by_label).contains(">9/19</text>"));
+}
+
+fn html_seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
