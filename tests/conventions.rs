@@ -58,3 +58,118 @@ fn local_refuses_flags_meant_for_another_coordinator() {
         .unwrap();
     assert!(!stderr(&out).contains("does not apply"), "{}", stderr(&out));
 }
+
+/// `--format github` on the bundled example, as a GitHub workflow runs it: each package that
+/// is not ready is annotated on the repository line that needs the change (the hash binding
+/// for a missing hash, with the new value; the package's definition otherwise), the job
+/// summary gets the Markdown report, and JUnit names the same file and line.
+#[test]
+fn ci_annotations_point_at_the_lines_to_change() {
+    let dir = scratch();
+    let repo = dir.path().join("repo");
+    copy_tree(&example_repo(), &repo);
+    let host = Host::new(&dir.path().join("host"));
+    let summary = dir.path().join("step-summary.md");
+    std::fs::write(&summary, "# earlier step\n").unwrap();
+    let state = dir.path().join("state");
+    let out = host
+        .command(&[
+            bin("nixfarm").to_str().unwrap(),
+            "local",
+            repo.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--format",
+            "github",
+        ])
+        .env("GITHUB_STEP_SUMMARY", &summary)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let expected = expected();
+    let line_of = |file: &str, line: usize| -> String {
+        std::fs::read_to_string(repo.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}\n{text}"))
+            .lines()
+            .nth(line - 1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let parse = |l: &str| -> (String, String, usize, String) {
+        // ::LEVEL file=F,line=N,title=T::MESSAGE
+        let (cmd, msg) = l[2..].split_once("::").unwrap();
+        let (level, props) = cmd.split_once(' ').unwrap_or((cmd, ""));
+        let mut file = String::new();
+        let mut line = 0;
+        for p in props.split(',') {
+            if let Some(f) = p.strip_prefix("file=") {
+                file = f.to_string();
+            } else if let Some(n) = p.strip_prefix("line=") {
+                line = n.parse().unwrap();
+            }
+        }
+        (level.to_string(), file, line, msg.to_string())
+    };
+    for (attr, e) in expected.as_object().unwrap() {
+        let title = format!("title=nixfarm%3A {attr} {}", e["status"].as_str().unwrap());
+        let ours: Vec<&str> = text.lines().filter(|l| l.contains(&title)).collect();
+        match e["status"].as_str().unwrap() {
+            "ready" => assert!(ours.is_empty(), "{attr}: {ours:?}"),
+            "needs-hash" => {
+                assert!(!ours.is_empty(), "{attr} has no annotation:\n{text}");
+                for l in ours {
+                    let (level, file, line, msg) = parse(l);
+                    assert_eq!(level, "error");
+                    let src = line_of(&file, line);
+                    // The annotated line is the binding, and the message has the new hash.
+                    let attribute = msg.split_whitespace().next().unwrap();
+                    assert!(
+                        src.contains(attribute),
+                        "{attr}: {file}:{line} is {src:?}: {msg}"
+                    );
+                    assert!(msg.contains("\"sha256-"), "{msg}");
+                }
+            }
+            // Its derivation never evaluated, so Nix gave no position: annotated without a
+            // file (GitHub shows it on the run's summary).
+            "eval-failed" => {
+                assert_eq!(ours.len(), 1, "{attr}:\n{text}");
+                assert_eq!(parse(ours[0]).0, "error");
+            }
+            status => {
+                assert_eq!(ours.len(), 1, "{attr} ({status}):\n{text}");
+                let (level, file, line, _) = parse(ours[0]);
+                assert_eq!(
+                    level,
+                    if status == "unpinned" {
+                        "warning"
+                    } else {
+                        "error"
+                    }
+                );
+                // The package's own definition: the line that names it.
+                let src = line_of(&file, line);
+                assert!(
+                    file.starts_with("pkgs/") && src.contains("pname"),
+                    "{attr}: {file}:{line} is {src:?}"
+                );
+            }
+        }
+    }
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .starts_with("::notice title=nixfarm readiness::Ready: 9/19")
+    );
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(
+        md.starts_with("# earlier step\n"),
+        "appended, not overwritten"
+    );
+    assert!(
+        md.contains("| package | status | reason |") && md.contains("`rsky`"),
+        "{md}"
+    );
+}

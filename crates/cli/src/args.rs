@@ -120,7 +120,9 @@ pub struct RunArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct OutputArgs {
-    /// Report format: table for people, json for scripts, markdown for READMEs/PRs, junit for CI.
+    /// Report format: table for people, json for scripts, markdown for READMEs/PRs, junit for
+    /// CI, github for workflow annotations on the pull request's lines. With
+    /// GITHUB_STEP_SUMMARY set, the Markdown report is also appended to that file.
     #[arg(long, value_enum)]
     pub format: Option<Format>,
     /// Exit with status 1 when fewer than PCT percent of the packages are ready (0 to 100).
@@ -193,6 +195,9 @@ pub enum Format {
     Json,
     Markdown,
     Junit,
+    /// GitHub workflow annotations: each package that is not ready on its file and line
+    /// (a hash fix on the binding's line, with the new value).
+    Github,
 }
 
 /// A percentage: a finite number from 0 to 100.

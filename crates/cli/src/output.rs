@@ -20,8 +20,10 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
         Format::Json => report.to_json() + "\n",
         Format::Markdown => report.to_markdown(),
         Format::Junit => report.to_junit(),
+        Format::Github => report.to_github(),
     };
     print!("{text}");
+    step_summary(report);
     if report.state == nixfarm_core::RunState::Failed {
         eprintln!("error: run {} failed: {}", report.run_id, report.error);
         return 2;
@@ -36,6 +38,27 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
         return 1;
     }
     0
+}
+
+/// In a GitHub Actions job, appends the Markdown report to the job's summary page. A file
+/// that cannot be written costs a warning, not the report.
+fn step_summary(report: &Report) {
+    let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let written = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, format!("{}\n", report.to_markdown()).as_bytes())
+        });
+    if let Err(e) = written {
+        eprintln!(
+            "warning: cannot append the report to GITHUB_STEP_SUMMARY ({}): {e}",
+            std::path::Path::new(&path).display()
+        );
+    }
 }
 
 /// Columns of the terminal stdout is, if it is one.

@@ -9,6 +9,7 @@ pub mod fit;
 pub mod flakeref;
 pub mod limits;
 pub mod report;
+mod report_ci;
 mod report_table;
 pub use report_table::TableWidth;
 pub mod snapshot;

@@ -260,6 +260,10 @@ impl Report {
                 "    <testcase classname=\"nixfarm\" name=\"{}\" time=\"{secs:.3}\"",
                 xml_escape(&p.attr)
             );
+            // Where to look: CI systems link a test case's file and line to the source.
+            if let Some((file, line)) = crate::report_ci::place(p) {
+                let _ = write!(out, " file=\"{}\" line=\"{line}\"", xml_escape(&file));
+            }
             if p.status().is_failure() {
                 let _ = writeln!(out, ">");
                 let _ = writeln!(
@@ -477,6 +481,27 @@ mod tests {
         assert!(x.contains("tests=\"3\" failures=\"1\""));
         assert!(x.contains("&lt;b&gt; &amp; &quot;x&quot;"));
         assert_eq!(x.matches("<failure").count(), 1);
+    }
+
+    #[test]
+    fn junit_names_the_file_and_line() {
+        let mut p = pkg("a", "build-failed");
+        p.position = "pkgs/a.nix:3".into();
+        let mut q = pkg("q", "eval-failed");
+        q.position = "/nix/store/x-source/q.nix:1".into();
+        let r = Report::new(
+            "r".into(),
+            RunState::Finished,
+            "l".into(),
+            String::new(),
+            vec![p, q],
+        );
+        let x = r.to_junit();
+        assert!(
+            x.contains("name=\"a\" time=\"1.500\" file=\"pkgs/a.nix\" line=\"3\""),
+            "{x}"
+        );
+        assert!(!x.contains("q.nix"), "{x}");
     }
 
     #[test]
