@@ -4,6 +4,11 @@
 //! end of the run, jobs per second, and peak memory (coordinator and agents share this
 //! process, so the figure bounds the coordinator's).
 //!
+//! The web UI is measured on the same run: a live page (its Server-Sent Events stream) is
+//! open from the submit on, and the time from an agent sending a package's result to the
+//! page receiving that package's new row is the event latency (target < 500 ms); the run's
+//! page of 10,000 packages is then rendered (target < 1 s).
+//!
 //! cargo bench -p nixfarm-coordinator --bench load [-- AGENTS PACKAGES]
 
 use nixfarm_coordinator::Config;
@@ -11,9 +16,11 @@ use nixfarm_coordinator::clock::SystemClock;
 use nixfarm_proto::v1 as pb;
 use pb::agent_message::Msg;
 use pb::coordinator_message::Msg as CMsg;
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 fn drv(i: usize) -> String {
     format!("/nix/store/{i:0>32}-p{i}.drv")
@@ -40,7 +47,10 @@ fn deps(i: usize) -> Vec<usize> {
     d
 }
 
-async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>) {
+/// When each package's build result was sent, by package index.
+type Sent = Arc<Mutex<HashMap<usize, Instant>>>;
+
+async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>, sent: Sent) {
     let Ok(mut client) = pb::agent_service_client::AgentServiceClient::connect(url).await else {
         eprintln!("{name}: cannot connect");
         return;
@@ -124,6 +134,9 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>)
                     .next()
                     .and_then(|s| s.trim_end_matches(".drv").parse().ok())
                     .unwrap_or(0);
+                if let Ok(mut m) = sent.lock() {
+                    m.entry(i).or_insert_with(Instant::now);
+                }
                 Msg::Build(pb::BuildResult {
                     attempt_id: a.attempt_id,
                     status: pb::BuildStatus::Built as i32,
@@ -145,6 +158,61 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>)
             return;
         }
     }
+}
+
+/// Follows a run's live page stream (as the page's script does) and records when each
+/// package was first shown ready.
+async fn live_page(http: std::net::SocketAddr, run: String) -> HashMap<String, Instant> {
+    let mut shown = HashMap::new();
+    let Ok(mut s) = tokio::net::TcpStream::connect(http).await else {
+        return shown;
+    };
+    // HTTP/1.0: the stream comes unchunked and ends with the connection.
+    let req = format!("GET /api/runs/{run}/live HTTP/1.0\r\nHost: {http}\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return shown;
+    }
+    let mut r = tokio::io::BufReader::new(s);
+    let mut line = String::new();
+    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+        let now = Instant::now();
+        if let Some(data) = line.strip_prefix("data: ")
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(data)
+        {
+            for row in v["rows"].as_array().into_iter().flatten() {
+                if row["status"] == "ready"
+                    && let Some(a) = row["attr"].as_str()
+                {
+                    shown.entry(a.to_string()).or_insert(now);
+                }
+            }
+        }
+        if line.starts_with("event: end") {
+            break;
+        }
+        line.clear();
+    }
+    shown
+}
+
+/// GET `path`; (milliseconds to the last byte, body bytes).
+async fn get_timed(http: std::net::SocketAddr, path: &str) -> (f64, usize) {
+    let t = Instant::now();
+    let Ok(mut s) = tokio::net::TcpStream::connect(http).await else {
+        return (f64::NAN, 0);
+    };
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut body = Vec::new();
+    let _ = s.read_to_end(&mut body).await;
+    (t.elapsed().as_secs_f64() * 1000.0, body.len())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn peak_rss_mb() -> f64 {
@@ -170,18 +238,22 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     config.scheduler.eval_chunk_size = 100;
+    config.http.listen = Some("127.0.0.1:0".into());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running =
         nixfarm_coordinator::server::start_with_listener(&config, listener, Arc::new(SystemClock))
             .await?;
     let url = format!("http://{}", running.addr);
+    let http = running.http_addr.expect("the web UI listens");
     let jobs = Arc::new(AtomicU64::new(0));
+    let sent: Sent = Arc::default();
     for i in 0..agents {
         tokio::spawn(agent(
             url.clone(),
             format!("sim-{i}"),
             packages,
             jobs.clone(),
+            sent.clone(),
         ));
     }
     let mut client = pb::run_service_client::RunServiceClient::connect(url.clone()).await?;
@@ -213,6 +285,7 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .into_inner()
         .run_id;
+    let page = tokio::spawn(live_page(http, run.clone()));
     let mut events = client
         .watch_run(pb::WatchRunRequest {
             run_id: run.clone(),
@@ -221,13 +294,58 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .into_inner();
     let mut seen = 0u64;
+    // When the watcher (as `nixfarm watch` does) heard of each package's build finishing.
+    let mut heard: HashMap<usize, Instant> = HashMap::new();
     while let Some(e) = events.message().await? {
         seen += 1;
+        if e.kind == "job-finished"
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.json)
+            && let Some(i) = v["name"]
+                .as_str()
+                .and_then(|n| n.trim_start_matches('p').parse().ok())
+        {
+            heard.entry(i).or_insert_with(Instant::now);
+        }
         if nixfarm_core::RunEvent::is_terminal_kind(&e.kind) {
             break;
         }
     }
     let elapsed = start.elapsed();
+    let shown = tokio::time::timeout(Duration::from_secs(60), page)
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+    let mut latencies: Vec<f64> = {
+        let sent = sent.lock().map(|m| m.clone()).unwrap_or_default();
+        shown
+            .iter()
+            .filter_map(|(attr, at)| {
+                let i: usize = attr.trim_start_matches('p').parse().ok()?;
+                Some(at.saturating_duration_since(*sent.get(&i)?).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    };
+    latencies.sort_by(f64::total_cmp);
+    let mut event_lat: Vec<f64> = {
+        let sent = sent.lock().map(|m| m.clone()).unwrap_or_default();
+        heard
+            .iter()
+            .filter_map(|(i, at)| {
+                Some(at.saturating_duration_since(*sent.get(i)?).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    };
+    event_lat.sort_by(f64::total_cmp);
+    let mut renders = Vec::new();
+    let mut page_bytes = 0;
+    for _ in 0..5 {
+        let (ms, bytes) = get_timed(http, &format!("/runs/{run}")).await;
+        renders.push(ms);
+        page_bytes = bytes;
+    }
+    renders.sort_by(f64::total_cmp);
+    let (api_ms, _) = get_timed(http, &format!("/api/runs/{run}")).await;
     let report = client
         .get_report(pb::GetReportRequest { run_id: run })
         .await?
@@ -252,6 +370,23 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  peak memory of the process (coordinator + simulated agents): {:.0} MB",
         peak_rss_mb()
+    );
+    println!(
+        "  web: the run's page ({packages} packages, {:.1} MB) in {:.0} ms (median of 5; target < 1000 ms); its JSON report in {api_ms:.0} ms",
+        page_bytes as f64 / 1e6,
+        percentile(&renders, 0.5)
+    );
+    println!(
+        "  web: result sent -> row shown ready on an open page, {} packages: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target < 500 ms)",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "  (for comparison, result sent -> its event at a gRPC watcher: p50 {:.0} ms, p99 {:.0} ms)",
+        percentile(&event_lat, 0.5),
+        percentile(&event_lat, 0.99)
     );
     running.stop().await;
     // Run in CI too (scripts/test): a lost or repeated result fails it, whatever the speed.

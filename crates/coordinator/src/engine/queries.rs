@@ -1,6 +1,6 @@
 //! Reads: events, reports, runs and agents.
 
-use super::readiness::{closure_of, package_report};
+use super::readiness::{package_report, tainted};
 use super::waiting::waiting_reason;
 use super::*;
 
@@ -57,17 +57,27 @@ impl Engine {
             .iter()
             .map(|(attr, p)| (p.drv_path.clone(), attr.clone()))
             .collect();
+        // Each derivation is walked once: one already walked had its whole closure named by
+        // an earlier package, which is the name it keeps.
+        let mut walked: HashSet<&str> = HashSet::new();
         for (attr, p) in &packages {
-            for d in closure_of(&p.drv_path, &nodes) {
-                if let std::collections::hash_map::Entry::Vacant(e) = top_of.entry(d) {
-                    let name = format!("{attr}'s {}", store_name(e.key()));
-                    e.insert(name);
+            let mut stack = vec![p.drv_path.as_str()];
+            while let Some(d) = stack.pop() {
+                if !walked.insert(d) {
+                    continue;
+                }
+                if !top_of.contains_key(d) {
+                    top_of.insert(d.to_string(), format!("{attr}'s {}", store_name(d)));
+                }
+                if let Some(n) = nodes.get(d) {
+                    stack.extend(n.input_drvs.iter().map(String::as_str));
                 }
             }
         }
+        let tainted = tainted(&nodes, &results);
         let mut out = Vec::new();
         for (attr, p) in &packages {
-            let mut r = package_report(attr, p, run_state, &results, &nodes, &top_of);
+            let mut r = package_report(attr, p, run_state, &results, &nodes, &top_of, &tainted);
             if r.status == PackageStatus::Pending {
                 r.reason = waiting_reason(inner, run_id, &p.drv_path);
             }

@@ -10,6 +10,7 @@ pub(super) fn package_report(
     results: &HashMap<&str, (DrvState, BuildReport)>,
     nodes: &HashMap<&str, DrvNode>,
     top_of: &HashMap<String, String>,
+    tainted: &HashSet<&str>,
 ) -> PackageReport {
     let mut r = PackageReport {
         attr: attr.to_string(),
@@ -47,15 +48,20 @@ pub(super) fn package_report(
     if !rep.outputs.is_empty() {
         r.outputs = rep.outputs.clone();
     }
-    // Every hash mismatch in the closure: a package can need several hashes at once.
-    let closure = closure_of(&p.drv_path, nodes);
+    // Every hash mismatch in the closure: a package can need several hashes at once. Only a
+    // closure that holds one (or a fake hash), or a failed dependency, needs walking.
+    let closure = if tainted.contains(p.drv_path.as_str()) || *state == DrvState::DependencyFailed {
+        closure_of(&p.drv_path, nodes)
+    } else {
+        Vec::new()
+    };
     let mismatches = closure_mismatches(&closure, results, nodes);
     r.hash_mismatches = mismatches.clone();
     match *state {
         DrvState::Built => {
             let fake: Vec<&str> = closure
                 .iter()
-                .filter(|d| nodes.get(d.as_str()).is_some_and(has_fake_hash))
+                .filter(|d| nodes.get(*d).is_some_and(has_fake_hash))
                 .map(|d| store_name(d))
                 .collect();
             if !fake.is_empty() {
@@ -124,7 +130,7 @@ pub(super) fn package_report(
         DrvState::DependencyFailed
             if closure
                 .iter()
-                .any(|d| matches!(results.get(d.as_str()), Some((DrvState::Waiting, _))))
+                .any(|d| matches!(results.get(*d), Some((DrvState::Waiting, _))))
                 && !run_state.is_terminal() =>
         {
             set(
@@ -214,18 +220,51 @@ fn not_built(run_state: RunState) -> (PackageStatus, String) {
 }
 
 /// Every derivation in a package's build closure, the package's own first.
-pub(super) fn closure_of(top: &str, nodes: &HashMap<&str, DrvNode>) -> Vec<String> {
+pub(super) fn closure_of<'a>(top: &'a str, nodes: &'a HashMap<&str, DrvNode>) -> Vec<&'a str> {
     let mut seen = HashSet::new();
-    let mut stack = vec![top.to_string()];
+    let mut stack = vec![top];
     let mut out = Vec::new();
     while let Some(d) = stack.pop() {
-        if !seen.insert(d.clone()) {
+        if !seen.insert(d) {
             continue;
         }
-        if let Some(n) = nodes.get(d.as_str()) {
-            stack.extend(n.input_drvs.iter().cloned());
+        if let Some(n) = nodes.get(d) {
+            stack.extend(n.input_drvs.iter().map(String::as_str));
         }
         out.push(d);
+    }
+    out
+}
+
+/// Derivations whose closure holds a hash mismatch or a fake hash (found upwards from those,
+/// once per report): every other package's closure is clean and is not walked.
+pub(super) fn tainted<'a>(
+    nodes: &'a HashMap<&'a str, DrvNode>,
+    results: &HashMap<&str, (DrvState, BuildReport)>,
+) -> HashSet<&'a str> {
+    let mut parents: HashMap<&'a str, Vec<&'a str>> = HashMap::new();
+    for (d, n) in nodes {
+        for i in &n.input_drvs {
+            parents.entry(i.as_str()).or_default().push(d);
+        }
+    }
+    let mut stack: Vec<&'a str> = nodes
+        .iter()
+        .filter(|(d, n)| {
+            has_fake_hash(n)
+                || results
+                    .get(**d)
+                    .is_some_and(|(_, r)| r.kind == BuildOutcome::HashMismatch)
+        })
+        .map(|(d, _)| *d)
+        .collect();
+    let mut out = HashSet::new();
+    while let Some(d) = stack.pop() {
+        if out.insert(d)
+            && let Some(ps) = parents.get(d)
+        {
+            stack.extend(ps.iter().copied());
+        }
     }
     out
 }
@@ -238,22 +277,19 @@ pub(super) fn has_fake_hash(n: &DrvNode) -> bool {
 }
 
 pub(super) fn closure_mismatches(
-    closure: &[String],
+    closure: &[&str],
     results: &HashMap<&str, (DrvState, BuildReport)>,
     nodes: &HashMap<&str, DrvNode>,
 ) -> Vec<HashMismatch> {
     let mut out: Vec<HashMismatch> = closure
         .iter()
         .filter_map(|d| {
-            let (_, rep) = results.get(d.as_str())?;
+            let (_, rep) = results.get(*d)?;
             (rep.kind == BuildOutcome::HashMismatch).then(|| HashMismatch {
-                fod_drv: d.clone(),
+                fod_drv: d.to_string(),
                 specified: rep.specified.clone(),
                 got: rep.got.clone(),
-                hints: nodes
-                    .get(d.as_str())
-                    .map(|n| n.hints.clone())
-                    .unwrap_or_default(),
+                hints: nodes.get(*d).map(|n| n.hints.clone()).unwrap_or_default(),
             })
         })
         .collect();
@@ -302,7 +338,8 @@ mod tests {
             rev: rev.into(),
             ..Default::default()
         };
-        package_report("app", &info, run_state, &results, &nodes, &top_of)
+        let tainted = tainted(&nodes, &results);
+        package_report("app", &info, run_state, &results, &nodes, &top_of, &tainted)
     }
 
     fn outcome(kind: BuildOutcome, message: &str) -> BuildReport {

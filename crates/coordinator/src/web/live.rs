@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt as _;
 
 /// Events of one run are gathered this long before the page is sent what changed.
-const COALESCE: Duration = Duration::from_millis(100);
+const COALESCE: Duration = Duration::from_millis(25);
 /// Without events the rows are looked at again this often (pending reasons change with the
 /// agents, not only with the run's events).
 const REFRESH: Duration = Duration::from_secs(5);
