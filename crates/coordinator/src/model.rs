@@ -195,6 +195,9 @@ pub struct BuildReport {
     /// For dependency failures: the derivation that failed.
     #[serde(default)]
     pub failed_root: String,
+    /// For a copied hash: the derivation that really produced the output with that hash.
+    #[serde(default)]
+    pub copied_from: String,
 }
 
 /// A job's failure as an agent reports it: the message, and whether the agent or Nix broke

@@ -5,6 +5,7 @@ pub mod derivation;
 pub mod hash;
 pub mod messages;
 pub mod runner;
+mod store_query;
 
 pub use derivation::Derivation;
 pub use runner::{AttrInfo, BuildOptions, BuildRun, Nix, NixError};

@@ -73,6 +73,9 @@ pub struct BuildOptions {
     /// The system features this builder offers (what the coordinator was told); Nix then
     /// builds derivations that require them. Empty: Nix's own.
     pub system_features: Vec<String>,
+    /// Build again although the outputs are valid, and fail if the result differs (`--check`;
+    /// for a fixed-output derivation: runs its fetcher and compares the hash).
+    pub check: bool,
 }
 
 /// What one `nix-store --realise` did.
@@ -335,28 +338,6 @@ impl Nix {
         Ok(all)
     }
 
-    /// Which of `paths` are not valid in the store, in one `nix-store` call.
-    pub async fn invalid_paths(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
-        let mut out = Vec::new();
-        for chunk in paths.chunks(2000) {
-            let o = Command::new(&self.nix_store)
-                .args(["--check-validity", "--print-invalid"])
-                .args(chunk)
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
-            if !o.status.success() {
-                return Err(NixError::Infra(format!(
-                    "nix-store --check-validity failed: {}",
-                    tail(&String::from_utf8_lossy(&o.stderr), 500)
-                )));
-            }
-            out.extend(String::from_utf8_lossy(&o.stdout).lines().map(String::from));
-        }
-        Ok(out)
-    }
-
     /// Copies `paths` (e.g. a `.drv` and its closure) from the binary cache `from` into this
     /// store, their signatures checked against `trusted_public_keys`.
     pub async fn copy_from(
@@ -432,6 +413,9 @@ impl Nix {
         }
         if let Some(r) = &opts.gc_root {
             c.arg("--add-root").arg(r).arg("--indirect");
+        }
+        if opts.check {
+            c.arg("--check");
         }
         if let Some(n) = &opts.netrc {
             c.arg("--option").arg("netrc-file").arg(n);

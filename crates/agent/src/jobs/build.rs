@@ -57,6 +57,7 @@ pub(super) async fn build(
         ssl_cert_file: farm.as_ref().and_then(|f| f.ca.clone()),
         gc_root: shared.roots.output_root(run_id, &j.drv_path),
         system_features: shared.cfg.features.clone(),
+        check: false,
     };
     // A derivation this store does not hold (evaluated on another host, or collected): fetch
     // it, with its inputs, from the run's cache; without one, say what is missing. A stat,
@@ -92,7 +93,7 @@ pub(super) async fn build(
     let mut sent = 0usize;
     let run = shared
         .nix
-        .realise(&j.drv_path, &opts, cancel, |chunk| {
+        .realise(&j.drv_path, &opts, cancel.clone(), |chunk| {
             // Live log, capped per job; the tail always travels with the result.
             if sent < limit {
                 let n = chunk.len().min(limit - sent);
@@ -122,6 +123,25 @@ pub(super) async fn build(
             if let Err(e) = shared.roots.add(run_id, &paths) {
                 tracing::warn!("cannot root the outputs of {}: {e}", j.drv_path);
             }
+            let this = shared
+                .nix
+                .show_derivations(std::slice::from_ref(&j.drv_path))
+                .await
+                .ok()
+                .and_then(|ds| ds.into_iter().find(|d| d.path == j.drv_path));
+            if let Some(d) = &this
+                && let Some((m, from)) = copied_hash(shared, d, &opts, &cancel).await
+            {
+                r.status = pb::BuildStatus::HashMismatch as i32;
+                r.message = format!(
+                    "hash mismatch: specified {}, got {} (the output with that hash was produced by {from})",
+                    m.specified, m.got
+                );
+                r.specified_hash = m.specified;
+                r.got_hash = m.got;
+                r.copied_from = from;
+                return r;
+            }
             // Pushed even when nothing was built: the output may predate the run (the push asks
             // the cache first and uploads only what it lacks).
             if let Some(p) = &push
@@ -133,22 +153,13 @@ pub(super) async fn build(
                 r.status = pb::BuildStatus::NotCached as i32;
                 r.message = format!("built, but the push to the cache failed: {e}");
             }
-            r.outputs = match shared
-                .nix
-                .show_derivations(std::slice::from_ref(&j.drv_path))
-                .await
-            {
-                Ok(ds) => ds
+            r.outputs = match this {
+                Some(d) => d
+                    .outputs
                     .into_iter()
-                    .find(|d| d.path == j.drv_path)
-                    .map(|d| {
-                        d.outputs
-                            .into_iter()
-                            .map(|(name, path)| pb::DrvOutput { name, path })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                Err(_) => paths
+                    .map(|(name, path)| pb::DrvOutput { name, path })
+                    .collect(),
+                None => paths
                     .iter()
                     .map(|p| pb::DrvOutput {
                         name: "out".into(),
@@ -182,4 +193,45 @@ pub(super) async fn build(
         }
     }
     r
+}
+
+/// A fixed-output derivation whose output another derivation produced was never fetched
+/// here: Nix found the path valid (built or substituted for the other one) and trusted the
+/// hash. A hash copied from another package looks exactly like that, so its fetcher is run
+/// (`--check`): `Some((mismatch, producer))` when its own content differs.
+async fn copied_hash(
+    shared: &Arc<Shared>,
+    d: &nixfarm_nix::derivation::Derivation,
+    opts: &BuildOptions,
+    cancel: &CancellationToken,
+) -> Option<(nixfarm_nix::messages::HashMismatch, String)> {
+    if !d.fixed_output {
+        return None;
+    }
+    let out = d.outputs.first().map(|(_, p)| p.as_str())?;
+    let producer = shared.nix.deriver(out).await.ok().flatten()?;
+    if producer == d.path {
+        return None;
+    }
+    let check = BuildOptions {
+        check: true,
+        gc_root: None,
+        ..opts.clone()
+    };
+    let run = shared
+        .nix
+        .realise(&d.path, &check, cancel.clone(), |_| {})
+        .await;
+    match run.result {
+        Err(Failure::HashMismatch(m)) => Some((m, producer)),
+        Ok(_) => None,
+        Err(e) => {
+            // Unverifiable now (the fetch failed): the build stands, and says so in the log.
+            tracing::warn!(
+                drv = %d.path,
+                "cannot check a fixed output that {producer} produced: {e:?}"
+            );
+            None
+        }
+    }
 }

@@ -105,10 +105,11 @@ pub(super) fn package_report(
                     &mut r,
                     PackageStatus::NeedsHash,
                     format!(
-                        "hash mismatch in {}: specified {}, got {}",
+                        "hash mismatch in {}: specified {}, got {}{}",
                         store_name(&p.drv_path),
                         rep.specified,
-                        rep.got
+                        rep.got,
+                        copied_note(rep, top_of)
                     ),
                 ),
                 BuildOutcome::TimedOut => set(&mut r, PackageStatus::TimedOut, rep.message.clone()),
@@ -150,8 +151,12 @@ pub(super) fn package_report(
                 let list: Vec<String> = mismatches
                     .iter()
                     .map(|m| {
+                        let note = results
+                            .get(m.fod_drv.as_str())
+                            .map(|(_, b)| copied_note(b, top_of))
+                            .unwrap_or_default();
                         format!(
-                            "{}: specified {}, got {}",
+                            "{}: specified {}, got {}{note}",
                             store_name(&m.fod_drv),
                             m.specified,
                             m.got
@@ -202,6 +207,22 @@ pub(super) fn package_report(
         }
     }
     r
+}
+
+/// For a hash copied from another fixed-output derivation: which one, by the package that
+/// owns it in this run when there is one ("the hash is atproto-api's source's").
+fn copied_note(rep: &BuildReport, top_of: &HashMap<String, String>) -> String {
+    if rep.copied_from.is_empty() {
+        return String::new();
+    }
+    let whose = top_of
+        .get(&rep.copied_from)
+        .cloned()
+        .unwrap_or_else(|| rep.copied_from.clone());
+    format!(
+        " (the hash was copied: the output with hash {} was produced by {whose}, and this fetch gives other content)",
+        rep.specified
+    )
 }
 
 /// A package not built (yet): pending while the run goes on; once the run has ended

@@ -353,6 +353,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                         substituted: b.substituted,
                         agent: String::new(),
                         failed_root: String::new(),
+                        copied_from: short(b.copied_from),
                     },
                 }
             }
