@@ -132,3 +132,77 @@ fn a_hash_copied_within_one_run_is_caught_and_fixed() {
     let beta = std::fs::read_to_string(repo.join("pkgs/beta.nix")).unwrap();
     assert!(beta.contains(&sri("beta source")), "{beta}");
 }
+
+/// Packages whose programs work, die at start, or have none; one with two programs and
+/// meta.mainProgram. The working one checks it runs with an empty HOME and no network.
+fn smoke_repo(dir: &std::path::Path) -> std::path::PathBuf {
+    let repo = dir.join("smoke");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{
+  outputs = { self }: let
+    sys = "x86_64-linux";
+    # A package whose bin/ holds the given scripts (name = body).
+    pkg = name: bins: meta: derivation {
+      inherit name; system = sys; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+      args = [ "-c" (''mkdir -p $out/share; echo data > $out/share/x;''
+        + builtins.concatStringsSep "" (map (b: ''
+          mkdir -p $out/bin; printf '#!/bin/sh\n%s\n' '${bins.${b}}' > $out/bin/${b}; chmod +x $out/bin/${b};
+        '') (builtins.attrNames bins))) ];
+    } // { inherit meta; };
+  in { packages.${sys} = {
+    good = pkg "good" {
+      # Fails unless HOME is empty and only the loopback interface exists.
+      good = ''[ -z "$(ls -A "$HOME")" ] || exit 3; [ "$(grep -c : /proc/net/dev)" = 1 ] || exit 4; echo "good 1.0"'';
+    } { };
+    broken = pkg "broken" {
+      broken = ''echo "broken: error while loading shared libraries: libssl.so.3: cannot open shared object file" >&2; exit 127'';
+    } { };
+    library = pkg "library" { } { };
+    tools = pkg "tools" { tools-a = "exit 1"; tools-b = ''echo b 2.0''; } { mainProgram = "tools-b"; };
+  }; };
+}
+"#,
+    )
+    .unwrap();
+    repo
+}
+
+#[test]
+fn smoke_tests_run_each_main_program_as_a_user_would() {
+    let dir = scratch();
+    let repo = smoke_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let report = local(&host, &state, &repo, &["--smoke"]);
+    let got = packages_by_attr(&report);
+    assert_eq!(got["good"]["status"], "ready", "{}", got["good"]);
+    assert_eq!(got["good"]["smoke"], "passed", "{}", got["good"]);
+    assert_eq!(got["tools"]["status"], "ready", "{}", got["tools"]);
+    assert_eq!(got["tools"]["smoke"], "passed");
+    assert_eq!(got["library"]["status"], "ready");
+    assert_eq!(got["library"]["smoke"], "skipped");
+    let broken = &got["broken"];
+    assert_eq!(broken["status"], "smoke-failed", "{broken}");
+    assert_eq!(broken["smoke"], "failed");
+    let reason = broken["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("broken --version` exited 127") && reason.contains("libssl.so.3"),
+        "{reason}"
+    );
+    assert!(broken["log_tail"].as_str().unwrap().contains("--help"));
+    assert_eq!(
+        report["summary"]["smoke"]["skipped"], 1,
+        "{}",
+        report["summary"]
+    );
+    assert_eq!(report["summary"]["smoke"]["passed"], 2);
+    assert_eq!(report["summary"]["smoke"]["failed"], 1);
+    // Without --smoke nothing is run and the key says so.
+    let plain = local(&host, &state, &repo, &[]);
+    let got = packages_by_attr(&plain);
+    assert_eq!(got["broken"]["status"], "ready");
+    assert_eq!(got["broken"]["smoke"], "not-run");
+    assert_eq!(plain["summary"]["smoke"], serde_json::json!({}));
+}

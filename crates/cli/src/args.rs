@@ -25,7 +25,7 @@ pub struct Cli {
     /// Client token for the coordinator (prefer the environment variable: flags show in `ps`).
     #[arg(long, global = true, env = "NIXFARM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// CLI config file (TOML with `coordinator` and `token_file`). Default: ~/.config/nixfarm/config.toml.
+    /// CLI config file (TOML: `coordinator`, `token_file`, `tls_ca_file`, `smoke`). Default: ~/.config/nixfarm/config.toml.
     #[arg(long, global = true, env = "NIXFARM_CONFIG")]
     pub config: Option<PathBuf>,
     /// PEM CA of the coordinator's certificate, for https:// coordinators with a private CA.
@@ -105,6 +105,12 @@ pub struct RunArgs {
     /// Do not build outputs the cache already has; they show as ready (warm mode).
     #[arg(long)]
     pub skip_cached: bool,
+    /// Smoke-test each package that builds: run its main program (meta.mainProgram, else
+    /// the only executable in bin/) with --version, else --help, with an empty HOME, no
+    /// network and a 10 s limit, on the agent. A program that fails both is smoke-failed;
+    /// packages without one are skipped and counted. Default: the CLI config's `smoke`.
+    #[arg(long)]
+    pub smoke: bool,
     /// Public key the cache's signatures are checked against (NAME:BASE64); repeat for
     /// several.
     #[arg(long = "trusted-public-key", value_name = "KEY")]

@@ -17,12 +17,16 @@ struct CliConfig {
     token_file: Option<PathBuf>,
     /// PEM CA of the coordinator's certificate.
     tls_ca_file: Option<PathBuf>,
+    /// Smoke-test packages in every submitted run (as `--smoke`). Default false.
+    smoke: Option<bool>,
 }
 
 pub(crate) struct Conn {
     pub url: String,
     pub token: Option<String>,
     pub tls_ca: Option<PathBuf>,
+    /// The config's default for `--smoke`.
+    pub smoke: bool,
 }
 
 pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
@@ -58,6 +62,7 @@ pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
         url,
         token,
         tls_ca: cli.tls_ca.clone().or(cfg.tls_ca_file),
+        smoke: cfg.smoke.unwrap_or(false),
     })
 }
 

@@ -26,7 +26,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     let conn = client::resolve_conn(&cli)?;
     let client = Client::connect_tls(&conn.url, conn.token, conn.tls_ca.as_deref()).await?;
-    match cli.command {
+    let mut command = cli.command;
+    if conn.smoke
+        && let Command::Submit(SubmitArgs { run, .. }) | Command::Warm(WarmArgs { run, .. }) =
+            &mut command
+    {
+        run.smoke = true;
+    }
+    match command {
         Command::Submit(args) => cmd::submit::submit_cmd(&client, args).await,
         Command::Warm(args) => cmd::submit::warm_cmd(&client, args).await,
         Command::Watch { run, out } => cmd::submit::watch_and_report(&client, &run, &out).await,

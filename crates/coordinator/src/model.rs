@@ -99,6 +99,9 @@ pub struct RunSpec {
     /// Do not build what the cache already has.
     #[serde(default)]
     pub skip_cached: bool,
+    /// Run each built package's main program (smoke tests).
+    #[serde(default)]
+    pub smoke: bool,
 }
 
 /// What an agent offers when it registers.
@@ -163,6 +166,9 @@ pub struct PackageInfo {
     pub timeout_secs: u64,
     #[serde(default)]
     pub max_silent_secs: u64,
+    /// meta.mainProgram (empty: none).
+    #[serde(default)]
+    pub main_program: String,
 }
 
 /// One attribute's evaluation as an agent reports it.
@@ -198,6 +204,11 @@ pub struct BuildReport {
     /// For a copied hash: the derivation that really produced the output with that hash.
     #[serde(default)]
     pub copied_from: String,
+    /// With smoke tests: what running the package's main program showed, and its output.
+    #[serde(default)]
+    pub smoke: nixfarm_core::Smoke,
+    #[serde(default)]
+    pub smoke_output: String,
 }
 
 /// A job's failure as an agent reports it: the message, and whether the agent or Nix broke
@@ -258,6 +269,8 @@ pub enum Job {
         trusted_public_keys: Vec<String>,
         timeout_secs: u64,
         max_silent_secs: u64,
+        /// Smoke-test the result: the main program's name (empty: the only one in bin/).
+        smoke: Option<String>,
     },
 }
 

@@ -17,7 +17,7 @@ pub mod status;
 
 pub use events::RunEvent;
 pub use report::{PackageReport, Report, Summary};
-pub use status::{BuildOutcome, PackageStatus, RunState};
+pub use status::{BuildOutcome, PackageStatus, RunState, Smoke};
 
 /// Whether a source revision pins a commit (a full hex commit id), as opposed to a
 /// branch or tag name that moves.

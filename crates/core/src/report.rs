@@ -1,7 +1,7 @@
 //! The readiness report: per package status and reason, overall percentage, and its
 //! renderings (table for people, JSON for scripts, Markdown for READMEs, JUnit for CI).
 
-use crate::status::{PackageStatus, RunState};
+use crate::status::{PackageStatus, RunState, Smoke};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -66,6 +66,9 @@ pub struct PackageReport {
     pub hash_fixes: Vec<HashFix>,
     #[serde(default)]
     pub log_tail: String,
+    /// With `--smoke`: what running its main program showed.
+    #[serde(default)]
+    pub smoke: Smoke,
 }
 
 impl PackageReport {
@@ -82,6 +85,9 @@ pub struct Summary {
     /// Ready packages as a percentage of all, rounded to one decimal.
     pub percent: f64,
     pub by_status: BTreeMap<String, usize>,
+    /// With `--smoke`: packages per smoke outcome (passed, failed, skipped).
+    #[serde(default)]
+    pub smoke: BTreeMap<String, usize>,
 }
 
 /// A run's readiness report.
@@ -169,11 +175,12 @@ impl Report {
     }
 
     pub fn summary_line(&self) -> String {
+        let ready = PackageStatus::Ready.as_str();
         let counts: Vec<String> = self
             .summary
             .by_status
             .iter()
-            .filter(|(k, _)| k.as_str() != "ready")
+            .filter(|(k, _)| k.as_str() != ready)
             .map(|(k, v)| format!("{v} {k}"))
             .collect();
         let mut s = format!(
@@ -182,6 +189,15 @@ impl Report {
         );
         if !counts.is_empty() {
             let _ = write!(s, "; {}", counts.join(", "));
+        }
+        if !self.summary.smoke.is_empty() {
+            let smoke: Vec<String> = self
+                .summary
+                .smoke
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
+            let _ = write!(s, "; smoke tests: {}", smoke.join(", "));
         }
         s
     }
@@ -285,11 +301,18 @@ impl Report {
 
 fn summarize(packages: &[PackageReport]) -> Summary {
     let mut by_status = BTreeMap::new();
+    let mut smoke = BTreeMap::new();
     for p in packages {
         *by_status.entry(p.status.to_string()).or_insert(0) += 1;
+        if p.smoke != Smoke::NotRun {
+            *smoke.entry(p.smoke.to_string()).or_insert(0) += 1;
+        }
     }
     let total = packages.len();
-    let ready = by_status.get("ready").copied().unwrap_or(0);
+    let ready = packages
+        .iter()
+        .filter(|p| p.status == PackageStatus::Ready)
+        .count();
     let percent = if total == 0 {
         0.0
     } else {
@@ -300,6 +323,7 @@ fn summarize(packages: &[PackageReport]) -> Summary {
         ready,
         percent,
         by_status,
+        smoke,
     }
 }
 
@@ -392,6 +416,7 @@ mod tests {
             hash_mismatches: vec![],
             hash_fixes: vec![],
             log_tail: "line1\nline2".into(),
+            smoke: Smoke::NotRun,
         }
     }
 

@@ -25,13 +25,15 @@ pub enum PackageStatus {
     InfraFailed,
     /// Builds, but its outputs are not in the run's binary cache (the push failed).
     NotCached,
+    /// Builds, but its main program dies at start (`--version` and `--help` both fail).
+    SmokeFailed,
     /// Not finished yet (only seen in reports of runs still going).
     #[default]
     Pending,
 }
 
 impl PackageStatus {
-    pub const ALL: [PackageStatus; 11] = [
+    pub const ALL: [PackageStatus; 12] = [
         Self::Ready,
         Self::NeedsHash,
         Self::Unpinned,
@@ -42,6 +44,7 @@ impl PackageStatus {
         Self::Cancelled,
         Self::InfraFailed,
         Self::NotCached,
+        Self::SmokeFailed,
         Self::Pending,
     ];
 
@@ -57,6 +60,7 @@ impl PackageStatus {
             Self::Cancelled => "cancelled",
             Self::InfraFailed => "infra-failed",
             Self::NotCached => "not-cached",
+            Self::SmokeFailed => "smoke-failed",
             Self::Pending => "pending",
         }
     }
@@ -79,6 +83,50 @@ impl fmt::Display for PackageStatus {
 pub struct UnknownStatus(pub String);
 
 impl FromStr for PackageStatus {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_string()))
+    }
+}
+
+/// What running a ready package's main program (`--version`, else `--help`) showed.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Smoke {
+    /// Not asked for (no `--smoke`), or not built.
+    #[default]
+    NotRun,
+    Passed,
+    Failed,
+    /// No program to run: no `meta.mainProgram` and not exactly one executable in `bin/`.
+    Skipped,
+}
+
+impl Smoke {
+    pub const ALL: [Smoke; 4] = [Self::NotRun, Self::Passed, Self::Failed, Self::Skipped];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotRun => "not-run",
+            Self::Passed => "passed",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+impl fmt::Display for Smoke {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Smoke {
     type Err = UnknownStatus;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::ALL

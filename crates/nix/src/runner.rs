@@ -53,6 +53,9 @@ pub struct AttrInfo {
     /// `meta.maxSilent`, seconds (0: none).
     #[serde(default)]
     pub max_silent: u64,
+    /// `meta.mainProgram` (empty: none).
+    #[serde(default)]
+    pub main_program: String,
 }
 
 /// Options of one build.
@@ -159,6 +162,7 @@ in {
   system = d.system or "";
   timeout = if builtins.isAttrs meta && builtins.isInt (meta.timeout or null) then meta.timeout else 0;
   maxSilent = if builtins.isAttrs meta && builtins.isInt (meta.maxSilent or null) then meta.maxSilent else 0;
+  mainProgram = if builtins.isAttrs meta && builtins.isString (meta.mainProgram or null) then meta.mainProgram else "";
 }"#;
 
 impl Nix {

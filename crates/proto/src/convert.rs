@@ -3,7 +3,7 @@
 
 use crate::v1 as pb;
 use nixfarm_core::report::{HashFix, HashMismatch, PackageReport, Report};
-use nixfarm_core::{PackageStatus, RunState};
+use nixfarm_core::{PackageStatus, RunState, Smoke};
 use std::collections::BTreeMap;
 
 /// A wire message whose fields do not make a domain value.
@@ -59,6 +59,7 @@ impl From<&PackageReport> for pb::PackageReport {
                     hints: m.hints.clone(),
                 })
                 .collect(),
+            smoke: p.smoke.to_string(),
             hash_fixes: p
                 .hash_fixes
                 .iter()
@@ -81,6 +82,13 @@ impl TryFrom<pb::PackageReport> for PackageReport {
             .status
             .parse()
             .map_err(|e| WireError(format!("package {}: {e}", p.attr)))?;
+        let smoke = if p.smoke.is_empty() {
+            Smoke::NotRun
+        } else {
+            p.smoke
+                .parse()
+                .map_err(|e| WireError(format!("package {}: {e}", p.attr)))?
+        };
         Ok(PackageReport {
             attr: p.attr,
             status,
@@ -121,6 +129,7 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                 })
                 .collect(),
             log_tail: p.log_tail,
+            smoke,
         })
     }
 }

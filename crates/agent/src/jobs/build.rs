@@ -142,6 +142,16 @@ pub(super) async fn build(
                 r.copied_from = from;
                 return r;
             }
+            if j.smoke {
+                let (outcome, output) = super::smoke::smoke(&paths, &j.main_program).await;
+                r.smoke = match outcome {
+                    nixfarm_core::Smoke::Passed => pb::SmokeOutcome::SmokePassed,
+                    nixfarm_core::Smoke::Failed => pb::SmokeOutcome::SmokeFailed,
+                    nixfarm_core::Smoke::Skipped => pb::SmokeOutcome::SmokeSkipped,
+                    nixfarm_core::Smoke::NotRun => pb::SmokeOutcome::SmokeNotRun,
+                } as i32;
+                r.smoke_output = output;
+            }
             // Pushed even when nothing was built: the output may predate the run (the push asks
             // the cache first and uploads only what it lacks).
             if let Some(p) = &push

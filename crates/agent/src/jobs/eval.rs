@@ -157,6 +157,7 @@ pub(super) async fn eval_chunk(
                     error: String::new(),
                     timeout_secs: info.timeout,
                     max_silent_secs: info.max_silent,
+                    main_program: info.main_program.clone(),
                 });
             }
             Some(Err(e)) => attrs.push(pb::EvaluatedAttr {

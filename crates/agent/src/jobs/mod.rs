@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 mod build;
 mod claims;
 mod eval;
+mod smoke;
 mod source;
 
 use build::build;

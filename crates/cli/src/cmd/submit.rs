@@ -69,6 +69,7 @@ pub(crate) async fn submit(
         max_silent_secs: run.max_silent,
         attrs: attrs.to_vec(),
         skip_cached: run.skip_cached,
+        smoke: run.smoke,
     };
     let resp = client
         .raw()

@@ -155,6 +155,7 @@ impl Engine {
                     trusted_public_keys: run.spec.trusted_public_keys.clone(),
                     timeout_secs: if t > 0 { t } else { run.spec.timeout_secs },
                     max_silent_secs: if s > 0 { s } else { run.spec.max_silent_secs },
+                    smoke: run.smoke.get(&drv).cloned(),
                 };
                 return Some((run.id.clone(), JobRef::Build(n), job, drv));
             }

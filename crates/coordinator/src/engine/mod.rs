@@ -90,6 +90,9 @@ struct RunMem {
     built_on: HashMap<NodeId, String>,
     /// Per-derivation build limits from the packages' meta (timeout, max-silent).
     limits: HashMap<String, (u64, u64)>,
+    /// With smoke tests: each package's derivation and its main program (empty: the only
+    /// executable in bin/).
+    smoke: HashMap<String, String>,
     done_builds: u64,
     /// Attribute names of each evaluation task.
     chunk_attrs: HashMap<i64, Vec<String>>,
@@ -256,6 +259,7 @@ impl RunMem {
             outputs_of: Vec::new(),
             built_on: HashMap::new(),
             limits: HashMap::new(),
+            smoke: HashMap::new(),
             done_builds: 0,
             chunk_attrs: HashMap::new(),
         }

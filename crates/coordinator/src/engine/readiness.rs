@@ -29,6 +29,7 @@ pub(super) fn package_report(
         hash_mismatches: vec![],
         hash_fixes: vec![],
         log_tail: String::new(),
+        smoke: nixfarm_core::Smoke::NotRun,
     };
     let set = |r: &mut PackageReport, st: PackageStatus, reason: String| {
         r.status = st;
@@ -45,6 +46,7 @@ pub(super) fn package_report(
     };
     r.duration_ms = rep.duration_ms;
     r.agent = rep.agent.clone();
+    r.smoke = rep.smoke;
     if !rep.outputs.is_empty() {
         r.outputs = rep.outputs.clone();
     }
@@ -74,6 +76,25 @@ pub(super) fn package_report(
                         "fixed-output derivation {} succeeded with a fake hash (its output was already in a store or cache); set its real hash",
                         fake.join(", ")
                     ),
+                );
+            } else if rep.smoke == nixfarm_core::Smoke::Failed {
+                // It builds, but what users run dies at start. The agent's output starts with
+                // what it ran and how that ended; its last line is usually the cause.
+                r.log_tail = rep.smoke_output.clone();
+                let mut lines = rep.smoke_output.lines().filter(|l| !l.trim().is_empty());
+                let ran = lines.next().unwrap_or("the main program failed");
+                let cause = lines.next_back().unwrap_or_default();
+                set(
+                    &mut r,
+                    PackageStatus::SmokeFailed,
+                    if cause.is_empty() {
+                        format!("smoke test: {ran}")
+                    } else {
+                        format!(
+                            "smoke test: {ran}: {}",
+                            nixfarm_core::limits::clip(cause, 300)
+                        )
+                    },
                 );
             } else if rep.kind == BuildOutcome::NotCached {
                 set(&mut r, PackageStatus::NotCached, rep.message.clone());

@@ -178,6 +178,9 @@ impl Engine {
                 run.limits
                     .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
             }
+            if run.spec.smoke && !p.drv_path.is_empty() && p.eval_error.is_empty() {
+                run.smoke.insert(p.drv_path.clone(), p.main_program.clone());
+            }
         }
         run.sched = Some(sched);
         if run.state == RunState::Evaluating || run.state == RunState::Queued {

@@ -146,6 +146,7 @@ fn flake_run() -> RunSpec {
         max_silent_secs: 0,
         attrs: vec![],
         skip_cached: false,
+        smoke: false,
     }
 }
 

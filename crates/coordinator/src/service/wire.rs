@@ -109,6 +109,7 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
                 r.attrs
             },
             skip_cached: r.skip_cached,
+            smoke: r.smoke,
         })
     }
 }
@@ -254,6 +255,7 @@ pub(super) fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOu
                     system: short(a.system),
                     timeout_secs: a.timeout_secs,
                     max_silent_secs: a.max_silent_secs,
+                    main_program: short(a.main_program),
                 },
             })
         })
@@ -354,6 +356,15 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                         agent: String::new(),
                         failed_root: String::new(),
                         copied_from: short(b.copied_from),
+                        smoke: match pb::SmokeOutcome::try_from(b.smoke) {
+                            Ok(pb::SmokeOutcome::SmokePassed) => nixfarm_core::Smoke::Passed,
+                            Ok(pb::SmokeOutcome::SmokeFailed) => nixfarm_core::Smoke::Failed,
+                            Ok(pb::SmokeOutcome::SmokeSkipped) => nixfarm_core::Smoke::Skipped,
+                            Ok(pb::SmokeOutcome::SmokeNotRun) | Err(_) => {
+                                nixfarm_core::Smoke::NotRun
+                            }
+                        },
+                        smoke_output: truncate(b.smoke_output, lim::MAX_MESSAGE),
                     },
                 }
             }
@@ -412,12 +423,15 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         trusted_public_keys,
                         timeout_secs,
                         max_silent_secs,
+                        smoke,
                     } => J::Build(pb::BuildJob {
                         drv_path,
                         cache,
                         trusted_public_keys,
                         timeout_secs,
                         max_silent_secs,
+                        smoke: smoke.is_some(),
+                        main_program: smoke.unwrap_or_default(),
                     }),
                 };
                 Msg::Assign(pb::Assignment {

@@ -231,7 +231,7 @@ pub async fn package(
          <dt>reason</dt><dd>{}</dd><dt>agent</dt><dd>{}</dd><dt>time</dt><dd>{}</dd>\
          <dt>version</dt><dd>{}</dd><dt>defined at</dt><dd><code>{}</code></dd>\
          <dt>source revision</dt><dd><code>{}</code> ({})</dd>\
-         <dt>derivation</dt><dd><code>{}</code></dd>",
+         <dt>derivation</dt><dd><code>{}</code></dd><dt>smoke test</dt><dd>{}</dd>",
         esc(&p.attr),
         status_class(p.status),
         p.status,
@@ -243,6 +243,7 @@ pub async fn package(
         esc(&p.rev),
         if p.pinned { "pinned" } else { "not pinned" },
         esc(&p.drv_path),
+        p.smoke,
     );
     for (name, path) in &p.outputs {
         let _ = write!(
