@@ -69,7 +69,12 @@ fn local(
     ];
     argv.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let out = host.command(&refs).output().unwrap();
+    // A secret in the agents' environment, which no evaluation may read.
+    let out = host
+        .command(&refs)
+        .env("NIXFARM_TEST_SECRET", "s3cret")
+        .output()
+        .unwrap();
     serde_json::from_str(&stdout(&out))
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&out), stderr(&out)))
 }
@@ -205,4 +210,125 @@ fn smoke_tests_run_each_main_program_as_a_user_would() {
     assert_eq!(got["broken"]["status"], "ready");
     assert_eq!(got["broken"]["smoke"], "not-run");
     assert_eq!(plain["summary"]["smoke"], serde_json::json!({}));
+}
+
+/// A classic NUR repository: no flake.nix; default.nix (a function of `pkgs` and more)
+/// returns the packages beside `lib`, `modules` and `overlays`; ci.nix lists buildOutputs.
+fn nur_repo(dir: &std::path::Path) -> std::path::PathBuf {
+    let repo = dir.join("nur");
+    std::fs::create_dir_all(repo.join("pkgs")).unwrap();
+    std::fs::write(
+        repo.join("default.nix"),
+        r#"{ pkgs ? null, greeting ? "hello" }:
+let
+  sys = "x86_64-linux";
+  pkg = args@{ pname, script, src ? null }: let
+    pos = builtins.unsafeGetAttrPos "pname" args;
+  in derivation ({ name = pname; system = sys; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" script ]; } // (if src == null then { } else { inherit src; }))
+    // { inherit pname; meta.position = "${pos.file}:${toString pos.line}"; };
+  fod = { text, hash }: derivation { name = "source"; system = sys; builder = "/bin/sh";
+    PATH = "/usr/bin:/bin"; args = [ "-c" "printf '%s\\n' '${text}' > $out" ];
+    outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = hash; };
+in {
+  lib = { helper = x: x; };
+  modules = { };
+  overlays = { };
+  hello = import ./pkgs/hello.nix { inherit pkg greeting; };
+  fixme = import ./pkgs/fixme.nix { inherit pkg fod; };
+  # Reads the agent's environment: empty.
+  leak = pkg { pname = "leak"; script = "echo '${builtins.getEnv "NIXFARM_TEST_SECRET"}' > $out"; };
+  # Reads outside the checkout: refused in restricted mode.
+  snoop = pkg { pname = "snoop"; script = "echo ${builtins.readFile /etc/hostname} > $out"; };
+}
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("pkgs/hello.nix"),
+        "{ pkg, greeting }:\npkg {\n  pname = \"hello\";\n  script = \"echo ${greeting} > $out\";\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("pkgs/fixme.nix"),
+        "{ pkg, fod }:\npkg {\n  pname = \"fixme\";\n  src = fod {\n    text = \"fixme source\";\n    hash = \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\";\n  };\n  script = \"cat $src > $out\";\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("ci.nix"),
+        "let all = import ./default.nix { }; in { buildOutputs = [ all.hello all.fixme ]; }\n",
+    )
+    .unwrap();
+    repo
+}
+
+#[test]
+fn classic_nur_layouts_default_nix_and_ci_nix() {
+    let dir = scratch();
+    let repo = nur_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    // No flake.nix: default.nix is taken, called with the run's arguments.
+    let report = local(&host, &state, &repo, &["--argstr", "greeting", "hi there"]);
+    let got = packages_by_attr(&report);
+    let names: Vec<&String> = got.keys().collect();
+    assert_eq!(
+        names,
+        ["fixme", "hello", "leak", "snoop"],
+        "lib, modules, overlays are not packages: {report}"
+    );
+    assert_eq!(got["hello"]["status"], "ready", "{}", got["hello"]);
+    let out = got["hello"]["outputs"]["out"].as_str().unwrap();
+    let cat = host.run(&["cat", out]);
+    assert_eq!(stdout(&cat).trim(), "hi there");
+    assert_eq!(got["hello"]["position"], "pkgs/hello.nix:3");
+    let leak = got["leak"]["outputs"]["out"].as_str().unwrap();
+    assert_eq!(
+        stdout(&host.run(&["cat", leak])).trim(),
+        "",
+        "the agent's environment leaked"
+    );
+    assert_eq!(got["fixme"]["status"], "needs-hash", "{}", got["fixme"]);
+    assert_eq!(got["fixme"]["hash_fixes"][0]["file"], "pkgs/fixme.nix");
+    // The file cannot read the agent's disk.
+    assert_eq!(got["snoop"]["status"], "eval-failed");
+    assert!(
+        got["snoop"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("restricted mode"),
+        "{}",
+        got["snoop"]["reason"]
+    );
+    // ci.nix's buildOutputs (a list): its derivations, by name.
+    let ci = local(
+        &host,
+        &state,
+        &repo,
+        &["--file", "ci.nix", "--attr-path", "buildOutputs"],
+    );
+    let got = packages_by_attr(&ci);
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["fixme", "hello"]);
+    assert_eq!(got["hello"]["status"], "ready");
+    // Hash fixing works the same: the verifying round builds it.
+    let fixed = local(
+        &host,
+        &state,
+        &repo,
+        &[
+            "--file",
+            "ci.nix",
+            "--attr-path",
+            "buildOutputs",
+            "--fix-hashes",
+            "--apply",
+        ],
+    );
+    let got = packages_by_attr(&fixed);
+    assert_eq!(got["fixme"]["status"], "ready", "{}", got["fixme"]);
+    assert!(
+        std::fs::read_to_string(repo.join("pkgs/fixme.nix"))
+            .unwrap()
+            .contains(&sri("fixme source"))
+    );
 }

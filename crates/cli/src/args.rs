@@ -88,9 +88,23 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Attribute path whose attributes are the packages.
-    #[arg(long, default_value = "packages.x86_64-linux")]
-    pub attr_path: String,
+    /// Attribute path whose attributes are the packages. Default: packages.x86_64-linux of a
+    /// flake; the top level of a Nix file (--file), where a list (ci.nix's buildOutputs)
+    /// counts as its derivations.
+    #[arg(long, value_name = "PATH")]
+    pub attr_path: Option<String>,
+    /// Evaluate this Nix file of the checkout instead of its flake (classic NUR layouts:
+    /// default.nix, or ci.nix with --attr-path buildOutputs). Taken by default when the
+    /// checkout has no flake.nix but a default.nix. Evaluated in restricted mode: it reads
+    /// nothing outside the checkout.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<String>,
+    /// Pass NAME = EXPR (a Nix expression) to the file's function, as nix-build --arg.
+    #[arg(long = "arg", num_args = 2, value_names = ["NAME", "EXPR"], action = clap::ArgAction::Append)]
+    pub args: Vec<String>,
+    /// Pass NAME = VALUE (taken as a string) to the file's function, as nix-build --argstr.
+    #[arg(long = "argstr", num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
+    pub argstrs: Vec<String>,
     /// Only this package (an attribute name under --attr-path); repeat for several.
     #[arg(long = "attr", value_name = "NAME")]
     pub attrs: Vec<String>,

@@ -29,11 +29,17 @@ pub fn check_local_or_ref(s: &str) -> anyhow::Result<Named> {
         if std::fs::read_dir(&dir).is_err() {
             bail!("cannot read directory {s}: permission denied");
         }
-        if !dir.join("flake.nix").is_file() {
-            bail!("{s} is not a flake: it has no flake.nix");
-        }
-        if let Err(e) = std::fs::File::open(dir.join("flake.nix")) {
-            bail!("cannot read {}: {e}", dir.join("flake.nix").display());
+        // A flake, or a classic repository whose default.nix returns the packages.
+        let Some(top) = ["flake.nix", "default.nix"]
+            .into_iter()
+            .find(|f| dir.join(f).is_file())
+        else {
+            bail!(
+                "{s} is not a flake: it has no flake.nix (nor a default.nix, which --file would evaluate)"
+            );
+        };
+        if let Err(e) = std::fs::File::open(dir.join(top)) {
+            bail!("cannot read {}: {e}", dir.join(top).display());
         }
         return Ok(Named::Dir(dir));
     }
@@ -133,6 +139,24 @@ fn label_of(dir: &Path) -> String {
         start += 1;
     }
     format!("…{}", &full[start..])
+}
+
+/// The Nix file a run of `dir` evaluates instead of its flake: `--file`, else `default.nix`
+/// when there is no flake.nix; None for a flake.
+pub fn entry_file(dir: &Path, file: Option<&str>) -> anyhow::Result<Option<String>> {
+    match file {
+        Some(f) => {
+            nixfarm_core::entry::check_file(f).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if !dir.join(f).is_file() {
+                bail!("--file {f}: no such file in {}", dir.display());
+            }
+            Ok(Some(f.to_string()))
+        }
+        None if !dir.join("flake.nix").is_file() && dir.join("default.nix").is_file() => {
+            Ok(Some("default.nix".into()))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Uploads a local checkout (or passes a flake reference through) and returns the run's source.

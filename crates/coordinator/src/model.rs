@@ -102,6 +102,20 @@ pub struct RunSpec {
     /// Run each built package's main program (smoke tests).
     #[serde(default)]
     pub smoke: bool,
+    /// A Nix file of the snapshot to evaluate instead of its flake.
+    #[serde(default)]
+    pub entry: EntrySpec,
+}
+
+/// A Nix file evaluated instead of the flake (`--file default.nix`), and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EntrySpec {
+    /// Relative to the snapshot's root; empty: the flake.
+    #[serde(default)]
+    pub file: String,
+    /// (name, value, literal): `--argstr` when literal, else `--arg` (a Nix expression).
+    #[serde(default)]
+    pub args: Vec<(String, String, bool)>,
 }
 
 /// What an agent offers when it registers.
@@ -251,12 +265,14 @@ pub enum FromAgent {
 pub enum Job {
     EvalList {
         source: SourceSpec,
+        entry: EntrySpec,
         attr_path: String,
         /// Memory cap of the listing process, MiB (0: none).
         memory_mib: u64,
     },
     EvalChunk {
         source: SourceSpec,
+        entry: EntrySpec,
         attr_path: String,
         attrs: Vec<String>,
         cache: String,

@@ -264,6 +264,7 @@ fn run_spec() -> RunSpec {
         attrs: vec![],
         skip_cached: false,
         smoke: false,
+        entry: Default::default(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! and Lix print, across the versions users run.
 
 pub mod derivation;
+pub mod entry;
 pub mod hash;
 pub mod messages;
 pub mod runner;

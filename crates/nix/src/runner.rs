@@ -1,6 +1,8 @@
 //! The Nix child processes nixfarm runs: evaluation, derivation queries, builds and copies.
 
 use crate::derivation::{Derivation, parse_show_derivation};
+pub use crate::entry::Entry;
+use crate::entry::NORMALIZE;
 use crate::messages::{Failure, classify_failure, first_error, is_machine_error};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -130,7 +132,7 @@ pub fn nix_string(s: &str) -> String {
 
 /// Renders an attribute path (`packages.x86_64-linux`) as a flake fragment with each
 /// element quoted where needed.
-fn fragment(attr_path: &str) -> String {
+pub(crate) fn fragment(attr_path: &str) -> String {
     attr_path
         .split('.')
         .map(|p| {
@@ -231,17 +233,24 @@ impl Nix {
         c
     }
 
-    /// Attribute names below `attr_path` of `flake`, in a process capped at `mem_mib` MiB
-    /// (0: none).
+    /// Attribute names below `attr_path` of `entry`, in a process capped at `mem_mib` MiB
+    /// (0: none). Of a Nix file, only the derivations (and what fails to evaluate): a NUR
+    /// `default.nix` also holds `lib`, `modules` and `overlays`.
     pub async fn list_attrs(
         &self,
-        flake: &str,
+        entry: &Entry,
         attr_path: &str,
         mem_mib: u64,
     ) -> Result<Vec<String>, NixError> {
         let mut c = self.eval_cmd("");
-        c.arg(format!("{flake}#{}", fragment(attr_path)));
-        c.args(["--apply", "s: if builtins.isAttrs s then builtins.attrNames s else throw \"not an attribute set\""]);
+        entry.select(&mut c, attr_path);
+        if entry.is_file() {
+            c.arg("--apply").arg(format!(
+                "s: let n = {NORMALIZE} s; in if builtins.isAttrs n then builtins.filter (k: let t = builtins.tryEval n.${{k}}; in !t.success || (builtins.isAttrs t.value && (t.value.type or null) == \"derivation\")) (builtins.attrNames n) else throw \"not an attribute set or a list\""
+            ));
+        } else {
+            c.args(["--apply", "s: if builtins.isAttrs s then builtins.attrNames s else throw \"not an attribute set\""]);
+        }
         let out = self.run_json(c, mem_mib).await?;
         serde_json::from_str(&out)
             .map_err(|e| NixError::Infra(format!("cannot parse attribute list: {e}")))
@@ -251,18 +260,18 @@ impl Nix {
     /// so callers bisect to isolate failures.
     pub async fn eval_attrs(
         &self,
-        flake: &str,
+        entry: &Entry,
         attr_path: &str,
         attrs: &[String],
         mem_mib: u64,
     ) -> Result<BTreeMap<String, AttrInfo>, NixError> {
         let names: Vec<String> = attrs.iter().map(|a| nix_string(a)).collect();
         let apply = format!(
-            "s: let info = {INFO_EXPR}; in builtins.listToAttrs (map (n: {{ name = n; value = info s.${{n}}; }}) [ {} ])",
+            "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; in builtins.listToAttrs (map (n: {{ name = n; value = info s.${{n}}; }}) [ {} ])",
             names.join(" ")
         );
         let mut c = self.eval_cmd("");
-        c.arg(format!("{flake}#{}", fragment(attr_path)));
+        entry.select(&mut c, attr_path);
         c.arg("--apply").arg(apply);
         let out = self.run_json(c, mem_mib).await?;
         serde_json::from_str(&out)

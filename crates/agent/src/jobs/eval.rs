@@ -15,7 +15,7 @@ pub(super) fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput
 /// attribute stands alone, so one attribute that throws never hides the others.
 pub(super) async fn eval_isolated(
     shared: &Arc<Shared>,
-    flake: &str,
+    entry: &Entry,
     attr_path: &str,
     attrs: Vec<String>,
     mem: u64,
@@ -26,15 +26,15 @@ pub(super) async fn eval_isolated(
     while !pending.is_empty() {
         let mut set = tokio::task::JoinSet::new();
         for group in pending.drain(..) {
-            let (shared, flake, attr_path, sem) = (
+            let (shared, entry, attr_path, sem) = (
                 shared.clone(),
-                flake.to_string(),
+                entry.clone(),
                 attr_path.to_string(),
                 sem.clone(),
             );
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                let r = shared.nix.eval_attrs(&flake, &attr_path, &group, mem).await;
+                let r = shared.nix.eval_attrs(&entry, &attr_path, &group, mem).await;
                 (group, r)
             });
         }
@@ -72,7 +72,7 @@ pub(super) async fn eval_isolated(
 pub(super) async fn eval_rooted(
     shared: &Arc<Shared>,
     run_id: &str,
-    flake: &str,
+    entry: &Entry,
     j: &pb::EvalChunkJob,
 ) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
     let mut tries = 0;
@@ -80,7 +80,7 @@ pub(super) async fn eval_rooted(
         tries += 1;
         let evaluated = eval_isolated(
             shared,
-            flake,
+            entry,
             &j.attr_path,
             j.attrs.clone(),
             j.eval_memory_mib,
@@ -135,7 +135,11 @@ pub(super) async fn eval_chunk(
         Ok(f) => f,
         Err(e) => return fail(e),
     };
-    let evaluated = match eval_rooted(shared, run_id, &flake, &j).await {
+    let entry = match super::source::entry_for(&flake, j.entry.clone()) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let evaluated = match eval_rooted(shared, run_id, &entry, &j).await {
         Ok(m) => m,
         Err(e) => return fail(e),
     };

@@ -2,6 +2,7 @@
 
 use crate::{Shared, add_token};
 use nixfarm_core::snapshot;
+use nixfarm_nix::entry::Entry;
 use nixfarm_nix::messages::Failure;
 use nixfarm_nix::{AttrInfo, BuildOptions, NixError};
 use nixfarm_proto::v1 as pb;
@@ -69,9 +70,10 @@ pub(crate) async fn run(
         Some(Job::EvalList(j)) => {
             let result = async {
                 let flake = prepare_source(shared, channel, &run_id, j.source).await?;
+                let entry = source::entry_for(&flake, j.entry)?;
                 shared
                     .nix
-                    .list_attrs(&flake, &j.attr_path, j.eval_memory_mib)
+                    .list_attrs(&entry, &j.attr_path, j.eval_memory_mib)
                     .await
             }
             .await;

@@ -28,6 +28,41 @@ pub(super) async fn prepare_source(
     }
 }
 
+/// What to evaluate: the flake, or a Nix file of the unpacked snapshot (checked again here:
+/// inside the tree, a regular file) with the run's arguments.
+pub(super) fn entry_for(flake: &str, entry: Option<pb::NixEntry>) -> Result<Entry, NixError> {
+    let refuse = |message: String| NixError::Failed {
+        message,
+        log: String::new(),
+    };
+    let Some(e) = entry.filter(|e| !e.file.is_empty()) else {
+        return Ok(Entry::Flake(flake.to_string()));
+    };
+    nixfarm_core::entry::check_file(&e.file).map_err(|x| refuse(x.0))?;
+    let mut args = Vec::new();
+    for a in e.args.into_iter().take(nixfarm_core::entry::MAX_ARGS) {
+        nixfarm_core::entry::check_arg(&a.name, &a.value).map_err(|x| refuse(x.0))?;
+        args.push((a.name, a.value, a.literal));
+    }
+    let Some(root) = flake.strip_prefix("path:").map(std::path::PathBuf::from) else {
+        return Err(refuse(
+            "--file evaluates a file of an uploaded checkout, not of a flake reference".into(),
+        ));
+    };
+    let meta = std::fs::symlink_metadata(root.join(&e.file));
+    if !meta.is_ok_and(|m| m.is_file()) {
+        return Err(refuse(format!(
+            "{} is not a file of the checkout (--file)",
+            e.file
+        )));
+    }
+    Ok(Entry::File {
+        root,
+        file: e.file,
+        args,
+    })
+}
+
 /// Runs whose unpacked sources are kept at once (least recently used go first).
 pub(super) const KEPT_RUN_SOURCES: usize = 8;
 

@@ -57,11 +57,38 @@ pub(crate) async fn submit(
     overrides: &BTreeMap<PathBuf, Vec<u8>>,
     attrs: &[String],
 ) -> anyhow::Result<String> {
+    let entry = match source::check_local_or_ref(source)? {
+        source::Named::Dir(dir) => source::entry_file(&dir, run.file.as_deref())?,
+        source::Named::FlakeRef(_) if run.file.is_some() => {
+            bail!("--file evaluates a file of a local checkout, not of a flake reference")
+        }
+        source::Named::FlakeRef(_) => None,
+    };
+    if entry.is_none() && !(run.args.is_empty() && run.argstrs.is_empty()) {
+        bail!("--arg and --argstr are for a Nix file (--file or a default.nix), not a flake");
+    }
+    let mut nix_args = Vec::new();
+    for (pairs, literal) in [(&run.args, false), (&run.argstrs, true)] {
+        for pair in pairs.chunks(2) {
+            if let [name, value] = pair {
+                nixfarm_core::entry::check_arg(name, value).map_err(|e| anyhow::anyhow!("{e}"))?;
+                nix_args.push(pb::NixArg {
+                    name: name.clone(),
+                    value: value.clone(),
+                    literal,
+                });
+            }
+        }
+    }
     let (src, label) = source::prepare(client, source, overrides).await?;
     let cache = run_cache(run)?;
     let req = pb::SubmitRunRequest {
         source: Some(src),
-        attr_path: run.attr_path.clone(),
+        attr_path: run.attr_path.clone().unwrap_or_default(),
+        entry: entry.map(|file| pb::NixEntry {
+            file,
+            args: nix_args,
+        }),
         label,
         cache,
         trusted_public_keys: run.trusted_public_keys.clone(),

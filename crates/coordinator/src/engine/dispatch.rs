@@ -103,6 +103,7 @@ impl Engine {
                         JobRef::Eval(task),
                         Job::EvalList {
                             source,
+                            entry: run.spec.entry.clone(),
                             attr_path,
                             memory_mib: opts.eval_memory_mib,
                         },
@@ -115,6 +116,7 @@ impl Engine {
                             JobRef::Eval(task),
                             Job::EvalChunk {
                                 source,
+                                entry: run.spec.entry.clone(),
                                 attr_path,
                                 attrs,
                                 cache: run.spec.cache.clone(),

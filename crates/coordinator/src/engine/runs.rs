@@ -5,7 +5,8 @@ use super::*;
 impl Engine {
     /// Accepts a run; evaluation starts as soon as an agent is free.
     pub fn submit(&self, spec: RunSpec) -> Result<String, EngineError> {
-        if spec.attr_path.trim().is_empty() {
+        // A flake's packages live below an attribute path; a Nix file's may be its top level.
+        if spec.attr_path.trim().is_empty() && spec.entry.file.is_empty() {
             return Err(EngineError::Invalid("the attribute path is empty".into()));
         }
         match &spec.source {

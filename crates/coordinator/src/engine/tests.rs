@@ -147,6 +147,7 @@ fn flake_run() -> RunSpec {
         attrs: vec![],
         skip_cached: false,
         smoke: false,
+        entry: Default::default(),
     }
 }
 

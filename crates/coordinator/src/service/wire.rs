@@ -40,6 +40,50 @@ pub(super) fn source_from_wire(s: Option<pb::Source>) -> Result<SourceSpec, Wire
     }
 }
 
+/// A non-flake entry from the CLI, checked (the agent checks it again).
+pub(super) fn entry_from_wire(e: Option<pb::NixEntry>) -> Result<EntrySpec, WireError> {
+    let Some(e) = e else {
+        return Ok(EntrySpec::default());
+    };
+    if e.file.is_empty() {
+        if !e.args.is_empty() {
+            return Err(WireError(
+                "--arg and --argstr apply to a Nix file (--file), not to a flake".into(),
+            ));
+        }
+        return Ok(EntrySpec::default());
+    }
+    nixfarm_core::entry::check_file(&e.file).map_err(|x| WireError(x.0))?;
+    if e.args.len() > nixfarm_core::entry::MAX_ARGS {
+        return Err(WireError(format!(
+            "{} arguments; at most {} are accepted",
+            e.args.len(),
+            nixfarm_core::entry::MAX_ARGS
+        )));
+    }
+    let mut args = Vec::new();
+    for a in e.args {
+        nixfarm_core::entry::check_arg(&a.name, &a.value).map_err(|x| WireError(x.0))?;
+        args.push((a.name, a.value, a.literal));
+    }
+    Ok(EntrySpec { file: e.file, args })
+}
+
+pub fn entry_to_wire(e: &EntrySpec) -> pb::NixEntry {
+    pb::NixEntry {
+        file: e.file.clone(),
+        args: e
+            .args
+            .iter()
+            .map(|(name, value, literal)| pb::NixArg {
+                name: name.clone(),
+                value: value.clone(),
+                literal: *literal,
+            })
+            .collect(),
+    }
+}
+
 pub fn source_to_wire(s: &SourceSpec) -> pb::Source {
     pb::Source {
         kind: Some(match s {
@@ -87,9 +131,12 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
                 )));
             }
         }
-        Ok(RunSpec {
+        let spec = RunSpec {
             source: source_from_wire(r.source)?,
-            attr_path: if r.attr_path.is_empty() {
+            // A flake's packages by default; a Nix file's top level.
+            attr_path: if r.attr_path.is_empty()
+                && r.entry.as_ref().is_none_or(|e| e.file.is_empty())
+            {
                 "packages.x86_64-linux".into()
             } else {
                 r.attr_path
@@ -110,7 +157,15 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
             },
             skip_cached: r.skip_cached,
             smoke: r.smoke,
-        })
+            entry: entry_from_wire(r.entry)?,
+        };
+        // A Nix file is read from an uploaded tree; a remote flake has no such file here.
+        if !spec.entry.file.is_empty() && !matches!(spec.source, SourceSpec::Snapshot(_)) {
+            return Err(WireError(
+                "--file evaluates a file of a local checkout, not of a flake reference".into(),
+            ));
+        }
+        Ok(spec)
     }
 }
 
@@ -394,9 +449,11 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                 let job = match job {
                     Job::EvalList {
                         source,
+                        entry,
                         attr_path,
                         memory_mib,
                     } => J::EvalList(pb::EvalListJob {
+                        entry: Some(entry_to_wire(&entry)),
                         source: Some(source_to_wire(&source)),
                         attr_path,
                         cache: String::new(),
@@ -404,12 +461,14 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                     }),
                     Job::EvalChunk {
                         source,
+                        entry,
                         attr_path,
                         attrs,
                         cache,
                         memory_mib,
                         skip_cached,
                     } => J::EvalChunk(pb::EvalChunkJob {
+                        entry: Some(entry_to_wire(&entry)),
                         source: Some(source_to_wire(&source)),
                         attr_path,
                         attrs,

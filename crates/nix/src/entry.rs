@@ -1,0 +1,133 @@
+//! What an evaluation reads: a flake (`REF#attr.path`), or a Nix file of a local tree
+//! (classic NUR layouts: `default.nix`, `ci.nix`) called with the run's arguments. A file is
+//! evaluated in restricted mode with only its tree on the search path, so it reads nothing
+//! else of the agent's disk, as a flake in pure mode cannot.
+
+use crate::runner::nix_string;
+use std::path::PathBuf;
+use tokio::process::Command;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Flake(String),
+    File {
+        /// The tree (an unpacked snapshot).
+        root: PathBuf,
+        /// Relative to `root`.
+        file: String,
+        /// (name, value, literal): literal values are strings (`--argstr`), others Nix
+        /// expressions (`--arg`).
+        args: Vec<(String, String, bool)>,
+    },
+}
+
+/// The environment a Nix file's evaluation sees: what Nix needs to reach its store, nothing
+/// else (not NIX_CONFIG, which may hold access tokens).
+const KEPT_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "TMPDIR",
+    "LANG",
+    "NIX_REMOTE",
+    "NIX_STORE_DIR",
+    "NIX_STATE_DIR",
+    "NIX_LOG_DIR",
+    "NIX_CONF_DIR",
+    "NIX_SSL_CERT_FILE",
+    "XDG_CACHE_HOME",
+];
+
+/// Lists become attribute sets named by their derivations' `pname` (or name without the
+/// version): `ci.nix`'s `buildOutputs` is a list.
+pub(crate) const NORMALIZE: &str = r#"(s: if builtins.isList s then builtins.listToAttrs (map (d: { name = d.pname or (builtins.parseDrvName d.name).name; value = d; }) s) else s)"#;
+
+impl Entry {
+    /// Adds what selects `attr_path` of this entry to a `nix eval` command.
+    pub(crate) fn select(&self, c: &mut Command, attr_path: &str) {
+        match self {
+            Entry::Flake(f) => {
+                c.arg(format!("{f}#{}", crate::runner::fragment(attr_path)));
+            }
+            Entry::File { root, file, args } => {
+                // Impure, as nix-build is, but restricted to the tree (the search path), and
+                // with none of the agent's secrets to read through builtins.getEnv.
+                c.args(["--impure", "--option", "restrict-eval", "true"]);
+                c.env_clear();
+                for (k, v) in std::env::vars_os() {
+                    if k.to_str().is_some_and(|k| KEPT_ENV.contains(&k)) {
+                        c.env(k, v);
+                    }
+                }
+                c.arg("-I").arg(root);
+                c.arg("--expr").arg(self.expr(root, file, args, attr_path));
+            }
+        }
+    }
+
+    pub fn is_file(&self) -> bool {
+        matches!(self, Entry::File { .. })
+    }
+
+    /// `import FILE`, called like `nix-build --arg` calls it (only the arguments it
+    /// declares), then `attr_path` selected.
+    fn expr(
+        &self,
+        root: &std::path::Path,
+        file: &str,
+        args: &[(String, String, bool)],
+        attr_path: &str,
+    ) -> String {
+        let path = root.join(file);
+        let mut set = String::from("{ ");
+        for (name, value, literal) in args {
+            let v = if *literal {
+                nix_string(value)
+            } else {
+                format!("({value})")
+            };
+            set.push_str(&format!("{} = {v}; ", nix_string(name)));
+        }
+        set.push('}');
+        let mut select = String::new();
+        for p in attr_path.split('.').filter(|p| !p.is_empty()) {
+            select.push('.');
+            select.push_str(&nix_string(p));
+        }
+        format!(
+            "let f = import (/. + {}); args = {set}; v = if builtins.isFunction f then f (builtins.intersectAttrs (builtins.functionArgs f) args) else f; in v{select}",
+            nix_string(&path.to_string_lossy())
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_called_with_its_arguments_and_selected() {
+        let e = Entry::File {
+            root: "/src/r".into(),
+            file: "ci.nix".into(),
+            args: vec![
+                ("greeting".into(), "hi \"${x}\"".into(), true),
+                ("n".into(), "1 + 1".into(), false),
+            ],
+        };
+        let Entry::File { root, file, args } = &e else {
+            unreachable!()
+        };
+        let x = e.expr(root, file, args, "buildOutputs");
+        assert!(
+            x.starts_with("let f = import (/. + \"/src/r/ci.nix\");"),
+            "{x}"
+        );
+        assert!(
+            x.contains(r#""greeting" = "hi \"\${x}\""; "n" = (1 + 1);"#),
+            "{x}"
+        );
+        assert!(x.ends_with(r#"in v."buildOutputs""#), "{x}");
+        assert!(e.expr(root, file, args, "").ends_with("in v"));
+    }
+}
