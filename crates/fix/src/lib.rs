@@ -208,12 +208,7 @@ fn locate_one(
     }
     hits.sort_by_key(|h| std::cmp::Reverse(h.2));
     match hits.as_slice() {
-        [] => Err(format!(
-            "no binding with the value {} found{}",
-            m.specified,
-            own.map(|o| format!(" in {o} or elsewhere in the repository"))
-                .unwrap_or_default()
-        )),
+        [] => by_name(tree, own, m),
         [one] => Ok(one.clone()),
         [a, b, ..] if a.2 > b.2 => Ok(a.clone()),
         [a, b, ..] => Err(format!(
@@ -223,6 +218,65 @@ fn locate_one(
             b.0,
             b.1.line,
             m.fod_name()
+        )),
+    }
+}
+
+/// Beginnings of a fixed-output derivation's name worth looking for as a literal: for
+/// `mypkg-1.2-deno-deps`, `mypkg`, `mypkg-1.2`, …; not words every source has.
+fn name_stems(name: &str) -> Vec<String> {
+    const GENERIC: &[&str] = &["source", "src", "deps", "vendor", "fetch"];
+    let parts: Vec<&str> = name.split('-').collect();
+    (1..=parts.len())
+        .map(|n| parts[..n].join("-"))
+        .filter(|s| s.len() >= 3 && !GENERIC.contains(&s.as_str()))
+        .collect()
+}
+
+/// Nothing corroborated a binding (no literal of the derivation beside it, and no position
+/// for the package): the file that defines the derivation's name (a string literal that
+/// begins it, such as the package's `pname` in `pname-deno-deps`) decides, when exactly one
+/// such file holds a binding with the stated value. A tie is never guessed.
+fn by_name(
+    tree: &Tree,
+    own: Option<&str>,
+    m: &Mismatch,
+) -> Result<(String, Candidate, u32), String> {
+    let stems = name_stems(m.fod_name());
+    let mut named: Vec<(String, Candidate, u32)> = Vec::new();
+    for (file, text) in tree {
+        if !file.ends_with(".nix") || !stems.iter().any(|s| text.contains(&format!("\"{s}\""))) {
+            continue;
+        }
+        match locate::find(text, m, 0) {
+            Found::One(c, s) => named.push((file.clone(), c, s)),
+            Found::Ambiguous(lines) => {
+                return Err(format!(
+                    "{file}: lines {} all specify {}; nothing tells which one {} uses",
+                    join(&lines),
+                    m.specified,
+                    m.fod_name()
+                ));
+            }
+            Found::None => {}
+        }
+    }
+    match named.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(format!(
+            "no binding with the value {} found{}",
+            m.specified,
+            own.map(|o| format!(" in {o} or elsewhere in the repository"))
+                .unwrap_or_default()
+        )),
+        [a, b, ..] => Err(format!(
+            "{}:{} and {}:{} both name {} and specify {}; nothing tells which one it uses",
+            a.0,
+            a.1.line,
+            b.0,
+            b.1.line,
+            m.fod_name(),
+            m.specified
         )),
     }
 }
@@ -415,6 +469,51 @@ mod tests {
             apply(&changed, p.fixes.values().flatten()),
             Err(FixError::Changed { .. })
         ));
+    }
+
+    #[test]
+    fn without_a_position_the_file_naming_the_derivation_wins() {
+        let fake = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let pkg = |name: &str| {
+            format!(
+                "{{ mkPackage, denoDeps, lib }}:\nmkPackage {{\n  pname = \"{name}\";\n  deps = [ (denoDeps {{ outputHash = lib.fakeHash; }}) ];\n}}\n"
+            )
+        };
+        let mut t: Tree = [
+            ("pkgs/mypkg.nix".to_string(), pkg("mypkg")),
+            ("pkgs/other.nix".to_string(), pkg("other")),
+            (
+                "lib/deno.nix".to_string(),
+                "{ pname, outputHash }: derivation { name = \"${pname}-deno-deps\"; inherit outputHash; }\n".to_string(),
+            ),
+        ]
+        .into();
+        let broken = PackageMismatches {
+            attr: "mypkg".into(),
+            own_file: None,
+            mismatches: vec![Mismatch {
+                fod_drv: format!("/nix/store/{}-mypkg-deno-deps.drv", "b".repeat(32)),
+                hints: vec!["mypkg-deno-deps".into()],
+                specified: fake.into(),
+                got: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),
+            }],
+        };
+        let p = plan(&t, std::slice::from_ref(&broken));
+        assert!(p.unlocated.is_empty(), "{:?}", p.unlocated);
+        let f = &p.fixes["mypkg"][0];
+        assert_eq!(
+            (f.file.as_str(), f.line, f.attribute.as_str()),
+            ("pkgs/mypkg.nix", 4, "outputHash")
+        );
+        // Two files that both name it: a tie, not a guess.
+        t.insert("pkgs/mypkg-too.nix".into(), pkg("mypkg"));
+        let p = plan(&t, &[broken]);
+        assert!(p.fixes.is_empty());
+        assert!(
+            p.unlocated[0].why.contains("nothing tells which one"),
+            "{}",
+            p.unlocated[0].why
+        );
     }
 
     #[test]
