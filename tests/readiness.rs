@@ -332,3 +332,102 @@ fn classic_nur_layouts_default_nix_and_ci_nix() {
             .contains(&sri("fixme source"))
     );
 }
+
+/// A flake with checks, overlays, modules and a formatter, some of them broken.
+fn checks_repo(dir: &std::path::Path) -> std::path::PathBuf {
+    let repo = dir.join("checks");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{
+  outputs = { self }: let
+    sys = "x86_64-linux";
+    mk = name: script: derivation { inherit name; system = sys; builder = "/bin/sh";
+      PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
+  in {
+    packages.${sys}.tool = mk "tool" "echo tool > $out";
+    checks.${sys} = {
+      unit = mk "unit" "echo passed > $out";
+      lint = mk "lint" "echo 'lint: 3 problems' >&2; exit 1";
+    };
+    overlays = {
+      default = final: prev: { tool = self.packages.${sys}.tool; };
+      bad = { tool = 1; };
+    };
+    nixosModules = {
+      server = { config, ... }: { };
+      broken = "services.tool.enable = true";
+    };
+    formatter.${sys} = mk "fmt" "echo fmt > $out";
+  };
+}
+"#,
+    )
+    .unwrap();
+    repo
+}
+
+#[test]
+fn the_flakes_checks_and_other_outputs_are_reported() {
+    let dir = scratch();
+    let repo = checks_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let report = local(&host, &state, &repo, &[]);
+    let got = packages_by_attr(&report);
+    assert_eq!(got["tool"]["status"], "ready");
+    assert_eq!(got["tool"]["kind"], "package");
+    assert_eq!(
+        got["checks.unit"]["status"], "ready",
+        "{}",
+        got["checks.unit"]
+    );
+    assert_eq!(got["checks.unit"]["kind"], "check");
+    assert_eq!(got["checks.lint"]["status"], "build-failed");
+    assert!(
+        got["checks.lint"]["log_tail"]
+            .as_str()
+            .unwrap()
+            .contains("3 problems")
+    );
+    let repo_checks: std::collections::BTreeMap<String, (bool, String)> = report["repository"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                (
+                    c["ok"].as_bool().unwrap(),
+                    c["message"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
+    let names: Vec<&String> = repo_checks.keys().collect();
+    assert_eq!(
+        names,
+        [
+            "formatter.x86_64-linux",
+            "nixosModules.broken",
+            "nixosModules.server",
+            "overlays.bad",
+            "overlays.default"
+        ],
+        "{repo_checks:?}"
+    );
+    assert!(repo_checks["overlays.default"].0);
+    assert!(repo_checks["nixosModules.server"].0);
+    assert!(repo_checks["formatter.x86_64-linux"].0);
+    assert!(!repo_checks["overlays.bad"].0);
+    assert!(repo_checks["overlays.bad"].1.contains("not a function"));
+    assert!(!repo_checks["nixosModules.broken"].0);
+    assert!(
+        repo_checks["nixosModules.broken"]
+            .1
+            .contains("not a NixOS module")
+    );
+    // The bundled example has none of these: no repository section entries, no checks.
+    let example = local(&host, &dir.path().join("state2"), &example_repo(), &[]);
+    assert_eq!(example["repository"], serde_json::json!([]));
+}

@@ -201,6 +201,8 @@ pub async fn run(
         last_error,
         pkgs,
     );
+    // The flake's other outputs do not change with the hashes: the first round's stand.
+    report.repository = first.repository.clone();
     if first.state == nixfarm_core::RunState::Failed {
         report = first;
     }

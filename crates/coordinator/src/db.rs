@@ -75,6 +75,13 @@ CREATE TABLE IF NOT EXISTS agents (
   info TEXT NOT NULL,
   last_seen_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS repo_checks (
+  run_id TEXT NOT NULL REFERENCES runs(id),
+  name TEXT NOT NULL,
+  ok INTEGER NOT NULL,
+  message TEXT NOT NULL,
+  PRIMARY KEY (run_id, name)
+);
 CREATE TABLE IF NOT EXISTS upload_claims (
   cache TEXT NOT NULL,
   path TEXT NOT NULL,
@@ -87,6 +94,16 @@ CREATE TABLE IF NOT EXISTS upload_claims (
 /// The coordinator's database.
 pub struct Db {
     conn: Connection,
+}
+
+impl Db {
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
 }
 
 /// A stored run row.

@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod config;
 pub mod db;
+mod db_repo;
 pub mod engine;
 pub mod farm_cache;
 pub mod model;

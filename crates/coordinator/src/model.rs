@@ -248,7 +248,8 @@ pub enum FromAgent {
     },
     EvalList {
         attempt: String,
-        result: Result<Vec<String>, (String, bool)>,
+        /// The attributes, and the flake's other outputs checked.
+        result: Result<(Vec<String>, Vec<nixfarm_core::report::RepoCheck>), (String, bool)>,
     },
     EvalChunk {
         attempt: String,

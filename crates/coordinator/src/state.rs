@@ -9,6 +9,7 @@ use crate::model::{
     Registration,
 };
 use nixfarm_core::RunState;
+use nixfarm_core::report::RepoCheck;
 use std::collections::BTreeMap;
 
 /// A failure of the state store (its backend's error, or a record it cannot read).
@@ -107,6 +108,9 @@ pub trait StateStore: Send {
     fn release_all_upload_claims(&mut self, agent: &str) -> StateResult<()>;
     // Metrics.
     fn metrics_counts(&self) -> StateResult<MetricsCounts>;
+    // Repository checks.
+    fn record_repo_checks(&mut self, run: &str, checks: &[RepoCheck]) -> StateResult<()>;
+    fn repo_checks(&self, run: &str) -> StateResult<Vec<RepoCheck>>;
 }
 
 /// The SQLite store: each operation is the inherent method of the same name (`w`: takes
@@ -157,4 +161,6 @@ delegate! {
     w fn release_upload_claims(agent: &str, cache: &str, paths: &[String]) -> ();
     w fn release_all_upload_claims(agent: &str) -> ();
     r fn metrics_counts() -> MetricsCounts;
+    w fn record_repo_checks(run: &str, checks: &[RepoCheck]) -> ();
+    r fn repo_checks(run: &str) -> Vec<RepoCheck>;
 }

@@ -511,9 +511,12 @@ impl World {
                         Err(("evaluator killed: out of memory".into(), true))
                     }
                     Outcome::BuildFailed => Err(("error: flake has no such output".into(), false)),
-                    _ => Ok((0..self.farm.packages.len())
-                        .map(|j| format!("p{j}"))
-                        .collect()),
+                    _ => Ok((
+                        (0..self.farm.packages.len())
+                            .map(|j| format!("p{j}"))
+                            .collect(),
+                        vec![],
+                    )),
                 },
             },
             Job::EvalChunk { attrs, .. } => FromAgent::EvalChunk {
@@ -1354,7 +1357,9 @@ impl World {
 
 fn outcome_text(msg: &FromAgent) -> String {
     match msg {
-        FromAgent::EvalList { result: Ok(a), .. } => format!("the list {a:?}"),
+        FromAgent::EvalList {
+            result: Ok((a, _)), ..
+        } => format!("the list {a:?}"),
         FromAgent::EvalChunk {
             result: Ok((a, g)), ..
         } => format!("{} attributes and {} derivations", a.len(), g.len()),

@@ -37,6 +37,9 @@ pub struct HashMismatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct PackageReport {
     pub attr: String,
+    /// A package, or one of the flake's checks (`checks.<name>`).
+    #[serde(default)]
+    pub kind: PackageKind,
     pub status: PackageStatus,
     pub reason: String,
     #[serde(default)]
@@ -103,6 +106,45 @@ pub struct Report {
     /// With `--fix-hashes`: the run of each round, first to last (the first is `run_id`).
     #[serde(default)]
     pub fix_rounds: Vec<String>,
+    /// The flake's other outputs, checked as `nix flake check` would (overlays, modules,
+    /// formatter, dev shells, apps).
+    #[serde(default)]
+    pub repository: Vec<RepoCheck>,
+}
+
+/// One repository check: an output of the flake (`overlays.default`,
+/// `nixosModules.server`, `formatter.x86_64-linux`) and whether it is what it should be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RepoCheck {
+    pub name: String,
+    pub ok: bool,
+    /// Why not (empty when ok).
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Attribute names of the flake's `checks.<system>`, reported beside its packages.
+pub const CHECK_PREFIX: &str = "checks.";
+
+/// What a report line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PackageKind {
+    #[default]
+    Package,
+    /// One of the flake's `checks.<system>.*`.
+    Check,
+}
+
+impl PackageKind {
+    /// The kind of a report line by its attribute name.
+    pub fn of(attr: &str) -> PackageKind {
+        if attr.starts_with(CHECK_PREFIX) {
+            PackageKind::Check
+        } else {
+            PackageKind::Package
+        }
+    }
 }
 
 impl Report {
@@ -123,6 +165,7 @@ impl Report {
             summary,
             packages,
             fix_rounds: Vec::new(),
+            repository: Vec::new(),
         }
     }
 
@@ -190,6 +233,10 @@ impl Report {
         if !counts.is_empty() {
             let _ = write!(s, "; {}", counts.join(", "));
         }
+        if !self.repository.is_empty() {
+            let ok = self.repository.iter().filter(|c| c.ok).count();
+            let _ = write!(s, "; repository checks: {ok}/{} ok", self.repository.len());
+        }
         if !self.summary.smoke.is_empty() {
             let smoke: Vec<String> = self
                 .summary
@@ -232,6 +279,21 @@ impl Report {
         let fixes = self.fixes_text("- ", true);
         if !fixes.is_empty() {
             let _ = write!(out, "\n{fixes}");
+        }
+        if !self.repository.is_empty() {
+            let _ = writeln!(out, "\n### Repository\n\n| output | check |\n|---|---|");
+            for c in &self.repository {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} |",
+                    md_code(&c.name),
+                    if c.ok {
+                        "✅ ok".to_string()
+                    } else {
+                        format!("❌ {}", md_escape(&c.message))
+                    }
+                );
+            }
         }
         let failures: Vec<&PackageReport> = self
             .packages
@@ -292,6 +354,22 @@ impl Report {
                 let _ = writeln!(out, "    </testcase>");
             } else {
                 let _ = writeln!(out, "/>");
+            }
+        }
+        for c in &self.repository {
+            let _ = write!(
+                out,
+                "    <testcase classname=\"nixfarm.repository\" name=\"{}\"",
+                xml_escape(&c.name)
+            );
+            if c.ok {
+                let _ = writeln!(out, "/>");
+            } else {
+                let _ = writeln!(
+                    out,
+                    ">\n      <failure type=\"repository\" message=\"{}\"/>\n    </testcase>",
+                    xml_escape(&c.message)
+                );
             }
         }
         out.push_str("  </testsuite>\n</testsuites>\n");
@@ -400,6 +478,7 @@ mod tests {
 
     fn pkg(attr: &str, status: &str) -> PackageReport {
         PackageReport {
+            kind: PackageKind::Package,
             attr: attr.into(),
             status: status.parse().unwrap(),
             reason: format!("because <{attr}> & \"x\""),

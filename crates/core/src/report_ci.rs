@@ -73,6 +73,14 @@ impl Report {
                 data(&p.reason)
             );
         }
+        for c in self.repository.iter().filter(|c| !c.ok) {
+            let _ = writeln!(
+                out,
+                "::error title={}::{}",
+                prop(&format!("nixfarm: repository {}", c.name)),
+                data(&c.message)
+            );
+        }
         let _ = writeln!(
             out,
             "::notice title=nixfarm readiness::{}",

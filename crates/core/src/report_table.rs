@@ -96,6 +96,19 @@ impl Report {
         for l in self.fixes_lines(max) {
             put(l);
         }
+        if !self.repository.is_empty() {
+            let ok = self.repository.iter().filter(|c| c.ok).count();
+            put(format!(
+                "Repository checks: {ok} of {} ok",
+                self.repository.len()
+            ));
+            for c in self.repository.iter().filter(|c| !c.ok) {
+                let line = format!("  {}: {}", c.name, one_line(&c.message));
+                for l in self.wrapped(&line, max) {
+                    put(l);
+                }
+            }
+        }
         for l in self.wrapped(&self.summary_line(), max) {
             put(l);
         }

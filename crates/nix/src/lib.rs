@@ -3,6 +3,7 @@
 
 pub mod derivation;
 pub mod entry;
+pub mod flake_check;
 pub mod hash;
 pub mod messages;
 pub mod runner;

@@ -186,7 +186,11 @@ impl Nix {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    async fn run_json(&self, mut cmd: Command, mem_mib: u64) -> Result<String, NixError> {
+    pub(crate) async fn run_json(
+        &self,
+        mut cmd: Command,
+        mem_mib: u64,
+    ) -> Result<String, NixError> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         limit_memory(&mut cmd, mem_mib);
         let out = cmd
@@ -219,7 +223,7 @@ impl Nix {
         }
     }
 
-    fn eval_cmd(&self, substituter: &str) -> Command {
+    pub(crate) fn eval_cmd(&self, substituter: &str) -> Command {
         let mut c = self.nix_cmd();
         // --no-eval-cache: the eval cache replays failures as misleading errors (NixOS/nix#3872).
         c.args([

@@ -2,7 +2,7 @@
 //! here and only here, so a string crosses only the wire.
 
 use crate::v1 as pb;
-use nixfarm_core::report::{HashFix, HashMismatch, PackageReport, Report};
+use nixfarm_core::report::{HashFix, HashMismatch, PackageKind, PackageReport, RepoCheck, Report};
 use nixfarm_core::{PackageStatus, RunState, Smoke};
 use std::collections::BTreeMap;
 
@@ -21,6 +21,15 @@ impl From<&Report> for pb::Report {
             created_ms: 0,
             finished_ms: 0,
             packages: r.packages.iter().map(pb::PackageReport::from).collect(),
+            repository: r
+                .repository
+                .iter()
+                .map(|c| pb::RepoCheck {
+                    name: c.name.clone(),
+                    ok: c.ok,
+                    message: c.message.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -90,6 +99,7 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                 .map_err(|e| WireError(format!("package {}: {e}", p.attr)))?
         };
         Ok(PackageReport {
+            kind: PackageKind::of(&p.attr),
             attr: p.attr,
             status,
             reason: p.reason,
@@ -146,7 +156,17 @@ impl TryFrom<pb::Report> for Report {
             .into_iter()
             .map(PackageReport::try_from)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Report::new(r.run_id, state, r.label, r.error, packages))
+        let mut report = Report::new(r.run_id, state, r.label, r.error, packages);
+        report.repository = r
+            .repository
+            .into_iter()
+            .map(|c| RepoCheck {
+                name: c.name,
+                ok: c.ok,
+                message: c.message,
+            })
+            .collect();
+        Ok(report)
     }
 }
 

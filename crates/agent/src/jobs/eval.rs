@@ -11,6 +11,53 @@ pub(super) fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput
         .collect()
 }
 
+/// The packages under `attr_path`, and for a flake's `packages.<system>` also its
+/// `checks.<system>` (as `checks.<name>`) and its other outputs checked.
+pub(super) async fn list_with_checks(
+    shared: &Arc<Shared>,
+    entry: &Entry,
+    attr_path: &str,
+    mem: u64,
+) -> Result<(Vec<String>, Vec<pb::RepoCheck>), NixError> {
+    let system = attr_path
+        .strip_prefix("packages.")
+        .filter(|s| !s.contains('.'));
+    let (Entry::Flake(flake), Some(system)) = (entry, system) else {
+        return Ok((shared.nix.list_attrs(entry, attr_path, mem).await?, vec![]));
+    };
+    let checks_path = format!("checks.{system}");
+    let (packages, checks, outputs) = tokio::join!(
+        shared.nix.list_attrs(entry, attr_path, mem),
+        shared.nix.list_attrs(entry, &checks_path, mem),
+        shared.nix.check_outputs(flake, system, mem),
+    );
+    let mut attrs = packages?;
+    let mut repository: Vec<pb::RepoCheck> = outputs
+        .into_iter()
+        .map(|c| pb::RepoCheck {
+            ok: c.problem.is_none(),
+            message: c.problem.unwrap_or_default(),
+            name: c.name,
+        })
+        .collect();
+    match checks {
+        Ok(names) => attrs.extend(
+            names
+                .into_iter()
+                .map(|n| format!("{}{n}", nixfarm_core::report::CHECK_PREFIX)),
+        ),
+        Err(NixError::Failed { message, .. }) if message.contains("does not provide attribute") => {
+        }
+        Err(e) if e.is_infra() => return Err(e),
+        Err(e) => repository.push(pb::RepoCheck {
+            name: checks_path,
+            ok: false,
+            message: e.to_string(),
+        }),
+    }
+    Ok((attrs, repository))
+}
+
 /// Evaluates attributes in groups; a group that fails is split in two until each failing
 /// attribute stands alone, so one attribute that throws never hides the others.
 pub(super) async fn eval_isolated(
@@ -66,6 +113,39 @@ pub(super) async fn eval_isolated(
     Ok(out)
 }
 
+/// Like [`eval_isolated`], with the flake's checks (`checks.<name>`) evaluated under
+/// `checks.<system>` beside the packages.
+async fn eval_with_checks(
+    shared: &Arc<Shared>,
+    entry: &Entry,
+    attr_path: &str,
+    attrs: &[String],
+    mem: u64,
+) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
+    let prefix = nixfarm_core::report::CHECK_PREFIX;
+    let (checks, packages): (Vec<String>, Vec<String>) =
+        attrs.iter().cloned().partition(|a| a.starts_with(prefix));
+    let mut out = if packages.is_empty() {
+        BTreeMap::new()
+    } else {
+        eval_isolated(shared, entry, attr_path, packages, mem).await?
+    };
+    let system = attr_path.strip_prefix("packages.");
+    if let (Some(system), false) = (system, checks.is_empty()) {
+        let names: Vec<String> = checks
+            .iter()
+            .map(|c| c[prefix.len()..].to_string())
+            .collect();
+        let checked = eval_isolated(shared, entry, &format!("checks.{system}"), names, mem).await?;
+        out.extend(
+            checked
+                .into_iter()
+                .map(|(k, v)| (format!("{prefix}{k}"), v)),
+        );
+    }
+    Ok(out)
+}
+
 /// Evaluates a chunk and roots its derivations for the run. The host's garbage collector may
 /// strike between Nix writing a `.drv` and the root being made: then the chunk is evaluated
 /// once more (the roots already exist, so what it writes stays).
@@ -78,14 +158,8 @@ pub(super) async fn eval_rooted(
     let mut tries = 0;
     loop {
         tries += 1;
-        let evaluated = eval_isolated(
-            shared,
-            entry,
-            &j.attr_path,
-            j.attrs.clone(),
-            j.eval_memory_mib,
-        )
-        .await?;
+        let evaluated =
+            eval_with_checks(shared, entry, &j.attr_path, &j.attrs, j.eval_memory_mib).await?;
         let tops: Vec<String> = evaluated
             .values()
             .filter_map(|r| r.as_ref().ok().map(|i| i.drv_path.clone()))

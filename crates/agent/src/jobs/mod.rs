@@ -71,15 +71,12 @@ pub(crate) async fn run(
             let result = async {
                 let flake = prepare_source(shared, channel, &run_id, j.source).await?;
                 let entry = source::entry_for(&flake, j.entry)?;
-                shared
-                    .nix
-                    .list_attrs(&entry, &j.attr_path, j.eval_memory_mib)
-                    .await
+                eval::list_with_checks(shared, &entry, &j.attr_path, j.eval_memory_mib).await
             }
             .await;
-            let (attrs, error, infra) = match result {
-                Ok(a) => (a, String::new(), false),
-                Err(e) => (vec![], e.to_string(), e.is_infra()),
+            let (attrs, repository, error, infra) = match result {
+                Ok((a, r)) => (a, r, String::new(), false),
+                Err(e) => (vec![], vec![], e.to_string(), e.is_infra()),
             };
             pause_if_disk_full(shared, &error);
             msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
@@ -87,6 +84,7 @@ pub(crate) async fn run(
                 attrs,
                 error,
                 infra,
+                repository,
             }))
         }
         Some(Job::EvalChunk(j)) => {

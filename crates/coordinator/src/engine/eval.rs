@@ -7,11 +7,14 @@ impl Engine {
         &self,
         inner: &mut Inner,
         a: AttemptMem,
-        result: Result<Vec<String>, AgentFailure>,
+        result: Result<(Vec<String>, Vec<nixfarm_core::report::RepoCheck>), AgentFailure>,
     ) -> Result<(), EngineError> {
         let run_id = a.run_id.clone();
         let mut attrs = match result {
-            Ok(attrs) => attrs,
+            Ok((attrs, repository)) => {
+                inner.db.record_repo_checks(&run_id, &repository)?;
+                attrs
+            }
             Err((msg, true)) => return self.retry_eval(inner, &run_id, EvalTask::List, -1, &msg),
             Err((msg, false)) => {
                 let attr_path = inner

@@ -83,7 +83,9 @@ impl Engine {
             }
             out.push(r);
         }
-        Ok(Report::new(row.id, row.state, row.label, row.error, out))
+        let mut report = Report::new(row.id, row.state, row.label, row.error, out);
+        report.repository = inner.db.repo_checks(run_id)?;
+        Ok(report)
     }
 
     pub fn list_runs(&self) -> Result<Vec<RunListing>, EngineError> {

@@ -13,6 +13,7 @@ pub(super) fn package_report(
     tainted: &HashSet<&str>,
 ) -> PackageReport {
     let mut r = PackageReport {
+        kind: nixfarm_core::report::PackageKind::of(attr),
         attr: attr.to_string(),
         status: PackageStatus::Pending,
         reason: String::new(),

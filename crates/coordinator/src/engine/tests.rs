@@ -177,7 +177,7 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
             a.conn,
             FromAgent::EvalList {
                 attempt: list,
-                result: Ok(vec!["crash".into()]),
+                result: Ok((vec!["crash".into()], vec![])),
             },
         )
         .unwrap();
@@ -293,7 +293,7 @@ fn a_listing_that_keeps_failing_on_the_machine_fails_the_run_after_the_retry_bud
 fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, String) {
     let run = engine.submit(flake_run()).unwrap();
     let (list, _) = assigned(&mut a.rx);
-    let result = Ok(vec!["pkg".into()]);
+    let result = Ok((vec!["pkg".into()], vec![]));
     engine
         .agent_message(
             "a",

@@ -40,6 +40,9 @@ pub(super) fn source_from_wire(s: Option<pb::Source>) -> Result<SourceSpec, Wire
     }
 }
 
+/// Most repository checks kept from one listing.
+const MAX_REPO_CHECKS: usize = 1000;
+
 /// A non-flake entry from the CLI, checked (the agent checks it again).
 pub(super) fn entry_from_wire(e: Option<pb::NixEntry>) -> Result<EntrySpec, WireError> {
     let Some(e) = e else {
@@ -358,11 +361,25 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                 attempt: l.attempt_id,
                 data: l.data,
             },
-            Some(Msg::EvalList(r)) => FromAgent::EvalList {
-                attempt: r.attempt_id,
-                result: err_or(truncate(r.error, lim::MAX_MESSAGE), r.infra, r.attrs)
-                    .and_then(list_attrs),
-            },
+            Some(Msg::EvalList(r)) => {
+                // Bounded like everything an agent says: a count, and short names and texts.
+                let repository: Vec<nixfarm_core::report::RepoCheck> = r
+                    .repository
+                    .into_iter()
+                    .take(MAX_REPO_CHECKS)
+                    .map(|c| nixfarm_core::report::RepoCheck {
+                        name: short(c.name),
+                        ok: c.ok,
+                        message: truncate(c.message, 2000),
+                    })
+                    .collect();
+                FromAgent::EvalList {
+                    attempt: r.attempt_id,
+                    result: err_or(truncate(r.error, lim::MAX_MESSAGE), r.infra, r.attrs)
+                        .and_then(list_attrs)
+                        .map(|attrs| (attrs, repository)),
+                }
+            }
             Some(Msg::EvalChunk(mut r)) => {
                 let attempt = std::mem::take(&mut r.attempt_id);
                 let (error, infra) = (std::mem::take(&mut r.error), r.infra);

@@ -202,7 +202,25 @@ pub fn render_run(web: &Shared, r: &Report, f: &Filter) -> String {
             duration(p.duration_ms as i64)
         );
     }
-    b.push_str("</tbody></table></div></div>");
+    b.push_str("</tbody></table></div>");
+    if !r.repository.is_empty() {
+        b.push_str("<h2>Repository</h2><ul class=\"repository\" id=\"repository\">");
+        for c in &r.repository {
+            let _ = write!(
+                b,
+                "<li class=\"{}\"><code>{}</code>: {}</li>",
+                if c.ok { "ok" } else { "bad" },
+                esc(&c.name),
+                if c.ok {
+                    "ok".to_string()
+                } else {
+                    esc(&c.message)
+                }
+            );
+        }
+        b.push_str("</ul>");
+    }
+    b.push_str("</div>");
     layout(&format!("run {}", r.run_id), &b)
 }
 
