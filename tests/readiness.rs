@@ -431,3 +431,59 @@ fn the_flakes_checks_and_other_outputs_are_reported() {
     let example = local(&host, &dir.path().join("state2"), &example_repo(), &[]);
     assert_eq!(example["repository"], serde_json::json!([]));
 }
+
+#[test]
+fn a_matrix_over_an_input_reports_each_value_side_by_side() {
+    let dir = scratch();
+    for (name, message) in [("dep-a", "ok"), ("dep-b", "changed")] {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("flake.nix"),
+            format!("{{ outputs = {{ self }}: {{ message = \"{message}\"; }}; }}\n"),
+        )
+        .unwrap();
+    }
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let a = format!("path:{}", dir.path().join("dep-a").display());
+    let b = format!("path:{}", dir.path().join("dep-b").display());
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{
+  inputs.dep.url = "{a}";
+  outputs = {{ self, dep }}: let
+    mk = name: script: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+      PATH = "/usr/bin:/bin"; args = [ "-c" script ]; }};
+  in {{ packages.x86_64-linux = {{
+    same = mk "same" "echo same > $out";
+    varies = mk "varies" (if dep.message == "ok" then "echo ok > $out"
+      else "echo 'uses an API the new input removed' >&2; exit 1");
+  }}; }};
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let matrix = format!("dep={a},{b}");
+    let m = local(&host, &state, &repo, &["--matrix", &matrix]);
+    assert_eq!(m["input"], "dep");
+    let cells = m["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    assert_eq!(cells[0]["ref"], a.as_str());
+    assert_eq!(cells[0]["summary"]["ready"], 2, "{m}");
+    assert_eq!(cells[1]["summary"]["ready"], 1, "{m}");
+    let packages = m["packages"].as_array().unwrap();
+    let varies = packages.iter().find(|p| p["attr"] == "varies").unwrap();
+    assert_eq!(varies["differs"], true);
+    assert_eq!(varies["cells"][0]["status"], "ready");
+    assert_eq!(varies["cells"][1]["status"], "build-failed");
+    let same = packages.iter().find(|p| p["attr"] == "same").unwrap();
+    assert_eq!(same["differs"], false);
+    // One value alone, as --override-input.
+    let one = local(&host, &state, &repo, &["--override-input", "dep", &b]);
+    assert_eq!(packages_by_attr(&one)["varies"]["status"], "build-failed");
+}

@@ -102,6 +102,15 @@ pub struct RunArgs {
     /// Pass NAME = EXPR (a Nix expression) to the file's function, as nix-build --arg.
     #[arg(long = "arg", num_args = 2, value_names = ["NAME", "EXPR"], action = clap::ArgAction::Append)]
     pub args: Vec<String>,
+    /// Override the flake input NAME with the flake reference REF, as nix --override-input
+    /// (e.g. nixpkgs github:NixOS/nixpkgs/nixos-24.05); repeat for several.
+    #[arg(long = "override-input", num_args = 2, value_names = ["NAME", "REF"], action = clap::ArgAction::Append)]
+    pub override_inputs: Vec<String>,
+    /// One run per value of a flake input, reported side by side (package x value, what
+    /// differs marked): NAME=REF1,REF2,… (e.g. nixpkgs=github:NixOS/nixpkgs/nixos-24.05,
+    /// github:NixOS/nixpkgs/nixos-unstable). The lowest readiness counts for --fail-under.
+    #[arg(long, value_name = "NAME=REF,REF")]
+    pub matrix: Option<String>,
     /// Pass NAME = VALUE (taken as a string) to the file's function, as nix-build --argstr.
     #[arg(long = "argstr", num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
     pub argstrs: Vec<String>,

@@ -116,6 +116,9 @@ pub struct EntrySpec {
     /// (name, value, literal): `--argstr` when literal, else `--arg` (a Nix expression).
     #[serde(default)]
     pub args: Vec<(String, String, bool)>,
+    /// For a flake: (input, flake reference) overridden, as `--override-input`.
+    #[serde(default)]
+    pub overrides: Vec<(String, String)>,
 }
 
 /// What an agent offers when it registers.
@@ -266,14 +269,14 @@ pub enum FromAgent {
 pub enum Job {
     EvalList {
         source: SourceSpec,
-        entry: EntrySpec,
+        entry: Box<EntrySpec>,
         attr_path: String,
         /// Memory cap of the listing process, MiB (0: none).
         memory_mib: u64,
     },
     EvalChunk {
         source: SourceSpec,
-        entry: EntrySpec,
+        entry: Box<EntrySpec>,
         attr_path: String,
         attrs: Vec<String>,
         cache: String,

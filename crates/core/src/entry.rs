@@ -53,6 +53,21 @@ pub fn check_arg(name: &str, value: &str) -> Result<(), BadEntry> {
     Ok(())
 }
 
+/// An overridden flake input: a name like an input's (`nixpkgs`, `utils/nixpkgs`) and a
+/// flake reference a farm may fetch (a local one only where `allow_local`).
+pub fn check_override(name: &str, reference: &str, allow_local: bool) -> Result<(), BadEntry> {
+    let ok_name =
+        !name.is_empty() && name.len() <= 128 && name.split('/').all(|p| check_arg(p, "").is_ok());
+    if !ok_name {
+        return Err(BadEntry(format!(
+            "'{}' is not a flake input name",
+            crate::limits::clip(name, 80)
+        )));
+    }
+    crate::flakeref::validate_for_farm(reference, allow_local)
+        .map_err(|e| BadEntry(format!("input {name}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +88,15 @@ mod tests {
         ] {
             assert!(check_file(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn overrides_are_input_names_and_farm_references() {
+        assert!(check_override("nixpkgs", "github:NixOS/nixpkgs/nixos-24.05", false).is_ok());
+        assert!(check_override("utils/nixpkgs", "github:NixOS/nixpkgs", false).is_ok());
+        assert!(check_override("nixpkgs", "path:/etc", false).is_err());
+        assert!(check_override("nixpkgs", "path:/srv/nixpkgs", true).is_ok());
+        assert!(check_override("a b", "github:o/r", false).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod flakeref;
 pub mod limits;
 pub mod report;
 mod report_ci;
+pub mod report_matrix;
 mod report_table;
 pub use report_table::TableWidth;
 pub mod snapshot;

@@ -9,7 +9,8 @@ use tokio::process::Command;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Flake(String),
+    /// A flake reference, with inputs overridden (`--override-input NAME REF`).
+    Flake(String, Vec<(String, String)>),
     File {
         /// The tree (an unpacked snapshot).
         root: PathBuf,
@@ -46,8 +47,15 @@ impl Entry {
     /// Adds what selects `attr_path` of this entry to a `nix eval` command.
     pub(crate) fn select(&self, c: &mut Command, attr_path: &str) {
         match self {
-            Entry::Flake(f) => {
+            Entry::Flake(f, overrides) => {
                 c.arg(format!("{f}#{}", crate::runner::fragment(attr_path)));
+                for (name, reference) in overrides {
+                    c.args(["--override-input", name, reference]);
+                }
+                if !overrides.is_empty() {
+                    // The lock the overrides make is this run's, not the checkout's.
+                    c.arg("--no-write-lock-file");
+                }
             }
             Entry::File { root, file, args } => {
                 // Impure, as nix-build is, but restricted to the tree (the search path), and

@@ -27,7 +27,12 @@ fn absent(message: &str) -> bool {
 impl Nix {
     /// Checks the flake's overlays, NixOS modules, formatter, dev shells and apps for
     /// `system`, in processes capped at `mem_mib` MiB each (0: none).
-    pub async fn check_outputs(&self, flake: &str, system: &str, mem_mib: u64) -> Vec<OutputCheck> {
+    pub async fn check_outputs(
+        &self,
+        entry: &Entry,
+        system: &str,
+        mem_mib: u64,
+    ) -> Vec<OutputCheck> {
         let outputs: [(String, &str, bool); 5] = [
             ("overlays".into(), OVERLAY, true),
             ("nixosModules".into(), MODULE, true),
@@ -35,20 +40,16 @@ impl Nix {
             (format!("devShells.{system}"), DERIVATION, true),
             (format!("apps.{system}"), APP, true),
         ];
-        let entry = Entry::Flake(flake.to_string());
-        let runs = outputs.iter().map(|(path, check, many)| {
-            let entry = &entry;
-            async move {
-                let apply = if *many {
-                    format!("s: builtins.mapAttrs (n: {check}) s")
-                } else {
-                    format!("s: {{ \"\" = ({check}) s; }}")
-                };
-                let mut c = self.eval_cmd("");
-                entry.select(&mut c, path);
-                c.arg("--apply").arg(apply);
-                (path.clone(), self.run_json(c, mem_mib).await)
-            }
+        let runs = outputs.iter().map(|(path, check, many)| async move {
+            let apply = if *many {
+                format!("s: builtins.mapAttrs (n: {check}) s")
+            } else {
+                format!("s: {{ \"\" = ({check}) s; }}")
+            };
+            let mut c = self.eval_cmd("");
+            entry.select(&mut c, path);
+            c.arg("--apply").arg(apply);
+            (path.clone(), self.run_json(c, mem_mib).await)
         });
         let mut out = Vec::new();
         for (path, result) in futures_util::future::join_all(runs).await {

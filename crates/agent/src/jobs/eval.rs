@@ -22,14 +22,14 @@ pub(super) async fn list_with_checks(
     let system = attr_path
         .strip_prefix("packages.")
         .filter(|s| !s.contains('.'));
-    let (Entry::Flake(flake), Some(system)) = (entry, system) else {
+    let (Entry::Flake(..), Some(system)) = (entry, system) else {
         return Ok((shared.nix.list_attrs(entry, attr_path, mem).await?, vec![]));
     };
     let checks_path = format!("checks.{system}");
     let (packages, checks, outputs) = tokio::join!(
         shared.nix.list_attrs(entry, attr_path, mem),
         shared.nix.list_attrs(entry, &checks_path, mem),
-        shared.nix.check_outputs(flake, system, mem),
+        shared.nix.check_outputs(entry, system, mem),
     );
     let mut attrs = packages?;
     let mut repository: Vec<pb::RepoCheck> = outputs
@@ -209,7 +209,11 @@ pub(super) async fn eval_chunk(
         Ok(f) => f,
         Err(e) => return fail(e),
     };
-    let entry = match super::source::entry_for(&flake, j.entry.clone()) {
+    let entry = match super::source::entry_for(
+        &flake,
+        j.entry.clone(),
+        shared.cfg.allow_local_flake_refs,
+    ) {
         Ok(e) => e,
         Err(e) => return fail(e),
     };

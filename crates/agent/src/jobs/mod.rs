@@ -70,7 +70,7 @@ pub(crate) async fn run(
         Some(Job::EvalList(j)) => {
             let result = async {
                 let flake = prepare_source(shared, channel, &run_id, j.source).await?;
-                let entry = source::entry_for(&flake, j.entry)?;
+                let entry = source::entry_for(&flake, j.entry, shared.cfg.allow_local_flake_refs)?;
                 eval::list_with_checks(shared, &entry, &j.attr_path, j.eval_memory_mib).await
             }
             .await;

@@ -30,13 +30,27 @@ pub(super) async fn prepare_source(
 
 /// What to evaluate: the flake, or a Nix file of the unpacked snapshot (checked again here:
 /// inside the tree, a regular file) with the run's arguments.
-pub(super) fn entry_for(flake: &str, entry: Option<pb::NixEntry>) -> Result<Entry, NixError> {
+pub(super) fn entry_for(
+    flake: &str,
+    entry: Option<pb::NixEntry>,
+    allow_local: bool,
+) -> Result<Entry, NixError> {
     let refuse = |message: String| NixError::Failed {
         message,
         log: String::new(),
     };
-    let Some(e) = entry.filter(|e| !e.file.is_empty()) else {
-        return Ok(Entry::Flake(flake.to_string()));
+    if entry.as_ref().is_none_or(|e| e.file.is_empty()) {
+        // Overridden inputs are fetched here: checked like the run's own reference.
+        let mut overrides = Vec::new();
+        for o in entry_overrides(entry.as_ref()) {
+            nixfarm_core::entry::check_override(&o.name, &o.value, allow_local)
+                .map_err(|x| refuse(x.0))?;
+            overrides.push((o.name.clone(), o.value.clone()));
+        }
+        return Ok(Entry::Flake(flake.to_string(), overrides));
+    }
+    let Some(e) = entry else {
+        return Err(refuse("no entry".into()));
     };
     nixfarm_core::entry::check_file(&e.file).map_err(|x| refuse(x.0))?;
     let mut args = Vec::new();
@@ -61,6 +75,12 @@ pub(super) fn entry_for(flake: &str, entry: Option<pb::NixEntry>) -> Result<Entr
         file: e.file,
         args,
     })
+}
+
+fn entry_overrides(e: Option<&pb::NixEntry>) -> impl Iterator<Item = &pb::NixArg> {
+    e.into_iter()
+        .flat_map(|e| e.overrides.iter())
+        .take(nixfarm_core::entry::MAX_ARGS)
 }
 
 /// Runs whose unpacked sources are kept at once (least recently used go first).

@@ -3,5 +3,6 @@
 pub mod agents;
 pub mod cancel;
 pub mod local;
+pub mod matrix;
 pub mod runs;
 pub mod submit;

@@ -85,10 +85,35 @@ pub(crate) async fn submit(
     let req = pb::SubmitRunRequest {
         source: Some(src),
         attr_path: run.attr_path.clone().unwrap_or_default(),
-        entry: entry.map(|file| pb::NixEntry {
-            file,
-            args: nix_args,
-        }),
+        entry: match entry {
+            Some(file) => {
+                if !run.override_inputs.is_empty() {
+                    bail!("--override-input applies to a flake, not to a Nix file (--file)");
+                }
+                Some(pb::NixEntry {
+                    file,
+                    args: nix_args,
+                    overrides: vec![],
+                })
+            }
+            None if run.override_inputs.is_empty() => None,
+            None => Some(pb::NixEntry {
+                file: String::new(),
+                args: vec![],
+                overrides: run
+                    .override_inputs
+                    .chunks(2)
+                    .filter_map(|p| match p {
+                        [name, reference] => Some(pb::NixArg {
+                            name: name.clone(),
+                            value: reference.clone(),
+                            literal: true,
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+            }),
+        },
         label,
         cache,
         trusted_public_keys: run.trusted_public_keys.clone(),
@@ -189,6 +214,12 @@ pub(crate) async fn submit_and_watch(
     fix: &fix::FixArgs,
     out: &OutputArgs,
 ) -> anyhow::Result<i32> {
+    if let Some(m) = &run.matrix {
+        if fix.enabled() {
+            bail!("--matrix runs each value once: fix hashes without it first (--fix-hashes)");
+        }
+        return crate::cmd::matrix::matrix(client, source, run, m, out).await;
+    }
     match source::check_local_or_ref(source)? {
         source::Named::Dir(dir) => {
             let mut outcome = fix::run(client, &dir, run, fix).await?;

@@ -103,7 +103,7 @@ impl Engine {
                         JobRef::Eval(task),
                         Job::EvalList {
                             source,
-                            entry: run.spec.entry.clone(),
+                            entry: Box::new(run.spec.entry.clone()),
                             attr_path,
                             memory_mib: opts.eval_memory_mib,
                         },
@@ -116,7 +116,7 @@ impl Engine {
                             JobRef::Eval(task),
                             Job::EvalChunk {
                                 source,
-                                entry: run.spec.entry.clone(),
+                                entry: Box::new(run.spec.entry.clone()),
                                 attr_path,
                                 attrs,
                                 cache: run.spec.cache.clone(),

@@ -22,6 +22,10 @@ impl Engine {
                     .map_err(|e| EngineError::Invalid(e.to_string()))?;
             }
         }
+        for (name, reference) in &spec.entry.overrides {
+            nixfarm_core::entry::check_override(name, reference, self.opts.allow_local_flake_refs)
+                .map_err(|e| EngineError::Invalid(e.0))?;
+        }
         let mut g = self.lock();
         let inner = &mut *g;
         let in_flight = inner.runs.iter().filter(|r| !r.state.is_terminal()).count();

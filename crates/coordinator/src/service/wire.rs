@@ -54,7 +54,26 @@ pub(super) fn entry_from_wire(e: Option<pb::NixEntry>) -> Result<EntrySpec, Wire
                 "--arg and --argstr apply to a Nix file (--file), not to a flake".into(),
             ));
         }
-        return Ok(EntrySpec::default());
+        if e.overrides.len() > nixfarm_core::entry::MAX_ARGS {
+            return Err(WireError("too many overridden inputs".into()));
+        }
+        // The references' kind (remote or local) is checked against the farm's policy
+        // when the run is accepted.
+        let mut overrides = Vec::new();
+        for o in e.overrides {
+            nixfarm_core::entry::check_override(&o.name, &o.value, true)
+                .map_err(|x| WireError(x.0))?;
+            overrides.push((o.name, o.value));
+        }
+        return Ok(EntrySpec {
+            overrides,
+            ..EntrySpec::default()
+        });
+    }
+    if !e.overrides.is_empty() {
+        return Err(WireError(
+            "--override-input applies to a flake, not to a Nix file (--file)".into(),
+        ));
     }
     nixfarm_core::entry::check_file(&e.file).map_err(|x| WireError(x.0))?;
     if e.args.len() > nixfarm_core::entry::MAX_ARGS {
@@ -69,7 +88,11 @@ pub(super) fn entry_from_wire(e: Option<pb::NixEntry>) -> Result<EntrySpec, Wire
         nixfarm_core::entry::check_arg(&a.name, &a.value).map_err(|x| WireError(x.0))?;
         args.push((a.name, a.value, a.literal));
     }
-    Ok(EntrySpec { file: e.file, args })
+    Ok(EntrySpec {
+        file: e.file,
+        args,
+        overrides: Vec::new(),
+    })
 }
 
 pub fn entry_to_wire(e: &EntrySpec) -> pb::NixEntry {
@@ -82,6 +105,15 @@ pub fn entry_to_wire(e: &EntrySpec) -> pb::NixEntry {
                 name: name.clone(),
                 value: value.clone(),
                 literal: *literal,
+            })
+            .collect(),
+        overrides: e
+            .overrides
+            .iter()
+            .map(|(name, reference)| pb::NixArg {
+                name: name.clone(),
+                value: reference.clone(),
+                literal: true,
             })
             .collect(),
     }
