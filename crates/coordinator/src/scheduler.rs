@@ -181,6 +181,79 @@ impl Scheduler {
         }
     }
 
+    /// Takes in the nodes from `from` on (added, with their edges, after [`Self::start`]): a
+    /// later evaluation chunk's derivations, so builds start before evaluation ends. A chunk
+    /// brings whole closures, so no node added earlier gains an input; the new nodes get
+    /// their priorities and become ready, or fail at once when an input already failed.
+    /// Returns the nodes failed so, each with the failure's root.
+    pub fn extend(&mut self, from: NodeId) -> Vec<(NodeId, NodeId)> {
+        let n = self.nodes.len();
+        let first = from as usize;
+        for node in &mut self.nodes {
+            node.dependents.sort_unstable();
+            node.dependents.dedup();
+        }
+        for node in &mut self.nodes[first..] {
+            node.inputs.sort_unstable();
+            node.inputs.dedup();
+        }
+        // Priorities of the new nodes: every dependent of a new node is new.
+        let mut pending: Vec<u32> = (first..n)
+            .map(|i| self.nodes[i].dependents.len() as u32)
+            .collect();
+        let mut stack: Vec<usize> = (first..n).filter(|&i| pending[i - first] == 0).collect();
+        let mut order = Vec::with_capacity(n - first);
+        while let Some(i) = stack.pop() {
+            let best = self.nodes[i]
+                .dependents
+                .iter()
+                .map(|&d| self.nodes[d as usize].priority)
+                .max()
+                .unwrap_or(0);
+            self.nodes[i].priority = best + self.nodes[i].cost;
+            order.push(i);
+            for k in 0..self.nodes[i].inputs.len() {
+                let inp = self.nodes[i].inputs[k] as usize;
+                if inp >= first {
+                    pending[inp - first] -= 1;
+                    if pending[inp - first] == 0 {
+                        stack.push(inp);
+                    }
+                }
+            }
+        }
+        // Inputs before dependents: a failure reaches every new node that needs it.
+        let mut failed = Vec::new();
+        for &i in order.iter().rev() {
+            if self.nodes[i].state != NodeState::Waiting {
+                continue;
+            }
+            let broken = self.nodes[i].inputs.iter().find_map(|&inp| {
+                let x = &self.nodes[inp as usize];
+                matches!(x.state, NodeState::Failed | NodeState::DependencyFailed)
+                    .then(|| x.failed_root.unwrap_or(inp))
+            });
+            if let Some(root) = broken {
+                let node = &mut self.nodes[i];
+                node.state = NodeState::DependencyFailed;
+                node.failed_root = Some(root);
+                self.unfinished -= 1;
+                failed.push((i as NodeId, root));
+                continue;
+            }
+            let left = self.nodes[i]
+                .inputs
+                .iter()
+                .filter(|&&inp| self.nodes[inp as usize].state != NodeState::Built)
+                .count() as u32;
+            self.nodes[i].deps_left = left;
+            if left == 0 {
+                self.make_ready(i as NodeId);
+            }
+        }
+        failed
+    }
+
     /// Marks a node as already finished (restored from the database) before [`Self::start`].
     pub fn restore(&mut self, id: NodeId, state: NodeState, failed_root: Option<NodeId>) {
         let node = &mut self.nodes[id as usize];

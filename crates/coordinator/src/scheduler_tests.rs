@@ -160,3 +160,38 @@ fn requeue_and_idempotent_completion() {
     assert_eq!(s.state(a), NodeState::Built);
     assert_eq!(s.running(), 0);
 }
+
+#[test]
+fn a_later_chunk_joins_a_running_graph() {
+    // First chunk: lib (builds) and bad (fails). Later chunk: app <- lib, broken <- bad,
+    // top <- app (with the longest chain, so it goes first among its peers).
+    let mut s = Scheduler::new();
+    let lib = s.add_node(x86(), 1);
+    let bad = s.add_node(x86(), 1);
+    s.start();
+    assert_eq!(s.pop_for(&caps()), Some(lib));
+    assert_eq!(s.pop_for(&caps()), Some(bad));
+    s.complete(lib);
+    assert!(s.fail(bad).is_empty());
+    let from = s.len() as NodeId;
+    let app = s.add_node(x86(), 1);
+    let broken = s.add_node(x86(), 1);
+    let top = s.add_node(x86(), 1);
+    let lone = s.add_node(x86(), 1);
+    s.add_edge(app, lib);
+    s.add_edge(broken, bad);
+    s.add_edge(top, app);
+    let failed = s.extend(from);
+    assert_eq!(failed, vec![(broken, bad)]);
+    assert_eq!(s.state(broken), NodeState::DependencyFailed);
+    assert_eq!(s.priority(app), 2, "app's chain includes top");
+    // app (its input already built) goes before the lone node of lower priority.
+    assert_eq!(s.pop_for(&caps()), Some(app));
+    assert_eq!(s.pop_for(&caps()), Some(lone));
+    assert_eq!(s.pop_for(&caps()), None, "top waits for app");
+    assert_eq!(s.complete(app), vec![top]);
+    assert_eq!(s.pop_for(&caps()), Some(top));
+    s.complete(top);
+    s.complete(lone);
+    assert_eq!(s.unfinished(), 0);
+}

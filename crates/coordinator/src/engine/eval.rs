@@ -149,6 +149,8 @@ impl Engine {
             .filter(|a| !a.info.eval_error.is_empty())
             .count();
         inner.db.record_eval_chunk(&run_id, task, &attrs, &drvs)?;
+        // Building starts with the first chunk, not after the last.
+        self.extend_graph(inner, &run_id, &attrs, &drvs)?;
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
         };
@@ -171,6 +173,95 @@ impl Engine {
         Ok(())
     }
 
+    /// Adds an evaluated chunk's derivations to the run's build graph as they arrive, so
+    /// what is ready builds while the rest still evaluates. A chunk's derivations are whole
+    /// closures; those another chunk brought are already there.
+    fn extend_graph(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        attrs: &[EvaluatedAttr],
+        drvs: &BTreeMap<String, DrvNode>,
+    ) -> Result<(), EngineError> {
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        if run.state.is_terminal() {
+            return Ok(());
+        }
+        for a in attrs {
+            let p = &a.info;
+            if !p.drv_path.is_empty() && (p.timeout_secs > 0 || p.max_silent_secs > 0) {
+                run.limits
+                    .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
+            }
+            if run.spec.smoke && !p.drv_path.is_empty() && p.eval_error.is_empty() {
+                run.smoke.insert(p.drv_path.clone(), p.main_program.clone());
+            }
+        }
+        let sched = run.sched.get_or_insert_with(|| {
+            let mut s = Scheduler::new();
+            s.start();
+            s
+        });
+        let from = sched.len() as NodeId;
+        let mut added: Vec<(NodeId, &DrvNode)> = Vec::new();
+        for (path, node) in drvs {
+            if run.node_of.contains_key(path) {
+                continue;
+            }
+            let mut features = node.features.clone();
+            features.sort();
+            features.dedup();
+            let id = sched.add_node(
+                Class {
+                    system: node.system.clone(),
+                    features,
+                },
+                1,
+            );
+            run.node_of.insert(path.clone(), id);
+            run.drv_of.push(path.clone());
+            run.outputs_of.push(node.outputs.clone());
+            added.push((id, node));
+        }
+        for (id, node) in &added {
+            for input in &node.input_drvs {
+                if let Some(&j) = run.node_of.get(input) {
+                    sched.add_edge(*id, j);
+                }
+            }
+        }
+        // Warm mode: what the cache already has is done before anything is dispatched.
+        let rep = BuildReport {
+            kind: BuildOutcome::Built,
+            substituted: true,
+            message: "already in the cache".into(),
+            ..Default::default()
+        };
+        for (id, node) in &added {
+            if node.present {
+                sched.restore(*id, NodeState::Built, None);
+                let drv = &run.drv_of[*id as usize];
+                inner
+                    .db
+                    .set_drv_state(run_id, drv, DrvState::Built, Some(&rep))?;
+            }
+        }
+        for (id, root) in sched.extend(from) {
+            let (drv, root_drv) = (&run.drv_of[id as usize], &run.drv_of[root as usize]);
+            let dep = BuildReport {
+                kind: BuildOutcome::DependencyFailed,
+                failed_root: root_drv.clone(),
+                ..Default::default()
+            };
+            inner
+                .db
+                .set_drv_state(run_id, drv, DrvState::DependencyFailed, Some(&dep))?;
+        }
+        Ok(())
+    }
+
     pub(super) fn start_building(
         &self,
         inner: &mut Inner,
@@ -179,6 +270,21 @@ impl Engine {
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
         };
+        // Streamed: the graph grew with each chunk and is building already.
+        if run.sched.is_some() {
+            run.state = RunState::Building;
+            inner.db.set_run_state(run_id, RunState::Building, "", 0)?;
+            let (drvs, packages) = (run.drv_of.len(), inner.db.packages(run_id)?.len());
+            self.emit(
+                inner,
+                run_id,
+                Ev::EvalDone {
+                    packages: packages as u64,
+                    drvs: drvs as u64,
+                },
+            );
+            return self.maybe_finish(inner, run_id);
+        }
         // Warm mode: what the cache already has is done before anything is dispatched.
         for row in inner.db.drvs(run_id)? {
             if row.state == DrvState::Waiting && row.node.present {

@@ -41,9 +41,8 @@ impl Engine {
                     }
                 }
             }
-            if run.eval_complete() {
-                Self::build_scheduler(inner.db.as_mut(), &mut run)?;
-            }
+            // A run still evaluating may have built part of its graph already.
+            Self::build_scheduler(inner.db.as_mut(), &mut run)?;
             inner.runs.push(run);
         }
         for a in running {
@@ -129,6 +128,10 @@ impl Engine {
         run: &mut RunMem,
     ) -> Result<(), EngineError> {
         let rows = db.drvs(&run.id)?;
+        let complete = run.eval_complete();
+        if rows.is_empty() && !complete {
+            return Ok(());
+        }
         let mut sched = Scheduler::new();
         let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -183,7 +186,7 @@ impl Engine {
             }
         }
         run.sched = Some(sched);
-        if run.state == RunState::Evaluating || run.state == RunState::Queued {
+        if complete && (run.state == RunState::Evaluating || run.state == RunState::Queued) {
             run.state = RunState::Building;
             db.set_run_state(&run.id, RunState::Building, "", 0)?;
         }

@@ -77,9 +77,31 @@ impl Engine {
         let run = &mut inner.runs[idx];
         run.eval_queue.clear();
         run.state = RunState::Cancelled;
+        Self::stop_builds(inner, run_id)?;
+        inner
+            .db
+            .set_run_state(run_id, RunState::Cancelled, "", now)?;
+        Self::tell_run_ended(inner, run_id);
+        let report = self.report_locked(inner, run_id)?;
+        self.emit(
+            inner,
+            run_id,
+            Ev::RunFinished {
+                state: RunState::Cancelled,
+                summary: report.summary,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Stops a run's builds as it ends before they do: those waiting are cancelled, running
+    /// ones too (their agents are told to stop), so a result that arrives anyway finds
+    /// nothing running and changes nothing.
+    fn stop_builds(inner: &mut Inner, run_id: &str) -> Result<(), EngineError> {
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
         if let Some(s) = run.sched.as_mut() {
-            // Running builds are cancelled too (their agents are told to stop below): a result
-            // that arrives anyway finds nothing running and changes nothing.
             let running: Vec<NodeId> = (0..s.len() as NodeId)
                 .filter(|&n| s.state(n) == NodeState::Running)
                 .collect();
@@ -105,25 +127,10 @@ impl Engine {
             if let Some(ag) = inner.agents.get(&agent)
                 && let Some(tx) = &ag.tx
             {
-                let _ = tx.send(ToAgent::Cancel {
-                    attempt: attempt.clone(),
-                });
+                let _ = tx.send(ToAgent::Cancel { attempt });
             }
         }
-        inner
-            .db
-            .set_run_state(run_id, RunState::Cancelled, "", now)?;
-        Self::tell_run_ended(inner, run_id);
-        let report = self.report_locked(inner, run_id)?;
-        self.emit(
-            inner,
-            run_id,
-            Ev::RunFinished {
-                state: RunState::Cancelled,
-                summary: report.summary,
-            },
-        );
-        Ok(true)
+        Ok(())
     }
 
     pub(super) fn check_all_runs(&self) {
@@ -142,7 +149,8 @@ impl Engine {
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
         };
-        if run.state.is_terminal() {
+        // Builds may end before evaluation does: the run ends when both have.
+        if run.state.is_terminal() || !run.eval_complete() {
             return Ok(());
         }
         let finished = match &run.sched {
@@ -182,6 +190,8 @@ impl Engine {
             run.state = RunState::Failed;
             run.eval_queue.clear();
         }
+        // Builds may already be going (they start with the first evaluated chunk).
+        Self::stop_builds(inner, run_id)?;
         inner
             .db
             .set_run_state(run_id, RunState::Failed, error, self.clock.now_ms())?;
