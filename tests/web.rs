@@ -108,12 +108,19 @@ fn a_run_page_goes_live_in_a_real_browser() {
 
     let b = Browser::start();
     let base = format!("http://127.0.0.1:{http}");
-    // The first navigation of a freshly started browser can fail transiently (an error
-    // page at the same URL): try again a few times, and say what was shown.
+    // Navigation is asynchronous to WebDriver's answers: wait for where a person would
+    // land (a first navigation of a fresh browser may also show an error page: go again).
     let mut tries = 0;
     loop {
         b.goto(&format!("{base}/runs/{run}"));
-        if b.js("return location.pathname", json!([])) == json!("/login") {
+        let landed = (0..50).any(|_| {
+            let at = b.js("return location.pathname", json!([]));
+            at == json!("/login") || {
+                std::thread::sleep(Duration::from_millis(100));
+                false
+            }
+        });
+        if landed {
             break;
         }
         tries += 1;
@@ -126,15 +133,22 @@ fn a_run_page_goes_live_in_a_real_browser() {
                 json!([])
             )
         );
-        std::thread::sleep(Duration::from_secs(1));
     }
     // A wrong token is refused on the form.
     b.type_into("#token", "not-it");
     b.click("form.login button");
-    assert!(b.text("main").contains("not this coordinator's"));
+    b.wait_until(
+        "the refusal",
+        Duration::from_secs(10),
+        "return document.body.textContent.includes(\"not this coordinator's\")",
+    );
     b.type_into("#token", TOKEN);
     b.click("form.login button");
-    assert!(b.url().ends_with(&format!("/runs/{run}")), "{}", b.url());
+    b.wait_until(
+        "the run page after logging in",
+        Duration::from_secs(10),
+        &format!("return location.pathname === '/runs/{run}' && !!document.getElementById('run')"),
+    );
     // The token never appears in a page, and the cookie is not readable by scripts.
     let html = b.js("return document.documentElement.outerHTML", json!([]));
     assert!(!html.as_str().unwrap().contains(TOKEN));
@@ -213,11 +227,21 @@ fn a_run_page_goes_live_in_a_real_browser() {
 
     // A failed package's page shows its log tail.
     b.goto(&format!("{base}/runs/{run}/packages/ozone"));
+    b.wait_until(
+        "the package page",
+        Duration::from_secs(10),
+        "return !!document.getElementById('pkg-status')",
+    );
     assert_eq!(b.text("#pkg-status"), "build-failed");
     assert!(!b.text("#log").is_empty());
 
     // The patch, fetched by the page's own link, applies to the repository.
     b.goto(&format!("{base}/runs/{run}"));
+    b.wait_until(
+        "the run page",
+        Duration::from_secs(10),
+        "return !!document.getElementById('fixes')",
+    );
     assert_eq!(b.text("#fixes"), "6");
     let patch = b.js_async(
         "const done = arguments[arguments.length - 1]; \
@@ -242,6 +266,11 @@ fn a_run_page_goes_live_in_a_real_browser() {
 
     // The agents page lists the agent, as connected.
     b.goto(&format!("{base}/agents"));
+    b.wait_until(
+        "the agents page",
+        Duration::from_secs(10),
+        "return !!document.getElementById('agents')",
+    );
     let agents = b.text("#agents");
     assert!(
         agents.contains("web-1") && agents.contains("yes"),
