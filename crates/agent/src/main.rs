@@ -58,14 +58,14 @@ struct Args {
     allow_local_flake_refs: bool,
     /// Log format on stderr: text (coloured only on a terminal, never with NO_COLOR) or
     /// json, one object per line for log shippers.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[arg(long, value_enum, default_value_t = nixfarm_logs::LogFormat::Text)]
+    log_format: nixfarm_logs::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(args.log_format);
+    nixfarm_logs::init(args.log_format);
     let mut cfg = match &args.config {
         Some(p) => AgentConfig::load(p)?,
         None => AgentConfig::default(),
@@ -119,27 +119,4 @@ async fn main() -> anyhow::Result<()> {
         s.cancel();
     });
     Agent::new(cfg)?.run(shutdown).await
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Logs to stderr, filtered by RUST_LOG (default info).
-fn init_logs(format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs
-            // Colour only for a person at a terminal: files and journald get plain text.
-            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-            .init(),
-    }
 }
