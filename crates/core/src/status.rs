@@ -4,6 +4,38 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+/// Writes an enum's one spelling per variant (what is stored, sent and shown) once:
+/// `ALL`, `as_str`, `Display` and `FromStr` (unknown words are an error, never a default).
+macro_rules! spelled {
+    ($ty:ident { $($variant:ident => $word:literal),* $(,)? }) => {
+        impl $ty {
+            pub const ALL: [$ty; [$($word),*].len()] = [$(Self::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $word,)*
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = UnknownStatus;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| UnknownStatus(s.to_string()))
+            }
+        }
+    };
+}
+
 /// The readiness status of one package, the report's main column.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
@@ -32,48 +64,25 @@ pub enum PackageStatus {
     Pending,
 }
 
+spelled!(PackageStatus {
+    Ready => "ready",
+    NeedsHash => "needs-hash",
+    Unpinned => "unpinned",
+    BuildFailed => "build-failed",
+    DependencyFailed => "dependency-failed",
+    EvalFailed => "eval-failed",
+    TimedOut => "timed-out",
+    Cancelled => "cancelled",
+    InfraFailed => "infra-failed",
+    NotCached => "not-cached",
+    SmokeFailed => "smoke-failed",
+    Pending => "pending",
+});
+
 impl PackageStatus {
-    pub const ALL: [PackageStatus; 12] = [
-        Self::Ready,
-        Self::NeedsHash,
-        Self::Unpinned,
-        Self::BuildFailed,
-        Self::DependencyFailed,
-        Self::EvalFailed,
-        Self::TimedOut,
-        Self::Cancelled,
-        Self::InfraFailed,
-        Self::NotCached,
-        Self::SmokeFailed,
-        Self::Pending,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ready => "ready",
-            Self::NeedsHash => "needs-hash",
-            Self::Unpinned => "unpinned",
-            Self::BuildFailed => "build-failed",
-            Self::DependencyFailed => "dependency-failed",
-            Self::EvalFailed => "eval-failed",
-            Self::TimedOut => "timed-out",
-            Self::Cancelled => "cancelled",
-            Self::InfraFailed => "infra-failed",
-            Self::NotCached => "not-cached",
-            Self::SmokeFailed => "smoke-failed",
-            Self::Pending => "pending",
-        }
-    }
-
     /// Whether the package failed (for JUnit and exit codes); `unpinned` builds but is not ready.
     pub fn is_failure(self) -> bool {
         !matches!(self, Self::Ready | Self::Pending)
-    }
-}
-
-impl fmt::Display for PackageStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -81,16 +90,6 @@ impl fmt::Display for PackageStatus {
 #[derive(Debug, thiserror::Error)]
 #[error("unknown status '{0}'")]
 pub struct UnknownStatus(pub String);
-
-impl FromStr for PackageStatus {
-    type Err = UnknownStatus;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownStatus(s.to_string()))
-    }
-}
 
 /// What running a ready package's main program (`--version`, else `--help`) showed.
 #[derive(
@@ -107,34 +106,12 @@ pub enum Smoke {
     Skipped,
 }
 
-impl Smoke {
-    pub const ALL: [Smoke; 4] = [Self::NotRun, Self::Passed, Self::Failed, Self::Skipped];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::NotRun => "not-run",
-            Self::Passed => "passed",
-            Self::Failed => "failed",
-            Self::Skipped => "skipped",
-        }
-    }
-}
-
-impl fmt::Display for Smoke {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Smoke {
-    type Err = UnknownStatus;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownStatus(s.to_string()))
-    }
-}
+spelled!(Smoke {
+    NotRun => "not-run",
+    Passed => "passed",
+    Failed => "failed",
+    Skipped => "skipped",
+});
 
 /// The outcome of one derivation's build, as an agent reports it and the coordinator
 /// records it (its kebab-case spelling is what is stored and shown).
@@ -156,31 +133,18 @@ pub enum BuildOutcome {
     DependencyFailed,
 }
 
+spelled!(BuildOutcome {
+    Built => "built",
+    NotCached => "not-cached",
+    BuildFailed => "build-failed",
+    HashMismatch => "hash-mismatch",
+    TimedOut => "timed-out",
+    InfraFailed => "infra-failed",
+    Cancelled => "cancelled",
+    DependencyFailed => "dependency-failed",
+});
+
 impl BuildOutcome {
-    pub const ALL: [BuildOutcome; 8] = [
-        Self::Built,
-        Self::NotCached,
-        Self::BuildFailed,
-        Self::HashMismatch,
-        Self::TimedOut,
-        Self::InfraFailed,
-        Self::Cancelled,
-        Self::DependencyFailed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Built => "built",
-            Self::NotCached => "not-cached",
-            Self::BuildFailed => "build-failed",
-            Self::HashMismatch => "hash-mismatch",
-            Self::TimedOut => "timed-out",
-            Self::InfraFailed => "infra-failed",
-            Self::Cancelled => "cancelled",
-            Self::DependencyFailed => "dependency-failed",
-        }
-    }
-
     /// The outputs exist (whether or not they reached the cache): dependents can build.
     pub fn produced_outputs(self) -> bool {
         matches!(self, Self::Built | Self::NotCached)
@@ -189,22 +153,6 @@ impl BuildOutcome {
     /// Only infrastructure failures are retried; the rest are the package's own.
     pub fn is_retryable(self) -> bool {
         self == Self::InfraFailed
-    }
-}
-
-impl fmt::Display for BuildOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for BuildOutcome {
-    type Err = UnknownStatus;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|o| o.as_str() == s)
-            .ok_or_else(|| UnknownStatus(s.to_string()))
     }
 }
 
@@ -221,43 +169,18 @@ pub enum RunState {
     Cancelled,
 }
 
-impl RunState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Evaluating => "evaluating",
-            Self::Building => "building",
-            Self::Finished => "finished",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
+spelled!(RunState {
+    Queued => "queued",
+    Evaluating => "evaluating",
+    Building => "building",
+    Finished => "finished",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
 
+impl RunState {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Finished | Self::Failed | Self::Cancelled)
-    }
-}
-
-impl FromStr for RunState {
-    type Err = UnknownStatus;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [
-            Self::Queued,
-            Self::Evaluating,
-            Self::Building,
-            Self::Finished,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
-        .ok_or_else(|| UnknownStatus(s.to_string()))
-    }
-}
-
-impl fmt::Display for RunState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
