@@ -1,0 +1,146 @@
+//! Unit tests of `report.rs`.
+use super::*;
+
+fn pkg(attr: &str, status: &str) -> PackageReport {
+    PackageReport {
+        kind: PackageKind::Package,
+        attr: attr.into(),
+        status: status.parse().unwrap(),
+        reason: format!("because <{attr}> & \"x\""),
+        pname: String::new(),
+        version: String::new(),
+        drv_path: String::new(),
+        outputs: BTreeMap::new(),
+        pinned: true,
+        rev: String::new(),
+        position: String::new(),
+        duration_ms: 1500,
+        agent: "a1".into(),
+        failed_dependency: String::new(),
+        hash_mismatches: vec![],
+        hash_fixes: vec![],
+        log_tail: "line1\nline2".into(),
+        smoke: Smoke::NotRun,
+    }
+}
+
+fn report() -> Report {
+    Report::new(
+        "r1".into(),
+        RunState::Finished,
+        "repo".into(),
+        String::new(),
+        vec![
+            pkg("b", "build-failed"),
+            pkg("a", "ready"),
+            pkg("c", "ready"),
+        ],
+    )
+}
+
+#[test]
+fn summary_counts_and_percent() {
+    let r = report();
+    assert_eq!(r.summary.total, 3);
+    assert_eq!(r.summary.ready, 2);
+    assert_eq!(r.summary.percent, 66.7);
+    assert_eq!(r.packages[0].attr, "a");
+    assert_eq!(r.summary_line(), "Ready: 2/3 (66.7%); 1 build-failed");
+}
+
+#[test]
+fn json_has_the_documented_shape() {
+    let v: serde_json::Value = serde_json::from_str(&report().to_json()).unwrap();
+    assert_eq!(v["summary"]["total"], 3);
+    assert_eq!(v["summary"]["ready"], 2);
+    assert_eq!(v["packages"][1]["attr"], "b");
+    assert_eq!(v["packages"][1]["status"], "build-failed");
+    assert!(v["packages"][0]["hash_fixes"].is_array());
+    // Every key is always there, empty or not: scripts index without checking.
+    let empty = Report::new(
+        "r2".into(),
+        RunState::Finished,
+        String::new(),
+        String::new(),
+        vec![PackageReport {
+            attr: "x".into(),
+            ..Default::default()
+        }],
+    );
+    let v: serde_json::Value = serde_json::from_str(&empty.to_json()).unwrap();
+    for key in [
+        "agent",
+        "log_tail",
+        "rev",
+        "position",
+        "pname",
+        "version",
+        "drv_path",
+        "failed_dependency",
+        "hash_mismatches",
+    ] {
+        assert!(v["packages"][0].get(key).is_some(), "{key} is missing");
+    }
+    assert!(v.get("error").is_some() && v.get("fix_rounds").is_some());
+}
+
+#[test]
+fn markdown_cells_stay_cells() {
+    let mut bad = pkg("a|b", "build-failed");
+    bad.reason = "a | b <script>alert(1)</script>\nline two".into();
+    let r = Report::new(
+        "r".into(),
+        RunState::Finished,
+        String::new(),
+        String::new(),
+        vec![bad],
+    );
+    let md = r.to_markdown();
+    let row = md.lines().find(|l| l.contains("build-failed")).unwrap();
+    // Three cells, whatever the attribute and the reason hold.
+    assert!(row.starts_with("| ") && row.ends_with(" |"), "{row}");
+    assert_eq!(row.matches(" | ").count(), 2, "{row}");
+    assert!(!md.contains("<script>"), "{md}");
+    assert!(row.contains("&lt;script&gt;"), "{row}");
+}
+
+#[test]
+fn junit_escapes_and_counts_failures() {
+    let x = report().to_junit();
+    assert!(x.contains("tests=\"3\" failures=\"1\""));
+    assert!(x.contains("&lt;b&gt; &amp; &quot;x&quot;"));
+    assert_eq!(x.matches("<failure").count(), 1);
+}
+
+#[test]
+fn junit_names_the_file_and_line() {
+    let mut p = pkg("a", "build-failed");
+    p.position = "pkgs/a.nix:3".into();
+    let mut q = pkg("q", "eval-failed");
+    q.position = "/nix/store/x-source/q.nix:1".into();
+    let r = Report::new(
+        "r".into(),
+        RunState::Finished,
+        "l".into(),
+        String::new(),
+        vec![p, q],
+    );
+    let x = r.to_junit();
+    assert!(
+        x.contains("name=\"a\" time=\"1.500\" file=\"pkgs/a.nix\" line=\"3\""),
+        "{x}"
+    );
+    assert!(!x.contains("q.nix"), "{x}");
+}
+
+#[test]
+fn markdown_and_table_list_every_package() {
+    let r = report();
+    let md = r.to_markdown();
+    assert!(md.contains("66.7%"));
+    assert!(md.contains("| `b` | ❌ build-failed |"));
+    let t = r.to_table();
+    for a in ["a", "b", "c"] {
+        assert!(t.contains(a));
+    }
+}
