@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub roots: roots::Roots,
     /// The coordinator's farm cache, as its last registration said.
     pub farm_cache: Mutex<Option<FarmCacheUse>>,
+    /// Output paths being built here.
+    pub output_locks: jobs::output_locks::OutputLocks,
 }
 
 /// How this agent reaches the coordinator's farm cache.
@@ -197,6 +199,7 @@ impl Agent {
                 run_sources: Mutex::new(VecDeque::new()),
                 roots,
                 farm_cache: Mutex::new(None),
+                output_locks: Default::default(),
             }),
         })
     }

@@ -89,6 +89,12 @@ pub(super) async fn build(
         }
     }
     let _ = shared.roots.add(run_id, std::slice::from_ref(&j.drv_path));
+    // Another build here of the same output path (a shared or copied fixed-output hash):
+    // wait for it rather than let Nix poll its lock every five seconds.
+    let _outputs = shared
+        .output_locks
+        .hold(super::output_locks::drv_outputs(&j.drv_path))
+        .await;
     let limit = shared.cfg.log_limit_bytes;
     let mut sent = 0usize;
     let run = shared

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 mod build;
 mod claims;
 mod eval;
+pub(crate) mod output_locks;
 mod smoke;
 mod source;
 

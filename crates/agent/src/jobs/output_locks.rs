@@ -1,0 +1,114 @@
+//! One build at a time per output path on this host. Two fixed-output derivations with one
+//! hash (the same source fetched twice, or a copied hash) have one output path; when Nix
+//! finds that path locked by another of its processes it polls, every five seconds. Waiting
+//! here instead lets the second start the moment the first is done.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::OwnedMutexGuard;
+
+/// Largest derivation file read for its outputs, bytes.
+const MAX_DRV: u64 = 16 << 20;
+
+#[derive(Default)]
+pub(crate) struct OutputLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The locks of one build, released when dropped.
+pub(crate) struct Held {
+    _guards: Vec<OwnedMutexGuard<()>>,
+}
+
+impl OutputLocks {
+    /// Waits until no other build here holds any of `outputs`, then holds them all (in
+    /// sorted order, so two builds never wait on each other).
+    pub(crate) async fn hold(&self, mut outputs: Vec<String>) -> Held {
+        outputs.sort();
+        outputs.dedup();
+        let mut guards = Vec::new();
+        for o in outputs {
+            let lock = {
+                let Ok(mut m) = self.locks.lock() else {
+                    break;
+                };
+                // Forget locks nobody holds or waits for: the map stays as small as the
+                // builds going on.
+                m.retain(|_, l| Arc::strong_count(l) > 1);
+                m.entry(o).or_default().clone()
+            };
+            guards.push(lock.lock_owned().await);
+        }
+        Held { _guards: guards }
+    }
+}
+
+/// The output paths a derivation file declares (`Derive([("out","/nix/store/…",…),…`);
+/// empty when it cannot be read.
+pub(crate) fn drv_outputs(drv: &str) -> Vec<String> {
+    let Ok(meta) = std::fs::metadata(drv) else {
+        return Vec::new();
+    };
+    if meta.len() > MAX_DRV {
+        return Vec::new();
+    }
+    let Ok(text) = std::fs::read_to_string(drv) else {
+        return Vec::new();
+    };
+    parse_outputs(&text)
+}
+
+fn parse_outputs(text: &str) -> Vec<String> {
+    let Some(mut rest) = text.strip_prefix("Derive([") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    // Each output: ("name","path","hashAlgo","hash"), separated by commas, ended by ']'.
+    while let Some(r) = rest.strip_prefix("(\"") {
+        let Some((_, after_name)) = r.split_once("\",\"") else {
+            break;
+        };
+        let Some((path, after_path)) = after_name.split_once('"') else {
+            break;
+        };
+        if path.starts_with('/') {
+            out.push(path.to_string());
+        }
+        let Some((_, after_tuple)) = after_path.split_once(')') else {
+            break;
+        };
+        rest = after_tuple.strip_prefix(',').unwrap_or(after_tuple);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_of_a_derivation_file() {
+        let drv = r#"Derive([("dev","/nix/store/aaa-x-dev","",""),("out","/nix/store/bbb-x","","")],[("/nix/store/c.drv",["out"])],[],"x86_64-linux","/bin/sh",[],[])"#;
+        assert_eq!(
+            parse_outputs(drv),
+            ["/nix/store/aaa-x-dev", "/nix/store/bbb-x"]
+        );
+        let fod = r#"Derive([("out","/nix/store/ccc-source","sha256","abcd")],[],[],"x","/bin/sh",[],[])"#;
+        assert_eq!(parse_outputs(fod), ["/nix/store/ccc-source"]);
+        assert!(parse_outputs("garbage").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_build_of_the_same_output_waits_for_the_first() {
+        let locks = Arc::new(OutputLocks::default());
+        let first = locks.hold(vec!["/nix/store/x-source".into()]).await;
+        let l2 = locks.clone();
+        let second = tokio::spawn(async move { l2.hold(vec!["/nix/store/x-source".into()]).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "the second must wait");
+        // Another output does not wait.
+        let _other = locks.hold(vec!["/nix/store/y-other".into()]).await;
+        drop(first);
+        let _second = second.await.unwrap();
+    }
+}
