@@ -23,6 +23,20 @@ const COALESCE: Duration = Duration::from_millis(25);
 /// agents, not only with the run's events).
 const REFRESH: Duration = Duration::from_secs(5);
 
+/// A place for one more live stream, if there is one (they are bounded: each follows a run).
+fn stream_slot(web: &Shared) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    web.streams.clone().try_acquire_owned().ok()
+}
+
+fn too_many() -> Response {
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::RETRY_AFTER, "5")],
+        axum::Json(json!({ "error": "too many live pages open; try again shortly" })),
+    )
+        .into_response()
+}
+
 fn sse(rx: mpsc::Receiver<Event>) -> Response {
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
     Sse::new(stream)
@@ -60,9 +74,13 @@ pub async fn live(State(web): State<Shared>, Path(id): Path<String>) -> Response
     if let Err(e) = web.engine.run_state(&id) {
         return WebError::from(e).into_response();
     }
+    let Some(slot) = stream_slot(&web) else {
+        return too_many();
+    };
     let (tx, rx) = mpsc::channel(8);
     let engine = web.engine.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let mut sub = engine.subscribe();
         let mut shown: HashMap<String, serde_json::Value> = HashMap::new();
         loop {
@@ -146,8 +164,12 @@ pub async fn events(
     if let Err(e) = engine.run_state(&id) {
         return WebError::from(e).into_response();
     }
+    let Some(slot) = stream_slot(&web) else {
+        return too_many();
+    };
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
+        let _slot = slot;
         let mut sub = engine.subscribe();
         loop {
             let e = engine.clone();

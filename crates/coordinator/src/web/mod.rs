@@ -28,7 +28,12 @@ pub struct Web {
     /// Key of the CSRF tokens in forms (random per process).
     csrf_key: String,
     cfg: HttpConfig,
+    /// Live streams open at once (each follows a run and computes its rows).
+    streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most live streams (pages and event followers) open at once.
+const MAX_STREAMS: usize = 64;
 
 impl Web {
     pub fn new(engine: Engine, token: Option<String>, cfg: HttpConfig) -> Web {
@@ -46,6 +51,7 @@ impl Web {
             session,
             csrf_key,
             cfg,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         }
     }
 
