@@ -292,6 +292,11 @@ fn a_run_page_goes_live_in_a_real_browser() {
             .any(|p| !p["hash_fixes"].as_array().unwrap().is_empty()),
         "the coordinator found the hash fixes"
     );
+    // Runs side by side (as a --matrix's are): the same run twice differs nowhere.
+    let (status, resp) = get(http, &format!("/compare?runs={run},{run}"), Some(TOKEN));
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(body(&resp).matches("<tr data-attr=").count(), 19);
+    assert!(!body(&resp).contains("class=\"differs\""));
     let (status, resp) = get(http, &format!("/badge/{run}.svg"), Some(TOKEN));
     assert_eq!(status, 200);
     let svg = body(&resp);

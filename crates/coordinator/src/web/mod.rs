@@ -83,6 +83,7 @@ pub fn router(web: Web) -> Router {
         .route("/runs/{id}/fix.patch", get(api::patch))
         .route("/runs/{id}/cancel", post(pages::cancel))
         .route("/agents", get(pages::agents))
+        .route("/compare", get(pages::compare))
         .route("/api/runs", get(api::runs))
         .route("/api/runs/{id}", get(api::report))
         .route("/api/runs/{id}/events", get(live::events))

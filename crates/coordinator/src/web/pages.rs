@@ -374,6 +374,87 @@ pub async fn agents(State(web): State<Shared>) -> Html<String> {
 }
 
 #[derive(Deserialize)]
+pub struct CompareQuery {
+    runs: String,
+}
+
+/// Most runs side by side on one page.
+const MAX_COMPARED: usize = 16;
+
+/// Several runs side by side (a `--matrix`, or any runs of one repository): every package
+/// by run, the rows whose status differs marked.
+pub async fn compare(
+    State(web): State<Shared>,
+    Query(q): Query<CompareQuery>,
+) -> Result<Html<String>, WebError> {
+    let ids: Vec<String> = q
+        .runs
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if ids.is_empty() || ids.len() > MAX_COMPARED {
+        return Err(WebError::bad_request(
+            format!("compare 1 to {MAX_COMPARED} runs: /compare?runs=RUN1,RUN2"),
+            false,
+        ));
+    }
+    for id in &ids {
+        run_id(id, false)?;
+    }
+    let e = web.engine.clone();
+    let reports = blocking(move || {
+        ids.iter()
+            .map(|id| e.report(id))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(WebError::page)?;
+    let attrs: std::collections::BTreeSet<&str> = reports
+        .iter()
+        .flat_map(|r| r.packages.iter().map(|p| p.attr.as_str()))
+        .collect();
+    let mut b = String::from(
+        "<h1>Runs side by side</h1><div class=\"scroll\"><table id=\"compare\"><thead><tr><th scope=\"col\">package</th>",
+    );
+    for r in &reports {
+        let _ = write!(
+            b,
+            "<th scope=\"col\"><a href=\"/runs/{id}\">{id}</a><br><small>{} · {:.1}%</small></th>",
+            esc(&r.label),
+            r.summary.percent,
+            id = esc(&r.run_id)
+        );
+    }
+    b.push_str("<th scope=\"col\">differs</th></tr></thead><tbody>");
+    for attr in attrs {
+        let statuses: Vec<Option<PackageStatus>> = reports
+            .iter()
+            .map(|r| r.packages.iter().find(|p| p.attr == attr).map(|p| p.status))
+            .collect();
+        let differs = statuses.iter().any(|s| *s != statuses[0]);
+        let _ = write!(
+            b,
+            "<tr data-attr=\"{a}\"{}><th scope=\"row\">{a}</th>",
+            if differs { " class=\"differs\"" } else { "" },
+            a = esc(attr)
+        );
+        for s in &statuses {
+            match s {
+                Some(s) => {
+                    let _ = write!(b, "<td class=\"st {}\">{s}</td>", status_class(*s));
+                }
+                None => b.push_str("<td>-</td>"),
+            }
+        }
+        let _ = write!(b, "<td>{}</td></tr>", if differs { "yes" } else { "" });
+    }
+    b.push_str("</tbody></table></div>");
+    Ok(Html(layout("compare", &b)))
+}
+
+#[derive(Deserialize)]
 pub struct CancelForm {
     csrf: String,
 }
