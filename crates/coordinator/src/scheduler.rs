@@ -222,6 +222,25 @@ impl Scheduler {
                 }
             }
         }
+        // Earlier nodes the new ones depend on now lie on longer chains: raise their
+        // priorities (and their inputs'), a ready one with a fresh heap entry (the stale one
+        // is skipped when popped).
+        let mut raise: Vec<usize> = (first..n).collect();
+        while let Some(i) = raise.pop() {
+            let pri = self.nodes[i].priority;
+            for k in 0..self.nodes[i].inputs.len() {
+                let inp = self.nodes[i].inputs[k] as usize;
+                let want = pri + self.nodes[inp].cost;
+                if inp < first && want > self.nodes[inp].priority {
+                    self.nodes[inp].priority = want;
+                    if self.nodes[inp].state == NodeState::Ready {
+                        let class = self.nodes[inp].class as usize;
+                        self.ready[class].push((want, Reverse(inp as NodeId)));
+                    }
+                    raise.push(inp);
+                }
+            }
+        }
         // Inputs before dependents: a failure reaches every new node that needs it.
         let mut failed = Vec::new();
         for &i in order.iter().rev() {

@@ -195,3 +195,27 @@ fn a_later_chunk_joins_a_running_graph() {
     s.complete(lone);
     assert_eq!(s.unfinished(), 0);
 }
+
+#[test]
+fn a_later_chunk_raises_the_priority_of_what_it_needs() {
+    // First chunk: two independent nodes. A later chunk hangs a long chain on `shared`: it
+    // must now go before `lone`.
+    let mut s = Scheduler::new();
+    let lone = s.add_node(x86(), 1);
+    let shared = s.add_node(x86(), 1);
+    s.start();
+    let from = s.len() as NodeId;
+    let a = s.add_node(x86(), 1);
+    let b = s.add_node(x86(), 1);
+    s.add_edge(a, shared);
+    s.add_edge(b, a);
+    assert!(s.extend(from).is_empty());
+    assert_eq!(s.priority(shared), 3);
+    assert_eq!(s.pop_for(&caps()), Some(shared));
+    assert_eq!(s.pop_for(&caps()), Some(lone));
+    assert_eq!(
+        s.pop_for(&caps()),
+        None,
+        "the stale entry of shared is skipped"
+    );
+}
