@@ -180,7 +180,7 @@ async fn live_page(http: std::net::SocketAddr, run: String) -> HashMap<String, I
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(data)
         {
             for row in v["rows"].as_array().into_iter().flatten() {
-                if row["status"] == "ready"
+                if row["status"] == nixfarm_core::PackageStatus::Ready.as_str()
                     && let Some(a) = row["attr"].as_str()
                 {
                     shown.entry(a.to_string()).or_insert(now);
@@ -298,11 +298,9 @@ async fn main() -> anyhow::Result<()> {
     let mut heard: HashMap<usize, Instant> = HashMap::new();
     while let Some(e) = events.message().await? {
         seen += 1;
-        if e.kind == "job-finished"
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.json)
-            && let Some(i) = v["name"]
-                .as_str()
-                .and_then(|n| n.trim_start_matches('p').parse().ok())
+        if let Ok(nixfarm_core::RunEvent::JobFinished { name, .. }) =
+            nixfarm_core::RunEvent::from_parts(&e.kind, &e.json)
+            && let Ok(i) = name.trim_start_matches('p').parse::<usize>()
         {
             heard.entry(i).or_insert_with(Instant::now);
         }
