@@ -190,16 +190,9 @@ impl Engine {
             return Ok(());
         }
         for a in attrs {
-            let p = &a.info;
-            if !p.drv_path.is_empty() && (p.timeout_secs > 0 || p.max_silent_secs > 0) {
-                run.limits
-                    .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
-            }
-            if run.spec.smoke && !p.drv_path.is_empty() && p.eval_error.is_empty() {
-                run.smoke.insert(p.drv_path.clone(), p.main_program.clone());
-            }
+            run.note_package(&a.info);
         }
-        let sched = run.sched.get_or_insert_with(|| {
+        let mut sched = run.sched.take().unwrap_or_else(|| {
             let mut s = Scheduler::new();
             s.start();
             s
@@ -210,20 +203,7 @@ impl Engine {
             if run.node_of.contains_key(path) {
                 continue;
             }
-            let mut features = node.features.clone();
-            features.sort();
-            features.dedup();
-            let id = sched.add_node(
-                Class {
-                    system: node.system.clone(),
-                    features,
-                },
-                1,
-            );
-            run.node_of.insert(path.clone(), id);
-            run.drv_of.push(path.clone());
-            run.outputs_of.push(node.outputs.clone());
-            added.push((id, node));
+            added.push((run.add_drv(&mut sched, path, node), node));
         }
         for (id, node) in &added {
             for input in &node.input_drvs {
@@ -248,7 +228,9 @@ impl Engine {
                     .set_drv_state(run_id, drv, DrvState::Built, Some(&rep))?;
             }
         }
-        for (id, root) in sched.extend(from) {
+        let failed = sched.extend(from);
+        run.sched = Some(sched);
+        for (id, root) in failed {
             let (drv, root_drv) = (&run.drv_of[id as usize], &run.drv_of[root as usize]);
             let dep = BuildReport {
                 kind: BuildOutcome::DependencyFailed,
@@ -274,16 +256,7 @@ impl Engine {
         if run.sched.is_some() {
             run.state = RunState::Building;
             inner.db.set_run_state(run_id, RunState::Building, "", 0)?;
-            let (drvs, packages) = (run.drv_of.len(), inner.db.packages(run_id)?.len());
-            self.emit(
-                inner,
-                run_id,
-                Ev::EvalDone {
-                    packages: packages as u64,
-                    drvs: drvs as u64,
-                },
-            );
-            return self.maybe_finish(inner, run_id);
+            return self.evaluation_done(inner, run_id);
         }
         // Warm mode: what the cache already has is done before anything is dispatched.
         for row in inner.db.drvs(run_id)? {
@@ -300,7 +273,17 @@ impl Engine {
             }
         }
         Self::build_scheduler(inner.db.as_mut(), run)?;
-        let (drvs, packages) = (run.drv_of.len(), inner.db.packages(run_id)?.len());
+        self.evaluation_done(inner, run_id)
+    }
+
+    /// Says how big the evaluated run is, and ends it if nothing is left to build.
+    fn evaluation_done(&self, inner: &mut Inner, run_id: &str) -> Result<(), EngineError> {
+        let drvs = inner
+            .runs
+            .iter()
+            .find(|r| r.id == run_id)
+            .map_or(0, |r| r.drv_of.len());
+        let packages = inner.db.packages(run_id)?.len();
         self.emit(
             inner,
             run_id,

@@ -265,6 +265,40 @@ impl RunMem {
         }
     }
 
+    /// Remembers what a package asks of its derivation's build: its limits and, with smoke
+    /// tests, its main program.
+    fn note_package(&mut self, p: &PackageInfo) {
+        if p.drv_path.is_empty() {
+            return;
+        }
+        if p.timeout_secs > 0 || p.max_silent_secs > 0 {
+            self.limits
+                .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
+        }
+        if self.spec.smoke && p.eval_error.is_empty() {
+            self.smoke
+                .insert(p.drv_path.clone(), p.main_program.clone());
+        }
+    }
+
+    /// Adds a derivation to the run's graph (its edges come after).
+    fn add_drv(&mut self, sched: &mut Scheduler, path: &str, node: &DrvNode) -> NodeId {
+        let mut features = node.features.clone();
+        features.sort();
+        features.dedup();
+        let id = sched.add_node(
+            Class {
+                system: node.system.clone(),
+                features,
+            },
+            1,
+        );
+        self.node_of.insert(path.to_string(), id);
+        self.drv_of.push(path.to_string());
+        self.outputs_of.push(node.outputs.clone());
+        id
+    }
+
     fn eval_complete(&self) -> bool {
         self.eval_tasks_total
             .is_some_and(|t| self.eval_tasks_done.len() >= t)

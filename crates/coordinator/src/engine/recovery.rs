@@ -136,19 +136,7 @@ impl Engine {
         let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
         for row in &rows {
             let node = row.node.clone();
-            let mut features = node.features.clone();
-            features.sort();
-            features.dedup();
-            let id = sched.add_node(
-                Class {
-                    system: node.system.clone(),
-                    features,
-                },
-                1,
-            );
-            run.node_of.insert(row.drv_path.clone(), id);
-            run.drv_of.push(row.drv_path.clone());
-            run.outputs_of.push(node.outputs.clone());
+            run.add_drv(&mut sched, &row.drv_path, &node);
             nodes.push(node);
         }
         for (i, node) in nodes.iter().enumerate() {
@@ -177,13 +165,7 @@ impl Engine {
         }
         sched.start();
         for (_, p) in db.packages(&run.id)? {
-            if !p.drv_path.is_empty() && (p.timeout_secs > 0 || p.max_silent_secs > 0) {
-                run.limits
-                    .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
-            }
-            if run.spec.smoke && !p.drv_path.is_empty() && p.eval_error.is_empty() {
-                run.smoke.insert(p.drv_path.clone(), p.main_program.clone());
-            }
+            run.note_package(&p);
         }
         run.sched = Some(sched);
         if complete && (run.state == RunState::Evaluating || run.state == RunState::Queued) {
