@@ -26,12 +26,13 @@ pub(super) async fn list_with_checks(
         return Ok((shared.nix.list_attrs(entry, attr_path, mem).await?, vec![]));
     };
     let checks_path = format!("checks.{system}");
-    let (packages, checks, outputs) = tokio::join!(
-        shared.nix.list_attrs(entry, attr_path, mem),
+    // The listing first: on a fresh store, several Nix processes starting at once race to
+    // create its database (Nix 2.8 then says the schema "is corrupt").
+    let mut attrs = shared.nix.list_attrs(entry, attr_path, mem).await?;
+    let (checks, outputs) = tokio::join!(
         shared.nix.list_attrs(entry, &checks_path, mem),
         shared.nix.check_outputs(entry, system, mem),
     );
-    let mut attrs = packages?;
     let mut repository: Vec<pb::RepoCheck> = outputs
         .into_iter()
         .map(|c| pb::RepoCheck {
