@@ -38,7 +38,7 @@ const NOT_HINTS: &[&str] = &[
     "allowSubstitutes",
 ];
 
-fn fod_hints(env: Option<&Value>) -> Vec<String> {
+pub(crate) fn fod_hints(env: Option<&Value>) -> Vec<String> {
     let Some(Value::Object(env)) = env else {
         return Vec::new();
     };

@@ -1,6 +1,7 @@
 //! Running real Nix as a child process (argv, never a shell string) and parsing what Nix
 //! and Lix print, across the versions users run.
 
+pub mod aterm;
 pub mod derivation;
 pub mod entry;
 pub mod flake_check;

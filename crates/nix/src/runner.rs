@@ -282,8 +282,9 @@ impl Nix {
             .map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
     }
 
-    /// The derivations in the closures of `drvs`, with their inputs.
-    pub async fn show_derivations(&self, drvs: &[String]) -> Result<Vec<Derivation>, NixError> {
+    /// The derivations in the closures of `drvs`, with their inputs, as Nix prints them
+    /// (`show_derivations` reads the files itself and asks this only when it cannot).
+    pub async fn show_derivations_nix(&self, drvs: &[String]) -> Result<Vec<Derivation>, NixError> {
         let mut all = BTreeMap::new();
         for chunk in drvs.chunks(500) {
             let mut c = self.nix_cmd();

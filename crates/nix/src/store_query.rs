@@ -1,11 +1,39 @@
-//! Questions to the local store: which paths are missing, and which derivation produced a
-//! path (its deriver, as Nix recorded it when it built or substituted the path).
+//! Questions to the local store: which paths are missing, which derivation produced a path
+//! (its deriver, as Nix recorded it when it built or substituted the path), and what a
+//! derivation declares.
 
+use crate::Derivation;
 use crate::runner::{Nix, NixError, tail};
 use std::process::Stdio;
 use tokio::process::Command;
 
 impl Nix {
+    /// The derivations in the closures of `drvs`, with their inputs, sorted by path. Read
+    /// from the store's files in-process; Nix is asked only for a file this cannot read (a
+    /// format it does not know).
+    pub async fn show_derivations(&self, drvs: &[String]) -> Result<Vec<Derivation>, NixError> {
+        let list = drvs.to_vec();
+        match tokio::task::spawn_blocking(move || crate::aterm::closure(&list)).await {
+            Ok(Ok(all)) => return Ok(all),
+            Ok(Err(e)) => tracing::debug!("asking Nix for derivations: {e}"),
+            Err(e) => tracing::debug!("asking Nix for derivations: {e}"),
+        }
+        self.show_derivations_nix(drvs).await
+    }
+
+    /// One derivation (not its inputs), read like `show_derivations`.
+    pub async fn derivation(&self, drv: &str) -> Result<Derivation, NixError> {
+        let path = drv.to_string();
+        if let Ok(Ok(d)) = tokio::task::spawn_blocking(move || crate::aterm::read(&path)).await {
+            return Ok(d.to_derivation(drv));
+        }
+        self.show_derivations_nix(&[drv.to_string()])
+            .await?
+            .into_iter()
+            .find(|d| d.path == drv)
+            .ok_or_else(|| NixError::Infra(format!("Nix does not show derivation {drv}")))
+    }
+
     /// Which of `paths` are not valid in the store, in one `nix-store` call.
     pub async fn invalid_paths(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
         let mut out = Vec::new();

@@ -129,12 +129,7 @@ pub(super) async fn build(
             if let Err(e) = shared.roots.add(run_id, &paths) {
                 tracing::warn!("cannot root the outputs of {}: {e}", j.drv_path);
             }
-            let this = shared
-                .nix
-                .show_derivations(std::slice::from_ref(&j.drv_path))
-                .await
-                .ok()
-                .and_then(|ds| ds.into_iter().find(|d| d.path == j.drv_path));
+            let this = shared.nix.derivation(&j.drv_path).await.ok();
             if let Some(d) = &this
                 && let Some((m, from)) = copied_hash(shared, d, &opts, &cancel).await
             {

@@ -7,9 +7,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
 
-/// Largest derivation file read for its outputs, bytes.
-const MAX_DRV: u64 = 16 << 20;
-
 #[derive(Default)]
 pub(crate) struct OutputLocks {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -43,60 +40,22 @@ impl OutputLocks {
     }
 }
 
-/// The output paths a derivation file declares (`Derive([("out","/nix/store/…",…),…`);
-/// empty when it cannot be read.
+/// The output paths a derivation file declares; empty when it cannot be read.
 pub(crate) fn drv_outputs(drv: &str) -> Vec<String> {
-    let Ok(meta) = std::fs::metadata(drv) else {
-        return Vec::new();
-    };
-    if meta.len() > MAX_DRV {
-        return Vec::new();
-    }
-    let Ok(text) = std::fs::read_to_string(drv) else {
-        return Vec::new();
-    };
-    parse_outputs(&text)
-}
-
-fn parse_outputs(text: &str) -> Vec<String> {
-    let Some(mut rest) = text.strip_prefix("Derive([") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    // Each output: ("name","path","hashAlgo","hash"), separated by commas, ended by ']'.
-    while let Some(r) = rest.strip_prefix("(\"") {
-        let Some((_, after_name)) = r.split_once("\",\"") else {
-            break;
-        };
-        let Some((path, after_path)) = after_name.split_once('"') else {
-            break;
-        };
-        if path.starts_with('/') {
-            out.push(path.to_string());
-        }
-        let Some((_, after_tuple)) = after_path.split_once(')') else {
-            break;
-        };
-        rest = after_tuple.strip_prefix(',').unwrap_or(after_tuple);
-    }
-    out
+    nixfarm_nix::aterm::read(drv)
+        .map(|d| {
+            d.outputs
+                .into_iter()
+                .map(|(_, path, _, _)| path)
+                .filter(|p| p.starts_with('/'))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn outputs_of_a_derivation_file() {
-        let drv = r#"Derive([("dev","/nix/store/aaa-x-dev","",""),("out","/nix/store/bbb-x","","")],[("/nix/store/c.drv",["out"])],[],"x86_64-linux","/bin/sh",[],[])"#;
-        assert_eq!(
-            parse_outputs(drv),
-            ["/nix/store/aaa-x-dev", "/nix/store/bbb-x"]
-        );
-        let fod = r#"Derive([("out","/nix/store/ccc-source","sha256","abcd")],[],[],"x","/bin/sh",[],[])"#;
-        assert_eq!(parse_outputs(fod), ["/nix/store/ccc-source"]);
-        assert!(parse_outputs("garbage").is_empty());
-    }
 
     #[tokio::test]
     async fn a_second_build_of_the_same_output_waits_for_the_first() {
