@@ -451,8 +451,13 @@ fn fix_hashes_yields_a_patch_that_makes_every_broken_package_build_with_plain_ni
             }
         }
     }
-    // Source hash, then the npm bundle built from it, then verification.
-    assert_eq!(report["fix_rounds"].as_array().unwrap().len(), 3);
+    // Every package goes its own way: the first run, then a run per batch of packages whose
+    // mismatches became known together; statusphere needs three stages (source hash, the
+    // npm bundle built from it, verification), so at least 3 runs and at most the first
+    // plus one per broken package plus statusphere's third.
+    let runs = report["fix_rounds"].as_array().unwrap();
+    assert!((3..=7).contains(&runs.len()), "{runs:?}");
+    assert_eq!(runs[0], report["run_id"], "{runs:?}");
     // Without --apply the checkout is untouched.
     for file in &fixed_files {
         assert_eq!(

@@ -1,6 +1,7 @@
-//! `--fix-hashes`: runs rounds until every hash-broken package builds or fails for another
-//! reason, each round building only the packages whose hashes the previous one filled in,
-//! and hands back the edits (report, unified diff, or the checkout itself with `--apply`).
+//! `--fix-hashes`: fills in each hash-broken package's hashes and builds it again, stage by
+//! stage, until it builds or fails for another reason. A package's next stage starts as soon
+//! as its own mismatches are known (a run of that package only, beside the others), and the
+//! session hands back the edits (report, unified diff, or the checkout itself with `--apply`).
 
 use crate::cmd::submit::{get_report, submit};
 use crate::{Client, RunArgs, source, watch};
@@ -20,8 +21,9 @@ pub struct FixArgs {
     /// unless --apply is given.
     #[arg(long)]
     pub fix_hashes: bool,
-    /// Most build rounds with --fix-hashes (a source hash plus a dependency bundle needs 3:
-    /// find the source hash, find the bundle's, verify).
+    /// Most runs of one package with --fix-hashes, its stages (a source hash plus a
+    /// dependency bundle needs 3: find the source hash, find the bundle's, verify). Each
+    /// package goes through its stages on its own, not in lockstep with the others.
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub max_rounds: u32,
     /// Write the fixes as a unified diff to FILE (accepted by `git apply` and `patch -p1`).
@@ -86,8 +88,205 @@ pub struct Outcome {
     pub detached: bool,
 }
 
-/// Submits `dir`, then (with `fix.enabled()`) further rounds with the hashes filled in. Without
-/// fixing, the single run's report still gets each needs-hash package's `hash_fixes`.
+/// What a followed run tells the session.
+enum Note {
+    /// One of the run's builds ended; `mismatch` when it was a hash mismatch.
+    Finished { run: String, mismatch: bool },
+    Ended {
+        run: String,
+        end: anyhow::Result<watch::End>,
+    },
+}
+
+/// A fixing session: the checkout's text as edited so far and what each package came to.
+struct Session<'a> {
+    client: &'a Client,
+    dir: &'a Path,
+    run_args: &'a RunArgs,
+    fixing: bool,
+    max_rounds: u32,
+    checkout: Checkout,
+    current: Tree,
+    /// Each package as the run that decides it (its latest) reported it.
+    packages: BTreeMap<String, PackageReport>,
+    fixes: BTreeMap<String, Vec<HashFix>>,
+    unlocated: BTreeMap<String, Vec<String>>,
+    /// Every run of the session, in the order submitted.
+    runs: Vec<String>,
+    /// Each package's stage (1: the first run) and the run that decides it.
+    stage: BTreeMap<String, u32>,
+    latest: BTreeMap<String, String>,
+    /// Needs-hash packages already acted on, per run.
+    handled: BTreeSet<(String, String)>,
+    unverified: BTreeSet<String>,
+    /// Runs with a hash mismatch so far: the only ones worth asking mid-run.
+    mismatched: BTreeSet<String>,
+    live: usize,
+    first: Option<Report>,
+    last_state: nixfarm_core::RunState,
+    last_error: String,
+    printer: watch::Printer,
+    tx: tokio::sync::mpsc::UnboundedSender<Note>,
+}
+
+impl Session<'_> {
+    /// Submits a run of `only` (every package when empty) with the fixes so far and follows
+    /// it; the first run gets the progress bar, later ones say only how they ended.
+    async fn launch(&mut self, only: &[String]) -> anyhow::Result<String> {
+        let overrides = self.checkout.overrides(&self.current);
+        let id = submit(
+            self.client,
+            &self.dir.to_string_lossy(),
+            self.run_args,
+            &overrides,
+            only,
+        )
+        .await?;
+        let view = if self.runs.is_empty() {
+            let v = watch::View::live();
+            self.printer = v.printer();
+            if self.fixing {
+                self.printer.say(format!("run {id}: every package"));
+            } else {
+                self.printer.say(format!("submitted run {id}"));
+            }
+            v
+        } else {
+            let stage = only
+                .iter()
+                .filter_map(|a| self.stage.get(a))
+                .max()
+                .copied()
+                .unwrap_or(2);
+            self.printer.say(format!(
+                "run {id}: stage {stage} of {} with filled-in hashes",
+                only.join(", ")
+            ));
+            watch::View::quiet(self.printer.clone())
+        };
+        self.runs.push(id.clone());
+        self.live += 1;
+        let (client, tx, run) = (self.client.clone(), self.tx.clone(), id.clone());
+        tokio::spawn(async move {
+            let notes = tx.clone();
+            let r = run.clone();
+            let end = watch::watch_with(&client, &run, view, move |e| {
+                if let nixfarm_core::RunEvent::JobFinished { outcome, .. } = e {
+                    let _ = notes.send(Note::Finished {
+                        run: r.clone(),
+                        mismatch: *outcome == nixfarm_core::BuildOutcome::HashMismatch,
+                    });
+                }
+            })
+            .await;
+            let _ = tx.send(Note::Ended { run, end });
+        });
+        Ok(id)
+    }
+
+    /// Takes in a run's report, mid-run (`ended` false: only its settled needs-hash
+    /// packages matter) or at its end; a package whose hashes are now filled in goes on at
+    /// once in a run of its own, without waiting for the rest.
+    async fn absorb(&mut self, report: Report, ended: bool) -> anyhow::Result<()> {
+        let run = report.run_id.clone();
+        let mine = |s: &Self, attr: &str| s.latest.get(attr).is_none_or(|r| *r == run);
+        if ended {
+            // A run that failed as a whole (its evaluation, say) is the session's outcome.
+            if self.last_state != nixfarm_core::RunState::Failed {
+                self.last_state = report.state;
+                self.last_error = report.error.clone();
+            }
+            if self.runs.first() == Some(&run) {
+                self.first = Some(report.clone());
+            }
+        }
+        let mut settled = Vec::new();
+        for p in &report.packages {
+            if !mine(self, &p.attr) {
+                continue;
+            }
+            if ended {
+                self.packages.insert(p.attr.clone(), p.clone());
+                self.stage.entry(p.attr.clone()).or_insert(1);
+                self.latest.entry(p.attr.clone()).or_insert(run.clone());
+            }
+            if p.status() == PackageStatus::NeedsHash
+                && self.handled.insert((run.clone(), p.attr.clone()))
+            {
+                settled.push(p.clone());
+            }
+        }
+        if settled.is_empty() {
+            return Ok(());
+        }
+        let part = Report::new(
+            run.clone(),
+            report.state,
+            report.label.clone(),
+            String::new(),
+            settled.clone(),
+        );
+        let plan = nixfarm_fix::report::plan_report(&part, &self.current);
+        for u in &plan.unlocated {
+            self.unlocated
+                .entry(u.attr.clone())
+                .or_default()
+                .push(format!(
+                    "cannot fill in {} for {}: {}",
+                    u.mismatch.got,
+                    u.mismatch.fod_name(),
+                    u.why
+                ));
+        }
+        for (attr, list) in &plan.fixes {
+            self.fixes
+                .entry(attr.clone())
+                .or_default()
+                .extend(list.iter().map(nixfarm_fix::report::to_hash_fix));
+        }
+        if !self.fixing || plan.fixes.is_empty() || self.first_failed() {
+            return Ok(());
+        }
+        let edited = nixfarm_fix::apply(&self.current, plan.fixes.values().flatten())
+            .context("cannot apply the hash fixes to the submitted tree")?;
+        for (file, text) in edited {
+            self.current.insert(file, text);
+        }
+        let mut next = Vec::new();
+        for attr in plan.fixes.keys() {
+            // Until its next run reports, the package stands as this one said.
+            if let Some(p) = settled.iter().find(|p| p.attr == *attr) {
+                self.packages.insert(attr.clone(), p.clone());
+            }
+            let stage = self.stage.get(attr).copied().unwrap_or(1);
+            if stage >= self.max_rounds {
+                self.unverified.insert(attr.clone());
+            } else {
+                self.stage.insert(attr.clone(), stage + 1);
+                next.push(attr.clone());
+            }
+        }
+        if !next.is_empty() {
+            let id = self.launch(&next).await?;
+            for attr in next {
+                self.latest.insert(attr, id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn first_failed(&self) -> bool {
+        self.first
+            .as_ref()
+            .is_some_and(|f| f.state == nixfarm_core::RunState::Failed)
+    }
+}
+
+/// Submits `dir` and, with `fix.enabled()`, keeps going until every package with filled-in
+/// hashes has built or failed for another reason: each package's next stage starts the
+/// moment its own mismatches are known, beside the rest of the run, and evaluates only that
+/// package. Without fixing, the single run's report still gets each needs-hash package's
+/// `hash_fixes`.
 pub async fn run(
     client: &Client,
     dir: &Path,
@@ -96,94 +295,89 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     let checkout = Checkout::read(dir)?;
     let fixing = fix.enabled();
-    let max_rounds = if fixing { fix.max_rounds.max(1) } else { 1 };
-    let mut current = checkout.original.clone();
-    let mut packages: BTreeMap<String, PackageReport> = BTreeMap::new();
-    let mut fixes: BTreeMap<String, Vec<HashFix>> = BTreeMap::new();
-    let mut unlocated: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut rounds: Vec<String> = Vec::new();
-    let mut only: Vec<String> = run_args.attrs.clone();
-    let mut first: Option<Report> = None;
-    let mut last_state = nixfarm_core::RunState::Evaluating;
-    let mut last_error = String::new();
-    let mut unverified: BTreeSet<String> = BTreeSet::new();
-    for round in 1..=max_rounds {
-        let overrides = checkout.overrides(&current);
-        let id = submit(client, &dir.to_string_lossy(), run_args, &overrides, &only).await?;
-        rounds.push(id.clone());
-        if fixing {
-            eprintln!(
-                "round {round}: run {id}{}",
-                if round == 1 {
-                    String::new()
-                } else {
-                    format!(" ({} package(s) with filled-in hashes)", only.len())
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut s = Session {
+        client,
+        dir,
+        run_args,
+        fixing,
+        max_rounds: if fixing { fix.max_rounds.max(1) } else { 1 },
+        current: checkout.original.clone(),
+        checkout,
+        packages: BTreeMap::new(),
+        fixes: BTreeMap::new(),
+        unlocated: BTreeMap::new(),
+        runs: Vec::new(),
+        stage: BTreeMap::new(),
+        latest: BTreeMap::new(),
+        handled: BTreeSet::new(),
+        unverified: BTreeSet::new(),
+        mismatched: BTreeSet::new(),
+        live: 0,
+        first: None,
+        last_state: nixfarm_core::RunState::Evaluating,
+        last_error: String::new(),
+        printer: watch::Printer::default(),
+        tx,
+    };
+    let first_id = s.launch(&run_args.attrs).await?;
+    while s.live > 0 {
+        let Some(note) = rx.recv().await else { break };
+        // Everything already waiting, then one report per run that needs one.
+        let mut notes = vec![note];
+        while let Ok(n) = rx.try_recv() {
+            notes.push(n);
+        }
+        let mut ask: BTreeSet<String> = BTreeSet::new();
+        let mut ended = Vec::new();
+        for n in notes {
+            match n {
+                Note::Finished { run, mismatch } => {
+                    if mismatch {
+                        s.mismatched.insert(run.clone());
+                    }
+                    if fixing && s.mismatched.contains(&run) {
+                        ask.insert(run);
+                    }
                 }
-            );
-        } else {
-            eprintln!("submitted run {id}");
+                Note::Ended { run, end } => ended.push((run, end)),
+            }
         }
-        if let watch::End::Detached = watch::watch(client, &id).await? {
-            eprintln!("detached; run {id} continues. Follow it with: nixfarm watch {id}");
-            let report = get_report(client, &id).await?;
-            return Ok(Outcome {
-                report,
-                detached: true,
-            });
+        for (run, end) in ended {
+            s.live -= 1;
+            ask.remove(&run);
+            if let watch::End::Detached = end? {
+                eprintln!("detached; run {run} continues. Follow it with: nixfarm watch {run}");
+                let report = get_report(client, &run).await?;
+                return Ok(Outcome {
+                    report,
+                    detached: true,
+                });
+            }
+            let report = get_report(client, &run).await?;
+            s.absorb(report, true).await?;
         }
-        let report = get_report(client, &id).await?;
-        last_state = report.state;
-        last_error = report.error.clone();
-        if report.state == nixfarm_core::RunState::Failed {
-            first.get_or_insert(report);
-            break;
-        }
-        for p in &report.packages {
-            packages.insert(p.attr.clone(), p.clone());
-            unverified.remove(&p.attr);
-        }
-        first.get_or_insert_with(|| report.clone());
-        let plan = nixfarm_fix::report::plan_report(&report, &current);
-        for u in &plan.unlocated {
-            unlocated.entry(u.attr.clone()).or_default().push(format!(
-                "cannot fill in {} for {}: {}",
-                u.mismatch.got,
-                u.mismatch.fod_name(),
-                u.why
-            ));
-        }
-        for (attr, list) in &plan.fixes {
-            fixes
-                .entry(attr.clone())
-                .or_default()
-                .extend(list.iter().map(nixfarm_fix::report::to_hash_fix));
-        }
-        if !fixing || plan.fixes.is_empty() {
-            break;
-        }
-        let edited = nixfarm_fix::apply(&current, plan.fixes.values().flatten())
-            .context("cannot apply the hash fixes to the submitted tree")?;
-        for (file, text) in edited {
-            current.insert(file, text);
-        }
-        only = plan.fixes.keys().cloned().collect();
-        if round == max_rounds {
-            unverified.extend(only.iter().cloned());
+        for run in ask {
+            // Mid-run: a package's needs-hash status is final once reported (the coordinator
+            // keeps it pending while anything in its closure still builds).
+            let report = get_report(client, &run).await?;
+            s.absorb(report, false).await?;
         }
     }
-    let Some(first) = first else {
-        bail!("no run was submitted");
+    let Some(first) = s.first.clone() else {
+        bail!("run {first_id} reported nothing");
     };
-    let mut pkgs: Vec<PackageReport> = packages.into_values().collect();
+    let max_rounds = s.max_rounds;
+    let mut pkgs: Vec<PackageReport> = std::mem::take(&mut s.packages).into_values().collect();
     for p in &mut pkgs {
-        if let Some(list) = fixes.get(&p.attr) {
+        if let Some(list) = s.fixes.get(&p.attr) {
             p.hash_fixes = list.clone();
         }
-        if unverified.contains(&p.attr) {
+        if s.unverified.contains(&p.attr) {
             p.reason = format!(
                 "hashes filled in during the last round (--max-rounds {max_rounds}) were not verified by a build; raise --max-rounds"
             );
-        } else if let Some(why) = unlocated.get(&p.attr)
+        } else if let Some(why) = s.unlocated.get(&p.attr)
             && p.status() == PackageStatus::NeedsHash
         {
             p.reason = format!("{}; {}", p.reason, why.join("; "));
@@ -196,23 +390,24 @@ pub async fn run(
     }
     let mut report = Report::new(
         first.run_id.clone(),
-        last_state,
+        s.last_state,
         first.label.clone(),
-        last_error,
+        s.last_error.clone(),
         pkgs,
     );
-    // The flake's other outputs do not change with the hashes: the first round's stand.
+    // The flake's other outputs do not change with the hashes: the first run's stand.
     report.repository = first.repository.clone();
     if first.state == nixfarm_core::RunState::Failed {
         report = first;
     }
     if fixing {
-        report.fix_rounds = rounds;
-        let changed: Tree = current
+        report.fix_rounds = s.runs.clone();
+        let changed: Tree = s
+            .current
             .into_iter()
-            .filter(|(k, v)| checkout.original.get(k) != Some(v))
+            .filter(|(k, v)| s.checkout.original.get(k) != Some(v))
             .collect();
-        let patch = nixfarm_fix::unified_diff(&checkout.original, &changed);
+        let patch = nixfarm_fix::unified_diff(&s.checkout.original, &changed);
         if let Some(path) = &fix.patch_out {
             std::fs::write(path, &patch)
                 .with_context(|| format!("cannot write the patch to {}", path.display()))?;
@@ -223,7 +418,7 @@ pub async fn run(
             );
         }
         if fix.apply {
-            apply_to_checkout(&checkout, &changed)?;
+            apply_to_checkout(&s.checkout, &changed)?;
         }
     }
     Ok(Outcome {

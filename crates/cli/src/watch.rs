@@ -16,15 +16,51 @@ pub enum End {
     Detached,
 }
 
-struct View {
+/// What a watch shows: a progress bar (or a line per build), or only the run's end.
+pub struct View {
     bar: Option<ProgressBar>,
+    /// Only the run's end is said (a run followed beside another's bar).
+    quiet: Option<Printer>,
     built: u64,
     failed: u64,
     building: BTreeMap<String, Vec<String>>,
 }
 
+/// Prints a line above another watch's live bar while it shows, plainly once it is gone.
+#[derive(Clone, Default)]
+pub struct Printer(Option<ProgressBar>);
+
+impl Printer {
+    pub fn say(&self, s: String) {
+        match &self.0 {
+            Some(b) if !b.is_finished() => b.println(match crate::output::stderr_columns() {
+                Some(c) => nixfarm_core::fit::fit(&nixfarm_core::fit::one_line(&s), c),
+                None => s,
+            }),
+            _ => eprintln!("{s}"),
+        }
+    }
+}
+
 impl View {
-    fn new() -> View {
+    /// A view that says only how the run ended, through `printer`.
+    pub fn quiet(printer: Printer) -> View {
+        View {
+            bar: None,
+            quiet: Some(printer),
+            built: 0,
+            failed: 0,
+            building: BTreeMap::new(),
+        }
+    }
+
+    /// Where other lines go while this view's bar shows.
+    pub fn printer(&self) -> Printer {
+        Printer(self.bar.clone())
+    }
+
+    /// A live bar on a terminal, a line per build otherwise.
+    pub fn live() -> View {
         let bar = std::io::stderr().is_terminal().then(|| {
             // No bar until there is something to count: a bar at 0/0 would show full.
             let b = ProgressBar::new(0);
@@ -35,6 +71,7 @@ impl View {
         });
         View {
             bar,
+            quiet: None,
             built: 0,
             failed: 0,
             building: BTreeMap::new(),
@@ -74,6 +111,17 @@ impl View {
     }
 
     fn event(&mut self, run_id: &str, e: RunEvent) {
+        if let Some(p) = &self.quiet {
+            match e {
+                RunEvent::RunFailed { error } => p.say(format!("run {run_id} failed: {error}")),
+                RunEvent::RunFinished { state, summary } => p.say(format!(
+                    "run {run_id} {state}: {}/{} packages ready",
+                    summary.ready, summary.total
+                )),
+                _ => {}
+            }
+            return;
+        }
         match e {
             RunEvent::RunStarted { attr_path, .. } => {
                 self.line(format!("run {run_id}: evaluating {attr_path}"))
@@ -165,7 +213,16 @@ fn style(template: &str) -> ProgressStyle {
 
 /// Streams a run's events until it ends; reconnects and resumes after the last event seen.
 pub async fn watch(client: &Client, run: &str) -> anyhow::Result<End> {
-    let mut view = View::new();
+    watch_with(client, run, View::live(), |_| {}).await
+}
+
+/// `watch` through `view`, handing each event to `seen` as well.
+pub async fn watch_with(
+    client: &Client,
+    run: &str,
+    mut view: View,
+    mut seen: impl FnMut(&RunEvent),
+) -> anyhow::Result<End> {
     let mut last = 0u64;
     let mut failures = 0u32;
     loop {
@@ -203,6 +260,7 @@ pub async fn watch(client: &Client, run: &str) -> anyhow::Result<End> {
                         last = e.seq;
                         // A kind this CLI does not know (a newer coordinator) is skipped.
                         if let Ok(ev) = RunEvent::from_parts(&e.kind, &e.json) {
+                            seen(&ev);
                             view.event(&e.run_id, ev);
                         }
                         if RunEvent::is_terminal_kind(&e.kind) {
