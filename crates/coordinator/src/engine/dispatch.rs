@@ -16,8 +16,22 @@ impl Engine {
                     break;
                 }
                 let caps = agent.caps.clone();
+                // An agent with more than one slot keeps one for builds while evaluation
+                // goes on: builds start with the first evaluated chunk instead of after the
+                // last one.
+                let evaluating = agent
+                    .running
+                    .iter()
+                    .filter(|a| {
+                        inner
+                            .attempts
+                            .get(*a)
+                            .is_some_and(|m| matches!(m.job, JobRef::Eval(_)))
+                    })
+                    .count();
+                let builds_first = evaluating > 0 && evaluating + 1 >= agent.reg.max_jobs as usize;
                 let Some((run_id, job_ref, job, target)) =
-                    Self::next_job(&mut inner.runs, &caps, &name, &self.opts)
+                    Self::next_job(&mut inner.runs, &caps, &name, &self.opts, builds_first)
                 else {
                     break;
                 };
@@ -86,13 +100,27 @@ impl Engine {
         }
     }
 
+    /// Evaluation first (it unlocks builds and their priorities), then builds; with
+    /// `builds_first` a ready build goes before more evaluation.
     pub(super) fn next_job(
         runs: &mut [RunMem],
         caps: &Capabilities,
         agent: &str,
         opts: &EngineOptions,
+        builds_first: bool,
     ) -> Option<(String, JobRef, Job, String)> {
-        // Evaluation first (it unlocks builds), oldest run first.
+        if builds_first {
+            Self::next_build(runs, caps, agent, opts).or_else(|| Self::next_eval(runs, opts))
+        } else {
+            Self::next_eval(runs, opts).or_else(|| Self::next_build(runs, caps, agent, opts))
+        }
+    }
+
+    /// The next evaluation task, oldest run first.
+    fn next_eval(
+        runs: &mut [RunMem],
+        opts: &EngineOptions,
+    ) -> Option<(String, JobRef, Job, String)> {
         for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
             if let Some(task) = run.eval_queue.pop_front() {
                 let source = run.spec.source.clone();
@@ -129,6 +157,16 @@ impl Engine {
                 });
             }
         }
+        None
+    }
+
+    /// The most urgent build this agent can take, oldest run first.
+    fn next_build(
+        runs: &mut [RunMem],
+        caps: &Capabilities,
+        agent: &str,
+        opts: &EngineOptions,
+    ) -> Option<(String, JobRef, Job, String)> {
         for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
             let RunMem {
                 sched, built_on, ..

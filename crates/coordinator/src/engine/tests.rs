@@ -446,3 +446,65 @@ fn a_live_agents_name_is_refused_to_others_and_kept_for_its_own_reconnect() {
     let (tx2, _rx2) = mpsc::unbounded_channel();
     engine.connect_agent(registration("x", ""), tx2).unwrap();
 }
+
+#[test]
+fn an_agent_with_two_slots_starts_a_ready_build_before_more_evaluation() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        eval_chunk_size: 1,
+        ..Default::default()
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut reg = registration("a", "");
+    reg.max_jobs = 2;
+    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
+    engine.submit(flake_run()).unwrap();
+    let (list, _) = assigned(&mut rx);
+    let names = vec!["p0".to_string(), "p1".into(), "p2".into()];
+    engine
+        .agent_message(
+            "a",
+            conn,
+            FromAgent::EvalList {
+                attempt: list,
+                result: Ok((names, vec![])),
+            },
+        )
+        .unwrap();
+    // Both slots evaluate while there is nothing to build.
+    let (first, j1) = assigned(&mut rx);
+    let (_second, j2) = assigned(&mut rx);
+    assert!(matches!(j1, Job::EvalChunk { .. }) && matches!(j2, Job::EvalChunk { .. }));
+    let drv = "/nix/store/00000000000000000000000000000000-p0.drv".to_string();
+    let out = "/nix/store/11111111111111111111111111111111-p0".to_string();
+    let node = DrvNode {
+        system: "x86_64-linux".into(),
+        outputs: [("out".to_string(), out.clone())].into(),
+        ..Default::default()
+    };
+    let attr = EvaluatedAttr {
+        attr: "p0".into(),
+        info: PackageInfo {
+            drv_path: drv.clone(),
+            outputs: [("out".to_string(), out)].into(),
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        },
+    };
+    engine
+        .agent_message(
+            "a",
+            conn,
+            FromAgent::EvalChunk {
+                attempt: first,
+                result: Ok((vec![attr], [(drv.clone(), node)].into())),
+            },
+        )
+        .unwrap();
+    // The freed slot builds p0 at once; the third chunk waits for a slot.
+    let (_, job) = assigned(&mut rx);
+    assert!(
+        matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv),
+        "{job:?}"
+    );
+    assert!(rx.try_recv().is_err(), "both slots are busy");
+}
