@@ -183,7 +183,9 @@ impl Agent {
             nix: cfg.nix_bin.join("nix"),
             nix_store: cfg.nix_bin.join("nix-store"),
             log_tail_bytes: 16 * 1024,
-        };
+            build_hook: None,
+        }
+        .with_declining_hook(&cfg.work_dir);
         Ok(Agent {
             shared: Arc::new(Shared {
                 cfg,

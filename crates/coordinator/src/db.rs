@@ -82,6 +82,10 @@ CREATE TABLE IF NOT EXISTS repo_checks (
   message TEXT NOT NULL,
   PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS build_times (
+  name TEXT PRIMARY KEY,
+  ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS upload_claims (
   cache TEXT NOT NULL,
   path TEXT NOT NULL,
@@ -415,11 +419,12 @@ impl Db {
         let json = |r: &BuildReport| {
             serde_json::to_string(r).map_err(|e| bad_column(4, "build result", e))
         };
-        let (result, dep) = (json(result)?, json(dep)?);
+        let (json_result, dep) = (json(result)?, json(dep)?);
         let tx = self.conn.transaction()?;
+        Db::note_build_time(&tx, drv, result)?;
         tx.execute(
             "UPDATE drvs SET state = ?3, result = ?4 WHERE run_id = ?1 AND drv_path = ?2",
-            params![run, drv, state.as_str(), result],
+            params![run, drv, state.as_str(), json_result],
         )?;
         for d in dependents {
             tx.execute(

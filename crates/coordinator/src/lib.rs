@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 mod db_repo;
+mod db_times;
 pub mod engine;
 pub mod farm_cache;
 pub mod model;

@@ -111,6 +111,8 @@ pub trait StateStore: Send {
     // Repository checks.
     fn record_repo_checks(&mut self, run: &str, checks: &[RepoCheck]) -> StateResult<()>;
     fn repo_checks(&self, run: &str) -> StateResult<Vec<RepoCheck>>;
+    /// How long each derivation (by name) took when last built, in ms: cost estimates.
+    fn build_times(&mut self) -> StateResult<std::collections::HashMap<String, u64>>;
 }
 
 /// The SQLite store: each operation is the inherent method of the same name (`w`: takes
@@ -163,4 +165,5 @@ delegate! {
     r fn metrics_counts() -> MetricsCounts;
     w fn record_repo_checks(run: &str, checks: &[RepoCheck]) -> ();
     r fn repo_checks(run: &str) -> Vec<RepoCheck>;
+    w fn build_times() -> std::collections::HashMap<String, u64>;
 }

@@ -2,6 +2,7 @@
 //! and Lix print, across the versions users run.
 
 pub mod aterm;
+mod build_hook;
 pub mod derivation;
 pub mod entry;
 pub mod flake_check;

@@ -101,6 +101,8 @@ pub struct Nix {
     pub nix_store: PathBuf,
     /// Bytes of log kept for reports.
     pub log_tail_bytes: usize,
+    /// The build hook builds run with (see [`Nix::with_declining_hook`]); None: Nix's own.
+    pub build_hook: Option<PathBuf>,
 }
 
 impl Default for Nix {
@@ -109,6 +111,7 @@ impl Default for Nix {
             nix: "nix".into(),
             nix_store: "nix-store".into(),
             log_tail_bytes: 16 * 1024,
+            build_hook: None,
         }
     }
 }
@@ -422,6 +425,9 @@ impl Nix {
             &opts.substituter,
         ]);
         c.args(["--option", "builders", ""]);
+        if let Some(h) = &self.build_hook {
+            c.arg("--option").arg("build-hook").arg(h);
+        }
         if !opts.system_features.is_empty() {
             c.args([
                 "--option",

@@ -98,6 +98,9 @@ impl Engine {
         inner
             .db
             .finish_drv(&run_id, &drv, state, &report, &dep_names, &dep)?;
+        if let Some((name, ms)) = crate::db_times::build_time(&drv, &report) {
+            inner.build_times.insert(name.to_string(), ms);
+        }
         report.log_tail.clear();
         self.emit(
             inner,

@@ -183,6 +183,7 @@ impl Engine {
         attrs: &[EvaluatedAttr],
         drvs: &BTreeMap<String, DrvNode>,
     ) -> Result<(), EngineError> {
+        let times = &inner.build_times;
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
         };
@@ -203,7 +204,7 @@ impl Engine {
             if run.node_of.contains_key(path) {
                 continue;
             }
-            added.push((run.add_drv(&mut sched, path, node), node));
+            added.push((run.add_drv(&mut sched, path, node, times), node));
         }
         for (id, node) in &added {
             for input in &node.input_drvs {
@@ -272,7 +273,7 @@ impl Engine {
                     .set_drv_state(run_id, &row.drv_path, DrvState::Built, Some(&rep))?;
             }
         }
-        Self::build_scheduler(inner.db.as_mut(), run)?;
+        Self::build_scheduler(inner.db.as_mut(), run, &inner.build_times)?;
         self.evaluation_done(inner, run_id)
     }
 

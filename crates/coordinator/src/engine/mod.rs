@@ -136,6 +136,19 @@ struct Inner {
     agents: BTreeMap<String, AgentMem>,
     attempts: HashMap<String, AttemptMem>,
     next_conn: u64,
+    /// Cost estimates: ms each derivation name took when last built.
+    build_times: HashMap<String, u64>,
+}
+
+/// The cost of a derivation never built here, ms: a typical small build.
+const UNKNOWN_BUILD_MS: u64 = 1_000;
+
+/// A derivation's expected build time, ms.
+fn cost_of(times: &HashMap<String, u64>, drv: &str) -> u64 {
+    times
+        .get(store_name(drv))
+        .copied()
+        .unwrap_or(UNKNOWN_BUILD_MS)
 }
 
 /// The coordinator engine. Cheap to clone.
@@ -196,8 +209,11 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         std::fs::create_dir_all(&sources_dir)?;
         let (events, _) = broadcast::channel(8192);
+        let mut db = db;
+        let build_times = db.build_times()?;
         let engine = Engine {
             inner: Arc::new(Mutex::new(Inner {
+                build_times,
                 db: Box::new(db),
                 runs: Vec::new(),
                 agents: BTreeMap::new(),
@@ -282,7 +298,13 @@ impl RunMem {
     }
 
     /// Adds a derivation to the run's graph (its edges come after).
-    fn add_drv(&mut self, sched: &mut Scheduler, path: &str, node: &DrvNode) -> NodeId {
+    fn add_drv(
+        &mut self,
+        sched: &mut Scheduler,
+        path: &str,
+        node: &DrvNode,
+        times: &HashMap<String, u64>,
+    ) -> NodeId {
         let mut features = node.features.clone();
         features.sort();
         features.dedup();
@@ -291,7 +313,7 @@ impl RunMem {
                 system: node.system.clone(),
                 features,
             },
-            1,
+            cost_of(times, path),
         );
         self.node_of.insert(path.to_string(), id);
         self.drv_of.push(path.to_string());

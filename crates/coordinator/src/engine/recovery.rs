@@ -42,7 +42,7 @@ impl Engine {
                 }
             }
             // A run still evaluating may have built part of its graph already.
-            Self::build_scheduler(inner.db.as_mut(), &mut run)?;
+            Self::build_scheduler(inner.db.as_mut(), &mut run, &inner.build_times)?;
             inner.runs.push(run);
         }
         for a in running {
@@ -126,6 +126,7 @@ impl Engine {
     pub(super) fn build_scheduler(
         db: &mut dyn StateStore,
         run: &mut RunMem,
+        times: &HashMap<String, u64>,
     ) -> Result<(), EngineError> {
         let rows = db.drvs(&run.id)?;
         let complete = run.eval_complete();
@@ -136,7 +137,7 @@ impl Engine {
         let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
         for row in &rows {
             let node = row.node.clone();
-            run.add_drv(&mut sched, &row.drv_path, &node);
+            run.add_drv(&mut sched, &row.drv_path, &node, times);
             nodes.push(node);
         }
         for (i, node) in nodes.iter().enumerate() {
