@@ -40,6 +40,7 @@ fn class(system: &str, features: &[&str]) -> Class {
     Class {
         system: system.into(),
         features: features.iter().map(|s| s.to_string()).collect(),
+        fetch: false,
     }
 }
 
@@ -133,14 +134,17 @@ fn simulate(agents_n: usize) {
         Capabilities {
             systems: vec!["x86_64-linux".into()],
             features: vec![],
+            ..Default::default()
         },
         Capabilities {
             systems: vec!["x86_64-linux".into()],
             features: vec!["big-parallel".into()],
+            ..Default::default()
         },
         Capabilities {
             systems: vec!["x86_64-linux".into()],
             features: vec!["kvm".into()],
+            ..Default::default()
         },
     ];
     let agent_profile: Vec<usize> = (0..agents_n)

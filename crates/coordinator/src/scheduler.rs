@@ -52,6 +52,8 @@ pub struct Class {
     pub system: String,
     /// Sorted, deduplicated.
     pub features: Vec<String>,
+    /// A fixed-output derivation: a fetch, mostly waiting on the network.
+    pub fetch: bool,
 }
 
 /// What an agent offers.
@@ -59,6 +61,8 @@ pub struct Class {
 pub struct Capabilities {
     pub systems: Vec<String>,
     pub features: Vec<String>,
+    /// Only fetches (its build slots are full, its fetch slots are not).
+    pub fetches_only: bool,
 }
 
 impl Capabilities {
@@ -66,6 +70,7 @@ impl Capabilities {
         // `builtin` derivations (builtin:fetchurl and the like) run on any Nix.
         (class.system == "builtin" || self.systems.contains(&class.system))
             && class.features.iter().all(|f| self.features.contains(f))
+            && (class.fetch || !self.fetches_only)
     }
 }
 

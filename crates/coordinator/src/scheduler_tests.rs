@@ -5,12 +5,14 @@ fn x86() -> Class {
     Class {
         system: "x86_64-linux".into(),
         features: vec![],
+        fetch: false,
     }
 }
 fn caps() -> Capabilities {
     Capabilities {
         systems: vec!["x86_64-linux".into()],
         features: vec![],
+        ..Default::default()
     }
 }
 
@@ -111,6 +113,7 @@ fn routing_by_system_and_features() {
         Class {
             system: "x86_64-linux".into(),
             features: vec!["kvm".into()],
+            fetch: false,
         },
         1,
     );
@@ -118,6 +121,7 @@ fn routing_by_system_and_features() {
         Class {
             system: "aarch64-linux".into(),
             features: vec![],
+            fetch: false,
         },
         1,
     );
@@ -126,6 +130,7 @@ fn routing_by_system_and_features() {
     let with_kvm = Capabilities {
         systems: vec!["x86_64-linux".into()],
         features: vec!["kvm".into()],
+        ..Default::default()
     };
     assert_eq!(s.pop_for(&with_kvm), Some(kvm));
     assert_eq!(s.ready_classes()[0].system, "aarch64-linux");

@@ -68,6 +68,7 @@ impl Engine {
         let caps = Capabilities {
             systems: reg.systems.clone(),
             features: reg.features.clone(),
+            fetches_only: false,
         };
         tracing::info!(agent = reg.name, systems = ?reg.systems, max_jobs = reg.max_jobs, reattached = running.len(), "agent connected");
         inner.agents.insert(

@@ -8,14 +8,25 @@ impl Engine {
         let names: Vec<String> = inner.agents.keys().cloned().collect();
         for name in names {
             while let Some(agent) = inner.agents.get(&name) {
+                // Fixed-output derivations (fetches, mostly waiting on the network) have slots
+                // of their own beside the build slots, as many: like Nix's substitutions,
+                // which do not count against max-jobs either.
+                let max = agent.reg.max_jobs as usize;
+                let fetching = agent
+                    .running
+                    .iter()
+                    .filter(|a| inner.attempts.get(*a).is_some_and(|m| m.fetch))
+                    .count();
+                let others = agent.running.len() - fetching;
                 if agent.tx.is_none()
                     || agent.draining
                     || !agent.paused.is_empty()
-                    || agent.running.len() >= agent.reg.max_jobs as usize
+                    || (others >= max && fetching >= max)
                 {
                     break;
                 }
-                let caps = agent.caps.clone();
+                let mut caps = agent.caps.clone();
+                caps.fetches_only = others >= max;
                 // An agent with more than one slot keeps one for builds while evaluation
                 // goes on: builds start with the first evaluated chunk instead of after the
                 // last one.
@@ -29,12 +40,25 @@ impl Engine {
                             .is_some_and(|m| matches!(m.job, JobRef::Eval(_)))
                     })
                     .count();
-                let builds_first = evaluating > 0 && evaluating + 1 >= agent.reg.max_jobs as usize;
-                let Some((run_id, job_ref, job, target)) =
-                    Self::next_job(&mut inner.runs, &caps, &name, &self.opts, builds_first)
-                else {
+                let builds_first = evaluating > 0 && evaluating + 1 >= max;
+                let next = if caps.fetches_only {
+                    Self::next_build(&mut inner.runs, &caps, &name, &self.opts, now)
+                } else {
+                    Self::next_job(&mut inner.runs, &caps, &name, &self.opts, builds_first, now)
+                };
+                let Some((run_id, job_ref, job, target)) = next else {
                     break;
                 };
+                let fetch = fetching < max
+                    && match &job_ref {
+                        JobRef::Build(n) => inner
+                            .runs
+                            .iter()
+                            .find(|r| r.id == run_id)
+                            .and_then(|r| r.sched.as_ref())
+                            .is_some_and(|s| s.class(*n).fetch),
+                        JobRef::Eval(_) => false,
+                    };
                 let attempt = random_id("a");
                 let kind = match &job {
                     Job::EvalList { .. } => AttemptKind::EvalList,
@@ -73,6 +97,7 @@ impl Engine {
                         job: job_ref,
                         agent: name.clone(),
                         target: target.clone(),
+                        fetch,
                     },
                 );
                 if let Some(a) = inner.agents.get_mut(&name) {
@@ -108,11 +133,14 @@ impl Engine {
         agent: &str,
         opts: &EngineOptions,
         builds_first: bool,
+        now_ms: i64,
     ) -> Option<(String, JobRef, Job, String)> {
         if builds_first {
-            Self::next_build(runs, caps, agent, opts).or_else(|| Self::next_eval(runs, opts))
+            Self::next_build(runs, caps, agent, opts, now_ms)
+                .or_else(|| Self::next_eval(runs, opts))
         } else {
-            Self::next_eval(runs, opts).or_else(|| Self::next_build(runs, caps, agent, opts))
+            Self::next_eval(runs, opts)
+                .or_else(|| Self::next_build(runs, caps, agent, opts, now_ms))
         }
     }
 
@@ -160,14 +188,30 @@ impl Engine {
         None
     }
 
-    /// The most urgent build this agent can take, oldest run first.
+    /// The most urgent build this agent can take. Runs are served shortest remaining first,
+    /// so a small run (a package's next hash-fixing stage, a quick check) does not queue
+    /// behind a large one; a run's remaining count is divided by one plus the minutes since
+    /// it was submitted, so a large run is not starved by a stream of small ones.
     fn next_build(
         runs: &mut [RunMem],
         caps: &Capabilities,
         agent: &str,
         opts: &EngineOptions,
+        now_ms: i64,
     ) -> Option<(String, JobRef, Job, String)> {
-        for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
+        let mut order: Vec<(f64, usize)> = runs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.state.is_terminal())
+            .filter_map(|(i, r)| {
+                let left = r.sched.as_ref()?.unfinished() as f64;
+                let minutes = (now_ms - r.created_ms).max(0) as f64 / 60_000.0;
+                Some((left / (1.0 + minutes), i))
+            })
+            .collect();
+        order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for (_, i) in order {
+            let run = &mut runs[i];
             let RunMem {
                 sched, built_on, ..
             } = &mut *run;

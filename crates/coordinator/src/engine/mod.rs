@@ -77,6 +77,8 @@ struct RunMem {
     id: String,
     spec: RunSpec,
     state: RunState,
+    /// When it was submitted (ms, the engine's clock).
+    created_ms: i64,
     eval_queue: VecDeque<EvalTask>,
     eval_tasks_total: Option<usize>,
     eval_tasks_done: HashSet<i64>,
@@ -110,6 +112,8 @@ struct AttemptMem {
     job: JobRef,
     agent: String,
     target: String,
+    /// Holds one of the agent's fetch slots, not a build slot.
+    fetch: bool,
 }
 
 struct AgentMem {
@@ -261,11 +265,12 @@ impl Engine {
 }
 
 impl RunMem {
-    fn new(id: String, spec: RunSpec, state: RunState) -> Self {
+    fn new(id: String, spec: RunSpec, state: RunState, created_ms: i64) -> Self {
         RunMem {
             id,
             spec,
             state,
+            created_ms,
             eval_queue: VecDeque::new(),
             eval_tasks_total: None,
             eval_tasks_done: HashSet::new(),
@@ -312,6 +317,7 @@ impl RunMem {
             Class {
                 system: node.system.clone(),
                 features,
+                fetch: node.fixed_output,
             },
             cost_of(times, path),
         );

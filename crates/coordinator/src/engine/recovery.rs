@@ -26,7 +26,7 @@ impl Engine {
                     continue;
                 }
             };
-            let mut run = RunMem::new(row.id.clone(), spec, state);
+            let mut run = RunMem::new(row.id.clone(), spec, state, row.created_ms);
             let tasks = inner.db.eval_tasks(&row.id)?;
             if row.eval_tasks_total < 0 {
                 run.eval_queue.push_back(EvalTask::List);
@@ -83,6 +83,7 @@ impl Engine {
                     job,
                     agent: a.agent.clone(),
                     target: a.target.clone(),
+                    fetch: false,
                 },
             );
         }
@@ -99,6 +100,7 @@ impl Engine {
                 let caps = Capabilities {
                     systems: reg.systems.clone(),
                     features: reg.features.clone(),
+                    fetches_only: false,
                 };
                 // Disconnected until it dials in; its lease starts now.
                 inner.agents.insert(

@@ -33,6 +33,7 @@ impl Engine {
             return Err(EngineError::Busy(self.opts.max_runs_in_flight));
         }
         let id = random_id("r");
+        let now = self.clock.now_ms();
         let spec_json =
             serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
         inner.db.insert_run(&RunRow {
@@ -41,11 +42,11 @@ impl Engine {
             label: spec.label.clone(),
             spec: spec_json,
             error: String::new(),
-            created_ms: self.clock.now_ms(),
+            created_ms: now,
             finished_ms: 0,
             eval_tasks_total: -1,
         })?;
-        let mut run = RunMem::new(id.clone(), spec.clone(), RunState::Evaluating);
+        let mut run = RunMem::new(id.clone(), spec.clone(), RunState::Evaluating, now);
         run.eval_queue.push_back(EvalTask::List);
         inner.runs.push(run);
         self.emit(

@@ -540,6 +540,8 @@ fn packages_run(
         let node = DrvNode {
             system: "x86_64-linux".into(),
             outputs: outputs.clone(),
+            // A fetch, as fetchers are: fixed output.
+            fixed_output: name.starts_with("src-"),
             ..Default::default()
         };
         let attr = EvaluatedAttr {
@@ -610,4 +612,40 @@ fn what_took_long_last_time_is_built_first_next_time() {
         matches!(job, Job::Build { ref drv_path, .. } if *drv_path == second[1].0),
         "{job:?}"
     );
+}
+
+#[test]
+fn fetches_have_slots_of_their_own_beside_the_build_slots() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    // One build slot (and so one fetch slot): two packages and two fetches, all ready.
+    let (drvs, (_, first)) = packages_run(
+        &engine,
+        &mut a,
+        &[
+            ("pkg-a", '0'),
+            ("pkg-b", '1'),
+            ("src-a", '2'),
+            ("src-b", '3'),
+        ],
+    );
+    let mut given = vec![first];
+    while let Ok(ToAgent::Assign { job, .. }) = a.rx.try_recv() {
+        given.push(job);
+    }
+    let names: Vec<String> = given
+        .iter()
+        .map(|j| match j {
+            Job::Build { drv_path, .. } => store_name(drv_path).to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    // A package and a fetch at once, not two of either.
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("src-")).count(),
+        1,
+        "{names:?}"
+    );
+    assert_eq!(drvs.len(), 4);
 }
