@@ -347,4 +347,6 @@ mod runs;
 mod waiting;
 
 #[cfg(test)]
+mod dispatch_tests;
+#[cfg(test)]
 mod tests;

@@ -92,7 +92,9 @@ fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
 }
 
 /// An engine over an in-memory database with a manual clock and a 5 s lease.
-fn test_engine(opts: EngineOptions) -> (Engine, Arc<crate::clock::ManualClock>, tempfile::TempDir) {
+pub(super) fn test_engine(
+    opts: EngineOptions,
+) -> (Engine, Arc<crate::clock::ManualClock>, tempfile::TempDir) {
     let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(
@@ -109,13 +111,13 @@ fn test_engine(opts: EngineOptions) -> (Engine, Arc<crate::clock::ManualClock>, 
 }
 
 /// A registered test agent: its connection, session key and what it is sent.
-struct TestAgent {
-    conn: u64,
-    session: String,
-    rx: mpsc::UnboundedReceiver<ToAgent>,
+pub(super) struct TestAgent {
+    pub(super) conn: u64,
+    pub(super) session: String,
+    pub(super) rx: mpsc::UnboundedReceiver<ToAgent>,
 }
 
-fn registration(name: &str, session_key: &str) -> Registration {
+pub(super) fn registration(name: &str, session_key: &str) -> Registration {
     Registration {
         name: name.into(),
         systems: vec!["x86_64-linux".into()],
@@ -128,14 +130,14 @@ fn registration(name: &str, session_key: &str) -> Registration {
 }
 
 /// Registers a one-job x86_64-linux agent (any earlier stream of that name closed).
-fn connect_agent(engine: &Engine, name: &str) -> TestAgent {
+pub(super) fn connect_agent(engine: &Engine, name: &str) -> TestAgent {
     let (tx, rx) = mpsc::unbounded_channel();
     let (conn, session) = engine.connect_agent(registration(name, ""), tx).unwrap();
     TestAgent { conn, session, rx }
 }
 
 /// A run of a flake's packages.x86_64-linux, no cache.
-fn flake_run() -> RunSpec {
+pub(super) fn flake_run() -> RunSpec {
     RunSpec {
         source: SourceSpec::FlakeRef("github:owner/repo".into()),
         attr_path: "packages.x86_64-linux".into(),
@@ -152,7 +154,7 @@ fn flake_run() -> RunSpec {
 }
 
 /// The next assignment sent to an agent: (attempt, job).
-fn assigned(rx: &mut mpsc::UnboundedReceiver<ToAgent>) -> (String, Job) {
+pub(super) fn assigned(rx: &mut mpsc::UnboundedReceiver<ToAgent>) -> (String, Job) {
     loop {
         match rx.try_recv().expect("an assignment") {
             ToAgent::Assign { attempt, job, .. } => return (attempt, job),
@@ -335,7 +337,7 @@ fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, Strin
     (run, drv, out)
 }
 
-fn built(out: &str) -> BuildReport {
+pub(super) fn built(out: &str) -> BuildReport {
     BuildReport {
         kind: BuildOutcome::Built,
         outputs: [("out".to_string(), out.to_string())].into(),
@@ -445,207 +447,4 @@ fn a_live_agents_name_is_refused_to_others_and_kept_for_its_own_reconnect() {
     drop(_rx);
     let (tx2, _rx2) = mpsc::unbounded_channel();
     engine.connect_agent(registration("x", ""), tx2).unwrap();
-}
-
-#[test]
-fn an_agent_with_two_slots_starts_a_ready_build_before_more_evaluation() {
-    let (engine, _clock, _dir) = test_engine(EngineOptions {
-        eval_chunk_size: 1,
-        ..Default::default()
-    });
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut reg = registration("a", "");
-    reg.max_jobs = 2;
-    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
-    engine.submit(flake_run()).unwrap();
-    let (list, _) = assigned(&mut rx);
-    let names = vec!["p0".to_string(), "p1".into(), "p2".into()];
-    engine
-        .agent_message(
-            "a",
-            conn,
-            FromAgent::EvalList {
-                attempt: list,
-                result: Ok((names, vec![])),
-            },
-        )
-        .unwrap();
-    // Both slots evaluate while there is nothing to build.
-    let (first, j1) = assigned(&mut rx);
-    let (_second, j2) = assigned(&mut rx);
-    assert!(matches!(j1, Job::EvalChunk { .. }) && matches!(j2, Job::EvalChunk { .. }));
-    let drv = "/nix/store/00000000000000000000000000000000-p0.drv".to_string();
-    let out = "/nix/store/11111111111111111111111111111111-p0".to_string();
-    let node = DrvNode {
-        system: "x86_64-linux".into(),
-        outputs: [("out".to_string(), out.clone())].into(),
-        ..Default::default()
-    };
-    let attr = EvaluatedAttr {
-        attr: "p0".into(),
-        info: PackageInfo {
-            drv_path: drv.clone(),
-            outputs: [("out".to_string(), out)].into(),
-            system: "x86_64-linux".into(),
-            ..Default::default()
-        },
-    };
-    engine
-        .agent_message(
-            "a",
-            conn,
-            FromAgent::EvalChunk {
-                attempt: first,
-                result: Ok((vec![attr], [(drv.clone(), node)].into())),
-            },
-        )
-        .unwrap();
-    // The freed slot builds p0 at once; the third chunk waits for a slot.
-    let (_, job) = assigned(&mut rx);
-    assert!(
-        matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv),
-        "{job:?}"
-    );
-    assert!(rx.try_recv().is_err(), "both slots are busy");
-}
-
-/// Evaluates a run of `pkgs` (name, hash digit) on the one-slot agent `a`; returns each
-/// one's (drv, output) and the first build it is then given.
-fn packages_run(
-    engine: &Engine,
-    a: &mut TestAgent,
-    pkgs: &[(&str, char)],
-) -> (Vec<(String, String)>, (String, Job)) {
-    engine.submit(flake_run()).unwrap();
-    let (list, _) = assigned(&mut a.rx);
-    let names = pkgs.iter().map(|(n, _)| n.to_string()).collect();
-    engine
-        .agent_message(
-            "a",
-            a.conn,
-            FromAgent::EvalList {
-                attempt: list,
-                result: Ok((names, vec![])),
-            },
-        )
-        .unwrap();
-    let mut attrs = BTreeMap::new();
-    let mut drvs = BTreeMap::new();
-    let mut out = Vec::new();
-    for (name, digit) in pkgs {
-        let h: String = std::iter::repeat_n(*digit, 32).collect();
-        let drv = format!("/nix/store/{h}-{name}.drv");
-        let o = format!("/nix/store/{h}-{name}");
-        let outputs: BTreeMap<String, String> = [("out".to_string(), o.clone())].into();
-        let node = DrvNode {
-            system: "x86_64-linux".into(),
-            outputs: outputs.clone(),
-            // A fetch, as fetchers are: fixed output.
-            fixed_output: name.starts_with("src-"),
-            ..Default::default()
-        };
-        let attr = EvaluatedAttr {
-            attr: name.to_string(),
-            info: PackageInfo {
-                drv_path: drv.clone(),
-                outputs,
-                system: "x86_64-linux".into(),
-                ..Default::default()
-            },
-        };
-        attrs.insert(name.to_string(), (attr, drv.clone(), node));
-        drvs.insert(drv.clone(), ());
-        out.push((drv, o));
-    }
-    // Every chunk evaluated (one slot: evaluation comes first), then the first build.
-    loop {
-        let (attempt, job) = assigned(&mut a.rx);
-        let Job::EvalChunk { attrs: asked, .. } = &job else {
-            return (out, (attempt, job));
-        };
-        let mut evaluated = Vec::new();
-        let mut nodes = BTreeMap::new();
-        for name in asked {
-            let (attr, drv, node) = attrs[name].clone();
-            evaluated.push(attr);
-            nodes.insert(drv, node);
-        }
-        engine
-            .agent_message(
-                "a",
-                a.conn,
-                FromAgent::EvalChunk {
-                    attempt,
-                    result: Ok((evaluated, nodes)),
-                },
-            )
-            .unwrap();
-    }
-}
-
-#[test]
-fn what_took_long_last_time_is_built_first_next_time() {
-    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
-    let mut a = connect_agent(&engine, "a");
-    // First run: nothing known, so the tie goes to the first node: fast, then slow.
-    let (first, given) = packages_run(&engine, &mut a, &[("fast", '0'), ("slow", '1')]);
-    let mut next = Some(given);
-    for (i, (drv, out)) in first.iter().enumerate() {
-        let (attempt, job) = next.take().unwrap_or_else(|| assigned(&mut a.rx));
-        assert!(
-            matches!(job, Job::Build { ref drv_path, .. } if drv_path == drv),
-            "{i}: {job:?}"
-        );
-        let mut report = built(out);
-        report.duration_ms = if drv.ends_with("-slow.drv") {
-            5_000
-        } else {
-            20
-        };
-        engine
-            .agent_message("a", a.conn, FromAgent::Build { attempt, report })
-            .unwrap();
-    }
-    // Next run, new versions of both (other hashes): slow goes first.
-    let (second, (_, job)) = packages_run(&engine, &mut a, &[("fast", '2'), ("slow", '3')]);
-    assert!(
-        matches!(job, Job::Build { ref drv_path, .. } if *drv_path == second[1].0),
-        "{job:?}"
-    );
-}
-
-#[test]
-fn fetches_have_slots_of_their_own_beside_the_build_slots() {
-    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
-    let mut a = connect_agent(&engine, "a");
-    // One build slot (and so one fetch slot): two packages and two fetches, all ready.
-    let (drvs, (_, first)) = packages_run(
-        &engine,
-        &mut a,
-        &[
-            ("pkg-a", '0'),
-            ("pkg-b", '1'),
-            ("src-a", '2'),
-            ("src-b", '3'),
-        ],
-    );
-    let mut given = vec![first];
-    while let Ok(ToAgent::Assign { job, .. }) = a.rx.try_recv() {
-        given.push(job);
-    }
-    let names: Vec<String> = given
-        .iter()
-        .map(|j| match j {
-            Job::Build { drv_path, .. } => store_name(drv_path).to_string(),
-            other => format!("{other:?}"),
-        })
-        .collect();
-    // A package and a fetch at once, not two of either.
-    assert_eq!(names.len(), 2, "{names:?}");
-    assert_eq!(
-        names.iter().filter(|n| n.starts_with("src-")).count(),
-        1,
-        "{names:?}"
-    );
-    assert_eq!(drvs.len(), 4);
 }
