@@ -298,6 +298,15 @@ impl Scheduler {
         self.ready[node.class as usize].push((node.priority, Reverse(id)));
     }
 
+    /// Whether a node of a class `pred` accepts may be ready (cheap: a queue of such a class
+    /// is not empty; it may hold only stale entries).
+    pub fn may_have_ready(&self, pred: impl Fn(&Class) -> bool) -> bool {
+        self.classes
+            .iter()
+            .zip(&self.ready)
+            .any(|(c, heap)| pred(c) && !heap.is_empty())
+    }
+
     /// The highest-priority ready node that an agent with `caps` can build, now running.
     pub fn pop_for(&mut self, caps: &Capabilities) -> Option<NodeId> {
         let mut best: Option<(u64, NodeId, usize)> = None;

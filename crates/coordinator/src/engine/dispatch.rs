@@ -6,17 +6,36 @@ impl Engine {
     pub(super) fn dispatch(&self, inner: &mut Inner) {
         let now = self.clock.now_ms();
         let names: Vec<String> = inner.agents.keys().cloned().collect();
+        // A full agent can take only a fetch: none waiting, none is counted.
+        let fetch_waiting = inner.runs.iter().any(|r| {
+            !r.state.is_terminal()
+                && r.sched
+                    .as_ref()
+                    .is_some_and(|s| s.may_have_ready(|c| c.fetch))
+        });
         for name in names {
             while let Some(agent) = inner.agents.get(&name) {
                 // Fixed-output derivations (fetches, mostly waiting on the network) have slots
                 // of their own beside the build slots, as many: like Nix's substitutions,
                 // which do not count against max-jobs either.
                 let max = agent.reg.max_jobs as usize;
-                let fetching = agent
-                    .running
-                    .iter()
-                    .filter(|a| inner.attempts.get(*a).is_some_and(|m| m.fetch))
-                    .count();
+                // Counted only when it matters: this runs for every agent on every message.
+                let holds = |p: fn(&AttemptMem) -> bool| {
+                    agent
+                        .running
+                        .iter()
+                        .filter(|a| inner.attempts.get(*a).is_some_and(p))
+                        .count()
+                };
+                if agent.running.len() >= 2 * max || (!fetch_waiting && agent.running.len() >= max)
+                {
+                    break;
+                }
+                let fetching = if agent.running.len() < max {
+                    0
+                } else {
+                    holds(|m| m.fetch)
+                };
                 let others = agent.running.len() - fetching;
                 if agent.tx.is_none()
                     || agent.draining
@@ -30,16 +49,11 @@ impl Engine {
                 // An agent with more than one slot keeps one for builds while evaluation
                 // goes on: builds start with the first evaluated chunk instead of after the
                 // last one.
-                let evaluating = agent
-                    .running
-                    .iter()
-                    .filter(|a| {
-                        inner
-                            .attempts
-                            .get(*a)
-                            .is_some_and(|m| matches!(m.job, JobRef::Eval(_)))
-                    })
-                    .count();
+                let evaluating = if max > 1 && !agent.running.is_empty() {
+                    holds(|m| matches!(m.job, JobRef::Eval(_)))
+                } else {
+                    0
+                };
                 let builds_first = evaluating > 0 && evaluating + 1 >= max;
                 let next = if caps.fetches_only {
                     Self::next_build(&mut inner.runs, &caps, &name, &self.opts, now)
