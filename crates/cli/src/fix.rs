@@ -140,6 +140,8 @@ impl Session<'_> {
             self.run_args,
             &overrides,
             only,
+            // A later stage's packages were evaluated by the first run: no listing again.
+            !self.runs.is_empty(),
         )
         .await?;
         let view = if self.runs.is_empty() {

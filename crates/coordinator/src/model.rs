@@ -99,6 +99,9 @@ pub struct RunSpec {
     /// Do not build what the cache already has.
     #[serde(default)]
     pub skip_cached: bool,
+    /// `attrs` are known to exist: evaluated without listing the attribute path first.
+    #[serde(default)]
+    pub skip_listing: bool,
     /// Run each built package's main program (smoke tests).
     #[serde(default)]
     pub smoke: bool,

@@ -263,6 +263,7 @@ fn run_spec() -> RunSpec {
         max_silent_secs: 0,
         attrs: vec![],
         skip_cached: false,
+        skip_listing: false,
         smoke: false,
         entry: Default::default(),
     }

@@ -22,6 +22,7 @@ pub async fn submit_cmd(client: &Client, args: SubmitArgs) -> anyhow::Result<i32
             &args.run,
             &BTreeMap::new(),
             &args.run.attrs,
+            false,
         )
         .await?;
         println!("{id}");
@@ -56,6 +57,7 @@ pub(crate) async fn submit(
     run: &RunArgs,
     overrides: &BTreeMap<PathBuf, Vec<u8>>,
     attrs: &[String],
+    known: bool,
 ) -> anyhow::Result<String> {
     let entry = match source::check_local_or_ref(source)? {
         source::Named::Dir(dir) => source::entry_file(&dir, run.file.as_deref())?,
@@ -121,6 +123,7 @@ pub(crate) async fn submit(
         max_silent_secs: run.max_silent,
         attrs: attrs.to_vec(),
         skip_cached: run.skip_cached,
+        skip_listing: known && !attrs.is_empty(),
         smoke: run.smoke,
     };
     let resp = client
@@ -235,7 +238,7 @@ pub(crate) async fn submit_and_watch(
                     "--fix-hashes edits files, so it needs a local checkout; clone {f} and point nixfarm at the directory"
                 );
             }
-            let id = submit(client, source, run, &BTreeMap::new(), &run.attrs).await?;
+            let id = submit(client, source, run, &BTreeMap::new(), &run.attrs, false).await?;
             eprintln!("submitted run {id}");
             match watch::watch(client, &id).await? {
                 watch::End::Detached => {

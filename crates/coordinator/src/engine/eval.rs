@@ -56,6 +56,16 @@ impl Engine {
             let wanted: HashSet<&String> = run.spec.attrs.iter().collect();
             attrs.retain(|a| wanted.contains(a));
         }
+        self.plan_chunks(inner, &run_id, attrs)
+    }
+
+    /// Splits a run's attributes into evaluation tasks, recorded before they are queued.
+    pub(super) fn plan_chunks(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        attrs: Vec<String>,
+    ) -> Result<(), EngineError> {
         let agents = inner
             .agents
             .values()
@@ -69,7 +79,10 @@ impl Engine {
             .clamp(1, self.opts.eval_chunk_size.max(1));
         let chunks: Vec<&[String]> = attrs.chunks(size).collect();
         let total = chunks.len();
-        inner.db.record_eval_tasks(&run_id, &chunks)?;
+        inner.db.record_eval_tasks(run_id, &chunks)?;
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
         run.eval_tasks_total = Some(total);
         for (i, c) in chunks.iter().enumerate() {
             run.chunk_attrs.insert(i as i64, c.to_vec());
@@ -77,14 +90,14 @@ impl Engine {
         }
         self.emit(
             inner,
-            &run_id,
+            run_id,
             Ev::EvalListed {
                 attrs: attrs.len() as u64,
                 tasks: total as u64,
             },
         );
         if total == 0 {
-            self.start_building(inner, &run_id)?;
+            self.start_building(inner, run_id)?;
         }
         Ok(())
     }

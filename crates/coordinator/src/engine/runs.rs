@@ -47,7 +47,9 @@ impl Engine {
             eval_tasks_total: -1,
         })?;
         let mut run = RunMem::new(id.clone(), spec.clone(), RunState::Evaluating, now);
-        run.eval_queue.push_back(EvalTask::List);
+        if !spec.skip_listing {
+            run.eval_queue.push_back(EvalTask::List);
+        }
         inner.runs.push(run);
         self.emit(
             inner,
@@ -57,6 +59,17 @@ impl Engine {
                 attr_path: spec.attr_path.clone(),
             },
         );
+        if spec.skip_listing {
+            // Known attributes (a hash-fixing stage): straight to their evaluation.
+            let mut seen = HashSet::new();
+            let attrs: Vec<String> = spec
+                .attrs
+                .iter()
+                .filter(|a| seen.insert(a.as_str()))
+                .cloned()
+                .collect();
+            self.plan_chunks(inner, &id, attrs)?;
+        }
         self.dispatch(inner);
         Ok(id)
     }

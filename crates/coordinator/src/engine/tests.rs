@@ -148,6 +148,7 @@ pub(super) fn flake_run() -> RunSpec {
         max_silent_secs: 0,
         attrs: vec![],
         skip_cached: false,
+        skip_listing: false,
         smoke: false,
         entry: Default::default(),
     }
@@ -447,4 +448,21 @@ fn a_live_agents_name_is_refused_to_others_and_kept_for_its_own_reconnect() {
     drop(_rx);
     let (tx2, _rx2) = mpsc::unbounded_channel();
     engine.connect_agent(registration("x", ""), tx2).unwrap();
+}
+
+#[test]
+fn known_attributes_are_evaluated_without_listing_the_attribute_path() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let spec = RunSpec {
+        attrs: vec!["pkg".into(), "pkg".into()],
+        skip_listing: true,
+        ..flake_run()
+    };
+    engine.submit(spec).unwrap();
+    let (_, job) = assigned(&mut a.rx);
+    assert!(
+        matches!(job, Job::EvalChunk { ref attrs, .. } if *attrs == ["pkg"]),
+        "{job:?}"
+    );
 }

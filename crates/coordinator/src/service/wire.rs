@@ -166,6 +166,7 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
                 )));
             }
         }
+        let skip_listing = r.skip_listing && !r.attrs.is_empty();
         let spec = RunSpec {
             source: source_from_wire(r.source)?,
             // A flake's packages by default; a Nix file's top level.
@@ -191,6 +192,7 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
                 r.attrs
             },
             skip_cached: r.skip_cached,
+            skip_listing,
             smoke: r.smoke,
             entry: entry_from_wire(r.entry)?,
         };
