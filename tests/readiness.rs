@@ -487,3 +487,53 @@ fn a_matrix_over_an_input_reports_each_value_side_by_side() {
     let one = local(&host, &state, &repo, &["--override-input", "dep", &b]);
     assert_eq!(packages_by_attr(&one)["varies"]["status"], "build-failed");
 }
+
+/// Twenty packages, each with a fake source hash: many stages are due at once (the session
+/// keeps at most eight runs in flight and batches the packages that wait), and every package
+/// must still reach its verifying stage and end ready, with its own hash written in.
+#[test]
+fn twenty_broken_packages_are_all_fixed_with_runs_in_flight_bounded() {
+    let dir = scratch();
+    let repo = copied_hash_repo(dir.path());
+    let mut attrs = String::new();
+    for i in 0..20 {
+        let name = format!("p{i:02}");
+        std::fs::write(
+            repo.join(format!("pkgs/{name}.nix")),
+            format!(
+                "{{ fod, pkg }}:\npkg {{\n  pname = \"{name}\";\n  src = fod {{\n    url = \"https://example.org/{name}.tar.gz\";\n    text = \"{name} source\";\n    hash = \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\";\n  }};\n}}\n"
+            ),
+        )
+        .unwrap();
+        attrs.push_str(&format!("{name} = call ./pkgs/{name}.nix; "));
+    }
+    let flake = std::fs::read_to_string(repo.join("flake.nix"))
+        .unwrap()
+        .replace(
+            "alpha = call ./pkgs/alpha.nix; beta = call ./pkgs/beta.nix;",
+            &attrs,
+        );
+    std::fs::write(repo.join("flake.nix"), flake).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let report = local(
+        &host,
+        &dir.path().join("state"),
+        &repo,
+        &["--fix-hashes", "--apply"],
+    );
+    let got = packages_by_attr(&report);
+    assert_eq!(got.len(), 20);
+    for i in 0..20 {
+        let name = format!("p{i:02}");
+        assert_eq!(
+            got[&name]["status"], "ready",
+            "{name}: {}",
+            got[&name]["reason"]
+        );
+        let text = std::fs::read_to_string(repo.join(format!("pkgs/{name}.nix"))).unwrap();
+        assert!(text.contains(&sri(&format!("{name} source"))), "{text}");
+    }
+    // The first run, then the stages (13 runs in the run this was written with).
+    let runs = report["fix_rounds"].as_array().unwrap();
+    assert!(runs.len() >= 2 && runs.len() <= 21, "{runs:?}");
+}

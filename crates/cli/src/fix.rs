@@ -88,6 +88,10 @@ pub struct Outcome {
     pub detached: bool,
 }
 
+/// Most runs of one session in flight at once; more packages ready for their next stage
+/// wait and go together in the next run.
+const MAX_LIVE_RUNS: usize = 8;
+
 /// What a followed run tells the session.
 enum Note {
     /// One of the run's builds ended; `mismatch` when it was a hash mismatch.
@@ -121,6 +125,9 @@ struct Session<'a> {
     unverified: BTreeSet<String>,
     /// Runs with a hash mismatch so far: the only ones worth asking mid-run.
     mismatched: BTreeSet<String>,
+    /// Packages whose next stage waits for a run of the session to end (at most
+    /// [`MAX_LIVE_RUNS`] at once: the coordinator bounds the runs in flight).
+    pending: Vec<String>,
     live: usize,
     first: Option<Report>,
     last_state: nixfarm_core::RunState,
@@ -268,11 +275,19 @@ impl Session<'_> {
                 next.push(attr.clone());
             }
         }
-        if !next.is_empty() {
-            let id = self.launch(&next).await?;
-            for attr in next {
-                self.latest.insert(attr, id.clone());
-            }
+        self.pending.extend(next);
+        self.flush().await
+    }
+
+    /// Starts the next stage of the packages waiting for one, when a run may start.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if self.pending.is_empty() || self.live >= MAX_LIVE_RUNS {
+            return Ok(());
+        }
+        let next = std::mem::take(&mut self.pending);
+        let id = self.launch(&next).await?;
+        for attr in next {
+            self.latest.insert(attr, id.clone());
         }
         Ok(())
     }
@@ -315,6 +330,7 @@ pub async fn run(
         handled: BTreeSet::new(),
         unverified: BTreeSet::new(),
         mismatched: BTreeSet::new(),
+        pending: Vec::new(),
         live: 0,
         first: None,
         last_state: nixfarm_core::RunState::Evaluating,
@@ -358,6 +374,7 @@ pub async fn run(
             }
             let report = get_report(client, &run).await?;
             s.absorb(report, true).await?;
+            s.flush().await?;
         }
         for run in ask {
             // Mid-run: a package's needs-hash status is final once reported (the coordinator
