@@ -1,4 +1,6 @@
-//! Dispatch: evaluation first, then builds by critical path, to agents with a free slot.
+//! Dispatch: evaluation and builds to agents with a free slot (build slots, and fetch slots
+//! for fixed-output derivations): by critical path within a run, shortest remaining run first
+//! across runs.
 
 use super::*;
 
