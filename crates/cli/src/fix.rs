@@ -339,6 +339,8 @@ pub async fn run(
         tx,
     };
     let first_id = s.launch(&run_args.attrs).await?;
+    // When each run was last asked for its report mid-run, and how long that took.
+    let mut asked: BTreeMap<String, (std::time::Instant, std::time::Duration)> = BTreeMap::new();
     while s.live > 0 {
         let Some(note) = rx.recv().await else { break };
         // Everything already waiting, then one report per run that needs one.
@@ -377,9 +379,18 @@ pub async fn run(
             s.flush().await?;
         }
         for run in ask {
+            // A large run's report takes a while to compute: it is asked again only after
+            // twice that (a later build's event, or the run's end, asks again).
+            if let Some((at, took)) = asked.get(&run)
+                && at.elapsed() < (*took * 2).max(std::time::Duration::from_millis(50))
+            {
+                continue;
+            }
             // Mid-run: a package's needs-hash status is final once reported (the coordinator
             // keeps it pending while anything in its closure still builds).
+            let at = std::time::Instant::now();
             let report = get_report(client, &run).await?;
+            asked.insert(run, (at, at.elapsed()));
             s.absorb(report, false).await?;
         }
     }
