@@ -100,6 +100,11 @@ impl Engine {
             .finish_drv(&run_id, &drv, state, &report, &dep_names, &dep)?;
         if let Some((name, ms)) = crate::db_times::build_time(&drv, &report) {
             inner.build_times.insert(name.to_string(), ms);
+            // Bounded in memory as on disk: past twice the names kept, the newest are
+            // read back (the database forgets the rest).
+            if inner.build_times.len() > 2 * crate::db_times::MAX_KEPT as usize {
+                inner.build_times = inner.db.build_times()?;
+            }
         }
         report.log_tail.clear();
         self.emit(
