@@ -89,11 +89,18 @@ pub(super) async fn build(
         }
     }
     let _ = shared.roots.add(run_id, std::slice::from_ref(&j.drv_path));
+    // What the derivation declares, read once: its outputs to lock now, and to report after.
+    let this = shared.nix.derivation(&j.drv_path).await.ok();
     // Another build here of the same output path (a shared or copied fixed-output hash):
     // wait for it rather than let Nix poll its lock every five seconds.
     let _outputs = shared
         .output_locks
-        .hold(super::output_locks::drv_outputs(&j.drv_path))
+        .hold(
+            this.iter()
+                .flat_map(|d| d.outputs.iter().map(|(_, p)| p.clone()))
+                .filter(|p| p.starts_with('/'))
+                .collect(),
+        )
         .await;
     let limit = shared.cfg.log_limit_bytes;
     let mut sent = 0usize;
@@ -129,7 +136,6 @@ pub(super) async fn build(
             if let Err(e) = shared.roots.add(run_id, &paths) {
                 tracing::warn!("cannot root the outputs of {}: {e}", j.drv_path);
             }
-            let this = shared.nix.derivation(&j.drv_path).await.ok();
             if let Some(d) = &this
                 && let Some((m, from)) = copied_hash(shared, d, &opts, &cancel).await
             {

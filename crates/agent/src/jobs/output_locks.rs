@@ -40,19 +40,6 @@ impl OutputLocks {
     }
 }
 
-/// The output paths a derivation file declares; empty when it cannot be read.
-pub(crate) fn drv_outputs(drv: &str) -> Vec<String> {
-    nixfarm_nix::aterm::read(drv)
-        .map(|d| {
-            d.outputs
-                .into_iter()
-                .map(|(_, path, _, _)| path)
-                .filter(|p| p.starts_with('/'))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
