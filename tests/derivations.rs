@@ -43,3 +43,53 @@ async fn derivation_files_read_in_process_match_nix_show_derivation() {
         assert_eq!(&nix.derivation(&d.path).await.unwrap(), d);
     }
 }
+
+/// A package that throws (or fails an assertion) is caught inside its group's one Nix
+/// process: the others come back evaluated, it comes back empty (the agent then evaluates it
+/// alone for its message), where the group used to fail as a whole and be bisected.
+#[tokio::test]
+async fn attributes_that_throw_are_caught_within_a_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mk = |n: &str| {
+        format!(
+            r#"{n} = derivation {{ name = "{n}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }};"#
+        )
+    };
+    std::fs::write(
+        dir.path().join("flake.nix"),
+        format!(
+            "{{ outputs = {{ self }}: {{ packages.x86_64-linux = {{ {} {} thrown = throw \"unsupported on this platform\"; asserted = assert false; {{ }}; broken = (derivation {{ name = \"x\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; }}) // {{ drvPath = throw \"no drv\"; }}; }}; }}; }}",
+            mk("good"),
+            mk("fine")
+        ),
+    )
+    .unwrap();
+    let nix = Nix::default();
+    let entry = nixfarm_nix::entry::Entry::Flake(format!("path:{}", dir.path().display()), vec![]);
+    let attrs: Vec<String> = ["good", "thrown", "fine", "asserted", "broken"]
+        .map(String::from)
+        .to_vec();
+    let got = nix
+        .eval_attrs_caught(&entry, "packages.x86_64-linux", &attrs, 0)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 5, "{got:?}");
+    for ok in ["good", "fine"] {
+        let info = got[ok]
+            .as_ref()
+            .unwrap_or_else(|| panic!("{ok} not evaluated"));
+        assert!(info.drv_path.ends_with(&format!("-{ok}.drv")), "{info:?}");
+    }
+    for caught in ["thrown", "asserted", "broken"] {
+        assert!(got[caught].is_none(), "{caught}: {:?}", got[caught]);
+    }
+    // Alone, the failure keeps its message.
+    let alone = nix
+        .eval_attrs(&entry, "packages.x86_64-linux", &["thrown".to_string()], 0)
+        .await
+        .unwrap_err();
+    assert!(
+        alone.to_string().contains("unsupported on this platform"),
+        "{alone}"
+    );
+}

@@ -198,6 +198,31 @@ impl Drv {
     }
 }
 
+impl Drv {
+    /// True when `other` is the same fetch as `self` with only its stated hash changed (and so
+    /// its output paths): the same builder, arguments, inputs and environment apart from the
+    /// hash and the output paths. What one fetched, the other fetches too.
+    pub fn same_fetch(&self, other: &Drv) -> bool {
+        const HASH_KEYS: &[&str] = &["outputHash", "outputHashAlgo", "outputHashMode"];
+        let names = |d: &Drv| d.outputs.iter().map(|o| o.0.clone()).collect::<Vec<_>>();
+        let env = |d: &Drv| {
+            let outs = names(d);
+            d.env
+                .iter()
+                .filter(|(k, _)| !HASH_KEYS.contains(&k.as_str()) && !outs.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        names(self) == names(other)
+            && self.input_drvs == other.input_drvs
+            && self.input_srcs == other.input_srcs
+            && self.system == other.system
+            && self.builder == other.builder
+            && self.args == other.args
+            && env(self) == env(other)
+    }
+}
+
 /// Reads and parses one derivation file, bounded in size.
 pub fn read(path: &str) -> Result<Drv, AtermError> {
     let p = Path::new(path);
@@ -249,6 +274,36 @@ mod tests {
             v.outputs,
             vec![("out".into(), "/nix/store/s-source".into())]
         );
+    }
+
+    #[test]
+    fn the_same_fetch_with_another_hash_is_recognised_and_another_fetch_is_not() {
+        let fod = |out: &str, hash: &str, url: &str| {
+            format!(
+                r#"Derive([("out","{out}","r:sha256","{hash}")],[],[],"x86_64-linux","/bin/sh",["-c","fetch"],[("out","{out}"),("outputHash","{hash}"),("outputHashAlgo","sha256"),("url","{url}")])"#
+            )
+        };
+        let a = parse(
+            "a",
+            fod("/nix/store/a-source", "00", "https://x/1").as_bytes(),
+        )
+        .unwrap();
+        let fixed = parse(
+            "b",
+            fod("/nix/store/b-source", "11", "https://x/1").as_bytes(),
+        )
+        .unwrap();
+        let other = parse(
+            "c",
+            fod("/nix/store/b-source", "11", "https://x/2").as_bytes(),
+        )
+        .unwrap();
+        assert!(a.same_fetch(&fixed));
+        assert!(fixed.same_fetch(&a));
+        assert!(!other.same_fetch(&a), "another URL is another fetch");
+        let mut args = fixed.clone();
+        args.args.push("--evil".into());
+        assert!(!args.same_fetch(&a), "other arguments are another fetch");
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct BuildRun {
     pub duration: Duration,
     /// True when Nix fetched the outputs instead of building them.
     pub substituted: bool,
+    /// True when Nix said it built this very derivation now (so a fixed output's hash was
+    /// checked against what its own fetcher produced); false when unsure.
+    pub built: bool,
     pub cancelled: bool,
 }
 
@@ -263,8 +266,35 @@ impl Nix {
             .map_err(|e| NixError::Infra(format!("cannot parse attribute list: {e}")))
     }
 
+    /// Instantiates `attrs` (below `attr_path`) in one process, each attribute under
+    /// `builtins.tryEval`: one that throws or fails an assertion (a package "unsupported on
+    /// this platform", say) comes back `None` without failing the others, so callers evaluate
+    /// only those again, alone, for their message. Errors `tryEval` cannot catch (`abort`, a
+    /// missing file, a type error) still fail the whole process, and callers bisect.
+    pub async fn eval_attrs_caught(
+        &self,
+        entry: &Entry,
+        attr_path: &str,
+        attrs: &[String],
+        mem_mib: u64,
+    ) -> Result<BTreeMap<String, Option<AttrInfo>>, NixError> {
+        let names: Vec<String> = attrs.iter().map(|a| nix_string(a)).collect();
+        // deepSeq: a throw anywhere in what is read (drvPath, meta) is caught here, not
+        // later while printing the JSON, where it would fail the process.
+        let apply = format!(
+            "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; safe = n: let t = builtins.tryEval (let i = info s.${{n}}; in builtins.deepSeq i i); in if t.success then t.value else null; in builtins.listToAttrs (map (n: {{ name = n; value = safe n; }}) [ {} ])",
+            names.join(" ")
+        );
+        let mut c = self.eval_cmd("");
+        entry.select(&mut c, attr_path);
+        c.arg("--apply").arg(apply);
+        let out = self.run_json(c, mem_mib).await?;
+        serde_json::from_str(&out)
+            .map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
+    }
+
     /// Instantiates `attrs` (below `attr_path`) in one process; any failing attribute fails it all,
-    /// so callers bisect to isolate failures.
+    /// with its message (see [`Nix::eval_attrs_caught`] for groups).
     pub async fn eval_attrs(
         &self,
         entry: &Entry,
@@ -476,6 +506,7 @@ impl Nix {
                     log_tail: String::new(),
                     duration: start.elapsed(),
                     substituted: false,
+                    built: false,
                     cancelled: false,
                 };
             }
@@ -513,6 +544,7 @@ impl Nix {
         let stdout = out_task.await.unwrap_or_default();
         let full_log = log.text();
         let substituted = full_log.contains("copying path") && !full_log.contains("building '");
+        let built = full_log.contains(&format!("building '{drv}'"));
         let result = if cancelled {
             Err(Failure::Infra("cancelled".into()))
         } else if status.is_some_and(|s| s.success()) {
@@ -536,6 +568,7 @@ impl Nix {
             log_tail: tail(&full_log, self.log_tail_bytes),
             duration: start.elapsed(),
             substituted,
+            built,
             cancelled,
         }
     }

@@ -137,6 +137,7 @@ pub(super) async fn build(
                 tracing::warn!("cannot root the outputs of {}: {e}", j.drv_path);
             }
             if let Some(d) = &this
+                && !run.built
                 && let Some((m, from)) = copied_hash(shared, d, &opts, &cancel).await
             {
                 r.status = pb::BuildStatus::HashMismatch as i32;
@@ -213,8 +214,8 @@ pub(super) async fn build(
 }
 
 /// A fixed-output derivation whose output another derivation produced was never fetched
-/// here: Nix found the path valid (built or substituted for the other one) and trusted the
-/// hash. A hash copied from another package looks exactly like that, so its fetcher is run
+/// here (Nix did not build it in this realise): Nix found the path valid (built or
+/// substituted for the other one) and trusted the hash. A hash copied from another package looks exactly like that, so its fetcher is run
 /// (`--check`): `Some((mismatch, producer))` when its own content differs.
 async fn copied_hash(
     shared: &Arc<Shared>,
@@ -228,6 +229,15 @@ async fn copied_hash(
     let out = d.outputs.first().map(|(_, p)| p.as_str())?;
     let producer = shared.nix.deriver(out).await.ok().flatten()?;
     if producer == d.path {
+        return None;
+    }
+    // The same fetch with another hash stated (the package's previous hash-fixing stage,
+    // whose mismatch Nix registered under the right path): nothing was copied.
+    if let (Ok(mine), Ok(theirs)) = (
+        nixfarm_nix::aterm::read(&d.path),
+        nixfarm_nix::aterm::read(&producer),
+    ) && mine.same_fetch(&theirs)
+    {
         return None;
     }
     let check = BuildOptions {

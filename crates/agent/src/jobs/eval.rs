@@ -59,8 +59,10 @@ pub(super) async fn list_with_checks(
     Ok((attrs, repository))
 }
 
-/// Evaluates attributes in groups; a group that fails is split in two until each failing
-/// attribute stands alone, so one attribute that throws never hides the others.
+/// Evaluates attributes in groups, one Nix process each. An attribute that throws is caught
+/// within its group and evaluated again alone, for its message; a group that fails as a whole
+/// (an error `tryEval` cannot catch) is split in two until each failing attribute stands
+/// alone. Either way one broken attribute never hides the others.
 pub(super) async fn eval_isolated(
     shared: &Arc<Shared>,
     entry: &Entry,
@@ -82,7 +84,20 @@ pub(super) async fn eval_isolated(
             );
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                let r = shared.nix.eval_attrs(&entry, &attr_path, &group, mem).await;
+                // A group catches what throws; one attribute alone is evaluated as it is,
+                // for the message of its failure.
+                let r = if group.len() == 1 {
+                    shared
+                        .nix
+                        .eval_attrs(&entry, &attr_path, &group, mem)
+                        .await
+                        .map(|m| m.into_iter().map(|(k, v)| (k, Some(v))).collect())
+                } else {
+                    shared
+                        .nix
+                        .eval_attrs_caught(&entry, &attr_path, &group, mem)
+                        .await
+                };
                 (group, r)
             });
         }
@@ -92,7 +107,13 @@ pub(super) async fn eval_isolated(
             match r {
                 Ok(map) => {
                     for (k, v) in map {
-                        out.insert(k, Ok(v));
+                        match v {
+                            Some(info) => {
+                                out.insert(k, Ok(info));
+                            }
+                            // Caught in a group: alone again, for its message.
+                            None => pending.push(vec![k]),
+                        }
                     }
                 }
                 // An attribute that throws, or that runs past the memory cap, is the
