@@ -179,13 +179,10 @@ impl Agent {
                 .clone()
                 .unwrap_or_else(|| roots::Roots::default_dir(&cfg.name)),
         );
-        let nix = Nix {
-            nix: cfg.nix_bin.join("nix"),
-            nix_store: cfg.nix_bin.join("nix-store"),
-            log_tail_bytes: 16 * 1024,
-            build_hook: None,
-        }
-        .with_declining_hook(&cfg.work_dir);
+        let mut nix = Nix::default();
+        nix.nix = cfg.nix_bin.join("nix");
+        nix.nix_store = cfg.nix_bin.join("nix-store");
+        let nix = nix.with_declining_hook(&cfg.work_dir).with_daemon();
         Ok(Agent {
             shared: Arc::new(Shared {
                 cfg,

@@ -3,6 +3,7 @@
 
 pub mod aterm;
 mod build_hook;
+mod daemon;
 pub mod derivation;
 pub mod entry;
 pub mod flake_check;

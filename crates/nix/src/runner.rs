@@ -106,6 +106,9 @@ pub struct Nix {
     pub log_tail_bytes: usize,
     /// The build hook builds run with (see [`Nix::with_declining_hook`]); None: Nix's own.
     pub build_hook: Option<PathBuf>,
+    /// Long-lived daemons builds go through (see [`Nix::with_daemon`]); None: one
+    /// `nix-store --realise` per build.
+    pub(crate) daemon: Option<std::sync::Arc<crate::daemon::DaemonPool>>,
 }
 
 impl Default for Nix {
@@ -115,6 +118,7 @@ impl Default for Nix {
             nix_store: "nix-store".into(),
             log_tail_bytes: 16 * 1024,
             build_hook: None,
+            daemon: None,
         }
     }
 }
@@ -433,6 +437,76 @@ impl Nix {
     }
 
     /// Builds one derivation with `nix-store --realise`, streaming its log to `on_log`.
+    /// The settings of a build, as `--option NAME VALUE` pairs: the same for `nix-store` and
+    /// for a daemon started for such builds.
+    pub(crate) fn build_settings(&self, opts: &BuildOptions) -> Vec<(String, String)> {
+        let mut out = vec![
+            ("substituters".to_string(), opts.substituter.clone()),
+            ("builders".to_string(), String::new()),
+        ];
+        let mut set = |k: &str, v: String| out.push((k.to_string(), v));
+        if let Some(h) = &self.build_hook {
+            set("build-hook", h.display().to_string());
+        }
+        if !opts.system_features.is_empty() {
+            set("system-features", opts.system_features.join(" "));
+        }
+        if let Some(n) = &opts.netrc {
+            set("netrc-file", n.display().to_string());
+        }
+        if let Some(ca) = &opts.ssl_cert_file {
+            set("ssl-cert-file", ca.display().to_string());
+        }
+        if !opts.substituter.is_empty() {
+            if opts.trusted_public_keys.is_empty() {
+                set("require-sigs", "false".into());
+            } else {
+                set("trusted-public-keys", opts.trusted_public_keys.join(" "));
+            }
+        }
+        if let Some(t) = opts.timeout {
+            set("timeout", t.as_secs().max(1).to_string());
+        }
+        if let Some(t) = opts.max_silent {
+            set("max-silent-time", t.as_secs().max(1).to_string());
+        }
+        out
+    }
+
+    /// Has builds go through long-lived `nix-daemon --stdio` processes (no Nix process start
+    /// per build) when this process owns its store: not when `NIX_REMOTE` names another
+    /// store, or the store's state directory is not writable here. Falls back to
+    /// `nix-store --realise` by itself if no daemon can be started.
+    pub fn with_daemon(mut self) -> Nix {
+        let remote = std::env::var("NIX_REMOTE").unwrap_or_default();
+        let state = std::env::var_os("NIX_STATE_DIR")
+            .map_or_else(|| PathBuf::from("/nix/var/nix"), PathBuf::from);
+        let probe = if state.exists() {
+            state
+        } else {
+            PathBuf::from("/nix")
+        };
+        let writable = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+            // SAFETY: access(2) reads a NUL-terminated path we own; no memory is written.
+            .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
+        if !(remote.is_empty() || remote == "local") || !writable {
+            tracing::info!("builds use nix-store --realise: the store is not this process's own");
+            return self;
+        }
+        let program = match self.nix_store.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join("nix-daemon"),
+            _ => PathBuf::from("nix-daemon"),
+        };
+        self.daemon = Some(std::sync::Arc::new(crate::daemon::DaemonPool::new(program)));
+        self
+    }
+
+    /// True while builds go through daemons (set up with [`Nix::with_daemon`], and none has
+    /// failed to start).
+    pub fn daemon_active(&self) -> bool {
+        self.daemon.as_ref().is_some_and(|p| p.active())
+    }
+
     /// Cancelling `cancel` interrupts Nix (which stops the builder) and reports `cancelled`.
     pub async fn realise(
         &self,
@@ -441,62 +515,30 @@ impl Nix {
         cancel: CancellationToken,
         mut on_log: impl FnMut(&[u8]) + Send,
     ) -> BuildRun {
+        // A check (`--check`) stays with nix-store: rare, and its mode is not worth a daemon.
+        if !opts.check
+            && let Some(pool) = &self.daemon
+            && let Some(run) = self
+                .realise_daemon(pool, drv, opts, &cancel, &mut on_log)
+                .await
+        {
+            return run;
+        }
         let start = Instant::now();
         let mut c = Command::new(&self.nix_store);
         c.kill_on_drop(true)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        c.args([
-            "--realise",
-            drv,
-            "--option",
-            "substituters",
-            &opts.substituter,
-        ]);
-        c.args(["--option", "builders", ""]);
-        if let Some(h) = &self.build_hook {
-            c.arg("--option").arg("build-hook").arg(h);
-        }
-        if !opts.system_features.is_empty() {
-            c.args([
-                "--option",
-                "system-features",
-                &opts.system_features.join(" "),
-            ]);
+        c.args(["--realise", drv]);
+        for (k, v) in self.build_settings(opts) {
+            c.arg("--option").arg(k).arg(v);
         }
         if let Some(r) = &opts.gc_root {
             c.arg("--add-root").arg(r).arg("--indirect");
         }
         if opts.check {
             c.arg("--check");
-        }
-        if let Some(n) = &opts.netrc {
-            c.arg("--option").arg("netrc-file").arg(n);
-        }
-        if let Some(ca) = &opts.ssl_cert_file {
-            c.arg("--option").arg("ssl-cert-file").arg(ca);
-        }
-        if !opts.substituter.is_empty() {
-            if opts.trusted_public_keys.is_empty() {
-                c.args(["--option", "require-sigs", "false"]);
-            } else {
-                c.args([
-                    "--option",
-                    "trusted-public-keys",
-                    &opts.trusted_public_keys.join(" "),
-                ]);
-            }
-        }
-        if let Some(t) = opts.timeout {
-            c.args(["--option", "timeout", &t.as_secs().max(1).to_string()]);
-        }
-        if let Some(t) = opts.max_silent {
-            c.args([
-                "--option",
-                "max-silent-time",
-                &t.as_secs().max(1).to_string(),
-            ]);
         }
         let mut child = match c.spawn() {
             Ok(ch) => ch,
@@ -637,26 +679,26 @@ pub fn tail(s: &str, max: usize) -> String {
 }
 
 /// Keeps the last bytes of a stream, bounded whatever its length.
-struct TailBuffer {
+pub(crate) struct TailBuffer {
     buf: Vec<u8>,
     cap: usize,
 }
 
 impl TailBuffer {
-    fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         TailBuffer {
             buf: Vec::new(),
             cap,
         }
     }
-    fn push(&mut self, data: &[u8]) {
+    pub(crate) fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
         if self.buf.len() > self.cap * 2 {
             let drop = self.buf.len() - self.cap;
             self.buf.drain(..drop);
         }
     }
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         let start = self.buf.len().saturating_sub(self.cap);
         String::from_utf8_lossy(&self.buf[start..]).to_string()
     }

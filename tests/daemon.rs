@@ -1,0 +1,190 @@
+//! Builds go through long-lived `nix-daemon --stdio` processes (no Nix process start per
+//! build); what a build comes to must be exactly what `nix-store --realise` says of the same
+//! derivation: built with the same outputs and GC roots, failed, timed out, a hash mismatch
+//! with the hash Nix got, a failed dependency, cancelled. Real Nix, fresh derivations.
+
+use nixfarm_nix::messages::Failure;
+use nixfarm_nix::{BuildOptions, Nix};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn instantiate(expr: &str) -> String {
+    let out = std::process::Command::new("nix-instantiate")
+        .args(["--expr", expr])
+        .env("NIX_CONFIG", "build-users-group = ")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A derivation with several outputs is printed as `DRV!OUTPUT` lines.
+    let text = String::from_utf8(out.stdout).unwrap();
+    let first = text.lines().next().unwrap_or_default();
+    first.split('!').next().unwrap_or_default().to_string()
+}
+
+fn expr(name: &str, script: &str, extra: &str, tag: &str) -> String {
+    format!(
+        r#"derivation {{ name = "{name}"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" "{script}" ]; tag = "{tag}"; {extra} }}"#
+    )
+}
+
+fn drv(name: &str, script: &str, extra: &str, tag: &str) -> String {
+    instantiate(&expr(name, script, extra, tag))
+}
+
+#[tokio::test]
+async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let roots = tempfile::tempdir().unwrap();
+    let daemon = Nix::default().with_daemon();
+    assert!(
+        daemon.daemon_active(),
+        "this machine's store is the test's own"
+    );
+    let plain = Nix::default();
+    for (i, nix) in [&daemon, &plain].into_iter().enumerate() {
+        let t = format!("{tag}-{i}");
+        let opts = BuildOptions {
+            gc_root: Some(roots.path().join(format!("two-{i}"))),
+            ..Default::default()
+        };
+        // Two outputs, each rooted: R (out) and R-dev, as nix-store names them.
+        let two = drv(
+            "two",
+            "echo building two; mkdir $out $dev; echo a > $out/a; echo b > $dev/b",
+            r#"outputs = [ "dev" "out" ];"#,
+            &t,
+        );
+        let mut log = Vec::new();
+        let run = nix
+            .realise(&two, &opts, CancellationToken::new(), |b| {
+                log.extend_from_slice(b)
+            })
+            .await;
+        let paths = run.result.clone().unwrap();
+        assert_eq!(paths.len(), 2, "{paths:?}");
+        assert!(run.built, "{}", run.log_tail);
+        assert!(
+            String::from_utf8_lossy(&log).contains("building two"),
+            "the builder's log streams"
+        );
+        let root = roots.path().join(format!("two-{i}"));
+        let mut linked = vec![
+            std::fs::read_link(&root).unwrap(),
+            std::fs::read_link(format!("{}-dev", root.display())).unwrap(),
+        ];
+        linked.sort();
+        let mut want: Vec<std::path::PathBuf> = paths.iter().map(Into::into).collect();
+        want.sort();
+        assert_eq!(linked, want);
+        // Again: already valid, nothing built.
+        let again = nix
+            .realise(
+                &two,
+                &BuildOptions::default(),
+                CancellationToken::new(),
+                |_| {},
+            )
+            .await;
+        assert_eq!(again.result.unwrap().len(), 2);
+        assert!(!again.built);
+
+        let failing = drv("failing", "echo oops; exit 3", "", &t);
+        let r = nix
+            .realise(
+                &failing,
+                &BuildOptions::default(),
+                CancellationToken::new(),
+                |_| {},
+            )
+            .await;
+        match r.result {
+            Err(Failure::BuildFailed(m)) => assert!(m.contains("exit code 3"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(r.log_tail.contains("oops"), "{}", r.log_tail);
+
+        let fod = drv(
+            "fod",
+            "echo x > $out",
+            r#"outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";"#,
+            &t,
+        );
+        let r = nix
+            .realise(
+                &fod,
+                &BuildOptions::default(),
+                CancellationToken::new(),
+                |_| {},
+            )
+            .await;
+        match r.result {
+            Err(Failure::HashMismatch(m)) => {
+                assert_eq!(m.got, "sha256-c8s4WKaHqElMozIwUwFigvPa051Cz2LKTnndoqrH2aw=")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let silent = drv("silent", "sleep 30; echo > $out", "", &t);
+        let opts = BuildOptions {
+            max_silent: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let r = nix
+            .realise(&silent, &opts, CancellationToken::new(), |_| {})
+            .await;
+        assert!(
+            matches!(r.result, Err(Failure::TimedOut(_))),
+            "{:?}",
+            r.result
+        );
+
+        // Its input is the derivation above (the same expression, the same .drv).
+        let input = expr("failing", "echo oops; exit 3", "", &t);
+        let dep = drv(
+            "dep",
+            "echo $failing > $out",
+            &format!("failing = {input};"),
+            &t,
+        );
+        let r = nix
+            .realise(
+                &dep,
+                &BuildOptions::default(),
+                CancellationToken::new(),
+                |_| {},
+            )
+            .await;
+        assert!(
+            matches!(r.result, Err(Failure::BuildFailed(_))),
+            "{:?}",
+            r.result
+        );
+
+        let long = drv("long", "sleep 30; echo > $out", "", &t);
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c.cancel();
+        });
+        let r = nix
+            .realise(&long, &BuildOptions::default(), cancel, |_| {})
+            .await;
+        assert!(r.cancelled && r.duration < Duration::from_secs(20), "{r:?}");
+    }
+    assert!(
+        daemon.daemon_active(),
+        "every build above went through a daemon"
+    );
+}
