@@ -87,6 +87,17 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
         let mut want: Vec<std::path::PathBuf> = paths.iter().map(Into::into).collect();
         want.sort();
         assert_eq!(linked, want);
+        // What a push reads of the closure: the same through the daemon as from
+        // `nix path-info --recursive --json`.
+        let mut ours = nix.closure_infos(&paths).await.unwrap();
+        let mut theirs = plain.closure_infos(&paths).await.unwrap();
+        ours.sort_by(|a, b| a.path.cmp(&b.path));
+        theirs.sort_by(|a, b| a.path.cmp(&b.path));
+        for t in &mut theirs {
+            t.references.sort();
+            t.nar_hash = nixfarm_nix::hash::to_sri(&t.nar_hash, None);
+        }
+        assert_eq!(ours, theirs);
         // Again: already valid, nothing built.
         let again = nix
             .realise(

@@ -11,7 +11,7 @@
 //! answered by log messages (`STDERR_*`) until `STDERR_LAST`, then the result.
 
 use crate::messages::{Failure, classify_failure};
-use crate::runner::{BuildOptions, BuildRun, Nix, TailBuffer, tail};
+use crate::runner::{BuildOptions, BuildRun, Nix, NixError, StorePathInfo, TailBuffer, tail};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +35,7 @@ const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
 const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
 const STDERR_RESULT: u64 = 0x5253_4c54;
 const OP_ADD_INDIRECT_ROOT: u64 = 12;
+const OP_QUERY_PATH_INFO: u64 = 26;
 const OP_BUILD_PATHS_WITH_RESULTS: u64 = 46;
 const RES_BUILD_LOG_LINE: u64 = 101;
 const RES_POST_BUILD_LOG_LINE: u64 = 107;
@@ -365,16 +366,17 @@ impl Conn {
         }
     }
 
-    /// Builds every output of `drv` (`BuildPathsWithResults`, normal mode).
+    /// Realises one derived path (`BuildPathsWithResults`, normal mode): `DRV!*` builds
+    /// every output of a derivation, a plain store path is substituted.
     async fn build(
         &mut self,
-        drv: &str,
+        path: &str,
         log: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<Outcome, DaemonError> {
         self.builds += 1;
         self.u64(OP_BUILD_PATHS_WITH_RESULTS).await?;
         self.u64(1).await?;
-        self.string(&format!("{drv}!*")).await?;
+        self.string(path).await?;
         self.u64(0).await?;
         self.w.flush().await?;
         self.messages(log, &mut Vec::new()).await?;
@@ -424,6 +426,51 @@ impl Conn {
             error,
             outputs,
         })
+    }
+
+    /// What the store knows of `path` (None: not valid).
+    async fn query_path_info(&mut self, path: &str) -> Result<Option<StorePathInfo>, DaemonError> {
+        self.u64(OP_QUERY_PATH_INFO).await?;
+        self.string(path).await?;
+        self.w.flush().await?;
+        self.messages(&mut |_| {}, &mut Vec::new()).await?;
+        if self.read_u64().await? == 0 {
+            return Ok(None);
+        }
+        let deriver = self.read_string().await?;
+        let hex = self.read_string().await?;
+        let n = self.read_u64().await?;
+        if n > MAX_OUTPUTS * 16 {
+            return Err(DaemonError::Protocol(format!("{n} references")));
+        }
+        let mut references = Vec::new();
+        for _ in 0..n {
+            references.push(self.read_string().await?);
+        }
+        let _registered = self.read_u64().await?;
+        let nar_size = self.read_u64().await?;
+        let _ultimate = self.read_u64().await?;
+        let sigs = self.read_u64().await?;
+        if sigs > MAX_FIELDS {
+            return Err(DaemonError::Protocol(format!("{sigs} signatures")));
+        }
+        for _ in 0..sigs {
+            self.read_string().await?;
+        }
+        let ca = self.read_string().await?;
+        // The NAR hash travels as bare SHA-256 hex; Nix prints it as SRI.
+        let nar_hash = crate::hash::Hash::parse(&format!("sha256:{hex}"), None)
+            .ok_or_else(|| DaemonError::Protocol(format!("a NAR hash {hex:?}")))?
+            .to_sri();
+        references.sort();
+        Ok(Some(StorePathInfo {
+            path: path.to_string(),
+            nar_hash,
+            nar_size,
+            references,
+            deriver: (!deriver.is_empty()).then_some(deriver),
+            ca: (!ca.is_empty()).then_some(ca),
+        }))
     }
 
     /// Registers `link` (a symlink into the store) as an indirect GC root.
@@ -487,7 +534,8 @@ impl Nix {
                 on_log(b);
                 log.push(b);
             };
-            let fut = conn.build(drv, &mut sink);
+            let wanted = format!("{drv}!*");
+            let fut = conn.build(&wanted, &mut sink);
             tokio::pin!(fut);
             tokio::select! {
                 r = &mut fut => r,
@@ -540,6 +588,79 @@ impl Nix {
             duration: start.elapsed(),
             result,
             cancelled,
+        })
+    }
+
+    /// [`Nix::closure_infos`] through a pooled daemon, one query per path of the closure
+    /// (in this process, not a `nix path-info` each time). None when no daemon can be had.
+    pub(crate) async fn closure_infos_daemon(
+        &self,
+        paths: &[String],
+    ) -> Option<Result<Vec<StorePathInfo>, NixError>> {
+        let pool = self.daemon.as_ref()?;
+        let settings = self.build_settings(&BuildOptions::default());
+        let mut conn = pool.take(&settings).await?;
+        let mut seen: std::collections::BTreeMap<String, StorePathInfo> = Default::default();
+        let mut todo: Vec<String> = paths.to_vec();
+        while let Some(p) = todo.pop() {
+            if seen.contains_key(&p) {
+                continue;
+            }
+            if seen.len() >= 1_000_000 {
+                return Some(Err(NixError::Infra(
+                    "a closure of over 1,000,000 paths".into(),
+                )));
+            }
+            match conn.query_path_info(&p).await {
+                Ok(Some(info)) => {
+                    todo.extend(
+                        info.references
+                            .iter()
+                            .filter(|r| !seen.contains_key(*r))
+                            .cloned(),
+                    );
+                    seen.insert(p, info);
+                }
+                Ok(None) => {
+                    pool.put(settings, conn);
+                    return Some(Err(NixError::Infra(format!("path '{p}' is not valid"))));
+                }
+                Err(e) => return Some(Err(NixError::Infra(e.to_string()))),
+            }
+        }
+        pool.put(settings, conn);
+        Some(Ok(seen.into_values().collect()))
+    }
+
+    /// Substitutes `path` (with its references) from the build's substituter through a
+    /// pooled daemon, as `nix copy --from` would: how a derivation evaluated on another host
+    /// gets here. None when no daemon can be had.
+    pub async fn substitute_daemon(
+        &self,
+        path: &str,
+        opts: &BuildOptions,
+    ) -> Option<Result<(), String>> {
+        let pool = self.daemon.as_ref()?;
+        let settings = self.build_settings(opts);
+        let mut conn = pool.take(&settings).await?;
+        let mut said = String::new();
+        let r = conn
+            .build(path, &mut |b: &[u8]| {
+                if said.len() < 4096 {
+                    said.push_str(&String::from_utf8_lossy(b));
+                }
+            })
+            .await;
+        Some(match r {
+            Ok(o) => {
+                pool.put(settings, conn);
+                if succeeded(o.status) {
+                    Ok(())
+                } else {
+                    Err(crate::messages::strip_ansi(&o.error))
+                }
+            }
+            Err(e) => Err(format!("{e} {}", tail(&said, 500))),
         })
     }
 

@@ -345,6 +345,9 @@ impl Nix {
     /// [`Nix::path_infos`] of the whole closure of `paths` (each path once): one Nix call
     /// where asking for the closure and then for its infos would take two.
     pub async fn closure_infos(&self, paths: &[String]) -> Result<Vec<StorePathInfo>, NixError> {
+        if let Some(r) = self.closure_infos_daemon(paths).await {
+            return r;
+        }
         let mut all = self.path_infos_with(paths, true).await?;
         let mut seen = std::collections::HashSet::new();
         all.retain(|i| seen.insert(i.path.clone()));

@@ -60,8 +60,9 @@ pub(super) async fn build(
         check: false,
     };
     // A derivation this store does not hold (evaluated on another host, or collected): fetch
-    // it, with its inputs, from the run's cache; without one, say what is missing. A stat,
-    // not a Nix process: this runs before every build.
+    // it, with its inputs, from the run's cache (through the build's own daemon when builds
+    // go through one); without one, say what is missing. A stat, not a Nix process: this
+    // runs before every build.
     if !std::path::Path::new(&j.drv_path).exists() {
         if opts.substituter.is_empty() {
             return pb::BuildResult {
@@ -73,17 +74,21 @@ pub(super) async fn build(
                 ..Default::default()
             };
         }
-        if let Err(e) = shared
-            .nix
-            .copy_from(
-                &opts.substituter,
-                std::slice::from_ref(&j.drv_path),
-                &opts.trusted_public_keys,
-                opts.netrc.as_deref(),
-                opts.ssl_cert_file.as_deref(),
-            )
-            .await
-        {
+        let fetched = match shared.nix.substitute_daemon(&j.drv_path, &opts).await {
+            Some(r) => r,
+            None => shared
+                .nix
+                .copy_from(
+                    &opts.substituter,
+                    std::slice::from_ref(&j.drv_path),
+                    &opts.trusted_public_keys,
+                    opts.netrc.as_deref(),
+                    opts.ssl_cert_file.as_deref(),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = fetched {
             // Nix may still substitute it itself while realising; if not, its error says so.
             tracing::warn!("cannot fetch {} from the run's cache: {e}", j.drv_path);
         }
