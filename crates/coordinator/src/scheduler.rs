@@ -63,6 +63,9 @@ pub struct Capabilities {
     pub features: Vec<String>,
     /// Only fetches (its build slots are full, its fetch slots are not).
     pub fetches_only: bool,
+    /// Only builds (its fetch slots are full, its build slots are not): a fetch never takes
+    /// a build slot, where it would hold back a build that becomes ready meanwhile.
+    pub builds_only: bool,
 }
 
 impl Capabilities {
@@ -71,6 +74,7 @@ impl Capabilities {
         (class.system == "builtin" || self.systems.contains(&class.system))
             && class.features.iter().all(|f| self.features.contains(f))
             && (class.fetch || !self.fetches_only)
+            && (!class.fetch || !self.builds_only)
     }
 }
 

@@ -224,3 +224,31 @@ fn a_later_chunk_raises_the_priority_of_what_it_needs() {
         "the stale entry of shared is skipped"
     );
 }
+
+#[test]
+fn a_fetch_never_takes_a_build_slot_and_a_build_never_a_fetch_slot() {
+    // A more urgent fetch (it gates a long chain) and a build, both ready.
+    let fetch = Class {
+        fetch: true,
+        ..x86()
+    };
+    let mut s = Scheduler::new();
+    let src = s.add_node(fetch, 10);
+    let chain = s.add_node(x86(), 100);
+    let pkg = s.add_node(x86(), 1);
+    s.add_edge(chain, src);
+    s.start();
+    // Fetch slots full: the free build slot goes to the build, the fetch waits.
+    let builds = Capabilities {
+        builds_only: true,
+        ..caps()
+    };
+    assert_eq!(s.pop_for(&builds), Some(pkg));
+    assert_eq!(s.pop_for(&builds), None);
+    // Build slots full: only the fetch.
+    let fetches = Capabilities {
+        fetches_only: true,
+        ..caps()
+    };
+    assert_eq!(s.pop_for(&fetches), Some(src));
+}

@@ -69,6 +69,7 @@ impl Engine {
             systems: reg.systems.clone(),
             features: reg.features.clone(),
             fetches_only: false,
+            builds_only: false,
         };
         tracing::info!(agent = reg.name, systems = ?reg.systems, max_jobs = reg.max_jobs, reattached = running.len(), "agent connected");
         inner.agents.insert(

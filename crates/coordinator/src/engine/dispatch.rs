@@ -48,6 +48,7 @@ impl Engine {
                 }
                 let mut caps = agent.caps.clone();
                 caps.fetches_only = others >= max;
+                caps.builds_only = fetching >= max;
                 // An agent with more than one slot keeps one for builds while evaluation
                 // goes on: builds start with the first evaluated chunk instead of after the
                 // last one.

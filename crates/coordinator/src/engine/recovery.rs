@@ -101,6 +101,7 @@ impl Engine {
                     systems: reg.systems.clone(),
                     features: reg.features.clone(),
                     fetches_only: false,
+                    builds_only: false,
                 };
                 // Disconnected until it dials in; its lease starts now.
                 inner.agents.insert(
