@@ -214,6 +214,10 @@ impl Agent {
                 shared.nix.nix.display()
             );
         }
+        // A fresh store gets its database now, so a job's Nix processes may start together.
+        if let Err(e) = shared.nix.open_store().await {
+            tracing::warn!("{e}");
+        }
         let (results_tx, mut results_rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
         let (log_tx, mut log_rx) = mpsc::channel::<pb::AgentMessage>(256);
         let mut recent: VecDeque<(Instant, pb::AgentMessage)> = VecDeque::new();
@@ -491,11 +495,14 @@ fn handle(
             let results = results.clone();
             let logs = logs.clone();
             tokio::spawn(async move {
-                let result = jobs::run(&shared, channel, a, token, logs).await;
+                let (result, follow_up) = jobs::run(&shared, channel, a, token, logs).await;
                 if let Ok(mut r) = shared.running.lock() {
                     r.remove(&attempt);
                 }
                 let _ = results.send(result);
+                if let Some(f) = follow_up {
+                    let _ = results.send(f.await);
+                }
             });
         }
         Some(Msg::Cancel(c)) => {
@@ -518,6 +525,7 @@ fn result_attempt(m: &pb::AgentMessage) -> Option<String> {
     use pb::agent_message::Msg;
     match m.msg.as_ref()? {
         Msg::EvalList(r) => Some(r.attempt_id.clone()),
+        Msg::RepoChecks(r) => Some(r.attempt_id.clone()),
         Msg::EvalChunk(r) => Some(r.attempt_id.clone()),
         Msg::Build(r) => Some(r.attempt_id.clone()),
         _ => None,

@@ -256,6 +256,14 @@ pub enum FromAgent {
         attempt: String,
         /// The attributes, and the flake's other outputs checked.
         result: Result<(Vec<String>, Vec<nixfarm_core::report::RepoCheck>), (String, bool)>,
+        /// The other outputs are still being checked: a [`FromAgent::RepoChecks`] for the same
+        /// attempt follows, and the run does not end before it comes (or the agent is lost).
+        follows: bool,
+    },
+    /// The flake's other outputs, checked, after an `EvalList` that said they follow.
+    RepoChecks {
+        attempt: String,
+        checks: Vec<nixfarm_core::report::RepoCheck>,
     },
     EvalChunk {
         attempt: String,

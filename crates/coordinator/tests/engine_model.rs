@@ -519,6 +519,7 @@ impl World {
                         vec![],
                     )),
                 },
+                follows: false,
             },
             Job::EvalChunk { attrs, .. } => FromAgent::EvalChunk {
                 attempt,
@@ -1381,6 +1382,7 @@ fn outcome_text(msg: &FromAgent) -> String {
         }
         FromAgent::Heartbeat { .. } => "a heartbeat".into(),
         FromAgent::Log { .. } => "a log".into(),
+        FromAgent::RepoChecks { checks, .. } => format!("{} repository checks", checks.len()),
     }
 }
 

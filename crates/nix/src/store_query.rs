@@ -35,6 +35,24 @@ impl Nix {
     }
 
     /// Which of `paths` are not valid in the store, in one `nix-store` call.
+    /// Opens the store once, so that a fresh one has its database before several Nix
+    /// processes start at once (Nix 2.8 racing to create it says the schema "is corrupt").
+    pub async fn open_store(&self) -> Result<(), NixError> {
+        let o = Command::new(&self.nix_store)
+            .args(["--check-validity", "--print-invalid"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
+        if !o.status.success() {
+            return Err(NixError::Infra(format!(
+                "cannot open the Nix store: {}",
+                tail(&String::from_utf8_lossy(&o.stderr), 500)
+            )));
+        }
+        Ok(())
+    }
+
     pub async fn invalid_paths(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
         let mut out = Vec::new();
         for chunk in paths.chunks(2000) {

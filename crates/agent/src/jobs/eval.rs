@@ -12,35 +12,30 @@ pub(super) fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput
 }
 
 /// The packages under `attr_path`, and for a flake's `packages.<system>` also its
-/// `checks.<system>` (as `checks.<name>`) and its other outputs checked.
+/// `checks.<system>` (as `checks.<name>`). For such a flake also the system whose other
+/// outputs are still to be checked ([`other_outputs`]), with what listing the checks found
+/// wrong: the packages' evaluation need not wait for those checks.
 pub(super) async fn list_with_checks(
     shared: &Arc<Shared>,
     entry: &Entry,
     attr_path: &str,
     mem: u64,
-) -> Result<(Vec<String>, Vec<pb::RepoCheck>), NixError> {
+) -> Result<(Vec<String>, Option<(String, Vec<pb::RepoCheck>)>), NixError> {
     let system = attr_path
         .strip_prefix("packages.")
         .filter(|s| !s.contains('.'));
     let (Entry::Flake(..), Some(system)) = (entry, system) else {
-        return Ok((shared.nix.list_attrs(entry, attr_path, mem).await?, vec![]));
+        return Ok((shared.nix.list_attrs(entry, attr_path, mem).await?, None));
     };
     let checks_path = format!("checks.{system}");
-    // The listing first: on a fresh store, several Nix processes starting at once race to
-    // create its database (Nix 2.8 then says the schema "is corrupt").
-    let mut attrs = shared.nix.list_attrs(entry, attr_path, mem).await?;
-    let (checks, outputs) = tokio::join!(
+    // Side by side: the agent opened its store when it started (`Nix::open_store`), so two
+    // Nix processes do not race to create a fresh store's database.
+    let (attrs, checks) = tokio::join!(
+        shared.nix.list_attrs(entry, attr_path, mem),
         shared.nix.list_attrs(entry, &checks_path, mem),
-        shared.nix.check_outputs(entry, system, mem),
     );
-    let mut repository: Vec<pb::RepoCheck> = outputs
-        .into_iter()
-        .map(|c| pb::RepoCheck {
-            ok: c.problem.is_none(),
-            message: c.problem.unwrap_or_default(),
-            name: c.name,
-        })
-        .collect();
+    let mut attrs = attrs?;
+    let mut repository = Vec::new();
     match checks {
         Ok(names) => attrs.extend(
             names
@@ -56,7 +51,27 @@ pub(super) async fn list_with_checks(
             message: e.to_string(),
         }),
     }
-    Ok((attrs, repository))
+    Ok((attrs, Some((system.to_string(), repository))))
+}
+
+/// The flake's overlays, modules, formatter, dev shells and apps for `system`, checked.
+pub(super) async fn other_outputs(
+    shared: &Arc<Shared>,
+    entry: &Entry,
+    system: &str,
+    mem: u64,
+) -> Vec<pb::RepoCheck> {
+    shared
+        .nix
+        .check_outputs(entry, system, mem)
+        .await
+        .into_iter()
+        .map(|c| pb::RepoCheck {
+            ok: c.problem.is_none(),
+            message: c.problem.unwrap_or_default(),
+            name: c.name,
+        })
+        .collect()
 }
 
 /// Evaluates attributes in groups, one Nix process each. An attribute that throws is caught

@@ -57,13 +57,17 @@ pub(crate) fn cancelled_result(a: &pb::Assignment) -> pb::AgentMessage {
     }
 }
 
+/// A message that follows a job's result, for the same attempt (sent after it, in order).
+pub(crate) type FollowUp =
+    std::pin::Pin<Box<dyn std::future::Future<Output = pb::AgentMessage> + Send>>;
+
 pub(crate) async fn run(
     shared: &Arc<Shared>,
     channel: Channel,
     a: pb::Assignment,
     cancel: CancellationToken,
     logs: mpsc::Sender<pb::AgentMessage>,
-) -> pb::AgentMessage {
+) -> (pb::AgentMessage, Option<FollowUp>) {
     use pb::assignment::Job;
     let attempt = a.attempt_id.clone();
     let run_id = a.run_id.clone();
@@ -72,38 +76,64 @@ pub(crate) async fn run(
             let result = async {
                 let flake = prepare_source(shared, channel, &run_id, j.source).await?;
                 let entry = source::entry_for(&flake, j.entry, shared.cfg.allow_local_flake_refs)?;
-                eval::list_with_checks(shared, &entry, &j.attr_path, j.eval_memory_mib).await
+                let listed =
+                    eval::list_with_checks(shared, &entry, &j.attr_path, j.eval_memory_mib).await?;
+                Ok::<_, NixError>((entry, listed))
             }
             .await;
-            let (attrs, repository, error, infra) = match result {
-                Ok((a, r)) => (a, r, String::new(), false),
-                Err(e) => (vec![], vec![], e.to_string(), e.is_infra()),
+            let (attrs, error, infra, follow_up) = match result {
+                Ok((entry, (a, rest))) => {
+                    // The packages go to be evaluated now; the flake's other outputs are
+                    // checked meanwhile and follow, for the same attempt.
+                    let follow_up = rest.map(|(system, mut repository)| {
+                        let (shared, attempt, mem) =
+                            (shared.clone(), attempt.clone(), j.eval_memory_mib);
+                        Box::pin(async move {
+                            repository
+                                .extend(eval::other_outputs(&shared, &entry, &system, mem).await);
+                            msg(pb::agent_message::Msg::RepoChecks(pb::RepoChecksResult {
+                                attempt_id: attempt,
+                                repository,
+                            }))
+                        }) as FollowUp
+                    });
+                    (a, String::new(), false, follow_up)
+                }
+                Err(e) => (vec![], e.to_string(), e.is_infra(), None),
             };
             pause_if_disk_full(shared, &error);
-            msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
-                attempt_id: attempt,
-                attrs,
-                error,
-                infra,
-                repository,
-            }))
+            let follows = follow_up.is_some();
+            (
+                msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
+                    attempt_id: attempt,
+                    attrs,
+                    error,
+                    infra,
+                    repository: vec![],
+                    repository_follows: follows,
+                })),
+                follow_up,
+            )
         }
         Some(Job::EvalChunk(j)) => {
             let mut r = eval_chunk(shared, channel, &run_id, j).await;
             r.attempt_id = attempt;
-            msg(pb::agent_message::Msg::EvalChunk(r))
+            (msg(pb::agent_message::Msg::EvalChunk(r)), None)
         }
         Some(Job::Build(j)) => {
             let mut r = build(shared, channel, &run_id, j, cancel, logs, attempt.clone()).await;
             r.attempt_id = attempt;
-            msg(pb::agent_message::Msg::Build(r))
+            (msg(pb::agent_message::Msg::Build(r)), None)
         }
-        None => msg(pb::agent_message::Msg::Build(pb::BuildResult {
-            attempt_id: attempt,
-            status: pb::BuildStatus::InfraFailed as i32,
-            message: "empty assignment".into(),
-            ..Default::default()
-        })),
+        None => (
+            msg(pb::agent_message::Msg::Build(pb::BuildResult {
+                attempt_id: attempt,
+                status: pb::BuildStatus::InfraFailed as i32,
+                message: "empty assignment".into(),
+                ..Default::default()
+            })),
+            None,
+        ),
     }
 }
 

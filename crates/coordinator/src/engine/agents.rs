@@ -116,6 +116,39 @@ impl Engine {
         let mut g = self.lock();
         let inner = &mut *g;
         let now = self.clock.now_ms();
+        // Repository checks an agent owes and will not deliver: said so, and the run goes on.
+        let owed: Vec<(String, String)> = inner
+            .runs
+            .iter()
+            .filter_map(|r| {
+                let (_, agent) = r.repo_pending.as_ref()?;
+                let gone = inner
+                    .agents
+                    .get(agent)
+                    .is_none_or(|a| now - a.last_seen_ms > self.opts.lease_ms);
+                gone.then(|| (r.id.clone(), agent.clone()))
+            })
+            .collect();
+        for (run_id, agent) in owed {
+            if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
+                run.repo_pending = None;
+            }
+            let lost = nixfarm_core::report::RepoCheck {
+                name: "repository".into(),
+                ok: false,
+                message: format!(
+                    "agent {agent} stopped responding before it reported the flake's other outputs"
+                ),
+            };
+            let r = inner
+                .db
+                .record_repo_checks(&run_id, &[lost])
+                .map_err(EngineError::from)
+                .and_then(|()| self.maybe_finish(inner, &run_id));
+            if let Err(e) = r {
+                tracing::error!(run = run_id, "cannot close the repository checks: {e}");
+            }
+        }
         let expired: Vec<String> = inner
             .agents
             .iter()
@@ -233,14 +266,34 @@ impl Engine {
                 }
             }
             FromAgent::Log { .. } => {}
-            FromAgent::EvalList { attempt, result } => {
+            FromAgent::EvalList {
+                attempt,
+                result,
+                follows,
+            } => {
                 if let Some(a) = self.take_attempt(
                     inner,
                     name,
                     &attempt,
                     result.as_ref().err().map(|e| e.0.as_str()),
                 )? {
+                    if follows
+                        && result.is_ok()
+                        && let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id)
+                    {
+                        run.repo_pending = Some((attempt.clone(), name.to_string()));
+                    }
                     self.on_eval_list(inner, a, result)?;
+                }
+            }
+            FromAgent::RepoChecks { attempt, checks } => {
+                // Only the agent that listed, for that listing, once.
+                let mine = Some((attempt, name.to_string()));
+                if let Some(run) = inner.runs.iter_mut().find(|r| r.repo_pending == mine) {
+                    run.repo_pending = None;
+                    let id = run.id.clone();
+                    inner.db.record_repo_checks(&id, &checks)?;
+                    self.maybe_finish(inner, &id)?;
                 }
             }
             FromAgent::EvalChunk { attempt, result } => {

@@ -26,6 +26,7 @@ fn an_agent_with_two_slots_starts_a_ready_build_before_more_evaluation() {
             FromAgent::EvalList {
                 attempt: list,
                 result: Ok((names, vec![])),
+                follows: false,
             },
         )
         .unwrap();
@@ -85,6 +86,7 @@ fn packages_run(
             FromAgent::EvalList {
                 attempt: list,
                 result: Ok((names, vec![])),
+                follows: false,
             },
         )
         .unwrap();

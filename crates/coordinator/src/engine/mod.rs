@@ -82,6 +82,8 @@ struct RunMem {
     eval_queue: VecDeque<EvalTask>,
     eval_tasks_total: Option<usize>,
     eval_tasks_done: HashSet<i64>,
+    /// The listing attempt whose repository checks are still to come, and its agent.
+    repo_pending: Option<(String, String)>,
     sched: Option<Scheduler>,
     node_of: HashMap<String, NodeId>,
     drv_of: Vec<String>,
@@ -274,6 +276,7 @@ impl RunMem {
             eval_queue: VecDeque::new(),
             eval_tasks_total: None,
             eval_tasks_done: HashSet::new(),
+            repo_pending: None,
             sched: None,
             node_of: HashMap::new(),
             drv_of: Vec::new(),
@@ -330,6 +333,7 @@ impl RunMem {
     fn eval_complete(&self) -> bool {
         self.eval_tasks_total
             .is_some_and(|t| self.eval_tasks_done.len() >= t)
+            && self.repo_pending.is_none()
     }
 }
 

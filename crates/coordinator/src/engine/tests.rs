@@ -181,6 +181,7 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
             FromAgent::EvalList {
                 attempt: list,
                 result: Ok((vec!["crash".into()], vec![])),
+                follows: false,
             },
         )
         .unwrap();
@@ -279,7 +280,15 @@ fn a_listing_that_keeps_failing_on_the_machine_fails_the_run_after_the_retry_bud
         tries += 1;
         let result = Err(("writing to file: No space left on device".into(), true));
         engine
-            .agent_message("a", conn, FromAgent::EvalList { attempt, result })
+            .agent_message(
+                "a",
+                conn,
+                FromAgent::EvalList {
+                    attempt,
+                    result,
+                    follows: false,
+                },
+            )
             .unwrap();
     }
     assert_eq!(tries, 3, "the first try and two retries");
@@ -294,6 +303,17 @@ fn a_listing_that_keeps_failing_on_the_machine_fails_the_run_after_the_retry_bud
 
 /// Evaluates a one-package run on `a` and returns (run, drv, its output).
 fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, String) {
+    let (run, drv, out, _) = one_package_run_with(engine, a, false);
+    (run, drv, out)
+}
+
+/// [`one_package_run`], the listing saying whether the repository checks follow; also the
+/// listing's attempt.
+fn one_package_run_with(
+    engine: &Engine,
+    a: &mut TestAgent,
+    follows: bool,
+) -> (String, String, String, String) {
     let run = engine.submit(flake_run()).unwrap();
     let (list, _) = assigned(&mut a.rx);
     let result = Ok((vec!["pkg".into()], vec![]));
@@ -302,8 +322,9 @@ fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, Strin
             "a",
             a.conn,
             FromAgent::EvalList {
-                attempt: list,
+                attempt: list.clone(),
                 result,
+                follows,
             },
         )
         .unwrap();
@@ -335,7 +356,7 @@ fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, Strin
             },
         )
         .unwrap();
-    (run, drv, out)
+    (run, drv, out, list)
 }
 
 pub(super) fn built(out: &str) -> BuildReport {
@@ -464,5 +485,78 @@ fn known_attributes_are_evaluated_without_listing_the_attribute_path() {
     assert!(
         matches!(job, Job::EvalChunk { ref attrs, .. } if *attrs == ["pkg"]),
         "{job:?}"
+    );
+}
+
+#[test]
+fn repository_checks_that_follow_the_listing_hold_the_runs_end_until_they_come() {
+    let (engine, clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let b = connect_agent(&engine, "b");
+    let check = |msg: &str| nixfarm_core::report::RepoCheck {
+        name: "overlays.default".into(),
+        ok: false,
+        message: msg.into(),
+    };
+    let build_it = |a: &mut TestAgent, out: &str| {
+        let (attempt, _) = assigned(&mut a.rx);
+        engine
+            .agent_message(
+                "a",
+                a.conn,
+                FromAgent::Build {
+                    attempt,
+                    report: built(out),
+                },
+            )
+            .unwrap();
+    };
+    let (run, _, out, list) = one_package_run_with(&engine, &mut a, true);
+    build_it(&mut a, &out);
+    assert_ne!(
+        engine.run_state(&run).unwrap(),
+        RunState::Finished,
+        "checks still to come"
+    );
+    // From another agent, or for another attempt: nothing changes.
+    for (who, conn, attempt) in [("b", b.conn, list.clone()), ("a", a.conn, "a-other".into())] {
+        engine
+            .agent_message(
+                who,
+                conn,
+                FromAgent::RepoChecks {
+                    attempt,
+                    checks: vec![check("forged")],
+                },
+            )
+            .unwrap();
+    }
+    assert_ne!(engine.run_state(&run).unwrap(), RunState::Finished);
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::RepoChecks {
+                attempt: list.clone(),
+                checks: vec![check("is not a function")],
+            },
+        )
+        .unwrap();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    assert_eq!(
+        engine.report(&run).unwrap().repository,
+        vec![check("is not a function")]
+    );
+
+    // An agent that goes silent owes them no longer than its lease: the run ends, and says so.
+    let (run, _, out, _) = one_package_run_with(&engine, &mut a, true);
+    build_it(&mut a, &out);
+    clock.advance(6_000);
+    engine.check_leases();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    let repo = engine.report(&run).unwrap().repository;
+    assert!(
+        repo.len() == 1 && !repo[0].ok && repo[0].message.contains("stopped responding"),
+        "{repo:?}"
     );
 }

@@ -378,6 +378,19 @@ pub(super) fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOu
     Ok((attrs, drvs))
 }
 
+/// Bounded like everything an agent says: a count, and short names and texts.
+fn repo_checks(checks: Vec<pb::RepoCheck>) -> Vec<nixfarm_core::report::RepoCheck> {
+    checks
+        .into_iter()
+        .take(MAX_REPO_CHECKS)
+        .map(|c| nixfarm_core::report::RepoCheck {
+            name: short(c.name),
+            ok: c.ok,
+            message: truncate(c.message, 2000),
+        })
+        .collect()
+}
+
 impl TryFrom<pb::AgentMessage> for FromAgent {
     type Error = WireError;
     /// A malformed result is still a result: it becomes a failure of its attempt (so the
@@ -396,24 +409,20 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                 data: l.data,
             },
             Some(Msg::EvalList(r)) => {
-                // Bounded like everything an agent says: a count, and short names and texts.
-                let repository: Vec<nixfarm_core::report::RepoCheck> = r
-                    .repository
-                    .into_iter()
-                    .take(MAX_REPO_CHECKS)
-                    .map(|c| nixfarm_core::report::RepoCheck {
-                        name: short(c.name),
-                        ok: c.ok,
-                        message: truncate(c.message, 2000),
-                    })
-                    .collect();
+                let repository = repo_checks(r.repository);
+                let follows = r.repository_follows && r.error.is_empty();
                 FromAgent::EvalList {
                     attempt: r.attempt_id,
                     result: err_or(truncate(r.error, lim::MAX_MESSAGE), r.infra, r.attrs)
                         .and_then(list_attrs)
                         .map(|attrs| (attrs, repository)),
+                    follows,
                 }
             }
+            Some(Msg::RepoChecks(r)) => FromAgent::RepoChecks {
+                attempt: r.attempt_id,
+                checks: repo_checks(r.repository),
+            },
             Some(Msg::EvalChunk(mut r)) => {
                 let attempt = std::mem::take(&mut r.attempt_id);
                 let (error, infra) = (std::mem::take(&mut r.error), r.infra);
