@@ -207,15 +207,17 @@ impl Agent {
     /// finish (up to the drain deadline), delivers their results and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let shared = self.shared;
-        let nix_version = shared.nix.version().await.unwrap_or_default();
+        // A fresh store gets its database now, so a job's Nix processes may start together;
+        // side by side with asking Nix's version (two process starts, not one after the other).
+        let (nix_version, opened) = tokio::join!(shared.nix.version(), shared.nix.open_store());
+        let nix_version = nix_version.unwrap_or_default();
         if nix_version.is_empty() {
             anyhow::bail!(
                 "cannot run '{}': is Nix installed?",
                 shared.nix.nix.display()
             );
         }
-        // A fresh store gets its database now, so a job's Nix processes may start together.
-        if let Err(e) = shared.nix.open_store().await {
+        if let Err(e) = opened {
             tracing::warn!("{e}");
         }
         let (results_tx, mut results_rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
@@ -513,8 +515,12 @@ fn handle(
             }
         }
         Some(Msg::RunEnded(e)) => {
-            shared.roots.release(&e.run_id);
-            jobs::drop_run_sources(shared, &e.run_id);
+            // Unlinking waits on the disk (ext4 may discard synchronously): off the workers.
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                shared.roots.release(&e.run_id);
+                jobs::drop_run_sources(&shared, &e.run_id);
+            });
         }
         Some(Msg::Drain(_)) | Some(Msg::Registered(_)) | None => {}
     }

@@ -47,6 +47,14 @@ impl Nix {
                 format!("s: {{ \"\" = ({check}) s; }}")
             };
             let mut c = self.eval_cmd("");
+            // Behind the packages' evaluation and builds, which they run beside.
+            // SAFETY: setpriority(2) between fork and exec touches no memory of this process.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 15);
+                    Ok(())
+                });
+            }
             entry.select(&mut c, path);
             c.arg("--apply").arg(apply);
             (path.clone(), self.run_json(c, mem_mib).await)

@@ -8,16 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
-    // Nix must be here: say so plainly before starting anything.
+    // Nix must be here: asked while the coordinator starts, said plainly before any work.
     let version = tokio::process::Command::new("nix")
         .arg("--version")
-        .output()
-        .await;
-    if !matches!(&version, Ok(o) if o.status.success()) {
-        bail!(
-            "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
-        );
-    }
+        .kill_on_drop(true)
+        .output();
     // Check the source before starting a farm for it.
     source::check_local_or_ref(&args.source)?;
     let state_dir = match &args.state_dir {
@@ -42,9 +37,16 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         },
         ..Default::default()
     };
-    let coordinator = nixfarm_coordinator::server::start(&config)
-        .await
-        .context("cannot start the embedded coordinator")?;
+    let (version, coordinator) = tokio::join!(version, nixfarm_coordinator::server::start(&config));
+    if !matches!(&version, Ok(o) if o.status.success()) {
+        if let Ok(c) = coordinator {
+            c.stop().await;
+        }
+        bail!(
+            "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
+        );
+    }
+    let coordinator = coordinator.context("cannot start the embedded coordinator")?;
     let url = format!("http://{}", coordinator.addr);
     if let Some(h) = coordinator.http_addr {
         eprintln!("web UI: http://{h}/runs");
