@@ -303,6 +303,8 @@ impl axum::serve::Listener for TlsListener {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
+            // Small writes go at once (see `server::nodelay`).
+            let _ = tcp.set_nodelay(true);
             let handshake = self.acceptor.accept(tcp);
             match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
                 Ok(Ok(tls)) => return (tls, addr),

@@ -165,7 +165,7 @@ async fn start_farm_cache(
         }
         _ => {
             tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
+                let _ = axum::serve(nodelay(listener), app).await;
             });
         }
     }
@@ -412,7 +412,7 @@ pub async fn start_with_listener(
                 }),
             );
             tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
+                let _ = axum::serve(nodelay(listener), app).await;
             });
             Some(a)
         }
@@ -435,7 +435,7 @@ pub async fn start_with_listener(
                 config.http.clone(),
             ));
             tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
+                let _ = axum::serve(nodelay(listener), app).await;
             });
             Some(a)
         }
@@ -459,4 +459,18 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     start_with_listener(config, listener, Arc::new(SystemClock)).await
+}
+
+/// An HTTP listener whose connections send small writes at once (TCP_NODELAY): a response
+/// written in parts (headers, then a streamed body) does not wait ~40 ms for the client's
+/// delayed ACK, on every narinfo and NAR the farm cache serves.
+fn nodelay(
+    l: TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    l.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    })
 }
