@@ -116,29 +116,40 @@ impl Engine {
         let mut g = self.lock();
         let inner = &mut *g;
         let now = self.clock.now_ms();
-        // Repository checks an agent owes and will not deliver: said so, and the run goes on.
+        // Repository checks an agent owes and will not deliver (it went silent, or kept them
+        // past the wait): said so, and the run goes on.
         let owed: Vec<(String, String)> = inner
             .runs
             .iter()
             .filter_map(|r| {
-                let (_, agent) = r.repo_pending.as_ref()?;
+                let (_, agent, until) = r.repo_pending.as_ref()?;
                 let gone = inner
                     .agents
                     .get(agent)
                     .is_none_or(|a| now - a.last_seen_ms > self.opts.lease_ms);
-                gone.then(|| (r.id.clone(), agent.clone()))
+                let why = if gone {
+                    format!(
+                        "agent {agent} stopped responding before it reported the flake's other outputs"
+                    )
+                } else if now >= *until {
+                    format!(
+                        "agent {agent} did not report the flake's other outputs within {} s",
+                        super::REPO_CHECKS_WAIT_MS / 1000
+                    )
+                } else {
+                    return None;
+                };
+                Some((r.id.clone(), why))
             })
             .collect();
-        for (run_id, agent) in owed {
+        for (run_id, why) in owed {
             if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
                 run.repo_pending = None;
             }
             let lost = nixfarm_core::report::RepoCheck {
                 name: "repository".into(),
                 ok: false,
-                message: format!(
-                    "agent {agent} stopped responding before it reported the flake's other outputs"
-                ),
+                message: why,
             };
             let r = inner
                 .db
@@ -281,15 +292,19 @@ impl Engine {
                         && result.is_ok()
                         && let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id)
                     {
-                        run.repo_pending = Some((attempt.clone(), name.to_string()));
+                        let until = self.clock.now_ms() + super::REPO_CHECKS_WAIT_MS;
+                        run.repo_pending = Some((attempt.clone(), name.to_string(), until));
                     }
                     self.on_eval_list(inner, a, result)?;
                 }
             }
             FromAgent::RepoChecks { attempt, checks } => {
                 // Only the agent that listed, for that listing, once.
-                let mine = Some((attempt, name.to_string()));
-                if let Some(run) = inner.runs.iter_mut().find(|r| r.repo_pending == mine) {
+                let mine = |p: &Option<(String, String, i64)>| {
+                    p.as_ref()
+                        .is_some_and(|(a, n, _)| *a == attempt && n == name)
+                };
+                if let Some(run) = inner.runs.iter_mut().find(|r| mine(&r.repo_pending)) {
                     run.repo_pending = None;
                     let id = run.id.clone();
                     inner.db.record_repo_checks(&id, &checks)?;

@@ -82,8 +82,9 @@ struct RunMem {
     eval_queue: VecDeque<EvalTask>,
     eval_tasks_total: Option<usize>,
     eval_tasks_done: HashSet<i64>,
-    /// The listing attempt whose repository checks are still to come, and its agent.
-    repo_pending: Option<(String, String)>,
+    /// The listing attempt whose repository checks are still to come, its agent, and when
+    /// the run stops waiting for them (ms).
+    repo_pending: Option<(String, String, i64)>,
     sched: Option<Scheduler>,
     node_of: HashMap<String, NodeId>,
     drv_of: Vec<String>,
@@ -145,6 +146,10 @@ struct Inner {
     /// Cost estimates: ms each derivation name took when last built.
     build_times: HashMap<String, u64>,
 }
+
+/// Longest a run waits for the repository checks an agent said would follow its listing, ms
+/// (five small evaluations; an agent that never sends them must not hold the run forever).
+const REPO_CHECKS_WAIT_MS: i64 = 600_000;
 
 /// The cost of a derivation never built here, ms: a typical small build.
 const UNKNOWN_BUILD_MS: u64 = 1_000;

@@ -548,6 +548,38 @@ fn repository_checks_that_follow_the_listing_hold_the_runs_end_until_they_come()
         vec![check("is not a function")]
     );
 
+    // An agent that stays but never sends them holds the run for the wait, no longer.
+    let (run, _, out, _) = one_package_run_with(&engine, &mut a, true);
+    build_it(&mut a, &out);
+    for i in 0..120 {
+        if i == 100 {
+            assert_ne!(
+                engine.run_state(&run).unwrap(),
+                RunState::Finished,
+                "500 s in"
+            );
+        }
+        clock.advance(5_000);
+        engine
+            .agent_message(
+                "a",
+                a.conn,
+                FromAgent::Heartbeat {
+                    running: vec![],
+                    draining: false,
+                    paused: String::new(),
+                },
+            )
+            .unwrap();
+        engine.check_leases();
+    }
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    let repo = engine.report(&run).unwrap().repository;
+    assert!(
+        repo.len() == 1 && !repo[0].ok && repo[0].message.contains("within 600 s"),
+        "{repo:?}"
+    );
+
     // An agent that goes silent owes them no longer than its lease: the run ends, and says so.
     let (run, _, out, _) = one_package_run_with(&engine, &mut a, true);
     build_it(&mut a, &out);
