@@ -282,19 +282,11 @@ impl Nix {
         attrs: &[String],
         mem_mib: u64,
     ) -> Result<BTreeMap<String, Option<AttrInfo>>, NixError> {
-        let names: Vec<String> = attrs.iter().map(|a| nix_string(a)).collect();
         // deepSeq: a throw anywhere in what is read (drvPath, meta) is caught here, not
         // later while printing the JSON, where it would fail the process.
-        let apply = format!(
-            "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; safe = n: let t = builtins.tryEval (let i = info s.${{n}}; in builtins.deepSeq i i); in if t.success then t.value else null; in builtins.listToAttrs (map (n: {{ name = n; value = safe n; }}) [ {} ])",
-            names.join(" ")
-        );
-        let mut c = self.eval_cmd("");
-        entry.select(&mut c, attr_path);
-        c.arg("--apply").arg(apply);
-        let out = self.run_json(c, mem_mib).await?;
-        serde_json::from_str(&out)
-            .map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
+        let value = "let t = builtins.tryEval (let i = info s.${n}; in builtins.deepSeq i i); in if t.success then t.value else null";
+        self.eval_infos(entry, attr_path, attrs, value, mem_mib)
+            .await
     }
 
     /// Instantiates `attrs` (below `attr_path`) in one process; any failing attribute fails it all,
@@ -306,9 +298,23 @@ impl Nix {
         attrs: &[String],
         mem_mib: u64,
     ) -> Result<BTreeMap<String, AttrInfo>, NixError> {
+        self.eval_infos(entry, attr_path, attrs, "info s.${n}", mem_mib)
+            .await
+    }
+
+    /// `{ NAME = VALUE; }` for each of `attrs`, VALUE a Nix expression of `info`, `s` (the
+    /// attribute set) and `n` (the name), in one process.
+    async fn eval_infos<T: serde::de::DeserializeOwned>(
+        &self,
+        entry: &Entry,
+        attr_path: &str,
+        attrs: &[String],
+        value: &str,
+        mem_mib: u64,
+    ) -> Result<BTreeMap<String, T>, NixError> {
         let names: Vec<String> = attrs.iter().map(|a| nix_string(a)).collect();
         let apply = format!(
-            "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; in builtins.listToAttrs (map (n: {{ name = n; value = info s.${{n}}; }}) [ {} ])",
+            "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; in builtins.listToAttrs (map (n: {{ name = n; value = {value}; }}) [ {} ])",
             names.join(" ")
         );
         let mut c = self.eval_cmd("");

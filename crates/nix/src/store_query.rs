@@ -34,44 +34,40 @@ impl Nix {
             .ok_or_else(|| NixError::Infra(format!("Nix does not show derivation {drv}")))
     }
 
-    /// Which of `paths` are not valid in the store, in one `nix-store` call.
     /// Opens the store once, so that a fresh one has its database before several Nix
     /// processes start at once (Nix 2.8 racing to create it says the schema "is corrupt").
     pub async fn open_store(&self) -> Result<(), NixError> {
+        self.check_validity(&[]).await.map(drop)
+    }
+
+    /// Which of `paths` are not valid in the store, in one `nix-store` call per 2,000.
+    pub async fn invalid_paths(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
+        let mut out = Vec::new();
+        for chunk in paths.chunks(2000) {
+            out.extend(self.check_validity(chunk).await?);
+        }
+        Ok(out)
+    }
+
+    /// `nix-store --check-validity --print-invalid PATHS`: the invalid ones.
+    async fn check_validity(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
         let o = Command::new(&self.nix_store)
             .args(["--check-validity", "--print-invalid"])
+            .args(paths)
             .stdin(Stdio::null())
             .output()
             .await
             .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
         if !o.status.success() {
             return Err(NixError::Infra(format!(
-                "cannot open the Nix store: {}",
+                "nix-store --check-validity failed: {}",
                 tail(&String::from_utf8_lossy(&o.stderr), 500)
             )));
         }
-        Ok(())
-    }
-
-    pub async fn invalid_paths(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
-        let mut out = Vec::new();
-        for chunk in paths.chunks(2000) {
-            let o = Command::new(&self.nix_store)
-                .args(["--check-validity", "--print-invalid"])
-                .args(chunk)
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
-            if !o.status.success() {
-                return Err(NixError::Infra(format!(
-                    "nix-store --check-validity failed: {}",
-                    tail(&String::from_utf8_lossy(&o.stderr), 500)
-                )));
-            }
-            out.extend(String::from_utf8_lossy(&o.stdout).lines().map(String::from));
-        }
-        Ok(out)
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(String::from)
+            .collect())
     }
 
     /// The derivation Nix recorded as having produced `path` (None: not valid here, or the
