@@ -9,8 +9,10 @@ pub mod entry;
 pub mod flake_check;
 pub mod hash;
 pub mod messages;
+mod path_info;
 pub mod runner;
 mod store_query;
+mod worker_protocol;
 
 pub use derivation::Derivation;
 pub use runner::{AttrInfo, BuildOptions, BuildRun, Nix, NixError};

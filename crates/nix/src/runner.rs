@@ -1,9 +1,9 @@
 //! The Nix child processes nixfarm runs: evaluation, derivation queries, builds and copies.
 
-use crate::derivation::{Derivation, parse_show_derivation};
 pub use crate::entry::Entry;
 use crate::entry::NORMALIZE;
 use crate::messages::{Failure, classify_failure, first_error, is_machine_error};
+pub use crate::path_info::{StorePathInfo, parse_path_infos};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -178,7 +178,7 @@ in {
 }"#;
 
 impl Nix {
-    fn nix_cmd(&self) -> Command {
+    pub(crate) fn nix_cmd(&self) -> Command {
         let mut c = Command::new(&self.nix);
         c.args(["--extra-experimental-features", "nix-command flakes"]);
         c.kill_on_drop(true);
@@ -325,83 +325,6 @@ impl Nix {
             .map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
     }
 
-    /// The derivations in the closures of `drvs`, with their inputs, as Nix prints them
-    /// (`show_derivations` reads the files itself and asks this only when it cannot).
-    pub async fn show_derivations_nix(&self, drvs: &[String]) -> Result<Vec<Derivation>, NixError> {
-        let mut all = BTreeMap::new();
-        for chunk in drvs.chunks(500) {
-            let mut c = self.nix_cmd();
-            c.args(["show-derivation", "-r"]);
-            c.args(chunk);
-            let out = self.run_json(c, 0).await?;
-            for d in parse_show_derivation(&out)
-                .map_err(|e| NixError::Infra(format!("cannot parse derivations: {e}")))?
-            {
-                all.insert(d.path.clone(), d);
-            }
-        }
-        Ok(all.into_values().collect())
-    }
-
-    /// What the store knows of each path: NAR hash and size, references, deriver.
-    pub async fn path_infos(&self, paths: &[String]) -> Result<Vec<StorePathInfo>, NixError> {
-        self.path_infos_with(paths, false).await
-    }
-
-    /// [`Nix::path_infos`] of the whole closure of `paths` (each path once): one Nix call
-    /// where asking for the closure and then for its infos would take two.
-    pub async fn closure_infos(&self, paths: &[String]) -> Result<Vec<StorePathInfo>, NixError> {
-        if let Some(r) = self.closure_infos_daemon(paths).await {
-            return r;
-        }
-        let mut all = self.path_infos_with(paths, true).await?;
-        let mut seen = std::collections::HashSet::new();
-        all.retain(|i| seen.insert(i.path.clone()));
-        Ok(all)
-    }
-
-    async fn path_infos_with(
-        &self,
-        paths: &[String],
-        recursive: bool,
-    ) -> Result<Vec<StorePathInfo>, NixError> {
-        // A .drv path means its outputs unless --derivation is given, and with it an output
-        // path means its deriver: ask about the two kinds separately.
-        let (drvs, others): (Vec<String>, Vec<String>) =
-            paths.iter().cloned().partition(|p| p.ends_with(".drv"));
-        let mut all = Vec::with_capacity(paths.len());
-        for (list, derivation) in [(drvs, true), (others, false)] {
-            for chunk in list.chunks(500) {
-                let mut c = self.nix_cmd();
-                c.args(["path-info", "--json"]);
-                if recursive {
-                    c.arg("--recursive");
-                }
-                if derivation {
-                    c.arg("--derivation");
-                }
-                let out = c
-                    .args(chunk)
-                    .stderr(Stdio::piped())
-                    .output()
-                    .await
-                    .map_err(|e| NixError::Infra(format!("cannot run nix path-info: {e}")))?;
-                if !out.status.success() {
-                    return Err(NixError::Infra(format!(
-                        "nix path-info failed: {}",
-                        tail(&String::from_utf8_lossy(&out.stderr), 500)
-                    )));
-                }
-                all.extend(
-                    parse_path_infos(&String::from_utf8_lossy(&out.stdout)).map_err(|e| {
-                        NixError::Infra(format!("unreadable nix path-info output: {e}"))
-                    })?,
-                );
-            }
-        }
-        Ok(all)
-    }
-
     /// Copies `paths` (e.g. a `.drv` and its closure) from the binary cache `from` into this
     /// store, their signatures checked against `trusted_public_keys`.
     pub async fn copy_from(
@@ -446,76 +369,6 @@ impl Nix {
     }
 
     /// Builds one derivation with `nix-store --realise`, streaming its log to `on_log`.
-    /// The settings of a build, as `--option NAME VALUE` pairs: the same for `nix-store` and
-    /// for a daemon started for such builds.
-    pub(crate) fn build_settings(&self, opts: &BuildOptions) -> Vec<(String, String)> {
-        let mut out = vec![
-            ("substituters".to_string(), opts.substituter.clone()),
-            ("builders".to_string(), String::new()),
-        ];
-        let mut set = |k: &str, v: String| out.push((k.to_string(), v));
-        if let Some(h) = &self.build_hook {
-            set("build-hook", h.display().to_string());
-        }
-        if !opts.system_features.is_empty() {
-            set("system-features", opts.system_features.join(" "));
-        }
-        if let Some(n) = &opts.netrc {
-            set("netrc-file", n.display().to_string());
-        }
-        if let Some(ca) = &opts.ssl_cert_file {
-            set("ssl-cert-file", ca.display().to_string());
-        }
-        if !opts.substituter.is_empty() {
-            if opts.trusted_public_keys.is_empty() {
-                set("require-sigs", "false".into());
-            } else {
-                set("trusted-public-keys", opts.trusted_public_keys.join(" "));
-            }
-        }
-        if let Some(t) = opts.timeout {
-            set("timeout", t.as_secs().max(1).to_string());
-        }
-        if let Some(t) = opts.max_silent {
-            set("max-silent-time", t.as_secs().max(1).to_string());
-        }
-        out
-    }
-
-    /// Has builds go through long-lived `nix-daemon --stdio` processes (no Nix process start
-    /// per build) when this process owns its store: not when `NIX_REMOTE` names another
-    /// store, or the store's state directory is not writable here. Falls back to
-    /// `nix-store --realise` by itself if no daemon can be started.
-    pub fn with_daemon(mut self) -> Nix {
-        let remote = std::env::var("NIX_REMOTE").unwrap_or_default();
-        let state = std::env::var_os("NIX_STATE_DIR")
-            .map_or_else(|| PathBuf::from("/nix/var/nix"), PathBuf::from);
-        let probe = if state.exists() {
-            state
-        } else {
-            PathBuf::from("/nix")
-        };
-        let writable = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
-            // SAFETY: access(2) reads a NUL-terminated path we own; no memory is written.
-            .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
-        if !(remote.is_empty() || remote == "local") || !writable {
-            tracing::info!("builds use nix-store --realise: the store is not this process's own");
-            return self;
-        }
-        let program = match self.nix_store.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.join("nix-daemon"),
-            _ => PathBuf::from("nix-daemon"),
-        };
-        self.daemon = Some(std::sync::Arc::new(crate::daemon::DaemonPool::new(program)));
-        self
-    }
-
-    /// True while builds go through daemons (set up with [`Nix::with_daemon`], and none has
-    /// failed to start).
-    pub fn daemon_active(&self) -> bool {
-        self.daemon.as_ref().is_some_and(|p| p.active())
-    }
-
     /// Cancelling `cancel` interrupts Nix (which stops the builder) and reports `cancelled`.
     pub async fn realise(
         &self,
@@ -736,98 +589,5 @@ mod tests {
             t.push(b"abc");
         }
         assert_eq!(t.text(), "cabc");
-    }
-}
-
-/// One store path as `nix path-info --json` describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StorePathInfo {
-    pub path: String,
-    /// As Nix prints it (SRI on 2.4+, `sha256:<nix32>` on older versions).
-    pub nar_hash: String,
-    pub nar_size: u64,
-    /// Full store paths.
-    pub references: Vec<String>,
-    /// Full store path of the deriver, when known.
-    pub deriver: Option<String>,
-    /// Content address (`text:sha256:…`, `fixed:r:sha256:…`), when the path has one.
-    pub ca: Option<String>,
-}
-
-/// Parses `nix path-info --json`: an array of objects with `path` (Nix 2.4 to 2.18) or an
-/// object keyed by store path (newer Nix and Lix).
-pub fn parse_path_infos(json: &str) -> Result<Vec<StorePathInfo>, serde_json::Error> {
-    use serde_json::Value;
-    let v: Value = serde_json::from_str(json)?;
-    let entries: Vec<(String, Value)> = match v {
-        Value::Array(a) => a
-            .into_iter()
-            .map(|o| {
-                let p = o
-                    .get("path")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                (p, o)
-            })
-            .collect(),
-        Value::Object(m) => m.into_iter().collect(),
-        _ => Vec::new(),
-    };
-    let full = |p: &str| {
-        if p.starts_with('/') {
-            p.to_string()
-        } else {
-            format!("/nix/store/{p}")
-        }
-    };
-    Ok(entries
-        .into_iter()
-        .filter(|(p, o)| {
-            !p.is_empty() && !o.is_null() && o.get("valid") != Some(&Value::Bool(false))
-        })
-        .map(|(p, o)| StorePathInfo {
-            path: full(&p),
-            nar_hash: o
-                .get("narHash")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            nar_size: o.get("narSize").and_then(Value::as_u64).unwrap_or(0),
-            references: o
-                .get("references")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(full).collect())
-                .unwrap_or_default(),
-            deriver: o
-                .get("deriver")
-                .and_then(Value::as_str)
-                .filter(|d| !d.is_empty())
-                .map(full),
-            ca: o
-                .get("ca")
-                .and_then(Value::as_str)
-                .filter(|c| !c.is_empty())
-                .map(String::from),
-        })
-        .collect())
-}
-
-#[cfg(test)]
-mod path_info_tests {
-    use super::*;
-
-    #[test]
-    fn both_shapes() {
-        let old = r#"[{"path":"/nix/store/aaa-x","narHash":"sha256-AAA=","narSize":120,"references":["/nix/store/bbb-y"],"deriver":"/nix/store/ccc-x.drv","valid":true}]"#;
-        let new = r#"{"/nix/store/aaa-x":{"narHash":"sha256-AAA=","narSize":120,"references":["bbb-y"],"deriver":"ccc-x.drv"},"/nix/store/zzz-gone":null}"#;
-        for j in [old, new] {
-            let v = parse_path_infos(j).unwrap();
-            assert_eq!(v.len(), 1);
-            assert_eq!(v[0].path, "/nix/store/aaa-x");
-            assert_eq!(v[0].nar_size, 120);
-            assert_eq!(v[0].references, vec!["/nix/store/bbb-y"]);
-            assert_eq!(v[0].deriver.as_deref(), Some("/nix/store/ccc-x.drv"));
-        }
     }
 }

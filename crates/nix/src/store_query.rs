@@ -3,11 +3,31 @@
 //! derivation declares.
 
 use crate::Derivation;
+use crate::derivation::parse_show_derivation;
 use crate::runner::{Nix, NixError, tail};
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use tokio::process::Command;
 
 impl Nix {
+    /// The derivations in the closures of `drvs`, with their inputs, as Nix prints them
+    /// (`show_derivations` reads the files itself and asks this only when it cannot).
+    pub async fn show_derivations_nix(&self, drvs: &[String]) -> Result<Vec<Derivation>, NixError> {
+        let mut all = BTreeMap::new();
+        for chunk in drvs.chunks(500) {
+            let mut c = self.nix_cmd();
+            c.args(["show-derivation", "-r"]);
+            c.args(chunk);
+            let out = self.run_json(c, 0).await?;
+            for d in parse_show_derivation(&out)
+                .map_err(|e| NixError::Infra(format!("cannot parse derivations: {e}")))?
+            {
+                all.insert(d.path.clone(), d);
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
     /// The derivations in the closures of `drvs`, with their inputs, sorted by path. Read
     /// from the store's files in-process; Nix is asked only for a file this cannot read (a
     /// format it does not know).
