@@ -2,15 +2,13 @@
 //! events and agents. Every state change is written here before it is acted on, so a
 //! restarted coordinator resumes each run where it stood.
 
-use crate::model::{
-    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo,
-    Registration,
-};
+use crate::model::{BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo};
 use nixfarm_core::RunState;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use crate::db_attempts::AttemptRow;
 pub use rusqlite::Error as DbError;
 
 const SCHEMA: &str = r#"
@@ -135,7 +133,7 @@ pub struct DrvRow {
 }
 
 /// A column that does not hold what it should: an error, never a silent default.
-fn bad_column(col: usize, what: &str, e: impl std::fmt::Display) -> DbError {
+pub(crate) fn bad_column(col: usize, what: &str, e: impl std::fmt::Display) -> DbError {
     DbError::FromSqlConversionFailure(
         col,
         rusqlite::types::Type::Text,
@@ -143,7 +141,7 @@ fn bad_column(col: usize, what: &str, e: impl std::fmt::Display) -> DbError {
     )
 }
 
-fn json_column<T: serde::de::DeserializeOwned>(
+pub(crate) fn json_column<T: serde::de::DeserializeOwned>(
     r: &rusqlite::Row<'_>,
     col: usize,
     what: &str,
@@ -163,17 +161,6 @@ pub struct MetricsCounts {
     pub retries: i64,
     /// Attempts lost with their agent.
     pub lost: i64,
-}
-
-/// A stored attempt row.
-#[derive(Debug, Clone)]
-pub struct AttemptRow {
-    pub id: String,
-    pub run_id: String,
-    pub kind: AttemptKind,
-    pub target: String,
-    pub agent: String,
-    pub state: AttemptState,
 }
 
 impl Db {
@@ -202,7 +189,7 @@ impl Db {
     }
 
     /// Runs `f` in one transaction.
-    fn tx<T>(
+    pub(crate) fn tx<T>(
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
@@ -469,83 +456,6 @@ impl Db {
         .collect()
     }
 
-    pub fn insert_attempt(&self, a: &AttemptRow, started_ms: i64) -> Result<(), DbError> {
-        self.conn.execute(
-            "INSERT INTO attempts(id, run_id, kind, target, agent, state, started_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                a.id,
-                a.run_id,
-                a.kind.as_str(),
-                a.target,
-                a.agent,
-                a.state.as_str(),
-                started_ms
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// Finishes an attempt once: returns false when it was already finished (a duplicate).
-    pub fn finish_attempt(
-        &self,
-        id: &str,
-        state: AttemptState,
-        outcome: &str,
-        finished_ms: i64,
-    ) -> Result<bool, DbError> {
-        Ok(self.conn.execute(
-            "UPDATE attempts SET state = ?2, outcome = ?3, finished_ms = ?4 WHERE id = ?1 AND state = 'running'",
-            params![id, state.as_str(), outcome, finished_ms],
-        )? > 0)
-    }
-
-    pub fn running_attempts(&self) -> Result<Vec<AttemptRow>, DbError> {
-        let mut st = self.conn.prepare(
-            "SELECT id, run_id, kind, target, agent, state FROM attempts WHERE state = 'running' ORDER BY started_ms",
-        )?;
-        st.query_map([], |r| {
-            let (kind, state): (String, String) = (r.get(2)?, r.get(5)?);
-            Ok(AttemptRow {
-                id: r.get(0)?,
-                run_id: r.get(1)?,
-                kind: AttemptKind::parse(&kind)
-                    .ok_or_else(|| bad_column(2, "attempt kind", &kind))?,
-                target: r.get(3)?,
-                agent: r.get(4)?,
-                state: AttemptState::parse(&state)
-                    .ok_or_else(|| bad_column(5, "attempt state", &state))?,
-            })
-        })?
-        .collect()
-    }
-
-    /// How many build attempts a run made for a derivation (for "built once" checks).
-    pub fn build_attempts(&self, run: &str, drv: &str) -> Result<i64, DbError> {
-        self.conn.query_row(
-            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = 'build' AND target = ?2",
-            params![run, drv],
-            |r| r.get(0),
-        )
-    }
-
-    /// Attempts of `kind` in `run` that ended with an error.
-    pub fn failed_attempts(&self, run: &str, kind: AttemptKind) -> Result<i64, DbError> {
-        self.conn.query_row(
-            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND kind = ?2 AND state = 'done' AND outcome != 'ok'",
-            params![run, kind.as_str()],
-            |r| r.get(0),
-        )
-    }
-
-    /// Attempts at `target` in `run` given up because their agent vanished.
-    pub fn lost_attempts(&self, run: &str, target: &str) -> Result<i64, DbError> {
-        self.conn.query_row(
-            "SELECT count(*) FROM attempts WHERE run_id = ?1 AND target = ?2 AND state = 'lost'",
-            params![run, target],
-            |r| r.get(0),
-        )
-    }
-
     /// Appends an event and returns its sequence number (1-based, per run).
     pub fn append_event(&self, run: &str, kind: &str, json: &str) -> Result<i64, DbError> {
         self.conn.query_row(
@@ -570,92 +480,12 @@ impl Db {
         })?
         .collect()
     }
-
-    pub fn upsert_agent(&self, reg: &Registration, now_ms: i64) -> Result<(), DbError> {
-        let (name, info) = (
-            &reg.name,
-            serde_json::to_string(reg).map_err(|e| bad_column(1, "agent", e))?,
-        );
-        self.conn.execute(
-            "INSERT INTO agents(name, info, last_seen_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT(name) DO UPDATE SET info = excluded.info, last_seen_ms = excluded.last_seen_ms",
-            params![name, info, now_ms],
-        )?;
-        Ok(())
-    }
-
-    /// Claims each of `paths` in `cache` for `agent` where it is unclaimed, already the
-    /// agent's, or `lapsed(holder, claimed_ms)` says the holder's claim lapsed; one
-    /// transaction. Returns, per path, whether the agent now holds it.
-    pub fn claim_uploads(
-        &mut self,
-        cache: &str,
-        agent: &str,
-        paths: &[String],
-        now_ms: i64,
-        lapsed: &dyn Fn(&str, i64) -> bool,
-    ) -> Result<Vec<bool>, DbError> {
-        self.tx(|tx| {
-            let mut get = tx.prepare_cached(
-                "SELECT agent, claimed_ms FROM upload_claims WHERE cache = ?1 AND path = ?2",
-            )?;
-            let mut set = tx.prepare_cached(
-                "INSERT INTO upload_claims(cache, path, agent, claimed_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(cache, path) DO UPDATE SET agent = excluded.agent, claimed_ms = excluded.claimed_ms",
-            )?;
-            let mut granted = Vec::with_capacity(paths.len());
-            for p in paths {
-                let held: Option<(String, i64)> = get
-                    .query_row(params![cache, p], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                let free = match &held {
-                    None => true,
-                    Some((holder, at)) => holder == agent || lapsed(holder, *at),
-                };
-                if free {
-                    set.execute(params![cache, p, agent, now_ms])?;
-                }
-                granted.push(free);
-            }
-            Ok(granted)
-        })
-    }
-
-    /// Drops `agent`'s claims on `paths` in `cache`.
-    pub fn release_upload_claims(
-        &self,
-        agent: &str,
-        cache: &str,
-        paths: &[String],
-    ) -> Result<(), DbError> {
-        let mut st = self.conn.prepare_cached(
-            "DELETE FROM upload_claims WHERE agent = ?1 AND cache = ?2 AND path = ?3",
-        )?;
-        for p in paths {
-            st.execute(params![agent, cache, p])?;
-        }
-        Ok(())
-    }
-
-    /// Drops every claim `agent` holds, in any cache.
-    pub fn release_all_upload_claims(&self, agent: &str) -> Result<(), DbError> {
-        self.conn
-            .execute("DELETE FROM upload_claims WHERE agent = ?1", params![agent])?;
-        Ok(())
-    }
-
-    pub fn agents(&self) -> Result<Vec<(Registration, i64)>, DbError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT info, last_seen_ms FROM agents ORDER BY name")?;
-        st.query_map([], |r| Ok((json_column(r, 0, "agent")?, r.get(1)?)))?
-            .collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{AttemptKind, AttemptState};
 
     #[test]
     fn events_are_numbered_per_run() {

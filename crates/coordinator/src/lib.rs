@@ -4,6 +4,8 @@
 pub mod clock;
 pub mod config;
 pub mod db;
+mod db_agents;
+mod db_attempts;
 mod db_repo;
 mod db_times;
 pub mod engine;
