@@ -279,9 +279,10 @@ impl Nix {
         if reusable {
             pool.put(settings, conn);
         }
+        let (substituted, built) = crate::runner::what_nix_did(&full, drv);
         Some(BuildRun {
-            substituted: full.contains("copying path") && !full.contains("building '"),
-            built: full.contains(&format!("building '{drv}'")),
+            substituted,
+            built,
             log_tail: tail(&full, self.log_tail_bytes),
             duration: start.elapsed(),
             result,

@@ -447,8 +447,7 @@ impl Nix {
         };
         let stdout = out_task.await.unwrap_or_default();
         let full_log = log.text();
-        let substituted = full_log.contains("copying path") && !full_log.contains("building '");
-        let built = full_log.contains(&format!("building '{drv}'"));
+        let (substituted, built) = what_nix_did(&full_log, drv);
         let result = if cancelled {
             Err(Failure::Infra("cancelled".into()))
         } else if status.is_some_and(|s| s.success()) {
@@ -476,6 +475,14 @@ impl Nix {
             cancelled,
         }
     }
+}
+
+/// From a build's log as `nix-store` prints it (or the daemon's activities, written the
+/// same way): whether Nix fetched the outputs instead of building anything, and whether it
+/// built `drv` itself.
+pub(crate) fn what_nix_did(log: &str, drv: &str) -> (bool, bool) {
+    let substituted = log.contains("copying path") && !log.contains("building '");
+    (substituted, log.contains(&format!("building '{drv}'")))
 }
 
 async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<usize> {
