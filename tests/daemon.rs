@@ -98,6 +98,14 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             t.nar_hash = nixfarm_nix::hash::to_sri(&t.nar_hash, None);
         }
         assert_eq!(ours, theirs);
+        // Validity as the GC check after an evaluation asks it: the same through the daemon
+        // as from `nix-store --check-validity`.
+        let mut asked: Vec<String> = paths.clone();
+        asked.push(format!("/nix/store/{}-never-built-{t}", "0".repeat(32)));
+        asked.push(two.clone());
+        let want = vec![asked[asked.len() - 2].clone()];
+        assert_eq!(nix.invalid_paths(&asked).await.unwrap(), want);
+        assert_eq!(plain.invalid_paths(&asked).await.unwrap(), want);
         // Again: already valid, nothing built.
         let again = nix
             .realise(

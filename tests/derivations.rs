@@ -93,3 +93,61 @@ async fn attributes_that_throw_are_caught_within_a_group() {
         "{alone}"
     );
 }
+
+/// A small repository is listed and evaluated by one Nix process: the names, and each one
+/// evaluated as a group would be (what throws comes back empty). A larger one is only listed,
+/// and an error `tryEval` cannot catch fails the process (the agent then lists alone).
+#[tokio::test]
+async fn a_small_repository_is_listed_and_evaluated_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mk = |n: &str| {
+        format!(
+            r#"{n} = derivation {{ name = "{n}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }};"#
+        )
+    };
+    let flake = |extra: &str| {
+        format!(
+            "{{ outputs = {{ self }}: {{ packages.x86_64-linux = {{ {} {} thrown = throw \"unsupported on this platform\"; {extra} }}; }}; }}",
+            mk("good"),
+            mk("fine")
+        )
+    };
+    std::fs::write(dir.path().join("flake.nix"), flake("")).unwrap();
+    let nix = Nix::default();
+    let entry = nixfarm_nix::entry::Entry::Flake(format!("path:{}", dir.path().display()), vec![]);
+    let got = nix
+        .list_and_eval(&entry, "packages.x86_64-linux", 3, 0)
+        .await
+        .unwrap();
+    assert_eq!(got.names, ["fine", "good", "thrown"]);
+    let evaluated = got.evaluated.expect("3 attributes, up to 3 evaluated");
+    for ok in ["good", "fine"] {
+        let info = evaluated[ok].as_ref().unwrap_or_else(|| panic!("{ok}"));
+        assert!(info.drv_path.ends_with(&format!("-{ok}.drv")), "{info:?}");
+        assert!(std::path::Path::new(&info.drv_path).exists());
+    }
+    assert!(evaluated["thrown"].is_none(), "{evaluated:?}");
+    // One more than it may evaluate: listed only.
+    let got = nix
+        .list_and_eval(&entry, "packages.x86_64-linux", 2, 0)
+        .await
+        .unwrap();
+    assert_eq!(got.names.len(), 3);
+    assert!(got.evaluated.is_none());
+    // abort is not caught by tryEval: the process fails, the listing alone still works.
+    std::fs::write(
+        dir.path().join("flake.nix"),
+        flake("aborts = abort \"broken beyond tryEval\";"),
+    )
+    .unwrap();
+    let err = nix
+        .list_and_eval(&entry, "packages.x86_64-linux", 8, 0)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("broken beyond tryEval"), "{err}");
+    let names = nix
+        .list_attrs(&entry, "packages.x86_64-linux", 0)
+        .await
+        .unwrap();
+    assert_eq!(names, ["aborts", "fine", "good", "thrown"]);
+}

@@ -135,6 +135,7 @@ in
             };
             scheduler = {
               eval_chunk_size = between 1 10000 16 "Attributes per evaluation task.";
+              list_eval_max = between 0 10000 32 "A repository of at most this many attributes is evaluated by the process that lists it (0: never).";
               eval_memory_mib = mkOption {
                 type = (types.addCheck types.int (x: x == 0 || (x >= 256 && x <= 1048576))) // { description = "0, or an integer from 256 to 1048576"; };
                 default = 4096;

@@ -101,6 +101,11 @@ pub struct TlsConfig {
 pub struct SchedulerConfig {
     /// Attributes per evaluation task. Default 16.
     pub eval_chunk_size: usize,
+    /// A repository of at most this many attributes is evaluated by the Nix process that
+    /// lists it, with no evaluation tasks after (one process instead of several: most
+    /// repositories are this small). Its memory is capped by `eval_memory_mib`; past the cap
+    /// the attributes are evaluated by tasks after all. 0: never. Default 32.
+    pub list_eval_max: u32,
     /// Memory cap per evaluation worker process, MiB (0: none). Default 4096.
     pub eval_memory_mib: u64,
     /// Infrastructure failures retried per job before it is reported. Default 3.
@@ -121,6 +126,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             eval_chunk_size: 16,
+            list_eval_max: 32,
             eval_memory_mib: 4096,
             max_infra_retries: 3,
             max_runs_in_flight: 64,
@@ -227,6 +233,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.scheduler;
         range("[scheduler] eval_chunk_size", s.eval_chunk_size, 1, 10_000)?;
+        range("[scheduler] list_eval_max", s.list_eval_max, 0, 10_000)?;
         if s.eval_memory_mib != 0 {
             range(
                 "[scheduler] eval_memory_mib",

@@ -259,6 +259,8 @@ pub enum FromAgent {
         /// The other outputs are still being checked: a [`FromAgent::RepoChecks`] for the same
         /// attempt follows, and the run does not end before it comes (or the agent is lost).
         follows: bool,
+        /// Some of the attributes, evaluated by the listing itself (a small repository).
+        evaluated: Option<EvalChunkOutput>,
     },
     /// The flake's other outputs, checked, after an `EvalList` that said they follow.
     RepoChecks {
@@ -284,6 +286,11 @@ pub enum Job {
         attr_path: String,
         /// Memory cap of the listing process, MiB (0: none).
         memory_mib: u64,
+        /// At most this many attributes are evaluated by the listing itself (0: none).
+        evaluate_up_to: u32,
+        /// For what the listing evaluates: as for [`Job::EvalChunk`].
+        cache: String,
+        skip_cached: bool,
     },
     EvalChunk {
         source: SourceSpec,

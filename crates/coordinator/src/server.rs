@@ -244,6 +244,7 @@ pub async fn start_with_listener(
     let s = &config.scheduler;
     let opts = EngineOptions {
         eval_chunk_size: s.eval_chunk_size,
+        list_eval_max: s.list_eval_max,
         eval_memory_mib: s.eval_memory_mib,
         max_infra_retries: s.max_infra_retries,
         max_runs_in_flight: s.max_runs_in_flight,

@@ -505,8 +505,21 @@ impl World {
     fn answer(&self, a: &Assignment, outcome: Outcome) -> FromAgent {
         let attempt = a.attempt.clone();
         match &a.job {
-            Job::EvalList { .. } => FromAgent::EvalList {
+            Job::EvalList { evaluate_up_to, .. } => FromAgent::EvalList {
                 attempt,
+                // A small repository is evaluated by its listing: here the first half of
+                // the packages, when the outcome drawn says so (else tasks evaluate all).
+                evaluated: match outcome {
+                    Outcome::HashMismatch | Outcome::TimedOut
+                        if self.farm.packages.len() <= *evaluate_up_to as usize =>
+                    {
+                        let half: Vec<String> = (0..self.farm.packages.len().div_ceil(2))
+                            .map(|j| format!("p{j}"))
+                            .collect();
+                        Some(self.eval_chunk(&half))
+                    }
+                    _ => None,
+                },
                 result: match outcome {
                     Outcome::InfraFailed | Outcome::Cancelled | Outcome::ForeignOutputs => {
                         Err(("evaluator killed: out of memory".into(), true))

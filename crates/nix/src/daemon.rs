@@ -331,6 +331,29 @@ impl Nix {
         Some(Ok(seen.into_values().collect()))
     }
 
+    /// Which of `paths` are not valid, asked of a pooled daemon (`nix-store
+    /// --check-validity` without a process). None when no daemon can be had.
+    pub(crate) async fn invalid_paths_daemon(
+        &self,
+        paths: &[String],
+    ) -> Option<Result<Vec<String>, NixError>> {
+        let pool = self.daemon.as_ref()?;
+        let settings = self.build_settings(&BuildOptions::default());
+        let mut conn = pool.take(&settings).await?;
+        let mut invalid = Vec::new();
+        for chunk in paths.chunks(2000) {
+            match conn.query_valid_paths(chunk).await {
+                Ok(valid) => {
+                    let valid: std::collections::HashSet<String> = valid.into_iter().collect();
+                    invalid.extend(chunk.iter().filter(|p| !valid.contains(*p)).cloned());
+                }
+                Err(e) => return Some(Err(NixError::Infra(e.to_string()))),
+            }
+        }
+        pool.put(settings, conn);
+        Some(Ok(invalid))
+    }
+
     /// Substitutes `path` (with its references) from the build's substituter through a
     /// pooled daemon, as `nix copy --from` would: how a derivation evaluated on another host
     /// gets here. None when no daemon can be had.

@@ -6,6 +6,7 @@ mod build_hook;
 mod daemon;
 pub mod derivation;
 pub mod entry;
+mod eval;
 pub mod flake_check;
 pub mod hash;
 pub mod messages;
@@ -15,4 +16,4 @@ mod store_query;
 mod worker_protocol;
 
 pub use derivation::Derivation;
-pub use runner::{AttrInfo, BuildOptions, BuildRun, Nix, NixError};
+pub use runner::{AttrInfo, BuildOptions, BuildRun, ListedAndEvaluated, Nix, NixError};

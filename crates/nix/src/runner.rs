@@ -1,11 +1,9 @@
 //! The Nix child processes nixfarm runs: evaluation, derivation queries, builds and copies.
 
 pub use crate::entry::Entry;
-use crate::entry::NORMALIZE;
+pub use crate::eval::{AttrInfo, ListedAndEvaluated};
 use crate::messages::{Failure, classify_failure, first_error, is_machine_error};
 pub use crate::path_info::{StorePathInfo, parse_path_infos};
-use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -31,33 +29,6 @@ impl NixError {
     pub fn is_infra(&self) -> bool {
         matches!(self, NixError::Infra(_))
     }
-}
-
-/// What one attribute evaluates to.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AttrInfo {
-    pub drv_path: String,
-    pub outputs: BTreeMap<String, String>,
-    #[serde(default)]
-    pub pname: String,
-    #[serde(default)]
-    pub version: String,
-    #[serde(default)]
-    pub position: String,
-    #[serde(default)]
-    pub rev: String,
-    #[serde(default)]
-    pub system: String,
-    /// `meta.timeout`, seconds (0: none).
-    #[serde(default)]
-    pub timeout: u64,
-    /// `meta.maxSilent`, seconds (0: none).
-    #[serde(default)]
-    pub max_silent: u64,
-    /// `meta.mainProgram` (empty: none).
-    #[serde(default)]
-    pub main_program: String,
 }
 
 /// Options of one build.
@@ -159,24 +130,6 @@ pub(crate) fn fragment(attr_path: &str) -> String {
         .join(".")
 }
 
-const INFO_EXPR: &str = r#"d: let
-  outs = d.outputs or [ "out" ];
-  src = d.src or null;
-  meta = d.meta or { };
-  parsed = builtins.parseDrvName (d.name or "");
-in {
-  drvPath = d.drvPath;
-  outputs = builtins.listToAttrs (map (o: { name = o; value = d.${o}.outPath; }) outs);
-  pname = toString (d.pname or parsed.name);
-  version = toString (d.version or parsed.version);
-  position = if builtins.isAttrs meta && meta ? position then toString meta.position else "";
-  rev = if builtins.isAttrs src && src ? rev then toString src.rev else "";
-  system = d.system or "";
-  timeout = if builtins.isAttrs meta && builtins.isInt (meta.timeout or null) then meta.timeout else 0;
-  maxSilent = if builtins.isAttrs meta && builtins.isInt (meta.maxSilent or null) then meta.maxSilent else 0;
-  mainProgram = if builtins.isAttrs meta && builtins.isString (meta.mainProgram or null) then meta.mainProgram else "";
-}"#;
-
 impl Nix {
     pub(crate) fn nix_cmd(&self) -> Command {
         let mut c = Command::new(&self.nix);
@@ -245,84 +198,6 @@ impl Nix {
             substituter,
         ]);
         c
-    }
-
-    /// Attribute names below `attr_path` of `entry`, in a process capped at `mem_mib` MiB
-    /// (0: none). Of a Nix file, only the derivations (and what fails to evaluate): a NUR
-    /// `default.nix` also holds `lib`, `modules` and `overlays`.
-    pub async fn list_attrs(
-        &self,
-        entry: &Entry,
-        attr_path: &str,
-        mem_mib: u64,
-    ) -> Result<Vec<String>, NixError> {
-        let mut c = self.eval_cmd("");
-        entry.select(&mut c, attr_path);
-        if entry.is_file() {
-            c.arg("--apply").arg(format!(
-                "s: let n = {NORMALIZE} s; in if builtins.isAttrs n then builtins.filter (k: let t = builtins.tryEval n.${{k}}; in !t.success || (builtins.isAttrs t.value && (t.value.type or null) == \"derivation\")) (builtins.attrNames n) else throw \"not an attribute set or a list\""
-            ));
-        } else {
-            c.args(["--apply", "s: if builtins.isAttrs s then builtins.attrNames s else throw \"not an attribute set\""]);
-        }
-        let out = self.run_json(c, mem_mib).await?;
-        serde_json::from_str(&out)
-            .map_err(|e| NixError::Infra(format!("cannot parse attribute list: {e}")))
-    }
-
-    /// Instantiates `attrs` (below `attr_path`) in one process, each attribute under
-    /// `builtins.tryEval`: one that throws or fails an assertion (a package "unsupported on
-    /// this platform", say) comes back `None` without failing the others, so callers evaluate
-    /// only those again, alone, for their message. Errors `tryEval` cannot catch (`abort`, a
-    /// missing file, a type error) still fail the whole process, and callers bisect.
-    pub async fn eval_attrs_caught(
-        &self,
-        entry: &Entry,
-        attr_path: &str,
-        attrs: &[String],
-        mem_mib: u64,
-    ) -> Result<BTreeMap<String, Option<AttrInfo>>, NixError> {
-        // deepSeq: a throw anywhere in what is read (drvPath, meta) is caught here, not
-        // later while printing the JSON, where it would fail the process.
-        let value = "let t = builtins.tryEval (let i = info s.${n}; in builtins.deepSeq i i); in if t.success then t.value else null";
-        self.eval_infos(entry, attr_path, attrs, value, mem_mib)
-            .await
-    }
-
-    /// Instantiates `attrs` (below `attr_path`) in one process; any failing attribute fails it all,
-    /// with its message (see [`Nix::eval_attrs_caught`] for groups).
-    pub async fn eval_attrs(
-        &self,
-        entry: &Entry,
-        attr_path: &str,
-        attrs: &[String],
-        mem_mib: u64,
-    ) -> Result<BTreeMap<String, AttrInfo>, NixError> {
-        self.eval_infos(entry, attr_path, attrs, "info s.${n}", mem_mib)
-            .await
-    }
-
-    /// `{ NAME = VALUE; }` for each of `attrs`, VALUE a Nix expression of `info`, `s` (the
-    /// attribute set) and `n` (the name), in one process.
-    async fn eval_infos<T: serde::de::DeserializeOwned>(
-        &self,
-        entry: &Entry,
-        attr_path: &str,
-        attrs: &[String],
-        value: &str,
-        mem_mib: u64,
-    ) -> Result<BTreeMap<String, T>, NixError> {
-        let names: Vec<String> = attrs.iter().map(|a| nix_string(a)).collect();
-        let apply = format!(
-            "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; in builtins.listToAttrs (map (n: {{ name = n; value = {value}; }}) [ {} ])",
-            names.join(" ")
-        );
-        let mut c = self.eval_cmd("");
-        entry.select(&mut c, attr_path);
-        c.arg("--apply").arg(apply);
-        let out = self.run_json(c, mem_mib).await?;
-        serde_json::from_str(&out)
-            .map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
     }
 
     /// Copies `paths` (e.g. a `.drv` and its closure) from the binary cache `from` into this

@@ -60,8 +60,15 @@ impl Nix {
         self.check_validity(&[]).await.map(drop)
     }
 
-    /// Which of `paths` are not valid in the store, in one `nix-store` call per 2,000.
+    /// Which of `paths` are not valid in the store: asked of a pooled daemon when there is
+    /// one, else in one `nix-store` call per 2,000.
     pub async fn invalid_paths(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(r) = self.invalid_paths_daemon(paths).await {
+            return r;
+        }
         let mut out = Vec::new();
         for chunk in paths.chunks(2000) {
             out.extend(self.check_validity(chunk).await?);

@@ -26,6 +26,7 @@ const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
 const STDERR_RESULT: u64 = 0x5253_4c54;
 const OP_ADD_INDIRECT_ROOT: u64 = 12;
 const OP_QUERY_PATH_INFO: u64 = 26;
+const OP_QUERY_VALID_PATHS: u64 = 31;
 const OP_BUILD_PATHS_WITH_RESULTS: u64 = 46;
 const RES_BUILD_LOG_LINE: u64 = 101;
 const RES_POST_BUILD_LOG_LINE: u64 = 107;
@@ -344,6 +345,34 @@ impl Conn {
             deriver: (!deriver.is_empty()).then_some(deriver),
             ca: (!ca.is_empty()).then_some(ca),
         }))
+    }
+
+    /// Which of `paths` are valid in the store (never substituted to make them so).
+    pub(crate) async fn query_valid_paths(
+        &mut self,
+        paths: &[String],
+    ) -> Result<Vec<String>, DaemonError> {
+        self.u64(OP_QUERY_VALID_PATHS).await?;
+        self.u64(paths.len() as u64).await?;
+        for p in paths {
+            self.string(p).await?;
+        }
+        // Protocol 1.27 on: whether to substitute what is missing.
+        self.u64(0).await?;
+        self.w.flush().await?;
+        self.messages(&mut |_| {}, &mut Vec::new()).await?;
+        let n = self.read_u64().await?;
+        if n > paths.len() as u64 {
+            return Err(DaemonError::Protocol(format!(
+                "{n} valid paths of {} asked for",
+                paths.len()
+            )));
+        }
+        let mut valid = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            valid.push(self.read_string().await?);
+        }
+        Ok(valid)
     }
 
     /// Registers `link` (a symlink into the store) as an indirect GC root.

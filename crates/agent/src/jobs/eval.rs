@@ -11,30 +11,60 @@ pub(super) fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput
         .collect()
 }
 
+/// What a listing found: the attribute names, and those it evaluated too (a small
+/// repository: `None` when it had more than it was asked to evaluate).
+pub(super) type Listed = (Vec<String>, Option<BTreeMap<String, Option<AttrInfo>>>);
+
+/// Lists `attr_path` and, when it has at most `up_to` attributes, evaluates them in the same
+/// Nix process. If that process fails (an error `tryEval` cannot catch, the memory cap), the
+/// attributes are listed alone: evaluation tasks then isolate what failed.
+async fn list_maybe_eval(
+    shared: &Arc<Shared>,
+    entry: &Entry,
+    attr_path: &str,
+    up_to: usize,
+    mem: u64,
+) -> Result<Listed, NixError> {
+    if up_to > 0 {
+        match shared.nix.list_and_eval(entry, attr_path, up_to, mem).await {
+            Ok(l) => return Ok((l.names, l.evaluated)),
+            Err(e) => tracing::info!(
+                "listing {attr_path} alone: evaluating it with its listing failed: {e}"
+            ),
+        }
+    }
+    Ok((shared.nix.list_attrs(entry, attr_path, mem).await?, None))
+}
+
 /// The packages under `attr_path`, and for a flake's `packages.<system>` also its
-/// `checks.<system>` (as `checks.<name>`). For such a flake also the system whose other
-/// outputs are still to be checked ([`other_outputs`]), with what listing the checks found
-/// wrong: the packages' evaluation need not wait for those checks.
+/// `checks.<system>` (as `checks.<name>`); the packages evaluated too when there are at most
+/// `up_to` of them. For such a flake also the system whose other outputs are still to be
+/// checked ([`other_outputs`]), with what listing the checks found wrong: the packages'
+/// evaluation need not wait for those checks.
 pub(super) async fn list_with_checks(
     shared: &Arc<Shared>,
     entry: &Entry,
     attr_path: &str,
+    up_to: usize,
     mem: u64,
-) -> Result<(Vec<String>, Option<(String, Vec<pb::RepoCheck>)>), NixError> {
+) -> Result<(Listed, Option<(String, Vec<pb::RepoCheck>)>), NixError> {
     let system = attr_path
         .strip_prefix("packages.")
         .filter(|s| !s.contains('.'));
     let (Entry::Flake(..), Some(system)) = (entry, system) else {
-        return Ok((shared.nix.list_attrs(entry, attr_path, mem).await?, None));
+        return Ok((
+            list_maybe_eval(shared, entry, attr_path, up_to, mem).await?,
+            None,
+        ));
     };
     let checks_path = format!("checks.{system}");
     // Side by side: the agent opened its store when it started (`Nix::open_store`), so two
     // Nix processes do not race to create a fresh store's database.
-    let (attrs, checks) = tokio::join!(
-        shared.nix.list_attrs(entry, attr_path, mem),
+    let (listed, checks) = tokio::join!(
+        list_maybe_eval(shared, entry, attr_path, up_to, mem),
         shared.nix.list_attrs(entry, &checks_path, mem),
     );
-    let mut attrs = attrs?;
+    let (mut attrs, evaluated) = listed?;
     let mut repository = Vec::new();
     match checks {
         Ok(names) => attrs.extend(
@@ -51,7 +81,7 @@ pub(super) async fn list_with_checks(
             message: e.to_string(),
         }),
     }
-    Ok((attrs, Some((system.to_string(), repository))))
+    Ok(((attrs, evaluated), Some((system.to_string(), repository))))
 }
 
 /// The flake's overlays, modules, formatter, dev shells and apps for `system`, checked.
@@ -82,12 +112,12 @@ pub(super) async fn eval_isolated(
     shared: &Arc<Shared>,
     entry: &Entry,
     attr_path: &str,
-    attrs: Vec<String>,
+    groups: Vec<Vec<String>>,
     mem: u64,
 ) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
     let sem = Arc::new(tokio::sync::Semaphore::new(shared.cfg.eval_workers.max(1)));
     let mut out = BTreeMap::new();
-    let mut pending = vec![attrs];
+    let mut pending = groups;
     while !pending.is_empty() {
         let mut set = tokio::task::JoinSet::new();
         for group in pending.drain(..) {
@@ -165,7 +195,7 @@ async fn eval_with_checks(
     let mut out = if packages.is_empty() {
         BTreeMap::new()
     } else {
-        eval_isolated(shared, entry, attr_path, packages, mem).await?
+        eval_isolated(shared, entry, attr_path, vec![packages], mem).await?
     };
     let system = attr_path.strip_prefix("packages.");
     if let (Some(system), false) = (system, checks.is_empty()) {
@@ -173,7 +203,8 @@ async fn eval_with_checks(
             .iter()
             .map(|c| c[prefix.len()..].to_string())
             .collect();
-        let checked = eval_isolated(shared, entry, &format!("checks.{system}"), names, mem).await?;
+        let checked =
+            eval_isolated(shared, entry, &format!("checks.{system}"), vec![names], mem).await?;
         out.extend(
             checked
                 .into_iter()
@@ -197,18 +228,7 @@ pub(super) async fn eval_rooted(
         tries += 1;
         let evaluated =
             eval_with_checks(shared, entry, &j.attr_path, &j.attrs, j.eval_memory_mib).await?;
-        let tops: Vec<String> = evaluated
-            .values()
-            .filter_map(|r| r.as_ref().ok().map(|i| i.drv_path.clone()))
-            .collect();
-        if let Err(e) = shared.roots.add(run_id, &tops) {
-            // Without roots the run still works, unless the host collects garbage meanwhile.
-            tracing::warn!(
-                "cannot add GC roots in {}: {e}",
-                shared.roots.dir().display()
-            );
-        }
-        let gone = shared.nix.invalid_paths(&tops).await?;
+        let gone = root(shared, run_id, &evaluated).await?;
         if gone.is_empty() {
             return Ok(evaluated);
         }
@@ -225,6 +245,80 @@ pub(super) async fn eval_rooted(
             "derivations collected before they were rooted; evaluating again"
         );
     }
+}
+
+/// Roots the evaluated derivations for the run; those the host's garbage collector took
+/// before they were rooted.
+async fn root(
+    shared: &Arc<Shared>,
+    run_id: &str,
+    evaluated: &BTreeMap<String, Result<AttrInfo, String>>,
+) -> Result<Vec<String>, NixError> {
+    let tops: Vec<String> = evaluated
+        .values()
+        .filter_map(|r| r.as_ref().ok().map(|i| i.drv_path.clone()))
+        .collect();
+    if let Err(e) = shared.roots.add(run_id, &tops) {
+        // Without roots the run still works, unless the host collects garbage meanwhile.
+        tracing::warn!(
+            "cannot add GC roots in {}: {e}",
+            shared.roots.dir().display()
+        );
+    }
+    shared.nix.invalid_paths(&tops).await
+}
+
+/// What a listing evaluated, made into an evaluation task's result: what threw is evaluated
+/// again alone for its message, the derivations are rooted, read and pushed as a task's are.
+/// `None` when any of that fails: the coordinator then evaluates these attributes by tasks.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn listing_evaluation(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    run_id: &str,
+    flake: &str,
+    entry: &Entry,
+    j: &pb::EvalListJob,
+    caught: BTreeMap<String, Option<AttrInfo>>,
+) -> Option<pb::EvalChunkResult> {
+    let again: Vec<Vec<String>> = caught
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| vec![k.clone()])
+        .collect();
+    let mut evaluated: BTreeMap<String, Result<AttrInfo, String>> = caught
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|i| (k, Ok(i))))
+        .collect();
+    if !again.is_empty() {
+        match eval_isolated(shared, entry, &j.attr_path, again, j.eval_memory_mib).await {
+            Ok(m) => evaluated.extend(m),
+            Err(e) => {
+                tracing::info!("the listing's evaluation is left to tasks: {e}");
+                return None;
+            }
+        }
+    }
+    match root(shared, run_id, &evaluated).await {
+        Ok(gone) if gone.is_empty() => {}
+        Ok(_) => return None, // collected meanwhile: tasks evaluate them again
+        Err(e) => {
+            tracing::info!("the listing's evaluation is left to tasks: {e}");
+            return None;
+        }
+    }
+    let names: Vec<String> = evaluated.keys().cloned().collect();
+    let r = chunk_result(
+        shared,
+        channel,
+        flake,
+        &names,
+        &evaluated,
+        j.skip_cached,
+        &j.cache,
+    )
+    .await;
+    r.error.is_empty().then_some(r)
 }
 
 pub(super) async fn eval_chunk(
@@ -258,9 +352,41 @@ pub(super) async fn eval_chunk(
         Ok(m) => m,
         Err(e) => return fail(e),
     };
+    chunk_result(
+        shared,
+        channel,
+        &flake,
+        &j.attrs,
+        &evaluated,
+        j.skip_cached,
+        &j.cache,
+    )
+    .await
+}
+
+/// An evaluation task's result for `names`, from what was evaluated: the attributes, and
+/// their derivations read, marked present in the cache (warm mode) and pushed to it.
+async fn chunk_result(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    flake: &str,
+    names: &[String],
+    evaluated: &BTreeMap<String, Result<AttrInfo, String>>,
+    skip_cached: bool,
+    run_cache: &str,
+) -> pb::EvalChunkResult {
+    let fail = |e: NixError| {
+        let error = e.to_string();
+        pause_if_disk_full(shared, &error);
+        pb::EvalChunkResult {
+            error,
+            infra: e.is_infra(),
+            ..Default::default()
+        }
+    };
     let mut attrs = Vec::new();
     let mut tops = Vec::new();
-    for name in &j.attrs {
+    for name in names {
         match evaluated.get(name) {
             Some(Ok(info)) => {
                 tops.push(info.drv_path.clone());
@@ -270,7 +396,7 @@ pub(super) async fn eval_chunk(
                     outputs: outputs_to_wire(&info.outputs),
                     pname: info.pname.clone(),
                     version: info.version.clone(),
-                    position: super::source::repo_position(&info.position, &flake),
+                    position: super::source::repo_position(&info.position, flake),
                     rev: info.rev.clone(),
                     system: info.system.clone(),
                     error: String::new(),
@@ -297,19 +423,19 @@ pub(super) async fn eval_chunk(
     };
     // Warm mode: derivations whose outputs the cache (or, without one, this store) has.
     let mut present = std::collections::HashSet::new();
-    if j.skip_cached {
+    if skip_cached {
         let outs: Vec<String> = drvs
             .iter()
             .flat_map(|d| d.outputs.iter().map(|(_, p)| p.clone()))
             .filter(|p| !p.is_empty())
             .collect();
-        let missing: std::collections::HashSet<String> = if j.cache.is_empty() {
+        let missing: std::collections::HashSet<String> = if run_cache.is_empty() {
             match shared.nix.invalid_paths(&outs).await {
                 Ok(m) => m.into_iter().collect(),
                 Err(e) => return fail(e),
             }
         } else {
-            match pusher(shared, &j.cache).await {
+            match pusher(shared, run_cache).await {
                 Ok(p) => match p.missing(&outs).await {
                     Ok(m) => m.into_iter().collect(),
                     Err(e) => return fail(NixError::Infra(format!("cannot query the cache: {e}"))),
@@ -327,7 +453,7 @@ pub(super) async fn eval_chunk(
             }
         }
     }
-    let cache = transport_cache(shared, &j.cache);
+    let cache = transport_cache(shared, run_cache);
     if !cache.is_empty() {
         // Builders on other hosts fetch the derivations (and their sources) from the cache.
         let claims = Claims::new(shared, channel, &cache);

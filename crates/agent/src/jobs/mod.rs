@@ -73,16 +73,31 @@ pub(crate) async fn run(
     let run_id = a.run_id.clone();
     match a.job {
         Some(Job::EvalList(j)) => {
+            let up_to = j.evaluate_up_to as usize;
             let result = async {
-                let flake = prepare_source(shared, channel, &run_id, j.source).await?;
-                let entry = source::entry_for(&flake, j.entry, shared.cfg.allow_local_flake_refs)?;
+                let flake =
+                    prepare_source(shared, channel.clone(), &run_id, j.source.clone()).await?;
+                let entry =
+                    source::entry_for(&flake, j.entry.clone(), shared.cfg.allow_local_flake_refs)?;
                 let listed =
-                    eval::list_with_checks(shared, &entry, &j.attr_path, j.eval_memory_mib).await?;
-                Ok::<_, NixError>((entry, listed))
+                    eval::list_with_checks(shared, &entry, &j.attr_path, up_to, j.eval_memory_mib)
+                        .await?;
+                Ok::<_, NixError>((flake, entry, listed))
             }
             .await;
-            let (attrs, error, infra, follow_up) = match result {
-                Ok((entry, (a, rest))) => {
+            let (attrs, evaluated, error, infra, follow_up) = match result {
+                Ok((flake, entry, ((a, caught), rest))) => {
+                    // A small repository evaluated by its listing: made into what a task
+                    // would have sent, before the listing goes.
+                    let evaluated = match caught {
+                        Some(c) => {
+                            eval::listing_evaluation(
+                                shared, channel, &run_id, &flake, &entry, &j, c,
+                            )
+                            .await
+                        }
+                        None => None,
+                    };
                     // The packages go to be evaluated now; the flake's other outputs are
                     // checked meanwhile and follow, for the same attempt.
                     let follow_up = rest.map(|(system, mut repository)| {
@@ -97,9 +112,9 @@ pub(crate) async fn run(
                             }))
                         }) as FollowUp
                     });
-                    (a, String::new(), false, follow_up)
+                    (a, evaluated, String::new(), false, follow_up)
                 }
-                Err(e) => (vec![], e.to_string(), e.is_infra(), None),
+                Err(e) => (vec![], None, e.to_string(), e.is_infra(), None),
             };
             pause_if_disk_full(shared, &error);
             let follows = follow_up.is_some();
@@ -111,6 +126,7 @@ pub(crate) async fn run(
                     infra,
                     repository: vec![],
                     repository_follows: follows,
+                    evaluated,
                 })),
                 follow_up,
             )

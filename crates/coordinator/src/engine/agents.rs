@@ -281,6 +281,7 @@ impl Engine {
                 attempt,
                 result,
                 follows,
+                evaluated,
             } => {
                 if let Some(a) = self.take_attempt(
                     inner,
@@ -295,7 +296,7 @@ impl Engine {
                         let until = self.clock.now_ms() + super::REPO_CHECKS_WAIT_MS;
                         run.repo_pending = Some((attempt.clone(), name.to_string(), until));
                     }
-                    self.on_eval_list(inner, a, result)?;
+                    self.on_eval_list(inner, a, result, evaluated)?;
                 }
             }
             FromAgent::RepoChecks { attempt, checks } => {

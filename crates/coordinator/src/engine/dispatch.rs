@@ -179,6 +179,14 @@ impl Engine {
                             entry: Box::new(run.spec.entry.clone()),
                             attr_path,
                             memory_mib: opts.eval_memory_mib,
+                            // A run of chosen attributes lists only to check they exist.
+                            evaluate_up_to: if run.spec.attrs.is_empty() {
+                                opts.list_eval_max
+                            } else {
+                                0
+                            },
+                            cache: run.spec.cache.clone(),
+                            skip_cached: run.spec.skip_cached,
                         },
                         "list".into(),
                     ),

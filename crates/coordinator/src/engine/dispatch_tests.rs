@@ -27,6 +27,7 @@ fn an_agent_with_two_slots_starts_a_ready_build_before_more_evaluation() {
                 attempt: list,
                 result: Ok((names, vec![])),
                 follows: false,
+                evaluated: None,
             },
         )
         .unwrap();
@@ -87,6 +88,7 @@ fn packages_run(
                 attempt: list,
                 result: Ok((names, vec![])),
                 follows: false,
+                evaluated: None,
             },
         )
         .unwrap();
@@ -209,4 +211,112 @@ fn fetches_have_slots_of_their_own_beside_the_build_slots() {
         "{names:?}"
     );
     assert_eq!(drvs.len(), 4);
+}
+
+/// p0's attribute and its one-derivation closure, as an evaluation reports them.
+fn p0_evaluated(attr_name: &str) -> (EvaluatedAttr, String, DrvNode) {
+    let drv = "/nix/store/00000000000000000000000000000000-p0.drv".to_string();
+    let out = "/nix/store/11111111111111111111111111111111-p0".to_string();
+    let node = DrvNode {
+        system: "x86_64-linux".into(),
+        outputs: [("out".to_string(), out.clone())].into(),
+        ..Default::default()
+    };
+    let attr = EvaluatedAttr {
+        attr: attr_name.into(),
+        info: PackageInfo {
+            drv_path: drv.clone(),
+            outputs: [("out".to_string(), out)].into(),
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        },
+    };
+    (attr, drv, node)
+}
+
+#[test]
+fn what_a_listing_evaluated_builds_at_once_and_only_the_rest_is_left_to_tasks() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        eval_chunk_size: 1,
+        ..Default::default()
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut reg = registration("a", "");
+    reg.max_jobs = 2;
+    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
+    let run = engine.submit(flake_run()).unwrap();
+    let (list, job) = assigned(&mut rx);
+    assert!(
+        matches!(
+            job,
+            Job::EvalList {
+                evaluate_up_to: 32,
+                ..
+            }
+        ),
+        "a whole repository is listed and, if small, evaluated at once: {job:?}"
+    );
+    let (attr, drv, node) = p0_evaluated("p0");
+    let names = vec!["p0".to_string(), "p1".into(), "p2".into()];
+    engine
+        .agent_message(
+            "a",
+            conn,
+            FromAgent::EvalList {
+                attempt: list,
+                result: Ok((names, vec![])),
+                follows: false,
+                evaluated: Some((vec![attr], [(drv.clone(), node)].into())),
+            },
+        )
+        .unwrap();
+    let jobs = [assigned(&mut rx).1, assigned(&mut rx).1];
+    assert!(
+        jobs.iter()
+            .any(|j| matches!(j, Job::Build { drv_path, .. } if *drv_path == drv)),
+        "p0 builds before any task is evaluated: {jobs:?}"
+    );
+    assert!(
+        jobs.iter()
+            .any(|j| matches!(j, Job::EvalChunk { attrs, .. } if *attrs == ["p1"])),
+        "{jobs:?}"
+    );
+    let events = engine.events_after(&run, 0).unwrap();
+    let listed = events.iter().find(|e| e.kind == "eval-listed");
+    assert!(
+        listed.is_some_and(|e| e.json.contains(r#""attrs":3"#) && e.json.contains(r#""tasks":3"#)),
+        "the listing's evaluation is one of the run's tasks, done: {events:?}"
+    );
+    let progress = events.iter().filter(|e| e.kind == "eval-progress").count();
+    assert_eq!(progress, 1, "{events:?}");
+}
+
+#[test]
+fn a_listing_that_evaluated_an_attribute_it_did_not_list_is_evaluated_by_tasks() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        eval_chunk_size: 1,
+        ..Default::default()
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (conn, _) = engine.connect_agent(registration("a", ""), tx).unwrap();
+    engine.submit(flake_run()).unwrap();
+    let (list, _) = assigned(&mut rx);
+    let (attr, drv, node) = p0_evaluated("not-listed");
+    engine
+        .agent_message(
+            "a",
+            conn,
+            FromAgent::EvalList {
+                attempt: list,
+                result: Ok((vec!["p0".to_string()], vec![])),
+                follows: false,
+                evaluated: Some((vec![attr], [(drv, node)].into())),
+            },
+        )
+        .unwrap();
+    let (_, job) = assigned(&mut rx);
+    assert!(
+        matches!(job, Job::EvalChunk { ref attrs, .. } if *attrs == ["p0"]),
+        "{job:?}"
+    );
 }

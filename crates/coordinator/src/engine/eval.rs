@@ -8,6 +8,7 @@ impl Engine {
         inner: &mut Inner,
         a: AttemptMem,
         result: Result<(Vec<String>, Vec<nixfarm_core::report::RepoCheck>), AgentFailure>,
+        evaluated: Option<EvalChunkOutput>,
     ) -> Result<(), EngineError> {
         let run_id = a.run_id.clone();
         let mut attrs = match result {
@@ -56,15 +57,33 @@ impl Engine {
             let wanted: HashSet<&String> = run.spec.attrs.iter().collect();
             attrs.retain(|a| wanted.contains(a));
         }
-        self.plan_chunks(inner, &run_id, attrs)
+        let evaluated = evaluated.filter(|(done, _)| {
+            // Only listed attributes, each once; else the tasks evaluate them all.
+            let listed: HashSet<&String> = attrs.iter().collect();
+            let mut seen = HashSet::new();
+            let ok = !done.is_empty()
+                && done
+                    .iter()
+                    .all(|a| listed.contains(&a.attr) && seen.insert(&a.attr));
+            if !ok {
+                tracing::warn!(
+                    run = run_id,
+                    "ignoring a listing's evaluation of other attributes"
+                );
+            }
+            ok
+        });
+        self.plan_chunks(inner, &run_id, attrs, evaluated)
     }
 
     /// Splits a run's attributes into evaluation tasks, recorded before they are queued.
+    /// What the listing evaluated already is the first task, done at once.
     pub(super) fn plan_chunks(
         &self,
         inner: &mut Inner,
         run_id: &str,
         attrs: Vec<String>,
+        evaluated: Option<EvalChunkOutput>,
     ) -> Result<(), EngineError> {
         let agents = inner
             .agents
@@ -73,11 +92,27 @@ impl Engine {
             .count()
             .max(1);
         // Enough tasks to spread over the agents, bounded so each process stays small.
-        let size = attrs
+        let done: Vec<String> = evaluated
+            .iter()
+            .flat_map(|(e, _)| e.iter().map(|a| a.attr.clone()))
+            .collect();
+        let rest: Vec<String> = {
+            let done: HashSet<&String> = done.iter().collect();
+            attrs
+                .iter()
+                .filter(|a| !done.contains(a))
+                .cloned()
+                .collect()
+        };
+        let size = rest
             .len()
             .div_ceil(agents * 2)
             .clamp(1, self.opts.eval_chunk_size.max(1));
-        let chunks: Vec<&[String]> = attrs.chunks(size).collect();
+        let chunks: Vec<&[String]> = (!done.is_empty())
+            .then_some(done.as_slice())
+            .into_iter()
+            .chain(rest.chunks(size))
+            .collect();
         let total = chunks.len();
         inner.db.record_eval_tasks(run_id, &chunks)?;
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
@@ -86,7 +121,9 @@ impl Engine {
         run.eval_tasks_total = Some(total);
         for (i, c) in chunks.iter().enumerate() {
             run.chunk_attrs.insert(i as i64, c.to_vec());
-            run.eval_queue.push_back(EvalTask::Chunk(i as i64));
+            if i > 0 || evaluated.is_none() {
+                run.eval_queue.push_back(EvalTask::Chunk(i as i64));
+            }
         }
         self.emit(
             inner,
@@ -96,6 +133,9 @@ impl Engine {
                 tasks: total as u64,
             },
         );
+        if let Some((attrs, drvs)) = evaluated {
+            return self.accept_chunk(inner, run_id, 0, attrs, drvs);
+        }
         if total == 0 {
             self.start_building(inner, run_id)?;
         }
@@ -149,6 +189,20 @@ impl Engine {
                 return self.retry_eval(inner, &run_id, EvalTask::Chunk(task), task, &msg);
             }
         };
+        self.accept_chunk(inner, &run_id, task, attrs, drvs)
+    }
+
+    /// An evaluated task: recorded, its derivations added to the graph, building started
+    /// when it was the last.
+    fn accept_chunk(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        task: i64,
+        attrs: Vec<EvaluatedAttr>,
+        drvs: BTreeMap<String, DrvNode>,
+    ) -> Result<(), EngineError> {
+        let run_id = run_id.to_string();
         if inner
             .runs
             .iter()

@@ -39,6 +39,8 @@ pub enum EngineError {
 pub struct EngineOptions {
     /// Attributes per evaluation task.
     pub eval_chunk_size: usize,
+    /// A listing of at most this many attributes evaluates them itself (0: never).
+    pub list_eval_max: u32,
     /// Memory cap per evaluation worker, MiB.
     pub eval_memory_mib: u64,
     /// Infrastructure failures tolerated per job before it is reported infra-failed.
@@ -57,6 +59,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             eval_chunk_size: 16,
+            list_eval_max: 32,
             eval_memory_mib: 4096,
             max_infra_retries: 3,
             max_runs_in_flight: 64,

@@ -68,7 +68,7 @@ impl Engine {
                 .filter(|a| seen.insert(a.as_str()))
                 .cloned()
                 .collect();
-            self.plan_chunks(inner, &id, attrs)?;
+            self.plan_chunks(inner, &id, attrs, None)?;
         }
         self.dispatch(inner);
         Ok(id)

@@ -182,6 +182,7 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
                 attempt: list,
                 result: Ok((vec!["crash".into()], vec![])),
                 follows: false,
+                evaluated: None,
             },
         )
         .unwrap();
@@ -287,6 +288,7 @@ fn a_listing_that_keeps_failing_on_the_machine_fails_the_run_after_the_retry_bud
                     attempt,
                     result,
                     follows: false,
+                    evaluated: None,
                 },
             )
             .unwrap();
@@ -325,6 +327,7 @@ fn one_package_run_with(
                 attempt: list.clone(),
                 result,
                 follows,
+                evaluated: None,
             },
         )
         .unwrap();

@@ -411,12 +411,20 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
             Some(Msg::EvalList(r)) => {
                 let repository = repo_checks(r.repository);
                 let follows = r.repository_follows && r.error.is_empty();
+                // A malformed evaluation costs only itself: the attributes are evaluated
+                // again by tasks.
+                let evaluated = r.evaluated.and_then(|e| {
+                    eval_chunk_from_wire(e)
+                        .map_err(|e| tracing::warn!("ignoring a listing's evaluation: {e}"))
+                        .ok()
+                });
                 FromAgent::EvalList {
                     attempt: r.attempt_id,
                     result: err_or(truncate(r.error, lim::MAX_MESSAGE), r.infra, r.attrs)
                         .and_then(list_attrs)
                         .map(|attrs| (attrs, repository)),
                     follows,
+                    evaluated,
                 }
             }
             Some(Msg::RepoChecks(r)) => FromAgent::RepoChecks {
@@ -512,12 +520,17 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         entry,
                         attr_path,
                         memory_mib,
+                        evaluate_up_to,
+                        cache,
+                        skip_cached,
                     } => J::EvalList(pb::EvalListJob {
                         entry: Some(entry_to_wire(&entry)),
                         source: Some(source_to_wire(&source)),
                         attr_path,
-                        cache: String::new(),
+                        cache,
                         eval_memory_mib: memory_mib,
+                        evaluate_up_to,
+                        skip_cached,
                     }),
                     Job::EvalChunk {
                         source,
