@@ -327,15 +327,7 @@ pub(super) async fn eval_chunk(
     run_id: &str,
     j: pb::EvalChunkJob,
 ) -> pb::EvalChunkResult {
-    let fail = |e: NixError| {
-        let error = e.to_string();
-        pause_if_disk_full(shared, &error);
-        pb::EvalChunkResult {
-            error,
-            infra: e.is_infra(),
-            ..Default::default()
-        }
-    };
+    let fail = |e: NixError| chunk_failure(shared, e);
     let flake = match prepare_source(shared, channel.clone(), run_id, j.source.clone()).await {
         Ok(f) => f,
         Err(e) => return fail(e),
@@ -364,6 +356,17 @@ pub(super) async fn eval_chunk(
     .await
 }
 
+/// An evaluation task's result saying it failed (and pausing the agent if its disk is full).
+fn chunk_failure(shared: &Shared, e: NixError) -> pb::EvalChunkResult {
+    let error = e.to_string();
+    pause_if_disk_full(shared, &error);
+    pb::EvalChunkResult {
+        error,
+        infra: e.is_infra(),
+        ..Default::default()
+    }
+}
+
 /// An evaluation task's result for `names`, from what was evaluated: the attributes, and
 /// their derivations read, marked present in the cache (warm mode) and pushed to it.
 async fn chunk_result(
@@ -375,15 +378,7 @@ async fn chunk_result(
     skip_cached: bool,
     run_cache: &str,
 ) -> pb::EvalChunkResult {
-    let fail = |e: NixError| {
-        let error = e.to_string();
-        pause_if_disk_full(shared, &error);
-        pb::EvalChunkResult {
-            error,
-            infra: e.is_infra(),
-            ..Default::default()
-        }
-    };
+    let fail = |e: NixError| chunk_failure(shared, e);
     let mut attrs = Vec::new();
     let mut tops = Vec::new();
     for name in names {

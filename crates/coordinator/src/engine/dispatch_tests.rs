@@ -6,16 +6,27 @@ use super::tests::{
 };
 use super::*;
 
-#[test]
-fn an_agent_with_two_slots_starts_a_ready_build_before_more_evaluation() {
-    let (engine, _clock, _dir) = test_engine(EngineOptions {
+/// An engine evaluating one attribute per task, and agent `a` with two slots.
+fn two_slot_agent() -> (
+    Engine,
+    tempfile::TempDir,
+    mpsc::UnboundedReceiver<ToAgent>,
+    u64,
+) {
+    let (engine, _clock, dir) = test_engine(EngineOptions {
         eval_chunk_size: 1,
         ..Default::default()
     });
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     let mut reg = registration("a", "");
     reg.max_jobs = 2;
     let (conn, _) = engine.connect_agent(reg, tx).unwrap();
+    (engine, dir, rx, conn)
+}
+
+#[test]
+fn an_agent_with_two_slots_starts_a_ready_build_before_more_evaluation() {
+    let (engine, _dir, mut rx, conn) = two_slot_agent();
     engine.submit(flake_run()).unwrap();
     let (list, _) = assigned(&mut rx);
     let names = vec!["p0".to_string(), "p1".into(), "p2".into()];
@@ -35,22 +46,7 @@ fn an_agent_with_two_slots_starts_a_ready_build_before_more_evaluation() {
     let (first, j1) = assigned(&mut rx);
     let (_second, j2) = assigned(&mut rx);
     assert!(matches!(j1, Job::EvalChunk { .. }) && matches!(j2, Job::EvalChunk { .. }));
-    let drv = "/nix/store/00000000000000000000000000000000-p0.drv".to_string();
-    let out = "/nix/store/11111111111111111111111111111111-p0".to_string();
-    let node = DrvNode {
-        system: "x86_64-linux".into(),
-        outputs: [("out".to_string(), out.clone())].into(),
-        ..Default::default()
-    };
-    let attr = EvaluatedAttr {
-        attr: "p0".into(),
-        info: PackageInfo {
-            drv_path: drv.clone(),
-            outputs: [("out".to_string(), out)].into(),
-            system: "x86_64-linux".into(),
-            ..Default::default()
-        },
-    };
+    let (attr, drv, node) = p0_evaluated("p0");
     engine
         .agent_message(
             "a",
@@ -236,14 +232,7 @@ fn p0_evaluated(attr_name: &str) -> (EvaluatedAttr, String, DrvNode) {
 
 #[test]
 fn what_a_listing_evaluated_builds_at_once_and_only_the_rest_is_left_to_tasks() {
-    let (engine, _clock, _dir) = test_engine(EngineOptions {
-        eval_chunk_size: 1,
-        ..Default::default()
-    });
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut reg = registration("a", "");
-    reg.max_jobs = 2;
-    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
+    let (engine, _dir, mut rx, conn) = two_slot_agent();
     let run = engine.submit(flake_run()).unwrap();
     let (list, job) = assigned(&mut rx);
     assert!(
