@@ -80,6 +80,12 @@ CREATE TABLE IF NOT EXISTS repo_checks (
   message TEXT NOT NULL,
   PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS repo_pending (
+  run_id TEXT PRIMARY KEY REFERENCES runs(id),
+  attempt TEXT NOT NULL,
+  agent TEXT NOT NULL,
+  until_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS build_times (
   name TEXT PRIMARY KEY,
   ms INTEGER NOT NULL

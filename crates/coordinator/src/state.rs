@@ -111,6 +111,17 @@ pub trait StateStore: Send {
     // Repository checks.
     fn record_repo_checks(&mut self, run: &str, checks: &[RepoCheck]) -> StateResult<()>;
     fn repo_checks(&self, run: &str) -> StateResult<Vec<RepoCheck>>;
+    /// That a run's listing agent still owes its repository checks for `attempt`, until a
+    /// time in ms (None: they came, or will not); kept across restarts.
+    fn set_repo_pending(
+        &mut self,
+        run: &str,
+        pending: Option<(&str, &str, i64)>,
+    ) -> StateResult<()>;
+    /// The repository checks still owed, by run: (attempt, agent, until ms).
+    fn repo_pending(
+        &self,
+    ) -> StateResult<std::collections::BTreeMap<String, (String, String, i64)>>;
     /// How long each derivation (by name) took when last built, in ms: cost estimates.
     fn build_times(&mut self) -> StateResult<std::collections::HashMap<String, u64>>;
 }
@@ -165,5 +176,7 @@ delegate! {
     r fn metrics_counts() -> MetricsCounts;
     w fn record_repo_checks(run: &str, checks: &[RepoCheck]) -> ();
     r fn repo_checks(run: &str) -> Vec<RepoCheck>;
+    w fn set_repo_pending(run: &str, pending: Option<(&str, &str, i64)>) -> ();
+    r fn repo_pending() -> std::collections::BTreeMap<String, (String, String, i64)>;
     w fn build_times() -> std::collections::HashMap<String, u64>;
 }

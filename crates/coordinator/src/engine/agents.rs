@@ -154,6 +154,7 @@ impl Engine {
             let r = inner
                 .db
                 .record_repo_checks(&run_id, &[lost])
+                .and_then(|()| inner.db.set_repo_pending(&run_id, None))
                 .map_err(EngineError::from)
                 .and_then(|()| self.maybe_finish(inner, &run_id));
             if let Err(e) = r {
@@ -295,6 +296,9 @@ impl Engine {
                     {
                         let until = self.clock.now_ms() + super::REPO_CHECKS_WAIT_MS;
                         run.repo_pending = Some((attempt.clone(), name.to_string(), until));
+                        inner
+                            .db
+                            .set_repo_pending(&a.run_id, Some((&attempt, name, until)))?;
                     }
                     self.on_eval_list(inner, a, result, evaluated)?;
                 }
@@ -309,6 +313,7 @@ impl Engine {
                     run.repo_pending = None;
                     let id = run.id.clone();
                     inner.db.record_repo_checks(&id, &checks)?;
+                    inner.db.set_repo_pending(&id, None)?;
                     self.maybe_finish(inner, &id)?;
                 }
             }

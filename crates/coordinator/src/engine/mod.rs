@@ -361,4 +361,6 @@ mod waiting;
 #[cfg(test)]
 mod dispatch_tests;
 #[cfg(test)]
+mod recovery_tests;
+#[cfg(test)]
 mod tests;

@@ -9,6 +9,7 @@ impl Engine {
         // Attempts that were running when the coordinator stopped: their agents will
         // reconnect and either claim them (reattach) or they are requeued below.
         let running = inner.db.running_attempts()?;
+        let mut owed = inner.db.repo_pending()?;
         for row in inner.db.runs()? {
             let state = row.state;
             if state.is_terminal() {
@@ -27,6 +28,9 @@ impl Engine {
                 }
             };
             let mut run = RunMem::new(row.id.clone(), spec, state, row.created_ms);
+            // Repository checks the listing agent still owes: it sends them again when it
+            // dials back in; if it does not within its lease, the run says so and goes on.
+            run.repo_pending = owed.remove(&row.id);
             let tasks = inner.db.eval_tasks(&row.id)?;
             if row.eval_tasks_total < 0 {
                 run.eval_queue.push_back(EvalTask::List);
@@ -44,6 +48,10 @@ impl Engine {
             // A run still evaluating may have built part of its graph already.
             Self::build_scheduler(inner.db.as_mut(), &mut run, &inner.build_times)?;
             inner.runs.push(run);
+        }
+        // Owed to runs that ended meanwhile (failed, cancelled): nothing waits for them.
+        for run_id in owed.into_keys() {
+            inner.db.set_repo_pending(&run_id, None)?;
         }
         for a in running {
             let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {

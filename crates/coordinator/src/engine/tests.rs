@@ -311,7 +311,7 @@ fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, Strin
 
 /// [`one_package_run`], the listing saying whether the repository checks follow; also the
 /// listing's attempt.
-fn one_package_run_with(
+pub(super) fn one_package_run_with(
     engine: &Engine,
     a: &mut TestAgent,
     follows: bool,

@@ -1,0 +1,89 @@
+//! Restarts: what a coordinator that stopped mid-run still knows when it opens its database again.
+
+use super::tests::{assigned, built, connect_agent, one_package_run_with};
+use super::*;
+use crate::db::Db;
+
+#[test]
+fn repository_checks_owed_when_the_coordinator_restarts_still_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let open = || {
+        Engine::open(
+            Db::open(&dir.path().join("coordinator.sqlite")).unwrap(),
+            dir.path().join("sources"),
+            clock.clone(),
+            EngineOptions {
+                lease_ms: 5_000,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let engine = open();
+    let mut a = connect_agent(&engine, "a");
+    let (run, _, out, list) = one_package_run_with(&engine, &mut a, true);
+    let (attempt, _) = assigned(&mut a.rx);
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::Build {
+                attempt,
+                report: built(&out),
+            },
+        )
+        .unwrap();
+    assert_ne!(engine.run_state(&run).unwrap(), RunState::Finished);
+    drop(engine);
+
+    // The agent dials back in and sends the checks it owed, for the same listing.
+    let engine = open();
+    let mut a = connect_agent(&engine, "a");
+    let check = nixfarm_core::report::RepoCheck {
+        name: "overlays.default".into(),
+        ok: false,
+        message: "is not a function".into(),
+    };
+    assert_ne!(
+        engine.run_state(&run).unwrap(),
+        RunState::Finished,
+        "still owed after the restart"
+    );
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::RepoChecks {
+                attempt: list,
+                checks: vec![check.clone()],
+            },
+        )
+        .unwrap();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    assert_eq!(engine.report(&run).unwrap().repository, vec![check]);
+
+    // Owed by an agent that does not come back: the run ends after its lease, and says so.
+    let (run, _, out, _) = one_package_run_with(&engine, &mut a, true);
+    let (attempt, _) = assigned(&mut a.rx);
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::Build {
+                attempt,
+                report: built(&out),
+            },
+        )
+        .unwrap();
+    drop(engine);
+    let engine = open();
+    clock.advance(6_000);
+    engine.check_leases();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    let repo = engine.report(&run).unwrap().repository;
+    assert!(
+        repo.len() == 1 && repo[0].message.contains("stopped responding"),
+        "{repo:?}"
+    );
+}
