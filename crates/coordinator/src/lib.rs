@@ -10,6 +10,7 @@ mod db_repo;
 mod db_times;
 pub mod engine;
 pub mod farm_cache;
+pub mod http_serve;
 pub mod model;
 pub mod scheduler;
 pub mod server;

@@ -160,12 +160,12 @@ async fn start_farm_cache(
             let tls = crate::farm_cache::TlsListener::new(listener, cert, key)
                 .map_err(|e| anyhow::anyhow!("farm cache: {e}"))?;
             tokio::spawn(async move {
-                let _ = axum::serve(tls, app).await;
+                crate::http_serve::serve(tls, app).await;
             });
         }
         _ => {
             tokio::spawn(async move {
-                let _ = axum::serve(nodelay(listener), app).await;
+                crate::http_serve::serve(nodelay(listener), app).await;
             });
         }
     }
@@ -413,7 +413,7 @@ pub async fn start_with_listener(
                 }),
             );
             tokio::spawn(async move {
-                let _ = axum::serve(nodelay(listener), app).await;
+                crate::http_serve::serve(nodelay(listener), app).await;
             });
             Some(a)
         }
@@ -436,7 +436,7 @@ pub async fn start_with_listener(
                 config.http.clone(),
             ));
             tokio::spawn(async move {
-                let _ = axum::serve(nodelay(listener), app).await;
+                crate::http_serve::serve(nodelay(listener), app).await;
             });
             Some(a)
         }
