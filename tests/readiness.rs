@@ -537,3 +537,51 @@ fn twenty_broken_packages_are_all_fixed_with_runs_in_flight_bounded() {
     let runs = report["fix_rounds"].as_array().unwrap();
     assert!(runs.len() >= 2 && runs.len() <= 21, "{runs:?}");
 }
+
+/// A library whose source hash is fake, and two packages built on it: the one fix is the
+/// library's (in its file), and the packages that depend on it go on to their next stage
+/// and end ready with no fix of their own. They used to end needs-hash: by the time their
+/// mismatch (the library's source) was taken in, the fake hash was no longer in the tree.
+#[test]
+fn packages_built_on_a_library_with_a_fake_hash_end_ready_once_it_is_fixed() {
+    let dir = scratch();
+    let repo = copied_hash_repo(dir.path());
+    std::fs::write(
+        repo.join("pkgs/lib.nix"),
+        "{ fod, pkg }:\npkg {\n  pname = \"lib\";\n  src = fod {\n    url = \"https://example.org/lib.tar.gz\";\n    text = \"lib source\";\n    hash = \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\";\n  };\n}\n",
+    )
+    .unwrap();
+    let flake = std::fs::read_to_string(repo.join("flake.nix"))
+        .unwrap()
+        .replace(
+            "alpha = call ./pkgs/alpha.nix; beta = call ./pkgs/beta.nix;",
+            // app2 also needs a slow build, so its needs-hash comes in after lib's fix.
+            "lib = call ./pkgs/lib.nix; app1 = pkg { pname = \"app1\"; src = self.packages.${sys}.lib; }; app2 = pkg { pname = \"app2\"; src = derivation { name = \"both\"; system = sys; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; a = self.packages.${sys}.lib; b = derivation { name = \"slow\"; system = sys; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; args = [ \"-c\" \"sleep 2; echo slow > $out\" ]; }; args = [ \"-c\" \"cat $a $b > $out\" ]; }; };",
+        );
+    std::fs::write(repo.join("flake.nix"), flake).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let report = local(
+        &host,
+        &dir.path().join("state"),
+        &repo,
+        &["--fix-hashes", "--apply"],
+    );
+    let got = packages_by_attr(&report);
+    for attr in ["lib", "app1", "app2"] {
+        assert_eq!(
+            got[attr]["status"], "ready",
+            "{attr}: {}",
+            got[attr]["reason"]
+        );
+    }
+    let fixes = got["lib"]["hash_fixes"].as_array().unwrap();
+    assert_eq!(fixes.len(), 1, "{fixes:?}");
+    assert_eq!(fixes[0]["file"], "pkgs/lib.nix");
+    assert_eq!(fixes[0]["new"], sri("lib source").as_str());
+    for app in ["app1", "app2"] {
+        let own = &got[app]["hash_fixes"];
+        assert!(own.as_array().is_none_or(|a| a.is_empty()), "{app}: {own}");
+    }
+    let text = std::fs::read_to_string(repo.join("pkgs/lib.nix")).unwrap();
+    assert!(text.contains(&sri("lib source")), "{text}");
+}

@@ -122,6 +122,10 @@ struct Session<'a> {
     latest: BTreeMap<String, String>,
     /// Needs-hash packages already acted on, per run.
     handled: BTreeSet<(String, String)>,
+    /// Fixed-output derivations whose hash the session has filled in: (derivation, got).
+    /// A package whose mismatch is only in one of them (a dependency's source, say) needs no
+    /// fix of its own, only its next stage.
+    filled: BTreeSet<(String, String)>,
     unverified: BTreeSet<String>,
     /// Runs with a hash mismatch so far: the only ones worth asking mid-run.
     mismatched: BTreeSet<String>,
@@ -228,12 +232,26 @@ impl Session<'_> {
         if settled.is_empty() {
             return Ok(());
         }
+        // What another package's fix filled in already is not this package's to fix again
+        // (its text is no longer there to be found): it only needs its next stage.
+        let mut refilled = Vec::new();
+        let mut to_plan = Vec::new();
+        for p in &settled {
+            let mut left = p.clone();
+            left.hash_mismatches
+                .retain(|m| !self.filled.contains(&(m.fod_drv.clone(), m.got.clone())));
+            if left.hash_mismatches.is_empty() {
+                refilled.push(p.attr.clone());
+            } else {
+                to_plan.push(left);
+            }
+        }
         let part = Report::new(
             run.clone(),
             report.state,
             report.label.clone(),
             String::new(),
-            settled.clone(),
+            to_plan,
         );
         let plan = nixfarm_fix::report::plan_report(&part, &self.current);
         for u in &plan.unlocated {
@@ -247,13 +265,42 @@ impl Session<'_> {
                     u.why
                 ));
         }
+        // A place several packages need (a library's source hash, and each package that
+        // depends on it) is one fix: it is listed under the package whose file holds it, else
+        // under the first that needed it.
+        let mut owners: BTreeMap<(&str, usize), (&String, &nixfarm_fix::Fix)> = BTreeMap::new();
         for (attr, list) in &plan.fixes {
+            let own = settled
+                .iter()
+                .find(|p| p.attr == *attr)
+                .and_then(|p| nixfarm_fix::relative_position(&p.position, &self.current));
+            for fix in list {
+                let place = owners.entry((fix.file.as_str(), fix.start));
+                if own.as_deref() == Some(fix.file.as_str()) {
+                    place.insert_entry((attr, fix));
+                } else {
+                    place.or_insert((attr, fix));
+                }
+            }
+        }
+        for (attr, fix) in owners.into_values() {
             self.fixes
                 .entry(attr.clone())
                 .or_default()
-                .extend(list.iter().map(nixfarm_fix::report::to_hash_fix));
+                .push(nixfarm_fix::report::to_hash_fix(fix));
         }
-        if !self.fixing || plan.fixes.is_empty() || self.first_failed() {
+        for p in &settled {
+            for m in &p.hash_mismatches {
+                let fixed = plan
+                    .fixes
+                    .get(&p.attr)
+                    .is_some_and(|l| l.iter().any(|f| f.old == m.specified && f.new == m.got));
+                if fixed {
+                    self.filled.insert((m.fod_drv.clone(), m.got.clone()));
+                }
+            }
+        }
+        if !self.fixing || (plan.fixes.is_empty() && refilled.is_empty()) || self.first_failed() {
             return Ok(());
         }
         let edited = nixfarm_fix::apply(&self.current, plan.fixes.values().flatten())
@@ -262,7 +309,7 @@ impl Session<'_> {
             self.current.insert(file, text);
         }
         let mut next = Vec::new();
-        for attr in plan.fixes.keys() {
+        for attr in plan.fixes.keys().chain(&refilled) {
             // Until its next run reports, the package stands as this one said.
             if let Some(p) = settled.iter().find(|p| p.attr == *attr) {
                 self.packages.insert(attr.clone(), p.clone());
@@ -328,6 +375,7 @@ pub async fn run(
         stage: BTreeMap::new(),
         latest: BTreeMap::new(),
         handled: BTreeSet::new(),
+        filled: BTreeSet::new(),
         unverified: BTreeSet::new(),
         mismatched: BTreeSet::new(),
         pending: Vec::new(),
