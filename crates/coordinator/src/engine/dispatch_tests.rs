@@ -309,3 +309,55 @@ fn a_listing_that_evaluated_an_attribute_it_did_not_list_is_evaluated_by_tasks()
         "{job:?}"
     );
 }
+
+#[test]
+fn a_package_that_declares_a_long_timeout_starts_first_on_a_coordinator_that_never_built_it() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    engine.submit(flake_run()).unwrap();
+    let (list, _) = assigned(&mut a.rx);
+    let mut attrs = Vec::new();
+    let mut drvs = BTreeMap::new();
+    // p0 comes first in every other order; p1's maintainers say it may take 20 s.
+    for (name, digit, timeout_secs) in [("p0", '0', 0), ("p1", '1', 20)] {
+        let h: String = std::iter::repeat_n(digit, 32).collect();
+        let drv = format!("/nix/store/{h}-{name}.drv");
+        let outputs: BTreeMap<String, String> =
+            [("out".to_string(), format!("/nix/store/{h}-{name}"))].into();
+        drvs.insert(
+            drv.clone(),
+            DrvNode {
+                system: "x86_64-linux".into(),
+                outputs: outputs.clone(),
+                ..Default::default()
+            },
+        );
+        attrs.push(EvaluatedAttr {
+            attr: name.into(),
+            info: PackageInfo {
+                drv_path: drv,
+                outputs,
+                system: "x86_64-linux".into(),
+                timeout_secs,
+                ..Default::default()
+            },
+        });
+    }
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalList {
+                attempt: list,
+                result: Ok((vec!["p0".into(), "p1".into()], vec![])),
+                follows: false,
+                evaluated: Some((attrs, drvs)),
+            },
+        )
+        .unwrap();
+    let (_, job) = assigned(&mut a.rx);
+    assert!(
+        matches!(job, Job::Build { ref drv_path, .. } if drv_path.ends_with("-p1.drv")),
+        "{job:?}"
+    );
+}

@@ -157,12 +157,15 @@ const REPO_CHECKS_WAIT_MS: i64 = 600_000;
 /// The cost of a derivation never built here, ms: a typical small build.
 const UNKNOWN_BUILD_MS: u64 = 1_000;
 
-/// A derivation's expected build time, ms.
-fn cost_of(times: &HashMap<String, u64>, drv: &str) -> u64 {
+/// A derivation's expected build time, ms: as long as it took when last built here; else,
+/// for a package that declares a time limit (`meta.timeout`, seconds), a quarter of it (its
+/// maintainers expect it to be long: it starts early on a coordinator that never built it);
+/// else a typical small build.
+fn cost_of(times: &HashMap<String, u64>, drv: &str, timeout_secs: u64) -> u64 {
     times
         .get(store_name(drv))
         .copied()
-        .unwrap_or(UNKNOWN_BUILD_MS)
+        .unwrap_or_else(|| (timeout_secs.min(24 * 3600) * 1000 / 4).max(UNKNOWN_BUILD_MS))
 }
 
 /// The coordinator engine. Cheap to clone.
@@ -330,7 +333,11 @@ impl RunMem {
                 features,
                 fetch: node.fixed_output,
             },
-            cost_of(times, path),
+            cost_of(
+                times,
+                path,
+                self.limits.get(path).map_or(0, |(timeout, _)| *timeout),
+            ),
         );
         self.node_of.insert(path.to_string(), id);
         self.drv_of.push(path.to_string());

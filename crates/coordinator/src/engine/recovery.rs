@@ -144,6 +144,10 @@ impl Engine {
         if rows.is_empty() && !complete {
             return Ok(());
         }
+        // The packages' limits first: a declared timeout weighs a derivation never built here.
+        for (_, p) in db.packages(&run.id)? {
+            run.note_package(&p);
+        }
         let mut sched = Scheduler::new();
         let mut nodes: Vec<DrvNode> = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -176,9 +180,6 @@ impl Engine {
             }
         }
         sched.start();
-        for (_, p) in db.packages(&run.id)? {
-            run.note_package(&p);
-        }
         run.sched = Some(sched);
         if complete && (run.state == RunState::Evaluating || run.state == RunState::Queued) {
             run.state = RunState::Building;
