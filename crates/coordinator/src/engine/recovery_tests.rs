@@ -1,6 +1,6 @@
 //! Restarts: what a coordinator that stopped mid-run still knows when it opens its database again.
 
-use super::tests::{assigned, built, connect_agent, one_package_run_with};
+use super::tests::{build_assigned, connect_agent, one_package_run_with};
 use super::*;
 use crate::db::Db;
 
@@ -23,17 +23,7 @@ fn repository_checks_owed_when_the_coordinator_restarts_still_count() {
     let engine = open();
     let mut a = connect_agent(&engine, "a");
     let (run, _, out, list) = one_package_run_with(&engine, &mut a, true);
-    let (attempt, _) = assigned(&mut a.rx);
-    engine
-        .agent_message(
-            "a",
-            a.conn,
-            FromAgent::Build {
-                attempt,
-                report: built(&out),
-            },
-        )
-        .unwrap();
+    build_assigned(&engine, &mut a, &out);
     assert_ne!(engine.run_state(&run).unwrap(), RunState::Finished);
     drop(engine);
 
@@ -65,17 +55,7 @@ fn repository_checks_owed_when_the_coordinator_restarts_still_count() {
 
     // Owed by an agent that does not come back: the run ends after its lease, and says so.
     let (run, _, out, _) = one_package_run_with(&engine, &mut a, true);
-    let (attempt, _) = assigned(&mut a.rx);
-    engine
-        .agent_message(
-            "a",
-            a.conn,
-            FromAgent::Build {
-                attempt,
-                report: built(&out),
-            },
-        )
-        .unwrap();
+    build_assigned(&engine, &mut a, &out);
     drop(engine);
     let engine = open();
     clock.advance(6_000);

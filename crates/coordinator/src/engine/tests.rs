@@ -362,6 +362,21 @@ pub(super) fn one_package_run_with(
     (run, drv, out, list)
 }
 
+/// Agent `a` builds what it was assigned, with `out` as its output.
+pub(super) fn build_assigned(engine: &Engine, a: &mut TestAgent, out: &str) {
+    let (attempt, _) = assigned(&mut a.rx);
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::Build {
+                attempt,
+                report: built(out),
+            },
+        )
+        .unwrap();
+}
+
 pub(super) fn built(out: &str) -> BuildReport {
     BuildReport {
         kind: BuildOutcome::Built,
@@ -501,19 +516,7 @@ fn repository_checks_that_follow_the_listing_hold_the_runs_end_until_they_come()
         ok: false,
         message: msg.into(),
     };
-    let build_it = |a: &mut TestAgent, out: &str| {
-        let (attempt, _) = assigned(&mut a.rx);
-        engine
-            .agent_message(
-                "a",
-                a.conn,
-                FromAgent::Build {
-                    attempt,
-                    report: built(out),
-                },
-            )
-            .unwrap();
-    };
+    let build_it = |a: &mut TestAgent, out: &str| build_assigned(&engine, a, out);
     let (run, _, out, list) = one_package_run_with(&engine, &mut a, true);
     build_it(&mut a, &out);
     assert_ne!(
