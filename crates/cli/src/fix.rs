@@ -3,8 +3,9 @@
 //! as its own mismatches are known (a run of that package only, beside the others), and the
 //! session hands back the edits (report, unified diff, or the checkout itself with `--apply`).
 
+use crate::checkout::{Checkout, apply_to_checkout};
 use crate::cmd::submit::{get_report, submit};
-use crate::{Client, RunArgs, source, watch};
+use crate::{Client, RunArgs, watch};
 use anyhow::{Context, bail};
 use clap::Args;
 use nixfarm_core::PackageStatus;
@@ -39,45 +40,6 @@ pub struct FixArgs {
 impl FixArgs {
     pub fn enabled(&self) -> bool {
         self.fix_hashes || self.patch_out.is_some() || self.apply
-    }
-}
-
-/// The checkout as submitted: its `.nix` files' text.
-struct Checkout {
-    dir: PathBuf,
-    original: Tree,
-}
-
-impl Checkout {
-    fn read(dir: &Path) -> anyhow::Result<Checkout> {
-        let mut original = Tree::new();
-        for rel in source::list_files(dir)? {
-            if rel.extension().is_some_and(|e| e == "nix") {
-                let full = dir.join(&rel);
-                if !full.is_file() {
-                    continue;
-                }
-                let bytes = std::fs::read(&full)
-                    .with_context(|| format!("cannot read {}", full.display()))?;
-                // A file (or a name) that is not UTF-8 cannot be edited as text; it is left
-                // alone (and still snapshotted exactly).
-                if let (Some(name), Ok(text)) = (rel.to_str(), String::from_utf8(bytes)) {
-                    original.insert(name.to_string(), text);
-                }
-            }
-        }
-        Ok(Checkout {
-            dir: dir.to_path_buf(),
-            original,
-        })
-    }
-
-    fn overrides(&self, current: &Tree) -> BTreeMap<PathBuf, Vec<u8>> {
-        current
-            .iter()
-            .filter(|(k, v)| self.original.get(*k) != Some(*v))
-            .map(|(k, v)| (PathBuf::from(k), v.clone().into_bytes()))
-            .collect()
     }
 }
 
@@ -503,99 +465,4 @@ pub async fn run(
         report,
         detached: false,
     })
-}
-
-/// Writes the edited files into the checkout, all or nothing, after checking that none of
-/// them changed since the submit.
-fn apply_to_checkout(checkout: &Checkout, changed: &Tree) -> anyhow::Result<()> {
-    if changed.is_empty() {
-        eprintln!("nothing to apply: no hash needed filling in");
-        return Ok(());
-    }
-    for file in changed.keys() {
-        let full = checkout.dir.join(file);
-        let now =
-            std::fs::read(&full).with_context(|| format!("cannot read {}", full.display()))?;
-        if checkout.original.get(file).map(|s| s.as_bytes()) != Some(now.as_slice()) {
-            bail!(
-                "refusing to apply: {file} changed since the submit; nothing was written (use --patch-out and merge by hand)"
-            );
-        }
-    }
-    let mut staged = Vec::new();
-    for (file, text) in changed {
-        let full = checkout.dir.join(file);
-        let tmp = full.with_extension("nix.nixfarm-tmp");
-        let perms = std::fs::metadata(&full)?.permissions();
-        if let Err(e) =
-            std::fs::write(&tmp, text).and_then(|_| std::fs::set_permissions(&tmp, perms))
-        {
-            for (t, _) in &staged {
-                let _ = std::fs::remove_file(t);
-            }
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
-        }
-        staged.push((tmp, full));
-    }
-    for (tmp, full) in &staged {
-        std::fs::rename(tmp, full).with_context(|| format!("cannot replace {}", full.display()))?;
-    }
-    eprintln!(
-        "applied hash fixes to {} file(s) in {}",
-        staged.len(),
-        checkout.dir.display()
-    );
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn checkout() -> (tempfile::TempDir, Checkout, Tree) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("flake.nix"), "{ }").unwrap();
-        std::fs::create_dir(dir.path().join("pkgs")).unwrap();
-        std::fs::write(dir.path().join("pkgs/a.nix"), "{ hash = lib.fakeHash; }\n").unwrap();
-        std::fs::write(dir.path().join("pkgs/b.nix"), "{ hash = lib.fakeHash; }\n").unwrap();
-        let c = Checkout::read(dir.path()).unwrap();
-        let mut changed = Tree::new();
-        for f in ["pkgs/a.nix", "pkgs/b.nix"] {
-            changed.insert(f.into(), "{ hash = \"sha256-x\"; }\n".into());
-        }
-        (dir, c, changed)
-    }
-
-    #[test]
-    fn apply_writes_every_file() {
-        let (dir, c, changed) = checkout();
-        assert_eq!(c.original.len(), 3);
-        apply_to_checkout(&c, &changed).unwrap();
-        for f in ["pkgs/a.nix", "pkgs/b.nix"] {
-            assert_eq!(
-                std::fs::read_to_string(dir.path().join(f)).unwrap(),
-                changed[f]
-            );
-        }
-    }
-
-    #[test]
-    fn apply_refuses_when_a_file_changed_since_the_submit_and_writes_nothing() {
-        let (dir, c, changed) = checkout();
-        std::fs::write(
-            dir.path().join("pkgs/b.nix"),
-            "{ hash = lib.fakeHash; x = 1; }\n",
-        )
-        .unwrap();
-        let err = apply_to_checkout(&c, &changed).unwrap_err().to_string();
-        assert!(err.contains("pkgs/b.nix changed since the submit"), "{err}");
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("pkgs/a.nix")).unwrap(),
-            "{ hash = lib.fakeHash; }\n",
-            "nothing written"
-        );
-        let leftovers = std::fs::read_dir(dir.path().join("pkgs")).unwrap().count();
-        assert_eq!(leftovers, 2);
-    }
 }

@@ -2,6 +2,7 @@
 //! and run a whole farm locally (`nixfarm local`).
 
 mod args;
+mod checkout;
 mod client;
 pub mod cmd;
 pub mod fix;
