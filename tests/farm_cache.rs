@@ -42,6 +42,26 @@ fn http_get(addr: &str, path: &str, auth: Option<&str>) -> String {
     out.lines().next().unwrap_or_default().to_string()
 }
 
+/// One raw HTTP/1.1 POST of a JSON body; returns the status line and the body.
+fn http_post_json(addr: &str, path: &str, auth: Option<&str>, json: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+        json.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.lines().next().unwrap_or_default().to_string();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
 #[test]
 fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
     let dir = scratch();
@@ -100,6 +120,24 @@ fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
         &format!("http://{addr}"),
         &public,
     );
+    // Asked in bulk (one request, as pushers ask), the farm cache has every ready output and
+    // lacks only what was never built.
+    let never = "0123456789abcdfghijklmnpqrsvwxyz".to_string();
+    let mut hashes: Vec<String> = ready
+        .iter()
+        .flat_map(|p| p["outputs"].as_object().unwrap().values())
+        .map(|o| o.as_str().unwrap()[11..43].to_string())
+        .collect();
+    hashes.push(never.clone());
+    let (status, body) = http_post_json(
+        &addr,
+        "/_nixfarm/missing",
+        None,
+        &serde_json::to_string(&hashes).unwrap(),
+    );
+    assert!(status.contains(" 200 "), "{status}");
+    let missing: Vec<String> = serde_json::from_str(&body).unwrap();
+    assert_eq!(missing, [never]);
     // Derivations travelled too: the farm cache holds .drv files as well as outputs.
     let drvs_in_cache = std::fs::read_dir(state.join("farm-cache"))
         .unwrap()
@@ -153,6 +191,29 @@ fn the_farm_cache_refuses_requests_without_the_agent_token() {
             Some(&basic)
         )
         .contains(" 404 ")
+    );
+    // The bulk query: the token, store hashes only, at most 4,096 of them.
+    let one = r#"["0123456789abcdfghijklmnpqrsvwxyz"]"#;
+    let bearer = Some("Bearer farm-secret-1");
+    assert!(
+        http_post_json(&addr, "/_nixfarm/missing", None, one)
+            .0
+            .contains(" 401 ")
+    );
+    let (status, body) = http_post_json(&addr, "/_nixfarm/missing", bearer, one);
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(body, one);
+    let bad = r#"["../../etc/passwd"]"#;
+    assert!(
+        http_post_json(&addr, "/_nixfarm/missing", bearer, bad)
+            .0
+            .contains(" 400 ")
+    );
+    let many = serde_json::to_string(&vec!["0123456789abcdfghijklmnpqrsvwxyz"; 4097]).unwrap();
+    assert!(
+        http_post_json(&addr, "/_nixfarm/missing", bearer, &many)
+            .0
+            .contains(" 413 ")
     );
 }
 

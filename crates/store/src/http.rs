@@ -14,6 +14,24 @@ pub(crate) struct HttpCache {
     pub(crate) has_info: tokio::sync::OnceCell<()>,
 }
 
+/// A response's body, refused past `limit` bytes.
+async fn read_bounded(mut r: reqwest::Response, limit: usize) -> Result<Vec<u8>, StoreError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = r
+        .chunk()
+        .await
+        .map_err(|e| StoreError::Http(format!("reading the farm cache's answer: {e}")))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(StoreError::Http(format!(
+                "the farm cache's answer is over {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// What a Nix binary cache says of itself; Nix refuses a cache without it.
 const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n";
 
@@ -24,6 +42,12 @@ impl Backend for HttpCache {
 
     fn missing<'a>(&'a self, p: &'a Pusher, paths: &'a [String]) -> Fut<'a, Vec<String>> {
         Box::pin(async move {
+            // A coordinator's farm cache answers for thousands of paths in one request.
+            if p.opts.server_signs
+                && let Some(m) = self.bulk_missing(p, paths).await?
+            {
+                return Ok(m);
+            }
             // A plain binary cache has no bulk query: one HEAD per path, 16 at a time.
             // (Futures built eagerly: a mapping closure would make callers' futures not
             // provably Send.)
@@ -85,6 +109,43 @@ impl HttpCache {
     }
 
     /// `Some(path)` when the HTTP cache at `base` lacks it.
+    /// Which of `paths` a farm cache lacks, asked in bulk (`/_nixfarm/missing`, 4,096 hashes
+    /// a request). None when the cache has no such query (a coordinator before it).
+    async fn bulk_missing(
+        &self,
+        p: &Pusher,
+        paths: &[String],
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let url = format!("{}{}", self.base, crate::FARM_CACHE_BULK_MISSING);
+        let mut missing = std::collections::HashSet::new();
+        for chunk in paths.chunks(4096) {
+            let hashes: Vec<&str> = chunk.iter().map(|p| store_hash(p)).collect();
+            let r = p
+                .send("asking the farm cache which paths are missing", || {
+                    p.http_auth(p.http.post(&url)).json(&hashes)
+                })
+                .await?;
+            if r.status().as_u16() == 404 {
+                return Ok(None);
+            }
+            // At most every hash asked about comes back (in JSON quotes, with commas).
+            let limit = hashes.len() * 40 + 64;
+            let body = read_bounded(r, limit).await?;
+            let list: Vec<String> = serde_json::from_slice(&body).map_err(|e| {
+                StoreError::Http(format!("unreadable answer from the farm cache: {e}"))
+            })?;
+            let asked: std::collections::HashSet<&str> = hashes.iter().copied().collect();
+            missing.extend(list.into_iter().filter(|h| asked.contains(h.as_str())));
+        }
+        Ok(Some(
+            paths
+                .iter()
+                .filter(|p| missing.contains(store_hash(p)))
+                .cloned()
+                .collect(),
+        ))
+    }
+
     async fn http_missing(&self, p: &Pusher, path: &str) -> Result<Option<String>, StoreError> {
         let base = &self.base;
         let url = format!("{base}/{}.narinfo", store_hash(path));

@@ -11,6 +11,11 @@ mod backend;
 mod cachix;
 mod file;
 mod http;
+/// Where a nixfarm coordinator's farm cache answers, in one request, which of a list of store
+/// hashes it lacks (a JSON array of hashes in, the missing ones out, as Cachix's narinfo
+/// query); not a name a cache file can have.
+pub const FARM_CACHE_BULK_MISSING: &str = "/_nixfarm/missing";
+
 pub mod nar;
 pub mod narinfo;
 pub mod repeats;
@@ -421,7 +426,10 @@ impl Pusher {
         // Missing paths that are in the cache by now, uploaded here or by another pusher.
         let mut in_cache: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut done = Vec::new();
-        let mut wait = Duration::from_millis(100);
+        // Another pusher's upload is usually done within tens of milliseconds: polled from
+        // 20 ms, growing by half up to 0.5 s (doubling to 2 s made an eval's push wait up to
+        // twice as long as the upload it waited for).
+        let mut wait = Duration::from_millis(20);
         let mut waited = Duration::ZERO;
         while !remaining.is_empty() || !theirs.is_empty() {
             // Waves of paths whose missing references are all in the cache: dependencies
@@ -437,7 +445,7 @@ impl Pusher {
                 // Everything left waits on paths another pusher is uploading.
                 tokio::time::sleep(wait).await;
                 waited += wait;
-                wait = (wait * 2).min(Duration::from_secs(2));
+                wait = (wait * 3 / 2).min(Duration::from_millis(500));
                 let still = self.missing(&theirs).await?;
                 in_cache.extend(theirs.iter().filter(|p| !still.contains(p)).cloned());
                 theirs = still;
