@@ -56,8 +56,21 @@ impl Nix {
 
     /// Opens the store once, so that a fresh one has its database before several Nix
     /// processes start at once (Nix 2.8 racing to create it says the schema "is corrupt").
+    /// Agents sharing a fresh store (`nixfarm local`) open it at once, and Nix 2.8 creating
+    /// its directories fails in all but one ("creating symlink ... File exists"): tried again,
+    /// the store is there by then.
     pub async fn open_store(&self) -> Result<(), NixError> {
-        self.check_validity(&[]).await.map(drop)
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.check_validity(&[]).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tries >= 4 => return Err(e),
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * tries)).await;
+                }
+            }
+        }
     }
 
     /// Which of `paths` are not valid in the store: asked of a pooled daemon when there is
