@@ -138,7 +138,7 @@ impl FarmCache {
         axum::Router::new()
             .route(
                 nixfarm_store::FARM_CACHE_BULK_MISSING,
-                axum::routing::post(post_missing),
+                axum::routing::post(missing::post_missing),
             )
             .route("/{file}", get(get_top).put(put_narinfo))
             .route("/nar/{file}", get(get_nar).put(put_nar))
@@ -402,60 +402,6 @@ async fn get_top(State(c): St, Path(file): Path<String>, headers: HeaderMap) -> 
     }
 }
 
-/// Most hashes one bulk query may ask about.
-const MAX_BULK: usize = 4096;
-
-/// Which of the hashes asked about the cache lacks ([`nixfarm_store::FARM_CACHE_BULK_MISSING`]).
-async fn post_missing(
-    State(c): St,
-    headers: HeaderMap,
-    axum::Json(hashes): axum::Json<Vec<String>>,
-) -> Response {
-    if !c.authorized(&headers) {
-        return c.refuse(
-            StatusCode::UNAUTHORIZED,
-            "the farm cache needs an agent token",
-        );
-    }
-    if hashes.len() > MAX_BULK {
-        return c.refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("at most {MAX_BULK} hashes per query"),
-        );
-    }
-    if hashes
-        .iter()
-        .any(|h| !is_narinfo_name(&format!("{h}.narinfo")))
-    {
-        return c.refuse(StatusCode::BAD_REQUEST, "not a store hash");
-    }
-    // Thousands of file opens: off the async workers.
-    let cache = c.clone();
-    let missing = tokio::task::spawn_blocking(move || {
-        let mut missing = Vec::new();
-        for h in hashes {
-            let path = cache.dir.join(format!("{h}.narinfo"));
-            // As a narinfo request does: a hit is a use (the last to be evicted).
-            match std::fs::File::options().write(true).open(&path) {
-                Ok(f) => {
-                    cache.hits.fetch_add(1, Ordering::Relaxed);
-                    let _ = f.set_modified(std::time::SystemTime::now());
-                }
-                Err(_) => {
-                    cache.misses.fetch_add(1, Ordering::Relaxed);
-                    missing.push(h);
-                }
-            }
-        }
-        missing
-    })
-    .await;
-    match missing {
-        Ok(m) => axum::Json(m).into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
 async fn get_nar(State(c): St, Path(file): Path<String>, headers: HeaderMap) -> Response {
     if !c.authorized(&headers) {
         return c.refuse(
@@ -627,6 +573,9 @@ async fn put_narinfo(
         }
     }
 }
+
+#[path = "farm_cache_missing.rs"]
+mod missing;
 
 #[cfg(test)]
 #[path = "farm_cache_tests.rs"]

@@ -270,13 +270,20 @@ fn what_a_listing_evaluated_builds_at_once_and_only_the_rest_is_left_to_tasks() 
             .any(|j| matches!(j, Job::EvalChunk { attrs, .. } if *attrs == ["p1"])),
         "{jobs:?}"
     );
-    let events = engine.events_after(&run, 0).unwrap();
-    let listed = events.iter().find(|e| e.kind == "eval-listed");
+    let events: Vec<nixfarm_core::RunEvent> = engine
+        .events_after(&run, 0)
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::from_str(&e.json).unwrap())
+        .collect();
     assert!(
-        listed.is_some_and(|e| e.json.contains(r#""attrs":3"#) && e.json.contains(r#""tasks":3"#)),
+        events.contains(&nixfarm_core::RunEvent::EvalListed { attrs: 3, tasks: 3 }),
         "the listing's evaluation is one of the run's tasks, done: {events:?}"
     );
-    let progress = events.iter().filter(|e| e.kind == "eval-progress").count();
+    let progress = events
+        .iter()
+        .filter(|e| matches!(e, nixfarm_core::RunEvent::EvalProgress { .. }))
+        .count();
     assert_eq!(progress, 1, "{events:?}");
 }
 
