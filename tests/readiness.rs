@@ -52,6 +52,29 @@ fn copied_hash_repo(dir: &std::path::Path) -> std::path::PathBuf {
     repo
 }
 
+/// The copied-hash repository with `packages` (Nix bindings) in place of alpha and beta,
+/// run with `--fix-hashes --apply`: the report.
+fn fix_with_packages(
+    dir: &std::path::Path,
+    repo: &std::path::Path,
+    packages: &str,
+) -> serde_json::Value {
+    let flake = std::fs::read_to_string(repo.join("flake.nix"))
+        .unwrap()
+        .replace(
+            "alpha = call ./pkgs/alpha.nix; beta = call ./pkgs/beta.nix;",
+            packages,
+        );
+    std::fs::write(repo.join("flake.nix"), flake).unwrap();
+    let host = Host::new(&dir.join("host"));
+    local(
+        &host,
+        &dir.join("state"),
+        repo,
+        &["--fix-hashes", "--apply"],
+    )
+}
+
 fn local(
     host: &Host,
     state: &std::path::Path,
@@ -507,20 +530,7 @@ fn twenty_broken_packages_are_all_fixed_with_runs_in_flight_bounded() {
         .unwrap();
         attrs.push_str(&format!("{name} = call ./pkgs/{name}.nix; "));
     }
-    let flake = std::fs::read_to_string(repo.join("flake.nix"))
-        .unwrap()
-        .replace(
-            "alpha = call ./pkgs/alpha.nix; beta = call ./pkgs/beta.nix;",
-            &attrs,
-        );
-    std::fs::write(repo.join("flake.nix"), flake).unwrap();
-    let host = Host::new(&dir.path().join("host"));
-    let report = local(
-        &host,
-        &dir.path().join("state"),
-        &repo,
-        &["--fix-hashes", "--apply"],
-    );
+    let report = fix_with_packages(dir.path(), &repo, &attrs);
     let got = packages_by_attr(&report);
     assert_eq!(got.len(), 20);
     for i in 0..20 {
@@ -551,20 +561,11 @@ fn packages_built_on_a_library_with_a_fake_hash_end_ready_once_it_is_fixed() {
         "{ fod, pkg }:\npkg {\n  pname = \"lib\";\n  src = fod {\n    url = \"https://example.org/lib.tar.gz\";\n    text = \"lib source\";\n    hash = \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\";\n  };\n}\n",
     )
     .unwrap();
-    let flake = std::fs::read_to_string(repo.join("flake.nix"))
-        .unwrap()
-        .replace(
-            "alpha = call ./pkgs/alpha.nix; beta = call ./pkgs/beta.nix;",
-            // app2 also needs a slow build, so its needs-hash comes in after lib's fix.
-            "lib = call ./pkgs/lib.nix; app1 = pkg { pname = \"app1\"; src = self.packages.${sys}.lib; }; app2 = pkg { pname = \"app2\"; src = derivation { name = \"both\"; system = sys; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; a = self.packages.${sys}.lib; b = derivation { name = \"slow\"; system = sys; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; args = [ \"-c\" \"sleep 2; echo slow > $out\" ]; }; args = [ \"-c\" \"cat $a $b > $out\" ]; }; };",
-        );
-    std::fs::write(repo.join("flake.nix"), flake).unwrap();
-    let host = Host::new(&dir.path().join("host"));
-    let report = local(
-        &host,
-        &dir.path().join("state"),
+    let report = fix_with_packages(
+        dir.path(),
         &repo,
-        &["--fix-hashes", "--apply"],
+        // app2 also needs a slow build, so its needs-hash comes in after lib's fix.
+        "lib = call ./pkgs/lib.nix; app1 = pkg { pname = \"app1\"; src = self.packages.${sys}.lib; }; app2 = pkg { pname = \"app2\"; src = derivation { name = \"both\"; system = sys; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; a = self.packages.${sys}.lib; b = derivation { name = \"slow\"; system = sys; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; args = [ \"-c\" \"sleep 2; echo slow > $out\" ]; }; args = [ \"-c\" \"cat $a $b > $out\" ]; }; };",
     );
     let got = packages_by_attr(&report);
     for attr in ["lib", "app1", "app2"] {

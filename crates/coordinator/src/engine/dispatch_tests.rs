@@ -6,6 +6,28 @@ use super::tests::{
 };
 use super::*;
 
+/// Agent `a` lists `names` for attempt `list`; with `evaluated`, the listing evaluated those.
+fn send_listing(
+    engine: &Engine,
+    conn: u64,
+    list: String,
+    names: Vec<String>,
+    evaluated: Option<EvalChunkOutput>,
+) {
+    engine
+        .agent_message(
+            "a",
+            conn,
+            FromAgent::EvalList {
+                attempt: list,
+                result: Ok((names, vec![])),
+                follows: false,
+                evaluated,
+            },
+        )
+        .unwrap();
+}
+
 /// An engine evaluating one attribute per task, and agent `a` with two slots.
 fn two_slot_agent() -> (
     Engine,
@@ -30,18 +52,7 @@ fn an_agent_with_two_slots_starts_a_ready_build_before_more_evaluation() {
     engine.submit(flake_run()).unwrap();
     let (list, _) = assigned(&mut rx);
     let names = vec!["p0".to_string(), "p1".into(), "p2".into()];
-    engine
-        .agent_message(
-            "a",
-            conn,
-            FromAgent::EvalList {
-                attempt: list,
-                result: Ok((names, vec![])),
-                follows: false,
-                evaluated: None,
-            },
-        )
-        .unwrap();
+    send_listing(&engine, conn, list, names, None);
     // Both slots evaluate while there is nothing to build.
     let (first, j1) = assigned(&mut rx);
     let (_second, j2) = assigned(&mut rx);
@@ -76,18 +87,7 @@ fn packages_run(
     engine.submit(flake_run()).unwrap();
     let (list, _) = assigned(&mut a.rx);
     let names = pkgs.iter().map(|(n, _)| n.to_string()).collect();
-    engine
-        .agent_message(
-            "a",
-            a.conn,
-            FromAgent::EvalList {
-                attempt: list,
-                result: Ok((names, vec![])),
-                follows: false,
-                evaluated: None,
-            },
-        )
-        .unwrap();
+    send_listing(engine, a.conn, list, names, None);
     let mut attrs = BTreeMap::new();
     let mut drvs = BTreeMap::new();
     let mut out = Vec::new();
@@ -247,18 +247,13 @@ fn what_a_listing_evaluated_builds_at_once_and_only_the_rest_is_left_to_tasks() 
     );
     let (attr, drv, node) = p0_evaluated("p0");
     let names = vec!["p0".to_string(), "p1".into(), "p2".into()];
-    engine
-        .agent_message(
-            "a",
-            conn,
-            FromAgent::EvalList {
-                attempt: list,
-                result: Ok((names, vec![])),
-                follows: false,
-                evaluated: Some((vec![attr], [(drv.clone(), node)].into())),
-            },
-        )
-        .unwrap();
+    send_listing(
+        &engine,
+        conn,
+        list,
+        names,
+        Some((vec![attr], [(drv.clone(), node)].into())),
+    );
     let jobs = [assigned(&mut rx).1, assigned(&mut rx).1];
     assert!(
         jobs.iter()
@@ -298,18 +293,13 @@ fn a_listing_that_evaluated_an_attribute_it_did_not_list_is_evaluated_by_tasks()
     engine.submit(flake_run()).unwrap();
     let (list, _) = assigned(&mut rx);
     let (attr, drv, node) = p0_evaluated("not-listed");
-    engine
-        .agent_message(
-            "a",
-            conn,
-            FromAgent::EvalList {
-                attempt: list,
-                result: Ok((vec!["p0".to_string()], vec![])),
-                follows: false,
-                evaluated: Some((vec![attr], [(drv, node)].into())),
-            },
-        )
-        .unwrap();
+    send_listing(
+        &engine,
+        conn,
+        list,
+        vec!["p0".to_string()],
+        Some((vec![attr], [(drv, node)].into())),
+    );
     let (_, job) = assigned(&mut rx);
     assert!(
         matches!(job, Job::EvalChunk { ref attrs, .. } if *attrs == ["p0"]),
@@ -350,18 +340,13 @@ fn a_package_that_declares_a_long_timeout_starts_first_on_a_coordinator_that_nev
             },
         });
     }
-    engine
-        .agent_message(
-            "a",
-            a.conn,
-            FromAgent::EvalList {
-                attempt: list,
-                result: Ok((vec!["p0".into(), "p1".into()], vec![])),
-                follows: false,
-                evaluated: Some((attrs, drvs)),
-            },
-        )
-        .unwrap();
+    send_listing(
+        &engine,
+        a.conn,
+        list,
+        vec!["p0".into(), "p1".into()],
+        Some((attrs, drvs)),
+    );
     let (_, job) = assigned(&mut a.rx);
     assert!(
         matches!(job, Job::Build { ref drv_path, .. } if drv_path.ends_with("-p1.drv")),
