@@ -46,7 +46,8 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             .as_nanos()
     );
     let roots = tempfile::tempdir().unwrap();
-    let daemon = Nix::default().with_daemon();
+    let work = tempfile::tempdir().unwrap();
+    let daemon = Nix::default().with_daemon(work.path());
     assert!(
         daemon.daemon_active(),
         "this machine's store is the test's own"
@@ -206,4 +207,67 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
         daemon.daemon_active(),
         "every build above went through a daemon"
     );
+}
+
+/// Two daemons that start at once and substitute from one cache, as a new agent's first
+/// builds do. Nix 2.8 registers a cache it has not seen with `insert or replace`: the second
+/// daemon's row replaces the first's, the first's next write refers to a row that is gone,
+/// and its build fails ("constraint failed", from its narinfo cache's SQLite). So each
+/// daemon keeps its own narinfo cache, under the agent's work directory.
+#[tokio::test]
+async fn daemons_keep_their_narinfo_caches_apart() {
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let work = tempfile::tempdir().unwrap();
+    // An HTTP binary cache that has nothing (Nix keeps no narinfo cache for file:// ones),
+    // slow to describe itself so that both daemons find it new before either registers it.
+    let app = axum::Router::new()
+        .route(
+            "/nix-cache-info",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "StoreDir: /nix/store\nPriority: 30\n"
+            }),
+        )
+        .fallback(|| async { axum::http::StatusCode::NOT_FOUND });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let nix = Nix::default().with_daemon(work.path());
+    let build = |i: usize, secs: u64| {
+        // Two sets of settings (timeouts): two daemons.
+        let d = drv(
+            &format!("cached-{i}"),
+            "sleep 0.3; mkdir $out",
+            "",
+            &format!("{tag}-{i}"),
+        );
+        let opts = BuildOptions {
+            substituter: url.clone(),
+            timeout: Some(Duration::from_secs(secs)),
+            ..Default::default()
+        };
+        let nix = nix.clone();
+        async move {
+            let run = nix
+                .realise(&d, &opts, CancellationToken::new(), |_| {})
+                .await;
+            assert!(run.result.is_ok(), "build {i}: {}", run.log_tail);
+            assert!(run.built, "build {i} was not built: {}", run.log_tail);
+        }
+    };
+    tokio::join!(build(0, 10), build(1, 11));
+    tokio::join!(build(2, 10), build(3, 11));
+    for n in 0..2 {
+        let db = work
+            .path()
+            .join(format!("nix-cache/daemon-{n}/nix/binary-cache-v6.sqlite"));
+        assert!(db.exists(), "{} is missing", db.display());
+    }
 }

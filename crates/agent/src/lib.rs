@@ -182,7 +182,9 @@ impl Agent {
         let mut nix = Nix::default();
         nix.nix = cfg.nix_bin.join("nix");
         nix.nix_store = cfg.nix_bin.join("nix-store");
-        let nix = nix.with_declining_hook(&cfg.work_dir).with_daemon();
+        let nix = nix
+            .with_declining_hook(&cfg.work_dir)
+            .with_daemon(&cfg.work_dir);
         Ok(Agent {
             shared: Arc::new(Shared {
                 cfg,

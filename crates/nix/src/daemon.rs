@@ -37,6 +37,67 @@ pub(crate) struct DaemonPool {
     disabled: AtomicBool,
     idle: Mutex<Vec<Idle>>,
     reaper: AtomicBool,
+    caches: Arc<CacheDirs>,
+}
+
+/// Nix's narinfo cache (`$XDG_CACHE_HOME/nix/binary-cache-v6.sqlite`), one per live daemon.
+/// Nix 2.8 breaks when two processes write one at once: one's `insert or replace` of the
+/// cache's row drops the rows the other refers to ("constraint failed"), and the build
+/// fails. A directory is held by one daemon at a time and reused after it, so the cache
+/// keeps what it learnt.
+pub(crate) struct CacheDirs {
+    base: PathBuf,
+    used: Mutex<Vec<bool>>,
+}
+
+/// A daemon's hold on its narinfo cache directory, given back when dropped.
+pub(crate) struct CacheSlot {
+    dirs: Arc<CacheDirs>,
+    index: usize,
+}
+
+impl CacheDirs {
+    pub(crate) fn new(base: PathBuf) -> Arc<CacheDirs> {
+        Arc::new(CacheDirs {
+            base,
+            used: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The lowest free directory, now held.
+    pub(crate) fn take(self: &Arc<Self>) -> Option<CacheSlot> {
+        let mut used = self.used.lock().ok()?;
+        let index = match used.iter().position(|u| !u) {
+            Some(i) => {
+                used[i] = true;
+                i
+            }
+            None => {
+                used.push(true);
+                used.len() - 1
+            }
+        };
+        Some(CacheSlot {
+            dirs: self.clone(),
+            index,
+        })
+    }
+}
+
+impl CacheSlot {
+    pub(crate) fn dir(&self) -> PathBuf {
+        self.dirs.base.join(format!("daemon-{}", self.index))
+    }
+}
+
+impl Drop for CacheSlot {
+    fn drop(&mut self) {
+        if let Ok(mut used) = self.dirs.used.lock()
+            && let Some(u) = used.get_mut(self.index)
+        {
+            *u = false;
+        }
+    }
 }
 
 impl std::fmt::Debug for DaemonPool {
@@ -55,12 +116,14 @@ struct Idle {
 }
 
 impl DaemonPool {
-    pub(crate) fn new(program: PathBuf) -> DaemonPool {
+    /// Daemons running `program`, their narinfo caches under `cache_base`.
+    pub(crate) fn new(program: PathBuf, cache_base: PathBuf) -> DaemonPool {
         DaemonPool {
             program,
             disabled: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             reaper: AtomicBool::new(false),
+            caches: CacheDirs::new(cache_base),
         }
     }
 
@@ -82,7 +145,9 @@ impl DaemonPool {
         {
             return Some(c);
         }
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, Conn::start(&self.program, settings)).await {
+        let cache = self.caches.take();
+        let started = Conn::start(&self.program, settings, cache);
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
             Ok(Ok(c)) => Some(c),
             Ok(Err(e)) => {
                 self.disable(&e.to_string());
@@ -162,6 +227,9 @@ impl Nix {
             set("ssl-cert-file", ca.display().to_string());
         }
         if !opts.substituter.is_empty() {
+            // The farm's cache gains paths while a run goes: a "not there" remembered from
+            // a minute ago would have Nix build an input again instead of fetching it.
+            set("narinfo-cache-negative-ttl", "0".into());
             if opts.trusted_public_keys.is_empty() {
                 set("require-sigs", "false".into());
             } else {
@@ -180,8 +248,9 @@ impl Nix {
     /// Has builds go through long-lived `nix-daemon --stdio` processes (no Nix process start
     /// per build) when this process owns its store: not when `NIX_REMOTE` names another
     /// store, or the store's state directory is not writable here. Falls back to
-    /// `nix-store --realise` by itself if no daemon can be started.
-    pub fn with_daemon(mut self) -> Nix {
+    /// `nix-store --realise` by itself if no daemon can be started. Each daemon keeps its
+    /// narinfo cache in a directory of its own under `work_dir/nix-cache`.
+    pub fn with_daemon(mut self, work_dir: &std::path::Path) -> Nix {
         let remote = std::env::var("NIX_REMOTE").unwrap_or_default();
         let state = std::env::var_os("NIX_STATE_DIR")
             .map_or_else(|| PathBuf::from("/nix/var/nix"), PathBuf::from);
@@ -201,7 +270,10 @@ impl Nix {
             Some(dir) if !dir.as_os_str().is_empty() => dir.join("nix-daemon"),
             _ => PathBuf::from("nix-daemon"),
         };
-        self.daemon = Some(std::sync::Arc::new(crate::daemon::DaemonPool::new(program)));
+        self.daemon = Some(std::sync::Arc::new(crate::daemon::DaemonPool::new(
+            program,
+            work_dir.join("nix-cache"),
+        )));
         self
     }
 

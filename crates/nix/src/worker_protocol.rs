@@ -4,6 +4,7 @@
 //! little-endian u64s, strings as a length and bytes padded to 8; a client's operation is
 //! answered by log messages (`STDERR_*`) until `STDERR_LAST`, then the result.
 
+use crate::daemon::CacheSlot;
 use crate::runner::{StorePathInfo, tail};
 use std::path::Path;
 use std::process::Stdio;
@@ -57,6 +58,7 @@ pub(crate) struct Conn {
     w: BufWriter<ChildStdin>,
     pub(crate) born: Instant,
     pub(crate) builds: u32,
+    _cache: Option<CacheSlot>,
 }
 
 /// What the daemon said of one build.
@@ -69,12 +71,18 @@ pub(crate) struct Outcome {
 }
 
 impl Conn {
+    /// Starts `program --stdio` with `settings`, its narinfo cache in `cache`'s directory
+    /// (held as long as the connection lives).
     pub(crate) async fn start(
         program: &Path,
         settings: &[(String, String)],
+        cache: Option<CacheSlot>,
     ) -> Result<Conn, DaemonError> {
         let mut c = Command::new(program);
         c.arg("--stdio");
+        if let Some(slot) = &cache {
+            c.env("XDG_CACHE_HOME", slot.dir());
+        }
         for (k, v) in settings {
             c.arg("--option").arg(k).arg(v);
         }
@@ -93,6 +101,7 @@ impl Conn {
             w: BufWriter::new(w),
             born: Instant::now(),
             builds: 0,
+            _cache: cache,
         };
         conn.u64(WORKER_MAGIC_1).await?;
         conn.w.flush().await?;

@@ -431,6 +431,8 @@ impl Pusher {
         // twice as long as the upload it waited for).
         let mut wait = Duration::from_millis(20);
         let mut waited = Duration::ZERO;
+        let (t0, mut waves, mut polls, mut waiting) =
+            (std::time::Instant::now(), 0, 0, Duration::ZERO);
         while !remaining.is_empty() || !theirs.is_empty() {
             // Waves of paths whose missing references are all in the cache: dependencies
             // first, independent paths in parallel.
@@ -443,12 +445,15 @@ impl Pusher {
             remaining = rest;
             if ready.is_empty() && !theirs.is_empty() {
                 // Everything left waits on paths another pusher is uploading.
+                let tw = std::time::Instant::now();
                 tokio::time::sleep(wait).await;
+                polls += 1;
                 waited += wait;
                 wait = (wait * 3 / 2).min(Duration::from_millis(500));
                 let still = self.missing(&theirs).await?;
                 in_cache.extend(theirs.iter().filter(|p| !still.contains(p)).cloned());
                 theirs = still;
+                waiting += tw.elapsed();
                 if waited >= Duration::from_secs(3) && !theirs.is_empty() {
                     // Take over what the other pusher gave up (its claim lapsed or was released).
                     waited = Duration::ZERO;
@@ -470,6 +475,7 @@ impl Pusher {
             }
             // Futures built eagerly (they do nothing until polled): a closure returning a
             // borrowing future here makes the caller's future not provably Send.
+            waves += 1;
             let mut futs = Vec::with_capacity(ready.len());
             for i in ready {
                 futs.push(self.push_path(i));
@@ -497,6 +503,14 @@ impl Pusher {
                 return Err(e);
             }
         }
+        tracing::debug!(
+            uploaded = done.len(),
+            waves,
+            polls,
+            waiting_ms = waiting.as_millis() as u64,
+            ms = t0.elapsed().as_millis() as u64,
+            "pushed"
+        );
         Ok(done)
     }
 

@@ -340,10 +340,16 @@ pub(super) async fn eval_chunk(
         Ok(e) => e,
         Err(e) => return fail(e),
     };
+    let started = std::time::Instant::now();
     let evaluated = match eval_rooted(shared, run_id, &entry, &j).await {
         Ok(m) => m,
         Err(e) => return fail(e),
     };
+    tracing::debug!(
+        attrs = j.attrs.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "evaluation task: evaluated"
+    );
     chunk_result(
         shared,
         channel,
@@ -412,10 +418,16 @@ async fn chunk_result(
             }),
         }
     }
+    let started = std::time::Instant::now();
     let drvs = match shared.nix.show_derivations(&tops).await {
         Ok(d) => d,
         Err(e) => return fail(NixError::Infra(format!("cannot read derivations: {e}"))),
     };
+    tracing::debug!(
+        drvs = drvs.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "evaluation task: derivations read"
+    );
     // Warm mode: derivations whose outputs the cache (or, without one, this store) has.
     let mut present = std::collections::HashSet::new();
     if skip_cached {
@@ -459,6 +471,10 @@ async fn chunk_result(
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "evaluation task: derivations pushed"
+        );
         if let Err(e) = pushed {
             // A cache that refuses uploads costs the packages their "cached", not the run:
             // the evaluation stands, builds here go on, and each push failure is reported
