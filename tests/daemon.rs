@@ -271,3 +271,53 @@ async fn daemons_keep_their_narinfo_caches_apart() {
         assert!(db.exists(), "{} is missing", db.display());
     }
 }
+
+/// A build off its run's longest chain runs at a lower CPU priority, through the daemon and
+/// through `nix-store` alike, and a build on it does not: what the builder itself sees.
+#[tokio::test]
+async fn a_background_build_runs_at_a_lower_cpu_priority() {
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let work = tempfile::tempdir().unwrap();
+    let daemon = Nix::default().with_daemon(work.path());
+    let plain = Nix::default();
+    let own = String::from_utf8(std::process::Command::new("nice").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .parse::<i32>()
+        .unwrap();
+    for (i, nix) in [&daemon, &plain].into_iter().enumerate() {
+        for background in [true, false] {
+            // coreutils' `nice` without a command prints the niceness it runs at.
+            let d = drv(
+                "niceness",
+                "mkdir $out; nice > $out/nice",
+                "",
+                &format!("{tag}-{i}-{background}"),
+            );
+            let opts = BuildOptions {
+                background,
+                ..Default::default()
+            };
+            let run = nix
+                .realise(&d, &opts, CancellationToken::new(), |_| {})
+                .await;
+            let out = run
+                .result
+                .unwrap_or_else(|e| panic!("{e:?}: {}", run.log_tail));
+            let nice = std::fs::read_to_string(format!("{}/nice", out[0])).unwrap();
+            let want = if background { (own + 10).min(19) } else { own };
+            assert_eq!(
+                nice.trim(),
+                want.to_string(),
+                "background {background}, nix {i}"
+            );
+        }
+    }
+}

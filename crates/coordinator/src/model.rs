@@ -309,6 +309,8 @@ pub enum Job {
         max_silent_secs: u64,
         /// Smoke-test the result: the main program's name (empty: the only one in bin/).
         smoke: Option<String>,
+        /// Off the run's longest remaining chain: built at a lower CPU priority.
+        background: bool,
     },
 }
 

@@ -85,6 +85,10 @@ pub struct Scheduler {
     classes: Vec<Class>,
     class_ids: HashMap<Class, u32>,
     ready: Vec<BinaryHeap<(u64, Reverse<NodeId>)>>,
+    /// Every node by the priority it was given, highest first: the top unfinished one is
+    /// the length of the longest remaining chain. Entries of finished nodes, and stale ones
+    /// of raised priorities, are dropped as they come to the top.
+    by_priority: BinaryHeap<(u64, NodeId)>,
     unfinished: usize,
     running: usize,
     /// Nodes in the Ready state (the heaps may also hold stale entries).
@@ -164,6 +168,9 @@ impl Scheduler {
             }
             self.nodes[i as usize].inputs = inputs;
         }
+        self.by_priority = (0..n as NodeId)
+            .map(|i| (self.nodes[i as usize].priority, i))
+            .collect();
         for i in 0..n {
             let left = self.nodes[i]
                 .inputs
@@ -220,6 +227,7 @@ impl Scheduler {
                 .max()
                 .unwrap_or(0);
             self.nodes[i].priority = best + self.nodes[i].cost;
+            self.by_priority.push((self.nodes[i].priority, i as NodeId));
             order.push(i);
             for k in 0..self.nodes[i].inputs.len() {
                 let inp = self.nodes[i].inputs[k] as usize;
@@ -242,6 +250,7 @@ impl Scheduler {
                 let want = pri + self.nodes[inp].cost;
                 if inp < first && want > self.nodes[inp].priority {
                     self.nodes[inp].priority = want;
+                    self.by_priority.push((want, inp as NodeId));
                     if self.nodes[inp].state == NodeState::Ready {
                         let class = self.nodes[inp].class as usize;
                         self.ready[class].push((want, Reverse(inp as NodeId)));
@@ -512,6 +521,21 @@ impl Scheduler {
     pub fn failed_root(&self, id: NodeId) -> Option<NodeId> {
         self.nodes[id as usize].failed_root
     }
+    /// Whether `id` lies on a longest remaining chain: no unfinished node has a higher
+    /// priority (a node's priority is the longest chain from it to the end). Amortised
+    /// O(log n): finished nodes leave the heap once.
+    pub fn on_critical_path(&mut self, id: NodeId) -> bool {
+        while let Some(&(p, top)) = self.by_priority.peek() {
+            let n = &self.nodes[top as usize];
+            if n.state.is_done() || n.priority != p {
+                self.by_priority.pop();
+                continue;
+            }
+            return self.nodes[id as usize].priority >= p;
+        }
+        true
+    }
+
     pub fn priority(&self, id: NodeId) -> u64 {
         self.nodes[id as usize].priority
     }

@@ -226,6 +226,43 @@ fn a_later_chunk_raises_the_priority_of_what_it_needs() {
 }
 
 #[test]
+fn the_longest_remaining_chain_is_told_apart() {
+    // src <- lib <- app (a chain of 3), and a lone node of cost 2. A later chunk hangs a
+    // chain of 3 more on `lone`.
+    let mut s = Scheduler::new();
+    let src = s.add_node(x86(), 1);
+    let lib = s.add_node(x86(), 1);
+    let app = s.add_node(x86(), 1);
+    let lone = s.add_node(x86(), 2);
+    s.add_edge(lib, src);
+    s.add_edge(app, lib);
+    s.start();
+    assert!(s.on_critical_path(src));
+    assert!(!s.on_critical_path(lone), "2 < 3");
+    assert_eq!(s.pop_for(&caps()), Some(src));
+    assert_eq!(s.pop_for(&caps()), Some(lone));
+    s.complete(src);
+    // 2 left on the chain, 2 on lone: both on a longest chain now.
+    assert!(s.on_critical_path(lib));
+    assert!(s.on_critical_path(lone));
+    let from = s.len() as NodeId;
+    let a = s.add_node(x86(), 1);
+    let b = s.add_node(x86(), 1);
+    let c = s.add_node(x86(), 1);
+    s.add_edge(a, lone);
+    s.add_edge(b, a);
+    s.add_edge(c, b);
+    assert!(s.extend(from).is_empty());
+    assert!(s.on_critical_path(lone), "raised to 5");
+    assert!(!s.on_critical_path(lib), "2 < 5");
+    s.complete(lone);
+    assert!(s.on_critical_path(a));
+    assert!(!s.on_critical_path(lib), "2 < 3");
+    s.complete(a);
+    assert!(s.on_critical_path(lib), "2 = 2");
+}
+
+#[test]
 fn a_fetch_never_takes_a_build_slot_and_a_build_never_a_fetch_slot() {
     // A more urgent fetch (it gates a long chain) and a build, both ready.
     let fetch = Class {

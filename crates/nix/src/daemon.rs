@@ -26,6 +26,9 @@ const MAX_IDLE: Duration = Duration::from_secs(5);
 const MAX_POOLED: usize = 16;
 /// Longest wait for the handshake, and for a build to stop once interrupted.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much nicer than the agent a build off its run's longest chain runs: a build the run
+/// waits on gets the CPU first, and these still get what it leaves.
+pub(crate) const BACKGROUND_NICE: i32 = 10;
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The settings a daemon is started with (`--option NAME VALUE`): those of one kind of build.
@@ -127,9 +130,10 @@ impl DaemonPool {
         }
     }
 
-    /// A live connection with `settings`, pooled or new; None once a daemon could not be
-    /// started (this Nix has none, or speaks an older protocol): builds use `nix-store`.
-    async fn take(&self, settings: &Settings) -> Option<Conn> {
+    /// A live connection with `settings`, pooled or new, its daemon at CPU priority `nice`;
+    /// None once a daemon could not be started (this Nix has none, or speaks an older
+    /// protocol): builds use `nix-store`.
+    async fn take(&self, settings: &Settings, nice: i32) -> Option<Conn> {
         if self.disabled.load(Ordering::Relaxed) {
             return None;
         }
@@ -137,7 +141,7 @@ impl DaemonPool {
             let mut idle = self.idle.lock().ok()?;
             prune(&mut idle);
             idle.iter()
-                .position(|i| &i.settings == settings)
+                .position(|i| &i.settings == settings && i.conn.nice == nice)
                 .map(|at| idle.swap_remove(at).conn)
         };
         if let Some(mut c) = pooled
@@ -146,7 +150,7 @@ impl DaemonPool {
             return Some(c);
         }
         let cache = self.caches.take();
-        let started = Conn::start(&self.program, settings, cache);
+        let started = Conn::start(&self.program, settings, cache, nice);
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
             Ok(Ok(c)) => Some(c),
             Ok(Err(e)) => {
@@ -295,7 +299,8 @@ impl Nix {
     ) -> Option<BuildRun> {
         let start = Instant::now();
         let settings = self.build_settings(opts);
-        let mut conn = pool.take(&settings).await?;
+        let nice = if opts.background { BACKGROUND_NICE } else { 0 };
+        let mut conn = pool.take(&settings, nice).await?;
         let mut log = TailBuffer::new(self.log_tail_bytes.max(64 * 1024));
         let pid = conn.child.id();
         let mut cancelled = false;
@@ -370,7 +375,7 @@ impl Nix {
     ) -> Option<Result<Vec<StorePathInfo>, NixError>> {
         let pool = self.daemon.as_ref()?;
         let settings = self.build_settings(&BuildOptions::default());
-        let mut conn = pool.take(&settings).await?;
+        let mut conn = pool.take(&settings, 0).await?;
         let mut seen: std::collections::BTreeMap<String, StorePathInfo> = Default::default();
         let mut todo: Vec<String> = paths.to_vec();
         while let Some(p) = todo.pop() {
@@ -411,7 +416,7 @@ impl Nix {
     ) -> Option<Result<Vec<String>, NixError>> {
         let pool = self.daemon.as_ref()?;
         let settings = self.build_settings(&BuildOptions::default());
-        let mut conn = pool.take(&settings).await?;
+        let mut conn = pool.take(&settings, 0).await?;
         let mut invalid = Vec::new();
         for chunk in paths.chunks(2000) {
             match conn.query_valid_paths(chunk).await {
@@ -436,7 +441,7 @@ impl Nix {
     ) -> Option<Result<(), String>> {
         let pool = self.daemon.as_ref()?;
         let settings = self.build_settings(opts);
-        let mut conn = pool.take(&settings).await?;
+        let mut conn = pool.take(&settings, 0).await?;
         let mut said = String::new();
         let r = conn
             .build(path, &mut |b: &[u8]| {

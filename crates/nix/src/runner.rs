@@ -52,6 +52,9 @@ pub struct BuildOptions {
     /// Build again although the outputs are valid, and fail if the result differs (`--check`;
     /// for a fixed-output derivation: runs its fetcher and compares the hash).
     pub check: bool,
+    /// Off its run's longest chain: built at a lower CPU priority (10 nicer than this
+    /// process), so that the build the run waits on gets the CPU first.
+    pub background: bool,
 }
 
 /// What one `nix-store --realise` did.
@@ -277,6 +280,9 @@ impl Nix {
         if opts.check {
             c.arg("--check");
         }
+        if opts.background {
+            set_nice(&mut c, crate::daemon::BACKGROUND_NICE);
+        }
         let mut child = match c.spawn() {
             Ok(ch) => ch,
             Err(e) => {
@@ -445,6 +451,23 @@ impl TailBuffer {
     pub(crate) fn text(&self) -> String {
         let start = self.buf.len().saturating_sub(self.cap);
         String::from_utf8_lossy(&self.buf[start..]).to_string()
+    }
+}
+
+/// Has the process `c` starts run `nice` steps nicer than this one (0: as this one), and
+/// everything it starts in turn (Nix's builders).
+pub(crate) fn set_nice(c: &mut Command, nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: runs in the forked child before exec; nice(2) is a plain system call that
+    // touches no memory of the parent. Becoming nicer needs no privilege; should it fail
+    // anyway, the build runs at this process's priority.
+    unsafe {
+        c.pre_exec(move || {
+            libc::nice(nice);
+            Ok(())
+        });
     }
 }
 

@@ -58,6 +58,8 @@ pub(crate) struct Conn {
     w: BufWriter<ChildStdin>,
     pub(crate) born: Instant,
     pub(crate) builds: u32,
+    /// The daemon's CPU priority.
+    pub(crate) nice: i32,
     _cache: Option<CacheSlot>,
 }
 
@@ -72,14 +74,16 @@ pub(crate) struct Outcome {
 
 impl Conn {
     /// Starts `program --stdio` with `settings`, its narinfo cache in `cache`'s directory
-    /// (held as long as the connection lives).
+    /// (held as long as the connection lives), at CPU priority `nice` (its builds inherit it).
     pub(crate) async fn start(
         program: &Path,
         settings: &[(String, String)],
         cache: Option<CacheSlot>,
+        nice: i32,
     ) -> Result<Conn, DaemonError> {
         let mut c = Command::new(program);
         c.arg("--stdio");
+        crate::runner::set_nice(&mut c, nice);
         if let Some(slot) = &cache {
             c.env("XDG_CACHE_HOME", slot.dir());
         }
@@ -101,6 +105,7 @@ impl Conn {
             w: BufWriter::new(w),
             born: Instant::now(),
             builds: 0,
+            nice,
             _cache: cache,
         };
         conn.u64(WORKER_MAGIC_1).await?;

@@ -48,6 +48,7 @@ pub(super) async fn build(
     };
     trusted.sort();
     trusted.dedup();
+    tracing::debug!(drv = %j.drv_path, background = j.background, "build");
     let opts = BuildOptions {
         substituter,
         trusted_public_keys: trusted,
@@ -58,6 +59,7 @@ pub(super) async fn build(
         gc_root: shared.roots.output_root(run_id, &j.drv_path),
         system_features: shared.cfg.features.clone(),
         check: false,
+        background: j.background,
     };
     // A derivation this store does not hold (evaluated on another host, or collected): fetch
     // it, with its inputs, from the run's cache (through the build's own daemon when builds

@@ -256,6 +256,7 @@ impl Engine {
                 sched.pop_for(caps)
             };
             if let Some(n) = picked {
+                let background = !sched.on_critical_path(n);
                 let drv = run.drv_of[n as usize].clone();
                 let (t, s) = run.limits.get(&drv).copied().unwrap_or((0, 0));
                 let job = Job::Build {
@@ -265,6 +266,7 @@ impl Engine {
                     timeout_secs: if t > 0 { t } else { run.spec.timeout_secs },
                     max_silent_secs: if s > 0 { s } else { run.spec.max_silent_secs },
                     smoke: run.smoke.get(&drv).cloned(),
+                    background,
                 };
                 return Some((run.id.clone(), JobRef::Build(n), job, drv));
             }

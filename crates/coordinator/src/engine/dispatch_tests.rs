@@ -308,7 +308,8 @@ fn a_listing_that_evaluated_an_attribute_it_did_not_list_is_evaluated_by_tasks()
 }
 
 #[test]
-fn a_package_that_declares_a_long_timeout_starts_first_on_a_coordinator_that_never_built_it() {
+fn a_package_that_declares_a_long_timeout_starts_first_on_a_coordinator_that_never_built_it_and_the_rest_yield_the_cpu()
+ {
     let (engine, _clock, _dir) = test_engine(EngineOptions::default());
     let mut a = connect_agent(&engine, "a");
     engine.submit(flake_run()).unwrap();
@@ -349,7 +350,14 @@ fn a_package_that_declares_a_long_timeout_starts_first_on_a_coordinator_that_nev
     );
     let (_, job) = assigned(&mut a.rx);
     assert!(
-        matches!(job, Job::Build { ref drv_path, .. } if drv_path.ends_with("-p1.drv")),
+        matches!(job, Job::Build { ref drv_path, background: false, .. } if drv_path.ends_with("-p1.drv")),
+        "{job:?}"
+    );
+    // A second agent takes p0, off the longest chain: it builds at a lower CPU priority.
+    let mut b = connect_agent(&engine, "b");
+    let (_, job) = assigned(&mut b.rx);
+    assert!(
+        matches!(job, Job::Build { ref drv_path, background: true, .. } if drv_path.ends_with("-p0.drv")),
         "{job:?}"
     );
 }

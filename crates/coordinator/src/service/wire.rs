@@ -556,6 +556,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         timeout_secs,
                         max_silent_secs,
                         smoke,
+                        background,
                     } => J::Build(pb::BuildJob {
                         drv_path,
                         cache,
@@ -564,6 +565,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         max_silent_secs,
                         smoke: smoke.is_some(),
                         main_program: smoke.unwrap_or_default(),
+                        background,
                     }),
                 };
                 Msg::Assign(pb::Assignment {
