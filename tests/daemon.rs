@@ -31,20 +31,25 @@ fn expr(name: &str, script: &str, extra: &str, tag: &str) -> String {
     )
 }
 
-fn drv(name: &str, script: &str, extra: &str, tag: &str) -> String {
-    instantiate(&expr(name, script, extra, tag))
-}
-
-#[tokio::test]
-async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
-    let tag = format!(
+/// A tag no earlier run of these tests used: fresh derivations, built for real.
+fn unique_tag() -> String {
+    format!(
         "{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos()
-    );
+    )
+}
+
+fn drv(name: &str, script: &str, extra: &str, tag: &str) -> String {
+    instantiate(&expr(name, script, extra, tag))
+}
+
+#[tokio::test]
+async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
+    let tag = unique_tag();
     let roots = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let daemon = Nix::default().with_daemon(work.path());
@@ -216,14 +221,7 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
 /// daemon keeps its own narinfo cache, under the agent's work directory.
 #[tokio::test]
 async fn daemons_keep_their_narinfo_caches_apart() {
-    let tag = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let tag = unique_tag();
     let work = tempfile::tempdir().unwrap();
     // An HTTP binary cache that has nothing (Nix keeps no narinfo cache for file:// ones),
     // slow to describe itself so that both daemons find it new before either registers it.
@@ -276,14 +274,7 @@ async fn daemons_keep_their_narinfo_caches_apart() {
 /// through `nix-store` alike, and a build on it does not: what the builder itself sees.
 #[tokio::test]
 async fn a_background_build_runs_at_a_lower_cpu_priority() {
-    let tag = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let tag = unique_tag();
     let work = tempfile::tempdir().unwrap();
     let daemon = Nix::default().with_daemon(work.path());
     let plain = Nix::default();
