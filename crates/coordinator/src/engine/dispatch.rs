@@ -2,6 +2,7 @@
 //! for fixed-output derivations): by critical path within a run, shortest remaining run first
 //! across runs.
 
+use super::eval::eval_slots;
 use super::*;
 
 impl Engine {
@@ -49,19 +50,18 @@ impl Engine {
                 let mut caps = agent.caps.clone();
                 caps.fetches_only = others >= max;
                 caps.builds_only = fetching >= max;
-                // An agent with more than one slot keeps one for builds while evaluation
-                // goes on: builds start with the first evaluated chunk instead of after the
-                // last one.
-                let evaluating = if max > 1 && !agent.running.is_empty() {
-                    holds(|m| matches!(m.job, JobRef::Eval(_)))
-                } else {
+                // An agent evaluates with at most half its slots (eval::eval_slots); the
+                // rest build: builds start with the first evaluated task instead of after
+                // the last one.
+                let evaluating = if agent.running.is_empty() {
                     0
+                } else {
+                    holds(|m| matches!(m.job, JobRef::Eval(_)))
                 };
-                let builds_first = evaluating > 0 && evaluating + 1 >= max;
-                let next = if caps.fetches_only {
+                let next = if caps.fetches_only || evaluating >= eval_slots(agent.reg.max_jobs) {
                     Self::next_build(&mut inner.runs, &caps, &name, &self.opts, now)
                 } else {
-                    Self::next_job(&mut inner.runs, &caps, &name, &self.opts, builds_first, now)
+                    Self::next_job(&mut inner.runs, &caps, &name, &self.opts, now)
                 };
                 let Some((run_id, job_ref, job, target)) = next else {
                     break;
@@ -142,23 +142,15 @@ impl Engine {
         }
     }
 
-    /// Evaluation first (it unlocks builds and their priorities), then builds; with
-    /// `builds_first` a ready build goes before more evaluation.
+    /// Evaluation first (it unlocks builds and their priorities), then builds.
     pub(super) fn next_job(
         runs: &mut [RunMem],
         caps: &Capabilities,
         agent: &str,
         opts: &EngineOptions,
-        builds_first: bool,
         now_ms: i64,
     ) -> Option<(String, JobRef, Job, String)> {
-        if builds_first {
-            Self::next_build(runs, caps, agent, opts, now_ms)
-                .or_else(|| Self::next_eval(runs, opts))
-        } else {
-            Self::next_eval(runs, opts)
-                .or_else(|| Self::next_build(runs, caps, agent, opts, now_ms))
-        }
+        Self::next_eval(runs, opts).or_else(|| Self::next_build(runs, caps, agent, opts, now_ms))
     }
 
     /// The next evaluation task, oldest run first.

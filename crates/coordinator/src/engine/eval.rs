@@ -85,13 +85,15 @@ impl Engine {
         attrs: Vec<String>,
         evaluated: Option<EvalChunkOutput>,
     ) -> Result<(), EngineError> {
-        let agents = inner
+        let eval_slots = inner
             .agents
             .values()
             .filter(|a| a.tx.is_some())
-            .count()
+            .map(|a| eval_slots(a.reg.max_jobs))
+            .sum::<usize>()
             .max(1);
-        // Enough tasks to spread over the agents, bounded so each process stays small.
+        // Enough tasks to spread over the agents' evaluation slots, bounded so each process
+        // stays small.
         let done: Vec<String> = evaluated
             .iter()
             .flat_map(|(e, _)| e.iter().map(|a| a.attr.clone()))
@@ -106,7 +108,7 @@ impl Engine {
         };
         let size = rest
             .len()
-            .div_ceil(agents * 2)
+            .div_ceil(eval_slots)
             .clamp(1, self.opts.eval_chunk_size.max(1));
         let chunks: Vec<&[String]> = (!done.is_empty())
             .then_some(done.as_slice())
@@ -362,4 +364,12 @@ impl Engine {
         );
         self.maybe_finish(inner, run_id)
     }
+}
+
+/// Evaluation tasks an agent with `max_jobs` slots runs at once: half its slots, at least
+/// one. The other slots build what is evaluated already, so builds start with the first
+/// evaluated task, and a host holds at most that many evaluation processes (each up to
+/// `eval_memory_mib`).
+pub(super) fn eval_slots(max_jobs: u32) -> usize {
+    (max_jobs as usize).div_ceil(2).max(1)
 }
