@@ -62,6 +62,90 @@ fn artifacts() -> std::path::PathBuf {
     repo_root().join("target/test-artifacts")
 }
 
+/// A plain HTTP GET from `from` (a loopback address of this machine): (status, response).
+fn get_from(from: &str, port: u16, path: &str, bearer: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut s = sock
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {bearer}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, out)
+    })
+}
+
+/// Guessing the token is bounded per address: after 10 wrong tokens an address gets 429
+/// with Retry-After (the right token too, until its minute ends); another address is not
+/// held back. The real coordinator, real TCP from two loopback addresses.
+#[test]
+fn wrong_tokens_hold_back_their_address_and_no_other() {
+    let dir = scratch();
+    let token_file = dir.path().join("client-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let http = free_port();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nclient_token_file = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let _coordinator = Coordinator::start_on(
+        &dir.path().join("coordinator"),
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    assert_eq!(get_from("127.0.0.2", http, "/api/runs", TOKEN).0, 200);
+    for i in 0..10 {
+        let (status, resp) = get_from("127.0.0.2", http, "/api/runs", &format!("guess-{i}"));
+        assert_eq!(status, 401, "guess {i}: {resp}");
+    }
+    let (status, resp) = get_from("127.0.0.2", http, "/api/runs", TOKEN);
+    assert_eq!(status, 429, "{resp}");
+    assert!(resp.to_lowercase().contains("retry-after: "), "{resp}");
+    assert!(body(&resp).contains("too many wrong tokens"), "{resp}");
+    assert!(!resp.contains(TOKEN), "{resp}");
+    // The login form is held back as well; another address is not.
+    let (status, _) = get_from("127.0.0.2", http, "/runs", "guess");
+    assert_eq!(status, 429);
+    assert_eq!(get_from("127.0.0.3", http, "/api/runs", TOKEN).0, 200);
+    // A browser's cookie of an earlier token is dropped on the way to the login form, so
+    // reloading does not count as guessing.
+    let (status, resp) = get(http, "/runs", None);
+    assert_eq!(status, 303, "{resp}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    write!(
+        s,
+        "GET /runs HTTP/1.0\r\nHost: 127.0.0.1:{http}\r\nCookie: nixfarm_session=stale\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.contains("location: /login?next="), "{resp}");
+    assert!(resp.contains("nixfarm_session=; Path=/"), "{resp}");
+    assert!(resp.contains("Max-Age=0"), "{resp}");
+}
+
 #[test]
 fn a_run_page_goes_live_in_a_real_browser() {
     let dir = scratch();

@@ -1,15 +1,19 @@
 //! Serving HTTP (web UI, metrics, farm cache) with the bounds `axum::serve` does not set: a
 //! deadline for each request's head, so a client that trickles its headers (or sends none,
-//! or idles between requests) is dropped, and a cap on open connections.
+//! or idles between requests) is dropped, and a cap on open connections. Each request
+//! carries its peer's address (`ConnectInfo<SocketAddr>`), as `axum::serve` gives it.
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::serve::Listener;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
 /// How long a client may take to send a request's head (also the idle time allowed between
 /// requests on a kept-alive connection).
@@ -18,11 +22,11 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Serves `app` on `listener` until the task is dropped.
-pub async fn serve<L: Listener>(listener: L, app: Router) {
+pub async fn serve<L: Listener<Addr = SocketAddr>>(listener: L, app: Router) {
     serve_with(listener, app, HEADER_TIMEOUT, MAX_CONNECTIONS).await
 }
 
-pub(crate) async fn serve_with<L: Listener>(
+pub(crate) async fn serve_with<L: Listener<Addr = SocketAddr>>(
     mut listener: L,
     app: Router,
     header_timeout: Duration,
@@ -30,12 +34,17 @@ pub(crate) async fn serve_with<L: Listener>(
 ) {
     let open = Arc::new(Semaphore::new(max_connections));
     loop {
-        let (io, _addr) = listener.accept().await;
+        let (io, addr) = listener.accept().await;
         let Ok(slot) = open.clone().try_acquire_owned() else {
             tracing::warn!("{max_connections} HTTP connections open: closing a new one");
             continue;
         };
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut r: axum::http::Request<_>| {
+                r.extensions_mut().insert(ConnectInfo(addr));
+                r
+            },
+        ));
         tokio::spawn(async move {
             let mut b = Builder::new(TokioExecutor::new());
             b.http1()

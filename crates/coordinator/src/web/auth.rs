@@ -1,14 +1,17 @@
 //! Access to the web UI: with a client token configured, every page and API call needs it,
 //! as `Authorization: Bearer TOKEN` (scripts) or the cookie the login form sets (browsers:
-//! HttpOnly, SameSite=Strict, derived from the token, never the token itself).
+//! HttpOnly, SameSite=Strict, derived from the token, never the token itself). Wrong tokens
+//! are counted per client address (`limit.rs`).
 
-use super::{Shared, html};
+use super::{Shared, html, limit};
 use crate::engine::constant_time_eq;
-use axum::extract::{Query, Request, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 const COOKIE: &str = "nixfarm_session";
 /// Longest token the login form takes, bytes.
@@ -20,10 +23,25 @@ pub async fn require(State(web): State<Shared>, req: Request, next: Next) -> Res
     let open = path == "/login"
         || path.starts_with("/static/")
         || (web.cfg.public_badges && path.starts_with("/badge/"));
-    if open || authorized(&web, req.headers()) {
+    if open {
         return next.run(req).await;
     }
-    if path.starts_with("/api/") || path.starts_with("/badge/") || path.ends_with(".patch") {
+    let peer = peer(&req);
+    let json = path.starts_with("/api/") || path.starts_with("/badge/") || path.ends_with(".patch");
+    if let Some(wait) = peer.and_then(|ip| web.limiter.blocked(ip, Instant::now())) {
+        return too_many(&web, wait, json, "/runs");
+    }
+    let wrong = match authorized(&web, req.headers()) {
+        Auth::Yes => return next.run(req).await,
+        Auth::Wrong => {
+            if let Some(ip) = peer {
+                web.limiter.failed(ip, Instant::now());
+            }
+            true
+        }
+        Auth::None => false,
+    };
+    if json {
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -38,27 +56,91 @@ pub async fn require(State(web): State<Shared>, req: Request, next: Next) -> Res
         .path_and_query()
         .map_or("/runs", |p| p.as_str())
         .to_string();
-    Redirect::to(&format!("/login?next={}", html::seg(&next_path))).into_response()
+    let mut r = Redirect::to(&format!("/login?next={}", html::seg(&next_path))).into_response();
+    if wrong {
+        // A cookie of an earlier token: dropped, so that reloads do not count against the
+        // address as guesses.
+        if let Ok(v) = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0").parse() {
+            r.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    r
 }
 
-fn authorized(web: &Shared, headers: &HeaderMap) -> bool {
+/// What a request's credentials come to.
+enum Auth {
+    /// The token (or its cookie), or no token is configured.
+    Yes,
+    /// A token or session cookie that is not this coordinator's: counted against the peer.
+    Wrong,
+    /// None given.
+    None,
+}
+
+fn authorized(web: &Shared, headers: &HeaderMap) -> Auth {
     let (Some(token), Some(session)) = (&web.token, &web.session) else {
-        return true;
+        return Auth::Yes;
     };
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         && let Some(t) = v.strip_prefix("Bearer ")
     {
-        return constant_time_eq(t.trim().as_bytes(), token.as_bytes());
+        return if constant_time_eq(t.trim().as_bytes(), token.as_bytes()) {
+            Auth::Yes
+        } else {
+            Auth::Wrong
+        };
     }
-    headers
+    let mut cookies = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .any(|(k, v)| k == COOKIE && constant_time_eq(v.as_bytes(), session.as_bytes()))
+        .filter(|(k, _)| *k == COOKIE)
+        .peekable();
+    if cookies.peek().is_none() {
+        return Auth::None;
+    }
+    if cookies.any(|(_, v)| constant_time_eq(v.as_bytes(), session.as_bytes())) {
+        Auth::Yes
+    } else {
+        Auth::Wrong
+    }
+}
+
+/// The client's address, when the server tells it (it does for every connection it accepts).
+fn peer<B>(req: &axum::http::Request<B>) -> Option<IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// 429: this address sent too many wrong tokens; it may try again after `wait`.
+fn too_many(web: &Shared, wait: Duration, json: bool, next: &str) -> Response {
+    let secs = wait.as_secs().max(1);
+    let why = format!(
+        "too many wrong tokens from this address ({} in {} s): try again in {secs} s",
+        limit::MAX_FAILURES,
+        limit::WINDOW.as_secs()
+    );
+    let retry = [(header::RETRY_AFTER, secs.to_string())];
+    if json {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            retry,
+            axum::Json(serde_json::json!({ "error": why })),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            retry,
+            Html(login_page(web, next, Some(&why))),
+        )
+            .into_response()
+    }
 }
 
 #[derive(Deserialize)]
@@ -75,18 +157,20 @@ fn safe_next(next: Option<&str>) -> String {
 }
 
 pub async fn login_form(State(web): State<Shared>, Query(q): Query<NextQuery>) -> Html<String> {
-    Html(login_page(&web, &safe_next(q.next.as_deref()), false))
+    Html(login_page(&web, &safe_next(q.next.as_deref()), None))
 }
 
-fn login_page(web: &Shared, next: &str, failed: bool) -> String {
+/// The login form, with `error` said above it.
+fn login_page(web: &Shared, next: &str, error: Option<&str>) -> String {
     let mut body = String::from("<h1>Log in</h1>");
     if web.token.is_none() {
         body.push_str("<p>This coordinator needs no token.</p>");
     }
-    if failed {
-        body.push_str(
-            "<p class=\"error\" role=\"alert\">That token is not this coordinator's.</p>",
-        );
+    if let Some(e) = error {
+        body.push_str(&format!(
+            "<p class=\"error\" role=\"alert\">{}</p>",
+            html::esc(e)
+        ));
     }
     body.push_str(&format!(
         "<form method=\"post\" action=\"/login\" class=\"login\">\
@@ -106,8 +190,16 @@ pub struct LoginForm {
     next: Option<String>,
 }
 
-pub async fn login(State(web): State<Shared>, axum::Form(f): axum::Form<LoginForm>) -> Response {
+pub async fn login(
+    State(web): State<Shared>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    axum::Form(f): axum::Form<LoginForm>,
+) -> Response {
     let next = safe_next(f.next.as_deref());
+    let ip = peer.map(|c| c.0.0.ip());
+    if let Some(wait) = ip.and_then(|ip| web.limiter.blocked(ip, Instant::now())) {
+        return too_many(&web, wait, false, &next);
+    }
     let ok = match (&web.token, &web.session) {
         (Some(t), Some(_)) => {
             f.token.len() <= MAX_TOKEN && constant_time_eq(f.token.trim().as_bytes(), t.as_bytes())
@@ -115,9 +207,16 @@ pub async fn login(State(web): State<Shared>, axum::Form(f): axum::Form<LoginFor
         _ => true,
     };
     if !ok {
+        if let Some(ip) = ip {
+            web.limiter.failed(ip, Instant::now());
+        }
         return (
             StatusCode::UNAUTHORIZED,
-            Html(login_page(&web, &next, true)),
+            Html(login_page(
+                &web,
+                &next,
+                Some("That token is not this coordinator's."),
+            )),
         )
             .into_response();
     }

@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod badge;
 mod html;
+mod limit;
 mod live;
 mod pages;
 
@@ -30,6 +31,8 @@ pub struct Web {
     cfg: HttpConfig,
     /// Live streams open at once (each follows a run and computes its rows).
     streams: Arc<tokio::sync::Semaphore>,
+    /// Wrong tokens per client address.
+    limiter: limit::Limiter,
 }
 
 /// Most live streams (pages and event followers) open at once.
@@ -52,6 +55,7 @@ impl Web {
             csrf_key,
             cfg,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+            limiter: limit::Limiter::default(),
         }
     }
 

@@ -1,0 +1,100 @@
+//! Guessing the client token is bounded per address: after `MAX_FAILURES` wrong tokens
+//! (login form, bearer header or cookie) within `WINDOW`, an address gets 429 for whatever
+//! needs the token, right token included, until its window ends. The token is a random
+//! secret, so this is defence in depth; clients behind one proxy share its address.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Wrong tokens an address may send within a window.
+pub const MAX_FAILURES: u32 = 10;
+/// How long an address's failures count.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at once; past it the oldest windows are forgotten first.
+const MAX_TRACKED: usize = 10_000;
+
+/// Wrong tokens per client address, in fixed windows.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    seen: Mutex<HashMap<IpAddr, Window>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    failures: u32,
+}
+
+impl Limiter {
+    /// None when `ip` may try a token at `now`; else how long until it may.
+    pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let seen = self.seen.lock().ok()?;
+        let w = seen.get(&ip)?;
+        let left = WINDOW.checked_sub(now.saturating_duration_since(w.start))?;
+        (w.failures >= MAX_FAILURES && !left.is_zero()).then_some(left)
+    }
+
+    /// Counts a wrong token from `ip` at `now`.
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        if seen.len() >= MAX_TRACKED && !seen.contains_key(&ip) {
+            seen.retain(|_, w| now.saturating_duration_since(w.start) < WINDOW);
+            if seen.len() >= MAX_TRACKED
+                && let Some(oldest) = seen.iter().min_by_key(|(_, w)| w.start).map(|(k, _)| *k)
+            {
+                seen.remove(&oldest);
+            }
+        }
+        let w = seen.entry(ip).or_insert(Window {
+            start: now,
+            failures: 0,
+        });
+        if now.saturating_duration_since(w.start) >= WINDOW {
+            *w = Window {
+                start: now,
+                failures: 0,
+            };
+        }
+        w.failures = w.failures.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_held_back_after_too_many_wrong_tokens_until_its_window_ends() {
+        let l = Limiter::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..MAX_FAILURES {
+            assert_eq!(l.blocked(a, t0), None, "after {i} failures");
+            l.failed(a, t0 + Duration::from_secs(i as u64));
+        }
+        let wait = l
+            .blocked(a, t0 + Duration::from_secs(20))
+            .expect("held back");
+        assert_eq!(wait, Duration::from_secs(40));
+        assert_eq!(l.blocked(b, t0), None, "another address is not");
+        // The window ends: a fresh start.
+        assert_eq!(l.blocked(a, t0 + WINDOW), None);
+        l.failed(a, t0 + WINDOW);
+        assert_eq!(l.blocked(a, t0 + WINDOW), None);
+    }
+
+    #[test]
+    fn tracked_addresses_are_bounded() {
+        let l = Limiter::default();
+        let t0 = Instant::now();
+        for i in 0..(MAX_TRACKED as u32 + 100) {
+            l.failed(IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert!(l.seen.lock().unwrap().len() <= MAX_TRACKED);
+    }
+}
