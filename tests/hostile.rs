@@ -272,6 +272,58 @@ async fn a_forged_result_or_a_stolen_name_changes_nothing() {
 
 // ----- authentication, configuration and flags --------------------------------------------
 
+/// Guessing tokens over gRPC is bounded per address: after 10 wrong client or agent tokens
+/// in a minute, an address is refused (RESOURCE_EXHAUSTED) even with the right token, and
+/// says so; the count is one for both services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_over_grpc_hold_back_their_address() {
+    let dir = scratch();
+    let client = config_file(dir.path(), "client-token", "right-client-token\n");
+    let agent = config_file(dir.path(), "agent-token", "right-agent-token\n");
+    let cfg = config_file(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "[auth]\nclient_token_file = \"{}\"\nagent_token_file = \"{}\"\n",
+            client.display(),
+            agent.display()
+        ),
+    );
+    let coordinator = Coordinator::start_on(
+        &dir.path().join("coordinator"),
+        "127.0.0.1:0",
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let mut c = run_client(&coordinator.url).await;
+    let list = |token: &str| {
+        let mut r = tonic::Request::new(pb::ListRunsRequest::default());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    assert!(c.list_runs(list("right-client-token")).await.is_ok());
+    for i in 0..5 {
+        let e = c.list_runs(list(&format!("guess-{i}"))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    }
+    // Five more as an agent: the same count.
+    let mut a = agent_client(&coordinator.url).await;
+    for i in 0..5 {
+        let mut r = tonic::Request::new(pb::ClaimUploadsRequest::default());
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer agent-guess-{i}").parse().unwrap(),
+        );
+        let e = a.claim_uploads(r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    }
+    let e = c.list_runs(list("right-client-token")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("too many wrong tokens"), "{e:?}");
+    assert!(!e.message().contains("right-client-token"), "{e:?}");
+}
+
 #[test]
 fn bad_configuration_stops_the_coordinator_with_the_field_named() {
     let dir = scratch();

@@ -11,6 +11,7 @@ mod db_times;
 pub mod engine;
 pub mod farm_cache;
 pub mod http_serve;
+pub mod limit;
 pub mod model;
 pub mod scheduler;
 pub mod server;

@@ -76,11 +76,21 @@ fn token_check(
     expected: Option<String>,
     who: Role,
     client_certs: bool,
+    limiter: Arc<crate::limit::Limiter>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
         // A client certificate the TLS layer verified against the client CA admits an agent.
         if client_certs && req.peer_certs().is_some_and(|c| !c.is_empty()) {
             return Ok(req);
+        }
+        let ip = req.remote_addr().map(|a| a.ip());
+        if let Some(wait) = ip.and_then(|ip| limiter.blocked(ip, std::time::Instant::now())) {
+            return Err(Status::resource_exhausted(format!(
+                "too many wrong tokens from this address ({} in {} s): try again in {} s",
+                crate::limit::MAX_FAILURES,
+                crate::limit::WINDOW.as_secs(),
+                wait.as_secs().max(1)
+            )));
         }
         let Some(expected) = &expected else {
             if client_certs {
@@ -109,6 +119,9 @@ fn token_check(
                 who.hint()
             )))
         } else {
+            if let Some(ip) = ip {
+                limiter.failed(ip, std::time::Instant::now());
+            }
             Err(Status::unauthenticated(format!(
                 "{} was refused: check {}",
                 who.token(),
@@ -366,17 +379,19 @@ pub async fn start_with_listener(
             "[tls] needs both cert_file and key_file (and they enable client_ca_file)"
         ),
     }
+    // Wrong tokens per address, over gRPC and the web UI alike.
+    let guesses = Arc::new(crate::limit::Limiter::default());
     let task = tokio::spawn(
         builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(InterceptedService::new(
                 agent_svc,
-                token_check(agent_token, Role::Agent, client_certs),
+                token_check(agent_token, Role::Agent, client_certs, guesses.clone()),
             ))
             .add_service(InterceptedService::new(
                 run_svc,
-                token_check(client_token.clone(), Role::Client, false),
+                token_check(client_token.clone(), Role::Client, false, guesses.clone()),
             ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
@@ -434,6 +449,7 @@ pub async fn start_with_listener(
                 engine.clone(),
                 client_token.clone(),
                 config.http.clone(),
+                guesses.clone(),
             ));
             tokio::spawn(async move {
                 crate::http_serve::serve(nodelay(listener), app).await;

@@ -3,8 +3,9 @@
 //! HttpOnly, SameSite=Strict, derived from the token, never the token itself). Wrong tokens
 //! are counted per client address (`limit.rs`).
 
-use super::{Shared, html, limit};
+use super::{Shared, html};
 use crate::engine::constant_time_eq;
+use crate::limit;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;

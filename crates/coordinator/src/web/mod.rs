@@ -6,7 +6,6 @@ mod api;
 mod auth;
 mod badge;
 mod html;
-mod limit;
 mod live;
 mod pages;
 
@@ -31,15 +30,20 @@ pub struct Web {
     cfg: HttpConfig,
     /// Live streams open at once (each follows a run and computes its rows).
     streams: Arc<tokio::sync::Semaphore>,
-    /// Wrong tokens per client address.
-    limiter: limit::Limiter,
+    /// Wrong tokens per client address (shared with the gRPC services).
+    limiter: Arc<crate::limit::Limiter>,
 }
 
 /// Most live streams (pages and event followers) open at once.
 const MAX_STREAMS: usize = 64;
 
 impl Web {
-    pub fn new(engine: Engine, token: Option<String>, cfg: HttpConfig) -> Web {
+    pub fn new(
+        engine: Engine,
+        token: Option<String>,
+        cfg: HttpConfig,
+        limiter: Arc<crate::limit::Limiter>,
+    ) -> Web {
         let session = token
             .as_deref()
             .map(|t| hex_sha256(&["nixfarm-web-session", t]));
@@ -55,7 +59,7 @@ impl Web {
             csrf_key,
             cfg,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
-            limiter: limit::Limiter::default(),
+            limiter,
         }
     }
 

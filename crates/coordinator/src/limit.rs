@@ -1,7 +1,9 @@
-//! Guessing the client token is bounded per address: after `MAX_FAILURES` wrong tokens
-//! (login form, bearer header or cookie) within `WINDOW`, an address gets 429 for whatever
-//! needs the token, right token included, until its window ends. The token is a random
-//! secret, so this is defence in depth; clients behind one proxy share its address.
+//! Guessing tokens is bounded per address: after `MAX_FAILURES` wrong tokens within
+//! `WINDOW` (client or agent tokens over gRPC; the web UI's bearer header, login form or
+//! cookie; one count for all of them), an address is refused whatever needs a token, right
+//! token included, until its window ends (gRPC: RESOURCE_EXHAUSTED; HTTP: 429). Tokens are
+//! meant to be random secrets, so this is defence in depth against weak ones; clients behind
+//! one proxy share its address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
