@@ -62,6 +62,29 @@ fn artifacts() -> std::path::PathBuf {
     repo_root().join("target/test-artifacts")
 }
 
+/// A coordinator in `dir` whose web UI (on the port returned) needs `TOKEN`.
+fn with_token(dir: &std::path::Path) -> (Coordinator, u16) {
+    let token_file = dir.join("client-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let http = free_port();
+    let config = dir.join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nclient_token_file = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start_on(
+        &dir.join("coordinator"),
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    (coordinator, http)
+}
+
 /// A plain HTTP GET from `from` (a loopback address of this machine): (status, response).
 fn get_from(from: &str, port: u16, path: &str, bearer: &str) -> (u16, String) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -97,24 +120,7 @@ fn get_from(from: &str, port: u16, path: &str, bearer: &str) -> (u16, String) {
 #[test]
 fn wrong_tokens_hold_back_their_address_and_no_other() {
     let dir = scratch();
-    let token_file = dir.path().join("client-token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let http = free_port();
-    let config = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[auth]\nclient_token_file = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
-            token_file.display()
-        ),
-    )
-    .unwrap();
-    let _coordinator = Coordinator::start_on(
-        &dir.path().join("coordinator"),
-        "127.0.0.1:0",
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap();
+    let (_coordinator, http) = with_token(dir.path());
     assert_eq!(get_from("127.0.0.2", http, "/api/runs", TOKEN).0, 200);
     for i in 0..10 {
         let (status, resp) = get_from("127.0.0.2", http, "/api/runs", &format!("guess-{i}"));
@@ -149,24 +155,7 @@ fn wrong_tokens_hold_back_their_address_and_no_other() {
 #[test]
 fn a_run_page_goes_live_in_a_real_browser() {
     let dir = scratch();
-    let token_file = dir.path().join("client-token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let http = free_port();
-    let config = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[auth]\nclient_token_file = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
-            token_file.display()
-        ),
-    )
-    .unwrap();
-    let coordinator = Coordinator::start_on(
-        &dir.path().join("coordinator"),
-        "127.0.0.1:0",
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap();
+    let (coordinator, http) = with_token(dir.path());
     let repo = dir.path().join("repo");
     copy_tree(&example_repo(), &repo);
     // Submitted while no agent is connected: the page opens on a run that has not started.
