@@ -23,25 +23,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A plain HTTP GET: (status, headers and body as text).
+/// A plain HTTP GET from 127.0.0.1: (status, headers and body as text).
 fn get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, out)
+    get_from("127.0.0.1", port, path, bearer)
 }
 
 fn body(resp: &str) -> &str {
@@ -86,7 +70,7 @@ fn with_token(dir: &std::path::Path) -> (Coordinator, u16) {
 }
 
 /// A plain HTTP GET from `from` (a loopback address of this machine): (status, response).
-fn get_from(from: &str, port: u16, path: &str, bearer: &str) -> (u16, String) {
+fn get_from(from: &str, port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -99,9 +83,10 @@ fn get_from(from: &str, port: u16, path: &str, bearer: &str) -> (u16, String) {
             .connect(format!("127.0.0.1:{port}").parse().unwrap())
             .await
             .unwrap();
-        let req = format!(
-            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {bearer}\r\n\r\n"
-        );
+        let auth = bearer
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
@@ -121,20 +106,20 @@ fn get_from(from: &str, port: u16, path: &str, bearer: &str) -> (u16, String) {
 fn wrong_tokens_hold_back_their_address_and_no_other() {
     let dir = scratch();
     let (_coordinator, http) = with_token(dir.path());
-    assert_eq!(get_from("127.0.0.2", http, "/api/runs", TOKEN).0, 200);
+    assert_eq!(get_from("127.0.0.2", http, "/api/runs", Some(TOKEN)).0, 200);
     for i in 0..10 {
-        let (status, resp) = get_from("127.0.0.2", http, "/api/runs", &format!("guess-{i}"));
+        let (status, resp) = get_from("127.0.0.2", http, "/api/runs", Some(&format!("guess-{i}")));
         assert_eq!(status, 401, "guess {i}: {resp}");
     }
-    let (status, resp) = get_from("127.0.0.2", http, "/api/runs", TOKEN);
+    let (status, resp) = get_from("127.0.0.2", http, "/api/runs", Some(TOKEN));
     assert_eq!(status, 429, "{resp}");
     assert!(resp.to_lowercase().contains("retry-after: "), "{resp}");
     assert!(body(&resp).contains("too many wrong tokens"), "{resp}");
     assert!(!resp.contains(TOKEN), "{resp}");
     // The login form is held back as well; another address is not.
-    let (status, _) = get_from("127.0.0.2", http, "/runs", "guess");
+    let (status, _) = get_from("127.0.0.2", http, "/runs", Some("guess"));
     assert_eq!(status, 429);
-    assert_eq!(get_from("127.0.0.3", http, "/api/runs", TOKEN).0, 200);
+    assert_eq!(get_from("127.0.0.3", http, "/api/runs", Some(TOKEN)).0, 200);
     // A browser's cookie of an earlier token is dropped on the way to the login form, so
     // reloading does not count as guessing.
     let (status, resp) = get(http, "/runs", None);

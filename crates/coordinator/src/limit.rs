@@ -17,6 +17,15 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// Addresses tracked at once; past it the oldest windows are forgotten first.
 const MAX_TRACKED: usize = 10_000;
 
+/// What a held-back address is told: the cause and how long to wait.
+pub fn refusal(wait: Duration) -> String {
+    format!(
+        "too many wrong tokens from this address ({MAX_FAILURES} in {} s): try again in {} s",
+        WINDOW.as_secs(),
+        wait.as_secs().max(1)
+    )
+}
+
 /// Wrong tokens per client address, in fixed windows.
 #[derive(Debug, Default)]
 pub struct Limiter {

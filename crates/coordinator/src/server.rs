@@ -85,12 +85,7 @@ fn token_check(
         }
         let ip = req.remote_addr().map(|a| a.ip());
         if let Some(wait) = ip.and_then(|ip| limiter.blocked(ip, std::time::Instant::now())) {
-            return Err(Status::resource_exhausted(format!(
-                "too many wrong tokens from this address ({} in {} s): try again in {} s",
-                crate::limit::MAX_FAILURES,
-                crate::limit::WINDOW.as_secs(),
-                wait.as_secs().max(1)
-            )));
+            return Err(Status::resource_exhausted(crate::limit::refusal(wait)));
         }
         let Some(expected) = &expected else {
             if client_certs {

@@ -431,8 +431,9 @@ impl Pusher {
         // twice as long as the upload it waited for).
         let mut wait = Duration::from_millis(20);
         let mut waited = Duration::ZERO;
-        let (t0, mut waves, mut polls, mut waiting) =
-            (std::time::Instant::now(), 0, 0, Duration::ZERO);
+        // For the debug line at the end: where a push's time went.
+        let t0 = std::time::Instant::now();
+        let (mut waves, mut polls, mut waiting) = (0u32, 0u32, Duration::ZERO);
         while !remaining.is_empty() || !theirs.is_empty() {
             // Waves of paths whose missing references are all in the cache: dependencies
             // first, independent paths in parallel.

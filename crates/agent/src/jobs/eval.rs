@@ -464,6 +464,7 @@ async fn chunk_result(
     if !cache.is_empty() {
         // Builders on other hosts fetch the derivations (and their sources) from the cache.
         let claims = Claims::new(shared, channel, &cache);
+        let pushing = std::time::Instant::now();
         let pushed = match pusher(shared, &cache).await {
             Ok(p) => p
                 .push_closure_with(&tops, &claims)
@@ -472,7 +473,7 @@ async fn chunk_result(
             Err(e) => Err(e.to_string()),
         };
         tracing::debug!(
-            ms = started.elapsed().as_millis() as u64,
+            ms = pushing.elapsed().as_millis() as u64,
             "evaluation task: derivations pushed"
         );
         if let Err(e) = pushed {

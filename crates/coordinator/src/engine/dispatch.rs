@@ -58,7 +58,7 @@ impl Engine {
                 } else {
                     holds(|m| matches!(m.job, JobRef::Eval(_)))
                 };
-                let next = if caps.fetches_only || evaluating >= eval_slots(agent.reg.max_jobs) {
+                let next = if caps.fetches_only || evaluating >= eval_slots(max) {
                     Self::next_build(&mut inner.runs, &caps, &name, &self.opts, now)
                 } else {
                     Self::next_job(&mut inner.runs, &caps, &name, &self.opts, now)

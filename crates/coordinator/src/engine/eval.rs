@@ -89,7 +89,7 @@ impl Engine {
             .agents
             .values()
             .filter(|a| a.tx.is_some())
-            .map(|a| eval_slots(a.reg.max_jobs))
+            .map(|a| eval_slots(a.reg.max_jobs as usize))
             .sum::<usize>()
             .max(1);
         // Enough tasks to spread over the agents' evaluation slots, bounded so each process
@@ -370,6 +370,6 @@ impl Engine {
 /// one. The other slots build what is evaluated already, so builds start with the first
 /// evaluated task, and a host holds at most that many evaluation processes (each up to
 /// `eval_memory_mib`).
-pub(super) fn eval_slots(max_jobs: u32) -> usize {
-    (max_jobs as usize).div_ceil(2).max(1)
+pub(super) fn eval_slots(max_jobs: usize) -> usize {
+    max_jobs.div_ceil(2).max(1)
 }

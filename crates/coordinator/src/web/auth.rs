@@ -120,13 +120,8 @@ fn peer<B>(req: &axum::http::Request<B>) -> Option<IpAddr> {
 
 /// 429: this address sent too many wrong tokens; it may try again after `wait`.
 fn too_many(web: &Shared, wait: Duration, json: bool, next: &str) -> Response {
-    let secs = wait.as_secs().max(1);
-    let why = format!(
-        "too many wrong tokens from this address ({} in {} s): try again in {secs} s",
-        limit::MAX_FAILURES,
-        limit::WINDOW.as_secs()
-    );
-    let retry = [(header::RETRY_AFTER, secs.to_string())];
+    let why = limit::refusal(wait);
+    let retry = [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())];
     if json {
         (
             StatusCode::TOO_MANY_REQUESTS,
