@@ -457,6 +457,19 @@ fn fix_hashes_yields_a_patch_that_makes_every_broken_package_build_with_plain_ni
     // plus one per broken package plus statusphere's third.
     let runs = report["fix_rounds"].as_array().unwrap();
     assert!((3..=7).contains(&runs.len()), "{runs:?}");
+    // ... and without waiting for the first run's end: relay's 3 s of silence ends it, long
+    // after every broken package's own mismatches are known, so each package's second stage
+    // is launched before relay is reported timed out.
+    let err = stderr(&out);
+    let relay = err
+        .find("timed-out: relay")
+        .unwrap_or_else(|| panic!("relay's timeout is reported: {err}"));
+    let second: Vec<usize> = err.match_indices(": stage 2 of ").map(|(i, _)| i).collect();
+    assert!(!second.is_empty(), "{err}");
+    assert!(
+        second.iter().all(|i| *i < relay),
+        "a second stage waited for the first run to end: {err}"
+    );
     assert_eq!(runs[0], report["run_id"], "{runs:?}");
     // Without --apply the checkout is untouched.
     for file in &fixed_files {
