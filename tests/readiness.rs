@@ -145,6 +145,27 @@ fn a_hash_copied_from_a_package_built_in_an_earlier_run_is_caught() {
 }
 
 #[test]
+fn with_skip_cached_a_copied_hash_already_in_the_store_is_still_caught() {
+    let dir = scratch();
+    let repo = copied_hash_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    // Both built with plain Nix before nixfarm ever ran: beta against alpha's source, as Nix
+    // found that output path valid and never ran beta's fetcher.
+    for attr in ["alpha", "beta"] {
+        let out = host.run(&[
+            "nix",
+            "build",
+            "--no-link",
+            &format!("path:{}#{attr}", repo.display()),
+        ]);
+        assert!(out.status.success(), "nix build {attr}: {}", stderr(&out));
+    }
+    // Warm mode skips what the store has, but not a fixed output another derivation produced.
+    let report = local(&host, &dir.path().join("state"), &repo, &["--skip-cached"]);
+    assert_caught(&report);
+}
+
+#[test]
 fn a_hash_copied_within_one_run_is_caught_and_fixed() {
     let dir = scratch();
     let repo = copied_hash_repo(dir.path());

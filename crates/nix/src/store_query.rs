@@ -128,4 +128,40 @@ impl Nix {
             .then_some(out)
             .filter(|d| d.ends_with(".drv")))
     }
+
+    /// [`Nix::deriver`] for many paths, all valid here, with one `nix-store` per 1,000 paths:
+    /// per path, in order, the recorded deriver (None: unknown). An error when Nix answers
+    /// anything but one line per path.
+    pub async fn derivers(&self, paths: &[String]) -> Result<Vec<Option<String>>, NixError> {
+        let mut all = Vec::with_capacity(paths.len());
+        for chunk in paths.chunks(1000) {
+            let o = Command::new(&self.nix_store)
+                .args(["--query", "--deriver"])
+                .args(chunk)
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
+            if !o.status.success() {
+                return Err(NixError::Infra(format!(
+                    "nix-store --query --deriver failed: {}",
+                    tail(&String::from_utf8_lossy(&o.stderr), 500)
+                )));
+            }
+            let text = String::from_utf8_lossy(&o.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            if lines.len() != chunk.len() {
+                return Err(NixError::Infra(format!(
+                    "nix-store --query --deriver answered {} lines for {} paths",
+                    lines.len(),
+                    chunk.len()
+                )));
+            }
+            all.extend(lines.into_iter().map(|l| {
+                let l = l.trim();
+                (l.starts_with('/') && l.ends_with(".drv")).then(|| l.to_string())
+            }));
+        }
+        Ok(all)
+    }
 }

@@ -26,6 +26,9 @@ pub(crate) trait Backend: Send + Sync {
     /// Uploads a staged NAR, then its narinfo (unsigned: the backend signs as the cache
     /// needs), so a narinfo never points at a NAR that is not there.
     fn upload<'a>(&'a self, p: &'a Pusher, staged: Staged, ni: NarInfo) -> Fut<'a, ()>;
+    /// The narinfo the cache serves for `path` (as Nix would read it, at most
+    /// [`crate::MAX_NARINFO_BYTES`]), None when it has none.
+    fn narinfo_text<'a>(&'a self, p: &'a Pusher, path: &'a str) -> Fut<'a, Option<String>>;
     /// Whether pushing needs a Cachix auth token.
     fn needs_token(&self) -> bool {
         false

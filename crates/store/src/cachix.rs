@@ -71,6 +71,18 @@ impl Backend for CachixBackend {
         })
     }
 
+    fn narinfo_text<'a>(&'a self, p: &'a Pusher, path: &'a str) -> Fut<'a, Option<String>> {
+        Box::pin(async move {
+            // Read where Nix reads it (the cache's URI), with the token a private cache needs.
+            let uri = self.info(p).await?.uri.trim_end_matches('/').to_string();
+            let url = format!("{uri}/{}.narinfo", store_hash(path));
+            let r = p
+                .send("reading a narinfo", || p.bearer(p.http.get(&url)))
+                .await?;
+            crate::http::narinfo_body(r).await
+        })
+    }
+
     fn upload<'a>(&'a self, p: &'a Pusher, staged: Staged, ni: NarInfo) -> Fut<'a, ()> {
         Box::pin(async move { self.push_cachix(p, staged, &ni).await })
     }

@@ -26,6 +26,30 @@ impl Backend for FileCache {
         })
     }
 
+    fn narinfo_text<'a>(&'a self, _p: &'a Pusher, path: &'a str) -> Fut<'a, Option<String>> {
+        Box::pin(async move {
+            use std::io::Read as _;
+            let file = self.dir.join(format!("{}.narinfo", store_hash(path)));
+            let f = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io(format!("cannot read {}", file.display()))(e)),
+            };
+            let mut text = String::new();
+            f.take(crate::MAX_NARINFO_BYTES as u64 + 1)
+                .read_to_string(&mut text)
+                .map_err(io(format!("cannot read {}", file.display())))?;
+            if text.len() > crate::MAX_NARINFO_BYTES {
+                return Err(StoreError::Http(format!(
+                    "{} is over {} bytes",
+                    file.display(),
+                    crate::MAX_NARINFO_BYTES
+                )));
+            }
+            Ok(Some(text))
+        })
+    }
+
     fn stage_dir(&self) -> Result<Option<PathBuf>, StoreError> {
         // Staged in the cache's own nar/ directory: renamed into place, never copied.
         let nar = self.dir.join("nar");

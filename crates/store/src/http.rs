@@ -15,21 +15,35 @@ pub(crate) struct HttpCache {
 }
 
 /// A response's body, refused past `limit` bytes.
-async fn read_bounded(mut r: reqwest::Response, limit: usize) -> Result<Vec<u8>, StoreError> {
+pub(crate) async fn read_bounded(
+    mut r: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, StoreError> {
     let mut body = Vec::new();
     while let Some(chunk) = r
         .chunk()
         .await
-        .map_err(|e| StoreError::Http(format!("reading the farm cache's answer: {e}")))?
+        .map_err(|e| StoreError::Http(format!("reading the cache's answer: {e}")))?
     {
         if body.len() + chunk.len() > limit {
             return Err(StoreError::Http(format!(
-                "the farm cache's answer is over {limit} bytes"
+                "the cache's answer is over {limit} bytes"
             )));
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// A narinfo response's text: None for 404, bounded, UTF-8.
+pub(crate) async fn narinfo_body(r: reqwest::Response) -> Result<Option<String>, StoreError> {
+    if r.status().as_u16() == 404 {
+        return Ok(None);
+    }
+    let body = read_bounded(r, crate::MAX_NARINFO_BYTES).await?;
+    String::from_utf8(body)
+        .map(Some)
+        .map_err(|_| StoreError::Http("a narinfo that is not UTF-8".into()))
 }
 
 /// What a Nix binary cache says of itself; Nix refuses a cache without it.
@@ -60,6 +74,16 @@ impl Backend for HttpCache {
                 .collect()
                 .await;
             answers.into_iter().filter_map(Result::transpose).collect()
+        })
+    }
+
+    fn narinfo_text<'a>(&'a self, p: &'a Pusher, path: &'a str) -> Fut<'a, Option<String>> {
+        Box::pin(async move {
+            let url = format!("{}/{}.narinfo", self.base, store_hash(path));
+            let r = p
+                .send("reading a narinfo", || p.http_auth(p.http.get(&url)))
+                .await?;
+            narinfo_body(r).await
         })
     }
 

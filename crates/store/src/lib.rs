@@ -40,6 +40,9 @@ use text::{error_chain, one_line};
 /// Cachix's own API root.
 pub use nixfarm_core::cache_url::CACHIX_API;
 
+/// The largest narinfo read from a cache (one with thousands of references fits).
+pub const MAX_NARINFO_BYTES: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("unsupported cache URL '{0}': use cachix://NAME, file:///path or http(s)://host/path")]
@@ -354,6 +357,36 @@ impl Pusher {
     /// The URL Nix substitutes from, and the keys its signatures verify against.
     pub async fn substituter(&self) -> Result<(String, Vec<String>), StoreError> {
         self.backend.substituter(self).await
+    }
+
+    /// Per path, in order: the derivation the cache says produced it (its narinfo's
+    /// `Deriver`), None when the cache records none. A narinfo that is not for the path
+    /// asked, or cannot be read, is that path's error. The deriver is not covered by the
+    /// narinfo's signature: it is the cache's word, good for a heuristic, not for trust.
+    pub async fn derivers(&self, paths: &[String]) -> Vec<Result<Option<String>, StoreError>> {
+        let mut futs = Vec::with_capacity(paths.len());
+        for path in paths {
+            futs.push(async move {
+                let Some(text) = self.backend.narinfo_text(self, path).await? else {
+                    return Err(StoreError::Http(format!(
+                        "the cache has no narinfo for {path}"
+                    )));
+                };
+                let ni = NarInfo::parse(&text)
+                    .map_err(|e| StoreError::Http(format!("the narinfo of {path}: {e}")))?;
+                if ni.store_path != *path {
+                    return Err(StoreError::Http(format!(
+                        "the cache answered for {} when asked for {path}",
+                        one_line(&ni.store_path, 120)
+                    )));
+                }
+                Ok(ni.deriver.filter(|d| d.ends_with(".drv")))
+            });
+        }
+        futures_util::stream::iter(futs)
+            .buffered(16)
+            .collect()
+            .await
     }
 
     /// Which of `paths` the cache lacks, in the order given.

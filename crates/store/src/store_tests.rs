@@ -71,3 +71,59 @@ fn a_servers_html_page_becomes_one_short_line() {
     assert_eq!(one_line("<p>quota\n exceeded</p>", 120), "quota exceeded");
     assert_eq!(one_line(&"x".repeat(500), 10).chars().count(), 10);
 }
+
+#[tokio::test]
+async fn derivers_come_from_the_caches_narinfos_and_a_wrong_answer_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pusher::for_url(
+        &format!("file://{}", dir.path().display()),
+        Nix::default(),
+        None,
+        None,
+    )
+    .unwrap();
+    let path = |c: char, name: &str| format!("/nix/store/{}-{name}", c.to_string().repeat(32));
+    let narinfo = |store_path: &str, deriver: &str| {
+        format!(
+            "StorePath: {store_path}\nURL: nar/x.nar\nCompression: none\nFileHash: sha256:{h}\nFileSize: 1\nNarHash: sha256:{h}\nNarSize: 1\nReferences: \nDeriver: {deriver}\n",
+            h = "0".repeat(52)
+        )
+    };
+    let (known, unknown, wrong, absent) = (
+        path('a', "source"),
+        path('b', "source"),
+        path('c', "source"),
+        path('d', "source"),
+    );
+    let write = |p: &str, text: String| {
+        std::fs::write(
+            dir.path()
+                .join(format!("{}.narinfo", crate::narinfo::store_hash(p))),
+            text,
+        )
+        .unwrap()
+    };
+    let producer = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-source.drv";
+    write(&known, narinfo(&known, producer));
+    write(&unknown, narinfo(&unknown, "unknown-deriver"));
+    // Served under c's hash, but for another path.
+    write(&wrong, narinfo(&known, producer));
+    let got = p
+        .derivers(&[known, unknown, wrong, absent])
+        .await
+        .into_iter()
+        .map(|r| r.map_err(|e| e.to_string()))
+        .collect::<Vec<_>>();
+    assert_eq!(got[0], Ok(Some(format!("/nix/store/{producer}"))));
+    assert_eq!(got[1], Ok(None));
+    assert!(
+        got[2].as_ref().is_err_and(|e| e.contains("answered for")),
+        "{:?}",
+        got[2]
+    );
+    assert!(
+        got[3].as_ref().is_err_and(|e| e.contains("no narinfo")),
+        "{:?}",
+        got[3]
+    );
+}

@@ -220,6 +220,16 @@ pub(super) async fn build(
     r
 }
 
+/// Whether `producer` is the same fetch as `drv` with another hash stated (the package's
+/// previous hash-fixing stage, whose mismatch Nix registered under the right path): then
+/// nothing was copied. False when either derivation cannot be read here.
+pub(super) fn same_fetch(drv: &str, producer: &str) -> bool {
+    matches!(
+        (nixfarm_nix::aterm::read(drv), nixfarm_nix::aterm::read(producer)),
+        (Ok(mine), Ok(theirs)) if mine.same_fetch(&theirs)
+    )
+}
+
 /// A fixed-output derivation whose output another derivation produced was never fetched
 /// here (Nix did not build it in this realise): Nix found the path valid (built or
 /// substituted for the other one) and trusted the hash. A hash copied from another package looks exactly like that, so its fetcher is run
@@ -238,13 +248,7 @@ async fn copied_hash(
     if producer == d.path {
         return None;
     }
-    // The same fetch with another hash stated (the package's previous hash-fixing stage,
-    // whose mismatch Nix registered under the right path): nothing was copied.
-    if let (Ok(mine), Ok(theirs)) = (
-        nixfarm_nix::aterm::read(&d.path),
-        nixfarm_nix::aterm::read(&producer),
-    ) && mine.same_fetch(&theirs)
-    {
+    if same_fetch(&d.path, &producer) {
         return None;
     }
     let check = BuildOptions {
