@@ -541,3 +541,64 @@ pub fn substitute_into_fresh_store(
         }
     }
 }
+
+/// nginx (`scripts/setup` installs Debian's) on 127.0.0.1, its one server block holding
+/// `locations`; stopped when the returned process is dropped. Returns it and its port.
+pub fn start_nginx(dir: &Path, locations: &str) -> (Proc, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.display();
+    for sub in ["tmp", "logs"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"daemon off;
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log {d}/logs/access.log;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  client_max_body_size 0;
+  server {{
+    listen 127.0.0.1:{port};
+{locations}  }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let log = dir.join("logs/stderr.log");
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("nginx (scripts/setup installs it)");
+    let proc = Proc {
+        child,
+        name: "nginx".into(),
+        log,
+    };
+    wait_for(Duration::from_secs(10), "nginx to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    });
+    (proc, port)
+}

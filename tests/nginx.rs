@@ -5,8 +5,7 @@
 
 use nixfarm_tests::*;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 /// nginx on 127.0.0.1, serving `root` read-write under /rw/ (PUT) and read-only under /ro/.
 struct Nginx {
@@ -16,37 +15,11 @@ struct Nginx {
 
 impl Nginx {
     fn start(dir: &Path, root: &Path) -> Nginx {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let d = dir.display();
         let r = root.display();
-        for sub in ["tmp", "logs"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
-        let conf = dir.join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                r#"daemon off;
-user root;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/logs/error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log {d}/logs/access.log;
-  client_body_temp_path {d}/tmp/body;
-  proxy_temp_path {d}/tmp/proxy;
-  fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi;
-  scgi_temp_path {d}/tmp/scgi;
-  client_max_body_size 0;
-  server {{
-    listen 127.0.0.1:{port};
-    location /rw/ {{
+        let (proc, port) = start_nginx(
+            dir,
+            &format!(
+                r#"    location /rw/ {{
       alias {r}/;
       dav_methods PUT;
       create_full_put_path on;
@@ -56,32 +29,9 @@ http {{
       alias {r}/;
       limit_except GET {{ deny all; }}
     }}
-  }}
-}}
 "#
             ),
-        )
-        .unwrap();
-        let log = dir.join("logs/stderr.log");
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("nginx (scripts/setup installs it)");
-        let proc = Proc {
-            child,
-            name: "nginx".into(),
-            log,
-        };
-        wait_for(Duration::from_secs(10), "nginx to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
+        );
         Nginx { proc, port }
     }
 }

@@ -48,6 +48,11 @@ fn artifacts() -> std::path::PathBuf {
 
 /// A coordinator in `dir` whose web UI (on the port returned) needs `TOKEN`.
 fn with_token(dir: &std::path::Path) -> (Coordinator, u16) {
+    with_token_and(dir, "")
+}
+
+/// The same, with `http` added to its `[http]` section.
+fn with_token_and(dir: &std::path::Path, http_extra: &str) -> (Coordinator, u16) {
     let token_file = dir.join("client-token");
     std::fs::write(&token_file, TOKEN).unwrap();
     let http = free_port();
@@ -55,7 +60,7 @@ fn with_token(dir: &std::path::Path) -> (Coordinator, u16) {
     std::fs::write(
         &config,
         format!(
-            "[auth]\nclient_token_file = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+            "[auth]\nclient_token_file = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n{http_extra}",
             token_file.display()
         ),
     )
@@ -71,6 +76,17 @@ fn with_token(dir: &std::path::Path) -> (Coordinator, u16) {
 
 /// A plain HTTP GET from `from` (a loopback address of this machine): (status, response).
 fn get_from(from: &str, port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
+    get_with(from, port, path, bearer, "")
+}
+
+/// The same with `headers` (each line ending in CRLF) added to the request.
+fn get_with(
+    from: &str,
+    port: u16,
+    path: &str,
+    bearer: Option<&str>,
+    headers: &str,
+) -> (u16, String) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -86,7 +102,7 @@ fn get_from(from: &str, port: u16, path: &str, bearer: Option<&str>) -> (u16, St
         let auth = bearer
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n");
+        let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}{headers}\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
@@ -135,6 +151,42 @@ fn wrong_tokens_hold_back_their_address_and_no_other() {
     assert!(resp.contains("location: /login?next="), "{resp}");
     assert!(resp.contains("nixfarm_session=; Path=/"), "{resp}");
     assert!(resp.contains("Max-Age=0"), "{resp}");
+}
+
+/// Behind a reverse proxy (real nginx, adding `X-Forwarded-For`) that `[http]
+/// trusted_proxies` names, wrong tokens count against the client the proxy saw: one client
+/// guessing does not lock out everyone behind the proxy, and the address a client writes
+/// into `X-Forwarded-For` itself is not believed.
+#[test]
+fn behind_a_trusted_proxy_wrong_tokens_hold_back_the_client_not_the_proxy() {
+    let dir = scratch();
+    let (_coordinator, http) = with_token_and(dir.path(), "trusted_proxies = [\"127.0.0.1\"]\n");
+    let (_nginx, proxy) = start_nginx(
+        &dir.path().join("nginx"),
+        &format!(
+            "    location / {{\n      proxy_pass http://127.0.0.1:{http};\n      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n"
+        ),
+    );
+    assert_eq!(
+        get_from("127.0.0.3", proxy, "/api/runs", Some(TOKEN)).0,
+        200
+    );
+    for i in 0..10 {
+        // Pretending to be 127.0.0.3.
+        let (status, resp) = get_with(
+            "127.0.0.2",
+            proxy,
+            "/api/runs",
+            Some(&format!("guess-{i}")),
+            "X-Forwarded-For: 127.0.0.3\r\n",
+        );
+        assert_eq!(status, 401, "guess {i}: {resp}");
+    }
+    let (status, resp) = get_from("127.0.0.2", proxy, "/api/runs", Some(TOKEN));
+    assert_eq!(status, 429, "{resp}");
+    // Through the same proxy, another client is not held back (nor charged the guesses).
+    let (status, resp) = get_from("127.0.0.3", proxy, "/api/runs", Some(TOKEN));
+    assert_eq!(status, 200, "{resp}");
 }
 
 #[test]

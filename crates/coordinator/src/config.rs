@@ -41,6 +41,35 @@ pub struct HttpConfig {
     /// Serve `/badge/…svg` without the client token, so a public README can show it (a
     /// badge tells the ready count and nothing else). Default false.
     pub public_badges: bool,
+    /// Reverse proxies in front of the web UI, as addresses or ranges (`"127.0.0.1"`,
+    /// `"10.0.0.0/8"`, `"::1"`). A request from one of them is counted against the client
+    /// its `X-Forwarded-For` names (the nearest hop that is not such a proxy), so the limit
+    /// on wrong tokens holds back that client, not everyone behind the proxy. Default none:
+    /// `X-Forwarded-For` is ignored (anyone could write it). At most 64 entries.
+    #[serde(deserialize_with = "proxies")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// `trusted_proxies`: addresses or CIDR ranges, each checked at load.
+fn proxies<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    if list.len() > 64 {
+        return Err(serde::de::Error::custom(
+            "at most 64 trusted proxies (use ranges)",
+        ));
+    }
+    list.iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "'{}' is not an IP address or a range like 10.0.0.0/8",
+                        nixfarm_core::limits::clip(s, 60)
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// The coordinator's own binary cache, which agents move derivations and outputs through
@@ -361,6 +390,30 @@ mod tests {
         assert_eq!(c.scheduler.eval_chunk_size, 16);
         let err = toml::from_str::<Config>("lisen = \"x\"").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges_checked_at_load() {
+        let c: Config =
+            toml::from_str("[http]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\"]\n")
+                .unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let trusted = |a: &str| c.http.trusted_proxies.iter().any(|n| n.contains(&ip(a)));
+        assert!(trusted("127.0.0.1") && trusted("10.9.8.7") && trusted("::1"));
+        assert!(!trusted("127.0.0.2") && !trusted("192.0.2.1"));
+        assert!(Config::default().http.trusted_proxies.is_empty());
+        for bad in ["\"proxy.example\"", "\"10.0.0.0/33\"", "\"\""] {
+            let err = toml::from_str::<Config>(&format!("[http]\ntrusted_proxies = [{bad}]\n"))
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("is not an IP address"),
+                "{bad}: {err}"
+            );
+        }
+        let many = vec!["\"10.0.0.1\""; 65].join(", ");
+        let err =
+            toml::from_str::<Config>(&format!("[http]\ntrusted_proxies = [{many}]\n")).unwrap_err();
+        assert!(err.to_string().contains("at most 64"), "{err}");
     }
 
     #[test]

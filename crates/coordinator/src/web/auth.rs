@@ -27,7 +27,7 @@ pub async fn require(State(web): State<Shared>, req: Request, next: Next) -> Res
     if open {
         return next.run(req).await;
     }
-    let peer = peer(&req);
+    let peer = client(&web, &req);
     let json = path.starts_with("/api/") || path.starts_with("/badge/") || path.ends_with(".patch");
     if let Some(wait) = peer.and_then(|ip| web.limiter.blocked(ip, Instant::now())) {
         return too_many(&web, wait, json, "/runs");
@@ -111,11 +111,12 @@ fn authorized(web: &Shared, headers: &HeaderMap) -> Auth {
     }
 }
 
-/// The client's address, when the server tells it (it does for every connection it accepts).
-fn peer<B>(req: &axum::http::Request<B>) -> Option<IpAddr> {
+/// The client's address, when the server tells it (it does for every connection it
+/// accepts): the peer's, or behind a trusted proxy the client's it names.
+fn client<B>(web: &Shared, req: &axum::http::Request<B>) -> Option<IpAddr> {
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .map(|c| super::forwarded::client_ip(c.0.ip(), req.headers(), &web.cfg.trusted_proxies))
 }
 
 /// 429: this address sent too many wrong tokens; it may try again after `wait`.
@@ -189,10 +190,12 @@ pub struct LoginForm {
 pub async fn login(
     State(web): State<Shared>,
     peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     axum::Form(f): axum::Form<LoginForm>,
 ) -> Response {
     let next = safe_next(f.next.as_deref());
-    let ip = peer.map(|c| c.0.0.ip());
+    let ip =
+        peer.map(|c| super::forwarded::client_ip(c.0.0.ip(), &headers, &web.cfg.trusted_proxies));
     if let Some(wait) = ip.and_then(|ip| web.limiter.blocked(ip, Instant::now())) {
         return too_many(&web, wait, false, &next);
     }

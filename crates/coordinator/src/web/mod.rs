@@ -5,6 +5,7 @@
 mod api;
 mod auth;
 mod badge;
+mod forwarded;
 mod html;
 mod live;
 mod pages;
