@@ -159,6 +159,7 @@ in
               listen = nullStr "Address and port of the web UI, its JSON API and readiness badges (plain HTTP). With clientTokenFile, every page needs that token. Default (null): off.";
               allow_cancel = mkOption { type = types.bool; default = false; description = "Offer a cancel button on running runs (a POST form with a CSRF token). Default: read-only."; };
               public_badges = mkOption { type = types.bool; default = false; description = "Serve /badge/…svg without the client token, so a public README can show it."; };
+              trusted_proxies = mkOption { type = types.listOf types.str; default = [ ]; example = [ "127.0.0.1" ]; description = "Reverse proxies in front of the web UI (addresses or ranges such as 10.0.0.0/8): wrong tokens then count against the client their X-Forwarded-For names. Default: none (the header is ignored)."; };
             };
             farm_cache = {
               enabled = mkOption { type = types.bool; default = true; description = "Serve the coordinator's own binary cache, which runs without --cache move derivations and outputs through (beyond loopback only with agentTokenFile)."; };
