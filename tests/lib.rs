@@ -543,7 +543,8 @@ pub fn substitute_into_fresh_store(
 }
 
 /// nginx (`scripts/setup` installs Debian's) on 127.0.0.1, its one server block holding
-/// `locations`; stopped when the returned process is dropped. Returns it and its port.
+/// `locations`; stopped when the returned process is dropped. One process (no master): a
+/// killed master leaves its workers behind. Returns it and its port.
 pub fn start_nginx(dir: &Path, locations: &str) -> (Proc, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -559,8 +560,8 @@ pub fn start_nginx(dir: &Path, locations: &str) -> (Proc, u16) {
         &conf,
         format!(
             r#"daemon off;
+master_process off;
 user root;
-worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/logs/error.log;
 events {{ worker_connections 64; }}

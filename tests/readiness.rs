@@ -165,6 +165,49 @@ fn with_skip_cached_a_copied_hash_already_in_the_store_is_still_caught() {
     assert_caught(&report);
 }
 
+/// The same across hosts, through a binary cache: plain Nix built both on one host and
+/// `nix copy` put them (and the shared source) in a signed file:// cache; a warm run on
+/// another, empty host finds beta's source there with alpha's source as its deriver.
+#[test]
+fn with_skip_cached_a_copied_hash_already_in_the_cache_is_still_caught() {
+    let dir = scratch();
+    let repo = copied_hash_repo(dir.path());
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    set_mode(&cache, 0o755);
+    let (sk, _pk) = cache_key(dir.path(), "copied-1");
+    let elsewhere = Host::new(&dir.path().join("elsewhere"));
+    let installables: Vec<String> = ["alpha", "beta", "alpha.src", "beta.src"]
+        .iter()
+        .map(|a| format!("path:{}#{a}", repo.display()))
+        .collect();
+    // One at a time, alpha first: its source is the output path both sources name.
+    for i in &installables {
+        let out = elsewhere.run(&["nix", "build", "--no-link", i]);
+        assert!(out.status.success(), "nix build {i}: {}", stderr(&out));
+    }
+    let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
+    let mut argv = vec!["nix", "copy", "--to", &to];
+    argv.extend(installables.iter().map(String::as_str));
+    let out = elsewhere.run(&argv);
+    assert!(out.status.success(), "nix copy: {}", stderr(&out));
+    let here = Host::new(&dir.path().join("here"));
+    let cache_url = format!("file://{}", cache.display());
+    let report = local(
+        &here,
+        &dir.path().join("state"),
+        &repo,
+        &[
+            "--skip-cached",
+            "--cache",
+            &cache_url,
+            "--signing-key-file",
+            sk.to_str().unwrap(),
+        ],
+    );
+    assert_caught(&report);
+}
+
 #[test]
 fn a_hash_copied_within_one_run_is_caught_and_fixed() {
     let dir = scratch();
