@@ -176,6 +176,21 @@ impl Db {
         Self::init(conn)
     }
 
+    /// A second connection to the same file, read-only, for reads that need not wait for
+    /// the engine (reports of large runs): in WAL mode it sees every committed write and
+    /// blocks none. None for an in-memory database.
+    pub fn open_reader(&self) -> Result<Option<Db>, DbError> {
+        let Some(path) = self.conn.path().filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(Some(Db { conn }))
+    }
+
     pub fn open_in_memory() -> Result<Db, DbError> {
         Self::init(Connection::open_in_memory()?)
     }

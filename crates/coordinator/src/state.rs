@@ -124,6 +124,11 @@ pub trait StateStore: Send {
     ) -> StateResult<std::collections::BTreeMap<String, (String, String, i64)>>;
     /// How long each derivation (by name) took when last built, in ms: cost estimates.
     fn build_times(&mut self) -> StateResult<std::collections::HashMap<String, u64>>;
+    /// A read-only handle of its own on the same state, for reads that need not wait for
+    /// the engine (reports); None when the backend has none (an in-memory database).
+    fn reader(&self) -> StateResult<Option<Box<dyn StateStore>>> {
+        Ok(None)
+    }
 }
 
 /// The SQLite store: each operation is the inherent method of the same name (`w`: takes
@@ -132,6 +137,10 @@ macro_rules! delegate {
     ($($kind:ident fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty;)*) => {
         impl StateStore for Db {
             $( delegate!(@$kind $name($($arg: $ty),*) -> $ret); )*
+
+            fn reader(&self) -> StateResult<Option<Box<dyn StateStore>>> {
+                Ok(Db::open_reader(self)?.map(|d| Box::new(d) as Box<dyn StateStore>))
+            }
         }
     };
     (@w $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty) => {

@@ -180,6 +180,9 @@ pub struct Engine {
     ended_counts: Arc<Mutex<HashMap<String, RunCounts>>>,
     /// Snapshot trees the hash fixer searches.
     trees: Arc<crate::trees::TreeCache>,
+    /// The store's read-only handle (None: it has none): reports are read through it, off
+    /// the engine's lock, so a large run's report does not hold up dispatch.
+    reader: Arc<Mutex<Option<Box<dyn StateStore>>>>,
 }
 
 /// A run's package counts: (total, ready, per status).
@@ -228,6 +231,10 @@ impl Engine {
         let (events, _) = broadcast::channel(8192);
         let mut db = db;
         let build_times = db.build_times()?;
+        let reader = db.reader().unwrap_or_else(|e| {
+            tracing::warn!("no separate reader of the state ({e}): reports hold the engine");
+            None
+        });
         let engine = Engine {
             inner: Arc::new(Mutex::new(Inner {
                 build_times,
@@ -243,6 +250,7 @@ impl Engine {
             sources_dir,
             ended_counts: Arc::new(Mutex::new(HashMap::new())),
             trees: Arc::default(),
+            reader: Arc::new(Mutex::new(reader)),
         };
         engine.recover()?;
         Ok(engine)

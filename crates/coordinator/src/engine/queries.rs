@@ -31,67 +31,100 @@ impl Engine {
         Ok(row.state)
     }
 
+    /// A run's report. Read through the store's own reader when it has one, off the engine's
+    /// lock (a 10,000-package report takes a while, and dispatch need not wait for it); only
+    /// pending packages' reasons, which come from the scheduler, take the engine, briefly.
     pub fn report(&self, run_id: &str) -> Result<Report, EngineError> {
+        {
+            let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(db) = reader.as_deref() {
+                let mut report = build_report(db, run_id, |_| String::new())?;
+                drop(reader);
+                if report
+                    .packages
+                    .iter()
+                    .any(|p| p.status == PackageStatus::Pending)
+                {
+                    let g = self.lock();
+                    for p in &mut report.packages {
+                        if p.status == PackageStatus::Pending {
+                            p.reason = waiting_reason(&g, run_id, &p.drv_path);
+                        }
+                    }
+                }
+                return Ok(report);
+            }
+        }
         let g = self.lock();
         self.report_locked(&g, run_id)
     }
 
     pub(super) fn report_locked(&self, inner: &Inner, run_id: &str) -> Result<Report, EngineError> {
-        let row = inner
-            .db
-            .run(run_id)?
-            .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
-        let run_state = row.state;
-        let drv_rows = inner.db.drvs(run_id)?;
-        let mut results: HashMap<&str, (DrvState, BuildReport)> = HashMap::new();
-        let mut nodes: HashMap<&str, DrvNode> = HashMap::new();
-        for r in &drv_rows {
-            let rep = r.result.clone().unwrap_or_default();
-            results.insert(r.drv_path.as_str(), (r.state, rep));
-            nodes.insert(r.drv_path.as_str(), r.node.clone());
-        }
-        let packages = inner.db.packages(run_id)?;
-        // What to call a derivation in a reason: its package, or the package it belongs to
-        // ("aurora-core's source"), never a bare store hash when a package owns it.
-        let mut top_of: HashMap<String, String> = packages
-            .iter()
-            .map(|(attr, p)| (p.drv_path.clone(), attr.clone()))
-            .collect();
-        // Each derivation is walked once: one already walked had its whole closure named by
-        // an earlier package, which is the name it keeps.
-        let mut walked: HashSet<&str> = HashSet::new();
-        for (attr, p) in &packages {
-            let mut stack = vec![p.drv_path.as_str()];
-            while let Some(d) = stack.pop() {
-                if !walked.insert(d) {
-                    continue;
-                }
-                if !top_of.contains_key(d) {
-                    top_of.insert(d.to_string(), format!("{attr}'s {}", store_name(d)));
-                }
-                if let Some(n) = nodes.get(d) {
-                    stack.extend(n.input_drvs.iter().map(String::as_str));
-                }
-            }
-        }
-        let tainted = tainted(&nodes, &results);
-        let mut out = Vec::new();
-        for (attr, p) in &packages {
-            let mut r = package_report(attr, p, run_state, &results, &nodes, &top_of, &tainted);
-            if r.status == PackageStatus::Pending {
-                r.reason = waiting_reason(inner, run_id, &p.drv_path);
-            }
-            out.push(r);
-        }
-        let mut report = Report::new(row.id, row.state, row.label, row.error, out);
-        report.repository = inner.db.repo_checks(run_id)?;
-        Ok(report)
+        build_report(&*inner.db, run_id, |drv| waiting_reason(inner, run_id, drv))
     }
+}
 
+/// A run's report from `db`; `waiting` says why a pending package (by its derivation) waits.
+fn build_report(
+    db: &dyn StateStore,
+    run_id: &str,
+    mut waiting: impl FnMut(&str) -> String,
+) -> Result<Report, EngineError> {
+    let row = db
+        .run(run_id)?
+        .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
+    let run_state = row.state;
+    let drv_rows = db.drvs(run_id)?;
+    let mut results: HashMap<&str, (DrvState, BuildReport)> = HashMap::new();
+    let mut nodes: HashMap<&str, DrvNode> = HashMap::new();
+    for r in &drv_rows {
+        let rep = r.result.clone().unwrap_or_default();
+        results.insert(r.drv_path.as_str(), (r.state, rep));
+        nodes.insert(r.drv_path.as_str(), r.node.clone());
+    }
+    let packages = db.packages(run_id)?;
+    // What to call a derivation in a reason: its package, or the package it belongs to
+    // ("aurora-core's source"), never a bare store hash when a package owns it.
+    let mut top_of: HashMap<String, String> = packages
+        .iter()
+        .map(|(attr, p)| (p.drv_path.clone(), attr.clone()))
+        .collect();
+    // Each derivation is walked once: one already walked had its whole closure named by
+    // an earlier package, which is the name it keeps.
+    let mut walked: HashSet<&str> = HashSet::new();
+    for (attr, p) in &packages {
+        let mut stack = vec![p.drv_path.as_str()];
+        while let Some(d) = stack.pop() {
+            if !walked.insert(d) {
+                continue;
+            }
+            if !top_of.contains_key(d) {
+                top_of.insert(d.to_string(), format!("{attr}'s {}", store_name(d)));
+            }
+            if let Some(n) = nodes.get(d) {
+                stack.extend(n.input_drvs.iter().map(String::as_str));
+            }
+        }
+    }
+    let tainted = tainted(&nodes, &results);
+    let mut out = Vec::new();
+    for (attr, p) in &packages {
+        let mut r = package_report(attr, p, run_state, &results, &nodes, &top_of, &tainted);
+        if r.status == PackageStatus::Pending {
+            r.reason = waiting(&p.drv_path);
+        }
+        out.push(r);
+    }
+    let mut report = Report::new(row.id, row.state, row.label, row.error, out);
+    report.repository = db.repo_checks(run_id)?;
+    Ok(report)
+}
+
+impl Engine {
     pub fn list_runs(&self) -> Result<Vec<RunListing>, EngineError> {
-        let g = self.lock();
+        let runs = self.lock().db.runs()?;
         let mut out = Vec::new();
-        for r in g.db.runs()? {
+        for r in runs {
             // An ended run's counts never change: computed once, not on every listing (a
             // coordinator keeps every run it ever had).
             let cached = if r.state.is_terminal() {
@@ -105,7 +138,7 @@ impl Engine {
             let (total, ready, by_status) = match cached {
                 Some(c) => c,
                 None => {
-                    let rep = self.report_locked(&g, &r.id)?;
+                    let rep = self.report(&r.id)?;
                     let c = (
                         rep.summary.total as u64,
                         rep.summary.ready as u64,

@@ -90,10 +90,10 @@ pub async fn live(State(web): State<Shared>, Path(id): Path<String>) -> Response
             let Ok(report) = blocking(move || e.report(&run)).await else {
                 return;
             };
-            // A report holds the engine while it is computed (400 ms for 10,000 packages in a
-            // debug build): an open page waits twice that before the next, so it never takes
-            // more than a third of the engine from the run it shows.
-            let settle = (started.elapsed() * 2).max(COALESCE);
+            // A report takes a while (400 ms for 10,000 packages in a debug build); it is read
+            // beside the engine, not holding it, but an open page still waits as long before
+            // the next, so it takes at most half a core from the run it shows.
+            let settle = started.elapsed().max(COALESCE);
             let changed: Vec<serde_json::Value> = report
                 .packages
                 .iter()
