@@ -129,6 +129,16 @@ pub trait StateStore: Send {
     fn reader(&self) -> StateResult<Option<Box<dyn StateStore>>> {
         Ok(None)
     }
+    /// Starts reading one consistent snapshot (a reader's reads until [`end_snapshot`]
+    /// see the same state, whatever the engine commits meanwhile).
+    ///
+    /// [`end_snapshot`]: StateStore::end_snapshot
+    fn begin_snapshot(&self) -> StateResult<()> {
+        Ok(())
+    }
+    fn end_snapshot(&self) -> StateResult<()> {
+        Ok(())
+    }
 }
 
 /// The SQLite store: each operation is the inherent method of the same name (`w`: takes
@@ -140,6 +150,16 @@ macro_rules! delegate {
 
             fn reader(&self) -> StateResult<Option<Box<dyn StateStore>>> {
                 Ok(Db::open_reader(self)?.map(|d| Box::new(d) as Box<dyn StateStore>))
+            }
+            fn begin_snapshot(&self) -> StateResult<()> {
+                // A snapshot left open (its end failed) would refuse every later one.
+                if !self.conn().is_autocommit() {
+                    self.conn().execute_batch("COMMIT")?;
+                }
+                Ok(self.conn().execute_batch("BEGIN DEFERRED")?)
+            }
+            fn end_snapshot(&self) -> StateResult<()> {
+                Ok(self.conn().execute_batch("COMMIT")?)
             }
         }
     };

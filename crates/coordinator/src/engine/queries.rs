@@ -38,8 +38,13 @@ impl Engine {
         {
             let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(db) = reader.as_deref() {
-                let mut report = build_report(db, run_id, |_| String::new())?;
+                // One snapshot: the run, its derivations and packages as of one moment.
+                db.begin_snapshot()?;
+                let built = build_report(db, run_id, |_| String::new());
+                let ended = db.end_snapshot();
                 drop(reader);
+                let mut report = built?;
+                ended?;
                 if report
                     .packages
                     .iter()
