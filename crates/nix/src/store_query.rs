@@ -91,8 +91,17 @@ impl Nix {
 
     /// `nix-store --check-validity --print-invalid PATHS`: the invalid ones.
     async fn check_validity(&self, paths: &[String]) -> Result<Vec<String>, NixError> {
+        let out = self
+            .nix_store_out(&["--check-validity", "--print-invalid"], paths)
+            .await?;
+        Ok(out.lines().map(String::from).collect())
+    }
+
+    /// `nix-store ARGS PATHS`: what it printed; its failure, with the end of what it said on
+    /// standard error, is an error.
+    async fn nix_store_out(&self, args: &[&str], paths: &[String]) -> Result<String, NixError> {
         let o = Command::new(&self.nix_store)
-            .args(["--check-validity", "--print-invalid"])
+            .args(args)
             .args(paths)
             .stdin(Stdio::null())
             .output()
@@ -100,14 +109,12 @@ impl Nix {
             .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
         if !o.status.success() {
             return Err(NixError::Infra(format!(
-                "nix-store --check-validity failed: {}",
+                "nix-store {} failed: {}",
+                args.join(" "),
                 tail(&String::from_utf8_lossy(&o.stderr), 500)
             )));
         }
-        Ok(String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(String::from)
-            .collect())
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
     /// The derivation Nix recorded as having produced `path` (None: not valid here, or the
@@ -135,20 +142,7 @@ impl Nix {
     pub async fn derivers(&self, paths: &[String]) -> Result<Vec<Option<String>>, NixError> {
         let mut all = Vec::with_capacity(paths.len());
         for chunk in paths.chunks(1000) {
-            let o = Command::new(&self.nix_store)
-                .args(["--query", "--deriver"])
-                .args(chunk)
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .map_err(|e| NixError::Infra(format!("cannot run nix-store: {e}")))?;
-            if !o.status.success() {
-                return Err(NixError::Infra(format!(
-                    "nix-store --query --deriver failed: {}",
-                    tail(&String::from_utf8_lossy(&o.stderr), 500)
-                )));
-            }
-            let text = String::from_utf8_lossy(&o.stdout);
+            let text = self.nix_store_out(&["--query", "--deriver"], chunk).await?;
             let lines: Vec<&str> = text.lines().collect();
             if lines.len() != chunk.len() {
                 return Err(NixError::Infra(format!(
