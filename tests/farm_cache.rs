@@ -159,6 +159,104 @@ fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
     drop(agents);
 }
 
+/// One raw HTTP/1.1 PUT of `body`; returns the status line and the body of the answer.
+fn http_put(addr: &str, path: &str, auth: &str, body: &[u8]) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.lines().next().unwrap_or_default().to_string();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+/// A NAR holding one regular file with `content`.
+fn file_nar(content: &[u8]) -> Vec<u8> {
+    let mut nar = Vec::new();
+    let mut put = |b: &[u8]| {
+        nar.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        nar.extend_from_slice(b);
+        nar.extend(std::iter::repeat_n(0u8, (8 - b.len() % 8) % 8));
+    };
+    for s in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        content,
+        b")",
+    ] {
+        put(s);
+    }
+    nar
+}
+
+/// Uploads `content` as the derivation `path` (its NAR uncompressed, then its narinfo):
+/// the status line and body of the narinfo's answer.
+fn upload_drv(addr: &str, auth: &str, path: &str, content: &str) -> (String, String) {
+    use sha2::Digest as _;
+    let nar = file_nar(content.as_bytes());
+    let hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&nar));
+    let (status, body) = http_put(addr, &format!("/nar/{hash}.nar"), auth, &nar);
+    assert!(status.contains(" 200 "), "{status} {body}");
+    let store_hash = &path["/nix/store/".len()..][..32];
+    let narinfo = format!(
+        "StorePath: {path}\nURL: nar/{hash}.nar\nCompression: none\nFileHash: sha256:{hash}\nFileSize: {n}\nNarHash: sha256:{hash}\nNarSize: {n}\nReferences: \n",
+        n = nar.len()
+    );
+    http_put(
+        addr,
+        &format!("/{store_hash}.narinfo"),
+        auth,
+        narinfo.as_bytes(),
+    )
+}
+
+/// The farm cache signs what agents upload, and every agent trusts that signature: a
+/// derivation whose content does not give its (text-addressed) path is refused, so no
+/// agent can have others build a forged derivation under a real one's name. Nix 2.8's own
+/// `nix-instantiate` wrote the genuine one.
+#[test]
+fn a_forged_derivation_is_refused_and_a_genuine_one_signed() {
+    let dir = scratch();
+    let token = dir.path().join("agent-token");
+    std::fs::write(&token, "farm-secret-2\n").unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[auth]\nagent_token_file = \"{}\"\n", token.display()),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start_on(
+        &dir.path().join("coordinator"),
+        "127.0.0.1:0",
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let addr = farm_cache_addr(&coordinator);
+    let auth = "Bearer farm-secret-2";
+    let path = "/nix/store/mh3rz2qzm0lrcxk22g2b1kifak7q2nj9-x.drv";
+    let info = "/mh3rz2qzm0lrcxk22g2b1kifak7q2nj9.narinfo";
+    let genuine = r#"Derive([("out","/nix/store/zr2knphxg8yyy2mkq8akf2hfknjvdiz7-x","","")],[],[],"x86_64-linux","/bin/sh",["-c","echo hi > $out"],[("builder","/bin/sh"),("name","x"),("out","/nix/store/zr2knphxg8yyy2mkq8akf2hfknjvdiz7-x"),("system","x86_64-linux")])"#;
+    let forged = genuine.replace("echo hi", "echo pwned");
+    let (status, body) = upload_drv(&addr, auth, path, &forged);
+    assert!(status.contains(" 400 "), "{status} {body}");
+    assert!(body.contains("do not give its store path"), "{body}");
+    assert!(http_get(&addr, info, Some(auth)).contains(" 404 "));
+    let (status, body) = upload_drv(&addr, auth, path, genuine);
+    assert!(status.contains(" 200 "), "{status} {body}");
+    let served = http(&addr, "GET", info, Some(auth), None);
+    assert!(served.contains("Sig: nixfarm-farm-1:"), "{served}");
+}
+
 #[test]
 fn the_farm_cache_refuses_requests_without_the_agent_token() {
     let dir = scratch();

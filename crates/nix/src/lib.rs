@@ -13,6 +13,7 @@ pub mod messages;
 mod path_info;
 pub mod runner;
 mod store_query;
+pub mod text_path;
 mod worker_protocol;
 
 pub use derivation::Derivation;

@@ -104,10 +104,79 @@ fn node(path: &Path, w: &mut impl Write) -> io::Result<()> {
     write_str(w, ")")
 }
 
+/// The contents of a NAR that holds one regular file (a derivation, say); None for any
+/// other NAR or one that is not well formed.
+pub fn single_file(nar: &[u8]) -> Option<&[u8]> {
+    let mut at = 0usize;
+    let mut next = || -> Option<&[u8]> {
+        let len = u64::from_le_bytes(nar.get(at..at + 8)?.try_into().ok()?);
+        let len = usize::try_from(len).ok()?;
+        let start = at + 8;
+        let end = start.checked_add(len)?;
+        let bytes = nar.get(start..end)?;
+        at = end + padding(len as u64);
+        Some(bytes)
+    };
+    for want in [&b"nix-archive-1"[..], b"(", b"type", b"regular"] {
+        if next()? != want {
+            return None;
+        }
+    }
+    let mut tag = next()?;
+    if tag == b"executable" {
+        if !next()?.is_empty() {
+            return None;
+        }
+        tag = next()?;
+    }
+    if tag != b"contents" {
+        return None;
+    }
+    let contents = next()?;
+    if next()? != b")" {
+        return None;
+    }
+    // Nothing may follow.
+    (at == nar.len()).then_some(contents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_single_files_contents_are_read_back_and_anything_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let nar_of = |p: &Path| {
+            let mut v = Vec::new();
+            dump(p, &mut v).unwrap();
+            v
+        };
+        for (name, body, exec) in [
+            ("a.drv", &b"Derive([])"[..], false),
+            ("e", b"12345678", true),
+        ] {
+            let f = dir.path().join(name);
+            std::fs::write(&f, body).unwrap();
+            if exec {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            assert_eq!(single_file(&nar_of(&f)), Some(body));
+        }
+        let sub = dir.path().join("d");
+        std::fs::create_dir(&sub).unwrap();
+        assert_eq!(single_file(&nar_of(&sub)), None, "a directory");
+        let mut nar = nar_of(&dir.path().join("a.drv"));
+        assert_eq!(single_file(&nar[..nar.len() - 8]), None, "cut short");
+        nar.extend_from_slice(&[0u8; 8]);
+        assert_eq!(single_file(&nar), None, "something after it");
+        let mut huge = nar_of(&dir.path().join("a.drv"));
+        // The contents' length, made absurd.
+        let at = huge.windows(8).position(|w| w == b"contents").unwrap() + 8;
+        huge[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(single_file(&huge), None, "a length past the end");
+    }
 
     #[test]
     fn matches_nix_store_dump_byte_for_byte() {
