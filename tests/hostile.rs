@@ -137,6 +137,9 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[path = "hostile/sources.rs"]
 mod sources;
 
+#[path = "hostile/derivations.rs"]
+mod derivations;
+
 // ----- agents bound to their attempts -----------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

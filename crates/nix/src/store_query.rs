@@ -136,6 +136,12 @@ impl Nix {
             .filter(|d| d.ends_with(".drv")))
     }
 
+    /// `nix-store --delete PATHS`: removes them from the store unless something still
+    /// needs them (a root, a path referring to them).
+    pub async fn delete_paths(&self, paths: &[String]) -> Result<(), NixError> {
+        self.nix_store_out(&["--delete"], paths).await.map(|_| ())
+    }
+
     /// [`Nix::deriver`] for many paths, all valid here, with one `nix-store` per 1,000 paths:
     /// per path, in order, the recorded deriver (None: unknown). An error when Nix answers
     /// anything but one line per path.

@@ -31,6 +31,50 @@ pub fn text_store_path(
     format!("{store_dir}/{}-{name}", crate::hash::nix32_encode(&folded))
 }
 
+/// What a derivation file says of its own path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrvCheck {
+    /// Its content, with the references a derivation has (its input derivations and
+    /// sources), gives its path.
+    Matches,
+    /// They give another path: forged or corrupt.
+    Differs,
+    /// It cannot be read, or is in a format this does not parse.
+    Unreadable,
+}
+
+/// Checks the derivation file at `path` (in the store) against its path. A derivation
+/// fetched from a cache is only as good as whoever signed it; this holds whoever did.
+pub fn check_derivation(path: &str) -> DrvCheck {
+    let Some((dir, base)) = path.rsplit_once('/') else {
+        return DrvCheck::Unreadable;
+    };
+    let Some(name) = base.get(33..).filter(|n| n.ends_with(".drv")) else {
+        return DrvCheck::Unreadable;
+    };
+    let text = match std::fs::metadata(path) {
+        Ok(m) if m.len() <= crate::aterm::MAX_DRV_BYTES => match std::fs::read(path) {
+            Ok(t) => t,
+            Err(_) => return DrvCheck::Unreadable,
+        },
+        _ => return DrvCheck::Unreadable,
+    };
+    let Ok(drv) = crate::aterm::parse(path, &text) else {
+        return DrvCheck::Unreadable;
+    };
+    let refs: Vec<String> = drv
+        .input_drvs
+        .iter()
+        .map(|(p, _)| p.clone())
+        .chain(drv.input_srcs.iter().cloned())
+        .collect();
+    if text_store_path(dir, name, &text, &refs) == path {
+        DrvCheck::Matches
+    } else {
+        DrvCheck::Differs
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +107,26 @@ mod tests {
         assert_ne!(
             text_store_path("/nix/store", "y.drv", y.as_bytes(), &refs[..1]),
             "/nix/store/2d0p6yl3v08yk5hw5dbpini6c98g8bj0-y.drv"
+        );
+        // A derivation's references are what it names as inputs: checked from the file
+        // alone, in a directory standing in for the store.
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().to_str().unwrap();
+        let at = |c: &str| format!("{store}/{}-y.drv", &c[..32]);
+        let good = text_store_path(store, "y.drv", y.as_bytes(), &refs);
+        std::fs::write(&good, y).unwrap();
+        assert_eq!(check_derivation(&good), DrvCheck::Matches);
+        let bad = at("0000000000000000000000000000000000");
+        std::fs::write(&bad, forged.as_bytes()).unwrap();
+        assert_eq!(check_derivation(&bad), DrvCheck::Differs);
+        // The right name, the wrong content: what a poisoned cache would hand out.
+        std::fs::write(&good, forged.as_bytes()).unwrap();
+        assert_eq!(check_derivation(&good), DrvCheck::Differs);
+        std::fs::write(&good, "not a derivation").unwrap();
+        assert_eq!(check_derivation(&good), DrvCheck::Unreadable);
+        assert_eq!(
+            check_derivation(&format!("{store}/missing-y.drv")),
+            DrvCheck::Unreadable
         );
     }
 }

@@ -65,7 +65,8 @@ pub(super) async fn build(
     // it, with its inputs, from the run's cache (through the build's own daemon when builds
     // go through one); without one, say what is missing. A stat, not a Nix process: this
     // runs before every build.
-    if !std::path::Path::new(&j.drv_path).exists() {
+    let fetched_here = !std::path::Path::new(&j.drv_path).exists();
+    if fetched_here {
         if opts.substituter.is_empty() {
             return pb::BuildResult {
                 status: pb::BuildStatus::InfraFailed as i32,
@@ -94,6 +95,22 @@ pub(super) async fn build(
             // Nix may still substitute it itself while realising; if not, its error says so.
             tracing::warn!("cannot fetch {} from the run's cache: {e}", j.drv_path);
         }
+    }
+    // A derivation is what its path says, or it is not built: one fetched from a cache is
+    // only as good as whoever signed it (any agent holding the cache's key). One that
+    // cannot be read is refused only when it came from the cache just now.
+    match nixfarm_nix::text_path::check_derivation(&j.drv_path) {
+        nixfarm_nix::text_path::DrvCheck::Differs => {
+            return forged_derivation(shared, &j.drv_path, "its content does not give its path")
+                .await;
+        }
+        nixfarm_nix::text_path::DrvCheck::Unreadable
+            if fetched_here && std::path::Path::new(&j.drv_path).exists() =>
+        {
+            return forged_derivation(shared, &j.drv_path, "it cannot be read as a derivation")
+                .await;
+        }
+        _ => {}
     }
     let _ = shared.roots.add(run_id, std::slice::from_ref(&j.drv_path));
     // What the derivation declares, read once: its outputs to lock now, and to report after.
@@ -218,6 +235,22 @@ pub(super) async fn build(
         }
     }
     r
+}
+
+/// The result for a derivation that is not what its path says: not built, and taken out of
+/// this store (best effort) so that a later attempt fetches it again.
+async fn forged_derivation(shared: &Arc<Shared>, drv: &str, why: &str) -> pb::BuildResult {
+    tracing::warn!(drv, "refusing to build a derivation: {why}");
+    if let Err(e) = shared.nix.delete_paths(&[drv.to_string()]).await {
+        tracing::warn!(drv, "cannot remove it from the store: {e}");
+    }
+    pb::BuildResult {
+        status: pb::BuildStatus::InfraFailed as i32,
+        message: format!(
+            "derivation {drv} is not what its store path says ({why}): forged or corrupt where it was fetched from; not built"
+        ),
+        ..Default::default()
+    }
 }
 
 /// Whether `producer` is the same fetch as `drv` with another hash stated (the package's
