@@ -159,6 +159,17 @@ fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
     drop(agents);
 }
 
+/// A coordinator in `dir` whose agents need `token`.
+fn with_agent_token(dir: &std::path::Path, token: &str) -> Coordinator {
+    let file = dir.join("agent-token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    Coordinator::start_with_config(
+        dir,
+        &format!("[auth]\nagent_token_file = \"{}\"\n", file.display()),
+    )
+    .unwrap()
+}
+
 /// One raw HTTP/1.1 PUT of `body`; returns the status line and the body of the answer.
 fn http_put(addr: &str, path: &str, auth: &str, body: &[u8]) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -177,33 +188,11 @@ fn http_put(addr: &str, path: &str, auth: &str, body: &[u8]) -> (String, String)
     (status, body.unwrap_or_default())
 }
 
-/// A NAR holding one regular file with `content`.
-fn file_nar(content: &[u8]) -> Vec<u8> {
-    let mut nar = Vec::new();
-    let mut put = |b: &[u8]| {
-        nar.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        nar.extend_from_slice(b);
-        nar.extend(std::iter::repeat_n(0u8, (8 - b.len() % 8) % 8));
-    };
-    for s in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        content,
-        b")",
-    ] {
-        put(s);
-    }
-    nar
-}
-
 /// Uploads `content` as the derivation `path` (its NAR uncompressed, then its narinfo):
 /// the status line and body of the narinfo's answer.
 fn upload_drv(addr: &str, auth: &str, path: &str, content: &str) -> (String, String) {
     use sha2::Digest as _;
-    let nar = file_nar(content.as_bytes());
+    let nar = single_file_nar(content.as_bytes());
     let hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&nar));
     let (status, body) = http_put(addr, &format!("/nar/{hash}.nar"), auth, &nar);
     assert!(status.contains(" 200 "), "{status} {body}");
@@ -227,20 +216,7 @@ fn upload_drv(addr: &str, auth: &str, path: &str, content: &str) -> (String, Str
 #[test]
 fn a_forged_derivation_is_refused_and_a_genuine_one_signed() {
     let dir = scratch();
-    let token = dir.path().join("agent-token");
-    std::fs::write(&token, "farm-secret-2\n").unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!("[auth]\nagent_token_file = \"{}\"\n", token.display()),
-    )
-    .unwrap();
-    let coordinator = Coordinator::start_on(
-        &dir.path().join("coordinator"),
-        "127.0.0.1:0",
-        &["--config", cfg.to_str().unwrap()],
-    )
-    .unwrap();
+    let coordinator = with_agent_token(dir.path(), "farm-secret-2");
     let addr = farm_cache_addr(&coordinator);
     let auth = "Bearer farm-secret-2";
     let path = "/nix/store/mh3rz2qzm0lrcxk22g2b1kifak7q2nj9-x.drv";
@@ -260,20 +236,7 @@ fn a_forged_derivation_is_refused_and_a_genuine_one_signed() {
 #[test]
 fn the_farm_cache_refuses_requests_without_the_agent_token() {
     let dir = scratch();
-    let token = dir.path().join("agent-token");
-    std::fs::write(&token, "farm-secret-1\n").unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!("[auth]\nagent_token_file = \"{}\"\n", token.display()),
-    )
-    .unwrap();
-    let coordinator = Coordinator::start_on(
-        &dir.path().join("coordinator"),
-        "127.0.0.1:0",
-        &["--config", cfg.to_str().unwrap()],
-    )
-    .unwrap();
+    let coordinator = with_agent_token(dir.path(), "farm-secret-1");
     let addr = farm_cache_addr(&coordinator);
     assert!(http_get(&addr, "/nix-cache-info", None).contains(" 401 "));
     assert!(http_get(&addr, "/nix-cache-info", Some("Bearer guess")).contains(" 401 "));

@@ -118,6 +118,18 @@ impl Coordinator {
         Self::start_on(state_dir, "127.0.0.1:0", &[])
     }
 
+    /// A coordinator whose config file (written beside its state) is `config`.
+    pub fn start_with_config(dir: &Path, config: &str) -> anyhow::Result<Coordinator> {
+        std::fs::create_dir_all(dir)?;
+        let file = dir.join("coordinator.toml");
+        std::fs::write(&file, config)?;
+        Self::start_on(
+            &dir.join("coordinator"),
+            "127.0.0.1:0",
+            &["--config", &file.to_string_lossy()],
+        )
+    }
+
     pub fn start_on(state_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Coordinator> {
         std::fs::create_dir_all(state_dir)?;
         let log = state_dir.join(format!("coordinator-{}.log", fastrand_u32()));
@@ -602,4 +614,23 @@ http {{
             .map(|_| ())
     });
     (proc, port)
+}
+
+/// A NAR holding one regular file with `content` (a derivation, as caches hold one).
+pub fn single_file_nar(content: &[u8]) -> Vec<u8> {
+    let mut nar = Vec::new();
+    for s in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        content,
+        b")",
+    ] {
+        nar.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        nar.extend_from_slice(s);
+        nar.extend(std::iter::repeat_n(0u8, (8 - s.len() % 8) % 8));
+    }
+    nar
 }

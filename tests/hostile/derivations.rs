@@ -16,20 +16,7 @@ const OUT: &str = "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-src";
 
 /// Writes `content` into the file:// cache `dir` as the path `path`, signed with `key`.
 fn plant(dir: &Path, key: &Path, path: &str, content: &str) {
-    let mut nar = Vec::new();
-    for s in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        content.as_bytes(),
-        b")",
-    ] {
-        nar.extend_from_slice(&(s.len() as u64).to_le_bytes());
-        nar.extend_from_slice(s);
-        nar.extend(std::iter::repeat_n(0u8, (8 - s.len() % 8) % 8));
-    }
+    let nar = single_file_nar(content.as_bytes());
     let digest = sha2::Sha256::digest(&nar).to_vec();
     let file = nixfarm_nix::hash::nix32_encode(&digest);
     std::fs::create_dir_all(dir.join("nar")).unwrap();
@@ -73,15 +60,9 @@ async fn a_forged_derivation_fetched_from_the_cache_is_not_built() {
     );
     plant(&cache, &sk, DRV, &forged);
     // A short lease: the fake agent leaves holding the build it was handed.
-    let cfg = config_file(
+    let coordinator = Coordinator::start_with_config(
         dir.path(),
-        "coordinator.toml",
         "[scheduler]\nlease_secs = 2\nheartbeat_secs = 1\n",
-    );
-    let coordinator = Coordinator::start_on(
-        &dir.path().join("coordinator"),
-        "127.0.0.1:0",
-        &["--config", cfg.to_str().unwrap()],
     )
     .unwrap();
     let url = coordinator.url.clone();

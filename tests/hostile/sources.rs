@@ -198,15 +198,9 @@ fn zeros_snapshot_chunks(size: u64) -> impl Iterator<Item = pb::SourceChunk> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn uploads_are_streamed_and_capped_and_the_coordinator_keeps_answering() {
     let dir = scratch();
-    let cfg = config_file(
+    let coordinator = Coordinator::start_with_config(
         dir.path(),
-        "c.toml",
         "[limits]\nsnapshot_max_bytes = 268435456\nmax_concurrent_uploads = 12\nmax_uploads_per_client = 8\nupload_idle_secs = 2\n",
-    );
-    let coordinator = Coordinator::start_on(
-        &dir.path().join("coordinator"),
-        "127.0.0.1:0",
-        &["--config", cfg.to_str().unwrap()],
     )
     .unwrap();
     let url = coordinator.url.clone();
