@@ -164,4 +164,8 @@ async fn a_forged_derivation_fetched_from_the_cache_is_not_built() {
     );
     assert!(!ran.exists(), "the forged builder ran");
     assert!(!host.has_path(OUT), "the forged derivation was built");
+    assert!(
+        !host.has_path(DRV),
+        "the forged derivation was left in the agent's store"
+    );
 }

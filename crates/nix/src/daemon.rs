@@ -164,6 +164,14 @@ impl DaemonPool {
         }
     }
 
+    /// Stops every idle daemon: each holds temporary GC roots for what it fetched or built,
+    /// which keep those paths from being deleted.
+    pub(crate) fn close_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
     pub(crate) fn active(&self) -> bool {
         !self.disabled.load(Ordering::Relaxed)
     }

@@ -137,9 +137,22 @@ impl Nix {
     }
 
     /// `nix-store --delete PATHS`: removes them from the store unless something still
-    /// needs them (a root, a path referring to them).
+    /// needs them (a root, a path referring to them). Idle build daemons are stopped first:
+    /// their temporary roots (what they fetched) would keep the paths alive.
     pub async fn delete_paths(&self, paths: &[String]) -> Result<(), NixError> {
-        self.nix_store_out(&["--delete"], paths).await.map(|_| ())
+        if let Some(pool) = &self.daemon {
+            pool.close_idle();
+        }
+        let mut last = Ok(());
+        // A stopped daemon's roots count until it has exited: a few tries, briefly apart.
+        for _ in 0..5 {
+            last = self.nix_store_out(&["--delete"], paths).await.map(|_| ());
+            if last.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        last
     }
 
     /// [`Nix::deriver`] for many paths, all valid here, with one `nix-store` per 1,000 paths:
