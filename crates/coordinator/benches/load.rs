@@ -344,14 +344,18 @@ async fn main() -> anyhow::Result<()> {
     }
     renders.sort_by(f64::total_cmp);
     let (api_ms, _) = get_timed(http, &format!("/api/runs/{run}")).await;
-    let report = client
-        .get_report(pb::GetReportRequest { run_id: run })
-        .await?
-        .into_inner();
+    // Wire types become the domain's at the edge: states compared as enums, not strings.
+    let report = nixfarm_core::report::Report::try_from(
+        client
+            .get_report(pb::GetReportRequest { run_id: run })
+            .await?
+            .into_inner(),
+    )
+    .map_err(|e| anyhow::anyhow!("the coordinator's report: {e}"))?;
     let ready = report
         .packages
         .iter()
-        .filter(|p| p.status == nixfarm_core::PackageStatus::Ready.as_str())
+        .filter(|p| p.status() == nixfarm_core::PackageStatus::Ready)
         .count();
     let n = jobs.load(Ordering::Relaxed);
     println!("load test: {agents} agents (gRPC streams), {packages} packages, one coordinator");
@@ -388,7 +392,10 @@ async fn main() -> anyhow::Result<()> {
     );
     running.stop().await;
     // Run in CI too (scripts/test): a lost or repeated result fails it, whatever the speed.
-    if report.state != "finished" || ready != packages || report.packages.len() != packages {
+    if report.state != nixfarm_core::RunState::Finished
+        || ready != packages
+        || report.packages.len() != packages
+    {
         anyhow::bail!(
             "the load run ended {} with {ready}/{} of {packages} packages ready",
             report.state,

@@ -16,13 +16,17 @@ mod http;
 /// query); not a name a cache file can have.
 pub const FARM_CACHE_BULK_MISSING: &str = "/_nixfarm/missing";
 
+mod arbiter;
 pub mod nar;
 pub mod narinfo;
+mod read;
 pub mod repeats;
 mod stage;
 mod text;
 
+pub use arbiter::{Alone, Arbiter};
 pub use cachix::CachixCache;
+pub use read::MAX_NARINFO_BYTES;
 pub use stage::Compression;
 
 use backend::Backend;
@@ -39,9 +43,6 @@ use text::{error_chain, one_line};
 
 /// Cachix's own API root.
 pub use nixfarm_core::cache_url::CACHIX_API;
-
-/// The largest narinfo read from a cache (one with thousands of references fits).
-pub const MAX_NARINFO_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -162,26 +163,6 @@ pub struct Pusher {
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub opts: Options,
     pub stats: Arc<Stats>,
-}
-
-/// Decides which pusher uploads a path when several push overlapping closures to one cache
-/// (agents on separate hosts: the coordinator decides).
-pub trait Arbiter: Sync {
-    /// Per path, in order: true when this pusher should upload it, false when another one
-    /// is. An arbiter that cannot be asked answers true (a second upload beats a hang).
-    fn claim(&self, paths: &[String]) -> impl std::future::Future<Output = Vec<bool>> + Send;
-    /// This pusher is done with `paths`: uploaded, or given up.
-    fn release(&self, paths: &[String]) -> impl std::future::Future<Output = ()> + Send;
-}
-
-/// The arbiter of a pusher that is alone: every path is its own.
-pub struct Alone;
-
-impl Arbiter for Alone {
-    async fn claim(&self, paths: &[String]) -> Vec<bool> {
-        vec![true; paths.len()]
-    }
-    async fn release(&self, _: &[String]) {}
 }
 
 /// Push warnings, each distinct one said once a minute at most.
@@ -357,36 +338,6 @@ impl Pusher {
     /// The URL Nix substitutes from, and the keys its signatures verify against.
     pub async fn substituter(&self) -> Result<(String, Vec<String>), StoreError> {
         self.backend.substituter(self).await
-    }
-
-    /// Per path, in order: the derivation the cache says produced it (its narinfo's
-    /// `Deriver`), None when the cache records none. A narinfo that is not for the path
-    /// asked, or cannot be read, is that path's error. The deriver is not covered by the
-    /// narinfo's signature: it is the cache's word, good for a heuristic, not for trust.
-    pub async fn derivers(&self, paths: &[String]) -> Vec<Result<Option<String>, StoreError>> {
-        let mut futs = Vec::with_capacity(paths.len());
-        for path in paths {
-            futs.push(async move {
-                let Some(text) = self.backend.narinfo_text(self, path).await? else {
-                    return Err(StoreError::Http(format!(
-                        "the cache has no narinfo for {path}"
-                    )));
-                };
-                let ni = NarInfo::parse(&text)
-                    .map_err(|e| StoreError::Http(format!("the narinfo of {path}: {e}")))?;
-                if ni.store_path != *path {
-                    return Err(StoreError::Http(format!(
-                        "the cache answered for {} when asked for {path}",
-                        one_line(&ni.store_path, 120)
-                    )));
-                }
-                Ok(ni.deriver.filter(|d| d.ends_with(".drv")))
-            });
-        }
-        futures_util::stream::iter(futs)
-            .buffered(16)
-            .collect()
-            .await
     }
 
     /// Which of `paths` the cache lacks, in the order given.

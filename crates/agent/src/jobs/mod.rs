@@ -21,6 +21,7 @@ mod eval;
 pub(crate) mod output_locks;
 mod smoke;
 mod source;
+mod warm;
 
 use build::build;
 use claims::Claims;

@@ -376,6 +376,8 @@ mod waiting;
 #[cfg(test)]
 mod dispatch_tests;
 #[cfg(test)]
+mod queries_tests;
+#[cfg(test)]
 mod recovery_tests;
 #[cfg(test)]
 mod tests;

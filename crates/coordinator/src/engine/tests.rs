@@ -303,59 +303,8 @@ fn a_listing_that_keeps_failing_on_the_machine_fails_the_run_after_the_retry_bud
     );
 }
 
-/// Over a database file a report is read through the store's own reader: the same report
-/// as the engine's own (a pending package's reason included), and one with nothing pending
-/// does not wait for the engine at all (held here by another caller).
-#[test]
-fn a_report_is_read_beside_the_engine_and_says_the_same() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(
-        Db::open(&dir.path().join("coordinator.sqlite")).unwrap(),
-        dir.path().join("sources"),
-        Arc::new(crate::clock::ManualClock::new(1_000_000)),
-        EngineOptions {
-            lease_ms: 5_000,
-            ..EngineOptions::default()
-        },
-    )
-    .unwrap();
-    assert!(
-        engine.reader.lock().unwrap().is_some(),
-        "a file has a reader"
-    );
-    let mut a = connect_agent(&engine, "a");
-    let (run, _drv, out) = one_package_run(&engine, &mut a);
-    let read = engine.report(&run).unwrap();
-    let locked = {
-        let g = engine.lock();
-        engine.report_locked(&g, &run).unwrap()
-    };
-    assert_eq!(read.packages[0].status, PackageStatus::Pending);
-    assert!(!read.packages[0].reason.is_empty());
-    assert_eq!(read.to_json(), locked.to_json());
-    build_assigned(&engine, &mut a, &out);
-    let held = engine.lock();
-    let (e, r) = (engine.clone(), run.clone());
-    let report = std::thread::spawn(move || e.report(&r).unwrap());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !report.is_finished() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let done = report.is_finished();
-    drop(held);
-    assert!(done, "the report waited for the engine");
-    let report = report.join().unwrap();
-    assert_eq!(
-        report.packages[0].status,
-        PackageStatus::Ready,
-        "{}",
-        report.packages[0].reason
-    );
-    assert_eq!(report.state, RunState::Finished);
-}
-
 /// Evaluates a one-package run on `a` and returns (run, drv, its output).
-fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, String) {
+pub(super) fn one_package_run(engine: &Engine, a: &mut TestAgent) -> (String, String, String) {
     let (run, drv, out, _) = one_package_run_with(engine, a, false);
     (run, drv, out)
 }

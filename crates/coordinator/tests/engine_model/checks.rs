@@ -241,7 +241,7 @@ impl World {
                     let pend: Vec<String> = rep
                         .packages
                         .iter()
-                        .filter(|p| p.status.to_string() == "pending")
+                        .filter(|p| p.status == nixfarm_core::PackageStatus::Pending)
                         .map(|p| format!("{}: {}", p.attr, p.reason))
                         .collect();
                     why.push(format!("{} {st} [{}]", self.run_no(id), pend.join("; ")));

@@ -1,0 +1,41 @@
+//! Reading what a cache says of a path: its narinfo, as Nix would read it.
+
+use crate::narinfo::NarInfo;
+use crate::text::one_line;
+use crate::{Pusher, StoreError};
+use futures_util::StreamExt;
+
+/// The largest narinfo read from a cache (one with thousands of references fits).
+pub const MAX_NARINFO_BYTES: usize = 1 << 20;
+
+impl Pusher {
+    /// Per path, in order: the derivation the cache says produced it (its narinfo's
+    /// `Deriver`), None when the cache records none. A narinfo that is not for the path
+    /// asked, or cannot be read, is that path's error. The deriver is not covered by the
+    /// narinfo's signature: it is the cache's word, good for a heuristic, not for trust.
+    pub async fn derivers(&self, paths: &[String]) -> Vec<Result<Option<String>, StoreError>> {
+        let mut futs = Vec::with_capacity(paths.len());
+        for path in paths {
+            futs.push(async move {
+                let Some(text) = self.backend.narinfo_text(self, path).await? else {
+                    return Err(StoreError::Http(format!(
+                        "the cache has no narinfo for {path}"
+                    )));
+                };
+                let ni = NarInfo::parse(&text)
+                    .map_err(|e| StoreError::Http(format!("the narinfo of {path}: {e}")))?;
+                if ni.store_path != *path {
+                    return Err(StoreError::Http(format!(
+                        "the cache answered for {} when asked for {path}",
+                        one_line(&ni.store_path, 120)
+                    )));
+                }
+                Ok(ni.deriver.filter(|d| d.ends_with(".drv")))
+            });
+        }
+        futures_util::stream::iter(futs)
+            .buffered(16)
+            .collect()
+            .await
+    }
+}
