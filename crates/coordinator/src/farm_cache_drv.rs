@@ -16,14 +16,19 @@ pub(super) fn drv_matches_path(ni: &NarInfo, nar_file: &std::path::Path) -> Resu
         return Err(format!("a derivation of over {MAX_DRV_NAR} bytes"));
     }
     let f = std::fs::File::open(nar_file).map_err(|e| format!("cannot read the NAR: {e}"))?;
-    let reader: Box<dyn Read> = match ni.compression.as_str() {
-        "none" => Box::new(f),
-        "zstd" => Box::new(zstd::Decoder::new(f).map_err(|e| format!("cannot read the NAR: {e}"))?),
-        "xz" => Box::new(xz2::read::XzDecoder::new(f)),
-        other => {
+    // The compression as the store crate spells it (the one parser uploads are named by);
+    // "none" is the only other name a narinfo may give.
+    use nixfarm_store::Compression;
+    let reader: Box<dyn Read> = match Compression::parse(&ni.compression) {
+        Some(Compression::Zstd) => {
+            Box::new(zstd::Decoder::new(f).map_err(|e| format!("cannot read the NAR: {e}"))?)
+        }
+        Some(Compression::Xz) => Box::new(xz2::read::XzDecoder::new(f)),
+        None if ni.compression.eq_ignore_ascii_case("none") => Box::new(f),
+        None => {
             return Err(format!(
                 "derivations are checked here and {} NARs cannot be read: upload it as zstd, xz or none",
-                nixfarm_core::limits::clip(other, 16)
+                nixfarm_core::limits::clip(&ni.compression, 16)
             ));
         }
     };

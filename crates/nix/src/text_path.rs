@@ -32,11 +32,11 @@ pub fn text_store_path(
 }
 
 /// What a derivation file says of its own path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum DrvCheck {
     /// Its content, with the references a derivation has (its input derivations and
-    /// sources), gives its path.
-    Matches,
+    /// sources), gives its path; the derivation as read (no need to read it again).
+    Matches(Box<crate::aterm::Drv>),
     /// They give another path: forged or corrupt.
     Differs,
     /// It cannot be read, or is in a format this does not parse.
@@ -69,7 +69,7 @@ pub fn check_derivation(path: &str) -> DrvCheck {
         .chain(drv.input_srcs.iter().cloned())
         .collect();
     if text_store_path(dir, name, &text, &refs) == path {
-        DrvCheck::Matches
+        DrvCheck::Matches(Box::new(drv))
     } else {
         DrvCheck::Differs
     }
@@ -115,18 +115,18 @@ mod tests {
         let at = |c: &str| format!("{store}/{}-y.drv", &c[..32]);
         let good = text_store_path(store, "y.drv", y.as_bytes(), &refs);
         std::fs::write(&good, y).unwrap();
-        assert_eq!(check_derivation(&good), DrvCheck::Matches);
+        assert!(matches!(check_derivation(&good), DrvCheck::Matches(_)));
         let bad = at("0000000000000000000000000000000000");
         std::fs::write(&bad, forged.as_bytes()).unwrap();
-        assert_eq!(check_derivation(&bad), DrvCheck::Differs);
+        assert!(matches!(check_derivation(&bad), DrvCheck::Differs));
         // The right name, the wrong content: what a poisoned cache would hand out.
         std::fs::write(&good, forged.as_bytes()).unwrap();
-        assert_eq!(check_derivation(&good), DrvCheck::Differs);
+        assert!(matches!(check_derivation(&good), DrvCheck::Differs));
         std::fs::write(&good, "not a derivation").unwrap();
-        assert_eq!(check_derivation(&good), DrvCheck::Unreadable);
-        assert_eq!(
+        assert!(matches!(check_derivation(&good), DrvCheck::Unreadable));
+        assert!(matches!(
             check_derivation(&format!("{store}/missing-y.drv")),
             DrvCheck::Unreadable
-        );
+        ));
     }
 }

@@ -98,23 +98,27 @@ pub(super) async fn build(
     }
     // A derivation is what its path says, or it is not built: one fetched from a cache is
     // only as good as whoever signed it (any agent holding the cache's key). One that
-    // cannot be read is refused only when it came from the cache just now.
-    match nixfarm_nix::text_path::check_derivation(&j.drv_path) {
-        nixfarm_nix::text_path::DrvCheck::Differs => {
+    // cannot be read is refused only when it came from the cache just now. What it
+    // declares is read once here: its outputs to lock now, and to report after.
+    use nixfarm_nix::text_path::{DrvCheck, check_derivation};
+    let path = j.drv_path.clone();
+    let checked = tokio::task::spawn_blocking(move || check_derivation(&path))
+        .await
+        .unwrap_or(DrvCheck::Unreadable);
+    let this = match checked {
+        DrvCheck::Matches(drv) => Some(drv.to_derivation(&j.drv_path)),
+        DrvCheck::Differs => {
             return forged_derivation(shared, &j.drv_path, "its content does not give its path")
                 .await;
         }
-        nixfarm_nix::text_path::DrvCheck::Unreadable
-            if fetched_here && std::path::Path::new(&j.drv_path).exists() =>
-        {
+        DrvCheck::Unreadable if fetched_here && std::path::Path::new(&j.drv_path).exists() => {
             return forged_derivation(shared, &j.drv_path, "it cannot be read as a derivation")
                 .await;
         }
-        _ => {}
-    }
+        // A format only Nix reads (or not here yet: Nix may still fetch it while realising).
+        DrvCheck::Unreadable => shared.nix.derivation(&j.drv_path).await.ok(),
+    };
     let _ = shared.roots.add(run_id, std::slice::from_ref(&j.drv_path));
-    // What the derivation declares, read once: its outputs to lock now, and to report after.
-    let this = shared.nix.derivation(&j.drv_path).await.ok();
     // Another build here of the same output path (a shared or copied fixed-output hash):
     // wait for it rather than let Nix poll its lock every five seconds.
     let _outputs = shared
