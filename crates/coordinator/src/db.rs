@@ -99,6 +99,11 @@ CREATE TABLE IF NOT EXISTS upload_claims (
 );
 "#;
 
+/// Appends a run's event with the next sequence number: (run, kind, json) -> seq.
+const APPEND_EVENT: &str = "INSERT INTO events(run_id, seq, kind, json)
+     VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM events WHERE run_id = ?1), ?2, ?3)
+     RETURNING seq";
+
 /// The coordinator's database.
 pub struct Db {
     conn: Connection,
@@ -415,6 +420,7 @@ impl Db {
 
     /// Records a build's end: the derivation's state and result, and the dependents that
     /// can now never build, each with `dep` (naming the failed one), in one transaction.
+    #[allow(clippy::too_many_arguments)] // one transaction's worth: what StateStore says
     pub fn finish_drv(
         &mut self,
         run: &str,
@@ -423,7 +429,8 @@ impl Db {
         result: &BuildReport,
         dependents: &[String],
         dep: &BuildReport,
-    ) -> Result<(), DbError> {
+        (kind, event): (&str, &str),
+    ) -> Result<i64, DbError> {
         let json = |r: &BuildReport| {
             serde_json::to_string(r).map_err(|e| bad_column(4, "build result", e))
         };
@@ -440,7 +447,9 @@ impl Db {
                 params![run, d, DrvState::DependencyFailed.as_str(), dep],
             )?;
         }
-        tx.commit()
+        let seq = tx.query_row(APPEND_EVENT, params![run, kind, event], |r| r.get(0))?;
+        tx.commit()?;
+        Ok(seq)
     }
 
     pub fn drv_infra_failure(&self, run: &str, drv: &str) -> Result<i64, DbError> {
@@ -479,13 +488,8 @@ impl Db {
 
     /// Appends an event and returns its sequence number (1-based, per run).
     pub fn append_event(&self, run: &str, kind: &str, json: &str) -> Result<i64, DbError> {
-        self.conn.query_row(
-            "INSERT INTO events(run_id, seq, kind, json)
-             VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM events WHERE run_id = ?1), ?2, ?3)
-             RETURNING seq",
-            params![run, kind, json],
-            |r| r.get(0),
-        )
+        self.conn
+            .query_row(APPEND_EVENT, params![run, kind, json], |r| r.get(0))
     }
 
     pub fn events_after(

@@ -61,6 +61,10 @@ pub trait StateStore: Send {
         state: DrvState,
         result: Option<&BuildReport>,
     ) -> StateResult<()>;
+    /// A build's end: its state and result, its dependents' failure, and the run's event
+    /// saying so (kind, JSON), in one transaction (a crash leaves all or none of them).
+    /// Returns the event's sequence number.
+    #[allow(clippy::too_many_arguments)]
     fn finish_drv(
         &mut self,
         run: &str,
@@ -69,7 +73,8 @@ pub trait StateStore: Send {
         result: &BuildReport,
         dependents: &[String],
         dep: &BuildReport,
-    ) -> StateResult<()>;
+        event: (&str, &str),
+    ) -> StateResult<i64>;
     fn drv_infra_failure(&mut self, run: &str, drv: &str) -> StateResult<i64>;
     fn drvs(&self, run: &str) -> StateResult<Vec<DrvRow>>;
     // Attempts.
@@ -186,7 +191,7 @@ delegate! {
     r fn eval_tasks(run: &str) -> Vec<(i64, Vec<String>, bool)>;
     r fn packages(run: &str) -> Vec<(String, PackageInfo)>;
     w fn set_drv_state(run: &str, drv: &str, state: DrvState, result: Option<&BuildReport>) -> ();
-    w fn finish_drv(run: &str, drv: &str, state: DrvState, result: &BuildReport, dependents: &[String], dep: &BuildReport) -> ();
+    w fn finish_drv(run: &str, drv: &str, state: DrvState, result: &BuildReport, dependents: &[String], dep: &BuildReport, event: (&str, &str)) -> i64;
     w fn drv_infra_failure(run: &str, drv: &str) -> i64;
     r fn drvs(run: &str) -> Vec<DrvRow>;
     w fn insert_attempt(a: &AttemptRow, started_ms: i64) -> ();

@@ -9,7 +9,7 @@ impl Engine {
         &self,
         inner: &mut Inner,
         a: AttemptMem,
-        mut report: BuildReport,
+        report: BuildReport,
         retry: bool,
     ) -> Result<(), EngineError> {
         let run_id = a.run_id.clone();
@@ -95,9 +95,31 @@ impl Engine {
             failed_root: drv.clone(),
             ..Default::default()
         };
-        inner
-            .db
-            .finish_drv(&run_id, &drv, state, &report, &dep_names, &dep)?;
+        // The event is stored with the build's end (one transaction): a coordinator killed
+        // between the two would know the build done and never tell its watchers.
+        let event = Ev::JobFinished {
+            name: store_name(&drv).to_string(),
+            drv: drv.clone(),
+            agent: a.agent.clone(),
+            outcome: report.kind,
+            message: report.message.clone(),
+            duration_ms: report.duration_ms,
+            substituted: report.substituted,
+            dependency_failed: dep_names.len() as u64,
+            done: done as u64,
+            total: total as u64,
+        };
+        let (kind, json) = (event.kind(), event.to_json());
+        let seq = inner.db.finish_drv(
+            &run_id,
+            &drv,
+            state,
+            &report,
+            &dep_names,
+            &dep,
+            (kind, &json),
+        )?;
+        self.broadcast(&run_id, seq, kind, json);
         if let Some((name, ms)) = crate::db_times::build_time(&drv, &report) {
             inner.build_times.insert(name.to_string(), ms);
             // Bounded in memory as on disk: past twice the names kept, the newest are
@@ -106,23 +128,6 @@ impl Engine {
                 inner.build_times = inner.db.build_times()?;
             }
         }
-        report.log_tail.clear();
-        self.emit(
-            inner,
-            &run_id,
-            Ev::JobFinished {
-                name: store_name(&drv).to_string(),
-                drv,
-                agent: a.agent.clone(),
-                outcome: report.kind,
-                message: report.message,
-                duration_ms: report.duration_ms,
-                substituted: report.substituted,
-                dependency_failed: dep_names.len() as u64,
-                done: done as u64,
-                total: total as u64,
-            },
-        );
         self.maybe_finish(inner, &run_id)
     }
 }

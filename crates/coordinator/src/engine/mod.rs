@@ -272,16 +272,19 @@ impl Engine {
     fn emit(&self, inner: &mut Inner, run_id: &str, event: nixfarm_core::RunEvent) {
         let (kind, json) = (event.kind(), event.to_json());
         match inner.db.append_event(run_id, kind, &json) {
-            Ok(seq) => {
-                let _ = self.events.send(RunEvent {
-                    run_id: run_id.into(),
-                    seq: seq as u64,
-                    kind: kind.into(),
-                    json,
-                });
-            }
+            Ok(seq) => self.broadcast(run_id, seq, kind, json),
             Err(e) => tracing::error!(run = run_id, "cannot store event: {e}"),
         }
+    }
+
+    /// Tells the watchers of an event already stored as `seq`.
+    fn broadcast(&self, run_id: &str, seq: i64, kind: &str, json: String) {
+        let _ = self.events.send(RunEvent {
+            run_id: run_id.into(),
+            seq: seq as u64,
+            kind: kind.into(),
+            json,
+        });
     }
 }
 
