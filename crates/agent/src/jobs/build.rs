@@ -65,6 +65,7 @@ pub(super) async fn build(
     // it, with its inputs, from the run's cache (through the build's own daemon when builds
     // go through one); without one, say what is missing. A stat, not a Nix process: this
     // runs before every build.
+    let started = std::time::Instant::now();
     let fetched_here = !std::path::Path::new(&j.drv_path).exists();
     if fetched_here {
         if opts.substituter.is_empty() {
@@ -130,6 +131,7 @@ pub(super) async fn build(
                 .collect(),
         )
         .await;
+    let prepared = started.elapsed();
     let limit = shared.cfg.log_limit_bytes;
     let mut sent = 0usize;
     let run = shared
@@ -190,6 +192,7 @@ pub(super) async fn build(
             }
             // Pushed even when nothing was built: the output may predate the run (the push asks
             // the cache first and uploads only what it lacks).
+            let pushing = std::time::Instant::now();
             if let Some(p) = &push
                 && let Err(e) = p
                     .push_closure_with(&paths, &Claims::new(shared, channel, &cache))
@@ -199,6 +202,15 @@ pub(super) async fn build(
                 r.status = pb::BuildStatus::NotCached as i32;
                 r.message = format!("built, but the push to the cache failed: {e}");
             }
+            // Where a build's time beyond its builder went, for `RUST_LOG=debug`.
+            tracing::debug!(
+                drv = %j.drv_path,
+                fetched = fetched_here,
+                prepare_ms = prepared.as_millis() as u64,
+                realise_ms = run.duration.as_millis() as u64,
+                push_ms = pushing.elapsed().as_millis() as u64,
+                "build phases"
+            );
             r.outputs = match this {
                 Some(d) => d
                     .outputs

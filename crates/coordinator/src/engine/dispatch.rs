@@ -18,50 +18,51 @@ impl Engine {
         });
         for name in names {
             while let Some(agent) = inner.agents.get(&name) {
-                // Fixed-output derivations (fetches, mostly waiting on the network) have slots
-                // of their own beside the build slots, as many: like Nix's substitutions,
-                // which do not count against max-jobs either.
+                // Three kinds of slot, each counted on its own. Builds: `max_jobs`.
+                // Fixed-output derivations (fetches, mostly waiting on the network): as
+                // many again, like Nix's substitutions, which do not count against max-jobs
+                // either. Evaluation: half as many (eval::eval_slots), beside the builds, as
+                // nix-fast-build's evaluation workers are: builds start with the first
+                // evaluated task and never wait for a slot an evaluation holds, and a host
+                // holds at most that many evaluation processes.
                 let max = agent.reg.max_jobs as usize;
-                // Counted only when it matters: this runs for every agent on every message.
-                let holds = |p: fn(&AttemptMem) -> bool| {
-                    agent
-                        .running
-                        .iter()
-                        .filter(|a| inner.attempts.get(*a).is_some_and(p))
-                        .count()
-                };
-                if agent.running.len() >= 2 * max || (!fetch_waiting && agent.running.len() >= max)
-                {
+                if agent.tx.is_none() || agent.draining || !agent.paused.is_empty() {
                     break;
                 }
-                let fetching = if agent.running.len() < max {
-                    0
-                } else {
-                    holds(|m| m.fetch)
-                };
-                let others = agent.running.len() - fetching;
-                if agent.tx.is_none()
-                    || agent.draining
-                    || !agent.paused.is_empty()
-                    || (others >= max && fetching >= max)
-                {
+                let (mut evaluating, mut fetching) = (0, 0);
+                for m in agent.running.iter().filter_map(|a| inner.attempts.get(a)) {
+                    match m.job {
+                        JobRef::Eval(_) => evaluating += 1,
+                        JobRef::Build(_) if m.fetch => fetching += 1,
+                        JobRef::Build(_) => {}
+                    }
+                }
+                let building = agent.running.len().saturating_sub(evaluating + fetching);
+                let build_free = building < max;
+                let fetch_free = fetch_waiting && fetching < max;
+                let eval_free = evaluating < eval_slots(max)
+                    && inner
+                        .runs
+                        .iter()
+                        .any(|r| !r.state.is_terminal() && !r.eval_queue.is_empty());
+                if !build_free && !fetch_free && !eval_free {
                     break;
                 }
                 let mut caps = agent.caps.clone();
-                caps.fetches_only = others >= max;
+                caps.fetches_only = !build_free;
                 caps.builds_only = fetching >= max;
-                // An agent evaluates with at most half its slots (eval::eval_slots); the
-                // rest build: builds start with the first evaluated task instead of after
-                // the last one.
-                let evaluating = if agent.running.is_empty() {
-                    0
+                // Evaluation first: it unlocks builds and their priorities.
+                let next = if eval_free {
+                    Self::next_eval(&mut inner.runs, &self.opts)
                 } else {
-                    holds(|m| matches!(m.job, JobRef::Eval(_)))
+                    None
                 };
-                let next = if caps.fetches_only || evaluating >= eval_slots(max) {
-                    Self::next_build(&mut inner.runs, &caps, &name, &self.opts, now)
-                } else {
-                    Self::next_job(&mut inner.runs, &caps, &name, &self.opts, now)
+                let next = match next {
+                    Some(n) => Some(n),
+                    None if build_free || fetch_free => {
+                        Self::next_build(&mut inner.runs, &caps, &name, &self.opts, now)
+                    }
+                    None => None,
                 };
                 let Some((run_id, job_ref, job, target)) = next else {
                     break;
@@ -140,17 +141,6 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// Evaluation first (it unlocks builds and their priorities), then builds.
-    pub(super) fn next_job(
-        runs: &mut [RunMem],
-        caps: &Capabilities,
-        agent: &str,
-        opts: &EngineOptions,
-        now_ms: i64,
-    ) -> Option<(String, JobRef, Job, String)> {
-        Self::next_eval(runs, opts).or_else(|| Self::next_build(runs, caps, agent, opts, now_ms))
     }
 
     /// The next evaluation task, oldest run first.

@@ -47,39 +47,44 @@ fn two_slot_agent() -> (
 }
 
 #[test]
-fn an_agent_with_two_slots_evaluates_with_one_and_builds_with_the_other() {
-    let (engine, _dir, mut rx, conn) = two_slot_agent();
+fn evaluation_has_slots_of_its_own_beside_the_builds() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        eval_chunk_size: 1,
+        ..Default::default()
+    });
+    // One build slot: evaluation must not take it, nor wait for it.
+    let mut a = connect_agent(&engine, "a");
     engine.submit(flake_run()).unwrap();
-    let (list, _) = assigned(&mut rx);
+    let (list, _) = assigned(&mut a.rx);
     let names = vec!["p0".to_string(), "p1".into(), "p2".into()];
-    send_listing(&engine, conn, list, names, None);
-    // One slot evaluates; the other waits for something to build.
-    let (first, j1) = assigned(&mut rx);
+    send_listing(&engine, a.conn, list, names, None);
+    // One evaluation at a time (half the build slots, at least one)...
+    let (first, j1) = assigned(&mut a.rx);
     assert!(matches!(j1, Job::EvalChunk { .. }), "{j1:?}");
     assert!(
-        rx.try_recv().is_err(),
-        "a second evaluation took the build slot"
+        a.rx.try_recv().is_err(),
+        "a second evaluation at once on a one-slot agent"
     );
     let (attr, drv, node) = p0_evaluated("p0");
     engine
         .agent_message(
             "a",
-            conn,
+            a.conn,
             FromAgent::EvalChunk {
                 attempt: first,
                 result: Ok((vec![attr], [(drv.clone(), node)].into())),
             },
         )
         .unwrap();
-    // The next chunk goes to the evaluation slot, p0 to the other at once.
-    let mut jobs = vec![assigned(&mut rx).1, assigned(&mut rx).1];
+    // ...and beside it the build slot builds what is evaluated: the next chunk and p0 at once.
+    let mut jobs = vec![assigned(&mut a.rx).1, assigned(&mut a.rx).1];
     jobs.sort_by_key(|j| matches!(j, Job::Build { .. }));
     assert!(matches!(jobs[0], Job::EvalChunk { .. }), "{jobs:?}");
     assert!(
         matches!(jobs[1], Job::Build { ref drv_path, .. } if *drv_path == drv),
         "{jobs:?}"
     );
-    assert!(rx.try_recv().is_err(), "both slots are busy");
+    assert!(a.rx.try_recv().is_err(), "both slots are busy");
 }
 
 /// Evaluates a run of `pkgs` (name, hash digit) on the one-slot agent `a`; returns each
@@ -121,7 +126,7 @@ fn packages_run(
         drvs.insert(drv.clone(), ());
         out.push((drv, o));
     }
-    // Every chunk evaluated (one slot: evaluation comes first), then the first build.
+    // The one evaluation task (a chunk holds both packages), then the first build.
     loop {
         let (attempt, job) = assigned(&mut a.rx);
         let Job::EvalChunk { attrs: asked, .. } = &job else {

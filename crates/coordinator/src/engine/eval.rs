@@ -366,10 +366,10 @@ impl Engine {
     }
 }
 
-/// Evaluation tasks an agent with `max_jobs` slots runs at once: half its slots, at least
-/// one. The other slots build what is evaluated already, so builds start with the first
-/// evaluated task, and a host holds at most that many evaluation processes (each up to
-/// `eval_memory_mib`).
+/// Evaluation tasks an agent with `max_jobs` build slots runs at once, beside its builds:
+/// half as many, at least one. Builds start with the first evaluated task and never wait for
+/// a slot an evaluation holds; a host holds at most that many evaluation processes (each up
+/// to `eval_memory_mib`).
 pub(super) fn eval_slots(max_jobs: usize) -> usize {
     max_jobs.div_ceil(2).max(1)
 }
