@@ -57,10 +57,12 @@ impl Engine {
             // Nothing running there: no upload of its is in flight, so its claims lapse now.
             inner.db.release_all_upload_claims(&reg.name)?;
         }
-        let mut running = HashSet::new();
+        let mut running = slots::Running::default();
         for id in previous {
             if claimed.contains(&id) {
-                running.insert(id);
+                if let Some(slot) = inner.attempts.get(&id).map(AttemptMem::slot) {
+                    running.insert(id, slot);
+                }
             } else {
                 self.lose_attempt(inner, &id, "the agent reconnected without it")?;
             }

@@ -16,6 +16,11 @@ impl Engine {
                     .as_ref()
                     .is_some_and(|s| s.may_have_ready(|c| c.fetch))
         });
+        // Cleared once no run has an evaluation task left to hand out.
+        let mut eval_waiting = inner
+            .runs
+            .iter()
+            .any(|r| !r.state.is_terminal() && !r.eval_queue.is_empty());
         for name in names {
             while let Some(agent) = inner.agents.get(&name) {
                 // Three kinds of slot, each counted on its own. Builds: `max_jobs`.
@@ -29,22 +34,10 @@ impl Engine {
                 if agent.tx.is_none() || agent.draining || !agent.paused.is_empty() {
                     break;
                 }
-                let (mut evaluating, mut fetching) = (0, 0);
-                for m in agent.running.iter().filter_map(|a| inner.attempts.get(a)) {
-                    match m.job {
-                        JobRef::Eval(_) => evaluating += 1,
-                        JobRef::Build(_) if m.fetch => fetching += 1,
-                        JobRef::Build(_) => {}
-                    }
-                }
-                let building = agent.running.len().saturating_sub(evaluating + fetching);
+                let (building, fetching) = (agent.running.builds(), agent.running.fetches());
                 let build_free = building < max;
                 let fetch_free = fetch_waiting && fetching < max;
-                let eval_free = evaluating < eval_slots(max)
-                    && inner
-                        .runs
-                        .iter()
-                        .any(|r| !r.state.is_terminal() && !r.eval_queue.is_empty());
+                let eval_free = eval_waiting && agent.running.evals() < eval_slots(max);
                 if !build_free && !fetch_free && !eval_free {
                     break;
                 }
@@ -53,7 +46,9 @@ impl Engine {
                 caps.builds_only = fetching >= max;
                 // Evaluation first: it unlocks builds and their priorities.
                 let next = if eval_free {
-                    Self::next_eval(&mut inner.runs, &self.opts)
+                    let next = Self::next_eval(&mut inner.runs, &self.opts);
+                    eval_waiting = next.is_some();
+                    next
                 } else {
                     None
                 };
@@ -108,18 +103,17 @@ impl Engine {
                         })
                         .is_ok()
                     });
-                inner.attempts.insert(
-                    attempt.clone(),
-                    AttemptMem {
-                        run_id: run_id.clone(),
-                        job: job_ref,
-                        agent: name.clone(),
-                        target: target.clone(),
-                        fetch,
-                    },
-                );
+                let mem = AttemptMem {
+                    run_id: run_id.clone(),
+                    job: job_ref,
+                    agent: name.clone(),
+                    target: target.clone(),
+                    fetch,
+                };
+                let slot = mem.slot();
+                inner.attempts.insert(attempt.clone(), mem);
                 if let Some(a) = inner.agents.get_mut(&name) {
-                    a.running.insert(attempt.clone());
+                    a.running.insert(attempt.clone(), slot);
                 }
                 if !sent {
                     let _ = self.lose_attempt(inner, &attempt, "the agent's stream closed");

@@ -122,12 +122,23 @@ struct AttemptMem {
     fetch: bool,
 }
 
+impl AttemptMem {
+    /// The kind of slot this attempt holds on its agent.
+    fn slot(&self) -> slots::Slot {
+        match self.job {
+            JobRef::Eval(_) => slots::Slot::Eval,
+            JobRef::Build(_) if self.fetch => slots::Slot::Fetch,
+            JobRef::Build(_) => slots::Slot::Build,
+        }
+    }
+}
+
 struct AgentMem {
     reg: Registration,
     caps: Capabilities,
     conn: u64,
     tx: Option<mpsc::UnboundedSender<ToAgent>>,
-    running: HashSet<String>,
+    running: slots::Running,
     last_seen_ms: i64,
     draining: bool,
     /// Why the agent takes no new jobs for now (its disk is full); empty: it takes them.
@@ -374,6 +385,7 @@ mod queries;
 mod readiness;
 mod recovery;
 mod runs;
+mod slots;
 mod waiting;
 
 #[cfg(test)]

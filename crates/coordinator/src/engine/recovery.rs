@@ -99,12 +99,10 @@ impl Engine {
         for (reg, _) in inner.db.agents()? {
             {
                 let name = reg.name.clone();
-                let running: HashSet<String> = inner
-                    .attempts
-                    .iter()
-                    .filter(|(_, a)| a.agent == name)
-                    .map(|(id, _)| id.clone())
-                    .collect();
+                let mut running = slots::Running::default();
+                for (id, a) in inner.attempts.iter().filter(|(_, a)| a.agent == name) {
+                    running.insert(id.clone(), a.slot());
+                }
                 let caps = Capabilities {
                     systems: reg.systems.clone(),
                     features: reg.features.clone(),

@@ -70,7 +70,7 @@ pub(super) fn queued_reason(inner: &Inner, class: &Class) -> String {
         format!("no connected agent builds {}", describe())
     } else if capable
         .iter()
-        .all(|a| a.running.len() >= a.reg.max_jobs as usize)
+        .all(|a| a.running.builds() >= a.reg.max_jobs as usize)
     {
         format!(
             "queued: all {} agent(s) that build {} are busy",
