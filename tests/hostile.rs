@@ -140,6 +140,9 @@ mod sources;
 #[path = "hostile/derivations.rs"]
 mod derivations;
 
+#[path = "hostile/evaluation.rs"]
+mod evaluation;
+
 // ----- agents bound to their attempts -----------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -146,6 +146,7 @@ in
               lease_secs = between 2 86400 60 "Seconds an agent may be silent before its jobs are requeued (at least twice heartbeat_secs).";
               heartbeat_secs = between 1 3600 10 "Seconds between agent heartbeats.";
               locality = mkOption { type = types.bool; default = true; description = "Of equally urgent derivations, give an agent the one whose inputs it built."; };
+              cross_check_evaluation = mkOption { type = types.bool; default = false; description = "Have every evaluation task answered by two different agents and taken only when both agree: an agent that lies about what a package evaluates to fails the run. Doubles evaluation work; runs wait for two connected agents."; };
             };
             limits = {
               snapshot_max_bytes = between 1048576 4294967296 268435456 "Largest source snapshot (sum of its file sizes), bytes.";

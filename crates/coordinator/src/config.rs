@@ -149,6 +149,13 @@ pub struct SchedulerConfig {
     /// in its store; nothing travels through a cache). Never delays a more urgent one.
     /// Default true.
     pub locality: bool,
+    /// Have every evaluation task (the attribute listing included) answered by two
+    /// different agents, and take an answer only when both agree: an agent that lies about
+    /// which derivation a package evaluates to (or hides a package) then fails the run
+    /// instead of having the farm build and sign what it chose. Doubles the evaluation
+    /// work, adds one evaluation's time before builds start, and a run waits until two
+    /// agents are connected. Default false.
+    pub cross_check_evaluation: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -162,6 +169,7 @@ impl Default for SchedulerConfig {
             lease_secs: 60,
             heartbeat_secs: 10,
             locality: true,
+            cross_check_evaluation: false,
         }
     }
 }

@@ -34,6 +34,14 @@ CREATE TABLE IF NOT EXISTS eval_tasks (
   infra_failures INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (run_id, task)
 );
+CREATE TABLE IF NOT EXISTS eval_opinions (
+  run_id TEXT NOT NULL REFERENCES runs(id),
+  task INTEGER NOT NULL,
+  agent TEXT NOT NULL,
+  digest TEXT NOT NULL,
+  summary TEXT NOT NULL,
+  PRIMARY KEY (run_id, task)
+);
 CREATE TABLE IF NOT EXISTS packages (
   run_id TEXT NOT NULL REFERENCES runs(id),
   attr TEXT NOT NULL,

@@ -6,6 +6,7 @@ pub mod config;
 pub mod db;
 mod db_agents;
 mod db_attempts;
+mod db_opinions;
 mod db_repo;
 mod db_times;
 pub mod engine;

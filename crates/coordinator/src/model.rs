@@ -238,6 +238,20 @@ pub type AgentFailure = (String, bool);
 /// What an evaluation task produces: the attributes and the derivation graph below them.
 pub type EvalChunkOutput = (Vec<EvaluatedAttr>, BTreeMap<String, DrvNode>);
 
+/// With cross-checked evaluation, the first of an evaluation task's two answers: which agent
+/// gave it and what it said, to be compared with the second agent's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalOpinion {
+    /// The evaluation task (-1: the attribute listing).
+    pub task: i64,
+    pub agent: String,
+    /// SHA-256 (hex) of everything in the answer honest agents must agree on.
+    pub digest: String,
+    /// Each attribute and the derivation it evaluated to (or why not), for the message
+    /// when the answers differ.
+    pub summary: BTreeMap<String, String>,
+}
+
 /// Messages an agent sends after registering.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FromAgent {

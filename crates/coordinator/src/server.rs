@@ -259,6 +259,7 @@ pub async fn start_with_listener(
         lease_ms: (s.lease_secs * 1000) as i64,
         allow_local_flake_refs: config.allow_local_flake_refs,
         locality: s.locality,
+        cross_check_eval: s.cross_check_evaluation,
     };
     let engine = Engine::open(db, config.state_dir.join("sources"), clock, opts)
         .context("cannot resume runs")?;

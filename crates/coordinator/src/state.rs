@@ -5,8 +5,8 @@
 
 use crate::db::{AttemptRow, Db, DbError, DrvRow, MetricsCounts, RunRow};
 use crate::model::{
-    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo,
-    Registration,
+    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvalOpinion, EvaluatedAttr,
+    PackageInfo, Registration,
 };
 use nixfarm_core::RunState;
 use nixfarm_core::report::RepoCheck;
@@ -52,6 +52,8 @@ pub trait StateStore: Send {
     ) -> StateResult<()>;
     fn eval_task_infra_failure(&mut self, run: &str, task: i64) -> StateResult<i64>;
     fn eval_tasks(&self, run: &str) -> StateResult<Vec<(i64, Vec<String>, bool)>>;
+    fn record_eval_opinion(&mut self, run: &str, opinion: &EvalOpinion) -> StateResult<()>;
+    fn eval_opinions(&self, run: &str) -> StateResult<Vec<EvalOpinion>>;
     fn packages(&self, run: &str) -> StateResult<Vec<(String, PackageInfo)>>;
     // Derivations.
     fn set_drv_state(
@@ -189,6 +191,8 @@ delegate! {
     w fn record_eval_chunk(run: &str, task: i64, attrs: &[EvaluatedAttr], drvs: &BTreeMap<String, DrvNode>) -> ();
     w fn eval_task_infra_failure(run: &str, task: i64) -> i64;
     r fn eval_tasks(run: &str) -> Vec<(i64, Vec<String>, bool)>;
+    w fn record_eval_opinion(run: &str, opinion: &EvalOpinion) -> ();
+    r fn eval_opinions(run: &str) -> Vec<EvalOpinion>;
     r fn packages(run: &str) -> Vec<(String, PackageInfo)>;
     w fn set_drv_state(run: &str, drv: &str, state: DrvState, result: Option<&BuildReport>) -> ();
     w fn finish_drv(run: &str, drv: &str, state: DrvState, result: &BuildReport, dependents: &[String], dep: &BuildReport, event: (&str, &str)) -> i64;

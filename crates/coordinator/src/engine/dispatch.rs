@@ -16,8 +16,7 @@ impl Engine {
                     .as_ref()
                     .is_some_and(|s| s.may_have_ready(|c| c.fetch))
         });
-        // Cleared once no run has an evaluation task left to hand out.
-        let mut eval_waiting = inner
+        let eval_waiting = inner
             .runs
             .iter()
             .any(|r| !r.state.is_terminal() && !r.eval_queue.is_empty());
@@ -46,9 +45,7 @@ impl Engine {
                 caps.builds_only = fetching >= max;
                 // Evaluation first: it unlocks builds and their priorities.
                 let next = if eval_free {
-                    let next = Self::next_eval(&mut inner.runs, &self.opts);
-                    eval_waiting = next.is_some();
-                    next
+                    Self::next_eval(&mut inner.runs, &self.opts, &name)
                 } else {
                     None
                 };
@@ -137,13 +134,23 @@ impl Engine {
         }
     }
 
-    /// The next evaluation task, oldest run first.
+    /// The next evaluation task `agent` may take, oldest run first: not one it answered
+    /// already (a cross-checked task's second answer comes from another agent).
     fn next_eval(
         runs: &mut [RunMem],
         opts: &EngineOptions,
+        agent: &str,
     ) -> Option<(String, JobRef, Job, String)> {
         for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
-            if let Some(task) = run.eval_queue.pop_front() {
+            let opinions = &run.opinions;
+            let Some(at) = run.eval_queue.iter().position(|t| {
+                opinions
+                    .get(&super::opinions::task_no(*t))
+                    .is_none_or(|o| o.agent != agent)
+            }) else {
+                continue;
+            };
+            if let Some(task) = run.eval_queue.remove(at) {
                 let source = run.spec.source.clone();
                 let attr_path = run.spec.attr_path.clone();
                 return Some(match task {

@@ -13,6 +13,20 @@ impl Engine {
         let run_id = a.run_id.clone();
         let mut attrs = match result {
             Ok((attrs, repository)) => {
+                use super::opinions::Verdict;
+                let evaluated = evaluated.as_ref();
+                match self.second_opinion(
+                    inner,
+                    &run_id,
+                    EvalTask::List,
+                    &a.agent,
+                    Some(&attrs),
+                    evaluated,
+                )? {
+                    Verdict::Take => {}
+                    Verdict::Wait => return Ok(()),
+                    Verdict::Disagree(msg) => return self.fail_run(inner, &run_id, &msg),
+                }
                 inner.db.record_repo_checks(&run_id, &repository)?;
                 attrs
             }
@@ -191,6 +205,21 @@ impl Engine {
                 return self.retry_eval(inner, &run_id, EvalTask::Chunk(task), task, &msg);
             }
         };
+        let answer = (attrs, drvs);
+        use super::opinions::Verdict;
+        match self.second_opinion(
+            inner,
+            &run_id,
+            EvalTask::Chunk(task),
+            &a.agent,
+            None,
+            Some(&answer),
+        )? {
+            Verdict::Take => {}
+            Verdict::Wait => return Ok(()),
+            Verdict::Disagree(msg) => return self.fail_run(inner, &run_id, &msg),
+        }
+        let (attrs, drvs) = answer;
         self.accept_chunk(inner, &run_id, task, attrs, drvs)
     }
 

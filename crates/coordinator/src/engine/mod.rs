@@ -53,6 +53,9 @@ pub struct EngineOptions {
     pub allow_local_flake_refs: bool,
     /// Of equally urgent derivations, give an agent the one whose inputs it built.
     pub locality: bool,
+    /// Every evaluation task is answered by two different agents and taken only when both
+    /// agree (engine/opinions.rs).
+    pub cross_check_eval: bool,
 }
 
 impl Default for EngineOptions {
@@ -66,6 +69,7 @@ impl Default for EngineOptions {
             lease_ms: 60_000,
             allow_local_flake_refs: false,
             locality: true,
+            cross_check_eval: false,
         }
     }
 }
@@ -104,6 +108,9 @@ struct RunMem {
     done_builds: u64,
     /// Attribute names of each evaluation task.
     chunk_attrs: HashMap<i64, Vec<String>>,
+    /// Cross-checked evaluation: the first answer to each task awaiting a second (task -1:
+    /// the listing).
+    opinions: HashMap<i64, EvalOpinion>,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +326,7 @@ impl RunMem {
             smoke: HashMap::new(),
             done_builds: 0,
             chunk_attrs: HashMap::new(),
+            opinions: HashMap::new(),
         }
     }
 
@@ -381,6 +389,7 @@ mod dispatch;
 mod eval;
 mod fixes;
 mod metrics;
+mod opinions;
 mod queries;
 mod readiness;
 mod recovery;
@@ -390,6 +399,8 @@ mod waiting;
 
 #[cfg(test)]
 mod dispatch_tests;
+#[cfg(test)]
+mod opinions_tests;
 #[cfg(test)]
 mod queries_tests;
 #[cfg(test)]

@@ -45,6 +45,9 @@ impl Engine {
                     }
                 }
             }
+            for o in inner.db.eval_opinions(&row.id)? {
+                run.opinions.insert(o.task, o);
+            }
             // A run still evaluating may have built part of its graph already.
             Self::build_scheduler(inner.db.as_mut(), &mut run, &inner.build_times)?;
             inner.runs.push(run);

@@ -1,0 +1,156 @@
+//! Cross-checked evaluation through the engine: two agents must agree before anything
+//! builds, an agent never checks itself, and a restart between the answers loses neither.
+
+use super::tests::{TestAgent, assigned, connect_agent, flake_run};
+use super::*;
+use crate::db::Db;
+
+fn cross_checked() -> EngineOptions {
+    EngineOptions {
+        cross_check_eval: true,
+        lease_ms: 5_000,
+        ..Default::default()
+    }
+}
+
+/// The listing an agent answers: package `hello`, evaluated to the derivation `hash`.
+fn listing(hash: char) -> (Vec<String>, EvalChunkOutput) {
+    let h: String = std::iter::repeat_n(hash, 32).collect();
+    let drv = format!("/nix/store/{h}-hello.drv");
+    let out = format!("/nix/store/{h}-hello");
+    let outputs: BTreeMap<String, String> = [("out".to_string(), out)].into();
+    let attr = EvaluatedAttr {
+        attr: "hello".into(),
+        info: PackageInfo {
+            drv_path: drv.clone(),
+            outputs: outputs.clone(),
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        },
+    };
+    let node = DrvNode {
+        system: "x86_64-linux".into(),
+        outputs,
+        ..Default::default()
+    };
+    (vec!["hello".into()], (vec![attr], [(drv, node)].into()))
+}
+
+/// `name` takes the listing it is given and answers it with `hash`'s evaluation.
+fn answer_listing(engine: &Engine, name: &str, a: &mut TestAgent, hash: char) {
+    let (attempt, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::EvalList { .. }), "{name} got {job:?}");
+    let (names, evaluated) = listing(hash);
+    engine
+        .agent_message(
+            name,
+            a.conn,
+            FromAgent::EvalList {
+                attempt,
+                result: Ok((names, vec![])),
+                follows: false,
+                evaluated: Some(evaluated),
+            },
+        )
+        .unwrap();
+}
+
+/// An engine cross-checking evaluation, its state in memory.
+fn engine() -> (Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(
+        Db::open_in_memory().unwrap(),
+        dir.path().join("sources"),
+        Arc::new(crate::clock::ManualClock::new(1_000_000)),
+        cross_checked(),
+    )
+    .unwrap();
+    (engine, dir)
+}
+
+#[test]
+fn nothing_builds_until_a_second_agent_agrees() {
+    let (engine, _dir) = engine();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    answer_listing(&engine, "a", &mut a, '1');
+    // Not checked by itself, and nothing to build yet.
+    assert!(a.rx.try_recv().is_err(), "agent a was given more work");
+    assert!(engine.report(&run).unwrap().packages.is_empty());
+    let mut b = connect_agent(&engine, "b");
+    answer_listing(&engine, "b", &mut b, '1');
+    // Agreed: the package is known and builds.
+    let (_, job) = assigned(&mut a.rx);
+    assert!(
+        matches!(job, Job::Build { ref drv_path, .. } if drv_path.ends_with("-hello.drv")),
+        "{job:?}"
+    );
+    assert_eq!(engine.report(&run).unwrap().packages.len(), 1);
+}
+
+#[test]
+fn a_second_agent_that_disagrees_fails_the_run_and_nothing_builds() {
+    let (engine, _dir) = engine();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let mut b = connect_agent(&engine, "b");
+    answer_listing(&engine, "a", &mut a, '1');
+    answer_listing(&engine, "b", &mut b, '2');
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Failed);
+    assert!(
+        report
+            .error
+            .contains("agents a and b evaluated the attribute listing differently")
+            && report.error.contains("attribute 'hello'"),
+        "{}",
+        report.error
+    );
+    assert!(report.packages.is_empty(), "{:?}", report.packages);
+    for (n, t) in [("a", &mut a), ("b", &mut b)] {
+        while let Ok(m) = t.rx.try_recv() {
+            assert!(
+                !matches!(
+                    m,
+                    ToAgent::Assign {
+                        job: Job::Build { .. },
+                        ..
+                    }
+                ),
+                "{n} was given a build"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_first_answer_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let open = || {
+        Engine::open(
+            Db::open(&dir.path().join("coordinator.sqlite")).unwrap(),
+            dir.path().join("sources"),
+            clock.clone(),
+            cross_checked(),
+        )
+        .unwrap()
+    };
+    let engine = open();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    answer_listing(&engine, "a", &mut a, '1');
+    drop(engine);
+    let engine = open();
+    // Agent a is still not asked to check itself; b disagrees with what a said before.
+    let mut a = connect_agent(&engine, "a");
+    assert!(
+        a.rx.try_recv().is_err(),
+        "agent a was given its own listing"
+    );
+    let mut b = connect_agent(&engine, "b");
+    answer_listing(&engine, "b", &mut b, '2');
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Failed, "{}", report.error);
+    assert!(report.error.contains("agents a and b"), "{}", report.error);
+}

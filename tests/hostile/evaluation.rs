@@ -1,0 +1,160 @@
+//! Hostile evaluation: with `cross_check_evaluation`, an agent that lies about what a
+//! package evaluates to fails the run instead of having the farm build what it chose.
+
+use super::*;
+
+const CROSS_CHECKED: &str =
+    "[scheduler]\ncross_check_evaluation = true\nlease_secs = 4\nheartbeat_secs = 1\n";
+
+/// A fake agent takes the listing and answers it with a derivation of its own choosing for
+/// the package. A real agent is asked the same (the fake may not check itself), evaluates
+/// the repository for real, and disagrees: the run fails naming both agents and the
+/// package, and nothing is built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cross_checked() {
+    let dir = scratch();
+    let coordinator = Coordinator::start_with_config(dir.path(), CROSS_CHECKED).unwrap();
+    let url = coordinator.url.clone();
+
+    let mut ac = agent_client(&url).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            name: "liar".into(),
+            systems: vec!["x86_64-linux".into()],
+            max_jobs: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut from = ac
+        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    from.message().await.unwrap().unwrap(); // Registered
+    let repo = flake(dir.path(), "hi", "hi", 0);
+    let out = cli(&url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let assignment = loop {
+        match from.message().await.unwrap().unwrap().msg {
+            Some(pb::coordinator_message::Msg::Assign(a)) => break a,
+            _ => continue,
+        }
+    };
+    assert!(matches!(
+        assignment.job,
+        Some(pb::assignment::Job::EvalList(_))
+    ));
+    // Its own derivation for `hi` (which it would then build, push and sign).
+    let drv = "/nix/store/m5qmzvxz5afq05h5cqj8d7ph5hv32nrk-hi.drv";
+    let outputs = vec![pb::DrvOutput {
+        name: "out".into(),
+        path: "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-hi".into(),
+    }];
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::EvalList(pb::EvalListResult {
+            attempt_id: assignment.attempt_id,
+            attrs: vec!["hi".into()],
+            evaluated: Some(pb::EvalChunkResult {
+                attrs: vec![pb::EvaluatedAttr {
+                    attr: "hi".into(),
+                    drv_path: drv.into(),
+                    outputs: outputs.clone(),
+                    system: "x86_64-linux".into(),
+                    ..Default::default()
+                }],
+                drvs: vec![pb::DrvNode {
+                    drv_path: drv.into(),
+                    system: "x86_64-linux".into(),
+                    outputs,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    // Still connected (it would take the check if it could), with a real agent beside it.
+    let host = Host::new(&dir.path().join("host"));
+    let _real = host.start_agent("honest", &url, None, 1).unwrap();
+    let keep_alive = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let beat = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default())),
+                };
+                if tx.send(beat).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let r = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || wait_terminal(&url, &run, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    keep_alive.abort();
+    assert_eq!(r["state"], "failed", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.contains("agents liar and honest evaluated the attribute listing differently")
+            && error.contains(&format!(
+                "attribute 'hi': agent liar says {drv}, agent honest says /nix/store/"
+            )),
+        "{error}"
+    );
+    assert!(r["packages"].as_array().unwrap().is_empty(), "{r}");
+    // The liar was never handed anything after its answer: no check of itself, no build.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), from.message())
+        .await
+        .map(|m| m.ok().flatten())
+    {
+        assert!(
+            !matches!(m.msg, Some(pb::coordinator_message::Msg::Assign(_))),
+            "the liar was given {m:?}"
+        );
+    }
+}
+
+/// Two honest agents on separate stores (each with its own checkout of the snapshot) agree:
+/// the run builds and ends ready, both having evaluated it.
+#[test]
+fn honest_agents_agree_and_the_run_builds() {
+    let dir = scratch();
+    let coordinator = Coordinator::start_with_config(dir.path(), CROSS_CHECKED).unwrap();
+    let url = coordinator.url.clone();
+    let (h1, h2) = (
+        Host::new(&dir.path().join("h1")),
+        Host::new(&dir.path().join("h2")),
+    );
+    let repo = flake(dir.path(), "hi", "hi", 0);
+    let out = cli(&url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let a1 = h1.start_agent("one", &url, None, 1).unwrap();
+    let a2 = h2.start_agent("two", &url, None, 1).unwrap();
+    let r = wait_terminal(&url, &run, Duration::from_secs(120));
+    assert_eq!(r["state"], "finished", "{r}");
+    assert_eq!(r["packages"][0]["status"], "ready", "{r}");
+    drop((a1, a2));
+    // Both listed it: the first answer, and the check by the other agent.
+    let db = rusqlite::Connection::open(coordinator.state_dir.join("coordinator.sqlite")).unwrap();
+    let mut listed: Vec<String> = db
+        .prepare("SELECT agent FROM attempts WHERE run_id = ?1 AND kind = 'eval-list' AND state = 'done'")
+        .unwrap()
+        .query_map([&run], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    listed.sort();
+    assert_eq!(listed, ["one", "two"]);
+}
