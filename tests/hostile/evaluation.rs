@@ -126,11 +126,13 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
 }
 
 /// Two honest agents on separate stores (each with its own checkout of the snapshot) agree:
-/// the run builds and ends ready, both having evaluated it.
+/// the run builds and ends ready, both having listed it and both having evaluated its one
+/// evaluation task (the listing evaluates nothing itself here, as in a larger repository).
 #[test]
 fn honest_agents_agree_and_the_run_builds() {
     let dir = scratch();
-    let coordinator = Coordinator::start_with_config(dir.path(), CROSS_CHECKED).unwrap();
+    let config = format!("{CROSS_CHECKED}list_eval_max = 0\n");
+    let coordinator = Coordinator::start_with_config(dir.path(), &config).unwrap();
     let url = coordinator.url.clone();
     let (h1, h2) = (
         Host::new(&dir.path().join("h1")),
@@ -146,15 +148,19 @@ fn honest_agents_agree_and_the_run_builds() {
     assert_eq!(r["state"], "finished", "{r}");
     assert_eq!(r["packages"][0]["status"], "ready", "{r}");
     drop((a1, a2));
-    // Both listed it: the first answer, and the check by the other agent.
+    // Each task answered twice: the first answer, and the check by the other agent.
     let db = rusqlite::Connection::open(coordinator.state_dir.join("coordinator.sqlite")).unwrap();
-    let mut listed: Vec<String> = db
-        .prepare("SELECT agent FROM attempts WHERE run_id = ?1 AND kind = 'eval-list' AND state = 'done'")
-        .unwrap()
-        .query_map([&run], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    listed.sort();
-    assert_eq!(listed, ["one", "two"]);
+    for kind in ["eval-list", "eval-chunk"] {
+        let mut by: Vec<String> = db
+            .prepare(
+                "SELECT agent FROM attempts WHERE run_id = ?1 AND kind = ?2 AND state = 'done'",
+            )
+            .unwrap()
+            .query_map([&run, kind], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        by.sort();
+        assert_eq!(by, ["one", "two"], "{kind}");
+    }
 }

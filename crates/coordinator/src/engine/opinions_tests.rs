@@ -154,3 +154,64 @@ fn a_first_answer_survives_a_restart() {
     assert_eq!(report.state, RunState::Failed, "{}", report.error);
     assert!(report.error.contains("agents a and b"), "{}", report.error);
 }
+
+#[test]
+fn an_evaluation_task_is_cross_checked_like_the_listing() {
+    let (engine, _dir) = engine();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let mut b = connect_agent(&engine, "b");
+    let (a_conn, b_conn) = (a.conn, b.conn);
+    // Listings that only list (a larger repository): they agree.
+    for (name, t) in [("a", &mut a), ("b", &mut b)] {
+        let (attempt, _) = assigned(&mut t.rx);
+        engine
+            .agent_message(
+                name,
+                t.conn,
+                FromAgent::EvalList {
+                    attempt,
+                    result: Ok((vec!["hello".into()], vec![])),
+                    follows: false,
+                    evaluated: None,
+                },
+            )
+            .unwrap();
+    }
+    // The task goes to one of them (whichever dispatch reached first), then to the other;
+    // their answers differ.
+    let first = match a.rx.try_recv() {
+        Ok(ToAgent::Assign { attempt, job, .. }) => ("a", attempt, job),
+        _ => {
+            let (attempt, job) = assigned(&mut b.rx);
+            ("b", attempt, job)
+        }
+    };
+    let answer = |name: &str, conn: u64, attempt: String, job: Job, hash: char| {
+        assert!(matches!(job, Job::EvalChunk { .. }), "{name} got {job:?}");
+        let result = Ok(listing(hash).1);
+        engine
+            .agent_message(name, conn, FromAgent::EvalChunk { attempt, result })
+            .unwrap();
+    };
+    let (other, other_name) = if first.0 == "a" {
+        (&mut b, "b")
+    } else {
+        (&mut a, "a")
+    };
+    let first_conn = if first.0 == "a" { a_conn } else { b_conn };
+    answer(first.0, first_conn, first.1, first.2, '1');
+    let (attempt, job) = assigned(&mut other.rx);
+    answer(other_name, other.conn, attempt, job, '2');
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Failed);
+    assert!(
+        report
+            .error
+            .contains("evaluated evaluation task 0 differently")
+            && report.error.contains("attribute 'hello'"),
+        "{}",
+        report.error
+    );
+    assert!(report.packages.is_empty(), "{:?}", report.packages);
+}
