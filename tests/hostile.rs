@@ -27,6 +27,86 @@ async fn agent_client(url: &str) -> AgentServiceClient<Channel> {
         .expect("connect")
 }
 
+/// An agent played by hand over the real protocol: what it sends, and what it is sent.
+struct FakeAgent {
+    tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    from: tonic::Streaming<pb::CoordinatorMessage>,
+}
+
+impl FakeAgent {
+    /// Registers the one-job agent `name` for `system`; returns once it is registered.
+    async fn register(url: &str, name: &str, system: &str) -> FakeAgent {
+        let mut ac = agent_client(url).await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Register(pb::Register {
+                name: name.into(),
+                systems: vec![system.into()],
+                max_jobs: 1,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let mut from = ac
+            .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let registered = from.message().await.unwrap().unwrap();
+        assert!(matches!(
+            registered.msg,
+            Some(pb::coordinator_message::Msg::Registered(_))
+        ));
+        FakeAgent { tx, from }
+    }
+
+    async fn send(&self, msg: pb::agent_message::Msg) {
+        self.tx
+            .send(pb::AgentMessage { msg: Some(msg) })
+            .await
+            .unwrap();
+    }
+
+    /// The next job it is handed.
+    async fn assignment(&mut self) -> pb::Assignment {
+        loop {
+            if let Some(pb::coordinator_message::Msg::Assign(a)) =
+                self.from.message().await.unwrap().unwrap().msg
+            {
+                return a;
+            }
+        }
+    }
+
+    /// Takes the listing it is handed and answers that the repository is the one package
+    /// `attr`, evaluated to `node` (a derivation of its choosing).
+    async fn answer_listing(&mut self, attr: &str, node: pb::DrvNode) {
+        let a = self.assignment().await;
+        assert!(
+            matches!(a.job, Some(pb::assignment::Job::EvalList(_))),
+            "{a:?}"
+        );
+        self.send(pb::agent_message::Msg::EvalList(pb::EvalListResult {
+            attempt_id: a.attempt_id,
+            attrs: vec![attr.into()],
+            evaluated: Some(pb::EvalChunkResult {
+                attrs: vec![pb::EvaluatedAttr {
+                    attr: attr.into(),
+                    drv_path: node.drv_path.clone(),
+                    outputs: node.outputs.clone(),
+                    system: node.system.clone(),
+                    ..Default::default()
+                }],
+                drvs: vec![node],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await;
+    }
+}
+
 /// Uploads `bytes` as a snapshot, in 1 MiB chunks.
 async fn upload(c: &mut RunServiceClient<Channel>, bytes: &[u8]) -> Result<String, tonic::Status> {
     let chunks: Vec<pb::SourceChunk> = bytes
@@ -177,45 +257,31 @@ async fn a_forged_result_or_a_stolen_name_changes_nothing() {
 
     // Agent y (it builds for another system, so it is given nothing) reports x's build as
     // done, with a path nobody built.
-    let mut ac = agent_client(&url).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
-    let register = |name: &str, system: &str| pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Register(pb::Register {
-            name: name.into(),
-            systems: vec![system.into()],
-            max_jobs: 1,
-            ..Default::default()
-        })),
-    };
-    tx.send(register("y", "aarch64-linux")).await.unwrap();
-    let mut from_coordinator = ac
-        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let registered = from_coordinator.message().await.unwrap().unwrap();
-    assert!(matches!(
-        registered.msg,
-        Some(pb::coordinator_message::Msg::Registered(_))
-    ));
+    let y = FakeAgent::register(&url, "y", "aarch64-linux").await;
     let forged = "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-slow".to_string();
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Build(pb::BuildResult {
-            attempt_id: attempt.clone(),
-            status: pb::BuildStatus::Built as i32,
-            outputs: vec![pb::DrvOutput {
-                name: "out".into(),
-                path: forged.clone(),
-            }],
+    y.send(pb::agent_message::Msg::Build(pb::BuildResult {
+        attempt_id: attempt.clone(),
+        status: pb::BuildStatus::Built as i32,
+        outputs: vec![pb::DrvOutput {
+            name: "out".into(),
+            path: forged.clone(),
+        }],
+        ..Default::default()
+    }))
+    .await;
+
+    // Someone registers under x's name while x is connected: refused, x keeps its stream.
+    let (tx2, rx2) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+    tx2.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            name: "x".into(),
+            systems: vec!["x86_64-linux".into()],
+            max_jobs: 1,
             ..Default::default()
         })),
     })
     .await
     .unwrap();
-
-    // Someone registers under x's name while x is connected: refused, x keeps its stream.
-    let (tx2, rx2) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
-    tx2.send(register("x", "x86_64-linux")).await.unwrap();
     let e = agent_client(&url)
         .await
         .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx2))
@@ -225,7 +291,8 @@ async fn a_forged_result_or_a_stolen_name_changes_nothing() {
     assert!(e.message().contains("already connected"), "{e}");
 
     // And claims uploads in x's name without x's session key: refused.
-    let e = ac
+    let e = agent_client(&url)
+        .await
         .claim_uploads(pb::ClaimUploadsRequest {
             agent: "x".into(),
             cache: "file:///tmp/c".into(),
@@ -257,7 +324,7 @@ async fn a_forged_result_or_a_stolen_name_changes_nothing() {
         .filter(|l| l.contains("agent connected") && l.contains("agent=\"x\""))
         .count();
     assert_eq!(x_connects, 1, "{log}");
-    drop(tx);
+    drop(y);
 
     // The coordinator allows path:, the agent does not: refused there, nothing copied.
     let out = cli(&url, &["submit", "path:/etc"]);

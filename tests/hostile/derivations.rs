@@ -68,24 +68,7 @@ async fn a_forged_derivation_fetched_from_the_cache_is_not_built() {
     let url = coordinator.url.clone();
 
     // The fake agent: registers, takes the listing and answers it with the derivation.
-    let mut ac = agent_client(&url).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Register(pb::Register {
-            name: "fake".into(),
-            systems: vec!["x86_64-linux".into()],
-            max_jobs: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut from = ac
-        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    from.message().await.unwrap().unwrap(); // Registered
+    let mut fake = FakeAgent::register(&url, "fake", "x86_64-linux").await;
     let repo = flake(dir.path(), "src", "hi", 0);
     let cache_url = format!("file://{}", cache.display());
     let out = cli(
@@ -101,57 +84,29 @@ async fn a_forged_derivation_fetched_from_the_cache_is_not_built() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let run = stdout(&out).trim().to_string();
-    let assignment = loop {
-        match from.message().await.unwrap().unwrap().msg {
-            Some(pb::coordinator_message::Msg::Assign(a)) => break a,
-            _ => continue,
-        }
-    };
-    assert!(matches!(
-        assignment.job,
-        Some(pb::assignment::Job::EvalList(_))
-    ));
-    let outputs = vec![pb::DrvOutput {
-        name: "out".into(),
-        path: OUT.into(),
-    }];
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::EvalList(pb::EvalListResult {
-            attempt_id: assignment.attempt_id,
-            attrs: vec!["src".into()],
-            evaluated: Some(pb::EvalChunkResult {
-                attrs: vec![pb::EvaluatedAttr {
-                    attr: "src".into(),
-                    drv_path: DRV.into(),
-                    outputs: outputs.clone(),
-                    system: "x86_64-linux".into(),
-                    ..Default::default()
-                }],
-                drvs: vec![pb::DrvNode {
-                    drv_path: DRV.into(),
-                    system: "x86_64-linux".into(),
-                    outputs,
-                    fixed_output: true,
-                    output_hash:
-                        "sha256:98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4"
-                            .into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
+    fake.answer_listing(
+        "src",
+        pb::DrvNode {
+            drv_path: DRV.into(),
+            system: "x86_64-linux".into(),
+            outputs: vec![pb::DrvOutput {
+                name: "out".into(),
+                path: OUT.into(),
+            }],
+            fixed_output: true,
+            output_hash: "sha256:98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4"
+                .into(),
             ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
+        },
+    )
+    .await;
     // Then gone: the build it may have been handed goes to the real agent.
     wait_for(
         Duration::from_secs(30),
         "the evaluation to be taken in",
         || (report_json(&url, &run)["packages"][0]["attr"] == "src").then_some(()),
     );
-    drop(tx);
-    drop(from);
+    drop(fake);
     let host = Host::new(&dir.path().join("host"));
     let _real = host.start_agent("real", &url, Some(&sk), 1).unwrap();
     let r = wait_terminal(&url, &run, Duration::from_secs(120));

@@ -16,74 +16,28 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
     let coordinator = Coordinator::start_with_config(dir.path(), CROSS_CHECKED).unwrap();
     let url = coordinator.url.clone();
 
-    let mut ac = agent_client(&url).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Register(pb::Register {
-            name: "liar".into(),
-            systems: vec!["x86_64-linux".into()],
-            max_jobs: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut from = ac
-        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    from.message().await.unwrap().unwrap(); // Registered
+    let mut liar = FakeAgent::register(&url, "liar", "x86_64-linux").await;
     let repo = flake(dir.path(), "hi", "hi", 0);
     let out = cli(&url, &["submit", repo.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let run = stdout(&out).trim().to_string();
-    let assignment = loop {
-        match from.message().await.unwrap().unwrap().msg {
-            Some(pb::coordinator_message::Msg::Assign(a)) => break a,
-            _ => continue,
-        }
-    };
-    assert!(matches!(
-        assignment.job,
-        Some(pb::assignment::Job::EvalList(_))
-    ));
     // Its own derivation for `hi` (which it would then build, push and sign).
     let drv = "/nix/store/m5qmzvxz5afq05h5cqj8d7ph5hv32nrk-hi.drv";
-    let outputs = vec![pb::DrvOutput {
-        name: "out".into(),
-        path: "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-hi".into(),
-    }];
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::EvalList(pb::EvalListResult {
-            attempt_id: assignment.attempt_id,
-            attrs: vec!["hi".into()],
-            evaluated: Some(pb::EvalChunkResult {
-                attrs: vec![pb::EvaluatedAttr {
-                    attr: "hi".into(),
-                    drv_path: drv.into(),
-                    outputs: outputs.clone(),
-                    system: "x86_64-linux".into(),
-                    ..Default::default()
-                }],
-                drvs: vec![pb::DrvNode {
-                    drv_path: drv.into(),
-                    system: "x86_64-linux".into(),
-                    outputs,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
+    let node = pb::DrvNode {
+        drv_path: drv.into(),
+        system: "x86_64-linux".into(),
+        outputs: vec![pb::DrvOutput {
+            name: "out".into(),
+            path: "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-hi".into(),
+        }],
+        ..Default::default()
+    };
+    liar.answer_listing("hi", node).await;
     // Still connected (it would take the check if it could), with a real agent beside it.
     let host = Host::new(&dir.path().join("host"));
     let _real = host.start_agent("honest", &url, None, 1).unwrap();
     let keep_alive = {
-        let tx = tx.clone();
+        let tx = liar.tx.clone();
         tokio::spawn(async move {
             loop {
                 let beat = pb::AgentMessage {
@@ -114,7 +68,7 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
     );
     assert!(r["packages"].as_array().unwrap().is_empty(), "{r}");
     // The liar was never handed anything after its answer: no check of itself, no build.
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), from.message())
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), liar.from.message())
         .await
         .map(|m| m.ok().flatten())
     {

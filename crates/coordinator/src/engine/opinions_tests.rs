@@ -127,15 +127,7 @@ fn a_second_agent_that_disagrees_fails_the_run_and_nothing_builds() {
 fn a_first_answer_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-    let open = || {
-        Engine::open(
-            Db::open(&dir.path().join("coordinator.sqlite")).unwrap(),
-            dir.path().join("sources"),
-            clock.clone(),
-            cross_checked(),
-        )
-        .unwrap()
-    };
+    let open = || super::recovery_tests::open_in(dir.path(), &clock, cross_checked());
     let engine = open();
     let mut a = connect_agent(&engine, "a");
     let run = engine.submit(flake_run()).unwrap();

@@ -4,21 +4,34 @@ use super::tests::{build_assigned, connect_agent, one_package_run_with};
 use super::*;
 use crate::db::Db;
 
+/// An engine on the database in `dir`: opened again, it is the coordinator restarted.
+pub(super) fn open_in(
+    dir: &std::path::Path,
+    clock: &Arc<crate::clock::ManualClock>,
+    opts: EngineOptions,
+) -> Engine {
+    Engine::open(
+        Db::open(&dir.join("coordinator.sqlite")).unwrap(),
+        dir.join("sources"),
+        clock.clone(),
+        opts,
+    )
+    .unwrap()
+}
+
 #[test]
 fn repository_checks_owed_when_the_coordinator_restarts_still_count() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
     let open = || {
-        Engine::open(
-            Db::open(&dir.path().join("coordinator.sqlite")).unwrap(),
-            dir.path().join("sources"),
-            clock.clone(),
+        open_in(
+            dir.path(),
+            &clock,
             EngineOptions {
                 lease_ms: 5_000,
                 ..Default::default()
             },
         )
-        .unwrap()
     };
     let engine = open();
     let mut a = connect_agent(&engine, "a");
