@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS eval_opinions (
   task INTEGER NOT NULL,
   agent TEXT NOT NULL,
   digest TEXT NOT NULL,
+  evaluated TEXT,
+  present TEXT NOT NULL,
   summary TEXT NOT NULL,
   PRIMARY KEY (run_id, task)
 );

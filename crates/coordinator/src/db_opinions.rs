@@ -8,36 +8,41 @@ use rusqlite::params;
 impl Db {
     /// Records the first answer to an evaluation task (the first one stays).
     pub fn record_eval_opinion(&mut self, run: &str, o: &EvalOpinion) -> Result<(), DbError> {
-        let summary = serde_json::to_string(&o.summary)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let summary = serde_json::to_string(&o.summary).map_err(to_sql)?;
+        let present = serde_json::to_string(&o.present).map_err(to_sql)?;
         self.conn_mut().execute(
-            "INSERT OR IGNORE INTO eval_opinions(run_id, task, agent, digest, summary) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![run, o.task, o.agent, o.digest, summary],
+            "INSERT OR IGNORE INTO eval_opinions(run_id, task, agent, digest, evaluated, present, summary) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![run, o.task, o.agent, o.digest, o.evaluated, present, summary],
         )?;
         Ok(())
     }
 
     pub fn eval_opinions(&self, run: &str) -> Result<Vec<EvalOpinion>, DbError> {
         let mut st = self.conn().prepare(
-            "SELECT task, agent, digest, summary FROM eval_opinions WHERE run_id = ?1 ORDER BY task",
+            "SELECT task, agent, digest, evaluated, present, summary FROM eval_opinions WHERE run_id = ?1 ORDER BY task",
         )?;
         st.query_map([run], |r| {
-            let summary: String = r.get(3)?;
             Ok(EvalOpinion {
                 task: r.get(0)?,
                 agent: r.get(1)?,
                 digest: r.get(2)?,
-                summary: serde_json::from_str(&summary).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        3,
-                        rusqlite::types::Type::Text,
-                        Box::new(e),
-                    )
-                })?,
+                evaluated: r.get(3)?,
+                present: json(4, r.get(4)?)?,
+                summary: json(5, r.get(5)?)?,
             })
         })?
         .collect()
     }
+}
+
+fn json<T: serde::de::DeserializeOwned>(column: usize, text: String) -> Result<T, DbError> {
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn to_sql(e: serde_json::Error) -> DbError {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
 }
 
 #[cfg(test)]
@@ -62,6 +67,8 @@ mod tests {
             task: 3,
             agent: "a".into(),
             digest: "d1".into(),
+            evaluated: Some("e1".into()),
+            present: vec!["/nix/store/x-hello.drv".into()],
             summary: [("hello".to_string(), "/nix/store/x-hello.drv".to_string())].into(),
         };
         db.record_eval_opinion("r1", &first).unwrap();

@@ -245,8 +245,14 @@ pub struct EvalOpinion {
     /// The evaluation task (-1: the attribute listing).
     pub task: i64,
     pub agent: String,
-    /// SHA-256 (hex) of everything in the answer honest agents must agree on.
+    /// SHA-256 (hex) of what it lists (for a task: of nothing).
     pub digest: String,
+    /// SHA-256 (hex) of what it evaluated, over everything honest agents must agree on;
+    /// None: a listing that evaluated nothing itself.
+    pub evaluated: Option<String>,
+    /// The derivations it said a cache already holds (warm mode): taken only where the
+    /// other agent said so too.
+    pub present: Vec<String>,
     /// Each attribute and the derivation it evaluated to (or why not), for the message
     /// when the answers differ.
     pub summary: BTreeMap<String, String>,

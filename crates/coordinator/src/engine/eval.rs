@@ -8,20 +8,19 @@ impl Engine {
         inner: &mut Inner,
         a: AttemptMem,
         result: Result<(Vec<String>, Vec<nixfarm_core::report::RepoCheck>), AgentFailure>,
-        evaluated: Option<EvalChunkOutput>,
+        mut evaluated: Option<EvalChunkOutput>,
     ) -> Result<(), EngineError> {
         let run_id = a.run_id.clone();
         let mut attrs = match result {
             Ok((attrs, repository)) => {
                 use super::opinions::Verdict;
-                let evaluated = evaluated.as_ref();
                 match self.second_opinion(
                     inner,
                     &run_id,
                     EvalTask::List,
                     &a.agent,
                     Some(&attrs),
-                    evaluated,
+                    &mut evaluated,
                 )? {
                     Verdict::Take => {}
                     Verdict::Wait => return Ok(()),
@@ -205,7 +204,7 @@ impl Engine {
                 return self.retry_eval(inner, &run_id, EvalTask::Chunk(task), task, &msg);
             }
         };
-        let answer = (attrs, drvs);
+        let mut answer = Some((attrs, drvs));
         use super::opinions::Verdict;
         match self.second_opinion(
             inner,
@@ -213,13 +212,15 @@ impl Engine {
             EvalTask::Chunk(task),
             &a.agent,
             None,
-            Some(&answer),
+            &mut answer,
         )? {
             Verdict::Take => {}
             Verdict::Wait => return Ok(()),
             Verdict::Disagree(msg) => return self.fail_run(inner, &run_id, &msg),
         }
-        let (attrs, drvs) = answer;
+        let Some((attrs, drvs)) = answer else {
+            return Ok(());
+        };
         self.accept_chunk(inner, &run_id, task, attrs, drvs)
     }
 
@@ -318,8 +319,11 @@ impl Engine {
             message: "already in the cache".into(),
             ..Default::default()
         };
+        // Only a run that asked to skip what the cache holds: otherwise an agent's word
+        // that an output is there would stand for a build nobody ran.
+        let warm = run.spec.skip_cached;
         for (id, node) in &added {
-            if node.present {
+            if warm && node.present {
                 sched.restore(*id, NodeState::Built, None);
                 let drv = &run.drv_of[*id as usize];
                 inner
@@ -359,7 +363,7 @@ impl Engine {
         }
         // Warm mode: what the cache already has is done before anything is dispatched.
         for row in inner.db.drvs(run_id)? {
-            if row.state == DrvState::Waiting && row.node.present {
+            if run.spec.skip_cached && row.state == DrvState::Waiting && row.node.present {
                 let rep = BuildReport {
                     kind: BuildOutcome::Built,
                     substituted: true,

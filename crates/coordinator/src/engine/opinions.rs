@@ -29,7 +29,10 @@ pub(super) fn task_no(task: EvalTask) -> i64 {
 
 impl Engine {
     /// Weighs `agent`'s answer to `task` against another agent's, when answers are
-    /// cross-checked. `names` is what a listing lists; `evaluated`, what it evaluated.
+    /// cross-checked. `names` is what a listing lists; `evaluated`, what it evaluated. When
+    /// taken, `evaluated` keeps only what both agreed on: a listing's evaluation that one
+    /// of the two did not send is dropped (its attributes go to evaluation tasks), and an
+    /// output counts as already in the cache only if both said so.
     pub(super) fn second_opinion(
         &self,
         inner: &mut Inner,
@@ -37,7 +40,7 @@ impl Engine {
         task: EvalTask,
         agent: &str,
         names: Option<&[String]>,
-        evaluated: Option<&EvalChunkOutput>,
+        evaluated: &mut Option<EvalChunkOutput>,
     ) -> Result<Verdict, EngineError> {
         if !self.opts.cross_check_eval {
             return Ok(Verdict::Take);
@@ -50,23 +53,36 @@ impl Engine {
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(Verdict::Take);
         };
-        let (digest, summary) = opinion(names, evaluated);
-        let n = task_no(task);
+        let answer = opinion(task_no(task), agent, names, evaluated.as_ref());
+        let n = answer.task;
         let verdict = match run.opinions.get(&n) {
-            Some(first) if first.agent != agent && first.digest == digest => Verdict::Take,
-            Some(first) if first.agent != agent => {
-                Verdict::Disagree(disagreement(first, agent, &summary))
+            Some(first) if first.agent == agent => Verdict::Wait,
+            Some(first) if first.digest != answer.digest => {
+                Verdict::Disagree(disagreement(first, &answer, false))
             }
-            Some(_) => Verdict::Wait,
+            Some(first) => match (&first.evaluated, &answer.evaluated) {
+                (Some(a), Some(b)) if a != b => {
+                    Verdict::Disagree(disagreement(first, &answer, true))
+                }
+                (Some(_), Some(_)) => {
+                    let agreed: HashSet<&String> = first.present.iter().collect();
+                    if let Some((_, nodes)) = evaluated.as_mut() {
+                        for (path, node) in nodes.iter_mut() {
+                            node.present &= agreed.contains(path);
+                        }
+                    }
+                    Verdict::Take
+                }
+                // Only one of them evaluated beside listing (the other ran out of memory,
+                // say): the names agree, and the attributes are evaluated by tasks.
+                _ => {
+                    *evaluated = None;
+                    Verdict::Take
+                }
+            },
             None => {
-                let o = EvalOpinion {
-                    task: n,
-                    agent: agent.to_string(),
-                    digest,
-                    summary,
-                };
-                inner.db.record_eval_opinion(run_id, &o)?;
-                run.opinions.insert(n, o);
+                inner.db.record_eval_opinion(run_id, &answer)?;
+                run.opinions.insert(n, answer);
                 if others == 0 {
                     tracing::warn!(
                         run = run_id,
@@ -85,15 +101,17 @@ impl Engine {
     }
 }
 
-/// The digest of an answer over everything honest agents agree on, and a summary of it
-/// (attribute: derivation) for the message when two differ. Left out: where an attribute
-/// is defined (it names the checkout's path), error messages' wording (Nix versions word
-/// them differently; that an attribute failed counts), and what a cache already holds (it
-/// may change between the two evaluations).
+/// An answer as it is compared: digests over everything honest agents agree on, a summary
+/// (attribute: derivation) for the message when two differ, and what it says a cache holds.
+/// Left out of the digests: where an attribute is defined (it names the checkout's path),
+/// error messages' wording (Nix versions word them differently; that an attribute failed
+/// counts), and what a cache already holds (it may change between the two evaluations).
 fn opinion(
+    task: i64,
+    agent: &str,
     names: Option<&[String]>,
     evaluated: Option<&EvalChunkOutput>,
-) -> (String, BTreeMap<String, String>) {
+) -> EvalOpinion {
     let mut summary = BTreeMap::new();
     let mut names: Vec<&String> = names.unwrap_or_default().iter().collect();
     names.sort();
@@ -101,9 +119,9 @@ fn opinion(
     for n in &names {
         summary.insert(n.to_string(), "listed, not evaluated".to_string());
     }
-    let mut attrs: Vec<(&str, PackageInfo)> = Vec::new();
-    let mut drvs: Vec<(&str, DrvNode)> = Vec::new();
-    if let Some((evaluated, nodes)) = evaluated {
+    let mut present = Vec::new();
+    let evaluated = evaluated.map(|(evaluated, nodes)| {
+        let mut attrs: Vec<(&str, PackageInfo)> = Vec::new();
         for a in evaluated {
             let mut info = a.info.clone();
             info.position.clear();
@@ -121,7 +139,11 @@ fn opinion(
             attrs.push((&a.attr, info));
         }
         attrs.sort_by(|a, b| a.0.cmp(b.0));
+        let mut drvs: Vec<(&str, DrvNode)> = Vec::new();
         for (path, node) in nodes {
+            if node.present {
+                present.push(path.clone());
+            }
             let mut node = node.clone();
             node.present = false;
             node.features.sort();
@@ -129,40 +151,58 @@ fn opinion(
             node.hints.sort();
             drvs.push((path, node));
         }
+        sha256_hex(&(&attrs, &drvs))
+    });
+    EvalOpinion {
+        task,
+        agent: agent.to_string(),
+        digest: sha256_hex(&names),
+        evaluated,
+        present,
+        summary,
     }
-    // Field order is fixed (structs, sorted lists), so equal answers give equal bytes.
-    let canonical = serde_json::to_vec(&(&names, &attrs, &drvs)).unwrap_or_default();
-    let digest = Sha256::digest(&canonical)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    (digest, summary)
 }
 
-fn disagreement(first: &EvalOpinion, agent: &str, summary: &BTreeMap<String, String>) -> String {
+/// SHA-256 (hex) of `v` as JSON: field order is fixed (structs, sorted lists), so equal
+/// answers give equal bytes.
+fn sha256_hex(v: &impl serde::Serialize) -> String {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Why `first` and `second` disagree: on what they list, or (`evaluated`) on what an
+/// attribute evaluates to.
+fn disagreement(first: &EvalOpinion, second: &EvalOpinion, evaluated: bool) -> String {
     let what = if first.task < 0 {
         "the attribute listing".to_string()
     } else {
         format!("evaluation task {}", first.task)
     };
-    let none = "nothing".to_string();
-    let differing = first
-        .summary
-        .keys()
-        .chain(summary.keys())
-        .find(|k| first.summary.get(*k) != summary.get(*k));
+    let (a, b) = (&first.summary, &second.summary);
+    let none = "it is not listed".to_string();
+    let differing = a.keys().chain(b.keys()).find(|k| {
+        if evaluated {
+            a.contains_key(*k) && a.get(*k) != b.get(*k)
+        } else {
+            a.contains_key(*k) != b.contains_key(*k)
+        }
+    });
     let detail = match differing {
         Some(k) => format!(
-            "attribute '{k}': agent {} says {}, agent {agent} says {}",
+            "attribute '{k}': agent {} says {}, agent {} says {}",
             first.agent,
-            first.summary.get(k).unwrap_or(&none),
-            summary.get(k).unwrap_or(&none)
+            a.get(k).unwrap_or(&none),
+            second.agent,
+            b.get(k).unwrap_or(&none)
         ),
         None => "the derivation graphs or package details differ".to_string(),
     };
     format!(
-        "agents {} and {agent} evaluated {what} differently ({detail}): one of them is compromised or broken, or the evaluation is impure; nothing of this run is built from either answer",
-        first.agent
+        "agents {} and {} evaluated {what} differently ({detail}): one of them is compromised or broken, or the evaluation is impure; nothing of this run is built from either answer",
+        first.agent, second.agent
     )
 }
 
@@ -189,78 +229,72 @@ mod tests {
         (vec![attr], [(drv.to_string(), node)].into())
     }
 
+    /// What agent `agent` says to the listing (`names`) or to task 2 (`None`).
+    fn say(agent: &str, names: Option<&[String]>, a: EvalChunkOutput) -> EvalOpinion {
+        opinion(if names.is_some() { -1 } else { 2 }, agent, names, Some(&a))
+    }
+
+    fn same(a: &EvalOpinion, b: &EvalOpinion) -> bool {
+        a.digest == b.digest && a.evaluated == b.evaluated
+    }
+
     #[test]
     fn honest_differences_agree_and_another_derivation_does_not() {
         let names = vec!["hello".to_string(), "world".into()];
-        let (a, summary) = opinion(
-            Some(&names),
-            Some(&answer(
-                "/nix/store/x-hello.drv",
-                "/tmp/a/x.nix:3",
-                "",
-                false,
-            )),
-        );
-        assert_eq!(summary["hello"], "/nix/store/x-hello.drv");
-        assert_eq!(summary["world"], "listed, not evaluated");
+        let x = "/nix/store/x-hello.drv";
+        let a = say("a", Some(&names), answer(x, "/tmp/a/x.nix:3", "", false));
+        assert_eq!(a.summary["hello"], x);
+        assert_eq!(a.summary["world"], "listed, not evaluated");
+        assert!(a.present.is_empty());
         // Another checkout's path, listing order, a cache that gained the output since.
         let reordered = vec!["world".to_string(), "hello".into()];
-        let (b, _) = opinion(
-            Some(&reordered),
-            Some(&answer(
-                "/nix/store/x-hello.drv",
-                "/tmp/b/x.nix:3",
-                "",
-                true,
-            )),
-        );
-        assert_eq!(a, b);
-        let (forged, _) = opinion(
+        let b = say("b", Some(&reordered), answer(x, "/tmp/b/x.nix:3", "", true));
+        assert!(same(&a, &b));
+        assert_eq!(b.present, [x]);
+        let forged = say(
+            "b",
             Some(&names),
-            Some(&answer(
-                "/nix/store/y-hello.drv",
-                "/tmp/a/x.nix:3",
-                "",
-                false,
-            )),
+            answer("/nix/store/y-hello.drv", "", "", false),
         );
-        assert_ne!(a, forged);
+        assert!(a.digest == forged.digest && a.evaluated != forged.evaluated);
         // A package hidden from the listing.
-        let (hidden, _) = opinion(
-            Some(&names[..1]),
-            Some(&answer(
-                "/nix/store/x-hello.drv",
-                "/tmp/a/x.nix:3",
-                "",
-                false,
-            )),
-        );
-        assert_ne!(a, hidden);
+        let hidden = say("b", Some(&names[..1]), answer(x, "", "", false));
+        assert_ne!(a.digest, hidden.digest);
         // An error's wording differs between Nix versions; that it failed does not.
-        let (e1, _) = opinion(None, Some(&answer("", "", "error: boom", false)));
-        let (e2, _) = opinion(None, Some(&answer("", "", "error:\n  boom", false)));
-        assert_eq!(e1, e2);
-        assert_ne!(e1, opinion(None, Some(&answer("", "", "", false))).0);
+        let e1 = say("a", None, answer("", "", "error: boom", false));
+        let e2 = say("b", None, answer("", "", "error:\n  boom", false));
+        assert!(same(&e1, &e2));
+        assert!(!same(&e1, &say("b", None, answer("", "", "", false))));
     }
 
     #[test]
     fn a_disagreement_names_both_agents_and_the_attribute() {
-        let (digest, summary) =
-            opinion(None, Some(&answer("/nix/store/x-hello.drv", "", "", false)));
-        let first = EvalOpinion {
-            task: 2,
-            agent: "a".into(),
-            digest,
-            summary,
-        };
-        let (_, other) = opinion(None, Some(&answer("/nix/store/y-hello.drv", "", "", false)));
-        let msg = disagreement(&first, "b", &other);
+        let first = say("a", None, answer("/nix/store/x-hello.drv", "", "", false));
+        let other = say("b", None, answer("/nix/store/y-hello.drv", "", "", false));
+        let msg = disagreement(&first, &other, true);
         assert!(
             msg.contains("agents a and b evaluated evaluation task 2 differently"),
             "{msg}"
         );
         assert!(
             msg.contains("attribute 'hello': agent a says /nix/store/x-hello.drv, agent b says /nix/store/y-hello.drv"),
+            "{msg}"
+        );
+        // A listing that leaves a package out.
+        let names = vec!["hello".to_string(), "world".into()];
+        let full = say(
+            "a",
+            Some(&names),
+            answer("/nix/store/x-hello.drv", "", "", false),
+        );
+        let short = say(
+            "b",
+            Some(&names[..1]),
+            answer("/nix/store/x-hello.drv", "", "", false),
+        );
+        let msg = disagreement(&full, &short, false);
+        assert!(
+            msg.contains("attribute 'world': agent a says listed, not evaluated, agent b says it is not listed"),
             "{msg}"
         );
     }

@@ -38,9 +38,20 @@ fn listing(hash: char) -> (Vec<String>, EvalChunkOutput) {
 
 /// `name` takes the listing it is given and answers it with `hash`'s evaluation.
 fn answer_listing(engine: &Engine, name: &str, a: &mut TestAgent, hash: char) {
+    let (names, evaluated) = listing(hash);
+    send_listing(engine, name, a, names, Some(evaluated));
+}
+
+/// `name` takes the listing it is given and answers it: `names`, and what it evaluated.
+fn send_listing(
+    engine: &Engine,
+    name: &str,
+    a: &mut TestAgent,
+    names: Vec<String>,
+    evaluated: Option<EvalChunkOutput>,
+) {
     let (attempt, job) = assigned(&mut a.rx);
     assert!(matches!(job, Job::EvalList { .. }), "{name} got {job:?}");
-    let (names, evaluated) = listing(hash);
     engine
         .agent_message(
             name,
@@ -49,7 +60,7 @@ fn answer_listing(engine: &Engine, name: &str, a: &mut TestAgent, hash: char) {
                 attempt,
                 result: Ok((names, vec![])),
                 follows: false,
-                evaluated: Some(evaluated),
+                evaluated,
             },
         )
         .unwrap();
@@ -206,4 +217,87 @@ fn an_evaluation_task_is_cross_checked_like_the_listing() {
         report.error
     );
     assert!(report.packages.is_empty(), "{:?}", report.packages);
+}
+
+#[test]
+fn a_listing_only_one_agent_evaluated_goes_to_tasks() {
+    let (engine, _dir) = engine();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let mut b = connect_agent(&engine, "b");
+    answer_listing(&engine, "a", &mut a, '1');
+    // b lists the same but evaluated nothing itself (it ran out of memory, say).
+    send_listing(&engine, "b", &mut b, vec!["hello".into()], None);
+    assert_ne!(engine.run_state(&run).unwrap(), RunState::Failed);
+    // Not a disagreement: the package is evaluated by a task, which is checked in turn.
+    let got: Vec<Job> = [&mut a, &mut b]
+        .into_iter()
+        .filter_map(|t| match t.rx.try_recv() {
+            Ok(ToAgent::Assign { job, .. }) => Some(job),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(got.as_slice(), [Job::EvalChunk { attrs, .. }] if attrs == &["hello"]),
+        "{got:?}"
+    );
+    assert!(engine.report(&run).unwrap().packages.is_empty());
+}
+
+/// An output counts as already in the cache (warm mode) only if both agents say so; and
+/// only in a run that asked to skip what the cache holds.
+#[test]
+fn what_one_agent_alone_says_the_cache_holds_is_built() {
+    for (cross_check, skip_cached) in [(true, true), (false, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(
+            Db::open_in_memory().unwrap(),
+            dir.path().join("sources"),
+            Arc::new(crate::clock::ManualClock::new(1_000_000)),
+            EngineOptions {
+                cross_check_eval: cross_check,
+                ..cross_checked()
+            },
+        )
+        .unwrap();
+        let mut a = connect_agent(&engine, "a");
+        let run = engine
+            .submit(RunSpec {
+                skip_cached,
+                ..flake_run()
+            })
+            .unwrap();
+        let mut b = connect_agent(&engine, "b");
+        // The one claiming it answers last (when cross-checked, its answer is the one taken).
+        let (names, (attrs, mut drvs)) = listing('1');
+        for n in drvs.values_mut() {
+            n.present = true;
+        }
+        if cross_check {
+            answer_listing(&engine, "a", &mut a, '1');
+            send_listing(&engine, "b", &mut b, names, Some((attrs, drvs)));
+        } else {
+            send_listing(&engine, "a", &mut a, names, Some((attrs, drvs)));
+        }
+        let built = engine
+            .report(&run)
+            .unwrap()
+            .packages
+            .iter()
+            .filter(|p| p.status == nixfarm_core::PackageStatus::Ready)
+            .count();
+        let report = engine.report(&run).unwrap();
+        assert_eq!(built, 0, "cross-check {cross_check}: {report:?}");
+        let sent: Vec<Job> = [&mut a, &mut b]
+            .into_iter()
+            .filter_map(|t| match t.rx.try_recv() {
+                Ok(ToAgent::Assign { job, .. }) => Some(job),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            matches!(sent.as_slice(), [Job::Build { .. }]),
+            "cross-check {cross_check}: {sent:?}"
+        );
+    }
 }

@@ -86,6 +86,12 @@ impl Engine {
                     JobRef::Eval(EvalTask::Chunk(task))
                 }
             };
+            // A fixed-output build held a fetch slot (dispatch gives one when it can): it
+            // does again, so the agent's build slots are not counted full of fetches.
+            let fetch = match job {
+                JobRef::Build(n) => run.sched.as_ref().is_some_and(|s| s.class(n).fetch),
+                JobRef::Eval(_) => false,
+            };
             // Held for the agent; requeued by the lease check if it does not come back.
             inner.attempts.insert(
                 a.id.clone(),
@@ -94,7 +100,7 @@ impl Engine {
                     job,
                     agent: a.agent.clone(),
                     target: a.target.clone(),
-                    fetch: false,
+                    fetch,
                 },
             );
         }
