@@ -118,3 +118,42 @@ fn honest_agents_agree_and_the_run_builds() {
         assert_eq!(by, ["one", "two"], "{kind}");
     }
 }
+
+/// An agent says the package's output is in the cache already, in a run that did not ask
+/// to skip cached outputs (no cross-check): it is built anyway, not reported ready unbuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_saying_an_output_is_cached_does_not_make_it_ready() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(dir.path()).unwrap();
+    let url = coordinator.url.clone();
+    let mut liar = FakeAgent::register(&url, "liar", "x86_64-linux").await;
+    let repo = flake(dir.path(), "hi", "hi", 0);
+    let out = cli(&url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let drv = "/nix/store/m5qmzvxz5afq05h5cqj8d7ph5hv32nrk-hi.drv";
+    let node = pb::DrvNode {
+        drv_path: drv.into(),
+        system: "x86_64-linux".into(),
+        outputs: vec![pb::DrvOutput {
+            name: "out".into(),
+            path: "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-hi".into(),
+        }],
+        present: true,
+        ..Default::default()
+    };
+    liar.answer_listing("hi", node).await;
+    // The build is handed out (to the only agent there is), and the package is not ready.
+    let a = tokio::time::timeout(Duration::from_secs(30), liar.assignment())
+        .await
+        .expect("a build to be handed out");
+    assert!(
+        matches!(&a.job, Some(pb::assignment::Job::Build(b)) if b.drv_path == drv),
+        "{a:?}"
+    );
+    let r = tokio::task::spawn_blocking(move || report_json(&url, &run))
+        .await
+        .unwrap();
+    assert_ne!(r["packages"][0]["status"], "ready", "{r}");
+    assert_ne!(r["state"], "finished", "{r}");
+}
