@@ -85,6 +85,7 @@ let
 
   coordinatorFile = toml.generate "nixfarm-coordinator.toml" (clean (lib.foldl' lib.recursiveUpdate cfgC.settings [
     (optionalAttrs (cfgC.agentTokenFile != null) { auth.agent_token_file = "${credC}/agent-token"; })
+    (optionalAttrs (cfgC.agentTokensFile != null) { auth.agent_tokens_file = "${credC}/agent-tokens"; })
     (optionalAttrs (cfgC.clientTokenFile != null) { auth.client_token_file = "${credC}/client-token"; })
     (optionalAttrs (cfgC.tlsKeyFile != null) { tls.key_file = "${credC}/tls-key"; })
   ]));
@@ -116,6 +117,7 @@ in
     coordinator = {
       enable = mkEnableOption "the nixfarm coordinator";
       agentTokenFile = secretFile "the join token agents present" "/run/secrets/nixfarm-agent-token";
+      agentTokensFile = secretFile "tokens each bound to one agent name, a `NAME TOKEN` line per agent" "/run/secrets/nixfarm-agent-tokens";
       clientTokenFile = secretFile "the token the CLI presents" "/run/secrets/nixfarm-client-token";
       tlsKeyFile = secretFile "the PEM private key of settings.tls.cert_file" "/run/secrets/nixfarm-coordinator-tls.key";
       settings = mkOption {
@@ -239,6 +241,7 @@ in
           ExecStart = "${package}/bin/nixfarm-coordinator --config ${coordinatorFile}";
           LoadCredential =
             lib.optional (cfgC.agentTokenFile != null) "agent-token:${cfgC.agentTokenFile}"
+            ++ lib.optional (cfgC.agentTokensFile != null) "agent-tokens:${cfgC.agentTokensFile}"
             ++ lib.optional (cfgC.clientTokenFile != null) "client-token:${cfgC.clientTokenFile}"
             ++ lib.optional (cfgC.tlsKeyFile != null) "tls-key:${cfgC.tlsKeyFile}";
           DynamicUser = true;

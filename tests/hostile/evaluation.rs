@@ -157,3 +157,100 @@ async fn an_agent_saying_an_output_is_cached_does_not_make_it_ready() {
     assert_ne!(r["packages"][0]["status"], "ready", "{r}");
     assert_ne!(r["state"], "finished", "{r}");
 }
+
+/// With `[auth] agent_tokens_file`, a token admits one agent name: registering or claiming
+/// uploads under another is refused, while the agent it names builds through the farm cache
+/// as with the join token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_agent_token_admits_its_own_name_only() {
+    let dir = scratch();
+    let tokens = dir.path().join("agent-tokens");
+    let one = "one-0123456789abcdef";
+    std::fs::write(
+        &tokens,
+        format!("# name token\none {one}\ntwo two-0123456789abcdef\n"),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start_with_config(
+        dir.path(),
+        &format!("[auth]\nagent_tokens_file = \"{}\"\n", tokens.display()),
+    )
+    .unwrap();
+    let url = coordinator.url.clone();
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {one}").parse().unwrap();
+    let mut as_one =
+        AgentServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            name: "two".into(),
+            systems: vec!["x86_64-linux".into()],
+            max_jobs: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let e = as_one
+        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message()
+            .contains("agent 'one''s: it cannot act as 'two'"),
+        "{e}"
+    );
+    let e = as_one
+        .claim_uploads(pb::ClaimUploadsRequest {
+            agent: "two".into(),
+            cache: "file:///tmp/c".into(),
+            paths: vec!["/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-x".into()],
+            release: false,
+            session_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    // No token at all: refused as before.
+    let e = agent_client(&url)
+        .await
+        .claim_uploads(pb::ClaimUploadsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+
+    // The real agent under its own name builds, and pushes to the farm cache with its token.
+    let token_file = dir.path().join("one.token");
+    std::fs::write(&token_file, one).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let _agent = host
+        .start_agent_with(
+            "one",
+            &url,
+            None,
+            1,
+            &[],
+            &["--token-file", token_file.to_str().unwrap()],
+        )
+        .unwrap();
+    let repo = flake(dir.path(), "hi", "hi", 0);
+    let url2 = url.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let out = cli(&url2, &["submit", repo.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let run = stdout(&out).trim().to_string();
+        wait_terminal(&url2, &run, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    assert_eq!(r["packages"][0]["status"], "ready", "{r}");
+}

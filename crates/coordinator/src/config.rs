@@ -108,6 +108,12 @@ impl Default for FarmCacheConfig {
 pub struct AuthConfig {
     /// File holding the token agents present (join token). Default: none (no check; loopback only).
     pub agent_token_file: Option<PathBuf>,
+    /// File of tokens each bound to one agent: a `NAME TOKEN` line per agent (tokens at
+    /// least 16 characters). An agent presenting one may register, claim uploads and so
+    /// answer evaluation only under its own name (what `cross_check_evaluation` relies on
+    /// to tell two agents apart); the join token, if also set, still admits any name.
+    /// Default: none.
+    pub agent_tokens_file: Option<PathBuf>,
     /// File holding the token the CLI presents. Default: none (no check; loopback only).
     pub client_token_file: Option<PathBuf>,
 }

@@ -36,7 +36,7 @@ const RECENT: std::time::Duration = std::time::Duration::from_secs(600);
 pub struct FarmCache {
     dir: PathBuf,
     key: Key,
-    token: Option<String>,
+    token: Option<Arc<crate::credentials::Credentials>>,
     /// Largest NAR accepted, bytes.
     max_nar_bytes: u64,
     /// NAR bytes kept at most; the least recently used paths go first.
@@ -77,10 +77,10 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> FarmCacheError +
 
 impl FarmCache {
     /// Opens (creating) the cache in `dir`, its key in `dir/../farm-cache.key` (made on first
-    /// start, mode 0600). `token` is the agents' join token (None: no check).
+    /// start, mode 0600). `token`: the agents' credentials (None: no check).
     pub fn open(
         dir: PathBuf,
-        token: Option<String>,
+        token: Option<Arc<crate::credentials::Credentials>>,
         max_nar_bytes: u64,
         max_bytes: u64,
         protected: Protected,
@@ -243,7 +243,7 @@ impl FarmCache {
         } else {
             return false;
         };
-        crate::engine::constant_time_eq(given.as_bytes(), expected.as_bytes())
+        expected.admit(&given).is_some()
     }
 
     fn refuse(&self, status: StatusCode, why: &str) -> Response {

@@ -3,6 +3,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod db;
 mod db_agents;
 mod db_attempts;

@@ -2,6 +2,7 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, read_secret};
+use crate::credentials::{Admitted, BoundName, Credentials};
 use crate::db::Db;
 use crate::engine::{Engine, EngineOptions};
 use crate::farm_cache::FarmCache;
@@ -73,12 +74,12 @@ impl Role {
 }
 
 fn token_check(
-    expected: Option<String>,
+    expected: Option<Arc<Credentials>>,
     who: Role,
     client_certs: bool,
     limiter: Arc<crate::limit::Limiter>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |req: Request<()>| {
+    move |mut req: Request<()>| {
         // A client certificate the TLS layer verified against the client CA admits an agent.
         if client_certs && req.peer_certs().is_some_and(|c| !c.is_empty()) {
             return Ok(req);
@@ -102,10 +103,12 @@ fn token_check(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        // Compare in constant time so the token cannot be guessed byte by byte.
-        let ok = !expected.is_empty()
-            && crate::engine::constant_time_eq(given.as_bytes(), expected.as_bytes());
-        if ok {
+        // Compared in constant time, so a token cannot be guessed byte by byte.
+        let admitted = expected.admit(given);
+        if let Some(a) = admitted {
+            if let Admitted::Named(name) = a {
+                req.extensions_mut().insert(BoundName(name));
+            }
             Ok(req)
         } else if given.is_empty() {
             Err(Status::unauthenticated(format!(
@@ -132,7 +135,7 @@ fn token_check(
 async fn start_farm_cache(
     config: &Config,
     grpc: SocketAddr,
-    agent_token: Option<String>,
+    agent_token: Option<Arc<Credentials>>,
     engine: &Engine,
 ) -> anyhow::Result<Option<(Arc<FarmCache>, SocketAddr)>> {
     let fc = &config.farm_cache;
@@ -269,12 +272,21 @@ pub async fn start_with_listener(
         .as_deref()
         .map(read_secret)
         .transpose()?;
+    let named = match config.auth.agent_tokens_file.as_deref() {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| Credentials::parse_named(&t).map_err(anyhow::Error::msg))
+            .with_context(|| format!("agent tokens file {}", p.display()))?,
+        None => Vec::new(),
+    };
+    let agent_token = Credentials::new(agent_token, named).map(Arc::new);
     let client_token = config
         .auth
         .client_token_file
         .as_deref()
         .map(read_secret)
         .transpose()?;
+    let client_creds = Credentials::new(client_token.clone(), vec![]).map(Arc::new);
     let max_msg = config.limits.max_message_bytes;
     // What the CLI sends is small (uploads come in 1 MiB chunks): a client cannot make the
     // coordinator buffer more than this per message.
@@ -387,7 +399,7 @@ pub async fn start_with_listener(
             ))
             .add_service(InterceptedService::new(
                 run_svc,
-                token_check(client_token.clone(), Role::Client, false, guesses.clone()),
+                token_check(client_creds, Role::Client, false, guesses.clone()),
             ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;

@@ -1,6 +1,7 @@
 //! The agent-facing service: one stream per agent, snapshot downloads, upload claims.
 
 use super::*;
+use crate::credentials::BoundName;
 
 /// Where agents find the farm cache, as registration tells them.
 #[derive(Debug, Clone)]
@@ -31,6 +32,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectAgentStream>, Status> {
+        let bound = req.extensions().get::<BoundName>().cloned();
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the stream ended before the agent registered")
@@ -43,6 +45,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 ));
             }
         };
+        own_name(bound.as_ref(), &reg.name)?;
         let name = reg.name.clone();
         let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
         let (conn, session_key) = self.engine.connect_agent(reg, tx)?;
@@ -100,7 +103,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         &self,
         req: Request<pb::ClaimUploadsRequest>,
     ) -> Result<Response<pb::ClaimUploadsResponse>, Status> {
+        let bound = req.extensions().get::<BoundName>().cloned();
         let r = req.into_inner();
+        own_name(bound.as_ref(), &r.agent)?;
         if r.agent.is_empty() || r.agent.len() > lim::MAX_AGENT_NAME || r.paths.len() > 100_000 {
             return Err(
                 WireError("a claim names its agent and at most 100000 paths".into()).into(),
@@ -160,5 +165,16 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// An agent whose token is bound to a name acts under that name only.
+fn own_name(bound: Option<&BoundName>, name: &str) -> Result<(), Status> {
+    match bound {
+        Some(BoundName(own)) if own != name => Err(Status::permission_denied(format!(
+            "this agent's token is agent '{own}''s: it cannot act as '{}'",
+            clip(name, 80)
+        ))),
+        _ => Ok(()),
     }
 }

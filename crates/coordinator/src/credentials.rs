@@ -1,0 +1,126 @@
+//! Who may call in: a shared token (the agents' join token, or the CLI's token), and tokens
+//! each bound to one agent name (`[auth] agent_tokens_file`), so that an agent cannot
+//! register, claim uploads or answer evaluation under another's name.
+
+/// An agent name the caller's credential is bound to (a request extension set by the
+/// token check); absent: the credential admits any name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundName(pub String);
+
+/// Most named tokens in one file.
+const MAX_NAMED: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    /// The shared token: any name.
+    Any,
+    /// A token bound to this agent name.
+    Named(String),
+}
+
+/// The credentials one kind of caller may present.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    shared: Option<String>,
+    named: Vec<(String, String)>,
+}
+
+impl Credentials {
+    /// None when there is nothing to check (no token at all).
+    pub fn new(shared: Option<String>, named: Vec<(String, String)>) -> Option<Credentials> {
+        (shared.is_some() || !named.is_empty()).then_some(Credentials { shared, named })
+    }
+
+    /// Reads an agent tokens file: one `NAME TOKEN` per line (blank lines and `#` comments
+    /// skipped). Names follow agent names' rules; each name and each token appears once.
+    pub fn parse_named(text: &str) -> Result<Vec<(String, String)>, String> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let at = || format!("line {}", i + 1);
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(token), None) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(format!("{}: expected `NAME TOKEN`", at()));
+            };
+            let name_ok = name.len() <= nixfarm_core::limits::MAX_AGENT_NAME
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+            if !name_ok {
+                return Err(format!(
+                    "{}: an agent name is 1 to 255 letters, digits and - _ . @",
+                    at()
+                ));
+            }
+            if token.len() < 16 {
+                return Err(format!("{}: a token is at least 16 characters", at()));
+            }
+            if out.iter().any(|(n, t)| n == name || t == token) {
+                return Err(format!("{}: the name or the token appears twice", at()));
+            }
+            if out.len() >= MAX_NAMED {
+                return Err(format!("more than {MAX_NAMED} agents"));
+            }
+            out.push((name.to_string(), token.to_string()));
+        }
+        if out.is_empty() {
+            return Err("no agent in it".into());
+        }
+        Ok(out)
+    }
+
+    /// What `given` admits, compared in constant time against every credential (no early
+    /// exit), so a token cannot be guessed byte by byte nor told apart by timing.
+    pub fn admit(&self, given: &str) -> Option<Admitted> {
+        let g = given.as_bytes();
+        let mut found = None;
+        if let Some(s) = &self.shared
+            && crate::engine::constant_time_eq(g, s.as_bytes())
+            && !s.is_empty()
+        {
+            found = Some(Admitted::Any);
+        }
+        for (name, token) in &self.named {
+            if crate::engine::constant_time_eq(g, token.as_bytes()) && found.is_none() {
+                found = Some(Admitted::Named(name.clone()));
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_named_token_admits_its_name_only_and_bad_files_are_refused() {
+        let named =
+            Credentials::parse_named("# agents\none  0123456789abcdef0\n\ntwo 0123456789abcdef1\n")
+                .unwrap();
+        let c = Credentials::new(Some("shared-secret".into()), named).unwrap();
+        assert_eq!(c.admit("shared-secret"), Some(Admitted::Any));
+        assert_eq!(
+            c.admit("0123456789abcdef1"),
+            Some(Admitted::Named("two".into()))
+        );
+        assert_eq!(c.admit("0123456789abcdef"), None);
+        assert_eq!(c.admit(""), None);
+        assert!(Credentials::new(None, vec![]).is_none());
+        for (text, why) in [
+            ("one\n", "expected `NAME TOKEN`"),
+            ("one a b c\n", "expected `NAME TOKEN`"),
+            ("on/e 0123456789abcdef0\n", "an agent name"),
+            ("one short\n", "at least 16"),
+            ("one 0123456789abcdef0\none 0123456789abcdef1\n", "twice"),
+            ("one 0123456789abcdef0\ntwo 0123456789abcdef0\n", "twice"),
+            ("# nothing\n", "no agent"),
+        ] {
+            let e = Credentials::parse_named(text).unwrap_err();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+    }
+}
