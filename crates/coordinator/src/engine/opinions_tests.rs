@@ -79,6 +79,29 @@ fn engine() -> (Engine, tempfile::TempDir) {
     (engine, dir)
 }
 
+/// The run failed saying `why` about package `hello`, and knows no package.
+fn failed_on(engine: &Engine, run: &str, why: &str) {
+    let report = engine.report(run).unwrap();
+    assert_eq!(report.state, RunState::Failed);
+    assert!(
+        report.error.contains(why) && report.error.contains("attribute 'hello'"),
+        "{}",
+        report.error
+    );
+    assert!(report.packages.is_empty(), "{:?}", report.packages);
+}
+
+/// The jobs handed to `agents` so far, at most one each.
+fn handed(agents: [&mut TestAgent; 2]) -> Vec<Job> {
+    agents
+        .into_iter()
+        .filter_map(|t| match t.rx.try_recv() {
+            Ok(ToAgent::Assign { job, .. }) => Some(job),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn nothing_builds_until_a_second_agent_agrees() {
     let (engine, _dir) = engine();
@@ -107,17 +130,11 @@ fn a_second_agent_that_disagrees_fails_the_run_and_nothing_builds() {
     let mut b = connect_agent(&engine, "b");
     answer_listing(&engine, "a", &mut a, '1');
     answer_listing(&engine, "b", &mut b, '2');
-    let report = engine.report(&run).unwrap();
-    assert_eq!(report.state, RunState::Failed);
-    assert!(
-        report
-            .error
-            .contains("agents a and b evaluated the attribute listing differently")
-            && report.error.contains("attribute 'hello'"),
-        "{}",
-        report.error
+    failed_on(
+        &engine,
+        &run,
+        "agents a and b evaluated the attribute listing differently",
     );
-    assert!(report.packages.is_empty(), "{:?}", report.packages);
     for (n, t) in [("a", &mut a), ("b", &mut b)] {
         while let Ok(m) = t.rx.try_recv() {
             assert!(
@@ -206,17 +223,7 @@ fn an_evaluation_task_is_cross_checked_like_the_listing() {
     answer(first.0, first_conn, first.1, first.2, '1');
     let (attempt, job) = assigned(&mut other.rx);
     answer(other_name, other.conn, attempt, job, '2');
-    let report = engine.report(&run).unwrap();
-    assert_eq!(report.state, RunState::Failed);
-    assert!(
-        report
-            .error
-            .contains("evaluated evaluation task 0 differently")
-            && report.error.contains("attribute 'hello'"),
-        "{}",
-        report.error
-    );
-    assert!(report.packages.is_empty(), "{:?}", report.packages);
+    failed_on(&engine, &run, "evaluated evaluation task 0 differently");
 }
 
 #[test]
@@ -230,13 +237,7 @@ fn a_listing_only_one_agent_evaluated_goes_to_tasks() {
     send_listing(&engine, "b", &mut b, vec!["hello".into()], None);
     assert_ne!(engine.run_state(&run).unwrap(), RunState::Failed);
     // Not a disagreement: the package is evaluated by a task, which is checked in turn.
-    let got: Vec<Job> = [&mut a, &mut b]
-        .into_iter()
-        .filter_map(|t| match t.rx.try_recv() {
-            Ok(ToAgent::Assign { job, .. }) => Some(job),
-            _ => None,
-        })
-        .collect();
+    let got: Vec<Job> = handed([&mut a, &mut b]);
     assert!(
         matches!(got.as_slice(), [Job::EvalChunk { attrs, .. }] if attrs == &["hello"]),
         "{got:?}"
@@ -288,13 +289,7 @@ fn what_one_agent_alone_says_the_cache_holds_is_built() {
             .count();
         let report = engine.report(&run).unwrap();
         assert_eq!(built, 0, "cross-check {cross_check}: {report:?}");
-        let sent: Vec<Job> = [&mut a, &mut b]
-            .into_iter()
-            .filter_map(|t| match t.rx.try_recv() {
-                Ok(ToAgent::Assign { job, .. }) => Some(job),
-                _ => None,
-            })
-            .collect();
+        let sent: Vec<Job> = handed([&mut a, &mut b]);
         assert!(
             matches!(sent.as_slice(), [Job::Build { .. }]),
             "cross-check {cross_check}: {sent:?}"
