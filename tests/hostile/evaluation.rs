@@ -51,7 +51,7 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
         })
     };
     let r = tokio::task::spawn_blocking({
-        let url = url.clone();
+        let (url, run) = (url.clone(), run.clone());
         move || wait_terminal(&url, &run, Duration::from_secs(120))
     })
     .await
@@ -67,6 +67,18 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
         "{error}"
     );
     assert!(r["packages"].as_array().unwrap().is_empty(), "{r}");
+    // Whoever watched the run was told what it waited for, and why it failed.
+    let url2 = url.clone();
+    let run2 = run.clone();
+    let watched = tokio::task::spawn_blocking(move || cli(&url2, &["watch", &run2]))
+        .await
+        .unwrap();
+    let text = format!("{}{}", stdout(&watched), stderr(&watched));
+    assert!(
+        text.contains("the listing answered by liar; waiting for another agent to check it")
+            && text.contains("run failed: agents liar and honest"),
+        "{text}"
+    );
     // The liar was never handed anything after its answer: no check of itself, no build.
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), liar.from.message())
         .await

@@ -187,6 +187,16 @@ impl View {
                     b.set_position(done);
                 }
             }
+            RunEvent::EvalAwaitingCheck { task, agent } => {
+                let what = if task < 0 {
+                    "the listing".to_string()
+                } else {
+                    format!("evaluation task {task}")
+                };
+                self.line(format!(
+                    "{what} answered by {agent}; waiting for another agent to check it"
+                ))
+            }
             RunEvent::JobRetry { drv, message, .. } => {
                 self.line(format!("retrying {}: {message}", crate::short_name(&drv)))
             }

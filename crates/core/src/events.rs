@@ -25,6 +25,12 @@ pub enum RunEvent {
         tasks_done: u64,
         tasks: u64,
     },
+    /// Cross-checked evaluation: `agent` answered evaluation task `task` (-1: the listing),
+    /// and another agent must give the same answer before it is taken.
+    EvalAwaitingCheck {
+        task: i64,
+        agent: String,
+    },
     /// Evaluation is complete: `drvs` derivations to realise for `packages` packages.
     EvalDone {
         packages: u64,
@@ -74,6 +80,7 @@ impl RunEvent {
             Self::RunStarted { .. } => "run-started",
             Self::EvalListed { .. } => "eval-listed",
             Self::EvalProgress { .. } => "eval-progress",
+            Self::EvalAwaitingCheck { .. } => "eval-awaiting-check",
             Self::EvalDone { .. } => "eval-done",
             Self::JobStarted { .. } => "job-started",
             Self::JobRetry { .. } => "job-retry",

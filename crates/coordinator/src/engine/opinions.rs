@@ -55,6 +55,7 @@ impl Engine {
         };
         let answer = opinion(task_no(task), agent, names, evaluated.as_ref());
         let n = answer.task;
+        let mut first = false;
         let verdict = match run.opinions.get(&n) {
             Some(first) if first.agent == agent => Verdict::Wait,
             Some(first) if first.digest != answer.digest => {
@@ -83,19 +84,24 @@ impl Engine {
             None => {
                 inner.db.record_eval_opinion(run_id, &answer)?;
                 run.opinions.insert(n, answer);
-                if others == 0 {
-                    tracing::warn!(
-                        run = run_id,
-                        task = n,
-                        agent,
-                        "evaluation waits for a second agent to check it (cross_check_evaluation): none other is connected"
-                    );
-                }
+                first = true;
                 Verdict::Wait
             }
         };
         if verdict == Verdict::Wait {
             run.eval_queue.push_front(task);
+        }
+        if first {
+            if others == 0 {
+                tracing::warn!(
+                    run = run_id,
+                    task = n,
+                    agent,
+                    "evaluation waits for a second agent to check it (cross_check_evaluation): none other is connected"
+                );
+            }
+            let agent = agent.to_string();
+            self.emit(inner, run_id, Ev::EvalAwaitingCheck { task: n, agent });
         }
         Ok(verdict)
     }

@@ -108,9 +108,20 @@ fn nothing_builds_until_a_second_agent_agrees() {
     let mut a = connect_agent(&engine, "a");
     let run = engine.submit(flake_run()).unwrap();
     answer_listing(&engine, "a", &mut a, '1');
-    // Not checked by itself, and nothing to build yet.
+    // Not checked by itself, and nothing to build yet; a watcher is told why.
     assert!(a.rx.try_recv().is_err(), "agent a was given more work");
     assert!(engine.report(&run).unwrap().packages.is_empty());
+    let events: Vec<nixfarm_core::RunEvent> = engine
+        .events_after(&run, 0)
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::from_str(&e.json).unwrap())
+        .collect();
+    let awaiting = nixfarm_core::RunEvent::EvalAwaitingCheck {
+        task: -1,
+        agent: "a".into(),
+    };
+    assert!(events.contains(&awaiting), "{events:?}");
     let mut b = connect_agent(&engine, "b");
     answer_listing(&engine, "b", &mut b, '1');
     // Agreed: the package is known and builds.
