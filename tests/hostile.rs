@@ -27,6 +27,18 @@ async fn agent_client(url: &str) -> AgentServiceClient<Channel> {
         .expect("connect")
 }
 
+/// A one-job agent's registration, its first message.
+fn register_message(name: &str, system: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            name: name.into(),
+            systems: vec![system.into()],
+            max_jobs: 1,
+            ..Default::default()
+        })),
+    }
+}
+
 /// An agent played by hand over the real protocol: what it sends, and what it is sent.
 struct FakeAgent {
     tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
@@ -38,16 +50,7 @@ impl FakeAgent {
     async fn register(url: &str, name: &str, system: &str) -> FakeAgent {
         let mut ac = agent_client(url).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Register(pb::Register {
-                name: name.into(),
-                systems: vec![system.into()],
-                max_jobs: 1,
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
+        tx.send(register_message(name, system)).await.unwrap();
         let mut from = ac
             .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
@@ -272,16 +275,9 @@ async fn a_forged_result_or_a_stolen_name_changes_nothing() {
 
     // Someone registers under x's name while x is connected: refused, x keeps its stream.
     let (tx2, rx2) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
-    tx2.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Register(pb::Register {
-            name: "x".into(),
-            systems: vec!["x86_64-linux".into()],
-            max_jobs: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
+    tx2.send(register_message("x", "x86_64-linux"))
+        .await
+        .unwrap();
     let e = agent_client(&url)
         .await
         .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx2))

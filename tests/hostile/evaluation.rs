@@ -3,6 +3,31 @@
 
 use super::*;
 
+/// A derivation path for `hi` that is not what the repository evaluates to.
+const FORGED_DRV: &str = "/nix/store/m5qmzvxz5afq05h5cqj8d7ph5hv32nrk-hi.drv";
+
+/// Submits a repository of the one package `hi`; returns the run's id.
+fn submit_hi(dir: &Path, url: &str) -> String {
+    let repo = flake(dir, "hi", "hi", 0);
+    let out = cli(url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
+/// A fake agent's own derivation for `hi`, said to be in the cache already or not.
+fn forged_hi(present: bool) -> pb::DrvNode {
+    pb::DrvNode {
+        drv_path: FORGED_DRV.into(),
+        system: "x86_64-linux".into(),
+        outputs: vec![pb::DrvOutput {
+            name: "out".into(),
+            path: "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-hi".into(),
+        }],
+        present,
+        ..Default::default()
+    }
+}
+
 const CROSS_CHECKED: &str =
     "[scheduler]\ncross_check_evaluation = true\nlease_secs = 4\nheartbeat_secs = 1\n";
 
@@ -17,22 +42,9 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
     let url = coordinator.url.clone();
 
     let mut liar = FakeAgent::register(&url, "liar", "x86_64-linux").await;
-    let repo = flake(dir.path(), "hi", "hi", 0);
-    let out = cli(&url, &["submit", repo.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let run = stdout(&out).trim().to_string();
+    let run = submit_hi(dir.path(), &url);
     // Its own derivation for `hi` (which it would then build, push and sign).
-    let drv = "/nix/store/m5qmzvxz5afq05h5cqj8d7ph5hv32nrk-hi.drv";
-    let node = pb::DrvNode {
-        drv_path: drv.into(),
-        system: "x86_64-linux".into(),
-        outputs: vec![pb::DrvOutput {
-            name: "out".into(),
-            path: "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-hi".into(),
-        }],
-        ..Default::default()
-    };
-    liar.answer_listing("hi", node).await;
+    liar.answer_listing("hi", forged_hi(false)).await;
     // Still connected (it would take the check if it could), with a real agent beside it.
     let host = Host::new(&dir.path().join("host"));
     let _real = host.start_agent("honest", &url, None, 1).unwrap();
@@ -62,7 +74,7 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
     assert!(
         error.contains("agents liar and honest evaluated the attribute listing differently")
             && error.contains(&format!(
-                "attribute 'hi': agent liar says {drv}, agent honest says /nix/store/"
+                "attribute 'hi': agent liar says {FORGED_DRV}, agent honest says /nix/store/"
             )),
         "{error}"
     );
@@ -104,10 +116,7 @@ fn honest_agents_agree_and_the_run_builds() {
         Host::new(&dir.path().join("h1")),
         Host::new(&dir.path().join("h2")),
     );
-    let repo = flake(dir.path(), "hi", "hi", 0);
-    let out = cli(&url, &["submit", repo.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let run = stdout(&out).trim().to_string();
+    let run = submit_hi(dir.path(), &url);
     let a1 = h1.start_agent("one", &url, None, 1).unwrap();
     let a2 = h2.start_agent("two", &url, None, 1).unwrap();
     let r = wait_terminal(&url, &run, Duration::from_secs(120));
@@ -139,28 +148,14 @@ async fn an_agent_saying_an_output_is_cached_does_not_make_it_ready() {
     let coordinator = Coordinator::start(dir.path()).unwrap();
     let url = coordinator.url.clone();
     let mut liar = FakeAgent::register(&url, "liar", "x86_64-linux").await;
-    let repo = flake(dir.path(), "hi", "hi", 0);
-    let out = cli(&url, &["submit", repo.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let run = stdout(&out).trim().to_string();
-    let drv = "/nix/store/m5qmzvxz5afq05h5cqj8d7ph5hv32nrk-hi.drv";
-    let node = pb::DrvNode {
-        drv_path: drv.into(),
-        system: "x86_64-linux".into(),
-        outputs: vec![pb::DrvOutput {
-            name: "out".into(),
-            path: "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-hi".into(),
-        }],
-        present: true,
-        ..Default::default()
-    };
-    liar.answer_listing("hi", node).await;
+    let run = submit_hi(dir.path(), &url);
+    liar.answer_listing("hi", forged_hi(true)).await;
     // The build is handed out (to the only agent there is), and the package is not ready.
     let a = tokio::time::timeout(Duration::from_secs(30), liar.assignment())
         .await
         .expect("a build to be handed out");
     assert!(
-        matches!(&a.job, Some(pb::assignment::Job::Build(b)) if b.drv_path == drv),
+        matches!(&a.job, Some(pb::assignment::Job::Build(b)) if b.drv_path == FORGED_DRV),
         "{a:?}"
     );
     let r = tokio::task::spawn_blocking(move || report_json(&url, &run))
@@ -201,16 +196,9 @@ async fn a_named_agent_token_admits_its_own_name_only() {
             Ok(r)
         });
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Register(pb::Register {
-            name: "two".into(),
-            systems: vec!["x86_64-linux".into()],
-            max_jobs: 1,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(register_message("two", "x86_64-linux"))
+        .await
+        .unwrap();
     let e = as_one
         .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -254,12 +242,10 @@ async fn a_named_agent_token_admits_its_own_name_only() {
             &["--token-file", token_file.to_str().unwrap()],
         )
         .unwrap();
-    let repo = flake(dir.path(), "hi", "hi", 0);
+    let work = dir.path().to_path_buf();
     let url2 = url.clone();
     let r = tokio::task::spawn_blocking(move || {
-        let out = cli(&url2, &["submit", repo.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        let run = stdout(&out).trim().to_string();
+        let run = submit_hi(&work, &url2);
         wait_terminal(&url2, &run, Duration::from_secs(120))
     })
     .await

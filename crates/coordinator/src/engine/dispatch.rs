@@ -9,7 +9,7 @@ impl Engine {
     pub(super) fn dispatch(&self, inner: &mut Inner) {
         let now = self.clock.now_ms();
         let names: Vec<String> = inner.agents.keys().cloned().collect();
-        // A full agent can take only a fetch: none waiting, none is counted.
+        // Fetch and evaluation slots are offered only when some run has such a job waiting.
         let fetch_waiting = inner.runs.iter().any(|r| {
             !r.state.is_terminal()
                 && r.sched

@@ -275,12 +275,7 @@ fn what_a_listing_evaluated_builds_at_once_and_only_the_rest_is_left_to_tasks() 
             .any(|j| matches!(j, Job::EvalChunk { attrs, .. } if *attrs == ["p1"])),
         "{jobs:?}"
     );
-    let events: Vec<nixfarm_core::RunEvent> = engine
-        .events_after(&run, 0)
-        .unwrap()
-        .iter()
-        .map(|e| serde_json::from_str(&e.json).unwrap())
-        .collect();
+    let events = super::queries_tests::run_events(&engine, &run);
     assert!(
         events.contains(&nixfarm_core::RunEvent::EvalListed { attrs: 3, tasks: 3 }),
         "the listing's evaluation is one of the run's tasks, done: {events:?}"

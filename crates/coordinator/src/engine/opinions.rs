@@ -45,11 +45,6 @@ impl Engine {
         if !self.opts.cross_check_eval {
             return Ok(Verdict::Take);
         }
-        let others = inner
-            .agents
-            .iter()
-            .filter(|(n, a)| *n != agent && a.tx.is_some())
-            .count();
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(Verdict::Take);
         };
@@ -92,6 +87,11 @@ impl Engine {
             run.eval_queue.push_front(task);
         }
         if first {
+            let others = inner
+                .agents
+                .iter()
+                .filter(|(n, a)| *n != agent && a.tx.is_some())
+                .count();
             if others == 0 {
                 tracing::warn!(
                     run = run_id,

@@ -111,12 +111,7 @@ fn nothing_builds_until_a_second_agent_agrees() {
     // Not checked by itself, and nothing to build yet; a watcher is told why.
     assert!(a.rx.try_recv().is_err(), "agent a was given more work");
     assert!(engine.report(&run).unwrap().packages.is_empty());
-    let events: Vec<nixfarm_core::RunEvent> = engine
-        .events_after(&run, 0)
-        .unwrap()
-        .iter()
-        .map(|e| serde_json::from_str(&e.json).unwrap())
-        .collect();
+    let events = super::queries_tests::run_events(&engine, &run);
     let awaiting = nixfarm_core::RunEvent::EvalAwaitingCheck {
         task: -1,
         agent: "a".into(),

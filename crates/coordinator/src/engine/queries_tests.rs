@@ -54,3 +54,13 @@ fn a_report_is_read_beside_the_engine_and_says_the_same() {
     );
     assert_eq!(report.state, RunState::Finished);
 }
+
+/// A run's events so far, as a watcher reads them.
+pub(super) fn run_events(engine: &Engine, run: &str) -> Vec<nixfarm_core::RunEvent> {
+    engine
+        .events_after(run, 0)
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::from_str(&e.json).unwrap())
+        .collect()
+}
