@@ -24,6 +24,8 @@ pub struct View {
     built: u64,
     failed: u64,
     building: BTreeMap<String, Vec<String>>,
+    /// Derivations being built again to check another agent's build (cross-checked builds).
+    checking: std::collections::BTreeSet<String>,
 }
 
 /// Prints a line above another watch's live bar while it shows, plainly once it is gone.
@@ -51,6 +53,7 @@ impl View {
             built: 0,
             failed: 0,
             building: BTreeMap::new(),
+            checking: Default::default(),
         }
     }
 
@@ -75,6 +78,7 @@ impl View {
             built: 0,
             failed: 0,
             building: BTreeMap::new(),
+            checking: Default::default(),
         }
     }
 
@@ -170,7 +174,9 @@ impl View {
                     // Not cached still built: the push is what failed, and it says so.
                     self.built += 1;
                     let how = if substituted { "fetched" } else { "built" };
-                    if outcome == BuildOutcome::NotCached {
+                    if self.checking.remove(&name) {
+                        self.line(format!("{progress} checked {name}: {message}"));
+                    } else if outcome == BuildOutcome::NotCached {
                         self.line(format!(
                             "{progress} {how} {name} on {agent}, not cached: {message}"
                         ));
@@ -178,6 +184,7 @@ impl View {
                         self.line(format!("{progress} {how} {name} on {agent} ({secs:.1}s)"));
                     }
                 } else {
+                    self.checking.remove(&name);
                     self.failed += 1 + dependency_failed;
                     self.line(format!(
                         "{progress} {outcome}: {name} on {agent}: {message}"
@@ -196,6 +203,34 @@ impl View {
                 self.line(format!(
                     "{what} answered by {agent}; waiting for another agent to check it"
                 ))
+            }
+            RunEvent::JobAwaitingCheck {
+                name,
+                agent,
+                duration_ms,
+                ..
+            } => {
+                if let Some(list) = self.building.get_mut(&agent)
+                    && let Some(i) = list.iter().position(|x| *x == name)
+                {
+                    list.remove(i);
+                }
+                let secs = duration_ms as f64 / 1000.0;
+                self.line(format!(
+                    "built {name} on {agent} ({secs:.1}s); waiting for another agent to check it"
+                ))
+            }
+            RunEvent::JobCheckStarted {
+                name,
+                agent,
+                built_by,
+                ..
+            } => {
+                self.line(format!(
+                    "checking {name} on {agent}: building again what {built_by} built"
+                ));
+                self.checking.insert(name.clone());
+                self.building.entry(agent).or_default().push(name);
             }
             RunEvent::JobRetry { drv, message, .. } => {
                 self.line(format!("retrying {}: {message}", crate::short_name(&drv)))

@@ -162,6 +162,19 @@ pub struct SchedulerConfig {
     /// work, adds one evaluation's time before builds start, and a run waits until two
     /// agents are connected. Default false.
     pub cross_check_evaluation: bool,
+    /// Have every derivation an agent builds (fixed-output ones aside, whose hash already
+    /// checks them) built again by a different agent, which fetches the first agent's
+    /// outputs from the cache and compares them with its own (`nix-store --check`): an
+    /// agent that pushes something other than what the derivation builds is caught, and so
+    /// is a build that is not reproducible. A derivation counts as built, and its dependents
+    /// start, only once the two agree; otherwise its package is `not-reproducible`. About
+    /// doubles the build work. Default false.
+    pub cross_check_builds: bool,
+    /// Longest wait, seconds, for a second agent to take a cross-check (an evaluation answer
+    /// or a build to compare) once the first is in: with no other agent connected a run
+    /// would otherwise wait for ever. Past it the evaluation fails the run, and the build
+    /// counts as an infrastructure failure, both saying why. Default 600; 10 to 86400.
+    pub cross_check_wait_secs: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -176,6 +189,8 @@ impl Default for SchedulerConfig {
             heartbeat_secs: 10,
             locality: true,
             cross_check_evaluation: false,
+            cross_check_builds: false,
+            cross_check_wait_secs: 600,
         }
     }
 }
@@ -301,6 +316,12 @@ impl Config {
             86_400,
         )
         .map_err(|e| with_note(e, " (at least twice heartbeat_secs)"))?;
+        range(
+            "[scheduler] cross_check_wait_secs",
+            s.cross_check_wait_secs,
+            10,
+            86_400,
+        )?;
         let l = &self.limits;
         range(
             "[limits] snapshot_max_bytes",

@@ -44,6 +44,14 @@ CREATE TABLE IF NOT EXISTS eval_opinions (
   summary TEXT NOT NULL,
   PRIMARY KEY (run_id, task)
 );
+CREATE TABLE IF NOT EXISTS build_checks (
+  run_id TEXT NOT NULL REFERENCES runs(id),
+  drv_path TEXT NOT NULL,
+  built_by TEXT NOT NULL,
+  report TEXT NOT NULL,
+  queued_ms INTEGER NOT NULL,
+  PRIMARY KEY (run_id, drv_path)
+);
 CREATE TABLE IF NOT EXISTS packages (
   run_id TEXT NOT NULL REFERENCES runs(id),
   attr TEXT NOT NULL,

@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod db;
 mod db_agents;
 mod db_attempts;
+mod db_checks;
 mod db_opinions;
 mod db_repo;
 mod db_times;

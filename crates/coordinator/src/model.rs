@@ -14,6 +14,8 @@ pub enum AttemptKind {
     EvalChunk,
     /// Build one derivation.
     Build,
+    /// Build again a derivation another agent built, to compare its outputs.
+    Check,
 }
 
 /// Where an attempt stands (stored per attempt).
@@ -40,7 +42,12 @@ macro_rules! spelled {
     };
 }
 
-spelled!(AttemptKind { EvalList = "eval-list", EvalChunk = "eval-chunk", Build = "build" });
+spelled!(AttemptKind {
+    EvalList = "eval-list",
+    EvalChunk = "eval-chunk",
+    Build = "build",
+    Check = "check",
+});
 spelled!(AttemptState { Running = "running", Done = "done", Lost = "lost" });
 
 /// Where a derivation of a run stands (stored per derivation).
@@ -231,6 +238,20 @@ pub struct BuildReport {
     pub smoke_output: String,
 }
 
+/// Cross-checked builds: a derivation one agent built, whose result counts once another
+/// agent has built it again and got the same outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingCheck {
+    pub drv: String,
+    /// The agent whose build is to be checked (never the one that checks it).
+    pub built_by: String,
+    /// Its result, applied when the check agrees.
+    pub report: BuildReport,
+    /// When the check was queued (ms, the engine's clock): it waits a bounded time for an
+    /// agent that can take it.
+    pub queued_ms: i64,
+}
+
 /// A job's failure as an agent reports it: the message, and whether the agent or Nix broke
 /// (true) rather than the input being wrong (false).
 pub type AgentFailure = (String, bool);
@@ -331,6 +352,9 @@ pub enum Job {
         smoke: Option<String>,
         /// Off the run's longest remaining chain: built at a lower CPU priority.
         background: bool,
+        /// Cross-checked builds: build again what another agent built and pushed, and
+        /// compare (nothing is pushed).
+        check: bool,
     },
 }
 

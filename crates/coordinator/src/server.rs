@@ -263,6 +263,8 @@ pub async fn start_with_listener(
         allow_local_flake_refs: config.allow_local_flake_refs,
         locality: s.locality,
         cross_check_eval: s.cross_check_evaluation,
+        cross_check_builds: s.cross_check_builds,
+        cross_check_wait_ms: (s.cross_check_wait_secs * 1000) as i64,
     };
     let engine = Engine::open(db, config.state_dir.join("sources"), clock, opts)
         .context("cannot resume runs")?;

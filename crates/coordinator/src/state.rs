@@ -5,7 +5,7 @@
 
 use crate::db::{AttemptRow, Db, DbError, DrvRow, MetricsCounts, RunRow};
 use crate::model::{
-    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvalOpinion, EvaluatedAttr,
+    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvalOpinion, PendingCheck, EvaluatedAttr,
     PackageInfo, Registration,
 };
 use nixfarm_core::RunState;
@@ -54,6 +54,9 @@ pub trait StateStore: Send {
     fn eval_tasks(&self, run: &str) -> StateResult<Vec<(i64, Vec<String>, bool)>>;
     fn record_eval_opinion(&mut self, run: &str, opinion: &EvalOpinion) -> StateResult<()>;
     fn eval_opinions(&self, run: &str) -> StateResult<Vec<EvalOpinion>>;
+    fn record_build_check(&mut self, run: &str, check: &PendingCheck) -> StateResult<()>;
+    fn build_checks(&self, run: &str) -> StateResult<Vec<PendingCheck>>;
+    fn drop_build_check(&mut self, run: &str, drv: &str) -> StateResult<()>;
     fn packages(&self, run: &str) -> StateResult<Vec<(String, PackageInfo)>>;
     // Derivations.
     fn set_drv_state(
@@ -193,6 +196,9 @@ delegate! {
     r fn eval_tasks(run: &str) -> Vec<(i64, Vec<String>, bool)>;
     w fn record_eval_opinion(run: &str, opinion: &EvalOpinion) -> ();
     r fn eval_opinions(run: &str) -> Vec<EvalOpinion>;
+    w fn record_build_check(run: &str, check: &PendingCheck) -> ();
+    r fn build_checks(run: &str) -> Vec<PendingCheck>;
+    w fn drop_build_check(run: &str, drv: &str) -> ();
     r fn packages(run: &str) -> Vec<(String, PackageInfo)>;
     w fn set_drv_state(run: &str, drv: &str, state: DrvState, result: Option<&BuildReport>) -> ();
     w fn finish_drv(run: &str, drv: &str, state: DrvState, result: &BuildReport, dependents: &[String], dep: &BuildReport, event: (&str, &str)) -> i64;

@@ -41,6 +41,21 @@ pub enum RunEvent {
         name: String,
         agent: String,
     },
+    /// Cross-checked builds: `agent` built it in `duration_ms`; it counts once another
+    /// agent has built it again and got the same outputs.
+    JobAwaitingCheck {
+        drv: String,
+        name: String,
+        agent: String,
+        duration_ms: u64,
+    },
+    /// Cross-checked builds: `agent` builds again what `built_by` built, to compare.
+    JobCheckStarted {
+        drv: String,
+        name: String,
+        agent: String,
+        built_by: String,
+    },
     /// An infrastructure failure; the job is queued again.
     JobRetry {
         drv: String,
@@ -83,6 +98,8 @@ impl RunEvent {
             Self::EvalAwaitingCheck { .. } => "eval-awaiting-check",
             Self::EvalDone { .. } => "eval-done",
             Self::JobStarted { .. } => "job-started",
+            Self::JobAwaitingCheck { .. } => "job-awaiting-check",
+            Self::JobCheckStarted { .. } => "job-check-started",
             Self::JobRetry { .. } => "job-retry",
             Self::JobFinished { .. } => "job-finished",
             Self::RunFinished { .. } => RUN_FINISHED,

@@ -59,6 +59,9 @@ pub enum PackageStatus {
     NotCached,
     /// Builds, but its main program dies at start (`--version` and `--help` both fail).
     SmokeFailed,
+    /// Cross-checked builds: two agents built it and got different outputs, so neither is
+    /// vouched for.
+    NotReproducible,
     /// Not finished yet (only seen in reports of runs still going).
     #[default]
     Pending,
@@ -76,6 +79,7 @@ spelled!(PackageStatus {
     InfraFailed => "infra-failed",
     NotCached => "not-cached",
     SmokeFailed => "smoke-failed",
+    NotReproducible => "not-reproducible",
     Pending => "pending",
 });
 
@@ -131,6 +135,9 @@ pub enum BuildOutcome {
     Cancelled,
     /// Not built because a dependency failed (recorded against the dependent).
     DependencyFailed,
+    /// Cross-checked builds: another agent built it again and got different outputs (a
+    /// build that is not reproducible, or an agent that lied about what it built).
+    NotReproducible,
 }
 
 spelled!(BuildOutcome {
@@ -142,6 +149,7 @@ spelled!(BuildOutcome {
     InfraFailed => "infra-failed",
     Cancelled => "cancelled",
     DependencyFailed => "dependency-failed",
+    NotReproducible => "not-reproducible",
 });
 
 impl BuildOutcome {

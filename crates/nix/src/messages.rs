@@ -138,6 +138,9 @@ pub enum Failure {
     /// The machine ran out of disk space (ENOSPC) while building: retry elsewhere, and give
     /// this machine no more work until it has room.
     DiskFull(String),
+    /// A check (`--check`) built the derivation again and got different outputs ("may not
+    /// be deterministic": every Nix and Lix word it so).
+    NotDeterministic(String),
 }
 
 /// Whether an error Nix printed is about the machine or the store (busy database, full disk,
@@ -175,6 +178,12 @@ pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
     }
     if let Some(l) = clean.lines().find(|l| l.contains("timed out after")) {
         return Failure::TimedOut(trim_error(l));
+    }
+    if let Some(l) = clean
+        .lines()
+        .find(|l| l.contains("may not be deterministic: output"))
+    {
+        return Failure::NotDeterministic(trim_error(l));
     }
     // nix-store: 0x60 | 0x04 permanent | 0x01 timeout | 0x02 hash mismatch.
     if let Some(code) = exit_code
@@ -355,6 +364,17 @@ mod tests {
             classify_failure(Some(101), ""),
             Failure::TimedOut(_)
         ));
+        // `--check` that found a difference: Nix 2.8 (seen here, exit 104), and newer Nix
+        // and Lix, which name the kept copy too.
+        for d in [
+            "checking outputs of '/nix/store/x-nd.drv'...\nerror: derivation '/nix/store/x-nd.drv' may not be deterministic: output '/nix/store/y-nd' differs",
+            "error: derivation '/nix/store/x-nd.drv' may not be deterministic: output '/nix/store/y-nd' differs from '/nix/store/y-nd.check'",
+        ] {
+            assert!(
+                matches!(classify_failure(Some(104), d), Failure::NotDeterministic(m) if m.starts_with("derivation '/nix/store/x-nd.drv' may not be deterministic")),
+                "{d}"
+            );
+        }
         assert!(
             matches!(classify_failure(Some(1), "error: opening lock file '/nix/var/nix/db/big-lock': Permission denied"), Failure::Infra(m) if m.contains("lock"))
         );

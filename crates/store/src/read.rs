@@ -14,6 +14,24 @@ impl Pusher {
     /// asked, or cannot be read, is that path's error. The deriver is not covered by the
     /// narinfo's signature: it is the cache's word, good for a heuristic, not for trust.
     pub async fn derivers(&self, paths: &[String]) -> Vec<Result<Option<String>, StoreError>> {
+        self.read_narinfos(paths, |ni| {
+            Ok(ni.deriver.filter(|d| d.ends_with(".drv")))
+        })
+        .await
+    }
+
+    /// Per path, in order: the SHA-256 of its NAR as the cache's narinfo states it (what a
+    /// client substituting it must get). No narinfo, or one that is not for the path asked,
+    /// is that path's error.
+    pub async fn nar_hashes(&self, paths: &[String]) -> Vec<Result<Vec<u8>, StoreError>> {
+        self.read_narinfos(paths, |ni| Ok(ni.nar_hash)).await
+    }
+
+    async fn read_narinfos<T>(
+        &self,
+        paths: &[String],
+        pick: impl Fn(NarInfo) -> Result<T, StoreError> + Copy,
+    ) -> Vec<Result<T, StoreError>> {
         let mut futs = Vec::with_capacity(paths.len());
         for path in paths {
             futs.push(async move {
@@ -30,7 +48,7 @@ impl Pusher {
                         one_line(&ni.store_path, 120)
                     )));
                 }
-                Ok(ni.deriver.filter(|d| d.ends_with(".drv")))
+                pick(ni)
             });
         }
         futures_util::stream::iter(futs)

@@ -134,19 +134,23 @@ pub(super) async fn build(
     let prepared = started.elapsed();
     let limit = shared.cfg.log_limit_bytes;
     let mut sent = 0usize;
+    let on_log = |chunk: &[u8]| {
+        // Live log, capped per job; the tail always travels with the result.
+        if sent < limit {
+            let n = chunk.len().min(limit - sent);
+            sent += n;
+            let _ = logs.try_send(msg(pb::agent_message::Msg::Log(pb::LogChunk {
+                attempt_id: attempt.clone(),
+                data: chunk[..n].to_vec(),
+            })));
+        }
+    };
+    if j.check {
+        return super::check::check(shared, this, &opts, push.as_deref(), cancel, on_log).await;
+    }
     let run = shared
         .nix
-        .realise(&j.drv_path, &opts, cancel.clone(), |chunk| {
-            // Live log, capped per job; the tail always travels with the result.
-            if sent < limit {
-                let n = chunk.len().min(limit - sent);
-                sent += n;
-                let _ = logs.try_send(msg(pb::agent_message::Msg::Log(pb::LogChunk {
-                    attempt_id: attempt.clone(),
-                    data: chunk[..n].to_vec(),
-                })));
-            }
-        })
+        .realise(&j.drv_path, &opts, cancel.clone(), on_log)
         .await;
     let mut r = pb::BuildResult {
         duration_ms: run.duration.as_millis() as u64,
@@ -236,7 +240,8 @@ pub(super) async fn build(
             r.status = pb::BuildStatus::TimedOut as i32;
             r.message = m;
         }
-        Err(Failure::BuildFailed(m)) => {
+        // Only a check (`--check`) finds a build not deterministic; counted as failed here.
+        Err(Failure::BuildFailed(m) | Failure::NotDeterministic(m)) => {
             r.status = pb::BuildStatus::Failed as i32;
             r.message = m;
         }

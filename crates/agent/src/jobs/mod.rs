@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 mod build;
+mod check;
 mod claims;
 mod eval;
 pub(crate) mod output_locks;

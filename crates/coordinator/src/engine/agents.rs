@@ -189,6 +189,9 @@ impl Engine {
                 a.tx = None;
             }
         }
+        if self.opts.cross_check_builds || self.opts.cross_check_eval {
+            self.expire_cross_checks(inner, now);
+        }
         self.dispatch(inner);
     }
 
@@ -222,7 +225,7 @@ impl Engine {
                 format!("given up after {lost} attempts lost with their agents (last: {why})");
             return match a.job {
                 JobRef::Eval(_) => self.fail_run(inner, &a.run_id, &format!("evaluation {msg}")),
-                JobRef::Build(_) => {
+                JobRef::Build(_) | JobRef::Check(_) => {
                     let report = BuildReport {
                         kind: BuildOutcome::InfraFailed,
                         message: msg,
@@ -241,6 +244,11 @@ impl Engine {
             JobRef::Build(n) => {
                 if let Some(s) = run.sched.as_mut() {
                     s.requeue(n);
+                }
+            }
+            JobRef::Check(n) => {
+                if run.checks.contains_key(&n) {
+                    run.check_queue.push_front(n);
                 }
             }
         }
@@ -404,7 +412,9 @@ impl Engine {
         if !report.kind.produced_outputs() {
             return;
         }
-        let JobRef::Build(node) = a.job else { return };
+        let (JobRef::Build(node) | JobRef::Check(node)) = a.job else {
+            return;
+        };
         let Some(expected) = inner
             .runs
             .iter()

@@ -12,10 +12,52 @@ impl Engine {
         report: BuildReport,
         retry: bool,
     ) -> Result<(), EngineError> {
-        let run_id = a.run_id.clone();
-        let JobRef::Build(node) = a.job else {
+        let node = match a.job {
+            JobRef::Build(node) => node,
+            JobRef::Check(node) => return self.on_check(inner, &a, node, report, retry),
+            JobRef::Eval(_) => return Ok(()),
+        };
+        let Some(run) = inner.runs.iter().find(|r| r.id == a.run_id) else {
             return Ok(());
         };
+        let Some(sched) = run.sched.as_ref() else {
+            return Ok(());
+        };
+        // A result is applied once, to a build that is running: the scheduler and the
+        // stored state can then never disagree (a late result for a derivation already
+        // built or failed would otherwise rewrite its row under its dependents).
+        if sched.state(node) != NodeState::Running || run.checks.contains_key(&node) {
+            tracing::debug!(
+                run = a.run_id,
+                drv = run.drv_of[node as usize],
+                "ignoring a result for a build not running"
+            );
+            return Ok(());
+        }
+        // Cross-checked builds: what an agent built counts once another has built it again
+        // (a fixed output's hash already vouches for it; outputs whose push failed are in
+        // no cache to compare with).
+        if self.opts.cross_check_builds
+            && report.kind == BuildOutcome::Built
+            && !sched.class(node).fetch
+        {
+            return self.queue_check(inner, &a.run_id, node, &a.agent, report);
+        }
+        self.finish_build(inner, &a.run_id, node, &a.agent, report, retry)
+    }
+
+    /// Applies a build's outcome (for cross-checked builds: once the check settled it);
+    /// `agent` is the one the event names, and whose store holds the outputs.
+    pub(super) fn finish_build(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        node: NodeId,
+        agent: &str,
+        report: BuildReport,
+        retry: bool,
+    ) -> Result<(), EngineError> {
+        let run_id = run_id.to_string();
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
         };
@@ -23,23 +65,12 @@ impl Engine {
         let Some(sched) = run.sched.as_mut() else {
             return Ok(());
         };
-        // A result is applied once, to a build that is running: the scheduler and the
-        // stored state can then never disagree (a late result for a derivation already
-        // built or failed would otherwise rewrite its row under its dependents).
-        if sched.state(node) != NodeState::Running {
-            tracing::debug!(
-                run = run_id,
-                drv,
-                "ignoring a result for a build not running"
-            );
-            return Ok(());
-        }
         let mut dep_failed = Vec::new();
         let state = match report.kind {
             // Not cached still built: dependents on this agent can go on.
             BuildOutcome::Built | BuildOutcome::NotCached => {
                 sched.complete(node);
-                run.built_on.insert(node, a.agent.clone());
+                run.built_on.insert(node, agent.to_string());
                 run.done_builds += 1;
                 DrvState::Built
             }
@@ -80,6 +111,7 @@ impl Engine {
             BuildOutcome::BuildFailed
             | BuildOutcome::HashMismatch
             | BuildOutcome::TimedOut
+            | BuildOutcome::NotReproducible
             | BuildOutcome::DependencyFailed => {
                 dep_failed = sched.fail(node);
                 DrvState::Failed
@@ -100,7 +132,7 @@ impl Engine {
         let event = Ev::JobFinished {
             name: store_name(&drv).to_string(),
             drv: drv.clone(),
-            agent: a.agent.clone(),
+            agent: agent.to_string(),
             outcome: report.kind,
             message: report.message.clone(),
             duration_ms: report.duration_ms,

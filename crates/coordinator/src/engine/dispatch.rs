@@ -67,12 +67,13 @@ impl Engine {
                             .find(|r| r.id == run_id)
                             .and_then(|r| r.sched.as_ref())
                             .is_some_and(|s| s.class(*n).fetch),
-                        JobRef::Eval(_) => false,
+                        JobRef::Eval(_) | JobRef::Check(_) => false,
                     };
                 let attempt = random_id("a");
                 let kind = match &job {
                     Job::EvalList { .. } => AttemptKind::EvalList,
                     Job::EvalChunk { .. } => AttemptKind::EvalChunk,
+                    Job::Build { check: true, .. } => AttemptKind::Check,
                     Job::Build { .. } => AttemptKind::Build,
                 };
                 let row = AttemptRow {
@@ -119,14 +120,34 @@ impl Engine {
                     }
                     break;
                 }
+                let name_of = store_name(&target).to_string();
                 if kind == AttemptKind::Build {
                     self.emit(
                         inner,
                         &run_id,
                         Ev::JobStarted {
-                            name: store_name(&target).to_string(),
+                            name: name_of,
                             drv: target.clone(),
                             agent: name.clone(),
+                        },
+                    );
+                } else if let (AttemptKind::Check, Some(built_by)) = (
+                    kind,
+                    inner
+                        .runs
+                        .iter()
+                        .find(|r| r.id == run_id)
+                        .and_then(|r| r.node_of.get(&target).and_then(|n| r.checks.get(n)))
+                        .map(|c| c.built_by.clone()),
+                ) {
+                    self.emit(
+                        inner,
+                        &run_id,
+                        Ev::JobCheckStarted {
+                            name: name_of,
+                            drv: target.clone(),
+                            agent: name.clone(),
+                            built_by,
                         },
                     );
                 }
@@ -220,6 +241,13 @@ impl Engine {
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         for (_, i) in order {
             let run = &mut runs[i];
+            if run.sched.is_none() {
+                continue;
+            }
+            // A check first: the derivation's dependents wait for it.
+            if let Some((job_ref, job, drv)) = Self::next_check(run, caps, agent) {
+                return Some((run.id.clone(), job_ref, job, drv));
+            }
             let RunMem {
                 sched, built_on, ..
             } = &mut *run;
@@ -250,6 +278,7 @@ impl Engine {
                     max_silent_secs: if s > 0 { s } else { run.spec.max_silent_secs },
                     smoke: run.smoke.get(&drv).cloned(),
                     background,
+                    check: false,
                 };
                 return Some((run.id.clone(), JobRef::Build(n), job, drv));
             }
@@ -266,6 +295,7 @@ impl Engine {
                         s.requeue(*n);
                     }
                 }
+                JobRef::Check(n) => run.check_queue.push_front(*n),
             }
         }
     }

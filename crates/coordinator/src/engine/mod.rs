@@ -56,6 +56,11 @@ pub struct EngineOptions {
     /// Every evaluation task is answered by two different agents and taken only when both
     /// agree (engine/opinions.rs).
     pub cross_check_eval: bool,
+    /// Every input-addressed derivation built is built again by a different agent, which
+    /// compares its outputs with the cache's (engine/checks.rs).
+    pub cross_check_builds: bool,
+    /// Longest wait for a second agent's answer or check, ms.
+    pub cross_check_wait_ms: i64,
 }
 
 impl Default for EngineOptions {
@@ -70,6 +75,8 @@ impl Default for EngineOptions {
             allow_local_flake_refs: false,
             locality: true,
             cross_check_eval: false,
+            cross_check_builds: false,
+            cross_check_wait_ms: 600_000,
         }
     }
 }
@@ -111,12 +118,21 @@ struct RunMem {
     /// Cross-checked evaluation: the first answer to each task awaiting a second (task -1:
     /// the listing).
     opinions: HashMap<i64, EvalOpinion>,
+    /// When each first answer came (ms, this process's clock): how long it has waited.
+    opinion_since: HashMap<i64, i64>,
+    /// Cross-checked builds: derivations built once and awaiting their check, by node
+    /// (they stay running in the scheduler until it settles them).
+    checks: HashMap<NodeId, PendingCheck>,
+    /// Those of them no agent is checking now, oldest first.
+    check_queue: VecDeque<NodeId>,
 }
 
 #[derive(Debug, Clone)]
 enum JobRef {
     Eval(EvalTask),
     Build(NodeId),
+    /// A second build of a derivation another agent built (cross-checked builds).
+    Check(NodeId),
 }
 
 #[derive(Debug, Clone)]
@@ -135,7 +151,7 @@ impl AttemptMem {
         match self.job {
             JobRef::Eval(_) => slots::Slot::Eval,
             JobRef::Build(_) if self.fetch => slots::Slot::Fetch,
-            JobRef::Build(_) => slots::Slot::Build,
+            JobRef::Build(_) | JobRef::Check(_) => slots::Slot::Build,
         }
     }
 }
@@ -327,6 +343,9 @@ impl RunMem {
             done_builds: 0,
             chunk_attrs: HashMap::new(),
             opinions: HashMap::new(),
+            opinion_since: HashMap::new(),
+            checks: HashMap::new(),
+            check_queue: VecDeque::new(),
         }
     }
 
@@ -384,6 +403,7 @@ impl RunMem {
 
 mod agents;
 mod build;
+mod checks;
 mod claims;
 mod dispatch;
 mod eval;
@@ -397,6 +417,8 @@ mod runs;
 mod slots;
 mod waiting;
 
+#[cfg(test)]
+mod checks_tests;
 #[cfg(test)]
 mod dispatch_tests;
 #[cfg(test)]

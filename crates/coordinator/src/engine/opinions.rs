@@ -79,6 +79,7 @@ impl Engine {
             None => {
                 inner.db.record_eval_opinion(run_id, &answer)?;
                 run.opinions.insert(n, answer);
+                run.opinion_since.insert(n, self.clock.now_ms());
                 first = true;
                 Verdict::Wait
             }

@@ -138,6 +138,9 @@ pub(super) fn package_report(
                 BuildOutcome::InfraFailed => {
                     set(&mut r, PackageStatus::InfraFailed, rep.message.clone())
                 }
+                BuildOutcome::NotReproducible => {
+                    set(&mut r, PackageStatus::NotReproducible, rep.message.clone())
+                }
                 BuildOutcome::BuildFailed
                 | BuildOutcome::Built
                 | BuildOutcome::NotCached
@@ -426,6 +429,7 @@ mod tests {
             (BuildOutcome::BuildFailed, PackageStatus::BuildFailed),
             (BuildOutcome::TimedOut, PackageStatus::TimedOut),
             (BuildOutcome::InfraFailed, PackageStatus::InfraFailed),
+            (BuildOutcome::NotReproducible, PackageStatus::NotReproducible),
         ] {
             let r = app(
                 &[(TOP, DrvState::Failed, outcome(kind, "why"))],

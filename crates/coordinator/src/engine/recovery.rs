@@ -45,11 +45,27 @@ impl Engine {
                     }
                 }
             }
+            let now = self.clock.now_ms();
             for o in inner.db.eval_opinions(&row.id)? {
+                // The wait for a second answer starts again with this process.
+                run.opinion_since.insert(o.task, now);
                 run.opinions.insert(o.task, o);
             }
             // A run still evaluating may have built part of its graph already.
             Self::build_scheduler(inner.db.as_mut(), &mut run, &inner.build_times)?;
+            // Builds awaiting their check: still running (nothing builds on them yet), the
+            // check queued again (or reattached below, if an agent was on it).
+            for mut c in inner.db.build_checks(&row.id)? {
+                let Some(&n) = run.node_of.get(&c.drv) else {
+                    continue;
+                };
+                if let Some(s) = run.sched.as_mut() {
+                    s.mark_running(n);
+                }
+                c.queued_ms = now;
+                run.checks.insert(n, c);
+                run.check_queue.push_back(n);
+            }
             inner.runs.push(run);
         }
         // Owed to runs that ended meanwhile (failed, cancelled): nothing waits for them.
@@ -76,6 +92,13 @@ impl Engine {
                     }
                     None => continue,
                 },
+                AttemptKind::Check => match run.node_of.get(&a.target) {
+                    Some(&n) if run.checks.contains_key(&n) => {
+                        run.check_queue.retain(|q| *q != n);
+                        JobRef::Check(n)
+                    }
+                    _ => continue,
+                },
                 AttemptKind::EvalList => {
                     run.eval_queue.retain(|t| *t != EvalTask::List);
                     JobRef::Eval(EvalTask::List)
@@ -90,7 +113,7 @@ impl Engine {
             // does again, so the agent's build slots are not counted full of fetches.
             let fetch = match job {
                 JobRef::Build(n) => run.sched.as_ref().is_some_and(|s| s.class(n).fetch),
-                JobRef::Eval(_) => false,
+                JobRef::Eval(_) | JobRef::Check(_) => false,
             };
             // Held for the agent; requeued by the lease check if it does not come back.
             inner.attempts.insert(

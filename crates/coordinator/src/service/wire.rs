@@ -458,6 +458,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                             pb::BuildStatus::TimedOut => BuildOutcome::TimedOut,
                             pb::BuildStatus::Cancelled => BuildOutcome::Cancelled,
                             pb::BuildStatus::NotCached => BuildOutcome::NotCached,
+                            pb::BuildStatus::NotReproducible => BuildOutcome::NotReproducible,
                             pb::BuildStatus::InfraFailed | pb::BuildStatus::Unspecified => {
                                 BuildOutcome::InfraFailed
                             }
@@ -557,6 +558,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         max_silent_secs,
                         smoke,
                         background,
+                        check,
                     } => J::Build(pb::BuildJob {
                         drv_path,
                         cache,
@@ -566,6 +568,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         smoke: smoke.is_some(),
                         main_program: smoke.unwrap_or_default(),
                         background,
+                        check,
                     }),
                 };
                 Msg::Assign(pb::Assignment {

@@ -1,0 +1,136 @@
+//! Check builds (cross-checked builds): another agent built a derivation and pushed its
+//! outputs; build it again here and compare with the cache's copy, which is what users
+//! download. Nothing is pushed.
+
+use super::*;
+use nixfarm_nix::derivation::Derivation;
+
+/// Checks `d`, whose outputs another agent pushed to the run's cache (`push`; None: agents
+/// share this store, and its copy is the one checked).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn check(
+    shared: &Arc<Shared>,
+    d: Option<Derivation>,
+    opts: &BuildOptions,
+    push: Option<&nixfarm_store::Pusher>,
+    cancel: CancellationToken,
+    mut on_log: impl FnMut(&[u8]) + Send,
+) -> pb::BuildResult {
+    let infra = |message: String| pb::BuildResult {
+        status: pb::BuildStatus::InfraFailed as i32,
+        message,
+        ..Default::default()
+    };
+    let Some(d) = d else {
+        return infra("the derivation cannot be read here, so it cannot be checked".into());
+    };
+    let outputs: Vec<String> = d
+        .outputs
+        .iter()
+        .map(|(_, p)| p.clone())
+        .filter(|p| p.starts_with('/'))
+        .collect();
+    if outputs.is_empty() || outputs.len() != d.outputs.len() {
+        return infra(format!(
+            "{} has outputs whose paths are not known before it is built; they cannot be checked",
+            d.path
+        ));
+    }
+    if let Some(p) = push {
+        // The cache's copy, its signature checked, unless this store holds the path already.
+        if let Err(e) = shared
+            .nix
+            .copy_from(
+                &opts.substituter,
+                &outputs,
+                &opts.trusted_public_keys,
+                opts.netrc.as_deref(),
+                opts.ssl_cert_file.as_deref(),
+            )
+            .await
+        {
+            return infra(format!(
+                "cannot fetch the outputs of {} from the cache to check them: {e}",
+                d.path
+            ));
+        }
+        // One held already (built or fetched here before) must be the cache's copy too:
+        // `--check` compares with what this store holds.
+        let local = match shared.nix.path_infos(&outputs).await {
+            Ok(l) => l,
+            Err(e) => return infra(format!("cannot read the outputs of {}: {e}", d.path)),
+        };
+        for (out, cached) in outputs.iter().zip(p.nar_hashes(&outputs).await) {
+            let cached = match cached {
+                Ok(h) => h,
+                Err(e) => return infra(format!("cannot read the cache's record of {out}: {e}")),
+            };
+            let here = local
+                .iter()
+                .find(|i| i.path == *out)
+                .and_then(|i| {
+                    nixfarm_nix::hash::Hash::parse(
+                        &i.nar_hash,
+                        Some(nixfarm_nix::hash::Algo::Sha256),
+                    )
+                })
+                .map(|h| h.digest);
+            if here.as_ref() != Some(&cached) {
+                return pb::BuildResult {
+                    status: pb::BuildStatus::NotReproducible as i32,
+                    message: format!(
+                        "the cache's copy of {out} is not the one this store holds (built or fetched here before)"
+                    ),
+                    ..Default::default()
+                };
+            }
+        }
+    }
+    let check = BuildOptions {
+        check: true,
+        gc_root: None,
+        ..opts.clone()
+    };
+    let run = shared
+        .nix
+        .realise(&d.path, &check, cancel, |c| on_log(c))
+        .await;
+    let mut r = pb::BuildResult {
+        duration_ms: run.duration.as_millis() as u64,
+        log_tail: run.log_tail.clone(),
+        ..Default::default()
+    };
+    if run.cancelled {
+        r.status = pb::BuildStatus::Cancelled as i32;
+        r.message = "cancelled".into();
+        return r;
+    }
+    let (status, message) = match run.result {
+        Ok(_) => {
+            r.outputs = d
+                .outputs
+                .into_iter()
+                .map(|(name, path)| pb::DrvOutput { name, path })
+                .collect();
+            (pb::BuildStatus::Built, String::new())
+        }
+        Err(Failure::NotDeterministic(m)) => (pb::BuildStatus::NotReproducible, m),
+        Err(Failure::TimedOut(m)) => (pb::BuildStatus::TimedOut, m),
+        Err(Failure::BuildFailed(m)) => (pb::BuildStatus::Failed, m),
+        Err(Failure::HashMismatch(m)) => (
+            pb::BuildStatus::Failed,
+            format!("hash mismatch: specified {}, got {}", m.specified, m.got),
+        ),
+        Err(Failure::DiskFull(m)) => {
+            pause_for_full_disk(shared);
+            (
+                pb::BuildStatus::InfraFailed,
+                format!("agent {} ran out of disk space: {m}", shared.cfg.name),
+            )
+        }
+        Err(Failure::Infra(m)) => (pb::BuildStatus::InfraFailed, m),
+    };
+    r.status = status as i32;
+    r.message = message;
+    r
+}

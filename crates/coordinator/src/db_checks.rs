@@ -1,0 +1,92 @@
+//! Cross-checked builds in SQLite: a derivation one agent built, kept until another agent has
+//! built it again (a restart between the two loses neither the first result nor the wait).
+
+use crate::db::{Db, DbError};
+use crate::model::PendingCheck;
+use rusqlite::params;
+
+impl Db {
+    /// Records a build awaiting its check (a second record for the same derivation is
+    /// ignored: the first build stays the one checked).
+    pub fn record_build_check(&mut self, run: &str, c: &PendingCheck) -> Result<(), DbError> {
+        let report = serde_json::to_string(&c.report)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        self.conn_mut().execute(
+            "INSERT OR IGNORE INTO build_checks(run_id, drv_path, built_by, report, queued_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![run, c.drv, c.built_by, report, c.queued_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn build_checks(&self, run: &str) -> Result<Vec<PendingCheck>, DbError> {
+        let mut st = self.conn().prepare(
+            "SELECT drv_path, built_by, report, queued_ms FROM build_checks WHERE run_id = ?1 ORDER BY queued_ms, drv_path",
+        )?;
+        st.query_map([run], |r| {
+            let text: String = r.get(2)?;
+            let report = serde_json::from_str(&text).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+            })?;
+            Ok(PendingCheck {
+                drv: r.get(0)?,
+                built_by: r.get(1)?,
+                report,
+                queued_ms: r.get(3)?,
+            })
+        })?
+        .collect()
+    }
+
+    /// Forgets a check once it is settled (whichever way).
+    pub fn drop_build_check(&mut self, run: &str, drv: &str) -> Result<(), DbError> {
+        self.conn_mut().execute(
+            "DELETE FROM build_checks WHERE run_id = ?1 AND drv_path = ?2",
+            params![run, drv],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BuildReport;
+    use nixfarm_core::BuildOutcome;
+
+    #[test]
+    fn a_pending_check_survives_until_dropped_and_the_first_build_stays() {
+        let mut db = Db::open_in_memory().unwrap();
+        db.insert_run(&crate::db::RunRow {
+            id: "r1".into(),
+            state: nixfarm_core::RunState::Building,
+            label: String::new(),
+            spec: "{}".into(),
+            error: String::new(),
+            created_ms: 0,
+            finished_ms: 0,
+            eval_tasks_total: 1,
+        })
+        .unwrap();
+        let first = PendingCheck {
+            drv: "/nix/store/00000000000000000000000000000000-hello.drv".into(),
+            built_by: "a".into(),
+            report: BuildReport {
+                kind: BuildOutcome::Built,
+                duration_ms: 1200,
+                outputs: [("out".to_string(), "/nix/store/1-hello".to_string())].into(),
+                ..Default::default()
+            },
+            queued_ms: 5,
+        };
+        db.record_build_check("r1", &first).unwrap();
+        let again = PendingCheck {
+            built_by: "b".into(),
+            ..first.clone()
+        };
+        db.record_build_check("r1", &again).unwrap();
+        assert_eq!(db.build_checks("r1").unwrap(), vec![first.clone()]);
+        assert!(db.build_checks("r2").unwrap().is_empty());
+        db.drop_build_check("r1", &first.drv).unwrap();
+        assert!(db.build_checks("r1").unwrap().is_empty());
+    }
+}

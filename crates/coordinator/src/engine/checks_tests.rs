@@ -1,0 +1,271 @@
+//! Cross-checked builds through the engine: a build counts only once another agent built the
+//! same, its dependents wait for that, a difference fails it, an agent never checks itself,
+//! the wait is bounded and a restart loses nothing.
+
+use super::queries_tests::run_events;
+use super::recovery_tests::open_in;
+use super::tests::{TestAgent, assigned, built, connect_agent, flake_run, test_engine};
+use super::*;
+use nixfarm_core::RunEvent;
+
+const LIB: &str = "/nix/store/00000000000000000000000000000000-lib.drv";
+const LIB_OUT: &str = "/nix/store/11111111111111111111111111111111-lib";
+const APP: &str = "/nix/store/22222222222222222222222222222222-app.drv";
+const APP_OUT: &str = "/nix/store/33333333333333333333333333333333-app";
+
+fn cross_checked() -> EngineOptions {
+    EngineOptions {
+        cross_check_builds: true,
+        cross_check_wait_ms: 60_000,
+        ..Default::default()
+    }
+}
+
+/// `agent` answers the listing it was given with two packages, `app` built on `lib`.
+fn list_lib_and_app(engine: &Engine, agent: &str, a: &mut TestAgent) {
+    let (attempt, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::EvalList { .. }), "{job:?}");
+    let package = |attr: &str, drv: &str, out: &str| EvaluatedAttr {
+        attr: attr.into(),
+        info: PackageInfo {
+            drv_path: drv.into(),
+            outputs: [("out".to_string(), out.to_string())].into(),
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        },
+    };
+    let node = |out: &str, inputs: &[&str]| DrvNode {
+        system: "x86_64-linux".into(),
+        outputs: [("out".to_string(), out.to_string())].into(),
+        input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let evaluated = (
+        vec![package("lib", LIB, LIB_OUT), package("app", APP, APP_OUT)],
+        [
+            (LIB.to_string(), node(LIB_OUT, &[])),
+            (APP.to_string(), node(APP_OUT, &[LIB])),
+        ]
+        .into(),
+    );
+    engine
+        .agent_message(
+            agent,
+            a.conn,
+            FromAgent::EvalList {
+                attempt,
+                result: Ok((vec!["lib".into(), "app".into()], vec![])),
+                follows: false,
+                evaluated: Some(evaluated),
+            },
+        )
+        .unwrap();
+}
+
+/// The build or check `agent` was handed: (attempt, derivation, whether it is a check).
+fn handed(a: &mut TestAgent) -> (String, String, bool) {
+    match assigned(&mut a.rx) {
+        (attempt, Job::Build {
+            drv_path, check, ..
+        }) => (attempt, drv_path, check),
+        (_, job) => panic!("not a build: {job:?}"),
+    }
+}
+
+/// Whether `a` was handed no job (other messages, such as a run's end, aside).
+fn idle(a: &mut TestAgent) -> bool {
+    std::iter::from_fn(|| a.rx.try_recv().ok()).all(|m| !matches!(m, ToAgent::Assign { .. }))
+}
+
+fn answer(engine: &Engine, agent: &str, a: &TestAgent, attempt: String, report: BuildReport) {
+    engine
+        .agent_message(agent, a.conn, FromAgent::Build { attempt, report })
+        .unwrap();
+}
+
+fn status_of(engine: &Engine, run: &str, attr: &str) -> (PackageStatus, String) {
+    let r = engine.report(run).unwrap();
+    let p = r.packages.iter().find(|p| p.attr == attr).unwrap();
+    (p.status, p.reason.clone())
+}
+
+/// A run of `lib` and `app` where agent a built `lib` and b is connected: (run, a, b, the
+/// check b was handed).
+fn lib_built_by_a(engine: &Engine) -> (String, TestAgent, TestAgent, String) {
+    let mut a = connect_agent(engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    list_lib_and_app(engine, "a", &mut a);
+    let (attempt, drv, check) = handed(&mut a);
+    assert_eq!((drv.as_str(), check), (LIB, false));
+    let mut b = connect_agent(engine, "b");
+    answer(engine, "a", &a, attempt, built(LIB_OUT));
+    let (check_attempt, drv, check) = handed(&mut b);
+    assert_eq!((drv.as_str(), check), (LIB, true), "b checks a's build");
+    (run, a, b, check_attempt)
+}
+
+#[test]
+fn a_build_counts_once_another_agent_built_the_same_and_only_then_its_dependents_start() {
+    let (engine, _clock, _dir) = test_engine(cross_checked());
+    let (run, mut a, mut b, check) = lib_built_by_a(&engine);
+    // Built once: not ready, and nothing builds on it yet.
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    assert!(idle(&mut a), "app started before lib was checked");
+    let events = run_events(&engine, &run);
+    assert!(events.iter().any(|e| matches!(e,
+        RunEvent::JobAwaitingCheck { drv, agent, .. } if drv == LIB && agent == "a")));
+    assert!(events.iter().any(|e| matches!(e,
+        RunEvent::JobCheckStarted { drv, agent, built_by, .. } if drv == LIB && agent == "b" && built_by == "a")));
+    answer(&engine, "b", &b, check, built(LIB_OUT));
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::Ready, "{reason}");
+    // app goes to whichever agent is free first; its check goes to the other.
+    let (builder, mut first, mut other) = match a.rx.try_recv() {
+        Ok(ToAgent::Assign { attempt, job, .. }) => (("a", attempt, job), a, b),
+        _ => {
+            let (attempt, job) = assigned(&mut b.rx);
+            (("b", attempt, job), b, a)
+        }
+    };
+    let (name, attempt, job) = builder;
+    assert!(matches!(&job, Job::Build { drv_path, check: false, .. } if drv_path == APP));
+    let other_name = if name == "a" { "b" } else { "a" };
+    answer(&engine, name, &first, attempt, built(APP_OUT));
+    assert!(idle(&mut first), "{name} was handed its own check");
+    let (attempt, drv, check) = handed(&mut other);
+    assert_eq!((drv.as_str(), check), (APP, true));
+    answer(&engine, other_name, &other, attempt, built(APP_OUT));
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Finished);
+    assert_eq!(report.summary.ready, 2, "{:?}", report.packages);
+    let finished = run_events(&engine, &run)
+        .into_iter()
+        .find_map(|e| match e {
+            RunEvent::JobFinished { drv, message, .. } if drv == LIB => Some(message),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        finished,
+        "built on a; b built it again and got the same outputs"
+    );
+}
+
+#[test]
+fn a_check_that_differs_fails_the_package_as_not_reproducible_and_its_dependents() {
+    let (engine, _clock, _dir) = test_engine(cross_checked());
+    let (run, mut a, b, check) = lib_built_by_a(&engine);
+    let differs = BuildReport {
+        kind: BuildOutcome::NotReproducible,
+        message: format!("derivation '{LIB}' may not be deterministic: output '{LIB_OUT}' differs"),
+        ..Default::default()
+    };
+    answer(&engine, "b", &b, check, differs);
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::NotReproducible);
+    assert!(
+        reason.contains("a and b built different outputs") && reason.contains("may not be deterministic"),
+        "{reason}"
+    );
+    assert_eq!(
+        status_of(&engine, &run, "app").0,
+        PackageStatus::DependencyFailed
+    );
+    assert!(idle(&mut a), "app was built on an unchecked lib");
+    assert_eq!(engine.report(&run).unwrap().state, RunState::Finished);
+}
+
+#[test]
+fn a_check_that_fails_to_build_fails_the_package_and_a_broken_one_is_tried_again() {
+    let (engine, _clock, _dir) = test_engine(cross_checked());
+    let (run, _a, mut b, check) = lib_built_by_a(&engine);
+    let broke = BuildReport {
+        kind: BuildOutcome::InfraFailed,
+        message: "cannot connect to the daemon".into(),
+        ..Default::default()
+    };
+    answer(&engine, "b", &b, check, broke);
+    // Broken on b's side: checked again (by b, the only agent that may).
+    let (check, drv, is_check) = handed(&mut b);
+    assert_eq!((drv.as_str(), is_check), (LIB, true));
+    let failed = BuildReport {
+        kind: BuildOutcome::BuildFailed,
+        message: "builder for 'lib' failed with exit code 2".into(),
+        ..Default::default()
+    };
+    answer(&engine, "b", &b, check, failed);
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::BuildFailed);
+    assert_eq!(
+        reason,
+        "built on a, but building it again on b failed: builder for 'lib' failed with exit code 2"
+    );
+}
+
+#[test]
+fn an_agent_never_checks_its_own_build_and_nobody_else_checking_it_fails_it_after_the_wait() {
+    let (engine, clock, _dir) = test_engine(cross_checked());
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _) = handed(&mut a);
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    assert!(idle(&mut a), "a was handed a check of its own build");
+    clock.advance(59_000);
+    engine.check_leases();
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    clock.advance(1_000);
+    engine.check_leases();
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::InfraFailed);
+    assert_eq!(
+        reason,
+        "built on a, but no other agent took its check within 60 s (cross_check_builds needs a second agent that can build it)"
+    );
+    assert_eq!(engine.report(&run).unwrap().state, RunState::Finished);
+}
+
+#[test]
+fn an_evaluation_nobody_else_answers_fails_the_run_after_the_wait() {
+    let (engine, clock, _dir) = test_engine(EngineOptions {
+        cross_check_eval: true,
+        ..cross_checked()
+    });
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    clock.advance(60_000);
+    engine.check_leases();
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Failed);
+    assert_eq!(
+        report.error,
+        "the attribute listing was answered by a, and no other agent answered it within 60 s to check it (cross_check_evaluation needs two connected agents)"
+    );
+}
+
+#[test]
+fn a_build_awaiting_its_check_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let opts = EngineOptions {
+        lease_ms: 5_000,
+        ..cross_checked()
+    };
+    let engine = open_in(dir.path(), &clock, opts.clone());
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _) = handed(&mut a);
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    drop(engine);
+    let engine = open_in(dir.path(), &clock, opts);
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    let mut a = connect_agent(&engine, "a");
+    assert!(idle(&mut a), "a was handed app or its own check");
+    let mut b = connect_agent(&engine, "b");
+    let (check, drv, is_check) = handed(&mut b);
+    assert_eq!((drv.as_str(), is_check), (LIB, true));
+    answer(&engine, "b", &b, check, built(LIB_OUT));
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
+}
