@@ -8,23 +8,6 @@ use nixfarm_tests::*;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-/// The farm cache's address, from the coordinator's log.
-fn farm_cache_addr(c: &Coordinator) -> String {
-    wait_for(Duration::from_secs(10), "the farm cache to listen", || {
-        c.proc.log_text().lines().find_map(|l| {
-            l.contains("farm cache listening")
-                .then(|| {
-                    l.split("addr=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()
-                        .map(String::from)
-                })
-                .flatten()
-        })
-    })
-}
-
 /// One raw HTTP/1.1 request (`Connection: close`); returns the whole response.
 fn http(addr: &str, method: &str, path: &str, auth: Option<&str>, json: Option<&str>) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -170,43 +153,10 @@ fn with_agent_token(dir: &std::path::Path, token: &str) -> Coordinator {
     .unwrap()
 }
 
-/// One raw HTTP/1.1 PUT of `body`; returns the status line and the body of the answer.
-fn http_put(addr: &str, path: &str, auth: &str, body: &[u8]) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.lines().next().unwrap_or_default().to_string();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-    (status, body.unwrap_or_default())
-}
-
 /// Uploads `content` as the derivation `path` (its NAR uncompressed, then its narinfo):
 /// the status line and body of the narinfo's answer.
 fn upload_drv(addr: &str, auth: &str, path: &str, content: &str) -> (String, String) {
-    use sha2::Digest as _;
-    let nar = single_file_nar(content.as_bytes());
-    let hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&nar));
-    let (status, body) = http_put(addr, &format!("/nar/{hash}.nar"), auth, &nar);
-    assert!(status.contains(" 200 "), "{status} {body}");
-    let store_hash = &path["/nix/store/".len()..][..32];
-    let narinfo = format!(
-        "StorePath: {path}\nURL: nar/{hash}.nar\nCompression: none\nFileHash: sha256:{hash}\nFileSize: {n}\nNarHash: sha256:{hash}\nNarSize: {n}\nReferences: \n",
-        n = nar.len()
-    );
-    http_put(
-        addr,
-        &format!("/{store_hash}.narinfo"),
-        auth,
-        narinfo.as_bytes(),
-    )
+    upload_nar(addr, Some(auth), path, &single_file_nar(content.as_bytes()))
 }
 
 /// The farm cache signs what agents upload, and every agent trusts that signature: a

@@ -71,6 +71,23 @@ impl FakeAgent {
             .unwrap();
     }
 
+    /// Heartbeats every half second until the task is aborted: the agent stays connected
+    /// however long the test keeps it idle.
+    fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let beat = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default())),
+                };
+                if tx.send(beat).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    }
+
     /// The next job it is handed.
     async fn assignment(&mut self) -> pb::Assignment {
         loop {
@@ -225,6 +242,9 @@ mod derivations;
 
 #[path = "hostile/evaluation.rs"]
 mod evaluation;
+
+#[path = "hostile/builds.rs"]
+mod builds;
 
 // ----- agents bound to their attempts -----------------------------------------------------
 

@@ -616,6 +616,66 @@ http {{
     (proc, port)
 }
 
+/// The farm cache's address, from the coordinator's log.
+pub fn farm_cache_addr(c: &Coordinator) -> String {
+    wait_for(Duration::from_secs(10), "the farm cache to listen", || {
+        c.proc.log_text().lines().find_map(|l| {
+            l.contains("farm cache listening")
+                .then(|| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()
+                        .map(String::from)
+                })
+                .flatten()
+        })
+    })
+}
+
+/// One raw HTTP/1.1 PUT of `body`; returns the status line and the body of the answer.
+pub fn http_put(addr: &str, path: &str, auth: Option<&str>, body: &[u8]) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.lines().next().unwrap_or_default().to_string();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+/// Uploads `nar` to a cache that takes HTTP PUTs (the farm cache) as the store path `path`,
+/// with no references: the NAR uncompressed, then its narinfo. Returns the status line and
+/// body of the narinfo's answer.
+pub fn upload_nar(addr: &str, auth: Option<&str>, path: &str, nar: &[u8]) -> (String, String) {
+    use sha2::Digest as _;
+    let hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(nar));
+    let (status, body) = http_put(addr, &format!("/nar/{hash}.nar"), auth, nar);
+    assert!(status.contains(" 200 "), "{status} {body}");
+    let store_hash = &path["/nix/store/".len()..][..32];
+    let narinfo = format!(
+        "StorePath: {path}\nURL: nar/{hash}.nar\nCompression: none\nFileHash: sha256:{hash}\nFileSize: {n}\nNarHash: sha256:{hash}\nNarSize: {n}\nReferences: \n",
+        n = nar.len()
+    );
+    http_put(
+        addr,
+        &format!("/{store_hash}.narinfo"),
+        auth,
+        narinfo.as_bytes(),
+    )
+}
+
 /// A NAR holding one regular file with `content` (a derivation, as caches hold one).
 pub fn single_file_nar(content: &[u8]) -> Vec<u8> {
     let mut nar = Vec::new();

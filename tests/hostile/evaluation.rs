@@ -48,20 +48,7 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
     // Still connected (it would take the check if it could), with a real agent beside it.
     let host = Host::new(&dir.path().join("host"));
     let _real = host.start_agent("honest", &url, None, 1).unwrap();
-    let keep_alive = {
-        let tx = liar.tx.clone();
-        tokio::spawn(async move {
-            loop {
-                let beat = pb::AgentMessage {
-                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default())),
-                };
-                if tx.send(beat).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let keep_alive = liar.keep_alive();
     let r = tokio::task::spawn_blocking({
         let (url, run) = (url.clone(), run.clone());
         move || wait_terminal(&url, &run, Duration::from_secs(120))

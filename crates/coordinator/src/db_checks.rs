@@ -25,7 +25,11 @@ impl Db {
         st.query_map([run], |r| {
             let text: String = r.get(2)?;
             let report = serde_json::from_str(&text).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                rusqlite::Error::FromSqlConversionFailure(
+                    2,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
             })?;
             Ok(PendingCheck {
                 drv: r.get(0)?,

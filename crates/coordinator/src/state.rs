@@ -5,8 +5,8 @@
 
 use crate::db::{AttemptRow, Db, DbError, DrvRow, MetricsCounts, RunRow};
 use crate::model::{
-    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvalOpinion, PendingCheck, EvaluatedAttr,
-    PackageInfo, Registration,
+    AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvalOpinion, EvaluatedAttr,
+    PackageInfo, PendingCheck, Registration,
 };
 use nixfarm_core::RunState;
 use nixfarm_core::report::RepoCheck;

@@ -203,8 +203,9 @@ impl Nix {
         c
     }
 
-    /// Copies `paths` (e.g. a `.drv` and its closure) from the binary cache `from` into this
-    /// store, their signatures checked against `trusted_public_keys`.
+    /// Copies `paths` (`.drv` files, or outputs: not both at once) and their closure from the
+    /// binary cache `from` into this store, their signatures checked against
+    /// `trusted_public_keys`.
     pub async fn copy_from(
         &self,
         from: &str,
@@ -220,8 +221,13 @@ impl Nix {
         if let Some(ca) = ssl_cert_file {
             c.arg("--option").arg("ssl-cert-file").arg(ca);
         }
-        // --derivation: a .drv path names the derivation itself, not its outputs.
-        c.args(["copy", "--derivation", "--from", from])
+        // --derivation: a .drv path names the derivation itself, not its outputs (and an
+        // output path, with it, would name its deriver).
+        c.arg("copy");
+        if paths.iter().all(|p| p.ends_with(".drv")) {
+            c.arg("--derivation");
+        }
+        c.args(["--from", from])
             .args([
                 "--option",
                 "trusted-public-keys",

@@ -14,10 +14,8 @@ impl Pusher {
     /// asked, or cannot be read, is that path's error. The deriver is not covered by the
     /// narinfo's signature: it is the cache's word, good for a heuristic, not for trust.
     pub async fn derivers(&self, paths: &[String]) -> Vec<Result<Option<String>, StoreError>> {
-        self.read_narinfos(paths, |ni| {
-            Ok(ni.deriver.filter(|d| d.ends_with(".drv")))
-        })
-        .await
+        self.read_narinfos(paths, |ni| Ok(ni.deriver.filter(|d| d.ends_with(".drv"))))
+            .await
     }
 
     /// Per path, in order: the SHA-256 of its NAR as the cache's narinfo states it (what a

@@ -67,7 +67,8 @@ impl Engine {
         }
         let sched = run.sched.as_ref()?;
         let at = run.check_queue.iter().position(|n| {
-            run.checks.get(n).is_some_and(|c| c.built_by != agent) && caps.can_build(sched.class(*n))
+            run.checks.get(n).is_some_and(|c| c.built_by != agent)
+                && caps.can_build(sched.class(*n))
         })?;
         let node = run.check_queue.remove(at)?;
         let drv = run.drv_of[node as usize].clone();
@@ -105,7 +106,10 @@ impl Engine {
             .as_ref()
             .is_some_and(|s| s.state(node) == NodeState::Running);
         let Some(first) = run.checks.get(&node).cloned().filter(|_| running) else {
-            tracing::debug!(run = a.run_id, "ignoring a check of a build not awaiting one");
+            tracing::debug!(
+                run = a.run_id,
+                "ignoring a check of a build not awaiting one"
+            );
             return Ok(());
         };
         let (by, checker, drv) = (&first.built_by, &a.agent, first.drv.clone());
@@ -129,10 +133,24 @@ impl Engine {
                     && n <= self.opts.max_infra_retries
                     && !terminal
                 {
-                    tracing::warn!(run = a.run_id, drv, attempt = n, "check failed, requeueing: {}", report.message);
+                    tracing::warn!(
+                        run = a.run_id,
+                        drv,
+                        attempt = n,
+                        "check failed, requeueing: {}",
+                        report.message
+                    );
                     Self::requeue_check(run, node, now);
                     let message = report.message.clone();
-                    self.emit(inner, &a.run_id, Ev::JobRetry { drv, message, retry: n });
+                    self.emit(
+                        inner,
+                        &a.run_id,
+                        Ev::JobRetry {
+                            drv,
+                            message,
+                            retry: n,
+                        },
+                    );
                     return Ok(());
                 }
                 BuildReport {

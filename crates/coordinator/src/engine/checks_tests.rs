@@ -65,9 +65,12 @@ fn list_lib_and_app(engine: &Engine, agent: &str, a: &mut TestAgent) {
 /// The build or check `agent` was handed: (attempt, derivation, whether it is a check).
 fn handed(a: &mut TestAgent) -> (String, String, bool) {
     match assigned(&mut a.rx) {
-        (attempt, Job::Build {
-            drv_path, check, ..
-        }) => (attempt, drv_path, check),
+        (
+            attempt,
+            Job::Build {
+                drv_path, check, ..
+            },
+        ) => (attempt, drv_path, check),
         (_, job) => panic!("not a build: {job:?}"),
     }
 }
@@ -164,7 +167,8 @@ fn a_check_that_differs_fails_the_package_as_not_reproducible_and_its_dependents
     let (status, reason) = status_of(&engine, &run, "lib");
     assert_eq!(status, PackageStatus::NotReproducible);
     assert!(
-        reason.contains("a and b built different outputs") && reason.contains("may not be deterministic"),
+        reason.contains("a and b built different outputs")
+            && reason.contains("may not be deterministic"),
         "{reason}"
     );
     assert_eq!(

@@ -429,7 +429,10 @@ mod tests {
             (BuildOutcome::BuildFailed, PackageStatus::BuildFailed),
             (BuildOutcome::TimedOut, PackageStatus::TimedOut),
             (BuildOutcome::InfraFailed, PackageStatus::InfraFailed),
-            (BuildOutcome::NotReproducible, PackageStatus::NotReproducible),
+            (
+                BuildOutcome::NotReproducible,
+                PackageStatus::NotReproducible,
+            ),
         ] {
             let r = app(
                 &[(TOP, DrvState::Failed, outcome(kind, "why"))],
