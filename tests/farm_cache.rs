@@ -8,37 +8,6 @@ use nixfarm_tests::*;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-/// One raw HTTP/1.1 request (`Connection: close`); returns the whole response.
-fn http(addr: &str, method: &str, path: &str, auth: Option<&str>, json: Option<&str>) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = auth
-        .map(|a| format!("Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    let body = json
-        .map(|j| {
-            format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{j}",
-                j.len()
-            )
-        })
-        .unwrap_or_else(|| "\r\n".into());
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n{body}"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-/// One GET; returns the status line.
-fn http_get(addr: &str, path: &str, auth: Option<&str>) -> String {
-    let out = http(addr, "GET", path, auth, None);
-    out.lines().next().unwrap_or_default().to_string()
-}
-
 /// One POST of a JSON body; returns the status line and the body.
 fn http_post_json(addr: &str, path: &str, auth: Option<&str>, json: &str) -> (String, String) {
     let out = http(addr, "POST", path, auth, Some(json));

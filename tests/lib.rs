@@ -633,6 +633,44 @@ pub fn farm_cache_addr(c: &Coordinator) -> String {
     })
 }
 
+/// One raw HTTP/1.1 request (`Connection: close`); returns the whole response.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    json: Option<&str>,
+) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    let body = json
+        .map(|j| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{j}",
+                j.len()
+            )
+        })
+        .unwrap_or_else(|| "\r\n".into());
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n{body}"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// One GET; returns the status line.
+pub fn http_get(addr: &str, path: &str, auth: Option<&str>) -> String {
+    let out = http(addr, "GET", path, auth, None);
+    out.lines().next().unwrap_or_default().to_string()
+}
+
 /// One raw HTTP/1.1 PUT of `body`; returns the status line and the body of the answer.
 pub fn http_put(addr: &str, path: &str, auth: Option<&str>, body: &[u8]) -> (String, String) {
     use std::io::{Read, Write};

@@ -199,6 +199,13 @@ async fn an_output_an_agent_forged_is_caught_by_the_check() {
     );
     let by = packages_by_attr(&r);
     let lied = |name: &str| forged.iter().any(|d| d.ends_with(&format!("-{name}.drv")));
+    // Nobody substitutes what was forged from the farm cache any more.
+    for drv in &forged {
+        let out = first_output(&host.root, drv);
+        let info = format!("/{}.narinfo", &out["/nix/store/".len()..][..32]);
+        let got = http_get(&farm, &info, None);
+        assert!(got.contains(" 404 "), "{out}: {got}");
+    }
     for name in ["left", "right", "top"] {
         let status = &by[name]["status"];
         if lied(name) {

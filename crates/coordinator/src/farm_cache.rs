@@ -206,6 +206,21 @@ impl FarmCache {
         removed
     }
 
+    /// Stops serving `paths` (their narinfo goes; a NAR is only ever served through one):
+    /// outputs a check found were not what their derivation builds. Returns how many it
+    /// held.
+    pub fn withdraw(&self, paths: &[String]) -> usize {
+        let mut n = 0;
+        for p in paths.iter().filter(|p| p.starts_with("/nix/store/")) {
+            let file = self.dir.join(format!("{}.narinfo", store_hash(p)));
+            if std::fs::remove_file(&file).is_ok() {
+                tracing::warn!(path = p, "farm cache: withdrawn (its check failed)");
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Prometheus lines: size on disk and the narinfo hit rate.
     pub fn metrics_text(&self) -> String {
         let size = self.total.load(Ordering::Relaxed);

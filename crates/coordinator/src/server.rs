@@ -164,6 +164,10 @@ async fn start_farm_cache(
         fc.max_bytes,
         Arc::new(move || e.protected_store_hashes()),
     )?;
+    let withdrawn = cache.clone();
+    engine.on_failed_check(Arc::new(move |paths: &[String]| {
+        withdrawn.withdraw(paths);
+    }));
     let app = cache.router();
     // Behind TLS whenever the gRPC services are (the same certificate).
     match (&config.tls.cert_file, &config.tls.key_file) {

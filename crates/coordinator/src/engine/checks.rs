@@ -5,7 +5,16 @@
 
 use super::*;
 
+/// What is told the outputs of a build whose check found different ones.
+pub type OnFailedCheck = Arc<dyn Fn(&[String]) + Send + Sync>;
+
 impl Engine {
+    /// Sets what is told the outputs of a build whose check found different ones (once; the
+    /// farm cache, which then stops serving them).
+    pub fn on_failed_check(&self, f: OnFailedCheck) {
+        let _ = self.failed_check.set(f);
+    }
+
     /// Holds `agent`'s successful build of `node` until another agent has checked it.
     pub(super) fn queue_check(
         &self,
@@ -162,14 +171,26 @@ impl Engine {
                     ..report
                 }
             }
-            BuildOutcome::NotReproducible => BuildReport {
-                message: format!(
-                    "{by} and {checker} built different outputs: the build is not reproducible, or one of them did not build what the derivation says ({})",
-                    report.message
-                ),
-                agent: checker.clone(),
-                ..report
-            },
+            BuildOutcome::NotReproducible => {
+                // What was pushed is not vouched for: nobody substitutes it from the farm
+                // cache again, in this run or a later one.
+                let outputs: Vec<String> = run
+                    .outputs_of
+                    .get(node as usize)
+                    .map(|o| o.values().cloned().collect())
+                    .unwrap_or_default();
+                if let Some(f) = self.failed_check.get() {
+                    f(&outputs);
+                }
+                BuildReport {
+                    message: format!(
+                        "{by} and {checker} built different outputs: the build is not reproducible, or one of them did not build what the derivation says ({})",
+                        report.message
+                    ),
+                    agent: checker.clone(),
+                    ..report
+                }
+            }
             BuildOutcome::Cancelled => report,
             BuildOutcome::BuildFailed
             | BuildOutcome::HashMismatch

@@ -157,6 +157,11 @@ fn a_build_counts_once_another_agent_built_the_same_and_only_then_its_dependents
 #[test]
 fn a_check_that_differs_fails_the_package_as_not_reproducible_and_its_dependents() {
     let (engine, _clock, _dir) = test_engine(cross_checked());
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let t = told.clone();
+    engine.on_failed_check(Arc::new(move |paths: &[String]| {
+        t.lock().unwrap().extend_from_slice(paths)
+    }));
     let (run, mut a, b, check) = lib_built_by_a(&engine);
     let differs = BuildReport {
         kind: BuildOutcome::NotReproducible,
@@ -176,6 +181,8 @@ fn a_check_that_differs_fails_the_package_as_not_reproducible_and_its_dependents
         PackageStatus::DependencyFailed
     );
     assert!(idle(&mut a), "app was built on an unchecked lib");
+    // The farm cache is told to stop serving what a built.
+    assert_eq!(*told.lock().unwrap(), [LIB_OUT]);
     assert_eq!(engine.report(&run).unwrap().state, RunState::Finished);
 }
 

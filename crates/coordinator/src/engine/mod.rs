@@ -217,6 +217,9 @@ pub struct Engine {
     /// The store's read-only handle (None: it has none): reports are read through it, off
     /// the engine's lock, so a large run's report does not hold up dispatch.
     reader: Arc<Mutex<Option<Box<dyn StateStore>>>>,
+    /// Told the outputs of a build whose check found different ones (the farm cache stops
+    /// serving them).
+    failed_check: Arc<std::sync::OnceLock<checks::OnFailedCheck>>,
 }
 
 /// A run's package counts: (total, ready, per status).
@@ -285,6 +288,7 @@ impl Engine {
             ended_counts: Arc::new(Mutex::new(HashMap::new())),
             trees: Arc::default(),
             reader: Arc::new(Mutex::new(reader)),
+            failed_check: Arc::default(),
         };
         engine.recover()?;
         Ok(engine)
