@@ -5,7 +5,6 @@
 //! required. With an agent token configured, the farm cache refuses requests without it.
 
 use nixfarm_tests::*;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 /// One POST of a JSON body; returns the status line and the body.
