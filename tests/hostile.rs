@@ -219,6 +219,14 @@ fn wait_terminal(url: &str, run: &str, timeout: Duration) -> serde_json::Value {
     })
 }
 
+/// [`wait_terminal`] from async code (off the runtime's threads), two minutes at most.
+async fn wait_terminal_async(url: &str, run: &str) -> serde_json::Value {
+    let (url, run) = (url.to_string(), run.to_string());
+    tokio::task::spawn_blocking(move || wait_terminal(&url, &run, Duration::from_secs(120)))
+        .await
+        .unwrap()
+}
+
 fn config_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();

@@ -186,12 +186,7 @@ async fn an_output_an_agent_forged_is_caught_by_the_check() {
         }))
         .await;
     }
-    let r = tokio::task::spawn_blocking({
-        let (url, run) = (url.clone(), run.clone());
-        move || wait_terminal(&url, &run, Duration::from_secs(120))
-    })
-    .await
-    .unwrap();
+    let r = wait_terminal_async(&url, &run).await;
     keep_alive.abort();
     assert!(
         !forged.is_empty(),

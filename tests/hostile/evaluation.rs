@@ -49,12 +49,7 @@ async fn an_agent_lying_about_a_derivation_fails_the_run_when_evaluation_is_cros
     let host = Host::new(&dir.path().join("host"));
     let _real = host.start_agent("honest", &url, None, 1).unwrap();
     let keep_alive = liar.keep_alive();
-    let r = tokio::task::spawn_blocking({
-        let (url, run) = (url.clone(), run.clone());
-        move || wait_terminal(&url, &run, Duration::from_secs(120))
-    })
-    .await
-    .unwrap();
+    let r = wait_terminal_async(&url, &run).await;
     keep_alive.abort();
     assert_eq!(r["state"], "failed", "{r}");
     let error = r["error"].as_str().unwrap();

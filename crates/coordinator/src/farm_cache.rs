@@ -145,82 +145,6 @@ impl FarmCache {
             .with_state(self.clone())
     }
 
-    /// Removes least recently used paths (their narinfo, then their NAR) until the cache
-    /// holds at most nine tenths of `max_bytes`; never what an active run needs, nor what
-    /// was written or read in the last ten minutes. Returns the store hashes removed.
-    pub fn evict(&self) -> Vec<String> {
-        if self.total.load(Ordering::Relaxed) <= self.max_bytes {
-            return Vec::new();
-        }
-        let Ok(_one) = self.evicting.try_lock() else {
-            return Vec::new();
-        };
-        let protected = (self.protected)();
-        let now = std::time::SystemTime::now();
-        let mut infos: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&self.dir)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| is_narinfo_name(&e.file_name().to_string_lossy()))
-                    .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        infos.sort();
-        let target = self.max_bytes / 10 * 9;
-        let mut removed = Vec::new();
-        for (used, path) in infos {
-            if self.total.load(Ordering::Relaxed) <= target {
-                break;
-            }
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            let Some(hash) = name.as_deref().and_then(|n| n.strip_suffix(".narinfo")) else {
-                continue;
-            };
-            if protected.contains(hash) || now.duration_since(used).is_ok_and(|d| d < RECENT) {
-                continue;
-            }
-            let nar = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|t| NarInfo::parse(&t).ok())
-                .and_then(|ni| ni.url.strip_prefix("nar/").map(String::from));
-            // The narinfo first: a NAR without one is never served as a path.
-            if std::fs::remove_file(&path).is_err() {
-                continue;
-            }
-            if let Some(nar) = nar.filter(|n| is_nar_name(n)) {
-                let p = self.dir.join("nar").join(nar);
-                if let Ok(m) = std::fs::metadata(&p)
-                    && std::fs::remove_file(&p).is_ok()
-                {
-                    self.total.fetch_sub(m.len(), Ordering::Relaxed);
-                }
-            }
-            removed.push(hash.to_string());
-        }
-        if !removed.is_empty() {
-            tracing::info!(
-                paths = removed.len(),
-                "farm cache: evicted least recently used paths"
-            );
-        }
-        removed
-    }
-
-    /// Stops serving `paths` (their narinfo goes; a NAR is only ever served through one):
-    /// outputs a check found were not what their derivation builds. Returns how many it
-    /// held.
-    pub fn withdraw(&self, paths: &[String]) -> usize {
-        let mut n = 0;
-        for p in paths.iter().filter(|p| p.starts_with("/nix/store/")) {
-            let file = self.dir.join(format!("{}.narinfo", store_hash(p)));
-            if std::fs::remove_file(&file).is_ok() {
-                tracing::warn!(path = p, "farm cache: withdrawn (its check failed)");
-                n += 1;
-            }
-        }
-        n
-    }
-
     /// Prometheus lines: size on disk and the narinfo hit rate.
     pub fn metrics_text(&self) -> String {
         let size = self.total.load(Ordering::Relaxed);
@@ -608,6 +532,9 @@ use drv::drv_matches_path;
 
 #[path = "farm_cache_missing.rs"]
 mod missing;
+
+#[path = "farm_cache_evict.rs"]
+mod evict;
 
 #[cfg(test)]
 #[path = "farm_cache_tests.rs"]

@@ -236,26 +236,32 @@ pub(super) async fn build(
             r.specified_hash = m.specified;
             r.got_hash = m.got;
         }
-        Err(Failure::TimedOut(m)) => {
-            r.status = pb::BuildStatus::TimedOut as i32;
-            r.message = m;
-        }
-        // Only a check (`--check`) finds a build not deterministic; counted as failed here.
-        Err(Failure::BuildFailed(m) | Failure::NotDeterministic(m)) => {
-            r.status = pb::BuildStatus::Failed as i32;
-            r.message = m;
-        }
-        Err(Failure::DiskFull(m)) => {
-            pause_for_full_disk(shared);
-            r.status = pb::BuildStatus::InfraFailed as i32;
-            r.message = format!("agent {} ran out of disk space: {m}", shared.cfg.name);
-        }
-        Err(Failure::Infra(m)) => {
-            r.status = pb::BuildStatus::InfraFailed as i32;
-            r.message = m;
-        }
+        Err(f) => (r.status, r.message) = failed(shared, f),
     }
     r
+}
+
+/// A build's failure as the coordinator is told it: (status, message). A full disk also
+/// pauses this agent.
+pub(super) fn failed(shared: &Shared, f: Failure) -> (i32, String) {
+    let (status, message) = match f {
+        Failure::HashMismatch(m) => (
+            pb::BuildStatus::HashMismatch,
+            format!("hash mismatch: specified {}, got {}", m.specified, m.got),
+        ),
+        Failure::TimedOut(m) => (pb::BuildStatus::TimedOut, m),
+        Failure::BuildFailed(m) => (pb::BuildStatus::Failed, m),
+        Failure::NotDeterministic(m) => (pb::BuildStatus::NotReproducible, m),
+        Failure::DiskFull(m) => {
+            pause_for_full_disk(shared);
+            (
+                pb::BuildStatus::InfraFailed,
+                format!("agent {} ran out of disk space: {m}", shared.cfg.name),
+            )
+        }
+        Failure::Infra(m) => (pb::BuildStatus::InfraFailed, m),
+    };
+    (status as i32, message)
 }
 
 /// The result for a derivation that is not what its path says: not built, and taken out of

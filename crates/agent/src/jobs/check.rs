@@ -105,32 +105,16 @@ pub(super) async fn check(
         r.message = "cancelled".into();
         return r;
     }
-    let (status, message) = match run.result {
+    match run.result {
         Ok(_) => {
+            r.status = pb::BuildStatus::Built as i32;
             r.outputs = d
                 .outputs
                 .into_iter()
                 .map(|(name, path)| pb::DrvOutput { name, path })
                 .collect();
-            (pb::BuildStatus::Built, String::new())
         }
-        Err(Failure::NotDeterministic(m)) => (pb::BuildStatus::NotReproducible, m),
-        Err(Failure::TimedOut(m)) => (pb::BuildStatus::TimedOut, m),
-        Err(Failure::BuildFailed(m)) => (pb::BuildStatus::Failed, m),
-        Err(Failure::HashMismatch(m)) => (
-            pb::BuildStatus::Failed,
-            format!("hash mismatch: specified {}, got {}", m.specified, m.got),
-        ),
-        Err(Failure::DiskFull(m)) => {
-            pause_for_full_disk(shared);
-            (
-                pb::BuildStatus::InfraFailed,
-                format!("agent {} ran out of disk space: {m}", shared.cfg.name),
-            )
-        }
-        Err(Failure::Infra(m)) => (pb::BuildStatus::InfraFailed, m),
-    };
-    r.status = status as i32;
-    r.message = message;
+        Err(f) => (r.status, r.message) = super::build::failed(shared, f),
+    }
     r
 }

@@ -81,17 +81,7 @@ impl Engine {
         })?;
         let node = run.check_queue.remove(at)?;
         let drv = run.drv_of[node as usize].clone();
-        let (t, s) = run.limits.get(&drv).copied().unwrap_or((0, 0));
-        let job = Job::Build {
-            drv_path: drv.clone(),
-            cache: run.spec.cache.clone(),
-            trusted_public_keys: run.spec.trusted_public_keys.clone(),
-            timeout_secs: if t > 0 { t } else { run.spec.timeout_secs },
-            max_silent_secs: if s > 0 { s } else { run.spec.max_silent_secs },
-            smoke: None,
-            background: false,
-            check: true,
-        };
+        let job = run.build_job(&drv, false, true);
         Some((JobRef::Check(node), job, drv))
     }
 

@@ -269,17 +269,7 @@ impl Engine {
             if let Some(n) = picked {
                 let background = !sched.on_critical_path(n);
                 let drv = run.drv_of[n as usize].clone();
-                let (t, s) = run.limits.get(&drv).copied().unwrap_or((0, 0));
-                let job = Job::Build {
-                    drv_path: drv.clone(),
-                    cache: run.spec.cache.clone(),
-                    trusted_public_keys: run.spec.trusted_public_keys.clone(),
-                    timeout_secs: if t > 0 { t } else { run.spec.timeout_secs },
-                    max_silent_secs: if s > 0 { s } else { run.spec.max_silent_secs },
-                    smoke: run.smoke.get(&drv).cloned(),
-                    background,
-                    check: false,
-                };
+                let job = run.build_job(&drv, background, false);
                 return Some((run.id.clone(), JobRef::Build(n), job, drv));
             }
         }

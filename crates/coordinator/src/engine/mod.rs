@@ -398,6 +398,22 @@ impl RunMem {
         id
     }
 
+    /// The job that builds `drv` (or, `check`, builds it again to compare): the run's cache
+    /// and limits, a package's own limits first; a check is not smoke-tested.
+    fn build_job(&self, drv: &str, background: bool, check: bool) -> Job {
+        let (t, s) = self.limits.get(drv).copied().unwrap_or((0, 0));
+        Job::Build {
+            drv_path: drv.to_string(),
+            cache: self.spec.cache.clone(),
+            trusted_public_keys: self.spec.trusted_public_keys.clone(),
+            timeout_secs: if t > 0 { t } else { self.spec.timeout_secs },
+            max_silent_secs: if s > 0 { s } else { self.spec.max_silent_secs },
+            smoke: self.smoke.get(drv).cloned().filter(|_| !check),
+            background,
+            check,
+        }
+    }
+
     fn eval_complete(&self) -> bool {
         self.eval_tasks_total
             .is_some_and(|t| self.eval_tasks_done.len() >= t)
