@@ -217,3 +217,41 @@ async fn an_output_an_agent_forged_is_caught_by_the_check() {
         }
     }
 }
+
+/// Two real agents admitted by the same join token are one holder: neither checks the
+/// other's build, and once the wait is over the package says why it is not ready.
+#[test]
+fn two_agents_on_one_join_token_cannot_check_each_other() {
+    let dir = scratch();
+    let token = dir.path().join("join.token");
+    std::fs::write(&token, "join-0123456789abcdef\n").unwrap();
+    let config = format!(
+        "{CHECKED}cross_check_wait_secs = 10\n[auth]\nagent_token_file = \"{}\"\n",
+        token.display()
+    );
+    let coordinator = Coordinator::start_with_config(dir.path(), &config).unwrap();
+    let url = coordinator.url.clone();
+    let repo = packages(dir.path(), &[("stable", "echo stable > $out")]);
+    let flags = ["--token-file", token.to_str().unwrap()];
+    let (h1, h2) = (
+        Host::new(&dir.path().join("h1")),
+        Host::new(&dir.path().join("h2")),
+    );
+    let _a1 = h1
+        .start_agent_with("one", &url, None, 1, &[], &flags)
+        .unwrap();
+    let _a2 = h2
+        .start_agent_with("two", &url, None, 1, &[], &flags)
+        .unwrap();
+    let run = submit(&url, &repo);
+    let r = wait_terminal(&url, &run, Duration::from_secs(120));
+    let by = packages_by_attr(&r);
+    assert_eq!(by["stable"]["status"], "infra-failed", "{r}");
+    let reason = by["stable"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no other agent took its check within 10 s")
+            && reason.contains("with a credential of its own"),
+        "{reason}"
+    );
+    assert!(builders_and_checkers(&coordinator, &run).is_empty());
+}

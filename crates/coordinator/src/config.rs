@@ -160,7 +160,9 @@ pub struct SchedulerConfig {
     /// which derivation a package evaluates to (or hides a package) then fails the run
     /// instead of having the farm build and sign what it chose. Doubles the evaluation
     /// work, adds one evaluation's time before builds start, and a run waits until two
-    /// agents are connected. Default false.
+    /// agents are connected. Both cross-checks count agents by credential: two names on one
+    /// join token (or one client certificate) are one holder, so each agent needs a token
+    /// (`[auth] agent_tokens_file`) or a certificate of its own. Default false.
     pub cross_check_evaluation: bool,
     /// Have every derivation an agent builds (fixed-output ones aside, whose hash already
     /// checks them) built again by a different agent, which fetches the first agent's

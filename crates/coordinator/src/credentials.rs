@@ -7,6 +7,31 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundName(pub String);
 
+/// What admitted an agent. Cross-checks count two agents only when their credentials
+/// differ: two names registered with one join token (or one certificate) are one holder,
+/// who could otherwise answer twice and agree with itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Credential {
+    /// None is asked for (a loopback farm with no token): agents are told apart by name.
+    #[default]
+    Open,
+    /// The shared join token (`[auth] agent_token_file`).
+    JoinToken,
+    /// A token bound to this agent name (`[auth] agent_tokens_file`).
+    NamedToken(String),
+    /// A client certificate, by the SHA-256 of its DER encoding (hex).
+    Certificate(String),
+}
+
+impl Credential {
+    /// Whether agents `a` and `b` (name, credential) count as two for a cross-check:
+    /// different names, and different credentials unless none is asked for.
+    pub fn independent(a: (&str, &Credential), b: (&str, &Credential)) -> bool {
+        a.0 != b.0 && (a.1 != b.1 || (*a.1 == Credential::Open && *b.1 == Credential::Open))
+    }
+}
+
 /// Most named tokens in one file.
 const MAX_NAMED: usize = 10_000;
 
@@ -95,6 +120,34 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_names_on_one_credential_are_one_holder() {
+        use Credential::*;
+        let cert = |h: &str| Certificate(h.to_string());
+        assert!(Credential::independent(("a", &Open), ("b", &Open)));
+        assert!(!Credential::independent(("a", &Open), ("a", &Open)));
+        assert!(!Credential::independent(
+            ("a", &JoinToken),
+            ("b", &JoinToken)
+        ));
+        assert!(Credential::independent(
+            ("a", &JoinToken),
+            ("b", &cert("01"))
+        ));
+        assert!(!Credential::independent(
+            ("a", &cert("01")),
+            ("b", &cert("01"))
+        ));
+        assert!(Credential::independent(
+            ("a", &cert("01")),
+            ("b", &cert("02"))
+        ));
+        assert!(Credential::independent(
+            ("a", &NamedToken("a".into())),
+            ("b", &NamedToken("b".into()))
+        ));
+    }
 
     #[test]
     fn a_named_token_admits_its_name_only_and_bad_files_are_refused() {

@@ -144,6 +144,10 @@ pub struct Registration {
     /// stored or logged.
     #[serde(skip)]
     pub session_key: String,
+    /// What admitted it (set by the coordinator from the connection, never from the wire):
+    /// cross-checks count two agents only when their credentials differ.
+    #[serde(default)]
+    pub credential: crate::credentials::Credential,
 }
 
 /// One output of a derivation.

@@ -2,7 +2,7 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, read_secret};
-use crate::credentials::{Admitted, BoundName, Credentials};
+use crate::credentials::{Admitted, BoundName, Credential, Credentials};
 use crate::db::Db;
 use crate::engine::{Engine, EngineOptions};
 use crate::farm_cache::FarmCache;
@@ -81,7 +81,11 @@ fn token_check(
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
         // A client certificate the TLS layer verified against the client CA admits an agent.
-        if client_certs && req.peer_certs().is_some_and(|c| !c.is_empty()) {
+        if client_certs && let Some(der) = req.peer_certs().and_then(|c| c.first().cloned()) {
+            use sha2::Digest as _;
+            let fingerprint = data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(der.as_ref()));
+            req.extensions_mut()
+                .insert(Credential::Certificate(fingerprint));
             return Ok(req);
         }
         let ip = req.remote_addr().map(|a| a.ip());
@@ -95,6 +99,7 @@ fn token_check(
                     who.token()
                 )));
             }
+            req.extensions_mut().insert(Credential::Open);
             return Ok(req);
         };
         let given = req
@@ -106,9 +111,14 @@ fn token_check(
         // Compared in constant time, so a token cannot be guessed byte by byte.
         let admitted = expected.admit(given);
         if let Some(a) = admitted {
-            if let Admitted::Named(name) = a {
-                req.extensions_mut().insert(BoundName(name));
-            }
+            let credential = match a {
+                Admitted::Named(name) => {
+                    req.extensions_mut().insert(BoundName(name.clone()));
+                    Credential::NamedToken(name)
+                }
+                Admitted::Any => Credential::JoinToken,
+            };
+            req.extensions_mut().insert(credential);
             Ok(req)
         } else if given.is_empty() {
             Err(Status::unauthenticated(format!(

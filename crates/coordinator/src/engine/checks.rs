@@ -39,16 +39,12 @@ impl Engine {
         inner.db.record_build_check(run_id, &check)?;
         run.checks.insert(node, check);
         run.check_queue.push_back(node);
-        let others = inner
-            .agents
-            .iter()
-            .any(|(n, a)| n != agent && a.tx.is_some());
-        if !others {
+        if !super::checker_connected(&inner.agents, agent) {
             tracing::warn!(
                 run = run_id,
                 drv,
                 agent,
-                "the build waits for a second agent to check it (cross_check_builds): none other is connected"
+                "the build waits for a second agent to check it (cross_check_builds): none with a credential of its own is connected"
             );
         }
         self.emit(
@@ -64,19 +60,21 @@ impl Engine {
         Ok(())
     }
 
-    /// The oldest check in `run` that `agent` may take: not of its own build, and of a
-    /// derivation it can build.
+    /// The oldest check in `run` that `agent` may take: not of its own build (nor of one by
+    /// an agent `independent_of` says is the same holder), of a derivation it can build.
     pub(super) fn next_check(
         run: &mut RunMem,
         caps: &Capabilities,
-        agent: &str,
+        independent_of: &dyn Fn(&str) -> bool,
     ) -> Option<(JobRef, Job, String)> {
         if caps.fetches_only {
             return None;
         }
         let sched = run.sched.as_ref()?;
         let at = run.check_queue.iter().position(|n| {
-            run.checks.get(n).is_some_and(|c| c.built_by != agent)
+            run.checks
+                .get(n)
+                .is_some_and(|c| independent_of(&c.built_by))
                 && caps.can_build(sched.class(*n))
         })?;
         let node = run.check_queue.remove(at)?;
@@ -254,7 +252,7 @@ impl Engine {
             let report = BuildReport {
                 kind: BuildOutcome::InfraFailed,
                 message: format!(
-                    "built on {by}, but no other agent took its check within {secs} s (cross_check_builds needs a second agent that can build it)"
+                    "built on {by}, but no other agent took its check within {secs} s (cross_check_builds needs a second agent, with a credential of its own, that can build it)"
                 ),
                 agent: by.clone(),
                 ..Default::default()
@@ -270,7 +268,7 @@ impl Engine {
                 format!("evaluation task {task}")
             };
             let why = format!(
-                "{what} was answered by {agent}, and no other agent answered it within {secs} s to check it (cross_check_evaluation needs two connected agents)"
+                "{what} was answered by {agent}, and no other agent answered it within {secs} s to check it (cross_check_evaluation needs two connected agents with credentials of their own)"
             );
             if let Err(e) = self.fail_run(inner, &run_id, &why) {
                 tracing::error!(run = run_id, "cannot fail a run: {e}");

@@ -4,8 +4,11 @@
 
 use super::queries_tests::run_events;
 use super::recovery_tests::open_in;
-use super::tests::{TestAgent, assigned, built, connect_agent, flake_run, test_engine};
+use super::tests::{
+    TestAgent, assigned, built, connect_agent, flake_run, registration, test_engine,
+};
 use super::*;
+use crate::credentials::Credential;
 use nixfarm_core::RunEvent;
 
 const LIB: &str = "/nix/store/00000000000000000000000000000000-lib.drv";
@@ -231,7 +234,7 @@ fn an_agent_never_checks_its_own_build_and_nobody_else_checking_it_fails_it_afte
     assert_eq!(status, PackageStatus::InfraFailed);
     assert_eq!(
         reason,
-        "built on a, but no other agent took its check within 60 s (cross_check_builds needs a second agent that can build it)"
+        "built on a, but no other agent took its check within 60 s (cross_check_builds needs a second agent, with a credential of its own, that can build it)"
     );
     assert_eq!(engine.report(&run).unwrap().state, RunState::Finished);
 }
@@ -251,7 +254,7 @@ fn an_evaluation_nobody_else_answers_fails_the_run_after_the_wait() {
     assert_eq!(report.state, RunState::Failed);
     assert_eq!(
         report.error,
-        "the attribute listing was answered by a, and no other agent answered it within 60 s to check it (cross_check_evaluation needs two connected agents)"
+        "the attribute listing was answered by a, and no other agent answered it within 60 s to check it (cross_check_evaluation needs two connected agents with credentials of their own)"
     );
 }
 
@@ -279,4 +282,36 @@ fn a_build_awaiting_its_check_survives_a_restart() {
     assert_eq!((drv.as_str(), is_check), (LIB, true));
     answer(&engine, "b", &b, check, built(LIB_OUT));
     assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
+}
+
+/// Registers a one-job agent admitted by `credential`.
+fn connect_with(engine: &Engine, name: &str, credential: Credential) -> TestAgent {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reg = Registration {
+        credential,
+        ..registration(name, "")
+    };
+    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
+    TestAgent { conn, session, rx }
+}
+
+#[test]
+fn two_names_on_one_join_token_do_not_check_each_other() {
+    let (engine, _clock, _dir) = test_engine(cross_checked());
+    let mut a = connect_with(&engine, "a", Credential::JoinToken);
+    let run = engine.submit(flake_run()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _) = handed(&mut a);
+    // The same holder under a second name, idle: not handed the check.
+    let mut twin = connect_with(&engine, "a-twin", Credential::JoinToken);
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    assert!(
+        idle(&mut twin),
+        "a second name on a's token was handed its check"
+    );
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    // An agent with a certificate of its own is.
+    let mut other = connect_with(&engine, "b", Credential::Certificate("ab12".into()));
+    let (_, drv, check) = handed(&mut other);
+    assert_eq!((drv.as_str(), check), (LIB, true));
 }

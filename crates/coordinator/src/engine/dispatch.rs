@@ -44,16 +44,24 @@ impl Engine {
                 caps.fetches_only = !build_free;
                 caps.builds_only = fetching >= max;
                 // Evaluation first: it unlocks builds and their priorities.
+                // A cross-check goes to an agent that is not the first one's holder.
+                let agents = &inner.agents;
+                let independent_of = |other: &str| super::independent(agents, &name, other);
                 let next = if eval_free {
-                    Self::next_eval(&mut inner.runs, &self.opts, &name)
+                    Self::next_eval(&mut inner.runs, &self.opts, &independent_of)
                 } else {
                     None
                 };
                 let next = match next {
                     Some(n) => Some(n),
-                    None if build_free || fetch_free => {
-                        Self::next_build(&mut inner.runs, &caps, &name, &self.opts, now)
-                    }
+                    None if build_free || fetch_free => Self::next_build(
+                        &mut inner.runs,
+                        &caps,
+                        &name,
+                        &independent_of,
+                        &self.opts,
+                        now,
+                    ),
                     None => None,
                 };
                 let Some((run_id, job_ref, job, target)) = next else {
@@ -160,14 +168,14 @@ impl Engine {
     fn next_eval(
         runs: &mut [RunMem],
         opts: &EngineOptions,
-        agent: &str,
+        independent_of: &dyn Fn(&str) -> bool,
     ) -> Option<(String, JobRef, Job, String)> {
         for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
             let opinions = &run.opinions;
             let Some(at) = run.eval_queue.iter().position(|t| {
                 opinions
                     .get(&super::opinions::task_no(*t))
-                    .is_none_or(|o| o.agent != agent)
+                    .is_none_or(|o| independent_of(&o.agent))
             }) else {
                 continue;
             };
@@ -225,6 +233,7 @@ impl Engine {
         runs: &mut [RunMem],
         caps: &Capabilities,
         agent: &str,
+        independent_of: &dyn Fn(&str) -> bool,
         opts: &EngineOptions,
         now_ms: i64,
     ) -> Option<(String, JobRef, Job, String)> {
@@ -245,7 +254,7 @@ impl Engine {
                 continue;
             }
             // A check first: the derivation's dependents wait for it.
-            if let Some((job_ref, job, drv)) = Self::next_check(run, caps, agent) {
+            if let Some((job_ref, job, drv)) = Self::next_check(run, caps, independent_of) {
                 return Some((run.id.clone(), job_ref, job, drv));
             }
             let RunMem {

@@ -244,6 +244,26 @@ fn secret_key() -> String {
     }
 }
 
+/// Whether agents `a` and `b` count as two for a cross-check: different names, and
+/// different credentials (two names on one join token are one holder).
+fn independent(agents: &BTreeMap<String, AgentMem>, a: &str, b: &str) -> bool {
+    let credential = |n: &str| {
+        agents
+            .get(n)
+            .map(|m| m.reg.credential.clone())
+            .unwrap_or_default()
+    };
+    crate::credentials::Credential::independent((a, &credential(a)), (b, &credential(b)))
+}
+
+/// Whether some connected agent other than `agent` (and independent of it) could check its
+/// work: if not, the coordinator's log says what the run waits for.
+fn checker_connected(agents: &BTreeMap<String, AgentMem>, agent: &str) -> bool {
+    agents
+        .iter()
+        .any(|(n, a)| a.tx.is_some() && independent(agents, agent, n))
+}
+
 /// Compares secrets in time independent of where they differ.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

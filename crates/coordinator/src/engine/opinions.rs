@@ -52,7 +52,8 @@ impl Engine {
         let n = answer.task;
         let mut first = false;
         let verdict = match run.opinions.get(&n) {
-            Some(first) if first.agent == agent => Verdict::Wait,
+            // The same agent, or another name on the same credential: not a second opinion.
+            Some(first) if !super::independent(&inner.agents, &first.agent, agent) => Verdict::Wait,
             Some(first) if first.digest != answer.digest => {
                 Verdict::Disagree(disagreement(first, &answer, false))
             }
@@ -88,17 +89,12 @@ impl Engine {
             run.eval_queue.push_front(task);
         }
         if first {
-            let others = inner
-                .agents
-                .iter()
-                .filter(|(n, a)| *n != agent && a.tx.is_some())
-                .count();
-            if others == 0 {
+            if !super::checker_connected(&inner.agents, agent) {
                 tracing::warn!(
                     run = run_id,
                     task = n,
                     agent,
-                    "evaluation waits for a second agent to check it (cross_check_evaluation): none other is connected"
+                    "evaluation waits for a second agent to check it (cross_check_evaluation): none with a credential of its own is connected"
                 );
             }
             let agent = agent.to_string();

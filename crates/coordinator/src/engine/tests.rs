@@ -126,6 +126,7 @@ pub(super) fn registration(name: &str, session_key: &str) -> Registration {
         nix_version: "2.8.0".into(),
         running_attempts: vec![],
         session_key: session_key.into(),
+        credential: Default::default(),
     }
 }
 

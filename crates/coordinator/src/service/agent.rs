@@ -1,7 +1,7 @@
 //! The agent-facing service: one stream per agent, snapshot downloads, upload claims.
 
 use super::*;
-use crate::credentials::BoundName;
+use crate::credentials::{BoundName, Credential};
 
 /// Where agents find the farm cache, as registration tells them.
 #[derive(Debug, Clone)]
@@ -33,11 +33,12 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectAgentStream>, Status> {
         let bound = req.extensions().get::<BoundName>().cloned();
+        let credential = req.extensions().get::<Credential>().cloned();
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the stream ended before the agent registered")
         })?;
-        let reg: Registration = match first.msg {
+        let mut reg: Registration = match first.msg {
             Some(pb::agent_message::Msg::Register(r)) => r.try_into()?,
             _ => {
                 return Err(Status::invalid_argument(
@@ -46,6 +47,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             }
         };
         own_name(bound.as_ref(), &reg.name)?;
+        // Never absent (the token check sets it); a join token if it were.
+        reg.credential = credential.unwrap_or(Credential::JoinToken);
         let name = reg.name.clone();
         let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
         let (conn, session_key) = self.engine.connect_agent(reg, tx)?;

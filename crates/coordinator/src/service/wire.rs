@@ -244,6 +244,7 @@ impl TryFrom<pb::Register> for Registration {
             nix_version: truncate(r.nix_version, 256),
             running_attempts: r.running_attempts,
             session_key: r.session_key.chars().take(128).collect(),
+            credential: Default::default(),
         })
     }
 }
