@@ -278,6 +278,7 @@ fn registration(name: &str, max_jobs: u32, running: Vec<String>, key: &str) -> R
         nix_version: "2.24.0".into(),
         running_attempts: running,
         session_key: key.into(),
+        credential: Default::default(),
     }
 }
 
