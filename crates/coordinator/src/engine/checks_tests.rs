@@ -79,7 +79,7 @@ fn handed(a: &mut TestAgent) -> (String, String, bool) {
 }
 
 /// Whether `a` was handed no job (other messages, such as a run's end, aside).
-fn idle(a: &mut TestAgent) -> bool {
+pub(super) fn idle(a: &mut TestAgent) -> bool {
     std::iter::from_fn(|| a.rx.try_recv().ok()).all(|m| !matches!(m, ToAgent::Assign { .. }))
 }
 
@@ -285,7 +285,7 @@ fn a_build_awaiting_its_check_survives_a_restart() {
 }
 
 /// Registers a one-job agent admitted by `credential`.
-fn connect_with(engine: &Engine, name: &str, credential: Credential) -> TestAgent {
+pub(super) fn connect_with(engine: &Engine, name: &str, credential: Credential) -> TestAgent {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let reg = Registration {
         credential,

@@ -302,3 +302,22 @@ fn what_one_agent_alone_says_the_cache_holds_is_built() {
         );
     }
 }
+
+#[test]
+fn a_second_name_on_the_same_join_token_is_not_a_second_opinion() {
+    use super::checks_tests::{connect_with, idle};
+    use crate::credentials::Credential;
+    let (engine, _dir) = engine();
+    let mut a = connect_with(&engine, "a", Credential::JoinToken);
+    let run = engine.submit(flake_run()).unwrap();
+    answer_listing(&engine, "a", &mut a, '1');
+    let mut twin = connect_with(&engine, "a-twin", Credential::JoinToken);
+    assert!(
+        idle(&mut twin),
+        "a second name on a's token was asked to check it"
+    );
+    assert!(engine.report(&run).unwrap().packages.is_empty());
+    let mut b = connect_with(&engine, "b", Credential::NamedToken("b".into()));
+    answer_listing(&engine, "b", &mut b, '1');
+    assert_eq!(engine.report(&run).unwrap().packages.len(), 1);
+}
