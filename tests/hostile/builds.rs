@@ -182,6 +182,7 @@ async fn an_output_an_agent_forged_is_caught_by_the_check() {
                 name: "out".into(),
                 path: out,
             }],
+            checked: job.check,
             ..Default::default()
         }))
         .await;

@@ -240,6 +240,9 @@ pub struct BuildReport {
     pub smoke: nixfarm_core::Smoke,
     #[serde(default)]
     pub smoke_output: String,
+    /// A check build that really built the derivation again and compared its outputs.
+    #[serde(default)]
+    pub checked: bool,
 }
 
 /// Cross-checked builds: a derivation one agent built, whose result counts once another

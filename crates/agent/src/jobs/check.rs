@@ -108,6 +108,7 @@ pub(super) async fn check(
     match run.result {
         Ok(_) => {
             r.status = pb::BuildStatus::Built as i32;
+            r.checked = true;
             r.outputs = d
                 .outputs
                 .into_iter()

@@ -111,6 +111,19 @@ impl Engine {
         };
         let (by, checker, drv) = (&first.built_by, &a.agent, first.drv.clone());
         let terminal = run.state.is_terminal();
+        // "Built" from an agent that did not check (one that predates checks builds the
+        // derivation as usual, substituting it from the cache) vouches for nothing.
+        let report = if report.kind.produced_outputs() && !report.checked {
+            BuildReport {
+                kind: BuildOutcome::InfraFailed,
+                message: format!(
+                    "agent {checker} answered without checking (is it older than cross_check_builds?)"
+                ),
+                ..report
+            }
+        } else {
+            report
+        };
         let settled = match report.kind {
             BuildOutcome::Built | BuildOutcome::NotCached => BuildReport {
                 message: format!(

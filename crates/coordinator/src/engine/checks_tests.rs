@@ -78,6 +78,14 @@ fn handed(a: &mut TestAgent) -> (String, String, bool) {
     }
 }
 
+/// A check's answer: built again, and the same.
+fn checked(out: &str) -> BuildReport {
+    BuildReport {
+        checked: true,
+        ..built(out)
+    }
+}
+
 /// Whether `a` was handed no job (other messages, such as a run's end, aside).
 pub(super) fn idle(a: &mut TestAgent) -> bool {
     std::iter::from_fn(|| a.rx.try_recv().ok()).all(|m| !matches!(m, ToAgent::Assign { .. }))
@@ -122,7 +130,7 @@ fn a_build_counts_once_another_agent_built_the_same_and_only_then_its_dependents
         RunEvent::JobAwaitingCheck { drv, agent, .. } if drv == LIB && agent == "a")));
     assert!(events.iter().any(|e| matches!(e,
         RunEvent::JobCheckStarted { drv, agent, built_by, .. } if drv == LIB && agent == "b" && built_by == "a")));
-    answer(&engine, "b", &b, check, built(LIB_OUT));
+    answer(&engine, "b", &b, check, checked(LIB_OUT));
     let (status, reason) = status_of(&engine, &run, "lib");
     assert_eq!(status, PackageStatus::Ready, "{reason}");
     // app goes to whichever agent is free first; its check goes to the other.
@@ -140,7 +148,7 @@ fn a_build_counts_once_another_agent_built_the_same_and_only_then_its_dependents
     assert!(idle(&mut first), "{name} was handed its own check");
     let (attempt, drv, check) = handed(&mut other);
     assert_eq!((drv.as_str(), check), (APP, true));
-    answer(&engine, other_name, &other, attempt, built(APP_OUT));
+    answer(&engine, other_name, &other, attempt, checked(APP_OUT));
     let report = engine.report(&run).unwrap();
     assert_eq!(report.state, RunState::Finished);
     assert_eq!(report.summary.ready, 2, "{:?}", report.packages);
@@ -280,7 +288,7 @@ fn a_build_awaiting_its_check_survives_a_restart() {
     let mut b = connect_agent(&engine, "b");
     let (check, drv, is_check) = handed(&mut b);
     assert_eq!((drv.as_str(), is_check), (LIB, true));
-    answer(&engine, "b", &b, check, built(LIB_OUT));
+    answer(&engine, "b", &b, check, checked(LIB_OUT));
     assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
 }
 
@@ -314,4 +322,25 @@ fn two_names_on_one_join_token_do_not_check_each_other() {
     let mut other = connect_with(&engine, "b", Credential::Certificate("ab12".into()));
     let (_, drv, check) = handed(&mut other);
     assert_eq!((drv.as_str(), check), (LIB, true));
+}
+
+#[test]
+fn built_from_an_agent_that_did_not_check_is_not_a_check() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        max_infra_retries: 1,
+        ..cross_checked()
+    });
+    let (run, _a, mut b, check) = lib_built_by_a(&engine);
+    // An agent that predates checks builds (substitutes) and says "built".
+    answer(&engine, "b", &b, check, built(LIB_OUT));
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    let (check, drv, is_check) = handed(&mut b);
+    assert_eq!((drv.as_str(), is_check), (LIB, true));
+    answer(&engine, "b", &b, check, built(LIB_OUT));
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::InfraFailed);
+    assert_eq!(
+        reason,
+        "built on a, but it could not be checked on b: agent b answered without checking (is it older than cross_check_builds?)"
+    );
 }

@@ -490,6 +490,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                             }
                         },
                         smoke_output: truncate(b.smoke_output, lim::MAX_MESSAGE),
+                        checked: b.checked,
                     },
                 }
             }
