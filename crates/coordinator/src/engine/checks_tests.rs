@@ -122,8 +122,19 @@ fn lib_built_by_a(engine: &Engine) -> (String, TestAgent, TestAgent, String) {
 fn a_build_counts_once_another_agent_built_the_same_and_only_then_its_dependents_start() {
     let (engine, _clock, _dir) = test_engine(cross_checked());
     let (run, mut a, mut b, check) = lib_built_by_a(&engine);
-    // Built once: not ready, and nothing builds on it yet.
-    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    // Built once: not ready, and nothing builds on it yet; operators see it waiting.
+    assert_eq!(
+        status_of(&engine, &run, "lib"),
+        (
+            PackageStatus::Pending,
+            "built on a; b builds it again to check it".to_string()
+        )
+    );
+    let metrics = engine.metrics_text().unwrap();
+    assert!(
+        metrics.contains("nixfarm_jobs{state=\"awaiting-check\"} 1"),
+        "{metrics}"
+    );
     assert!(idle(&mut a), "app started before lib was checked");
     let events = run_events(&engine, &run);
     assert!(events.iter().any(|e| matches!(e,
@@ -235,7 +246,13 @@ fn an_agent_never_checks_its_own_build_and_nobody_else_checking_it_fails_it_afte
     assert!(idle(&mut a), "a was handed a check of its own build");
     clock.advance(59_000);
     engine.check_leases();
-    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    assert_eq!(
+        status_of(&engine, &run, "lib"),
+        (
+            PackageStatus::Pending,
+            "built on a; waiting for another agent to check it".to_string()
+        )
+    );
     clock.advance(1_000);
     engine.check_leases();
     let (status, reason) = status_of(&engine, &run, "lib");

@@ -31,6 +31,8 @@ impl Engine {
                     let k = match s.state(id) {
                         NodeState::Waiting => "waiting-on-dependencies",
                         NodeState::Ready => "queued",
+                        // Built once, its second build (cross_check_builds) to come or going.
+                        NodeState::Running if run.checks.contains_key(&id) => "awaiting-check",
                         NodeState::Running => "running",
                         _ => continue,
                     };
@@ -42,7 +44,12 @@ impl Engine {
             out,
             "# HELP nixfarm_jobs Build jobs of unfinished runs by state.\n# TYPE nixfarm_jobs gauge"
         );
-        for k in ["waiting-on-dependencies", "queued", "running"] {
+        for k in [
+            "waiting-on-dependencies",
+            "queued",
+            "running",
+            "awaiting-check",
+        ] {
             let _ = writeln!(
                 out,
                 "nixfarm_jobs{{state=\"{k}\"}} {}",

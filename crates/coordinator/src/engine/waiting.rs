@@ -96,9 +96,20 @@ pub(super) fn waiting_reason(inner: &Inner, run_id: &str, drv: &str) -> String {
                 .attempts
                 .values()
                 .find(|a| a.run_id == run_id && a.target == drv)
-                .map(|a| a.agent.clone())
-                .unwrap_or_default();
-            format!("building on {agent}")
+                .map(|a| a.agent.clone());
+            match (run.checks.get(&top), agent) {
+                (Some(c), Some(agent)) => {
+                    format!(
+                        "built on {}; {agent} builds it again to check it",
+                        c.built_by
+                    )
+                }
+                (Some(c), None) => format!(
+                    "built on {}; waiting for another agent to check it",
+                    c.built_by
+                ),
+                (None, agent) => format!("building on {}", agent.unwrap_or_default()),
+            }
         }
         NodeState::Ready => queued(top),
         NodeState::Waiting => {
