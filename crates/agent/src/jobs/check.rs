@@ -75,7 +75,10 @@ pub(super) async fn check(
                     )
                 })
                 .map(|h| h.digest);
-            if here.as_ref() != Some(&cached) {
+            let Some(here) = here else {
+                return infra(format!("cannot read this store's copy of {out}"));
+            };
+            if here != cached {
                 return pb::BuildResult {
                     status: pb::BuildStatus::NotReproducible as i32,
                     message: format!(

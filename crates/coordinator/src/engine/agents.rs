@@ -240,17 +240,13 @@ impl Engine {
             return Ok(());
         };
         match a.job {
-            JobRef::Eval(t) => run.eval_queue.push_front(t),
+            JobRef::Eval(t) => run.requeue_eval(t, self.clock.now_ms(), true),
             JobRef::Build(n) => {
                 if let Some(s) = run.sched.as_mut() {
                     s.requeue(n);
                 }
             }
-            JobRef::Check(n) => {
-                if run.checks.contains_key(&n) {
-                    run.check_queue.push_front(n);
-                }
-            }
+            JobRef::Check(n) => Self::requeue_check(run, n, self.clock.now_ms()),
         }
         Ok(())
     }

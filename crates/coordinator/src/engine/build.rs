@@ -35,10 +35,10 @@ impl Engine {
             return Ok(());
         }
         // Cross-checked builds: what an agent built counts once another has built it again
-        // (a fixed output's hash already vouches for it; outputs whose push failed are in
-        // no cache to compare with).
+        // (a fixed output's hash already vouches for it).
+        // "Not cached" too: the agent's word that its push failed is no reason to skip it.
         if self.opts.cross_check_builds
-            && report.kind == BuildOutcome::Built
+            && report.kind.produced_outputs()
             && !sched.class(node).fetch
         {
             return self.queue_check(inner, &a.run_id, node, &a.agent, report);

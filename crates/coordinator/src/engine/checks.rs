@@ -172,26 +172,14 @@ impl Engine {
                     ..report
                 }
             }
-            BuildOutcome::NotReproducible => {
-                // What was pushed is not vouched for: nobody substitutes it from the farm
-                // cache again, in this run or a later one.
-                let outputs: Vec<String> = run
-                    .outputs_of
-                    .get(node as usize)
-                    .map(|o| o.values().cloned().collect())
-                    .unwrap_or_default();
-                if let Some(f) = self.failed_check.get() {
-                    f(&outputs);
-                }
-                BuildReport {
-                    message: format!(
-                        "{by} and {checker} built different outputs: the build is not reproducible, or one of them did not build what the derivation says ({})",
-                        report.message
-                    ),
-                    agent: checker.clone(),
-                    ..report
-                }
-            }
+            BuildOutcome::NotReproducible => BuildReport {
+                message: format!(
+                    "{by} and {checker} built different outputs: the build is not reproducible, or one of them did not build what the derivation says ({})",
+                    report.message
+                ),
+                agent: checker.clone(),
+                ..report
+            },
             BuildOutcome::Cancelled => report,
             BuildOutcome::BuildFailed
             | BuildOutcome::HashMismatch
@@ -208,15 +196,29 @@ impl Engine {
         self.settle_check(inner, &a.run_id.clone(), node, &a.agent.clone(), settled)
     }
 
-    fn requeue_check(run: &mut RunMem, node: NodeId, now: i64) {
+    /// A check back in the queue (its attempt lost or broken): its wait for an agent
+    /// starts again.
+    pub(super) fn requeue_check(run: &mut RunMem, node: NodeId, now: i64) {
         if let Some(c) = run.checks.get_mut(&node) {
-            // Its wait for an agent starts again.
             c.queued_ms = now;
             run.check_queue.push_front(node);
         }
     }
 
-    /// Ends a check one way or the other: forgotten, and the build's outcome applied.
+    /// Tells the farm cache to stop serving a build's outputs: no check vouched for them.
+    fn withdraw(&self, run: &RunMem, node: NodeId) {
+        let outputs: Vec<String> = run
+            .outputs_of
+            .get(node as usize)
+            .map(|o| o.values().filter(|p| !p.is_empty()).cloned().collect())
+            .unwrap_or_default();
+        if let Some(f) = self.failed_check.get() {
+            f(&outputs);
+        }
+    }
+
+    /// Ends a check one way or the other: forgotten, and the build's outcome applied. What
+    /// did not pass its check is no longer served by the farm cache.
     fn settle_check(
         &self,
         inner: &mut Inner,
@@ -232,34 +234,97 @@ impl Engine {
             return Ok(());
         };
         run.check_queue.retain(|n| *n != node);
+        if !report.kind.produced_outputs() {
+            self.withdraw(run, node);
+        }
         inner.db.drop_build_check(run_id, &c.drv)?;
         self.finish_build(inner, run_id, node, agent, report, false)
     }
 
-    /// Cross-checks nobody took within the wait: a build's check fails it (infrastructure,
-    /// saying why); an evaluation answer nobody else gave fails the run.
+    /// A run that ended before its checks did (cancelled, failed): what they were to vouch
+    /// for is withdrawn, and they are forgotten.
+    pub(super) fn drop_checks(&self, inner: &mut Inner, run_id: &str) -> Result<(), EngineError> {
+        let Inner { runs, db, .. } = inner;
+        let Some(run) = runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        run.check_queue.clear();
+        let pending: Vec<NodeId> = run.checks.keys().copied().collect();
+        for n in pending {
+            self.withdraw(run, n);
+            if let Some(c) = run.checks.remove(&n) {
+                db.drop_build_check(run_id, &c.drv)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cross-checks still waiting for an agent, after the coordinator restarted with the
+    /// option turned off: the builds count as they would without it.
+    pub(super) fn settle_checks_unchecked(&self, inner: &mut Inner) -> Result<(), EngineError> {
+        let pending: Vec<(String, NodeId, PendingCheck)> = inner
+            .runs
+            .iter()
+            .flat_map(|r| r.checks.iter().map(|(n, c)| (r.id.clone(), *n, c.clone())))
+            .collect();
+        for (run_id, node, c) in pending {
+            self.settle_check(inner, &run_id, node, &c.built_by, c.report)?;
+        }
+        Ok(())
+    }
+
+    /// Cross-checks nobody could take within the wait (no connected agent other than the
+    /// first one's holder, able to take it): a build's check fails it (infrastructure,
+    /// saying why); an evaluation answer nobody else gave fails the run. While such an
+    /// agent is connected, if busy, the wait starts again: the check waits its turn.
     pub(super) fn expire_cross_checks(&self, inner: &mut Inner, now: i64) {
         let wait = self.opts.cross_check_wait_ms;
         let secs = wait / 1000;
-        let mut builds = Vec::new();
-        let mut evals = Vec::new();
-        for run in inner.runs.iter().filter(|r| !r.state.is_terminal()) {
+        let agents = &inner.agents;
+        let taker = |first: &str, class: Option<&crate::scheduler::Class>| {
+            agents.iter().any(|(n, a)| {
+                a.tx.is_some()
+                    && !a.draining
+                    && super::independent(agents, first, n)
+                    && class.is_none_or(|c| a.caps.can_build(c))
+            })
+        };
+        let (mut builds, mut evals) = (Vec::new(), Vec::new());
+        let (mut fresh_builds, mut fresh_evals) = (Vec::new(), Vec::new());
+        for (i, run) in inner.runs.iter().enumerate() {
+            if run.state.is_terminal() {
+                continue;
+            }
             for n in &run.check_queue {
-                if let Some(c) = run.checks.get(n)
-                    && now - c.queued_ms >= wait
-                {
+                let Some(c) = run.checks.get(n) else { continue };
+                if taker(&c.built_by, run.sched.as_ref().map(|s| s.class(*n))) {
+                    fresh_builds.push((i, *n));
+                } else if now - c.queued_ms >= wait {
                     builds.push((run.id.clone(), *n, c.built_by.clone()));
                 }
             }
-            let waiting = run.eval_queue.iter().find_map(|t| {
+            for t in &run.eval_queue {
                 let task = super::opinions::task_no(*t);
-                let since = run.opinion_since.get(&task)?;
-                let first = run.opinions.get(&task)?;
-                (now - since >= wait).then(|| (task, first.agent.clone()))
-            });
-            if let Some(w) = waiting {
-                evals.push((run.id.clone(), w));
+                let (Some(since), Some(first)) =
+                    (run.opinion_since.get(&task), run.opinions.get(&task))
+                else {
+                    continue;
+                };
+                if taker(&first.agent, None) {
+                    fresh_evals.push((i, task));
+                } else if now - since >= wait {
+                    evals.push((run.id.clone(), (task, first.agent.clone())));
+                    break;
+                }
             }
+        }
+        for (i, n) in fresh_builds {
+            if let Some(c) = inner.runs[i].checks.get_mut(&n) {
+                c.queued_ms = now;
+            }
+        }
+        for (i, task) in fresh_evals {
+            inner.runs[i].opinion_since.insert(task, now);
         }
         for (run_id, node, by) in builds {
             let report = BuildReport {

@@ -361,3 +361,113 @@ fn built_from_an_agent_that_did_not_check_is_not_a_check() {
         "built on a, but it could not be checked on b: agent b answered without checking (is it older than cross_check_builds?)"
     );
 }
+
+fn heartbeat(engine: &Engine, agent: &str, a: &TestAgent, paused: &str) {
+    let beat = FromAgent::Heartbeat {
+        running: vec![],
+        draining: false,
+        paused: paused.into(),
+    };
+    engine.agent_message(agent, a.conn, beat).unwrap();
+}
+
+#[test]
+fn a_check_waits_its_turn_while_an_agent_that_may_take_it_is_connected() {
+    let (engine, clock, _dir) = test_engine(cross_checked());
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _) = handed(&mut a);
+    // b is connected but takes no work for now (its disk is full).
+    let mut b = connect_agent(&engine, "b");
+    heartbeat(&engine, "b", &b, "disk full");
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    assert!(idle(&mut b));
+    for _ in 0..3 {
+        clock.advance(40_000);
+        heartbeat(&engine, "b", &b, "disk full");
+        engine.check_leases();
+    }
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    heartbeat(&engine, "b", &b, "");
+    let (_, drv, check) = handed(&mut b);
+    assert_eq!((drv.as_str(), check), (LIB, true));
+}
+
+#[test]
+fn a_check_lost_with_its_agent_waits_afresh_for_another() {
+    let (engine, clock, _dir) = test_engine(cross_checked());
+    let (run, _a, _b, _check) = lib_built_by_a(&engine);
+    // b went silent while checking, long after the build: its attempt is lost, and the
+    // check waits the whole wait again (a alone may not take it).
+    clock.advance(120_000);
+    engine.check_leases();
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    clock.advance(59_000);
+    engine.check_leases();
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    clock.advance(1_000);
+    engine.check_leases();
+    assert_eq!(
+        status_of(&engine, &run, "lib").0,
+        PackageStatus::InfraFailed
+    );
+}
+
+#[test]
+fn a_build_its_agent_says_it_could_not_push_is_checked_too() {
+    let (engine, _clock, _dir) = test_engine(cross_checked());
+    let mut a = connect_agent(&engine, "a");
+    engine.submit(flake_run()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _) = handed(&mut a);
+    let mut b = connect_agent(&engine, "b");
+    let not_cached = BuildReport {
+        kind: BuildOutcome::NotCached,
+        ..built(LIB_OUT)
+    };
+    answer(&engine, "a", &a, attempt, not_cached);
+    assert!(idle(&mut a), "app started on an unchecked lib");
+    let (_, drv, check) = handed(&mut b);
+    assert_eq!((drv.as_str(), check), (LIB, true));
+}
+
+#[test]
+fn a_run_cancelled_before_a_check_withdraws_what_it_would_have_vouched_for() {
+    let (engine, _clock, _dir) = test_engine(cross_checked());
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let t = told.clone();
+    engine.on_failed_check(Arc::new(move |paths: &[String]| {
+        t.lock().unwrap().extend_from_slice(paths)
+    }));
+    let (run, _a, _b, _check) = lib_built_by_a(&engine);
+    assert!(engine.cancel(&run).unwrap());
+    assert_eq!(*told.lock().unwrap(), [LIB_OUT]);
+    assert_eq!(engine.report(&run).unwrap().state, RunState::Cancelled);
+}
+
+#[test]
+fn turned_off_across_a_restart_the_builds_awaiting_checks_count_as_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let opts = EngineOptions {
+        lease_ms: 5_000,
+        ..cross_checked()
+    };
+    let engine = open_in(dir.path(), &clock, opts.clone());
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _) = handed(&mut a);
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    drop(engine);
+    let off = EngineOptions {
+        cross_check_builds: false,
+        ..opts
+    };
+    let engine = open_in(dir.path(), &clock, off);
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
+    let mut a = connect_agent(&engine, "a");
+    let (_, drv, check) = handed(&mut a);
+    assert_eq!((drv.as_str(), check), (APP, false));
+}

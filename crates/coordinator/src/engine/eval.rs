@@ -182,8 +182,9 @@ impl Engine {
             run = run_id,
             "evaluation infrastructure failure, retrying: {msg}"
         );
+        let now = self.clock.now_ms();
         if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
-            run.eval_queue.push_back(task);
+            run.requeue_eval(task, now, false);
         }
         Ok(())
     }

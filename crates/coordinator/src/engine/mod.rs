@@ -434,6 +434,19 @@ impl RunMem {
         }
     }
 
+    /// An evaluation task back in the queue (its attempt lost or broken): if a first
+    /// answer awaits its check, the wait for a second agent starts again.
+    fn requeue_eval(&mut self, task: EvalTask, now: i64, front: bool) {
+        if let Some(since) = self.opinion_since.get_mut(&opinions::task_no(task)) {
+            *since = now;
+        }
+        if front {
+            self.eval_queue.push_front(task);
+        } else {
+            self.eval_queue.push_back(task);
+        }
+    }
+
     fn eval_complete(&self) -> bool {
         self.eval_tasks_total
             .is_some_and(|t| self.eval_tasks_done.len() >= t)

@@ -159,6 +159,9 @@ impl Engine {
                 );
             }
         }
+        if !self.opts.cross_check_builds {
+            self.settle_checks_unchecked(inner)?;
+        }
         drop(g);
         self.check_all_runs();
         Ok(())

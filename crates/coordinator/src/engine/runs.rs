@@ -92,6 +92,7 @@ impl Engine {
         run.eval_queue.clear();
         run.state = RunState::Cancelled;
         Self::stop_builds(inner, run_id)?;
+        self.drop_checks(inner, run_id)?;
         inner
             .db
             .set_run_state(run_id, RunState::Cancelled, "", now)?;
@@ -206,6 +207,7 @@ impl Engine {
         }
         // Builds may already be going (they start with the first evaluated chunk).
         Self::stop_builds(inner, run_id)?;
+        self.drop_checks(inner, run_id)?;
         inner
             .db
             .set_run_state(run_id, RunState::Failed, error, self.clock.now_ms())?;
