@@ -150,7 +150,7 @@ in
               locality = mkOption { type = types.bool; default = true; description = "Of equally urgent derivations, give an agent the one whose inputs it built."; };
               cross_check_evaluation = mkOption { type = types.bool; default = false; description = "Have every evaluation task answered by two different agents and taken only when both agree: an agent that lies about what a package evaluates to fails the run. Doubles evaluation work; runs wait for two connected agents."; };
               cross_check_builds = mkOption { type = types.bool; default = false; description = "Have every derivation an agent builds (fixed-output ones aside) built again by a different agent, which compares its outputs with the cache's copy (nix-store --check): an agent that pushes something else, or a build that is not reproducible, makes the package not-reproducible, and the farm cache stops serving those outputs. Doubles build work."; };
-              cross_check_wait_secs = between 10 86400 600 "Longest wait, seconds, for a second agent to take a cross-check; then the run (evaluation) or the build fails, saying why.";
+              cross_check_wait_secs = between 10 86400 600 "Longest a cross-check waits, seconds, with no agent connected that could take it; then the run (evaluation) or the build fails, saying why.";
             };
             limits = {
               snapshot_max_bytes = between 1048576 4294967296 268435456 "Largest source snapshot (sum of its file sizes), bytes.";

@@ -172,10 +172,12 @@ pub struct SchedulerConfig {
     /// start, only once the two agree; otherwise its package is `not-reproducible`. About
     /// doubles the build work. Default false.
     pub cross_check_builds: bool,
-    /// Longest wait, seconds, for a second agent to take a cross-check (an evaluation answer
-    /// or a build to compare) once the first is in: with no other agent connected a run
-    /// would otherwise wait for ever. Past it the evaluation fails the run, and the build
-    /// counts as an infrastructure failure, both saying why. Default 600; 10 to 86400.
+    /// Longest time, seconds, a cross-check (an evaluation answer or a build to compare)
+    /// may wait with no agent connected that could take it (another credential; for a
+    /// build, one that builds its system and features): a run would otherwise wait for
+    /// ever. While such an agent is connected, if busy, the check waits its turn. Past it
+    /// the evaluation fails the run, and the build counts as an infrastructure failure,
+    /// both saying why. Default 600; 10 to 86400.
     pub cross_check_wait_secs: u64,
 }
 
