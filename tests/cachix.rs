@@ -336,3 +336,96 @@ fn nixfarm_local_publishes_to_cachix_and_a_refused_push_is_not_cached() {
         "the second run uploaded nothing new"
     );
 }
+
+/// Cross-checked builds against Cachix: each of two agents (separate stores) checks the
+/// other's builds by fetching them from Cachix, signatures required, and building them
+/// again. A deterministic package is ready; one that writes the time into its output is
+/// `not-reproducible`, though its first build is in Cachix (only the farm cache withdraws).
+#[test]
+fn agents_check_each_others_builds_through_cachix() {
+    let dir = scratch();
+    let name = "nixfarm-checked";
+    let (server, _pk, signing_key) = self_signed_cachix(dir.path(), name, 0, 0, None);
+    let coordinator = Coordinator::start_with_config(
+        &dir.path().join("coordinator"),
+        "[scheduler]\ncross_check_builds = true\n",
+    )
+    .unwrap();
+    let env = [
+        ("CACHIX_AUTH_TOKEN", TOKEN),
+        ("CACHIX_SIGNING_KEY", signing_key.as_str()),
+    ];
+    let (h0, h1) = (
+        Host::new(&dir.path().join("host0")),
+        Host::new(&dir.path().join("host1")),
+    );
+    let _a0 = h0
+        .start_agent_with_env("one", &coordinator.url, None, 1, &env)
+        .unwrap();
+    let _a1 = h1
+        .start_agent_with_env("two", &coordinator.url, None, 1, &env)
+        .unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: script: derivation { inherit name; system = "x86_64-linux";
+        builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
+    in { packages.x86_64-linux = {
+      stable = mk "stable" "echo stable > $out";
+      stamp = mk "stamp" "date +%s%N > $out";
+    }; }; }"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("nixfarm"))
+        .args([
+            "submit",
+            repo.to_str().unwrap(),
+            "--watch",
+            "--format",
+            "json",
+        ])
+        .args(["--cache", &format!("cachix://{name}")])
+        .args(["--cachix-api-url", &server.api_url()])
+        .env("NIXFARM_COORDINATOR", &coordinator.url)
+        .env("CACHIX_AUTH_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    let by = packages_by_attr(&report);
+    assert_eq!(by["stable"]["status"], "ready", "{report}");
+    assert_eq!(by["stamp"]["status"], "not-reproducible", "{report}");
+    let reason = by["stamp"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("built different outputs") && reason.contains("may not be deterministic"),
+        "{reason}"
+    );
+    // Both first builds went to Cachix (the checks push nothing), and stamp's stays there.
+    let created = server.counters.created.lock().unwrap().clone();
+    for p in ["stable", "stamp"] {
+        let n: u32 = created
+            .iter()
+            .filter(|(k, _)| k.ends_with(&format!("-{p}")))
+            .map(|(_, n)| *n)
+            .sum();
+        assert_eq!(n, 1, "{p}: {created:?}");
+    }
+    // Each was built by one agent and checked by the other.
+    let db = coordinator.db();
+    let mut st = db
+        .prepare("SELECT kind, agent, target FROM attempts WHERE state = 'done' AND kind IN ('build', 'check') ORDER BY target, kind")
+        .unwrap();
+    let rows: Vec<(String, String, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for pair in rows.chunks(2) {
+        assert_eq!((pair[0].0.as_str(), pair[1].0.as_str()), ("build", "check"));
+        assert_eq!(pair[0].2, pair[1].2);
+        assert_ne!(pair[0].1, pair[1].1, "{pair:?}");
+    }
+}
