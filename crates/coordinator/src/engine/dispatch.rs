@@ -109,6 +109,16 @@ impl Engine {
                         })
                         .is_ok()
                     });
+                // A check's event names whose build it checks.
+                let checking = match job_ref {
+                    JobRef::Check(n) => inner
+                        .runs
+                        .iter()
+                        .find(|r| r.id == run_id)
+                        .and_then(|r| r.checks.get(&n))
+                        .map(|c| c.built_by.clone()),
+                    _ => None,
+                };
                 let mem = AttemptMem {
                     run_id: run_id.clone(),
                     job: job_ref,
@@ -139,15 +149,7 @@ impl Engine {
                             agent: name.clone(),
                         },
                     );
-                } else if let (AttemptKind::Check, Some(built_by)) = (
-                    kind,
-                    inner
-                        .runs
-                        .iter()
-                        .find(|r| r.id == run_id)
-                        .and_then(|r| r.node_of.get(&target).and_then(|n| r.checks.get(n)))
-                        .map(|c| c.built_by.clone()),
-                ) {
+                } else if let Some(built_by) = checking {
                     self.emit(
                         inner,
                         &run_id,
