@@ -7,14 +7,13 @@ use nixfarm_nix::derivation::Derivation;
 
 /// Checks `d`, whose outputs another agent pushed to the run's cache (`push`; None: agents
 /// share this store, and its copy is the one checked).
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn check(
     shared: &Arc<Shared>,
     d: Option<Derivation>,
     opts: &BuildOptions,
     push: Option<&nixfarm_store::Pusher>,
     cancel: CancellationToken,
-    mut on_log: impl FnMut(&[u8]) + Send,
+    on_log: impl FnMut(&[u8]) + Send,
 ) -> pb::BuildResult {
     let infra = |message: String| pb::BuildResult {
         status: pb::BuildStatus::InfraFailed as i32,
@@ -94,10 +93,7 @@ pub(super) async fn check(
         gc_root: None,
         ..opts.clone()
     };
-    let run = shared
-        .nix
-        .realise(&d.path, &check, cancel, |c| on_log(c))
-        .await;
+    let run = shared.nix.realise(&d.path, &check, cancel, on_log).await;
     let mut r = pb::BuildResult {
         duration_ms: run.duration.as_millis() as u64,
         log_tail: run.log_tail.clone(),
