@@ -650,3 +650,56 @@ fn packages_built_on_a_library_with_a_fake_hash_end_ready_once_it_is_fixed() {
     let text = std::fs::read_to_string(repo.join("pkgs/lib.nix")).unwrap();
     assert!(text.contains(&sri("lib source")), "{text}");
 }
+
+/// `nixfarm local --agents 2 --cross-check-builds` is a reproducibility check on one
+/// machine: each package is built once and again by the other local agent (`--check`
+/// against the shared store); one that writes the time into its output is
+/// `not-reproducible`. With one agent there is nobody to check, and it says so at once.
+#[test]
+fn local_cross_checked_builds_find_what_is_not_reproducible() {
+    let dir = scratch();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: script: derivation { inherit name; system = "x86_64-linux";
+        builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
+    in { packages.x86_64-linux = {
+      stable = mk "stable" "echo stable > $out";
+      stamp = mk "stamp" "date +%s%N > $out";
+    }; }; }"#,
+    )
+    .unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let report = local(
+        &host,
+        &state,
+        &repo,
+        &["--agents", "2", "--cross-check-builds"],
+    );
+    let by = packages_by_attr(&report);
+    assert_eq!(by["stable"]["status"], "ready", "{report}");
+    assert_eq!(by["stamp"]["status"], "not-reproducible", "{report}");
+    let reason = by["stamp"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("built different outputs") && reason.contains("may not be deterministic"),
+        "{reason}"
+    );
+    let out = host
+        .command(&[
+            bin("nixfarm").to_str().unwrap(),
+            "local",
+            repo.to_str().unwrap(),
+            "--cross-check-builds",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--cross-check-builds has a second agent build everything again: run with --agents 2 or more"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -134,6 +134,12 @@ pub struct RunArgs {
     /// packages without one are skipped and counted. Default: the CLI config's `smoke`.
     #[arg(long)]
     pub smoke: bool,
+    /// Have every build checked: a second agent, admitted by another credential, fetches
+    /// the outputs from the cache and builds the derivation again (`nix-store --check`);
+    /// a difference makes the package not-reproducible. About doubles the build work. The
+    /// coordinator may do it for every run (`[scheduler] cross_check_builds`).
+    #[arg(long)]
+    pub cross_check_builds: bool,
     /// Public key the cache's signatures are checked against (NAME:BASE64); repeat for
     /// several.
     #[arg(long = "trusted-public-key", value_name = "KEY")]

@@ -112,6 +112,9 @@ pub struct RunSpec {
     /// Run each built package's main program (smoke tests).
     #[serde(default)]
     pub smoke: bool,
+    /// Have every build checked by a second agent (the coordinator may do it for every run).
+    #[serde(default)]
+    pub cross_check_builds: bool,
     /// A Nix file of the snapshot to evaluate instead of its flake.
     #[serde(default)]
     pub entry: EntrySpec,

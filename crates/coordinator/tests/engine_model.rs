@@ -265,6 +265,7 @@ fn run_spec() -> RunSpec {
         skip_cached: false,
         skip_listing: false,
         smoke: false,
+        cross_check_builds: false,
         entry: Default::default(),
     }
 }

@@ -15,6 +15,11 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         .output();
     // Check the source before starting a farm for it.
     source::check_local_or_ref(&args.source)?;
+    if args.run.cross_check_builds && args.agents < 2 {
+        bail!(
+            "--cross-check-builds has a second agent build everything again: run with --agents 2 or more"
+        );
+    }
     let state_dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => std::env::var_os("HOME")

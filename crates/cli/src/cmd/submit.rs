@@ -125,6 +125,7 @@ pub(crate) async fn submit(
         skip_cached: run.skip_cached,
         skip_listing: known && !attrs.is_empty(),
         smoke: run.smoke,
+        cross_check_builds: run.cross_check_builds,
     };
     let resp = client
         .raw()

@@ -189,9 +189,7 @@ impl Engine {
                 a.tx = None;
             }
         }
-        if self.opts.cross_check_builds || self.opts.cross_check_eval {
-            self.expire_cross_checks(inner, now);
-        }
+        self.expire_cross_checks(inner, now);
         self.dispatch(inner);
     }
 

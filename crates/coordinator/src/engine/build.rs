@@ -37,7 +37,7 @@ impl Engine {
         // Cross-checked builds: what an agent built counts once another has built it again
         // (a fixed output's hash already vouches for it).
         // "Not cached" too: the agent's word that its push failed is no reason to skip it.
-        if self.opts.cross_check_builds
+        if (self.opts.cross_check_builds || run.spec.cross_check_builds)
             && report.kind.produced_outputs()
             && !sched.class(node).fetch
         {

@@ -260,11 +260,16 @@ impl Engine {
     }
 
     /// Cross-checks still waiting for an agent, after the coordinator restarted with the
-    /// option turned off: the builds count as they would without it.
+    /// option turned off (and the run did not ask for them): the builds count as they
+    /// would without it.
     pub(super) fn settle_checks_unchecked(&self, inner: &mut Inner) -> Result<(), EngineError> {
+        if self.opts.cross_check_builds {
+            return Ok(());
+        }
         let pending: Vec<(String, NodeId, PendingCheck)> = inner
             .runs
             .iter()
+            .filter(|r| !r.spec.cross_check_builds)
             .flat_map(|r| r.checks.iter().map(|(n, c)| (r.id.clone(), *n, c.clone())))
             .collect();
         for (run_id, node, c) in pending {

@@ -64,3 +64,22 @@ pub(super) fn run_events(engine: &Engine, run: &str) -> Vec<nixfarm_core::RunEve
         .map(|e| serde_json::from_str(&e.json).unwrap())
         .collect()
 }
+
+/// A run of a flake's packages.x86_64-linux, no cache.
+pub(super) fn flake_run() -> RunSpec {
+    RunSpec {
+        source: SourceSpec::FlakeRef("github:owner/repo".into()),
+        attr_path: "packages.x86_64-linux".into(),
+        label: String::new(),
+        cache: String::new(),
+        trusted_public_keys: vec![],
+        timeout_secs: 0,
+        max_silent_secs: 0,
+        attrs: vec![],
+        skip_cached: false,
+        skip_listing: false,
+        smoke: false,
+        cross_check_builds: false,
+        entry: Default::default(),
+    }
+}

@@ -159,9 +159,7 @@ impl Engine {
                 );
             }
         }
-        if !self.opts.cross_check_builds {
-            self.settle_checks_unchecked(inner)?;
-        }
+        self.settle_checks_unchecked(inner)?;
         drop(g);
         self.check_all_runs();
         Ok(())

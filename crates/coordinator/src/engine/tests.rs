@@ -137,23 +137,7 @@ pub(super) fn connect_agent(engine: &Engine, name: &str) -> TestAgent {
     TestAgent { conn, session, rx }
 }
 
-/// A run of a flake's packages.x86_64-linux, no cache.
-pub(super) fn flake_run() -> RunSpec {
-    RunSpec {
-        source: SourceSpec::FlakeRef("github:owner/repo".into()),
-        attr_path: "packages.x86_64-linux".into(),
-        label: String::new(),
-        cache: String::new(),
-        trusted_public_keys: vec![],
-        timeout_secs: 0,
-        max_silent_secs: 0,
-        attrs: vec![],
-        skip_cached: false,
-        skip_listing: false,
-        smoke: false,
-        entry: Default::default(),
-    }
-}
+pub(super) use super::queries_tests::flake_run;
 
 /// The next assignment sent to an agent: (attempt, job).
 pub(super) fn assigned(rx: &mut mpsc::UnboundedReceiver<ToAgent>) -> (String, Job) {

@@ -194,6 +194,7 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
             skip_cached: r.skip_cached,
             skip_listing,
             smoke: r.smoke,
+            cross_check_builds: r.cross_check_builds,
             entry: entry_from_wire(r.entry)?,
         };
         // A Nix file is read from an uploaded tree; a remote flake has no such file here.
