@@ -471,3 +471,34 @@ fn turned_off_across_a_restart_the_builds_awaiting_checks_count_as_built() {
     let (_, drv, check) = handed(&mut a);
     assert_eq!((drv.as_str(), check), (APP, false));
 }
+
+#[test]
+fn a_run_may_ask_for_checks_the_coordinator_does_not_make_and_keeps_them_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let off = EngineOptions {
+        lease_ms: 5_000,
+        cross_check_wait_ms: 60_000,
+        ..Default::default()
+    };
+    let engine = open_in(dir.path(), &clock, off.clone());
+    let mut a = connect_agent(&engine, "a");
+    let run = engine
+        .submit(RunSpec {
+            cross_check_builds: true,
+            ..flake_run()
+        })
+        .unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _) = handed(&mut a);
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    drop(engine);
+    let engine = open_in(dir.path(), &clock, off);
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    let mut b = connect_agent(&engine, "b");
+    let (check, drv, is_check) = handed(&mut b);
+    assert_eq!((drv.as_str(), is_check), (LIB, true));
+    answer(&engine, "b", &b, check, checked(LIB_OUT));
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
+}
