@@ -253,6 +253,16 @@ fn an_agent_never_checks_its_own_build_and_nobody_else_checking_it_fails_it_afte
             "built on a; waiting for another agent to check it".to_string()
         )
     );
+    // `nixfarm agents` lists it among the farm's waiting jobs.
+    assert!(
+        engine.waiting_jobs().contains(&(
+            "built, waiting for another agent to check it".to_string(),
+            1,
+            "lib".to_string()
+        )),
+        "{:?}",
+        engine.waiting_jobs()
+    );
     clock.advance(1_000);
     engine.check_leases();
     let (status, reason) = status_of(&engine, &run, "lib");

@@ -27,6 +27,10 @@ impl Engine {
                         .or_insert_with(|| queued_reason(&g, sched.class(id)))
                         .clone(),
                     NodeState::Waiting => "waiting on dependencies".into(),
+                    // Built once; its check not taken yet (cross-checked builds).
+                    NodeState::Running if run.check_queue.contains(&id) => {
+                        "built, waiting for another agent to check it".into()
+                    }
                     _ => continue,
                 };
                 let e = groups
