@@ -365,19 +365,7 @@ fn agents_check_each_others_builds_through_cachix() {
     let _a1 = h1
         .start_agent_with_env("two", &coordinator.url, None, 1, &env)
         .unwrap();
-    let repo = dir.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(
-        repo.join("flake.nix"),
-        r#"{ outputs = { self }: let
-      mk = name: script: derivation { inherit name; system = "x86_64-linux";
-        builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
-    in { packages.x86_64-linux = {
-      stable = mk "stable" "echo stable > $out";
-      stamp = mk "stamp" "date +%s%N > $out";
-    }; }; }"#,
-    )
-    .unwrap();
+    let repo = stable_and_stamp_repo(dir.path());
     let out = std::process::Command::new(bin("nixfarm"))
         .args([
             "submit",

@@ -616,6 +616,25 @@ http {{
     (proc, port)
 }
 
+/// A flake in `dir/repo` of two packages: `stable`, whose output is the same whoever builds
+/// it, and `stamp`, which writes the time into its output (not reproducible).
+pub fn stable_and_stamp_repo(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: script: derivation { inherit name; system = "x86_64-linux";
+        builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
+    in { packages.x86_64-linux = {
+      stable = mk "stable" "echo stable > $out";
+      stamp = mk "stamp" "date +%s%N > $out";
+    }; }; }"#,
+    )
+    .unwrap();
+    repo
+}
+
 /// The farm cache's address, from the coordinator's log.
 pub fn farm_cache_addr(c: &Coordinator) -> String {
     wait_for(Duration::from_secs(10), "the farm cache to listen", || {

@@ -658,19 +658,7 @@ fn packages_built_on_a_library_with_a_fake_hash_end_ready_once_it_is_fixed() {
 #[test]
 fn local_cross_checked_builds_find_what_is_not_reproducible() {
     let dir = scratch();
-    let repo = dir.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(
-        repo.join("flake.nix"),
-        r#"{ outputs = { self }: let
-      mk = name: script: derivation { inherit name; system = "x86_64-linux";
-        builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
-    in { packages.x86_64-linux = {
-      stable = mk "stable" "echo stable > $out";
-      stamp = mk "stamp" "date +%s%N > $out";
-    }; }; }"#,
-    )
-    .unwrap();
+    let repo = stable_and_stamp_repo(dir.path());
     let host = Host::new(&dir.path().join("host"));
     let state = dir.path().join("state");
     let report = local(

@@ -152,15 +152,8 @@ pub(super) async fn build(
         .nix
         .realise(&j.drv_path, &opts, cancel.clone(), on_log)
         .await;
-    let mut r = pb::BuildResult {
-        duration_ms: run.duration.as_millis() as u64,
-        log_tail: run.log_tail.clone(),
-        substituted: run.substituted,
-        ..Default::default()
-    };
+    let mut r = result_of(&run);
     if run.cancelled {
-        r.status = pb::BuildStatus::Cancelled as i32;
-        r.message = "cancelled".into();
         return r;
     }
     match run.result {
@@ -237,6 +230,22 @@ pub(super) async fn build(
             r.got_hash = m.got;
         }
         Err(f) => (r.status, r.message) = failed(shared, f),
+    }
+    r
+}
+
+/// What a realisation says before its outcome: its time, its log's tail, whether it
+/// substituted; for one that was cancelled, all there is to say.
+pub(super) fn result_of(run: &nixfarm_nix::BuildRun) -> pb::BuildResult {
+    let mut r = pb::BuildResult {
+        duration_ms: run.duration.as_millis() as u64,
+        log_tail: run.log_tail.clone(),
+        substituted: run.substituted,
+        ..Default::default()
+    };
+    if run.cancelled {
+        r.status = pb::BuildStatus::Cancelled as i32;
+        r.message = "cancelled".into();
     }
     r
 }

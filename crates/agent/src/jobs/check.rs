@@ -94,14 +94,8 @@ pub(super) async fn check(
         ..opts.clone()
     };
     let run = shared.nix.realise(&d.path, &check, cancel, on_log).await;
-    let mut r = pb::BuildResult {
-        duration_ms: run.duration.as_millis() as u64,
-        log_tail: run.log_tail.clone(),
-        ..Default::default()
-    };
+    let mut r = super::build::result_of(&run);
     if run.cancelled {
-        r.status = pb::BuildStatus::Cancelled as i32;
-        r.message = "cancelled".into();
         return r;
     }
     match run.result {

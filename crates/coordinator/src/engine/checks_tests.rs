@@ -293,6 +293,24 @@ fn an_evaluation_nobody_else_answers_fails_the_run_after_the_wait() {
     );
 }
 
+/// In a coordinator on the database in `dir`: agent a built `lib` of a run of `spec` (not
+/// ready: its check is to come), and the coordinator stops. Returns the run.
+fn lib_built_then_stopped(
+    dir: &std::path::Path,
+    clock: &Arc<crate::clock::ManualClock>,
+    opts: EngineOptions,
+    spec: RunSpec,
+) -> String {
+    let engine = open_in(dir, clock, opts);
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(spec).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _) = handed(&mut a);
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    run
+}
+
 #[test]
 fn a_build_awaiting_its_check_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -301,13 +319,7 @@ fn a_build_awaiting_its_check_survives_a_restart() {
         lease_ms: 5_000,
         ..cross_checked()
     };
-    let engine = open_in(dir.path(), &clock, opts.clone());
-    let mut a = connect_agent(&engine, "a");
-    let run = engine.submit(flake_run()).unwrap();
-    list_lib_and_app(&engine, "a", &mut a);
-    let (attempt, _, _) = handed(&mut a);
-    answer(&engine, "a", &a, attempt, built(LIB_OUT));
-    drop(engine);
+    let run = lib_built_then_stopped(dir.path(), &clock, opts.clone(), flake_run());
     let engine = open_in(dir.path(), &clock, opts);
     assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
     let mut a = connect_agent(&engine, "a");
@@ -464,13 +476,7 @@ fn turned_off_across_a_restart_the_builds_awaiting_checks_count_as_built() {
         lease_ms: 5_000,
         ..cross_checked()
     };
-    let engine = open_in(dir.path(), &clock, opts.clone());
-    let mut a = connect_agent(&engine, "a");
-    let run = engine.submit(flake_run()).unwrap();
-    list_lib_and_app(&engine, "a", &mut a);
-    let (attempt, _, _) = handed(&mut a);
-    answer(&engine, "a", &a, attempt, built(LIB_OUT));
-    drop(engine);
+    let run = lib_built_then_stopped(dir.path(), &clock, opts.clone(), flake_run());
     let off = EngineOptions {
         cross_check_builds: false,
         ..opts
@@ -491,19 +497,15 @@ fn a_run_may_ask_for_checks_the_coordinator_does_not_make_and_keeps_them_across_
         cross_check_wait_ms: 60_000,
         ..Default::default()
     };
-    let engine = open_in(dir.path(), &clock, off.clone());
-    let mut a = connect_agent(&engine, "a");
-    let run = engine
-        .submit(RunSpec {
+    let run = lib_built_then_stopped(
+        dir.path(),
+        &clock,
+        off.clone(),
+        RunSpec {
             cross_check_builds: true,
             ..flake_run()
-        })
-        .unwrap();
-    list_lib_and_app(&engine, "a", &mut a);
-    let (attempt, _, _) = handed(&mut a);
-    answer(&engine, "a", &a, attempt, built(LIB_OUT));
-    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
-    drop(engine);
+        },
+    );
     let engine = open_in(dir.path(), &clock, off);
     assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
     let mut b = connect_agent(&engine, "b");
