@@ -286,14 +286,9 @@ impl Engine {
         let wait = self.opts.cross_check_wait_ms;
         let secs = wait / 1000;
         let agents = &inner.agents;
-        let taker = |first: &str, class: Option<&crate::scheduler::Class>| {
-            agents.iter().any(|(n, a)| {
-                a.tx.is_some()
-                    && !a.draining
-                    && super::independent(agents, first, n)
-                    && class.is_none_or(|c| a.caps.can_build(c))
-            })
-        };
+        // One look at the agents per first agent and kind of job, not per job.
+        let mut seen = HashMap::new();
+        let mut taker = |first, class| taker(&mut seen, agents, first, class);
         let (mut builds, mut evals) = (Vec::new(), Vec::new());
         let (mut fresh_builds, mut fresh_evals) = (Vec::new(), Vec::new());
         for (i, run) in inner.runs.iter().enumerate() {
@@ -358,4 +353,22 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether a connected agent that takes work could take a cross-check of `first`'s work
+/// (of a derivation of `class`; None: an evaluation), remembered in `seen`.
+fn taker<'a>(
+    seen: &mut HashMap<(&'a str, Option<&'a crate::scheduler::Class>), bool>,
+    agents: &BTreeMap<String, AgentMem>,
+    first: &'a str,
+    class: Option<&'a crate::scheduler::Class>,
+) -> bool {
+    *seen.entry((first, class)).or_insert_with(|| {
+        agents.iter().any(|(n, a)| {
+            a.tx.is_some()
+                && !a.draining
+                && super::independent(agents, first, n)
+                && class.is_none_or(|c| a.caps.can_build(c))
+        })
+    })
 }
