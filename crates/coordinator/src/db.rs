@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS build_checks (
   run_id TEXT NOT NULL REFERENCES runs(id),
   drv_path TEXT NOT NULL,
   built_by TEXT NOT NULL,
+  credential TEXT NOT NULL,
   report TEXT NOT NULL,
   queued_ms INTEGER NOT NULL,
   PRIMARY KEY (run_id, drv_path)

@@ -9,33 +9,25 @@ impl Db {
     /// Records a build awaiting its check (a second record for the same derivation is
     /// ignored: the first build stays the one checked).
     pub fn record_build_check(&mut self, run: &str, c: &PendingCheck) -> Result<(), DbError> {
-        let report = serde_json::to_string(&c.report)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let (report, credential) = (to_json(&c.report)?, to_json(&c.credential)?);
         self.conn_mut().execute(
-            "INSERT OR IGNORE INTO build_checks(run_id, drv_path, built_by, report, queued_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![run, c.drv, c.built_by, report, c.queued_ms],
+            "INSERT OR IGNORE INTO build_checks(run_id, drv_path, built_by, credential, report, queued_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![run, c.drv, c.built_by, credential, report, c.queued_ms],
         )?;
         Ok(())
     }
 
     pub fn build_checks(&self, run: &str) -> Result<Vec<PendingCheck>, DbError> {
         let mut st = self.conn().prepare(
-            "SELECT drv_path, built_by, report, queued_ms FROM build_checks WHERE run_id = ?1 ORDER BY queued_ms, drv_path",
+            "SELECT drv_path, built_by, credential, report, queued_ms FROM build_checks WHERE run_id = ?1 ORDER BY queued_ms, drv_path",
         )?;
         st.query_map([run], |r| {
-            let text: String = r.get(2)?;
-            let report = serde_json::from_str(&text).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    2,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
-            })?;
             Ok(PendingCheck {
                 drv: r.get(0)?,
                 built_by: r.get(1)?,
-                report,
-                queued_ms: r.get(3)?,
+                credential: from_json(2, r.get(2)?)?,
+                report: from_json(3, r.get(3)?)?,
+                queued_ms: r.get(4)?,
             })
         })?
         .collect()
@@ -49,6 +41,16 @@ impl Db {
         )?;
         Ok(())
     }
+}
+
+fn to_json(v: &impl serde::Serialize) -> Result<String, DbError> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(column: usize, text: String) -> rusqlite::Result<T> {
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 #[cfg(test)]
@@ -74,6 +76,7 @@ mod tests {
         let first = PendingCheck {
             drv: "/nix/store/00000000000000000000000000000000-hello.drv".into(),
             built_by: "a".into(),
+            credential: crate::credentials::Credential::Certificate("ab12".into()),
             report: BuildReport {
                 kind: BuildOutcome::Built,
                 duration_ms: 1200,

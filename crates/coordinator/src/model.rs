@@ -255,6 +255,8 @@ pub struct PendingCheck {
     pub drv: String,
     /// The agent whose build is to be checked (never the one that checks it).
     pub built_by: String,
+    /// What admitted that agent when it built: a checker must hold another credential.
+    pub credential: crate::credentials::Credential,
     /// Its result, applied when the check agrees.
     pub report: BuildReport,
     /// When the check was queued (ms, the engine's clock): it waits a bounded time for an

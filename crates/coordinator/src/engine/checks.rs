@@ -4,6 +4,7 @@
 //! the scheduler, so nothing builds on it; the first result is kept in the store meanwhile.
 
 use super::*;
+use crate::credentials::Credential;
 
 /// What is told the outputs of a build whose check found different ones.
 pub type OnFailedCheck = Arc<dyn Fn(&[String]) + Send + Sync>;
@@ -30,9 +31,15 @@ impl Engine {
         };
         let drv = run.drv_of[node as usize].clone();
         let duration_ms = report.duration_ms;
+        let credential = inner
+            .agents
+            .get(agent)
+            .map(|a| a.reg.credential.clone())
+            .unwrap_or_default();
         let check = PendingCheck {
             drv: drv.clone(),
             built_by: agent.to_string(),
+            credential,
             report,
             queued_ms: now,
         };
@@ -60,12 +67,13 @@ impl Engine {
         Ok(())
     }
 
-    /// The oldest check in `run` that `agent` may take: not of its own build (nor of one by
-    /// an agent `independent_of` says is the same holder), of a derivation it can build.
+    /// The oldest check in `run` that the asking agent may take: not of its own build (nor
+    /// of one by an agent `independent_of` says is the same holder, given the credential
+    /// that agent built with), of a derivation it can build.
     pub(super) fn next_check(
         run: &mut RunMem,
         caps: &Capabilities,
-        independent_of: &dyn Fn(&str) -> bool,
+        independent_of: &dyn Fn(&str, Option<&Credential>) -> bool,
     ) -> Option<(JobRef, Job, String)> {
         if caps.fetches_only {
             return None;
@@ -74,7 +82,7 @@ impl Engine {
         let at = run.check_queue.iter().position(|n| {
             run.checks
                 .get(n)
-                .is_some_and(|c| independent_of(&c.built_by))
+                .is_some_and(|c| independent_of(&c.built_by, Some(&c.credential)))
                 && caps.can_build(sched.class(*n))
         })?;
         let node = run.check_queue.remove(at)?;

@@ -514,3 +514,28 @@ fn a_run_may_ask_for_checks_the_coordinator_does_not_make_and_keeps_them_across_
     answer(&engine, "b", &b, check, checked(LIB_OUT));
     assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
 }
+
+#[test]
+fn a_check_is_judged_by_the_credential_the_build_was_made_with() {
+    let (engine, _clock, _dir) = test_engine(cross_checked());
+    let mut x = connect_with(&engine, "x", Credential::JoinToken);
+    engine.submit(flake_run()).unwrap();
+    list_lib_and_app(&engine, "x", &mut x);
+    let (attempt, _, _) = handed(&mut x);
+    answer(&engine, "x", &x, attempt, built(LIB_OUT));
+    // x's name comes back under a certificate: its build was still made on the join token.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let again = Registration {
+        credential: Credential::Certificate("c1".into()),
+        ..registration("x", &x.session)
+    };
+    engine.connect_agent(again, tx).unwrap();
+    let mut y = connect_with(&engine, "y", Credential::JoinToken);
+    assert!(
+        idle(&mut y),
+        "a second name on the builder's token was handed its check"
+    );
+    let mut z = connect_with(&engine, "z", Credential::Certificate("c2".into()));
+    let (_, drv, check) = handed(&mut z);
+    assert_eq!((drv.as_str(), check), (LIB, true));
+}

@@ -4,6 +4,7 @@
 
 use super::eval::eval_slots;
 use super::*;
+use crate::credentials::Credential;
 
 impl Engine {
     pub(super) fn dispatch(&self, inner: &mut Inner) {
@@ -46,7 +47,12 @@ impl Engine {
                 // Evaluation first: it unlocks builds and their priorities.
                 // A cross-check goes to an agent that is not the first one's holder.
                 let agents = &inner.agents;
-                let independent_of = |other: &str| super::independent(agents, &name, other);
+                let mine = &agent.reg.credential;
+                let independent_of = |other: &str, theirs: Option<&Credential>| match theirs {
+                    // The credential the other agent held when it built.
+                    Some(c) => Credential::independent((&name, mine), (other, c)),
+                    None => super::independent(agents, &name, other),
+                };
                 let next = if eval_free {
                     Self::next_eval(&mut inner.runs, &self.opts, &independent_of)
                 } else {
@@ -170,14 +176,14 @@ impl Engine {
     fn next_eval(
         runs: &mut [RunMem],
         opts: &EngineOptions,
-        independent_of: &dyn Fn(&str) -> bool,
+        independent_of: &dyn Fn(&str, Option<&Credential>) -> bool,
     ) -> Option<(String, JobRef, Job, String)> {
         for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
             let opinions = &run.opinions;
             let Some(at) = run.eval_queue.iter().position(|t| {
                 opinions
                     .get(&super::opinions::task_no(*t))
-                    .is_none_or(|o| independent_of(&o.agent))
+                    .is_none_or(|o| independent_of(&o.agent, None))
             }) else {
                 continue;
             };
@@ -235,7 +241,7 @@ impl Engine {
         runs: &mut [RunMem],
         caps: &Capabilities,
         agent: &str,
-        independent_of: &dyn Fn(&str) -> bool,
+        independent_of: &dyn Fn(&str, Option<&Credential>) -> bool,
         opts: &EngineOptions,
         now_ms: i64,
     ) -> Option<(String, JobRef, Job, String)> {
