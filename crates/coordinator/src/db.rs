@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS eval_opinions (
   run_id TEXT NOT NULL REFERENCES runs(id),
   task INTEGER NOT NULL,
   agent TEXT NOT NULL,
+  credential TEXT NOT NULL DEFAULT '"open"',
   digest TEXT NOT NULL,
   evaluated TEXT,
   present TEXT NOT NULL,
@@ -230,6 +231,18 @@ impl Db {
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', '1')",
             [],
         )?;
+        // Columns added since a table was first made (CREATE TABLE IF NOT EXISTS leaves an
+        // existing table as it was).
+        let has_credential: i64 = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('eval_opinions') WHERE name = 'credential'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_credential == 0 {
+            conn.execute_batch(
+                "ALTER TABLE eval_opinions ADD COLUMN credential TEXT NOT NULL DEFAULT '\"open\"'",
+            )?;
+        }
         Ok(Db { conn })
     }
 

@@ -10,16 +10,17 @@ impl Db {
     pub fn record_eval_opinion(&mut self, run: &str, o: &EvalOpinion) -> Result<(), DbError> {
         let summary = serde_json::to_string(&o.summary).map_err(to_sql)?;
         let present = serde_json::to_string(&o.present).map_err(to_sql)?;
+        let credential = serde_json::to_string(&o.credential).map_err(to_sql)?;
         self.conn_mut().execute(
-            "INSERT OR IGNORE INTO eval_opinions(run_id, task, agent, digest, evaluated, present, summary) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![run, o.task, o.agent, o.digest, o.evaluated, present, summary],
+            "INSERT OR IGNORE INTO eval_opinions(run_id, task, agent, credential, digest, evaluated, present, summary) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![run, o.task, o.agent, credential, o.digest, o.evaluated, present, summary],
         )?;
         Ok(())
     }
 
     pub fn eval_opinions(&self, run: &str) -> Result<Vec<EvalOpinion>, DbError> {
         let mut st = self.conn().prepare(
-            "SELECT task, agent, digest, evaluated, present, summary FROM eval_opinions WHERE run_id = ?1 ORDER BY task",
+            "SELECT task, agent, digest, evaluated, present, summary, credential FROM eval_opinions WHERE run_id = ?1 ORDER BY task",
         )?;
         st.query_map([run], |r| {
             Ok(EvalOpinion {
@@ -29,6 +30,7 @@ impl Db {
                 evaluated: r.get(3)?,
                 present: json(4, r.get(4)?)?,
                 summary: json(5, r.get(5)?)?,
+                credential: json(6, r.get(6)?)?,
             })
         })?
         .collect()
@@ -66,6 +68,7 @@ mod tests {
         let first = EvalOpinion {
             task: 3,
             agent: "a".into(),
+            credential: crate::credentials::Credential::NamedToken("a".into()),
             digest: "d1".into(),
             evaluated: Some("e1".into()),
             present: vec!["/nix/store/x-hello.drv".into()],
@@ -80,5 +83,37 @@ mod tests {
         db.record_eval_opinion("r1", &again).unwrap();
         assert_eq!(db.eval_opinions("r1").unwrap(), vec![first]);
         assert!(db.eval_opinions("r2").unwrap().is_empty());
+    }
+
+    /// A database from before answers kept their agent's credential: opened again, the
+    /// column is there, and an answer stored before reads as admitted by no credential
+    /// (told apart by name, as it then was).
+    #[test]
+    fn an_older_database_gains_the_credential_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.sqlite");
+        let db = Db::open(&path).unwrap();
+        db.insert_run(&crate::db::RunRow {
+            id: "r1".into(),
+            state: nixfarm_core::RunState::Evaluating,
+            label: String::new(),
+            spec: "{}".into(),
+            error: String::new(),
+            created_ms: 0,
+            finished_ms: 0,
+            eval_tasks_total: -1,
+        })
+        .unwrap();
+        db.conn()
+            .execute_batch(
+                "ALTER TABLE eval_opinions DROP COLUMN credential;
+                 INSERT INTO eval_opinions(run_id, task, agent, digest, evaluated, present, summary) VALUES ('r1', -1, 'a', 'd', NULL, '[]', '{}');",
+            )
+            .unwrap();
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        let old = db.eval_opinions("r1").unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].credential, crate::credentials::Credential::Open);
     }
 }

@@ -278,6 +278,9 @@ pub struct EvalOpinion {
     /// The evaluation task (-1: the attribute listing).
     pub task: i64,
     pub agent: String,
+    /// What admitted that agent when it answered: the second answer must come from another
+    /// credential.
+    pub credential: crate::credentials::Credential,
     /// SHA-256 (hex) of what it lists (for a task: of nothing).
     pub digest: String,
     /// SHA-256 (hex) of what it evaluated, over everything honest agents must agree on;

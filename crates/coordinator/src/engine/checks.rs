@@ -73,7 +73,7 @@ impl Engine {
     pub(super) fn next_check(
         run: &mut RunMem,
         caps: &Capabilities,
-        independent_of: &dyn Fn(&str, Option<&Credential>) -> bool,
+        independent_of: &dyn Fn(&str, &Credential) -> bool,
     ) -> Option<(JobRef, Job, String)> {
         if caps.fetches_only {
             return None;
@@ -82,7 +82,7 @@ impl Engine {
         let at = run.check_queue.iter().position(|n| {
             run.checks
                 .get(n)
-                .is_some_and(|c| independent_of(&c.built_by, Some(&c.credential)))
+                .is_some_and(|c| independent_of(&c.built_by, &c.credential))
                 && caps.can_build(sched.class(*n))
         })?;
         let node = run.check_queue.remove(at)?;

@@ -46,12 +46,10 @@ impl Engine {
                 caps.builds_only = fetching >= max;
                 // Evaluation first: it unlocks builds and their priorities.
                 // A cross-check goes to an agent that is not the first one's holder.
-                let agents = &inner.agents;
                 let mine = &agent.reg.credential;
-                let independent_of = |other: &str, theirs: Option<&Credential>| match theirs {
-                    // The credential the other agent held when it built.
-                    Some(c) => Credential::independent((&name, mine), (other, c)),
-                    None => super::independent(agents, &name, other),
+                // Given the credential the other agent answered or built with.
+                let independent_of = |other: &str, theirs: &Credential| {
+                    Credential::independent((&name, mine), (other, theirs))
                 };
                 let next = if eval_free {
                     Self::next_eval(&mut inner.runs, &self.opts, &independent_of)
@@ -176,14 +174,14 @@ impl Engine {
     fn next_eval(
         runs: &mut [RunMem],
         opts: &EngineOptions,
-        independent_of: &dyn Fn(&str, Option<&Credential>) -> bool,
+        independent_of: &dyn Fn(&str, &Credential) -> bool,
     ) -> Option<(String, JobRef, Job, String)> {
         for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
             let opinions = &run.opinions;
             let Some(at) = run.eval_queue.iter().position(|t| {
                 opinions
                     .get(&super::opinions::task_no(*t))
-                    .is_none_or(|o| independent_of(&o.agent, None))
+                    .is_none_or(|o| independent_of(&o.agent, &o.credential))
             }) else {
                 continue;
             };
@@ -241,7 +239,7 @@ impl Engine {
         runs: &mut [RunMem],
         caps: &Capabilities,
         agent: &str,
-        independent_of: &dyn Fn(&str, Option<&Credential>) -> bool,
+        independent_of: &dyn Fn(&str, &Credential) -> bool,
         opts: &EngineOptions,
         now_ms: i64,
     ) -> Option<(String, JobRef, Job, String)> {

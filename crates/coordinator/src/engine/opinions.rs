@@ -48,12 +48,26 @@ impl Engine {
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(Verdict::Take);
         };
-        let answer = opinion(task_no(task), agent, names, evaluated.as_ref());
+        let answer = EvalOpinion {
+            credential: inner
+                .agents
+                .get(agent)
+                .map(|a| a.reg.credential.clone())
+                .unwrap_or_default(),
+            ..opinion(task_no(task), agent, names, evaluated.as_ref())
+        };
         let n = answer.task;
         let mut first = false;
         let verdict = match run.opinions.get(&n) {
             // The same agent, or another name on the same credential: not a second opinion.
-            Some(first) if !super::independent(&inner.agents, &first.agent, agent) => Verdict::Wait,
+            Some(first)
+                if !crate::credentials::Credential::independent(
+                    (&first.agent, &first.credential),
+                    (agent, &answer.credential),
+                ) =>
+            {
+                Verdict::Wait
+            }
             Some(first) if first.digest != answer.digest => {
                 Verdict::Disagree(disagreement(first, &answer, false))
             }
@@ -159,6 +173,7 @@ fn opinion(
     EvalOpinion {
         task,
         agent: agent.to_string(),
+        credential: Default::default(),
         digest: sha256_hex(&names),
         evaluated,
         present,

@@ -321,3 +321,27 @@ fn a_second_name_on_the_same_join_token_is_not_a_second_opinion() {
     answer_listing(&engine, "b", &mut b, '1');
     assert_eq!(engine.report(&run).unwrap().packages.len(), 1);
 }
+
+#[test]
+fn an_answer_is_judged_by_the_credential_it_was_given_with() {
+    use super::checks_tests::{connect_with, idle};
+    use crate::credentials::Credential;
+    let (engine, _dir) = engine();
+    let mut x = connect_with(&engine, "x", Credential::JoinToken);
+    engine.submit(flake_run()).unwrap();
+    answer_listing(&engine, "x", &mut x, '1');
+    // x's name comes back under a certificate: its answer was still given on the join token.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let again = Registration {
+        credential: Credential::Certificate("c1".into()),
+        ..super::tests::registration("x", &x.session)
+    };
+    engine.connect_agent(again, tx).unwrap();
+    let mut y = connect_with(&engine, "y", Credential::JoinToken);
+    assert!(
+        idle(&mut y),
+        "a second name on x's token was asked to check it"
+    );
+    let mut z = connect_with(&engine, "z", Credential::Certificate("c2".into()));
+    answer_listing(&engine, "z", &mut z, '1');
+}
