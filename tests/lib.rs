@@ -635,6 +635,19 @@ pub fn stable_and_stamp_repo(dir: &Path) -> PathBuf {
     repo
 }
 
+/// A run of [`stable_and_stamp_repo`] with cross-checked builds ended as it should:
+/// `stable` ready, `stamp` not reproducible, its reason naming the difference Nix found.
+pub fn assert_stamp_not_reproducible(report: &serde_json::Value) {
+    let by = packages_by_attr(report);
+    assert_eq!(by["stable"]["status"], "ready", "{report}");
+    assert_eq!(by["stamp"]["status"], "not-reproducible", "{report}");
+    let reason = by["stamp"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("built different outputs") && reason.contains("may not be deterministic"),
+        "{reason}"
+    );
+}
+
 /// The farm cache's address, from the coordinator's log.
 pub fn farm_cache_addr(c: &Coordinator) -> String {
     wait_for(Duration::from_secs(10), "the farm cache to listen", || {

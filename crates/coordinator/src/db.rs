@@ -164,6 +164,36 @@ pub struct DrvRow {
 }
 
 /// A column that does not hold what it should: an error, never a silent default.
+/// A value stored as JSON in a text column.
+pub(crate) fn to_json(v: &impl serde::Serialize) -> Result<String, DbError> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// A JSON text column read back; an unreadable one is that column's error.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    column: usize,
+    text: String,
+) -> rusqlite::Result<T> {
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// A run row for store tests: `id`, evaluating, nothing listed yet.
+#[cfg(test)]
+pub(crate) fn test_run(id: &str) -> RunRow {
+    RunRow {
+        id: id.into(),
+        state: nixfarm_core::RunState::Evaluating,
+        label: String::new(),
+        spec: "{}".into(),
+        error: String::new(),
+        created_ms: 0,
+        finished_ms: 0,
+        eval_tasks_total: -1,
+    }
+}
+
 pub(crate) fn bad_column(col: usize, what: &str, e: impl std::fmt::Display) -> DbError {
     DbError::FromSqlConversionFailure(
         col,

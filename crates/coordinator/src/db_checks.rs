@@ -1,7 +1,7 @@
 //! Cross-checked builds in SQLite: a derivation one agent built, kept until another agent has
 //! built it again (a restart between the two loses neither the first result nor the wait).
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, from_json, to_json};
 use crate::model::PendingCheck;
 use rusqlite::params;
 
@@ -43,16 +43,6 @@ impl Db {
     }
 }
 
-fn to_json(v: &impl serde::Serialize) -> Result<String, DbError> {
-    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(column: usize, text: String) -> rusqlite::Result<T> {
-    serde_json::from_str(&text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,17 +52,7 @@ mod tests {
     #[test]
     fn a_pending_check_survives_until_dropped_and_the_first_build_stays() {
         let mut db = Db::open_in_memory().unwrap();
-        db.insert_run(&crate::db::RunRow {
-            id: "r1".into(),
-            state: nixfarm_core::RunState::Building,
-            label: String::new(),
-            spec: "{}".into(),
-            error: String::new(),
-            created_ms: 0,
-            finished_ms: 0,
-            eval_tasks_total: 1,
-        })
-        .unwrap();
+        db.insert_run(&crate::db::test_run("r1")).unwrap();
         let first = PendingCheck {
             drv: "/nix/store/00000000000000000000000000000000-hello.drv".into(),
             built_by: "a".into(),

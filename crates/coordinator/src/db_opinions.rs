@@ -1,16 +1,16 @@
 //! Cross-checked evaluation in SQLite: the first answer to each evaluation task, kept until
 //! a second agent's answer is compared with it (a restart between the two loses neither).
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, from_json, to_json};
 use crate::model::EvalOpinion;
 use rusqlite::params;
 
 impl Db {
     /// Records the first answer to an evaluation task (the first one stays).
     pub fn record_eval_opinion(&mut self, run: &str, o: &EvalOpinion) -> Result<(), DbError> {
-        let summary = serde_json::to_string(&o.summary).map_err(to_sql)?;
-        let present = serde_json::to_string(&o.present).map_err(to_sql)?;
-        let credential = serde_json::to_string(&o.credential).map_err(to_sql)?;
+        let summary = to_json(&o.summary)?;
+        let present = to_json(&o.present)?;
+        let credential = to_json(&o.credential)?;
         self.conn_mut().execute(
             "INSERT OR IGNORE INTO eval_opinions(run_id, task, agent, credential, digest, evaluated, present, summary) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![run, o.task, o.agent, credential, o.digest, o.evaluated, present, summary],
@@ -28,23 +28,13 @@ impl Db {
                 agent: r.get(1)?,
                 digest: r.get(2)?,
                 evaluated: r.get(3)?,
-                present: json(4, r.get(4)?)?,
-                summary: json(5, r.get(5)?)?,
-                credential: json(6, r.get(6)?)?,
+                present: from_json(4, r.get(4)?)?,
+                summary: from_json(5, r.get(5)?)?,
+                credential: from_json(6, r.get(6)?)?,
             })
         })?
         .collect()
     }
-}
-
-fn json<T: serde::de::DeserializeOwned>(column: usize, text: String) -> Result<T, DbError> {
-    serde_json::from_str(&text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
-    })
-}
-
-fn to_sql(e: serde_json::Error) -> DbError {
-    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
 }
 
 #[cfg(test)]
@@ -54,17 +44,7 @@ mod tests {
     #[test]
     fn the_first_answer_stays_and_comes_back() {
         let mut db = Db::open_in_memory().unwrap();
-        db.insert_run(&crate::db::RunRow {
-            id: "r1".into(),
-            state: nixfarm_core::RunState::Evaluating,
-            label: String::new(),
-            spec: "{}".into(),
-            error: String::new(),
-            created_ms: 0,
-            finished_ms: 0,
-            eval_tasks_total: -1,
-        })
-        .unwrap();
+        db.insert_run(&crate::db::test_run("r1")).unwrap();
         let first = EvalOpinion {
             task: 3,
             agent: "a".into(),
@@ -93,17 +73,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("coordinator.sqlite");
         let db = Db::open(&path).unwrap();
-        db.insert_run(&crate::db::RunRow {
-            id: "r1".into(),
-            state: nixfarm_core::RunState::Evaluating,
-            label: String::new(),
-            spec: "{}".into(),
-            error: String::new(),
-            created_ms: 0,
-            finished_ms: 0,
-            eval_tasks_total: -1,
-        })
-        .unwrap();
+        db.insert_run(&crate::db::test_run("r1")).unwrap();
         db.conn()
             .execute_batch(
                 "ALTER TABLE eval_opinions DROP COLUMN credential;

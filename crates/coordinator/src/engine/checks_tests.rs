@@ -293,6 +293,20 @@ fn an_evaluation_nobody_else_answers_fails_the_run_after_the_wait() {
     );
 }
 
+/// A database directory, a clock and cross-checking options for coordinators that restart.
+fn restartable() -> (
+    tempfile::TempDir,
+    Arc<crate::clock::ManualClock>,
+    EngineOptions,
+) {
+    let opts = EngineOptions {
+        lease_ms: 5_000,
+        ..cross_checked()
+    };
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    (tempfile::tempdir().unwrap(), clock, opts)
+}
+
 /// In a coordinator on the database in `dir`: agent a built `lib` of a run of `spec` (not
 /// ready: its check is to come), and the coordinator stops. Returns the run.
 fn lib_built_then_stopped(
@@ -313,12 +327,7 @@ fn lib_built_then_stopped(
 
 #[test]
 fn a_build_awaiting_its_check_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-    let opts = EngineOptions {
-        lease_ms: 5_000,
-        ..cross_checked()
-    };
+    let (dir, clock, opts) = restartable();
     let run = lib_built_then_stopped(dir.path(), &clock, opts.clone(), flake_run());
     let engine = open_in(dir.path(), &clock, opts);
     assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
@@ -470,12 +479,7 @@ fn a_run_cancelled_before_a_check_withdraws_what_it_would_have_vouched_for() {
 
 #[test]
 fn turned_off_across_a_restart_the_builds_awaiting_checks_count_as_built() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-    let opts = EngineOptions {
-        lease_ms: 5_000,
-        ..cross_checked()
-    };
+    let (dir, clock, opts) = restartable();
     let run = lib_built_then_stopped(dir.path(), &clock, opts.clone(), flake_run());
     let off = EngineOptions {
         cross_check_builds: false,
