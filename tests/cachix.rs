@@ -338,14 +338,16 @@ fn nixfarm_local_publishes_to_cachix_and_a_refused_push_is_not_cached() {
 }
 
 /// Cross-checked builds against Cachix: each of two agents (separate stores) checks the
-/// other's builds by fetching them from Cachix, signatures required, and building them
-/// again. A deterministic package is ready; one that writes the time into its output is
-/// `not-reproducible`, though its first build is in Cachix (only the farm cache withdraws).
+/// other's builds by fetching them from the farm cache, signatures required, and building
+/// them again; nothing reaches Cachix before its check agreed. A deterministic package is
+/// ready, pushed to Cachix by its checker, and a fresh store substitutes it from there with
+/// signatures required; one that writes the time into its output is `not-reproducible`,
+/// and Cachix never saw it.
 #[test]
 fn agents_check_each_others_builds_through_cachix() {
     let dir = scratch();
     let name = "nixfarm-checked";
-    let (server, _pk, signing_key) = self_signed_cachix(dir.path(), name, 0, 0, None);
+    let (server, pk, signing_key) = self_signed_cachix(dir.path(), name, 0, 0, None);
     let coordinator = Coordinator::start_with_config(
         &dir.path().join("coordinator"),
         "[scheduler]\ncross_check_builds = true\n",
@@ -383,16 +385,36 @@ fn agents_check_each_others_builds_through_cachix() {
     let report: serde_json::Value = serde_json::from_str(&stdout(&out))
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
     assert_stamp_not_reproducible(&report);
-    // Both first builds went to Cachix (the checks push nothing), and stamp's stays there.
+    // Only what its check vouched for went to Cachix, once: stable, not stamp.
     let created = server.counters.created.lock().unwrap().clone();
-    for p in ["stable", "stamp"] {
+    for (p, uploads) in [("stable", 1), ("stamp", 0)] {
         let n: u32 = created
             .iter()
             .filter(|(k, _)| k.ends_with(&format!("-{p}")))
             .map(|(_, n)| *n)
             .sum();
-        assert_eq!(n, 1, "{p}: {created:?}");
+        assert_eq!(n, uploads, "{p}: {created:?}");
     }
+    let got = packages_by_attr(&report);
+    assert_eq!(
+        got["stable"]["status"], "ready",
+        "{}",
+        got["stable"]["reason"]
+    );
+    let stamp_out = got["stamp"]["outputs"]["out"].as_str().unwrap();
+    let stamp_hash = &stamp_out["/nix/store/".len()..][..32];
+    assert!(
+        !dir.path()
+            .join(format!("cachix/{stamp_hash}.narinfo"))
+            .exists(),
+        "Cachix has no narinfo for the output that failed its check"
+    );
+    substitute_into_fresh_store(
+        &dir.path().join("fresh"),
+        &[&got["stable"]],
+        &server.uri(name),
+        &pk,
+    );
     // Each was built by one agent and checked by the other.
     let db = coordinator.db();
     let mut st = db

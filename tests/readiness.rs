@@ -654,20 +654,49 @@ fn packages_built_on_a_library_with_a_fake_hash_end_ready_once_it_is_fixed() {
 /// `nixfarm local --agents 2 --cross-check-builds` is a reproducibility check on one
 /// machine: each package is built once and again by the other local agent (`--check`
 /// against the shared store); one that writes the time into its output is
-/// `not-reproducible`. With one agent there is nobody to check, and it says so at once.
+/// `not-reproducible`. With a cache, only what its check vouched for is pushed there (by
+/// the checking agent), and a fresh store substitutes it with signatures required. With one
+/// agent there is nobody to check, and it says so at once.
 #[test]
 fn local_cross_checked_builds_find_what_is_not_reproducible() {
     let dir = scratch();
     let repo = stable_and_stamp_repo(dir.path());
     let host = Host::new(&dir.path().join("host"));
     let state = dir.path().join("state");
+    let (sk, pk) = cache_key(dir.path(), "checked-1");
+    let cache = dir.path().join("cache");
+    let cache_url = format!("file://{}", cache.display());
     let report = local(
         &host,
         &state,
         &repo,
-        &["--agents", "2", "--cross-check-builds"],
+        &[
+            "--agents",
+            "2",
+            "--cross-check-builds",
+            "--cache",
+            &cache_url,
+            "--signing-key-file",
+            sk.to_str().unwrap(),
+        ],
     );
     assert_stamp_not_reproducible(&report);
+    let got = packages_by_attr(&report);
+    let narinfo = |attr: &str| {
+        let out = got[attr]["outputs"]["out"].as_str().unwrap();
+        cache.join(format!("{}.narinfo", &out["/nix/store/".len()..][..32]))
+    };
+    assert!(narinfo("stable").exists(), "stable is in the cache");
+    assert!(
+        !narinfo("stamp").exists(),
+        "the output that failed its check never reached the cache"
+    );
+    substitute_into_fresh_store(
+        &dir.path().join("fresh"),
+        &[&got["stable"]],
+        &cache_url,
+        &pk,
+    );
     let out = host
         .command(&[
             bin("nixfarm").to_str().unwrap(),

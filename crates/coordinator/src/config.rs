@@ -19,6 +19,10 @@ pub struct Config {
     /// set it; `nixfarm local` turns it on for its embedded coordinator. Default false: only
     /// remote references (github:, gitlab:, sourcehut:, git+https://, https://) and uploads.
     pub allow_local_flake_refs: bool,
+    /// Not read from the file: set by `nixfarm local`, whose agents share this machine's
+    /// store (so cross-checked builds can hand outputs over without the farm cache).
+    #[serde(skip)]
+    pub agents_share_store: bool,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub scheduler: SchedulerConfig,
@@ -238,6 +242,7 @@ impl Default for Config {
             state_dir: "/var/lib/nixfarm".into(),
             metrics_listen: None,
             allow_local_flake_refs: false,
+            agents_share_store: false,
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             scheduler: SchedulerConfig::default(),

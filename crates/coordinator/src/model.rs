@@ -368,8 +368,12 @@ pub enum Job {
         /// Off the run's longest remaining chain: built at a lower CPU priority.
         background: bool,
         /// Cross-checked builds: build again what another agent built and pushed, and
-        /// compare (nothing is pushed).
+        /// compare (nothing is pushed, unless `hold_outputs`).
         check: bool,
+        /// Cross-checked builds of a run with a cache of its own: nothing unchecked goes to
+        /// `cache`. A build pushes its outputs to the farm cache (or keeps them in the store
+        /// the agents share); its check fetches them from there and publishes its own copy.
+        hold_outputs: bool,
     },
 }
 

@@ -48,6 +48,22 @@ pub(super) async fn build(
     };
     trusted.sort();
     trusted.dedup();
+    // Held outputs (cross-checked builds of a run with a cache of its own) go to the farm
+    // cache until their check publishes them; without one they stay here, in the store the
+    // agents share.
+    let staging = match farm.is_none().then(|| farm_cache(shared)).flatten() {
+        Some(f) if j.hold_outputs => match pusher(shared, &f.url).await {
+            Ok(p) => Some((p, f)),
+            Err(e) => {
+                return pb::BuildResult {
+                    status: pb::BuildStatus::InfraFailed as i32,
+                    message: format!("cannot reach the farm cache: {e}"),
+                    ..Default::default()
+                };
+            }
+        },
+        _ => None,
+    };
     tracing::debug!(drv = %j.drv_path, background = j.background, "build");
     let opts = BuildOptions {
         substituter,
@@ -146,7 +162,31 @@ pub(super) async fn build(
         }
     };
     if j.check {
-        return super::check::check(shared, this, &opts, push.as_deref(), cancel, on_log).await;
+        use super::check::{Held, Publish};
+        let held = match (&staging, &push) {
+            (_, None) => None,
+            (Some((p, f)), _) if j.hold_outputs => Some(Held {
+                cache: p,
+                url: &f.url,
+                keys: std::slice::from_ref(&f.public_key),
+                netrc: f.netrc.as_deref(),
+                ca: f.ca.as_deref(),
+            }),
+            // Held in the store the agents share: the copy here is the one checked.
+            (None, _) if j.hold_outputs => None,
+            (_, Some(p)) => Some(Held {
+                cache: p,
+                url: &opts.substituter,
+                keys: &opts.trusted_public_keys,
+                netrc: opts.netrc.as_deref(),
+                ca: opts.ssl_cert_file.as_deref(),
+            }),
+        };
+        let publish = push.as_deref().filter(|_| j.hold_outputs).map(|p| Publish {
+            cache: p,
+            claims: Claims::new(shared, channel, &cache),
+        });
+        return super::check::check(shared, this, &opts, held, publish, cancel, on_log).await;
     }
     let run = shared
         .nix
@@ -190,9 +230,14 @@ pub(super) async fn build(
             // Pushed even when nothing was built: the output may predate the run (the push asks
             // the cache first and uploads only what it lacks).
             let pushing = std::time::Instant::now();
-            if let Some(p) = &push
+            let (to, to_url) = match &staging {
+                Some((p, f)) => (Some(p), f.url.as_str()),
+                None if j.hold_outputs => (None, ""),
+                None => (push.as_ref(), cache.as_str()),
+            };
+            if let Some(p) = to
                 && let Err(e) = p
-                    .push_closure_with(&paths, &Claims::new(shared, channel, &cache))
+                    .push_closure_with(&paths, &Claims::new(shared, channel, to_url))
                     .await
             {
                 // Built: the outputs exist; only publishing failed, after retries.

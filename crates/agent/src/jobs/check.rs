@@ -1,17 +1,34 @@
 //! Check builds (cross-checked builds): another agent built a derivation and pushed its
 //! outputs; build it again here and compare with the cache's copy, which is what users
-//! download. Nothing is pushed.
+//! download. Nothing is pushed, unless the outputs were held back from the run's cache for
+//! this check: then it publishes its own copy there once it agrees.
 
 use super::*;
 use nixfarm_nix::derivation::Derivation;
 
-/// Checks `d`, whose outputs another agent pushed to the run's cache (`push`; None: agents
-/// share this store, and its copy is the one checked).
+/// The cache another agent pushed the outputs to, and how Nix reads it.
+pub(super) struct Held<'a> {
+    pub cache: &'a nixfarm_store::Pusher,
+    pub url: &'a str,
+    pub keys: &'a [String],
+    pub netrc: Option<&'a std::path::Path>,
+    pub ca: Option<&'a std::path::Path>,
+}
+
+/// The run's own cache, which gets held outputs only once they are checked.
+pub(super) struct Publish<'a> {
+    pub cache: &'a nixfarm_store::Pusher,
+    pub claims: Claims<'a>,
+}
+
+/// Checks `d`, whose outputs another agent pushed to `held` (None: agents share this store,
+/// and its copy is the one checked), then publishes them if asked to.
 pub(super) async fn check(
     shared: &Arc<Shared>,
     d: Option<Derivation>,
     opts: &BuildOptions,
-    push: Option<&nixfarm_store::Pusher>,
+    held: Option<Held<'_>>,
+    publish: Option<Publish<'_>>,
     cancel: CancellationToken,
     on_log: impl FnMut(&[u8]) + Send,
 ) -> pb::BuildResult {
@@ -35,17 +52,11 @@ pub(super) async fn check(
             d.path
         ));
     }
-    if let Some(p) = push {
+    if let Some(h) = held {
         // The cache's copy, its signature checked, unless this store holds the path already.
         if let Err(e) = shared
             .nix
-            .copy_from(
-                &opts.substituter,
-                &outputs,
-                &opts.trusted_public_keys,
-                opts.netrc.as_deref(),
-                opts.ssl_cert_file.as_deref(),
-            )
+            .copy_from(h.url, &outputs, h.keys, h.netrc, h.ca)
             .await
         {
             return infra(format!(
@@ -59,7 +70,7 @@ pub(super) async fn check(
             Ok(l) => l,
             Err(e) => return infra(format!("cannot read the outputs of {}: {e}", d.path)),
         };
-        for (out, cached) in outputs.iter().zip(p.nar_hashes(&outputs).await) {
+        for (out, cached) in outputs.iter().zip(h.cache.nar_hashes(&outputs).await) {
             let cached = match cached {
                 Ok(h) => h,
                 Err(e) => return infra(format!("cannot read the cache's record of {out}: {e}")),
@@ -102,6 +113,12 @@ pub(super) async fn check(
         Ok(_) => {
             r.status = pb::BuildStatus::Built as i32;
             r.checked = true;
+            if let Some(p) = publish
+                && let Err(e) = p.cache.push_closure_with(&outputs, &p.claims).await
+            {
+                r.status = pb::BuildStatus::NotCached as i32;
+                r.message = format!("the push to the run's cache failed: {e}");
+            }
             r.outputs = d
                 .outputs
                 .into_iter()

@@ -31,6 +31,7 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         state_dir: state_dir.clone(),
         // One user's own machine: a path: reference reads nothing that user cannot.
         allow_local_flake_refs: true,
+        agents_share_store: true,
         // The local agents share this machine's store: nothing needs to travel.
         farm_cache: nixfarm_coordinator::config::FarmCacheConfig {
             enabled: false,

@@ -74,6 +74,7 @@ impl Engine {
         run: &mut RunMem,
         caps: &Capabilities,
         independent_of: &dyn Fn(&str, &Credential) -> bool,
+        opts: &EngineOptions,
     ) -> Option<(JobRef, Job, String)> {
         if caps.fetches_only {
             return None;
@@ -87,7 +88,7 @@ impl Engine {
         })?;
         let node = run.check_queue.remove(at)?;
         let drv = run.drv_of[node as usize].clone();
-        let job = run.build_job(&drv, false, true);
+        let job = run.build_job(&drv, false, true, run.holds_outputs(opts));
         Some((JobRef::Check(node), job, drv))
     }
 
@@ -132,13 +133,30 @@ impl Engine {
         } else {
             report
         };
+        let held = run.holds_outputs(&self.opts);
         let settled = match report.kind {
-            BuildOutcome::Built | BuildOutcome::NotCached => BuildReport {
-                message: format!(
-                    "built on {by}; {checker} built it again and got the same outputs"
-                ),
-                ..first.report.clone()
-            },
+            BuildOutcome::Built | BuildOutcome::NotCached => {
+                let same =
+                    format!("built on {by}; {checker} built it again and got the same outputs");
+                // Held outputs reach the run's cache only by the check's own push.
+                if held && report.kind == BuildOutcome::NotCached {
+                    BuildReport {
+                        kind: BuildOutcome::NotCached,
+                        message: format!("{same}, but {}", report.message),
+                        ..first.report.clone()
+                    }
+                } else {
+                    BuildReport {
+                        kind: if held {
+                            BuildOutcome::Built
+                        } else {
+                            first.report.kind
+                        },
+                        message: same,
+                        ..first.report.clone()
+                    }
+                }
+            }
             BuildOutcome::Cancelled if !terminal => {
                 Self::requeue_check(run, node, now);
                 return Ok(());
@@ -280,7 +298,17 @@ impl Engine {
             .filter(|r| !r.spec.cross_check_builds)
             .flat_map(|r| r.checks.iter().map(|(n, c)| (r.id.clone(), *n, c.clone())))
             .collect();
-        for (run_id, node, c) in pending {
+        for (run_id, node, mut c) in pending {
+            // Held out of the run's cache for a check: with none to come, never pushed there.
+            let held = inner
+                .runs
+                .iter()
+                .find(|r| r.id == run_id)
+                .is_some_and(|r| self.opts.hold_unchecked && !r.spec.cache.is_empty());
+            if held && c.report.kind.produced_outputs() {
+                c.report.kind = BuildOutcome::NotCached;
+                c.report.message = "built, but held back from the run's cache for a cross-check that no longer runs (cross_check_builds was turned off): not pushed there".into();
+            }
             self.settle_check(inner, &run_id, node, &c.built_by, c.report)?;
         }
         Ok(())

@@ -11,12 +11,12 @@ use super::*;
 use crate::credentials::Credential;
 use nixfarm_core::RunEvent;
 
-const LIB: &str = "/nix/store/00000000000000000000000000000000-lib.drv";
-const LIB_OUT: &str = "/nix/store/11111111111111111111111111111111-lib";
-const APP: &str = "/nix/store/22222222222222222222222222222222-app.drv";
-const APP_OUT: &str = "/nix/store/33333333333333333333333333333333-app";
+pub(super) const LIB: &str = "/nix/store/00000000000000000000000000000000-lib.drv";
+pub(super) const LIB_OUT: &str = "/nix/store/11111111111111111111111111111111-lib";
+pub(super) const APP: &str = "/nix/store/22222222222222222222222222222222-app.drv";
+pub(super) const APP_OUT: &str = "/nix/store/33333333333333333333333333333333-app";
 
-fn cross_checked() -> EngineOptions {
+pub(super) fn cross_checked() -> EngineOptions {
     EngineOptions {
         cross_check_builds: true,
         cross_check_wait_ms: 60_000,
@@ -25,7 +25,7 @@ fn cross_checked() -> EngineOptions {
 }
 
 /// `agent` answers the listing it was given with two packages, `app` built on `lib`.
-fn list_lib_and_app(engine: &Engine, agent: &str, a: &mut TestAgent) {
+pub(super) fn list_lib_and_app(engine: &Engine, agent: &str, a: &mut TestAgent) {
     let (attempt, job) = assigned(&mut a.rx);
     assert!(matches!(job, Job::EvalList { .. }), "{job:?}");
     let package = |attr: &str, drv: &str, out: &str| EvaluatedAttr {
@@ -79,7 +79,7 @@ fn handed(a: &mut TestAgent) -> (String, String, bool) {
 }
 
 /// A check's answer: built again, and the same.
-fn checked(out: &str) -> BuildReport {
+pub(super) fn checked(out: &str) -> BuildReport {
     BuildReport {
         checked: true,
         ..built(out)
@@ -91,13 +91,19 @@ pub(super) fn idle(a: &mut TestAgent) -> bool {
     std::iter::from_fn(|| a.rx.try_recv().ok()).all(|m| !matches!(m, ToAgent::Assign { .. }))
 }
 
-fn answer(engine: &Engine, agent: &str, a: &TestAgent, attempt: String, report: BuildReport) {
+pub(super) fn answer(
+    engine: &Engine,
+    agent: &str,
+    a: &TestAgent,
+    attempt: String,
+    report: BuildReport,
+) {
     engine
         .agent_message(agent, a.conn, FromAgent::Build { attempt, report })
         .unwrap();
 }
 
-fn status_of(engine: &Engine, run: &str, attr: &str) -> (PackageStatus, String) {
+pub(super) fn status_of(engine: &Engine, run: &str, attr: &str) -> (PackageStatus, String) {
     let r = engine.report(run).unwrap();
     let p = r.packages.iter().find(|p| p.attr == attr).unwrap();
     (p.status, p.reason.clone())
@@ -294,7 +300,7 @@ fn an_evaluation_nobody_else_answers_fails_the_run_after_the_wait() {
 }
 
 /// A database directory, a clock and cross-checking options for coordinators that restart.
-fn restartable() -> (
+pub(super) fn restartable() -> (
     tempfile::TempDir,
     Arc<crate::clock::ManualClock>,
     EngineOptions,
@@ -309,7 +315,7 @@ fn restartable() -> (
 
 /// In a coordinator on the database in `dir`: agent a built `lib` of a run of `spec` (not
 /// ready: its check is to come), and the coordinator stops. Returns the run.
-fn lib_built_then_stopped(
+pub(super) fn lib_built_then_stopped(
     dir: &std::path::Path,
     clock: &Arc<crate::clock::ManualClock>,
     opts: EngineOptions,

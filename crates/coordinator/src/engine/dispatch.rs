@@ -260,9 +260,10 @@ impl Engine {
                 continue;
             }
             // A check first: the derivation's dependents wait for it.
-            if let Some((job_ref, job, drv)) = Self::next_check(run, caps, independent_of) {
+            if let Some((job_ref, job, drv)) = Self::next_check(run, caps, independent_of, opts) {
                 return Some((run.id.clone(), job_ref, job, drv));
             }
+            let holds = run.holds_outputs(opts);
             let RunMem {
                 sched, built_on, ..
             } = &mut *run;
@@ -283,8 +284,9 @@ impl Engine {
             };
             if let Some(n) = picked {
                 let background = !sched.on_critical_path(n);
+                let hold = holds && !sched.class(n).fetch;
                 let drv = run.drv_of[n as usize].clone();
-                let job = run.build_job(&drv, background, false);
+                let job = run.build_job(&drv, background, false, hold);
                 return Some((run.id.clone(), JobRef::Build(n), job, drv));
             }
         }

@@ -61,6 +61,10 @@ pub struct EngineOptions {
     pub cross_check_builds: bool,
     /// Longest wait for a second agent's answer or check, ms.
     pub cross_check_wait_ms: i64,
+    /// Agents can hand each other a build's outputs without the run's own cache: through
+    /// the farm cache, or a store they share (`nixfarm local`). Cross-checked builds then
+    /// keep unchecked outputs out of the run's cache; the check publishes them.
+    pub hold_unchecked: bool,
 }
 
 impl Default for EngineOptions {
@@ -76,6 +80,7 @@ impl Default for EngineOptions {
             locality: true,
             cross_check_eval: false,
             cross_check_builds: false,
+            hold_unchecked: false,
             cross_check_wait_ms: 600_000,
         }
     }
@@ -420,7 +425,7 @@ impl RunMem {
 
     /// The job that builds `drv` (or, `check`, builds it again to compare): the run's cache
     /// and limits, a package's own limits first; a check is not smoke-tested.
-    fn build_job(&self, drv: &str, background: bool, check: bool) -> Job {
+    fn build_job(&self, drv: &str, background: bool, check: bool, hold_outputs: bool) -> Job {
         let (t, s) = self.limits.get(drv).copied().unwrap_or((0, 0));
         Job::Build {
             drv_path: drv.to_string(),
@@ -431,7 +436,17 @@ impl RunMem {
             smoke: self.smoke.get(drv).cloned().filter(|_| !check),
             background,
             check,
+            hold_outputs,
         }
+    }
+
+    /// Whether this run's cross-checked builds keep their outputs out of its cache until
+    /// checked (fixed outputs aside, which are not checked): it has a cache of its own, and
+    /// the agents another way to hand each other outputs.
+    fn holds_outputs(&self, opts: &EngineOptions) -> bool {
+        (opts.cross_check_builds || self.spec.cross_check_builds)
+            && opts.hold_unchecked
+            && !self.spec.cache.is_empty()
     }
 
     /// An evaluation task back in the queue (its attempt lost or broken): if a first
@@ -474,6 +489,8 @@ mod waiting;
 mod checks_tests;
 #[cfg(test)]
 mod dispatch_tests;
+#[cfg(test)]
+mod held_tests;
 #[cfg(test)]
 mod opinions_tests;
 #[cfg(test)]

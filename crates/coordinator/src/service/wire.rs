@@ -562,6 +562,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         smoke,
                         background,
                         check,
+                        hold_outputs,
                     } => J::Build(pb::BuildJob {
                         drv_path,
                         cache,
@@ -572,6 +573,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         main_program: smoke.unwrap_or_default(),
                         background,
                         check,
+                        hold_outputs,
                     }),
                 };
                 Msg::Assign(pb::Assignment {
