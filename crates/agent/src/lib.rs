@@ -283,6 +283,7 @@ impl Agent {
                     nix_version: nix_version.clone(),
                     running_attempts: running,
                     session_key: shared.session.lock().map(|s| s.clone()).unwrap_or_default(),
+                    holds_outputs: true,
                 })),
             };
             let _ = out_tx.send(register).await;

@@ -136,7 +136,8 @@ pub struct RunArgs {
     pub smoke: bool,
     /// Have every build checked: a second agent, admitted by another credential, fetches
     /// the outputs from the cache and builds the derivation again (`nix-store --check`);
-    /// a difference makes the package not-reproducible. About doubles the build work. The
+    /// a difference makes the package not-reproducible. Only checked outputs reach
+    /// --cache (the checking agent pushes them). About doubles the build work. The
     /// coordinator may do it for every run (`[scheduler] cross_check_builds`).
     #[arg(long)]
     pub cross_check_builds: bool,

@@ -66,6 +66,7 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>,
                 nix_version: "nix (Nix) 2.8.0".into(),
                 running_attempts: vec![],
                 session_key: String::new(),
+                holds_outputs: true,
             })),
         })
         .await;

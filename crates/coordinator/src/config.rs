@@ -173,7 +173,9 @@ pub struct SchedulerConfig {
     /// outputs from the cache and compares them with its own (`nix-store --check`): an
     /// agent that pushes something other than what the derivation builds is caught, and so
     /// is a build that is not reproducible. A derivation counts as built, and its dependents
-    /// start, only once the two agree; otherwise its package is `not-reproducible`. About
+    /// start, only once the two agree; otherwise its package is `not-reproducible`. With
+    /// the farm cache on, a run's own cache (`--cache`) gets only checked outputs: the first
+    /// agent pushes to the farm cache, and the checking agent publishes its own copy. About
     /// doubles the build work. Default false.
     pub cross_check_builds: bool,
     /// Longest time, seconds, a cross-check (an evaluation answer or a build to compare)

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS build_checks (
   credential TEXT NOT NULL,
   report TEXT NOT NULL,
   queued_ms INTEGER NOT NULL,
+  hold INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (run_id, drv_path)
 );
 CREATE TABLE IF NOT EXISTS packages (
@@ -263,15 +264,22 @@ impl Db {
         )?;
         // Columns added since a table was first made (CREATE TABLE IF NOT EXISTS leaves an
         // existing table as it was).
-        let has_credential: i64 = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('eval_opinions') WHERE name = 'credential'",
-            [],
-            |r| r.get(0),
-        )?;
-        if has_credential == 0 {
-            conn.execute_batch(
-                "ALTER TABLE eval_opinions ADD COLUMN credential TEXT NOT NULL DEFAULT '\"open\"'",
+        for (table, column, decl) in [
+            (
+                "eval_opinions",
+                "credential",
+                "TEXT NOT NULL DEFAULT '\"open\"'",
+            ),
+            ("build_checks", "hold", "INTEGER NOT NULL DEFAULT 0"),
+        ] {
+            let has: i64 = conn.query_row(
+                "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
             )?;
+            if has == 0 {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            }
         }
         Ok(Db { conn })
     }

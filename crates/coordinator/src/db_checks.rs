@@ -2,7 +2,7 @@
 //! built it again (a restart between the two loses neither the first result nor the wait).
 
 use crate::db::{Db, DbError, from_json, to_json};
-use crate::model::PendingCheck;
+use crate::model::{Hold, PendingCheck};
 use rusqlite::params;
 
 impl Db {
@@ -11,15 +11,15 @@ impl Db {
     pub fn record_build_check(&mut self, run: &str, c: &PendingCheck) -> Result<(), DbError> {
         let (report, credential) = (to_json(&c.report)?, to_json(&c.credential)?);
         self.conn_mut().execute(
-            "INSERT OR IGNORE INTO build_checks(run_id, drv_path, built_by, credential, report, queued_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![run, c.drv, c.built_by, credential, report, c.queued_ms],
+            "INSERT OR IGNORE INTO build_checks(run_id, drv_path, built_by, credential, report, queued_ms, hold) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![run, c.drv, c.built_by, credential, report, c.queued_ms, c.hold as i64],
         )?;
         Ok(())
     }
 
     pub fn build_checks(&self, run: &str) -> Result<Vec<PendingCheck>, DbError> {
         let mut st = self.conn().prepare(
-            "SELECT drv_path, built_by, credential, report, queued_ms FROM build_checks WHERE run_id = ?1 ORDER BY queued_ms, drv_path",
+            "SELECT drv_path, built_by, credential, report, queued_ms, hold FROM build_checks WHERE run_id = ?1 ORDER BY queued_ms, drv_path",
         )?;
         st.query_map([run], |r| {
             Ok(PendingCheck {
@@ -28,6 +28,13 @@ impl Db {
                 credential: from_json(2, r.get(2)?)?,
                 report: from_json(3, r.get(3)?)?,
                 queued_ms: r.get(4)?,
+                hold: Hold::try_from(r.get::<_, i64>(5)?).map_err(|n| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        5,
+                        rusqlite::types::Type::Integer,
+                        format!("no such hold: {n}").into(),
+                    )
+                })?,
             })
         })?
         .collect()
@@ -64,6 +71,7 @@ mod tests {
                 ..Default::default()
             },
             queued_ms: 5,
+            hold: Hold::FarmCache,
         };
         db.record_build_check("r1", &first).unwrap();
         let again = PendingCheck {
@@ -75,5 +83,26 @@ mod tests {
         assert!(db.build_checks("r2").unwrap().is_empty());
         db.drop_build_check("r1", &first.drv).unwrap();
         assert!(db.build_checks("r1").unwrap().is_empty());
+    }
+
+    /// A database from before held outputs: opened again, the column is there, and a
+    /// check stored before reads as not held (its build pushed to the run's cache).
+    #[test]
+    fn an_older_database_gains_the_hold_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.sqlite");
+        let db = Db::open(&path).unwrap();
+        db.insert_run(&crate::db::test_run("r1")).unwrap();
+        db.conn()
+            .execute_batch(
+                r#"ALTER TABLE build_checks DROP COLUMN hold;
+                 INSERT INTO build_checks(run_id, drv_path, built_by, credential, report, queued_ms) VALUES ('r1', '/nix/store/00000000000000000000000000000000-x.drv', 'a', '"open"', '{"kind":"built"}', 1);"#,
+            )
+            .unwrap();
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        let old = db.build_checks("r1").unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].hold, Hold::No);
     }
 }

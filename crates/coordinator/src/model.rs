@@ -151,6 +151,42 @@ pub struct Registration {
     /// cross-checks count two agents only when their credentials differ.
     #[serde(default)]
     pub credential: crate::credentials::Credential,
+    /// It keeps held outputs out of a run's cache (agents before `hold` do not).
+    #[serde(default)]
+    pub holds_outputs: bool,
+}
+
+/// Where a cross-checked build's outputs wait for their check when its run has a cache of
+/// its own (nothing unchecked goes there). Stored as its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[repr(i64)]
+pub enum Hold {
+    /// Not held: pushed to the run's cache at once (no cross-check, no cache of the run's
+    /// own, a fixed output, or no other way between the agents).
+    #[default]
+    No = 0,
+    /// In the coordinator's farm cache, which only agents read.
+    FarmCache = 1,
+    /// In the store the agents share (`nixfarm local`).
+    SharedStore = 2,
+}
+
+impl Hold {
+    pub fn held(self) -> bool {
+        self != Hold::No
+    }
+}
+
+impl TryFrom<i64> for Hold {
+    type Error = i64;
+    fn try_from(n: i64) -> Result<Self, i64> {
+        match n {
+            0 => Ok(Hold::No),
+            1 => Ok(Hold::FarmCache),
+            2 => Ok(Hold::SharedStore),
+            n => Err(n),
+        }
+    }
 }
 
 /// One output of a derivation.
@@ -262,6 +298,8 @@ pub struct PendingCheck {
     /// When the check was queued (ms, the engine's clock): it waits a bounded time for an
     /// agent that can take it.
     pub queued_ms: i64,
+    /// Where the build's outputs wait for the check (its job said so).
+    pub hold: Hold,
 }
 
 /// A job's failure as an agent reports it: the message, and whether the agent or Nix broke
@@ -368,12 +406,12 @@ pub enum Job {
         /// Off the run's longest remaining chain: built at a lower CPU priority.
         background: bool,
         /// Cross-checked builds: build again what another agent built and pushed, and
-        /// compare (nothing is pushed, unless `hold_outputs`).
+        /// compare (nothing is pushed, unless `hold`).
         check: bool,
         /// Cross-checked builds of a run with a cache of its own: nothing unchecked goes to
-        /// `cache`. A build pushes its outputs to the farm cache (or keeps them in the store
-        /// the agents share); its check fetches them from there and publishes its own copy.
-        hold_outputs: bool,
+        /// `cache`. A build's outputs wait where this says; its check fetches them from
+        /// there and publishes its own copy.
+        hold: Hold,
     },
 }
 

@@ -175,7 +175,7 @@ async fn start_farm_cache(
         Arc::new(move || e.protected_store_hashes()),
     )?;
     let withdrawn = cache.clone();
-    engine.on_failed_check(Arc::new(move |paths: &[String]| {
+    engine.attach_farm_cache(Arc::new(move |paths: &[String]| {
         withdrawn.withdraw(paths);
     }));
     let app = cache.router();
@@ -279,7 +279,7 @@ pub async fn start_with_listener(
         cross_check_eval: s.cross_check_evaluation,
         cross_check_builds: s.cross_check_builds,
         cross_check_wait_ms: (s.cross_check_wait_secs * 1000) as i64,
-        hold_unchecked: config.farm_cache.enabled || config.agents_share_store,
+        agents_share_store: config.agents_share_store,
     };
     let engine = Engine::open(db, config.state_dir.join("sources"), clock, opts)
         .context("cannot resume runs")?;

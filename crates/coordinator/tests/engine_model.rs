@@ -280,6 +280,7 @@ fn registration(name: &str, max_jobs: u32, running: Vec<String>, key: &str) -> R
         running_attempts: running,
         session_key: key.into(),
         credential: Default::default(),
+        holds_outputs: true,
     }
 }
 

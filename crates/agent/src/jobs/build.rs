@@ -48,22 +48,44 @@ pub(super) async fn build(
     };
     trusted.sort();
     trusted.dedup();
-    // Held outputs (cross-checked builds of a run with a cache of its own) go to the farm
-    // cache until their check publishes them; without one they stay here, in the store the
-    // agents share.
-    let staging = match farm.is_none().then(|| farm_cache(shared)).flatten() {
-        Some(f) if j.hold_outputs => match pusher(shared, &f.url).await {
-            Ok(p) => Some((p, f)),
-            Err(e) => {
-                return pb::BuildResult {
-                    status: pb::BuildStatus::InfraFailed as i32,
-                    message: format!("cannot reach the farm cache: {e}"),
-                    ..Default::default()
-                };
-            }
-        },
-        _ => None,
+    // Held outputs (cross-checked builds of a run with a cache of its own) wait for their
+    // check in the farm cache, or here in the store the agents share; the check publishes
+    // them. Told to hold them in a farm cache it does not have, an agent builds nothing
+    // rather than push them to the run's cache.
+    let hold = match pb::HoldOutputs::try_from(j.hold) {
+        // The run's cache is the farm cache itself, which only agents read.
+        _ if farm.is_some() => pb::HoldOutputs::None,
+        Ok(h) => h,
+        Err(_) => pb::HoldOutputs::FarmCache,
     };
+    let staging = match hold {
+        pb::HoldOutputs::FarmCache => {
+            let staged = match farm_cache(shared).filter(|f| f.url != cache) {
+                Some(f) => pusher(shared, &f.url)
+                    .await
+                    .map(|p| (p, f))
+                    .map_err(|e| e.to_string()),
+                None => {
+                    Err("this agent has no farm cache (is the coordinator's turned off?)".into())
+                }
+            };
+            match staged {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    return pb::BuildResult {
+                        status: pb::BuildStatus::InfraFailed as i32,
+                        message: format!(
+                            "the outputs of {} are to wait for their check in the farm cache: {e}",
+                            j.drv_path
+                        ),
+                        ..Default::default()
+                    };
+                }
+            }
+        }
+        pb::HoldOutputs::None | pb::HoldOutputs::SharedStore => None,
+    };
+    let held = hold != pb::HoldOutputs::None;
     tracing::debug!(drv = %j.drv_path, background = j.background, "build");
     let opts = BuildOptions {
         substituter,
@@ -163,18 +185,19 @@ pub(super) async fn build(
     };
     if j.check {
         use super::check::{Held, Publish};
-        let held = match (&staging, &push) {
-            (_, None) => None,
-            (Some((p, f)), _) if j.hold_outputs => Some(Held {
+        let from = match (&staging, &push) {
+            (Some((p, f)), _) => Some(Held {
                 cache: p,
                 url: &f.url,
                 keys: std::slice::from_ref(&f.public_key),
                 netrc: f.netrc.as_deref(),
                 ca: f.ca.as_deref(),
             }),
-            // Held in the store the agents share: the copy here is the one checked.
-            (None, _) if j.hold_outputs => None,
-            (_, Some(p)) => Some(Held {
+            // Held in the store the agents share (or no cache at all): the copy here is
+            // the one checked.
+            (None, _) if held => None,
+            (None, None) => None,
+            (None, Some(p)) => Some(Held {
                 cache: p,
                 url: &opts.substituter,
                 keys: &opts.trusted_public_keys,
@@ -182,11 +205,11 @@ pub(super) async fn build(
                 ca: opts.ssl_cert_file.as_deref(),
             }),
         };
-        let publish = push.as_deref().filter(|_| j.hold_outputs).map(|p| Publish {
+        let publish = push.as_deref().filter(|_| held).map(|p| Publish {
             cache: p,
             claims: Claims::new(shared, channel, &cache),
         });
-        return super::check::check(shared, this, &opts, held, publish, cancel, on_log).await;
+        return super::check::check(shared, this, &opts, from, publish, cancel, on_log).await;
     }
     let run = shared
         .nix
@@ -232,7 +255,7 @@ pub(super) async fn build(
             let pushing = std::time::Instant::now();
             let (to, to_url) = match &staging {
                 Some((p, f)) => (Some(p), f.url.as_str()),
-                None if j.hold_outputs => (None, ""),
+                None if held => (None, ""),
                 None => (push.as_ref(), cache.as_str()),
             };
             if let Some(p) = to

@@ -41,7 +41,21 @@ impl Engine {
             && report.kind.produced_outputs()
             && !sched.class(node).fetch
         {
-            return self.queue_check(inner, &a.run_id, node, &a.agent, report);
+            let hold = run.hold(&self.opts, inner.hold_way);
+            // Outputs that did not get to where they wait for their check cannot be
+            // checked on another host: built again instead.
+            if hold == Hold::FarmCache && report.kind == BuildOutcome::NotCached {
+                let report = BuildReport {
+                    kind: BuildOutcome::InfraFailed,
+                    message: format!(
+                        "{} (the farm cache, where its outputs wait for their check)",
+                        report.message
+                    ),
+                    ..report
+                };
+                return self.finish_build(inner, &a.run_id, node, &a.agent, report, retry);
+            }
+            return self.queue_check(inner, &a.run_id, node, &a.agent, report, hold);
         }
         self.finish_build(inner, &a.run_id, node, &a.agent, report, retry)
     }

@@ -10,10 +10,15 @@ use crate::credentials::Credential;
 pub type OnFailedCheck = Arc<dyn Fn(&[String]) + Send + Sync>;
 
 impl Engine {
-    /// Sets what is told the outputs of a build whose check found different ones (once; the
-    /// farm cache, which then stops serving them).
-    pub fn on_failed_check(&self, f: OnFailedCheck) {
-        let _ = self.failed_check.set(f);
+    /// The farm cache has started: cross-checked builds may hold unchecked outputs there
+    /// (unless the agents share a store), and `withdraw` is told the outputs no check
+    /// vouched for, which it then stops serving.
+    pub fn attach_farm_cache(&self, withdraw: OnFailedCheck) {
+        let _ = self.failed_check.set(withdraw);
+        let mut inner = self.lock();
+        if inner.hold_way == Hold::No {
+            inner.hold_way = Hold::FarmCache;
+        }
     }
 
     /// Holds `agent`'s successful build of `node` until another agent has checked it.
@@ -24,6 +29,7 @@ impl Engine {
         node: NodeId,
         agent: &str,
         report: BuildReport,
+        hold: Hold,
     ) -> Result<(), EngineError> {
         let now = self.clock.now_ms();
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
@@ -42,6 +48,7 @@ impl Engine {
             credential,
             report,
             queued_ms: now,
+            hold,
         };
         inner.db.record_build_check(run_id, &check)?;
         run.checks.insert(node, check);
@@ -69,26 +76,27 @@ impl Engine {
 
     /// The oldest check in `run` that the asking agent may take: not of its own build (nor
     /// of one by an agent `independent_of` says is the same holder, given the credential
-    /// that agent built with), of a derivation it can build.
+    /// that agent built with), of a derivation it can build; of held outputs only if it
+    /// `holds` (an older agent would neither fetch nor publish them).
     pub(super) fn next_check(
         run: &mut RunMem,
         caps: &Capabilities,
+        holds: bool,
         independent_of: &dyn Fn(&str, &Credential) -> bool,
-        opts: &EngineOptions,
     ) -> Option<(JobRef, Job, String)> {
         if caps.fetches_only {
             return None;
         }
         let sched = run.sched.as_ref()?;
         let at = run.check_queue.iter().position(|n| {
-            run.checks
-                .get(n)
-                .is_some_and(|c| independent_of(&c.built_by, &c.credential))
-                && caps.can_build(sched.class(*n))
+            run.checks.get(n).is_some_and(|c| {
+                independent_of(&c.built_by, &c.credential) && (holds || !c.hold.held())
+            }) && caps.can_build(sched.class(*n))
         })?;
         let node = run.check_queue.remove(at)?;
         let drv = run.drv_of[node as usize].clone();
-        let job = run.build_job(&drv, false, true, run.holds_outputs(opts));
+        let hold = run.checks.get(&node).map_or(Hold::No, |c| c.hold);
+        let job = run.build_job(&drv, false, true, hold);
         Some((JobRef::Check(node), job, drv))
     }
 
@@ -133,30 +141,31 @@ impl Engine {
         } else {
             report
         };
-        let held = run.holds_outputs(&self.opts);
-        let settled = match report.kind {
-            BuildOutcome::Built | BuildOutcome::NotCached => {
-                let same =
-                    format!("built on {by}; {checker} built it again and got the same outputs");
-                // Held outputs reach the run's cache only by the check's own push.
-                if held && report.kind == BuildOutcome::NotCached {
-                    BuildReport {
-                        kind: BuildOutcome::NotCached,
-                        message: format!("{same}, but {}", report.message),
-                        ..first.report.clone()
-                    }
-                } else {
-                    BuildReport {
-                        kind: if held {
-                            BuildOutcome::Built
-                        } else {
-                            first.report.kind
-                        },
-                        message: same,
-                        ..first.report.clone()
-                    }
-                }
+        let held = first.hold.held();
+        // Held outputs reach the run's cache only by the check's own push: one that failed
+        // leaves them unpublished, so the check is tried again (dependents on other hosts
+        // would otherwise build the input again, unchecked).
+        let report = if held && report.kind == BuildOutcome::NotCached {
+            BuildReport {
+                kind: BuildOutcome::InfraFailed,
+                ..report
             }
+        } else {
+            report
+        };
+        let settled = match report.kind {
+            BuildOutcome::Built | BuildOutcome::NotCached => BuildReport {
+                // Held: the check's own push put them in the run's cache.
+                kind: if held {
+                    BuildOutcome::Built
+                } else {
+                    first.report.kind
+                },
+                message: format!(
+                    "built on {by}; {checker} built it again and got the same outputs"
+                ),
+                ..first.report.clone()
+            },
             BuildOutcome::Cancelled if !terminal => {
                 Self::requeue_check(run, node, now);
                 return Ok(());
@@ -300,12 +309,7 @@ impl Engine {
             .collect();
         for (run_id, node, mut c) in pending {
             // Held out of the run's cache for a check: with none to come, never pushed there.
-            let held = inner
-                .runs
-                .iter()
-                .find(|r| r.id == run_id)
-                .is_some_and(|r| self.opts.hold_unchecked && !r.spec.cache.is_empty());
-            if held && c.report.kind.produced_outputs() {
+            if c.hold.held() && c.report.kind.produced_outputs() {
                 c.report.kind = BuildOutcome::NotCached;
                 c.report.message = "built, but held back from the run's cache for a cross-check that no longer runs (cross_check_builds was turned off): not pushed there".into();
             }

@@ -187,7 +187,7 @@ fn a_check_that_differs_fails_the_package_as_not_reproducible_and_its_dependents
     let (engine, _clock, _dir) = test_engine(cross_checked());
     let told = Arc::new(Mutex::new(Vec::new()));
     let t = told.clone();
-    engine.on_failed_check(Arc::new(move |paths: &[String]| {
+    engine.attach_farm_cache(Arc::new(move |paths: &[String]| {
         t.lock().unwrap().extend_from_slice(paths)
     }));
     let (run, mut a, b, check) = lib_built_by_a(&engine);
@@ -474,7 +474,7 @@ fn a_run_cancelled_before_a_check_withdraws_what_it_would_have_vouched_for() {
     let (engine, _clock, _dir) = test_engine(cross_checked());
     let told = Arc::new(Mutex::new(Vec::new()));
     let t = told.clone();
-    engine.on_failed_check(Arc::new(move |paths: &[String]| {
+    engine.attach_farm_cache(Arc::new(move |paths: &[String]| {
         t.lock().unwrap().extend_from_slice(paths)
     }));
     let (run, _a, _b, _check) = lib_built_by_a(&engine);

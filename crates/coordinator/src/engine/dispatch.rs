@@ -61,9 +61,9 @@ impl Engine {
                     None if build_free || fetch_free => Self::next_build(
                         &mut inner.runs,
                         &caps,
-                        &name,
+                        (&name, agent.reg.holds_outputs),
                         &independent_of,
-                        &self.opts,
+                        (&self.opts, inner.hold_way),
                         now,
                     ),
                     None => None,
@@ -238,9 +238,9 @@ impl Engine {
     fn next_build(
         runs: &mut [RunMem],
         caps: &Capabilities,
-        agent: &str,
+        (agent, agent_holds): (&str, bool),
         independent_of: &dyn Fn(&str, &Credential) -> bool,
-        opts: &EngineOptions,
+        (opts, way): (&EngineOptions, Hold),
         now_ms: i64,
     ) -> Option<(String, JobRef, Job, String)> {
         let mut order: Vec<(f64, usize)> = runs
@@ -260,10 +260,24 @@ impl Engine {
                 continue;
             }
             // A check first: the derivation's dependents wait for it.
-            if let Some((job_ref, job, drv)) = Self::next_check(run, caps, independent_of, opts) {
+            if let Some((job_ref, job, drv)) =
+                Self::next_check(run, caps, agent_holds, independent_of)
+            {
                 return Some((run.id.clone(), job_ref, job, drv));
             }
-            let holds = run.holds_outputs(opts);
+            let hold = run.hold(opts, way);
+            // An agent that predates holding would push held outputs to the run's cache:
+            // it gets only this run's fixed outputs, which are not held.
+            let restricted;
+            let caps = if hold.held() && !agent_holds {
+                restricted = Capabilities {
+                    fetches_only: true,
+                    ..caps.clone()
+                };
+                &restricted
+            } else {
+                caps
+            };
             let RunMem {
                 sched, built_on, ..
             } = &mut *run;
@@ -284,7 +298,7 @@ impl Engine {
             };
             if let Some(n) = picked {
                 let background = !sched.on_critical_path(n);
-                let hold = holds && !sched.class(n).fetch;
+                let hold = if sched.class(n).fetch { Hold::No } else { hold };
                 let drv = run.drv_of[n as usize].clone();
                 let job = run.build_job(&drv, background, false, hold);
                 return Some((run.id.clone(), JobRef::Build(n), job, drv));

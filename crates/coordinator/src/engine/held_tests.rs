@@ -1,21 +1,23 @@
 //! Cross-checked builds of a run with a cache of its own: nothing unchecked goes there. The
-//! build and its check are told to hold the outputs back, the check's own push is what
-//! puts them in the cache, and a build whose check never comes is not counted as cached.
+//! build and its check are told where the outputs wait (the farm cache, or the store the
+//! agents share), the check's own push is what puts them in the run's cache, a push that
+//! fails on the way is tried again, and agents that predate holding get none of it.
 
 use super::checks_tests::{
-    APP, APP_OUT, LIB, LIB_OUT, answer, checked, cross_checked, lib_built_then_stopped,
-    list_lib_and_app, restartable, status_of,
+    APP, LIB, LIB_OUT, answer, checked, cross_checked, lib_built_then_stopped, list_lib_and_app,
+    restartable, status_of,
 };
 use super::queries_tests::flake_run;
 use super::recovery_tests::open_in;
-use super::tests::{TestAgent, assigned, built, connect_agent, test_engine};
+use super::tests::{TestAgent, assigned, built, connect_agent, registration, test_engine};
 use super::*;
+use nixfarm_core::RunEvent;
 
-fn holding() -> EngineOptions {
-    EngineOptions {
-        hold_unchecked: true,
-        ..cross_checked()
-    }
+/// A cross-checking engine whose farm cache has started.
+fn with_farm_cache() -> (Engine, Arc<crate::clock::ManualClock>, tempfile::TempDir) {
+    let (engine, clock, dir) = test_engine(cross_checked());
+    engine.attach_farm_cache(Arc::new(|_: &[String]| {}));
+    (engine, clock, dir)
 }
 
 fn with_cache() -> RunSpec {
@@ -25,113 +27,147 @@ fn with_cache() -> RunSpec {
     }
 }
 
-/// The build `a` was handed: (attempt, derivation, check, hold_outputs).
-fn handed(a: &mut TestAgent) -> (String, String, bool, bool) {
+/// The build `a` was handed: (attempt, derivation, check, hold).
+fn handed(a: &mut TestAgent) -> (String, String, bool, Hold) {
     match assigned(&mut a.rx) {
         (
             attempt,
             Job::Build {
                 drv_path,
                 check,
-                hold_outputs,
+                hold,
                 ..
             },
-        ) => (attempt, drv_path, check, hold_outputs),
+        ) => (attempt, drv_path, check, hold),
         (_, job) => panic!("not a build: {job:?}"),
     }
 }
 
+fn retries(engine: &Engine, run: &str) -> Vec<String> {
+    super::queries_tests::run_events(engine, run)
+        .into_iter()
+        .filter_map(|e| match e {
+            RunEvent::JobRetry { message, .. } => Some(message),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn a_build_and_its_check_hold_outputs_back_and_the_checks_push_is_what_counts() {
-    let (engine, _clock, _dir) = test_engine(holding());
+fn a_build_and_its_check_hold_outputs_in_the_farm_cache_and_the_checks_push_is_what_counts() {
+    let (engine, _clock, _dir) = with_farm_cache();
     let mut a = connect_agent(&engine, "a");
     let run = engine.submit(with_cache()).unwrap();
     list_lib_and_app(&engine, "a", &mut a);
     let (attempt, drv, check, hold) = handed(&mut a);
-    assert_eq!((drv.as_str(), check, hold), (LIB, false, true));
-    let mut b = connect_agent(&engine, "b");
-    // The build's own push (to the farm cache) failed: its check may still publish it.
-    answer(
-        &engine,
-        "a",
-        &a,
-        attempt,
-        BuildReport {
-            kind: BuildOutcome::NotCached,
-            ..built(LIB_OUT)
-        },
+    assert_eq!((drv.as_str(), check, hold), (LIB, false, Hold::FarmCache));
+    // Its push to the farm cache failed: no other host could check it, so it is built again.
+    let failed = BuildReport {
+        kind: BuildOutcome::NotCached,
+        message: "built, but the push to the cache failed: HTTP 503".into(),
+        ..built(LIB_OUT)
+    };
+    answer(&engine, "a", &a, attempt, failed);
+    assert_eq!(
+        retries(&engine, &run),
+        [
+            "built, but the push to the cache failed: HTTP 503 (the farm cache, where its outputs wait for their check)"
+        ]
     );
+    let (attempt, drv, check, _) = handed(&mut a);
+    assert_eq!((drv.as_str(), check), (LIB, false));
+    let mut b = connect_agent(&engine, "b");
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
     let (attempt, drv, check, hold) = handed(&mut b);
-    assert_eq!((drv.as_str(), check, hold), (LIB, true, true));
+    assert_eq!((drv.as_str(), check, hold), (LIB, true, Hold::FarmCache));
+    // The check agrees, but its push to the run's cache fails: tried again, not counted.
+    let unpublished = BuildReport {
+        kind: BuildOutcome::NotCached,
+        message: "the push to the run's cache failed: HTTP 503".into(),
+        ..checked(LIB_OUT)
+    };
+    answer(&engine, "b", &b, attempt, unpublished);
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    assert_eq!(retries(&engine, &run).len(), 2);
+    let (attempt, drv, check, hold) = handed(&mut b);
+    assert_eq!((drv.as_str(), check, hold), (LIB, true, Hold::FarmCache));
     answer(&engine, "b", &b, attempt, checked(LIB_OUT));
     let (status, reason) = status_of(&engine, &run, "lib");
     assert_eq!(status, PackageStatus::Ready, "{reason}");
-    // app's check agrees, but its push to the run's cache fails: built, not cached.
-    let (builder, first, mut other) = match a.rx.try_recv() {
-        Ok(ToAgent::Assign { attempt, job, .. }) => (("a", attempt, job), a, b),
-        _ => {
-            let (attempt, job) = assigned(&mut b.rx);
-            (("b", attempt, job), b, a)
-        }
+    assert_eq!(reason, "", "ready says nothing more");
+    let app = match a.rx.try_recv() {
+        Ok(ToAgent::Assign { job, .. }) => job,
+        _ => assigned(&mut b.rx).1,
     };
-    let (name, attempt, job) = builder;
     assert!(
-        matches!(&job, Job::Build { drv_path, hold_outputs: true, .. } if drv_path == APP),
-        "{job:?}"
-    );
-    let other_name = if name == "a" { "b" } else { "a" };
-    answer(&engine, name, &first, attempt, built(APP_OUT));
-    let (attempt, drv, check, hold) = handed(&mut other);
-    assert_eq!((drv.as_str(), check, hold), (APP, true, true));
-    answer(
-        &engine,
-        other_name,
-        &other,
-        attempt,
-        BuildReport {
-            kind: BuildOutcome::NotCached,
-            message: "the push to the run's cache failed: HTTP 503".into(),
-            ..checked(APP_OUT)
-        },
-    );
-    let (status, reason) = status_of(&engine, &run, "app");
-    assert_eq!(status, PackageStatus::NotCached, "{reason}");
-    assert!(
-        reason.contains("got the same outputs, but the push to the run's cache failed"),
-        "{reason}"
+        matches!(&app, Job::Build { drv_path, hold: Hold::FarmCache, check: false, .. } if drv_path == APP),
+        "{app:?}"
     );
 }
 
 #[test]
 fn outputs_are_held_only_for_a_cache_of_the_runs_own_with_another_way_between_agents() {
+    let first_hold = |engine: &Engine, spec: RunSpec| {
+        let mut a = connect_agent(engine, "a");
+        engine.submit(spec).unwrap();
+        list_lib_and_app(engine, "a", &mut a);
+        handed(&mut a).3
+    };
     // No cache of the run's own (the farm cache carries everything): nothing to hold.
-    let (engine, _clock, _dir) = test_engine(holding());
-    let mut a = connect_agent(&engine, "a");
-    engine.submit(flake_run()).unwrap();
-    list_lib_and_app(&engine, "a", &mut a);
-    assert!(!handed(&mut a).3);
+    assert_eq!(first_hold(&with_farm_cache().0, flake_run()), Hold::No);
     // No farm cache, no shared store: the run's cache is the only way between agents.
-    let (engine, _clock, _dir) = test_engine(cross_checked());
-    let mut a = connect_agent(&engine, "a");
-    engine.submit(with_cache()).unwrap();
-    list_lib_and_app(&engine, "a", &mut a);
-    assert!(!handed(&mut a).3);
+    assert_eq!(
+        first_hold(&test_engine(cross_checked()).0, with_cache()),
+        Hold::No
+    );
     // Without cross-checks.
-    let (engine, _clock, _dir) = test_engine(EngineOptions {
-        cross_check_builds: false,
-        ..holding()
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    engine.attach_farm_cache(Arc::new(|_: &[String]| {}));
+    assert_eq!(first_hold(&engine, with_cache()), Hold::No);
+    // `nixfarm local`: the agents share a store.
+    let shared = test_engine(EngineOptions {
+        agents_share_store: true,
+        ..cross_checked()
     });
+    assert_eq!(first_hold(&shared.0, with_cache()), Hold::SharedStore);
+}
+
+#[test]
+fn an_agent_that_predates_holding_is_handed_neither_held_builds_nor_their_checks() {
+    let (engine, _clock, _dir) = with_farm_cache();
+    let connect_old = |name: &str| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let reg = Registration {
+            holds_outputs: false,
+            ..registration(name, "")
+        };
+        let (conn, session) = engine.connect_agent(reg, tx).unwrap();
+        TestAgent { conn, session, rx }
+    };
+    let mut old = connect_old("old");
+    let run = engine.submit(with_cache()).unwrap();
+    list_lib_and_app(&engine, "old", &mut old);
+    assert!(super::checks_tests::idle(&mut old), "old was handed lib");
     let mut a = connect_agent(&engine, "a");
-    engine.submit(with_cache()).unwrap();
-    list_lib_and_app(&engine, "a", &mut a);
-    assert!(!handed(&mut a).3);
+    let (attempt, drv, _, hold) = handed(&mut a);
+    assert_eq!((drv.as_str(), hold), (LIB, Hold::FarmCache));
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    assert!(
+        super::checks_tests::idle(&mut old),
+        "old was handed lib's check"
+    );
+    assert!(
+        status_of(&engine, &run, "lib").1.contains("built on a"),
+        "{:?}",
+        status_of(&engine, &run, "lib")
+    );
 }
 
 #[test]
 fn held_builds_whose_checks_were_turned_off_across_a_restart_are_not_cached() {
     let (dir, clock, opts) = restartable();
     let opts = EngineOptions {
-        hold_unchecked: true,
+        agents_share_store: true,
         ..opts
     };
     let run = lib_built_then_stopped(dir.path(), &clock, opts.clone(), with_cache());

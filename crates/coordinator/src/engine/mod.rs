@@ -61,10 +61,9 @@ pub struct EngineOptions {
     pub cross_check_builds: bool,
     /// Longest wait for a second agent's answer or check, ms.
     pub cross_check_wait_ms: i64,
-    /// Agents can hand each other a build's outputs without the run's own cache: through
-    /// the farm cache, or a store they share (`nixfarm local`). Cross-checked builds then
-    /// keep unchecked outputs out of the run's cache; the check publishes them.
-    pub hold_unchecked: bool,
+    /// The agents share one store (`nixfarm local`): cross-checked builds can keep
+    /// unchecked outputs out of a run's own cache without the farm cache (see [`Hold`]).
+    pub agents_share_store: bool,
 }
 
 impl Default for EngineOptions {
@@ -80,7 +79,7 @@ impl Default for EngineOptions {
             locality: true,
             cross_check_eval: false,
             cross_check_builds: false,
-            hold_unchecked: false,
+            agents_share_store: false,
             cross_check_wait_ms: 600_000,
         }
     }
@@ -187,6 +186,9 @@ struct Inner {
     next_conn: u64,
     /// Cost estimates: ms each derivation name took when last built.
     build_times: HashMap<String, u64>,
+    /// Where agents can hand each other unchecked outputs, other than a run's own cache:
+    /// the store they share, the farm cache once it has started, or nowhere.
+    hold_way: Hold,
 }
 
 /// Longest a run waits for the repository checks an agent said would follow its listing, ms
@@ -300,6 +302,11 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Mutex::new(Inner {
                 build_times,
+                hold_way: if opts.agents_share_store {
+                    Hold::SharedStore
+                } else {
+                    Hold::No
+                },
                 db: Box::new(db),
                 runs: Vec::new(),
                 agents: BTreeMap::new(),
@@ -425,7 +432,7 @@ impl RunMem {
 
     /// The job that builds `drv` (or, `check`, builds it again to compare): the run's cache
     /// and limits, a package's own limits first; a check is not smoke-tested.
-    fn build_job(&self, drv: &str, background: bool, check: bool, hold_outputs: bool) -> Job {
+    fn build_job(&self, drv: &str, background: bool, check: bool, hold: Hold) -> Job {
         let (t, s) = self.limits.get(drv).copied().unwrap_or((0, 0));
         Job::Build {
             drv_path: drv.to_string(),
@@ -436,17 +443,20 @@ impl RunMem {
             smoke: self.smoke.get(drv).cloned().filter(|_| !check),
             background,
             check,
-            hold_outputs,
+            hold,
         }
     }
 
-    /// Whether this run's cross-checked builds keep their outputs out of its cache until
-    /// checked (fixed outputs aside, which are not checked): it has a cache of its own, and
-    /// the agents another way to hand each other outputs.
-    fn holds_outputs(&self, opts: &EngineOptions) -> bool {
-        (opts.cross_check_builds || self.spec.cross_check_builds)
-            && opts.hold_unchecked
-            && !self.spec.cache.is_empty()
+    /// Where this run's cross-checked builds keep their outputs until checked (fixed
+    /// outputs aside, which are not checked): out of its own cache, if it has one and the
+    /// agents another way between them (`way`).
+    fn hold(&self, opts: &EngineOptions, way: Hold) -> Hold {
+        if (opts.cross_check_builds || self.spec.cross_check_builds) && !self.spec.cache.is_empty()
+        {
+            way
+        } else {
+            Hold::No
+        }
     }
 
     /// An evaluation task back in the queue (its attempt lost or broken): if a first

@@ -127,6 +127,7 @@ pub(super) fn registration(name: &str, session_key: &str) -> Registration {
         running_attempts: vec![],
         session_key: session_key.into(),
         credential: Default::default(),
+        holds_outputs: true,
     }
 }
 

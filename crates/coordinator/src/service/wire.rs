@@ -246,6 +246,7 @@ impl TryFrom<pb::Register> for Registration {
             running_attempts: r.running_attempts,
             session_key: r.session_key.chars().take(128).collect(),
             credential: Default::default(),
+            holds_outputs: r.holds_outputs,
         })
     }
 }
@@ -562,7 +563,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         smoke,
                         background,
                         check,
-                        hold_outputs,
+                        hold,
                     } => J::Build(pb::BuildJob {
                         drv_path,
                         cache,
@@ -573,7 +574,11 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                         main_program: smoke.unwrap_or_default(),
                         background,
                         check,
-                        hold_outputs,
+                        hold: match hold {
+                            Hold::No => pb::HoldOutputs::None,
+                            Hold::FarmCache => pb::HoldOutputs::FarmCache,
+                            Hold::SharedStore => pb::HoldOutputs::SharedStore,
+                        } as i32,
                     }),
                 };
                 Msg::Assign(pb::Assignment {
