@@ -311,7 +311,7 @@ impl Engine {
             // Held out of the run's cache for a check: with none to come, never pushed there.
             if c.hold.held() && c.report.kind.produced_outputs() {
                 c.report.kind = BuildOutcome::NotCached;
-                c.report.message = "built, but held back from the run's cache for a cross-check that no longer runs (cross_check_builds was turned off): not pushed there".into();
+                c.report.message = "built, but held back from the run's cache for a cross-check that no longer runs (cross_check_builds was turned off): it gets there only in the closure of what builds on it".into();
             }
             self.settle_check(inner, &run_id, node, &c.built_by, c.report)?;
         }
