@@ -36,6 +36,13 @@ fn self_signed_cachix(
     (server, pk, signing_key)
 }
 
+/// Whether the Cachix test server in `dir` holds a narinfo for `package`'s output.
+fn has_narinfo(dir: &std::path::Path, package: &serde_json::Value) -> bool {
+    let out = package["outputs"]["out"].as_str().unwrap();
+    let hash = &out["/nix/store/".len()..][..32];
+    dir.join(format!("cachix/{hash}.narinfo")).exists()
+}
+
 #[test]
 fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them() {
     let dir = scratch();
@@ -298,12 +305,8 @@ fn nixfarm_local_publishes_to_cachix_and_a_refused_push_is_not_cached() {
     let refused = server.counters.refused.load(Ordering::SeqCst);
     assert!(refused >= 2, "the refused path was started again");
     assert!(server.counters.aborted.load(Ordering::SeqCst) >= refused);
-    let goat_out = got["goat"]["outputs"]["out"].as_str().unwrap();
-    let goat_hash = &goat_out["/nix/store/".len()..][..32];
     assert!(
-        !dir.path()
-            .join(format!("cachix/{goat_hash}.narinfo"))
-            .exists(),
+        !has_narinfo(dir.path(), &got["goat"]),
         "no narinfo for the refused path"
     );
     // Real Nix, in an empty store, with signatures required.
@@ -401,12 +404,8 @@ fn agents_check_each_others_builds_through_cachix() {
         "{}",
         got["stable"]["reason"]
     );
-    let stamp_out = got["stamp"]["outputs"]["out"].as_str().unwrap();
-    let stamp_hash = &stamp_out["/nix/store/".len()..][..32];
     assert!(
-        !dir.path()
-            .join(format!("cachix/{stamp_hash}.narinfo"))
-            .exists(),
+        !has_narinfo(dir.path(), &got["stamp"]),
         "Cachix has no narinfo for the output that failed its check"
     );
     substitute_into_fresh_store(

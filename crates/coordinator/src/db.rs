@@ -180,6 +180,20 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A database as an older coordinator left it: made with run `r1`, then `sql` (which drops a
+/// column added since, and writes a row as it then was), then opened again.
+#[cfg(test)]
+pub(crate) fn reopened_after(sql: &str) -> (tempfile::TempDir, Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("coordinator.sqlite");
+    let db = Db::open(&path).unwrap();
+    db.insert_run(&test_run("r1")).unwrap();
+    db.conn().execute_batch(sql).unwrap();
+    drop(db);
+    let db = Db::open(&path).unwrap();
+    (dir, db)
+}
+
 /// A run row for store tests: `id`, evaluating, nothing listed yet.
 #[cfg(test)]
 pub(crate) fn test_run(id: &str) -> RunRow {

@@ -89,18 +89,10 @@ mod tests {
     /// check stored before reads as not held (its build pushed to the run's cache).
     #[test]
     fn an_older_database_gains_the_hold_column() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("coordinator.sqlite");
-        let db = Db::open(&path).unwrap();
-        db.insert_run(&crate::db::test_run("r1")).unwrap();
-        db.conn()
-            .execute_batch(
-                r#"ALTER TABLE build_checks DROP COLUMN hold;
-                 INSERT INTO build_checks(run_id, drv_path, built_by, credential, report, queued_ms) VALUES ('r1', '/nix/store/00000000000000000000000000000000-x.drv', 'a', '"open"', '{"kind":"built"}', 1);"#,
-            )
-            .unwrap();
-        drop(db);
-        let db = Db::open(&path).unwrap();
+        let (_dir, db) = crate::db::reopened_after(
+            r#"ALTER TABLE build_checks DROP COLUMN hold;
+             INSERT INTO build_checks(run_id, drv_path, built_by, credential, report, queued_ms) VALUES ('r1', '/nix/store/00000000000000000000000000000000-x.drv', 'a', '"open"', '{"kind":"built"}', 1);"#,
+        );
         let old = db.build_checks("r1").unwrap();
         assert_eq!(old.len(), 1);
         assert_eq!(old[0].hold, Hold::No);

@@ -70,18 +70,10 @@ mod tests {
     /// (told apart by name, as it then was).
     #[test]
     fn an_older_database_gains_the_credential_column() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("coordinator.sqlite");
-        let db = Db::open(&path).unwrap();
-        db.insert_run(&crate::db::test_run("r1")).unwrap();
-        db.conn()
-            .execute_batch(
-                "ALTER TABLE eval_opinions DROP COLUMN credential;
-                 INSERT INTO eval_opinions(run_id, task, agent, digest, evaluated, present, summary) VALUES ('r1', -1, 'a', 'd', NULL, '[]', '{}');",
-            )
-            .unwrap();
-        drop(db);
-        let db = Db::open(&path).unwrap();
+        let (_dir, db) = crate::db::reopened_after(
+            "ALTER TABLE eval_opinions DROP COLUMN credential;
+             INSERT INTO eval_opinions(run_id, task, agent, digest, evaluated, present, summary) VALUES ('r1', -1, 'a', 'd', NULL, '[]', '{}');",
+        );
         let old = db.eval_opinions("r1").unwrap();
         assert_eq!(old.len(), 1);
         assert_eq!(old[0].credential, crate::credentials::Credential::Open);
