@@ -28,13 +28,15 @@ impl Db {
                 credential: from_json(2, r.get(2)?)?,
                 report: from_json(3, r.get(3)?)?,
                 queued_ms: r.get(4)?,
-                hold: Hold::try_from(r.get::<_, i64>(5)?).map_err(|n| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        5,
-                        rusqlite::types::Type::Integer,
-                        format!("no such hold: {n}").into(),
-                    )
-                })?,
+                // A value a newer coordinator wrote: held somewhere, so never taken as
+                // pushed to the run's cache.
+                hold: Hold::try_from(r.get::<_, i64>(5)?).unwrap_or_else(|n| {
+                    tracing::warn!(
+                        n,
+                        "a pending check held in an unknown way: taken as the farm cache"
+                    );
+                    Hold::FarmCache
+                }),
             })
         })?
         .collect()

@@ -158,7 +158,7 @@ pub struct Registration {
 
 /// Where a cross-checked build's outputs wait for their check when its run has a cache of
 /// its own (nothing unchecked goes there). Stored as its number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[repr(i64)]
 pub enum Hold {
     /// Not held: pushed to the run's cache at once (no cross-check, no cache of the run's

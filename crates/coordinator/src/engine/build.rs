@@ -41,7 +41,10 @@ impl Engine {
             && report.kind.produced_outputs()
             && !sched.class(node).fetch
         {
-            let hold = run.hold(&self.opts, inner.hold_way);
+            // What the build's job said (after a restart: what the run says now).
+            let hold = a
+                .hold
+                .unwrap_or_else(|| run.hold(&self.opts, inner.hold_way));
             // Outputs that did not get to where they wait for their check cannot be
             // checked on another host: built again instead.
             if hold == Hold::FarmCache && report.kind == BuildOutcome::NotCached {

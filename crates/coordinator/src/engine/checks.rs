@@ -53,7 +53,7 @@ impl Engine {
         inner.db.record_build_check(run_id, &check)?;
         run.checks.insert(node, check);
         run.check_queue.push_back(node);
-        if !super::checker_connected(&inner.agents, agent) {
+        if !super::checker_connected(&inner.agents, agent, hold, inner.hold_way) {
             tracing::warn!(
                 run = run_id,
                 drv,
@@ -81,7 +81,7 @@ impl Engine {
     pub(super) fn next_check(
         run: &mut RunMem,
         caps: &Capabilities,
-        holds: bool,
+        (holds, way): (bool, Hold),
         independent_of: &dyn Fn(&str, &Credential) -> bool,
     ) -> Option<(JobRef, Job, String)> {
         if caps.fetches_only {
@@ -90,7 +90,8 @@ impl Engine {
         let sched = run.sched.as_ref()?;
         let at = run.check_queue.iter().position(|n| {
             run.checks.get(n).is_some_and(|c| {
-                independent_of(&c.built_by, &c.credential) && (holds || !c.hold.held())
+                independent_of(&c.built_by, &c.credential)
+                    && (!c.hold.held() || (holds && c.hold == way))
             }) && caps.can_build(sched.class(*n))
         })?;
         let node = run.check_queue.remove(at)?;
@@ -145,9 +146,14 @@ impl Engine {
         // Held outputs reach the run's cache only by the check's own push: one that failed
         // leaves them unpublished, so the check is tried again (dependents on other hosts
         // would otherwise build the input again, unchecked).
-        let report = if held && report.kind == BuildOutcome::NotCached {
+        let unpublished = held && report.kind == BuildOutcome::NotCached;
+        let report = if unpublished {
             BuildReport {
                 kind: BuildOutcome::InfraFailed,
+                message: format!(
+                    "{checker} built it again and got the same outputs, but {}",
+                    report.message
+                ),
                 ..report
             }
         } else {
@@ -199,10 +205,14 @@ impl Engine {
                     return Ok(());
                 }
                 BuildReport {
-                    message: format!(
-                        "built on {by}, but it could not be checked on {checker}: {}",
-                        report.message
-                    ),
+                    message: if unpublished {
+                        format!("built on {by}; {}", report.message)
+                    } else {
+                        format!(
+                            "built on {by}, but it could not be checked on {checker}: {}",
+                            report.message
+                        )
+                    },
                     agent: checker.clone(),
                     ..report
                 }
@@ -325,10 +335,10 @@ impl Engine {
     pub(super) fn expire_cross_checks(&self, inner: &mut Inner, now: i64) {
         let wait = self.opts.cross_check_wait_ms;
         let secs = wait / 1000;
-        let agents = &inner.agents;
+        let (agents, way) = (&inner.agents, inner.hold_way);
         // One look at the agents per first agent and kind of job, not per job.
         let mut seen = HashMap::new();
-        let mut taker = |first, class| taker(&mut seen, agents, first, class);
+        let mut taker = |first, class, hold| taker(&mut seen, agents, first, class, (hold, way));
         let (mut builds, mut evals) = (Vec::new(), Vec::new());
         let (mut fresh_builds, mut fresh_evals) = (Vec::new(), Vec::new());
         for (i, run) in inner.runs.iter().enumerate() {
@@ -337,7 +347,7 @@ impl Engine {
             }
             for n in &run.check_queue {
                 let Some(c) = run.checks.get(n) else { continue };
-                if taker(&c.built_by, run.sched.as_ref().map(|s| s.class(*n))) {
+                if taker(&c.built_by, run.sched.as_ref().map(|s| s.class(*n)), c.hold) {
                     fresh_builds.push((i, *n));
                 } else if now - c.queued_ms >= wait {
                     builds.push((run.id.clone(), *n, c.built_by.clone()));
@@ -350,7 +360,7 @@ impl Engine {
                 else {
                     continue;
                 };
-                if taker(&first.agent, None) {
+                if taker(&first.agent, None, Hold::No) {
                     fresh_evals.push((i, task));
                 } else if now - since >= wait {
                     evals.push((run.id.clone(), (task, first.agent.clone())));
@@ -396,19 +406,22 @@ impl Engine {
 }
 
 /// Whether a connected agent that takes work could take a cross-check of `first`'s work
-/// (of a derivation of `class`; None: an evaluation), remembered in `seen`.
+/// (of a derivation of `class`, its outputs held as `hold` while agents hand them over
+/// `way`; class None: an evaluation), remembered in `seen`.
 fn taker<'a>(
-    seen: &mut HashMap<(&'a str, Option<&'a crate::scheduler::Class>), bool>,
+    seen: &mut HashMap<(&'a str, Option<&'a crate::scheduler::Class>, Hold), bool>,
     agents: &BTreeMap<String, AgentMem>,
     first: &'a str,
     class: Option<&'a crate::scheduler::Class>,
+    (hold, way): (Hold, Hold),
 ) -> bool {
-    *seen.entry((first, class)).or_insert_with(|| {
+    *seen.entry((first, class, hold)).or_insert_with(|| {
         agents.iter().any(|(n, a)| {
             a.tx.is_some()
                 && !a.draining
                 && super::independent(agents, first, n)
                 && class.is_none_or(|c| a.caps.can_build(c))
+                && super::may_take(a, hold, way)
         })
     })
 }

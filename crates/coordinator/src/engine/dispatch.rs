@@ -101,6 +101,10 @@ impl Engine {
                     Self::unpop(&mut inner.runs, &run_id, &job_ref);
                     return;
                 }
+                let hold = match &job {
+                    Job::Build { hold, .. } => Some(*hold),
+                    _ => None,
+                };
                 let sent = inner
                     .agents
                     .get(&name)
@@ -129,6 +133,7 @@ impl Engine {
                     agent: name.clone(),
                     target: target.clone(),
                     fetch,
+                    hold,
                 };
                 let slot = mem.slot();
                 inner.attempts.insert(attempt.clone(), mem);
@@ -261,7 +266,7 @@ impl Engine {
             }
             // A check first: the derivation's dependents wait for it.
             if let Some((job_ref, job, drv)) =
-                Self::next_check(run, caps, agent_holds, independent_of)
+                Self::next_check(run, caps, (agent_holds, way), independent_of)
             {
                 return Some((run.id.clone(), job_ref, job, drv));
             }

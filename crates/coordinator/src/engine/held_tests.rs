@@ -133,8 +133,40 @@ fn outputs_are_held_only_for_a_cache_of_the_runs_own_with_another_way_between_ag
 }
 
 #[test]
-fn an_agent_that_predates_holding_is_handed_neither_held_builds_nor_their_checks() {
+fn a_check_whose_push_to_the_runs_cache_keeps_failing_fails_the_package_saying_so() {
     let (engine, _clock, _dir) = with_farm_cache();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(with_cache()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _, _) = handed(&mut a);
+    let mut b = connect_agent(&engine, "b");
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    let unpublished = || BuildReport {
+        kind: BuildOutcome::NotCached,
+        message: "the push to the run's cache failed: HTTP 503".into(),
+        ..checked(LIB_OUT)
+    };
+    // Tried again within the budget (3), then the package fails, and app with it.
+    for _ in 0..4 {
+        let (attempt, drv, check, _) = handed(&mut b);
+        assert_eq!((drv.as_str(), check), (LIB, true));
+        answer(&engine, "b", &b, attempt, unpublished());
+    }
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::InfraFailed, "{reason}");
+    assert_eq!(
+        reason,
+        "built on a; b built it again and got the same outputs, but the push to the run's cache failed: HTTP 503"
+    );
+    assert_eq!(
+        status_of(&engine, &run, "app").0,
+        PackageStatus::DependencyFailed
+    );
+}
+
+#[test]
+fn an_agent_that_predates_holding_is_handed_neither_held_builds_nor_their_checks() {
+    let (engine, clock, _dir) = with_farm_cache();
     let connect_old = |name: &str| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let reg = Registration {
@@ -156,10 +188,14 @@ fn an_agent_that_predates_holding_is_handed_neither_held_builds_nor_their_checks
         super::checks_tests::idle(&mut old),
         "old was handed lib's check"
     );
+    // Nobody connected may take the check, so its wait runs out (old does not count).
+    clock.advance(60_000);
+    engine.check_leases();
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::InfraFailed, "{reason}");
     assert!(
-        status_of(&engine, &run, "lib").1.contains("built on a"),
-        "{:?}",
-        status_of(&engine, &run, "lib")
+        reason.starts_with("built on a, but no other agent took its check within 60 s"),
+        "{reason}"
     );
 }
 

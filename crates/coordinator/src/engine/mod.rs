@@ -147,6 +147,9 @@ struct AttemptMem {
     target: String,
     /// Holds one of the agent's fetch slots, not a build slot.
     fetch: bool,
+    /// Where a build's outputs were told to wait for their check (None: not known, the
+    /// attempt came back after a restart; the run's current setting is taken).
+    hold: Option<Hold>,
 }
 
 impl AttemptMem {
@@ -265,10 +268,22 @@ fn independent(agents: &BTreeMap<String, AgentMem>, a: &str, b: &str) -> bool {
 
 /// Whether some connected agent other than `agent` (and independent of it) could check its
 /// work: if not, the coordinator's log says what the run waits for.
-fn checker_connected(agents: &BTreeMap<String, AgentMem>, agent: &str) -> bool {
+fn checker_connected(
+    agents: &BTreeMap<String, AgentMem>,
+    agent: &str,
+    hold: Hold,
+    way: Hold,
+) -> bool {
     agents
         .iter()
-        .any(|(n, a)| a.tx.is_some() && independent(agents, agent, n))
+        .any(|(n, a)| a.tx.is_some() && independent(agents, agent, n) && may_take(a, hold, way))
+}
+
+/// Whether `a` may take a check of outputs held as `hold`, where agents hand each other
+/// unchecked outputs `way` now: one that predates holding would neither fetch them from
+/// there nor publish them, and outputs held in a farm cache that is gone are nowhere.
+fn may_take(a: &AgentMem, hold: Hold, way: Hold) -> bool {
+    !hold.held() || (a.reg.holds_outputs && hold == way)
 }
 
 /// Compares secrets in time independent of where they differ.

@@ -103,7 +103,7 @@ impl Engine {
             run.eval_queue.push_front(task);
         }
         if first {
-            if !super::checker_connected(&inner.agents, agent) {
+            if !super::checker_connected(&inner.agents, agent, Hold::No, Hold::No) {
                 tracing::warn!(
                     run = run_id,
                     task = n,

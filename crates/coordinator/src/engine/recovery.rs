@@ -124,6 +124,7 @@ impl Engine {
                     agent: a.agent.clone(),
                     target: a.target.clone(),
                     fetch,
+                    hold: None,
                 },
             );
         }
