@@ -180,6 +180,11 @@ fn an_agent_that_predates_holding_is_handed_neither_held_builds_nor_their_checks
     let run = engine.submit(with_cache()).unwrap();
     list_lib_and_app(&engine, "old", &mut old);
     assert!(super::checks_tests::idle(&mut old), "old was handed lib");
+    let (_, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(
+        reason,
+        "queued: the 1 connected agent(s) that build x86_64-linux predate held outputs (cross-checked builds keep unchecked outputs out of the run's cache); upgrade them"
+    );
     let mut a = connect_agent(&engine, "a");
     let (attempt, drv, _, hold) = handed(&mut a);
     assert_eq!((drv.as_str(), hold), (LIB, Hold::FarmCache));

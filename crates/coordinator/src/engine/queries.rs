@@ -53,7 +53,7 @@ impl Engine {
                     let g = self.lock();
                     for p in &mut report.packages {
                         if p.status == PackageStatus::Pending {
-                            p.reason = waiting_reason(&g, run_id, &p.drv_path);
+                            p.reason = waiting_reason(&g, &self.opts, run_id, &p.drv_path);
                         }
                     }
                 }
@@ -65,7 +65,9 @@ impl Engine {
     }
 
     pub(super) fn report_locked(&self, inner: &Inner, run_id: &str) -> Result<Report, EngineError> {
-        build_report(&*inner.db, run_id, |drv| waiting_reason(inner, run_id, drv))
+        build_report(&*inner.db, run_id, |drv| {
+            waiting_reason(inner, &self.opts, run_id, drv)
+        })
     }
 }
 

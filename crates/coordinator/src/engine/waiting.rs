@@ -9,8 +9,9 @@ impl Engine {
         let g = self.lock();
         let mut groups: BTreeMap<String, (u64, String)> = BTreeMap::new();
         // One look at the agents per class of job, not per job: runs can hold 100k jobs.
-        let mut by_class: HashMap<&Class, String> = HashMap::new();
+        let mut by_class: HashMap<(&Class, Hold), String> = HashMap::new();
         for run in g.runs.iter().filter(|r| !r.state.is_terminal()) {
+            let hold = run.hold(&self.opts, g.hold_way);
             let Some(sched) = &run.sched else {
                 if !run.eval_queue.is_empty() {
                     let e = groups
@@ -22,10 +23,14 @@ impl Engine {
             };
             for id in 0..sched.len() as NodeId {
                 let reason = match sched.state(id) {
-                    NodeState::Ready => by_class
-                        .entry(sched.class(id))
-                        .or_insert_with(|| queued_reason(&g, sched.class(id)))
-                        .clone(),
+                    NodeState::Ready => {
+                        let class = sched.class(id);
+                        let hold = if class.fetch { Hold::No } else { hold };
+                        by_class
+                            .entry((class, hold))
+                            .or_insert_with(|| queued_reason(&g, class, hold))
+                            .clone()
+                    }
                     NodeState::Waiting => "waiting on dependencies".into(),
                     // Built once; its check not taken yet (cross-checked builds).
                     NodeState::Running if run.check_queue.contains(&id) => {
@@ -49,7 +54,7 @@ impl Engine {
 /// Why a package of an unfinished run is not done yet: evaluating, building where, queued
 /// (and whether any connected agent can take it), or waiting on dependencies.
 /// Why a derivation that is ready to build is not running yet.
-pub(super) fn queued_reason(inner: &Inner, class: &Class) -> String {
+pub(super) fn queued_reason(inner: &Inner, class: &Class, hold: Hold) -> String {
     let describe = || {
         if class.features.is_empty() {
             class.system.clone()
@@ -57,11 +62,20 @@ pub(super) fn queued_reason(inner: &Inner, class: &Class) -> String {
             format!("{} with {}", class.system, class.features.join(", "))
         }
     };
-    let (capable, paused): (Vec<&AgentMem>, Vec<&AgentMem>) = inner
+    let (capable, older): (Vec<&AgentMem>, Vec<&AgentMem>) = inner
         .agents
         .values()
         .filter(|a| a.tx.is_some() && !a.draining && a.caps.can_build(class))
-        .partition(|a| a.paused.is_empty());
+        .partition(|a| super::may_take(a, hold, inner.hold_way));
+    if capable.is_empty() && !older.is_empty() {
+        return format!(
+            "queued: the {} connected agent(s) that build {} predate held outputs (cross-checked builds keep unchecked outputs out of the run's cache); upgrade them",
+            older.len(),
+            describe()
+        );
+    }
+    let (capable, paused): (Vec<&AgentMem>, Vec<&AgentMem>) =
+        capable.into_iter().partition(|a| a.paused.is_empty());
     if capable.is_empty() && !paused.is_empty() {
         format!(
             "queued: all {} agent(s) that build {} are paused ({}: {})",
@@ -86,14 +100,23 @@ pub(super) fn queued_reason(inner: &Inner, class: &Class) -> String {
     }
 }
 
-pub(super) fn waiting_reason(inner: &Inner, run_id: &str, drv: &str) -> String {
+pub(super) fn waiting_reason(
+    inner: &Inner,
+    opts: &EngineOptions,
+    run_id: &str,
+    drv: &str,
+) -> String {
     let Some(run) = inner.runs.iter().find(|r| r.id == run_id) else {
         return String::new();
     };
+    let hold = run.hold(opts, inner.hold_way);
     let (Some(sched), Some(&top)) = (&run.sched, run.node_of.get(drv)) else {
         return "evaluating".into();
     };
-    let queued = |id: NodeId| queued_reason(inner, sched.class(id));
+    let queued = |id: NodeId| {
+        let class = sched.class(id);
+        queued_reason(inner, class, if class.fetch { Hold::No } else { hold })
+    };
     match sched.state(top) {
         NodeState::Running => {
             let agent = inner
