@@ -52,40 +52,43 @@ pub(super) async fn build(
     // check in the farm cache, or here in the store the agents share; the check publishes
     // them. Told to hold them in a farm cache it does not have, an agent builds nothing
     // rather than push them to the run's cache.
-    let hold = match pb::HoldOutputs::try_from(j.hold) {
-        // The run's cache is the farm cache itself, which only agents read.
-        _ if farm.is_some() => pb::HoldOutputs::None,
-        Ok(h) => h,
-        Err(_) => pb::HoldOutputs::FarmCache,
+    use super::route::{Place, RunCache};
+    let run_cache = match (&push, &farm) {
+        (None, _) => RunCache::None,
+        (Some(_), Some(_)) => RunCache::Farm,
+        (Some(_), None) => RunCache::Own,
     };
-    let staging = match hold {
-        pb::HoldOutputs::FarmCache => {
-            let staged = match farm_cache(shared).filter(|f| f.url != cache) {
-                Some(f) => pusher(shared, &f.url)
-                    .await
-                    .map(|p| (p, f))
-                    .map_err(|e| e.to_string()),
-                None => {
-                    Err("this agent has no farm cache (is the coordinator's turned off?)".into())
-                }
+    let staging_cache = farm_cache(shared).filter(|f| f.url != cache);
+    let route = match super::route::route(
+        pb::HoldOutputs::try_from(j.hold).ok(),
+        run_cache,
+        staging_cache.is_some(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            return pb::BuildResult {
+                status: pb::BuildStatus::InfraFailed as i32,
+                message: format!(
+                    "the outputs of {} are to wait for their check in the farm cache: {e}",
+                    j.drv_path
+                ),
+                ..Default::default()
             };
-            match staged {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    return pb::BuildResult {
-                        status: pb::BuildStatus::InfraFailed as i32,
-                        message: format!(
-                            "the outputs of {} are to wait for their check in the farm cache: {e}",
-                            j.drv_path
-                        ),
-                        ..Default::default()
-                    };
-                }
-            }
         }
-        pb::HoldOutputs::None | pb::HoldOutputs::SharedStore => None,
     };
-    let held = hold != pb::HoldOutputs::None;
+    let staging = match staging_cache {
+        Some(f) if route.check_from == Place::FarmCache => match pusher(shared, &f.url).await {
+            Ok(p) => Some((p, f)),
+            Err(e) => {
+                return pb::BuildResult {
+                    status: pb::BuildStatus::InfraFailed as i32,
+                    message: format!("cannot reach the farm cache: {e}"),
+                    ..Default::default()
+                };
+            }
+        },
+        _ => None,
+    };
     tracing::debug!(drv = %j.drv_path, background = j.background, "build");
     let opts = BuildOptions {
         substituter,
@@ -185,27 +188,25 @@ pub(super) async fn build(
     };
     if j.check {
         use super::check::{Held, Publish};
-        let from = match (&staging, &push) {
-            (Some((p, f)), _) => Some(Held {
+        let from = match (route.check_from, &staging, &push) {
+            (Place::FarmCache, Some((p, f)), _) => Some(Held {
                 cache: p,
                 url: &f.url,
                 keys: std::slice::from_ref(&f.public_key),
                 netrc: f.netrc.as_deref(),
                 ca: f.ca.as_deref(),
             }),
-            // Held in the store the agents share (or no cache at all): the copy here is
-            // the one checked.
-            (None, _) if held => None,
-            (None, None) => None,
-            (None, Some(p)) => Some(Held {
+            (Place::RunCache, _, Some(p)) => Some(Held {
                 cache: p,
                 url: &opts.substituter,
                 keys: &opts.trusted_public_keys,
                 netrc: opts.netrc.as_deref(),
                 ca: opts.ssl_cert_file.as_deref(),
             }),
+            // The copy in this store, which the agents share, is the one checked.
+            _ => None,
         };
-        let publish = push.as_deref().filter(|_| held).map(|p| Publish {
+        let publish = push.as_deref().filter(|_| route.publish).map(|p| Publish {
             cache: p,
             claims: Claims::new(shared, channel, &cache),
         });
@@ -253,10 +254,10 @@ pub(super) async fn build(
             // Pushed even when nothing was built: the output may predate the run (the push asks
             // the cache first and uploads only what it lacks).
             let pushing = std::time::Instant::now();
-            let (to, to_url) = match &staging {
-                Some((p, f)) => (Some(p), f.url.as_str()),
-                None if held => (None, ""),
-                None => (push.as_ref(), cache.as_str()),
+            let (to, to_url) = match (route.build_to, &staging) {
+                (Place::FarmCache, Some((p, f))) => (Some(p), f.url.as_str()),
+                (Place::RunCache, _) => (push.as_ref(), cache.as_str()),
+                _ => (None, ""),
             };
             if let Some(p) = to
                 && let Err(e) = p

@@ -20,6 +20,7 @@ mod check;
 mod claims;
 mod eval;
 pub(crate) mod output_locks;
+mod route;
 mod smoke;
 mod source;
 mod warm;
