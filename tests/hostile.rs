@@ -341,6 +341,14 @@ async fn a_forged_result_or_a_stolen_name_changes_nothing() {
     let agents = stdout(&cli(&url, &["agents"]));
     assert!(agents.contains("protocol violations"), "{agents}");
     assert!(agents.lines().any(|l| l.trim() == "y: 1"), "{agents}");
+    // y, played by hand with a registration of before held outputs, is listed as such;
+    // x, a real agent, is not.
+    let older = agents
+        .split_once("predating held outputs")
+        .map(|(_, rest)| rest.split("\n\n").next().unwrap_or(""))
+        .unwrap_or_else(|| panic!("{agents}"));
+    let older: Vec<&str> = older.lines().skip(1).map(str::trim).collect();
+    assert_eq!(older, ["y"], "{agents}");
     // x connected once: the clash did not close its stream.
     let log = coordinator.proc.log_text();
     let x_connects = log

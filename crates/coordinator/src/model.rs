@@ -457,6 +457,8 @@ pub struct AgentStatus {
     pub draining: bool,
     /// Messages refused from it as protocol violations.
     pub violations: u64,
+    /// It keeps held outputs out of a run's cache (agents before that do not).
+    pub holds_outputs: bool,
 }
 
 /// A line of `nixfarm runs`.

@@ -1,5 +1,6 @@
 //! `nixfarm agents`: each agent (connected, paused, what it builds), protocol violations,
-//! and every waiting job of the farm grouped by why it waits.
+//! agents that predate held outputs, and every waiting job of the farm grouped by why it
+//! waits.
 
 use crate::output::Listing;
 use crate::{Client, short_name, status_error};
@@ -38,6 +39,11 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
         .filter(|a| a.protocol_violations > 0)
         .map(|a| format!("  {}: {}", a.name, a.protocol_violations))
         .collect();
+    let older: Vec<String> = agents
+        .iter()
+        .filter(|a| a.connected && !a.holds_outputs)
+        .map(|a| format!("  {}", a.name))
+        .collect();
     for a in agents {
         let building: Vec<String> = a
             .building
@@ -67,6 +73,12 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
         println!(
             "\nmessages refused as protocol violations (results for attempts an agent did not hold, outputs not the derivation's):\n{}",
             violations.join("\n")
+        );
+    }
+    if !older.is_empty() {
+        println!(
+            "\npredating held outputs (handed no cross-checked builds of runs with a cache of their own; upgrade them):\n{}",
+            older.join("\n")
         );
     }
     if !waiting.is_empty() {

@@ -198,6 +198,7 @@ impl Engine {
                 paused: a.paused.clone(),
                 draining: a.draining,
                 violations: a.violations,
+                holds_outputs: a.reg.holds_outputs,
             })
             .collect()
     }

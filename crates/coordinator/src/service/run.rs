@@ -172,6 +172,7 @@ impl pb::run_service_server::RunService for RunSvc {
                 paused: a.paused,
                 draining: a.draining,
                 protocol_violations: a.violations,
+                holds_outputs: a.holds_outputs,
             })
             .collect();
         let waiting = self

@@ -73,6 +73,7 @@ pub async fn agents(State(web): State<Shared>) -> Json<Value> {
                 "features": a.features,
                 "nix_version": a.nix_version,
                 "protocol_violations": a.violations,
+                "holds_outputs": a.holds_outputs,
             }))
             .collect::<Vec<_>>(),
         "waiting": waiting
