@@ -8,11 +8,26 @@ use rusqlite::params;
 impl Db {
     /// Records the first answer to an evaluation task (the first one stays).
     pub fn record_eval_opinion(&mut self, run: &str, o: &EvalOpinion) -> Result<(), DbError> {
+        self.write_eval_opinion(run, o, "INSERT OR IGNORE")
+    }
+
+    /// Makes `o` the answer a task's next one is compared with (one that failed fewer of
+    /// the attributes the two disagreed on).
+    pub fn replace_eval_opinion(&mut self, run: &str, o: &EvalOpinion) -> Result<(), DbError> {
+        self.write_eval_opinion(run, o, "INSERT OR REPLACE")
+    }
+
+    fn write_eval_opinion(
+        &mut self,
+        run: &str,
+        o: &EvalOpinion,
+        verb: &str,
+    ) -> Result<(), DbError> {
         let summary = to_json(&o.summary)?;
         let present = to_json(&o.present)?;
         let credential = to_json(&o.credential)?;
         self.conn_mut().execute(
-            "INSERT OR IGNORE INTO eval_opinions(run_id, task, agent, credential, digest, evaluated, present, summary) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            &format!("{verb} INTO eval_opinions(run_id, task, agent, credential, digest, evaluated, present, summary) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
             params![run, o.task, o.agent, credential, o.digest, o.evaluated, present, summary],
         )?;
         Ok(())

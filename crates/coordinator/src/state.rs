@@ -53,6 +53,7 @@ pub trait StateStore: Send {
     fn eval_task_infra_failure(&mut self, run: &str, task: i64) -> StateResult<i64>;
     fn eval_tasks(&self, run: &str) -> StateResult<Vec<(i64, Vec<String>, bool)>>;
     fn record_eval_opinion(&mut self, run: &str, opinion: &EvalOpinion) -> StateResult<()>;
+    fn replace_eval_opinion(&mut self, run: &str, opinion: &EvalOpinion) -> StateResult<()>;
     fn eval_opinions(&self, run: &str) -> StateResult<Vec<EvalOpinion>>;
     fn record_build_check(&mut self, run: &str, check: &PendingCheck) -> StateResult<()>;
     fn build_checks(&self, run: &str) -> StateResult<Vec<PendingCheck>>;
@@ -195,6 +196,7 @@ delegate! {
     w fn eval_task_infra_failure(run: &str, task: i64) -> i64;
     r fn eval_tasks(run: &str) -> Vec<(i64, Vec<String>, bool)>;
     w fn record_eval_opinion(run: &str, opinion: &EvalOpinion) -> ();
+    w fn replace_eval_opinion(run: &str, opinion: &EvalOpinion) -> ();
     r fn eval_opinions(run: &str) -> Vec<EvalOpinion>;
     w fn record_build_check(run: &str, check: &PendingCheck) -> ();
     r fn build_checks(run: &str) -> Vec<PendingCheck>;

@@ -19,6 +19,14 @@ pub(super) enum Verdict {
     Disagree(String),
 }
 
+/// Answers to one task that may differ only by attributes failing on one side before the
+/// run fails: the task is asked again each time, and an answer that failed fewer of them is
+/// the one the next must match.
+const ONE_SIDED_RETRIES: u32 = 2;
+
+/// What the summary says of an attribute that failed to evaluate.
+const FAILED: &str = "an evaluation error";
+
 /// The task number an opinion is kept under: the listing is -1.
 pub(super) fn task_no(task: EvalTask) -> i64 {
     match task {
@@ -58,6 +66,44 @@ impl Engine {
         };
         let n = answer.task;
         let mut first = false;
+        // Two answers that differ only where one side failed to evaluate (out of memory on
+        // one host, say) are no proof of a lie: the task is asked again, a bounded number
+        // of times, and the answer that failed less is the one the next must match.
+        let one_sided = run
+            .opinions
+            .get(&n)
+            .filter(|f| f.evaluated != answer.evaluated)
+            .and_then(|f| one_sided_failures(f, &answer))
+            .filter(|_| run.one_sided.get(&n).copied().unwrap_or(0) < ONE_SIDED_RETRIES);
+        if let Some((theirs, mine)) = one_sided
+            && run.opinions.get(&n).is_some_and(|f| {
+                crate::credentials::Credential::independent(
+                    (&f.agent, &f.credential),
+                    (agent, &answer.credential),
+                )
+            })
+        {
+            *run.one_sided.entry(n).or_default() += 1;
+            let first_agent = run
+                .opinions
+                .get(&n)
+                .map(|f| f.agent.clone())
+                .unwrap_or_default();
+            tracing::warn!(
+                run = run_id,
+                task = n,
+                agent,
+                first = first_agent,
+                "two evaluations differ only by attributes one of them failed to evaluate: asking again"
+            );
+            if mine < theirs {
+                inner.db.replace_eval_opinion(run_id, &answer)?;
+                run.opinions.insert(n, answer);
+            }
+            run.opinion_since.insert(n, self.clock.now_ms());
+            run.eval_queue.push_front(task);
+            return Ok(Verdict::Wait);
+        }
         let verdict = match run.opinions.get(&n) {
             // The same agent, or another name on the same credential: not a second opinion.
             Some(first)
@@ -150,7 +196,7 @@ fn opinion(
                 if info.eval_error.is_empty() {
                     info.drv_path.clone()
                 } else {
-                    "an evaluation error".into()
+                    FAILED.into()
                 },
             );
             attrs.push((&a.attr, info));
@@ -179,6 +225,26 @@ fn opinion(
         present,
         summary,
     }
+}
+
+/// Whether `a` and `b` list the same and differ only in attributes that one of them failed
+/// to evaluate and the other evaluated: how many such failures each has.
+fn one_sided_failures(a: &EvalOpinion, b: &EvalOpinion) -> Option<(usize, usize)> {
+    if a.digest != b.digest {
+        return None;
+    }
+    let keys: std::collections::BTreeSet<&String> =
+        a.summary.keys().chain(b.summary.keys()).collect();
+    let (mut fa, mut fb) = (0, 0);
+    for k in keys {
+        match (a.summary.get(k), b.summary.get(k)) {
+            (x, y) if x == y => {}
+            (Some(x), Some(_)) if x == FAILED => fa += 1,
+            (Some(_), Some(y)) if y == FAILED => fb += 1,
+            _ => return None,
+        }
+    }
+    (fa + fb > 0).then_some((fa, fb))
 }
 
 /// SHA-256 (hex) of `v` as JSON: field order is fixed (structs, sorted lists), so equal
@@ -283,6 +349,19 @@ mod tests {
         let e2 = say("b", None, answer("", "", "error:\n  boom", false));
         assert!(same(&e1, &e2));
         assert!(!same(&e1, &say("b", None, answer("", "", "", false))));
+    }
+
+    #[test]
+    fn only_failures_on_one_side_count_as_one_sided() {
+        let x = "/nix/store/x-hello.drv";
+        let ok = say("a", None, answer(x, "", "", false));
+        let failed = say("b", None, answer("", "", "error: out of memory", false));
+        assert_eq!(one_sided_failures(&ok, &failed), Some((0, 1)));
+        assert_eq!(one_sided_failures(&failed, &ok), Some((1, 0)));
+        // Another derivation is a disagreement, and so is the same answer (nothing failed).
+        let other = say("b", None, answer("/nix/store/y-hello.drv", "", "", false));
+        assert_eq!(one_sided_failures(&ok, &other), None);
+        assert_eq!(one_sided_failures(&ok, &ok), None);
     }
 
     #[test]

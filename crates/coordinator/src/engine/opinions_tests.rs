@@ -345,3 +345,52 @@ fn an_answer_is_judged_by_the_credential_it_was_given_with() {
     let mut z = connect_with(&engine, "z", Credential::Certificate("c2".into()));
     answer_listing(&engine, "z", &mut z, '1');
 }
+
+/// `name` takes the listing and answers that `hello` failed to evaluate (out of memory).
+fn answer_failed_listing(engine: &Engine, name: &str, a: &mut TestAgent) {
+    let (names, (mut attrs, _)) = listing('1');
+    attrs[0].info = PackageInfo {
+        eval_error: "error: out of memory".into(),
+        ..Default::default()
+    };
+    send_listing(engine, name, a, names, Some((attrs, BTreeMap::new())));
+}
+
+#[test]
+fn an_attribute_failing_on_one_host_only_is_evaluated_again() {
+    let (engine, _dir) = engine();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let mut b = connect_agent(&engine, "b");
+    // a ran out of memory on hello; b evaluated it: asked again, not failed.
+    answer_failed_listing(&engine, "a", &mut a);
+    answer_listing(&engine, "b", &mut b, '1');
+    assert_eq!(engine.report(&run).unwrap().state, RunState::Evaluating);
+    // b's answer is the one to match now, so a is asked again; this time it agrees.
+    answer_listing(&engine, "a", &mut a, '1');
+    let report = engine.report(&run).unwrap();
+    assert_ne!(report.state, RunState::Failed, "{}", report.error);
+    let hello = report.packages.iter().find(|p| p.attr == "hello");
+    assert!(
+        hello.is_some_and(|p| p.drv_path.ends_with("-hello.drv")),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn an_attribute_that_keeps_failing_on_one_host_fails_the_run_after_two_more_tries() {
+    let (engine, _dir) = engine();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let mut b = connect_agent(&engine, "b");
+    answer_failed_listing(&engine, "a", &mut a);
+    answer_listing(&engine, "b", &mut b, '1');
+    answer_failed_listing(&engine, "a", &mut a);
+    assert_eq!(engine.report(&run).unwrap().state, RunState::Evaluating);
+    answer_failed_listing(&engine, "a", &mut a);
+    failed_on(
+        &engine,
+        &run,
+        "agent b says /nix/store/11111111111111111111111111111111-hello.drv, agent a says an evaluation error",
+    );
+}
