@@ -72,7 +72,12 @@ impl Engine {
         let one_sided = run
             .opinions
             .get(&n)
-            .filter(|f| f.evaluated != answer.evaluated)
+            // Both evaluated (a listing that evaluated nothing is taken below as it was).
+            .filter(|f| {
+                f.evaluated.is_some()
+                    && answer.evaluated.is_some()
+                    && f.evaluated != answer.evaluated
+            })
             .and_then(|f| one_sided_failures(f, &answer))
             .filter(|_| run.one_sided.get(&n).copied().unwrap_or(0) < ONE_SIDED_RETRIES);
         if let Some((theirs, mine)) = one_sided
@@ -96,12 +101,21 @@ impl Engine {
                 first = first_agent,
                 "two evaluations differ only by attributes one of them failed to evaluate: asking again"
             );
-            if mine < theirs {
-                inner.db.replace_eval_opinion(run_id, &answer)?;
-                run.opinions.insert(n, answer);
-            }
             run.opinion_since.insert(n, self.clock.now_ms());
             run.eval_queue.push_front(task);
+            if mine < theirs {
+                tracing::warn!(
+                    run = run_id,
+                    task = n,
+                    replaced = first_agent,
+                    digest = answer.evaluated.as_deref().unwrap_or(""),
+                    "the answer with fewer failures is now the one to match: {agent}'s"
+                );
+                inner.db.replace_eval_opinion(run_id, &answer)?;
+                run.opinions.insert(n, answer);
+                let agent = agent.to_string();
+                self.emit(inner, run_id, Ev::EvalAwaitingCheck { task: n, agent });
+            }
             return Ok(Verdict::Wait);
         }
         let verdict = match run.opinions.get(&n) {

@@ -366,7 +366,14 @@ fn an_attribute_failing_on_one_host_only_is_evaluated_again() {
     answer_failed_listing(&engine, "a", &mut a);
     answer_listing(&engine, "b", &mut b, '1');
     assert_eq!(engine.report(&run).unwrap().state, RunState::Evaluating);
-    // b's answer is the one to match now, so a is asked again; this time it agrees.
+    // b's answer is the one to match now (a watcher is told), so a is asked again; this
+    // time it agrees.
+    let awaiting_b = nixfarm_core::RunEvent::EvalAwaitingCheck {
+        task: -1,
+        agent: "b".into(),
+    };
+    let events = super::queries_tests::run_events(&engine, &run);
+    assert!(events.contains(&awaiting_b), "{events:?}");
     answer_listing(&engine, "a", &mut a, '1');
     let report = engine.report(&run).unwrap();
     assert_ne!(report.state, RunState::Failed, "{}", report.error);
@@ -392,5 +399,25 @@ fn an_attribute_that_keeps_failing_on_one_host_fails_the_run_after_two_more_trie
         &engine,
         &run,
         "agent b says /nix/store/11111111111111111111111111111111-hello.drv, agent a says an evaluation error",
+    );
+}
+
+#[test]
+fn a_listing_one_agent_evaluated_is_taken_at_once_even_if_it_failed_there() {
+    let (engine, _dir) = engine();
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let mut b = connect_agent(&engine, "b");
+    answer_failed_listing(&engine, "a", &mut a);
+    // b listed without evaluating: the names agree, and hello goes to an evaluation task.
+    send_listing(&engine, "b", &mut b, vec!["hello".into()], None);
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Evaluating, "{}", report.error);
+    let tasks: Vec<Job> = handed([&mut a, &mut b]);
+    assert!(
+        tasks
+            .iter()
+            .any(|j| matches!(j, Job::EvalChunk { attrs, .. } if attrs == &["hello".to_string()])),
+        "{tasks:?}"
     );
 }
