@@ -356,16 +356,23 @@ fn answer_failed_listing(engine: &Engine, name: &str, a: &mut TestAgent) {
     send_listing(engine, name, a, names, Some((attrs, BTreeMap::new())));
 }
 
-#[test]
-fn an_attribute_failing_on_one_host_only_is_evaluated_again() {
+/// A run whose listing a answered with hello failed (out of memory) and b with hello
+/// evaluated: (engine, its directory, a, b, run).
+fn failed_on_a_only() -> (Engine, tempfile::TempDir, TestAgent, TestAgent, String) {
     let (engine, _dir) = engine();
     let mut a = connect_agent(&engine, "a");
     let run = engine.submit(flake_run()).unwrap();
     let mut b = connect_agent(&engine, "b");
-    // a ran out of memory on hello; b evaluated it: asked again, not failed.
     answer_failed_listing(&engine, "a", &mut a);
     answer_listing(&engine, "b", &mut b, '1');
+    // Asked again, not failed.
     assert_eq!(engine.report(&run).unwrap().state, RunState::Evaluating);
+    (engine, _dir, a, b, run)
+}
+
+#[test]
+fn an_attribute_failing_on_one_host_only_is_evaluated_again() {
+    let (engine, _dir, mut a, _b, run) = failed_on_a_only();
     // b's answer is the one to match now (a watcher is told), so a is asked again; this
     // time it agrees.
     let awaiting_b = nixfarm_core::RunEvent::EvalAwaitingCheck {
@@ -386,12 +393,7 @@ fn an_attribute_failing_on_one_host_only_is_evaluated_again() {
 
 #[test]
 fn an_attribute_that_keeps_failing_on_one_host_fails_the_run_after_two_more_tries() {
-    let (engine, _dir) = engine();
-    let mut a = connect_agent(&engine, "a");
-    let run = engine.submit(flake_run()).unwrap();
-    let mut b = connect_agent(&engine, "b");
-    answer_failed_listing(&engine, "a", &mut a);
-    answer_listing(&engine, "b", &mut b, '1');
+    let (engine, _dir, mut a, _b, run) = failed_on_a_only();
     answer_failed_listing(&engine, "a", &mut a);
     assert_eq!(engine.report(&run).unwrap().state, RunState::Evaluating);
     answer_failed_listing(&engine, "a", &mut a);
