@@ -303,7 +303,7 @@ impl Engine {
             };
             if let Some(n) = picked {
                 let background = !sched.on_critical_path(n);
-                let hold = if sched.class(n).fetch { Hold::No } else { hold };
+                let hold = super::hold_of(sched.class(n), hold);
                 let drv = run.drv_of[n as usize].clone();
                 let job = run.build_job(&drv, background, false, hold);
                 return Some((run.id.clone(), JobRef::Build(n), job, drv));

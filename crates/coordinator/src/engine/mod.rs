@@ -289,6 +289,12 @@ fn may_take(a: &AgentMem, hold: Hold, way: Hold) -> bool {
     !hold.held() || (a.reg.holds_outputs && hold == way)
 }
 
+/// Where a derivation of `class` holds its outputs in a run that holds them `run_hold`: a
+/// fixed output is not checked (its hash vouches for it), so never held.
+fn hold_of(class: &Class, run_hold: Hold) -> Hold {
+    if class.fetch { Hold::No } else { run_hold }
+}
+
 /// Compares secrets in time independent of where they differ.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -466,9 +472,9 @@ impl RunMem {
         }
     }
 
-    /// Where this run's cross-checked builds keep their outputs until checked (fixed
-    /// outputs aside, which are not checked): out of its own cache, if it has one and the
-    /// agents another way between them (`way`).
+    /// Where this run's cross-checked builds keep their outputs until checked: out of its
+    /// own cache, if it has one and the agents another way between them (`way`). Fixed
+    /// outputs aside: see [`hold_of`].
     fn hold(&self, opts: &EngineOptions, way: Hold) -> Hold {
         if (opts.cross_check_builds || self.spec.cross_check_builds) && !self.spec.cache.is_empty()
         {

@@ -72,28 +72,20 @@ impl Engine {
         let one_sided = run
             .opinions
             .get(&n)
-            // Both evaluated (a listing that evaluated nothing is taken below as it was).
+            // A second opinion (another credential), both evaluated (a listing that
+            // evaluated nothing is taken below as it was).
             .filter(|f| {
-                f.evaluated.is_some()
-                    && answer.evaluated.is_some()
-                    && f.evaluated != answer.evaluated
-            })
-            .and_then(|f| one_sided_failures(f, &answer))
-            .filter(|_| run.one_sided.get(&n).copied().unwrap_or(0) < ONE_SIDED_RETRIES);
-        if let Some((theirs, mine)) = one_sided
-            && run.opinions.get(&n).is_some_and(|f| {
                 crate::credentials::Credential::independent(
                     (&f.agent, &f.credential),
                     (agent, &answer.credential),
-                )
+                ) && f.evaluated.is_some()
+                    && answer.evaluated.is_some()
+                    && f.evaluated != answer.evaluated
             })
-        {
+            .and_then(|f| one_sided_failures(f, &answer).map(|n| (n, f.agent.clone())))
+            .filter(|_| run.one_sided.get(&n).copied().unwrap_or(0) < ONE_SIDED_RETRIES);
+        if let Some(((theirs, mine), first_agent)) = one_sided {
             *run.one_sided.entry(n).or_default() += 1;
-            let first_agent = run
-                .opinions
-                .get(&n)
-                .map(|f| f.agent.clone())
-                .unwrap_or_default();
             tracing::warn!(
                 run = run_id,
                 task = n,

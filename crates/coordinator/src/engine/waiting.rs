@@ -25,7 +25,7 @@ impl Engine {
                 let reason = match sched.state(id) {
                     NodeState::Ready => {
                         let class = sched.class(id);
-                        let hold = if class.fetch { Hold::No } else { hold };
+                        let hold = super::hold_of(class, hold);
                         by_class
                             .entry((class, hold))
                             .or_insert_with(|| queued_reason(&g, class, hold))
@@ -115,7 +115,7 @@ pub(super) fn waiting_reason(
     };
     let queued = |id: NodeId| {
         let class = sched.class(id);
-        queued_reason(inner, class, if class.fetch { Hold::No } else { hold })
+        queued_reason(inner, class, super::hold_of(class, hold))
     };
     match sched.state(top) {
         NodeState::Running => {
