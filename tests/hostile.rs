@@ -296,6 +296,7 @@ async fn a_forged_result_or_a_stolen_name_changes_nothing() {
         outputs: vec![pb::DrvOutput {
             name: "out".into(),
             path: forged.clone(),
+            ..Default::default()
         }],
         ..Default::default()
     }))

@@ -638,12 +638,18 @@ pub fn stable_and_stamp_repo(dir: &Path) -> PathBuf {
 /// A run of [`stable_and_stamp_repo`] with cross-checked builds ended as it should:
 /// `stable` ready, `stamp` not reproducible, its reason naming the difference Nix found.
 pub fn assert_stamp_not_reproducible(report: &serde_json::Value) {
+    assert_stamp_differs(report, "may not be deterministic");
+}
+
+/// [`assert_stamp_not_reproducible`], with what the reason says of the difference (Nix's
+/// `--check`, or the two builds' NAR hashes).
+pub fn assert_stamp_differs(report: &serde_json::Value, how: &str) {
     let by = packages_by_attr(report);
     assert_eq!(by["stable"]["status"], "ready", "{report}");
     assert_eq!(by["stamp"]["status"], "not-reproducible", "{report}");
     let reason = by["stamp"]["reason"].as_str().unwrap();
     assert!(
-        reason.contains("built different outputs") && reason.contains("may not be deterministic"),
+        reason.contains("built different outputs") && reason.contains(how),
         "{reason}"
     );
 }

@@ -181,6 +181,7 @@ async fn an_output_an_agent_forged_is_caught_by_the_check() {
             outputs: vec![pb::DrvOutput {
                 name: "out".into(),
                 path: out,
+                ..Default::default()
             }],
             checked: job.check,
             ..Default::default()

@@ -92,6 +92,7 @@ async fn a_forged_derivation_fetched_from_the_cache_is_not_built() {
             outputs: vec![pb::DrvOutput {
                 name: "out".into(),
                 path: OUT.into(),
+                ..Default::default()
             }],
             fixed_output: true,
             output_hash: "sha256:98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4"

@@ -22,6 +22,7 @@ fn forged_hi(present: bool) -> pb::DrvNode {
         outputs: vec![pb::DrvOutput {
             name: "out".into(),
             path: "/nix/store/8v9s2bfgfgbv8q1kzlnl0gchbrzq046c-hi".into(),
+            ..Default::default()
         }],
         present,
         ..Default::default()

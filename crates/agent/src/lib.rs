@@ -284,6 +284,7 @@ impl Agent {
                     running_attempts: running,
                     session_key: shared.session.lock().map(|s| s.clone()).unwrap_or_default(),
                     holds_outputs: true,
+                    holds_in_builder_store: true,
                 })),
             };
             let _ = out_tx.send(register).await;

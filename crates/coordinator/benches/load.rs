@@ -67,6 +67,7 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>,
                 running_attempts: vec![],
                 session_key: String::new(),
                 holds_outputs: true,
+                holds_in_builder_store: true,
             })),
         })
         .await;
@@ -105,6 +106,7 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>,
                             outputs: vec![pb::DrvOutput {
                                 name: "out".into(),
                                 path: out(i),
+                                ..Default::default()
                             }],
                             pname: format!("p{i}"),
                             version: "1".into(),
@@ -120,6 +122,7 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>,
                             outputs: vec![pb::DrvOutput {
                                 name: "out".into(),
                                 path: out(i),
+                                ..Default::default()
                             }],
                             input_drvs: deps(i).into_iter().map(drv).collect(),
                             ..Default::default()
@@ -144,6 +147,7 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>,
                     outputs: vec![pb::DrvOutput {
                         name: "out".into(),
                         path: out(i),
+                        ..Default::default()
                     }],
                     duration_ms: 1,
                     ..Default::default()

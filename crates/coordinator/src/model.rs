@@ -154,6 +154,21 @@ pub struct Registration {
     /// It keeps held outputs out of a run's cache (agents before `hold` do not).
     #[serde(default)]
     pub holds_outputs: bool,
+    /// It also holds them in its own store, reporting their NAR hashes, and checks such
+    /// outputs by building them again ([`Hold::BuilderStore`]).
+    #[serde(default)]
+    pub holds_in_builder_store: bool,
+}
+
+impl Registration {
+    /// Whether it may build or check outputs held `hold`.
+    pub fn can_hold(&self, hold: Hold) -> bool {
+        match hold {
+            Hold::No => true,
+            Hold::FarmCache | Hold::SharedStore => self.holds_outputs,
+            Hold::BuilderStore => self.holds_outputs && self.holds_in_builder_store,
+        }
+    }
 }
 
 /// Where a cross-checked build's outputs wait for their check when its run has a cache of
@@ -169,6 +184,10 @@ pub enum Hold {
     FarmCache = 1,
     /// In the store the agents share (`nixfarm local`).
     SharedStore = 2,
+    /// In the building agent's own store, when the agents share nothing else (no farm
+    /// cache): only its NAR hashes travel; the check builds the derivation again from
+    /// scratch, and publishes its copy if the hashes are the same.
+    BuilderStore = 3,
 }
 
 impl Hold {
@@ -184,6 +203,7 @@ impl TryFrom<i64> for Hold {
             0 => Ok(Hold::No),
             1 => Ok(Hold::FarmCache),
             2 => Ok(Hold::SharedStore),
+            3 => Ok(Hold::BuilderStore),
             n => Err(n),
         }
     }
@@ -282,6 +302,45 @@ pub struct BuildReport {
     /// A check build that really built the derivation again and compared its outputs.
     #[serde(default)]
     pub checked: bool,
+    /// Outputs held in the builder's store ([`Hold::BuilderStore`]): each output's NAR
+    /// hash, by output name, which the check must reproduce.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nar_hashes: BTreeMap<String, NarHash>,
+}
+
+/// The SHA-256 of an output's NAR serialisation: what two builds of it compare. Stored and
+/// shown in SRI form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NarHash(pub [u8; 32]);
+
+impl TryFrom<String> for NarHash {
+    type Error = String;
+    /// SRI or `sha256:` (base-16, Nix's base-32 or base-64); nothing but SHA-256.
+    fn try_from(s: String) -> Result<Self, String> {
+        use nixfarm_nix::hash::{Algo, Hash};
+        Hash::parse(&s, None)
+            .filter(|h| h.algo == Algo::Sha256)
+            .and_then(|h| <[u8; 32]>::try_from(h.digest).ok())
+            .map(NarHash)
+            .ok_or_else(|| "not a SHA-256 NAR hash".to_string())
+    }
+}
+
+impl From<NarHash> for String {
+    fn from(h: NarHash) -> String {
+        h.to_string()
+    }
+}
+
+impl std::fmt::Display for NarHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = nixfarm_nix::hash::Hash {
+            algo: nixfarm_nix::hash::Algo::Sha256,
+            digest: self.0.to_vec(),
+        };
+        f.write_str(&h.to_sri())
+    }
 }
 
 /// Cross-checked builds: a derivation one agent built, whose result counts once another
@@ -412,6 +471,9 @@ pub enum Job {
         /// `cache`. A build's outputs wait where this says; its check fetches them from
         /// there and publishes its own copy.
         hold: Hold,
+        /// A check of outputs held in the builder's store: (output name, path, NAR hash)
+        /// as that build reported them.
+        expect: Vec<(String, String, NarHash)>,
     },
 }
 
@@ -457,7 +519,8 @@ pub struct AgentStatus {
     pub draining: bool,
     /// Messages refused from it as protocol violations.
     pub violations: u64,
-    /// It keeps held outputs out of a run's cache (agents before that do not).
+    /// It keeps held outputs out of a run's cache in every way there is (agents before
+    /// one of them do not).
     pub holds_outputs: bool,
 }
 
@@ -483,5 +546,38 @@ pub fn store_name(path: &str) -> &str {
     match base.split_once('-') {
         Some((h, n)) if h.len() == 32 => n,
         _ => base,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nar_hash_is_read_in_any_spelling_of_sha256_and_kept_as_sri() {
+        let sri = "sha256-AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let h = NarHash::try_from(sri.to_string()).unwrap();
+        assert_eq!(h.0[31], 31);
+        assert_eq!(h.to_string(), sri);
+        // Nix 2.8's path-info and narinfo files: `sha256:` and base-32.
+        let nix32 = nixfarm_nix::hash::Hash {
+            algo: nixfarm_nix::hash::Algo::Sha256,
+            digest: h.0.to_vec(),
+        }
+        .to_nix32_prefixed();
+        assert_eq!(NarHash::try_from(nix32), Ok(h));
+        // Through the database's JSON and back.
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(json, format!("\"{sri}\""));
+        assert_eq!(serde_json::from_str::<NarHash>(&json).unwrap(), h);
+        for bad in [
+            "",
+            "sha1-AAECAwQFBgcICQoLDA0ODxAREhM=",
+            "sha256-AAEC",
+            "md5:00",
+        ] {
+            assert!(NarHash::try_from(bad.to_string()).is_err(), "{bad}");
+            assert!(serde_json::from_str::<NarHash>(&format!("\"{bad}\"")).is_err());
+        }
     }
 }

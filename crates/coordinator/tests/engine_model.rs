@@ -281,6 +281,7 @@ fn registration(name: &str, max_jobs: u32, running: Vec<String>, key: &str) -> R
         session_key: key.into(),
         credential: Default::default(),
         holds_outputs: true,
+        holds_in_builder_store: true,
     }
 }
 

@@ -47,6 +47,7 @@ impl From<&PackageReport> for pb::PackageReport {
                 .map(|(name, path)| pb::DrvOutput {
                     name: name.clone(),
                     path: path.clone(),
+                    nar_hash: String::new(),
                 })
                 .collect(),
             pinned: p.pinned,

@@ -187,24 +187,26 @@ pub(super) async fn build(
         }
     };
     if j.check {
-        use super::check::{Held, Publish};
+        use super::check::{Checked, Held, Publish};
         let from = match (route.check_from, &staging, &push) {
-            (Place::FarmCache, Some((p, f)), _) => Some(Held {
+            (Place::FarmCache, Some((p, f)), _) => Checked::Cache(Held {
                 cache: p,
                 url: &f.url,
                 keys: std::slice::from_ref(&f.public_key),
                 netrc: f.netrc.as_deref(),
                 ca: f.ca.as_deref(),
             }),
-            (Place::RunCache, _, Some(p)) => Some(Held {
+            (Place::RunCache, _, Some(p)) => Checked::Cache(Held {
                 cache: p,
                 url: &opts.substituter,
                 keys: &opts.trusted_public_keys,
                 netrc: opts.netrc.as_deref(),
                 ca: opts.ssl_cert_file.as_deref(),
             }),
+            // Only its NAR hashes came from the builder's own store.
+            (Place::BuilderStore, _, _) => Checked::Reported(&j.expect),
             // The copy in this store, which the agents share, is the one checked.
-            _ => None,
+            _ => Checked::ThisStore,
         };
         let publish = push.as_deref().filter(|_| route.publish).map(|p| Publish {
             cache: p,
@@ -281,16 +283,39 @@ pub(super) async fn build(
                 Some(d) => d
                     .outputs
                     .into_iter()
-                    .map(|(name, path)| pb::DrvOutput { name, path })
+                    .map(|(name, path)| pb::DrvOutput {
+                        name,
+                        path,
+                        ..Default::default()
+                    })
                     .collect(),
                 None => paths
                     .iter()
                     .map(|p| pb::DrvOutput {
                         name: "out".into(),
                         path: p.clone(),
+                        ..Default::default()
                     })
                     .collect(),
             };
+            // Held in this store: what travels is each output's NAR hash, which the check
+            // (a build from scratch elsewhere) must reproduce.
+            if route.build_to == Place::BuilderStore {
+                let paths: Vec<String> = r.outputs.iter().map(|o| o.path.clone()).collect();
+                match super::check::nar_hashes(shared, &paths).await {
+                    Ok(hashes) => {
+                        for (o, digest) in r.outputs.iter_mut().zip(hashes) {
+                            o.nar_hash = super::check::sri(digest);
+                        }
+                    }
+                    Err(e) => {
+                        r.status = pb::BuildStatus::InfraFailed as i32;
+                        r.message = format!(
+                            "built, but the NAR hashes its check compares cannot be read: {e}"
+                        );
+                    }
+                }
+            }
         }
         Err(Failure::HashMismatch(m)) => {
             r.status = pb::BuildStatus::HashMismatch as i32;

@@ -1,10 +1,23 @@
-//! Check builds (cross-checked builds): another agent built a derivation and pushed its
-//! outputs; build it again here and compare with the cache's copy, which is what users
-//! download. Nothing is pushed, unless the outputs were held back from the run's cache for
-//! this check: then it publishes its own copy there once it agrees.
+//! Check builds (cross-checked builds): another agent built a derivation; build it again
+//! here and compare. Its outputs are fetched from the cache it pushed them to (which is what
+//! users download) and compared by `--check`; or, held in its own store, only their NAR
+//! hashes came with the job, and the derivation is built here from scratch. Nothing is
+//! pushed, unless the outputs were held back from the run's cache for this check: then it
+//! publishes its own copy there once it agrees.
 
 use super::*;
 use nixfarm_nix::derivation::Derivation;
+use nixfarm_nix::hash::{Algo, Hash};
+
+/// Where the outputs to check are.
+pub(super) enum Checked<'a> {
+    /// In a cache another agent pushed them to.
+    Cache(Held<'a>),
+    /// In this store, which the agents share: its copy is the one checked.
+    ThisStore,
+    /// In the building agent's own store: these are the outputs and NAR hashes it reported.
+    Reported(&'a [pb::DrvOutput]),
+}
 
 /// The cache another agent pushed the outputs to, and how Nix reads it.
 pub(super) struct Held<'a> {
@@ -21,16 +34,46 @@ pub(super) struct Publish<'a> {
     pub claims: Claims<'a>,
 }
 
-/// Checks `d`, whose outputs another agent pushed to `held` (None: agents share this store,
-/// and its copy is the one checked), then publishes them if asked to.
+/// The NAR hashes (SHA-256) of `paths` in this store, in order.
+pub(super) async fn nar_hashes(shared: &Shared, paths: &[String]) -> Result<Vec<Vec<u8>>, String> {
+    let infos = shared
+        .nix
+        .path_infos(paths)
+        .await
+        .map_err(|e| e.to_string())?;
+    paths
+        .iter()
+        .map(|p| {
+            infos
+                .iter()
+                .find(|i| i.path == *p)
+                .and_then(|i| Hash::parse(&i.nar_hash, Some(Algo::Sha256)))
+                .filter(|h| h.algo == Algo::Sha256)
+                .map(|h| h.digest)
+                .ok_or_else(|| format!("this store has no NAR hash of {p}"))
+        })
+        .collect()
+}
+
+/// A SHA-256 digest in SRI form, as NAR hashes travel.
+pub(super) fn sri(digest: Vec<u8>) -> String {
+    Hash {
+        algo: Algo::Sha256,
+        digest,
+    }
+    .to_sri()
+}
+
+/// Checks `d`, whose outputs another agent built (where they are: `from`), then publishes
+/// them if asked to.
 pub(super) async fn check(
     shared: &Arc<Shared>,
     d: Option<Derivation>,
     opts: &BuildOptions,
-    held: Option<Held<'_>>,
+    from: Checked<'_>,
     publish: Option<Publish<'_>>,
     cancel: CancellationToken,
-    on_log: impl FnMut(&[u8]) + Send,
+    mut on_log: impl FnMut(&[u8]) + Send,
 ) -> pb::BuildResult {
     let infra = |message: String| pb::BuildResult {
         status: pb::BuildStatus::InfraFailed as i32,
@@ -52,7 +95,7 @@ pub(super) async fn check(
             d.path
         ));
     }
-    if let Some(h) = held {
+    if let Checked::Cache(h) = &from {
         // The cache's copy, its signature checked, unless this store holds the path already.
         if let Err(e) = shared
             .nix
@@ -66,27 +109,15 @@ pub(super) async fn check(
         }
         // One held already (built or fetched here before) must be the cache's copy too:
         // `--check` compares with what this store holds.
-        let local = match shared.nix.path_infos(&outputs).await {
+        let local = match nar_hashes(shared, &outputs).await {
             Ok(l) => l,
             Err(e) => return infra(format!("cannot read the outputs of {}: {e}", d.path)),
         };
-        for (out, cached) in outputs.iter().zip(h.cache.nar_hashes(&outputs).await) {
+        let cached = h.cache.nar_hashes(&outputs).await;
+        for ((out, here), cached) in outputs.iter().zip(local).zip(cached) {
             let cached = match cached {
                 Ok(h) => h,
                 Err(e) => return infra(format!("cannot read the cache's record of {out}: {e}")),
-            };
-            let here = local
-                .iter()
-                .find(|i| i.path == *out)
-                .and_then(|i| {
-                    nixfarm_nix::hash::Hash::parse(
-                        &i.nar_hash,
-                        Some(nixfarm_nix::hash::Algo::Sha256),
-                    )
-                })
-                .map(|h| h.digest);
-            let Some(here) = here else {
-                return infra(format!("cannot read this store's copy of {out}"));
             };
             if here != cached {
                 return pb::BuildResult {
@@ -99,12 +130,34 @@ pub(super) async fn check(
             }
         }
     }
+    // What the first build reported, when only that came: every output's NAR hash.
+    let expected = match &from {
+        Checked::Reported(reported) => match expected_hashes(&outputs, reported) {
+            Ok(e) => Some(e),
+            Err(e) => return infra(format!("cannot check {}: {e}", d.path)),
+        },
+        _ => None,
+    };
     let check = BuildOptions {
         check: true,
         gc_root: None,
         ..opts.clone()
     };
-    let run = shared.nix.realise(&d.path, &check, cancel, on_log).await;
+    let run = if expected.is_some() {
+        // From scratch; but outputs this store holds already (or that the run's cache had)
+        // are built once more, `--check`, so that what is compared was built here now.
+        let run = shared
+            .nix
+            .realise(&d.path, opts, cancel.clone(), &mut on_log)
+            .await;
+        if run.result.is_ok() && !run.built && !run.cancelled {
+            shared.nix.realise(&d.path, &check, cancel, on_log).await
+        } else {
+            run
+        }
+    } else {
+        shared.nix.realise(&d.path, &check, cancel, on_log).await
+    };
     let mut r = super::build::result_of(&run);
     if run.cancelled {
         return r;
@@ -113,19 +166,72 @@ pub(super) async fn check(
         Ok(_) => {
             r.status = pb::BuildStatus::Built as i32;
             r.checked = true;
+            let mut reported: Vec<pb::DrvOutput> = d
+                .outputs
+                .into_iter()
+                .map(|(name, path)| pb::DrvOutput {
+                    name,
+                    path,
+                    ..Default::default()
+                })
+                .collect();
+            if let Some(expected) = &expected {
+                let here = match nar_hashes(shared, &outputs).await {
+                    Ok(h) => h,
+                    Err(e) => return infra(format!("cannot read the outputs of {}: {e}", d.path)),
+                };
+                if let Some(why) = differs(&outputs, &here, expected) {
+                    r.status = pb::BuildStatus::NotReproducible as i32;
+                    r.message = why;
+                    return r;
+                }
+                // In the order of `outputs`, which are all of the derivation's.
+                for (o, digest) in reported.iter_mut().zip(here) {
+                    o.nar_hash = sri(digest);
+                }
+            }
             if let Some(p) = publish
                 && let Err(e) = p.cache.push_closure_with(&outputs, &p.claims).await
             {
                 r.status = pb::BuildStatus::NotCached as i32;
                 r.message = format!("the push to the run's cache failed: {e}");
             }
-            r.outputs = d
-                .outputs
-                .into_iter()
-                .map(|(name, path)| pb::DrvOutput { name, path })
-                .collect();
+            r.outputs = reported;
         }
         Err(f) => (r.status, r.message) = super::build::failed(shared, f),
     }
     r
+}
+
+/// Each output's NAR hash as the first build reported it, in the order of `outputs`.
+fn expected_hashes(outputs: &[String], reported: &[pb::DrvOutput]) -> Result<Vec<Vec<u8>>, String> {
+    outputs
+        .iter()
+        .map(|out| {
+            let o = reported
+                .iter()
+                .find(|o| o.path == *out)
+                .ok_or_else(|| format!("the job does not say what the first build of {out} got"))?;
+            Hash::parse(&o.nar_hash, None)
+                .filter(|h| h.algo == Algo::Sha256)
+                .map(|h| h.digest)
+                .ok_or_else(|| format!("the job's NAR hash of {out} is not a SHA-256"))
+        })
+        .collect()
+}
+
+/// Why this store's `outputs` (NAR hashes `here`) are not what the first build reported
+/// (None: the same).
+fn differs(outputs: &[String], here: &[Vec<u8>], expected: &[Vec<u8>]) -> Option<String> {
+    outputs
+        .iter()
+        .zip(here.iter().zip(expected))
+        .find(|(_, (a, b))| a != b)
+        .map(|(out, (here, first))| {
+            format!(
+                "{out}: NAR hash {} here, {} on the first build",
+                sri(here.clone()),
+                sri(first.clone())
+            )
+        })
 }

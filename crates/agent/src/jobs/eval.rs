@@ -7,6 +7,7 @@ pub(super) fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput
         .map(|(n, p)| pb::DrvOutput {
             name: n.clone(),
             path: p.clone(),
+            ..Default::default()
         })
         .collect()
 }
@@ -501,7 +502,11 @@ async fn chunk_result(
             outputs: d
                 .outputs
                 .into_iter()
-                .map(|(name, path)| pb::DrvOutput { name, path })
+                .map(|(name, path)| pb::DrvOutput {
+                    name,
+                    path,
+                    ..Default::default()
+                })
                 .collect(),
             input_drvs: d.input_drvs,
             fixed_output: d.fixed_output,

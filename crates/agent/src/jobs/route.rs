@@ -1,6 +1,6 @@
 //! Where a build's outputs go and where its check reads them: the run's cache, or, for
-//! cross-checked builds whose outputs are held out of it until checked, the farm cache or
-//! the store the agents share.
+//! cross-checked builds whose outputs are held out of it until checked, the farm cache, the
+//! store the agents share, or the builder's own store (the check then builds from scratch).
 
 use nixfarm_proto::v1::HoldOutputs;
 
@@ -13,6 +13,9 @@ pub(super) enum Place {
     FarmCache,
     /// Nowhere else: this store, which the agents share.
     ThisStore,
+    /// Nowhere: the builder's own store, which no other agent reads. The build reports its
+    /// outputs' NAR hashes; the check builds the derivation again from scratch and compares.
+    BuilderStore,
 }
 
 /// What the run's cache is, as this agent sees it.
@@ -57,6 +60,10 @@ pub(super) fn route(
             publish: true,
             ..plain(Place::ThisStore)
         }),
+        (RunCache::Own, HoldOutputs::BuilderStore) => Ok(Route {
+            publish: true,
+            ..plain(Place::BuilderStore)
+        }),
         (RunCache::Own, HoldOutputs::FarmCache) if has_farm => Ok(Route {
             publish: true,
             ..plain(Place::FarmCache)
@@ -74,7 +81,9 @@ mod tests {
     #[test]
     fn held_outputs_never_go_to_the_runs_own_cache_before_their_check() {
         use HoldOutputs as H;
-        use Place::{FarmCache as Farm, RunCache as Run, ThisStore as Here};
+        use Place::{
+            BuilderStore as Builder, FarmCache as Farm, RunCache as Run, ThisStore as Here,
+        };
         let way = |at, publish| {
             Ok(Route {
                 build_to: at,
@@ -101,6 +110,24 @@ mod tests {
         assert_eq!(
             route(Some(H::SharedStore), RunCache::Own, false),
             way(Here, true)
+        );
+        // Held in the builder's store (no farm cache), which needs none.
+        assert_eq!(
+            route(Some(H::BuilderStore), RunCache::Own, false),
+            way(Builder, true)
+        );
+        assert_eq!(
+            route(Some(H::BuilderStore), RunCache::Own, true),
+            way(Builder, true)
+        );
+        // Without a cache of the run's own, nothing is held, whatever the job says.
+        assert_eq!(
+            route(Some(H::BuilderStore), RunCache::None, false),
+            way(Here, false)
+        );
+        assert_eq!(
+            route(Some(H::BuilderStore), RunCache::Farm, true),
+            way(Run, false)
         );
         // No farm cache to hold them in: refused. A way this agent does not know is taken
         // as the farm cache.

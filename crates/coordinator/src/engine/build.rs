@@ -58,6 +58,20 @@ impl Engine {
                 };
                 return self.finish_build(inner, &a.run_id, node, &a.agent, report, retry);
             }
+            // Held in the builder's store: its NAR hashes are all the check has to compare.
+            let unhashed = super::checks::unhashed(&report);
+            if hold == Hold::BuilderStore && !unhashed.is_empty() {
+                let report = BuildReport {
+                    kind: BuildOutcome::InfraFailed,
+                    message: format!(
+                        "agent {} built it but did not report the NAR hash of {}, which its check compares",
+                        a.agent,
+                        unhashed.join(", ")
+                    ),
+                    ..report
+                };
+                return self.finish_build(inner, &a.run_id, node, &a.agent, report, retry);
+            }
             return self.queue_check(inner, &a.run_id, node, &a.agent, report, hold);
         }
         self.finish_build(inner, &a.run_id, node, &a.agent, report, retry)

@@ -16,7 +16,7 @@ impl Engine {
     pub fn attach_farm_cache(&self, withdraw: OnFailedCheck) {
         let _ = self.failed_check.set(withdraw);
         let mut inner = self.lock();
-        if inner.hold_way == Hold::No {
+        if inner.hold_way != Hold::SharedStore {
             inner.hold_way = Hold::FarmCache;
         }
     }
@@ -96,8 +96,24 @@ impl Engine {
         })?;
         let node = run.check_queue.remove(at)?;
         let drv = run.drv_of[node as usize].clone();
-        let hold = run.checks.get(&node).map_or(Hold::No, |c| c.hold);
-        let job = run.build_job(&drv, false, true, hold);
+        let first = run.checks.get(&node);
+        let hold = first.map_or(Hold::No, |c| c.hold);
+        let mut job = run.build_job(&drv, false, true, hold);
+        // Held in the builder's store: the check builds it again and compares with what
+        // that build reported.
+        if let (Hold::BuilderStore, Some(first), Job::Build { expect, .. }) =
+            (hold, first, &mut job)
+        {
+            *expect = first
+                .report
+                .outputs
+                .iter()
+                .filter_map(|(name, path)| {
+                    let h = first.report.nar_hashes.get(name)?;
+                    Some((name.clone(), path.clone(), *h))
+                })
+                .collect();
+        }
         Some((JobRef::Check(node), job, drv))
     }
 
@@ -141,6 +157,21 @@ impl Engine {
             }
         } else {
             report
+        };
+        // Held in the builder's store: the two agents' NAR hashes are what is compared
+        // (the checker compared them too, before it published).
+        let report = match report.kind {
+            BuildOutcome::Built if first.hold == Hold::BuilderStore => {
+                match hashes_differ(&first.report, &report) {
+                    None => report,
+                    Some(why) => BuildReport {
+                        kind: BuildOutcome::NotReproducible,
+                        message: why,
+                        ..report
+                    },
+                }
+            }
+            _ => report,
         };
         let held = first.hold.held();
         // Held outputs reach the run's cache only by the check's own push: one that failed
@@ -423,5 +454,37 @@ fn taker<'a>(
                 && class.is_none_or(|c| a.caps.can_build(c))
                 && super::may_take(a, hold, way)
         })
+    })
+}
+
+/// The outputs of a build held in its store ([`Hold::BuilderStore`]) that lack a NAR hash
+/// (all of them when it named none): such a build cannot be checked.
+pub(super) fn unhashed(report: &BuildReport) -> Vec<&str> {
+    if report.outputs.is_empty() {
+        return vec!["(none named)"];
+    }
+    report
+        .outputs
+        .keys()
+        .filter(|name| !report.nar_hashes.contains_key(*name))
+        .map(String::as_str)
+        .collect()
+}
+
+/// Why a check's outputs are not the first build's, compared by NAR hash (None: the same).
+fn hashes_differ(first: &BuildReport, check: &BuildReport) -> Option<String> {
+    if first.outputs != check.outputs {
+        return Some("the check reported other outputs than the build".into());
+    }
+    let missing = unhashed(check);
+    if !missing.is_empty() {
+        return Some(format!(
+            "the check did not report the NAR hash of {}",
+            missing.join(", ")
+        ));
+    }
+    first.outputs.iter().find_map(|(name, path)| {
+        let (a, b) = (first.nar_hashes.get(name)?, check.nar_hashes.get(name)?);
+        (a != b).then(|| format!("{path}: NAR hash {a} on the first build, {b} on the check"))
     })
 }

@@ -61,7 +61,7 @@ impl Engine {
                     None if build_free || fetch_free => Self::next_build(
                         &mut inner.runs,
                         &caps,
-                        (&name, agent.reg.holds_outputs),
+                        (&name, agent.reg.can_hold(inner.hold_way)),
                         &independent_of,
                         (&self.opts, inner.hold_way),
                         now,

@@ -1,7 +1,8 @@
 //! Cross-checked builds of a run with a cache of its own: nothing unchecked goes there. The
-//! build and its check are told where the outputs wait (the farm cache, or the store the
-//! agents share), the check's own push is what puts them in the run's cache, a push that
-//! fails on the way is tried again, and agents that predate holding get none of it.
+//! build and its check are told where the outputs wait (the farm cache, the store the
+//! agents share, or the builder's own store, whose NAR hashes the check must reproduce),
+//! the check's own push is what puts them in the run's cache, a push that fails on the way
+//! is tried again, and agents that predate holding get none of it.
 
 use super::checks_tests::{
     APP, LIB, LIB_OUT, answer, checked, cross_checked, lib_built_then_stopped, list_lib_and_app,
@@ -115,10 +116,10 @@ fn outputs_are_held_only_for_a_cache_of_the_runs_own_with_another_way_between_ag
     };
     // No cache of the run's own (the farm cache carries everything): nothing to hold.
     assert_eq!(first_hold(&with_farm_cache().0, flake_run()), Hold::No);
-    // No farm cache, no shared store: the run's cache is the only way between agents.
+    // No farm cache, no shared store: held in the builder's own store.
     assert_eq!(
         first_hold(&test_engine(cross_checked()).0, with_cache()),
-        Hold::No
+        Hold::BuilderStore
     );
     // Without cross-checks.
     let (engine, _clock, _dir) = test_engine(EngineOptions::default());
@@ -222,5 +223,140 @@ fn held_builds_whose_checks_were_turned_off_across_a_restart_are_not_cached() {
     assert!(
         reason.contains("held back from the run's cache"),
         "{reason}"
+    );
+}
+
+fn nar(byte: u8) -> NarHash {
+    NarHash([byte; 32])
+}
+
+/// `report` with the NAR hash of its output `out`.
+fn hashed(report: BuildReport, h: NarHash) -> BuildReport {
+    BuildReport {
+        nar_hashes: [("out".to_string(), h)].into(),
+        ..report
+    }
+}
+
+/// The check `b` was handed of outputs held in their builder's store: (attempt, expected).
+fn handed_check(b: &mut TestAgent) -> (String, Vec<(String, String, NarHash)>) {
+    match assigned(&mut b.rx) {
+        (
+            attempt,
+            Job::Build {
+                drv_path,
+                check: true,
+                hold: Hold::BuilderStore,
+                expect,
+                ..
+            },
+        ) if drv_path == LIB => (attempt, expect),
+        (_, job) => panic!("not a check of lib held in its builder's store: {job:?}"),
+    }
+}
+
+/// No farm cache: a's build of lib, held in its own store with NAR hash `nar(1)`, and b
+/// connected to check it: (engine, run, a, b, b's check attempt).
+fn lib_held_in_as_store() -> (
+    Engine,
+    tempfile::TempDir,
+    String,
+    TestAgent,
+    TestAgent,
+    String,
+) {
+    let (engine, _clock, dir) = test_engine(cross_checked());
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(with_cache()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, drv, check, hold) = handed(&mut a);
+    assert_eq!(
+        (drv.as_str(), check, hold),
+        (LIB, false, Hold::BuilderStore)
+    );
+    // A build that does not say its NAR hash cannot be checked: built again.
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    assert_eq!(
+        retries(&engine, &run),
+        ["agent a built it but did not report the NAR hash of out, which its check compares"]
+    );
+    let (attempt, _, _, _) = handed(&mut a);
+    let mut b = connect_agent(&engine, "b");
+    answer(&engine, "a", &a, attempt, hashed(built(LIB_OUT), nar(1)));
+    let (check, expect) = handed_check(&mut b);
+    assert_eq!(expect, [("out".to_string(), LIB_OUT.to_string(), nar(1))]);
+    (engine, dir, run, a, b, check)
+}
+
+#[test]
+fn without_a_farm_cache_outputs_wait_in_their_builders_store_and_the_check_reproduces_their_nar_hashes()
+ {
+    let (engine, _dir, run, mut a, b, check) = lib_held_in_as_store();
+    answer(&engine, "b", &b, check, hashed(checked(LIB_OUT), nar(1)));
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::Ready, "{reason}");
+    // Its dependent starts only now, on the copy b published.
+    let (_, drv, check, hold) = handed(&mut a);
+    assert_eq!(
+        (drv.as_str(), check, hold),
+        (APP, false, Hold::BuilderStore)
+    );
+}
+
+#[test]
+fn a_check_with_another_nar_hash_or_none_fails_the_build_held_in_its_builders_store() {
+    // Another hash: not reproducible, and app with it.
+    let (engine, _dir, run, _a, b, check) = lib_held_in_as_store();
+    answer(&engine, "b", &b, check, hashed(checked(LIB_OUT), nar(2)));
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::NotReproducible, "{reason}");
+    assert!(
+        reason.contains(&format!(
+            "{LIB_OUT}: NAR hash {} on the first build, {} on the check",
+            nar(1),
+            nar(2)
+        )),
+        "{reason}"
+    );
+    assert_eq!(
+        status_of(&engine, &run, "app").0,
+        PackageStatus::DependencyFailed
+    );
+    // A check that says it agreed but names no hash vouches for nothing either.
+    let (engine, _dir, run, _a, b, check) = lib_held_in_as_store();
+    answer(&engine, "b", &b, check, checked(LIB_OUT));
+    let (status, reason) = status_of(&engine, &run, "lib");
+    assert_eq!(status, PackageStatus::NotReproducible, "{reason}");
+    assert!(
+        reason.contains("the check did not report the NAR hash of out"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn an_agent_that_cannot_hold_in_its_own_store_gets_no_such_build_nor_check() {
+    let (engine, _clock, _dir) = test_engine(cross_checked());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reg = Registration {
+        holds_in_builder_store: false,
+        ..registration("older", "")
+    };
+    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
+    let mut older = TestAgent { conn, session, rx };
+    let run = engine.submit(with_cache()).unwrap();
+    list_lib_and_app(&engine, "older", &mut older);
+    assert!(
+        super::checks_tests::idle(&mut older),
+        "older was handed lib"
+    );
+    let (_, reason) = status_of(&engine, &run, "lib");
+    assert!(reason.contains("predate held outputs"), "{reason}");
+    let mut a = connect_agent(&engine, "a");
+    let (attempt, drv, _, hold) = handed(&mut a);
+    assert_eq!((drv.as_str(), hold), (LIB, Hold::BuilderStore));
+    answer(&engine, "a", &a, attempt, hashed(built(LIB_OUT), nar(1)));
+    assert!(
+        super::checks_tests::idle(&mut older),
+        "older was handed lib's check"
     );
 }

@@ -286,7 +286,7 @@ fn checker_connected(
 /// unchecked outputs `way` now: one that predates holding would neither fetch them from
 /// there nor publish them, and outputs held in a farm cache that is gone are nowhere.
 fn may_take(a: &AgentMem, hold: Hold, way: Hold) -> bool {
-    !hold.held() || (a.reg.holds_outputs && hold == way)
+    !hold.held() || (a.reg.can_hold(hold) && hold == way)
 }
 
 /// Where a derivation of `class` holds its outputs in a run that holds them `run_hold`: a
@@ -326,10 +326,12 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Mutex::new(Inner {
                 build_times,
+                // Until the farm cache starts (if it does): nothing between the agents but
+                // the run's cache, so held outputs stay in their builder's store.
                 hold_way: if opts.agents_share_store {
                     Hold::SharedStore
                 } else {
-                    Hold::No
+                    Hold::BuilderStore
                 },
                 db: Box::new(db),
                 runs: Vec::new(),
@@ -469,6 +471,7 @@ impl RunMem {
             background,
             check,
             hold,
+            expect: Vec::new(),
         }
     }
 

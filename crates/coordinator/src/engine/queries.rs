@@ -198,7 +198,8 @@ impl Engine {
                 paused: a.paused.clone(),
                 draining: a.draining,
                 violations: a.violations,
-                holds_outputs: a.reg.holds_outputs,
+                holds_outputs: a.reg.can_hold(Hold::FarmCache)
+                    && a.reg.can_hold(Hold::BuilderStore),
             })
             .collect()
     }

@@ -128,6 +128,7 @@ pub(super) fn registration(name: &str, session_key: &str) -> Registration {
         session_key: session_key.into(),
         credential: Default::default(),
         holds_outputs: true,
+        holds_in_builder_store: true,
     }
 }
 

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 mod agent;
 mod run;
 mod wire;
+mod wire_agent;
 
 pub use agent::{AgentSvc, FarmCacheAdvert};
 pub use run::RunSvc;

@@ -247,6 +247,7 @@ impl TryFrom<pb::Register> for Registration {
             session_key: r.session_key.chars().take(128).collect(),
             credential: Default::default(),
             holds_outputs: r.holds_outputs,
+            holds_in_builder_store: r.holds_in_builder_store,
         })
     }
 }
@@ -264,6 +265,21 @@ pub(super) fn outputs_from_wire(o: Vec<pb::DrvOutput>) -> Result<Outputs, WireEr
                 )));
             }
             Ok((o.name, o.path))
+        })
+        .collect()
+}
+
+/// The NAR hashes the outputs carry (outputs held in their builder's store), by output
+/// name; an output without one is left out, one that is not a SHA-256 refuses the result.
+pub(super) fn nar_hashes_from_wire(
+    o: &[pb::DrvOutput],
+) -> Result<BTreeMap<String, NarHash>, WireError> {
+    o.iter()
+        .filter(|o| !o.nar_hash.is_empty())
+        .map(|o| {
+            let h = NarHash::try_from(o.nar_hash.clone())
+                .map_err(|e| WireError(format!("output '{}': {e}", clip(&o.name, 64))))?;
+            Ok((o.name.clone(), h))
         })
         .collect()
 }
@@ -382,7 +398,7 @@ pub(super) fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOu
 }
 
 /// Bounded like everything an agent says: a count, and short names and texts.
-fn repo_checks(checks: Vec<pb::RepoCheck>) -> Vec<nixfarm_core::report::RepoCheck> {
+pub(super) fn repo_checks(checks: Vec<pb::RepoCheck>) -> Vec<nixfarm_core::report::RepoCheck> {
     checks
         .into_iter()
         .take(MAX_REPO_CHECKS)
@@ -392,202 +408,4 @@ fn repo_checks(checks: Vec<pb::RepoCheck>) -> Vec<nixfarm_core::report::RepoChec
             message: truncate(c.message, 2000),
         })
         .collect()
-}
-
-impl TryFrom<pb::AgentMessage> for FromAgent {
-    type Error = WireError;
-    /// A malformed result is still a result: it becomes a failure of its attempt (so the
-    /// job is retried, not left hanging); only messages that answer no attempt are refused.
-    fn try_from(m: pb::AgentMessage) -> Result<Self, WireError> {
-        use pb::agent_message::Msg;
-        let malformed = |e: WireError| (format!("the agent sent a malformed result: {e}"), true);
-        Ok(match m.msg {
-            Some(Msg::Heartbeat(h)) => FromAgent::Heartbeat {
-                running: h.running_attempts,
-                draining: h.draining,
-                paused: h.paused.chars().take(500).collect(),
-            },
-            Some(Msg::Log(l)) => FromAgent::Log {
-                attempt: l.attempt_id,
-                data: l.data,
-            },
-            Some(Msg::EvalList(r)) => {
-                let repository = repo_checks(r.repository);
-                let follows = r.repository_follows && r.error.is_empty();
-                // A malformed evaluation costs only itself: the attributes are evaluated
-                // again by tasks.
-                let evaluated = r.evaluated.and_then(|e| {
-                    eval_chunk_from_wire(e)
-                        .map_err(|e| tracing::warn!("ignoring a listing's evaluation: {e}"))
-                        .ok()
-                });
-                FromAgent::EvalList {
-                    attempt: r.attempt_id,
-                    result: err_or(truncate(r.error, lim::MAX_MESSAGE), r.infra, r.attrs)
-                        .and_then(list_attrs)
-                        .map(|attrs| (attrs, repository)),
-                    follows,
-                    evaluated,
-                }
-            }
-            Some(Msg::RepoChecks(r)) => FromAgent::RepoChecks {
-                attempt: r.attempt_id,
-                checks: repo_checks(r.repository),
-            },
-            Some(Msg::EvalChunk(mut r)) => {
-                let attempt = std::mem::take(&mut r.attempt_id);
-                let (error, infra) = (std::mem::take(&mut r.error), r.infra);
-                FromAgent::EvalChunk {
-                    attempt,
-                    result: err_or(truncate(error, lim::MAX_MESSAGE), infra, ())
-                        .and_then(|()| eval_chunk_from_wire(r).map_err(malformed)),
-                }
-            }
-            Some(Msg::Build(b)) => {
-                let status =
-                    pb::BuildStatus::try_from(b.status).unwrap_or(pb::BuildStatus::Unspecified);
-                let (kind, outputs, message) = match (status, outputs_from_wire(b.outputs)) {
-                    (pb::BuildStatus::Unspecified, _) => (
-                        BuildOutcome::InfraFailed,
-                        Outputs::new(),
-                        "the agent sent a build result without a status".to_string(),
-                    ),
-                    (_, Err(e)) => (BuildOutcome::InfraFailed, Outputs::new(), malformed(e).0),
-                    (s, Ok(o)) => {
-                        let kind = match s {
-                            pb::BuildStatus::Built => BuildOutcome::Built,
-                            pb::BuildStatus::Failed => BuildOutcome::BuildFailed,
-                            pb::BuildStatus::HashMismatch => BuildOutcome::HashMismatch,
-                            pb::BuildStatus::TimedOut => BuildOutcome::TimedOut,
-                            pb::BuildStatus::Cancelled => BuildOutcome::Cancelled,
-                            pb::BuildStatus::NotCached => BuildOutcome::NotCached,
-                            pb::BuildStatus::NotReproducible => BuildOutcome::NotReproducible,
-                            pb::BuildStatus::InfraFailed | pb::BuildStatus::Unspecified => {
-                                BuildOutcome::InfraFailed
-                            }
-                        };
-                        (kind, o, truncate(b.message, lim::MAX_MESSAGE))
-                    }
-                };
-                FromAgent::Build {
-                    attempt: b.attempt_id,
-                    report: BuildReport {
-                        kind,
-                        message,
-                        specified: short(b.specified_hash),
-                        got: short(b.got_hash),
-                        outputs,
-                        duration_ms: b.duration_ms,
-                        log_tail: truncate(b.log_tail, lim::MAX_MESSAGE),
-                        substituted: b.substituted,
-                        agent: String::new(),
-                        failed_root: String::new(),
-                        copied_from: short(b.copied_from),
-                        smoke: match pb::SmokeOutcome::try_from(b.smoke) {
-                            Ok(pb::SmokeOutcome::SmokePassed) => nixfarm_core::Smoke::Passed,
-                            Ok(pb::SmokeOutcome::SmokeFailed) => nixfarm_core::Smoke::Failed,
-                            Ok(pb::SmokeOutcome::SmokeSkipped) => nixfarm_core::Smoke::Skipped,
-                            Ok(pb::SmokeOutcome::SmokeNotRun) | Err(_) => {
-                                nixfarm_core::Smoke::NotRun
-                            }
-                        },
-                        smoke_output: truncate(b.smoke_output, lim::MAX_MESSAGE),
-                        checked: b.checked,
-                    },
-                }
-            }
-            Some(Msg::Register(_)) => {
-                return Err(WireError("an agent registers only once per stream".into()));
-            }
-            None => return Err(WireError("empty agent message".into())),
-        })
-    }
-}
-
-impl From<ToAgent> for pb::CoordinatorMessage {
-    fn from(m: ToAgent) -> Self {
-        use pb::coordinator_message::Msg;
-        let msg = match m {
-            ToAgent::Cancel { attempt } => Msg::Cancel(pb::Cancel {
-                attempt_id: attempt,
-            }),
-            ToAgent::Drain => Msg::Drain(pb::Drain {}),
-            ToAgent::RunEnded { run_id } => Msg::RunEnded(pb::RunEnded { run_id }),
-            ToAgent::Assign {
-                attempt,
-                run_id,
-                job,
-            } => {
-                use pb::assignment::Job as J;
-                let job = match job {
-                    Job::EvalList {
-                        source,
-                        entry,
-                        attr_path,
-                        memory_mib,
-                        evaluate_up_to,
-                        cache,
-                        skip_cached,
-                    } => J::EvalList(pb::EvalListJob {
-                        entry: Some(entry_to_wire(&entry)),
-                        source: Some(source_to_wire(&source)),
-                        attr_path,
-                        cache,
-                        eval_memory_mib: memory_mib,
-                        evaluate_up_to,
-                        skip_cached,
-                    }),
-                    Job::EvalChunk {
-                        source,
-                        entry,
-                        attr_path,
-                        attrs,
-                        cache,
-                        memory_mib,
-                        skip_cached,
-                    } => J::EvalChunk(pb::EvalChunkJob {
-                        entry: Some(entry_to_wire(&entry)),
-                        source: Some(source_to_wire(&source)),
-                        attr_path,
-                        attrs,
-                        cache,
-                        eval_memory_mib: memory_mib,
-                        skip_cached,
-                    }),
-                    Job::Build {
-                        drv_path,
-                        cache,
-                        trusted_public_keys,
-                        timeout_secs,
-                        max_silent_secs,
-                        smoke,
-                        background,
-                        check,
-                        hold,
-                    } => J::Build(pb::BuildJob {
-                        drv_path,
-                        cache,
-                        trusted_public_keys,
-                        timeout_secs,
-                        max_silent_secs,
-                        smoke: smoke.is_some(),
-                        main_program: smoke.unwrap_or_default(),
-                        background,
-                        check,
-                        hold: match hold {
-                            Hold::No => pb::HoldOutputs::None,
-                            Hold::FarmCache => pb::HoldOutputs::FarmCache,
-                            Hold::SharedStore => pb::HoldOutputs::SharedStore,
-                        } as i32,
-                    }),
-                };
-                Msg::Assign(pb::Assignment {
-                    attempt_id: attempt,
-                    run_id,
-                    job: Some(job),
-                })
-            }
-        };
-        pb::CoordinatorMessage { msg: Some(msg) }
-    }
 }

@@ -1,0 +1,268 @@
+//! Agents' messages at the edge: what an agent sends, checked and turned into the engine's
+//! domain types (a malformed result becomes its attempt's failure), and what the engine
+//! sends back, on the wire.
+
+use super::*;
+
+impl TryFrom<pb::AgentMessage> for FromAgent {
+    type Error = WireError;
+    /// A malformed result is still a result: it becomes a failure of its attempt (so the
+    /// job is retried, not left hanging); only messages that answer no attempt are refused.
+    fn try_from(m: pb::AgentMessage) -> Result<Self, WireError> {
+        use pb::agent_message::Msg;
+        let malformed = |e: WireError| (format!("the agent sent a malformed result: {e}"), true);
+        Ok(match m.msg {
+            Some(Msg::Heartbeat(h)) => FromAgent::Heartbeat {
+                running: h.running_attempts,
+                draining: h.draining,
+                paused: h.paused.chars().take(500).collect(),
+            },
+            Some(Msg::Log(l)) => FromAgent::Log {
+                attempt: l.attempt_id,
+                data: l.data,
+            },
+            Some(Msg::EvalList(r)) => {
+                let repository = repo_checks(r.repository);
+                let follows = r.repository_follows && r.error.is_empty();
+                // A malformed evaluation costs only itself: the attributes are evaluated
+                // again by tasks.
+                let evaluated = r.evaluated.and_then(|e| {
+                    eval_chunk_from_wire(e)
+                        .map_err(|e| tracing::warn!("ignoring a listing's evaluation: {e}"))
+                        .ok()
+                });
+                FromAgent::EvalList {
+                    attempt: r.attempt_id,
+                    result: err_or(truncate(r.error, lim::MAX_MESSAGE), r.infra, r.attrs)
+                        .and_then(list_attrs)
+                        .map(|attrs| (attrs, repository)),
+                    follows,
+                    evaluated,
+                }
+            }
+            Some(Msg::RepoChecks(r)) => FromAgent::RepoChecks {
+                attempt: r.attempt_id,
+                checks: repo_checks(r.repository),
+            },
+            Some(Msg::EvalChunk(mut r)) => {
+                let attempt = std::mem::take(&mut r.attempt_id);
+                let (error, infra) = (std::mem::take(&mut r.error), r.infra);
+                FromAgent::EvalChunk {
+                    attempt,
+                    result: err_or(truncate(error, lim::MAX_MESSAGE), infra, ())
+                        .and_then(|()| eval_chunk_from_wire(r).map_err(malformed)),
+                }
+            }
+            Some(Msg::Build(b)) => {
+                let status =
+                    pb::BuildStatus::try_from(b.status).unwrap_or(pb::BuildStatus::Unspecified);
+                let hashes = nar_hashes_from_wire(&b.outputs);
+                let outputs = outputs_from_wire(b.outputs).and_then(|o| hashes.map(|h| (o, h)));
+                let (kind, (outputs, nar_hashes), message) = match (status, outputs) {
+                    (pb::BuildStatus::Unspecified, _) => (
+                        BuildOutcome::InfraFailed,
+                        Default::default(),
+                        "the agent sent a build result without a status".to_string(),
+                    ),
+                    (_, Err(e)) => (
+                        BuildOutcome::InfraFailed,
+                        Default::default(),
+                        malformed(e).0,
+                    ),
+                    (s, Ok(o)) => {
+                        let kind = match s {
+                            pb::BuildStatus::Built => BuildOutcome::Built,
+                            pb::BuildStatus::Failed => BuildOutcome::BuildFailed,
+                            pb::BuildStatus::HashMismatch => BuildOutcome::HashMismatch,
+                            pb::BuildStatus::TimedOut => BuildOutcome::TimedOut,
+                            pb::BuildStatus::Cancelled => BuildOutcome::Cancelled,
+                            pb::BuildStatus::NotCached => BuildOutcome::NotCached,
+                            pb::BuildStatus::NotReproducible => BuildOutcome::NotReproducible,
+                            pb::BuildStatus::InfraFailed | pb::BuildStatus::Unspecified => {
+                                BuildOutcome::InfraFailed
+                            }
+                        };
+                        (kind, o, truncate(b.message, lim::MAX_MESSAGE))
+                    }
+                };
+                FromAgent::Build {
+                    attempt: b.attempt_id,
+                    report: BuildReport {
+                        kind,
+                        message,
+                        specified: short(b.specified_hash),
+                        got: short(b.got_hash),
+                        outputs,
+                        duration_ms: b.duration_ms,
+                        log_tail: truncate(b.log_tail, lim::MAX_MESSAGE),
+                        substituted: b.substituted,
+                        agent: String::new(),
+                        failed_root: String::new(),
+                        copied_from: short(b.copied_from),
+                        smoke: match pb::SmokeOutcome::try_from(b.smoke) {
+                            Ok(pb::SmokeOutcome::SmokePassed) => nixfarm_core::Smoke::Passed,
+                            Ok(pb::SmokeOutcome::SmokeFailed) => nixfarm_core::Smoke::Failed,
+                            Ok(pb::SmokeOutcome::SmokeSkipped) => nixfarm_core::Smoke::Skipped,
+                            Ok(pb::SmokeOutcome::SmokeNotRun) | Err(_) => {
+                                nixfarm_core::Smoke::NotRun
+                            }
+                        },
+                        smoke_output: truncate(b.smoke_output, lim::MAX_MESSAGE),
+                        checked: b.checked,
+                        nar_hashes,
+                    },
+                }
+            }
+            Some(Msg::Register(_)) => {
+                return Err(WireError("an agent registers only once per stream".into()));
+            }
+            None => return Err(WireError("empty agent message".into())),
+        })
+    }
+}
+
+impl From<ToAgent> for pb::CoordinatorMessage {
+    fn from(m: ToAgent) -> Self {
+        use pb::coordinator_message::Msg;
+        let msg = match m {
+            ToAgent::Cancel { attempt } => Msg::Cancel(pb::Cancel {
+                attempt_id: attempt,
+            }),
+            ToAgent::Drain => Msg::Drain(pb::Drain {}),
+            ToAgent::RunEnded { run_id } => Msg::RunEnded(pb::RunEnded { run_id }),
+            ToAgent::Assign {
+                attempt,
+                run_id,
+                job,
+            } => {
+                use pb::assignment::Job as J;
+                let job = match job {
+                    Job::EvalList {
+                        source,
+                        entry,
+                        attr_path,
+                        memory_mib,
+                        evaluate_up_to,
+                        cache,
+                        skip_cached,
+                    } => J::EvalList(pb::EvalListJob {
+                        entry: Some(entry_to_wire(&entry)),
+                        source: Some(source_to_wire(&source)),
+                        attr_path,
+                        cache,
+                        eval_memory_mib: memory_mib,
+                        evaluate_up_to,
+                        skip_cached,
+                    }),
+                    Job::EvalChunk {
+                        source,
+                        entry,
+                        attr_path,
+                        attrs,
+                        cache,
+                        memory_mib,
+                        skip_cached,
+                    } => J::EvalChunk(pb::EvalChunkJob {
+                        entry: Some(entry_to_wire(&entry)),
+                        source: Some(source_to_wire(&source)),
+                        attr_path,
+                        attrs,
+                        cache,
+                        eval_memory_mib: memory_mib,
+                        skip_cached,
+                    }),
+                    Job::Build {
+                        drv_path,
+                        cache,
+                        trusted_public_keys,
+                        timeout_secs,
+                        max_silent_secs,
+                        smoke,
+                        background,
+                        check,
+                        hold,
+                        expect,
+                    } => J::Build(pb::BuildJob {
+                        drv_path,
+                        cache,
+                        trusted_public_keys,
+                        timeout_secs,
+                        max_silent_secs,
+                        smoke: smoke.is_some(),
+                        main_program: smoke.unwrap_or_default(),
+                        background,
+                        check,
+                        hold: match hold {
+                            Hold::No => pb::HoldOutputs::None,
+                            Hold::FarmCache => pb::HoldOutputs::FarmCache,
+                            Hold::SharedStore => pb::HoldOutputs::SharedStore,
+                            Hold::BuilderStore => pb::HoldOutputs::BuilderStore,
+                        } as i32,
+                        expect: expect
+                            .into_iter()
+                            .map(|(name, path, h)| pb::DrvOutput {
+                                name,
+                                path,
+                                nar_hash: h.to_string(),
+                            })
+                            .collect(),
+                    }),
+                };
+                Msg::Assign(pb::Assignment {
+                    attempt_id: attempt,
+                    run_id,
+                    job: Some(job),
+                })
+            }
+        };
+        pb::CoordinatorMessage { msg: Some(msg) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build_result(nar_hash: &str) -> BuildReport {
+        let m = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Build(pb::BuildResult {
+                attempt_id: "a1".into(),
+                status: pb::BuildStatus::Built as i32,
+                outputs: vec![pb::DrvOutput {
+                    name: "out".into(),
+                    path: "/nix/store/11111111111111111111111111111111-lib".into(),
+                    nar_hash: nar_hash.into(),
+                }],
+                ..Default::default()
+            })),
+        };
+        match FromAgent::try_from(m) {
+            Ok(FromAgent::Build { report, .. }) => report,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_outputs_nar_hash_is_a_sha256_or_the_result_is_malformed() {
+        let sri = "sha256-AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let r = build_result(sri);
+        assert_eq!(r.kind, BuildOutcome::Built);
+        assert_eq!(r.nar_hashes["out"].to_string(), sri);
+        // None said: none kept (only held outputs carry one).
+        assert!(build_result("").nar_hashes.is_empty());
+        for bad in [
+            "md5:00112233445566778899aabbccddeeff",
+            "sha256-short",
+            "x".repeat(5000).as_str(),
+        ] {
+            let r = build_result(bad);
+            assert_eq!(r.kind, BuildOutcome::InfraFailed, "{bad}");
+            assert!(
+                r.message.ends_with("output 'out': not a SHA-256 NAR hash"),
+                "{}",
+                r.message
+            );
+            assert!(r.nar_hashes.is_empty() && r.outputs.is_empty());
+        }
+    }
+}
