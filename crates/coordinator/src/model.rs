@@ -177,7 +177,7 @@ impl Registration {
 #[repr(i64)]
 pub enum Hold {
     /// Not held: pushed to the run's cache at once (no cross-check, no cache of the run's
-    /// own, a fixed output, or no other way between the agents).
+    /// own, or a fixed output).
     #[default]
     No = 0,
     /// In the coordinator's farm cache, which only agents read.
@@ -519,8 +519,8 @@ pub struct AgentStatus {
     pub draining: bool,
     /// Messages refused from it as protocol violations.
     pub violations: u64,
-    /// It keeps held outputs out of a run's cache in every way there is (agents before
-    /// one of them do not).
+    /// It keeps held outputs out of a run's cache the way this coordinator holds them now
+    /// (agents that predate that way do not).
     pub holds_outputs: bool,
 }
 

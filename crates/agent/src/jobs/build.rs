@@ -49,9 +49,10 @@ pub(super) async fn build(
     trusted.sort();
     trusted.dedup();
     // Held outputs (cross-checked builds of a run with a cache of its own) wait for their
-    // check in the farm cache, or here in the store the agents share; the check publishes
-    // them. Told to hold them in a farm cache it does not have, an agent builds nothing
-    // rather than push them to the run's cache.
+    // check in the farm cache, in the store the agents share, or here in this agent's own
+    // store (only their NAR hashes travel); the check publishes them. Told to hold them in
+    // a farm cache it does not have, an agent builds nothing rather than push them to the
+    // run's cache.
     use super::route::{Place, RunCache};
     let run_cache = match (&push, &farm) {
         (None, _) => RunCache::None,

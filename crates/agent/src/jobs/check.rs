@@ -146,14 +146,16 @@ pub(super) async fn check(
     let run = if expected.is_some() {
         // From scratch; but outputs this store holds already (or that the run's cache had)
         // are built once more, `--check`, so that what is compared was built here now.
-        let run = shared
+        let first = shared
             .nix
             .realise(&d.path, opts, cancel.clone(), &mut on_log)
             .await;
-        if run.result.is_ok() && !run.built && !run.cancelled {
-            shared.nix.realise(&d.path, &check, cancel, on_log).await
+        if first.result.is_ok() && !first.built && !first.cancelled {
+            let mut again = shared.nix.realise(&d.path, &check, cancel, on_log).await;
+            again.duration += first.duration;
+            again
         } else {
-            run
+            first
         }
     } else {
         shared.nix.realise(&d.path, &check, cancel, on_log).await

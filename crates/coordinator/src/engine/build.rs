@@ -41,10 +41,16 @@ impl Engine {
             && report.kind.produced_outputs()
             && !sched.class(node).fetch
         {
-            // What the build's job said (after a restart: what the run says now).
+            // What the build's job said. After a restart, what the run says now; but NAR
+            // hashes come only from a build told to keep its outputs in its own store
+            // (and one that was not, taken so, is merely built again from scratch).
             let hold = a
                 .hold
-                .unwrap_or_else(|| run.hold(&self.opts, inner.hold_way));
+                .unwrap_or_else(|| match run.hold(&self.opts, inner.hold_way) {
+                    Hold::No => Hold::No,
+                    _ if !report.nar_hashes.is_empty() => Hold::BuilderStore,
+                    h => h,
+                });
             // Outputs that did not get to where they wait for their check cannot be
             // checked on another host: built again instead.
             if hold == Hold::FarmCache && report.kind == BuildOutcome::NotCached {

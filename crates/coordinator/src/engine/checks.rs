@@ -1,7 +1,9 @@
 //! Cross-checked builds: a derivation one agent built counts only once a different agent has
-//! built it again from the same inputs and found the same outputs as the cache holds
-//! (`nix-store --check` against what it fetched from there). Until then it stays running in
-//! the scheduler, so nothing builds on it; the first result is kept in the store meanwhile.
+//! built it again from the same inputs and found the same outputs: as the cache holds
+//! (`nix-store --check` against what it fetched from there), or, for outputs held in the
+//! builder's own store, with the NAR hashes that build reported. Until then it stays
+//! running in the scheduler, so nothing builds on it; the first result is kept in the
+//! store meanwhile.
 
 use super::*;
 use crate::credentials::Credential;
@@ -77,11 +79,11 @@ impl Engine {
     /// The oldest check in `run` that the asking agent may take: not of its own build (nor
     /// of one by an agent `independent_of` says is the same holder, given the credential
     /// that agent built with), of a derivation it can build; of held outputs only if it
-    /// `holds` (an older agent would neither fetch nor publish them).
+    /// `takes` them (an older agent would neither fetch nor publish them).
     pub(super) fn next_check(
         run: &mut RunMem,
         caps: &Capabilities,
-        (holds, way): (bool, Hold),
+        takes: &dyn Fn(Hold) -> bool,
         independent_of: &dyn Fn(&str, &Credential) -> bool,
     ) -> Option<(JobRef, Job, String)> {
         if caps.fetches_only {
@@ -89,10 +91,10 @@ impl Engine {
         }
         let sched = run.sched.as_ref()?;
         let at = run.check_queue.iter().position(|n| {
-            run.checks.get(n).is_some_and(|c| {
-                independent_of(&c.built_by, &c.credential)
-                    && (!c.hold.held() || (holds && c.hold == way))
-            }) && caps.can_build(sched.class(*n))
+            run.checks
+                .get(n)
+                .is_some_and(|c| independent_of(&c.built_by, &c.credential) && takes(c.hold))
+                && caps.can_build(sched.class(*n))
         })?;
         let node = run.check_queue.remove(at)?;
         let drv = run.drv_of[node as usize].clone();
@@ -159,14 +161,20 @@ impl Engine {
             report
         };
         // Held in the builder's store: the two agents' NAR hashes are what is compared
-        // (the checker compared them too, before it published).
+        // (the checker compared them too, before it published). A check that says too
+        // little proves nothing either way: it is asked again, of another agent.
         let report = match report.kind {
             BuildOutcome::Built if first.hold == Hold::BuilderStore => {
-                match hashes_differ(&first.report, &report) {
-                    None => report,
-                    Some(why) => BuildReport {
+                match compare_hashes(&first.report, &report) {
+                    Ok(()) => report,
+                    Err(Differ::Hashes(why)) => BuildReport {
                         kind: BuildOutcome::NotReproducible,
                         message: why,
+                        ..report
+                    },
+                    Err(Differ::Unsaid(why)) => BuildReport {
+                        kind: BuildOutcome::InfraFailed,
+                        message: format!("agent {checker} answered without checking: {why}"),
                         ..report
                     },
                 }
@@ -352,7 +360,7 @@ impl Engine {
             // Held out of the run's cache for a check: with none to come, never pushed there.
             if c.hold.held() && c.report.kind.produced_outputs() {
                 c.report.kind = BuildOutcome::NotCached;
-                c.report.message = "built, but held back from the run's cache for a cross-check that no longer runs (cross_check_builds was turned off): it gets there only in the closure of what builds on it".into();
+                c.report.message = "built, but held back from the run's cache for a cross-check that no longer runs (cross_check_builds was turned off): it gets there only in the closure of something built on it where it is held".into();
             }
             self.settle_check(inner, &run_id, node, &c.built_by, c.report)?;
         }
@@ -471,20 +479,32 @@ pub(super) fn unhashed(report: &BuildReport) -> Vec<&str> {
         .collect()
 }
 
-/// Why a check's outputs are not the first build's, compared by NAR hash (None: the same).
-fn hashes_differ(first: &BuildReport, check: &BuildReport) -> Option<String> {
+/// How a check's answer falls short of the first build's, compared by NAR hash.
+enum Differ {
+    /// Another hash for an output: the two builds differ.
+    Hashes(String),
+    /// Not the same outputs named, or a hash missing: the answer proves nothing.
+    Unsaid(String),
+}
+
+/// Whether a check's outputs are the first build's, output by output, by NAR hash.
+fn compare_hashes(first: &BuildReport, check: &BuildReport) -> Result<(), Differ> {
     if first.outputs != check.outputs {
-        return Some("the check reported other outputs than the build".into());
-    }
-    let missing = unhashed(check);
-    if !missing.is_empty() {
-        return Some(format!(
-            "the check did not report the NAR hash of {}",
-            missing.join(", ")
+        return Err(Differ::Unsaid(
+            "it reported other outputs than the build".into(),
         ));
     }
-    first.outputs.iter().find_map(|(name, path)| {
-        let (a, b) = (first.nar_hashes.get(name)?, check.nar_hashes.get(name)?);
-        (a != b).then(|| format!("{path}: NAR hash {a} on the first build, {b} on the check"))
-    })
+    for (name, path) in &first.outputs {
+        let (Some(a), Some(b)) = (first.nar_hashes.get(name), check.nar_hashes.get(name)) else {
+            return Err(Differ::Unsaid(format!(
+                "no NAR hash of output {name} to compare"
+            )));
+        };
+        if a != b {
+            return Err(Differ::Hashes(format!(
+                "{path}: NAR hash {a} on the first build, {b} on the check"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -61,7 +61,9 @@ impl Engine {
                     None if build_free || fetch_free => Self::next_build(
                         &mut inner.runs,
                         &caps,
-                        (&name, agent.reg.can_hold(inner.hold_way)),
+                        (&name, &|hold| {
+                            super::takes(&agent.reg, hold, inner.hold_way)
+                        }),
                         &independent_of,
                         (&self.opts, inner.hold_way),
                         now,
@@ -243,7 +245,7 @@ impl Engine {
     fn next_build(
         runs: &mut [RunMem],
         caps: &Capabilities,
-        (agent, agent_holds): (&str, bool),
+        (agent, agent_takes): (&str, &dyn Fn(Hold) -> bool),
         independent_of: &dyn Fn(&str, &Credential) -> bool,
         (opts, way): (&EngineOptions, Hold),
         now_ms: i64,
@@ -266,7 +268,7 @@ impl Engine {
             }
             // A check first: the derivation's dependents wait for it.
             if let Some((job_ref, job, drv)) =
-                Self::next_check(run, caps, (agent_holds, way), independent_of)
+                Self::next_check(run, caps, agent_takes, independent_of)
             {
                 return Some((run.id.clone(), job_ref, job, drv));
             }
@@ -274,7 +276,7 @@ impl Engine {
             // An agent that predates holding would push held outputs to the run's cache:
             // it gets only this run's fixed outputs, which are not held.
             let restricted;
-            let caps = if hold.held() && !agent_holds {
+            let caps = if !agent_takes(hold) {
                 restricted = Capabilities {
                     fetches_only: true,
                     ..caps.clone()

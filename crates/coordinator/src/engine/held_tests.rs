@@ -304,7 +304,7 @@ fn without_a_farm_cache_outputs_wait_in_their_builders_store_and_the_check_repro
 }
 
 #[test]
-fn a_check_with_another_nar_hash_or_none_fails_the_build_held_in_its_builders_store() {
+fn a_check_with_another_nar_hash_fails_the_build_held_in_its_builders_store() {
     // Another hash: not reproducible, and app with it.
     let (engine, _dir, run, _a, b, check) = lib_held_in_as_store();
     answer(&engine, "b", &b, check, hashed(checked(LIB_OUT), nar(2)));
@@ -322,15 +322,56 @@ fn a_check_with_another_nar_hash_or_none_fails_the_build_held_in_its_builders_st
         status_of(&engine, &run, "app").0,
         PackageStatus::DependencyFailed
     );
-    // A check that says it agreed but names no hash vouches for nothing either.
-    let (engine, _dir, run, _a, b, check) = lib_held_in_as_store();
+}
+
+#[test]
+fn a_check_that_names_no_nar_hash_proves_nothing_and_is_asked_again() {
+    let (engine, _dir, run, _a, mut b, check) = lib_held_in_as_store();
     answer(&engine, "b", &b, check, checked(LIB_OUT));
-    let (status, reason) = status_of(&engine, &run, "lib");
-    assert_eq!(status, PackageStatus::NotReproducible, "{reason}");
-    assert!(
-        reason.contains("the check did not report the NAR hash of out"),
-        "{reason}"
+    assert_eq!(
+        retries(&engine, &run).last().map(String::as_str),
+        Some("agent b answered without checking: no NAR hash of output out to compare")
     );
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Pending);
+    let (check, _) = handed_check(&mut b);
+    answer(&engine, "b", &b, check, hashed(checked(LIB_OUT), nar(1)));
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
+}
+
+#[test]
+fn outputs_held_in_their_builders_store_are_checked_after_a_restart_that_started_the_farm_cache() {
+    let (dir, clock, opts) = restartable();
+    let with_farm = |engine: &Engine| engine.attach_farm_cache(Arc::new(|_: &[String]| {}));
+    // Before: no farm cache; a is building lib when the coordinator stops.
+    let engine = open_in(dir.path(), &clock, opts.clone());
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(with_cache()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (attempt, _, _, hold) = handed(&mut a);
+    assert_eq!(hold, Hold::BuilderStore);
+    drop(engine);
+    // After: the farm cache started. a reconnects still building lib, and reports it with
+    // its NAR hash: the check is still one from scratch, not of a farm cache copy that
+    // does not exist.
+    let engine = open_in(dir.path(), &clock, opts.clone());
+    with_farm(&engine);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reg = Registration {
+        running_attempts: vec![attempt.clone()],
+        ..registration("a", "")
+    };
+    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
+    let a = TestAgent { conn, session, rx };
+    answer(&engine, "a", &a, attempt, hashed(built(LIB_OUT), nar(1)));
+    drop((a, engine));
+    // And again, with the check pending in the database: it is still handed out.
+    let engine = open_in(dir.path(), &clock, opts);
+    with_farm(&engine);
+    let mut b = connect_agent(&engine, "b");
+    let (check, expect) = handed_check(&mut b);
+    assert_eq!(expect, [("out".to_string(), LIB_OUT.to_string(), nar(1))]);
+    answer(&engine, "b", &b, check, hashed(checked(LIB_OUT), nar(1)));
+    assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
 }
 
 #[test]

@@ -283,10 +283,19 @@ fn checker_connected(
 }
 
 /// Whether `a` may take a check of outputs held as `hold`, where agents hand each other
-/// unchecked outputs `way` now: one that predates holding would neither fetch them from
-/// there nor publish them, and outputs held in a farm cache that is gone are nowhere.
+/// unchecked outputs `way` now: see [`takes`].
 fn may_take(a: &AgentMem, hold: Hold, way: Hold) -> bool {
-    !hold.held() || (a.reg.can_hold(hold) && hold == way)
+    takes(&a.reg, hold, way)
+}
+
+/// Whether an agent registered as `reg` may build, or check, outputs held as `hold` while
+/// agents hand each other unchecked outputs `way`: one that predates holding would neither
+/// fetch them from there nor publish them, and outputs held in a farm cache that is gone
+/// are nowhere. Outputs held in their builder's store need nothing shared, so they are
+/// taken whatever the way is now (a build or check from before a restart that turned the
+/// farm cache on).
+fn takes(reg: &Registration, hold: Hold, way: Hold) -> bool {
+    !hold.held() || (reg.can_hold(hold) && (hold == way || hold == Hold::BuilderStore))
 }
 
 /// Where a derivation of `class` holds its outputs in a run that holds them `run_hold`: a

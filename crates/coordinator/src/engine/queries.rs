@@ -198,8 +198,7 @@ impl Engine {
                 paused: a.paused.clone(),
                 draining: a.draining,
                 violations: a.violations,
-                holds_outputs: a.reg.can_hold(Hold::FarmCache)
-                    && a.reg.can_hold(Hold::BuilderStore),
+                holds_outputs: a.reg.can_hold(g.hold_way),
             })
             .collect()
     }
