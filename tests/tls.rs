@@ -246,3 +246,106 @@ fn tls_tokens_and_client_certificates() {
     let _ = good.kill();
     let _ = good.wait();
 }
+
+/// Hosts that share nothing but the coordinator, admitted by client certificates alone (no
+/// agent token anywhere), with the coordinator listening beyond loopback: the farm cache
+/// still starts, each agent is issued a token of its own for it at registration (Nix
+/// cannot present a certificate), and the two agents check each other's builds through it.
+/// It used to stay off there for want of an agent token, and such a run had no way to move
+/// derivations and outputs between the hosts.
+#[test]
+fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
+    let dir = scratch();
+    let d = dir.path();
+    let server_ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
+    let client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
+    let (ca, srv_cert, srv_key) = pki(d, "farm-ca", "coordinator", server_ext);
+    std::fs::write(d.join("client-token"), "cli-secret-2\n").unwrap();
+    let cfg = d.join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[auth]\nclient_token_file = \"{}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n[scheduler]\ncross_check_builds = true\n",
+            d.join("client-token").display(),
+            srv_cert.display(),
+            srv_key.display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    // Every address: the farm cache listens beyond loopback too.
+    let coordinator = Coordinator::start_on(
+        &d.join("state"),
+        "0.0.0.0:0",
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .unwrap();
+    let log = wait_for(Duration::from_secs(10), "the farm cache", || {
+        let l = coordinator.proc.log_text();
+        (l.contains("farm cache listening") || l.contains("the farm cache is off")).then_some(l)
+    });
+    assert!(log.contains("farm cache listening"), "{log}");
+    let url = coordinator
+        .url
+        .replace("http://0.0.0.0", "https://127.0.0.1");
+    let ca_s = ca.to_str().unwrap();
+    let mut agents = Vec::new();
+    for name in ["one", "two"] {
+        let (_, cert, key) = pki(d, "farm-ca", name, client_ext);
+        let host = Host::new(&d.join(format!("host-{name}")));
+        let flags = [
+            "--tls-ca",
+            ca_s,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ];
+        agents.push(
+            host.start_agent_with(name, &url, None, 1, &[], &flags)
+                .unwrap(),
+        );
+    }
+    let repo = stable_and_stamp_repo(d);
+    let out = Command::new(bin("nixfarm"))
+        .args([
+            "submit",
+            repo.to_str().unwrap(),
+            "--watch",
+            "--format",
+            "json",
+        ])
+        .env("NIXFARM_COORDINATOR", &url)
+        .env("NIXFARM_TLS_CA", ca_s)
+        .env("NIXFARM_TOKEN", "cli-secret-2")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            stderr(&out),
+            agents.iter().map(|a| a.log_text()).collect::<String>()
+        )
+    });
+    // Built on one host, checked on the other: everything travelled through the farm cache.
+    assert_stamp_not_reproducible(&report);
+    let pushed = std::fs::read_dir(d.join("state/farm-cache"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
+        .count();
+    assert!(pushed > 0, "nothing reached the farm cache");
+    // The issued tokens are secrets: in no log.
+    let logs: String =
+        agents.iter().map(|a| a.log_text()).collect::<String>() + &coordinator.proc.log_text();
+    for a in &agents {
+        let netrc = std::fs::read_to_string(
+            d.join(format!("host-{}", a.name))
+                .join("work/farm-cache.netrc"),
+        )
+        .unwrap();
+        let token = netrc.split_whitespace().last().unwrap();
+        assert_eq!(token.len(), 64, "an issued token: {netrc}");
+        assert!(!logs.contains(token), "a token was logged");
+    }
+}

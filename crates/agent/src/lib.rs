@@ -61,14 +61,29 @@ pub(crate) struct Shared {
 }
 
 /// How this agent reaches the coordinator's farm cache.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct FarmCacheUse {
     pub url: String,
     pub public_key: String,
-    /// A netrc file with the agent token, for Nix (None: no token).
+    /// The token it shows there: the one the coordinator issued it, else its own (None:
+    /// none). A secret: never logged.
+    pub token: Option<String>,
+    /// A netrc file with that token, for Nix (None: no token).
     pub netrc: Option<std::path::PathBuf>,
     /// The CA Nix trusts for it (the agent's `tls_ca_file`; None: the system's).
     pub ca: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for FarmCacheUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FarmCacheUse")
+            .field("url", &self.url)
+            .field("public_key", &self.public_key)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("netrc", &self.netrc)
+            .field("ca", &self.ca)
+            .finish()
+    }
 }
 
 /// The host part of a coordinator URL (`http://farm:7420` → `farm`, `[::1]` kept whole).
@@ -84,7 +99,8 @@ fn url_host(url: &str) -> &str {
 }
 
 /// The farm cache a registration announces, with a netrc file for Nix when the agent has a
-/// token (Nix sends it as Basic auth; the farm cache takes the token as the password).
+/// token for it: the one the registration issued, else its own (Nix sends it as Basic
+/// auth; the farm cache takes the token as the password).
 fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<FarmCacheUse> {
     if r.farm_cache_port == 0 {
         return None;
@@ -96,7 +112,10 @@ fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<FarmCacheUse> {
     } else {
         r.farm_cache_host.clone()
     };
-    let netrc = shared.token.as_ref().and_then(|t| {
+    let token = Some(r.farm_cache_token.clone())
+        .filter(|t| !t.is_empty())
+        .or_else(|| shared.token.clone());
+    let netrc = token.as_ref().and_then(|t| {
         use std::os::unix::fs::OpenOptionsExt;
         let path = shared.cfg.work_dir.join("farm-cache.netrc");
         let machine = host.trim_start_matches('[').trim_end_matches(']');
@@ -116,6 +135,7 @@ fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<FarmCacheUse> {
     Some(FarmCacheUse {
         url: format!("{scheme}://{host}:{}", r.farm_cache_port),
         public_key: r.farm_cache_public_key.clone(),
+        token,
         netrc,
         ca: shared.cfg.tls_ca_file.clone(),
     })
@@ -335,8 +355,19 @@ impl Agent {
                                     s.clone_from(&r.session_key);
                                 }
                                 let farm = farm_cache_use(&shared, r);
-                                if let Ok(mut f) = shared.farm_cache.lock() {
-                                    *f = farm;
+                                // A new token (a restarted coordinator issued it): pushes
+                                // to the farm cache show it from now on.
+                                let changed = match shared.farm_cache.lock() {
+                                    Ok(mut f) => {
+                                        let old = f.as_ref().map(|f| (f.url.clone(), f.token.clone()));
+                                        let new = farm.as_ref().map(|f| (f.url.clone(), f.token.clone()));
+                                        *f = farm;
+                                        (old != new).then_some(old).flatten()
+                                    }
+                                    Err(_) => None,
+                                };
+                                if let Some((url, _)) = changed {
+                                    shared.pushers.lock().await.remove(&url);
                                 }
                                 // Runs that ended while this agent was away: drop their roots.
                                 let active: std::collections::HashSet<String> =

@@ -36,7 +36,7 @@ const RECENT: std::time::Duration = std::time::Duration::from_secs(600);
 pub struct FarmCache {
     dir: PathBuf,
     key: Key,
-    token: Option<Arc<crate::credentials::Credentials>>,
+    admission: crate::farm_tokens::FarmAdmission,
     /// Largest NAR accepted, bytes.
     max_nar_bytes: u64,
     /// NAR bytes kept at most; the least recently used paths go first.
@@ -77,10 +77,10 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> FarmCacheError +
 
 impl FarmCache {
     /// Opens (creating) the cache in `dir`, its key in `dir/../farm-cache.key` (made on first
-    /// start, mode 0600). `token`: the agents' credentials (None: no check).
+    /// start, mode 0600). `admission`: the credentials it takes from agents (none: no check).
     pub fn open(
         dir: PathBuf,
-        token: Option<Arc<crate::credentials::Credentials>>,
+        admission: crate::farm_tokens::FarmAdmission,
         max_nar_bytes: u64,
         max_bytes: u64,
         protected: Protected,
@@ -113,7 +113,7 @@ impl FarmCache {
         Ok(Arc::new(FarmCache {
             dir,
             key,
-            token,
+            admission,
             max_nar_bytes,
             max_bytes,
             total: AtomicU64::new(total),
@@ -163,10 +163,15 @@ impl FarmCache {
         )
     }
 
+    /// What issues agents their tokens at registration (None: it takes none).
+    pub fn issued_tokens(&self) -> Option<Arc<crate::farm_tokens::FarmTokens>> {
+        self.admission.issued.clone()
+    }
+
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(expected) = &self.token else {
+        if self.admission.is_open() {
             return true;
-        };
+        }
         let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
             return false;
         };
@@ -182,7 +187,7 @@ impl FarmCache {
         } else {
             return false;
         };
-        expected.admit(&given).is_some()
+        self.admission.admits(&given)
     }
 
     fn refuse(&self, status: StatusCode, why: &str) -> Response {

@@ -34,7 +34,7 @@ fn eviction_takes_the_least_recently_used_and_spares_active_runs_and_recent_path
         let keep = h('b');
         Arc::new(move || [keep.clone()].into())
     };
-    let cache = FarmCache::open(dir.clone(), None, 1 << 20, 1000, protected).unwrap();
+    let cache = FarmCache::open(dir.clone(), Default::default(), 1 << 20, 1000, protected).unwrap();
     put(&dir, &h('a'), 400, 3 * hour); // oldest: goes
     put(&dir, &h('b'), 400, 3 * hour); // as old, but an active run needs it
     put(&dir, &h('c'), 400, 2 * hour); // goes too, to get under 900
@@ -64,4 +64,42 @@ fn only_cache_file_names_are_served_or_stored() {
     assert!(!is_nar_name("..nar"));
     assert!(!is_nar_name("a/b.nar"));
     assert!(!is_nar_name(".nar.zst"));
+}
+
+#[test]
+fn a_token_issued_at_registration_is_admitted_as_bearer_or_netrc_password_and_nothing_else_is() {
+    let d = tempfile::tempdir().unwrap();
+    let issued = Arc::new(crate::farm_tokens::FarmTokens::default());
+    let token = issued.issue("cert-agent").unwrap();
+    let admission = crate::farm_tokens::FarmAdmission {
+        tokens: None,
+        issued: Some(issued),
+    };
+    let cache = FarmCache::open(
+        d.path().join("farm-cache"),
+        admission,
+        1 << 20,
+        1000,
+        Arc::new(Default::default),
+    )
+    .unwrap();
+    let with = |value: Option<String>| {
+        let mut h = HeaderMap::new();
+        if let Some(v) = value {
+            h.insert("authorization", v.parse().unwrap());
+        }
+        cache.authorized(&h)
+    };
+    let basic = |user: &str, password: &str| {
+        format!(
+            "Basic {}",
+            data_encoding::BASE64.encode(format!("{user}:{password}").as_bytes())
+        )
+    };
+    assert!(with(Some(format!("Bearer {token}"))));
+    assert!(with(Some(basic("nixfarm", &token))));
+    assert!(!with(None));
+    assert!(!with(Some("Bearer guess".into())));
+    assert!(!with(Some(basic("nixfarm", "guess"))));
+    assert!(!with(Some(token.clone())), "no scheme");
 }

@@ -14,6 +14,7 @@ mod db_schema;
 mod db_times;
 pub mod engine;
 pub mod farm_cache;
+pub mod farm_tokens;
 pub mod http_serve;
 pub mod limit;
 pub mod model;

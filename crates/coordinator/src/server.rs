@@ -140,8 +140,9 @@ fn token_check(
 }
 
 /// Starts the farm cache when the config asks for it: on its own port, beside the gRPC
-/// address unless told otherwise. Beyond loopback it needs the agent token (it signs what
-/// it is sent).
+/// address unless told otherwise. Beyond loopback it needs a way to admit agents only (it
+/// signs what it is sent): their token, or client certificates, after which the token it
+/// issues each one is what admits it.
 async fn start_farm_cache(
     config: &Config,
     grpc: SocketAddr,
@@ -160,16 +161,23 @@ async fn start_farm_cache(
         .await
         .with_context(|| format!("cannot listen on {listen} for the farm cache"))?;
     let addr = listener.local_addr()?;
-    if agent_token.is_none() && !addr.ip().is_loopback() {
+    // Agents admitted by a token show it; every agent, a certificate-admitted one too, is
+    // issued one of the farm cache's own at registration (Nix cannot show a certificate).
+    let admitted = agent_token.is_some() || config.tls.client_ca_file.is_some();
+    let admission = crate::farm_tokens::FarmAdmission {
+        tokens: agent_token,
+        issued: admitted.then(|| Arc::new(crate::farm_tokens::FarmTokens::default())),
+    };
+    if admission.is_open() && !addr.ip().is_loopback() {
         tracing::warn!(
-            "the farm cache is off: beyond loopback it needs an agent token ([auth] agent_token_file); runs need --cache to move outputs between hosts"
+            "the farm cache is off: beyond loopback it needs agents to be admitted by a token ([auth] agent_token_file) or a client certificate ([tls] client_ca_file); runs need --cache to move outputs between hosts"
         );
         return Ok(None);
     }
     let e = engine.clone();
     let cache = FarmCache::open(
         config.state_dir.join("farm-cache"),
-        agent_token,
+        admission,
         fc.max_nar_bytes,
         fc.max_bytes,
         Arc::new(move || e.protected_store_hashes()),
@@ -331,6 +339,7 @@ pub async fn start_with_listener(
             port: a.port(),
             public_key: c.public_key(),
             tls: config.tls.cert_file.is_some(),
+            tokens: c.issued_tokens(),
         }),
     })
     .max_decoding_message_size(max_msg)

@@ -133,6 +133,21 @@ pub(crate) fn fragment(attr_path: &str) -> String {
         .join(".")
 }
 
+/// Gives `c` these settings, as `--option NAME VALUE`. The CA file goes in the environment
+/// as well (`NIX_SSL_CERT_FILE`): Nix 2.8 takes `ssl-cert-file` from there and ignores it on
+/// the command line, so a farm cache behind a private CA would fail its TLS handshake.
+pub(crate) fn apply_settings<'a>(
+    c: &mut Command,
+    settings: impl IntoIterator<Item = (&'a str, &'a std::ffi::OsStr)>,
+) {
+    for (k, v) in settings {
+        if k == "ssl-cert-file" {
+            c.env("NIX_SSL_CERT_FILE", v);
+        }
+        c.arg("--option").arg(k).arg(v);
+    }
+}
+
 impl Nix {
     pub(crate) fn nix_cmd(&self) -> Command {
         let mut c = Command::new(&self.nix);
@@ -215,12 +230,13 @@ impl Nix {
         ssl_cert_file: Option<&std::path::Path>,
     ) -> Result<(), NixError> {
         let mut c = self.nix_cmd();
-        if let Some(n) = netrc {
-            c.arg("--option").arg("netrc-file").arg(n);
-        }
-        if let Some(ca) = ssl_cert_file {
-            c.arg("--option").arg("ssl-cert-file").arg(ca);
-        }
+        let files = [("netrc-file", netrc), ("ssl-cert-file", ssl_cert_file)];
+        apply_settings(
+            &mut c,
+            files
+                .iter()
+                .filter_map(|(k, v)| Some((*k, (*v)?.as_os_str()))),
+        );
         // --derivation: a .drv path names the derivation itself, not its outputs (and an
         // output path, with it, would name its deriver).
         c.arg("copy");
@@ -277,9 +293,11 @@ impl Nix {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c.args(["--realise", drv]);
-        for (k, v) in self.build_settings(opts) {
-            c.arg("--option").arg(k).arg(v);
-        }
+        let settings = self.build_settings(opts);
+        apply_settings(
+            &mut c,
+            settings.iter().map(|(k, v)| (k.as_str(), v.as_ref())),
+        );
         if let Some(r) = &opts.gc_root {
             c.arg("--add-root").arg(r).arg("--indirect");
         }
@@ -480,6 +498,40 @@ pub(crate) fn set_nice(c: &mut Command, nice: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_file_reaches_nix_through_its_environment_as_well() {
+        use std::ffi::OsStr;
+        let mut c = Command::new("nix-store");
+        apply_settings(
+            &mut c,
+            [
+                ("netrc-file", OsStr::new("/w/netrc")),
+                ("ssl-cert-file", OsStr::new("/w/ca.pem")),
+            ],
+        );
+        let c = c.as_std();
+        let args: Vec<&OsStr> = c.get_args().collect();
+        assert_eq!(
+            args,
+            [
+                "--option",
+                "netrc-file",
+                "/w/netrc",
+                "--option",
+                "ssl-cert-file",
+                "/w/ca.pem"
+            ]
+        );
+        let env: Vec<_> = c.get_envs().collect();
+        assert_eq!(
+            env,
+            [(
+                OsStr::new("NIX_SSL_CERT_FILE"),
+                Some(OsStr::new("/w/ca.pem"))
+            )]
+        );
+    }
 
     #[test]
     fn nix_strings_escape_interpolation() {

@@ -87,9 +87,10 @@ impl Conn {
         if let Some(slot) = &cache {
             c.env("XDG_CACHE_HOME", slot.dir());
         }
-        for (k, v) in settings {
-            c.arg("--option").arg(k).arg(v);
-        }
+        crate::runner::apply_settings(
+            &mut c,
+            settings.iter().map(|(k, v)| (k.as_str(), v.as_ref())),
+        );
         let mut child = c
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -192,11 +192,12 @@ async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pu
         return Ok(p.clone());
     }
     let p = match farm_cache(shared).filter(|f| f.url == url) {
-        // The farm cache checks and signs what it is sent; it takes the agent token.
-        Some(_) => {
+        // The farm cache checks and signs what it is sent; it takes the token issued to
+        // this agent, or the agent's own.
+        Some(f) => {
             let mut p = nixfarm_store::Pusher::for_url(url, shared.nix.clone(), None, None)
                 .map_err(|e| NixError::Infra(e.to_string()))?
-                .with_http_token(shared.token.clone());
+                .with_http_token(f.token.clone());
             if let Some(ca) = &shared.cfg.tls_ca_file {
                 let pem = std::fs::read(ca)
                     .map_err(|e| NixError::Infra(format!("cannot read {}: {e}", ca.display())))?;

@@ -12,6 +12,8 @@ pub struct FarmCacheAdvert {
     pub public_key: String,
     /// Served over TLS (the coordinator's certificate).
     pub tls: bool,
+    /// Issues each agent its token for the farm cache (None: it takes none).
+    pub tokens: Option<std::sync::Arc<crate::farm_tokens::FarmTokens>>,
 }
 
 /// The agent-facing service.
@@ -74,6 +76,12 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             }
             engine.disconnect_agent(&agent, conn);
         });
+        let farm_cache_token = self
+            .farm_cache
+            .as_ref()
+            .and_then(|f| f.tokens.as_ref())
+            .and_then(|t| t.issue(&name))
+            .unwrap_or_default();
         let registered = pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::Registered(pb::Registered {
                 agent_id: name,
@@ -93,6 +101,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                     .as_ref()
                     .map(|f| f.public_key.clone())
                     .unwrap_or_default(),
+                farm_cache_token,
             })),
         };
         let out = tokio_stream::once(Ok(registered)).chain(

@@ -1,0 +1,125 @@
+//! Who the farm cache admits: the agents' configured tokens, and tokens the coordinator
+//! issues to each agent at registration. An agent admitted by a client certificate has no
+//! token of its own, and Nix, which reads the farm cache for it, cannot present a
+//! certificate: the issued token is what it shows instead.
+
+use crate::credentials::Credentials;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Tokens issued to registered agents, one per agent name, valid while this coordinator
+/// runs (an agent that reconnects gets the same one, so its pushes in flight still count).
+#[derive(Default)]
+pub struct FarmTokens {
+    by_name: Mutex<HashMap<String, String>>,
+}
+
+/// Secrets: only how many are out.
+impl std::fmt::Debug for FarmTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.by_name.lock().map_or(0, |m| m.len());
+        write!(f, "FarmTokens({n} issued)")
+    }
+}
+
+/// Most names a coordinator issues tokens to (agents' names are bounded at registration;
+/// this bounds the map, and each check's scan, whatever registers).
+const MAX_ISSUED: usize = 100_000;
+
+impl FarmTokens {
+    /// The token of agent `name` (issued now if it has none). None when no unguessable
+    /// token can be made here, or too many are out: the agent then has none to show.
+    pub fn issue(&self, name: &str) -> Option<String> {
+        let mut map = self.by_name.lock().ok()?;
+        if let Some(t) = map.get(name) {
+            return Some(t.clone());
+        }
+        if map.len() >= MAX_ISSUED {
+            tracing::warn!(
+                agent = name,
+                "no farm cache token issued: {MAX_ISSUED} are out already"
+            );
+            return None;
+        }
+        let token = random_token()?;
+        map.insert(name.to_string(), token.clone());
+        Some(token)
+    }
+
+    /// Whether `given` is a token issued here (compared in constant time, each of them).
+    pub fn admits(&self, given: &str) -> bool {
+        let Ok(map) = self.by_name.lock() else {
+            return false;
+        };
+        !given.is_empty()
+            && map.values().fold(false, |hit, t| {
+                crate::engine::constant_time_eq(given.as_bytes(), t.as_bytes()) | hit
+            })
+    }
+}
+
+/// 256 bits from the kernel, hex; None if it cannot give them (fail closed: no weak token).
+fn random_token() -> Option<String> {
+    use std::io::Read as _;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| tracing::warn!("no farm cache token issued: /dev/urandom: {e}"))
+        .ok()?;
+    Some(data_encoding::HEXLOWER.encode(&b))
+}
+
+/// What the farm cache takes as a credential. Neither set: it admits anyone, which the
+/// coordinator allows only on loopback.
+#[derive(Default, Clone)]
+pub struct FarmAdmission {
+    /// The agents' configured tokens (`[auth] agent_token_file`, `agent_tokens_file`).
+    pub tokens: Option<Arc<Credentials>>,
+    /// Tokens issued at registration.
+    pub issued: Option<Arc<FarmTokens>>,
+}
+
+impl FarmAdmission {
+    /// Whether anyone is admitted without a credential.
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_none() && self.issued.is_none()
+    }
+
+    /// Whether `given` (a token, as Bearer or as a netrc password) is admitted.
+    pub fn admits(&self, given: &str) -> bool {
+        self.tokens
+            .as_ref()
+            .is_some_and(|c| c.admit(given).is_some())
+            | self.issued.as_ref().is_some_and(|i| i.admits(given))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_issued_token_is_unguessable_stable_per_agent_and_admitted_only_itself() {
+        let t = FarmTokens::default();
+        let a = t.issue("a").unwrap();
+        assert_eq!(a.len(), 64);
+        assert_eq!(t.issue("a").unwrap(), a, "the same on a reconnect");
+        let b = t.issue("b").unwrap();
+        assert_ne!(a, b);
+        assert!(t.admits(&a) && t.admits(&b));
+        for wrong in ["", &a[..63], "x", &format!("{a}0")] {
+            assert!(!t.admits(wrong), "{wrong}");
+        }
+        let issued = FarmAdmission {
+            tokens: None,
+            issued: Some(Arc::new(t)),
+        };
+        assert!(!issued.is_open() && issued.admits(&a) && !issued.admits("guess"));
+        let both = FarmAdmission {
+            tokens: Credentials::new(Some("join".into()), vec![]).map(Arc::new),
+            ..issued
+        };
+        assert!(both.admits("join") && both.admits(&b) && !both.admits("guess"));
+        assert!(FarmAdmission::default().is_open());
+    }
+}
