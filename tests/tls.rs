@@ -335,6 +335,51 @@ fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
         .count();
     assert!(pushed > 0, "nothing reached the farm cache");
+    // A fixed-output build there (a fetcher) is handed the CA file Nix trusts for the farm
+    // cache: it must hold the public CAs as well as the farm's, or fetching from the
+    // internet would fail. Its builder checks both.
+    let marker = std::fs::read_to_string(&ca)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let fod = d.join("fod");
+    std::fs::create_dir_all(&fod).unwrap();
+    std::fs::write(
+        fod.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: {{ packages.x86_64-linux.fetcher = derivation {{
+  name = "fetcher"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  impureEnvVars = [ "NIX_SSL_CERT_FILE" ]; marker = "{marker}";
+  outputHashMode = "flat"; outputHashAlgo = "sha256";
+  outputHash = "dc51b8c96c2d745df3bd5590d990230a482fd247123599548e0632fdbf97fc22";
+  args = [ "-c" ''
+    echo "CA file: $NIX_SSL_CERT_FILE, $(grep -c BEGIN "$NIX_SSL_CERT_FILE") certificates"
+    grep -q "$marker" "$NIX_SSL_CERT_FILE" || {{ echo "no farm CA in it"; exit 1; }}
+    [ "$(grep -c BEGIN "$NIX_SSL_CERT_FILE")" -gt 1 ] || {{ echo "the farm CA alone"; exit 1; }}
+    echo ok > $out
+  '' ];
+}}; }}; }}"#
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("nixfarm"))
+        .args([
+            "submit",
+            fod.to_str().unwrap(),
+            "--watch",
+            "--format",
+            "json",
+        ])
+        .env("NIXFARM_COORDINATOR", &url)
+        .env("NIXFARM_TLS_CA", ca_s)
+        .env("NIXFARM_TOKEN", "cli-secret-2")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let fetcher = &packages_by_attr(&report)["fetcher"];
+    assert_eq!(fetcher["status"], "ready", "{fetcher}");
     // The issued tokens are secrets: in no log.
     let logs: String =
         agents.iter().map(|a| a.log_text()).collect::<String>() + &coordinator.proc.log_text();

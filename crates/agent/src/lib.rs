@@ -5,6 +5,7 @@
 //! delivered again after every reconnect (the coordinator ignores duplicates by attempt id).
 
 pub mod config;
+mod farm;
 mod jobs;
 pub mod roots;
 
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+pub(crate) use farm::FarmCacheUse;
 
 /// How long a delivered result is kept to be sent again after a reconnect.
 const REDELIVER_FOR: Duration = Duration::from_secs(600);
@@ -60,32 +63,6 @@ pub(crate) struct Shared {
     pub output_locks: jobs::output_locks::OutputLocks,
 }
 
-/// How this agent reaches the coordinator's farm cache.
-#[derive(Clone)]
-pub(crate) struct FarmCacheUse {
-    pub url: String,
-    pub public_key: String,
-    /// The token it shows there: the one the coordinator issued it, else its own (None:
-    /// none). A secret: never logged.
-    pub token: Option<String>,
-    /// A netrc file with that token, for Nix (None: no token).
-    pub netrc: Option<std::path::PathBuf>,
-    /// The CA Nix trusts for it (the agent's `tls_ca_file`; None: the system's).
-    pub ca: Option<std::path::PathBuf>,
-}
-
-impl std::fmt::Debug for FarmCacheUse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FarmCacheUse")
-            .field("url", &self.url)
-            .field("public_key", &self.public_key)
-            .field("token", &self.token.as_ref().map(|_| "…"))
-            .field("netrc", &self.netrc)
-            .field("ca", &self.ca)
-            .finish()
-    }
-}
-
 /// The host part of a coordinator URL (`http://farm:7420` → `farm`, `[::1]` kept whole).
 fn url_host(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -96,49 +73,6 @@ fn url_host(url: &str) -> &str {
             .map_or(authority, |(h, _)| &authority[..h.len() + 1]);
     }
     authority.split(':').next().unwrap_or(authority)
-}
-
-/// The farm cache a registration announces, with a netrc file for Nix when the agent has a
-/// token for it: the one the registration issued, else its own (Nix sends it as Basic
-/// auth; the farm cache takes the token as the password).
-fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<FarmCacheUse> {
-    if r.farm_cache_port == 0 {
-        return None;
-    }
-    let host = if r.farm_cache_host.is_empty() {
-        url_host(&shared.cfg.coordinator).to_string()
-    } else if r.farm_cache_host.contains(':') {
-        format!("[{}]", r.farm_cache_host)
-    } else {
-        r.farm_cache_host.clone()
-    };
-    let token = Some(r.farm_cache_token.clone())
-        .filter(|t| !t.is_empty())
-        .or_else(|| shared.token.clone());
-    let netrc = token.as_ref().and_then(|t| {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = shared.cfg.work_dir.join("farm-cache.netrc");
-        let machine = host.trim_start_matches('[').trim_end_matches(']');
-        let text = format!("machine {machine} login nixfarm password {t}\n");
-        let _ = std::fs::remove_file(&path);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-            .map_err(|e| tracing::warn!("cannot write {}: {e}", path.display()))
-            .ok()
-            .map(|()| path)
-    });
-    let scheme = if r.farm_cache_tls { "https" } else { "http" };
-    Some(FarmCacheUse {
-        url: format!("{scheme}://{host}:{}", r.farm_cache_port),
-        public_key: r.farm_cache_public_key.clone(),
-        token,
-        netrc,
-        ca: shared.cfg.tls_ca_file.clone(),
-    })
 }
 
 /// Why this agent takes no new jobs now; empty when it takes them.
@@ -305,6 +239,7 @@ impl Agent {
                     session_key: shared.session.lock().map(|s| s.clone()).unwrap_or_default(),
                     holds_outputs: true,
                     holds_in_builder_store: true,
+                    takes_farm_cache_token: true,
                 })),
             };
             let _ = out_tx.send(register).await;
@@ -354,7 +289,7 @@ impl Agent {
                                 if let Ok(mut s) = shared.session.lock() {
                                     s.clone_from(&r.session_key);
                                 }
-                                let farm = farm_cache_use(&shared, r);
+                                let farm = farm::farm_cache_use(&shared, r);
                                 // A new token (a restarted coordinator issued it): pushes
                                 // to the farm cache show it from now on.
                                 let changed = match shared.farm_cache.lock() {

@@ -68,6 +68,7 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>,
                 session_key: String::new(),
                 holds_outputs: true,
                 holds_in_builder_store: true,
+                takes_farm_cache_token: true,
             })),
         })
         .await;

@@ -79,7 +79,7 @@ fn proxies<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, 
 /// The coordinator's own binary cache, which agents move derivations and outputs through
 /// when a run names no cache: a farm of hosts that share nothing but the coordinator needs
 /// no other infrastructure. Served over HTTP (TLS when the gRPC services have it); agents
-/// show the token the coordinator issued them at registration, or the join token.
+/// show the token the coordinator issued them at registration, or their own token.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FarmCacheConfig {

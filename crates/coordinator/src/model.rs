@@ -158,6 +158,10 @@ pub struct Registration {
     /// outputs by building them again ([`Hold::BuilderStore`]).
     #[serde(default)]
     pub holds_in_builder_store: bool,
+    /// It shows the farm cache the token issued at registration (agents before that show
+    /// only a token of their own).
+    #[serde(default)]
+    pub takes_farm_cache_token: bool,
 }
 
 impl Registration {

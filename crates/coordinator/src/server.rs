@@ -163,7 +163,9 @@ async fn start_farm_cache(
     let addr = listener.local_addr()?;
     // Agents admitted by a token show it; every agent, a certificate-admitted one too, is
     // issued one of the farm cache's own at registration (Nix cannot show a certificate).
-    let admitted = agent_token.is_some() || config.tls.client_ca_file.is_some();
+    // (Client certificates count only over TLS, which start-up checks later.)
+    let admitted = agent_token.is_some()
+        || (config.tls.client_ca_file.is_some() && config.tls.cert_file.is_some());
     let admission = crate::farm_tokens::FarmAdmission {
         tokens: agent_token,
         issued: admitted.then(|| Arc::new(crate::farm_tokens::FarmTokens::default())),

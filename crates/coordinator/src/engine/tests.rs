@@ -129,6 +129,7 @@ pub(super) fn registration(name: &str, session_key: &str) -> Registration {
         credential: Default::default(),
         holds_outputs: true,
         holds_in_builder_store: true,
+        takes_farm_cache_token: true,
     }
 }
 

@@ -52,6 +52,12 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         // Never absent (the token check sets it); a join token if it were.
         reg.credential = credential.unwrap_or(Credential::JoinToken);
         let name = reg.name.clone();
+        // What it can show the farm cache: a token it was admitted by, or one issued now.
+        let shows_token = matches!(
+            reg.credential,
+            Credential::JoinToken | Credential::NamedToken(_)
+        );
+        let takes_token = reg.takes_farm_cache_token;
         let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
         let (conn, session_key) = self.engine.connect_agent(reg, tx)?;
         let engine = self.engine.clone();
@@ -80,8 +86,16 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .farm_cache
             .as_ref()
             .and_then(|f| f.tokens.as_ref())
+            .filter(|_| takes_token)
             .and_then(|t| t.issue(&name))
             .unwrap_or_default();
+        // Told of the farm cache only if it can get in: an agent with nothing to show
+        // (one that predates issued tokens, admitted by a certificate) would have every
+        // push refused there, where without it a run says a shared cache is needed.
+        let farm_cache = self
+            .farm_cache
+            .as_ref()
+            .filter(|f| f.tokens.is_none() || shows_token || !farm_cache_token.is_empty());
         let registered = pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::Registered(pb::Registered {
                 agent_id: name,
@@ -89,18 +103,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 session_key,
                 limits: Some(self.limits),
                 active_runs: self.engine.active_runs(),
-                farm_cache_host: self
-                    .farm_cache
-                    .as_ref()
-                    .map(|f| f.host.clone())
-                    .unwrap_or_default(),
-                farm_cache_port: self.farm_cache.as_ref().map_or(0, |f| f.port as u32),
-                farm_cache_tls: self.farm_cache.as_ref().is_some_and(|f| f.tls),
-                farm_cache_public_key: self
-                    .farm_cache
-                    .as_ref()
-                    .map(|f| f.public_key.clone())
-                    .unwrap_or_default(),
+                farm_cache_host: farm_cache.map(|f| f.host.clone()).unwrap_or_default(),
+                farm_cache_port: farm_cache.map_or(0, |f| f.port as u32),
+                farm_cache_tls: farm_cache.is_some_and(|f| f.tls),
+                farm_cache_public_key: farm_cache.map(|f| f.public_key.clone()).unwrap_or_default(),
                 farm_cache_token,
             })),
         };
