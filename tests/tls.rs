@@ -88,21 +88,21 @@ fn pki(dir: &Path, ca: &str, leaf: &str, ext: &str) -> (PathBuf, PathBuf, PathBu
     )
 }
 
-#[test]
-fn tls_tokens_and_client_certificates() {
-    let dir = scratch();
-    let d = dir.path();
+/// Client certificates' extensions.
+const CLIENT_EXT: &str = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
+
+/// A coordinator behind TLS (its certificate from the farm's CA, for 127.0.0.1), admitting
+/// agents by client certificates from that CA and the CLI by the token `cli-secret-1`,
+/// listening on `listen`, with `extra` config: (it, the CA, its https:// URL on 127.0.0.1).
+fn tls_coordinator(d: &Path, listen: &str, extra: &str) -> (Coordinator, PathBuf, String) {
     let server_ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
-    let client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
     let (ca, srv_cert, srv_key) = pki(d, "farm-ca", "coordinator", server_ext);
-    let (_, agent_cert, agent_key) = pki(d, "farm-ca", "agent", client_ext);
-    let (_, rogue_cert, rogue_key) = pki(d, "rogue-ca", "rogue", client_ext);
     std::fs::write(d.join("client-token"), "cli-secret-1\n").unwrap();
     let cfg = d.join("coordinator.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[auth]\nclient_token_file = \"{}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+            "[auth]\nclient_token_file = \"{}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n{extra}",
             d.join("client-token").display(),
             srv_cert.display(),
             srv_key.display(),
@@ -112,11 +112,42 @@ fn tls_tokens_and_client_certificates() {
     .unwrap();
     let coordinator = Coordinator::start_on(
         &d.join("state"),
-        "127.0.0.1:0",
+        listen,
         &["--config", cfg.to_str().unwrap()],
     )
     .unwrap();
-    let url = coordinator.url.replace("http://", "https://");
+    let port = coordinator.url.rsplit(':').next().unwrap().to_string();
+    let url = format!("https://127.0.0.1:{port}");
+    (coordinator, ca, url)
+}
+
+/// `nixfarm submit DIR --watch --format json` over TLS, as the CLI with its token: the
+/// report.
+fn submit_json(url: &str, ca: &Path, repo: &Path) -> serde_json::Value {
+    let out = Command::new(bin("nixfarm"))
+        .args([
+            "submit",
+            repo.to_str().unwrap(),
+            "--watch",
+            "--format",
+            "json",
+        ])
+        .env("NIXFARM_COORDINATOR", url)
+        .env("NIXFARM_TLS_CA", ca)
+        .env("NIXFARM_TOKEN", "cli-secret-1")
+        .output()
+        .unwrap();
+    serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)))
+}
+
+#[test]
+fn tls_tokens_and_client_certificates() {
+    let dir = scratch();
+    let d = dir.path();
+    let (coordinator, ca, url) = tls_coordinator(d, "127.0.0.1:0", "");
+    let (_, agent_cert, agent_key) = pki(d, "farm-ca", "agent", CLIENT_EXT);
+    let (_, rogue_cert, rogue_key) = pki(d, "rogue-ca", "rogue", CLIENT_EXT);
     let run_cli = |args: &[&str], extra_env: &[(&str, &str)]| {
         Command::new(bin("nixfarm"))
             .args(args)
@@ -257,41 +288,18 @@ fn tls_tokens_and_client_certificates() {
 fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
     let dir = scratch();
     let d = dir.path();
-    let server_ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n";
-    let client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
-    let (ca, srv_cert, srv_key) = pki(d, "farm-ca", "coordinator", server_ext);
-    std::fs::write(d.join("client-token"), "cli-secret-2\n").unwrap();
-    let cfg = d.join("coordinator.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[auth]\nclient_token_file = \"{}\"\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n[scheduler]\ncross_check_builds = true\n",
-            d.join("client-token").display(),
-            srv_cert.display(),
-            srv_key.display(),
-            ca.display()
-        ),
-    )
-    .unwrap();
     // Every address: the farm cache listens beyond loopback too.
-    let coordinator = Coordinator::start_on(
-        &d.join("state"),
-        "0.0.0.0:0",
-        &["--config", cfg.to_str().unwrap()],
-    )
-    .unwrap();
+    let (coordinator, ca, url) =
+        tls_coordinator(d, "0.0.0.0:0", "[scheduler]\ncross_check_builds = true\n");
     let log = wait_for(Duration::from_secs(10), "the farm cache", || {
         let l = coordinator.proc.log_text();
         (l.contains("farm cache listening") || l.contains("the farm cache is off")).then_some(l)
     });
     assert!(log.contains("farm cache listening"), "{log}");
-    let url = coordinator
-        .url
-        .replace("http://0.0.0.0", "https://127.0.0.1");
     let ca_s = ca.to_str().unwrap();
     let mut agents = Vec::new();
     for name in ["one", "two"] {
-        let (_, cert, key) = pki(d, "farm-ca", name, client_ext);
+        let (_, cert, key) = pki(d, "farm-ca", name, CLIENT_EXT);
         let host = Host::new(&d.join(format!("host-{name}")));
         let flags = [
             "--tls-ca",
@@ -307,26 +315,7 @@ fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
         );
     }
     let repo = stable_and_stamp_repo(d);
-    let out = Command::new(bin("nixfarm"))
-        .args([
-            "submit",
-            repo.to_str().unwrap(),
-            "--watch",
-            "--format",
-            "json",
-        ])
-        .env("NIXFARM_COORDINATOR", &url)
-        .env("NIXFARM_TLS_CA", ca_s)
-        .env("NIXFARM_TOKEN", "cli-secret-2")
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            stderr(&out),
-            agents.iter().map(|a| a.log_text()).collect::<String>()
-        )
-    });
+    let report = submit_json(&url, &ca, &repo);
     // Built on one host, checked on the other: everything travelled through the farm cache.
     assert_stamp_not_reproducible(&report);
     let pushed = std::fs::read_dir(d.join("state/farm-cache"))
@@ -364,20 +353,7 @@ fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
         ),
     )
     .unwrap();
-    let out = Command::new(bin("nixfarm"))
-        .args([
-            "submit",
-            fod.to_str().unwrap(),
-            "--watch",
-            "--format",
-            "json",
-        ])
-        .env("NIXFARM_COORDINATOR", &url)
-        .env("NIXFARM_TLS_CA", ca_s)
-        .env("NIXFARM_TOKEN", "cli-secret-2")
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let report = submit_json(&url, &ca, &fod);
     let fetcher = &packages_by_attr(&report)["fetcher"];
     assert_eq!(fetcher["status"], "ready", "{fetcher}");
     // The issued tokens are secrets: in no log.

@@ -281,23 +281,8 @@ pub(super) async fn build(
                 "build phases"
             );
             r.outputs = match this {
-                Some(d) => d
-                    .outputs
-                    .into_iter()
-                    .map(|(name, path)| pb::DrvOutput {
-                        name,
-                        path,
-                        ..Default::default()
-                    })
-                    .collect(),
-                None => paths
-                    .iter()
-                    .map(|p| pb::DrvOutput {
-                        name: "out".into(),
-                        path: p.clone(),
-                        ..Default::default()
-                    })
-                    .collect(),
+                Some(d) => super::outputs_wire(d.outputs),
+                None => super::outputs_wire(paths.iter().map(|p| ("out".to_string(), p.clone()))),
             };
             // Held in this store: what travels is each output's NAR hash, which the check
             // (a build from scratch elsewhere) must reproduce.

@@ -168,15 +168,7 @@ pub(super) async fn check(
         Ok(_) => {
             r.status = pb::BuildStatus::Built as i32;
             r.checked = true;
-            let mut reported: Vec<pb::DrvOutput> = d
-                .outputs
-                .into_iter()
-                .map(|(name, path)| pb::DrvOutput {
-                    name,
-                    path,
-                    ..Default::default()
-                })
-                .collect();
+            let mut reported = super::outputs_wire(d.outputs);
             if let Some(expected) = &expected {
                 let here = match nar_hashes(shared, &outputs).await {
                     Ok(h) => h,

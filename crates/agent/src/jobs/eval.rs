@@ -3,13 +3,7 @@
 use super::*;
 
 pub(super) fn outputs_to_wire(o: &BTreeMap<String, String>) -> Vec<pb::DrvOutput> {
-    o.iter()
-        .map(|(n, p)| pb::DrvOutput {
-            name: n.clone(),
-            path: p.clone(),
-            ..Default::default()
-        })
-        .collect()
+    super::outputs_wire(o.iter().map(|(n, p)| (n.clone(), p.clone())))
 }
 
 /// What a listing found: the attribute names, and those it evaluated too (a small
@@ -499,15 +493,7 @@ async fn chunk_result(
             drv_path: d.path,
             system: d.system,
             features: d.features,
-            outputs: d
-                .outputs
-                .into_iter()
-                .map(|(name, path)| pb::DrvOutput {
-                    name,
-                    path,
-                    ..Default::default()
-                })
-                .collect(),
+            outputs: super::outputs_wire(d.outputs),
             input_drvs: d.input_drvs,
             fixed_output: d.fixed_output,
             output_hash: d.output_hash,

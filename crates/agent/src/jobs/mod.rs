@@ -172,6 +172,18 @@ fn pause_if_disk_full(shared: &Shared, error: &str) {
 }
 
 /// The coordinator's farm cache, when it has one.
+/// (name, path) outputs as they travel (no NAR hash: only held outputs carry one).
+fn outputs_wire(outputs: impl IntoIterator<Item = (String, String)>) -> Vec<pb::DrvOutput> {
+    outputs
+        .into_iter()
+        .map(|(name, path)| pb::DrvOutput {
+            name,
+            path,
+            ..Default::default()
+        })
+        .collect()
+}
+
 fn farm_cache(shared: &Shared) -> Option<crate::FarmCacheUse> {
     shared.farm_cache.lock().ok().and_then(|f| f.clone())
 }
