@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 pub(crate) struct FarmCacheUse {
     pub url: String,
     pub public_key: String,
-    /// The token it shows there: the one the coordinator issued it, else its own (None:
+    /// The token it shows there: its own, else the one the coordinator issued it (None:
     /// none). A secret: never logged.
     pub token: Option<String>,
     /// A netrc file with that token, for Nix (None: no token).
@@ -32,7 +32,7 @@ impl std::fmt::Debug for FarmCacheUse {
 }
 
 /// The farm cache a registration announces, with a netrc file for Nix when the agent has a
-/// token for it: the one the registration issued, else its own (Nix sends it as Basic
+/// token for it: its own, else the one the registration issued (Nix sends it as Basic
 /// auth; the farm cache takes the token as the password).
 pub(crate) fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<FarmCacheUse> {
     if r.farm_cache_port == 0 {
@@ -45,9 +45,11 @@ pub(crate) fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<Farm
     } else {
         r.farm_cache_host.clone()
     };
-    let token = Some(r.farm_cache_token.clone())
-        .filter(|t| !t.is_empty())
-        .or_else(|| shared.token.clone());
+    // Its own token first: it outlives anything the coordinator issues.
+    let token = shared
+        .token
+        .clone()
+        .or_else(|| Some(r.farm_cache_token.clone()).filter(|t| !t.is_empty()));
     let netrc = token.as_ref().and_then(|t| {
         let path = shared.cfg.work_dir.join("farm-cache.netrc");
         let machine = host.trim_start_matches('[').trim_end_matches(']');

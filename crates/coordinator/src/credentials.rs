@@ -7,6 +7,11 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundName(pub String);
 
+/// Set beside a certificate credential when the caller also showed a valid token: it can
+/// show that token to the farm cache too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShowsToken;
+
 /// What admitted an agent. Cross-checks count two agents only when their credentials
 /// differ: two names registered with one join token (or one certificate) are one holder,
 /// who could otherwise answer twice and agree with itself.

@@ -5,13 +5,17 @@
 
 use crate::credentials::Credentials;
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-/// Tokens issued to registered agents, one per agent name, valid while this coordinator
-/// runs (an agent that reconnects gets the same one, so its pushes in flight still count).
+/// Tokens issued to registered agents, one per agent name, kept in the state directory: an
+/// agent that reconnects, to this coordinator or to it restarted, gets the same one, so its
+/// pushes in flight still count.
 #[derive(Default)]
 pub struct FarmTokens {
     inner: Mutex<Issued>,
+    /// Where they are kept (`NAME TOKEN` lines, mode 0600); None: in memory only.
+    file: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -40,6 +44,41 @@ impl std::fmt::Debug for FarmTokens {
 const MAX_ISSUED: usize = 100_000;
 
 impl FarmTokens {
+    /// The tokens kept in `file` (made when the first is issued). Lines that are not a
+    /// name and a 64-digit token are skipped, with a warning.
+    pub fn open(file: PathBuf) -> FarmTokens {
+        let mut issued = Issued::default();
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                for line in text.lines().take(MAX_ISSUED) {
+                    match line.split_once(' ') {
+                        Some((name, token))
+                            if !name.is_empty()
+                                && token.len() == 64
+                                && token.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                        {
+                            issued.hashes.insert(digest(token));
+                            issued.by_name.insert(name.to_string(), token.to_string());
+                        }
+                        _ => tracing::warn!(
+                            file = %file.display(),
+                            "skipping a line that is not NAME TOKEN"
+                        ),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                file = %file.display(),
+                "cannot read the farm cache tokens issued before ({e}): agents get new ones"
+            ),
+        }
+        FarmTokens {
+            inner: Mutex::new(issued),
+            file: Some(file),
+        }
+    }
+
     /// The token of agent `name` (issued now if it has none). None when no unguessable
     /// token can be made here, or too many are out: the agent then has none to show.
     pub fn issue(&self, name: &str) -> Option<String> {
@@ -55,6 +94,12 @@ impl FarmTokens {
             return None;
         }
         let token = random_token()?;
+        if let Some(file) = &self.file
+            && let Err(e) = keep(file, name, &token)
+        {
+            // Still valid until a restart; after one, the agent is issued another.
+            tracing::warn!(file = %file.display(), "cannot keep a farm cache token: {e}");
+        }
         issued.hashes.insert(digest(&token));
         issued.by_name.insert(name.to_string(), token.clone());
         Some(token)
@@ -68,6 +113,19 @@ impl FarmTokens {
                 .lock()
                 .is_ok_and(|i| i.hashes.contains(&digest(given)))
     }
+}
+
+/// Appends `NAME TOKEN` to `file` (mode 0600: secrets).
+fn keep(file: &std::path::Path, name: &str, token: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(file)?;
+    f.write_all(format!("{name} {token}\n").as_bytes())?;
+    f.sync_data()
 }
 
 /// 256 bits from the kernel, hex; None if it cannot give them (fail closed: no weak token).
@@ -133,5 +191,23 @@ mod tests {
         };
         assert!(both.admits("join") && both.admits(&b) && !both.admits("guess"));
         assert!(FarmAdmission::default().is_open());
+    }
+
+    #[test]
+    fn issued_tokens_survive_a_restart_in_a_file_only_the_coordinator_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("farm-tokens");
+        let a = FarmTokens::open(file.clone()).issue("a").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A line someone broke is skipped; the rest still count.
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str("broken\n");
+        std::fs::write(&file, text).unwrap();
+        let again = FarmTokens::open(file);
+        assert!(again.admits(&a));
+        assert_eq!(again.issue("a").unwrap(), a);
+        assert_ne!(again.issue("b").unwrap(), a);
     }
 }

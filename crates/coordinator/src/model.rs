@@ -162,6 +162,11 @@ pub struct Registration {
     /// only a token of their own).
     #[serde(default)]
     pub takes_farm_cache_token: bool,
+    /// It was told of the farm cache and can get in there (set by the coordinator when it
+    /// registers, never from the wire): an agent that cannot is handed nothing that waits
+    /// in it.
+    #[serde(default)]
+    pub has_farm_cache: bool,
 }
 
 impl Registration {
@@ -169,7 +174,8 @@ impl Registration {
     pub fn can_hold(&self, hold: Hold) -> bool {
         match hold {
             Hold::No => true,
-            Hold::FarmCache | Hold::SharedStore => self.holds_outputs,
+            Hold::FarmCache => self.holds_outputs && self.has_farm_cache,
+            Hold::SharedStore => self.holds_outputs,
             Hold::BuilderStore => self.holds_outputs && self.holds_in_builder_store,
         }
     }

@@ -73,6 +73,15 @@ impl Role {
     }
 }
 
+/// The Bearer token a request carries (empty: none).
+fn bearer(req: &Request<()>) -> &str {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+}
+
 fn token_check(
     expected: Option<Arc<Credentials>>,
     who: Role,
@@ -86,6 +95,10 @@ fn token_check(
             let fingerprint = data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(der.as_ref()));
             req.extensions_mut()
                 .insert(Credential::Certificate(fingerprint));
+            let token = bearer(&req);
+            if expected.as_ref().is_some_and(|e| e.admit(token).is_some()) {
+                req.extensions_mut().insert(crate::credentials::ShowsToken);
+            }
             return Ok(req);
         }
         let ip = req.remote_addr().map(|a| a.ip());
@@ -102,12 +115,7 @@ fn token_check(
             req.extensions_mut().insert(Credential::Open);
             return Ok(req);
         };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
+        let given = bearer(&req);
         // Compared in constant time, so a token cannot be guessed byte by byte.
         let admitted = expected.admit(given);
         if let Some(a) = admitted {
@@ -168,7 +176,11 @@ async fn start_farm_cache(
         || (config.tls.client_ca_file.is_some() && config.tls.cert_file.is_some());
     let admission = crate::farm_tokens::FarmAdmission {
         tokens: agent_token,
-        issued: admitted.then(|| Arc::new(crate::farm_tokens::FarmTokens::default())),
+        issued: admitted.then(|| {
+            Arc::new(crate::farm_tokens::FarmTokens::open(
+                config.state_dir.join("farm-tokens"),
+            ))
+        }),
     };
     if admission.is_open() && !addr.ip().is_loopback() {
         tracing::warn!(

@@ -238,8 +238,8 @@ impl Nix {
         if let Some(ca) = &opts.ssl_cert_file {
             set("ssl-cert-file", ca.display().to_string());
             // Fixed-output builds get the CA file's path (NIX_SSL_CERT_FILE): in a sandbox
-            // it must be there too.
-            set("extra-sandbox-paths", ca.display().to_string());
+            // it must be there too (`?`: a build does not fail for want of it).
+            set("extra-sandbox-paths", format!("{}?", ca.display()));
         }
         if !opts.substituter.is_empty() {
             // The farm's cache gains paths while a run goes: a "not there" remembered from

@@ -204,8 +204,8 @@ async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pu
         return Ok(p.clone());
     }
     let p = match farm_cache(shared).filter(|f| f.url == url) {
-        // The farm cache checks and signs what it is sent; it takes the token issued to
-        // this agent, or the agent's own.
+        // The farm cache checks and signs what it is sent; it takes the agent's own token,
+        // or the one issued to it.
         Some(f) => {
             let mut p = nixfarm_store::Pusher::for_url(url, shared.nix.clone(), None, None)
                 .map_err(|e| NixError::Infra(e.to_string()))?

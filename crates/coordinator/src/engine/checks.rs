@@ -162,7 +162,7 @@ impl Engine {
         };
         // Held in the builder's store: the two agents' NAR hashes are what is compared
         // (the checker compared them too, before it published). A check that says too
-        // little proves nothing either way: it is asked again, of another agent.
+        // little proves nothing either way: it is asked again.
         let report = match report.kind {
             BuildOutcome::Built if first.hold == Hold::BuilderStore => {
                 match compare_hashes(&first.report, &report) {

@@ -401,3 +401,38 @@ fn an_agent_that_cannot_hold_in_its_own_store_gets_no_such_build_nor_check() {
         "older was handed lib's check"
     );
 }
+
+#[test]
+fn an_agent_not_told_of_the_farm_cache_gets_nothing_that_waits_there() {
+    let (engine, _clock, _dir) = with_farm_cache();
+    // Admitted by a certificate, it predates the farm cache tokens: no farm cache for it.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reg = Registration {
+        has_farm_cache: false,
+        ..registration("certified", "")
+    };
+    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
+    let mut certified = TestAgent { conn, session, rx };
+    let run = engine.submit(with_cache()).unwrap();
+    list_lib_and_app(&engine, "certified", &mut certified);
+    assert!(
+        super::checks_tests::idle(&mut certified),
+        "it was handed lib, to hold in a farm cache it has not"
+    );
+    let (_, reason) = status_of(&engine, &run, "lib");
+    assert!(reason.contains("predate held outputs"), "{reason}");
+    let statuses = engine.list_agents();
+    assert!(
+        !statuses
+            .iter()
+            .any(|a| a.name == "certified" && a.holds_outputs)
+    );
+    let mut a = connect_agent(&engine, "a");
+    let (attempt, drv, _, hold) = handed(&mut a);
+    assert_eq!((drv.as_str(), hold), (LIB, Hold::FarmCache));
+    answer(&engine, "a", &a, attempt, built(LIB_OUT));
+    assert!(
+        super::checks_tests::idle(&mut certified),
+        "it was handed lib's check"
+    );
+}

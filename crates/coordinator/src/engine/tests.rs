@@ -130,6 +130,7 @@ pub(super) fn registration(name: &str, session_key: &str) -> Registration {
         holds_outputs: true,
         holds_in_builder_store: true,
         takes_farm_cache_token: true,
+        has_farm_cache: true,
     }
 }
 

@@ -36,6 +36,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
     ) -> Result<Response<Self::ConnectAgentStream>, Status> {
         let bound = req.extensions().get::<BoundName>().cloned();
         let credential = req.extensions().get::<Credential>().cloned();
+        let shows_token = req
+            .extensions()
+            .get::<crate::credentials::ShowsToken>()
+            .is_some();
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the stream ended before the agent registered")
@@ -52,12 +56,33 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         // Never absent (the token check sets it); a join token if it were.
         reg.credential = credential.unwrap_or(Credential::JoinToken);
         let name = reg.name.clone();
-        // What it can show the farm cache: a token it was admitted by, or one issued now.
-        let shows_token = matches!(
-            reg.credential,
-            Credential::JoinToken | Credential::NamedToken(_)
-        );
-        let takes_token = reg.takes_farm_cache_token;
+        // What it can show the farm cache: a token it was admitted by (or showed beside
+        // its certificate), or one issued to it now. One with nothing to show (it predates
+        // issued tokens and was admitted by a certificate) is not told of the farm cache,
+        // and is handed nothing that waits there.
+        let shows_token = shows_token
+            || matches!(
+                reg.credential,
+                Credential::JoinToken | Credential::NamedToken(_)
+            );
+        let farm_cache_token = self
+            .farm_cache
+            .as_ref()
+            .and_then(|f| f.tokens.as_ref())
+            .filter(|_| reg.takes_farm_cache_token)
+            .and_then(|t| t.issue(&reg.name))
+            .unwrap_or_default();
+        let farm_cache = self
+            .farm_cache
+            .as_ref()
+            .filter(|f| f.tokens.is_none() || shows_token || !farm_cache_token.is_empty());
+        reg.has_farm_cache = farm_cache.is_some();
+        if self.farm_cache.is_some() && farm_cache.is_none() {
+            tracing::warn!(
+                agent = name,
+                "not told of the farm cache: admitted by a certificate, it predates the tokens the coordinator issues for it; upgrade it"
+            );
+        }
         let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
         let (conn, session_key) = self.engine.connect_agent(reg, tx)?;
         let engine = self.engine.clone();
@@ -82,20 +107,6 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             }
             engine.disconnect_agent(&agent, conn);
         });
-        let farm_cache_token = self
-            .farm_cache
-            .as_ref()
-            .and_then(|f| f.tokens.as_ref())
-            .filter(|_| takes_token)
-            .and_then(|t| t.issue(&name))
-            .unwrap_or_default();
-        // Told of the farm cache only if it can get in: an agent with nothing to show
-        // (one that predates issued tokens, admitted by a certificate) would have every
-        // push refused there, where without it a run says a shared cache is needed.
-        let farm_cache = self
-            .farm_cache
-            .as_ref()
-            .filter(|f| f.tokens.is_none() || shows_token || !farm_cache_token.is_empty());
         let registered = pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::Registered(pb::Registered {
                 agent_id: name,

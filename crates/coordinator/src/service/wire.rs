@@ -249,6 +249,7 @@ impl TryFrom<pb::Register> for Registration {
             holds_outputs: r.holds_outputs,
             holds_in_builder_store: r.holds_in_builder_store,
             takes_farm_cache_token: r.takes_farm_cache_token,
+            has_farm_cache: false,
         })
     }
 }

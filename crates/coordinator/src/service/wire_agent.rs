@@ -56,7 +56,11 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
             Some(Msg::Build(b)) => {
                 let status =
                     pb::BuildStatus::try_from(b.status).unwrap_or(pb::BuildStatus::Unspecified);
-                let hashes = nar_hashes_from_wire(&b.outputs);
+                // Hashes read only of a bounded count of outputs (more are refused below).
+                let hashes = match b.outputs.len() {
+                    0..=64 => nar_hashes_from_wire(&b.outputs),
+                    _ => Ok(Default::default()),
+                };
                 let outputs = outputs_from_wire(b.outputs).and_then(|o| hashes.map(|h| (o, h)));
                 let (kind, (outputs, nar_hashes), message) = match (status, outputs) {
                     (pb::BuildStatus::Unspecified, _) => (
