@@ -376,3 +376,78 @@ fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
         assert!(!logs.contains(token), "a token was logged");
     }
 }
+
+/// What a certificate-admitted agent is told of the farm cache when it registers, played
+/// over the real protocol: one that takes an issued token gets the farm cache and a token;
+/// one that predates issued tokens (it would have nothing to show there) is not told of
+/// it, and the coordinator's log says to upgrade it.
+#[test]
+fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
+    use nixfarm_proto::v1 as pb;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let dir = scratch();
+    let d = dir.path();
+    let (coordinator, ca, url) = tls_coordinator(d, "0.0.0.0:0", "");
+    let (_, cert, key) = pki(d, "farm-ca", "hand", CLIENT_EXT);
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&ca)))
+        .identity(Identity::from_pem(read(&cert), read(&key)));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let registered = |name: &str, takes_token: bool| -> pb::Registered {
+        rt.block_on(async {
+            let channel = Channel::from_shared(url.clone())
+                .unwrap()
+                .tls_config(tls.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Register(pb::Register {
+                    name: name.into(),
+                    systems: vec!["x86_64-linux".into()],
+                    max_jobs: 1,
+                    holds_outputs: true,
+                    holds_in_builder_store: true,
+                    takes_farm_cache_token: takes_token,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let mut from = client
+                .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            match from.message().await.unwrap().unwrap().msg {
+                Some(pb::coordinator_message::Msg::Registered(r)) => r,
+                other => panic!("not registered: {other:?}"),
+            }
+        })
+    };
+    let new = registered("new", true);
+    assert_ne!(new.farm_cache_port, 0, "told of the farm cache");
+    assert_eq!(new.farm_cache_token.len(), 64);
+    assert!(new.farm_cache_token.bytes().all(|b| b.is_ascii_hexdigit()));
+    // The same token when it comes back.
+    assert_eq!(
+        registered("new", true).farm_cache_token,
+        new.farm_cache_token
+    );
+    let old = registered("old", false);
+    assert_eq!(
+        (old.farm_cache_port, old.farm_cache_token.as_str()),
+        (0, ""),
+        "an agent with nothing to show is not told of the farm cache"
+    );
+    let log = coordinator.proc.log_text();
+    assert!(
+        log.contains("not told of the farm cache") && log.contains("agent=\"old\""),
+        "{log}"
+    );
+    assert!(!log.contains(&new.farm_cache_token), "a token was logged");
+}
