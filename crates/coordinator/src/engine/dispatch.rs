@@ -51,8 +51,11 @@ impl Engine {
                 let independent_of = |other: &str, theirs: &Credential| {
                     Credential::independent((&name, mine), (other, theirs))
                 };
+                // Without the farm cache, where the others are, it can take part only in
+                // runs that move things through a cache of their own.
+                let own_cache_only = inner.hold_way == Hold::FarmCache && !agent.reg.has_farm_cache;
                 let next = if eval_free {
-                    Self::next_eval(&mut inner.runs, &self.opts, &independent_of)
+                    Self::next_eval(&mut inner.runs, &self.opts, &independent_of, own_cache_only)
                 } else {
                     None
                 };
@@ -67,6 +70,7 @@ impl Engine {
                         &independent_of,
                         (&self.opts, inner.hold_way),
                         now,
+                        own_cache_only,
                     ),
                     None => None,
                 };
@@ -182,8 +186,12 @@ impl Engine {
         runs: &mut [RunMem],
         opts: &EngineOptions,
         independent_of: &dyn Fn(&str, &Credential) -> bool,
+        own_cache_only: bool,
     ) -> Option<(String, JobRef, Job, String)> {
-        for run in runs.iter_mut().filter(|r| !r.state.is_terminal()) {
+        for run in runs
+            .iter_mut()
+            .filter(|r| !r.state.is_terminal() && reaches(r, own_cache_only))
+        {
             let opinions = &run.opinions;
             let Some(at) = run.eval_queue.iter().position(|t| {
                 opinions
@@ -249,6 +257,7 @@ impl Engine {
         independent_of: &dyn Fn(&str, &Credential) -> bool,
         (opts, way): (&EngineOptions, Hold),
         now_ms: i64,
+        own_cache_only: bool,
     ) -> Option<(String, JobRef, Job, String)> {
         let mut order: Vec<(f64, usize)> = runs
             .iter()
@@ -263,7 +272,7 @@ impl Engine {
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         for (_, i) in order {
             let run = &mut runs[i];
-            if run.sched.is_none() {
+            if run.sched.is_none() || !reaches(run, own_cache_only) {
                 continue;
             }
             // A check first: the derivation's dependents wait for it.
@@ -327,4 +336,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether an agent can take part in `run`. One without the farm cache the others move
+/// things through (`own_cache_only`) neither gets nor leaves anything there: it takes part
+/// only in runs with a cache of their own.
+fn reaches(run: &RunMem, own_cache_only: bool) -> bool {
+    !own_cache_only || !run.spec.cache.is_empty()
 }

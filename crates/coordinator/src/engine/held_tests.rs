@@ -436,3 +436,26 @@ fn an_agent_not_told_of_the_farm_cache_gets_nothing_that_waits_there() {
         "it was handed lib's check"
     );
 }
+
+#[test]
+fn an_agent_not_told_of_the_farm_cache_takes_part_only_in_runs_with_a_cache_of_their_own() {
+    let (engine, _clock, _dir) = with_farm_cache();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reg = Registration {
+        has_farm_cache: false,
+        ..registration("certified", "")
+    };
+    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
+    let mut certified = TestAgent { conn, session, rx };
+    // Everything of this run moves through the farm cache: not even its listing.
+    engine.submit(flake_run()).unwrap();
+    assert!(super::checks_tests::idle(&mut certified), "handed a job");
+    let mut a = connect_agent(&engine, "a");
+    assert!(matches!(assigned(&mut a.rx).1, Job::EvalList { .. }));
+    // A run with a cache of its own: it lists that one.
+    engine.submit(with_cache()).unwrap();
+    assert!(matches!(
+        assigned(&mut certified.rx).1,
+        Job::EvalList { cache, .. } if cache == "cachix://users"
+    ));
+}
