@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS eval_opinions (
   evaluated TEXT,
   present TEXT NOT NULL,
   summary TEXT NOT NULL,
+  one_sided INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (run_id, task)
 );
 CREATE TABLE IF NOT EXISTS build_checks (
@@ -135,6 +136,7 @@ pub(crate) fn create(conn: &Connection) -> Result<(), DbError> {
             "TEXT NOT NULL DEFAULT '\"open\"'",
         ),
         ("build_checks", "hold", "INTEGER NOT NULL DEFAULT 0"),
+        ("eval_opinions", "one_sided", "INTEGER NOT NULL DEFAULT 0"),
     ] {
         let has: i64 = conn.query_row(
             "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",

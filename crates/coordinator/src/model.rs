@@ -399,6 +399,9 @@ pub struct EvalOpinion {
     /// Each attribute and the derivation it evaluated to (or why not), for the message
     /// when the answers differ.
     pub summary: BTreeMap<String, String>,
+    /// How often the task was asked again because two answers differed only where one of
+    /// them failed to evaluate (bounded; kept, so a restart does not start it afresh).
+    pub one_sided: u32,
 }
 
 /// Messages an agent sends after registering.

@@ -124,9 +124,6 @@ struct RunMem {
     opinions: HashMap<i64, EvalOpinion>,
     /// When each first answer came (ms, this process's clock): how long it has waited.
     opinion_since: HashMap<i64, i64>,
-    /// Answers to a task that differed only by attributes failing on one side (a host
-    /// that ran out of memory, say), each asked again (this process's count).
-    one_sided: HashMap<i64, u32>,
     /// Cross-checked builds: derivations built once and awaiting their check, by node
     /// (they stay running in the scheduler until it settles them).
     checks: HashMap<NodeId, PendingCheck>,
@@ -415,7 +412,6 @@ impl RunMem {
             chunk_attrs: HashMap::new(),
             opinions: HashMap::new(),
             opinion_since: HashMap::new(),
-            one_sided: HashMap::new(),
             checks: HashMap::new(),
             check_queue: VecDeque::new(),
         }

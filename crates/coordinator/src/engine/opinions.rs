@@ -82,10 +82,11 @@ impl Engine {
                     && answer.evaluated.is_some()
                     && f.evaluated != answer.evaluated
             })
-            .and_then(|f| one_sided_failures(f, &answer).map(|n| (n, f.agent.clone())))
-            .filter(|_| run.one_sided.get(&n).copied().unwrap_or(0) < ONE_SIDED_RETRIES);
-        if let Some(((theirs, mine), first_agent)) = one_sided {
-            *run.one_sided.entry(n).or_default() += 1;
+            .filter(|f| f.one_sided < ONE_SIDED_RETRIES)
+            .and_then(|f| {
+                one_sided_failures(f, &answer).map(|n| (n, f.agent.clone(), f.one_sided + 1))
+            });
+        if let Some(((theirs, mine), first_agent, asked)) = one_sided {
             tracing::warn!(
                 run = run_id,
                 task = n,
@@ -103,10 +104,18 @@ impl Engine {
                     digest = answer.evaluated.as_deref().unwrap_or(""),
                     "the answer with fewer failures is now the one to match: {agent}'s"
                 );
+                let answer = EvalOpinion {
+                    one_sided: asked,
+                    ..answer
+                };
                 inner.db.replace_eval_opinion(run_id, &answer)?;
                 run.opinions.insert(n, answer);
                 let agent = agent.to_string();
                 self.emit(inner, run_id, Ev::EvalAwaitingCheck { task: n, agent });
+            } else if let Some(first) = run.opinions.get_mut(&n) {
+                first.one_sided = asked;
+                let first = first.clone();
+                inner.db.replace_eval_opinion(run_id, &first)?;
             }
             return Ok(Verdict::Wait);
         }
@@ -230,6 +239,7 @@ fn opinion(
         evaluated,
         present,
         summary,
+        one_sided: 0,
     }
 }
 

@@ -423,3 +423,31 @@ fn a_listing_one_agent_evaluated_is_taken_at_once_even_if_it_failed_there() {
         "{tasks:?}"
     );
 }
+
+#[test]
+fn the_tries_left_for_a_one_sided_failure_are_kept_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let open = || super::recovery_tests::open_in(dir.path(), &clock, cross_checked());
+    let run = {
+        let engine = open();
+        let mut a = connect_agent(&engine, "a");
+        let run = engine.submit(flake_run()).unwrap();
+        let mut b = connect_agent(&engine, "b");
+        answer_failed_listing(&engine, "a", &mut a);
+        answer_listing(&engine, "b", &mut b, '1');
+        // The second of the two tries.
+        answer_failed_listing(&engine, "a", &mut a);
+        assert_eq!(engine.report(&run).unwrap().state, RunState::Evaluating);
+        run
+    };
+    // A restart does not hand out the tries afresh: the next one-sided answer fails it.
+    let engine = open();
+    let mut a = connect_agent(&engine, "a");
+    answer_failed_listing(&engine, "a", &mut a);
+    failed_on(
+        &engine,
+        &run,
+        "agent b says /nix/store/11111111111111111111111111111111-hello.drv, agent a says an evaluation error",
+    );
+}
