@@ -288,7 +288,14 @@ pub(super) async fn build(
             // (a build from scratch elsewhere) must reproduce.
             if route.build_to == Place::BuilderStore {
                 let paths: Vec<String> = r.outputs.iter().map(|o| o.path.clone()).collect();
-                match super::check::nar_hashes(shared, &paths).await {
+                let hashes = if paths.iter().all(|p| p.starts_with('/')) {
+                    super::check::nar_hashes(shared, &paths).await
+                } else {
+                    // Floating (content-addressed) outputs: no other host can build the
+                    // same paths to compare.
+                    Err("some outputs' paths are known only once built".to_string())
+                };
+                match hashes {
                     Ok(hashes) => {
                         for (o, digest) in r.outputs.iter_mut().zip(hashes) {
                             o.nar_hash = super::check::sri(digest);
