@@ -169,13 +169,13 @@ fn a_check_whose_push_to_the_runs_cache_keeps_failing_fails_the_package_saying_s
 fn an_agent_that_predates_holding_is_handed_neither_held_builds_nor_their_checks() {
     let (engine, clock, _dir) = with_farm_cache();
     let connect_old = |name: &str| {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let reg = Registration {
-            holds_outputs: false,
-            ..registration(name, "")
-        };
-        let (conn, session) = engine.connect_agent(reg, tx).unwrap();
-        TestAgent { conn, session, rx }
+        connect_as(
+            &engine,
+            Registration {
+                holds_outputs: false,
+                ..registration(name, "")
+            },
+        )
     };
     let mut old = connect_old("old");
     let run = engine.submit(with_cache()).unwrap();
@@ -224,6 +224,13 @@ fn held_builds_whose_checks_were_turned_off_across_a_restart_are_not_cached() {
         reason.contains("held back from the run's cache"),
         "{reason}"
     );
+}
+
+/// `reg` connected to `engine`, as an agent the tests play.
+fn connect_as(engine: &Engine, reg: Registration) -> TestAgent {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
+    TestAgent { conn, session, rx }
 }
 
 fn nar(byte: u8) -> NarHash {
@@ -355,13 +362,13 @@ fn outputs_held_in_their_builders_store_are_checked_after_a_restart_that_started
     // does not exist.
     let engine = open_in(dir.path(), &clock, opts.clone());
     with_farm(&engine);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let reg = Registration {
-        running_attempts: vec![attempt.clone()],
-        ..registration("a", "")
-    };
-    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
-    let a = TestAgent { conn, session, rx };
+    let a = connect_as(
+        &engine,
+        Registration {
+            running_attempts: vec![attempt.clone()],
+            ..registration("a", "")
+        },
+    );
     answer(&engine, "a", &a, attempt, hashed(built(LIB_OUT), nar(1)));
     drop((a, engine));
     // And again, with the check pending in the database: it is still handed out.
@@ -377,13 +384,13 @@ fn outputs_held_in_their_builders_store_are_checked_after_a_restart_that_started
 #[test]
 fn an_agent_that_cannot_hold_in_its_own_store_gets_no_such_build_nor_check() {
     let (engine, _clock, _dir) = test_engine(cross_checked());
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let reg = Registration {
-        holds_in_builder_store: false,
-        ..registration("older", "")
-    };
-    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
-    let mut older = TestAgent { conn, session, rx };
+    let mut older = connect_as(
+        &engine,
+        Registration {
+            holds_in_builder_store: false,
+            ..registration("older", "")
+        },
+    );
     let run = engine.submit(with_cache()).unwrap();
     list_lib_and_app(&engine, "older", &mut older);
     assert!(
@@ -406,13 +413,13 @@ fn an_agent_that_cannot_hold_in_its_own_store_gets_no_such_build_nor_check() {
 fn an_agent_not_told_of_the_farm_cache_gets_nothing_that_waits_there() {
     let (engine, _clock, _dir) = with_farm_cache();
     // Admitted by a certificate, it predates the farm cache tokens: no farm cache for it.
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let reg = Registration {
-        has_farm_cache: false,
-        ..registration("certified", "")
-    };
-    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
-    let mut certified = TestAgent { conn, session, rx };
+    let mut certified = connect_as(
+        &engine,
+        Registration {
+            has_farm_cache: false,
+            ..registration("certified", "")
+        },
+    );
     let run = engine.submit(with_cache()).unwrap();
     list_lib_and_app(&engine, "certified", &mut certified);
     assert!(
@@ -440,13 +447,13 @@ fn an_agent_not_told_of_the_farm_cache_gets_nothing_that_waits_there() {
 #[test]
 fn an_agent_not_told_of_the_farm_cache_takes_part_only_in_runs_with_a_cache_of_their_own() {
     let (engine, _clock, _dir) = with_farm_cache();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let reg = Registration {
-        has_farm_cache: false,
-        ..registration("certified", "")
-    };
-    let (conn, session) = engine.connect_agent(reg, tx).unwrap();
-    let mut certified = TestAgent { conn, session, rx };
+    let mut certified = connect_as(
+        &engine,
+        Registration {
+            has_farm_cache: false,
+            ..registration("certified", "")
+        },
+    );
     // Everything of this run moves through the farm cache: not even its listing.
     engine.submit(flake_run()).unwrap();
     assert!(super::checks_tests::idle(&mut certified), "handed a job");
