@@ -381,31 +381,50 @@ fn outputs_held_in_their_builders_store_are_checked_after_a_restart_that_started
     assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
 }
 
+/// `reg`, which cannot hold outputs the way `engine` holds them (`way`), is handed neither
+/// lib (its reason says to upgrade such agents) nor lib's check, once a capable agent built
+/// it (`report`).
+fn handed_neither_build_nor_check(
+    engine: &Engine,
+    reg: Registration,
+    way: Hold,
+    report: BuildReport,
+) {
+    let name = reg.name.clone();
+    let mut it = connect_as(engine, reg);
+    let run = engine.submit(with_cache()).unwrap();
+    list_lib_and_app(engine, &name, &mut it);
+    assert!(super::checks_tests::idle(&mut it), "{name} was handed lib");
+    let (_, reason) = status_of(engine, &run, "lib");
+    assert!(reason.contains("predate held outputs"), "{reason}");
+    assert!(
+        !engine
+            .list_agents()
+            .iter()
+            .any(|a| a.name == name && a.holds_outputs)
+    );
+    let mut a = connect_agent(engine, "a");
+    let (attempt, drv, _, hold) = handed(&mut a);
+    assert_eq!((drv.as_str(), hold), (LIB, way));
+    answer(engine, "a", &a, attempt, report);
+    assert!(
+        super::checks_tests::idle(&mut it),
+        "{name} was handed lib's check"
+    );
+}
+
 #[test]
 fn an_agent_that_cannot_hold_in_its_own_store_gets_no_such_build_nor_check() {
     let (engine, _clock, _dir) = test_engine(cross_checked());
-    let mut older = connect_as(
+    let older = Registration {
+        holds_in_builder_store: false,
+        ..registration("older", "")
+    };
+    handed_neither_build_nor_check(
         &engine,
-        Registration {
-            holds_in_builder_store: false,
-            ..registration("older", "")
-        },
-    );
-    let run = engine.submit(with_cache()).unwrap();
-    list_lib_and_app(&engine, "older", &mut older);
-    assert!(
-        super::checks_tests::idle(&mut older),
-        "older was handed lib"
-    );
-    let (_, reason) = status_of(&engine, &run, "lib");
-    assert!(reason.contains("predate held outputs"), "{reason}");
-    let mut a = connect_agent(&engine, "a");
-    let (attempt, drv, _, hold) = handed(&mut a);
-    assert_eq!((drv.as_str(), hold), (LIB, Hold::BuilderStore));
-    answer(&engine, "a", &a, attempt, hashed(built(LIB_OUT), nar(1)));
-    assert!(
-        super::checks_tests::idle(&mut older),
-        "older was handed lib's check"
+        older,
+        Hold::BuilderStore,
+        hashed(built(LIB_OUT), nar(1)),
     );
 }
 
@@ -413,35 +432,11 @@ fn an_agent_that_cannot_hold_in_its_own_store_gets_no_such_build_nor_check() {
 fn an_agent_not_told_of_the_farm_cache_gets_nothing_that_waits_there() {
     let (engine, _clock, _dir) = with_farm_cache();
     // Admitted by a certificate, it predates the farm cache tokens: no farm cache for it.
-    let mut certified = connect_as(
-        &engine,
-        Registration {
-            has_farm_cache: false,
-            ..registration("certified", "")
-        },
-    );
-    let run = engine.submit(with_cache()).unwrap();
-    list_lib_and_app(&engine, "certified", &mut certified);
-    assert!(
-        super::checks_tests::idle(&mut certified),
-        "it was handed lib, to hold in a farm cache it has not"
-    );
-    let (_, reason) = status_of(&engine, &run, "lib");
-    assert!(reason.contains("predate held outputs"), "{reason}");
-    let statuses = engine.list_agents();
-    assert!(
-        !statuses
-            .iter()
-            .any(|a| a.name == "certified" && a.holds_outputs)
-    );
-    let mut a = connect_agent(&engine, "a");
-    let (attempt, drv, _, hold) = handed(&mut a);
-    assert_eq!((drv.as_str(), hold), (LIB, Hold::FarmCache));
-    answer(&engine, "a", &a, attempt, built(LIB_OUT));
-    assert!(
-        super::checks_tests::idle(&mut certified),
-        "it was handed lib's check"
-    );
+    let certified = Registration {
+        has_farm_cache: false,
+        ..registration("certified", "")
+    };
+    handed_neither_build_nor_check(&engine, certified, Hold::FarmCache, built(LIB_OUT));
 }
 
 #[test]
