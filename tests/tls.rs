@@ -394,7 +394,12 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
         .ca_certificate(Certificate::from_pem(read(&ca)))
         .identity(Identity::from_pem(read(&cert), read(&key)));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let registered = |name: &str, takes_token: bool| -> pb::Registered {
+    // Registers `name`; returns what it was told, and its stream, which keeps it connected.
+    type Stream = (
+        tokio::sync::mpsc::Sender<pb::AgentMessage>,
+        tonic::Streaming<pb::CoordinatorMessage>,
+    );
+    let registered = |name: &str, takes_token: bool| -> (pb::Registered, Stream) {
         rt.block_on(async {
             let channel = Channel::from_shared(url.clone())
                 .unwrap()
@@ -424,21 +429,19 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
                 .unwrap()
                 .into_inner();
             match from.message().await.unwrap().unwrap().msg {
-                Some(pb::coordinator_message::Msg::Registered(r)) => r,
+                Some(pb::coordinator_message::Msg::Registered(r)) => (r, (tx, from)),
                 other => panic!("not registered: {other:?}"),
             }
         })
     };
-    let new = registered("new", true);
+    let (new, _) = registered("new", true);
     assert_ne!(new.farm_cache_port, 0, "told of the farm cache");
     assert_eq!(new.farm_cache_token.len(), 64);
     assert!(new.farm_cache_token.bytes().all(|b| b.is_ascii_hexdigit()));
     // The same token when it comes back.
-    assert_eq!(
-        registered("new", true).farm_cache_token,
-        new.farm_cache_token
-    );
-    let old = registered("old", false);
+    let (again, _new) = registered("new", true);
+    assert_eq!(again.farm_cache_token, new.farm_cache_token);
+    let (old, _old) = registered("old", false);
     assert_eq!(
         (old.farm_cache_port, old.farm_cache_token.as_str()),
         (0, ""),
@@ -450,4 +453,20 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
         "{log}"
     );
     assert!(!log.contains(&new.farm_cache_token), "a token was logged");
+    // And `nixfarm agents` says which agent is without it, and what to do.
+    let out = Command::new(bin("nixfarm"))
+        .arg("agents")
+        .env("NIXFARM_COORDINATOR", &url)
+        .env("NIXFARM_TLS_CA", &ca)
+        .env("NIXFARM_TOKEN", "cli-secret-1")
+        .output()
+        .unwrap();
+    let listing = stdout(&out);
+    let without = listing
+        .split_once("without the farm cache")
+        .map(|(_, rest)| rest.split("\n\n").next().unwrap_or(""))
+        .unwrap_or_else(|| panic!("{listing}{}", stderr(&out)));
+    assert!(without.contains("upgrade them"), "{listing}");
+    let names: Vec<&str> = without.lines().skip(1).map(str::trim).collect();
+    assert_eq!(names, ["old"], "{listing}");
 }

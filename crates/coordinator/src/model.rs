@@ -535,6 +535,8 @@ pub struct AgentStatus {
     /// It keeps held outputs out of a run's cache the way this coordinator holds them now
     /// (agents that predate that way do not).
     pub holds_outputs: bool,
+    /// The coordinator has a farm cache and this agent was not told of it.
+    pub without_farm_cache: bool,
 }
 
 /// A line of `nixfarm runs`.

@@ -44,6 +44,11 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
         .filter(|a| a.connected && !a.holds_outputs)
         .map(|a| format!("  {}", a.name))
         .collect();
+    let no_farm_cache: Vec<String> = agents
+        .iter()
+        .filter(|a| a.connected && a.without_farm_cache)
+        .map(|a| format!("  {}", a.name))
+        .collect();
     for a in agents {
         let building: Vec<String> = a
             .building
@@ -79,6 +84,12 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
         println!(
             "\npredating held outputs (handed no cross-checked builds of runs with a cache of their own; upgrade them):\n{}",
             older.join("\n")
+        );
+    }
+    if !no_farm_cache.is_empty() {
+        println!(
+            "\nwithout the farm cache (admitted by a certificate, they predate the tokens issued for it: they take part only in runs with a cache of their own; upgrade them):\n{}",
+            no_farm_cache.join("\n")
         );
     }
     if !waiting.is_empty() {

@@ -199,6 +199,7 @@ impl Engine {
                 draining: a.draining,
                 violations: a.violations,
                 holds_outputs: a.reg.can_hold(g.hold_way),
+                without_farm_cache: g.hold_way == Hold::FarmCache && !a.reg.has_farm_cache,
             })
             .collect()
     }

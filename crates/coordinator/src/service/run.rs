@@ -173,6 +173,7 @@ impl pb::run_service_server::RunService for RunSvc {
                 draining: a.draining,
                 protocol_violations: a.violations,
                 holds_outputs: a.holds_outputs,
+                without_farm_cache: a.without_farm_cache,
             })
             .collect();
         let waiting = self

@@ -74,6 +74,7 @@ pub async fn agents(State(web): State<Shared>) -> Json<Value> {
                 "nix_version": a.nix_version,
                 "protocol_violations": a.violations,
                 "holds_outputs": a.holds_outputs,
+                "without_farm_cache": a.without_farm_cache,
             }))
             .collect::<Vec<_>>(),
         "waiting": waiting
