@@ -161,17 +161,38 @@ impl Db {
         Ok(Db { conn })
     }
 
-    /// Runs `f` in one transaction.
+    /// Runs `f` in one transaction: a savepoint, so that it nests in an engine batch
+    /// ([`Db::begin_batch`]) and lands with it.
     pub(crate) fn tx<T>(
         &mut self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, DbError>,
+        f: impl FnOnce(&rusqlite::Savepoint<'_>) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// Starts a batch: what is stored until [`Db::end_batch`] lands all or none.
+    pub fn begin_batch(&mut self) -> Result<(), DbError> {
+        // A batch left open (a panic in the middle of one): the engine went on with what
+        // it stored, so it lands.
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("COMMIT")?;
+        }
+        self.conn.execute_batch("SAVEPOINT engine_batch")
+    }
+
+    /// Ends the batch [`Db::begin_batch`] started: commits it, or undoes all of it.
+    pub fn end_batch(&mut self, commit: bool) -> Result<(), DbError> {
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.conn.execute_batch(if commit {
+            "RELEASE engine_batch"
+        } else {
+            "ROLLBACK TO engine_batch; RELEASE engine_batch"
+        })
     }
 
     /// Records the evaluation tasks of a run (the attribute names of each) and their number.
@@ -382,7 +403,7 @@ impl Db {
             serde_json::to_string(r).map_err(|e| bad_column(4, "build result", e))
         };
         let (json_result, dep) = (json(result)?, json(dep)?);
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         Db::note_build_time(&tx, drv, result)?;
         tx.execute(
             "UPDATE drvs SET state = ?3, result = ?4 WHERE run_id = ?1 AND drv_path = ?2",

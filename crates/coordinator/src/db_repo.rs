@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 impl Db {
     /// Records a run's repository checks (a retried listing replaces them).
     pub fn record_repo_checks(&mut self, run: &str, checks: &[RepoCheck]) -> Result<(), DbError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self.conn_mut().savepoint()?;
         tx.execute("DELETE FROM repo_checks WHERE run_id = ?1", params![run])?;
         for c in checks {
             tx.execute(

@@ -28,7 +28,7 @@ pub fn build_time<'a>(drv: &'a str, r: &BuildReport) -> Option<(&'a str, u64)> {
 
 impl Db {
     pub(crate) fn note_build_time(
-        tx: &rusqlite::Transaction<'_>,
+        tx: &rusqlite::Connection,
         drv: &str,
         r: &BuildReport,
     ) -> Result<(), DbError> {

@@ -193,8 +193,18 @@ impl Engine {
         self.dispatch(inner);
     }
 
-    /// Puts an attempt's job back in the queue; its late result will be ignored.
+    /// Puts an attempt's job back in the queue; its late result will be ignored. The
+    /// attempt's loss lands with what it leads to (the build given up).
     pub(super) fn lose_attempt(
+        &self,
+        inner: &mut Inner,
+        attempt: &str,
+        why: &str,
+    ) -> Result<(), EngineError> {
+        self.atomically(inner, |inner| self.lose_attempt_now(inner, attempt, why))
+    }
+
+    fn lose_attempt_now(
         &self,
         inner: &mut Inner,
         attempt: &str,
@@ -262,88 +272,92 @@ impl Engine {
                 return Ok(());
             }
         }
-        match msg {
-            FromAgent::Heartbeat {
-                draining, paused, ..
-            } => {
-                if let Some(a) = inner.agents.get_mut(name) {
-                    if draining && !a.draining {
-                        tracing::info!(agent = name, "agent draining: no new jobs for it");
-                        a.draining = true;
-                    }
-                    if paused != a.paused {
-                        if paused.is_empty() {
-                            tracing::info!(agent = name, "agent takes jobs again");
-                        } else {
-                            tracing::warn!(agent = name, "agent paused: {paused}");
+        // One step: an attempt's end lands with its outcome, or neither does.
+        self.atomically(inner, |inner| {
+            match msg {
+                FromAgent::Heartbeat {
+                    draining, paused, ..
+                } => {
+                    if let Some(a) = inner.agents.get_mut(name) {
+                        if draining && !a.draining {
+                            tracing::info!(agent = name, "agent draining: no new jobs for it");
+                            a.draining = true;
                         }
-                        a.paused = paused;
+                        if paused != a.paused {
+                            if paused.is_empty() {
+                                tracing::info!(agent = name, "agent takes jobs again");
+                            } else {
+                                tracing::warn!(agent = name, "agent paused: {paused}");
+                            }
+                            a.paused = paused;
+                        }
                     }
                 }
-            }
-            FromAgent::Log { .. } => {}
-            FromAgent::EvalList {
-                attempt,
-                result,
-                follows,
-                evaluated,
-            } => {
-                if let Some(a) = self.take_attempt(
-                    inner,
-                    name,
-                    &attempt,
-                    result.as_ref().err().map(|e| e.0.as_str()),
-                )? {
-                    if follows
-                        && result.is_ok()
-                        && let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id)
+                FromAgent::Log { .. } => {}
+                FromAgent::EvalList {
+                    attempt,
+                    result,
+                    follows,
+                    evaluated,
+                } => {
+                    if let Some(a) = self.take_attempt(
+                        inner,
+                        name,
+                        &attempt,
+                        result.as_ref().err().map(|e| e.0.as_str()),
+                    )? {
+                        if follows
+                            && result.is_ok()
+                            && let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id)
+                        {
+                            let until = self.clock.now_ms() + super::REPO_CHECKS_WAIT_MS;
+                            run.repo_pending = Some((attempt.clone(), name.to_string(), until));
+                            inner
+                                .db
+                                .set_repo_pending(&a.run_id, Some((&attempt, name, until)))?;
+                        }
+                        self.on_eval_list(inner, a, result, evaluated)?;
+                    }
+                }
+                FromAgent::RepoChecks { attempt, checks } => {
+                    // Only the agent that listed, for that listing, once.
+                    let mine = |p: &Option<(String, String, i64)>| {
+                        p.as_ref()
+                            .is_some_and(|(a, n, _)| *a == attempt && n == name)
+                    };
+                    if let Some(run) = inner.runs.iter_mut().find(|r| mine(&r.repo_pending)) {
+                        run.repo_pending = None;
+                        let id = run.id.clone();
+                        inner.db.record_repo_checks(&id, &checks)?;
+                        inner.db.set_repo_pending(&id, None)?;
+                        self.maybe_finish(inner, &id)?;
+                    }
+                }
+                FromAgent::EvalChunk { attempt, result } => {
+                    if let Some(a) = self.take_attempt(
+                        inner,
+                        name,
+                        &attempt,
+                        result.as_ref().err().map(|e| e.0.as_str()),
+                    )? {
+                        self.on_eval_chunk(inner, a, result)?;
+                    }
+                }
+                FromAgent::Build {
+                    attempt,
+                    mut report,
+                } => {
+                    report.agent = name.to_string();
+                    if let Some(a) =
+                        self.take_attempt(inner, name, &attempt, Some(report.kind.as_str()))?
                     {
-                        let until = self.clock.now_ms() + super::REPO_CHECKS_WAIT_MS;
-                        run.repo_pending = Some((attempt.clone(), name.to_string(), until));
-                        inner
-                            .db
-                            .set_repo_pending(&a.run_id, Some((&attempt, name, until)))?;
+                        self.check_outputs(inner, &a, &mut report);
+                        self.on_build(inner, a, report, true)?;
                     }
-                    self.on_eval_list(inner, a, result, evaluated)?;
                 }
             }
-            FromAgent::RepoChecks { attempt, checks } => {
-                // Only the agent that listed, for that listing, once.
-                let mine = |p: &Option<(String, String, i64)>| {
-                    p.as_ref()
-                        .is_some_and(|(a, n, _)| *a == attempt && n == name)
-                };
-                if let Some(run) = inner.runs.iter_mut().find(|r| mine(&r.repo_pending)) {
-                    run.repo_pending = None;
-                    let id = run.id.clone();
-                    inner.db.record_repo_checks(&id, &checks)?;
-                    inner.db.set_repo_pending(&id, None)?;
-                    self.maybe_finish(inner, &id)?;
-                }
-            }
-            FromAgent::EvalChunk { attempt, result } => {
-                if let Some(a) = self.take_attempt(
-                    inner,
-                    name,
-                    &attempt,
-                    result.as_ref().err().map(|e| e.0.as_str()),
-                )? {
-                    self.on_eval_chunk(inner, a, result)?;
-                }
-            }
-            FromAgent::Build {
-                attempt,
-                mut report,
-            } => {
-                report.agent = name.to_string();
-                if let Some(a) =
-                    self.take_attempt(inner, name, &attempt, Some(report.kind.as_str()))?
-                {
-                    self.check_outputs(inner, &a, &mut report);
-                    self.on_build(inner, a, report, true)?;
-                }
-            }
-        }
+            Ok(())
+        })?;
         self.dispatch(inner);
         Ok(())
     }

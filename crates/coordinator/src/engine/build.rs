@@ -188,7 +188,7 @@ impl Engine {
             &dep,
             (kind, &json),
         )?;
-        self.broadcast(&run_id, seq, kind, json);
+        self.broadcast(inner, &run_id, seq, kind, json);
         if let Some((name, ms)) = crate::db_times::build_time(&drv, &report) {
             inner.build_times.insert(name.to_string(), ms);
             // Bounded in memory as on disk: past twice the names kept, the newest are

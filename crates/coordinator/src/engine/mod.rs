@@ -192,6 +192,8 @@ struct Inner {
     /// Where agents can hand each other unchecked outputs, other than a run's own cache:
     /// the store they share, the farm cache once it has started, or nowhere.
     hold_way: Hold,
+    /// Inside a batch ([`Engine::atomically`]): the events it stored, told once it commits.
+    batch_events: Option<Vec<RunEvent>>,
 }
 
 /// Longest a run waits for the repository checks an agent said would follow its listing, ms
@@ -344,6 +346,7 @@ impl Engine {
                 agents: BTreeMap::new(),
                 attempts: HashMap::new(),
                 next_conn: 1,
+                batch_events: None,
             })),
             events,
             clock,
@@ -360,7 +363,46 @@ impl Engine {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A poisoned lock means a panic mid-update; the database is still the truth, so go on.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unwrap_or_else(|e| {
+            self.inner.clear_poison();
+            let mut g = e.into_inner();
+            // A batch the panic left open: memory went on with what it stored, so it lands.
+            if let Some(events) = g.batch_events.take() {
+                match g.db.end_batch(true) {
+                    Ok(()) => events.into_iter().for_each(|e| {
+                        let _ = self.events.send(e);
+                    }),
+                    Err(e) => tracing::error!("cannot store what a failed step stored: {e}"),
+                }
+            }
+            g
+        })
+    }
+
+    /// Runs `f` as one transaction of the state store: what it stores lands all or none,
+    /// and watchers hear of its events once they are stored. A coordinator killed between
+    /// an attempt's end and its outcome would otherwise know the attempt done and its
+    /// build not, and build it again. On an error none of it is stored (the agent hands
+    /// the result over again when it reconnects). Inside a batch, `f` just runs.
+    fn atomically<T>(
+        &self,
+        inner: &mut Inner,
+        f: impl FnOnce(&mut Inner) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if inner.batch_events.is_some() {
+            return f(inner);
+        }
+        inner.db.begin_batch()?;
+        inner.batch_events = Some(Vec::new());
+        let out = f(inner);
+        let events = inner.batch_events.take().unwrap_or_default();
+        inner.db.end_batch(out.is_ok())?;
+        if out.is_ok() {
+            for e in events {
+                let _ = self.events.send(e);
+            }
+        }
+        out
     }
 
     pub fn sources_dir(&self) -> &std::path::Path {
@@ -374,19 +416,25 @@ impl Engine {
     fn emit(&self, inner: &mut Inner, run_id: &str, event: nixfarm_core::RunEvent) {
         let (kind, json) = (event.kind(), event.to_json());
         match inner.db.append_event(run_id, kind, &json) {
-            Ok(seq) => self.broadcast(run_id, seq, kind, json),
+            Ok(seq) => self.broadcast(inner, run_id, seq, kind, json),
             Err(e) => tracing::error!(run = run_id, "cannot store event: {e}"),
         }
     }
 
-    /// Tells the watchers of an event already stored as `seq`.
-    fn broadcast(&self, run_id: &str, seq: i64, kind: &str, json: String) {
-        let _ = self.events.send(RunEvent {
+    /// Tells the watchers of an event stored as `seq`; inside a batch, once it commits.
+    fn broadcast(&self, inner: &mut Inner, run_id: &str, seq: i64, kind: &str, json: String) {
+        let event = RunEvent {
             run_id: run_id.into(),
             seq: seq as u64,
             kind: kind.into(),
             json,
-        });
+        };
+        match inner.batch_events.as_mut() {
+            Some(held) => held.push(event),
+            None => {
+                let _ = self.events.send(event);
+            }
+        }
     }
 }
 

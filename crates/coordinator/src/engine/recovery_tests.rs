@@ -80,3 +80,68 @@ fn repository_checks_owed_when_the_coordinator_restarts_still_count() {
         "{repo:?}"
     );
 }
+
+/// A coordinator that stops between an attempt's end and its build's outcome (here: the
+/// database refuses the outcome) has stored neither: once restarted, the agent hands the
+/// result over again and the derivation is not built a second time.
+#[test]
+fn an_attempts_end_is_stored_with_its_outcome_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let opts = || EngineOptions {
+        lease_ms: 5_000,
+        ..Default::default()
+    };
+    let engine = open_in(dir.path(), &clock, opts());
+    let mut a = connect_agent(&engine, "a");
+    let (run, drv, out) = super::tests::one_package_run(&engine, &mut a);
+    let (attempt, _) = super::tests::assigned(&mut a.rx);
+    let side = rusqlite::Connection::open(dir.path().join("coordinator.sqlite")).unwrap();
+    side.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE OF state ON drvs WHEN NEW.state = 'built'
+         BEGIN SELECT RAISE(ABORT, 'disk gone'); END;",
+    )
+    .unwrap();
+    let mut events = engine.subscribe();
+    let report = || FromAgent::Build {
+        attempt: attempt.clone(),
+        report: super::tests::built(&out),
+    };
+    assert!(engine.agent_message("a", a.conn, report()).is_err());
+    while let Ok(e) = events.try_recv() {
+        assert_ne!(e.kind, "job-finished", "an event of nothing stored: {e:?}");
+    }
+    drop(engine);
+    side.execute_batch("DROP TRIGGER refuse").unwrap();
+    let attempts = |cond: &str| -> i64 {
+        side.query_row(
+            &format!("SELECT count(*) FROM attempts WHERE kind = 'build' AND {cond}"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        attempts("state = 'running'"),
+        1,
+        "the attempt is still running"
+    );
+
+    // Restarted: the agent claims the attempt and hands its result over again.
+    let engine = open_in(dir.path(), &clock, opts());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let reg = Registration {
+        running_attempts: vec![attempt.clone()],
+        ..super::tests::registration("a", &a.session)
+    };
+    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
+    engine.agent_message("a", conn, report()).unwrap();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    while let Ok(m) = rx.try_recv() {
+        assert!(
+            !matches!(m, ToAgent::Assign { .. }),
+            "{drv} assigned again: {m:?}"
+        );
+    }
+    assert_eq!(attempts("1"), 1, "{drv} built once");
+}
