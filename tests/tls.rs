@@ -387,7 +387,12 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let dir = scratch();
     let d = dir.path();
-    let (coordinator, ca, url) = tls_coordinator(d, "0.0.0.0:0", "");
+    // A short lease: how long an agent's farm cache token outlives its stream.
+    let (coordinator, ca, url) = tls_coordinator(
+        d,
+        "0.0.0.0:0",
+        "[scheduler]\nlease_secs = 4\nheartbeat_secs = 1\n",
+    );
     let (_, cert, key) = pki(d, "farm-ca", "hand", CLIENT_EXT);
     let read = |p: &Path| std::fs::read(p).unwrap();
     let tls = ClientTlsConfig::new()
@@ -439,7 +444,7 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
     assert_eq!(new.farm_cache_token.len(), 64);
     assert!(new.farm_cache_token.bytes().all(|b| b.is_ascii_hexdigit()));
     // The same token when it comes back.
-    let (again, _new) = registered("new", true);
+    let (again, new_stream) = registered("new", true);
     assert_eq!(again.farm_cache_token, new.farm_cache_token);
     let (old, _old) = registered("old", false);
     assert_eq!(
@@ -469,4 +474,41 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
     assert!(without.contains("upgrade them"), "{listing}");
     let names: Vec<&str> = without.lines().skip(1).map(str::trim).collect();
     assert_eq!(names, ["old"], "{listing}");
+
+    // The farm cache takes the issued token while its agent is connected, and for the
+    // lease after; then not, until the agent is back (a retired agent's token lapses).
+    let status = |token: &str| -> String {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&ca)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg(format!(
+                "https://127.0.0.1:{}/nix-cache-info",
+                new.farm_cache_port
+            ))
+            .output()
+            .expect("curl");
+        stdout(&out)
+    };
+    assert_eq!(status(&new.farm_cache_token), "200");
+    assert_eq!(status(&"0".repeat(64)), "401");
+    drop(new_stream);
+    assert_eq!(
+        status(&new.farm_cache_token),
+        "200",
+        "within the lease after its stream ended"
+    );
+    let start = std::time::Instant::now();
+    while status(&new.farm_cache_token) == "200" {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the token still counts 20 s after its agent left (lease 4 s)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(status(&new.farm_cache_token), "401");
+    let (back, _back) = registered("new", true);
+    assert_eq!(back.farm_cache_token, new.farm_cache_token);
+    assert_eq!(status(&new.farm_cache_token), "200", "its agent is back");
 }

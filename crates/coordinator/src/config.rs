@@ -152,7 +152,8 @@ pub struct SchedulerConfig {
     pub max_infra_retries: i64,
     /// Runs evaluating or building at once. Default 64.
     pub max_runs_in_flight: usize,
-    /// Seconds an agent may be silent before its jobs are requeued. Default 60.
+    /// Seconds an agent may be silent before its jobs are requeued (and gone before its
+    /// issued farm cache token lapses). Default 60.
     pub lease_secs: u64,
     /// Seconds between agent heartbeats. Default 10.
     pub heartbeat_secs: u64,

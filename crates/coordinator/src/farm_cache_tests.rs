@@ -71,6 +71,7 @@ fn a_token_issued_at_registration_is_admitted_as_bearer_or_netrc_password_and_no
     let d = tempfile::tempdir().unwrap();
     let issued = Arc::new(crate::farm_tokens::FarmTokens::default());
     let token = issued.issue("cert-agent").unwrap();
+    issued.connected("cert-agent", 1);
     let admission = crate::farm_tokens::FarmAdmission {
         tokens: None,
         issued: Some(issued),

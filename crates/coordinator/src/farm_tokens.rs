@@ -3,27 +3,53 @@
 //! token of its own, and Nix, which reads the farm cache for it, cannot present a
 //! certificate: the issued token is what it shows instead.
 
+use crate::clock::{Clock, SystemClock};
 use crate::credentials::Credentials;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// Tokens issued to registered agents, one per agent name, kept in the state directory: an
 /// agent that reconnects, to this coordinator or to it restarted, gets the same one, so its
 /// pushes in flight still count.
-#[derive(Default)]
+///
+/// A token counts only while its agent is connected, and for a lease after its stream ends
+/// (or after the coordinator starts): an agent retired, or no longer admitted (its
+/// certificate withdrawn), loses the farm cache with its lease, as its jobs go back to the
+/// queue then.
 pub struct FarmTokens {
     inner: Mutex<Issued>,
     /// Where they are kept (`NAME TOKEN` lines, mode 0600); None: in memory only.
     file: Option<PathBuf>,
+    clock: Arc<dyn Clock>,
+    /// How long a token outlives its agent's stream, ms (the scheduler's lease).
+    lease_ms: i64,
 }
 
 #[derive(Default)]
 struct Issued {
     by_name: HashMap<String, String>,
-    /// SHA-256 of every token: a request's token is looked up by its hash, in constant
-    /// time whatever the number out, and the hash gives nothing of a token away.
-    hashes: HashSet<[u8; 32]>,
+    /// The agent of each token by its SHA-256: a request's token is looked up by its hash,
+    /// in constant time whatever the number out, and the hash gives nothing of a token away.
+    names: HashMap<[u8; 32], String>,
+    /// Whether each agent's token counts now: while connected, or until a time.
+    live: HashMap<String, Live>,
+}
+
+/// Whether an agent's token counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Live {
+    /// Its agent is connected on this stream.
+    Connected(u64),
+    /// Until this time, ms (its stream ended, or the coordinator started).
+    Until(i64),
+}
+
+impl Default for FarmTokens {
+    /// In memory only, on the system clock, with the default lease (tests).
+    fn default() -> FarmTokens {
+        FarmTokens::in_memory(Arc::new(SystemClock), 60_000)
+    }
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -44,9 +70,21 @@ impl std::fmt::Debug for FarmTokens {
 const MAX_ISSUED: usize = 100_000;
 
 impl FarmTokens {
+    /// Tokens kept nowhere: lost with the process.
+    pub fn in_memory(clock: Arc<dyn Clock>, lease_ms: i64) -> FarmTokens {
+        FarmTokens {
+            inner: Mutex::new(Issued::default()),
+            file: None,
+            clock,
+            lease_ms,
+        }
+    }
+
     /// The tokens kept in `file` (made when the first is issued). Lines that are not a
-    /// name and a 64-digit token are skipped, with a warning.
-    pub fn open(file: PathBuf) -> FarmTokens {
+    /// name and a 64-digit token are skipped, with a warning. Each counts for `lease_ms`
+    /// from now, or for as long as its agent is connected again.
+    pub fn open(file: PathBuf, clock: Arc<dyn Clock>, lease_ms: i64) -> FarmTokens {
+        let until = Live::Until(clock.now_ms().saturating_add(lease_ms));
         let mut issued = Issued::default();
         match std::fs::read_to_string(&file) {
             Ok(text) => {
@@ -57,8 +95,9 @@ impl FarmTokens {
                                 && token.len() == 64
                                 && token.bytes().all(|b| b.is_ascii_hexdigit()) =>
                         {
-                            issued.hashes.insert(digest(token));
+                            issued.names.insert(digest(token), name.to_string());
                             issued.by_name.insert(name.to_string(), token.to_string());
+                            issued.live.insert(name.to_string(), until);
                         }
                         _ => tracing::warn!(
                             file = %file.display(),
@@ -76,6 +115,8 @@ impl FarmTokens {
         FarmTokens {
             inner: Mutex::new(issued),
             file: Some(file),
+            clock,
+            lease_ms,
         }
     }
 
@@ -100,18 +141,48 @@ impl FarmTokens {
             // Still valid until a restart; after one, the agent is issued another.
             tracing::warn!(file = %file.display(), "cannot keep a farm cache token: {e}");
         }
-        issued.hashes.insert(digest(&token));
+        issued.names.insert(digest(&token), name.to_string());
         issued.by_name.insert(name.to_string(), token.clone());
         Some(token)
     }
 
-    /// Whether `given` is a token issued here.
+    /// Agent `name` is connected on stream `conn`: its token counts until that ends.
+    pub fn connected(&self, name: &str, conn: u64) {
+        if let Ok(mut i) = self.inner.lock()
+            && i.by_name.contains_key(name)
+        {
+            i.live.insert(name.to_string(), Live::Connected(conn));
+        }
+    }
+
+    /// Agent `name`'s stream `conn` ended: its token counts for a lease more (a stream
+    /// that another of the agent's registrations replaced changes nothing).
+    pub fn disconnected(&self, name: &str, conn: u64) {
+        let until = Live::Until(self.clock.now_ms().saturating_add(self.lease_ms));
+        if let Ok(mut i) = self.inner.lock()
+            && let Some(live) = i.live.get_mut(name)
+            && *live == Live::Connected(conn)
+        {
+            *live = until;
+        }
+    }
+
+    /// Whether `given` is a token issued here whose agent is connected, or was within
+    /// its lease.
     pub fn admits(&self, given: &str) -> bool {
-        !given.is_empty()
-            && self
-                .inner
-                .lock()
-                .is_ok_and(|i| i.hashes.contains(&digest(given)))
+        if given.is_empty() {
+            return false;
+        }
+        let now = self.clock.now_ms();
+        self.inner.lock().is_ok_and(|i| {
+            i.names
+                .get(&digest(given))
+                .and_then(|name| i.live.get(name))
+                .is_some_and(|live| match *live {
+                    Live::Connected(_) => true,
+                    Live::Until(t) => now <= t,
+                })
+        })
     }
 }
 
@@ -176,6 +247,8 @@ mod tests {
         assert_eq!(t.issue("a").unwrap(), a, "the same on a reconnect");
         let b = t.issue("b").unwrap();
         assert_ne!(a, b);
+        t.connected("a", 1);
+        t.connected("b", 2);
         assert!(t.admits(&a) && t.admits(&b));
         for wrong in ["", &a[..63], "x", &format!("{a}0")] {
             assert!(!t.admits(wrong), "{wrong}");
@@ -197,7 +270,9 @@ mod tests {
     fn issued_tokens_survive_a_restart_in_a_file_only_the_coordinator_reads() {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("farm-tokens");
-        let a = FarmTokens::open(file.clone()).issue("a").unwrap();
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let open = || FarmTokens::open(file.clone(), clock.clone(), 60_000);
+        let a = open().issue("a").unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -205,9 +280,48 @@ mod tests {
         let mut text = std::fs::read_to_string(&file).unwrap();
         text.push_str("broken\n");
         std::fs::write(&file, text).unwrap();
-        let again = FarmTokens::open(file);
-        assert!(again.admits(&a));
+        let again = open();
+        assert!(again.admits(&a), "for a lease from the start");
         assert_eq!(again.issue("a").unwrap(), a);
         assert_ne!(again.issue("b").unwrap(), a);
+    }
+
+    #[test]
+    fn a_token_counts_while_its_agent_is_connected_and_for_a_lease_after() {
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let t = FarmTokens::in_memory(clock.clone(), 5_000);
+        let a = t.issue("a").unwrap();
+        assert!(!t.admits(&a), "issued, but its agent never connected");
+        t.connected("a", 1);
+        clock.advance(3_600_000);
+        assert!(t.admits(&a), "connected for an hour");
+        // A reconnect replaced stream 1: its end changes nothing.
+        t.connected("a", 2);
+        t.disconnected("a", 1);
+        clock.advance(10_000);
+        assert!(t.admits(&a));
+        t.disconnected("a", 2);
+        clock.advance(5_000);
+        assert!(t.admits(&a), "within its lease");
+        clock.advance(1);
+        assert!(
+            !t.admits(&a),
+            "its agent did not come back within the lease"
+        );
+        t.connected("a", 3);
+        assert!(t.admits(&a), "back");
+        // Restarted: every token kept counts for a lease from the start, then lapses
+        // unless its agent connects.
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("farm-tokens");
+        let b = FarmTokens::open(file.clone(), clock.clone(), 5_000)
+            .issue("b")
+            .unwrap();
+        let again = FarmTokens::open(file, clock.clone(), 5_000);
+        assert!(again.admits(&b));
+        clock.advance(5_001);
+        assert!(!again.admits(&b));
+        again.connected("b", 1);
+        assert!(again.admits(&b));
     }
 }

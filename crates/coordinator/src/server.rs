@@ -156,6 +156,7 @@ async fn start_farm_cache(
     grpc: SocketAddr,
     agent_token: Option<Arc<Credentials>>,
     engine: &Engine,
+    clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Option<(Arc<FarmCache>, SocketAddr)>> {
     let fc = &config.farm_cache;
     if !fc.enabled {
@@ -179,6 +180,8 @@ async fn start_farm_cache(
         issued: admitted.then(|| {
             Arc::new(crate::farm_tokens::FarmTokens::open(
                 config.state_dir.join("farm-tokens"),
+                clock,
+                (config.scheduler.lease_secs * 1000) as i64,
             ))
         }),
     };
@@ -303,7 +306,7 @@ pub async fn start_with_listener(
         cross_check_wait_ms: (s.cross_check_wait_secs * 1000) as i64,
         agents_share_store: config.agents_share_store,
     };
-    let engine = Engine::open(db, config.state_dir.join("sources"), clock, opts)
+    let engine = Engine::open(db, config.state_dir.join("sources"), clock.clone(), opts)
         .context("cannot resume runs")?;
     let agent_token = config
         .auth
@@ -337,7 +340,8 @@ pub async fn start_with_listener(
     };
     let limits = server_limits(config, client_max_msg);
     let addr = listener.local_addr()?;
-    let farm_cache = start_farm_cache(config, addr, agent_token.clone(), &engine).await?;
+    let farm_cache =
+        start_farm_cache(config, addr, agent_token.clone(), &engine, clock.clone()).await?;
     let agent_svc = AgentServiceServer::new(AgentSvc {
         engine: engine.clone(),
         heartbeat_ms: (s.heartbeat_secs * 1000) as u32,

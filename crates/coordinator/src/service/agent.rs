@@ -85,6 +85,11 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         }
         let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
         let (conn, session_key) = self.engine.connect_agent(reg, tx)?;
+        // Its issued token counts while it is connected (and for a lease after).
+        let tokens = self.farm_cache.as_ref().and_then(|f| f.tokens.clone());
+        if let Some(t) = &tokens {
+            t.connected(&name, conn);
+        }
         let engine = self.engine.clone();
         let agent = name.clone();
         tokio::spawn(async move {
@@ -106,6 +111,9 @@ impl pb::agent_service_server::AgentService for AgentSvc {
                 }
             }
             engine.disconnect_agent(&agent, conn);
+            if let Some(t) = tokens {
+                t.disconnected(&agent, conn);
+            }
         });
         let registered = pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::Registered(pb::Registered {
