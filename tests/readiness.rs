@@ -208,6 +208,69 @@ fn with_skip_cached_a_copied_hash_already_in_the_cache_is_still_caught() {
     assert_caught(&report);
 }
 
+/// Nothing records which derivation produced alpha's source: the maintainer prefetched it
+/// (`nix-store --add-fixed`, as `nix-prefetch-url` does), and a cache it was copied to
+/// says no `Deriver`. A build that finds the path valid, and a warm run that finds it in
+/// that cache, check its fetcher rather than trust it; beta's copied hash is caught both
+/// ways.
+#[test]
+fn a_copied_hash_whose_output_no_derivation_is_recorded_for_is_caught() {
+    let dir = scratch();
+    let repo = copied_hash_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    let prefetched = dir.path().join("prefetch/source");
+    std::fs::create_dir_all(prefetched.parent().unwrap()).unwrap();
+    std::fs::write(&prefetched, "alpha source\n").unwrap();
+    set_mode(prefetched.parent().unwrap(), 0o755);
+    let out = host.run(&[
+        "nix-store",
+        "--add-fixed",
+        "sha256",
+        prefetched.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "nix-store --add-fixed: {}",
+        stderr(&out)
+    );
+    let source = stdout(&out).trim().to_string();
+    let deriver = host.run(&["nix-store", "--query", "--deriver", &source]);
+    assert_eq!(stdout(&deriver).trim(), "unknown-deriver");
+    let report = local(&host, &dir.path().join("state"), &repo, &[]);
+    assert_caught(&report);
+
+    // The same source in a signed cache that records no deriver; a warm run elsewhere.
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    set_mode(&cache, 0o755);
+    let (sk, _pk) = cache_key(dir.path(), "prefetched-1");
+    let to = format!("file://{}?secret-key={}", cache.display(), sk.display());
+    let out = host.run(&["nix", "copy", "--to", &to, &source]);
+    assert!(out.status.success(), "nix copy: {}", stderr(&out));
+    let narinfo = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "narinfo"))
+        .expect("a narinfo");
+    let text = std::fs::read_to_string(&narinfo).unwrap();
+    assert!(!text.contains("Deriver:"), "{text}");
+    let here = Host::new(&dir.path().join("here"));
+    let cache_url = format!("file://{}", cache.display());
+    let report = local(
+        &here,
+        &dir.path().join("state-here"),
+        &repo,
+        &[
+            "--skip-cached",
+            "--cache",
+            &cache_url,
+            "--signing-key-file",
+            sk.to_str().unwrap(),
+        ],
+    );
+    assert_caught(&report);
+}
+
 #[test]
 fn a_hash_copied_within_one_run_is_caught_and_fixed() {
     let dir = scratch();

@@ -235,13 +235,17 @@ pub(super) async fn build(
                 && let Some((m, from)) = copied_hash(shared, d, &opts, &cancel).await
             {
                 r.status = pb::BuildStatus::HashMismatch as i32;
+                let whence = match &from {
+                    Some(from) => format!("was produced by {from}"),
+                    None => "was already there, from no recorded derivation".to_string(),
+                };
                 r.message = format!(
-                    "hash mismatch: specified {}, got {} (the output with that hash was produced by {from})",
+                    "hash mismatch: specified {}, got {} (the output with that hash {whence})",
                     m.specified, m.got
                 );
                 r.specified_hash = m.specified;
                 r.got_hash = m.got;
-                r.copied_from = from;
+                r.copied_from = from.unwrap_or_default();
                 return r;
             }
             if j.smoke {
@@ -388,25 +392,37 @@ pub(super) fn same_fetch(drv: &str, producer: &str) -> bool {
 
 /// A fixed-output derivation whose output another derivation produced was never fetched
 /// here (Nix did not build it in this realise): Nix found the path valid (built or
-/// substituted for the other one) and trusted the hash. A hash copied from another package looks exactly like that, so its fetcher is run
-/// (`--check`): `Some((mismatch, producer))` when its own content differs.
+/// substituted for the other one) and trusted the hash. A hash copied from another package
+/// looks exactly like that, so its fetcher is run (`--check`): `Some((mismatch,
+/// producer))` when its own content differs. An output with no producer recorded (added by
+/// `nix-store --add-fixed` or a prefetch, or substituted from a cache that records none),
+/// or whose producer cannot be read, is checked too: nothing vouches for it.
 async fn copied_hash(
     shared: &Arc<Shared>,
     d: &nixfarm_nix::derivation::Derivation,
     opts: &BuildOptions,
     cancel: &CancellationToken,
-) -> Option<(nixfarm_nix::messages::HashMismatch, String)> {
+) -> Option<(nixfarm_nix::messages::HashMismatch, Option<String>)> {
     if !d.fixed_output {
         return None;
     }
     let out = d.outputs.first().map(|(_, p)| p.as_str())?;
-    let producer = shared.nix.deriver(out).await.ok().flatten()?;
-    if producer == d.path {
+    let producer = match shared.nix.deriver(out).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(
+                out,
+                "cannot tell which derivation produced it; checking it: {e}"
+            );
+            None
+        }
+    };
+    if let Some(p) = &producer
+        && (*p == d.path || same_fetch(&d.path, p))
+    {
         return None;
     }
-    if same_fetch(&d.path, &producer) {
-        return None;
-    }
+    let from = producer.as_deref().unwrap_or("no recorded derivation");
     let check = BuildOptions {
         check: true,
         gc_root: None,
@@ -423,7 +439,7 @@ async fn copied_hash(
             // Unverifiable now (the fetch failed): the build stands, and says so in the log.
             tracing::warn!(
                 drv = %d.path,
-                "cannot check a fixed output that {producer} produced: {e:?}"
+                "cannot check a fixed output that {from} produced: {e:?}"
             );
             None
         }

@@ -6,8 +6,8 @@ use super::*;
 /// The fixed-output derivations among `drvs` marked present whose output, as the run's cache
 /// (or, without one, this store) records it, was produced by a different derivation that is
 /// not the same fetch: their hash may have been copied. An output whose producer cannot be
-/// read is a suspect too (checked rather than trusted); one with no producer recorded is not
-/// (as for a build: there is nothing to compare with).
+/// read, or with none recorded (a cache that records none, a path added by hand), is a
+/// suspect too: checked rather than trusted, as nothing vouches for it.
 pub(super) async fn copied_suspects(
     shared: &Arc<Shared>,
     drvs: &[nixfarm_nix::derivation::Derivation],
@@ -42,7 +42,7 @@ pub(super) async fn copied_suspects(
     let mut suspects = Vec::new();
     for ((drv, out), producer) in fods.into_iter().zip(producers) {
         let suspect = match producer {
-            Ok(None) => false,
+            Ok(None) => true,
             Ok(Some(p)) => p != drv && !super::build::same_fetch(drv, &p),
             Err(e) => {
                 tracing::warn!("cannot tell which derivation produced {out}; checking it: {e}");
