@@ -19,6 +19,12 @@ const APPEND_EVENT: &str = "INSERT INTO events(run_id, seq, kind, json)
 /// The coordinator's database.
 pub struct Db {
     conn: Connection,
+    /// A batch is open ([`Db::begin_batch`]).
+    in_batch: bool,
+    /// Tests: while set, storing a build's end panics, as a coordinator killed there
+    /// would stop.
+    #[cfg(test)]
+    pub(crate) die_in_finish_drv: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Db {
@@ -149,16 +155,25 @@ impl Db {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        Ok(Some(Db { conn }))
+        Ok(Some(Db::with(conn)))
     }
 
     pub fn open_in_memory() -> Result<Db, DbError> {
         Self::init(Connection::open_in_memory()?)
     }
 
+    fn with(conn: Connection) -> Db {
+        Db {
+            conn,
+            in_batch: false,
+            #[cfg(test)]
+            die_in_finish_drv: None,
+        }
+    }
+
     fn init(conn: Connection) -> Result<Db, DbError> {
         crate::db_schema::create(&conn)?;
-        Ok(Db { conn })
+        Ok(Db::with(conn))
     }
 
     /// Runs `f` in one transaction: a savepoint, so that it nests in an engine batch
@@ -173,26 +188,33 @@ impl Db {
         Ok(out)
     }
 
-    /// Starts a batch: what is stored until [`Db::end_batch`] lands all or none.
+    /// Starts a batch: what is stored until [`Db::end_batch`] lands together, or not at all
+    /// if the process dies first.
     pub fn begin_batch(&mut self) -> Result<(), DbError> {
-        // A batch left open (a panic in the middle of one): the engine went on with what
-        // it stored, so it lands.
+        // A transaction left open (a batch whose end failed): what it stored lands.
+        self.in_batch = false;
         if !self.conn.is_autocommit() {
             self.conn.execute_batch("COMMIT")?;
         }
-        self.conn.execute_batch("SAVEPOINT engine_batch")
+        self.conn.execute_batch("SAVEPOINT engine_batch")?;
+        self.in_batch = true;
+        Ok(())
     }
 
-    /// Ends the batch [`Db::begin_batch`] started: commits it, or undoes all of it.
-    pub fn end_batch(&mut self, commit: bool) -> Result<(), DbError> {
-        if self.conn.is_autocommit() {
+    /// Commits the batch [`Db::begin_batch`] started. An error when SQLite rolled it back
+    /// on its own meanwhile (a full disk, an I/O error): what followed was stored statement
+    /// by statement, and the step's events may be missing.
+    pub fn end_batch(&mut self) -> Result<(), DbError> {
+        if !std::mem::take(&mut self.in_batch) {
             return Ok(());
         }
-        self.conn.execute_batch(if commit {
-            "RELEASE engine_batch"
-        } else {
-            "ROLLBACK TO engine_batch; RELEASE engine_batch"
-        })
+        if self.conn.is_autocommit() {
+            return Err(DbError::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some("SQLite rolled back a step's transaction (disk full or I/O error?)".into()),
+            ));
+        }
+        self.conn.execute_batch("RELEASE engine_batch")
     }
 
     /// Records the evaluation tasks of a run (the attribute names of each) and their number.
@@ -403,6 +425,14 @@ impl Db {
             serde_json::to_string(r).map_err(|e| bad_column(4, "build result", e))
         };
         let (json_result, dep) = (json(result)?, json(dep)?);
+        #[cfg(test)]
+        if self
+            .die_in_finish_drv
+            .as_ref()
+            .is_some_and(|d| d.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            panic!("the coordinator dies here (test)");
+        }
         let tx = self.conn.savepoint()?;
         Db::note_build_time(&tx, drv, result)?;
         tx.execute(

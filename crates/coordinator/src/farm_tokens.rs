@@ -146,12 +146,17 @@ impl FarmTokens {
         Some(token)
     }
 
-    /// Agent `name` is connected on stream `conn`: its token counts until that ends.
+    /// Agent `name` is connected on stream `conn`: its token counts until that ends. A
+    /// stream older than the one already noted (streams are numbered in order; two
+    /// registrations raced) changes nothing.
     pub fn connected(&self, name: &str, conn: u64) {
         if let Ok(mut i) = self.inner.lock()
             && i.by_name.contains_key(name)
         {
-            i.live.insert(name.to_string(), Live::Connected(conn));
+            let live = i.live.entry(name.to_string()).or_insert(Live::Until(0));
+            if !matches!(*live, Live::Connected(c) if c > conn) {
+                *live = Live::Connected(conn);
+            }
         }
     }
 
@@ -295,8 +300,10 @@ mod tests {
         t.connected("a", 1);
         clock.advance(3_600_000);
         assert!(t.admits(&a), "connected for an hour");
-        // A reconnect replaced stream 1: its end changes nothing.
+        // A reconnect replaced stream 1: its end changes nothing, nor does its news
+        // arriving late.
         t.connected("a", 2);
+        t.connected("a", 1);
         t.disconnected("a", 1);
         clock.advance(10_000);
         assert!(t.admits(&a));

@@ -30,14 +30,15 @@ pub type Lapsed<'a> = &'a dyn Fn(&str, i64) -> bool;
 
 /// Everything the engine keeps across restarts.
 pub trait StateStore: Send {
-    /// Starts a batch: everything stored until [`end_batch`] lands all or none (one engine
-    /// step: an attempt's end with its outcome). Batches do not nest; the operations'
-    /// own transactions nest in them.
+    /// Starts a batch: everything stored until [`end_batch`] lands together, or (the
+    /// process dies first) none of it does: one engine step, such as an attempt's end with
+    /// its outcome. Batches do not nest; the operations' own transactions nest in them.
     ///
     /// [`end_batch`]: StateStore::end_batch
     fn begin_batch(&mut self) -> StateResult<()>;
-    /// Ends the batch: `commit` stores it, otherwise none of it is stored.
-    fn end_batch(&mut self, commit: bool) -> StateResult<()>;
+    /// Stores the batch; an error when the backend dropped it meanwhile (what was stored
+    /// after that was stored operation by operation).
+    fn end_batch(&mut self) -> StateResult<()>;
     // Runs.
     fn insert_run(&mut self, r: &RunRow) -> StateResult<()>;
     fn set_run_state(
@@ -196,7 +197,7 @@ macro_rules! delegate {
 
 delegate! {
     w fn begin_batch() -> ();
-    w fn end_batch(commit: bool) -> ();
+    w fn end_batch() -> ();
     w fn insert_run(r: &RunRow) -> ();
     w fn set_run_state(id: &str, state: RunState, error: &str, finished_ms: i64) -> ();
     r fn run(id: &str) -> Option<RunRow>;

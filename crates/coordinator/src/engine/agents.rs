@@ -117,6 +117,19 @@ impl Engine {
     pub fn check_leases(&self) {
         let mut g = self.lock();
         let inner = &mut *g;
+        // What a lease's end leads to lands together (a check given up with its build's
+        // outcome, say).
+        let r = self.atomically(inner, |inner| {
+            self.expire_leases(inner);
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::error!("cannot store what expired leases led to: {e}");
+        }
+        self.dispatch(inner);
+    }
+
+    fn expire_leases(&self, inner: &mut Inner) {
         let now = self.clock.now_ms();
         // Repository checks an agent owes and will not deliver (it went silent, or kept them
         // past the wait): said so, and the run goes on.
@@ -190,7 +203,6 @@ impl Engine {
             }
         }
         self.expire_cross_checks(inner, now);
-        self.dispatch(inner);
     }
 
     /// Puts an attempt's job back in the queue; its late result will be ignored. The

@@ -192,8 +192,40 @@ struct Inner {
     /// Where agents can hand each other unchecked outputs, other than a run's own cache:
     /// the store they share, the farm cache once it has started, or nowhere.
     hold_way: Hold,
-    /// Inside a batch ([`Engine::atomically`]): the events it stored, told once it commits.
-    batch_events: Option<Vec<RunEvent>>,
+    /// Inside a batch ([`Engine::atomically`]): what it tells watchers and agents, told once
+    /// it commits.
+    batch: Option<Vec<Deferred>>,
+}
+
+/// What a batch tells others once it commits: nobody acts on what a crash would undo.
+enum Deferred {
+    Event(RunEvent),
+    ToAgent(mpsc::UnboundedSender<ToAgent>, ToAgent),
+}
+
+impl Deferred {
+    fn deliver(self, events: &broadcast::Sender<RunEvent>) {
+        match self {
+            Deferred::Event(e) => {
+                let _ = events.send(e);
+            }
+            Deferred::ToAgent(tx, msg) => {
+                let _ = tx.send(msg);
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Sends `msg` to an agent's stream; inside a batch, once it commits.
+    fn send(&mut self, tx: mpsc::UnboundedSender<ToAgent>, msg: ToAgent) {
+        match self.batch.as_mut() {
+            Some(held) => held.push(Deferred::ToAgent(tx, msg)),
+            None => {
+                let _ = tx.send(msg);
+            }
+        }
+    }
 }
 
 /// Longest a run waits for the repository checks an agent said would follow its listing, ms
@@ -346,7 +378,7 @@ impl Engine {
                 agents: BTreeMap::new(),
                 attempts: HashMap::new(),
                 next_conn: 1,
-                batch_events: None,
+                batch: None,
             })),
             events,
             clock,
@@ -366,43 +398,45 @@ impl Engine {
         self.inner.lock().unwrap_or_else(|e| {
             self.inner.clear_poison();
             let mut g = e.into_inner();
-            // A batch the panic left open: memory went on with what it stored, so it lands.
-            if let Some(events) = g.batch_events.take() {
-                match g.db.end_batch(true) {
-                    Ok(()) => events.into_iter().for_each(|e| {
-                        let _ = self.events.send(e);
-                    }),
-                    Err(e) => tracing::error!("cannot store what a failed step stored: {e}"),
-                }
+            // A batch the panic left open lands, as a step that failed does: memory went on
+            // with what it stored.
+            if g.batch.is_some()
+                && let Err(e) = self.end_batch(&mut g)
+            {
+                tracing::error!("cannot store what a step that panicked stored: {e}");
             }
             g
         })
     }
 
-    /// Runs `f` as one transaction of the state store: what it stores lands all or none,
-    /// and watchers hear of its events once they are stored. A coordinator killed between
-    /// an attempt's end and its outcome would otherwise know the attempt done and its
-    /// build not, and build it again. On an error none of it is stored (the agent hands
-    /// the result over again when it reconnects). Inside a batch, `f` just runs.
+    /// Runs `f` as one transaction of the state store, so that a coordinator killed in the
+    /// middle of it keeps none of it: killed between an attempt's end and its outcome, it
+    /// would know the attempt done and its build not, and build it again. Watchers and
+    /// agents hear of what it did once it is stored. A step that fails stores what it
+    /// stored (memory went on with it), as before batches. Inside a batch, `f` just runs.
     fn atomically<T>(
         &self,
         inner: &mut Inner,
         f: impl FnOnce(&mut Inner) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        if inner.batch_events.is_some() {
+        if inner.batch.is_some() {
             return f(inner);
         }
         inner.db.begin_batch()?;
-        inner.batch_events = Some(Vec::new());
+        inner.batch = Some(Vec::new());
         let out = f(inner);
-        let events = inner.batch_events.take().unwrap_or_default();
-        inner.db.end_batch(out.is_ok())?;
-        if out.is_ok() {
-            for e in events {
-                let _ = self.events.send(e);
-            }
-        }
+        self.end_batch(inner)?;
         out
+    }
+
+    /// Commits the open batch, then tells what it held back.
+    fn end_batch(&self, inner: &mut Inner) -> Result<(), EngineError> {
+        let held = inner.batch.take().unwrap_or_default();
+        inner.db.end_batch()?;
+        for d in held {
+            d.deliver(&self.events);
+        }
+        Ok(())
     }
 
     pub fn sources_dir(&self) -> &std::path::Path {
@@ -429,8 +463,8 @@ impl Engine {
             kind: kind.into(),
             json,
         };
-        match inner.batch_events.as_mut() {
-            Some(held) => held.push(event),
+        match inner.batch.as_mut() {
+            Some(held) => held.push(Deferred::Event(event)),
             None => {
                 let _ = self.events.send(event);
             }

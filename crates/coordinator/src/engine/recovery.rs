@@ -160,7 +160,7 @@ impl Engine {
                 );
             }
         }
-        self.settle_checks_unchecked(inner)?;
+        self.atomically(inner, |inner| self.settle_checks_unchecked(inner))?;
         drop(g);
         self.check_all_runs();
         Ok(())

@@ -87,6 +87,11 @@ impl Engine {
         if inner.runs[idx].state.is_terminal() {
             return Ok(false);
         }
+        // The run's end, its builds' and its event land together.
+        self.atomically(inner, |inner| self.cancel_now(inner, idx, run_id))
+    }
+
+    fn cancel_now(&self, inner: &mut Inner, idx: usize, run_id: &str) -> Result<bool, EngineError> {
         let now = self.clock.now_ms();
         let run = &mut inner.runs[idx];
         run.eval_queue.clear();
@@ -139,10 +144,8 @@ impl Engine {
             .map(|(id, a)| (id.clone(), a.agent.clone()))
             .collect();
         for (attempt, agent) in running {
-            if let Some(ag) = inner.agents.get(&agent)
-                && let Some(tx) = &ag.tx
-            {
-                let _ = tx.send(ToAgent::Cancel { attempt });
+            if let Some(tx) = inner.agents.get(&agent).and_then(|a| a.tx.clone()) {
+                inner.send(tx, ToAgent::Cancel { attempt });
             }
         }
         Ok(())
@@ -223,13 +226,15 @@ impl Engine {
     }
 
     /// Tells every connected agent that a run ended, so it releases what it kept for it.
-    pub(super) fn tell_run_ended(inner: &Inner, run_id: &str) {
-        for a in inner.agents.values() {
-            if let Some(tx) = &a.tx {
-                let _ = tx.send(ToAgent::RunEnded {
+    pub(super) fn tell_run_ended(inner: &mut Inner, run_id: &str) {
+        let streams: Vec<_> = inner.agents.values().filter_map(|a| a.tx.clone()).collect();
+        for tx in streams {
+            inner.send(
+                tx,
+                ToAgent::RunEnded {
                     run_id: run_id.to_string(),
-                });
-            }
+                },
+            );
         }
     }
 
