@@ -26,16 +26,17 @@ impl Db {
         let summary = to_json(&o.summary)?;
         let present = to_json(&o.present)?;
         let credential = to_json(&o.credential)?;
+        let positions = to_json(&o.positions)?;
         self.conn_mut().execute(
-            &format!("{verb} INTO eval_opinions(run_id, task, agent, credential, digest, evaluated, present, summary, one_sided) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
-            params![run, o.task, o.agent, credential, o.digest, o.evaluated, present, summary, o.one_sided],
+            &format!("{verb} INTO eval_opinions(run_id, task, agent, credential, digest, evaluated, present, summary, one_sided, positions) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+            params![run, o.task, o.agent, credential, o.digest, o.evaluated, present, summary, o.one_sided, positions],
         )?;
         Ok(())
     }
 
     pub fn eval_opinions(&self, run: &str) -> Result<Vec<EvalOpinion>, DbError> {
         let mut st = self.conn().prepare(
-            "SELECT task, agent, digest, evaluated, present, summary, credential, one_sided FROM eval_opinions WHERE run_id = ?1 ORDER BY task",
+            "SELECT task, agent, digest, evaluated, present, summary, credential, one_sided, positions FROM eval_opinions WHERE run_id = ?1 ORDER BY task",
         )?;
         st.query_map([run], |r| {
             Ok(EvalOpinion {
@@ -47,6 +48,7 @@ impl Db {
                 summary: from_json(5, r.get(5)?)?,
                 credential: from_json(6, r.get(6)?)?,
                 one_sided: r.get(7)?,
+                positions: from_json(8, r.get(8)?)?,
             })
         })?
         .collect()
@@ -70,6 +72,7 @@ mod tests {
             present: vec!["/nix/store/x-hello.drv".into()],
             summary: [("hello".to_string(), "/nix/store/x-hello.drv".to_string())].into(),
             one_sided: 1,
+            positions: [("hello".to_string(), "pkgs/hello.nix:3".to_string())].into(),
         };
         db.record_eval_opinion("r1", &first).unwrap();
         let again = EvalOpinion {
@@ -96,16 +99,19 @@ mod tests {
         assert_eq!(old[0].credential, crate::credentials::Credential::Open);
     }
 
-    /// A database from before the count was kept: opened again, the column is there, and
-    /// an answer stored before reads as asked again never.
+    /// A database from before the count and the positions were kept: opened again, the
+    /// columns are there, and an answer stored before reads as asked again never, with no
+    /// position to match (none is kept).
     #[test]
     fn an_older_database_gains_the_one_sided_column() {
         let (_dir, db) = crate::db::reopened_after(
             r#"ALTER TABLE eval_opinions DROP COLUMN one_sided;
+             ALTER TABLE eval_opinions DROP COLUMN positions;
              INSERT INTO eval_opinions(run_id, task, agent, credential, digest, evaluated, present, summary) VALUES ('r1', -1, 'a', '"open"', 'd1', NULL, '[]', '{}');"#,
         );
         let old = db.eval_opinions("r1").unwrap();
         assert_eq!(old.len(), 1);
         assert_eq!(old[0].one_sided, 0);
+        assert!(old[0].positions.is_empty());
     }
 }

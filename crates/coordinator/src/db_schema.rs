@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS eval_opinions (
   present TEXT NOT NULL,
   summary TEXT NOT NULL,
   one_sided INTEGER NOT NULL DEFAULT 0,
+  positions TEXT NOT NULL DEFAULT '{}',
   PRIMARY KEY (run_id, task)
 );
 CREATE TABLE IF NOT EXISTS build_checks (
@@ -137,6 +138,7 @@ pub(crate) fn create(conn: &Connection) -> Result<(), DbError> {
         ),
         ("build_checks", "hold", "INTEGER NOT NULL DEFAULT 0"),
         ("eval_opinions", "one_sided", "INTEGER NOT NULL DEFAULT 0"),
+        ("eval_opinions", "positions", "TEXT NOT NULL DEFAULT '{}'"),
     ] {
         let has: i64 = conn.query_row(
             "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",

@@ -402,6 +402,9 @@ pub struct EvalOpinion {
     /// How often the task was asked again because two answers differed only where one of
     /// them failed to evaluate (bounded; kept, so a restart does not start it afresh).
     pub one_sided: u32,
+    /// Where it said each attribute is defined (`file:line` in the repository): left out
+    /// of the digests, and kept only where the second answer says the same.
+    pub positions: BTreeMap<String, String>,
 }
 
 /// Messages an agent sends after registering.

@@ -138,9 +138,31 @@ impl Engine {
                 }
                 (Some(_), Some(_)) => {
                     let agreed: HashSet<&String> = first.present.iter().collect();
-                    if let Some((_, nodes)) = evaluated.as_mut() {
+                    if let Some((attrs, nodes)) = evaluated.as_mut() {
                         for (path, node) in nodes.iter_mut() {
                             node.present &= agreed.contains(path);
+                        }
+                        // Where an attribute is defined steers hash fixes to a file: only
+                        // where both said the same (a host whose checkout path shows
+                        // through, or a liar, leaves the fixer to find the file itself).
+                        let mut dropped = Vec::new();
+                        for a in attrs.iter_mut() {
+                            if first.positions.get(&a.attr) != Some(&a.info.position)
+                                && !a.info.position.is_empty()
+                            {
+                                a.info.position.clear();
+                                dropped.push(a.attr.as_str());
+                            }
+                        }
+                        if let Some(one) = dropped.first() {
+                            tracing::warn!(
+                                run = run_id,
+                                task = n,
+                                first = first.agent,
+                                second = agent,
+                                "two evaluations place {} attribute(s) differently (first: {one}): their positions are dropped",
+                                dropped.len()
+                            );
                         }
                     }
                     Verdict::Take
@@ -181,8 +203,8 @@ impl Engine {
 
 /// An answer as it is compared: digests over everything honest agents agree on, a summary
 /// (attribute: derivation) for the message when two differ, and what it says a cache holds.
-/// Left out of the digests: where an attribute is defined (it names the checkout's path),
-/// error messages' wording (Nix versions word them differently; that an attribute failed
+/// Left out of the digests: where an attribute is defined (it may name the checkout's
+/// path; kept apart, and taken only where both answers agree), error messages' wording (Nix versions word them differently; that an attribute failed
 /// counts), and what a cache already holds (it may change between the two evaluations).
 fn opinion(
     task: i64,
@@ -198,11 +220,14 @@ fn opinion(
         summary.insert(n.to_string(), "listed, not evaluated".to_string());
     }
     let mut present = Vec::new();
+    let mut positions = BTreeMap::new();
     let evaluated = evaluated.map(|(evaluated, nodes)| {
         let mut attrs: Vec<(&str, PackageInfo)> = Vec::new();
         for a in evaluated {
             let mut info = a.info.clone();
-            info.position.clear();
+            if !info.position.is_empty() {
+                positions.insert(a.attr.clone(), std::mem::take(&mut info.position));
+            }
             if !info.eval_error.is_empty() {
                 info.eval_error = "failed".into();
             }
@@ -240,6 +265,7 @@ fn opinion(
         present,
         summary,
         one_sided: 0,
+        positions,
     }
 }
 

@@ -451,3 +451,27 @@ fn the_tries_left_for_a_one_sided_failure_are_kept_across_a_restart() {
         "agent b says /nix/store/11111111111111111111111111111111-hello.drv, agent a says an evaluation error",
     );
 }
+
+/// Where an attribute is defined steers a hash fix to a file: it is taken only where both
+/// agents said the same, and dropped (the fixer then finds the file itself) where not.
+#[test]
+fn an_attributes_position_counts_only_where_both_agents_say_the_same() {
+    for (second, kept) in [("pkgs/hello.nix:3", true), ("pkgs/other.nix:1", false)] {
+        let (engine, _dir) = engine();
+        let mut a = connect_agent(&engine, "a");
+        let mut b = connect_agent(&engine, "b");
+        let run = engine.submit(flake_run()).unwrap();
+        for (name, agent, position) in [("a", &mut a, "pkgs/hello.nix:3"), ("b", &mut b, second)] {
+            let (names, (mut attrs, drvs)) = listing('1');
+            attrs[0].info.position = position.into();
+            send_listing(&engine, name, agent, names, Some((attrs, drvs)));
+        }
+        let report = engine.report(&run).unwrap();
+        assert_eq!(report.packages.len(), 1, "{report:?}");
+        let expected = if kept { "pkgs/hello.nix:3" } else { "" };
+        assert_eq!(
+            report.packages[0].position, expected,
+            "second said {second}"
+        );
+    }
+}
