@@ -96,11 +96,12 @@ CREATE TABLE IF NOT EXISTS repo_checks (
   message TEXT NOT NULL,
   PRIMARY KEY (run_id, name)
 );
-CREATE TABLE IF NOT EXISTS repo_pending (
-  run_id TEXT PRIMARY KEY REFERENCES runs(id),
+CREATE TABLE IF NOT EXISTS repo_owed (
+  run_id TEXT NOT NULL REFERENCES runs(id),
   attempt TEXT NOT NULL,
   agent TEXT NOT NULL,
-  until_ms INTEGER NOT NULL
+  until_ms INTEGER NOT NULL,
+  PRIMARY KEY (run_id, attempt)
 );
 CREATE TABLE IF NOT EXISTS build_times (
   name TEXT PRIMARY KEY,
@@ -128,6 +129,19 @@ pub(crate) fn create(conn: &Connection) -> Result<(), DbError> {
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', '1')",
         [],
     )?;
+    // Repository checks owed, from when one listing per run owed them.
+    let old_owed: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'repo_pending'",
+        [],
+        |r| r.get(0),
+    )?;
+    if old_owed > 0 {
+        conn.execute_batch(
+            "INSERT OR IGNORE INTO repo_owed(run_id, attempt, agent, until_ms)
+               SELECT run_id, attempt, agent, until_ms FROM repo_pending;
+             DROP TABLE repo_pending;",
+        )?;
+    }
     // Columns added since a table was first made (CREATE TABLE IF NOT EXISTS leaves an
     // existing table as it was).
     for (table, column, decl) in [

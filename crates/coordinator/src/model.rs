@@ -407,6 +407,17 @@ pub struct EvalOpinion {
     pub positions: BTreeMap<String, String>,
 }
 
+/// Repository checks a listing agent owes a run (the flake's other outputs, checked after
+/// it sent the listing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedChecks {
+    /// The listing attempt they follow.
+    pub attempt: String,
+    pub agent: String,
+    /// When the run stops waiting for them, ms.
+    pub until_ms: i64,
+}
+
 /// Messages an agent sends after registering.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FromAgent {

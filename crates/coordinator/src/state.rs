@@ -6,7 +6,7 @@
 use crate::db::{AttemptRow, Db, DbError, DrvRow, MetricsCounts, RunRow};
 use crate::model::{
     AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvalOpinion, EvaluatedAttr,
-    PackageInfo, PendingCheck, Registration,
+    OwedChecks, PackageInfo, PendingCheck, Registration,
 };
 use nixfarm_core::RunState;
 use nixfarm_core::report::RepoCheck;
@@ -129,19 +129,28 @@ pub trait StateStore: Send {
     // Metrics.
     fn metrics_counts(&self) -> StateResult<MetricsCounts>;
     // Repository checks.
-    fn record_repo_checks(&mut self, run: &str, checks: &[RepoCheck]) -> StateResult<()>;
-    fn repo_checks(&self, run: &str) -> StateResult<Vec<RepoCheck>>;
-    /// That a run's listing agent still owes its repository checks for `attempt`, until a
-    /// time in ms (None: they came, or will not); kept across restarts.
-    fn set_repo_pending(
+    /// A run's repository checks: replacing those before, or with `merge` joining them (a
+    /// check passes only if every report of it passed).
+    fn record_repo_checks(
         &mut self,
         run: &str,
-        pending: Option<(&str, &str, i64)>,
+        checks: &[RepoCheck],
+        merge: bool,
     ) -> StateResult<()>;
+    fn repo_checks(&self, run: &str) -> StateResult<Vec<RepoCheck>>;
+    /// That a listing agent owes a run its repository checks for `attempt`, until a time
+    /// in ms; kept across restarts.
+    fn owe_repo_checks(
+        &mut self,
+        run: &str,
+        attempt: &str,
+        agent: &str,
+        until_ms: i64,
+    ) -> StateResult<()>;
+    /// The checks owed for `attempt` came or will not (None: nothing is owed the run).
+    fn repo_checks_settled(&mut self, run: &str, attempt: Option<&str>) -> StateResult<()>;
     /// The repository checks still owed, by run: (attempt, agent, until ms).
-    fn repo_pending(
-        &self,
-    ) -> StateResult<std::collections::BTreeMap<String, (String, String, i64)>>;
+    fn repo_owed(&self) -> StateResult<BTreeMap<String, Vec<OwedChecks>>>;
     /// How long each derivation (by name) took when last built, in ms: cost estimates.
     fn build_times(&mut self) -> StateResult<std::collections::HashMap<String, u64>>;
     /// A read-only handle of its own on the same state, for reads that need not wait for
@@ -231,9 +240,10 @@ delegate! {
     w fn release_upload_claims(agent: &str, cache: &str, paths: &[String]) -> ();
     w fn release_all_upload_claims(agent: &str) -> ();
     r fn metrics_counts() -> MetricsCounts;
-    w fn record_repo_checks(run: &str, checks: &[RepoCheck]) -> ();
+    w fn record_repo_checks(run: &str, checks: &[RepoCheck], merge: bool) -> ();
     r fn repo_checks(run: &str) -> Vec<RepoCheck>;
-    w fn set_repo_pending(run: &str, pending: Option<(&str, &str, i64)>) -> ();
-    r fn repo_pending() -> std::collections::BTreeMap<String, (String, String, i64)>;
+    w fn owe_repo_checks(run: &str, attempt: &str, agent: &str, until_ms: i64) -> ();
+    w fn repo_checks_settled(run: &str, attempt: Option<&str>) -> ();
+    r fn repo_owed() -> BTreeMap<String, Vec<OwedChecks>>;
     w fn build_times() -> std::collections::HashMap<String, u64>;
 }

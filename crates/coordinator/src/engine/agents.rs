@@ -133,11 +133,14 @@ impl Engine {
         let now = self.clock.now_ms();
         // Repository checks an agent owes and will not deliver (it went silent, or kept them
         // past the wait): said so, and the run goes on.
-        let owed: Vec<(String, String)> = inner
-            .runs
-            .iter()
-            .filter_map(|r| {
-                let (_, agent, until) = r.repo_pending.as_ref()?;
+        let mut lapsed: Vec<(String, String, String)> = Vec::new();
+        for r in &inner.runs {
+            for crate::model::OwedChecks {
+                attempt,
+                agent,
+                until_ms: until,
+            } in &r.repo_owed
+            {
                 let gone = inner
                     .agents
                     .get(agent)
@@ -152,14 +155,14 @@ impl Engine {
                         super::REPO_CHECKS_WAIT_MS / 1000
                     )
                 } else {
-                    return None;
+                    continue;
                 };
-                Some((r.id.clone(), why))
-            })
-            .collect();
-        for (run_id, why) in owed {
+                lapsed.push((r.id.clone(), attempt.clone(), why));
+            }
+        }
+        for (run_id, attempt, why) in lapsed {
             if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
-                run.repo_pending = None;
+                run.repo_owed.retain(|o| o.attempt != attempt);
             }
             let lost = nixfarm_core::report::RepoCheck {
                 name: "repository".into(),
@@ -168,8 +171,8 @@ impl Engine {
             };
             let r = inner
                 .db
-                .record_repo_checks(&run_id, &[lost])
-                .and_then(|()| inner.db.set_repo_pending(&run_id, None))
+                .record_repo_checks(&run_id, &[lost], true)
+                .and_then(|()| inner.db.repo_checks_settled(&run_id, Some(&attempt)))
                 .map_err(EngineError::from)
                 .and_then(|()| self.maybe_finish(inner, &run_id));
             if let Err(e) = r {
@@ -323,25 +326,42 @@ impl Engine {
                             && let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id)
                         {
                             let until = self.clock.now_ms() + super::REPO_CHECKS_WAIT_MS;
-                            run.repo_pending = Some((attempt.clone(), name.to_string(), until));
-                            inner
-                                .db
-                                .set_repo_pending(&a.run_id, Some((&attempt, name, until)))?;
+                            // Owed by this listing alone; cross-checked, also by the other
+                            // agents that listed (each one's checks count), but not by this
+                            // agent's earlier listing.
+                            let cross_checked = self.opts.cross_check_eval;
+                            let earlier: Vec<String> = run
+                                .repo_owed
+                                .iter()
+                                .filter(|o| !cross_checked || o.agent == name)
+                                .map(|o| o.attempt.clone())
+                                .collect();
+                            run.repo_owed.retain(|o| !earlier.contains(&o.attempt));
+                            run.repo_owed.push(crate::model::OwedChecks {
+                                attempt: attempt.clone(),
+                                agent: name.to_string(),
+                                until_ms: until,
+                            });
+                            for e in &earlier {
+                                inner.db.repo_checks_settled(&a.run_id, Some(e))?;
+                            }
+                            inner.db.owe_repo_checks(&a.run_id, &attempt, name, until)?;
                         }
                         self.on_eval_list(inner, a, result, evaluated)?;
                     }
                 }
                 FromAgent::RepoChecks { attempt, checks } => {
-                    // Only the agent that listed, for that listing, once.
-                    let mine = |p: &Option<(String, String, i64)>| {
-                        p.as_ref()
-                            .is_some_and(|(a, n, _)| *a == attempt && n == name)
-                    };
-                    if let Some(run) = inner.runs.iter_mut().find(|r| mine(&r.repo_pending)) {
-                        run.repo_pending = None;
+                    // Only an agent that listed, for that listing, once.
+                    let mine =
+                        |o: &crate::model::OwedChecks| o.attempt == attempt && o.agent == name;
+                    if let Some(run) = inner.runs.iter_mut().find(|r| r.repo_owed.iter().any(mine))
+                    {
+                        run.repo_owed.retain(|o| !mine(o));
                         let id = run.id.clone();
-                        inner.db.record_repo_checks(&id, &checks)?;
-                        inner.db.set_repo_pending(&id, None)?;
+                        inner
+                            .db
+                            .record_repo_checks(&id, &checks, self.opts.cross_check_eval)?;
+                        inner.db.repo_checks_settled(&id, Some(&attempt))?;
                         self.maybe_finish(inner, &id)?;
                     }
                 }

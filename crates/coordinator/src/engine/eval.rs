@@ -23,10 +23,16 @@ impl Engine {
                     &mut evaluated,
                 )? {
                     Verdict::Take => {}
-                    Verdict::Wait => return Ok(()),
+                    Verdict::Wait => {
+                        // Cross-checked: each listing's checks count; one failure stays.
+                        inner.db.record_repo_checks(&run_id, &repository, true)?;
+                        return Ok(());
+                    }
                     Verdict::Disagree(msg) => return self.fail_run(inner, &run_id, &msg),
                 }
-                inner.db.record_repo_checks(&run_id, &repository)?;
+                inner
+                    .db
+                    .record_repo_checks(&run_id, &repository, self.opts.cross_check_eval)?;
                 attrs
             }
             Err((msg, true)) => return self.retry_eval(inner, &run_id, EvalTask::List, -1, &msg),

@@ -100,9 +100,10 @@ struct RunMem {
     eval_queue: VecDeque<EvalTask>,
     eval_tasks_total: Option<usize>,
     eval_tasks_done: HashSet<i64>,
-    /// The listing attempt whose repository checks are still to come, its agent, and when
-    /// the run stops waiting for them (ms).
-    repo_pending: Option<(String, String, i64)>,
+    /// The listing attempts whose repository checks are still to come, their agents, and
+    /// when the run stops waiting for them (ms): one, or with evaluation cross-checked one
+    /// per agent that listed.
+    repo_owed: Vec<crate::model::OwedChecks>,
     sched: Option<Scheduler>,
     node_of: HashMap<String, NodeId>,
     drv_of: Vec<String>,
@@ -482,7 +483,7 @@ impl RunMem {
             eval_queue: VecDeque::new(),
             eval_tasks_total: None,
             eval_tasks_done: HashSet::new(),
-            repo_pending: None,
+            repo_owed: Vec::new(),
             sched: None,
             node_of: HashMap::new(),
             drv_of: Vec::new(),
@@ -590,7 +591,7 @@ impl RunMem {
     fn eval_complete(&self) -> bool {
         self.eval_tasks_total
             .is_some_and(|t| self.eval_tasks_done.len() >= t)
-            && self.repo_pending.is_none()
+            && self.repo_owed.is_empty()
     }
 }
 

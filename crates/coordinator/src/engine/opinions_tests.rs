@@ -475,3 +475,79 @@ fn an_attributes_position_counts_only_where_both_agents_say_the_same() {
         );
     }
 }
+
+/// With evaluation cross-checked, the flake's other outputs are checked by both agents that
+/// listed: the run waits for both, and a check passes only if both said it did (an agent
+/// cannot pass what the other found broken, whichever answers last).
+#[test]
+fn both_listing_agents_repository_checks_count_and_a_failure_stays() {
+    use nixfarm_core::report::RepoCheck;
+    let (engine, _dir) = engine();
+    let mut a = connect_agent(&engine, "a");
+    let mut b = connect_agent(&engine, "b");
+    let run = engine.submit(flake_run()).unwrap();
+    let mut listings = Vec::new();
+    for (name, agent) in [("a", &mut a), ("b", &mut b)] {
+        let (attempt, _) = assigned(&mut agent.rx);
+        let (names, evaluated) = listing('1');
+        engine
+            .agent_message(
+                name,
+                agent.conn,
+                FromAgent::EvalList {
+                    attempt: attempt.clone(),
+                    result: Ok((names, vec![])),
+                    follows: true,
+                    evaluated: Some(evaluated),
+                },
+            )
+            .unwrap();
+        listings.push(attempt);
+    }
+    // The package builds, on whichever agent was handed it.
+    let (builder, attempt, conn) = match (a.rx.try_recv(), b.rx.try_recv()) {
+        (Ok(ToAgent::Assign { attempt, .. }), _) => ("a", attempt, a.conn),
+        (_, Ok(ToAgent::Assign { attempt, .. })) => ("b", attempt, b.conn),
+        other => panic!("no build handed out: {other:?}"),
+    };
+    let (_, out) = listing('1');
+    let out = out.0[0].info.outputs["out"].clone();
+    engine
+        .agent_message(
+            builder,
+            conn,
+            FromAgent::Build {
+                attempt,
+                report: super::tests::built(&out),
+            },
+        )
+        .unwrap();
+    let check = |ok: bool, message: &str| RepoCheck {
+        name: "overlays.default".into(),
+        ok,
+        message: message.into(),
+    };
+    let broken = check(false, "is not a function");
+    for (name, conn, attempt, said) in [
+        ("a", a.conn, &listings[0], broken.clone()),
+        ("b", b.conn, &listings[1], check(true, "")),
+    ] {
+        assert_ne!(
+            engine.run_state(&run).unwrap(),
+            RunState::Finished,
+            "finished before {name}'s checks came"
+        );
+        engine
+            .agent_message(
+                name,
+                conn,
+                FromAgent::RepoChecks {
+                    attempt: attempt.clone(),
+                    checks: vec![said],
+                },
+            )
+            .unwrap();
+    }
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    assert_eq!(engine.report(&run).unwrap().repository, vec![broken]);
+}

@@ -9,7 +9,7 @@ impl Engine {
         // Attempts that were running when the coordinator stopped: their agents will
         // reconnect and either claim them (reattach) or they are requeued below.
         let running = inner.db.running_attempts()?;
-        let mut owed = inner.db.repo_pending()?;
+        let mut owed = inner.db.repo_owed()?;
         for row in inner.db.runs()? {
             let state = row.state;
             if state.is_terminal() {
@@ -30,7 +30,7 @@ impl Engine {
             let mut run = RunMem::new(row.id.clone(), spec, state, row.created_ms);
             // Repository checks the listing agent still owes: it sends them again when it
             // dials back in; if it does not within its lease, the run says so and goes on.
-            run.repo_pending = owed.remove(&row.id);
+            run.repo_owed = owed.remove(&row.id).unwrap_or_default();
             let tasks = inner.db.eval_tasks(&row.id)?;
             if row.eval_tasks_total < 0 {
                 run.eval_queue.push_back(EvalTask::List);
@@ -70,7 +70,7 @@ impl Engine {
         }
         // Owed to runs that ended meanwhile (failed, cancelled): nothing waits for them.
         for run_id in owed.into_keys() {
-            inner.db.set_repo_pending(&run_id, None)?;
+            inner.db.repo_checks_settled(&run_id, None)?;
         }
         for a in running {
             let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
