@@ -121,6 +121,75 @@ fn tls_coordinator(d: &Path, listen: &str, extra: &str) -> (Coordinator, PathBuf
     (coordinator, ca, url)
 }
 
+/// An agent's open stream to the coordinator: what it sends, and what it is told.
+type AgentStream = (
+    tokio::sync::mpsc::Sender<nixfarm_proto::v1::AgentMessage>,
+    tonic::Streaming<nixfarm_proto::v1::CoordinatorMessage>,
+);
+
+/// Registers agent `name` over the real protocol, played by hand, with the client
+/// certificate `(cert, key)`: what it was told, and its stream (dropped, it disconnects).
+fn by_hand(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    ca: &Path,
+    (cert, key): (&Path, &Path),
+    name: &str,
+    takes_token: bool,
+) -> Result<(nixfarm_proto::v1::Registered, AgentStream), tonic::Status> {
+    use nixfarm_proto::v1 as pb;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)))
+        .identity(Identity::from_pem(read(cert), read(key)));
+    rt.block_on(async {
+        let channel = Channel::from_shared(url.to_string())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Register(pb::Register {
+                name: name.into(),
+                systems: vec!["x86_64-linux".into()],
+                max_jobs: 1,
+                holds_outputs: true,
+                holds_in_builder_store: true,
+                takes_farm_cache_token: takes_token,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let mut from = client
+            .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        match from.message().await?.and_then(|m| m.msg) {
+            Some(pb::coordinator_message::Msg::Registered(r)) => Ok((r, (tx, from))),
+            other => panic!("not registered: {other:?}"),
+        }
+    })
+}
+
+/// The HTTP status of the farm cache on `port` to a request with `token` (curl).
+fn farm_cache_status(ca: &Path, port: u32, token: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(ca)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("https://127.0.0.1:{port}/nix-cache-info"))
+        .output()
+        .expect("curl");
+    stdout(&out)
+}
+
 /// `nixfarm submit DIR --watch --format json` over TLS, as the CLI with its token: the
 /// report.
 fn submit_json(url: &str, ca: &Path, repo: &Path) -> serde_json::Value {
@@ -383,8 +452,6 @@ fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
 /// it, and the coordinator's log says to upgrade it.
 #[test]
 fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
-    use nixfarm_proto::v1 as pb;
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let dir = scratch();
     let d = dir.path();
     // A short lease: how long an agent's farm cache token outlives its stream.
@@ -394,50 +461,9 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
         "[scheduler]\nlease_secs = 4\nheartbeat_secs = 1\n",
     );
     let (_, cert, key) = pki(d, "farm-ca", "hand", CLIENT_EXT);
-    let read = |p: &Path| std::fs::read(p).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&ca)))
-        .identity(Identity::from_pem(read(&cert), read(&key)));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    // Registers `name`; returns what it was told, and its stream, which keeps it connected.
-    type Stream = (
-        tokio::sync::mpsc::Sender<pb::AgentMessage>,
-        tonic::Streaming<pb::CoordinatorMessage>,
-    );
-    let registered = |name: &str, takes_token: bool| -> (pb::Registered, Stream) {
-        rt.block_on(async {
-            let channel = Channel::from_shared(url.clone())
-                .unwrap()
-                .tls_config(tls.clone())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            tx.send(pb::AgentMessage {
-                msg: Some(pb::agent_message::Msg::Register(pb::Register {
-                    name: name.into(),
-                    systems: vec!["x86_64-linux".into()],
-                    max_jobs: 1,
-                    holds_outputs: true,
-                    holds_in_builder_store: true,
-                    takes_farm_cache_token: takes_token,
-                    ..Default::default()
-                })),
-            })
-            .await
-            .unwrap();
-            let mut from = client
-                .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .unwrap()
-                .into_inner();
-            match from.message().await.unwrap().unwrap().msg {
-                Some(pb::coordinator_message::Msg::Registered(r)) => (r, (tx, from)),
-                other => panic!("not registered: {other:?}"),
-            }
-        })
+    let registered = |name: &str, takes_token: bool| {
+        by_hand(&rt, &url, &ca, (&cert, &key), name, takes_token).unwrap()
     };
     let (new, _) = registered("new", true);
     assert_ne!(new.farm_cache_port, 0, "told of the farm cache");
@@ -477,20 +503,7 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
 
     // The farm cache takes the issued token while its agent is connected, and for the
     // lease after; then not, until the agent is back (a retired agent's token lapses).
-    let status = |token: &str| -> String {
-        let out = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-            .arg(&ca)
-            .arg("-H")
-            .arg(format!("Authorization: Bearer {token}"))
-            .arg(format!(
-                "https://127.0.0.1:{}/nix-cache-info",
-                new.farm_cache_port
-            ))
-            .output()
-            .expect("curl");
-        stdout(&out)
-    };
+    let status = |token: &str| farm_cache_status(&ca, new.farm_cache_port, token);
     assert_eq!(status(&new.farm_cache_token), "200");
     assert_eq!(status(&"0".repeat(64)), "401");
     drop(new_stream);
@@ -511,4 +524,80 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
     let (back, _back) = registered("new", true);
     assert_eq!(back.farm_cache_token, new.farm_cache_token);
     assert_eq!(status(&new.farm_cache_token), "200", "its agent is back");
+}
+
+/// An agent host is compromised: the operator adds its certificate's fingerprint (as
+/// `openssl x509 -fingerprint -sha256` prints it, which `nixfarm agents` matches) to
+/// `[tls] revoked_certs_file`. Without a restart, its agent is cut off, its farm cache token
+/// refused, and it cannot register again; another agent goes on.
+#[test]
+fn a_revoked_certificate_is_cut_off_and_refused_without_a_restart() {
+    let dir = scratch();
+    let d = dir.path();
+    let revoked = d.join("revoked-agents");
+    std::fs::write(&revoked, "# none yet\n").unwrap();
+    let (_coordinator, ca, url) = tls_coordinator(
+        d,
+        "127.0.0.1:0",
+        &format!("revoked_certs_file = \"{}\"\n", revoked.display()),
+    );
+    let (_, bad_cert, bad_key) = pki(d, "farm-ca", "compromised", CLIENT_EXT);
+    let (_, good_cert, good_key) = pki(d, "farm-ca", "keeper", CLIENT_EXT);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (bad, (_bad_tx, mut bad_stream)) =
+        by_hand(&rt, &url, &ca, (&bad_cert, &bad_key), "compromised", true).unwrap();
+    let (good, _good_stream) =
+        by_hand(&rt, &url, &ca, (&good_cert, &good_key), "keeper", true).unwrap();
+    let port = bad.farm_cache_port;
+    assert_eq!(farm_cache_status(&ca, port, &bad.farm_cache_token), "200");
+
+    // `nixfarm agents` names each certificate by the fingerprint openssl prints.
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&bad_cert)
+        .output()
+        .unwrap();
+    let line = stdout(&out);
+    let hex: String = line
+        .trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .replace(':', "")
+        .to_lowercase();
+    let listing = stdout(
+        &Command::new(bin("nixfarm"))
+            .arg("agents")
+            .env("NIXFARM_COORDINATOR", &url)
+            .env("NIXFARM_TLS_CA", &ca)
+            .env("NIXFARM_TOKEN", "cli-secret-1")
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        listing.contains(&format!("compromised: {hex}")),
+        "{hex} in:\n{listing}"
+    );
+
+    std::fs::write(&revoked, format!("# compromised, 2026-12-04\n{line}")).unwrap();
+    // Cut off within the second or so the file takes to be read again.
+    let ended = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), bad_stream.message()).await
+    });
+    assert!(
+        matches!(ended, Ok(Ok(None)) | Ok(Err(_))),
+        "its stream goes on: {ended:?}"
+    );
+    assert_eq!(farm_cache_status(&ca, port, &bad.farm_cache_token), "401");
+    let again = by_hand(&rt, &url, &ca, (&bad_cert, &bad_key), "compromised", true)
+        .expect_err("registered again with a revoked certificate");
+    assert_eq!(again.code(), tonic::Code::PermissionDenied);
+    assert!(again.message().contains("revoked"), "{again:?}");
+    // Nor under another name.
+    assert!(by_hand(&rt, &url, &ca, (&bad_cert, &bad_key), "other", true).is_err());
+    // The other agent is still connected, and its token still counts.
+    assert_eq!(farm_cache_status(&ca, port, &good.farm_cache_token), "200");
+    let conflict = by_hand(&rt, &url, &ca, (&good_cert, &good_key), "keeper", true)
+        .expect_err("a second keeper");
+    assert_eq!(conflict.code(), tonic::Code::AlreadyExists, "{conflict:?}");
 }

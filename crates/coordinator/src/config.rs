@@ -134,6 +134,13 @@ pub struct TlsConfig {
     /// PEM CA that signs agents' client certificates (mTLS): an agent that presents one is
     /// admitted without the join token. Default: none.
     pub client_ca_file: Option<PathBuf>,
+    /// Client certificates no longer admitted, one SHA-256 fingerprint per line (as
+    /// `openssl x509 -noout -fingerprint -sha256 -in CERT` prints it, or 64 hex digits);
+    /// `#` starts a comment. Read again within a second of a change: a revoked
+    /// certificate is refused, its agent cut off (its jobs go back to the queue) and its
+    /// farm cache token withdrawn. An edit that cannot be read keeps what was revoked
+    /// before. Needs `client_ca_file`. Default: none.
+    pub revoked_certs_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -280,6 +287,11 @@ pub enum ConfigError {
         "{0} is empty: a token file must hold the token (an empty one would turn authentication off)"
     )]
     EmptySecret(PathBuf),
+    #[error("config: {field} {why}")]
+    Needs {
+        field: &'static str,
+        why: &'static str,
+    },
 }
 
 /// Checks that `value` lies in `lo..=hi`.
@@ -302,6 +314,12 @@ fn range<T: PartialOrd + std::fmt::Display + Copy>(
 impl Config {
     /// Range-checks every numeric field, naming the field and the allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls.revoked_certs_file.is_some() && self.tls.client_ca_file.is_none() {
+            return Err(ConfigError::Needs {
+                field: "[tls] revoked_certs_file",
+                why: "needs [tls] client_ca_file: without client certificates there is nothing to revoke",
+            });
+        }
         let s = &self.scheduler;
         range("[scheduler] eval_chunk_size", s.eval_chunk_size, 1, 10_000)?;
         range("[scheduler] list_eval_max", s.list_eval_max, 0, 10_000)?;
@@ -462,6 +480,17 @@ mod tests {
         let err =
             toml::from_str::<Config>(&format!("[http]\ntrusted_proxies = [{many}]\n")).unwrap_err();
         assert!(err.to_string().contains("at most 64"), "{err}");
+    }
+
+    #[test]
+    fn revoking_certificates_without_client_certificates_is_refused() {
+        let c: Config =
+            toml::from_str("[tls]\nrevoked_certs_file = \"/etc/nixfarm/revoked\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("revoked_certs_file") && e.contains("client_ca_file"),
+            "{e}"
+        );
     }
 
     #[test]

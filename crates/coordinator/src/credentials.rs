@@ -30,6 +30,17 @@ pub enum Credential {
 }
 
 impl Credential {
+    /// What admitted an agent, as `nixfarm agents` shows it: for a certificate, the
+    /// fingerprint `[tls] revoked_certs_file` takes.
+    pub fn describe(&self) -> String {
+        match self {
+            Credential::Open => "open".into(),
+            Credential::JoinToken => "join token".into(),
+            Credential::NamedToken(_) => "named token".into(),
+            Credential::Certificate(fp) => format!("certificate sha256:{fp}"),
+        }
+    }
+
     /// Whether agents `a` and `b` (name, credential) count as two for a cross-check:
     /// different names, and different credentials unless none is asked for.
     pub fn independent(a: (&str, &Credential), b: (&str, &Credential)) -> bool {

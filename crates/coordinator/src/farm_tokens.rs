@@ -172,6 +172,35 @@ impl FarmTokens {
         }
     }
 
+    /// Withdraws agent `name`'s token for good (its certificate was revoked): refused from
+    /// now on, struck from the file, and the name, if it registers again with another
+    /// credential, is issued a new one.
+    pub fn withdraw(&self, name: &str) {
+        let Ok(mut i) = self.inner.lock() else {
+            return;
+        };
+        let Some(token) = i.by_name.remove(name) else {
+            return;
+        };
+        i.names.remove(&digest(&token));
+        i.live.remove(name);
+        tracing::warn!(agent = name, "farm cache token withdrawn");
+        if let Some(file) = &self.file {
+            let text: String = i
+                .by_name
+                .iter()
+                .map(|(n, t)| format!("{n} {t}\n"))
+                .collect();
+            if let Err(e) = rewrite(file, &text) {
+                // Refused until a restart, which would read it back from the file.
+                tracing::error!(
+                    file = %file.display(),
+                    "cannot strike a withdrawn farm cache token from the file: {e}"
+                );
+            }
+        }
+    }
+
     /// Whether `given` is a token issued here whose agent is connected, or was within
     /// its lease.
     pub fn admits(&self, given: &str) -> bool {
@@ -202,6 +231,22 @@ fn keep(file: &std::path::Path, name: &str, token: &str) -> std::io::Result<()> 
         .open(file)?;
     f.write_all(format!("{name} {token}\n").as_bytes())?;
     f.sync_data()
+}
+
+/// Replaces `file` with `text` (mode 0600) atomically: a crash leaves the old or the new.
+fn rewrite(file: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = file.with_extension("new");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, file)
 }
 
 /// 256 bits from the kernel, hex; None if it cannot give them (fail closed: no weak token).
@@ -330,5 +375,20 @@ mod tests {
         assert!(!again.admits(&b));
         again.connected("b", 1);
         assert!(again.admits(&b));
+        // Withdrawn: refused at once, and after a restart; the name gets a new one.
+        again.issue("c").unwrap();
+        again.withdraw("b");
+        assert!(!again.admits(&b));
+        let restarted = FarmTokens::open(d.path().join("farm-tokens"), clock.clone(), 5_000);
+        assert!(!restarted.admits(&b));
+        let b2 = restarted.issue("b").unwrap();
+        assert_ne!(b2, b);
+        assert!(restarted.issue("c").is_some());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.path().join("farm-tokens"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

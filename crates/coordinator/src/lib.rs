@@ -18,6 +18,7 @@ pub mod farm_tokens;
 pub mod http_serve;
 pub mod limit;
 pub mod model;
+pub mod revoked;
 pub mod scheduler;
 pub mod server;
 pub mod service;

@@ -551,6 +551,8 @@ pub struct AgentStatus {
     pub holds_outputs: bool,
     /// The coordinator has a farm cache and this agent was not told of it.
     pub without_farm_cache: bool,
+    /// What admitted it (for a certificate, the fingerprint that revokes it).
+    pub admitted_by: String,
 }
 
 /// A line of `nixfarm runs`.

@@ -86,13 +86,20 @@ fn token_check(
     expected: Option<Arc<Credentials>>,
     who: Role,
     client_certs: bool,
+    revoked: Arc<crate::revoked::Revoked>,
     limiter: Arc<crate::limit::Limiter>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
-        // A client certificate the TLS layer verified against the client CA admits an agent.
+        // A client certificate the TLS layer verified against the client CA admits an
+        // agent, unless the operator revoked it (whatever token comes with it).
         if client_certs && let Some(der) = req.peer_certs().and_then(|c| c.first().cloned()) {
             use sha2::Digest as _;
             let fingerprint = data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(der.as_ref()));
+            if revoked.contains(&fingerprint) {
+                return Err(Status::permission_denied(
+                    "this client certificate was revoked ([tls] revoked_certs_file)",
+                ));
+            }
             req.extensions_mut()
                 .insert(Credential::Certificate(fingerprint));
             let token = bearer(&req);
@@ -397,12 +404,39 @@ pub async fn start_with_listener(
             })
         },
     );
+    // Revoked client certificates: refused from the start, and their agents' farm cache
+    // tokens void; the file is read again every second.
+    let revoked = Arc::new(
+        crate::revoked::Revoked::open(config.tls.revoked_certs_file.clone())
+            .map_err(anyhow::Error::msg)?,
+    );
+    let issued = farm_cache.as_ref().and_then(|(c, _)| c.issued_tokens());
+    let cut_off = {
+        let (engine, issued) = (engine.clone(), issued.clone());
+        move |fingerprints: &[String]| {
+            for name in engine.cut_off_certificates(fingerprints) {
+                if let Some(t) = &issued {
+                    t.withdraw(&name);
+                }
+            }
+        }
+    };
+    if let Some(file) = &config.tls.revoked_certs_file {
+        let all = revoked.fingerprints();
+        tracing::info!(file = %file.display(), revoked = all.len(), "revoked client certificates");
+        cut_off(&all);
+    }
     let lease_engine = engine.clone();
+    let lease_revoked = revoked.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(1));
         loop {
             t.tick().await;
             lease_engine.check_leases();
+            let newly = lease_revoked.reload();
+            if !newly.is_empty() {
+                cut_off(&newly);
+            }
         }
     });
     let mut builder = tonic::transport::Server::builder();
@@ -439,11 +473,23 @@ pub async fn start_with_listener(
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(InterceptedService::new(
                 agent_svc,
-                token_check(agent_token, Role::Agent, client_certs, guesses.clone()),
+                token_check(
+                    agent_token,
+                    Role::Agent,
+                    client_certs,
+                    revoked.clone(),
+                    guesses.clone(),
+                ),
             ))
             .add_service(InterceptedService::new(
                 run_svc,
-                token_check(client_creds, Role::Client, false, guesses.clone()),
+                token_check(
+                    client_creds,
+                    Role::Client,
+                    false,
+                    revoked.clone(),
+                    guesses.clone(),
+                ),
             ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;

@@ -1,6 +1,6 @@
 //! `nixfarm agents`: each agent (connected, paused, what it builds), protocol violations,
-//! agents that predate held outputs, and every waiting job of the farm grouped by why it
-//! waits.
+//! agents that predate held outputs, the certificates agents were admitted by, and every
+//! waiting job of the farm grouped by why it waits.
 
 use crate::output::Listing;
 use crate::{Client, short_name, status_error};
@@ -49,6 +49,13 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
         .filter(|a| a.connected && a.without_farm_cache)
         .map(|a| format!("  {}", a.name))
         .collect();
+    let certificates: Vec<String> = agents
+        .iter()
+        .filter_map(|a| {
+            let fp = a.admitted_by.strip_prefix("certificate sha256:")?;
+            Some(format!("  {}: {fp}", a.name))
+        })
+        .collect();
     for a in agents {
         let building: Vec<String> = a
             .building
@@ -90,6 +97,12 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
         println!(
             "\nwithout the farm cache (admitted by a certificate, they predate the tokens issued for it: they take part only in runs with a cache of their own; upgrade them):\n{}",
             no_farm_cache.join("\n")
+        );
+    }
+    if !certificates.is_empty() {
+        println!(
+            "\nadmitted by client certificates (SHA-256; a line in [tls] revoked_certs_file revokes one):\n{}",
+            certificates.join("\n")
         );
     }
     if !waiting.is_empty() {

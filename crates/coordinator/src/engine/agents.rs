@@ -113,6 +113,52 @@ impl Engine {
         }
     }
 
+    /// Cuts off every agent admitted by one of these (revoked) client certificates: its
+    /// stream is closed and whatever it still sends ignored, its jobs go back to the queue
+    /// at once, and it is not taken as a checker any more. Returns their names (their farm
+    /// cache tokens are to be withdrawn too), connected or not.
+    pub fn cut_off_certificates(&self, fingerprints: &[String]) -> Vec<String> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let names: Vec<String> = inner
+            .agents
+            .iter()
+            .filter(|(_, a)| {
+                matches!(&a.reg.credential,
+                    crate::credentials::Credential::Certificate(fp) if fingerprints.contains(fp))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        let r = self.atomically(inner, |inner| {
+            for name in &names {
+                let Some(a) = inner.agents.get_mut(name) else {
+                    continue;
+                };
+                let was_connected = a.tx.take().is_some();
+                // No stream is this agent's any more: what the old one sends is ignored.
+                a.conn = 0;
+                a.draining = true;
+                let running: Vec<String> = a.running.iter().cloned().collect();
+                if was_connected || !running.is_empty() {
+                    tracing::warn!(
+                        agent = name,
+                        jobs = running.len(),
+                        "agent cut off: its client certificate was revoked; requeueing its jobs"
+                    );
+                }
+                for id in running {
+                    self.lose_attempt(inner, &id, "its agent's certificate was revoked")?;
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::error!("cannot store what cutting off revoked agents led to: {e}");
+        }
+        self.dispatch(inner);
+        names
+    }
+
     /// Requeues the jobs of agents silent for longer than the lease; call periodically.
     pub fn check_leases(&self) {
         let mut g = self.lock();

@@ -174,6 +174,7 @@ impl pb::run_service_server::RunService for RunSvc {
                 protocol_violations: a.violations,
                 holds_outputs: a.holds_outputs,
                 without_farm_cache: a.without_farm_cache,
+                admitted_by: a.admitted_by,
             })
             .collect();
         let waiting = self

@@ -75,6 +75,7 @@ pub async fn agents(State(web): State<Shared>) -> Json<Value> {
                 "protocol_violations": a.violations,
                 "holds_outputs": a.holds_outputs,
                 "without_farm_cache": a.without_farm_cache,
+                "admitted_by": a.admitted_by,
             }))
             .collect::<Vec<_>>(),
         "waiting": waiting

@@ -1,0 +1,206 @@
+//! Client certificates the operator revoked (`[tls] revoked_certs_file`): refused when they
+//! call in, and the agents connected with them cut off. The file is read again when it
+//! changes, so a host that was compromised is shut out without restarting the coordinator
+//! or issuing a new CA.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+/// Most fingerprints one file may list.
+const MAX_REVOKED: usize = 100_000;
+
+/// Largest file read, bytes (a fingerprint line is under 120).
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// The revoked certificates, by the SHA-256 of their DER encoding (lowercase hex, as
+/// [`crate::credentials::Credential::Certificate`] holds it).
+#[derive(Debug, Default)]
+pub struct Revoked {
+    file: Option<PathBuf>,
+    state: RwLock<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    fingerprints: HashSet<String>,
+    /// The file as last read: its modification time and length.
+    seen: Option<(SystemTime, u64)>,
+}
+
+impl Revoked {
+    /// Reads `file` (None: nothing is revoked). A file that cannot be read or has a line
+    /// that is not a fingerprint is an error naming it: the coordinator does not start
+    /// without the revocations it was told of.
+    pub fn open(file: Option<PathBuf>) -> Result<Revoked, String> {
+        let revoked = Revoked {
+            file,
+            state: RwLock::default(),
+        };
+        if let Some(f) = &revoked.file {
+            let (fingerprints, seen) = read(f)?;
+            if let Ok(mut s) = revoked.state.write() {
+                *s = State {
+                    fingerprints,
+                    seen: Some(seen),
+                };
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Whether the certificate with this fingerprint was revoked.
+    pub fn contains(&self, fingerprint: &str) -> bool {
+        // A poisoned lock: refuse (fail closed) only if revocations are configured.
+        match self.state.read() {
+            Ok(s) => s.fingerprints.contains(fingerprint),
+            Err(_) => self.file.is_some(),
+        }
+    }
+
+    /// Every fingerprint revoked now.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.state
+            .read()
+            .map(|s| s.fingerprints.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Reads the file again if it changed since; returns every fingerprint revoked now (so
+    /// that agents still connected with one are cut off), or nothing when it did not
+    /// change. A file that became unreadable or malformed keeps the revocations read
+    /// before (a broken edit never lets a revoked certificate back in), with an error in
+    /// the log.
+    pub fn reload(&self) -> Vec<String> {
+        let Some(file) = &self.file else {
+            return Vec::new();
+        };
+        let now = stamp(file).ok();
+        if now.is_some() && self.state.read().is_ok_and(|s| s.seen == now) {
+            return Vec::new();
+        }
+        match read(file) {
+            Ok((fingerprints, seen)) => {
+                let all: Vec<String> = fingerprints.iter().cloned().collect();
+                if let Ok(mut s) = self.state.write() {
+                    tracing::info!(
+                        file = %file.display(),
+                        revoked = fingerprints.len(),
+                        "revoked client certificates read again"
+                    );
+                    *s = State {
+                        fingerprints,
+                        seen: Some(seen),
+                    };
+                }
+                all
+            }
+            Err(e) => {
+                // Said once per change of the file, not every second.
+                if let Ok(mut s) = self.state.write()
+                    && s.seen != now
+                {
+                    s.seen = now;
+                    tracing::error!("{e}; the certificates revoked before stay revoked");
+                }
+                Vec::new()
+            }
+        }
+    }
+}
+
+fn stamp(file: &Path) -> std::io::Result<(SystemTime, u64)> {
+    let m = std::fs::metadata(file)?;
+    Ok((m.modified()?, m.len()))
+}
+
+fn read(file: &Path) -> Result<(HashSet<String>, (SystemTime, u64)), String> {
+    let what =
+        |e: &dyn std::fmt::Display| format!("[tls] revoked_certs_file {}: {e}", file.display());
+    let seen = stamp(file).map_err(|e| what(&e))?;
+    if seen.1 > MAX_FILE_BYTES {
+        return Err(what(&format!("larger than {MAX_FILE_BYTES} bytes")));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| what(&e))?;
+    let fingerprints = parse(&text).map_err(|e| what(&e))?;
+    Ok((fingerprints, seen))
+}
+
+/// One fingerprint per line, as `openssl x509 -noout -fingerprint -sha256` prints it
+/// (`sha256 Fingerprint=AB:CD:…`) or as 64 hex digits; `#` starts a comment.
+fn parse(text: &str) -> Result<HashSet<String>, String> {
+    let mut out = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let value = line.rsplit_once('=').map_or(line, |(_, v)| v.trim());
+        let hex: String = value
+            .chars()
+            .filter(|c| *c != ':')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "line {} is not a SHA-256 fingerprint (64 hex digits, colons allowed)",
+                i + 1
+            ));
+        }
+        if out.len() >= MAX_REVOKED {
+            return Err(format!("more than {MAX_REVOKED} fingerprints"));
+        }
+        out.insert(hex);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn fingerprints_are_read_as_openssl_prints_them_and_bad_lines_are_named() {
+        let colons: Vec<String> = FP
+            .to_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        let text = format!(
+            "# host a, retired\nsha256 Fingerprint={}\n\n{}  # plain\n",
+            colons.join(":"),
+            FP.replace('0', "f")
+        );
+        let got = parse(&text).unwrap();
+        assert!(got.contains(FP) && got.len() == 2, "{got:?}");
+        let err = parse("# ok\nnot a fingerprint\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(parse(&FP[1..]).is_err());
+    }
+
+    #[test]
+    fn a_change_is_read_again_and_a_broken_edit_keeps_what_was_revoked() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("revoked");
+        std::fs::write(&file, "").unwrap();
+        let r = Revoked::open(Some(file.clone())).unwrap();
+        assert!(!r.contains(FP));
+        assert!(r.reload().is_empty(), "unchanged");
+        std::fs::write(&file, format!("{FP}\n")).unwrap();
+        assert_eq!(r.reload(), vec![FP.to_string()]);
+        assert!(r.contains(FP));
+        std::fs::write(&file, "garbage that is longer\n").unwrap();
+        assert!(r.reload().is_empty());
+        assert!(r.contains(FP), "a broken edit lets nothing back in");
+        std::fs::remove_file(&file).unwrap();
+        assert!(r.reload().is_empty());
+        assert!(r.contains(FP), "nor does a removed file");
+        // Unreadable at start: no start.
+        assert!(Revoked::open(Some(d.path().join("missing"))).is_err());
+        assert!(!Revoked::open(None).unwrap().contains(FP));
+    }
+}
