@@ -191,12 +191,23 @@ fn with_skip_cached_a_copied_hash_already_in_the_cache_is_still_caught() {
     argv.extend(installables.iter().map(String::as_str));
     let out = elsewhere.run(&argv);
     assert!(out.status.success(), "nix copy: {}", stderr(&out));
-    let here = Host::new(&dir.path().join("here"));
+    assert_caught(&warm_elsewhere(dir.path(), &repo, &cache, &sk));
+}
+
+/// A warm run (`--skip-cached`) of `repo` on a new, empty host against the file:// `cache`
+/// signed with `sk`: the report.
+fn warm_elsewhere(
+    dir: &std::path::Path,
+    repo: &std::path::Path,
+    cache: &std::path::Path,
+    sk: &std::path::Path,
+) -> serde_json::Value {
+    let here = Host::new(&dir.join("here"));
     let cache_url = format!("file://{}", cache.display());
-    let report = local(
+    local(
         &here,
-        &dir.path().join("state"),
-        &repo,
+        &dir.join("state-here"),
+        repo,
         &[
             "--skip-cached",
             "--cache",
@@ -204,8 +215,7 @@ fn with_skip_cached_a_copied_hash_already_in_the_cache_is_still_caught() {
             "--signing-key-file",
             sk.to_str().unwrap(),
         ],
-    );
-    assert_caught(&report);
+    )
 }
 
 /// Nothing records which derivation produced alpha's source: the maintainer prefetched it
@@ -254,21 +264,7 @@ fn a_copied_hash_whose_output_no_derivation_is_recorded_for_is_caught() {
         .expect("a narinfo");
     let text = std::fs::read_to_string(&narinfo).unwrap();
     assert!(!text.contains("Deriver:"), "{text}");
-    let here = Host::new(&dir.path().join("here"));
-    let cache_url = format!("file://{}", cache.display());
-    let report = local(
-        &here,
-        &dir.path().join("state-here"),
-        &repo,
-        &[
-            "--skip-cached",
-            "--cache",
-            &cache_url,
-            "--signing-key-file",
-            sk.to_str().unwrap(),
-        ],
-    );
-    assert_caught(&report);
+    assert_caught(&warm_elsewhere(dir.path(), &repo, &cache, &sk));
 }
 
 #[test]

@@ -361,12 +361,7 @@ impl Engine {
                     follows,
                     evaluated,
                 } => {
-                    if let Some(a) = self.take_attempt(
-                        inner,
-                        name,
-                        &attempt,
-                        result.as_ref().err().map(|e| e.0.as_str()),
-                    )? {
+                    if let Some(a) = self.take_attempt(inner, name, &attempt, failed(&result))? {
                         if follows
                             && result.is_ok()
                             && let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id)
@@ -412,12 +407,7 @@ impl Engine {
                     }
                 }
                 FromAgent::EvalChunk { attempt, result } => {
-                    if let Some(a) = self.take_attempt(
-                        inner,
-                        name,
-                        &attempt,
-                        result.as_ref().err().map(|e| e.0.as_str()),
-                    )? {
+                    if let Some(a) = self.take_attempt(inner, name, &attempt, failed(&result))? {
                         self.on_eval_chunk(inner, a, result)?;
                     }
                 }
@@ -539,4 +529,9 @@ impl Engine {
             ..Default::default()
         };
     }
+}
+
+/// What an evaluation's attempt is stored as having ended with: None when it succeeded.
+fn failed<T>(result: &Result<T, (String, bool)>) -> Option<&str> {
+    result.as_ref().err().map(|e| e.0.as_str())
 }
