@@ -251,7 +251,10 @@ impl Agent {
             let mut inbound = match client.connect_agent(req).await {
                 Ok(r) => r.into_inner(),
                 Err(status) => {
+                    // Refusals that no retry changes (a wrong token, a revoked certificate,
+                    // a bad registration): said, and the agent stops.
                     if status.code() == tonic::Code::Unauthenticated
+                        || status.code() == tonic::Code::PermissionDenied
                         || status.code() == tonic::Code::InvalidArgument
                     {
                         anyhow::bail!("the coordinator refused this agent: {}", status.message());

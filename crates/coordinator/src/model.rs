@@ -520,6 +520,11 @@ pub enum ToAgent {
     RunEnded {
         run_id: String,
     },
+    /// The agent is shut out (its certificate was revoked): its stream ends with this
+    /// refusal.
+    CutOff {
+        why: String,
+    },
 }
 
 /// A run event as stored and streamed.

@@ -25,8 +25,8 @@ pub struct Revoked {
 #[derive(Debug, Default)]
 struct State {
     fingerprints: HashSet<String>,
-    /// The file as last read: its modification time and length.
-    seen: Option<(SystemTime, u64)>,
+    /// The file as last read.
+    seen: Option<Stamp>,
 }
 
 impl Revoked {
@@ -110,16 +110,29 @@ impl Revoked {
     }
 }
 
-fn stamp(file: &Path) -> std::io::Result<(SystemTime, u64)> {
+/// What tells one version of the file from another: its device and inode (a file put in
+/// place by a rename, or a link switched to another), its change time (which no copy
+/// preserves), its modification time and its length.
+type Stamp = (u64, u64, i64, i64, SystemTime, u64);
+
+fn stamp(file: &Path) -> std::io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(file)?;
-    Ok((m.modified()?, m.len()))
+    Ok((
+        m.dev(),
+        m.ino(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.modified()?,
+        m.len(),
+    ))
 }
 
-fn read(file: &Path) -> Result<(HashSet<String>, (SystemTime, u64)), String> {
+fn read(file: &Path) -> Result<(HashSet<String>, Stamp), String> {
     let what =
         |e: &dyn std::fmt::Display| format!("[tls] revoked_certs_file {}: {e}", file.display());
     let seen = stamp(file).map_err(|e| what(&e))?;
-    if seen.1 > MAX_FILE_BYTES {
+    if seen.5 > MAX_FILE_BYTES {
         return Err(what(&format!("larger than {MAX_FILE_BYTES} bytes")));
     }
     let text = std::fs::read_to_string(file).map_err(|e| what(&e))?;
@@ -193,6 +206,21 @@ mod tests {
         std::fs::write(&file, format!("{FP}\n")).unwrap();
         assert_eq!(r.reload(), vec![FP.to_string()]);
         assert!(r.contains(FP));
+        // Another fingerprint of the same length, the modification time put back (as
+        // `cp -p` would): still a change.
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        let other = FP.replace('1', "2");
+        std::fs::write(&file, format!("{other}\n")).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(r.reload(), vec![other.clone()]);
+        assert!(r.contains(&other) && !r.contains(FP));
+        std::fs::write(&file, format!("{FP}\n")).unwrap();
+        assert_eq!(r.reload(), vec![FP.to_string()]);
         std::fs::write(&file, "garbage that is longer\n").unwrap();
         assert!(r.reload().is_empty());
         assert!(r.contains(FP), "a broken edit lets nothing back in");

@@ -164,6 +164,7 @@ async fn start_farm_cache(
     agent_token: Option<Arc<Credentials>>,
     engine: &Engine,
     clock: Arc<dyn Clock>,
+    revoked_agents: &[String],
 ) -> anyhow::Result<Option<(Arc<FarmCache>, SocketAddr)>> {
     let fc = &config.farm_cache;
     if !fc.enabled {
@@ -185,11 +186,16 @@ async fn start_farm_cache(
     let admission = crate::farm_tokens::FarmAdmission {
         tokens: agent_token,
         issued: admitted.then(|| {
-            Arc::new(crate::farm_tokens::FarmTokens::open(
+            let tokens = crate::farm_tokens::FarmTokens::open(
                 config.state_dir.join("farm-tokens"),
                 clock,
                 (config.scheduler.lease_secs * 1000) as i64,
-            ))
+            );
+            // Revoked while the coordinator was down: void before anything is served.
+            for name in revoked_agents {
+                tokens.withdraw(name);
+            }
+            Arc::new(tokens)
         }),
     };
     if admission.is_open() && !addr.ip().is_loopback() {
@@ -347,8 +353,30 @@ pub async fn start_with_listener(
     };
     let limits = server_limits(config, client_max_msg);
     let addr = listener.local_addr()?;
-    let farm_cache =
-        start_farm_cache(config, addr, agent_token.clone(), &engine, clock.clone()).await?;
+    // Revoked client certificates: refused from the start (their agents' farm cache tokens
+    // withdrawn before the farm cache serves); the file is read again every second.
+    let revoked = Arc::new(
+        crate::revoked::Revoked::open(config.tls.revoked_certs_file.clone())
+            .map_err(anyhow::Error::msg)?,
+    );
+    engine.use_revocations(revoked.clone());
+    let revoked_agents = match &config.tls.revoked_certs_file {
+        Some(file) => {
+            let all = revoked.fingerprints();
+            tracing::info!(file = %file.display(), revoked = all.len(), "revoked client certificates");
+            engine.cut_off_certificates(&all)
+        }
+        None => Vec::new(),
+    };
+    let farm_cache = start_farm_cache(
+        config,
+        addr,
+        agent_token.clone(),
+        &engine,
+        clock.clone(),
+        &revoked_agents,
+    )
+    .await?;
     let agent_svc = AgentServiceServer::new(AgentSvc {
         engine: engine.clone(),
         heartbeat_ms: (s.heartbeat_secs * 1000) as u32,
@@ -404,12 +432,6 @@ pub async fn start_with_listener(
             })
         },
     );
-    // Revoked client certificates: refused from the start, and their agents' farm cache
-    // tokens void; the file is read again every second.
-    let revoked = Arc::new(
-        crate::revoked::Revoked::open(config.tls.revoked_certs_file.clone())
-            .map_err(anyhow::Error::msg)?,
-    );
     let issued = farm_cache.as_ref().and_then(|(c, _)| c.issued_tokens());
     let cut_off = {
         let (engine, issued) = (engine.clone(), issued.clone());
@@ -421,11 +443,6 @@ pub async fn start_with_listener(
             }
         }
     };
-    if let Some(file) = &config.tls.revoked_certs_file {
-        let all = revoked.fingerprints();
-        tracing::info!(file = %file.display(), revoked = all.len(), "revoked client certificates");
-        cut_off(&all);
-    }
     let lease_engine = engine.clone();
     let lease_revoked = revoked.clone();
     tokio::spawn(async move {

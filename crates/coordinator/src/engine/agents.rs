@@ -26,6 +26,13 @@ impl Engine {
         }
         let mut g = self.lock();
         let inner = &mut *g;
+        // Under the lock: a revocation read before this is refused here, one read after
+        // cuts this agent off when it is applied.
+        if self.revoked(&reg.credential) {
+            return Err(EngineError::Denied(
+                "this client certificate was revoked ([tls] revoked_certs_file)".into(),
+            ));
+        }
         let now = self.clock.now_ms();
         if let Some(old) = inner.agents.get(&reg.name)
             && old.tx.as_ref().is_some_and(|t| !t.is_closed())
@@ -113,10 +120,23 @@ impl Engine {
         }
     }
 
+    /// Has agents admitted by client certificates refused when `revoked` holds theirs
+    /// (once; later calls change nothing).
+    pub fn use_revocations(&self, revoked: Arc<crate::revoked::Revoked>) {
+        let _ = self.revoked.set(revoked);
+    }
+
+    /// Whether `credential` is a revoked client certificate.
+    pub(crate) fn revoked(&self, credential: &crate::credentials::Credential) -> bool {
+        matches!(credential, crate::credentials::Credential::Certificate(fp)
+            if self.revoked.get().is_some_and(|r| r.contains(fp)))
+    }
+
     /// Cuts off every agent admitted by one of these (revoked) client certificates: its
-    /// stream is closed and whatever it still sends ignored, its jobs go back to the queue
-    /// at once, and it is not taken as a checker any more. Returns their names (their farm
-    /// cache tokens are to be withdrawn too), connected or not.
+    /// stream ends with a refusal and whatever it still sends is ignored, its jobs go back
+    /// to the queue at once, its upload claims lapse, the repository checks it owes are
+    /// given up, and it is not taken as a checker any more. Returns their names (their
+    /// farm cache tokens are to be withdrawn too), connected or not.
     pub fn cut_off_certificates(&self, fingerprints: &[String]) -> Vec<String> {
         let mut g = self.lock();
         let inner = &mut *g;
@@ -134,11 +154,16 @@ impl Engine {
                 let Some(a) = inner.agents.get_mut(name) else {
                     continue;
                 };
-                let was_connected = a.tx.take().is_some();
+                let stream = a.tx.take();
                 // No stream is this agent's any more: what the old one sends is ignored.
                 a.conn = 0;
                 a.draining = true;
                 let running: Vec<String> = a.running.iter().cloned().collect();
+                let was_connected = stream.is_some();
+                if let Some(tx) = stream {
+                    let why = "this client certificate was revoked ([tls] revoked_certs_file)";
+                    inner.send(tx, ToAgent::CutOff { why: why.into() });
+                }
                 if was_connected || !running.is_empty() {
                     tracing::warn!(
                         agent = name,
@@ -149,6 +174,12 @@ impl Engine {
                 for id in running {
                     self.lose_attempt(inner, &id, "its agent's certificate was revoked")?;
                 }
+                inner.db.release_all_upload_claims(name)?;
+                self.give_up_owed_checks(
+                    inner,
+                    name,
+                    &format!("agent {name}'s certificate was revoked before it reported the flake's other outputs"),
+                )?;
             }
             Ok(())
         });
@@ -157,6 +188,51 @@ impl Engine {
         }
         self.dispatch(inner);
         names
+    }
+
+    /// Gives up the repository checks owed for listing `attempt` of `run_id`: the run says
+    /// `why` in their place and goes on.
+    fn settle_owed(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        attempt: &str,
+        why: String,
+    ) -> Result<(), EngineError> {
+        if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
+            run.repo_owed.retain(|o| o.attempt != attempt);
+        }
+        let lost = nixfarm_core::report::RepoCheck {
+            name: "repository".into(),
+            ok: false,
+            message: why,
+        };
+        inner.db.record_repo_checks(run_id, &[lost], true)?;
+        inner.db.repo_checks_settled(run_id, Some(attempt))?;
+        self.maybe_finish(inner, run_id)
+    }
+
+    /// Gives up every repository check `agent` owes, saying `why`.
+    fn give_up_owed_checks(
+        &self,
+        inner: &mut Inner,
+        agent: &str,
+        why: &str,
+    ) -> Result<(), EngineError> {
+        let owed: Vec<(String, String)> = inner
+            .runs
+            .iter()
+            .flat_map(|r| {
+                r.repo_owed
+                    .iter()
+                    .filter(|o| o.agent == agent)
+                    .map(|o| (r.id.clone(), o.attempt.clone()))
+            })
+            .collect();
+        for (run_id, attempt) in owed {
+            self.settle_owed(inner, &run_id, &attempt, why.to_string())?;
+        }
+        Ok(())
     }
 
     /// Requeues the jobs of agents silent for longer than the lease; call periodically.
@@ -207,21 +283,7 @@ impl Engine {
             }
         }
         for (run_id, attempt, why) in lapsed {
-            if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
-                run.repo_owed.retain(|o| o.attempt != attempt);
-            }
-            let lost = nixfarm_core::report::RepoCheck {
-                name: "repository".into(),
-                ok: false,
-                message: why,
-            };
-            let r = inner
-                .db
-                .record_repo_checks(&run_id, &[lost], true)
-                .and_then(|()| inner.db.repo_checks_settled(&run_id, Some(&attempt)))
-                .map_err(EngineError::from)
-                .and_then(|()| self.maybe_finish(inner, &run_id));
-            if let Err(e) = r {
+            if let Err(e) = self.settle_owed(inner, &run_id, &attempt, why) {
                 tracing::error!(run = run_id, "cannot close the repository checks: {e}");
             }
         }

@@ -265,6 +265,8 @@ pub struct Engine {
     /// Told the outputs of a build whose check found different ones (the farm cache stops
     /// serving them).
     failed_check: Arc<std::sync::OnceLock<checks::OnFailedCheck>>,
+    /// Client certificates no longer admitted (set once at start, when configured).
+    revoked: Arc<std::sync::OnceLock<Arc<crate::revoked::Revoked>>>,
 }
 
 /// A run's package counts: (total, ready, per status).
@@ -389,6 +391,7 @@ impl Engine {
             trees: Arc::default(),
             reader: Arc::new(Mutex::new(reader)),
             failed_check: Arc::default(),
+            revoked: Arc::default(),
         };
         engine.recover()?;
         Ok(engine)

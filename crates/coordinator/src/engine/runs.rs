@@ -96,6 +96,8 @@ impl Engine {
         let run = &mut inner.runs[idx];
         run.eval_queue.clear();
         run.state = RunState::Cancelled;
+        run.repo_owed.clear();
+        inner.db.repo_checks_settled(run_id, None)?;
         Self::stop_builds(inner, run_id)?;
         self.drop_checks(inner, run_id)?;
         inner
@@ -207,7 +209,10 @@ impl Engine {
             }
             run.state = RunState::Failed;
             run.eval_queue.clear();
+            // Repository checks still owed would change the report of a run that ended.
+            run.repo_owed.clear();
         }
+        inner.db.repo_checks_settled(run_id, None)?;
         // Builds may already be going (they start with the first evaluated chunk).
         Self::stop_builds(inner, run_id)?;
         self.drop_checks(inner, run_id)?;

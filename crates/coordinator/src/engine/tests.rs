@@ -587,3 +587,69 @@ fn repository_checks_that_follow_the_listing_hold_the_runs_end_until_they_come()
         "{repo:?}"
     );
 }
+
+/// A certificate revoked while its agent works: the agent is told it is cut off, its build
+/// goes to another agent at once, the repository checks it owed are given up (the run does
+/// not wait a lease for them), and it cannot register again.
+#[test]
+fn an_agent_whose_certificate_is_revoked_is_cut_off_and_cannot_come_back() {
+    use crate::credentials::Credential;
+    let (engine, _clock, dir) = test_engine(EngineOptions::default());
+    let file = dir.path().join("revoked");
+    std::fs::write(&file, "").unwrap();
+    let revoked = Arc::new(crate::revoked::Revoked::open(Some(file.clone())).unwrap());
+    engine.use_revocations(revoked.clone());
+    let fp = "ab".repeat(32);
+    let by_cert = |name: &str| Registration {
+        credential: Credential::Certificate(fp.clone()),
+        ..registration(name, "")
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (conn, session) = engine.connect_agent(by_cert("a"), tx).unwrap();
+    let mut a = TestAgent { conn, session, rx };
+    let (run, _, out, _) = one_package_run_with(&engine, &mut a, true);
+    let (attempt, _) = assigned(&mut a.rx);
+
+    std::fs::write(&file, format!("{fp}\n")).unwrap();
+    let newly = revoked.reload();
+    assert_eq!(engine.cut_off_certificates(&newly), vec!["a".to_string()]);
+    let told: Vec<ToAgent> = std::iter::from_fn(|| a.rx.try_recv().ok()).collect();
+    assert!(
+        told.iter()
+            .any(|m| matches!(m, ToAgent::CutOff { why } if why.contains("revoked"))),
+        "{told:?}"
+    );
+    // Its late result counts for nothing.
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::Build {
+                attempt,
+                report: built(&out),
+            },
+        )
+        .unwrap();
+    let repo = engine.report(&run).unwrap().repository;
+    assert!(
+        repo.len() == 1 && !repo[0].ok && repo[0].message.contains("revoked"),
+        "{repo:?}"
+    );
+    // Another agent gets the build at once, and the run ends with it.
+    let mut b = connect_agent(&engine, "b");
+    let (attempt, _) = assigned(&mut b.rx);
+    engine
+        .agent_message(
+            "b",
+            b.conn,
+            FromAgent::Build {
+                attempt,
+                report: built(&out),
+            },
+        )
+        .unwrap();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let again = engine.connect_agent(by_cert("a2"), tx).unwrap_err();
+    assert!(matches!(again, EngineError::Denied(_)), "{again}");
+}

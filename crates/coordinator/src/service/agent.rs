@@ -16,6 +16,9 @@ pub struct FarmCacheAdvert {
     pub tokens: Option<std::sync::Arc<crate::farm_tokens::FarmTokens>>,
 }
 
+/// How long an agent has to register once its stream is open.
+const REGISTER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The agent-facing service.
 #[derive(Clone)]
 pub struct AgentSvc {
@@ -41,9 +44,19 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .get::<crate::credentials::ShowsToken>()
             .is_some();
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("the stream ended before the agent registered")
-        })?;
+        // Bounded: a stream held open unregistered would otherwise outlast, say, the
+        // revocation of the certificate it was opened with.
+        let first = tokio::time::timeout(REGISTER_WITHIN, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "an agent must register within {} s of opening its stream",
+                    REGISTER_WITHIN.as_secs()
+                ))
+            })??
+            .ok_or_else(|| {
+                Status::invalid_argument("the stream ended before the agent registered")
+            })?;
         let mut reg: Registration = match first.msg {
             Some(pb::agent_message::Msg::Register(r)) => r.try_into()?,
             _ => {
@@ -55,6 +68,13 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         own_name(bound.as_ref(), &reg.name)?;
         // Never absent (the token check sets it); a join token if it were.
         reg.credential = credential.unwrap_or(Credential::JoinToken);
+        // Revoked since the stream opened: no token is issued to it (the engine checks
+        // again, under its lock, against a revocation read meanwhile).
+        if self.engine.revoked(&reg.credential) {
+            return Err(Status::permission_denied(
+                "this client certificate was revoked ([tls] revoked_certs_file)",
+            ));
+        }
         let name = reg.name.clone();
         // What it can show the farm cache: a token it was admitted by (or showed beside
         // its certificate), or one issued to it now. One with nothing to show (it predates
@@ -131,7 +151,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         };
         let out = tokio_stream::once(Ok(registered)).chain(
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-                .map(|m| Ok(pb::CoordinatorMessage::from(m))),
+                .map(pb::CoordinatorMessage::try_from),
         );
         Ok(Response::new(Box::pin(out)))
     }

@@ -125,10 +125,14 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
     }
 }
 
-impl From<ToAgent> for pb::CoordinatorMessage {
-    fn from(m: ToAgent) -> Self {
+/// A message to an agent on the wire; a cut-off ends its stream with that refusal.
+impl TryFrom<ToAgent> for pb::CoordinatorMessage {
+    type Error = Status;
+
+    fn try_from(m: ToAgent) -> Result<Self, Status> {
         use pb::coordinator_message::Msg;
         let msg = match m {
+            ToAgent::CutOff { why } => return Err(Status::permission_denied(why)),
             ToAgent::Cancel { attempt } => Msg::Cancel(pb::Cancel {
                 attempt_id: attempt,
             }),
@@ -219,7 +223,7 @@ impl From<ToAgent> for pb::CoordinatorMessage {
                 })
             }
         };
-        pb::CoordinatorMessage { msg: Some(msg) }
+        Ok(pb::CoordinatorMessage { msg: Some(msg) })
     }
 }
 
