@@ -235,3 +235,93 @@ async fn a_named_agent_token_admits_its_own_name_only() {
     .unwrap();
     assert_eq!(r["packages"][0]["status"], "ready", "{r}");
 }
+
+/// Opens an agent stream presenting `token` and registers `name`: its stream, or the refusal.
+async fn register_with_token(
+    url: &str,
+    token: &str,
+    name: &str,
+) -> Result<tonic::Streaming<pb::CoordinatorMessage>, tonic::Status> {
+    let channel = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let mut client =
+        AgentServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(8);
+    tx.send(register_message(name, "x86_64-linux"))
+        .await
+        .unwrap();
+    let mut from = client
+        .connect_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Registered; the sender lives as long as the stream (a task holds it).
+    let first = from.message().await?;
+    assert!(
+        matches!(
+            first.and_then(|m| m.msg),
+            Some(pb::coordinator_message::Msg::Registered(_))
+        ),
+        "not registered"
+    );
+    tokio::spawn(async move {
+        tx.closed().await;
+    });
+    Ok(from)
+}
+
+/// An agent's named token is replaced in `[auth] agent_tokens_file` (its host was
+/// compromised): without a restart the agent on the old token is cut off and cannot come
+/// back with it; the new token registers, and the other agents go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_token_taken_back_cuts_its_agent_off_without_a_restart() {
+    let dir = scratch();
+    let tokens = dir.path().join("agent-tokens");
+    let (old, new, two) = (
+        "one-0123456789abcdef",
+        "one-fedcba9876543210",
+        "two-0123456789abcdef",
+    );
+    std::fs::write(&tokens, format!("one {old}\ntwo {two}\n")).unwrap();
+    let coordinator = Coordinator::start_with_config(
+        dir.path(),
+        &format!("[auth]\nagent_tokens_file = \"{}\"\n", tokens.display()),
+    )
+    .unwrap();
+    let url = coordinator.url.clone();
+    let mut one = register_with_token(&url, old, "one").await.unwrap();
+    let mut other = register_with_token(&url, two, "two").await.unwrap();
+
+    // A broken edit changes nothing.
+    std::fs::write(&tokens, "one\n").unwrap();
+    let still = tokio::time::timeout(Duration::from_secs(2), one.message()).await;
+    assert!(still.is_err(), "cut off by a broken edit: {still:?}");
+
+    std::fs::write(&tokens, format!("one {new}\ntwo {two}\n")).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), one.message()).await;
+    match ended {
+        Ok(Err(s)) => assert!(
+            s.code() == tonic::Code::PermissionDenied && s.message().contains("taken back"),
+            "{s:?}"
+        ),
+        other => panic!("its stream did not end with the refusal: {other:?}"),
+    }
+    let e = register_with_token(&url, old, "one").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    register_with_token(&url, new, "one")
+        .await
+        .expect("the new token registers");
+    let going = tokio::time::timeout(Duration::from_millis(500), other.message()).await;
+    assert!(going.is_err(), "agent two was cut off too: {going:?}");
+    let log = coordinator.proc.log_text();
+    assert!(
+        !log.contains(old) && !log.contains(new),
+        "a token was logged"
+    );
+}

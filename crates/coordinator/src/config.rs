@@ -117,7 +117,9 @@ pub struct AuthConfig {
     /// least 16 characters). An agent presenting one may register, claim uploads and so
     /// answer evaluation only under its own name (what `cross_check_evaluation` relies on
     /// to tell two agents apart); the join token, if also set, still admits any name.
-    /// Default: none.
+    /// Read again within a second of a change: an agent whose token went or changed is cut
+    /// off (its jobs requeued, its farm cache token withdrawn); an edit that cannot be
+    /// read keeps the tokens read before. Default: none.
     pub agent_tokens_file: Option<PathBuf>,
     /// File holding the token the CLI presents. Default: none (no check; loopback only).
     pub client_token_file: Option<PathBuf>,

@@ -48,6 +48,46 @@ impl Credential {
     }
 }
 
+/// Why an agent whose certificate was revoked is refused.
+pub const REVOKED: &str = "this client certificate was revoked ([tls] revoked_certs_file)";
+
+/// Why an agent whose named token was taken back is refused.
+pub const TAKEN_BACK: &str =
+    "this agent's token was taken back or replaced ([auth] agent_tokens_file)";
+
+/// What the engine asks, under its lock, before it registers an agent: whether what
+/// admitted it was taken back since (a registration may come up to 30 s after its stream
+/// was admitted).
+#[derive(Debug, Default)]
+pub struct Gate {
+    pub revoked: Option<std::sync::Arc<crate::revoked::Revoked>>,
+    /// The agents' tokens, named ones read again when their file changes.
+    pub agents: Option<std::sync::Arc<Credentials>>,
+}
+
+impl Gate {
+    /// Why an agent admitted by `credential` (a named token checked at `admitted_at`) may
+    /// not register; None: it may.
+    pub fn refusal(&self, credential: &Credential, admitted_at: u64) -> Option<&'static str> {
+        match credential {
+            Credential::Certificate(fp)
+                if self.revoked.as_ref().is_some_and(|r| r.contains(fp)) =>
+            {
+                Some(REVOKED)
+            }
+            Credential::NamedToken(name)
+                if self
+                    .agents
+                    .as_ref()
+                    .is_some_and(|c| !c.still_holds(name, admitted_at)) =>
+            {
+                Some(TAKEN_BACK)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Most named tokens in one file.
 const MAX_NAMED: usize = 10_000;
 
@@ -59,17 +99,73 @@ pub enum Admitted {
     Named(String),
 }
 
+/// When a request's named token was checked: the generation of the named tokens then (a
+/// request extension). A registration that comes after its token was taken back is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdmittedAt(pub u64);
+
 /// The credentials one kind of caller may present.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Credentials {
     shared: Option<String>,
-    named: Vec<(String, String)>,
+    named: std::sync::RwLock<Named>,
+}
+
+/// The named tokens, as last read.
+#[derive(Debug, Default)]
+struct Named {
+    tokens: Vec<(String, String)>,
+    /// Bumped by each reading that changed a name's token.
+    generation: u64,
+    /// The generation at which each name's token last changed or was taken back.
+    changed: std::collections::HashMap<String, u64>,
 }
 
 impl Credentials {
     /// None when there is nothing to check (no token at all).
     pub fn new(shared: Option<String>, named: Vec<(String, String)>) -> Option<Credentials> {
-        (shared.is_some() || !named.is_empty()).then_some(Credentials { shared, named })
+        (shared.is_some() || !named.is_empty()).then(|| Credentials {
+            shared,
+            named: std::sync::RwLock::new(Named {
+                tokens: named,
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// The named tokens' generation now: read before a token is checked.
+    pub fn generation(&self) -> u64 {
+        self.named.read().map_or(u64::MAX, |n| n.generation)
+    }
+
+    /// Whether `name`'s token, checked at generation `at`, is still the one it has.
+    pub fn still_holds(&self, name: &str, at: u64) -> bool {
+        self.named
+            .read()
+            .is_ok_and(|n| n.changed.get(name).is_none_or(|g| *g <= at))
+    }
+
+    /// Takes the named tokens read again: returns the names whose token changed or went
+    /// (their agents are to be cut off).
+    pub fn replace_named(&self, tokens: Vec<(String, String)>) -> Vec<String> {
+        let Ok(mut n) = self.named.write() else {
+            return Vec::new();
+        };
+        let gone: Vec<String> = n
+            .tokens
+            .iter()
+            .filter(|(name, token)| !tokens.iter().any(|(n2, t2)| n2 == name && t2 == token))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !gone.is_empty() {
+            n.generation += 1;
+            let g = n.generation;
+            for name in &gone {
+                n.changed.insert(name.clone(), g);
+            }
+        }
+        n.tokens = tokens;
+        gone
     }
 
     /// Reads an agent tokens file: one `NAME TOKEN` per line (blank lines and `#` comments
@@ -124,9 +220,11 @@ impl Credentials {
         {
             found = Some(Admitted::Any);
         }
-        for (name, token) in &self.named {
-            if crate::engine::constant_time_eq(g, token.as_bytes()) && found.is_none() {
-                found = Some(Admitted::Named(name.clone()));
+        if let Ok(named) = self.named.read() {
+            for (name, token) in &named.tokens {
+                if crate::engine::constant_time_eq(g, token.as_bytes()) && found.is_none() {
+                    found = Some(Admitted::Named(name.clone()));
+                }
             }
         }
         found
@@ -163,6 +261,45 @@ mod tests {
             ("a", &NamedToken("a".into())),
             ("b", &NamedToken("b".into()))
         ));
+    }
+
+    /// The named tokens read again: a name whose token went or changed is taken back, and a
+    /// registration admitted before that is refused by the gate; others are not.
+    #[test]
+    fn a_token_taken_back_refuses_what_it_admitted_before() {
+        let t = |n: &str, tok: &str| (n.to_string(), tok.to_string());
+        let c = std::sync::Arc::new(
+            Credentials::new(
+                None,
+                vec![
+                    t("one", "one-0123456789abcdef"),
+                    t("two", "two-0123456789abcdef"),
+                ],
+            )
+            .unwrap(),
+        );
+        let gate = Gate {
+            revoked: None,
+            agents: Some(c.clone()),
+        };
+        let before = c.generation();
+        assert_eq!(
+            c.admit("one-0123456789abcdef"),
+            Some(Admitted::Named("one".into()))
+        );
+        let gone = c.replace_named(vec![
+            t("one", "one-fedcba9876543210"),
+            t("two", "two-0123456789abcdef"),
+        ]);
+        assert_eq!(gone, vec!["one".to_string()]);
+        assert_eq!(c.admit("one-0123456789abcdef"), None, "the old token");
+        let one = Credential::NamedToken("one".into());
+        let two = Credential::NamedToken("two".into());
+        assert_eq!(gate.refusal(&one, before), Some(TAKEN_BACK));
+        assert_eq!(gate.refusal(&two, before), None, "two's token is the same");
+        assert_eq!(gate.refusal(&one, c.generation()), None, "the new token");
+        assert!(c.replace_named(vec![t("two", "two-0123456789abcdef")]) == ["one"]);
+        assert_eq!(gate.refusal(&Credential::JoinToken, 0), None);
     }
 
     #[test]

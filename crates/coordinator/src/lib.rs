@@ -25,6 +25,7 @@ pub mod service;
 pub mod state;
 pub mod trees;
 pub mod upload;
+pub mod watched;
 pub mod web;
 
 pub use config::Config;

@@ -151,6 +151,10 @@ pub struct Registration {
     /// cross-checks count two agents only when their credentials differ.
     #[serde(default)]
     pub credential: crate::credentials::Credential,
+    /// When its named token was checked (the named tokens' generation then; 0 for other
+    /// credentials): a token taken back since refuses the registration.
+    #[serde(skip)]
+    pub admitted_at: u64,
     /// It keeps held outputs out of a run's cache (agents before `hold` do not).
     #[serde(default)]
     pub holds_outputs: bool,

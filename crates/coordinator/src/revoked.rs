@@ -3,10 +3,10 @@
 //! changes, so a host that was compromised is shut out without restarting the coordinator
 //! or issuing a new CA.
 
+use crate::watched::{Watched, read_at_most};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::RwLock;
-use std::time::SystemTime;
 
 /// Most fingerprints one file may list.
 const MAX_REVOKED: usize = 100_000;
@@ -18,15 +18,8 @@ const MAX_FILE_BYTES: u64 = 16 << 20;
 /// [`crate::credentials::Credential::Certificate`] holds it).
 #[derive(Debug, Default)]
 pub struct Revoked {
-    file: Option<PathBuf>,
-    state: RwLock<State>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    fingerprints: HashSet<String>,
-    /// The file as last read.
-    seen: Option<Stamp>,
+    file: Option<Watched>,
+    fingerprints: RwLock<HashSet<String>>,
 }
 
 impl Revoked {
@@ -34,36 +27,31 @@ impl Revoked {
     /// that is not a fingerprint is an error naming it: the coordinator does not start
     /// without the revocations it was told of.
     pub fn open(file: Option<PathBuf>) -> Result<Revoked, String> {
-        let revoked = Revoked {
-            file,
-            state: RwLock::default(),
+        let Some(path) = file else {
+            return Ok(Revoked::default());
         };
-        if let Some(f) = &revoked.file {
-            let (fingerprints, seen) = read(f)?;
-            if let Ok(mut s) = revoked.state.write() {
-                *s = State {
-                    fingerprints,
-                    seen: Some(seen),
-                };
-            }
-        }
-        Ok(revoked)
+        let file = Watched::new(path);
+        let fingerprints = read(&file)?;
+        Ok(Revoked {
+            file: Some(file),
+            fingerprints: RwLock::new(fingerprints),
+        })
     }
 
     /// Whether the certificate with this fingerprint was revoked.
     pub fn contains(&self, fingerprint: &str) -> bool {
         // A poisoned lock: refuse (fail closed) only if revocations are configured.
-        match self.state.read() {
-            Ok(s) => s.fingerprints.contains(fingerprint),
+        match self.fingerprints.read() {
+            Ok(s) => s.contains(fingerprint),
             Err(_) => self.file.is_some(),
         }
     }
 
     /// Every fingerprint revoked now.
     pub fn fingerprints(&self) -> Vec<String> {
-        self.state
+        self.fingerprints
             .read()
-            .map(|s| s.fingerprints.iter().cloned().collect())
+            .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -76,68 +64,36 @@ impl Revoked {
         let Some(file) = &self.file else {
             return Vec::new();
         };
-        let now = stamp(file).ok();
-        if now.is_some() && self.state.read().is_ok_and(|s| s.seen == now) {
+        if !file.changed() {
             return Vec::new();
         }
         match read(file) {
-            Ok((fingerprints, seen)) => {
-                let all: Vec<String> = fingerprints.iter().cloned().collect();
-                if let Ok(mut s) = self.state.write() {
-                    tracing::info!(
-                        file = %file.display(),
-                        revoked = fingerprints.len(),
-                        "revoked client certificates read again"
-                    );
-                    *s = State {
-                        fingerprints,
-                        seen: Some(seen),
-                    };
+            Ok(fingerprints) => {
+                tracing::info!(
+                    file = %file.path().display(),
+                    revoked = fingerprints.len(),
+                    "revoked client certificates read again"
+                );
+                let all = fingerprints.iter().cloned().collect();
+                if let Ok(mut s) = self.fingerprints.write() {
+                    *s = fingerprints;
                 }
                 all
             }
             Err(e) => {
-                // Said once per change of the file, not every second.
-                if let Ok(mut s) = self.state.write()
-                    && s.seen != now
-                {
-                    s.seen = now;
-                    tracing::error!("{e}; the certificates revoked before stay revoked");
-                }
+                tracing::error!("{e}; the certificates revoked before stay revoked");
                 Vec::new()
             }
         }
     }
 }
 
-/// What tells one version of the file from another: its device and inode (a file put in
-/// place by a rename, or a link switched to another), its change time (which no copy
-/// preserves), its modification time and its length.
-type Stamp = (u64, u64, i64, i64, SystemTime, u64);
-
-fn stamp(file: &Path) -> std::io::Result<Stamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(file)?;
-    Ok((
-        m.dev(),
-        m.ino(),
-        m.ctime(),
-        m.ctime_nsec(),
-        m.modified()?,
-        m.len(),
-    ))
-}
-
-fn read(file: &Path) -> Result<(HashSet<String>, Stamp), String> {
-    let what =
-        |e: &dyn std::fmt::Display| format!("[tls] revoked_certs_file {}: {e}", file.display());
-    let seen = stamp(file).map_err(|e| what(&e))?;
-    if seen.5 > MAX_FILE_BYTES {
-        return Err(what(&format!("larger than {MAX_FILE_BYTES} bytes")));
-    }
-    let text = std::fs::read_to_string(file).map_err(|e| what(&e))?;
-    let fingerprints = parse(&text).map_err(|e| what(&e))?;
-    Ok((fingerprints, seen))
+fn read(file: &Watched) -> Result<HashSet<String>, String> {
+    let what = |e: &dyn std::fmt::Display| {
+        format!("[tls] revoked_certs_file {}: {e}", file.path().display())
+    };
+    let text = read_at_most(file.path(), MAX_FILE_BYTES).map_err(|e| what(&e))?;
+    parse(&text).map_err(|e| what(&e))
 }
 
 /// One fingerprint per line, as `openssl x509 -noout -fingerprint -sha256` prints it

@@ -123,12 +123,16 @@ fn token_check(
             return Ok(req);
         };
         let given = bearer(&req);
+        // Read before the check: a token taken back after it is caught at registration.
+        let generation = expected.generation();
         // Compared in constant time, so a token cannot be guessed byte by byte.
         let admitted = expected.admit(given);
         if let Some(a) = admitted {
             let credential = match a {
                 Admitted::Named(name) => {
                     req.extensions_mut().insert(BoundName(name.clone()));
+                    req.extensions_mut()
+                        .insert(crate::credentials::AdmittedAt(generation));
                     Credential::NamedToken(name)
                 }
                 Admitted::Any => Credential::JoinToken,
@@ -152,6 +156,12 @@ fn token_check(
             )))
         }
     }
+}
+
+/// The agents' named tokens from `[auth] agent_tokens_file` (at most 16 MiB).
+fn read_named(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text = crate::watched::read_at_most(path, 16 << 20).map_err(anyhow::Error::msg)?;
+    Credentials::parse_named(&text).map_err(anyhow::Error::msg)
 }
 
 /// Starts the farm cache when the config asks for it: on its own port, beside the gRPC
@@ -327,11 +337,16 @@ pub async fn start_with_listener(
         .as_deref()
         .map(read_secret)
         .transpose()?;
+    // The agents' named tokens, read again when their file changes (looked at before it
+    // is read, so no change is missed): a name whose token went or changed is cut off
+    // like a revoked certificate.
+    let named_file = config
+        .auth
+        .agent_tokens_file
+        .clone()
+        .map(crate::watched::Watched::new);
     let named = match config.auth.agent_tokens_file.as_deref() {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| Credentials::parse_named(&t).map_err(anyhow::Error::msg))
-            .with_context(|| format!("agent tokens file {}", p.display()))?,
+        Some(p) => read_named(p).with_context(|| format!("agent tokens file {}", p.display()))?,
         None => Vec::new(),
     };
     let agent_token = Credentials::new(agent_token, named).map(Arc::new);
@@ -359,7 +374,10 @@ pub async fn start_with_listener(
         crate::revoked::Revoked::open(config.tls.revoked_certs_file.clone())
             .map_err(anyhow::Error::msg)?,
     );
-    engine.use_revocations(revoked.clone());
+    engine.use_gate(crate::credentials::Gate {
+        revoked: Some(revoked.clone()),
+        agents: agent_token.clone(),
+    });
     let revoked_agents = match &config.tls.revoked_certs_file {
         Some(file) => {
             let all = revoked.fingerprints();
@@ -433,18 +451,16 @@ pub async fn start_with_listener(
         },
     );
     let issued = farm_cache.as_ref().and_then(|(c, _)| c.issued_tokens());
-    let cut_off = {
-        let (engine, issued) = (engine.clone(), issued.clone());
-        move |fingerprints: &[String]| {
-            for name in engine.cut_off_certificates(fingerprints) {
-                if let Some(t) = &issued {
-                    t.withdraw(&name);
-                }
+    let withdraw = move |names: Vec<String>| {
+        for name in names {
+            if let Some(t) = &issued {
+                t.withdraw(&name);
             }
         }
     };
     let lease_engine = engine.clone();
     let lease_revoked = revoked.clone();
+    let lease_tokens = agent_token.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -452,7 +468,26 @@ pub async fn start_with_listener(
             lease_engine.check_leases();
             let newly = lease_revoked.reload();
             if !newly.is_empty() {
-                cut_off(&newly);
+                withdraw(lease_engine.cut_off_certificates(&newly));
+            }
+            if let (Some(file), Some(tokens)) = (&named_file, &lease_tokens)
+                && file.changed()
+            {
+                match read_named(file.path()) {
+                    Ok(named) => {
+                        let gone = tokens.replace_named(named);
+                        tracing::info!(
+                            file = %file.path().display(),
+                            taken_back = gone.len(),
+                            "agent tokens read again"
+                        );
+                        withdraw(lease_engine.cut_off_named(&gone));
+                    }
+                    Err(e) => tracing::error!(
+                        "[auth] agent_tokens_file {}: {e:#}; the tokens read before stay",
+                        file.path().display()
+                    ),
+                }
             }
         }
     });

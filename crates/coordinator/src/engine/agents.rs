@@ -28,10 +28,8 @@ impl Engine {
         let inner = &mut *g;
         // Under the lock: a revocation read before this is refused here, one read after
         // cuts this agent off when it is applied.
-        if self.revoked(&reg.credential) {
-            return Err(EngineError::Denied(
-                "this client certificate was revoked ([tls] revoked_certs_file)".into(),
-            ));
+        if let Some(why) = self.refusal(&reg.credential, reg.admitted_at) {
+            return Err(EngineError::Denied(why.into()));
         }
         let now = self.clock.now_ms();
         if let Some(old) = inner.agents.get(&reg.name)
@@ -120,33 +118,57 @@ impl Engine {
         }
     }
 
-    /// Has agents admitted by client certificates refused when `revoked` holds theirs
-    /// (once; later calls change nothing).
-    pub fn use_revocations(&self, revoked: Arc<crate::revoked::Revoked>) {
-        let _ = self.revoked.set(revoked);
+    /// Has agents refused at registration, under the engine's lock, when what admitted
+    /// them was taken back since (once; later calls change nothing).
+    pub fn use_gate(&self, gate: crate::credentials::Gate) {
+        let _ = self.gate.set(gate);
     }
 
-    /// Whether `credential` is a revoked client certificate.
-    pub(crate) fn revoked(&self, credential: &crate::credentials::Credential) -> bool {
-        matches!(credential, crate::credentials::Credential::Certificate(fp)
-            if self.revoked.get().is_some_and(|r| r.contains(fp)))
+    /// Why an agent admitted by `credential` (a named token checked at `admitted_at`) may
+    /// not register now; None: it may.
+    pub(crate) fn refusal(
+        &self,
+        credential: &crate::credentials::Credential,
+        admitted_at: u64,
+    ) -> Option<&'static str> {
+        self.gate.get()?.refusal(credential, admitted_at)
     }
 
-    /// Cuts off every agent admitted by one of these (revoked) client certificates: its
-    /// stream ends with a refusal and whatever it still sends is ignored, its jobs go back
-    /// to the queue at once, its upload claims lapse, the repository checks it owes are
-    /// given up, and it is not taken as a checker any more. Returns their names (their
-    /// farm cache tokens are to be withdrawn too), connected or not.
+    /// Cuts off every agent admitted by one of these (revoked) client certificates; see
+    /// [`Engine::cut_off`].
     pub fn cut_off_certificates(&self, fingerprints: &[String]) -> Vec<String> {
+        use crate::credentials::{Credential, REVOKED};
+        self.cut_off(
+            |c| matches!(c, Credential::Certificate(fp) if fingerprints.contains(fp)),
+            REVOKED,
+        )
+    }
+
+    /// Cuts off every agent whose named token was taken back; see [`Engine::cut_off`].
+    pub fn cut_off_named(&self, names: &[String]) -> Vec<String> {
+        use crate::credentials::{Credential, TAKEN_BACK};
+        self.cut_off(
+            |c| matches!(c, Credential::NamedToken(n) if names.contains(n)),
+            TAKEN_BACK,
+        )
+    }
+
+    /// Cuts off every agent admitted by a credential `which` picks (taken back: `why`): its
+    /// stream ends with that refusal and whatever it still sends is ignored, its jobs go
+    /// back to the queue at once, its upload claims lapse, the repository checks it owes
+    /// are given up, and it is not taken as a checker any more. Returns their names (their
+    /// farm cache tokens are to be withdrawn too), connected or not.
+    fn cut_off(
+        &self,
+        which: impl Fn(&crate::credentials::Credential) -> bool,
+        why: &str,
+    ) -> Vec<String> {
         let mut g = self.lock();
         let inner = &mut *g;
         let names: Vec<String> = inner
             .agents
             .iter()
-            .filter(|(_, a)| {
-                matches!(&a.reg.credential,
-                    crate::credentials::Credential::Certificate(fp) if fingerprints.contains(fp))
-            })
+            .filter(|(_, a)| which(&a.reg.credential))
             .map(|(n, _)| n.clone())
             .collect();
         let r = self.atomically(inner, |inner| {
@@ -161,30 +183,31 @@ impl Engine {
                 let running: Vec<String> = a.running.iter().cloned().collect();
                 let was_connected = stream.is_some();
                 if let Some(tx) = stream {
-                    let why = "this client certificate was revoked ([tls] revoked_certs_file)";
                     inner.send(tx, ToAgent::CutOff { why: why.into() });
                 }
                 if was_connected || !running.is_empty() {
                     tracing::warn!(
                         agent = name,
                         jobs = running.len(),
-                        "agent cut off: its client certificate was revoked; requeueing its jobs"
+                        "agent cut off ({why}); requeueing its jobs"
                     );
                 }
                 for id in running {
-                    self.lose_attempt(inner, &id, "its agent's certificate was revoked")?;
+                    self.lose_attempt(inner, &id, &format!("its agent was cut off: {why}"))?;
                 }
                 inner.db.release_all_upload_claims(name)?;
                 self.give_up_owed_checks(
                     inner,
                     name,
-                    &format!("agent {name}'s certificate was revoked before it reported the flake's other outputs"),
+                    &format!(
+                        "agent {name} was cut off before it reported the flake's other outputs: {why}"
+                    ),
                 )?;
             }
             Ok(())
         });
         if let Err(e) = r {
-            tracing::error!("cannot store what cutting off revoked agents led to: {e}");
+            tracing::error!("cannot store what cutting off agents led to: {e}");
         }
         self.dispatch(inner);
         names

@@ -265,8 +265,8 @@ pub struct Engine {
     /// Told the outputs of a build whose check found different ones (the farm cache stops
     /// serving them).
     failed_check: Arc<std::sync::OnceLock<checks::OnFailedCheck>>,
-    /// Client certificates no longer admitted (set once at start, when configured).
-    revoked: Arc<std::sync::OnceLock<Arc<crate::revoked::Revoked>>>,
+    /// What is asked at registration: whether what admitted an agent was taken back.
+    gate: Arc<std::sync::OnceLock<crate::credentials::Gate>>,
 }
 
 /// A run's package counts: (total, ready, per status).
@@ -391,7 +391,7 @@ impl Engine {
             trees: Arc::default(),
             reader: Arc::new(Mutex::new(reader)),
             failed_check: Arc::default(),
-            revoked: Arc::default(),
+            gate: Arc::default(),
         };
         engine.recover()?;
         Ok(engine)

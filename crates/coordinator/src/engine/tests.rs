@@ -127,6 +127,7 @@ pub(super) fn registration(name: &str, session_key: &str) -> Registration {
         running_attempts: vec![],
         session_key: session_key.into(),
         credential: Default::default(),
+        admitted_at: 0,
         holds_outputs: true,
         holds_in_builder_store: true,
         takes_farm_cache_token: true,
@@ -598,7 +599,10 @@ fn an_agent_whose_certificate_is_revoked_is_cut_off_and_cannot_come_back() {
     let file = dir.path().join("revoked");
     std::fs::write(&file, "").unwrap();
     let revoked = Arc::new(crate::revoked::Revoked::open(Some(file.clone())).unwrap());
-    engine.use_revocations(revoked.clone());
+    engine.use_gate(crate::credentials::Gate {
+        revoked: Some(revoked.clone()),
+        agents: None,
+    });
     let fp = "ab".repeat(32);
     let by_cert = |name: &str| Registration {
         credential: Credential::Certificate(fp.clone()),

@@ -39,6 +39,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
     ) -> Result<Response<Self::ConnectAgentStream>, Status> {
         let bound = req.extensions().get::<BoundName>().cloned();
         let credential = req.extensions().get::<Credential>().cloned();
+        let admitted_at = req
+            .extensions()
+            .get::<crate::credentials::AdmittedAt>()
+            .copied();
         let shows_token = req
             .extensions()
             .get::<crate::credentials::ShowsToken>()
@@ -68,12 +72,11 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         own_name(bound.as_ref(), &reg.name)?;
         // Never absent (the token check sets it); a join token if it were.
         reg.credential = credential.unwrap_or(Credential::JoinToken);
-        // Revoked since the stream opened: no token is issued to it (the engine checks
-        // again, under its lock, against a revocation read meanwhile).
-        if self.engine.revoked(&reg.credential) {
-            return Err(Status::permission_denied(
-                "this client certificate was revoked ([tls] revoked_certs_file)",
-            ));
+        reg.admitted_at = admitted_at.map_or(0, |a| a.0);
+        // Taken back since the stream opened: no token is issued to it (the engine checks
+        // again, under its lock, against whatever is read meanwhile).
+        if let Some(why) = self.engine.refusal(&reg.credential, reg.admitted_at) {
+            return Err(Status::permission_denied(why));
         }
         let name = reg.name.clone();
         // What it can show the farm cache: a token it was admitted by (or showed beside
