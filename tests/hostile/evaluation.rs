@@ -319,6 +319,13 @@ async fn an_agent_token_taken_back_cuts_its_agent_off_without_a_restart() {
         .expect("the new token registers");
     let going = tokio::time::timeout(Duration::from_millis(500), other.message()).await;
     assert!(going.is_err(), "agent two was cut off too: {going:?}");
+    // Every line taken out: no named token admits anyone.
+    std::fs::write(&tokens, "# nobody for now\n").unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), other.message()).await;
+    assert!(
+        matches!(&ended, Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied),
+        "{ended:?}"
+    );
     let log = coordinator.proc.log_text();
     assert!(
         !log.contains(old) && !log.contains(new),

@@ -133,9 +133,19 @@ impl Credentials {
         })
     }
 
-    /// The named tokens' generation now: read before a token is checked.
-    pub fn generation(&self) -> u64 {
-        self.named.read().map_or(u64::MAX, |n| n.generation)
+    /// What `given` admits, and the named tokens' generation it was checked at (read
+    /// under the same lock: a token replaced meanwhile cannot look taken back).
+    pub fn admit_at(&self, given: &str) -> Option<(Admitted, u64)> {
+        let named = self.named.read().ok()?;
+        let found = self.admit_in(given, &named.tokens)?;
+        Some((found, named.generation))
+    }
+
+    /// Whether the file still names `name` at all.
+    pub fn names(&self, name: &str) -> bool {
+        self.named
+            .read()
+            .is_ok_and(|n| n.tokens.iter().any(|(n2, _)| n2 == name))
     }
 
     /// Whether `name`'s token, checked at generation `at`, is still the one it has.
@@ -171,6 +181,24 @@ impl Credentials {
     /// Reads an agent tokens file: one `NAME TOKEN` per line (blank lines and `#` comments
     /// skipped). Names follow agent names' rules; each name and each token appears once.
     pub fn parse_named(text: &str) -> Result<Vec<(String, String)>, String> {
+        let out = Self::parse_named_lines(text)?;
+        if out.is_empty() {
+            return Err("no agent in it".into());
+        }
+        Ok(out)
+    }
+
+    /// [`Credentials::parse_named`] as read again while running: a file whose lines were
+    /// all taken out holds no agent (each one's token is taken back); an empty file is
+    /// taken for one being written, and refused.
+    pub fn parse_named_again(text: &str) -> Result<Vec<(String, String)>, String> {
+        if text.trim().is_empty() {
+            return Err("empty (being written?)".into());
+        }
+        Self::parse_named_lines(text)
+    }
+
+    fn parse_named_lines(text: &str) -> Result<Vec<(String, String)>, String> {
         let mut out: Vec<(String, String)> = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -203,15 +231,17 @@ impl Credentials {
             }
             out.push((name.to_string(), token.to_string()));
         }
-        if out.is_empty() {
-            return Err("no agent in it".into());
-        }
         Ok(out)
     }
 
     /// What `given` admits, compared in constant time against every credential (no early
     /// exit), so a token cannot be guessed byte by byte nor told apart by timing.
     pub fn admit(&self, given: &str) -> Option<Admitted> {
+        let named = self.named.read().ok()?;
+        self.admit_in(given, &named.tokens)
+    }
+
+    fn admit_in(&self, given: &str, named: &[(String, String)]) -> Option<Admitted> {
         let g = given.as_bytes();
         let mut found = None;
         if let Some(s) = &self.shared
@@ -220,11 +250,9 @@ impl Credentials {
         {
             found = Some(Admitted::Any);
         }
-        if let Ok(named) = self.named.read() {
-            for (name, token) in &named.tokens {
-                if crate::engine::constant_time_eq(g, token.as_bytes()) && found.is_none() {
-                    found = Some(Admitted::Named(name.clone()));
-                }
+        for (name, token) in named {
+            if crate::engine::constant_time_eq(g, token.as_bytes()) && found.is_none() {
+                found = Some(Admitted::Named(name.clone()));
             }
         }
         found
@@ -282,11 +310,8 @@ mod tests {
             revoked: None,
             agents: Some(c.clone()),
         };
-        let before = c.generation();
-        assert_eq!(
-            c.admit("one-0123456789abcdef"),
-            Some(Admitted::Named("one".into()))
-        );
+        let (admitted, before) = c.admit_at("one-0123456789abcdef").unwrap();
+        assert_eq!(admitted, Admitted::Named("one".into()));
         let gone = c.replace_named(vec![
             t("one", "one-fedcba9876543210"),
             t("two", "two-0123456789abcdef"),
@@ -297,9 +322,16 @@ mod tests {
         let two = Credential::NamedToken("two".into());
         assert_eq!(gate.refusal(&one, before), Some(TAKEN_BACK));
         assert_eq!(gate.refusal(&two, before), None, "two's token is the same");
-        assert_eq!(gate.refusal(&one, c.generation()), None, "the new token");
+        let (_, now) = c.admit_at("one-fedcba9876543210").unwrap();
+        assert_eq!(gate.refusal(&one, now), None, "the new token");
         assert!(c.replace_named(vec![t("two", "two-0123456789abcdef")]) == ["one"]);
+        assert!(!c.names("one") && c.names("two"));
         assert_eq!(gate.refusal(&Credential::JoinToken, 0), None);
+        // Read again: every line taken out is no agent; an empty file is one being written.
+        assert_eq!(Credentials::parse_named_again("# all gone\n"), Ok(vec![]));
+        assert!(Credentials::parse_named_again("").is_err());
+        assert_eq!(c.replace_named(vec![]), vec!["two".to_string()]);
+        assert_eq!(c.admit("two-0123456789abcdef"), None);
     }
 
     #[test]

@@ -123,11 +123,11 @@ fn token_check(
             return Ok(req);
         };
         let given = bearer(&req);
-        // Read before the check: a token taken back after it is caught at registration.
-        let generation = expected.generation();
-        // Compared in constant time, so a token cannot be guessed byte by byte.
-        let admitted = expected.admit(given);
-        if let Some(a) = admitted {
+        // Compared in constant time, so a token cannot be guessed byte by byte; with the
+        // generation of the named tokens it was checked at (one taken back after this is
+        // caught at registration).
+        let admitted = expected.admit_at(given);
+        if let Some((a, generation)) = admitted {
             let credential = match a {
                 Admitted::Named(name) => {
                     req.extensions_mut().insert(BoundName(name.clone()));
@@ -158,9 +158,12 @@ fn token_check(
     }
 }
 
-/// The agents' named tokens from `[auth] agent_tokens_file` (at most 16 MiB).
+/// Largest `[auth] agent_tokens_file` read, bytes.
+const NAMED_FILE_MAX: u64 = 16 << 20;
+
+/// The agents' named tokens from `[auth] agent_tokens_file`, at start.
 fn read_named(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text = crate::watched::read_at_most(path, 16 << 20).map_err(anyhow::Error::msg)?;
+    let text = crate::watched::read_at_most(path, NAMED_FILE_MAX).map_err(anyhow::Error::msg)?;
     Credentials::parse_named(&text).map_err(anyhow::Error::msg)
 }
 
@@ -378,7 +381,7 @@ pub async fn start_with_listener(
         revoked: Some(revoked.clone()),
         agents: agent_token.clone(),
     });
-    let revoked_agents = match &config.tls.revoked_certs_file {
+    let mut revoked_agents = match &config.tls.revoked_certs_file {
         Some(file) => {
             let all = revoked.fingerprints();
             tracing::info!(file = %file.display(), revoked = all.len(), "revoked client certificates");
@@ -386,6 +389,12 @@ pub async fn start_with_listener(
         }
         None => Vec::new(),
     };
+    // Agents whose named token left the file while the coordinator was down.
+    if config.auth.agent_tokens_file.is_some()
+        && let Some(tokens) = &agent_token
+    {
+        revoked_agents.extend(engine.cut_off_named(tokens));
+    }
     let farm_cache = start_farm_cache(
         config,
         addr,
@@ -473,7 +482,9 @@ pub async fn start_with_listener(
             if let (Some(file), Some(tokens)) = (&named_file, &lease_tokens)
                 && file.changed()
             {
-                match read_named(file.path()) {
+                let read = crate::watched::read_at_most(file.path(), NAMED_FILE_MAX)
+                    .and_then(|t| Credentials::parse_named_again(&t));
+                match read {
                     Ok(named) => {
                         let gone = tokens.replace_named(named);
                         tracing::info!(
@@ -481,7 +492,9 @@ pub async fn start_with_listener(
                             taken_back = gone.len(),
                             "agent tokens read again"
                         );
-                        withdraw(lease_engine.cut_off_named(&gone));
+                        if !gone.is_empty() {
+                            withdraw(lease_engine.cut_off_named(tokens));
+                        }
                     }
                     Err(e) => tracing::error!(
                         "[auth] agent_tokens_file {}: {e:#}; the tokens read before stay",

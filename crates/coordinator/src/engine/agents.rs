@@ -139,75 +139,85 @@ impl Engine {
     pub fn cut_off_certificates(&self, fingerprints: &[String]) -> Vec<String> {
         use crate::credentials::{Credential, REVOKED};
         self.cut_off(
-            |c| matches!(c, Credential::Certificate(fp) if fingerprints.contains(fp)),
+            |reg| matches!(&reg.credential, Credential::Certificate(fp) if fingerprints.contains(fp)),
             REVOKED,
         )
     }
 
-    /// Cuts off every agent whose named token was taken back; see [`Engine::cut_off`].
-    pub fn cut_off_named(&self, names: &[String]) -> Vec<String> {
+    /// Cuts off every agent admitted by a named token that `tokens` no longer holds as it
+    /// was when the agent was admitted (taken back, replaced, or gone from the file while
+    /// the coordinator was down); see [`Engine::cut_off`]. An agent that came back with
+    /// its new token is left alone.
+    pub fn cut_off_named(&self, tokens: &crate::credentials::Credentials) -> Vec<String> {
         use crate::credentials::{Credential, TAKEN_BACK};
         self.cut_off(
-            |c| matches!(c, Credential::NamedToken(n) if names.contains(n)),
+            |reg| {
+                matches!(&reg.credential, Credential::NamedToken(n)
+                    if !tokens.still_holds(n, reg.admitted_at) || !tokens.names(n))
+            },
             TAKEN_BACK,
         )
     }
 
-    /// Cuts off every agent admitted by a credential `which` picks (taken back: `why`): its
-    /// stream ends with that refusal and whatever it still sends is ignored, its jobs go
-    /// back to the queue at once, its upload claims lapse, the repository checks it owes
-    /// are given up, and it is not taken as a checker any more. Returns their names (their
-    /// farm cache tokens are to be withdrawn too), connected or not.
-    fn cut_off(
-        &self,
-        which: impl Fn(&crate::credentials::Credential) -> bool,
-        why: &str,
-    ) -> Vec<String> {
+    /// Cuts off every agent whose registration `which` picks (what admitted it was taken
+    /// back: `why`): its stream ends with that refusal and whatever it still sends is
+    /// ignored, its jobs go back to the queue at once, its upload claims lapse, the
+    /// repository checks it owes are given up, and it is not taken as a checker any more.
+    /// Returns their names (their farm cache tokens are to be withdrawn too), connected or
+    /// not.
+    fn cut_off(&self, which: impl Fn(&Registration) -> bool, why: &str) -> Vec<String> {
         let mut g = self.lock();
         let inner = &mut *g;
         let names: Vec<String> = inner
             .agents
             .iter()
-            .filter(|(_, a)| which(&a.reg.credential))
+            .filter(|(_, a)| which(&a.reg))
             .map(|(n, _)| n.clone())
             .collect();
-        let r = self.atomically(inner, |inner| {
-            for name in &names {
-                let Some(a) = inner.agents.get_mut(name) else {
-                    continue;
-                };
-                let stream = a.tx.take();
-                // No stream is this agent's any more: what the old one sends is ignored.
-                a.conn = 0;
-                a.draining = true;
-                let running: Vec<String> = a.running.iter().cloned().collect();
-                let was_connected = stream.is_some();
-                if let Some(tx) = stream {
-                    inner.send(tx, ToAgent::CutOff { why: why.into() });
-                }
-                if was_connected || !running.is_empty() {
-                    tracing::warn!(
-                        agent = name,
-                        jobs = running.len(),
-                        "agent cut off ({why}); requeueing its jobs"
-                    );
-                }
+        // First what cannot fail, for every one of them: none stays connected because the
+        // database failed on another.
+        let mut jobs: Vec<(String, Vec<String>)> = Vec::new();
+        for name in &names {
+            let Some(a) = inner.agents.get_mut(name) else {
+                continue;
+            };
+            let stream = a.tx.take();
+            // No stream is this agent's any more: what the old one sends is ignored.
+            a.conn = 0;
+            a.draining = true;
+            let running: Vec<String> = a.running.iter().cloned().collect();
+            if stream.is_some() || !running.is_empty() {
+                tracing::warn!(
+                    agent = name,
+                    jobs = running.len(),
+                    "agent cut off ({why}); requeueing its jobs"
+                );
+            }
+            if let Some(tx) = stream {
+                let _ = tx.send(ToAgent::CutOff { why: why.into() });
+            }
+            jobs.push((name.clone(), running));
+        }
+        for (name, running) in jobs {
+            let r = self.atomically(inner, |inner| {
                 for id in running {
                     self.lose_attempt(inner, &id, &format!("its agent was cut off: {why}"))?;
                 }
-                inner.db.release_all_upload_claims(name)?;
+                inner.db.release_all_upload_claims(&name)?;
                 self.give_up_owed_checks(
                     inner,
-                    name,
+                    &name,
                     &format!(
                         "agent {name} was cut off before it reported the flake's other outputs: {why}"
                     ),
-                )?;
+                )
+            });
+            if let Err(e) = r {
+                tracing::error!(
+                    agent = name,
+                    "cannot store what cutting off the agent led to: {e}"
+                );
             }
-            Ok(())
-        });
-        if let Err(e) = r {
-            tracing::error!("cannot store what cutting off agents led to: {e}");
         }
         self.dispatch(inner);
         names

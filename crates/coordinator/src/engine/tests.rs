@@ -657,3 +657,44 @@ fn an_agent_whose_certificate_is_revoked_is_cut_off_and_cannot_come_back() {
     let again = engine.connect_agent(by_cert("a2"), tx).unwrap_err();
     assert!(matches!(again, EngineError::Denied(_)), "{again}");
 }
+
+/// A named token taken back cuts off the agent admitted with it, but not the same agent
+/// come back with its new token before the cut-off ran; a stream admitted with the old
+/// token cannot register any more.
+#[test]
+fn taking_back_a_named_token_cuts_off_only_what_the_old_token_admitted() {
+    use crate::credentials::{Credential, Credentials, Gate};
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let (old, new) = ("one-0123456789abcdef", "one-fedcba9876543210");
+    let tokens = Arc::new(Credentials::new(None, vec![("one".into(), old.into())]).unwrap());
+    engine.use_gate(Gate {
+        revoked: None,
+        agents: Some(tokens.clone()),
+    });
+    let named = |at: u64, session: &str| Registration {
+        credential: Credential::NamedToken("one".into()),
+        admitted_at: at,
+        ..registration("one", session)
+    };
+    let (_, at_old) = tokens.admit_at(old).unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (_, session) = engine.connect_agent(named(at_old, ""), tx).unwrap();
+    tokens.replace_named(vec![("one".into(), new.into())]);
+    let (tx, _) = mpsc::unbounded_channel();
+    let late = engine
+        .connect_agent(named(at_old, &session), tx)
+        .unwrap_err();
+    assert!(matches!(late, EngineError::Denied(_)), "{late}");
+    // Back with the new token before the cut-off: left alone.
+    let (_, at_new) = tokens.admit_at(new).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    engine.connect_agent(named(at_new, &session), tx).unwrap();
+    assert!(engine.cut_off_named(&tokens).is_empty());
+    assert!(
+        std::iter::from_fn(|| rx.try_recv().ok()).all(|m| !matches!(m, ToAgent::CutOff { .. }))
+    );
+    // Its line taken out: cut off.
+    tokens.replace_named(vec![]);
+    assert_eq!(engine.cut_off_named(&tokens), vec!["one".to_string()]);
+    assert!(std::iter::from_fn(|| rx.try_recv().ok()).any(|m| matches!(m, ToAgent::CutOff { .. })));
+}
