@@ -332,3 +332,43 @@ async fn an_agent_token_taken_back_cuts_its_agent_off_without_a_restart() {
         "a token was logged"
     );
 }
+
+/// The join token is replaced in `[auth] agent_token_file` (it leaked): without a restart
+/// the agents admitted by the old one are cut off and cannot come back with it; the new
+/// one admits. An empty file (one being written) changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_replaced_cuts_off_its_agents_without_a_restart() {
+    let dir = scratch();
+    let file = dir.path().join("join-token");
+    let (old, new) = ("join-0123456789abcdef", "join-fedcba9876543210");
+    std::fs::write(&file, format!("{old}\n")).unwrap();
+    let coordinator = Coordinator::start_with_config(
+        dir.path(),
+        &format!("[auth]\nagent_token_file = \"{}\"\n", file.display()),
+    )
+    .unwrap();
+    let url = coordinator.url.clone();
+    let mut a = register_with_token(&url, old, "a").await.unwrap();
+    std::fs::write(&file, "").unwrap();
+    let still = tokio::time::timeout(Duration::from_secs(2), a.message()).await;
+    assert!(still.is_err(), "cut off by an empty file: {still:?}");
+    std::fs::write(&file, format!("{new}\n")).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), a.message()).await;
+    match ended {
+        Ok(Err(s)) => assert!(
+            s.code() == tonic::Code::PermissionDenied && s.message().contains("join token"),
+            "{s:?}"
+        ),
+        other => panic!("its stream did not end with the refusal: {other:?}"),
+    }
+    let e = register_with_token(&url, old, "a").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    register_with_token(&url, new, "a")
+        .await
+        .expect("the new join token registers");
+    let log = coordinator.proc.log_text();
+    assert!(
+        !log.contains(old) && !log.contains(new),
+        "a token was logged"
+    );
+}

@@ -111,7 +111,9 @@ impl Default for FarmCacheConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// File holding the token agents present (join token). Default: none (no check; loopback only).
+    /// File holding the token agents present (join token). Read again within a second of a
+    /// change: replaced, the agents admitted by the old one are cut off (an empty or
+    /// unreadable file keeps the old one). Default: none (no check; loopback only).
     pub agent_token_file: Option<PathBuf>,
     /// File of tokens each bound to one agent: a `NAME TOKEN` line per agent (tokens at
     /// least 16 characters). An agent presenting one may register, claim uploads and so

@@ -55,6 +55,9 @@ pub const REVOKED: &str = "this client certificate was revoked ([tls] revoked_ce
 pub const TAKEN_BACK: &str =
     "this agent's token was taken back or replaced ([auth] agent_tokens_file)";
 
+/// Why an agent admitted by a join token that was since replaced is refused.
+pub const JOIN_REPLACED: &str = "the join token was replaced ([auth] agent_token_file)";
+
 /// What the engine asks, under its lock, before it registers an agent: whether what
 /// admitted it was taken back since (a registration may come up to 30 s after its stream
 /// was admitted).
@@ -83,6 +86,14 @@ impl Gate {
             {
                 Some(TAKEN_BACK)
             }
+            Credential::JoinToken
+                if self
+                    .agents
+                    .as_ref()
+                    .is_some_and(|c| !c.join_still_holds(admitted_at)) =>
+            {
+                Some(JOIN_REPLACED)
+            }
             _ => None,
         }
     }
@@ -99,45 +110,68 @@ pub enum Admitted {
     Named(String),
 }
 
-/// When a request's named token was checked: the generation of the named tokens then (a
-/// request extension). A registration that comes after its token was taken back is refused.
+/// When a request's token was checked: the generation of the tokens then (a request
+/// extension). A registration that comes after its token was taken back is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AdmittedAt(pub u64);
 
 /// The credentials one kind of caller may present.
 #[derive(Debug, Default)]
 pub struct Credentials {
-    shared: Option<String>,
     named: std::sync::RwLock<Named>,
 }
 
-/// The named tokens, as last read.
+/// The tokens, as last read.
 #[derive(Debug, Default)]
 struct Named {
+    /// The shared (join) token.
+    shared: Option<String>,
     tokens: Vec<(String, String)>,
-    /// Bumped by each reading that changed a name's token.
+    /// Bumped by each reading that changed a token.
     generation: u64,
     /// The generation at which each name's token last changed or was taken back.
     changed: std::collections::HashMap<String, u64>,
+    /// The generation at which the shared token last changed.
+    shared_changed: u64,
 }
 
 impl Credentials {
     /// None when there is nothing to check (no token at all).
     pub fn new(shared: Option<String>, named: Vec<(String, String)>) -> Option<Credentials> {
         (shared.is_some() || !named.is_empty()).then(|| Credentials {
-            shared,
             named: std::sync::RwLock::new(Named {
+                shared,
                 tokens: named,
                 ..Default::default()
             }),
         })
     }
 
+    /// Whether the shared token, checked at generation `at`, is still the one it is.
+    pub fn join_still_holds(&self, at: u64) -> bool {
+        self.named.read().is_ok_and(|n| n.shared_changed <= at)
+    }
+
+    /// Takes the shared token read again; true when it changed (the agents admitted by the
+    /// old one are to be cut off).
+    pub fn replace_shared(&self, token: String) -> bool {
+        let Ok(mut n) = self.named.write() else {
+            return false;
+        };
+        if n.shared.as_deref() == Some(token.as_str()) {
+            return false;
+        }
+        n.generation += 1;
+        n.shared_changed = n.generation;
+        n.shared = Some(token);
+        true
+    }
+
     /// What `given` admits, and the named tokens' generation it was checked at (read
     /// under the same lock: a token replaced meanwhile cannot look taken back).
     pub fn admit_at(&self, given: &str) -> Option<(Admitted, u64)> {
         let named = self.named.read().ok()?;
-        let found = self.admit_in(given, &named.tokens)?;
+        let found = Self::admit_in(given, &named)?;
         Some((found, named.generation))
     }
 
@@ -238,19 +272,19 @@ impl Credentials {
     /// exit), so a token cannot be guessed byte by byte nor told apart by timing.
     pub fn admit(&self, given: &str) -> Option<Admitted> {
         let named = self.named.read().ok()?;
-        self.admit_in(given, &named.tokens)
+        Self::admit_in(given, &named)
     }
 
-    fn admit_in(&self, given: &str, named: &[(String, String)]) -> Option<Admitted> {
+    fn admit_in(given: &str, tokens: &Named) -> Option<Admitted> {
         let g = given.as_bytes();
         let mut found = None;
-        if let Some(s) = &self.shared
+        if let Some(s) = &tokens.shared
             && crate::engine::constant_time_eq(g, s.as_bytes())
             && !s.is_empty()
         {
             found = Some(Admitted::Any);
         }
-        for (name, token) in named {
+        for (name, token) in &tokens.tokens {
             if crate::engine::constant_time_eq(g, token.as_bytes()) && found.is_none() {
                 found = Some(Admitted::Named(name.clone()));
             }
@@ -332,6 +366,30 @@ mod tests {
         assert!(Credentials::parse_named_again("").is_err());
         assert_eq!(c.replace_named(vec![]), vec!["two".to_string()]);
         assert_eq!(c.admit("two-0123456789abcdef"), None);
+    }
+
+    #[test]
+    fn a_join_token_replaced_refuses_what_the_old_one_admitted() {
+        let c = Credentials::new(Some("join-0123456789abcdef".into()), vec![]).unwrap();
+        let gate = Gate {
+            revoked: None,
+            agents: Some(std::sync::Arc::new(c)),
+        };
+        let c = gate.agents.as_ref().unwrap();
+        let (a, before) = c.admit_at("join-0123456789abcdef").unwrap();
+        assert_eq!(a, Admitted::Any);
+        assert!(
+            !c.replace_shared("join-0123456789abcdef".into()),
+            "the same"
+        );
+        assert!(c.replace_shared("join-fedcba9876543210".into()));
+        assert_eq!(c.admit("join-0123456789abcdef"), None);
+        assert_eq!(
+            gate.refusal(&Credential::JoinToken, before),
+            Some(JOIN_REPLACED)
+        );
+        let (_, now) = c.admit_at("join-fedcba9876543210").unwrap();
+        assert_eq!(gate.refusal(&Credential::JoinToken, now), None);
     }
 
     #[test]

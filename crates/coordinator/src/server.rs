@@ -135,7 +135,11 @@ fn token_check(
                         .insert(crate::credentials::AdmittedAt(generation));
                     Credential::NamedToken(name)
                 }
-                Admitted::Any => Credential::JoinToken,
+                Admitted::Any => {
+                    req.extensions_mut()
+                        .insert(crate::credentials::AdmittedAt(generation));
+                    Credential::JoinToken
+                }
             };
             req.extensions_mut().insert(credential);
             Ok(req)
@@ -334,6 +338,13 @@ pub async fn start_with_listener(
     };
     let engine = Engine::open(db, config.state_dir.join("sources"), clock.clone(), opts)
         .context("cannot resume runs")?;
+    // The join token, read again when its file changes (looked at first): replaced, the
+    // agents admitted by the old one are cut off.
+    let join_file = config
+        .auth
+        .agent_token_file
+        .clone()
+        .map(crate::watched::Watched::new);
     let agent_token = config
         .auth
         .agent_token_file
@@ -500,6 +511,22 @@ pub async fn start_with_listener(
                         "[auth] agent_tokens_file {}: {e:#}; the tokens read before stay",
                         file.path().display()
                     ),
+                }
+            }
+            if let (Some(file), Some(tokens)) = (&join_file, &lease_tokens)
+                && file.changed()
+            {
+                match read_secret(file.path()) {
+                    Ok(token) => {
+                        if tokens.replace_shared(token) {
+                            tracing::warn!(
+                                file = %file.path().display(),
+                                "join token replaced: agents admitted by the old one are cut off"
+                            );
+                            withdraw(lease_engine.cut_off_named(tokens));
+                        }
+                    }
+                    Err(e) => tracing::error!("{e}; the join token read before stays"),
                 }
             }
         }

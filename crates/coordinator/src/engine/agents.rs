@@ -146,17 +146,24 @@ impl Engine {
 
     /// Cuts off every agent admitted by a named token that `tokens` no longer holds as it
     /// was when the agent was admitted (taken back, replaced, or gone from the file while
-    /// the coordinator was down); see [`Engine::cut_off`]. An agent that came back with
-    /// its new token is left alone.
+    /// the coordinator was down), and every agent admitted by a join token since replaced;
+    /// see [`Engine::cut_off`]. An agent that came back with its new token is left alone.
     pub fn cut_off_named(&self, tokens: &crate::credentials::Credentials) -> Vec<String> {
-        use crate::credentials::{Credential, TAKEN_BACK};
-        self.cut_off(
+        use crate::credentials::{Credential, JOIN_REPLACED, TAKEN_BACK};
+        let mut names = self.cut_off(
             |reg| {
                 matches!(&reg.credential, Credential::NamedToken(n)
                     if !tokens.still_holds(n, reg.admitted_at) || !tokens.names(n))
             },
             TAKEN_BACK,
-        )
+        );
+        names.extend(self.cut_off(
+            |reg| {
+                reg.credential == Credential::JoinToken && !tokens.join_still_holds(reg.admitted_at)
+            },
+            JOIN_REPLACED,
+        ));
+        names
     }
 
     /// Cuts off every agent whose registration `which` picks (what admitted it was taken
