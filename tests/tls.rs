@@ -580,7 +580,7 @@ fn a_revoked_certificate_is_cut_off_and_refused_without_a_restart() {
     );
 
     std::fs::write(&revoked, format!("# compromised, 2026-12-04\n{line}")).unwrap();
-    // Cut off within the second or so the file takes to be read again.
+    // Cut off within the two seconds or so the file takes to be read again.
     let ended = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(10), bad_stream.message()).await
     });

@@ -134,7 +134,7 @@ in
               cert_file = nullStr "PEM certificate chain; with a key (tlsKeyFile) it turns TLS on for every connection. Default (null): plain HTTP/2, only safe on loopback.";
               key_file = nullStr "PEM private key, read by the service itself. Prefer tlsKeyFile, which keeps it a credential; not both.";
               client_ca_file = nullStr "CA of agents' client certificates (mTLS): such an agent needs no join token. Default (null): none.";
-              revoked_certs_file = nullStr "Revoked client certificates, one SHA-256 fingerprint per line (as openssl x509 -noout -fingerprint -sha256 prints it); read again within a second of a change: the agent is cut off and its farm cache token withdrawn. Needs client_ca_file. Default (null): none.";
+              revoked_certs_file = nullStr "Revoked client certificates, one SHA-256 fingerprint per line (as openssl x509 -noout -fingerprint -sha256 prints it); read again within two seconds of a change: the agent is cut off and its farm cache token withdrawn. Needs client_ca_file. Default (null): none.";
             };
             scheduler = {
               eval_chunk_size = between 1 10000 16 "Attributes per evaluation task.";

@@ -111,17 +111,18 @@ impl Default for FarmCacheConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// File holding the token agents present (join token). Read again within a second of a
-    /// change: replaced, the agents admitted by the old one are cut off (an empty or
+    /// File holding the token agents present (join token). Read again within two seconds of
+    /// a change (once it stood still for a second): replaced, the agents admitted by the old one are cut off (an empty or
     /// unreadable file keeps the old one). Default: none (no check; loopback only).
     pub agent_token_file: Option<PathBuf>,
     /// File of tokens each bound to one agent: a `NAME TOKEN` line per agent (tokens at
     /// least 16 characters). An agent presenting one may register, claim uploads and so
     /// answer evaluation only under its own name (what `cross_check_evaluation` relies on
     /// to tell two agents apart); the join token, if also set, still admits any name.
-    /// Read again within a second of a change: an agent whose token went or changed is cut
-    /// off (its jobs requeued, its farm cache token withdrawn); an edit that cannot be
-    /// read keeps the tokens read before. Default: none.
+    /// Read again within two seconds of a change (once it stood still for a second): an
+    /// agent whose token went or changed is cut off (its jobs requeued, its farm cache
+    /// token withdrawn); an edit that cannot be read keeps the tokens read before.
+    /// Default: none.
     pub agent_tokens_file: Option<PathBuf>,
     /// File holding the token the CLI presents. Default: none (no check; loopback only).
     pub client_token_file: Option<PathBuf>,
@@ -140,7 +141,7 @@ pub struct TlsConfig {
     pub client_ca_file: Option<PathBuf>,
     /// Client certificates no longer admitted, one SHA-256 fingerprint per line (as
     /// `openssl x509 -noout -fingerprint -sha256 -in CERT` prints it, or 64 hex digits);
-    /// `#` starts a comment. Read again within a second of a change: a revoked
+    /// `#` starts a comment. Read again within two seconds of a change: a revoked
     /// certificate is refused, its agent cut off (its jobs go back to the queue) and its
     /// farm cache token withdrawn. An edit that cannot be read keeps what was revoked
     /// before. Needs `client_ca_file`. Default: none.

@@ -115,6 +115,19 @@ pub enum Admitted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AdmittedAt(pub u64);
 
+/// The SHA-256 (hex) of the token that admitted a request (a request extension), kept
+/// with the agent's registration: a restarted coordinator tells by it an agent whose token
+/// was replaced while it was down.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenDigest(pub String);
+
+impl TokenDigest {
+    pub fn of(token: &str) -> TokenDigest {
+        use sha2::Digest as _;
+        TokenDigest(data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(token.as_bytes())))
+    }
+}
+
 /// The credentials one kind of caller may present.
 #[derive(Debug, Default)]
 pub struct Credentials {
@@ -145,6 +158,27 @@ impl Credentials {
                 ..Default::default()
             }),
         })
+    }
+
+    /// Whether `digest` is that of the token that admits `name` now (None: the join
+    /// token). An empty digest (a registration kept by an older coordinator) is taken as
+    /// matching.
+    pub fn digest_matches(&self, name: Option<&str>, digest: &str) -> bool {
+        if digest.is_empty() {
+            return true;
+        }
+        let Ok(n) = self.named.read() else {
+            return false;
+        };
+        let token = match name {
+            None => n.shared.as_deref(),
+            Some(name) => n
+                .tokens
+                .iter()
+                .find(|(n2, _)| n2 == name)
+                .map(|(_, t)| t.as_str()),
+        };
+        token.is_some_and(|t| TokenDigest::of(t).0 == digest)
     }
 
     /// Whether the shared token, checked at generation `at`, is still the one it is.

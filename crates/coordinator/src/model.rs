@@ -151,10 +151,14 @@ pub struct Registration {
     /// cross-checks count two agents only when their credentials differ.
     #[serde(default)]
     pub credential: crate::credentials::Credential,
-    /// When its named token was checked (the named tokens' generation then; 0 for other
-    /// credentials): a token taken back since refuses the registration.
+    /// When its token was checked (the tokens' generation then; 0 for other credentials):
+    /// a token taken back since refuses the registration.
     #[serde(skip)]
     pub admitted_at: u64,
+    /// SHA-256 (hex) of the token that admitted it (empty: none, or kept by an older
+    /// coordinator): kept, so that a restart tells a token replaced meanwhile.
+    #[serde(default)]
+    pub token_digest: String,
     /// It keeps held outputs out of a run's cache (agents before `hold` do not).
     #[serde(default)]
     pub holds_outputs: bool,

@@ -31,7 +31,9 @@ impl Revoked {
             return Ok(Revoked::default());
         };
         let file = Watched::new(path);
-        let fingerprints = read(&file)?;
+        let fingerprints = read_at_most(file.path(), MAX_FILE_BYTES)
+            .and_then(|t| parse(&t))
+            .map_err(|e| what(&file, &e))?;
         Ok(Revoked {
             file: Some(file),
             fingerprints: RwLock::new(fingerprints),
@@ -55,7 +57,7 @@ impl Revoked {
             .unwrap_or_default()
     }
 
-    /// Reads the file again if it changed since; returns every fingerprint revoked now (so
+    /// Reads the file again if it changed since (and has stood still for a look); returns every fingerprint revoked now (so
     /// that agents still connected with one are cut off), or nothing when it did not
     /// change. A file that became unreadable or malformed keeps the revocations read
     /// before (a broken edit never lets a revoked certificate back in), with an error in
@@ -64,10 +66,10 @@ impl Revoked {
         let Some(file) = &self.file else {
             return Vec::new();
         };
-        if !file.changed() {
+        let Some(text) = file.read_settled(MAX_FILE_BYTES) else {
             return Vec::new();
-        }
-        match read(file) {
+        };
+        match text.and_then(|t| parse(&t)).map_err(|e| what(file, &e)) {
             Ok(fingerprints) => {
                 tracing::info!(
                     file = %file.path().display(),
@@ -88,12 +90,8 @@ impl Revoked {
     }
 }
 
-fn read(file: &Watched) -> Result<HashSet<String>, String> {
-    let what = |e: &dyn std::fmt::Display| {
-        format!("[tls] revoked_certs_file {}: {e}", file.path().display())
-    };
-    let text = read_at_most(file.path(), MAX_FILE_BYTES).map_err(|e| what(&e))?;
-    parse(&text).map_err(|e| what(&e))
+fn what(file: &Watched, e: &str) -> String {
+    format!("[tls] revoked_certs_file {}: {e}", file.path().display())
 }
 
 /// One fingerprint per line, as `openssl x509 -noout -fingerprint -sha256` prints it
@@ -157,10 +155,15 @@ mod tests {
         let file = d.path().join("revoked");
         std::fs::write(&file, "").unwrap();
         let r = Revoked::open(Some(file.clone())).unwrap();
+        // A change is taken at the look after the one that saw it (it stood still).
+        let reload = || {
+            assert!(r.reload().is_empty(), "taken at the first look");
+            r.reload()
+        };
         assert!(!r.contains(FP));
         assert!(r.reload().is_empty(), "unchanged");
         std::fs::write(&file, format!("{FP}\n")).unwrap();
-        assert_eq!(r.reload(), vec![FP.to_string()]);
+        assert_eq!(reload(), vec![FP.to_string()]);
         assert!(r.contains(FP));
         // Another fingerprint of the same length, the modification time put back (as
         // `cp -p` would): still a change.
@@ -173,15 +176,15 @@ mod tests {
             .unwrap()
             .set_modified(mtime)
             .unwrap();
-        assert_eq!(r.reload(), vec![other.clone()]);
+        assert_eq!(reload(), vec![other.clone()]);
         assert!(r.contains(&other) && !r.contains(FP));
         std::fs::write(&file, format!("{FP}\n")).unwrap();
-        assert_eq!(r.reload(), vec![FP.to_string()]);
+        assert_eq!(reload(), vec![FP.to_string()]);
         std::fs::write(&file, "garbage that is longer\n").unwrap();
-        assert!(r.reload().is_empty());
+        assert!(reload().is_empty());
         assert!(r.contains(FP), "a broken edit lets nothing back in");
         std::fs::remove_file(&file).unwrap();
-        assert!(r.reload().is_empty());
+        assert!(reload().is_empty());
         assert!(r.contains(FP), "nor does a removed file");
         // Unreadable at start: no start.
         assert!(Revoked::open(Some(d.path().join("missing"))).is_err());

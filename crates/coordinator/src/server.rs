@@ -127,7 +127,11 @@ fn token_check(
         // generation of the named tokens it was checked at (one taken back after this is
         // caught at registration).
         let admitted = expected.admit_at(given);
+        let digest = admitted
+            .is_some()
+            .then(|| crate::credentials::TokenDigest::of(given));
         if let Some((a, generation)) = admitted {
+            req.extensions_mut().insert(digest.unwrap_or_default());
             let credential = match a {
                 Admitted::Named(name) => {
                     req.extensions_mut().insert(BoundName(name.clone()));
@@ -400,10 +404,8 @@ pub async fn start_with_listener(
         }
         None => Vec::new(),
     };
-    // Agents whose named token left the file while the coordinator was down.
-    if config.auth.agent_tokens_file.is_some()
-        && let Some(tokens) = &agent_token
-    {
+    // Agents whose token left its file, or was replaced, while the coordinator was down.
+    if let Some(tokens) = &agent_token {
         revoked_agents.extend(engine.cut_off_named(tokens));
     }
     let farm_cache = start_farm_cache(
@@ -491,11 +493,9 @@ pub async fn start_with_listener(
                 withdraw(lease_engine.cut_off_certificates(&newly));
             }
             if let (Some(file), Some(tokens)) = (&named_file, &lease_tokens)
-                && file.changed()
+                && let Some(text) = file.read_settled(NAMED_FILE_MAX)
             {
-                let read = crate::watched::read_at_most(file.path(), NAMED_FILE_MAX)
-                    .and_then(|t| Credentials::parse_named_again(&t));
-                match read {
+                match text.and_then(|t| Credentials::parse_named_again(&t)) {
                     Ok(named) => {
                         let gone = tokens.replace_named(named);
                         tracing::info!(
@@ -514,9 +514,16 @@ pub async fn start_with_listener(
                 }
             }
             if let (Some(file), Some(tokens)) = (&join_file, &lease_tokens)
-                && file.changed()
+                && let Some(text) = file.read_settled(64 << 10)
             {
-                match read_secret(file.path()) {
+                let token = text.map(|t| t.trim().to_string()).and_then(|t| {
+                    if t.is_empty() {
+                        Err("empty (being written?)".to_string())
+                    } else {
+                        Ok(t)
+                    }
+                });
+                match token {
                     Ok(token) => {
                         if tokens.replace_shared(token) {
                             tracing::warn!(
@@ -526,7 +533,10 @@ pub async fn start_with_listener(
                             withdraw(lease_engine.cut_off_named(tokens));
                         }
                     }
-                    Err(e) => tracing::error!("{e}; the join token read before stays"),
+                    Err(e) => tracing::error!(
+                        "[auth] agent_token_file {}: {e}; the join token read before stays",
+                        file.path().display()
+                    ),
                 }
             }
         }

@@ -281,6 +281,7 @@ fn registration(name: &str, max_jobs: u32, running: Vec<String>, key: &str) -> R
         session_key: key.into(),
         credential: Default::default(),
         admitted_at: 0,
+        token_digest: String::new(),
         holds_outputs: true,
         holds_in_builder_store: true,
         takes_farm_cache_token: true,

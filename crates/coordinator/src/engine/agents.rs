@@ -153,13 +153,17 @@ impl Engine {
         let mut names = self.cut_off(
             |reg| {
                 matches!(&reg.credential, Credential::NamedToken(n)
-                    if !tokens.still_holds(n, reg.admitted_at) || !tokens.names(n))
+                    if !tokens.still_holds(n, reg.admitted_at)
+                        || !tokens.names(n)
+                        || !tokens.digest_matches(Some(n), &reg.token_digest))
             },
             TAKEN_BACK,
         );
         names.extend(self.cut_off(
             |reg| {
-                reg.credential == Credential::JoinToken && !tokens.join_still_holds(reg.admitted_at)
+                reg.credential == Credential::JoinToken
+                    && (!tokens.join_still_holds(reg.admitted_at)
+                        || !tokens.digest_matches(None, &reg.token_digest))
             },
             JOIN_REPLACED,
         ));

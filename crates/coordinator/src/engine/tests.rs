@@ -128,6 +128,7 @@ pub(super) fn registration(name: &str, session_key: &str) -> Registration {
         session_key: session_key.into(),
         credential: Default::default(),
         admitted_at: 0,
+        token_digest: String::new(),
         holds_outputs: true,
         holds_in_builder_store: true,
         takes_farm_cache_token: true,
@@ -615,6 +616,10 @@ fn an_agent_whose_certificate_is_revoked_is_cut_off_and_cannot_come_back() {
     let (attempt, _) = assigned(&mut a.rx);
 
     std::fs::write(&file, format!("{fp}\n")).unwrap();
+    assert!(
+        revoked.reload().is_empty(),
+        "taken once it stood still for a look"
+    );
     let newly = revoked.reload();
     assert_eq!(engine.cut_off_certificates(&newly), vec!["a".to_string()]);
     let told: Vec<ToAgent> = std::iter::from_fn(|| a.rx.try_recv().ok()).collect();
@@ -697,4 +702,52 @@ fn taking_back_a_named_token_cuts_off_only_what_the_old_token_admitted() {
     tokens.replace_named(vec![]);
     assert_eq!(engine.cut_off_named(&tokens), vec!["one".to_string()]);
     assert!(std::iter::from_fn(|| rx.try_recv().ok()).any(|m| matches!(m, ToAgent::CutOff { .. })));
+}
+
+/// A coordinator restarted after an agent's named token, or the join token, was replaced
+/// while it was down: the agents admitted by the old ones (known by the digest kept with
+/// their registration) are cut off at once; one kept by an older coordinator (no digest)
+/// is left to reconnect.
+#[test]
+fn tokens_replaced_while_the_coordinator_was_down_cut_off_their_agents() {
+    use crate::credentials::{Credential, Credentials, TokenDigest};
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let reg = |name: &str, credential: Credential, token: &str| Registration {
+        credential,
+        token_digest: if token.is_empty() {
+            String::new()
+        } else {
+            TokenDigest::of(token).0
+        },
+        ..registration(name, "")
+    };
+    for r in [
+        reg(
+            "one",
+            Credential::NamedToken("one".into()),
+            "one-0123456789abcdef",
+        ),
+        reg(
+            "two",
+            Credential::NamedToken("two".into()),
+            "two-0123456789abcdef",
+        ),
+        reg("joined", Credential::JoinToken, "join-0123456789abcdef"),
+        reg("legacy", Credential::JoinToken, ""),
+    ] {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        engine.connect_agent(r, tx).unwrap();
+    }
+    // As the file says now: one's token and the join token replaced, two's the same.
+    let tokens = Credentials::new(
+        Some("join-fedcba9876543210".into()),
+        vec![
+            ("one".into(), "one-fedcba9876543210".into()),
+            ("two".into(), "two-0123456789abcdef".into()),
+        ],
+    )
+    .unwrap();
+    let mut cut = engine.cut_off_named(&tokens);
+    cut.sort();
+    assert_eq!(cut, vec!["joined".to_string(), "one".to_string()]);
 }

@@ -43,6 +43,10 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .extensions()
             .get::<crate::credentials::AdmittedAt>()
             .copied();
+        let req_digest = req
+            .extensions()
+            .get::<crate::credentials::TokenDigest>()
+            .cloned();
         let shows_token = req
             .extensions()
             .get::<crate::credentials::ShowsToken>()
@@ -73,6 +77,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         // Never absent (the token check sets it); a join token if it were.
         reg.credential = credential.unwrap_or(Credential::JoinToken);
         reg.admitted_at = admitted_at.map_or(0, |a| a.0);
+        reg.token_digest = req_digest.map(|d| d.0).unwrap_or_default();
         // Taken back since the stream opened: no token is issued to it (the engine checks
         // again, under its lock, against whatever is read meanwhile).
         if let Some(why) = self.engine.refusal(&reg.credential, reg.admitted_at) {

@@ -247,6 +247,7 @@ impl TryFrom<pb::Register> for Registration {
             session_key: r.session_key.chars().take(128).collect(),
             credential: Default::default(),
             admitted_at: 0,
+            token_digest: String::new(),
             holds_outputs: r.holds_outputs,
             holds_in_builder_store: r.holds_in_builder_store,
             takes_farm_cache_token: r.takes_farm_cache_token,
