@@ -276,6 +276,17 @@ async fn register_with_token(
     Ok(from)
 }
 
+/// Waits (10 s at most) for an agent's stream to end with the refusal that says `why`.
+async fn cut_off_saying(stream: &mut tonic::Streaming<pb::CoordinatorMessage>, why: &str) {
+    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+        Ok(Err(s)) => assert!(
+            s.code() == tonic::Code::PermissionDenied && s.message().contains(why),
+            "{s:?}"
+        ),
+        other => panic!("its stream did not end with the refusal: {other:?}"),
+    }
+}
+
 /// An agent's named token is replaced in `[auth] agent_tokens_file` (its host was
 /// compromised): without a restart the agent on the old token is cut off and cannot come
 /// back with it; the new token registers, and the other agents go on.
@@ -304,14 +315,7 @@ async fn an_agent_token_taken_back_cuts_its_agent_off_without_a_restart() {
     assert!(still.is_err(), "cut off by a broken edit: {still:?}");
 
     std::fs::write(&tokens, format!("one {new}\ntwo {two}\n")).unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), one.message()).await;
-    match ended {
-        Ok(Err(s)) => assert!(
-            s.code() == tonic::Code::PermissionDenied && s.message().contains("taken back"),
-            "{s:?}"
-        ),
-        other => panic!("its stream did not end with the refusal: {other:?}"),
-    }
+    cut_off_saying(&mut one, "taken back").await;
     let e = register_with_token(&url, old, "one").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
     register_with_token(&url, new, "one")
@@ -321,11 +325,7 @@ async fn an_agent_token_taken_back_cuts_its_agent_off_without_a_restart() {
     assert!(going.is_err(), "agent two was cut off too: {going:?}");
     // Every line taken out: no named token admits anyone.
     std::fs::write(&tokens, "# nobody for now\n").unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), other.message()).await;
-    assert!(
-        matches!(&ended, Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied),
-        "{ended:?}"
-    );
+    cut_off_saying(&mut other, "taken back").await;
     let log = coordinator.proc.log_text();
     assert!(
         !log.contains(old) && !log.contains(new),
@@ -353,14 +353,7 @@ async fn a_join_token_replaced_cuts_off_its_agents_without_a_restart() {
     let still = tokio::time::timeout(Duration::from_secs(2), a.message()).await;
     assert!(still.is_err(), "cut off by an empty file: {still:?}");
     std::fs::write(&file, format!("{new}\n")).unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), a.message()).await;
-    match ended {
-        Ok(Err(s)) => assert!(
-            s.code() == tonic::Code::PermissionDenied && s.message().contains("join token"),
-            "{s:?}"
-        ),
-        other => panic!("its stream did not end with the refusal: {other:?}"),
-    }
+    cut_off_saying(&mut a, "join token").await;
     let e = register_with_token(&url, old, "a").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
     register_with_token(&url, new, "a")

@@ -356,10 +356,15 @@ pub(super) fn one_package_run_with(
 /// Agent `a` builds what it was assigned, with `out` as its output.
 pub(super) fn build_assigned(engine: &Engine, a: &mut TestAgent, out: &str) {
     let (attempt, _) = assigned(&mut a.rx);
+    report_built(engine, "a", a.conn, attempt, out);
+}
+
+/// Agent `name` on stream `conn` reports `attempt` built, with `out` as its output.
+fn report_built(engine: &Engine, name: &str, conn: u64, attempt: String, out: &str) {
     engine
         .agent_message(
-            "a",
-            a.conn,
+            name,
+            conn,
             FromAgent::Build {
                 attempt,
                 report: built(out),
@@ -629,16 +634,7 @@ fn an_agent_whose_certificate_is_revoked_is_cut_off_and_cannot_come_back() {
         "{told:?}"
     );
     // Its late result counts for nothing.
-    engine
-        .agent_message(
-            "a",
-            a.conn,
-            FromAgent::Build {
-                attempt,
-                report: built(&out),
-            },
-        )
-        .unwrap();
+    report_built(&engine, "a", a.conn, attempt, &out);
     let repo = engine.report(&run).unwrap().repository;
     assert!(
         repo.len() == 1 && !repo[0].ok && repo[0].message.contains("revoked"),
@@ -647,16 +643,7 @@ fn an_agent_whose_certificate_is_revoked_is_cut_off_and_cannot_come_back() {
     // Another agent gets the build at once, and the run ends with it.
     let mut b = connect_agent(&engine, "b");
     let (attempt, _) = assigned(&mut b.rx);
-    engine
-        .agent_message(
-            "b",
-            b.conn,
-            FromAgent::Build {
-                attempt,
-                report: built(&out),
-            },
-        )
-        .unwrap();
+    report_built(&engine, "b", b.conn, attempt, &out);
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
     let (tx, _rx) = mpsc::unbounded_channel();
     let again = engine.connect_agent(by_cert("a2"), tx).unwrap_err();
