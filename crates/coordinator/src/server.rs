@@ -2,10 +2,11 @@
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, read_secret};
-use crate::credentials::{Admitted, BoundName, Credential, Credentials};
+use crate::credentials::Credentials;
 use crate::db::Db;
 use crate::engine::{Engine, EngineOptions};
 use crate::farm_cache::FarmCache;
+use crate::interceptor::{Role, token_check};
 use crate::service::{AgentSvc, FarmCacheAdvert, RunSvc};
 use crate::upload::{UploadLimits, Uploads};
 use anyhow::Context;
@@ -19,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Status};
 
 /// A running coordinator.
 pub struct Running {
@@ -51,127 +51,10 @@ impl Running {
     }
 }
 
-/// Who presents a token: the messages name that side's own flags.
-#[derive(Debug, Clone, Copy)]
-enum Role {
-    Agent,
-    Client,
-}
-
-impl Role {
-    fn token(self) -> &'static str {
-        match self {
-            Role::Agent => "an agent token",
-            Role::Client => "a client token",
-        }
-    }
-    fn hint(self) -> &'static str {
-        match self {
-            Role::Agent => "the agent's --token-file or NIXFARM_AGENT_TOKEN",
-            Role::Client => "--token or NIXFARM_TOKEN",
-        }
-    }
-}
-
-/// The Bearer token a request carries (empty: none).
-fn bearer(req: &Request<()>) -> &str {
-    req.metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-}
-
-fn token_check(
-    expected: Option<Arc<Credentials>>,
-    who: Role,
-    client_certs: bool,
-    revoked: Arc<crate::revoked::Revoked>,
-    limiter: Arc<crate::limit::Limiter>,
-) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |mut req: Request<()>| {
-        // A client certificate the TLS layer verified against the client CA admits an
-        // agent, unless the operator revoked it (whatever token comes with it).
-        if client_certs && let Some(der) = req.peer_certs().and_then(|c| c.first().cloned()) {
-            use sha2::Digest as _;
-            let fingerprint = data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(der.as_ref()));
-            if revoked.contains(&fingerprint) {
-                return Err(Status::permission_denied(
-                    "this client certificate was revoked ([tls] revoked_certs_file)",
-                ));
-            }
-            req.extensions_mut()
-                .insert(Credential::Certificate(fingerprint));
-            let token = bearer(&req);
-            if expected.as_ref().is_some_and(|e| e.admit(token).is_some()) {
-                req.extensions_mut().insert(crate::credentials::ShowsToken);
-            }
-            return Ok(req);
-        }
-        let ip = req.remote_addr().map(|a| a.ip());
-        if let Some(wait) = ip.and_then(|ip| limiter.blocked(ip, std::time::Instant::now())) {
-            return Err(Status::resource_exhausted(crate::limit::refusal(wait)));
-        }
-        let Some(expected) = &expected else {
-            if client_certs {
-                return Err(Status::unauthenticated(format!(
-                    "this coordinator requires a client certificate (or {})",
-                    who.token()
-                )));
-            }
-            req.extensions_mut().insert(Credential::Open);
-            return Ok(req);
-        };
-        let given = bearer(&req);
-        // Compared in constant time, so a token cannot be guessed byte by byte; with the
-        // generation of the named tokens it was checked at (one taken back after this is
-        // caught at registration).
-        let admitted = expected.admit_at(given);
-        let digest = admitted
-            .is_some()
-            .then(|| crate::credentials::TokenDigest::of(given));
-        if let Some((a, generation)) = admitted {
-            req.extensions_mut().insert(digest.unwrap_or_default());
-            let credential = match a {
-                Admitted::Named(name) => {
-                    req.extensions_mut().insert(BoundName(name.clone()));
-                    req.extensions_mut()
-                        .insert(crate::credentials::AdmittedAt(generation));
-                    Credential::NamedToken(name)
-                }
-                Admitted::Any => {
-                    req.extensions_mut()
-                        .insert(crate::credentials::AdmittedAt(generation));
-                    Credential::JoinToken
-                }
-            };
-            req.extensions_mut().insert(credential);
-            Ok(req)
-        } else if given.is_empty() {
-            Err(Status::unauthenticated(format!(
-                "this coordinator requires {} ({})",
-                who.token(),
-                who.hint()
-            )))
-        } else {
-            if let Some(ip) = ip {
-                limiter.failed(ip, std::time::Instant::now());
-            }
-            Err(Status::unauthenticated(format!(
-                "{} was refused: check {}",
-                who.token(),
-                who.hint()
-            )))
-        }
-    }
-}
-
-/// Largest `[auth] agent_tokens_file` read, bytes.
-const NAMED_FILE_MAX: u64 = 16 << 20;
-
 /// The agents' named tokens from `[auth] agent_tokens_file`, at start.
 fn read_named(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text = crate::watched::read_at_most(path, NAMED_FILE_MAX).map_err(anyhow::Error::msg)?;
+    let text = crate::watched::read_at_most(path, crate::reloads::NAMED_FILE_MAX)
+        .map_err(anyhow::Error::msg)?;
     Credentials::parse_named(&text).map_err(anyhow::Error::msg)
 }
 
@@ -472,73 +355,21 @@ pub async fn start_with_listener(
             })
         },
     );
-    let issued = farm_cache.as_ref().and_then(|(c, _)| c.issued_tokens());
-    let withdraw = move |names: Vec<String>| {
-        for name in names {
-            if let Some(t) = &issued {
-                t.withdraw(&name);
-            }
-        }
+    let reloads = crate::reloads::Reloads {
+        engine: engine.clone(),
+        revoked: revoked.clone(),
+        tokens: agent_token.clone(),
+        named_file,
+        join_file,
+        issued: farm_cache.as_ref().and_then(|(c, _)| c.issued_tokens()),
     };
     let lease_engine = engine.clone();
-    let lease_revoked = revoked.clone();
-    let lease_tokens = agent_token.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(1));
         loop {
             t.tick().await;
             lease_engine.check_leases();
-            let newly = lease_revoked.reload();
-            if !newly.is_empty() {
-                withdraw(lease_engine.cut_off_certificates(&newly));
-            }
-            if let (Some(file), Some(tokens)) = (&named_file, &lease_tokens)
-                && let Some(text) = file.read_settled(NAMED_FILE_MAX)
-            {
-                match text.and_then(|t| Credentials::parse_named_again(&t)) {
-                    Ok(named) => {
-                        let gone = tokens.replace_named(named);
-                        tracing::info!(
-                            file = %file.path().display(),
-                            taken_back = gone.len(),
-                            "agent tokens read again"
-                        );
-                        if !gone.is_empty() {
-                            withdraw(lease_engine.cut_off_named(tokens));
-                        }
-                    }
-                    Err(e) => tracing::error!(
-                        "[auth] agent_tokens_file {}: {e:#}; the tokens read before stay",
-                        file.path().display()
-                    ),
-                }
-            }
-            if let (Some(file), Some(tokens)) = (&join_file, &lease_tokens)
-                && let Some(text) = file.read_settled(64 << 10)
-            {
-                let token = text.map(|t| t.trim().to_string()).and_then(|t| {
-                    if t.is_empty() {
-                        Err("empty (being written?)".to_string())
-                    } else {
-                        Ok(t)
-                    }
-                });
-                match token {
-                    Ok(token) => {
-                        if tokens.replace_shared(token) {
-                            tracing::warn!(
-                                file = %file.path().display(),
-                                "join token replaced: agents admitted by the old one are cut off"
-                            );
-                            withdraw(lease_engine.cut_off_named(tokens));
-                        }
-                    }
-                    Err(e) => tracing::error!(
-                        "[auth] agent_token_file {}: {e}; the join token read before stays",
-                        file.path().display()
-                    ),
-                }
-            }
+            reloads.look();
         }
     });
     let mut builder = tonic::transport::Server::builder();

@@ -195,38 +195,7 @@ struct Inner {
     hold_way: Hold,
     /// Inside a batch ([`Engine::atomically`]): what it tells watchers and agents, told once
     /// it commits.
-    batch: Option<Vec<Deferred>>,
-}
-
-/// What a batch tells others once it commits: nobody acts on what a crash would undo.
-enum Deferred {
-    Event(RunEvent),
-    ToAgent(mpsc::UnboundedSender<ToAgent>, ToAgent),
-}
-
-impl Deferred {
-    fn deliver(self, events: &broadcast::Sender<RunEvent>) {
-        match self {
-            Deferred::Event(e) => {
-                let _ = events.send(e);
-            }
-            Deferred::ToAgent(tx, msg) => {
-                let _ = tx.send(msg);
-            }
-        }
-    }
-}
-
-impl Inner {
-    /// Sends `msg` to an agent's stream; inside a batch, once it commits.
-    fn send(&mut self, tx: mpsc::UnboundedSender<ToAgent>, msg: ToAgent) {
-        match self.batch.as_mut() {
-            Some(held) => held.push(Deferred::ToAgent(tx, msg)),
-            None => {
-                let _ = tx.send(msg);
-            }
-        }
-    }
+    batch: Option<Vec<batch::Deferred>>,
 }
 
 /// Longest a run waits for the repository checks an agent said would follow its listing, ms
@@ -413,36 +382,6 @@ impl Engine {
         })
     }
 
-    /// Runs `f` as one transaction of the state store, so that a coordinator killed in the
-    /// middle of it keeps none of it: killed between an attempt's end and its outcome, it
-    /// would know the attempt done and its build not, and build it again. Watchers and
-    /// agents hear of what it did once it is stored. A step that fails stores what it
-    /// stored (memory went on with it), as before batches. Inside a batch, `f` just runs.
-    fn atomically<T>(
-        &self,
-        inner: &mut Inner,
-        f: impl FnOnce(&mut Inner) -> Result<T, EngineError>,
-    ) -> Result<T, EngineError> {
-        if inner.batch.is_some() {
-            return f(inner);
-        }
-        inner.db.begin_batch()?;
-        inner.batch = Some(Vec::new());
-        let out = f(inner);
-        self.end_batch(inner)?;
-        out
-    }
-
-    /// Commits the open batch, then tells what it held back.
-    fn end_batch(&self, inner: &mut Inner) -> Result<(), EngineError> {
-        let held = inner.batch.take().unwrap_or_default();
-        inner.db.end_batch()?;
-        for d in held {
-            d.deliver(&self.events);
-        }
-        Ok(())
-    }
-
     pub fn sources_dir(&self) -> &std::path::Path {
         &self.sources_dir
     }
@@ -468,7 +407,7 @@ impl Engine {
             json,
         };
         match inner.batch.as_mut() {
-            Some(held) => held.push(Deferred::Event(event)),
+            Some(held) => held.push(batch::Deferred::Event(event)),
             None => {
                 let _ = self.events.send(event);
             }
@@ -599,9 +538,11 @@ impl RunMem {
 }
 
 mod agents;
+mod batch;
 mod build;
 mod checks;
 mod claims;
+mod cutoff;
 mod dispatch;
 mod eval;
 mod fixes;
@@ -616,6 +557,8 @@ mod waiting;
 
 #[cfg(test)]
 mod checks_tests;
+#[cfg(test)]
+mod cutoff_tests;
 #[cfg(test)]
 mod dispatch_tests;
 #[cfg(test)]

@@ -1,0 +1,99 @@
+//! What admits agents, read again while the coordinator runs: revoked client
+//! certificates, the agents' named tokens and the join token. A change cuts off the agents
+//! it took back and withdraws their farm cache tokens.
+
+use crate::credentials::Credentials;
+use crate::engine::Engine;
+use crate::farm_tokens::FarmTokens;
+use crate::revoked::Revoked;
+use crate::watched::Watched;
+use std::sync::Arc;
+
+/// Largest `[auth] agent_tokens_file` read, bytes.
+pub const NAMED_FILE_MAX: u64 = 16 << 20;
+
+/// Largest `[auth] agent_token_file` read again, bytes.
+const JOIN_FILE_MAX: u64 = 64 << 10;
+
+/// The files looked at once a second, and what a change in them reaches.
+pub struct Reloads {
+    pub engine: Engine,
+    pub revoked: Arc<Revoked>,
+    /// The agents' tokens (None: agents show none).
+    pub tokens: Option<Arc<Credentials>>,
+    /// `[auth] agent_tokens_file`, when set.
+    pub named_file: Option<Watched>,
+    /// `[auth] agent_token_file`, when set.
+    pub join_file: Option<Watched>,
+    /// The farm cache's issued tokens, when it issues them.
+    pub issued: Option<Arc<FarmTokens>>,
+}
+
+impl Reloads {
+    /// One look at every file; what changed and stood still since is taken.
+    pub fn look(&self) {
+        let newly = self.revoked.reload();
+        if !newly.is_empty() {
+            self.withdraw(self.engine.cut_off_certificates(&newly));
+        }
+        let Some(tokens) = &self.tokens else {
+            return;
+        };
+        if let Some(file) = &self.named_file
+            && let Some(text) = file.read_settled(NAMED_FILE_MAX)
+        {
+            match text.and_then(|t| Credentials::parse_named_again(&t)) {
+                Ok(named) => {
+                    let gone = tokens.replace_named(named);
+                    tracing::info!(
+                        file = %file.path().display(),
+                        taken_back = gone.len(),
+                        "agent tokens read again"
+                    );
+                    if !gone.is_empty() {
+                        self.withdraw(self.engine.cut_off_named(tokens));
+                    }
+                }
+                Err(e) => tracing::error!(
+                    "[auth] agent_tokens_file {}: {e}; the tokens read before stay",
+                    file.path().display()
+                ),
+            }
+        }
+        if let Some(file) = &self.join_file
+            && let Some(text) = file.read_settled(JOIN_FILE_MAX)
+        {
+            let token = text.map(|t| t.trim().to_string()).and_then(|t| {
+                if t.is_empty() {
+                    Err("empty (being written?)".to_string())
+                } else {
+                    Ok(t)
+                }
+            });
+            match token {
+                Ok(token) => {
+                    if tokens.replace_shared(token) {
+                        tracing::warn!(
+                            file = %file.path().display(),
+                            "join token replaced: agents admitted by the old one are cut off"
+                        );
+                        self.withdraw(self.engine.cut_off_named(tokens));
+                    }
+                }
+                Err(e) => tracing::error!(
+                    "[auth] agent_token_file {}: {e}; the join token read before stays",
+                    file.path().display()
+                ),
+            }
+        }
+    }
+
+    /// Withdraws the farm cache tokens of agents cut off.
+    fn withdraw(&self, names: Vec<String>) {
+        if let Some(t) = &self.issued {
+            for name in names {
+                t.withdraw(&name);
+            }
+        }
+    }
+}
