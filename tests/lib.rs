@@ -770,3 +770,17 @@ pub fn single_file_nar(content: &[u8]) -> Vec<u8> {
     }
     nar
 }
+
+/// Waits (10 s at most) for an agent's stream to end with the refusal that says `why`.
+pub async fn cut_off_saying(
+    stream: &mut tonic::Streaming<nixfarm_proto::v1::CoordinatorMessage>,
+    why: &str,
+) {
+    match tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await {
+        Ok(Err(s)) => assert!(
+            s.code() == tonic::Code::PermissionDenied && s.message().contains(why),
+            "{s:?}"
+        ),
+        other => panic!("its stream did not end with the refusal: {other:?}"),
+    }
+}

@@ -276,17 +276,6 @@ async fn register_with_token(
     Ok(from)
 }
 
-/// Waits (10 s at most) for an agent's stream to end with the refusal that says `why`.
-async fn cut_off_saying(stream: &mut tonic::Streaming<pb::CoordinatorMessage>, why: &str) {
-    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-        Ok(Err(s)) => assert!(
-            s.code() == tonic::Code::PermissionDenied && s.message().contains(why),
-            "{s:?}"
-        ),
-        other => panic!("its stream did not end with the refusal: {other:?}"),
-    }
-}
-
 /// An agent's named token is replaced in `[auth] agent_tokens_file` (its host was
 /// compromised): without a restart the agent on the old token is cut off and cannot come
 /// back with it; the new token registers, and the other agents go on.

@@ -77,7 +77,7 @@ impl Db {
         .map(drop)
     }
 
-    /// The repository checks still owed, by run: (attempt, agent, until_ms).
+    /// The repository checks still owed, by run: what each listing that follows owes.
     pub fn repo_owed(&self) -> Result<BTreeMap<String, Vec<OwedChecks>>, DbError> {
         let mut st = self.conn().prepare(
             "SELECT run_id, attempt, agent, until_ms FROM repo_owed ORDER BY run_id, until_ms",

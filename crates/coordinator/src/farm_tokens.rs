@@ -172,7 +172,7 @@ impl FarmTokens {
         }
     }
 
-    /// Withdraws agent `name`'s token for good (its certificate was revoked): refused from
+    /// Withdraws agent `name`'s token for good (what admitted it was taken back): refused from
     /// now on, struck from the file, and the name, if it registers again with another
     /// credential, is issued a new one.
     pub fn withdraw(&self, name: &str) {

@@ -51,9 +51,7 @@ pub(crate) fn token_check(
             use sha2::Digest as _;
             let fingerprint = data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(der.as_ref()));
             if revoked.contains(&fingerprint) {
-                return Err(Status::permission_denied(
-                    "this client certificate was revoked ([tls] revoked_certs_file)",
-                ));
+                return Err(Status::permission_denied(crate::credentials::REVOKED));
             }
             req.extensions_mut()
                 .insert(Credential::Certificate(fingerprint));
@@ -81,24 +79,20 @@ pub(crate) fn token_check(
         // Compared in constant time, so a token cannot be guessed byte by byte; with the
         // generation of the named tokens it was checked at (one taken back after this is
         // caught at registration).
-        let admitted = expected.admit_at(given);
-        let digest = admitted
-            .is_some()
-            .then(|| crate::credentials::TokenDigest::of(given));
-        if let Some((a, generation)) = admitted {
-            req.extensions_mut().insert(digest.unwrap_or_default());
+        if let Some((a, generation)) = expected.admit_at(given) {
+            // What a registration is checked against again (agents only).
+            if matches!(who, Role::Agent) {
+                let digest = crate::credentials::TokenDigest::of(given);
+                req.extensions_mut().insert(digest);
+                req.extensions_mut()
+                    .insert(crate::credentials::AdmittedAt(generation));
+            }
             let credential = match a {
                 Admitted::Named(name) => {
                     req.extensions_mut().insert(BoundName(name.clone()));
-                    req.extensions_mut()
-                        .insert(crate::credentials::AdmittedAt(generation));
                     Credential::NamedToken(name)
                 }
-                Admitted::Any => {
-                    req.extensions_mut()
-                        .insert(crate::credentials::AdmittedAt(generation));
-                    Credential::JoinToken
-                }
+                Admitted::Any => Credential::JoinToken,
             };
             req.extensions_mut().insert(credential);
             Ok(req)

@@ -490,7 +490,7 @@ pub enum ToAgent {
     RunEnded {
         run_id: String,
     },
-    /// The agent is shut out (its certificate was revoked): its stream ends with this
+    /// The agent is shut out (what admitted it was taken back): its stream ends with this
     /// refusal.
     CutOff {
         why: String,

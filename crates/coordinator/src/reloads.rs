@@ -32,9 +32,8 @@ pub struct Reloads {
 impl Reloads {
     /// One look at every file; what changed and stood still since is taken.
     pub fn look(&self) {
-        let newly = self.revoked.reload();
-        if !newly.is_empty() {
-            self.withdraw(self.engine.cut_off_certificates(&newly));
+        if self.revoked.reload() {
+            self.withdraw(self.engine.cut_off_certificates());
         }
         let Some(tokens) = &self.tokens else {
             return;

@@ -49,25 +49,17 @@ impl Revoked {
         }
     }
 
-    /// Every fingerprint revoked now.
-    pub fn fingerprints(&self) -> Vec<String> {
-        self.fingerprints
-            .read()
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Reads the file again if it changed since (and has stood still for a look); returns every fingerprint revoked now (so
-    /// that agents still connected with one are cut off), or nothing when it did not
-    /// change. A file that became unreadable or malformed keeps the revocations read
+    /// Reads the file again if it changed since (and has stood still for a look); true when
+    /// it was taken (agents still connected with a certificate revoked now are to be cut
+    /// off). A file that became unreadable or malformed keeps the revocations read
     /// before (a broken edit never lets a revoked certificate back in), with an error in
     /// the log.
-    pub fn reload(&self) -> Vec<String> {
+    pub fn reload(&self) -> bool {
         let Some(file) = &self.file else {
-            return Vec::new();
+            return false;
         };
         let Some(text) = file.read_settled(MAX_FILE_BYTES) else {
-            return Vec::new();
+            return false;
         };
         match text.and_then(|t| parse(&t)).map_err(|e| what(file, &e)) {
             Ok(fingerprints) => {
@@ -76,15 +68,14 @@ impl Revoked {
                     revoked = fingerprints.len(),
                     "revoked client certificates read again"
                 );
-                let all = fingerprints.iter().cloned().collect();
                 if let Ok(mut s) = self.fingerprints.write() {
                     *s = fingerprints;
                 }
-                all
+                true
             }
             Err(e) => {
                 tracing::error!("{e}; the certificates revoked before stay revoked");
-                Vec::new()
+                false
             }
         }
     }
@@ -157,13 +148,13 @@ mod tests {
         let r = Revoked::open(Some(file.clone())).unwrap();
         // A change is taken at the look after the one that saw it (it stood still).
         let reload = || {
-            assert!(r.reload().is_empty(), "taken at the first look");
+            assert!(!r.reload(), "taken at the first look");
             r.reload()
         };
         assert!(!r.contains(FP));
-        assert!(r.reload().is_empty(), "unchanged");
+        assert!(!r.reload(), "unchanged");
         std::fs::write(&file, format!("{FP}\n")).unwrap();
-        assert_eq!(reload(), vec![FP.to_string()]);
+        assert!(reload());
         assert!(r.contains(FP));
         // Another fingerprint of the same length, the modification time put back (as
         // `cp -p` would): still a change.
@@ -176,15 +167,15 @@ mod tests {
             .unwrap()
             .set_modified(mtime)
             .unwrap();
-        assert_eq!(reload(), vec![other.clone()]);
+        assert!(reload());
         assert!(r.contains(&other) && !r.contains(FP));
         std::fs::write(&file, format!("{FP}\n")).unwrap();
-        assert_eq!(reload(), vec![FP.to_string()]);
+        assert!(reload());
         std::fs::write(&file, "garbage that is longer\n").unwrap();
-        assert!(reload().is_empty());
+        assert!(!reload());
         assert!(r.contains(FP), "a broken edit lets nothing back in");
         std::fs::remove_file(&file).unwrap();
-        assert!(reload().is_empty());
+        assert!(!reload());
         assert!(r.contains(FP), "nor does a removed file");
         // Unreadable at start: no start.
         assert!(Revoked::open(Some(d.path().join("missing"))).is_err());

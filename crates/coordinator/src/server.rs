@@ -270,7 +270,7 @@ pub async fn start_with_listener(
     let limits = server_limits(config, client_max_msg);
     let addr = listener.local_addr()?;
     // Revoked client certificates: refused from the start (their agents' farm cache tokens
-    // withdrawn before the farm cache serves); the file is read again every second.
+    // withdrawn before the farm cache serves); the file is looked at every second.
     let revoked = Arc::new(
         crate::revoked::Revoked::open(config.tls.revoked_certs_file.clone())
             .map_err(anyhow::Error::msg)?,
@@ -281,9 +281,8 @@ pub async fn start_with_listener(
     });
     let mut revoked_agents = match &config.tls.revoked_certs_file {
         Some(file) => {
-            let all = revoked.fingerprints();
-            tracing::info!(file = %file.display(), revoked = all.len(), "revoked client certificates");
-            engine.cut_off_certificates(&all)
+            tracing::info!(file = %file.display(), "revoked client certificates read");
+            engine.cut_off_certificates()
         }
         None => Vec::new(),
     };

@@ -149,7 +149,7 @@ pub trait StateStore: Send {
     ) -> StateResult<()>;
     /// The checks owed for `attempt` came or will not (None: nothing is owed the run).
     fn repo_checks_settled(&mut self, run: &str, attempt: Option<&str>) -> StateResult<()>;
-    /// The repository checks still owed, by run: (attempt, agent, until ms).
+    /// The repository checks still owed, by run: what each listing that follows owes.
     fn repo_owed(&self) -> StateResult<BTreeMap<String, Vec<OwedChecks>>>;
     /// How long each derivation (by name) took when last built, in ms: cost estimates.
     fn build_times(&mut self) -> StateResult<std::collections::HashMap<String, u64>>;

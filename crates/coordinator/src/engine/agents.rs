@@ -278,34 +278,40 @@ impl Engine {
                 return Ok(());
             }
         }
+        // Heartbeats and log chunks (most messages) store nothing: no transaction.
+        let msg = match msg {
+            FromAgent::Heartbeat {
+                draining, paused, ..
+            } => {
+                if let Some(a) = inner.agents.get_mut(name) {
+                    if draining && !a.draining {
+                        tracing::info!(agent = name, "agent draining: no new jobs for it");
+                        a.draining = true;
+                    }
+                    if paused != a.paused {
+                        if paused.is_empty() {
+                            tracing::info!(agent = name, "agent takes jobs again");
+                        } else {
+                            tracing::warn!(agent = name, "agent paused: {paused}");
+                        }
+                        a.paused = paused;
+                    }
+                }
+                None
+            }
+            FromAgent::Log { .. } => None,
+            other => Some(other),
+        };
         // One step: an attempt's end lands with its outcome, or neither does.
         self.atomically(inner, |inner| {
             match msg {
-                FromAgent::Heartbeat {
-                    draining, paused, ..
-                } => {
-                    if let Some(a) = inner.agents.get_mut(name) {
-                        if draining && !a.draining {
-                            tracing::info!(agent = name, "agent draining: no new jobs for it");
-                            a.draining = true;
-                        }
-                        if paused != a.paused {
-                            if paused.is_empty() {
-                                tracing::info!(agent = name, "agent takes jobs again");
-                            } else {
-                                tracing::warn!(agent = name, "agent paused: {paused}");
-                            }
-                            a.paused = paused;
-                        }
-                    }
-                }
-                FromAgent::Log { .. } => {}
-                FromAgent::EvalList {
+                None | Some(FromAgent::Heartbeat { .. }) | Some(FromAgent::Log { .. }) => {}
+                Some(FromAgent::EvalList {
                     attempt,
                     result,
                     follows,
                     evaluated,
-                } => {
+                }) => {
                     if let Some(a) = self.take_attempt(inner, name, &attempt, failed(&result))? {
                         if follows
                             && result.is_ok()
@@ -336,7 +342,7 @@ impl Engine {
                         self.on_eval_list(inner, a, result, evaluated)?;
                     }
                 }
-                FromAgent::RepoChecks { attempt, checks } => {
+                Some(FromAgent::RepoChecks { attempt, checks }) => {
                     // Only an agent that listed, for that listing, once.
                     let mine =
                         |o: &crate::model::OwedChecks| o.attempt == attempt && o.agent == name;
@@ -351,15 +357,15 @@ impl Engine {
                         self.maybe_finish(inner, &id)?;
                     }
                 }
-                FromAgent::EvalChunk { attempt, result } => {
+                Some(FromAgent::EvalChunk { attempt, result }) => {
                     if let Some(a) = self.take_attempt(inner, name, &attempt, failed(&result))? {
                         self.on_eval_chunk(inner, a, result)?;
                     }
                 }
-                FromAgent::Build {
+                Some(FromAgent::Build {
                     attempt,
                     mut report,
-                } => {
+                }) => {
                     report.agent = name.to_string();
                     if let Some(a) =
                         self.take_attempt(inner, name, &attempt, Some(report.kind.as_str()))?

@@ -20,12 +20,15 @@ impl Engine {
         self.gate.get()?.refusal(credential, admitted_at)
     }
 
-    /// Cuts off every agent admitted by one of these (revoked) client certificates; see
+    /// Cuts off every agent admitted by a client certificate revoked now; see
     /// [`Engine::cut_off`].
-    pub fn cut_off_certificates(&self, fingerprints: &[String]) -> Vec<String> {
+    pub fn cut_off_certificates(&self) -> Vec<String> {
         use crate::credentials::{Credential, REVOKED};
         self.cut_off(
-            |reg| matches!(&reg.credential, Credential::Certificate(fp) if fingerprints.contains(fp)),
+            |reg| {
+                matches!(reg.credential, Credential::Certificate(_))
+                    && self.refusal(&reg.credential, 0).is_some()
+            },
             REVOKED,
         )
     }

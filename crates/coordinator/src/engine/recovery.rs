@@ -28,7 +28,7 @@ impl Engine {
                 }
             };
             let mut run = RunMem::new(row.id.clone(), spec, state, row.created_ms);
-            // Repository checks the listing agent still owes: it sends them again when it
+            // Repository checks the listing agents still owe: each sends them again when it
             // dials back in; if it does not within its lease, the run says so and goes on.
             run.repo_owed = owed.remove(&row.id).unwrap_or_default();
             let tasks = inner.db.eval_tasks(&row.id)?;
