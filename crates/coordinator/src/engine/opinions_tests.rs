@@ -356,6 +356,9 @@ fn answer_failed_listing(engine: &Engine, name: &str, a: &mut TestAgent) {
     send_listing(engine, name, a, names, Some((attrs, BTreeMap::new())));
 }
 
+/// Why a run fails once `hello` kept failing on agent a alone.
+const A_KEPT_FAILING: &str = "agent b says /nix/store/11111111111111111111111111111111-hello.drv, agent a says an evaluation error";
+
 /// A run whose listing a answered with hello failed (out of memory) and b with hello
 /// evaluated: (engine, its directory, a, b, run).
 fn failed_on_a_only() -> (Engine, tempfile::TempDir, TestAgent, TestAgent, String) {
@@ -397,11 +400,7 @@ fn an_attribute_that_keeps_failing_on_one_host_fails_the_run_after_two_more_trie
     answer_failed_listing(&engine, "a", &mut a);
     assert_eq!(engine.report(&run).unwrap().state, RunState::Evaluating);
     answer_failed_listing(&engine, "a", &mut a);
-    failed_on(
-        &engine,
-        &run,
-        "agent b says /nix/store/11111111111111111111111111111111-hello.drv, agent a says an evaluation error",
-    );
+    failed_on(&engine, &run, A_KEPT_FAILING);
 }
 
 #[test]
@@ -445,11 +444,7 @@ fn the_tries_left_for_a_one_sided_failure_are_kept_across_a_restart() {
     let engine = open();
     let mut a = connect_agent(&engine, "a");
     answer_failed_listing(&engine, "a", &mut a);
-    failed_on(
-        &engine,
-        &run,
-        "agent b says /nix/store/11111111111111111111111111111111-hello.drv, agent a says an evaluation error",
-    );
+    failed_on(&engine, &run, A_KEPT_FAILING);
 }
 
 /// Where an attribute is defined steers a hash fix to a file: it is taken only where both
