@@ -80,6 +80,7 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
         let paths = run.result.clone().unwrap();
         assert_eq!(paths.len(), 2, "{paths:?}");
         assert!(run.built, "{}", run.log_tail);
+        assert!(!run.already_valid, "{}", run.log_tail);
         assert!(
             String::from_utf8_lossy(&log).contains("building two"),
             "the builder's log streams"
@@ -123,6 +124,7 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             .await;
         assert_eq!(again.result.unwrap().len(), 2);
         assert!(!again.built);
+        assert!(again.already_valid, "its time is no build time");
 
         let failing = drv("failing", "echo oops; exit 3", "", &t);
         let r = nix
@@ -137,6 +139,7 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             Err(Failure::BuildFailed(m)) => assert!(m.contains("exit code 3"), "{m}"),
             other => panic!("{other:?}"),
         }
+        assert!(!r.already_valid);
         assert!(r.log_tail.contains("oops"), "{}", r.log_tail);
 
         let fod = drv(

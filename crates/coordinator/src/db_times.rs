@@ -14,6 +14,8 @@ pub const MAX_KEPT: i64 = 200_000;
 /// The time a result says a build took, by derivation name (`relay-0.1`, hash and `.drv`
 /// dropped, so the next version of a package inherits the estimate): only a build that
 /// really ran here, whatever its outcome, since a timed-out build held its slot as long.
+/// Not one whose outputs were there already (a hash-fixing stage's rebuild of what the
+/// stage before built): its few milliseconds would replace the real time.
 pub fn build_time<'a>(drv: &'a str, r: &BuildReport) -> Option<(&'a str, u64)> {
     let ran = matches!(
         r.kind,
@@ -23,7 +25,8 @@ pub fn build_time<'a>(drv: &'a str, r: &BuildReport) -> Option<(&'a str, u64)> {
             | BuildOutcome::TimedOut
             | BuildOutcome::HashMismatch
     );
-    (ran && !r.substituted && r.duration_ms > 0).then(|| (store_name(drv), r.duration_ms))
+    (ran && !r.substituted && !r.already_valid && r.duration_ms > 0)
+        .then(|| (store_name(drv), r.duration_ms))
 }
 
 impl Db {
@@ -79,5 +82,10 @@ mod tests {
             None
         );
         assert_eq!(build_time(drv, &r(BuildOutcome::Built, false, 0)), None);
+        let there_already = BuildReport {
+            already_valid: true,
+            ..r(BuildOutcome::Built, false, 2)
+        };
+        assert_eq!(build_time(drv, &there_already), None);
     }
 }

@@ -306,6 +306,9 @@ pub struct BuildReport {
     pub log_tail: String,
     #[serde(default)]
     pub substituted: bool,
+    /// Every output was valid already: nothing ran, so the duration is no build time.
+    #[serde(default)]
+    pub already_valid: bool,
     #[serde(default)]
     pub agent: String,
     /// For dependency failures: the derivation that failed.

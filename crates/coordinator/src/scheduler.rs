@@ -8,6 +8,10 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
+/// How much shorter than the longest remaining chain a build's chain must be for it to
+/// run niced ([`Scheduler::may_yield_cpu`]).
+const YIELD_FACTOR: u64 = 10;
+
 /// Index of a node in a [`Scheduler`].
 pub type NodeId = u32;
 
@@ -521,19 +525,29 @@ impl Scheduler {
     pub fn failed_root(&self, id: NodeId) -> Option<NodeId> {
         self.nodes[id as usize].failed_root
     }
-    /// Whether `id` lies on a longest remaining chain: no unfinished node has a higher
-    /// priority (a node's priority is the longest chain from it to the end). Amortised
-    /// O(log n): finished nodes leave the heap once.
-    pub fn on_critical_path(&mut self, id: NodeId) -> bool {
+    /// Whether `id` may build at a lower CPU priority without holding up the run: its chain
+    /// is under a tenth of the longest remaining one, so even with a tenth of the CPU (nice
+    /// 10 against 0 gets about that under full load) it ends before that chain does. A
+    /// chain nearly as long is not slowed: it would become the one the run waits on.
+    pub fn may_yield_cpu(&mut self, id: NodeId) -> bool {
+        self.nodes[id as usize]
+            .priority
+            .saturating_mul(YIELD_FACTOR)
+            < self.top_priority()
+    }
+
+    /// The longest remaining chain (a node's priority is the longest chain from it to the
+    /// end; 0: none left). Amortised O(log n): finished nodes leave the heap once.
+    fn top_priority(&mut self) -> u64 {
         while let Some(&(p, top)) = self.by_priority.peek() {
             let n = &self.nodes[top as usize];
             if n.state.is_done() || n.priority != p {
                 self.by_priority.pop();
                 continue;
             }
-            return self.nodes[id as usize].priority >= p;
+            return p;
         }
-        true
+        0
     }
 
     pub fn priority(&self, id: NodeId) -> u64 {

@@ -226,40 +226,48 @@ fn a_later_chunk_raises_the_priority_of_what_it_needs() {
 }
 
 #[test]
-fn the_longest_remaining_chain_is_told_apart() {
-    // src <- lib <- app (a chain of 3), and a lone node of cost 2. A later chunk hangs a
-    // chain of 3 more on `lone`.
+fn only_a_chain_far_shorter_than_the_longest_yields_the_cpu() {
+    // src <- lib <- app (a chain of 30), a lone node of cost 2 and one of 3. A later chunk
+    // hangs a chain of 300 more on the lone one of cost 2.
     let mut s = Scheduler::new();
-    let src = s.add_node(x86(), 1);
-    let lib = s.add_node(x86(), 1);
-    let app = s.add_node(x86(), 1);
+    let src = s.add_node(x86(), 10);
+    let lib = s.add_node(x86(), 10);
+    let app = s.add_node(x86(), 10);
     let lone = s.add_node(x86(), 2);
+    let near = s.add_node(x86(), 3);
     s.add_edge(lib, src);
     s.add_edge(app, lib);
     s.start();
-    assert!(s.on_critical_path(src));
-    assert!(!s.on_critical_path(lone), "2 < 3");
+    assert!(!s.may_yield_cpu(src), "the longest chain");
+    assert!(s.may_yield_cpu(lone), "2 x 10 < 30");
+    assert!(
+        !s.may_yield_cpu(near),
+        "3 x 10 = 30: at a tenth of the CPU it could hold the run up"
+    );
     assert_eq!(s.pop_for(&caps()), Some(src));
-    assert_eq!(s.pop_for(&caps()), Some(lone));
     s.complete(src);
-    // 2 left on the chain, 2 on lone: both on a longest chain now.
-    assert!(s.on_critical_path(lib));
-    assert!(s.on_critical_path(lone));
+    // 20 left on the chain.
+    assert!(!s.may_yield_cpu(lone), "2 x 10 = 20");
     let from = s.len() as NodeId;
-    let a = s.add_node(x86(), 1);
-    let b = s.add_node(x86(), 1);
-    let c = s.add_node(x86(), 1);
+    let a = s.add_node(x86(), 100);
+    let b = s.add_node(x86(), 100);
+    let c = s.add_node(x86(), 100);
     s.add_edge(a, lone);
     s.add_edge(b, a);
     s.add_edge(c, b);
     assert!(s.extend(from).is_empty());
-    assert!(s.on_critical_path(lone), "raised to 5");
-    assert!(!s.on_critical_path(lib), "2 < 5");
-    s.complete(lone);
-    assert!(s.on_critical_path(a));
-    assert!(!s.on_critical_path(lib), "2 < 3");
-    s.complete(a);
-    assert!(s.on_critical_path(lib), "2 = 2");
+    assert!(!s.may_yield_cpu(lone), "raised to 302");
+    assert!(s.may_yield_cpu(lib), "20 x 10 < 302");
+    assert!(s.may_yield_cpu(near), "3 x 10 < 302");
+    for n in [lone, a, b] {
+        assert_eq!(s.pop_for(&caps()), Some(n));
+        s.complete(n);
+    }
+    // 100 left there, 20 on the chain.
+    assert!(!s.may_yield_cpu(lib), "20 x 10 > 100");
+    assert_eq!(s.pop_for(&caps()), Some(c));
+    s.complete(c);
+    assert!(!s.may_yield_cpu(near), "3 x 10 > 20");
 }
 
 #[test]

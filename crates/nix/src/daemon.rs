@@ -9,7 +9,7 @@
 
 use crate::messages::{Failure, classify_failure};
 use crate::runner::{BuildOptions, BuildRun, Nix, NixError, StorePathInfo, TailBuffer, tail};
-use crate::worker_protocol::{Conn, DaemonError, exit_code, succeeded};
+use crate::worker_protocol::{Conn, DaemonError, exit_code, is_already_valid, succeeded};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -26,8 +26,8 @@ const MAX_IDLE: Duration = Duration::from_secs(5);
 const MAX_POOLED: usize = 16;
 /// Longest wait for the handshake, and for a build to stop once interrupted.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How much nicer than the agent a build off its run's longest chain runs: a build the run
-/// waits on gets the CPU first, and these still get what it leaves.
+/// How much nicer than the agent a build far off its run's longest chain runs: a build the
+/// run waits on gets the CPU first, and these still get what it leaves.
 pub(crate) const BACKGROUND_NICE: i32 = 10;
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -164,6 +164,59 @@ impl DaemonPool {
         }
     }
 
+    /// A live connection for store queries (validity, path infos), which no build setting
+    /// changes: any idle one, else one started with `settings`; with the settings it was
+    /// started with, to be put back under.
+    async fn take_for_query(&self, settings: &Settings) -> Option<(Settings, Conn)> {
+        if self.disabled.load(Ordering::Relaxed) {
+            return None;
+        }
+        loop {
+            let pooled = {
+                let mut idle = self.idle.lock().ok()?;
+                prune(&mut idle);
+                // The newest at full priority, else the newest.
+                let at = idle
+                    .iter()
+                    .rposition(|i| i.conn.nice == 0)
+                    .or(idle.len().checked_sub(1));
+                at.map(|at| idle.remove(at)).map(|i| (i.settings, i.conn))
+            };
+            match pooled {
+                Some((s, mut c)) => {
+                    if matches!(c.child.try_wait(), Ok(None)) {
+                        return Some((s, c));
+                    }
+                }
+                None => return Some((settings.clone(), self.take(settings, 0).await?)),
+            }
+        }
+    }
+
+    /// Starts daemons with `settings` until `n` of them wait idle, so that the first builds
+    /// of a run do not each wait for a daemon to start.
+    async fn prewarm(self: &Arc<Self>, settings: Settings, n: usize) {
+        if self.disabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let have = self.idle.lock().map_or(n, |idle| {
+            idle.iter()
+                .filter(|i| i.settings == settings && i.conn.nice == 0)
+                .count()
+        });
+        let started = (have..n.min(MAX_POOLED)).map(|_| {
+            let cache = self.caches.take();
+            Conn::start(&self.program, &settings, cache, 0)
+        });
+        for c in futures_util::future::join_all(started).await {
+            match c {
+                Ok(c) => self.put(settings.clone(), c),
+                // A real build says why, and falls back to nix-store, if it fails again.
+                Err(e) => tracing::debug!("cannot start a daemon ahead of builds: {e}"),
+            }
+        }
+    }
+
     /// Stops every idle daemon: each holds temporary GC roots for what it fetched or built,
     /// which keep those paths from being deleted.
     pub(crate) fn close_idle(&self) {
@@ -292,6 +345,17 @@ impl Nix {
         self
     }
 
+    /// Starts `n` daemons for builds with `opts` ahead of them, in the background (when
+    /// builds go through daemons): a run's first builds then find one waiting instead of
+    /// starting it on their critical path. Unused ones stop after a few seconds.
+    pub fn prewarm(&self, opts: &BuildOptions, n: usize) {
+        let Some(pool) = self.daemon.clone() else {
+            return;
+        };
+        let settings = self.build_settings(opts);
+        tokio::spawn(async move { pool.prewarm(settings, n).await });
+    }
+
     /// True while builds go through daemons (set up with [`Nix::with_daemon`], and none has
     /// failed to start).
     pub fn daemon_active(&self) -> bool {
@@ -340,9 +404,11 @@ impl Nix {
         let mut full = log.text();
         // Reused only when the exchange ended where the protocol says it does.
         let mut reusable = false;
+        let mut already_valid = false;
         let result = match outcome {
             _ if cancelled => Err(Failure::Infra("cancelled".into())),
             Ok(o) if succeeded(o.status) => {
+                already_valid = is_already_valid(o.status);
                 match self.root_outputs(&mut conn, opts, &o.outputs).await {
                     Ok(()) => {
                         reusable = true;
@@ -371,6 +437,7 @@ impl Nix {
         Some(BuildRun {
             substituted,
             built,
+            already_valid,
             log_tail: tail(&full, self.log_tail_bytes),
             duration: start.elapsed(),
             result,
@@ -385,8 +452,9 @@ impl Nix {
         paths: &[String],
     ) -> Option<Result<Vec<StorePathInfo>, NixError>> {
         let pool = self.daemon.as_ref()?;
-        let settings = self.build_settings(&BuildOptions::default());
-        let mut conn = pool.take(&settings, 0).await?;
+        let (settings, mut conn) = pool
+            .take_for_query(&self.build_settings(&BuildOptions::default()))
+            .await?;
         let mut seen: std::collections::BTreeMap<String, StorePathInfo> = Default::default();
         let mut todo: Vec<String> = paths.to_vec();
         while let Some(p) = todo.pop() {
@@ -426,8 +494,9 @@ impl Nix {
         paths: &[String],
     ) -> Option<Result<Vec<String>, NixError>> {
         let pool = self.daemon.as_ref()?;
-        let settings = self.build_settings(&BuildOptions::default());
-        let mut conn = pool.take(&settings, 0).await?;
+        let (settings, mut conn) = pool
+            .take_for_query(&self.build_settings(&BuildOptions::default()))
+            .await?;
         let mut invalid = Vec::new();
         for chunk in paths.chunks(2000) {
             match conn.query_valid_paths(chunk).await {

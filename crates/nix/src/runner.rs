@@ -52,7 +52,7 @@ pub struct BuildOptions {
     /// Build again although the outputs are valid, and fail if the result differs (`--check`;
     /// for a fixed-output derivation: runs its fetcher and compares the hash).
     pub check: bool,
-    /// Off its run's longest chain: built at a lower CPU priority (10 nicer than this
+    /// Far off its run's longest chain: built at a lower CPU priority (10 nicer than this
     /// process), so that the build the run waits on gets the CPU first.
     pub background: bool,
 }
@@ -68,6 +68,9 @@ pub struct BuildRun {
     /// True when Nix said it built this very derivation now (so a fixed output's hash was
     /// checked against what its own fetcher produced); false when unsure.
     pub built: bool,
+    /// True when every output was valid already: Nix neither built nor fetched anything, so
+    /// the duration says nothing of how long the build takes.
+    pub already_valid: bool,
     pub cancelled: bool,
 }
 
@@ -316,6 +319,7 @@ impl Nix {
                     duration: start.elapsed(),
                     substituted: false,
                     built: false,
+                    already_valid: false,
                     cancelled: false,
                 };
             }
@@ -372,6 +376,7 @@ impl Nix {
             Err(classify_failure(status.and_then(|s| s.code()), &full_log))
         };
         BuildRun {
+            already_valid: result.is_ok() && did_nothing(&full_log),
             result,
             log_tail: tail(&full_log, self.log_tail_bytes),
             duration: start.elapsed(),
@@ -388,6 +393,19 @@ impl Nix {
 pub(crate) fn what_nix_did(log: &str, drv: &str) -> (bool, bool) {
     let substituted = log.contains("copying path") && !log.contains("building '");
     (substituted, log.contains(&format!("building '{drv}'")))
+}
+
+/// Whether a successful `nix-store --realise` said nothing of building or fetching (every
+/// Nix and Lix prints one of these whenever it does either).
+fn did_nothing(log: &str) -> bool {
+    ![
+        "building '",
+        "copying path",
+        "will be built",
+        "will be fetched",
+    ]
+    .iter()
+    .any(|w| log.contains(w))
 }
 
 async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<usize> {

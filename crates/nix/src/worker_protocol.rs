@@ -429,6 +429,11 @@ pub(crate) fn succeeded(status: u64) -> bool {
     matches!(status, 0..=2 | 13)
 }
 
+/// AlreadyValid or ResolvesToAlreadyValid: nothing was built or fetched.
+pub(crate) fn is_already_valid(status: u64) -> bool {
+    matches!(status, 2 | 13)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +442,8 @@ mod tests {
     fn statuses_map_to_what_nix_store_exits_with() {
         assert!(succeeded(0) && succeeded(1) && succeeded(2) && succeeded(13));
         assert!(!succeeded(3) && !succeeded(8));
+        assert!(is_already_valid(2) && is_already_valid(13));
+        assert!(!is_already_valid(0) && !is_already_valid(1));
         assert_eq!(exit_code(8), 101);
         assert_eq!(exit_code(5), 102);
         assert_eq!(exit_code(3), 100);

@@ -332,6 +332,7 @@ pub(super) fn result_of(run: &nixfarm_nix::BuildRun) -> pb::BuildResult {
         duration_ms: run.duration.as_millis() as u64,
         log_tail: run.log_tail.clone(),
         substituted: run.substituted,
+        already_valid: run.already_valid,
         ..Default::default()
     };
     if run.cancelled {

@@ -263,36 +263,24 @@ async fn root(
     shared.nix.invalid_paths(&tops).await
 }
 
-/// What a listing evaluated, made into an evaluation task's result: what threw is evaluated
-/// again alone for its message, the derivations are rooted, read and pushed as a task's are.
-/// `None` when any of that fails: the coordinator then evaluates these attributes by tasks.
-#[allow(clippy::too_many_arguments)]
+/// What a listing evaluated, made into an evaluation task's result: the derivations are
+/// rooted, read and pushed as a task's are. What threw is left out, for the coordinator to
+/// evaluate by tasks (alone, for its message): the builds of the rest need not wait for
+/// that. `None` when any of it fails: then tasks evaluate every attribute.
 pub(super) async fn listing_evaluation(
     shared: &Arc<Shared>,
     channel: Channel,
     run_id: &str,
     flake: &str,
-    entry: &Entry,
     j: &pb::EvalListJob,
     caught: BTreeMap<String, Option<AttrInfo>>,
 ) -> Option<pb::EvalChunkResult> {
-    let again: Vec<Vec<String>> = caught
-        .iter()
-        .filter(|(_, v)| v.is_none())
-        .map(|(k, _)| vec![k.clone()])
-        .collect();
-    let mut evaluated: BTreeMap<String, Result<AttrInfo, String>> = caught
+    let evaluated: BTreeMap<String, Result<AttrInfo, String>> = caught
         .into_iter()
         .filter_map(|(k, v)| v.map(|i| (k, Ok(i))))
         .collect();
-    if !again.is_empty() {
-        match eval_isolated(shared, entry, &j.attr_path, again, j.eval_memory_mib).await {
-            Ok(m) => evaluated.extend(m),
-            Err(e) => {
-                tracing::info!("the listing's evaluation is left to tasks: {e}");
-                return None;
-            }
-        }
+    if evaluated.is_empty() {
+        return None;
     }
     match root(shared, run_id, &evaluated).await {
         Ok(gone) if gone.is_empty() => {}

@@ -76,6 +76,7 @@ pub(crate) async fn run(
     let run_id = a.run_id.clone();
     match a.job {
         Some(Job::EvalList(j)) => {
+            prewarm_builds(shared, &j.cache);
             let up_to = j.evaluate_up_to as usize;
             let result = async {
                 let flake =
@@ -94,10 +95,7 @@ pub(crate) async fn run(
                     // would have sent, before the listing goes.
                     let evaluated = match caught {
                         Some(c) => {
-                            eval::listing_evaluation(
-                                shared, channel, &run_id, &flake, &entry, &j, c,
-                            )
-                            .await
+                            eval::listing_evaluation(shared, channel, &run_id, &flake, &j, c).await
                         }
                         None => None,
                     };
@@ -135,6 +133,7 @@ pub(crate) async fn run(
             )
         }
         Some(Job::EvalChunk(j)) => {
+            prewarm_builds(shared, &j.cache);
             let mut r = eval_chunk(shared, channel, &run_id, j).await;
             r.attempt_id = attempt;
             (msg(pb::agent_message::Msg::EvalChunk(r)), None)
@@ -195,6 +194,19 @@ fn transport_cache(shared: &Shared, run_cache: &str) -> String {
         return run_cache.to_string();
     }
     farm_cache(shared).map(|f| f.url).unwrap_or_default()
+}
+
+/// Has daemons started for the builds of a run being evaluated, while it is: its first
+/// builds then wait for none. Only for a run with no cache, whose builds' settings are
+/// known here without asking the cache anything.
+fn prewarm_builds(shared: &Shared, run_cache: &str) {
+    if transport_cache(shared, run_cache).is_empty() {
+        let opts = BuildOptions {
+            system_features: shared.cfg.features.clone(),
+            ..Default::default()
+        };
+        shared.nix.prewarm(&opts, shared.cfg.max_jobs as usize);
+    }
 }
 
 /// The pusher for a run's cache URL.

@@ -313,7 +313,7 @@ impl Engine {
                 sched.pop_for(caps)
             };
             if let Some(n) = picked {
-                let background = !sched.on_critical_path(n);
+                let background = sched.may_yield_cpu(n);
                 let hold = super::hold_of(sched.class(n), hold);
                 let drv = run.drv_of[n as usize].clone();
                 let job = run.build_job(&drv, background, false, hold);

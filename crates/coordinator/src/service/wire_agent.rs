@@ -100,6 +100,7 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                         duration_ms: b.duration_ms,
                         log_tail: truncate(b.log_tail, lim::MAX_MESSAGE),
                         substituted: b.substituted,
+                        already_valid: b.already_valid,
                         agent: String::new(),
                         failed_root: String::new(),
                         copied_from: short(b.copied_from),
