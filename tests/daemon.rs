@@ -315,3 +315,79 @@ async fn a_background_build_runs_at_a_lower_cpu_priority() {
         }
     }
 }
+
+/// The `nix-daemon` processes this test process started with `--option max-silent-time
+/// {silent}` (a value no other test uses).
+fn daemons_with_silence(silent: u64) -> usize {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let dir = e.path();
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1));
+            ppid == Some(me.as_str())
+                && args.first().is_some_and(|a| a.ends_with(b"nix-daemon"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"max-silent-time" && w[1] == silent.to_string().as_bytes())
+        })
+        .count()
+}
+
+/// Daemons started ahead of a run's builds (while it is evaluated) are the ones its builds
+/// take: a build then starts none, and waits for none to start.
+#[tokio::test]
+async fn a_build_takes_a_daemon_started_ahead_for_it() {
+    let tag = unique_tag();
+    let work = tempfile::tempdir().unwrap();
+    let nix = Nix::default().with_daemon(work.path());
+    let silent = 4242;
+    let opts = BuildOptions {
+        max_silent: Some(Duration::from_secs(silent)),
+        ..Default::default()
+    };
+    nix.prewarm(&opts, 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemons_with_silence(silent) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no daemons started ahead"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Started ahead again while they start or wait: nothing more starts.
+    nix.prewarm(&opts, 2);
+    let d = drv("ahead", "echo built > $out", "", &tag);
+    let run = nix
+        .realise(&d, &opts, CancellationToken::new(), |_| {})
+        .await;
+    run.result
+        .unwrap_or_else(|e| panic!("{e:?}: {}", run.log_tail));
+    assert!(run.built);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        daemons_with_silence(silent),
+        2,
+        "the build took a daemon started ahead"
+    );
+    // Builds with other settings get daemons of their own.
+    let other = drv("other", "echo built > $out", "", &format!("{tag}-other"));
+    let run = nix
+        .realise(
+            &other,
+            &BuildOptions::default(),
+            CancellationToken::new(),
+            |_| {},
+        )
+        .await;
+    assert!(run.result.is_ok(), "{}", run.log_tail);
+    assert_eq!(daemons_with_silence(silent), 2);
+}

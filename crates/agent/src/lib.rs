@@ -61,6 +61,23 @@ pub(crate) struct Shared {
     pub farm_cache: Mutex<Option<FarmCacheUse>>,
     /// Output paths being built here.
     pub output_locks: jobs::output_locks::OutputLocks,
+    /// Set once the store has been opened ([`Shared::store_opened`]).
+    pub store_open: tokio::sync::OnceCell<()>,
+}
+
+impl Shared {
+    /// Waits until the store has been opened once: a fresh store gets its database before a
+    /// job's Nix processes start together (Nix 2.8 racing to create it says the schema "is
+    /// corrupt"). The agent opens it while it connects; a job that comes first waits.
+    pub(crate) async fn store_opened(&self) {
+        self.store_open
+            .get_or_init(|| async {
+                if let Err(e) = self.nix.open_store().await {
+                    tracing::warn!("{e}");
+                }
+            })
+            .await;
+    }
 }
 
 /// The host part of a coordinator URL (`http://farm:7420` → `farm`, `[::1]` kept whole).
@@ -115,6 +132,7 @@ fn free_mib(path: &Path) -> Option<u64> {
 /// An agent, ready to run.
 pub struct Agent {
     shared: Arc<Shared>,
+    nix_version: Option<String>,
 }
 
 impl Agent {
@@ -155,26 +173,39 @@ impl Agent {
                 roots,
                 farm_cache: Mutex::new(None),
                 output_locks: Default::default(),
+                store_open: tokio::sync::OnceCell::new(),
             }),
+            nix_version: None,
         })
+    }
+
+    /// The version of the Nix this agent runs, known already (`nixfarm local` asked it):
+    /// the agent then registers without asking again.
+    pub fn with_nix_version(mut self, version: String) -> Agent {
+        self.nix_version = Some(version).filter(|v| !v.is_empty());
+        self
     }
 
     /// Runs until `shutdown` is cancelled: then it takes no new jobs, lets running ones
     /// finish (up to the drain deadline), delivers their results and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let shared = self.shared;
-        // A fresh store gets its database now, so a job's Nix processes may start together;
-        // side by side with asking Nix's version (two process starts, not one after the other).
-        let (nix_version, opened) = tokio::join!(shared.nix.version(), shared.nix.open_store());
-        let nix_version = nix_version.unwrap_or_default();
+        // The store is opened while the agent asks Nix's version and connects; jobs wait for
+        // it (`Shared::store_opened`).
+        let opening = {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.store_opened().await })
+        };
+        let nix_version = match self.nix_version {
+            Some(v) => v,
+            None => shared.nix.version().await.unwrap_or_default(),
+        };
         if nix_version.is_empty() {
+            opening.abort();
             anyhow::bail!(
                 "cannot run '{}': is Nix installed?",
                 shared.nix.nix.display()
             );
-        }
-        if let Err(e) = opened {
-            tracing::warn!("{e}");
         }
         let (results_tx, mut results_rx) = mpsc::unbounded_channel::<pb::AgentMessage>();
         let (log_tx, mut log_rx) = mpsc::channel::<pb::AgentMessage>(256);

@@ -430,6 +430,14 @@ pub enum FromAgent {
     },
 }
 
+/// The limits a run's builds get where their package sets none (seconds, 0: none), told to
+/// the agents that evaluate it: they start daemons with them ahead of the builds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildLimits {
+    pub timeout_secs: u64,
+    pub max_silent_secs: u64,
+}
+
 /// Work the coordinator hands to an agent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Job {
@@ -444,6 +452,8 @@ pub enum Job {
         /// For what the listing evaluates: as for [`Job::EvalChunk`].
         cache: String,
         skip_cached: bool,
+        /// The run's limits for builds: see [`BuildLimits`].
+        build_limits: BuildLimits,
     },
     EvalChunk {
         source: SourceSpec,
@@ -453,6 +463,7 @@ pub enum Job {
         cache: String,
         memory_mib: u64,
         skip_cached: bool,
+        build_limits: BuildLimits,
     },
     Build {
         drv_path: String,

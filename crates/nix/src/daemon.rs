@@ -39,6 +39,10 @@ pub(crate) struct DaemonPool {
     program: PathBuf,
     disabled: AtomicBool,
     idle: Mutex<Vec<Idle>>,
+    /// The settings of each daemon being started ahead ([`DaemonPool::prewarm`]).
+    starting: Mutex<Vec<Settings>>,
+    /// Told when one of those is ready (or failed to start).
+    ready: tokio::sync::Notify,
     reaper: AtomicBool,
     caches: Arc<CacheDirs>,
 }
@@ -125,6 +129,8 @@ impl DaemonPool {
             program,
             disabled: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
+            starting: Mutex::new(Vec::new()),
+            ready: tokio::sync::Notify::new(),
             reaper: AtomicBool::new(false),
             caches: CacheDirs::new(cache_base),
         }
@@ -137,17 +143,39 @@ impl DaemonPool {
         if self.disabled.load(Ordering::Relaxed) {
             return None;
         }
-        let pooled = {
-            let mut idle = self.idle.lock().ok()?;
-            prune(&mut idle);
-            idle.iter()
-                .position(|i| &i.settings == settings && i.conn.nice == nice)
-                .map(|at| idle.swap_remove(at).conn)
-        };
-        if let Some(mut c) = pooled
-            && matches!(c.child.try_wait(), Ok(None))
-        {
-            return Some(c);
+        loop {
+            // Armed before looking, so a daemon that comes ready meanwhile is not missed.
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            let (pooled, starting) = {
+                let mut idle = self.idle.lock().ok()?;
+                prune(&mut idle);
+                let pooled = idle
+                    .iter()
+                    .position(|i| &i.settings == settings && i.conn.nice == nice)
+                    .map(|at| idle.swap_remove(at).conn);
+                let starting = self.starting.lock().ok()?;
+                let starting = starting.iter().any(|s| s == settings) && nice == 0;
+                (pooled, starting)
+            };
+            match pooled {
+                Some(mut c) => {
+                    if matches!(c.child.try_wait(), Ok(None)) {
+                        return Some(c);
+                    }
+                }
+                // One is being started ahead with these settings: it is nearer than a new one.
+                None if starting => {
+                    if tokio::time::timeout(HANDSHAKE_TIMEOUT, ready)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                None => break,
+            }
         }
         let cache = self.caches.take();
         let started = Conn::start(&self.program, settings, cache, nice);
@@ -195,25 +223,41 @@ impl DaemonPool {
 
     /// Starts daemons with `settings` until `n` of them wait idle, so that the first builds
     /// of a run do not each wait for a daemon to start.
-    async fn prewarm(self: &Arc<Self>, settings: Settings, n: usize) {
+    /// Each is pooled as soon as it is ready; a build that wants one meanwhile waits for it
+    /// rather than start another.
+    fn prewarm(self: &Arc<Self>, settings: Settings, n: usize) {
         if self.disabled.load(Ordering::Relaxed) {
             return;
         }
-        let have = self.idle.lock().map_or(n, |idle| {
-            idle.iter()
-                .filter(|i| i.settings == settings && i.conn.nice == 0)
-                .count()
-        });
-        let started = (have..n.min(MAX_POOLED)).map(|_| {
-            let cache = self.caches.take();
-            Conn::start(&self.program, &settings, cache, 0)
-        });
-        for c in futures_util::future::join_all(started).await {
-            match c {
-                Ok(c) => self.put(settings.clone(), c),
-                // A real build says why, and falls back to nix-store, if it fails again.
-                Err(e) => tracing::debug!("cannot start a daemon ahead of builds: {e}"),
-            }
+        let (Ok(idle), Ok(mut starting)) = (self.idle.lock(), self.starting.lock()) else {
+            return;
+        };
+        let have = idle
+            .iter()
+            .filter(|i| i.settings == settings && i.conn.nice == 0)
+            .count()
+            + starting.iter().filter(|s| **s == settings).count();
+        drop(idle);
+        for _ in have..n.min(MAX_POOLED) {
+            starting.push(settings.clone());
+            let (pool, settings) = (self.clone(), settings.clone());
+            tokio::spawn(async move {
+                let cache = pool.caches.take();
+                let started = Conn::start(&pool.program, &settings, cache, 0);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
+                    Ok(Ok(c)) => pool.put(settings.clone(), c),
+                    // A real build says why, and falls back to nix-store, should it fail
+                    // again.
+                    Ok(Err(e)) => tracing::debug!("cannot start a daemon ahead of builds: {e}"),
+                    Err(_) => tracing::debug!("a daemon started ahead gave no handshake"),
+                }
+                if let Ok(mut starting) = pool.starting.lock()
+                    && let Some(at) = starting.iter().position(|s| *s == settings)
+                {
+                    starting.swap_remove(at);
+                }
+                pool.ready.notify_waiters();
+            });
         }
     }
 
@@ -352,8 +396,7 @@ impl Nix {
         let Some(pool) = self.daemon.clone() else {
             return;
         };
-        let settings = self.build_settings(opts);
-        tokio::spawn(async move { pool.prewarm(settings, n).await });
+        pool.prewarm(self.build_settings(opts), n);
     }
 
     /// True while builds go through daemons (set up with [`Nix::with_daemon`], and none has

@@ -20,6 +20,7 @@ mod check;
 mod claims;
 mod eval;
 pub(crate) mod output_locks;
+mod prewarm;
 mod route;
 mod smoke;
 mod source;
@@ -74,9 +75,11 @@ pub(crate) async fn run(
     use pb::assignment::Job;
     let attempt = a.attempt_id.clone();
     let run_id = a.run_id.clone();
+    shared.store_opened().await;
     match a.job {
         Some(Job::EvalList(j)) => {
-            prewarm_builds(shared, &j.cache);
+            let limits = (j.build_timeout_secs, j.build_max_silent_secs);
+            prewarm::prewarm_builds(shared, &j.cache, limits, None);
             let up_to = j.evaluate_up_to as usize;
             let result = async {
                 let flake =
@@ -99,6 +102,9 @@ pub(crate) async fn run(
                         }
                         None => None,
                     };
+                    if let Some(e) = &evaluated {
+                        prewarm::prewarm_builds(shared, &j.cache, limits, Some(&e.attrs));
+                    }
                     // The packages go to be evaluated now; the flake's other outputs are
                     // checked meanwhile and follow, for the same attempt.
                     let follow_up = rest.map(|(system, mut repository)| {
@@ -133,8 +139,13 @@ pub(crate) async fn run(
             )
         }
         Some(Job::EvalChunk(j)) => {
-            prewarm_builds(shared, &j.cache);
+            let (cache, limits) = (
+                j.cache.clone(),
+                (j.build_timeout_secs, j.build_max_silent_secs),
+            );
+            prewarm::prewarm_builds(shared, &cache, limits, None);
             let mut r = eval_chunk(shared, channel, &run_id, j).await;
+            prewarm::prewarm_builds(shared, &cache, limits, Some(&r.attrs));
             r.attempt_id = attempt;
             (msg(pb::agent_message::Msg::EvalChunk(r)), None)
         }
@@ -194,19 +205,6 @@ fn transport_cache(shared: &Shared, run_cache: &str) -> String {
         return run_cache.to_string();
     }
     farm_cache(shared).map(|f| f.url).unwrap_or_default()
-}
-
-/// Has daemons started for the builds of a run being evaluated, while it is: its first
-/// builds then wait for none. Only for a run with no cache, whose builds' settings are
-/// known here without asking the cache anything.
-fn prewarm_builds(shared: &Shared, run_cache: &str) {
-    if transport_cache(shared, run_cache).is_empty() {
-        let opts = BuildOptions {
-            system_features: shared.cfg.features.clone(),
-            ..Default::default()
-        };
-        shared.nix.prewarm(&opts, shared.cfg.max_jobs as usize);
-    }
 }
 
 /// The pusher for a run's cache URL.

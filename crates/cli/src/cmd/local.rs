@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
-    // Nix must be here: asked while the coordinator starts, said plainly before any work.
+    // Nix must be here: asked while the farm starts and the run goes (nothing waits for the
+    // answer), said plainly should it not be.
     let version = tokio::process::Command::new("nix")
         .arg("--version")
         .kill_on_drop(true)
@@ -43,15 +44,19 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         },
         ..Default::default()
     };
-    let (version, coordinator) = tokio::join!(version, nixfarm_coordinator::server::start(&config));
-    if !matches!(&version, Ok(o) if o.status.success()) {
-        if let Ok(c) = coordinator {
-            c.stop().await;
+    let no_nix = async {
+        match version.await {
+            Ok(o) if o.status.success() => std::future::pending().await,
+            _ => anyhow::anyhow!(
+                "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
+            ),
         }
-        bail!(
-            "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
-        );
-    }
+    };
+    tokio::pin!(no_nix);
+    let coordinator = tokio::select! {
+        c = nixfarm_coordinator::server::start(&config) => c,
+        e = &mut no_nix => return Err(e),
+    };
     let coordinator = coordinator.context("cannot start the embedded coordinator")?;
     let url = format!("http://{}", coordinator.addr);
     if let Some(h) = coordinator.http_addr {
@@ -83,7 +88,10 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         "{n} local agent(s), {jobs} job(s) each; state in {}",
         state_dir.display()
     );
-    let result = submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out).await;
+    let result = tokio::select! {
+        r = submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out) => r,
+        e = &mut no_nix => Err(e),
+    };
     shutdown.cancel();
     for a in agents {
         let _ = tokio::time::timeout(Duration::from_secs(10), a).await;

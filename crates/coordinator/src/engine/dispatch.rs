@@ -220,6 +220,7 @@ impl Engine {
                             },
                             cache: run.spec.cache.clone(),
                             skip_cached: run.spec.skip_cached,
+                            build_limits: run.build_limits(),
                         },
                         "list".into(),
                     ),
@@ -236,6 +237,7 @@ impl Engine {
                                 cache: run.spec.cache.clone(),
                                 memory_mib: opts.eval_memory_mib,
                                 skip_cached: run.spec.skip_cached,
+                                build_limits: run.build_limits(),
                             },
                             n.to_string(),
                         )

@@ -487,6 +487,14 @@ impl RunMem {
         id
     }
 
+    /// The limits of the run's builds whose package sets none.
+    fn build_limits(&self) -> crate::model::BuildLimits {
+        crate::model::BuildLimits {
+            timeout_secs: self.spec.timeout_secs,
+            max_silent_secs: self.spec.max_silent_secs,
+        }
+    }
+
     /// The job that builds `drv` (or, `check`, builds it again to compare): the run's cache
     /// and limits, a package's own limits first; a check is not smoke-tested.
     fn build_job(&self, drv: &str, background: bool, check: bool, hold: Hold) -> Job {

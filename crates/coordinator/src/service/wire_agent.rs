@@ -154,6 +154,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         evaluate_up_to,
                         cache,
                         skip_cached,
+                        build_limits,
                     } => J::EvalList(pb::EvalListJob {
                         entry: Some(entry_to_wire(&entry)),
                         source: Some(source_to_wire(&source)),
@@ -162,6 +163,8 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         eval_memory_mib: memory_mib,
                         evaluate_up_to,
                         skip_cached,
+                        build_timeout_secs: build_limits.timeout_secs,
+                        build_max_silent_secs: build_limits.max_silent_secs,
                     }),
                     Job::EvalChunk {
                         source,
@@ -171,6 +174,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         cache,
                         memory_mib,
                         skip_cached,
+                        build_limits,
                     } => J::EvalChunk(pb::EvalChunkJob {
                         entry: Some(entry_to_wire(&entry)),
                         source: Some(source_to_wire(&source)),
@@ -179,6 +183,8 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         cache,
                         eval_memory_mib: memory_mib,
                         skip_cached,
+                        build_timeout_secs: build_limits.timeout_secs,
+                        build_max_silent_secs: build_limits.max_silent_secs,
                     }),
                     Job::Build {
                         drv_path,

@@ -1,0 +1,96 @@
+//! Nix daemons started ahead of a run's builds while it is evaluated, with the settings its builds will ask for.
+
+use super::*;
+
+/// The limits a build job gets, as the coordinator sets them: the package's own, else the
+/// run's (seconds, 0: none).
+fn build_options(shared: &Shared, limits: (u64, u64)) -> BuildOptions {
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    BuildOptions {
+        system_features: shared.cfg.features.clone(),
+        timeout: secs(limits.0),
+        max_silent: secs(limits.1),
+        ..Default::default()
+    }
+}
+
+/// Most sets of package limits daemons are started ahead for, per evaluation.
+const PREWARMED_LIMITS: usize = 4;
+
+/// Has daemons started for the builds of a run being evaluated, while it is: its first
+/// builds then wait for none. `run_limits` are the run's limits for builds; once `packages`
+/// are evaluated, those that set limits of their own get one daemon per distinct set too
+/// (a package with `meta.timeout` is often the long one the run waits on). Only for a run
+/// with no cache, whose builds' settings are known here without asking the cache anything.
+pub(super) fn prewarm_builds(
+    shared: &Shared,
+    run_cache: &str,
+    run_limits: (u64, u64),
+    packages: Option<&[pb::EvaluatedAttr]>,
+) {
+    if !transport_cache(shared, run_cache).is_empty() {
+        return;
+    }
+    let Some(packages) = packages else {
+        let n = shared.cfg.max_jobs as usize;
+        shared.nix.prewarm(&build_options(shared, run_limits), n);
+        return;
+    };
+    for limits in package_limits(run_limits, packages) {
+        shared.nix.prewarm(&build_options(shared, limits), 1);
+    }
+}
+
+/// The distinct limits evaluated packages' builds will get where they differ from the run's
+/// (a package's own limit wins, as the coordinator sets it), at most [`PREWARMED_LIMITS`].
+fn package_limits(run_limits: (u64, u64), packages: &[pb::EvaluatedAttr]) -> Vec<(u64, u64)> {
+    let pick = |own: u64, run: u64| if own > 0 { own } else { run };
+    let mut own: Vec<(u64, u64)> = packages
+        .iter()
+        .filter(|p| p.error.is_empty())
+        .map(|p| {
+            (
+                pick(p.timeout_secs, run_limits.0),
+                pick(p.max_silent_secs, run_limits.1),
+            )
+        })
+        .filter(|l| *l != run_limits)
+        .collect();
+    own.sort();
+    own.dedup();
+    own.truncate(PREWARMED_LIMITS);
+    own
+}
+
+#[cfg(test)]
+mod prewarm_tests {
+    use super::*;
+
+    fn pkg(timeout_secs: u64, max_silent_secs: u64, error: &str) -> pb::EvaluatedAttr {
+        pb::EvaluatedAttr {
+            timeout_secs,
+            max_silent_secs,
+            error: error.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn daemons_are_started_ahead_for_the_limits_packages_set_themselves() {
+        // relay-like (20 s, 3 s silent) twice, one with only a silence limit, the rest none.
+        let packages = [
+            pkg(20, 3, ""),
+            pkg(0, 0, ""),
+            pkg(20, 3, ""),
+            pkg(0, 7, ""),
+            pkg(9, 9, "does not evaluate"),
+        ];
+        assert_eq!(package_limits((0, 0), &packages), [(0, 7), (20, 3)]);
+        // The run's own limits fill in what a package leaves unset; those equal to the
+        // run's are its daemons already.
+        assert_eq!(package_limits((3600, 0), &packages), [(20, 3), (3600, 7)]);
+        assert_eq!(package_limits((20, 3), &[pkg(0, 3, "")]), []);
+        let many: Vec<_> = (1..=10).map(|t| pkg(t, 0, "")).collect();
+        assert_eq!(package_limits((0, 0), &many).len(), PREWARMED_LIMITS);
+    }
+}
