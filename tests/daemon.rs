@@ -317,10 +317,10 @@ async fn a_background_build_runs_at_a_lower_cpu_priority() {
 }
 
 /// The `nix-daemon` processes this test process started with `--option max-silent-time
-/// {silent}` (a value no other test uses).
-fn daemons_with_silence(silent: u64) -> usize {
+/// {silent}` (a value no other test uses), by pid.
+fn daemons_with_silence(silent: u64) -> Vec<u32> {
     let me = std::process::id().to_string();
-    std::fs::read_dir("/proc")
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| {
@@ -339,11 +339,15 @@ fn daemons_with_silence(silent: u64) -> usize {
                     .windows(2)
                     .any(|w| w[0] == b"max-silent-time" && w[1] == silent.to_string().as_bytes())
         })
-        .count()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort();
+    pids
 }
 
 /// Daemons started ahead of a run's builds (while it is evaluated) are the ones its builds
-/// take: a build then starts none, and waits for none to start.
+/// take: a build that comes while they start waits for one rather than start another, and
+/// a later one takes one that waits idle.
 #[tokio::test]
 async fn a_build_takes_a_daemon_started_ahead_for_it() {
     let tag = unique_tag();
@@ -354,30 +358,35 @@ async fn a_build_takes_a_daemon_started_ahead_for_it() {
         max_silent: Some(Duration::from_secs(silent)),
         ..Default::default()
     };
+    let first = drv("ahead", "echo built > $out", "", &tag);
+    let second = drv("ahead-2", "echo built > $out", "", &tag);
+    // Asked twice while starting: the second ask starts nothing more.
     nix.prewarm(&opts, 2);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while daemons_with_silence(silent) < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no daemons started ahead"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // Started ahead again while they start or wait: nothing more starts.
     nix.prewarm(&opts, 2);
-    let d = drv("ahead", "echo built > $out", "", &tag);
+    // At once, while they start.
     let run = nix
-        .realise(&d, &opts, CancellationToken::new(), |_| {})
+        .realise(&first, &opts, CancellationToken::new(), |_| {})
         .await;
     run.result
         .unwrap_or_else(|e| panic!("{e:?}: {}", run.log_tail));
-    assert!(run.built);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(run.built && nix.daemon_active());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut ahead = daemons_with_silence(silent);
+    while ahead.len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        ahead = daemons_with_silence(silent);
+    }
     assert_eq!(
-        daemons_with_silence(silent),
+        ahead.len(),
         2,
-        "the build took a daemon started ahead"
+        "the build started a daemon of its own: {ahead:?}"
     );
+    // Later, with both waiting idle.
+    let run = nix
+        .realise(&second, &opts, CancellationToken::new(), |_| {})
+        .await;
+    assert!(run.built, "{:?}: {}", run.result, run.log_tail);
+    assert_eq!(daemons_with_silence(silent), ahead);
     // Builds with other settings get daemons of their own.
     let other = drv("other", "echo built > $out", "", &format!("{tag}-other"));
     let run = nix
@@ -389,5 +398,6 @@ async fn a_build_takes_a_daemon_started_ahead_for_it() {
         )
         .await;
     assert!(run.result.is_ok(), "{}", run.log_tail);
-    assert_eq!(daemons_with_silence(silent), 2);
+    assert_eq!(daemons_with_silence(silent), ahead);
+    assert!(nix.daemon_active());
 }

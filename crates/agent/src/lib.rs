@@ -65,6 +65,9 @@ pub(crate) struct Shared {
     pub store_open: tokio::sync::OnceCell<()>,
 }
 
+/// Longest a job waits for the store to be opened ([`Shared::store_opened`]).
+const STORE_OPEN_WAIT: Duration = Duration::from_secs(60);
+
 impl Shared {
     /// Waits until the store has been opened once: a fresh store gets its database before a
     /// job's Nix processes start together (Nix 2.8 racing to create it says the schema "is
@@ -72,8 +75,16 @@ impl Shared {
     pub(crate) async fn store_opened(&self) {
         self.store_open
             .get_or_init(|| async {
-                if let Err(e) = self.nix.open_store().await {
-                    tracing::warn!("{e}");
+                // A store that does not answer in a minute is left to the jobs' own Nix
+                // processes to report; no job waits on it for ever.
+                let opened = tokio::time::timeout(STORE_OPEN_WAIT, self.nix.open_store()).await;
+                match opened {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("{e}"),
+                    Err(_) => tracing::warn!(
+                        "the store did not open within {} s; jobs go on without waiting",
+                        STORE_OPEN_WAIT.as_secs()
+                    ),
                 }
             })
             .await;
@@ -132,7 +143,6 @@ fn free_mib(path: &Path) -> Option<u64> {
 /// An agent, ready to run.
 pub struct Agent {
     shared: Arc<Shared>,
-    nix_version: Option<String>,
 }
 
 impl Agent {
@@ -175,15 +185,7 @@ impl Agent {
                 output_locks: Default::default(),
                 store_open: tokio::sync::OnceCell::new(),
             }),
-            nix_version: None,
         })
-    }
-
-    /// The version of the Nix this agent runs, known already (`nixfarm local` asked it):
-    /// the agent then registers without asking again.
-    pub fn with_nix_version(mut self, version: String) -> Agent {
-        self.nix_version = Some(version).filter(|v| !v.is_empty());
-        self
     }
 
     /// Runs until `shutdown` is cancelled: then it takes no new jobs, lets running ones
@@ -196,10 +198,7 @@ impl Agent {
             let shared = shared.clone();
             tokio::spawn(async move { shared.store_opened().await })
         };
-        let nix_version = match self.nix_version {
-            Some(v) => v,
-            None => shared.nix.version().await.unwrap_or_default(),
-        };
+        let nix_version = shared.nix.version().await.unwrap_or_default();
         if nix_version.is_empty() {
             opening.abort();
             anyhow::bail!(

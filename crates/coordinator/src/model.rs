@@ -473,7 +473,8 @@ pub enum Job {
         max_silent_secs: u64,
         /// Smoke-test the result: the main program's name (empty: the only one in bin/).
         smoke: Option<String>,
-        /// Off the run's longest remaining chain: built at a lower CPU priority.
+        /// Its chain is far shorter than the run's longest remaining one: built at a lower
+        /// CPU priority.
         background: bool,
         /// Cross-checked builds: build again what another agent built and pushed, and
         /// compare (nothing is pushed, unless `hold`).

@@ -39,8 +39,9 @@ pub(crate) struct DaemonPool {
     program: PathBuf,
     disabled: AtomicBool,
     idle: Mutex<Vec<Idle>>,
-    /// The settings of each daemon being started ahead ([`DaemonPool::prewarm`]).
-    starting: Mutex<Vec<Settings>>,
+    /// Each daemon being started ahead ([`DaemonPool::prewarm`]).
+    ahead: Mutex<Vec<Ahead>>,
+    next_ahead: std::sync::atomic::AtomicU64,
     /// Told when one of those is ready (or failed to start).
     ready: tokio::sync::Notify,
     reaper: AtomicBool,
@@ -116,6 +117,30 @@ impl std::fmt::Debug for DaemonPool {
     }
 }
 
+/// A daemon being started ahead of the builds that will want it.
+struct Ahead {
+    id: u64,
+    settings: Settings,
+    /// A build waits for it.
+    claimed: bool,
+}
+
+/// Strikes its daemon's entry from those being started ahead when dropped (started, failed
+/// or abandoned alike), and tells the waiters.
+struct AheadGuard {
+    pool: Arc<DaemonPool>,
+    id: u64,
+}
+
+impl Drop for AheadGuard {
+    fn drop(&mut self) {
+        if let Ok(mut ahead) = self.pool.ahead.lock() {
+            ahead.retain(|a| a.id != self.id);
+        }
+        self.pool.ready.notify_waiters();
+    }
+}
+
 struct Idle {
     settings: Settings,
     conn: Conn,
@@ -129,7 +154,8 @@ impl DaemonPool {
             program,
             disabled: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
-            starting: Mutex::new(Vec::new()),
+            ahead: Mutex::new(Vec::new()),
+            next_ahead: std::sync::atomic::AtomicU64::new(0),
             ready: tokio::sync::Notify::new(),
             reaper: AtomicBool::new(false),
             caches: CacheDirs::new(cache_base),
@@ -138,26 +164,42 @@ impl DaemonPool {
 
     /// A live connection with `settings`, pooled or new, its daemon at CPU priority `nice`;
     /// None once a daemon could not be started (this Nix has none, or speaks an older
-    /// protocol): builds use `nix-store`.
+    /// protocol): builds use `nix-store`. A daemon being started ahead with these settings
+    /// that no other build waits for is waited for rather than another started.
     async fn take(&self, settings: &Settings, nice: i32) -> Option<Conn> {
         if self.disabled.load(Ordering::Relaxed) {
             return None;
         }
+        let mut claim: Option<u64> = None;
         loop {
             // Armed before looking, so a daemon that comes ready meanwhile is not missed.
             let ready = self.ready.notified();
             tokio::pin!(ready);
             ready.as_mut().enable();
-            let (pooled, starting) = {
+            let pooled = {
                 let mut idle = self.idle.lock().ok()?;
+                let mut ahead = self.ahead.lock().ok()?;
+                // A claim lasts one wait: whatever came ready is looked for first.
+                if let Some(id) = claim.take()
+                    && let Some(a) = ahead.iter_mut().find(|a| a.id == id)
+                {
+                    a.claimed = false;
+                }
                 prune(&mut idle);
                 let pooled = idle
                     .iter()
                     .position(|i| &i.settings == settings && i.conn.nice == nice)
                     .map(|at| idle.swap_remove(at).conn);
-                let starting = self.starting.lock().ok()?;
-                let starting = starting.iter().any(|s| s == settings) && nice == 0;
-                (pooled, starting)
+                if pooled.is_none()
+                    && nice == 0
+                    && let Some(a) = ahead
+                        .iter_mut()
+                        .find(|a| !a.claimed && &a.settings == settings)
+                {
+                    a.claimed = true;
+                    claim = Some(a.id);
+                }
+                pooled
             };
             match pooled {
                 Some(mut c) => {
@@ -166,11 +208,12 @@ impl DaemonPool {
                     }
                 }
                 // One is being started ahead with these settings: it is nearer than a new one.
-                None if starting => {
+                None if claim.is_some() => {
                     if tokio::time::timeout(HANDSHAKE_TIMEOUT, ready)
                         .await
                         .is_err()
                     {
+                        self.unclaim(claim.take());
                         break;
                     }
                 }
@@ -192,9 +235,18 @@ impl DaemonPool {
         }
     }
 
+    fn unclaim(&self, claim: Option<u64>) {
+        if let (Some(id), Ok(mut ahead)) = (claim, self.ahead.lock())
+            && let Some(a) = ahead.iter_mut().find(|a| a.id == id)
+        {
+            a.claimed = false;
+        }
+    }
+
     /// A live connection for store queries (validity, path infos), which no build setting
-    /// changes: any idle one, else one started with `settings`; with the settings it was
-    /// started with, to be put back under.
+    /// changes: an idle one with `settings`, else the longest idle at full CPU priority
+    /// (the newest are likely started ahead for builds about to come), else one started with
+    /// `settings`; with the settings it was started with, to be put back under.
     async fn take_for_query(&self, settings: &Settings) -> Option<(Settings, Conn)> {
         if self.disabled.load(Ordering::Relaxed) {
             return None;
@@ -203,11 +255,10 @@ impl DaemonPool {
             let pooled = {
                 let mut idle = self.idle.lock().ok()?;
                 prune(&mut idle);
-                // The newest at full priority, else the newest.
                 let at = idle
                     .iter()
-                    .rposition(|i| i.conn.nice == 0)
-                    .or(idle.len().checked_sub(1));
+                    .position(|i| &i.settings == settings && i.conn.nice == 0)
+                    .or_else(|| idle.iter().position(|i| i.conn.nice == 0));
                 at.map(|at| idle.remove(at)).map(|i| (i.settings, i.conn))
             };
             match pooled {
@@ -221,42 +272,47 @@ impl DaemonPool {
         }
     }
 
-    /// Starts daemons with `settings` until `n` of them wait idle, so that the first builds
-    /// of a run do not each wait for a daemon to start.
-    /// Each is pooled as soon as it is ready; a build that wants one meanwhile waits for it
-    /// rather than start another.
+    /// Starts daemons with `settings` until `n` of them wait idle or are starting, so that
+    /// the first builds of a run do not each wait for a daemon to start; never more than the
+    /// pool keeps. Each is pooled as soon as it is ready. One that fails to start stops the
+    /// pool, as a build's would: builds use `nix-store`.
     fn prewarm(self: &Arc<Self>, settings: Settings, n: usize) {
         if self.disabled.load(Ordering::Relaxed) {
             return;
         }
-        let (Ok(idle), Ok(mut starting)) = (self.idle.lock(), self.starting.lock()) else {
+        let (Ok(idle), Ok(mut ahead)) = (self.idle.lock(), self.ahead.lock()) else {
             return;
         };
         let have = idle
             .iter()
             .filter(|i| i.settings == settings && i.conn.nice == 0)
             .count()
-            + starting.iter().filter(|s| **s == settings).count();
+            + ahead.iter().filter(|a| a.settings == settings).count();
+        let room = MAX_POOLED.saturating_sub(idle.len() + ahead.len());
         drop(idle);
-        for _ in have..n.min(MAX_POOLED) {
-            starting.push(settings.clone());
-            let (pool, settings) = (self.clone(), settings.clone());
+        for _ in 0..n.min(MAX_POOLED).saturating_sub(have).min(room) {
+            let id = self.next_ahead.fetch_add(1, Ordering::Relaxed);
+            ahead.push(Ahead {
+                id,
+                settings: settings.clone(),
+                claimed: false,
+            });
+            let guard = AheadGuard {
+                pool: self.clone(),
+                id,
+            };
+            let settings = settings.clone();
             tokio::spawn(async move {
+                let pool = &guard.pool;
                 let cache = pool.caches.take();
                 let started = Conn::start(&pool.program, &settings, cache, 0);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
-                    Ok(Ok(c)) => pool.put(settings.clone(), c),
-                    // A real build says why, and falls back to nix-store, should it fail
-                    // again.
-                    Ok(Err(e)) => tracing::debug!("cannot start a daemon ahead of builds: {e}"),
-                    Err(_) => tracing::debug!("a daemon started ahead gave no handshake"),
+                    Ok(Ok(c)) => pool.put(settings, c),
+                    Ok(Err(e)) => pool.disable(&e.to_string()),
+                    Err(_) => pool.disable("no handshake within 10 s"),
                 }
-                if let Ok(mut starting) = pool.starting.lock()
-                    && let Some(at) = starting.iter().position(|s| *s == settings)
-                {
-                    starting.swap_remove(at);
-                }
-                pool.ready.notify_waiters();
+                // The guard goes here: its entry is struck and the waiters told.
+                drop(guard);
             });
         }
     }

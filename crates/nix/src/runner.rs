@@ -376,7 +376,8 @@ impl Nix {
             Err(classify_failure(status.and_then(|s| s.code()), &full_log))
         };
         BuildRun {
-            already_valid: result.is_ok() && did_nothing(&full_log),
+            // A check (`--check`) builds again whatever it says.
+            already_valid: !opts.check && result.is_ok() && did_nothing(&full_log),
             result,
             log_tail: tail(&full_log, self.log_tail_bytes),
             duration: start.elapsed(),

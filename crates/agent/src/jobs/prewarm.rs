@@ -20,8 +20,10 @@ const PREWARMED_LIMITS: usize = 4;
 /// Has daemons started for the builds of a run being evaluated, while it is: its first
 /// builds then wait for none. `run_limits` are the run's limits for builds; once `packages`
 /// are evaluated, those that set limits of their own get one daemon per distinct set too
-/// (a package with `meta.timeout` is often the long one the run waits on). Only for a run
-/// with no cache, whose builds' settings are known here without asking the cache anything.
+/// (a package with `meta.timeout` is often the long one the run waits on), and the run's
+/// own are started again where a long evaluation outlasted the first ones' idle time. Only
+/// for a run with no cache, whose builds' settings are known here without asking the cache
+/// anything.
 pub(super) fn prewarm_builds(
     shared: &Shared,
     run_cache: &str,
@@ -31,9 +33,11 @@ pub(super) fn prewarm_builds(
     if !transport_cache(shared, run_cache).is_empty() {
         return;
     }
+    shared.nix.prewarm(
+        &build_options(shared, run_limits),
+        shared.cfg.max_jobs as usize,
+    );
     let Some(packages) = packages else {
-        let n = shared.cfg.max_jobs as usize;
-        shared.nix.prewarm(&build_options(shared, run_limits), n);
         return;
     };
     for limits in package_limits(run_limits, packages) {

@@ -8,12 +8,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
-    // Nix must be here: asked while the farm starts and the run goes (nothing waits for the
-    // answer), said plainly should it not be.
-    let version = tokio::process::Command::new("nix")
-        .arg("--version")
-        .kill_on_drop(true)
-        .output();
+    // Nix must be here: asked while the farm starts, said plainly before the run is
+    // submitted.
+    let version = tokio::spawn(
+        tokio::process::Command::new("nix")
+            .arg("--version")
+            .kill_on_drop(true)
+            .output(),
+    );
     // Check the source before starting a farm for it.
     source::check_local_or_ref(&args.source)?;
     if args.run.cross_check_builds && args.agents < 2 {
@@ -44,20 +46,9 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         },
         ..Default::default()
     };
-    let no_nix = async {
-        match version.await {
-            Ok(o) if o.status.success() => std::future::pending().await,
-            _ => anyhow::anyhow!(
-                "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
-            ),
-        }
-    };
-    tokio::pin!(no_nix);
-    let coordinator = tokio::select! {
-        c = nixfarm_coordinator::server::start(&config) => c,
-        e = &mut no_nix => return Err(e),
-    };
-    let coordinator = coordinator.context("cannot start the embedded coordinator")?;
+    let coordinator = nixfarm_coordinator::server::start(&config)
+        .await
+        .context("cannot start the embedded coordinator")?;
     let url = format!("http://{}", coordinator.addr);
     if let Some(h) = coordinator.http_addr {
         eprintln!("web UI: http://{h}/runs");
@@ -69,7 +60,9 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
     let jobs = args.jobs.unwrap_or((cpus / n).max(1));
     let shutdown = tokio_util_token();
     let mut agents = Vec::new();
-    for i in 1..=n {
+    // Whatever ends it, the agents and the coordinator are stopped after.
+    let result = async {
+        for i in 1..=n {
         let cfg = nixfarm_agent::AgentConfig {
             coordinator: url.clone(),
             name: format!("local-{i}"),
@@ -82,16 +75,20 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         let agent = nixfarm_agent::Agent::new(cfg)?;
         let token = shutdown.clone();
         agents.push(tokio::spawn(async move { agent.run(token).await }));
+        }
+        let client = Client::connect(&url, None).await?;
+        eprintln!(
+            "{n} local agent(s), {jobs} job(s) each; state in {}",
+            state_dir.display()
+        );
+        if !matches!(version.await, Ok(Ok(o)) if o.status.success()) {
+            bail!(
+                "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
+            );
+        }
+        submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out).await
     }
-    let client = Client::connect(&url, None).await?;
-    eprintln!(
-        "{n} local agent(s), {jobs} job(s) each; state in {}",
-        state_dir.display()
-    );
-    let result = tokio::select! {
-        r = submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out) => r,
-        e = &mut no_nix => Err(e),
-    };
+    .await;
     shutdown.cancel();
     for a in agents {
         let _ = tokio::time::timeout(Duration::from_secs(10), a).await;

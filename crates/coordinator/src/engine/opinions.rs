@@ -26,6 +26,8 @@ const ONE_SIDED_RETRIES: u32 = 2;
 
 /// What the summary says of an attribute that failed to evaluate.
 const FAILED: &str = "an evaluation error";
+/// What an answer says of an attribute it listed and did not evaluate.
+const NOT_EVALUATED: &str = "listed, not evaluated";
 
 /// The task number an opinion is kept under: the listing is -1.
 pub(super) fn task_no(task: EvalTask) -> i64 {
@@ -203,6 +205,9 @@ impl Engine {
 
 /// An answer as it is compared: digests over everything honest agents agree on, a summary
 /// (attribute: derivation) for the message when two differ, and what it says a cache holds.
+/// A listing that evaluated its attributes evaluated every one of them: one it leaves out
+/// threw there (agents leave those to evaluation tasks, for their messages), and counts as
+/// failed, as an agent that sends the failure says.
 /// Left out of the digests: where an attribute is defined (it may name the checkout's
 /// path; kept apart, and taken only where both answers agree), error messages' wording (Nix versions word them differently; that an attribute failed
 /// counts), and what a cache already holds (it may change between the two evaluations).
@@ -217,7 +222,7 @@ fn opinion(
     names.sort();
     names.dedup();
     for n in &names {
-        summary.insert(n.to_string(), "listed, not evaluated".to_string());
+        summary.insert(n.to_string(), NOT_EVALUATED.to_string());
     }
     let mut present = Vec::new();
     let mut positions = BTreeMap::new();
@@ -240,6 +245,17 @@ fn opinion(
                 },
             );
             attrs.push((&a.attr, info));
+        }
+        for n in &names {
+            if summary.get(*n).map(String::as_str) != Some(NOT_EVALUATED) {
+                continue;
+            }
+            summary.insert(n.to_string(), FAILED.into());
+            let failed = PackageInfo {
+                eval_error: "failed".into(),
+                ..Default::default()
+            };
+            attrs.push((n.as_str(), failed));
         }
         attrs.sort_by(|a, b| a.0.cmp(b.0));
         let mut drvs: Vec<(&str, DrvNode)> = Vec::new();
@@ -370,7 +386,10 @@ mod tests {
         let x = "/nix/store/x-hello.drv";
         let a = say("a", Some(&names), answer(x, "/tmp/a/x.nix:3", "", false));
         assert_eq!(a.summary["hello"], x);
-        assert_eq!(a.summary["world"], "listed, not evaluated");
+        // A listing that evaluated evaluated everything it listed: what it left out threw.
+        assert_eq!(a.summary["world"], FAILED);
+        let listed_only = opinion(-1, "a", Some(&names), None);
+        assert_eq!(listed_only.summary["world"], NOT_EVALUATED);
         assert!(a.present.is_empty());
         // Another checkout's path, listing order, a cache that gained the output since.
         let reordered = vec!["world".to_string(), "hello".into()];
@@ -433,7 +452,9 @@ mod tests {
         );
         let msg = disagreement(&full, &short, false);
         assert!(
-            msg.contains("attribute 'world': agent a says listed, not evaluated, agent b says it is not listed"),
+            msg.contains(
+                "attribute 'world': agent a says an evaluation error, agent b says it is not listed"
+            ),
             "{msg}"
         );
     }
