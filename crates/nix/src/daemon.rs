@@ -7,8 +7,9 @@
 //! `nix-store`.
 //! The protocol itself is in `worker_protocol.rs`.
 
+use crate::daemon_cache::CacheDirs;
 use crate::messages::{Failure, classify_failure};
-use crate::runner::{BuildOptions, BuildRun, Nix, NixError, StorePathInfo, TailBuffer, tail};
+use crate::runner::{BuildOptions, BuildRun, Nix, TailBuffer, tail};
 use crate::worker_protocol::{Conn, DaemonError, exit_code, is_already_valid, succeeded};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,66 +47,6 @@ pub(crate) struct DaemonPool {
     ready: tokio::sync::Notify,
     reaper: AtomicBool,
     caches: Arc<CacheDirs>,
-}
-
-/// Nix's narinfo cache (`$XDG_CACHE_HOME/nix/binary-cache-v6.sqlite`), one per live daemon.
-/// Nix 2.8 breaks when two processes write one at once: one's `insert or replace` of the
-/// cache's row drops the rows the other refers to ("constraint failed"), and the build
-/// fails. A directory is held by one daemon at a time and reused after it, so the cache
-/// keeps what it learnt.
-pub(crate) struct CacheDirs {
-    base: PathBuf,
-    used: Mutex<Vec<bool>>,
-}
-
-/// A daemon's hold on its narinfo cache directory, given back when dropped.
-pub(crate) struct CacheSlot {
-    dirs: Arc<CacheDirs>,
-    index: usize,
-}
-
-impl CacheDirs {
-    pub(crate) fn new(base: PathBuf) -> Arc<CacheDirs> {
-        Arc::new(CacheDirs {
-            base,
-            used: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// The lowest free directory, now held.
-    pub(crate) fn take(self: &Arc<Self>) -> Option<CacheSlot> {
-        let mut used = self.used.lock().ok()?;
-        let index = match used.iter().position(|u| !u) {
-            Some(i) => {
-                used[i] = true;
-                i
-            }
-            None => {
-                used.push(true);
-                used.len() - 1
-            }
-        };
-        Some(CacheSlot {
-            dirs: self.clone(),
-            index,
-        })
-    }
-}
-
-impl CacheSlot {
-    pub(crate) fn dir(&self) -> PathBuf {
-        self.dirs.base.join(format!("daemon-{}", self.index))
-    }
-}
-
-impl Drop for CacheSlot {
-    fn drop(&mut self) {
-        if let Ok(mut used) = self.dirs.used.lock()
-            && let Some(u) = used.get_mut(self.index)
-        {
-            *u = false;
-        }
-    }
 }
 
 impl std::fmt::Debug for DaemonPool {
@@ -247,7 +188,7 @@ impl DaemonPool {
     /// changes: an idle one with `settings`, else the longest idle at full CPU priority
     /// (the newest are likely started ahead for builds about to come), else one started with
     /// `settings`; with the settings it was started with, to be put back under.
-    async fn take_for_query(&self, settings: &Settings) -> Option<(Settings, Conn)> {
+    pub(crate) async fn take_for_query(&self, settings: &Settings) -> Option<(Settings, Conn)> {
         if self.disabled.load(Ordering::Relaxed) {
             return None;
         }
@@ -335,7 +276,7 @@ impl DaemonPool {
         }
     }
 
-    fn put(self: &Arc<Self>, settings: Settings, conn: Conn) {
+    pub(crate) fn put(self: &Arc<Self>, settings: Settings, conn: Conn) {
         if conn.builds >= MAX_BUILDS || conn.born.elapsed() >= MAX_AGE {
             return;
         }
@@ -542,72 +483,6 @@ impl Nix {
             result,
             cancelled,
         })
-    }
-
-    /// [`Nix::closure_infos`] through a pooled daemon, one query per path of the closure
-    /// (in this process, not a `nix path-info` each time). None when no daemon can be had.
-    pub(crate) async fn closure_infos_daemon(
-        &self,
-        paths: &[String],
-    ) -> Option<Result<Vec<StorePathInfo>, NixError>> {
-        let pool = self.daemon.as_ref()?;
-        let (settings, mut conn) = pool
-            .take_for_query(&self.build_settings(&BuildOptions::default()))
-            .await?;
-        let mut seen: std::collections::BTreeMap<String, StorePathInfo> = Default::default();
-        let mut todo: Vec<String> = paths.to_vec();
-        while let Some(p) = todo.pop() {
-            if seen.contains_key(&p) {
-                continue;
-            }
-            if seen.len() >= 1_000_000 {
-                return Some(Err(NixError::Infra(
-                    "a closure of over 1,000,000 paths".into(),
-                )));
-            }
-            match conn.query_path_info(&p).await {
-                Ok(Some(info)) => {
-                    todo.extend(
-                        info.references
-                            .iter()
-                            .filter(|r| !seen.contains_key(*r))
-                            .cloned(),
-                    );
-                    seen.insert(p, info);
-                }
-                Ok(None) => {
-                    pool.put(settings, conn);
-                    return Some(Err(NixError::Infra(format!("path '{p}' is not valid"))));
-                }
-                Err(e) => return Some(Err(NixError::Infra(e.to_string()))),
-            }
-        }
-        pool.put(settings, conn);
-        Some(Ok(seen.into_values().collect()))
-    }
-
-    /// Which of `paths` are not valid, asked of a pooled daemon (`nix-store
-    /// --check-validity` without a process). None when no daemon can be had.
-    pub(crate) async fn invalid_paths_daemon(
-        &self,
-        paths: &[String],
-    ) -> Option<Result<Vec<String>, NixError>> {
-        let pool = self.daemon.as_ref()?;
-        let (settings, mut conn) = pool
-            .take_for_query(&self.build_settings(&BuildOptions::default()))
-            .await?;
-        let mut invalid = Vec::new();
-        for chunk in paths.chunks(2000) {
-            match conn.query_valid_paths(chunk).await {
-                Ok(valid) => {
-                    let valid: std::collections::HashSet<String> = valid.into_iter().collect();
-                    invalid.extend(chunk.iter().filter(|p| !valid.contains(*p)).cloned());
-                }
-                Err(e) => return Some(Err(NixError::Infra(e.to_string()))),
-            }
-        }
-        pool.put(settings, conn);
-        Some(Ok(invalid))
     }
 
     /// Substitutes `path` (with its references) from the build's substituter through a

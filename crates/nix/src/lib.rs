@@ -4,6 +4,8 @@
 pub mod aterm;
 mod build_hook;
 mod daemon;
+mod daemon_cache;
+mod daemon_query;
 pub mod derivation;
 pub mod entry;
 mod eval;

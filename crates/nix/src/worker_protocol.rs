@@ -4,7 +4,7 @@
 //! little-endian u64s, strings as a length and bytes padded to 8; a client's operation is
 //! answered by log messages (`STDERR_*`) until `STDERR_LAST`, then the result.
 
-use crate::daemon::CacheSlot;
+use crate::daemon_cache::CacheSlot;
 use crate::runner::{StorePathInfo, tail};
 use std::path::Path;
 use std::process::Stdio;

@@ -572,6 +572,8 @@ mod dispatch_tests;
 #[cfg(test)]
 mod held_tests;
 #[cfg(test)]
+mod opinions_listing_tests;
+#[cfg(test)]
 mod opinions_tests;
 #[cfg(test)]
 mod queries_tests;

@@ -14,7 +14,7 @@ fn cross_checked() -> EngineOptions {
 }
 
 /// The listing an agent answers: package `hello`, evaluated to the derivation `hash`.
-fn listing(hash: char) -> (Vec<String>, EvalChunkOutput) {
+pub(super) fn listing(hash: char) -> (Vec<String>, EvalChunkOutput) {
     let h: String = std::iter::repeat_n(hash, 32).collect();
     let drv = format!("/nix/store/{h}-hello.drv");
     let out = format!("/nix/store/{h}-hello");
@@ -43,7 +43,7 @@ fn answer_listing(engine: &Engine, name: &str, a: &mut TestAgent, hash: char) {
 }
 
 /// `name` takes the listing it is given and answers it: `names`, and what it evaluated.
-fn send_listing(
+pub(super) fn send_listing(
     engine: &Engine,
     name: &str,
     a: &mut TestAgent,
@@ -67,7 +67,7 @@ fn send_listing(
 }
 
 /// An engine cross-checking evaluation, its state in memory.
-fn engine() -> (Engine, tempfile::TempDir) {
+pub(super) fn engine() -> (Engine, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(
         Db::open_in_memory().unwrap(),
@@ -92,7 +92,7 @@ fn failed_on(engine: &Engine, run: &str, why: &str) {
 }
 
 /// The jobs handed to `agents` so far, at most one each.
-fn handed(agents: [&mut TestAgent; 2]) -> Vec<Job> {
+pub(super) fn handed(agents: [&mut TestAgent; 2]) -> Vec<Job> {
     agents
         .into_iter()
         .filter_map(|t| match t.rx.try_recv() {
@@ -545,97 +545,4 @@ fn both_listing_agents_repository_checks_count_and_a_failure_stays() {
     }
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
     assert_eq!(engine.report(&run).unwrap().repository, vec![broken]);
-}
-
-/// How an agent's listing answers for `broken`, the second of two packages.
-#[derive(Clone, Copy)]
-enum Broken {
-    /// Evaluated to a derivation (it evaluates on this host).
-    Evaluated,
-    /// Sent as failed, with Nix's message (agents before listings left failures to tasks).
-    Failed,
-    /// Left out of what the listing evaluated: it threw, and evaluation tasks get its message.
-    LeftOut,
-}
-
-/// `name` takes the listing and answers `hello` and `broken`, both evaluated by the listing.
-fn answer_two(engine: &Engine, name: &str, a: &mut TestAgent, broken: Broken) {
-    let (mut names, (mut attrs, mut drvs)) = listing('1');
-    names.push("broken".into());
-    match broken {
-        Broken::Evaluated => {
-            let (_, (mut more, more_drvs)) = listing('2');
-            more[0].attr = "broken".into();
-            attrs.append(&mut more);
-            drvs.extend(more_drvs);
-        }
-        Broken::Failed => attrs.push(EvaluatedAttr {
-            attr: "broken".into(),
-            info: PackageInfo {
-                eval_error: "error: broken: unsupported on this platform".into(),
-                ..Default::default()
-            },
-        }),
-        Broken::LeftOut => {}
-    }
-    send_listing(engine, name, a, names, Some((attrs, drvs)));
-}
-
-#[test]
-fn an_attribute_a_listing_left_out_counts_as_failed_there() {
-    // a's listing left `broken` out (it threw there); b evaluated it: one-sided, asked again.
-    let (engine, _dir) = engine();
-    let mut a = connect_agent(&engine, "a");
-    let run = engine.submit(flake_run()).unwrap();
-    let mut b = connect_agent(&engine, "b");
-    answer_two(&engine, "a", &mut a, Broken::LeftOut);
-    answer_two(&engine, "b", &mut b, Broken::Evaluated);
-    let report = engine.report(&run).unwrap();
-    assert_eq!(report.state, RunState::Evaluating, "{}", report.error);
-    answer_two(&engine, "a", &mut a, Broken::Evaluated);
-    let report = engine.report(&run).unwrap();
-    assert_ne!(report.state, RunState::Failed, "{}", report.error);
-    assert!(
-        report
-            .packages
-            .iter()
-            .any(|p| p.attr == "broken" && p.drv_path.ends_with("-hello.drv")),
-        "{report:?}"
-    );
-}
-
-#[test]
-fn a_failure_sent_and_a_failure_left_out_agree() {
-    // An agent of the old kind sends the failure, one of the new kind leaves it out: the
-    // same answer. What threw goes to an evaluation task, for its message.
-    for (first, second) in [
-        (Broken::Failed, Broken::LeftOut),
-        (Broken::LeftOut, Broken::Failed),
-        (Broken::LeftOut, Broken::LeftOut),
-    ] {
-        let (engine, _dir) = engine();
-        let mut a = connect_agent(&engine, "a");
-        let run = engine.submit(flake_run()).unwrap();
-        let mut b = connect_agent(&engine, "b");
-        answer_two(&engine, "a", &mut a, first);
-        answer_two(&engine, "b", &mut b, second);
-        let report = engine.report(&run).unwrap();
-        assert_ne!(report.state, RunState::Failed, "{}", report.error);
-        let events = super::queries_tests::run_events(&engine, &run);
-        assert!(
-            !events
-                .iter()
-                .any(|e| matches!(e, nixfarm_core::RunEvent::EvalAwaitingCheck { agent, .. } if agent == "b")),
-            "taken at once, not asked again: {events:?}"
-        );
-        if matches!(second, Broken::LeftOut) {
-            let tasks: Vec<Job> = handed([&mut a, &mut b]);
-            assert!(
-                tasks.iter().any(
-                    |j| matches!(j, Job::EvalChunk { attrs, .. } if attrs == &["broken".to_string()])
-                ),
-                "{tasks:?}"
-            );
-        }
-    }
 }
