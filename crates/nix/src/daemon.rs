@@ -121,11 +121,7 @@ impl DaemonPool {
                 let mut idle = self.idle.lock().ok()?;
                 let mut ahead = self.ahead.lock().ok()?;
                 // A claim lasts one wait: whatever came ready is looked for first.
-                if let Some(id) = claim.take()
-                    && let Some(a) = ahead.iter_mut().find(|a| a.id == id)
-                {
-                    a.claimed = false;
-                }
+                release(&mut ahead, claim.take());
                 prune(&mut idle);
                 let pooled = idle
                     .iter()
@@ -177,10 +173,8 @@ impl DaemonPool {
     }
 
     fn unclaim(&self, claim: Option<u64>) {
-        if let (Some(id), Ok(mut ahead)) = (claim, self.ahead.lock())
-            && let Some(a) = ahead.iter_mut().find(|a| a.id == id)
-        {
-            a.claimed = false;
+        if let Ok(mut ahead) = self.ahead.lock() {
+            release(&mut ahead, claim);
         }
     }
 
@@ -304,6 +298,13 @@ impl DaemonPool {
                 }
             });
         }
+    }
+}
+
+/// Gives up `claim` on a daemon being started ahead, if it is still starting.
+fn release(ahead: &mut [Ahead], claim: Option<u64>) {
+    if let Some(a) = claim.and_then(|id| ahead.iter_mut().find(|a| a.id == id)) {
+        a.claimed = false;
     }
 }
 

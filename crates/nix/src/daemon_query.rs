@@ -1,18 +1,27 @@
 //! Store queries (path infos, validity) over a pooled daemon: no Nix process per question.
 
+use crate::daemon::{DaemonPool, Settings};
 use crate::runner::{BuildOptions, Nix, NixError, StorePathInfo};
+use crate::worker_protocol::Conn;
+use std::sync::Arc;
 
 impl Nix {
+    /// A pooled daemon to ask, with the pool and the settings to put it back under.
+    async fn query_conn(&self) -> Option<(&Arc<DaemonPool>, Settings, Conn)> {
+        let pool = self.daemon.as_ref()?;
+        let (settings, conn) = pool
+            .take_for_query(&self.build_settings(&BuildOptions::default()))
+            .await?;
+        Some((pool, settings, conn))
+    }
+
     /// [`Nix::closure_infos`] through a pooled daemon, one query per path of the closure
     /// (in this process, not a `nix path-info` each time). None when no daemon can be had.
     pub(crate) async fn closure_infos_daemon(
         &self,
         paths: &[String],
     ) -> Option<Result<Vec<StorePathInfo>, NixError>> {
-        let pool = self.daemon.as_ref()?;
-        let (settings, mut conn) = pool
-            .take_for_query(&self.build_settings(&BuildOptions::default()))
-            .await?;
+        let (pool, settings, mut conn) = self.query_conn().await?;
         let mut seen: std::collections::BTreeMap<String, StorePathInfo> = Default::default();
         let mut todo: Vec<String> = paths.to_vec();
         while let Some(p) = todo.pop() {
@@ -51,10 +60,7 @@ impl Nix {
         &self,
         paths: &[String],
     ) -> Option<Result<Vec<String>, NixError>> {
-        let pool = self.daemon.as_ref()?;
-        let (settings, mut conn) = pool
-            .take_for_query(&self.build_settings(&BuildOptions::default()))
-            .await?;
+        let (pool, settings, mut conn) = self.query_conn().await?;
         let mut invalid = Vec::new();
         for chunk in paths.chunks(2000) {
             match conn.query_valid_paths(chunk).await {

@@ -63,18 +63,18 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
     // Whatever ends it, the agents and the coordinator are stopped after.
     let result = async {
         for i in 1..=n {
-        let cfg = nixfarm_agent::AgentConfig {
-            coordinator: url.clone(),
-            name: format!("local-{i}"),
-            max_jobs: jobs,
-            work_dir: state_dir.join("agents").join(format!("local-{i}")),
-            signing_key_file: args.signing_key_file.clone(),
-            allow_local_flake_refs: true,
-            ..Default::default()
-        };
-        let agent = nixfarm_agent::Agent::new(cfg)?;
-        let token = shutdown.clone();
-        agents.push(tokio::spawn(async move { agent.run(token).await }));
+            let cfg = nixfarm_agent::AgentConfig {
+                coordinator: url.clone(),
+                name: format!("local-{i}"),
+                max_jobs: jobs,
+                work_dir: state_dir.join("agents").join(format!("local-{i}")),
+                signing_key_file: args.signing_key_file.clone(),
+                allow_local_flake_refs: true,
+                ..Default::default()
+            };
+            let agent = nixfarm_agent::Agent::new(cfg)?;
+            let token = shutdown.clone();
+            agents.push(tokio::spawn(async move { agent.run(token).await }));
         }
         let client = Client::connect(&url, None).await?;
         eprintln!(
