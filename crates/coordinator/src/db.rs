@@ -2,7 +2,7 @@
 //! events and agents. Every state change is written here before it is acted on, so a
 //! restarted coordinator resumes each run where it stood.
 
-use crate::model::{BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo};
+use crate::model::{BuildReport, DrvNode, DrvState, EvaluatedAttr, PackageInfo, StorePath};
 use nixfarm_core::RunState;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
@@ -53,7 +53,7 @@ pub struct RunRow {
 /// A stored derivation row.
 #[derive(Debug, Clone)]
 pub struct DrvRow {
-    pub drv_path: String,
+    pub drv_path: StorePath,
     pub node: DrvNode,
     pub state: DrvState,
     /// The last result recorded for it (none while it waits).
@@ -73,6 +73,13 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
     text: String,
 ) -> rusqlite::Result<T> {
     serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// A store path read back from a column; one that does not parse fails the read.
+pub(crate) fn store_path(column: usize, text: String) -> rusqlite::Result<crate::model::StorePath> {
+    crate::model::StorePath::try_from(text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
     })
 }
@@ -245,7 +252,7 @@ impl Db {
         run: &str,
         task: i64,
         attrs: &[EvaluatedAttr],
-        drvs: &BTreeMap<String, DrvNode>,
+        drvs: &BTreeMap<StorePath, DrvNode>,
     ) -> Result<(), DbError> {
         let json = |r: Result<String, serde_json::Error>| r.map_err(|e| bad_column(2, "record", e));
         let packages: Vec<(String, String)> = attrs
@@ -254,7 +261,7 @@ impl Db {
             .collect::<Result<_, DbError>>()?;
         let nodes: Vec<(String, String)> = drvs
             .iter()
-            .map(|(p, n)| Ok((p.clone(), json(serde_json::to_string(n))?)))
+            .map(|(p, n)| Ok((p.to_string(), json(serde_json::to_string(n))?)))
             .collect::<Result<_, DbError>>()?;
         self.tx(|tx| {
             for (attr, info) in &packages {
@@ -466,7 +473,7 @@ impl Db {
             let state: String = r.get(2)?;
             let result: String = r.get(3)?;
             Ok(DrvRow {
-                drv_path: r.get(0)?,
+                drv_path: store_path(0, r.get(0)?)?,
                 node: json_column(r, 1, "derivation")?,
                 state: DrvState::parse(&state)
                     .ok_or_else(|| bad_column(2, "derivation state", &state))?,

@@ -1,7 +1,7 @@
 //! Cross-checked builds in SQLite: a derivation one agent built, kept until another agent has
 //! built it again (a restart between the two loses neither the first result nor the wait).
 
-use crate::db::{Db, DbError, from_json, to_json};
+use crate::db::{Db, DbError, from_json, store_path, to_json};
 use crate::model::{Hold, PendingCheck};
 use rusqlite::params;
 
@@ -12,7 +12,7 @@ impl Db {
         let (report, credential) = (to_json(&c.report)?, to_json(&c.credential)?);
         self.conn_mut().execute(
             "INSERT OR IGNORE INTO build_checks(run_id, drv_path, built_by, credential, report, queued_ms, hold) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![run, c.drv, c.built_by, credential, report, c.queued_ms, c.hold as i64],
+            params![run, c.drv.as_str(), c.built_by, credential, report, c.queued_ms, c.hold as i64],
         )?;
         Ok(())
     }
@@ -23,7 +23,7 @@ impl Db {
         )?;
         st.query_map([run], |r| {
             Ok(PendingCheck {
-                drv: r.get(0)?,
+                drv: store_path(0, r.get(0)?)?,
                 built_by: r.get(1)?,
                 credential: from_json(2, r.get(2)?)?,
                 report: from_json(3, r.get(3)?)?,
@@ -55,7 +55,7 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::BuildReport;
+    use crate::model::{BuildReport, op, sp};
     use nixfarm_core::BuildOutcome;
 
     #[test]
@@ -63,13 +63,17 @@ mod tests {
         let mut db = Db::open_in_memory().unwrap();
         db.insert_run(&crate::db::test_run("r1")).unwrap();
         let first = PendingCheck {
-            drv: "/nix/store/00000000000000000000000000000000-hello.drv".into(),
+            drv: sp("/nix/store/00000000000000000000000000000000-hello.drv"),
             built_by: "a".into(),
             credential: crate::credentials::Credential::Certificate("ab12".into()),
             report: BuildReport {
                 kind: BuildOutcome::Built,
                 duration_ms: 1200,
-                outputs: [("out".to_string(), "/nix/store/1-hello".to_string())].into(),
+                outputs: [(
+                    "out".to_string(),
+                    op("/nix/store/11111111111111111111111111111111-hello"),
+                )]
+                .into(),
                 ..Default::default()
             },
             queued_ms: 5,

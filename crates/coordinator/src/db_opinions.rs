@@ -58,6 +58,7 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::sp;
 
     #[test]
     fn the_first_answer_stays_and_comes_back() {
@@ -69,7 +70,7 @@ mod tests {
             credential: crate::credentials::Credential::NamedToken("a".into()),
             digest: "d1".into(),
             evaluated: Some("e1".into()),
-            present: vec!["/nix/store/x-hello.drv".into()],
+            present: vec![sp("/nix/store/00000000000000000000000000000000-hello.drv")],
             summary: [("hello".to_string(), "/nix/store/x-hello.drv".to_string())].into(),
             one_sided: 1,
             positions: [("hello".to_string(), "pkgs/hello.nix:3".to_string())].into(),

@@ -2,6 +2,7 @@
 //! coordinator assigns. The gRPC layer converts wire messages into these at the edge.
 
 pub use nixfarm_core::BuildOutcome;
+pub use nixfarm_nix::{OutputPath, StorePath};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -230,8 +231,13 @@ impl TryFrom<i64> for Hold {
     }
 }
 
-/// One output of a derivation.
-pub type Outputs = BTreeMap<String, String>;
+/// A derivation's outputs: each output's name and where it goes.
+pub type Outputs = BTreeMap<String, OutputPath>;
+
+/// Outputs as the report shows them (a floating output's path is empty).
+pub fn outputs_text(o: &Outputs) -> BTreeMap<String, String> {
+    o.iter().map(|(n, p)| (n.clone(), p.to_string())).collect()
+}
 
 /// A derivation in a run's graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -241,7 +247,7 @@ pub struct DrvNode {
     pub features: Vec<String>,
     pub outputs: Outputs,
     #[serde(default)]
-    pub input_drvs: Vec<String>,
+    pub input_drvs: Vec<StorePath>,
     #[serde(default)]
     pub fixed_output: bool,
     #[serde(default)]
@@ -259,8 +265,9 @@ pub struct DrvNode {
 pub struct PackageInfo {
     #[serde(default)]
     pub eval_error: String,
-    #[serde(default)]
-    pub drv_path: String,
+    /// None: it did not evaluate to a derivation.
+    #[serde(default, with = "nixfarm_nix::store_path::or_empty")]
+    pub drv_path: Option<StorePath>,
     #[serde(default)]
     pub outputs: Outputs,
     #[serde(default)]
@@ -371,7 +378,7 @@ impl std::fmt::Display for NarHash {
 /// agent has built it again and got the same outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingCheck {
-    pub drv: String,
+    pub drv: StorePath,
     /// The agent whose build is to be checked (never the one that checks it).
     pub built_by: String,
     /// What admitted that agent when it built: a checker must hold another credential.
@@ -390,7 +397,7 @@ pub struct PendingCheck {
 pub type AgentFailure = (String, bool);
 
 /// What an evaluation task produces: the attributes and the derivation graph below them.
-pub type EvalChunkOutput = (Vec<EvaluatedAttr>, BTreeMap<String, DrvNode>);
+pub type EvalChunkOutput = (Vec<EvaluatedAttr>, BTreeMap<StorePath, DrvNode>);
 
 /// A run event as stored and streamed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -448,6 +455,18 @@ pub fn store_name(path: &str) -> &str {
         Some((h, n)) if h.len() == 32 => n,
         _ => base,
     }
+}
+
+/// A test's store path (it must be one).
+#[cfg(test)]
+pub(crate) fn sp(s: &str) -> StorePath {
+    StorePath::parse(s).expect("a test's store path")
+}
+
+/// A test's output path (empty: floating).
+#[cfg(test)]
+pub(crate) fn op(s: &str) -> OutputPath {
+    OutputPath::parse(s).expect("a test's output path")
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! What agents and the coordinator say to each other once an agent is registered, as domain
 //! types: its reports, the jobs it is handed.
 
+use nixfarm_nix::StorePath;
+
 use crate::model::{
     AgentFailure, BuildReport, EntrySpec, EvalChunkOutput, Hold, NarHash, SourceSpec,
 };
@@ -80,7 +82,7 @@ pub enum Job {
         build_limits: BuildLimits,
     },
     Build {
-        drv_path: String,
+        drv_path: StorePath,
         cache: String,
         trusted_public_keys: Vec<String>,
         timeout_secs: u64,
@@ -99,7 +101,7 @@ pub enum Job {
         hold: Hold,
         /// A check of outputs held in the builder's store: (output name, path, NAR hash)
         /// as that build reported them.
-        expect: Vec<(String, String, NarHash)>,
+        expect: Vec<(String, StorePath, NarHash)>,
     },
 }
 

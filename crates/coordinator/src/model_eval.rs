@@ -20,7 +20,7 @@ pub struct EvalOpinion {
     pub evaluated: Option<String>,
     /// The derivations it said a cache already holds (warm mode): taken only where the
     /// other agent said so too.
-    pub present: Vec<String>,
+    pub present: Vec<crate::model::StorePath>,
     /// Each attribute and the derivation it evaluated to (or why not), for the message
     /// when the answers differ.
     pub summary: BTreeMap<String, String>,

@@ -6,7 +6,7 @@
 use crate::db::{AttemptRow, Db, DbError, DrvRow, MetricsCounts, RunRow};
 use crate::model::{
     AttemptKind, AttemptState, BuildReport, DrvNode, DrvState, EvalOpinion, EvaluatedAttr,
-    OwedChecks, PackageInfo, PendingCheck, Registration,
+    OwedChecks, PackageInfo, PendingCheck, Registration, StorePath,
 };
 use nixfarm_core::RunState;
 use nixfarm_core::report::RepoCheck;
@@ -57,7 +57,7 @@ pub trait StateStore: Send {
         run: &str,
         task: i64,
         attrs: &[EvaluatedAttr],
-        drvs: &BTreeMap<String, DrvNode>,
+        drvs: &BTreeMap<StorePath, DrvNode>,
     ) -> StateResult<()>;
     fn eval_task_infra_failure(&mut self, run: &str, task: i64) -> StateResult<i64>;
     fn eval_tasks(&self, run: &str) -> StateResult<Vec<(i64, Vec<String>, bool)>>;
@@ -212,7 +212,7 @@ delegate! {
     r fn run(id: &str) -> Option<RunRow>;
     r fn runs() -> Vec<RunRow>;
     w fn record_eval_tasks(run: &str, tasks: &[&[String]]) -> ();
-    w fn record_eval_chunk(run: &str, task: i64, attrs: &[EvaluatedAttr], drvs: &BTreeMap<String, DrvNode>) -> ();
+    w fn record_eval_chunk(run: &str, task: i64, attrs: &[EvaluatedAttr], drvs: &BTreeMap<StorePath, DrvNode>) -> ();
     w fn eval_task_infra_failure(run: &str, task: i64) -> i64;
     r fn eval_tasks(run: &str) -> Vec<(i64, Vec<String>, bool)>;
     w fn record_eval_opinion(run: &str, opinion: &EvalOpinion) -> ();

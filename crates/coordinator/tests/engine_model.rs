@@ -21,8 +21,8 @@
 use nixfarm_coordinator::clock::ManualClock;
 use nixfarm_coordinator::db::Db;
 use nixfarm_coordinator::model::{
-    BuildReport, DrvNode, EvalChunkOutput, EvaluatedAttr, FromAgent, Job, PackageInfo,
-    Registration, RunSpec, SourceSpec, ToAgent, store_name,
+    BuildReport, DrvNode, EvalChunkOutput, EvaluatedAttr, FromAgent, Job, OutputPath, PackageInfo,
+    Registration, RunSpec, SourceSpec, StorePath, ToAgent, store_name,
 };
 use nixfarm_coordinator::{Engine, EngineOptions};
 use nixfarm_core::report::Report;
@@ -221,26 +221,26 @@ fn step() -> impl Strategy<Value = Step> {
 
 // ----- names and paths ----------------------------------------------------------------------
 
-/// 32 characters of [0-9a-z], fixed by `tag` and `i`.
+/// 32 characters of Nix's base-32, fixed by `tag` and `i`.
 fn hash32(tag: u64, i: usize) -> String {
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
     let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ tag.wrapping_mul(0xD6E8_FEB8);
     (0..32)
         .map(|_| {
             x ^= x >> 29;
             x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
             x ^= x >> 32;
-            ALPHABET[(x % 36) as usize] as char
+            ALPHABET[(x % 32) as usize] as char
         })
         .collect()
 }
 
-fn drv_path(i: usize) -> String {
-    format!("/nix/store/{}-d{i}.drv", hash32(1, i))
+fn drv_path(i: usize) -> StorePath {
+    StorePath::parse(&format!("/nix/store/{}-d{i}.drv", hash32(1, i))).unwrap()
 }
 
-fn out_path(i: usize) -> String {
-    format!("/nix/store/{}-d{i}", hash32(2, i))
+fn out_path(i: usize) -> OutputPath {
+    OutputPath::parse(&format!("/nix/store/{}-d{i}", hash32(2, i))).unwrap()
 }
 
 /// The index of a generated derivation from its path.

@@ -14,9 +14,11 @@ pub mod hash;
 pub mod messages;
 mod path_info;
 pub mod runner;
+pub mod store_path;
 mod store_query;
 pub mod text_path;
 mod worker_protocol;
 
 pub use derivation::Derivation;
 pub use runner::{AttrInfo, BuildOptions, BuildRun, ListedAndEvaluated, Nix, NixError};
+pub use store_path::{OutputPath, StorePath, StorePathError};

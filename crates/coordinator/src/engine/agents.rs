@@ -452,9 +452,9 @@ impl Engine {
         };
         let same_names = expected.len() == report.outputs.len()
             && expected.keys().all(|k| report.outputs.contains_key(k));
-        let same_paths = expected
-            .iter()
-            .all(|(name, path)| path.is_empty() || report.outputs.get(name) == Some(path));
+        let same_paths = expected.iter().all(|(name, path)| {
+            *path == OutputPath::Floating || report.outputs.get(name) == Some(path)
+        });
         if same_names && same_paths {
             return;
         }
@@ -463,7 +463,7 @@ impl Engine {
             .iter()
             .find(|r| r.id == a.run_id)
             .and_then(|r| r.drv_of.get(node as usize))
-            .cloned()
+            .map(ToString::to_string)
             .unwrap_or_default();
         self.violation(
             inner,

@@ -29,7 +29,7 @@ impl Engine {
         if sched.state(node) != NodeState::Running || run.checks.contains_key(&node) {
             tracing::debug!(
                 run = a.run_id,
-                drv = run.drv_of[node as usize],
+                drv = %run.drv_of[node as usize],
                 "ignoring a result for a build not running"
             );
             return Ok(());
@@ -116,7 +116,7 @@ impl Engine {
                 if retry && n <= self.opts.max_infra_retries && !run.state.is_terminal() {
                     tracing::warn!(
                         run = run_id,
-                        drv,
+                        %drv,
                         attempt = n,
                         "infrastructure failure, requeueing: {}",
                         report.message
@@ -126,7 +126,7 @@ impl Engine {
                         inner,
                         &run_id,
                         Ev::JobRetry {
-                            drv: drv.clone(),
+                            drv: drv.to_string(),
                             message: report.message.clone(),
                             retry: n,
                         },
@@ -157,18 +157,18 @@ impl Engine {
         let (done, total) = (sched.len() - sched.unfinished(), sched.len());
         let dep_names: Vec<String> = dep_failed
             .iter()
-            .map(|&n| run.drv_of[n as usize].clone())
+            .map(|&n| run.drv_of[n as usize].to_string())
             .collect();
         let dep = BuildReport {
             kind: BuildOutcome::DependencyFailed,
-            failed_root: drv.clone(),
+            failed_root: drv.to_string(),
             ..Default::default()
         };
         // The event is stored with the build's end (one transaction): a coordinator killed
         // between the two would know the build done and never tell its watchers.
         let event = Ev::JobFinished {
             name: store_name(&drv).to_string(),
-            drv: drv.clone(),
+            drv: drv.to_string(),
             agent: agent.to_string(),
             outcome: report.kind,
             message: report.message.clone(),

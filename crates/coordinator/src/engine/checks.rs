@@ -58,7 +58,7 @@ impl Engine {
         if !super::checker_connected(&inner.agents, agent, hold, inner.hold_way) {
             tracing::warn!(
                 run = run_id,
-                drv,
+                %drv,
                 agent,
                 "the build waits for a second agent to check it (cross_check_builds): none with a credential of its own is connected"
             );
@@ -68,7 +68,7 @@ impl Engine {
             run_id,
             Ev::JobAwaitingCheck {
                 name: store_name(&drv).to_string(),
-                drv,
+                drv: drv.to_string(),
                 agent: agent.to_string(),
                 duration_ms,
             },
@@ -112,11 +112,11 @@ impl Engine {
                 .iter()
                 .filter_map(|(name, path)| {
                     let h = first.report.nar_hashes.get(name)?;
-                    Some((name.clone(), path.clone(), *h))
+                    Some((name.clone(), path.known()?.clone(), *h))
                 })
                 .collect();
         }
-        Some((JobRef::Check(node), job, drv))
+        Some((JobRef::Check(node), job, drv.to_string()))
     }
 
     /// A check's result settles the first build: the same outputs count it built; a
@@ -225,7 +225,7 @@ impl Engine {
                 {
                     tracing::warn!(
                         run = a.run_id,
-                        drv,
+                        %drv,
                         attempt = n,
                         "check failed, requeueing: {}",
                         report.message
@@ -236,7 +236,7 @@ impl Engine {
                         inner,
                         &a.run_id,
                         Ev::JobRetry {
-                            drv,
+                            drv: drv.to_string(),
                             message,
                             retry: n,
                         },
@@ -294,7 +294,12 @@ impl Engine {
         let outputs: Vec<String> = run
             .outputs_of
             .get(node as usize)
-            .map(|o| o.values().filter(|p| !p.is_empty()).cloned().collect())
+            .map(|o| {
+                o.values()
+                    .filter_map(|p| p.known())
+                    .map(ToString::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
         if let Some(f) = self.failed_check.get() {
             f(&outputs);

@@ -31,23 +31,23 @@ pub(super) fn list_lib_and_app(engine: &Engine, agent: &str, a: &mut TestAgent) 
     let package = |attr: &str, drv: &str, out: &str| EvaluatedAttr {
         attr: attr.into(),
         info: PackageInfo {
-            drv_path: drv.into(),
-            outputs: [("out".to_string(), out.to_string())].into(),
+            drv_path: Some(sp(drv)),
+            outputs: [("out".to_string(), op(out))].into(),
             system: "x86_64-linux".into(),
             ..Default::default()
         },
     };
     let node = |out: &str, inputs: &[&str]| DrvNode {
         system: "x86_64-linux".into(),
-        outputs: [("out".to_string(), out.to_string())].into(),
-        input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
+        outputs: [("out".to_string(), op(out))].into(),
+        input_drvs: inputs.iter().map(|s| sp(s)).collect(),
         ..Default::default()
     };
     let evaluated = (
         vec![package("lib", LIB, LIB_OUT), package("app", APP, APP_OUT)],
         [
-            (LIB.to_string(), node(LIB_OUT, &[])),
-            (APP.to_string(), node(APP_OUT, &[LIB])),
+            (sp(LIB), node(LIB_OUT, &[])),
+            (sp(APP), node(APP_OUT, &[LIB])),
         ]
         .into(),
     );
@@ -66,7 +66,7 @@ pub(super) fn list_lib_and_app(engine: &Engine, agent: &str, a: &mut TestAgent) 
 }
 
 /// The build or check `agent` was handed: (attempt, derivation, whether it is a check).
-fn handed(a: &mut TestAgent) -> (String, String, bool) {
+fn handed(a: &mut TestAgent) -> (String, StorePath, bool) {
     match assigned(&mut a.rx) {
         (
             attempt,

@@ -319,7 +319,7 @@ impl Engine {
                 let hold = super::hold_of(sched.class(n), hold);
                 let drv = run.drv_of[n as usize].clone();
                 let job = run.build_job(&drv, background, false, hold);
-                return Some((run.id.clone(), JobRef::Build(n), job, drv));
+                return Some((run.id.clone(), JobRef::Build(n), job, drv.to_string()));
             }
         }
         None

@@ -72,7 +72,7 @@ fn evaluation_has_slots_of_its_own_beside_the_builds() {
             a.conn,
             FromAgent::EvalChunk {
                 attempt: first,
-                result: Ok((vec![attr], [(drv.clone(), node)].into())),
+                result: Ok((vec![attr], [(sp(&drv), node)].into())),
             },
         )
         .unwrap();
@@ -105,7 +105,7 @@ fn packages_run(
         let h: String = std::iter::repeat_n(*digit, 32).collect();
         let drv = format!("/nix/store/{h}-{name}.drv");
         let o = format!("/nix/store/{h}-{name}");
-        let outputs: BTreeMap<String, String> = [("out".to_string(), o.clone())].into();
+        let outputs: Outputs = [("out".to_string(), op(&o))].into();
         let node = DrvNode {
             system: "x86_64-linux".into(),
             outputs: outputs.clone(),
@@ -116,7 +116,7 @@ fn packages_run(
         let attr = EvaluatedAttr {
             attr: name.to_string(),
             info: PackageInfo {
-                drv_path: drv.clone(),
+                drv_path: Some(sp(&drv)),
                 outputs,
                 system: "x86_64-linux".into(),
                 ..Default::default()
@@ -137,7 +137,7 @@ fn packages_run(
         for name in asked {
             let (attr, drv, node) = attrs[name].clone();
             evaluated.push(attr);
-            nodes.insert(drv, node);
+            nodes.insert(sp(&drv), node);
         }
         engine
             .agent_message(
@@ -225,14 +225,14 @@ fn p0_evaluated(attr_name: &str) -> (EvaluatedAttr, String, DrvNode) {
     let out = "/nix/store/11111111111111111111111111111111-p0".to_string();
     let node = DrvNode {
         system: "x86_64-linux".into(),
-        outputs: [("out".to_string(), out.clone())].into(),
+        outputs: [("out".to_string(), op(&out))].into(),
         ..Default::default()
     };
     let attr = EvaluatedAttr {
         attr: attr_name.into(),
         info: PackageInfo {
-            drv_path: drv.clone(),
-            outputs: [("out".to_string(), out)].into(),
+            drv_path: Some(sp(&drv)),
+            outputs: [("out".to_string(), op(&out))].into(),
             system: "x86_64-linux".into(),
             ..Default::default()
         },
@@ -262,7 +262,7 @@ fn what_a_listing_evaluated_builds_at_once_and_only_the_rest_is_left_to_tasks() 
         conn,
         list,
         names,
-        Some((vec![attr], [(drv.clone(), node)].into())),
+        Some((vec![attr], [(sp(&drv), node)].into())),
     );
     let jobs = [assigned(&mut rx).1, assigned(&mut rx).1];
     assert!(
@@ -303,7 +303,7 @@ fn a_listing_that_evaluated_an_attribute_it_did_not_list_is_evaluated_by_tasks()
         conn,
         list,
         vec!["p0".to_string()],
-        Some((vec![attr], [(drv, node)].into())),
+        Some((vec![attr], [(sp(&drv), node)].into())),
     );
     let (_, job) = assigned(&mut rx);
     assert!(
@@ -325,10 +325,9 @@ fn a_package_that_declares_a_long_timeout_starts_first_on_a_coordinator_that_nev
     for (name, digit, timeout_secs) in [("p0", '0', 0), ("p1", '1', 200)] {
         let h: String = std::iter::repeat_n(digit, 32).collect();
         let drv = format!("/nix/store/{h}-{name}.drv");
-        let outputs: BTreeMap<String, String> =
-            [("out".to_string(), format!("/nix/store/{h}-{name}"))].into();
+        let outputs: Outputs = [("out".to_string(), op(&format!("/nix/store/{h}-{name}")))].into();
         drvs.insert(
-            drv.clone(),
+            sp(&drv),
             DrvNode {
                 system: "x86_64-linux".into(),
                 outputs: outputs.clone(),
@@ -338,7 +337,7 @@ fn a_package_that_declares_a_long_timeout_starts_first_on_a_coordinator_that_nev
         attrs.push(EvaluatedAttr {
             attr: name.into(),
             info: PackageInfo {
-                drv_path: drv,
+                drv_path: Some(sp(&drv)),
                 outputs,
                 system: "x86_64-linux".into(),
                 timeout_secs,

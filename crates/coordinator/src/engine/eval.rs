@@ -239,7 +239,7 @@ impl Engine {
         run_id: &str,
         task: i64,
         attrs: Vec<EvaluatedAttr>,
-        drvs: BTreeMap<String, DrvNode>,
+        drvs: BTreeMap<StorePath, DrvNode>,
     ) -> Result<(), EngineError> {
         let run_id = run_id.to_string();
         if inner
@@ -287,7 +287,7 @@ impl Engine {
         inner: &mut Inner,
         run_id: &str,
         attrs: &[EvaluatedAttr],
-        drvs: &BTreeMap<String, DrvNode>,
+        drvs: &BTreeMap<StorePath, DrvNode>,
     ) -> Result<(), EngineError> {
         let times = &inner.build_times;
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
@@ -344,7 +344,7 @@ impl Engine {
             let (drv, root_drv) = (&run.drv_of[id as usize], &run.drv_of[root as usize]);
             let dep = BuildReport {
                 kind: BuildOutcome::DependencyFailed,
-                failed_root: root_drv.clone(),
+                failed_root: root_drv.to_string(),
                 ..Default::default()
             };
             inner

@@ -29,7 +29,7 @@ fn with_cache() -> RunSpec {
 }
 
 /// The build `a` was handed: (attempt, derivation, check, hold).
-fn handed(a: &mut TestAgent) -> (String, String, bool, Hold) {
+fn handed(a: &mut TestAgent) -> (String, StorePath, bool, Hold) {
     match assigned(&mut a.rx) {
         (
             attempt,
@@ -246,7 +246,7 @@ fn hashed(report: BuildReport, h: NarHash) -> BuildReport {
 }
 
 /// The check `b` was handed of outputs held in their builder's store: (attempt, expected).
-fn handed_check(b: &mut TestAgent) -> (String, Vec<(String, String, NarHash)>) {
+fn handed_check(b: &mut TestAgent) -> (String, Vec<(String, StorePath, NarHash)>) {
     match assigned(&mut b.rx) {
         (
             attempt,
@@ -291,7 +291,7 @@ fn lib_held_in_as_store() -> (
     let mut b = connect_agent(&engine, "b");
     answer(&engine, "a", &a, attempt, hashed(built(LIB_OUT), nar(1)));
     let (check, expect) = handed_check(&mut b);
-    assert_eq!(expect, [("out".to_string(), LIB_OUT.to_string(), nar(1))]);
+    assert_eq!(expect, [("out".to_string(), sp(LIB_OUT), nar(1))]);
     (engine, dir, run, a, b, check)
 }
 
@@ -376,7 +376,7 @@ fn outputs_held_in_their_builders_store_are_checked_after_a_restart_that_started
     with_farm(&engine);
     let mut b = connect_agent(&engine, "b");
     let (check, expect) = handed_check(&mut b);
-    assert_eq!(expect, [("out".to_string(), LIB_OUT.to_string(), nar(1))]);
+    assert_eq!(expect, [("out".to_string(), sp(LIB_OUT), nar(1))]);
     answer(&engine, "b", &b, check, hashed(checked(LIB_OUT), nar(1)));
     assert_eq!(status_of(&engine, &run, "lib").0, PackageStatus::Ready);
 }

@@ -105,18 +105,18 @@ struct RunMem {
     /// per agent that listed.
     repo_owed: Vec<crate::model::OwedChecks>,
     sched: Option<Scheduler>,
-    node_of: HashMap<String, NodeId>,
-    drv_of: Vec<String>,
+    node_of: HashMap<StorePath, NodeId>,
+    drv_of: Vec<StorePath>,
     /// The outputs each derivation has by the graph, by node: the only paths a build of it
     /// may report.
     outputs_of: Vec<Outputs>,
     /// Which agent built each built derivation (its outputs are in that agent's store).
     built_on: HashMap<NodeId, String>,
     /// Per-derivation build limits from the packages' meta (timeout, max-silent).
-    limits: HashMap<String, (u64, u64)>,
+    limits: HashMap<StorePath, (u64, u64)>,
     /// With smoke tests: each package's derivation and its main program (empty: the only
     /// executable in bin/).
-    smoke: HashMap<String, String>,
+    smoke: HashMap<StorePath, String>,
     done_builds: u64,
     /// Attribute names of each evaluation task.
     chunk_attrs: HashMap<i64, Vec<String>>,
@@ -445,16 +445,15 @@ impl RunMem {
     /// Remembers what a package asks of its derivation's build: its limits and, with smoke
     /// tests, its main program.
     fn note_package(&mut self, p: &PackageInfo) {
-        if p.drv_path.is_empty() {
+        let Some(drv) = &p.drv_path else {
             return;
-        }
+        };
         if p.timeout_secs > 0 || p.max_silent_secs > 0 {
             self.limits
-                .insert(p.drv_path.clone(), (p.timeout_secs, p.max_silent_secs));
+                .insert(drv.clone(), (p.timeout_secs, p.max_silent_secs));
         }
         if self.spec.smoke && p.eval_error.is_empty() {
-            self.smoke
-                .insert(p.drv_path.clone(), p.main_program.clone());
+            self.smoke.insert(drv.clone(), p.main_program.clone());
         }
     }
 
@@ -462,7 +461,7 @@ impl RunMem {
     fn add_drv(
         &mut self,
         sched: &mut Scheduler,
-        path: &str,
+        path: &StorePath,
         node: &DrvNode,
         times: &HashMap<String, u64>,
     ) -> NodeId {
@@ -481,8 +480,8 @@ impl RunMem {
                 self.limits.get(path).map_or(0, |(timeout, _)| *timeout),
             ),
         );
-        self.node_of.insert(path.to_string(), id);
-        self.drv_of.push(path.to_string());
+        self.node_of.insert(path.clone(), id);
+        self.drv_of.push(path.clone());
         self.outputs_of.push(node.outputs.clone());
         id
     }
@@ -497,10 +496,10 @@ impl RunMem {
 
     /// The job that builds `drv` (or, `check`, builds it again to compare): the run's cache
     /// and limits, a package's own limits first; a check is not smoke-tested.
-    fn build_job(&self, drv: &str, background: bool, check: bool, hold: Hold) -> Job {
+    fn build_job(&self, drv: &StorePath, background: bool, check: bool, hold: Hold) -> Job {
         let (t, s) = self.limits.get(drv).copied().unwrap_or((0, 0));
         Job::Build {
-            drv_path: drv.to_string(),
+            drv_path: drv.clone(),
             cache: self.spec.cache.clone(),
             trusted_public_keys: self.spec.trusted_public_keys.clone(),
             timeout_secs: if t > 0 { t } else { self.spec.timeout_secs },

@@ -139,7 +139,7 @@ impl Engine {
                     Verdict::Disagree(disagreement(first, &answer, true))
                 }
                 (Some(_), Some(_)) => {
-                    let agreed: HashSet<&String> = first.present.iter().collect();
+                    let agreed: HashSet<&StorePath> = first.present.iter().collect();
                     if let Some((attrs, nodes)) = evaluated.as_mut() {
                         for (path, node) in nodes.iter_mut() {
                             node.present &= agreed.contains(path);
@@ -239,7 +239,9 @@ fn opinion(
             summary.insert(
                 a.attr.clone(),
                 if info.eval_error.is_empty() {
-                    info.drv_path.clone()
+                    info.drv_path
+                        .as_ref()
+                        .map_or(String::new(), ToString::to_string)
                 } else {
                     FAILED.into()
                 },
@@ -356,7 +358,7 @@ mod tests {
         let attr = EvaluatedAttr {
             attr: "hello".into(),
             info: PackageInfo {
-                drv_path: drv.into(),
+                drv_path: (!drv.is_empty()).then(|| sp(drv)),
                 position: position.into(),
                 eval_error: error.into(),
                 ..Default::default()
@@ -364,11 +366,18 @@ mod tests {
         };
         let node = DrvNode {
             system: "x86_64-linux".into(),
-            input_drvs: vec!["/nix/store/b.drv".into(), "/nix/store/a.drv".into()],
+            input_drvs: vec![
+                sp("/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-b.drv"),
+                sp("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a.drv"),
+            ],
             present,
             ..Default::default()
         };
-        (vec![attr], [(drv.to_string(), node)].into())
+        let graph = match drv {
+            "" => BTreeMap::new(),
+            d => [(sp(d), node)].into(),
+        };
+        (vec![attr], graph)
     }
 
     /// What agent `agent` says to the listing (`names`) or to task 2 (`None`).
@@ -383,7 +392,7 @@ mod tests {
     #[test]
     fn honest_differences_agree_and_another_derivation_does_not() {
         let names = vec!["hello".to_string(), "world".into()];
-        let x = "/nix/store/x-hello.drv";
+        let x = "/nix/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-hello.drv";
         let a = say("a", Some(&names), answer(x, "/tmp/a/x.nix:3", "", false));
         assert_eq!(a.summary["hello"], x);
         // A listing that evaluated evaluated everything it listed: what it left out threw.
@@ -399,7 +408,12 @@ mod tests {
         let forged = say(
             "b",
             Some(&names),
-            answer("/nix/store/y-hello.drv", "", "", false),
+            answer(
+                "/nix/store/yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy-hello.drv",
+                "",
+                "",
+                false,
+            ),
         );
         assert!(a.digest == forged.digest && a.evaluated != forged.evaluated);
         // A package hidden from the listing.
@@ -414,28 +428,55 @@ mod tests {
 
     #[test]
     fn only_failures_on_one_side_count_as_one_sided() {
-        let x = "/nix/store/x-hello.drv";
+        let x = "/nix/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-hello.drv";
         let ok = say("a", None, answer(x, "", "", false));
         let failed = say("b", None, answer("", "", "error: out of memory", false));
         assert_eq!(one_sided_failures(&ok, &failed), Some((0, 1)));
         assert_eq!(one_sided_failures(&failed, &ok), Some((1, 0)));
         // Another derivation is a disagreement, and so is the same answer (nothing failed).
-        let other = say("b", None, answer("/nix/store/y-hello.drv", "", "", false));
+        let other = say(
+            "b",
+            None,
+            answer(
+                "/nix/store/yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy-hello.drv",
+                "",
+                "",
+                false,
+            ),
+        );
         assert_eq!(one_sided_failures(&ok, &other), None);
         assert_eq!(one_sided_failures(&ok, &ok), None);
     }
 
     #[test]
     fn a_disagreement_names_both_agents_and_the_attribute() {
-        let first = say("a", None, answer("/nix/store/x-hello.drv", "", "", false));
-        let other = say("b", None, answer("/nix/store/y-hello.drv", "", "", false));
+        let first = say(
+            "a",
+            None,
+            answer(
+                "/nix/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-hello.drv",
+                "",
+                "",
+                false,
+            ),
+        );
+        let other = say(
+            "b",
+            None,
+            answer(
+                "/nix/store/yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy-hello.drv",
+                "",
+                "",
+                false,
+            ),
+        );
         let msg = disagreement(&first, &other, true);
         assert!(
             msg.contains("agents a and b evaluated evaluation task 2 differently"),
             "{msg}"
         );
         assert!(
-            msg.contains("attribute 'hello': agent a says /nix/store/x-hello.drv, agent b says /nix/store/y-hello.drv"),
+            msg.contains("attribute 'hello': agent a says /nix/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-hello.drv, agent b says /nix/store/yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy-hello.drv"),
             "{msg}"
         );
         // A listing that leaves a package out.
@@ -443,12 +484,22 @@ mod tests {
         let full = say(
             "a",
             Some(&names),
-            answer("/nix/store/x-hello.drv", "", "", false),
+            answer(
+                "/nix/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-hello.drv",
+                "",
+                "",
+                false,
+            ),
         );
         let short = say(
             "b",
             Some(&names[..1]),
-            answer("/nix/store/x-hello.drv", "", "", false),
+            answer(
+                "/nix/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-hello.drv",
+                "",
+                "",
+                false,
+            ),
         );
         let msg = disagreement(&full, &short, false);
         assert!(

@@ -18,11 +18,11 @@ pub(super) fn listing(hash: char) -> (Vec<String>, EvalChunkOutput) {
     let h: String = std::iter::repeat_n(hash, 32).collect();
     let drv = format!("/nix/store/{h}-hello.drv");
     let out = format!("/nix/store/{h}-hello");
-    let outputs: BTreeMap<String, String> = [("out".to_string(), out)].into();
+    let outputs: Outputs = [("out".to_string(), op(&out))].into();
     let attr = EvaluatedAttr {
         attr: "hello".into(),
         info: PackageInfo {
-            drv_path: drv.clone(),
+            drv_path: Some(sp(&drv)),
             outputs: outputs.clone(),
             system: "x86_64-linux".into(),
             ..Default::default()
@@ -33,7 +33,10 @@ pub(super) fn listing(hash: char) -> (Vec<String>, EvalChunkOutput) {
         outputs,
         ..Default::default()
     };
-    (vec!["hello".into()], (vec![attr], [(drv, node)].into()))
+    (
+        vec!["hello".into()],
+        (vec![attr], [(sp(&drv), node)].into()),
+    )
 }
 
 /// `name` takes the listing it is given and answers it with `hash`'s evaluation.
@@ -506,7 +509,7 @@ fn both_listing_agents_repository_checks_count_and_a_failure_stays() {
         other => panic!("no build handed out: {other:?}"),
     };
     let (_, out) = listing('1');
-    let out = out.0[0].info.outputs["out"].clone();
+    let out = out.0[0].info.outputs["out"].to_string();
     engine
         .agent_message(
             builder,

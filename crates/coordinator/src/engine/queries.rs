@@ -94,13 +94,13 @@ fn build_report(
     // ("aurora-core's source"), never a bare store hash when a package owns it.
     let mut top_of: HashMap<String, String> = packages
         .iter()
-        .map(|(attr, p)| (p.drv_path.clone(), attr.clone()))
+        .filter_map(|(attr, p)| Some((p.drv_path.as_ref()?.to_string(), attr.clone())))
         .collect();
     // Each derivation is walked once: one already walked had its whole closure named by
     // an earlier package, which is the name it keeps.
     let mut walked: HashSet<&str> = HashSet::new();
     for (attr, p) in &packages {
-        let mut stack = vec![p.drv_path.as_str()];
+        let mut stack: Vec<&str> = p.drv_path.iter().map(|d| d.as_str()).collect();
         while let Some(d) = stack.pop() {
             if !walked.insert(d) {
                 continue;
@@ -109,7 +109,7 @@ fn build_report(
                 top_of.insert(d.to_string(), format!("{attr}'s {}", store_name(d)));
             }
             if let Some(n) = nodes.get(d) {
-                stack.extend(n.input_drvs.iter().map(String::as_str));
+                stack.extend(n.input_drvs.iter().map(StorePath::as_str));
             }
         }
     }
@@ -118,7 +118,7 @@ fn build_report(
     for (attr, p) in &packages {
         let mut r = package_report(attr, p, run_state, &results, &nodes, &top_of, &tainted);
         if r.status == PackageStatus::Pending {
-            r.reason = waiting(&p.drv_path);
+            r.reason = waiting(p.drv_path.as_deref().unwrap_or(""));
         }
         out.push(r);
     }

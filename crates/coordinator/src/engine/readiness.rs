@@ -19,8 +19,11 @@ pub(super) fn package_report(
         reason: String::new(),
         pname: p.pname.clone(),
         version: p.version.clone(),
-        drv_path: p.drv_path.clone(),
-        outputs: p.outputs.clone(),
+        drv_path: p
+            .drv_path
+            .as_ref()
+            .map_or(String::new(), ToString::to_string),
+        outputs: outputs_text(&p.outputs),
         pinned: p.rev.is_empty() || rev_is_pinned(&p.rev),
         rev: p.rev.clone(),
         position: p.position.clone(),
@@ -40,7 +43,7 @@ pub(super) fn package_report(
         set(&mut r, PackageStatus::EvalFailed, p.eval_error.clone());
         return r;
     }
-    let Some((state, rep)) = results.get(p.drv_path.as_str()) else {
+    let Some((state, rep)) = results.get(p.drv_path.as_deref().unwrap_or("")) else {
         let (st, reason) = not_built(run_state);
         set(&mut r, st, reason);
         return r;
@@ -49,12 +52,14 @@ pub(super) fn package_report(
     r.agent = rep.agent.clone();
     r.smoke = rep.smoke;
     if !rep.outputs.is_empty() {
-        r.outputs = rep.outputs.clone();
+        r.outputs = outputs_text(&rep.outputs);
     }
     // Every hash mismatch in the closure: a package can need several hashes at once. Only a
     // closure that holds one (or a fake hash), or a failed dependency, needs walking.
-    let closure = if tainted.contains(p.drv_path.as_str()) || *state == DrvState::DependencyFailed {
-        closure_of(&p.drv_path, nodes)
+    let closure = if tainted.contains(p.drv_path.as_deref().unwrap_or(""))
+        || *state == DrvState::DependencyFailed
+    {
+        closure_of(p.drv_path.as_deref().unwrap_or(""), nodes)
     } else {
         Vec::new()
     };
@@ -128,7 +133,7 @@ pub(super) fn package_report(
                     PackageStatus::NeedsHash,
                     format!(
                         "hash mismatch in {}: specified {}, got {}{}",
-                        store_name(&p.drv_path),
+                        store_name(p.drv_path.as_deref().unwrap_or("")),
                         rep.specified,
                         rep.got,
                         copied_note(rep, top_of)
@@ -275,7 +280,7 @@ pub(super) fn closure_of<'a>(top: &'a str, nodes: &'a HashMap<&str, DrvNode>) ->
             continue;
         }
         if let Some(n) = nodes.get(d) {
-            stack.extend(n.input_drvs.iter().map(String::as_str));
+            stack.extend(n.input_drvs.iter().map(StorePath::as_str));
         }
         out.push(d);
     }
@@ -359,7 +364,7 @@ mod tests {
     ) -> PackageReport {
         let node = |inputs: &[&str], fod: bool| DrvNode {
             system: "x86_64-linux".into(),
-            input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
+            input_drvs: inputs.iter().map(|s| sp(s)).collect(),
             fixed_output: fod,
             output_hash: if fod {
                 "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into()
@@ -380,7 +385,7 @@ mod tests {
             .collect();
         let top_of: HashMap<String, String> = [(DEP.to_string(), "lib".to_string())].into();
         let info = PackageInfo {
-            drv_path: TOP.into(),
+            drv_path: Some(sp(TOP)),
             rev: rev.into(),
             ..Default::default()
         };

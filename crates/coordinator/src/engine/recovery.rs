@@ -83,7 +83,7 @@ impl Engine {
                 continue;
             };
             let job = match a.kind {
-                AttemptKind::Build => match run.node_of.get(&a.target) {
+                AttemptKind::Build => match run.node_of.get(a.target.as_str()) {
                     Some(&n) => {
                         if let Some(s) = run.sched.as_mut() {
                             s.mark_running(n);
@@ -92,7 +92,7 @@ impl Engine {
                     }
                     None => continue,
                 },
-                AttemptKind::Check => match run.node_of.get(&a.target) {
+                AttemptKind::Check => match run.node_of.get(a.target.as_str()) {
                     Some(&n) if run.checks.contains_key(&n) => {
                         run.check_queue.retain(|q| *q != n);
                         JobRef::Check(n)
@@ -205,7 +205,7 @@ impl Engine {
             let root = row
                 .result
                 .as_ref()
-                .and_then(|r| run.node_of.get(&r.failed_root).copied());
+                .and_then(|r| run.node_of.get(r.failed_root.as_str()).copied());
             sched.restore(i as NodeId, state, root);
             if state == NodeState::Built {
                 run.done_builds += 1;

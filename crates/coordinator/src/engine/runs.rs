@@ -247,15 +247,15 @@ impl Engine {
     /// farm cache must keep.
     pub fn protected_store_hashes(&self) -> HashSet<String> {
         let g = self.lock();
-        let hash = |p: &str| {
-            let base = p.rsplit('/').next().unwrap_or(p);
-            base.split_once('-').map_or(base, |(h, _)| h).to_string()
-        };
         let mut out = HashSet::new();
         for run in g.runs.iter().filter(|r| !r.state.is_terminal()) {
-            out.extend(run.drv_of.iter().map(|d| hash(d)));
+            out.extend(run.drv_of.iter().map(|d| d.hash_part().to_string()));
             for outs in &run.outputs_of {
-                out.extend(outs.values().filter(|p| !p.is_empty()).map(|p| hash(p)));
+                out.extend(
+                    outs.values()
+                        .filter_map(OutputPath::known)
+                        .map(|p| p.hash_part().to_string()),
+                );
             }
         }
         out

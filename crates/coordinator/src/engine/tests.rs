@@ -183,7 +183,7 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
         system: "x86_64-linux".into(),
         outputs: [(
             "out".to_string(),
-            "/nix/store/11111111111111111111111111111111-crash".to_string(),
+            op("/nix/store/11111111111111111111111111111111-crash"),
         )]
         .into(),
         ..Default::default()
@@ -191,7 +191,7 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
     let attr = EvaluatedAttr {
         attr: "crash".into(),
         info: PackageInfo {
-            drv_path: drv.clone(),
+            drv_path: Some(sp(&drv)),
             system: "x86_64-linux".into(),
             ..Default::default()
         },
@@ -202,7 +202,7 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
             a.conn,
             FromAgent::EvalChunk {
                 attempt: chunk,
-                result: Ok((vec![attr], [(drv.clone(), node)].into())),
+                result: Ok((vec![attr], [(sp(&drv), node)].into())),
             },
         )
         .unwrap();
@@ -327,19 +327,19 @@ pub(super) fn one_package_run_with(
     let out = "/nix/store/11111111111111111111111111111111-pkg".to_string();
     let node = DrvNode {
         system: "x86_64-linux".into(),
-        outputs: [("out".to_string(), out.clone())].into(),
+        outputs: [("out".to_string(), op(&out))].into(),
         ..Default::default()
     };
     let attr = EvaluatedAttr {
         attr: "pkg".into(),
         info: PackageInfo {
-            drv_path: drv.clone(),
-            outputs: [("out".to_string(), out.clone())].into(),
+            drv_path: Some(sp(&drv)),
+            outputs: [("out".to_string(), op(&out))].into(),
             system: "x86_64-linux".into(),
             ..Default::default()
         },
     };
-    let result = Ok((vec![attr], [(drv.clone(), node)].into()));
+    let result = Ok((vec![attr], [(sp(&drv), node)].into()));
     engine
         .agent_message(
             "a",
@@ -376,7 +376,7 @@ pub(super) fn report_built(engine: &Engine, name: &str, conn: u64, attempt: Stri
 pub(super) fn built(out: &str) -> BuildReport {
     BuildReport {
         kind: BuildOutcome::Built,
-        outputs: [("out".to_string(), out.to_string())].into(),
+        outputs: [("out".to_string(), op(out))].into(),
         ..Default::default()
     }
 }

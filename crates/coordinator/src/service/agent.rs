@@ -177,11 +177,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             );
         }
         check_len("the cache URL", &r.cache, lim::MAX_CACHE_URL).map_err(WireError::from)?;
-        if let Some(p) = r
-            .paths
-            .iter()
-            .find(|p| !store_path_ok(p, false) || p.is_empty())
-        {
+        if let Some(p) = r.paths.iter().find(|p| StorePath::parse(p).is_err()) {
             return Err(WireError(format!("'{}' is not a store path", clip(p, 80))).into());
         }
         let granted =

@@ -262,13 +262,14 @@ pub(super) fn outputs_from_wire(o: Vec<pb::DrvOutput>) -> Result<Outputs, WireEr
     }
     o.into_iter()
         .map(|o| {
-            if o.name.is_empty() || o.name.len() > 64 || !store_path_ok(&o.path, false) {
-                return Err(WireError(format!(
+            let path = OutputPath::parse(&o.path);
+            match path {
+                Ok(path) if !o.name.is_empty() && o.name.len() <= 64 => Ok((o.name, path)),
+                _ => Err(WireError(format!(
                     "output '{}' is not a store path",
                     clip(&o.path, 80)
-                )));
+                ))),
             }
-            Ok((o.name, o.path))
         })
         .collect()
 }
@@ -288,22 +289,10 @@ pub(super) fn nar_hashes_from_wire(
         .collect()
 }
 
-/// The shape of a store path (`/…/<32 chars>-<name>`), bounded; empty is allowed where
-/// `drv` is false and the path is not known yet (floating outputs).
-pub(super) fn store_path_ok(p: &str, drv: bool) -> bool {
-    if p.is_empty() {
-        return !drv;
-    }
-    let Some((dir, base)) = p.rsplit_once('/') else {
-        return false;
-    };
-    p.len() <= lim::MAX_STORE_PATH
-        && dir.starts_with('/')
-        && base.len() > 33
-        && base.as_bytes()[32] == b'-'
-        && base[..32].bytes().all(|b| b.is_ascii_alphanumeric())
-        && !base.contains([' ', '\n', '\0'])
-        && (!drv || base.ends_with(".drv"))
+/// A derivation's path as an agent sent it, parsed.
+fn drv_path(p: &str) -> Result<StorePath, WireError> {
+    StorePath::parse_drv(p)
+        .map_err(|e| WireError(format!("'{}' is not a derivation's path: {e}", clip(p, 80))))
 }
 
 pub(super) fn err_or<T>(error: String, infra: bool, ok: T) -> Result<T, (String, bool)> {
@@ -352,16 +341,15 @@ pub(super) fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOu
         .into_iter()
         .map(|a| {
             check_len("an attribute name", &a.attr, lim::MAX_ATTR)?;
-            if !a.drv_path.is_empty() && !store_path_ok(&a.drv_path, true) {
-                return Err(WireError(
-                    "an attribute's derivation is not a store path".into(),
-                ));
-            }
+            let drv = match a.drv_path.as_str() {
+                "" => None,
+                p => Some(drv_path(p)?),
+            };
             Ok(EvaluatedAttr {
                 attr: a.attr,
                 info: PackageInfo {
                     eval_error: truncate(a.error, lim::MAX_MESSAGE),
-                    drv_path: a.drv_path,
+                    drv_path: drv,
                     outputs: outputs_from_wire(a.outputs)?,
                     pname: short(a.pname),
                     version: short(a.version),
@@ -377,20 +365,18 @@ pub(super) fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOu
         .collect::<Result<Vec<_>, WireError>>()?;
     let mut drvs = BTreeMap::new();
     for d in r.drvs {
-        if !store_path_ok(&d.drv_path, true) || d.input_drvs.iter().any(|i| !store_path_ok(i, true))
-        {
-            return Err(WireError(format!(
-                "'{}' is not a derivation path",
-                clip(&d.drv_path, 80)
-            )));
-        }
+        let inputs = d
+            .input_drvs
+            .iter()
+            .map(|i| drv_path(i))
+            .collect::<Result<Vec<_>, _>>()?;
         drvs.insert(
-            d.drv_path,
+            drv_path(&d.drv_path)?,
             DrvNode {
                 system: short(d.system),
                 features: d.features.into_iter().take(64).map(short).collect(),
                 outputs: outputs_from_wire(d.outputs)?,
-                input_drvs: d.input_drvs,
+                input_drvs: inputs,
                 fixed_output: d.fixed_output,
                 output_hash: short(d.output_hash),
                 hints: d.hints.into_iter().take(64).map(short).collect(),

@@ -198,7 +198,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         hold,
                         expect,
                     } => J::Build(pb::BuildJob {
-                        drv_path,
+                        drv_path: drv_path.into(),
                         cache,
                         trusted_public_keys,
                         timeout_secs,
@@ -217,7 +217,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                             .into_iter()
                             .map(|(name, path, h)| pb::DrvOutput {
                                 name,
-                                path,
+                                path: path.into(),
                                 nar_hash: h.to_string(),
                             })
                             .collect(),

@@ -296,7 +296,10 @@ pub(super) fn outcome_text(msg: &FromAgent) -> String {
             )
         }
         FromAgent::Build { report, .. } => {
-            let own = report.outputs.values().all(|p| !p.ends_with("-evil"));
+            let own = report
+                .outputs
+                .values()
+                .all(|p| !p.as_str().ends_with("-evil"));
             format!(
                 "{}{}",
                 report.kind,

@@ -188,7 +188,8 @@ impl World {
                     Outcome::ForeignOutputs => {
                         report.outputs = [(
                             "out".to_string(),
-                            format!("/nix/store/{}-evil", hash32(3, i)),
+                            OutputPath::parse(&format!("/nix/store/{}-evil", hash32(3, i)))
+                                .unwrap(),
                         )]
                         .into();
                     }
@@ -224,7 +225,7 @@ impl World {
             evaluated.push(EvaluatedAttr {
                 attr: attr.clone(),
                 info: PackageInfo {
-                    drv_path: drv_path(top),
+                    drv_path: Some(drv_path(top)),
                     outputs: [("out".to_string(), out_path(top))].into(),
                     pname: attr.clone(),
                     system: SYSTEM.into(),
