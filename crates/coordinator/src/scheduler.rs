@@ -8,6 +8,10 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
+/// The largest cost a node is given: 30 days in ms. A chain of even 10 million such nodes
+/// stays far below `u64::MAX`, so priorities never overflow.
+pub const MAX_COST: u64 = 30 * 24 * 3600 * 1000;
+
 /// How much shorter than the longest remaining chain a build's chain must be for it to
 /// run niced ([`Scheduler::may_yield_cpu`]).
 const YIELD_FACTOR: u64 = 10;
@@ -74,7 +78,8 @@ impl Scheduler {
         Self::default()
     }
 
-    /// Adds a node; `cost` is its expected build time in any unit (1 when unknown).
+    /// Adds a node; `cost` is its expected build time in any unit (1 when unknown), at most
+    /// [`MAX_COST`]: chains of costs add up, and a cost comes from what an agent reported.
     pub fn add_node(&mut self, class: Class, cost: u64) -> NodeId {
         let next = self.classes.len() as u32;
         let cid = *self.class_ids.entry(class.clone()).or_insert_with(|| {
@@ -85,7 +90,7 @@ impl Scheduler {
         let id = self.nodes.len() as NodeId;
         self.nodes.push(Node {
             class: cid,
-            cost: cost.max(1),
+            cost: cost.clamp(1, MAX_COST),
             priority: 0,
             deps_left: 0,
             inputs: Vec::new(),

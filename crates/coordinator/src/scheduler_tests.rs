@@ -37,6 +37,22 @@ fn dependencies_gate_readiness_and_shared_inputs_run_once() {
 }
 
 #[test]
+fn costs_an_agent_could_inflate_do_not_overflow_the_chains() {
+    // A chain of builds each reported to have taken u64::MAX ms, and a cheap side branch.
+    let mut s = Scheduler::new();
+    let chain: Vec<NodeId> = (0..3).map(|_| s.add_node(x86(), u64::MAX)).collect();
+    s.add_edge(chain[1], chain[0]);
+    s.add_edge(chain[2], chain[1]);
+    let cheap = s.add_node(x86(), 1);
+    s.start();
+    assert_eq!(s.cost(chain[0]), MAX_COST);
+    // Still ranked: the long chain first.
+    assert_eq!(s.pop_for(&caps()), Some(chain[0]));
+    assert_eq!(s.pop_for(&caps()), Some(cheap));
+    assert_eq!(s.total_cost(), 3 * MAX_COST + 1);
+}
+
+#[test]
 fn critical_path_goes_first() {
     let mut s = Scheduler::new();
     let short = s.add_node(x86(), 1);

@@ -312,7 +312,9 @@ impl Engine {
                     follows,
                     evaluated,
                 }) => {
-                    if let Some(a) = self.take_attempt(inner, name, &attempt, failed(&result))? {
+                    if let Some(a) =
+                        self.take_attempt(inner, name, &attempt, Answer::List, failed(&result))?
+                    {
                         if follows
                             && result.is_ok()
                             && let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id)
@@ -358,7 +360,9 @@ impl Engine {
                     }
                 }
                 Some(FromAgent::EvalChunk { attempt, result }) => {
-                    if let Some(a) = self.take_attempt(inner, name, &attempt, failed(&result))? {
+                    if let Some(a) =
+                        self.take_attempt(inner, name, &attempt, Answer::Chunk, failed(&result))?
+                    {
                         self.on_eval_chunk(inner, a, result)?;
                     }
                 }
@@ -367,9 +371,16 @@ impl Engine {
                     mut report,
                 }) => {
                     report.agent = name.to_string();
-                    if let Some(a) =
-                        self.take_attempt(inner, name, &attempt, Some(report.kind.as_str()))?
-                    {
+                    let answer = Answer::Build {
+                        infra_failed: report.kind == BuildOutcome::InfraFailed,
+                    };
+                    if let Some(a) = self.take_attempt(
+                        inner,
+                        name,
+                        &attempt,
+                        answer,
+                        Some(report.kind.as_str()),
+                    )? {
                         self.check_outputs(inner, &a, &mut report);
                         self.on_build(inner, a, report, true)?;
                     }
@@ -383,12 +394,16 @@ impl Engine {
 
     /// Completes an attempt exactly once, and only for the agent that holds it: a duplicate
     /// or late result returns None, and so does a result for another agent's attempt (a
-    /// protocol violation, counted against the sender).
+    /// protocol violation, counted against the sender). An answer of another kind than the
+    /// attempt's job (a listing for a build, say) is no answer to it: the job is put back in
+    /// the queue, and the sender counted a violation (unless it said, as a failed build, that
+    /// it could not run the job at all: an agent older than the job's kind).
     pub(super) fn take_attempt(
         &self,
         inner: &mut Inner,
         agent: &str,
         attempt: &str,
+        answer: Answer,
         outcome: Option<&str>,
     ) -> Result<Option<AttemptMem>, EngineError> {
         match inner.attempts.get(attempt) {
@@ -406,6 +421,21 @@ impl Engine {
                         nixfarm_core::limits::clip(attempt, 64)
                     ),
                 );
+                return Ok(None);
+            }
+            Some(a) if !answer.fits(&a.job) => {
+                let job = a.job.clone();
+                if answer != (Answer::Build { infra_failed: true }) {
+                    self.violation(
+                        inner,
+                        agent,
+                        &format!(
+                            "{answer:?} answer to attempt {}, a {job:?} job",
+                            nixfarm_core::limits::clip(attempt, 64)
+                        ),
+                    );
+                }
+                self.lose_attempt_now(inner, attempt, "answered as another kind of job")?;
                 return Ok(None);
             }
             Some(_) => {}
@@ -485,4 +515,23 @@ impl Engine {
 /// What an evaluation's attempt is stored as having ended with: None when it succeeded.
 fn failed<T>(result: &Result<T, (String, bool)>) -> Option<&str> {
     result.as_ref().err().map(|e| e.0.as_str())
+}
+
+/// What kind of answer an agent's result message is, to be matched with the attempt's job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    List,
+    Chunk,
+    Build { infra_failed: bool },
+}
+
+impl Answer {
+    fn fits(self, job: &JobRef) -> bool {
+        matches!(
+            (self, job),
+            (Answer::List, JobRef::Eval(EvalTask::List))
+                | (Answer::Chunk, JobRef::Eval(EvalTask::Chunk(_)))
+                | (Answer::Build { .. }, JobRef::Build(_) | JobRef::Check(_))
+        )
+    }
 }

@@ -366,3 +366,73 @@ fn a_package_that_declares_a_long_timeout_starts_first_on_a_coordinator_that_nev
         "{job:?}"
     );
 }
+
+#[test]
+fn an_evaluation_tasks_answer_counts_only_for_the_tasks_own_attributes() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        eval_chunk_size: 1,
+        ..Default::default()
+    });
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let (list, _) = assigned(&mut a.rx);
+    send_listing(&engine, a.conn, list, vec!["p0".into(), "p1".into()], None);
+    // The next evaluation task handed out (what is evaluated builds meanwhile).
+    let chunk = |a: &mut TestAgent| loop {
+        if let (attempt, Job::EvalChunk { attrs, .. }) = assigned(&mut a.rx) {
+            return (attempt, attrs);
+        }
+    };
+    let answer = |a: &TestAgent, attempt: String, names: &[String]| {
+        let mut attrs = Vec::new();
+        let mut drvs = BTreeMap::new();
+        for n in names {
+            let (attr, drv, node) = p0_evaluated(n);
+            attrs.push(attr);
+            drvs.insert(sp(&drv), node);
+        }
+        engine
+            .agent_message(
+                "a",
+                a.conn,
+                FromAgent::EvalChunk {
+                    attempt,
+                    result: Ok((attrs, drvs)),
+                },
+            )
+            .unwrap();
+    };
+    // Task p0 is answered with its own attribute and another's, then with the other's
+    // alone: both refused, the task asked again each time. Task p1 is answered as asked.
+    let own = vec!["p0".to_string()];
+    let other = "p1".to_string();
+    let wrong = [vec![own[0].clone(), other.clone()], vec![other.clone()]];
+    let mut tries = 0;
+    loop {
+        let (attempt, asked) = chunk(&mut a);
+        if asked != own {
+            answer(&a, attempt, &asked);
+            continue;
+        }
+        if tries < wrong.len() {
+            answer(&a, attempt, &wrong[tries]);
+            tries += 1;
+            assert_eq!(super::tests::violations(&engine, "a"), tries as u64);
+            let report = engine.report(&run).unwrap();
+            let p0 = report.packages.iter().find(|p| p.attr == "p0");
+            assert!(p0.is_none_or(|p| p.drv_path.is_empty()), "{p0:?}");
+            continue;
+        }
+        answer(&a, attempt, &own);
+        break;
+    }
+    assert_eq!(super::tests::violations(&engine, "a"), 2);
+    let report = engine.report(&run).unwrap();
+    let taken: Vec<_> = report
+        .packages
+        .iter()
+        .filter(|p| !p.drv_path.is_empty())
+        .map(|p| p.attr.clone())
+        .collect();
+    assert_eq!(taken, ["p0", "p1"]);
+}

@@ -211,6 +211,26 @@ impl Engine {
                 return self.retry_eval(inner, &run_id, EvalTask::Chunk(task), task, &msg);
             }
         };
+        // The task's attributes, each once, and no other: an answer that rewrote another
+        // task's packages, or left its own out, would change the report unseen.
+        let asked = inner
+            .runs
+            .iter()
+            .find(|r| r.id == run_id)
+            .and_then(|r| r.chunk_attrs.get(&task));
+        let exact = asked.is_some_and(|asked| {
+            let asked: HashSet<&String> = asked.iter().collect();
+            let mut seen = HashSet::new();
+            attrs.len() == asked.len()
+                && attrs
+                    .iter()
+                    .all(|a| asked.contains(&a.attr) && seen.insert(&a.attr))
+        });
+        if !exact {
+            let msg = "the answer to an evaluation task named other attributes than the task's";
+            self.violation(inner, &a.agent, msg);
+            return self.retry_eval(inner, &run_id, EvalTask::Chunk(task), task, msg);
+        }
         let mut answer = Some((attrs, drvs));
         use super::opinions::Verdict;
         match self.second_opinion(

@@ -381,7 +381,7 @@ pub(super) fn built(out: &str) -> BuildReport {
     }
 }
 
-fn violations(engine: &Engine, name: &str) -> u64 {
+pub(super) fn violations(engine: &Engine, name: &str) -> u64 {
     engine
         .list_agents()
         .into_iter()
@@ -427,6 +427,62 @@ fn a_result_counts_only_from_the_agent_that_holds_the_attempt() {
     assert_eq!(report.packages[0].status, PackageStatus::Ready);
     assert_eq!(report.packages[0].agent, "a");
     assert_eq!(violations(&engine, "a"), 0);
+}
+
+#[test]
+fn an_answer_of_another_kind_than_the_attempts_job_settles_nothing() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let (run, drv, out) = one_package_run(&engine, &mut a);
+    let (attempt, _) = assigned(&mut a.rx);
+    // An evaluation's answer to a build's attempt: a violation, and the build goes back to
+    // the queue rather than running for ever with nobody on it.
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalChunk {
+                attempt: attempt.clone(),
+                result: Ok((vec![], BTreeMap::new())),
+            },
+        )
+        .unwrap();
+    assert_eq!(violations(&engine, "a"), 1);
+    let (again, job) = assigned(&mut a.rx);
+    assert_ne!(again, attempt);
+    assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+    // A listing's answer to it changes nothing either.
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalList {
+                attempt: again.clone(),
+                result: Ok((vec!["other".into()], vec![])),
+                follows: false,
+                evaluated: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(violations(&engine, "a"), 2);
+    let (third, _) = assigned(&mut a.rx);
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.packages.len(), 1, "the listing was not taken");
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::Build {
+                attempt: third,
+                report: built(&out),
+            },
+        )
+        .unwrap();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    assert_eq!(
+        engine.report(&run).unwrap().packages[0].status,
+        PackageStatus::Ready
+    );
 }
 
 #[test]

@@ -97,7 +97,8 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                         specified: short(b.specified_hash),
                         got: short(b.got_hash),
                         outputs,
-                        duration_ms: b.duration_ms,
+                        // Bounded: it becomes a scheduling cost and is summed.
+                        duration_ms: b.duration_ms.min(crate::scheduler::MAX_COST),
                         log_tail: truncate(b.log_tail, lim::MAX_MESSAGE),
                         substituted: b.substituted,
                         already_valid: b.already_valid,
