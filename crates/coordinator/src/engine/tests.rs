@@ -307,6 +307,17 @@ pub(super) fn one_package_run_with(
     a: &mut TestAgent,
     follows: bool,
 ) -> (String, String, String, String) {
+    one_node_run(engine, a, follows, DrvNode::default())
+}
+
+/// [`one_package_run_with`], the package's derivation being `node` (its system and output
+/// filled in).
+pub(super) fn one_node_run(
+    engine: &Engine,
+    a: &mut TestAgent,
+    follows: bool,
+    node: DrvNode,
+) -> (String, String, String, String) {
     let run = engine.submit(flake_run()).unwrap();
     let (list, _) = assigned(&mut a.rx);
     let result = Ok((vec!["pkg".into()], vec![]));
@@ -328,7 +339,7 @@ pub(super) fn one_package_run_with(
     let node = DrvNode {
         system: "x86_64-linux".into(),
         outputs: [("out".to_string(), op(&out))].into(),
-        ..Default::default()
+        ..node
     };
     let attr = EvaluatedAttr {
         attr: "pkg".into(),
@@ -483,6 +494,55 @@ fn an_answer_of_another_kind_than_the_attempts_job_settles_nothing() {
         engine.report(&run).unwrap().packages[0].status,
         PackageStatus::Ready
     );
+}
+
+#[test]
+fn a_hash_mismatch_counts_only_where_the_derivation_declares_the_specified_hash() {
+    const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const GOT: &str = "sha256-PVeE0nwHh0ZHzgquwGISnMlgMM5757mfRZ2F6p65gDc=";
+    let fod = |hash: &str| DrvNode {
+        fixed_output: true,
+        output_hash: hash.into(),
+        ..Default::default()
+    };
+    // (the derivation, what the build reports as specified, whether it counts)
+    let cases = [
+        (DrvNode::default(), FAKE, false),
+        (
+            fod("sha256:0000000000000000000000000000000000000000000000000000"),
+            GOT,
+            false,
+        ),
+        (
+            fod("sha256:0000000000000000000000000000000000000000000000000000"),
+            FAKE,
+            true,
+        ),
+        (fod(FAKE), "not a hash", false),
+    ];
+    for (i, (node, specified, counts)) in cases.into_iter().enumerate() {
+        let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+        let mut a = connect_agent(&engine, "a");
+        let (run, _, _, _) = one_node_run(&engine, &mut a, false, node);
+        let (attempt, _) = assigned(&mut a.rx);
+        let report = BuildReport {
+            kind: BuildOutcome::HashMismatch,
+            message: "hash mismatch".into(),
+            specified: specified.into(),
+            got: GOT.into(),
+            ..Default::default()
+        };
+        engine
+            .agent_message("a", a.conn, FromAgent::Build { attempt, report })
+            .unwrap();
+        let p = &engine.report(&run).unwrap().packages[0];
+        let want = if counts {
+            PackageStatus::NeedsHash
+        } else {
+            PackageStatus::BuildFailed
+        };
+        assert_eq!(p.status, want, "case {i}: {p:?}");
+    }
 }
 
 #[test]
