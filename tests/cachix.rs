@@ -51,9 +51,13 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
     let name = "nixfarm-e2e";
     let (server, pk, signing_key) = self_signed_cachix(dir.path(), name, 7, 11, None);
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).expect("coordinator");
+    // The test server is an API root the agents' operator allows (their token goes nowhere
+    // else).
+    let api_root = server.api_url();
     let env = [
         ("CACHIX_AUTH_TOKEN", TOKEN),
         ("CACHIX_SIGNING_KEY", signing_key.as_str()),
+        ("NIXFARM_CACHIX_API_URL", api_root.as_str()),
     ];
     let mut agents = Vec::new();
     let mut hosts = Vec::new();
@@ -373,9 +377,13 @@ fn check_each_others_builds_through_cachix(config: &str, how: &str) {
         &format!("[scheduler]\ncross_check_builds = true\n{config}"),
     )
     .unwrap();
+    // The test server is an API root the agents' operator allows (their token goes nowhere
+    // else).
+    let api_root = server.api_url();
     let env = [
         ("CACHIX_AUTH_TOKEN", TOKEN),
         ("CACHIX_SIGNING_KEY", signing_key.as_str()),
+        ("NIXFARM_CACHIX_API_URL", api_root.as_str()),
     ];
     let (h0, h1) = (
         Host::new(&dir.path().join("host0")),

@@ -52,6 +52,11 @@ pub struct AgentConfig {
     /// only below its `gcroots` directory. Default
     /// `/nix/var/nix/gcroots/per-user/$USER/nixfarm-NAME`.
     pub gc_roots_dir: Option<PathBuf>,
+    /// Cachix API roots besides Cachix's own (`https://app.cachix.org/api/v1/`) that this
+    /// agent sends its `CACHIX_AUTH_TOKEN` to. A run's `cachix://NAME?api=URL` names the API
+    /// it pushes through; with any other, this agent refuses the push rather than hand its
+    /// token to whoever submitted the run. Default: none.
+    pub cachix_api_urls: Vec<String>,
 }
 
 fn hostname() -> String {
@@ -91,6 +96,7 @@ impl Default for AgentConfig {
             tls_key_file: None,
             allow_local_flake_refs: false,
             gc_roots_dir: None,
+            cachix_api_urls: Vec::new(),
         }
     }
 }

@@ -56,6 +56,10 @@ struct Args {
     /// Only for a single-user farm whose coordinator allows them too.
     #[arg(long)]
     allow_local_flake_refs: bool,
+    /// A Cachix API root besides Cachix's own (https://app.cachix.org/api/v1/) that this
+    /// agent sends its CACHIX_AUTH_TOKEN to; a run naming any other API gets no push from it.
+    #[arg(long, env = "NIXFARM_CACHIX_API_URL")]
+    cachix_api_url: Option<String>,
     /// Log format on stderr: text (coloured only on a terminal, never with NO_COLOR) or
     /// json, one object per line for log shippers.
     #[arg(long, value_enum, default_value_t = nixfarm_logs::LogFormat::Text)]
@@ -104,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     if args.allow_local_flake_refs {
         cfg.allow_local_flake_refs = true;
     }
+    cfg.cachix_api_urls.extend(args.cachix_api_url);
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {

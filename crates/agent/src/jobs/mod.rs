@@ -207,6 +207,23 @@ fn transport_cache(shared: &Shared, run_cache: &str) -> String {
     farm_cache(shared).map(|f| f.url).unwrap_or_default()
 }
 
+/// Whether this agent's Cachix token may go to the API a run's cache URL names: Cachix's own,
+/// or one its operator allowed. The URL comes from whoever submitted the run.
+fn token_may_go_to(allowed: &[String], url: &str) -> Result<(), NixError> {
+    use nixfarm_core::cache_url::{CACHIX_API, CacheTarget};
+    let Ok(CacheTarget::Cachix { api, .. }) = CacheTarget::parse(url) else {
+        return Ok(());
+    };
+    let root = |u: &str| u.trim_end_matches('/').to_string();
+    if root(&api) == root(CACHIX_API) || allowed.iter().any(|a| root(a) == root(&api)) {
+        return Ok(());
+    }
+    Err(NixError::Infra(format!(
+        "the run's Cachix API {} is not one this agent sends its CACHIX_AUTH_TOKEN to (Cachix's own, or one set with --cachix-api-url or cachix_api_urls): nothing is pushed",
+        nixfarm_core::limits::clip(&api, 200)
+    )))
+}
+
 /// The pusher for a run's cache URL.
 async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pusher>, NixError> {
     let mut map = shared.pushers.lock().await;
@@ -230,15 +247,50 @@ async fn pusher(shared: &Arc<Shared>, url: &str) -> Result<Arc<nixfarm_store::Pu
             p.opts.server_signs = true;
             p
         }
-        None => nixfarm_store::Pusher::for_url(
-            url,
-            shared.nix.clone(),
-            shared.creds.key.clone(),
-            shared.creds.cachix_token.clone(),
-        )
-        .map_err(|e| NixError::Infra(e.to_string()))?,
+        None => {
+            if shared.creds.cachix_token.is_some() {
+                token_may_go_to(&shared.cfg.cachix_api_urls, url)?;
+            }
+            nixfarm_store::Pusher::for_url(
+                url,
+                shared.nix.clone(),
+                shared.creds.key.clone(),
+                shared.creds.cachix_token.clone(),
+            )
+            .map_err(|e| NixError::Infra(e.to_string()))?
+        }
     };
     let p = Arc::new(p);
     map.insert(url.to_string(), p.clone());
     Ok(p)
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::token_may_go_to;
+
+    #[test]
+    fn the_cachix_token_goes_only_to_cachix_or_an_api_the_operator_allowed() {
+        let allowed = vec!["http://127.0.0.1:9000/api/v1".to_string()];
+        for ok in [
+            "cachix://c",
+            "cachix://c?api=https://app.cachix.org/api/v1",
+            "cachix://c?api=http://127.0.0.1:9000/api/v1/",
+            "https://cache.example/x",
+        ] {
+            assert!(token_may_go_to(&allowed, ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "cachix://c?api=http://evil.example/",
+            "cachix://c?api=https://app.cachix.org.evil.example/api/v1/",
+            "cachix://c?api=http://127.0.0.1:9001/api/v1/",
+        ] {
+            let e = token_may_go_to(&allowed, bad).unwrap_err().to_string();
+            assert!(
+                e.contains("not one this agent sends its CACHIX_AUTH_TOKEN to"),
+                "{e}"
+            );
+        }
+        assert!(token_may_go_to(&[], "cachix://c?api=http://127.0.0.1:9000/api/v1").is_err());
+    }
 }

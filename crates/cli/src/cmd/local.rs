@@ -70,6 +70,8 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
                 work_dir: state_dir.join("agents").join(format!("local-{i}")),
                 signing_key_file: args.signing_key_file.clone(),
                 allow_local_flake_refs: true,
+                // This user's own agents: the Cachix API they named gets their token.
+                cachix_api_urls: args.run.cachix_api_url.iter().cloned().collect(),
                 ..Default::default()
             };
             let agent = nixfarm_agent::Agent::new(cfg)?;
