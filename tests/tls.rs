@@ -505,6 +505,20 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
     // lease after; then not, until the agent is back (a retired agent's token lapses).
     let status = |token: &str| farm_cache_status(&ca, new.farm_cache_port, token);
     assert_eq!(status(&new.farm_cache_token), "200");
+    // Connections that never start their TLS handshake hold up nobody else's (each one
+    // used to stop the farm cache accepting for 10 s).
+    let silent: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", new.farm_cache_port as u16)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = std::time::Instant::now();
+    assert_eq!(status(&new.farm_cache_token), "200");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    drop(silent);
     assert_eq!(status(&"0".repeat(64)), "401");
     drop(new_stream);
     assert_eq!(

@@ -205,67 +205,6 @@ impl FarmCache {
 
 type St = State<Arc<FarmCache>>;
 
-/// Accepts TLS connections for the farm cache (the coordinator's own certificate), so it is
-/// served like the gRPC services. A handshake that stalls is dropped after 10 s.
-pub struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl TlsListener {
-    /// `cert` and `key` are PEM files (the `[tls]` section's).
-    pub fn new(
-        tcp: tokio::net::TcpListener,
-        cert: &std::path::Path,
-        key: &std::path::Path,
-    ) -> Result<TlsListener, String> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = CertificateDer::pem_file_iter(cert)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("the TLS certificate or key is not usable: {e}"))?;
-        Ok(TlsListener {
-            tcp,
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-        })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
-            // Small writes go at once (see `server::nodelay`).
-            let _ = tcp.set_nodelay(true);
-            let handshake = self.acceptor.accept(tcp);
-            match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                _ => continue,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
-
 /// Bytes of the NARs in `dir/nar`.
 fn nar_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir.join("nar"))

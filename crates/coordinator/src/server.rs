@@ -124,7 +124,7 @@ async fn start_farm_cache(
     // Behind TLS whenever the gRPC services are (the same certificate).
     match (&config.tls.cert_file, &config.tls.key_file) {
         (Some(cert), Some(key)) => {
-            let tls = crate::farm_cache::TlsListener::new(listener, cert, key)
+            let tls = crate::tls_listener::TlsListener::new(listener, cert, key)
                 .map_err(|e| anyhow::anyhow!("farm cache: {e}"))?;
             tokio::spawn(async move {
                 crate::http_serve::serve(tls, app).await;
