@@ -269,3 +269,38 @@ fn an_agent_joining_mid_run_with_an_empty_store_builds_on_outputs_built_elsewher
         "leaf 0\nleaf 1\nleaf 2\n"
     );
 }
+
+/// What the farm cache published stays what it was: a narinfo for a path it already serves
+/// with another NAR is refused (dependents and checks already took the first), the same
+/// one again is taken; and a NAR is stored only under the hash of its own bytes, so nobody
+/// can take an honest upload's name first with other bytes.
+#[test]
+fn a_published_path_is_never_replaced_and_a_nar_is_taken_only_under_its_hash() {
+    use sha2::Digest as _;
+    let dir = scratch();
+    let coordinator = with_agent_token(dir.path(), "farm-secret-3");
+    let addr = farm_cache_addr(&coordinator);
+    let auth = "Bearer farm-secret-3";
+    let path = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-out";
+    let info = "/0123456789abcdfghijklmnpqrsvwxyz.narinfo";
+    let first = single_file_nar(b"first");
+    let (status, body) = upload_nar(&addr, Some(auth), path, &first);
+    assert!(status.contains(" 200 "), "{status} {body}");
+    let (status, body) = upload_nar(&addr, Some(auth), path, &first);
+    assert!(status.contains(" 200 "), "the same again: {status} {body}");
+    let (status, body) = upload_nar(&addr, Some(auth), path, &single_file_nar(b"second"));
+    assert!(status.contains(" 409 "), "{status} {body}");
+    let served = http(&addr, "GET", info, Some(auth), None);
+    let first_hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&first));
+    assert!(
+        served.contains(&format!("NarHash: sha256:{first_hash}")),
+        "{served}"
+    );
+    // Other bytes under a NAR's name: refused, and the name stays free for the real ones.
+    let third = single_file_nar(b"third");
+    let name = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&third));
+    let (status, body) = http_put(&addr, &format!("/nar/{name}.nar"), Some(auth), b"garbage");
+    assert!(status.contains(" 400 "), "{status} {body}");
+    let (status, body) = http_put(&addr, &format!("/nar/{name}.nar"), Some(auth), &third);
+    assert!(status.contains(" 200 "), "{status} {body}");
+}

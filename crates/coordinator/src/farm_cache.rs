@@ -338,9 +338,11 @@ async fn put_nar(
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let mut stream = body.into_data_stream();
         let mut size = 0u64;
+        let mut hash = Sha256::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
             size += chunk.len() as u64;
+            hash.update(&chunk);
             if size > c.max_nar_bytes {
                 return Err((
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -350,6 +352,16 @@ async fn put_nar(
             out.write_all(&chunk)
                 .await
                 .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        }
+        // A NAR is named by the hash of its bytes: taken under no other name, so what a
+        // narinfo later points at is what was meant (and nobody can take an honest
+        // upload's name first with other bytes).
+        let named = nixfarm_nix::hash::nix32_encode(&hash.finalize());
+        if file.split('.').next() != Some(named.as_str()) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "the NAR's name is not the hash of its content".to_string(),
+            ));
         }
         out.sync_all()
             .await
@@ -448,9 +460,28 @@ async fn put_narinfo(
             }
         }
     }
+    let dest = c.dir.join(&file);
+    // A published path is never replaced (a later build of it by another agent, or
+    // anyone's, would change what dependents and checks already took): the same again is a
+    // no-op, anything else a conflict. Withdrawal and eviction free the name.
+    if let Ok(old) = tokio::fs::read_to_string(&dest).await
+        && let Ok(old) = NarInfo::parse(&old)
+    {
+        let same = old.store_path == ni.store_path
+            && old.nar_hash == ni.nar_hash
+            && old.nar_size == ni.nar_size
+            && old.references == ni.references;
+        return if same {
+            StatusCode::OK.into_response()
+        } else {
+            c.refuse(
+                StatusCode::CONFLICT,
+                "another NAR is already published for this path; published paths are never replaced",
+            )
+        };
+    }
     ni.sigs.clear();
     ni.sign(&c.key);
-    let dest = c.dir.join(&file);
     let tmp = c.dir.join(format!(".{file}.{:016x}", fastrand::u64(..)));
     let written = async {
         tokio::fs::write(&tmp, ni.render()).await?;

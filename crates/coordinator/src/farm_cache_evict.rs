@@ -3,6 +3,7 @@
 
 use super::{FarmCache, RECENT, is_nar_name, is_narinfo_name};
 use nixfarm_store::narinfo::{NarInfo, store_hash};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -29,6 +30,41 @@ impl FarmCache {
             .unwrap_or_default();
         infos.sort();
         let target = self.max_bytes / 10 * 9;
+        // Which NARs the narinfos point at, and how many point at each: two paths can share
+        // one NAR (the same content), and a NAR goes only with the last of them.
+        let nar_of = |path: &PathBuf| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| NarInfo::parse(&t).ok())
+                .and_then(|ni| ni.url.strip_prefix("nar/").map(String::from))
+                .filter(|n| is_nar_name(n))
+        };
+        let mut users: HashMap<String, usize> = HashMap::new();
+        for (_, path) in &infos {
+            if let Some(nar) = nar_of(path) {
+                *users.entry(nar).or_default() += 1;
+            }
+        }
+        // NARs no narinfo points at (an upload whose narinfo never came, a withdrawn path)
+        // are served as nothing: they go first, once they are not recent.
+        if let Ok(dir) = std::fs::read_dir(self.dir.join("nar")) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Ok(m) = e.metadata() else { continue };
+                let recent = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_none_or(|d| d < RECENT);
+                if is_nar_name(&name)
+                    && !users.contains_key(&name)
+                    && !recent
+                    && std::fs::remove_file(e.path()).is_ok()
+                {
+                    self.total.fetch_sub(m.len(), Ordering::Relaxed);
+                }
+            }
+        }
         let mut removed = Vec::new();
         for (used, path) in infos {
             if self.total.load(Ordering::Relaxed) <= target {
@@ -41,15 +77,19 @@ impl FarmCache {
             if protected.contains(hash) || now.duration_since(used).is_ok_and(|d| d < RECENT) {
                 continue;
             }
-            let nar = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|t| NarInfo::parse(&t).ok())
-                .and_then(|ni| ni.url.strip_prefix("nar/").map(String::from));
+            let nar = nar_of(&path);
             // The narinfo first: a NAR without one is never served as a path.
             if std::fs::remove_file(&path).is_err() {
                 continue;
             }
-            if let Some(nar) = nar.filter(|n| is_nar_name(n)) {
+            let last = nar.as_ref().is_some_and(|n| {
+                let left = users.get_mut(n).map_or(0, |u| {
+                    *u = u.saturating_sub(1);
+                    *u
+                });
+                left == 0
+            });
+            if let Some(nar) = nar.filter(|_| last) {
                 let p = self.dir.join("nar").join(nar);
                 if let Ok(m) = std::fs::metadata(&p)
                     && std::fs::remove_file(&p).is_ok()

@@ -55,6 +55,49 @@ fn eviction_takes_the_least_recently_used_and_spares_active_runs_and_recent_path
 }
 
 #[test]
+fn eviction_keeps_a_nar_another_path_still_uses_and_takes_nars_no_path_uses() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("farm-cache");
+    let hour = std::time::Duration::from_secs(3600);
+    let h = |c: char| c.to_string().repeat(32);
+    let none: Protected = Arc::new(Default::default);
+    let cache = FarmCache::open(dir.clone(), Default::default(), 1 << 20, 1000, none).unwrap();
+    put(&dir, &h('a'), 400, 3 * hour); // oldest: goes, but its NAR is e's too
+    put(&dir, &h('c'), 400, 2 * hour); // goes, to get under 900
+    put(&dir, &h('d'), 400, std::time::Duration::ZERO);
+    // e: the same content as a (one NAR), just written.
+    let a_info = std::fs::read_to_string(dir.join(format!("{}.narinfo", h('a')))).unwrap();
+    std::fs::write(
+        dir.join(format!("{}.narinfo", h('e'))),
+        a_info.replace(&format!("{}-p", h('a')), &format!("{}-p", h('e'))),
+    )
+    .unwrap();
+    cache.total.store(nar_bytes(&dir), Ordering::Relaxed);
+    assert_eq!(cache.evict(), vec![h('a'), h('c')]);
+    assert!(!dir.join(format!("{}.narinfo", h('a'))).exists());
+    let shared = dir.join("nar").join(format!("{}x.nar.zst", h('a')));
+    assert!(shared.exists(), "e still serves it");
+    assert_eq!(cache.total.load(Ordering::Relaxed), 800);
+    // A NAR no narinfo points at (an upload whose narinfo never came): taken first once it
+    // is not recent; one just uploaded stays (its narinfo may be on the way).
+    let orphan = dir.join("nar").join(format!("{}x.nar.zst", h('f')));
+    std::fs::write(&orphan, vec![0u8; 700]).unwrap();
+    let fresh = dir.join("nar").join(format!("{}x.nar.zst", h('g')));
+    std::fs::write(&fresh, vec![0u8; 10]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - hour)
+        .unwrap();
+    cache.total.store(nar_bytes(&dir), Ordering::Relaxed);
+    assert!(cache.evict().is_empty(), "no path had to go");
+    assert!(!orphan.exists());
+    assert!(fresh.exists() && shared.exists());
+    assert_eq!(cache.total.load(Ordering::Relaxed), 810);
+}
+
+#[test]
 fn only_cache_file_names_are_served_or_stored() {
     assert!(is_narinfo_name("0123456789abcdfghijklmnpqrsvwxyz.narinfo"));
     assert!(!is_narinfo_name("../etc/passwd.narinfo"));
