@@ -195,6 +195,21 @@ fn the_farm_cache_refuses_requests_without_the_agent_token() {
         http_post_json(&addr, "/_nixfarm/missing", bearer, &many)
             .0
             .contains(" 413 ")
+    ); // Guessing is held back as on the coordinator's other services: after ten wrong
+    // tokens from an address, even the right one waits (429).
+    for _ in 0..10 {
+        http_get(&addr, "/nix-cache-info", Some("Bearer guess"));
+    }
+    let held = http(
+        &addr,
+        "GET",
+        "/nix-cache-info",
+        Some("Bearer farm-secret-1"),
+        None,
+    );
+    assert!(
+        held.contains(" 429 ") && held.contains("too many wrong tokens"),
+        "{held}"
     );
 }
 

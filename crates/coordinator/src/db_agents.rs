@@ -56,6 +56,22 @@ impl Db {
         })
     }
 
+    /// Drops `agent`'s claims older than `before_ms` (they outlived any upload) and returns
+    /// how many it still holds.
+    pub fn prune_upload_claims(&mut self, agent: &str, before_ms: i64) -> Result<usize, DbError> {
+        let c = self.conn_mut();
+        c.execute(
+            "DELETE FROM upload_claims WHERE agent = ?1 AND claimed_ms < ?2",
+            params![agent, before_ms],
+        )?;
+        let held: i64 = c.query_row(
+            "SELECT COUNT(*) FROM upload_claims WHERE agent = ?1",
+            params![agent],
+            |r| r.get(0),
+        )?;
+        Ok(held.max(0) as usize)
+    }
+
     /// Drops `agent`'s claims on `paths` in `cache`.
     pub fn release_upload_claims(
         &self,

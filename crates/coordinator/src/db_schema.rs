@@ -114,6 +114,7 @@ CREATE TABLE IF NOT EXISTS upload_claims (
   claimed_ms INTEGER NOT NULL,
   PRIMARY KEY (cache, path)
 );
+CREATE INDEX IF NOT EXISTS upload_claims_by_agent ON upload_claims(agent, claimed_ms);
 "#;
 
 /// Makes the tables `conn` lacks and adds the columns added since an older coordinator

@@ -51,6 +51,9 @@ pub struct FarmCache {
     /// NAR bytes served to and received from agents: what travelled between hosts.
     served: AtomicU64,
     stored: AtomicU64,
+    /// Wrong tokens per address: the farm cache holds back guessers as gRPC and the web UI
+    /// do (its own count).
+    guesses: crate::limit::Limiter,
 }
 
 /// Why the farm cache cannot start.
@@ -124,6 +127,7 @@ impl FarmCache {
             refused: AtomicU64::new(0),
             served: AtomicU64::new(0),
             stored: AtomicU64::new(0),
+            guesses: Default::default(),
         }))
     }
 
@@ -142,6 +146,7 @@ impl FarmCache {
             )
             .route("/{file}", get(get_top).put(put_narinfo))
             .route("/nar/{file}", get(get_nar).put(put_nar))
+            .layer(axum::middleware::from_fn_with_state(self.clone(), admit))
             .with_state(self.clone())
     }
 
@@ -204,6 +209,37 @@ impl FarmCache {
 }
 
 type St = State<Arc<FarmCache>>;
+
+/// Every request needs an agent token (unless admission is open); an address that sent
+/// [`crate::limit::MAX_FAILURES`] wrong ones within a window is held back, right token
+/// included (429), so tokens cannot be guessed here at the network's speed.
+async fn admit(
+    State(c): St,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if c.admission.is_open() {
+        return next.run(req).await;
+    }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|i| i.0.ip());
+    let now = std::time::Instant::now();
+    if let Some(wait) = peer.and_then(|ip| c.guesses.blocked(ip, now)) {
+        return c.refuse(StatusCode::TOO_MANY_REQUESTS, &crate::limit::refusal(wait));
+    }
+    if !c.authorized(req.headers()) {
+        if let Some(ip) = peer {
+            c.guesses.failed(ip, now);
+        }
+        return c.refuse(
+            StatusCode::UNAUTHORIZED,
+            "the farm cache needs an agent token",
+        );
+    }
+    next.run(req).await
+}
 
 /// Bytes of the NARs in `dir/nar`.
 fn nar_bytes(dir: &std::path::Path) -> u64 {

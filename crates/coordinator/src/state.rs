@@ -126,6 +126,7 @@ pub trait StateStore: Send {
         paths: &[String],
     ) -> StateResult<()>;
     fn release_all_upload_claims(&mut self, agent: &str) -> StateResult<()>;
+    fn prune_upload_claims(&mut self, agent: &str, before_ms: i64) -> StateResult<usize>;
     // Metrics.
     fn metrics_counts(&self) -> StateResult<MetricsCounts>;
     // Repository checks.
@@ -239,6 +240,7 @@ delegate! {
     w fn claim_uploads(cache: &str, agent: &str, paths: &[String], now_ms: i64, lapsed: Lapsed<'_>) -> Vec<bool>;
     w fn release_upload_claims(agent: &str, cache: &str, paths: &[String]) -> ();
     w fn release_all_upload_claims(agent: &str) -> ();
+    w fn prune_upload_claims(agent: &str, before_ms: i64) -> usize;
     r fn metrics_counts() -> MetricsCounts;
     w fn record_repo_checks(run: &str, checks: &[RepoCheck], merge: bool) -> ();
     r fn repo_checks(run: &str) -> Vec<RepoCheck>;

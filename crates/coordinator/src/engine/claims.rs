@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Upload claims one agent may hold at once (paths, over all caches).
+pub const MAX_UPLOAD_CLAIMS: usize = 200_000;
+
 impl Engine {
     /// Claims the upload of `paths` to `cache` for `agent`: true for each path the agent
     /// should upload itself, false where another agent is uploading it (the caller waits for
@@ -40,6 +43,15 @@ impl Engine {
         if release {
             inner.db.release_upload_claims(agent, cache, paths)?;
             return Ok(Vec::new());
+        }
+        // Bounded per agent: each claim is a row, and an agent could ask for any number.
+        let held = inner
+            .db
+            .prune_upload_claims(agent, now - UPLOAD_CLAIM_TTL_MS)?;
+        if held + paths.len() > MAX_UPLOAD_CLAIMS {
+            return Err(EngineError::Invalid(format!(
+                "the agent holds {held} upload claims; at most {MAX_UPLOAD_CLAIMS} at once"
+            )));
         }
         let lease = self.opts.lease_ms;
         let agents = &inner.agents;

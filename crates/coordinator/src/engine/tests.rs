@@ -2,6 +2,41 @@ use super::*;
 use crate::db::Db;
 
 #[test]
+fn an_agent_holds_a_bounded_number_of_upload_claims_and_stale_ones_lapse() {
+    use super::claims::MAX_UPLOAD_CLAIMS;
+    let (engine, clock, _dir) = test_engine(EngineOptions::default());
+    let a = connect_agent(&engine, "a");
+    let paths = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| format!("/nix/store/p{i}"))
+            .collect()
+    };
+    let half = MAX_UPLOAD_CLAIMS / 2;
+    // Under each cache's name: the cache is whatever the agent says.
+    for (i, cache) in ["file:///a", "file:///b"].into_iter().enumerate() {
+        let granted = engine
+            .claim_uploads("a", &a.session, cache, &paths(i * half, half), false)
+            .unwrap();
+        assert!(granted.iter().all(|g| *g));
+    }
+    let err = engine
+        .claim_uploads("a", &a.session, "file:///c", &paths(0, 1), false)
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::Invalid(ref m) if m.contains("upload claims")),
+        "{err:?}"
+    );
+    // Claims older than any upload lapse, and make room.
+    clock.advance(UPLOAD_CLAIM_TTL_MS + 1);
+    assert_eq!(
+        engine
+            .claim_uploads("a", &a.session, "file:///c", &paths(0, 1), false)
+            .unwrap(),
+        [true]
+    );
+}
+
+#[test]
 fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
     let (engine, clock, _dir) = test_engine(EngineOptions::default());
     let connect = |name: &str| connect_agent(&engine, name);

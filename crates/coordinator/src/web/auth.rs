@@ -148,7 +148,16 @@ pub struct NextQuery {
 /// Where to go after logging in: a path of this site only (no `//host`, no scheme).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        // Only a path of this site: browsers drop tabs and newlines from a URL, so "/\t/x"
+        // would become "//x", another host; such characters never belong in a path.
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && !n.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+        {
+            n.to_string()
+        }
         _ => "/runs".to_string(),
     }
 }
@@ -244,6 +253,9 @@ mod tests {
             "https://evil.example",
             "\\\\evil",
             "/\\evil",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/ /evil.example",
             "runs",
         ] {
             assert_eq!(safe_next(Some(bad)), "/runs", "{bad}");
