@@ -50,6 +50,11 @@ pub async fn smoke(outputs: &[String], main_program: &str) -> (Smoke, String) {
     let Ok(home) = tempfile::Builder::new().prefix("nixfarm-smoke-").tempdir() else {
         return (Smoke::Skipped, "cannot make an empty HOME".into());
     };
+    // Its own, as root too: the program runs as nobody there.
+    if is_root() && std::os::unix::fs::chown(home.path(), Some(SMOKE_UID), Some(SMOKE_UID)).is_err()
+    {
+        return (Smoke::Skipped, "cannot hand the empty HOME over".into());
+    }
     let mut tried = Vec::new();
     for flag in ["--version", "--help"] {
         let (ok, ended, out) = run_once(&prog, flag, home.path()).await;
@@ -79,14 +84,23 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// One invocation: (exited 0, how it ended, its output's tail).
+/// The user a root agent runs smoke tests as: `nobody`, who can read none of root's files
+/// (cache keys, tokens) nor its processes' environments.
+const SMOKE_UID: u32 = 65534;
+
+/// One invocation: (exited 0, how it ended, its output's tail). The program is a build's
+/// output, so anything: as root, it runs as [`SMOKE_UID`] with no network, in a PID
+/// namespace of its own (whatever it leaves running dies with it); otherwise in a process
+/// group of its own, killed after. At most [`MAX_OUTPUT`] bytes of each stream are read.
 async fn run_once(prog: &Path, flag: &str, home: &Path) -> (bool, String, String) {
-    // No network: a namespace of its own where there is the right to make one (root);
-    // otherwise the program runs with the agent's network.
     let isolated = is_root();
     let mut c = if isolated {
         let mut c = tokio::process::Command::new("unshare");
-        c.arg("--net").arg("--").arg(prog);
+        c.args(["--net", "--pid", "--fork", "--kill-child", "--", "setpriv"])
+            .arg(format!("--reuid={SMOKE_UID}"))
+            .arg(format!("--regid={SMOKE_UID}"))
+            .args(["--clear-groups", "--no-new-privs", "--"])
+            .arg(prog);
         c
     } else {
         tokio::process::Command::new(prog)
@@ -98,33 +112,59 @@ async fn run_once(prog: &Path, flag: &str, home: &Path) -> (bool, String, String
         .env("TMPDIR", home)
         .env("LANG", "C.UTF-8")
         .current_dir(home)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = match c.spawn() {
+    let mut child = match c.spawn() {
         Ok(c) => c,
         Err(e) => return (false, format!("could not start: {e}"), String::new()),
     };
-    match tokio::time::timeout(TIME_LIMIT, child.wait_with_output()).await {
+    let group = child.id();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let ran = tokio::time::timeout(TIME_LIMIT, async {
+        let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
+        (child.wait().await, out, err)
+    })
+    .await;
+    if let Some(pid) = group {
+        // SAFETY: kill(2) on the process group this program was started in; no memory is
+        // touched. Whatever it left behind goes with it.
+        unsafe {
+            libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+        }
+    }
+    match ran {
         Err(_) => (
             false,
             format!("did not end within {} s", TIME_LIMIT.as_secs()),
             String::new(),
         ),
-        Ok(Err(e)) => (false, format!("failed: {e}"), String::new()),
-        Ok(Ok(o)) => {
-            let mut out = String::from_utf8_lossy(&o.stdout).into_owned();
-            out.push_str(&String::from_utf8_lossy(&o.stderr));
-            let out = nixfarm_core::limits::truncate(out, MAX_OUTPUT);
-            let ended = match o.status.code() {
+        Ok((Err(e), _, _)) => (false, format!("failed: {e}"), String::new()),
+        Ok((Ok(status), out, err)) => {
+            let mut text = String::from_utf8_lossy(&out).into_owned();
+            text.push_str(&String::from_utf8_lossy(&err));
+            let text = nixfarm_core::limits::truncate(text, MAX_OUTPUT);
+            let ended = match status.code() {
                 Some(0) => "exited 0".to_string(),
                 Some(c) => format!("exited {c}"),
                 None => "was killed by a signal".to_string(),
             };
-            (o.status.success(), ended, out)
+            (status.success(), ended, text)
         }
     }
+}
+
+/// Up to [`MAX_OUTPUT`] bytes of a stream; then it is closed (a program that writes on is
+/// stopped by the broken pipe, or by the time limit).
+async fn read_capped(stream: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    if let Some(s) = stream {
+        let _ = s.take(MAX_OUTPUT as u64).read_to_end(&mut out).await;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -139,9 +179,58 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
+    /// A scratch directory anyone may read (a root agent runs the program as nobody).
+    fn open_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn what_the_program_leaves_running_dies_and_its_output_is_read_only_so_far() {
+        let d = open_dir();
+        let out = d.path().join("out");
+        // A drop box anyone may write: the program's own rights decide what lands there.
+        let drop_box = d.path().join("box");
+        std::fs::create_dir(&drop_box).unwrap();
+        std::fs::set_permissions(&drop_box, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let late = drop_box.join("late");
+        script(
+            &out,
+            "tool",
+            &format!(
+                "id -u > {b}/uid; (sleep 1; touch {late}) >/dev/null 2>&1 & echo v1",
+                b = drop_box.display(),
+                late = late.display()
+            ),
+        );
+        let (s, text) = smoke(&[out.display().to_string()], "").await;
+        assert_eq!(s, Smoke::Passed, "{text}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!late.exists(), "a process the program left behind ran on");
+        if is_root() {
+            let uid = std::fs::read_to_string(drop_box.join("uid")).unwrap();
+            assert_eq!(
+                uid.trim(),
+                SMOKE_UID.to_string(),
+                "a root agent runs it as nobody"
+            );
+        }
+        // Endless output: only the first bytes are read, and it is stopped.
+        script(&out, "tool", "yes 0123456789abcdef");
+        let started = std::time::Instant::now();
+        let (s, text) = smoke(&[out.display().to_string()], "").await;
+        assert!(text.len() <= 2 * MAX_OUTPUT + 200, "{} bytes", text.len());
+        assert!(
+            started.elapsed() < TIME_LIMIT * 2,
+            "{s:?} {:?}",
+            started.elapsed()
+        );
+    }
+
     #[tokio::test]
     async fn runs_the_main_program_and_falls_back_to_help() {
-        let d = tempfile::tempdir().unwrap();
+        let d = open_dir();
         let out = d.path().join("out");
         script(
             &out,
