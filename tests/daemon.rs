@@ -251,6 +251,8 @@ async fn daemons_keep_their_narinfo_caches_apart() {
         );
         let opts = BuildOptions {
             substituter: url.clone(),
+            // A cache is asked only with a key to check what it serves.
+            trusted_public_keys: vec!["test-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()],
             timeout: Some(Duration::from_secs(secs)),
             ..Default::default()
         };

@@ -142,7 +142,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub cross_check_builds: bool,
     /// Public key the cache's signatures are checked against (NAME:BASE64); repeat for
-    /// several.
+    /// several. Agents substitute from the cache only with a key (this, Cachix's, or their
+    /// own signing key's): a cache no key checks is pushed to, never read from.
     #[arg(long = "trusted-public-key", value_name = "KEY")]
     pub trusted_public_keys: Vec<String>,
     /// Build timeout per derivation, seconds; 0: none (packages' meta.timeout wins).

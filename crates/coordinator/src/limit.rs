@@ -1,9 +1,9 @@
 //! Guessing tokens is bounded per address: after `MAX_FAILURES` wrong tokens within
 //! `WINDOW` (client or agent tokens over gRPC; the web UI's bearer header, login form or
-//! cookie; one count for all of them; the farm cache keeps a count of its own), an address is refused whatever needs a token, right
-//! token included, until its window ends (gRPC: RESOURCE_EXHAUSTED; HTTP: 429). Tokens are
-//! meant to be random secrets, so this is defence in depth against weak ones; clients behind
-//! one proxy share its address.
+//! cookie; one count for all of them; the farm cache keeps a count of its own), an address
+//! is refused whatever needs a token, right token included, until its window ends (gRPC:
+//! RESOURCE_EXHAUSTED; HTTP: 429). Tokens are meant to be random secrets, so this is
+//! defence in depth against weak ones; clients behind one proxy share its address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -294,7 +294,9 @@ fn failing_kind(outcome: Outcome) -> Option<&'static str> {
     match outcome {
         Outcome::Built | Outcome::Cancelled => None,
         Outcome::BuildFailed => Some("build-failed"),
-        Outcome::HashMismatch => Some("hash-mismatch"),
+        // No generated derivation is fixed-output: a mismatch reported for one fits no
+        // declared hash, and counts as a failed build.
+        Outcome::HashMismatch => Some("build-failed"),
         Outcome::TimedOut => Some("timed-out"),
         // Outputs that are not the derivation's count as an infrastructure failure.
         Outcome::InfraFailed | Outcome::ForeignOutputs => Some("infra-failed"),

@@ -316,8 +316,16 @@ impl Nix {
     /// The settings of a build, as `--option NAME VALUE` pairs: the same for `nix-store` and
     /// for a daemon started for such builds.
     pub(crate) fn build_settings(&self, opts: &BuildOptions) -> Vec<(String, String)> {
+        // A cache with no key to check what it serves is no substituter: a run's cache is
+        // its submitter's choice, and what is substituted lands in this store for every
+        // later run (Nix's own rule: signatures are required).
+        let substituter = if opts.trusted_public_keys.is_empty() {
+            String::new()
+        } else {
+            opts.substituter.clone()
+        };
         let mut out = vec![
-            ("substituters".to_string(), opts.substituter.clone()),
+            ("substituters".to_string(), substituter.clone()),
             ("builders".to_string(), String::new()),
         ];
         let mut set = |k: &str, v: String| out.push((k.to_string(), v));
@@ -336,15 +344,11 @@ impl Nix {
             // it must be there too (`?`: a build does not fail for want of it).
             set("extra-sandbox-paths", format!("{}?", ca.display()));
         }
-        if !opts.substituter.is_empty() {
+        if !substituter.is_empty() {
             // The farm's cache gains paths while a run goes: a "not there" remembered from
             // a minute ago would have Nix build an input again instead of fetching it.
             set("narinfo-cache-negative-ttl", "0".into());
-            if opts.trusted_public_keys.is_empty() {
-                set("require-sigs", "false".into());
-            } else {
-                set("trusted-public-keys", opts.trusted_public_keys.join(" "));
-            }
+            set("trusted-public-keys", opts.trusted_public_keys.join(" "));
         }
         if let Some(t) = opts.timeout {
             set("timeout", t.as_secs().max(1).to_string());

@@ -519,6 +519,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cache_without_keys_is_no_substituter() {
+        let settings = |keys: &[&str]| {
+            Nix::default().build_settings(&BuildOptions {
+                substituter: "https://cache.example".into(),
+                trusted_public_keys: keys.iter().map(|k| k.to_string()).collect(),
+                ..Default::default()
+            })
+        };
+        let get = |s: &[(String, String)], k: &str| {
+            s.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        };
+        let none = settings(&[]);
+        assert_eq!(get(&none, "substituters").as_deref(), Some(""));
+        assert_eq!(get(&none, "require-sigs"), None, "{none:?}");
+        let signed = settings(&["c-1:AAAA"]);
+        assert_eq!(
+            get(&signed, "substituters").as_deref(),
+            Some("https://cache.example")
+        );
+        assert_eq!(
+            get(&signed, "trusted-public-keys").as_deref(),
+            Some("c-1:AAAA")
+        );
+        assert_eq!(get(&signed, "require-sigs"), None);
+    }
+
+    #[test]
     fn a_ca_file_reaches_nix_through_its_environment_as_well() {
         use std::ffi::OsStr;
         let mut c = Command::new("nix-store");
