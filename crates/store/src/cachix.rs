@@ -2,6 +2,7 @@
 //! `complete`/`abort`), as `../shared/docs/cachix-api.md` describes it.
 
 use crate::backend::{Backend, Fut};
+use crate::http::json_bounded;
 use crate::narinfo::{NarInfo, basename, sha256_nix32, store_hash};
 use crate::stage::{Compression, Staged};
 use crate::{Pusher, StoreError, io};
@@ -50,10 +51,9 @@ impl Backend for CachixBackend {
                         p.bearer(p.http.post(&url)).json(&hashes)
                     })
                     .await?;
-                let list: Vec<String> = r
-                    .json()
-                    .await
-                    .map_err(|e| StoreError::Http(format!("unreadable narinfo answer: {e}")))?;
+                // At most the hashes asked about, each quoted: 40 bytes apiece is room enough.
+                let list: Vec<String> =
+                    json_bounded(r, 40 * hashes.len() + 64, "narinfo answer").await?;
                 missing.extend(list);
             }
             Ok(paths
@@ -107,9 +107,7 @@ impl CachixBackend {
                         "Cachix has no cache named '{name}'"
                     )));
                 }
-                r.json::<CachixCache>()
-                    .await
-                    .map_err(|e| StoreError::Http(format!("unreadable cache description: {e}")))
+                json_bounded::<CachixCache>(r, 64 * 1024, "cache description").await
             })
             .await
     }
@@ -156,10 +154,7 @@ impl CachixBackend {
                 )))
             })
             .await?;
-        let created: Created = r
-            .json()
-            .await
-            .map_err(|e| StoreError::Http(format!("unreadable multipart answer: {e}")))?;
+        let created: Created = json_bounded(r, 64 * 1024, "multipart answer").await?;
         let size = staged.file_size;
         let file = Arc::new(std::sync::Mutex::new(staged.file));
         let ranges: Vec<(u32, u64, usize)> = (0..size.max(1))
@@ -196,10 +191,7 @@ impl CachixBackend {
                             .json(&serde_json::json!({ "contentMD5": md5 }))
                         })
                         .await?;
-                    let url: Url = r
-                        .json()
-                        .await
-                        .map_err(|e| StoreError::Http(format!("unreadable part answer: {e}")))?;
+                    let url: Url = json_bounded(r, 64 * 1024, "part answer").await?;
                     let bytes = bytes::Bytes::from(bytes);
                     // The presigned URL is the credential: no Authorization header here.
                     let r = p

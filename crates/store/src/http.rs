@@ -35,6 +35,32 @@ pub(crate) async fn read_bounded(
     Ok(body)
 }
 
+/// The first `limit` bytes of a response's body at most (what an error page says); the rest
+/// is not read.
+pub(crate) async fn read_prefix(mut r: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match r.chunk().await {
+            Ok(Some(chunk)) => {
+                let n = chunk.len().min(limit - body.len());
+                body.extend_from_slice(&chunk[..n]);
+            }
+            _ => break,
+        }
+    }
+    body
+}
+
+/// A JSON answer, read within `limit` bytes.
+pub(crate) async fn json_bounded<T: serde::de::DeserializeOwned>(
+    r: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<T, StoreError> {
+    let body = read_bounded(r, limit).await?;
+    serde_json::from_slice(&body).map_err(|e| StoreError::Http(format!("unreadable {what}: {e}")))
+}
+
 /// A narinfo response's text: None for 404, bounded, UTF-8.
 pub(crate) async fn narinfo_body(r: reqwest::Response) -> Result<Option<String>, StoreError> {
     if r.status().as_u16() == 404 {

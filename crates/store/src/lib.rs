@@ -309,7 +309,8 @@ impl Pusher {
                 Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => return Ok(r),
                 Ok(r) => {
                     let status = r.status();
-                    let body = r.text().await.unwrap_or_default();
+                    let body = http::read_prefix(r, 4096).await;
+                    let body = String::from_utf8_lossy(&body);
                     let said = one_line(&body, 120);
                     return Err(StoreError::Refused(if said.is_empty() {
                         format!("{what}: HTTP {status}")

@@ -127,3 +127,44 @@ async fn derivers_come_from_the_caches_narinfos_and_a_wrong_answer_is_an_error()
         got[3]
     );
 }
+
+/// A cache (or a host named as one) that refuses with an endless body: the pusher reads the
+/// first few KB of what it says and stops.
+#[tokio::test]
+async fn an_endless_error_page_is_read_only_so_far() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                // Endless, until the client goes.
+                while s.write_all(chunk.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    let p = Pusher::for_url(
+        &format!("http://{addr}/cache"),
+        nixfarm_nix::Nix::default(),
+        None,
+        None,
+    )
+    .unwrap();
+    let asked = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        p.missing(&["/nix/store/0123456789abcdfghijklmnpqrsvwxyz-x".to_string()]),
+    )
+    .await
+    .expect("the answer was read to its end");
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("403"), "{e}");
+    assert!(e.len() < 1000, "{} bytes", e.len());
+    assert!(asked.elapsed() < std::time::Duration::from_secs(20));
+}
