@@ -3,6 +3,7 @@
 
 pub mod aterm;
 mod build_hook;
+mod captured;
 mod daemon;
 mod daemon_cache;
 mod daemon_query;

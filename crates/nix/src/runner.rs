@@ -88,6 +88,11 @@ pub struct Nix {
     pub(crate) daemon: Option<std::sync::Arc<crate::daemon::DaemonPool>>,
 }
 
+/// Most JSON one Nix command may print, bytes.
+pub const MAX_JSON_BYTES: usize = 512 << 20;
+/// Longest one evaluation (or store query) process may run.
+pub const EVAL_DEADLINE: Duration = Duration::from_secs(3600);
+
 impl Default for Nix {
     fn default() -> Self {
         Nix {
@@ -170,18 +175,30 @@ impl Nix {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Runs a Nix command that prints JSON; its output and time are bounded
+    /// ([`MAX_JSON_BYTES`], [`EVAL_DEADLINE`]).
     pub(crate) async fn run_json(
         &self,
         mut cmd: Command,
         mem_mib: u64,
     ) -> Result<String, NixError> {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        use crate::captured::{CaptureError, capture};
         limit_memory(&mut cmd, mem_mib);
-        let out = cmd
-            .output()
-            .await
-            .map_err(|e| NixError::Infra(format!("cannot run nix: {e}")))?;
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let out = match capture(&mut cmd, MAX_JSON_BYTES, EVAL_DEADLINE).await {
+            Ok(out) => out,
+            Err(e @ CaptureError::Spawn(_)) | Err(e @ CaptureError::Io(_)) => {
+                return Err(NixError::Infra(format!("nix: {e}")));
+            }
+            // What the expression makes Nix do: its own failure.
+            Err(e) => {
+                let message = format!("nix evaluation stopped: {e}");
+                return Err(NixError::Failed {
+                    log: message.clone(),
+                    message,
+                });
+            }
+        };
+        let stderr = out.stderr;
         if out.status.success() {
             return Ok(String::from_utf8_lossy(&out.stdout).to_string());
         }

@@ -1,0 +1,156 @@
+//! A child process's output read within bounds: its stdout up to a limit, the head and tail
+//! of its stderr, and a deadline. Nix's evaluation prints what the expression makes it print
+//! (`builtins.trace`), so nothing it says is read whole.
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+
+/// Bytes kept of the start, and of the end, of stderr (the first error and the last).
+const STDERR_HEAD: usize = 64 * 1024;
+const STDERR_TAIL: usize = 192 * 1024;
+
+/// What a finished child said.
+#[derive(Debug)]
+pub(crate) struct Captured {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    /// Its head and tail, with how much was left out between them.
+    pub stderr: String,
+}
+
+/// Why a child's output could not be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CaptureError {
+    #[error("cannot run it: {0}")]
+    Spawn(std::io::Error),
+    #[error("it printed more than {0} bytes")]
+    TooMuch(usize),
+    #[error("it did not end within {} s", .0.as_secs())]
+    TimedOut(Duration),
+    #[error("reading its output failed: {0}")]
+    Io(std::io::Error),
+}
+
+/// Runs `cmd` to its end, within `deadline`, keeping at most `stdout_limit` bytes of stdout
+/// (past it the child is killed). A child that outlives its deadline is killed.
+pub(crate) async fn capture(
+    cmd: &mut Command,
+    stdout_limit: usize,
+    deadline: Duration,
+) -> Result<Captured, CaptureError> {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(CaptureError::Spawn)?;
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        let (stdout, stderr) = tokio::join!(read_limited(out, stdout_limit), head_and_tail(err));
+        let stdout = stdout?;
+        let status = child.wait().await.map_err(CaptureError::Io)?;
+        Ok(Captured {
+            status,
+            stdout,
+            stderr: stderr?,
+        })
+    };
+    match tokio::time::timeout(deadline, run).await {
+        Ok(r) => r,
+        // Dropping the child kills it (kill_on_drop).
+        Err(_) => Err(CaptureError::TimedOut(deadline)),
+    }
+}
+
+async fn read_limited(
+    stream: Option<impl AsyncRead + Unpin>,
+    limit: usize,
+) -> Result<Vec<u8>, CaptureError> {
+    let mut out = Vec::new();
+    if let Some(s) = stream {
+        s.take(limit as u64 + 1)
+            .read_to_end(&mut out)
+            .await
+            .map_err(CaptureError::Io)?;
+    }
+    if out.len() > limit {
+        return Err(CaptureError::TooMuch(limit));
+    }
+    Ok(out)
+}
+
+async fn head_and_tail(stream: Option<impl AsyncRead + Unpin>) -> Result<String, CaptureError> {
+    let Some(mut s) = stream else {
+        return Ok(String::new());
+    };
+    let mut head = Vec::new();
+    let mut tail = crate::runner::TailBuffer::new(STDERR_TAIL);
+    let mut skipped = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf).await.map_err(CaptureError::Io)?;
+        if n == 0 {
+            break;
+        }
+        let mut chunk = &buf[..n];
+        if head.len() < STDERR_HEAD {
+            let k = chunk.len().min(STDERR_HEAD - head.len());
+            head.extend_from_slice(&chunk[..k]);
+            chunk = &chunk[k..];
+        }
+        skipped += chunk.len();
+        tail.push(chunk);
+    }
+    let tail = tail.text();
+    skipped = skipped.saturating_sub(tail.len());
+    let mut text = String::from_utf8_lossy(&head).into_owned();
+    if skipped > 0 {
+        text.push_str(&format!("\n… ({skipped} bytes left out) …\n"));
+    }
+    text.push_str(&tail);
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("/bin/sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[tokio::test]
+    async fn output_is_read_within_its_bounds() {
+        let ok = capture(
+            &mut sh("echo out; echo err >&2"),
+            100,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert!(ok.status.success());
+        assert_eq!(ok.stdout, b"out\n");
+        assert_eq!(ok.stderr, "err\n");
+        // Too much on stdout: refused, not held.
+        let big = capture(&mut sh("yes"), 1 << 20, Duration::from_secs(10)).await;
+        assert!(matches!(big, Err(CaptureError::TooMuch(_))), "{big:?}");
+        // Endless traces on stderr, then the error: its head and its end are kept.
+        let noisy = capture(
+            &mut sh("echo 'error: first' >&2; head -c 50000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'error: last' >&2; exit 1"),
+            100,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert!(!noisy.status.success());
+        assert!(noisy.stderr.len() < 2 * (STDERR_HEAD + STDERR_TAIL) + 100);
+        assert!(noisy.stderr.starts_with("error: first"));
+        assert!(noisy.stderr.trim_end().ends_with("error: last"));
+        assert!(noisy.stderr.contains("bytes left out"));
+        // Past its deadline: stopped.
+        let slow = capture(&mut sh("sleep 30"), 100, Duration::from_millis(200)).await;
+        assert!(matches!(slow, Err(CaptureError::TimedOut(_))), "{slow:?}");
+    }
+}
