@@ -387,6 +387,75 @@ fn cancel_stops_a_run_and_reports_cancelled() {
     );
 }
 
+/// Processes whose command line holds `needle` (and is not this test's own search).
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// An evaluation that never ends (it imports from a derivation that sleeps) is stopped by
+/// a cancel: the agent kills its Nix process instead of holding it, and the slot, for ever.
+#[test]
+fn cancel_stops_an_evaluation_that_never_ends() {
+    let f = farm(1);
+    let dir = scratch();
+    let repo = dir.path().join("hang");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      ifd = derivation { name = "ifd"; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; args = [ "-c" "sleep 4321; echo '{}' > $out" ]; };
+    in { packages.x86_64-linux.hang = import ifd; }; }"#,
+    )
+    .unwrap();
+    let out = cli(&f.coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    // The agent's evaluation of the run (its source is unpacked under the run's id).
+    let evaluating = || {
+        processes_with(&run)
+            .into_iter()
+            .filter(|p| p.contains(" eval "))
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "the evaluation to hang on its import",
+        || (!evaluating().is_empty() && !processes_with("sleep 4321").is_empty()).then_some(()),
+    );
+    let out = cli(&f.coordinator.url, &["cancel", &run]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for_state(
+        &f.coordinator.url,
+        &run,
+        "cancelled",
+        Duration::from_secs(30),
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the evaluation to be stopped",
+        || evaluating().is_empty().then_some(()),
+    );
+    // Nix leaves the import's builder behind when it is killed: not this test's concern.
+    for p in processes_with("sleep 4321") {
+        if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
 /// The five hash-broken packages of the example: single stage, two stage (source plus
 /// npmDepsHash), a stale literal, lib.fakeSha256, and two fake hashes in one file.
 #[test]

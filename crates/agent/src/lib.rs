@@ -482,7 +482,7 @@ fn handle(
             let attempt = a.attempt_id.clone();
             if draining {
                 // Hand it straight back: the coordinator requeues cancelled work.
-                let _ = results.send(jobs::cancelled_result(&a));
+                let _ = results.send(jobs::cancelled_result(&a, "the agent is draining"));
                 return;
             }
             let token = CancellationToken::new();
@@ -499,8 +499,19 @@ fn handle(
             let channel = channel.clone();
             let results = results.clone();
             let logs = logs.clone();
+            // A build stops on a cancel itself (and says how far it got); an evaluation is
+            // dropped, its Nix process killed with it.
+            let is_build = matches!(a.job, Some(pb::assignment::Job::Build(_)));
+            let on_cancel = (!is_build).then(|| jobs::cancelled_result(&a, "cancelled"));
             tokio::spawn(async move {
-                let (result, follow_up) = jobs::run(&shared, channel, a, token, logs).await;
+                let job = jobs::run(&shared, channel, a, token.clone(), logs);
+                let (result, follow_up) = match on_cancel {
+                    None => job.await,
+                    Some(cancelled) => tokio::select! {
+                        r = job => r,
+                        _ = token.cancelled() => (cancelled, None),
+                    },
+                };
                 if let Ok(mut r) = shared.running.lock() {
                     r.remove(&attempt);
                 }

@@ -37,24 +37,24 @@ fn msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
 }
 
 /// The result message for an assignment handed back unrun.
-pub(crate) fn cancelled_result(a: &pb::Assignment) -> pb::AgentMessage {
+pub(crate) fn cancelled_result(a: &pb::Assignment, why: &str) -> pb::AgentMessage {
     use pb::assignment::Job;
     match &a.job {
         Some(Job::Build(_)) => msg(pb::agent_message::Msg::Build(pb::BuildResult {
             attempt_id: a.attempt_id.clone(),
             status: pb::BuildStatus::Cancelled as i32,
-            message: "the agent is draining".into(),
+            message: why.into(),
             ..Default::default()
         })),
         Some(Job::EvalList(_)) => msg(pb::agent_message::Msg::EvalList(pb::EvalListResult {
             attempt_id: a.attempt_id.clone(),
-            error: "the agent is draining".into(),
+            error: why.into(),
             infra: true,
             ..Default::default()
         })),
         _ => msg(pb::agent_message::Msg::EvalChunk(pb::EvalChunkResult {
             attempt_id: a.attempt_id.clone(),
-            error: "the agent is draining".into(),
+            error: why.into(),
             infra: true,
             ..Default::default()
         })),
