@@ -39,7 +39,7 @@ impl Printer {
                 Some(c) => nixfarm_core::fit::fit(&nixfarm_core::fit::one_line(&s), c),
                 None => s,
             }),
-            _ => eprintln!("{s}"),
+            _ => eprintln!("{}", nixfarm_core::fit::printable(&s)),
         }
     }
 }

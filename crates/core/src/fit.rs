@@ -17,6 +17,21 @@ pub fn one_line(s: &str) -> String {
         .collect()
 }
 
+/// `s` with its lines kept and every other control character (an escape sequence's ESC, a
+/// carriage return) made a space: text from a build or an evaluation, printed on a terminal,
+/// cannot move the cursor, retitle the window or hide what came before.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// `s` cut to at most `max` columns, ending in `…` when something was cut.
 pub fn fit(s: &str, max: usize) -> String {
     if width(s) <= max {
@@ -136,6 +151,15 @@ pub fn columns(header: &[&str], rows: &[Vec<String>], flex: usize, max: Option<u
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn printable_text_keeps_lines_and_drops_escapes() {
+        assert_eq!(
+            printable("a\x1b]0;pwned\x07b\r\nc\td"),
+            "a ]0;pwned b \nc\td"
+        );
+    }
+
     use super::*;
 
     #[test]
