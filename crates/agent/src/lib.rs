@@ -344,10 +344,10 @@ impl Agent {
                                 if let Some(l) = r.limits
                                     && let Ok(mut mine) = shared.snapshot_limits.lock()
                                 {
-                                    *mine = nixfarm_core::snapshot::Limits {
-                                        max_bytes: l.snapshot_max_bytes,
-                                        max_entries: l.snapshot_max_files as usize,
-                                    };
+                                    *mine = nixfarm_core::snapshot::Limits::from_coordinator(
+                                        l.snapshot_max_bytes,
+                                        l.snapshot_max_files,
+                                    );
                                 }
                                 backoff = Duration::from_millis(200);
                                 if r.heartbeat_interval_ms > 0 {

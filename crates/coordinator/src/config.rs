@@ -363,13 +363,13 @@ impl Config {
             "[limits] snapshot_max_bytes",
             l.snapshot_max_bytes,
             1 << 20,
-            4 << 30,
+            nixfarm_core::snapshot::Limits::MAX_BYTES,
         )?;
         range(
             "[limits] snapshot_max_files",
             l.snapshot_max_files,
             1,
-            1_000_000,
+            nixfarm_core::snapshot::Limits::MAX_ENTRIES,
         )?;
         range(
             "[limits] max_message_bytes",

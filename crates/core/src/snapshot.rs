@@ -15,6 +15,21 @@ pub struct Limits {
     pub max_entries: usize,
 }
 
+impl Limits {
+    /// Most a coordinator may set (its config's own bounds): 4 GiB, 1,000,000 entries.
+    pub const MAX_BYTES: u64 = 4 << 30;
+    pub const MAX_ENTRIES: usize = 1_000_000;
+
+    /// The limits a coordinator told an agent, within [`Limits::MAX_BYTES`] and
+    /// [`Limits::MAX_ENTRIES`] whatever it said: they bound what is unpacked on the agent's disk.
+    pub fn from_coordinator(max_bytes: u64, max_entries: u64) -> Limits {
+        Limits {
+            max_bytes: max_bytes.clamp(1, Self::MAX_BYTES),
+            max_entries: max_entries.clamp(1, Self::MAX_ENTRIES as u64) as usize,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

@@ -215,3 +215,14 @@ fn enforces_limits() {
         Err(SnapshotError::TooManyEntries { .. })
     ));
 }
+
+#[test]
+fn an_agent_takes_a_coordinators_limits_only_within_its_own() {
+    let l = Limits::from_coordinator(u64::MAX, u64::MAX);
+    assert_eq!(
+        (l.max_bytes, l.max_entries),
+        (Limits::MAX_BYTES, Limits::MAX_ENTRIES)
+    );
+    let l = Limits::from_coordinator(1 << 20, 10);
+    assert_eq!((l.max_bytes, l.max_entries), (1 << 20, 10));
+}
