@@ -8,7 +8,7 @@
 //! The protocol itself is in `worker_protocol.rs`.
 
 use crate::daemon_cache::CacheDirs;
-use crate::messages::{Failure, classify_failure};
+use crate::messages::{Failure, classify_nix_failure};
 use crate::runner::{BuildOptions, BuildRun, Nix, TailBuffer, tail};
 use crate::worker_protocol::{Conn, DaemonError, exit_code, is_already_valid, succeeded};
 use std::path::PathBuf;
@@ -467,11 +467,15 @@ impl Nix {
             Ok(o) => {
                 reusable = true;
                 full.push_str(&format!("error: {}\n", o.error));
-                Err(classify_failure(Some(exit_code(o.status)), &full))
+                Err(classify_nix_failure(
+                    Some(exit_code(o.status)),
+                    &full,
+                    &o.error,
+                ))
             }
             Err(DaemonError::Nix(msg)) => {
                 full.push_str(&format!("error: {msg}\n"));
-                Err(classify_failure(Some(1), &full))
+                Err(classify_nix_failure(Some(1), &full, &msg))
             }
             Err(e) => Err(Failure::Infra(e.to_string())),
         };

@@ -142,6 +142,21 @@ pub fn parse_hash_mismatches(log: &str) -> Vec<HashMismatch> {
     out
 }
 
+/// [`classify_failure`] for a build whose Nix error (`nix_error`, what the daemon reported)
+/// is known apart from the builder's log: a hash mismatch counts only when Nix itself said
+/// it. The log holds whatever the builder printed, look-alike mismatches included.
+pub fn classify_nix_failure(exit_code: Option<i32>, log: &str, nix_error: &str) -> Failure {
+    if let Some(m) = parse_hash_mismatches(nix_error).into_iter().next() {
+        return Failure::HashMismatch(m);
+    }
+    match classify_failure(exit_code, log) {
+        Failure::HashMismatch(_) => Failure::BuildFailed(
+            first_error(&strip_ansi(nix_error)).unwrap_or_else(|| "build failed".into()),
+        ),
+        other => other,
+    }
+}
+
 /// What a failed build attempt was, as far as Nix's output and exit code tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
@@ -336,6 +351,25 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].path, "/nix/store/q-source.drv");
         assert_eq!(m[0].got, GOT);
+    }
+
+    #[test]
+    fn a_mismatch_counts_only_when_nix_itself_says_it() {
+        let said = format!(
+            "error: hash mismatch in fixed-output derivation '/nix/store/x.drv':\n  specified: {FAKE}\n  got:       {GOT}\n"
+        );
+        // The builder printed it, and Nix said the builder failed.
+        let log = format!("{said}error: builder for '/nix/store/x.drv' failed with exit code 1\n");
+        let nix = "builder for '/nix/store/x.drv' failed with exit code 1";
+        assert!(matches!(
+            classify_nix_failure(Some(1), &log, nix),
+            Failure::BuildFailed(_)
+        ));
+        // Nix said it.
+        assert!(matches!(
+            classify_nix_failure(Some(1), &said, &said),
+            Failure::HashMismatch(m) if m.got == GOT
+        ));
     }
 
     #[test]
