@@ -446,14 +446,12 @@ fn cancel_stops_an_evaluation_that_never_ends() {
         "the evaluation to be stopped",
         || evaluating().is_empty().then_some(()),
     );
-    // Nix leaves the import's builder behind when it is killed: not this test's concern.
-    for p in processes_with("sleep 4321") {
-        if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
-            let _ = std::process::Command::new("kill")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
+    // Nix was asked to stop, so it stopped the import's builder too.
+    wait_for(
+        Duration::from_secs(20),
+        "the import's builder to be stopped",
+        || processes_with("sleep 4321").is_empty().then_some(()),
+    );
 }
 
 /// The five hash-broken packages of the example: single stage, two stage (source plus

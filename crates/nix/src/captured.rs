@@ -45,10 +45,16 @@ pub(crate) async fn capture(
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(CaptureError::Spawn)?;
     let (out, err) = (child.stdout.take(), child.stderr.take());
+    let mut running = Running(Some(child));
     let run = async {
         let (stdout, stderr) = tokio::join!(read_limited(out, stdout_limit), head_and_tail(err));
         let stdout = stdout?;
-        let status = child.wait().await.map_err(CaptureError::Io)?;
+        let status = match running.0.as_mut() {
+            Some(c) => c.wait().await.map_err(CaptureError::Io)?,
+            None => return Err(CaptureError::Io(std::io::ErrorKind::NotFound.into())),
+        };
+        // Ended: nothing to stop.
+        running.0 = None;
         Ok(Captured {
             status,
             stdout,
@@ -57,8 +63,37 @@ pub(crate) async fn capture(
     };
     match tokio::time::timeout(deadline, run).await {
         Ok(r) => r,
-        // Dropping the child kills it (kill_on_drop).
         Err(_) => Err(CaptureError::TimedOut(deadline)),
+    }
+}
+
+/// A child still running when its caller gives up on it (a deadline, a cancel that drops
+/// the future): asked to stop with SIGTERM, which has Nix stop what it started (an import's
+/// builder, in a session of its own), and killed if it has not ended 5 s later.
+struct Running(Option<tokio::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) on the child this process spawned and has not reaped yet.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        // Without a runtime to wait in, kill_on_drop kills it at once.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+            });
+        }
     }
 }
 
