@@ -195,20 +195,27 @@ fn the_farm_cache_refuses_requests_without_the_agent_token() {
         http_post_json(&addr, "/_nixfarm/missing", bearer, &many)
             .0
             .contains(" 413 ")
-    ); // Guessing is held back as on the coordinator's other services: after ten wrong
-    // tokens from an address, even the right one waits (429).
-    for _ in 0..10 {
+    );
+    // Guessing is held back as on the coordinator's other services: after ten wrong
+    // tokens from an address, even the right one waits (429, saying how long). Requests
+    // with no token at all are no guesses (they would hold back agents sharing the
+    // address).
+    for _ in 0..20 {
+        assert!(http_get(&addr, "/nix-cache-info", None).contains(" 401 "));
+    }
+    let right = Some("Bearer farm-secret-1");
+    assert!(http_get(&addr, "/nix-cache-info", right).contains(" 200 "));
+    // One wrong token was sent above.
+    for _ in 0..9 {
         http_get(&addr, "/nix-cache-info", Some("Bearer guess"));
     }
-    let held = http(
-        &addr,
-        "GET",
-        "/nix-cache-info",
-        Some("Bearer farm-secret-1"),
-        None,
-    );
+    let held = http(&addr, "GET", "/nix-cache-info", right, None);
     assert!(
         held.contains(" 429 ") && held.contains("too many wrong tokens"),
+        "{held}"
+    );
+    assert!(
+        held.to_ascii_lowercase().contains("retry-after: "),
         "{held}"
     );
 }

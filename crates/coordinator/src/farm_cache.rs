@@ -227,10 +227,20 @@ async fn admit(
         .map(|i| i.0.ip());
     let now = std::time::Instant::now();
     if let Some(wait) = peer.and_then(|ip| c.guesses.blocked(ip, now)) {
-        return c.refuse(StatusCode::TOO_MANY_REQUESTS, &crate::limit::refusal(wait));
+        let mut r = c.refuse(StatusCode::TOO_MANY_REQUESTS, &crate::limit::refusal(wait));
+        if let Ok(v) = axum::http::HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        return r;
     }
     if !c.authorized(req.headers()) {
-        if let Some(ip) = peer {
+        // A wrong token counts; none at all (a client without its netrc) is no guess, and
+        // must not hold back the agents that share its address.
+        if let Some(ip) = peer
+            && req
+                .headers()
+                .contains_key(axum::http::header::AUTHORIZATION)
+        {
             c.guesses.failed(ip, now);
         }
         return c.refuse(
@@ -362,6 +372,8 @@ async fn put_nar(
     let dest = c.dir.join("nar").join(&file);
     if dest.exists() {
         // Named by its content's hash: the same name is the same bytes, never replaced.
+        // Used again now: eviction leaves it alone while its narinfo is on the way.
+        touch(&dest);
         return StatusCode::OK.into_response();
     }
     let tmp = c
@@ -496,43 +508,66 @@ async fn put_narinfo(
             }
         }
     }
+    touch(&c.dir.join("nar").join(nar));
     let dest = c.dir.join(&file);
     // A published path is never replaced (a later build of it by another agent, or
     // anyone's, would change what dependents and checks already took): the same again is a
     // no-op, anything else a conflict. Withdrawal and eviction free the name.
-    if let Ok(old) = tokio::fs::read_to_string(&dest).await
-        && let Ok(old) = NarInfo::parse(&old)
-    {
-        let same = old.store_path == ni.store_path
-            && old.nar_hash == ni.nar_hash
-            && old.nar_size == ni.nar_size
-            && old.references == ni.references;
-        return if same {
-            StatusCode::OK.into_response()
-        } else {
-            c.refuse(
-                StatusCode::CONFLICT,
-                "another NAR is already published for this path; published paths are never replaced",
-            )
-        };
+    if let Ok(old) = tokio::fs::read_to_string(&dest).await {
+        return c.published_already(&old, &ni);
     }
     ni.sigs.clear();
     ni.sign(&c.key);
     let tmp = c.dir.join(format!(".{file}.{:016x}", fastrand::u64(..)));
+    // Linked in, not renamed over: of two uploads at once, one publishes and the other
+    // finds it there.
     let written = async {
         tokio::fs::write(&tmp, ni.render()).await?;
-        tokio::fs::rename(&tmp, &dest).await
+        tokio::fs::hard_link(&tmp, &dest).await
     }
     .await;
+    let _ = tokio::fs::remove_file(&tmp).await;
     match written {
         Ok(()) => {
             let c2 = c.clone();
             tokio::task::spawn_blocking(move || c2.evict());
             StatusCode::OK.into_response()
         }
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            match tokio::fs::read_to_string(&dest).await {
+                Ok(old) => c.published_already(&old, &ni),
+                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+            }
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Marks a cache file used now (its modification time): eviction spares what was used in
+/// the last [`RECENT`].
+fn touch(path: &std::path::Path) {
+    if let Ok(f) = std::fs::File::options().write(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+impl FarmCache {
+    /// The answer to a narinfo upload for a path already published as `old`: the same
+    /// publication again is taken (200), another is a conflict (409).
+    fn published_already(&self, old: &str, ni: &NarInfo) -> Response {
+        let same = NarInfo::parse(old).is_ok_and(|old| {
+            old.store_path == ni.store_path
+                && old.nar_hash == ni.nar_hash
+                && old.nar_size == ni.nar_size
+                && old.references == ni.references
+        });
+        if same {
+            StatusCode::OK.into_response()
+        } else {
+            self.refuse(
+                StatusCode::CONFLICT,
+                "another NAR is already published for this path; published paths are never replaced",
+            )
         }
     }
 }

@@ -91,6 +91,16 @@ impl FarmCache {
             });
             if let Some(nar) = nar.filter(|_| last) {
                 let p = self.dir.join("nar").join(nar);
+                // Uploaded again just now, for a path whose narinfo is on the way.
+                let recent = std::fs::metadata(&p)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_none_or(|d| d < RECENT);
+                if recent {
+                    removed.push(hash.to_string());
+                    continue;
+                }
                 if let Ok(m) = std::fs::metadata(&p)
                     && std::fs::remove_file(&p).is_ok()
                 {

@@ -20,8 +20,10 @@ fn put(dir: &std::path::Path, hash: &str, size: usize, age: std::time::Duration)
     };
     let p = dir.join(format!("{hash}.narinfo"));
     std::fs::write(&p, ni.render()).unwrap();
-    let f = std::fs::File::options().write(true).open(&p).unwrap();
-    f.set_modified(std::time::SystemTime::now() - age).unwrap();
+    for p in [p, dir.join("nar").join(&nar)] {
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+    }
 }
 
 #[test]
@@ -95,6 +97,24 @@ fn eviction_keeps_a_nar_another_path_still_uses_and_takes_nars_no_path_uses() {
     assert!(!orphan.exists());
     assert!(fresh.exists() && shared.exists());
     assert_eq!(cache.total.load(Ordering::Relaxed), 810);
+}
+
+#[test]
+fn eviction_spares_a_nar_uploaded_again_for_a_narinfo_on_the_way() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("farm-cache");
+    let hour = std::time::Duration::from_secs(3600);
+    let h = |c: char| c.to_string().repeat(32);
+    let none: Protected = Arc::new(Default::default);
+    let cache = FarmCache::open(dir.clone(), Default::default(), 1 << 20, 500, none).unwrap();
+    put(&dir, &h('a'), 600, 3 * hour);
+    // Another path of the same content: its NAR was just uploaded again (put_nar found it
+    // there and touched it), its narinfo not yet.
+    let nar = dir.join("nar").join(format!("{}x.nar.zst", h('a')));
+    super::touch(&nar);
+    cache.total.store(nar_bytes(&dir), Ordering::Relaxed);
+    assert_eq!(cache.evict(), vec![h('a')]);
+    assert!(nar.exists(), "the NAR a narinfo is about to point at stays");
 }
 
 #[test]

@@ -17,6 +17,17 @@ use std::collections::BTreeMap;
 #[error("{0}")]
 pub struct StateError(Box<dyn std::error::Error + Send + Sync>);
 
+impl StateError {
+    /// A stored value that cannot be read as what it should be (written by an older
+    /// version, or damaged), as opposed to the store itself failing.
+    pub fn is_unreadable(&self) -> bool {
+        matches!(
+            self.0.downcast_ref::<DbError>(),
+            Some(DbError::FromSqlConversionFailure(..) | DbError::InvalidColumnType(..))
+        )
+    }
+}
+
 impl From<DbError> for StateError {
     fn from(e: DbError) -> StateError {
         StateError(Box::new(e))

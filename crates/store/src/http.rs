@@ -230,12 +230,26 @@ impl HttpCache {
         .await?;
         let ni_url = format!("{base}/{}.narinfo", store_hash(&ni.store_path));
         let text = ni.render();
-        p.send("uploading the narinfo", || {
-            p.http_auth(p.http.put(&ni_url))
-                .header("content-type", "text/x-nix-narinfo")
-                .body(text.clone())
-        })
-        .await?;
+        let put = p
+            .send("uploading the narinfo", || {
+                p.http_auth(p.http.put(&ni_url))
+                    .header("content-type", "text/x-nix-narinfo")
+                    .body(text.clone())
+            })
+            .await;
+        match put {
+            Ok(_) => {}
+            // Another build of the path was published first (a build that is not
+            // reproducible, built twice at once): the cache keeps that one, and it is what
+            // dependents get. The path is in the cache.
+            Err(StoreError::Conflict(why)) => {
+                tracing::warn!(
+                    path = ni.store_path,
+                    "{why}: the cache keeps the copy it has"
+                );
+            }
+            Err(e) => return Err(e),
+        }
         p.stats.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
         Ok(())
     }

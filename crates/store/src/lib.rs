@@ -60,6 +60,9 @@ pub enum StoreError {
     /// The cache answered with a status that asking again will not change (403, 413…).
     #[error("{0}")]
     Refused(String),
+    /// 409: the cache already holds something else under that name.
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Key(#[from] narinfo::KeyError),
     #[error("{path} is corrupt in the local store: its NAR hashes to {got}, the store says {want}")]
@@ -312,11 +315,16 @@ impl Pusher {
                     let body = http::read_prefix(r, 4096).await;
                     let body = String::from_utf8_lossy(&body);
                     let said = one_line(&body, 120);
-                    return Err(StoreError::Refused(if said.is_empty() {
+                    let why = if said.is_empty() {
                         format!("{what}: HTTP {status}")
                     } else {
                         format!("{what}: HTTP {status}: {said}")
-                    }));
+                    };
+                    return Err(if status.as_u16() == 409 {
+                        StoreError::Conflict(why)
+                    } else {
+                        StoreError::Refused(why)
+                    });
                 }
                 Err(e) => last = format!("{what}: {}", error_chain(&e)),
             }
@@ -524,7 +532,8 @@ impl Pusher {
                     e @ (StoreError::Corrupt { .. }
                     | StoreError::NoKey(_)
                     | StoreError::NoToken
-                    | StoreError::Refused(_)),
+                    | StoreError::Refused(_)
+                    | StoreError::Conflict(_)),
                 ) => return Err(e),
                 Err(e) if attempt < self.opts.path_retries => {
                     attempt += 1;

@@ -81,7 +81,13 @@ fn build_report(
         .run(run_id)?
         .ok_or_else(|| EngineError::NotFound(format!("run {run_id}")))?;
     let run_state = row.state;
-    let drv_rows = db.drvs(run_id)?;
+    // A graph stored by an older coordinator that this one reads stricter: its run failed
+    // at start-up, saying why, and its report still shows the packages and that error.
+    let unreadable = |e: &crate::state::StateError| e.is_unreadable();
+    let drv_rows = match db.drvs(run_id) {
+        Err(e) if unreadable(&e) => Vec::new(),
+        r => r?,
+    };
     let mut results: HashMap<&str, (DrvState, BuildReport)> = HashMap::new();
     let mut nodes: HashMap<&str, DrvNode> = HashMap::new();
     for r in &drv_rows {
@@ -89,7 +95,10 @@ fn build_report(
         results.insert(r.drv_path.as_str(), (r.state, rep));
         nodes.insert(r.drv_path.as_str(), r.node.clone());
     }
-    let packages = db.packages(run_id)?;
+    let packages = match db.packages(run_id) {
+        Err(e) if unreadable(&e) => Vec::new(),
+        r => r?,
+    };
     // What to call a derivation in a reason: its package, or the package it belongs to
     // ("aurora-core's source"), never a bare store hash when a package owns it.
     let mut top_of: HashMap<String, String> = packages

@@ -31,11 +31,49 @@ impl Engine {
             // Repository checks the listing agents still owe: each sends them again when it
             // dials back in; if it does not within its lease, the run says so and goes on.
             run.repo_owed = owed.remove(&row.id).unwrap_or_default();
-            let tasks = inner.db.eval_tasks(&row.id)?;
-            if row.eval_tasks_total < 0 {
+            match self.restore_run(inner, &mut run, row.eval_tasks_total) {
+                Ok(()) => inner.runs.push(run),
+                // What an older coordinator stored that this one reads stricter (a store
+                // path), or damage: that run fails, the farm goes on.
+                Err(EngineError::State(e)) if e.is_unreadable() => {
+                    tracing::warn!(run = row.id, "cannot read the run's stored state: {e}");
+                    inner.db.set_run_state(
+                        &row.id,
+                        RunState::Failed,
+                        &format!(
+                            "unreadable stored state (an older coordinator's, or damaged): {e}"
+                        ),
+                        self.clock.now_ms(),
+                    )?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Owed to runs that ended meanwhile (failed, cancelled): nothing waits for them.
+        for run_id in owed.into_keys() {
+            inner.db.repo_checks_settled(&run_id, None)?;
+        }
+        self.reattach_running(inner, running)?;
+        self.atomically(inner, |inner| self.settle_checks_unchecked(inner))?;
+        drop(g);
+        self.check_all_runs();
+        Ok(())
+    }
+
+    /// A run's evaluation tasks, second opinions, graph and pending checks, from the store.
+    fn restore_run(
+        &self,
+        inner: &mut Inner,
+        run: &mut RunMem,
+        eval_tasks_total: i64,
+    ) -> Result<(), EngineError> {
+        {
+            let row_id = run.id.clone();
+            let tasks = inner.db.eval_tasks(&row_id)?;
+            if eval_tasks_total < 0 {
                 run.eval_queue.push_back(EvalTask::List);
             } else {
-                run.eval_tasks_total = Some(row.eval_tasks_total as usize);
+                run.eval_tasks_total = Some(eval_tasks_total as usize);
                 for (task, attrs, done) in &tasks {
                     run.chunk_attrs.insert(*task, attrs.clone());
                     if *done {
@@ -46,16 +84,16 @@ impl Engine {
                 }
             }
             let now = self.clock.now_ms();
-            for o in inner.db.eval_opinions(&row.id)? {
+            for o in inner.db.eval_opinions(&row_id)? {
                 // The wait for a second answer starts again with this process.
                 run.opinion_since.insert(o.task, now);
                 run.opinions.insert(o.task, o);
             }
             // A run still evaluating may have built part of its graph already.
-            Self::build_scheduler(inner.db.as_mut(), &mut run, &inner.build_times)?;
+            Self::build_scheduler(inner.db.as_mut(), run, &inner.build_times)?;
             // Builds awaiting their check: still running (nothing builds on them yet), the
             // check queued again (or reattached below, if an agent was on it).
-            for mut c in inner.db.build_checks(&row.id)? {
+            for mut c in inner.db.build_checks(&row_id)? {
                 let Some(&n) = run.node_of.get(&c.drv) else {
                     continue;
                 };
@@ -66,12 +104,17 @@ impl Engine {
                 run.checks.insert(n, c);
                 run.check_queue.push_back(n);
             }
-            inner.runs.push(run);
         }
-        // Owed to runs that ended meanwhile (failed, cancelled): nothing waits for them.
-        for run_id in owed.into_keys() {
-            inner.db.repo_checks_settled(&run_id, None)?;
-        }
+        Ok(())
+    }
+
+    /// Attempts that were running when the coordinator stopped: reattached when their run
+    /// is back, else lost.
+    fn reattach_running(
+        &self,
+        inner: &mut Inner,
+        running: Vec<AttemptRow>,
+    ) -> Result<(), EngineError> {
         for a in running {
             let Some(run) = inner.runs.iter_mut().find(|r| r.id == a.run_id) else {
                 inner.db.finish_attempt(
@@ -160,9 +203,6 @@ impl Engine {
                 );
             }
         }
-        self.atomically(inner, |inner| self.settle_checks_unchecked(inner))?;
-        drop(g);
-        self.check_all_runs();
         Ok(())
     }
 

@@ -151,3 +151,36 @@ fn an_attempts_end_is_stored_with_its_outcome_or_not_at_all() {
     }
     assert_eq!(attempts("1"), 1, "{drv} built once");
 }
+
+/// A store path an older coordinator stored that this one no longer reads (its shape check
+/// took any letters and digits): that run fails, saying why, and the coordinator starts
+/// with the others.
+#[test]
+fn a_run_whose_stored_graph_no_longer_reads_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let open = || open_in(dir.path(), &clock, EngineOptions::default());
+    let engine = open();
+    let mut a = connect_agent(&engine, "a");
+    let (bad, _, _, _) = one_package_run_with(&engine, &mut a, false);
+    let (good, _, _, _) = one_package_run_with(&engine, &mut a, false);
+    drop(engine);
+    let conn = rusqlite::Connection::open(dir.path().join("coordinator.sqlite")).unwrap();
+    let n = conn
+        .execute(
+            "UPDATE drvs SET drv_path = '/nix/store/EEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEE-pkg@x.drv' WHERE run_id = ?1",
+            [&bad],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(conn);
+    let engine = open();
+    assert_eq!(engine.run_state(&bad).unwrap(), RunState::Failed);
+    let report = engine.report(&bad).unwrap();
+    assert!(
+        report.error.contains("unreadable stored state"),
+        "{}",
+        report.error
+    );
+    assert!(!engine.run_state(&good).unwrap().is_terminal());
+}
