@@ -512,12 +512,17 @@ fn handle(
                         _ = token.cancelled() => (cancelled, None),
                     },
                 };
+                let _ = results.send(result);
+                // The follow-up (a listing's repository checks) is still this attempt's
+                // work: it counts as running, and a cancel or a drain stops it too.
+                if let Some(f) = follow_up {
+                    tokio::select! {
+                        m = f => { let _ = results.send(m); }
+                        _ = token.cancelled() => {}
+                    }
+                }
                 if let Ok(mut r) = shared.running.lock() {
                     r.remove(&attempt);
-                }
-                let _ = results.send(result);
-                if let Some(f) = follow_up {
-                    let _ = results.send(f.await);
                 }
             });
         }

@@ -25,7 +25,11 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     print!("{text}");
     step_summary(report);
     if report.state == nixfarm_core::RunState::Failed {
-        eprintln!("error: run {} failed: {}", report.run_id, report.error);
+        eprintln!(
+            "error: run {} failed: {}",
+            report.run_id,
+            nixfarm_core::fit::printable(&report.error)
+        );
         return 2;
     }
     if let Some(pct) = out.fail_under

@@ -90,7 +90,7 @@ impl View {
                 Some(c) => nixfarm_core::fit::fit(&nixfarm_core::fit::one_line(&s), c),
                 None => s,
             }),
-            None => eprintln!("{s}"),
+            None => eprintln!("{}", nixfarm_core::fit::printable(&s)),
         }
     }
 

@@ -149,12 +149,8 @@ pub fn classify_nix_failure(exit_code: Option<i32>, log: &str, nix_error: &str) 
     if let Some(m) = parse_hash_mismatches(nix_error).into_iter().next() {
         return Failure::HashMismatch(m);
     }
-    match classify_failure(exit_code, log) {
-        Failure::HashMismatch(_) => Failure::BuildFailed(
-            first_error(&strip_ansi(nix_error)).unwrap_or_else(|| "build failed".into()),
-        ),
-        other => other,
-    }
+    // Whatever else the log says (a timeout, a full disk), as before, but no mismatch.
+    classify(exit_code, log, false)
 }
 
 /// What a failed build attempt was, as far as Nix's output and exit code tell.
@@ -203,8 +199,13 @@ pub fn is_disk_full(message: &str) -> bool {
 
 /// Classifies a failed `nix-store --realise` / `nix build` from its exit code and log.
 pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
+    classify(exit_code, log, true)
+}
+
+/// [`classify_failure`], looking for a hash mismatch in `log` or not.
+fn classify(exit_code: Option<i32>, log: &str, mismatches: bool) -> Failure {
     let clean = strip_ansi(log);
-    if let Some(m) = parse_hash_mismatches(&clean).into_iter().next() {
+    if mismatches && let Some(m) = parse_hash_mismatches(&clean).into_iter().next() {
         return Failure::HashMismatch(m);
     }
     if let Some(l) = clean.lines().find(|l| l.contains("timed out after")) {

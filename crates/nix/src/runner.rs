@@ -23,6 +23,10 @@ pub enum NixError {
     /// An evaluation ran past its memory cap: the expression's doing, like an error it throws.
     #[error("{0}")]
     OutOfMemory(String),
+    /// An evaluation ran past its time or output limit: the expression's doing, and not
+    /// worth trying again in smaller pieces.
+    #[error("{0}")]
+    TooLong(String),
 }
 
 impl NixError {
@@ -190,13 +194,7 @@ impl Nix {
                 return Err(NixError::Infra(format!("nix: {e}")));
             }
             // What the expression makes Nix do: its own failure.
-            Err(e) => {
-                let message = format!("nix evaluation stopped: {e}");
-                return Err(NixError::Failed {
-                    log: message.clone(),
-                    message,
-                });
-            }
+            Err(e) => return Err(NixError::TooLong(format!("nix evaluation stopped: {e}"))),
         };
         let stderr = out.stderr;
         if out.status.success() {

@@ -120,6 +120,16 @@ pub(super) async fn build(
                 ..Default::default()
             };
         }
+        if opts.trusted_public_keys.is_empty() {
+            return pb::BuildResult {
+                status: pb::BuildStatus::InfraFailed as i32,
+                message: format!(
+                    "derivation {} is not in agent {}'s store, and the run's cache has no key to check what it serves, so nothing is fetched from it: give the run --trusted-public-key, or the agents a signing key",
+                    j.drv_path, shared.cfg.name
+                ),
+                ..Default::default()
+            };
+        }
         let fetched = match shared.nix.substitute_daemon(&j.drv_path, &opts).await {
             Some(r) => r,
             None => shared

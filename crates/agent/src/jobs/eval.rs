@@ -163,6 +163,12 @@ pub(super) async fn eval_isolated(
                 {
                     out.insert(group[0].clone(), Err(message));
                 }
+                // Past the time or output limit: each piece would take as long again.
+                Err(NixError::TooLong(message)) => {
+                    for a in group {
+                        out.insert(a, Err(message.clone()));
+                    }
+                }
                 Err(NixError::Failed { .. } | NixError::OutOfMemory(_)) => {
                     let mid = group.len() / 2;
                     pending.push(group[..mid].to_vec());

@@ -58,6 +58,18 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         .unwrap_or(1);
     let n = args.agents.max(1);
     let jobs = args.jobs.unwrap_or((cpus / n).max(1));
+    // The Cachix API the run names (--cachix-api-url, or ?api= on the cache URL).
+    let cachix_api = match args
+        .run
+        .cache
+        .as_deref()
+        .map(nixfarm_core::cache_url::CacheTarget::parse)
+    {
+        Some(Ok(nixfarm_core::cache_url::CacheTarget::Cachix { api, .. })) => {
+            args.run.cachix_api_url.clone().or(Some(api))
+        }
+        _ => args.run.cachix_api_url.clone(),
+    };
     let shutdown = tokio_util_token();
     let mut agents = Vec::new();
     // Whatever ends it, the agents and the coordinator are stopped after.
@@ -71,7 +83,7 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
                 signing_key_file: args.signing_key_file.clone(),
                 allow_local_flake_refs: true,
                 // This user's own agents: the Cachix API they named gets their token.
-                cachix_api_urls: args.run.cachix_api_url.iter().cloned().collect(),
+                cachix_api_urls: cachix_api.iter().cloned().collect(),
                 ..Default::default()
             };
             let agent = nixfarm_agent::Agent::new(cfg)?;
