@@ -83,10 +83,30 @@ fn ci_annotations_point_at_the_lines_to_change() {
             "github",
         ])
         .env("GITHUB_STEP_SUMMARY", &summary)
+        .env("GITHUB_ACTIONS", "true")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
+    // The runner reads workflow commands in the step's output, and build logs and errors
+    // are a repository's text: commands are stopped from the start (stderr, where progress
+    // goes) and resumed, with the same unguessable token, just before the annotations.
+    let err = stderr(&out);
+    let token = err
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("::stop-commands::"))
+        .unwrap_or_else(|| panic!("commands are not stopped first:\n{err}"));
+    assert_eq!(token.len(), 32, "{token}");
+    let first_annotation = text
+        .lines()
+        .position(|l| l.contains("title=nixfarm"))
+        .unwrap();
+    let resumed = text
+        .lines()
+        .position(|l| l == format!("::{token}::"))
+        .unwrap();
+    assert!(resumed < first_annotation, "{text}");
     let expected = expected();
     let line_of = |file: &str, line: usize| -> String {
         std::fs::read_to_string(repo.join(file))

@@ -205,6 +205,15 @@ fn a_run_page_goes_live_in_a_real_browser() {
     let (status, resp) = get(http, &format!("/runs/{run}"), None);
     assert_eq!(status, 303, "{resp}");
     assert!(resp.contains("location: /login?next="), "{resp}");
+    // Every answer says what a browser may run and load: this site's script and styles
+    // only (the live page below works under it), no framing, no type sniffing.
+    let headers = resp.to_ascii_lowercase();
+    assert!(
+        headers.contains("content-security-policy: default-src 'self'")
+            && headers.contains("frame-ancestors 'none'")
+            && headers.contains("x-content-type-options: nosniff"),
+        "{resp}"
+    );
     for path in [
         format!("/api/runs/{run}"),
         "/api/runs".into(),

@@ -383,6 +383,11 @@ impl Agent {
                         let _ = out_tx.try_send(l);
                     }
                     _ = heartbeat.tick() => {
+                        // Draining, and what ran ended without a last message (a follow-up
+                        // cancelled): done.
+                        if draining && running_count(&shared) == 0 && results_rx.is_empty() {
+                            return Ok(());
+                        }
                         paused = pause_reason(&shared);
                         if out_tx.send(heartbeat_msg(&shared, draining, &paused)).await.is_err() {
                             break "the stream closed".to_string();
@@ -512,17 +517,28 @@ fn handle(
                         _ = token.cancelled() => (cancelled, None),
                     },
                 };
+                let done = |shared: &Shared| {
+                    if let Ok(mut r) = shared.running.lock() {
+                        r.remove(&attempt);
+                    }
+                };
+                // The attempt stops counting as running before its last message goes: a
+                // draining agent exits once that message is out and nothing runs.
+                let Some(f) = follow_up else {
+                    done(&shared);
+                    let _ = results.send(result);
+                    return;
+                };
                 let _ = results.send(result);
                 // The follow-up (a listing's repository checks) is still this attempt's
                 // work: it counts as running, and a cancel or a drain stops it too.
-                if let Some(f) = follow_up {
-                    tokio::select! {
-                        m = f => { let _ = results.send(m); }
-                        _ = token.cancelled() => {}
-                    }
-                }
-                if let Ok(mut r) = shared.running.lock() {
-                    r.remove(&attempt);
+                let last = tokio::select! {
+                    m = f => Some(m),
+                    _ = token.cancelled() => None,
+                };
+                done(&shared);
+                if let Some(m) = last {
+                    let _ = results.send(m);
                 }
             });
         }

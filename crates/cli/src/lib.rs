@@ -3,6 +3,7 @@
 
 mod args;
 mod checkout;
+pub mod ci;
 mod client;
 pub mod cmd;
 pub mod fix;

@@ -35,12 +35,14 @@ async fn main() {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    nixfarm_cli::ci::stop_commands();
     let code = match nixfarm_cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", nixfarm_core::fit::printable(&format!("{e:#}")));
             2
         }
     };
+    nixfarm_cli::ci::resume_commands(false);
     std::process::exit(code);
 }

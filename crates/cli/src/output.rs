@@ -20,7 +20,12 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
         Format::Json => report.to_json() + "\n",
         Format::Markdown => report.to_markdown(),
         Format::Junit => report.to_junit(),
-        Format::Github => report.to_github(),
+        Format::Github => {
+            // Its own annotations are commands the runner must read; the rest of the
+            // output (progress, errors) was printed with commands stopped.
+            crate::ci::resume_commands(true);
+            report.to_github()
+        }
     };
     print!("{text}");
     step_summary(report);

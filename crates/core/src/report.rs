@@ -204,10 +204,12 @@ impl Report {
             }
         );
         for f in fixes {
+            // A name of the user's repository: one line, and no backtick to end a span.
+            let file = crate::fit::one_line(&f.file).replace('`', "'");
             let _ = writeln!(
                 out,
-                "{bullet}{q}{}:{}{q} {q}{}{q}: {} -> {q}{}{q}",
-                f.file, f.line, f.attribute, f.old, f.new
+                "{bullet}{q}{file}:{}{q} {q}{}{q}: {} -> {q}{}{q}",
+                f.line, f.attribute, f.old, f.new
             );
         }
         out
@@ -435,13 +437,18 @@ fn md_escape(s: &str) -> String {
 /// A code span for a table cell: one line, pipes escaped (GFM splits cells on them even in
 /// code), fenced with enough backticks for its content.
 fn md_code(s: &str) -> String {
+    // No backtick inside: a run of them would close the span early, and what follows
+    // would be Markdown (or HTML) again.
     let one_line: String = s
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| match c {
+            '`' => '\'',
+            c if c.is_control() => ' ',
+            c => c,
+        })
         .collect::<String>()
         .replace('|', "\\|");
-    let fence = if one_line.contains('`') { "``" } else { "`" };
-    format!("{fence}{one_line}{fence}")
+    format!("`{one_line}`")
 }
 
 fn xml_escape(s: &str) -> String {
@@ -453,9 +460,16 @@ fn xml_escape(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
-            // XML 1.0 forbids most control characters even escaped.
-            c if (c as u32) < 0x20 && !matches!(c, '\n' | '\r' | '\t') => {}
-            c => out.push(c),
+            // XML 1.0 allows no other control characters, surrogates or U+FFFE/U+FFFF, even
+            // escaped: one of them makes the whole file unreadable to a strict parser.
+            c if matches!(c, '\n' | '\r' | '\t')
+                || ('\u{20}'..='\u{D7FF}').contains(&c)
+                || ('\u{E000}'..='\u{FFFD}').contains(&c)
+                || c >= '\u{10000}' =>
+            {
+                out.push(c)
+            }
+            _ => {}
         }
     }
     out

@@ -103,7 +103,7 @@ impl Report {
                 self.repository.len()
             ));
             for c in self.repository.iter().filter(|c| !c.ok) {
-                let line = format!("  {}: {}", c.name, one_line(&c.message));
+                let line = format!("  {}: {}", one_line(&c.name), one_line(&c.message));
                 for l in self.wrapped(&line, max) {
                     put(l);
                 }
@@ -131,14 +131,15 @@ impl Report {
         };
         let mut lines: Vec<String> = text.lines().take(1).map(str::to_string).collect();
         for f in self.all_fixes() {
+            let file = one_line(&f.file);
             let one = format!(
-                "  {}:{} {}: {} -> {}",
-                f.file, f.line, f.attribute, f.old, f.new
+                "  {file}:{} {}: {} -> {}",
+                f.line, f.attribute, f.old, f.new
             );
             if crate::fit::width(&one) <= max {
                 lines.push(one);
             } else {
-                lines.push(format!("  {}:{} {}", f.file, f.line, f.attribute));
+                lines.push(format!("  {file}:{} {}", f.line, f.attribute));
                 lines.push(format!("    old {}", f.old));
                 lines.push(format!("    new {}", f.new));
             }

@@ -144,3 +144,31 @@ fn markdown_and_table_list_every_package() {
         assert!(t.contains(a));
     }
 }
+
+/// What a hostile repository can put in names and logs stays text in every rendering: no
+/// escape sequence or workflow command on the terminal, no HTML in Markdown, no character
+/// XML cannot hold.
+#[test]
+fn names_and_logs_from_a_repository_stay_text() {
+    let mut r = report();
+    r.packages[0].attr = "`<img src=https://t.example/p>".into();
+    r.packages[0].log_tail = "a\u{FFFF}b\u{1}c".into();
+    r.repository = vec![crate::report::RepoCheck {
+        name: "overlays.a\n::stop-commands::x\u{1b}[2J".into(),
+        ok: false,
+        message: "no".into(),
+    }];
+    let table = r.to_table_in(crate::TableWidth::Columns(80));
+    assert!(!table.contains('\u{1b}'), "{table}");
+    assert!(
+        !table.lines().any(|l| l.trim_start().starts_with("::")),
+        "{table}"
+    );
+    let md = r.to_markdown();
+    assert!(md.contains("`'<img src=https://t.example/p>`"), "{md}");
+    let junit = r.to_junit();
+    assert!(
+        !junit.contains('\u{FFFF}') && !junit.contains('\u{1}'),
+        "{junit}"
+    );
+}

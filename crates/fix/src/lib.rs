@@ -99,6 +99,20 @@ pub fn relative_position(position: &str, tree: &Tree) -> Option<String> {
         .find(|s| tree.contains_key(s))
 }
 
+/// Whether a repository file's name can go into a patch as is: a relative path of plain
+/// parts, with no control character, quote or backslash (a newline in a name would start
+/// sections of its own in the diff, editing other files).
+pub fn patchable(file: &str) -> bool {
+    !file.is_empty()
+        && !file.starts_with('/')
+        && file
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+        && !file
+            .chars()
+            .any(|c| c.is_control() || c == '"' || c == '\\')
+}
+
 /// Finds the edit for every mismatch: first in the package's own file, then, requiring a
 /// literal shared with the derivation, anywhere in the tree. A place two different mismatches
 /// claim goes to the better fit; the other is reported unlocated.
@@ -112,7 +126,16 @@ pub fn plan(tree: &Tree, packages: &[PackageMismatches]) -> Plan {
             if m.specified == m.got {
                 continue;
             }
-            let found = locate_one(tree, p.own_file.as_deref(), m);
+            let found = locate_one(tree, p.own_file.as_deref(), m).and_then(|f| {
+                if patchable(&f.0) {
+                    Ok(f)
+                } else {
+                    Err(format!(
+                        "its file's name ({:?}) has characters a patch cannot carry safely",
+                        nixfarm_core::limits::clip(&f.0, 80)
+                    ))
+                }
+            });
             match found {
                 Ok((file, c, score)) => {
                     let key = (file.clone(), c.start);
@@ -306,6 +329,11 @@ pub fn apply<'a>(tree: &Tree, fixes: impl IntoIterator<Item = &'a Fix>) -> Resul
     }
     let mut out = Tree::new();
     for (file, mut list) in by_file {
+        if !patchable(file) {
+            return Err(FixError::MissingFile {
+                file: nixfarm_core::limits::clip(file, 80).to_string(),
+            });
+        }
         let text = tree.get(file).ok_or_else(|| FixError::MissingFile {
             file: file.to_string(),
         })?;
@@ -485,6 +513,39 @@ mod tests {
             apply(&changed, p.fixes.values().flatten()),
             Err(FixError::Changed { .. })
         ));
+    }
+
+    #[test]
+    fn a_file_whose_name_a_patch_cannot_carry_gets_no_edit() {
+        let mut t = tree();
+        // A newline in a name would start a diff section of its own, for another file.
+        let name = "x\tb/x\n--- a/pkgs/b.nix\n+++ b/pkgs/b.nix\n@@ -1 +1 @@\n.nix";
+        t.insert(name.into(), t["pkgs/a.nix"].clone());
+        let p = plan(
+            &t,
+            &[PackageMismatches {
+                attr: "evil".into(),
+                own_file: Some(name.into()),
+                mismatches: vec![mm("source", &[], GOT1)],
+            }],
+        );
+        assert!(
+            p.fixes.values().flatten().all(|f| patchable(&f.file)),
+            "{:?}",
+            p.fixes
+        );
+        assert!(!p.unlocated.is_empty() || p.fixes.values().flatten().all(|f| f.file != name));
+        for bad in [
+            "../x.nix",
+            "/etc/x.nix",
+            "a//b.nix",
+            "a\"b.nix",
+            "a\\b.nix",
+            "a\nb.nix",
+        ] {
+            assert!(!patchable(bad), "{bad:?}");
+        }
+        assert!(patchable("pkgs/a-b_c.d/default.nix"));
     }
 
     #[test]

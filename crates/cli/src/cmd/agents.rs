@@ -108,7 +108,13 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
     if !waiting.is_empty() {
         println!("\nwaiting jobs:");
         for w in waiting {
-            println!("  {:>6}  {} (e.g. {})", w.jobs, w.reason, w.example);
+            // Built from derivations' systems and features: a repository's text.
+            println!(
+                "  {:>6}  {} (e.g. {})",
+                w.jobs,
+                nixfarm_core::fit::one_line(&w.reason),
+                nixfarm_core::fit::one_line(&w.example)
+            );
         }
     }
     Ok(0)
