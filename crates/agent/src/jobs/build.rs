@@ -28,21 +28,13 @@ pub(super) async fn build(
                         trusted.extend(keys);
                     }
                     Err(e) => {
-                        return pb::BuildResult {
-                            status: pb::BuildStatus::InfraFailed as i32,
-                            message: format!("cannot reach the cache: {e}"),
-                            ..Default::default()
-                        };
+                        return infra_failed(format!("cannot reach the cache: {e}"));
                     }
                 }
                 Some(p)
             }
             Err(e) => {
-                return pb::BuildResult {
-                    status: pb::BuildStatus::InfraFailed as i32,
-                    message: e.to_string(),
-                    ..Default::default()
-                };
+                return infra_failed(e.to_string());
             }
         }
     };
@@ -67,25 +59,17 @@ pub(super) async fn build(
     ) {
         Ok(r) => r,
         Err(e) => {
-            return pb::BuildResult {
-                status: pb::BuildStatus::InfraFailed as i32,
-                message: format!(
-                    "the outputs of {} are to wait for their check in the farm cache: {e}",
-                    j.drv_path
-                ),
-                ..Default::default()
-            };
+            return infra_failed(format!(
+                "the outputs of {} are to wait for their check in the farm cache: {e}",
+                j.drv_path
+            ));
         }
     };
     let staging = match staging_cache {
         Some(f) if route.check_from == Place::FarmCache => match pusher(shared, &f.url).await {
             Ok(p) => Some((p, f)),
             Err(e) => {
-                return pb::BuildResult {
-                    status: pb::BuildStatus::InfraFailed as i32,
-                    message: format!("cannot reach the farm cache: {e}"),
-                    ..Default::default()
-                };
+                return infra_failed(format!("cannot reach the farm cache: {e}"));
             }
         },
         _ => None,
@@ -111,24 +95,16 @@ pub(super) async fn build(
     let fetched_here = !std::path::Path::new(&j.drv_path).exists();
     if fetched_here {
         if opts.substituter.is_empty() {
-            return pb::BuildResult {
-                status: pb::BuildStatus::InfraFailed as i32,
-                message: format!(
-                    "derivation {} is not in agent {}'s store, and the run has no cache to fetch it from: agents on separate hosts need a cache they share (--cache)",
-                    j.drv_path, shared.cfg.name
-                ),
-                ..Default::default()
-            };
+            return infra_failed(format!(
+                "derivation {} is not in agent {}'s store, and the run has no cache to fetch it from: agents on separate hosts need a cache they share (--cache)",
+                j.drv_path, shared.cfg.name
+            ));
         }
         if opts.trusted_public_keys.is_empty() {
-            return pb::BuildResult {
-                status: pb::BuildStatus::InfraFailed as i32,
-                message: format!(
-                    "derivation {} is not in agent {}'s store, and the run's cache has no key to check what it serves, so nothing is fetched from it: give the run --trusted-public-key, or the agents a signing key",
-                    j.drv_path, shared.cfg.name
-                ),
-                ..Default::default()
-            };
+            return infra_failed(format!(
+                "derivation {} is not in agent {}'s store, and the run's cache has no key to check what it serves, so nothing is fetched from it: give the run --trusted-public-key, or the agents a signing key",
+                j.drv_path, shared.cfg.name
+            ));
         }
         let fetched = match shared.nix.substitute_daemon(&j.drv_path, &opts).await {
             Some(r) => r,
@@ -382,13 +358,9 @@ async fn forged_derivation(shared: &Arc<Shared>, drv: &str, why: &str) -> pb::Bu
     if let Err(e) = shared.nix.delete_paths(&[drv.to_string()]).await {
         tracing::warn!(drv, "cannot remove it from the store: {e}");
     }
-    pb::BuildResult {
-        status: pb::BuildStatus::InfraFailed as i32,
-        message: format!(
-            "derivation {drv} is not what its store path says ({why}): forged or corrupt where it was fetched from; not built"
-        ),
-        ..Default::default()
-    }
+    infra_failed(format!(
+        "derivation {drv} is not what its store path says ({why}): forged or corrupt where it was fetched from; not built"
+    ))
 }
 
 /// Whether `producer` is the same fetch as `drv` with another hash stated (the package's
@@ -454,5 +426,14 @@ async fn copied_hash(
             );
             None
         }
+    }
+}
+
+/// A build that did not run for a reason of the agent's or the run's, said in `message`.
+fn infra_failed(message: String) -> pb::BuildResult {
+    pb::BuildResult {
+        status: pb::BuildStatus::InfraFailed as i32,
+        message,
+        ..Default::default()
     }
 }
