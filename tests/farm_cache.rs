@@ -325,4 +325,18 @@ fn a_published_path_is_never_replaced_and_a_nar_is_taken_only_under_its_hash() {
     assert!(status.contains(" 400 "), "{status} {body}");
     let (status, body) = http_put(&addr, &format!("/nar/{name}.nar"), Some(auth), &third);
     assert!(status.contains(" 200 "), "{status} {body}");
+    // A narinfo a crash left cut short is no publication: the next upload replaces it.
+    let on_disk = dir
+        .path()
+        .join("coordinator/farm-cache/0123456789abcdfghijklmnpqrsvwxyz.narinfo");
+    std::fs::write(&on_disk, "StorePath: /nix/sto").unwrap();
+    let (status, body) = upload_nar(&addr, Some(auth), path, &single_file_nar(b"second"));
+    assert!(status.contains(" 200 "), "{status} {body}");
+    let served = http(&addr, "GET", info, Some(auth), None);
+    let second_hash =
+        nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(single_file_nar(b"second")));
+    assert!(
+        served.contains(&format!("NarHash: sha256:{second_hash}")),
+        "{served}"
+    );
 }

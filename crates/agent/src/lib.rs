@@ -517,16 +517,18 @@ fn handle(
                         _ = token.cancelled() => (cancelled, None),
                     },
                 };
-                let done = |shared: &Shared| {
+                // The attempt stops counting as running as its last message goes, under one
+                // lock: a draining agent exits once nothing runs and no message waits.
+                let done = |shared: &Shared, last: Option<pb::AgentMessage>| {
                     if let Ok(mut r) = shared.running.lock() {
                         r.remove(&attempt);
+                        if let Some(m) = last {
+                            let _ = results.send(m);
+                        }
                     }
                 };
-                // The attempt stops counting as running before its last message goes: a
-                // draining agent exits once that message is out and nothing runs.
                 let Some(f) = follow_up else {
-                    done(&shared);
-                    let _ = results.send(result);
+                    done(&shared, Some(result));
                     return;
                 };
                 let _ = results.send(result);
@@ -536,10 +538,7 @@ fn handle(
                     m = f => Some(m),
                     _ = token.cancelled() => None,
                 };
-                done(&shared);
-                if let Some(m) = last {
-                    let _ = results.send(m);
-                }
+                done(&shared, last);
             });
         }
         Some(Msg::Cancel(c)) => {

@@ -8,6 +8,19 @@ use nixfarm_core::report::Report;
 /// Prints a report in the chosen format on stdout; returns the exit code.
 pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     let format = out.format.unwrap_or(Format::Table);
+    let github = matches!(format, Format::Github);
+    let failed = (report.state == nixfarm_core::RunState::Failed).then(|| {
+        format!(
+            "error: run {} failed: {}",
+            report.run_id,
+            nixfarm_core::fit::printable(&report.error)
+        )
+    });
+    // The run's error is the repository's text: said while workflow commands are still
+    // stopped, before --format github resumes them for its annotations.
+    if github && let Some(line) = &failed {
+        eprintln!("{line}");
+    }
     let text = match format {
         Format::Table => report.to_table_in(if out.wide {
             TableWidth::Wide
@@ -29,12 +42,10 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     };
     print!("{text}");
     step_summary(report);
-    if report.state == nixfarm_core::RunState::Failed {
-        eprintln!(
-            "error: run {} failed: {}",
-            report.run_id,
-            nixfarm_core::fit::printable(&report.error)
-        );
+    if let Some(line) = failed {
+        if !github {
+            eprintln!("{line}");
+        }
         return 2;
     }
     if let Some(pct) = out.fail_under

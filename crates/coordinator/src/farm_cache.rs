@@ -513,34 +513,79 @@ async fn put_narinfo(
     // A published path is never replaced (a later build of it by another agent, or
     // anyone's, would change what dependents and checks already took): the same again is a
     // no-op, anything else a conflict. Withdrawal and eviction free the name.
-    if let Ok(old) = tokio::fs::read_to_string(&dest).await {
+    if let Ok(old) = tokio::fs::read_to_string(&dest).await
+        && NarInfo::parse(&old).is_ok()
+    {
         return c.published_already(&old, &ni);
     }
     ni.sigs.clear();
     ni.sign(&c.key);
     let tmp = c.dir.join(format!(".{file}.{:016x}", fastrand::u64(..)));
-    // Linked in, not renamed over: of two uploads at once, one publishes and the other
-    // finds it there.
-    let written = async {
-        tokio::fs::write(&tmp, ni.render()).await?;
-        tokio::fs::hard_link(&tmp, &dest).await
-    }
-    .await;
-    let _ = tokio::fs::remove_file(&tmp).await;
-    match written {
-        Ok(()) => {
+    let text = ni.render();
+    let published = tokio::task::spawn_blocking(move || publish(&tmp, &dest, &text)).await;
+    match published {
+        Ok(Ok(None)) => {
             let c2 = c.clone();
             tokio::task::spawn_blocking(move || c2.evict());
             StatusCode::OK.into_response()
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            match tokio::fs::read_to_string(&dest).await {
-                Ok(old) => c.published_already(&old, &ni),
-                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-            }
-        }
+        Ok(Ok(Some(old))) => c.published_already(&old, &ni),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// Publishes `text` as `dest` unless a readable narinfo is there already (returned). The
+/// file is synced and then linked in, not renamed over: of two uploads at once one
+/// publishes and the other finds it. One left unreadable (cut short by a crash) is
+/// replaced. On a file system without hard links it is created in place, never over
+/// another.
+fn publish(
+    tmp: &std::path::Path,
+    dest: &std::path::Path,
+    text: &str,
+) -> std::io::Result<Option<String>> {
+    use std::io::{ErrorKind, Write as _};
+    let write_new = |path: &std::path::Path| -> std::io::Result<()> {
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    let result = (|| {
+        write_new(tmp)?;
+        for _ in 0..2 {
+            let linked = match std::fs::hard_link(tmp, dest) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Unsupported | ErrorKind::PermissionDenied
+                    ) =>
+                {
+                    write_new(dest)
+                }
+                r => r,
+            };
+            match linked {
+                Ok(()) => return Ok(None),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    let old = std::fs::read_to_string(dest).unwrap_or_default();
+                    if NarInfo::parse(&old).is_ok() {
+                        return Ok(Some(old));
+                    }
+                    std::fs::remove_file(dest)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other(
+            "the narinfo kept changing while it was published",
+        ))
+    })();
+    let _ = std::fs::remove_file(tmp);
+    result
 }
 
 /// Marks a cache file used now (its modification time): eviction spares what was used in

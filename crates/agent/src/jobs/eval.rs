@@ -163,13 +163,12 @@ pub(super) async fn eval_isolated(
                 {
                     out.insert(group[0].clone(), Err(message));
                 }
-                // Past the time or output limit: each piece would take as long again.
-                Err(NixError::TooLong(message)) => {
-                    for a in group {
-                        out.insert(a, Err(message.clone()));
-                    }
+                Err(NixError::TooLong(message)) if group.len() == 1 => {
+                    out.insert(group[0].clone(), Err(message));
                 }
-                Err(NixError::Failed { .. } | NixError::OutOfMemory(_)) => {
+                // Past the time or output limit together: split like any failure, so the
+                // one that takes that long is found and the rest are not blamed for it.
+                Err(NixError::Failed { .. } | NixError::OutOfMemory(_) | NixError::TooLong(_)) => {
                     let mid = group.len() / 2;
                     pending.push(group[..mid].to_vec());
                     pending.push(group[mid..].to_vec());

@@ -113,7 +113,7 @@ impl Isolation {
 }
 
 /// None for an agent that is not root (its programs run as itself); for root, the
-/// isolation, or why there is none: found and tried once (`/bin/true` in it), so that a host
+/// isolation, or why there is none: found and tried once (`setpriv --version` in it), so that a host
 /// without `unshare`/`setpriv`, or a container that may not make namespaces, says so
 /// instead of failing every package's smoke test.
 async fn isolation() -> Option<Result<&'static Isolation, &'static str>> {
@@ -137,8 +137,10 @@ async fn isolation() -> Option<Result<&'static Isolation, &'static str>> {
                 unshare: find("unshare")?,
                 setpriv: find("setpriv")?,
             };
+            // setpriv itself, which is there: NixOS has no /bin/true.
             let tried = i
-                .command(Path::new("/bin/true"))
+                .command(&i.setpriv)
+                .arg("--version")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())

@@ -18,12 +18,9 @@ impl Engine {
             let spec: RunSpec = match serde_json::from_str(&row.spec) {
                 Ok(s) => s,
                 Err(e) => {
-                    inner.db.set_run_state(
-                        &row.id,
-                        RunState::Failed,
-                        &format!("unreadable run spec: {e}"),
-                        self.clock.now_ms(),
-                    )?;
+                    // Failed as any run fails: stored, its event sent (watchers end), owed
+                    // checks settled.
+                    self.fail_run(inner, &row.id, &format!("unreadable run spec: {e}"))?;
                     continue;
                 }
             };
@@ -37,14 +34,10 @@ impl Engine {
                 // path), or damage: that run fails, the farm goes on.
                 Err(EngineError::State(e)) if e.is_unreadable() => {
                     tracing::warn!(run = row.id, "cannot read the run's stored state: {e}");
-                    inner.db.set_run_state(
-                        &row.id,
-                        RunState::Failed,
-                        &format!(
-                            "unreadable stored state (an older coordinator's, or damaged): {e}"
-                        ),
-                        self.clock.now_ms(),
-                    )?;
+                    let why = format!(
+                        "unreadable stored state (an older coordinator's, or damaged): {e}"
+                    );
+                    self.fail_run(inner, &row.id, &why)?;
                 }
                 Err(e) => return Err(e),
             }

@@ -183,4 +183,11 @@ fn a_run_whose_stored_graph_no_longer_reads_fails_alone() {
         report.error
     );
     assert!(!engine.run_state(&good).unwrap().is_terminal());
+    // Its watchers hear it ended.
+    let events = engine.events_after(&bad, 0).unwrap();
+    assert!(
+        events.iter().any(|e| e.kind == "run-failed"),
+        "{:?}",
+        events.iter().map(|e| &e.kind).collect::<Vec<_>>()
+    );
 }
