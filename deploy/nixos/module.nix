@@ -201,6 +201,7 @@ in
             features = mkOption { type = types.nullOr (types.listOf types.str); default = null; example = [ "big-parallel" "kvm" ]; description = "System features offered (requiredSystemFeatures). Default (null): big-parallel, benchmark and nixos-test, plus kvm when /dev/kvm exists (the agent looks)."; };
             max_jobs = mkOption { type = types.nullOr (types.ints.between 1 4096); default = null; description = "Jobs run at once. Default (null): the number of CPUs the agent may use."; };
             eval_workers = between 1 256 2 "Evaluation worker processes per evaluation job.";
+            eval_timeout_secs = between 10 604800 3600 "Seconds one evaluation process may run (a repository that imports from derivations builds while it evaluates); past it its attributes fail, one by one.";
             work_dir = mkOption { type = types.str; default = agentWorkDir; description = "Scratch directory for unpacked sources (the unit's state directory; another one is created by tmpfiles and made writable)."; };
             nix_bin = nullStr "Directory holding nix and nix-store. Default (null): found through PATH, which the unit sets to config.nix.package.";
             drain_timeout_secs = between 0 604800 600 "On stop, seconds running jobs may finish before they are handed back (the unit's stop timeout follows).";

@@ -22,6 +22,10 @@ pub struct AgentConfig {
     pub max_jobs: u32,
     /// Evaluation worker processes per evaluation job. Default 2.
     pub eval_workers: usize,
+    /// Seconds one evaluation process may run (a repository that imports from derivations
+    /// builds while it evaluates); past it the attributes it held fail, one by one.
+    /// Default 3600.
+    pub eval_timeout_secs: u64,
     /// Scratch directory for unpacked sources. Default `/var/lib/nixfarm-agent`.
     pub work_dir: PathBuf,
     /// Directory holding `nix` and `nix-store`. Default: empty, found through PATH.
@@ -85,6 +89,7 @@ impl Default for AgentConfig {
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
             eval_workers: 2,
+            eval_timeout_secs: 3600,
             work_dir: "/var/lib/nixfarm-agent".into(),
             nix_bin: PathBuf::new(),
             signing_key_file: None,
@@ -179,6 +184,7 @@ impl AgentConfig {
         }
         range("max_jobs", self.max_jobs, 1, 4096)?;
         range("eval_workers", self.eval_workers, 1, 256)?;
+        range("eval_timeout_secs", self.eval_timeout_secs, 10, 7 * 86_400)?;
         range("drain_timeout_secs", self.drain_timeout_secs, 0, 7 * 86_400)?;
         range("log_limit_bytes", self.log_limit_bytes, 0, 64 << 20)?;
         if self.name.is_empty()
@@ -225,6 +231,13 @@ mod tests {
         };
         ok.validate().unwrap();
         for (c, field) in [
+            (
+                AgentConfig {
+                    eval_timeout_secs: 1,
+                    ..ok.clone()
+                },
+                "eval_timeout_secs",
+            ),
             (
                 AgentConfig {
                     max_jobs: 0,

@@ -164,6 +164,7 @@ impl Agent {
         let mut nix = Nix::default();
         nix.nix = cfg.nix_bin.join("nix");
         nix.nix_store = cfg.nix_bin.join("nix-store");
+        nix.eval_deadline = Duration::from_secs(cfg.eval_timeout_secs);
         let nix = nix
             .with_declining_hook(&cfg.work_dir)
             .with_daemon(&cfg.work_dir);

@@ -90,11 +90,14 @@ pub struct Nix {
     /// Long-lived daemons builds go through (see [`Nix::with_daemon`]); None: one
     /// `nix-store --realise` per build.
     pub(crate) daemon: Option<std::sync::Arc<crate::daemon::DaemonPool>>,
+    /// Longest one evaluation (or store query) process may run; [`EVAL_DEADLINE`] unless
+    /// set.
+    pub eval_deadline: Duration,
 }
 
 /// Most JSON one Nix command may print, bytes.
 pub const MAX_JSON_BYTES: usize = 512 << 20;
-/// Longest one evaluation (or store query) process may run.
+/// How long one evaluation (or store query) process may run, unless set otherwise.
 pub const EVAL_DEADLINE: Duration = Duration::from_secs(3600);
 
 impl Default for Nix {
@@ -105,6 +108,7 @@ impl Default for Nix {
             log_tail_bytes: 16 * 1024,
             build_hook: None,
             daemon: None,
+            eval_deadline: EVAL_DEADLINE,
         }
     }
 }
@@ -180,7 +184,7 @@ impl Nix {
     }
 
     /// Runs a Nix command that prints JSON; its output and time are bounded
-    /// ([`MAX_JSON_BYTES`], [`EVAL_DEADLINE`]).
+    /// ([`MAX_JSON_BYTES`], [`Nix::eval_deadline`]).
     pub(crate) async fn run_json(
         &self,
         mut cmd: Command,
@@ -188,7 +192,7 @@ impl Nix {
     ) -> Result<String, NixError> {
         use crate::captured::{CaptureError, capture};
         limit_memory(&mut cmd, mem_mib);
-        let out = match capture(&mut cmd, MAX_JSON_BYTES, EVAL_DEADLINE).await {
+        let out = match capture(&mut cmd, MAX_JSON_BYTES, self.eval_deadline).await {
             Ok(out) => out,
             Err(e @ CaptureError::Spawn(_)) | Err(e @ CaptureError::Io(_)) => {
                 return Err(NixError::Infra(format!("nix: {e}")));
