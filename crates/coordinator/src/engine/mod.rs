@@ -570,6 +570,8 @@ mod slots;
 mod waiting;
 
 #[cfg(test)]
+mod answers_tests;
+#[cfg(test)]
 mod checks_tests;
 #[cfg(test)]
 mod cutoff_tests;

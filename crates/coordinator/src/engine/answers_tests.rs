@@ -1,0 +1,216 @@
+//! What an agent's messages settle, and only that: an answer must fit its attempt's job, a
+//! hash mismatch its derivation, and upload claims are bounded.
+
+use super::tests::*;
+use super::*;
+
+#[test]
+fn an_agent_holds_a_bounded_number_of_upload_claims_and_stale_ones_lapse() {
+    use super::claims::MAX_UPLOAD_CLAIMS;
+    let (engine, clock, _dir) = test_engine(EngineOptions::default());
+    let a = connect_agent(&engine, "a");
+    let paths = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| format!("/nix/store/p{i}"))
+            .collect()
+    };
+    let half = MAX_UPLOAD_CLAIMS / 2;
+    // Under each cache's name: the cache is whatever the agent says.
+    for (i, cache) in ["file:///a", "file:///b"].into_iter().enumerate() {
+        let granted = engine
+            .claim_uploads("a", &a.session, cache, &paths(i * half, half), false)
+            .unwrap();
+        assert!(granted.iter().all(|g| *g));
+    }
+    let err = engine
+        .claim_uploads("a", &a.session, "file:///c", &paths(0, 1), false)
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::Invalid(ref m) if m.contains("upload claims")),
+        "{err:?}"
+    );
+    // Claims older than any upload lapse, and make room.
+    clock.advance(UPLOAD_CLAIM_TTL_MS + 1);
+    assert_eq!(
+        engine
+            .claim_uploads("a", &a.session, "file:///c", &paths(0, 1), false)
+            .unwrap(),
+        [true]
+    );
+}
+
+#[test]
+fn an_answer_of_another_kind_than_the_attempts_job_settles_nothing() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let (run, drv, out) = one_package_run(&engine, &mut a);
+    let (attempt, _) = assigned(&mut a.rx);
+    // An evaluation's answer to a build's attempt: a violation, and the build goes back to
+    // the queue rather than running for ever with nobody on it.
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalChunk {
+                attempt: attempt.clone(),
+                result: Ok((vec![], BTreeMap::new())),
+            },
+        )
+        .unwrap();
+    assert_eq!(violations(&engine, "a"), 1);
+    let (again, job) = assigned(&mut a.rx);
+    assert_ne!(again, attempt);
+    assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+    // A listing's answer to it changes nothing either.
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalList {
+                attempt: again.clone(),
+                result: Ok((vec!["other".into()], vec![])),
+                follows: false,
+                evaluated: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(violations(&engine, "a"), 2);
+    let (third, _) = assigned(&mut a.rx);
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.packages.len(), 1, "the listing was not taken");
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::Build {
+                attempt: third,
+                report: built(&out),
+            },
+        )
+        .unwrap();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    assert_eq!(
+        engine.report(&run).unwrap().packages[0].status,
+        PackageStatus::Ready
+    );
+}
+
+#[test]
+fn a_hash_mismatch_counts_only_where_the_derivation_declares_the_specified_hash() {
+    const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const GOT: &str = "sha256-PVeE0nwHh0ZHzgquwGISnMlgMM5757mfRZ2F6p65gDc=";
+    let fod = |hash: &str| DrvNode {
+        fixed_output: true,
+        output_hash: hash.into(),
+        ..Default::default()
+    };
+    // (the derivation, what the build reports as specified, whether it counts)
+    let cases = [
+        (DrvNode::default(), FAKE, false),
+        (
+            fod("sha256:0000000000000000000000000000000000000000000000000000"),
+            GOT,
+            false,
+        ),
+        (
+            fod("sha256:0000000000000000000000000000000000000000000000000000"),
+            FAKE,
+            true,
+        ),
+        (fod(FAKE), "not a hash", false),
+    ];
+    for (i, (node, specified, counts)) in cases.into_iter().enumerate() {
+        let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+        let mut a = connect_agent(&engine, "a");
+        let (run, _, _, _) = one_node_run(&engine, &mut a, false, node);
+        let (attempt, _) = assigned(&mut a.rx);
+        let report = BuildReport {
+            kind: BuildOutcome::HashMismatch,
+            message: "hash mismatch".into(),
+            specified: specified.into(),
+            got: GOT.into(),
+            ..Default::default()
+        };
+        engine
+            .agent_message("a", a.conn, FromAgent::Build { attempt, report })
+            .unwrap();
+        let p = &engine.report(&run).unwrap().packages[0];
+        let want = if counts {
+            PackageStatus::NeedsHash
+        } else {
+            PackageStatus::BuildFailed
+        };
+        assert_eq!(p.status, want, "case {i}: {p:?}");
+    }
+}
+
+#[test]
+fn a_result_counts_only_from_the_agent_that_holds_the_attempt() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let (run, _drv, out) = one_package_run(&engine, &mut a);
+    let (attempt, _) = assigned(&mut a.rx);
+    let b = connect_agent(&engine, "b");
+    // b claims a's build succeeded, with a path nobody built.
+    let forged = "/nix/store/22222222222222222222222222222222-evil".to_string();
+    engine
+        .agent_message(
+            "b",
+            b.conn,
+            FromAgent::Build {
+                attempt: attempt.clone(),
+                report: built(&forged),
+            },
+        )
+        .unwrap();
+    assert_eq!(violations(&engine, "b"), 1);
+    assert!(!engine.run_state(&run).unwrap().is_terminal());
+    // a's own result still counts, once.
+    for _ in 0..2 {
+        engine
+            .agent_message(
+                "a",
+                a.conn,
+                FromAgent::Build {
+                    attempt: attempt.clone(),
+                    report: built(&out),
+                },
+            )
+            .unwrap();
+    }
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.packages[0].status, PackageStatus::Ready);
+    assert_eq!(report.packages[0].agent, "a");
+    assert_eq!(violations(&engine, "a"), 0);
+}
+
+#[test]
+fn a_build_reporting_outputs_that_are_not_the_derivations_is_refused_and_retried() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let (run, drv, out) = one_package_run(&engine, &mut a);
+    let (attempt, _) = assigned(&mut a.rx);
+    let forged = "/nix/store/22222222222222222222222222222222-pkg".to_string();
+    let report = built(&forged);
+    engine
+        .agent_message("a", a.conn, FromAgent::Build { attempt, report })
+        .unwrap();
+    assert_eq!(violations(&engine, "a"), 1);
+    // Requeued as an infrastructure failure, not ready with the forged path.
+    let (again, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+    let report = built(&out);
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::Build {
+                attempt: again,
+                report,
+            },
+        )
+        .unwrap();
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.packages[0].status, PackageStatus::Ready);
+    assert_eq!(report.packages[0].outputs.get("out"), Some(&out));
+}

