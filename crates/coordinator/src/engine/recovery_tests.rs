@@ -186,8 +186,10 @@ fn a_run_whose_stored_graph_no_longer_reads_fails_alone() {
     // Its watchers hear it ended.
     let events = engine.events_after(&bad, 0).unwrap();
     assert!(
-        events.iter().any(|e| e.kind == "run-failed"),
-        "{:?}",
-        events.iter().map(|e| &e.kind).collect::<Vec<_>>()
+        events.iter().any(|e| matches!(
+            serde_json::from_str::<nixfarm_core::RunEvent>(&e.json),
+            Ok(nixfarm_core::RunEvent::RunFailed { .. })
+        )),
+        "{events:?}"
     );
 }
