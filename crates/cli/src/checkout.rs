@@ -19,10 +19,18 @@ impl Checkout {
         for rel in source::list_files(dir)? {
             if rel.extension().is_some_and(|e| e == "nix") {
                 let full = dir.join(&rel);
-                if !full.is_file() {
-                    continue;
+                // A regular file of the tree only (a link could point anywhere, /proc
+                // included), and no larger than a snapshot may be.
+                let max = nixfarm_core::snapshot::Limits::MAX_BYTES;
+                match std::fs::symlink_metadata(&full) {
+                    Ok(m) if m.is_file() && m.len() <= max => {}
+                    _ => continue,
                 }
-                let bytes = std::fs::read(&full)
+                let mut bytes = Vec::new();
+                std::fs::File::open(&full)
+                    .and_then(|f| {
+                        std::io::Read::read_to_end(&mut std::io::Read::take(f, max), &mut bytes)
+                    })
                     .with_context(|| format!("cannot read {}", full.display()))?;
                 // A file (or a name) that is not UTF-8 cannot be edited as text; it is left
                 // alone (and still snapshotted exactly).
@@ -106,6 +114,18 @@ mod tests {
             changed.insert(f.into(), "{ hash = \"sha256-x\"; }\n".into());
         }
         (dir, c, changed)
+    }
+
+    #[test]
+    fn a_nix_file_that_is_a_link_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("x.nix"), "{ secret = 1; }").unwrap();
+        std::fs::write(dir.path().join("flake.nix"), "{ }").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("x.nix"), dir.path().join("x.nix")).unwrap();
+        let c = Checkout::read(dir.path()).unwrap();
+        assert!(!c.original.contains_key("x.nix"));
+        assert!(c.original.contains_key("flake.nix"));
     }
 
     #[test]

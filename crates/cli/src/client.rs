@@ -37,8 +37,21 @@ pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
         Some(p) if p.is_file() => {
             let text = std::fs::read_to_string(&p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("{} is not a valid nixfarm CLI config", p.display()))?
+            // The parser's message only, with where: its full text quotes the line, and a
+            // line that does not belong there may hold a secret.
+            toml::from_str(&text).map_err(|e: toml::de::Error| {
+                let at = e.span().map(|s| {
+                    let before = &text.as_bytes()[..s.start.min(text.len())];
+                    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+                    format!(" (line {line})")
+                });
+                anyhow::anyhow!(
+                    "{} is not a valid nixfarm CLI config{}: {}",
+                    p.display(),
+                    at.unwrap_or_default(),
+                    e.message()
+                )
+            })?
         }
         Some(p) if cli.config.is_some() => bail!("config file {} does not exist", p.display()),
         _ => CliConfig::default(),
@@ -135,5 +148,30 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
             anyhow::anyhow!("the coordinator is unavailable: {}", s.message())
         }
         _ => anyhow::anyhow!("{}", s.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn a_config_error_does_not_quote_a_secret() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("config.toml");
+        std::fs::write(
+            &p,
+            "coordinator = \"http://127.0.0.1:1\"\ntoken = \"s3cret\"\n",
+        )
+        .unwrap();
+        let cli =
+            Cli::try_parse_from(["nixfarm", "--config", p.to_str().unwrap(), "runs"]).unwrap();
+        let e = resolve_conn(&cli).err().unwrap().to_string();
+        assert!(
+            e.contains("not a valid nixfarm CLI config") && e.contains("line 2"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
     }
 }

@@ -65,8 +65,25 @@ pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             "--others",
             "--exclude-standard",
         ])
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .output();
+    // A git checkout is read as git sees it (what it ignores stays home: .env, secrets);
+    // if git cannot say, nothing is sent rather than every file.
+    let in_git = dir
+        .canonicalize()
+        .map(|d| d.ancestors().any(|a| a.join(".git").exists()))
+        .unwrap_or(false);
+    if in_git && !git.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = match &git {
+            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            Err(e) => format!("cannot run git: {e}"),
+        };
+        anyhow::bail!(
+            "{} is a git checkout, but git cannot list its files, so nothing is sent (files git ignores would go too): {}",
+            dir.display(),
+            nixfarm_core::fit::one_line(nixfarm_core::limits::clip(&why, 500))
+        );
+    }
     if let Ok(out) = git
         && out.status.success()
     {
@@ -262,6 +279,31 @@ mod tests {
         files.sort();
         let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
         assert_eq!(names, vec![".gitignore", "flake.nix", "new.nix"]);
+        // When git cannot list them, nothing goes (every file, ignored ones too, did).
+        std::fs::write(d.path().join(".git/HEAD"), "garbage").unwrap();
+        let e = list_files(d.path()).unwrap_err().to_string();
+        assert!(e.contains("git cannot list its files"), "{e}");
+    }
+
+    /// A tracked file under a directory that became a link out of the tree: refused, not
+    /// read through the link.
+    #[test]
+    fn a_file_beneath_a_link_out_of_the_tree_is_not_packed() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("passwd"), "SECRET").unwrap();
+        std::fs::write(d.path().join("flake.nix"), "{}").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("sub")).unwrap();
+        let files = vec![PathBuf::from("flake.nix"), PathBuf::from("sub/passwd")];
+        let packed = nixfarm_core::snapshot::pack(d.path(), &files, Default::default());
+        assert!(
+            matches!(
+                packed,
+                Err(nixfarm_core::snapshot::SnapshotError::ThroughLink(_))
+            ),
+            "{:?}",
+            packed.map(|b| b.len())
+        );
     }
 
     #[test]

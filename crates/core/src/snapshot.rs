@@ -102,8 +102,25 @@ pub fn pack_with(
     }
     let mut builder = tar::Builder::new(Vec::new());
     let mut total: u64 = 0;
+    let mut checked_dirs: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     for rel in files {
         check_relative(rel)?;
+        // Every directory above it is a directory of the tree, not a link out of it (a
+        // tracked `sub/passwd` whose `sub` became a link to /etc would read /etc/passwd).
+        for dir in rel
+            .ancestors()
+            .skip(1)
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            if checked_dirs.contains(dir) {
+                break;
+            }
+            let m = std::fs::symlink_metadata(root.join(dir)).map_err(io(root.join(dir)))?;
+            if !m.is_dir() {
+                return Err(SnapshotError::ThroughLink(rel.display().to_string()));
+            }
+            checked_dirs.insert(dir.to_path_buf());
+        }
         let full = root.join(rel);
         let meta = std::fs::symlink_metadata(&full).map_err(io(&full))?;
         let mut header = tar::Header::new_gnu();
@@ -138,9 +155,20 @@ pub fn pack_with(
                     .append_data(&mut header, rel, bytes.as_slice())
                     .map_err(io(&full))?;
             } else {
+                // Exactly the length the header says: a file that grows while it is read
+                // (or a /proc file that says 0) cannot pass the size limit or corrupt the tar.
+                use std::io::Read as _;
                 let f = std::fs::File::open(&full).map_err(io(&full))?;
+                let mut bytes = Vec::with_capacity(len as usize);
+                f.take(len + 1).read_to_end(&mut bytes).map_err(io(&full))?;
+                if bytes.len() as u64 != len {
+                    return Err(SnapshotError::Io {
+                        path: full.display().to_string(),
+                        source: std::io::Error::other("it changed while it was read"),
+                    });
+                }
                 builder
-                    .append_data(&mut header, rel, f)
+                    .append_data(&mut header, rel, bytes.as_slice())
                     .map_err(io(&full))?;
             }
         }
