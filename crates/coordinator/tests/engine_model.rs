@@ -26,7 +26,7 @@ use nixfarm_coordinator::model::{
 };
 use nixfarm_coordinator::{Engine, EngineOptions};
 use nixfarm_core::report::Report;
-use nixfarm_core::{PackageStatus, RunState};
+use nixfarm_core::{BuildOutcome, PackageStatus, RunState};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -290,24 +290,27 @@ fn registration(name: &str, max_jobs: u32, running: Vec<String>, key: &str) -> R
 }
 
 /// The outcome a build answered with `outcome` is recorded with, when it is a failure.
-fn failing_kind(outcome: Outcome) -> Option<&'static str> {
+fn failing_kind(outcome: Outcome) -> Option<BuildOutcome> {
     match outcome {
         Outcome::Built | Outcome::Cancelled => None,
-        Outcome::BuildFailed => Some("build-failed"),
+        Outcome::BuildFailed => Some(BuildOutcome::BuildFailed),
         // No generated derivation is fixed-output: a mismatch reported for one fits no
         // declared hash, and counts as a failed build.
-        Outcome::HashMismatch => Some("build-failed"),
-        Outcome::TimedOut => Some("timed-out"),
+        Outcome::HashMismatch => Some(BuildOutcome::BuildFailed),
+        Outcome::TimedOut => Some(BuildOutcome::TimedOut),
         // Outputs that are not the derivation's count as an infrastructure failure.
-        Outcome::InfraFailed | Outcome::ForeignOutputs => Some("infra-failed"),
+        Outcome::InfraFailed | Outcome::ForeignOutputs => Some(BuildOutcome::InfraFailed),
     }
 }
 
-/// Whether an outcome string is a failure a dependency can fail with.
-fn is_failing_kind(kind: &str) -> bool {
+/// Whether an outcome is a failure a dependency can fail with.
+fn is_failing_kind(kind: BuildOutcome) -> bool {
     matches!(
         kind,
-        "build-failed" | "hash-mismatch" | "timed-out" | "infra-failed"
+        BuildOutcome::BuildFailed
+            | BuildOutcome::HashMismatch
+            | BuildOutcome::TimedOut
+            | BuildOutcome::InfraFailed
     )
 }
 
@@ -353,7 +356,7 @@ struct RunH {
     statuses: BTreeMap<String, String>,
     /// Per derivation (index), the failing outcomes its builds were reported with, a lost
     /// attempt counting as `infra-failed`: the only failures a dependent may blame on it.
-    failure_evidence: BTreeMap<usize, BTreeSet<&'static str>>,
+    failure_evidence: BTreeMap<usize, HashSet<BuildOutcome>>,
 }
 
 /// Which invariant a violation breaks (0: the engine misbehaved otherwise).

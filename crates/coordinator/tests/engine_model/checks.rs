@@ -98,14 +98,14 @@ impl World {
                 let top = self.farm.packages[j].0;
                 let mut below = self.closure(top);
                 below.remove(&top);
-                // "dependency X failed: KIND" or "dependency X failed: KIND: message".
+                // "dependency X failed: KIND" or "dependency X failed: KIND: message"; the
+                // kind's spelling is read back into the outcome it spells.
                 let kind = p
                     .reason
                     .split_once(" failed: ")
                     .and_then(|(_, k)| k.split(':').next())
-                    .map(str::trim)
-                    .unwrap_or("");
-                if !is_failing_kind(kind) {
+                    .and_then(|k| k.trim().parse::<BuildOutcome>().ok());
+                let Some(kind) = kind.filter(|k| is_failing_kind(*k)) else {
                     return Err(violation(
                         2,
                         format!(
@@ -113,7 +113,7 @@ impl World {
                             p.attr, p.reason
                         ),
                     ));
-                }
+                };
                 // A package's own derivation is named by the package ("p3"); any other by
                 // the package it belongs to ("p3's d5").
                 let root = match p.failed_dependency.split_once("'s ") {
@@ -127,7 +127,7 @@ impl World {
                 let evidence = &self.runs[ri].failure_evidence;
                 let blamed = root
                     .filter(|d| below.contains(d))
-                    .is_some_and(|d| evidence.get(&d).is_some_and(|kinds| kinds.contains(kind)));
+                    .is_some_and(|d| evidence.get(&d).is_some_and(|kinds| kinds.contains(&kind)));
                 if !blamed {
                     return Err(violation(
                         2,

@@ -313,7 +313,7 @@ impl World {
         ag.held = keep;
         ag.lost.extend(gone.iter().cloned());
         for a in &gone {
-            self.note_failure(a, "infra-failed");
+            self.note_failure(a, BuildOutcome::InfraFailed);
         }
         self.drain();
         Ok(())

@@ -264,7 +264,7 @@ impl World {
     }
 
     /// Records that a build of `a`'s derivation may have failed with `kind` (or was lost).
-    pub(super) fn note_failure(&mut self, a: &Assignment, kind: &'static str) {
+    pub(super) fn note_failure(&mut self, a: &Assignment, kind: BuildOutcome) {
         if let Job::Build { drv_path: d, .. } = &a.job
             && let Some(i) = drv_index(d)
             && let Some(r) = self.run_mut(&a.run.clone())
@@ -343,7 +343,7 @@ impl World {
                     names.join(", ")
                 ));
                 for a in &held {
-                    self.note_failure(a, "infra-failed");
+                    self.note_failure(a, BuildOutcome::InfraFailed);
                 }
                 self.agents[k].lost.extend(held);
                 self.agents[k].link = None;
