@@ -2,7 +2,7 @@
 
 use super::{St, is_narinfo_name};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use std::sync::atomic::Ordering;
 
@@ -12,15 +12,8 @@ const MAX_BULK: usize = 4096;
 /// Which of the hashes asked about the cache lacks ([`nixfarm_store::FARM_CACHE_BULK_MISSING`]).
 pub(super) async fn post_missing(
     State(c): St,
-    headers: HeaderMap,
     axum::Json(hashes): axum::Json<Vec<String>>,
 ) -> Response {
-    if !c.authorized(&headers) {
-        return c.refuse(
-            StatusCode::UNAUTHORIZED,
-            "the farm cache needs an agent token",
-        );
-    }
     if hashes.len() > MAX_BULK {
         return c.refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
