@@ -142,9 +142,11 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
         assert!(!r.already_valid);
         assert!(r.log_tail.contains("oops"), "{}", r.log_tail);
 
+        // The builder prints a look-alike of Nix's message first, with a well-formed hash
+        // of its choosing: only Nix's own counts, on either path.
         let fod = drv(
             "fod",
-            "echo x > $out",
+            "printf 'error: hash mismatch in fixed-output derivation %s:\\n  specified: sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\\n  got:    sha256-BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBE=\\n' $out >&2; echo x > $out",
             r#"outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";"#,
             &t,
         );
@@ -162,6 +164,27 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             }
             other => panic!("{other:?}"),
         }
+
+        // A builder that says it timed out, and fails: a failure, not a timeout.
+        let says = drv(
+            "says-timeout",
+            "echo building of $out timed out after 3 seconds of silence >&2; exit 1",
+            "",
+            &t,
+        );
+        let r = nix
+            .realise(
+                &says,
+                &BuildOptions::default(),
+                CancellationToken::new(),
+                |_| {},
+            )
+            .await;
+        assert!(
+            matches!(r.result, Err(Failure::BuildFailed(_))),
+            "{:?}",
+            r.result
+        );
 
         let silent = drv("silent", "sleep 30; echo > $out", "", &t);
         let opts = BuildOptions {

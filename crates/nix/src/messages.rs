@@ -150,7 +150,7 @@ pub fn classify_nix_failure(exit_code: Option<i32>, log: &str, nix_error: &str) 
         return Failure::HashMismatch(m);
     }
     // Whatever else the log says (a timeout, a full disk), as before, but no mismatch.
-    classify(exit_code, log, false)
+    classify(exit_code, log)
 }
 
 /// What a failed build attempt was, as far as Nix's output and exit code tell.
@@ -197,23 +197,43 @@ pub fn is_disk_full(message: &str) -> bool {
     message.contains("No space left on device") || message.contains("Disk quota exceeded")
 }
 
-/// Classifies a failed `nix-store --realise` / `nix build` from its exit code and log.
+/// Classifies a failed `nix-store --realise` from its exit code and log, in which the
+/// builder's output and Nix's own messages are mixed. What a builder can print, it can
+/// forge; so where the exit code is Nix's build verdict (100–111: 0x60 plus 0x01 timed out,
+/// 0x02 hash mismatch, 0x08 not deterministic) that verdict decides the kind, and the text
+/// is read from Nix's own message, the last of its kind (Nix prints it once the builder has
+/// exited and its output is hashed).
 pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
-    classify(exit_code, log, true)
-}
-
-/// [`classify_failure`], looking for a hash mismatch in `log` or not.
-fn classify(exit_code: Option<i32>, log: &str, mismatches: bool) -> Failure {
-    let clean = strip_ansi(log);
-    if mismatches && let Some(m) = parse_hash_mismatches(&clean).into_iter().next() {
+    // Only Nix sets this bit: a look-alike message under another verdict is the builder's.
+    if matches!(exit_code, Some(c @ 100..=111) if c & 0x02 != 0)
+        && let Some(m) = parse_hash_mismatches(log).pop()
+    {
         return Failure::HashMismatch(m);
     }
-    if let Some(l) = clean.lines().find(|l| l.contains("timed out after")) {
+    classify(exit_code, log)
+}
+
+/// Whether a failure with this exit code may be of the kind `bit` stands for: a code in
+/// Nix's build range must carry the bit; any other (1, a signal) says nothing either way.
+fn verdict(exit_code: Option<i32>, bit: i32) -> bool {
+    match exit_code {
+        Some(c @ 100..=111) => c & bit != 0,
+        _ => true,
+    }
+}
+
+/// A failure that is no hash mismatch, from its exit code and log.
+fn classify(exit_code: Option<i32>, log: &str) -> Failure {
+    let clean = strip_ansi(log);
+    if verdict(exit_code, 0x01)
+        && let Some(l) = clean.lines().rfind(|l| l.contains("timed out after"))
+    {
         return Failure::TimedOut(trim_error(l));
     }
-    if let Some(l) = clean
-        .lines()
-        .find(|l| l.contains("may not be deterministic: output"))
+    if verdict(exit_code, 0x08)
+        && let Some(l) = clean
+            .lines()
+            .rfind(|l| l.contains("may not be deterministic: output"))
     {
         return Failure::NotDeterministic(trim_error(l));
     }
@@ -370,6 +390,52 @@ mod tests {
         assert!(matches!(
             classify_nix_failure(Some(1), &said, &said),
             Failure::HashMismatch(m) if m.got == GOT
+        ));
+    }
+
+    #[test]
+    fn through_nix_store_only_nixs_verdict_makes_a_mismatch_a_timeout_or_a_difference() {
+        // What Nix 2.8's nix-store printed here for a fixed-output builder that echoed a
+        // look-alike first (exit 102): the builder's block, then Nix's own.
+        let forged = "sha256-BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBE=";
+        assert_eq!(parse_hash_mismatches(&format!("hash mismatch in fixed-output derivation '/nix/store/x.drv':\n specified: {FAKE}\n got: {forged}\n"))[0].got, forged);
+        let said = format!(
+            "error: hash mismatch in fixed-output derivation /nix/store/x.drv:\n  specified: {FAKE}\n  got:    {forged}\n"
+        );
+        let nix = format!(
+            "error: hash mismatch in fixed-output derivation '/nix/store/x.drv':\n         specified: {FAKE}\n            got:    {GOT}\n"
+        );
+        let both = format!("building '/nix/store/x.drv'...\n{said}{nix}");
+        assert!(matches!(
+            classify_failure(Some(102), &both),
+            Failure::HashMismatch(m) if m.got == GOT
+        ));
+        // The builder printed it and failed: no mismatch, whatever its exit code says.
+        let failed =
+            format!("{said}error: builder for '/nix/store/x.drv' failed with exit code 1\n");
+        for code in [Some(100), Some(1), None] {
+            assert!(
+                !matches!(classify_failure(code, &failed), Failure::HashMismatch(_)),
+                "{code:?}"
+            );
+        }
+        // A builder that prints Nix's timeout or --check words, under a plain failure.
+        let t = "timed out after 3 seconds of silence\nerror: builder for '/nix/store/x.drv' failed with exit code 1";
+        assert!(matches!(
+            classify_failure(Some(100), t),
+            Failure::BuildFailed(_)
+        ));
+        let d = "may not be deterministic: output '/nix/store/y' differs\nerror: builder for '/nix/store/x.drv' failed with exit code 1";
+        assert!(matches!(
+            classify_failure(Some(100), d),
+            Failure::BuildFailed(_)
+        ));
+        // The daemon's NotDeterministic reads as nix-store's 104 (its error ends the log).
+        let e =
+            "derivation '/nix/store/x.drv' may not be deterministic: output '/nix/store/y' differs";
+        assert!(matches!(
+            classify_nix_failure(Some(104), &format!("error: {e}\n"), e),
+            Failure::NotDeterministic(_)
         ));
     }
 

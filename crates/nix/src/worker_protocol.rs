@@ -416,9 +416,11 @@ pub(crate) fn exit_code(status: u64) -> i32 {
         8 => 101,
         // OutputRejected: a fixed output's hash mismatch
         5 => 102,
+        // NotDeterministic, as nix-store says it (0x60 | 0x08)
+        12 => 104,
         // PermanentFailure, InputRejected, CachedFailure, DependencyFailed,
-        // LogLimitExceeded, NotDeterministic
-        3 | 4 | 7 | 10 | 11 | 12 => 100,
+        // LogLimitExceeded
+        3 | 4 | 7 | 10 | 11 => 100,
         // TransientFailure, MiscFailure, NoSubstituters, anything newer
         _ => 1,
     }
@@ -448,6 +450,7 @@ mod tests {
         assert_eq!(exit_code(5), 102);
         assert_eq!(exit_code(3), 100);
         assert_eq!(exit_code(10), 100);
+        assert_eq!(exit_code(12), 104);
         assert_eq!(exit_code(6), 1);
         assert_eq!(exit_code(99), 1);
     }
