@@ -51,6 +51,10 @@ pub struct AgentConfig {
     /// names), which read this host's own disk. Only for a single-user farm whose coordinator
     /// allows them too; `nixfarm local` sets it for its own agents. Default false.
     pub allow_local_flake_refs: bool,
+    /// Send the join token to an `http://` coordinator beyond this machine, in clear:
+    /// anyone on the path reads it. Refused by default; for a network you trust (a podman
+    /// network on one host, say). Loopback is always allowed. Default false.
+    pub allow_plain_http: bool,
     /// Directory of this agent's GC roots: one subdirectory per run, holding what the run
     /// still needs (its derivations and outputs), removed when the run ends. Nix honours it
     /// only below its `gcroots` directory. Default
@@ -100,6 +104,7 @@ impl Default for AgentConfig {
             tls_cert_file: None,
             tls_key_file: None,
             allow_local_flake_refs: false,
+            allow_plain_http: false,
             gc_roots_dir: None,
             cachix_api_urls: Vec::new(),
         }
@@ -221,6 +226,37 @@ mod tests {
         assert_eq!(c.max_jobs, 3);
         assert_eq!(c.systems, vec!["x86_64-linux"]);
         assert!(toml::from_str::<AgentConfig>("max_job = 3").is_err());
+    }
+
+    #[test]
+    fn the_join_token_goes_over_plain_http_only_to_this_machine_unless_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        let token = d.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let cfg = AgentConfig {
+            coordinator: "http://farm.example.org:7420".into(),
+            token_file: Some(token),
+            work_dir: d.path().join("work"),
+            gc_roots_dir: Some(d.path().join("roots")),
+            ..AgentConfig::default()
+        };
+        let e = crate::Agent::new(cfg.clone()).err().unwrap().to_string();
+        assert!(
+            e.contains("in clear") && e.contains("allow_plain_http"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(
+            !d.path().join("work").exists(),
+            "refused before anything else"
+        );
+        // Allowed, it goes on (and creates its work directory).
+        let allowed = AgentConfig {
+            allow_plain_http: true,
+            ..cfg
+        };
+        assert!(crate::Agent::new(allowed).is_ok());
+        assert!(d.path().join("work").exists());
     }
 
     #[test]

@@ -149,6 +149,13 @@ impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<Agent> {
         cfg.validate()?;
         let token = cfg.token()?;
+        nixfarm_proto::client::guard_clear_text(
+            &cfg.coordinator,
+            token.is_some(),
+            cfg.allow_plain_http,
+            "join token",
+            "--allow-plain-http, NIXFARM_ALLOW_PLAIN_HTTP=1 or `allow_plain_http = true` in the agent config",
+        )?;
         let cfg_creds = cfg.cache_credentials()?;
         std::fs::create_dir_all(&cfg.work_dir)
             .with_context(|| format!("cannot create work dir {}", cfg.work_dir.display()))?;

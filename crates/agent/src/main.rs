@@ -56,6 +56,10 @@ struct Args {
     /// Only for a single-user farm whose coordinator allows them too.
     #[arg(long)]
     allow_local_flake_refs: bool,
+    /// Send the join token to an http:// coordinator beyond this machine, in clear (refused
+    /// by default: anyone on the path reads it). For a network you trust.
+    #[arg(long, env = "NIXFARM_ALLOW_PLAIN_HTTP", value_parser = clap::builder::FalseyValueParser::new())]
+    allow_plain_http: bool,
     /// A Cachix API root besides Cachix's own (https://app.cachix.org/api/v1/) that this
     /// agent sends its CACHIX_AUTH_TOKEN to; a run naming any other API gets no push from it.
     #[arg(long, env = "NIXFARM_CACHIX_API_URL")]
@@ -107,6 +111,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.allow_local_flake_refs {
         cfg.allow_local_flake_refs = true;
+    }
+    if args.allow_plain_http {
+        cfg.allow_plain_http = true;
     }
     cfg.cachix_api_urls.extend(args.cachix_api_url);
     let shutdown = CancellationToken::new();

@@ -25,12 +25,17 @@ pub struct Cli {
     /// Client token for the coordinator (prefer the environment variable: flags show in `ps`).
     #[arg(long, global = true, env = "NIXFARM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// CLI config file (TOML: `coordinator`, `token_file`, `tls_ca_file`, `smoke`). Default: ~/.config/nixfarm/config.toml.
+    /// CLI config file (TOML: `coordinator`, `token_file`, `tls_ca_file`, `smoke`, `allow_plain_http`). Default: ~/.config/nixfarm/config.toml.
     #[arg(long, global = true, env = "NIXFARM_CONFIG")]
     pub config: Option<PathBuf>,
     /// PEM CA of the coordinator's certificate, for https:// coordinators with a private CA.
     #[arg(long, global = true, env = "NIXFARM_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Send the token to an http:// coordinator beyond this machine, in clear. Refused by
+    /// default (anyone on the path reads it); for a network you trust. Loopback is always
+    /// allowed.
+    #[arg(long, global = true, env = "NIXFARM_ALLOW_PLAIN_HTTP", value_parser = clap::builder::FalseyValueParser::new())]
+    pub allow_plain_http: bool,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -19,6 +19,9 @@ struct CliConfig {
     tls_ca_file: Option<PathBuf>,
     /// Smoke-test packages in every submitted run (as `--smoke`). Default false.
     smoke: Option<bool>,
+    /// Send the token to an http:// coordinator beyond this machine (as
+    /// `--allow-plain-http`). Default false.
+    allow_plain_http: Option<bool>,
 }
 
 pub(crate) struct Conn {
@@ -71,6 +74,13 @@ pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
         ),
         _ => None,
     };
+    nixfarm_proto::client::guard_clear_text(
+        &url,
+        token.is_some(),
+        cli.allow_plain_http || cfg.allow_plain_http.unwrap_or(false),
+        "client token",
+        "--allow-plain-http, NIXFARM_ALLOW_PLAIN_HTTP=1 or `allow_plain_http = true` in the CLI config",
+    )?;
     Ok(Conn {
         url,
         token,
@@ -173,5 +183,53 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn the_token_goes_over_plain_http_only_to_this_machine_unless_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        let none = d.path().join("none.toml");
+        std::fs::write(&none, "").unwrap();
+        let conn = |args: &[&str]| {
+            let mut argv = vec!["nixfarm", "--config", none.to_str().unwrap()];
+            argv.extend_from_slice(args);
+            argv.push("runs");
+            resolve_conn(&Cli::try_parse_from(argv).unwrap())
+        };
+        let e = conn(&["--coordinator", "http://farm:7420", "--token", "s3cret"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("in clear") && e.contains("https://"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        for ok in [
+            &[
+                "--coordinator",
+                "http://farm:7420",
+                "--token",
+                "t",
+                "--allow-plain-http",
+            ][..],
+            &["--coordinator", "http://127.0.0.1:7420", "--token", "t"],
+            &["--coordinator", "https://farm:7420", "--token", "t"],
+            &["--coordinator", "http://farm:7420"],
+        ] {
+            assert!(conn(ok).is_ok(), "{ok:?}");
+        }
+        // Or once, in the config file.
+        let allowed = d.path().join("allowed.toml");
+        std::fs::write(&allowed, "allow_plain_http = true\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "nixfarm",
+            "--config",
+            allowed.to_str().unwrap(),
+            "--coordinator",
+            "http://farm:7420",
+            "--token",
+            "t",
+            "runs",
+        ])
+        .unwrap();
+        assert!(resolve_conn(&cli).is_ok());
     }
 }
