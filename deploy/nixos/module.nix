@@ -130,6 +130,8 @@ in
             state_dir = mkOption { type = types.str; default = "/var/lib/nixfarm"; description = "SQLite database and uploaded snapshots; below /var/lib (it becomes the unit's StateDirectory)."; };
             metrics_listen = nullStr "Address of the Prometheus /metrics endpoint (plain HTTP). Default (null): off.";
             allow_local_flake_refs = mkOption { type = types.bool; default = false; description = "Accept flake references that agents resolve on their own disk (path:, git+file:, …): a single-user farm only."; };
+            run_caches = mkOption { type = types.listOf types.str; default = [ ]; description = "The caches runs may name (--cache); agents substitute from them as root. Empty: any."; };
+            run_cache_keys = mkOption { type = types.listOf types.str; default = [ ]; description = "The public keys runs may give agents to trust (--trusted-public-key). Empty: any."; };
             tls = {
               cert_file = nullStr "PEM certificate chain; with a key (tlsKeyFile) it turns TLS on for every connection. Default (null): plain HTTP/2, only safe on loopback.";
               key_file = nullStr "PEM private key, read by the service itself. Prefer tlsKeyFile, which keeps it a credential; not both.";

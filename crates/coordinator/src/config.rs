@@ -19,6 +19,16 @@ pub struct Config {
     /// set it; `nixfarm local` turns it on for its embedded coordinator. Default false: only
     /// remote references (github:, gitlab:, sourcehut:, git+https://, https://) and uploads.
     pub allow_local_flake_refs: bool,
+    /// The caches runs may name (`--cache`), each as the CLI gives it (`cachix://NAME`,
+    /// `https://…`, `s3://…`, `file://…`; a trailing `/` aside). Agents substitute from a
+    /// run's cache as root, into stores that later runs reuse: whoever chooses it could plant
+    /// paths other runs take as built. On a farm whose client token several people hold,
+    /// list the caches you trust. Default: empty, any cache (a client token is then a Nix
+    /// trusted user's power).
+    pub run_caches: Vec<String>,
+    /// The public keys runs may give agents to trust (`--trusted-public-key`), as
+    /// `NAME:BASE64`. Default: empty, any key.
+    pub run_cache_keys: Vec<String>,
     /// Not read from the file: set by `nixfarm local`, whose agents share this machine's
     /// store (so cross-checked builds can hand outputs over without the farm cache).
     #[serde(skip)]
@@ -258,6 +268,8 @@ impl Default for Config {
             state_dir: "/var/lib/nixfarm".into(),
             metrics_listen: None,
             allow_local_flake_refs: false,
+            run_caches: Vec::new(),
+            run_cache_keys: Vec::new(),
             agents_share_store: false,
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),

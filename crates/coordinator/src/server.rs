@@ -217,6 +217,8 @@ pub async fn start_with_listener(
         max_runs_in_flight: s.max_runs_in_flight,
         lease_ms: (s.lease_secs * 1000) as i64,
         allow_local_flake_refs: config.allow_local_flake_refs,
+        run_caches: config.run_caches.clone(),
+        run_cache_keys: config.run_cache_keys.clone(),
         locality: s.locality,
         cross_check_eval: s.cross_check_evaluation,
         cross_check_builds: s.cross_check_builds,

@@ -51,6 +51,10 @@ pub struct EngineOptions {
     pub lease_ms: i64,
     /// Accept flake references agents resolve on their own disk (`path:`, `git+file:`, …).
     pub allow_local_flake_refs: bool,
+    /// The caches runs may name; empty: any (config `run_caches`).
+    pub run_caches: Vec<String>,
+    /// The public keys runs may name; empty: any (config `run_cache_keys`).
+    pub run_cache_keys: Vec<String>,
     /// Of equally urgent derivations, give an agent the one whose inputs it built.
     pub locality: bool,
     /// Every evaluation task is answered by two different agents and taken only when both
@@ -76,6 +80,8 @@ impl Default for EngineOptions {
             max_runs_in_flight: 64,
             lease_ms: 60_000,
             allow_local_flake_refs: false,
+            run_caches: Vec::new(),
+            run_cache_keys: Vec::new(),
             locality: true,
             cross_check_eval: false,
             cross_check_builds: false,

@@ -3,6 +3,34 @@
 use super::*;
 
 impl Engine {
+    /// A run's cache and keys, which agents substitute from as root, must be ones the
+    /// operator listed (when they listed any).
+    fn check_run_cache(&self, spec: &RunSpec) -> Result<(), EngineError> {
+        let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+        let caches = &self.opts.run_caches;
+        if !spec.cache.is_empty()
+            && !caches.is_empty()
+            && !caches.iter().any(|c| same(c, &spec.cache))
+        {
+            return Err(EngineError::Denied(format!(
+                "this farm's runs may use only the caches its operator listed (run_caches): '{}' is not one of them",
+                nixfarm_core::limits::clip(&spec.cache, 200)
+            )));
+        }
+        let keys = &self.opts.run_cache_keys;
+        if let Some(k) = spec
+            .trusted_public_keys
+            .iter()
+            .find(|k| !keys.is_empty() && !keys.contains(k))
+        {
+            return Err(EngineError::Denied(format!(
+                "this farm's runs may trust only the keys its operator listed (run_cache_keys): '{}' is not one of them",
+                nixfarm_core::limits::clip(k, 120)
+            )));
+        }
+        Ok(())
+    }
+
     /// Accepts a run; evaluation starts as soon as an agent is free.
     pub fn submit(&self, spec: RunSpec) -> Result<String, EngineError> {
         // A flake's packages live below an attribute path; a Nix file's may be its top level.
@@ -22,6 +50,7 @@ impl Engine {
                     .map_err(|e| EngineError::Invalid(e.to_string()))?;
             }
         }
+        self.check_run_cache(&spec)?;
         for (name, reference) in &spec.entry.overrides {
             nixfarm_core::entry::check_override(name, reference, self.opts.allow_local_flake_refs)
                 .map_err(|e| EngineError::Invalid(e.0))?;

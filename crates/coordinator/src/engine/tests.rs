@@ -257,6 +257,46 @@ fn runs_in_flight_are_limited_and_a_finished_one_frees_its_place() {
 }
 
 #[test]
+fn runs_name_only_the_caches_and_keys_the_operator_listed() {
+    let key = "team-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        run_caches: vec!["cachix://team".into(), "https://cache.example.org/".into()],
+        run_cache_keys: vec![key.into()],
+        ..Default::default()
+    });
+    let with = |cache: &str, keys: &[&str]| RunSpec {
+        cache: cache.into(),
+        trusted_public_keys: keys.iter().map(|k| k.to_string()).collect(),
+        ..flake_run()
+    };
+    for ok in [
+        with("cachix://team", &[]),
+        with("https://cache.example.org", &[key]),
+        with("", &[]),
+    ] {
+        engine.submit(ok).unwrap();
+    }
+    let e = engine
+        .submit(with("https://evil.example.org", &[]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Denied(m) if m.contains("run_caches") && m.contains("evil.example.org")),
+        "{e}"
+    );
+    let e = engine
+        .submit(with("cachix://team", &[key, "evil-1:BBBB"]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Denied(m) if m.contains("run_cache_keys") && m.contains("evil-1")),
+        "{e}"
+    );
+    // Without a list, any cache (the default).
+    let (open, _clock, _dir) = test_engine(EngineOptions::default());
+    open.submit(with("https://anywhere.example.org", &["k:AAAA"]))
+        .unwrap();
+}
+
+#[test]
 fn a_listing_that_keeps_failing_on_the_machine_fails_the_run_after_the_retry_budget() {
     let (engine, _clock, _dir) = test_engine(EngineOptions {
         max_infra_retries: 2,
