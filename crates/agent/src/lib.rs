@@ -199,6 +199,14 @@ impl Agent {
     /// Runs until `shutdown` is cancelled: then it takes no new jobs, lets running ones
     /// finish (up to the drain deadline), delivers their results and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let r = self.serve(shutdown).await;
+        // Evaluations cancelled by the drain get their grace (SIGTERM, then SIGKILL after
+        // 5 s) even when the caller's runtime ends as soon as this returns.
+        nixfarm_nix::let_stopping_children_finish(Duration::from_secs(6)).await;
+        r
+    }
+
+    async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let shared = self.shared;
         // The store is opened while the agent asks Nix's version and connects; jobs wait for
         // it (`Shared::store_opened`).

@@ -3,6 +3,7 @@
 //! (`builtins.trace`), so nothing it says is read whole.
 
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
@@ -72,6 +73,35 @@ pub(crate) async fn capture(
 /// builder, in a session of its own), and killed if it has not ended 5 s later.
 struct Running(Option<tokio::process::Child>);
 
+/// Children told to stop (SIGTERM) whose grace has not run out and who have not exited yet.
+static STOPPING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of [`STOPPING`], for as long as it lives (its task may also end with the runtime).
+struct Stopping;
+
+impl Stopping {
+    fn new() -> Stopping {
+        STOPPING.fetch_add(1, Ordering::SeqCst);
+        Stopping
+    }
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        STOPPING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits, at most `max`, for the processes told to stop to exit or be killed at the end of
+/// their grace. A program about to return from `main` calls it: its runtime's end would kill
+/// them at once, before Nix has stopped what an import started.
+pub async fn let_stopping_children_finish(max: Duration) {
+    let deadline = tokio::time::Instant::now() + max;
+    while STOPPING.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let Some(mut child) = self.0.take() else {
@@ -85,7 +115,9 @@ impl Drop for Running {
         }
         // Without a runtime to wait in, kill_on_drop kills it at once.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let stopping = Stopping::new();
             rt.spawn(async move {
+                let _stopping = stopping;
                 if tokio::time::timeout(Duration::from_secs(5), child.wait())
                     .await
                     .is_err()
@@ -187,5 +219,27 @@ mod tests {
         // Past its deadline: stopped.
         let slow = capture(&mut sh("sleep 30"), 100, Duration::from_millis(200)).await;
         assert!(matches!(slow, Err(CaptureError::TimedOut(_))), "{slow:?}");
+    }
+
+    #[test]
+    fn a_stopped_child_gets_its_grace_before_the_runtime_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let mark = d.path().join("stopped");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            // Like Nix told to stop: it takes a moment to stop what it started.
+            let child = sh(&format!(
+                "trap 'sleep 1; touch {}; exit 0' TERM; while :; do sleep 0.1; done",
+                mark.display()
+            ))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(Running(Some(child)));
+            let_stopping_children_finish(Duration::from_secs(10)).await;
+        });
+        drop(rt);
+        assert!(mark.exists(), "it was killed before it could stop");
     }
 }

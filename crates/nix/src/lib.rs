@@ -20,6 +20,7 @@ mod store_query;
 pub mod text_path;
 mod worker_protocol;
 
+pub use captured::let_stopping_children_finish;
 pub use derivation::Derivation;
 pub use runner::{AttrInfo, BuildOptions, BuildRun, ListedAndEvaluated, Nix, NixError};
 pub use store_path::{OutputPath, StorePath, StorePathError};
