@@ -11,6 +11,14 @@ pub(super) async fn build(
     logs: mpsc::Sender<pb::AgentMessage>,
     attempt: String,
 ) -> pb::BuildResult {
+    // The derivation goes to Nix as an argument and names files here: a store path, or
+    // nothing is done (an argument starting with `-` would be an option).
+    if let Err(e) = nixfarm_nix::StorePath::parse_drv(&j.drv_path) {
+        return infra_failed(format!(
+            "the coordinator sent '{}' as a derivation to build: {e}",
+            nixfarm_core::limits::clip(&j.drv_path, 200)
+        ));
+    }
     // What Nix substitutes from: the cache's read URL (Cachix: its `uri`) and its keys.
     let cache = transport_cache(shared, &j.cache);
     let farm = farm_cache(shared).filter(|f| f.url == cache);

@@ -294,3 +294,56 @@ mod token_tests {
         assert!(token_may_go_to(&[], "cachix://c?api=http://127.0.0.1:9000/api/v1").is_err());
     }
 }
+
+#[cfg(test)]
+mod edge_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_build_of_what_is_not_a_derivation_path_is_refused_before_nix_sees_it() {
+        let d = tempfile::tempdir().unwrap();
+        let agent = crate::Agent::new(crate::AgentConfig {
+            work_dir: d.path().join("work"),
+            gc_roots_dir: Some(d.path().join("roots")),
+            ..Default::default()
+        })
+        .unwrap();
+        // Never dialled: the refusal comes first.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let (logs, _rx) = mpsc::channel(8);
+        for bad in [
+            "--option",
+            "/etc/passwd",
+            "/nix/store/abc-x.drv",
+            "/nix/store/00000000000000000000000000000000-not-a-drv",
+        ] {
+            let a = pb::Assignment {
+                attempt_id: "t1".into(),
+                run_id: "r1".into(),
+                job: Some(pb::assignment::Job::Build(pb::BuildJob {
+                    drv_path: bad.into(),
+                    ..Default::default()
+                })),
+            };
+            let (m, _) = run(
+                &agent.shared,
+                channel.clone(),
+                a,
+                CancellationToken::new(),
+                logs.clone(),
+            )
+            .await;
+            match m.msg {
+                Some(pb::agent_message::Msg::Build(r)) => {
+                    assert_eq!(r.status, pb::BuildStatus::InfraFailed as i32, "{bad}");
+                    assert!(
+                        r.message.contains("as a derivation to build"),
+                        "{bad}: {}",
+                        r.message
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
