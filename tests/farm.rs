@@ -14,6 +14,11 @@ struct Farm {
 }
 
 fn farm(agents: usize) -> Farm {
+    farm_with(agents, &[])
+}
+
+/// A farm whose agents take extra flags.
+fn farm_with(agents: usize, flags: &[&str]) -> Farm {
     let dir = scratch();
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).expect("coordinator");
     let cache = dir.path().join("cache");
@@ -25,8 +30,15 @@ fn farm(agents: usize) -> Farm {
     for i in 0..agents {
         let host = Host::new(&dir.path().join(format!("host{i}")));
         procs.push(
-            host.start_agent(&format!("agent{i}"), &coordinator.url, Some(&sk), 2)
-                .expect("agent"),
+            host.start_agent_with(
+                &format!("agent{i}"),
+                &coordinator.url,
+                Some(&sk),
+                2,
+                &[],
+                flags,
+            )
+            .expect("agent"),
         );
         hosts.push(host);
     }
@@ -452,6 +464,44 @@ fn cancel_stops_an_evaluation_that_never_ends() {
         "the import's builder to be stopped",
         || processes_with("sleep 4321").is_empty().then_some(()),
     );
+}
+
+/// An attribute whose evaluation never ends costs its group the agent's evaluation limit
+/// once, and itself once more: the group's attributes are then evaluated alone, side by
+/// side (halving the group cost the limit once per level), and none of the others is blamed.
+#[test]
+fn a_hanging_attribute_costs_the_evaluation_limit_twice_and_blames_no_other() {
+    let dir = scratch();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "eval_timeout_secs = 10\n").unwrap();
+    let f = farm_with(1, &["--config", cfg.to_str().unwrap()]);
+    // Each evaluation that reaches `hang` starts its import's builder, which says so.
+    let starts = dir.path().join("starts");
+    let repo = dir.path().join("hang");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: let
+      mk = name: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+        args = [ "-c" "echo ok > $out" ]; }};
+      ifd = derivation {{ name = "ifd"; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; args = [ "-c" "echo started >> {}; sleep 4322; echo '{{}}' > $out" ]; }};
+    in {{ packages.x86_64-linux = {{ a = mk "a"; b = mk "b"; c = mk "c"; hang = import ifd; }}; }}; }}"#,
+            starts.display()
+        ),
+    )
+    .unwrap();
+    let (out, report) = f.submit_json(repo.to_str().unwrap(), &[]);
+    let got = packages_by_attr(&report);
+    for a in ["a", "b", "c"] {
+        assert_eq!(got[a]["status"], "ready", "{a}: {}", stderr(&out));
+    }
+    assert_eq!(got["hang"]["status"], "eval-failed", "{}", got["hang"]);
+    // The listing (which evaluates a repository this small itself), the task's group of
+    // four, `hang` alone: three. Halving took four ([c, hang] between the last two).
+    let n = std::fs::read_to_string(&starts).unwrap().lines().count();
+    assert_eq!(n, 3, "evaluations that reached the hanging attribute");
 }
 
 /// The five hash-broken packages of the example: single stage, two stage (source plus

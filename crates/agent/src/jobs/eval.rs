@@ -166,9 +166,14 @@ pub(super) async fn eval_isolated(
                 Err(NixError::TooLong(message)) if group.len() == 1 => {
                     out.insert(group[0].clone(), Err(message));
                 }
-                // Past the time or output limit together: split like any failure, so the
-                // one that takes that long is found and the rest are not blamed for it.
-                Err(NixError::Failed { .. } | NixError::OutOfMemory(_) | NixError::TooLong(_)) => {
+                // Past the time or output limit together: each alone at once, side by side.
+                // Halving would cost the limit once per level (five hours for a group of
+                // 16 with one hanging attribute); this costs it twice, and the rest are
+                // not blamed for it.
+                Err(NixError::TooLong(_)) => {
+                    pending.extend(group.into_iter().map(|a| vec![a]));
+                }
+                Err(NixError::Failed { .. } | NixError::OutOfMemory(_)) => {
                     let mid = group.len() / 2;
                     pending.push(group[..mid].to_vec());
                     pending.push(group[mid..].to_vec());
