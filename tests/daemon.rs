@@ -47,6 +47,17 @@ fn drv(name: &str, script: &str, extra: &str, tag: &str) -> String {
     instantiate(&expr(name, script, extra, tag))
 }
 
+/// Builds `drv` with no options, its log dropped.
+async fn realise_plain(nix: &Nix, drv: &str) -> nixfarm_nix::BuildRun {
+    nix.realise(
+        drv,
+        &BuildOptions::default(),
+        CancellationToken::new(),
+        |_| {},
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
     let tag = unique_tag();
@@ -114,27 +125,13 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
         assert_eq!(nix.invalid_paths(&asked).await.unwrap(), want);
         assert_eq!(plain.invalid_paths(&asked).await.unwrap(), want);
         // Again: already valid, nothing built.
-        let again = nix
-            .realise(
-                &two,
-                &BuildOptions::default(),
-                CancellationToken::new(),
-                |_| {},
-            )
-            .await;
+        let again = realise_plain(nix, &two).await;
         assert_eq!(again.result.unwrap().len(), 2);
         assert!(!again.built);
         assert!(again.already_valid, "its time is no build time");
 
         let failing = drv("failing", "echo oops; exit 3", "", &t);
-        let r = nix
-            .realise(
-                &failing,
-                &BuildOptions::default(),
-                CancellationToken::new(),
-                |_| {},
-            )
-            .await;
+        let r = realise_plain(nix, &failing).await;
         match r.result {
             Err(Failure::BuildFailed(m)) => assert!(m.contains("exit code 3"), "{m}"),
             other => panic!("{other:?}"),
@@ -150,14 +147,7 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             r#"outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";"#,
             &t,
         );
-        let r = nix
-            .realise(
-                &fod,
-                &BuildOptions::default(),
-                CancellationToken::new(),
-                |_| {},
-            )
-            .await;
+        let r = realise_plain(nix, &fod).await;
         match r.result {
             Err(Failure::HashMismatch(m)) => {
                 assert_eq!(m.got, "sha256-c8s4WKaHqElMozIwUwFigvPa051Cz2LKTnndoqrH2aw=")
@@ -172,14 +162,7 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             "",
             &t,
         );
-        let r = nix
-            .realise(
-                &says,
-                &BuildOptions::default(),
-                CancellationToken::new(),
-                |_| {},
-            )
-            .await;
+        let r = realise_plain(nix, &says).await;
         assert!(
             matches!(r.result, Err(Failure::BuildFailed(_))),
             "{:?}",
@@ -208,14 +191,7 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             &format!("failing = {input};"),
             &t,
         );
-        let r = nix
-            .realise(
-                &dep,
-                &BuildOptions::default(),
-                CancellationToken::new(),
-                |_| {},
-            )
-            .await;
+        let r = realise_plain(nix, &dep).await;
         assert!(
             matches!(r.result, Err(Failure::BuildFailed(_))),
             "{:?}",
@@ -414,14 +390,7 @@ async fn a_build_takes_a_daemon_started_ahead_for_it() {
     assert_eq!(daemons_with_silence(silent), ahead);
     // Builds with other settings get daemons of their own.
     let other = drv("other", "echo built > $out", "", &format!("{tag}-other"));
-    let run = nix
-        .realise(
-            &other,
-            &BuildOptions::default(),
-            CancellationToken::new(),
-            |_| {},
-        )
-        .await;
+    let run = realise_plain(&nix, &other).await;
     assert!(run.result.is_ok(), "{}", run.log_tail);
     assert_eq!(daemons_with_silence(silent), ahead);
     assert!(nix.daemon_active());
