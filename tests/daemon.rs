@@ -169,6 +169,21 @@ async fn a_build_through_the_daemon_comes_to_what_nix_store_says() {
             r.result
         );
 
+        // A fixed-output builder (a fetcher) whose download timed out: its failure is
+        // transient to Nix (exit 1, no timeout verdict), and it is a failed build.
+        let fetch = drv(
+            "fetch-timeout",
+            "echo curl: Operation timed out after 300000 milliseconds >&2; exit 1",
+            r#"outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";"#,
+            &t,
+        );
+        let r = realise_plain(nix, &fetch).await;
+        assert!(
+            matches!(r.result, Err(Failure::BuildFailed(_))),
+            "{:?}",
+            r.result
+        );
+
         let silent = drv("silent", "sleep 30; echo > $out", "", &t);
         let opts = BuildOptions {
             max_silent: Some(Duration::from_secs(1)),

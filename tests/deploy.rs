@@ -17,7 +17,7 @@ fn example_configs_parse_with_the_real_types() {
     assert!(c.auth.agent_token_file.is_some());
     let a = nixfarm_agent::AgentConfig::load(&deploy("agent.toml")).expect("agent.toml");
     assert_eq!(a.max_jobs, 4);
-    assert_eq!(a.coordinator, "http://farm.example.org:7420");
+    assert_eq!(a.coordinator, "https://farm.example.org:7420");
     // A typo is an error, not a silently ignored setting.
     let dir = scratch();
     let bad = dir.path().join("bad.toml");

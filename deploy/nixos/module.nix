@@ -8,7 +8,7 @@
 #   services.nixfarm.package = nixfarm;   # a build of this repository (deploy/README.md)
 #   services.nixfarm.coordinator = { enable = true; settings.listen = "0.0.0.0:7420";
 #     agentTokenFile = "/run/secrets/nixfarm-agent-token"; };
-#   services.nixfarm.agent = { enable = true; settings.coordinator = "http://farm:7420";
+#   services.nixfarm.agent = { enable = true; settings.coordinator = "https://farm:7420";
 #     agentTokenFile = "/run/secrets/nixfarm-agent-token"; environmentFile = "/run/secrets/cachix.env"; };
 #
 # Secret files (tokens, keys) are absolute paths outside the Nix store, read by systemd as

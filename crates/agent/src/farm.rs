@@ -45,11 +45,24 @@ pub(crate) fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<Farm
     } else {
         r.farm_cache_host.clone()
     };
-    // Its own token first: it outlives anything the coordinator issues.
+    let scheme = if r.farm_cache_tls { "https" } else { "http" };
+    let url = format!("{scheme}://{host}:{}", r.farm_cache_port);
+    // Its own token first: it outlives anything the coordinator issues. Over plain http
+    // beyond this machine, as to the coordinator, only where the operator allowed it.
     let token = shared
         .token
         .clone()
-        .or_else(|| Some(r.farm_cache_token.clone()).filter(|t| !t.is_empty()));
+        .or_else(|| Some(r.farm_cache_token.clone()).filter(|t| !t.is_empty()))
+        .filter(|_| {
+            let clear = nixfarm_proto::client::clear_text_beyond_loopback(&url)
+                && !shared.cfg.allow_plain_http;
+            if clear {
+                tracing::warn!(
+                    "the farm cache at {url} is plain http beyond this machine: no token is sent to it in clear (allow_plain_http), so it may refuse this agent"
+                );
+            }
+            !clear
+        });
     let netrc = token.as_ref().and_then(|t| {
         let path = shared.cfg.work_dir.join("farm-cache.netrc");
         let machine = host.trim_start_matches('[').trim_end_matches(']');
@@ -59,9 +72,8 @@ pub(crate) fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<Farm
             .ok()
             .map(|()| path)
     });
-    let scheme = if r.farm_cache_tls { "https" } else { "http" };
     Some(FarmCacheUse {
-        url: format!("{scheme}://{host}:{}", r.farm_cache_port),
+        url,
         public_key: r.farm_cache_public_key.clone(),
         token,
         netrc,
@@ -170,5 +182,36 @@ mod tests {
         let mode = std::fs::metadata(&netrc).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!netrc.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn a_farm_cache_token_goes_in_clear_only_to_this_machine_unless_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        let agent = |allow: bool| {
+            crate::Agent::new(crate::AgentConfig {
+                work_dir: d.path().join("work"),
+                gc_roots_dir: Some(d.path().join("roots")),
+                allow_plain_http: allow,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let registered = |host: &str, tls: bool| pb::Registered {
+            farm_cache_port: 7421,
+            farm_cache_host: host.into(),
+            farm_cache_token: "issued".into(),
+            farm_cache_tls: tls,
+            ..Default::default()
+        };
+        let token = |allow: bool, host: &str, tls: bool| {
+            farm_cache_use(&agent(allow).shared, &registered(host, tls))
+                .unwrap()
+                .token
+        };
+        assert_eq!(token(false, "10.0.0.1", false), None);
+        assert!(!d.path().join("work/farm-cache.netrc").exists());
+        assert_eq!(token(false, "127.0.0.1", false).as_deref(), Some("issued"));
+        assert_eq!(token(false, "10.0.0.1", true).as_deref(), Some("issued"));
+        assert_eq!(token(true, "10.0.0.1", false).as_deref(), Some("issued"));
     }
 }

@@ -58,8 +58,15 @@ struct Args {
     allow_local_flake_refs: bool,
     /// Send the join token to an http:// coordinator beyond this machine, in clear (refused
     /// by default: anyone on the path reads it). For a network you trust.
-    #[arg(long, env = "NIXFARM_ALLOW_PLAIN_HTTP", value_parser = clap::builder::FalseyValueParser::new())]
-    allow_plain_http: bool,
+    #[arg(
+        long,
+        env = "NIXFARM_ALLOW_PLAIN_HTTP",
+        value_parser = clap::builder::FalseyValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    allow_plain_http: Option<bool>,
     /// A Cachix API root besides Cachix's own (https://app.cachix.org/api/v1/) that this
     /// agent sends its CACHIX_AUTH_TOKEN to; a run naming any other API gets no push from it.
     #[arg(long, env = "NIXFARM_CACHIX_API_URL")]
@@ -112,8 +119,9 @@ async fn main() -> anyhow::Result<()> {
     if args.allow_local_flake_refs {
         cfg.allow_local_flake_refs = true;
     }
-    if args.allow_plain_http {
-        cfg.allow_plain_http = true;
+    // Either way: NIXFARM_ALLOW_PLAIN_HTTP=0 overrides a config's true.
+    if let Some(allow) = args.allow_plain_http {
+        cfg.allow_plain_http = allow;
     }
     cfg.cachix_api_urls.extend(args.cachix_api_url);
     let shutdown = CancellationToken::new();

@@ -34,8 +34,16 @@ pub struct Cli {
     /// Send the token to an http:// coordinator beyond this machine, in clear. Refused by
     /// default (anyone on the path reads it); for a network you trust. Loopback is always
     /// allowed.
-    #[arg(long, global = true, env = "NIXFARM_ALLOW_PLAIN_HTTP", value_parser = clap::builder::FalseyValueParser::new())]
-    pub allow_plain_http: bool,
+    #[arg(
+        long,
+        global = true,
+        env = "NIXFARM_ALLOW_PLAIN_HTTP",
+        value_parser = clap::builder::FalseyValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub allow_plain_http: Option<bool>,
     #[command(subcommand)]
     pub command: Command,
 }

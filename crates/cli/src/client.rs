@@ -77,7 +77,10 @@ pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
     nixfarm_proto::client::guard_clear_text(
         &url,
         token.is_some(),
-        cli.allow_plain_http || cfg.allow_plain_http.unwrap_or(false),
+        // The flag or environment, either way, over the config file.
+        cli.allow_plain_http
+            .or(cfg.allow_plain_http)
+            .unwrap_or(false),
         "client token",
         "--allow-plain-http, NIXFARM_ALLOW_PLAIN_HTTP=1 or `allow_plain_http = true` in the CLI config",
     )?;
@@ -231,5 +234,19 @@ mod tests {
         ])
         .unwrap();
         assert!(resolve_conn(&cli).is_ok());
+        // The flag, either way, over the config file.
+        let cli = Cli::try_parse_from([
+            "nixfarm",
+            "--config",
+            allowed.to_str().unwrap(),
+            "--coordinator",
+            "http://farm:7420",
+            "--token",
+            "t",
+            "--allow-plain-http=false",
+            "runs",
+        ])
+        .unwrap();
+        assert!(resolve_conn(&cli).is_err());
     }
 }

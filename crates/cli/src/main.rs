@@ -22,6 +22,7 @@ async fn main() {
             ("coordinator", "--coordinator"),
             ("token", "--token"),
             ("tls_ca", "--tls-ca"),
+            ("allow_plain_http", "--allow-plain-http"),
         ] {
             if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
                 eprintln!(

@@ -309,6 +309,12 @@ pub enum ConfigError {
         field: &'static str,
         why: &'static str,
     },
+    #[error("config: {field} holds '{value}', which is not {what}")]
+    NotA {
+        field: &'static str,
+        value: String,
+        what: &'static str,
+    },
 }
 
 /// Checks that `value` lies in `lo..=hi`.
@@ -336,6 +342,28 @@ impl Config {
                 field: "[tls] revoked_certs_file",
                 why: "needs [tls] client_ca_file: without client certificates there is nothing to revoke",
             });
+        }
+        // A typo would refuse every run that names the cache meant.
+        for c in &self.run_caches {
+            if nixfarm_core::cache_url::CacheTarget::parse(c).is_err() {
+                return Err(ConfigError::NotA {
+                    field: "run_caches",
+                    value: nixfarm_core::limits::clip(c, 200).into(),
+                    what: "a cache URL (cachix://NAME, https://…, s3://…, file://…)",
+                });
+            }
+        }
+        for k in &self.run_cache_keys {
+            if k.split_once(':')
+                .is_none_or(|(n, b)| n.is_empty() || b.is_empty())
+                || k.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(ConfigError::NotA {
+                    field: "run_cache_keys",
+                    value: nixfarm_core::limits::clip(k, 120).into(),
+                    what: "a public key (NAME:BASE64)",
+                });
+            }
         }
         let s = &self.scheduler;
         range("[scheduler] eval_chunk_size", s.eval_chunk_size, 1, 10_000)?;
@@ -508,6 +536,23 @@ mod tests {
             e.contains("revoked_certs_file") && e.contains("client_ca_file"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn listed_run_caches_and_keys_must_be_caches_and_keys() {
+        let ok: Config = toml::from_str(
+            "run_caches = [\"cachix://team\", \"https://c.example.org\"]\nrun_cache_keys = [\"team-1:AAAA\"]\n",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        for (toml, field) in [
+            ("run_caches = [\"cachix:/team\"]", "run_caches"),
+            ("run_cache_keys = [\"team-1 AAAA\"]", "run_cache_keys"),
+        ] {
+            let c: Config = toml::from_str(toml).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 
     #[test]

@@ -213,13 +213,12 @@ pub fn classify_failure(exit_code: Option<i32>, log: &str) -> Failure {
     classify(exit_code, log)
 }
 
-/// Whether a failure with this exit code may be of the kind `bit` stands for: a code in
-/// Nix's build range must carry the bit; any other (1, a signal) says nothing either way.
+/// Whether Nix's verdict says the failure is of the kind `bit` stands for. Nix gives a timeout
+/// or a `--check` difference no other exit code (nix-store's, or the daemon's status read as
+/// one); a fixed-output builder that fails is a transient failure, exit 1, and fetchers print
+/// "Operation timed out after …" when theirs do.
 fn verdict(exit_code: Option<i32>, bit: i32) -> bool {
-    match exit_code {
-        Some(c @ 100..=111) => c & bit != 0,
-        _ => true,
-    }
+    matches!(exit_code, Some(c @ 100..=111) if c & bit != 0)
 }
 
 /// A failure that is no hash mismatch, from its exit code and log.
@@ -419,17 +418,19 @@ mod tests {
                 "{code:?}"
             );
         }
-        // A builder that prints Nix's timeout or --check words, under a plain failure.
+        // A builder that prints Nix's timeout or --check words, under a plain failure (100),
+        // or a fixed-output one, whose failure is transient (exit 1), whose fetcher timed out.
         let t = "timed out after 3 seconds of silence\nerror: builder for '/nix/store/x.drv' failed with exit code 1";
-        assert!(matches!(
-            classify_failure(Some(100), t),
-            Failure::BuildFailed(_)
-        ));
         let d = "may not be deterministic: output '/nix/store/y' differs\nerror: builder for '/nix/store/x.drv' failed with exit code 1";
-        assert!(matches!(
-            classify_failure(Some(100), d),
-            Failure::BuildFailed(_)
-        ));
+        let curl = "curl: (28) Operation timed out after 300000 milliseconds with 0 bytes received\nerror: builder for '/nix/store/x.drv' failed with exit code 1";
+        for code in [Some(100), Some(1), None] {
+            for log in [t, d, curl] {
+                assert!(
+                    matches!(classify_failure(code, log), Failure::BuildFailed(_)),
+                    "{code:?} {log}"
+                );
+            }
+        }
         // The daemon's NotDeterministic reads as nix-store's 104 (its error ends the log).
         let e =
             "derivation '/nix/store/x.drv' may not be deterministic: output '/nix/store/y' differs";

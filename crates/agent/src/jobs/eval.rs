@@ -99,10 +99,16 @@ pub(super) async fn other_outputs(
         .collect()
 }
 
+/// Parts a group past its time or output limit is split into at once (each attribute alone,
+/// for groups up to this size): each part's Nix process evaluates the repository's common
+/// part again.
+const SPLIT_WAYS: usize = 32;
+
 /// Evaluates attributes in groups, one Nix process each. An attribute that throws is caught
 /// within its group and evaluated again alone, for its message; a group that fails as a whole
 /// (an error `tryEval` cannot catch) is split in two until each failing attribute stands
-/// alone. Either way one broken attribute never hides the others.
+/// alone, and one past its time or output limit into its attributes at once. Either way one
+/// broken attribute never hides the others.
 pub(super) async fn eval_isolated(
     shared: &Arc<Shared>,
     entry: &Entry,
@@ -166,12 +172,13 @@ pub(super) async fn eval_isolated(
                 Err(NixError::TooLong(message)) if group.len() == 1 => {
                     out.insert(group[0].clone(), Err(message));
                 }
-                // Past the time or output limit together: each alone at once, side by side.
-                // Halving would cost the limit once per level (five hours for a group of
-                // 16 with one hanging attribute); this costs it twice, and the rest are
-                // not blamed for it.
+                // Past the time or output limit together: each alone at once, side by side
+                // (a large group in at most SPLIT_WAYS parts). Halving would cost the limit
+                // once per level (five hours for a group of 16 with one hanging
+                // attribute); this costs it twice, and the rest are not blamed for it.
                 Err(NixError::TooLong(_)) => {
-                    pending.extend(group.into_iter().map(|a| vec![a]));
+                    let size = group.len().div_ceil(SPLIT_WAYS);
+                    pending.extend(group.chunks(size).map(<[String]>::to_vec));
                 }
                 Err(NixError::Failed { .. } | NixError::OutOfMemory(_)) => {
                     let mid = group.len() / 2;

@@ -18,6 +18,17 @@ impl Engine {
             )));
         }
         let keys = &self.opts.run_cache_keys;
+        // A Cachix cache's keys come from Cachix (its API, which the URL may name), not from
+        // the run: only a listed one passes a list of keys.
+        if !keys.is_empty()
+            && spec.cache.starts_with("cachix://")
+            && !caches.iter().any(|c| same(c, &spec.cache))
+        {
+            return Err(EngineError::Denied(format!(
+                "this farm's runs may trust only the keys its operator listed (run_cache_keys), and a Cachix cache's keys come from Cachix: '{}' must be one of run_caches",
+                nixfarm_core::limits::clip(&spec.cache, 200)
+            )));
+        }
         if let Some(k) = spec
             .trusted_public_keys
             .iter()

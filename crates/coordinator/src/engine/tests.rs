@@ -290,6 +290,21 @@ fn runs_name_only_the_caches_and_keys_the_operator_listed() {
         matches!(&e, EngineError::Denied(m) if m.contains("run_cache_keys") && m.contains("evil-1")),
         "{e}"
     );
+    // Keys listed, caches not: a Cachix cache brings Cachix's keys, so it must be listed.
+    let (keyed, _clock, _dir) = test_engine(EngineOptions {
+        run_cache_keys: vec![key.into()],
+        ..Default::default()
+    });
+    keyed
+        .submit(with("https://any.example.org", &[key]))
+        .unwrap();
+    let e = keyed
+        .submit(with("cachix://evil?api=http://evil.example/", &[]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Denied(m) if m.contains("run_caches")),
+        "{e}"
+    );
     // Without a list, any cache (the default).
     let (open, _clock, _dir) = test_engine(EngineOptions::default());
     open.submit(with("https://anywhere.example.org", &["k:AAAA"]))
