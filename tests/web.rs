@@ -153,6 +153,84 @@ fn wrong_tokens_hold_back_their_address_and_no_other() {
     assert!(resp.contains("Max-Age=0"), "{resp}");
 }
 
+/// A client token replaced in its file is taken without a restart: within seconds the old
+/// one is refused and the new one admitted, by the CLI's gRPC services and the web UI alike,
+/// and a browser's cookie of the old one no longer opens pages.
+#[test]
+fn a_client_token_replaced_in_its_file_is_taken_without_a_restart() {
+    let dir = scratch();
+    let (coordinator, http) = with_token(dir.path());
+    let runs = |token: &str| {
+        std::process::Command::new(bin("nixfarm"))
+            .args(["--coordinator", &coordinator.url, "runs"])
+            .env("NIXFARM_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    assert!(runs(TOKEN).status.success());
+    // A browser that logged in with the old token.
+    let old_cookie = login_cookie(http, TOKEN);
+    let (status, resp) = get_with(
+        "127.0.0.1",
+        http,
+        "/runs",
+        None,
+        &format!("Cookie: nixfarm_session={old_cookie}\r\n"),
+    );
+    assert_eq!(status, 200, "{resp}");
+    let new = "the-replacement-client-token";
+    std::fs::write(dir.path().join("client-token"), format!("{new}\n")).unwrap();
+    // Polled with the old token (a wrong one counts against the address, as a guess).
+    let old = wait_for(
+        Duration::from_secs(20),
+        "the old client token to be refused",
+        || {
+            let out = runs(TOKEN);
+            (!out.status.success()).then_some(out)
+        },
+    );
+    assert!(runs(new).status.success());
+    assert!(
+        String::from_utf8_lossy(&old.stderr).contains("token"),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
+    assert_eq!(get_from("127.0.0.4", http, "/api/runs", Some(new)).0, 200);
+    assert_eq!(get_from("127.0.0.4", http, "/api/runs", Some(TOKEN)).0, 401);
+    let (status, resp) = get_with(
+        "127.0.0.5",
+        http,
+        "/runs",
+        None,
+        &format!("Cookie: nixfarm_session={old_cookie}\r\n"),
+    );
+    assert_eq!(status, 303, "the old cookie opens nothing: {resp}");
+    assert!(
+        !coordinator.proc.log_text().contains(new),
+        "the token is never logged"
+    );
+}
+
+/// Logs in on the web UI's form with `token`; the session cookie it sets.
+fn login_cookie(port: u16, token: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let form = format!("token={token}&next=%2Fruns");
+    write!(
+        s,
+        "POST /login HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.lines()
+        .find_map(|l| {
+            let v = l.strip_prefix("set-cookie: nixfarm_session=")?;
+            Some(v.split(';').next()?.to_string())
+        })
+        .unwrap_or_else(|| panic!("no session cookie: {resp}"))
+}
+
 /// Behind a reverse proxy (real nginx, adding `X-Forwarded-For`) that `[http]
 /// trusted_proxies` names, wrong tokens count against the client the proxy saw: one client
 /// guessing does not lock out everyone behind the proxy, and the address a client writes

@@ -134,7 +134,10 @@ pub struct AuthConfig {
     /// token withdrawn); an edit that cannot be read keeps the tokens read before.
     /// Default: none.
     pub agent_tokens_file: Option<PathBuf>,
-    /// File holding the token the CLI presents. Default: none (no check; loopback only).
+    /// File holding the token the CLI (and the web UI's login) presents. Read again within
+    /// two seconds of a change (once it stood still for a second): the old token is refused
+    /// from then on, a browser's session of it included (an empty or unreadable file keeps
+    /// the old one). Default: none (no check; loopback only).
     pub client_token_file: Option<PathBuf>,
 }
 

@@ -186,6 +186,14 @@ impl Credentials {
         self.named.read().is_ok_and(|n| n.shared_changed <= at)
     }
 
+    /// `f` of the shared token as it is now (the web UI derives its session cookie from it).
+    pub fn with_shared<R>(&self, f: impl FnOnce(Option<&str>) -> R) -> R {
+        match self.named.read() {
+            Ok(n) => f(n.shared.as_deref()),
+            Err(_) => f(None),
+        }
+    }
+
     /// Takes the shared token read again; true when it changed (the agents admitted by the
     /// old one are to be cut off).
     pub fn replace_shared(&self, token: String) -> bool {

@@ -1,6 +1,7 @@
-//! What admits agents, read again while the coordinator runs: revoked client
-//! certificates, the agents' named tokens and the join token. A change cuts off the agents
-//! it took back and withdraws their farm cache tokens.
+//! What admits agents and clients, read again while the coordinator runs: revoked client
+//! certificates, the agents' named tokens, the join token and the client token. A change
+//! cuts off the agents it took back and withdraws their farm cache tokens; a client token
+//! replaced is refused from the next call on.
 
 use crate::credentials::Credentials;
 use crate::engine::Engine;
@@ -27,6 +28,10 @@ pub struct Reloads {
     pub join_file: Option<Watched>,
     /// The farm cache's issued tokens, when it issues them.
     pub issued: Option<Arc<FarmTokens>>,
+    /// The client token, as the CLI's services and the web UI check it.
+    pub clients: Option<Arc<Credentials>>,
+    /// `[auth] client_token_file`, when set.
+    pub client_file: Option<Watched>,
 }
 
 impl Reloads {
@@ -34,6 +39,28 @@ impl Reloads {
     pub fn look(&self) {
         if self.revoked.reload() {
             self.withdraw(self.engine.cut_off_certificates());
+        }
+        if let (Some(file), Some(clients)) = (&self.client_file, &self.clients)
+            && let Some(text) = file.read_settled(JOIN_FILE_MAX)
+        {
+            match text.map(|t| t.trim().to_string()) {
+                Ok(token) if !token.is_empty() => {
+                    if clients.replace_shared(token) {
+                        tracing::warn!(
+                            file = %file.path().display(),
+                            "client token replaced: the old one is refused from now on (the CLI and the web UI)"
+                        );
+                    }
+                }
+                Ok(_) => tracing::error!(
+                    "[auth] client_token_file {}: empty (being written?); the client token read before stays",
+                    file.path().display()
+                ),
+                Err(e) => tracing::error!(
+                    "[auth] client_token_file {}: {e}; the client token read before stays",
+                    file.path().display()
+                ),
+            }
         }
         let Some(tokens) = &self.tokens else {
             return;

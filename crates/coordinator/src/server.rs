@@ -260,6 +260,8 @@ pub async fn start_with_listener(
         .map(read_secret)
         .transpose()?;
     let client_creds = Credentials::new(client_token.clone(), vec![]).map(Arc::new);
+    // The web UI checks the same token, read again with it.
+    let web_clients = client_creds.clone();
     let max_msg = config.limits.max_message_bytes;
     // What the CLI sends is small (uploads come in 1 MiB chunks): a client cannot make the
     // coordinator buffer more than this per message.
@@ -363,6 +365,12 @@ pub async fn start_with_listener(
         named_file,
         join_file,
         issued: farm_cache.as_ref().and_then(|(c, _)| c.issued_tokens()),
+        clients: client_creds.clone(),
+        client_file: config
+            .auth
+            .client_token_file
+            .clone()
+            .map(crate::watched::Watched::new),
     };
     let lease_engine = engine.clone();
     tokio::spawn(async move {
@@ -479,7 +487,7 @@ pub async fn start_with_listener(
             }
             let app = crate::web::router(crate::web::Web::new(
                 engine.clone(),
-                client_token.clone(),
+                web_clients,
                 config.http.clone(),
                 guesses.clone(),
             ));

@@ -79,7 +79,7 @@ enum Auth {
 }
 
 fn authorized(web: &Shared, headers: &HeaderMap) -> Auth {
-    let (Some(token), Some(session)) = (&web.token, &web.session) else {
+    let Some((token, session)) = web.secret() else {
         return Auth::Yes;
     };
     if let Some(v) = headers
@@ -169,7 +169,7 @@ pub async fn login_form(State(web): State<Shared>, Query(q): Query<NextQuery>) -
 /// The login form, with `error` said above it.
 fn login_page(web: &Shared, next: &str, error: Option<&str>) -> String {
     let mut body = String::from("<h1>Log in</h1>");
-    if web.token.is_none() {
+    if web.secret().is_none() {
         body.push_str("<p>This coordinator needs no token.</p>");
     }
     if let Some(e) = error {
@@ -208,11 +208,12 @@ pub async fn login(
     if let Some(wait) = ip.and_then(|ip| web.limiter.blocked(ip, Instant::now())) {
         return too_many(&web, wait, false, &next);
     }
-    let ok = match (&web.token, &web.session) {
-        (Some(t), Some(_)) => {
+    let secret = web.secret();
+    let ok = match &secret {
+        Some((t, _)) => {
             f.token.len() <= MAX_TOKEN && constant_time_eq(f.token.trim().as_bytes(), t.as_bytes())
         }
-        _ => true,
+        None => true,
     };
     if !ok {
         if let Some(ip) = ip {
@@ -228,7 +229,7 @@ pub async fn login(
         )
             .into_response();
     }
-    let cookie = match &web.session {
+    let cookie = match secret.as_ref().map(|(_, s)| s) {
         Some(s) => format!("{COOKIE}={s}; Path=/; HttpOnly; SameSite=Strict; Max-Age=2592000"),
         None => String::new(),
     };

@@ -22,10 +22,9 @@ use std::sync::Arc;
 /// What the web handlers share.
 pub struct Web {
     engine: Engine,
-    /// The client token, when one is configured.
-    token: Option<String>,
-    /// The cookie value that stands for the token (derived from it, never the token itself).
-    session: Option<String>,
+    /// The client token, when one is configured: as the gRPC services check it, read again
+    /// when its file changes.
+    client: Option<Arc<crate::credentials::Credentials>>,
     /// Key of the CSRF tokens in forms (random per process).
     csrf_key: String,
     cfg: HttpConfig,
@@ -41,27 +40,31 @@ const MAX_STREAMS: usize = 64;
 impl Web {
     pub fn new(
         engine: Engine,
-        token: Option<String>,
+        client: Option<Arc<crate::credentials::Credentials>>,
         cfg: HttpConfig,
         limiter: Arc<crate::limit::Limiter>,
     ) -> Web {
-        let session = token
-            .as_deref()
-            .map(|t| hex_sha256(&["nixfarm-web-session", t]));
         let csrf_key = hex_sha256(&[
             "nixfarm-csrf",
             &format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
-            token.as_deref().unwrap_or_default(),
+            &format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
         ]);
         Web {
             engine,
-            token,
-            session,
+            client,
             csrf_key,
             cfg,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             limiter,
         }
+    }
+
+    /// The client token now and the cookie value that stands for it (derived from it, never
+    /// the token itself); None when no token is configured.
+    fn secret(&self) -> Option<(String, String)> {
+        self.client
+            .as_ref()?
+            .with_shared(|t| t.map(|t| (t.to_string(), hex_sha256(&["nixfarm-web-session", t]))))
     }
 
     /// The CSRF token of a form acting on `run`.
