@@ -446,6 +446,91 @@ fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
     }
 }
 
+/// A farm cache token that leaked is taken back without a restart: the operator strikes it
+/// from `STATE_DIR/farm-tokens` (here: removes the file), the farm cache refuses it within
+/// seconds, and its agent, made to register again, is issued a new one that Nix (its netrc)
+/// uses from then on; the agent goes on building.
+#[test]
+fn a_farm_cache_token_struck_from_its_file_is_refused_and_replaced() {
+    let dir = scratch();
+    let d = dir.path();
+    let (coordinator, ca, url) = tls_coordinator(d, "127.0.0.1:0", "");
+    let port: u32 = farm_cache_addr(&coordinator)
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (_, cert, key) = pki(d, "farm-ca", "one", CLIENT_EXT);
+    let host = Host::new(&d.join("host-one"));
+    let flags = [
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let _agent = host
+        .start_agent_with("one", &url, None, 1, &[], &flags)
+        .unwrap();
+    let netrc = d.join("host-one/work/farm-cache.netrc");
+    let token_now = || {
+        std::fs::read_to_string(&netrc)
+            .ok()
+            .and_then(|t| t.split_whitespace().last().map(String::from))
+    };
+    let old = wait_for(
+        Duration::from_secs(30),
+        "the agent's farm cache token",
+        token_now,
+    );
+    assert_eq!(farm_cache_status(&ca, port, &old), "200");
+    std::fs::remove_file(d.join("state/farm-tokens")).unwrap();
+    let start = std::time::Instant::now();
+    let new = loop {
+        if let Some(t) = token_now().filter(|t| *t != old) {
+            break t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no new farm cache token; coordinator:\n{}\nagent:\n{}",
+            coordinator.proc.log_text(),
+            _agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        farm_cache_status(&ca, port, &old),
+        "401",
+        "the struck token"
+    );
+    assert_eq!(farm_cache_status(&ca, port, &new), "200");
+    // Kept for the next restart, the old one not.
+    let kept = std::fs::read_to_string(d.join("state/farm-tokens")).unwrap();
+    assert!(kept.contains(&new) && !kept.contains(&old), "{kept}");
+    // And the agent builds on, through the farm cache.
+    let repo = d.join("after");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: { packages.x86_64-linux.after = derivation {
+  name = "after"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo ok > $out" ]; }; }; }"#,
+    )
+    .unwrap();
+    let report = submit_json(&url, &ca, &repo);
+    assert_eq!(
+        packages_by_attr(&report)["after"]["status"],
+        "ready",
+        "{report}"
+    );
+    let logs = coordinator.proc.log_text() + &_agent.log_text();
+    assert!(
+        !logs.contains(&new) && !logs.contains(&old),
+        "a token was logged"
+    );
+}
+
 /// What a certificate-admitted agent is told of the farm cache when it registers, played
 /// over the real protocol: one that takes an issued token gets the farm cache and a token;
 /// one that predates issued tokens (it would have nothing to show there) is not told of

@@ -34,6 +34,9 @@ struct Issued {
     names: HashMap<[u8; 32], String>,
     /// Whether each agent's token counts now: while connected, or until a time.
     live: HashMap<String, Live>,
+    /// The agents whose token is in the file: one the operator took out of it is withdrawn
+    /// ([`FarmTokens::withdraw_struck`]); one that could not be written there is not.
+    on_file: std::collections::HashSet<String>,
 }
 
 /// Whether an agent's token counts.
@@ -98,6 +101,7 @@ impl FarmTokens {
                             issued.names.insert(digest(token), name.to_string());
                             issued.by_name.insert(name.to_string(), token.to_string());
                             issued.live.insert(name.to_string(), until);
+                            issued.on_file.insert(name.to_string());
                         }
                         _ => tracing::warn!(
                             file = %file.display(),
@@ -135,11 +139,16 @@ impl FarmTokens {
             return None;
         }
         let token = random_token()?;
-        if let Some(file) = &self.file
-            && let Err(e) = keep(file, name, &token)
-        {
-            // Still valid until a restart; after one, the agent is issued another.
-            tracing::warn!(file = %file.display(), "cannot keep a farm cache token: {e}");
+        if let Some(file) = &self.file {
+            match keep(file, name, &token) {
+                Ok(()) => {
+                    issued.on_file.insert(name.to_string());
+                }
+                // Still valid until a restart; after one, the agent is issued another.
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), "cannot keep a farm cache token: {e}")
+                }
+            }
         }
         issued.names.insert(digest(&token), name.to_string());
         issued.by_name.insert(name.to_string(), token.clone());
@@ -184,6 +193,7 @@ impl FarmTokens {
         };
         i.names.remove(&digest(&token));
         i.live.remove(name);
+        i.on_file.remove(name);
         tracing::warn!(agent = name, "farm cache token withdrawn");
         if let Some(file) = &self.file {
             let text: String = i
@@ -199,6 +209,55 @@ impl FarmTokens {
                 );
             }
         }
+    }
+
+    /// Whether any token is kept in the file.
+    pub fn kept_on_file(&self) -> bool {
+        self.inner.lock().is_ok_and(|i| !i.on_file.is_empty())
+    }
+
+    /// The file the tokens are kept in, if any.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.file.as_deref()
+    }
+
+    /// Withdraws the tokens the operator struck from the file (a line taken out or
+    /// changed, or the whole file removed): a token that leaked is refused from now on, and
+    /// its agent, once it registers again, is issued a new one. The names withdrawn. The
+    /// file is read under the same lock as the tokens are kept under, so one issued
+    /// meanwhile is not taken for struck.
+    pub fn withdraw_struck(&self) -> Vec<String> {
+        let Some(file) = &self.file else {
+            return Vec::new();
+        };
+        let struck: Vec<String> = {
+            let Ok(i) = self.inner.lock() else {
+                return Vec::new();
+            };
+            let text = match crate::watched::read_at_most(file, 64 << 20) {
+                Ok(t) => t,
+                Err(_) if !file.exists() => String::new(),
+                Err(e) => {
+                    tracing::error!(file = %file.display(), "cannot read the farm cache tokens again: {e}");
+                    return Vec::new();
+                }
+            };
+            let listed: std::collections::HashSet<(&str, &str)> =
+                text.lines().filter_map(|l| l.split_once(' ')).collect();
+            i.on_file
+                .iter()
+                .filter(|n| {
+                    i.by_name
+                        .get(n.as_str())
+                        .is_some_and(|t| !listed.contains(&(n.as_str(), t.as_str())))
+                })
+                .cloned()
+                .collect()
+        };
+        for name in &struck {
+            self.withdraw(name);
+        }
+        struck
     }
 
     /// Whether `given` is a token issued here whose agent is connected, or was within
@@ -334,6 +393,43 @@ mod tests {
         assert!(again.admits(&a), "for a lease from the start");
         assert_eq!(again.issue("a").unwrap(), a);
         assert_ne!(again.issue("b").unwrap(), a);
+    }
+
+    #[test]
+    fn a_token_struck_from_the_file_is_withdrawn_and_replaced_at_the_next_registration() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("farm-tokens");
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let t = FarmTokens::open(file.clone(), clock, 60_000);
+        let a = t.issue("a").unwrap();
+        let b = t.issue("b").unwrap();
+        t.connected("a", 1);
+        t.connected("b", 2);
+        assert!(
+            t.withdraw_struck().is_empty(),
+            "its own writes strike nothing"
+        );
+        // The operator takes a's line out.
+        let text = std::fs::read_to_string(&file).unwrap();
+        let kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with("a "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&file, kept).unwrap();
+        assert_eq!(t.withdraw_struck(), ["a"]);
+        assert!(!t.admits(&a) && t.admits(&b));
+        let a2 = t.issue("a").unwrap();
+        assert_ne!(a2, a);
+        t.connected("a", 3);
+        assert!(t.admits(&a2));
+        assert!(t.withdraw_struck().is_empty());
+        // Or removes the file: every token.
+        std::fs::remove_file(&file).unwrap();
+        let mut gone = t.withdraw_struck();
+        gone.sort();
+        assert_eq!(gone, ["a", "b"]);
+        assert!(!t.admits(&a2) && !t.admits(&b));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Reloads {
     pub clients: Option<Arc<Credentials>>,
     /// `[auth] client_token_file`, when set.
     pub client_file: Option<Watched>,
+    /// The file the farm cache's issued tokens are kept in (`STATE_DIR/farm-tokens`).
+    pub issued_file: Option<Watched>,
 }
 
 impl Reloads {
@@ -39,6 +41,24 @@ impl Reloads {
     pub fn look(&self) {
         if self.revoked.reload() {
             self.withdraw(self.engine.cut_off_certificates());
+        }
+        // A farm cache token the operator struck from its file (one that leaked): refused,
+        // and its agent made to register again, for a new one.
+        // (The file removed between two looks shows no change: it is gone while tokens are
+        // kept in it.)
+        if let (Some(file), Some(issued)) = (&self.issued_file, &self.issued)
+            && (file.read_settled(64 << 20).is_some()
+                || (issued.kept_on_file() && !file.path().exists()))
+        {
+            let struck = issued.withdraw_struck();
+            if !struck.is_empty() {
+                tracing::warn!(
+                    agents = struck.len(),
+                    "farm cache tokens struck from {}: withdrawn; their agents register again for new ones",
+                    file.path().display()
+                );
+                self.engine.reconnect(&struck);
+            }
         }
         if let (Some(file), Some(clients)) = (&self.client_file, &self.clients)
             && let Some(text) = file.read_settled(JOIN_FILE_MAX)

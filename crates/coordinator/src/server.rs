@@ -365,6 +365,13 @@ pub async fn start_with_listener(
         named_file,
         join_file,
         issued: farm_cache.as_ref().and_then(|(c, _)| c.issued_tokens()),
+        issued_file: farm_cache
+            .as_ref()
+            .and_then(|(c, _)| c.issued_tokens())
+            .and_then(|t| {
+                t.file()
+                    .map(|f| crate::watched::Watched::new(f.to_path_buf()))
+            }),
         clients: client_creds.clone(),
         client_file: config
             .auth

@@ -59,6 +59,20 @@ impl Engine {
         names
     }
 
+    /// Ends the streams of agents `names` without refusing them: each reconnects and
+    /// registers again (and is issued a new farm cache token); their jobs stay theirs for
+    /// the lease, as on any reconnect.
+    pub fn reconnect(&self, names: &[String]) {
+        let mut g = self.lock();
+        for name in names {
+            if let Some(a) = g.agents.get_mut(name)
+                && a.tx.take().is_some()
+            {
+                tracing::info!(agent = %name, "stream ended: the agent is to register again");
+            }
+        }
+    }
+
     /// Cuts off every agent whose registration `which` picks (what admitted it was taken
     /// back: `why`): its stream ends with that refusal and whatever it still sends is
     /// ignored, its jobs go back to the queue at once, its upload claims lapse, the
