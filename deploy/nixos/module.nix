@@ -210,6 +210,7 @@ in
             log_limit_bytes = between 0 67108864 1048576 "Bytes of live log streamed to the coordinator per job (the tail always travels).";
             min_free_mib = mkOption { type = types.ints.unsigned; default = 512; description = "MiB kept free in /nix/store's file system; below it no new jobs are taken (0: no check)."; };
             allow_local_flake_refs = mkOption { type = types.bool; default = false; description = "Evaluate flake references that read this host's disk (path:, git+file:, …): a single-user farm only."; };
+            run_caches = mkOption { type = types.listOf types.str; default = [ ]; description = "The run caches this agent substitutes from, as root; listed, it takes part only in runs with one of them or none of their own. Empty: any."; };
             allow_plain_http = mkOption { type = types.bool; default = false; description = "Send the join token to an http:// coordinator beyond this machine, in clear (refused by default; loopback is always allowed). Prefer https://."; };
             cachix_api_urls = mkOption { type = types.listOf types.str; default = [ ]; description = "Cachix API roots besides Cachix's own that this agent sends its CACHIX_AUTH_TOKEN to; a run naming another gets no push from it."; };
             gc_roots_dir = nullStr "GC roots of what each run still needs, below ${gcRootsParent} (the only part of Nix's gcroots the agent may write). Default (null): ${gcRootsParent}/nixfarm-agent/nixfarm-NAME.";

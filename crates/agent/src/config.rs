@@ -65,6 +65,12 @@ pub struct AgentConfig {
     /// it pushes through; with any other, this agent refuses the push rather than hand its
     /// token to whoever submitted the run. Default: none.
     pub cachix_api_urls: Vec<String>,
+    /// The run caches (`--cache` URLs, as runs give them: `cachix://NAME`, `https://…`)
+    /// this agent substitutes from, as root, into a store that later runs reuse. Listed,
+    /// the coordinator gives it jobs only of runs with one of them or with none of their own
+    /// (their things move through the farm cache), and it refuses any other. Default: empty,
+    /// any run's cache.
+    pub run_caches: Vec<String>,
 }
 
 fn hostname() -> String {
@@ -107,6 +113,7 @@ impl Default for AgentConfig {
             allow_plain_http: false,
             gc_roots_dir: None,
             cachix_api_urls: Vec::new(),
+            run_caches: Vec::new(),
         }
     }
 }
@@ -207,6 +214,23 @@ impl AgentConfig {
         if self.systems.is_empty() {
             anyhow::bail!("config: systems is empty: an agent builds for at least one system");
         }
+        if self.run_caches.len() > nixfarm_core::limits::MAX_AGENT_RUN_CACHES {
+            anyhow::bail!(
+                "config: run_caches lists more than {} caches",
+                nixfarm_core::limits::MAX_AGENT_RUN_CACHES
+            );
+        }
+        // A typo would leave every run with that cache waiting for another agent.
+        if let Some(bad) = self
+            .run_caches
+            .iter()
+            .find(|c| nixfarm_core::cache_url::CacheTarget::parse(c).is_err())
+        {
+            anyhow::bail!(
+                "config: run_caches holds '{}', which is not a cache URL (cachix://NAME, https://…, s3://…, file://…)",
+                nixfarm_core::limits::clip(bad, 200)
+            );
+        }
         Ok(())
     }
 
@@ -257,6 +281,24 @@ mod tests {
         };
         assert!(crate::Agent::new(allowed).is_ok());
         assert!(d.path().join("work").exists());
+    }
+
+    #[test]
+    fn listed_run_caches_must_be_cache_urls() {
+        let ok = AgentConfig {
+            run_caches: vec!["cachix://team".into(), "https://c.example.org".into()],
+            ..AgentConfig::default()
+        };
+        ok.validate().unwrap();
+        let typo = AgentConfig {
+            run_caches: vec!["cachix:/team".into()],
+            ..AgentConfig::default()
+        };
+        let e = typo.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("run_caches") && e.contains("cachix:/team"),
+            "{e}"
+        );
     }
 
     #[test]

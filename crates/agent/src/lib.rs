@@ -286,6 +286,7 @@ impl Agent {
                     holds_outputs: true,
                     holds_in_builder_store: true,
                     takes_farm_cache_token: true,
+                    run_caches: shared.cfg.run_caches.clone(),
                 })),
             };
             let _ = out_tx.send(register).await;

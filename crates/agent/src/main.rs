@@ -71,6 +71,10 @@ struct Args {
     /// agent sends its CACHIX_AUTH_TOKEN to; a run naming any other API gets no push from it.
     #[arg(long, env = "NIXFARM_CACHIX_API_URL")]
     cachix_api_url: Option<String>,
+    /// A run cache this agent substitutes from (repeat for several; see run_caches in
+    /// deploy/agent.toml). Listed, it takes part only in runs with one of them or none.
+    #[arg(long = "run-cache")]
+    run_cache: Vec<String>,
     /// Log format on stderr: text (coloured only on a terminal, never with NO_COLOR) or
     /// json, one object per line for log shippers.
     #[arg(long, value_enum, default_value_t = nixfarm_logs::LogFormat::Text)]
@@ -124,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
         cfg.allow_plain_http = allow;
     }
     cfg.cachix_api_urls.extend(args.cachix_api_url);
+    cfg.run_caches.extend(args.run_cache);
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {

@@ -179,6 +179,10 @@ pub struct Registration {
     /// in it.
     #[serde(default)]
     pub has_farm_cache: bool,
+    /// The run caches it substitutes from (its operator's list; empty: any): it takes part
+    /// only in runs with one of them, or with none of their own.
+    #[serde(default)]
+    pub run_caches: Vec<String>,
 }
 
 impl Registration {

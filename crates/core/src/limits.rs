@@ -18,6 +18,8 @@ pub const MAX_CACHE_URL: usize = 2048;
 /// Trusted public keys per run, and the length of each, in bytes.
 pub const MAX_PUBLIC_KEYS: usize = 32;
 pub const MAX_PUBLIC_KEY: usize = 1024;
+/// Run caches an agent's operator may list (`run_caches`).
+pub const MAX_AGENT_RUN_CACHES: usize = 64;
 /// An agent's name, in bytes.
 pub const MAX_AGENT_NAME: usize = 255;
 /// A store path, in bytes (Nix's own bound on a name is 211 bytes).

@@ -19,6 +19,9 @@ pub(super) async fn build(
             nixfarm_core::limits::clip(&j.drv_path, 200)
         ));
     }
+    if let Err(e) = super::cache_allowed(shared, &j.cache) {
+        return infra_failed(e);
+    }
     // What Nix substitutes from: the cache's read URL (Cachix: its `uri`) and its keys.
     let cache = transport_cache(shared, &j.cache);
     let farm = farm_cache(shared).filter(|f| f.url == cache);

@@ -363,7 +363,7 @@ pub(super) async fn eval_chunk(
 }
 
 /// An evaluation task's result saying it failed (and pausing the agent if its disk is full).
-fn chunk_failure(shared: &Shared, e: NixError) -> pb::EvalChunkResult {
+pub(super) fn chunk_failure(shared: &Shared, e: NixError) -> pb::EvalChunkResult {
     let error = e.to_string();
     pause_if_disk_full(shared, &error);
     pb::EvalChunkResult {

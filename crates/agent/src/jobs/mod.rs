@@ -76,6 +76,28 @@ pub(crate) async fn run(
     let attempt = a.attempt_id.clone();
     let run_id = a.run_id.clone();
     shared.store_opened().await;
+    // An evaluation substitutes from the run's cache too (imports from derivations).
+    let refused = match &a.job {
+        Some(Job::EvalList(j)) => cache_allowed(shared, &j.cache).err(),
+        Some(Job::EvalChunk(j)) => cache_allowed(shared, &j.cache).err(),
+        _ => None,
+    };
+    if let Some(error) = refused {
+        let m = match a.job {
+            Some(Job::EvalList(_)) => pb::agent_message::Msg::EvalList(pb::EvalListResult {
+                attempt_id: attempt,
+                error,
+                infra: true,
+                ..Default::default()
+            }),
+            _ => {
+                let mut r = eval::chunk_failure(shared, NixError::Infra(error));
+                r.attempt_id = attempt;
+                pb::agent_message::Msg::EvalChunk(r)
+            }
+        };
+        return (msg(m), None);
+    }
     match a.job {
         Some(Job::EvalList(j)) => {
             let limits = (j.build_timeout_secs, j.build_max_silent_secs);
@@ -207,6 +229,21 @@ fn transport_cache(shared: &Shared, run_cache: &str) -> String {
     farm_cache(shared).map(|f| f.url).unwrap_or_default()
 }
 
+/// Whether this agent substitutes from a run's cache: any, unless its operator listed them
+/// (`run_caches`; a coordinator that knows the list sends no other).
+pub(crate) fn cache_allowed(shared: &Shared, run_cache: &str) -> Result<(), String> {
+    let listed = &shared.cfg.run_caches;
+    let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+    if run_cache.is_empty() || listed.is_empty() || listed.iter().any(|c| same(c, run_cache)) {
+        return Ok(());
+    }
+    Err(format!(
+        "agent {} substitutes only from the run caches its operator listed (run_caches), and '{}' is none of them",
+        shared.cfg.name,
+        nixfarm_core::limits::clip(run_cache, 200)
+    ))
+}
+
 /// Whether this agent's Cachix token may go to the API a run's cache URL names: Cachix's own,
 /// or one its operator allowed. The URL comes from whoever submitted the run.
 fn token_may_go_to(allowed: &[String], url: &str) -> Result<(), NixError> {
@@ -298,6 +335,53 @@ mod token_tests {
 #[cfg(test)]
 mod edge_tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_job_of_a_run_whose_cache_the_operator_did_not_list_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let agent = crate::Agent::new(crate::AgentConfig {
+            work_dir: d.path().join("work"),
+            gc_roots_dir: Some(d.path().join("roots")),
+            run_caches: vec!["cachix://team".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let (logs, _rx) = mpsc::channel(8);
+        let assignment = |job| pb::Assignment {
+            attempt_id: "t1".into(),
+            run_id: "r1".into(),
+            job: Some(job),
+        };
+        let other = "https://other.example.org".to_string();
+        let build = pb::assignment::Job::Build(pb::BuildJob {
+            drv_path: format!("/nix/store/{}-x.drv", "0".repeat(32)),
+            cache: other.clone(),
+            ..Default::default()
+        });
+        let list = pb::assignment::Job::EvalList(pb::EvalListJob {
+            cache: other,
+            ..Default::default()
+        });
+        for job in [build, list] {
+            let (m, _) = run(
+                &agent.shared,
+                channel.clone(),
+                assignment(job),
+                CancellationToken::new(),
+                logs.clone(),
+            )
+            .await;
+            let (error, infra) = match m.msg {
+                Some(pb::agent_message::Msg::Build(r)) => {
+                    (r.message, r.status == pb::BuildStatus::InfraFailed as i32)
+                }
+                Some(pb::agent_message::Msg::EvalList(r)) => (r.error, r.infra),
+                other => panic!("{other:?}"),
+            };
+            assert!(infra && error.contains("run_caches"), "{error}");
+        }
+    }
 
     #[tokio::test]
     async fn a_build_of_what_is_not_a_derivation_path_is_refused_before_nix_sees_it() {

@@ -54,8 +54,9 @@ impl Engine {
                 // Without the farm cache, where the others are, it can take part only in
                 // runs that move things through a cache of their own.
                 let own_cache_only = inner.hold_way == Hold::FarmCache && !agent.reg.has_farm_cache;
+                let reach = (own_cache_only, agent.reg.run_caches.as_slice());
                 let next = if eval_free {
-                    Self::next_eval(&mut inner.runs, &self.opts, &independent_of, own_cache_only)
+                    Self::next_eval(&mut inner.runs, &self.opts, &independent_of, reach)
                 } else {
                     None
                 };
@@ -70,7 +71,7 @@ impl Engine {
                         &independent_of,
                         (&self.opts, inner.hold_way),
                         now,
-                        own_cache_only,
+                        reach,
                     ),
                     None => None,
                 };
@@ -186,11 +187,11 @@ impl Engine {
         runs: &mut [RunMem],
         opts: &EngineOptions,
         independent_of: &dyn Fn(&str, &Credential) -> bool,
-        own_cache_only: bool,
+        reach: (bool, &[String]),
     ) -> Option<(String, JobRef, Job, String)> {
         for run in runs
             .iter_mut()
-            .filter(|r| !r.state.is_terminal() && reaches(r, own_cache_only))
+            .filter(|r| !r.state.is_terminal() && reaches(r, reach))
         {
             let opinions = &run.opinions;
             let Some(at) = run.eval_queue.iter().position(|t| {
@@ -259,7 +260,7 @@ impl Engine {
         independent_of: &dyn Fn(&str, &Credential) -> bool,
         (opts, way): (&EngineOptions, Hold),
         now_ms: i64,
-        own_cache_only: bool,
+        reach: (bool, &[String]),
     ) -> Option<(String, JobRef, Job, String)> {
         let mut order: Vec<(f64, usize)> = runs
             .iter()
@@ -274,7 +275,7 @@ impl Engine {
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         for (_, i) in order {
             let run = &mut runs[i];
-            if run.sched.is_none() || !reaches(run, own_cache_only) {
+            if run.sched.is_none() || !reaches(run, reach) {
                 continue;
             }
             // A check first: the derivation's dependents wait for it.
@@ -342,7 +343,17 @@ impl Engine {
 
 /// Whether an agent can take part in `run`. One without the farm cache the others move
 /// things through (`own_cache_only`) neither gets nor leaves anything there: it takes part
-/// only in runs with a cache of their own.
-fn reaches(run: &RunMem, own_cache_only: bool) -> bool {
-    !own_cache_only || !run.spec.cache.is_empty()
+/// only in runs with a cache of their own. One whose operator listed the run caches it
+/// substitutes from (`run_caches`) takes part only in runs with one of them, or with none.
+fn reaches(run: &RunMem, (own_cache_only, run_caches): (bool, &[String])) -> bool {
+    let cache = &run.spec.cache;
+    (!own_cache_only || !cache.is_empty())
+        && (cache.is_empty()
+            || run_caches.is_empty()
+            || run_caches.iter().any(|c| same_cache(c, cache)))
+}
+
+/// Two spellings of one cache URL (a trailing `/` aside).
+pub(super) fn same_cache(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
 }

@@ -133,6 +133,7 @@ pub(super) fn registration(name: &str, session_key: &str) -> Registration {
         holds_in_builder_store: true,
         takes_farm_cache_token: true,
         has_farm_cache: true,
+        run_caches: vec![],
     }
 }
 
@@ -309,6 +310,58 @@ fn runs_name_only_the_caches_and_keys_the_operator_listed() {
     let (open, _clock, _dir) = test_engine(EngineOptions::default());
     open.submit(with("https://anywhere.example.org", &["k:AAAA"]))
         .unwrap();
+}
+
+#[test]
+fn an_agent_whose_operator_listed_its_run_caches_takes_part_only_in_runs_with_one() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    engine
+        .connect_agent(
+            Registration {
+                run_caches: vec!["cachix://team".into()],
+                ..registration("picky", "")
+            },
+            tx,
+        )
+        .unwrap();
+    let with = |cache: &str| RunSpec {
+        cache: cache.into(),
+        ..flake_run()
+    };
+    let other = engine.submit(with("https://other.example.org")).unwrap();
+    let assigned_runs = |rx: &mut mpsc::UnboundedReceiver<ToAgent>| {
+        let mut runs = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let ToAgent::Assign { run_id, .. } = m {
+                runs.push(run_id);
+            }
+        }
+        runs
+    };
+    assert!(
+        assigned_runs(&mut rx).is_empty(),
+        "nothing of a run with another cache"
+    );
+    let why = engine.waiting_jobs();
+    assert!(
+        why.iter()
+            .any(|(r, _, ex)| r.contains("run_caches") && *ex == other),
+        "{why:?}"
+    );
+    let listed = engine.submit(with("cachix://team/")).unwrap();
+    let own = engine.submit(with("")).unwrap();
+    let got = assigned_runs(&mut rx);
+    assert_eq!(got, [listed], "its one slot: the listed cache's run first");
+    assert!(!got.contains(&other));
+    // Any agent of an open mind takes the rest.
+    let mut open = connect_agent(&engine, "open");
+    let mut rest = assigned_runs(&mut open.rx);
+    rest.sort();
+    let mut want = vec![other, own];
+    want.sort();
+    assert_eq!(rest.len(), 1, "one slot");
+    assert!(want.contains(&rest[0]));
 }
 
 #[test]

@@ -12,10 +12,15 @@ impl Engine {
         let mut by_class: HashMap<(&Class, Hold), String> = HashMap::new();
         for run in g.runs.iter().filter(|r| !r.state.is_terminal()) {
             let hold = run.hold(&self.opts, g.hold_way);
+            let refused = cache_refused(&g, run);
             let Some(sched) = &run.sched else {
                 if !run.eval_queue.is_empty() {
                     let e = groups
-                        .entry("evaluation: waiting for an agent".into())
+                        .entry(
+                            refused
+                                .clone()
+                                .unwrap_or_else(|| "evaluation: waiting for an agent".into()),
+                        )
                         .or_insert((0, run.id.clone()));
                     e.0 += run.eval_queue.len() as u64;
                 }
@@ -23,6 +28,7 @@ impl Engine {
             };
             for id in 0..sched.len() as NodeId {
                 let reason = match sched.state(id) {
+                    NodeState::Ready if refused.is_some() => refused.clone().unwrap_or_default(),
                     NodeState::Ready => {
                         let class = sched.class(id);
                         let hold = super::hold_of(class, hold);
@@ -49,6 +55,29 @@ impl Engine {
         out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         out
     }
+}
+
+/// Why none of a run's jobs can start: every connected agent's operator listed the run
+/// caches it substitutes from (`run_caches`), and the run's cache is none of them.
+fn cache_refused(inner: &Inner, run: &RunMem) -> Option<String> {
+    let cache = &run.spec.cache;
+    let mut connected = inner.agents.values().filter(|a| a.tx.is_some()).peekable();
+    connected.peek()?;
+    let refused = connected.all(|a| {
+        !cache.is_empty()
+            && !a.reg.run_caches.is_empty()
+            && !a
+                .reg
+                .run_caches
+                .iter()
+                .any(|c| super::dispatch::same_cache(c, cache))
+    });
+    refused.then(|| {
+        format!(
+            "queued: no connected agent substitutes from this run's cache ({}): their operators list the caches they take (run_caches)",
+            nixfarm_core::limits::clip(cache, 200)
+        )
+    })
 }
 
 /// Why a package of an unfinished run is not done yet: evaluating, building where, queued
@@ -113,7 +142,11 @@ pub(super) fn waiting_reason(
     let (Some(sched), Some(&top)) = (&run.sched, run.node_of.get(drv)) else {
         return "evaluating".into();
     };
+    let refused = cache_refused(inner, run);
     let queued = |id: NodeId| {
+        if let Some(r) = &refused {
+            return r.clone();
+        }
         let class = sched.class(id);
         queued_reason(inner, class, super::hold_of(class, hold))
     };

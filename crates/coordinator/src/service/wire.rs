@@ -237,6 +237,16 @@ impl TryFrom<pb::Register> for Registration {
         if r.running_attempts.len() > 100_000 || r.running_attempts.iter().any(|a| a.len() > 64) {
             return Err(WireError("running attempts are not attempt ids".into()));
         }
+        if r.run_caches.len() > lim::MAX_AGENT_RUN_CACHES
+            || r.run_caches
+                .iter()
+                .any(|c| nixfarm_core::cache_url::CacheTarget::parse(c).is_err())
+        {
+            return Err(WireError(format!(
+                "run caches are at most {} cache URLs",
+                lim::MAX_AGENT_RUN_CACHES
+            )));
+        }
         Ok(Registration {
             name: r.name,
             systems: r.systems,
@@ -252,6 +262,7 @@ impl TryFrom<pb::Register> for Registration {
             holds_in_builder_store: r.holds_in_builder_store,
             takes_farm_cache_token: r.takes_farm_cache_token,
             has_farm_cache: false,
+            run_caches: r.run_caches,
         })
     }
 }
