@@ -69,6 +69,7 @@ async fn agent(url: String, name: String, packages: usize, jobs: Arc<AtomicU64>,
                 holds_outputs: true,
                 holds_in_builder_store: true,
                 takes_farm_cache_token: true,
+                run_caches: vec![],
             })),
         })
         .await;
