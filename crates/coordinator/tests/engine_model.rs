@@ -286,6 +286,7 @@ fn registration(name: &str, max_jobs: u32, running: Vec<String>, key: &str) -> R
         holds_in_builder_store: true,
         takes_farm_cache_token: true,
         has_farm_cache: true,
+        run_caches: vec![],
     }
 }
 
