@@ -185,16 +185,28 @@ impl FarmTokens {
     /// now on, struck from the file, and the name, if it registers again with another
     /// credential, is issued a new one.
     pub fn withdraw(&self, name: &str) {
+        self.withdraw_all(std::slice::from_ref(&name.to_string()));
+    }
+
+    /// [`FarmTokens::withdraw`] for several names, with one rewrite of the file.
+    pub fn withdraw_all(&self, names: &[String]) {
         let Ok(mut i) = self.inner.lock() else {
             return;
         };
-        let Some(token) = i.by_name.remove(name) else {
+        let mut any = false;
+        for name in names {
+            let Some(token) = i.by_name.remove(name) else {
+                continue;
+            };
+            i.names.remove(&digest(&token));
+            i.live.remove(name);
+            i.on_file.remove(name);
+            tracing::warn!(agent = %name, "farm cache token withdrawn");
+            any = true;
+        }
+        if !any {
             return;
-        };
-        i.names.remove(&digest(&token));
-        i.live.remove(name);
-        i.on_file.remove(name);
-        tracing::warn!(agent = name, "farm cache token withdrawn");
+        }
         if let Some(file) = &self.file {
             let text: String = i
                 .by_name
@@ -242,8 +254,14 @@ impl FarmTokens {
                     return Vec::new();
                 }
             };
-            let listed: std::collections::HashSet<(&str, &str)> =
-                text.lines().filter_map(|l| l.split_once(' ')).collect();
+            // Spacing aside: a line the operator kept, retyped, still holds its token.
+            let listed: std::collections::HashSet<(&str, &str)> = text
+                .lines()
+                .filter_map(|l| {
+                    let mut w = l.split_whitespace();
+                    Some((w.next()?, w.next()?))
+                })
+                .collect();
             i.on_file
                 .iter()
                 .filter(|n| {
@@ -254,9 +272,7 @@ impl FarmTokens {
                 .cloned()
                 .collect()
         };
-        for name in &struck {
-            self.withdraw(name);
-        }
+        self.withdraw_all(&struck);
         struck
     }
 
@@ -414,7 +430,8 @@ mod tests {
         let kept: String = text
             .lines()
             .filter(|l| !l.starts_with("a "))
-            .map(|l| format!("{l}\n"))
+            // (b's line retyped with other spacing: still b's.)
+            .map(|l| format!("{}  \n", l.replacen(' ', "   ", 1)))
             .collect();
         std::fs::write(&file, kept).unwrap();
         assert_eq!(t.withdraw_struck(), ["a"]);

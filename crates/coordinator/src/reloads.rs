@@ -34,6 +34,9 @@ pub struct Reloads {
     pub client_file: Option<Watched>,
     /// The file the farm cache's issued tokens are kept in (`STATE_DIR/farm-tokens`).
     pub issued_file: Option<Watched>,
+    /// That file was missing at the last look (an editor saving by renaming it away is
+    /// not taken for its removal).
+    pub issued_gone: std::sync::atomic::AtomicBool,
 }
 
 impl Reloads {
@@ -44,11 +47,15 @@ impl Reloads {
         }
         // A farm cache token the operator struck from its file (one that leaked): refused,
         // and its agent made to register again, for a new one.
-        // (The file removed between two looks shows no change: it is gone while tokens are
-        // kept in it.)
+        // (The file created and removed between two looks shows no change: it is gone, at
+        // two looks in a row, while tokens are kept in it.)
+        let gone = |file: &Watched| {
+            use std::sync::atomic::Ordering;
+            let now = !file.path().exists();
+            self.issued_gone.swap(now, Ordering::SeqCst) && now
+        };
         if let (Some(file), Some(issued)) = (&self.issued_file, &self.issued)
-            && (file.read_settled(64 << 20).is_some()
-                || (issued.kept_on_file() && !file.path().exists()))
+            && (file.read_settled(64 << 20).is_some() || (gone(file) && issued.kept_on_file()))
         {
             let struck = issued.withdraw_struck();
             if !struck.is_empty() {

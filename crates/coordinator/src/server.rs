@@ -253,6 +253,12 @@ pub async fn start_with_listener(
         None => Vec::new(),
     };
     let agent_token = Credentials::new(agent_token, named).map(Arc::new);
+    // Watched from before it is read: an edit in between is not missed.
+    let client_file = config
+        .auth
+        .client_token_file
+        .clone()
+        .map(crate::watched::Watched::new);
     let client_token = config
         .auth
         .client_token_file
@@ -373,11 +379,8 @@ pub async fn start_with_listener(
                     .map(|f| crate::watched::Watched::new(f.to_path_buf()))
             }),
         clients: client_creds.clone(),
-        client_file: config
-            .auth
-            .client_token_file
-            .clone()
-            .map(crate::watched::Watched::new),
+        client_file,
+        issued_gone: Default::default(),
     };
     let lease_engine = engine.clone();
     tokio::spawn(async move {

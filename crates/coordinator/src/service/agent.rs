@@ -117,6 +117,13 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         let tokens = self.farm_cache.as_ref().and_then(|f| f.tokens.clone());
         if let Some(t) = &tokens {
             t.connected(&name, conn);
+            // Struck between its issue above and this stream's start: the agent would hold
+            // a token refused until its next reconnect. It registers again at once.
+            if !farm_cache_token.is_empty()
+                && t.issue(&name).as_deref() != Some(farm_cache_token.as_str())
+            {
+                self.engine.reconnect(std::slice::from_ref(&name));
+            }
         }
         let engine = self.engine.clone();
         let agent = name.clone();

@@ -44,11 +44,7 @@ impl Web {
         cfg: HttpConfig,
         limiter: Arc<crate::limit::Limiter>,
     ) -> Web {
-        let csrf_key = hex_sha256(&[
-            "nixfarm-csrf",
-            &format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
-            &format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
-        ]);
+        let csrf_key = hex_sha256(&["nixfarm-csrf", &random_key()]);
         Web {
             engine,
             client,
@@ -74,6 +70,22 @@ impl Web {
 }
 
 type Shared = Arc<Web>;
+
+/// 256 bits from the kernel, hex (from the userspace generator only if the kernel cannot
+/// give them).
+fn random_key() -> String {
+    use std::io::Read as _;
+    let mut b = [0u8; 32];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => data_encoding::HEXLOWER.encode(&b),
+        Err(_) => format!(
+            "{:016x}{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..),
+            fastrand::u64(..)
+        ),
+    }
+}
 
 fn hex_sha256(parts: &[&str]) -> String {
     let mut h = sha2::Sha256::new();
