@@ -68,8 +68,9 @@ pub struct AgentConfig {
     /// The run caches (`--cache` URLs, as runs give them: `cachix://NAME`, `https://…`)
     /// this agent substitutes from, as root, into a store that later runs reuse. Listed,
     /// the coordinator gives it jobs only of runs with one of them or with none of their own
-    /// (their things move through the farm cache), and it refuses any other. Default: empty,
-    /// any run's cache.
+    /// (their things move through the farm cache, or a store the agents share), and it
+    /// refuses any other (a coordinator from before the list would keep sending them, each
+    /// refused as an infrastructure failure). Default: empty, any run's cache.
     pub run_caches: Vec<String>,
 }
 
@@ -227,7 +228,7 @@ impl AgentConfig {
             .find(|c| nixfarm_core::cache_url::CacheTarget::parse(c).is_err())
         {
             anyhow::bail!(
-                "config: run_caches holds '{}', which is not a cache URL (cachix://NAME, https://…, s3://…, file://…)",
+                "config: run_caches holds '{}', which is not a cache URL (cachix://NAME, https://…, file://…)",
                 nixfarm_core::limits::clip(bad, 200)
             );
         }

@@ -20,7 +20,7 @@ pub struct Config {
     /// remote references (github:, gitlab:, sourcehut:, git+https://, https://) and uploads.
     pub allow_local_flake_refs: bool,
     /// The caches runs may name (`--cache`), each as the CLI gives it (`cachix://NAME`,
-    /// `https://…`, `s3://…`, `file://…`; a trailing `/` aside). Agents substitute from a
+    /// `https://…`, `file://…`; a trailing `/` aside). Agents substitute from a
     /// run's cache as root, into stores that later runs reuse: whoever chooses it could plant
     /// paths other runs take as built. On a farm whose client token several people hold,
     /// list the caches you trust. Default: empty, any cache (a client token is then a Nix
@@ -353,7 +353,7 @@ impl Config {
                 return Err(ConfigError::NotA {
                     field: "run_caches",
                     value: nixfarm_core::limits::clip(c, 200).into(),
-                    what: "a cache URL (cachix://NAME, https://…, s3://…, file://…)",
+                    what: "a cache URL (cachix://NAME, https://…, file://…)",
                 });
             }
         }

@@ -359,11 +359,21 @@ mod edge_tests {
             cache: other.clone(),
             ..Default::default()
         });
+        let check = pb::assignment::Job::Build(pb::BuildJob {
+            drv_path: format!("/nix/store/{}-x.drv", "0".repeat(32)),
+            cache: other.clone(),
+            check: true,
+            ..Default::default()
+        });
         let list = pb::assignment::Job::EvalList(pb::EvalListJob {
+            cache: other.clone(),
+            ..Default::default()
+        });
+        let chunk = pb::assignment::Job::EvalChunk(pb::EvalChunkJob {
             cache: other,
             ..Default::default()
         });
-        for job in [build, list] {
+        for job in [build, check, list, chunk] {
             let (m, _) = run(
                 &agent.shared,
                 channel.clone(),
@@ -377,6 +387,7 @@ mod edge_tests {
                     (r.message, r.status == pb::BuildStatus::InfraFailed as i32)
                 }
                 Some(pb::agent_message::Msg::EvalList(r)) => (r.error, r.infra),
+                Some(pb::agent_message::Msg::EvalChunk(r)) => (r.error, r.infra),
                 other => panic!("{other:?}"),
             };
             assert!(infra && error.contains("run_caches"), "{error}");

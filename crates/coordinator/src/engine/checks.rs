@@ -55,7 +55,12 @@ impl Engine {
         inner.db.record_build_check(run_id, &check)?;
         run.checks.insert(node, check);
         run.check_queue.push_back(node);
-        if !super::checker_connected(&inner.agents, agent, hold, inner.hold_way) {
+        if !super::checker_connected(
+            &inner.agents,
+            (agent, &run.spec.cache),
+            hold,
+            inner.hold_way,
+        ) {
             tracing::warn!(
                 run = run_id,
                 %drv,
@@ -382,7 +387,9 @@ impl Engine {
         let (agents, way) = (&inner.agents, inner.hold_way);
         // One look at the agents per first agent and kind of job, not per job.
         let mut seen = HashMap::new();
-        let mut taker = |first, class, hold| taker(&mut seen, agents, first, class, (hold, way));
+        let mut taker = |first, cache, class, hold| {
+            taker(&mut seen, agents, (first, cache), class, (hold, way))
+        };
         let (mut builds, mut evals) = (Vec::new(), Vec::new());
         let (mut fresh_builds, mut fresh_evals) = (Vec::new(), Vec::new());
         for (i, run) in inner.runs.iter().enumerate() {
@@ -391,7 +398,8 @@ impl Engine {
             }
             for n in &run.check_queue {
                 let Some(c) = run.checks.get(n) else { continue };
-                if taker(&c.built_by, run.sched.as_ref().map(|s| s.class(*n)), c.hold) {
+                let class = run.sched.as_ref().map(|s| s.class(*n));
+                if taker(&c.built_by, &run.spec.cache, class, c.hold) {
                     fresh_builds.push((i, *n));
                 } else if now - c.queued_ms >= wait {
                     builds.push((run.id.clone(), *n, c.built_by.clone()));
@@ -404,7 +412,7 @@ impl Engine {
                 else {
                     continue;
                 };
-                if taker(&first.agent, None, Hold::No) {
+                if taker(&first.agent, &run.spec.cache, None, Hold::No) {
                     fresh_evals.push((i, task));
                 } else if now - since >= wait {
                     evals.push((run.id.clone(), (task, first.agent.clone())));
@@ -453,19 +461,20 @@ impl Engine {
 /// (of a derivation of `class`, its outputs held as `hold` while agents hand them over
 /// `way`; class None: an evaluation), remembered in `seen`.
 fn taker<'a>(
-    seen: &mut HashMap<(&'a str, Option<&'a crate::scheduler::Class>, Hold), bool>,
+    seen: &mut HashMap<(&'a str, Option<&'a crate::scheduler::Class>, Hold, &'a str), bool>,
     agents: &BTreeMap<String, AgentMem>,
-    first: &'a str,
+    (first, cache): (&'a str, &'a str),
     class: Option<&'a crate::scheduler::Class>,
     (hold, way): (Hold, Hold),
 ) -> bool {
-    *seen.entry((first, class, hold)).or_insert_with(|| {
+    *seen.entry((first, class, hold, cache)).or_insert_with(|| {
         agents.iter().any(|(n, a)| {
             a.tx.is_some()
                 && !a.draining
                 && super::independent(agents, first, n)
                 && class.is_none_or(|c| a.caps.can_build(c))
                 && super::may_take(a, hold, way)
+                && super::dispatch::agent_reaches(a, cache, way)
         })
     })
 }

@@ -285,13 +285,16 @@ fn independent(agents: &BTreeMap<String, AgentMem>, a: &str, b: &str) -> bool {
 /// work: if not, the coordinator's log says what the run waits for.
 fn checker_connected(
     agents: &BTreeMap<String, AgentMem>,
-    agent: &str,
+    (agent, cache): (&str, &str),
     hold: Hold,
     way: Hold,
 ) -> bool {
-    agents
-        .iter()
-        .any(|(n, a)| a.tx.is_some() && independent(agents, agent, n) && may_take(a, hold, way))
+    agents.iter().any(|(n, a)| {
+        a.tx.is_some()
+            && independent(agents, agent, n)
+            && may_take(a, hold, way)
+            && dispatch::agent_reaches(a, cache, way)
+    })
 }
 
 /// Whether `a` may take a check of outputs held as `hold`, where agents hand each other

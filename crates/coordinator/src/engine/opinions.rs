@@ -188,7 +188,12 @@ impl Engine {
             run.eval_queue.push_front(task);
         }
         if first {
-            if !super::checker_connected(&inner.agents, agent, Hold::No, Hold::No) {
+            if !super::checker_connected(
+                &inner.agents,
+                (agent, &run.spec.cache),
+                Hold::No,
+                Hold::No,
+            ) {
                 tracing::warn!(
                     run = run_id,
                     task = n,

@@ -316,10 +316,12 @@ fn runs_name_only_the_caches_and_keys_the_operator_listed() {
 fn an_agent_whose_operator_listed_its_run_caches_takes_part_only_in_runs_with_one() {
     let (engine, _clock, _dir) = test_engine(EngineOptions::default());
     let (tx, mut rx) = mpsc::unbounded_channel();
+    // Four build slots: two evaluation slots, one for each run it may take.
     engine
         .connect_agent(
             Registration {
                 run_caches: vec!["cachix://team".into()],
+                max_jobs: 4,
                 ..registration("picky", "")
             },
             tx,
@@ -329,7 +331,6 @@ fn an_agent_whose_operator_listed_its_run_caches_takes_part_only_in_runs_with_on
         cache: cache.into(),
         ..flake_run()
     };
-    let other = engine.submit(with("https://other.example.org")).unwrap();
     let assigned_runs = |rx: &mut mpsc::UnboundedReceiver<ToAgent>| {
         let mut runs = Vec::new();
         while let Ok(m) = rx.try_recv() {
@@ -339,6 +340,7 @@ fn an_agent_whose_operator_listed_its_run_caches_takes_part_only_in_runs_with_on
         }
         runs
     };
+    let other = engine.submit(with("https://other.example.org")).unwrap();
     assert!(
         assigned_runs(&mut rx).is_empty(),
         "nothing of a run with another cache"
@@ -350,15 +352,20 @@ fn an_agent_whose_operator_listed_its_run_caches_takes_part_only_in_runs_with_on
         "{why:?}"
     );
     let listed = engine.submit(with("cachix://team/")).unwrap();
+    assert_eq!(
+        assigned_runs(&mut rx),
+        [listed],
+        "a listed cache (its trailing / aside)"
+    );
     let own = engine.submit(with("")).unwrap();
-    let got = assigned_runs(&mut rx);
-    assert_eq!(got, [listed], "its one slot: the listed cache's run first");
-    assert!(!got.contains(&other));
-    // Any agent of an open mind takes the rest.
+    assert_eq!(
+        assigned_runs(&mut rx),
+        [own],
+        "no cache of its own: the farm's"
+    );
+    // An agent of an open mind takes the other.
     let mut open = connect_agent(&engine, "open");
-    let rest = assigned_runs(&mut open.rx);
-    assert_eq!(rest.len(), 1, "one slot");
-    assert!([other, own].contains(&rest[0]), "{rest:?}");
+    assert_eq!(assigned_runs(&mut open.rx), [other]);
 }
 
 #[test]

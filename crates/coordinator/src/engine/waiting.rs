@@ -9,7 +9,7 @@ impl Engine {
         let g = self.lock();
         let mut groups: BTreeMap<String, (u64, String)> = BTreeMap::new();
         // One look at the agents per class of job, not per job: runs can hold 100k jobs.
-        let mut by_class: HashMap<(&Class, Hold), String> = HashMap::new();
+        let mut by_class: HashMap<(&Class, Hold, &str), String> = HashMap::new();
         for run in g.runs.iter().filter(|r| !r.state.is_terminal()) {
             let hold = run.hold(&self.opts, g.hold_way);
             let refused = cache_refused(&g, run);
@@ -33,8 +33,8 @@ impl Engine {
                         let class = sched.class(id);
                         let hold = super::hold_of(class, hold);
                         by_class
-                            .entry((class, hold))
-                            .or_insert_with(|| queued_reason(&g, class, hold))
+                            .entry((class, hold, &run.spec.cache))
+                            .or_insert_with(|| queued_reason(&g, class, hold, &run.spec.cache))
                             .clone()
                     }
                     NodeState::Waiting => "waiting on dependencies".into(),
@@ -83,7 +83,7 @@ fn cache_refused(inner: &Inner, run: &RunMem) -> Option<String> {
 /// Why a package of an unfinished run is not done yet: evaluating, building where, queued
 /// (and whether any connected agent can take it), or waiting on dependencies.
 /// Why a derivation that is ready to build is not running yet.
-pub(super) fn queued_reason(inner: &Inner, class: &Class, hold: Hold) -> String {
+pub(super) fn queued_reason(inner: &Inner, class: &Class, hold: Hold, cache: &str) -> String {
     let describe = || {
         if class.features.is_empty() {
             class.system.clone()
@@ -94,7 +94,12 @@ pub(super) fn queued_reason(inner: &Inner, class: &Class, hold: Hold) -> String 
     let (capable, older): (Vec<&AgentMem>, Vec<&AgentMem>) = inner
         .agents
         .values()
-        .filter(|a| a.tx.is_some() && !a.draining && a.caps.can_build(class))
+        .filter(|a| {
+            a.tx.is_some()
+                && !a.draining
+                && a.caps.can_build(class)
+                && super::dispatch::agent_reaches(a, cache, inner.hold_way)
+        })
         .partition(|a| super::may_take(a, hold, inner.hold_way));
     if capable.is_empty() && !older.is_empty() {
         return format!(
@@ -148,7 +153,7 @@ pub(super) fn waiting_reason(
             return r.clone();
         }
         let class = sched.class(id);
-        queued_reason(inner, class, super::hold_of(class, hold))
+        queued_reason(inner, class, super::hold_of(class, hold), &run.spec.cache)
     };
     match sched.state(top) {
         NodeState::Running => {
