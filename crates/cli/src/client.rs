@@ -193,12 +193,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let none = d.path().join("none.toml");
         std::fs::write(&none, "").unwrap();
-        let conn = |args: &[&str]| {
-            let mut argv = vec!["nixfarm", "--config", none.to_str().unwrap()];
+        let conn_with = |config: &std::path::Path, args: &[&str]| {
+            let mut argv = vec!["nixfarm", "--config", config.to_str().unwrap()];
             argv.extend_from_slice(args);
             argv.push("runs");
             resolve_conn(&Cli::try_parse_from(argv).unwrap())
         };
+        let conn = |args: &[&str]| conn_with(&none, args);
         let e = conn(&["--coordinator", "http://farm:7420", "--token", "s3cret"])
             .err()
             .unwrap()
@@ -222,31 +223,10 @@ mod tests {
         // Or once, in the config file.
         let allowed = d.path().join("allowed.toml");
         std::fs::write(&allowed, "allow_plain_http = true\n").unwrap();
-        let cli = Cli::try_parse_from([
-            "nixfarm",
-            "--config",
-            allowed.to_str().unwrap(),
-            "--coordinator",
-            "http://farm:7420",
-            "--token",
-            "t",
-            "runs",
-        ])
-        .unwrap();
-        assert!(resolve_conn(&cli).is_ok());
+        let farm = ["--coordinator", "http://farm:7420", "--token", "t"];
+        assert!(conn_with(&allowed, &farm).is_ok());
         // The flag, either way, over the config file.
-        let cli = Cli::try_parse_from([
-            "nixfarm",
-            "--config",
-            allowed.to_str().unwrap(),
-            "--coordinator",
-            "http://farm:7420",
-            "--token",
-            "t",
-            "--allow-plain-http=false",
-            "runs",
-        ])
-        .unwrap();
-        assert!(resolve_conn(&cli).is_err());
+        let refused = [&farm[..], &["--allow-plain-http=false"]].concat();
+        assert!(conn_with(&allowed, &refused).is_err());
     }
 }

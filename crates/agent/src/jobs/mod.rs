@@ -336,17 +336,24 @@ mod token_tests {
 mod edge_tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_job_of_a_run_whose_cache_the_operator_did_not_list_is_refused() {
-        let d = tempfile::tempdir().unwrap();
+    /// An agent working in `d`, whose operator listed `run_caches`, and a channel to a
+    /// coordinator that is never dialled (the refusals come first).
+    fn agent_in(d: &std::path::Path, run_caches: &[&str]) -> (crate::Agent, Channel) {
         let agent = crate::Agent::new(crate::AgentConfig {
-            work_dir: d.path().join("work"),
-            gc_roots_dir: Some(d.path().join("roots")),
-            run_caches: vec!["cachix://team".into()],
+            work_dir: d.join("work"),
+            gc_roots_dir: Some(d.join("roots")),
+            run_caches: run_caches.iter().map(|c| c.to_string()).collect(),
             ..Default::default()
         })
         .unwrap();
         let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        (agent, channel)
+    }
+
+    #[tokio::test]
+    async fn a_job_of_a_run_whose_cache_the_operator_did_not_list_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (agent, channel) = agent_in(d.path(), &["cachix://team"]);
         let (logs, _rx) = mpsc::channel(8);
         let assignment = |job| pb::Assignment {
             attempt_id: "t1".into(),
@@ -397,14 +404,7 @@ mod edge_tests {
     #[tokio::test]
     async fn a_build_of_what_is_not_a_derivation_path_is_refused_before_nix_sees_it() {
         let d = tempfile::tempdir().unwrap();
-        let agent = crate::Agent::new(crate::AgentConfig {
-            work_dir: d.path().join("work"),
-            gc_roots_dir: Some(d.path().join("roots")),
-            ..Default::default()
-        })
-        .unwrap();
-        // Never dialled: the refusal comes first.
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let (agent, channel) = agent_in(d.path(), &[]);
         let (logs, _rx) = mpsc::channel(8);
         for bad in [
             "--option",
