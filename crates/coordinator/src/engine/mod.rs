@@ -581,6 +581,8 @@ mod waiting;
 #[cfg(test)]
 mod answers_tests;
 #[cfg(test)]
+mod caches_tests;
+#[cfg(test)]
 mod checks_tests;
 #[cfg(test)]
 mod cutoff_tests;
