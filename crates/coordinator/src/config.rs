@@ -358,10 +358,7 @@ impl Config {
             }
         }
         for k in &self.run_cache_keys {
-            if k.split_once(':')
-                .is_none_or(|(n, b)| n.is_empty() || b.is_empty())
-                || k.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
+            if !nixfarm_core::cache_url::is_public_key(k) {
                 return Err(ConfigError::NotA {
                     field: "run_cache_keys",
                     value: nixfarm_core::limits::clip(k, 120).into(),

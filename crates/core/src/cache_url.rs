@@ -84,9 +84,48 @@ impl CacheTarget {
     }
 }
 
+/// Two spellings of one cache URL: equal but for a trailing `/`.
+pub fn same_cache(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// Whether a run with `cache` (empty: none of its own) is one that an operator's list of
+/// run caches admits: an empty list admits any.
+pub fn cache_listed(listed: &[String], cache: &str) -> bool {
+    cache.is_empty() || listed.is_empty() || listed.iter().any(|c| same_cache(c, cache))
+}
+
+/// Whether `k` has the shape of a Nix public key, `NAME:BASE64`, on one line.
+pub fn is_public_key(k: &str) -> bool {
+    k.split_once(':')
+        .is_some_and(|(n, b)| !n.is_empty() && !b.is_empty())
+        && !k.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operators_lists_of_caches_and_keys() {
+        let listed = vec![
+            "cachix://team".to_string(),
+            "https://c.example.org/".to_string(),
+        ];
+        assert!(cache_listed(&listed, "cachix://team/"));
+        assert!(cache_listed(&listed, "https://c.example.org"));
+        assert!(cache_listed(&listed, ""), "no cache of its own");
+        assert!(cache_listed(&[], "https://any.example.org"), "no list");
+        assert!(!cache_listed(
+            &listed,
+            "cachix://team?api=http://evil.example/"
+        ));
+        assert!(!cache_listed(&listed, "CACHIX://team"));
+        assert!(is_public_key("team-1:AAAA"));
+        for bad in ["team-1", ":AAAA", "team-1:", "team 1:AAAA", "t:A\nB"] {
+            assert!(!is_public_key(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_caches_nixfarm_pushes_to_and_nothing_else() {

@@ -233,8 +233,7 @@ fn transport_cache(shared: &Shared, run_cache: &str) -> String {
 /// (`run_caches`; a coordinator that knows the list sends no other).
 pub(crate) fn cache_allowed(shared: &Shared, run_cache: &str) -> Result<(), String> {
     let listed = &shared.cfg.run_caches;
-    let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
-    if run_cache.is_empty() || listed.is_empty() || listed.iter().any(|c| same(c, run_cache)) {
+    if nixfarm_core::cache_url::cache_listed(listed, run_cache) {
         return Ok(());
     }
     Err(format!(

@@ -5,6 +5,7 @@
 use super::eval::eval_slots;
 use super::*;
 use crate::credentials::Credential;
+use nixfarm_core::cache_url::cache_listed;
 
 impl Engine {
     pub(super) fn dispatch(&self, inner: &mut Inner) {
@@ -350,19 +351,9 @@ fn reaches(run: &RunMem, (own_cache_only, run_caches): (bool, &[String])) -> boo
     (!own_cache_only || !cache.is_empty()) && cache_listed(run_caches, cache)
 }
 
-/// Whether an agent whose operator listed `run_caches` takes part in a run with `cache`.
-pub(super) fn cache_listed(run_caches: &[String], cache: &str) -> bool {
-    cache.is_empty() || run_caches.is_empty() || run_caches.iter().any(|c| same_cache(c, cache))
-}
-
 /// Whether agent `a` can take part in a run with `cache`, as dispatch judges it, where agents
 /// hand each other unchecked outputs `way`.
 pub(super) fn agent_reaches(a: &AgentMem, cache: &str, way: Hold) -> bool {
     let own_cache_only = way == Hold::FarmCache && !a.reg.has_farm_cache;
     (!own_cache_only || !cache.is_empty()) && cache_listed(&a.reg.run_caches, cache)
-}
-
-/// Two spellings of one cache URL (a trailing `/` aside).
-pub(super) fn same_cache(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/') == b.trim_end_matches('/')
 }

@@ -6,7 +6,7 @@ impl Engine {
     /// A run's cache and keys, which agents substitute from as root, must be ones the
     /// operator listed (when they listed any).
     fn check_run_cache(&self, spec: &RunSpec) -> Result<(), EngineError> {
-        let same = super::dispatch::same_cache;
+        let same = nixfarm_core::cache_url::same_cache;
         let caches = &self.opts.run_caches;
         if !spec.cache.is_empty()
             && !caches.is_empty()

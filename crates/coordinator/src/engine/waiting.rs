@@ -63,15 +63,8 @@ fn cache_refused(inner: &Inner, run: &RunMem) -> Option<String> {
     let cache = &run.spec.cache;
     let mut connected = inner.agents.values().filter(|a| a.tx.is_some()).peekable();
     connected.peek()?;
-    let refused = connected.all(|a| {
-        !cache.is_empty()
-            && !a.reg.run_caches.is_empty()
-            && !a
-                .reg
-                .run_caches
-                .iter()
-                .any(|c| super::dispatch::same_cache(c, cache))
-    });
+    let refused =
+        connected.all(|a| !nixfarm_core::cache_url::cache_listed(&a.reg.run_caches, cache));
     refused.then(|| {
         format!(
             "queued: no connected agent substitutes from this run's cache ({}): their operators list the caches they take (run_caches)",

@@ -156,10 +156,7 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
         }
         for k in &r.trusted_public_keys {
             check_len("a trusted public key", k, lim::MAX_PUBLIC_KEY)?;
-            if k.split_once(':')
-                .is_none_or(|(n, b)| n.is_empty() || b.is_empty())
-                || k.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
+            if !nixfarm_core::cache_url::is_public_key(k) {
                 return Err(WireError(format!(
                     "'{}' is not a public key (NAME:BASE64)",
                     clip(k, 80)
