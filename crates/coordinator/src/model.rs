@@ -434,6 +434,8 @@ pub struct AgentStatus {
     pub without_farm_cache: bool,
     /// What admitted it (for a certificate, the fingerprint that revokes it).
     pub admitted_by: String,
+    /// The run caches its operator listed (empty: any).
+    pub run_caches: Vec<String>,
 }
 
 /// A line of `nixfarm runs`.

@@ -1,5 +1,6 @@
 //! `nixfarm agents`: each agent (connected, paused, what it builds), protocol violations,
-//! agents that predate held outputs, the certificates agents were admitted by, and every
+//! agents that predate held outputs, the run caches agents take, the certificates agents
+//! were admitted by, and every
 //! waiting job of the farm grouped by why it waits.
 
 use crate::output::Listing;
@@ -49,6 +50,11 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
         .filter(|a| a.connected && a.without_farm_cache)
         .map(|a| format!("  {}", a.name))
         .collect();
+    let listed_caches: Vec<String> = agents
+        .iter()
+        .filter(|a| !a.run_caches.is_empty())
+        .map(|a| format!("  {}: {}", a.name, a.run_caches.join(", ")))
+        .collect();
     let certificates: Vec<String> = agents
         .iter()
         .filter_map(|a| {
@@ -97,6 +103,12 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
         println!(
             "\nwithout the farm cache (admitted by a certificate, they predate the tokens issued for it: they take part only in runs with a cache of their own; upgrade them):\n{}",
             no_farm_cache.join("\n")
+        );
+    }
+    if !listed_caches.is_empty() {
+        println!(
+            "\ntaking part only in runs with one of these caches, or none of their own (their operators' run_caches):\n{}",
+            nixfarm_core::fit::printable(&listed_caches.join("\n"))
         );
     }
     if !certificates.is_empty() {

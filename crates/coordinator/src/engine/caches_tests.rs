@@ -87,6 +87,8 @@ fn an_agent_whose_operator_listed_its_run_caches_takes_part_only_in_runs_with_on
         }
         runs
     };
+    // `nixfarm agents` shows the list.
+    assert_eq!(engine.list_agents()[0].run_caches, ["cachix://team"]);
     let other = engine.submit(with("https://other.example.org")).unwrap();
     assert!(
         assigned_runs(&mut rx).is_empty(),

@@ -210,6 +210,7 @@ impl Engine {
                 holds_outputs: a.reg.can_hold(g.hold_way),
                 without_farm_cache: g.hold_way == Hold::FarmCache && !a.reg.has_farm_cache,
                 admitted_by: a.reg.credential.describe(),
+                run_caches: a.reg.run_caches.clone(),
             })
             .collect()
     }

@@ -175,6 +175,7 @@ impl pb::run_service_server::RunService for RunSvc {
                 holds_outputs: a.holds_outputs,
                 without_farm_cache: a.without_farm_cache,
                 admitted_by: a.admitted_by,
+                run_caches: a.run_caches,
             })
             .collect();
         let waiting = self

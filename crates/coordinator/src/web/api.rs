@@ -75,7 +75,8 @@ pub async fn agents(State(web): State<Shared>) -> Json<Value> {
                 "protocol_violations": a.violations,
                 "holds_outputs": a.holds_outputs,
                 "without_farm_cache": a.without_farm_cache,
-                "admitted_by": a.admitted_by,
+                                "admitted_by": a.admitted_by,
+                "run_caches": a.run_caches,
             }))
             .collect::<Vec<_>>(),
         "waiting": waiting
