@@ -68,26 +68,13 @@ impl Reloads {
             }
         }
         if let (Some(file), Some(clients)) = (&self.client_file, &self.clients)
-            && let Some(text) = file.read_settled(JOIN_FILE_MAX)
+            && let Some(token) = settled_token(file, "client_token_file")
+            && clients.replace_shared(token)
         {
-            match text.map(|t| t.trim().to_string()) {
-                Ok(token) if !token.is_empty() => {
-                    if clients.replace_shared(token) {
-                        tracing::warn!(
-                            file = %file.path().display(),
-                            "client token replaced: the old one is refused from now on (the CLI and the web UI)"
-                        );
-                    }
-                }
-                Ok(_) => tracing::error!(
-                    "[auth] client_token_file {}: empty (being written?); the client token read before stays",
-                    file.path().display()
-                ),
-                Err(e) => tracing::error!(
-                    "[auth] client_token_file {}: {e}; the client token read before stays",
-                    file.path().display()
-                ),
-            }
+            tracing::warn!(
+                file = %file.path().display(),
+                "client token replaced: the old one is refused from now on (the CLI and the web UI)"
+            );
         }
         let Some(tokens) = &self.tokens else {
             return;
@@ -114,39 +101,44 @@ impl Reloads {
             }
         }
         if let Some(file) = &self.join_file
-            && let Some(text) = file.read_settled(JOIN_FILE_MAX)
+            && let Some(token) = settled_token(file, "agent_token_file")
+            && tokens.replace_shared(token)
         {
-            let token = text.map(|t| t.trim().to_string()).and_then(|t| {
-                if t.is_empty() {
-                    Err("empty (being written?)".to_string())
-                } else {
-                    Ok(t)
-                }
-            });
-            match token {
-                Ok(token) => {
-                    if tokens.replace_shared(token) {
-                        tracing::warn!(
-                            file = %file.path().display(),
-                            "join token replaced: agents admitted by the old one are cut off"
-                        );
-                        self.withdraw(self.engine.cut_off_named(tokens));
-                    }
-                }
-                Err(e) => tracing::error!(
-                    "[auth] agent_token_file {}: {e}; the join token read before stays",
-                    file.path().display()
-                ),
-            }
+            tracing::warn!(
+                file = %file.path().display(),
+                "join token replaced: agents admitted by the old one are cut off"
+            );
+            self.withdraw(self.engine.cut_off_named(tokens));
         }
     }
 
     /// Withdraws the farm cache tokens of agents cut off.
     fn withdraw(&self, names: Vec<String>) {
         if let Some(t) = &self.issued {
-            for name in names {
-                t.withdraw(&name);
-            }
+            t.withdraw_all(&names);
+        }
+    }
+}
+
+/// A token file's new text once it changed and settled: the token, trimmed. An empty or
+/// unreadable one is said in the log and the token read before stays (None).
+fn settled_token(file: &Watched, field: &str) -> Option<String> {
+    let text = file.read_settled(JOIN_FILE_MAX)?;
+    let token = text.map(|t| t.trim().to_string()).and_then(|t| {
+        if t.is_empty() {
+            Err("empty (being written?)".to_string())
+        } else {
+            Ok(t)
+        }
+    });
+    match token {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(
+                "[auth] {field} {}: {e}; the token read before stays",
+                file.path().display()
+            );
+            None
         }
     }
 }
