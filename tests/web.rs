@@ -178,6 +178,44 @@ fn a_client_token_replaced_in_its_file_is_taken_without_a_restart() {
         &format!("Cookie: nixfarm_session={old_cookie}\r\n"),
     );
     assert_eq!(status, 200, "{resp}");
+    // A run (no agent: it waits), followed by `nixfarm watch` and by a page's event stream,
+    // both admitted under the old token.
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: { packages.x86_64-linux = { }; }; }"#,
+    )
+    .unwrap();
+    let cli_old = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin("nixfarm"));
+        c.args(["--coordinator", &coordinator.url])
+            .args(args)
+            .env("NIXFARM_TOKEN", TOKEN);
+        c
+    };
+    let out = cli_old(&["submit", repo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut watch = cli_old(&["watch", &run])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut page = std::process::Command::new("curl")
+        .args(["-sN", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://127.0.0.1:{http}/api/runs/{run}/events"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(watch.try_wait().unwrap().is_none() && page.try_wait().unwrap().is_none());
     let new = "the-replacement-client-token";
     std::fs::write(dir.path().join("client-token"), format!("{new}\n")).unwrap();
     // Polled with the old token (a wrong one counts against the address, as a guess).
@@ -205,6 +243,24 @@ fn a_client_token_replaced_in_its_file_is_taken_without_a_restart() {
         &format!("Cookie: nixfarm_session={old_cookie}\r\n"),
     );
     assert_eq!(status, 303, "the old cookie opens nothing: {resp}");
+    // The streams admitted under the old token end, the watch saying why (it asks again,
+    // and its token is refused).
+    let ended = wait_for(
+        Duration::from_secs(20),
+        "the old token's streams to end",
+        || {
+            let w = watch.try_wait().unwrap()?;
+            page.try_wait().unwrap()?;
+            Some(w)
+        },
+    );
+    assert!(!ended.success());
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("token was replaced") || said.contains("token was refused"),
+        "{said}"
+    );
     assert!(
         !coordinator.proc.log_text().contains(new),
         "the token is never logged"

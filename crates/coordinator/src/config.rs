@@ -135,9 +135,10 @@ pub struct AuthConfig {
     /// Default: none.
     pub agent_tokens_file: Option<PathBuf>,
     /// File holding the token the CLI (and the web UI's login) presents. Read again within
-    /// two seconds of a change (once it stood still for a second): new requests with the old
-    /// token, or a browser's session of it, are refused from then on (streams already open
-    /// run on; an empty or unreadable file keeps the old one). Default: none (no check;
+    /// two seconds of a change (once it stood still for a second): requests with the old
+    /// token, or a browser's session of it, are refused from then on, and streams opened
+    /// with it (a live page, `nixfarm watch`) end within seconds (an empty or unreadable
+    /// file keeps the old one). Default: none (no check;
     /// loopback only).
     pub client_token_file: Option<PathBuf>,
 }

@@ -186,6 +186,15 @@ impl Credentials {
         self.named.read().is_ok_and(|n| n.shared_changed <= at)
     }
 
+    /// What a stream admitted now is checked against later ([`Admission::holds`]).
+    pub fn admission(self: &std::sync::Arc<Self>) -> Admission {
+        let at = self.named.read().map_or(0, |n| n.generation);
+        Admission {
+            creds: Some(self.clone()),
+            at,
+        }
+    }
+
     /// `f` of the shared token as it is now (the web UI derives its session cookie from it).
     pub fn with_shared<R>(&self, f: impl FnOnce(Option<&str>) -> R) -> R {
         match self.named.read() {
@@ -334,6 +343,28 @@ impl Credentials {
         found
     }
 }
+
+/// A long stream's admission (a live page, `nixfarm watch`): it holds while the shared
+/// token it was admitted under stands; replaced, the stream ends.
+#[derive(Clone, Default)]
+pub struct Admission {
+    creds: Option<std::sync::Arc<Credentials>>,
+    at: u64,
+}
+
+impl Admission {
+    /// Whether the token the stream was admitted under is still the one (no token
+    /// configured: always).
+    pub fn holds(&self) -> bool {
+        self.creds
+            .as_ref()
+            .is_none_or(|c| c.join_still_holds(self.at))
+    }
+}
+
+/// What a stream whose admission no longer holds is told as it ends.
+pub const TOKEN_REPLACED: &str =
+    "the coordinator's client token was replaced: this stream ends; use the new token";
 
 #[cfg(test)]
 mod tests {

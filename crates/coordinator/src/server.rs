@@ -342,6 +342,7 @@ pub async fn start_with_listener(
         engine: engine.clone(),
         uploads,
         limits,
+        clients: client_creds.clone(),
     })
     .max_decoding_message_size(client_max_msg)
     .max_encoding_message_size(max_msg);

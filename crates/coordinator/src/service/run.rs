@@ -8,6 +8,8 @@ pub struct RunSvc {
     pub engine: Engine,
     pub uploads: Arc<Uploads>,
     pub limits: pb::ServerLimits,
+    /// The client token (None: none configured): a watch ends when it is replaced.
+    pub clients: Option<Arc<crate::credentials::Credentials>>,
 }
 
 #[tonic::async_trait]
@@ -50,6 +52,11 @@ impl pb::run_service_server::RunService for RunSvc {
         let mut live = self.engine.subscribe();
         let backlog = self.engine.events_after(&run_id, after_seq)?;
         let engine = self.engine.clone();
+        let admission = self
+            .clients
+            .as_ref()
+            .map(|c| c.admission())
+            .unwrap_or_default();
         let (tx, rx) = mpsc::channel::<Result<pb::RunEvent, Status>>(256);
         tokio::spawn(async move {
             let mut last = after_seq;
@@ -82,8 +89,22 @@ impl pb::run_service_server::RunService for RunSvc {
                 }
                 return;
             }
+            // The token it was admitted under is looked at this often, and with each event.
+            let mut look = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
-                match live.recv().await {
+                let next = tokio::select! {
+                    r = live.recv() => r,
+                    _ = look.tick() => {
+                        if admission.holds() {
+                            continue;
+                        }
+                        let _ = tx
+                            .send(Err(Status::unauthenticated(crate::credentials::TOKEN_REPLACED)))
+                            .await;
+                        return;
+                    }
+                };
+                match next {
                     Ok(e) if e.run_id == run_id && e.seq > last => {
                         // Fill any gap from the database (events are written before sent).
                         if e.seq > last + 1 {

@@ -79,11 +79,17 @@ pub async fn live(State(web): State<Shared>, Path(id): Path<String>) -> Response
     };
     let (tx, rx) = mpsc::channel(8);
     let engine = web.engine.clone();
+    let admission = web.admission();
     tokio::spawn(async move {
         let _slot = slot;
         let mut sub = engine.subscribe();
         let mut shown: HashMap<String, serde_json::Value> = HashMap::new();
         loop {
+            // Its client token replaced: the page's stream ends (reconnecting, it is asked
+            // for the new one).
+            if !admission.holds() {
+                return;
+            }
             let e = engine.clone();
             let run = id.clone();
             let started = std::time::Instant::now();
@@ -174,10 +180,14 @@ pub async fn events(
         return too_many();
     };
     let (tx, rx) = mpsc::channel(64);
+    let admission = web.admission();
     tokio::spawn(async move {
         let _slot = slot;
         let mut sub = engine.subscribe();
         loop {
+            if !admission.holds() {
+                return;
+            }
             let e = engine.clone();
             let run = id.clone();
             let batch = match blocking(move || e.events_after(&run, after)).await {

@@ -55,6 +55,14 @@ impl Web {
         }
     }
 
+    /// What a stream admitted now holds on to: it ends when the client token is replaced.
+    fn admission(&self) -> crate::credentials::Admission {
+        self.client
+            .as_ref()
+            .map(|c| c.admission())
+            .unwrap_or_default()
+    }
+
     /// The client token now and the cookie value that stands for it (derived from it, never
     /// the token itself); None when no token is configured.
     fn secret(&self) -> Option<(String, String)> {
