@@ -313,7 +313,13 @@ pub async fn watch_with(
                             return Ok(End::Finished);
                         }
                     }
-                    Ok(None) => break,
+                                        Ok(None) => break,
+                    // Refused, not dropped (its token replaced): asking again with the same
+                    // token would only count as a wrong guess.
+                    Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                        view.finish();
+                        return Err(status_error(s));
+                    }
                     Err(_) => break,
                 },
                 _ = tokio::signal::ctrl_c() => {

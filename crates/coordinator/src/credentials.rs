@@ -371,6 +371,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_streams_admission_holds_until_the_shared_token_is_replaced() {
+        assert!(Admission::default().holds(), "no token configured");
+        let c = std::sync::Arc::new(Credentials::new(Some("one".into()), vec![]).unwrap());
+        let a = c.admission();
+        assert!(a.holds());
+        assert!(!c.replace_shared("one".into()), "the same token again");
+        assert!(a.holds());
+        assert!(c.replace_shared("two".into()));
+        assert!(!a.holds());
+        assert!(c.admission().holds(), "a stream admitted under the new one");
+    }
+
+    #[test]
     fn two_names_on_one_credential_are_one_holder() {
         use Credential::*;
         let cert = |h: &str| Certificate(h.to_string());

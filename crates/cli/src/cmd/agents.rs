@@ -1,7 +1,6 @@
 //! `nixfarm agents`: each agent (connected, paused, what it builds), protocol violations,
 //! agents that predate held outputs, the run caches agents take, the certificates agents
-//! were admitted by, and every
-//! waiting job of the farm grouped by why it waits.
+//! were admitted by, and every waiting job of the farm grouped by why it waits.
 
 use crate::output::Listing;
 use crate::{Client, short_name, status_error};

@@ -93,16 +93,21 @@ impl pb::run_service_server::RunService for RunSvc {
             let mut look = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 let next = tokio::select! {
-                    r = live.recv() => r,
-                    _ = look.tick() => {
-                        if admission.holds() {
-                            continue;
-                        }
-                        let _ = tx
-                            .send(Err(Status::unauthenticated(crate::credentials::TOKEN_REPLACED)))
-                            .await;
-                        return;
-                    }
+                    r = live.recv() => Some(r),
+                    _ = look.tick() => None,
+                    // The client went: nothing more to follow.
+                    _ = tx.closed() => return,
+                };
+                if !admission.holds() {
+                    let _ = tx
+                        .send(Err(Status::unauthenticated(
+                            crate::credentials::TOKEN_REPLACED,
+                        )))
+                        .await;
+                    return;
+                }
+                let Some(next) = next else {
+                    continue;
                 };
                 match next {
                     Ok(e) if e.run_id == run_id && e.seq > last => {

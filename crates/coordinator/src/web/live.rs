@@ -37,6 +37,13 @@ fn too_many() -> Response {
         .into_response()
 }
 
+/// The last event of a stream whose client token was replaced.
+fn token_replaced() -> Event {
+    Event::default()
+        .event("token-replaced")
+        .data(json!({ "error": crate::credentials::TOKEN_REPLACED }).to_string())
+}
+
 fn sse(rx: mpsc::Receiver<Event>) -> Response {
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
     Sse::new(stream)
@@ -85,9 +92,9 @@ pub async fn live(State(web): State<Shared>, Path(id): Path<String>) -> Response
         let mut sub = engine.subscribe();
         let mut shown: HashMap<String, serde_json::Value> = HashMap::new();
         loop {
-            // Its client token replaced: the page's stream ends (reconnecting, it is asked
-            // for the new one).
+            // Its client token replaced: the page is told, and reloads (to the login form).
             if !admission.holds() {
+                let _ = tx.send(token_replaced()).await;
                 return;
             }
             let e = engine.clone();
@@ -186,6 +193,7 @@ pub async fn events(
         let mut sub = engine.subscribe();
         loop {
             if !admission.holds() {
+                let _ = tx.send(token_replaced()).await;
                 return;
             }
             let e = engine.clone();

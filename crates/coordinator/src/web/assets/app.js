@@ -113,6 +113,8 @@ function runPage(root) {
       }
     } catch (_) { /* the link appears on the next load */ }
   });
+    // Its client token was replaced: the login form (the page's cookie is of the old one).
+  es.addEventListener("token-replaced", () => { es.close(); location.reload(); });
   es.onerror = () => { live.textContent = "reconnecting…"; };
 }
 
