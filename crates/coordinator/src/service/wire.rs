@@ -349,10 +349,10 @@ pub(super) fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOu
         .into_iter()
         .map(|a| {
             check_len("an attribute name", &a.attr, lim::MAX_ATTR)?;
-            let drv = match a.drv_path.as_str() {
-                "" => None,
-                p => Some(drv_path(p)?),
-            };
+            // Empty on the wire: no derivation (the attribute failed to evaluate).
+            let drv = (!a.drv_path.is_empty())
+                .then(|| drv_path(&a.drv_path))
+                .transpose()?;
             Ok(EvaluatedAttr {
                 attr: a.attr,
                 info: PackageInfo {
