@@ -71,21 +71,19 @@ pub(crate) fn apply_to_checkout(checkout: &Checkout, changed: &Tree) -> anyhow::
             );
         }
     }
-    let mut staged = Vec::new();
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
     for (file, text) in changed {
         let full = checkout.dir.join(file);
-        let tmp = full.with_extension("nix.nixfarm-tmp");
         let perms = std::fs::metadata(&full)?.permissions();
         if let Err(e) =
-            std::fs::write(&tmp, text).and_then(|_| std::fs::set_permissions(&tmp, perms))
+            staged_copy(&full, text.as_bytes(), perms).map(|tmp| staged.push((tmp, full.clone())))
         {
+            // Only what this created: a name in the tree is never removed.
             for (t, _) in &staged {
                 let _ = std::fs::remove_file(t);
             }
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+            return Err(e).with_context(|| format!("cannot write beside {}", full.display()));
         }
-        staged.push((tmp, full));
     }
     for (tmp, full) in &staged {
         std::fs::rename(tmp, full).with_context(|| format!("cannot replace {}", full.display()))?;
@@ -96,6 +94,52 @@ pub(crate) fn apply_to_checkout(checkout: &Checkout, changed: &Tree) -> anyhow::
         checkout.dir.display()
     );
     Ok(())
+}
+
+/// Writes `text` to a new file beside `full` (a name nothing in the tree has: created with
+/// O_EXCL, so a link the repository put there is never followed), with `perms`; its path.
+fn staged_copy(full: &Path, text: &[u8], perms: std::fs::Permissions) -> std::io::Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let (Some(dir), Some(name)) = (full.parent(), full.file_name()) else {
+        return Err(std::io::Error::other("not a file's path"));
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    for attempt in 0..16 {
+        let tmp = dir.join(format!(
+            ".{}.nixfarm-{}-{nanos:x}-{attempt}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let mut f = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(perms.mode() & 0o7777)
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        };
+        // On the handle (the umask narrowed the mode at creation).
+        let written = f
+            .write_all(text)
+            .and_then(|()| f.set_permissions(perms.clone()))
+            .and_then(|()| f.sync_all());
+        return match written {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        };
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        "no free temporary name beside it",
+    ))
 }
 
 #[cfg(test)]
@@ -138,6 +182,26 @@ mod tests {
                 std::fs::read_to_string(dir.path().join(f)).unwrap(),
                 changed[f]
             );
+        }
+    }
+
+    #[test]
+    fn apply_follows_no_link_the_repository_put_beside_a_file() {
+        let (dir, c, changed) = checkout();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("bashrc");
+        std::fs::write(&victim, "mine\n").unwrap();
+        // Every name an older nixfarm used for its temporary copy, as links out of the tree.
+        for f in ["pkgs/a.nix", "pkgs/b.nix"] {
+            let tmp = dir.path().join(f).with_extension("nix.nixfarm-tmp");
+            std::os::unix::fs::symlink(&victim, tmp).unwrap();
+        }
+        apply_to_checkout(&c, &changed).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "mine\n");
+        for f in ["pkgs/a.nix", "pkgs/b.nix"] {
+            let full = dir.path().join(f);
+            assert!(std::fs::symlink_metadata(&full).unwrap().is_file());
+            assert_eq!(std::fs::read_to_string(full).unwrap(), changed[f]);
         }
     }
 
