@@ -205,11 +205,16 @@ impl Report {
         );
         for f in fixes {
             // A name of the user's repository: one line, and no backtick to end a span.
-            let file = crate::fit::one_line(&f.file).replace('`', "'");
+            // So are the binding and the hashes, as a coordinator reported them.
+            let cell = |s: &str| crate::fit::one_line(s).replace('`', "'");
+            let file = cell(&f.file);
             let _ = writeln!(
                 out,
                 "{bullet}{q}{file}:{}{q} {q}{}{q}: {} -> {q}{}{q}",
-                f.line, f.attribute, f.old, f.new
+                f.line,
+                cell(&f.attribute),
+                cell(&f.old),
+                cell(&f.new)
             );
         }
         out

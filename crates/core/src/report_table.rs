@@ -80,7 +80,7 @@ impl Report {
         };
         put(format!(
             "Run {} ({}): {}",
-            self.run_id,
+            one_line(&self.run_id),
             self.state,
             one_line(&self.label)
         ));
@@ -131,17 +131,15 @@ impl Report {
         };
         let mut lines: Vec<String> = text.lines().take(1).map(str::to_string).collect();
         for f in self.all_fixes() {
-            let file = one_line(&f.file);
-            let one = format!(
-                "  {file}:{} {}: {} -> {}",
-                f.line, f.attribute, f.old, f.new
-            );
+            let (file, attribute) = (one_line(&f.file), one_line(&f.attribute));
+            let (old, new) = (one_line(&f.old), one_line(&f.new));
+            let one = format!("  {file}:{} {attribute}: {old} -> {new}", f.line);
             if crate::fit::width(&one) <= max {
                 lines.push(one);
             } else {
-                lines.push(format!("  {file}:{} {}", f.line, f.attribute));
-                lines.push(format!("    old {}", f.old));
-                lines.push(format!("    new {}", f.new));
+                lines.push(format!("  {file}:{} {attribute}", f.line));
+                lines.push(format!("    old {old}"));
+                lines.push(format!("    new {new}"));
             }
         }
         lines

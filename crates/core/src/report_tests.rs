@@ -164,6 +164,22 @@ fn names_and_logs_from_a_repository_stay_text() {
         !table.lines().any(|l| l.trim_start().starts_with("::")),
         "{table}"
     );
+    // A hash fix as a hostile coordinator could report it.
+    r.packages[0].hash_fixes = vec![crate::report::HashFix {
+        file: "pkgs/a.nix".into(),
+        attribute: "hash\u{1b}]0;owned\u{7}".into(),
+        old: "x\n::error::forged".into(),
+        new: "sha256-`\u{1b}[2Jy".into(),
+        line: 3,
+    }];
+    for t in [
+        r.to_table_in(crate::TableWidth::Columns(80)),
+        r.to_table_in(crate::TableWidth::Columns(30)),
+        r.to_markdown(),
+    ] {
+        assert!(!t.contains('\u{1b}') && !t.contains('\u{7}'), "{t}");
+        assert!(!t.lines().any(|l| l.trim_start().starts_with("::")), "{t}");
+    }
     let md = r.to_markdown();
     assert!(md.contains("`'<img src=https://t.example/p>`"), "{md}");
     let junit = r.to_junit();

@@ -132,7 +132,15 @@ pub(crate) async fn submit(
         .submit_run(client.req(req))
         .await
         .map_err(status_error)?;
-    Ok(resp.into_inner().run_id)
+    // Printed, and named in later calls: the coordinator's answer is checked like any input.
+    let run_id = resp.into_inner().run_id;
+    if !nixfarm_core::limits::is_run_id(&run_id) {
+        anyhow::bail!(
+            "the coordinator answered with '{}', which is not a run id",
+            nixfarm_core::fit::one_line(nixfarm_core::limits::clip(&run_id, 80))
+        );
+    }
+    Ok(run_id)
 }
 
 pub(crate) async fn get_report(client: &Client, run: &str) -> anyhow::Result<Report> {
