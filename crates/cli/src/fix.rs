@@ -194,6 +194,26 @@ impl Session<'_> {
         if settled.is_empty() {
             return Ok(());
         }
+        // Bounded, whatever a report says: each mismatch may cost a look through every
+        // `.nix` file of the checkout.
+        let mut budget = nixfarm_core::limits::MAX_MISMATCHES;
+        for p in &mut settled {
+            let n = p.hash_mismatches.len();
+            let keep = n
+                .min(nixfarm_core::limits::MAX_MISMATCHES_PER_PACKAGE)
+                .min(budget);
+            if keep < n {
+                p.hash_mismatches.truncate(keep);
+                self.unlocated
+                    .entry(p.attr.clone())
+                    .or_default()
+                    .push(format!(
+                        "{} hash mismatch(es) not looked for: more than the fixer takes at once",
+                        n - keep
+                    ));
+            }
+            budget -= keep;
+        }
         // What another package's fix filled in already is not this package's to fix again
         // (its text is no longer there to be found): it only needs its next stage.
         let mut refilled = Vec::new();

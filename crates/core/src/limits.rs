@@ -18,6 +18,14 @@ pub const MAX_CACHE_URL: usize = 2048;
 /// Trusted public keys per run, and the length of each, in bytes.
 pub const MAX_PUBLIC_KEYS: usize = 32;
 pub const MAX_PUBLIC_KEY: usize = 1024;
+/// Hash mismatches the CLI's fixer looks for per package and per report: each may cost it a
+/// look through every `.nix` file of the checkout.
+pub const MAX_MISMATCHES_PER_PACKAGE: usize = 1024;
+pub const MAX_MISMATCHES: usize = 20_000;
+/// Hints per fixed-output derivation (what it says of itself), and the length of each, in
+/// bytes: taken from agents, and from a report.
+pub const MAX_HINTS: usize = 64;
+pub const MAX_HINT: usize = 1024;
 /// Run caches an agent's operator may list (`run_caches`).
 pub const MAX_AGENT_RUN_CACHES: usize = 64;
 /// An agent's name, in bytes.

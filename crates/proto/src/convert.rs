@@ -2,6 +2,7 @@
 //! here and only here, so a string crosses only the wire.
 
 use crate::v1 as pb;
+use nixfarm_core::limits as lim;
 use nixfarm_core::report::{HashFix, HashMismatch, PackageKind, PackageReport, RepoCheck, Report};
 use nixfarm_core::{PackageStatus, RunState, Smoke};
 use std::collections::BTreeMap;
@@ -99,6 +100,27 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                 .parse()
                 .map_err(|e| WireError(format!("package {}: {e}", p.attr)))?
         };
+        // As the coordinator takes them from agents: more is no honest coordinator's.
+        if p.hash_mismatches.iter().any(|m| {
+            m.hints.len() > lim::MAX_HINTS || m.hints.iter().any(|h| h.len() > lim::MAX_HINT)
+        }) {
+            return Err(WireError(format!(
+                "package {}: a hash mismatch with more hints than a report carries (at most {} of {} bytes)",
+                lim::clip(&p.attr, 80),
+                lim::MAX_HINTS,
+                lim::MAX_HINT
+            )));
+        }
+        let hash_mismatches: Vec<HashMismatch> = p
+            .hash_mismatches
+            .into_iter()
+            .map(|m| HashMismatch {
+                fod_drv: m.fod_drv,
+                specified: m.specified,
+                got: m.got,
+                hints: m.hints,
+            })
+            .collect();
         Ok(PackageReport {
             kind: PackageKind::of(&p.attr),
             attr: p.attr,
@@ -118,16 +140,7 @@ impl TryFrom<pb::PackageReport> for PackageReport {
             duration_ms: p.duration_ms,
             agent: p.agent,
             failed_dependency: p.failed_dependency,
-            hash_mismatches: p
-                .hash_mismatches
-                .into_iter()
-                .map(|m| HashMismatch {
-                    fod_drv: m.fod_drv,
-                    specified: m.specified,
-                    got: m.got,
-                    hints: m.hints,
-                })
-                .collect(),
+            hash_mismatches,
             hash_fixes: p
                 .hash_fixes
                 .into_iter()
@@ -212,8 +225,15 @@ mod tests {
         let mut bad = wire.clone();
         bad.packages[0].status = "kinda-ready".into();
         assert!(Report::try_from(bad).is_err());
-        let mut bad = wire;
+        let mut bad = wire.clone();
         bad.state = "sleeping".into();
+        assert!(Report::try_from(bad).is_err());
+        // More hints, or longer ones, than the coordinator takes from agents.
+        let mut bad = wire.clone();
+        bad.packages[0].hash_mismatches[0].hints = vec!["h".into(); lim::MAX_HINTS + 1];
+        assert!(Report::try_from(bad).is_err());
+        let mut bad = wire;
+        bad.packages[0].hash_mismatches[0].hints = vec!["h".repeat(lim::MAX_HINT + 1)];
         assert!(Report::try_from(bad).is_err());
     }
 }

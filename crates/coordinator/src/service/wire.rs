@@ -387,7 +387,12 @@ pub(super) fn eval_chunk_from_wire(r: pb::EvalChunkResult) -> Result<EvalChunkOu
                 input_drvs: inputs,
                 fixed_output: d.fixed_output,
                 output_hash: short(d.output_hash),
-                hints: d.hints.into_iter().take(64).map(short).collect(),
+                hints: d
+                    .hints
+                    .into_iter()
+                    .take(lim::MAX_HINTS)
+                    .map(|h| truncate(h, lim::MAX_HINT))
+                    .collect(),
                 present: d.present,
             },
         );
