@@ -55,7 +55,7 @@ impl Engine {
         inner.db.record_build_check(run_id, &check)?;
         run.checks.insert(node, check);
         run.check_queue.push_back(node);
-        if !super::checker_connected(
+        if !checker_connected(
             &inner.agents,
             (agent, &run.spec.cache),
             hold,
@@ -455,6 +455,22 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether some connected agent other than `agent` (and independent of it) could check its
+/// work: if not, the coordinator's log says what the run waits for.
+pub(super) fn checker_connected(
+    agents: &BTreeMap<String, AgentMem>,
+    (agent, cache): (&str, &str),
+    hold: Hold,
+    way: Hold,
+) -> bool {
+    agents.iter().any(|(n, a)| {
+        a.tx.is_some()
+            && super::independent(agents, agent, n)
+            && super::may_take(a, hold, way)
+            && super::dispatch::agent_reaches(a, cache, way)
+    })
 }
 
 /// Whether a connected agent that takes work could take a cross-check of `first`'s work

@@ -281,22 +281,6 @@ fn independent(agents: &BTreeMap<String, AgentMem>, a: &str, b: &str) -> bool {
     crate::credentials::Credential::independent((a, &credential(a)), (b, &credential(b)))
 }
 
-/// Whether some connected agent other than `agent` (and independent of it) could check its
-/// work: if not, the coordinator's log says what the run waits for.
-fn checker_connected(
-    agents: &BTreeMap<String, AgentMem>,
-    (agent, cache): (&str, &str),
-    hold: Hold,
-    way: Hold,
-) -> bool {
-    agents.iter().any(|(n, a)| {
-        a.tx.is_some()
-            && independent(agents, agent, n)
-            && may_take(a, hold, way)
-            && dispatch::agent_reaches(a, cache, way)
-    })
-}
-
 /// Whether `a` may take a check of outputs held as `hold`, where agents hand each other
 /// unchecked outputs `way` now: see [`takes`].
 fn may_take(a: &AgentMem, hold: Hold, way: Hold) -> bool {

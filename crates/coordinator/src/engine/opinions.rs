@@ -188,7 +188,7 @@ impl Engine {
             run.eval_queue.push_front(task);
         }
         if first {
-            if !super::checker_connected(
+            if !super::checks::checker_connected(
                 &inner.agents,
                 (agent, &run.spec.cache),
                 Hold::No,
