@@ -187,23 +187,12 @@ fn a_client_token_replaced_in_its_file_is_taken_without_a_restart() {
         r#"{ outputs = { self }: { packages.x86_64-linux = { }; }; }"#,
     )
     .unwrap();
-    let cli_old = |args: &[&str]| {
-        let mut c = std::process::Command::new(bin("nixfarm"));
-        c.args(["--coordinator", &coordinator.url])
-            .args(args)
-            .env("NIXFARM_TOKEN", TOKEN);
-        c
-    };
-    let out = cli_old(&["submit", repo.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let run = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let mut watch = cli_old(&["watch", &run])
+    let out = cli_env(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let mut watch = std::process::Command::new(bin("nixfarm"))
+        .args(["--coordinator", &coordinator.url, "watch", &run])
+        .env("NIXFARM_TOKEN", TOKEN)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
