@@ -6,24 +6,16 @@ pub(super) async fn build(
     shared: &Arc<Shared>,
     channel: Channel,
     run_id: &str,
-    j: pb::BuildJob,
+    j: super::assigned::BuildJob,
     cancel: CancellationToken,
     logs: mpsc::Sender<pb::AgentMessage>,
     attempt: String,
 ) -> pb::BuildResult {
-    // The derivation goes to Nix as an argument and names files here: a store path, or
-    // nothing is done (an argument starting with `-` would be an option).
-    if let Err(e) = nixfarm_nix::StorePath::parse_drv(&j.drv_path) {
-        return infra_failed(format!(
-            "the coordinator sent '{}' as a derivation to build: {e}",
-            nixfarm_core::limits::clip(&j.drv_path, 200)
-        ));
-    }
-    if let Err(e) = super::cache_allowed(shared, &j.cache) {
+    if let Err(e) = super::cache_allowed(shared, j.cache_url()) {
         return infra_failed(e);
     }
     // What Nix substitutes from: the cache's read URL (Cachix: its `uri`) and its keys.
-    let cache = transport_cache(shared, &j.cache);
+    let cache = transport_cache(shared, j.cache_url());
     let farm = farm_cache(shared).filter(|f| f.url == cache);
     let mut trusted = j.trusted_public_keys.clone();
     trusted.extend(farm.as_ref().map(|f| f.public_key.clone()));
@@ -63,16 +55,12 @@ pub(super) async fn build(
         (Some(_), None) => RunCache::Own,
     };
     let staging_cache = farm_cache(shared).filter(|f| f.url != cache);
-    let route = match super::route::route(
-        pb::HoldOutputs::try_from(j.hold).ok(),
-        run_cache,
-        staging_cache.is_some(),
-    ) {
+    let route = match super::route::route(j.hold, run_cache, staging_cache.is_some()) {
         Ok(r) => r,
         Err(e) => {
             return infra_failed(format!(
                 "the outputs of {} are to wait for their check in the farm cache: {e}",
-                j.drv_path
+                j.drv
             ));
         }
     };
@@ -85,15 +73,15 @@ pub(super) async fn build(
         },
         _ => None,
     };
-    tracing::debug!(drv = %j.drv_path, background = j.background, "build");
+    tracing::debug!(drv = %j.drv, background = j.background, "build");
     let opts = BuildOptions {
         substituter,
         trusted_public_keys: trusted,
-        timeout: (j.timeout_secs > 0).then(|| Duration::from_secs(j.timeout_secs)),
-        max_silent: (j.max_silent_secs > 0).then(|| Duration::from_secs(j.max_silent_secs)),
+        timeout: j.timeout,
+        max_silent: j.max_silent,
         netrc: farm.as_ref().and_then(|f| f.netrc.clone()),
         ssl_cert_file: farm.as_ref().and_then(|f| f.ca.clone()),
-        gc_root: shared.roots.output_root(run_id, &j.drv_path),
+        gc_root: shared.roots.output_root(run_id, &j.drv),
         system_features: shared.cfg.features.clone(),
         check: false,
         background: j.background,
@@ -103,27 +91,28 @@ pub(super) async fn build(
     // go through one); without one, say what is missing. A stat, not a Nix process: this
     // runs before every build.
     let started = std::time::Instant::now();
-    let fetched_here = !std::path::Path::new(&j.drv_path).exists();
+    let drv_path = j.drv.to_string();
+    let fetched_here = !std::path::Path::new(j.drv.as_str()).exists();
     if fetched_here {
         if opts.substituter.is_empty() {
             return infra_failed(format!(
                 "derivation {} is not in agent {}'s store, and the run has no cache to fetch it from: agents on separate hosts need a cache they share (--cache)",
-                j.drv_path, shared.cfg.name
+                j.drv, shared.cfg.name
             ));
         }
         if opts.trusted_public_keys.is_empty() {
             return infra_failed(format!(
                 "derivation {} is not in agent {}'s store, and the run's cache has no key to check what it serves, so nothing is fetched from it: give the run --trusted-public-key, or the agents a signing key",
-                j.drv_path, shared.cfg.name
+                j.drv, shared.cfg.name
             ));
         }
-        let fetched = match shared.nix.substitute_daemon(&j.drv_path, &opts).await {
+        let fetched = match shared.nix.substitute_daemon(&drv_path, &opts).await {
             Some(r) => r,
             None => shared
                 .nix
                 .copy_from(
                     &opts.substituter,
-                    std::slice::from_ref(&j.drv_path),
+                    std::slice::from_ref(&drv_path),
                     &opts.trusted_public_keys,
                     opts.netrc.as_deref(),
                     opts.ssl_cert_file.as_deref(),
@@ -133,7 +122,7 @@ pub(super) async fn build(
         };
         if let Err(e) = fetched {
             // Nix may still substitute it itself while realising; if not, its error says so.
-            tracing::warn!("cannot fetch {} from the run's cache: {e}", j.drv_path);
+            tracing::warn!("cannot fetch {} from the run's cache: {e}", j.drv);
         }
     }
     // A derivation is what its path says, or it is not built: one fetched from a cache is
@@ -141,24 +130,23 @@ pub(super) async fn build(
     // cannot be read is refused only when it came from the cache just now. What it
     // declares is read once here: its outputs to lock now, and to report after.
     use nixfarm_nix::text_path::{DrvCheck, check_derivation};
-    let path = j.drv_path.clone();
+    let path = drv_path.clone();
     let checked = tokio::task::spawn_blocking(move || check_derivation(&path))
         .await
         .unwrap_or(DrvCheck::Unreadable);
     let this = match checked {
-        DrvCheck::Matches(drv) => Some(drv.to_derivation(&j.drv_path)),
+        DrvCheck::Matches(drv) => Some(drv.to_derivation(&drv_path)),
         DrvCheck::Differs => {
-            return forged_derivation(shared, &j.drv_path, "its content does not give its path")
+            return forged_derivation(shared, &drv_path, "its content does not give its path")
                 .await;
         }
-        DrvCheck::Unreadable if fetched_here && std::path::Path::new(&j.drv_path).exists() => {
-            return forged_derivation(shared, &j.drv_path, "it cannot be read as a derivation")
-                .await;
+        DrvCheck::Unreadable if fetched_here && std::path::Path::new(&drv_path).exists() => {
+            return forged_derivation(shared, &drv_path, "it cannot be read as a derivation").await;
         }
         // A format only Nix reads (or not here yet: Nix may still fetch it while realising).
-        DrvCheck::Unreadable => shared.nix.derivation(&j.drv_path).await.ok(),
+        DrvCheck::Unreadable => shared.nix.derivation(&drv_path).await.ok(),
     };
-    let _ = shared.roots.add(run_id, std::slice::from_ref(&j.drv_path));
+    let _ = shared.roots.add(run_id, std::slice::from_ref(&drv_path));
     // Another build here of the same output path (a shared or copied fixed-output hash):
     // wait for it rather than let Nix poll its lock every five seconds.
     let _outputs = shared
@@ -214,7 +202,7 @@ pub(super) async fn build(
     }
     let run = shared
         .nix
-        .realise(&j.drv_path, &opts, cancel.clone(), on_log)
+        .realise(&drv_path, &opts, cancel.clone(), on_log)
         .await;
     let mut r = result_of(&run);
     if run.cancelled {
@@ -225,7 +213,7 @@ pub(super) async fn build(
             r.status = pb::BuildStatus::Built as i32;
             // Dependents may build here later: the outputs stay until the run ends.
             if let Err(e) = shared.roots.add(run_id, &paths) {
-                tracing::warn!("cannot root the outputs of {}: {e}", j.drv_path);
+                tracing::warn!("cannot root the outputs of {}: {e}", j.drv);
             }
             if let Some(d) = &this
                 && !run.built
@@ -245,8 +233,9 @@ pub(super) async fn build(
                 r.copied_from = from.unwrap_or_default();
                 return r;
             }
-            if j.smoke {
-                let (outcome, output) = super::smoke::smoke(&paths, &j.main_program).await;
+            if let Some(smoke) = &j.smoke {
+                let program = smoke.main_program.as_deref().unwrap_or("");
+                let (outcome, output) = super::smoke::smoke(&paths, program).await;
                 r.smoke = match outcome {
                     nixfarm_core::Smoke::Passed => pb::SmokeOutcome::SmokePassed,
                     nixfarm_core::Smoke::Failed => pb::SmokeOutcome::SmokeFailed,
@@ -274,7 +263,7 @@ pub(super) async fn build(
             }
             // Where a build's time beyond its builder went, for `RUST_LOG=debug`.
             tracing::debug!(
-                drv = %j.drv_path,
+                drv = %j.drv,
                 fetched = fetched_here,
                 prepare_ms = prepared.as_millis() as u64,
                 realise_ms = run.duration.as_millis() as u64,

@@ -16,7 +16,7 @@ pub(super) enum Checked<'a> {
     /// In this store, which the agents share: its copy is the one checked.
     ThisStore,
     /// In the building agent's own store: these are the outputs and NAR hashes it reported.
-    Reported(&'a [pb::DrvOutput]),
+    Reported(&'a [super::assigned::Expected]),
 }
 
 /// The cache another agent pushed the outputs to, and how Nix reads it.
@@ -198,18 +198,18 @@ pub(super) async fn check(
 }
 
 /// Each output's NAR hash as the first build reported it, in the order of `outputs`.
-fn expected_hashes(outputs: &[String], reported: &[pb::DrvOutput]) -> Result<Vec<Vec<u8>>, String> {
+fn expected_hashes(
+    outputs: &[String],
+    reported: &[super::assigned::Expected],
+) -> Result<Vec<Vec<u8>>, String> {
     outputs
         .iter()
         .map(|out| {
-            let o = reported
+            reported
                 .iter()
-                .find(|o| o.path == *out)
-                .ok_or_else(|| format!("the job does not say what the first build of {out} got"))?;
-            Hash::parse(&o.nar_hash, None)
-                .filter(|h| h.algo == Algo::Sha256)
-                .map(|h| h.digest)
-                .ok_or_else(|| format!("the job's NAR hash of {out} is not a SHA-256"))
+                .find(|o| o.path.as_str() == out)
+                .map(|o| o.nar_hash.clone())
+                .ok_or_else(|| format!("the job does not say what the first build of {out} got"))
         })
         .collect()
 }

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+mod assigned;
 mod build;
 mod check;
 mod claims;
@@ -172,7 +173,15 @@ pub(crate) async fn run(
             (msg(pb::agent_message::Msg::EvalChunk(r)), None)
         }
         Some(Job::Build(j)) => {
-            let mut r = build(shared, channel, &run_id, j, cancel, logs, attempt.clone()).await;
+            // Checked once, here: past this point the job's fields are typed.
+            let mut r = match assigned::BuildJob::try_from(j) {
+                Ok(j) => build(shared, channel, &run_id, j, cancel, logs, attempt.clone()).await,
+                Err(e) => pb::BuildResult {
+                    status: pb::BuildStatus::InfraFailed as i32,
+                    message: e.to_string(),
+                    ..Default::default()
+                },
+            };
             r.attempt_id = attempt;
             (msg(pb::agent_message::Msg::Build(r)), None)
         }

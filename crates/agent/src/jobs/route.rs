@@ -2,7 +2,7 @@
 //! cross-checked builds whose outputs are held out of it until checked, the farm cache, the
 //! store the agents share, or the builder's own store (the check then builds from scratch).
 
-use nixfarm_proto::v1::HoldOutputs;
+use super::assigned::Hold as HoldOutputs;
 
 /// A place outputs travel through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +39,11 @@ pub(super) struct Route {
     pub publish: bool,
 }
 
-/// The route for a job that says `hold` (None: a value this agent does not know, taken as
-/// the farm cache: never the run's cache), given the run's cache and whether this agent
+/// The route for a job that says `hold` (a value this agent does not know came as the farm
+/// cache: never the run's cache), given the run's cache and whether this agent
 /// has a farm cache. An error when outputs are to wait in a farm cache it does not have.
 pub(super) fn route(
-    hold: Option<HoldOutputs>,
+    hold: HoldOutputs,
     run_cache: RunCache,
     has_farm: bool,
 ) -> Result<Route, &'static str> {
@@ -52,7 +52,7 @@ pub(super) fn route(
         check_from: at,
         publish: false,
     };
-    match (run_cache, hold.unwrap_or(HoldOutputs::FarmCache)) {
+    match (run_cache, hold) {
         (RunCache::None, _) => Ok(plain(Place::ThisStore)),
         // Nothing to hold them out of.
         (RunCache::Farm, _) | (RunCache::Own, HoldOutputs::None) => Ok(plain(Place::RunCache)),
@@ -92,47 +92,36 @@ mod tests {
             })
         };
         // Not held: the run's cache both ways (or this store, without one).
-        assert_eq!(route(Some(H::None), RunCache::Own, true), way(Run, false));
-        assert_eq!(
-            route(Some(H::FarmCache), RunCache::None, false),
-            way(Here, false)
-        );
+        assert_eq!(route(H::None, RunCache::Own, true), way(Run, false));
+        assert_eq!(route(H::FarmCache, RunCache::None, false), way(Here, false));
         // The run's cache is the farm cache: nothing to hold them out of.
-        assert_eq!(
-            route(Some(H::FarmCache), RunCache::Farm, true),
-            way(Run, false)
-        );
+        assert_eq!(route(H::FarmCache, RunCache::Farm, true), way(Run, false));
         // Held: in the farm cache or this store, and the check publishes.
-        assert_eq!(
-            route(Some(H::FarmCache), RunCache::Own, true),
-            way(Farm, true)
-        );
-        assert_eq!(
-            route(Some(H::SharedStore), RunCache::Own, false),
-            way(Here, true)
-        );
+        assert_eq!(route(H::FarmCache, RunCache::Own, true), way(Farm, true));
+        assert_eq!(route(H::SharedStore, RunCache::Own, false), way(Here, true));
         // Held in the builder's store (no farm cache), which needs none.
         assert_eq!(
-            route(Some(H::BuilderStore), RunCache::Own, false),
+            route(H::BuilderStore, RunCache::Own, false),
             way(Builder, true)
         );
         assert_eq!(
-            route(Some(H::BuilderStore), RunCache::Own, true),
+            route(H::BuilderStore, RunCache::Own, true),
             way(Builder, true)
         );
         // Without a cache of the run's own, nothing is held, whatever the job says.
         assert_eq!(
-            route(Some(H::BuilderStore), RunCache::None, false),
+            route(H::BuilderStore, RunCache::None, false),
             way(Here, false)
         );
         assert_eq!(
-            route(Some(H::BuilderStore), RunCache::Farm, true),
+            route(H::BuilderStore, RunCache::Farm, true),
             way(Run, false)
         );
         // No farm cache to hold them in: refused. A way this agent does not know is taken
         // as the farm cache.
-        assert!(route(Some(H::FarmCache), RunCache::Own, false).is_err());
-        assert!(route(None, RunCache::Own, false).is_err());
-        assert_eq!(route(None, RunCache::Own, true), way(Farm, true));
+        assert!(route(H::FarmCache, RunCache::Own, false).is_err());
+        let unknown = HoldOutputs::from(99);
+        assert!(route(unknown, RunCache::Own, false).is_err());
+        assert_eq!(route(unknown, RunCache::Own, true), way(Farm, true));
     }
 }
