@@ -241,6 +241,10 @@ fn transport_cache(shared: &Shared, run_cache: &str) -> String {
 /// Whether this agent substitutes from a run's cache: any, unless its operator listed them
 /// (`run_caches`; a coordinator that knows the list sends no other).
 pub(crate) fn cache_allowed(shared: &Shared, run_cache: &str) -> Result<(), String> {
+    // It becomes a Nix option (a substituter, `nix copy --to`): a URL nixfarm can use, or nothing.
+    if !run_cache.is_empty() {
+        nixfarm_core::cache_url::CacheTarget::parse(run_cache).map_err(|e| e.to_string())?;
+    }
     let listed = &shared.cfg.run_caches;
     if nixfarm_core::cache_url::cache_listed(listed, run_cache) {
         return Ok(());
@@ -360,52 +364,68 @@ mod edge_tests {
 
     #[tokio::test]
     async fn a_job_of_a_run_whose_cache_the_operator_did_not_list_is_refused() {
-        let d = tempfile::tempdir().unwrap();
-        let (agent, channel) = agent_in(d.path(), &["cachix://team"]);
-        let (logs, _rx) = mpsc::channel(8);
-        let assignment = |job| pb::Assignment {
-            attempt_id: "t1".into(),
-            run_id: "r1".into(),
-            job: Some(job),
-        };
-        let other = "https://other.example.org".to_string();
-        let build = pb::assignment::Job::Build(pb::BuildJob {
-            drv_path: format!("/nix/store/{}-x.drv", "0".repeat(32)),
-            cache: other.clone(),
-            ..Default::default()
-        });
-        let check = pb::assignment::Job::Build(pb::BuildJob {
-            drv_path: format!("/nix/store/{}-x.drv", "0".repeat(32)),
-            cache: other.clone(),
-            check: true,
-            ..Default::default()
-        });
-        let list = pb::assignment::Job::EvalList(pb::EvalListJob {
-            cache: other.clone(),
-            ..Default::default()
-        });
-        let chunk = pb::assignment::Job::EvalChunk(pb::EvalChunkJob {
-            cache: other,
-            ..Default::default()
-        });
-        for job in [build, check, list, chunk] {
-            let (m, _) = run(
-                &agent.shared,
-                channel.clone(),
-                assignment(job),
-                CancellationToken::new(),
-                logs.clone(),
-            )
-            .await;
-            let (error, infra) = match m.msg {
-                Some(pb::agent_message::Msg::Build(r)) => {
-                    (r.message, r.status == pb::BuildStatus::InfraFailed as i32)
-                }
-                Some(pb::agent_message::Msg::EvalList(r)) => (r.error, r.infra),
-                Some(pb::agent_message::Msg::EvalChunk(r)) => (r.error, r.infra),
-                other => panic!("{other:?}"),
+        // (the operator's list, the run's cache, what the refusal says)
+        let cases = [
+            (
+                &["cachix://team"][..],
+                "https://other.example.org",
+                "run_caches",
+            ),
+            // Any cache, but one Nix would read as two options is none.
+            (
+                &[][..],
+                "https://c.example.org extra",
+                "unsupported cache URL",
+            ),
+        ];
+        for (listed, other, said) in cases {
+            let d = tempfile::tempdir().unwrap();
+            let (agent, channel) = agent_in(d.path(), listed);
+            let (logs, _rx) = mpsc::channel(8);
+            let assignment = |job| pb::Assignment {
+                attempt_id: "t1".into(),
+                run_id: "r1".into(),
+                job: Some(job),
             };
-            assert!(infra && error.contains("run_caches"), "{error}");
+            let other = other.to_string();
+            let build = pb::assignment::Job::Build(pb::BuildJob {
+                drv_path: format!("/nix/store/{}-x.drv", "0".repeat(32)),
+                cache: other.clone(),
+                ..Default::default()
+            });
+            let check = pb::assignment::Job::Build(pb::BuildJob {
+                drv_path: format!("/nix/store/{}-x.drv", "0".repeat(32)),
+                cache: other.clone(),
+                check: true,
+                ..Default::default()
+            });
+            let list = pb::assignment::Job::EvalList(pb::EvalListJob {
+                cache: other.clone(),
+                ..Default::default()
+            });
+            let chunk = pb::assignment::Job::EvalChunk(pb::EvalChunkJob {
+                cache: other,
+                ..Default::default()
+            });
+            for job in [build, check, list, chunk] {
+                let (m, _) = run(
+                    &agent.shared,
+                    channel.clone(),
+                    assignment(job),
+                    CancellationToken::new(),
+                    logs.clone(),
+                )
+                .await;
+                let (error, infra) = match m.msg {
+                    Some(pb::agent_message::Msg::Build(r)) => {
+                        (r.message, r.status == pb::BuildStatus::InfraFailed as i32)
+                    }
+                    Some(pb::agent_message::Msg::EvalList(r)) => (r.error, r.infra),
+                    Some(pb::agent_message::Msg::EvalChunk(r)) => (r.error, r.infra),
+                    other => panic!("{other:?}"),
+                };
+                assert!(infra && error.contains(said), "{error}");
+            }
         }
     }
 
