@@ -34,12 +34,81 @@ pub(crate) enum CaptureError {
     Io(std::io::Error),
 }
 
+/// Marks an evaluation prints on stderr as it starts on each attribute (`builtins.trace`),
+/// read while it runs: when it is stopped, the last one names the attribute it was on.
+/// Each carries a nonce the evaluated code does not see, so it cannot print one.
+#[derive(Debug)]
+pub(crate) struct Marks {
+    prefix: String,
+    seen: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
+}
+
+/// The most marks kept (one per attribute of an evaluation).
+const MAX_MARKS: usize = 100_000;
+/// A line longer than this is no mark (marks are about 100 bytes).
+const MAX_MARK_LINE: usize = 512;
+
+impl Marks {
+    pub fn new() -> Marks {
+        let mut nonce = [0u8; 12];
+        let random = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut nonce));
+        if random.is_err() {
+            // Not a secret worth failing an evaluation for: a repository that prints a
+            // forged mark only misleads the bookkeeping of its own run.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            nonce.copy_from_slice(&t.to_le_bytes()[..12]);
+        }
+        let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        Marks {
+            prefix: format!("nixfarm-{hex}-"),
+            seen: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The mark's text before its key, for the expression to print.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The keys marked so far, in the order they were printed, each once, with when.
+    pub fn seen(&self) -> Vec<(String, std::time::Instant)> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Reads a line of stderr: `<prefix><key>.` anywhere in it marks `key` (lowercase hex).
+    pub(crate) fn line(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let Some(at) = text.find(&self.prefix) else {
+            return;
+        };
+        let rest = &text[at + self.prefix.len()..];
+        let Some((key, _)) = rest.split_once('.') else {
+            return;
+        };
+        if key.is_empty() || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return;
+        }
+        if let Ok(mut seen) = self.seen.lock()
+            && seen.len() < MAX_MARKS
+            && !seen.iter().any(|(k, _)| k == key)
+        {
+            seen.push((key.to_string(), std::time::Instant::now()));
+        }
+    }
+}
+
 /// Runs `cmd` to its end, within `deadline`, keeping at most `stdout_limit` bytes of stdout
-/// (past it the child is killed). A child that outlives its deadline is killed.
+/// (past it the child is killed), and reading `marks` from stderr as they come. A child that
+/// outlives its deadline is killed.
 pub(crate) async fn capture(
     cmd: &mut Command,
     stdout_limit: usize,
     deadline: Duration,
+    marks: Option<&Marks>,
 ) -> Result<Captured, CaptureError> {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -48,7 +117,8 @@ pub(crate) async fn capture(
     let (out, err) = (child.stdout.take(), child.stderr.take());
     let mut running = Running(Some(child));
     let run = async {
-        let (stdout, stderr) = tokio::join!(read_limited(out, stdout_limit), head_and_tail(err));
+        let (stdout, stderr) =
+            tokio::join!(read_limited(out, stdout_limit), head_and_tail(err, marks));
         let stdout = stdout?;
         let status = match running.0.as_mut() {
             Some(c) => c.wait().await.map_err(CaptureError::Io)?,
@@ -146,10 +216,15 @@ async fn read_limited(
     Ok(out)
 }
 
-async fn head_and_tail(stream: Option<impl AsyncRead + Unpin>) -> Result<String, CaptureError> {
+async fn head_and_tail(
+    stream: Option<impl AsyncRead + Unpin>,
+    marks: Option<&Marks>,
+) -> Result<String, CaptureError> {
     let Some(mut s) = stream else {
         return Ok(String::new());
     };
+    // The line being read, for marks (None: too long to be one).
+    let mut line: Option<Vec<u8>> = Some(Vec::new());
     let mut head = Vec::new();
     let mut tail = crate::runner::TailBuffer::new(STDERR_TAIL);
     let mut skipped = 0usize;
@@ -160,6 +235,22 @@ async fn head_and_tail(stream: Option<impl AsyncRead + Unpin>) -> Result<String,
             break;
         }
         let mut chunk = &buf[..n];
+        if let Some(m) = marks {
+            for part in chunk.split_inclusive(|b| *b == b'\n') {
+                if let Some(l) = &mut line {
+                    l.extend_from_slice(part);
+                }
+                if line.as_ref().is_some_and(|l| l.len() > MAX_MARK_LINE) {
+                    line = None;
+                }
+                if part.ends_with(b"\n") {
+                    if let Some(l) = &line {
+                        m.line(l);
+                    }
+                    line = Some(Vec::new());
+                }
+            }
+        }
         if head.len() < STDERR_HEAD {
             let k = chunk.len().min(STDERR_HEAD - head.len());
             head.extend_from_slice(&chunk[..k]);
@@ -189,11 +280,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn marks_are_read_as_they_come_and_only_with_the_nonce() {
+        let m = Marks::new();
+        let p = m.prefix().to_string();
+        let forged = "nixfarm-000000000000000000000000-ee.";
+        // A mark split across writes, noise between, a forged one, a repeat, one on an
+        // over-long line; then the process hangs and is stopped.
+        let script = format!(
+            "printf 'trace: {p}aa.\\nnoise\\n' >&2; printf 'trace: {p}b' >&2; sleep 0.1; printf 'b.\\n{forged}\\n' >&2; printf 'trace: {p}aa.\\n' >&2; printf '%0600d {p}dd.\\n' 0 >&2; printf 'trace: {p}cc.\\n' >&2; sleep 30"
+        );
+        let r = capture(&mut sh(&script), 100, Duration::from_millis(700), Some(&m)).await;
+        assert!(matches!(r, Err(CaptureError::TimedOut(_))), "{r:?}");
+        let seen = m.seen();
+        let keys: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["aa", "bb", "cc"]);
+        assert!(
+            seen[1].1 >= seen[0].1 + Duration::from_millis(90),
+            "when each came"
+        );
+        assert_ne!(Marks::new().prefix(), p, "a nonce per evaluation");
+    }
+
+    #[tokio::test]
     async fn output_is_read_within_its_bounds() {
         let ok = capture(
             &mut sh("echo out; echo err >&2"),
             100,
             Duration::from_secs(10),
+            None,
         )
         .await
         .unwrap();
@@ -201,13 +315,13 @@ mod tests {
         assert_eq!(ok.stdout, b"out\n");
         assert_eq!(ok.stderr, "err\n");
         // Too much on stdout: refused, not held.
-        let big = capture(&mut sh("yes"), 1 << 20, Duration::from_secs(10)).await;
+        let big = capture(&mut sh("yes"), 1 << 20, Duration::from_secs(10), None).await;
         assert!(matches!(big, Err(CaptureError::TooMuch(_))), "{big:?}");
         // Endless traces on stderr, then the error: its head and its end are kept.
         let noisy = capture(
             &mut sh("echo 'error: first' >&2; head -c 50000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'error: last' >&2; exit 1"),
             100,
-            Duration::from_secs(30),
+            Duration::from_secs(30), None
         )
         .await
         .unwrap();
@@ -217,7 +331,7 @@ mod tests {
         assert!(noisy.stderr.trim_end().ends_with("error: last"));
         assert!(noisy.stderr.contains("bytes left out"));
         // Past its deadline: stopped.
-        let slow = capture(&mut sh("sleep 30"), 100, Duration::from_millis(200)).await;
+        let slow = capture(&mut sh("sleep 30"), 100, Duration::from_millis(200), None).await;
         assert!(matches!(slow, Err(CaptureError::TimedOut(_))), "{slow:?}");
     }
 

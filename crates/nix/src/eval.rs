@@ -1,6 +1,7 @@
 //! Evaluating with Nix: listing an attribute set, and what each attribute evaluates to
 //! (its derivation, outputs and meta), with throws caught per attribute.
 
+use crate::captured::Marks;
 use crate::entry::{Entry, NORMALIZE};
 use crate::runner::{Nix, NixError, nix_string};
 use serde::Deserialize;
@@ -159,6 +160,12 @@ impl Nix {
         mem_mib: u64,
     ) -> Result<BTreeMap<String, T>, NixError> {
         let names: Vec<String> = attrs.iter().map(|a| nix_string(a)).collect();
+        // Each attribute marked as Nix starts on it: one past the limit names itself.
+        let marks = Marks::new();
+        let value = format!(
+            "builtins.trace \"{}${{builtins.hashString \"sha256\" n}}.\" ({value})",
+            marks.prefix()
+        );
         let apply = format!(
             "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; in builtins.listToAttrs (map (n: {{ name = n; value = {value}; }}) [ {} ])",
             names.join(" ")
@@ -166,8 +173,78 @@ impl Nix {
         let mut c = self.eval_cmd("");
         entry.select(&mut c, attr_path);
         c.arg("--apply").arg(apply);
-        let out = self.run_json(c, mem_mib).await?;
+        let out = match self.run_json_marked(c, mem_mib, Some(&marks)).await {
+            Err(NixError::TooLong(message)) => return Err(stopped_at(&marks, attrs, message)),
+            r => r?,
+        };
         serde_json::from_str(&out)
             .map_err(|e| NixError::Infra(format!("cannot parse evaluation result: {e}")))
+    }
+}
+
+/// The key of an attribute's mark: its name's SHA-256 in hex (a name may hold any character).
+fn mark_key(name: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(name.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What an evaluation of `attrs` stopped past its limit was on: the attribute it marked
+/// last, for how long, and those it marked before (evaluated). Without a mark, as it was.
+fn stopped_at(marks: &Marks, attrs: &[String], message: String) -> NixError {
+    let seen = marks.seen();
+    let keys: std::collections::HashMap<String, &String> =
+        attrs.iter().map(|a| (mark_key(a), a)).collect();
+    match seen.split_last() {
+        Some(((last, when), before)) if keys.contains_key(last) => NixError::TooLongAt {
+            message,
+            attr: keys[last].clone(),
+            ran: when.elapsed(),
+            done: before
+                .iter()
+                .filter_map(|(k, _)| keys.get(k).map(|a| (*a).clone()))
+                .collect(),
+        },
+        _ => NixError::TooLong(message),
+    }
+}
+
+#[cfg(test)]
+mod mark_tests {
+    use super::*;
+
+    #[test]
+    fn marks_name_the_attribute_an_evaluation_was_on() {
+        let m = Marks::new();
+        let attrs = vec!["a".to_string(), "b\"\n".to_string(), "c".to_string()];
+        assert!(matches!(
+            stopped_at(&m, &attrs, "stopped".into()),
+            NixError::TooLong(_)
+        ));
+        let key = |n: &str| mark_key(n);
+        assert_eq!(key("a").len(), 64);
+        for k in [key("a"), key("b\"\n")] {
+            m.line(format!("trace: {}{k}.\n", m.prefix()).as_bytes());
+        }
+        match stopped_at(&m, &attrs, "stopped".into()) {
+            NixError::TooLongAt {
+                message,
+                attr,
+                done,
+                ..
+            } => {
+                assert_eq!((message.as_str(), attr.as_str()), ("stopped", "b\"\n"));
+                assert_eq!(done, ["a"]);
+            }
+            e => panic!("{e:?}"),
+        }
+        // A mark of no attribute asked for changes nothing.
+        m.line(format!("trace: {}{}.\n", m.prefix(), key("z")).as_bytes());
+        assert!(matches!(
+            stopped_at(&m, &attrs, "stopped".into()),
+            NixError::TooLong(_)
+        ));
     }
 }

@@ -27,6 +27,16 @@ pub enum NixError {
     /// worth trying again in smaller pieces.
     #[error("{0}")]
     TooLong(String),
+    /// An evaluation stopped past its time or output limit while it was on `attr`, which it
+    /// had been evaluating for `ran`; it had evaluated `done` before (their results lost
+    /// with the process).
+    #[error("{message}")]
+    TooLongAt {
+        message: String,
+        attr: String,
+        ran: Duration,
+        done: Vec<String>,
+    },
 }
 
 impl NixError {
@@ -185,14 +195,20 @@ impl Nix {
 
     /// Runs a Nix command that prints JSON; its output and time are bounded
     /// ([`MAX_JSON_BYTES`], [`Nix::eval_deadline`]).
-    pub(crate) async fn run_json(
+    pub(crate) async fn run_json(&self, cmd: Command, mem_mib: u64) -> Result<String, NixError> {
+        self.run_json_marked(cmd, mem_mib, None).await
+    }
+
+    /// [`Nix::run_json`], reading the `marks` the expression prints as it goes.
+    pub(crate) async fn run_json_marked(
         &self,
         mut cmd: Command,
         mem_mib: u64,
+        marks: Option<&crate::captured::Marks>,
     ) -> Result<String, NixError> {
         use crate::captured::{CaptureError, capture};
         limit_memory(&mut cmd, mem_mib);
-        let out = match capture(&mut cmd, MAX_JSON_BYTES, self.eval_deadline).await {
+        let out = match capture(&mut cmd, MAX_JSON_BYTES, self.eval_deadline, marks).await {
             Ok(out) => out,
             Err(e @ CaptureError::Spawn(_)) | Err(e @ CaptureError::Io(_)) => {
                 return Err(NixError::Infra(format!("nix: {e}")));
