@@ -26,6 +26,60 @@ pub struct CachixCache {
     pub preferred_compression_method: Option<String>,
 }
 
+/// The most signing keys taken from a cache's description.
+const MAX_KEYS: usize = 64;
+
+impl CachixCache {
+    /// The description as Nix will be told it: `uri` a plain http(s) URL and each key
+    /// `NAME:BASE64`, since both become Nix options, which split on whitespace. A URI in
+    /// plain http is taken only where the API itself is plain http (a test server).
+    fn checked(self, api: &str) -> Result<CachixCache, StoreError> {
+        let bad = |what: &str| {
+            StoreError::Http(format!(
+                "the Cachix cache's description has {what}; nothing is read from it or pushed to it"
+            ))
+        };
+        let uri_ok = reqwest::Url::parse(&self.uri).is_ok_and(|u| {
+            u.scheme() == "https" || (u.scheme() == "http" && api.starts_with("http://"))
+        }) && !self
+            .uri
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control());
+        if !uri_ok {
+            return Err(bad("a URI that is not an https URL"));
+        }
+        if self.public_signing_keys.len() > MAX_KEYS
+            || !self
+                .public_signing_keys
+                .iter()
+                .all(|k| k.len() <= 1024 && nixfarm_core::cache_url::is_public_key(k))
+        {
+            return Err(bad("a signing key that is not NAME:BASE64"));
+        }
+        Ok(self)
+    }
+}
+
+/// Whether two URLs have one scheme, host and port.
+fn same_origin(a: &str, b: &str) -> bool {
+    match (reqwest::Url::parse(a), reqwest::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
+/// Whether `uri` is one of Cachix's own hosts (over https) and the API Cachix's own.
+fn cachix_host(uri: &str, api: &str) -> bool {
+    let own = |u: &str, host: &str| {
+        reqwest::Url::parse(u).is_ok_and(|u| {
+            u.scheme() == "https"
+                && u.host_str()
+                    .is_some_and(|h| h == host || h.ends_with(&format!(".{host}")))
+        })
+    };
+    own(api, "cachix.org") && own(uri, "cachix.org")
+}
+
 pub(crate) struct CachixBackend {
     pub(crate) name: String,
     pub(crate) api: String,
@@ -47,7 +101,7 @@ impl Backend for CachixBackend {
             for chunk in paths.chunks(4096) {
                 let hashes: Vec<&str> = chunk.iter().map(|p| store_hash(p)).collect();
                 let r = p
-                    .send("asking Cachix which paths are missing", || {
+                    .send_write("asking Cachix which paths are missing", || {
                         p.bearer(p.http.post(&url)).json(&hashes)
                     })
                     .await?;
@@ -76,8 +130,13 @@ impl Backend for CachixBackend {
             // Read where Nix reads it (the cache's URI), with the token a private cache needs.
             let uri = self.info(p).await?.uri.trim_end_matches('/').to_string();
             let url = format!("{uri}/{}.narinfo", store_hash(path));
+            // The token goes only where the API is, or to Cachix's own hosts.
+            let with_token = same_origin(&uri, &self.api) || cachix_host(&uri, &self.api);
             let r = p
-                .send("reading a narinfo", || p.bearer(p.http.get(&url)))
+                .send("reading a narinfo", || {
+                    let get = p.http.get(&url);
+                    if with_token { p.bearer(get) } else { get }
+                })
                 .await?;
             crate::http::narinfo_body(r).await
         })
@@ -107,7 +166,8 @@ impl CachixBackend {
                         "Cachix has no cache named '{name}'"
                     )));
                 }
-                json_bounded::<CachixCache>(r, 64 * 1024, "cache description").await
+                let c = json_bounded::<CachixCache>(r, 64 * 1024, "cache description").await?;
+                c.checked(api)
             })
             .await
     }
@@ -147,7 +207,7 @@ impl CachixBackend {
         }
         let compression = p.compression().await?;
         let r = p
-            .send("starting the upload", || {
+            .send_write("starting the upload", || {
                 p.bearer(p.http.post(format!(
                     "{api}cache/{name}/multipart-nar?compression={}",
                     compression.cachix_param()
@@ -183,7 +243,7 @@ impl CachixBackend {
                         upload_url: String,
                     }
                     let r = p
-                        .send("getting a part's upload URL", || {
+                        .send_write("getting a part's upload URL", || {
                             p.bearer(p.http.post(&base).query(&[
                                 ("uploadId", upload_id.as_str()),
                                 ("partNumber", &n.to_string()),
@@ -192,10 +252,19 @@ impl CachixBackend {
                         })
                         .await?;
                     let url: Url = json_bounded(r, 64 * 1024, "part answer").await?;
+                    // The NAR's bytes go over TLS, or to where the API itself is.
+                    if !(url.upload_url.starts_with("https://")
+                        || same_origin(&url.upload_url, api))
+                    {
+                        return Err(StoreError::Http(format!(
+                            "Cachix named '{}' to upload a part to: neither https nor the API's own address",
+                            crate::text::one_line(&url.upload_url, 120)
+                        )));
+                    }
                     let bytes = bytes::Bytes::from(bytes);
                     // The presigned URL is the credential: no Authorization header here.
                     let r = p
-                        .send("uploading a part", || {
+                        .send_write("uploading a part", || {
                             p.http
                                 .put(&url.upload_url)
                                 .header("content-type", "application/octet-stream")
@@ -248,7 +317,7 @@ impl CachixBackend {
             }
         });
         let done = p
-            .send("completing the upload", || {
+            .send_write("completing the upload", || {
                 p.bearer(
                     p.http
                         .post(format!("{base}/complete"))
@@ -278,4 +347,64 @@ fn read_part(
     f.read_exact(&mut buf)
         .map_err(io("cannot read the staging file"))?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+
+    fn cache(uri: &str, keys: &[&str]) -> CachixCache {
+        CachixCache {
+            name: "c".into(),
+            uri: uri.into(),
+            is_public: true,
+            public_signing_keys: keys.iter().map(|k| k.to_string()).collect(),
+            preferred_compression_method: None,
+        }
+    }
+
+    #[test]
+    fn what_cachix_says_of_a_cache_is_checked_before_nix_is_told() {
+        let api = "https://app.cachix.org/api/v1/";
+        assert!(
+            cache("https://c.cachix.org", &["c-1:AAAA"])
+                .checked(api)
+                .is_ok()
+        );
+        for bad in [
+            cache("https://c.cachix.org https://evil.example", &[]),
+            cache("http://c.cachix.org", &[]),
+            cache("file:///etc", &[]),
+            cache("https://c.cachix.org", &["c-1:AAAA evil-1:BBBB"]),
+            cache("https://c.cachix.org", &["no-key"]),
+        ] {
+            assert!(bad.clone().checked(api).is_err(), "{:?}", bad.uri);
+        }
+        // A plain-http API (a test server) may describe a plain-http cache.
+        assert!(
+            cache("http://127.0.0.1:1/c", &[])
+                .checked("http://127.0.0.1:1/api/v1/")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_token_goes_to_the_api_host_or_cachix_own_hosts_only() {
+        let api = "https://app.cachix.org/api/v1/";
+        assert!(cachix_host("https://c.cachix.org", api));
+        assert!(!cachix_host("https://c.cachix.org.evil.example", api));
+        assert!(!cachix_host("http://c.cachix.org", api));
+        assert!(!cachix_host(
+            "https://c.cachix.org",
+            "https://cachix.evil.example/api/v1/"
+        ));
+        assert!(same_origin(
+            "http://127.0.0.1:9/x",
+            "http://127.0.0.1:9/api/v1/"
+        ));
+        assert!(!same_origin(
+            "http://127.0.0.1:9/x",
+            "http://127.0.0.1:10/api/v1/"
+        ));
+    }
 }

@@ -144,7 +144,7 @@ impl HttpCache {
                 if r.status().is_success() {
                     return Ok(());
                 }
-                p.send("writing nix-cache-info", || {
+                p.send_write("writing nix-cache-info", || {
                     p.http_auth(p.http.put(&url))
                         .header("content-type", "text/x-nix-cache-info")
                         .body(CACHE_INFO)
@@ -212,7 +212,7 @@ impl HttpCache {
         let file = staged.file;
         // Streamed from the staging file; each attempt reads it again from the start. The
         // declared length makes a short read fail the request instead of uploading less.
-        p.send("uploading the NAR", || {
+        p.send_write("uploading the NAR", || {
             let body = match file.try_clone().and_then(|mut c| {
                 c.seek(SeekFrom::Start(0))?;
                 Ok(c)
@@ -231,7 +231,7 @@ impl HttpCache {
         let ni_url = format!("{base}/{}.narinfo", store_hash(&ni.store_path));
         let text = ni.render();
         let put = p
-            .send("uploading the narinfo", || {
+            .send_write("uploading the narinfo", || {
                 p.http_auth(p.http.put(&ni_url))
                     .header("content-type", "text/x-nix-narinfo")
                     .body(text.clone())
@@ -241,8 +241,15 @@ impl HttpCache {
             Ok(_) => {}
             // Another build of the path was published first (a build that is not
             // reproducible, built twice at once): the cache keeps that one, and it is what
-            // dependents get. The path is in the cache.
+            // dependents get, if it has one for the path: a 409 that means something else
+            // (a missing folder, an aborted write) leaves the path out of the cache.
             Err(StoreError::Conflict(why)) => {
+                let held = p.nar_hashes(std::slice::from_ref(&ni.store_path)).await;
+                if let Some(Err(e)) = held.into_iter().next() {
+                    return Err(StoreError::Refused(format!(
+                        "{why}, and the cache holds no readable narinfo of the path: {e}"
+                    )));
+                }
                 tracing::warn!(
                     path = ni.store_path,
                     "{why}: the cache keeps the copy it has"

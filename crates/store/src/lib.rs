@@ -205,6 +205,9 @@ impl Pusher {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(300))
+            // A redirect is never followed: a write redirected (303 to a login page, say)
+            // would end in a 200 that wrote nothing, and a lookup in one for another path.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| StoreError::Http(format!("cannot build the HTTP client: {e}")))?;
         let backend: Box<dyn Backend> = match &target {
@@ -241,6 +244,9 @@ impl Pusher {
         self.http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(300))
+            // A redirect is never followed: a write redirected (303 to a login page, say)
+            // would end in a 200 that wrote nothing, and a lookup in one for another path.
+            .redirect(reqwest::redirect::Policy::none())
             .add_root_certificate(ca)
             .build()
             .map_err(|e| StoreError::Http(format!("cannot build the HTTP client: {e}")))?;
@@ -278,7 +284,23 @@ impl Pusher {
             .unwrap_or(Compression::Zstd))
     }
 
+    /// [`Pusher::send`] for a request that writes: only a 2xx says it was done (a 404 is
+    /// a refusal here, not an answer).
+    pub(crate) async fn send_write(
+        &self,
+        what: &str,
+        mk: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, StoreError> {
+        let r = self.send(what, mk).await?;
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        Err(StoreError::Refused(format!("{what}: HTTP {}", r.status())))
+    }
+
     /// Sends a request, retrying on connection errors, 429 and 5xx with jittered backoff.
+    /// A 2xx or a 404 is the answer (a lookup's "not there"); requests that write use
+    /// [`Pusher::send_write`]. A redirect is an error.
     pub(crate) async fn send(
         &self,
         what: &str,

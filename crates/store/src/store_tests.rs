@@ -168,3 +168,51 @@ async fn an_endless_error_page_is_read_only_so_far() {
     assert!(e.len() < 1000, "{} bytes", e.len());
     assert!(asked.elapsed() < std::time::Duration::from_secs(20));
 }
+
+/// A cache that answers writes with 303 (a login page) or 404, and lookups with a redirect to
+/// a page that answers 200: nothing counts as written or as present.
+#[tokio::test]
+async fn a_write_is_done_only_on_a_2xx_and_a_redirect_proves_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let line = head.lines().next().unwrap_or_default().to_string();
+                let answer = if line.contains(" /login ") {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                } else if line.contains("/gone") {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                } else {
+                    "HTTP/1.1 303 See Other\r\nlocation: /login\r\ncontent-length: 0\r\n\r\n"
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let p = Pusher::for_url(
+        &format!("http://{addr}/cache"),
+        nixfarm_nix::Nix::default(),
+        None,
+        None,
+    )
+    .unwrap();
+    for url in [
+        format!("http://{addr}/cache/x.nar"),
+        format!("http://{addr}/gone/x.nar"),
+    ] {
+        let r = p
+            .send_write("uploading", || p.http.put(&url).body("nar"))
+            .await;
+        let e = r.expect_err("not written").to_string();
+        assert!(e.contains("303") || e.contains("404"), "{e}");
+    }
+    // Present only if the cache says so itself, not a page it sends the client to.
+    let path = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-x".to_string();
+    let e = p.missing(std::slice::from_ref(&path)).await.unwrap_err();
+    assert!(e.to_string().contains("303"), "{e}");
+}
