@@ -55,6 +55,9 @@ pub const REVOKED: &str = "this client certificate was revoked ([tls] revoked_ce
 pub const TAKEN_BACK: &str =
     "this agent's token was taken back or replaced ([auth] agent_tokens_file)";
 
+/// Why an agent is refused a name its operator gave a token of its own.
+pub const NAME_RESERVED: &str = "this name has a token of its own ([auth] agent_tokens_file): an agent registers under it only with that token";
+
 /// Why an agent admitted by a join token that was since replaced is refused.
 pub const JOIN_REPLACED: &str = "the join token was replaced ([auth] agent_token_file)";
 
@@ -69,6 +72,14 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// Why an agent admitted by `credential` may not register as `name`: a name the named
+    /// tokens file lists is that token's alone (a join token or a certificate, which may
+    /// take any other name, would otherwise take it while its agent is away, and its jobs).
+    pub fn name_refusal(&self, name: &str, credential: &Credential) -> Option<&'static str> {
+        let own = matches!(credential, Credential::NamedToken(n) if n == name);
+        (!own && self.agents.as_ref().is_some_and(|c| c.names(name))).then_some(NAME_RESERVED)
+    }
+
     /// Why an agent admitted by `credential` (a named token checked at `admitted_at`) may
     /// not register; None: it may.
     pub fn refusal(&self, credential: &Credential, admitted_at: u64) -> Option<&'static str> {
@@ -447,6 +458,17 @@ mod tests {
         assert!(c.replace_named(vec![t("two", "two-0123456789abcdef")]) == ["one"]);
         assert!(!c.names("one") && c.names("two"));
         assert_eq!(gate.refusal(&Credential::JoinToken, 0), None);
+        // A listed name is its token's: not a join token's, a certificate's or another's.
+        assert_eq!(gate.name_refusal("two", &two), None);
+        for other in [
+            Credential::JoinToken,
+            Credential::Certificate("ab".into()),
+            Credential::Open,
+            one.clone(),
+        ] {
+            assert_eq!(gate.name_refusal("two", &other), Some(NAME_RESERVED));
+        }
+        assert_eq!(gate.name_refusal("three", &Credential::JoinToken), None);
         // Read again: every line taken out is no agent; an empty file is one being written.
         assert_eq!(Credentials::parse_named_again("# all gone\n"), Ok(vec![]));
         assert!(Credentials::parse_named_again("").is_err());

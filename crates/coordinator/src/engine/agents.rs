@@ -28,7 +28,10 @@ impl Engine {
         let inner = &mut *g;
         // Under the lock: a revocation read before this is refused here, one read after
         // cuts this agent off when it is applied.
-        if let Some(why) = self.refusal(&reg.credential, reg.admitted_at) {
+        if let Some(why) = self
+            .refusal(&reg.credential, reg.admitted_at)
+            .or_else(|| self.name_refusal(&reg.name, &reg.credential))
+        {
             return Err(EngineError::Denied(why.into()));
         }
         let now = self.clock.now_ms();

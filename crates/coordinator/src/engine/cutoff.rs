@@ -20,6 +20,16 @@ impl Engine {
         self.gate.get()?.refusal(credential, admitted_at)
     }
 
+    /// Why an agent admitted by `credential` may not register as `name` (see
+    /// [`crate::credentials::Gate::name_refusal`]); None: it may.
+    pub(crate) fn name_refusal(
+        &self,
+        name: &str,
+        credential: &crate::credentials::Credential,
+    ) -> Option<&'static str> {
+        self.gate.get()?.name_refusal(name, credential)
+    }
+
     /// Cuts off every agent admitted by a client certificate revoked now; see
     /// [`Engine::cut_off`].
     pub fn cut_off_certificates(&self) -> Vec<String> {
@@ -55,6 +65,14 @@ impl Engine {
                         || !tokens.digest_matches(None, &reg.token_digest))
             },
             JOIN_REPLACED,
+        ));
+        // A name the file lists now, held by an agent without its token.
+        names.extend(self.cut_off(
+            |reg| {
+                tokens.names(&reg.name)
+                    && !matches!(&reg.credential, Credential::NamedToken(n) if *n == reg.name)
+            },
+            crate::credentials::NAME_RESERVED,
         ));
         names
     }

@@ -147,3 +147,47 @@ fn tokens_replaced_while_the_coordinator_was_down_cut_off_their_agents() {
     cut.sort();
     assert_eq!(cut, vec!["joined".to_string(), "one".to_string()]);
 }
+
+/// A name the named tokens file lists is that token's: a join token's agent cannot take it
+/// (say while its agent is away after a restart, with the jobs it had), and one that held
+/// it before the name was listed is cut off when the file is read again.
+#[test]
+fn a_listed_name_is_its_tokens_alone() {
+    use crate::credentials::{Credential, Credentials, Gate, NAME_RESERVED};
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let tokens = Arc::new(
+        Credentials::new(
+            Some("join-0123456789abcdef".into()),
+            vec![("alice".into(), "alice-0123456789abcdef".into())],
+        )
+        .unwrap(),
+    );
+    engine.use_gate(Gate {
+        revoked: None,
+        agents: Some(tokens.clone()),
+    });
+    let as_join = |name: &str| Registration {
+        credential: Credential::JoinToken,
+        ..registration(name, "")
+    };
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let e = engine.connect_agent(as_join("alice"), tx).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Denied(why) if why == NAME_RESERVED),
+        "{e}"
+    );
+    let (tx, _rx_alice) = mpsc::unbounded_channel();
+    let alice = Registration {
+        credential: Credential::NamedToken("alice".into()),
+        ..registration("alice", "")
+    };
+    engine.connect_agent(alice, tx).unwrap();
+    let (tx, _rx_bob) = mpsc::unbounded_channel();
+    engine.connect_agent(as_join("bob"), tx).unwrap();
+    // bob's name is listed now: the join token's bob goes, alice stays.
+    tokens.replace_named(vec![
+        ("alice".into(), "alice-0123456789abcdef".into()),
+        ("bob".into(), "bob-0123456789abcdef".into()),
+    ]);
+    assert_eq!(engine.cut_off_named(&tokens), vec!["bob".to_string()]);
+}

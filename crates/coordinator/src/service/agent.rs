@@ -80,7 +80,11 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         reg.token_digest = req_digest.map(|d| d.0).unwrap_or_default();
         // Taken back since the stream opened: no token is issued to it (the engine checks
         // again, under its lock, against whatever is read meanwhile).
-        if let Some(why) = self.engine.refusal(&reg.credential, reg.admitted_at) {
+        if let Some(why) = self
+            .engine
+            .refusal(&reg.credential, reg.admitted_at)
+            .or_else(|| self.engine.name_refusal(&reg.name, &reg.credential))
+        {
             return Err(Status::permission_denied(why));
         }
         let name = reg.name.clone();
