@@ -565,4 +565,20 @@ mod tests {
             .expect("corrupt database must be refused");
         assert!(err.to_string().contains("not a database"), "{err}");
     }
+
+    /// What is acknowledged is on disk: write-ahead log, each commit synced (FULL, 2).
+    #[test]
+    fn a_commit_is_synced_before_it_counts() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("state.db")).unwrap();
+        let mode: String = db
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        let sync: i64 = db
+            .conn()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((mode.as_str(), sync), ("wal", 2));
+    }
 }

@@ -6,7 +6,9 @@ use rusqlite::Connection;
 
 const SCHEMA: &str = r#"
 PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
+-- FULL: a commit is on disk before it is acknowledged (a submit's run id, a cancel, an
+-- event's number), through a power cut too; NORMAL kept it only through a process crash.
+PRAGMA synchronous = FULL;
 PRAGMA foreign_keys = ON;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
