@@ -211,6 +211,18 @@ impl Db {
     /// Commits the batch [`Db::begin_batch`] started. An error when SQLite rolled it back
     /// on its own meanwhile (a full disk, an I/O error): what followed was stored statement
     /// by statement, and the step's events may be missing.
+    pub fn freeze(&mut self) -> Result<(), DbError> {
+        self.conn.execute_batch("PRAGMA query_only = 1")
+    }
+
+    pub fn abandon_batch(&mut self) -> Result<(), DbError> {
+        if !std::mem::take(&mut self.in_batch) || self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch("ROLLBACK TO engine_batch; RELEASE engine_batch")
+    }
+
     pub fn end_batch(&mut self) -> Result<(), DbError> {
         if !std::mem::take(&mut self.in_batch) {
             return Ok(());

@@ -45,9 +45,15 @@ impl Running {
         self.task.abort();
     }
 
-    /// Waits until the server ends (an error, or forever).
+    /// Waits until the server ends (an error, or forever). One whose state store failed in
+    /// the middle of a step ends with that error: started again, it goes on from its
+    /// database.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await?.context("gRPC server failed")
+        let engine = self.engine.clone();
+        tokio::select! {
+            r = self.task => r?.context("gRPC server failed"),
+            why = engine.halted() => Err(anyhow::anyhow!("{why}; start the coordinator again once that is mended: it goes on from its database")),
+        }
     }
 }
 

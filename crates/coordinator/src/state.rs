@@ -50,6 +50,11 @@ pub trait StateStore: Send {
     /// Stores the batch; an error when the backend dropped it meanwhile (what was stored
     /// after that was stored operation by operation).
     fn end_batch(&mut self) -> StateResult<()>;
+    /// Drops the batch: nothing stored since [`StateStore::begin_batch`] lands.
+    fn abandon_batch(&mut self) -> StateResult<()>;
+    /// Refuses every write from now on (reads go on): the engine's memory went where the
+    /// store did not, and nothing it does after may land.
+    fn freeze(&mut self) -> StateResult<()>;
     // Runs.
     fn insert_run(&mut self, r: &RunRow) -> StateResult<()>;
     fn set_run_state(
@@ -219,6 +224,8 @@ macro_rules! delegate {
 delegate! {
     w fn begin_batch() -> ();
     w fn end_batch() -> ();
+    w fn abandon_batch() -> ();
+    w fn freeze() -> ();
     w fn insert_run(r: &RunRow) -> ();
     w fn set_run_state(id: &str, state: RunState, error: &str, finished_ms: i64) -> ();
     r fn run(id: &str) -> Option<RunRow>;

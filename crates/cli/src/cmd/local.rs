@@ -73,7 +73,8 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
     let shutdown = tokio_util_token();
     let mut agents = Vec::new();
     // Whatever ends it, the agents and the coordinator are stopped after.
-    let result = async {
+    let engine = coordinator.engine.clone();
+    let work = async {
         for i in 1..=n {
             let cfg = nixfarm_agent::AgentConfig {
                 coordinator: url.clone(),
@@ -101,8 +102,13 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
             );
         }
         submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out).await
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        r = work => r,
+        why = engine.halted() => Err(anyhow::anyhow!(
+            "the embedded coordinator stopped: {why}; run the same command again once that is mended: it goes on from its state"
+        )),
+    };
     shutdown.cancel();
     for a in agents {
         let _ = tokio::time::timeout(Duration::from_secs(10), a).await;

@@ -34,12 +34,23 @@ impl Inner {
     }
 }
 
+/// Why the engine stopped taking steps, once its state store failed in the middle of one.
+#[derive(Debug, Default)]
+pub(super) struct Halt {
+    why: std::sync::OnceLock<String>,
+    told: tokio::sync::Notify,
+}
+
 impl Engine {
     /// Runs `f` as one transaction of the state store, so that a coordinator killed in the
     /// middle of it keeps none of it: killed between an attempt's end and its outcome, it
     /// would know the attempt done and its build not, and build it again. Watchers and
-    /// agents hear of what it did once it is stored. A step that fails stores what it
-    /// stored (memory went on with it), as before batches. Inside a batch, `f` just runs.
+    /// agents hear of what it did once it is stored. Inside a batch, `f` just runs.
+    ///
+    /// A step the store fails in (a full disk, an I/O error) is dropped whole, and the
+    /// engine takes no step after it: its memory went on where the store did not, and
+    /// acting on that would store a state no restart explains. The server then ends
+    /// ([`Engine::halted`]) and, started again, goes on from the store.
     pub(super) fn atomically<T>(
         &self,
         inner: &mut Inner,
@@ -48,11 +59,52 @@ impl Engine {
         if inner.batch.is_some() {
             return f(inner);
         }
+        if let Some(why) = self.halt.why.get() {
+            return Err(EngineError::Halted(why.clone()));
+        }
         inner.db.begin_batch()?;
         inner.batch = Some(Vec::new());
         let out = f(inner);
-        self.end_batch(inner)?;
-        out
+        match out {
+            Err(e @ (EngineError::State(_) | EngineError::Io(_))) => {
+                inner.batch = None;
+                if let Err(r) = inner.db.abandon_batch() {
+                    tracing::error!("cannot drop the failed step's writes: {r}");
+                }
+                let why = format!("the state store failed in the middle of a step: {e}");
+                Err(self.halt_with(inner, why))
+            }
+            out => match self.end_batch(inner) {
+                Ok(()) => out,
+                Err(e) => Err(self.halt_with(inner, format!("the state store lost a step: {e}"))),
+            },
+        }
+    }
+
+    /// Stops the engine for `why`: the store takes no write after (a step outside a batch
+    /// fails too); the error to answer with.
+    fn halt_with(&self, inner: &mut Inner, why: String) -> EngineError {
+        tracing::error!(
+            "{why}; the coordinator stops (started again, it goes on from its database)"
+        );
+        if let Err(e) = inner.db.freeze() {
+            tracing::error!("cannot stop the state store's writes: {e}");
+        }
+        let _ = self.halt.why.set(why.clone());
+        self.halt.told.notify_waiters();
+        EngineError::Halted(why)
+    }
+
+    /// Waits until the engine stops taking steps (its state store failed in the middle of
+    /// one), and says why; a server ends then, for its supervisor to start it again.
+    pub async fn halted(&self) -> String {
+        loop {
+            let told = self.halt.told.notified();
+            if let Some(why) = self.halt.why.get() {
+                return why.clone();
+            }
+            told.await;
+        }
     }
 
     /// Commits the open batch, then tells what it held back.

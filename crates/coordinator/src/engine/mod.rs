@@ -32,6 +32,10 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The state store failed in the middle of a step: the engine takes no more (see
+    /// [`Engine::halted`]).
+    #[error("the coordinator stopped: {0}")]
+    Halted(String),
 }
 
 /// Tunables of the engine (the config file's `[scheduler]` part).
@@ -245,6 +249,8 @@ pub struct Engine {
     failed_check: Arc<std::sync::OnceLock<checks::OnFailedCheck>>,
     /// What is asked at registration: whether what admitted an agent was taken back.
     gate: Arc<std::sync::OnceLock<crate::credentials::Gate>>,
+    /// Set when the state store failed in the middle of a step (batch.rs).
+    halt: Arc<batch::Halt>,
 }
 
 /// A run's package counts: (total, ready, per status).
@@ -356,6 +362,7 @@ impl Engine {
             trees: Arc::default(),
             reader: Arc::new(Mutex::new(reader)),
             failed_check: Arc::default(),
+            halt: Arc::default(),
             gate: Arc::default(),
         };
         engine.recover()?;

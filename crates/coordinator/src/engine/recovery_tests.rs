@@ -193,3 +193,72 @@ fn a_run_whose_stored_graph_no_longer_reads_fails_alone() {
         "{events:?}"
     );
 }
+
+/// The store fails in the middle of a step (a full disk, an I/O error): the step is dropped
+/// whole (its attempt is still running in the database), the engine stores nothing after
+/// (its memory went on where the store did not), and the server is told to stop. Started
+/// again on the mended store, the coordinator goes on from it: the agent hands its result
+/// over and the run ends, built once.
+#[test]
+fn a_step_the_store_fails_in_stops_the_engine_and_a_restart_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let opts = || EngineOptions {
+        lease_ms: 5_000,
+        ..Default::default()
+    };
+    let engine = open_in(dir.path(), &clock, opts());
+    let mut a = connect_agent(&engine, "a");
+    let (run, _drv, out) = super::tests::one_package_run(&engine, &mut a);
+    let (attempt, _) = super::tests::assigned(&mut a.rx);
+    let side = rusqlite::Connection::open(dir.path().join("coordinator.sqlite")).unwrap();
+    side.execute_batch(
+        "CREATE TRIGGER broken BEFORE UPDATE ON drvs BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+    )
+    .unwrap();
+    let report = || FromAgent::Build {
+        attempt: attempt.clone(),
+        report: super::tests::built(&out),
+    };
+    let e = engine.agent_message("a", a.conn, report()).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::Halted(w) if w.contains("disk on fire")),
+        "{e}"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert!(rt.block_on(engine.halted()).contains("disk on fire"));
+    let count = |sql: &str| -> i64 { side.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let running = "SELECT count(*) FROM attempts WHERE kind = 'build' AND state = 'running'";
+    assert_eq!(
+        count(running),
+        1,
+        "the failed step's end of the attempt was dropped"
+    );
+    // Nothing lands after: not a step, not a write outside one.
+    let events = count("SELECT count(*) FROM events");
+    let b = engine.connect_agent(
+        super::tests::registration("b", ""),
+        mpsc::unbounded_channel().0,
+    );
+    assert!(b.is_err(), "{b:?}");
+    assert!(engine.cancel(&run).is_err());
+    assert_eq!(count("SELECT count(*) FROM events"), events);
+    drop(engine);
+
+    side.execute_batch("DROP TRIGGER broken").unwrap();
+    let engine = open_in(dir.path(), &clock, opts());
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let reg = Registration {
+        running_attempts: vec![attempt.clone()],
+        ..super::tests::registration("a", &a.session)
+    };
+    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
+    engine.agent_message("a", conn, report()).unwrap();
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    assert_eq!(
+        count("SELECT count(*) FROM attempts WHERE kind = 'build'"),
+        1
+    );
+}

@@ -38,6 +38,7 @@ impl From<EngineError> for Status {
                 tracing::error!("internal error: {e}");
                 Status::internal(e.to_string())
             }
+            EngineError::Halted(_) => Status::unavailable(e.to_string()),
         }
     }
 }
