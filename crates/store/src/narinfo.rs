@@ -165,16 +165,24 @@ impl NarInfo {
             if k == "Sig" {
                 sigs.push(v.to_string());
             } else if f.insert(k, v).is_some() {
-                return Err(bad(&format!("{k} twice")));
+                return Err(bad(&format!("{} twice", crate::text::one_line(k, 40))));
             }
         }
         let get = |k: &str| f.get(k).copied().ok_or_else(|| bad(&format!("no {k}")));
-        let store_path = get("StorePath")?.to_string();
+        // Each path a store path as Nix reads one (a plain store directory, Nix's base-32
+        // and name characters): a reference or deriver of `../..` names no file here.
+        let store_path = nixfarm_nix::StorePath::parse(get("StorePath")?)
+            .map_err(|e| bad(&format!("StorePath is not a store path: {e}")))?
+            .to_string();
         let store_dir = store_path
             .rsplit_once('/')
             .map(|(d, _)| d.to_string())
-            .filter(|d| d.starts_with('/'))
             .ok_or_else(|| bad("StorePath is not a store path"))?;
+        let in_store = |k: &str, b: &str| -> Result<String, NarInfoError> {
+            nixfarm_nix::StorePath::parse(&format!("{store_dir}/{b}"))
+                .map(|p| p.to_string())
+                .map_err(|e| bad(&format!("{k} holds what is not a store path's name: {e}")))
+        };
         let hash = |k: &str| -> Result<Vec<u8>, NarInfoError> {
             nar_hash_bytes(get(k)?).ok_or_else(|| bad(&format!("{k} is not a SHA-256")))
         };
@@ -183,7 +191,20 @@ impl NarInfo {
                 .parse()
                 .map_err(|_| bad(&format!("{k} is not a number")))
         };
-        let full = |b: &str| format!("{store_dir}/{b}");
+        let references = f
+            .get("References")
+            .map(|r| {
+                r.split_whitespace()
+                    .map(|b| in_store("References", b))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let deriver = f
+            .get("Deriver")
+            .filter(|d| **d != "unknown-deriver")
+            .map(|d| in_store("Deriver", d))
+            .transpose()?;
         Ok(NarInfo {
             url: get("URL")?.to_string(),
             compression: f.get("Compression").copied().unwrap_or("bzip2").to_string(),
@@ -191,14 +212,8 @@ impl NarInfo {
             file_size: num("FileSize")?,
             nar_hash: hash("NarHash")?,
             nar_size: num("NarSize")?,
-            references: f
-                .get("References")
-                .map(|r| r.split_whitespace().map(full).collect())
-                .unwrap_or_default(),
-            deriver: f
-                .get("Deriver")
-                .filter(|d| **d != "unknown-deriver")
-                .map(|d| full(d)),
+            references,
+            deriver,
             sigs,
             ca: f.get("CA").map(|c| c.to_string()),
             store_path,
@@ -269,6 +284,26 @@ mod tests {
         };
         assert_eq!(NarInfo::parse(&info.render()).unwrap(), info);
         assert!(NarInfo::parse("StorePath: x\nURL: y\n").is_err());
+        // Paths that name files beyond the store are no narinfo's.
+        let text = info.render();
+        for (good, bad) in [
+            (
+                "Deriver: 0000000000000000000000000000000c-x.drv",
+                "Deriver: ../../srv/x.drv",
+            ),
+            (
+                "References: 0000000000000000000000000000000b-y",
+                "References: 0000000000000000000000000000000b-y /etc/passwd",
+            ),
+            (
+                "StorePath: /nix/store/0000000000000000000000000000000a-x",
+                "StorePath: /nix/../etc/0000000000000000000000000000000a-x",
+            ),
+        ] {
+            assert!(text.contains(good), "{good}");
+            let e = NarInfo::parse(&text.replace(good, bad)).unwrap_err();
+            assert!(e.to_string().contains("store path"), "{bad}: {e}");
+        }
         let k = Key::generate("farm-1").unwrap();
         let again = Key::parse(&k.secret_text()).unwrap();
         assert_eq!(again.public(), k.public());

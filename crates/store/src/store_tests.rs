@@ -70,6 +70,7 @@ fn a_servers_html_page_becomes_one_short_line() {
     assert_eq!(one_line(page, 120), "403 Forbidden");
     assert_eq!(one_line("<p>quota\n exceeded</p>", 120), "quota exceeded");
     assert_eq!(one_line(&"x".repeat(500), 10).chars().count(), 10);
+    assert_eq!(one_line("red\x1b[31m\x07 alert", 120), "red [31m alert");
 }
 
 #[tokio::test]

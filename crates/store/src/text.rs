@@ -23,6 +23,17 @@ pub(crate) fn one_line(body: &str, max: usize) -> String {
             out
         }
     };
+    // Control characters (an ESC, a bell) reach logs and terminals as nothing.
+    let text: String = text
+        .chars()
+        .map(|c| {
+            if c.is_control() && !c.is_whitespace() {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
     let folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if folded.chars().count() <= max {
         folded
