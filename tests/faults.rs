@@ -515,3 +515,129 @@ mod network;
 
 #[path = "faults/disk.rs"]
 mod disk;
+
+/// An HTTP cache that takes derivations but never answers the upload of a built output's
+/// narinfo (a cache stalled mid-push): lookups are answered at once (nothing there), NARs
+/// and derivations' narinfos are taken. Returns its address and a flag set once an output's
+/// narinfo is being held.
+fn stalling_cache() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let holding = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = holding.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let body = String::from_utf8_lossy(&body);
+                    let answer = if line.starts_with("GET /nix-cache-info") {
+                        "HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\nStoreDir: /nix/store\nWantMassQuery: 1\n\n\n\n\n"
+                            .to_string()
+                    } else if line.starts_with("PUT ")
+                        && line.contains(".narinfo")
+                        && !body
+                            .lines()
+                            .any(|l| l.starts_with("StorePath:") && l.ends_with(".drv"))
+                    {
+                        flag.store(true, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_secs(3600));
+                        return;
+                    } else if line.starts_with("PUT ") {
+                        "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_string()
+                    } else {
+                        "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_string()
+                    };
+                    if w.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), holding)
+}
+
+/// A run cancelled while its build's outputs are being pushed to a cache that does not
+/// answer: the agent stops the push with the job and is free for the next one at once (a
+/// request may otherwise take minutes, and be tried again).
+#[test]
+fn a_cancel_stops_a_push_to_a_cache_that_does_not_answer() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let (sk, pk) = cache_key(dir.path(), "stall-1");
+    let host = Host::new(&dir.path().join("host"));
+    let mut agent = host
+        .start_agent("pusher", &coordinator.url, Some(&sk), 1)
+        .unwrap();
+    let (cache_url, holding) = stalling_cache();
+    let repo = dir.path().join("quick");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: { packages.x86_64-linux.quick = derivation { name = "quick";
+      system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo stalled > $out" ]; }; }; }"#,
+    )
+    .unwrap();
+    let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
+    wait_for(
+        Duration::from_secs(60),
+        "the output's push to stall",
+        || {
+            holding
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some(())
+        },
+    );
+    let out = cli(&coordinator.url, &["cancel", &run]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The agent stopped the push with its job: told to drain, it has nothing to wait for
+    // and exits at once (with the push still going it would wait for it, up to its drain
+    // timeout).
+    wait_for(
+        Duration::from_secs(30),
+        "the coordinator to end the run",
+        || {
+            (attempts(
+                &coordinator.db(),
+                &run,
+                "kind = 'build' AND state = 'running'",
+            )? == 0)
+                .then_some(())
+        },
+    );
+    let pid = agent.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exited = wait_for(Duration::from_secs(30), "the agent to exit", || {
+        agent.child.try_wait().unwrap()
+    });
+    assert!(exited.success(), "{exited:?}");
+}

@@ -252,11 +252,17 @@ pub(super) async fn build(
                 (Place::RunCache, _) => (push.as_ref(), cache.as_str()),
                 _ => (None, ""),
             };
-            if let Some(p) = to
-                && let Err(e) = p
-                    .push_closure_with(&paths, &Claims::new(shared, channel, to_url))
-                    .await
-            {
+            let pushed = match to {
+                Some(p) => {
+                    let claims = Claims::new(shared, channel, to_url);
+                    match unless_cancelled(&cancel, p.push_closure_with(&paths, &claims)).await {
+                        Some(r) => r.map(|_| ()),
+                        None => return cancelled(r),
+                    }
+                }
+                None => Ok(()),
+            };
+            if let Err(e) = pushed {
                 // Built: the outputs exist; only publishing failed, after retries.
                 r.status = pb::BuildStatus::NotCached as i32;
                 r.message = format!("built, but the push to the cache failed: {e}");
@@ -308,6 +314,25 @@ pub(super) async fn build(
         }
         Err(f) => (r.status, r.message) = failed(shared, f),
     }
+    r
+}
+
+/// `f`, unless the job is cancelled first (None): a push to a cache that answers slowly
+/// (each request may take minutes, each path be tried again) stops with its job.
+pub(super) async fn unless_cancelled<T>(
+    cancel: &CancellationToken,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        r = f => Some(r),
+        _ = cancel.cancelled() => None,
+    }
+}
+
+/// `r` as a job cancelled after it was built: nothing published.
+pub(super) fn cancelled(mut r: pb::BuildResult) -> pb::BuildResult {
+    r.status = pb::BuildStatus::Cancelled as i32;
+    r.message = "cancelled while its outputs were pushed".into();
     r
 }
 

@@ -143,6 +143,7 @@ pub(super) async fn check(
         gc_root: None,
         ..opts.clone()
     };
+    let cancel_push = cancel.clone();
     let run = if expected.is_some() {
         // From scratch; but outputs this store holds already (or that the run's cache had)
         // are built once more, `--check`, so that what is compared was built here now.
@@ -184,9 +185,17 @@ pub(super) async fn check(
                     o.nar_hash = sri(digest);
                 }
             }
-            if let Some(p) = publish
-                && let Err(e) = p.cache.push_closure_with(&outputs, &p.claims).await
-            {
+            let published = match publish {
+                Some(p) => {
+                    let push = p.cache.push_closure_with(&outputs, &p.claims);
+                    match super::build::unless_cancelled(&cancel_push, push).await {
+                        Some(r) => r.map(|_| ()),
+                        None => return super::build::cancelled(r),
+                    }
+                }
+                None => Ok(()),
+            };
+            if let Err(e) = published {
                 r.status = pb::BuildStatus::NotCached as i32;
                 r.message = format!("the push to the run's cache failed: {e}");
             }
