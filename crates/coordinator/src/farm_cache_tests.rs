@@ -64,21 +64,21 @@ fn eviction_keeps_a_nar_another_path_still_uses_and_takes_nars_no_path_uses() {
     let h = |c: char| c.to_string().repeat(32);
     let none: Protected = Arc::new(Default::default);
     let cache = FarmCache::open(dir.clone(), Default::default(), 1 << 20, 1000, none).unwrap();
-    put(&dir, &h('a'), 400, 3 * hour); // oldest: goes, but its NAR is e's too
+    put(&dir, &h('a'), 400, 3 * hour); // oldest: goes, but its NAR is h's too
     put(&dir, &h('c'), 400, 2 * hour); // goes, to get under 900
     put(&dir, &h('d'), 400, std::time::Duration::ZERO);
-    // e: the same content as a (one NAR), just written.
+    // h: the same content as a (one NAR), just written ('e' is no letter of Nix's base-32).
     let a_info = std::fs::read_to_string(dir.join(format!("{}.narinfo", h('a')))).unwrap();
     std::fs::write(
-        dir.join(format!("{}.narinfo", h('e'))),
-        a_info.replace(&format!("{}-p", h('a')), &format!("{}-p", h('e'))),
+        dir.join(format!("{}.narinfo", h('h'))),
+        a_info.replace(&format!("{}-p", h('a')), &format!("{}-p", h('h'))),
     )
     .unwrap();
     cache.total.store(nar_bytes(&dir), Ordering::Relaxed);
     assert_eq!(cache.evict(), vec![h('a'), h('c')]);
     assert!(!dir.join(format!("{}.narinfo", h('a'))).exists());
     let shared = dir.join("nar").join(format!("{}x.nar.zst", h('a')));
-    assert!(shared.exists(), "e still serves it");
+    assert!(shared.exists(), "h still serves it");
     assert_eq!(cache.total.load(Ordering::Relaxed), 800);
     // A NAR no narinfo points at (an upload whose narinfo never came): taken first once it
     // is not recent; one just uploaded stays (its narinfo may be on the way).
