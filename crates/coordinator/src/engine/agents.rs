@@ -135,6 +135,17 @@ impl Engine {
             tracing::error!("cannot store what expired leases led to: {e}");
         }
         self.dispatch(inner);
+        Self::forget_ended(inner);
+    }
+
+    /// Ended runs leave memory once no attempt of theirs is out: what is asked of them is
+    /// read from the store, as after a restart, so a long-lived coordinator holds only the
+    /// graphs of the runs going on.
+    pub(super) fn forget_ended(inner: &mut Inner) {
+        let attempts = &inner.attempts;
+        inner
+            .runs
+            .retain(|r| !r.state.is_terminal() || attempts.values().any(|a| a.run_id == r.id));
     }
 
     fn expire_leases(&self, inner: &mut Inner) {

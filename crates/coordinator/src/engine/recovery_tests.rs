@@ -262,3 +262,28 @@ fn a_step_the_store_fails_in_stops_the_engine_and_a_restart_goes_on() {
         1
     );
 }
+
+/// A run that ended leaves memory once no attempt of it is out (a long-lived coordinator
+/// would otherwise keep every graph it ever had, until a restart): its report, state and
+/// events still come from the store, and a late copy of its result changes nothing.
+#[test]
+fn an_ended_run_leaves_memory_and_still_answers() {
+    let (engine, _clock, _dir) = super::tests::test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let (run, _drv, out) = super::tests::one_package_run(&engine, &mut a);
+    let (attempt, _) = super::tests::assigned(&mut a.rx);
+    let in_memory = |e: &Engine| e.lock().runs.iter().any(|r| r.id == run);
+    engine.check_leases();
+    assert!(in_memory(&engine), "going on");
+    super::tests::report_built(&engine, "a", a.conn, attempt.clone(), &out);
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    let report = engine.report(&run).unwrap();
+    engine.check_leases();
+    assert!(!in_memory(&engine), "ended, nothing out");
+    assert_eq!(engine.report(&run).unwrap(), report);
+    assert!(!engine.events_after(&run, 0).unwrap().is_empty());
+    assert!(!engine.cancel(&run).unwrap(), "ended already");
+    super::tests::report_built(&engine, "a", a.conn, attempt, &out);
+    assert_eq!(engine.report(&run).unwrap(), report);
+    assert_eq!(engine.list_runs().unwrap().len(), 1);
+}
