@@ -56,7 +56,14 @@ impl Engine {
                 by_state.get(k).copied().unwrap_or(0)
             );
         }
-        let counts = g.db.metrics_counts()?;
+        let violations: Vec<(String, u64)> = g
+            .agents
+            .iter()
+            .map(|(n, a)| (n.clone(), a.violations))
+            .collect();
+        // The counts scan the whole history: read beside the engine, not holding it up.
+        drop(g);
+        let counts = self.history_counts()?;
         let _ = writeln!(
             out,
             "# HELP nixfarm_runs Runs by state.\n# TYPE nixfarm_runs gauge"
@@ -91,12 +98,11 @@ impl Engine {
             out,
             "# HELP nixfarm_agent_protocol_violations_total Messages refused from an agent: results for attempts it does not hold, outputs that are not the derivation's.\n# TYPE nixfarm_agent_protocol_violations_total counter"
         );
-        for (name, a) in &g.agents {
+        for (name, n) in &violations {
             let _ = writeln!(
                 out,
-                "nixfarm_agent_protocol_violations_total{{agent=\"{}\"}} {}",
+                "nixfarm_agent_protocol_violations_total{{agent=\"{}\"}} {n}",
                 prometheus_label(name),
-                a.violations
             );
         }
         let _ = writeln!(
@@ -104,5 +110,17 @@ impl Engine {
             "# HELP nixfarm_attempts_lost_total Attempts given up because their agent vanished or the coordinator restarted (counted apart from build failures).\n# TYPE nixfarm_attempts_lost_total counter\nnixfarm_attempts_lost_total {lost}"
         );
         Ok(out)
+    }
+
+    /// Runs by state and builds by outcome since the database began: through the store's
+    /// reader when it has one (off the engine's lock), else the engine's own handle.
+    fn history_counts(&self) -> Result<crate::db::MetricsCounts, EngineError> {
+        {
+            let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(db) = reader.as_deref() {
+                return Ok(db.metrics_counts()?);
+            }
+        }
+        Ok(self.lock().db.metrics_counts()?)
     }
 }
