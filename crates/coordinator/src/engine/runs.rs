@@ -73,11 +73,25 @@ impl Engine {
             return Err(EngineError::Busy(self.opts.max_runs_in_flight));
         }
         let id = random_id("r");
+        // The run, its first event and its evaluation tasks land together, or (the store
+        // failing) none of it does and the run is not in memory either.
+        let stored = self.atomically(inner, |inner| self.submit_now(inner, &id, &spec));
+        if stored.is_err() {
+            inner.runs.retain(|r| r.id != id);
+        }
+        stored?;
+        self.dispatch(inner);
+        Ok(id)
+    }
+
+    /// Stores and starts run `id`: its row, its first event, and for a hash-fixing stage its
+    /// evaluation tasks.
+    fn submit_now(&self, inner: &mut Inner, id: &str, spec: &RunSpec) -> Result<(), EngineError> {
         let now = self.clock.now_ms();
         let spec_json =
             serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
         inner.db.insert_run(&RunRow {
-            id: id.clone(),
+            id: id.to_string(),
             state: RunState::Evaluating,
             label: spec.label.clone(),
             spec: spec_json,
@@ -86,14 +100,14 @@ impl Engine {
             finished_ms: 0,
             eval_tasks_total: -1,
         })?;
-        let mut run = RunMem::new(id.clone(), spec.clone(), RunState::Evaluating, now);
+        let mut run = RunMem::new(id.to_string(), spec.clone(), RunState::Evaluating, now);
         if !spec.skip_listing {
             run.eval_queue.push_back(EvalTask::List);
         }
         inner.runs.push(run);
         self.emit(
             inner,
-            &id,
+            id,
             Ev::RunStarted {
                 label: spec.label.clone(),
                 attr_path: spec.attr_path.clone(),
@@ -108,10 +122,9 @@ impl Engine {
                 .filter(|a| seen.insert(a.as_str()))
                 .cloned()
                 .collect();
-            self.plan_chunks(inner, &id, attrs, None)?;
+            self.plan_chunks(inner, id, attrs, None)?;
         }
-        self.dispatch(inner);
-        Ok(id)
+        Ok(())
     }
 
     /// Cancels a run: nothing new starts, running builds are told to stop.
