@@ -287,3 +287,29 @@ fn an_ended_run_leaves_memory_and_still_answers() {
     assert_eq!(engine.report(&run).unwrap(), report);
     assert_eq!(engine.list_runs().unwrap().len(), 1);
 }
+
+/// A hash-fixing stage's submit stores its run and its evaluation tasks together: the store
+/// failing on the tasks leaves no run behind (one would be queued for a full listing after a
+/// restart, or sit in memory for ever).
+#[test]
+fn a_submit_lands_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let engine = open_in(dir.path(), &clock, EngineOptions::default());
+    let side = rusqlite::Connection::open(dir.path().join("coordinator.sqlite")).unwrap();
+    side.execute_batch(
+        "CREATE TRIGGER broken BEFORE INSERT ON eval_tasks BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+    )
+    .unwrap();
+    let stage = RunSpec {
+        attrs: vec!["hello".into()],
+        skip_listing: true,
+        ..super::queries_tests::flake_run()
+    };
+    assert!(engine.submit(stage).is_err());
+    let runs: i64 = side
+        .query_row("SELECT count(*) FROM runs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(runs, 0, "no run without its tasks");
+    assert!(engine.lock().runs.is_empty());
+}
