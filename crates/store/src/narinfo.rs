@@ -220,6 +220,31 @@ impl NarInfo {
         })
     }
 
+    /// Whether one of its signatures is by one of `keys` (`NAME:BASE64` public keys) over
+    /// its fingerprint, as Nix checks it with `require-sigs`.
+    pub fn signed_by(&self, keys: &[String]) -> bool {
+        let fingerprint = self.fingerprint();
+        self.sigs.iter().any(|sig| {
+            let Some((name, sig)) = sig.split_once(':') else {
+                return false;
+            };
+            let Some(sig) = BASE64
+                .decode(sig.as_bytes())
+                .ok()
+                .and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok())
+            else {
+                return false;
+            };
+            keys.iter()
+                .filter_map(|k| k.split_once(':'))
+                .filter(|(n, _)| *n == name)
+                .filter_map(|(_, k)| BASE64.decode(k.as_bytes()).ok())
+                .filter_map(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+                .filter_map(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok())
+                .any(|k| k.verify_strict(fingerprint.as_bytes(), &sig).is_ok())
+        })
+    }
+
     /// `1;<path>;<narhash>;<narsize>;<refs,…>`: what a signature covers.
     pub fn fingerprint(&self) -> String {
         let mut refs = self.references.clone();
@@ -345,6 +370,13 @@ mod tests {
         };
         assert!(info.fingerprint().ends_with(";120;/nix/store/0000000000000000000000000000000b-y,/nix/store/0000000000000000000000000000000c-z"));
         info.sign(&key);
+        // Checked as Nix checks it: by the key's name and bytes, over the fingerprint.
+        assert!(info.signed_by(&[key.public()]));
+        assert!(!info.signed_by(&[Key::generate("test-1").unwrap().public()]));
+        assert!(!info.signed_by(&[]));
+        let mut forged = info.clone();
+        forged.nar_size += 1;
+        assert!(!forged.signed_by(&[key.public()]));
         let text = info.render();
         assert!(text.contains(
             "References: 0000000000000000000000000000000b-y 0000000000000000000000000000000c-z\n"

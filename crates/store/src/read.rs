@@ -25,6 +25,26 @@ impl Pusher {
         self.read_narinfos(paths, |ni| Ok(ni.nar_hash)).await
     }
 
+    /// [`Pusher::nar_hashes`], each narinfo signed by one of `keys` (what a client that
+    /// requires signatures would take from the cache), or that path's error.
+    pub async fn signed_nar_hashes(
+        &self,
+        paths: &[String],
+        keys: &[String],
+    ) -> Vec<Result<Vec<u8>, StoreError>> {
+        self.read_narinfos(paths, |ni| {
+            if ni.signed_by(keys) {
+                Ok(ni.nar_hash)
+            } else {
+                Err(StoreError::Http(format!(
+                    "the cache's narinfo of {} is signed by none of the keys it is read with",
+                    ni.store_path
+                )))
+            }
+        })
+        .await
+    }
+
     async fn read_narinfos<T>(
         &self,
         paths: &[String],

@@ -113,7 +113,9 @@ pub(super) async fn check(
             Ok(l) => l,
             Err(e) => return infra(format!("cannot read the outputs of {}: {e}", d.path)),
         };
-        let cached = h.cache.nar_hashes(&outputs).await;
+        // Signed, as what users substitute is: an unsigned narinfo read beside the copy Nix
+        // checked could say anything.
+        let cached = h.cache.signed_nar_hashes(&outputs, h.keys).await;
         for ((out, here), cached) in outputs.iter().zip(local).zip(cached) {
             let cached = match cached {
                 Ok(h) => h,
