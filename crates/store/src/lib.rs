@@ -133,6 +133,12 @@ pub struct Options {
     /// The cache signs what it is sent (a nixfarm coordinator's farm cache): narinfos go
     /// unsigned when this pusher has no key.
     pub server_signs: bool,
+    /// A push of a closure ends within this time plus its NARs' bytes at
+    /// [`Options::push_floor_rate`]: a cache that answers each request just before its
+    /// timeout, and again on each retry, holds a build no longer than that.
+    pub push_floor: Duration,
+    /// Bytes per second a push is given at least (of NAR size), for its deadline.
+    pub push_floor_rate: u64,
 }
 
 impl Default for Options {
@@ -148,6 +154,8 @@ impl Default for Options {
             backoff: Duration::from_millis(200),
             zstd_level: 3,
             server_signs: false,
+            push_floor: Duration::from_secs(600),
+            push_floor_rate: 256 << 10,
         }
     }
 }
@@ -419,9 +427,20 @@ impl Pusher {
                 theirs.push(p.clone());
             }
         }
-        let result = self
-            .push_waves(&missing, remaining, theirs, by_path, arbiter)
-            .await;
+        let bytes: u64 = remaining.iter().map(|i| i.nar_size).sum();
+        let deadline =
+            self.opts.push_floor + Duration::from_secs(bytes / self.opts.push_floor_rate.max(1));
+        let result = tokio::time::timeout(
+            deadline,
+            self.push_waves(&missing, remaining, theirs, by_path, arbiter),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Http(format!(
+                "the push did not end within {} s (for {bytes} bytes of NAR): the cache is too slow or does not answer",
+                deadline.as_secs()
+            )))
+        });
         if result.is_err() {
             // Whatever is not uploaded is free for another pusher at once.
             arbiter.release(&missing).await;

@@ -217,3 +217,59 @@ async fn a_write_is_done_only_on_a_2xx_and_a_redirect_proves_nothing() {
     let e = p.missing(std::slice::from_ref(&path)).await.unwrap_err();
     assert!(e.to_string().contains("303"), "{e}");
 }
+
+/// A cache that takes a push's requests and never answers them: the push ends by its
+/// deadline (its floor, plus its NARs' bytes at the floor rate), not after each request's
+/// timeout and each retry.
+#[tokio::test]
+async fn a_push_to_a_cache_that_never_answers_ends_by_its_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        format!("stalled {:?}", std::time::SystemTime::now()),
+    )
+    .unwrap();
+    let added = std::process::Command::new("nix-store")
+        .arg("--add")
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let path = String::from_utf8(added.stdout).unwrap().trim().to_string();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                if head.starts_with("PUT ") {
+                    // Taken, never answered.
+                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let key = crate::narinfo::Key::generate("stall-1").unwrap();
+    let mut p = Pusher::for_url(
+        &format!("http://{addr}/cache"),
+        nixfarm_nix::Nix::default(),
+        Some(key),
+        None,
+    )
+    .unwrap();
+    p.opts.push_floor = std::time::Duration::from_secs(2);
+    p.opts.push_floor_rate = u64::MAX;
+    let started = std::time::Instant::now();
+    let e = p
+        .push_closure_with(&[path], &crate::arbiter::Alone)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("did not end within 2 s"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
