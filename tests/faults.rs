@@ -628,6 +628,23 @@ fn a_cancel_stops_a_push_to_a_cache_that_does_not_answer() {
                 .then_some(())
         },
     );
+    // What it had claimed to upload is free at once for another pusher (a newer run with
+    // the same closure, say), not for the ten minutes a live agent's claim lasts.
+    wait_for(
+        Duration::from_secs(30),
+        "the push's claims to be released",
+        || {
+            let n: i64 = coordinator
+                .db()
+                .query_row(
+                    "SELECT count(*) FROM upload_claims WHERE agent = 'pusher'",
+                    [],
+                    |r| r.get(0),
+                )
+                .ok()?;
+            (n == 0).then_some(())
+        },
+    );
     let pid = agent.child.id().to_string();
     assert!(
         Command::new("kill")

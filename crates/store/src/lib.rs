@@ -57,6 +57,9 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Http(String),
+    /// The push was stopped from outside ([`Pusher::push_closure_until`]).
+    #[error("the push was stopped")]
+    Stopped,
     /// The cache answered with a status that asking again will not change (403, 413…).
     #[error("{0}")]
     Refused(String),
@@ -399,6 +402,18 @@ impl Pusher {
         paths: &[String],
         arbiter: &A,
     ) -> Result<Vec<String>, StoreError> {
+        self.push_closure_until(paths, arbiter, &tokio_util::sync::CancellationToken::new())
+            .await
+    }
+
+    /// [`Pusher::push_closure_with`], stopped when `stop` is cancelled ([`StoreError::Stopped`]):
+    /// what it claimed is released at once, for another pusher to upload.
+    pub async fn push_closure_until<A: Arbiter>(
+        &self,
+        paths: &[String],
+        arbiter: &A,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<Vec<String>, StoreError> {
         if self.backend.needs_token() && self.token.is_none() {
             return Err(StoreError::NoToken);
         }
@@ -410,7 +425,10 @@ impl Pusher {
                 "{p} is not valid in the local store"
             )));
         }
-        let missing = self.missing(&closure).await?;
+        let missing = tokio::select! {
+            m = self.missing(&closure) => m?,
+            _ = stop.cancelled() => return Err(StoreError::Stopped),
+        };
         if missing.is_empty() {
             return Ok(Vec::new());
         }
@@ -430,17 +448,19 @@ impl Pusher {
         let bytes: u64 = remaining.iter().map(|i| i.nar_size).sum();
         let deadline =
             self.opts.push_floor + Duration::from_secs(bytes / self.opts.push_floor_rate.max(1));
-        let result = tokio::time::timeout(
+        let push = tokio::time::timeout(
             deadline,
             self.push_waves(&missing, remaining, theirs, by_path, arbiter),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Http(format!(
-                "the push did not end within {} s (for {bytes} bytes of NAR): the cache is too slow or does not answer",
-                deadline.as_secs()
-            )))
-        });
+        );
+        let result = tokio::select! {
+            r = push => r.unwrap_or_else(|_| {
+                Err(StoreError::Http(format!(
+                    "the push did not end within {} s (for {bytes} bytes of NAR): the cache is too slow or does not answer",
+                    deadline.as_secs()
+                )))
+            }),
+            _ = stop.cancelled() => Err(StoreError::Stopped),
+        };
         if result.is_err() {
             // Whatever is not uploaded is free for another pusher at once.
             arbiter.release(&missing).await;

@@ -255,9 +255,9 @@ pub(super) async fn build(
             let pushed = match to {
                 Some(p) => {
                     let claims = Claims::new(shared, channel, to_url);
-                    match unless_cancelled(&cancel, p.push_closure_with(&paths, &claims)).await {
-                        Some(r) => r.map(|_| ()),
-                        None => return cancelled(r),
+                    match p.push_closure_until(&paths, &claims, &cancel).await {
+                        Err(nixfarm_store::StoreError::Stopped) => return cancelled(r),
+                        pushed => pushed.map(|_| ()),
                     }
                 }
                 None => Ok(()),
@@ -315,18 +315,6 @@ pub(super) async fn build(
         Err(f) => (r.status, r.message) = failed(shared, f),
     }
     r
-}
-
-/// `f`, unless the job is cancelled first (None): a push to a cache that answers slowly
-/// (each request may take minutes, each path be tried again) stops with its job.
-pub(super) async fn unless_cancelled<T>(
-    cancel: &CancellationToken,
-    f: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        r = f => Some(r),
-        _ = cancel.cancelled() => None,
-    }
 }
 
 /// `r` as a job cancelled after it was built: nothing published.

@@ -189,10 +189,14 @@ pub(super) async fn check(
             }
             let published = match publish {
                 Some(p) => {
-                    let push = p.cache.push_closure_with(&outputs, &p.claims);
-                    match super::build::unless_cancelled(&cancel_push, push).await {
-                        Some(r) => r.map(|_| ()),
-                        None => return super::build::cancelled(r),
+                    let push = p
+                        .cache
+                        .push_closure_until(&outputs, &p.claims, &cancel_push);
+                    match push.await {
+                        Err(nixfarm_store::StoreError::Stopped) => {
+                            return super::build::cancelled(r);
+                        }
+                        pushed => pushed.map(|_| ()),
                     }
                 }
                 None => Ok(()),
