@@ -74,6 +74,13 @@ impl Marks {
         &self.prefix
     }
 
+    /// Drops the marks read so far: they name nothing.
+    pub fn forget(&self) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.clear();
+        }
+    }
+
     /// The keys marked so far, in the order they were printed, each once, with when.
     pub fn seen(&self) -> Vec<(String, std::time::Instant)> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()

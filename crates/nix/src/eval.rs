@@ -192,21 +192,24 @@ fn mark_key(name: &str) -> String {
 }
 
 /// What an evaluation of `attrs` stopped past its limit was on: the attribute it marked
-/// last, for how long, and those it marked before (evaluated). Without a mark, as it was.
+/// last, those it marked before (evaluated), and how long they took. Without a mark, as it
+/// was.
 fn stopped_at(marks: &Marks, attrs: &[String], message: String) -> NixError {
     let seen = marks.seen();
     let keys: std::collections::HashMap<String, &String> =
         attrs.iter().map(|a| (mark_key(a), a)).collect();
-    match seen.split_last() {
-        Some(((last, when), before)) if keys.contains_key(last) => NixError::TooLongAt {
-            message,
-            attr: keys[last].clone(),
-            ran: when.elapsed(),
-            done: before
-                .iter()
-                .filter_map(|(k, _)| keys.get(k).map(|a| (*a).clone()))
-                .collect(),
-        },
+    match (seen.first(), seen.split_last()) {
+        (Some((_, first)), Some(((last, when), before))) if keys.contains_key(last) => {
+            NixError::TooLongAt {
+                message,
+                attr: keys[last].clone(),
+                before: when.saturating_duration_since(*first),
+                done: before
+                    .iter()
+                    .filter_map(|(k, _)| keys.get(k).map(|a| (*a).clone()))
+                    .collect(),
+            }
+        }
         _ => NixError::TooLong(message),
     }
 }

@@ -27,14 +27,13 @@ pub enum NixError {
     /// worth trying again in smaller pieces.
     #[error("{0}")]
     TooLong(String),
-    /// An evaluation stopped past its time or output limit while it was on `attr`, which it
-    /// had been evaluating for `ran`; it had evaluated `done` before (their results lost
-    /// with the process).
+    /// An evaluation stopped past its time limit while it was on `attr`; it had evaluated
+    /// `done` before (their results lost with the process), which took `before` of it.
     #[error("{message}")]
     TooLongAt {
         message: String,
         attr: String,
-        ran: Duration,
+        before: Duration,
         done: Vec<String>,
     },
 }
@@ -213,8 +212,15 @@ impl Nix {
             Err(e @ CaptureError::Spawn(_)) | Err(e @ CaptureError::Io(_)) => {
                 return Err(NixError::Infra(format!("nix: {e}")));
             }
-            // What the expression makes Nix do: its own failure.
-            Err(e) => return Err(NixError::TooLong(format!("nix evaluation stopped: {e}"))),
+            // What the expression makes Nix do: its own failure. Past the output limit the
+            // marks name no attribute (newer Nix prints its JSON at the end, every attribute
+            // marked by then).
+            Err(e) => {
+                if let (CaptureError::TooMuch(_), Some(m)) = (&e, marks) {
+                    m.forget();
+                }
+                return Err(NixError::TooLong(format!("nix evaluation stopped: {e}")));
+            }
         };
         let stderr = out.stderr;
         if out.status.success() {

@@ -104,33 +104,13 @@ pub(super) async fn other_outputs(
 /// part again.
 const SPLIT_WAYS: usize = 32;
 
-/// What an attribute its group's process was stopped on may still run alone.
-#[derive(Debug, Clone, Copy)]
-struct Rest {
-    /// How long it had been evaluated in its group.
-    before: Duration,
-    /// Its own process's limit.
-    alone: Duration,
-}
-
-impl Rest {
-    /// Why it failed, when it is stopped alone too.
-    fn message(&self, limit: Duration) -> String {
-        format!(
-            "evaluation did not end within the limit of {} s (the agent's eval_timeout_secs): {} s beside other attributes, then {} s alone",
-            limit.as_secs(),
-            self.before.as_secs(),
-            self.alone.as_secs()
-        )
-    }
-}
-
 /// Evaluates attributes in groups, one Nix process each. An attribute that throws is caught
 /// within its group and evaluated again alone, for its message; a group that fails as a whole
 /// (an error `tryEval` cannot catch) is split in two until each failing attribute stands
-/// alone. One past its time or output limit names the attribute it was on: that one runs
-/// alone for what is left of its limit, the others go on; without that, the group is split
-/// into its attributes at once. Either way one broken attribute never hides the others.
+/// alone. One past its time limit names the attribute it was on (Nix marks each as it
+/// starts on it): that one failed, when it had nine tenths of the limit to itself, else it
+/// runs alone; the others go on. Without a mark the group is split into its attributes at
+/// once. Either way one broken attribute never hides the others.
 pub(super) async fn eval_isolated(
     shared: &Arc<Shared>,
     entry: &Entry,
@@ -141,12 +121,10 @@ pub(super) async fn eval_isolated(
     let sem = Arc::new(tokio::sync::Semaphore::new(shared.cfg.eval_workers.max(1)));
     let limit = shared.nix.eval_deadline;
     let mut out = BTreeMap::new();
-    // Each group, and for an attribute its group stopped on, what it may still run.
-    let mut pending: Vec<(Vec<String>, Option<Rest>)> =
-        groups.into_iter().map(|g| (g, None)).collect();
+    let mut pending = groups;
     while !pending.is_empty() {
         let mut set = tokio::task::JoinSet::new();
-        for (group, rest) in pending.drain(..) {
+        for group in pending.drain(..) {
             let (shared, entry, attr_path, sem) = (
                 shared.clone(),
                 entry.clone(),
@@ -158,19 +136,11 @@ pub(super) async fn eval_isolated(
                 // A group catches what throws; one attribute alone is evaluated as it is,
                 // for the message of its failure.
                 let r = if group.len() == 1 {
-                    let mut nix = shared.nix.clone();
-                    if let Some(rest) = &rest {
-                        nix.eval_deadline = rest.alone;
-                    }
-                    nix.eval_attrs(&entry, &attr_path, &group, mem)
+                    shared
+                        .nix
+                        .eval_attrs(&entry, &attr_path, &group, mem)
                         .await
                         .map(|m| m.into_iter().map(|(k, v)| (k, Some(v))).collect())
-                        .map_err(|e| match (e, &rest) {
-                            (NixError::TooLong(_) | NixError::TooLongAt { .. }, Some(rest)) => {
-                                NixError::TooLong(rest.message(limit))
-                            }
-                            (e, _) => e,
-                        })
                 } else {
                     shared
                         .nix
@@ -191,7 +161,7 @@ pub(super) async fn eval_isolated(
                                 out.insert(k, Ok(info));
                             }
                             // Caught in a group: alone again, for its message.
-                            None => pending.push((vec![k], None)),
+                            None => pending.push(vec![k]),
                         }
                     }
                 }
@@ -207,30 +177,37 @@ pub(super) async fn eval_isolated(
                 {
                     out.insert(group[0].clone(), Err(message));
                 }
-                // Stopped on one attribute (the last Nix marked starting): it may run alone
-                // for what is left of its limit (it may be slow rather than stuck; at least a
-                // tenth, as its process evaluates the repository's common part again). Those
-                // evaluated before it go again together; the rest as below. A hanging
-                // attribute costs the limit about once.
+                // Stopped on one attribute (the last Nix marked starting). When those before
+                // it took at most a tenth of the limit, it had the rest to itself: its own
+                // failure, as alone (a hanging attribute costs the limit once). Else it may
+                // be slow rather than stuck: alone, with the whole limit. Those evaluated
+                // before it go again together; the rest as below.
                 Err(NixError::TooLongAt {
-                    attr, ran, done, ..
+                    attr, before, done, ..
                 }) if group.contains(&attr) => {
-                    let rest = Rest {
-                        before: ran,
-                        alone: limit.saturating_sub(ran).max(limit / 10),
-                    };
-                    pending.push((vec![attr.clone()], Some(rest)));
+                    if before <= limit / 10 {
+                        out.insert(
+                            attr.clone(),
+                            Err(format!(
+                                "evaluation did not end within the limit of {} s (the agent's eval_timeout_secs; the attributes evaluated before it in its process took {} s of it)",
+                                limit.as_secs(),
+                                before.as_secs()
+                            )),
+                        );
+                    } else {
+                        pending.push(vec![attr.clone()]);
+                    }
                     let others: Vec<String> = group
                         .into_iter()
                         .filter(|a| *a != attr && !done.contains(a))
                         .collect();
                     let done: Vec<String> = done.into_iter().filter(|a| *a != attr).collect();
                     if !done.is_empty() {
-                        pending.push((done, None));
+                        pending.push(done);
                     }
                     if !others.is_empty() {
                         let size = others.len().div_ceil(SPLIT_WAYS);
-                        pending.extend(others.chunks(size).map(|c| (c.to_vec(), None)));
+                        pending.extend(others.chunks(size).map(<[String]>::to_vec));
                     }
                 }
                 // Past the time or output limit together: each alone at once, side by side
@@ -239,12 +216,12 @@ pub(super) async fn eval_isolated(
                 // attribute); this costs it twice, and the rest are not blamed for it.
                 Err(NixError::TooLong(_) | NixError::TooLongAt { .. }) => {
                     let size = group.len().div_ceil(SPLIT_WAYS);
-                    pending.extend(group.chunks(size).map(|c| (c.to_vec(), None)));
+                    pending.extend(group.chunks(size).map(<[String]>::to_vec));
                 }
                 Err(NixError::Failed { .. } | NixError::OutOfMemory(_)) => {
                     let mid = group.len() / 2;
-                    pending.push((group[..mid].to_vec(), None));
-                    pending.push((group[mid..].to_vec(), None));
+                    pending.push(group[..mid].to_vec());
+                    pending.push(group[mid..].to_vec());
                 }
                 Err(e) => return Err(e),
             }
