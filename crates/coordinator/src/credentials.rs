@@ -72,12 +72,26 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// Why an agent admitted by `credential` may not register as `name`: a name the named
-    /// tokens file lists is that token's alone (a join token or a certificate, which may
-    /// take any other name, would otherwise take it while its agent is away, and its jobs).
-    pub fn name_refusal(&self, name: &str, credential: &Credential) -> Option<&'static str> {
-        let own = matches!(credential, Credential::NamedToken(n) if n == name);
-        (!own && self.agents.as_ref().is_some_and(|c| c.names(name))).then_some(NAME_RESERVED)
+    /// Why an agent admitted by `credential` (showing a token of digest `token_digest`, or
+    /// none: empty) may not register as `name`: a name the named tokens file lists is that
+    /// token's alone, shown as what admitted the agent or beside its certificate (a join
+    /// token or a certificate, which may take any other name, would otherwise take it while
+    /// its agent is away, and its jobs).
+    pub fn name_refusal(
+        &self,
+        name: &str,
+        credential: &Credential,
+        token_digest: &str,
+    ) -> Option<&'static str> {
+        let agents = self.agents.as_ref()?;
+        let own = match credential {
+            Credential::NamedToken(n) => n == name,
+            Credential::Certificate(_) => {
+                !token_digest.is_empty() && agents.digest_matches(Some(name), token_digest)
+            }
+            Credential::JoinToken | Credential::Open => false,
+        };
+        (!own && agents.names(name)).then_some(NAME_RESERVED)
     }
 
     /// Why an agent admitted by `credential` (a named token checked at `admitted_at`) may
@@ -459,16 +473,27 @@ mod tests {
         assert!(!c.names("one") && c.names("two"));
         assert_eq!(gate.refusal(&Credential::JoinToken, 0), None);
         // A listed name is its token's: not a join token's, a certificate's or another's.
-        assert_eq!(gate.name_refusal("two", &two), None);
+        assert_eq!(gate.name_refusal("two", &two, ""), None);
+        let cert = Credential::Certificate("ab".into());
         for other in [
             Credential::JoinToken,
-            Credential::Certificate("ab".into()),
+            cert.clone(),
             Credential::Open,
             one.clone(),
         ] {
-            assert_eq!(gate.name_refusal("two", &other), Some(NAME_RESERVED));
+            assert_eq!(gate.name_refusal("two", &other, ""), Some(NAME_RESERVED));
         }
-        assert_eq!(gate.name_refusal("three", &Credential::JoinToken), None);
+        // A certificate with two's own token beside it is two; with another's, not.
+        let digest = |t: &str| crate::credentials::TokenDigest::of(t).0;
+        assert_eq!(
+            gate.name_refusal("two", &cert, &digest("two-0123456789abcdef")),
+            None
+        );
+        assert_eq!(
+            gate.name_refusal("two", &cert, &digest("one-fedcba9876543210")),
+            Some(NAME_RESERVED)
+        );
+        assert_eq!(gate.name_refusal("three", &Credential::JoinToken, ""), None);
         // Read again: every line taken out is no agent; an empty file is one being written.
         assert_eq!(Credentials::parse_named_again("# all gone\n"), Ok(vec![]));
         assert!(Credentials::parse_named_again("").is_err());

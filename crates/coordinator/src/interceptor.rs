@@ -57,7 +57,12 @@ pub(crate) fn token_check(
                 .insert(Credential::Certificate(fingerprint));
             let token = bearer(&req);
             if expected.as_ref().is_some_and(|e| e.admit(token).is_some()) {
+                // Which token: an agent's own, beside its certificate, keeps its name.
+                let digest = crate::credentials::TokenDigest::of(token);
                 req.extensions_mut().insert(crate::credentials::ShowsToken);
+                if matches!(who, Role::Agent) {
+                    req.extensions_mut().insert(digest);
+                }
             }
             return Ok(req);
         }

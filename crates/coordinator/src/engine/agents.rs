@@ -30,7 +30,7 @@ impl Engine {
         // cuts this agent off when it is applied.
         if let Some(why) = self
             .refusal(&reg.credential, reg.admitted_at)
-            .or_else(|| self.name_refusal(&reg.name, &reg.credential))
+            .or_else(|| self.name_refusal(&reg))
         {
             return Err(EngineError::Denied(why.into()));
         }

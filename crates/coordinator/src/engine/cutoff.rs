@@ -22,12 +22,10 @@ impl Engine {
 
     /// Why an agent admitted by `credential` may not register as `name` (see
     /// [`crate::credentials::Gate::name_refusal`]); None: it may.
-    pub(crate) fn name_refusal(
-        &self,
-        name: &str,
-        credential: &crate::credentials::Credential,
-    ) -> Option<&'static str> {
-        self.gate.get()?.name_refusal(name, credential)
+    pub(crate) fn name_refusal(&self, reg: &Registration) -> Option<&'static str> {
+        self.gate
+            .get()?
+            .name_refusal(&reg.name, &reg.credential, &reg.token_digest)
     }
 
     /// Cuts off every agent admitted by a client certificate revoked now; see
@@ -69,8 +67,15 @@ impl Engine {
         // A name the file lists now, held by an agent without its token.
         names.extend(self.cut_off(
             |reg| {
-                tokens.names(&reg.name)
-                    && !matches!(&reg.credential, Credential::NamedToken(n) if *n == reg.name)
+                let own = match &reg.credential {
+                    Credential::NamedToken(n) => *n == reg.name,
+                    Credential::Certificate(_) => {
+                        !reg.token_digest.is_empty()
+                            && tokens.digest_matches(Some(&reg.name), &reg.token_digest)
+                    }
+                    _ => false,
+                };
+                tokens.names(&reg.name) && !own
             },
             crate::credentials::NAME_RESERVED,
         ));

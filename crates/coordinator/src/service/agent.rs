@@ -83,7 +83,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         if let Some(why) = self
             .engine
             .refusal(&reg.credential, reg.admitted_at)
-            .or_else(|| self.engine.name_refusal(&reg.name, &reg.credential))
+            .or_else(|| self.engine.name_refusal(&reg))
         {
             return Err(Status::permission_denied(why));
         }
