@@ -34,6 +34,10 @@ impl Inner {
     }
 }
 
+fn unreadable(e: &EngineError) -> bool {
+    matches!(e, EngineError::State(s) if s.is_unreadable())
+}
+
 /// Why the engine stopped taking steps, once its state store failed in the middle of one.
 #[derive(Debug, Default)]
 pub(super) struct Halt {
@@ -66,7 +70,9 @@ impl Engine {
         inner.batch = Some(Vec::new());
         let out = f(inner);
         match out {
-            Err(e @ (EngineError::State(_) | EngineError::Io(_))) => {
+            // A row that does not decode (an older coordinator's) is that row's trouble,
+            // not the store's: the step ends as any failed step did.
+            Err(e @ (EngineError::State(_) | EngineError::Io(_))) if !unreadable(&e) => {
                 inner.batch = None;
                 if let Err(r) = inner.db.abandon_batch() {
                     tracing::error!("cannot drop the failed step's writes: {r}");
