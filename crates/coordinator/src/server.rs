@@ -392,10 +392,16 @@ pub async fn start_with_listener(
     let lease_engine = engine.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks: u64 = 0;
         loop {
             t.tick().await;
             lease_engine.check_leases();
             reloads.look();
+            // Every ten minutes: the uploaded snapshots no run needs any more.
+            if ticks.is_multiple_of(600) {
+                sweep_snapshots(&lease_engine).await;
+            }
+            ticks += 1;
         }
     });
     let mut builder = tonic::transport::Server::builder();
@@ -525,6 +531,23 @@ pub async fn start_with_listener(
         shutdown: Some(tx),
         task,
     })
+}
+
+/// Removes the uploaded snapshots no run needs (see [`crate::upload::sweep_snapshots`]).
+async fn sweep_snapshots(engine: &Engine) {
+    let wanted = match engine.snapshots_wanted(crate::upload::SNAPSHOT_KEEP) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("cannot tell which snapshots runs need: {e}");
+            return;
+        }
+    };
+    let dir = engine.sources_dir().to_path_buf();
+    let removed =
+        tokio::task::spawn_blocking(move || crate::upload::sweep_snapshots(&dir, &wanted)).await;
+    if let Ok(n @ 1..) = removed {
+        tracing::info!(removed = n, "removed uploaded snapshots no run needs");
+    }
 }
 
 /// Binds `config.listen` and starts serving.

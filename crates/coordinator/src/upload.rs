@@ -54,6 +54,41 @@ impl Drop for Slot {
     }
 }
 
+/// How long an uploaded snapshot is kept after the last run that names it began
+/// (`--fix-hashes` reads a run's snapshot once the run is over).
+pub const SNAPSHOT_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a snapshot no run names is kept (its submit follows its upload).
+pub const UNCLAIMED_KEEP: Duration = Duration::from_secs(3600);
+
+/// Removes from `dir` the snapshots (`<digest>.tar`) not in `wanted` and older than
+/// [`UNCLAIMED_KEEP`]: an upload needs no run, so without this a client could fill the
+/// state directory (which holds the database too). Returns how many went.
+pub fn sweep_snapshots(dir: &Path, wanted: &std::collections::HashSet<String>) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(digest) = name.strip_suffix(".tar") else {
+            continue;
+        };
+        if !snapshot::is_digest(digest) || wanted.contains(digest) {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > UNCLAIMED_KEEP);
+        if old && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// A partial upload, removed unless it was kept.
 struct Partial(Option<PathBuf>);
 
@@ -228,6 +263,35 @@ mod tests {
             b.append_data(&mut h, name, *data).unwrap();
         }
         b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn snapshots_no_run_wants_go_once_they_are_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |c: char| c.to_string().repeat(64);
+        let hour_and_more = std::time::SystemTime::now() - UNCLAIMED_KEEP - Duration::from_secs(60);
+        for (digest, old) in [(d('a'), true), (d('b'), true), (d('c'), false)] {
+            let p = dir.path().join(format!("{digest}.tar"));
+            std::fs::write(&p, b"tar").unwrap();
+            if old {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_modified(hour_and_more)
+                    .unwrap();
+            }
+        }
+        std::fs::write(dir.path().join("notes.txt"), b"kept").unwrap();
+        let wanted = [d('b')].into_iter().collect();
+        assert_eq!(sweep_snapshots(dir.path(), &wanted), 1);
+        let left: Vec<bool> = ['a', 'b', 'c']
+            .iter()
+            .map(|c| dir.path().join(format!("{}.tar", d(*c))).exists())
+            .collect();
+        // a: old, no run: gone. b: a run wants it. c: just uploaded, its submit may come.
+        assert_eq!(left, [false, true, true]);
+        assert!(dir.path().join("notes.txt").exists());
     }
 
     #[tokio::test]

@@ -23,6 +23,25 @@ impl Engine {
             .collect())
     }
 
+    /// The snapshots runs still need: those of runs going on, or begun in the last `keep`.
+    pub fn snapshots_wanted(
+        &self,
+        keep: std::time::Duration,
+    ) -> Result<HashSet<String>, EngineError> {
+        let since = self.clock.now_ms() - keep.as_millis().min(i64::MAX as u128) as i64;
+        let runs = self.lock().db.runs()?;
+        Ok(runs
+            .into_iter()
+            .filter(|r| !r.state.is_terminal() || r.created_ms >= since)
+            .filter_map(
+                |r| match serde_json::from_str::<RunSpec>(&r.spec).ok()?.source {
+                    SourceSpec::Snapshot(d) => Some(d),
+                    SourceSpec::FlakeRef(_) => None,
+                },
+            )
+            .collect())
+    }
+
     pub fn run_state(&self, run_id: &str) -> Result<RunState, EngineError> {
         let g = self.lock();
         let row =
