@@ -615,3 +615,50 @@ async fn long_strings_are_refused_without_being_echoed_and_limits_agree() {
     let stored = std::fs::read_dir(state.join("sources")).unwrap().count();
     assert_eq!(stored, 0, "something was uploaded");
 }
+
+/// A checkout whose `flake.lock` locks an input on the agent's own disk (where its
+/// credentials are, say): refused before Nix fetches it (it would copy it into the agent's
+/// store, readable to the evaluation, which could send it back in an error), and nothing of
+/// it reaches the report.
+#[test]
+fn a_locked_input_on_the_agents_own_disk_is_refused() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let _a = host.start_agent("a", &coordinator.url, None, 1).unwrap();
+    let secret = dir.path().join("credentials");
+    std::fs::create_dir_all(&secret).unwrap();
+    let token = format!("agent-secret-{}", std::process::id());
+    std::fs::write(secret.join("token"), &token).unwrap();
+    let repo = dir.path().join("leaky");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{ inputs.k = {{ url = "path:{}"; flake = false; }};
+  outputs = {{ self, k }}: {{ packages.x86_64-linux.leak = throw (builtins.readFile "${{k}}/token"); }}; }}"#,
+            secret.display()
+        ),
+    )
+    .unwrap();
+    // The maintainer's own Nix locks it, as it locks any input.
+    let locked = std::process::Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command flakes"])
+        .args(["flake", "lock"])
+        .arg(format!("path:{}", repo.display()))
+        .env("NIX_CONFIG", "substituters = \nbuild-users-group = ")
+        .output()
+        .unwrap();
+    assert!(locked.status.success(), "{}", stderr(&locked));
+    assert!(repo.join("flake.lock").is_file());
+    let out = cli(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let report = wait_terminal(&coordinator.url, &run, Duration::from_secs(120));
+    let text = report.to_string();
+    assert!(
+        text.contains("flake.lock's input 'k'") && text.contains("path:"),
+        "{text}"
+    );
+    assert!(!text.contains(&token), "{text}");
+}

@@ -205,6 +205,16 @@ pub async fn prepare(
                 .map_err(status_error)
                 .context("uploading the source snapshot failed")?
                 .into_inner();
+            // What runs is what the coordinator names: the snapshot sent, or nothing.
+            let sent = snapshot::digest(&bytes);
+            if resp.digest != sent || resp.size != bytes.len() as u64 {
+                anyhow::bail!(
+                    "the coordinator answered the upload with another snapshot ({} bytes, digest {}) than the one sent ({} bytes, digest {sent}); nothing was submitted",
+                    resp.size,
+                    nixfarm_core::fit::one_line(nixfarm_core::limits::clip(&resp.digest, 80)),
+                    bytes.len()
+                );
+            }
             eprintln!(
                 "uploaded {} ({} files, {} bytes)",
                 dir.display(),

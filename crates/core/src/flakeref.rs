@@ -68,6 +68,12 @@ pub fn validate_for_farm(input: &str, allow_local: bool) -> Result<(), FlakeRefE
         return Ok(());
     }
     let scheme = input.trim().split_once(':').map_or("", |(s, _)| s);
+    scheme_for_farm(input, scheme)
+}
+
+/// Whether a reference of `scheme` (`input`, as the error names it) fetches from the
+/// network over TLS, which is all a farm's agents fetch.
+fn scheme_for_farm(input: &str, scheme: &str) -> Result<(), FlakeRefError> {
     if REMOTE.contains(&scheme) {
         Ok(())
     } else if PLAIN.contains(&scheme) {
@@ -82,6 +88,77 @@ pub fn validate_for_farm(input: &str, allow_local: bool) -> Result<(), FlakeRefE
             input: input.into(),
             scheme: scheme.into(),
         })
+    }
+}
+
+/// Longest `flake.lock` read, in bytes.
+pub const MAX_LOCK_BYTES: u64 = 8 << 20;
+
+/// Checks a flake's `flake.lock` (its text `lock`) as [`validate_for_farm`] checks the run's
+/// own reference: every input it locks is fetched by the agents as it says, so each must be
+/// remote (nothing on the agent's own disk: a `path:` input naming the agent's credentials
+/// would be copied into its store and readable to the evaluation) unless `allow_local`.
+/// Root inputs the run overrides (`overridden`) are fetched as their overrides say, which
+/// are checked apart. A node that is not locked is refused: Nix would lock it, fetching it
+/// first.
+pub fn check_lock(
+    lock: &str,
+    overridden: &[String],
+    allow_local: bool,
+) -> Result<(), FlakeRefError> {
+    if allow_local {
+        return Ok(());
+    }
+    let bad = |why| FlakeRefError::Invalid("flake.lock".into(), why);
+    let v: serde_json::Value =
+        serde_json::from_str(lock).map_err(|_| bad("it is not JSON as Nix writes a lock file"))?;
+    let nodes = v
+        .get("nodes")
+        .and_then(|n| n.as_object())
+        .ok_or_else(|| bad("it has no nodes"))?;
+    let root = v.get("root").and_then(|r| r.as_str()).unwrap_or("root");
+    let skipped: Vec<&str> = nodes
+        .get(root)
+        .and_then(|r| r.get("inputs"))
+        .and_then(|i| i.as_object())
+        .map(|i| {
+            overridden
+                .iter()
+                .filter_map(|name| i.get(name.as_str())?.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    for (key, node) in nodes {
+        if key == root || skipped.contains(&key.as_str()) {
+            continue;
+        }
+        let shown = format!("flake.lock's input '{}'", crate::limits::clip(key, 80));
+        let Some(locked) = node.get("locked") else {
+            return Err(FlakeRefError::Invalid(shown, "it is not locked"));
+        };
+        scheme_for_farm(&shown, &locked_scheme(locked))?;
+    }
+    Ok(())
+}
+
+/// The flake reference scheme a lock file's `locked` attributes stand for (`github`,
+/// `git+https`, `path`, …; a URL without a scheme is a file's).
+fn locked_scheme(locked: &serde_json::Value) -> String {
+    let field = |k: &str| locked.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    let url = field("url");
+    let url_scheme = match url.split_once("://") {
+        Some((s, _)) => s.to_ascii_lowercase(),
+        None if url.starts_with('/') => "file".into(),
+        // `git@host:owner/repo`: ssh, with the agent's own keys.
+        None => "ssh".into(),
+    };
+    match field("type") {
+        t @ ("github" | "gitlab" | "sourcehut") => t.into(),
+        "git" => format!("git+{url_scheme}"),
+        "hg" | "mercurial" => format!("hg+{url_scheme}"),
+        "tarball" | "file" => url_scheme,
+        "indirect" => "flake".into(),
+        other => other.to_ascii_lowercase(),
     }
 }
 
@@ -155,6 +232,67 @@ pub fn validate(input: &str) -> Result<(), FlakeRefError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lock file as Nix 2.8 writes one, with `input` locked as `locked`.
+    fn lock_with(locked: &str) -> String {
+        format!(
+            r#"{{"nodes": {{"k": {{"flake": false, "locked": {locked}, "original": {{}}}},
+               "nixpkgs": {{"locked": {{"type": "github", "owner": "NixOS", "repo": "nixpkgs", "rev": "abc", "narHash": "sha256-x"}}}},
+               "root": {{"inputs": {{"k": "k", "nixpkgs": "nixpkgs"}}}}}}, "root": "root", "version": 7}}"#
+        )
+    }
+
+    #[test]
+    fn a_lock_file_locks_only_remote_inputs() {
+        for ok in [
+            r#"{"type": "github", "owner": "o", "repo": "r", "rev": "1"}"#,
+            r#"{"type": "git", "url": "https://example.org/r.git", "rev": "1"}"#,
+            r#"{"type": "tarball", "url": "https://example.org/r.tar.gz", "narHash": "sha256-x"}"#,
+        ] {
+            assert_eq!(check_lock(&lock_with(ok), &[], false), Ok(()), "{ok}");
+        }
+        for (bad, scheme) in [
+            (
+                r#"{"type": "path", "path": "/run/credentials/agent", "narHash": "sha256-x"}"#,
+                "path",
+            ),
+            (
+                r#"{"type": "git", "url": "file:///var/lib/agent", "rev": "1"}"#,
+                "git+file",
+            ),
+            (
+                r#"{"type": "git", "url": "git@github.com:o/private", "rev": "1"}"#,
+                "git+ssh",
+            ),
+            (
+                r#"{"type": "file", "url": "/etc/shadow", "narHash": "sha256-x"}"#,
+                "file",
+            ),
+            (
+                r#"{"type": "tarball", "url": "http://example.org/r.tar.gz"}"#,
+                "http",
+            ),
+            (r#"{"type": "indirect", "id": "nixpkgs"}"#, "flake"),
+        ] {
+            match check_lock(&lock_with(bad), &[], false) {
+                Err(
+                    FlakeRefError::Local { input, scheme: s }
+                    | FlakeRefError::Insecure { input, scheme: s },
+                ) => {
+                    assert!(input.contains("flake.lock's input 'k'"), "{input}");
+                    assert_eq!(s, scheme, "{bad}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+            // Overridden by the run (its override is checked apart), or a farm that allows
+            // local references: taken.
+            assert_eq!(check_lock(&lock_with(bad), &["k".into()], false), Ok(()));
+            assert_eq!(check_lock(&lock_with(bad), &[], true), Ok(()));
+        }
+        assert!(check_lock("not json", &[], false).is_err());
+        let unlocked = r#"{"nodes": {"k": {"original": {"type": "path", "path": "/x"}}, "root": {"inputs": {"k": "k"}}}, "root": "root", "version": 7}"#;
+        assert!(check_lock(unlocked, &[], false).is_err());
+    }
 
     #[test]
     fn accepts_common_references() {

@@ -74,6 +74,12 @@ fn io(path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> SnapshotError {
 }
 
 /// Hex SHA-256 of bytes: a snapshot's identity.
+/// Whether `d` is a snapshot's digest as [`digest`] spells it: 64 lowercase hex digits (one
+/// spelling, so a file system that folds case cannot make two of it).
+pub fn is_digest(d: &str) -> bool {
+    d.len() == 64 && d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 pub fn digest(bytes: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(&Sha256::digest(bytes))
 }
@@ -220,6 +226,11 @@ pub fn max_tar_bytes(limits: Limits) -> u64 {
 
 /// Longest path (or link target) accepted in a snapshot, in bytes (Linux's PATH_MAX).
 const MAX_PATH_BYTES: usize = 4096;
+/// Most components of a path in a snapshot: checking a path costs a look at each of its
+/// ancestors, and a tree far deeper than any checkout's is work for nothing.
+const MAX_DEPTH: usize = 256;
+/// Longest component of a path, in bytes (what Linux file systems take).
+const MAX_COMPONENT_BYTES: usize = 255;
 
 /// What a checked entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -500,23 +511,52 @@ fn errno(path: &Path, e: rustix::io::Errno) -> SnapshotError {
 }
 
 /// Removes a tree that [`unpack_file`] made read-only (links are removed, never followed).
+/// Each directory is opened from its parent's handle, so a tree whose paths are longer than
+/// the system takes whole is removed too.
 pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fn writable(p: &Path) -> std::io::Result<()> {
-        let meta = std::fs::symlink_metadata(p)?;
-        if meta.is_dir() {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
-            for e in std::fs::read_dir(p)? {
-                writable(&e?.path())?;
-            }
-        }
-        Ok(())
-    }
-    match writable(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+    use rustix::fs::{Mode, OFlags};
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::open(parent, flags, Mode::empty()) {
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
         r => r?,
+    };
+    match remove_at(&fd, name) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
     }
-    std::fs::remove_dir_all(dir)
+}
+
+/// Removes `name` in the directory `parent`, a directory with all it holds.
+fn remove_at(parent: &std::os::fd::OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return Ok(rustix::fs::unlinkat(parent, name, AtFlags::empty())?);
+    }
+    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(parent, name, flags, Mode::empty())?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))?;
+    let mut children = Vec::new();
+    for e in rustix::fs::Dir::read_from(&fd)? {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            children.push(n.to_vec());
+        }
+    }
+    for c in children {
+        use std::os::unix::ffi::OsStrExt;
+        remove_at(&fd, std::ffi::OsStr::from_bytes(&c))?;
+    }
+    Ok(rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?)
 }
 
 fn walk<R: Read>(
@@ -562,6 +602,13 @@ fn walk<R: Read>(
             .components()
             .filter(|c| matches!(c, Component::Normal(_)))
             .collect();
+        if rel.components().count() > MAX_DEPTH
+            || rel
+                .components()
+                .any(|c| c.as_os_str().len() > MAX_COMPONENT_BYTES)
+        {
+            return Err(SnapshotError::UnsafePath(shown(&raw)));
+        }
         let kind = match entry.header().entry_type() {
             tar::EntryType::Symlink => Kind::Link,
             tar::EntryType::Directory => Kind::Dir,
@@ -577,7 +624,8 @@ fn walk<R: Read>(
             return Err(SnapshotError::UnsafePath(shown(&raw)));
         }
         if kind == Kind::File {
-            total = total.saturating_add(entry.header().size().map_err(io(&rel))?);
+            // The size the entry has (a PAX header's, when it gives one), not its header's.
+            total = total.saturating_add(entry.size());
             if total > limits.max_bytes {
                 return Err(SnapshotError::TooLarge {
                     limit: limits.max_bytes,

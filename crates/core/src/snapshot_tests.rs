@@ -226,3 +226,68 @@ fn an_agent_takes_a_coordinators_limits_only_within_its_own() {
     let l = Limits::from_coordinator(1 << 20, 10);
     assert_eq!((l.max_bytes, l.max_entries), (1 << 20, 10));
 }
+
+/// A tar with one file at `path` (a GNU long name when it needs one) of `content`.
+fn one_file(path: &str, content: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(content.len() as u64);
+    b.append_data(&mut h, path, content).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// Paths deeper or with longer components than any checkout's are refused before anything
+/// is written; one deep enough that its whole path is longer than the system takes (from
+/// the tree's own directory) is still unpacked and removed.
+#[test]
+fn deep_paths_are_bounded_and_a_deep_tree_is_removed() {
+    let deep = vec!["d"; 300].join("/") + "/f";
+    let long = format!("{}/f", "x".repeat(256));
+    for path in [deep.as_str(), long.as_str()] {
+        let tar = one_file(path, b"1");
+        assert!(
+            matches!(
+                verify(&tar[..], Limits::default()),
+                Err(SnapshotError::UnsafePath(_))
+            ),
+            "{}",
+            &path[..20]
+        );
+    }
+    // 250 components of 15 bytes: 4 KB of path below the tree's root.
+    let within = vec!["ddddddddddddddd"; 250].join("/") + "/f";
+    let tar = one_file(&within, b"1");
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("tree");
+    std::fs::create_dir_all(&dest).unwrap();
+    unpack(&tar, &dest, Limits::default()).unwrap();
+    remove_tree(&dest).unwrap();
+    assert!(!dest.exists());
+    remove_tree(&dest).unwrap();
+}
+
+/// A file's size is what its PAX header says, when it says one: counted against the limit.
+#[test]
+fn a_pax_size_counts_against_the_limit() {
+    let mut b = tar::Builder::new(Vec::new());
+    let content = vec![b'x'; 4096];
+    b.append_pax_extensions([("size", b"4096".as_slice())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(0);
+    h.set_path("big").unwrap();
+    h.set_cksum();
+    // The header says 0 bytes; the PAX header, and what follows, 4096.
+    b.append(&h, content.as_slice()).unwrap();
+    let bytes = b.into_inner().unwrap();
+    let limits = Limits {
+        max_bytes: 1000,
+        ..Limits::default()
+    };
+    let r = verify(&bytes[..], limits);
+    assert!(matches!(r, Err(SnapshotError::TooLarge { .. })), "{r:?}");
+}

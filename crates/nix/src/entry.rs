@@ -52,6 +52,9 @@ impl Entry {
                 for (name, reference) in overrides {
                     c.args(["--override-input", name, reference]);
                 }
+                // Nothing is locked here that the flake's lock file does not lock (what it
+                // locks was checked): Nix would fetch an input to lock it, a local path too.
+                c.arg("--no-update-lock-file");
                 if !overrides.is_empty() {
                     // The lock the overrides make is this run's, not the checkout's.
                     c.arg("--no-write-lock-file");

@@ -30,6 +30,28 @@ pub(super) async fn prepare_source(
 
 /// What to evaluate: the flake, or a Nix file of the unpacked snapshot (checked again here:
 /// inside the tree, a regular file) with the run's arguments.
+/// Checks the `flake.lock` of the checkout at `root`, when it has one (see
+/// [`nixfarm_core::flakeref::check_lock`]).
+fn check_lock_file(
+    root: &std::path::Path,
+    overridden: &[String],
+    allow_local: bool,
+) -> Result<(), String> {
+    use nixfarm_core::flakeref::{MAX_LOCK_BYTES, check_lock};
+    let path = root.join("flake.lock");
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return Ok(());
+    };
+    if !meta.is_file() || meta.len() > MAX_LOCK_BYTES {
+        return Err(format!(
+            "flake.lock is not a file of at most {MAX_LOCK_BYTES} bytes"
+        ));
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the checkout's flake.lock: {e}"))?;
+    check_lock(&text, overridden, allow_local).map_err(|e| e.to_string())
+}
+
 pub(super) fn entry_for(
     flake: &str,
     entry: Option<pb::NixEntry>,
@@ -46,6 +68,12 @@ pub(super) fn entry_for(
             nixfarm_core::entry::check_override(&o.name, &o.value, allow_local)
                 .map_err(|x| refuse(x.0))?;
             overrides.push((o.name.clone(), o.value.clone()));
+        }
+        // So are the inputs an uploaded checkout's lock file names (Nix is told to lock
+        // nothing more: `--no-update-lock-file`).
+        if let Some(root) = flake.strip_prefix("path:") {
+            let names: Vec<String> = overrides.iter().map(|(n, _)| n.clone()).collect();
+            check_lock_file(std::path::Path::new(root), &names, allow_local).map_err(refuse)?;
         }
         return Ok(Entry::Flake(flake.to_string(), overrides));
     }
@@ -95,7 +123,7 @@ pub(super) async fn fetch_snapshot(
     run_id: &str,
     digest: &str,
 ) -> Result<PathBuf, NixError> {
-    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !snapshot::is_digest(digest) {
         return Err(NixError::Infra("bad snapshot digest".into()));
     }
     if !nixfarm_core::limits::is_run_id(run_id) {
@@ -116,9 +144,11 @@ pub(super) async fn fetch_snapshot(
         .map(|l| *l)
         .unwrap_or_default();
     let tar = sources.join(format!(".tmp-{run_id}-{digest}.tar"));
-    let result = async {
+    let tmp = sources.join(format!(".tmp-{run_id}-{digest}"));
+    // Gone however this ends: a cancel drops this future anywhere in it.
+    let _temporary = Temporary(vec![tar.clone(), tmp.clone()]);
+    async {
         download(shared, channel, digest, &tar, limits).await?;
-        let tmp = sources.join(format!(".tmp-{run_id}-{digest}"));
         let _ = snapshot::remove_tree(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| infra(e.to_string()))?;
         let (t, d) = (tar.clone(), tmp.clone());
@@ -129,9 +159,22 @@ pub(super) async fn fetch_snapshot(
         std::fs::rename(&tmp, &dir).map_err(|e| infra(e.to_string()))?;
         Ok(dir.clone())
     }
-    .await;
-    let _ = std::fs::remove_file(&tar);
-    result
+    .await
+}
+
+/// Files and trees a fetch leaves only while it runs: removed when it ends, or is dropped.
+struct Temporary(Vec<PathBuf>);
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if p.is_dir() {
+                let _ = snapshot::remove_tree(p);
+            } else {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
 }
 
 /// Streams a snapshot from the coordinator into `to`, checking its size on the way and its
@@ -194,13 +237,19 @@ pub(crate) fn drop_run_sources(shared: &Shared, run_id: &str) {
     }
     let sources = shared.cfg.work_dir.join("sources");
     let prefix = format!("{run_id}-");
+    let partial = format!(".tmp-{run_id}-");
     if let Ok(mut lru) = shared.run_sources.lock() {
         lru.retain(|n| !n.starts_with(&prefix));
     }
     if let Ok(entries) = std::fs::read_dir(&sources) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = snapshot::remove_tree(&e.path());
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) || name.starts_with(&partial) {
+                if e.path().is_dir() {
+                    let _ = snapshot::remove_tree(&e.path());
+                } else {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
     }

@@ -4,7 +4,7 @@ use super::*;
 
 /// A hex SHA-256, checked before it names a file or is echoed.
 pub(super) fn is_digest(d: &str) -> bool {
-    d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())
+    nixfarm_core::snapshot::is_digest(d)
 }
 
 /// A run id as clients send it: checked for shape before it is looked up or echoed.
