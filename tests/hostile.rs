@@ -661,4 +661,27 @@ fn a_locked_input_on_the_agents_own_disk_is_refused() {
         "{text}"
     );
     assert!(!text.contains(&token), "{text}");
+
+    // Not locked at all: Nix would fetch it to lock it, on the agent, before refusing to
+    // write the lock. Refused first; the agent's store never holds it.
+    std::fs::remove_file(repo.join("flake.lock")).unwrap();
+    let out = cli(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let text = wait_terminal(&coordinator.url, &run, Duration::from_secs(120)).to_string();
+    assert!(
+        text.contains("input 'k' is not in its flake.lock"),
+        "{text}"
+    );
+    assert!(!text.contains(&token), "{text}");
+    let copied = std::process::Command::new("grep")
+        .args(["-rl", &token])
+        .arg(host.root.join("nix/store"))
+        .output()
+        .unwrap();
+    assert!(
+        copied.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&copied.stdout)
+    );
 }

@@ -141,6 +141,20 @@ pub fn check_lock(
     Ok(())
 }
 
+/// The names of the inputs a lock file locks for its flake itself (its root node's).
+pub fn locked_root_inputs(lock: &str) -> Vec<String> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(lock) else {
+        return Vec::new();
+    };
+    let root = v.get("root").and_then(|r| r.as_str()).unwrap_or("root");
+    v.get("nodes")
+        .and_then(|n| n.get(root))
+        .and_then(|r| r.get("inputs"))
+        .and_then(|i| i.as_object())
+        .map(|i| i.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
 /// The flake reference scheme a lock file's `locked` attributes stand for (`github`,
 /// `git+https`, `path`, …; a URL without a scheme is a file's).
 fn locked_scheme(locked: &serde_json::Value) -> String {
@@ -290,6 +304,8 @@ mod tests {
             assert_eq!(check_lock(&lock_with(bad), &[], true), Ok(()));
         }
         assert!(check_lock("not json", &[], false).is_err());
+        assert_eq!(locked_root_inputs(&lock_with("{}")), ["k", "nixpkgs"]);
+        assert!(locked_root_inputs("not json").is_empty());
         let unlocked = r#"{"nodes": {"k": {"original": {"type": "path", "path": "/x"}}, "root": {"inputs": {"k": "k"}}}, "root": "root", "version": 7}"#;
         assert!(check_lock(unlocked, &[], false).is_err());
     }

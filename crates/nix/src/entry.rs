@@ -61,19 +61,26 @@ impl Entry {
                 }
             }
             Entry::File { root, file, args } => {
-                // Impure, as nix-build is, but restricted to the tree (the search path), and
-                // with none of the agent's secrets to read through builtins.getEnv.
-                c.args(["--impure", "--option", "restrict-eval", "true"]);
-                c.env_clear();
-                for (k, v) in std::env::vars_os() {
-                    if k.to_str().is_some_and(|k| KEPT_ENV.contains(&k)) {
-                        c.env(k, v);
-                    }
-                }
-                c.arg("-I").arg(root);
+                self.restrict(c);
                 c.arg("--expr").arg(self.expr(root, file, args, attr_path));
             }
         }
+    }
+
+    /// For a file entry: impure, as nix-build is, but restricted to the tree (the search
+    /// path), and with none of the agent's secrets to read through builtins.getEnv.
+    pub(crate) fn restrict(&self, c: &mut Command) {
+        let Entry::File { root, .. } = self else {
+            return;
+        };
+        c.args(["--impure", "--option", "restrict-eval", "true"]);
+        c.env_clear();
+        for (k, v) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| KEPT_ENV.contains(&k)) {
+                c.env(k, v);
+            }
+        }
+        c.arg("-I").arg(root);
     }
 
     pub fn is_file(&self) -> bool {

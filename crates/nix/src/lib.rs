@@ -11,6 +11,7 @@ pub mod derivation;
 pub mod entry;
 mod eval;
 pub mod flake_check;
+pub mod flake_inputs;
 pub mod hash;
 pub mod messages;
 mod path_info;

@@ -109,6 +109,7 @@ pub(crate) async fn run(
                     prepare_source(shared, channel.clone(), &run_id, j.source.clone()).await?;
                 let entry =
                     source::entry_for(&flake, j.entry.clone(), shared.cfg.allow_local_flake_refs)?;
+                source::check_flake_inputs(shared, &entry).await?;
                 let listed =
                     eval::list_with_checks(shared, &entry, &j.attr_path, up_to, j.eval_memory_mib)
                         .await?;

@@ -30,6 +30,48 @@ pub(super) async fn prepare_source(
 
 /// What to evaluate: the flake, or a Nix file of the unpacked snapshot (checked again here:
 /// inside the tree, a regular file) with the run's arguments.
+/// Before a flake is listed: every input Nix would lock is locked by its `flake.lock`, and
+/// all that lock locks is remote (unless this agent allows local references). Nix fetches an
+/// input to lock it, a path on this host too, before anything could check it: that is the
+/// way an input could read this host's credentials into its store. A remote flake's source
+/// is fetched alone to read them.
+pub(super) async fn check_flake_inputs(
+    shared: &Arc<Shared>,
+    entry: &Entry,
+) -> Result<(), NixError> {
+    let Entry::Flake(reference, overrides) = entry else {
+        return Ok(());
+    };
+    if shared.cfg.allow_local_flake_refs {
+        return Ok(());
+    }
+    let refuse = |message: String| NixError::Failed {
+        message,
+        log: String::new(),
+    };
+    let dir = match reference.strip_prefix("path:") {
+        Some(root) => PathBuf::from(root),
+        None => shared.nix.prefetch_flake(reference).await?,
+    };
+    let overridden: Vec<String> = overrides.iter().map(|(n, _)| n.clone()).collect();
+    check_lock_file(&dir, &overridden, false).map_err(refuse)?;
+    let locked = match std::fs::read_to_string(dir.join("flake.lock")) {
+        Ok(text) => nixfarm_core::flakeref::locked_root_inputs(&text),
+        Err(_) => Vec::new(),
+    };
+    let declared = shared.nix.flake_input_names(&dir).await?;
+    if let Some(name) = declared
+        .iter()
+        .find(|n| !locked.contains(n) && !overridden.contains(n))
+    {
+        return Err(refuse(format!(
+            "the flake's input '{}' is not in its flake.lock: Nix would fetch it to lock it, on the agent, before anything checked what it is. Lock it (nix flake lock) and commit flake.lock",
+            nixfarm_core::limits::clip(name, 80)
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the `flake.lock` of the checkout at `root`, when it has one (see
 /// [`nixfarm_core::flakeref::check_lock`]).
 fn check_lock_file(
