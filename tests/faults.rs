@@ -95,6 +95,14 @@ fn watch_json(url: &str, run: &str) -> std::process::Child {
         .unwrap()
 }
 
+/// Sends SIGTERM to an agent (it runs under `unshare … sh -c exec`, so the pid is the agent
+/// itself).
+fn sigterm(agent: &std::process::Child) {
+    let pid = agent.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success());
+}
+
 /// How many of the run's attempts match `cond` (SQL over the attempts table).
 fn attempts(db: &rusqlite::Connection, run: &str, cond: &str) -> Option<i64> {
     db.query_row(
@@ -457,15 +465,7 @@ fn sigterm_drains_an_agent_its_running_build_finishes_and_is_reported() {
             )
             .ok()
     });
-    let pid = draining.child.id().to_string();
-    // The agent runs under `unshare … sh -c exec`, so the pid is the agent itself.
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&draining.child);
     let status = draining.child.wait().unwrap();
     assert!(
         status.success(),
@@ -645,14 +645,7 @@ fn a_cancel_stops_a_push_to_a_cache_that_does_not_answer() {
             (n == 0).then_some(())
         },
     );
-    let pid = agent.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&agent.child);
     let exited = wait_for(Duration::from_secs(30), "the agent to exit", || {
         agent.child.try_wait().unwrap()
     });

@@ -133,23 +133,7 @@ async fn derivers_come_from_the_caches_narinfos_and_a_wrong_answer_is_an_error()
 /// first few KB of what it says and stops.
 #[tokio::test]
 async fn an_endless_error_page_is_read_only_so_far() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n")
-                    .await;
-                let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
-                // Endless, until the client goes.
-                while s.write_all(chunk.as_bytes()).await.is_ok() {}
-            });
-        }
-    });
+    let addr = raw_server(|_| Reply::Endless403).await;
     let p = Pusher::for_url(
         &format!("http://{addr}/cache"),
         nixfarm_nix::Nix::default(),
@@ -174,27 +158,17 @@ async fn an_endless_error_page_is_read_only_so_far() {
 /// a page that answers 200: nothing counts as written or as present.
 #[tokio::test]
 async fn a_write_is_done_only_on_a_2xx_and_a_redirect_proves_nothing() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16384];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                let line = head.lines().next().unwrap_or_default().to_string();
-                let answer = if line.contains(" /login ") {
-                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                } else if line.contains("/gone") {
-                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
-                } else {
-                    "HTTP/1.1 303 See Other\r\nlocation: /login\r\ncontent-length: 0\r\n\r\n"
-                };
-                let _ = s.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
+    let addr = raw_server(|head| {
+        let line = head.lines().next().unwrap_or_default();
+        Reply::Send(if line.contains(" /login ") {
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        } else if line.contains("/gone") {
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+        } else {
+            "HTTP/1.1 303 See Other\r\nlocation: /login\r\ncontent-length: 0\r\n\r\n"
+        })
+    })
+    .await;
     let p = Pusher::for_url(
         &format!("http://{addr}/cache"),
         nixfarm_nix::Nix::default(),
@@ -223,7 +197,6 @@ async fn a_write_is_done_only_on_a_2xx_and_a_redirect_proves_nothing() {
 /// timeout and each retry.
 #[tokio::test]
 async fn a_push_to_a_cache_that_never_answers_ends_by_its_deadline() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         file.path(),
@@ -237,24 +210,14 @@ async fn a_push_to_a_cache_that_never_answers_ends_by_its_deadline() {
         .unwrap();
     assert!(added.status.success(), "{added:?}");
     let path = String::from_utf8(added.stdout).unwrap().trim().to_string();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                if head.starts_with("PUT ") {
-                    // Taken, never answered.
-                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-                    .await;
-            });
+    let addr = raw_server(|head| {
+        if head.starts_with("PUT ") {
+            Reply::Hang
+        } else {
+            Reply::Send("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
         }
-    });
+    })
+    .await;
     let key = crate::narinfo::Key::generate("stall-1").unwrap();
     let mut p = Pusher::for_url(
         &format!("http://{addr}/cache"),
@@ -272,4 +235,47 @@ async fn a_push_to_a_cache_that_never_answers_ends_by_its_deadline() {
         .unwrap_err();
     assert!(e.to_string().contains("did not end within 2 s"), "{e}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
+/// What [`raw_server`] does with a request, given its head.
+enum Reply {
+    Send(&'static str),
+    /// Takes it and never answers.
+    Hang,
+    /// A 403 whose body never ends.
+    Endless403,
+}
+
+/// A cache (or a host named as one) on 127.0.0.1 that answers each request as `reply` says.
+async fn raw_server(reply: fn(&str) -> Reply) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                match reply(&String::from_utf8_lossy(&buf[..n])) {
+                    Reply::Send(answer) => {
+                        let _ = s.write_all(answer.as_bytes()).await;
+                    }
+                    Reply::Hang => {
+                        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                    }
+                    Reply::Endless403 => {
+                        let _ = s
+                            .write_all(
+                                b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n",
+                            )
+                            .await;
+                        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                        // Endless, until the client goes.
+                        while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                    }
+                }
+            });
+        }
+    });
+    addr
 }

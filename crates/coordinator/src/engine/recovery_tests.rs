@@ -4,6 +4,20 @@ use super::tests::{build_assigned, connect_agent, one_package_run_with};
 use super::*;
 use crate::db::Db;
 
+/// A directory for a database a test opens again (a restart), and the clock it runs by.
+fn restartable() -> (tempfile::TempDir, Arc<crate::clock::ManualClock>) {
+    let dir = tempfile::tempdir().unwrap();
+    (dir, Arc::new(crate::clock::ManualClock::new(1_000_000)))
+}
+
+/// Options with a 5 s lease.
+fn leased() -> EngineOptions {
+    EngineOptions {
+        lease_ms: 5_000,
+        ..Default::default()
+    }
+}
+
 /// An engine on the database in `dir`: opened again, it is the coordinator restarted.
 pub(super) fn open_in(
     dir: &std::path::Path,
@@ -87,12 +101,8 @@ fn repository_checks_owed_when_the_coordinator_restarts_still_count() {
 #[test]
 fn an_attempts_end_is_stored_with_its_outcome_or_not_at_all() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-    let opts = || EngineOptions {
-        lease_ms: 5_000,
-        ..Default::default()
-    };
+    let (dir, clock) = restartable();
+    let opts = leased;
     let die = Arc::new(AtomicBool::new(false));
     let mut db = Db::open(&dir.path().join("coordinator.sqlite")).unwrap();
     db.die_in_finish_drv = Some(die.clone());
@@ -201,12 +211,8 @@ fn a_run_whose_stored_graph_no_longer_reads_fails_alone() {
 /// over and the run ends, built once.
 #[test]
 fn a_step_the_store_fails_in_stops_the_engine_and_a_restart_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
-    let opts = || EngineOptions {
-        lease_ms: 5_000,
-        ..Default::default()
-    };
+    let (dir, clock) = restartable();
+    let opts = leased;
     let engine = open_in(dir.path(), &clock, opts());
     let mut a = connect_agent(&engine, "a");
     let (run, _drv, out) = super::tests::one_package_run(&engine, &mut a);
@@ -293,8 +299,7 @@ fn an_ended_run_leaves_memory_and_still_answers() {
 /// restart, or sit in memory for ever).
 #[test]
 fn a_submit_lands_whole_or_not_at_all() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+    let (dir, clock) = restartable();
     let engine = open_in(dir.path(), &clock, EngineOptions::default());
     let side = rusqlite::Connection::open(dir.path().join("coordinator.sqlite")).unwrap();
     side.execute_batch(
