@@ -685,3 +685,61 @@ fn a_locked_input_on_the_agents_own_disk_is_refused() {
         String::from_utf8_lossy(&copied.stdout)
     );
 }
+
+/// A repository's code reads a file of the agent's host through a fetcher pure evaluation
+/// allows (`builtins.fetchTree { type = "path"; … rev = …; }`), and throws its text: the
+/// agent's signing key, say. Evaluations run where the agent's secret files are empty.
+#[test]
+fn an_evaluation_cannot_read_the_agents_secret_files() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let (sk, _pk) = cache_key(dir.path(), "agent-key-1");
+    let host = Host::new(&dir.path().join("host"));
+    let _a = host
+        .start_agent("a", &coordinator.url, Some(&sk), 1)
+        .unwrap();
+    let key = std::fs::read_to_string(&sk).unwrap();
+    let secret = key.trim().split_once(':').unwrap().1.to_string();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::copy(&sk, keys.join("key")).unwrap();
+    let repo = dir.path().join("reader");
+    std::fs::create_dir_all(&repo).unwrap();
+    // The key file itself, and a directory holding a copy of it that is no secret of the
+    // agent's (read as any file of the host would be).
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: let
+      read = path: builtins.fetchTree {{ type = "path"; inherit path; rev = "0000000000000000000000000000000000000000"; }};
+    in {{ packages.x86_64-linux = {{
+      key = throw "key=[${{builtins.readFile (read "{sk}")}}]";
+      other = throw "other=[${{builtins.readFile "${{read "{keys}"}}/key"}}]";
+    }}; }}; }}"#,
+            sk = sk.display(),
+            keys = keys.display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let report = wait_terminal(&coordinator.url, &run, Duration::from_secs(120));
+    let got: std::collections::BTreeMap<String, String> = report["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["attr"].as_str().unwrap().to_string(),
+                p["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // The evaluation ran, and read what a host's other files hold: the test reads what it
+    // means to.
+    assert!(got["other"].contains(&secret), "{got:?}");
+    // The key file is /dev/null there, which Nix does not copy.
+    assert!(!got["key"].contains(&secret), "{got:?}");
+    assert!(got["key"].contains("cache.sk"), "{got:?}");
+}

@@ -127,6 +127,33 @@ impl AgentConfig {
             .map_err(|e| anyhow::anyhow!("{} is not a valid agent config: {e}", path.display()))
     }
 
+    /// What evaluations may not read (see `nixfarm_nix::isolation`): this agent's secret files,
+    /// its process (its environment holds its tokens) and the host's usual secret places. None
+    /// for a single user's own farm (`allow_local_flake_refs`), or where this process cannot
+    /// make mount namespaces (said once, at start).
+    pub fn isolation(&self) -> Option<std::sync::Arc<Vec<PathBuf>>> {
+        if self.allow_local_flake_refs {
+            return None;
+        }
+        if !nixfarm_nix::isolation::can_isolate() {
+            tracing::warn!(
+                "evaluations are not isolated from this host's files: this agent cannot make mount namespaces (run it as root, or with CAP_SYS_ADMIN); a repository's code can read whatever the agent's user can, its token files included"
+            );
+            return None;
+        }
+        let mut own = vec![
+            self.work_dir.join("farm-cache.netrc"),
+            PathBuf::from(format!("/proc/{}", std::process::id())),
+        ];
+        own.extend(self.token_file.iter().cloned());
+        own.extend(self.signing_key_file.iter().cloned());
+        own.extend(self.tls_key_file.iter().cloned());
+        for var in ["CACHIX_AUTH_TOKEN_FILE", "CACHIX_SIGNING_KEY_FILE"] {
+            own.extend(std::env::var_os(var).map(PathBuf::from));
+        }
+        Some(std::sync::Arc::new(own))
+    }
+
     /// The join token: `NIXFARM_AGENT_TOKEN`, else the token file.
     /// Reads the cache credentials: `CACHIX_AUTH_TOKEN` (or `CACHIX_AUTH_TOKEN_FILE`), and
     /// the signing key from `CACHIX_SIGNING_KEY` or `signing_key_file`.

@@ -172,9 +172,10 @@ impl Agent {
         nix.nix = cfg.nix_bin.join("nix");
         nix.nix_store = cfg.nix_bin.join("nix-store");
         nix.eval_deadline = Duration::from_secs(cfg.eval_timeout_secs);
-        let nix = nix
+        let mut nix = nix
             .with_declining_hook(&cfg.work_dir)
             .with_daemon(&cfg.work_dir);
+        nix.isolation = cfg.isolation();
         Ok(Agent {
             shared: Arc::new(Shared {
                 cfg,

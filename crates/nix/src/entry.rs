@@ -24,7 +24,7 @@ pub enum Entry {
 
 /// The environment a Nix file's evaluation sees: what Nix needs to reach its store, nothing
 /// else (not NIX_CONFIG, which may hold access tokens).
-const KEPT_ENV: &[&str] = &[
+pub(crate) const KEPT_ENV: &[&str] = &[
     "PATH",
     "HOME",
     "USER",

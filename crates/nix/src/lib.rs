@@ -13,6 +13,7 @@ mod eval;
 pub mod flake_check;
 pub mod flake_inputs;
 pub mod hash;
+pub mod isolation;
 pub mod messages;
 mod path_info;
 pub mod runner;

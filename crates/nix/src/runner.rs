@@ -102,6 +102,10 @@ pub struct Nix {
     /// Longest one evaluation (or store query) process may run; [`EVAL_DEADLINE`] unless
     /// set.
     pub eval_deadline: Duration,
+    /// Evaluations run isolated from this host's secrets (see [`crate::isolation`]): these
+    /// are the agent's own secret files (covered whenever they exist, as a file written
+    /// later does). None: they read all they can (a single user's own farm).
+    pub isolation: Option<std::sync::Arc<Vec<PathBuf>>>,
 }
 
 /// Most JSON one Nix command may print, bytes.
@@ -118,6 +122,7 @@ impl Default for Nix {
             build_hook: None,
             daemon: None,
             eval_deadline: EVAL_DEADLINE,
+            isolation: None,
         }
     }
 }
@@ -250,6 +255,18 @@ impl Nix {
 
     pub(crate) fn eval_cmd(&self, substituter: &str) -> Command {
         let mut c = self.nix_cmd();
+        if let Some(own) = &self.isolation {
+            // None of the agent's environment (its tokens) either: what Nix needs.
+            c.env_clear();
+            for (k, v) in std::env::vars_os() {
+                if k.to_str()
+                    .is_some_and(|k| crate::entry::KEPT_ENV.contains(&k) || k == "NIX_CONFIG")
+                {
+                    c.env(k, v);
+                }
+            }
+            crate::isolation::Masks::of(own).apply(&mut c);
+        }
         // --no-eval-cache: the eval cache replays failures as misleading errors (NixOS/nix#3872).
         c.args([
             "eval",
