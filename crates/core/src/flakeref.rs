@@ -117,26 +117,49 @@ pub fn check_lock(
         .and_then(|n| n.as_object())
         .ok_or_else(|| bad("it has no nodes"))?;
     let root = v.get("root").and_then(|r| r.as_str()).unwrap_or("root");
-    let skipped: Vec<&str> = nodes
-        .get(root)
-        .and_then(|r| r.get("inputs"))
-        .and_then(|i| i.as_object())
-        .map(|i| {
-            overridden
-                .iter()
-                .filter_map(|name| i.get(name.as_str())?.as_str())
-                .collect()
-        })
-        .unwrap_or_default();
-    for (key, node) in nodes {
-        if key == root || skipped.contains(&key.as_str()) {
+    // Every node the flake reaches from its root, but through the root inputs the run
+    // overrides (another node may still reach one of those: then it is checked).
+    let inputs_of = |key: &str| -> Vec<(String, String)> {
+        nodes
+            .get(key)
+            .and_then(|n| n.get("inputs"))
+            .and_then(|i| i.as_object())
+            .map(|i| {
+                i.iter()
+                    // A `follows` (a list) names a node reached some other way.
+                    .filter_map(|(name, to)| Some((name.clone(), to.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut seen: Vec<String> = Vec::new();
+    let mut stack: Vec<String> = inputs_of(root)
+        .into_iter()
+        .filter(|(name, _)| !overridden.contains(name))
+        .map(|(_, to)| to)
+        .collect();
+    while let Some(key) = stack.pop() {
+        if seen.contains(&key) || seen.len() > 100_000 {
             continue;
         }
-        let shown = format!("flake.lock's input '{}'", crate::limits::clip(key, 80));
-        let Some(locked) = node.get("locked") else {
+        let shown = format!("flake.lock's input '{}'", crate::limits::clip(&key, 80));
+        let Some(node) = nodes.get(&key) else {
+            return Err(FlakeRefError::Invalid(
+                shown,
+                "it names a node the lock does not have",
+            ));
+        };
+        let Some(locked) = node.get("locked").and_then(|l| l.as_object()) else {
             return Err(FlakeRefError::Invalid(shown, "it is not locked"));
         };
-        scheme_for_farm(&shown, &locked_scheme(locked))?;
+        // Nix 2.8 lays a node's `info` over its `locked`: what is fetched is both.
+        let mut fetched = locked.clone();
+        if let Some(info) = node.get("info").and_then(|i| i.as_object()) {
+            fetched.extend(info.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        scheme_for_farm(&shown, &locked_scheme(&serde_json::Value::Object(fetched)))?;
+        stack.extend(inputs_of(&key).into_iter().map(|(_, to)| to));
+        seen.push(key);
     }
     Ok(())
 }
@@ -304,6 +327,13 @@ mod tests {
             assert_eq!(check_lock(&lock_with(bad), &[], true), Ok(()));
         }
         assert!(check_lock("not json", &[], false).is_err());
+        // A node's `info` lies over its `locked` (as Nix 2.8 reads it).
+        let info = r#"{"nodes": {"k": {"locked": {"type": "github", "owner": "o", "repo": "r"}, "info": {"type": "path", "path": "/secret", "rev": "0"}}, "root": {"inputs": {"k": "k"}}}, "root": "root", "version": 7}"#;
+        assert!(check_lock(info, &[], false).is_err());
+        // An overridden root input still reached through another node is checked.
+        let nested = r#"{"nodes": {"k": {"locked": {"type": "path", "path": "/secret", "rev": "0"}}, "foo": {"locked": {"type": "github", "owner": "o", "repo": "r"}, "inputs": {"x": "k"}}, "root": {"inputs": {"k": "k", "foo": "foo"}}}, "root": "root", "version": 7}"#;
+        assert!(check_lock(nested, &["k".into()], false).is_err());
+        assert!(check_lock(nested, &["k".into(), "foo".into()], false).is_ok());
         assert_eq!(locked_root_inputs(&lock_with("{}")), ["k", "nixpkgs"]);
         assert!(locked_root_inputs("not json").is_empty());
         let unlocked = r#"{"nodes": {"k": {"original": {"type": "path", "path": "/x"}}, "root": {"inputs": {"k": "k"}}}, "root": "root", "version": 7}"#;

@@ -73,6 +73,8 @@ impl Entry {
         let Entry::File { root, .. } = self else {
             return;
         };
+        // Without flakes, which `restrict-eval` does not confine (`fetchTree`, `getFlake`).
+        c.args(["--experimental-features", "nix-command"]);
         c.args(["--impure", "--option", "restrict-eval", "true"]);
         c.env_clear();
         for (k, v) in std::env::vars_os() {

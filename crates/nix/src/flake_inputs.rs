@@ -64,7 +64,8 @@ impl Nix {
             .split_once('?')
             .and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("dir=")))
             .unwrap_or_default();
-        if dir.split('/').any(|c| c == ".." || c.starts_with('%')) {
+        // Nix decodes it: only plain relative directories are taken, read as Nix reads them.
+        if dir.starts_with('/') || dir.contains('%') || dir.split('/').any(|c| c == "..") {
             return Err(NixError::Failed {
                 message: format!("the flake reference's dir= is not a plain directory: {dir}"),
                 log: String::new(),
@@ -103,5 +104,16 @@ mod tests {
         // Restricted to the tree: its inputs cannot come from a file beyond it.
         let beyond = flake("{ inputs = import /etc/nix/nix.conf; outputs = _: { }; }");
         assert!(nix.flake_input_names(beyond.path()).await.is_err());
+        // Nor through the fetchers flakes bring, which restricted evaluation lets through.
+        for fetch in [
+            r#"builtins.fetchTree { type = "path"; path = "/etc/nix"; rev = "0000000000000000000000000000000000000000"; }"#,
+            r#"builtins.getFlake "path:/etc/nix?rev=0000000000000000000000000000000000000000""#,
+        ] {
+            let f = flake(&format!(
+                "{{ inputs = builtins.seq ({fetch}) {{ }}; outputs = _: {{ }}; }}"
+            ));
+            let e = nix.flake_input_names(f.path()).await.unwrap_err();
+            assert!(!e.is_infra(), "{fetch}: {e}");
+        }
     }
 }

@@ -378,6 +378,11 @@ pub(super) async fn eval_chunk(
         Ok(e) => e,
         Err(e) => return fail(e),
     };
+    // A run may come without a listing (a hash-fixing stage names its attributes): its
+    // tasks check the flake's inputs themselves.
+    if let Err(e) = super::source::check_flake_inputs(shared, &entry).await {
+        return fail(e);
+    }
     let started = std::time::Instant::now();
     let evaluated = match eval_rooted(shared, run_id, &entry, &j).await {
         Ok(m) => m,
