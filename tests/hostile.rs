@@ -670,7 +670,7 @@ fn a_locked_input_on_the_agents_own_disk_is_refused() {
     let run = stdout(&out).trim().to_string();
     let text = wait_terminal(&coordinator.url, &run, Duration::from_secs(120)).to_string();
     assert!(
-        text.contains("input 'k' is not in its flake.lock"),
+        text.contains("flake.nix's input 'k'") && text.contains("path:"),
         "{text}"
     );
     assert!(!text.contains(&token), "{text}");

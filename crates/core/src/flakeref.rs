@@ -164,6 +164,34 @@ pub fn check_lock(
     Ok(())
 }
 
+/// Checks an input as `flake.nix` declares it (`spec`: its attributes, as JSON), and the
+/// inputs it declares for its own inputs in turn, as [`validate_for_farm`] checks a
+/// reference: Nix fetches it whenever the lock file does not lock it as declared.
+pub fn check_declared(name: &str, spec: &serde_json::Value) -> Result<(), FlakeRefError> {
+    let shown = format!("flake.nix's input '{}'", crate::limits::clip(name, 80));
+    if let Some(url) = spec.get("url").and_then(|u| u.as_str()) {
+        validate_for_farm(url, false).map_err(|e| match e {
+            FlakeRefError::Local { scheme, .. } => FlakeRefError::Local {
+                input: shown.clone(),
+                scheme,
+            },
+            FlakeRefError::Insecure { scheme, .. } => FlakeRefError::Insecure {
+                input: shown.clone(),
+                scheme,
+            },
+            e => e,
+        })?;
+    } else if spec.get("type").is_some() {
+        scheme_for_farm(&shown, &locked_scheme(spec))?;
+    }
+    if let Some(nested) = spec.get("inputs").and_then(|i| i.as_object()) {
+        for (n, s) in nested {
+            check_declared(&format!("{name}/{n}"), s)?;
+        }
+    }
+    Ok(())
+}
+
 /// The names of the inputs a lock file locks for its flake itself (its root node's).
 pub fn locked_root_inputs(lock: &str) -> Vec<String> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(lock) else {
@@ -327,6 +355,17 @@ mod tests {
             assert_eq!(check_lock(&lock_with(bad), &[], true), Ok(()));
         }
         assert!(check_lock("not json", &[], false).is_err());
+        // As flake.nix declares them: a URL, attributes, or an input of an input.
+        let spec = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        assert!(check_declared("a", &spec(r#"{"url": "github:o/r"}"#)).is_ok());
+        assert!(check_declared("a", &spec(r#"{"follows": "b"}"#)).is_ok());
+        for bad in [
+            r#"{"url": "path:/run/credentials"}"#,
+            r#"{"type": "path", "path": "/x"}"#,
+            r#"{"url": "github:o/r", "inputs": {"b": {"url": "git+file:///x"}}}"#,
+        ] {
+            assert!(check_declared("a", &spec(bad)).is_err(), "{bad}");
+        }
         // A node's `info` lies over its `locked` (as Nix 2.8 reads it).
         let info = r#"{"nodes": {"k": {"locked": {"type": "github", "owner": "o", "repo": "r"}, "info": {"type": "path", "path": "/secret", "rev": "0"}}, "root": {"inputs": {"k": "k"}}}, "root": "root", "version": 7}"#;
         assert!(check_lock(info, &[], false).is_err());

@@ -7,15 +7,23 @@ use crate::entry::Entry;
 use crate::runner::{Nix, NixError, nix_string};
 use std::path::{Path, PathBuf};
 
-/// The inputs' names: declared in `inputs`, and those `outputs` takes by name (Nix looks
-/// those up in its registry) but `self`.
-const DECLARED: &str = r#"f: builtins.attrNames (f.inputs or { }) ++ builtins.filter (n: n != "self") (builtins.attrNames (if builtins.isFunction (f.outputs or null) then builtins.functionArgs f.outputs else { }))"#;
+/// The inputs: each declared in `inputs` with what it says of itself (its attributes, and
+/// those of its own inputs, but what is not plain data), and those `outputs` takes by name
+/// but `self` (Nix looks those up in its registry), with nothing said of them.
+const DECLARED: &str = r#"f: let
+  plain = v: if builtins.isAttrs v then builtins.mapAttrs (_: plain) (removeAttrs v [ "outputs" ]) else if builtins.isString v || builtins.isBool v || builtins.isInt v || builtins.isList v then v else null;
+  declared = builtins.mapAttrs (_: plain) (f.inputs or { });
+  taken = builtins.filter (n: n != "self" && !(declared ? ${n})) (builtins.attrNames (if builtins.isFunction (f.outputs or null) then builtins.functionArgs f.outputs else { }));
+in declared // builtins.listToAttrs (map (n: { name = n; value = { }; }) taken)"#;
 
 impl Nix {
-    /// The names of the inputs `dir/flake.nix` declares, evaluated impure but restricted to
-    /// `dir` (as a `--file` entry is) with none of the agent's environment: nothing is
-    /// fetched or read beyond the tree.
-    pub async fn flake_input_names(&self, dir: &Path) -> Result<Vec<String>, NixError> {
+    /// The inputs `dir/flake.nix` declares, by name, with what it says of each (its
+    /// attributes as JSON), evaluated impure but restricted to `dir` (as a `--file` entry is)
+    /// with none of the agent's environment: nothing is fetched or read beyond the tree.
+    pub async fn flake_inputs(
+        &self,
+        dir: &Path,
+    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>, NixError> {
         let mut c = self.eval_cmd("");
         let file = dir.join("flake.nix");
         let Some(file) = file.to_str() else {
@@ -30,11 +38,8 @@ impl Nix {
         c.arg("--expr")
             .arg(format!("({DECLARED}) (import {})", nix_string(file)));
         let out = self.run_json(c, 0).await?;
-        let mut names: Vec<String> = serde_json::from_str(&out)
-            .map_err(|e| NixError::Infra(format!("cannot read the flake's inputs: {e}")))?;
-        names.sort();
-        names.dedup();
-        Ok(names)
+        serde_json::from_str(&out)
+            .map_err(|e| NixError::Infra(format!("cannot read the flake's inputs: {e}")))
     }
 
     /// Fetches the flake `reference` alone (`nix flake prefetch`: its source, none of its
@@ -93,17 +98,17 @@ mod tests {
                  inputs.b.url = "github:o/r";
                  outputs = { self, k, nixpkgs, ... }: { }; }"#,
         );
-        assert_eq!(
-            nix.flake_input_names(declared.path()).await.unwrap(),
-            ["b", "k", "nixpkgs"]
-        );
+        let got = nix.flake_inputs(declared.path()).await.unwrap();
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["b", "k", "nixpkgs"]);
+        assert_eq!(got["k"]["url"], "path:/nonexistent/secret");
+        assert_eq!(got["nixpkgs"], serde_json::json!({}));
         let none = flake("{ outputs = { self }: { }; }");
-        assert!(nix.flake_input_names(none.path()).await.unwrap().is_empty());
+        assert!(nix.flake_inputs(none.path()).await.unwrap().is_empty());
         let all = flake("{ outputs = inputs: { }; }");
-        assert!(nix.flake_input_names(all.path()).await.unwrap().is_empty());
+        assert!(nix.flake_inputs(all.path()).await.unwrap().is_empty());
         // Restricted to the tree: its inputs cannot come from a file beyond it.
         let beyond = flake("{ inputs = import /etc/nix/nix.conf; outputs = _: { }; }");
-        assert!(nix.flake_input_names(beyond.path()).await.is_err());
+        assert!(nix.flake_inputs(beyond.path()).await.is_err());
         // Nor through the fetchers flakes bring, which restricted evaluation lets through.
         for fetch in [
             r#"builtins.fetchTree { type = "path"; path = "/etc/nix"; rev = "0000000000000000000000000000000000000000"; }"#,
@@ -112,7 +117,7 @@ mod tests {
             let f = flake(&format!(
                 "{{ inputs = builtins.seq ({fetch}) {{ }}; outputs = _: {{ }}; }}"
             ));
-            let e = nix.flake_input_names(f.path()).await.unwrap_err();
+            let e = nix.flake_inputs(f.path()).await.unwrap_err();
             assert!(!e.is_infra(), "{fetch}: {e}");
         }
     }

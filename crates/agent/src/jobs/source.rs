@@ -59,9 +59,14 @@ pub(super) async fn check_flake_inputs(
         Ok(text) => nixfarm_core::flakeref::locked_root_inputs(&text),
         Err(_) => Vec::new(),
     };
-    let declared = shared.nix.flake_input_names(&dir).await?;
+    let declared = shared.nix.flake_inputs(&dir).await?;
+    // As declared, each is remote too: Nix fetches it again when the lock does not lock it
+    // as flake.nix says (an override, say, turns off the lock's refusal).
+    for (name, spec) in declared.iter().filter(|(n, _)| !overridden.contains(n)) {
+        nixfarm_core::flakeref::check_declared(name, spec).map_err(|e| refuse(e.to_string()))?;
+    }
     if let Some(name) = declared
-        .iter()
+        .keys()
         .find(|n| !locked.contains(n) && !overridden.contains(n))
     {
         return Err(refuse(format!(
