@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     pub output_locks: jobs::output_locks::OutputLocks,
     /// Set once the store has been opened ([`Shared::store_opened`]).
     pub store_open: tokio::sync::OnceCell<()>,
+    /// Flakes (with their overrides) whose inputs were checked here lately.
+    pub checked_flakes: Mutex<VecDeque<String>>,
 }
 
 /// Longest a job waits for the store to be opened ([`Shared::store_opened`]).
@@ -193,6 +195,7 @@ impl Agent {
                 farm_cache: Mutex::new(None),
                 output_locks: Default::default(),
                 store_open: tokio::sync::OnceCell::new(),
+                checked_flakes: Mutex::new(VecDeque::new()),
             }),
         })
     }

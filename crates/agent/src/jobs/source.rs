@@ -45,6 +45,13 @@ pub(super) async fn check_flake_inputs(
     if shared.cfg.allow_local_flake_refs {
         return Ok(());
     }
+    // A run's evaluation tasks name the same uploaded tree (the run's own, read-only):
+    // checked once here. A remote reference may name another commit each time: each time.
+    let key = format!("{reference} {overrides:?}");
+    let cached = reference.starts_with("path:");
+    if cached && shared.checked_flakes.lock().is_ok_and(|c| c.contains(&key)) {
+        return Ok(());
+    }
     let refuse = |message: String| NixError::Failed {
         message,
         log: String::new(),
@@ -73,6 +80,12 @@ pub(super) async fn check_flake_inputs(
             "the flake's input '{}' is not in its flake.lock: Nix would fetch it to lock it, on the agent, before anything checked what it is. Lock it (nix flake lock) and commit flake.lock",
             nixfarm_core::limits::clip(name, 80)
         )));
+    }
+    if cached && let Ok(mut c) = shared.checked_flakes.lock() {
+        c.push_back(key);
+        while c.len() > 64 {
+            c.pop_front();
+        }
     }
     Ok(())
 }
