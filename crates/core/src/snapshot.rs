@@ -554,7 +554,11 @@ fn remove_at(parent: &std::os::fd::OwnedFd, name: &std::ffi::OsStr) -> std::io::
     }
     for c in children {
         use std::os::unix::ffi::OsStrExt;
-        remove_at(&fd, std::ffi::OsStr::from_bytes(&c))?;
+        match remove_at(&fd, std::ffi::OsStr::from_bytes(&c)) {
+            // Gone meanwhile (another removal of the same tree): what was wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r?,
+        }
     }
     Ok(rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?)
 }
