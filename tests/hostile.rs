@@ -695,9 +695,16 @@ fn an_evaluation_cannot_read_the_agents_secret_files() {
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
     let (sk, _pk) = cache_key(dir.path(), "agent-key-1");
     let host = Host::new(&dir.path().join("host"));
-    let _a = host
+    let a = host
         .start_agent("a", &coordinator.url, Some(&sk), 1)
         .unwrap();
+    // One of the agent's threads: its own /proc entry, beside the process's.
+    let agent_pid = wait_for(Duration::from_secs(30), "the agent's threads", || {
+        std::fs::read_dir(format!("/proc/{}/task", a.child.id()))
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|t| *t != a.child.id())
+    });
     let key = std::fs::read_to_string(&sk).unwrap();
     let secret = key.trim().split_once(':').unwrap().1.to_string();
     let keys = dir.path().join("keys");
@@ -714,10 +721,12 @@ fn an_evaluation_cannot_read_the_agents_secret_files() {
       read = path: builtins.fetchTree {{ type = "path"; inherit path; rev = "0000000000000000000000000000000000000000"; }};
     in {{ packages.x86_64-linux = {{
       key = throw "key=[${{builtins.readFile (read "{sk}")}}]";
+      viaproc = throw "viaproc=[${{builtins.readFile (read "/proc/{agent_pid}/root{sk}")}}]";
       other = throw "other=[${{builtins.readFile "${{read "{keys}"}}/key"}}]";
     }}; }}; }}"#,
             sk = sk.display(),
-            keys = keys.display()
+            keys = keys.display(),
+            agent_pid = agent_pid
         ),
     )
     .unwrap();
@@ -741,5 +750,7 @@ fn an_evaluation_cannot_read_the_agents_secret_files() {
     assert!(got["other"].contains(&secret), "{got:?}");
     // The key file is /dev/null there, which Nix does not copy.
     assert!(!got["key"].contains(&secret), "{got:?}");
+    // Nor around the cover, through the agent's own view of the file system.
+    assert!(!got["viaproc"].contains(&secret), "{got:?}");
     assert!(got["key"].contains("cache.sk"), "{got:?}");
 }

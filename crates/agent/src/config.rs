@@ -127,8 +127,8 @@ impl AgentConfig {
             .map_err(|e| anyhow::anyhow!("{} is not a valid agent config: {e}", path.display()))
     }
 
-    /// What evaluations may not read (see `nixfarm_nix::isolation`): this agent's secret files,
-    /// its process (its environment holds its tokens) and the host's usual secret places. None
+    /// What evaluations may not read (see `nixfarm_nix::isolation`): this agent's secret files
+    /// and the host's usual secret places. None
     /// for a single user's own farm (`allow_local_flake_refs`), or where this process cannot
     /// make mount namespaces (said once, at start).
     pub fn isolation(&self) -> Option<std::sync::Arc<Vec<PathBuf>>> {
@@ -141,10 +141,9 @@ impl AgentConfig {
             );
             return None;
         }
-        let mut own = vec![
-            self.work_dir.join("farm-cache.netrc"),
-            PathBuf::from(format!("/proc/{}", std::process::id())),
-        ];
+        // The agent's process (its environment holds its tokens) is not in the PID namespace
+        // an evaluation runs in.
+        let mut own = vec![self.work_dir.join("farm-cache.netrc")];
         own.extend(self.token_file.iter().cloned());
         own.extend(self.signing_key_file.iter().cloned());
         own.extend(self.tls_key_file.iter().cloned());

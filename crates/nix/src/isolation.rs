@@ -3,7 +3,8 @@
 //! error (`builtins.fetchTree { type = "path"; path = …; rev = …; }` passes pure
 //! evaluation). So each evaluation process starts in a mount namespace of its own where the
 //! agent's secret files and the usual places of a host's secrets are empty, with none of the
-//! agent's environment but what Nix needs.
+//! agent's environment but what Nix needs, and in a PID namespace with a /proc of its own
+//! (through another process's `/proc/<pid>/root` every cover would be stepped around).
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ impl Masks {
     /// The host's usual secret places and `own` (the agent's secret files and directories),
     /// those that exist now.
     pub fn of(own: &[PathBuf]) -> Masks {
-        let mut v = Vec::new();
+        let mut v: Vec<(PathBuf, CString, bool)> = Vec::new();
         let all = HOST_SECRETS
             .iter()
             .map(PathBuf::from)
@@ -42,11 +43,21 @@ impl Masks {
             let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
                 continue;
             };
-            if !v.iter().any(|(q, _)| *q == c) {
-                v.push((c, meta.is_dir()));
+            v.push((p, c, meta.is_dir()));
+        }
+        // Shortest first: a path beneath a directory covered already is covered with it
+        // (and cannot be covered once it is hidden).
+        v.sort_by_key(|(p, _, _)| p.as_os_str().len());
+        let mut kept: Vec<(PathBuf, CString, bool)> = Vec::new();
+        for (p, c, dir) in v {
+            if !kept
+                .iter()
+                .any(|(q, _, d)| *q == p || (*d && p.starts_with(q)))
+            {
+                kept.push((p, c, dir));
             }
         }
-        Masks(Arc::new(v))
+        Masks(Arc::new(kept.into_iter().map(|(_, c, d)| (c, d)).collect()))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -62,82 +73,63 @@ impl Masks {
             .collect()
     }
 
-    /// Has `c` start in a mount namespace of its own with these paths covered; it fails to
-    /// start when they cannot be (fail closed).
-    pub(crate) fn apply(&self, c: &mut tokio::process::Command) {
-        let masks = self.0.clone();
-        // SAFETY: between fork and exec only async-signal-safe calls (unshare, mount) on
-        // strings made before the fork.
-        unsafe {
-            c.pre_exec(move || cover(&masks));
+    /// A command that runs `program` in mount and PID namespaces of its own, with a /proc
+    /// of that PID namespace only (no other process's `/proc/<pid>/root` leads around the
+    /// covers) and these paths covered; it fails (exit 125) when they cannot be.
+    pub(crate) fn command(&self, program: &Path) -> tokio::process::Command {
+        use std::os::unix::ffi::OsStrExt;
+        let mut c = tokio::process::Command::new("unshare");
+        c.args([
+            "--mount",
+            "--pid",
+            "--fork",
+            "--kill-child=SIGTERM",
+            "--mount-proc",
+        ]);
+        c.args([
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            COVER,
+            "nixfarm-eval",
+        ]);
+        for (p, _) in self.0.iter() {
+            c.arg(std::ffi::OsStr::from_bytes(p.as_bytes()));
         }
+        c.arg("--").arg(program);
+        c
     }
 }
 
-/// In the child, before exec: a private mount namespace, then each path covered.
-fn cover(masks: &[(CString, bool)]) -> std::io::Result<()> {
-    let err = std::io::Error::last_os_error;
-    let null = std::ptr::null();
-    // SAFETY: plain system calls with NUL-terminated strings that outlive them.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(err());
-        }
-        if libc::mount(
-            c"none".as_ptr(),
-            c"/".as_ptr(),
-            null,
-            libc::MS_REC | libc::MS_PRIVATE,
-            null as *const libc::c_void,
-        ) != 0
-        {
-            return Err(err());
-        }
-        for (path, dir) in masks {
-            let r = if *dir {
-                libc::mount(
-                    c"nixfarm-masked".as_ptr(),
-                    path.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
-                    c"size=4k,mode=0755".as_ptr() as *const libc::c_void,
-                )
-            } else {
-                libc::mount(
-                    c"/dev/null".as_ptr(),
-                    path.as_ptr(),
-                    null,
-                    libc::MS_BIND,
-                    null as *const libc::c_void,
-                )
-            };
-            if r != 0 {
-                return Err(err());
-            }
-        }
-    }
-    Ok(())
-}
+/// Covers each argument before `--` (a directory by an empty read-only file system, a file
+/// by /dev/null), then runs what follows it.
+const COVER: &str = r#"while [ "$1" != -- ]; do
+  if [ -d "$1" ]; then mount -t tmpfs -o ro,nosuid,nodev,noexec,size=4k,mode=0755 nixfarm-masked "$1" || exit 125
+  elif [ -e "$1" ]; then mount --bind /dev/null "$1" || exit 125
+  fi
+  shift
+done
+shift
+exec "$@""#;
 
-/// Whether this process may make the mount namespaces [`Masks::apply`] needs (root, or
-/// CAP_SYS_ADMIN): tried once in a child.
+/// Whether this process may make the namespaces [`Masks::command`] needs (root, or
+/// CAP_SYS_ADMIN): tried once.
 pub fn can_isolate() -> bool {
-    let mut c = std::process::Command::new("/bin/true");
-    // SAFETY: as in `Masks::apply`.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut c, || cover(&[]));
-    }
+    let mut c = std::process::Command::new("unshare");
+    c.args([
+        "--mount",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--",
+        "/bin/sh",
+        "-c",
+    ])
+    .arg(COVER)
+    .args(["nixfarm-eval", "--", "/bin/sh", "-c", "exit 0"])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
     c.status().is_ok_and(|s| s.success())
-}
-
-/// The files of `dir` an evaluation has no business reading (all but `keep`, by name).
-pub fn entries_but(dir: &Path, keep: &[&str]) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| !keep.contains(&e.file_name().to_string_lossy().as_ref()))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default()
 }

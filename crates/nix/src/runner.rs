@@ -254,19 +254,26 @@ impl Nix {
     }
 
     pub(crate) fn eval_cmd(&self, substituter: &str) -> Command {
-        let mut c = self.nix_cmd();
-        if let Some(own) = &self.isolation {
-            // None of the agent's environment (its tokens) either: what Nix needs.
-            c.env_clear();
-            for (k, v) in std::env::vars_os() {
-                if k.to_str()
-                    .is_some_and(|k| crate::entry::KEPT_ENV.contains(&k) || k == "NIX_CONFIG")
-                {
-                    c.env(k, v);
+        let mut c = match &self.isolation {
+            Some(own) => {
+                let mut c = crate::isolation::Masks::of(own).command(&self.nix);
+                c.args(["--extra-experimental-features", "nix-command flakes"]);
+                c.kill_on_drop(true);
+                c.stdin(Stdio::null());
+                // None of the agent's environment (its tokens) either: what Nix needs.
+                c.env_clear();
+                for (k, v) in std::env::vars_os() {
+                    let kept = k
+                        .to_str()
+                        .is_some_and(|k| crate::entry::KEPT_ENV.contains(&k) || k == "NIX_CONFIG");
+                    if kept {
+                        c.env(k, v);
+                    }
                 }
+                c
             }
-            crate::isolation::Masks::of(own).apply(&mut c);
-        }
+            None => self.nix_cmd(),
+        };
         // --no-eval-cache: the eval cache replays failures as misleading errors (NixOS/nix#3872).
         c.args([
             "eval",
