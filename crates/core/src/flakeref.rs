@@ -169,7 +169,23 @@ pub fn check_lock(
 /// reference: Nix fetches it whenever the lock file does not lock it as declared.
 pub fn check_declared(name: &str, spec: &serde_json::Value) -> Result<(), FlakeRefError> {
     let shown = format!("flake.nix's input '{}'", crate::limits::clip(name, 80));
-    if let Some(url) = spec.get("url").and_then(|u| u.as_str()) {
+    // A registry name (`nixpkgs`, `nixpkgs/nixos-24.05`, `flake:…`) resolves through the
+    // agent's registry, as an input `outputs` takes by name does: what the lock file locks
+    // it to is checked there (and it must be locked).
+    let indirect = |url: &str| {
+        url.starts_with("flake:")
+            || url.split('/').next().is_some_and(|head| {
+                !head.is_empty()
+                    && head
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+    };
+    if let Some(url) = spec
+        .get("url")
+        .and_then(|u| u.as_str())
+        .filter(|u| !indirect(u))
+    {
         validate_for_farm(url, false).map_err(|e| match e {
             FlakeRefError::Local { scheme, .. } => FlakeRefError::Local {
                 input: shown.clone(),
@@ -359,9 +375,15 @@ mod tests {
         let spec = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
         assert!(check_declared("a", &spec(r#"{"url": "github:o/r"}"#)).is_ok());
         assert!(check_declared("a", &spec(r#"{"follows": "b"}"#)).is_ok());
+        for registry in ["nixpkgs/nixos-22.05", "nixpkgs", "flake:nixpkgs"] {
+            let s = spec(&format!(r#"{{"url": "{registry}"}}"#));
+            assert!(check_declared("a", &s).is_ok(), "{registry}");
+        }
         for bad in [
             r#"{"url": "path:/run/credentials"}"#,
             r#"{"type": "path", "path": "/x"}"#,
+            r#"{"url": "/run/credentials"}"#,
+            r#"{"url": "./sub"}"#,
             r#"{"url": "github:o/r", "inputs": {"b": {"url": "git+file:///x"}}}"#,
         ] {
             assert!(check_declared("a", &spec(bad)).is_err(), "{bad}");
