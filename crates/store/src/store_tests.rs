@@ -134,13 +134,7 @@ async fn derivers_come_from_the_caches_narinfos_and_a_wrong_answer_is_an_error()
 #[tokio::test]
 async fn an_endless_error_page_is_read_only_so_far() {
     let addr = raw_server(|_| Reply::Endless403).await;
-    let p = Pusher::for_url(
-        &format!("http://{addr}/cache"),
-        nixfarm_nix::Nix::default(),
-        None,
-        None,
-    )
-    .unwrap();
+    let p = keyless_pusher(addr);
     let asked = std::time::Instant::now();
     let r = tokio::time::timeout(
         std::time::Duration::from_secs(20),
@@ -169,13 +163,7 @@ async fn a_write_is_done_only_on_a_2xx_and_a_redirect_proves_nothing() {
         })
     })
     .await;
-    let p = Pusher::for_url(
-        &format!("http://{addr}/cache"),
-        nixfarm_nix::Nix::default(),
-        None,
-        None,
-    )
-    .unwrap();
+    let p = keyless_pusher(addr);
     for url in [
         format!("http://{addr}/cache/x.nar"),
         format!("http://{addr}/gone/x.nar"),
@@ -278,4 +266,15 @@ async fn raw_server(reply: fn(&str) -> Reply) -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// A pusher without a key for the cache at `addr`'s `/cache`.
+fn keyless_pusher(addr: std::net::SocketAddr) -> Pusher {
+    Pusher::for_url(
+        &format!("http://{addr}/cache"),
+        nixfarm_nix::Nix::default(),
+        None,
+        None,
+    )
+    .unwrap()
 }

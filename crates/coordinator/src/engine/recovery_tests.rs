@@ -18,6 +18,27 @@ fn leased() -> EngineOptions {
     }
 }
 
+/// Agent "a" (session `session`) registers with a restarted `engine`, claims the attempt
+/// `report` answers and hands that result over again; what the engine tells it after.
+fn hand_over_again(
+    engine: &Engine,
+    session: &str,
+    report: FromAgent,
+) -> mpsc::UnboundedReceiver<ToAgent> {
+    let attempt = match &report {
+        FromAgent::Build { attempt, .. } => attempt.clone(),
+        other => panic!("{other:?}"),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reg = Registration {
+        running_attempts: vec![attempt],
+        ..super::tests::registration("a", session)
+    };
+    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
+    engine.agent_message("a", conn, report).unwrap();
+    rx
+}
+
 /// An engine on the database in `dir`: opened again, it is the coordinator restarted.
 pub(super) fn open_in(
     dir: &std::path::Path,
@@ -145,13 +166,7 @@ fn an_attempts_end_is_stored_with_its_outcome_or_not_at_all() {
 
     // Restarted: the agent claims the attempt and hands its result over again.
     let engine = open_in(dir.path(), &clock, opts());
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let reg = Registration {
-        running_attempts: vec![attempt.clone()],
-        ..super::tests::registration("a", &a.session)
-    };
-    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
-    engine.agent_message("a", conn, report()).unwrap();
+    let mut rx = hand_over_again(&engine, &a.session, report());
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
     while let Ok(m) = rx.try_recv() {
         assert!(
@@ -255,13 +270,7 @@ fn a_step_the_store_fails_in_stops_the_engine_and_a_restart_goes_on() {
 
     side.execute_batch("DROP TRIGGER broken").unwrap();
     let engine = open_in(dir.path(), &clock, opts());
-    let (tx, _rx) = mpsc::unbounded_channel();
-    let reg = Registration {
-        running_attempts: vec![attempt.clone()],
-        ..super::tests::registration("a", &a.session)
-    };
-    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
-    engine.agent_message("a", conn, report()).unwrap();
+    let _rx = hand_over_again(&engine, &a.session, report());
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
     assert_eq!(
         count("SELECT count(*) FROM attempts WHERE kind = 'build'"),
