@@ -13,6 +13,7 @@ pub mod report;
 mod report_ci;
 pub mod report_matrix;
 mod report_table;
+mod tree_remove;
 pub use report_table::TableWidth;
 pub mod snapshot;
 pub mod status;
