@@ -203,23 +203,36 @@ pub(super) async fn fetch_snapshot(
         .lock()
         .map(|l| *l)
         .unwrap_or_default();
-    let tar = sources.join(format!(".tmp-{run_id}-{digest}.tar"));
-    let tmp = sources.join(format!(".tmp-{run_id}-{digest}"));
-    // Gone however this ends: a cancel drops this future anywhere in it.
-    let _temporary = Temporary(vec![tar.clone(), tmp.clone()]);
-    async {
-        download(shared, channel, digest, &tar, limits).await?;
-        let _ = snapshot::remove_tree(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| infra(e.to_string()))?;
-        let (t, d) = (tar.clone(), tmp.clone());
-        tokio::task::spawn_blocking(move || snapshot::unpack_file(&t, &d, limits))
-            .await
-            .map_err(|e| infra(e.to_string()))?
-            .map_err(|e| infra(e.to_string()))?;
-        std::fs::rename(&tmp, &dir).map_err(|e| infra(e.to_string()))?;
-        Ok(dir.clone())
-    }
+    // Names of this fetch's own: one a cancel left unpacking cannot meet another's.
+    let own = format!(".tmp-{run_id}-{digest}-{:016x}", fastrand::u64(..));
+    let tar = sources.join(format!("{own}.tar"));
+    let tmp = sources.join(&own);
+    // The tar goes however this ends (a cancel drops this future anywhere in it); the tree
+    // is the unpacking's own to remove or to put in place, which goes on after a cancel.
+    let _temporary = Temporary(vec![tar.clone()]);
+    download(shared, channel, digest, &tar, limits).await?;
+    let (t, d, done) = (tar.clone(), tmp.clone(), dir.clone());
+    tokio::task::spawn_blocking(move || {
+        let unpacked = std::fs::create_dir_all(&d)
+            .map_err(|e| e.to_string())
+            .and_then(|()| snapshot::unpack_file(&t, &d, limits).map_err(|e| e.to_string()))
+            .and_then(|_| match std::fs::rename(&d, &done) {
+                // Another fetch of the same put it in place first: the same tree.
+                Err(_) if done.is_dir() => Err(String::new()),
+                r => r.map_err(|e| e.to_string()),
+            });
+        if unpacked.is_err() {
+            let _ = snapshot::remove_tree(&d);
+        }
+        match unpacked {
+            Err(e) if e.is_empty() => Ok(()),
+            r => r,
+        }
+    })
     .await
+    .map_err(|e| infra(e.to_string()))?
+    .map_err(infra)?;
+    Ok(dir)
 }
 
 /// Files and trees a fetch leaves only while it runs: removed when it ends, or is dropped.
