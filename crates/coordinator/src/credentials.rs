@@ -83,15 +83,10 @@ impl Gate {
         credential: &Credential,
         token_digest: &str,
     ) -> Option<&'static str> {
-        let agents = self.agents.as_ref()?;
-        let own = match credential {
-            Credential::NamedToken(n) => n == name,
-            Credential::Certificate(_) => {
-                !token_digest.is_empty() && agents.digest_matches(Some(name), token_digest)
-            }
-            Credential::JoinToken | Credential::Open => false,
-        };
-        (!own && agents.names(name)).then_some(NAME_RESERVED)
+        self.agents
+            .as_ref()?
+            .takes_name(name, credential, token_digest)
+            .then_some(NAME_RESERVED)
     }
 
     /// Why an agent admitted by `credential` (a named token checked at `admitted_at`) may
@@ -249,6 +244,20 @@ impl Credentials {
         let named = self.named.read().ok()?;
         let found = Self::admit_in(given, &named)?;
         Some((found, named.generation))
+    }
+
+    /// Whether an agent admitted by `credential` (showing a token of digest `token_digest`,
+    /// or none: empty) would take a name the file gives another token: `name` is listed, and
+    /// it shows that name's token neither as what admitted it nor beside its certificate.
+    pub fn takes_name(&self, name: &str, credential: &Credential, token_digest: &str) -> bool {
+        let own = match credential {
+            Credential::NamedToken(n) => n == name,
+            Credential::Certificate(_) => {
+                !token_digest.is_empty() && self.digest_matches(Some(name), token_digest)
+            }
+            Credential::JoinToken | Credential::Open => false,
+        };
+        !own && self.names(name)
     }
 
     /// Whether the file still names `name` at all.

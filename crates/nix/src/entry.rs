@@ -24,7 +24,19 @@ pub enum Entry {
 
 /// The environment a Nix file's evaluation sees: what Nix needs to reach its store, nothing
 /// else (not NIX_CONFIG, which may hold access tokens).
-pub(crate) const KEPT_ENV: &[&str] = &[
+/// Clears `c`'s environment but for [`KEPT_ENV`] and `also`.
+pub(crate) fn keep_env(c: &mut Command, also: &[&str]) {
+    c.env_clear();
+    for (k, v) in std::env::vars_os() {
+        if k.to_str()
+            .is_some_and(|k| KEPT_ENV.contains(&k) || also.contains(&k))
+        {
+            c.env(k, v);
+        }
+    }
+}
+
+const KEPT_ENV: &[&str] = &[
     "PATH",
     "HOME",
     "USER",
@@ -76,12 +88,7 @@ impl Entry {
         // Without flakes, which `restrict-eval` does not confine (`fetchTree`, `getFlake`).
         c.args(["--experimental-features", "nix-command"]);
         c.args(["--impure", "--option", "restrict-eval", "true"]);
-        c.env_clear();
-        for (k, v) in std::env::vars_os() {
-            if k.to_str().is_some_and(|k| KEPT_ENV.contains(&k)) {
-                c.env(k, v);
-            }
-        }
+        keep_env(c, &[]);
         c.arg("-I").arg(root);
     }
 

@@ -60,19 +60,6 @@ impl Masks {
         Masks(Arc::new(kept.into_iter().map(|(_, c, d)| (c, d)).collect()))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The paths covered.
-    pub fn paths(&self) -> Vec<PathBuf> {
-        use std::os::unix::ffi::OsStrExt;
-        self.0
-            .iter()
-            .map(|(c, _)| PathBuf::from(std::ffi::OsStr::from_bytes(c.as_bytes())))
-            .collect()
-    }
-
     /// A command that runs `program` in mount and PID namespaces of its own, with a /proc
     /// of that PID namespace only (no other process's `/proc/<pid>/root` leads around the
     /// covers) and these paths covered; it fails (exit 125) when they cannot be.

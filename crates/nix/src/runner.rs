@@ -127,6 +127,14 @@ impl Default for Nix {
     }
 }
 
+/// What every Nix command of nixfarm's is run with (`c` runs Nix, or wraps it).
+fn nix_flags(mut c: Command) -> Command {
+    c.args(["--extra-experimental-features", "nix-command flakes"]);
+    c.kill_on_drop(true);
+    c.stdin(Stdio::null());
+    c
+}
+
 /// Escapes a string for a Nix double-quoted string literal.
 pub fn nix_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -180,11 +188,7 @@ pub(crate) fn apply_settings<'a>(
 
 impl Nix {
     pub(crate) fn nix_cmd(&self) -> Command {
-        let mut c = Command::new(&self.nix);
-        c.args(["--extra-experimental-features", "nix-command flakes"]);
-        c.kill_on_drop(true);
-        c.stdin(Stdio::null());
-        c
+        nix_flags(Command::new(&self.nix))
     }
 
     /// `nix --version`, e.g. "nix (Nix) 2.8.0".
@@ -256,20 +260,9 @@ impl Nix {
     pub(crate) fn eval_cmd(&self, substituter: &str) -> Command {
         let mut c = match &self.isolation {
             Some(own) => {
-                let mut c = crate::isolation::Masks::of(own).command(&self.nix);
-                c.args(["--extra-experimental-features", "nix-command flakes"]);
-                c.kill_on_drop(true);
-                c.stdin(Stdio::null());
+                let mut c = nix_flags(crate::isolation::Masks::of(own).command(&self.nix));
                 // None of the agent's environment (its tokens) either: what Nix needs.
-                c.env_clear();
-                for (k, v) in std::env::vars_os() {
-                    let kept = k
-                        .to_str()
-                        .is_some_and(|k| crate::entry::KEPT_ENV.contains(&k) || k == "NIX_CONFIG");
-                    if kept {
-                        c.env(k, v);
-                    }
-                }
+                crate::entry::keep_env(&mut c, &["NIX_CONFIG"]);
                 c
             }
             None => self.nix_cmd(),

@@ -129,12 +129,7 @@ pub(super) fn entry_for(
                 .map_err(|x| refuse(x.0))?;
             overrides.push((o.name.clone(), o.value.clone()));
         }
-        // So are the inputs an uploaded checkout's lock file names (Nix is told to lock
-        // nothing more: `--no-update-lock-file`).
-        if let Some(root) = flake.strip_prefix("path:") {
-            let names: Vec<String> = overrides.iter().map(|(n, _)| n.clone()).collect();
-            check_lock_file(std::path::Path::new(root), &names, allow_local).map_err(refuse)?;
-        }
+        // The flake's own inputs are checked by `check_flake_inputs`, before Nix runs.
         return Ok(Entry::Flake(flake.to_string(), overrides));
     }
     let Some(e) = entry else {

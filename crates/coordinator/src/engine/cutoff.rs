@@ -66,17 +66,7 @@ impl Engine {
         ));
         // A name the file lists now, held by an agent without its token.
         names.extend(self.cut_off(
-            |reg| {
-                let own = match &reg.credential {
-                    Credential::NamedToken(n) => *n == reg.name,
-                    Credential::Certificate(_) => {
-                        !reg.token_digest.is_empty()
-                            && tokens.digest_matches(Some(&reg.name), &reg.token_digest)
-                    }
-                    _ => false,
-                };
-                tokens.names(&reg.name) && !own
-            },
+            |reg| tokens.takes_name(&reg.name, &reg.credential, &reg.token_digest),
             crate::credentials::NAME_RESERVED,
         ));
         names
