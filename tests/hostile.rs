@@ -691,10 +691,29 @@ fn a_locked_input_on_the_agents_own_disk_is_refused() {
 /// agent's signing key, say. Evaluations run where the agent's secret files are empty.
 #[test]
 fn an_evaluation_cannot_read_the_agents_secret_files() {
+    evaluations_cannot_read_secret_files(None);
+}
+
+/// The same for an agent without privileges (the shipped units run it so): its evaluations
+/// run in a user namespace of their own.
+#[test]
+fn an_unprivileged_agents_evaluation_cannot_read_its_secret_files() {
+    evaluations_cannot_read_secret_files(Some(65534));
+}
+
+fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     let dir = scratch();
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
     let (sk, _pk) = cache_key(dir.path(), "agent-key-1");
-    let host = Host::new(&dir.path().join("host"));
+    let host = match user {
+        None => Host::new(&dir.path().join("host")),
+        Some(uid) => {
+            std::os::unix::fs::chown(&sk, Some(uid), Some(uid)).unwrap();
+            Host::unprivileged(&dir.path().join("host"), uid)
+        }
+    };
+    // The agent's key is its own: readable by its user alone.
+    std::fs::set_permissions(&sk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let a = host
         .start_agent("a", &coordinator.url, Some(&sk), 1)
         .unwrap();
@@ -710,6 +729,11 @@ fn an_evaluation_cannot_read_the_agents_secret_files() {
     let keys = dir.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
     std::fs::copy(&sk, keys.join("key")).unwrap();
+    std::fs::set_permissions(
+        keys.join("key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let repo = dir.path().join("reader");
     std::fs::create_dir_all(&repo).unwrap();
     // The key file itself, and a directory holding a copy of it that is no secret of the
@@ -723,6 +747,13 @@ fn an_evaluation_cannot_read_the_agents_secret_files() {
       key = throw "key=[${{builtins.readFile (read "{sk}")}}]";
       viaproc = throw "viaproc=[${{builtins.readFile (read "/proc/{agent_pid}/root{sk}")}}]";
       other = throw "other=[${{builtins.readFile "${{read "{keys}"}}/key"}}]";
+      # Its main program, run by --smoke, prints the key file (straight, and through the
+      # agent's /proc entry) and how many network interfaces it has, and fails: the report
+      # shows what it printed.
+      prog = derivation {{
+        name = "prog"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+        args = [ "-c" ''mkdir -p $out/bin; printf '#!/bin/sh\necho "prog=[$(cat {sk} /proc/{agent_pid}/root{sk})] net=$(grep -c : /proc/net/dev)"; exit 1\n' > $out/bin/prog; chmod +x $out/bin/prog'' ];
+      }};
     }}; }}; }}"#,
             sk = sk.display(),
             keys = keys.display(),
@@ -730,10 +761,24 @@ fn an_evaluation_cannot_read_the_agents_secret_files() {
         ),
     )
     .unwrap();
-    let out = cli(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    let out = cli(
+        &coordinator.url,
+        &["submit", "--smoke", repo.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let run = stdout(&out).trim().to_string();
     let report = wait_terminal(&coordinator.url, &run, Duration::from_secs(120));
+    let prog = report["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["attr"] == "prog")
+        .unwrap();
+    // The built program ran, offline, and read nothing of the key either.
+    assert_eq!(prog["smoke"], "failed", "{prog}");
+    let said = prog["log_tail"].as_str().unwrap();
+    assert!(said.contains("prog=[") && said.contains("net=1"), "{prog}");
+    assert!(!said.contains(&secret), "{prog}");
     let got: std::collections::BTreeMap<String, String> = report["packages"]
         .as_array()
         .unwrap()

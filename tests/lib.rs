@@ -187,6 +187,8 @@ pub struct Host {
     pub netns: Option<String>,
     /// A store on a file system of this many MiB (None: the size of /tmp's).
     pub store_mib: Option<u64>,
+    /// The UID (and GID) its agents run as, owning its store (None: root).
+    pub user: Option<u32>,
 }
 
 /// A network namespace joined to this machine's by a veth pair: a host whose link can be
@@ -292,6 +294,20 @@ impl Host {
             root: root.to_path_buf(),
             netns: None,
             store_mib: None,
+            user: None,
+        }
+    }
+
+    /// A host whose agents run as `uid` (and the group of that number) without any
+    /// privilege, as the shipped units run them, over a store of their own.
+    pub fn unprivileged(root: &Path, uid: u32) -> Host {
+        let host = Host::new(root);
+        for d in ["nix", "home", "work"] {
+            std::os::unix::fs::chown(root.join(d), Some(uid), Some(uid)).expect("chown");
+        }
+        Host {
+            user: Some(uid),
+            ..host
         }
     }
 
@@ -319,6 +335,12 @@ impl Host {
             ),
             None => String::from("set -e; mount --bind \"$NF_HOST/nix\" /nix; exec \"$@\""),
         };
+        if let Some(uid) = self.user {
+            script = script.replace(
+                "exec \"$@\"",
+                &format!("exec setpriv --reuid={uid} --regid={uid} --clear-groups -- \"$@\""),
+            );
+        }
         script.push('\n');
         let mut c = match &self.netns {
             Some(ns) => {

@@ -286,8 +286,9 @@ in
         wantedBy = [ "multi-user.target" ];
         after = [ "network-online.target" "nix-daemon.socket" "nix-daemon.service" ];
         wants = [ "network-online.target" ];
-        # nix and nix-store; git for git flake inputs.
-        path = [ config.nix.package pkgs.git ];
+        # nix and nix-store; git for git flake inputs; unshare and setpriv, which isolate
+        # evaluations and smoke tests from the agent's secrets.
+        path = [ config.nix.package pkgs.git pkgs.util-linux ];
         environment = {
           # Builds go through the daemon (builders run in its sandbox, not in this unit);
           # a local store would need namespaces, build users and a writable /nix.
@@ -319,6 +320,16 @@ in
           TimeoutStopSec = cfgA.settings.drain_timeout_secs + 60;
           Restart = "on-failure";
           RestartSec = "5s";
+          # Evaluations and smoke tests run in namespaces of the agent's own (user, mount,
+          # PID, network) where its secret files are hidden and /proc shows only their own
+          # processes. That /proc can be mounted only while nothing covers parts of the
+          # unit's, hence no ProtectKernelTunables/Logs (the agent is unprivileged: it can
+          # write no sysctl nor read the kernel log either way); the mounts and the dropping
+          # of the namespace's capabilities need @mount and capset.
+          ProtectKernelTunables = false;
+          ProtectKernelLogs = false;
+          RestrictNamespaces = "user mnt pid net";
+          SystemCallFilter = hardening.SystemCallFilter ++ [ "@mount" "capset" ];
         };
       };
     })

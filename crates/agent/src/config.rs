@@ -137,7 +137,7 @@ impl AgentConfig {
         }
         if !nixfarm_nix::isolation::can_isolate() {
             tracing::warn!(
-                "evaluations are not isolated from this host's files: this agent cannot make mount namespaces (run it as root, or with CAP_SYS_ADMIN); a repository's code can read whatever the agent's user can, its token files included"
+                "evaluations and smoke tests are not isolated from this host's files: this agent cannot make a user namespace with mount, PID and network namespaces and a /proc of its own (it needs util-linux 2.38's unshare and setpriv; a systemd unit must allow them: deploy/README.md); a repository's code can read whatever the agent's user can, its token files included"
             );
             return None;
         }

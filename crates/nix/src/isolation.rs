@@ -5,6 +5,12 @@
 //! agent's secret files and the usual places of a host's secrets are empty, with none of the
 //! agent's environment but what Nix needs, and in a PID namespace with a /proc of its own
 //! (through another process's `/proc/<pid>/root` every cover would be stepped around).
+//!
+//! Root makes these namespaces directly. An unprivileged agent (the shipped systemd unit,
+//! NixOS module and container) makes a user namespace first, in which its own UID and GID
+//! map to themselves: the evaluation runs as the agent's user, as it would without the
+//! namespaces, and the capabilities the namespace grants are dropped (`setpriv`) once the
+//! covers are in place, so Nix runs with none.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -64,59 +70,190 @@ impl Masks {
     /// of that PID namespace only (no other process's `/proc/<pid>/root` leads around the
     /// covers) and these paths covered; it fails (exit 125) when they cannot be.
     pub(crate) fn command(&self, program: &Path) -> tokio::process::Command {
+        self.command_in(program, false)
+    }
+
+    /// `program` (a built package's) as [`Masks::command`] runs it, but with no network
+    /// either and the Nix daemon's socket covered as well: a program may not ask the daemon
+    /// for anything in the agent's name (a trusted user may add unsigned paths to the store
+    /// the agent pushes from).
+    pub fn offline_command(&self, program: &Path) -> tokio::process::Command {
+        self.command_in(program, true)
+    }
+
+    fn command_in(&self, program: &Path, offline: bool) -> tokio::process::Command {
         use std::os::unix::ffi::OsStrExt;
         let mut c = tokio::process::Command::new("unshare");
-        c.args([
-            "--mount",
-            "--pid",
-            "--fork",
-            "--kill-child=SIGTERM",
-            "--mount-proc",
-        ]);
-        c.args([
-            "--propagation",
-            "private",
-            "--",
-            "/bin/sh",
-            "-c",
-            COVER,
-            "nixfarm-eval",
-        ]);
+        if offline {
+            // A network namespace with nothing in it but a loopback that is down.
+            c.arg("--net");
+        }
+        // Before the namespaces' arguments, which end with the shell's.
+        c.arg("--kill-child=SIGTERM");
+        c.args(Namespaces::for_this_process().unshare_args());
         for (p, _) in self.0.iter() {
             c.arg(std::ffi::OsStr::from_bytes(p.as_bytes()));
+        }
+        if offline && Path::new(DAEMON_SOCKET_DIR).is_dir() {
+            c.arg(DAEMON_SOCKET_DIR);
         }
         c.arg("--").arg(program);
         c
     }
 }
 
+/// Where the Nix daemon listens (Nix's default `nix-daemon` socket path's directory).
+const DAEMON_SOCKET_DIR: &str = "/nix/var/nix/daemon-socket";
+
+/// How the namespaces are made: by root directly, or by anyone else inside a user
+/// namespace of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Namespaces {
+    Root,
+    /// The agent's own UID and GID, mapped to themselves.
+    User {
+        uid: u32,
+        gid: u32,
+    },
+}
+
+impl Namespaces {
+    fn for_this_process() -> Namespaces {
+        // SAFETY: geteuid and getegid cannot fail and touch no memory of ours.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        if uid == 0 {
+            Namespaces::Root
+        } else {
+            Namespaces::User { uid, gid }
+        }
+    }
+
+    /// `unshare`'s arguments up to the program's (the covered paths, `--`, the program).
+    fn unshare_args(self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        let cover = match self {
+            Namespaces::Root => COVER_AS_ROOT,
+            Namespaces::User { uid, gid } => {
+                v.extend([
+                    "--user".to_string(),
+                    format!("--map-user={uid}"),
+                    format!("--map-group={gid}"),
+                    // The shell needs CAP_SYS_ADMIN (of this namespace only) to mount;
+                    // it drops every capability before Nix starts.
+                    "--keep-caps".to_string(),
+                ]);
+                COVER_AS_USER
+            }
+        };
+        v.extend(
+            [
+                "--mount",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--propagation",
+                "private",
+                "--",
+                "/bin/sh",
+                "-c",
+                cover,
+                "nixfarm-eval",
+            ]
+            .map(String::from),
+        );
+        v
+    }
+}
+
 /// Covers each argument before `--` (a directory by an empty read-only file system, a file
 /// by /dev/null), then runs what follows it.
-const COVER: &str = r#"while [ "$1" != -- ]; do
+macro_rules! cover {
+    ($exec:literal) => {
+        concat!(
+            r#"while [ "$1" != -- ]; do
   if [ -d "$1" ]; then mount -t tmpfs -o ro,nosuid,nodev,noexec,size=4k,mode=0755 nixfarm-masked "$1" || exit 125
   elif [ -e "$1" ]; then mount --bind /dev/null "$1" || exit 125
   fi
   shift
 done
 shift
-exec "$@""#;
+"#,
+            $exec
+        )
+    };
+}
+const COVER_AS_ROOT: &str = cover!(r#"exec "$@""#);
+/// The same, then without any capability: none inherited, none ambient, none to regain.
+const COVER_AS_USER: &str =
+    cover!(r#"exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@""#);
 
-/// Whether this process may make the namespaces [`Masks::command`] needs (root, or
-/// CAP_SYS_ADMIN): tried once.
+/// Whether this process may make the namespaces [`Masks::command`] and
+/// [`Masks::offline_command`] need: root, or a user whose kernel, `unshare` (util-linux
+/// 2.38 or later) and service manager allow a user namespace with mount, PID and network
+/// namespaces and a /proc of its own. Tried once, covering a directory as an evaluation
+/// would.
 pub fn can_isolate() -> bool {
+    let probe = std::env::temp_dir();
     let mut c = std::process::Command::new("unshare");
-    c.args([
-        "--mount",
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--",
-        "/bin/sh",
-        "-c",
-    ])
-    .arg(COVER)
-    .args(["nixfarm-eval", "--", "/bin/sh", "-c", "exit 0"])
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
+    c.arg("--net")
+        .args(Namespaces::for_this_process().unshare_args())
+        .arg(&probe)
+        .args(["--", "/bin/sh", "-c", "exit 0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     c.status().is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// What an evaluation started by an unprivileged agent sees: its own user, no
+    /// capability, the covered file empty, the uncovered one whole, and no process of the
+    /// host in /proc.
+    #[test]
+    fn an_unprivileged_agents_evaluation_runs_covered_and_without_capabilities() {
+        const NOBODY: u32 = 65534;
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, other) = (dir.path().join("secret"), dir.path().join("other"));
+        std::fs::write(&secret, "s3cret").unwrap();
+        std::fs::write(&other, "plain").unwrap();
+        for p in [dir.path(), &secret, &other] {
+            std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        let script = "id -u; cat \"$1\"; echo; cat \"$2\"; echo; grep CapEff /proc/self/status; ls /proc | grep -c '^[0-9]'";
+        let out = std::process::Command::new("unshare")
+            .args(
+                Namespaces::User {
+                    uid: NOBODY,
+                    gid: NOBODY,
+                }
+                .unshare_args(),
+            )
+            .arg(&secret)
+            .args(["--", "/bin/sh", "-c", script, "probe"])
+            .args([&secret, &other])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], NOBODY.to_string(), "{text}");
+        assert_eq!(lines[1], "", "{text}");
+        assert_eq!(lines[2], "plain", "{text}");
+        assert_eq!(
+            lines[3].split_whitespace().last(),
+            Some("0000000000000000"),
+            "{text}"
+        );
+        // unshare's child, the shell it runs and ls: nothing of the host.
+        assert!(lines[4].parse::<u32>().unwrap() <= 3, "{text}");
+    }
 }

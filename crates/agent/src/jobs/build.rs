@@ -235,7 +235,12 @@ pub(super) async fn build(
             }
             if let Some(smoke) = &j.smoke {
                 let program = smoke.main_program.as_deref().unwrap_or("");
-                let (outcome, output) = super::smoke::smoke(&paths, program).await;
+                let covers = shared
+                    .nix
+                    .isolation
+                    .as_ref()
+                    .map(|own| nixfarm_nix::isolation::Masks::of(own));
+                let (outcome, output) = super::smoke::smoke(&paths, program, covers.as_ref()).await;
                 r.smoke = match outcome {
                     nixfarm_core::Smoke::Passed => pb::SmokeOutcome::SmokePassed,
                     nixfarm_core::Smoke::Failed => pb::SmokeOutcome::SmokeFailed,

@@ -3,6 +3,7 @@
 //! that dies at start (a missing library, a broken wrapper) fails the package.
 
 use nixfarm_core::Smoke;
+use nixfarm_nix::isolation::Masks;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -37,8 +38,14 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Runs the package's main program; the output starts with what ran and how it ended.
-pub async fn smoke(outputs: &[String], main_program: &str) -> (Smoke, String) {
+/// Runs the package's main program; the output starts with what ran and how it ended. An
+/// agent that is not root runs it as itself, under `covers` (its evaluations' covers, which
+/// hide its secret files) when it has them.
+pub async fn smoke(
+    outputs: &[String],
+    main_program: &str,
+    covers: Option<&Masks>,
+) -> (Smoke, String) {
     let Some(prog) = program(outputs, main_program) else {
         let why = if main_program.is_empty() {
             "no meta.mainProgram and not exactly one executable in bin/"
@@ -61,7 +68,7 @@ pub async fn smoke(outputs: &[String], main_program: &str) -> (Smoke, String) {
     }
     let mut tried = Vec::new();
     for flag in ["--version", "--help"] {
-        let (ok, ended, out) = run_once(&prog, flag, home.path()).await;
+        let (ok, ended, out) = run_once(&prog, flag, home.path(), covers).await;
         let name = prog.file_name().map_or_else(
             || prog.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
@@ -161,13 +168,21 @@ async fn isolation() -> Option<Result<&'static Isolation, &'static str>> {
 
 /// One invocation: (exited 0, how it ended, its output's tail). The program is a build's
 /// output, so anything: as root, it runs as [`SMOKE_UID`] with no network, in a PID
-/// namespace of its own (whatever it leaves running dies with it); otherwise in a process
-/// group of its own, killed after. At most [`MAX_OUTPUT`] bytes of each stream are read.
-async fn run_once(prog: &Path, flag: &str, home: &Path) -> (bool, String, String) {
-    let mut c = match isolation().await {
-        Some(Ok(i)) => i.command(prog),
-        Some(Err(why)) => return (false, format!("could not start: {why}"), String::new()),
-        None => tokio::process::Command::new(prog),
+/// namespace of its own (whatever it leaves running dies with it); otherwise under `covers`
+/// (namespaces of its own too, the agent's secrets and the Nix daemon hidden, no network),
+/// or, without them, as the agent does. Either way in a process group of its own, killed
+/// after. At most [`MAX_OUTPUT`] bytes of each stream are read.
+async fn run_once(
+    prog: &Path,
+    flag: &str,
+    home: &Path,
+    covers: Option<&Masks>,
+) -> (bool, String, String) {
+    let mut c = match (isolation().await, covers) {
+        (Some(Ok(i)), _) => i.command(prog),
+        (Some(Err(why)), _) => return (false, format!("could not start: {why}"), String::new()),
+        (None, Some(m)) => m.offline_command(prog),
+        (None, None) => tokio::process::Command::new(prog),
     };
     c.arg(flag)
         .env_clear()
@@ -269,7 +284,7 @@ mod tests {
                 late = late.display()
             ),
         );
-        let (s, text) = smoke(&[out.display().to_string()], "").await;
+        let (s, text) = smoke(&[out.display().to_string()], "", None).await;
         assert_eq!(s, Smoke::Passed, "{text}");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!late.exists(), "a process the program left behind ran on");
@@ -288,7 +303,7 @@ mod tests {
             "tool",
             "[ \"$1\" = --help ] || exit 2; i=0; while [ $i -lt 2000 ]; do echo \"line $i of a long help text\"; i=$((i+1)); done",
         );
-        let (s, text) = smoke(&[out.display().to_string()], "").await;
+        let (s, text) = smoke(&[out.display().to_string()], "", None).await;
         assert_eq!(s, Smoke::Passed, "{text}");
         assert!(text.len() <= 2 * MAX_OUTPUT + 200, "{} bytes", text.len());
         // Endless output: only the first bytes are kept, and the time limit stops it.
@@ -298,7 +313,7 @@ mod tests {
             "[ \"$1\" = --version ] && exec yes 0123456789abcdef; exit 0",
         );
         let started = std::time::Instant::now();
-        let (s, text) = smoke(&[out.display().to_string()], "").await;
+        let (s, text) = smoke(&[out.display().to_string()], "", None).await;
         assert_eq!(s, Smoke::Passed, "{text}");
         assert!(text.len() <= 2 * MAX_OUTPUT + 200, "{} bytes", text.len());
         assert!(
@@ -318,19 +333,19 @@ mod tests {
             "[ \"$1\" = --help ] && echo usage && exit 0; exit 2",
         );
         let outs = vec![out.display().to_string()];
-        let (s, text) = smoke(&outs, "").await;
+        let (s, text) = smoke(&outs, "", None).await;
         assert_eq!(s, Smoke::Passed, "{text}");
         assert!(text.starts_with("`tool --help` exited 0"), "{text}");
         // Two programs and no mainProgram: nothing to pick.
         script(&out, "other", "exit 0");
-        assert_eq!(smoke(&outs, "").await.0, Smoke::Skipped);
+        assert_eq!(smoke(&outs, "", None).await.0, Smoke::Skipped);
         // meta.mainProgram picks one; a failing one says why.
         script(
             &out,
             "broken",
             "echo 'error while loading shared libraries: libfoo.so' >&2; exit 127",
         );
-        let (s, text) = smoke(&outs, "broken").await;
+        let (s, text) = smoke(&outs, "broken", None).await;
         assert_eq!(s, Smoke::Failed);
         assert!(
             text.contains("`broken --version` exited 127") && text.contains("libfoo.so"),
@@ -338,7 +353,7 @@ mod tests {
         );
         // No bin/ at all: a library.
         assert_eq!(
-            smoke(&[d.path().join("lib").display().to_string()], "")
+            smoke(&[d.path().join("lib").display().to_string()], "", None)
                 .await
                 .0,
             Smoke::Skipped
