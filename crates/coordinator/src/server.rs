@@ -343,6 +343,7 @@ pub async fn start_with_listener(
             per_client: l.max_uploads_per_client,
             idle: Duration::from_secs(l.upload_idle_secs),
         },
+        engine.snapshots_lock(),
     );
     let run_svc = RunServiceServer::new(RunSvc {
         engine: engine.clone(),
@@ -535,18 +536,12 @@ pub async fn start_with_listener(
 
 /// Removes the uploaded snapshots no run needs (see [`crate::upload::sweep_snapshots`]).
 async fn sweep_snapshots(engine: &Engine) {
-    let wanted = match engine.snapshots_wanted(crate::upload::SNAPSHOT_KEEP) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!("cannot tell which snapshots runs need: {e}");
-            return;
-        }
-    };
-    let dir = engine.sources_dir().to_path_buf();
-    let removed =
-        tokio::task::spawn_blocking(move || crate::upload::sweep_snapshots(&dir, &wanted)).await;
-    if let Ok(n @ 1..) = removed {
-        tracing::info!(removed = n, "removed uploaded snapshots no run needs");
+    let engine = engine.clone();
+    match tokio::task::spawn_blocking(move || engine.sweep_snapshots()).await {
+        Ok(Ok(n @ 1..)) => tracing::info!(removed = n, "removed uploaded snapshots no run needs"),
+        Ok(Ok(0)) => {}
+        Ok(Err(e)) => tracing::warn!("cannot tell which snapshots runs need: {e}"),
+        Err(e) => tracing::warn!("the sweep of uploaded snapshots failed: {e}"),
     }
 }
 

@@ -25,9 +25,26 @@ pub struct UploadLimits {
     pub idle: Duration,
 }
 
+/// Held while an upload puts its snapshot in place, while a submit checks the snapshot it
+/// names and stores its run, and while the sweep decides what to remove and removes it: no
+/// run is accepted on a snapshot the sweep is removing, and no snapshot is removed in the
+/// instant an upload of the same content lands on it.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotsLock(Arc<Mutex<()>>);
+
+impl SnapshotsLock {
+    pub fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        // It guards no data: a panic while it was held left nothing half-done.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Admits and receives uploads into the coordinator's sources directory.
 pub struct Uploads {
     dir: PathBuf,
+    placed: SnapshotsLock,
     limits: UploadLimits,
     total: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
@@ -62,7 +79,8 @@ pub const UNCLAIMED_KEEP: Duration = Duration::from_secs(3600);
 
 /// Removes from `dir` the snapshots (`<digest>.tar`) not in `wanted` and older than
 /// [`UNCLAIMED_KEEP`]: an upload needs no run, so without this a client could fill the
-/// state directory (which holds the database too). Returns how many went.
+/// state directory (which holds the database too). Returns how many went. Called with the
+/// [`SnapshotsLock`] held since `wanted` was read.
 pub fn sweep_snapshots(dir: &Path, wanted: &std::collections::HashSet<String>) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -101,8 +119,9 @@ impl Drop for Partial {
 }
 
 impl Uploads {
-    /// Uploads into `dir`; partial uploads a crash left behind are removed.
-    pub fn new(dir: &Path, limits: UploadLimits) -> Arc<Uploads> {
+    /// Uploads into `dir`, placed under `placed`; partial uploads a crash left behind are
+    /// removed.
+    pub fn new(dir: &Path, limits: UploadLimits, placed: SnapshotsLock) -> Arc<Uploads> {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(".upload-") {
@@ -112,6 +131,7 @@ impl Uploads {
         }
         Arc::new(Uploads {
             dir: dir.to_path_buf(),
+            placed,
             limits,
             total: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
             per_client: Mutex::new(HashMap::new()),
@@ -205,9 +225,15 @@ impl Uploads {
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let digest = data_encoding::HEXLOWER.encode(&hasher.finalize());
-        tokio::fs::rename(&tmp, self.dir.join(format!("{digest}.tar")))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let (placed, dest) = (self.placed.clone(), self.dir.join(format!("{digest}.tar")));
+        let from = tmp.clone();
+        tokio::task::spawn_blocking(move || {
+            let _held = placed.hold();
+            std::fs::rename(&from, &dest)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
         partial.0 = None;
         Ok((digest, size))
     }
@@ -294,10 +320,55 @@ mod tests {
         assert!(dir.path().join("notes.txt").exists());
     }
 
+    /// The sweep finds an old copy of a snapshot no run wants while the same snapshot is
+    /// uploaded again: the upload lands after the sweep, and stays.
+    // The test holds the lock across its wait on purpose, standing in for a sweep; only the
+    // upload's blocking thread asks for it meanwhile.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test]
+    async fn an_upload_landing_during_a_sweep_is_not_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = SnapshotsLock::default();
+        let up = Uploads::new(dir.path(), limits(), lock.clone());
+        let bytes = tar_of(&[("flake.nix", b"{}")]);
+        let digest = snapshot::digest(&bytes);
+        let p = dir.path().join(format!("{digest}.tar"));
+        std::fs::write(&p, &bytes).unwrap();
+        let old = std::time::SystemTime::now() - UNCLAIMED_KEEP - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let held = lock.hold();
+        let uploading = tokio::spawn({
+            let up = up.clone();
+            async move {
+                let slot = up.admit(None).unwrap();
+                up.receive(&slot, Chunks(vec![bytes].into_iter(), false))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The sweep, holding the lock: the copy it finds is old and nobody's.
+        assert_eq!(
+            sweep_snapshots(dir.path(), &std::collections::HashSet::new()),
+            1
+        );
+        drop(held);
+        assert_eq!(uploading.await.unwrap().unwrap().0, digest);
+        assert!(p.is_file());
+        assert_eq!(
+            sweep_snapshots(dir.path(), &std::collections::HashSet::new()),
+            0
+        );
+    }
+
     #[tokio::test]
     async fn an_upload_is_streamed_checked_and_stored_under_its_digest() {
         let dir = tempfile::tempdir().unwrap();
-        let up = Uploads::new(dir.path(), limits());
+        let up = Uploads::new(dir.path(), limits(), SnapshotsLock::default());
         let bytes = tar_of(&[("flake.nix", b"{}")]);
         let slot = up.admit(None).unwrap();
         let chunks = bytes.chunks(100).map(<[u8]>::to_vec).collect::<Vec<_>>();
@@ -313,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn uploads_are_capped_in_size_number_and_idle_time_and_leave_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let up = Uploads::new(dir.path(), limits());
+        let up = Uploads::new(dir.path(), limits(), SnapshotsLock::default());
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let slot = up.admit(Some(ip)).unwrap();
         let e = up.admit(Some(ip)).err().unwrap();

@@ -251,6 +251,8 @@ pub struct Engine {
     gate: Arc<std::sync::OnceLock<crate::credentials::Gate>>,
     /// Set when the state store failed in the middle of a step (batch.rs).
     halt: Arc<batch::Halt>,
+    /// Between submits, uploads and the sweep of uploaded snapshots.
+    snapshots: crate::upload::SnapshotsLock,
 }
 
 /// A run's package counts: (total, ready, per status).
@@ -364,6 +366,7 @@ impl Engine {
             failed_check: Arc::default(),
             halt: Arc::default(),
             gate: Arc::default(),
+            snapshots: Default::default(),
         };
         engine.recover()?;
         Ok(engine)
@@ -387,6 +390,11 @@ impl Engine {
 
     pub fn sources_dir(&self) -> &std::path::Path {
         &self.sources_dir
+    }
+
+    /// What uploads into [`Engine::sources_dir`] hold while they put a snapshot in place.
+    pub fn snapshots_lock(&self) -> crate::upload::SnapshotsLock {
+        self.snapshots.clone()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {

@@ -24,10 +24,15 @@ impl Engine {
     }
 
     /// The snapshots runs still need: those of runs going on, or begun in the last `keep`.
-    pub fn snapshots_wanted(
-        &self,
-        keep: std::time::Duration,
-    ) -> Result<HashSet<String>, EngineError> {
+    /// Removes the uploaded snapshots no run needs (see [`crate::upload::sweep_snapshots`]),
+    /// holding off submits and uploads meanwhile; blocking. Returns how many went.
+    pub fn sweep_snapshots(&self) -> Result<usize, EngineError> {
+        let _held = self.snapshots.hold();
+        let wanted = self.snapshots_wanted(crate::upload::SNAPSHOT_KEEP)?;
+        Ok(crate::upload::sweep_snapshots(&self.sources_dir, &wanted))
+    }
+
+    fn snapshots_wanted(&self, keep: std::time::Duration) -> Result<HashSet<String>, EngineError> {
         let since = self.clock.now_ms() - keep.as_millis().min(i64::MAX as u128) as i64;
         let runs = self.lock().db.runs()?;
         Ok(runs

@@ -1,4 +1,5 @@
-//! Reads: a report is read beside the engine, and says what the engine's own would.
+//! Reads: a report is read beside the engine, and says what the engine's own would; which
+//! uploaded snapshots runs still need.
 
 use super::tests::{build_assigned, connect_agent, one_package_run};
 use super::*;
@@ -82,4 +83,47 @@ pub(super) fn flake_run() -> RunSpec {
         cross_check_builds: false,
         entry: Default::default(),
     }
+}
+
+/// The sweep keeps the snapshots of runs going on and of runs begun in the last week, and
+/// removes the rest once they are an hour old; a submit naming one it removed is refused.
+#[test]
+fn uploaded_snapshots_stay_while_a_run_needs_them() {
+    let (engine, clock, _dir) = super::tests::test_engine(EngineOptions::default());
+    let digest = |c: char| c.to_string().repeat(64);
+    let old = std::time::SystemTime::now() - crate::upload::UNCLAIMED_KEEP * 2;
+    for c in ['a', 'b', 'c'] {
+        let p = engine.sources_dir().join(format!("{}.tar", digest(c)));
+        std::fs::write(&p, b"tar").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let on = |c: char| RunSpec {
+        source: SourceSpec::Snapshot(digest(c)),
+        ..super::tests::flake_run()
+    };
+    engine.submit(on('a')).unwrap();
+    let ended = engine.submit(on('b')).unwrap();
+    assert!(engine.cancel(&ended).unwrap());
+    let left = || {
+        ['a', 'b', 'c'].map(|c| {
+            engine
+                .sources_dir()
+                .join(format!("{}.tar", digest(c)))
+                .is_file()
+        })
+    };
+    // c: no run names it.
+    assert_eq!(engine.sweep_snapshots().unwrap(), 1);
+    assert_eq!(left(), [true, true, false]);
+    let e = engine.submit(on('c')).unwrap_err().to_string();
+    assert!(e.contains("upload it first"), "{e}");
+    // A week on: b's run ended long ago; a's is still evaluating.
+    clock.advance(crate::upload::SNAPSHOT_KEEP.as_millis() as i64 + 1);
+    assert_eq!(engine.sweep_snapshots().unwrap(), 1);
+    assert_eq!(left(), [true, false, false]);
 }

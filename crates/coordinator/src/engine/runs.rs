@@ -48,6 +48,8 @@ impl Engine {
         if spec.attr_path.trim().is_empty() && spec.entry.file.is_empty() {
             return Err(EngineError::Invalid("the attribute path is empty".into()));
         }
+        // Until the run is stored: the sweep then counts it as wanting its snapshot.
+        let _snapshots = self.snapshots.hold();
         match &spec.source {
             SourceSpec::Snapshot(d) => {
                 if !self.sources_dir.join(format!("{d}.tar")).is_file() {
