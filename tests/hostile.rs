@@ -754,6 +754,12 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
         name = "prog"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
         args = [ "-c" ''mkdir -p $out/bin; printf '#!/bin/sh\necho "prog=[$(cat {sk} /proc/{agent_pid}/root{sk})] net=$(grep -c : /proc/net/dev)"; exit 1\n' > $out/bin/prog; chmod +x $out/bin/prog'' ];
       }};
+      # A build that prints the key file (straight, and through the agent's /proc entry)
+      # and fails, so the report shows its log.
+      peek = derivation {{
+        name = "peek"; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+        args = [ "-c" ''echo "peek=[$(cat {sk} /proc/{agent_pid}/root{sk} 2>&1)]"; exit 1'' ];
+      }};
     }}; }}; }}"#,
             sk = sk.display(),
             keys = keys.display(),
@@ -779,6 +785,20 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     let said = prog["log_tail"].as_str().unwrap();
     assert!(said.contains("prog=[") && said.contains("net=1"), "{prog}");
     assert!(!said.contains(&secret), "{prog}");
+    // An unprivileged agent's builds run as its user (no build users, no sandbox): they
+    // get the same covers. A root agent's run as root here (these hosts have no build
+    // users), which no cover confines.
+    if user.is_some() {
+        let peek = report["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["attr"] == "peek")
+            .unwrap();
+        let log = peek["log_tail"].as_str().unwrap();
+        assert!(log.contains("peek=["), "{peek}");
+        assert!(!log.contains(&secret), "{peek}");
+    }
     let got: std::collections::BTreeMap<String, String> = report["packages"]
         .as_array()
         .unwrap()

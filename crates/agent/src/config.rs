@@ -127,6 +127,11 @@ impl AgentConfig {
             .map_err(|e| anyhow::anyhow!("{} is not a valid agent config: {e}", path.display()))
     }
 
+    /// Where the farm cache's credentials are written for Nix (a netrc file).
+    pub fn farm_netrc(&self) -> PathBuf {
+        self.work_dir.join("farm-cache.netrc")
+    }
+
     /// What evaluations may not read (see `nixfarm_nix::isolation`): this agent's secret files
     /// and the host's usual secret places. None
     /// for a single user's own farm (`allow_local_flake_refs`), or where this process cannot
@@ -143,7 +148,7 @@ impl AgentConfig {
         }
         // The agent's process (its environment holds its tokens) is not in the PID namespace
         // an evaluation runs in.
-        let mut own = vec![self.work_dir.join("farm-cache.netrc")];
+        let mut own = vec![self.farm_netrc()];
         own.extend(self.token_file.iter().cloned());
         own.extend(self.signing_key_file.iter().cloned());
         own.extend(self.tls_key_file.iter().cloned());

@@ -64,7 +64,7 @@ pub(crate) fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<Farm
             !clear
         });
     let netrc = token.as_ref().and_then(|t| {
-        let path = shared.cfg.work_dir.join("farm-cache.netrc");
+        let path = shared.cfg.farm_netrc();
         let machine = host.trim_start_matches('[').trim_end_matches(']');
         let text = format!("machine {machine} login nixfarm password {t}\n");
         write_file(&path, &text, 0o600)

@@ -174,10 +174,14 @@ impl Agent {
         nix.nix = cfg.nix_bin.join("nix");
         nix.nix_store = cfg.nix_bin.join("nix-store");
         nix.eval_deadline = Duration::from_secs(cfg.eval_timeout_secs);
+        let isolation = cfg.isolation();
+        // The builds fetch from the farm cache with its netrc.
+        let readable = [cfg.farm_netrc()];
         let mut nix = nix
             .with_declining_hook(&cfg.work_dir)
+            .with_build_isolation(isolation.as_ref(), &readable)
             .with_daemon(&cfg.work_dir);
-        nix.isolation = cfg.isolation();
+        nix.isolation = isolation;
         Ok(Agent {
             shared: Arc::new(Shared {
                 cfg,

@@ -35,9 +35,28 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The settings a daemon is started with (`--option NAME VALUE`): those of one kind of build.
 pub(crate) type Settings = Vec<(String, String)>;
 
+/// Whether builds land in a store this process owns: no `NIX_REMOTE` naming another, and
+/// the store's state directory writable here.
+fn owns_store() -> bool {
+    let remote = std::env::var("NIX_REMOTE").unwrap_or_default();
+    let state = std::env::var_os("NIX_STATE_DIR")
+        .map_or_else(|| PathBuf::from("/nix/var/nix"), PathBuf::from);
+    let probe = if state.exists() {
+        state
+    } else {
+        PathBuf::from("/nix")
+    };
+    let writable = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+        // SAFETY: access(2) reads a NUL-terminated path we own; no memory is written.
+        .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
+    (remote.is_empty() || remote == "local") && writable
+}
+
 /// Idle connections by the settings they were started with.
 pub(crate) struct DaemonPool {
     program: PathBuf,
+    /// What its daemons' builds may not read (see [`Nix::with_build_isolation`]).
+    covers: Option<Arc<Vec<PathBuf>>>,
     disabled: AtomicBool,
     idle: Mutex<Vec<Idle>>,
     /// Each daemon being started ahead ([`DaemonPool::prewarm`]).
@@ -90,9 +109,14 @@ struct Idle {
 
 impl DaemonPool {
     /// Daemons running `program`, their narinfo caches under `cache_base`.
-    pub(crate) fn new(program: PathBuf, cache_base: PathBuf) -> DaemonPool {
+    pub(crate) fn new(
+        program: PathBuf,
+        cache_base: PathBuf,
+        covers: Option<Arc<Vec<PathBuf>>>,
+    ) -> DaemonPool {
         DaemonPool {
             program,
+            covers,
             disabled: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             ahead: Mutex::new(Vec::new()),
@@ -158,7 +182,7 @@ impl DaemonPool {
             }
         }
         let cache = self.caches.take();
-        let started = Conn::start(&self.program, settings, cache, nice);
+        let started = Conn::start(&self.program, self.covers.as_deref(), settings, cache, nice);
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
             Ok(Ok(c)) => Some(c),
             Ok(Err(e)) => {
@@ -240,7 +264,8 @@ impl DaemonPool {
             tokio::spawn(async move {
                 let pool = &guard.pool;
                 let cache = pool.caches.take();
-                let started = Conn::start(&pool.program, &settings, cache, 0);
+                let started =
+                    Conn::start(&pool.program, pool.covers.as_deref(), &settings, cache, 0);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
                     Ok(Ok(c)) => pool.put(settings, c),
                     Ok(Err(e)) => pool.disable(&e.to_string()),
@@ -365,18 +390,7 @@ impl Nix {
     /// `nix-store --realise` by itself if no daemon can be started. Each daemon keeps its
     /// narinfo cache in a directory of its own under `work_dir/nix-cache`.
     pub fn with_daemon(mut self, work_dir: &std::path::Path) -> Nix {
-        let remote = std::env::var("NIX_REMOTE").unwrap_or_default();
-        let state = std::env::var_os("NIX_STATE_DIR")
-            .map_or_else(|| PathBuf::from("/nix/var/nix"), PathBuf::from);
-        let probe = if state.exists() {
-            state
-        } else {
-            PathBuf::from("/nix")
-        };
-        let writable = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
-            // SAFETY: access(2) reads a NUL-terminated path we own; no memory is written.
-            .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
-        if !(remote.is_empty() || remote == "local") || !writable {
+        if !owns_store() {
             tracing::info!("builds use nix-store --realise: the store is not this process's own");
             return self;
         }
@@ -387,7 +401,33 @@ impl Nix {
         self.daemon = Some(std::sync::Arc::new(crate::daemon::DaemonPool::new(
             program,
             work_dir.join("nix-cache"),
+            self.build_covers.clone(),
         )));
+        self
+    }
+
+    /// Builds in a store this process owns run as its user when that is not root (there
+    /// are no build users then, and no sandbox here): they get the covers evaluations get
+    /// (`own`), but for `readable` (what Nix itself reads while building: the farm cache's
+    /// netrc). Call before [`Nix::with_daemon`], whose daemons run so. Builds through a
+    /// system daemon run as its build users, and a root agent's as root or its build users:
+    /// neither is covered.
+    pub fn with_build_isolation(
+        mut self,
+        own: Option<&std::sync::Arc<Vec<PathBuf>>>,
+        readable: &[PathBuf],
+    ) -> Nix {
+        if let Some(own) = own
+            && !crate::isolation::is_root()
+            && owns_store()
+        {
+            let covered = own
+                .iter()
+                .filter(|p| !readable.contains(p))
+                .cloned()
+                .collect();
+            self.build_covers = Some(std::sync::Arc::new(covered));
+        }
         self
     }
 

@@ -102,6 +102,21 @@ impl Masks {
     }
 }
 
+/// `program` (a Nix that builds) under `covers` when given: its builders run in its
+/// namespaces, as the agent's user with the agent's secret files covered and none of the
+/// agent's processes in their /proc. The environment is left as it is (Nix's settings).
+pub(crate) fn build_command(program: &Path, covers: Option<&[PathBuf]>) -> tokio::process::Command {
+    match covers {
+        Some(own) => Masks::of(own).command(program),
+        None => tokio::process::Command::new(program),
+    }
+}
+
+/// Whether this process runs as root (and makes namespaces without a user namespace).
+pub(crate) fn is_root() -> bool {
+    Namespaces::for_this_process() == Namespaces::Root
+}
+
 /// Where the Nix daemon listens (Nix's default `nix-daemon` socket path's directory).
 const DAEMON_SOCKET_DIR: &str = "/nix/var/nix/daemon-socket";
 

@@ -106,6 +106,9 @@ pub struct Nix {
     /// are the agent's own secret files (covered whenever they exist, as a file written
     /// later does). None: they read all they can (a single user's own farm).
     pub isolation: Option<std::sync::Arc<Vec<PathBuf>>>,
+    /// What builds in this process's own store may not read (see
+    /// [`Nix::with_build_isolation`]); None: builds are not covered.
+    pub(crate) build_covers: Option<std::sync::Arc<Vec<PathBuf>>>,
 }
 
 /// Most JSON one Nix command may print, bytes.
@@ -123,6 +126,7 @@ impl Default for Nix {
             daemon: None,
             eval_deadline: EVAL_DEADLINE,
             isolation: None,
+            build_covers: None,
         }
     }
 }
@@ -348,7 +352,10 @@ impl Nix {
             return run;
         }
         let start = Instant::now();
-        let mut c = Command::new(&self.nix_store);
+        let mut c = crate::isolation::build_command(
+            &self.nix_store,
+            self.build_covers.as_deref().map(Vec::as_slice),
+        );
         c.kill_on_drop(true)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

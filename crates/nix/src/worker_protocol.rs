@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 
 const WORKER_MAGIC_1: u64 = 0x6e69_7863;
 const WORKER_MAGIC_2: u64 = 0x6478_696f;
@@ -74,14 +74,16 @@ pub(crate) struct Outcome {
 
 impl Conn {
     /// Starts `program --stdio` with `settings`, its narinfo cache in `cache`'s directory
-    /// (held as long as the connection lives), at CPU priority `nice` (its builds inherit it).
+    /// (held as long as the connection lives), at CPU priority `nice` (its builds inherit it),
+    /// under `covers` (see [`crate::isolation::build_command`]).
     pub(crate) async fn start(
         program: &Path,
+        covers: Option<&Vec<std::path::PathBuf>>,
         settings: &[(String, String)],
         cache: Option<CacheSlot>,
         nice: i32,
     ) -> Result<Conn, DaemonError> {
-        let mut c = Command::new(program);
+        let mut c = crate::isolation::build_command(program, covers.map(Vec::as_slice));
         c.arg("--stdio");
         crate::runner::set_nice(&mut c, nice);
         if let Some(slot) = &cache {
