@@ -146,6 +146,7 @@ fn the_nixos_module_hardens_like_the_plain_units() {
         ),
         ("ProtectKernelTunables=no", "ProtectKernelTunables = false;"),
         ("ProtectKernelLogs=no", "ProtectKernelLogs = false;"),
+        ("ProtectHostname=no", "ProtectHostname = false;"),
         (
             "SystemCallFilter=@mount capset",
             r#"++ [ "@mount" "capset" ]"#,

@@ -819,3 +819,58 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     assert!(!got["viaproc"].contains(&secret), "{got:?}");
     assert!(got["key"].contains("cache.sk"), "{got:?}");
 }
+
+/// An unprivileged agent where no /proc of its own can be mounted (a part of the host's is
+/// covered, as systemd's ProtectKernelTunables= does) cannot isolate what it runs: it
+/// refuses to start, naming the way out, unless its operator said to run anyway.
+#[test]
+fn an_agent_that_cannot_isolate_refuses_to_start_unless_told() {
+    let dir = scratch();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::os::unix::fs::chown(&work, Some(65534), Some(65534)).unwrap();
+    let anyway = dir.path().join("anyway.toml");
+    std::fs::write(&anyway, "allow_unisolated_evaluation = true\n").unwrap();
+    let agent = |config: Option<&Path>| {
+        let mut c = std::process::Command::new("unshare");
+        c.args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg("set -e; mount --bind /proc/sys /proc/sys; exec setpriv --reuid=65534 --regid=65534 --clear-groups -- \"$@\"")
+            .arg("host")
+            .arg(bin("nixfarm-agent"))
+            // Nothing listens there: the agent tries until it is stopped.
+            .args(["--coordinator", "http://127.0.0.1:9", "--name", "a", "--work-dir"])
+            .arg(&work)
+            .env("HOME", &work)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(p) = config {
+            c.arg("--config").arg(p);
+        }
+        c.spawn().unwrap()
+    };
+    let mut refusing = agent(None);
+    let stopped = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        refusing.try_wait().unwrap().is_some()
+    });
+    if !stopped {
+        refusing.kill().unwrap();
+    }
+    let refused = refusing.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(stopped, "the agent ran on: {err}");
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("cannot make a user namespace")
+            && err.contains("allow_unisolated_evaluation = true"),
+        "{err}"
+    );
+    // Told to: it runs, and says what that means.
+    let mut running = agent(Some(&anyway));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(running.try_wait().unwrap().is_none(), "the agent stopped");
+    running.kill().unwrap();
+    let out = running.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("running anyway"), "{err}");
+}

@@ -437,7 +437,7 @@ fn certificate_admitted_agents_on_separate_hosts_share_the_farm_cache() {
     for a in &agents {
         let netrc = std::fs::read_to_string(
             d.join(format!("host-{}", a.name))
-                .join("work/farm-cache.netrc"),
+                .join("work/farm-cache/netrc"),
         )
         .unwrap();
         let token = netrc.split_whitespace().last().unwrap();
@@ -474,7 +474,7 @@ fn a_farm_cache_token_struck_from_its_file_is_refused_and_replaced() {
     let _agent = host
         .start_agent_with("one", &url, None, 1, &[], &flags)
         .unwrap();
-    let netrc = d.join("host-one/work/farm-cache.netrc");
+    let netrc = d.join("host-one/work/farm-cache/netrc");
     let token_now = || {
         std::fs::read_to_string(&netrc)
             .ok()

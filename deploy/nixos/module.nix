@@ -130,6 +130,7 @@ in
             state_dir = mkOption { type = types.str; default = "/var/lib/nixfarm"; description = "SQLite database and uploaded snapshots; below /var/lib (it becomes the unit's StateDirectory)."; };
             metrics_listen = nullStr "Address of the Prometheus /metrics endpoint (plain HTTP). Default (null): off.";
             allow_local_flake_refs = mkOption { type = types.bool; default = false; description = "Accept flake references that agents resolve on their own disk (path:, git+file:, …): a single-user farm only."; };
+            allow_unisolated_evaluation = mkOption { type = types.bool; default = false; description = "Run even where evaluations, smoke tests and builds in the agent's own store cannot be isolated from its secret files (the unit allows the namespaces they need); a repository's code could then read the agent's token and signing key. Default: refuse to start."; };
             run_caches = mkOption { type = types.listOf types.str; default = [ ]; description = "The caches runs may name (--cache); agents substitute from them as root. Empty: any."; };
             run_cache_keys = mkOption { type = types.listOf types.str; default = [ ]; description = "The public keys runs may give agents to trust (--trusted-public-key). Empty: any."; };
             tls = {
@@ -210,6 +211,7 @@ in
             log_limit_bytes = between 0 67108864 1048576 "Bytes of live log streamed to the coordinator per job (the tail always travels).";
             min_free_mib = mkOption { type = types.ints.unsigned; default = 512; description = "MiB kept free in /nix/store's file system; below it no new jobs are taken (0: no check)."; };
             allow_local_flake_refs = mkOption { type = types.bool; default = false; description = "Evaluate flake references that read this host's disk (path:, git+file:, …): a single-user farm only."; };
+            allow_unisolated_evaluation = mkOption { type = types.bool; default = false; description = "Run even where evaluations, smoke tests and builds in the agent's own store cannot be isolated from its secret files (the unit allows the namespaces they need); a repository's code could then read the agent's token and signing key. Default: refuse to start."; };
             run_caches = mkOption { type = types.listOf types.str; default = [ ]; description = "The run caches this agent substitutes from, as root; listed, it takes part only in runs with one of them or none of their own. Empty: any."; };
             allow_plain_http = mkOption { type = types.bool; default = false; description = "Send the join token to an http:// coordinator beyond this machine, in clear (refused by default; loopback is always allowed). Prefer https://."; };
             cachix_api_urls = mkOption { type = types.listOf types.str; default = [ ]; description = "Cachix API roots besides Cachix's own that this agent sends its CACHIX_AUTH_TOKEN to; a run naming another gets no push from it."; };
@@ -323,11 +325,12 @@ in
           # Evaluations and smoke tests run in namespaces of the agent's own (user, mount,
           # PID, network) where its secret files are hidden and /proc shows only their own
           # processes. That /proc can be mounted only while nothing covers parts of the
-          # unit's, hence no ProtectKernelTunables/Logs (the agent is unprivileged: it can
+          # unit's, hence no ProtectKernelTunables/Logs/Hostname (the agent is unprivileged: it can
           # write no sysctl nor read the kernel log either way); the mounts and the dropping
           # of the namespace's capabilities need @mount and capset.
           ProtectKernelTunables = false;
           ProtectKernelLogs = false;
+          ProtectHostname = false;
           RestrictNamespaces = "user mnt pid net";
           SystemCallFilter = hardening.SystemCallFilter ++ [ "@mount" "capset" ];
         };

@@ -51,6 +51,12 @@ pub struct AgentConfig {
     /// names), which read this host's own disk. Only for a single-user farm whose coordinator
     /// allows them too; `nixfarm local` sets it for its own agents. Default false.
     pub allow_local_flake_refs: bool,
+    /// Run anyway where evaluations, smoke tests and builds in its own store cannot be
+    /// isolated from this host's secret files (this process cannot make a user namespace
+    /// with mount, PID and network namespaces and a /proc of its own): a repository's code
+    /// can then read whatever the agent's user can, its token and signing key included.
+    /// Refused to start by default. Default false.
+    pub allow_unisolated_evaluation: bool,
     /// Send the join token to an `http://` coordinator beyond this machine, in clear:
     /// anyone on the path reads it. Refused by default; for a network you trust (a podman
     /// network on one host, say). Loopback is always allowed. Default false.
@@ -111,6 +117,7 @@ impl Default for AgentConfig {
             tls_cert_file: None,
             tls_key_file: None,
             allow_local_flake_refs: false,
+            allow_unisolated_evaluation: false,
             allow_plain_http: false,
             gc_roots_dir: None,
             cachix_api_urls: Vec::new(),
@@ -127,35 +134,52 @@ impl AgentConfig {
             .map_err(|e| anyhow::anyhow!("{} is not a valid agent config: {e}", path.display()))
     }
 
-    /// Where the farm cache's credentials are written for Nix (a netrc file).
+    /// The directory the farm cache's credentials are written to for Nix (a netrc file):
+    /// covered whole, so a new netrc renamed into it stays covered for a process already
+    /// running (a rename over a covered file would lift that file's cover).
+    pub fn farm_cache_dir(&self) -> PathBuf {
+        self.work_dir.join("farm-cache")
+    }
+
+    /// Where the farm cache's credentials are written for Nix.
     pub fn farm_netrc(&self) -> PathBuf {
-        self.work_dir.join("farm-cache.netrc")
+        self.farm_cache_dir().join("netrc")
     }
 
     /// What evaluations may not read (see `nixfarm_nix::isolation`): this agent's secret files
-    /// and the host's usual secret places. None
-    /// for a single user's own farm (`allow_local_flake_refs`), or where this process cannot
-    /// make mount namespaces (said once, at start).
-    pub fn isolation(&self) -> Option<std::sync::Arc<Vec<PathBuf>>> {
+    /// and the host's usual secret places. None for a single user's own farm
+    /// (`allow_local_flake_refs`), or where this process cannot make the namespaces and
+    /// `allow_unisolated_evaluation` says to go on (said once, at start); without it, an
+    /// error naming the ways out.
+    pub fn isolation(&self) -> anyhow::Result<Option<std::sync::Arc<Vec<PathBuf>>>> {
         if self.allow_local_flake_refs {
-            return None;
+            return Ok(None);
         }
         if !nixfarm_nix::isolation::can_isolate() {
+            let why = "this agent cannot make a user namespace with mount, PID and network namespaces and a /proc of its own, where evaluations, smoke tests and its own store's builds run without its secret files (it needs util-linux 2.38 or later (unshare, setpriv, mount); a systemd unit must allow the namespaces and a container must unmask /proc: deploy/README.md)";
+            if !self.allow_unisolated_evaluation {
+                anyhow::bail!(
+                    "{why}. Fix that, or set allow_unisolated_evaluation = true to run anyway: a repository's code could then read whatever the agent's user can, its token and signing key included"
+                );
+            }
             tracing::warn!(
-                "evaluations and smoke tests are not isolated from this host's files: this agent cannot make a user namespace with mount, PID and network namespaces and a /proc of its own (it needs util-linux 2.38's unshare and setpriv; a systemd unit must allow them: deploy/README.md); a repository's code can read whatever the agent's user can, its token files included"
+                "{why}; running anyway (allow_unisolated_evaluation): a repository's code can read whatever the agent's user can, its token files included"
             );
-            return None;
+            return Ok(None);
         }
+        // Made now, so it is covered from the first evaluation on.
+        std::fs::create_dir_all(self.farm_cache_dir())
+            .map_err(|e| anyhow::anyhow!("cannot make {}: {e}", self.farm_cache_dir().display()))?;
         // The agent's process (its environment holds its tokens) is not in the PID namespace
         // an evaluation runs in.
-        let mut own = vec![self.farm_netrc()];
+        let mut own = vec![self.farm_cache_dir()];
         own.extend(self.token_file.iter().cloned());
         own.extend(self.signing_key_file.iter().cloned());
         own.extend(self.tls_key_file.iter().cloned());
         for var in ["CACHIX_AUTH_TOKEN_FILE", "CACHIX_SIGNING_KEY_FILE"] {
             own.extend(std::env::var_os(var).map(PathBuf::from));
         }
-        Some(std::sync::Arc::new(own))
+        Ok(Some(std::sync::Arc::new(own)))
     }
 
     /// The join token: `NIXFARM_AGENT_TOKEN`, else the token file.

@@ -47,12 +47,17 @@ pub(crate) fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<Farm
     };
     let scheme = if r.farm_cache_tls { "https" } else { "http" };
     let url = format!("{scheme}://{host}:{}", r.farm_cache_port);
-    // Its own token first: it outlives anything the coordinator issues. Over plain http
-    // beyond this machine, as to the coordinator, only where the operator allowed it.
-    let token = shared
+    // Its own token first: it outlives anything the coordinator issues. But where builds
+    // read the netrc (they run as the agent's user, see `Nix::with_build_isolation`), only
+    // the token issued for the farm cache, never the join token. Over plain http beyond
+    // this machine, as to the coordinator, only where the operator allowed it.
+    let issued = Some(r.farm_cache_token.clone()).filter(|t| !t.is_empty());
+    let own = shared
         .token
         .clone()
-        .or_else(|| Some(r.farm_cache_token.clone()).filter(|t| !t.is_empty()))
+        .filter(|_| !shared.nix.builds_covered());
+    let token = own
+        .or(issued)
         .filter(|_| {
             let clear = nixfarm_proto::client::clear_text_beyond_loopback(&url)
                 && !shared.cfg.allow_plain_http;
@@ -92,6 +97,13 @@ fn write_file(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if std::fs::read(path).is_ok_and(|old| old == text.as_bytes()) {
         return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
@@ -209,7 +221,7 @@ mod tests {
                 .token
         };
         assert_eq!(token(false, "10.0.0.1", false), None);
-        assert!(!d.path().join("work/farm-cache.netrc").exists());
+        assert!(!d.path().join("work/farm-cache/netrc").exists());
         assert_eq!(token(false, "127.0.0.1", false).as_deref(), Some("issued"));
         assert_eq!(token(false, "10.0.0.1", true).as_deref(), Some("issued"));
         assert_eq!(token(true, "10.0.0.1", false).as_deref(), Some("issued"));

@@ -174,9 +174,9 @@ impl Agent {
         nix.nix = cfg.nix_bin.join("nix");
         nix.nix_store = cfg.nix_bin.join("nix-store");
         nix.eval_deadline = Duration::from_secs(cfg.eval_timeout_secs);
-        let isolation = cfg.isolation();
+        let isolation = cfg.isolation()?;
         // The builds fetch from the farm cache with its netrc.
-        let readable = [cfg.farm_netrc()];
+        let readable = [cfg.farm_cache_dir()];
         let mut nix = nix
             .with_declining_hook(&cfg.work_dir)
             .with_build_isolation(isolation.as_ref(), &readable)

@@ -185,10 +185,7 @@ impl Drop for Running {
             return;
         };
         if let Some(pid) = child.id() {
-            // SAFETY: kill(2) on the child this process spawned and has not reaped yet.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
+            crate::isolation::signal(pid, libc::SIGTERM);
         }
         // Without a runtime to wait in, kill_on_drop kills it at once.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

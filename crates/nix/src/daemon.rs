@@ -406,6 +406,12 @@ impl Nix {
         self
     }
 
+    /// Whether builds run under covers (see [`Nix::with_build_isolation`]): they read what
+    /// was left readable to them.
+    pub fn builds_covered(&self) -> bool {
+        self.build_covers.is_some()
+    }
+
     /// Builds in a store this process owns run as its user when that is not root (there
     /// are no build users then, and no sandbox here): they get the covers evaluations get
     /// (`own`), but for `readable` (what Nix itself reads while building: the farm cache's
@@ -477,8 +483,7 @@ impl Nix {
                 _ = cancel.cancelled() => {
                     cancelled = true;
                     if let Some(pid) = pid {
-                        // SAFETY: kill(2) on the daemon we spawned; no memory is touched.
-                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT); }
+                        crate::isolation::signal(pid, libc::SIGINT);
                     }
                     tokio::time::timeout(STOP_TIMEOUT, fut)
                         .await

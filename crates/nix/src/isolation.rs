@@ -43,6 +43,10 @@ impl Masks {
             .map(PathBuf::from)
             .chain(own.iter().cloned());
         for p in all {
+            // The file itself, wherever links lead (and relative paths are the agent's).
+            let Ok(p) = std::fs::canonicalize(&p) else {
+                continue;
+            };
             let Ok(meta) = std::fs::metadata(&p) else {
                 continue;
             };
@@ -83,14 +87,24 @@ impl Masks {
 
     fn command_in(&self, program: &Path, offline: bool) -> tokio::process::Command {
         use std::os::unix::ffi::OsStrExt;
-        let mut c = tokio::process::Command::new("unshare");
+        // Without the tools there is no namespace: `can_isolate` said so at start, and
+        // then this is never called. Their bare names fail to start rather than run bare.
+        let tools = Tools::get().cloned().unwrap_or_default();
+        let mut c = tokio::process::Command::new(&tools.unshare);
         if offline {
-            // A network namespace with nothing in it but a loopback that is down.
-            c.arg("--net");
+            // A network namespace with nothing in it but a loopback that is down; and a
+            // built program is no Nix that stops cleanly: whatever it started dies with it.
+            c.args(["--net", "--kill-child=SIGKILL"]);
+        } else {
+            // Nix stops what it started (an import from a derivation's build) on SIGTERM.
+            c.arg("--kill-child=SIGTERM");
         }
         // Before the namespaces' arguments, which end with the shell's.
-        c.arg("--kill-child=SIGTERM");
         c.args(Namespaces::for_this_process().unshare_args());
+        c.arg(&tools.mount).arg(&tools.setpriv);
+        // `unshare --fork` blocks SIGINT and SIGTERM (util-linux up to 2.41): a group of its
+        // own lets [`signal`] reach Nix, which runs on in its place.
+        c.process_group(0);
         for (p, _) in self.0.iter() {
             c.arg(std::ffi::OsStr::from_bytes(p.as_bytes()));
         }
@@ -107,8 +121,29 @@ impl Masks {
 /// agent's processes in their /proc. The environment is left as it is (Nix's settings).
 pub(crate) fn build_command(program: &Path, covers: Option<&[PathBuf]>) -> tokio::process::Command {
     match covers {
-        Some(own) => Masks::of(own).command(program),
+        Some(own) => {
+            let mut c = Masks::of(own).command(program);
+            // None of the agent's environment (its tokens: the daemon is in the builds'
+            // /proc, as their user) but what Nix needs.
+            crate::entry::keep_env(&mut c, &["NIX_CONFIG"]);
+            c
+        }
         None => tokio::process::Command::new(program),
+    }
+}
+
+/// Sends `sig` to a child this process spawned: to its process group when it leads one (a
+/// command of [`Masks`]: `unshare` and the Nix it runs), else to it alone.
+pub(crate) fn signal(pid: u32, sig: libc::c_int) {
+    let pid = pid as libc::pid_t;
+    // SAFETY: getpgid(2) and kill(2) on a child this process spawned and has not reaped;
+    // no memory is touched.
+    unsafe {
+        if libc::getpgid(pid) == pid {
+            libc::kill(-pid, sig);
+        } else {
+            libc::kill(pid, sig);
+        }
     }
 }
 
@@ -180,14 +215,17 @@ impl Namespaces {
     }
 }
 
-/// Covers each argument before `--` (a directory by an empty read-only file system, a file
-/// by /dev/null), then runs what follows it.
+/// With `mount` and `setpriv` (absolute paths) first, covers each argument before `--` (a
+/// directory by an empty read-only file system, a file by /dev/null), then runs what
+/// follows it. A path gone since it was listed stops it (exit 125): it may be back.
 macro_rules! cover {
     ($exec:literal) => {
         concat!(
-            r#"while [ "$1" != -- ]; do
-  if [ -d "$1" ]; then mount -t tmpfs -o ro,nosuid,nodev,noexec,size=4k,mode=0755 nixfarm-masked "$1" || exit 125
-  elif [ -e "$1" ]; then mount --bind /dev/null "$1" || exit 125
+            r#"m=$1; sp=$2; shift 2
+while [ "$1" != -- ]; do
+  if [ -d "$1" ]; then "$m" -t tmpfs -o ro,nosuid,nodev,noexec,size=4k,mode=0755 nixfarm-masked "$1" || exit 125
+  elif [ -e "$1" ]; then "$m" --bind /dev/null "$1" || exit 125
+  else exit 125
   fi
   shift
 done
@@ -200,7 +238,54 @@ shift
 const COVER_AS_ROOT: &str = cover!(r#"exec "$@""#);
 /// The same, then without any capability: none inherited, none ambient, none to regain.
 const COVER_AS_USER: &str =
-    cover!(r#"exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@""#);
+    cover!(r#"exec "$sp" --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@""#);
+
+/// The programs the namespaces are made with, by absolute path: found once on this
+/// process's PATH and the usual places (a smoke test's PATH is /usr/bin:/bin only, where
+/// NixOS keeps none of them).
+#[derive(Debug, Clone, Default)]
+struct Tools {
+    unshare: PathBuf,
+    mount: PathBuf,
+    setpriv: PathBuf,
+}
+
+impl Tools {
+    fn get() -> Option<&'static Tools> {
+        static TOOLS: std::sync::OnceLock<Option<Tools>> = std::sync::OnceLock::new();
+        TOOLS
+            .get_or_init(|| {
+                let dirs: Vec<PathBuf> = std::env::var_os("PATH")
+                    .map(|p| std::env::split_paths(&p).collect())
+                    .unwrap_or_default();
+                let usual = [
+                    "/run/current-system/sw/bin",
+                    "/usr/bin",
+                    "/bin",
+                    "/usr/sbin",
+                    "/sbin",
+                ];
+                let find = |name: &str| {
+                    dirs.iter()
+                        .cloned()
+                        .chain(usual.map(PathBuf::from))
+                        .filter(|d| d.is_absolute())
+                        .map(|d| d.join(name))
+                        .find(|p| {
+                            use std::os::unix::fs::PermissionsExt as _;
+                            std::fs::metadata(p)
+                                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                        })
+                };
+                Some(Tools {
+                    unshare: find("unshare")?,
+                    mount: find("mount")?,
+                    setpriv: find("setpriv")?,
+                })
+            })
+            .as_ref()
+    }
+}
 
 /// Whether this process may make the namespaces [`Masks::command`] and
 /// [`Masks::offline_command`] need: root, or a user whose kernel, `unshare` (util-linux
@@ -208,10 +293,15 @@ const COVER_AS_USER: &str =
 /// namespaces and a /proc of its own. Tried once, covering a directory as an evaluation
 /// would.
 pub fn can_isolate() -> bool {
+    let Some(tools) = Tools::get() else {
+        return false;
+    };
     let probe = std::env::temp_dir();
-    let mut c = std::process::Command::new("unshare");
+    let mut c = std::process::Command::new(&tools.unshare);
     c.arg("--net")
         .args(Namespaces::for_this_process().unshare_args())
+        .arg(&tools.mount)
+        .arg(&tools.setpriv)
         .arg(&probe)
         .args(["--", "/bin/sh", "-c", "exit 0"])
         .stdout(std::process::Stdio::null())
@@ -238,7 +328,8 @@ mod tests {
             std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
         }
         let script = "id -u; cat \"$1\"; echo; cat \"$2\"; echo; grep CapEff /proc/self/status; ls /proc | grep -c '^[0-9]'";
-        let out = std::process::Command::new("unshare")
+        let tools = Tools::get().unwrap();
+        let out = std::process::Command::new(&tools.unshare)
             .args(
                 Namespaces::User {
                     uid: NOBODY,
@@ -246,6 +337,8 @@ mod tests {
                 }
                 .unshare_args(),
             )
+            .arg(&tools.mount)
+            .arg(&tools.setpriv)
             .arg(&secret)
             .args(["--", "/bin/sh", "-c", script, "probe"])
             .args([&secret, &other])
@@ -270,5 +363,21 @@ mod tests {
         );
         // unshare's child, the shell it runs and ls: nothing of the host.
         assert!(lines[4].parse::<u32>().unwrap() <= 3, "{text}");
+    }
+
+    /// A stop reaches the program in the namespaces, though `unshare` in front of it does
+    /// not pass SIGTERM on.
+    #[tokio::test]
+    async fn a_covered_program_is_told_to_stop() {
+        let mut c = Masks::of(&[]).command(Path::new("/bin/sh"));
+        c.args(["-c", "trap 'exit 7' TERM; sleep 30 & wait"]);
+        let mut child = c.spawn().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        signal(child.id().unwrap(), libc::SIGTERM);
+        let status = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait())
+            .await
+            .expect("it stopped")
+            .unwrap();
+        assert_eq!(status.code(), Some(7));
     }
 }

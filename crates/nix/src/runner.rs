@@ -484,10 +484,7 @@ async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<us
 /// Asks Nix to stop (SIGINT), so it stops its builder and releases its locks.
 fn interrupt(child: &tokio::process::Child) {
     if let Some(pid) = child.id() {
-        // SAFETY: kill(2) on a pid we spawned; no memory is touched.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGINT);
-        }
+        crate::isolation::signal(pid, libc::SIGINT);
     }
 }
 
