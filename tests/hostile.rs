@@ -774,12 +774,16 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     assert!(out.status.success(), "{}", stderr(&out));
     let run = stdout(&out).trim().to_string();
     let report = wait_terminal(&coordinator.url, &run, Duration::from_secs(120));
-    let prog = report["packages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["attr"] == "prog")
-        .unwrap();
+    let package = |attr: &str| {
+        report["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["attr"] == attr)
+            .unwrap()
+            .clone()
+    };
+    let prog = package("prog");
     // The built program ran, offline, and read nothing of the key either.
     assert_eq!(prog["smoke"], "failed", "{prog}");
     let said = prog["log_tail"].as_str().unwrap();
@@ -789,12 +793,7 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     // get the same covers. A root agent's run as root here (these hosts have no build
     // users), which no cover confines.
     if user.is_some() {
-        let peek = report["packages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["attr"] == "peek")
-            .unwrap();
+        let peek = package("peek");
         let log = peek["log_tail"].as_str().unwrap();
         assert!(log.contains("peek=["), "{peek}");
         assert!(!log.contains(&secret), "{peek}");

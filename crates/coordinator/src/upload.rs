@@ -253,8 +253,19 @@ impl AsyncChunks for tonic::Streaming<nixfarm_proto::v1::SourceChunk> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Dates `p` back beyond [`UNCLAIMED_KEEP`].
+    pub(crate) fn older_than_unclaimed(p: &Path) {
+        let then = std::time::SystemTime::now() - UNCLAIMED_KEEP - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+    }
 
     struct Chunks(std::vec::IntoIter<Vec<u8>>, bool);
 
@@ -295,17 +306,11 @@ mod tests {
     fn snapshots_no_run_wants_go_once_they_are_old() {
         let dir = tempfile::tempdir().unwrap();
         let d = |c: char| c.to_string().repeat(64);
-        let hour_and_more = std::time::SystemTime::now() - UNCLAIMED_KEEP - Duration::from_secs(60);
         for (digest, old) in [(d('a'), true), (d('b'), true), (d('c'), false)] {
             let p = dir.path().join(format!("{digest}.tar"));
             std::fs::write(&p, b"tar").unwrap();
             if old {
-                std::fs::File::options()
-                    .write(true)
-                    .open(&p)
-                    .unwrap()
-                    .set_modified(hour_and_more)
-                    .unwrap();
+                older_than_unclaimed(&p);
             }
         }
         std::fs::write(dir.path().join("notes.txt"), b"kept").unwrap();
@@ -334,13 +339,7 @@ mod tests {
         let digest = snapshot::digest(&bytes);
         let p = dir.path().join(format!("{digest}.tar"));
         std::fs::write(&p, &bytes).unwrap();
-        let old = std::time::SystemTime::now() - UNCLAIMED_KEEP - Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        older_than_unclaimed(&p);
         let held = lock.hold();
         let uploading = tokio::spawn({
             let up = up.clone();

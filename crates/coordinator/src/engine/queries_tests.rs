@@ -91,16 +91,10 @@ pub(super) fn flake_run() -> RunSpec {
 fn uploaded_snapshots_stay_while_a_run_needs_them() {
     let (engine, clock, _dir) = super::tests::test_engine(EngineOptions::default());
     let digest = |c: char| c.to_string().repeat(64);
-    let old = std::time::SystemTime::now() - crate::upload::UNCLAIMED_KEEP * 2;
     for c in ['a', 'b', 'c'] {
         let p = engine.sources_dir().join(format!("{}.tar", digest(c)));
         std::fs::write(&p, b"tar").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        crate::upload::tests::older_than_unclaimed(&p);
     }
     let on = |c: char| RunSpec {
         source: SourceSpec::Snapshot(digest(c)),
