@@ -170,6 +170,16 @@ impl AgentConfig {
         // Made now, so it is covered from the first evaluation on.
         std::fs::create_dir_all(self.farm_cache_dir())
             .map_err(|e| anyhow::anyhow!("cannot make {}: {e}", self.farm_cache_dir().display()))?;
+        // Where agents before it kept the netrc (its own token in it), uncovered now.
+        for old in ["farm-cache.netrc", "farm-cache.tmp"] {
+            let old = self.work_dir.join(old);
+            match std::fs::remove_file(&old) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    anyhow::bail!("cannot remove {} (a token is in it): {e}", old.display())
+                }
+                _ => {}
+            }
+        }
         // The agent's process (its environment holds its tokens) is not in the PID namespace
         // an evaluation runs in.
         let mut own = vec![self.farm_cache_dir()];
@@ -306,6 +316,34 @@ mod tests {
         assert_eq!(c.max_jobs, 3);
         assert_eq!(c.systems, vec!["x86_64-linux"]);
         assert!(toml::from_str::<AgentConfig>("max_job = 3").is_err());
+    }
+
+    /// What evaluations may not read: the farm cache's directory and the agent's secret
+    /// files; a netrc an older agent left beside them (its own token in it) is removed.
+    #[test]
+    fn isolation_covers_the_secrets_and_removes_an_old_netrc() {
+        let d = tempfile::tempdir().unwrap();
+        let (work, key) = (d.path().join("work"), d.path().join("key"));
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join("farm-cache.netrc"), "password s3cret\n").unwrap();
+        let cfg = AgentConfig {
+            work_dir: work.clone(),
+            signing_key_file: Some(key.clone()),
+            ..AgentConfig::default()
+        };
+        let own = cfg.isolation().unwrap().expect("root isolates here");
+        assert!(
+            own.contains(&work.join("farm-cache")) && own.contains(&key),
+            "{own:?}"
+        );
+        assert!(work.join("farm-cache").is_dir());
+        assert!(!work.join("farm-cache.netrc").exists());
+        // A single user's own farm covers nothing.
+        let local = AgentConfig {
+            allow_local_flake_refs: true,
+            ..cfg
+        };
+        assert!(local.isolation().unwrap().is_none());
     }
 
     #[test]

@@ -47,28 +47,35 @@ pub(crate) fn farm_cache_use(shared: &Shared, r: &pb::Registered) -> Option<Farm
     };
     let scheme = if r.farm_cache_tls { "https" } else { "http" };
     let url = format!("{scheme}://{host}:{}", r.farm_cache_port);
-    // Its own token first: it outlives anything the coordinator issues. But where builds
-    // read the netrc (they run as the agent's user, see `Nix::with_build_isolation`), only
-    // the token issued for the farm cache, never the join token. Over plain http beyond
-    // this machine, as to the coordinator, only where the operator allowed it.
-    let issued = Some(r.farm_cache_token.clone()).filter(|t| !t.is_empty());
-    let own = shared
+    // Its own token first: it outlives anything the coordinator issues. Over plain http
+    // beyond this machine, as to the coordinator, only where the operator allowed it.
+    let clear =
+        nixfarm_proto::client::clear_text_beyond_loopback(&url) && !shared.cfg.allow_plain_http;
+    let issued = Some(r.farm_cache_token.clone()).filter(|t| !t.is_empty() && !clear);
+    let token = shared
         .token
         .clone()
-        .filter(|_| !shared.nix.builds_covered());
-    let token = own
-        .or(issued)
-        .filter(|_| {
-            let clear = nixfarm_proto::client::clear_text_beyond_loopback(&url)
-                && !shared.cfg.allow_plain_http;
-            if clear {
-                tracing::warn!(
-                    "the farm cache at {url} is plain http beyond this machine: no token is sent to it in clear (allow_plain_http), so it may refuse this agent"
-                );
-            }
-            !clear
-        });
-    let netrc = token.as_ref().and_then(|t| {
+        .filter(|_| !clear)
+        .or_else(|| issued.clone());
+    if clear && (shared.token.is_some() || !r.farm_cache_token.is_empty()) {
+        tracing::warn!(
+            "the farm cache at {url} is plain http beyond this machine: no token is sent to it in clear (allow_plain_http), so it may refuse this agent"
+        );
+    }
+    // Nix reads the netrc while it builds, and where builds run as the agent's user (see
+    // `Nix::with_build_isolation`) they can read it too: then only the token issued for
+    // the farm cache goes in, never the join token.
+    let for_nix = if shared.nix.builds_covered() {
+        if issued.is_none() && token.is_some() {
+            tracing::warn!(
+                "builds cannot fetch from the farm cache at {url}: the coordinator issued no token for it, and this agent's own token is kept from its builds (they run as its user); they build their inputs instead"
+            );
+        }
+        issued
+    } else {
+        token.clone()
+    };
+    let netrc = for_nix.as_ref().and_then(|t| {
         let path = shared.cfg.farm_netrc();
         let machine = host.trim_start_matches('[').trim_end_matches(']');
         let text = format!("machine {machine} login nixfarm password {t}\n");

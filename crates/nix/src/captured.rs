@@ -196,6 +196,11 @@ impl Drop for Running {
                     .await
                     .is_err()
                 {
+                    // The whole group: a covered Nix runs on in place of the `unshare`
+                    // `kill` ends.
+                    if let Some(pid) = child.id() {
+                        crate::isolation::signal(pid, libc::SIGKILL);
+                    }
                     let _ = child.kill().await;
                 }
             });

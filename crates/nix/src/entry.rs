@@ -48,7 +48,19 @@ const KEPT_ENV: &[&str] = &[
     "NIX_LOG_DIR",
     "NIX_CONF_DIR",
     "NIX_SSL_CERT_FILE",
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
     "XDG_CACHE_HOME",
+    // Fetching (flake inputs, substitutes, fixed-output builds) behind a proxy.
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "all_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
 ];
 
 /// Lists become attribute sets named by their derivations' `pname` (or name without the

@@ -296,7 +296,17 @@ pub fn can_isolate() -> bool {
     let Some(tools) = Tools::get() else {
         return false;
     };
-    let probe = std::env::temp_dir();
+    // A directory to cover, as an evaluation would (in the probe's own namespace only).
+    let Some(probe) = [
+        std::env::temp_dir(),
+        "/tmp".into(),
+        "/var/tmp".into(),
+        "/dev/shm".into(),
+    ]
+    .into_iter()
+    .find(|d| d.is_dir()) else {
+        return false;
+    };
     let mut c = std::process::Command::new(&tools.unshare);
     c.arg("--net")
         .args(Namespaces::for_this_process().unshare_args())

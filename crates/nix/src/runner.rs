@@ -417,7 +417,14 @@ impl Nix {
         }
         let status = tokio::select! {
             s = child.wait() => s.ok(),
-            _ = tokio::time::sleep(Duration::from_secs(30)) => { let _ = child.kill().await; None }
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                // The whole group: a covered Nix runs on in place of the `unshare` `kill` ends.
+                if let Some(pid) = child.id() {
+                    crate::isolation::signal(pid, libc::SIGKILL);
+                }
+                let _ = child.kill().await;
+                None
+            }
         };
         let stdout = out_task.await.unwrap_or_default();
         let full_log = log.text();

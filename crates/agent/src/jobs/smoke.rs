@@ -69,6 +69,9 @@ pub async fn smoke(
     let mut tried = Vec::new();
     for flag in ["--version", "--help"] {
         let (ok, ended, out) = run_once(&prog, flag, home.path(), covers).await;
+        if ended == COVERS_FAILED {
+            return (Smoke::Skipped, format!("not run: {ended}"));
+        }
         let name = prog.file_name().map_or_else(
             || prog.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
@@ -98,6 +101,16 @@ fn is_root() -> bool {
 /// The user a root agent runs smoke tests as: `nobody`, who can read none of root's files
 /// (cache keys, tokens) nor its processes' environments.
 const SMOKE_UID: u32 = 65534;
+
+/// How a smoke test's program was started.
+enum Kind {
+    /// By a root agent, as [`SMOKE_UID`] in namespaces of its own.
+    Root,
+    /// Under the agent's covers, in namespaces of its own.
+    Covered,
+    /// As the agent, in a process group of its own.
+    Plain,
+}
 
 /// How a root agent isolates a smoke test: `unshare` and `setpriv` as found on the agent's
 /// own PATH (the program's is /usr/bin:/bin only).
@@ -166,6 +179,9 @@ async fn isolation() -> Option<Result<&'static Isolation, &'static str>> {
     Some(i.as_ref().map_err(String::as_str))
 }
 
+/// How [`run_once`] says the covers could not be put in place (the cover script's exit 125).
+const COVERS_FAILED: &str = "its namespace could not hide the agent's secrets";
+
 /// One invocation: (exited 0, how it ended, its output's tail). The program is a build's
 /// output, so anything: as root, it runs as [`SMOKE_UID`] with no network, in a PID
 /// namespace of its own (whatever it leaves running dies with it); otherwise under `covers`
@@ -178,11 +194,11 @@ async fn run_once(
     home: &Path,
     covers: Option<&Masks>,
 ) -> (bool, String, String) {
-    let mut c = match (isolation().await, covers) {
-        (Some(Ok(i)), _) => i.command(prog),
+    let (mut c, c_kind) = match (isolation().await, covers) {
+        (Some(Ok(i)), _) => (i.command(prog), Kind::Root),
         (Some(Err(why)), _) => return (false, format!("could not start: {why}"), String::new()),
-        (None, Some(m)) => m.offline_command(prog),
-        (None, None) => tokio::process::Command::new(prog),
+        (None, Some(m)) => (m.offline_command(prog), Kind::Covered),
+        (None, None) => (tokio::process::Command::new(prog), Kind::Plain),
     };
     c.arg(flag)
         .env_clear()
@@ -201,13 +217,20 @@ async fn run_once(
         Err(e) => return (false, format!("could not start: {e}"), String::new()),
     };
     let group = child.id();
+    // In namespaces, whatever it left behind dies with the namespace; otherwise with its
+    // process group.
+    let namespaced = !matches!(c_kind, Kind::Plain);
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let ran = tokio::time::timeout(TIME_LIMIT, async {
         let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
         (child.wait().await, out, err)
     })
     .await;
-    if let Some(pid) = group {
+    // Once the program is reaped its number may be another process's (a covered Nix leads
+    // a group of its own): only a plain program's group is killed then.
+    if let Some(pid) = group
+        && (ran.is_err() || !namespaced)
+    {
         // SAFETY: kill(2) on the process group this program was started in; no memory is
         // touched. Whatever it left behind goes with it.
         unsafe {
@@ -227,6 +250,9 @@ async fn run_once(
             let text = nixfarm_core::limits::truncate(text, MAX_OUTPUT);
             let ended = match status.code() {
                 Some(0) => "exited 0".to_string(),
+                // The cover script's own failure (a program of its own that exits 125 is
+                // taken for it, and skipped).
+                Some(125) if matches!(c_kind, Kind::Covered) => COVERS_FAILED.to_string(),
                 Some(c) => format!("exited {c}"),
                 None => "was killed by a signal".to_string(),
             };
