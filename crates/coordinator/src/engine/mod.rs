@@ -392,11 +392,6 @@ impl Engine {
         &self.sources_dir
     }
 
-    /// What uploads into [`Engine::sources_dir`] hold while they put a snapshot in place.
-    pub fn snapshots_lock(&self) -> crate::upload::SnapshotsLock {
-        self.snapshots.clone()
-    }
-
     pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
         self.events.subscribe()
     }

@@ -24,6 +24,11 @@ impl Engine {
     }
 
     /// The snapshots runs still need: those of runs going on, or begun in the last `keep`.
+    /// What uploads into [`Engine::sources_dir`] hold while they put a snapshot in place.
+    pub fn snapshots_lock(&self) -> crate::upload::SnapshotsLock {
+        self.snapshots.clone()
+    }
+
     /// Removes the uploaded snapshots no run needs (see [`crate::upload::sweep_snapshots`]),
     /// holding off submits and uploads meanwhile; blocking. Returns how many went.
     pub fn sweep_snapshots(&self) -> Result<usize, EngineError> {
