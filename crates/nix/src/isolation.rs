@@ -118,7 +118,7 @@ impl Masks {
 
 /// `program` (a Nix that builds) under `covers` when given: its builders run in its
 /// namespaces, as the agent's user with the agent's secret files covered and none of the
-/// agent's processes in their /proc. The environment is left as it is (Nix's settings).
+/// agent's processes in their /proc, and of the agent's environment only what Nix needs.
 pub(crate) fn build_command(program: &Path, covers: Option<&[PathBuf]>) -> tokio::process::Command {
     match covers {
         Some(own) => {
