@@ -168,8 +168,16 @@ impl AgentConfig {
             return Ok(None);
         }
         // Made now, so it is covered from the first evaluation on.
-        std::fs::create_dir_all(self.farm_cache_dir())
-            .map_err(|e| anyhow::anyhow!("cannot make {}: {e}", self.farm_cache_dir().display()))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(self.farm_cache_dir())
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot make {}: {e}", self.farm_cache_dir().display())
+                })?;
+        }
         // Where agents before it kept the netrc (its own token in it), uncovered now.
         for old in ["farm-cache.netrc", "farm-cache.tmp"] {
             let old = self.work_dir.join(old);
