@@ -37,12 +37,25 @@ fn install(dir: &Path) -> Result<PathBuf, String> {
         std::fs::rename(&tmp, &path)
     };
     write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let out = Command::new(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    let run = || {
+        Command::new(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+    };
+    // A child another thread forked while the script's file was open for writing holds it
+    // open until it execs: "text file busy" for a moment.
+    let mut tries = 0;
+    let out = loop {
+        match run() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => break r.map_err(|e| format!("cannot run {}: {e}", path.display()))?,
+        }
+    };
     let said = String::from_utf8_lossy(&out.stderr);
     if out.status.success() && said.lines().next() == Some(REPLY) {
         Ok(path)
