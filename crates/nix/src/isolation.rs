@@ -240,6 +240,29 @@ const COVER_AS_ROOT: &str = cover!(r#"exec "$@""#);
 const COVER_AS_USER: &str =
     cover!(r#"exec "$sp" --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@""#);
 
+/// The absolute path of program `name`: the first executable of that name on this
+/// process's PATH (absolute entries only), else in the usual places.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let usual = [
+        "/run/current-system/sw/bin",
+        "/usr/bin",
+        "/bin",
+        "/usr/sbin",
+        "/sbin",
+    ];
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(usual.map(PathBuf::from))
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join(name))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// The programs the namespaces are made with, by absolute path: found once on this
 /// process's PATH and the usual places (a smoke test's PATH is /usr/bin:/bin only, where
 /// NixOS keeps none of them).
@@ -255,32 +278,10 @@ impl Tools {
         static TOOLS: std::sync::OnceLock<Option<Tools>> = std::sync::OnceLock::new();
         TOOLS
             .get_or_init(|| {
-                let dirs: Vec<PathBuf> = std::env::var_os("PATH")
-                    .map(|p| std::env::split_paths(&p).collect())
-                    .unwrap_or_default();
-                let usual = [
-                    "/run/current-system/sw/bin",
-                    "/usr/bin",
-                    "/bin",
-                    "/usr/sbin",
-                    "/sbin",
-                ];
-                let find = |name: &str| {
-                    dirs.iter()
-                        .cloned()
-                        .chain(usual.map(PathBuf::from))
-                        .filter(|d| d.is_absolute())
-                        .map(|d| d.join(name))
-                        .find(|p| {
-                            use std::os::unix::fs::PermissionsExt as _;
-                            std::fs::metadata(p)
-                                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                        })
-                };
                 Some(Tools {
-                    unshare: find("unshare")?,
-                    mount: find("mount")?,
-                    setpriv: find("setpriv")?,
+                    unshare: find_program("unshare")?,
+                    mount: find_program("mount")?,
+                    setpriv: find_program("setpriv")?,
                 })
             })
             .as_ref()

@@ -145,12 +145,7 @@ async fn isolation() -> Option<Result<&'static Isolation, &'static str>> {
     let i = ISOLATION
         .get_or_init(|| async {
             let find = |name: &str| {
-                std::env::var_os("PATH")
-                    .into_iter()
-                    .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-                    .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
-                    .map(|d| d.join(name))
-                    .find(|p| is_executable(p))
+                nixfarm_nix::isolation::find_program(name)
                     .ok_or_else(|| format!("no {name} on this agent's PATH to isolate it with"))
             };
             let i = Isolation {
