@@ -238,11 +238,6 @@ impl TryFrom<i64> for Hold {
 /// A derivation's outputs: each output's name and where it goes.
 pub type Outputs = BTreeMap<String, OutputPath>;
 
-/// Outputs as the report shows them (a floating output's path is empty).
-pub fn outputs_text(o: &Outputs) -> BTreeMap<String, String> {
-    o.iter().map(|(n, p)| (n.clone(), p.to_string())).collect()
-}
-
 /// A derivation in a run's graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct DrvNode {
@@ -447,7 +442,7 @@ pub struct RunListing {
     pub total: u64,
     pub ready: u64,
     /// Packages per status (kebab-case status name → count).
-    pub by_status: std::collections::BTreeMap<String, u64>,
+    pub by_status: std::collections::BTreeMap<nixfarm_core::PackageStatus, u64>,
     pub created_ms: i64,
     /// When it ended (0: still going).
     pub finished_ms: i64,

@@ -4,6 +4,7 @@
 
 use crate::report::Summary;
 use crate::status::{BuildOutcome, RunState};
+use crate::store_path::StorePath;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,33 +38,33 @@ pub enum RunEvent {
         drvs: u64,
     },
     JobStarted {
-        drv: String,
+        drv: StorePath,
         name: String,
         agent: String,
     },
     /// Cross-checked builds: `agent` built it in `duration_ms`; it counts once another
     /// agent has built it again and got the same outputs.
     JobAwaitingCheck {
-        drv: String,
+        drv: StorePath,
         name: String,
         agent: String,
         duration_ms: u64,
     },
     /// Cross-checked builds: `agent` builds again what `built_by` built, to compare.
     JobCheckStarted {
-        drv: String,
+        drv: StorePath,
         name: String,
         agent: String,
         built_by: String,
     },
     /// An infrastructure failure; the job is queued again.
     JobRetry {
-        drv: String,
+        drv: StorePath,
         message: String,
         retry: i64,
     },
     JobFinished {
-        drv: String,
+        drv: StorePath,
         name: String,
         agent: String,
         outcome: BuildOutcome,
@@ -136,7 +137,7 @@ mod tests {
     #[test]
     fn events_round_trip_and_old_payloads_still_read() {
         let e = RunEvent::JobFinished {
-            drv: "/nix/store/x-a.drv".into(),
+            drv: StorePath::parse_drv("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-a.drv").unwrap(),
             name: "a".into(),
             agent: "a1".into(),
             outcome: BuildOutcome::NotCached,

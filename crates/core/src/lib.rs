@@ -1,4 +1,4 @@
-//! nixfarm's domain types: statuses, the readiness report and its renderings, source snapshots.
+//! nixfarm's domain types: statuses, store paths, run events, the readiness report and its renderings, source snapshots.
 //!
 //! Nothing here does I/O beyond reading and writing the snapshot files it is handed;
 //! the coordinator, the agent and the CLI share these types so that they agree on meaning.
@@ -17,10 +17,12 @@ mod tree_remove;
 pub use report_table::TableWidth;
 pub mod snapshot;
 pub mod status;
+pub mod store_path;
 
 pub use events::RunEvent;
 pub use report::{PackageReport, Report, Summary};
 pub use status::{BuildOutcome, PackageStatus, RunState, Smoke};
+pub use store_path::{OutputPath, StorePath, StorePathError};
 
 /// Whether a source revision pins a commit (a full hex commit id), as opposed to a
 /// branch or tag name that moves.

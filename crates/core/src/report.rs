@@ -2,6 +2,7 @@
 //! renderings (table for people, JSON for scripts, Markdown for READMEs, JUnit for CI).
 
 use crate::status::{PackageStatus, RunState, Smoke};
+use crate::store_path::{OutputPath, StorePath};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,9 +22,9 @@ pub struct HashFix {
 }
 
 /// A fixed-output derivation in the package's closure whose hash did not match.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HashMismatch {
-    pub fod_drv: String,
+    pub fod_drv: StorePath,
     /// SRI.
     pub specified: String,
     /// SRI.
@@ -46,11 +47,12 @@ pub struct PackageReport {
     pub pname: String,
     #[serde(default)]
     pub version: String,
-    #[serde(default)]
-    pub drv_path: String,
+    /// Absent when it did not evaluate.
+    #[serde(default, with = "crate::store_path::or_empty")]
+    pub drv_path: Option<StorePath>,
     /// Output name to store path.
     #[serde(default)]
-    pub outputs: BTreeMap<String, String>,
+    pub outputs: BTreeMap<String, OutputPath>,
     pub pinned: bool,
     #[serde(default)]
     pub rev: String,
@@ -87,10 +89,10 @@ pub struct Summary {
     pub ready: usize,
     /// Ready packages as a percentage of all, rounded to one decimal.
     pub percent: f64,
-    pub by_status: BTreeMap<String, usize>,
+    pub by_status: BTreeMap<PackageStatus, usize>,
     /// With `--smoke`: packages per smoke outcome (passed, failed, skipped).
     #[serde(default)]
-    pub smoke: BTreeMap<String, usize>,
+    pub smoke: BTreeMap<Smoke, usize>,
 }
 
 /// A run's readiness report.
@@ -225,12 +227,11 @@ impl Report {
     }
 
     pub fn summary_line(&self) -> String {
-        let ready = PackageStatus::Ready.as_str();
         let counts: Vec<String> = self
             .summary
             .by_status
             .iter()
-            .filter(|(k, _)| k.as_str() != ready)
+            .filter(|(k, _)| **k != PackageStatus::Ready)
             .map(|(k, v)| format!("{v} {k}"))
             .collect();
         let mut s = format!(
@@ -388,9 +389,9 @@ fn summarize(packages: &[PackageReport]) -> Summary {
     let mut by_status = BTreeMap::new();
     let mut smoke = BTreeMap::new();
     for p in packages {
-        *by_status.entry(p.status.to_string()).or_insert(0) += 1;
+        *by_status.entry(p.status).or_insert(0) += 1;
         if p.smoke != Smoke::NotRun {
-            *smoke.entry(p.smoke.to_string()).or_insert(0) += 1;
+            *smoke.entry(p.smoke).or_insert(0) += 1;
         }
     }
     let total = packages.len();

@@ -9,7 +9,7 @@ fn pkg(attr: &str, status: &str) -> PackageReport {
         reason: format!("because <{attr}> & \"x\""),
         pname: String::new(),
         version: String::new(),
-        drv_path: String::new(),
+        drv_path: None,
         outputs: BTreeMap::new(),
         pinned: true,
         rev: String::new(),

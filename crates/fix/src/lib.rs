@@ -118,7 +118,7 @@ pub fn patchable(file: &str) -> bool {
 /// claim goes to the better fit; the other is reported unlocated.
 pub fn plan(tree: &Tree, packages: &[PackageMismatches]) -> Plan {
     // (file, start) → (fix, score, first fod) to detect conflicts.
-    let mut places: BTreeMap<(String, usize), (Fix, u32, String)> = BTreeMap::new();
+    let mut places: BTreeMap<(String, usize), (Fix, u32, nixfarm_nix::StorePath)> = BTreeMap::new();
     let mut wanted: Vec<(String, (String, usize), Mismatch)> = Vec::new();
     let mut plan = Plan::default();
     for p in packages {

@@ -1,5 +1,6 @@
 //! Unit tests of `lib.rs`: planning, applying and writing hash fixes.
 use super::*;
+use nixfarm_nix::StorePath;
 
 const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const GOT1: &str = "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=";
@@ -7,7 +8,8 @@ const GOT2: &str = "sha256-jw7+guB6otkQxOFby0tTP00dfpRRmo/Vo7hZ5rmsG8E=";
 
 fn mm(name: &str, hints: &[&str], got: &str) -> Mismatch {
     Mismatch {
-        fod_drv: format!("/nix/store/{}-{name}.drv", "b".repeat(32)),
+        fod_drv: StorePath::parse_drv(&format!("/nix/store/{}-{name}.drv", "b".repeat(32)))
+            .unwrap(),
         hints: hints.iter().map(|s| s.to_string()).collect(),
         specified: FAKE.into(),
         got: got.into(),
@@ -182,7 +184,11 @@ fn without_a_position_the_file_naming_the_derivation_wins() {
         attr: "mypkg".into(),
         own_file: None,
         mismatches: vec![Mismatch {
-            fod_drv: format!("/nix/store/{}-mypkg-deno-deps.drv", "b".repeat(32)),
+            fod_drv: StorePath::parse_drv(&format!(
+                "/nix/store/{}-mypkg-deno-deps.drv",
+                "b".repeat(32)
+            ))
+            .unwrap(),
             hints: vec!["mypkg-deno-deps".into()],
             specified: fake.into(),
             got: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),

@@ -8,13 +8,14 @@
 //! appear in the derivation (its `rev`, `url`, `owner`…).
 
 use crate::lex::{Tok, Token, tokenize};
+use nixfarm_nix::StorePath;
 use nixfarm_nix::hash::{Algo, Hash};
 
 /// A fixed-output hash mismatch, as the farm reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatch {
     /// The fixed-output derivation's store path.
-    pub fod_drv: String,
+    pub fod_drv: StorePath,
     /// What the derivation says: its name, `rev`, `url`, `owner`, `repo` and the like.
     pub hints: Vec<String>,
     /// SRI.
@@ -26,12 +27,8 @@ pub struct Mismatch {
 impl Mismatch {
     /// The derivation's name, from its store path (`/nix/store/<hash>-<name>.drv`).
     pub fn fod_name(&self) -> &str {
-        let base = self.fod_drv.rsplit('/').next().unwrap_or_default();
-        let base = base.strip_suffix(".drv").unwrap_or(base);
-        match base.split_once('-') {
-            Some((h, n)) if h.len() == 32 => n,
-            _ => base,
-        }
+        let name = self.fod_drv.name();
+        name.strip_suffix(".drv").unwrap_or(name)
     }
 }
 
@@ -256,7 +253,8 @@ mod tests {
 
     fn m(name: &str, hints: &[&str]) -> Mismatch {
         Mismatch {
-            fod_drv: format!("/nix/store/{}-{name}.drv", "a".repeat(32)),
+            fod_drv: StorePath::parse_drv(&format!("/nix/store/{}-{name}.drv", "a".repeat(32)))
+                .unwrap(),
             hints: hints.iter().map(|s| s.to_string()).collect(),
             specified: FAKE.into(),
             got: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),

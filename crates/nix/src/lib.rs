@@ -17,12 +17,13 @@ pub mod isolation;
 pub mod messages;
 mod path_info;
 pub mod runner;
-pub mod store_path;
 mod store_query;
 pub mod text_path;
 mod worker_protocol;
 
 pub use captured::let_stopping_children_finish;
 pub use derivation::Derivation;
+/// Store paths are a domain type (they cross events and reports); they live in `nixfarm-core`.
+pub use nixfarm_core::store_path;
 pub use runner::{AttrInfo, BuildOptions, BuildRun, ListedAndEvaluated, Nix, NixError};
 pub use store_path::{OutputPath, StorePath, StorePathError};

@@ -4,7 +4,7 @@
 use crate::v1 as pb;
 use nixfarm_core::limits as lim;
 use nixfarm_core::report::{HashFix, HashMismatch, PackageKind, PackageReport, RepoCheck, Report};
-use nixfarm_core::{PackageStatus, RunState, Smoke};
+use nixfarm_core::{OutputPath, PackageStatus, RunState, Smoke, StorePath, StorePathError};
 use std::collections::BTreeMap;
 
 /// A wire message whose fields do not make a domain value.
@@ -41,13 +41,17 @@ impl From<&PackageReport> for pb::PackageReport {
             attr: p.attr.clone(),
             status: p.status.to_string(),
             reason: p.reason.clone(),
-            drv_path: p.drv_path.clone(),
+            drv_path: p
+                .drv_path
+                .as_ref()
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
             outputs: p
                 .outputs
                 .iter()
                 .map(|(name, path)| pb::DrvOutput {
                     name: name.clone(),
-                    path: path.clone(),
+                    path: path.to_string(),
                     nar_hash: String::new(),
                 })
                 .collect(),
@@ -64,7 +68,7 @@ impl From<&PackageReport> for pb::PackageReport {
                 .hash_mismatches
                 .iter()
                 .map(|m| pb::HashMismatch {
-                    fod_drv: m.fod_drv.clone(),
+                    fod_drv: m.fod_drv.to_string(),
                     specified: m.specified.clone(),
                     got: m.got.clone(),
                     hints: m.hints.clone(),
@@ -111,16 +115,35 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                 lim::MAX_HINT
             )));
         }
-        let hash_mismatches: Vec<HashMismatch> = p
+        let bad_path = |what: &str, e: StorePathError| {
+            WireError(format!("package {}: {what}: {e}", lim::clip(&p.attr, 80)))
+        };
+        let hash_mismatches = p
             .hash_mismatches
             .into_iter()
-            .map(|m| HashMismatch {
-                fod_drv: m.fod_drv,
-                specified: m.specified,
-                got: m.got,
-                hints: m.hints,
+            .map(|m| {
+                Ok(HashMismatch {
+                    fod_drv: StorePath::parse_drv(&m.fod_drv)
+                        .map_err(|e| bad_path("a hash mismatch's derivation", e))?,
+                    specified: m.specified,
+                    got: m.got,
+                    hints: m.hints,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, WireError>>()?;
+        let drv_path = if p.drv_path.is_empty() {
+            None
+        } else {
+            Some(StorePath::parse_drv(&p.drv_path).map_err(|e| bad_path("its derivation", e))?)
+        };
+        let outputs = p
+            .outputs
+            .into_iter()
+            .map(|o| {
+                let path = OutputPath::parse(&o.path).map_err(|e| bad_path("an output", e))?;
+                Ok((o.name, path))
+            })
+            .collect::<Result<BTreeMap<_, _>, WireError>>()?;
         Ok(PackageReport {
             kind: PackageKind::of(&p.attr),
             attr: p.attr,
@@ -128,12 +151,8 @@ impl TryFrom<pb::PackageReport> for PackageReport {
             reason: p.reason,
             pname: p.pname,
             version: p.version,
-            drv_path: p.drv_path,
-            outputs: p
-                .outputs
-                .into_iter()
-                .map(|o| (o.name, o.path))
-                .collect::<BTreeMap<_, _>>(),
+            drv_path,
+            outputs,
             pinned: p.pinned,
             rev: p.rev,
             position: p.position,
@@ -188,6 +207,10 @@ impl TryFrom<pb::Report> for Report {
 mod tests {
     use super::*;
 
+    fn path(base: &str) -> String {
+        format!("/nix/store/{}-{base}", "0".repeat(32))
+    }
+
     #[test]
     fn a_report_round_trips_through_the_wire_and_unknown_words_are_refused() {
         let mut packages = Vec::new();
@@ -196,9 +219,17 @@ mod tests {
                 attr: format!("p{i}"),
                 status: st,
                 reason: format!("because {i}"),
-                outputs: [("out".to_string(), format!("/nix/store/x-p{i}"))].into(),
+                drv_path: Some(StorePath::parse_drv(&path(&format!("p{i}.drv"))).unwrap()),
+                outputs: [
+                    (
+                        "out".to_string(),
+                        OutputPath::parse(&path(&format!("p{i}"))).unwrap(),
+                    ),
+                    ("floating".to_string(), OutputPath::Floating),
+                ]
+                .into(),
                 hash_mismatches: vec![HashMismatch {
-                    fod_drv: "/nix/store/y-src.drv".into(),
+                    fod_drv: StorePath::parse_drv(&path("src.drv")).unwrap(),
                     specified: "sha256-A".into(),
                     got: "sha256-B".into(),
                     hints: vec!["rev".into()],
@@ -232,8 +263,31 @@ mod tests {
         let mut bad = wire.clone();
         bad.packages[0].hash_mismatches[0].hints = vec!["h".into(); lim::MAX_HINTS + 1];
         assert!(Report::try_from(bad).is_err());
-        let mut bad = wire;
+        let mut bad = wire.clone();
         bad.packages[0].hash_mismatches[0].hints = vec!["h".repeat(lim::MAX_HINT + 1)];
         assert!(Report::try_from(bad).is_err());
+        // Store paths are store paths: no other text, and a derivation's is a derivation's.
+        for (field, value) in [
+            ("drv_path", "/etc/passwd".to_string()),
+            ("drv_path", path("p0")),
+            ("output", "../../x".to_string()),
+            ("output", path("bad name\u{1b}[2J")),
+            ("fod_drv", path("src")),
+            ("fod_drv", "/nix/store/y-src.drv".to_string()),
+        ] {
+            let mut bad = wire.clone();
+            let p = &mut bad.packages[0];
+            match field {
+                "drv_path" => p.drv_path = value.clone(),
+                "output" => p.outputs[0].path = value.clone(),
+                _ => p.hash_mismatches[0].fod_drv = value.clone(),
+            }
+            let e = Report::try_from(bad).expect_err(&value);
+            assert!(e.to_string().contains("package p0"), "{e}");
+        }
+        // A package that did not evaluate has no derivation, and says so with an empty one.
+        let mut none = wire;
+        none.packages[0].drv_path = String::new();
+        assert_eq!(Report::try_from(none).unwrap().packages[0].drv_path, None);
     }
 }

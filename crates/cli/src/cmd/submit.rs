@@ -186,7 +186,8 @@ async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> 
         .packages
         .iter()
         .filter(|p| p.status() == nixfarm_core::PackageStatus::Ready)
-        .flat_map(|p| p.outputs.values().cloned())
+        .flat_map(|p| p.outputs.values().filter_map(|o| o.known()))
+        .map(ToString::to_string)
         .collect();
     let missing: std::collections::HashSet<String> = pusher
         .missing(&outs)
@@ -204,7 +205,7 @@ async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> 
         if p.status() != nixfarm_core::PackageStatus::Ready {
             continue;
         }
-        if let Some(o) = p.outputs.values().find(|o| missing.contains(*o)) {
+        if let Some(o) = p.outputs.values().find(|o| missing.contains(o.as_str())) {
             p.status = nixfarm_core::PackageStatus::NotCached;
             p.reason = format!("{o} is not in the cache");
             changed = true;

@@ -126,7 +126,7 @@ impl Engine {
                         inner,
                         &run_id,
                         Ev::JobRetry {
-                            drv: drv.to_string(),
+                            drv: drv.clone(),
                             message: report.message.clone(),
                             retry: n,
                         },
@@ -168,7 +168,7 @@ impl Engine {
         // between the two would know the build done and never tell its watchers.
         let event = Ev::JobFinished {
             name: store_name(&drv).to_string(),
-            drv: drv.to_string(),
+            drv: drv.clone(),
             agent: agent.to_string(),
             outcome: report.kind,
             message: report.message.clone(),

@@ -73,7 +73,7 @@ impl Engine {
             run_id,
             Ev::JobAwaitingCheck {
                 name: store_name(&drv).to_string(),
-                drv: drv.to_string(),
+                drv: drv.clone(),
                 agent: agent.to_string(),
                 duration_ms,
             },
@@ -241,7 +241,7 @@ impl Engine {
                         inner,
                         &a.run_id,
                         Ev::JobRetry {
-                            drv: drv.to_string(),
+                            drv: drv.clone(),
                             message,
                             retry: n,
                         },

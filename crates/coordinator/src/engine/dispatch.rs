@@ -109,9 +109,9 @@ impl Engine {
                     Self::unpop(&mut inner.runs, &run_id, &job_ref);
                     return;
                 }
-                let hold = match &job {
-                    Job::Build { hold, .. } => Some(*hold),
-                    _ => None,
+                let (hold, built_drv) = match &job {
+                    Job::Build { hold, drv_path, .. } => (Some(*hold), Some(drv_path.clone())),
+                    _ => (None, None),
                 };
                 let sent = inner
                     .agents
@@ -155,14 +155,17 @@ impl Engine {
                     }
                     break;
                 }
-                let name_of = store_name(&target).to_string();
+                let Some(drv) = built_drv else {
+                    continue;
+                };
+                let name_of = store_name(&drv).to_string();
                 if kind == AttemptKind::Build {
                     self.emit(
                         inner,
                         &run_id,
                         Ev::JobStarted {
                             name: name_of,
-                            drv: target.clone(),
+                            drv,
                             agent: name.clone(),
                         },
                     );
@@ -172,7 +175,7 @@ impl Engine {
                         &run_id,
                         Ev::JobCheckStarted {
                             name: name_of,
-                            drv: target.clone(),
+                            drv,
                             agent: name.clone(),
                             built_by,
                         },

@@ -256,7 +256,7 @@ pub struct Engine {
 }
 
 /// A run's package counts: (total, ready, per status).
-type RunCounts = (u64, u64, BTreeMap<String, u64>);
+type RunCounts = (u64, u64, BTreeMap<PackageStatus, u64>);
 
 /// An upload claim older than this lapses even while its holder looks alive (a stuck
 /// upload must not hold up every other agent for ever), in milliseconds.

@@ -54,10 +54,10 @@ fn an_attribute_a_listing_left_out_counts_as_failed_there() {
     let report = engine.report(&run).unwrap();
     assert_ne!(report.state, RunState::Failed, "{}", report.error);
     assert!(
-        report
-            .packages
-            .iter()
-            .any(|p| p.attr == "broken" && p.drv_path.ends_with("-hello.drv")),
+        report.packages.iter().any(|p| p.attr == "broken"
+            && p.drv_path
+                .as_ref()
+                .is_some_and(|d| d.ends_with("-hello.drv"))),
         "{report:?}"
     );
 }

@@ -82,7 +82,7 @@ impl Engine {
                     let g = self.lock();
                     for p in &mut report.packages {
                         if p.status == PackageStatus::Pending {
-                            p.reason = waiting_reason(&g, &self.opts, run_id, &p.drv_path);
+                            p.reason = waiting_reason(&g, &self.opts, run_id, p.drv_path.as_ref());
                         }
                     }
                 }
@@ -104,7 +104,7 @@ impl Engine {
 fn build_report(
     db: &dyn StateStore,
     run_id: &str,
-    mut waiting: impl FnMut(&str) -> String,
+    mut waiting: impl FnMut(Option<&StorePath>) -> String,
 ) -> Result<Report, EngineError> {
     let row = db
         .run(run_id)?
@@ -156,7 +156,7 @@ fn build_report(
     for (attr, p) in &packages {
         let mut r = package_report(attr, p, run_state, &results, &nodes, &top_of, &tainted);
         if r.status == PackageStatus::Pending {
-            r.reason = waiting(p.drv_path.as_deref().unwrap_or(""));
+            r.reason = waiting(p.drv_path.as_ref());
         }
         out.push(r);
     }
@@ -190,7 +190,7 @@ impl Engine {
                         rep.summary
                             .by_status
                             .iter()
-                            .map(|(k, v)| (k.clone(), *v as u64))
+                            .map(|(k, v)| (*k, *v as u64))
                             .collect(),
                     );
                     if r.state.is_terminal()

@@ -19,11 +19,8 @@ pub(super) fn package_report(
         reason: String::new(),
         pname: p.pname.clone(),
         version: p.version.clone(),
-        drv_path: p
-            .drv_path
-            .as_ref()
-            .map_or(String::new(), ToString::to_string),
-        outputs: outputs_text(&p.outputs),
+        drv_path: p.drv_path.clone(),
+        outputs: p.outputs.clone(),
         pinned: p.rev.is_empty() || rev_is_pinned(&p.rev),
         rev: p.rev.clone(),
         position: p.position.clone(),
@@ -52,16 +49,15 @@ pub(super) fn package_report(
     r.agent = rep.agent.clone();
     r.smoke = rep.smoke;
     if !rep.outputs.is_empty() {
-        r.outputs = outputs_text(&rep.outputs);
+        r.outputs = rep.outputs.clone();
     }
     // Every hash mismatch in the closure: a package can need several hashes at once. Only a
     // closure that holds one (or a fake hash), or a failed dependency, needs walking.
-    let closure = if tainted.contains(p.drv_path.as_deref().unwrap_or(""))
-        || *state == DrvState::DependencyFailed
-    {
-        closure_of(p.drv_path.as_deref().unwrap_or(""), nodes)
-    } else {
-        Vec::new()
+    let closure = match &p.drv_path {
+        Some(top) if tainted.contains(top.as_str()) || *state == DrvState::DependencyFailed => {
+            closure_of(top, nodes)
+        }
+        _ => Vec::new(),
     };
     let mismatches = closure_mismatches(&closure, results, nodes);
     r.hash_mismatches = mismatches.clone();
@@ -69,7 +65,7 @@ pub(super) fn package_report(
         DrvState::Built => {
             let fake: Vec<&str> = closure
                 .iter()
-                .filter(|d| nodes.get(*d).is_some_and(has_fake_hash))
+                .filter(|d| nodes.get(d.as_str()).is_some_and(has_fake_hash))
                 .map(|d| store_name(d))
                 .collect();
             if !fake.is_empty() {
@@ -161,7 +157,7 @@ pub(super) fn package_report(
         DrvState::DependencyFailed
             if closure
                 .iter()
-                .any(|d| matches!(results.get(*d), Some((DrvState::Waiting, _))))
+                .any(|d| matches!(results.get(d.as_str()), Some((DrvState::Waiting, _))))
                 && !run_state.is_terminal() =>
         {
             set(
@@ -271,7 +267,10 @@ fn not_built(run_state: RunState) -> (PackageStatus, String) {
 }
 
 /// Every derivation in a package's build closure, the package's own first.
-pub(super) fn closure_of<'a>(top: &'a str, nodes: &'a HashMap<&str, DrvNode>) -> Vec<&'a str> {
+pub(super) fn closure_of<'a>(
+    top: &'a StorePath,
+    nodes: &'a HashMap<&str, DrvNode>,
+) -> Vec<&'a StorePath> {
     let mut seen = HashSet::new();
     let mut stack = vec![top];
     let mut out = Vec::new();
@@ -279,8 +278,8 @@ pub(super) fn closure_of<'a>(top: &'a str, nodes: &'a HashMap<&str, DrvNode>) ->
         if !seen.insert(d) {
             continue;
         }
-        if let Some(n) = nodes.get(d) {
-            stack.extend(n.input_drvs.iter().map(StorePath::as_str));
+        if let Some(n) = nodes.get(d.as_str()) {
+            stack.extend(n.input_drvs.iter());
         }
         out.push(d);
     }
@@ -328,19 +327,22 @@ pub(super) fn has_fake_hash(n: &DrvNode) -> bool {
 }
 
 pub(super) fn closure_mismatches(
-    closure: &[&str],
+    closure: &[&StorePath],
     results: &HashMap<&str, (DrvState, BuildReport)>,
     nodes: &HashMap<&str, DrvNode>,
 ) -> Vec<HashMismatch> {
     let mut out: Vec<HashMismatch> = closure
         .iter()
         .filter_map(|d| {
-            let (_, rep) = results.get(*d)?;
+            let (_, rep) = results.get(d.as_str())?;
             (rep.kind == BuildOutcome::HashMismatch).then(|| HashMismatch {
-                fod_drv: d.to_string(),
+                fod_drv: (*d).clone(),
                 specified: rep.specified.clone(),
                 got: rep.got.clone(),
-                hints: nodes.get(*d).map(|n| n.hints.clone()).unwrap_or_default(),
+                hints: nodes
+                    .get(d.as_str())
+                    .map(|n| n.hints.clone())
+                    .unwrap_or_default(),
             })
         })
         .collect();

@@ -131,13 +131,16 @@ pub(super) fn waiting_reason(
     inner: &Inner,
     opts: &EngineOptions,
     run_id: &str,
-    drv: &str,
+    drv: Option<&StorePath>,
 ) -> String {
     let Some(run) = inner.runs.iter().find(|r| r.id == run_id) else {
         return String::new();
     };
     let hold = run.hold(opts, inner.hold_way);
-    let (Some(sched), Some(&top)) = (&run.sched, run.node_of.get(drv)) else {
+    let Some(drv) = drv else {
+        return "evaluating".into();
+    };
+    let (Some(sched), Some(&top)) = (&run.sched, run.node_of.get(drv.as_str())) else {
         return "evaluating".into();
     };
     let refused = cache_refused(inner, run);
@@ -153,7 +156,7 @@ pub(super) fn waiting_reason(
             let agent = inner
                 .attempts
                 .values()
-                .find(|a| a.run_id == run_id && a.target == drv)
+                .find(|a| a.run_id == run_id && a.target == drv.as_str())
                 .map(|a| a.agent.clone());
             match (run.checks.get(&top), agent) {
                 (Some(c), Some(agent)) => {

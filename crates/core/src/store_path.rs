@@ -247,7 +247,7 @@ impl fmt::Debug for OutputPath {
 }
 
 /// Serde for an optional store path written as the empty string when absent (as the wire
-/// and older state have it): `#[serde(default, with = "nixfarm_nix::store_path::or_empty")]`.
+/// and older state have it): `#[serde(default, with = "nixfarm_core::store_path::or_empty")]`.
 pub mod or_empty {
     use super::StorePath;
     use serde::{Deserialize, Deserializer, Serializer};
