@@ -62,6 +62,13 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                     _ => Ok(Default::default()),
                 };
                 let outputs = outputs_from_wire(b.outputs).and_then(|o| hashes.map(|h| (o, h)));
+                // A mismatch names two hashes of one algorithm, in SRI form as agents send
+                // them: its "got" is what the CLI offers to write into the user's files.
+                let outputs = match status {
+                    pb::BuildStatus::HashMismatch => outputs
+                        .and_then(|o| sri_mismatch(&b.specified_hash, &b.got_hash).map(|()| o)),
+                    _ => outputs,
+                };
                 let (kind, (outputs, nar_hashes), message) = match (status, outputs) {
                     (pb::BuildStatus::Unspecified, _) => (
                         BuildOutcome::InfraFailed,
@@ -89,13 +96,18 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                         (kind, o, truncate(b.message, lim::MAX_MESSAGE))
                     }
                 };
+                // Hashes only with a mismatch, checked above.
+                let (specified, got) = match kind {
+                    BuildOutcome::HashMismatch => (b.specified_hash, b.got_hash),
+                    _ => Default::default(),
+                };
                 FromAgent::Build {
                     attempt: b.attempt_id,
                     report: BuildReport {
                         kind,
                         message,
-                        specified: short(b.specified_hash),
-                        got: short(b.got_hash),
+                        specified,
+                        got,
                         outputs,
                         // Bounded: it becomes a scheduling cost and is summed.
                         duration_ms: b.duration_ms.min(crate::scheduler::MAX_COST),
@@ -240,21 +252,61 @@ mod tests {
     use super::*;
 
     fn build_result(nar_hash: &str) -> BuildReport {
+        from_wire(pb::BuildResult {
+            attempt_id: "a1".into(),
+            status: pb::BuildStatus::Built as i32,
+            outputs: vec![pb::DrvOutput {
+                name: "out".into(),
+                path: "/nix/store/11111111111111111111111111111111-lib".into(),
+                nar_hash: nar_hash.into(),
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn from_wire(b: pb::BuildResult) -> BuildReport {
         let m = pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Build(pb::BuildResult {
-                attempt_id: "a1".into(),
-                status: pb::BuildStatus::Built as i32,
-                outputs: vec![pb::DrvOutput {
-                    name: "out".into(),
-                    path: "/nix/store/11111111111111111111111111111111-lib".into(),
-                    nar_hash: nar_hash.into(),
-                }],
-                ..Default::default()
-            })),
+            msg: Some(pb::agent_message::Msg::Build(b)),
         };
         match FromAgent::try_from(m) {
             Ok(FromAgent::Build { report, .. }) => report,
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_hash_mismatch_names_two_sri_hashes_of_one_algorithm_or_is_malformed() {
+        const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        const GOT: &str = "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=";
+        let mismatch = |specified: &str, got: &str| {
+            from_wire(pb::BuildResult {
+                attempt_id: "a1".into(),
+                status: pb::BuildStatus::HashMismatch as i32,
+                specified_hash: specified.into(),
+                got_hash: got.into(),
+                ..Default::default()
+            })
+        };
+        let r = mismatch(FAKE, GOT);
+        assert_eq!(
+            (r.kind, r.specified.as_str(), r.got.as_str()),
+            (BuildOutcome::HashMismatch, FAKE, GOT)
+        );
+        for (specified, got) in [
+            (FAKE, "\"; rm -rf ~; \""),
+            (FAKE, ""),
+            (
+                FAKE,
+                "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73",
+            ),
+            (FAKE, "sha1-AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            ("", GOT),
+            (GOT, GOT),
+        ] {
+            let r = mismatch(specified, got);
+            assert_eq!(r.kind, BuildOutcome::InfraFailed, "{specified} {got}");
+            assert!(r.message.contains("malformed result"), "{}", r.message);
+            assert!(r.got.is_empty() && r.specified.is_empty(), "{r:?}");
         }
     }
 
