@@ -472,7 +472,23 @@ fn the_agent_image_config_parses_and_leaves_computed_defaults_to_the_agent() {
             .any(|w| w[0] == "--config" && w[1] == in_image),
         "ENTRYPOINT {entrypoint:?} does not read {in_image}"
     );
-    assert_non_root(&stage, "the agent image");
+    // It starts as root only to start Nix's daemon: the entrypoint script runs the agent as
+    // the agent's user (see the_agent_image_builds_as_build_users_through_its_own_daemon).
+    let script = copied_to(&stage, "deploy/container/agent-entrypoint");
+    assert_eq!(
+        entrypoint.get(at - 1),
+        Some(&script),
+        "ENTRYPOINT {entrypoint:?}"
+    );
+    assert!(
+        instructions(&stage, "USER").is_empty(),
+        "the agent image sets USER"
+    );
+    let env = instructions(&stage, "ENV").join(" ");
+    assert!(
+        env.contains("NIXFARM_AGENT_USER=nixfarm-agent"),
+        "ENV {env}"
+    );
     let a = nixfarm_agent::AgentConfig::load(&deploy("container/agent.toml"))
         .expect("container/agent.toml");
     a.validate().expect("container/agent.toml is in range");
@@ -494,18 +510,223 @@ fn the_agent_image_config_parses_and_leaves_computed_defaults_to_the_agent() {
     for v in ["/nix", a.work_dir.to_str().unwrap()] {
         assert!(volumes.contains(&v), "{v} is not a VOLUME ({volumes:?})");
     }
-    // Single-user Nix without build users, sandbox off (a container refuses it).
+    // Multi-user Nix: the daemon's build users build, the agent is a trusted user of it;
+    // sandbox off (a container refuses it).
     assert_eq!(
         copied_to(&stage, "deploy/container/nix.conf"),
         "/etc/nix/nix.conf"
     );
     let nix_conf = std::fs::read_to_string(deploy("container/nix.conf")).unwrap();
-    for setting in ["build-users-group =", "sandbox = false"] {
+    for setting in [
+        "build-users-group = nixbld",
+        "trusted-users = nixfarm-agent",
+        "sandbox = false",
+    ] {
         assert!(
             nix_conf.lines().any(|l| l.trim() == setting),
             "nix.conf lacks {setting}"
         );
     }
+    let run = instructions(&stage, "RUN").join(" ");
+    for made in [
+        "groupadd --system --gid 30000 nixbld",
+        "\"nixbld$i\"",
+        "nixfarm-agent",
+    ] {
+        assert!(run.contains(made), "the image does not make {made}: {run}");
+    }
+}
+
+/// The agent image's start, as a plain process: its entrypoint script (as root, in a PID and
+/// mount namespace of its own with an empty /nix, as a container has) with the image's
+/// nix.conf and agent.toml, the agent's user being `nobody` here. A package whose builder
+/// tries to change its input in the store builds, but as one of the daemon's build users:
+/// the input is unchanged, and every store path is root's. (With the image before it, the
+/// agent owned the store and builds ran as the agent's user: the input was overwritten.) Its
+/// /nix starts as that image's volume was, the agent's user's: the store becomes root's.
+#[test]
+fn the_agent_image_builds_as_build_users_through_its_own_daemon() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch();
+    set_mode(dir.path(), 0o755);
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let nobody = 65534;
+    let (nix, work, home, conf) = (
+        dir.path().join("nix"),
+        dir.path().join("work"),
+        dir.path().join("home"),
+        dir.path().join("etc-nix"),
+    );
+    for d in [&nix, &work, &home, &conf] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    set_mode(&nix, 0o755);
+    // The /nix volume as the image before this one left it: the agent's user owned the store.
+    for d in ["store", "var/nix/gcroots/per-user"] {
+        std::fs::create_dir_all(nix.join(d)).unwrap();
+    }
+    let old = nix.join("store/00000000000000000000000000000000-built-before");
+    std::fs::write(&old, "").unwrap();
+    for d in [
+        "",
+        "store",
+        "store/00000000000000000000000000000000-built-before",
+        "var",
+        "var/nix",
+        "var/nix/gcroots",
+        "var/nix/gcroots/per-user",
+    ] {
+        std::os::unix::fs::chown(nix.join(d), Some(nobody), Some(nobody)).unwrap();
+    }
+    for d in [&work, &home] {
+        std::os::unix::fs::chown(d, Some(nobody), Some(nobody)).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    // The image's files, with what names the image's user and volumes moved to this test's.
+    let nix_conf = std::fs::read_to_string(deploy("container/nix.conf")).unwrap();
+    std::fs::write(
+        conf.join("nix.conf"),
+        rewrite_values(
+            &nix_conf,
+            &[(
+                "trusted-users = nixfarm-agent".into(),
+                "trusted-users = nobody".into(),
+            )],
+        ),
+    )
+    .unwrap();
+    let shipped = nixfarm_agent::AgentConfig::load(&deploy("container/agent.toml")).unwrap();
+    let quoted = |s: &str| format!("\"{s}\"");
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        rewrite_values(
+            &std::fs::read_to_string(deploy("container/agent.toml")).unwrap(),
+            &[
+                (quoted(&shipped.coordinator), quoted(&coordinator.url)),
+                (
+                    quoted(&shipped.work_dir.display().to_string()),
+                    quoted(&work.display().to_string()),
+                ),
+            ],
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let child = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--pid", "--fork"])
+        .args(["--kill-child", "--mount-proc", "sh", "-c"])
+        .arg("set -e; mount --bind \"$0\" /nix; exec \"$@\"")
+        .arg(&nix)
+        .arg(deploy("container/agent-entrypoint"))
+        .arg(bin("nixfarm-agent"))
+        .arg("--config")
+        .arg(&agent_toml)
+        .args(["--name", "image-agent"])
+        .env_remove("NIX_CONFIG")
+        .env("NIX_CONF_DIR", &conf)
+        .env("NIXFARM_AGENT_USER", "nobody")
+        .env("HOME", &home)
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let agent = Proc {
+        child,
+        name: "image-agent".into(),
+        log,
+    };
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      drv = name: script: derivation {
+        inherit name; system = "x86_64-linux"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+        args = [ "-c" script ];
+      };
+      dep = drv "dep" "echo good > $out";
+    in { packages.x86_64-linux = {
+      inherit dep;
+      # Tries to overwrite its input in the store, then says who it ran as and what it read.
+      tamper = drv "tamper" ''
+        chmod u+w ${dep} 2>/dev/null; echo evil > ${dep} 2>/dev/null
+        echo "uid=$(id -u) dep=$(cat ${dep})" > $out
+      '';
+    }; }; }"#,
+    )
+    .unwrap();
+    let out = cli(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let report = wait_for(
+        std::time::Duration::from_secs(120),
+        "the run to end",
+        || {
+            let r: serde_json::Value = serde_json::from_str(&stdout(&cli(
+                &coordinator.url,
+                &["report", &run, "--format", "json"],
+            )))
+            .ok()?;
+            ["finished", "failed", "cancelled"]
+                .contains(&r["state"].as_str()?)
+                .then_some(r)
+        },
+    );
+    let output = |attr: &str| {
+        let p = report["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["attr"] == attr)
+            .unwrap_or_else(|| panic!("no {attr} in {report}\n{}", agent.log_text()));
+        assert_eq!(p["status"], "ready", "{p}\n{}", agent.log_text());
+        let path = p["outputs"]["out"].as_str().unwrap().to_string();
+        // The store is the volume's: this test's /nix.
+        dir.path().join(path.trim_start_matches('/'))
+    };
+    let (dep, tamper) = (output("dep"), output("tamper"));
+    assert_eq!(std::fs::read_to_string(&dep).unwrap(), "good\n");
+    let said = std::fs::read_to_string(&tamper).unwrap();
+    let uid: u32 = said
+        .trim()
+        .strip_prefix("uid=")
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(
+        uid != 0 && uid != nobody,
+        "the builder ran as {uid}: {said}"
+    );
+    assert!(said.ends_with("dep=good\n"), "{said}");
+    for p in [&dep, &tamper, &nix.join("store"), &old] {
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(p).unwrap());
+        assert_eq!(owner, 0, "{} is {owner}'s", p.display());
+    }
+    // The agent itself is not root: its process, the entrypoint's last exec, is nobody's.
+    let agent_uid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "nixfarm-agent")
+                && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    s.rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                        == Some(agent.child.id())
+                })
+        })
+        .find_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            status.lines().find_map(|l| {
+                l.strip_prefix("Uid:")?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u32>()
+                    .ok()
+            })
+        });
+    assert_eq!(agent_uid, Some(nobody), "{}", agent.log_text());
 }
 
 // ---- systemd: `systemd-analyze security` rates the plain units (the NixOS module sets the
