@@ -616,7 +616,10 @@ fn the_agent_image_builds_as_build_users_through_its_own_daemon() {
     let child = std::process::Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--pid", "--fork"])
         .args(["--kill-child", "--mount-proc", "sh", "-c"])
-        .arg("set -e; mount --bind \"$0\" /nix; exec \"$@\"")
+        // Not exec'd: the namespace's first process keeps the signal --kill-child sets, which
+        // a change of user (the entrypoint's setpriv) clears, so killing unshare ends them all
+        // (as a container's end does).
+        .arg("set -e; mount --bind \"$0\" /nix; \"$@\"")
         .arg(&nix)
         .arg(deploy("container/agent-entrypoint"))
         .arg(bin("nixfarm-agent"))
@@ -708,13 +711,14 @@ fn the_agent_image_builds_as_build_users_through_its_own_daemon() {
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
+            let parent = |pid: u32| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let (_, rest) = stat.rsplit_once(") ")?;
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            };
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim() == "nixfarm-agent")
-                && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                    s.rsplit_once(") ")
-                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
-                        == Some(agent.child.id())
-                })
+                && parent(*pid).and_then(parent) == Some(agent.child.id())
         })
         .find_map(|pid| {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
