@@ -24,6 +24,11 @@ pub struct Masks(Arc<Vec<(CString, bool)>>);
 const HOST_SECRETS: &[&str] = &[
     "/run/credentials",
     "/run/secrets",
+    // sops-nix and agenix: /run/secrets and /run/agenix link to a generation in these, and a
+    // switch makes a new one.
+    "/run/secrets.d",
+    "/run/agenix",
+    "/run/agenix.d",
     "/run/keys",
     "/root",
     "/etc/ssh",
@@ -41,7 +46,8 @@ impl Masks {
         let all = HOST_SECRETS
             .iter()
             .map(PathBuf::from)
-            .chain(own.iter().cloned());
+            .chain(own.iter().cloned())
+            .chain(own.iter().filter_map(|p| secret_volume(p)));
         for p in all {
             // The file itself, wherever links lead (and relative paths are the agent's).
             let Ok(p) = std::fs::canonicalize(&p) else {
@@ -69,7 +75,19 @@ impl Masks {
         }
         Masks(Arc::new(kept.into_iter().map(|(_, c, d)| (c, d)).collect()))
     }
+}
 
+/// The directory of a secret mounted as Kubernetes mounts secrets (its name a link through
+/// `..data`, which an update points at a new directory beside it): covered whole, so a
+/// secret updated while a process runs is as covered as the one it started with.
+fn secret_volume(p: &Path) -> Option<PathBuf> {
+    let dir = p.parent()?;
+    std::fs::symlink_metadata(dir.join("..data"))
+        .is_ok_and(|m| m.file_type().is_symlink())
+        .then(|| dir.to_path_buf())
+}
+
+impl Masks {
     /// A command that runs `program` in mount and PID namespaces of its own, with a /proc
     /// of that PID namespace only (no other process's `/proc/<pid>/root` leads around the
     /// covers) and these paths covered; it fails (exit 125) when they cannot be.
@@ -374,6 +392,38 @@ mod tests {
         );
         // unshare's child, the shell it runs and ls: nothing of the host.
         assert!(lines[4].parse::<u32>().unwrap() <= 3, "{text}");
+    }
+
+    /// A secret in a Kubernetes secret volume (`token` -> `..data/token`, `..data` ->
+    /// `..<timestamp>`): an update while a covered process runs points `..data` at a new
+    /// directory, which is covered too.
+    #[tokio::test]
+    async fn a_kubernetes_secret_updated_while_a_process_runs_stays_covered() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path().join("secrets");
+        std::fs::create_dir_all(volume.join("..2026_12_05_01")).unwrap();
+        std::fs::write(volume.join("..2026_12_05_01/token"), "old-secret").unwrap();
+        symlink("..2026_12_05_01", volume.join("..data")).unwrap();
+        symlink("..data/token", volume.join("token")).unwrap();
+        let token = volume.join("token");
+        let mut c = Masks::of(std::slice::from_ref(&token)).command(Path::new("/bin/sh"));
+        c.args(["-c", "cat \"$1\"; echo; sleep 1; cat \"$1\"", "probe"])
+            .arg(&token)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let child = c.spawn().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        // The kubelet's update: a new directory, then `..data` renamed over.
+        std::fs::create_dir_all(volume.join("..2026_12_05_02")).unwrap();
+        std::fs::write(volume.join("..2026_12_05_02/token"), "new-secret").unwrap();
+        symlink("..2026_12_05_02", volume.join("..data_tmp")).unwrap();
+        std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+        assert_eq!(std::fs::read_to_string(&token).unwrap(), "new-secret");
+        let out = child.wait_with_output().await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("secret"), "{text:?}");
+        assert_eq!(text.lines().next(), Some(""), "{text:?}");
     }
 
     /// A stop reaches the program in the namespaces, though `unshare` in front of it does
