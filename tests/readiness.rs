@@ -772,3 +772,105 @@ fn local_cross_checked_builds_find_what_is_not_reproducible() {
         stderr(&out)
     );
 }
+
+/// A file:// cache holding someone else's upload under `repo`'s `stable` output path (not
+/// what the derivation builds, signed by nobody): (the cache, its URL, stable's path).
+fn cache_with_a_foreign_stable(
+    host: &Host,
+    dir: &std::path::Path,
+    repo: &std::path::Path,
+) -> (std::path::PathBuf, String, String) {
+    let cache = dir.join("cache");
+    std::fs::create_dir_all(cache.join("nar")).unwrap();
+    let flake_attr = format!(
+        "path:{}#packages.x86_64-linux.stable.outPath",
+        repo.display()
+    );
+    let eval = host.run(&["nix", "eval", "--raw", &flake_attr]);
+    assert!(eval.status.success(), "{}", stderr(&eval));
+    let stable = stdout(&eval).trim().to_string();
+    let nar = single_file_nar(b"not what the derivation builds\n");
+    let hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&nar));
+    std::fs::write(cache.join(format!("nar/{hash}.nar")), &nar).unwrap();
+    std::fs::write(
+        cache.join(format!("{}.narinfo", &stable["/nix/store/".len()..][..32])),
+        format!(
+            "StorePath: {stable}\nURL: nar/{hash}.nar\nCompression: none\nFileHash: sha256:{hash}\nFileSize: {n}\nNarHash: sha256:{hash}\nNarSize: {n}\nReferences: \n",
+            n = nar.len()
+        ),
+    )
+    .unwrap();
+    let url = format!("file://{}", cache.display());
+    (cache, url, stable)
+}
+
+/// "Ready" means a user can substitute it. An output the run's cache already held under its
+/// path, uploaded by someone else and signed by no key the run is checked by, stays there
+/// (the push uploads only what the cache lacks): that package is not-cached, saying why;
+/// the one the farm pushed and signed is ready.
+#[test]
+fn an_output_held_in_the_cache_under_its_path_but_unsigned_is_not_cached() {
+    let dir = scratch();
+    let repo = stable_and_stamp_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    let (sk, pk) = cache_key(dir.path(), "farm-1");
+    let (_cache, cache_url, stable) = cache_with_a_foreign_stable(&host, dir.path(), &repo);
+    let report = local(
+        &host,
+        &dir.path().join("state"),
+        &repo,
+        &[
+            "--cache",
+            &cache_url,
+            "--signing-key-file",
+            sk.to_str().unwrap(),
+            "--trusted-public-key",
+            &pk,
+        ],
+    );
+    let got = packages_by_attr(&report);
+    assert_eq!(got["stable"]["outputs"]["out"], stable.as_str());
+    assert_eq!(got["stable"]["status"], "not-cached", "{report}");
+    let reason = got["stable"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("is in the cache, but a client checking signatures refuses it")
+            && reason.contains("signed by none of the keys"),
+        "{reason}"
+    );
+    assert_eq!(got["stamp"]["status"], "ready", "{report}");
+}
+
+/// With cross-checked builds the checking agent reads back what it published: the cache
+/// holding other contents under a checked output's path (its dependents elsewhere would get
+/// those) fails the publication, naming both NAR hashes, and the package is not ready.
+#[test]
+fn a_checked_output_the_cache_holds_with_other_contents_is_not_ready() {
+    let dir = scratch();
+    let repo = stable_and_stamp_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    let (sk, pk) = cache_key(dir.path(), "farm-1");
+    let (_cache, cache_url, _stable) = cache_with_a_foreign_stable(&host, dir.path(), &repo);
+    let report = local(
+        &host,
+        &dir.path().join("state"),
+        &repo,
+        &[
+            "--agents",
+            "2",
+            "--cross-check-builds",
+            "--cache",
+            &cache_url,
+            "--signing-key-file",
+            sk.to_str().unwrap(),
+            "--trusted-public-key",
+            &pk,
+        ],
+    );
+    let got = packages_by_attr(&report);
+    assert_ne!(got["stable"]["status"], "ready", "{report}");
+    let reason = got["stable"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the cache already held") && reason.contains("with other contents"),
+        "{reason}"
+    );
+}

@@ -196,7 +196,8 @@ pub(super) async fn check(
                         Err(nixfarm_store::StoreError::Stopped) => {
                             return super::build::cancelled(r);
                         }
-                        pushed => pushed.map(|_| ()),
+                        Err(e) => Err(e.to_string()),
+                        Ok(_) => same_in_cache(shared, p.cache, &outputs).await,
                     }
                 }
                 None => Ok(()),
@@ -210,6 +211,32 @@ pub(super) async fn check(
         Err(f) => (r.status, r.message) = super::build::failed(shared, f),
     }
     r
+}
+
+/// Whether the cache now holds `outputs` as this store does (by NAR hash): a push uploads
+/// only what the cache lacks, so a path someone else uploaded first stays as they made it,
+/// and dependents on other hosts would substitute that.
+async fn same_in_cache(
+    shared: &Shared,
+    cache: &nixfarm_store::Pusher,
+    outputs: &[String],
+) -> Result<(), String> {
+    let here = nar_hashes(shared, outputs).await?;
+    let there = cache.nar_hashes(outputs).await;
+    for ((path, here), there) in outputs.iter().zip(here).zip(there) {
+        match there {
+            Ok(there) if there == here => {}
+            Ok(there) => {
+                return Err(format!(
+                    "the cache already held {path} with other contents (NAR hash {}, checked here {}): something else was uploaded under its path",
+                    sri(there),
+                    sri(here)
+                ));
+            }
+            Err(e) => return Err(format!("cannot read back {path}: {e}")),
+        }
+    }
+    Ok(())
 }
 
 /// Each output's NAR hash as the first build reported it, in the order of `outputs`.

@@ -171,8 +171,12 @@ fn run_cache(run: &RunArgs) -> anyhow::Result<String> {
     })
 }
 
-/// Checks "cached" against the cache itself: a ready package whose outputs the cache does not
-/// have becomes not-cached.
+/// Checks "cached" against the cache itself, as a user substituting from it would: a ready
+/// package whose outputs the cache does not have becomes not-cached, and so does one whose
+/// outputs' narinfos are signed by none of the keys users check it by (`--trusted-public-key`,
+/// a Cachix cache's own), when there are any: something else was uploaded under its path
+/// before the farm's push (which uploads only what the cache lacks), or the agents sign with
+/// a key users do not check by.
 async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> {
     let url = run_cache(run)?;
     if url.is_empty() {
@@ -200,14 +204,45 @@ async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> 
         })?
         .into_iter()
         .collect();
+    let mut keys = run.trusted_public_keys.clone();
+    let present: Vec<String> = outs.into_iter().filter(|o| !missing.contains(o)).collect();
+    if !present.is_empty() {
+        let (_, cache_keys) = pusher.substituter().await.with_context(|| {
+            format!(
+                "cannot read the keys of the cache {}",
+                run.cache.as_deref().unwrap_or_default()
+            )
+        })?;
+        keys.extend(cache_keys);
+    }
+    let unsigned: std::collections::HashMap<String, String> = if keys.is_empty() {
+        Default::default()
+    } else {
+        pusher
+            .signed_nar_hashes(&present, &keys)
+            .await
+            .into_iter()
+            .zip(present)
+            .filter_map(|(r, path)| r.err().map(|e| (path, e.to_string())))
+            .collect()
+    };
     let mut changed = false;
     for p in &mut report.packages {
         if p.status() != nixfarm_core::PackageStatus::Ready {
             continue;
         }
-        if let Some(o) = p.outputs.values().find(|o| missing.contains(o.as_str())) {
+        let reason = p.outputs.values().find_map(|o| {
+            if missing.contains(o.as_str()) {
+                Some(format!("{o} is not in the cache"))
+            } else {
+                unsigned.get(o.as_str()).map(|why| {
+                    format!("{o} is in the cache, but a client checking signatures refuses it: {why} (something else was uploaded under its path, or the agents sign with another key)")
+                })
+            }
+        });
+        if let Some(reason) = reason {
             p.status = nixfarm_core::PackageStatus::NotCached;
-            p.reason = format!("{o} is not in the cache");
+            p.reason = nixfarm_core::fit::one_line(&reason);
             changed = true;
         }
     }
