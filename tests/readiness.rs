@@ -773,14 +773,15 @@ fn local_cross_checked_builds_find_what_is_not_reproducible() {
     );
 }
 
-/// A file:// cache holding someone else's upload under `repo`'s `stable` output path (not
-/// what the derivation builds, signed by nobody): (the cache, its URL, stable's path).
-fn cache_with_a_foreign_stable(
-    host: &Host,
-    dir: &std::path::Path,
-    repo: &std::path::Path,
-) -> (std::path::PathBuf, String, String) {
-    let cache = dir.join("cache");
+/// `nixfarm local` (with `extra`) of [`stable_and_stamp_repo`], signing with a key and checked
+/// by it, over a file:// cache that holds someone else's upload under `stable`'s output path
+/// (not what the derivation builds, signed by nobody): the report, and stable's path.
+fn local_over_a_foreign_stable(extra: &[&str]) -> (serde_json::Value, String) {
+    let dir = scratch();
+    let repo = stable_and_stamp_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    let (sk, pk) = cache_key(dir.path(), "farm-1");
+    let cache = dir.path().join("cache");
     std::fs::create_dir_all(cache.join("nar")).unwrap();
     let flake_attr = format!(
         "path:{}#packages.x86_64-linux.stable.outPath",
@@ -800,8 +801,18 @@ fn cache_with_a_foreign_stable(
         ),
     )
     .unwrap();
-    let url = format!("file://{}", cache.display());
-    (cache, url, stable)
+    let cache_url = format!("file://{}", cache.display());
+    let mut args = vec![
+        "--cache",
+        &cache_url,
+        "--signing-key-file",
+        sk.to_str().unwrap(),
+        "--trusted-public-key",
+        &pk,
+    ];
+    args.extend_from_slice(extra);
+    let report = local(&host, &dir.path().join("state"), &repo, &args);
+    (report, stable)
 }
 
 /// "Ready" means a user can substitute it. An output the run's cache already held under its
@@ -810,24 +821,7 @@ fn cache_with_a_foreign_stable(
 /// the one the farm pushed and signed is ready.
 #[test]
 fn an_output_held_in_the_cache_under_its_path_but_unsigned_is_not_cached() {
-    let dir = scratch();
-    let repo = stable_and_stamp_repo(dir.path());
-    let host = Host::new(&dir.path().join("host"));
-    let (sk, pk) = cache_key(dir.path(), "farm-1");
-    let (_cache, cache_url, stable) = cache_with_a_foreign_stable(&host, dir.path(), &repo);
-    let report = local(
-        &host,
-        &dir.path().join("state"),
-        &repo,
-        &[
-            "--cache",
-            &cache_url,
-            "--signing-key-file",
-            sk.to_str().unwrap(),
-            "--trusted-public-key",
-            &pk,
-        ],
-    );
+    let (report, stable) = local_over_a_foreign_stable(&[]);
     let got = packages_by_attr(&report);
     assert_eq!(got["stable"]["outputs"]["out"], stable.as_str());
     assert_eq!(got["stable"]["status"], "not-cached", "{report}");
@@ -845,27 +839,7 @@ fn an_output_held_in_the_cache_under_its_path_but_unsigned_is_not_cached() {
 /// those) fails the publication, naming both NAR hashes, and the package is not ready.
 #[test]
 fn a_checked_output_the_cache_holds_with_other_contents_is_not_ready() {
-    let dir = scratch();
-    let repo = stable_and_stamp_repo(dir.path());
-    let host = Host::new(&dir.path().join("host"));
-    let (sk, pk) = cache_key(dir.path(), "farm-1");
-    let (_cache, cache_url, _stable) = cache_with_a_foreign_stable(&host, dir.path(), &repo);
-    let report = local(
-        &host,
-        &dir.path().join("state"),
-        &repo,
-        &[
-            "--agents",
-            "2",
-            "--cross-check-builds",
-            "--cache",
-            &cache_url,
-            "--signing-key-file",
-            sk.to_str().unwrap(),
-            "--trusted-public-key",
-            &pk,
-        ],
-    );
+    let (report, _) = local_over_a_foreign_stable(&["--agents", "2", "--cross-check-builds"]);
     let got = packages_by_attr(&report);
     assert_ne!(got["stable"]["status"], "ready", "{report}");
     let reason = got["stable"]["reason"].as_str().unwrap();
