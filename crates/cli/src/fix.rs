@@ -87,7 +87,7 @@ struct Session<'a> {
     /// Fixed-output derivations whose hash the session has filled in: (derivation, got).
     /// A package whose mismatch is only in one of them (a dependency's source, say) needs no
     /// fix of its own, only its next stage.
-    filled: BTreeSet<(nixfarm_core::StorePath, String)>,
+    filled: BTreeSet<(nixfarm_core::StorePath, nixfarm_core::Sri)>,
     unverified: BTreeSet<String>,
     /// Runs with a hash mismatch so far: the only ones worth asking mid-run.
     mismatched: BTreeSet<String>,

@@ -8,6 +8,7 @@ pub mod entry;
 pub mod events;
 pub mod fit;
 pub mod flakeref;
+pub mod hash;
 pub mod limits;
 pub mod report;
 mod report_ci;
@@ -20,6 +21,7 @@ pub mod status;
 pub mod store_path;
 
 pub use events::RunEvent;
+pub use hash::Sri;
 pub use report::{PackageReport, Report, Summary};
 pub use status::{BuildOutcome, PackageStatus, RunState, Smoke};
 pub use store_path::{OutputPath, StorePath, StorePathError};

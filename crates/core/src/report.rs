@@ -1,6 +1,7 @@
 //! The readiness report: per package status and reason, overall percentage, and its
 //! renderings (table for people, JSON for scripts, Markdown for READMEs, JUnit for CI).
 
+use crate::hash::Sri;
 use crate::status::{PackageStatus, RunState, Smoke};
 use crate::store_path::{OutputPath, StorePath};
 use serde::{Deserialize, Serialize};
@@ -14,8 +15,8 @@ pub struct HashFix {
     /// Relative to the repository root.
     pub file: String,
     pub attribute: String,
-    pub old: String,
-    pub new: String,
+    pub old: Sri,
+    pub new: Sri,
     /// 1-based line of the value in the submitted file.
     #[serde(default)]
     pub line: usize,
@@ -25,10 +26,8 @@ pub struct HashFix {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HashMismatch {
     pub fod_drv: StorePath,
-    /// SRI.
-    pub specified: String,
-    /// SRI.
-    pub got: String,
+    pub specified: Sri,
+    pub got: Sri,
     /// What the derivation says about itself (name, rev, url…), used to find it in the source.
     #[serde(default)]
     pub hints: Vec<String>,

@@ -107,8 +107,10 @@ mod tests {
                 file: "pkgs/rsky.nix".into(),
                 line: 9,
                 attribute: "hash".into(),
-                old: "lib.fakeHash".into(),
-                new: "sha256-abc=".into(),
+                old: crate::Sri::parse("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+                    .unwrap(),
+                new: crate::Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=")
+                    .unwrap(),
             }],
             ..Default::default()
         };
@@ -144,7 +146,7 @@ mod tests {
             &"::error file=pkgs/ozone.nix,line=12,title=nixfarm%3A ozone build-failed::exit 1%0Asecond: line, 100%25"
         ), "{g}");
         assert!(lines.contains(
-            &"::error file=pkgs/rsky.nix,line=9,title=nixfarm%3A rsky needs-hash::hash should be \"sha256-abc=\" (it is lib.fakeHash); nixfarm local --fix-hashes --apply writes it"
+            &"::error file=pkgs/rsky.nix,line=9,title=nixfarm%3A rsky needs-hash::hash should be \"sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=\" (it is sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=); nixfarm local --fix-hashes --apply writes it"
         ), "{g}");
         assert!(
             lines.contains(&"::error title=nixfarm%3A x eval-failed::throw"),

@@ -165,8 +165,8 @@ mod tests {
         a.hash_fixes.push(HashFix {
             file: "pkgs/bluesky-pds/default.nix".into(),
             attribute: "npmDepsHash".into(),
-            old: format!("sha256-{}", "A".repeat(44)),
-            new: format!("sha256-{}", "B".repeat(44)),
+            old: crate::Sri::parse("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap(),
+            new: crate::Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=").unwrap(),
             line: 12,
         });
         let b = PackageReport {
@@ -195,7 +195,10 @@ mod tests {
         assert!(!t.contains("builder-host-number-one"), "{t}");
         assert!(t.contains("1m01s"), "{t}");
         assert!(t.contains('…'), "{t}");
-        assert!(t.contains(&format!("new sha256-{}", "B".repeat(44))), "{t}");
+        assert!(
+            t.contains("new sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ="),
+            "{t}"
+        );
         assert!(t.contains("label with a newline"));
         assert!(t.lines().last().unwrap().starts_with("Ready: 1/2"));
     }

@@ -164,12 +164,13 @@ fn names_and_logs_from_a_repository_stay_text() {
         !table.lines().any(|l| l.trim_start().starts_with("::")),
         "{table}"
     );
-    // A hash fix as a hostile coordinator could report it.
+    // A hash fix as a hostile coordinator could report it (its hashes are hashes: a report
+    // with others is refused when read).
     r.packages[0].hash_fixes = vec![crate::report::HashFix {
-        file: "pkgs/a.nix".into(),
+        file: "pkgs/a.nix\n::error::forged".into(),
         attribute: "hash\u{1b}]0;owned\u{7}".into(),
-        old: "x\n::error::forged".into(),
-        new: "sha256-`\u{1b}[2Jy".into(),
+        old: crate::Sri::parse("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap(),
+        new: crate::Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=").unwrap(),
         line: 3,
     }];
     for t in [

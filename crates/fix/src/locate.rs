@@ -9,6 +9,7 @@
 
 use crate::lex::{Tok, Token, tokenize};
 use nixfarm_nix::StorePath;
+use nixfarm_nix::hash::Sri;
 use nixfarm_nix::hash::{Algo, Hash};
 
 /// A fixed-output hash mismatch, as the farm reports it.
@@ -18,10 +19,8 @@ pub struct Mismatch {
     pub fod_drv: StorePath,
     /// What the derivation says: its name, `rev`, `url`, `owner`, `repo` and the like.
     pub hints: Vec<String>,
-    /// SRI.
-    pub specified: String,
-    /// SRI.
-    pub got: String,
+    pub specified: Sri,
+    pub got: Sri,
 }
 
 impl Mismatch {
@@ -188,7 +187,7 @@ pub fn candidates(src: &str) -> Vec<Candidate> {
 
 /// How well a candidate fits a mismatch; None when it cannot be the one.
 fn score(c: &Candidate, m: &Mismatch) -> Option<u32> {
-    if c.sri != m.specified {
+    if m.specified != c.sri.as_str() {
         return None;
     }
     let fk = fod_kind(m.fod_name());
@@ -256,8 +255,8 @@ mod tests {
             fod_drv: StorePath::parse_drv(&format!("/nix/store/{}-{name}.drv", "a".repeat(32)))
                 .unwrap(),
             hints: hints.iter().map(|s| s.to_string()).collect(),
-            specified: FAKE.into(),
-            got: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),
+            specified: Sri::parse(FAKE).unwrap(),
+            got: Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=").unwrap(),
         }
     }
 
@@ -345,7 +344,7 @@ in mkPackage {
         ] {
             let src = format!("{{ sha256 = \"{text}\"; }}");
             let mut mm = m("source", &[]);
-            mm.specified = sri.into();
+            mm.specified = Sri::parse(sri).unwrap();
             assert!(
                 matches!(find(&src, &mm, 0), Found::One(..)),
                 "{text} not matched"

@@ -12,7 +12,6 @@ pub mod entry;
 mod eval;
 pub mod flake_check;
 pub mod flake_inputs;
-pub mod hash;
 pub mod isolation;
 pub mod messages;
 mod path_info;
@@ -23,6 +22,8 @@ mod worker_protocol;
 
 pub use captured::let_stopping_children_finish;
 pub use derivation::Derivation;
+/// Nix's hash encodings are a domain type too (a report's hashes): in `nixfarm-core`.
+pub use nixfarm_core::hash;
 /// Store paths are a domain type (they cross events and reports); they live in `nixfarm-core`.
 pub use nixfarm_core::store_path;
 pub use runner::{AttrInfo, BuildOptions, BuildRun, ListedAndEvaluated, Nix, NixError};

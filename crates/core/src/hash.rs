@@ -161,6 +161,92 @@ impl Hash {
     }
 }
 
+/// A hash in the SRI form Nix prints (`sha256-<base64>`), checked: a hash mismatch's
+/// specified and got hashes, and what a fix writes into a user's file. It derefs to its
+/// text.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Sri(String);
+
+/// Text that is not a hash in SRI form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a hash in SRI form (such as sha256-<base64>): {0:?}")]
+pub struct NotSri(pub String);
+
+impl Sri {
+    pub fn parse(s: &str) -> Result<Sri, NotSri> {
+        Sri::try_from(s.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its algorithm and digest.
+    pub fn hash(&self) -> Hash {
+        // Parsing proved it one.
+        Hash::parse(&self.0, None).unwrap_or(Hash {
+            algo: Algo::Sha256,
+            digest: Vec::new(),
+        })
+    }
+}
+
+impl TryFrom<String> for Sri {
+    type Error = NotSri;
+    fn try_from(s: String) -> Result<Sri, NotSri> {
+        let sri = s.contains('-') && Hash::parse(&s, None).is_some_and(|h| h.to_sri() == s);
+        if sri {
+            Ok(Sri(s))
+        } else {
+            Err(NotSri(s.chars().take(100).collect()))
+        }
+    }
+}
+
+impl From<Sri> for String {
+    fn from(s: Sri) -> String {
+        s.0
+    }
+}
+
+impl From<&Hash> for Sri {
+    fn from(h: &Hash) -> Sri {
+        Sri(h.to_sri())
+    }
+}
+
+impl std::ops::Deref for Sri {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Sri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Sri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl PartialEq<str> for Sri {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Sri {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// Converts any accepted hash spelling to SRI, or returns it unchanged if it cannot be parsed.
 pub fn to_sri(s: &str, default: Option<Algo>) -> String {
     Hash::parse(s, default)
@@ -200,6 +286,30 @@ mod tests {
         assert_eq!(to_sri(OTHER_NIX32, Some(Algo::Sha256)), OTHER_SRI);
         let fake32 = "0".repeat(52);
         assert_eq!(to_sri(&fake32, None), format!("sha256-{}=", "A".repeat(43)));
+    }
+
+    #[test]
+    fn sri_takes_only_the_sri_form() {
+        let s = Sri::parse(SRI_HASH).unwrap();
+        assert_eq!(s.hash().algo, Algo::Sha256);
+        assert_eq!(s, SRI_HASH);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Sri>(&json).unwrap(), s);
+        for bad in [
+            "",
+            "sha256-short",
+            NIX32_HASH,
+            &format!("sha256:{NIX32_HASH}"),
+            &format!("\"{SRI_HASH}\""),
+            &format!(" {SRI_HASH}"),
+            "\"; rm -rf ~; \"",
+        ] {
+            assert!(Sri::parse(bad).is_err(), "{bad}");
+            assert!(
+                serde_json::from_str::<Sri>(&format!("{bad:?}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
