@@ -44,7 +44,7 @@ pub struct Candidate {
     /// The value as written (`lib.fakeHash`, `"sha256-…"`).
     pub text: String,
     /// The value in SRI form.
-    pub sri: String,
+    pub sri: Sri,
     /// Plain string literals directly inside the same `{ … }`.
     pub siblings: Vec<String>,
 }
@@ -86,12 +86,11 @@ fn hashy_name(attr: &str) -> bool {
         || lower.ends_with("sha512")
 }
 
-fn zero_sri(algo: Algo) -> String {
-    Hash {
+fn zero_sri(algo: Algo) -> Sri {
+    Sri::from(&Hash {
         algo,
         digest: vec![0; algo.size()],
-    }
-    .to_sri()
+    })
 }
 
 fn algo_of_attr(attr: &str) -> Algo {
@@ -103,7 +102,7 @@ fn algo_of_attr(attr: &str) -> Algo {
 }
 
 /// The SRI value of a binding's right-hand side, when it is a hash or a hash placeholder.
-fn value_sri(attr: &str, tok: &Tok) -> Option<String> {
+fn value_sri(attr: &str, tok: &Tok) -> Option<Sri> {
     match tok {
         Tok::Ident(path) => {
             let last = path.rsplit('.').next().unwrap_or(path);
@@ -118,7 +117,7 @@ fn value_sri(attr: &str, tok: &Tok) -> Option<String> {
                 // Nix reads an empty hash as the all-zero one of the expected type.
                 return Some(zero_sri(algo_of_attr(attr)));
             }
-            Hash::parse(t, Some(algo_of_attr(attr))).map(|h| h.to_sri())
+            Hash::parse(t, Some(algo_of_attr(attr))).map(|h| Sri::from(&h))
         }
         _ => None,
     }
@@ -187,7 +186,7 @@ pub fn candidates(src: &str) -> Vec<Candidate> {
 
 /// How well a candidate fits a mismatch; None when it cannot be the one.
 fn score(c: &Candidate, m: &Mismatch) -> Option<u32> {
-    if m.specified != c.sri.as_str() {
+    if m.specified != c.sri {
         return None;
     }
     let fk = fod_kind(m.fod_name());

@@ -131,12 +131,11 @@ impl TryFrom<pb::BuildJob> for BuildJob {
             why,
         })?;
         // The URL and keys become Nix options, which split on whitespace.
-        let cache = match j.cache.as_str() {
-            "" => None,
-            url => {
-                nixfarm_core::cache_url::CacheTarget::parse(url)?;
-                Some(j.cache)
-            }
+        let cache = if j.cache.is_empty() {
+            None
+        } else {
+            nixfarm_core::cache_url::CacheTarget::parse(&j.cache)?;
+            Some(j.cache)
         };
         if j.trusted_public_keys.len() > MAX_KEYS {
             return Err(JobError::TooManyKeys);
