@@ -1,7 +1,7 @@
 //! The coordinator's domain types: run specifications, what agents report, what the
 //! coordinator assigns. The gRPC layer converts wire messages into these at the edge.
 
-pub use nixfarm_core::BuildOutcome;
+pub use nixfarm_core::{BuildOutcome, Sri};
 pub use nixfarm_nix::{OutputPath, StorePath};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -301,10 +301,11 @@ pub struct BuildReport {
     pub kind: BuildOutcome,
     #[serde(default)]
     pub message: String,
-    #[serde(default)]
-    pub specified: String,
-    #[serde(default)]
-    pub got: String,
+    /// A hash mismatch's hashes (with one only; checked at the wire).
+    #[serde(default, with = "nixfarm_core::hash::sri_or_empty")]
+    pub specified: Option<Sri>,
+    #[serde(default, with = "nixfarm_core::hash::sri_or_empty")]
+    pub got: Option<Sri>,
     #[serde(default)]
     pub outputs: Outputs,
     #[serde(default)]

@@ -487,8 +487,8 @@ impl Engine {
         let Some(run) = inner.runs.iter().find(|r| r.id == a.run_id) else {
             return;
         };
-        let specified = Hash::parse(&report.specified, None);
-        let got = Hash::parse(&report.got, specified.as_ref().map(|h| h.algo));
+        let specified = report.specified.as_ref().map(Sri::hash);
+        let got = report.got.as_ref().map(Sri::hash);
         let fits = match (run.fixed_hash.get(&node), &specified, &got) {
             (Some(declared), Some(s), Some(g)) => {
                 s.algo == g.algo
@@ -503,8 +503,8 @@ impl Engine {
                 "{} (reported as a hash mismatch, which does not fit this derivation's declared hash)",
                 nixfarm_core::limits::clip(&report.message, 1024)
             );
-            report.specified.clear();
-            report.got.clear();
+            report.specified = None;
+            report.got = None;
         }
     }
 

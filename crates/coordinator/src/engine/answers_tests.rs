@@ -99,6 +99,7 @@ fn an_answer_of_another_kind_than_the_attempts_job_settles_nothing() {
 fn a_hash_mismatch_counts_only_where_the_derivation_declares_the_specified_hash() {
     const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     const GOT: &str = "sha256-PVeE0nwHh0ZHzgquwGISnMlgMM5757mfRZ2F6p65gDc=";
+    let sha512_zero = format!("sha512-{}==", "A".repeat(86));
     let fod = |hash: &str| DrvNode {
         fixed_output: true,
         output_hash: hash.into(),
@@ -117,7 +118,8 @@ fn a_hash_mismatch_counts_only_where_the_derivation_declares_the_specified_hash(
             FAKE,
             true,
         ),
-        (fod(FAKE), "not a hash", false),
+        // Another algorithm than the declared hash's (and than got's).
+        (fod(FAKE), sha512_zero.as_str(), false),
     ];
     for (i, (node, specified, counts)) in cases.into_iter().enumerate() {
         let (engine, _clock, _dir) = test_engine(EngineOptions::default());
@@ -127,8 +129,8 @@ fn a_hash_mismatch_counts_only_where_the_derivation_declares_the_specified_hash(
         let report = BuildReport {
             kind: BuildOutcome::HashMismatch,
             message: "hash mismatch".into(),
-            specified: specified.into(),
-            got: GOT.into(),
+            specified: Some(Sri::parse(specified).unwrap()),
+            got: Some(Sri::parse(GOT).unwrap()),
             ..Default::default()
         };
         engine

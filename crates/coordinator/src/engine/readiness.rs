@@ -1,7 +1,6 @@
 //! The readiness rule: a package's status and reason from its derivations' outcomes.
 
 use super::*;
-use nixfarm_core::Sri;
 
 /// Derives one package's status and reason from its evaluation and its closure's builds.
 pub(super) fn package_report(
@@ -131,8 +130,8 @@ pub(super) fn package_report(
                     format!(
                         "hash mismatch in {}: specified {}, got {}{}",
                         store_name(p.drv_path.as_deref().unwrap_or("")),
-                        rep.specified,
-                        rep.got,
+                        rep.specified.as_deref().unwrap_or("?"),
+                        rep.got.as_deref().unwrap_or("?"),
                         copied_note(rep, top_of)
                     ),
                 ),
@@ -248,7 +247,7 @@ fn copied_note(rep: &BuildReport, top_of: &HashMap<String, String>) -> String {
         .unwrap_or_else(|| rep.copied_from.clone());
     format!(
         " (the hash was copied: the output with hash {} was produced by {whose}, and this fetch gives other content)",
-        rep.specified
+        rep.specified.as_deref().unwrap_or("?")
     )
 }
 
@@ -339,9 +338,8 @@ pub(super) fn closure_mismatches(
             if rep.kind != BuildOutcome::HashMismatch {
                 return None;
             }
-            // Checked at the wire; a result an older coordinator stored unchecked is left out.
-            let (Ok(specified), Ok(got)) = (Sri::parse(&rep.specified), Sri::parse(&rep.got))
-            else {
+            // Checked at the wire; a result an older coordinator stored unchecked has none.
+            let (Some(specified), Some(got)) = (rep.specified.clone(), rep.got.clone()) else {
                 return None;
             };
             Some(HashMismatch {
@@ -503,8 +501,11 @@ mod tests {
                     SRC,
                     DrvState::Failed,
                     BuildReport {
-                        specified: "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
-                        got: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),
+                        specified: Sri::parse(
+                            "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                        )
+                        .ok(),
+                        got: Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=").ok(),
                         ..outcome(BuildOutcome::HashMismatch, "")
                     },
                 ),

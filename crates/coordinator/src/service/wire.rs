@@ -1,7 +1,6 @@
 //! Wire messages from clients and agents become domain values here (checked, bounded), and domain values become wire messages.
 
 use super::*;
-use nixfarm_nix::hash::Hash;
 
 /// A hex SHA-256, checked before it names a file or is echoed.
 pub(super) fn is_digest(d: &str) -> bool {
@@ -312,29 +311,27 @@ pub(super) fn err_or<T>(error: String, infra: bool, ok: T) -> Result<T, (String,
     }
 }
 
-/// Short free text from an agent (names, versions, positions), bounded.
-/// A hash mismatch's two hashes: each in SRI form (as `Hash` writes it), of one algorithm,
+/// A hash mismatch's two hashes: each in SRI form (as agents send them), of one algorithm,
 /// and different.
-pub(super) fn sri_mismatch(specified: &str, got: &str) -> Result<(), WireError> {
+pub(super) fn sri_mismatch(specified: &str, got: &str) -> Result<(Sri, Sri), WireError> {
     let sri = |what: &str, s: &str| {
-        Hash::parse(s, None)
-            .filter(|h| h.to_sri() == s)
-            .ok_or_else(|| {
-                WireError(format!(
-                    "a hash mismatch's {what} hash is not a hash in SRI form: {:?}",
-                    lim::clip(s, 80)
-                ))
-            })
+        Sri::parse(s).map_err(|_| {
+            WireError(format!(
+                "a hash mismatch's {what} hash is not a hash in SRI form: {:?}",
+                lim::clip(s, 80)
+            ))
+        })
     };
     let (s, g) = (sri("specified", specified)?, sri("got", got)?);
-    if s.algo != g.algo || s == g {
+    if s.hash().algo != g.hash().algo || s == g {
         return Err(WireError(
             "a hash mismatch must name two different hashes of one algorithm".into(),
         ));
     }
-    Ok(())
+    Ok((s, g))
 }
 
+/// Short free text from an agent (names, versions, positions), bounded.
 pub(super) fn short(s: String) -> String {
     truncate(s, 1024)
 }

@@ -64,10 +64,14 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                 let outputs = outputs_from_wire(b.outputs).and_then(|o| hashes.map(|h| (o, h)));
                 // A mismatch names two hashes of one algorithm, in SRI form as agents send
                 // them: its "got" is what the CLI offers to write into the user's files.
-                let outputs = match status {
-                    pb::BuildStatus::HashMismatch => outputs
-                        .and_then(|o| sri_mismatch(&b.specified_hash, &b.got_hash).map(|()| o)),
-                    _ => outputs,
+                let (outputs, mismatch) = match status {
+                    pb::BuildStatus::HashMismatch => {
+                        match sri_mismatch(&b.specified_hash, &b.got_hash) {
+                            Ok(pair) => (outputs, Some(pair)),
+                            Err(e) => (Err(e), None),
+                        }
+                    }
+                    _ => (outputs, None),
                 };
                 let (kind, (outputs, nar_hashes), message) = match (status, outputs) {
                     (pb::BuildStatus::Unspecified, _) => (
@@ -97,9 +101,9 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                     }
                 };
                 // Hashes only with a mismatch, checked above.
-                let (specified, got) = match kind {
-                    BuildOutcome::HashMismatch => (b.specified_hash, b.got_hash),
-                    _ => Default::default(),
+                let (specified, got) = match (kind, mismatch) {
+                    (BuildOutcome::HashMismatch, Some((s, g))) => (Some(s), Some(g)),
+                    _ => (None, None),
                 };
                 FromAgent::Build {
                     attempt: b.attempt_id,
@@ -289,7 +293,11 @@ mod tests {
         };
         let r = mismatch(FAKE, GOT);
         assert_eq!(
-            (r.kind, r.specified.as_str(), r.got.as_str()),
+            (
+                r.kind,
+                r.specified.as_deref().unwrap_or(""),
+                r.got.as_deref().unwrap_or("")
+            ),
             (BuildOutcome::HashMismatch, FAKE, GOT)
         );
         for (specified, got) in [
@@ -306,7 +314,7 @@ mod tests {
             let r = mismatch(specified, got);
             assert_eq!(r.kind, BuildOutcome::InfraFailed, "{specified} {got}");
             assert!(r.message.contains("malformed result"), "{}", r.message);
-            assert!(r.got.is_empty() && r.specified.is_empty(), "{r:?}");
+            assert!(r.got.is_none() && r.specified.is_none(), "{r:?}");
         }
     }
 

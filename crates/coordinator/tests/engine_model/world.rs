@@ -194,9 +194,14 @@ impl World {
                         .into();
                     }
                     Outcome::HashMismatch => {
-                        report.specified =
-                            "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into();
-                        report.got = "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into();
+                        report.specified = nixfarm_core::Sri::parse(
+                            "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                        )
+                        .ok();
+                        report.got = nixfarm_core::Sri::parse(
+                            "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=",
+                        )
+                        .ok();
                     }
                     _ => {}
                 }
