@@ -618,6 +618,43 @@ async fn long_strings_are_refused_without_being_echoed_and_limits_agree() {
 
 /// A checkout whose `flake.lock` locks an input on the agent's own disk (where its
 /// credentials are, say): refused before Nix fetches it (it would copy it into the agent's
+/// A repository's `nixConfig` is not taken, even on a host whose nix.conf says to accept it:
+/// it would turn off pure evaluation (the probe then reads the agent's environment).
+#[test]
+fn a_flakes_nix_config_is_never_accepted() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let home = host.root.join("home").display().to_string();
+    let _a = host
+        .start_agent_with_env(
+            "a",
+            &coordinator.url,
+            None,
+            1,
+            &[(
+                "NIX_CONFIG",
+                "substituters = \nexperimental-features = nix-command flakes\nbuild-users-group = \naccept-flake-config = true",
+            )],
+        )
+        .unwrap();
+    let repo = dir.path().join("configured");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ nixConfig = { pure-eval = false; };
+  outputs = { self }: { packages.x86_64-linux.probe = throw "home=[${builtins.getEnv "HOME"}]"; }; }"#,
+    )
+    .unwrap();
+    let out = cli(&coordinator.url, &["submit", repo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = stdout(&out).trim().to_string();
+    let report = wait_terminal(&coordinator.url, &run, Duration::from_secs(120));
+    let reason = report["packages"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("home=[]"), "{report}");
+    assert!(!reason.contains(&home), "{report}");
+}
+
 /// store, readable to the evaluation, which could send it back in an error), and nothing of
 /// it reaches the report.
 #[test]

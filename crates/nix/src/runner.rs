@@ -134,6 +134,9 @@ impl Default for Nix {
 /// What every Nix command of nixfarm's is run with (`c` runs Nix, or wraps it).
 fn nix_flags(mut c: Command) -> Command {
     c.args(["--extra-experimental-features", "nix-command flakes"]);
+    // A repository's `nixConfig` is its own word: a host whose nix.conf accepts it would let
+    // it turn off pure evaluation, or set anything else, for the agent's Nix.
+    c.args(["--option", "accept-flake-config", "false"]);
     c.kill_on_drop(true);
     c.stdin(Stdio::null());
     c
