@@ -773,6 +773,15 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     .unwrap();
     let repo = dir.path().join("reader");
     std::fs::create_dir_all(&repo).unwrap();
+    // A user's file in /home, readable to anyone: the agent uses nothing there, so the
+    // evaluation sees no /home at all. (Removed when the test ends.)
+    let user_home = HomeDir::new(&format!(
+        "nixfarm-test-{}-{}",
+        std::process::id(),
+        user.unwrap_or(0)
+    ));
+    let note = format!("users-note-{}", std::process::id());
+    std::fs::write(user_home.0.join("note"), &note).unwrap();
     // The key file itself, and a directory holding a copy of it that is no secret of the
     // agent's (read as any file of the host would be).
     std::fs::write(
@@ -784,6 +793,7 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
       key = throw "key=[${{builtins.readFile (read "{sk}")}}]";
       viaproc = throw "viaproc=[${{builtins.readFile (read "/proc/{agent_pid}/root{sk}")}}]";
       other = throw "other=[${{builtins.readFile "${{read "{keys}"}}/key"}}]";
+      home = throw "home=[${{builtins.readFile "${{read "{home}"}}/note"}}]";
       # Its main program, run by --smoke, prints the key file (straight, and through the
       # agent's /proc entry) and how many network interfaces it has, and fails: the report
       # shows what it printed.
@@ -800,6 +810,7 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     }}; }}; }}"#,
             sk = sk.display(),
             keys = keys.display(),
+            home = user_home.0.display(),
             agent_pid = agent_pid
         ),
     )
@@ -854,6 +865,31 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     // Nor around the cover, through the agent's own view of the file system.
     assert!(!got["viaproc"].contains(&secret), "{got:?}");
     assert!(got["key"].contains("cache.sk"), "{got:?}");
+    assert!(!got["home"].contains(&note), "{got:?}");
+    // The evaluation asked for it, and found nothing there.
+    assert!(
+        got["home"].contains(&user_home.0.display().to_string())
+            && got["home"].contains("No such file or directory"),
+        "{got:?}"
+    );
+}
+
+/// A directory of the test's own under /home, readable to anyone, removed when dropped.
+struct HomeDir(PathBuf);
+
+impl HomeDir {
+    fn new(name: &str) -> HomeDir {
+        let p = Path::new("/home").join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        HomeDir(p)
+    }
+}
+
+impl Drop for HomeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// An unprivileged agent where no /proc of its own can be mounted (a part of the host's is

@@ -197,7 +197,38 @@ impl AgentConfig {
         for var in ["CACHIX_AUTH_TOKEN_FILE", "CACHIX_SIGNING_KEY_FILE"] {
             own.extend(std::env::var_os(var).map(PathBuf::from));
         }
+        own.extend(unused_roots(WHOLE_IF_UNUSED, &self.used_paths()));
         Ok(Some(std::sync::Arc::new(own)))
+    }
+
+    /// What this agent and the Nix it runs read or write outside the store: its work
+    /// directory, home, caches, temporary files, Nix's and TLS's files, its programs.
+    fn used_paths(&self) -> Vec<PathBuf> {
+        let mut used = vec![self.work_dir.clone(), self.nix_bin.clone()];
+        used.extend(self.tls_ca_file.iter().cloned());
+        for var in [
+            "HOME",
+            "XDG_CACHE_HOME",
+            "XDG_CONFIG_HOME",
+            "XDG_DATA_HOME",
+            "XDG_STATE_HOME",
+            "TMPDIR",
+            "NIX_CONF_DIR",
+            "NIX_STATE_DIR",
+            "NIX_STORE_DIR",
+            "NIX_LOG_DIR",
+            "NIX_SSL_CERT_FILE",
+            "SSL_CERT_FILE",
+            "CURL_CA_BUNDLE",
+        ] {
+            used.extend(std::env::var_os(var).map(PathBuf::from));
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            used.extend(std::env::split_paths(&path));
+        }
+        used.extend(std::env::current_dir().ok());
+        used.retain(|p| p.is_absolute());
+        used
     }
 
     /// The join token: `NIXFARM_AGENT_TOKEN`, else the token file.
@@ -313,6 +344,24 @@ impl AgentConfig {
     }
 }
 
+/// Directories an evaluation, a build or a smoke test of a repository needs nothing from
+/// (other users' homes, services' data, mounted disks): covered whole unless the agent uses
+/// something beneath one.
+const WHOLE_IF_UNUSED: &[&str] = &["/home", "/srv", "/mnt", "/media"];
+
+/// Those of `roots` that exist and hold none of `used` (links resolved on both sides).
+fn unused_roots(roots: &[&str], used: &[PathBuf]) -> Vec<PathBuf> {
+    let used: Vec<PathBuf> = used
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .filter(|r| r.is_dir() && !used.iter().any(|u| u.starts_with(r)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +373,37 @@ mod tests {
         assert_eq!(c.max_jobs, 3);
         assert_eq!(c.systems, vec!["x86_64-linux"]);
         assert!(toml::from_str::<AgentConfig>("max_job = 3").is_err());
+    }
+
+    /// A directory is covered whole only when nothing the agent uses lies beneath it (links
+    /// resolved), and when it exists.
+    #[test]
+    fn a_root_is_covered_whole_only_when_the_agent_uses_nothing_beneath_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (homes, srv, none) = (
+            dir.path().join("home"),
+            dir.path().join("srv"),
+            dir.path().join("none"),
+        );
+        std::fs::create_dir_all(homes.join("alice/work")).unwrap();
+        std::fs::create_dir_all(homes.join("bob")).unwrap();
+        std::fs::create_dir_all(&srv).unwrap();
+        std::os::unix::fs::symlink(homes.join("alice/work"), dir.path().join("work-link")).unwrap();
+        let roots = [
+            homes.to_str().unwrap(),
+            srv.to_str().unwrap(),
+            none.to_str().unwrap(),
+        ];
+        assert_eq!(
+            unused_roots(&roots, &[dir.path().join("elsewhere")]),
+            vec![homes.clone(), srv.clone()]
+        );
+        // The agent's work directory (reached through a link) is in one: that one stays.
+        assert_eq!(
+            unused_roots(&roots, &[dir.path().join("work-link")]),
+            vec![srv.clone()]
+        );
+        assert_eq!(unused_roots(&roots, &[homes.join("alice/work")]), vec![srv]);
     }
 
     /// What evaluations may not read: the farm cache's directory and the agent's secret
