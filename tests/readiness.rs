@@ -827,8 +827,9 @@ fn an_output_held_in_the_cache_under_its_path_but_unsigned_is_not_cached() {
     assert_eq!(got["stable"]["status"], "not-cached", "{report}");
     let reason = got["stable"]["reason"].as_str().unwrap();
     assert!(
-        reason.contains("is in the cache, but a client checking signatures refuses it")
-            && reason.contains("signed by none of the keys"),
+        reason
+            .contains("is in the cache, but signed by none of the keys it is checked by (farm-1:")
+            && reason.contains("a client that checks signatures refuses it"),
         "{reason}"
     );
     assert_eq!(got["stamp"]["status"], "ready", "{report}");

@@ -45,6 +45,17 @@ impl Pusher {
         .await
     }
 
+    /// Per path, in order: whether the cache's narinfo is signed by one of `keys` (false:
+    /// it has one, signed by none of them); no narinfo, or one that cannot be read, is that
+    /// path's error.
+    pub async fn signed_by(
+        &self,
+        paths: &[String],
+        keys: &[String],
+    ) -> Vec<Result<bool, StoreError>> {
+        self.read_narinfos(paths, |ni| Ok(ni.signed_by(keys))).await
+    }
+
     async fn read_narinfos<T>(
         &self,
         paths: &[String],
