@@ -345,9 +345,9 @@ impl AgentConfig {
 }
 
 /// Directories an evaluation, a build or a smoke test of a repository needs nothing from
-/// (other users' homes, services' data, mounted disks): covered whole unless the agent uses
-/// something beneath one.
-const WHOLE_IF_UNUSED: &[&str] = &["/home", "/srv", "/mnt", "/media"];
+/// (other users' homes, mounted disks): covered whole unless the agent uses something
+/// beneath one. Not `/srv`: a run's `file://` cache there is read by Nix.
+const WHOLE_IF_UNUSED: &[&str] = &["/home", "/mnt", "/media"];
 
 /// Those of `roots` that exist and hold none of `used` (links resolved on both sides).
 fn unused_roots(roots: &[&str], used: &[PathBuf]) -> Vec<PathBuf> {
