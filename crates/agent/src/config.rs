@@ -219,12 +219,15 @@ impl AgentConfig {
             "NIX_LOG_DIR",
             "NIX_SSL_CERT_FILE",
             "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
             "CURL_CA_BUNDLE",
         ] {
             used.extend(std::env::var_os(var).map(PathBuf::from));
         }
-        if let Some(path) = std::env::var_os("PATH") {
-            used.extend(std::env::split_paths(&path));
+        for list in ["PATH", "NIX_USER_CONF_FILES"] {
+            if let Some(paths) = std::env::var_os(list) {
+                used.extend(std::env::split_paths(&paths));
+            }
         }
         used.extend(std::env::current_dir().ok());
         used.retain(|p| p.is_absolute());
