@@ -247,7 +247,9 @@ impl Engine {
         }
         // Counted apart from failures, and capped: a job that keeps taking its agent down
         // (or whose agents keep being cut off) is given up, not requeued for ever.
-        let lost = inner.db.lost_attempts(&a.run_id, &a.target)?;
+        let lost = inner
+            .db
+            .lost_attempts(&a.run_id, &run.target_text(&a.job))?;
         if lost > self.opts.max_infra_retries {
             let msg =
                 format!("given up after {lost} attempts lost with their agents (last: {why})");

@@ -139,7 +139,6 @@ impl Engine {
                     run_id: run_id.clone(),
                     job: job_ref,
                     agent: name.clone(),
-                    target: target.clone(),
                     fetch,
                     hold,
                 };

@@ -158,7 +158,6 @@ struct AttemptMem {
     run_id: String,
     job: JobRef,
     agent: String,
-    target: String,
     /// Holds one of the agent's fetch slots, not a build slot.
     fetch: bool,
     /// Where a build's outputs were told to wait for their check (None: not known, the
@@ -422,6 +421,20 @@ impl Engine {
 }
 
 impl RunMem {
+    /// What an attempt at `job` works on, as the database keeps it: the derivation's path,
+    /// `list`, or an evaluation task's number.
+    fn target_text(&self, job: &JobRef) -> String {
+        match job {
+            JobRef::Eval(EvalTask::List) => "list".into(),
+            JobRef::Eval(EvalTask::Chunk(n)) => n.to_string(),
+            JobRef::Build(n) | JobRef::Check(n) => self
+                .drv_of
+                .get(*n as usize)
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        }
+    }
+
     fn new(id: String, spec: RunSpec, state: RunState, created_ms: i64) -> Self {
         RunMem {
             id,

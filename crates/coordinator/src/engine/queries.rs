@@ -230,7 +230,10 @@ impl Engine {
                     .running
                     .iter()
                     .filter_map(|id| g.attempts.get(id))
-                    .map(|at| at.target.clone())
+                    .filter_map(|at| {
+                        let run = g.runs.iter().find(|r| r.id == at.run_id)?;
+                        Some(run.target_text(&at.job))
+                    })
                     .collect(),
                 last_seen_ms: a.last_seen_ms,
                 paused: a.paused.clone(),

@@ -158,7 +158,6 @@ impl Engine {
                     run_id: a.run_id.clone(),
                     job,
                     agent: a.agent.clone(),
-                    target: a.target.clone(),
                     fetch,
                     hold: None,
                 },

@@ -156,7 +156,10 @@ pub(super) fn waiting_reason(
             let agent = inner
                 .attempts
                 .values()
-                .find(|a| a.run_id == run_id && a.target == drv.as_str())
+                .find(|a| {
+                    a.run_id == run_id
+                        && matches!(a.job, JobRef::Build(n) | JobRef::Check(n) if n == top)
+                })
                 .map(|a| a.agent.clone());
             match (run.checks.get(&top), agent) {
                 (Some(c), Some(agent)) => {
