@@ -320,11 +320,11 @@ pub struct BuildReport {
     #[serde(default)]
     pub agent: String,
     /// For dependency failures: the derivation that failed.
-    #[serde(default)]
-    pub failed_root: String,
+    #[serde(default, with = "nixfarm_core::store_path::stored_or_empty")]
+    pub failed_root: Option<StorePath>,
     /// For a copied hash: the derivation that really produced the output with that hash.
-    #[serde(default)]
-    pub copied_from: String,
+    #[serde(default, with = "nixfarm_core::store_path::stored_or_empty")]
+    pub copied_from: Option<StorePath>,
     /// With smoke tests: what running the package's main program showed, and its output.
     #[serde(default)]
     pub smoke: nixfarm_core::Smoke,

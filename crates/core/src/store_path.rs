@@ -246,6 +246,22 @@ impl fmt::Debug for OutputPath {
     }
 }
 
+/// Serde for an optional store path kept as the empty string when absent, as stored state
+/// has it: `#[serde(default, with = "nixfarm_core::store_path::stored_or_empty")]`. Text that
+/// is not one (state an older version stored unchecked) reads as absent.
+pub mod stored_or_empty {
+    use super::StorePath;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Option<StorePath>, s: S) -> Result<S::Ok, S::Error> {
+        super::or_empty::serialize(p, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<StorePath>, D::Error> {
+        Ok(StorePath::try_from(String::deserialize(d)?).ok())
+    }
+}
+
 /// Serde for an optional store path written as the empty string when absent (as the wire
 /// and older state have it): `#[serde(default, with = "nixfarm_core::store_path::or_empty")]`.
 pub mod or_empty {
@@ -272,6 +288,32 @@ mod tests {
     use super::*;
 
     const P: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello-2.12";
+
+    /// Stored state: absent is the empty string; what an older version stored unchecked
+    /// reads as absent, not as an error that would make the row unreadable.
+    #[test]
+    fn a_stored_optional_path_reads_leniently() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Row {
+            #[serde(default, with = "super::stored_or_empty")]
+            from: Option<StorePath>,
+        }
+        let some = Row {
+            from: Some(StorePath::parse(P).unwrap()),
+        };
+        let json = serde_json::to_string(&some).unwrap();
+        assert_eq!(serde_json::from_str::<Row>(&json).unwrap(), some);
+        assert_eq!(
+            serde_json::to_string(&Row { from: None }).unwrap(),
+            r#"{"from":""}"#
+        );
+        for stored in ["{}", r#"{"from":""}"#, r#"{"from":"not a path"}"#] {
+            assert_eq!(
+                serde_json::from_str::<Row>(stored).unwrap(),
+                Row { from: None }
+            );
+        }
+    }
 
     #[test]
     fn takes_what_nix_takes() {

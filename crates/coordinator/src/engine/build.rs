@@ -161,7 +161,7 @@ impl Engine {
             .collect();
         let dep = BuildReport {
             kind: BuildOutcome::DependencyFailed,
-            failed_root: drv.to_string(),
+            failed_root: Some(drv.clone()),
             ..Default::default()
         };
         // The event is stored with the build's end (one transaction): a coordinator killed

@@ -364,7 +364,7 @@ impl Engine {
             let (drv, root_drv) = (&run.drv_of[id as usize], &run.drv_of[root as usize]);
             let dep = BuildReport {
                 kind: BuildOutcome::DependencyFailed,
-                failed_root: root_drv.to_string(),
+                failed_root: Some(root_drv.clone()),
                 ..Default::default()
             };
             inner

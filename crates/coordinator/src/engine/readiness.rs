@@ -167,7 +167,7 @@ pub(super) fn package_report(
             );
         }
         DrvState::DependencyFailed => {
-            let root = rep.failed_root.as_str();
+            let root = rep.failed_root.as_deref().unwrap_or_default();
             let root_rep = results
                 .get(root)
                 .map(|(_, b)| b.clone())
@@ -238,13 +238,13 @@ pub(super) fn package_report(
 /// For a hash copied from another fixed-output derivation: which one, by the package that
 /// owns it in this run when there is one ("the hash is atproto-api's source's").
 fn copied_note(rep: &BuildReport, top_of: &HashMap<String, String>) -> String {
-    if rep.copied_from.is_empty() {
+    let Some(from) = &rep.copied_from else {
         return String::new();
-    }
+    };
     let whose = top_of
-        .get(&rep.copied_from)
+        .get(from.as_str())
         .cloned()
-        .unwrap_or_else(|| rep.copied_from.clone());
+        .unwrap_or_else(|| from.to_string());
     format!(
         " (the hash was copied: the output with hash {} was produced by {whose}, and this fetch gives other content)",
         rep.specified.as_deref().unwrap_or("?")
@@ -459,7 +459,7 @@ mod tests {
         // A dependency failed: named by its package, with its own cause.
         let dep = BuildReport {
             kind: BuildOutcome::DependencyFailed,
-            failed_root: DEP.into(),
+            failed_root: Some(sp(DEP)),
             ..Default::default()
         };
         let r = app(
@@ -493,7 +493,7 @@ mod tests {
                     TOP,
                     DrvState::DependencyFailed,
                     BuildReport {
-                        failed_root: SRC.into(),
+                        failed_root: Some(sp(SRC)),
                         ..dep
                     },
                 ),

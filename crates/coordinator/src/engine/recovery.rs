@@ -237,7 +237,8 @@ impl Engine {
             let root = row
                 .result
                 .as_ref()
-                .and_then(|r| run.node_of.get(r.failed_root.as_str()).copied());
+                .and_then(|r| r.failed_root.as_ref())
+                .and_then(|f| run.node_of.get(f.as_str()).copied());
             sched.restore(i as NodeId, state, root);
             if state == NodeState::Built {
                 run.done_builds += 1;

@@ -73,6 +73,21 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                     }
                     _ => (outputs, None),
                 };
+                // Where a copied hash came from is a derivation, or it is not said.
+                let copied = if b.copied_from.is_empty() {
+                    Ok(None)
+                } else {
+                    StorePath::parse_drv(&b.copied_from).map(Some).map_err(|e| {
+                        WireError(format!(
+                            "the derivation a copied hash came from ({:?}): {e}",
+                            lim::clip(&b.copied_from, 80)
+                        ))
+                    })
+                };
+                let (outputs, copied_from) = match copied {
+                    Ok(c) => (outputs, c),
+                    Err(e) => (Err(e), None),
+                };
                 let (kind, (outputs, nar_hashes), message) = match (status, outputs) {
                     (pb::BuildStatus::Unspecified, _) => (
                         BuildOutcome::InfraFailed,
@@ -119,8 +134,8 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
                         substituted: b.substituted,
                         already_valid: b.already_valid,
                         agent: String::new(),
-                        failed_root: String::new(),
-                        copied_from: short(b.copied_from),
+                        failed_root: None,
+                        copied_from,
                         smoke: match pb::SmokeOutcome::try_from(b.smoke) {
                             Ok(pb::SmokeOutcome::SmokePassed) => nixfarm_core::Smoke::Passed,
                             Ok(pb::SmokeOutcome::SmokeFailed) => nixfarm_core::Smoke::Failed,
@@ -275,6 +290,36 @@ mod tests {
         match FromAgent::try_from(m) {
             Ok(FromAgent::Build { report, .. }) => report,
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Where a copied hash came from reaches the report: a derivation's path, or the result
+    /// is malformed.
+    #[test]
+    fn a_copied_hashs_origin_is_a_derivation_or_the_result_is_malformed() {
+        let copied = |from: &str| {
+            from_wire(pb::BuildResult {
+                attempt_id: "a1".into(),
+                status: pb::BuildStatus::HashMismatch as i32,
+                specified_hash: "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+                got_hash: "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=".into(),
+                copied_from: from.into(),
+                ..Default::default()
+            })
+        };
+        let drv = "/nix/store/11111111111111111111111111111111-other-source.drv";
+        let r = copied(drv);
+        assert_eq!(r.kind, BuildOutcome::HashMismatch);
+        assert_eq!(r.copied_from.as_deref(), Some(drv));
+        assert_eq!(copied("").copied_from, None);
+        for bad in [
+            "the attacker's words\u{1b}[2J",
+            "/nix/store/11111111111111111111111111111111-x",
+        ] {
+            let r = copied(bad);
+            assert_eq!(r.kind, BuildOutcome::InfraFailed, "{bad}");
+            assert!(r.message.contains("copied hash came from"), "{}", r.message);
+            assert_eq!(r.copied_from, None);
         }
     }
 
