@@ -421,20 +421,6 @@ impl Engine {
 }
 
 impl RunMem {
-    /// What an attempt at `job` works on, as the database keeps it: the derivation's path,
-    /// `list`, or an evaluation task's number.
-    fn target_text(&self, job: &JobRef) -> String {
-        match job {
-            JobRef::Eval(EvalTask::List) => "list".into(),
-            JobRef::Eval(EvalTask::Chunk(n)) => n.to_string(),
-            JobRef::Build(n) | JobRef::Check(n) => self
-                .drv_of
-                .get(*n as usize)
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        }
-    }
-
     fn new(id: String, spec: RunSpec, state: RunState, created_ms: i64) -> Self {
         RunMem {
             id,

@@ -253,3 +253,19 @@ impl Engine {
         Ok(())
     }
 }
+
+impl RunMem {
+    /// What an attempt at `job` works on, as the database keeps it (and recovery above reads
+    /// it back): the derivation's path, `list`, or an evaluation task's number.
+    pub(super) fn target_text(&self, job: &JobRef) -> String {
+        match job {
+            JobRef::Eval(EvalTask::List) => "list".into(),
+            JobRef::Eval(EvalTask::Chunk(n)) => n.to_string(),
+            JobRef::Build(n) | JobRef::Check(n) => self
+                .drv_of
+                .get(*n as usize)
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        }
+    }
+}
