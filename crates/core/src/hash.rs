@@ -2,7 +2,8 @@
 
 use data_encoding::{BASE64, HEXLOWER_PERMISSIVE};
 
-const NIX32: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
+/// Nix's base-32 alphabet (store path hashes are written in it too).
+pub(crate) const NIX32: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
 /// Hash algorithms Nix uses for fixed outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,12 +8,13 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::ops::Deref;
 
+use crate::hash::NIX32;
+
 /// Longest store path taken, in bytes (Nix's own bound on a name is 211 bytes).
 pub const MAX_LEN: usize = 512;
 /// Longest name (the part after the hash), in bytes, as Nix bounds it.
 pub const MAX_NAME: usize = 211;
 const HASH_LEN: usize = 32;
-const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
 /// Why a string is not a store path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
