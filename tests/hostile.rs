@@ -751,8 +751,20 @@ fn evaluations_cannot_read_secret_files(user: Option<u32>) {
     };
     // The agent's key is its own: readable by its user alone.
     std::fs::set_permissions(&sk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // The agent uses nothing in /home (this test's PATH may: a toolchain there is not the
+    // agent's), so /home is covered whole for what it runs.
+    let path: Vec<PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .filter(|p| !p.starts_with("/home"))
+        .collect();
+    let path = std::env::join_paths(path).unwrap();
     let a = host
-        .start_agent("a", &coordinator.url, Some(&sk), 1)
+        .start_agent_with_env(
+            "a",
+            &coordinator.url,
+            Some(&sk),
+            1,
+            &[("PATH", path.to_str().unwrap())],
+        )
         .unwrap();
     // One of the agent's threads: its own /proc entry, beside the process's.
     let agent_pid = wait_for(Duration::from_secs(30), "the agent's threads", || {
