@@ -302,9 +302,9 @@ pub struct BuildReport {
     #[serde(default)]
     pub message: String,
     /// A hash mismatch's hashes (with one only; checked at the wire).
-    #[serde(default, with = "nixfarm_core::hash::sri_or_empty")]
+    #[serde(default, with = "nixfarm_core::stored_or_empty")]
     pub specified: Option<Sri>,
-    #[serde(default, with = "nixfarm_core::hash::sri_or_empty")]
+    #[serde(default, with = "nixfarm_core::stored_or_empty")]
     pub got: Option<Sri>,
     #[serde(default)]
     pub outputs: Outputs,
@@ -320,10 +320,10 @@ pub struct BuildReport {
     #[serde(default)]
     pub agent: String,
     /// For dependency failures: the derivation that failed.
-    #[serde(default, with = "nixfarm_core::store_path::stored_or_empty")]
+    #[serde(default, with = "nixfarm_core::stored_or_empty")]
     pub failed_root: Option<StorePath>,
     /// For a copied hash: the derivation that really produced the output with that hash.
-    #[serde(default, with = "nixfarm_core::store_path::stored_or_empty")]
+    #[serde(default, with = "nixfarm_core::stored_or_empty")]
     pub copied_from: Option<StorePath>,
     /// With smoke tests: what running the package's main program showed, and its output.
     #[serde(default)]

@@ -248,22 +248,6 @@ impl PartialEq<&str> for Sri {
     }
 }
 
-/// Serde for an optional [`Sri`] kept as the empty string when absent, as stored state has
-/// it: `#[serde(default, with = "nixfarm_core::hash::sri_or_empty")]`. Text that is not one
-/// (state an older version stored unchecked) reads as absent.
-pub mod sri_or_empty {
-    use super::Sri;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(h: &Option<Sri>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(h.as_ref().map_or("", Sri::as_str))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Sri>, D::Error> {
-        Ok(Sri::try_from(String::deserialize(d)?).ok())
-    }
-}
-
 /// Converts any accepted hash spelling to SRI, or returns it unchanged if it cannot be parsed.
 pub fn to_sri(s: &str, default: Option<Algo>) -> String {
     Hash::parse(s, default)
@@ -335,7 +319,7 @@ mod tests {
     fn an_optional_sri_is_stored_as_text_or_empty() {
         #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
         struct Row {
-            #[serde(default, with = "super::sri_or_empty")]
+            #[serde(default, with = "crate::stored_or_empty")]
             got: Option<Sri>,
         }
         let some = Row {

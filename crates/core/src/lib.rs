@@ -19,6 +19,7 @@ pub use report_table::TableWidth;
 pub mod snapshot;
 pub mod status;
 pub mod store_path;
+pub mod stored_or_empty;
 
 pub use events::RunEvent;
 pub use hash::Sri;

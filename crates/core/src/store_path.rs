@@ -247,22 +247,6 @@ impl fmt::Debug for OutputPath {
     }
 }
 
-/// Serde for an optional store path kept as the empty string when absent, as stored state
-/// has it: `#[serde(default, with = "nixfarm_core::store_path::stored_or_empty")]`. Text that
-/// is not one (state an older version stored unchecked) reads as absent.
-pub mod stored_or_empty {
-    use super::StorePath;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(p: &Option<StorePath>, s: S) -> Result<S::Ok, S::Error> {
-        super::or_empty::serialize(p, s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<StorePath>, D::Error> {
-        Ok(StorePath::try_from(String::deserialize(d)?).ok())
-    }
-}
-
 /// Serde for an optional store path written as the empty string when absent (as the wire
 /// and older state have it): `#[serde(default, with = "nixfarm_core::store_path::or_empty")]`.
 pub mod or_empty {
@@ -296,7 +280,7 @@ mod tests {
     fn a_stored_optional_path_reads_leniently() {
         #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
         struct Row {
-            #[serde(default, with = "super::stored_or_empty")]
+            #[serde(default, with = "crate::stored_or_empty")]
             from: Option<StorePath>,
         }
         let some = Row {
