@@ -629,6 +629,43 @@ fn a_matrix_over_an_input_reports_each_value_side_by_side() {
     assert_eq!(varies["cells"][1]["status"], "build-failed");
     let same = packages.iter().find(|p| p["attr"] == "same").unwrap();
     assert_eq!(same["differs"], false);
+    // Each cell's report is checked against the cache as a single run's is: `same`'s output,
+    // held there under its path by someone else and signed by no key the runs are checked
+    // by, is not-cached in both.
+    let cache = dir.path().join("cache");
+    let same_out = host.run(&[
+        "nix",
+        "eval",
+        "--raw",
+        &format!("path:{}#packages.x86_64-linux.same.outPath", repo.display()),
+    ]);
+    assert!(same_out.status.success(), "{}", stderr(&same_out));
+    let same_out = stdout(&same_out).trim().to_string();
+    plant_foreign(&cache, &same_out, &same_out);
+    let (sk, pk) = cache_key(dir.path(), "farm-1");
+    let cache_url = format!("file://{}", cache.display());
+    let m = local(
+        &host,
+        &state,
+        &repo,
+        &[
+            "--matrix",
+            &matrix,
+            "--cache",
+            &cache_url,
+            "--signing-key-file",
+            sk.to_str().unwrap(),
+            "--trusted-public-key",
+            &pk,
+        ],
+    );
+    let packages = m["packages"].as_array().unwrap();
+    let same = packages.iter().find(|p| p["attr"] == "same").unwrap();
+    for cell in 0..2 {
+        assert_eq!(same["cells"][cell]["status"], "not-cached", "{m}");
+    }
+    let varies = packages.iter().find(|p| p["attr"] == "varies").unwrap();
+    assert_eq!(varies["cells"][0]["status"], "ready", "{m}");
     // One value alone, as --override-input.
     let one = local(&host, &state, &repo, &["--override-input", "dep", &b]);
     assert_eq!(packages_by_attr(&one)["varies"]["status"], "build-failed");
@@ -777,12 +814,20 @@ fn local_cross_checked_builds_find_what_is_not_reproducible() {
 /// by it, over a file:// cache that holds someone else's upload under `stable`'s output path
 /// (not what the derivation builds, signed by nobody): the report, and stable's path.
 fn local_over_a_foreign_stable(extra: &[&str]) -> (serde_json::Value, String) {
+    local_over_a_foreign_stable_as(extra, |stable| stable.to_string())
+}
+
+/// [`local_over_a_foreign_stable`], the planted narinfo's `StorePath:` line naming
+/// `store_path(stable)`.
+fn local_over_a_foreign_stable_as(
+    extra: &[&str],
+    store_path: fn(&str) -> String,
+) -> (serde_json::Value, String) {
     let dir = scratch();
     let repo = stable_and_stamp_repo(dir.path());
     let host = Host::new(&dir.path().join("host"));
     let (sk, pk) = cache_key(dir.path(), "farm-1");
     let cache = dir.path().join("cache");
-    std::fs::create_dir_all(cache.join("nar")).unwrap();
     let flake_attr = format!(
         "path:{}#packages.x86_64-linux.stable.outPath",
         repo.display()
@@ -790,17 +835,7 @@ fn local_over_a_foreign_stable(extra: &[&str]) -> (serde_json::Value, String) {
     let eval = host.run(&["nix", "eval", "--raw", &flake_attr]);
     assert!(eval.status.success(), "{}", stderr(&eval));
     let stable = stdout(&eval).trim().to_string();
-    let nar = single_file_nar(b"not what the derivation builds\n");
-    let hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&nar));
-    std::fs::write(cache.join(format!("nar/{hash}.nar")), &nar).unwrap();
-    std::fs::write(
-        cache.join(format!("{}.narinfo", &stable["/nix/store/".len()..][..32])),
-        format!(
-            "StorePath: {stable}\nURL: nar/{hash}.nar\nCompression: none\nFileHash: sha256:{hash}\nFileSize: {n}\nNarHash: sha256:{hash}\nNarSize: {n}\nReferences: \n",
-            n = nar.len()
-        ),
-    )
-    .unwrap();
+    plant_foreign(&cache, &stable, &store_path(&stable));
     let cache_url = format!("file://{}", cache.display());
     let mut args = vec![
         "--cache",
@@ -813,6 +848,23 @@ fn local_over_a_foreign_stable(extra: &[&str]) -> (serde_json::Value, String) {
     args.extend_from_slice(extra);
     let report = local(&host, &dir.path().join("state"), &repo, &args);
     (report, stable)
+}
+
+/// Puts into the file cache `cache` a narinfo for `path`, signed by no one, of a NAR that is
+/// not what any derivation here builds; its `StorePath:` line says `says`.
+fn plant_foreign(cache: &std::path::Path, path: &str, says: &str) {
+    std::fs::create_dir_all(cache.join("nar")).unwrap();
+    let nar = single_file_nar(b"not what the derivation builds\n");
+    let hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&nar));
+    std::fs::write(cache.join(format!("nar/{hash}.nar")), &nar).unwrap();
+    std::fs::write(
+        cache.join(format!("{}.narinfo", &path["/nix/store/".len()..][..32])),
+        format!(
+            "StorePath: {says}\nURL: nar/{hash}.nar\nCompression: none\nFileHash: sha256:{hash}\nFileSize: {n}\nNarHash: sha256:{hash}\nNarSize: {n}\nReferences: \n",
+            n = nar.len()
+        ),
+    )
+    .unwrap();
 }
 
 /// "Ready" means a user can substitute it. An output the run's cache already held under its
@@ -830,6 +882,25 @@ fn an_output_held_in_the_cache_under_its_path_but_unsigned_is_not_cached() {
         reason
             .contains("is in the cache, but signed by none of the keys it is checked by (farm-1:")
             && reason.contains("a client that checks signatures refuses it"),
+        "{reason}"
+    );
+    assert_eq!(got["stamp"]["status"], "ready", "{report}");
+}
+
+/// A cache that says it has an output (here: a file under its name) but answers a client
+/// asking for its narinfo with another path's does not have it for anyone: the package is
+/// not-cached, saying why.
+#[test]
+fn an_output_whose_narinfo_in_the_cache_is_another_paths_is_not_cached() {
+    let (report, stable) =
+        local_over_a_foreign_stable_as(&[], |_| format!("/nix/store/{}-elsewhere", "0".repeat(32)));
+    let got = packages_by_attr(&report);
+    assert_eq!(got["stable"]["status"], "not-cached", "{report}");
+    let reason = got["stable"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "the cache says it has {stable}, but its narinfo cannot be read"
+        )) && reason.contains("answered for /nix/store/0000"),
         "{reason}"
     );
     assert_eq!(got["stamp"]["status"], "ready", "{report}");

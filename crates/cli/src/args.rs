@@ -63,10 +63,14 @@ pub enum Command {
     )]
     Warm(WarmArgs),
     /// Follow a run's progress until it finishes, then print its report. Ctrl-C detaches.
-    #[command(after_help = "Example:\n  nixfarm watch r0123456789abcdef --format markdown")]
+    #[command(
+        after_help = "Examples:\n  nixfarm watch r0123456789abcdef --format markdown\n  nixfarm watch r0123456789abcdef --cache cachix://my-cache --fail-under 100"
+    )]
     Watch {
         /// The run's id (`nixfarm runs` lists them; `submit` prints it).
         run: String,
+        #[command(flatten)]
+        check: CacheCheckArgs,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -77,6 +81,8 @@ pub enum Command {
     Report {
         /// The run's id (`nixfarm runs` lists them; `submit` prints it).
         run: String,
+        #[command(flatten)]
+        check: CacheCheckArgs,
         #[command(flatten)]
         out: OutputArgs,
     },
@@ -166,6 +172,34 @@ pub struct RunArgs {
     /// wins).
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     pub max_silent: u64,
+}
+
+/// The cache a run published to, for `watch` and `report` to check its report against as
+/// `submit --watch` does (they do not know it otherwise).
+#[derive(Args, Debug, Clone, Default)]
+pub struct CacheCheckArgs {
+    /// Check the report against this cache (the run's --cache): a ready package whose
+    /// outputs it lacks, cannot serve, or holds signed by none of the keys below (or the
+    /// Cachix cache's own) is reported not-cached. Default: no check.
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// Cachix API root, for cachix:// caches (default: Cachix's own).
+    #[arg(long, env = "NIXFARM_CACHIX_API_URL")]
+    pub cachix_api_url: Option<String>,
+    /// Public key the cache's signatures are checked against (NAME:BASE64); repeat for
+    /// several.
+    #[arg(long = "trusted-public-key", value_name = "KEY")]
+    pub trusted_public_keys: Vec<String>,
+}
+
+impl From<&RunArgs> for CacheCheckArgs {
+    fn from(run: &RunArgs) -> Self {
+        CacheCheckArgs {
+            cache: run.cache.clone(),
+            cachix_api_url: run.cachix_api_url.clone(),
+            trusted_public_keys: run.trusted_public_keys.clone(),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

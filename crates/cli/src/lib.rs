@@ -38,8 +38,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match command {
         Command::Submit(args) => cmd::submit::submit_cmd(&client, args).await,
         Command::Warm(args) => cmd::submit::warm_cmd(&client, args).await,
-        Command::Watch { run, out } => cmd::submit::watch_and_report(&client, &run, &out).await,
-        Command::Report { run, out } => cmd::submit::report_cmd(&client, &run, &out).await,
+        Command::Watch { run, check, out } => {
+            cmd::submit::watch_and_report(&client, &run, &check, &out).await
+        }
+        Command::Report { run, check, out } => {
+            cmd::submit::report_cmd(&client, &run, &check, &out).await
+        }
         Command::Runs => cmd::runs::runs_cmd(&client).await,
         Command::Agents => cmd::agents::agents_cmd(&client).await,
         Command::Cancel { run } => cmd::cancel::cancel_cmd(&client, run).await,

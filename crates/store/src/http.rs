@@ -4,7 +4,7 @@ use crate::backend::{Backend, Fut};
 use crate::narinfo::{NarInfo, store_hash};
 use crate::stage::Staged;
 use crate::{Pusher, StoreError};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use std::io::{Seek, SeekFrom};
 use std::sync::atomic::Ordering;
 
@@ -95,11 +95,12 @@ impl Backend for HttpCache {
             for path in paths {
                 futs.push(self.http_missing(p, path));
             }
-            let answers: Vec<Result<Option<String>, StoreError>> = futures_util::stream::iter(futs)
+            // The first failure ends the question (the rest would only add their retries).
+            let answers: Vec<Option<String>> = futures_util::stream::iter(futs)
                 .buffered(16)
-                .collect()
-                .await;
-            answers.into_iter().filter_map(Result::transpose).collect()
+                .try_collect()
+                .await?;
+            Ok(answers.into_iter().flatten().collect())
         })
     }
 

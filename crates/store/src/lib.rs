@@ -310,9 +310,20 @@ impl Pusher {
         self.backend.substituter(self).await
     }
 
-    /// Which of `paths` the cache lacks, in the order given.
+    /// Which of `paths` the cache lacks, in the order given; said within the push floor
+    /// ([`Options::push_floor`]), or an error: a cache that answers each question just
+    /// before its timeout holds no build (nor the CLI's check) longer.
     pub async fn missing(&self, paths: &[String]) -> Result<Vec<String>, StoreError> {
-        self.backend.missing(self, paths).await
+        let floor = self.opts.push_floor;
+        tokio::time::timeout(floor, self.backend.missing(self, paths))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Http(format!(
+                    "the cache did not say which of {} paths it has within {} s",
+                    paths.len(),
+                    floor.as_secs()
+                )))
+            })
     }
 
     /// Pushes the closure of `paths`: asks which are missing and uploads only those,

@@ -225,6 +225,33 @@ async fn a_push_to_a_cache_that_never_answers_ends_by_its_deadline() {
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
 
+/// A cache that takes the questions before a push (HEAD, is the path there?) and the
+/// narinfo reads after it, and never answers: both end by the push floor, not after each
+/// request's timeout and retries, path after path.
+#[tokio::test]
+async fn a_cache_that_never_answers_its_presence_questions_holds_nothing_past_the_floor() {
+    let addr = raw_server(|_| Reply::Hang).await;
+    let mut p = keyless_pusher(addr);
+    p.opts.push_floor = std::time::Duration::from_secs(2);
+    let paths: Vec<String> = (0..40)
+        .map(|i| format!("/nix/store/{}-p{i}", "0123456789abcdfghijklmnpqrsvwxyz"))
+        .collect();
+    let started = std::time::Instant::now();
+    let e = p.missing(&paths).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("did not say which of 40 paths it has within 2 s"),
+        "{e}"
+    );
+    let read = p.signed_by(&paths, &["k-1:x".to_string()]).await;
+    assert_eq!(read.len(), 40);
+    for r in read {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("within 2 s"), "{e}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
 /// What [`raw_server`] does with a request, given its head.
 enum Reply {
     Send(&'static str),

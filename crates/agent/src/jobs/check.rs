@@ -222,7 +222,9 @@ async fn same_in_cache(
     outputs: &[String],
 ) -> Result<(), String> {
     let here = nar_hashes(shared, outputs).await?;
-    let there = cache.nar_hashes(outputs).await;
+    // Read again after a pause if need be (a CDN may answer from before the push for a
+    // moment); what still cannot be read is not published for anyone who substitutes.
+    let there = cache.nar_hashes_settled(outputs).await;
     for ((path, here), there) in outputs.iter().zip(here).zip(there) {
         match there {
             Ok(there) if there == here => {}
@@ -233,9 +235,11 @@ async fn same_in_cache(
                     sri(here)
                 ));
             }
-            // Not readable just now (a CDN still answering from before the push): the push
-            // itself succeeded, and other contents are what this looks for.
-            Err(e) => tracing::warn!("cannot read back {path} from the run's cache: {e}"),
+            Err(e) => {
+                return Err(format!(
+                    "cannot read back {path} from the run's cache after pushing it: {e}"
+                ));
+            }
         }
     }
     Ok(())

@@ -32,7 +32,11 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
     let paused: Vec<String> = agents
         .iter()
         .filter(|a| a.connected && !a.paused.is_empty())
-        .map(|a| format!("  {}: {}", a.name, a.paused))
+        .map(|a| {
+            // The agent's own words, through the coordinator: one line, no escapes.
+            let why = nixfarm_core::fit::one_line(&a.paused);
+            format!("  {}: {why}", nixfarm_core::fit::one_line(&a.name))
+        })
         .collect();
     let violations: Vec<String> = agents
         .iter()

@@ -1,7 +1,7 @@
 //! `--matrix NAME=REF1,REF2`: one run per value of a flake input, submitted together,
 //! followed one after the other, reported side by side.
 
-use crate::cmd::submit::{get_report, submit};
+use crate::cmd::submit::{check_cached, get_report, submit};
 use crate::{Client, Format, OutputArgs, RunArgs, watch};
 use anyhow::bail;
 use nixfarm_core::report_matrix::{Matrix, MatrixCell};
@@ -55,9 +55,11 @@ pub(crate) async fn matrix(
             eprintln!("detached; the runs continue: {}", ids.join(" "));
             return Ok(130);
         }
+        let mut report = get_report(client, id).await?;
+        check_cached(&mut report, &run.into()).await?;
         cells.push(MatrixCell {
             reference: r.clone(),
-            report: get_report(client, id).await?,
+            report,
         });
     }
     let m = Matrix { input, cells };

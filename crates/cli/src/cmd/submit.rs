@@ -2,8 +2,8 @@
 //! (checked against the cache it was published to).
 
 use crate::{
-    Client, OutputArgs, RunArgs, SubmitArgs, WarmArgs, fix, print_report, source, status_error,
-    watch,
+    CacheCheckArgs, Client, OutputArgs, RunArgs, SubmitArgs, WarmArgs, fix, print_report, source,
+    status_error, watch,
 };
 use anyhow::{Context, bail};
 use nixfarm_core::report::Report;
@@ -47,8 +47,15 @@ pub async fn warm_cmd(client: &Client, mut args: WarmArgs) -> anyhow::Result<i32
 }
 
 /// `nixfarm report`.
-pub async fn report_cmd(client: &Client, run: &str, out: &OutputArgs) -> anyhow::Result<i32> {
-    Ok(print_report(&get_report(client, run).await?, out))
+pub async fn report_cmd(
+    client: &Client,
+    run: &str,
+    check: &CacheCheckArgs,
+    out: &OutputArgs,
+) -> anyhow::Result<i32> {
+    let mut report = get_report(client, run).await?;
+    check_cached(&mut report, check).await?;
+    Ok(print_report(&report, out))
 }
 
 pub(crate) async fn submit(
@@ -156,6 +163,11 @@ pub(crate) async fn get_report(client: &Client, run: &str) -> anyhow::Result<Rep
 
 /// The run's cache URL as agents get it (a cachix:// URL carries its API root), checked.
 fn run_cache(run: &RunArgs) -> anyhow::Result<String> {
+    cache_url(&CacheCheckArgs::from(run))
+}
+
+/// [`run_cache`] of what names a cache.
+fn cache_url(run: &CacheCheckArgs) -> anyhow::Result<String> {
     let Some(url) = &run.cache else {
         if run.cachix_api_url.is_some() {
             bail!("--cachix-api-url needs --cache cachix://NAME");
@@ -176,9 +188,9 @@ fn run_cache(run: &RunArgs) -> anyhow::Result<String> {
 /// outputs' narinfos are signed by none of the keys users check it by (`--trusted-public-key`,
 /// a Cachix cache's own), when there are any: something else was uploaded under its path
 /// before the farm's push (which uploads only what the cache lacks), or the agents sign with
-/// a key users do not check by.
-async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> {
-    let url = run_cache(run)?;
+/// a key users do not check by. So does one whose narinfo cannot be read.
+pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> anyhow::Result<()> {
+    let url = cache_url(run)?;
     if url.is_empty() {
         return Ok(());
     }
@@ -215,19 +227,22 @@ async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> 
         })?;
         keys.extend(cache_keys);
     }
-    // Only a narinfo read and found unsigned counts: one that cannot be read just now (a
-    // CDN still answering from before the push) is the presence check's to judge.
-    let unsigned: std::collections::HashSet<String> = if keys.is_empty() {
-        Default::default()
-    } else {
-        pusher
-            .signed_by(&present, &keys)
-            .await
-            .into_iter()
-            .zip(present)
-            .filter_map(|(signed, path)| matches!(signed, Ok(false)).then_some(path))
-            .collect()
-    };
+    // Each present output's narinfo is read as a substituting client reads it. One that
+    // still cannot be read after a pause (a CDN answering from before the push, a cache
+    // that says "present" to a HEAD and then serves nothing, another path's narinfo, a
+    // malformed one) is not proven cached: a client could not substitute it either.
+    let why_not: std::collections::HashMap<String, String> = pusher
+        .signed_by_settled(&present, &keys)
+        .await
+        .into_iter()
+        .zip(present)
+        .filter_map(|(signed, path)| match signed {
+            Ok(true) => None,
+            Ok(false) if keys.is_empty() => None,
+            Ok(false) => Some((path.clone(), format!("{path} is in the cache, but signed by none of the keys it is checked by ({}): a client that checks signatures refuses it (something else was uploaded under its path, or the agents sign with another key)", keys.join(", ")))),
+            Err(e) => Some((path.clone(), format!("the cache says it has {path}, but its narinfo cannot be read ({e}): a client could not substitute it"))),
+        })
+        .collect();
     let mut changed = false;
     for p in &mut report.packages {
         if p.status() != nixfarm_core::PackageStatus::Ready {
@@ -237,9 +252,7 @@ async fn check_cached(report: &mut Report, run: &RunArgs) -> anyhow::Result<()> 
             if missing.contains(o.as_str()) {
                 Some(format!("{o} is not in the cache"))
             } else {
-                unsigned.contains(o.as_str()).then(|| {
-                    format!("{o} is in the cache, but signed by none of the keys it is checked by ({}): a client that checks signatures refuses it (something else was uploaded under its path, or the agents sign with another key)", keys.join(", "))
-                })
+                why_not.get(o.as_str()).cloned()
             }
         });
         if let Some(reason) = reason {
@@ -276,7 +289,7 @@ pub(crate) async fn submit_and_watch(
             if outcome.detached {
                 return Ok(130);
             }
-            check_cached(&mut outcome.report, run).await?;
+            check_cached(&mut outcome.report, &run.into()).await?;
             Ok(print_report(&outcome.report, out))
         }
         source::Named::FlakeRef(f) => {
@@ -296,7 +309,7 @@ pub(crate) async fn submit_and_watch(
                 }
                 watch::End::Finished => {
                     let mut report = get_report(client, &id).await?;
-                    check_cached(&mut report, run).await?;
+                    check_cached(&mut report, &run.into()).await?;
                     Ok(print_report(&report, out))
                 }
             }
@@ -304,12 +317,17 @@ pub(crate) async fn submit_and_watch(
     }
 }
 
-pub async fn watch_and_report(client: &Client, run: &str, out: &OutputArgs) -> anyhow::Result<i32> {
+pub async fn watch_and_report(
+    client: &Client,
+    run: &str,
+    check: &CacheCheckArgs,
+    out: &OutputArgs,
+) -> anyhow::Result<i32> {
     match watch::watch(client, run).await? {
         watch::End::Detached => {
             eprintln!("detached; the run continues. Follow it again with: nixfarm watch {run}");
             Ok(130)
         }
-        watch::End::Finished => Ok(print_report(&get_report(client, run).await?, out)),
+        watch::End::Finished => report_cmd(client, run, check, out).await,
     }
 }
