@@ -99,6 +99,7 @@ impl Engine {
             return Ok(());
         };
         let drv = run.drv_of[node as usize].clone();
+        let report = unasked_cancel(&inner.agents, agent, report, run.state.is_terminal());
         let Some(sched) = run.sched.as_mut() else {
             return Ok(());
         };
@@ -137,7 +138,7 @@ impl Engine {
                 DrvState::Failed
             }
             BuildOutcome::Cancelled if !run.state.is_terminal() => {
-                // A cancel the run did not ask for (the agent was drained): try again elsewhere.
+                // Handed back by a draining or pausing agent: try again elsewhere.
                 sched.requeue(node);
                 return Ok(());
             }
@@ -198,5 +199,31 @@ impl Engine {
             }
         }
         self.maybe_finish(inner, &run_id)
+    }
+}
+
+/// A job cancelled while its run goes on is handed back for free only by an agent that said
+/// it drains or pauses (it says so before it hands anything back); from any other it counts
+/// as an infrastructure failure, within the same retries, so an agent that answers every
+/// job with "cancelled" cannot keep a run going, and its database growing, forever.
+pub(super) fn unasked_cancel(
+    agents: &std::collections::BTreeMap<String, super::AgentMem>,
+    agent: &str,
+    report: BuildReport,
+    run_ended: bool,
+) -> BuildReport {
+    let handing_back = agents
+        .get(agent)
+        .is_some_and(|a| a.draining || !a.paused.is_empty());
+    if report.kind != BuildOutcome::Cancelled || run_ended || handing_back {
+        return report;
+    }
+    BuildReport {
+        kind: BuildOutcome::InfraFailed,
+        message: format!(
+            "agent {agent} cancelled it, though neither the run nor the agent was stopping: {}",
+            report.message
+        ),
+        ..report
     }
 }

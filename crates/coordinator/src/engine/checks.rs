@@ -152,6 +152,7 @@ impl Engine {
         };
         let (by, checker, drv) = (&first.built_by, &a.agent, first.drv.clone());
         let terminal = run.state.is_terminal();
+        let report = super::build::unasked_cancel(&inner.agents, checker, report, terminal);
         // "Built" from an agent that did not check (one that predates checks builds the
         // derivation as usual, substituting it from the cache) vouches for nothing.
         let report = if report.kind.produced_outputs() && !report.checked {

@@ -156,19 +156,15 @@ pub(super) fn assigned(rx: &mut mpsc::UnboundedReceiver<ToAgent>) -> (String, Jo
     }
 }
 
-#[test]
-fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
-    let (engine, clock, _dir) = test_engine(EngineOptions {
-        max_infra_retries: 2,
-        ..Default::default()
-    });
-    let connect = || connect_agent(&engine, "a");
-    let mut a = connect();
+/// Submits a run whose one package (`crash`) has one derivation, and answers its listing
+/// and evaluation as agent `a`: the build is then due. Returns the run's id and the
+/// derivation's path.
+fn one_build_run(engine: &Engine, name: &str, a: &mut TestAgent) -> (String, String) {
     let run = engine.submit(flake_run()).unwrap();
     let (list, _) = assigned(&mut a.rx);
     engine
         .agent_message(
-            "a",
+            name,
             a.conn,
             FromAgent::EvalList {
                 attempt: list,
@@ -199,7 +195,7 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
     };
     engine
         .agent_message(
-            "a",
+            name,
             a.conn,
             FromAgent::EvalChunk {
                 attempt: chunk,
@@ -207,6 +203,18 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
             },
         )
         .unwrap();
+    (run, drv)
+}
+
+#[test]
+fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
+    let (engine, clock, _dir) = test_engine(EngineOptions {
+        max_infra_retries: 2,
+        ..Default::default()
+    });
+    let connect = || connect_agent(&engine, "a");
+    let mut a = connect();
+    let (run, drv) = one_build_run(&engine, "a", &mut a);
     // Each time the build starts, the agent falls silent and its lease runs out.
     let mut builds = 0;
     loop {
@@ -238,6 +246,65 @@ fn a_build_whose_agents_keep_vanishing_is_given_up_after_the_retry_budget() {
         "{}",
         p.reason
     );
+}
+
+/// An agent that answers every build it is given with "cancelled", without saying it drains
+/// or pauses, gets it back only within the retry budget: the run ends (before, each cancel
+/// requeued the build to the same agent, a new attempt and event each time, for ever). A
+/// draining agent's hand-back still costs nothing.
+#[test]
+fn a_build_an_agent_keeps_cancelling_unasked_is_given_up_after_the_retry_budget() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        max_infra_retries: 2,
+        ..Default::default()
+    });
+    let mut a = connect_agent(&engine, "a");
+    let (run, drv) = one_build_run(&engine, "a", &mut a);
+    let cancel = |attempt: String| FromAgent::Build {
+        attempt,
+        report: BuildReport {
+            kind: BuildOutcome::Cancelled,
+            message: "cancelled".into(),
+            ..Default::default()
+        },
+    };
+    let mut builds = 0;
+    while !engine.run_state(&run).unwrap().is_terminal() {
+        let (attempt, job) = assigned(&mut a.rx);
+        assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+        builds += 1;
+        assert!(builds < 10, "requeued for ever");
+        engine.agent_message("a", a.conn, cancel(attempt)).unwrap();
+    }
+    assert_eq!(builds, 3);
+    let p = &engine.report(&run).unwrap().packages[0];
+    assert_eq!(p.status, PackageStatus::InfraFailed);
+    assert!(
+        p.reason
+            .contains("neither the run nor the agent was stopping"),
+        "{}",
+        p.reason
+    );
+    // The same, from an agent that said it drains: handed back, free, as often as it comes;
+    // the build waits for another agent.
+    let (engine, _clock, _dir) = test_engine(EngineOptions {
+        max_infra_retries: 2,
+        ..Default::default()
+    });
+    let mut b = connect_agent(&engine, "b");
+    let (run, drv) = one_build_run(&engine, "b", &mut b);
+    let (attempt, _) = assigned(&mut b.rx);
+    let beat = FromAgent::Heartbeat {
+        running: vec![],
+        draining: true,
+        paused: String::new(),
+    };
+    engine.agent_message("b", b.conn, beat).unwrap();
+    engine.agent_message("b", b.conn, cancel(attempt)).unwrap();
+    assert!(!engine.run_state(&run).unwrap().is_terminal());
+    let mut c = connect_agent(&engine, "c");
+    let (_, job) = assigned(&mut c.rx);
+    assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
 }
 
 #[test]
