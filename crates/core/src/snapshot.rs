@@ -108,6 +108,9 @@ pub fn pack_with(
     }
     let mut builder = tar::Builder::new(Vec::new());
     let mut total: u64 = 0;
+    // What was packed, for the whole-tree rules a receiver checks (see [`verify`]): a
+    // snapshot that breaks them fails here, before its upload, not after.
+    let mut packed: Vec<(PathBuf, Kind, Option<PathBuf>)> = Vec::with_capacity(files.len());
     let mut checked_dirs: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     for rel in files {
         check_relative(rel)?;
@@ -142,6 +145,7 @@ pub fn pack_with(
             builder
                 .append_link(&mut header, rel, &target)
                 .map_err(io(&full))?;
+            packed.push((normal(rel), Kind::Link, Some(target)));
         } else if meta.is_file() {
             use std::os::unix::fs::PermissionsExt;
             let replaced = overrides.get(rel.as_path());
@@ -177,10 +181,19 @@ pub fn pack_with(
                     .append_data(&mut header, rel, bytes.as_slice())
                     .map_err(io(&full))?;
             }
+            packed.push((normal(rel), Kind::File, None));
         }
         // Directories are implied by their files; sockets and devices are skipped.
     }
+    check_tree(&packed)?;
     builder.into_inner().map_err(io(root))
+}
+
+/// One spelling per path ("a/./b/" is "a/b"), as a receiver reads it.
+fn normal(rel: &Path) -> PathBuf {
+    rel.components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect()
 }
 
 fn check_relative(rel: &Path) -> Result<(), SnapshotError> {
@@ -312,28 +325,49 @@ fn shown(p: &Path) -> String {
 
 /// The whole-tree rules, which no entry-by-entry check can see: entries that come later may
 /// replace or redirect what earlier ones created.
+///
+/// The paths are put in a tree first, one node per path (listed or implied), so each check
+/// walks a path a component at a time: it costs what the path's bytes are, where hashing
+/// each of its prefixes whole cost their square (thousands of deep entries or long link
+/// targets were minutes of work).
 fn check_tree(entries: &[(PathBuf, Kind, Option<PathBuf>)]) -> Result<(), SnapshotError> {
-    let mut kinds: std::collections::HashMap<&Path, Kind> =
+    use std::ffi::OsStr;
+    // Node 0 is the root; a node's kind is None while it is only implied (a directory).
+    let mut children: std::collections::HashMap<(u32, &OsStr), u32> =
         std::collections::HashMap::with_capacity(entries.len());
+    let mut kinds: Vec<Option<Kind>> = vec![Some(Kind::Dir)];
+    // Each entry's path as nodes, the entry's own last.
+    let mut chains: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
     for (p, k, _) in entries {
-        if kinds.insert(p.as_path(), *k).is_some() {
+        let mut chain = Vec::new();
+        let mut at = 0u32;
+        for c in p.components() {
+            let next =
+                u32::try_from(kinds.len()).map_err(|_| SnapshotError::UnsafePath(shown(p)))?;
+            at = *children.entry((at, c.as_os_str())).or_insert_with(|| {
+                kinds.push(None);
+                next
+            });
+            chain.push(at);
+        }
+        if kinds[at as usize].replace(*k).is_some() {
             return Err(SnapshotError::Duplicate(shown(p)));
         }
+        chains.push(chain);
     }
-    for (p, _, target) in entries {
-        // Every ancestor is a real directory (listed as one, or implied).
-        for anc in p.ancestors().skip(1) {
-            if anc.as_os_str().is_empty() {
-                break;
-            }
-            match kinds.get(anc) {
+    for ((p, _, target), chain) in entries.iter().zip(&chains) {
+        // Every ancestor is a real directory (listed as one, or implied); the nearest
+        // offender is named.
+        let ancestors = &chain[..chain.len().saturating_sub(1)];
+        for &anc in ancestors.iter().rev() {
+            match kinds[anc as usize] {
                 Some(Kind::Link) => return Err(SnapshotError::ThroughLink(shown(p))),
                 Some(Kind::File) => return Err(SnapshotError::BeneathFile(shown(p))),
                 _ => {}
             }
         }
         if let Some(t) = target {
-            check_link_target(p, t, &kinds)?;
+            check_link_target(p, t, ancestors, &children, &kinds)?;
         }
     }
     Ok(())
@@ -342,27 +376,23 @@ fn check_tree(entries: &[(PathBuf, Kind, Option<PathBuf>)]) -> Result<(), Snapsh
 /// A link is safe when its target, walked from the link's own (real) directory, stays inside
 /// the tree and steps through no other link: a link's `..` is its target's parent, not the
 /// lexical one. The last component may itself be a link (it is checked on its own).
-fn check_link_target(
+/// `dir` is the link's directory as nodes of the tree (see [`check_tree`]).
+fn check_link_target<'a>(
     link: &Path,
-    target: &Path,
-    kinds: &std::collections::HashMap<&Path, Kind>,
+    target: &'a Path,
+    dir: &[u32],
+    children: &std::collections::HashMap<(u32, &'a std::ffi::OsStr), u32>,
+    kinds: &[Option<Kind>],
 ) -> Result<(), SnapshotError> {
     let bad = || SnapshotError::UnsafeLink(shown(link));
     if target.is_absolute() {
         return Err(bad());
     }
-    let mut cur: Vec<&std::ffi::OsStr> = link
-        .parent()
-        .map(|p| {
-            p.components()
-                .filter_map(|c| match c {
-                    Component::Normal(n) => Some(n),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    // Where the walk is, as nodes from the root's child down; None: a path the tree does
+    // not have (beneath it there is nothing either, until a `..` climbs back out).
+    let mut cur: Vec<Option<u32>> = dir.iter().map(|&n| Some(n)).collect();
     let comps: Vec<Component<'_>> = target.components().collect();
+    let last = comps.iter().rposition(|c| !matches!(c, Component::CurDir));
     for (i, c) in comps.iter().enumerate() {
         match c {
             Component::CurDir => continue,
@@ -371,17 +401,18 @@ fn check_link_target(
                     return Err(bad());
                 }
             }
-            Component::Normal(n) => cur.push(n),
+            Component::Normal(n) => {
+                let parent = cur.last().copied().unwrap_or(Some(0));
+                cur.push(parent.and_then(|id| children.get(&(id, *n)).copied()));
+            }
             _ => return Err(bad()),
         }
-        let more = comps[i + 1..]
-            .iter()
-            .any(|c| !matches!(c, Component::CurDir));
-        if more && !cur.is_empty() {
-            let here: PathBuf = cur.iter().collect();
-            if kinds.get(here.as_path()) == Some(&Kind::Link) {
-                return Err(bad());
-            }
+        let more = last.is_some_and(|l| l > i);
+        if more
+            && let Some(Some(id)) = cur.last()
+            && kinds[*id as usize] == Some(Kind::Link)
+        {
+            return Err(bad());
         }
     }
     Ok(())
@@ -551,10 +582,7 @@ fn walk<R: Read>(
         }
         check_relative(&raw)?;
         // One spelling per path ("a/./b/" is "a/b"), so duplicates are seen as such.
-        let rel: PathBuf = raw
-            .components()
-            .filter(|c| matches!(c, Component::Normal(_)))
-            .collect();
+        let rel = normal(&raw);
         if rel.components().count() > MAX_DEPTH
             || rel
                 .components()

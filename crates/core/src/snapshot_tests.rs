@@ -291,3 +291,57 @@ fn a_pax_size_counts_against_the_limit() {
     let r = verify(&bytes[..], limits);
     assert!(matches!(r, Err(SnapshotError::TooLarge { .. })), "{r:?}");
 }
+
+/// Thousands of links whose targets are thousands of components long (as long as a target
+/// may be) are checked in time that grows with their bytes: each prefix of each target was
+/// hashed whole before, minutes of a coordinator's CPU for one upload, and again on every
+/// agent that unpacked it.
+#[test]
+fn long_link_targets_are_checked_in_linear_time() {
+    let target = format!("{}a", "a/".repeat(2047));
+    assert_eq!(target.len(), 4095);
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..3000 {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, format!("links/l{i}"), &target)
+            .unwrap();
+    }
+    let bytes = b.into_inner().unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(verify(&bytes[..], Limits::default()).unwrap(), 3000);
+    // Quadratic, this took minutes; linear, well under a second here.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A link whose target steps through another link of the tree (`README -> docs/README.md`
+/// with `docs -> doc`) is refused by whoever receives the snapshot: packing refuses it too,
+/// naming it, rather than upload a snapshot only to have it refused.
+#[test]
+fn pack_refuses_a_link_through_another_link_as_receivers_do() {
+    let d = tree();
+    std::fs::create_dir_all(d.path().join("doc")).unwrap();
+    std::fs::write(d.path().join("doc/README.md"), "hi").unwrap();
+    std::os::unix::fs::symlink("doc", d.path().join("docs")).unwrap();
+    std::os::unix::fs::symlink("docs/README.md", d.path().join("README")).unwrap();
+    let files: Vec<PathBuf> = ["doc/README.md", "docs", "README", "flake.nix"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    let e = pack(d.path(), &files, Limits::default()).unwrap_err();
+    assert!(
+        matches!(&e, SnapshotError::UnsafeLink(p) if p == "README"),
+        "{e}"
+    );
+    // Through the directory itself it packs, and unpacks as it was.
+    std::fs::remove_file(d.path().join("README")).unwrap();
+    std::os::unix::fs::symlink("doc/README.md", d.path().join("README")).unwrap();
+    let tar = pack(d.path(), &files, Limits::default()).unwrap();
+    verify(&tar[..], Limits::default()).unwrap();
+}
