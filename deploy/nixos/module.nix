@@ -162,7 +162,7 @@ in
               max_message_bytes = between 1048576 1073741824 67108864 "Largest gRPC message from agents, bytes (the CLI's are held to 4 MiB).";
               max_concurrent_uploads = between 1 1024 16 "Snapshot uploads in progress at once, from all clients.";
               max_uploads_per_client = between 1 1024 4 "Snapshot uploads in progress at once from one address (at most max_concurrent_uploads).";
-              upload_idle_secs = between 1 3600 30 "Seconds an upload may send nothing before it is aborted.";
+              upload_idle_secs = between 1 3600 30 "Seconds an upload may go without sending 64 KiB (or ending) before it is aborted.";
             };
             http = {
               listen = nullStr "Address and port of the web UI, its JSON API and readiness badges (plain HTTP). With clientTokenFile, every page needs that token. Default (null): off.";

@@ -249,7 +249,8 @@ pub struct LimitsConfig {
     pub max_concurrent_uploads: usize,
     /// Snapshot uploads in progress at once from one client address. Default 4.
     pub max_uploads_per_client: usize,
-    /// Seconds an upload may go without receiving data before it is aborted. Default 30.
+    /// Seconds an upload may go without sending 64 KiB (or ending) before it is aborted:
+    /// empty or tiny chunks do not keep it going. Default 30.
     pub upload_idle_secs: u64,
 }
 

@@ -13,6 +13,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
+/// Bytes an upload must send within each idle limit (`upload_idle_secs`) to be going on:
+/// 64 KiB, which any link a client uploads over sends in well under a second.
+pub const MIN_PROGRESS_BYTES: u64 = 64 << 10;
+
 /// The limits uploads are held to.
 #[derive(Debug, Clone, Copy)]
 pub struct UploadLimits {
@@ -21,7 +25,7 @@ pub struct UploadLimits {
     pub max_concurrent: usize,
     /// Uploads in progress at once from one client address.
     pub per_client: usize,
-    /// Longest wait for the next chunk.
+    /// Longest wait for the next [`MIN_PROGRESS_BYTES`] (or the end).
     pub idle: Duration,
 }
 
@@ -168,7 +172,8 @@ impl Uploads {
         })
     }
 
-    /// Receives one upload: returns its digest and size once it is checked and stored.
+    /// Receives one upload: returns its digest and size once it is checked and stored. It
+    /// must send [`MIN_PROGRESS_BYTES`] (or end) within each idle limit.
     pub async fn receive<S>(&self, _slot: &Slot, mut next: S) -> Result<(String, u64), Status>
     where
         S: AsyncChunks,
@@ -183,17 +188,27 @@ impl Uploads {
         let mut size: u64 = 0;
         let cap = snapshot::max_tar_bytes(self.limits.snapshot);
         let idle = self.limits.idle;
+        // Only bytes count as progress: a client that sends empty or tiny chunks, each just
+        // before the idle limit, would otherwise hold its place for ever.
+        let mut quiet_until = tokio::time::Instant::now() + idle;
+        let mut since: u64 = 0;
         loop {
-            let chunk = match tokio::time::timeout(idle, next.next_chunk()).await {
+            let chunk = match tokio::time::timeout_at(quiet_until, next.next_chunk()).await {
                 Err(_) => {
                     return Err(Status::deadline_exceeded(format!(
-                        "the upload sent nothing for {} s; aborted",
+                        "the upload sent less than {} KiB in {} s; aborted",
+                        MIN_PROGRESS_BYTES >> 10,
                         idle.as_secs()
                     )));
                 }
                 Ok(r) => r?,
             };
             let Some(data) = chunk else { break };
+            since += data.len() as u64;
+            if since >= MIN_PROGRESS_BYTES {
+                since = 0;
+                quiet_until = tokio::time::Instant::now() + idle;
+            }
             size += data.len() as u64;
             if size > cap {
                 return Err(Status::resource_exhausted(format!(
@@ -276,6 +291,16 @@ pub(crate) mod tests {
                 None if self.1 => std::future::pending().await,
                 None => Ok(None),
             }
+        }
+    }
+
+    /// A client that sends an empty chunk every so often, for ever.
+    struct Dribble(Duration);
+
+    impl AsyncChunks for Dribble {
+        async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, Status> {
+            tokio::time::sleep(self.0).await;
+            Ok(Some(Vec::new()))
         }
     }
 
@@ -406,6 +431,14 @@ pub(crate) mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+        // Empty chunks, each well within the idle limit, are no progress: aborted too.
+        let dribble = up.receive(&slot, Dribble(Duration::from_millis(50)));
+        let e = tokio::time::timeout(Duration::from_secs(10), dribble)
+            .await
+            .expect("a dribbling upload is aborted")
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+        assert!(e.message().contains("less than 64 KiB"), "{}", e.message());
         // Not a snapshot: refused after arriving.
         let e = up
             .receive(&slot, Chunks(vec![vec![7u8; 4096]].into_iter(), false))
