@@ -312,7 +312,7 @@ impl Report {
                 out,
                 "\n<details><summary><code>{}</code> log tail</summary>\n\n```\n{}\n```\n</details>",
                 xml_escape(&p.attr),
-                p.log_tail.trim_end().replace("```", "'''")
+                crate::fit::printable(p.log_tail.trim_end()).replace("```", "'''")
             );
         }
         out

@@ -153,6 +153,8 @@ fn names_and_logs_from_a_repository_stay_text() {
     let mut r = report();
     r.packages[0].attr = "`<img src=https://t.example/p>".into();
     r.packages[0].log_tail = "a\u{FFFF}b\u{1}c".into();
+    // A failed build's log tail, which the Markdown report shows whole.
+    r.packages[1].log_tail = "compiling\n\u{1b}]0;owned\u{7}\u{1b}[2Jdone".into();
     r.repository = vec![crate::report::RepoCheck {
         name: "overlays.a\n::stop-commands::x\u{1b}[2J".into(),
         ok: false,
@@ -183,6 +185,7 @@ fn names_and_logs_from_a_repository_stay_text() {
     }
     let md = r.to_markdown();
     assert!(md.contains("`'<img src=https://t.example/p>`"), "{md}");
+    assert!(md.contains("compiling\n ]0;owned  [2Jdone"), "{md}");
     let junit = r.to_junit();
     assert!(
         !junit.contains('\u{FFFF}') && !junit.contains('\u{1}'),

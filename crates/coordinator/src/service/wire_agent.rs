@@ -15,7 +15,10 @@ impl TryFrom<pb::AgentMessage> for FromAgent {
             Some(Msg::Heartbeat(h)) => FromAgent::Heartbeat {
                 running: h.running_attempts,
                 draining: h.draining,
-                paused: h.paused.chars().take(500).collect(),
+                // Shown to people as one line (`nixfarm agents`, the web page).
+                paused: nixfarm_core::fit::one_line(
+                    &h.paused.chars().take(500).collect::<String>(),
+                ),
             },
             Some(Msg::Log(l)) => FromAgent::Log {
                 attempt: l.attempt_id,
