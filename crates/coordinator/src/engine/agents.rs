@@ -90,6 +90,7 @@ impl Engine {
                 conn,
                 tx: Some(tx),
                 running,
+                unseen: HashMap::new(),
                 last_seen_ms: now,
                 draining: false,
                 paused: String::new(),
@@ -213,6 +214,38 @@ impl Engine {
         self.expire_cross_checks(inner, now);
     }
 
+    /// The attempts `agent` holds that its heartbeats (this one says it runs `running`) have
+    /// left out for longer than a lease: it dropped them (a job's task ended without a
+    /// result), and they would otherwise stay held for as long as it keeps beating. One
+    /// heartbeat that leaves an attempt out is not enough (an assignment still on its way,
+    /// a result just behind the heartbeat).
+    fn unseen_attempts(
+        &self,
+        inner: &mut Inner,
+        agent: &str,
+        running: &[String],
+        now: i64,
+    ) -> Vec<String> {
+        let Some(a) = inner.agents.get_mut(agent) else {
+            return Vec::new();
+        };
+        let said: std::collections::HashSet<&str> = running.iter().map(String::as_str).collect();
+        let held: std::collections::HashSet<&String> = a.running.iter().collect();
+        a.unseen
+            .retain(|id, _| held.contains(id) && !said.contains(id.as_str()));
+        let mut lost = Vec::new();
+        for id in held {
+            if said.contains(id.as_str()) {
+                continue;
+            }
+            let since = *a.unseen.entry(id.clone()).or_insert(now);
+            if now - since > self.opts.lease_ms {
+                lost.push(id.clone());
+            }
+        }
+        lost
+    }
+
     /// Puts an attempt's job back in the queue; its late result will be ignored. The
     /// attempt's loss lands with what it leads to (the build given up).
     pub(super) fn lose_attempt(
@@ -297,8 +330,19 @@ impl Engine {
         // Heartbeats and log chunks (most messages) store nothing: no transaction.
         let msg = match msg {
             FromAgent::Heartbeat {
-                draining, paused, ..
+                running,
+                draining,
+                paused,
             } => {
+                for id in self.unseen_attempts(inner, name, &running, now) {
+                    let why = format!(
+                        "agent {name} no longer ran it (its heartbeats left it out for over {} s)",
+                        self.opts.lease_ms / 1000
+                    );
+                    if let Err(e) = self.lose_attempt(inner, &id, &why) {
+                        tracing::error!("cannot requeue {id}: {e}");
+                    }
+                }
                 if let Some(a) = inner.agents.get_mut(name) {
                     if draining && !a.draining {
                         tracing::info!(agent = name, "agent draining: no new jobs for it");

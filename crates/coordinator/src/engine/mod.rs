@@ -182,6 +182,8 @@ struct AgentMem {
     conn: u64,
     tx: Option<mpsc::UnboundedSender<ToAgent>>,
     running: slots::Running,
+    /// Attempts it holds that its heartbeats left out, with when the first of them did.
+    unseen: HashMap<String, i64>,
     last_seen_ms: i64,
     draining: bool,
     /// Why the agent takes no new jobs for now (its disk is full); empty: it takes them.

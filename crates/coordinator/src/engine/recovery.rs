@@ -186,6 +186,7 @@ impl Engine {
                         conn: 0,
                         tx: None,
                         running,
+                        unseen: HashMap::new(),
                         last_seen_ms: now,
                         draining: false,
                         paused: String::new(),

@@ -307,6 +307,49 @@ fn a_build_an_agent_keeps_cancelling_unasked_is_given_up_after_the_retry_budget(
     assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
 }
 
+/// An agent that keeps beating but has dropped a job (its task ended without a result) no
+/// longer holds it once its heartbeats have left it out for a lease: the build is assigned
+/// again. Heartbeats that list it, or leave it out now and then, keep it.
+#[test]
+fn a_build_an_agent_drops_while_it_keeps_beating_is_assigned_again() {
+    // A lease of 5 s; a beat a second.
+    let (engine, clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let (run, drv) = one_build_run(&engine, "a", &mut a);
+    let (first, _) = assigned(&mut a.rx);
+    let beat = |running: Vec<String>| FromAgent::Heartbeat {
+        running,
+        draining: false,
+        paused: String::new(),
+    };
+    let no_assignment = |rx: &mut mpsc::UnboundedReceiver<ToAgent>| {
+        while let Ok(m) = rx.try_recv() {
+            assert!(!matches!(m, ToAgent::Assign { .. }), "assigned again");
+        }
+    };
+    for i in 0..12 {
+        clock.advance(1_000);
+        // Every third beat leaves it out (an assignment on its way, a result behind).
+        let running = if i % 3 == 2 {
+            vec![]
+        } else {
+            vec![first.clone()]
+        };
+        engine.agent_message("a", a.conn, beat(running)).unwrap();
+        engine.check_leases();
+    }
+    no_assignment(&mut a.rx);
+    for _ in 0..7 {
+        clock.advance(1_000);
+        engine.agent_message("a", a.conn, beat(vec![])).unwrap();
+        engine.check_leases();
+    }
+    let (second, job) = assigned(&mut a.rx);
+    assert_ne!(second, first);
+    assert!(matches!(job, Job::Build { ref drv_path, .. } if *drv_path == drv));
+    assert!(!engine.run_state(&run).unwrap().is_terminal());
+}
+
 #[test]
 fn runs_in_flight_are_limited_and_a_finished_one_frees_its_place() {
     let (engine, _clock, _dir) = test_engine(EngineOptions {
