@@ -4,7 +4,7 @@
 //! certificate: the issued token is what it shows instead.
 
 use crate::clock::{Clock, SystemClock};
-use crate::credentials::Credentials;
+use crate::credentials::{Credential, Credentials};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,9 @@ struct Issued {
     names: HashMap<[u8; 32], String>,
     /// Whether each agent's token counts now: while connected, or until a time.
     live: HashMap<String, Live>,
+    /// What admitted the registration each token was issued to (none yet: read from the
+    /// file after a restart; the next registration's is taken).
+    holders: HashMap<String, Credential>,
     /// The agents whose token is in the file: one the operator took out of it is withdrawn
     /// ([`FarmTokens::withdraw_struck`]); one that could not be written there is not.
     on_file: std::collections::HashSet<String>,
@@ -155,6 +158,29 @@ impl FarmTokens {
         Some(token)
     }
 
+    /// [`FarmTokens::issue`] to a registration of `name` admitted by `credential`. A name
+    /// registered with another credential than the one its token was issued to (a host
+    /// that took the name of one gone for now) gets a new token, the old one withdrawn:
+    /// otherwise it would hold the other's token, which taking back its own credential
+    /// (the real agent having come back under its own) would not withdraw.
+    pub fn issue_to(&self, name: &str, credential: &Credential) -> Option<String> {
+        let other = self.inner.lock().ok().is_some_and(|i| {
+            i.holders.get(name).is_some_and(|c| c != credential) && i.by_name.contains_key(name)
+        });
+        if other {
+            tracing::warn!(
+                agent = name,
+                "registered with another credential than its farm cache token was issued to: a new token is issued, the old one withdrawn"
+            );
+            self.withdraw(name);
+        }
+        let token = self.issue(name)?;
+        if let Ok(mut i) = self.inner.lock() {
+            i.holders.insert(name.to_string(), credential.clone());
+        }
+        Some(token)
+    }
+
     /// Agent `name` is connected on stream `conn`: its token counts until that ends. A
     /// stream older than the one already noted (streams are numbered in order; two
     /// registrations raced) changes nothing.
@@ -201,6 +227,7 @@ impl FarmTokens {
             i.names.remove(&digest(&token));
             i.live.remove(name);
             i.on_file.remove(name);
+            i.holders.remove(name);
             tracing::warn!(agent = %name, "farm cache token withdrawn");
             any = true;
         }
@@ -389,6 +416,26 @@ mod tests {
         };
         assert!(both.admits("join") && both.admits(&b) && !both.admits("guess"));
         assert!(FarmAdmission::default().is_open());
+    }
+
+    /// A name taken by a registration with another credential (its agent gone for now) is
+    /// issued a new token, and the old one is refused; the real agent, back under its own
+    /// credential, is issued another again, so the first taker's token is refused too.
+    #[test]
+    fn a_name_registered_with_another_credential_gets_a_new_token_and_the_old_is_refused() {
+        let t = FarmTokens::default();
+        let keeper = Credential::Certificate("aa".into());
+        let taker = Credential::Certificate("bb".into());
+        let first = t.issue_to("keeper", &keeper).unwrap();
+        assert_eq!(t.issue_to("keeper", &keeper).unwrap(), first);
+        t.connected("keeper", 1);
+        let taken = t.issue_to("keeper", &taker).unwrap();
+        assert_ne!(taken, first);
+        t.connected("keeper", 2);
+        assert!(!t.admits(&first) && t.admits(&taken));
+        let back = t.issue_to("keeper", &keeper).unwrap();
+        t.connected("keeper", 3);
+        assert!(!t.admits(&taken) && t.admits(&back));
     }
 
     #[test]

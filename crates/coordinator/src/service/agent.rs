@@ -102,7 +102,7 @@ impl pb::agent_service_server::AgentService for AgentSvc {
             .as_ref()
             .and_then(|f| f.tokens.as_ref())
             .filter(|_| reg.takes_farm_cache_token)
-            .and_then(|t| t.issue(&reg.name))
+            .and_then(|t| t.issue_to(&reg.name, &reg.credential))
             .unwrap_or_default();
         let farm_cache = self
             .farm_cache
