@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     pub snapshot_limits: Mutex<nixfarm_core::snapshot::Limits>,
     /// Runs whose sources are unpacked here, least recently used first.
     pub run_sources: Mutex<VecDeque<String>>,
+    /// Jobs going on here, by run: a run's unpacked source is not swept while it has one.
+    pub runs_in_use: Mutex<HashMap<String, usize>>,
     /// GC roots of what each run still needs.
     pub roots: roots::Roots,
     /// The coordinator's farm cache, as its last registration said.
@@ -195,6 +197,7 @@ impl Agent {
                 session: Mutex::new(String::new()),
                 snapshot_limits: Mutex::new(nixfarm_core::snapshot::Limits::default()),
                 run_sources: Mutex::new(VecDeque::new()),
+                runs_in_use: Mutex::new(HashMap::new()),
                 roots,
                 farm_cache: Mutex::new(None),
                 output_locks: Default::default(),

@@ -73,6 +73,26 @@ pub(crate) async fn run(
     cancel: CancellationToken,
     logs: mpsc::Sender<pb::AgentMessage>,
 ) -> (pb::AgentMessage, Option<FollowUp>) {
+    // The run's unpacked source stays while the job (its follow-up included) goes on:
+    // an evaluation reads it for as long as it runs.
+    let in_use = source::RunInUse::new(shared, &a.run_id);
+    let (m, follow_up) = run_job(shared, channel, a, cancel, logs).await;
+    let follow_up = follow_up.map(|f| {
+        Box::pin(async move {
+            let _in_use = in_use;
+            f.await
+        }) as FollowUp
+    });
+    (m, follow_up)
+}
+
+async fn run_job(
+    shared: &Arc<Shared>,
+    channel: Channel,
+    a: pb::Assignment,
+    cancel: CancellationToken,
+    logs: mpsc::Sender<pb::AgentMessage>,
+) -> (pb::AgentMessage, Option<FollowUp>) {
     use pb::assignment::Job;
     let attempt = a.attempt_id.clone();
     let run_id = a.run_id.clone();

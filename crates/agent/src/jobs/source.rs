@@ -1,6 +1,7 @@
 //! A run's flake on this host: remote references checked, snapshots fetched as a stream, checked whole and unpacked read-only in a directory of the run's own.
 
 use super::*;
+use std::collections::VecDeque;
 
 /// Makes the run's flake available locally and returns a flake reference to it.
 pub(super) async fn prepare_source(
@@ -323,8 +324,40 @@ pub(crate) fn drop_run_sources(shared: &Shared, run_id: &str) {
     }
 }
 
+/// A job of a run going on here: the run's unpacked source is not swept while one is.
+pub(crate) struct RunInUse {
+    shared: Arc<Shared>,
+    run: String,
+}
+
+impl RunInUse {
+    pub(crate) fn new(shared: &Arc<Shared>, run: &str) -> RunInUse {
+        if let Ok(mut m) = shared.runs_in_use.lock() {
+            *m.entry(run.to_string()).or_insert(0) += 1;
+        }
+        RunInUse {
+            shared: shared.clone(),
+            run: run.to_string(),
+        }
+    }
+}
+
+impl Drop for RunInUse {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shared.runs_in_use.lock()
+            && let Some(n) = m.get_mut(&self.run)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.run);
+            }
+        }
+    }
+}
+
 /// Marks the run's source as used now, and removes the least recently used ones beyond
-/// [`KEPT_RUN_SOURCES`] (a run that needs one again fetches it again).
+/// [`KEPT_RUN_SOURCES`] (a run that needs one again fetches it again), but none of a run
+/// with a job going on here (an evaluation reading it).
 pub(super) fn touch_run_source(shared: &Shared, sources: &std::path::Path, dir: &std::path::Path) {
     let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return;
@@ -335,13 +368,34 @@ pub(super) fn touch_run_source(shared: &Shared, sources: &std::path::Path, dir: 
     lru.retain(|n| *n != name);
     lru.push_back(name);
     let keep = KEPT_RUN_SOURCES.max(2 * shared.cfg.max_jobs as usize);
-    while lru.len() > keep {
-        if let Some(old) = lru.pop_front()
-            && let Err(e) = snapshot::remove_tree(&sources.join(&old))
-        {
+    let in_use = shared
+        .runs_in_use
+        .lock()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    for old in sweep(&mut lru, keep, &in_use) {
+        if let Err(e) = snapshot::remove_tree(&sources.join(&old)) {
             tracing::warn!("cannot remove the old source {old}: {e}");
         }
     }
+}
+
+/// Takes out of `lru` (least recently used first; names `RUN-DIGEST`) the oldest beyond
+/// `keep` whose run is not `in_use`, and returns them.
+fn sweep(
+    lru: &mut VecDeque<String>,
+    keep: usize,
+    in_use: &std::collections::HashSet<String>,
+) -> Vec<String> {
+    let mut gone = Vec::new();
+    while lru.len() > keep {
+        let run = |n: &String| n.split_once('-').map_or(n.clone(), |(r, _)| r.to_string());
+        let Some(i) = lru.iter().position(|n| !in_use.contains(&run(n))) else {
+            break;
+        };
+        gone.extend(lru.remove(i));
+    }
+    gone
 }
 
 /// Largest file compared when deciding whether a position lies in the run's own tree.
@@ -402,7 +456,25 @@ fn relative_in(position: &str, flake: &str, store: &std::path::Path) -> Option<S
 
 #[cfg(test)]
 mod tests {
-    use super::{relative_in, repo_position};
+    use super::{relative_in, repo_position, sweep};
+
+    /// The least recently used sources beyond the number kept go, but not one whose run
+    /// has a job going on here (an evaluation of a `--file` run reads its tree for as long
+    /// as it runs): the next oldest goes instead, or none while all are in use.
+    #[test]
+    fn the_sweep_keeps_the_sources_of_runs_with_a_job_going_on() {
+        let mut lru: std::collections::VecDeque<String> = ["r1-aa", "r2-bb", "r3-cc", "r4-dd"]
+            .map(String::from)
+            .into();
+        let in_use: std::collections::HashSet<String> = ["r1".to_string()].into();
+        assert_eq!(sweep(&mut lru, 2, &in_use), ["r2-bb", "r3-cc"]);
+        assert_eq!(lru, ["r1-aa", "r4-dd"]);
+        let all: std::collections::HashSet<String> = ["r1", "r4"].map(String::from).into();
+        lru.push_back("r5-ee".into());
+        let mut busy = lru.clone();
+        assert_eq!(sweep(&mut busy, 1, &all), ["r5-ee"]);
+        assert_eq!(busy, ["r1-aa", "r4-dd"]);
+    }
 
     #[test]
     fn positions_in_the_runs_tree_become_repository_relative() {
