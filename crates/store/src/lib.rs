@@ -209,6 +209,13 @@ impl Pusher {
         key: Option<Key>,
         token: Option<String>,
     ) -> Result<Pusher, StoreError> {
+        // Only Cachix files a signature under its cache's name; anywhere else Nix reads the
+        // key's own, and refuses an empty one.
+        if key.as_ref().is_some_and(|k| k.name.is_empty())
+            && !matches!(target, Target::Cachix { .. })
+        {
+            return Err(narinfo::KeyError::Nameless.into());
+        }
         // reqwest is built without a default TLS provider: the workspace uses ring only.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()

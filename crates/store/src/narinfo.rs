@@ -14,6 +14,12 @@ pub enum KeyError {
     },
     #[error("the signing key is not `name:base64(64 bytes)` (or base64 of 64 bytes for Cachix)")]
     Malformed,
+    /// A key without a name (Cachix's form) for a cache that is not Cachix: its signatures
+    /// would read `Sig: :…`, which Nix refuses.
+    #[error(
+        "the signing key has no name (Cachix's CACHIX_SIGNING_KEY form): a file:// or http(s):// cache needs `name:base64`, as `nix key generate-secret --key-name NAME` writes"
+    )]
+    Nameless,
 }
 
 /// A cache signing key: the name signatures are filed under, and the ed25519 key.

@@ -225,6 +225,36 @@ async fn a_push_to_a_cache_that_never_answers_ends_by_its_deadline() {
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
 
+/// A key without a name (CACHIX_SIGNING_KEY's form) signs only for Cachix: for a file:// or
+/// HTTP cache its signatures would read `Sig: :…`, which Nix refuses, so such a pusher is
+/// refused up front, saying what to give instead.
+#[test]
+fn a_nameless_key_is_refused_for_caches_other_than_cachix() {
+    let named = crate::narinfo::Key::generate("farm-1").unwrap();
+    let secret = named.secret_text();
+    let nameless = crate::narinfo::Key::parse(secret.split_once(':').unwrap().1).unwrap();
+    assert!(nameless.name.is_empty());
+    for url in ["file:///tmp/nixfarm-nameless", "http://127.0.0.1:1/cache"] {
+        let e = Pusher::for_url(
+            url,
+            nixfarm_nix::Nix::default(),
+            Some(nameless.clone()),
+            None,
+        )
+        .err()
+        .expect("refused");
+        assert!(e.to_string().contains("has no name"), "{e}");
+        Pusher::for_url(url, nixfarm_nix::Nix::default(), Some(named.clone()), None).unwrap();
+    }
+    Pusher::for_url(
+        "cachix://farm",
+        nixfarm_nix::Nix::default(),
+        Some(nameless),
+        Some("token".into()),
+    )
+    .unwrap();
+}
+
 /// A cache that takes the questions before a push (HEAD, is the path there?) and the
 /// narinfo reads after it, and never answers: both end by the push floor, not after each
 /// request's timeout and retries, path after path.
