@@ -144,6 +144,10 @@ pub struct Options {
     pub push_floor: Duration,
     /// Bytes per second a push is given at least (of NAR size), for its deadline.
     pub push_floor_rate: u64,
+    /// Longest a push waits on paths another pusher claimed before it uploads them itself
+    /// too: a claim renewed by a pusher that never uploads (broken, or dishonest) must not
+    /// hold others' pushes until their deadline. Default 120 s.
+    pub claim_patience: Duration,
 }
 
 impl Default for Options {
@@ -161,6 +165,7 @@ impl Default for Options {
             server_signs: false,
             push_floor: Duration::from_secs(600),
             push_floor_rate: 256 << 10,
+            claim_patience: Duration::from_secs(120),
         }
     }
 }
@@ -456,9 +461,20 @@ impl Pusher {
                 theirs = still;
                 waiting += tw.elapsed();
                 if waited >= Duration::from_secs(3) && !theirs.is_empty() {
-                    // Take over what the other pusher gave up (its claim lapsed or was released).
+                    // Take over what the other pusher gave up (its claim lapsed or was
+                    // released), or, past the patience, whatever it still holds: the cache
+                    // keeps one copy, and a second upload beats waiting for ever.
                     waited = Duration::ZERO;
-                    let granted = arbiter.claim(&theirs).await;
+                    let granted = if waiting >= self.opts.claim_patience {
+                        tracing::warn!(
+                            paths = theirs.len(),
+                            "another pusher's claims held this push for {} s without the paths appearing: uploading them here",
+                            waiting.as_secs()
+                        );
+                        vec![true; theirs.len()]
+                    } else {
+                        arbiter.claim(&theirs).await
+                    };
                     let mut keep = Vec::new();
                     for (p, g) in theirs.into_iter().zip(granted) {
                         match (g, infos.remove(&p)) {

@@ -225,6 +225,54 @@ async fn a_push_to_a_cache_that_never_answers_ends_by_its_deadline() {
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
 
+/// An arbiter whose every path is someone else's, for ever (a pusher that renews its claims
+/// and never uploads).
+struct NeverMine;
+
+impl crate::Arbiter for NeverMine {
+    async fn claim(&self, paths: &[String]) -> Vec<bool> {
+        vec![false; paths.len()]
+    }
+    async fn release(&self, _: &[String]) {}
+}
+
+/// Paths another pusher holds claims on and never uploads are uploaded here after the
+/// claim patience, and the push succeeds: before, it waited until its deadline and failed
+/// (the package not-cached).
+#[tokio::test]
+async fn claims_never_honoured_hold_a_push_only_for_the_patience() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        format!("claimed {:?}", std::time::SystemTime::now()),
+    )
+    .unwrap();
+    let added = std::process::Command::new("nix-store")
+        .arg("--add")
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let path = String::from_utf8(added.stdout).unwrap().trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = crate::narinfo::Key::generate("claims-1").unwrap();
+    let mut p = Pusher::for_url(
+        &format!("file://{}", dir.path().display()),
+        nixfarm_nix::Nix::default(),
+        Some(key),
+        None,
+    )
+    .unwrap();
+    p.opts.claim_patience = std::time::Duration::from_secs(1);
+    p.opts.push_floor = std::time::Duration::from_secs(60);
+    let pushed = p
+        .push_closure_with(std::slice::from_ref(&path), &NeverMine)
+        .await
+        .unwrap();
+    assert_eq!(pushed, std::slice::from_ref(&path));
+    assert!(p.missing(&[path]).await.unwrap().is_empty());
+}
+
 /// A key without a name (CACHIX_SIGNING_KEY's form) signs only for Cachix: for a file:// or
 /// HTTP cache its signatures would read `Sig: :…`, which Nix refuses, so such a pusher is
 /// refused up front, saying what to give instead.
