@@ -19,6 +19,15 @@ impl Db {
         Ok(())
     }
 
+    /// Forgets agent `name`: its registration and its upload claims.
+    pub fn forget_agent(&self, name: &str) -> Result<(), DbError> {
+        self.conn()
+            .execute("DELETE FROM upload_claims WHERE agent = ?1", params![name])?;
+        self.conn()
+            .execute("DELETE FROM agents WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
     /// Claims each of `paths` in `cache` for `agent` where it is unclaimed, already the
     /// agent's, or `lapsed(holder, claimed_ms)` says the holder's claim lapsed; one
     /// transaction. Returns, per path, whether the agent now holds it.

@@ -112,6 +112,13 @@ impl Reloads {
         }
     }
 
+    /// Withdraws the farm cache tokens of agents the engine forgot.
+    pub fn forgotten(&self, names: Vec<String>) {
+        if !names.is_empty() {
+            self.withdraw(names);
+        }
+    }
+
     /// Withdraws the farm cache tokens of agents cut off.
     fn withdraw(&self, names: Vec<String>) {
         if let Some(t) = &self.issued {

@@ -230,6 +230,8 @@ pub async fn start_with_listener(
         cross_check_builds: s.cross_check_builds,
         cross_check_wait_ms: (s.cross_check_wait_secs * 1000) as i64,
         agents_share_store: config.agents_share_store,
+        // Not configurable: 10,000 agents, each remembered 7 days after it went.
+        ..EngineOptions::default()
     };
     let engine = Engine::open(db, config.state_dir.join("sources"), clock.clone(), opts)
         .context("cannot resume runs")?;
@@ -398,6 +400,10 @@ pub async fn start_with_listener(
             t.tick().await;
             lease_engine.check_leases();
             reloads.look();
+            // Every minute: agents gone long enough are forgotten, their tokens with them.
+            if ticks.is_multiple_of(60) {
+                reloads.forgotten(lease_engine.forget_idle_agents());
+            }
             // Every ten minutes: the uploaded snapshots no run needs any more.
             if ticks.is_multiple_of(600) {
                 sweep_snapshots(&lease_engine).await;

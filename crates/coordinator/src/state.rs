@@ -127,6 +127,7 @@ pub trait StateStore: Send {
     // Agents and upload claims.
     fn upsert_agent(&mut self, reg: &Registration, now_ms: i64) -> StateResult<()>;
     fn agents(&self) -> StateResult<Vec<(Registration, i64)>>;
+    fn forget_agent(&mut self, name: &str) -> StateResult<()>;
     fn claim_uploads(
         &mut self,
         cache: &str,
@@ -255,6 +256,7 @@ delegate! {
     r fn events_after(run: &str, after: i64) -> Vec<(i64, String, String)>;
     w fn upsert_agent(reg: &Registration, now_ms: i64) -> ();
     r fn agents() -> Vec<(Registration, i64)>;
+    w fn forget_agent(name: &str) -> ();
     w fn claim_uploads(cache: &str, agent: &str, paths: &[String], now_ms: i64, lapsed: Lapsed<'_>) -> Vec<bool>;
     w fn release_upload_claims(agent: &str, cache: &str, paths: &[String]) -> ();
     w fn release_all_upload_claims(agent: &str) -> ();

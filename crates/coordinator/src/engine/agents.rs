@@ -49,6 +49,23 @@ impl Engine {
                 reg.name
             )));
         }
+        if !inner.agents.contains_key(&reg.name) && inner.agents.len() >= self.opts.max_agents {
+            // Room made by forgetting the agent gone longest (disconnected, nothing running).
+            let oldest = inner
+                .agents
+                .iter()
+                .filter(|(_, a)| a.tx.is_none() && a.running.is_empty())
+                .min_by_key(|(_, a)| a.last_seen_ms)
+                .map(|(n, _)| n.clone());
+            let Some(oldest) = oldest else {
+                return Err(EngineError::Full(format!(
+                    "this coordinator remembers {} agents, all connected or busy: no new agent name is taken until one goes",
+                    self.opts.max_agents
+                )));
+            };
+            self.forget(inner, std::slice::from_ref(&oldest));
+            inner.forgotten.push(oldest);
+        }
         let conn = inner.next_conn;
         inner.next_conn += 1;
         let session = secret_key();
@@ -119,6 +136,40 @@ impl Engine {
         {
             a.tx = None;
             tracing::info!(agent = name, "agent disconnected");
+        }
+    }
+
+    /// Forgets agents disconnected, with nothing running, for longer than the retention
+    /// (`agent_retention_ms`): their registration, row and upload claims. Returns their
+    /// names, and those forgotten since the last call to make room for new ones, for the
+    /// caller to withdraw their farm cache tokens. Call periodically.
+    pub fn forget_idle_agents(&self) -> Vec<String> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let now = self.clock.now_ms();
+        let idle: Vec<String> = inner
+            .agents
+            .iter()
+            .filter(|(_, a)| {
+                a.tx.is_none()
+                    && a.running.is_empty()
+                    && now - a.last_seen_ms > self.opts.agent_retention_ms
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.forget(inner, &idle);
+        let mut gone = std::mem::take(&mut inner.forgotten);
+        gone.extend(idle);
+        gone
+    }
+
+    fn forget(&self, inner: &mut Inner, names: &[String]) {
+        for name in names {
+            inner.agents.remove(name);
+            if let Err(e) = inner.db.forget_agent(name) {
+                tracing::error!(agent = %name, "cannot forget the agent in the database: {e}");
+            }
+            tracing::info!(agent = %name, "agent forgotten (gone, with nothing running)");
         }
     }
 

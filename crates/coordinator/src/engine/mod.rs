@@ -28,6 +28,9 @@ pub enum EngineError {
     Conflict(String),
     #[error("{0}")]
     Denied(String),
+    /// A bound on what the engine keeps is reached (agents remembered).
+    #[error("{0}")]
+    Full(String),
     #[error("database error: {0}")]
     State(#[from] StateError),
     #[error("I/O error: {0}")]
@@ -53,6 +56,11 @@ pub struct EngineOptions {
     pub max_runs_in_flight: usize,
     /// Milliseconds without any message after which an agent's jobs are requeued.
     pub lease_ms: i64,
+    /// Agents remembered at most (connected or not): a new name past it is refused unless
+    /// a disconnected, idle one can be forgotten to make room. Default 10,000.
+    pub max_agents: usize,
+    /// How long a disconnected agent with nothing running is remembered, ms. Default 7 days.
+    pub agent_retention_ms: i64,
     /// Accept flake references agents resolve on their own disk (`path:`, `git+file:`, …).
     pub allow_local_flake_refs: bool,
     /// The caches runs may name; empty: any (config `run_caches`).
@@ -83,6 +91,8 @@ impl Default for EngineOptions {
             max_infra_retries: 3,
             max_runs_in_flight: 64,
             lease_ms: 60_000,
+            max_agents: 10_000,
+            agent_retention_ms: 7 * 24 * 3600 * 1000,
             allow_local_flake_refs: false,
             run_caches: Vec::new(),
             run_cache_keys: Vec::new(),
@@ -200,6 +210,9 @@ struct Inner {
     db: Box<dyn StateStore>,
     runs: Vec<RunMem>,
     agents: BTreeMap<String, AgentMem>,
+    /// Agents forgotten to make room for new ones, not yet handed to
+    /// [`Engine::forget_idle_agents`]'s caller (whose farm cache tokens it withdraws).
+    forgotten: Vec<String>,
     attempts: HashMap<String, AttemptMem>,
     next_conn: u64,
     /// Cost estimates: ms each derivation name took when last built.
@@ -353,6 +366,7 @@ impl Engine {
                 db: Box::new(db),
                 runs: Vec::new(),
                 agents: BTreeMap::new(),
+                forgotten: Vec::new(),
                 attempts: HashMap::new(),
                 next_conn: 1,
                 batch: None,

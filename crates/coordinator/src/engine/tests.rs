@@ -350,6 +350,42 @@ fn a_build_an_agent_drops_while_it_keeps_beating_is_assigned_again() {
     assert!(!engine.run_state(&run).unwrap().is_terminal());
 }
 
+/// The coordinator does not remember every name that ever registered: an agent gone (its
+/// stream closed, nothing running) for longer than the retention is forgotten, its name
+/// handed back for its farm cache token to be withdrawn; and past `max_agents` a new name
+/// takes the place of the one gone longest, or is refused while none is gone.
+#[test]
+fn agents_gone_long_enough_are_forgotten_and_their_number_is_bounded() {
+    let (engine, clock, _dir) = test_engine(EngineOptions {
+        max_agents: 3,
+        agent_retention_ms: 3_600_000,
+        ..Default::default()
+    });
+    let names =
+        |e: &Engine| -> Vec<String> { e.list_agents().into_iter().map(|a| a.name).collect() };
+    let a = connect_agent(&engine, "a");
+    let b = connect_agent(&engine, "b");
+    let _c = connect_agent(&engine, "c");
+    // Full, everyone connected: a new name is refused, saying why.
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let e = engine
+        .connect_agent(registration("d", ""), tx)
+        .expect_err("refused");
+    assert!(e.to_string().contains("remembers 3 agents"), "{e}");
+    engine.disconnect_agent("a", a.conn);
+    clock.advance(1_000);
+    engine.disconnect_agent("b", b.conn);
+    // One gone: it makes room (the one gone longest), and is handed back once.
+    let _d = connect_agent(&engine, "d");
+    assert_eq!(names(&engine), ["b", "c", "d"]);
+    assert_eq!(engine.forget_idle_agents(), ["a"]);
+    assert!(engine.forget_idle_agents().is_empty());
+    // Gone past the retention: forgotten; the connected ones stay.
+    clock.advance(3_600_001);
+    assert_eq!(engine.forget_idle_agents(), ["b"]);
+    assert_eq!(names(&engine), ["c", "d"]);
+}
+
 #[test]
 fn runs_in_flight_are_limited_and_a_finished_one_frees_its_place() {
     let (engine, _clock, _dir) = test_engine(EngineOptions {

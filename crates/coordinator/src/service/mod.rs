@@ -31,7 +31,9 @@ impl From<EngineError> for Status {
         match &e {
             EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
             EngineError::NotFound(_) => Status::not_found(e.to_string()),
-            EngineError::Busy(_) => Status::resource_exhausted(e.to_string()),
+            EngineError::Busy(_) | EngineError::Full(_) => {
+                Status::resource_exhausted(e.to_string())
+            }
             EngineError::Conflict(_) => Status::already_exists(e.to_string()),
             EngineError::Denied(_) => Status::permission_denied(e.to_string()),
             EngineError::State(_) | EngineError::Io(_) => {

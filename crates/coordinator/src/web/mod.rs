@@ -184,7 +184,9 @@ impl From<EngineError> for WebError {
             EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
             EngineError::Denied(_) => StatusCode::FORBIDDEN,
             EngineError::Conflict(_) => StatusCode::CONFLICT,
-            EngineError::Busy(_) | EngineError::Halted(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::Busy(_) | EngineError::Full(_) | EngineError::Halted(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             EngineError::State(_) | EngineError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         WebError {
