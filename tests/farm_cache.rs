@@ -340,3 +340,38 @@ fn a_published_path_is_never_replaced_and_a_nar_is_taken_only_under_its_hash() {
         "{served}"
     );
 }
+
+/// The farm signs what it publishes, and never replaces it: a narinfo whose NarHash or
+/// NarSize is not what its NAR unpacks to (a buggy or dishonest agent's) is refused, so the
+/// honest upload of the path is the one published, not a lie every dependent would fail on.
+#[test]
+fn a_narinfo_that_misstates_its_nar_is_refused_and_the_true_one_published() {
+    use sha2::Digest as _;
+    let dir = scratch();
+    let coordinator = with_agent_token(dir.path(), "farm-secret-4");
+    let addr = farm_cache_addr(&coordinator);
+    let auth = "Bearer farm-secret-4";
+    let path = "/nix/store/1123456789abcdfghijklmnpqrsvwxyz-out";
+    let info = "/1123456789abcdfghijklmnpqrsvwxyz.narinfo";
+    let nar = single_file_nar(b"the real output");
+    let hash = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(&nar));
+    let (status, body) = http_put(&addr, &format!("/nar/{hash}.nar"), Some(auth), &nar);
+    assert!(status.contains(" 200 "), "{status} {body}");
+    let other = nixfarm_nix::hash::nix32_encode(&sha2::Sha256::digest(b"something else"));
+    let n = nar.len();
+    for (nar_hash, nar_size) in [(other.as_str(), n), (hash.as_str(), n + 1)] {
+        let narinfo = format!(
+            "StorePath: {path}\nURL: nar/{hash}.nar\nCompression: none\nFileHash: sha256:{hash}\nFileSize: {n}\nNarHash: sha256:{nar_hash}\nNarSize: {nar_size}\nReferences: \n"
+        );
+        let (status, body) = http_put(&addr, info, Some(auth), narinfo.as_bytes());
+        assert!(status.contains(" 400 "), "{status} {body}");
+        assert!(
+            body.contains("does not unpack to the NarSize and NarHash"),
+            "{body}"
+        );
+        assert!(http_get(&addr, info, Some(auth)).contains(" 404 "));
+    }
+    let (status, body) = upload_nar(&addr, Some(auth), path, &nar);
+    assert!(status.contains(" 200 "), "{status} {body}");
+    assert!(http_get(&addr, info, Some(auth)).contains(" 200 "));
+}

@@ -462,15 +462,22 @@ async fn put_narinfo(State(c): St, Path(file): Path<String>, body: axum::body::B
         }
         _ => return c.refuse(StatusCode::BAD_REQUEST, "upload the NAR before its narinfo"),
     }
-    if ni.store_path.ends_with(".drv") {
+    {
         let (info, file) = (ni.clone(), c.dir.join("nar").join(nar));
-        match tokio::task::spawn_blocking(move || drv_matches_path(&info, &file)).await {
+        let checked = tokio::task::spawn_blocking(move || {
+            nar_matches(&info, &file)?;
+            if info.store_path.ends_with(".drv") {
+                drv_matches_path(&info, &file)?;
+            }
+            Ok::<(), String>(())
+        });
+        match checked.await {
             Ok(Ok(())) => {}
             Ok(Err(why)) => return c.refuse(StatusCode::BAD_REQUEST, &why),
             Err(_) => {
                 return c.refuse(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "checking a derivation failed",
+                    "checking the upload failed",
                 );
             }
         }
@@ -508,7 +515,7 @@ use publish::{publish, touch};
 
 #[path = "farm_cache_drv.rs"]
 mod drv;
-use drv::drv_matches_path;
+use drv::{drv_matches_path, nar_matches};
 
 #[path = "farm_cache_missing.rs"]
 mod missing;

@@ -1,4 +1,5 @@
-//! Derivations in the farm cache: signed only when they are what their path says.
+//! What the farm cache checks of an upload before it signs it: that the NAR unpacks to the
+//! size and hash its narinfo states, and that a derivation is what its path says.
 
 use nixfarm_store::narinfo::NarInfo;
 
@@ -15,23 +16,7 @@ pub(super) fn drv_matches_path(ni: &NarInfo, nar_file: &std::path::Path) -> Resu
     if ni.nar_size > MAX_DRV_NAR {
         return Err(format!("a derivation of over {MAX_DRV_NAR} bytes"));
     }
-    let f = std::fs::File::open(nar_file).map_err(|e| format!("cannot read the NAR: {e}"))?;
-    // The compression as the store crate spells it (the one parser uploads are named by);
-    // "none" is the only other name a narinfo may give.
-    use nixfarm_store::Compression;
-    let reader: Box<dyn Read> = match Compression::parse(&ni.compression) {
-        Some(Compression::Zstd) => {
-            Box::new(zstd::Decoder::new(f).map_err(|e| format!("cannot read the NAR: {e}"))?)
-        }
-        Some(Compression::Xz) => Box::new(xz2::read::XzDecoder::new(f)),
-        None if ni.compression.eq_ignore_ascii_case("none") => Box::new(f),
-        None => {
-            return Err(format!(
-                "derivations are checked here and {} NARs cannot be read: upload it as zstd, xz or none",
-                nixfarm_core::limits::clip(&ni.compression, 16)
-            ));
-        }
-    };
+    let reader = decompressed(ni, nar_file)?;
     let mut nar = Vec::new();
     reader
         .take(MAX_DRV_NAR + 1)
@@ -46,6 +31,56 @@ pub(super) fn drv_matches_path(ni: &NarInfo, nar_file: &std::path::Path) -> Resu
     let want = nixfarm_nix::text_path::text_store_path(dir, name, content, &ni.references);
     if want != ni.store_path {
         return Err(forged.into());
+    }
+    Ok(())
+}
+
+/// The NAR file `nar_file` uncompressed, as the narinfo `ni` says it is compressed.
+fn decompressed(
+    ni: &NarInfo,
+    nar_file: &std::path::Path,
+) -> Result<Box<dyn std::io::Read>, String> {
+    let f = std::fs::File::open(nar_file).map_err(|e| format!("cannot read the NAR: {e}"))?;
+    // The compression as the store crate spells it (the one parser uploads are named by);
+    // "none" is the only other name a narinfo may give.
+    use nixfarm_store::Compression;
+    Ok(match Compression::parse(&ni.compression) {
+        Some(Compression::Zstd) => {
+            Box::new(zstd::Decoder::new(f).map_err(|e| format!("cannot read the NAR: {e}"))?)
+        }
+        Some(Compression::Xz) => Box::new(xz2::read::XzDecoder::new(f)),
+        None if ni.compression.eq_ignore_ascii_case("none") => Box::new(f),
+        None => {
+            return Err(format!(
+                "the farm cache checks what it signs and cannot read {} NARs: upload as zstd, xz or none",
+                nixfarm_core::limits::clip(&ni.compression, 16)
+            ));
+        }
+    })
+}
+
+/// The NAR unpacks to what the narinfo says (its `NarSize`, its `NarHash`) under the
+/// compression it names. Nix checks the hash when it substitutes, but a narinfo the farm
+/// signed is never replaced: one that lied would fail every dependent until evicted.
+pub(super) fn nar_matches(ni: &NarInfo, nar_file: &std::path::Path) -> Result<(), String> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut reader = decompressed(ni, nar_file)?.take(ni.nar_size.saturating_add(1));
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut size: u64 = 0;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| format!("the NAR does not unpack as {}: {e}", ni.compression))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    if size != ni.nar_size || h.finalize().as_slice() != ni.nar_hash.as_slice() {
+        return Err("the NAR does not unpack to the NarSize and NarHash the narinfo states".into());
     }
     Ok(())
 }
