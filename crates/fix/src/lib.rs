@@ -70,27 +70,22 @@ pub enum FixError {
     Overlap { file: String, at: usize },
 }
 
-/// Maps a `meta.position` (`/nix/store/<hash>-source/pkgs/a/b.nix:12`) to a path relative to
-/// the repository root, when that file is in `tree`.
+/// Maps a `meta.position` to a path relative to the repository root, when that file is in
+/// `tree`. Agents make a position in the run's own tree relative (`pkgs/a/b.nix:12`); one
+/// still absolute is another input's (nixpkgs', say): never the repository's, even when a
+/// file of the same name is there (a package overriding nixpkgs' `pkgs/tools/p/default.nix`
+/// in a repository with a `pkgs/tools/p/default.nix` of its own, or a root `default.nix`,
+/// would otherwise have its hash written into that file).
 pub fn relative_position(position: &str, tree: &Tree) -> Option<String> {
     let file = match position.rsplit_once(':') {
         Some((f, l)) if l.chars().all(|c| c.is_ascii_digit()) => f,
         _ => position,
     };
-    let rel = if let Some(rest) = file.strip_prefix("/nix/store/") {
-        rest.split_once('/')?.1.to_string()
-    } else {
-        file.trim_start_matches('/').to_string()
-    };
-    if tree.contains_key(&rel) {
-        return Some(rel);
+    if file.starts_with('/') {
+        return None;
     }
-    // A position outside the store (an impure or `path:` evaluation): the longest suffix that
-    // is a file of the tree.
-    let parts: Vec<&str> = rel.split('/').collect();
-    (1..parts.len())
-        .map(|i| parts[i..].join("/"))
-        .find(|s| tree.contains_key(s))
+    let rel = file.trim_start_matches("./").to_string();
+    tree.contains_key(&rel).then_some(rel)
 }
 
 /// Whether a repository file's name can go into a patch as is: a relative path of plain

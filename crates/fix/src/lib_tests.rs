@@ -217,19 +217,49 @@ fn without_a_position_the_file_naming_the_derivation_wins() {
 fn positions_map_back_to_the_checkout() {
     let t = tree();
     assert_eq!(
-        relative_position(
-            "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-source/pkgs/a.nix:5",
-            &t
-        )
-        .as_deref(),
+        relative_position("pkgs/a.nix:5", &t).as_deref(),
         Some("pkgs/a.nix")
     );
-    assert_eq!(
-        relative_position("/home/me/repo/pkgs/b.nix:3", &t).as_deref(),
-        Some("pkgs/b.nix")
+    assert_eq!(relative_position("pkgs/nope.nix:5", &t), None);
+    // Absolute: another input's file (agents make the repository's own relative), even
+    // where the repository has a file of the same name.
+    for other in [
+        "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-source/pkgs/a.nix:5",
+        "/home/me/repo/pkgs/b.nix:3",
+        "/nix/store/x-nixpkgs/lib.nix:1",
+    ] {
+        assert_eq!(relative_position(other, &t), None, "{other}");
+    }
+}
+
+/// A package overriding a nixpkgs package has nixpkgs' position (absolute, in another
+/// input). Its hash is written where its own source is pinned (`overlays/p.nix`, by the
+/// shared rev), never into a repository file that only shares the position's file name (a
+/// root `default.nix` holding another package's placeholder).
+#[test]
+fn another_inputs_position_never_picks_a_repository_file_of_the_same_name() {
+    let mut t = Tree::new();
+    t.insert(
+        "default.nix".into(),
+        "{ fetchSrc, lib }:\n{\n  q = fetchSrc {\n    rev = \"aaaabbbbccccdddd\";\n    hash = lib.fakeHash;\n  };\n}\n".into(),
     );
-    assert_eq!(
-        relative_position("/nix/store/x-nixpkgs/lib.nix:1", &t),
-        None
+    t.insert(
+        "overlays/p.nix".into(),
+        "{ fetchSrc, lib }:\nfetchSrc {\n  rev = \"0123456789abcdef\";\n  hash = lib.fakeHash;\n}\n"
+            .into(),
     );
+    let position = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-source/pkgs/tools/p/default.nix:20";
+    let own_file = relative_position(position, &t);
+    assert_eq!(own_file, None);
+    let plan = plan(
+        &t,
+        &[PackageMismatches {
+            attr: "p".into(),
+            own_file,
+            mismatches: vec![mm("source", &["0123456789abcdef"], GOT1)],
+        }],
+    );
+    assert!(plan.unlocated.is_empty(), "{:?}", plan.unlocated);
+    assert_eq!(plan.fixes["p"].len(), 1);
+    assert_eq!(plan.fixes["p"][0].file, "overlays/p.nix");
 }
