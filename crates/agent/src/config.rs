@@ -130,7 +130,7 @@ impl AgentConfig {
     pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        toml::from_str(&text)
+        nixfarm_core::config_text::parse(&text)
             .map_err(|e| anyhow::anyhow!("{} is not a valid agent config: {e}", path.display()))
     }
 
@@ -282,6 +282,9 @@ impl AgentConfig {
                     .to_string();
                 if t.is_empty() {
                     anyhow::bail!("token file {} is empty", p.display());
+                }
+                if let Some(why) = nixfarm_core::config_text::world_readable(p) {
+                    tracing::warn!("{why}");
                 }
                 Ok(Some(t))
             }

@@ -42,18 +42,8 @@ pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
                 .with_context(|| format!("cannot read {}", p.display()))?;
             // The parser's message only, with where: its full text quotes the line, and a
             // line that does not belong there may hold a secret.
-            toml::from_str(&text).map_err(|e: toml::de::Error| {
-                let at = e.span().map(|s| {
-                    let before = &text.as_bytes()[..s.start.min(text.len())];
-                    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-                    format!(" (line {line})")
-                });
-                anyhow::anyhow!(
-                    "{} is not a valid nixfarm CLI config{}: {}",
-                    p.display(),
-                    at.unwrap_or_default(),
-                    e.message()
-                )
+            nixfarm_core::config_text::parse(&text).map_err(|e| {
+                anyhow::anyhow!("{} is not a valid nixfarm CLI config: {e}", p.display())
             })?
         }
         Some(p) if cli.config.is_some() => bail!("config file {} does not exist", p.display()),

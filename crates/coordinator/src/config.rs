@@ -298,7 +298,7 @@ pub enum ConfigError {
     #[error("{path} is not a valid coordinator config: {source}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        source: nixfarm_core::config_text::TomlError,
     },
     #[error("config: {field} = {value} is out of range: {allowed}")]
     Range {
@@ -454,7 +454,7 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        nixfarm_core::config_text::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.into(),
             source,
         })
@@ -487,6 +487,9 @@ pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
         })?;
     if s.is_empty() {
         return Err(ConfigError::EmptySecret(path.into()));
+    }
+    if let Some(why) = nixfarm_core::config_text::world_readable(path) {
+        tracing::warn!("{why}");
     }
     Ok(s)
 }

@@ -4,6 +4,7 @@
 //! the coordinator, the agent and the CLI share these types so that they agree on meaning.
 
 pub mod cache_url;
+pub mod config_text;
 pub mod entry;
 pub mod events;
 pub mod fit;

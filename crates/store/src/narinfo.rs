@@ -66,6 +66,9 @@ impl Key {
             path: path.display().to_string(),
             source,
         })?;
+        if let Some(why) = nixfarm_core::config_text::world_readable(path) {
+            tracing::warn!("{why}");
+        }
         Key::parse(&text)
     }
 
