@@ -2,9 +2,11 @@
 //! the latest run of a label ("ready 47/50", coloured by the percentage).
 
 use super::{Shared, WebError, blocking, html};
+use crate::model::RunListing;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
 
 pub async fn badge(State(web): State<Shared>, Path(name): Path<String>) -> Response {
     let Some(key) = name.strip_suffix(".svg") else {
@@ -14,10 +16,9 @@ pub async fn badge(State(web): State<Shared>, Path(name): Path<String>) -> Respo
         return WebError::bad_request("no such run or label", true).into_response();
     }
     let key = key.to_string();
-    let e = web.engine.clone();
-    let runs = match blocking(move || e.list_runs()).await {
+    let runs = match listing(&web).await {
         Ok(r) => r,
-        Err(e) => return WebError::from(e).into_response(),
+        Err(e) => return e.into_response(),
     };
     // A run id, else the latest run of that label.
     let run = runs.iter().find(|r| r.id == key).or_else(|| {
@@ -43,6 +44,29 @@ pub async fn badge(State(web): State<Shared>, Path(name): Path<String>) -> Respo
         svg,
     )
         .into_response()
+}
+
+/// How long a run listing serves badges: a listing computes every running run's report,
+/// and badges may be public (`public_badges`), so a flood of requests costs one listing a
+/// second, not one each.
+const LISTING_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The run listing badges are drawn from, and when it was made.
+pub type Listing = Arc<tokio::sync::Mutex<Option<(std::time::Instant, Arc<Vec<RunListing>>)>>>;
+
+/// The runs, listed at most [`LISTING_FOR`] ago; requests that come while one is being
+/// made wait for it.
+async fn listing(web: &Shared) -> Result<Arc<Vec<RunListing>>, WebError> {
+    let mut held = web.badge_runs.lock().await;
+    if let Some((at, runs)) = held.as_ref()
+        && at.elapsed() < LISTING_FOR
+    {
+        return Ok(runs.clone());
+    }
+    let e = web.engine.clone();
+    let runs = Arc::new(blocking(move || e.list_runs()).await?);
+    *held = Some((std::time::Instant::now(), runs.clone()));
+    Ok(runs)
 }
 
 /// The badge: grey label "ready", the count on a colour from red to green.

@@ -32,6 +32,8 @@ pub struct Web {
     streams: Arc<tokio::sync::Semaphore>,
     /// Wrong tokens per client address (shared with the gRPC services).
     limiter: Arc<crate::limit::Limiter>,
+    /// The run listing badges were last drawn from, and when (see `badge.rs`).
+    badge_runs: badge::Listing,
 }
 
 /// Most live streams (pages and event followers) open at once.
@@ -52,6 +54,7 @@ impl Web {
             cfg,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             limiter,
+            badge_runs: Default::default(),
         }
     }
 
