@@ -57,11 +57,21 @@ impl Checkout {
 /// Writes the edited files into the checkout, all or nothing, after checking that none of
 /// them changed since the submit.
 pub(crate) fn apply_to_checkout(checkout: &Checkout, changed: &Tree) -> anyhow::Result<()> {
+    apply_staged_then(checkout, changed, || {})
+}
+
+/// [`apply_to_checkout`], running `meanwhile` once every file is staged (tests: an edit
+/// made while the others were being written).
+fn apply_staged_then(
+    checkout: &Checkout,
+    changed: &Tree,
+    meanwhile: impl FnOnce(),
+) -> anyhow::Result<()> {
     if changed.is_empty() {
         eprintln!("nothing to apply: no hash needed filling in");
         return Ok(());
     }
-    for file in changed.keys() {
+    let unchanged = |file: &str| -> anyhow::Result<()> {
         let full = checkout.dir.join(file);
         let now =
             std::fs::read(&full).with_context(|| format!("cannot read {}", full.display()))?;
@@ -70,6 +80,10 @@ pub(crate) fn apply_to_checkout(checkout: &Checkout, changed: &Tree) -> anyhow::
                 "refusing to apply: {file} changed since the submit; nothing was written (use --patch-out and merge by hand)"
             );
         }
+        Ok(())
+    };
+    for file in changed.keys() {
+        unchanged(file)?;
     }
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
     for (file, text) in changed {
@@ -85,8 +99,37 @@ pub(crate) fn apply_to_checkout(checkout: &Checkout, changed: &Tree) -> anyhow::
             return Err(e).with_context(|| format!("cannot write beside {}", full.display()));
         }
     }
-    for (tmp, full) in &staged {
-        std::fs::rename(tmp, full).with_context(|| format!("cannot replace {}", full.display()))?;
+    meanwhile();
+    // Again, now that everything is staged (writing them took a while): an editor that
+    // saved one meanwhile keeps its edit, and nothing is written.
+    let drop_staged = |from: usize| {
+        for (t, _) in &staged[from..] {
+            let _ = std::fs::remove_file(t);
+        }
+    };
+    if let Err(e) = changed.keys().try_for_each(|f| unchanged(f)) {
+        drop_staged(0);
+        return Err(e);
+    }
+    for (i, (tmp, full)) in staged.iter().enumerate() {
+        if let Err(e) = std::fs::rename(tmp, full) {
+            drop_staged(i);
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot replace {} ({i} of {} files were written)",
+                    full.display(),
+                    staged.len()
+                )
+            });
+        }
+    }
+    // The renames themselves reach the disk (a power cut would otherwise keep the old names).
+    let dirs: std::collections::BTreeSet<&Path> = staged
+        .iter()
+        .filter_map(|(_, full)| full.parent())
+        .collect();
+    for d in dirs {
+        let _ = std::fs::File::open(d).and_then(|f| f.sync_all());
     }
     eprintln!(
         "applied hash fixes to {} file(s) in {}",
@@ -222,5 +265,26 @@ mod tests {
         );
         let leftovers = std::fs::read_dir(dir.path().join("pkgs")).unwrap().count();
         assert_eq!(leftovers, 2);
+    }
+
+    /// An editor saving a file while the fixes are being staged keeps its edit: the files
+    /// are compared again just before any is replaced, and nothing is written.
+    #[test]
+    fn apply_refuses_a_file_changed_while_the_fixes_were_staged() {
+        let (dir, c, changed) = checkout();
+        let b = dir.path().join("pkgs/b.nix");
+        let saved = "{ hash = lib.fakeHash; saved = true; }\n";
+        let err = apply_staged_then(&c, &changed, || std::fs::write(&b, saved).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pkgs/b.nix changed since the submit"), "{err}");
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), saved);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("pkgs/a.nix")).unwrap(),
+            "{ hash = lib.fakeHash; }\n",
+            "nothing written"
+        );
+        let leftovers = std::fs::read_dir(dir.path().join("pkgs")).unwrap().count();
+        assert_eq!(leftovers, 2, "staged copies removed");
     }
 }
