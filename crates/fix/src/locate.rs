@@ -45,8 +45,9 @@ pub struct Candidate {
     pub text: String,
     /// The value in SRI form.
     pub sri: Sri,
-    /// Plain string literals directly inside the same `{ … }`.
-    pub siblings: Vec<String>,
+    /// Plain string literals directly inside the same `{ … }` (one list per block, shared by
+    /// its candidates: a lock file's block holds thousands of both).
+    pub siblings: std::sync::Arc<[String]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,16 +139,22 @@ pub fn candidates(src: &str) -> Vec<Candidate> {
             stack.push(i);
         }
     }
-    let siblings_of = |block: Option<usize>| -> Vec<String> {
-        toks.iter()
-            .enumerate()
-            .filter(|(i, _)| enclosing[*i] == block)
-            .filter_map(|(_, t)| match &t.tok {
-                Tok::Str { text: Some(s) } if !s.is_empty() => Some(s.clone()),
-                _ => None,
-            })
-            .collect()
-    };
+    // Each block's literals, gathered in one pass: looked up per candidate, a file of
+    // thousands of hashes (a node2nix or yarn lock) cost the square of its size.
+    let mut literals: std::collections::HashMap<Option<usize>, Vec<String>> =
+        std::collections::HashMap::new();
+    for (i, t) in toks.iter().enumerate() {
+        if let Tok::Str { text: Some(s) } = &t.tok
+            && !s.is_empty()
+        {
+            literals.entry(enclosing[i]).or_default().push(s.clone());
+        }
+    }
+    let literals: std::collections::HashMap<Option<usize>, std::sync::Arc<[String]>> =
+        literals.into_iter().map(|(b, l)| (b, l.into())).collect();
+    let none: std::sync::Arc<[String]> = Vec::new().into();
+    // Lines counted as the candidates come, in order.
+    let (mut counted_to, mut line) = (0usize, 1usize);
     let mut out = Vec::new();
     for i in 0..toks.len().saturating_sub(3) {
         let (
@@ -170,7 +177,11 @@ pub fn candidates(src: &str) -> Vec<Candidate> {
         let Some(sri) = value_sri(&attr, &val.tok) else {
             continue;
         };
-        let line = src[..val.start].bytes().filter(|&c| c == b'\n').count() + 1;
+        line += src[counted_to..val.start]
+            .bytes()
+            .filter(|&c| c == b'\n')
+            .count();
+        counted_to = val.start;
         out.push(Candidate {
             attribute: attr,
             line,
@@ -178,7 +189,7 @@ pub fn candidates(src: &str) -> Vec<Candidate> {
             end: val.end,
             text: src[val.start..val.end].to_string(),
             sri,
-            siblings: siblings_of(enclosing[i]),
+            siblings: literals.get(&enclosing[i]).unwrap_or(&none).clone(),
         });
     }
     out
@@ -246,6 +257,32 @@ pub fn find(src: &str, m: &Mismatch, min_score: u32) -> Found {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lock-file-like block of thousands of hashes and literals: each candidate gets its
+    /// line and the block's literals (one list, shared), in time that grows with the file.
+    #[test]
+    fn a_file_of_thousands_of_hashes_is_read_in_linear_time() {
+        let mut src = String::from("{ lib }:\n{\n");
+        for i in 0..6000 {
+            src.push_str(&format!(
+                "  \"dep-{i}\" = {{ url = \"https://registry.example/dep-{i}.tgz\"; }};\n  h{i} = lib.fakeHash;\n"
+            ));
+        }
+        src.push_str("}\n");
+        let started = std::time::Instant::now();
+        let c = candidates(&src);
+        assert_eq!(c.len(), 6000);
+        assert_eq!(c[0].line, 4);
+        assert_eq!(c[5999].line, 4 + 2 * 5999);
+        assert!(std::sync::Arc::ptr_eq(&c[0].siblings, &c[5999].siblings));
+        assert_eq!(c[0].siblings.len(), 6000);
+        // Quadratic, this took tens of seconds; linear, well under one.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 
     const FAKE: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
