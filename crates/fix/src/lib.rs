@@ -106,6 +106,7 @@ pub fn patchable(file: &str) -> bool {
 /// literal shared with the derivation, anywhere in the tree. A place two different mismatches
 /// claim goes to the better fit; the other is reported unlocated.
 pub fn plan(tree: &Tree, packages: &[PackageMismatches]) -> Plan {
+    let scanned = Scanned::new(tree);
     // (file, start) → (fix, score, first fod) to detect conflicts.
     let mut places: BTreeMap<(String, usize), (Fix, u32, nixfarm_nix::StorePath)> = BTreeMap::new();
     let mut wanted: Vec<(String, (String, usize), Mismatch)> = Vec::new();
@@ -115,7 +116,7 @@ pub fn plan(tree: &Tree, packages: &[PackageMismatches]) -> Plan {
             if m.specified == m.got {
                 continue;
             }
-            let found = locate_one(tree, p.own_file.as_deref(), m).and_then(|f| {
+            let found = locate_one(&scanned, p.own_file.as_deref(), m).and_then(|f| {
                 if patchable(&f.0) {
                     Ok(f)
                 } else {
@@ -186,15 +187,44 @@ pub fn plan(tree: &Tree, packages: &[PackageMismatches]) -> Plan {
     plan
 }
 
+/// A tree's files, each read for hash bindings once per plan however many mismatches are
+/// looked for in it (a tree of thousands of bindings, read again per mismatch, cost its size
+/// times their number).
+struct Scanned<'t> {
+    tree: &'t Tree,
+    read: std::cell::RefCell<std::collections::HashMap<&'t str, std::rc::Rc<Vec<Candidate>>>>,
+}
+
+impl<'t> Scanned<'t> {
+    fn new(tree: &'t Tree) -> Scanned<'t> {
+        Scanned {
+            tree,
+            read: Default::default(),
+        }
+    }
+
+    /// [`locate::find`] in `file`, whose text is `text`.
+    fn find(&self, file: &'t str, text: &str, m: &Mismatch, min_score: u32) -> Found {
+        let cands = self
+            .read
+            .borrow_mut()
+            .entry(file)
+            .or_insert_with(|| std::rc::Rc::new(locate::candidates(text)))
+            .clone();
+        locate::find_among(&cands, m, min_score)
+    }
+}
+
 fn locate_one(
-    tree: &Tree,
+    scanned: &Scanned<'_>,
     own: Option<&str>,
     m: &Mismatch,
 ) -> Result<(String, Candidate, u32), String> {
+    let tree = scanned.tree;
     if let Some(own) = own
-        && let Some(text) = tree.get(own)
+        && let Some((file, text)) = tree.get_key_value(own)
     {
-        match locate::find(text, m, 0) {
+        match scanned.find(file, text, m, 0) {
             Found::One(c, s) => return Ok((own.to_string(), c, s)),
             Found::Ambiguous(lines) => {
                 return Err(format!(
@@ -212,7 +242,7 @@ fn locate_one(
         if !file.ends_with(".nix") || Some(file.as_str()) == own {
             continue;
         }
-        match locate::find(text, m, 8) {
+        match scanned.find(file, text, m, 8) {
             Found::One(c, s) => hits.push((file.clone(), c, s)),
             Found::Ambiguous(_) => {
                 return Err(format!(
@@ -226,7 +256,7 @@ fn locate_one(
     }
     hits.sort_by_key(|h| std::cmp::Reverse(h.2));
     match hits.as_slice() {
-        [] => by_name(tree, own, m),
+        [] => by_name(scanned, own, m),
         [one] => Ok(one.clone()),
         [a, b, ..] if a.2 > b.2 => Ok(a.clone()),
         [a, b, ..] => Err(format!(
@@ -256,17 +286,17 @@ fn name_stems(name: &str) -> Vec<String> {
 /// begins it, such as the package's `pname` in `pname-deno-deps`) decides, when exactly one
 /// such file holds a binding with the stated value. A tie is never guessed.
 fn by_name(
-    tree: &Tree,
+    scanned: &Scanned<'_>,
     own: Option<&str>,
     m: &Mismatch,
 ) -> Result<(String, Candidate, u32), String> {
     let stems = name_stems(m.fod_name());
     let mut named: Vec<(String, Candidate, u32)> = Vec::new();
-    for (file, text) in tree {
+    for (file, text) in scanned.tree {
         if !file.ends_with(".nix") || !stems.iter().any(|s| text.contains(&format!("\"{s}\""))) {
             continue;
         }
-        match locate::find(text, m, 0) {
+        match scanned.find(file, text, m, 0) {
             Found::One(c, s) => named.push((file.clone(), c, s)),
             Found::Ambiguous(lines) => {
                 return Err(format!(

@@ -231,16 +231,21 @@ pub enum Found {
 /// The best candidate in `src` for a mismatch. `min_score` lets a caller demand corroboration
 /// (a literal shared with the derivation) when searching files other than the package's own.
 pub fn find(src: &str, m: &Mismatch, min_score: u32) -> Found {
-    let mut scored: Vec<(u32, Candidate)> = candidates(src)
-        .into_iter()
-        .filter_map(|c| score(&c, m).map(|s| (s, c)))
+    find_among(&candidates(src), m, min_score)
+}
+
+/// [`find`] among a file's candidates read already.
+pub fn find_among(cands: &[Candidate], m: &Mismatch, min_score: u32) -> Found {
+    let mut scored: Vec<(u32, &Candidate)> = cands
+        .iter()
+        .filter_map(|c| score(c, m).map(|s| (s, c)))
         .filter(|(s, _)| *s >= min_score)
         .collect();
     scored.sort_by_key(|s| std::cmp::Reverse(s.0));
     match scored.as_slice() {
         [] => Found::None,
-        [(s, c)] => Found::One(c.clone(), *s),
-        [(s0, c0), (s1, _), ..] if s0 > s1 => Found::One(c0.clone(), *s0),
+        [(s, c)] => Found::One((*c).clone(), *s),
+        [(s0, c0), (s1, _), ..] if s0 > s1 => Found::One((*c0).clone(), *s0),
         _ => {
             let top = scored[0].0;
             Found::Ambiguous(
