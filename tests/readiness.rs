@@ -868,9 +868,11 @@ fn plant_foreign(cache: &std::path::Path, path: &str, says: &str) {
 }
 
 /// "Ready" means a user can substitute it. An output the run's cache already held under its
-/// path, uploaded by someone else and signed by no key the run is checked by, stays there
-/// (the push uploads only what the cache lacks): that package is not-cached, saying why;
-/// the one the farm pushed and signed is ready.
+/// path, uploaded by someone else (signed by no key the run is checked by, so the agents
+/// build it themselves), stays there: the push uploads only what the cache lacks. The
+/// building agent reads back what it pushed: that package is not-cached, naming both NAR
+/// hashes; the one the farm pushed and signed is ready. (The CLI's own end-of-run check,
+/// which would refuse it as unsigned, is `cmd::submit`'s unit test.)
 #[test]
 fn an_output_held_in_the_cache_under_its_path_but_unsigned_is_not_cached() {
     let (report, stable) = local_over_a_foreign_stable(&[]);
@@ -879,9 +881,9 @@ fn an_output_held_in_the_cache_under_its_path_but_unsigned_is_not_cached() {
     assert_eq!(got["stable"]["status"], "not-cached", "{report}");
     let reason = got["stable"]["reason"].as_str().unwrap();
     assert!(
-        reason
-            .contains("is in the cache, but signed by none of the keys it is checked by (farm-1:")
-            && reason.contains("a client that checks signatures refuses it"),
+        reason.contains(&format!(
+            "the cache already held {stable} with other contents"
+        )) && reason.contains("something else was uploaded under its path"),
         "{reason}"
     );
     assert_eq!(got["stamp"]["status"], "ready", "{report}");
@@ -898,9 +900,8 @@ fn an_output_whose_narinfo_in_the_cache_is_another_paths_is_not_cached() {
     assert_eq!(got["stable"]["status"], "not-cached", "{report}");
     let reason = got["stable"]["reason"].as_str().unwrap();
     assert!(
-        reason.contains(&format!(
-            "the cache says it has {stable}, but its narinfo cannot be read"
-        )) && reason.contains("answered for /nix/store/0000"),
+        reason.contains(&format!("cannot read back {stable} from the run's cache"))
+            && reason.contains("answered for /nix/store/0000"),
         "{reason}"
     );
     assert_eq!(got["stamp"]["status"], "ready", "{report}");

@@ -262,7 +262,11 @@ pub(super) async fn build(
                     let claims = Claims::new(shared, channel, to_url);
                     match p.push_closure_until(&paths, &claims, &cancel).await {
                         Err(nixfarm_store::StoreError::Stopped) => return cancelled(r),
-                        pushed => pushed.map(|_| ()),
+                        Err(e) => Err(format!("the push to the cache failed: {e}")),
+                        // A push uploads only what the cache lacks: what someone else put
+                        // under an output's path first stays, and is what users and other
+                        // hosts would get. Read back, it must be what was built here.
+                        Ok(_) => super::check::same_in_cache(shared, p, &paths).await,
                     }
                 }
                 None => Ok(()),
@@ -270,7 +274,7 @@ pub(super) async fn build(
             if let Err(e) = pushed {
                 // Built: the outputs exist; only publishing failed, after retries.
                 r.status = pb::BuildStatus::NotCached as i32;
-                r.message = format!("built, but the push to the cache failed: {e}");
+                r.message = format!("built, but {e}");
             }
             // Where a build's time beyond its builder went, for `RUST_LOG=debug`.
             tracing::debug!(

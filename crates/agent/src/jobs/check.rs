@@ -216,7 +216,7 @@ pub(super) async fn check(
 /// Whether the cache now holds `outputs` as this store does (by NAR hash): a push uploads
 /// only what the cache lacks, so a path someone else uploaded first stays as they made it,
 /// and dependents on other hosts would substitute that.
-async fn same_in_cache(
+pub(super) async fn same_in_cache(
     shared: &Shared,
     cache: &nixfarm_store::Pusher,
     outputs: &[String],

@@ -331,3 +331,86 @@ pub async fn watch_and_report(
         watch::End::Finished => report_cmd(client, run, check, out).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixfarm_core::report::PackageReport;
+    use nixfarm_core::{OutputPath, PackageStatus, RunState};
+
+    /// A narinfo for `path` in the file cache `dir` (of a one-file NAR), as `edit` leaves it.
+    fn narinfo(
+        dir: &std::path::Path,
+        path: &str,
+        edit: impl FnOnce(&mut nixfarm_store::narinfo::NarInfo),
+    ) {
+        // Only the narinfo is read: any well-formed hash and size do.
+        let nar = b"not a real NAR";
+        let hash = "1".repeat(52);
+        let text = format!(
+            "StorePath: {path}\nURL: nar/{hash}.nar\nCompression: none\nFileHash: sha256:{hash}\nFileSize: {n}\nNarHash: sha256:{hash}\nNarSize: {n}\nReferences: \n",
+            n = nar.len()
+        );
+        let mut ni = nixfarm_store::narinfo::NarInfo::parse(&text).unwrap();
+        edit(&mut ni);
+        let name = &path["/nix/store/".len()..][..32];
+        std::fs::write(dir.join(format!("{name}.narinfo")), ni.render()).unwrap();
+    }
+
+    /// The end-of-run check, as a substituting client would judge each ready output: one
+    /// signed by a run key stays ready; unsigned, not served right (another path's
+    /// narinfo), or missing, it is not-cached, each saying why.
+    #[tokio::test]
+    async fn ready_outputs_the_cache_cannot_serve_signed_are_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = nixfarm_store::narinfo::Key::generate("farm-1").unwrap();
+        let path = |c: char| format!("/nix/store/{}-{c}", c.to_string().repeat(32));
+        let (good, unsigned, wrong, missing) = (path('a'), path('b'), path('c'), path('d'));
+        narinfo(dir.path(), &good, |ni| ni.sign(&key));
+        narinfo(dir.path(), &unsigned, |_| {});
+        narinfo(dir.path(), &wrong, |ni| {
+            ni.store_path = path('f');
+            ni.sign(&key);
+        });
+        let packages = [&good, &unsigned, &wrong, &missing]
+            .iter()
+            .map(|p| PackageReport {
+                attr: p[44..].to_string(),
+                status: PackageStatus::Ready,
+                outputs: [("out".to_string(), OutputPath::parse(p).unwrap())].into(),
+                ..Default::default()
+            })
+            .collect();
+        let mut report = Report::new(
+            "r1".into(),
+            RunState::Finished,
+            "repo".into(),
+            String::new(),
+            packages,
+        );
+        let args = CacheCheckArgs {
+            cache: Some(format!("file://{}", dir.path().display())),
+            cachix_api_url: None,
+            trusted_public_keys: vec![key.public()],
+        };
+        check_cached(&mut report, &args).await.unwrap();
+        let by: std::collections::BTreeMap<&str, &PackageReport> = report
+            .packages
+            .iter()
+            .map(|p| (p.attr.as_str(), p))
+            .collect();
+        assert_eq!(by["a"].status, PackageStatus::Ready);
+        for (attr, why) in [
+            ("b", "signed by none of the keys it is checked by (farm-1:"),
+            (
+                "c",
+                "but its narinfo cannot be read (the cache answered for /nix/store/fff",
+            ),
+            ("d", "is not in the cache"),
+        ] {
+            assert_eq!(by[attr].status, PackageStatus::NotCached, "{attr}");
+            assert!(by[attr].reason.contains(why), "{attr}: {}", by[attr].reason);
+        }
+        assert_eq!(report.summary.ready, 1);
+    }
+}
