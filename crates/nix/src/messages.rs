@@ -185,11 +185,60 @@ pub fn is_machine_error(message: &str) -> bool {
     ];
     (message.contains("SQLite database") && message.contains("is busy"))
         || is_disk_full(message)
+        || is_transfer_error(message)
         || MARKS.iter().any(|m| message.contains(m))
         // Nix's own state (its database, GC roots, profiles), e.g. two processes racing to
         // set up a fresh store: "creating symlink from '/nix/var/nix/gcroots/profiles' …:
         // File exists".
         || message.contains("'/nix/var/nix/")
+}
+
+/// Whether a download Nix made failed in transport or at the server (every version prints
+/// `unable to download '<url>': <curl's words> (<code>)` or `… HTTP error <status>`): name
+/// resolution, connection, timeout, TLS, a cut transfer, a 5xx or 429. A 401, 403 or 404 is
+/// the reference's fault, and stays the user's.
+pub fn is_transfer_error(message: &str) -> bool {
+    const CURL: &[&str] = &[
+        "Couldn't resolve host name",
+        "Could not resolve host",
+        "Couldn't resolve proxy name",
+        "Couldn't connect to server",
+        "Could not connect to server",
+        "Timeout was reached",
+        "Operation timed out",
+        "SSL connect error",
+        "Failure when receiving data from the peer",
+        "Failed sending data to the peer",
+        "Server returned nothing (no headers, no data)",
+        "Recv failure",
+        "Connection reset by peer",
+        "Connection refused",
+    ];
+    message.lines().any(|l| {
+        (l.contains("unable to download") || l.contains("error: cannot download"))
+            && (CURL.iter().any(|c| l.contains(c))
+                || ["HTTP error 5", "HTTP error 429"]
+                    .iter()
+                    .any(|h| l.contains(h)))
+    })
+}
+
+/// Whether a line is Nix saying the derivation cannot be built on this machine at all (its
+/// system or required features): 2.8–2.29 `a 'aarch64-linux' with features {} is required to
+/// build '…', but I am a 'x86_64-linux'`; 2.30+ `Reason: required system or feature not
+/// available`, 2.34 `platform mismatch` / `missing system features`. The machine's fault,
+/// whichever verdict the version gives with it.
+fn is_wrong_machine(l: &str) -> bool {
+    (l.contains("is required to build") && l.contains("but I am a"))
+        || l.contains("required system or feature not available")
+        || l.contains("Reason: platform mismatch")
+        || l.contains("Reason: missing system features")
+}
+
+/// Whether a line is Nix saying an input's substitutes failed (the cache could not be read
+/// to the end): the derivation never ran, and another try, here or elsewhere, may work.
+fn is_substitution_failure(l: &str) -> bool {
+    l.contains("some substitutes for the outputs of derivation") && l.contains("failed")
 }
 
 /// Whether an error (or a log line) says the disk is full: ENOSPC or EDQUOT.
@@ -248,6 +297,14 @@ fn classify(exit_code: Option<i32>, log: &str) -> Failure {
     if let Some(l) = clean.lines().find(|l| is_disk_full(l)) {
         return Failure::DiskFull(trim_error(l.trim_start_matches(['>', ' '])));
     }
+    // Nix's verdicts on the machine, not the package: this machine cannot build it, or an
+    // input could not be fetched from the cache (the dependency "failed" with it).
+    if let Some(l) = clean
+        .lines()
+        .find(|l| is_wrong_machine(l) || is_substitution_failure(l))
+    {
+        return Failure::Infra(trim_error(l));
+    }
     let builder_failed = clean.lines().find(|l| {
         l.contains("builder for") && l.contains("failed")
             || l.contains("Cannot build")
@@ -265,6 +322,33 @@ fn classify(exit_code: Option<i32>, log: &str) -> Failure {
         Some(c) => format!("nix exited with code {c}"),
         None => "nix was killed by a signal".into(),
     }))
+}
+
+/// Nix itself aborting on a failed assertion (SIGABRT) while it builds: Nix 2.8 does so for
+/// a fixed-output derivation whose output refers to a store path (later versions say
+/// `illegal path references in fixed-output derivation`). The derivation's own doing, the
+/// same on any machine: reported as its failure, not retried as the machine's.
+pub fn aborted(signal: Option<i32>, log: &str) -> Option<Failure> {
+    const SIGABRT: i32 = 6;
+    if signal != Some(SIGABRT) {
+        return None;
+    }
+    let l = strip_ansi(log)
+        .lines()
+        .rfind(|l| l.contains("Assertion") && l.contains("failed"))?
+        .trim()
+        .to_string();
+    Some(Failure::BuildFailed(format!(
+        "Nix aborted building it ({}): with Nix 2.8 a fixed-output derivation whose output refers to a store path does this",
+        crate::messages::clip_line(&l, 300)
+    )))
+}
+
+fn clip_line(l: &str, max: usize) -> &str {
+    match l.char_indices().nth(max) {
+        Some((i, _)) => &l[..i],
+        None => l,
+    }
 }
 
 fn trim_error(l: &str) -> String {
@@ -538,6 +622,82 @@ mod tests {
             classify_failure(Some(1), "error: writing to file: No space left on device"),
             Failure::DiskFull(_)
         ));
+    }
+
+    /// Nix 2.8's assertion abort on a fixed-output derivation with references is the
+    /// derivation's failure; a signal without an assertion (a kill) stays the machine's.
+    #[test]
+    fn nix_aborting_on_an_assertion_is_the_derivations_failure() {
+        // As Nix 2.8's nix-store prints it here (exit 134: SIGABRT).
+        let log = "building '/nix/store/fzqva1p2ir3vss3f9a6ghfsv4g58dc8j-fod.drv'...\nnix-store: src/libstore/store-api.cc:188: nix::StorePath nix::Store::makeFixedOutputPath(nix::FileIngestionMethod, const nix::Hash&, std::string_view, const nix::StorePathSet&, bool) const: Assertion `references.empty()' failed.\n";
+        assert!(
+            matches!(aborted(Some(6), log), Some(Failure::BuildFailed(m)) if m.contains("Assertion `references.empty()' failed") && m.contains("refers to a store path"))
+        );
+        assert!(aborted(Some(9), log).is_none());
+        assert!(aborted(Some(6), "building '/nix/store/x.drv'...\n").is_none());
+        assert!(aborted(None, log).is_none());
+    }
+
+    /// Failures that are the machine's, not the package's, as each Nix version words them:
+    /// an input whose substitutes failed (the package depends on it "failing"), a system or
+    /// feature this machine lacks, a download cut or refused by the server. Each is worth
+    /// another try; a 404 stays the package's.
+    #[test]
+    fn the_machines_failures_are_not_the_packages() {
+        let substitutes = "error: some substitutes for the outputs of derivation '/nix/store/x-dep.drv' failed (usually happens due to networking issues); try '--fallback' to build derivation from source
+error: 1 dependencies of derivation '/nix/store/y-pkg.drv' failed to build";
+        for code in [Some(1), Some(100)] {
+            assert!(
+                matches!(classify_failure(code, substitutes), Failure::Infra(m) if m.starts_with("some substitutes for the outputs of derivation '/nix/store/x-dep.drv'")),
+                "{code:?}"
+            );
+        }
+        for (code, log) in [
+            (
+                Some(1),
+                "error: a 'aarch64-linux' with features {} is required to build '/nix/store/x-a.drv', but I am a 'x86_64-linux' with features {benchmark, big-parallel, nixos-test}",
+            ),
+            (
+                Some(100),
+                "error: Cannot build '/nix/store/x-a.drv'.
+       Reason: required system or feature not available
+       Required system: 'aarch64-linux' with features {}",
+            ),
+            (
+                Some(100),
+                "error: Cannot build '/nix/store/x-a.drv'.
+       Reason: platform mismatch",
+            ),
+        ] {
+            assert!(
+                matches!(classify_failure(code, log), Failure::Infra(_)),
+                "{log}"
+            );
+        }
+        // A builder that failed is still the package's.
+        assert!(matches!(
+            classify_failure(
+                Some(100),
+                "error: Cannot build '/nix/store/x-a.drv'.
+       Reason: builder failed with exit code 1."
+            ),
+            Failure::BuildFailed(_)
+        ));
+        for down in [
+            "error: unable to download 'https://github.com/o/r/archive/0123.tar.gz': Couldn't resolve host name (6)",
+            "error: unable to download 'https://github.com/o/r/archive/0123.tar.gz': HTTP error 503",
+            "error: unable to download 'https://example.org/x': Timeout was reached (28)",
+            "error: unable to download 'https://example.org/x': HTTP error 429 ()",
+        ] {
+            assert!(is_machine_error(down), "{down}");
+        }
+        for theirs in [
+            "error: unable to download 'https://github.com/o/r/archive/0123.tar.gz': HTTP error 404",
+            "error: unable to download 'https://example.org/x': HTTP error 403",
+            "warning: Couldn't resolve host name, said the package's own test",
+        ] {
+            assert!(!is_machine_error(theirs), "{theirs}");
+        }
     }
 
     #[test]
