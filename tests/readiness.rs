@@ -921,3 +921,42 @@ fn a_checked_output_the_cache_holds_with_other_contents_is_not_ready() {
         "{reason}"
     );
 }
+
+/// A fixed-output derivation whose output refers to a store path makes Nix 2.8 abort on an
+/// assertion (its daemon, which the local agents build through, dies with it). That is the
+/// package's own failure, the same on every machine: build-failed, saying so, not
+/// infra-failed after retries on each agent. Its neighbour builds.
+#[test]
+fn a_fixed_output_with_a_store_reference_is_the_packages_failure_not_the_machines() {
+    let dir = scratch();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: script: derivation { inherit name; system = "x86_64-linux";
+        builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
+      dep = mk "dep" "echo dep > $out";
+    in { packages.x86_64-linux = {
+      fine = mk "fine" "echo fine > $out";
+      refers = derivation {
+        name = "refers"; system = "x86_64-linux"; builder = "/bin/sh";
+        args = [ "-c" "echo ${dep} > $out" ];
+        outputHashMode = "flat"; outputHashAlgo = "sha256";
+        outputHash = builtins.hashString "sha256"
+          (builtins.unsafeDiscardStringContext dep.outPath + "\n");
+      };
+    }; }; }"#,
+    )
+    .unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let report = local(&host, &dir.path().join("state"), &repo, &[]);
+    let got = packages_by_attr(&report);
+    assert_eq!(got["fine"]["status"], "ready", "{report}");
+    assert_eq!(got["refers"]["status"], "build-failed", "{report}");
+    let reason = got["refers"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("Nix aborted building it") && reason.contains("refers to a store path"),
+        "{reason}"
+    );
+}

@@ -448,7 +448,10 @@ impl Nix {
                 })
                 .collect())
         } else {
-            Err(classify_failure(status.and_then(|s| s.code()), &full_log))
+            use std::os::unix::process::ExitStatusExt as _;
+            let signal = status.and_then(|s| s.signal());
+            Err(crate::messages::aborted(signal, &full_log)
+                .unwrap_or_else(|| classify_failure(status.and_then(|s| s.code()), &full_log)))
         };
         BuildRun {
             // A check (`--check`) builds again whatever it says.

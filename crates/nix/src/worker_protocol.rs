@@ -61,7 +61,13 @@ pub(crate) struct Conn {
     /// The daemon's CPU priority.
     pub(crate) nice: i32,
     _cache: Option<CacheSlot>,
+    /// The last of what the daemon printed on stderr (it says nothing there but when it
+    /// dies: an assertion that failed, say).
+    said: std::sync::Arc<std::sync::Mutex<String>>,
 }
+
+/// Most of a daemon's stderr kept, bytes (its last words).
+const SAID_BYTES: usize = 8 << 10;
 
 /// What the daemon said of one build.
 #[derive(Debug)]
@@ -96,12 +102,32 @@ impl Conn {
         let mut child = c
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
         let (Some(w), Some(r)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(DaemonError::Protocol("no pipes".into()));
         };
+        let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(mut e) = child.stderr.take() {
+            let said = said.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt as _;
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = e.read(&mut buf).await {
+                    if let Ok(mut s) = said.lock() {
+                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                        if s.len() > SAID_BYTES {
+                            let mut cut = s.len() - SAID_BYTES;
+                            while !s.is_char_boundary(cut) {
+                                cut += 1;
+                            }
+                            s.drain(..cut);
+                        }
+                    }
+                }
+            });
+        }
         let mut conn = Conn {
             child,
             r: BufReader::new(r),
@@ -110,6 +136,7 @@ impl Conn {
             builds: 0,
             nice,
             _cache: cache,
+            said,
         };
         conn.u64(WORKER_MAGIC_1).await?;
         conn.w.flush().await?;
@@ -131,6 +158,21 @@ impl Conn {
         conn.read_string().await?; // the daemon's Nix version
         conn.messages(&mut |_| {}, &mut Vec::new()).await?;
         Ok(conn)
+    }
+
+    /// What broke a connection, when it was the daemon aborting on a failed assertion while
+    /// it built (Nix 2.8 does, on a fixed-output derivation whose output refers to a store
+    /// path): that build's own failure, not the machine's. Waits a moment for it to exit.
+    pub(crate) async fn aborted(&mut self) -> Option<crate::messages::Failure> {
+        use std::os::unix::process::ExitStatusExt as _;
+        let status = tokio::time::timeout(std::time::Duration::from_secs(2), self.child.wait())
+            .await
+            .ok()?
+            .ok()?;
+        // Its last words come through the pipe just before it ends.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let said = self.said.lock().map(|s| s.clone()).unwrap_or_default();
+        crate::messages::aborted(status.signal(), &said)
     }
 
     async fn u64(&mut self, n: u64) -> std::io::Result<()> {
