@@ -114,7 +114,11 @@ pub fn parse_show_derivation(json: &str) -> Result<Vec<Derivation>, serde_json::
                 outputs.push((name.clone(), p));
             }
         }
-        let input_drvs = match d.get("inputDrvs") {
+        // Nix 2.33+ (format 4) nests them: `"inputs": {"srcs": [...], "drvs": {...}}`.
+        let drvs = d
+            .get("inputDrvs")
+            .or_else(|| d.get("inputs").and_then(|i| i.get("drvs")));
+        let input_drvs = match drvs {
             Some(Value::Object(m)) => m.keys().map(|k| full_path(k)).collect(),
             _ => Vec::new(),
         };
@@ -167,5 +171,14 @@ mod tests {
         );
         assert_eq!(d[0].input_drvs, vec!["/nix/store/b-y.drv"]);
         assert_eq!(d[0].system, "aarch64-linux");
+        // Format 4 (Nix 2.33+): inputs nested, a fixed output with no path.
+        let j = r#"{"version":4,"derivations":{"a-x.drv":{"outputs":{"out":{"path":"o-x"}},"inputs":{"srcs":["s-builder.sh"],"drvs":{"b-y.drv":{"outputs":["out"],"dynamicOutputs":{}}}},"system":"x86_64-linux","env":{}},"b-y.drv":{"outputs":{"out":{"method":"nar","hash":"sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="}},"inputs":{"srcs":[],"drvs":{}},"system":"x86_64-linux","env":{"rev":"0123456789abcdef"}}}}"#;
+        let d = parse_show_derivation(j).unwrap();
+        assert_eq!(d[0].input_drvs, vec!["/nix/store/b-y.drv"]);
+        assert!(d[1].fixed_output);
+        assert_eq!(
+            d[1].output_hash,
+            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
     }
 }
