@@ -457,6 +457,30 @@ mod tests {
         assert_eq!(m[0].got, GOT);
     }
 
+    /// Lix 2.91–2.93: `likely URL:` before `specified:`, and no `expected path:` / `got path:`
+    /// after `got:`; two mismatches in one log each keep their own hashes.
+    #[test]
+    fn lix_2_91_without_paths() {
+        let one = |drv: &str, got: &str| {
+            format!(
+                "error: hash mismatch in fixed-output derivation '/nix/store/{drv}.drv':\n         likely URL: https://example.org/{drv}.tar.gz\n          specified: {FAKE}\n                got: {got}\n"
+            )
+        };
+        let other = "sha256-jw7+guB6otkQxOFby0tTP00dfpRRmo/Vo7hZ5rmsG8E=";
+        let log = one("a-source", GOT) + &one("b-source", other);
+        let m = parse_hash_mismatches(&log);
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            (m[0].path.as_str(), m[0].got.as_str()),
+            ("/nix/store/a-source.drv", GOT)
+        );
+        assert_eq!(
+            (m[1].path.as_str(), m[1].got.as_str()),
+            ("/nix/store/b-source.drv", other)
+        );
+        assert_eq!(m[1].specified, FAKE);
+    }
+
     #[test]
     fn a_mismatch_counts_only_when_nix_itself_says_it() {
         let said = format!(
