@@ -54,6 +54,28 @@ impl Nix {
         Some(Ok(seen.into_values().collect()))
     }
 
+    /// [`Nix::path_infos`] through a pooled daemon, one query per path (no `nix path-info`
+    /// process). None when no daemon can be had.
+    pub(crate) async fn path_infos_daemon(
+        &self,
+        paths: &[String],
+    ) -> Option<Result<Vec<StorePathInfo>, NixError>> {
+        let (pool, settings, mut conn) = self.query_conn().await?;
+        let mut infos = Vec::with_capacity(paths.len());
+        for p in paths {
+            match conn.query_path_info(p).await {
+                Ok(Some(info)) => infos.push(info),
+                Ok(None) => {
+                    pool.put(settings, conn);
+                    return Some(Err(NixError::Infra(format!("path '{p}' is not valid"))));
+                }
+                Err(e) => return Some(Err(NixError::Infra(e.to_string()))),
+            }
+        }
+        pool.put(settings, conn);
+        Some(Ok(infos))
+    }
+
     /// Which of `paths` are not valid, asked of a pooled daemon (`nix-store
     /// --check-validity` without a process). None when no daemon can be had.
     pub(crate) async fn invalid_paths_daemon(

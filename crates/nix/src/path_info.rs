@@ -8,6 +8,13 @@ use std::process::Stdio;
 impl Nix {
     /// What the store knows of each path: NAR hash and size, references, deriver.
     pub async fn path_infos(&self, paths: &[String]) -> Result<Vec<StorePathInfo>, NixError> {
+        // A `.drv` path means its outputs to `nix path-info`: only plain paths go the
+        // daemon's way, which asks of each path itself.
+        if !paths.iter().any(|p| p.ends_with(".drv"))
+            && let Some(r) = self.path_infos_daemon(paths).await
+        {
+            return r;
+        }
         self.path_infos_with(paths, false).await
     }
 
