@@ -185,19 +185,7 @@ async fn a_write_is_done_only_on_a_2xx_and_a_redirect_proves_nothing() {
 /// timeout and each retry.
 #[tokio::test]
 async fn a_push_to_a_cache_that_never_answers_ends_by_its_deadline() {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        file.path(),
-        format!("stalled {:?}", std::time::SystemTime::now()),
-    )
-    .unwrap();
-    let added = std::process::Command::new("nix-store")
-        .arg("--add")
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(added.status.success(), "{added:?}");
-    let path = String::from_utf8(added.stdout).unwrap().trim().to_string();
+    let path = added_to_store("stalled");
     let addr = raw_server(|head| {
         if head.starts_with("PUT ") {
             Reply::Hang
@@ -241,19 +229,7 @@ impl crate::Arbiter for NeverMine {
 /// (the package not-cached).
 #[tokio::test]
 async fn claims_never_honoured_hold_a_push_only_for_the_patience() {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        file.path(),
-        format!("claimed {:?}", std::time::SystemTime::now()),
-    )
-    .unwrap();
-    let added = std::process::Command::new("nix-store")
-        .arg("--add")
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(added.status.success(), "{added:?}");
-    let path = String::from_utf8(added.stdout).unwrap().trim().to_string();
+    let path = added_to_store("claimed");
     let dir = tempfile::tempdir().unwrap();
     let key = crate::narinfo::Key::generate("claims-1").unwrap();
     let mut p = Pusher::for_url(
@@ -328,6 +304,24 @@ async fn a_cache_that_never_answers_its_presence_questions_holds_nothing_past_th
         assert!(e.contains("within 2 s"), "{e}");
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
+/// A new path in this machine's store (`nix-store --add` of a file saying `what` and the
+/// time, so each test's is its own).
+fn added_to_store(what: &str) -> String {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        format!("{what} {:?}", std::time::SystemTime::now()),
+    )
+    .unwrap();
+    let added = std::process::Command::new("nix-store")
+        .arg("--add")
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    String::from_utf8(added.stdout).unwrap().trim().to_string()
 }
 
 /// What [`raw_server`] does with a request, given its head.
