@@ -522,10 +522,10 @@ impl Nix {
                 full.push_str(&format!("error: {msg}\n"));
                 Err(classify_nix_failure(Some(1), &full, &msg))
             }
-            Err(e) => match conn.aborted().await {
-                Some(f) => Err(f),
-                None => Err(Failure::Infra(e.to_string())),
-            },
+            Err(e) => Err(conn
+                .aborted()
+                .await
+                .unwrap_or(Failure::Infra(e.to_string()))),
         };
         if reusable {
             pool.put(settings, conn);
