@@ -109,6 +109,60 @@ pub fn render(ready: u64, total: u64, ended: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::render;
+    use std::sync::Arc;
+
+    /// Badge requests within a second share one run listing (a listing computes every
+    /// running run's report, and badges may be public); a second later a new listing is
+    /// made, and shows what changed.
+    #[tokio::test]
+    async fn badges_share_one_run_listing_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = crate::engine::Engine::open(
+            crate::db::Db::open_in_memory().unwrap(),
+            dir.path().join("sources"),
+            Arc::new(crate::clock::ManualClock::new(1_000_000)),
+            Default::default(),
+        )
+        .unwrap();
+        let web: super::Shared = Arc::new(super::super::Web::new(
+            engine.clone(),
+            None,
+            Default::default(),
+            Default::default(),
+        ));
+        let listed = |w: super::Shared| async move {
+            super::listing(&w)
+                .await
+                .unwrap_or_else(|e| panic!("{}", e.message))
+        };
+        let first = listed(web.clone()).await;
+        assert!(first.is_empty());
+        engine
+            .submit(crate::model::RunSpec {
+                source: crate::model::SourceSpec::FlakeRef("github:owner/repo".into()),
+                attr_path: "packages.x86_64-linux".into(),
+                label: "repo".into(),
+                cache: String::new(),
+                trusted_public_keys: vec![],
+                timeout_secs: 0,
+                max_silent_secs: 0,
+                attrs: vec![],
+                skip_cached: false,
+                skip_listing: false,
+                smoke: false,
+                cross_check_builds: false,
+                entry: Default::default(),
+            })
+            .unwrap();
+        let again = listed(web.clone()).await;
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "listed again within the second"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let later = listed(web.clone()).await;
+        assert_eq!(later.len(), 1);
+    }
 
     #[test]
     fn colour_follows_the_percentage() {
