@@ -282,7 +282,7 @@ impl Agent {
                 .lock()
                 .map(|r| r.keys().cloned().collect())
                 .unwrap_or_default();
-            running.extend(recent.iter().filter_map(|(_, m)| result_attempt(m)));
+            running.extend(recent.iter().filter_map(|(_, m)| jobs::result_attempt(m)));
             running.sort();
             running.dedup();
             let register = pb::AgentMessage {
@@ -586,17 +586,4 @@ fn handle(
         }
         Some(Msg::Drain(_)) | Some(Msg::Registered(_)) | None => {}
     }
-}
-
-/// The attempt a result message answers.
-fn result_attempt(m: &pb::AgentMessage) -> Option<String> {
-    use pb::agent_message::Msg;
-    match m.msg.as_ref()? {
-        Msg::EvalList(r) => Some(r.attempt_id.clone()),
-        Msg::RepoChecks(r) => Some(r.attempt_id.clone()),
-        Msg::EvalChunk(r) => Some(r.attempt_id.clone()),
-        Msg::Build(r) => Some(r.attempt_id.clone()),
-        _ => None,
-    }
-    .filter(|a| !a.is_empty())
 }

@@ -522,10 +522,7 @@ impl Nix {
                 full.push_str(&format!("error: {msg}\n"));
                 Err(classify_nix_failure(Some(1), &full, &msg))
             }
-            Err(e) => Err(conn
-                .aborted()
-                .await
-                .unwrap_or(Failure::Infra(e.to_string()))),
+            Err(e) => Err(conn.broken(e).await),
         };
         if reusable {
             pool.put(settings, conn);

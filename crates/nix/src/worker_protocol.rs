@@ -160,10 +160,18 @@ impl Conn {
         Ok(conn)
     }
 
+    /// The failure a build on this connection ends in when the connection broke with `e`:
+    /// the daemon's abort (below) when it was one, else the machine's.
+    pub(crate) async fn broken(&mut self, e: DaemonError) -> crate::messages::Failure {
+        self.aborted()
+            .await
+            .unwrap_or(crate::messages::Failure::Infra(e.to_string()))
+    }
+
     /// What broke a connection, when it was the daemon aborting on a failed assertion while
     /// it built (Nix 2.8 does, on a fixed-output derivation whose output refers to a store
     /// path): that build's own failure, not the machine's. Waits a moment for it to exit.
-    pub(crate) async fn aborted(&mut self) -> Option<crate::messages::Failure> {
+    async fn aborted(&mut self) -> Option<crate::messages::Failure> {
         use std::os::unix::process::ExitStatusExt as _;
         let status = tokio::time::timeout(std::time::Duration::from_secs(2), self.child.wait())
             .await

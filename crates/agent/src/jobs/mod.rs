@@ -62,6 +62,19 @@ pub(crate) fn cancelled_result(a: &pb::Assignment, why: &str) -> pb::AgentMessag
     }
 }
 
+/// The attempt a result message answers.
+pub(crate) fn result_attempt(m: &pb::AgentMessage) -> Option<String> {
+    use pb::agent_message::Msg;
+    match m.msg.as_ref()? {
+        Msg::EvalList(r) => Some(r.attempt_id.clone()),
+        Msg::RepoChecks(r) => Some(r.attempt_id.clone()),
+        Msg::EvalChunk(r) => Some(r.attempt_id.clone()),
+        Msg::Build(r) => Some(r.attempt_id.clone()),
+        _ => None,
+    }
+    .filter(|a| !a.is_empty())
+}
+
 /// A message that follows a job's result, for the same attempt (sent after it, in order).
 pub(crate) type FollowUp =
     std::pin::Pin<Box<dyn std::future::Future<Output = pb::AgentMessage> + Send>>;
