@@ -545,7 +545,7 @@ mod opinions_listing_tests;
 #[cfg(test)]
 mod opinions_tests;
 #[cfg(test)]
-mod queries_tests;
+pub(crate) mod queries_tests;
 #[cfg(test)]
 mod recovery_tests;
 #[cfg(test)]

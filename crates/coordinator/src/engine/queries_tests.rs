@@ -67,7 +67,7 @@ pub(super) fn run_events(engine: &Engine, run: &str) -> Vec<nixfarm_core::RunEve
 }
 
 /// A run of a flake's packages.x86_64-linux, no cache.
-pub(super) fn flake_run() -> RunSpec {
+pub(crate) fn flake_run() -> RunSpec {
     RunSpec {
         source: SourceSpec::FlakeRef("github:owner/repo".into()),
         attr_path: "packages.x86_64-linux".into(),

@@ -138,21 +138,7 @@ mod tests {
         let first = listed(web.clone()).await;
         assert!(first.is_empty());
         engine
-            .submit(crate::model::RunSpec {
-                source: crate::model::SourceSpec::FlakeRef("github:owner/repo".into()),
-                attr_path: "packages.x86_64-linux".into(),
-                label: "repo".into(),
-                cache: String::new(),
-                trusted_public_keys: vec![],
-                timeout_secs: 0,
-                max_silent_secs: 0,
-                attrs: vec![],
-                skip_cached: false,
-                skip_listing: false,
-                smoke: false,
-                cross_check_builds: false,
-                entry: Default::default(),
-            })
+            .submit(crate::engine::queries_tests::flake_run())
             .unwrap();
         let again = listed(web.clone()).await;
         assert!(
