@@ -3,7 +3,9 @@
 //! cookie; one count for all of them; the farm cache keeps a count of its own), an address
 //! is refused whatever needs a token, right token included, until its window ends (gRPC:
 //! RESOURCE_EXHAUSTED; HTTP: 429). Tokens are meant to be random secrets, so this is
-//! defence in depth against weak ones; clients behind one proxy share its address.
+//! defence in depth against weak ones; clients behind one proxy share its address. An IPv6
+//! address counts by its /64 prefix: one host is routinely given a whole /64, and could
+//! otherwise send each guess from an address of its own.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,6 +34,20 @@ pub struct Limiter {
     seen: Mutex<HashMap<IpAddr, Window>>,
 }
 
+/// What failures are counted under: an IPv4 address (also when it comes IPv4-mapped), or an
+/// IPv6 address's /64 prefix.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Window {
     start: Instant,
@@ -42,7 +58,7 @@ impl Limiter {
     /// None when `ip` may try a token at `now`; else how long until it may.
     pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
         let seen = self.seen.lock().ok()?;
-        let w = seen.get(&ip)?;
+        let w = seen.get(&source(ip))?;
         let left = WINDOW.checked_sub(now.saturating_duration_since(w.start))?;
         (w.failures >= MAX_FAILURES && !left.is_zero()).then_some(left)
     }
@@ -52,6 +68,7 @@ impl Limiter {
         let Ok(mut seen) = self.seen.lock() else {
             return;
         };
+        let ip = source(ip);
         if seen.len() >= MAX_TRACKED && !seen.contains_key(&ip) {
             seen.retain(|_, w| now.saturating_duration_since(w.start) < WINDOW);
             if seen.len() >= MAX_TRACKED
@@ -97,6 +114,29 @@ mod tests {
         assert_eq!(l.blocked(a, t0 + WINDOW), None);
         l.failed(a, t0 + WINDOW);
         assert_eq!(l.blocked(a, t0 + WINDOW), None);
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_prefix() {
+        let l = Limiter::default();
+        let t0 = Instant::now();
+        // Each guess from another address of one /64.
+        for i in 0..MAX_FAILURES {
+            let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            assert_eq!(l.blocked(ip, t0), None, "after {i} failures");
+            l.failed(ip, t0);
+        }
+        let fresh: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert!(l.blocked(fresh, t0).is_some(), "the whole /64 is held back");
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(l.blocked(other, t0), None, "the next /64 is not");
+        // An IPv4 address counts the same whether it comes mapped or not.
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            l.failed("::ffff:192.0.2.7".parse().unwrap(), t0);
+        }
+        assert!(l.blocked(v4, t0).is_some());
+        assert_eq!(l.blocked("192.0.2.8".parse().unwrap(), t0), None);
     }
 
     #[test]
