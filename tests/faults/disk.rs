@@ -135,3 +135,44 @@ fn an_agent_whose_disk_fills_up_while_evaluating_hands_the_evaluation_on() {
         "the full agent's evaluation failed for want of space"
     );
 }
+
+#[test]
+fn a_package_that_only_says_the_disk_is_full_pauses_no_agent() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
+    let (cache_url, sk, pk) = cache(dir.path());
+    let roomy = Host::new(&dir.path().join("roomy"));
+    let _agent = roomy
+        .start_agent("roomy", &coordinator.url, Some(&sk), 2)
+        .unwrap();
+    // A builder and an expression that print the words on a host with room to spare.
+    let repo = dir.path().join("liar");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        r#"{ outputs = { self }: let
+      mk = name: script: derivation { inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
+    in { packages.x86_64-linux = {
+      liar = mk "liar" "echo 'cp: error writing out: No space left on device' >&2; exit 1";
+      aborts = abort "writing to file: No space left on device";
+      fine = mk "fine" "echo fine > $out";
+    }; }; }"#,
+    )
+    .unwrap();
+    let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
+    // A paused agent would take nothing for 60 s: the run ends well before.
+    let report = wait_for_state(&coordinator.url, &run, "finished", Duration::from_secs(50));
+    let agents = stdout(&cli(&coordinator.url, &["agents"]));
+    assert!(!agents.contains("paused"), "{agents}");
+    let p = packages_by_attr(&report);
+    assert_eq!(p["fine"]["status"], "ready", "{report}");
+    assert_eq!(p["aborts"]["status"], "eval-failed", "{report}");
+    assert_eq!(p["liar"]["status"], "infra-failed", "{report}");
+    let why = p["liar"]["reason"].as_str().unwrap();
+    assert!(
+        why.contains("No space left on device")
+            && why.contains("MiB free in the store and its temporary directory: not taken as its disk being full"),
+        "{why}"
+    );
+}

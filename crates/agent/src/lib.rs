@@ -120,28 +120,12 @@ fn pause_reason(shared: &Shared) -> String {
         );
     }
     let min = shared.cfg.min_free_mib;
-    match free_mib(Path::new(STORE_DIR)) {
+    match nixfarm_nix::room::free_mib(Path::new(STORE_DIR)) {
         Some(free) if min > 0 && free < min => {
             format!("only {free} MiB free in {STORE_DIR} (min_free_mib = {min})")
         }
         _ => String::new(),
     }
-}
-
-/// Free space of the file system holding `path`, in MiB (None when it cannot be read).
-fn free_mib(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs; statvfs(3) writes
-    // only into it, and it is read only when the call succeeded.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: initialised by the successful call above.
-    let st = unsafe { st.assume_init() };
-    Some(st.f_bavail.saturating_mul(st.f_frsize) >> 20)
 }
 
 /// An agent, ready to run.

@@ -15,6 +15,7 @@ pub mod flake_inputs;
 pub mod isolation;
 pub mod messages;
 mod path_info;
+pub mod room;
 pub mod runner;
 mod store_query;
 pub mod text_path;

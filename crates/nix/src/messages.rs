@@ -174,6 +174,12 @@ pub enum Failure {
 /// no memory, no daemon) rather than about what it was asked to evaluate or build: such an
 /// error is worth retrying, elsewhere if need be, and says nothing about the package.
 pub fn is_machine_error(message: &str) -> bool {
+    is_disk_full(message) || is_machine_error_but_disk(message)
+}
+
+/// [`is_machine_error`] for anything but a full disk (whose words anyone can print: see
+/// [`crate::room`]).
+pub fn is_machine_error_but_disk(message: &str) -> bool {
     const MARKS: &[&str] = &[
         "database is locked",
         "Too many open files",
@@ -184,7 +190,6 @@ pub fn is_machine_error(message: &str) -> bool {
         "opening lock file",
     ];
     (message.contains("SQLite database") && message.contains("is busy"))
-        || is_disk_full(message)
         || is_transfer_error(message)
         || MARKS.iter().any(|m| message.contains(m))
         // Nix's own state (its database, GC roots, profiles), e.g. two processes racing to

@@ -2,7 +2,9 @@
 
 pub use crate::entry::Entry;
 pub use crate::eval::{AttrInfo, ListedAndEvaluated};
-use crate::messages::{Failure, classify_failure, first_error, is_machine_error};
+use crate::messages::{
+    Failure, classify_failure, first_error, is_disk_full, is_machine_error_but_disk,
+};
 pub use crate::path_info::{StorePathInfo, parse_path_infos};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -250,8 +252,14 @@ impl Nix {
                 )))
             }
             // The store or the machine failed, not the expression: retried, never reported
-            // as the package's own error.
-            Some(message) if is_machine_error(&message) => Err(NixError::Infra(message)),
+            // as the package's own error. A full disk only when this host's is (`abort`
+            // can say the words).
+            Some(message)
+                if is_machine_error_but_disk(&message)
+                    || (is_disk_full(&message) && crate::room::full_now()) =>
+            {
+                Err(NixError::Infra(message))
+            }
             Some(message) => Err(NixError::Failed {
                 message,
                 log: stderr,

@@ -161,7 +161,9 @@ pub(super) async fn build(
     let prepared = started.elapsed();
     let limit = shared.cfg.log_limit_bytes;
     let mut sent = 0usize;
+    let disk = super::disk::DiskWatch::default();
     let on_log = |chunk: &[u8]| {
+        disk.observe(chunk);
         // Live log, capped per job; the tail always travels with the result.
         if sent < limit {
             let n = chunk.len().min(limit - sent);
@@ -198,7 +200,11 @@ pub(super) async fn build(
             cache: p,
             claims: Claims::new(shared, channel, &cache),
         });
-        return super::check::check(shared, this, &opts, from, publish, cancel, on_log).await;
+        let log = super::disk::Logged {
+            sink: on_log,
+            disk: &disk,
+        };
+        return super::check::check(shared, this, &opts, from, publish, cancel, log).await;
     }
     let run = shared
         .nix
@@ -321,7 +327,7 @@ pub(super) async fn build(
             r.specified_hash = m.specified;
             r.got_hash = m.got;
         }
-        Err(f) => (r.status, r.message) = failed(shared, f),
+        Err(f) => (r.status, r.message) = failed(shared, f, &disk),
     }
     r
 }
@@ -351,8 +357,8 @@ pub(super) fn result_of(run: &nixfarm_nix::BuildRun) -> pb::BuildResult {
 }
 
 /// A build's failure as the coordinator is told it: (status, message). A full disk also
-/// pauses this agent.
-pub(super) fn failed(shared: &Shared, f: Failure) -> (i32, String) {
+/// pauses this agent, when its free space (`disk`: while the log said so, or now) agrees.
+pub(super) fn failed(shared: &Shared, f: Failure, disk: &super::disk::DiskWatch) -> (i32, String) {
     let (status, message) = match f {
         Failure::HashMismatch(m) => (
             pb::BuildStatus::HashMismatch,
@@ -361,13 +367,24 @@ pub(super) fn failed(shared: &Shared, f: Failure) -> (i32, String) {
         Failure::TimedOut(m) => (pb::BuildStatus::TimedOut, m),
         Failure::BuildFailed(m) => (pb::BuildStatus::Failed, m),
         Failure::NotDeterministic(m) => (pb::BuildStatus::NotReproducible, m),
-        Failure::DiskFull(m) => {
-            pause_for_full_disk(shared);
-            (
+        Failure::DiskFull(m) => match disk.confirms(shared) {
+            Ok(()) => {
+                pause_for_full_disk(shared);
+                (
+                    pb::BuildStatus::InfraFailed,
+                    format!("agent {} ran out of disk space: {m}", shared.cfg.name),
+                )
+            }
+            // Retried, as a full disk elsewhere (a file system of the builder's own) may be
+            // the machine's; but this agent goes on taking work.
+            Err(free) => (
                 pb::BuildStatus::InfraFailed,
-                format!("agent {} ran out of disk space: {m}", shared.cfg.name),
-            )
-        }
+                format!(
+                    "the build said \"{m}\", but agent {} had {free} MiB free in the store and its temporary directory: not taken as its disk being full",
+                    shared.cfg.name
+                ),
+            ),
+        },
         Failure::Infra(m) => (pb::BuildStatus::InfraFailed, m),
     };
     (status as i32, message)

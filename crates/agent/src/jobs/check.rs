@@ -73,8 +73,12 @@ pub(super) async fn check(
     from: Checked<'_>,
     publish: Option<Publish<'_>>,
     cancel: CancellationToken,
-    mut on_log: impl FnMut(&[u8]) + Send,
+    log: super::disk::Logged<'_, impl FnMut(&[u8]) + Send>,
 ) -> pb::BuildResult {
+    let super::disk::Logged {
+        sink: mut on_log,
+        disk,
+    } = log;
     let infra = |message: String| pb::BuildResult {
         status: pb::BuildStatus::InfraFailed as i32,
         message,
@@ -208,7 +212,7 @@ pub(super) async fn check(
             }
             r.outputs = reported;
         }
-        Err(f) => (r.status, r.message) = super::build::failed(shared, f),
+        Err(f) => (r.status, r.message) = super::build::failed(shared, f, disk),
     }
     r
 }

@@ -19,6 +19,7 @@ mod assigned;
 mod build;
 mod check;
 mod claims;
+mod disk;
 mod eval;
 pub(crate) mod output_locks;
 mod prewarm;
@@ -239,10 +240,17 @@ fn pause_for_full_disk(shared: &Shared) {
     }
 }
 
-/// [`pause_for_full_disk`] when a failed evaluation's error says the disk is full.
+/// [`pause_for_full_disk`] when a failed evaluation's error says the disk is full and this
+/// host's free space agrees (an expression can `abort` with the words).
 fn pause_if_disk_full(shared: &Shared, error: &str) {
     if nixfarm_nix::messages::is_disk_full(error) {
-        pause_for_full_disk(shared);
+        match disk::confirmed(shared, None) {
+            Ok(()) => pause_for_full_disk(shared),
+            Err(free) => tracing::warn!(
+                free_mib = free,
+                "an evaluation said the disk is full, but this host has room: not pausing"
+            ),
+        }
     }
 }
 
