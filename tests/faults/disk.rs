@@ -12,6 +12,26 @@ fn tiny_agent(dir: &std::path::Path, url: &str, sk: &std::path::Path) -> (Host, 
     (tiny, agent)
 }
 
+/// A flake `name` under `dir` whose packages are `body` (Nix bindings), with `mk NAME
+/// SCRIPT` at hand: a derivation running SCRIPT with /bin/sh.
+fn flake(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+    let repo = dir.join(name);
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{ outputs = {{ self }}: let
+      mk = name: script: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; }};
+    in {{ packages.x86_64-linux = {{
+{body}
+    }}; }}; }}"#
+        ),
+    )
+    .unwrap();
+    repo
+}
+
 #[test]
 fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
     let dir = scratch();
@@ -19,19 +39,12 @@ fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
     let (cache_url, sk, pk) = cache(dir.path());
     // 48 MiB of store, and a package that writes 64 MiB.
     let _tiny = tiny_agent(dir.path(), &coordinator.url, &sk);
-    let repo = dir.path().join("big");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(
-        repo.join("flake.nix"),
-        r#"{ outputs = { self }: let
-      mk = name: script: derivation { inherit name; system = "x86_64-linux"; builder = "/bin/sh";
-        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
-    in { packages.x86_64-linux = {
-      big = mk "big" "head -c 67108864 /dev/zero > $out";
-      small = mk "small" "echo small > $out";
-    }; }; }"#,
-    )
-    .unwrap();
+    let repo = flake(
+        dir.path(),
+        "big",
+        r#"      big = mk "big" "head -c 67108864 /dev/zero > $out";
+      small = mk "small" "echo small > $out";"#,
+    );
     let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
     let watcher = watch_json(&coordinator.url, &run);
     // The build fails for want of space, and the agent stops taking work.
@@ -146,20 +159,13 @@ fn a_package_that_only_says_the_disk_is_full_pauses_no_agent() {
         .start_agent("roomy", &coordinator.url, Some(&sk), 2)
         .unwrap();
     // A builder and an expression that print the words on a host with room to spare.
-    let repo = dir.path().join("liar");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(
-        repo.join("flake.nix"),
-        r#"{ outputs = { self }: let
-      mk = name: script: derivation { inherit name; system = "x86_64-linux"; builder = "/bin/sh";
-        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
-    in { packages.x86_64-linux = {
-      liar = mk "liar" "echo 'cp: error writing out: No space left on device' >&2; exit 1";
+    let repo = flake(
+        dir.path(),
+        "liar",
+        r#"      liar = mk "liar" "echo 'cp: error writing out: No space left on device' >&2; exit 1";
       aborts = abort "writing to file: No space left on device";
-      fine = mk "fine" "echo fine > $out";
-    }; }; }"#,
-    )
-    .unwrap();
+      fine = mk "fine" "echo fine > $out";"#,
+    );
     let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
     // A paused agent would take nothing for 60 s: the run ends well before.
     let report = wait_for_state(&coordinator.url, &run, "finished", Duration::from_secs(50));
