@@ -150,7 +150,7 @@ fn an_agent_whose_disk_fills_up_while_evaluating_hands_the_evaluation_on() {
 }
 
 #[test]
-fn a_package_that_only_says_the_disk_is_full_pauses_no_agent() {
+fn a_package_that_only_says_the_machine_failed_pauses_no_agent_and_fails_alone() {
     let dir = scratch();
     let coordinator = Coordinator::start(&dir.path().join("coordinator")).unwrap();
     let (cache_url, sk, pk) = cache(dir.path());
@@ -158,12 +158,14 @@ fn a_package_that_only_says_the_disk_is_full_pauses_no_agent() {
     let _agent = roomy
         .start_agent("roomy", &coordinator.url, Some(&sk), 2)
         .unwrap();
-    // A builder and an expression that print the words on a host with room to spare.
+    // A builder and expressions that print a machine's words, on a host with room to
+    // spare and a store that is not busy.
     let repo = flake(
         dir.path(),
         "liar",
         r#"      liar = mk "liar" "echo 'cp: error writing out: No space left on device' >&2; exit 1";
       aborts = abort "writing to file: No space left on device";
+      busy = throw "SQLite database '/nix/var/nix/db/db.sqlite' is busy";
       fine = mk "fine" "echo fine > $out";"#,
     );
     let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
@@ -174,6 +176,12 @@ fn a_package_that_only_says_the_disk_is_full_pauses_no_agent() {
     let p = packages_by_attr(&report);
     assert_eq!(p["fine"]["status"], "ready", "{report}");
     assert_eq!(p["aborts"]["status"], "eval-failed", "{report}");
+    // Not retried as an outage until the run fails: the package's own failure.
+    assert_eq!(p["busy"]["status"], "eval-failed", "{report}");
+    assert!(
+        p["busy"]["reason"].as_str().unwrap().contains("is busy"),
+        "{report}"
+    );
     assert_eq!(p["liar"]["status"], "infra-failed", "{report}");
     let why = p["liar"]["reason"].as_str().unwrap();
     assert!(

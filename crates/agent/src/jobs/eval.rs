@@ -122,9 +122,13 @@ pub(super) async fn eval_isolated(
     let limit = shared.nix.eval_deadline;
     let mut out = BTreeMap::new();
     let mut pending = groups;
+    // Attributes `tryEval` caught: they throw (or fail an assertion), whatever their message
+    // says. Nix's own failures (the store's, the machine's) are never caught by it.
+    let mut thrown: std::collections::HashSet<String> = std::collections::HashSet::new();
     while !pending.is_empty() {
         let mut set = tokio::task::JoinSet::new();
         for group in pending.drain(..) {
+            let alone = group.len() == 1 && thrown.contains(&group[0]);
             let (shared, entry, attr_path, sem) = (
                 shared.clone(),
                 entry.clone(),
@@ -133,9 +137,9 @@ pub(super) async fn eval_isolated(
             );
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                // A group catches what throws; one attribute alone is evaluated as it is,
-                // for the message of its failure.
-                let r = if group.len() == 1 {
+                // A group catches what throws; one attribute caught is evaluated again as
+                // it is, alone, for the message of its failure.
+                let r = if alone {
                     shared
                         .nix
                         .eval_attrs(&entry, &attr_path, &group, mem)
@@ -161,9 +165,17 @@ pub(super) async fn eval_isolated(
                                 out.insert(k, Ok(info));
                             }
                             // Caught in a group: alone again, for its message.
-                            None => pending.push(vec![k]),
+                            None => {
+                                thrown.insert(k.clone());
+                                pending.push(vec![k]);
+                            }
                         }
                     }
+                }
+                // Caught before, it throws: a message that reads like the machine's (`throw
+                // "database is locked"`) is its own words, not retried as an outage.
+                Err(NixError::Infra(message)) if group.len() == 1 && thrown.contains(&group[0]) => {
+                    out.insert(group[0].clone(), Err(message));
                 }
                 // An attribute that throws, or that runs past the memory cap, is the
                 // attribute's own failure: isolated, while the others go on.
