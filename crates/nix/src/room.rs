@@ -46,6 +46,13 @@ pub fn full_now() -> bool {
     least_free_mib().is_none_or(|free| free < BELIEVED_BELOW_MIB)
 }
 
+/// Whether an error Nix printed is the machine's ([`crate::messages::is_machine_error`]),
+/// a full disk only when this host's is ([`full_now`]).
+pub fn machine_error_here(message: &str) -> bool {
+    use crate::messages::{is_disk_full, is_machine_error_but_disk};
+    is_machine_error_but_disk(message) || (is_disk_full(message) && full_now())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

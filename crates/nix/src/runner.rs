@@ -2,9 +2,7 @@
 
 pub use crate::entry::Entry;
 pub use crate::eval::{AttrInfo, ListedAndEvaluated};
-use crate::messages::{
-    Failure, classify_failure, first_error, is_disk_full, is_machine_error_but_disk,
-};
+use crate::messages::{Failure, classify_failure, first_error};
 pub use crate::path_info::{StorePathInfo, parse_path_infos};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -254,10 +252,7 @@ impl Nix {
             // The store or the machine failed, not the expression: retried, never reported
             // as the package's own error. A full disk only when this host's is (`abort`
             // can say the words).
-            Some(message)
-                if is_machine_error_but_disk(&message)
-                    || (is_disk_full(&message) && crate::room::full_now()) =>
-            {
+            Some(message) if crate::room::machine_error_here(&message) => {
                 Err(NixError::Infra(message))
             }
             Some(message) => Err(NixError::Failed {
