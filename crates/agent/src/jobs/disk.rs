@@ -45,15 +45,20 @@ impl DiskWatch {
         let Ok(mut w) = self.inner.lock() else {
             return;
         };
-        let mut text = std::mem::take(&mut w.carry);
-        text.extend_from_slice(chunk);
-        let says = nixfarm_nix::messages::is_disk_full(&String::from_utf8_lossy(&text));
+        // The chunk as it is (no copy of a build's whole log), and where it meets the
+        // previous one.
+        let says_in = |b: &[u8]| nixfarm_nix::messages::is_disk_full(&String::from_utf8_lossy(b));
+        let mut edge = std::mem::take(&mut w.carry);
+        edge.extend_from_slice(&chunk[..chunk.len().min(CARRY)]);
+        let says = says_in(chunk) || says_in(&edge);
         // Kept for the next chunk only when the words were not found (found, they are
         // not counted twice).
         w.carry = if says {
             Vec::new()
+        } else if chunk.len() >= CARRY {
+            chunk[chunk.len() - CARRY..].to_vec()
         } else {
-            text[text.len().saturating_sub(CARRY)..].to_vec()
+            edge[edge.len().saturating_sub(CARRY)..].to_vec()
         };
         if says && w.samples < MAX_SAMPLES {
             w.samples += 1;
