@@ -638,23 +638,35 @@ http {{
     (proc, port)
 }
 
-/// A flake in `dir/repo` of two packages: `stable`, whose output is the same whoever builds
-/// it, and `stamp`, which writes the time into its output (not reproducible).
-pub fn stable_and_stamp_repo(dir: &Path) -> PathBuf {
-    let repo = dir.join("repo");
+/// A flake `name` under `dir` whose packages are `body` (Nix bindings), with `mk NAME
+/// SCRIPT` at hand: a derivation running SCRIPT with /bin/sh.
+pub fn sh_flake(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let repo = dir.join(name);
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::write(
         repo.join("flake.nix"),
-        r#"{ outputs = { self }: let
-      mk = name: script: derivation { inherit name; system = "x86_64-linux";
-        builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" script ]; };
-    in { packages.x86_64-linux = {
-      stable = mk "stable" "echo stable > $out";
-      stamp = mk "stamp" "date +%s%N > $out";
-    }; }; }"#,
+        format!(
+            r#"{{ outputs = {{ self }}: let
+      mk = name: script: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; }};
+    in {{ packages.x86_64-linux = {{
+{body}
+    }}; }}; }}"#
+        ),
     )
     .unwrap();
     repo
+}
+
+/// A flake in `dir/repo` of two packages: `stable`, whose output is the same whoever builds
+/// it, and `stamp`, which writes the time into its output (not reproducible).
+pub fn stable_and_stamp_repo(dir: &Path) -> PathBuf {
+    sh_flake(
+        dir,
+        "repo",
+        r#"      stable = mk "stable" "echo stable > $out";
+      stamp = mk "stamp" "date +%s%N > $out";"#,
+    )
 }
 
 /// A run of [`stable_and_stamp_repo`] with cross-checked builds ended as it should:

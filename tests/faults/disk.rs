@@ -12,26 +12,6 @@ fn tiny_agent(dir: &std::path::Path, url: &str, sk: &std::path::Path) -> (Host, 
     (tiny, agent)
 }
 
-/// A flake `name` under `dir` whose packages are `body` (Nix bindings), with `mk NAME
-/// SCRIPT` at hand: a derivation running SCRIPT with /bin/sh.
-fn flake(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
-    let repo = dir.join(name);
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(
-        repo.join("flake.nix"),
-        format!(
-            r#"{{ outputs = {{ self }}: let
-      mk = name: script: derivation {{ inherit name; system = "x86_64-linux"; builder = "/bin/sh";
-        PATH = "/usr/bin:/bin"; args = [ "-c" script ]; }};
-    in {{ packages.x86_64-linux = {{
-{body}
-    }}; }}; }}"#
-        ),
-    )
-    .unwrap();
-    repo
-}
-
 #[test]
 fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
     let dir = scratch();
@@ -39,7 +19,7 @@ fn an_agent_whose_disk_fills_up_hands_the_build_on_and_takes_no_more_work() {
     let (cache_url, sk, pk) = cache(dir.path());
     // 48 MiB of store, and a package that writes 64 MiB.
     let _tiny = tiny_agent(dir.path(), &coordinator.url, &sk);
-    let repo = flake(
+    let repo = sh_flake(
         dir.path(),
         "big",
         r#"      big = mk "big" "head -c 67108864 /dev/zero > $out";
@@ -160,7 +140,7 @@ fn a_package_that_only_says_the_machine_failed_pauses_no_agent_and_fails_alone()
         .unwrap();
     // A builder and expressions that print a machine's words, on a host with room to
     // spare and a store that is not busy.
-    let repo = flake(
+    let repo = sh_flake(
         dir.path(),
         "liar",
         r#"      liar = mk "liar" "echo 'cp: error writing out: No space left on device' >&2; exit 1";
