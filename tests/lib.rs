@@ -542,6 +542,13 @@ pub fn wait_for_state(
             &["report", run, "--format", "json"],
         )))
         .ok()?;
+        // Ended otherwise: waiting longer would only hide why.
+        let ended = ["finished", "failed", "cancelled"].contains(&r["state"].as_str()?);
+        assert!(
+            r["state"] == state || !ended,
+            "run {run} ended {} instead of {state}: {r}",
+            r["state"]
+        );
         (r["state"] == state).then_some(r)
     })
 }

@@ -146,6 +146,7 @@ fn a_package_that_only_says_the_machine_failed_pauses_no_agent_and_fails_alone()
         r#"      liar = mk "liar" "echo 'cp: error writing out: No space left on device' >&2; exit 1";
       aborts = abort "writing to file: No space left on device";
       busy = throw "SQLite database '/nix/var/nix/db/db.sqlite' is busy";
+      locked = abort "error: database is locked";
       fine = mk "fine" "echo fine > $out";"#,
     );
     let run = submit_shared(&coordinator.url, &repo, &cache_url, &pk);
@@ -160,6 +161,16 @@ fn a_package_that_only_says_the_machine_failed_pauses_no_agent_and_fails_alone()
     assert_eq!(p["busy"]["status"], "eval-failed", "{report}");
     assert!(
         p["busy"]["reason"].as_str().unwrap().contains("is busy"),
+        "{report}"
+    );
+    // Nix's words, where `tryEval` cannot catch them: the package's, for the others
+    // evaluate on the same machine.
+    assert_eq!(p["locked"]["status"], "eval-failed", "{report}");
+    assert!(
+        p["locked"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("database is locked"),
         "{report}"
     );
     assert_eq!(p["liar"]["status"], "infra-failed", "{report}");

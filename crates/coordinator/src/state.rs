@@ -120,6 +120,9 @@ pub trait StateStore: Send {
     fn running_attempts(&self) -> StateResult<Vec<AttemptRow>>;
     fn build_attempts(&self, run: &str, drv: &str) -> StateResult<i64>;
     fn failed_attempts(&self, run: &str, kind: AttemptKind) -> StateResult<i64>;
+    /// Whether an agent that failed evaluation task `task` of `run` evaluated another of its
+    /// tasks: that machine evaluates, so the task's failure is its own.
+    fn failed_where_others_evaluated(&self, run: &str, task: i64) -> StateResult<bool>;
     fn lost_attempts(&self, run: &str, target: &str) -> StateResult<i64>;
     // Events.
     fn append_event(&mut self, run: &str, kind: &str, json: &str) -> StateResult<i64>;
@@ -251,6 +254,7 @@ delegate! {
     r fn running_attempts() -> Vec<AttemptRow>;
     r fn build_attempts(run: &str, drv: &str) -> i64;
     r fn failed_attempts(run: &str, kind: AttemptKind) -> i64;
+    r fn failed_where_others_evaluated(run: &str, task: i64) -> bool;
     r fn lost_attempts(run: &str, target: &str) -> i64;
     w fn append_event(run: &str, kind: &str, json: &str) -> i64;
     r fn events_after(run: &str, after: i64) -> Vec<(i64, String, String)>;

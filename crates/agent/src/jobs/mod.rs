@@ -21,6 +21,7 @@ mod check;
 mod claims;
 mod disk;
 mod eval;
+mod isolate;
 pub(crate) mod output_locks;
 mod prewarm;
 mod route;

@@ -178,6 +178,9 @@ impl Engine {
             inner.db.failed_attempts(run_id, AttemptKind::EvalList)?
         };
         if failures > self.opts.max_infra_retries {
+            if task_no >= 0 {
+                return self.park_eval(inner, run_id, task_no, msg);
+            }
             return self.fail_run(
                 inner,
                 run_id,
@@ -253,7 +256,7 @@ impl Engine {
 
     /// An evaluated task: recorded, its derivations added to the graph, building started
     /// when it was the last.
-    fn accept_chunk(
+    pub(super) fn accept_chunk(
         &self,
         inner: &mut Inner,
         run_id: &str,
@@ -295,6 +298,8 @@ impl Engine {
         );
         if done >= total {
             self.start_building(inner, &run_id)?;
+        } else {
+            self.settle_parked(inner, &run_id)?;
         }
         Ok(())
     }

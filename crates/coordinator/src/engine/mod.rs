@@ -79,6 +79,9 @@ struct RunMem {
     done_builds: u64,
     /// Attribute names of each evaluation task.
     chunk_attrs: HashMap<i64, Vec<String>>,
+    /// Evaluation tasks that kept failing with the machine's words, and the last message:
+    /// settled once the run's other tasks are (`eval_parked`).
+    parked_eval: BTreeMap<i64, String>,
     /// Cross-checked evaluation: the first answer to each task awaiting a second (task -1:
     /// the listing).
     opinions: HashMap<i64, EvalOpinion>,
@@ -393,6 +396,7 @@ impl RunMem {
             smoke: HashMap::new(),
             done_builds: 0,
             chunk_attrs: HashMap::new(),
+            parked_eval: BTreeMap::new(),
             opinions: HashMap::new(),
             opinion_since: HashMap::new(),
             checks: HashMap::new(),
@@ -513,6 +517,7 @@ mod claims;
 mod cutoff;
 mod dispatch;
 mod eval;
+mod eval_parked;
 mod fixes;
 mod leases;
 mod options;
@@ -544,6 +549,8 @@ mod lifecycle_tests;
 mod opinions_listing_tests;
 #[cfg(test)]
 mod opinions_tests;
+#[cfg(test)]
+mod parked_tests;
 #[cfg(test)]
 pub(crate) mod queries_tests;
 #[cfg(test)]

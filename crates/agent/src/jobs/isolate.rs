@@ -1,0 +1,221 @@
+//! Evaluation in isolation: attributes in groups, one Nix process each, bisected until one broken attribute (a throw, the memory cap, a hang, the machine's words from an expression) hides no other.
+
+use super::*;
+
+/// Parts a group past its time or output limit is split into at once (each attribute alone,
+/// for groups up to this size): each part's Nix process evaluates the repository's common
+/// part again.
+const SPLIT_WAYS: usize = 32;
+
+/// Evaluates attributes in groups, one Nix process each. An attribute that throws is caught
+/// within its group and evaluated again alone, for its message; a group that fails as a whole
+/// (an error `tryEval` cannot catch) is split in two until each failing attribute stands
+/// alone. One past its time limit names the attribute it was on (Nix marks each as it
+/// starts on it): that one failed, when it had nine tenths of the limit to itself, else it
+/// runs alone; the others go on. Without a mark the group is split into its attributes at
+/// once. Either way one broken attribute never hides the others.
+pub(super) async fn eval_isolated(
+    shared: &Arc<Shared>,
+    entry: &Entry,
+    attr_path: &str,
+    groups: Vec<Vec<String>>,
+    mem: u64,
+) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(shared.cfg.eval_workers.max(1)));
+    let limit = shared.nix.eval_deadline;
+    let mut out = BTreeMap::new();
+    let mut pending = groups;
+    // Attributes `tryEval` caught: they throw (or fail an assertion), whatever their message
+    // says. Nix's own failures (the store's, the machine's) are never caught by it.
+    let mut thrown: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Attributes that failed alone with Nix's words for a machine failure: how often, and
+    // the last message. An expression can print those words where `tryEval` cannot catch
+    // them (`abort "database is locked"`), so a group failing so is bisected like any other.
+    let mut suspects: BTreeMap<String, (u32, String)> = BTreeMap::new();
+    let mut round = 0u32;
+    while !pending.is_empty() {
+        let mut set = tokio::task::JoinSet::new();
+        let mut machine_failed: Option<String> = None;
+        // Whether any process of this round got further than the machine's words.
+        let mut evaluating = false;
+        for group in pending.drain(..) {
+            let alone = group.len() == 1 && thrown.contains(&group[0]);
+            // A suspect evaluated again waits a little: a real outage (a lock held, a
+            // daemon restarting) may pass meanwhile.
+            let pause = match group.as_slice() {
+                [a] => suspects.get(a).map_or(0, |(n, _)| *n),
+                _ => 0,
+            };
+            let (shared, entry, attr_path, sem) = (
+                shared.clone(),
+                entry.clone(),
+                attr_path.to_string(),
+                sem.clone(),
+            );
+            set.spawn(async move {
+                tokio::time::sleep(SUSPECT_PAUSE * pause).await;
+                let _permit = sem.acquire_owned().await;
+                // A group catches what throws; one attribute caught is evaluated again as
+                // it is, alone, for the message of its failure.
+                let r = if alone {
+                    shared
+                        .nix
+                        .eval_attrs(&entry, &attr_path, &group, mem)
+                        .await
+                        .map(|m| m.into_iter().map(|(k, v)| (k, Some(v))).collect())
+                } else {
+                    shared
+                        .nix
+                        .eval_attrs_caught(&entry, &attr_path, &group, mem)
+                        .await
+                };
+                (group, r)
+            });
+        }
+        while let Some(joined) = set.join_next().await {
+            let (group, r) =
+                joined.map_err(|e| NixError::Infra(format!("evaluation task failed: {e}")))?;
+            evaluating |= !matches!(r, Err(NixError::Infra(_)));
+            match r {
+                Ok(map) => {
+                    for (k, v) in map {
+                        match v {
+                            Some(info) => {
+                                out.insert(k, Ok(info));
+                            }
+                            // Caught in a group: alone again, for its message.
+                            None => {
+                                thrown.insert(k.clone());
+                                pending.push(vec![k]);
+                            }
+                        }
+                    }
+                }
+                // Caught before, it throws: a message that reads like the machine's (`throw
+                // "database is locked"`) is its own words, not retried as an outage.
+                Err(NixError::Infra(message)) if group.len() == 1 && thrown.contains(&group[0]) => {
+                    out.insert(group[0].clone(), Err(message));
+                }
+                // An attribute that throws, or that runs past the memory cap, is the
+                // attribute's own failure: isolated, while the others go on.
+                Err(NixError::Failed { message, .. } | NixError::OutOfMemory(message))
+                    if group.len() == 1 =>
+                {
+                    out.insert(group[0].clone(), Err(message));
+                }
+                Err(NixError::TooLong(message) | NixError::TooLongAt { message, .. })
+                    if group.len() == 1 =>
+                {
+                    out.insert(group[0].clone(), Err(message));
+                }
+                // Stopped on one attribute (the last Nix marked starting). When those before
+                // it took at most a tenth of the limit, it had the rest to itself: its own
+                // failure, as alone (a hanging attribute costs the limit once). Else it may
+                // be slow rather than stuck: alone, with the whole limit. Those evaluated
+                // before it go again together; the rest as below.
+                Err(NixError::TooLongAt {
+                    attr, before, done, ..
+                }) if group.contains(&attr) => {
+                    if before <= limit / 10 {
+                        out.insert(
+                            attr.clone(),
+                            Err(format!(
+                                "evaluation did not end within the limit of {} s (the agent's eval_timeout_secs; the attributes evaluated before it in its process took {} s of it)",
+                                limit.as_secs(),
+                                before.as_secs()
+                            )),
+                        );
+                    } else {
+                        pending.push(vec![attr.clone()]);
+                    }
+                    let others: Vec<String> = group
+                        .into_iter()
+                        .filter(|a| *a != attr && !done.contains(a))
+                        .collect();
+                    let done: Vec<String> = done.into_iter().filter(|a| *a != attr).collect();
+                    if !done.is_empty() {
+                        pending.push(done);
+                    }
+                    if !others.is_empty() {
+                        let size = others.len().div_ceil(SPLIT_WAYS);
+                        pending.extend(others.chunks(size).map(<[String]>::to_vec));
+                    }
+                }
+                // Past the time or output limit together: each alone at once, side by side
+                // (a large group in at most SPLIT_WAYS parts). Halving would cost the limit
+                // once per level (five hours for a group of 16 with one hanging
+                // attribute); this costs it twice, and the rest are not blamed for it.
+                Err(NixError::TooLong(_) | NixError::TooLongAt { .. }) => {
+                    let size = group.len().div_ceil(SPLIT_WAYS);
+                    pending.extend(group.chunks(size).map(<[String]>::to_vec));
+                }
+                Err(NixError::Failed { .. } | NixError::OutOfMemory(_)) => {
+                    let mid = group.len() / 2;
+                    pending.push(group[..mid].to_vec());
+                    pending.push(group[mid..].to_vec());
+                }
+                // The machine's words: bisected, and an attribute failing so alone is tried
+                // again, up to SUSPECT_TRIES times (what it is is settled below).
+                Err(NixError::Infra(message)) => {
+                    if let [attr] = group.as_slice() {
+                        let tries = suspects.entry(attr.clone()).or_default();
+                        tries.0 += 1;
+                        tries.1.clone_from(&message);
+                        if tries.0 < SUSPECT_TRIES {
+                            pending.push(group);
+                        }
+                    } else {
+                        let mid = group.len() / 2;
+                        pending.push(group[..mid].to_vec());
+                        pending.push(group[mid..].to_vec());
+                    }
+                    machine_failed.get_or_insert(message);
+                }
+            }
+        }
+        // Split once and still nothing evaluates: the machine, not an attribute.
+        let evaluated_here = !thrown.is_empty() || out.values().any(Result::is_ok);
+        if let Some(message) = machine_failed
+            && round > 0
+            && !evaluating
+            && !evaluated_here
+        {
+            return Err(NixError::Infra(message));
+        }
+        round += 1;
+    }
+    settle_suspects(&mut out, &thrown, suspects)?;
+    Ok(out)
+}
+
+/// How often an attribute failing alone with the machine's words is evaluated, and how long
+/// each try waits more than the one before.
+const SUSPECT_TRIES: u32 = 3;
+const SUSPECT_PAUSE: Duration = Duration::from_millis(300);
+
+/// Attributes that failed alone every time with the machine's words, while others evaluated
+/// on this machine in the same task: their own failure (an `abort` worded so). A full disk is
+/// never theirs (its words count only when this host's disk is full: `room`), and without
+/// another attribute evaluated here the machine is blamed, for the task to go elsewhere.
+fn settle_suspects(
+    out: &mut BTreeMap<String, Result<AttrInfo, String>>,
+    thrown: &std::collections::HashSet<String>,
+    suspects: BTreeMap<String, (u32, String)>,
+) -> Result<(), NixError> {
+    let evaluated = out.values().filter(|r| r.is_ok()).count() + thrown.len();
+    for (attr, (tries, message)) in suspects {
+        if out.contains_key(&attr) {
+            continue;
+        }
+        if evaluated == 0 || nixfarm_nix::messages::is_disk_full(&message) {
+            return Err(NixError::Infra(message));
+        }
+        out.insert(
+            attr,
+            Err(format!(
+                "{message} (Nix's words for a failure of the machine, but this attribute failed so alone {tries} times while {evaluated} other attributes evaluated on the same machine: taken as its own failure)"
+            )),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! Evaluation tasks that kept failing with the machine's words: parked until the run's other
+//! tasks have settled, then blamed on their attributes or on the farm.
+//!
+//! Nix's words for a failing machine ("database is locked") are retried as an outage, but an
+//! expression can print them where `tryEval` cannot catch them (`abort`). An agent bisects
+//! such a failure among a task's attributes itself; a task of one attribute has nothing
+//! there to compare with. Here the comparison is across the run: when an agent that failed
+//! the task evaluated another of the run's tasks, its machine works, and the task's
+//! attributes fail alone (`eval-failed`) instead of the whole run.
+
+use super::*;
+
+impl Engine {
+    /// A task past its retries: parked, and settled now if nothing else is still evaluating.
+    pub(super) fn park_eval(
+        &self,
+        inner: &mut Inner,
+        run_id: &str,
+        task: i64,
+        msg: &str,
+    ) -> Result<(), EngineError> {
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        tracing::warn!(
+            run = run_id,
+            task,
+            "evaluation task kept failing on agents, parked until the others settle: {msg}"
+        );
+        run.parked_eval.insert(task, msg.to_string());
+        self.settle_parked(inner, run_id)
+    }
+
+    /// Once every other task of the run is done (or parked too): each parked task is
+    /// blamed on its attributes when an agent that failed it evaluated others, else the run
+    /// fails as the farm's.
+    pub(super) fn settle_parked(&self, inner: &mut Inner, run_id: &str) -> Result<(), EngineError> {
+        let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
+            return Ok(());
+        };
+        let total = run.eval_tasks_total.unwrap_or(0);
+        if run.parked_eval.is_empty()
+            || run.state.is_terminal()
+            || run.eval_tasks_done.len() + run.parked_eval.len() < total
+        {
+            return Ok(());
+        }
+        // Taken out whole: accepting one below must not settle the others again.
+        let parked = std::mem::take(&mut run.parked_eval);
+        let mut blamed = Vec::new();
+        for (task, msg) in parked {
+            if !inner.db.failed_where_others_evaluated(run_id, task)? {
+                return self.fail_run(
+                    inner,
+                    run_id,
+                    &format!("evaluation kept failing on agents: {msg}"),
+                );
+            }
+            blamed.push((task, msg));
+        }
+        for (task, msg) in blamed {
+            let attrs = inner
+                .runs
+                .iter()
+                .find(|r| r.id == run_id)
+                .and_then(|r| r.chunk_attrs.get(&task))
+                .cloned()
+                .unwrap_or_default();
+            let failures = self.opts.max_infra_retries + 1;
+            let attrs = attrs
+                .into_iter()
+                .map(|attr| EvaluatedAttr {
+                    attr,
+                    info: PackageInfo {
+                        eval_error: format!(
+                            "{msg} (Nix's words for a failure of the machine, but its evaluation failed so {failures} times on agents that evaluated the run's other packages: taken as its own failure)"
+                        ),
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            self.accept_chunk(inner, run_id, task, attrs, BTreeMap::new())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Evaluation tasks that keep failing with the machine's words (`eval_parked`): the task's
+//! own failure when its agent evaluates the run's other tasks, the farm's otherwise.
+
+use super::tests::{assigned, flake_run, registration, test_engine};
+use super::*;
+
+/// An engine with one retry and one attribute per task, and agent `a` with two evaluation
+/// slots, asked to evaluate `names`. Returns the run and what `a` is sent.
+fn listed(names: &[&str]) -> (Engine, tempfile::TempDir, String, Agent) {
+    let (engine, _clock, dir) = test_engine(EngineOptions {
+        eval_chunk_size: 1,
+        max_infra_retries: 1,
+        ..Default::default()
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut reg = registration("a", "");
+    reg.max_jobs = 4;
+    let (conn, _) = engine.connect_agent(reg, tx).unwrap();
+    let run = engine.submit(flake_run()).unwrap();
+    let mut a = Agent { conn, rx };
+    let (attempt, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::EvalList { .. }), "{job:?}");
+    let result = Ok((names.iter().map(ToString::to_string).collect(), vec![]));
+    let list = FromAgent::EvalList {
+        attempt,
+        result,
+        follows: false,
+        evaluated: None,
+    };
+    engine.agent_message("a", conn, list).unwrap();
+    (engine, dir, run, a)
+}
+
+struct Agent {
+    conn: u64,
+    rx: mpsc::UnboundedReceiver<ToAgent>,
+}
+
+/// Every evaluation task `a` holds now: (attempt, its one attribute).
+fn tasks(a: &mut Agent) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Ok(m) = a.rx.try_recv() {
+        if let ToAgent::Assign {
+            attempt,
+            job: Job::EvalChunk { attrs, .. },
+            ..
+        } = m
+        {
+            out.push((attempt, attrs.concat()));
+        }
+    }
+    out
+}
+
+const LOCKED: &str = "evaluation aborted with the following error message: 'database is locked'";
+
+fn fail(engine: &Engine, a: &Agent, attempt: String) {
+    let result = Err((LOCKED.to_string(), true));
+    let m = FromAgent::EvalChunk { attempt, result };
+    engine.agent_message("a", a.conn, m).unwrap();
+}
+
+fn evaluate(engine: &Engine, a: &Agent, attempt: String, name: &str) {
+    let h: String = std::iter::repeat_n('1', 32).collect();
+    let (drv, out) = (
+        format!("/nix/store/{h}-{name}.drv"),
+        format!("/nix/store/{h}-{name}"),
+    );
+    let outputs: Outputs = [("out".to_string(), op(&out))].into();
+    let node = DrvNode {
+        system: "x86_64-linux".into(),
+        outputs: outputs.clone(),
+        ..Default::default()
+    };
+    let attr = EvaluatedAttr {
+        attr: name.into(),
+        info: PackageInfo {
+            drv_path: Some(sp(&drv)),
+            outputs,
+            system: "x86_64-linux".into(),
+            ..Default::default()
+        },
+    };
+    let result = Ok((vec![attr], [(sp(&drv), node)].into()));
+    let m = FromAgent::EvalChunk { attempt, result };
+    engine.agent_message("a", a.conn, m).unwrap();
+}
+
+#[test]
+fn a_task_failing_so_where_the_others_evaluate_fails_its_package_not_the_run() {
+    let (engine, _dir, run, mut a) = listed(&["bad", "good"]);
+    // `bad` fails at once, every time, while `good` is still evaluating: the decision waits
+    // for it.
+    let mut good = None;
+    let mut failures = 0;
+    loop {
+        let held = tasks(&mut a);
+        if held.is_empty() {
+            break;
+        }
+        for (attempt, attr) in held {
+            if attr == "good" {
+                good = Some(attempt);
+            } else {
+                failures += 1;
+                fail(&engine, &a, attempt);
+            }
+        }
+    }
+    assert_eq!(failures, 2, "the first try and one retry");
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Evaluating);
+    evaluate(&engine, &a, good.expect("good's task"), "good");
+    let report = engine.report(&run).unwrap();
+    assert_ne!(report.state, RunState::Failed, "{}", report.error);
+    let p = |n: &str| report.packages.iter().find(|p| p.attr == n).unwrap();
+    assert_eq!(p("bad").status, PackageStatus::EvalFailed);
+    assert!(
+        p("bad").reason.contains("database is locked"),
+        "{}",
+        p("bad").reason
+    );
+    assert_ne!(p("good").status, PackageStatus::EvalFailed);
+}
+
+#[test]
+fn tasks_failing_so_where_nothing_evaluates_fail_the_run() {
+    let (engine, _dir, run, mut a) = listed(&["one", "two"]);
+    let mut failures = 0;
+    loop {
+        let held = tasks(&mut a);
+        if held.is_empty() {
+            break;
+        }
+        for (attempt, _) in held {
+            failures += 1;
+            fail(&engine, &a, attempt);
+        }
+    }
+    assert_eq!(failures, 4, "two tasks, each tried twice");
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Failed);
+    assert!(
+        report.error.contains("evaluation kept failing on agents")
+            && report.error.contains("database is locked"),
+        "{}",
+        report.error
+    );
+}
