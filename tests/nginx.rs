@@ -101,7 +101,115 @@ fn outputs_published_to_nginx_are_substituted_by_real_nix_from_a_get_only_locati
         .output()
         .unwrap();
     assert!(stdout(&put).contains("403"), "{}", stdout(&put));
+    nars_lost_or_damaged_behind_the_narinfos_are_found(
+        &dir.path().join("after"),
+        &coordinator.url,
+        &report,
+        &root,
+        &ro,
+        &pk,
+    );
     drop(agents);
+}
+
+/// What a cache can lose behind a good narinfo (its NAR deleted, or damaged on disk) only a
+/// download finds: `report --verify-nars` reports those packages not-cached, as real Nix
+/// refuses to substitute them, while a narinfo-only check still says ready.
+fn nars_lost_or_damaged_behind_the_narinfos_are_found(
+    dir: &Path,
+    coordinator: &str,
+    report: &serde_json::Value,
+    root: &Path,
+    uri: &str,
+    pk: &str,
+) {
+    let got = packages_by_attr(report);
+    let mut ready: Vec<&String> = got
+        .iter()
+        .filter(|(_, p)| p["status"] == "ready" && p["outputs"].as_object().unwrap().len() == 1)
+        .map(|(a, _)| a)
+        .collect();
+    ready.sort();
+    assert!(ready.len() >= 3, "{report}");
+    let nar_of = |attr: &str| {
+        let out = got[attr]["outputs"]["out"].as_str().unwrap();
+        let narinfo = root.join(format!("{}.narinfo", &out["/nix/store/".len()..][..32]));
+        let text = std::fs::read_to_string(&narinfo).unwrap();
+        let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+        root.join(url)
+    };
+    let (lost, damaged) = (ready[0].as_str(), ready[1].as_str());
+    std::fs::remove_file(nar_of(lost)).unwrap();
+    let mut bytes = std::fs::read(nar_of(damaged)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(nar_of(damaged), &bytes).unwrap();
+    let run = report["run_id"].as_str().unwrap();
+    let check = |extra: &[&str]| {
+        let mut args = vec![
+            "report",
+            run,
+            "--cache",
+            uri,
+            "--trusted-public-key",
+            pk,
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let out = cli(coordinator, &args);
+        let r: serde_json::Value = serde_json::from_str(&stdout(&out))
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+        packages_by_attr(&r)
+    };
+    // The narinfos are whole and signed: read alone, everything is still there.
+    let narinfos_only = check(&[]);
+    for attr in &ready {
+        assert_eq!(narinfos_only[attr.as_str()]["status"], "ready", "{attr}");
+    }
+    let nars = check(&["--verify-nars"]);
+    for attr in &ready {
+        let (p, attr) = (&nars[attr.as_str()], attr.as_str());
+        let want = if attr == lost || attr == damaged {
+            "not-cached"
+        } else {
+            "ready"
+        };
+        assert_eq!(p["status"], want, "{attr}: {}", p["reason"]);
+    }
+    let reason = |attr: &str| nars[attr]["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason(lost).contains("the cache has no nar/"),
+        "{}",
+        reason(lost)
+    );
+    assert!(
+        reason(damaged).contains("where its narinfo says"),
+        "{}",
+        reason(damaged)
+    );
+    // Real Nix agrees: the damaged one cannot be substituted, an intact one can.
+    let fresh = Host::new(dir);
+    let realise = |attr: &str| {
+        let path = got[attr]["outputs"]["out"].as_str().unwrap();
+        fresh.run(&[
+            "nix-store",
+            "--realise",
+            path,
+            "--option",
+            "substituters",
+            uri,
+            "--option",
+            "trusted-public-keys",
+            pk,
+            "--option",
+            "require-sigs",
+            "true",
+        ])
+    };
+    assert!(!realise(damaged).status.success());
+    let intact = realise(ready[2]);
+    assert!(intact.status.success(), "{}", stderr(&intact));
 }
 
 #[test]

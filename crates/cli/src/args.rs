@@ -165,6 +165,13 @@ pub struct RunArgs {
     /// own signing key's): a cache no key checks is pushed to, never read from.
     #[arg(long = "trusted-public-key", value_name = "KEY")]
     pub trusted_public_keys: Vec<String>,
+    /// With --cache: once the run ends, also download every ready output's NAR from the
+    /// cache and check it as a substituting client does (its size and hash, compressed and
+    /// not, against the signed narinfo): one missing, cut short or different is reported
+    /// not-cached. Downloads as much as installing every package would. Default: narinfos
+    /// only.
+    #[arg(long)]
+    pub verify_nars: bool,
     /// Build timeout per derivation, seconds; 0: none (packages' meta.timeout wins).
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     pub timeout: u64,
@@ -190,6 +197,12 @@ pub struct CacheCheckArgs {
     /// several.
     #[arg(long = "trusted-public-key", value_name = "KEY")]
     pub trusted_public_keys: Vec<String>,
+    /// With --cache: also download every ready output's NAR from the cache and check it as a
+    /// substituting client does (its size and hash, compressed and not, against the signed
+    /// narinfo): one missing, cut short or different is reported not-cached. Downloads as
+    /// much as installing every package would. Default: narinfos only.
+    #[arg(long)]
+    pub verify_nars: bool,
 }
 
 impl From<&RunArgs> for CacheCheckArgs {
@@ -198,6 +211,7 @@ impl From<&RunArgs> for CacheCheckArgs {
             cache: run.cache.clone(),
             cachix_api_url: run.cachix_api_url.clone(),
             trusted_public_keys: run.trusted_public_keys.clone(),
+            verify_nars: run.verify_nars,
         }
     }
 }

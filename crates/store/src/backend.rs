@@ -29,6 +29,15 @@ pub(crate) trait Backend: Send + Sync {
     /// The narinfo the cache serves for `path` (as Nix would read it, at most
     /// [`crate::MAX_NARINFO_BYTES`]), None when it has none.
     fn narinfo_text<'a>(&'a self, p: &'a Pusher, path: &'a str) -> Fut<'a, Option<String>>;
+    /// Downloads the file at `url` (a narinfo's URL, relative to the cache, checked by the
+    /// caller) into `to`: false when the cache has no such file, an error past `limit` bytes.
+    fn fetch_file<'a>(
+        &'a self,
+        p: &'a Pusher,
+        url: &'a str,
+        to: &'a mut std::fs::File,
+        limit: u64,
+    ) -> Fut<'a, bool>;
     /// Whether pushing needs a Cachix auth token.
     fn needs_token(&self) -> bool {
         false

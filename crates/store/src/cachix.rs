@@ -142,6 +142,28 @@ impl Backend for CachixBackend {
         })
     }
 
+    fn fetch_file<'a>(
+        &'a self,
+        p: &'a Pusher,
+        url: &'a str,
+        to: &'a mut std::fs::File,
+        limit: u64,
+    ) -> Fut<'a, bool> {
+        Box::pin(async move {
+            // Where Nix reads it, with the token only where narinfos get it.
+            let uri = self.info(p).await?.uri.trim_end_matches('/').to_string();
+            let with_token = same_origin(&uri, &self.api) || cachix_host(&uri, &self.api);
+            let url = format!("{uri}/{url}");
+            let r = p
+                .send("reading a NAR", || {
+                    let get = p.http.get(&url);
+                    if with_token { p.bearer(get) } else { get }
+                })
+                .await?;
+            crate::http::body_to_file(r, to, limit).await
+        })
+    }
+
     fn upload<'a>(&'a self, p: &'a Pusher, staged: Staged, ni: NarInfo) -> Fut<'a, ()> {
         Box::pin(async move { self.push_cachix(p, staged, &ni).await })
     }

@@ -50,6 +50,33 @@ impl Backend for FileCache {
         })
     }
 
+    fn fetch_file<'a>(
+        &'a self,
+        _p: &'a Pusher,
+        url: &'a str,
+        to: &'a mut std::fs::File,
+        limit: u64,
+    ) -> Fut<'a, bool> {
+        Box::pin(async move {
+            use std::io::Read as _;
+            let file = self.dir.join(url);
+            let f = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io(format!("cannot read {}", file.display()))(e)),
+            };
+            let copied = std::io::copy(&mut f.take(limit.saturating_add(1)), to)
+                .map_err(io(format!("cannot read {}", file.display())))?;
+            if copied > limit {
+                return Err(StoreError::Http(format!(
+                    "{} is over {limit} bytes",
+                    file.display()
+                )));
+            }
+            Ok(true)
+        })
+    }
+
     fn stage_dir(&self) -> Result<Option<PathBuf>, StoreError> {
         // Staged in the cache's own nar/ directory: renamed into place, never copied.
         let nar = self.dir.join("nar");

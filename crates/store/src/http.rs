@@ -35,6 +35,34 @@ pub(crate) async fn read_bounded(
     Ok(body)
 }
 
+/// A response's body written to `to`: false on a 404, an error past `limit` bytes.
+pub(crate) async fn body_to_file(
+    mut r: reqwest::Response,
+    to: &mut std::fs::File,
+    limit: u64,
+) -> Result<bool, StoreError> {
+    use std::io::Write as _;
+    if r.status().as_u16() == 404 {
+        return Ok(false);
+    }
+    let mut len = 0u64;
+    while let Some(chunk) = r
+        .chunk()
+        .await
+        .map_err(|e| StoreError::Http(format!("reading the cache's answer: {e}")))?
+    {
+        len += chunk.len() as u64;
+        if len > limit {
+            return Err(StoreError::Http(format!(
+                "the cache's answer is over {limit} bytes"
+            )));
+        }
+        to.write_all(&chunk)
+            .map_err(crate::io("cannot write a temporary file"))?;
+    }
+    Ok(true)
+}
+
 /// The first `limit` bytes of a response's body at most (what an error page says); the rest
 /// is not read.
 pub(crate) async fn read_prefix(mut r: reqwest::Response, limit: usize) -> Vec<u8> {
@@ -111,6 +139,22 @@ impl Backend for HttpCache {
                 .send("reading a narinfo", || p.http_auth(p.http.get(&url)))
                 .await?;
             narinfo_body(r).await
+        })
+    }
+
+    fn fetch_file<'a>(
+        &'a self,
+        p: &'a Pusher,
+        url: &'a str,
+        to: &'a mut std::fs::File,
+        limit: u64,
+    ) -> Fut<'a, bool> {
+        Box::pin(async move {
+            let url = format!("{}/{url}", self.base);
+            let r = p
+                .send("reading a NAR", || p.http_auth(p.http.get(&url)))
+                .await?;
+            body_to_file(r, to, limit).await
         })
     }
 

@@ -26,6 +26,7 @@ pub mod repeats;
 mod request;
 mod stage;
 mod text;
+mod verify;
 
 pub use arbiter::{Alone, Arbiter};
 pub use cachix::CachixCache;

@@ -79,7 +79,7 @@ impl Pusher {
         self.settled(paths, |ni| Ok(ni.signed_by(keys))).await
     }
 
-    async fn settled<T>(
+    pub(crate) async fn settled<T>(
         &self,
         paths: &[String],
         pick: impl Fn(NarInfo) -> Result<T, StoreError> + Copy,

@@ -172,6 +172,9 @@ fn cache_url(run: &CacheCheckArgs) -> anyhow::Result<String> {
         if run.cachix_api_url.is_some() {
             bail!("--cachix-api-url needs --cache cachix://NAME");
         }
+        if run.verify_nars {
+            bail!("--verify-nars checks the cache given with --cache: name one");
+        }
         return Ok(String::new());
     };
     let target = nixfarm_store::Target::parse(url)?;
@@ -188,7 +191,8 @@ fn cache_url(run: &CacheCheckArgs) -> anyhow::Result<String> {
 /// outputs' narinfos are signed by none of the keys users check it by (`--trusted-public-key`,
 /// a Cachix cache's own), when there are any: something else was uploaded under its path
 /// before the farm's push (which uploads only what the cache lacks), or the agents sign with
-/// a key users do not check by. So does one whose narinfo cannot be read.
+/// a key users do not check by. So does one whose narinfo cannot be read, and with
+/// `--verify-nars` one whose NAR is missing or not what its narinfo says.
 pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> anyhow::Result<()> {
     let url = cache_url(run)?;
     if url.is_empty() {
@@ -235,7 +239,7 @@ pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> a
         .signed_by_settled(&present, &keys)
         .await
         .into_iter()
-        .zip(present)
+        .zip(present.iter())
         .filter_map(|(signed, path)| match signed {
             Ok(true) => None,
             Ok(false) if keys.is_empty() => None,
@@ -243,6 +247,26 @@ pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> a
             Err(e) => Some((path.clone(), format!("the cache says it has {path}, but its narinfo cannot be read ({e}): a client could not substitute it"))),
         })
         .collect();
+    let mut why_not = why_not;
+    if run.verify_nars {
+        // What passed so far is downloaded whole, as a client installing it would.
+        let whole: Vec<String> = present
+            .iter()
+            .filter(|p| !why_not.contains_key(*p))
+            .cloned()
+            .collect();
+        if !whole.is_empty() {
+            eprintln!("checking {} NAR(s) in the cache…", whole.len());
+        }
+        for (path, r) in whole.iter().zip(pusher.verify_nars(&whole, &keys).await) {
+            if let Err(e) = r {
+                why_not.insert(
+                    path.clone(),
+                    format!("{e}: a client could not substitute {path}"),
+                );
+            }
+        }
+    }
     let mut changed = false;
     for p in &mut report.packages {
         if p.status() != nixfarm_core::PackageStatus::Ready {
@@ -392,6 +416,7 @@ mod tests {
             cache: Some(format!("file://{}", dir.path().display())),
             cachix_api_url: None,
             trusted_public_keys: vec![key.public()],
+            verify_nars: false,
         };
         check_cached(&mut report, &args).await.unwrap();
         let by: std::collections::BTreeMap<&str, &PackageReport> = report
