@@ -136,6 +136,12 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
     // claim uploads at the coordinator).
     let twice: Vec<_> = created.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "paths uploaded twice: {twice:?}");
+    // Each push claimed its paths for the attempt it was part of, on its run's cache: none
+    // was refused and went ahead without a claim.
+    for a in &agents {
+        let log = a.log_text();
+        assert!(!log.contains("uploading without a claim"), "{log}");
+    }
     eprintln!(
         "cachix: {} paths created, {} faults injected, {} part PUTs",
         created.len(),

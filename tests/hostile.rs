@@ -43,6 +43,8 @@ fn register_message(name: &str, system: &str) -> pb::AgentMessage {
 struct FakeAgent {
     tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
     from: tonic::Streaming<pb::CoordinatorMessage>,
+    /// Its registration's session key.
+    session: String,
 }
 
 impl FakeAgent {
@@ -57,11 +59,14 @@ impl FakeAgent {
             .unwrap()
             .into_inner();
         let registered = from.message().await.unwrap().unwrap();
-        assert!(matches!(
-            registered.msg,
-            Some(pb::coordinator_message::Msg::Registered(_))
-        ));
-        FakeAgent { tx, from }
+        let Some(pb::coordinator_message::Msg::Registered(r)) = registered.msg else {
+            panic!("not registered: {registered:?}");
+        };
+        FakeAgent {
+            tx,
+            from,
+            session: r.session_key,
+        }
     }
 
     async fn send(&self, msg: pb::agent_message::Msg) {
@@ -324,10 +329,27 @@ async fn a_forged_result_or_a_stolen_name_changes_nothing() {
             paths: vec![forged.clone()],
             release: true,
             session_key: String::new(),
+            attempt: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    // In its own name, with its own key, y claims the uploads of x's attempt (a claim
+    // makes others wait for the path): refused, as it holds no such attempt.
+    let e = agent_client(&url)
+        .await
+        .claim_uploads(pb::ClaimUploadsRequest {
+            agent: "y".into(),
+            cache: "file:///tmp/c".into(),
+            paths: vec![forged.clone()],
+            release: false,
+            session_key: y.session.clone(),
+            attempt: attempt.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("no attempt the agent holds"), "{e}");
 
     let r = wait_terminal(&url, &run, Duration::from_secs(120));
     let p = &r["packages"][0];

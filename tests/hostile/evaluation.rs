@@ -199,6 +199,7 @@ async fn a_named_agent_token_admits_its_own_name_only() {
             paths: vec!["/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-x".into()],
             release: false,
             session_key: String::new(),
+            attempt: String::new(),
         })
         .await
         .unwrap_err();

@@ -198,7 +198,7 @@ pub(super) async fn build(
         };
         let publish = push.as_deref().filter(|_| route.publish).map(|p| Publish {
             cache: p,
-            claims: Claims::new(shared, channel, &cache),
+            claims: Claims::new(shared, channel, &cache, &attempt),
         });
         let log = super::disk::Logged {
             sink: on_log,
@@ -265,7 +265,7 @@ pub(super) async fn build(
             };
             let pushed = match to {
                 Some(p) => {
-                    let claims = Claims::new(shared, channel, to_url);
+                    let claims = Claims::new(shared, channel, to_url, &attempt);
                     match p.push_closure_until(&paths, &claims, &cancel).await {
                         Err(nixfarm_store::StoreError::Stopped) => return cancelled(r),
                         Err(e) => Err(format!("the push to the cache failed: {e}")),

@@ -8,14 +8,22 @@ pub(super) struct Claims<'a> {
     shared: &'a Shared,
     channel: Channel,
     cache: &'a str,
+    /// The attempt pushing: the coordinator grants claims only on its run's cache.
+    attempt: &'a str,
 }
 
 impl<'a> Claims<'a> {
-    pub(super) fn new(shared: &'a Shared, channel: Channel, cache: &'a str) -> Self {
+    pub(super) fn new(
+        shared: &'a Shared,
+        channel: Channel,
+        cache: &'a str,
+        attempt: &'a str,
+    ) -> Self {
         Claims {
             shared,
             channel,
             cache,
+            attempt,
         }
     }
 
@@ -34,6 +42,7 @@ impl<'a> Claims<'a> {
                     .lock()
                     .map(|s| s.clone())
                     .unwrap_or_default(),
+                attempt: self.attempt.to_string(),
             });
             req.set_timeout(Duration::from_secs(10));
             add_token(&mut req, &self.shared.token);

@@ -195,6 +195,7 @@ async fn root(
 pub(super) async fn listing_evaluation(
     shared: &Arc<Shared>,
     channel: Channel,
+    attempt: &str,
     run_id: &str,
     flake: &str,
     j: &pb::EvalListJob,
@@ -218,7 +219,7 @@ pub(super) async fn listing_evaluation(
     let names: Vec<String> = evaluated.keys().cloned().collect();
     let r = chunk_result(
         shared,
-        channel,
+        (channel, attempt),
         flake,
         &names,
         &evaluated,
@@ -232,6 +233,7 @@ pub(super) async fn listing_evaluation(
 pub(super) async fn eval_chunk(
     shared: &Arc<Shared>,
     channel: Channel,
+    attempt: &str,
     run_id: &str,
     j: pb::EvalChunkJob,
 ) -> pb::EvalChunkResult {
@@ -265,7 +267,7 @@ pub(super) async fn eval_chunk(
     );
     chunk_result(
         shared,
-        channel,
+        (channel, attempt),
         &flake,
         &j.attrs,
         &evaluated,
@@ -290,7 +292,8 @@ pub(super) fn chunk_failure(shared: &Shared, e: NixError) -> pb::EvalChunkResult
 /// their derivations read, marked present in the cache (warm mode) and pushed to it.
 async fn chunk_result(
     shared: &Arc<Shared>,
-    channel: Channel,
+    // The coordinator, and the attempt its upload claims are made for.
+    (channel, attempt): (Channel, &str),
     flake: &str,
     names: &[String],
     evaluated: &BTreeMap<String, Result<AttrInfo, String>>,
@@ -381,7 +384,7 @@ async fn chunk_result(
     let cache = transport_cache(shared, run_cache);
     if !cache.is_empty() {
         // Builders on other hosts fetch the derivations (and their sources) from the cache.
-        let claims = Claims::new(shared, channel, &cache);
+        let claims = Claims::new(shared, channel, &cache, attempt);
         let pushing = std::time::Instant::now();
         let pushed = match pusher(shared, &cache).await {
             Ok(p) => p

@@ -157,7 +157,10 @@ async fn run_job(
                     // would have sent, before the listing goes.
                     let evaluated = match caught {
                         Some(c) => {
-                            eval::listing_evaluation(shared, channel, &run_id, &flake, &j, c).await
+                            eval::listing_evaluation(
+                                shared, channel, &attempt, &run_id, &flake, &j, c,
+                            )
+                            .await
                         }
                         None => None,
                     };
@@ -203,7 +206,7 @@ async fn run_job(
                 (j.build_timeout_secs, j.build_max_silent_secs),
             );
             prewarm::prewarm_builds(shared, &cache, limits, None);
-            let mut r = eval_chunk(shared, channel, &run_id, j).await;
+            let mut r = eval_chunk(shared, channel, &attempt, &run_id, j).await;
             prewarm::prewarm_builds(shared, &cache, limits, Some(&r.attrs));
             r.attempt_id = attempt;
             (msg(pb::agent_message::Msg::EvalChunk(r)), None)

@@ -219,3 +219,31 @@ fn a_build_reporting_outputs_that_are_not_the_derivations_is_refused_and_retried
         Some(out.as_str())
     );
 }
+
+#[test]
+fn upload_claims_are_made_for_an_attempt_held_and_a_cache_its_run_pushes_to() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let b = connect_agent(&engine, "b");
+    let with_cache = |cache: &str| RunSpec {
+        cache: cache.into(),
+        ..flake_run()
+    };
+    engine.submit(with_cache("file:///mine")).unwrap();
+    let (attempt, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::EvalList { .. }), "{job:?}");
+    engine.submit(with_cache("file:///theirs")).unwrap();
+    // Its run's cache, and the farm cache (no run's).
+    engine.may_claim("a", &attempt, "file:///mine").unwrap();
+    engine.may_claim("a", &attempt, "http://farm:8081").unwrap();
+    let denied = |agent: &str, attempt: &str, cache: &str| {
+        let e = engine.may_claim(agent, attempt, cache).unwrap_err();
+        assert!(matches!(e, EngineError::Denied(_)), "{e:?}");
+        e.to_string()
+    };
+    // Another run's cache, an attempt another agent holds, or none at all: refused.
+    assert!(denied("a", &attempt, "file:///theirs").contains("another run's cache"));
+    assert!(denied("b", &attempt, "file:///mine").contains("no attempt the agent holds"));
+    assert!(denied("a", "", "file:///mine").contains("no attempt the agent holds"));
+    drop(b);
+}

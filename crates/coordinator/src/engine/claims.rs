@@ -6,6 +6,38 @@ use super::*;
 pub const MAX_UPLOAD_CLAIMS: usize = 200_000;
 
 impl Engine {
+    /// Whether `agent` may claim uploads to `cache` for `attempt`: it holds that attempt,
+    /// and the cache is one the attempt's run pushes to (its own, or the farm cache, which
+    /// is no run's). So an agent cannot hold back the uploads of a run it has no part in (a
+    /// claim makes others wait for the path).
+    pub fn may_claim(&self, agent: &str, attempt: &str, cache: &str) -> Result<(), EngineError> {
+        let g = self.lock();
+        let denied = |why: &str| {
+            Err(EngineError::Denied(format!(
+                "upload claims on {}: {why}",
+                nixfarm_core::limits::clip(cache, 120)
+            )))
+        };
+        let Some(a) = g.attempts.get(attempt).filter(|a| a.agent == agent) else {
+            return denied("the claim names no attempt the agent holds");
+        };
+        let Some(run) = g.runs.iter().find(|r| r.id == a.run_id) else {
+            return denied("the attempt's run is gone");
+        };
+        if run.spec.cache == cache {
+            return Ok(());
+        }
+        // Else the farm cache (any run's outputs may move through it), which is no run's.
+        let someones = g
+            .runs
+            .iter()
+            .any(|r| !r.state.is_terminal() && r.spec.cache == cache);
+        if someones {
+            return denied("that is another run's cache");
+        }
+        Ok(())
+    }
+
     /// Claims the upload of `paths` to `cache` for `agent`: true for each path the agent
     /// should upload itself, false where another agent is uploading it (the caller waits for
     /// the cache to have it). So agents whose closures overlap upload each path once. A claim

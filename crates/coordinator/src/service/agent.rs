@@ -191,6 +191,11 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         if let Some(p) = r.paths.iter().find(|p| StorePath::parse(p).is_err()) {
             return Err(WireError(format!("'{}' is not a store path", clip(p, 80))).into());
         }
+        check_len("the attempt", &r.attempt, lim::MAX_RUN_ID).map_err(WireError::from)?;
+        // Releasing drops only the agent's own claims: no attempt needed (it may be over).
+        if !r.release {
+            self.engine.may_claim(&r.agent, &r.attempt, &r.cache)?;
+        }
         let granted =
             self.engine
                 .claim_uploads(&r.agent, &r.session_key, &r.cache, &r.paths, r.release)?;
