@@ -131,15 +131,15 @@ async fn main() -> anyhow::Result<()> {
     cfg.run_caches.extend(args.run_cache);
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
+    // Handled from here on, before the agent connects: a stop sent at once drains it.
+    use anyhow::Context as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
-            };
         tokio::select! {
             _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
+            _ = interrupt.recv() => {},
         }
         s.cancel();
     });

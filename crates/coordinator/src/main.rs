@@ -60,6 +60,10 @@ async fn main() -> anyhow::Result<()> {
     if args.http_listen.is_some() {
         config.http.listen = args.http_listen;
     }
+    // Handled from before the first listener opens: a SIGINT (the container image's
+    // STOPSIGNAL) as soon as it serves must stop it cleanly, not kill it.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot handle SIGINT")?;
     let running = server::start(&config)
         .await
         .context("coordinator failed to start")?;
@@ -79,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::select! {
         r = running.wait() => r,
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = interrupt.recv() => Ok(()),
     }
 }
 
