@@ -85,17 +85,22 @@ impl Db {
         )
     }
 
-    /// Attempts at `target` in `run` given up because their agent vanished.
+    /// Whether an agent that failed evaluation task `task` of `run` evaluated another of its
+    /// tasks after that failure.
     pub fn failed_where_others_evaluated(&self, run: &str, task: i64) -> Result<bool, DbError> {
+        // Another task evaluated by that agent after the failure: its machine still works
+        // (one whose store broke partway fails everything after).
         self.conn().query_row(
             "SELECT EXISTS(SELECT 1 FROM attempts f JOIN attempts o ON o.run_id = f.run_id AND o.agent = f.agent \
              WHERE f.run_id = ?1 AND f.kind = ?2 AND f.target = ?3 AND f.state = 'done' AND f.outcome != 'ok' \
-             AND o.kind = ?2 AND o.target != ?3 AND o.state = 'done' AND o.outcome = 'ok')",
+             AND o.kind = ?2 AND o.target != ?3 AND o.state = 'done' AND o.outcome = 'ok' \
+             AND o.finished_ms >= f.finished_ms)",
             params![run, AttemptKind::EvalChunk.as_str(), task.to_string()],
             |r| r.get(0),
         )
     }
 
+    /// Attempts at `target` in `run` given up because their agent vanished.
     pub fn lost_attempts(&self, run: &str, target: &str) -> Result<i64, DbError> {
         self.conn().query_row(
             "SELECT count(*) FROM attempts WHERE run_id = ?1 AND target = ?2 AND state = 'lost'",

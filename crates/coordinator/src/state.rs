@@ -121,7 +121,7 @@ pub trait StateStore: Send {
     fn build_attempts(&self, run: &str, drv: &str) -> StateResult<i64>;
     fn failed_attempts(&self, run: &str, kind: AttemptKind) -> StateResult<i64>;
     /// Whether an agent that failed evaluation task `task` of `run` evaluated another of its
-    /// tasks: that machine evaluates, so the task's failure is its own.
+    /// tasks after that failure: that machine evaluates, so the task's failure is its own.
     fn failed_where_others_evaluated(&self, run: &str, task: i64) -> StateResult<bool>;
     fn lost_attempts(&self, run: &str, target: &str) -> StateResult<i64>;
     // Events.

@@ -184,36 +184,58 @@ pub(super) async fn eval_isolated(
         }
         round += 1;
     }
-    settle_suspects(&mut out, &thrown, suspects)?;
+    settle_suspects(shared, (entry, attr_path, mem), &mut out, suspects).await?;
     Ok(out)
 }
 
 /// How often an attribute failing alone with the machine's words is evaluated, and how long
 /// each try waits more than the one before.
 const SUSPECT_TRIES: u32 = 3;
-const SUSPECT_PAUSE: Duration = Duration::from_millis(300);
+const SUSPECT_PAUSE: Duration = Duration::from_secs(1);
 
-/// Attributes that failed alone every time with the machine's words, while others evaluated
-/// on this machine in the same task: their own failure (an `abort` worded so). A full disk is
-/// never theirs (its words count only when this host's disk is full: `room`), and without
-/// another attribute evaluated here the machine is blamed, for the task to go elsewhere.
-fn settle_suspects(
+/// Attributes that failed alone every time with the machine's words: their own failure (an
+/// `abort` worded so) when an attribute that evaluated here before evaluates again after
+/// them, so the machine works now. Otherwise (nothing evaluated here, or that control fails
+/// too: an outage that began partway) the machine is blamed, for the task to go elsewhere;
+/// so is a full disk (its words count only when this host's disk is full: `room`) and a
+/// fetch that failed in transport.
+async fn settle_suspects(
+    shared: &Arc<Shared>,
+    (entry, attr_path, mem): (&Entry, &str, u64),
     out: &mut BTreeMap<String, Result<AttrInfo, String>>,
-    thrown: &std::collections::HashSet<String>,
     suspects: BTreeMap<String, (u32, String)>,
 ) -> Result<(), NixError> {
-    let evaluated = out.values().filter(|r| r.is_ok()).count() + thrown.len();
+    use nixfarm_nix::messages::{is_disk_full, is_transfer_error};
+    let suspects: Vec<(String, (u32, String))> = suspects
+        .into_iter()
+        .filter(|(a, _)| !out.contains_key(a))
+        .collect();
+    let Some((_, (_, first))) = suspects.first() else {
+        return Ok(());
+    };
+    if let Some((_, (_, m))) = suspects
+        .iter()
+        .find(|(_, (_, m))| is_disk_full(m) || is_transfer_error(m))
+    {
+        return Err(NixError::Infra(m.clone()));
+    }
+    let Some(control) = out.iter().find(|(_, r)| r.is_ok()).map(|(a, _)| a.clone()) else {
+        return Err(NixError::Infra(first.clone()));
+    };
+    if let Err(e) = shared
+        .nix
+        .eval_attrs(entry, attr_path, std::slice::from_ref(&control), mem)
+        .await
+    {
+        return Err(NixError::Infra(format!(
+            "{first} (and {control}, which evaluated on this machine before, failed when evaluated again: {e})"
+        )));
+    }
     for (attr, (tries, message)) in suspects {
-        if out.contains_key(&attr) {
-            continue;
-        }
-        if evaluated == 0 || nixfarm_nix::messages::is_disk_full(&message) {
-            return Err(NixError::Infra(message));
-        }
         out.insert(
             attr,
             Err(format!(
-                "{message} (Nix's words for a failure of the machine, but this attribute failed so alone {tries} times while {evaluated} other attributes evaluated on the same machine: taken as its own failure)"
+                "{message} (Nix's words for a failure of the machine, but this attribute failed so alone {tries} times while another evaluated on the same machine before and after: taken as its own failure)"
             )),
         );
     }

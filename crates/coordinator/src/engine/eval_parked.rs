@@ -5,8 +5,8 @@
 //! expression can print them where `tryEval` cannot catch them (`abort`). An agent bisects
 //! such a failure among a task's attributes itself; a task of one attribute has nothing
 //! there to compare with. Here the comparison is across the run: when an agent that failed
-//! the task evaluated another of the run's tasks, its machine works, and the task's
-//! attributes fail alone (`eval-failed`) instead of the whole run.
+//! the task evaluated another of the run's tasks after that, its machine works, and the
+//! task's attributes fail alone (`eval-failed`) instead of the whole run.
 
 use super::*;
 
@@ -49,7 +49,14 @@ impl Engine {
         let parked = std::mem::take(&mut run.parked_eval);
         let mut blamed = Vec::new();
         for (task, msg) in parked {
-            if !inner.db.failed_where_others_evaluated(run_id, task)? {
+            // Cross-checked, a task another agent answered is not the task's failure: an
+            // agent's outage (or its word) must not outweigh that answer.
+            let answered = inner
+                .runs
+                .iter()
+                .find(|r| r.id == run_id)
+                .is_some_and(|r| r.opinions.contains_key(&task));
+            if answered || !inner.db.failed_where_others_evaluated(run_id, task)? {
                 return self.fail_run(
                     inner,
                     run_id,

@@ -6,8 +6,8 @@ use super::*;
 
 /// An engine with one retry and one attribute per task, and agent `a` with two evaluation
 /// slots, asked to evaluate `names`. Returns the run and what `a` is sent.
-fn listed(names: &[&str]) -> (Engine, tempfile::TempDir, String, Agent) {
-    let (engine, _clock, dir) = test_engine(EngineOptions {
+fn listed(names: &[&str]) -> (Engine, Clock, String, Agent) {
+    let (engine, clock, dir) = test_engine(EngineOptions {
         eval_chunk_size: 1,
         max_infra_retries: 1,
         ..Default::default()
@@ -28,8 +28,11 @@ fn listed(names: &[&str]) -> (Engine, tempfile::TempDir, String, Agent) {
         evaluated: None,
     };
     engine.agent_message("a", conn, list).unwrap();
-    (engine, dir, run, a)
+    (engine, (clock, dir), run, a)
 }
+
+/// The engine's clock (and what must outlive the engine).
+type Clock = (Arc<crate::clock::ManualClock>, tempfile::TempDir);
 
 struct Agent {
     conn: u64,
@@ -55,7 +58,11 @@ fn tasks(a: &mut Agent) -> Vec<(String, String)> {
 const LOCKED: &str = "evaluation aborted with the following error message: 'database is locked'";
 
 fn fail(engine: &Engine, a: &Agent, attempt: String) {
-    let result = Err((LOCKED.to_string(), true));
+    fail_with(engine, a, attempt, LOCKED);
+}
+
+fn fail_with(engine: &Engine, a: &Agent, attempt: String, msg: &str) {
+    let result = Err((msg.to_string(), true));
     let m = FromAgent::EvalChunk { attempt, result };
     engine.agent_message("a", a.conn, m).unwrap();
 }
@@ -88,7 +95,7 @@ fn evaluate(engine: &Engine, a: &Agent, attempt: String, name: &str) {
 
 #[test]
 fn a_task_failing_so_where_the_others_evaluate_fails_its_package_not_the_run() {
-    let (engine, _dir, run, mut a) = listed(&["bad", "good"]);
+    let (engine, clock, run, mut a) = listed(&["bad", "good"]);
     // `bad` fails at once, every time, while `good` is still evaluating: the decision waits
     // for it.
     let mut good = None;
@@ -109,6 +116,7 @@ fn a_task_failing_so_where_the_others_evaluate_fails_its_package_not_the_run() {
     }
     assert_eq!(failures, 2, "the first try and one retry");
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Evaluating);
+    clock.0.advance(1_000);
     evaluate(&engine, &a, good.expect("good's task"), "good");
     let report = engine.report(&run).unwrap();
     assert_ne!(report.state, RunState::Failed, "{}", report.error);
@@ -124,7 +132,7 @@ fn a_task_failing_so_where_the_others_evaluate_fails_its_package_not_the_run() {
 
 #[test]
 fn tasks_failing_so_where_nothing_evaluates_fail_the_run() {
-    let (engine, _dir, run, mut a) = listed(&["one", "two"]);
+    let (engine, _clock, run, mut a) = listed(&["one", "two"]);
     let mut failures = 0;
     loop {
         let held = tasks(&mut a);
@@ -145,4 +153,64 @@ fn tasks_failing_so_where_nothing_evaluates_fail_the_run() {
         "{}",
         report.error
     );
+}
+
+#[test]
+fn a_task_failing_so_only_after_the_others_evaluated_fails_the_run() {
+    // `good` evaluated first; then every try of `bad` fails: the agent's store may have
+    // broken since, so nothing says the failure is `bad`'s own.
+    let (engine, clock, run, mut a) = listed(&["bad", "good"]);
+    let mut failures = 0;
+    let mut held = tasks(&mut a);
+    held.sort_by_key(|(_, attr)| attr != "good");
+    loop {
+        if held.is_empty() {
+            break;
+        }
+        for (attempt, attr) in held {
+            if attr == "good" {
+                evaluate(&engine, &a, attempt, "good");
+                clock.0.advance(1_000);
+            } else {
+                failures += 1;
+                fail(&engine, &a, attempt);
+            }
+        }
+        held = tasks(&mut a);
+    }
+    assert_eq!(failures, 2);
+    let report = engine.report(&run).unwrap();
+    assert_eq!(report.state, RunState::Failed);
+    assert!(
+        report.error.contains("database is locked"),
+        "{}",
+        report.error
+    );
+}
+
+#[test]
+fn a_task_failing_with_other_words_fails_the_run_as_before() {
+    // Not the machine's words (a source that cannot be fetched): never the package's.
+    let (engine, _clock, run, mut a) = listed(&["bad", "good"]);
+    let mut good = None;
+    loop {
+        let held = tasks(&mut a);
+        if held.is_empty() {
+            break;
+        }
+        for (attempt, attr) in held {
+            if attr == "good" {
+                good = Some(attempt);
+            } else {
+                fail_with(
+                    &engine,
+                    &a,
+                    attempt,
+                    "cannot fetch source: connection reset",
+                );
+            }
+        }
+    }
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Failed);
+    drop(good);
 }
