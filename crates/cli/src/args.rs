@@ -166,10 +166,9 @@ pub struct RunArgs {
     #[arg(long = "trusted-public-key", value_name = "KEY")]
     pub trusted_public_keys: Vec<String>,
     /// With --cache: once the run ends, also download every ready output's NAR from the
-    /// cache and check it as a substituting client does (its size and hash, compressed and
-    /// not, against the signed narinfo): one missing, cut short or different is reported
-    /// not-cached. Downloads as much as installing every package would. Default: narinfos
-    /// only.
+    /// cache and check it as a substituting client does (what it decompresses to, against
+    /// the signed narinfo): one missing, cut short or different is reported not-cached. Needs --trusted-public-key (or a Cachix cache's own key). Downloads as
+    /// much as installing every package would. Default: narinfos only.
     #[arg(long)]
     pub verify_nars: bool,
     /// Build timeout per derivation, seconds; 0: none (packages' meta.timeout wins).
@@ -198,9 +197,10 @@ pub struct CacheCheckArgs {
     #[arg(long = "trusted-public-key", value_name = "KEY")]
     pub trusted_public_keys: Vec<String>,
     /// With --cache: also download every ready output's NAR from the cache and check it as a
-    /// substituting client does (its size and hash, compressed and not, against the signed
-    /// narinfo): one missing, cut short or different is reported not-cached. Downloads as
-    /// much as installing every package would. Default: narinfos only.
+    /// substituting client does (what it decompresses to, against the signed narinfo): one
+    /// missing, cut short or different is reported not-cached. Needs
+    /// --trusted-public-key (or a Cachix cache's own key). Downloads as much as installing
+    /// every package would. Default: narinfos only.
     #[arg(long)]
     pub verify_nars: bool,
 }

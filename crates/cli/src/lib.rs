@@ -26,6 +26,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     {
         source::check_local_or_ref(source)?;
     }
+    if let Command::Watch { check, .. } | Command::Report { check, .. } = &cli.command {
+        cmd::submit::check_args(check)?;
+    }
     let conn = client::resolve_conn(&cli)?;
     let client = Client::connect_tls(&conn.url, conn.token, conn.tls_ca.as_deref()).await?;
     let mut command = cli.command;

@@ -8,6 +8,12 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 
+/// A NAR being read from a cache.
+pub(crate) enum NarSource {
+    File(std::fs::File),
+    Http(reqwest::Response),
+}
+
 pub(crate) type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 pub(crate) trait Backend: Send + Sync {
@@ -29,15 +35,14 @@ pub(crate) trait Backend: Send + Sync {
     /// The narinfo the cache serves for `path` (as Nix would read it, at most
     /// [`crate::MAX_NARINFO_BYTES`]), None when it has none.
     fn narinfo_text<'a>(&'a self, p: &'a Pusher, path: &'a str) -> Fut<'a, Option<String>>;
-    /// Downloads the file at `url` (a narinfo's URL, relative to the cache, checked by the
-    /// caller) into `to`: false when the cache has no such file, an error past `limit` bytes.
-    fn fetch_file<'a>(
+    /// Opens the file at `url` (a narinfo's URL, relative to the cache, checked by the
+    /// caller), HTTP requests going through `client`: None when the cache has no such file.
+    fn nar_source<'a>(
         &'a self,
         p: &'a Pusher,
+        client: &'a reqwest::Client,
         url: &'a str,
-        to: &'a mut std::fs::File,
-        limit: u64,
-    ) -> Fut<'a, bool>;
+    ) -> Fut<'a, Option<NarSource>>;
     /// Whether pushing needs a Cachix auth token.
     fn needs_token(&self) -> bool {
         false

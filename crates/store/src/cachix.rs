@@ -1,7 +1,7 @@
 //! Cachix: its API (bulk narinfo queries, multipart uploads with Content-MD5 and ETags,
 //! `complete`/`abort`), as `../shared/docs/cachix-api.md` describes it.
 
-use crate::backend::{Backend, Fut};
+use crate::backend::{Backend, Fut, NarSource};
 use crate::http::json_bounded;
 use crate::narinfo::{NarInfo, basename, sha256_nix32, store_hash};
 use crate::stage::{Compression, Staged};
@@ -142,25 +142,25 @@ impl Backend for CachixBackend {
         })
     }
 
-    fn fetch_file<'a>(
+    fn nar_source<'a>(
         &'a self,
         p: &'a Pusher,
+        client: &'a reqwest::Client,
         url: &'a str,
-        to: &'a mut std::fs::File,
-        limit: u64,
-    ) -> Fut<'a, bool> {
+    ) -> Fut<'a, Option<NarSource>> {
         Box::pin(async move {
-            // Where Nix reads it, with the token only where narinfos get it.
+            // Where Nix reads it, with the token only where narinfos get it (a redirect to
+            // another host drops it).
             let uri = self.info(p).await?.uri.trim_end_matches('/').to_string();
             let with_token = same_origin(&uri, &self.api) || cachix_host(&uri, &self.api);
             let url = format!("{uri}/{url}");
             let r = p
                 .send("reading a NAR", || {
-                    let get = p.http.get(&url);
+                    let get = client.get(&url);
                     if with_token { p.bearer(get) } else { get }
                 })
                 .await?;
-            crate::http::body_to_file(r, to, limit).await
+            Ok((r.status().as_u16() != 404).then_some(NarSource::Http(r)))
         })
     }
 

@@ -1,6 +1,6 @@
 //! `file://` caches: a directory in the binary cache layout, written in place.
 
-use crate::backend::{Backend, Fut};
+use crate::backend::{Backend, Fut, NarSource};
 use crate::narinfo::{NarInfo, store_hash};
 use crate::stage::Staged;
 use crate::{Pusher, StoreError, io};
@@ -50,30 +50,19 @@ impl Backend for FileCache {
         })
     }
 
-    fn fetch_file<'a>(
+    fn nar_source<'a>(
         &'a self,
         _p: &'a Pusher,
+        _client: &'a reqwest::Client,
         url: &'a str,
-        to: &'a mut std::fs::File,
-        limit: u64,
-    ) -> Fut<'a, bool> {
+    ) -> Fut<'a, Option<NarSource>> {
         Box::pin(async move {
-            use std::io::Read as _;
             let file = self.dir.join(url);
-            let f = match std::fs::File::open(&file) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-                Err(e) => return Err(io(format!("cannot read {}", file.display()))(e)),
-            };
-            let copied = std::io::copy(&mut f.take(limit.saturating_add(1)), to)
-                .map_err(io(format!("cannot read {}", file.display())))?;
-            if copied > limit {
-                return Err(StoreError::Http(format!(
-                    "{} is over {limit} bytes",
-                    file.display()
-                )));
+            match std::fs::File::open(&file) {
+                Ok(f) => Ok(Some(NarSource::File(f))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io(format!("cannot read {}", file.display()))(e)),
             }
-            Ok(true)
         })
     }
 

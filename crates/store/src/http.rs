@@ -1,6 +1,6 @@
 //! HTTP caches that accept PUT (nginx with WebDAV, a plain object store endpoint).
 
-use crate::backend::{Backend, Fut};
+use crate::backend::{Backend, Fut, NarSource};
 use crate::narinfo::{NarInfo, store_hash};
 use crate::stage::Staged;
 use crate::{Pusher, StoreError};
@@ -33,34 +33,6 @@ pub(crate) async fn read_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// A response's body written to `to`: false on a 404, an error past `limit` bytes.
-pub(crate) async fn body_to_file(
-    mut r: reqwest::Response,
-    to: &mut std::fs::File,
-    limit: u64,
-) -> Result<bool, StoreError> {
-    use std::io::Write as _;
-    if r.status().as_u16() == 404 {
-        return Ok(false);
-    }
-    let mut len = 0u64;
-    while let Some(chunk) = r
-        .chunk()
-        .await
-        .map_err(|e| StoreError::Http(format!("reading the cache's answer: {e}")))?
-    {
-        len += chunk.len() as u64;
-        if len > limit {
-            return Err(StoreError::Http(format!(
-                "the cache's answer is over {limit} bytes"
-            )));
-        }
-        to.write_all(&chunk)
-            .map_err(crate::io("cannot write a temporary file"))?;
-    }
-    Ok(true)
 }
 
 /// The first `limit` bytes of a response's body at most (what an error page says); the rest
@@ -142,19 +114,18 @@ impl Backend for HttpCache {
         })
     }
 
-    fn fetch_file<'a>(
+    fn nar_source<'a>(
         &'a self,
         p: &'a Pusher,
+        client: &'a reqwest::Client,
         url: &'a str,
-        to: &'a mut std::fs::File,
-        limit: u64,
-    ) -> Fut<'a, bool> {
+    ) -> Fut<'a, Option<NarSource>> {
         Box::pin(async move {
             let url = format!("{}/{url}", self.base);
             let r = p
-                .send("reading a NAR", || p.http_auth(p.http.get(&url)))
+                .send("reading a NAR", || p.http_auth(client.get(&url)))
                 .await?;
-            body_to_file(r, to, limit).await
+            Ok((r.status().as_u16() != 404).then_some(NarSource::Http(r)))
         })
     }
 

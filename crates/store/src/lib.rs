@@ -32,6 +32,7 @@ pub use arbiter::{Alone, Arbiter};
 pub use cachix::CachixCache;
 pub use read::MAX_NARINFO_BYTES;
 pub use stage::Compression;
+pub use verify::NarCheck;
 
 use backend::Backend;
 use futures_util::StreamExt;
@@ -127,6 +128,8 @@ pub struct Pusher {
     /// Bearer token for a plain HTTP cache (a coordinator's farm cache); never Cachix's.
     http_token: Option<String>,
     pub(crate) http: reqwest::Client,
+    /// A CA trusted besides the system's ([`Pusher::with_root_ca`]), for other clients.
+    pub(crate) root_ca: Option<reqwest::Certificate>,
     /// Paths being uploaded by this pusher: concurrent pushes of one path wait for the first.
     in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub opts: Options,
@@ -198,6 +201,7 @@ impl Pusher {
             token,
             http_token: None,
             http,
+            root_ca: None,
             in_flight: std::sync::Mutex::new(std::collections::HashMap::new()),
             opts: Options::default(),
             stats: Arc::new(Stats::default()),
@@ -215,9 +219,10 @@ impl Pusher {
             // A redirect is never followed: a write redirected (303 to a login page, say)
             // would end in a 200 that wrote nothing, and a lookup in one for another path.
             .redirect(reqwest::redirect::Policy::none())
-            .add_root_certificate(ca)
+            .add_root_certificate(ca.clone())
             .build()
             .map_err(|e| StoreError::Http(format!("cannot build the HTTP client: {e}")))?;
+        self.root_ca = Some(ca);
         Ok(self)
     }
 

@@ -1,29 +1,61 @@
 //! Checking a cache's NARs as a substituting client does: each one its narinfo names
-//! downloaded, decompressed and hashed against what that (signed) narinfo says.
+//! downloaded, decompressed and hashed against what that signed narinfo says.
 
+use crate::backend::NarSource;
 use crate::narinfo::{NarInfo, sha256_nix32};
-use crate::{Pusher, StoreError, io};
+use crate::{Pusher, StoreError};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use std::io::{Read, Seek};
+use std::io::Read;
+use std::time::Duration;
 
-/// NARs checked at once (each is downloaded to a temporary file first).
+/// NARs checked at once (each streamed: nothing is kept on disk).
 const AT_ONCE: usize = 4;
 
+/// Slowest download taken (bytes/s): a NAR may take 300 s, or longer at this rate.
+const SLOWEST: u64 = 256 * 1024;
+
+/// What checking one NAR found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NarCheck {
+    /// The cache serves it whole.
+    Whole,
+    /// Not checked, and why: a form Nix reads but this check does not (another
+    /// compression, an absolute URL).
+    Unchecked(String),
+}
+
 impl Pusher {
-    /// Per path, in order: Ok when the cache serves it whole, as Nix substituting it with
-    /// `require-sigs` would take it: its narinfo signed by one of `keys` (any when there are
-    /// none), the file the narinfo names of its FileSize and FileHash, and that file
+    /// Per path, in order: whether the cache serves it as Nix substituting it with
+    /// `require-sigs` would take it: its narinfo signed by one of `keys` (which must not be
+    /// empty: the narinfo's signed NarSize bounds the download), the file it names
     /// decompressing to NarSize bytes that hash to NarHash. Else that path's error, saying
     /// what differs. Downloads every NAR: as much as a client installing them all.
     pub async fn verify_nars(
         &self,
         paths: &[String],
         keys: &[String],
-    ) -> Vec<Result<(), StoreError>> {
+    ) -> Result<Vec<Result<NarCheck, StoreError>>, StoreError> {
+        if keys.is_empty() {
+            return Err(StoreError::Http(
+                "checking NARs needs a key to check their narinfos by".into(),
+            ));
+        }
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            // Caches behind a CDN or an object store redirect NAR downloads, and Nix follows
+            // them; reqwest drops the Authorization header when a redirect leaves the host.
+            .redirect(reqwest::redirect::Policy::limited(5));
+        if let Some(ca) = &self.root_ca {
+            b = b.add_root_certificate(ca.clone());
+        }
+        let client = b
+            .build()
+            .map_err(|e| StoreError::Http(format!("cannot build the HTTP client: {e}")))?;
         let infos = self
             .settled(paths, |ni| {
-                if keys.is_empty() || ni.signed_by(keys) {
+                if ni.signed_by(keys) {
                     Ok(ni)
                 } else {
                     Err(StoreError::Http(format!(
@@ -35,54 +67,90 @@ impl Pusher {
             .await;
         let mut futs = Vec::with_capacity(infos.len());
         for ni in infos {
-            futs.push(async move { self.verify_nar(ni?).await });
+            let client = &client;
+            futs.push(async move { self.verify_nar(client, ni?).await });
         }
-        futures_util::stream::iter(futs)
+        Ok(futures_util::stream::iter(futs)
             .buffered(AT_ONCE)
             .collect()
-            .await
+            .await)
     }
 
-    async fn verify_nar(&self, ni: NarInfo) -> Result<(), StoreError> {
+    async fn verify_nar(
+        &self,
+        client: &reqwest::Client,
+        ni: NarInfo,
+    ) -> Result<NarCheck, StoreError> {
         let path = ni.store_path.clone();
-        let url = relative_url(&ni.url).ok_or_else(|| {
-            StoreError::Http(format!(
-                "the narinfo of {path} names its NAR at '{}', not a file in the cache",
-                crate::text::one_line(&ni.url, 120)
-            ))
-        })?;
-        let compression = Decompress::of(&ni.compression).ok_or_else(|| {
-            StoreError::Http(format!(
-                "the NAR of {path} is compressed with '{}', which this check cannot read",
-                crate::text::one_line(&ni.compression, 40)
-            ))
-        })?;
-        let mut file = tempfile::tempfile().map_err(io("cannot create a temporary file"))?;
-        if !self
-            .backend
-            .fetch_file(self, url, &mut file, ni.file_size)
-            .await
-            .map_err(|e| StoreError::Http(format!("reading the NAR of {path}: {e}")))?
-        {
-            return Err(StoreError::Http(format!(
-                "the cache has no {url}, the NAR its narinfo of {path} names"
+        let for_http = !matches!(self.target, crate::Target::File(_));
+        if ni.url.contains("://") {
+            return Ok(NarCheck::Unchecked(format!(
+                "the narinfo of {path} names its NAR at an absolute URL"
             )));
         }
-        tokio::task::spawn_blocking(move || check_file(file, &ni, compression))
+        let url = relative_url(&ni.url, for_http)
+            .ok_or_else(|| {
+                StoreError::Http(format!(
+                    "the narinfo of {path} names its NAR at '{}', not a file in the cache",
+                    crate::text::one_line(&ni.url, 120)
+                ))
+            })?
+            .to_string();
+        let Some(compression) = Decompress::of(&ni.compression) else {
+            return Ok(NarCheck::Unchecked(format!(
+                "the NAR of {path} is compressed with '{}', which this check does not read",
+                crate::text::one_line(&ni.compression, 40)
+            )));
+        };
+        // Bounded by the signed NarSize (FileSize is not signed): compressed, a NAR is
+        // hardly larger than itself.
+        let limit = ni
+            .nar_size
+            .saturating_add(ni.nar_size / 8)
+            .saturating_add(1 << 20);
+        let within = Duration::from_secs(300).max(Duration::from_secs(limit / SLOWEST));
+        let read = async {
+            let source = self
+                .backend
+                .nar_source(self, client, &url)
+                .await
+                .map_err(|e| StoreError::Http(format!("reading the NAR of {path}: {e}")))?
+                .ok_or_else(|| {
+                    StoreError::Http(format!(
+                        "the cache has no {url}, the NAR its narinfo of {path} names"
+                    ))
+                })?;
+            check_source(source, ni, compression, limit).await
+        };
+        tokio::time::timeout(within, read)
             .await
-            .map_err(|e| StoreError::Http(format!("checking the NAR of {path}: {e}")))?
+            .unwrap_or_else(|_| {
+                Err(StoreError::Http(format!(
+                    "the NAR of {path} was not read within {} s",
+                    within.as_secs()
+                )))
+            })?;
+        Ok(NarCheck::Whole)
     }
 }
 
-/// A narinfo's URL as a file below the cache: no scheme, no absolute path, no `..`, nothing
-/// but the characters caches name NARs with.
-fn relative_url(url: &str) -> Option<&str> {
+/// A narinfo's URL as a file below the cache: no absolute path, no `..`, nothing but the
+/// characters caches name NARs with; for an HTTP cache a query may follow (harmonia's
+/// `?hash=`).
+fn relative_url(url: &str, for_http: bool) -> Option<&str> {
     let fine = |c: char| c.is_ascii_alphanumeric() || "-._/+".contains(c);
-    (!url.is_empty()
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) if for_http => (p, q),
+        Some(_) => return None,
+        None => (url, ""),
+    };
+    let query_fine = |c: char| c.is_ascii_alphanumeric() || "-._~=&%+".contains(c);
+    (!path.is_empty()
         && url.len() <= 512
-        && url.chars().all(fine)
-        && !url.starts_with('/')
-        && url
+        && path.chars().all(fine)
+        && query.chars().all(query_fine)
+        && !path.starts_with('/')
+        && path
             .split('/')
             .all(|part| !part.is_empty() && part != ".." && part != "."))
     .then_some(url)
@@ -106,44 +174,141 @@ impl Decompress {
     }
 }
 
-/// The downloaded file against its narinfo: its size and hash, then what it decompresses
-/// to (read no further than NarSize and one byte).
-fn check_file(
-    mut file: std::fs::File,
+/// Reads a NAR from `source` (at most `limit` bytes) and checks what it decompresses to,
+/// off the async threads; an HTTP body is handed over chunk by chunk, never stored.
+async fn check_source(
+    source: NarSource,
+    ni: NarInfo,
+    compression: Decompress,
+    limit: u64,
+) -> Result<(), StoreError> {
+    let path = ni.store_path.clone();
+    let joined =
+        |e: tokio::task::JoinError| StoreError::Http(format!("checking the NAR of {path}: {e}"));
+    let mut r = match source {
+        NarSource::File(f) => {
+            return tokio::task::spawn_blocking(move || {
+                check_nar(f.take(limit.saturating_add(1)), &ni, compression, limit)
+            })
+            .await
+            .map_err(joined)?;
+        }
+        NarSource::Http(r) => r,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let checking = tokio::task::spawn_blocking(move || {
+        check_nar(
+            Chunks {
+                rx,
+                cur: Vec::new(),
+                at: 0,
+            },
+            &ni,
+            compression,
+            limit,
+        )
+    });
+    let mut len = 0u64;
+    let mut pumped = Ok(());
+    loop {
+        match r.chunk().await {
+            Ok(Some(c)) => {
+                len += c.len() as u64;
+                // Past the limit the checker says so; a checker that stopped reading (an
+                // error, or the NAR read whole) ends the download.
+                if tx.send(c.to_vec()).await.is_err() || len > limit {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                pumped = Err(StoreError::Http(format!(
+                    "reading the NAR of {}: {e}",
+                    path
+                )));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let checked = checking.await.map_err(joined)?;
+    pumped.and(checked)
+}
+
+/// A blocking reader over the chunks an async task sends.
+struct Chunks {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    at: usize,
+}
+
+impl Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(c) => (self.cur, self.at) = (c, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.at);
+        buf[..n].copy_from_slice(&self.cur[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// What `file` (a compressed NAR, at most `limit` bytes of it) decompresses to, against its
+/// narinfo: read no further than NarSize and a byte.
+fn check_nar(
+    file: impl Read,
     ni: &NarInfo,
     compression: Decompress,
+    limit: u64,
 ) -> Result<(), StoreError> {
     let path = &ni.store_path;
-    let differs = |what: String| Err(StoreError::Http(format!("the NAR of {path} {what}")));
-    let read_err = |e: std::io::Error| StoreError::Http(format!("the NAR of {path}: {e}"));
-    file.rewind().map_err(read_err)?;
-    let (size, hash) = hash_all(&mut file).map_err(read_err)?;
-    if size != ni.file_size || hash != ni.file_hash {
-        return differs(format!(
-            "in the cache is {size} bytes hashing to {}, where its narinfo says {} bytes hashing to {}",
-            sha256_nix32(&hash),
-            ni.file_size,
-            sha256_nix32(&ni.file_hash)
-        ));
-    }
-    file.rewind().map_err(read_err)?;
-    let reader: Box<dyn Read> = match compression {
-        Decompress::None => Box::new(file),
-        Decompress::Xz => Box::new(xz2::read::XzDecoder::new(file)),
-        Decompress::Zstd => Box::new(zstd::stream::read::Decoder::new(file).map_err(read_err)?),
+    let mut counted = Counted { inner: file, n: 0 };
+    let reader: Box<dyn Read + '_> = match compression {
+        Decompress::None => Box::new(&mut counted),
+        // Nix reads every stream of a file of several.
+        Decompress::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(&mut counted)),
+        Decompress::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(&mut counted)
+                .map_err(|e| StoreError::Http(format!("the NAR of {path}: {e}")))?,
+        ),
     };
-    let (size, hash) = hash_all(&mut reader.take(ni.nar_size.saturating_add(1)))
-        .map_err(|e| StoreError::Http(format!("the NAR of {path} does not decompress: {e}")))?;
+    let read = hash_all(&mut reader.take(ni.nar_size.saturating_add(1)));
+    if counted.n > limit {
+        return Err(StoreError::Http(format!(
+            "the NAR of {path} in the cache is over {limit} bytes, for {} bytes uncompressed",
+            ni.nar_size
+        )));
+    }
+    let (size, hash) =
+        read.map_err(|e| StoreError::Http(format!("the NAR of {path} does not decompress: {e}")))?;
     if size != ni.nar_size || hash != ni.nar_hash {
-        return differs(format!(
-            "decompresses to {}{size} bytes hashing to {}, where its narinfo says {} bytes hashing to {}",
+        return Err(StoreError::Http(format!(
+            "the NAR of {path} decompresses to {}{size} bytes hashing to {}, where its narinfo says {} bytes hashing to {}",
             if size > ni.nar_size { "over " } else { "" },
             sha256_nix32(&hash),
             ni.nar_size,
             sha256_nix32(&ni.nar_hash)
-        ));
+        )));
     }
     Ok(())
+}
+
+/// Counts what passes through it.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
 }
 
 /// The length and SHA-256 of everything `r` reads.
@@ -165,14 +330,14 @@ fn hash_all(r: &mut impl Read) -> std::io::Result<(u64, Vec<u8>)> {
 mod tests {
     use super::*;
 
-    /// A narinfo for `nar` stored as `file` (compressed so).
-    fn info(nar: &[u8], file: &[u8], compression: &str) -> NarInfo {
+    /// A narinfo for `nar`, stored compressed so.
+    fn info(nar: &[u8], compression: &str) -> NarInfo {
         NarInfo {
             store_path: format!("/nix/store/{}-x", "0".repeat(32)),
             url: "nar/x".into(),
             compression: compression.into(),
-            file_hash: Sha256::digest(file).to_vec(),
-            file_size: file.len() as u64,
+            file_hash: vec![0; 32],
+            file_size: 1,
             nar_hash: Sha256::digest(nar).to_vec(),
             nar_size: nar.len() as u64,
             references: vec![],
@@ -183,50 +348,60 @@ mod tests {
     }
 
     fn check(file: &[u8], ni: &NarInfo, c: Decompress) -> Result<(), StoreError> {
-        let mut f = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut f, file).unwrap();
-        check_file(f, ni, c)
+        check_nar(file, ni, c, file.len() as u64)
+    }
+
+    fn xz(data: &[u8]) -> Vec<u8> {
+        let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
+        std::io::Write::write_all(&mut e, data).unwrap();
+        e.finish().unwrap()
     }
 
     #[test]
     fn a_nar_is_taken_only_as_its_narinfo_describes_it() {
         let nar = b"nix-archive-1 and then some contents".repeat(100);
-        let xz = {
-            let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
-            std::io::Write::write_all(&mut e, &nar).unwrap();
-            e.finish().unwrap()
-        };
         let zst = zstd::encode_all(&nar[..], 3).unwrap();
-        check(&xz, &info(&nar, &xz, "xz"), Decompress::Xz).unwrap();
-        check(&zst, &info(&nar, &zst, "zstd"), Decompress::Zstd).unwrap();
-        check(&nar, &info(&nar, &nar, "none"), Decompress::None).unwrap();
-        // The file as its narinfo says, decompressing to more (or other) than the NAR it
-        // names: read no further than NarSize and a byte.
-        let mut short = info(&nar[..100], &xz, "xz");
-        let e = check(&xz, &short, Decompress::Xz).unwrap_err().to_string();
-        assert!(e.contains("decompresses to over 101 bytes"), "{e}");
-        short.nar_size = nar.len() as u64;
-        let e = check(&xz, &short, Decompress::Xz).unwrap_err().to_string();
-        assert!(e.contains("where its narinfo says"), "{e}");
-        // Another file than the narinfo's, or one that is not what it says it is compressed with.
-        let e = check(&zst, &info(&nar, &xz, "xz"), Decompress::Xz)
+        check(&xz(&nar), &info(&nar, "xz"), Decompress::Xz).unwrap();
+        check(&zst, &info(&nar, "zstd"), Decompress::Zstd).unwrap();
+        check(&nar, &info(&nar, "none"), Decompress::None).unwrap();
+        // Several xz streams one after the other, as Nix reads them.
+        let mut two = xz(&nar[..1000]);
+        two.extend(xz(&nar[1000..]));
+        check(&two, &info(&nar, "xz"), Decompress::Xz).unwrap();
+        // Decompressing to more (or other) than the NAR it names: read no further than
+        // NarSize and a byte.
+        let short = info(&nar[..100], "xz");
+        let e = check(&xz(&nar), &short, Decompress::Xz)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains(&format!("in the cache is {} bytes", zst.len())),
-            "{e}"
-        );
-        let e = check(&zst, &info(&nar, &zst, "xz"), Decompress::Xz)
+        assert!(e.contains("decompresses to over 101 bytes"), "{e}");
+        let mut other = info(&nar, "xz");
+        other.nar_hash = vec![0; 32];
+        let e = check(&xz(&nar), &other, Decompress::Xz)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("where its narinfo says"), "{e}");
+        // Not what it says it is compressed with.
+        let e = check(&zst, &info(&nar, "xz"), Decompress::Xz)
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not decompress"), "{e}");
+        // More of it than its size allows.
+        let e = check_nar(&nar[..], &info(&nar, "none"), Decompress::None, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is over 10 bytes"), "{e}");
     }
 
     #[test]
     fn only_plain_relative_names_are_fetched() {
         for good in ["nar/0abc.nar.xz", "nar/x-y_z+1.nar.zst", "a.nar"] {
-            assert_eq!(relative_url(good), Some(good));
+            assert_eq!(relative_url(good, false), Some(good));
         }
+        // harmonia's query, over HTTP only.
+        let q = "nar/0abc.nar?hash=0abc";
+        assert_eq!(relative_url(q, true), Some(q));
+        assert_eq!(relative_url(q, false), None);
         for bad in [
             "",
             "/etc/passwd",
@@ -235,10 +410,11 @@ mod tests {
             "nar//x",
             "./x",
             "https://elsewhere/x",
-            "nar/x?y",
+            "nar/x?y\n",
             "nar/x\n",
+            "?x",
         ] {
-            assert_eq!(relative_url(bad), None, "{bad:?}");
+            assert_eq!(relative_url(bad, true), None, "{bad:?}");
         }
     }
 }

@@ -166,6 +166,11 @@ fn run_cache(run: &RunArgs) -> anyhow::Result<String> {
     cache_url(&CacheCheckArgs::from(run))
 }
 
+/// Checks the cache-check flags before anything is asked of the coordinator.
+pub(crate) fn check_args(check: &CacheCheckArgs) -> anyhow::Result<()> {
+    cache_url(check).map(drop)
+}
+
 /// [`run_cache`] of what names a cache.
 fn cache_url(run: &CacheCheckArgs) -> anyhow::Result<String> {
     let Some(url) = &run.cache else {
@@ -178,6 +183,13 @@ fn cache_url(run: &CacheCheckArgs) -> anyhow::Result<String> {
         return Ok(String::new());
     };
     let target = nixfarm_store::Target::parse(url)?;
+    // A NAR is read only as far as its signed narinfo says: keys bound the download.
+    let cachix = matches!(target, nixfarm_store::Target::Cachix { .. });
+    if run.verify_nars && run.trusted_public_keys.is_empty() && !cachix {
+        bail!(
+            "--verify-nars needs --trusted-public-key: the cache's narinfos are checked by it, and their signed sizes bound what is downloaded"
+        );
+    }
     Ok(match (target, &run.cachix_api_url) {
         (nixfarm_store::Target::Cachix { name, .. }, Some(api)) => {
             nixfarm_store::cachix_url(&name, Some(api))
@@ -258,12 +270,28 @@ pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> a
         if !whole.is_empty() {
             eprintln!("checking {} NAR(s) in the cache…", whole.len());
         }
-        for (path, r) in whole.iter().zip(pusher.verify_nars(&whole, &keys).await) {
-            if let Err(e) = r {
-                why_not.insert(
-                    path.clone(),
-                    format!("{e}: a client could not substitute {path}"),
-                );
+        let checked = if whole.is_empty() {
+            Vec::new()
+        } else {
+            pusher.verify_nars(&whole, &keys).await.with_context(|| {
+                format!(
+                    "--verify-nars: cannot check the NARs of {}",
+                    run.cache.as_deref().unwrap_or_default()
+                )
+            })?
+        };
+        for (path, r) in whole.iter().zip(checked) {
+            match r {
+                Ok(nixfarm_store::NarCheck::Whole) => {}
+                Ok(nixfarm_store::NarCheck::Unchecked(why)) => {
+                    eprintln!("not checked: {why}");
+                }
+                Err(e) => {
+                    why_not.insert(
+                        path.clone(),
+                        format!("{e}: a client could not substitute {path}"),
+                    );
+                }
             }
         }
     }
