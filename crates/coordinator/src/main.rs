@@ -64,9 +64,11 @@ async fn main() -> anyhow::Result<()> {
     // STOPSIGNAL) as soon as it serves must stop it cleanly, not kill it.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("cannot handle SIGINT")?;
-    let running = server::start(&config)
-        .await
-        .context("coordinator failed to start")?;
+    // A long start (a large database opening) stops at a SIGINT too.
+    let running = tokio::select! {
+        r = server::start(&config) => r.context("coordinator failed to start")?,
+        _ = interrupt.recv() => return Ok(()),
+    };
     // Print the bound address on stdout so scripts (and tests) can find a :0 port.
     // One line, written without panicking: whoever started us may stop reading stdout.
     {

@@ -234,10 +234,17 @@ fn upload_claims_are_made_for_an_attempt_held_and_a_cache_its_run_pushes_to() {
     assert!(matches!(job, Job::EvalList { .. }), "{job:?}");
     engine.submit(with_cache("file:///theirs")).unwrap();
     // Its run's cache, and the farm cache (no run's).
-    engine.may_claim("a", &attempt, "file:///mine").unwrap();
-    engine.may_claim("a", &attempt, "http://farm:8081").unwrap();
+    let key = |agent: &str| if agent == "a" { &a.session } else { &b.session };
+    engine
+        .may_claim("a", key("a"), &attempt, "file:///mine")
+        .unwrap();
+    engine
+        .may_claim("a", key("a"), &attempt, "http://farm:8081")
+        .unwrap();
     let denied = |agent: &str, attempt: &str, cache: &str| {
-        let e = engine.may_claim(agent, attempt, cache).unwrap_err();
+        let e = engine
+            .may_claim(agent, key(agent), attempt, cache)
+            .unwrap_err();
         assert!(matches!(e, EngineError::Denied(_)), "{e:?}");
         e.to_string()
     };
@@ -245,5 +252,9 @@ fn upload_claims_are_made_for_an_attempt_held_and_a_cache_its_run_pushes_to() {
     assert!(denied("a", &attempt, "file:///theirs").contains("another run's cache"));
     assert!(denied("b", &attempt, "file:///mine").contains("no attempt the agent holds"));
     assert!(denied("a", "", "file:///mine").contains("no attempt the agent holds"));
-    drop(b);
+    // Without its session key nothing is said about the attempt.
+    let e = engine
+        .may_claim("a", &b.session, &attempt, "file:///mine")
+        .unwrap_err();
+    assert!(e.to_string().contains("session key"), "{e}");
 }

@@ -10,8 +10,18 @@ impl Engine {
     /// and the cache is one the attempt's run pushes to (its own, or the farm cache, which
     /// is no run's). So an agent cannot hold back the uploads of a run it has no part in (a
     /// claim makes others wait for the path).
-    pub fn may_claim(&self, agent: &str, attempt: &str, cache: &str) -> Result<(), EngineError> {
+    pub fn may_claim(
+        &self,
+        agent: &str,
+        session: &str,
+        attempt: &str,
+        cache: &str,
+    ) -> Result<(), EngineError> {
         let g = self.lock();
+        // Its session first: nothing is said about attempts to anyone else.
+        if !session_holds(&g, agent, session) {
+            return Err(not_own());
+        }
         let denied = |why: &str| {
             Err(EngineError::Denied(format!(
                 "upload claims on {}: {why}",
@@ -58,16 +68,8 @@ impl Engine {
         let mut g = self.lock();
         let inner = &mut *g;
         let now = self.clock.now_ms();
-        // Only the agent itself (its registration's session key) claims or releases in its name.
-        let own = inner.agents.get(agent).is_some_and(|a| {
-            !a.session.is_empty()
-                && a.session.len() == session.len()
-                && constant_time_eq(a.session.as_bytes(), session.as_bytes())
-        });
-        if !own {
-            return Err(EngineError::Denied(
-                "upload claims are made by a registered agent, with its session key".into(),
-            ));
+        if !session_holds(inner, agent, session) {
+            return Err(not_own());
         }
         if let Some(a) = inner.agents.get_mut(agent) {
             a.last_seen_ms = now;
@@ -96,4 +98,17 @@ impl Engine {
         };
         Ok(inner.db.claim_uploads(cache, agent, paths, now, &lapsed)?)
     }
+}
+
+/// Only the agent itself (its registration's session key) claims or releases in its name.
+fn session_holds(inner: &Inner, agent: &str, session: &str) -> bool {
+    inner.agents.get(agent).is_some_and(|a| {
+        !a.session.is_empty()
+            && a.session.len() == session.len()
+            && constant_time_eq(a.session.as_bytes(), session.as_bytes())
+    })
+}
+
+fn not_own() -> EngineError {
+    EngineError::Denied("upload claims are made by a registered agent, with its session key".into())
 }

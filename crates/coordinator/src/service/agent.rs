@@ -194,7 +194,8 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         check_len("the attempt", &r.attempt, lim::MAX_RUN_ID).map_err(WireError::from)?;
         // Releasing drops only the agent's own claims: no attempt needed (it may be over).
         if !r.release {
-            self.engine.may_claim(&r.agent, &r.attempt, &r.cache)?;
+            self.engine
+                .may_claim(&r.agent, &r.session_key, &r.attempt, &r.cache)?;
         }
         let granted =
             self.engine
