@@ -198,6 +198,18 @@ pub fn is_machine_error_but_disk(message: &str) -> bool {
         || message.contains("'/nix/var/nix/")
 }
 
+/// Whether `message`, Nix's words for a failing machine, may be an expression's own (an
+/// `abort` worded so, which `tryEval` cannot catch), to be weighed against other attributes
+/// evaluated on the same machine: the store's or the host's state (a lock, a database, file
+/// descriptors, the daemon's socket). Not a failed download, a full disk or memory running
+/// out: those depend on the moment or on the attribute's size, so they stay the machine's.
+pub fn is_machine_error_to_weigh(message: &str) -> bool {
+    const MEMORY: &[&str] = &["Cannot allocate memory", "out of memory", "std::bad_alloc"];
+    is_machine_error_but_disk(message)
+        && !is_transfer_error(message)
+        && !MEMORY.iter().any(|m| message.contains(m))
+}
+
 /// Whether a download Nix made failed in transport or at the server (every version prints
 /// `unable to download '<url>': <curl's words> (<code>)` or `… HTTP error <status>`): name
 /// resolution, connection, timeout, TLS, a cut transfer, a 5xx or 429. A 401, 403 or 404 is

@@ -197,15 +197,15 @@ const SUSPECT_PAUSE: Duration = Duration::from_secs(1);
 /// `abort` worded so) when an attribute that evaluated here before evaluates again after
 /// them, so the machine works now. Otherwise (nothing evaluated here, or that control fails
 /// too: an outage that began partway) the machine is blamed, for the task to go elsewhere;
-/// so is a full disk (its words count only when this host's disk is full: `room`) and a
-/// fetch that failed in transport.
+/// so is a full disk (its words count only when this host's disk is full: `room`), a fetch
+/// that failed in transport, and memory running out.
 async fn settle_suspects(
     shared: &Arc<Shared>,
     (entry, attr_path, mem): (&Entry, &str, u64),
     out: &mut BTreeMap<String, Result<AttrInfo, String>>,
     suspects: BTreeMap<String, (u32, String)>,
 ) -> Result<(), NixError> {
-    use nixfarm_nix::messages::{is_disk_full, is_transfer_error};
+    use nixfarm_nix::messages::is_machine_error_to_weigh;
     let suspects: Vec<(String, (u32, String))> = suspects
         .into_iter()
         .filter(|(a, _)| !out.contains_key(a))
@@ -215,7 +215,7 @@ async fn settle_suspects(
     };
     if let Some((_, (_, m))) = suspects
         .iter()
-        .find(|(_, (_, m))| is_disk_full(m) || is_transfer_error(m))
+        .find(|(_, (_, m))| !is_machine_error_to_weigh(m))
     {
         return Err(NixError::Infra(m.clone()));
     }

@@ -180,8 +180,7 @@ impl Engine {
         if failures > self.opts.max_infra_retries {
             // The machine's words, which an expression can print where `tryEval` cannot
             // catch them: parked, to be weighed against the run's other tasks.
-            use nixfarm_nix::messages::{is_machine_error_but_disk, is_transfer_error};
-            if task_no >= 0 && is_machine_error_but_disk(msg) && !is_transfer_error(msg) {
+            if task_no >= 0 && nixfarm_nix::messages::is_machine_error_to_weigh(msg) {
                 return self.park_eval(inner, run_id, task_no, msg);
             }
             return self.fail_run(
