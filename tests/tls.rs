@@ -694,3 +694,140 @@ fn a_revoked_certificate_is_cut_off_and_refused_without_a_restart() {
         .expect_err("a second keeper");
     assert_eq!(conflict.code(), tonic::Code::AlreadyExists, "{conflict:?}");
 }
+
+/// An input the run overrides with a remote flake is fetched as the override says, and that
+/// flake's own inputs as its `flake.lock` says. A lock there naming a path on the agent's
+/// own disk is refused before Nix fetches it (which would copy that path into the agent's
+/// store), as it is in the run's own flake. The flakes are served over HTTPS by nginx with
+/// a private CA the agent's Nix trusts.
+#[test]
+fn a_flake_overriding_an_input_is_checked_like_the_runs_own() {
+    let dir = scratch();
+    let d = dir.path();
+    let (ca, cert, key) = pki(d, "flakes-ca", "flakes", "subjectAltName=IP:127.0.0.1\n");
+    let ca = ca.to_str().unwrap().to_string();
+    // What the agent's host keeps on its disk.
+    let secret = d.join("agent-secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    let marker = "nixfarm-override-secret-marker";
+    std::fs::write(secret.join("token"), format!("{marker}\n")).unwrap();
+    let www = d.join("www");
+    let src = d.join("src");
+    for (name, text) in [
+        (
+            "good",
+            "{ outputs = { self }: { value = \"good\"; }; }".to_string(),
+        ),
+        (
+            "bad",
+            format!(
+                "{{ inputs.k = {{ url = \"path:{}\"; flake = false; }};\n  outputs = {{ self, k }}: {{ value = \"bad\"; }}; }}",
+                secret.display()
+            ),
+        ),
+    ] {
+        std::fs::create_dir_all(src.join(name)).unwrap();
+        std::fs::write(src.join(name).join("flake.nix"), text).unwrap();
+    }
+    // Its author locks it on their own machine, where the path is theirs.
+    let lock = Command::new("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "flake",
+            "lock",
+        ])
+        .current_dir(src.join("bad"))
+        .output()
+        .unwrap();
+    assert!(lock.status.success(), "{}", stderr(&lock));
+    std::fs::create_dir_all(&www).unwrap();
+    for name in ["good", "bad"] {
+        let tar = Command::new("tar")
+            .arg("czf")
+            .arg(www.join(format!("{name}.tar.gz")))
+            .arg("-C")
+            .arg(&src)
+            .arg(name)
+            .status()
+            .unwrap();
+        assert!(tar.success());
+    }
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_nginx, _) = start_nginx(
+        &d.join("nginx"),
+        &format!(
+            "    listen 127.0.0.1:{tls_port} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    location / {{ root {}; }}\n",
+            cert.display(),
+            key.display(),
+            www.display()
+        ),
+    );
+    let served = |name: &str| format!("https://127.0.0.1:{tls_port}/{name}.tar.gz");
+    // The run's own flake takes `dep`, locked to the good one.
+    let repo = d.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{ inputs.dep.url = "{}";
+  outputs = {{ self, dep }}: {{ packages.x86_64-linux.p = derivation {{
+    name = "p-${{dep.value}}"; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "echo ok > $out" ]; }}; }}; }}"#,
+            served("good")
+        ),
+    )
+    .unwrap();
+    let lock = Command::new("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "flake",
+            "lock",
+        ])
+        .current_dir(&repo)
+        .env("NIX_SSL_CERT_FILE", &ca)
+        .output()
+        .unwrap();
+    assert!(lock.status.success(), "{}", stderr(&lock));
+    let coordinator = Coordinator::start(&d.join("coordinator")).unwrap();
+    let host = Host::new(&d.join("host"));
+    let _agent = host
+        .start_agent_with_env(
+            "a",
+            &coordinator.url,
+            None,
+            1,
+            &[("NIX_SSL_CERT_FILE", &ca)],
+        )
+        .unwrap();
+    let submit = |extra: &[&str]| {
+        let mut args = vec!["submit", repo.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = cli(&coordinator.url, &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    };
+    // As locked, it evaluates and builds: the agent fetches over HTTPS.
+    let run = submit(&[]);
+    let report = wait_for_state(&coordinator.url, &run, "finished", Duration::from_secs(60));
+    assert_eq!(report["summary"]["ready"], 1, "{report}");
+    // Overridden with the flake whose lock names the agent's path: refused, fetching none.
+    let run = submit(&["--override-input", "dep", &served("bad")]);
+    let report = wait_for_state(&coordinator.url, &run, "failed", Duration::from_secs(60));
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("the flake overriding input 'dep'") && error.contains("path:"),
+        "{error}"
+    );
+    let store = host.root.join("nix/store");
+    let copied = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path().join("token")).is_ok_and(|t| t.contains(marker)));
+    assert!(!copied, "the agent's path was copied into its store");
+}

@@ -160,6 +160,8 @@ impl Agent {
         nix.nix = cfg.nix_bin.join("nix");
         nix.nix_store = cfg.nix_bin.join("nix-store");
         nix.eval_deadline = Duration::from_secs(cfg.eval_timeout_secs);
+        // It refuses indirect references (`flake:nixpkgs`) unless local ones are allowed.
+        nix.no_flake_registry = !cfg.allow_local_flake_refs;
         let isolation = cfg.isolation()?;
         // The builds fetch from the farm cache with its netrc.
         let readable = [cfg.farm_cache_dir()];

@@ -109,7 +109,16 @@ pub struct Nix {
     /// What builds in this process's own store may not read (see
     /// [`Nix::with_build_isolation`]); None: builds are not covered.
     pub(crate) build_covers: Option<std::sync::Arc<Vec<PathBuf>>>,
+    /// Nix is given no global flake registry (see [`NO_FLAKE_REGISTRY`]): for an agent that
+    /// refuses the indirect references it resolves, a fetch from the network (and a
+    /// failure where that is out of reach) for nothing.
+    pub no_flake_registry: bool,
 }
+
+/// What `flake-registry` names when there is none: a path that does not exist, which every
+/// Nix reads as an empty registry (2.8 downloads anything not absolute, so "" will not do),
+/// under Nix's own state directory, which only the store's owner writes.
+pub const NO_FLAKE_REGISTRY: &str = "/nix/var/nix/nixfarm-no-flake-registry.json";
 
 /// Most JSON one Nix command may print, bytes.
 pub const MAX_JSON_BYTES: usize = 512 << 20;
@@ -127,6 +136,7 @@ impl Default for Nix {
             eval_deadline: EVAL_DEADLINE,
             isolation: None,
             build_covers: None,
+            no_flake_registry: false,
         }
     }
 }
@@ -195,7 +205,14 @@ pub(crate) fn apply_settings<'a>(
 
 impl Nix {
     pub(crate) fn nix_cmd(&self) -> Command {
-        nix_flags(Command::new(&self.nix))
+        self.registry(nix_flags(Command::new(&self.nix)))
+    }
+
+    fn registry(&self, mut c: Command) -> Command {
+        if self.no_flake_registry {
+            c.args(["--option", "flake-registry", NO_FLAKE_REGISTRY]);
+        }
+        c
     }
 
     /// `nix --version`, e.g. "nix (Nix) 2.8.0".
@@ -270,7 +287,9 @@ impl Nix {
     pub(crate) fn eval_cmd(&self, substituter: &str) -> Command {
         let mut c = match &self.isolation {
             Some(own) => {
-                let mut c = nix_flags(crate::isolation::Masks::of(own).command(&self.nix));
+                let mut c = self.registry(nix_flags(
+                    crate::isolation::Masks::of(own).command(&self.nix),
+                ));
                 // None of the agent's environment (its tokens) either: what Nix needs.
                 crate::entry::keep_env(&mut c, &["NIX_CONFIG"]);
                 c

@@ -53,21 +53,65 @@ pub(super) async fn check_flake_inputs(
     if cached && shared.checked_flakes.lock().is_ok_and(|c| c.contains(&key)) {
         return Ok(());
     }
-    let refuse = |message: String| NixError::Failed {
-        message,
-        log: String::new(),
-    };
     let dir = match reference.strip_prefix("path:") {
         Some(root) => PathBuf::from(root),
         None => shared.nix.prefetch_flake(reference).await?,
     };
     let overridden: Vec<String> = overrides.iter().map(|(n, _)| n.clone()).collect();
-    check_lock_file(&dir, &overridden, false).map_err(refuse)?;
+    check_flake_dir(shared, &dir, &overridden).await?;
+    // A flake that overrides an input is fetched as its override says (checked remote),
+    // and its own inputs as its lock says: checked the same way, but for the inputs
+    // overridden below it (`dep/sub`).
+    for (name, with) in overrides {
+        let dir = shared.nix.prefetch_flake(with).await?;
+        let below: Vec<String> = overridden
+            .iter()
+            .filter_map(|o| o.strip_prefix(&format!("{name}/")).map(str::to_string))
+            .collect();
+        // Not a flake (`flake = false`): a tree of files, with no inputs of its own.
+        if !dir.join("flake.nix").is_file() {
+            continue;
+        }
+        check_flake_dir(shared, &dir, &below)
+            .await
+            .map_err(|e| match e {
+                NixError::Failed { message, log } => NixError::Failed {
+                    message: format!(
+                        "the flake overriding input '{}' ({}): {message}",
+                        nixfarm_core::limits::clip(name, 80),
+                        nixfarm_core::limits::clip(with, 200)
+                    ),
+                    log,
+                },
+                other => other,
+            })?;
+    }
+    if cached && let Ok(mut c) = shared.checked_flakes.lock() {
+        c.push_back(key);
+        while c.len() > 64 {
+            c.pop_front();
+        }
+    }
+    Ok(())
+}
+
+/// The flake at `dir`: everything its lock locks is remote, and so is every input its
+/// `flake.nix` declares, each locked; but for the inputs in `overridden`.
+async fn check_flake_dir(
+    shared: &Arc<Shared>,
+    dir: &std::path::Path,
+    overridden: &[String],
+) -> Result<(), NixError> {
+    let refuse = |message: String| NixError::Failed {
+        message,
+        log: String::new(),
+    };
+    check_lock_file(dir, overridden, false).map_err(refuse)?;
     let locked = match std::fs::read_to_string(dir.join("flake.lock")) {
         Ok(text) => nixfarm_core::flakeref::locked_root_inputs(&text),
         Err(_) => Vec::new(),
     };
-    let declared = shared.nix.flake_inputs(&dir).await?;
+    let declared = shared.nix.flake_inputs(dir).await?;
     // As declared, each is remote too: Nix fetches it again when the lock does not lock it
     // as flake.nix says (an override, say, turns off the lock's refusal).
     for (name, spec) in declared.iter().filter(|(n, _)| !overridden.contains(n)) {
@@ -81,12 +125,6 @@ pub(super) async fn check_flake_inputs(
             "the flake's input '{}' is not in its flake.lock: Nix would fetch it to lock it, on the agent, before anything checked what it is. Lock it (nix flake lock) and commit flake.lock",
             nixfarm_core::limits::clip(name, 80)
         )));
-    }
-    if cached && let Ok(mut c) = shared.checked_flakes.lock() {
-        c.push_back(key);
-        while c.len() > 64 {
-            c.pop_front();
-        }
     }
     Ok(())
 }
