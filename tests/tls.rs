@@ -730,17 +730,7 @@ fn a_flake_overriding_an_input_is_checked_like_the_runs_own() {
         std::fs::write(src.join(name).join("flake.nix"), text).unwrap();
     }
     // Its author locks it on their own machine, where the path is theirs.
-    let lock = Command::new("nix")
-        .args([
-            "--extra-experimental-features",
-            "nix-command flakes",
-            "flake",
-            "lock",
-        ])
-        .current_dir(src.join("bad"))
-        .output()
-        .unwrap();
-    assert!(lock.status.success(), "{}", stderr(&lock));
+    lock_flake(&src.join("bad"), &[]);
     std::fs::create_dir_all(&www).unwrap();
     for name in ["good", "bad"] {
         let tar = Command::new("tar")
@@ -782,18 +772,7 @@ fn a_flake_overriding_an_input_is_checked_like_the_runs_own() {
         ),
     )
     .unwrap();
-    let lock = Command::new("nix")
-        .args([
-            "--extra-experimental-features",
-            "nix-command flakes",
-            "flake",
-            "lock",
-        ])
-        .current_dir(&repo)
-        .env("NIX_SSL_CERT_FILE", &ca)
-        .output()
-        .unwrap();
-    assert!(lock.status.success(), "{}", stderr(&lock));
+    lock_flake(&repo, &[("NIX_SSL_CERT_FILE", &ca)]);
     let coordinator = Coordinator::start(&d.join("coordinator")).unwrap();
     let host = Host::new(&d.join("host"));
     let _agent = host
@@ -830,4 +809,20 @@ fn a_flake_overriding_an_input_is_checked_like_the_runs_own() {
         .flatten()
         .any(|e| std::fs::read_to_string(e.path().join("token")).is_ok_and(|t| t.contains(marker)));
     assert!(!copied, "the agent's path was copied into its store");
+}
+
+/// `nix flake lock` in `dir` on this machine (its own store), with `env`.
+fn lock_flake(dir: &Path, env: &[(&str, &str)]) {
+    let lock = Command::new("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "flake",
+            "lock",
+        ])
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(lock.status.success(), "{}", stderr(&lock));
 }

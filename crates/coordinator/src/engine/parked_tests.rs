@@ -55,6 +55,21 @@ fn tasks(a: &mut Agent) -> Vec<(String, String)> {
     out
 }
 
+/// Answers every evaluation task `a` is given with `answer(a, attempt, attribute)` until it
+/// is given none (`good` first, of those given at once).
+fn answer_all(a: &mut Agent, mut answer: impl FnMut(&Agent, String, &str)) {
+    loop {
+        let mut held = tasks(a);
+        if held.is_empty() {
+            return;
+        }
+        held.sort_by_key(|(_, attr)| attr != "good");
+        for (attempt, attr) in held {
+            answer(a, attempt, &attr);
+        }
+    }
+}
+
 const LOCKED: &str = "evaluation aborted with the following error message: 'database is locked'";
 
 fn fail(engine: &Engine, a: &Agent, attempt: String) {
@@ -100,20 +115,14 @@ fn a_task_failing_so_where_the_others_evaluate_fails_its_package_not_the_run() {
     // for it.
     let mut good = None;
     let mut failures = 0;
-    loop {
-        let held = tasks(&mut a);
-        if held.is_empty() {
-            break;
+    answer_all(&mut a, |a, attempt, attr| {
+        if attr == "good" {
+            good = Some(attempt);
+        } else {
+            failures += 1;
+            fail(&engine, a, attempt);
         }
-        for (attempt, attr) in held {
-            if attr == "good" {
-                good = Some(attempt);
-            } else {
-                failures += 1;
-                fail(&engine, &a, attempt);
-            }
-        }
-    }
+    });
     assert_eq!(failures, 2, "the first try and one retry");
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Evaluating);
     clock.0.advance(1_000);
@@ -134,16 +143,10 @@ fn a_task_failing_so_where_the_others_evaluate_fails_its_package_not_the_run() {
 fn tasks_failing_so_where_nothing_evaluates_fail_the_run() {
     let (engine, _clock, run, mut a) = listed(&["one", "two"]);
     let mut failures = 0;
-    loop {
-        let held = tasks(&mut a);
-        if held.is_empty() {
-            break;
-        }
-        for (attempt, _) in held {
-            failures += 1;
-            fail(&engine, &a, attempt);
-        }
-    }
+    answer_all(&mut a, |a, attempt, _| {
+        failures += 1;
+        fail(&engine, a, attempt);
+    });
     assert_eq!(failures, 4, "two tasks, each tried twice");
     let report = engine.report(&run).unwrap();
     assert_eq!(report.state, RunState::Failed);
@@ -161,23 +164,15 @@ fn a_task_failing_so_only_after_the_others_evaluated_fails_the_run() {
     // broken since, so nothing says the failure is `bad`'s own.
     let (engine, clock, run, mut a) = listed(&["bad", "good"]);
     let mut failures = 0;
-    let mut held = tasks(&mut a);
-    held.sort_by_key(|(_, attr)| attr != "good");
-    loop {
-        if held.is_empty() {
-            break;
+    answer_all(&mut a, |a, attempt, attr| {
+        if attr == "good" {
+            evaluate(&engine, a, attempt, "good");
+            clock.0.advance(1_000);
+        } else {
+            failures += 1;
+            fail(&engine, a, attempt);
         }
-        for (attempt, attr) in held {
-            if attr == "good" {
-                evaluate(&engine, &a, attempt, "good");
-                clock.0.advance(1_000);
-            } else {
-                failures += 1;
-                fail(&engine, &a, attempt);
-            }
-        }
-        held = tasks(&mut a);
-    }
+    });
     assert_eq!(failures, 2);
     let report = engine.report(&run).unwrap();
     assert_eq!(report.state, RunState::Failed);
@@ -193,24 +188,13 @@ fn a_task_failing_with_other_words_fails_the_run_as_before() {
     // Not the machine's words (a source that cannot be fetched): never the package's.
     let (engine, _clock, run, mut a) = listed(&["bad", "good"]);
     let mut good = None;
-    loop {
-        let held = tasks(&mut a);
-        if held.is_empty() {
-            break;
+    answer_all(&mut a, |a, attempt, attr| {
+        if attr == "good" {
+            good = Some(attempt);
+        } else {
+            fail_with(&engine, a, attempt, "cannot fetch source: connection reset");
         }
-        for (attempt, attr) in held {
-            if attr == "good" {
-                good = Some(attempt);
-            } else {
-                fail_with(
-                    &engine,
-                    &a,
-                    attempt,
-                    "cannot fetch source: connection reset",
-                );
-            }
-        }
-    }
+    });
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Failed);
     drop(good);
 }
