@@ -18,6 +18,7 @@ mod path_info;
 pub mod room;
 pub mod runner;
 mod store_query;
+mod tail;
 pub mod text_path;
 mod worker_protocol;
 
