@@ -154,6 +154,13 @@ pub(super) async fn eval_isolated(
                     pending.push(group[..mid].to_vec());
                     pending.push(group[mid..].to_vec());
                 }
+                // Words no expression is taken to have printed (a failed download, a full
+                // disk, memory running out): the machine's, the task goes elsewhere.
+                Err(NixError::Infra(message))
+                    if !nixfarm_nix::messages::is_machine_error_to_weigh(&message) =>
+                {
+                    return Err(NixError::Infra(message));
+                }
                 // The machine's words: bisected, and an attribute failing so alone is tried
                 // again, up to SUSPECT_TRIES times (what it is is settled below).
                 Err(NixError::Infra(message)) => {
