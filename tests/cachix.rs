@@ -348,6 +348,45 @@ fn nixfarm_local_publishes_to_cachix_and_a_refused_push_is_not_cached() {
         created_before,
         "the second run uploaded nothing new"
     );
+    // Warm again with every NAR downloaded back from the cache's URI, as a user would: all
+    // whole. Then one damaged in the cache's storage is found, and only that one.
+    let verified = packages_by_attr(&local(&["--skip-cached", "--verify-nars"]));
+    let mut ready: Vec<&String> = got
+        .iter()
+        .filter(|(_, p)| p["status"] == "ready")
+        .map(|(a, _)| a)
+        .collect();
+    ready.sort();
+    for attr in &ready {
+        let p = &verified[attr.as_str()];
+        assert_eq!(p["status"], "ready", "{attr}: {}", p["reason"]);
+    }
+    let victim = ready[0].as_str();
+    let out = got[victim]["outputs"]["out"].as_str().unwrap();
+    let narinfo = std::fs::read_to_string(dir.path().join(format!(
+        "cachix/{}.narinfo",
+        &out["/nix/store/".len()..][..32]
+    )))
+    .unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap();
+    let nar = dir.path().join("cachix").join(url);
+    let mut bytes = std::fs::read(&nar).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last / 2] ^= 0xff;
+    std::fs::write(&nar, bytes).unwrap();
+    let damaged = packages_by_attr(&local(&["--skip-cached", "--verify-nars"]));
+    for attr in &ready {
+        let want = if attr.as_str() == victim {
+            "not-cached"
+        } else {
+            "ready"
+        };
+        let p = &damaged[attr.as_str()];
+        assert_eq!(p["status"], want, "{attr}: {}", p["reason"]);
+    }
 }
 
 /// Cross-checked builds against Cachix: each of two agents (separate stores) checks the
