@@ -99,8 +99,9 @@ pub const MAX_LOCK_BYTES: u64 = 8 << 20;
 /// remote (nothing on the agent's own disk: a `path:` input naming the agent's credentials
 /// would be copied into its store and readable to the evaluation) unless `allow_local`.
 /// Root inputs the run overrides (`overridden`) are fetched as their overrides say, which
-/// are checked apart. A node that is not locked is refused: Nix would lock it, fetching it
-/// first.
+/// are checked apart; the nodes they lock in turn are checked all the same (Nix locks the
+/// overriding flake's inputs with them). A node that is not locked is refused: Nix would
+/// lock it, fetching it first.
 pub fn check_lock(
     lock: &str,
     overridden: &[String],
@@ -133,10 +134,17 @@ pub fn check_lock(
             .unwrap_or_default()
     };
     let mut seen: Vec<String> = Vec::new();
+    // An overridden input's own node is fetched as the override says; what its node locks
+    // below it is still what Nix takes for the overriding flake's inputs of those names.
     let mut stack: Vec<String> = inputs_of(root)
         .into_iter()
-        .filter(|(name, _)| !overridden.contains(name))
-        .map(|(_, to)| to)
+        .flat_map(|(name, to)| {
+            if overridden.contains(&name) {
+                inputs_of(&to).into_iter().map(|(_, below)| below).collect()
+            } else {
+                vec![to]
+            }
+        })
         .collect();
     while let Some(key) = stack.pop() {
         if seen.contains(&key) || seen.len() > 100_000 {
@@ -200,6 +208,18 @@ pub fn check_declared(name: &str, spec: &serde_json::Value) -> Result<(), FlakeR
     } else if spec.get("type").is_some() {
         scheme_for_farm(&shown, &locked_scheme(spec))?;
     }
+    if let Some(nested) = spec.get("inputs").and_then(|i| i.as_object()) {
+        for (n, s) in nested {
+            check_declared(&format!("{name}/{n}"), s)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`check_declared`] for an input the run overrides: its own reference is the override's
+/// (checked apart), but what `flake.nix` declares for its inputs still applies to the
+/// overriding flake's, and Nix fetches those as declared.
+pub fn check_declared_below(name: &str, spec: &serde_json::Value) -> Result<(), FlakeRefError> {
     if let Some(nested) = spec.get("inputs").and_then(|i| i.as_object()) {
         for (n, s) in nested {
             check_declared(&format!("{name}/{n}"), s)?;
@@ -394,7 +414,20 @@ mod tests {
         // An overridden root input still reached through another node is checked.
         let nested = r#"{"nodes": {"k": {"locked": {"type": "path", "path": "/secret", "rev": "0"}}, "foo": {"locked": {"type": "github", "owner": "o", "repo": "r"}, "inputs": {"x": "k"}}, "root": {"inputs": {"k": "k", "foo": "foo"}}}, "root": "root", "version": 7}"#;
         assert!(check_lock(nested, &["k".into()], false).is_err());
-        assert!(check_lock(nested, &["k".into(), "foo".into()], false).is_ok());
+        // Overridden too, `foo`'s own node is not fetched, but Nix locks the overriding
+        // flake's input `x` with what `foo`'s node locks under it: still checked.
+        assert!(check_lock(nested, &["k".into(), "foo".into()], false).is_err());
+        let below = r#"{"nodes": {"sub": {"locked": {"type": "path", "path": "/secret", "rev": "0"}}, "dep": {"locked": {"type": "path", "path": "/old"}, "inputs": {"sub": "sub"}}, "root": {"inputs": {"dep": "dep"}}}, "root": "root", "version": 7}"#;
+        assert!(check_lock(below, &["dep".into()], false).is_err());
+        let fine_below = below.replace(
+            r#"{"type": "path", "path": "/secret", "rev": "0"}"#,
+            r#"{"type": "github", "owner": "o", "repo": "r", "rev": "0"}"#,
+        );
+        assert!(check_lock(&fine_below, &["dep".into()], false).is_ok());
+        // What flake.nix declares below an overridden input still applies, and is checked.
+        let declared = spec(r#"{"url": "github:o/r", "inputs": {"sub": {"url": "path:/secret"}}}"#);
+        assert!(check_declared_below("dep", &declared).is_err());
+        assert!(check_declared_below("dep", &spec(r#"{"url": "path:/overridden"}"#)).is_ok());
         assert_eq!(locked_root_inputs(&lock_with("{}")), ["k", "nixpkgs"]);
         assert!(locked_root_inputs("not json").is_empty());
         let unlocked = r#"{"nodes": {"k": {"original": {"type": "path", "path": "/x"}}, "root": {"inputs": {"k": "k"}}}, "root": "root", "version": 7}"#;

@@ -238,13 +238,25 @@ async fn settle_suspects(
             "{first} (and {control}, which evaluated on this machine before, failed when evaluated again: {e})"
         )));
     }
-    for (attr, (tries, message)) in suspects {
-        out.insert(
-            attr,
-            Err(format!(
-                "{message} (Nix's words for a failure of the machine, but this attribute failed so alone {tries} times while another evaluated on the same machine before and after: taken as its own failure)"
+    // The machine works now: each suspect once more, so an outage that ended before the
+    // control blames none of them.
+    for (attr, (tries, _)) in suspects {
+        let again = shared
+            .nix
+            .eval_attrs(entry, attr_path, std::slice::from_ref(&attr), mem)
+            .await;
+        let result = match again {
+            Ok(mut infos) => infos
+                .remove(&attr)
+                .ok_or_else(|| format!("the evaluation of {attr} gave no result for it")),
+            Err(NixError::Infra(message)) if is_machine_error_to_weigh(&message) => Err(format!(
+                "{message} (Nix's words for a failure of the machine, but this attribute failed so alone {} times, the last after another evaluated on the same machine: taken as its own failure)",
+                tries + 1
             )),
-        );
+            Err(NixError::Infra(message)) => return Err(NixError::Infra(message)),
+            Err(e) => Err(e.to_string()),
+        };
+        out.insert(attr, result);
     }
     Ok(())
 }

@@ -49,7 +49,9 @@ pub(super) async fn check_flake_inputs(
     // A run's evaluation tasks name the same uploaded tree (the run's own, read-only):
     // checked once here. A remote reference may name another commit each time: each time.
     let key = format!("{reference} {overrides:?}");
-    let cached = reference.starts_with("path:");
+    // An override may name another commit each time too (Nix fetches it again after its
+    // tarball-ttl): only a run's own tree without overrides is checked once.
+    let cached = reference.starts_with("path:") && overrides.is_empty();
     if cached && shared.checked_flakes.lock().is_ok_and(|c| c.contains(&key)) {
         return Ok(());
     }
@@ -114,8 +116,13 @@ async fn check_flake_dir(
     let declared = shared.nix.flake_inputs(dir).await?;
     // As declared, each is remote too: Nix fetches it again when the lock does not lock it
     // as flake.nix says (an override, say, turns off the lock's refusal).
-    for (name, spec) in declared.iter().filter(|(n, _)| !overridden.contains(n)) {
-        nixfarm_core::flakeref::check_declared(name, spec).map_err(|e| refuse(e.to_string()))?;
+    for (name, spec) in &declared {
+        if overridden.contains(name) {
+            nixfarm_core::flakeref::check_declared_below(name, spec)
+        } else {
+            nixfarm_core::flakeref::check_declared(name, spec)
+        }
+        .map_err(|e| refuse(e.to_string()))?;
     }
     if let Some(name) = declared
         .keys()

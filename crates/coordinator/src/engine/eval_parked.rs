@@ -31,9 +31,9 @@ impl Engine {
         self.settle_parked(inner, run_id)
     }
 
-    /// Once every other task of the run is done (or parked too): each parked task is
-    /// blamed on its attributes when an agent that failed it evaluated others, else the run
-    /// fails as the farm's.
+    /// Once every other task of the run is done (or parked too): each parked task is tried
+    /// once more, then blamed on its attributes when an agent that failed it evaluated
+    /// others after a failure, else the run fails as the farm's.
     pub(super) fn settle_parked(&self, inner: &mut Inner, run_id: &str) -> Result<(), EngineError> {
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
@@ -43,6 +43,23 @@ impl Engine {
             || run.state.is_terminal()
             || run.eval_tasks_done.len() + run.parked_eval.len() < total
         {
+            return Ok(());
+        }
+        // Each once more first, now that the others are done: an outage that has ended
+        // since (a lock held, a daemon restarting) blames none of them.
+        let again: Vec<i64> = run
+            .parked_eval
+            .keys()
+            .filter(|t| !run.final_tried.contains(t))
+            .copied()
+            .collect();
+        if !again.is_empty() {
+            let now = self.clock.now_ms();
+            for task in again {
+                run.parked_eval.remove(&task);
+                run.final_tried.insert(task);
+                run.requeue_eval(EvalTask::Chunk(task), now, true);
+            }
             return Ok(());
         }
         // Taken out whole: accepting one below must not settle the others again.

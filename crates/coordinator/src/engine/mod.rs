@@ -82,6 +82,8 @@ struct RunMem {
     /// Evaluation tasks that kept failing with the machine's words, and the last message:
     /// settled once the run's other tasks are (`eval_parked`).
     parked_eval: BTreeMap<i64, String>,
+    /// Parked tasks given their one more try once the others had settled.
+    final_tried: HashSet<i64>,
     /// Cross-checked evaluation: the first answer to each task awaiting a second (task -1:
     /// the listing).
     opinions: HashMap<i64, EvalOpinion>,
@@ -397,6 +399,7 @@ impl RunMem {
             done_builds: 0,
             chunk_attrs: HashMap::new(),
             parked_eval: BTreeMap::new(),
+            final_tried: HashSet::new(),
             opinions: HashMap::new(),
             opinion_since: HashMap::new(),
             checks: HashMap::new(),

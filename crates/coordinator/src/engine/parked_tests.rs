@@ -127,6 +127,12 @@ fn a_task_failing_so_where_the_others_evaluate_fails_its_package_not_the_run() {
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Evaluating);
     clock.0.advance(1_000);
     evaluate(&engine, &a, good.expect("good's task"), "good");
+    // Once more now that the others are done; failing so again, it is `bad`'s own.
+    answer_all(&mut a, |a, attempt, _| {
+        failures += 1;
+        fail(&engine, a, attempt);
+    });
+    assert_eq!(failures, 3, "and one try after the others settled");
     let report = engine.report(&run).unwrap();
     assert_ne!(report.state, RunState::Failed, "{}", report.error);
     let p = |n: &str| report.packages.iter().find(|p| p.attr == n).unwrap();
@@ -147,7 +153,7 @@ fn tasks_failing_so_where_nothing_evaluates_fail_the_run() {
         failures += 1;
         fail(&engine, a, attempt);
     });
-    assert_eq!(failures, 4, "two tasks, each tried twice");
+    assert_eq!(failures, 6, "two tasks, each tried twice and once more");
     let report = engine.report(&run).unwrap();
     assert_eq!(report.state, RunState::Failed);
     assert!(
@@ -173,7 +179,7 @@ fn a_task_failing_so_only_after_the_others_evaluated_fails_the_run() {
             fail(&engine, a, attempt);
         }
     });
-    assert_eq!(failures, 2);
+    assert_eq!(failures, 3);
     let report = engine.report(&run).unwrap();
     assert_eq!(report.state, RunState::Failed);
     assert!(
@@ -197,4 +203,37 @@ fn a_task_failing_with_other_words_fails_the_run_as_before() {
     });
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Failed);
     drop(good);
+}
+
+#[test]
+fn a_task_that_evaluates_on_its_try_after_the_others_is_blamed_for_nothing() {
+    // An outage that ended meanwhile (a lock held, a daemon restarting): `bad` evaluates
+    // on the try it is given once the others are done.
+    let (engine, _clock, run, mut a) = listed(&["bad", "good"]);
+    let mut failures = 0;
+    let mut good = None;
+    answer_all(&mut a, |a, attempt, attr| {
+        if attr == "good" {
+            good = Some(attempt);
+        } else {
+            failures += 1;
+            fail(&engine, a, attempt);
+        }
+    });
+    evaluate(&engine, &a, good.expect("good's task"), "good");
+    answer_all(&mut a, |a, attempt, attr| {
+        evaluate(&engine, a, attempt, attr)
+    });
+    assert_eq!(failures, 2);
+    let report = engine.report(&run).unwrap();
+    assert_ne!(report.state, RunState::Failed, "{}", report.error);
+    for p in &report.packages {
+        assert_ne!(
+            p.status,
+            PackageStatus::EvalFailed,
+            "{}: {}",
+            p.attr,
+            p.reason
+        );
+    }
 }
