@@ -200,14 +200,21 @@ pub fn is_machine_error_but_disk(message: &str) -> bool {
 
 /// Whether `message`, Nix's words for a failing machine, may be an expression's own (an
 /// `abort` worded so, which `tryEval` cannot catch), to be weighed against other attributes
-/// evaluated on the same machine: the store's or the host's state (a lock, a database, file
-/// descriptors, the daemon's socket). Not a failed download, a full disk or memory running
-/// out: those depend on the moment or on the attribute's size, so they stay the machine's.
+/// evaluated on the same machine: the store's state (a lock, its database, the daemon's
+/// socket). Not a failed download, a full disk, memory or file descriptors
+/// running out: those depend on the moment or on the attribute's size, so they stay the
+/// machine's.
 pub fn is_machine_error_to_weigh(message: &str) -> bool {
-    const MEMORY: &[&str] = &["Cannot allocate memory", "out of memory", "std::bad_alloc"];
+    // Memory and file descriptors run out for a large attribute where a small one fits.
+    const SIZED: &[&str] = &[
+        "Cannot allocate memory",
+        "out of memory",
+        "std::bad_alloc",
+        "Too many open files",
+    ];
     is_machine_error_but_disk(message)
         && !is_transfer_error(message)
-        && !MEMORY.iter().any(|m| message.contains(m))
+        && !SIZED.iter().any(|m| message.contains(m))
 }
 
 /// Whether a download Nix made failed in transport or at the server (every version prints

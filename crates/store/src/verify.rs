@@ -195,18 +195,13 @@ async fn check_source(
         }
         NarSource::Http(r) => r,
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let checking = tokio::task::spawn_blocking(move || {
-        check_nar(
-            Chunks {
-                rx,
-                cur: Vec::new(),
-                at: 0,
-            },
-            &ni,
-            compression,
-            limit,
-        )
+        let chunks = Chunks {
+            rx,
+            cur: bytes::Bytes::new(),
+        };
+        check_nar(chunks, &ni, compression, limit)
     });
     let mut len = 0u64;
     let mut pumped = Ok(());
@@ -216,7 +211,7 @@ async fn check_source(
                 len += c.len() as u64;
                 // Past the limit the checker says so; a checker that stopped reading (an
                 // error, or the NAR read whole) ends the download.
-                if tx.send(c.to_vec()).await.is_err() || len > limit {
+                if tx.send(c).await.is_err() || len > limit {
                     break;
                 }
             }
@@ -237,22 +232,20 @@ async fn check_source(
 
 /// A blocking reader over the chunks an async task sends.
 struct Chunks {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    cur: Vec<u8>,
-    at: usize,
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    cur: bytes::Bytes,
 }
 
 impl Read for Chunks {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at >= self.cur.len() {
+        while self.cur.is_empty() {
             match self.rx.blocking_recv() {
-                Some(c) => (self.cur, self.at) = (c, 0),
+                Some(c) => self.cur = c,
                 None => return Ok(0),
             }
         }
-        let n = buf.len().min(self.cur.len() - self.at);
-        buf[..n].copy_from_slice(&self.cur[self.at..self.at + n]);
-        self.at += n;
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
         Ok(n)
     }
 }
