@@ -70,6 +70,21 @@ fn answer_all(a: &mut Agent, mut answer: impl FnMut(&Agent, String, &str)) {
     }
 }
 
+/// Fails every try of `bad` with the machine's words while `good`'s task is held unanswered
+/// (still evaluating): `good`'s attempt, and how often `bad` failed.
+fn fail_bad_holding_good(engine: &Engine, a: &mut Agent) -> (Option<String>, u32) {
+    let (mut good, mut failures) = (None, 0);
+    answer_all(a, |a, attempt, attr| {
+        if attr == "good" {
+            good = Some(attempt);
+        } else {
+            failures += 1;
+            fail(engine, a, attempt);
+        }
+    });
+    (good, failures)
+}
+
 const LOCKED: &str = "evaluation aborted with the following error message: 'database is locked'";
 
 fn fail(engine: &Engine, a: &Agent, attempt: String) {
@@ -113,16 +128,7 @@ fn a_task_failing_so_where_the_others_evaluate_fails_its_package_not_the_run() {
     let (engine, clock, run, mut a) = listed(&["bad", "good"]);
     // `bad` fails at once, every time, while `good` is still evaluating: the decision waits
     // for it.
-    let mut good = None;
-    let mut failures = 0;
-    answer_all(&mut a, |a, attempt, attr| {
-        if attr == "good" {
-            good = Some(attempt);
-        } else {
-            failures += 1;
-            fail(&engine, a, attempt);
-        }
-    });
+    let (good, mut failures) = fail_bad_holding_good(&engine, &mut a);
     assert_eq!(failures, 2, "the first try and one retry");
     assert_eq!(engine.run_state(&run).unwrap(), RunState::Evaluating);
     clock.0.advance(1_000);
@@ -210,16 +216,7 @@ fn a_task_that_evaluates_on_its_try_after_the_others_is_blamed_for_nothing() {
     // An outage that ended meanwhile (a lock held, a daemon restarting): `bad` evaluates
     // on the try it is given once the others are done.
     let (engine, _clock, run, mut a) = listed(&["bad", "good"]);
-    let mut failures = 0;
-    let mut good = None;
-    answer_all(&mut a, |a, attempt, attr| {
-        if attr == "good" {
-            good = Some(attempt);
-        } else {
-            failures += 1;
-            fail(&engine, a, attempt);
-        }
-    });
+    let (good, failures) = fail_bad_holding_good(&engine, &mut a);
     evaluate(&engine, &a, good.expect("good's task"), "good");
     answer_all(&mut a, |a, attempt, attr| {
         evaluate(&engine, a, attempt, attr)
