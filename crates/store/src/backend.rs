@@ -14,6 +14,13 @@ pub(crate) enum NarSource {
     Http(reqwest::Response),
 }
 
+impl NarSource {
+    /// A response to a NAR's GET: None when the cache has no such file (404).
+    pub(crate) fn found(r: reqwest::Response) -> Option<NarSource> {
+        (r.status().as_u16() != 404).then_some(NarSource::Http(r))
+    }
+}
+
 pub(crate) type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 pub(crate) trait Backend: Send + Sync {

@@ -127,16 +127,9 @@ impl Backend for CachixBackend {
 
     fn narinfo_text<'a>(&'a self, p: &'a Pusher, path: &'a str) -> Fut<'a, Option<String>> {
         Box::pin(async move {
-            // Read where Nix reads it (the cache's URI), with the token a private cache needs.
-            let uri = self.info(p).await?.uri.trim_end_matches('/').to_string();
-            let url = format!("{uri}/{}.narinfo", store_hash(path));
-            // The token goes only where the API is, or to Cachix's own hosts.
-            let with_token = same_origin(&uri, &self.api) || cachix_host(&uri, &self.api);
-            let r = p
-                .send("reading a narinfo", || {
-                    let get = p.http.get(&url);
-                    if with_token { p.bearer(get) } else { get }
-                })
+            let file = format!("{}.narinfo", store_hash(path));
+            let r = self
+                .get_file(p, &p.http, &file, "reading a narinfo")
                 .await?;
             crate::http::narinfo_body(r).await
         })
@@ -149,18 +142,8 @@ impl Backend for CachixBackend {
         url: &'a str,
     ) -> Fut<'a, Option<NarSource>> {
         Box::pin(async move {
-            // Where Nix reads it, with the token only where narinfos get it (a redirect to
-            // another host drops it).
-            let uri = self.info(p).await?.uri.trim_end_matches('/').to_string();
-            let with_token = same_origin(&uri, &self.api) || cachix_host(&uri, &self.api);
-            let url = format!("{uri}/{url}");
-            let r = p
-                .send("reading a NAR", || {
-                    let get = client.get(&url);
-                    if with_token { p.bearer(get) } else { get }
-                })
-                .await?;
-            Ok((r.status().as_u16() != 404).then_some(NarSource::Http(r)))
+            let r = self.get_file(p, client, url, "reading a NAR").await?;
+            Ok(NarSource::found(r))
         })
     }
 
@@ -174,6 +157,26 @@ impl Backend for CachixBackend {
 }
 
 impl CachixBackend {
+    /// GETs `file` where Nix reads the cache (its URI), through `client`, with the token a
+    /// private cache needs sent only where the API is or to Cachix's own hosts (a redirect
+    /// to another host drops it).
+    async fn get_file(
+        &self,
+        p: &Pusher,
+        client: &reqwest::Client,
+        file: &str,
+        what: &str,
+    ) -> Result<reqwest::Response, StoreError> {
+        let uri = self.info(p).await?.uri.trim_end_matches('/').to_string();
+        let url = format!("{uri}/{file}");
+        let with_token = same_origin(&uri, &self.api) || cachix_host(&uri, &self.api);
+        p.send(what, || {
+            let get = client.get(&url);
+            if with_token { p.bearer(get) } else { get }
+        })
+        .await
+    }
+
     /// The Cachix cache's description (`GET cache/NAME`), fetched once.
     pub(crate) async fn info(&self, p: &Pusher) -> Result<&CachixCache, StoreError> {
         let (name, api) = (&self.name, &self.api);

@@ -125,7 +125,7 @@ impl Backend for HttpCache {
             let r = p
                 .send("reading a NAR", || p.http_auth(client.get(&url)))
                 .await?;
-            Ok((r.status().as_u16() != 404).then_some(NarSource::Http(r)))
+            Ok(NarSource::found(r))
         })
     }
 

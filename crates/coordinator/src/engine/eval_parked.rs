@@ -62,35 +62,29 @@ impl Engine {
             }
             return Ok(());
         }
-        // Taken out whole: accepting one below must not settle the others again.
-        let parked = std::mem::take(&mut run.parked_eval);
-        let mut blamed = Vec::new();
-        for (task, msg) in parked {
-            // Cross-checked, a task another agent answered is not the task's failure: an
-            // agent's outage (or its word) must not outweigh that answer.
-            let answered = inner
-                .runs
-                .iter()
-                .find(|r| r.id == run_id)
-                .is_some_and(|r| r.opinions.contains_key(&task));
-            if answered || !inner.db.failed_where_others_evaluated(run_id, task)? {
+        // Taken out whole: accepting one below must not settle the others again. With each,
+        // whether another agent answered it (cross-checked: its answer is not outweighed by
+        // an agent's outage, or its word) and its attributes.
+        let parked: Vec<(i64, String, bool, Vec<String>)> = std::mem::take(&mut run.parked_eval)
+            .into_iter()
+            .map(|(task, msg)| {
+                let answered = run.opinions.contains_key(&task);
+                let attrs = run.chunk_attrs.get(&task).cloned().unwrap_or_default();
+                (task, msg, answered, attrs)
+            })
+            .collect();
+        for (task, msg, answered, _) in &parked {
+            if *answered || !inner.db.failed_where_others_evaluated(run_id, *task)? {
                 return self.fail_run(
                     inner,
                     run_id,
                     &format!("evaluation kept failing on agents: {msg}"),
                 );
             }
-            blamed.push((task, msg));
         }
-        for (task, msg) in blamed {
-            let attrs = inner
-                .runs
-                .iter()
-                .find(|r| r.id == run_id)
-                .and_then(|r| r.chunk_attrs.get(&task))
-                .cloned()
-                .unwrap_or_default();
-            let failures = self.opts.max_infra_retries + 1;
+        // Its retries, and the one more try once the others were done.
+        let failures = self.opts.max_infra_retries + 2;
+        for (task, msg, _, attrs) in parked {
             let attrs = attrs
                 .into_iter()
                 .map(|attr| EvaluatedAttr {
