@@ -293,7 +293,10 @@ fn registration(name: &str, max_jobs: u32, running: Vec<String>, key: &str) -> R
 /// The outcome a build answered with `outcome` is recorded with, when it is a failure.
 fn failing_kind(outcome: Outcome) -> Option<BuildOutcome> {
     match outcome {
-        Outcome::Built | Outcome::Cancelled => None,
+        Outcome::Built => None,
+        // The model's agents never drain or pause: a build they cancel while its run goes
+        // on counts as an infrastructure failure (`unasked_cancel`).
+        Outcome::Cancelled => Some(BuildOutcome::InfraFailed),
         Outcome::BuildFailed => Some(BuildOutcome::BuildFailed),
         // No generated derivation is fixed-output: a mismatch reported for one fits no
         // declared hash, and counts as a failed build.
@@ -541,6 +544,38 @@ fn a_dependency_failed_package_stays_so_when_another_input_fails_later() {
             answer(Outcome::Built),
             answer(Outcome::BuildFailed),
             answer(Outcome::HashMismatch),
+        ],
+    );
+}
+
+/// Invariant 2.
+#[test]
+fn a_build_an_agent_keeps_cancelling_unasked_fails_its_dependents() {
+    // d1 needs d0; a second run of the same repository is submitted meanwhile. The agent
+    // answers d0 with "cancelled" (neither draining nor paused) until the retries are
+    // spent: an infrastructure failure, which p0 is dependency-failed on.
+    let farm = Farm {
+        inputs: vec![BTreeSet::new(), [0].into()],
+        packages: vec![(1, false)],
+        agents: vec![1],
+    };
+    replay(
+        farm,
+        &[
+            Step::Submit,
+            answer(Outcome::Built),
+            answer(Outcome::Built),
+            Step::Answer {
+                agent: 0,
+                pick: 2,
+                outcome: Outcome::Built,
+            },
+            answer(Outcome::Cancelled),
+            Step::Answer {
+                agent: 0,
+                pick: 1,
+                outcome: Outcome::Cancelled,
+            },
         ],
     );
 }
