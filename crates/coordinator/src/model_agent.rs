@@ -76,6 +76,9 @@ pub enum Job {
         entry: Box<EntrySpec>,
         attr_path: String,
         attrs: Vec<String>,
+        /// Every one of `attrs` threw when the listing evaluated it: this task only learns
+        /// their messages, so the agent runs it behind the run's builds.
+        listed_as_throwing: bool,
         cache: String,
         memory_mib: u64,
         skip_cached: bool,

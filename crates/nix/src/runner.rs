@@ -115,6 +115,9 @@ pub struct Nix {
     /// refuses the indirect references it resolves, a fetch from the network (and a
     /// failure where that is out of reach) for nothing.
     pub no_flake_registry: bool,
+    /// How much nicer than this process evaluations run (0: as this one); see
+    /// [`Nix::niced_evals`].
+    eval_nice: i32,
 }
 
 /// What `flake-registry` names when there is none: a path that does not exist, which every
@@ -139,6 +142,7 @@ impl Default for Nix {
             isolation: None,
             build_covers: None,
             no_flake_registry: false,
+            eval_nice: 0,
         }
     }
 }
@@ -286,6 +290,15 @@ impl Nix {
         }
     }
 
+    /// This Nix, its evaluations run as nice as background builds: for one whose result the
+    /// run's builds do not wait on (only an error's message).
+    pub fn niced_evals(&self) -> Nix {
+        Nix {
+            eval_nice: crate::daemon::BACKGROUND_NICE,
+            ..self.clone()
+        }
+    }
+
     pub(crate) fn eval_cmd(&self, substituter: &str) -> Command {
         let mut c = match &self.isolation {
             Some(own) => {
@@ -307,6 +320,7 @@ impl Nix {
             "substituters",
             substituter,
         ]);
+        set_nice(&mut c, self.eval_nice);
         c
     }
 

@@ -106,7 +106,7 @@ async fn eval_with_checks(
     shared: &Arc<Shared>,
     entry: &Entry,
     attr_path: &str,
-    attrs: &[String],
+    (attrs, listed_as_throwing): (&[String], bool),
     mem: u64,
 ) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
     let prefix = nixfarm_core::report::CHECK_PREFIX;
@@ -115,7 +115,14 @@ async fn eval_with_checks(
     let mut out = if packages.is_empty() {
         BTreeMap::new()
     } else {
-        eval_isolated(shared, entry, attr_path, vec![packages], mem).await?
+        eval_isolated(
+            shared,
+            entry,
+            attr_path,
+            (vec![packages], listed_as_throwing),
+            mem,
+        )
+        .await?
     };
     let system = attr_path.strip_prefix("packages.");
     if let (Some(system), false) = (system, checks.is_empty()) {
@@ -123,8 +130,14 @@ async fn eval_with_checks(
             .iter()
             .map(|c| c[prefix.len()..].to_string())
             .collect();
-        let checked =
-            eval_isolated(shared, entry, &format!("checks.{system}"), vec![names], mem).await?;
+        let checked = eval_isolated(
+            shared,
+            entry,
+            &format!("checks.{system}"),
+            (vec![names], listed_as_throwing),
+            mem,
+        )
+        .await?;
         out.extend(
             checked
                 .into_iter()
@@ -146,8 +159,14 @@ pub(super) async fn eval_rooted(
     let mut tries = 0;
     loop {
         tries += 1;
-        let evaluated =
-            eval_with_checks(shared, entry, &j.attr_path, &j.attrs, j.eval_memory_mib).await?;
+        let evaluated = eval_with_checks(
+            shared,
+            entry,
+            &j.attr_path,
+            (&j.attrs, j.listed_as_throwing),
+            j.eval_memory_mib,
+        )
+        .await?;
         let gone = root(shared, run_id, &evaluated).await?;
         if gone.is_empty() {
             return Ok(evaluated);

@@ -18,13 +18,27 @@ pub(super) async fn eval_isolated(
     shared: &Arc<Shared>,
     entry: &Entry,
     attr_path: &str,
-    groups: Vec<Vec<String>>,
+    (groups, listed_as_throwing): (Vec<Vec<String>>, bool),
     mem: u64,
 ) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
     let sem = Arc::new(tokio::sync::Semaphore::new(shared.cfg.eval_workers.max(1)));
     let limit = shared.nix.eval_deadline;
     let mut out = BTreeMap::new();
-    let mut pending = groups;
+    // Attributes the coordinator says threw when listed: each is evaluated alone at once, as
+    // one caught here would be (one Nix process each, not a group's first), behind the
+    // run's builds. Only its nice and that shortcut come from the coordinator's word: what
+    // each evaluates to, or its failure, is this evaluation's.
+    let (mut pending, nix) = if listed_as_throwing {
+        let alone = groups.into_iter().flatten().map(|a| vec![a]).collect();
+        (alone, Arc::new(shared.nix.niced_evals()))
+    } else {
+        (groups, Arc::new(shared.nix.clone()))
+    };
+    let mut direct: std::collections::HashSet<String> = if listed_as_throwing {
+        pending.iter().flatten().cloned().collect()
+    } else {
+        std::collections::HashSet::new()
+    };
     // Attributes `tryEval` caught: they throw (or fail an assertion), whatever their message
     // says. Nix's own failures (the store's, the machine's) are never caught by it.
     let mut thrown: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -39,15 +53,16 @@ pub(super) async fn eval_isolated(
         // Whether any process of this round got further than the machine's words.
         let mut evaluating = false;
         for group in pending.drain(..) {
-            let alone = group.len() == 1 && thrown.contains(&group[0]);
+            let alone =
+                group.len() == 1 && (thrown.contains(&group[0]) || direct.contains(&group[0]));
             // A suspect evaluated again waits a little: a real outage (a lock held, a
             // daemon restarting) may pass meanwhile.
             let pause = match group.as_slice() {
                 [a] => suspects.get(a).map_or(0, |(n, _)| *n),
                 _ => 0,
             };
-            let (shared, entry, attr_path, sem) = (
-                shared.clone(),
+            let (nix, entry, attr_path, sem) = (
+                nix.clone(),
                 entry.clone(),
                 attr_path.to_string(),
                 sem.clone(),
@@ -58,16 +73,11 @@ pub(super) async fn eval_isolated(
                 // A group catches what throws; one attribute caught is evaluated again as
                 // it is, alone, for the message of its failure.
                 let r = if alone {
-                    shared
-                        .nix
-                        .eval_attrs(&entry, &attr_path, &group, mem)
+                    nix.eval_attrs(&entry, &attr_path, &group, mem)
                         .await
                         .map(|m| m.into_iter().map(|(k, v)| (k, Some(v))).collect())
                 } else {
-                    shared
-                        .nix
-                        .eval_attrs_caught(&entry, &attr_path, &group, mem)
-                        .await
+                    nix.eval_attrs_caught(&entry, &attr_path, &group, mem).await
                 };
                 (group, r)
             });
@@ -95,6 +105,11 @@ pub(super) async fn eval_isolated(
                 // "database is locked"`) is its own words, not retried as an outage.
                 Err(NixError::Infra(message)) if group.len() == 1 && thrown.contains(&group[0]) => {
                     out.insert(group[0].clone(), Err(message));
+                }
+                // Said to throw, it failed with the machine's words: evaluated again as any
+                // attribute is (under tryEval first), to tell its own throw from the machine.
+                Err(NixError::Infra(_)) if group.len() == 1 && direct.remove(&group[0]) => {
+                    pending.push(group);
                 }
                 // An attribute that throws, or that runs past the memory cap, is the
                 // attribute's own failure: isolated, while the others go on.
@@ -259,4 +274,55 @@ async fn settle_suspects(
         out.insert(attr, result);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Told that attributes threw, the agent evaluates each alone, and what it reports is
+    /// still its own evaluation's: one that evaluates is evaluated, and one that throws the
+    /// machine's words (which alone, uncaught, read as an outage) fails as its own.
+    #[tokio::test]
+    async fn attributes_said_to_throw_are_judged_by_their_own_evaluation() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("default.nix"),
+            r#"{
+  good = derivation { name = "good"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; };
+  bad = throw "bad: unsupported on this platform";
+  oom = throw "Cannot allocate memory in the vendored allocator";
+}"#,
+        )
+        .unwrap();
+        let agent = crate::Agent::new(crate::AgentConfig {
+            work_dir: d.path().join("work"),
+            gc_roots_dir: Some(d.path().join("roots")),
+            ..Default::default()
+        })
+        .unwrap();
+        let entry = Entry::File {
+            root: d.path().to_path_buf(),
+            file: "default.nix".into(),
+            args: vec![],
+        };
+        let attrs: Vec<String> = ["good", "bad", "oom"].map(String::from).to_vec();
+        for said in [false, true] {
+            let out = eval_isolated(&agent.shared, &entry, "", (vec![attrs.clone()], said), 0)
+                .await
+                .unwrap();
+            let good = out["good"].as_ref().unwrap();
+            assert!(good.drv_path.ends_with("-good.drv"), "{said}: {good:?}");
+            let bad = out["bad"].as_ref().unwrap_err();
+            assert!(
+                bad.contains("bad: unsupported on this platform"),
+                "{said}: {bad}"
+            );
+            let oom = out["oom"].as_ref().unwrap_err();
+            assert!(
+                oom.contains("Cannot allocate memory in the vendored"),
+                "{said}: {oom}"
+            );
+        }
+    }
 }

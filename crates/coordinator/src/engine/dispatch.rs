@@ -230,6 +230,7 @@ impl Engine {
                     ),
                     EvalTask::Chunk(n) => {
                         let attrs = run.chunk_attrs.get(&n).cloned().unwrap_or_default();
+                        let listed_as_throwing = run.throwing_chunks.contains(&n);
                         (
                             run.id.clone(),
                             JobRef::Eval(task),
@@ -238,6 +239,7 @@ impl Engine {
                                 entry: Box::new(run.spec.entry.clone()),
                                 attr_path,
                                 attrs,
+                                listed_as_throwing,
                                 cache: run.spec.cache.clone(),
                                 memory_mib: opts.eval_memory_mib,
                                 skip_cached: run.spec.skip_cached,

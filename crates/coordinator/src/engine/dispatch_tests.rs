@@ -60,7 +60,17 @@ fn evaluation_has_slots_of_its_own_beside_the_builds() {
     send_listing(&engine, a.conn, list, names, None);
     // One evaluation at a time (half the build slots, at least one)...
     let (first, j1) = assigned(&mut a.rx);
-    assert!(matches!(j1, Job::EvalChunk { .. }), "{j1:?}");
+    // The listing evaluated nothing: no task is said to throw.
+    assert!(
+        matches!(
+            j1,
+            Job::EvalChunk {
+                listed_as_throwing: false,
+                ..
+            }
+        ),
+        "{j1:?}"
+    );
     assert!(
         a.rx.try_recv().is_err(),
         "a second evaluation at once on a one-slot agent"
@@ -85,6 +95,32 @@ fn evaluation_has_slots_of_its_own_beside_the_builds() {
         "{jobs:?}"
     );
     assert!(a.rx.try_recv().is_err(), "both slots are busy");
+}
+
+#[test]
+fn an_attribute_the_listing_caught_throwing_is_evaluated_for_its_message_behind_the_builds() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    engine.submit(flake_run()).unwrap();
+    let (list, _) = assigned(&mut a.rx);
+    // The listing evaluated p0 and gave nothing for p1: it threw.
+    let (attr, drv, node) = p0_evaluated("p0");
+    let names = vec!["p0".to_string(), "p1".into()];
+    let evaluated = (vec![attr], [(sp(&drv), node)].into());
+    send_listing(&engine, a.conn, list, names, Some(evaluated));
+    let jobs = [assigned(&mut a.rx).1, assigned(&mut a.rx).1];
+    assert!(
+        jobs.iter().any(|j| matches!(
+            j,
+            Job::EvalChunk { attrs, listed_as_throwing: true, .. } if attrs == &["p1"]
+        )),
+        "{jobs:?}"
+    );
+    assert!(
+        jobs.iter()
+            .any(|j| matches!(j, Job::Build { drv_path, .. } if *drv_path == drv)),
+        "{jobs:?}"
+    );
 }
 
 /// Evaluates a run of `pkgs` (name, hash digit) on the one-slot agent `a`; returns each

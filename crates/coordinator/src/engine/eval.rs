@@ -145,6 +145,10 @@ impl Engine {
             if i > 0 || evaluated.is_none() {
                 run.eval_queue.push_back(EvalTask::Chunk(i as i64));
             }
+            // The listing evaluated every attribute, and gave none for these: they threw.
+            if i > 0 && evaluated.is_some() {
+                run.throwing_chunks.insert(i as i64);
+            }
         }
         self.emit(
             inner,

@@ -79,6 +79,10 @@ struct RunMem {
     done_builds: u64,
     /// Attribute names of each evaluation task.
     chunk_attrs: HashMap<i64, Vec<String>>,
+    /// Tasks of attributes that threw when the listing evaluated them (see
+    /// [`Job::EvalChunk`]'s `listed_as_throwing`). Not kept across a restart: such a task
+    /// then runs as any other.
+    throwing_chunks: HashSet<i64>,
     /// Evaluation tasks that kept failing with the machine's words, and the last message:
     /// settled once the run's other tasks are (`eval_parked`).
     parked_eval: BTreeMap<i64, String>,
@@ -398,6 +402,7 @@ impl RunMem {
             smoke: HashMap::new(),
             done_builds: 0,
             chunk_attrs: HashMap::new(),
+            throwing_chunks: HashSet::new(),
             parked_eval: BTreeMap::new(),
             final_tried: HashSet::new(),
             opinions: HashMap::new(),

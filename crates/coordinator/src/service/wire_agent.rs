@@ -206,6 +206,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         entry,
                         attr_path,
                         attrs,
+                        listed_as_throwing,
                         cache,
                         memory_mib,
                         skip_cached,
@@ -220,6 +221,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         skip_cached,
                         build_timeout_secs: build_limits.timeout_secs,
                         build_max_silent_secs: build_limits.max_silent_secs,
+                        listed_as_throwing,
                     }),
                     Job::Build {
                         drv_path,
