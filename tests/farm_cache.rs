@@ -107,6 +107,13 @@ fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
         drvs_in_cache > 0,
         "no derivation went through the farm cache"
     );
+    // Each push claimed its paths for its attempt, and the coordinator found each claim the
+    // attempt's own (its build's outputs and what they depend on; an evaluation's
+    // derivations and sources): none went ahead without one.
+    for a in &agents {
+        let log = a.log_text();
+        assert!(!log.contains("uploading without a claim"), "{log}");
+    }
     drop(agents);
 }
 

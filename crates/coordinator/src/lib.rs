@@ -35,4 +35,4 @@ pub mod watched;
 pub mod web;
 
 pub use config::Config;
-pub use engine::{Engine, EngineError, EngineOptions};
+pub use engine::{Engine, EngineError, EngineOptions, UploadClaim};

@@ -18,12 +18,12 @@ fn an_agent_holds_a_bounded_number_of_upload_claims_and_stale_ones_lapse() {
     // Under each cache's name: the cache is whatever the agent says.
     for (i, cache) in ["file:///a", "file:///b"].into_iter().enumerate() {
         let granted = engine
-            .claim_uploads("a", &a.session, cache, &paths(i * half, half), false)
+            .claim_unchecked("a", &a.session, cache, &paths(i * half, half))
             .unwrap();
         assert!(granted.iter().all(|g| *g));
     }
     let err = engine
-        .claim_uploads("a", &a.session, "file:///c", &paths(0, 1), false)
+        .claim_unchecked("a", &a.session, "file:///c", &paths(0, 1))
         .unwrap_err();
     assert!(
         matches!(err, EngineError::Invalid(ref m) if m.contains("upload claims")),
@@ -33,7 +33,7 @@ fn an_agent_holds_a_bounded_number_of_upload_claims_and_stale_ones_lapse() {
     clock.advance(UPLOAD_CLAIM_TTL_MS + 1);
     assert_eq!(
         engine
-            .claim_uploads("a", &a.session, "file:///c", &paths(0, 1), false)
+            .claim_unchecked("a", &a.session, "file:///c", &paths(0, 1))
             .unwrap(),
         [true]
     );
@@ -220,6 +220,24 @@ fn a_build_reporting_outputs_that_are_not_the_derivations_is_refused_and_retried
     );
 }
 
+/// A claim on `cache` for one path, or none, in `agent`'s name with `session`.
+fn claim(
+    engine: &Engine,
+    (agent, session): (&str, &str),
+    attempt: &str,
+    cache: &str,
+    path: Option<&str>,
+) -> Result<Vec<bool>, EngineError> {
+    let paths: Vec<String> = path.into_iter().map(String::from).collect();
+    engine.claim_uploads(&UploadClaim {
+        agent,
+        session,
+        attempt,
+        cache,
+        paths: &paths,
+    })
+}
+
 #[test]
 fn upload_claims_are_made_for_an_attempt_held_and_a_cache_its_run_pushes_to() {
     let (engine, _clock, _dir) = test_engine(EngineOptions::default());
@@ -235,16 +253,11 @@ fn upload_claims_are_made_for_an_attempt_held_and_a_cache_its_run_pushes_to() {
     engine.submit(with_cache("file:///theirs")).unwrap();
     // Its run's cache, and the farm cache (no run's).
     let key = |agent: &str| if agent == "a" { &a.session } else { &b.session };
-    engine
-        .may_claim("a", key("a"), &attempt, "file:///mine")
-        .unwrap();
-    engine
-        .may_claim("a", key("a"), &attempt, "http://farm:8081")
-        .unwrap();
+    let path = Some("/nix/store/44444444444444444444444444444444-source");
+    claim(&engine, ("a", key("a")), &attempt, "file:///mine", path).unwrap();
+    claim(&engine, ("a", key("a")), &attempt, "http://farm:8081", path).unwrap();
     let denied = |agent: &str, attempt: &str, cache: &str| {
-        let e = engine
-            .may_claim(agent, key(agent), attempt, cache)
-            .unwrap_err();
+        let e = claim(&engine, (agent, key(agent)), attempt, cache, path).unwrap_err();
         assert!(matches!(e, EngineError::Denied(_)), "{e:?}");
         e.to_string()
     };
@@ -253,8 +266,55 @@ fn upload_claims_are_made_for_an_attempt_held_and_a_cache_its_run_pushes_to() {
     assert!(denied("b", &attempt, "file:///mine").contains("no attempt the agent holds"));
     assert!(denied("a", "", "file:///mine").contains("no attempt the agent holds"));
     // Without its session key nothing is said about the attempt.
-    let e = engine
-        .may_claim("a", &b.session, &attempt, "file:///mine")
-        .unwrap_err();
+    let e = claim(&engine, ("a", &b.session), &attempt, "file:///mine", path).unwrap_err();
     assert!(e.to_string().contains("session key"), "{e}");
+}
+
+/// A claim makes other agents wait for its paths: an attempt claims only what its build
+/// may upload, its derivation's outputs and what they depend on (and paths that are no
+/// derivation's output, sources), never another build's outputs.
+#[test]
+fn upload_claims_name_only_what_the_attempts_build_depends_on() {
+    use super::checks_tests::{APP_OUT, LIB_OUT, answer, list_lib_and_app};
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let cache = "file:///mine";
+    let spec = RunSpec {
+        cache: cache.into(),
+        ..flake_run()
+    };
+    engine.submit(spec.clone()).unwrap();
+    list_lib_and_app(&engine, "a", &mut a);
+    let (lib, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::Build { .. }), "{job:?}");
+    let me = ("a", a.session.as_str());
+    let source = Some("/nix/store/44444444444444444444444444444444-source");
+    assert_eq!(
+        claim(&engine, me, &lib, cache, Some(LIB_OUT)).unwrap(),
+        [true]
+    );
+    assert_eq!(claim(&engine, me, &lib, cache, source).unwrap(), [true]);
+    // app is built on lib, not the other way round.
+    let e = claim(&engine, me, &lib, cache, Some(APP_OUT)).unwrap_err();
+    assert!(e.to_string().contains("does not depend on"), "{e}");
+    // An evaluation uploads derivations and sources, no output of a run's derivation.
+    engine.submit(spec).unwrap();
+    let (list, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::EvalList { .. }), "{job:?}");
+    assert!(claim(&engine, me, &list, cache, Some(LIB_OUT)).is_err());
+    assert_eq!(claim(&engine, me, &list, cache, source).unwrap(), [true]);
+    // app's build may claim lib's output, which it depends on.
+    answer(&engine, "a", &a, lib, built(LIB_OUT));
+    let app = std::iter::from_fn(|| Some(assigned(&mut a.rx)))
+        .find(|(_, j)| matches!(j, Job::Build { .. }))
+        .unwrap()
+        .0;
+    assert_eq!(
+        claim(&engine, me, &app, cache, Some(LIB_OUT)).unwrap(),
+        [true]
+    );
+    assert_eq!(
+        claim(&engine, me, &app, cache, Some(APP_OUT)).unwrap(),
+        [true]
+    );
 }

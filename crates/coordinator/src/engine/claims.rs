@@ -5,78 +5,85 @@ use super::*;
 /// Upload claims one agent may hold at once (paths, over all caches).
 pub const MAX_UPLOAD_CLAIMS: usize = 200_000;
 
-impl Engine {
-    /// Whether `agent` may claim uploads to `cache` for `attempt`: it holds that attempt,
-    /// and the cache is one the attempt's run pushes to (its own, or the farm cache, which
-    /// is no run's). So an agent cannot hold back the uploads of a run it has no part in (a
-    /// claim makes others wait for the path).
-    pub fn may_claim(
-        &self,
-        agent: &str,
-        session: &str,
-        attempt: &str,
-        cache: &str,
-    ) -> Result<(), EngineError> {
-        let g = self.lock();
-        // Its session first: nothing is said about attempts to anyone else.
-        if !session_holds(&g, agent, session) {
-            return Err(not_own());
-        }
-        let denied = |why: &str| {
-            Err(EngineError::Denied(format!(
-                "upload claims on {}: {why}",
-                nixfarm_core::limits::clip(cache, 120)
-            )))
-        };
-        let Some(a) = g.attempts.get(attempt).filter(|a| a.agent == agent) else {
-            return denied("the claim names no attempt the agent holds");
-        };
-        let Some(run) = g.runs.iter().find(|r| r.id == a.run_id) else {
-            return denied("the attempt's run is gone");
-        };
-        if run.spec.cache == cache {
-            return Ok(());
-        }
-        // Else the farm cache (any run's outputs may move through it), which is no run's.
-        let someones = g
-            .runs
-            .iter()
-            .any(|r| !r.state.is_terminal() && r.spec.cache == cache);
-        if someones {
-            return denied("that is another run's cache");
-        }
-        Ok(())
-    }
+/// An agent asking to upload `paths` to `cache` itself, for the attempt it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadClaim<'a> {
+    pub agent: &'a str,
+    /// Its registration's session key: only the agent itself claims in its name.
+    pub session: &'a str,
+    pub attempt: &'a str,
+    pub cache: &'a str,
+    pub paths: &'a [String],
+}
 
-    /// Claims the upload of `paths` to `cache` for `agent`: true for each path the agent
+impl Engine {
+    /// Claims the upload of the claim's paths for its agent: true for each path the agent
     /// should upload itself, false where another agent is uploading it (the caller waits for
     /// the cache to have it). So agents whose closures overlap upload each path once. A claim
     /// lapses when its holder is gone for longer than the lease, when the holder registers
-    /// again with nothing running, or after [`UPLOAD_CLAIM_TTL_MS`]. With `release`, drops
-    /// the agent's claims on `paths` instead (uploaded, or given up) and returns nothing.
-    pub fn claim_uploads(
+    /// again with nothing running, or after [`UPLOAD_CLAIM_TTL_MS`].
+    ///
+    /// A claim makes other agents wait for the path, so it is granted only for what the
+    /// agent's attempt may upload, checked under the same lock as the grant: the agent holds
+    /// the attempt; the cache is the one its run pushes to (or the farm cache, which is no
+    /// run's); and no path is an output of an active run's derivation that the attempt's own
+    /// build does not depend on (an evaluation depends on none, and uploads derivations).
+    pub fn claim_uploads(&self, c: &UploadClaim<'_>) -> Result<Vec<bool>, EngineError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        if !session_holds(inner, c.agent, c.session) {
+            return Err(not_own());
+        }
+        may_claim(inner, c)?;
+        self.grant(inner, c.agent, c.cache, c.paths)
+    }
+
+    /// Drops `agent`'s claims on `paths` in `cache` (uploaded, or given up). No attempt is
+    /// needed: it may be over.
+    pub fn release_uploads(
         &self,
         agent: &str,
         session: &str,
         cache: &str,
         paths: &[String],
-        release: bool,
+    ) -> Result<(), EngineError> {
+        let mut g = self.lock();
+        if !session_holds(&g, agent, session) {
+            return Err(not_own());
+        }
+        Ok(g.db.release_upload_claims(agent, cache, paths)?)
+    }
+
+    /// [`Engine::claim_uploads`] without the attempt and its paths checked: the claiming
+    /// itself, for tests of it.
+    #[cfg(test)]
+    pub(super) fn claim_unchecked(
+        &self,
+        agent: &str,
+        session: &str,
+        cache: &str,
+        paths: &[String],
+    ) -> Result<Vec<bool>, EngineError> {
+        let mut g = self.lock();
+        if !session_holds(&g, agent, session) {
+            return Err(not_own());
+        }
+        self.grant(&mut g, agent, cache, paths)
+    }
+
+    fn grant(
+        &self,
+        inner: &mut Inner,
+        agent: &str,
+        cache: &str,
+        paths: &[String],
     ) -> Result<Vec<bool>, EngineError> {
         if cache.is_empty() {
             return Err(EngineError::Invalid("an upload claim needs a cache".into()));
         }
-        let mut g = self.lock();
-        let inner = &mut *g;
         let now = self.clock.now_ms();
-        if !session_holds(inner, agent, session) {
-            return Err(not_own());
-        }
         if let Some(a) = inner.agents.get_mut(agent) {
             a.last_seen_ms = now;
-        }
-        if release {
-            inner.db.release_upload_claims(agent, cache, paths)?;
-            return Ok(Vec::new());
         }
         // Bounded per agent: each claim is a row, and an agent could ask for any number.
         let held = inner
@@ -98,6 +105,81 @@ impl Engine {
         };
         Ok(inner.db.claim_uploads(cache, agent, paths, now, &lapsed)?)
     }
+}
+
+/// Whether the claim's attempt may make it (see [`Engine::claim_uploads`]); its session
+/// is checked before, so nothing is said about attempts to anyone else.
+fn may_claim(inner: &Inner, c: &UploadClaim<'_>) -> Result<(), EngineError> {
+    let denied = |why: String| {
+        Err(EngineError::Denied(format!(
+            "upload claims on {}: {why}",
+            nixfarm_core::limits::clip(c.cache, 120)
+        )))
+    };
+    let Some(a) = inner.attempts.get(c.attempt).filter(|a| a.agent == c.agent) else {
+        return denied("the claim names no attempt the agent holds".into());
+    };
+    let Some(run) = inner.runs.iter().find(|r| r.id == a.run_id) else {
+        return denied("the attempt's run is gone".into());
+    };
+    // Else the farm cache (any run's outputs may move through it), which is no run's.
+    if run.spec.cache != c.cache
+        && inner
+            .runs
+            .iter()
+            .any(|r| !r.state.is_terminal() && r.spec.cache == c.cache)
+    {
+        return denied("that is another run's cache".into());
+    }
+    if let Some(p) = foreign_output(inner, run, a, c.paths) {
+        return denied(format!(
+            "{} is the output of a derivation the attempt's build does not depend on",
+            nixfarm_core::limits::clip(p, 120)
+        ));
+    }
+    Ok(())
+}
+
+/// The first of `paths` that an active run's graph holds as a derivation's output, where
+/// the attempt (of `run`) does not build that derivation or one depending on it.
+fn foreign_output<'p>(
+    inner: &Inner,
+    run: &RunMem,
+    a: &AttemptMem,
+    paths: &'p [String],
+) -> Option<&'p str> {
+    let own = match a.job {
+        JobRef::Build(n) | JobRef::Check(n) => Some(n),
+        JobRef::Eval(_) => None,
+    };
+    // What the attempt's derivation depends on, itself included: found once, when needed.
+    let mut needed: Option<HashSet<NodeId>> = None;
+    paths.iter().map(String::as_str).find(|p| {
+        if let (Some(own), Some(sched), Some(&n)) = (own, &run.sched, run.node_of_output.get(*p)) {
+            let needed = needed.get_or_insert_with(|| closure_of(sched, own));
+            if needed.contains(&n) {
+                return false;
+            }
+        }
+        inner
+            .runs
+            .iter()
+            .any(|r| !r.state.is_terminal() && r.node_of_output.contains_key(*p))
+    })
+}
+
+/// `node` and every node it depends on.
+fn closure_of(sched: &Scheduler, node: NodeId) -> HashSet<NodeId> {
+    let mut seen = HashSet::from([node]);
+    let mut stack = vec![node];
+    while let Some(n) = stack.pop() {
+        for &i in sched.inputs(n) {
+            if seen.insert(i) {
+                stack.push(i);
+            }
+        }
+    }
+    seen
 }
 
 /// Only the agent itself (its registration's session key) claims or releases in its name.

@@ -66,6 +66,9 @@ struct RunMem {
     /// The outputs each derivation has by the graph, by node: the only paths a build of it
     /// may report.
     outputs_of: Vec<Outputs>,
+    /// The node each known output path is an output of: what upload claims are checked
+    /// against (`claims`).
+    node_of_output: HashMap<StorePath, NodeId>,
     /// Fixed-output derivations' hashes as their derivations declare them: what a reported
     /// hash mismatch must name as specified.
     fixed_hash: HashMap<NodeId, String>,
@@ -396,6 +399,7 @@ impl RunMem {
             node_of: HashMap::new(),
             drv_of: Vec::new(),
             outputs_of: Vec::new(),
+            node_of_output: HashMap::new(),
             fixed_hash: HashMap::new(),
             built_on: HashMap::new(),
             limits: HashMap::new(),
@@ -453,6 +457,11 @@ impl RunMem {
         self.node_of.insert(path.clone(), id);
         self.drv_of.push(path.clone());
         self.outputs_of.push(node.outputs.clone());
+        for o in node.outputs.values() {
+            if let OutputPath::Known(p) = o {
+                self.node_of_output.insert(p.clone(), id);
+            }
+        }
         if node.fixed_output {
             self.fixed_hash.insert(id, node.output_hash.clone());
         }
@@ -522,6 +531,7 @@ mod batch;
 mod build;
 mod checks;
 mod claims;
+pub use claims::UploadClaim;
 mod cutoff;
 mod dispatch;
 mod eval;

@@ -11,39 +11,31 @@ fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
     let paths = vec!["/nix/store/p1".to_string(), "/nix/store/p2".to_string()];
     let c = "file:///cache";
     assert_eq!(
-        engine
-            .claim_uploads("a", &a.session, c, &paths, false)
-            .unwrap(),
+        engine.claim_unchecked("a", &a.session, c, &paths).unwrap(),
         [true, true]
     );
     // Held by a: b waits; a asking again keeps its claim.
     assert_eq!(
-        engine
-            .claim_uploads("b", &b.session, c, &paths, false)
-            .unwrap(),
+        engine.claim_unchecked("b", &b.session, c, &paths).unwrap(),
         [false, false]
     );
     assert_eq!(
-        engine
-            .claim_uploads("a", &a.session, c, &paths, false)
-            .unwrap(),
+        engine.claim_unchecked("a", &a.session, c, &paths).unwrap(),
         [true, true]
     );
     // Another cache is another claim.
     assert_eq!(
         engine
-            .claim_uploads("b", &b.session, "file:///other", &paths[..1], false)
+            .claim_unchecked("b", &b.session, "file:///other", &paths[..1])
             .unwrap(),
         [true]
     );
     // a uploaded p1: b may claim it (and will find it in the cache).
     engine
-        .claim_uploads("a", &a.session, c, &paths[..1], true)
+        .release_uploads("a", &a.session, c, &paths[..1])
         .unwrap();
     assert_eq!(
-        engine
-            .claim_uploads("b", &b.session, c, &paths, false)
-            .unwrap(),
+        engine.claim_unchecked("b", &b.session, c, &paths).unwrap(),
         [true, false]
     );
     // The streams drop: a's claim holds through the lease, then lapses.
@@ -52,14 +44,14 @@ fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
     clock.advance(4_000);
     assert_eq!(
         engine
-            .claim_uploads("b", &b.session, c, &paths[1..], false)
+            .claim_unchecked("b", &b.session, c, &paths[1..])
             .unwrap(),
         [false]
     );
     clock.advance(2_000);
     assert_eq!(
         engine
-            .claim_uploads("b", &b.session, c, &paths[1..], false)
+            .claim_unchecked("b", &b.session, c, &paths[1..])
             .unwrap(),
         [true]
     );
@@ -67,25 +59,21 @@ fn an_upload_is_claimed_by_one_agent_until_released_or_its_holder_is_gone() {
     let a2 = connect("a");
     assert_eq!(
         engine
-            .claim_uploads("a", &a2.session, c, &paths[1..], false)
+            .claim_unchecked("a", &a2.session, c, &paths[1..])
             .unwrap(),
         [false]
     );
     // The old registration's key (or none) claims nothing in a's name any more.
     assert!(
         engine
-            .claim_uploads("a", &a.session, c, &paths[1..], false)
+            .claim_unchecked("a", &a.session, c, &paths[1..])
             .is_err()
     );
-    assert!(
-        engine
-            .claim_uploads("a", "", c, &paths[1..], false)
-            .is_err()
-    );
+    assert!(engine.claim_unchecked("a", "", c, &paths[1..]).is_err());
     let _b2 = connect("b");
     assert_eq!(
         engine
-            .claim_uploads("a", &a2.session, c, &paths[1..], false)
+            .claim_unchecked("a", &a2.session, c, &paths[1..])
             .unwrap(),
         [true]
     );

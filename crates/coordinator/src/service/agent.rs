@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::credentials::{BoundName, Credential};
+use crate::engine::UploadClaim;
 
 /// Where agents find the farm cache, as registration tells them.
 #[derive(Debug, Clone)]
@@ -193,13 +194,18 @@ impl pb::agent_service_server::AgentService for AgentSvc {
         }
         check_len("the attempt", &r.attempt, lim::MAX_RUN_ID).map_err(WireError::from)?;
         // Releasing drops only the agent's own claims: no attempt needed (it may be over).
-        if !r.release {
+        if r.release {
             self.engine
-                .may_claim(&r.agent, &r.session_key, &r.attempt, &r.cache)?;
+                .release_uploads(&r.agent, &r.session_key, &r.cache, &r.paths)?;
+            return Ok(Response::new(pb::ClaimUploadsResponse { granted: vec![] }));
         }
-        let granted =
-            self.engine
-                .claim_uploads(&r.agent, &r.session_key, &r.cache, &r.paths, r.release)?;
+        let granted = self.engine.claim_uploads(&UploadClaim {
+            agent: &r.agent,
+            session: &r.session_key,
+            attempt: &r.attempt,
+            cache: &r.cache,
+            paths: &r.paths,
+        })?;
         Ok(Response::new(pb::ClaimUploadsResponse { granted }))
     }
 
