@@ -193,3 +193,67 @@ fn ci_annotations_point_at_the_lines_to_change() {
         "{md}"
     );
 }
+
+/// A reader of the progress that goes away (a closed pipe, as `2>&1 | head` or a log
+/// collector that died leave) stops neither the run nor its report: `nixfarm local
+/// --fix-hashes` runs to its end and prints the whole JSON report on stdout, with the exit
+/// code it would have had. It panicked before, and a follower that panicked left it waiting
+/// for ever.
+#[test]
+fn a_closed_stderr_stops_neither_the_run_nor_its_report() {
+    use std::io::Read;
+    let dir = scratch();
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let mut child = host
+        .command(&[
+            bin("nixfarm").to_str().unwrap(),
+            "local",
+            example_repo().to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--fix-hashes",
+            "--format",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first bytes of progress are read, then the reader goes.
+    let mut first = [0u8; 16];
+    child.stderr.take().unwrap().read_exact(&mut first).unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).map(|_| s)
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("nixfarm local did not end within 120 s once its stderr was closed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let out = reader.join().unwrap().unwrap();
+    assert_eq!(status.code(), Some(0), "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    let got = packages_by_attr(&report);
+    for (attr, e) in expected().as_object().unwrap() {
+        let status = if e.get("fixes").is_some() {
+            "ready"
+        } else {
+            e["status"].as_str().unwrap()
+        };
+        assert_eq!(
+            got[attr]["status"], status,
+            "{attr}: {}",
+            got[attr]["reason"]
+        );
+    }
+}

@@ -68,7 +68,7 @@ fn apply_staged_then(
     meanwhile: impl FnOnce(),
 ) -> anyhow::Result<()> {
     if changed.is_empty() {
-        eprintln!("nothing to apply: no hash needed filling in");
+        note!("nothing to apply: no hash needed filling in");
         return Ok(());
     }
     let unchanged = |file: &str| -> anyhow::Result<()> {
@@ -131,7 +131,7 @@ fn apply_staged_then(
     for d in dirs {
         let _ = std::fs::File::open(d).and_then(|f| f.sync_all());
     }
-    eprintln!(
+    note!(
         "applied hash fixes to {} file(s) in {}",
         staged.len(),
         checkout.dir.display()

@@ -145,15 +145,22 @@ impl Session<'_> {
         tokio::spawn(async move {
             let notes = tx.clone();
             let r = run.clone();
-            let end = watch::watch_with(&client, &run, view, move |e| {
-                if let nixfarm_core::RunEvent::JobFinished { outcome, .. } = e {
-                    let _ = notes.send(Note::Finished {
-                        run: r.clone(),
-                        mismatch: *outcome == nixfarm_core::BuildOutcome::HashMismatch,
-                    });
-                }
+            let following = r.clone();
+            // Its end is told whatever happens while following: a follower that died
+            // without a word would leave the session waiting for it for ever.
+            let end = tokio::spawn(async move {
+                watch::watch_with(&client, &following, view, move |e| {
+                    if let nixfarm_core::RunEvent::JobFinished { outcome, .. } = e {
+                        let _ = notes.send(Note::Finished {
+                            run: r.clone(),
+                            mismatch: *outcome == nixfarm_core::BuildOutcome::HashMismatch,
+                        });
+                    }
+                })
+                .await
             })
-            .await;
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("following run {run} stopped: {e}")));
             let _ = tx.send(Note::Ended { run, end });
         });
         Ok(id)
@@ -471,7 +478,7 @@ pub async fn run(
             ask.remove(&run);
             asks.forget(&run);
             if let watch::End::Detached = end? {
-                eprintln!("detached; run {run} continues. Follow it with: nixfarm watch {run}");
+                note!("detached; run {run} continues. Follow it with: nixfarm watch {run}");
                 let report = get_report(client, &run).await?;
                 return Ok(Outcome {
                     report,
@@ -541,7 +548,7 @@ pub async fn run(
         if let Some(path) = &fix.patch_out {
             std::fs::write(path, &patch)
                 .with_context(|| format!("cannot write the patch to {}", path.display()))?;
-            eprintln!(
+            note!(
                 "wrote {} ({} file(s) changed)",
                 path.display(),
                 changed.len()

@@ -1,6 +1,35 @@
 //! The `nixfarm` command line: submit runs, watch their progress, render readiness reports,
 //! and run a whole farm locally (`nixfarm local`).
 
+/// `eprintln!` for progress and notes: a reader that has gone away (a closed pipe, a log
+/// collector that died) is no error. What is said is for whoever watches; the run goes on,
+/// and its report still reaches stdout or the file it was sent to. (`eprintln!` panics, and a
+/// panicking task left `nixfarm local` waiting for ever.)
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `println!` for reports and listings, as [`note!`]: `nixfarm runs | head` ends quietly.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!`, as [`out!`].
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        let _ = write!(o, $($arg)*);
+        let _ = o.flush();
+    }};
+}
+
 mod args;
 mod checkout;
 pub mod ci;

@@ -40,7 +40,13 @@ async fn main() {
     let code = match nixfarm_cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", nixfarm_core::fit::printable(&format!("{e:#}")));
+            // Said if anyone still reads stderr; the exit code says it either way.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: {}",
+                nixfarm_core::fit::printable(&format!("{e:#}"))
+            );
             2
         }
     };

@@ -19,7 +19,7 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     // The run's error is the repository's text: said while workflow commands are still
     // stopped, before --format github resumes them for its annotations.
     if github && let Some(line) = &failed {
-        eprintln!("{line}");
+        note!("{line}");
     }
     let text = match format {
         Format::Table => report.to_table_in(if out.wide {
@@ -40,18 +40,18 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
             report.to_github()
         }
     };
-    print!("{text}");
+    out_raw!("{text}");
     step_summary(report);
     if let Some(line) = failed {
         if !github {
-            eprintln!("{line}");
+            note!("{line}");
         }
         return 2;
     }
     if let Some(pct) = out.fail_under
         && report.summary.percent < pct
     {
-        eprintln!(
+        note!(
             "readiness {:.1}% is below --fail-under {pct}%",
             report.summary.percent
         );
@@ -74,7 +74,7 @@ fn step_summary(report: &Report) {
             std::io::Write::write_all(&mut f, format!("{}\n", report.to_markdown()).as_bytes())
         });
     if let Err(e) = written {
-        eprintln!(
+        note!(
             "warning: cannot append the report to GITHUB_STEP_SUMMARY ({}): {e}",
             std::path::Path::new(&path).display()
         );

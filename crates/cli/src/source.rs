@@ -215,7 +215,7 @@ pub async fn prepare(
                     bytes.len()
                 );
             }
-            eprintln!(
+            note!(
                 "uploaded {} ({} files, {} bytes)",
                 dir.display(),
                 files.len(),

@@ -39,7 +39,7 @@ impl Printer {
                 Some(c) => nixfarm_core::fit::fit(&nixfarm_core::fit::one_line(&s), c),
                 None => s,
             }),
-            _ => eprintln!("{}", nixfarm_core::fit::printable(&s)),
+            _ => note!("{}", nixfarm_core::fit::printable(&s)),
         }
     }
 }
@@ -90,7 +90,7 @@ impl View {
                 Some(c) => nixfarm_core::fit::fit(&nixfarm_core::fit::one_line(&s), c),
                 None => s,
             }),
-            None => eprintln!("{}", nixfarm_core::fit::printable(&s)),
+            None => note!("{}", nixfarm_core::fit::printable(&s)),
         }
     }
 

@@ -86,45 +86,45 @@ pub async fn agents_cmd(client: &Client) -> anyhow::Result<i32> {
             building.join(", "),
         ]);
     }
-    print!("{}", t.render());
+    out_raw!("{}", t.render());
     if !paused.is_empty() {
-        println!("\ntaking no new jobs:\n{}", paused.join("\n"));
+        out!("\ntaking no new jobs:\n{}", paused.join("\n"));
     }
     if !violations.is_empty() {
-        println!(
+        out!(
             "\nmessages refused as protocol violations (results for attempts an agent did not hold, outputs not the derivation's):\n{}",
             violations.join("\n")
         );
     }
     if !older.is_empty() {
-        println!(
+        out!(
             "\npredating held outputs (handed no cross-checked builds of runs with a cache of their own; upgrade them):\n{}",
             older.join("\n")
         );
     }
     if !no_farm_cache.is_empty() {
-        println!(
+        out!(
             "\nwithout the farm cache (admitted by a certificate, they predate the tokens issued for it: they take part only in runs with a cache of their own; upgrade them):\n{}",
             no_farm_cache.join("\n")
         );
     }
     if !listed_caches.is_empty() {
-        println!(
+        out!(
             "\ntaking part only in runs with one of these caches, or none of their own (their operators' run_caches):\n{}",
             nixfarm_core::fit::printable(&listed_caches.join("\n"))
         );
     }
     if !certificates.is_empty() {
-        println!(
+        out!(
             "\nadmitted by client certificates (SHA-256; a line in [tls] revoked_certs_file revokes one):\n{}",
             certificates.join("\n")
         );
     }
     if !waiting.is_empty() {
-        println!("\nwaiting jobs:");
+        out!("\nwaiting jobs:");
         for w in waiting {
             // Built from derivations' systems and features: a repository's text.
-            println!(
+            out!(
                 "  {:>6}  {} (e.g. {})",
                 w.jobs,
                 nixfarm_core::fit::one_line(&w.reason),

@@ -12,9 +12,9 @@ pub async fn cancel_cmd(client: &Client, run: String) -> anyhow::Result<i32> {
         .await
         .map_err(status_error)?;
     if r.into_inner().cancelled {
-        eprintln!("cancelled run {run}");
+        note!("cancelled run {run}");
     } else {
-        eprintln!("run {run} had already finished");
+        note!("run {run} had already finished");
     }
     Ok(0)
 }

@@ -51,7 +51,7 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         .context("cannot start the embedded coordinator")?;
     let url = format!("http://{}", coordinator.addr);
     if let Some(h) = coordinator.http_addr {
-        eprintln!("web UI: http://{h}/runs");
+        note!("web UI: http://{h}/runs");
     }
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
@@ -92,7 +92,7 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
             agents.push(tokio::spawn(async move { agent.run(token).await }));
         }
         let client = Client::connect(&url, None).await?;
-        eprintln!(
+        note!(
             "{n} local agent(s), {jobs} job(s) each; state in {}",
             state_dir.display()
         );

@@ -45,14 +45,14 @@ pub(crate) async fn matrix(
         cell.matrix = None;
         cell.override_inputs.extend([input.clone(), r.clone()]);
         let id = submit(client, source, &cell, &BTreeMap::new(), &cell.attrs, false).await?;
-        eprintln!("{input} = {r}: run {id}");
+        note!("{input} = {r}: run {id}");
         ids.push(id);
     }
     let mut cells = Vec::new();
     for (r, id) in refs.iter().zip(&ids) {
-        eprintln!("following {input} = {r} (run {id})");
+        note!("following {input} = {r} (run {id})");
         if let watch::End::Detached = watch::watch(client, id).await? {
-            eprintln!("detached; the runs continue: {}", ids.join(" "));
+            note!("detached; the runs continue: {}", ids.join(" "));
             return Ok(130);
         }
         let mut report = get_report(client, id).await?;
@@ -74,7 +74,7 @@ pub(crate) async fn matrix(
         Format::Junit => m.to_junit(),
         Format::Github => m.cells.iter().map(|c| c.report.to_github()).collect(),
     };
-    print!("{text}");
+    out_raw!("{text}");
     if let Ok(path) = std::env::var("GITHUB_STEP_SUMMARY")
         && !path.is_empty()
     {
@@ -89,16 +89,19 @@ pub(crate) async fn matrix(
         .iter()
         .find(|c| c.report.state == nixfarm_core::RunState::Failed)
     {
-        eprintln!(
+        note!(
             "error: run {} ({} = {}) failed: {}",
-            c.report.run_id, m.input, c.reference, c.report.error
+            c.report.run_id,
+            m.input,
+            c.reference,
+            c.report.error
         );
         return Ok(2);
     }
     if let Some(pct) = out.fail_under
         && m.min_percent() < pct
     {
-        eprintln!(
+        note!(
             "readiness {:.1}% (the lowest cell) is below --fail-under {pct}%",
             m.min_percent()
         );

@@ -26,6 +26,6 @@ pub async fn runs_cmd(client: &Client) -> anyhow::Result<i32> {
             label,
         ]);
     }
-    print!("{}", t.render());
+    out_raw!("{}", t.render());
     Ok(0)
 }

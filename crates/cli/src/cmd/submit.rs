@@ -25,7 +25,7 @@ pub async fn submit_cmd(client: &Client, args: SubmitArgs) -> anyhow::Result<i32
             false,
         )
         .await?;
-        println!("{id}");
+        out!("{id}");
         Ok(0)
     }
 }
@@ -268,7 +268,7 @@ pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> a
             .cloned()
             .collect();
         if !whole.is_empty() {
-            eprintln!("checking {} NAR(s) in the cache…", whole.len());
+            note!("checking {} NAR(s) in the cache…", whole.len());
         }
         let checked = if whole.is_empty() {
             Vec::new()
@@ -284,7 +284,7 @@ pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> a
             match r {
                 Ok(nixfarm_store::NarCheck::Whole) => {}
                 Ok(nixfarm_store::NarCheck::Unchecked(why)) => {
-                    eprintln!("not checked: {why}");
+                    note!("not checked: {why}");
                 }
                 Err(e) => {
                     why_not.insert(
@@ -351,12 +351,10 @@ pub(crate) async fn submit_and_watch(
                 );
             }
             let id = submit(client, source, run, &BTreeMap::new(), &run.attrs, false).await?;
-            eprintln!("submitted run {id}");
+            note!("submitted run {id}");
             match watch::watch(client, &id).await? {
                 watch::End::Detached => {
-                    eprintln!(
-                        "detached; the run continues. Follow it again with: nixfarm watch {id}"
-                    );
+                    note!("detached; the run continues. Follow it again with: nixfarm watch {id}");
                     Ok(130)
                 }
                 watch::End::Finished => {
@@ -377,7 +375,7 @@ pub async fn watch_and_report(
 ) -> anyhow::Result<i32> {
     match watch::watch(client, run).await? {
         watch::End::Detached => {
-            eprintln!("detached; the run continues. Follow it again with: nixfarm watch {run}");
+            note!("detached; the run continues. Follow it again with: nixfarm watch {run}");
             Ok(130)
         }
         watch::End::Finished => report_cmd(client, run, check, out).await,
