@@ -257,3 +257,39 @@ fn a_closed_stderr_stops_neither_the_run_nor_its_report() {
         );
     }
 }
+
+/// Two coordinators on one state directory would each hand out the other's runs to their own
+/// agents and settle them with answers about another store (two `nixfarm local` in two
+/// terminals share the default one): the second refuses to start, naming the first, and so
+/// does a `nixfarm local` given the same --state-dir. Once the first is gone the state is the
+/// next one's, however it ended (`kill -9` here).
+#[test]
+fn a_state_directory_serves_one_coordinator_at_a_time() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let first = Coordinator::start(&state).unwrap();
+    let e = Coordinator::start(&state)
+        .err()
+        .expect("a second coordinator on the same state directory")
+        .to_string();
+    assert!(
+        e.contains("is in use by another coordinator (process "),
+        "{e}"
+    );
+    let host = Host::new(&dir.path().join("host"));
+    let out = host.run(&[
+        bin("nixfarm").to_str().unwrap(),
+        "local",
+        example_repo().to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another nixfarm local is running with its state in"),
+        "{}",
+        stderr(&out)
+    );
+    drop(first);
+    Coordinator::start(&state).unwrap();
+}

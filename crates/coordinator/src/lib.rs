@@ -28,6 +28,7 @@ mod scheduler_class;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod state_lock;
 pub mod tls_listener;
 pub mod trees;
 pub mod upload;

@@ -33,6 +33,8 @@ pub struct Running {
     pub engine: Engine,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Its state directory, held until it is dropped.
+    _state_lock: crate::state_lock::StateLock,
 }
 
 impl Running {
@@ -207,6 +209,8 @@ pub async fn start_with_listener(
             config.state_dir.display()
         )
     })?;
+    // Before the database is opened: a second coordinator on it must not touch it.
+    let state_lock = crate::state_lock::StateLock::take(&config.state_dir)?;
     let db_path = config.state_dir.join("coordinator.sqlite");
     let db = Db::open(&db_path).with_context(|| {
         format!(
@@ -537,6 +541,7 @@ pub async fn start_with_listener(
         engine,
         shutdown: Some(tx),
         task,
+        _state_lock: state_lock,
     })
 }
 

@@ -3,7 +3,7 @@
 
 use crate::cmd::submit::submit_and_watch;
 use crate::{Client, LocalArgs, source};
-use anyhow::{Context, bail};
+use anyhow::bail;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,9 +46,20 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         },
         ..Default::default()
     };
-    let coordinator = nixfarm_coordinator::server::start(&config)
-        .await
-        .context("cannot start the embedded coordinator")?;
+    let coordinator = match nixfarm_coordinator::server::start(&config).await {
+        Ok(c) => c,
+        // Another `nixfarm local` (or a coordinator) keeps its state there: its runs are
+        // its own. Said in this command's words.
+        Err(e) if e.is::<nixfarm_coordinator::state_lock::StateInUse>() => bail!(
+            "another nixfarm local is running with its state in {}{}: wait for it to end, or give this one --state-dir DIR",
+            state_dir.display(),
+            e.downcast_ref::<nixfarm_coordinator::state_lock::StateInUse>()
+                .and_then(|u| u.pid)
+                .map(|p| format!(" (process {p})"))
+                .unwrap_or_default()
+        ),
+        Err(e) => return Err(e.context("cannot start the embedded coordinator")),
+    };
     let url = format!("http://{}", coordinator.addr);
     if let Some(h) = coordinator.http_addr {
         note!("web UI: http://{h}/runs");
