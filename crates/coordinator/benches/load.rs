@@ -247,9 +247,12 @@ async fn main() -> anyhow::Result<()> {
     config.scheduler.eval_chunk_size = 100;
     config.http.listen = Some("127.0.0.1:0".into());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let running =
-        nixfarm_coordinator::server::start_with_listener(&config, listener, Arc::new(SystemClock))
-            .await?;
+    let running = nixfarm_coordinator::server::start_with_listener(
+        &config,
+        listener,
+        Arc::new(SystemClock::new()),
+    )
+    .await?;
     let url = format!("http://{}", running.addr);
     let http = running.http_addr.expect("the web UI listens");
     let jobs = Arc::new(AtomicU64::new(0));

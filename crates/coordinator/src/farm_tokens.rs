@@ -54,7 +54,7 @@ enum Live {
 impl Default for FarmTokens {
     /// In memory only, on the system clock, with the default lease (tests).
     fn default() -> FarmTokens {
-        FarmTokens::in_memory(Arc::new(SystemClock), 60_000)
+        FarmTokens::in_memory(Arc::new(SystemClock::new()), 60_000)
     }
 }
 

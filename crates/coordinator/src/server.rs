@@ -561,7 +561,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    start_with_listener(config, listener, Arc::new(SystemClock)).await
+    start_with_listener(config, listener, Arc::new(SystemClock::new())).await
 }
 
 /// An HTTP listener whose connections send small writes at once (TCP_NODELAY): a response
