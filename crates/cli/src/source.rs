@@ -103,6 +103,70 @@ pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The files a snapshot of `dir` holds: [`list_files`], less the links git does not track
+/// that point out of the tree (a `nix build` result link git does not ignore: `result` →
+/// /nix/store/…), which no snapshot may hold and no tracked file can mean; those are
+/// returned beside. A tracked one stays, for the snapshot to refuse by name.
+pub fn snapshot_files(dir: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let files = list_files(dir)?;
+    let links_out = |rel: &PathBuf| {
+        std::fs::read_link(dir.join(rel))
+            .is_ok_and(|target| !snapshot::link_stays_inside(rel, &target))
+    };
+    if !files.iter().any(links_out) {
+        return Ok((files, Vec::new()));
+    }
+    let untracked = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["ls-files", "-z", "--others", "--exclude-standard"])
+        .stderr(std::process::Stdio::null())
+        .output();
+    let untracked: Option<std::collections::HashSet<PathBuf>> = match untracked {
+        Ok(o) if o.status.success() => Some(
+            o.stdout
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)))
+                .collect(),
+        ),
+        // Not a git work tree (list_files refused one git cannot list): nothing is tracked.
+        _ => None,
+    };
+    let (skipped, kept): (Vec<PathBuf>, Vec<PathBuf>) = files
+        .into_iter()
+        .partition(|f| links_out(f) && untracked.as_ref().is_none_or(|u| u.contains(f)));
+    Ok((kept, skipped))
+}
+
+/// Why a checkout is larger than a snapshot may be: the limit and its largest files.
+fn too_large(dir: &Path, files: &[PathBuf], limit: u64) -> String {
+    let mut sizes: Vec<(u64, &PathBuf)> = files
+        .iter()
+        .filter_map(|f| {
+            let m = std::fs::symlink_metadata(dir.join(f)).ok()?;
+            m.is_file().then_some((m.len(), f))
+        })
+        .collect();
+    sizes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    let size = |b: u64| match b {
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} bytes"),
+    };
+    let largest: Vec<String> = sizes
+        .iter()
+        .take(3)
+        .map(|(n, f)| format!("{} ({})", f.display(), size(*n)))
+        .collect();
+    format!(
+        "cannot snapshot {}: its files come to more than the coordinator's limit of {} (largest: {}); files git does not ignore are sent too, so ignore build products in .gitignore",
+        dir.display(),
+        size(limit),
+        largest.join(", ")
+    )
+}
+
 fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(root.join(rel))
         .with_context(|| format!("cannot read {}", root.join(rel).display()))?
@@ -190,10 +254,34 @@ pub async fn prepare(
             f,
         )),
         Named::Dir(dir) => {
-            let files = list_files(&dir)?;
+            let (files, skipped) = snapshot_files(&dir)?;
+            // Said once per session: a fixing session's later stages upload edits only.
+            if !skipped.is_empty() && overrides.is_empty() {
+                let names: Vec<String> = skipped
+                    .iter()
+                    .take(5)
+                    .map(|p| p.display().to_string())
+                    .collect();
+                note!(
+                    "left out of the snapshot: {}{} (links git does not track that point out of the checkout, such as nix build's result)",
+                    names.join(", "),
+                    if skipped.len() > 5 {
+                        format!(" and {} more", skipped.len() - 5)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
             let limits = server_limits(client).await?;
-            let bytes = snapshot::pack_with(&dir, &files, overrides, limits)
-                .with_context(|| format!("cannot snapshot {}", dir.display()))?;
+            let bytes = match snapshot::pack_with(&dir, &files, overrides, limits) {
+                Ok(b) => b,
+                Err(snapshot::SnapshotError::TooLarge { limit }) => {
+                    bail!("{}", too_large(&dir, &files, limit))
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot snapshot {}", dir.display()));
+                }
+            };
             let chunks: Vec<pb::SourceChunk> = bytes
                 .chunks(1 << 20)
                 .map(|c| pb::SourceChunk { data: c.to_vec() })
@@ -266,6 +354,78 @@ mod tests {
         assert!(l.len() <= nixfarm_core::limits::MAX_LABEL, "{}", l.len());
         assert!(l.starts_with('…'));
         assert_eq!(label_of(Path::new("/src/x")), "/src/x");
+    }
+
+    /// A `nix build` result link git does not ignore would fail every snapshot (it points
+    /// into /nix/store): it is left out. A tracked link out of the tree stays, for the
+    /// snapshot to refuse by name.
+    #[test]
+    fn untracked_links_out_of_the_checkout_are_left_out_tracked_ones_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(d.path())
+                .args(["-c", "user.email=t@t", "-c", "user.name=t"])
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(d.path().join("flake.nix"), "{}").unwrap();
+        std::fs::create_dir(d.path().join("pkgs")).unwrap();
+        std::os::unix::fs::symlink("../flake.nix", d.path().join("pkgs/inside")).unwrap();
+        git(&["add", "."]);
+        let store = "/nix/store/00000000000000000000000000000000-x";
+        std::os::unix::fs::symlink(store, d.path().join("result")).unwrap();
+        std::os::unix::fs::symlink(store, d.path().join("pkgs/result-dev")).unwrap();
+        let (files, skipped) = snapshot_files(d.path()).unwrap();
+        let names = |v: &[PathBuf]| {
+            let mut n: Vec<String> = v.iter().map(|p| p.display().to_string()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&files), ["flake.nix", "pkgs/inside"]);
+        assert_eq!(names(&skipped), ["pkgs/result-dev", "result"]);
+        snapshot::pack(d.path(), &files, snapshot::Limits::default()).unwrap();
+        // Tracked, the same link is the checkout's own: refused by name, not dropped.
+        std::os::unix::fs::symlink("/etc", d.path().join("etc")).unwrap();
+        git(&["add", "etc"]);
+        let (files, _) = snapshot_files(d.path()).unwrap();
+        assert!(files.iter().any(|f| f == Path::new("etc")));
+        let e = snapshot::pack(d.path(), &files, snapshot::Limits::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("'etc' is a link that points outside"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_checkout_too_large_to_send_names_its_largest_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("flake.nix"), "{}").unwrap();
+        std::fs::write(d.path().join("big.bin"), vec![0u8; 3 << 20]).unwrap();
+        let files = list_files(d.path()).unwrap();
+        let limit = 1 << 20;
+        let e = snapshot::pack(
+            d.path(),
+            &files,
+            snapshot::Limits {
+                max_bytes: limit,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, snapshot::SnapshotError::TooLarge { .. }), "{e}");
+        let m = too_large(d.path(), &files, limit);
+        assert!(
+            m.contains("limit of 1.0 MiB (largest: big.bin (3.0 MiB), flake.nix (2 bytes))"),
+            "{m}"
+        );
+        assert!(m.contains(".gitignore"), "{m}");
     }
 
     #[test]

@@ -208,6 +208,11 @@ fn check_relative(rel: &Path) -> Result<(), SnapshotError> {
     }
 }
 
+/// Whether a link at `rel` to `target` stays inside the tree, as a snapshot must hold it.
+pub fn link_stays_inside(rel: &Path, target: &Path) -> bool {
+    check_link(rel, target).is_ok()
+}
+
 /// A link is safe when, resolved lexically from its own directory, it stays inside the tree.
 fn check_link(rel: &Path, target: &Path) -> Result<(), SnapshotError> {
     if target.is_absolute() {
