@@ -293,3 +293,38 @@ fn a_state_directory_serves_one_coordinator_at_a_time() {
     drop(first);
     Coordinator::start(&state).unwrap();
 }
+
+/// What a command prints on stdout either gets there or the command fails: a listing sent
+/// to a full disk (`/dev/full`) exits 2 saying why, where it used to panic; one whose
+/// reader goes away (`| head`) ends quietly.
+#[test]
+fn stdout_that_cannot_be_written_fails_the_command_a_reader_gone_does_not() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("state")).unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = std::process::Command::new(bin("nixfarm"))
+        .args(["--coordinator", &coordinator.url, "runs"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("error: cannot write to stdout: No space left on device"),
+        "{}",
+        stderr(&out)
+    );
+    // A pipe whose reader is gone before anything is written.
+    let mut child = std::process::Command::new(bin("nixfarm"))
+        .args(["--coordinator", &coordinator.url, "runs"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

@@ -12,11 +12,15 @@ macro_rules! note {
     }};
 }
 
-/// `println!` for reports and listings, as [`note!`]: `nixfarm runs | head` ends quietly.
+/// `println!` for reports and listings without the panic: a reader that went away
+/// (`nixfarm runs | head`) ends it quietly; any other failure to write (a full disk under
+/// `> report.json`) is remembered, and the command then fails ([`stdout_failure`]).
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+        let mut o = std::io::stdout().lock();
+        let r = writeln!(o, $($arg)*).and_then(|()| o.flush());
+        $crate::note_stdout(r);
     }};
 }
 
@@ -25,9 +29,28 @@ macro_rules! out_raw {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         let mut o = std::io::stdout().lock();
-        let _ = write!(o, $($arg)*);
-        let _ = o.flush();
+        let r = write!(o, $($arg)*).and_then(|()| o.flush());
+        $crate::note_stdout(r);
     }};
+}
+
+/// The first failure to write stdout other than a reader gone away.
+static STDOUT_FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+#[doc(hidden)]
+pub fn note_stdout(r: std::io::Result<()>) {
+    if let Err(e) = r
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+        && let Ok(mut f) = STDOUT_FAILURE.lock()
+    {
+        f.get_or_insert_with(|| e.to_string());
+    }
+}
+
+/// Why what this command printed on stdout did not all get there (None: it did, or its
+/// reader went away): the command must not say it succeeded.
+pub fn stdout_failure() -> Option<String> {
+    STDOUT_FAILURE.lock().ok().and_then(|f| f.clone())
 }
 
 mod args;

@@ -51,5 +51,17 @@ async fn main() {
         }
     };
     nixfarm_cli::ci::resume_commands(false);
+    // A report cut short (a full disk under `> report.json`) is no success.
+    let code = match nixfarm_cli::stdout_failure() {
+        Some(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: cannot write to stdout: {e}"
+            );
+            2
+        }
+        None => code,
+    };
     std::process::exit(code);
 }

@@ -103,10 +103,13 @@ pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The files a snapshot of `dir` holds: [`list_files`], less the links git does not track
-/// that point out of the tree (a `nix build` result link git does not ignore: `result` →
-/// /nix/store/…), which no snapshot may hold and no tracked file can mean; those are
-/// returned beside. A tracked one stays, for the snapshot to refuse by name.
+/// The files a snapshot of `dir` holds: [`list_files`], less, in a git work tree, the links
+/// git does not track that point out of the tree (a `nix build` result link git does not
+/// ignore: `result` → /nix/store/…), which no snapshot may hold and no tracked file can
+/// mean; those are returned beside. A tracked one stays, for the snapshot to refuse by
+/// name, and so does every such link of a tree that is not git's (its top-level `result`
+/// links aside, which [`list_files`] leaves out): nothing there tells a build's link from
+/// the repository's own.
 pub fn snapshot_files(dir: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let files = list_files(dir)?;
     let links_out = |rel: &PathBuf| {
@@ -122,20 +125,19 @@ pub fn snapshot_files(dir: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)
         .args(["ls-files", "-z", "--others", "--exclude-standard"])
         .stderr(std::process::Stdio::null())
         .output();
-    let untracked: Option<std::collections::HashSet<PathBuf>> = match untracked {
-        Ok(o) if o.status.success() => Some(
-            o.stdout
-                .split(|b| *b == 0)
-                .filter(|s| !s.is_empty())
-                .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)))
-                .collect(),
-        ),
-        // Not a git work tree (list_files refused one git cannot list): nothing is tracked.
-        _ => None,
+    let untracked: std::collections::HashSet<PathBuf> = match untracked {
+        Ok(o) if o.status.success() => o
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)))
+            .collect(),
+        // Not a git work tree (list_files refused one git cannot list).
+        _ => return Ok((files, Vec::new())),
     };
     let (skipped, kept): (Vec<PathBuf>, Vec<PathBuf>) = files
         .into_iter()
-        .partition(|f| links_out(f) && untracked.as_ref().is_none_or(|u| u.contains(f)));
+        .partition(|f| links_out(f) && untracked.contains(f));
     Ok((kept, skipped))
 }
 
@@ -159,11 +161,19 @@ fn too_large(dir: &Path, files: &[PathBuf], limit: u64) -> String {
         .take(3)
         .map(|(n, f)| format!("{} ({})", f.display(), size(*n)))
         .collect();
+    let in_git = dir
+        .canonicalize()
+        .is_ok_and(|d| d.ancestors().any(|a| a.join(".git").exists()));
     format!(
-        "cannot snapshot {}: its files come to more than the coordinator's limit of {} (largest: {}); files git does not ignore are sent too, so ignore build products in .gitignore",
+        "cannot snapshot {}: its files come to more than the coordinator's limit of {} (largest: {}); {}",
         dir.display(),
         size(limit),
-        largest.join(", ")
+        largest.join(", "),
+        if in_git {
+            "files git does not ignore are sent too, so ignore build products in .gitignore"
+        } else {
+            "every file under it is sent (it is no git work tree, whose .gitignore would leave some out)"
+        }
     )
 }
 
@@ -173,13 +183,16 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     {
         let entry = entry?;
         let name = entry.file_name();
-        if name == ".git"
-            || (rel.as_os_str().is_empty() && (name == "result" || name == ".nixfarm"))
-        {
+        let ft = entry.file_type()?;
+        // `nix build`'s links (`result`, `result-dev`, …) at the top.
+        let nix_result = ft.is_symlink() && {
+            let n = name.as_encoded_bytes();
+            n == b"result" || n.starts_with(b"result-")
+        };
+        if name == ".git" || (rel.as_os_str().is_empty() && (nix_result || name == ".nixfarm")) {
             continue;
         }
         let r = rel.join(&name);
-        let ft = entry.file_type()?;
         if ft.is_dir() {
             walk(root, &r, out)?;
         } else {
@@ -401,6 +414,13 @@ mod tests {
                 .contains("'etc' is a link that points outside"),
             "{e}"
         );
+        // No git: nothing tells a build's link from the tree's own, so only the top-level
+        // result links are left out; any other link out is refused by name.
+        std::fs::remove_dir_all(d.path().join(".git")).unwrap();
+        let (files, skipped) = snapshot_files(d.path()).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert!(!files.iter().any(|f| f == Path::new("result")), "{files:?}");
+        assert!(files.iter().any(|f| f == Path::new("pkgs/result-dev")));
     }
 
     #[test]
@@ -425,7 +445,7 @@ mod tests {
             m.contains("limit of 1.0 MiB (largest: big.bin (3.0 MiB), flake.nix (2 bytes))"),
             "{m}"
         );
-        assert!(m.contains(".gitignore"), "{m}");
+        assert!(m.contains("every file under it is sent"), "{m}");
     }
 
     #[test]

@@ -9,15 +9,19 @@ pub trait Clock: Send + Sync {
 
 /// The system's wall clock as it read at start, moved on by the time since the system booted
 /// (`CLOCK_BOOTTIME`: it never steps, and it counts a suspend): a step of the wall clock while
-/// the coordinator runs (NTP correcting minutes, a VM's clock set after a resume) neither
-/// expires every lease at once nor stops them from expiring. Timestamps it gives stay close
-/// to the wall clock, off by at most the steps it took since the start (a restart reads it
-/// afresh).
-#[derive(Debug, Clone, Copy)]
+/// the coordinator runs (NTP correcting a few minutes) neither expires every lease at once nor
+/// holds them. A step of more than [`FOLLOW_STEP_MS`] (a clock set wholesale: one that was
+/// wrong when the coordinator started, before NTP) is followed, so stored and shown times
+/// stay the wall clock's.
+#[derive(Debug)]
 pub struct SystemClock {
-    wall_at_start_ms: i64,
-    boot_at_start_ms: i64,
+    /// The wall clock's reading less the time since boot, ms: now is boot time plus this.
+    offset_ms: AtomicI64,
 }
+
+/// How far the wall clock may step away from [`SystemClock`] before it is followed: more
+/// than a lease or an upload claim lasts, less than any retention.
+pub const FOLLOW_STEP_MS: i64 = 10 * 60 * 1000;
 
 impl SystemClock {
     pub fn new() -> Self {
@@ -26,8 +30,7 @@ impl SystemClock {
 
     fn anchored(wall_at_start_ms: i64) -> Self {
         SystemClock {
-            wall_at_start_ms,
-            boot_at_start_ms: boot_ms(),
+            offset_ms: AtomicI64::new(wall_at_start_ms - boot_ms()),
         }
     }
 }
@@ -62,8 +65,14 @@ fn wall_ms() -> i64 {
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        let since = (boot_ms() - self.boot_at_start_ms).max(0);
-        self.wall_at_start_ms.saturating_add(since)
+        let boot = boot_ms();
+        let mine = boot.saturating_add(self.offset_ms.load(Ordering::Relaxed));
+        let wall = wall_ms();
+        if (wall - mine).abs() > FOLLOW_STEP_MS {
+            self.offset_ms.store(wall - boot, Ordering::Relaxed);
+            return wall;
+        }
+        mine
     }
 }
 
@@ -91,17 +100,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_system_clock_moves_with_time_not_with_the_wall_clock_once_started() {
-        // Started when the wall clock read an hour ago (as if stepped an hour on since):
-        // it still reads an hour ago, moving on only as time passes.
-        let hour = 3_600_000;
-        let c = SystemClock::anchored(wall_ms() - hour);
+    fn the_system_clock_ignores_small_steps_of_the_wall_clock_and_follows_large_ones() {
+        // Started when the wall clock read a minute ago (as if stepped a minute on since):
+        // it still reads a minute ago, moving on only as time passes.
+        let minute = 60_000;
+        let c = SystemClock::anchored(wall_ms() - minute);
         let a = c.now_ms();
-        assert!((wall_ms() - hour - a).abs() < 1_000, "{a}");
+        assert!((wall_ms() - minute - a).abs() < 1_000, "{a}");
         std::thread::sleep(std::time::Duration::from_millis(20));
         let b = c.now_ms();
         assert!((20..1_000).contains(&(b - a)), "{a} {b}");
-        // A clock started now reads the wall clock.
-        assert!((SystemClock::new().now_ms() - wall_ms()).abs() < 1_000);
+        // A day off (a clock set wholesale since): the wall clock's reading, from then on.
+        let c = SystemClock::anchored(wall_ms() - 24 * 60 * minute);
+        assert!((c.now_ms() - wall_ms()).abs() < 1_000);
+        assert!((c.now_ms() - wall_ms()).abs() < 1_000);
     }
 }

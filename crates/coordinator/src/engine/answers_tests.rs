@@ -318,3 +318,81 @@ fn upload_claims_name_only_what_the_attempts_build_depends_on() {
         [true]
     );
 }
+
+/// A fixed output's path is its content's: two fetches of the same source have it, and so
+/// may a flake input. Claims on it are nobody's to refuse.
+#[test]
+fn a_fixed_output_may_be_claimed_by_any_attempt() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let cache = "file:///mine";
+    engine
+        .submit(RunSpec {
+            cache: cache.into(),
+            ..flake_run()
+        })
+        .unwrap();
+    let (list, _) = assigned(&mut a.rx);
+    let src = "/nix/store/44444444444444444444444444444444-source";
+    let fetch = |attr: &str, drv: &str| {
+        let node = DrvNode {
+            system: "x86_64-linux".into(),
+            outputs: [("out".to_string(), op(src))].into(),
+            fixed_output: true,
+            output_hash: "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            ..Default::default()
+        };
+        let attr = EvaluatedAttr {
+            attr: attr.into(),
+            info: PackageInfo {
+                drv_path: Some(sp(drv)),
+                outputs: [("out".to_string(), op(src))].into(),
+                system: "x86_64-linux".into(),
+                ..Default::default()
+            },
+        };
+        (attr, (sp(drv), node))
+    };
+    let (f1, n1) = fetch(
+        "f1",
+        "/nix/store/55555555555555555555555555555555-source.drv",
+    );
+    let (f2, n2) = fetch(
+        "f2",
+        "/nix/store/66666666666666666666666666666666-source.drv",
+    );
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalList {
+                attempt: list.clone(),
+                result: Ok((vec!["f1".into(), "f2".into()], vec![])),
+                follows: false,
+                evaluated: Some((vec![f1, f2], [n1, n2].into())),
+            },
+        )
+        .unwrap();
+    let (fetching, job) = assigned(&mut a.rx);
+    assert!(matches!(job, Job::Build { .. }), "{job:?}");
+    let me = ("a", a.session.as_str());
+    assert_eq!(
+        claim(&engine, me, &fetching, cache, Some(src)).unwrap(),
+        [true]
+    );
+    // An evaluation uploads its flake's inputs, a `-source` path that may be the same.
+    engine
+        .submit(RunSpec {
+            cache: cache.into(),
+            ..flake_run()
+        })
+        .unwrap();
+    let (listing, job) = std::iter::from_fn(|| Some(assigned(&mut a.rx)))
+        .find(|(_, j)| matches!(j, Job::EvalList { .. }))
+        .unwrap();
+    assert!(matches!(job, Job::EvalList { .. }));
+    assert_eq!(
+        claim(&engine, me, &listing, cache, Some(src)).unwrap(),
+        [true]
+    );
+}

@@ -140,8 +140,9 @@ fn may_claim(inner: &Inner, c: &UploadClaim<'_>) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// The first of `paths` that an active run's graph holds as a derivation's output, where
-/// the attempt (of `run`) does not build that derivation or one depending on it.
+/// The first of `paths` that an active run's graph holds as a derivation's (input-addressed)
+/// output, where the attempt (of `run`) does not build that derivation or one depending on
+/// it.
 fn foreign_output<'p>(
     inner: &Inner,
     run: &RunMem,
@@ -154,6 +155,11 @@ fn foreign_output<'p>(
     };
     // What the attempt's derivation depends on, itself included: found once, when needed.
     let mut needed: Option<HashSet<NodeId>> = None;
+    let active: Vec<&RunMem> = inner
+        .runs
+        .iter()
+        .filter(|r| !r.state.is_terminal() && !r.node_of_output.is_empty())
+        .collect();
     paths.iter().map(String::as_str).find(|p| {
         if let (Some(own), Some(sched), Some(&n)) = (own, &run.sched, run.node_of_output.get(*p)) {
             let needed = needed.get_or_insert_with(|| closure_of(sched, own));
@@ -161,10 +167,7 @@ fn foreign_output<'p>(
                 return false;
             }
         }
-        inner
-            .runs
-            .iter()
-            .any(|r| !r.state.is_terminal() && r.node_of_output.contains_key(*p))
+        active.iter().any(|r| r.node_of_output.contains_key(*p))
     })
 }
 

@@ -105,21 +105,53 @@ fn an_attribute_the_listing_caught_throwing_is_evaluated_for_its_message_behind_
     let (list, _) = assigned(&mut a.rx);
     // The listing evaluated p0 and gave nothing for p1: it threw.
     let (attr, drv, node) = p0_evaluated("p0");
-    let names = vec!["p0".to_string(), "p1".into()];
+    let names = vec!["p0".to_string(), "p1".into(), "checks.c1".into()];
     let evaluated = (vec![attr], [(sp(&drv), node)].into());
     send_listing(&engine, a.conn, list, names, Some(evaluated));
-    let jobs = [assigned(&mut a.rx).1, assigned(&mut a.rx).1];
-    assert!(
-        jobs.iter().any(|j| matches!(
-            j,
-            Job::EvalChunk { attrs, listed_as_throwing: true, .. } if attrs == &["p1"]
-        )),
-        "{jobs:?}"
-    );
+    let jobs = [assigned(&mut a.rx), assigned(&mut a.rx)];
+    let chunk = jobs.iter().find_map(|(attempt, j)| match j {
+        Job::EvalChunk {
+            attrs,
+            listed_as_throwing,
+            ..
+        } => Some((attempt.clone(), attrs.clone(), *listed_as_throwing)),
+        _ => None,
+    });
+    let Some((attempt, attrs, true)) = chunk else {
+        panic!("{jobs:?}");
+    };
+    assert_eq!(attrs, ["p1"]);
     assert!(
         jobs.iter()
-            .any(|j| matches!(j, Job::Build { drv_path, .. } if *drv_path == drv)),
+            .any(|(_, j)| matches!(j, Job::Build { drv_path, .. } if *drv_path == drv)),
         "{jobs:?}"
+    );
+    // The flake's checks come in a task of their own: the listing evaluates none of them,
+    // so none is said to throw.
+    let thrown = EvaluatedAttr {
+        attr: "p1".into(),
+        info: PackageInfo {
+            eval_error: "p1: unsupported".into(),
+            ..Default::default()
+        },
+    };
+    engine
+        .agent_message(
+            "a",
+            a.conn,
+            FromAgent::EvalChunk {
+                attempt,
+                result: Ok((vec![thrown], BTreeMap::new())),
+            },
+        )
+        .unwrap();
+    let (_, job) = assigned(&mut a.rx);
+    assert!(
+        matches!(
+            &job,
+            Job::EvalChunk { attrs, listed_as_throwing: false, .. } if attrs == &["checks.c1"]
+        ),
+        "{job:?}"
     );
 }
 

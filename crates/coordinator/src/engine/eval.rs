@@ -129,24 +129,38 @@ impl Engine {
             .len()
             .div_ceil(eval_slots)
             .clamp(1, self.opts.eval_chunk_size.max(1));
-        let chunks: Vec<&[String]> = (!done.is_empty())
-            .then_some(done.as_slice())
+        // What a listing that evaluated its packages left out: the packages that threw
+        // there, whose tasks only learn their messages (`listed_as_throwing`), and the
+        // flake's checks, which it does not evaluate; each in tasks of their own. Said only
+        // of a listing small enough to be evaluated whole: a larger one's word would cost a
+        // Nix process per attribute.
+        let (rest, checks): (Vec<String>, Vec<String>) = if evaluated.is_some() {
+            rest.into_iter()
+                .partition(|a| !a.starts_with(nixfarm_core::report::CHECK_PREFIX))
+        } else {
+            (rest, Vec::new())
+        };
+        let threw =
+            evaluated.is_some() && done.len() + rest.len() <= self.opts.list_eval_max as usize;
+        let chunks: Vec<(&[String], bool)> = (!done.is_empty())
+            .then_some((done.as_slice(), false))
             .into_iter()
-            .chain(rest.chunks(size))
+            .chain(rest.chunks(size).map(|c| (c, threw)))
+            .chain(checks.chunks(size).map(|c| (c, false)))
             .collect();
         let total = chunks.len();
-        inner.db.record_eval_tasks(run_id, &chunks)?;
+        let slices: Vec<&[String]> = chunks.iter().map(|(c, _)| *c).collect();
+        inner.db.record_eval_tasks(run_id, &slices)?;
         let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) else {
             return Ok(());
         };
         run.eval_tasks_total = Some(total);
-        for (i, c) in chunks.iter().enumerate() {
+        for (i, (c, threw)) in chunks.iter().enumerate() {
             run.chunk_attrs.insert(i as i64, c.to_vec());
             if i > 0 || evaluated.is_none() {
                 run.eval_queue.push_back(EvalTask::Chunk(i as i64));
             }
-            // The listing evaluated every attribute, and gave none for these: they threw.
-            if i > 0 && evaluated.is_some() {
+            if *threw {
                 run.throwing_chunks.insert(i as i64);
             }
         }

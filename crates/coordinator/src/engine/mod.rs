@@ -66,8 +66,10 @@ struct RunMem {
     /// The outputs each derivation has by the graph, by node: the only paths a build of it
     /// may report.
     outputs_of: Vec<Outputs>,
-    /// The node each known output path is an output of: what upload claims are checked
-    /// against (`claims`).
+    /// The node each known input-addressed output path is an output of (no two share one):
+    /// what upload claims are checked against (`claims`). Fixed outputs are left out: their
+    /// paths are their content's, which another derivation, or a flake input, may have
+    /// too. Emptied when the run ends.
     node_of_output: HashMap<StorePath, NodeId>,
     /// Fixed-output derivations' hashes as their derivations declare them: what a reported
     /// hash mismatch must name as specified.
@@ -457,9 +459,11 @@ impl RunMem {
         self.node_of.insert(path.clone(), id);
         self.drv_of.push(path.clone());
         self.outputs_of.push(node.outputs.clone());
-        for o in node.outputs.values() {
-            if let OutputPath::Known(p) = o {
-                self.node_of_output.insert(p.clone(), id);
+        if !node.fixed_output {
+            for o in node.outputs.values() {
+                if let OutputPath::Known(p) = o {
+                    self.node_of_output.insert(p.clone(), id);
+                }
             }
         }
         if node.fixed_output {

@@ -287,6 +287,10 @@ impl Engine {
 
     /// Tells every connected agent that a run ended, so it releases what it kept for it.
     pub(super) fn tell_run_ended(inner: &mut Inner, run_id: &str) {
+        // No claim is checked against an ended run's outputs.
+        if let Some(run) = inner.runs.iter_mut().find(|r| r.id == run_id) {
+            run.node_of_output = HashMap::new();
+        }
         let streams: Vec<_> = inner.agents.values().filter_map(|a| a.tx.clone()).collect();
         for tx in streams {
             inner.send(
