@@ -630,7 +630,8 @@ async fn long_strings_are_refused_without_being_echoed_and_limits_agree() {
     let out = cli(&url, &["submit", repo.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("larger than the limit of 1048576 bytes"),
+        stderr(&out)
+            .contains("more than the coordinator's limit of 1.0 MiB (largest: blob (2.0 MiB)"),
         "{}",
         stderr(&out)
     );
