@@ -328,3 +328,69 @@ fn stdout_that_cannot_be_written_fails_the_command_a_reader_gone_does_not() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
+
+/// Ctrl-C stops `nixfarm local`, farm and all: its unfinished runs are cancelled (their
+/// builds stopped, relay's 3 s of silence not waited for), not left for the next `nixfarm
+/// local` of the same state to take up unasked; it says so and exits 130.
+#[test]
+fn ctrl_c_stops_a_local_farm_and_cancels_its_runs() {
+    use std::io::BufRead;
+    let dir = scratch();
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let mut child = host
+        .command(&[
+            bin("nixfarm").to_str().unwrap(),
+            "local",
+            example_repo().to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--format",
+            "json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // Once it builds, the user presses Ctrl-C.
+    let mut said = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let building = line.starts_with("building ");
+        said.push(line);
+        if building {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    said.extend(lines.map_while(Result::ok));
+    let status = child.wait().unwrap();
+    let said = said.join("\n");
+    assert_eq!(status.code(), Some(130), "{said}");
+    assert!(
+        said.contains("interrupted: the local farm stops with this command")
+            && said.contains("unfinished run(s)"),
+        "{said}"
+    );
+    let db = rusqlite::Connection::open_with_flags(
+        state.join("coordinator.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let states: Vec<String> = db
+        .prepare("SELECT state FROM runs")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(states, ["cancelled"], "{said}");
+}

@@ -478,7 +478,7 @@ pub async fn run(
             ask.remove(&run);
             asks.forget(&run);
             if let watch::End::Detached = end? {
-                note!("detached; run {run} continues. Follow it with: nixfarm watch {run}");
+                watch::say_detached(std::slice::from_ref(&run));
                 let report = get_report(client, &run).await?;
                 return Ok(Outcome {
                     report,

@@ -9,6 +9,29 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::Duration;
 
+/// Whether the farm stops with this command (`nixfarm local`): then a run the user stops
+/// following is cancelled, not left to go on.
+static FARM_STOPS_WITH_COMMAND: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Marks this command as running its own farm ([`say_detached`]).
+pub(crate) fn farm_stops_with_this_command() {
+    FARM_STOPS_WITH_COMMAND.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Says what becomes of `runs` now that the user stopped following them (Ctrl-C).
+pub(crate) fn say_detached(runs: &[String]) {
+    let ids = runs.join(" ");
+    if FARM_STOPS_WITH_COMMAND.load(std::sync::atomic::Ordering::Relaxed) {
+        // `nixfarm local` says which runs it cancels.
+        note!("interrupted: the local farm stops with this command");
+    } else if let [run] = runs {
+        note!("detached; the run continues. Follow it again with: nixfarm watch {run}");
+    } else {
+        note!("detached; the runs continue: {ids}");
+    }
+}
+
 /// How a watch ended.
 pub enum End {
     Finished,

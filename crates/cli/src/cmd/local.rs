@@ -81,6 +81,8 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         }
         _ => args.run.cachix_api_url.clone(),
     };
+    // Stopped following (Ctrl-C), the runs stop with this farm: see below.
+    crate::watch::farm_stops_with_this_command();
     let shutdown = tokio_util_token();
     let mut agents = Vec::new();
     // Whatever ends it, the agents and the coordinator are stopped after.
@@ -120,6 +122,24 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
             "the embedded coordinator stopped: {why}; run the same command again once that is mended: it goes on from its state"
         )),
     };
+    // Interrupted: the user stopped the farm, so its runs end here, cancelled (their builds
+    // stopped), rather than be taken up by the next `nixfarm local` of this state.
+    if matches!(result, Ok(130)) {
+        let mut cancelled = Vec::new();
+        for run in engine.active_runs() {
+            match engine.cancel(&run) {
+                Ok(_) => cancelled.push(run),
+                Err(e) => note!("cannot cancel run {run}: {e}"),
+            }
+        }
+        if !cancelled.is_empty() {
+            note!(
+                "cancelled {} unfinished run(s): {}; what was built stays in the store",
+                cancelled.len(),
+                cancelled.join(" ")
+            );
+        }
+    }
     shutdown.cancel();
     for a in agents {
         let _ = tokio::time::timeout(Duration::from_secs(10), a).await;

@@ -52,7 +52,7 @@ pub(crate) async fn matrix(
     for (r, id) in refs.iter().zip(&ids) {
         note!("following {input} = {r} (run {id})");
         if let watch::End::Detached = watch::watch(client, id).await? {
-            note!("detached; the runs continue: {}", ids.join(" "));
+            crate::watch::say_detached(&ids);
             return Ok(130);
         }
         let mut report = get_report(client, id).await?;

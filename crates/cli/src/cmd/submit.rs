@@ -354,7 +354,7 @@ pub(crate) async fn submit_and_watch(
             note!("submitted run {id}");
             match watch::watch(client, &id).await? {
                 watch::End::Detached => {
-                    note!("detached; the run continues. Follow it again with: nixfarm watch {id}");
+                    crate::watch::say_detached(std::slice::from_ref(&id));
                     Ok(130)
                 }
                 watch::End::Finished => {
@@ -375,7 +375,7 @@ pub async fn watch_and_report(
 ) -> anyhow::Result<i32> {
     match watch::watch(client, run).await? {
         watch::End::Detached => {
-            note!("detached; the run continues. Follow it again with: nixfarm watch {run}");
+            crate::watch::say_detached(&[run.to_string()]);
             Ok(130)
         }
         watch::End::Finished => report_cmd(client, run, check, out).await,
