@@ -194,6 +194,37 @@ fn ci_annotations_point_at_the_lines_to_change() {
     );
 }
 
+/// `nixfarm local` (with `extra`, JSON report) of the bundled example in a host of its own
+/// under `dir`, its state in `state`, started: stderr piped, stdout piped or not at all.
+fn local_example(
+    dir: &std::path::Path,
+    state: &std::path::Path,
+    extra: &[&str],
+    stdout: bool,
+) -> std::process::Child {
+    let host = Host::new(&dir.join("host"));
+    let mut argv = vec![
+        bin("nixfarm").display().to_string(),
+        "local".into(),
+        example_repo().display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--format".into(),
+        "json".into(),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    host.command(&argv)
+        .stdout(if stdout {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A reader of the progress that goes away (a closed pipe, as `2>&1 | head` or a log
 /// collector that died leave) stops neither the run nor its report: `nixfarm local
 /// --fix-hashes` runs to its end and prints the whole JSON report on stdout, with the exit
@@ -203,23 +234,8 @@ fn ci_annotations_point_at_the_lines_to_change() {
 fn a_closed_stderr_stops_neither_the_run_nor_its_report() {
     use std::io::Read;
     let dir = scratch();
-    let host = Host::new(&dir.path().join("host"));
     let state = dir.path().join("state");
-    let mut child = host
-        .command(&[
-            bin("nixfarm").to_str().unwrap(),
-            "local",
-            example_repo().to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--fix-hashes",
-            "--format",
-            "json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = local_example(dir.path(), &state, &["--fix-hashes"], true);
     // The first bytes of progress are read, then the reader goes.
     let mut first = [0u8; 16];
     child.stderr.take().unwrap().read_exact(&mut first).unwrap();
@@ -336,22 +352,8 @@ fn stdout_that_cannot_be_written_fails_the_command_a_reader_gone_does_not() {
 fn ctrl_c_stops_a_local_farm_and_cancels_its_runs() {
     use std::io::BufRead;
     let dir = scratch();
-    let host = Host::new(&dir.path().join("host"));
     let state = dir.path().join("state");
-    let mut child = host
-        .command(&[
-            bin("nixfarm").to_str().unwrap(),
-            "local",
-            example_repo().to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--format",
-            "json",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = local_example(dir.path(), &state, &[], false);
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     // Once it builds, the user presses Ctrl-C.
     let mut said = Vec::new();

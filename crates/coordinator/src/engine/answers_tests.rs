@@ -332,7 +332,6 @@ fn a_fixed_output_may_be_claimed_by_any_attempt() {
             ..flake_run()
         })
         .unwrap();
-    let (list, _) = assigned(&mut a.rx);
     let src = "/nix/store/44444444444444444444444444444444-source";
     let fetch = |attr: &str, drv: &str| {
         let node = DrvNode {
@@ -361,18 +360,9 @@ fn a_fixed_output_may_be_claimed_by_any_attempt() {
         "f2",
         "/nix/store/66666666666666666666666666666666-source.drv",
     );
-    engine
-        .agent_message(
-            "a",
-            a.conn,
-            FromAgent::EvalList {
-                attempt: list.clone(),
-                result: Ok((vec!["f1".into(), "f2".into()], vec![])),
-                follows: false,
-                evaluated: Some((vec![f1, f2], [n1, n2].into())),
-            },
-        )
-        .unwrap();
+    let names = vec!["f1".to_string(), "f2".into()];
+    let evaluated = Some((vec![f1, f2], [n1, n2].into()));
+    super::opinions_tests::send_listing(&engine, "a", &mut a, names, evaluated);
     let (fetching, job) = assigned(&mut a.rx);
     assert!(matches!(job, Job::Build { .. }), "{job:?}");
     let me = ("a", a.session.as_str());

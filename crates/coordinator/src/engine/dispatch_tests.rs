@@ -135,16 +135,7 @@ fn an_attribute_the_listing_caught_throwing_is_evaluated_for_its_message_behind_
             ..Default::default()
         },
     };
-    engine
-        .agent_message(
-            "a",
-            a.conn,
-            FromAgent::EvalChunk {
-                attempt,
-                result: Ok((vec![thrown], BTreeMap::new())),
-            },
-        )
-        .unwrap();
+    answer_chunk(&engine, a.conn, attempt, vec![thrown], BTreeMap::new());
     let (_, job) = assigned(&mut a.rx);
     assert!(
         matches!(
@@ -207,17 +198,28 @@ fn packages_run(
             evaluated.push(attr);
             nodes.insert(sp(&drv), node);
         }
-        engine
-            .agent_message(
-                "a",
-                a.conn,
-                FromAgent::EvalChunk {
-                    attempt,
-                    result: Ok((evaluated, nodes)),
-                },
-            )
-            .unwrap();
+        answer_chunk(engine, a.conn, attempt, evaluated, nodes);
     }
+}
+
+/// Agent `a` (on `conn`) answers evaluation task `attempt` with `attrs` and `nodes`.
+fn answer_chunk(
+    engine: &Engine,
+    conn: u64,
+    attempt: String,
+    attrs: Vec<EvaluatedAttr>,
+    nodes: BTreeMap<StorePath, DrvNode>,
+) {
+    engine
+        .agent_message(
+            "a",
+            conn,
+            FromAgent::EvalChunk {
+                attempt,
+                result: Ok((attrs, nodes)),
+            },
+        )
+        .unwrap();
 }
 
 #[test]
