@@ -413,6 +413,40 @@ pub fn first_error(log: &str) -> Option<String> {
     Some(msg)
 }
 
+/// Where Nix says the error [`first_error`] reads happened: the first `at FILE:LINE:COL:`
+/// line after that error's line (Nix ≥ 2.4 prints it for syntax, type and recursion errors;
+/// a `throw` shows none without `--show-trace`), as `FILE:LINE:COL`. A file in a store path
+/// is named relative to that path (`/nix/store/…-source/flake.nix` is `flake.nix`): the
+/// checkout's files are where they are in the repository.
+pub fn error_position(log: &str) -> Option<String> {
+    let clean = strip_ansi(log);
+    let lines: Vec<&str> = clean.lines().collect();
+    let last_error = lines
+        .iter()
+        .rposition(|l| l.trim_start().starts_with("error:"))?;
+    lines[last_error + 1..]
+        .iter()
+        .map(|l| l.trim())
+        .take_while(|l| !l.starts_with("error:") && !l.starts_with('…'))
+        .find_map(|l| {
+            let at = l.strip_prefix("at ")?.strip_suffix(':')?;
+            let (rest, col) = at.rsplit_once(':')?;
+            let (file, line) = rest.rsplit_once(':')?;
+            let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            if !numeric(line) || !numeric(col) || file.is_empty() {
+                return None;
+            }
+            let file = match file.strip_prefix("/nix/store/") {
+                Some(in_store) => in_store.split_once('/').map_or(file, |(_, rel)| rel),
+                None => file,
+            };
+            Some(format!(
+                "{}:{line}:{col}",
+                nixfarm_core::limits::clip(file, 200)
+            ))
+        })
+}
+
 /// Parses `nix --version` output ("nix (Nix) 2.8.0", "nix (Lix, like Nix) 2.91.1").
 pub fn parse_version(s: &str) -> Option<(u32, u32)> {
     let v = s.split_whitespace().last()?;

@@ -361,3 +361,23 @@ fn only_the_stores_and_hosts_state_is_weighed_as_possibly_an_expressions_words()
         assert!(!is_machine_error_to_weigh(not), "{not}");
     }
 }
+
+#[test]
+fn an_evaluation_error_is_placed_where_nix_says_it_is() {
+    // As Nix 2.8 prints them here: a syntax error, and a recursion, each followed by its place.
+    let syntax = "error: syntax error, unexpected ';'\n\n       at /nix/store/98847g5bh5chxi24xmg5rp0bcixckmh0-source/flake.nix:1:55:\n\n            1| { outputs = { self }: { packages.x86_64-linux = { a = ; }; }; }\n             |                                                       ^\n";
+    assert_eq!(error_position(syntax).as_deref(), Some("flake.nix:1:55"));
+    let recursion = "error: infinite recursion encountered\n\n       at /nix/store/l9i870f9gzsr5xk7vmjmj6ral8dybcpm-source/pkgs/a b.nix:2:52:\n\n            2|   x = x;\n";
+    assert_eq!(
+        error_position(recursion).as_deref(),
+        Some("pkgs/a b.nix:2:52")
+    );
+    // A throw shows no place without --show-trace; one whose words only look like a place
+    // ("at noon:1:2" in a message line) is not taken for one.
+    let thrown = "error: feed-generator: unsupported on this platform\n(use '--show-trace' to show detailed location information)\n";
+    assert_eq!(error_position(thrown), None);
+    assert_eq!(error_position("error: at noon:x:2: lunch\n"), None);
+    // The innermost error's place, not an outer frame's (Nix >= 2.4 nests them).
+    let nested = "error: while evaluating the attribute 'drvPath'\n       at /nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-source/outer.nix:9:9:\n       error: value is a string while a set was expected\n       at /nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-source/inner.nix:3:4:\n";
+    assert_eq!(error_position(nested).as_deref(), Some("inner.nix:3:4"));
+}

@@ -278,8 +278,12 @@ impl Nix {
             Some(message) if crate::room::machine_error_here(&message) => {
                 Err(NixError::Infra(message))
             }
+            // The expression's own error, with where Nix says it is (a syntax error's line).
             Some(message) => Err(NixError::Failed {
-                message,
+                message: match crate::messages::error_position(&stderr) {
+                    Some(at) if !message.contains(&at) => format!("{message} (at {at})"),
+                    _ => message,
+                },
                 log: stderr,
             }),
             None => Err(NixError::Infra(format!(
