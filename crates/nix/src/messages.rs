@@ -417,7 +417,8 @@ pub fn first_error(log: &str) -> Option<String> {
 /// line after that error's line (Nix ≥ 2.4 prints it for syntax, type and recursion errors;
 /// a `throw` shows none without `--show-trace`), as `FILE:LINE:COL`. A file in a store path
 /// is named relative to that path (`/nix/store/…-source/flake.nix` is `flake.nix`): the
-/// checkout's files are where they are in the repository.
+/// checkout's files are where they are in the repository. A place that is no file
+/// (`«string»`: nixfarm's own expression around the package) is none.
 pub fn error_position(log: &str) -> Option<String> {
     let clean = strip_ansi(log);
     let lines: Vec<&str> = clean.lines().collect();
@@ -433,7 +434,7 @@ pub fn error_position(log: &str) -> Option<String> {
             let (rest, col) = at.rsplit_once(':')?;
             let (file, line) = rest.rsplit_once(':')?;
             let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-            if !numeric(line) || !numeric(col) || file.is_empty() {
+            if !numeric(line) || !numeric(col) || !file.starts_with('/') {
                 return None;
             }
             let file = match file.strip_prefix("/nix/store/") {

@@ -377,6 +377,11 @@ fn an_evaluation_error_is_placed_where_nix_says_it_is() {
     let thrown = "error: feed-generator: unsupported on this platform\n(use '--show-trace' to show detailed location information)\n";
     assert_eq!(error_position(thrown), None);
     assert_eq!(error_position("error: at noon:x:2: lunch\n"), None);
+    // nixfarm's own expression around the package is no place of the repository's.
+    assert_eq!(
+        error_position("error: attribute 'drvPath' missing\n\n       at «string»:7:13:\n"),
+        None
+    );
     // The innermost error's place, not an outer frame's (Nix >= 2.4 nests them).
     let nested = "error: while evaluating the attribute 'drvPath'\n       at /nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-source/outer.nix:9:9:\n       error: value is a string while a set was expected\n       at /nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-source/inner.nix:3:4:\n";
     assert_eq!(error_position(nested).as_deref(), Some("inner.nix:3:4"));

@@ -292,6 +292,7 @@ mod tests {
   good = derivation { name = "good"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; };
   bad = throw "bad: unsupported on this platform";
   oom = throw "Cannot allocate memory in the vendored allocator";
+  nested = { inner = 1; };
 }"#,
         )
         .unwrap();
@@ -306,7 +307,7 @@ mod tests {
             file: "default.nix".into(),
             args: vec![],
         };
-        let attrs: Vec<String> = ["good", "bad", "oom"].map(String::from).to_vec();
+        let attrs: Vec<String> = ["good", "bad", "oom", "nested"].map(String::from).to_vec();
         for said in [false, true] {
             let out = eval_isolated(&agent.shared, &entry, "", (vec![attrs.clone()], said), 0)
                 .await
@@ -322,6 +323,14 @@ mod tests {
             assert!(
                 oom.contains("Cannot allocate memory in the vendored"),
                 "{said}: {oom}"
+            );
+            // A set of packages where a package should be says so, not which attribute
+            // nixfarm's own expression missed.
+            let nested = out["nested"].as_ref().unwrap_err();
+            assert_eq!(
+                nested,
+                "not a derivation but an attribute set (packages are derivations, not sets of them)",
+                "{said}"
             );
         }
     }
