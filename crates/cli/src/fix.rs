@@ -143,13 +143,11 @@ impl Session<'_> {
         self.live += 1;
         let (client, tx, run) = (self.client.clone(), self.tx.clone(), id.clone());
         tokio::spawn(async move {
-            let notes = tx.clone();
-            let r = run.clone();
-            let following = r.clone();
+            let (notes, r) = (tx.clone(), run.clone());
             // Its end is told whatever happens while following: a follower that died
             // without a word would leave the session waiting for it for ever.
             let end = tokio::spawn(async move {
-                watch::watch_with(&client, &following, view, move |e| {
+                watch::watch_with(&client, &r.clone(), view, move |e| {
                     if let nixfarm_core::RunEvent::JobFinished { outcome, .. } = e {
                         let _ = notes.send(Note::Finished {
                             run: r.clone(),
