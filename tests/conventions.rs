@@ -2,6 +2,7 @@
 //! never colour codes in a file), and flags that do not apply refused rather than ignored.
 
 use nixfarm_tests::*;
+use std::os::unix::process::CommandExt as _;
 
 #[test]
 fn logs_are_plain_text_in_files_or_json_lines_on_request() {
@@ -221,6 +222,9 @@ fn local_example(
             std::process::Stdio::null()
         })
         .stderr(std::process::Stdio::piped())
+        // A process group of its own, as a shell gives a job: a terminal's Ctrl-C goes to
+        // every process in it (Nix's too).
+        .process_group(0)
         .spawn()
         .unwrap()
 }
@@ -365,10 +369,11 @@ fn ctrl_c_stops_a_local_farm_and_cancels_its_runs() {
             break;
         }
     }
-    let pid = child.id().to_string();
+    // As a terminal sends it: to the whole job, the agents' Nix processes too.
+    let group = format!("-{}", child.id());
     assert!(
         std::process::Command::new("kill")
-            .args(["-INT", &pid])
+            .args(["-INT", "--", &group])
             .status()
             .unwrap()
             .success()

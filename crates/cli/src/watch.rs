@@ -14,6 +14,14 @@ use std::time::Duration;
 static FARM_STOPS_WITH_COMMAND: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// Whether the user pressed Ctrl-C while a run was followed.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the user stopped following with Ctrl-C (whatever came of the command after).
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Marks this command as running its own farm ([`say_detached`]).
 pub(crate) fn farm_stops_with_this_command() {
     FARM_STOPS_WITH_COMMAND.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -346,6 +354,7 @@ pub async fn watch_with(
                     Err(_) => break,
                 },
                 _ = tokio::signal::ctrl_c() => {
+                    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
                     view.finish();
                     return Ok(End::Detached);
                 }

@@ -47,7 +47,7 @@ pub struct ListedAndEvaluated {
     pub evaluated: Option<BTreeMap<String, Option<AttrInfo>>>,
 }
 
-const INFO_EXPR: &str = r#"d: if !(builtins.isAttrs d && (d.type or null) == "derivation") then throw "not a derivation but ${if builtins.isAttrs d then "an attribute set (packages are derivations, not sets of them)" else "a value of type ${builtins.typeOf d}"}" else let
+const INFO_EXPR: &str = r#"d: if !(builtins.isAttrs d && (d.type or null) == "derivation") then throw "not a derivation but ${if builtins.isAttrs d then "an attribute set without type = \"derivation\" (a set of packages, say)" else "a value of type ${builtins.typeOf d}"}" else let
   outs = d.outputs or [ "out" ];
   src = d.src or null;
   meta = d.meta or { };

@@ -425,27 +425,35 @@ pub fn error_position(log: &str) -> Option<String> {
     let last_error = lines
         .iter()
         .rposition(|l| l.trim_start().starts_with("error:"))?;
-    lines[last_error + 1..]
+    // Its own place is the first `at` line after it: a later one is another frame's.
+    let at = lines[last_error + 1..]
         .iter()
         .map(|l| l.trim())
         .take_while(|l| !l.starts_with("error:") && !l.starts_with('…'))
-        .find_map(|l| {
-            let at = l.strip_prefix("at ")?.strip_suffix(':')?;
-            let (rest, col) = at.rsplit_once(':')?;
-            let (file, line) = rest.rsplit_once(':')?;
-            let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-            if !numeric(line) || !numeric(col) || !file.starts_with('/') {
-                return None;
-            }
-            let file = match file.strip_prefix("/nix/store/") {
-                Some(in_store) => in_store.split_once('/').map_or(file, |(_, rel)| rel),
-                None => file,
-            };
-            Some(format!(
-                "{}:{line}:{col}",
-                nixfarm_core::limits::clip(file, 200)
-            ))
-        })
+        .find(|l| l.starts_with("at "))?;
+    let at = at.strip_prefix("at ")?.strip_suffix(':')?;
+    let (rest, col) = at.rsplit_once(':')?;
+    let (file, line) = rest.rsplit_once(':')?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !numeric(line) || !numeric(col) || !file.starts_with('/') {
+        return None;
+    }
+    // In the store, relative to the store path (a flake's own files, or an input's); an
+    // unpacked snapshot's (a `--file` entry), relative to it: an agent's own directories
+    // are not the repository's.
+    let file = match file.strip_prefix("/nix/store/") {
+        Some(in_store) => in_store.split_once('/').map_or(file, |(_, rel)| rel),
+        None => match file.rsplit_once("/sources/") {
+            Some((_, snapshot)) => snapshot.split_once('/').map_or(file, |(_, rel)| rel),
+            None => file,
+        },
+    };
+    // A long path keeps its end: the file's name.
+    let file = match file.char_indices().rev().nth(199) {
+        Some((i, _)) => format!("…{}", &file[i..]),
+        None => file.to_string(),
+    };
+    Some(format!("{file}:{line}:{col}"))
 }
 
 /// Parses `nix --version` output ("nix (Nix) 2.8.0", "nix (Lix, like Nix) 2.91.1").

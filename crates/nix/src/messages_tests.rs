@@ -377,6 +377,17 @@ fn an_evaluation_error_is_placed_where_nix_says_it_is() {
     let thrown = "error: feed-generator: unsupported on this platform\n(use '--show-trace' to show detailed location information)\n";
     assert_eq!(error_position(thrown), None);
     assert_eq!(error_position("error: at noon:x:2: lunch\n"), None);
+    // A `--file` entry is evaluated from the agent's unpacked snapshot: named within it.
+    let file = "error: undefined variable 'x'\n\n       at /home/alice/.local/state/nixfarm/local/agents/local-1/sources/r1-abc/pkgs/x.nix:3:7:\n";
+    assert_eq!(error_position(file).as_deref(), Some("pkgs/x.nix:3:7"));
+    // A long path keeps the file's name.
+    let long = format!(
+        "error: undefined variable 'x'\n       at /nix/store/{}-source/{}/end.nix:1:2:\n",
+        "a".repeat(32),
+        "d/".repeat(200)
+    );
+    let at = error_position(&long).unwrap();
+    assert!(at.starts_with('…') && at.ends_with("/end.nix:1:2"), "{at}");
     // nixfarm's own expression around the package is no place of the repository's.
     assert_eq!(
         error_position("error: attribute 'drvPath' missing\n\n       at «string»:7:13:\n"),

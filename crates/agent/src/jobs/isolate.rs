@@ -329,7 +329,7 @@ mod tests {
             let nested = out["nested"].as_ref().unwrap_err();
             assert_eq!(
                 nested,
-                "not a derivation but an attribute set (packages are derivations, not sets of them)",
+                "not a derivation but an attribute set without type = \"derivation\" (a set of packages, say)",
                 "{said}"
             );
         }

@@ -124,11 +124,13 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
     };
     // Interrupted: the user stopped the farm, so its runs end here, cancelled (their builds
     // stopped), rather than be taken up by the next `nixfarm local` of this state.
-    if matches!(result, Ok(130)) {
+    if crate::watch::interrupted() {
         let mut cancelled = Vec::new();
         for run in engine.active_runs() {
             match engine.cancel(&run) {
-                Ok(_) => cancelled.push(run),
+                Ok(true) => cancelled.push(run),
+                // Ended meanwhile.
+                Ok(false) => {}
                 Err(e) => note!("cannot cancel run {run}: {e}"),
             }
         }
