@@ -53,27 +53,38 @@ pub fn check_local_or_ref(s: &str) -> anyhow::Result<Named> {
     Ok(Named::FlakeRef(s.to_string()))
 }
 
-/// The files of a checkout, relative to it: git's view when it is a git work tree.
-pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let git = std::process::Command::new("git")
+/// `git -C dir ls-files -z` with `args` (its stderr kept).
+fn git_ls_files(dir: &Path, args: &[&str]) -> std::io::Result<std::process::Output> {
+    std::process::Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args([
-            "ls-files",
-            "-z",
-            "--cached",
-            "--others",
-            "--exclude-standard",
-        ])
+        .args(["ls-files", "-z"])
+        .args(args)
         .stderr(std::process::Stdio::piped())
-        .output();
+        .output()
+}
+
+/// The names in `git ls-files -z` output. Names are bytes: a name that is not UTF-8 is
+/// carried exactly, never dropped.
+fn git_names(stdout: &[u8]) -> impl Iterator<Item = PathBuf> + '_ {
+    stdout
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)))
+}
+
+/// Whether `dir` is in a git work tree (a `.git` in it or above it).
+fn in_git_tree(dir: &Path) -> bool {
+    dir.canonicalize()
+        .is_ok_and(|d| d.ancestors().any(|a| a.join(".git").exists()))
+}
+
+/// The files of a checkout, relative to it: git's view when it is a git work tree.
+pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let git = git_ls_files(dir, &["--cached", "--others", "--exclude-standard"]);
     // A git checkout is read as git sees it (what it ignores stays home: .env, secrets);
     // if git cannot say, nothing is sent rather than every file.
-    let in_git = dir
-        .canonicalize()
-        .map(|d| d.ancestors().any(|a| a.join(".git").exists()))
-        .unwrap_or(false);
-    if in_git && !git.as_ref().is_ok_and(|o| o.status.success()) {
+    if in_git_tree(dir) && !git.as_ref().is_ok_and(|o| o.status.success()) {
         let why = match &git {
             Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
             Err(e) => format!("cannot run git: {e}"),
@@ -87,12 +98,7 @@ pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if let Ok(out) = git
         && out.status.success()
     {
-        let files = out
-            .stdout
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            // Names are bytes: a name that is not UTF-8 is carried exactly, never dropped.
-            .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)))
+        let files = git_names(&out.stdout)
             // Deleted but not yet committed: not part of the working tree.
             .filter(|p| dir.join(p).symlink_metadata().is_ok())
             .collect();
@@ -119,22 +125,12 @@ pub fn snapshot_files(dir: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)
     if !files.iter().any(links_out) {
         return Ok((files, Vec::new()));
     }
-    let untracked = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["ls-files", "-z", "--others", "--exclude-standard"])
-        .stderr(std::process::Stdio::null())
-        .output();
-    let untracked: std::collections::HashSet<PathBuf> = match untracked {
-        Ok(o) if o.status.success() => o
-            .stdout
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)))
-            .collect(),
-        // Not a git work tree (list_files refused one git cannot list).
-        _ => return Ok((files, Vec::new())),
-    };
+    let untracked: std::collections::HashSet<PathBuf> =
+        match git_ls_files(dir, &["--others", "--exclude-standard"]) {
+            Ok(o) if o.status.success() => git_names(&o.stdout).collect(),
+            // Not a git work tree (list_files refused one git cannot list).
+            _ => return Ok((files, Vec::new())),
+        };
     let (skipped, kept): (Vec<PathBuf>, Vec<PathBuf>) = files
         .into_iter()
         .partition(|f| links_out(f) && untracked.contains(f));
@@ -161,9 +157,7 @@ fn too_large(dir: &Path, files: &[PathBuf], limit: u64) -> String {
         .take(3)
         .map(|(n, f)| format!("{} ({})", f.display(), size(*n)))
         .collect();
-    let in_git = dir
-        .canonicalize()
-        .is_ok_and(|d| d.ancestors().any(|a| a.join(".git").exists()));
+    let in_git = in_git_tree(dir);
     format!(
         "cannot snapshot {}: its files come to more than the coordinator's limit of {} (largest: {}); {}",
         dir.display(),
