@@ -58,6 +58,8 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
         ("CACHIX_AUTH_TOKEN", TOKEN),
         ("CACHIX_SIGNING_KEY", signing_key.as_str()),
         ("NIXFARM_CACHIX_API_URL", api_root.as_str()),
+        // Nix's daemons say which builds took one started ahead of them.
+        ("RUST_LOG", "info,nixfarm_nix::daemon=debug"),
     ];
     let mut agents = Vec::new();
     let mut hosts = Vec::new();
@@ -142,6 +144,13 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
         let log = a.log_text();
         assert!(!log.contains("uploading without a claim"), "{log}");
     }
+    // Daemons were started for the builds while the run evaluated, with the settings they
+    // then asked for (the cache's URI and keys, as Cachix told them): builds took them.
+    let logs: String = agents.iter().map(|a| a.log_text()).collect();
+    assert!(
+        logs.contains("a build takes a daemon started ahead of it"),
+        "{logs}"
+    );
     eprintln!(
         "cachix: {} paths created, {} faults injected, {} part PUTs",
         created.len(),

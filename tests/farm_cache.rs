@@ -24,8 +24,10 @@ fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
     let mut hosts = Vec::new();
     for i in 0..2 {
         let host = Host::new(&dir.path().join(format!("host{i}")));
+        // Nix's daemons say which builds took one started ahead of them.
+        let env = [("RUST_LOG", "info,nixfarm_nix::daemon=debug")];
         agents.push(
-            host.start_agent(&format!("lone{i}"), &coordinator.url, None, 2)
+            host.start_agent_with_env(&format!("lone{i}"), &coordinator.url, None, 2, &env)
                 .unwrap(),
         );
         hosts.push(host);
@@ -114,6 +116,13 @@ fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
         let log = a.log_text();
         assert!(!log.contains("uploading without a claim"), "{log}");
     }
+    // Daemons were started for the builds while the run evaluated, with the settings the
+    // builds then asked for (the farm cache as substituter, its key): builds took them.
+    let logs: String = agents.iter().map(|a| a.log_text()).collect();
+    assert!(
+        logs.contains("a build takes a daemon started ahead of it"),
+        "{logs}"
+    );
     drop(agents);
 }
 

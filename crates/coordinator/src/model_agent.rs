@@ -70,6 +70,8 @@ pub enum Job {
         skip_cached: bool,
         /// The run's limits for builds: see [`BuildLimits`].
         build_limits: BuildLimits,
+        /// The keys the run's builds trust: the daemons started ahead of them get them too.
+        trusted_public_keys: Vec<String>,
     },
     EvalChunk {
         source: SourceSpec,
@@ -83,6 +85,7 @@ pub enum Job {
         memory_mib: u64,
         skip_cached: bool,
         build_limits: BuildLimits,
+        trusted_public_keys: Vec<String>,
     },
     Build {
         drv_path: StorePath,

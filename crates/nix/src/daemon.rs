@@ -165,6 +165,9 @@ impl DaemonPool {
             match pooled {
                 Some(mut c) => {
                     if matches!(c.child.try_wait(), Ok(None)) {
+                        if std::mem::take(&mut c.ahead) {
+                            tracing::debug!("a build takes a daemon started ahead of it");
+                        }
                         return Some(c);
                     }
                 }
@@ -181,6 +184,10 @@ impl DaemonPool {
                 None => break,
             }
         }
+        tracing::debug!(
+            nice,
+            "a build starts a daemon: none waits with its settings"
+        );
         let cache = self.caches.take();
         let started = Conn::start(&self.program, self.covers.as_deref(), settings, cache, nice);
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
@@ -267,7 +274,10 @@ impl DaemonPool {
                 let started =
                     Conn::start(&pool.program, pool.covers.as_deref(), &settings, cache, 0);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, started).await {
-                    Ok(Ok(c)) => pool.put(settings, c),
+                    Ok(Ok(mut c)) => {
+                        c.ahead = true;
+                        pool.put(settings, c)
+                    }
                     Ok(Err(e)) => pool.disable(&e.to_string()),
                     Err(_) => pool.disable("no handshake within 10 s"),
                 }

@@ -60,6 +60,9 @@ pub(crate) struct Conn {
     pub(crate) builds: u32,
     /// The daemon's CPU priority.
     pub(crate) nice: i32,
+    /// Started ahead of the builds that will take it ([`crate::Nix::prewarm`]), and none
+    /// has yet.
+    pub(crate) ahead: bool,
     _cache: Option<CacheSlot>,
     /// The last of what the daemon printed on stderr (it says nothing there but when it
     /// dies: an assertion that failed, say).
@@ -136,6 +139,7 @@ impl Conn {
             builds: 0,
             nice,
             _cache: cache,
+            ahead: false,
             said,
         };
         conn.u64(WORKER_MAGIC_1).await?;

@@ -115,7 +115,24 @@ impl BuildJob {
 }
 
 /// A limit in seconds, 0 for none, at most [`MAX_LIMIT_SECS`].
-fn limit(secs: u64) -> Option<Duration> {
+/// A run's trusted keys as the coordinator sends them: each becomes part of one Nix option,
+/// which splits on whitespace.
+pub(super) fn check_keys(keys: &[String]) -> Result<(), JobError> {
+    if keys.len() > MAX_KEYS {
+        return Err(JobError::TooManyKeys);
+    }
+    match keys
+        .iter()
+        .find(|k| k.len() > 1024 || !nixfarm_core::cache_url::is_public_key(k))
+    {
+        Some(k) => Err(JobError::Key(
+            nixfarm_core::limits::clip(k, 200).to_string(),
+        )),
+        None => Ok(()),
+    }
+}
+
+pub(super) fn limit(secs: u64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs.min(MAX_LIMIT_SECS)))
 }
 
@@ -137,16 +154,7 @@ impl TryFrom<pb::BuildJob> for BuildJob {
             nixfarm_core::cache_url::CacheTarget::parse(&j.cache)?;
             Some(j.cache)
         };
-        if j.trusted_public_keys.len() > MAX_KEYS {
-            return Err(JobError::TooManyKeys);
-        }
-        if let Some(k) = j
-            .trusted_public_keys
-            .iter()
-            .find(|k| k.len() > 1024 || !nixfarm_core::cache_url::is_public_key(k))
-        {
-            return Err(JobError::Key(clip(k)));
-        }
+        check_keys(&j.trusted_public_keys)?;
         // A name that is no file name in bin/ (a package's meta, whatever it says) names
         // nothing there: the only executable is run, as when there is none.
         let smoke = j.smoke.then(|| {

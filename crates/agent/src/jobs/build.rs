@@ -14,35 +14,19 @@ pub(super) async fn build(
     if let Err(e) = super::cache_allowed(shared, j.cache_url()) {
         return infra_failed(e);
     }
-    // What Nix substitutes from: the cache's read URL (Cachix: its `uri`) and its keys.
-    let cache = transport_cache(shared, j.cache_url());
-    let farm = farm_cache(shared).filter(|f| f.url == cache);
-    let mut trusted = j.trusted_public_keys.clone();
-    trusted.extend(farm.as_ref().map(|f| f.public_key.clone()));
-    let mut substituter = String::new();
-    let push = if cache.is_empty() {
-        None
-    } else {
-        match pusher(shared, &cache).await {
-            Ok(p) => {
-                match p.substituter().await {
-                    Ok((url, keys)) => {
-                        substituter = url;
-                        trusted.extend(keys);
-                    }
-                    Err(e) => {
-                        return infra_failed(format!("cannot reach the cache: {e}"));
-                    }
-                }
-                Some(p)
-            }
-            Err(e) => {
-                return infra_failed(e.to_string());
-            }
-        }
+    let sub = match super::substitution(shared, j.cache_url(), &j.trusted_public_keys).await {
+        Ok(s) => s,
+        Err(e) => return infra_failed(e),
     };
-    trusted.sort();
-    trusted.dedup();
+    let opts = BuildOptions {
+        gc_root: shared.roots.output_root(run_id, &j.drv),
+        check: false,
+        background: j.background,
+        ..sub.nix_options(shared, (j.timeout, j.max_silent))
+    };
+    let super::Substitution {
+        cache, farm, push, ..
+    } = sub;
     // Held outputs (cross-checked builds of a run with a cache of its own) wait for their
     // check in the farm cache, in the store the agents share, or here in this agent's own
     // store (only their NAR hashes travel); the check publishes them. Told to hold them in
@@ -74,18 +58,6 @@ pub(super) async fn build(
         _ => None,
     };
     tracing::debug!(drv = %j.drv, background = j.background, "build");
-    let opts = BuildOptions {
-        substituter,
-        trusted_public_keys: trusted,
-        timeout: j.timeout,
-        max_silent: j.max_silent,
-        netrc: farm.as_ref().and_then(|f| f.netrc.clone()),
-        ssl_cert_file: farm.as_ref().and_then(|f| f.ca.clone()),
-        gc_root: shared.roots.output_root(run_id, &j.drv),
-        system_features: shared.cfg.features.clone(),
-        check: false,
-        background: j.background,
-    };
     // A derivation this store does not hold (evaluated on another host, or collected): fetch
     // it, with its inputs, from the run's cache (through the build's own daemon when builds
     // go through one); without one, say what is missing. A stat, not a Nix process: this

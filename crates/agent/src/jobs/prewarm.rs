@@ -2,16 +2,11 @@
 
 use super::*;
 
-/// The limits a build job gets, as the coordinator sets them: the package's own, else the
-/// run's (seconds, 0: none).
-fn build_options(shared: &Shared, limits: (u64, u64)) -> BuildOptions {
-    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
-    BuildOptions {
-        system_features: shared.cfg.features.clone(),
-        timeout: secs(limits.0),
-        max_silent: secs(limits.1),
-        ..Default::default()
-    }
+/// The limits a build job gets, as the coordinator sets them (the package's own, else the
+/// run's; seconds, 0: none), read as a build job's are.
+fn limits((timeout, max_silent): (u64, u64)) -> (Option<Duration>, Option<Duration>) {
+    use super::assigned::limit;
+    (limit(timeout), limit(max_silent))
 }
 
 /// Most sets of package limits daemons are started ahead for, per evaluation.
@@ -21,28 +16,38 @@ const PREWARMED_LIMITS: usize = 4;
 /// builds then wait for none. `run_limits` are the run's limits for builds; once `packages`
 /// are evaluated, those that set limits of their own get one daemon per distinct set too
 /// (a package with `meta.timeout` is often the long one the run waits on), and the run's
-/// own are started again where a long evaluation outlasted the first ones' idle time. Only
-/// for a run with no cache, whose builds' settings are known here without asking the cache
-/// anything.
+/// own are started again where a long evaluation outlasted the first ones' idle time. A
+/// run's builds substitute from its cache (or the farm's) with the settings its builds
+/// will get ([`super::substitution`]); working them out may ask the cache, so that goes on
+/// beside the evaluation.
 pub(super) fn prewarm_builds(
-    shared: &Shared,
-    run_cache: &str,
+    shared: &Arc<Shared>,
+    (run_cache, run_keys): (&str, &[String]),
     run_limits: (u64, u64),
     packages: Option<&[pb::EvaluatedAttr]>,
 ) {
-    if !transport_cache(shared, run_cache).is_empty() {
+    let mut sets = vec![(run_limits, shared.cfg.max_jobs as usize)];
+    if let Some(packages) = packages {
+        sets.extend(
+            package_limits(run_limits, packages)
+                .into_iter()
+                .map(|l| (l, 1)),
+        );
+    }
+    // Keys a build job would be refused for start nothing ahead of it either.
+    if super::assigned::check_keys(run_keys).is_err() {
         return;
     }
-    shared.nix.prewarm(
-        &build_options(shared, run_limits),
-        shared.cfg.max_jobs as usize,
-    );
-    let Some(packages) = packages else {
-        return;
-    };
-    for limits in package_limits(run_limits, packages) {
-        shared.nix.prewarm(&build_options(shared, limits), 1);
-    }
+    let (shared, run_cache, run_keys) = (shared.clone(), run_cache.to_string(), run_keys.to_vec());
+    tokio::spawn(async move {
+        // A cache that cannot be reached now is the build's to report.
+        let Ok(s) = super::substitution(&shared, &run_cache, &run_keys).await else {
+            return;
+        };
+        for (l, n) in sets {
+            shared.nix.prewarm(&s.nix_options(&shared, limits(l)), n);
+        }
+    });
 }
 
 /// The distinct limits evaluated packages' builds will get where they differ from the run's

@@ -225,6 +225,7 @@ impl Engine {
                             cache: run.spec.cache.clone(),
                             skip_cached: run.spec.skip_cached,
                             build_limits: run.build_limits(),
+                            trusted_public_keys: run.spec.trusted_public_keys.clone(),
                         },
                         "list".into(),
                     ),
@@ -244,6 +245,7 @@ impl Engine {
                                 memory_mib: opts.eval_memory_mib,
                                 skip_cached: run.spec.skip_cached,
                                 build_limits: run.build_limits(),
+                                trusted_public_keys: run.spec.trusted_public_keys.clone(),
                             },
                             n.to_string(),
                         )

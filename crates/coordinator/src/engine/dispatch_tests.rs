@@ -54,8 +54,20 @@ fn evaluation_has_slots_of_its_own_beside_the_builds() {
     });
     // One build slot: evaluation must not take it, nor wait for it.
     let mut a = connect_agent(&engine, "a");
-    engine.submit(flake_run()).unwrap();
-    let (list, _) = assigned(&mut a.rx);
+    // Evaluations are told the keys the run's builds will trust: the agent starts their
+    // daemons ahead with them.
+    let keys = vec!["team-1:AAAA".to_string()];
+    engine
+        .submit(RunSpec {
+            trusted_public_keys: keys.clone(),
+            ..flake_run()
+        })
+        .unwrap();
+    let (list, j0) = assigned(&mut a.rx);
+    assert!(
+        matches!(j0, Job::EvalList { ref trusted_public_keys, .. } if *trusted_public_keys == keys),
+        "{j0:?}"
+    );
     let names = vec!["p0".to_string(), "p1".into(), "p2".into()];
     send_listing(&engine, a.conn, list, names, None);
     // One evaluation at a time (half the build slots, at least one)...
@@ -66,8 +78,9 @@ fn evaluation_has_slots_of_its_own_beside_the_builds() {
             j1,
             Job::EvalChunk {
                 listed_as_throwing: false,
+                ref trusted_public_keys,
                 ..
-            }
+            } if *trusted_public_keys == keys
         ),
         "{j1:?}"
     );

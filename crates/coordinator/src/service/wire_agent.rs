@@ -190,6 +190,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         cache,
                         skip_cached,
                         build_limits,
+                        trusted_public_keys,
                     } => J::EvalList(pb::EvalListJob {
                         entry: Some(entry_to_wire(&entry)),
                         source: Some(source_to_wire(&source)),
@@ -200,6 +201,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         skip_cached,
                         build_timeout_secs: build_limits.timeout_secs,
                         build_max_silent_secs: build_limits.max_silent_secs,
+                        trusted_public_keys,
                     }),
                     Job::EvalChunk {
                         source,
@@ -211,6 +213,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         memory_mib,
                         skip_cached,
                         build_limits,
+                        trusted_public_keys,
                     } => J::EvalChunk(pb::EvalChunkJob {
                         entry: Some(entry_to_wire(&entry)),
                         source: Some(source_to_wire(&source)),
@@ -222,6 +225,7 @@ impl TryFrom<ToAgent> for pb::CoordinatorMessage {
                         build_timeout_secs: build_limits.timeout_secs,
                         build_max_silent_secs: build_limits.max_silent_secs,
                         listed_as_throwing,
+                        trusted_public_keys,
                     }),
                     Job::Build {
                         drv_path,
