@@ -354,18 +354,38 @@ fn stdout_that_cannot_be_written_fails_the_command_a_reader_gone_does_not() {
 /// local` of the same state to take up unasked; it says so and exits 130.
 #[test]
 fn ctrl_c_stops_a_local_farm_and_cancels_its_runs() {
+    let (said, states) = ctrl_c_in_local_once(|line| line.starts_with("building "));
+    assert!(said.contains("unfinished run(s)"), "{said}");
+    assert_eq!(states, ["cancelled"], "{said}");
+}
+
+/// The same before any run is followed (the farm starting, the snapshot going up): the
+/// command stops as asked, with its farm, rather than being killed outright and leaving a
+/// run it submitted for the next `nixfarm local` of the state to take up.
+#[test]
+fn ctrl_c_before_the_run_is_followed_stops_the_local_farm_too() {
+    let (said, states) = ctrl_c_in_local_once(|line| line.contains("local agent(s)"));
+    assert!(
+        states.iter().all(|s| s == "cancelled"),
+        "{states:?}: {said}"
+    );
+}
+
+/// Runs `nixfarm local` on the example and presses Ctrl-C once it says a line `at` picks:
+/// what it said, and the states of the runs its state then holds. It must have exited 130
+/// with its own words for it.
+fn ctrl_c_in_local_once(at: impl Fn(&str) -> bool) -> (String, Vec<String>) {
     use std::io::BufRead;
     let dir = scratch();
     let state = dir.path().join("state");
     let mut child = local_example(dir.path(), &state, &[], false);
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    // Once it builds, the user presses Ctrl-C.
     let mut said = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
-        let building = line.starts_with("building ");
+        let now = at(&line);
         said.push(line);
-        if building {
+        if now {
             break;
         }
     }
@@ -381,10 +401,9 @@ fn ctrl_c_stops_a_local_farm_and_cancels_its_runs() {
     said.extend(lines.map_while(Result::ok));
     let status = child.wait().unwrap();
     let said = said.join("\n");
-    assert_eq!(status.code(), Some(130), "{said}");
+    assert_eq!(status.code(), Some(130), "{status:?}: {said}");
     assert!(
-        said.contains("interrupted: the local farm stops with this command")
-            && said.contains("unfinished run(s)"),
+        said.contains("interrupted: the local farm stops with this command"),
         "{said}"
     );
     let db = rusqlite::Connection::open_with_flags(
@@ -399,5 +418,5 @@ fn ctrl_c_stops_a_local_farm_and_cancels_its_runs() {
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(states, ["cancelled"], "{said}");
+    (said, states)
 }

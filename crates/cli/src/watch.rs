@@ -14,12 +14,62 @@ use std::time::Duration;
 static FARM_STOPS_WITH_COMMAND: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Whether the user pressed Ctrl-C while a run was followed.
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Cancelled when the user presses Ctrl-C ([`interrupt`]).
+static INTERRUPT: std::sync::OnceLock<tokio_util::sync::CancellationToken> =
+    std::sync::OnceLock::new();
 
-/// Whether the user stopped following with Ctrl-C (whatever came of the command after).
+/// How many runs are being followed now ([`watch_with`]).
+static FOLLOWING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The user's Ctrl-C, from the first call on (until then it ends the process, as it does
+/// any program's): the first cancels the token, a second ends the process at once (exit
+/// code 130), for a command that does not stop when asked.
+pub(crate) fn interrupt() -> tokio_util::sync::CancellationToken {
+    INTERRUPT
+        .get_or_init(|| {
+            let token = tokio_util::sync::CancellationToken::new();
+            let t = token.clone();
+            tokio::spawn(async move {
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    if t.is_cancelled() {
+                        std::process::exit(130);
+                    }
+                    t.cancel();
+                }
+            });
+            token
+        })
+        .clone()
+}
+
+/// Whether the user pressed Ctrl-C (whatever came of the command after).
 pub(crate) fn interrupted() -> bool {
-    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+    INTERRUPT.get().is_some_and(|t| t.is_cancelled())
+}
+
+/// Ends when the user presses Ctrl-C while no run is followed (a follower says what becomes
+/// of its run itself): starting up, uploading a snapshot, between hash-fixing rounds.
+pub(crate) async fn interrupted_outside_watch() {
+    interrupt().cancelled().await;
+    if FOLLOWING.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Counts a run as followed while it lives.
+struct Following;
+
+impl Following {
+    fn start() -> Self {
+        FOLLOWING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Following
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        FOLLOWING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Marks this command as running its own farm ([`say_detached`]).
@@ -299,6 +349,8 @@ pub async fn watch_with(
     mut view: View,
     mut seen: impl FnMut(&RunEvent),
 ) -> anyhow::Result<End> {
+    let _following = Following::start();
+    let interrupt = interrupt();
     let mut last = 0u64;
     let mut failures = 0u32;
     loop {
@@ -353,8 +405,7 @@ pub async fn watch_with(
                     }
                     Err(_) => break,
                 },
-                _ = tokio::signal::ctrl_c() => {
-                    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+                () = interrupt.cancelled() => {
                     view.finish();
                     return Ok(End::Detached);
                 }

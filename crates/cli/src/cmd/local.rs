@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
+    // Ctrl-C from here on stops the farm and cancels its runs (below), whatever the command
+    // is doing when it comes.
+    crate::watch::interrupt();
     // Nix must be here: asked while the farm starts, said plainly before the run is
     // submitted.
     let version = tokio::spawn(
@@ -121,6 +124,11 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         why = engine.halted() => Err(anyhow::anyhow!(
             "the embedded coordinator stopped: {why}; run the same command again once that is mended: it goes on from its state"
         )),
+        // Not while a run is followed: its follower says so, and the command ends after.
+        () = crate::watch::interrupted_outside_watch() => {
+            note!("interrupted: the local farm stops with this command");
+            Ok(130)
+        }
     };
     // Interrupted: the user stopped the farm, so its runs end here, cancelled (their builds
     // stopped), rather than be taken up by the next `nixfarm local` of this state.
