@@ -230,7 +230,9 @@ impl Engine {
         }
         let finished = match &run.sched {
             Some(s) => s.unfinished() == 0,
-            None => false,
+            // No scheduler is made before evaluation completes unless something was
+            // evaluated: a repository with no packages has nothing to build.
+            None => run.drv_of.is_empty(),
         };
         if !finished {
             return Ok(());

@@ -439,6 +439,41 @@ fn known_attributes_are_evaluated_without_listing_the_attribute_path() {
     );
 }
 
+/// A repository with no packages ends once its listing and the checks that follow it are
+/// in: finished, 0 of 0, rather than evaluating for ever (no scheduler is ever made for it).
+#[test]
+fn a_repository_with_no_packages_finishes() {
+    let (engine, _clock, _dir) = test_engine(EngineOptions::default());
+    let mut a = connect_agent(&engine, "a");
+    let run = engine.submit(flake_run()).unwrap();
+    let (list, _) = assigned(&mut a.rx);
+    for (follows, m) in [
+        (
+            true,
+            FromAgent::EvalList {
+                attempt: list.clone(),
+                result: Ok((vec![], vec![])),
+                follows: true,
+                evaluated: None,
+            },
+        ),
+        (
+            false,
+            FromAgent::RepoChecks {
+                attempt: list.clone(),
+                checks: vec![],
+            },
+        ),
+    ] {
+        engine.agent_message("a", a.conn, m).unwrap();
+        if follows {
+            assert_ne!(engine.run_state(&run).unwrap(), RunState::Finished);
+        }
+    }
+    assert_eq!(engine.run_state(&run).unwrap(), RunState::Finished);
+    assert_eq!(engine.report(&run).unwrap().summary.total, 0);
+}
+
 #[test]
 fn repository_checks_that_follow_the_listing_hold_the_runs_end_until_they_come() {
     let (engine, clock, _dir) = test_engine(EngineOptions::default());
