@@ -49,7 +49,7 @@ pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
         return 2;
     }
     if let Some(pct) = out.fail_under
-        && report.summary.percent < pct
+        && report.summary.below(pct)
     {
         note!(
             "readiness {:.1}% is below --fail-under {pct}%",

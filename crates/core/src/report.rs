@@ -94,6 +94,15 @@ pub struct Summary {
     pub smoke: BTreeMap<Smoke, usize>,
 }
 
+impl Summary {
+    /// Whether fewer than `pct` percent of the packages are ready, counted exactly (not from
+    /// the rounded `percent`: 2500 of 2501 is below 100). No package at all is below any
+    /// positive gate.
+    pub fn below(&self, pct: f64) -> bool {
+        (self.ready as f64) * 100.0 < pct * self.total as f64 || (self.total == 0 && pct > 0.0)
+    }
+}
+
 /// A run's readiness report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {

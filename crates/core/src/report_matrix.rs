@@ -46,6 +46,12 @@ impl Matrix {
     }
 
     /// The lowest readiness of any cell, percent.
+    /// Whether a cell has fewer than `pct` percent of its packages ready
+    /// ([`crate::report::Summary::below`]).
+    pub fn below(&self, pct: f64) -> bool {
+        self.cells.iter().any(|c| c.report.summary.below(pct))
+    }
+
     pub fn min_percent(&self) -> f64 {
         self.cells
             .iter()

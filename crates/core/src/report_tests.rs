@@ -48,6 +48,27 @@ fn summary_counts_and_percent() {
     assert_eq!(r.summary_line(), "Ready: 2/3 (66.7%); 1 build-failed");
 }
 
+/// A CI gate counts packages, not the rounded percentage: one failure in 2501 is below 100,
+/// 9 of 19 (47.37%) below 47.38; a gate of 0 passes anything, nothing at all fails any other.
+#[test]
+fn a_gate_counts_exactly() {
+    let summary = |ready: usize, total: usize| {
+        let mut p: Vec<PackageReport> =
+            (0..ready).map(|i| pkg(&format!("r{i}"), "ready")).collect();
+        p.extend((ready..total).map(|i| pkg(&format!("f{i}"), "build-failed")));
+        summarize(&p)
+    };
+    let big = summary(2500, 2501);
+    assert_eq!(big.percent, 100.0);
+    assert!(big.below(100.0));
+    assert!(!big.below(99.9));
+    assert!(summary(9, 19).below(47.38));
+    assert!(!summary(9, 19).below(47.36));
+    assert!(!summary(19, 19).below(100.0));
+    assert!(summary(0, 0).below(1.0));
+    assert!(!summary(0, 0).below(0.0));
+}
+
 #[test]
 fn json_has_the_documented_shape() {
     let v: serde_json::Value = serde_json::from_str(&report().to_json()).unwrap();

@@ -99,7 +99,7 @@ pub(crate) async fn matrix(
         return Ok(2);
     }
     if let Some(pct) = out.fail_under
-        && m.min_percent() < pct
+        && m.below(pct)
     {
         note!(
             "readiness {:.1}% (the lowest cell) is below --fail-under {pct}%",
