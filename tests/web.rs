@@ -115,6 +115,50 @@ fn get_with(
     })
 }
 
+/// The CLI pointed at the web UI's port (an easy mix-up: both are the coordinator's) says
+/// that is not the address it wants; at an address that takes the connection and never
+/// answers it gives up within its 10 s, saying so, rather than waiting for ever.
+#[test]
+fn the_cli_at_the_wrong_address_says_so_and_waits_a_bounded_time() {
+    let dir = scratch();
+    let (coordinator, http) = with_token(dir.path());
+    let out = cli_env(&format!("http://127.0.0.1:{http}"), &["runs"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("does not answer as a nixfarm coordinator") && err.contains("web UI"),
+        "{err}"
+    );
+    // The right one still answers.
+    let out = cli_env(&coordinator.url, &["runs"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        // Connections accepted and held open, never answered.
+        let mut held = Vec::new();
+        for c in silent.incoming().take(4) {
+            held.push(c);
+        }
+        held
+    });
+    let started = std::time::Instant::now();
+    let out = cli_env(&url, &["runs"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("gave no answer within 10 s"),
+        "{}",
+        stderr(&out)
+    );
+    drop(held);
+}
+
 /// Guessing the token is bounded per address: after 10 wrong tokens an address gets 429
 /// with Retry-After (the right token too, until its minute ends); another address is not
 /// held back. The real coordinator, real TCP from two loopback addresses.

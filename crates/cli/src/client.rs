@@ -5,6 +5,7 @@ use crate::Cli;
 use anyhow::{Context, bail};
 use nixfarm_proto::v1::run_service_client::RunServiceClient;
 use std::path::PathBuf;
+use std::time::Duration;
 use tonic::transport::Channel;
 
 /// `~/.config/nixfarm/config.toml`.
@@ -107,25 +108,47 @@ impl Client {
                 ca_file: ca,
                 ..Default::default()
             },
-        )?;
+        )?
+        // A coordinator that stops answering mid-call (a watch, a long upload) is given up
+        // after about half a minute of silence, not waited on for ever.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
         let channel = endpoint.connect().await.map_err(|e| {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
+            let msg = error_chain(&e);
             anyhow::anyhow!("cannot reach the coordinator at {url}: {msg}\n  (is it running? set --coordinator or NIXFARM_COORDINATOR, or use `nixfarm local`; for https:// with a private CA, --tls-ca)")
         })?;
         let inner = RunServiceClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        Ok(Client {
+        let client = Client {
             inner,
             token,
             url: url.to_string(),
-        })
+        };
+        client.probe().await?;
+        Ok(client)
+    }
+
+    /// Asks the coordinator for its limits, a cheap call, before the command's own: an
+    /// address that takes the connection but never answers, or that is no coordinator's
+    /// (the web UI's port, another HTTP server), is said plainly here, at once.
+    async fn probe(&self) -> anyhow::Result<()> {
+        let url = &self.url;
+        let mut raw = self.raw();
+        let asked = raw.get_limits(self.req(nixfarm_proto::v1::GetLimitsRequest::default()));
+        match tokio::time::timeout(PROBE_WAIT, asked).await {
+            Err(_) => anyhow::bail!(
+                "cannot reach the coordinator at {url}: it took the connection but gave no answer within {} s (is this the coordinator's gRPC address?)",
+                PROBE_WAIT.as_secs()
+            ),
+            Ok(Err(s)) if not_grpc(&s) => anyhow::bail!(
+                "{url} does not answer as a nixfarm coordinator ({}): is this the coordinator's gRPC address? (its web UI, --http-listen, is another port)",
+                error_chain(&s)
+            ),
+            // A coordinator's own answer, a refusal too: the command's call says it again.
+            Ok(_) => Ok(()),
+        }
     }
 
     pub fn req<T>(&self, t: T) -> tonic::Request<T> {
@@ -141,6 +164,33 @@ impl Client {
     pub fn raw(&self) -> RunServiceClient<Channel> {
         self.inner.clone()
     }
+}
+
+/// How long the first answer may take ([`Client::probe`]).
+const PROBE_WAIT: Duration = Duration::from_secs(10);
+
+/// A status no gRPC server sent: an HTTP answer without gRPC's trailers, or a connection
+/// that does not speak HTTP/2.
+fn not_grpc(s: &tonic::Status) -> bool {
+    let m = s.message();
+    m.contains("grpc-status header missing")
+        || (s.code() == tonic::Code::Unknown && m.contains("transport error"))
+        || (s.code() == tonic::Code::Internal && m.contains("h2 protocol error"))
+}
+
+/// An error's message with its causes, each said once (tonic's and hyper's repeat theirs).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(e) = src {
+        let said = e.to_string();
+        if !msg.contains(&said) {
+            msg.push_str(": ");
+            msg.push_str(&said);
+        }
+        src = e.source();
+    }
+    msg
 }
 
 /// Turns a gRPC status into the message a user should see.
