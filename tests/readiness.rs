@@ -578,6 +578,55 @@ fn the_flakes_checks_and_other_outputs_are_reported() {
     assert_eq!(example["repository"], serde_json::json!([]));
 }
 
+/// A flake with checks and no packages: its checks are the run. One with an empty package
+/// set finishes at once, 0 of 0; one with neither fails, saying so in the flake's terms.
+#[test]
+fn a_flake_of_checks_only_or_of_nothing_is_reported_as_such() {
+    let dir = scratch();
+    let host = Host::new(&dir.path().join("host"));
+    let flake = |name: &str, outputs: &str| {
+        let repo = dir.path().join(name);
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::write(
+            repo.join("flake.nix"),
+            format!(
+                r#"{{
+  outputs = {{ self }}: let
+    sys = "x86_64-linux";
+    mk = name: script: derivation {{ inherit name; system = sys; builder = "/bin/sh";
+      args = [ "-c" script ]; }};
+  in {{ {outputs} }};
+}}
+"#
+            ),
+        )
+        .unwrap();
+        local(&host, &dir.path().join(format!("{name}-state")), &repo, &[])
+    };
+    let report = flake(
+        "checks-only",
+        r#"checks.${sys} = { unit = mk "unit" "echo passed > $out"; lint = mk "lint" "exit 1"; };"#,
+    );
+    assert_eq!(report["state"], "finished", "{report}");
+    let got = packages_by_attr(&report);
+    assert_eq!(got["checks.unit"]["status"], "ready", "{report}");
+    assert_eq!(got["checks.lint"]["status"], "build-failed", "{report}");
+    assert_eq!(got.len(), 2);
+
+    let report = flake("empty", "packages.${sys} = { };");
+    assert_eq!(report["state"], "finished", "{report}");
+    assert_eq!(report["summary"]["total"], 0);
+
+    let report = flake("nothing", "");
+    assert_eq!(report["state"], "failed", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("the flake has no packages.x86_64-linux and no checks.x86_64-linux"),
+        "{error}"
+    );
+    assert!(!error.contains("/sources/"), "{error}");
+}
+
 #[test]
 fn a_matrix_over_an_input_reports_each_value_side_by_side() {
     let dir = scratch();

@@ -60,6 +60,20 @@ pub(super) async fn list_with_checks(
         list_maybe_eval(shared, entry, attr_path, up_to, mem),
         shared.nix.list_attrs(entry, &checks_path, mem),
     );
+    fn no_such<T>(r: &Result<T, NixError>) -> bool {
+        matches!(r, Err(NixError::Failed { message, .. }) if message.contains("does not provide attribute"))
+    }
+    // A flake of checks only has no packages: its checks are the run. One with neither is
+    // said in the flake's own terms (Nix's words name the agent's copy of it, and the
+    // attribute paths it tried in its stead).
+    let listed = match (no_such(&listed), &checks) {
+        (true, Ok(names)) if !names.is_empty() => Ok((Vec::new(), None)),
+        (true, _) if no_such(&checks) => Err(NixError::Failed {
+            message: format!("the flake has no {attr_path} and no {checks_path}"),
+            log: String::new(),
+        }),
+        _ => listed,
+    };
     let (mut attrs, evaluated) = listed?;
     let mut repository = Vec::new();
     match checks {
