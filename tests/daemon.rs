@@ -410,3 +410,29 @@ async fn a_build_takes_a_daemon_started_ahead_for_it() {
     assert_eq!(daemons_with_silence(silent), ahead);
     assert!(nix.daemon_active());
 }
+
+/// A failed build's log tail, through the daemon or `nix-store`, keeps what a user reads it
+/// for: the builder's lines before a very long one (cut, with how much was left out) and
+/// Nix's error after it, without Nix's colour codes.
+#[tokio::test]
+async fn a_long_log_line_does_not_push_the_error_out_of_the_tail() {
+    let tag = unique_tag();
+    let work = tempfile::tempdir().unwrap();
+    let daemon = Nix::default().with_daemon(work.path());
+    for (i, nix) in [&daemon, &Nix::default()].into_iter().enumerate() {
+        let failing = drv(
+            "long-line",
+            "echo starting; head -c 2000000 /dev/zero | tr '\\\\0' x; echo; exit 1",
+            "",
+            &format!("{tag}-{i}"),
+        );
+        let run = realise_plain(nix, &failing).await;
+        assert!(run.result.is_err(), "{i}: {}", run.log_tail);
+        let t = &run.log_tail;
+        assert!(t.len() < 20_000, "{i}: {} bytes", t.len());
+        assert!(t.contains("starting"), "{i}: {t}");
+        assert!(t.contains("more bytes of this line left out"), "{i}: {t}");
+        assert!(t.contains("failed with exit code 1"), "{i}: {t}");
+        assert!(!t.contains('\u{1b}'), "{i}: {t}");
+    }
+}

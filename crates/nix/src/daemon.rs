@@ -521,7 +521,10 @@ impl Nix {
             }
             Ok(o) => {
                 reusable = true;
-                full.push_str(&format!("error: {}\n", o.error));
+                // Through the tail's buffer: Nix's message repeats the log's last lines,
+                // a long one too.
+                log.push(format!("error: {}\n", o.error).as_bytes());
+                full = log.text();
                 Err(classify_nix_failure(
                     Some(exit_code(o.status)),
                     &full,
@@ -529,7 +532,8 @@ impl Nix {
                 ))
             }
             Err(DaemonError::Nix(msg)) => {
-                full.push_str(&format!("error: {msg}\n"));
+                log.push(format!("error: {msg}\n").as_bytes());
+                full = log.text();
                 Err(classify_nix_failure(Some(1), &full, &msg))
             }
             Err(e) => Err(conn.broken(e).await),
