@@ -625,6 +625,25 @@ fn a_flake_of_checks_only_or_of_nothing_is_reported_as_such() {
         "{error}"
     );
     assert!(!error.contains("/sources/"), "{error}");
+
+    // Names nixfarm does not accept (empty, with a control character) are left out, and
+    // said, escaped, among the repository's checks; the rest is the run.
+    let report = flake(
+        "odd-names",
+        r#"packages.${sys} = { ok = mk "ok" "echo > $out"; "" = mk "e" "echo > $out"; "tab\there" = mk "t" "echo > $out"; };"#,
+    );
+    assert_eq!(report["state"], "finished", "{report}");
+    let got = packages_by_attr(&report);
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["ok"], "{report}");
+    assert_eq!(got["ok"]["status"], "ready");
+    let check = &report["repository"][0];
+    assert_eq!(check["name"], "packages.x86_64-linux", "{report}");
+    assert_eq!(check["ok"], false);
+    let message = check["message"].as_str().unwrap();
+    assert!(
+        message.contains("2 attribute(s) left out") && message.contains(r#""", "tab\there""#),
+        "{message}"
+    );
 }
 
 #[test]

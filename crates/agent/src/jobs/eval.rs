@@ -94,6 +94,48 @@ pub(super) async fn list_with_checks(
     Ok(((attrs, evaluated), Some((system.to_string(), repository))))
 }
 
+/// Takes the attribute names the coordinator does not accept (empty, over
+/// [`nixfarm_core::limits::MAX_ATTR`] bytes, with control characters) out of a listing, and
+/// out of what it evaluated: a check of `attr_path` that names them (a few, escaped), or
+/// None when every name is fine.
+pub(super) fn leave_out_unnamable(
+    attr_path: &str,
+    attrs: &mut Vec<String>,
+    evaluated: &mut Option<BTreeMap<String, Option<AttrInfo>>>,
+) -> Option<pb::RepoCheck> {
+    use nixfarm_core::limits::{MAX_ATTR, clip};
+    let bad = |a: &String| a.is_empty() || a.len() > MAX_ATTR || a.chars().any(char::is_control);
+    let (left_out, kept): (Vec<String>, Vec<String>) =
+        std::mem::take(attrs).into_iter().partition(bad);
+    *attrs = kept;
+    if left_out.is_empty() {
+        return None;
+    }
+    if let Some(e) = evaluated {
+        e.retain(|a, _| !bad(a));
+    }
+    let mut named: Vec<String> = left_out
+        .iter()
+        .take(5)
+        .map(|a| match clip(a, 60) {
+            c if c.len() < a.len() => format!("{:?}…", c),
+            c => format!("{c:?}"),
+        })
+        .collect();
+    if left_out.len() > 5 {
+        named.push(format!("and {} more", left_out.len() - 5));
+    }
+    Some(pb::RepoCheck {
+        name: attr_path.to_string(),
+        ok: false,
+        message: format!(
+            "{} attribute(s) left out of the run, their names not ones nixfarm accepts (1 to {MAX_ATTR} bytes, no control characters): {}",
+            left_out.len(),
+            named.join(", ")
+        ),
+    })
+}
+
 /// The flake's overlays, modules, formatter, dev shells and apps for `system`, checked.
 pub(super) async fn other_outputs(
     shared: &Arc<Shared>,

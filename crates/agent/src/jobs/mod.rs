@@ -151,8 +151,19 @@ async fn run_job(
                 Ok::<_, NixError>((flake, entry, listed))
             }
             .await;
+            let mut unnamable = None;
             let (attrs, evaluated, error, infra, follow_up) = match result {
-                Ok((flake, entry, ((a, caught), rest))) => {
+                Ok((flake, entry, ((mut a, mut caught), mut rest))) => {
+                    // Names the coordinator refuses would sink the whole listing: left out,
+                    // and said among the repository's checks.
+                    if let Some(check) =
+                        eval::leave_out_unnamable(&j.attr_path, &mut a, &mut caught)
+                    {
+                        match &mut rest {
+                            Some((_, repository)) => repository.push(check),
+                            None => unnamable = Some(check),
+                        }
+                    }
                     // A small repository evaluated by its listing: made into what a task
                     // would have sent, before the listing goes.
                     let evaluated = match caught {
@@ -198,7 +209,7 @@ async fn run_job(
                     attrs,
                     error,
                     infra,
-                    repository: vec![],
+                    repository: unnamable.into_iter().collect(),
                     repository_follows: follows,
                     evaluated,
                 })),
