@@ -981,3 +981,42 @@ fn an_agent_that_cannot_isolate_refuses_to_start_unless_told() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("running anyway"), "{err}");
 }
+
+/// A coordinator config with a mistake is refused naming the key (and its table), in words
+/// an operator knows, each cause said once and no backtrace, whatever RUST_BACKTRACE says.
+#[test]
+fn a_config_mistake_is_named_by_its_key() {
+    let dir = scratch();
+    for (text, want) in [
+        (
+            "[scheduler]\neval_chunk_size = \"16\"\n",
+            "line 2: [scheduler] eval_chunk_size: invalid type: string \"16\", expected a whole number, 0 or more",
+        ),
+        (
+            "[auth]\nagent_token_file = \"/nonexistent/token\"\n",
+            "[auth] agent_token_file: cannot read /nonexistent/token: No such file or directory (os error 2)",
+        ),
+    ] {
+        let cfg = config_file(dir.path(), "c.toml", text);
+        let out = std::process::Command::new(bin("nixfarm-coordinator"))
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let err = stderr(&out);
+        assert!(err.contains(want), "{err}");
+        assert_eq!(
+            err.matches("No such file").count(),
+            want.matches("No such file").count(),
+            "{err}"
+        );
+        assert!(
+            !err.contains("backtrace") && !err.contains("Caused by"),
+            "{err}"
+        );
+    }
+}

@@ -40,7 +40,15 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // Said plainly, each cause once (no backtrace: an operator's terminal is no debugger).
+        Err(e) => nixfarm_logs::fatal(e.as_ref()),
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     nixfarm_logs::init(args.log_format);
     raise_fd_limit();

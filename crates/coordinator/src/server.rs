@@ -133,7 +133,7 @@ async fn start_farm_cache(
     match (&config.tls.cert_file, &config.tls.key_file) {
         (Some(cert), Some(key)) => {
             let tls = crate::tls_listener::TlsListener::new(listener, cert, key)
-                .map_err(|e| anyhow::anyhow!("farm cache: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("[tls] cert_file, key_file: {e}"))?;
             tokio::spawn(async move {
                 crate::http_serve::serve(tls, app).await;
             });
@@ -250,7 +250,7 @@ pub async fn start_with_listener(
         .auth
         .agent_token_file
         .as_deref()
-        .map(read_secret)
+        .map(|p| read_secret(p).context("[auth] agent_token_file"))
         .transpose()?;
     // The agents' named tokens, read again when their file changes (looked at before it
     // is read, so no change is missed): a name whose token went or changed is cut off
@@ -275,7 +275,7 @@ pub async fn start_with_listener(
         .auth
         .client_token_file
         .as_deref()
-        .map(read_secret)
+        .map(|p| read_secret(p).context("[auth] client_token_file"))
         .transpose()?;
     let client_creds = Credentials::new(client_token.clone(), vec![]).map(Arc::new);
     // The web UI checks the same token, read again with it.
@@ -421,7 +421,7 @@ pub async fn start_with_listener(
     match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => {
             let read = |p: &std::path::Path| {
-                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+                std::fs::read(p).with_context(|| format!("[tls]: cannot read {}", p.display()))
             };
             let mut t = tonic::transport::ServerTlsConfig::new().identity(
                 tonic::transport::Identity::from_pem(read(cert)?, read(key)?),

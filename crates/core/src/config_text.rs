@@ -11,21 +11,78 @@ pub struct TomlError {
     message: String,
 }
 
-/// Parses `text` as `T`, the error (if any) without the text.
+/// Parses `text` as `T`, the error (if any) without the text: its line, and the key there
+/// when the error is in a value (a key names no secret; its value may).
 pub fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, TomlError> {
     toml::from_str(text).map_err(|e: toml::de::Error| {
         let at = e.span().map_or(String::new(), |s| {
-            let before = &text.as_bytes()[..s.start.min(text.len())];
-            format!(
-                "line {}: ",
-                before.iter().filter(|b| **b == b'\n').count() + 1
-            )
+            let start = s.start.min(text.len());
+            let before = &text[..floor_char_boundary(text, start)];
+            let line_no = before.matches('\n').count() + 1;
+            match key_at(before) {
+                Some(key) => format!("line {line_no}: {key}: "),
+                None => format!("line {line_no}: "),
+            }
         });
         TomlError {
             at,
-            message: e.message().to_string(),
+            message: plain_types(e.message()),
         }
     })
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// The key whose value starts where `before` ends (`key = ` on that line), with the table
+/// it is in (`[section] key`); None when the error is not in a value.
+fn key_at(before: &str) -> Option<String> {
+    let (earlier, line) = before.rsplit_once('\n').unwrap_or(("", before));
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let plain = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    if !plain(key) {
+        return None;
+    }
+    let table = earlier.lines().rev().find_map(|l| {
+        let l = l.trim();
+        let name = l.strip_prefix('[')?.trim_start_matches('[');
+        let name = name.split(']').next()?.trim();
+        plain(name).then(|| name.to_string())
+    });
+    Some(match table {
+        Some(t) => format!("[{t}] {key}"),
+        None => key.to_string(),
+    })
+}
+
+/// The parser's message with Rust's type names said as a config's reader knows them.
+fn plain_types(message: &str) -> String {
+    let mut m = message.to_string();
+    for (rust, plain) in [
+        (" as i128", ""),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u16", "expected a whole number, 0 or more"),
+        ("expected u8", "expected a whole number, 0 or more"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        m = m.replace(rust, plain);
+    }
+    m
 }
 
 /// Why the secret file `path` is exposed, when every user of the host can read it (its
@@ -67,6 +124,43 @@ mod tests {
     #[allow(dead_code)]
     struct Conf {
         token_file: Option<String>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sched {
+        scheduler: Option<Inner>,
+        top: Option<u64>,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        eval_chunk_size: usize,
+    }
+
+    /// A value of the wrong type or range names its key and table, in words a config's
+    /// reader knows.
+    #[test]
+    fn a_wrong_value_names_its_key() {
+        for (text, want) in [
+            (
+                "# c\n[scheduler]\neval_chunk_size = \"16\"\n",
+                "line 3: [scheduler] eval_chunk_size: invalid type: string \"16\", expected a whole number, 0 or more",
+            ),
+            (
+                "[scheduler]\neval_chunk_size = -1\n",
+                "line 2: [scheduler] eval_chunk_size: invalid value: integer `-1`, expected a whole number, 0 or more",
+            ),
+            (
+                "top = true\n",
+                "line 1: top: invalid type: boolean `true`, expected a whole number, 0 or more",
+            ),
+        ] {
+            let got = super::parse::<Sched>(text).unwrap_err().to_string();
+            assert_eq!(got, want, "{text}");
+        }
     }
 
     /// A secret put where its file was meant is refused by name and line, not repeated.

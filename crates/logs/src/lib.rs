@@ -25,3 +25,39 @@ pub fn init(format: LogFormat) {
             .init(),
     }
 }
+
+/// How a daemon that cannot go on says why: `error: ` and the error with its causes on one
+/// line, each said once (a cause's text often repeats in the error above it), on stderr, no
+/// backtrace; the exit code to end with.
+pub fn fatal(e: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
+    eprintln!("error: {}", error_chain(e));
+    std::process::ExitCode::FAILURE
+}
+
+/// An error's message and its causes', joined by `: `, each said once.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let said = cause.to_string();
+        if !msg.contains(&said) {
+            msg.push_str(": ");
+            msg.push_str(&said);
+        }
+        src = cause.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod fatal_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read /x: {0}")]
+    struct Read(#[source] std::io::Error);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let e = Read(std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert_eq!(super::error_chain(&e), "cannot read /x: entity not found");
+    }
+}
