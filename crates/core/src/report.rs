@@ -449,20 +449,27 @@ fn md_escape(s: &str) -> String {
 }
 
 /// A code span for a table cell: one line, pipes escaped (GFM splits cells on them even in
-/// code), fenced with enough backticks for its content.
-fn md_code(s: &str) -> String {
-    // No backtick inside: a run of them would close the span early, and what follows
-    // would be Markdown (or HTML) again.
+/// code), fenced with one backtick more than its longest run of them (so a name with a
+/// backtick reads as itself), spaced from a backtick at either end.
+pub(crate) fn md_code(s: &str) -> String {
     let one_line: String = s
         .chars()
-        .map(|c| match c {
-            '`' => '\'',
-            c if c.is_control() => ' ',
-            c => c,
-        })
+        .map(|c| if c.is_control() { ' ' } else { c })
         .collect::<String>()
         .replace('|', "\\|");
-    format!("`{one_line}`")
+    let mut longest = 0;
+    let mut run = 0;
+    for c in one_line.chars() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let fence = "`".repeat(longest + 1);
+    let pad = if one_line.starts_with('`') || one_line.ends_with('`') {
+        " "
+    } else {
+        ""
+    };
+    format!("{fence}{pad}{one_line}{pad}{fence}")
 }
 
 fn xml_escape(s: &str) -> String {

@@ -175,7 +175,7 @@ impl Matrix {
         }
         out.push_str("---|\n");
         for attr in self.attrs() {
-            let _ = write!(out, "| `{}` |", attr.replace('|', "\\|").replace('`', "'"));
+            let _ = write!(out, "| {} |", crate::report::md_code(attr));
             for c in &self.cells {
                 let _ = write!(
                     out,

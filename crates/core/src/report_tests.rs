@@ -205,7 +205,14 @@ fn names_and_logs_from_a_repository_stay_text() {
         assert!(!t.lines().any(|l| l.trim_start().starts_with("::")), "{t}");
     }
     let md = r.to_markdown();
-    assert!(md.contains("`'<img src=https://t.example/p>`"), "{md}");
+    // The backtick stays (the name is not renamed) and cannot close the span: the fence is
+    // longer than any run of them inside.
+    assert!(
+        md.contains("| `` `<img src=https://t.example/p> `` |"),
+        "{md}"
+    );
+    assert_eq!(crate::report::md_code("back`tick"), "``back`tick``");
+    assert_eq!(crate::report::md_code("a``b|c"), "```a``b\\|c```");
     assert!(md.contains("compiling\n ]0;owned  [2Jdone"), "{md}");
     let junit = r.to_junit();
     assert!(
