@@ -8,7 +8,8 @@ use std::path::PathBuf;
 ///
 /// nixfarm evaluates every package of a flake, builds them across agents, and reports per
 /// package whether it is ready: it evaluates, its source is pinned to a commit, every
-/// fixed-output hash is right, it builds, and its outputs are in the binary cache.
+/// fixed-output hash is right, it builds, and (with --cache) its outputs are in that binary
+/// cache.
 ///
 /// Quick start (no setup: an embedded coordinator and local agents):
 ///   nixfarm local examples/atproto-pkgs
