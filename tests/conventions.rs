@@ -359,16 +359,19 @@ fn ctrl_c_stops_a_local_farm_and_cancels_its_runs() {
     assert_eq!(states, ["cancelled"], "{said}");
 }
 
-/// The same before any run is followed (the farm starting, the snapshot going up): the
-/// command stops as asked, with its farm, rather than being killed outright and leaving a
-/// run it submitted for the next `nixfarm local` of the state to take up.
+/// The same before any run is followed (the farm starting; the snapshot just up, its run
+/// being submitted): the command stops as asked, with its farm, rather than being killed
+/// outright and leaving a run it submitted for the next `nixfarm local` of the state to
+/// take up.
 #[test]
 fn ctrl_c_before_the_run_is_followed_stops_the_local_farm_too() {
-    let (said, states) = ctrl_c_in_local_once(|line| line.contains("local agent(s)"));
-    assert!(
-        states.iter().all(|s| s == "cancelled"),
-        "{states:?}: {said}"
-    );
+    for at in ["local agent(s)", "uploaded "] {
+        let (said, states) = ctrl_c_in_local_once(|line| line.contains(at));
+        assert!(
+            states.iter().all(|s| s == "cancelled"),
+            "{at}: {states:?}: {said}"
+        );
+    }
 }
 
 /// Runs `nixfarm local` on the example and presses Ctrl-C once it says a line `at` picks:
@@ -402,8 +405,10 @@ fn ctrl_c_in_local_once(at: impl Fn(&str) -> bool) -> (String, Vec<String>) {
     let status = child.wait().unwrap();
     let said = said.join("\n");
     assert_eq!(status.code(), Some(130), "{status:?}: {said}");
-    assert!(
-        said.contains("interrupted: the local farm stops with this command"),
+    assert_eq!(
+        said.matches("interrupted: the local farm stops with this command")
+            .count(),
+        1,
         "{said}"
     );
     let db = rusqlite::Connection::open_with_flags(

@@ -990,7 +990,7 @@ fn a_config_mistake_is_named_by_its_key() {
     for (text, want) in [
         (
             "[scheduler]\neval_chunk_size = \"16\"\n",
-            "line 2: [scheduler] eval_chunk_size: invalid type: string \"16\", expected a whole number, 0 or more",
+            "line 2: [scheduler] eval_chunk_size: invalid type: a string, expected a whole number, 0 or more",
         ),
         (
             "[auth]\nagent_token_file = \"/nonexistent/token\"\n",

@@ -612,6 +612,17 @@ fn a_flake_of_checks_only_or_of_nothing_is_reported_as_such() {
     assert_eq!(got["checks.unit"]["status"], "ready", "{report}");
     assert_eq!(got["checks.lint"]["status"], "build-failed", "{report}");
     assert_eq!(got.len(), 2);
+    // Said, so that packages gone missing are not taken for all of them ready.
+    let said = &report["repository"][0];
+    assert_eq!(said["name"], "packages.x86_64-linux", "{report}");
+    assert_eq!(said["ok"], false);
+    assert!(
+        said["message"]
+            .as_str()
+            .unwrap()
+            .contains("the flake has no packages.x86_64-linux: the run is its checks"),
+        "{report}"
+    );
 
     let report = flake("empty", "packages.${sys} = { };");
     assert_eq!(report["state"], "finished", "{report}");

@@ -110,9 +110,10 @@ impl Client {
             },
         )?
         // A coordinator that stops answering mid-call (a watch, a long upload) is given up
-        // after about half a minute of silence, not waited on for ever.
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
+        // after about a minute and a half of silence, not waited on for ever; a ping's answer
+        // may queue behind an upload's data on a slow link, so it gets a minute.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(60))
         .keep_alive_while_idle(true);
         let channel = endpoint.connect().await.map_err(|e| {
             let msg = error_chain(&e);
@@ -143,10 +144,19 @@ impl Client {
                 PROBE_WAIT.as_secs()
             ),
             Ok(Err(s)) if not_grpc(&s) => anyhow::bail!(
-                "{url} does not answer as a nixfarm coordinator ({}): is this the coordinator's gRPC address? (its web UI, --http-listen, is another port)",
+                "{url} does not answer as a nixfarm coordinator ({}): is this the coordinator's gRPC address? (its web UI, --http-listen, is another port; one with TLS is https://)",
                 error_chain(&s)
             ),
-            // A coordinator's own answer, a refusal too: the command's call says it again.
+            // A token refused (or an address held back for wrong ones) is said now: asking
+            // again with it would only count as one more wrong guess.
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::ResourceExhausted
+                ) =>
+            {
+                Err(status_error(s))
+            }
             Ok(_) => Ok(()),
         }
     }

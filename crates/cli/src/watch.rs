@@ -47,12 +47,47 @@ pub(crate) fn interrupted() -> bool {
     INTERRUPT.get().is_some_and(|t| t.is_cancelled())
 }
 
-/// Ends when the user presses Ctrl-C while no run is followed (a follower says what becomes
-/// of its run itself): starting up, uploading a snapshot, between hash-fixing rounds.
+/// Ends when the user pressed Ctrl-C while no run was followed (starting up, uploading a
+/// snapshot, between hash-fixing rounds), or once none has been for [`FOLLOWER_GRACE`] after
+/// it: a follower says what becomes of its run itself, and the command ends soon after
+/// (or, a follower that ended as the run did, goes on too long).
 pub(crate) async fn interrupted_outside_watch() {
     interrupt().cancelled().await;
-    if FOLLOWING.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-        std::future::pending::<()>().await;
+    // No run followed when it came: nothing else will say so.
+    if FOLLOWING.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        return;
+    }
+    let mut quiet_since: Option<std::time::Instant> = None;
+    loop {
+        if FOLLOWING.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            quiet_since = None;
+        } else if quiet_since
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed()
+            >= FOLLOWER_GRACE
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long a command whose followers ended on a Ctrl-C has to end by itself.
+const FOLLOWER_GRACE: Duration = Duration::from_millis(1500);
+
+/// Waits `d`; true when the user's Ctrl-C came first.
+async fn pause(interrupt: &tokio_util::sync::CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        () = interrupt.cancelled() => true,
+    }
+}
+
+/// Says once that the local farm stops with this command, whoever notices the Ctrl-C first.
+pub(crate) fn say_local_farm_stops() {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        note!("interrupted: the local farm stops with this command");
     }
 }
 
@@ -82,7 +117,7 @@ pub(crate) fn say_detached(runs: &[String]) {
     let ids = runs.join(" ");
     if FARM_STOPS_WITH_COMMAND.load(std::sync::atomic::Ordering::Relaxed) {
         // `nixfarm local` says which runs it cancels.
-        note!("interrupted: the local farm stops with this command");
+        say_local_farm_stops();
     } else if let [run] = runs {
         note!("detached; the run continues. Follow it again with: nixfarm watch {run}");
     } else {
@@ -354,13 +389,19 @@ pub async fn watch_with(
     let mut last = 0u64;
     let mut failures = 0u32;
     loop {
-        let stream = client
-            .raw()
-            .watch_run(client.req(pb::WatchRunRequest {
-                run_id: run.to_string(),
-                after_seq: last,
-            }))
-            .await;
+        // Asking, and waiting to ask again, give way to the user's Ctrl-C too.
+        let mut raw = client.raw();
+        let asked = raw.watch_run(client.req(pb::WatchRunRequest {
+            run_id: run.to_string(),
+            after_seq: last,
+        }));
+        let stream = tokio::select! {
+            s = asked => s,
+            () = interrupt.cancelled() => {
+                view.finish();
+                return Ok(End::Detached);
+            }
+        };
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
@@ -369,7 +410,10 @@ pub async fn watch_with(
                     view.finish();
                     return Err(status_error(s));
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if pause(&interrupt, Duration::from_secs(1)).await {
+                    view.finish();
+                    return Ok(End::Detached);
+                }
                 continue;
             }
             Err(s) => {
@@ -420,6 +464,9 @@ pub async fn watch_with(
                 "lost the coordinator while watching run {run}; resume with: nixfarm watch {run}"
             );
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if pause(&interrupt, Duration::from_millis(500)).await {
+            view.finish();
+            return Ok(End::Detached);
+        }
     }
 }

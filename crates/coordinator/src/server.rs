@@ -40,9 +40,17 @@ pub struct Running {
 impl Running {
     /// Stops serving and waits for the server to end.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.stop_serving().await;
+    }
+
+    /// Stops taking calls (what is under way gets 5 s), keeping the state and its lock: the
+    /// engine still answers its owner.
+    pub async fn stop_serving(&mut self) {
+        // Once: a finished task is not awaited again.
+        let Some(tx) = self.shutdown.take() else {
+            return;
+        };
+        let _ = tx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
         self.task.abort();
     }

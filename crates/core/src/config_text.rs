@@ -19,7 +19,9 @@ pub fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, TomlError>
             let start = s.start.min(text.len());
             let before = &text[..floor_char_boundary(text, start)];
             let line_no = before.matches('\n').count() + 1;
-            match key_at(before) {
+            let rest = &text[before.len()..];
+            let line_end = rest.find('\n').unwrap_or(rest.len());
+            match key_at(before, &rest[..line_end]) {
                 Some(key) => format!("line {line_no}: {key}: "),
                 None => format!("line {line_no}: "),
             }
@@ -38,16 +40,22 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// The key whose value starts where `before` ends (`key = ` on that line), with the table
-/// it is in (`[section] key`); None when the error is not in a value.
-fn key_at(before: &str) -> Option<String> {
+/// The key whose value starts where `before` ends and goes on with `after` (`key = ` on
+/// that line), with the table it is in (`[section] key`); None when the error is not in a value. Only a name shaped like
+/// nixfarm's keys (lower case, `_`, a value after `=`): a secret pasted on a line of its own
+/// (base64 ends in `=`) is no key, and is not repeated.
+fn key_at(before: &str, after: &str) -> Option<String> {
     let (earlier, line) = before.rsplit_once('\n').unwrap_or(("", before));
-    let (key, _) = line.split_once('=')?;
+    // The error's line is `line` then `after`, up to its end.
+    let (key, value) = line.split_once('=')?;
+    if value.trim().is_empty() && after.trim().is_empty() {
+        return None;
+    }
     let key = key.trim();
     let plain = |k: &str| {
-        !k.is_empty()
+        k.starts_with(|c: char| c.is_ascii_lowercase())
             && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.'))
     };
     if !plain(key) {
         return None;
@@ -64,9 +72,16 @@ fn key_at(before: &str) -> Option<String> {
     })
 }
 
-/// The parser's message with Rust's type names said as a config's reader knows them.
+/// The parser's message with Rust's type names said as a config's reader knows them, and
+/// without a string it quotes (a token where a number was meant).
 fn plain_types(message: &str) -> String {
     let mut m = message.to_string();
+    if let (Some(at), Some(end)) = (m.find("invalid type: string \""), m.rfind("\", expected")) {
+        let from = at + "invalid type: ".len();
+        if end >= from {
+            m.replace_range(from..end + 1, "a string");
+        }
+    }
     for (rust, plain) in [
         (" as i128", ""),
         ("expected usize", "expected a whole number, 0 or more"),
@@ -147,7 +162,7 @@ mod tests {
         for (text, want) in [
             (
                 "# c\n[scheduler]\neval_chunk_size = \"16\"\n",
-                "line 3: [scheduler] eval_chunk_size: invalid type: string \"16\", expected a whole number, 0 or more",
+                "line 3: [scheduler] eval_chunk_size: invalid type: a string, expected a whole number, 0 or more",
             ),
             (
                 "[scheduler]\neval_chunk_size = -1\n",
@@ -160,6 +175,23 @@ mod tests {
         ] {
             let got = super::parse::<Sched>(text).unwrap_err().to_string();
             assert_eq!(got, want, "{text}");
+        }
+        // A token pasted on a line of its own (`openssl rand -base64 32 >> config`), or put
+        // where a number was meant: neither is repeated, not even as a key.
+        for (text, secret) in [
+            (
+                "top = 1\nq3ZabcDEFghiJKLmnoPQRstuVWXyz0123456789abcX=\n",
+                "q3ZabcDEF",
+            ),
+            (
+                "top = 1\nq3zabcdefghijklmnopqrstuvwxyz0123456789abcx=\n",
+                "q3zabcdef",
+            ),
+            ("top = \"s3cret-value\"\n", "s3cret"),
+        ] {
+            let got = super::parse::<Sched>(text).unwrap_err().to_string();
+            assert!(!got.contains(secret), "{got}");
+            assert!(got.starts_with("line "), "{got}");
         }
     }
 

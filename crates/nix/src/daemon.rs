@@ -477,7 +477,7 @@ impl Nix {
         let settings = self.build_settings(opts);
         let nice = if opts.background { BACKGROUND_NICE } else { 0 };
         let mut conn = pool.take(&settings, nice).await?;
-        let mut log = TailBuffer::new(self.log_tail_bytes.max(64 * 1024));
+        let mut log = TailBuffer::build_log(self.log_tail_bytes.max(64 * 1024));
         let pid = conn.child.id();
         let mut cancelled = false;
         let outcome = {

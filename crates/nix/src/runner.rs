@@ -443,7 +443,7 @@ impl Nix {
             }
             s
         });
-        let mut log = TailBuffer::new(self.log_tail_bytes.max(64 * 1024));
+        let mut log = TailBuffer::build_log(self.log_tail_bytes.max(64 * 1024));
         let mut cancelled = false;
         if let Some(err) = stderr.as_mut() {
             let mut buf = vec![0u8; 16 * 1024];

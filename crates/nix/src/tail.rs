@@ -29,23 +29,36 @@ pub fn tail(s: &str, max: usize) -> String {
 /// Nix prints after it included, out of the tail.
 const LINE_MAX: usize = 4096;
 
-/// Keeps the last bytes of a stream, bounded whatever its length; each line at most
-/// [`LINE_MAX`] bytes of it, with how much was left out.
+/// Keeps the last bytes of a stream, bounded whatever its length; a build log's
+/// ([`TailBuffer::build_log`]) each line at most [`LINE_MAX`] bytes of it, with how much was
+/// left out.
 pub(crate) struct TailBuffer {
     buf: Vec<u8>,
     cap: usize,
+    /// Longest line kept whole (usize::MAX: any).
+    line_max: usize,
     /// Bytes of the current line kept, and left out.
     line: usize,
     cut: usize,
 }
 
 impl TailBuffer {
+    /// The last `cap` bytes, as they came.
     pub(crate) fn new(cap: usize) -> Self {
         TailBuffer {
             buf: Vec::new(),
             cap,
+            line_max: usize::MAX,
             line: 0,
             cut: 0,
+        }
+    }
+
+    /// The last `cap` bytes of a build's log, each line cut at [`LINE_MAX`].
+    pub(crate) fn build_log(cap: usize) -> Self {
+        TailBuffer {
+            line_max: LINE_MAX,
+            ..Self::new(cap)
         }
     }
 
@@ -56,9 +69,9 @@ impl TailBuffer {
                 Some(i) => (&rest[..i], Some(i + 1)),
                 None => (rest, None),
             };
-            let keep = body.len().min(LINE_MAX.saturating_sub(self.line));
+            let keep = body.len().min(self.line_max.saturating_sub(self.line));
             self.buf.extend_from_slice(&body[..keep]);
-            self.line += keep;
+            self.line = self.line.saturating_add(keep);
             self.cut += body.len() - keep;
             match ends {
                 Some(n) => {
@@ -104,7 +117,7 @@ mod tests {
 
     #[test]
     fn a_long_line_is_cut_and_the_lines_after_it_stay() {
-        let mut t = TailBuffer::new(16 * 1024);
+        let mut t = TailBuffer::build_log(16 * 1024);
         t.push(b"error: builder failed\n");
         let long = vec![b'x'; 5_000_000];
         for part in long.chunks(65536) {
@@ -127,12 +140,16 @@ mod tests {
         );
         assert!(text.len() < LINE_MAX + 200);
         // Still unfinished: said too.
-        let mut t = TailBuffer::new(1024);
+        let mut t = TailBuffer::build_log(1024);
         t.push(&vec![b'y'; 5000]);
         assert!(
             t.text()
                 .ends_with(" … [904 more bytes of this line left out]")
         );
+        // Any other stream's tail is its last bytes.
+        let mut t = TailBuffer::new(1024);
+        t.push(&vec![b'y'; 5000]);
+        assert_eq!(t.text(), "y".repeat(1024));
     }
 
     #[test]

@@ -114,7 +114,6 @@ impl BuildJob {
     }
 }
 
-/// A limit in seconds, 0 for none, at most [`MAX_LIMIT_SECS`].
 /// A run's trusted keys as the coordinator sends them: each becomes part of one Nix option,
 /// which splits on whitespace.
 pub(super) fn check_keys(keys: &[String]) -> Result<(), JobError> {
@@ -132,6 +131,7 @@ pub(super) fn check_keys(keys: &[String]) -> Result<(), JobError> {
     }
 }
 
+/// A limit in seconds, 0 for none, at most [`MAX_LIMIT_SECS`].
 pub(super) fn limit(secs: u64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs.min(MAX_LIMIT_SECS)))
 }

@@ -66,8 +66,9 @@ pub(super) async fn list_with_checks(
     // A flake of checks only has no packages: its checks are the run. One with neither is
     // said in the flake's own terms (Nix's words name the agent's copy of it, and the
     // attribute paths it tried in its stead).
+    let checks_only = no_such(&listed) && matches!(&checks, Ok(names) if !names.is_empty());
     let listed = match (no_such(&listed), &checks) {
-        (true, Ok(names)) if !names.is_empty() => Ok((Vec::new(), None)),
+        _ if checks_only => Ok((Vec::new(), None)),
         (true, _) if no_such(&checks) => Err(NixError::Failed {
             message: format!("the flake has no {attr_path} and no {checks_path}"),
             log: String::new(),
@@ -76,6 +77,17 @@ pub(super) async fn list_with_checks(
     };
     let (mut attrs, evaluated) = listed?;
     let mut repository = Vec::new();
+    // Said, so a flake whose packages went missing (or live elsewhere) is not taken for one
+    // whose every package is ready.
+    if checks_only {
+        repository.push(pb::RepoCheck {
+            name: attr_path.to_string(),
+            ok: false,
+            message: format!(
+                "the flake has no {attr_path}: the run is its checks (packages elsewhere, say legacyPackages, are built with --attr-path)"
+            ),
+        });
+    }
     match checks {
         Ok(names) => attrs.extend(
             names

@@ -126,22 +126,27 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         )),
         // Not while a run is followed: its follower says so, and the command ends after.
         () = crate::watch::interrupted_outside_watch() => {
-            note!("interrupted: the local farm stops with this command");
+            crate::watch::say_local_farm_stops();
             Ok(130)
         }
     };
     // Interrupted: the user stopped the farm, so its runs end here, cancelled (their builds
     // stopped), rather than be taken up by the next `nixfarm local` of this state.
+    // Before the agents stop, so their builds are stopped rather than waited for.
+    let mut cancelled = Vec::new();
     if crate::watch::interrupted() {
-        let mut cancelled = Vec::new();
-        for run in engine.active_runs() {
-            match engine.cancel(&run) {
-                Ok(true) => cancelled.push(run),
-                // Ended meanwhile.
-                Ok(false) => {}
-                Err(e) => note!("cannot cancel run {run}: {e}"),
-            }
-        }
+        cancel_active(&engine, &mut cancelled);
+    }
+    shutdown.cancel();
+    for a in agents {
+        let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+    }
+    let mut coordinator = coordinator;
+    coordinator.stop_serving().await;
+    if crate::watch::interrupted() {
+        // A submit the interrupt cut short may have been taken meanwhile: nothing more can
+        // come now.
+        cancel_active(&engine, &mut cancelled);
         if !cancelled.is_empty() {
             note!(
                 "cancelled {} unfinished run(s): {}; what was built stays in the store",
@@ -150,12 +155,21 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
             );
         }
     }
-    shutdown.cancel();
-    for a in agents {
-        let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
-    }
-    coordinator.stop().await;
+    drop(coordinator);
     result
+}
+
+/// Cancels the farm's unfinished runs (the user stopped the farm: the next `nixfarm local` of
+/// this state is not to take them up), adding those it cancelled to `cancelled`.
+fn cancel_active(engine: &nixfarm_coordinator::Engine, cancelled: &mut Vec<String>) {
+    for run in engine.active_runs() {
+        match engine.cancel(&run) {
+            Ok(true) => cancelled.push(run),
+            // Ended meanwhile.
+            Ok(false) => {}
+            Err(e) => note!("cannot cancel run {run}: {e}"),
+        }
+    }
 }
 
 fn tokio_util_token() -> tokio_util::sync::CancellationToken {
