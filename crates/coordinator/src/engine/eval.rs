@@ -189,6 +189,15 @@ impl Engine {
         task_no: i64,
         msg: &str,
     ) -> Result<(), EngineError> {
+        // A run that ended (cancelled, say) has its evaluations stopped: nothing to retry.
+        if inner
+            .runs
+            .iter()
+            .find(|r| r.id == run_id)
+            .is_none_or(|r| r.state.is_terminal())
+        {
+            return Ok(());
+        }
         let failures = if task_no >= 0 {
             inner.db.eval_task_infra_failure(run_id, task_no)?
         } else {
