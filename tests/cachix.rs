@@ -138,19 +138,9 @@ fn outputs_reach_cachix_through_faults_once_each_and_real_nix_substitutes_them()
     // claim uploads at the coordinator).
     let twice: Vec<_> = created.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "paths uploaded twice: {twice:?}");
-    // Each push claimed its paths for the attempt it was part of, on its run's cache: none
-    // was refused and went ahead without a claim.
-    for a in &agents {
-        let log = a.log_text();
-        assert!(!log.contains("uploading without a claim"), "{log}");
-    }
-    // Daemons were started for the builds while the run evaluated, with the settings they
-    // then asked for (the cache's URI and keys, as Cachix told them): builds took them.
-    let logs: String = agents.iter().map(|a| a.log_text()).collect();
-    assert!(
-        logs.contains("a build takes a daemon started ahead of it"),
-        "{logs}"
-    );
+    // Claims on the run's cache; daemons started ahead with the cache's URI and keys, as
+    // Cachix told them.
+    assert_agents_claimed_and_took_daemons_ahead(&agents);
     eprintln!(
         "cachix: {} paths created, {} faults injected, {} part PUTs",
         created.len(),

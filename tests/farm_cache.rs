@@ -109,20 +109,10 @@ fn hosts_that_share_nothing_but_the_coordinator_build_the_example() {
         drvs_in_cache > 0,
         "no derivation went through the farm cache"
     );
-    // Each push claimed its paths for its attempt, and the coordinator found each claim the
-    // attempt's own (its build's outputs and what they depend on; an evaluation's
-    // derivations and sources): none went ahead without one.
-    for a in &agents {
-        let log = a.log_text();
-        assert!(!log.contains("uploading without a claim"), "{log}");
-    }
-    // Daemons were started for the builds while the run evaluated, with the settings the
-    // builds then asked for (the farm cache as substituter, its key): builds took them.
-    let logs: String = agents.iter().map(|a| a.log_text()).collect();
-    assert!(
-        logs.contains("a build takes a daemon started ahead of it"),
-        "{logs}"
-    );
+    // The coordinator found each claim the attempt's own (its build's outputs and what they
+    // depend on; an evaluation's derivations and sources); the daemons started ahead had the
+    // farm cache as substituter, with its key.
+    assert_agents_claimed_and_took_daemons_ahead(&agents);
     drop(agents);
 }
 

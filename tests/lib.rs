@@ -93,6 +93,22 @@ impl Proc {
     }
 }
 
+/// What agents that pushed a run's outputs to a cache must have done, read from their logs
+/// (started with `RUST_LOG=info,nixfarm_nix::daemon=debug`): each push claimed its paths for
+/// its attempt (none was refused and went ahead without a claim), and builds took the Nix
+/// daemons started for them while the run evaluated, with the settings they then asked for.
+pub fn assert_agents_claimed_and_took_daemons_ahead(agents: &[Proc]) {
+    for a in agents {
+        let log = a.log_text();
+        assert!(!log.contains("uploading without a claim"), "{log}");
+    }
+    let logs: String = agents.iter().map(|a| a.log_text()).collect();
+    assert!(
+        logs.contains("a build takes a daemon started ahead of it"),
+        "{logs}"
+    );
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();

@@ -116,7 +116,7 @@ impl Client {
         .keep_alive_timeout(Duration::from_secs(60))
         .keep_alive_while_idle(true);
         let channel = endpoint.connect().await.map_err(|e| {
-            let msg = error_chain(&e);
+            let msg = nixfarm_logs::error_chain(&e);
             anyhow::anyhow!("cannot reach the coordinator at {url}: {msg}\n  (is it running? set --coordinator or NIXFARM_COORDINATOR, or use `nixfarm local`; for https:// with a private CA, --tls-ca)")
         })?;
         let inner = RunServiceClient::new(channel)
@@ -145,7 +145,7 @@ impl Client {
             ),
             Ok(Err(s)) if not_grpc(&s) => anyhow::bail!(
                 "{url} does not answer as a nixfarm coordinator ({}): is this the coordinator's gRPC address? (its web UI, --http-listen, is another port; one with TLS is https://)",
-                error_chain(&s)
+                nixfarm_logs::error_chain(&s)
             ),
             // A token refused (or an address held back for wrong ones) is said now: asking
             // again with it would only count as one more wrong guess.
@@ -186,21 +186,6 @@ fn not_grpc(s: &tonic::Status) -> bool {
     m.contains("grpc-status header missing")
         || (s.code() == tonic::Code::Unknown && m.contains("transport error"))
         || (s.code() == tonic::Code::Internal && m.contains("h2 protocol error"))
-}
-
-/// An error's message with its causes, each said once (tonic's and hyper's repeat theirs).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(e) = src {
-        let said = e.to_string();
-        if !msg.contains(&said) {
-            msg.push_str(": ");
-            msg.push_str(&said);
-        }
-        src = e.source();
-    }
-    msg
 }
 
 /// Turns a gRPC status into the message a user should see.

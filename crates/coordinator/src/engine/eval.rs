@@ -190,12 +190,7 @@ impl Engine {
         msg: &str,
     ) -> Result<(), EngineError> {
         // A run that ended (cancelled, say) has its evaluations stopped: nothing to retry.
-        if inner
-            .runs
-            .iter()
-            .find(|r| r.id == run_id)
-            .is_none_or(|r| r.state.is_terminal())
-        {
+        if inner.run_is_over(run_id) {
             return Ok(());
         }
         let failures = if task_no >= 0 {
@@ -294,12 +289,7 @@ impl Engine {
         drvs: BTreeMap<StorePath, DrvNode>,
     ) -> Result<(), EngineError> {
         let run_id = run_id.to_string();
-        if inner
-            .runs
-            .iter()
-            .find(|r| r.id == run_id)
-            .is_none_or(|r| r.state.is_terminal())
-        {
+        if inner.run_is_over(&run_id) {
             return Ok(());
         }
         let failed = attrs

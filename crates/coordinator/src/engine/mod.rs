@@ -175,6 +175,16 @@ struct Inner {
     batch: Option<Vec<batch::Deferred>>,
 }
 
+impl Inner {
+    /// Whether `run_id` has ended (or is not held here): what comes for it changes nothing.
+    fn run_is_over(&self, run_id: &str) -> bool {
+        self.runs
+            .iter()
+            .find(|r| r.id == run_id)
+            .is_none_or(|r| r.state.is_terminal())
+    }
+}
+
 /// Longest a run waits for the repository checks an agent said would follow its listing, ms
 /// (five small evaluations; an agent that never sends them must not hold the run forever).
 const REPO_CHECKS_WAIT_MS: i64 = 600_000;
