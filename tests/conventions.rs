@@ -425,3 +425,25 @@ fn ctrl_c_in_local_once(at: impl Fn(&str) -> bool) -> (String, Vec<String>) {
         .collect();
     (said, states)
 }
+
+/// A patch file that cannot be written (`--patch-out` into a directory that does not exist)
+/// is said before anything is submitted, not after the whole fixing session.
+#[test]
+fn an_unwritable_patch_file_is_refused_before_the_run() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let child = local_example(
+        dir.path(),
+        &state,
+        &["--patch-out", "/nonexistent/dir/fix.patch"],
+        false,
+    );
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot write the patch to /nonexistent/dir/fix.patch (--patch-out)"),
+        "{err}"
+    );
+    assert!(!err.contains("submitted run"), "{err}");
+}

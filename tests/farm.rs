@@ -391,6 +391,16 @@ fn cancel_stops_a_run_and_reports_cancelled() {
     let got = packages_by_attr(&report);
     assert_eq!(got["slow"]["status"], "cancelled");
     assert_eq!(got["after"]["status"], "cancelled");
+    // Its report is partial: CI's gate fails on it, saying why, in every format.
+    for format in ["table", "junit"] {
+        let out = cli(&f.coordinator.url, &["report", &run, "--format", format]);
+        assert_eq!(out.status.code(), Some(2), "{format}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("was cancelled before it finished"),
+            "{}",
+            stderr(&out)
+        );
+    }
     // The agent stopped the build: it is free again soon.
     wait_for(
         Duration::from_secs(30),

@@ -517,12 +517,13 @@ fn bad_configuration_stops_the_coordinator_with_the_field_named() {
         vec!["report", "r0123456789abcdef", "--fail-under", "200"],
         vec!["report", "r0123456789abcdef", "--fail-under", "NaN"],
         vec!["local", ".", "--jobs", "0"],
+        vec!["local", ".", "--max-rounds", "0"],
     ] {
         let out = cli("http://127.0.0.1:9", &args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = stderr(&out);
         assert!(
-            err.contains("0 to 100") || err.contains("1..=4096"),
+            err.contains("0 to 100") || err.contains("1..=4096") || err.contains("1..=100"),
             "{args:?}: {err}"
         );
     }

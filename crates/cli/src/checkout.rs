@@ -56,6 +56,25 @@ impl Checkout {
 
 /// Writes the edited files into the checkout, all or nothing, after checking that none of
 /// them changed since the submit.
+/// Whether the patch can be written to `path` (`--patch-out`), asked before the run rather
+/// than found out after it: an existing file is opened to append (nothing written), a new
+/// one created and removed again.
+pub(crate) fn check_patch_out(path: &Path) -> anyhow::Result<()> {
+    let writable = if path.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .and_then(|_| std::fs::remove_file(path))
+    };
+    writable.with_context(|| format!("cannot write the patch to {} (--patch-out)", path.display()))
+}
+
 pub(crate) fn apply_to_checkout(checkout: &Checkout, changed: &Tree) -> anyhow::Result<()> {
     apply_staged_then(checkout, changed, || {})
 }

@@ -25,7 +25,7 @@ pub struct FixArgs {
     /// Most runs of one package with --fix-hashes, its stages (a source hash plus a
     /// dependency bundle needs 3: find the source hash, find the bundle's, verify). Each
     /// package goes through its stages on its own, not in lockstep with the others.
-    #[arg(long, default_value_t = 5, value_name = "N")]
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_rounds: u32,
     /// Write the fixes as a unified diff to FILE (accepted by `git apply` and `patch -p1`).
     /// Implies --fix-hashes.

@@ -9,13 +9,20 @@ use nixfarm_core::report::Report;
 pub fn print_report(report: &Report, out: &OutputArgs) -> i32 {
     let format = out.format.unwrap_or(Format::Table);
     let github = matches!(format, Format::Github);
-    let failed = (report.state == nixfarm_core::RunState::Failed).then(|| {
-        format!(
+    // A run that did not finish is an error for CI, whatever its packages say: cancelled
+    // too (from the CLI or the web page), so a job whose run was stopped does not pass.
+    let failed = match report.state {
+        nixfarm_core::RunState::Failed => Some(format!(
             "error: run {} failed: {}",
             report.run_id,
             nixfarm_core::fit::printable(&report.error)
-        )
-    });
+        )),
+        nixfarm_core::RunState::Cancelled => Some(format!(
+            "error: run {} was cancelled before it finished: its report is partial",
+            report.run_id
+        )),
+        _ => None,
+    };
     // The run's error is the repository's text: said while workflow commands are still
     // stopped, before --format github resumes them for its annotations.
     if github && let Some(line) = &failed {

@@ -234,6 +234,18 @@ impl Report {
         serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
+    /// Why the run ended without finishing (failed, with its error, or cancelled): what CI
+    /// formats show as a failure of their own, so an empty or partial report is not green.
+    pub fn run_unfinished(&self) -> Option<String> {
+        match self.state {
+            crate::RunState::Failed => Some(format!("the run failed: {}", self.error)),
+            crate::RunState::Cancelled => {
+                Some("the run was cancelled before it finished".to_string())
+            }
+            _ => None,
+        }
+    }
+
     pub fn summary_line(&self) -> String {
         let counts: Vec<String> = self
             .summary
@@ -328,25 +340,33 @@ impl Report {
     }
 
     pub fn to_junit(&self) -> String {
+        let unfinished = self.run_unfinished();
         let failures = self
             .packages
             .iter()
             .filter(|p| p.status().is_failure())
-            .count();
+            .count()
+            + usize::from(unfinished.is_some());
+        let tests = self.packages.len() + usize::from(unfinished.is_some());
         let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
         let _ = writeln!(
             out,
-            "<testsuites name=\"nixfarm\" tests=\"{}\" failures=\"{}\">",
-            self.packages.len(),
-            failures
+            "<testsuites name=\"nixfarm\" tests=\"{tests}\" failures=\"{failures}\">"
         );
         let _ = writeln!(
             out,
-            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\">",
+            "  <testsuite name=\"{}\" tests=\"{tests}\" failures=\"{failures}\">",
             xml_escape(&self.label),
-            self.packages.len(),
-            failures
         );
+        if let Some(why) = &unfinished {
+            let _ = writeln!(
+                out,
+                "    <testcase classname=\"nixfarm.run\" name=\"{}\">\n      <failure type=\"{}\" message=\"{}\"/>\n    </testcase>",
+                xml_escape(&self.run_id),
+                xml_escape(self.state.as_str()),
+                xml_escape(why)
+            );
+        }
         for p in &self.packages {
             let secs = p.duration_ms as f64 / 1000.0;
             let _ = write!(

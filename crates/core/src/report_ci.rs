@@ -81,6 +81,14 @@ impl Report {
                 data(&c.message)
             );
         }
+        if let Some(why) = self.run_unfinished() {
+            let _ = writeln!(
+                out,
+                "::error title={}::{}",
+                prop(&format!("nixfarm: run {}", self.run_id)),
+                data(&why)
+            );
+        }
         let _ = writeln!(
             out,
             "::notice title=nixfarm readiness::{}",

@@ -220,3 +220,49 @@ fn names_and_logs_from_a_repository_stay_text() {
         "{junit}"
     );
 }
+
+/// A run that failed or was cancelled is a failure in CI's own formats too: a JUnit test
+/// case of its own and a GitHub error annotation, so an empty or partial report is not
+/// green.
+#[test]
+fn a_run_that_did_not_finish_fails_in_ci_formats() {
+    for (state, error, want) in [
+        (
+            crate::RunState::Failed,
+            "syntax error, unexpected ';' (at flake.nix:1:55)",
+            "the run failed: syntax error, unexpected &apos;;&apos; (at flake.nix:1:55)",
+        ),
+        (
+            crate::RunState::Cancelled,
+            "",
+            "the run was cancelled before it finished",
+        ),
+    ] {
+        let mut r = report();
+        r.state = state;
+        r.error = error.into();
+        let junit = r.to_junit();
+        assert!(
+            junit.contains("<testsuites name=\"nixfarm\" tests=\"4\" failures=\"2\">"),
+            "{junit}"
+        );
+        assert!(
+            junit.contains(&format!(
+                "<failure type=\"{}\" message=\"{want}\"/>",
+                state.as_str()
+            )),
+            "{junit}"
+        );
+        let github = r.to_github();
+        assert!(
+            github.contains(&format!(
+                "::error title=nixfarm%3A run {}::the run ",
+                r.run_id
+            )),
+            "{github}"
+        );
+    }
+    let finished = report();
+    assert!(!finished.to_junit().contains("nixfarm.run"));
+    assert!(!finished.to_github().contains("nixfarm%3A run "));
+}

@@ -337,6 +337,9 @@ pub(crate) async fn submit_and_watch(
     }
     match source::check_local_or_ref(source)? {
         source::Named::Dir(dir) => {
+            if let Some(p) = &fix.patch_out {
+                crate::checkout::check_patch_out(p)?;
+            }
             let mut outcome = fix::run(client, &dir, run, fix).await?;
             if outcome.detached {
                 return Ok(130);
