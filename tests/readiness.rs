@@ -748,6 +748,17 @@ fn a_matrix_over_an_input_reports_each_value_side_by_side() {
     // One value alone, as --override-input.
     let one = local(&host, &state, &repo, &["--override-input", "dep", &b]);
     assert_eq!(packages_by_attr(&one)["varies"]["status"], "build-failed");
+    // An input the flake does not have (a typo) is refused by name, not overridden in name
+    // only: the run would be the flake as it is.
+    let typo = local(&host, &state, &repo, &["--override-input", "dpe", &b]);
+    assert_eq!(typo["state"], "failed", "{typo}");
+    let error = typo["error"].as_str().unwrap();
+    assert!(
+        error.contains(
+            "--override-input dpe: the flake has no input of that name (its inputs: dep)"
+        ),
+        "{error}"
+    );
 }
 
 /// Twenty packages, each with a fake source hash: many stages are due at once (the session

@@ -44,7 +44,19 @@ pub(super) async fn check_flake_inputs(
         return Ok(());
     };
     if shared.cfg.allow_local_flake_refs {
-        return Ok(());
+        // A user's own machine: what the inputs are is theirs; only an override that names
+        // no input of the flake is said (Nix would only warn, and a matrix over it would
+        // compare a run with itself).
+        if overrides.is_empty() {
+            return Ok(());
+        }
+        let dir = match reference.strip_prefix("path:") {
+            Some(root) => PathBuf::from(root),
+            None => shared.nix.prefetch_flake(reference).await?,
+        };
+        let declared = shared.nix.flake_inputs(&dir).await?;
+        let names: Vec<String> = overrides.iter().map(|(n, _)| n.clone()).collect();
+        return overrides_named(&declared, &names);
     }
     // A run's evaluation tasks name the same uploaded tree (the run's own, read-only):
     // checked once here. A remote reference may name another commit each time: each time.
@@ -114,6 +126,7 @@ async fn check_flake_dir(
         Err(_) => Vec::new(),
     };
     let declared = shared.nix.flake_inputs(dir).await?;
+    overrides_named(&declared, overridden)?;
     // As declared, each is remote too: Nix fetches it again when the lock does not lock it
     // as flake.nix says (an override, say, turns off the lock's refusal).
     for (name, spec) in &declared {
@@ -134,6 +147,33 @@ async fn check_flake_dir(
         )));
     }
     Ok(())
+}
+
+/// Refuses an override (`--override-input NAME`, `--matrix NAME=…`) whose input, or the
+/// first of its path (`dep/sub`), the flake does not declare.
+fn overrides_named(
+    declared: &std::collections::BTreeMap<String, serde_json::Value>,
+    overridden: &[String],
+) -> Result<(), NixError> {
+    let Some(name) = overridden
+        .iter()
+        .find(|n| !declared.contains_key(n.split('/').next().unwrap_or(n)))
+    else {
+        return Ok(());
+    };
+    let has: Vec<&str> = declared.keys().map(String::as_str).take(20).collect();
+    Err(NixError::Failed {
+        message: format!(
+            "--override-input {}: the flake has no input of that name ({})",
+            nixfarm_core::limits::clip(name, 80),
+            if has.is_empty() {
+                "it has no inputs".to_string()
+            } else {
+                format!("its inputs: {}", has.join(", "))
+            }
+        ),
+        log: String::new(),
+    })
 }
 
 /// Checks the `flake.lock` of the checkout at `root`, when it has one (see
