@@ -14,7 +14,8 @@ pub async fn cancel_cmd(client: &Client, run: String) -> anyhow::Result<i32> {
     if r.into_inner().cancelled {
         note!("cancelled run {run}");
     } else {
-        note!("run {run} had already finished");
+        // Finished, failed or cancelled before: its report says which.
+        note!("run {run} had already ended (nixfarm report {run} says how)");
     }
     Ok(0)
 }
