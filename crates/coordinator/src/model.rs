@@ -447,6 +447,9 @@ pub struct RunListing {
     pub created_ms: i64,
     /// When it ended (0: still going).
     pub finished_ms: i64,
+    /// A run of chosen attributes only (a hash-fixing stage, `--attr`): it says nothing of
+    /// the rest of its repository.
+    pub partial: bool,
 }
 
 /// The name part of a store path (`/nix/store/<hash>-<name>` → `<name>`).

@@ -201,6 +201,8 @@ impl Engine {
                     c
                 }
             };
+            let partial = serde_json::from_str::<RunSpec>(&r.spec)
+                .is_ok_and(|s: RunSpec| !s.attrs.is_empty());
             out.push(RunListing {
                 id: r.id,
                 state: r.state,
@@ -210,6 +212,7 @@ impl Engine {
                 by_status,
                 created_ms: r.created_ms,
                 finished_ms: r.finished_ms,
+                partial,
             });
         }
         Ok(out)

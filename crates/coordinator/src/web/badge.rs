@@ -20,13 +20,7 @@ pub async fn badge(State(web): State<Shared>, Path(name): Path<String>) -> Respo
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    // A run id, else the latest run of that label.
-    let run = runs.iter().find(|r| r.id == key).or_else(|| {
-        runs.iter()
-            .filter(|r| r.label == key)
-            .max_by_key(|r| (r.created_ms, r.id.clone()))
-    });
-    let Some(run) = run else {
+    let Some(run) = pick(&runs, &key) else {
         return WebError {
             status: axum::http::StatusCode::NOT_FOUND,
             message: format!("no run or label {key:?}"),
@@ -44,6 +38,17 @@ pub async fn badge(State(web): State<Shared>, Path(name): Path<String>) -> Respo
         svg,
     )
         .into_response()
+}
+
+/// The run a badge shows: a run id, else the latest run of that label of every package (a
+/// run of chosen attributes, a hash-fixing stage of one package say, is no repository's
+/// readiness).
+fn pick<'a>(runs: &'a [RunListing], key: &str) -> Option<&'a RunListing> {
+    runs.iter().find(|r| r.id == key).or_else(|| {
+        runs.iter()
+            .filter(|r| r.label == key && !r.partial)
+            .max_by_key(|r| (r.created_ms, r.id.clone()))
+    })
 }
 
 /// How long a run listing serves badges: a listing computes every running run's report,
@@ -148,6 +153,33 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         let later = listed(web.clone()).await;
         assert_eq!(later.len(), 1);
+    }
+
+    /// A label's badge is its latest run of every package: not a later hash-fixing stage
+    /// (one package, 1/1 ready) of the same checkout. A stage's own id still shows it.
+    #[test]
+    fn a_label_shows_its_latest_whole_run() {
+        let run = |id: &str, created_ms: i64, ready: u64, total: u64, partial: bool| {
+            crate::model::RunListing {
+                id: id.into(),
+                state: nixfarm_core::RunState::Finished,
+                label: "/src/repo".into(),
+                total,
+                ready,
+                by_status: Default::default(),
+                created_ms,
+                finished_ms: created_ms + 1,
+                partial,
+            }
+        };
+        let runs = [
+            run("r1", 1, 3, 19, false),
+            run("r2", 2, 9, 19, false),
+            run("r3", 3, 1, 1, true),
+        ];
+        assert_eq!(super::pick(&runs, "/src/repo").unwrap().id, "r2");
+        assert_eq!(super::pick(&runs, "r3").unwrap().id, "r3");
+        assert!(super::pick(&runs, "/other").is_none());
     }
 
     #[test]
