@@ -427,6 +427,17 @@ fn classic_nur_layouts_default_nix_and_ci_nix() {
     let out = got["hello"]["outputs"]["out"].as_str().unwrap();
     let cat = host.run(&["cat", out]);
     assert_eq!(stdout(&cat).trim(), "hi there");
+    // Chosen by name: `lib` is there, but no package.
+    let lib = local(
+        &host,
+        &state,
+        &repo,
+        &["--argstr", "greeting", "hi there", "--attr", "lib"],
+    );
+    assert_eq!(
+        lib["error"], "no package lib in the file's top level: --attr names a derivation there",
+        "{lib}"
+    );
     assert_eq!(got["hello"]["position"], "pkgs/hello.nix:3");
     let leak = got["leak"]["outputs"]["out"].as_str().unwrap();
     assert_eq!(

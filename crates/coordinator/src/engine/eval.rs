@@ -66,10 +66,15 @@ impl Engine {
                 .map(String::as_str)
                 .collect();
             if !missing.is_empty() {
+                // What is listed is packages: an attribute that is there but no derivation
+                // (`lib`, a set of modules) is missing as one too.
+                let place = match run.spec.attr_path.as_str() {
+                    "" => "the file's top level".to_string(),
+                    p => format!("'{p}'"),
+                };
                 let msg = format!(
-                    "no attribute {} in '{}'",
-                    missing.join(", "),
-                    run.spec.attr_path
+                    "no package {} in {place}: --attr names a derivation there",
+                    missing.join(", ")
                 );
                 return self.fail_run(inner, &run_id, &msg);
             }
