@@ -6,6 +6,7 @@ mod build_hook;
 mod captured;
 mod daemon;
 mod daemon_cache;
+mod daemon_pool;
 mod daemon_query;
 pub mod derivation;
 pub mod entry;
