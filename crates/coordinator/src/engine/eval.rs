@@ -68,9 +68,10 @@ impl Engine {
             if !missing.is_empty() {
                 // What is listed is packages: an attribute that is there but no derivation
                 // (`lib`, a set of modules) is missing as one too.
-                let place = match run.spec.attr_path.as_str() {
-                    "" => "the file's top level".to_string(),
-                    p => format!("'{p}'"),
+                let place = if run.spec.attr_path.is_empty() {
+                    "the file's top level".to_string()
+                } else {
+                    format!("'{}'", run.spec.attr_path)
                 };
                 let msg = format!(
                     "no package {} in {place}: --attr names a derivation there",
