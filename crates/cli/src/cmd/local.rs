@@ -120,7 +120,23 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
         submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out).await
     };
     let result = tokio::select! {
-        r = work => r,
+        r = work => match r {
+            // A Ctrl-C from the terminal reaches this command's children too (Nix, git):
+            // the step one of them was in fails first, and that failure is the interrupt.
+            Err(e) => match tokio::time::timeout(
+                Duration::from_millis(300),
+                crate::watch::interrupt().cancelled(),
+            )
+            .await
+            {
+                Ok(()) => {
+                    crate::watch::say_local_farm_stops();
+                    Ok(130)
+                }
+                Err(_) => Err(e),
+            },
+            ok => ok,
+        },
         why = engine.halted() => Err(anyhow::anyhow!(
             "the embedded coordinator stopped: {why}; run the same command again once that is mended: it goes on from its state"
         )),
