@@ -69,6 +69,7 @@ pub enum Command {
     )]
     Watch {
         /// The run's id (`nixfarm runs` lists them; `submit` prints it).
+        #[arg(value_parser = parse_run_id)]
         run: String,
         #[command(flatten)]
         check: CacheCheckArgs,
@@ -81,6 +82,7 @@ pub enum Command {
     )]
     Report {
         /// The run's id (`nixfarm runs` lists them; `submit` prints it).
+        #[arg(value_parser = parse_run_id)]
         run: String,
         #[command(flatten)]
         check: CacheCheckArgs,
@@ -97,6 +99,7 @@ pub enum Command {
     #[command(after_help = "Example:\n  nixfarm cancel r0123456789abcdef")]
     Cancel {
         /// The run's id (`nixfarm runs` lists them).
+        #[arg(value_parser = parse_run_id)]
         run: String,
     },
     /// Run a whole farm on this machine (embedded coordinator + local agents) on a checkout.
@@ -299,6 +302,18 @@ pub enum Format {
     Github,
 }
 
+/// A run id, checked here so a mistyped one is said in the CLI's words, not the wire's.
+fn parse_run_id(s: &str) -> Result<String, String> {
+    if nixfarm_core::limits::is_run_id(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{}' is not a run id (they look like r0123456789abcdef; nixfarm runs lists them)",
+            nixfarm_core::limits::clip(s, 64)
+        ))
+    }
+}
+
 /// A percentage: a finite number from 0 to 100.
 fn parse_percent(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -315,6 +330,28 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 mod tests {
     use super::*;
     use clap::{CommandFactory, Parser};
+
+    /// A mistyped run id is refused by the CLI, saying what one looks like.
+    #[test]
+    fn a_run_id_is_checked_before_it_is_sent() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let e = parse(&["nixfarm", "cancel", "bad id!"]).unwrap_err();
+        assert!(
+            e.contains("'bad id!' is not a run id (they look like r0123456789abcdef"),
+            "{e}"
+        );
+        for cmd in ["cancel", "report", "watch"] {
+            assert!(
+                parse(&["nixfarm", cmd, "r0123456789abcdef"]).is_ok(),
+                "{cmd}"
+            );
+            assert!(parse(&["nixfarm", cmd, "../etc"]).is_err(), "{cmd}");
+        }
+    }
 
     #[test]
     fn fail_under_takes_percentages_only() {
