@@ -83,11 +83,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        // Said plainly, each cause once (no backtrace: an operator's terminal is no debugger).
-        Err(e) => nixfarm_logs::fatal(e.as_ref()),
-    }
+    // Said plainly, each cause once (no backtrace: an operator's terminal is no debugger).
+    nixfarm_logs::exit_code(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -79,6 +79,13 @@ pub fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
+/// Whether `a` is an attribute name nixfarm takes: 1 to [`MAX_ATTR`] bytes, no control
+/// characters (it is shown on terminals and in reports). The coordinator refuses a listing
+/// with another; the agent leaves such names out before it sends one.
+pub fn is_attr_name(a: &str) -> bool {
+    !a.is_empty() && a.len() <= MAX_ATTR && !a.chars().any(char::is_control)
+}
+
 /// Whether `s` has the shape of a run id the coordinator hands out (checked before it is
 /// looked up or echoed).
 pub fn is_run_id(s: &str) -> bool {

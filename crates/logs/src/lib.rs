@@ -26,6 +26,16 @@ pub fn init(format: LogFormat) {
     }
 }
 
+/// A daemon's exit: success, or [`fatal`] with the error `run` ended with.
+pub fn exit_code<E: AsRef<dyn std::error::Error + 'static>>(
+    run: Result<(), E>,
+) -> std::process::ExitCode {
+    match run {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => fatal(e.as_ref()),
+    }
+}
+
 /// How a daemon that cannot go on says why: `error: ` and the error with its causes on one
 /// line, each said once (a cause's text often repeats in the error above it), on stderr, no
 /// backtrace; the exit code to end with.

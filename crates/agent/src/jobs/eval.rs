@@ -116,7 +116,7 @@ pub(super) fn leave_out_unnamable(
     evaluated: &mut Option<BTreeMap<String, Option<AttrInfo>>>,
 ) -> Option<pb::RepoCheck> {
     use nixfarm_core::limits::{MAX_ATTR, clip};
-    let bad = |a: &String| a.is_empty() || a.len() > MAX_ATTR || a.chars().any(char::is_control);
+    let bad = |a: &String| !nixfarm_core::limits::is_attr_name(a);
     let (left_out, kept): (Vec<String>, Vec<String>) =
         std::mem::take(attrs).into_iter().partition(bad);
     *attrs = kept;

@@ -347,10 +347,7 @@ pub(super) fn list_attrs(attrs: Vec<String>) -> Result<Vec<String>, AgentFailure
             false,
         ));
     }
-    if let Some(a) = attrs
-        .iter()
-        .find(|a| a.is_empty() || a.len() > lim::MAX_ATTR || a.chars().any(char::is_control))
-    {
+    if let Some(a) = attrs.iter().find(|a| !lim::is_attr_name(a)) {
         return Err((
             format!(
                 "attribute '{}…' is not a name nixfarm accepts (1 to {} bytes, no control characters)",
