@@ -380,6 +380,9 @@ in {
   lib = { helper = x: x; };
   modules = { };
   overlays = { };
+  # Followed, as nix-build follows it; an unmarked set is not.
+  tools = { recurseForDerivations = true; fmt = pkg { pname = "fmt"; script = "echo fmt > $out"; }; };
+  extra = { hidden = pkg { pname = "hidden"; script = "echo > $out"; }; };
   hello = import ./pkgs/hello.nix { inherit pkg greeting; };
   fixme = import ./pkgs/fixme.nix { inherit pkg fod; };
   # Reads the agent's environment: empty.
@@ -420,9 +423,10 @@ fn classic_nur_layouts_default_nix_and_ci_nix() {
     let names: Vec<&String> = got.keys().collect();
     assert_eq!(
         names,
-        ["fixme", "hello", "leak", "snoop"],
+        ["fixme", "hello", "leak", "snoop", "tools.fmt"],
         "lib, modules, overlays are not packages: {report}"
     );
+    assert_eq!(got["tools.fmt"]["status"], "ready", "{}", got["tools.fmt"]);
     assert_eq!(got["hello"]["status"], "ready", "{}", got["hello"]);
     let out = got["hello"]["outputs"]["out"].as_str().unwrap();
     let cat = host.run(&["cat", out]);
@@ -435,7 +439,8 @@ fn classic_nur_layouts_default_nix_and_ci_nix() {
         &["--argstr", "greeting", "hi there", "--attr", "lib"],
     );
     assert_eq!(
-        lib["error"], "no package lib in the file's top level: --attr names a derivation there",
+        lib["error"],
+        "no package lib in the file (its top level, and sets marked recurseForDerivations): --attr names a derivation there",
         "{lib}"
     );
     assert_eq!(got["hello"]["position"], "pkgs/hello.nix:3");
@@ -457,6 +462,16 @@ fn classic_nur_layouts_default_nix_and_ci_nix() {
         "{}",
         got["snoop"]["reason"]
     );
+    // One of a marked set's, by its path.
+    let fmt = local(
+        &host,
+        &state,
+        &repo,
+        &["--argstr", "greeting", "hi there", "--attr", "tools.fmt"],
+    );
+    let got_fmt = packages_by_attr(&fmt);
+    assert_eq!(got_fmt.keys().collect::<Vec<_>>(), ["tools.fmt"], "{fmt}");
+    assert_eq!(got_fmt["tools.fmt"]["status"], "ready");
     // ci.nix's buildOutputs (a list): its derivations, by name.
     let ci = local(
         &host,

@@ -37,7 +37,15 @@ pub struct AttrInfo {
 /// One attribute `n` of `s`, caught: its info, or null when evaluating it throws.
 /// deepSeq: a throw anywhere in what is read (drvPath, meta) is caught here, not later while
 /// printing the JSON, where it would fail the process.
-const CAUGHT: &str = "let t = builtins.tryEval (let i = info s.${n}; in builtins.deepSeq i i); in if t.success then t.value else null";
+const CAUGHT: &str = "let t = builtins.tryEval (let i = info (at n); in builtins.deepSeq i i); in if t.success then t.value else null";
+
+/// Attribute `n` of `s`: a name the listing found inside a set marked
+/// `recurseForDerivations` is its path, dot-joined (`tools.fmt`); any other is `s`'s own.
+const AT: &str = r#"n: if s ? ${n} then s.${n} else builtins.foldl' (a: k: a.${k}) s (builtins.filter builtins.isString (builtins.split "[.]" n))"#;
+
+/// How deep a file's listing follows sets marked `recurseForDerivations` (a set that marks
+/// itself, as nixpkgs' `pkgs` does, would be followed for ever).
+const RECURSE_DEPTH: u32 = 8;
 
 /// What [`Nix::list_and_eval`] yields: the names, and each one's info (`None`: it threw)
 /// when the listing was small enough to be evaluated.
@@ -68,7 +76,10 @@ in {
 impl Nix {
     /// Attribute names below `attr_path` of `entry`, in a process capped at `mem_mib` MiB
     /// (0: none). Of a Nix file, only the derivations (and what fails to evaluate): a NUR
-    /// `default.nix` also holds `lib`, `modules` and `overlays`.
+    /// `default.nix` also holds `lib`, `modules` and `overlays`. As `nix-build` does, a
+    /// file's sets marked `recurseForDerivations` (`recurseIntoAttrs`) are followed, their
+    /// derivations named by path (`tools.fmt`; a name with a dot of its own inside such a
+    /// set, or one a top-level attribute already has, is left out: it would name two).
     pub async fn list_attrs(
         &self,
         entry: &Entry,
@@ -88,7 +99,7 @@ impl Nix {
     fn names_expr(entry: &Entry) -> String {
         if entry.is_file() {
             format!(
-                "let n = {NORMALIZE} s; in if builtins.isAttrs n then builtins.filter (k: let t = builtins.tryEval n.${{k}}; in !t.success || (builtins.isAttrs t.value && (t.value.type or null) == \"derivation\")) (builtins.attrNames n) else throw \"not an attribute set or a list\""
+                r#"let n = {NORMALIZE} s; isDrv = v: builtins.isAttrs v && (v.type or null) == "derivation"; walk = depth: prefix: set: builtins.concatMap (k: let t = builtins.tryEval set.${{k}}; name = prefix + k; dotted = builtins.match ".*[.].*" k != null; in if depth > 0 && (dotted || n ? ${{name}}) then [ ] else if !t.success || isDrv t.value then [ name ] else if depth < {RECURSE_DEPTH} && !dotted && builtins.isAttrs t.value && (builtins.tryEval ((t.value.recurseForDerivations or false) == true)).value then walk (depth + 1) (name + ".") t.value else [ ]) (builtins.attrNames set); in if builtins.isAttrs n then walk 0 "" n else throw "not an attribute set or a list""#
             )
         } else {
             "if builtins.isAttrs s then builtins.attrNames s else throw \"not an attribute set\""
@@ -109,7 +120,7 @@ impl Nix {
         mem_mib: u64,
     ) -> Result<ListedAndEvaluated, NixError> {
         let apply = format!(
-            "s0: let info = {INFO_EXPR}; names = (s: {}) s0; s = {NORMALIZE} s0; in {{ names = names; evaluated = if builtins.length names <= {up_to} then builtins.listToAttrs (map (n: {{ name = n; value = {CAUGHT}; }}) names) else null; }}",
+            "s0: let info = {INFO_EXPR}; names = (s: {}) s0; s = {NORMALIZE} s0; at = {AT}; in {{ names = names; evaluated = if builtins.length names <= {up_to} then builtins.listToAttrs (map (n: {{ name = n; value = {CAUGHT}; }}) names) else null; }}",
             Self::names_expr(entry)
         );
         let mut c = self.eval_cmd("");
@@ -145,7 +156,7 @@ impl Nix {
         attrs: &[String],
         mem_mib: u64,
     ) -> Result<BTreeMap<String, AttrInfo>, NixError> {
-        self.eval_infos(entry, attr_path, attrs, "info s.${n}", mem_mib)
+        self.eval_infos(entry, attr_path, attrs, "info (at n)", mem_mib)
             .await
     }
 
@@ -167,7 +178,7 @@ impl Nix {
             marks.prefix()
         );
         let apply = format!(
-            "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; in builtins.listToAttrs (map (n: {{ name = n; value = {value}; }}) [ {} ])",
+            "s0: let info = {INFO_EXPR}; s = {NORMALIZE} s0; at = {AT}; in builtins.listToAttrs (map (n: {{ name = n; value = {value}; }}) [ {} ])",
             names.join(" ")
         );
         let mut c = self.eval_cmd("");
@@ -249,5 +260,95 @@ mod mark_tests {
             stopped_at(&m, &attrs, "stopped".into()),
             NixError::TooLong(_)
         ));
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::*;
+
+    /// A NUR `default.nix` with sets marked `recurseForDerivations`: what `nix-build` builds
+    /// is what is listed, each evaluated by its dotted name.
+    #[tokio::test]
+    async fn a_files_marked_sets_are_followed_and_named_by_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("default.nix"),
+            r#"{ }:
+let
+  pkg = name: derivation { inherit name; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; };
+in {
+  lib = { id = x: x; };
+  top = pkg "top";
+  "a.b" = pkg "dotted";
+  a = { recurseForDerivations = true; b = pkg "shadowed"; c = pkg "c"; };
+  tools = {
+    recurseForDerivations = true;
+    fmt = pkg "fmt";
+    "x.y" = pkg "ambiguous";
+    broken = throw "no fmt here";
+    deeper = { recurseForDerivations = true; lint = pkg "lint"; };
+    plain = { hidden = pkg "hidden"; };
+  };
+  unmarked = { hidden = pkg "hidden"; };
+  loop = let self = { recurseForDerivations = true; inherit self; leaf = pkg "leaf"; }; in self;
+}
+"#,
+        )
+        .unwrap();
+        let entry = Entry::File {
+            root: dir.path().to_path_buf(),
+            file: "default.nix".into(),
+            args: vec![],
+        };
+        let nix = Nix::default();
+        let mut names = nix.list_attrs(&entry, "", 0).await.unwrap();
+        names.sort();
+        let mut want = vec![
+            "a.b",
+            "a.c",
+            "top",
+            "tools.broken",
+            "tools.deeper.lint",
+            "tools.fmt",
+            "loop.leaf",
+        ];
+        // The loop is followed only so far.
+        let mut prefix = String::from("loop.");
+        for _ in 1..RECURSE_DEPTH {
+            prefix.push_str("self.");
+            want.push(Box::leak(format!("{prefix}leaf").into_boxed_str()));
+        }
+        want.sort();
+        assert_eq!(names, want);
+        let got = nix
+            .eval_attrs_caught(
+                &entry,
+                "",
+                &[
+                    "a.b".into(),
+                    "a.c".into(),
+                    "tools.deeper.lint".into(),
+                    "tools.broken".into(),
+                ],
+                0,
+            )
+            .await
+            .unwrap();
+        let name = |a: &str| {
+            got[a]
+                .as_ref()
+                .map(|i| i.drv_path.rsplit('-').next().unwrap().to_string())
+        };
+        // A top-level name with a dot is its own attribute, not a path.
+        assert_eq!(name("a.b").as_deref(), Some("dotted.drv"));
+        assert_eq!(name("a.c").as_deref(), Some("c.drv"));
+        assert_eq!(name("tools.deeper.lint").as_deref(), Some("lint.drv"));
+        assert_eq!(got["tools.broken"], None);
+        // Listed and evaluated in one process, the same.
+        let both = nix.list_and_eval(&entry, "", 100, 0).await.unwrap();
+        let evaluated = both.evaluated.unwrap();
+        assert!(evaluated["tools.fmt"].is_some(), "{evaluated:?}");
+        assert_eq!(evaluated.len(), want.len());
     }
 }

@@ -178,8 +178,14 @@ async fn eval_with_checks(
     mem: u64,
 ) -> Result<BTreeMap<String, Result<AttrInfo, String>>, NixError> {
     let prefix = nixfarm_core::report::CHECK_PREFIX;
-    let (checks, packages): (Vec<String>, Vec<String>) =
-        attrs.iter().cloned().partition(|a| a.starts_with(prefix));
+    let system = attr_path
+        .strip_prefix("packages.")
+        .filter(|_| !entry.is_file());
+    // A Nix file's `checks.NAME` is a package of a `checks` set it recurses into.
+    let (checks, packages): (Vec<String>, Vec<String>) = attrs
+        .iter()
+        .cloned()
+        .partition(|a| system.is_some() && a.starts_with(prefix));
     let mut out = if packages.is_empty() {
         BTreeMap::new()
     } else {
@@ -192,7 +198,6 @@ async fn eval_with_checks(
         )
         .await?
     };
-    let system = attr_path.strip_prefix("packages.");
     if let (Some(system), false) = (system, checks.is_empty()) {
         let names: Vec<String> = checks
             .iter()

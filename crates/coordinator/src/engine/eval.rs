@@ -69,12 +69,12 @@ impl Engine {
                 // What is listed is packages: an attribute that is there but no derivation
                 // (`lib`, a set of modules) is missing as one too.
                 let place = if run.spec.attr_path.is_empty() {
-                    "the file's top level".to_string()
+                    "in the file (its top level, and sets marked recurseForDerivations)".to_string()
                 } else {
-                    format!("'{}'", run.spec.attr_path)
+                    format!("in '{}'", run.spec.attr_path)
                 };
                 let msg = format!(
-                    "no package {} in {place}: --attr names a derivation there",
+                    "no package {} {place}: --attr names a derivation there",
                     missing.join(", ")
                 );
                 return self.fail_run(inner, &run_id, &msg);
