@@ -452,6 +452,11 @@ fn classic_nur_layouts_default_nix_and_ci_nix() {
     );
     assert_eq!(got["fixme"]["status"], "needs-hash", "{}", got["fixme"]);
     assert_eq!(got["fixme"]["hash_fixes"][0]["file"], "pkgs/fixme.nix");
+    // As the file has it, beside the hash Nix called it.
+    assert_eq!(
+        got["fixme"]["hash_fixes"][0]["written"],
+        "\"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\""
+    );
     // The file cannot read the agent's disk.
     assert_eq!(got["snoop"]["status"], "eval-failed");
     assert!(

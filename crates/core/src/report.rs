@@ -20,6 +20,22 @@ pub struct HashFix {
     /// 1-based line of the value in the submitted file.
     #[serde(default)]
     pub line: usize,
+    /// The value as the file has it (`lib.fakeHash`, `""`); empty: the literal `old`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub written: String,
+}
+
+impl HashFix {
+    /// What the file has now, as a reader finds it there: `""` or `lib.fakeHash` where that
+    /// is what is written (Nix calls both the all-zero hash `old`), else `old`.
+    pub fn was(&self) -> String {
+        let w = self.written.trim();
+        if w.is_empty() || w.trim_matches('"') == self.old.to_string() {
+            self.old.to_string()
+        } else {
+            crate::fit::one_line(w)
+        }
+    }
 }
 
 /// A fixed-output derivation in the package's closure whose hash did not match.
@@ -223,7 +239,7 @@ impl Report {
                 "{bullet}{q}{file}:{}{q} {q}{}{q}: {} -> {q}{}{q}",
                 f.line,
                 cell(&f.attribute),
-                cell(&f.old),
+                cell(&f.was()),
                 cell(&f.new)
             );
         }

@@ -56,7 +56,9 @@ impl Report {
                         prop(&title),
                         data(&format!(
                             "{} should be \"{}\" (it is {}); nixfarm local --fix-hashes --apply writes it",
-                            f.attribute, f.new, f.old
+                            f.attribute,
+                            f.new,
+                            f.was()
                         ))
                     );
                 }
@@ -119,6 +121,23 @@ mod tests {
                     .unwrap(),
                 new: crate::Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=")
                     .unwrap(),
+                written: "\"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"".into(),
+            }],
+            ..Default::default()
+        };
+        // Nix calls an empty hash the all-zero one; the annotation says what the file has.
+        let empty = PackageReport {
+            attr: "empty".into(),
+            status: PackageStatus::NeedsHash,
+            hash_fixes: vec![HashFix {
+                file: "pkgs/empty.nix".into(),
+                line: 4,
+                attribute: "vendorHash".into(),
+                old: crate::Sri::parse("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+                    .unwrap(),
+                new: crate::Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=")
+                    .unwrap(),
+                written: "\"\"".into(),
             }],
             ..Default::default()
         };
@@ -146,7 +165,7 @@ mod tests {
             RunState::Finished,
             "l".into(),
             String::new(),
-            vec![fix, failed, remote, ok],
+            vec![fix, empty, failed, remote, ok],
         );
         let g = r.to_github();
         let lines: Vec<&str> = g.lines().collect();
@@ -155,6 +174,9 @@ mod tests {
         ), "{g}");
         assert!(lines.contains(
             &"::error file=pkgs/rsky.nix,line=9,title=nixfarm%3A rsky needs-hash::hash should be \"sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=\" (it is sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=); nixfarm local --fix-hashes --apply writes it"
+        ), "{g}");
+        assert!(lines.contains(
+            &"::error file=pkgs/empty.nix,line=4,title=nixfarm%3A empty needs-hash::vendorHash should be \"sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=\" (it is \"\"); nixfarm local --fix-hashes --apply writes it"
         ), "{g}");
         assert!(
             lines.contains(&"::error title=nixfarm%3A x eval-failed::throw"),
@@ -165,7 +187,7 @@ mod tests {
             lines
                 .last()
                 .unwrap()
-                .starts_with("::notice title=nixfarm readiness::Ready: 1/4")
+                .starts_with("::notice title=nixfarm readiness::Ready: 1/5")
         );
     }
 }

@@ -132,7 +132,7 @@ impl Report {
         let mut lines: Vec<String> = text.lines().take(1).map(str::to_string).collect();
         for f in self.all_fixes() {
             let (file, attribute) = (one_line(&f.file), one_line(&f.attribute));
-            let (old, new) = (one_line(&f.old), one_line(&f.new));
+            let (old, new) = (f.was(), one_line(&f.new));
             let one = format!("  {file}:{} {attribute}: {old} -> {new}", f.line);
             if crate::fit::width(&one) <= max {
                 lines.push(one);
@@ -168,6 +168,7 @@ mod tests {
             old: crate::Sri::parse("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap(),
             new: crate::Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=").unwrap(),
             line: 12,
+            written: String::new(),
         });
         let b = PackageReport {
             attr: "ok".into(),

@@ -195,6 +195,7 @@ fn names_and_logs_from_a_repository_stay_text() {
         old: crate::Sri::parse("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap(),
         new: crate::Sri::parse("sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=").unwrap(),
         line: 3,
+        written: "lib.fakeHash\n::error::forged\u{1b}[2J".into(),
     }];
     for t in [
         r.to_table_in(crate::TableWidth::Columns(80)),

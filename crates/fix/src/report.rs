@@ -31,6 +31,7 @@ pub fn to_hash_fix(f: &Fix) -> HashFix {
         old: f.old.clone(),
         new: f.new.clone(),
         line: f.line,
+        written: f.old_text.clone(),
     }
 }
 

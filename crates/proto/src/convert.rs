@@ -7,6 +7,9 @@ use nixfarm_core::report::{HashFix, HashMismatch, PackageKind, PackageReport, Re
 use nixfarm_core::{OutputPath, PackageStatus, RunState, Smoke, Sri, StorePath, StorePathError};
 use std::collections::BTreeMap;
 
+/// The longest `HashFix.written` shown (bytes): any hash expression fits.
+const MAX_WRITTEN: usize = 200;
+
 /// A wire message whose fields do not make a domain value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed message from the coordinator: {0}")]
@@ -84,6 +87,7 @@ impl From<&PackageReport> for pb::PackageReport {
                     attribute: f.attribute.clone(),
                     old: f.old.to_string(),
                     new: f.new.to_string(),
+                    written: f.written.clone(),
                 })
                 .collect(),
         }
@@ -156,6 +160,12 @@ impl TryFrom<pb::PackageReport> for PackageReport {
                     file: f.file,
                     line: usize::try_from(f.line).unwrap_or(0),
                     attribute: f.attribute,
+                    // Shown only; a value longer than any hash expression is dropped.
+                    written: if f.written.len() <= MAX_WRITTEN {
+                        f.written
+                    } else {
+                        String::new()
+                    },
                 })
             })
             .collect::<Result<Vec<_>, WireError>>()?;
@@ -248,6 +258,7 @@ mod tests {
                     attribute: "hash".into(),
                     old: Sri::parse(FAKE).unwrap(),
                     new: Sri::parse(GOT).unwrap(),
+                    written: "lib.fakeHash".into(),
                 }],
                 ..Default::default()
             });

@@ -286,7 +286,7 @@ pub async fn package(
                 esc(&f.file),
                 f.line,
                 esc(&f.attribute),
-                esc(&f.old),
+                esc(&f.was()),
                 esc(&f.new)
             );
         }
