@@ -1081,3 +1081,81 @@ fn a_fixed_output_with_a_store_reference_is_the_packages_failure_not_the_machine
         "{reason}"
     );
 }
+
+/// A git flake is read as Nix reads it: tracked files as they are now (uncommitted edits
+/// included), and no file that was never `git add`ed, so "ready" is what `nix build` on this
+/// checkout, and on a clone of it, says. The file left out is named.
+#[test]
+fn a_git_flake_is_its_tracked_files_with_uncommitted_edits_an_untracked_file_left_out() {
+    let dir = scratch();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.email=t@t", "-c", "user.name=t"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+    };
+    let pkg = |name: &str, text: &str| {
+        format!(
+            "{{ system }}: derivation {{ name = \"{name}\"; inherit system; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {text} > $out\" ]; }}\n"
+        )
+    };
+    std::fs::write(
+        repo.join("flake.nix"),
+        "{ outputs = { self }: let system = \"x86_64-linux\"; in { packages.${system} = { edited = import ./edited.nix { inherit system; }; added = import ./added.nix { inherit system; }; forgotten = import ./forgotten.nix { inherit system; }; }; }; }\n",
+    )
+    .unwrap();
+    std::fs::write(repo.join("edited.nix"), pkg("edited", "committed")).unwrap();
+    git(&["init", "-q"]);
+    git(&["add", "flake.nix", "edited.nix"]);
+    git(&["commit", "-qm", "init"]);
+    // Uncommitted: an edit, a file added but not committed, a file never added.
+    std::fs::write(repo.join("edited.nix"), pkg("edited", "uncommitted")).unwrap();
+    std::fs::write(repo.join("added.nix"), pkg("added", "added")).unwrap();
+    git(&["add", "added.nix"]);
+    std::fs::write(repo.join("forgotten.nix"), pkg("forgotten", "forgotten")).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let out = host
+        .command(&[
+            bin("nixfarm").to_str().unwrap(),
+            "local",
+            repo.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&out), stderr(&out)));
+    let got = packages_by_attr(&report);
+    assert_eq!(got["edited"]["status"], "ready", "{}", got["edited"]);
+    let edited = got["edited"]["outputs"]["out"].as_str().unwrap();
+    assert_eq!(stdout(&host.run(&["cat", edited])).trim(), "uncommitted");
+    assert_eq!(got["added"]["status"], "ready", "{}", got["added"]);
+    assert_eq!(
+        got["forgotten"]["status"], "eval-failed",
+        "{}",
+        got["forgotten"]
+    );
+    assert!(
+        got["forgotten"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("forgotten.nix"),
+        "{}",
+        got["forgotten"]
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("left out of the snapshot: 1 file(s) git does not track: forgotten.nix"),
+        "{err}"
+    );
+}

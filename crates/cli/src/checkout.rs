@@ -14,9 +14,10 @@ pub(crate) struct Checkout {
 }
 
 impl Checkout {
-    pub(crate) fn read(dir: &Path) -> anyhow::Result<Checkout> {
+    /// The files `reader` sees (those a snapshot holds).
+    pub(crate) fn read(dir: &Path, reader: source::Reader) -> anyhow::Result<Checkout> {
         let mut original = Tree::new();
-        for rel in source::list_files(dir)? {
+        for rel in source::snapshot_files(dir, reader)?.files {
             if rel.extension().is_some_and(|e| e == "nix") {
                 let full = dir.join(&rel);
                 // A regular file of the tree only (a link could point anywhere, /proc
@@ -214,7 +215,7 @@ mod tests {
         std::fs::create_dir(dir.path().join("pkgs")).unwrap();
         std::fs::write(dir.path().join("pkgs/a.nix"), "{ hash = lib.fakeHash; }\n").unwrap();
         std::fs::write(dir.path().join("pkgs/b.nix"), "{ hash = lib.fakeHash; }\n").unwrap();
-        let c = Checkout::read(dir.path()).unwrap();
+        let c = Checkout::read(dir.path(), source::Reader::File).unwrap();
         let mut changed = Tree::new();
         for f in ["pkgs/a.nix", "pkgs/b.nix"] {
             changed.insert(f.into(), "{ hash = \"sha256-x\"; }\n".into());
@@ -229,7 +230,7 @@ mod tests {
         std::fs::write(outside.path().join("x.nix"), "{ secret = 1; }").unwrap();
         std::fs::write(dir.path().join("flake.nix"), "{ }").unwrap();
         std::os::unix::fs::symlink(outside.path().join("x.nix"), dir.path().join("x.nix")).unwrap();
-        let c = Checkout::read(dir.path()).unwrap();
+        let c = Checkout::read(dir.path(), source::Reader::File).unwrap();
         assert!(!c.original.contains_key("x.nix"));
         assert!(c.original.contains_key("flake.nix"));
     }

@@ -405,7 +405,11 @@ pub async fn run(
     run_args: &RunArgs,
     fix: &FixArgs,
 ) -> anyhow::Result<Outcome> {
-    let checkout = Checkout::read(dir)?;
+    let reader = match crate::source::entry_file(dir, run_args.file.as_deref())? {
+        Some(_) => crate::source::Reader::File,
+        None => crate::source::Reader::Flake,
+    };
+    let checkout = Checkout::read(dir, reader)?;
     let fixing = fix.enabled();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut s = Session {

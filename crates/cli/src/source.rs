@@ -1,5 +1,6 @@
-//! What a run builds: a snapshot of a local checkout (tracked files plus untracked ones git
-//! does not ignore, so uncommitted work is built) or a flake reference agents fetch.
+//! What a run builds: a snapshot of a local checkout, as what evaluates it reads the
+//! checkout (uncommitted changes included; of a git flake only the files git tracks, as Nix
+//! reads one), or a flake reference agents fetch.
 
 use crate::{Client, status_error};
 use anyhow::{Context, bail};
@@ -109,32 +110,85 @@ pub fn list_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The files a snapshot of `dir` holds: [`list_files`], less, in a git work tree, the links
-/// git does not track that point out of the tree (a `nix build` result link git does not
-/// ignore: `result` → /nix/store/…), which no snapshot may hold and no tracked file can
-/// mean; those are returned beside. A tracked one stays, for the snapshot to refuse by
-/// name, and so does every such link of a tree that is not git's (its top-level `result`
-/// links aside, which [`list_files`] leaves out): nothing there tells a build's link from
-/// the repository's own.
-pub fn snapshot_files(dir: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+/// What evaluates a checkout, so what of it a run sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    /// Nix reading a flake: of a git work tree, only the files git tracks (added ones too,
+    /// as they are now): a file never `git add`ed is not there, for `nix build` on this
+    /// checkout nor for anyone who clones it.
+    Flake,
+    /// A Nix file read as `nix-build` reads it: every file but those git ignores.
+    File,
+}
+
+/// The files a snapshot of `dir` holds, and what was left out.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub files: Vec<PathBuf>,
+    /// Links git does not track that point out of the tree (a `nix build` result link git
+    /// does not ignore: `result` → /nix/store/…), which no snapshot may hold and no
+    /// tracked file can mean.
+    pub links_out: Vec<PathBuf>,
+    /// Of a git flake, the files git does not track (nor ignore).
+    pub untracked: Vec<PathBuf>,
+}
+
+/// The files a snapshot of `dir` holds: [`list_files`], less, in a git work tree, what
+/// git does not track of a flake, and the links out of the tree that git does not track.
+/// A tracked link out stays, for the snapshot to refuse by name, and so does every such
+/// link of a tree that is not git's (its top-level `result` links aside, which
+/// [`list_files`] leaves out): nothing there tells a build's link from the repository's
+/// own.
+pub fn snapshot_files(dir: &Path, reader: Reader) -> anyhow::Result<Snapshot> {
     let files = list_files(dir)?;
     let links_out = |rel: &PathBuf| {
         std::fs::read_link(dir.join(rel))
             .is_ok_and(|target| !snapshot::link_stays_inside(rel, &target))
     };
-    if !files.iter().any(links_out) {
-        return Ok((files, Vec::new()));
+    if reader == Reader::File && !files.iter().any(links_out) {
+        return Ok(Snapshot {
+            files,
+            ..Default::default()
+        });
     }
     let untracked: std::collections::HashSet<PathBuf> =
         match git_ls_files(dir, &["--others", "--exclude-standard"]) {
             Ok(o) if o.status.success() => git_names(&o.stdout).collect(),
             // Not a git work tree (list_files refused one git cannot list).
-            _ => return Ok((files, Vec::new())),
+            _ => {
+                return Ok(Snapshot {
+                    files,
+                    ..Default::default()
+                });
+            }
         };
-    let (skipped, kept): (Vec<PathBuf>, Vec<PathBuf>) = files
-        .into_iter()
-        .partition(|f| links_out(f) && untracked.contains(f));
-    Ok((kept, skipped))
+    let mut s = Snapshot::default();
+    for f in files {
+        if !untracked.contains(&f) {
+            s.files.push(f);
+        } else if links_out(&f) {
+            s.links_out.push(f);
+        } else if reader == Reader::Flake {
+            s.untracked.push(f);
+        } else {
+            s.files.push(f);
+        }
+    }
+    Ok(s)
+}
+
+/// "a, b, c and 4 more": the first few of `paths`.
+fn first_few(paths: &[PathBuf]) -> String {
+    let names: Vec<String> = paths
+        .iter()
+        .take(5)
+        .map(|p| p.display().to_string())
+        .collect();
+    let more = match paths.len() {
+        n if n > 5 => format!(" and {} more", n - 5),
+        _ => String::new(),
+    };
+    format!("{}{more}", names.join(", "))
 }
 
 /// Why a checkout is larger than a snapshot may be: the limit and its largest files.
@@ -251,6 +305,7 @@ pub fn entry_file(dir: &Path, file: Option<&str>) -> anyhow::Result<Option<Strin
 pub async fn prepare(
     client: &Client,
     s: &str,
+    reader: Reader,
     overrides: &BTreeMap<PathBuf, Vec<u8>>,
 ) -> anyhow::Result<(pb::Source, String)> {
     match check_local_or_ref(s)? {
@@ -261,22 +316,23 @@ pub async fn prepare(
             f,
         )),
         Named::Dir(dir) => {
-            let (files, skipped) = snapshot_files(&dir)?;
+            let Snapshot {
+                files,
+                links_out,
+                untracked,
+            } = snapshot_files(&dir, reader)?;
             // Said once per session: a fixing session's later stages upload edits only.
-            if !skipped.is_empty() && overrides.is_empty() {
-                let names: Vec<String> = skipped
-                    .iter()
-                    .take(5)
-                    .map(|p| p.display().to_string())
-                    .collect();
+            if !links_out.is_empty() && overrides.is_empty() {
                 note!(
-                    "left out of the snapshot: {}{} (links git does not track that point out of the checkout, such as nix build's result)",
-                    names.join(", "),
-                    if skipped.len() > 5 {
-                        format!(" and {} more", skipped.len() - 5)
-                    } else {
-                        String::new()
-                    }
+                    "left out of the snapshot: {} (links git does not track that point out of the checkout, such as nix build's result)",
+                    first_few(&links_out)
+                );
+            }
+            if !untracked.is_empty() && overrides.is_empty() {
+                note!(
+                    "left out of the snapshot: {} file(s) git does not track: {} (Nix reads only tracked files of a git flake; `git add` them to build with them)",
+                    untracked.len(),
+                    first_few(&untracked)
                 );
             }
             let limits = server_limits(client).await?;
@@ -388,7 +444,11 @@ mod tests {
         let store = "/nix/store/00000000000000000000000000000000-x";
         std::os::unix::fs::symlink(store, d.path().join("result")).unwrap();
         std::os::unix::fs::symlink(store, d.path().join("pkgs/result-dev")).unwrap();
-        let (files, skipped) = snapshot_files(d.path()).unwrap();
+        let Snapshot {
+            files,
+            links_out: skipped,
+            ..
+        } = snapshot_files(d.path(), Reader::Flake).unwrap();
         let names = |v: &[PathBuf]| {
             let mut n: Vec<String> = v.iter().map(|p| p.display().to_string()).collect();
             n.sort();
@@ -400,7 +460,7 @@ mod tests {
         // Tracked, the same link is the checkout's own: refused by name, not dropped.
         std::os::unix::fs::symlink("/etc", d.path().join("etc")).unwrap();
         git(&["add", "etc"]);
-        let (files, _) = snapshot_files(d.path()).unwrap();
+        let files = snapshot_files(d.path(), Reader::Flake).unwrap().files;
         assert!(files.iter().any(|f| f == Path::new("etc")));
         let e = snapshot::pack(d.path(), &files, snapshot::Limits::default()).unwrap_err();
         assert!(
@@ -411,7 +471,11 @@ mod tests {
         // No git: nothing tells a build's link from the tree's own, so only the top-level
         // result links are left out; any other link out is refused by name.
         std::fs::remove_dir_all(d.path().join(".git")).unwrap();
-        let (files, skipped) = snapshot_files(d.path()).unwrap();
+        let Snapshot {
+            files,
+            links_out: skipped,
+            ..
+        } = snapshot_files(d.path(), Reader::Flake).unwrap();
         assert!(skipped.is_empty(), "{skipped:?}");
         assert!(!files.iter().any(|f| f == Path::new("result")), "{files:?}");
         assert!(files.iter().any(|f| f == Path::new("pkgs/result-dev")));
@@ -442,8 +506,9 @@ mod tests {
         assert!(m.contains("every file under it is sent"), "{m}");
     }
 
+    /// Nix reads a git flake's tracked files only; `nix-build` reads a file's whole tree.
     #[test]
-    fn untracked_files_are_included_ignored_ones_are_not() {
+    fn untracked_files_are_listed_ignored_ones_are_not_and_a_flake_leaves_them_out() {
         let d = tempfile::tempdir().unwrap();
         let run = |args: &[&str]| {
             std::process::Command::new("git")
@@ -463,6 +528,17 @@ mod tests {
         files.sort();
         let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
         assert_eq!(names, vec![".gitignore", "flake.nix", "new.nix"]);
+        let flake = snapshot_files(d.path(), Reader::Flake).unwrap();
+        assert_eq!(flake.untracked, [PathBuf::from("new.nix")]);
+        assert!(!flake.files.iter().any(|f| f == Path::new("new.nix")));
+        let file = snapshot_files(d.path(), Reader::File).unwrap();
+        assert!(file.untracked.is_empty());
+        assert!(file.files.iter().any(|f| f == Path::new("new.nix")));
+        // Added, it is the flake's, uncommitted as it is.
+        run(&["add", "new.nix"]);
+        let flake = snapshot_files(d.path(), Reader::Flake).unwrap();
+        assert!(flake.untracked.is_empty());
+        assert!(flake.files.iter().any(|f| f == Path::new("new.nix")));
         // When git cannot list them, nothing goes (every file, ignored ones too, did).
         std::fs::write(d.path().join(".git/HEAD"), "garbage").unwrap();
         let e = list_files(d.path()).unwrap_err().to_string();

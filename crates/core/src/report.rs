@@ -30,7 +30,7 @@ impl HashFix {
     /// is what is written (Nix calls both the all-zero hash `old`), else `old`.
     pub fn was(&self) -> String {
         let w = self.written.trim();
-        if w.is_empty() || w.trim_matches('"') == self.old.to_string() {
+        if w.is_empty() || self.old == w.trim_matches('"') {
             self.old.to_string()
         } else {
             crate::fit::one_line(w)

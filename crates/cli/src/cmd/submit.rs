@@ -89,7 +89,11 @@ pub(crate) async fn submit(
             }
         }
     }
-    let (src, label) = source::prepare(client, source, overrides).await?;
+    let reader = match entry {
+        Some(_) => source::Reader::File,
+        None => source::Reader::Flake,
+    };
+    let (src, label) = source::prepare(client, source, reader, overrides).await?;
     let cache = run_cache(run)?;
     let req = pb::SubmitRunRequest {
         source: Some(src),
