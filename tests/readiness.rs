@@ -1159,3 +1159,68 @@ fn a_git_flake_is_its_tracked_files_with_uncommitted_edits_an_untracked_file_lef
         "{err}"
     );
 }
+
+/// `--apply` refused (a file it would edit changed during the run): nothing is written, and
+/// the report, with every fix it found, is still printed before the refusal.
+#[test]
+fn a_refused_apply_still_prints_the_report_and_its_fixes() {
+    let dir = scratch();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(repo.join("pkgs")).unwrap();
+    let fixme = repo.join("pkgs/fixme.nix");
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            r#"{{
+  outputs = {{ self }}: let
+    sys = "x86_64-linux";
+    src = import ./pkgs/fixme.nix;
+  in {{ packages.${{sys}} = {{
+    fixme = derivation {{ name = "fixme"; system = sys; builder = "/bin/sh"; inherit src;
+      PATH = "/usr/bin:/bin"; args = [ "-c" "cat $src > $out" ]; }};
+    # The maintainer's edit while the run goes, played by a build (no sandbox here).
+    toucher = derivation {{ name = "toucher"; system = sys; builder = "/bin/sh";
+      PATH = "/usr/bin:/bin"; args = [ "-c" "echo '# edited meanwhile' >> {}; echo > $out" ]; }};
+  }}; }};
+}}
+"#,
+            fixme.display()
+        ),
+    )
+    .unwrap();
+    let original = format!(
+        "derivation {{\n  name = \"source\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\";\n  args = [ \"-c\" \"printf '%s\\\\n' 'fixme source' > $out\" ];\n  outputHashMode = \"flat\"; outputHashAlgo = \"sha256\";\n  outputHash = \"{}\";\n}}\n",
+        "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    );
+    std::fs::write(&fixme, &original).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let out = host
+        .command(&[
+            bin("nixfarm").to_str().unwrap(),
+            "local",
+            repo.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--format",
+            "json",
+            "--fix-hashes",
+            "--apply",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("refusing to apply: pkgs/fixme.nix changed since the submit"),
+        "{err}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("no report ({e}): {}\n{err}", stdout(&out)));
+    let got = packages_by_attr(&report);
+    assert_eq!(got["fixme"]["status"], "ready", "{}", got["fixme"]);
+    assert_eq!(got["fixme"]["hash_fixes"][0]["new"], sri("fixme source"));
+    // Nothing written: the file is as the maintainer left it.
+    let now = std::fs::read_to_string(&fixme).unwrap();
+    assert_eq!(now, format!("{original}# edited meanwhile\n"));
+}

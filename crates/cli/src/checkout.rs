@@ -97,7 +97,7 @@ fn apply_staged_then(
             std::fs::read(&full).with_context(|| format!("cannot read {}", full.display()))?;
         if checkout.original.get(file).map(|s| s.as_bytes()) != Some(now.as_slice()) {
             bail!(
-                "refusing to apply: {file} changed since the submit; nothing was written (use --patch-out and merge by hand)"
+                "refusing to apply: {file} changed since the submit; nothing was written (the report lists each fix; --patch-out FILE writes them as a patch to merge by hand)"
             );
         }
         Ok(())

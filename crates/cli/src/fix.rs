@@ -48,6 +48,8 @@ pub struct Outcome {
     pub report: Report,
     /// Exit code 130 when the user detached from a round.
     pub detached: bool,
+    /// Why `--apply` wrote nothing: said after the report, which stands regardless.
+    pub not_applied: Option<anyhow::Error>,
 }
 
 /// Most runs of one session in flight at once; more packages ready for their next stage
@@ -485,6 +487,7 @@ pub async fn run(
                 return Ok(Outcome {
                     report,
                     detached: true,
+                    not_applied: None,
                 });
             }
             let report = get_report(client, &run).await?;
@@ -539,6 +542,7 @@ pub async fn run(
     if first.state == nixfarm_core::RunState::Failed {
         report = first;
     }
+    let mut not_applied = None;
     if fixing {
         report.fix_rounds = s.runs.clone();
         let changed: Tree = s
@@ -557,12 +561,13 @@ pub async fn run(
             );
         }
         if fix.apply {
-            apply_to_checkout(&s.checkout, &changed)?;
+            not_applied = apply_to_checkout(&s.checkout, &changed).err();
         }
     }
     Ok(Outcome {
         report,
         detached: false,
+        not_applied,
     })
 }
 

@@ -349,7 +349,12 @@ pub(crate) async fn submit_and_watch(
                 return Ok(130);
             }
             check_cached(&mut outcome.report, &run.into()).await?;
-            Ok(print_report(&outcome.report, out))
+            let code = print_report(&outcome.report, out);
+            // The report and its fixes are shown even when they could not be written.
+            match outcome.not_applied {
+                Some(e) => Err(e),
+                None => Ok(code),
+            }
         }
         source::Named::FlakeRef(f) => {
             if fix.enabled() {
