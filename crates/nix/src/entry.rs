@@ -64,8 +64,21 @@ const KEPT_ENV: &[&str] = &[
 ];
 
 /// Lists become attribute sets named by their derivations' `pname` (or name without the
-/// version): `ci.nix`'s `buildOutputs` is a list.
-pub(crate) const NORMALIZE: &str = r#"(s: if builtins.isList s then builtins.listToAttrs (map (d: { name = d.pname or (builtins.parseDrvName d.name).name; value = d; }) s) else s)"#;
+/// version): `ci.nix`'s `buildOutputs` is a list. Derivations that share a `pname` (two
+/// versions of a tool) go by their full names (`tool-1.0`, `tool-2.0`), and a full name
+/// there twice is told apart by its place (`tool-1.0#3`; no derivation name holds a `#`):
+/// none is dropped.
+pub(crate) const NORMALIZE: &str = r#"(s: if builtins.isList s then let
+  n = builtins.length s; at = builtins.elemAt s;
+  base = d: d.pname or (builtins.parseDrvName d.name).name;
+  places = f: builtins.genList (i: { name = f (at i); value = i; }) n;
+  first = f: builtins.listToAttrs (places f);
+  last = f: builtins.listToAttrs (builtins.genList (i: builtins.elemAt (places f) (n - 1 - i)) n);
+  fb = first base; lb = last base;
+  cands = builtins.genList (i: let b = base (at i); in if fb.${b} == i && lb.${b} == i then b else (at i).name) n;
+  fc = builtins.listToAttrs (builtins.genList (i: { name = builtins.elemAt cands i; value = i; }) n);
+  uniq = i: let c = builtins.elemAt cands i; in if fc.${c} == i then c else "${c}#${toString i}";
+in builtins.listToAttrs (builtins.genList (i: { name = uniq i; value = at i; }) n) else s)"#;
 
 impl Entry {
     /// Adds what selects `attr_path` of this entry to a `nix eval` command.

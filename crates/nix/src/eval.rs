@@ -352,3 +352,49 @@ in {
         assert_eq!(evaluated.len(), want.len());
     }
 }
+
+#[cfg(test)]
+mod list_tests {
+    use super::*;
+
+    /// ci.nix's `buildOutputs`: a list. Two versions of one tool are both there.
+    #[tokio::test]
+    async fn a_list_names_each_derivation_once_and_drops_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("ci.nix"),
+            r#"let
+  mk = name: v: derivation { inherit name; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo ${v} > $out" ]; };
+in {
+  buildOutputs = [
+    ((mk "tool-1.0" "a") // { pname = "tool"; })
+    ((mk "tool-2.0" "b") // { pname = "tool"; })
+    (mk "single-1.0" "c")
+    (mk "dup-1" "d")
+    (mk "dup-1" "e")
+  ];
+}
+"#,
+        )
+        .unwrap();
+        let entry = Entry::File {
+            root: dir.path().to_path_buf(),
+            file: "ci.nix".into(),
+            args: vec![],
+        };
+        let nix = Nix::default();
+        let mut names = nix.list_attrs(&entry, "buildOutputs", 0).await.unwrap();
+        names.sort();
+        assert_eq!(
+            names,
+            ["dup-1", "dup-1#4", "single", "tool-1.0", "tool-2.0"]
+        );
+        let got = nix
+            .eval_attrs(&entry, "buildOutputs", &names, 0)
+            .await
+            .unwrap();
+        let drvs: std::collections::BTreeSet<&String> = got.values().map(|i| &i.drv_path).collect();
+        assert_eq!(drvs.len(), 5, "{got:?}");
+        assert!(got["tool-2.0"].drv_path.ends_with("-tool-2.0.drv"));
+    }
+}
