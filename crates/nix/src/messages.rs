@@ -392,17 +392,35 @@ pub fn first_error(log: &str) -> Option<String> {
         .iter()
         .position(|l| l.trim_start().starts_with("error:"))?;
     let mut msg = trim_error(lines[start]);
+    let mut at = start;
     // Nix ≥ 2.4 nests the real cause below "… while evaluating": keep the last error line.
     let mut last_error = None;
-    for l in &lines[start + 1..] {
+    for (i, l) in lines.iter().enumerate().skip(start + 1) {
         let t = l.trim();
         if let Some(e) = t.strip_prefix("error:") {
-            last_error = Some(e.trim().to_string());
+            last_error = Some((i, e.trim().to_string()));
         }
     }
-    if let Some(e) = last_error.filter(|e| !e.is_empty()) {
+    if let Some((i, e)) = last_error.filter(|(_, e)| !e.is_empty()) {
         msg = e;
-    } else if msg.is_empty() {
+        at = i;
+    }
+    if !msg.is_empty() {
+        // A message of several lines (`throw "a\nb"`) goes on indented below its first,
+        // up to a blank line or what Nix adds after it (a trace, a place, a build's log).
+        for l in &lines[at + 1..] {
+            let t = l.trim();
+            let nix_own = ["…", "at ", "error:", "> ", "For full logs"]
+                .iter()
+                .any(|p| t.starts_with(p))
+                || (t.starts_with("last ") && t.ends_with("log lines:"));
+            if t.is_empty() || nix_own || !l.starts_with(char::is_whitespace) {
+                break;
+            }
+            msg.push('\n');
+            msg.push_str(t);
+        }
+    } else {
         msg = lines[start + 1..]
             .iter()
             .map(|l| l.trim())

@@ -331,6 +331,32 @@ fn first_error_prefers_the_innermost_cause() {
     assert!(first_error("all fine").is_none());
 }
 
+/// `throw "a\nb"`: Nix prints the message's later lines indented below its first (2.8 as
+/// newer Nix, whose cause comes last); all of them are the message, and nothing after it.
+#[test]
+fn first_error_keeps_a_message_of_several_lines_whole() {
+    let nix_2_8 = "error: bad | value\n       second line ::error::injected\n";
+    assert_eq!(
+        first_error(nix_2_8).unwrap(),
+        "bad | value\nsecond line ::error::injected"
+    );
+    let newer = "error:\n       … while evaluating the attribute 'p'\n\n         at /nix/store/x-source/flake.nix:1:2:\n\n       error: first\n         indented second\n\n       after a blank line\n";
+    assert_eq!(first_error(newer).unwrap(), "first\nindented second");
+    let traced = "error: undefined variable 'x'\n\n       at /nix/store/x-source/flake.nix:3:5:\n";
+    assert_eq!(first_error(traced).unwrap(), "undefined variable 'x'");
+    // A build's log and Nix's hint stay out of it (the log has its own place).
+    let build = "error: builder for '/nix/store/x-a.drv' failed with exit code 1;\n       last 2 log lines:\n       > one\n       > two\n       For full logs, run 'nix log /nix/store/x-a.drv'.\n";
+    assert_eq!(
+        first_error(build).unwrap(),
+        "builder for '/nix/store/x-a.drv' failed with exit code 1"
+    );
+    let hint = "error: attribute 'nope' missing\n       Did you mean one of nop or note?\n";
+    assert_eq!(
+        first_error(hint).unwrap(),
+        "attribute 'nope' missing\nDid you mean one of nop or note?"
+    );
+}
+
 #[test]
 fn versions() {
     assert_eq!(parse_version("nix (Nix) 2.8.0"), Some((2, 8)));
