@@ -447,3 +447,79 @@ fn an_unwritable_patch_file_is_refused_before_the_run() {
     );
     assert!(!err.contains("submitted run"), "{err}");
 }
+
+/// A daemon whose log reader goes away (a log shipper restarting, `2>&1 | head`) goes on:
+/// the coordinator and an agent, their stderr a pipe closed from the start, still serve a
+/// run. Each used to panic on its next log line ("failed printing to stderr") and exit 101.
+#[test]
+fn daemons_outlive_the_reader_of_their_logs() {
+    use std::io::BufRead as _;
+    let dir = scratch();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let mut coordinator = std::process::Command::new(bin("nixfarm-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(closed())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(coordinator.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!(
+        "http://{}",
+        line.trim().strip_prefix("listening on ").unwrap()
+    );
+    let host = Host::new(&dir.path().join("host"));
+    let mut agent = host
+        .command(&[
+            bin("nixfarm-agent").to_str().unwrap(),
+            "--coordinator",
+            &url,
+            "--name",
+            "quiet",
+            "--work-dir",
+            dir.path().join("work").to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(closed())
+        .spawn()
+        .unwrap();
+    let repo = sh_flake(dir.path(), "one", r#"one = mk "one" "echo one > $out";"#);
+    let out = host.run(&[
+        bin("nixfarm").to_str().unwrap(),
+        "--coordinator",
+        &url,
+        "submit",
+        repo.to_str().unwrap(),
+        "--watch",
+        "--format",
+        "json",
+    ]);
+    let alive = |c: &mut std::process::Child| c.try_wait().unwrap().is_none();
+    let (coordinator_alive, agent_alive) = (alive(&mut coordinator), alive(&mut agent));
+    let _ = coordinator.kill();
+    let _ = agent.kill();
+    assert!(
+        coordinator_alive,
+        "the coordinator exited: {:?}",
+        coordinator.wait()
+    );
+    assert!(agent_alive, "the agent exited: {:?}", agent.wait());
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    assert_eq!(
+        packages_by_attr(&report)["one"]["status"],
+        "ready",
+        "{report}"
+    );
+}

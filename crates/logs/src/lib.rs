@@ -17,7 +17,7 @@ pub fn init(format: LogFormat) {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| Stderr);
     match format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs
@@ -40,8 +40,27 @@ pub fn exit_code<E: AsRef<dyn std::error::Error + 'static>>(
 /// line, each said once (a cause's text often repeats in the error above it), on stderr, no
 /// backtrace; the exit code to end with.
 pub fn fatal(e: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
-    eprintln!("error: {}", error_chain(e));
+    use std::io::Write as _;
+    let _ = writeln!(Stderr, "error: {}", error_chain(e));
     std::process::ExitCode::FAILURE
+}
+
+/// Standard error for a daemon's logs: a write that fails (the reader of a log pipe went
+/// away: a log shipper restarting, `| head`) is dropped, not a panic. tracing's own fallback
+/// for a failed write is `eprintln!`, which panics on a closed pipe and took the whole
+/// coordinator or agent down with it.
+pub struct Stderr;
+
+impl std::io::Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// An error's message and its causes', joined by `: `, each said once.
