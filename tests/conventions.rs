@@ -523,3 +523,46 @@ fn daemons_outlive_the_reader_of_their_logs() {
         "{report}"
     );
 }
+
+/// `nixfarm submit . --fail-under 90` in CI gates on the run: what shapes or checks the
+/// report implies --watch. It printed the run id and passed, whatever the run came to.
+#[test]
+fn a_report_option_makes_submit_wait_for_the_report() {
+    let dir = scratch();
+    let coordinator = Coordinator::start(&dir.path().join("state")).unwrap();
+    let host = Host::new(&dir.path().join("host"));
+    let _agent = host.start_agent("a1", &coordinator.url, None, 2).unwrap();
+    let repo = sh_flake(
+        dir.path(),
+        "gate",
+        r#"good = mk "good" "echo > $out";
+        bad = mk "bad" "exit 1";"#,
+    );
+    let submit = |extra: &[&str]| {
+        let mut argv = vec![
+            bin("nixfarm").to_str().unwrap().to_string(),
+            "--coordinator".into(),
+            coordinator.url.clone(),
+            "submit".into(),
+            repo.to_str().unwrap().to_string(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        host.run(&refs)
+    };
+    let gated = submit(&["--fail-under", "90"]);
+    assert_eq!(gated.status.code(), Some(1), "{}", stderr(&gated));
+    assert!(stdout(&gated).contains("Ready: 1/2"), "{}", stdout(&gated));
+    let json = submit(&["--format", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&json))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&json)));
+    assert_eq!(packages_by_attr(&report)["bad"]["status"], "build-failed");
+    // Without any, the run id, at once.
+    let plain = submit(&[]);
+    assert_eq!(plain.status.code(), Some(0), "{}", stderr(&plain));
+    assert!(
+        nixfarm_core::limits::is_run_id(stdout(&plain).trim()),
+        "{}",
+        stdout(&plain)
+    );
+}

@@ -242,7 +242,9 @@ pub struct SubmitArgs {
     pub source: String,
     #[command(flatten)]
     pub run: RunArgs,
-    /// Follow the run until it finishes and print its report.
+    /// Follow the run until it finishes and print its report. Implied by what shapes or
+    /// checks the report (--format, --fail-under, --wide, --verify-nars) and by
+    /// --fix-hashes; without any, submit prints the run id and returns.
     #[arg(long)]
     pub watch: bool,
     #[command(flatten)]

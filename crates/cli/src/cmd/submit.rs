@@ -13,7 +13,13 @@ use std::path::PathBuf;
 
 /// `nixfarm submit`.
 pub async fn submit_cmd(client: &Client, args: SubmitArgs) -> anyhow::Result<i32> {
-    if args.watch || args.fix.enabled() {
+    // What is about the report needs the report: a CI gate (`--fail-under 90`) that passed
+    // because nothing was waited for would pass every time.
+    let reported = args.out.format.is_some()
+        || args.out.fail_under.is_some()
+        || args.out.wide
+        || args.run.verify_nars;
+    if args.watch || args.fix.enabled() || reported {
         submit_and_watch(client, &args.source, &args.run, &args.fix, &args.out).await
     } else {
         let id = submit(
