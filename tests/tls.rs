@@ -309,7 +309,37 @@ fn tls_tokens_and_client_certificates() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(!stdout(&run_cli(&["agents"], &env)).contains("rogue"));
     let _ = rogue.kill();
-    let _ = rogue.wait();
+    // Its log says which certificate, and which setting, where it said "transport error".
+    let rogue = rogue.wait_with_output().unwrap();
+    assert!(
+        stderr(&rogue).contains("the coordinator refused this agent's client certificate"),
+        "{}",
+        stderr(&rogue)
+    );
+    // An agent without the farm's CA: the coordinator's certificate, named as such.
+    let mut untrusting = host
+        .command(&[
+            agent_bin.to_str().unwrap(),
+            "--coordinator",
+            &url,
+            "--name",
+            "untrusting",
+            "--work-dir",
+            host.root.join("work/untrusting").to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = untrusting.kill();
+    let untrusting = untrusting.wait_with_output().unwrap();
+    assert!(
+        stderr(&untrusting).contains("UnknownIssuer")
+            && stderr(&untrusting).contains("tls_ca_file names the CA that signed it"),
+        "{}",
+        stderr(&untrusting)
+    );
 
     // A whole run over TLS.
     let repo = d.join("tiny");

@@ -243,9 +243,11 @@ impl Agent {
             let channel = match endpoint.connect().await {
                 Ok(c) => c,
                 Err(e) => {
+                    let why = nixfarm_logs::error_chain(&e);
                     tracing::warn!(
-                        "cannot reach coordinator {}: {e}; retrying in {:?}",
+                        "cannot reach coordinator {}: {why}{}; retrying in {:?}",
                         shared.cfg.coordinator,
+                        tls_hint(&why),
                         backoff
                     );
                     if wait_or_shutdown(&shutdown, jitter(backoff)).await
@@ -309,7 +311,13 @@ impl Agent {
                         tracing::error!("the coordinator refused this agent: {}", status.message());
                         backoff = Duration::from_secs(15);
                     }
-                    tracing::warn!("coordinator refused the stream: {status}; retrying");
+                    let why = nixfarm_logs::error_chain(&status);
+                    match tls_hint(&why) {
+                        "" => tracing::warn!("coordinator refused the stream: {why}; retrying"),
+                        hint => {
+                            tracing::error!("coordinator refused the stream: {why}{hint}; retrying")
+                        }
+                    }
                     if wait_or_shutdown(&shutdown, jitter(backoff)).await
                         && running_count(&shared) == 0
                     {
@@ -571,5 +579,30 @@ fn handle(
             });
         }
         Some(Msg::Drain(_)) | Some(Msg::Registered(_)) | None => {}
+    }
+}
+
+/// What a TLS failure in `why` (an error chain) most likely means, for the operator: which
+/// side's certificate, and which setting; empty when it is none.
+fn tls_hint(why: &str) -> &'static str {
+    let theirs = [
+        "invalid peer certificate",
+        "UnknownIssuer",
+        "NotValidForName",
+    ];
+    let ours = [
+        "CertificateRequired",
+        "UnsupportedCertificate",
+        "BadCertificate",
+        "CertificateUnknown",
+        "UnknownCA",
+        "AccessDenied",
+    ];
+    if theirs.iter().any(|t| why.contains(t)) {
+        " (the coordinator's certificate is not one this agent trusts: tls_ca_file names the CA that signed it, and the coordinator URL a name it holds)"
+    } else if why.contains("fatal alert") && ours.iter().any(|t| why.contains(t)) {
+        " (the coordinator refused this agent's client certificate: tls_cert_file must be signed by the coordinator's [tls] client_ca_file, and not revoked)"
+    } else {
+        ""
     }
 }
