@@ -557,6 +557,14 @@ fn a_report_option_makes_submit_wait_for_the_report() {
     let report: serde_json::Value = serde_json::from_str(&stdout(&json))
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&json)));
     assert_eq!(packages_by_attr(&report)["bad"]["status"], "build-failed");
+    // A cache nixfarm cannot push to is refused before the snapshot goes up.
+    let s3 = submit(&["--cache", "s3://bucket"]);
+    assert_eq!(s3.status.code(), Some(2), "{}", stderr(&s3));
+    assert!(
+        stderr(&s3).contains("unsupported cache URL") && !stderr(&s3).contains("uploaded"),
+        "{}",
+        stderr(&s3)
+    );
     // Without any, the run id, at once.
     let plain = submit(&[]);
     assert_eq!(plain.status.code(), Some(0), "{}", stderr(&plain));

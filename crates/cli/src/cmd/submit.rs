@@ -99,8 +99,9 @@ pub(crate) async fn submit(
         Some(_) => source::Reader::File,
         None => source::Reader::Flake,
     };
-    let (src, label) = source::prepare(client, source, reader, overrides).await?;
+    // Checked before a snapshot is uploaded: a mistyped cache costs no upload.
     let cache = run_cache(run)?;
+    let (src, label) = source::prepare(client, source, reader, overrides).await?;
     let req = pb::SubmitRunRequest {
         source: Some(src),
         attr_path: run.attr_path.clone().unwrap_or_default(),
