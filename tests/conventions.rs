@@ -574,3 +574,71 @@ fn a_report_option_makes_submit_wait_for_the_report() {
         stdout(&plain)
     );
 }
+
+/// The CLI's own inputs, as a shell user gives them: an empty variable is unset, a config
+/// piped in (`--config <(pass show farm)`) is read, a file that is no certificate is named
+/// as such, and a cause is said once.
+#[test]
+fn cli_inputs_are_taken_as_a_shell_user_means_them() {
+    let dir = scratch();
+    let nixfarm = |args: &[&str], env: &[(&str, &str)], stdin: &str| {
+        use std::io::Write as _;
+        let mut c = std::process::Command::new(bin("nixfarm"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let unreachable = "cannot reach the coordinator at http://127.0.0.1:1";
+    let empty = nixfarm(
+        &["--coordinator", "http://127.0.0.1:1", "runs"],
+        &[("NIXFARM_CONFIG", ""), ("NIXFARM_TOKEN", "")],
+        "",
+    );
+    assert!(stderr(&empty).contains(unreachable), "{}", stderr(&empty));
+    let piped = nixfarm(
+        &["--config", "/dev/stdin", "runs"],
+        &[],
+        "coordinator = \"http://127.0.0.1:1\"\n",
+    );
+    assert!(stderr(&piped).contains(unreachable), "{}", stderr(&piped));
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let https = ["--coordinator", "https://127.0.0.1:1", "--tls-ca"];
+    let bad_ca = nixfarm(
+        &[&https[..], &[not_pem.to_str().unwrap(), "runs"]].concat(),
+        &[],
+        "",
+    );
+    assert!(
+        stderr(&bad_ca).contains("holds no PEM CERTIFICATE"),
+        "{}",
+        stderr(&bad_ca)
+    );
+    let missing = nixfarm(
+        &[&https[..], &["/nonexistent/ca.pem", "runs"]].concat(),
+        &[],
+        "",
+    );
+    assert_eq!(
+        stderr(&missing)
+            .matches("No such file or directory")
+            .count(),
+        1,
+        "{}",
+        stderr(&missing)
+    );
+    let config = dir.path().join("cli.toml");
+    std::fs::write(&config, "token_file = \"/nonexistent/token\"\n").unwrap();
+    let token = nixfarm(&["--config", config.to_str().unwrap(), "runs"], &[], "");
+    assert!(
+        stderr(&token).contains("cannot read the token_file of the CLI config"),
+        "{}",
+        stderr(&token)
+    );
+}

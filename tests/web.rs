@@ -400,6 +400,11 @@ fn a_run_page_goes_live_in_a_real_browser() {
         assert_eq!(get(http, &path, None).0, 401, "{path}");
         assert_eq!(get(http, &path, Some("a-wrong-token")).0, 401, "{path}");
     }
+    // Which of the two, in the API's words.
+    let (_, none) = get(http, "/api/runs", None);
+    assert!(body(&none).contains("needs its client token"), "{none}");
+    let (_, wrong) = get(http, "/api/runs", Some("a-wrong-token"));
+    assert!(body(&wrong).contains("token sent was refused"), "{wrong}");
 
     let b = Browser::start();
     let base = format!("http://127.0.0.1:{http}");

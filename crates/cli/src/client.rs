@@ -2,7 +2,7 @@
 //! CA, and one client that attaches the token to every call.
 
 use crate::Cli;
-use anyhow::{Context, bail};
+use anyhow::Context;
 use nixfarm_proto::v1::run_service_client::RunServiceClient;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,21 +33,43 @@ pub(crate) struct Conn {
     pub smoke: bool,
 }
 
+/// The most a CLI config or token file may hold (bytes).
+const MAX_CONFIG: u64 = 1 << 20;
+
+/// A text file of at most `max` bytes, whatever kind of file it is (a pipe too).
+fn read_small(p: &std::path::Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let f = std::fs::File::open(p)?;
+    if f.metadata()?.is_dir() {
+        return Err(std::io::Error::other("it is a directory"));
+    }
+    f.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {max} bytes"
+        )));
+    }
+    Ok(text)
+}
+
 pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
     let path = cli.config.clone().or_else(|| {
         std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/nixfarm/config.toml"))
     });
+    // One named with --config is read whatever it is (a pipe: `--config <(pass show x)`,
+    // /dev/null); the default one only when it is there.
+    let named = cli.config.is_some();
     let cfg: CliConfig = match path {
-        Some(p) if p.is_file() => {
-            let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read {}", p.display()))?;
+        Some(p) if named || p.exists() => {
+            let text = read_small(&p, MAX_CONFIG)
+                .with_context(|| format!("cannot read the config file {}", p.display()))?;
             // The parser's message only, with where: its full text quotes the line, and a
             // line that does not belong there may hold a secret.
             nixfarm_core::config_text::parse(&text).map_err(|e| {
                 anyhow::anyhow!("{} is not a valid nixfarm CLI config: {e}", p.display())
             })?
         }
-        Some(p) if cli.config.is_some() => bail!("config file {} does not exist", p.display()),
         _ => CliConfig::default(),
     };
     let url = cli
@@ -58,8 +80,13 @@ pub(crate) fn resolve_conn(cli: &Cli) -> anyhow::Result<Conn> {
     let token = match (&cli.token, &cfg.token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read {}", f.display()))?
+            read_small(f, MAX_CONFIG)
+                .with_context(|| {
+                    format!(
+                        "cannot read the token_file of the CLI config, {}",
+                        f.display()
+                    )
+                })?
                 .trim()
                 .to_string(),
         ),

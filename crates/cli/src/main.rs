@@ -2,8 +2,45 @@
 
 use clap::{CommandFactory, FromArgMatches};
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    forget_empty_env();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(cli_main()),
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// An environment variable a flag reads that is set but empty (`NIXFARM_CONFIG=` in a CI
+/// file, a template left blank) is taken as unset, as a shell user means it: clap would
+/// take it for the flag given without its value, and refuse every command.
+fn forget_empty_env() {
+    fn names(c: &clap::Command, out: &mut Vec<std::ffi::OsString>) {
+        out.extend(
+            c.get_arguments()
+                .filter_map(|a| a.get_env().map(|e| e.to_owned())),
+        );
+        for s in c.get_subcommands() {
+            names(s, out);
+        }
+    }
+    let mut all = Vec::new();
+    names(&nixfarm_cli::Cli::command(), &mut all);
+    for name in all {
+        if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
+            // SAFETY: called first thing in main, before the runtime (or any other thread)
+            // exists: nothing reads the environment concurrently.
+            unsafe { std::env::remove_var(&name) };
+        }
+    }
+}
+
+async fn cli_main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NIXFARM_LOG")

@@ -19,11 +19,14 @@ pub mod client {
             "'{0}' is not a valid coordinator URL (expected http://HOST:PORT or https://HOST:PORT)"
         )]
         Url(String),
-        #[error("cannot read {path}: {source}")]
+        #[error("cannot read {path}")]
         Read {
             path: String,
+            #[source]
             source: std::io::Error,
         },
+        #[error("{path} holds no PEM {what} (a block \"-----BEGIN {what}-----\")")]
+        NotPem { path: String, what: &'static str },
         #[error("TLS settings are not usable: {0}")]
         Tls(String),
         #[error(
@@ -93,6 +96,25 @@ pub mod client {
         })
     }
 
+    /// `p`'s bytes, which must hold a PEM block of `what` (`CERTIFICATE`, `PRIVATE KEY`):
+    /// a file of something else is said to be so now, not met later as a failed handshake.
+    fn read_pem(p: &Path, what: &'static str) -> Result<Vec<u8>, EndpointError> {
+        let bytes = read(p)?;
+        let text = String::from_utf8_lossy(&bytes);
+        let holds = text.lines().any(|l| {
+            l.trim()
+                .strip_prefix("-----BEGIN ")
+                .is_some_and(|rest| rest.trim_end_matches('-').ends_with(what))
+        });
+        if !holds {
+            return Err(EndpointError::NotPem {
+                path: p.display().to_string(),
+                what,
+            });
+        }
+        Ok(bytes)
+    }
+
     /// An endpoint for `url`: TLS (rustls) for https://, plain HTTP/2 for http://.
     pub fn endpoint(url: &str, tls: &TlsFiles<'_>) -> Result<Endpoint, EndpointError> {
         let mut e = Endpoint::from_shared(url.to_string())
@@ -101,11 +123,14 @@ pub mod client {
         if url.starts_with("https://") {
             let mut t = ClientTlsConfig::new();
             t = match tls.ca_file {
-                Some(ca) => t.ca_certificate(Certificate::from_pem(read(ca)?)),
+                Some(ca) => t.ca_certificate(Certificate::from_pem(read_pem(ca, "CERTIFICATE")?)),
                 None => t.with_webpki_roots(),
             };
             if let (Some(c), Some(k)) = (tls.cert_file, tls.key_file) {
-                t = t.identity(Identity::from_pem(read(c)?, read(k)?));
+                t = t.identity(Identity::from_pem(
+                    read_pem(c, "CERTIFICATE")?,
+                    read_pem(k, "PRIVATE KEY")?,
+                ));
             }
             e = e
                 .tls_config(t)

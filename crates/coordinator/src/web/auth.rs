@@ -47,7 +47,11 @@ pub async fn require(State(web): State<Shared>, req: Request, next: Next) -> Res
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
             axum::Json(serde_json::json!({
-                "error": "this coordinator needs its client token: Authorization: Bearer TOKEN"
+                "error": if wrong {
+                    "the client token sent was refused: Authorization: Bearer TOKEN, with the coordinator's client token"
+                } else {
+                    "this coordinator needs its client token: Authorization: Bearer TOKEN"
+                }
             })),
         )
             .into_response();
