@@ -716,6 +716,20 @@ fn a_revoked_certificate_is_cut_off_and_refused_without_a_restart() {
         .expect_err("registered again with a revoked certificate");
     assert_eq!(again.code(), tonic::Code::PermissionDenied);
     assert!(again.message().contains("revoked"), "{again:?}");
+    let listing = stdout(
+        &Command::new(bin("nixfarm"))
+            .arg("agents")
+            .env("NIXFARM_COORDINATOR", &url)
+            .env("NIXFARM_TLS_CA", &ca)
+            .env("NIXFARM_TOKEN", "cli-secret-1")
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        listing.contains(&format!("compromised: {hex} (revoked)"))
+            && !listing.contains("keeper: (revoked)"),
+        "{listing}"
+    );
     // Nor under another name.
     assert!(by_hand(&rt, &url, &ca, (&bad_cert, &bad_key), "other", true).is_err());
     // The other agent is still connected, and its token still counts.

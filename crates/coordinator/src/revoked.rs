@@ -86,7 +86,8 @@ fn what(file: &Watched, e: &str) -> String {
 }
 
 /// One fingerprint per line, as `openssl x509 -noout -fingerprint -sha256` prints it
-/// (`sha256 Fingerprint=AB:CD:…`) or as 64 hex digits; `#` starts a comment.
+/// (`sha256 Fingerprint=AB:CD:…`), as `nixfarm agents` and the API show it
+/// (`sha256:abcd…`, `certificate sha256:abcd…`) or as 64 hex digits; `#` starts a comment.
 fn parse(text: &str) -> Result<HashSet<String>, String> {
     let mut out = HashSet::new();
     for (i, line) in text.lines().enumerate() {
@@ -95,6 +96,8 @@ fn parse(text: &str) -> Result<HashSet<String>, String> {
             continue;
         }
         let value = line.rsplit_once('=').map_or(line, |(_, v)| v.trim());
+        let value = value.strip_prefix("certificate ").unwrap_or(value).trim();
+        let value = value.strip_prefix("sha256:").unwrap_or(value);
         let hex: String = value
             .chars()
             .filter(|c| *c != ':')
@@ -129,12 +132,14 @@ mod tests {
             .map(|c| String::from_utf8_lossy(c).into_owned())
             .collect();
         let text = format!(
-            "# host a, retired\nsha256 Fingerprint={}\n\n{}  # plain\n",
+            "# host a, retired\nsha256 Fingerprint={}\n\n{}  # plain\nsha256:{}\ncertificate sha256:{}\n",
             colons.join(":"),
-            FP.replace('0', "f")
+            FP.replace('0', "f"),
+            FP.replace('1', "e"),
+            FP.replace('2', "d")
         );
         let got = parse(&text).unwrap();
-        assert!(got.contains(FP) && got.len() == 2, "{got:?}");
+        assert!(got.contains(FP) && got.len() == 4, "{got:?}");
         let err = parse("# ok\nnot a fingerprint\n").unwrap_err();
         assert!(err.contains("line 2"), "{err}");
         assert!(parse(&FP[1..]).is_err());

@@ -244,7 +244,13 @@ impl Engine {
                 violations: a.violations,
                 holds_outputs: a.reg.can_hold(g.hold_way),
                 without_farm_cache: g.hold_way == Hold::FarmCache && !a.reg.has_farm_cache,
-                admitted_by: a.reg.credential.describe(),
+                // One revoked since shows as such: it cannot come back.
+                admitted_by: match (&a.reg.credential, self.refusal(&a.reg.credential, 0)) {
+                    (crate::credentials::Credential::Certificate(_), Some(_)) => {
+                        format!("{} (revoked)", a.reg.credential.describe())
+                    }
+                    (c, _) => c.describe(),
+                },
                 run_caches: a.reg.run_caches.clone(),
             })
             .collect()
