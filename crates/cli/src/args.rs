@@ -230,8 +230,8 @@ pub struct OutputArgs {
     /// Exit with status 1 when fewer than PCT percent of the packages are ready (0 to 100).
     #[arg(long, value_name = "PCT", value_parser = parse_percent)]
     pub fail_under: Option<f64>,
-    /// Table format: every reason whole, however wide the lines get (on a terminal the
-    /// table otherwise fits its width, reasons cut with "…").
+    /// Table format: every reason whole, however wide the lines get (otherwise reasons are
+    /// cut with "…": to fit a terminal's width, or at 90 characters into a file or pipe).
     #[arg(long)]
     pub wide: bool,
 }

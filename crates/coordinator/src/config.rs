@@ -47,7 +47,7 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address and port of the web UI, e.g. `127.0.0.1:7421`. Default: none (off).
+    /// Address and port of the web UI, e.g. `127.0.0.1:7422`. Default: none (off).
     pub listen: Option<String>,
     /// Offer a cancel button on running runs (a POST form with a CSRF token). Default false:
     /// the UI is read-only.

@@ -14,7 +14,7 @@ use std::path::PathBuf;
     version,
     about,
     long_about,
-    after_help = "Examples:\n  nixfarm-coordinator --listen 127.0.0.1:7420 --state-dir ./state\n  nixfarm-coordinator --config /etc/nixfarm/coordinator.toml --metrics-listen 127.0.0.1:9420\n  nixfarm-coordinator --listen 0.0.0.0:7420 --http-listen 0.0.0.0:7421   # web UI and badges"
+    after_help = "Examples:\n  nixfarm-coordinator --listen 127.0.0.1:7420 --state-dir ./state\n  nixfarm-coordinator --config /etc/nixfarm/coordinator.toml --metrics-listen 127.0.0.1:9420\n  nixfarm-coordinator --listen 0.0.0.0:7420 --http-listen 0.0.0.0:7422   # web UI and badges (the farm cache takes 7421 in deploy/)"
 )]
 struct Args {
     /// Config file (TOML); see deploy/coordinator.toml for every field and default.
@@ -30,7 +30,7 @@ struct Args {
     #[arg(long)]
     metrics_listen: Option<String>,
     /// Serve the web UI (runs, packages, agents, live), its JSON API under /api and
-    /// readiness badges at http://ADDR/ (e.g. 127.0.0.1:7421); the config's `[http] listen`.
+    /// readiness badges at http://ADDR/ (e.g. 127.0.0.1:7422); the config's `[http] listen`.
     #[arg(long)]
     http_listen: Option<String>,
     /// Log format on stderr: text (coloured only on a terminal, never with NO_COLOR) or

@@ -114,10 +114,17 @@ pub(super) fn package_report(
                 set(
                     &mut r,
                     PackageStatus::Unpinned,
-                    format!(
-                        "source rev '{}' is a branch or tag name, not a commit",
-                        p.rev
-                    ),
+                    if !p.rev.is_empty() && p.rev.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        format!(
+                            "source rev '{}' is an abbreviated commit id: a full one (40 hex digits) cannot come to name another commit",
+                            p.rev
+                        )
+                    } else {
+                        format!(
+                            "source rev '{}' is a branch or tag name, not a commit",
+                            p.rev
+                        )
+                    },
                 );
             }
         }
@@ -427,6 +434,14 @@ mod tests {
         let r = app(&all_built, "main", RunState::Finished);
         assert_eq!(r.status, PackageStatus::Unpinned);
         assert!(r.reason.contains("'main'"), "{}", r.reason);
+        // An abbreviated commit is said to be one, not taken for a branch.
+        let r = app(&all_built, "0123abc", RunState::Finished);
+        assert_eq!(r.status, PackageStatus::Unpinned);
+        assert!(
+            r.reason.contains("'0123abc' is an abbreviated commit id"),
+            "{}",
+            r.reason
+        );
         // Built but not pushed: not-cached.
         let r = app(
             &[(
