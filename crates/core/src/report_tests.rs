@@ -131,6 +131,24 @@ fn junit_escapes_and_counts_failures() {
     assert!(x.contains("tests=\"3\" failures=\"1\""));
     assert!(x.contains("&lt;b&gt; &amp; &quot;x&quot;"));
     assert_eq!(x.matches("<failure").count(), 1);
+    // The repository's checks are test cases too, and counted as such.
+    let mut r = report();
+    r.repository = vec![
+        crate::report::RepoCheck {
+            name: "overlays.bad".into(),
+            ok: false,
+            message: "is not a function".into(),
+        },
+        crate::report::RepoCheck {
+            name: "overlays.good".into(),
+            ok: true,
+            message: String::new(),
+        },
+    ];
+    let x = r.to_junit();
+    assert!(x.contains("tests=\"5\" failures=\"2\""), "{x}");
+    assert_eq!(x.matches("<testcase").count(), 5);
+    assert_eq!(x.matches("<failure").count(), 2);
 }
 
 #[test]
