@@ -312,6 +312,7 @@ fn smoke_repo(dir: &std::path::Path) -> std::path::PathBuf {
     } { };
     library = pkg "library" { } { };
     tools = pkg "tools" { tools-a = "exit 1"; tools-b = ''echo b 2.0''; } { mainProgram = "tools-b"; };
+    misnamed = pkg "misnamed" { real = "echo real"; } { mainProgram = "missing"; };
   }; };
 }
 "#,
@@ -349,7 +350,17 @@ fn smoke_tests_run_each_main_program_as_a_user_would() {
         report["summary"]
     );
     assert_eq!(report["summary"]["smoke"]["passed"], 2);
-    assert_eq!(report["summary"]["smoke"]["failed"], 1);
+    assert_eq!(report["summary"]["smoke"]["failed"], 2);
+    // A main program named and not there: what `nix run` fails on.
+    let misnamed = &got["misnamed"];
+    assert_eq!(misnamed["status"], "smoke-failed", "{misnamed}");
+    assert!(
+        misnamed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no output has an executable bin/missing"),
+        "{misnamed}"
+    );
     // Without --smoke nothing is run and the key says so.
     let plain = local(&host, &state, &repo, &[]);
     let got = packages_by_attr(&plain);

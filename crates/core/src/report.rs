@@ -365,8 +365,7 @@ impl Report {
             + self.repository.iter().filter(|c| !c.ok).count()
             + usize::from(unfinished.is_some());
         // Every test case below is counted: CI shows these totals beside the cases.
-        let tests =
-            self.packages.len() + self.repository.len() + usize::from(unfinished.is_some());
+        let tests = self.packages.len() + self.repository.len() + usize::from(unfinished.is_some());
         let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
         let _ = writeln!(
             out,

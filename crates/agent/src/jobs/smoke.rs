@@ -47,12 +47,21 @@ pub async fn smoke(
     covers: Option<&Masks>,
 ) -> (Smoke, String) {
     let Some(prog) = program(outputs, main_program) else {
-        let why = if main_program.is_empty() {
-            "no meta.mainProgram and not exactly one executable in bin/"
-        } else {
-            "meta.mainProgram names no executable in bin/"
-        };
-        return (Smoke::Skipped, why.to_string());
+        if main_program.is_empty() {
+            return (
+                Smoke::Skipped,
+                "no meta.mainProgram and not exactly one executable in bin/".into(),
+            );
+        }
+        // The package says what runs it, and it is not there: `nix run` fails on it.
+        return (
+            Smoke::Failed,
+            format!(
+                "meta.mainProgram is {:?}, but no output has an executable bin/{}: nix run would fail",
+                nixfarm_core::limits::clip(main_program, 100),
+                nixfarm_core::fit::one_line(nixfarm_core::limits::clip(main_program, 100))
+            ),
+        );
     };
     // Not run at all rather than blamed on the package.
     if let Some(Err(why)) = isolation().await {
@@ -360,6 +369,13 @@ mod tests {
         // Two programs and no mainProgram: nothing to pick.
         script(&out, "other", "exit 0");
         assert_eq!(smoke(&outs, "", None).await.0, Smoke::Skipped);
+        // meta.mainProgram naming none of them: what `nix run` meets.
+        let (s, text) = smoke(&outs, "missing", None).await;
+        assert_eq!(s, Smoke::Failed, "{text}");
+        assert!(
+            text.contains("no output has an executable bin/missing"),
+            "{text}"
+        );
         // meta.mainProgram picks one; a failing one says why.
         script(
             &out,
