@@ -565,6 +565,16 @@ fn a_report_option_makes_submit_wait_for_the_report() {
         "{}",
         stderr(&s3)
     );
+    // So is one that does not answer: every build's push would wait out its retries on it.
+    let down = submit(&["--cache", "http://127.0.0.1:1/cache"]);
+    assert_eq!(down.status.code(), Some(2), "{}", stderr(&down));
+    assert!(
+        stderr(&down).contains("the cache http://127.0.0.1:1/cache does not answer")
+            && stderr(&down).contains("nothing was submitted")
+            && !stderr(&down).contains("uploaded"),
+        "{}",
+        stderr(&down)
+    );
     // Without any, the run id, at once.
     let plain = submit(&[]);
     assert_eq!(plain.status.code(), Some(0), "{}", stderr(&plain));

@@ -99,8 +99,12 @@ pub(crate) async fn submit(
         Some(_) => source::Reader::File,
         None => source::Reader::Flake,
     };
-    // Checked before a snapshot is uploaded: a mistyped cache costs no upload.
+    // Checked before a snapshot is uploaded: a mistyped cache costs no upload, and one that
+    // cannot be reached fails here rather than every build's push, minutes later.
     let cache = run_cache(run)?;
+    if !cache.is_empty() {
+        probe_cache(&cache).await?;
+    }
     let (src, label) = source::prepare(client, source, reader, overrides).await?;
     let req = pb::SubmitRunRequest {
         source: Some(src),
@@ -207,6 +211,27 @@ fn cache_url(run: &CacheCheckArgs) -> anyhow::Result<String> {
         }
         _ => url.clone(),
     })
+}
+
+/// How long the cache is given to answer before a run is submitted to it.
+const CACHE_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Refuses a run whose cache does not answer from here (a mistyped host, a cache that is
+/// down): its users download from it, so it answers them, and agents would wait out every
+/// push's retries on it, each package not-cached minutes later. A certificate this machine
+/// does not trust (a private CA the agents are given) is only said.
+async fn probe_cache(url: &str) -> anyhow::Result<()> {
+    let pusher = nixfarm_store::Pusher::for_url(url, nixfarm_nix::Nix::default(), None, None)?;
+    let Err(why) = pusher.reachable(CACHE_PROBE_WAIT).await else {
+        return Ok(());
+    };
+    let url = nixfarm_core::fit::one_line(nixfarm_core::limits::clip(url, 200));
+    let why = nixfarm_core::fit::one_line(nixfarm_core::limits::clip(&why, 500));
+    if why.to_lowercase().contains("certificate") {
+        note!("the cache {url} could not be checked from here: {why}");
+        return Ok(());
+    }
+    bail!("the cache {url} does not answer: {why}; nothing was submitted")
 }
 
 /// Checks "cached" against the cache itself, as a user substituting from it would: a ready
