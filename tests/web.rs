@@ -266,6 +266,14 @@ fn a_client_token_replaced_in_its_file_is_taken_without_a_restart() {
         },
     );
     assert!(runs(new).status.success());
+    // Written under the usual umask, the new file is 0644: said at its reading, as the
+    // first one was at start-up.
+    let open = coordinator
+        .proc
+        .log_text()
+        .matches("readable by every user of this host")
+        .count();
+    assert!(open >= 2, "{}", coordinator.proc.log_text());
     assert!(
         String::from_utf8_lossy(&old.stderr).contains("token"),
         "{}",

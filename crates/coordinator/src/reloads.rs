@@ -84,6 +84,7 @@ impl Reloads {
         {
             match text.and_then(|t| Credentials::parse_named_again(&t)) {
                 Ok(named) => {
+                    warn_if_open(file);
                     let gone = tokens.replace_named(named);
                     tracing::info!(
                         file = %file.path().display(),
@@ -127,6 +128,14 @@ impl Reloads {
     }
 }
 
+/// Warns of a secret file read again that every user of the host can read: a token
+/// rotated as `openssl rand -hex 32 > new && mv new file` under a usual umask is 0644.
+fn warn_if_open(file: &Watched) {
+    if let Some(why) = nixfarm_core::config_text::world_readable(file.path()) {
+        tracing::warn!("{why}");
+    }
+}
+
 /// A token file's new text once it changed and settled: the token, trimmed. An empty or
 /// unreadable one is said in the log and the token read before stays (None).
 fn settled_token(file: &Watched, field: &str) -> Option<String> {
@@ -139,7 +148,10 @@ fn settled_token(file: &Watched, field: &str) -> Option<String> {
         }
     });
     match token {
-        Ok(t) => Some(t),
+        Ok(t) => {
+            warn_if_open(file);
+            Some(t)
+        }
         Err(e) => {
             tracing::error!(
                 "[auth] {field} {}: {e}; the token read before stays",
