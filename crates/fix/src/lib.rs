@@ -9,7 +9,7 @@ pub mod locate;
 pub mod report;
 
 use nixfarm_nix::hash::Sri;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use locate::{Candidate, Found, Mismatch};
 
@@ -110,6 +110,8 @@ pub fn plan(tree: &Tree, packages: &[PackageMismatches]) -> Plan {
     // (file, start) → (fix, score, first fod) to detect conflicts.
     let mut places: BTreeMap<(String, usize), (Fix, u32, nixfarm_nix::StorePath)> = BTreeMap::new();
     let mut wanted: Vec<(String, (String, usize), Mismatch)> = Vec::new();
+    // Places that fit several fetches of different contents equally well.
+    let mut shared: BTreeSet<(String, usize)> = BTreeSet::new();
     let mut plan = Plan::default();
     for p in packages {
         for m in &p.mismatches {
@@ -141,9 +143,13 @@ pub fn plan(tree: &Tree, packages: &[PackageMismatches]) -> Plan {
                     };
                     match places.get(&key) {
                         Some((f, s, fod)) if f.new != fix.new && fod != &m.fod_drv => {
-                            // Same place, different answers: keep the better fit.
+                            // Same place, different answers: keep the better fit. As good a
+                            // fit is the same binding serving both: one value cannot do.
                             if score > *s {
+                                shared.remove(&key);
                                 places.insert(key.clone(), (fix, score, m.fod_drv.clone()));
+                            } else if score == *s {
+                                shared.insert(key.clone());
                             }
                         }
                         Some(_) => {}
@@ -161,10 +167,36 @@ pub fn plan(tree: &Tree, packages: &[PackageMismatches]) -> Plan {
             }
         }
     }
+    let contents = |key: &(String, usize)| -> usize {
+        wanted
+            .iter()
+            .filter(|(_, k, _)| k == key)
+            .map(|(_, _, m)| &m.got)
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    let shared: BTreeMap<(String, usize), usize> = shared
+        .into_iter()
+        .map(|k| (k.clone(), contents(&k)))
+        .collect();
     for (attr, key, m) in wanted {
         let Some((fix, _, _)) = places.get(&key) else {
             continue;
         };
+        if let Some(n) = shared.get(&key) {
+            plan.unlocated.push(Unlocated {
+                attr,
+                why: format!(
+                    "{}:{} ({} = {}) is the hash of {n} fetches with different contents (a binding they share, in a function that makes them, say): no one value fits them all, so none is written there; give each fetch its own hash (an argument of that function)",
+                    fix.file,
+                    fix.line,
+                    fix.attribute,
+                    nixfarm_core::fit::one_line(nixfarm_core::limits::clip(&fix.old_text, 80))
+                ),
+                mismatch: m,
+            });
+            continue;
+        }
         if fix.new != m.got {
             plan.unlocated.push(Unlocated {
                 attr,

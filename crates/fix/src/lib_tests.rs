@@ -296,3 +296,81 @@ fn a_plan_reads_each_file_once_however_many_mismatches() {
         started.elapsed()
     );
 }
+
+/// One binding, in a function that makes several fetches, gives them all one hash: with
+/// different contents, no single value fixes them, so none is written there (a fix for one
+/// of them would only move the others' mismatch), and each package says why.
+#[test]
+fn a_hash_binding_shared_by_fetches_of_different_contents_is_not_filled_in() {
+    let mut t = Tree::new();
+    t.insert(
+        "flake.nix".into(),
+        "{ outputs = { self }: let\n  mk = n: fetchSrc { owner = \"o\"; repo = n; hash = lib.fakeHash; };\nin { a = mk \"a\"; b = mk \"b\"; }; }\n".into(),
+    );
+    let fetch = |c: char, got: &str| Mismatch {
+        fod_drv: StorePath::parse_drv(&format!(
+            "/nix/store/{}-source.drv",
+            c.to_string().repeat(32)
+        ))
+        .unwrap(),
+        hints: vec!["o".into()],
+        specified: Sri::parse(FAKE).unwrap(),
+        got: Sri::parse(got).unwrap(),
+    };
+    let packages = [
+        PackageMismatches {
+            attr: "a".into(),
+            own_file: Some("flake.nix".into()),
+            mismatches: vec![fetch('c', GOT1)],
+        },
+        PackageMismatches {
+            attr: "b".into(),
+            own_file: Some("flake.nix".into()),
+            mismatches: vec![fetch('d', GOT2)],
+        },
+    ];
+    let planned = plan(&t, &packages);
+    assert!(planned.fixes.is_empty(), "{:?}", planned.fixes);
+    assert_eq!(planned.unlocated.len(), 2);
+    for u in &planned.unlocated {
+        assert!(
+            u.why.contains(
+                "flake.nix:2 (hash = lib.fakeHash) is the hash of 2 fetches with different contents"
+            ),
+            "{}",
+            u.why
+        );
+    }
+    // The same content twice: one value fits both, and is written.
+    let same = plan_same(&t);
+    assert!(same.unlocated.is_empty(), "{:?}", same.unlocated);
+    assert_eq!(same.fixes.len(), 2);
+
+    fn plan_same(t: &Tree) -> Plan {
+        let fetch = |c: char| Mismatch {
+            fod_drv: StorePath::parse_drv(&format!(
+                "/nix/store/{}-source.drv",
+                c.to_string().repeat(32)
+            ))
+            .unwrap(),
+            hints: vec!["o".into()],
+            specified: Sri::parse(FAKE).unwrap(),
+            got: Sri::parse(GOT1).unwrap(),
+        };
+        plan(
+            t,
+            &[
+                PackageMismatches {
+                    attr: "a".into(),
+                    own_file: Some("flake.nix".into()),
+                    mismatches: vec![fetch('c')],
+                },
+                PackageMismatches {
+                    attr: "b".into(),
+                    own_file: Some("flake.nix".into()),
+                    mismatches: vec![fetch('d')],
+                },
+            ],
+        )
+    }
+}
