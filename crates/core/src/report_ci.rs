@@ -38,6 +38,16 @@ impl Report {
     /// failures and missing hashes, a warning for unpinned and not-cached), one per hash fix
     /// with the new value, and a notice with the totals.
     pub fn to_github(&self) -> String {
+        self.to_github_for(None)
+    }
+
+    /// [`Report::to_github`] of one cell of a matrix (`nixpkgs=github:…`): every title
+    /// names it, so an annotation says which input value it is of.
+    pub fn to_github_for(&self, cell: Option<&str>) -> String {
+        let nixfarm = match cell {
+            Some(c) => format!("nixfarm [{c}]"),
+            None => "nixfarm".to_string(),
+        };
         let mut out = String::new();
         for p in &self.packages {
             let level = match p.status {
@@ -45,7 +55,7 @@ impl Report {
                 PackageStatus::Unpinned | PackageStatus::NotCached => "warning",
                 _ => "error",
             };
-            let title = format!("nixfarm: {} {}", p.attr, p.status);
+            let title = format!("{nixfarm}: {} {}", p.attr, p.status);
             if !p.hash_fixes.is_empty() {
                 for f in &p.hash_fixes {
                     let _ = writeln!(
@@ -79,7 +89,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "::error title={}::{}",
-                prop(&format!("nixfarm: repository {}", c.name)),
+                prop(&format!("{nixfarm}: repository {}", c.name)),
                 data(&c.message)
             );
         }
@@ -87,13 +97,14 @@ impl Report {
             let _ = writeln!(
                 out,
                 "::error title={}::{}",
-                prop(&format!("nixfarm: run {}", self.run_id)),
+                prop(&format!("{nixfarm}: run {}", self.run_id)),
                 data(&why)
             );
         }
         let _ = writeln!(
             out,
-            "::notice title=nixfarm readiness::{}",
+            "::notice title={}::{}",
+            prop(&format!("{nixfarm} readiness")),
             data(&self.summary_line())
         );
         out

@@ -23,6 +23,17 @@ pub struct Matrix {
 }
 
 impl Matrix {
+    /// GitHub annotations of every cell, each titled with its input value.
+    pub fn to_github(&self) -> String {
+        self.cells
+            .iter()
+            .map(|c| {
+                c.report
+                    .to_github_for(Some(&format!("{}={}", self.input, c.reference)))
+            })
+            .collect()
+    }
+
     /// Every package of any cell, by name.
     pub fn attrs(&self) -> BTreeSet<&str> {
         self.cells
@@ -283,5 +294,15 @@ mod tests {
         );
         let j = m.to_junit();
         assert_eq!(j.matches("<testsuite name=\"nixpkgs=").count(), 2, "{j}");
+        // Each annotation says which value of the input it is of.
+        let g = m.to_github();
+        assert!(
+            g.contains("::error title=nixfarm [nixpkgs=github%3ANixOS/nixpkgs/nixos-unstable]%3A varies build-failed::"),
+            "{g}"
+        );
+        assert!(
+            g.contains("::notice title=nixfarm [nixpkgs=github%3ANixOS/nixpkgs/nixos-24.05] readiness::Ready: 2/2"),
+            "{g}"
+        );
     }
 }

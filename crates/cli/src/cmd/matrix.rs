@@ -72,7 +72,7 @@ pub(crate) async fn matrix(
         Format::Json => m.to_json() + "\n",
         Format::Markdown => m.to_markdown(),
         Format::Junit => m.to_junit(),
-        Format::Github => m.cells.iter().map(|c| c.report.to_github()).collect(),
+        Format::Github => m.to_github(),
     };
     out_raw!("{text}");
     if let Ok(path) = std::env::var("GITHUB_STEP_SUMMARY")
