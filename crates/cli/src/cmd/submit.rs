@@ -331,7 +331,7 @@ pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> a
             }
         }
     }
-    let mut changed = false;
+    let mut changed = 0;
     for p in &mut report.packages {
         if p.status() != nixfarm_core::PackageStatus::Ready {
             continue;
@@ -346,11 +346,16 @@ pub(crate) async fn check_cached(report: &mut Report, run: &CacheCheckArgs) -> a
         if let Some(reason) = reason {
             p.status = nixfarm_core::PackageStatus::NotCached;
             p.reason = nixfarm_core::fit::one_line(&reason);
-            changed = true;
+            changed += 1;
         }
     }
-    if changed {
+    if changed > 0 {
         report.resummarize();
+        // The run's own line above counted them ready; said, so the two do not disagree
+        // unexplained.
+        note!(
+            "checked against the cache: {changed} package(s) the run built are not-cached there (the run's record, as the web page and `nixfarm report` without --cache show it, keeps them ready)"
+        );
     }
     Ok(())
 }
