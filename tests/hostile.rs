@@ -570,6 +570,19 @@ async fn long_strings_are_refused_without_being_echoed_and_limits_agree() {
             cache: "s3://x".into(),
             ..Default::default()
         },
+        // A hash-fixing stage of no run, or of something that is no run id.
+        pb::SubmitRunRequest {
+            source: remote(),
+            stage_of: format!("r{}", "0".repeat(1 << 20)),
+            ..Default::default()
+        },
+        pb::SubmitRunRequest {
+            source: remote(),
+            attrs: vec!["a".into()],
+            skip_listing: true,
+            stage_of: "r0123456789abcdef".into(),
+            ..Default::default()
+        },
         pb::SubmitRunRequest {
             source: remote(),
             cache: format!("https://c.example/{}", "x".repeat(1 << 20)),
@@ -607,6 +620,7 @@ async fn long_strings_are_refused_without_being_echoed_and_limits_agree() {
     let e = c
         .get_report(pb::GetReportRequest {
             run_id: "r".repeat(1 << 20),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -1235,3 +1235,53 @@ fn a_refused_apply_still_prints_the_report_and_its_fixes() {
     let now = std::fs::read_to_string(&fixme).unwrap();
     assert_eq!(now, format!("{original}# edited meanwhile\n"));
 }
+
+/// After `--fix-hashes` the run id the report names is the session's: `nixfarm report` of
+/// it (and its web page) shows what the session came to, each package as its latest stage
+/// left it, with the fixes; not the first run alone, from before any fix.
+#[test]
+fn the_first_run_of_a_fixing_session_reports_what_the_session_came_to() {
+    let dir = scratch();
+    let repo = nur_repo(dir.path());
+    let host = Host::new(&dir.path().join("host"));
+    let state = dir.path().join("state");
+    let printed = local(&host, &state, &repo, &["--fix-hashes"]);
+    let root = printed["run_id"].as_str().unwrap().to_string();
+    let rounds = printed["fix_rounds"].as_array().unwrap().clone();
+    assert!(rounds.len() >= 2, "{printed}");
+    assert_eq!(packages_by_attr(&printed)["fixme"]["status"], "ready");
+    // The farm's own record of it, as anyone later asks for it.
+    let coordinator = Coordinator::start(&state).unwrap();
+    let out = cli(&coordinator.url, &["report", &root, "--format", "json"]);
+    let asked: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    let status = |r: &serde_json::Value| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = r["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["attr"].as_str().unwrap().to_string(),
+                    p["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(status(&asked), status(&printed), "{asked}");
+    assert_eq!(asked["fix_rounds"].as_array().unwrap(), &rounds);
+    let fixme = &packages_by_attr(&asked)["fixme"];
+    assert_eq!(
+        fixme["hash_fixes"][0]["new"],
+        sri("fixme source"),
+        "{fixme}"
+    );
+    // A stage alone is still itself.
+    let stage = rounds[1].as_str().unwrap();
+    let out = cli(&coordinator.url, &["report", stage, "--format", "json"]);
+    let alone: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(alone["run_id"], stage);
+    assert!(alone["fix_rounds"].as_array().is_none_or(|r| r.is_empty()));
+}

@@ -4,7 +4,7 @@
 //! session hands back the edits (report, unified diff, or the checkout itself with `--apply`).
 
 use crate::checkout::{Checkout, apply_to_checkout};
-use crate::cmd::submit::{get_report, submit};
+use crate::cmd::submit::{report_of, submit};
 use crate::{Client, RunArgs, watch};
 use anyhow::{Context, bail};
 use clap::Args;
@@ -115,8 +115,9 @@ impl Session<'_> {
             self.run_args,
             &overrides,
             only,
-            // A later stage's packages were evaluated by the first run: no listing again.
-            !self.runs.is_empty(),
+            // A later stage's packages were evaluated by the first run: no listing again;
+            // and the first run's report reads over it.
+            self.runs.first().map(String::as_str),
         )
         .await?;
         let view = if self.runs.is_empty() {
@@ -483,14 +484,14 @@ pub async fn run(
             asks.forget(&run);
             if let watch::End::Detached = end? {
                 watch::say_detached(std::slice::from_ref(&run));
-                let report = get_report(client, &run).await?;
+                let report = report_of(client, &run, true).await?;
                 return Ok(Outcome {
                     report,
                     detached: true,
                     not_applied: None,
                 });
             }
-            let report = get_report(client, &run).await?;
+            let report = report_of(client, &run, true).await?;
             s.absorb(report, true).await?;
             s.flush().await?;
         }
@@ -501,7 +502,7 @@ pub async fn run(
             // Mid-run: a package's needs-hash status is final once reported (the coordinator
             // keeps it pending while anything in its closure still builds).
             let at = std::time::Instant::now();
-            let report = get_report(client, &run).await?;
+            let report = report_of(client, &run, true).await?;
             asks.asked(&run, at, at.elapsed());
             s.absorb(report, false).await?;
         }

@@ -357,7 +357,10 @@ async fn main() -> anyhow::Result<()> {
     // Wire types become the domain's at the edge: states compared as enums, not strings.
     let report = nixfarm_core::report::Report::try_from(
         client
-            .get_report(pb::GetReportRequest { run_id: run })
+            .get_report(pb::GetReportRequest {
+                run_id: run,
+                ..Default::default()
+            })
             .await?
             .into_inner(),
     )

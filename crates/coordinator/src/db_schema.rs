@@ -105,6 +105,11 @@ CREATE TABLE IF NOT EXISTS repo_owed (
   until_ms INTEGER NOT NULL,
   PRIMARY KEY (run_id, attempt)
 );
+CREATE TABLE IF NOT EXISTS run_stages (
+  stage TEXT PRIMARY KEY REFERENCES runs(id),
+  root TEXT NOT NULL REFERENCES runs(id)
+);
+CREATE INDEX IF NOT EXISTS run_stages_root ON run_stages(root);
 CREATE TABLE IF NOT EXISTS build_times (
   name TEXT PRIMARY KEY,
   ms INTEGER NOT NULL

@@ -11,6 +11,7 @@ mod db_checks;
 mod db_opinions;
 mod db_repo;
 mod db_schema;
+mod db_stages;
 mod db_times;
 pub mod engine;
 pub mod farm_cache;

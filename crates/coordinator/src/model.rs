@@ -122,6 +122,9 @@ pub struct RunSpec {
     /// A Nix file of the snapshot to evaluate instead of its flake.
     #[serde(default)]
     pub entry: EntrySpec,
+    /// The run this one is a hash-fixing stage of (the session's first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_of: Option<String>,
 }
 
 /// A Nix file evaluated instead of the flake (`--file default.nix`), and its arguments.

@@ -66,6 +66,12 @@ pub trait StateStore: Send {
     ) -> StateResult<()>;
     fn run(&self, id: &str) -> StateResult<Option<RunRow>>;
     fn runs(&self) -> StateResult<Vec<RunRow>>;
+    /// Records run `stage` as a hash-fixing stage of run `root` (the session's first).
+    fn add_stage(&mut self, root: &str, stage: &str) -> StateResult<()>;
+    /// The stages of run `root`, in the order they were submitted.
+    fn stages(&self, root: &str) -> StateResult<Vec<String>>;
+    /// The run `stage` is a stage of, if any.
+    fn root_of(&self, stage: &str) -> StateResult<Option<String>>;
     // Evaluation.
     fn record_eval_tasks(&mut self, run: &str, tasks: &[&[String]]) -> StateResult<()>;
     fn record_eval_chunk(
@@ -234,6 +240,9 @@ delegate! {
     w fn set_run_state(id: &str, state: RunState, error: &str, finished_ms: i64) -> ();
     r fn run(id: &str) -> Option<RunRow>;
     r fn runs() -> Vec<RunRow>;
+    w fn add_stage(root: &str, stage: &str) -> ();
+    r fn stages(root: &str) -> Vec<String>;
+    r fn root_of(stage: &str) -> Option<String>;
     w fn record_eval_tasks(run: &str, tasks: &[&[String]]) -> ();
     w fn record_eval_chunk(run: &str, task: i64, attrs: &[EvaluatedAttr], drvs: &BTreeMap<StorePath, DrvNode>) -> ();
     w fn eval_task_infra_failure(run: &str, task: i64) -> i64;

@@ -267,6 +267,7 @@ fn run_spec() -> RunSpec {
         smoke: false,
         cross_check_builds: false,
         entry: Default::default(),
+        stage_of: None,
     }
 }
 

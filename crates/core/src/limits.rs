@@ -86,6 +86,10 @@ pub fn is_attr_name(a: &str) -> bool {
     !a.is_empty() && a.len() <= MAX_ATTR && !a.chars().any(char::is_control)
 }
 
+/// Most runs one hash-fixing session has (its first and its stages): each package goes
+/// through at most 100 stages (`--max-rounds`), and packages due together share one.
+pub const MAX_FIX_ROUNDS: usize = 2_000;
+
 /// Whether `s` has the shape of a run id the coordinator hands out (checked before it is
 /// looked up or echoed).
 pub fn is_run_id(s: &str) -> bool {

@@ -34,6 +34,7 @@ impl From<&Report> for pb::Report {
                     message: c.message.clone(),
                 })
                 .collect(),
+            fix_rounds: r.fix_rounds.clone(),
         }
     }
 }
@@ -214,6 +215,20 @@ impl TryFrom<pb::Report> for Report {
                 message: c.message,
             })
             .collect();
+        if r.fix_rounds.len() > lim::MAX_FIX_ROUNDS {
+            return Err(WireError(format!(
+                "{} fix rounds; at most {} are accepted",
+                r.fix_rounds.len(),
+                lim::MAX_FIX_ROUNDS
+            )));
+        }
+        if let Some(bad) = r.fix_rounds.iter().find(|id| !lim::is_run_id(id)) {
+            return Err(WireError(format!(
+                "a fix round '{}' is not a run id",
+                lim::clip(bad, 40)
+            )));
+        }
+        report.fix_rounds = r.fix_rounds;
         Ok(report)
     }
 }

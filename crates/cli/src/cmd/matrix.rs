@@ -44,7 +44,7 @@ pub(crate) async fn matrix(
         let mut cell = run.clone();
         cell.matrix = None;
         cell.override_inputs.extend([input.clone(), r.clone()]);
-        let id = submit(client, source, &cell, &BTreeMap::new(), &cell.attrs, false).await?;
+        let id = submit(client, source, &cell, &BTreeMap::new(), &cell.attrs, None).await?;
         note!("{input} = {r}: run {id}");
         ids.push(id);
     }

@@ -28,7 +28,7 @@ pub async fn submit_cmd(client: &Client, args: SubmitArgs) -> anyhow::Result<i32
             &args.run,
             &BTreeMap::new(),
             &args.run.attrs,
-            false,
+            None,
         )
         .await?;
         out!("{id}");
@@ -70,7 +70,7 @@ pub(crate) async fn submit(
     run: &RunArgs,
     overrides: &BTreeMap<PathBuf, Vec<u8>>,
     attrs: &[String],
-    known: bool,
+    stage_of: Option<&str>,
 ) -> anyhow::Result<String> {
     let entry = match source::check_local_or_ref(source)? {
         source::Named::Dir(dir) => source::entry_file(&dir, run.file.as_deref())?,
@@ -102,7 +102,8 @@ pub(crate) async fn submit(
     // Checked before a snapshot is uploaded: a mistyped cache costs no upload, and one that
     // cannot be reached fails here rather than every build's push, minutes later.
     let cache = run_cache(run)?;
-    if !cache.is_empty() {
+    // Once per session: a stage's cache is its first run's.
+    if !cache.is_empty() && stage_of.is_none() {
         probe_cache(&cache).await?;
     }
     let (src, label) = source::prepare(client, source, reader, overrides).await?;
@@ -145,7 +146,8 @@ pub(crate) async fn submit(
         max_silent_secs: run.max_silent,
         attrs: attrs.to_vec(),
         skip_cached: run.skip_cached,
-        skip_listing: known && !attrs.is_empty(),
+        skip_listing: stage_of.is_some() && !attrs.is_empty(),
+        stage_of: stage_of.unwrap_or_default().to_string(),
         smoke: run.smoke,
         cross_check_builds: run.cross_check_builds,
     };
@@ -166,10 +168,16 @@ pub(crate) async fn submit(
 }
 
 pub(crate) async fn get_report(client: &Client, run: &str) -> anyhow::Result<Report> {
+    report_of(client, run, false).await
+}
+
+/// The report of `run`; `alone`: its own, not read over the hash-fixing stages it began.
+pub(crate) async fn report_of(client: &Client, run: &str, alone: bool) -> anyhow::Result<Report> {
     let r = client
         .raw()
         .get_report(client.req(pb::GetReportRequest {
             run_id: run.to_string(),
+            alone,
         }))
         .await
         .map_err(status_error)?;
@@ -399,7 +407,7 @@ pub(crate) async fn submit_and_watch(
                     "--fix-hashes edits files, so it needs a local checkout; clone {f} and point nixfarm at the directory"
                 );
             }
-            let id = submit(client, source, run, &BTreeMap::new(), &run.attrs, false).await?;
+            let id = submit(client, source, run, &BTreeMap::new(), &run.attrs, None).await?;
             note!("submitted run {id}");
             match watch::watch(client, &id).await? {
                 watch::End::Detached => {

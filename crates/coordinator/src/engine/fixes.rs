@@ -6,8 +6,19 @@ use nixfarm_fix::Tree;
 
 impl Engine {
     /// A run's report, each needs-hash package with the edits that fill in its hashes when
-    /// the run's source is an uploaded snapshot. Found outside the engine's lock.
+    /// the run's source is an uploaded snapshot. Found outside the engine's lock. The first
+    /// run of a hash-fixing session reads over its stages (see `sessions.rs`).
     pub fn report_with_fixes(&self, run_id: &str) -> Result<Report, EngineError> {
+        let report = self.report_alone_with_fixes(run_id)?;
+        let stages = self.lock().db.stages(run_id)?;
+        if stages.is_empty() {
+            return Ok(report);
+        }
+        self.over_stages(report, &stages)
+    }
+
+    /// [`Engine::report_with_fixes`] of the run alone, whatever stages it has.
+    pub fn report_alone_with_fixes(&self, run_id: &str) -> Result<Report, EngineError> {
         let mut report = self.report(run_id)?;
         if let Some(tree) = self.run_tree(run_id)? {
             nixfarm_fix::report::annotate(&mut report, &tree);

@@ -560,6 +560,7 @@ mod queries;
 mod readiness;
 mod recovery;
 mod runs;
+mod sessions;
 mod slots;
 mod waiting;
 

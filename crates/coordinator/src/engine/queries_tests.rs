@@ -82,6 +82,7 @@ pub(crate) fn flake_run() -> RunSpec {
         smoke: false,
         cross_check_builds: false,
         entry: Default::default(),
+        stage_of: None,
     }
 }
 

@@ -64,6 +64,9 @@ impl Engine {
             }
         }
         self.check_run_cache(&spec)?;
+        if let Some(root) = &spec.stage_of {
+            self.check_stage(root, &spec)?;
+        }
         for (name, reference) in &spec.entry.overrides {
             nixfarm_core::entry::check_override(name, reference, self.opts.allow_local_flake_refs)
                 .map_err(|e| EngineError::Invalid(e.0))?;
@@ -102,6 +105,9 @@ impl Engine {
             finished_ms: 0,
             eval_tasks_total: -1,
         })?;
+        if let Some(root) = &spec.stage_of {
+            inner.db.add_stage(root, id)?;
+        }
         let mut run = RunMem::new(id.to_string(), spec.clone(), RunState::Evaluating, now);
         if !spec.skip_listing {
             run.eval_queue.push_back(EvalTask::List);

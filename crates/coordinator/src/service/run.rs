@@ -151,9 +151,13 @@ impl pb::run_service_server::RunService for RunSvc {
         &self,
         req: Request<pb::GetReportRequest>,
     ) -> Result<Response<pb::Report>, Status> {
-        let r = self
-            .engine
-            .report_with_fixes(&checked_run_id(req.into_inner().run_id)?)?;
+        let req = req.into_inner();
+        let id = checked_run_id(req.run_id)?;
+        let r = if req.alone {
+            self.engine.report_alone_with_fixes(&id)?
+        } else {
+            self.engine.report_with_fixes(&id)?
+        };
         Ok(Response::new(pb::Report::from(&r)))
     }
 

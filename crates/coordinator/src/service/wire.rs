@@ -193,6 +193,13 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
             smoke: r.smoke,
             cross_check_builds: r.cross_check_builds,
             entry: entry_from_wire(r.entry)?,
+            stage_of: match r.stage_of.as_str() {
+                "" => None,
+                id if lim::is_run_id(id) => Some(id.to_string()),
+                id => {
+                    return Err(WireError(format!("'{}' is not a run id", clip(id, 40))));
+                }
+            },
         };
         // A Nix file is read from an uploaded tree; a remote flake has no such file here.
         if !spec.entry.file.is_empty() && !matches!(spec.source, SourceSpec::Snapshot(_)) {
