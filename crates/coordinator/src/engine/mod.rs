@@ -545,6 +545,7 @@ mod batch;
 mod build;
 mod checks;
 mod claims;
+mod copied;
 pub use claims::UploadClaim;
 mod cutoff;
 mod dispatch;

@@ -1,5 +1,6 @@
 //! The readiness rule: a package's status and reason from its derivations' outcomes.
 
+use super::copied::copied_note;
 use super::*;
 
 /// Derives one package's status and reason from its evaluation and its closure's builds.
@@ -139,7 +140,13 @@ pub(super) fn package_report(
                         store_name(p.drv_path.as_deref().unwrap_or("")),
                         rep.specified.as_deref().unwrap_or("?"),
                         rep.got.as_deref().unwrap_or("?"),
-                        copied_note(rep, p.drv_path.as_deref().unwrap_or(""), nodes, top_of)
+                        copied_note(
+                            rep,
+                            p.drv_path.as_deref().unwrap_or(""),
+                            nodes,
+                            results,
+                            top_of
+                        )
                     ),
                 ),
                 BuildOutcome::TimedOut => set(&mut r, PackageStatus::TimedOut, rep.message.clone()),
@@ -186,7 +193,9 @@ pub(super) fn package_report(
                     .map(|m| {
                         let note = results
                             .get(m.fod_drv.as_str())
-                            .map(|(_, b)| copied_note(b, m.fod_drv.as_str(), nodes, top_of))
+                            .map(|(_, b)| {
+                                copied_note(b, m.fod_drv.as_str(), nodes, results, top_of)
+                            })
                             .unwrap_or_default();
                         format!(
                             "{}: specified {}, got {}{note}",
@@ -240,44 +249,6 @@ pub(super) fn package_report(
         }
     }
     r
-}
-
-/// For a hash copied from another fixed-output derivation: which one, by the package that
-/// owns it in this run when there is one ("the hash is atproto-api's source's"). The
-/// derivation the store names may be none of this run's (an earlier one of the same
-/// source: its hash still fake, Nix kept what it fetched under the right path): then the
-/// fixed output of this run that declares that hash, other than `fod` (the one that
-/// failed), names it.
-fn copied_note(
-    rep: &BuildReport,
-    fod: &str,
-    nodes: &HashMap<&str, DrvNode>,
-    top_of: &HashMap<String, String>,
-) -> String {
-    let Some(from) = &rep.copied_from else {
-        return String::new();
-    };
-    let specified = rep.specified.as_deref().unwrap_or("");
-    let declaring = || {
-        let mut same: Vec<&&str> = nodes
-            .iter()
-            .filter(|(d, n)| {
-                **d != fod && n.fixed_output && !specified.is_empty() && n.output_hash == specified
-            })
-            .map(|(d, _)| d)
-            .collect();
-        same.sort();
-        same.first().and_then(|d| top_of.get(**d)).cloned()
-    };
-    let whose = top_of
-        .get(from.as_str())
-        .cloned()
-        .or_else(declaring)
-        .unwrap_or_else(|| from.to_string());
-    format!(
-        " (the hash was copied: the output with hash {} was produced by {whose}, and this fetch gives other content)",
-        rep.specified.as_deref().unwrap_or("?")
-    )
 }
 
 /// A package not built (yet): pending while the run goes on; once the run has ended
@@ -584,50 +555,5 @@ mod tests {
         let mut not_fixed = node("sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
         not_fixed.fixed_output = false;
         assert!(!has_fake_hash(&not_fixed));
-    }
-}
-
-#[cfg(test)]
-mod copied_tests {
-    use super::*;
-
-    /// The store names the derivation that fetched the output first: an earlier version of
-    /// alpha's source, its hash still fake, is in no graph of this run. The run's own fixed
-    /// output that declares the hash names it instead.
-    #[test]
-    fn a_copied_hash_is_named_by_the_package_that_declares_it() {
-        let hash = "sha256-61WeR6/hoYwd5GsHVR2+sgD/QcMTsCKiZHJ7o8yKEbQ=";
-        let alpha_src = "/nix/store/33333333333333333333333333333333-source.drv";
-        let beta_src = "/nix/store/44444444444444444444444444444444-source.drv";
-        let earlier = "/nix/store/55555555555555555555555555555555-source.drv";
-        let fod = || DrvNode {
-            fixed_output: true,
-            output_hash: hash.into(),
-            ..Default::default()
-        };
-        let nodes: HashMap<&str, DrvNode> = [(alpha_src, fod()), (beta_src, fod())].into();
-        let top_of: HashMap<String, String> = [
-            (alpha_src.to_string(), "alpha's source".to_string()),
-            (beta_src.to_string(), "beta's source".to_string()),
-        ]
-        .into();
-        let rep = |from: &str| BuildReport {
-            kind: BuildOutcome::HashMismatch,
-            specified: Some(nixfarm_core::Sri::parse(hash).unwrap()),
-            copied_from: Some(sp(from)),
-            ..Default::default()
-        };
-        let note = copied_note(&rep(earlier), beta_src, &nodes, &top_of);
-        assert!(note.contains("was produced by alpha's source"), "{note}");
-        // One of this run's: by its own name.
-        let note = copied_note(&rep(alpha_src), beta_src, &nodes, &top_of);
-        assert!(note.contains("was produced by alpha's source"), "{note}");
-        // None declares it: the derivation the store names.
-        let alone: HashMap<&str, DrvNode> = [(beta_src, fod())].into();
-        let note = copied_note(&rep(earlier), beta_src, &alone, &top_of);
-        assert!(
-            note.contains(&format!("was produced by {earlier}")),
-            "{note}"
-        );
     }
 }

@@ -128,6 +128,17 @@ pub fn source_to_wire(s: &SourceSpec) -> pb::Source {
     }
 }
 
+/// The first run of the hash-fixing session a submit is a stage of (empty: none).
+fn stage_from_wire(id: String) -> Result<Option<String>, WireError> {
+    if id.is_empty() {
+        Ok(None)
+    } else if lim::is_run_id(&id) {
+        Ok(Some(id))
+    } else {
+        Err(WireError(format!("'{}' is not a run id", clip(&id, 40))))
+    }
+}
+
 impl TryFrom<pb::SubmitRunRequest> for RunSpec {
     type Error = WireError;
     fn try_from(r: pb::SubmitRunRequest) -> Result<Self, WireError> {
@@ -193,13 +204,7 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
             smoke: r.smoke,
             cross_check_builds: r.cross_check_builds,
             entry: entry_from_wire(r.entry)?,
-            stage_of: match r.stage_of.as_str() {
-                "" => None,
-                id if lim::is_run_id(id) => Some(id.to_string()),
-                id => {
-                    return Err(WireError(format!("'{}' is not a run id", clip(id, 40))));
-                }
-            },
+            stage_of: stage_from_wire(r.stage_of)?,
         };
         // A Nix file is read from an uploaded tree; a remote flake has no such file here.
         if !spec.entry.file.is_empty() && !matches!(spec.source, SourceSpec::Snapshot(_)) {
