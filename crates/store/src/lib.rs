@@ -237,6 +237,13 @@ impl Pusher {
             Target::Cachix { name, api } => format!("{api}cache/{name}"),
         };
         match tokio::time::timeout(wait, self.http.get(&url).send()).await {
+            // Cachix's API knows its caches: one it does not is mistyped.
+            Ok(Ok(r))
+                if matches!(self.target, Target::Cachix { .. })
+                    && r.status() == reqwest::StatusCode::NOT_FOUND =>
+            {
+                Err("Cachix has no cache of that name".into())
+            }
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
                 let mut why = e.to_string();

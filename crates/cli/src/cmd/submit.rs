@@ -224,22 +224,20 @@ fn cache_url(run: &CacheCheckArgs) -> anyhow::Result<String> {
 /// How long the cache is given to answer before a run is submitted to it.
 const CACHE_PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Refuses a run whose cache does not answer from here (a mistyped host, a cache that is
-/// down): its users download from it, so it answers them, and agents would wait out every
-/// push's retries on it, each package not-cached minutes later. A certificate this machine
-/// does not trust (a private CA the agents are given) is only said.
+/// Says at once when the run's cache does not answer from here (a mistyped host, a cache
+/// that is down), where otherwise nothing would until every build's push had waited out its
+/// retries on it. Only said: the agents may reach what this machine cannot (a cache on the
+/// farm's own network, a private CA they are given).
 async fn probe_cache(url: &str) -> anyhow::Result<()> {
     let pusher = nixfarm_store::Pusher::for_url(url, nixfarm_nix::Nix::default(), None, None)?;
-    let Err(why) = pusher.reachable(CACHE_PROBE_WAIT).await else {
-        return Ok(());
-    };
-    let url = nixfarm_core::fit::one_line(nixfarm_core::limits::clip(url, 200));
-    let why = nixfarm_core::fit::one_line(nixfarm_core::limits::clip(&why, 500));
-    if why.to_lowercase().contains("certificate") {
-        note!("the cache {url} could not be checked from here: {why}");
-        return Ok(());
+    if let Err(why) = pusher.reachable(CACHE_PROBE_WAIT).await {
+        note!(
+            "warning: the cache {} does not answer from here: {}; if the agents cannot reach it either, each build's push fails after its retries (about 90 s) and its package is not-cached",
+            nixfarm_core::fit::one_line(nixfarm_core::limits::clip(url, 200)),
+            nixfarm_core::fit::one_line(nixfarm_core::limits::clip(&why, 500))
+        );
     }
-    bail!("the cache {url} does not answer: {why}; nothing was submitted")
+    Ok(())
 }
 
 /// Checks "cached" against the cache itself, as a user substituting from it would: a ready
