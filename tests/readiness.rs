@@ -391,8 +391,9 @@ in {
   lib = { helper = x: x; };
   modules = { };
   overlays = { };
-  # Followed, as nix-build follows it; an unmarked set is not.
-  tools = { recurseForDerivations = true; fmt = pkg { pname = "fmt"; script = "echo fmt > $out"; }; };
+  # Followed, as nix-build follows it, each derivation once (`self` holds it again); an
+  # unmarked set is not.
+  tools = let t = { recurseForDerivations = true; fmt = pkg { pname = "fmt"; script = "echo fmt > $out"; }; self = t; }; in t;
   extra = { hidden = pkg { pname = "hidden"; script = "echo > $out"; }; };
   hello = import ./pkgs/hello.nix { inherit pkg greeting; };
   fixme = import ./pkgs/fixme.nix { inherit pkg fod; };
@@ -1168,6 +1169,30 @@ fn a_git_flake_is_its_tracked_files_with_uncommitted_edits_an_untracked_file_lef
     assert!(
         err.contains("left out of the snapshot: 1 file(s) git does not track: forgotten.nix"),
         "{err}"
+    );
+    // A flake.nix never added: refused here, saying what to do.
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join("flake.nix"), "{ outputs = { self }: { }; }\n").unwrap();
+    let init = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .arg(&fresh)
+        .status()
+        .unwrap();
+    assert!(init.success());
+    let out = host.run(&[
+        bin("nixfarm").to_str().unwrap(),
+        "local",
+        fresh.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("flake.nix is not tracked by git")
+            && stderr(&out).contains("git add flake.nix"),
+        "{}",
+        stderr(&out)
     );
 }
 

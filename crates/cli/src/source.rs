@@ -328,6 +328,13 @@ pub async fn prepare(
                     first_few(&links_out)
                 );
             }
+            // Without it nothing evaluates: said here, not as an agent's puzzle.
+            if untracked.iter().any(|f| f == Path::new("flake.nix")) {
+                bail!(
+                    "{}/flake.nix is not tracked by git, and Nix reads only tracked files of a git flake: `git add flake.nix` (and the files it reads)",
+                    dir.display()
+                );
+            }
             if !untracked.is_empty() && overrides.is_empty() {
                 note!(
                     "left out of the snapshot: {} file(s) git does not track: {} (Nix reads only tracked files of a git flake; `git add` them to build with them)",

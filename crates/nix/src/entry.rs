@@ -73,7 +73,7 @@ pub(crate) const NORMALIZE: &str = r#"(s: if builtins.isList s then let
   base = d: d.pname or (builtins.parseDrvName d.name).name;
   places = f: builtins.genList (i: { name = f (at i); value = i; }) n;
   first = f: builtins.listToAttrs (places f);
-  last = f: builtins.listToAttrs (builtins.genList (i: builtins.elemAt (places f) (n - 1 - i)) n);
+  last = f: let p = places f; in builtins.listToAttrs (builtins.genList (i: builtins.elemAt p (n - 1 - i)) n);
   fb = first base; lb = last base;
   cands = builtins.genList (i: let b = base (at i); in if fb.${b} == i && lb.${b} == i then b else (at i).name) n;
   fc = builtins.listToAttrs (builtins.genList (i: { name = builtins.elemAt cands i; value = i; }) n);

@@ -68,15 +68,7 @@ impl Nix {
             } else {
                 format!("s: {{ \"\" = ({check}) s; }}")
             };
-            let mut c = self.eval_cmd("");
-            // Behind the packages' evaluation and builds, which they run beside.
-            // SAFETY: setpriority(2) between fork and exec touches no memory of this process.
-            unsafe {
-                c.pre_exec(|| {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, 15);
-                    Ok(())
-                });
-            }
+            let mut c = self.check_cmd();
             entry.select(&mut c, path);
             c.arg("--apply").arg(apply);
             let json = match self.run_json(c, mem_mib).await {
@@ -93,15 +85,14 @@ impl Nix {
                 .take(MESSAGES_PER_KIND)
                 .collect();
             for name in failing {
-                let full = if name.is_empty() {
-                    path.clone()
-                } else if name.contains('.') {
-                    // Not one attribute path: asked of the set, by name.
-                    continue;
+                // Asked of the set, by the name quoted: any name (empty, dotted, with a `%`
+                // a flake fragment would decode) is the one that failed.
+                let apply = if *many {
+                    format!("s: ({force}) s.{}", crate::runner::nix_string(&name))
                 } else {
-                    format!("{path}.{name}")
+                    force.to_string()
                 };
-                if let Some(why) = self.why_not(entry, &full, force, mem_mib).await {
+                if let Some(why) = self.why_not(entry, path, &apply, mem_mib).await {
                     map.insert(name, Some(format!("{DOES_NOT_EVALUATE}: {why}")));
                 }
             }
@@ -132,15 +123,9 @@ impl Nix {
         out
     }
 
-    /// Nix's message for an output that does not evaluate (`force` reads what the check
-    /// read), at a low CPU priority as the checks are.
-    async fn why_not(
-        &self,
-        entry: &Entry,
-        path: &str,
-        force: &str,
-        mem_mib: u64,
-    ) -> Option<String> {
+    /// An evaluation of the checks: behind the packages' evaluation and builds, which they
+    /// run beside.
+    fn check_cmd(&self) -> tokio::process::Command {
         let mut c = self.eval_cmd("");
         // SAFETY: setpriority(2) between fork and exec touches no memory of this process.
         unsafe {
@@ -149,8 +134,21 @@ impl Nix {
                 Ok(())
             });
         }
+        c
+    }
+
+    /// Nix's message for an output of `path` that does not evaluate (`apply` reads what the
+    /// check read), at a low CPU priority as the checks are.
+    async fn why_not(
+        &self,
+        entry: &Entry,
+        path: &str,
+        apply: &str,
+        mem_mib: u64,
+    ) -> Option<String> {
+        let mut c = self.check_cmd();
         entry.select(&mut c, path);
-        c.arg("--apply").arg(force);
+        c.arg("--apply").arg(apply);
         match self.run_json(c, mem_mib).await {
             Err(NixError::Failed { message, .. }) => Some(message),
             _ => None,
@@ -174,6 +172,7 @@ mod tests {
   d = name: derivation { inherit name; system = sys; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; };
 in {
   devShells.${sys} = {
+    "odd%41" = throw "odd one";
     default = d "shell";
     notdrv = 5;
     thrower = throw "shell thrower";
@@ -203,6 +202,7 @@ in {
                 "devShells.x86_64-linux.badattr",
                 "devShells.x86_64-linux.default",
                 "devShells.x86_64-linux.notdrv",
+                "devShells.x86_64-linux.odd%41",
                 "devShells.x86_64-linux.thrower",
             ],
             "{got:?}"
@@ -220,6 +220,10 @@ in {
         assert_eq!(
             problem("devShells.x86_64-linux.badattr"),
             "does not evaluate: drvPath broken"
+        );
+        assert_eq!(
+            problem("devShells.x86_64-linux.odd%41"),
+            "does not evaluate: odd one"
         );
         assert_eq!(problem("apps.x86_64-linux.good"), "");
         assert!(

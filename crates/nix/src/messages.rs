@@ -384,6 +384,12 @@ fn trim_error(l: &str) -> String {
         .to_string()
 }
 
+/// Most continuation lines of an error message kept, and the most bytes it grows to with
+/// them: a throw of a joined list, or a module conflict naming hundreds of definitions,
+/// stays a reason.
+const CONTINUATION_LINES: usize = 20;
+const CONTINUATION_BYTES: usize = 2000;
+
 /// The first `error:` message in a log, with its continuation lines, for reports.
 pub fn first_error(log: &str) -> Option<String> {
     let clean = strip_ansi(log);
@@ -407,18 +413,34 @@ pub fn first_error(log: &str) -> Option<String> {
     }
     if !msg.is_empty() {
         // A message of several lines (`throw "a\nb"`) goes on indented below its first,
-        // up to a blank line or what Nix adds after it (a trace, a place, a build's log).
+        // up to a blank line or what Nix adds after it (a trace, a place, a build's log,
+        // 2.29's "Reason:" and "Output paths:"), and no further than a reason is read.
+        let mut kept = 0;
         for l in &lines[at + 1..] {
             let t = l.trim();
-            let nix_own = ["…", "at ", "error:", "> ", "For full logs"]
-                .iter()
-                .any(|p| t.starts_with(p))
-                || (t.starts_with("last ") && t.ends_with("log lines:"));
+            let lower = t.to_ascii_lowercase();
+            let nix_own = [
+                "…",
+                "at ",
+                "error:",
+                "> ",
+                "for full logs",
+                "reason:",
+                "output paths:",
+            ]
+            .iter()
+            .any(|p| lower.starts_with(p))
+                || (lower.starts_with("last ") && lower.ends_with("log lines:"));
             if t.is_empty() || nix_own || !l.starts_with(char::is_whitespace) {
+                break;
+            }
+            if kept == CONTINUATION_LINES || msg.len() + t.len() > CONTINUATION_BYTES {
+                msg.push_str("\n…");
                 break;
             }
             msg.push('\n');
             msg.push_str(t);
+            kept += 1;
         }
     } else {
         msg = lines[start + 1..]

@@ -350,6 +350,22 @@ fn first_error_keeps_a_message_of_several_lines_whole() {
         first_error(build).unwrap(),
         "builder for '/nix/store/x-a.drv' failed with exit code 1"
     );
+    // Nix 2.29 on a build during evaluation: what follows the cause is its own.
+    let ifd = "error: Cannot build '/nix/store/x-a.drv'.\n       Reason: builder failed with exit code 1.\n       Output paths:\n         /nix/store/x-a\n       Last 25 log lines:\n       > boom\n";
+    assert_eq!(
+        first_error(ifd).unwrap(),
+        "Cannot build '/nix/store/x-a.drv'."
+    );
+    // A message of a thousand lines stays a reason.
+    let long = format!(
+        "error: many\n{}",
+        (0..1000)
+            .map(|i| format!("       line {i}\n"))
+            .collect::<String>()
+    );
+    let kept = first_error(&long).unwrap();
+    assert_eq!(kept.lines().count(), 22, "{kept}");
+    assert!(kept.ends_with("\n…"), "{kept}");
     let hint = "error: attribute 'nope' missing\n       Did you mean one of nop or note?\n";
     assert_eq!(
         first_error(hint).unwrap(),

@@ -128,6 +128,13 @@ fn build_report(
         Err(e) if unreadable(&e) => Vec::new(),
         r => r?,
     };
+    let of_a_file =
+        serde_json::from_str::<RunSpec>(&row.spec).is_ok_and(|s| !s.entry.file.is_empty());
+    let packages = if of_a_file {
+        one_name_per_derivation(packages)
+    } else {
+        packages
+    };
     // What to call a derivation in a reason: its package, or the package it belongs to
     // ("aurora-core's source"), never a bare store hash when a package owns it.
     let mut top_of: HashMap<String, String> = packages
@@ -163,6 +170,34 @@ fn build_report(
     let mut report = Report::new(row.id, row.state, row.label, row.error, out);
     report.repository = db.repo_checks(run_id)?;
     Ok(report)
+}
+
+/// A Nix file's derivation reached under several paths through sets marked
+/// `recurseForDerivations` (a set that holds itself, one that two others hold) is one
+/// package, as `nix-build` builds it once: under its shortest name, the longer paths to it
+/// left out. Two names at one depth (two top-level names for one derivation) both stay.
+fn one_name_per_derivation(packages: Vec<(String, PackageInfo)>) -> Vec<(String, PackageInfo)> {
+    let depth = |a: &str| a.matches('.').count();
+    let mut shallowest: HashMap<&str, usize> = HashMap::new();
+    for (attr, p) in &packages {
+        if let Some(d) = &p.drv_path {
+            let e = shallowest.entry(d.as_str()).or_insert(usize::MAX);
+            *e = (*e).min(depth(attr));
+        }
+    }
+    let keep: Vec<bool> = packages
+        .iter()
+        .map(|(attr, p)| {
+            p.drv_path
+                .as_ref()
+                .is_none_or(|d| shallowest.get(d.as_str()).is_none_or(|s| *s >= depth(attr)))
+        })
+        .collect();
+    packages
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(p, keep)| keep.then_some(p))
+        .collect()
 }
 
 impl Engine {

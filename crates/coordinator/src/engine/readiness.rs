@@ -115,9 +115,11 @@ pub(super) fn package_report(
                 set(
                     &mut r,
                     PackageStatus::Unpinned,
-                    if !p.rev.is_empty() && p.rev.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    if (7..40).contains(&p.rev.len())
+                        && p.rev.bytes().all(|b| b.is_ascii_hexdigit())
+                    {
                         format!(
-                            "source rev '{}' is an abbreviated commit id: a full one (40 hex digits) cannot come to name another commit",
+                            "source rev '{}' looks like an abbreviated commit id: a full one (40 hex digits, or 64) cannot come to name another commit",
                             p.rev
                         )
                     } else {
@@ -431,7 +433,8 @@ mod tests {
         let r = app(&all_built, "0123abc", RunState::Finished);
         assert_eq!(r.status, PackageStatus::Unpinned);
         assert!(
-            r.reason.contains("'0123abc' is an abbreviated commit id"),
+            r.reason
+                .contains("'0123abc' looks like an abbreviated commit id"),
             "{}",
             r.reason
         );
