@@ -415,8 +415,7 @@ pub fn first_error(log: &str) -> Option<String> {
         // A message of several lines (`throw "a\nb"`) goes on indented below its first,
         // up to a blank line or what Nix adds after it (a trace, a place, a build's log,
         // 2.29's "Reason:" and "Output paths:"), and no further than a reason is read.
-        let mut kept = 0;
-        for l in &lines[at + 1..] {
+        for (kept, l) in lines[at + 1..].iter().enumerate() {
             let t = l.trim();
             let lower = t.to_ascii_lowercase();
             let nix_own = [
@@ -440,7 +439,6 @@ pub fn first_error(log: &str) -> Option<String> {
             }
             msg.push('\n');
             msg.push_str(t);
-            kept += 1;
         }
     } else {
         msg = lines[start + 1..]
