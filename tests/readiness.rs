@@ -788,6 +788,7 @@ fn a_matrix_over_an_input_reports_each_value_side_by_side() {
     }
     let varies = packages.iter().find(|p| p["attr"] == "varies").unwrap();
     assert_eq!(varies["cells"][0]["status"], "ready", "{m}");
+
     // One value alone, as --override-input.
     let one = local(&host, &state, &repo, &["--override-input", "dep", &b]);
     assert_eq!(packages_by_attr(&one)["varies"]["status"], "build-failed");
@@ -1309,4 +1310,35 @@ fn the_first_run_of_a_fixing_session_reports_what_the_session_came_to() {
     let alone: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(alone["run_id"], stage);
     assert!(alone["fix_rounds"].as_array().is_none_or(|r| r.is_empty()));
+}
+
+/// A key rotated: the cache holds the outputs signed by the old key. A warm run with the new
+/// signing key and no key given checks the cache by the new key's public half (what users
+/// will be told to trust): what only the old key signed is not-cached, not ready.
+#[test]
+fn a_cache_is_checked_by_the_local_signing_key_when_no_key_is_given() {
+    let dir = scratch();
+    let repo = sh_flake(
+        dir.path(),
+        "rotated",
+        r#"one = mk "one" "echo one > $out";"#,
+    );
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    set_mode(&cache, 0o755);
+    for d in ["old", "new"] {
+        std::fs::create_dir_all(dir.path().join(d)).unwrap();
+    }
+    let (old, _) = cache_key(&dir.path().join("old"), "old-1");
+    let (new, new_pk) = cache_key(&dir.path().join("new"), "new-1");
+    let filled = warm_elsewhere(&dir.path().join("a"), &repo, &cache, &old);
+    assert_eq!(
+        packages_by_attr(&filled)["one"]["status"],
+        "ready",
+        "{filled}"
+    );
+    let rotated = warm_elsewhere(&dir.path().join("b"), &repo, &cache, &new);
+    let one = &packages_by_attr(&rotated)["one"];
+    assert_eq!(one["status"], "not-cached", "{rotated}");
+    assert!(one["reason"].as_str().unwrap().contains(&new_pk), "{one}");
 }

@@ -7,6 +7,24 @@ use anyhow::bail;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The run's settings, with the public half of the key the local agents sign with among
+/// the keys its cache is checked by when none is given: what they push is signed by it, and
+/// a path in the cache signed by another key (an old one, before a rotation) is not theirs
+/// to count as cached.
+fn with_own_key(
+    run: &crate::RunArgs,
+    key_file: Option<&std::path::Path>,
+) -> anyhow::Result<crate::RunArgs> {
+    let mut run = run.clone();
+    if let (Some(file), Some(_), true) = (key_file, &run.cache, run.trusted_public_keys.is_empty())
+    {
+        let key = nixfarm_store::narinfo::Key::from_file(file)
+            .map_err(|e| anyhow::anyhow!("--signing-key-file {}: {e}", file.display()))?;
+        run.trusted_public_keys.push(key.public());
+    }
+    Ok(run)
+}
+
 pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
     // Ctrl-C from here on stops the farm and cancels its runs (below), whatever the command
     // is doing when it comes.
@@ -21,6 +39,7 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
     );
     // Check the source before starting a farm for it.
     source::check_local_or_ref(&args.source)?;
+    let run = with_own_key(&args.run, args.signing_key_file.as_deref())?;
     if args.run.cross_check_builds && args.agents < 2 {
         bail!(
             "--cross-check-builds has a second agent build everything again: run with --agents 2 or more"
@@ -117,7 +136,7 @@ pub async fn local(args: &LocalArgs) -> anyhow::Result<i32> {
                 "Nix is not installed (no working `nix` on PATH); on Debian: apt-get install nix-bin"
             );
         }
-        submit_and_watch(&client, &args.source, &args.run, &args.fix, &args.out).await
+        submit_and_watch(&client, &args.source, &run, &args.fix, &args.out).await
     };
     let result = tokio::select! {
         r = work => match r {
