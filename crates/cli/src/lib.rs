@@ -59,6 +59,7 @@ pub mod ci;
 mod client;
 pub mod cmd;
 pub mod fix;
+mod fix_asks;
 mod output;
 pub mod source;
 pub mod watch;
