@@ -1342,3 +1342,63 @@ fn a_cache_is_checked_by_the_local_signing_key_when_no_key_is_given() {
     assert_eq!(one["status"], "not-cached", "{rotated}");
     assert!(one["reason"].as_str().unwrap().contains(&new_pk), "{one}");
 }
+
+/// Three packages of one source share a hash file (`hashes.nix`, imported by each); their
+/// second-stage hashes (`vendorHash`, one value, three fetches) are filled in once, in that
+/// file: all three end ready, the two that had no fix of their own saying whose they build
+/// with. One of them used to stay needs-hash, "no binding … found", though the patch fixed it.
+#[test]
+fn packages_sharing_a_hash_file_are_all_fixed_by_its_one_edit() {
+    let dir = scratch();
+    let repo = dir.path().join("widgets");
+    copy_tree(&example_repo(), &repo);
+    std::fs::remove_dir_all(repo.join("pkgs")).unwrap();
+    std::fs::create_dir_all(repo.join("pkgs/widgets")).unwrap();
+    let call: String = ["core", "gtk", "qt"]
+        .iter()
+        .map(|w| format!("    widgets-{w} = callPackage ./widgets/widgets-{w}.nix {{ }};\n"))
+        .collect();
+    std::fs::write(
+        repo.join("pkgs/default.nix"),
+        format!(
+            "{{ lib }}:\nlet\n  callPackage = path: overrides: let f = import path; scope = {{ inherit lib; inherit (lib) mkPackage fetchSrc fetchDeps; }} // self; in f (builtins.intersectAttrs (builtins.functionArgs f) scope // overrides);\n  self = {{\n{call}  }};\nin self\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("pkgs/widgets/hashes.nix"),
+        "{\n  rev = \"2d8ba804c79141991b71b2a9513e56817c9de8de\";\n  srcHash = \"\";\n  vendorHash = \"\";\n}\n",
+    )
+    .unwrap();
+    for w in ["core", "gtk", "qt"] {
+        std::fs::write(
+            repo.join(format!("pkgs/widgets/widgets-{w}.nix")),
+            format!(
+                "{{ lib, mkPackage, fetchSrc }}:\nlet hashes = import ./hashes.nix; in\nmkPackage {{\n  pname = \"widgets-{w}\";\n  version = \"3.1.0\";\n  src = fetchSrc {{ owner = \"nurorg\"; repo = \"widgets\"; inherit (hashes) rev; hash = hashes.srcHash; }};\n  vendorHash = hashes.vendorHash;\n  script = \"mkdir -p $out\";\n}}\n"
+            ),
+        )
+        .unwrap();
+    }
+    let host = Host::new(&dir.path().join("host"));
+    let report = local(
+        &host,
+        &dir.path().join("state"),
+        &repo,
+        &["--fix-hashes", "--apply"],
+    );
+    let got = packages_by_attr(&report);
+    let mut own = 0;
+    for w in ["core", "gtk", "qt"] {
+        let p = &got[format!("widgets-{w}").as_str()];
+        assert_eq!(p["status"], "ready", "{p}");
+        let reason = p["reason"].as_str().unwrap();
+        if reason.starts_with("builds with") && reason.contains("(see hash_fixes)") {
+            own += 1;
+        } else {
+            assert!(reason.contains("filled in for widgets-"), "{p}");
+        }
+    }
+    assert!(own >= 1, "{report}");
+    let hashes = std::fs::read_to_string(repo.join("pkgs/widgets/hashes.nix")).unwrap();
+    assert!(!hashes.contains("\"\""), "{hashes}");
+}

@@ -91,6 +91,12 @@ struct Session<'a> {
     /// A package whose mismatch is only in one of them (a dependency's source, say) needs no
     /// fix of its own, only its next stage.
     filled: BTreeSet<(nixfarm_core::StorePath, nixfarm_core::Sri)>,
+    /// The values the session wrote: (as it was, as it is now). A mismatch from another
+    /// derivation with the same pair whose text cannot be found any more had its value in
+    /// a place it shares (a hash file several packages import): it needs only its stage.
+    written: BTreeSet<(nixfarm_core::Sri, nixfarm_core::Sri)>,
+    /// Packages that go on with hashes another package's fix wrote: the values they got.
+    refilled: BTreeMap<String, Vec<nixfarm_core::Sri>>,
     unverified: BTreeSet<String>,
     /// Runs with a hash mismatch so far: the only ones worth asking mid-run.
     mismatched: BTreeSet<String>,
@@ -244,7 +250,33 @@ impl Session<'_> {
             String::new(),
             to_plan,
         );
-        let plan = nixfarm_fix::report::plan_report(&part, &self.current);
+        let mut plan = nixfarm_fix::report::plan_report(&part, &self.current);
+        let mut by_value = BTreeSet::new();
+        plan.unlocated.retain(|u| {
+            let written = self
+                .written
+                .contains(&(u.mismatch.specified.clone(), u.mismatch.got.clone()));
+            if written {
+                by_value.insert(u.attr.clone());
+            }
+            !written
+        });
+        for attr in by_value {
+            let waits = plan.fixes.contains_key(&attr)
+                || plan.unlocated.iter().any(|u| u.attr == attr)
+                || refilled.contains(&attr);
+            if !waits {
+                refilled.push(attr);
+            }
+        }
+        for attr in &refilled {
+            if let Some(p) = settled.iter().find(|p| p.attr == *attr) {
+                self.refilled.insert(
+                    attr.clone(),
+                    p.hash_mismatches.iter().map(|m| m.got.clone()).collect(),
+                );
+            }
+        }
         for u in &plan.unlocated {
             self.unlocated
                 .entry(u.attr.clone())
@@ -288,6 +320,7 @@ impl Session<'_> {
                     .is_some_and(|l| l.iter().any(|f| f.old == m.specified && f.new == m.got));
                 if fixed {
                     self.filled.insert((m.fod_drv.clone(), m.got.clone()));
+                    self.written.insert((m.specified.clone(), m.got.clone()));
                 }
             }
         }
@@ -371,6 +404,8 @@ pub async fn run(
         latest: BTreeMap::new(),
         handled: BTreeSet::new(),
         filled: BTreeSet::new(),
+        written: BTreeSet::new(),
+        refilled: BTreeMap::new(),
         unverified: BTreeSet::new(),
         mismatched: BTreeSet::new(),
         pending: Vec::new(),
@@ -468,6 +503,26 @@ pub async fn run(
             p.reason = format!(
                 "builds with {} filled-in hash(es) (see hash_fixes)",
                 p.hash_fixes.len()
+            );
+        } else if let Some(gots) = s.refilled.get(&p.attr)
+            && fixing
+            && p.status() == PackageStatus::Ready
+        {
+            // Ready on the fixes only: the checkout as submitted does not build it.
+            let owners: BTreeSet<&String> = s
+                .fixes
+                .iter()
+                .filter(|(_, list)| list.iter().any(|f| gots.contains(&f.new)))
+                .map(|(attr, _)| attr)
+                .collect();
+            let owners: Vec<&str> = owners.into_iter().map(String::as_str).collect();
+            p.reason = format!(
+                "builds with hash(es) filled in for {} (see their hash_fixes)",
+                if owners.is_empty() {
+                    "other packages".to_string()
+                } else {
+                    owners.join(", ")
+                }
             );
         }
     }
