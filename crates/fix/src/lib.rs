@@ -313,6 +313,25 @@ fn name_stems(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The first place (file, 1-based line) of the tree where `specified` is written as a
+/// string literal, in any spelling Nix takes (SRI, `sha256:` with base-32 or hex, a bare
+/// base-32 or hex digest).
+fn written_as_is(tree: &Tree, specified: &Sri) -> Option<(String, usize)> {
+    let h = nixfarm_core::hash::Hash::parse(specified, None)?;
+    let hex: String = h.digest.iter().map(|b| format!("{b:02x}")).collect();
+    let nix32 = nixfarm_core::hash::nix32_encode(&h.digest);
+    let spellings = [specified.to_string(), nix32, hex];
+    tree.iter()
+        .filter(|(f, _)| f.ends_with(".nix"))
+        .find_map(|(file, text)| {
+            let at = spellings
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()?;
+            Some((file.clone(), text[..at].matches('\n').count() + 1))
+        })
+}
+
 /// Nothing corroborated a binding (no literal of the derivation beside it, and no position
 /// for the package): the file that defines the derivation's name (a string literal that
 /// begins it, such as the package's `pname` in `pname-deno-deps`) decides, when exactly one
@@ -343,12 +362,19 @@ fn by_name(
     }
     match named.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(format!(
-            "no binding with the value {} found{}",
-            m.specified,
-            own.map(|o| format!(" in {o} or elsewhere in the repository"))
-                .unwrap_or_default()
-        )),
+        [] => Err(match written_as_is(scanned.tree, &m.specified) {
+            // There, but not as a binding the fixer knows for a hash: said where.
+            Some((file, line)) => format!(
+                "{file}:{line} holds the value {}, but not as a hash binding the fixer edits (an attribute named hash, sha256 or ...Hash, beside a literal of the fetch such as its rev or url): fill it in there by hand",
+                m.specified
+            ),
+            None => format!(
+                "no binding with the value {} found{}",
+                m.specified,
+                own.map(|o| format!(" in {o} or elsewhere in the repository"))
+                    .unwrap_or_default()
+            ),
+        }),
         [a, b, ..] => Err(format!(
             "{}:{} and {}:{} both name {} and specify {}; nothing tells which one it uses",
             a.0,

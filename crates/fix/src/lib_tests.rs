@@ -374,3 +374,39 @@ fn a_hash_binding_shared_by_fetches_of_different_contents_is_not_filled_in() {
         )
     }
 }
+
+/// A stale hash kept under a name the fixer does not take for a hash (`src = "sha256-…"`,
+/// a per-platform set): nothing is edited, and the message says where the value is.
+#[test]
+fn a_hash_written_where_no_binding_is_taken_is_named_by_its_place() {
+    let mut t = Tree::new();
+    t.insert(
+        "pkgs/hashes.nix".into(),
+        format!(
+            "{{\n  rev = \"2d8ba804c79141991b71b2a9513e56817c9de8de\";\n  src = \"{GOT1}\";\n}}\n"
+        ),
+    );
+    let m = Mismatch {
+        fod_drv: StorePath::parse_drv(&format!("/nix/store/{}-source.drv", "c".repeat(32)))
+            .unwrap(),
+        hints: vec!["2d8ba804c79141991b71b2a9513e56817c9de8de".into()],
+        specified: Sri::parse(GOT1).unwrap(),
+        got: Sri::parse(GOT2).unwrap(),
+    };
+    let planned = plan(
+        &t,
+        &[PackageMismatches {
+            attr: "a".into(),
+            own_file: None,
+            mismatches: vec![m],
+        }],
+    );
+    assert!(planned.fixes.is_empty());
+    assert!(
+        planned.unlocated[0].why.starts_with(&format!(
+            "pkgs/hashes.nix:3 holds the value {GOT1}, but not as a hash binding"
+        )),
+        "{}",
+        planned.unlocated[0].why
+    );
+}
