@@ -1402,3 +1402,57 @@ fn packages_sharing_a_hash_file_are_all_fixed_by_its_one_edit() {
     let hashes = std::fs::read_to_string(repo.join("pkgs/widgets/hashes.nix")).unwrap();
     assert!(!hashes.contains("\"\""), "{hashes}");
 }
+
+/// A file:// cache whose disk is full: the package is not-cached, the reason naming the
+/// cache's directory as the one without room (not the store it was archived from).
+#[test]
+fn a_full_cache_disk_is_named_as_such() {
+    let dir = scratch();
+    let repo = sh_flake(
+        dir.path(),
+        "big",
+        r#"big = mk "big" "mkdir $out; dd if=/dev/urandom of=$out/blob bs=1M count=1 2>/dev/null";"#,
+    );
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    set_mode(&cache, 0o755);
+    std::fs::create_dir_all(dir.path().join("key")).unwrap();
+    let (sk, _) = cache_key(&dir.path().join("key"), "full-1");
+    let host = Host::new(&dir.path().join("host"));
+    let script = format!(
+        "mount -t tmpfs -o size=64k,mode=755 full {} && exec \"$@\"",
+        cache.display()
+    );
+    let out = host
+        .command(&[
+            "sh",
+            "-c",
+            &script,
+            "sh",
+            bin("nixfarm").to_str().unwrap(),
+            "local",
+            repo.to_str().unwrap(),
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+            "--format",
+            "json",
+            "--cache",
+            &format!("file://{}", cache.display()),
+            "--signing-key-file",
+            sk.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&out), stderr(&out)));
+    let big = &packages_by_attr(&report)["big"];
+    assert_eq!(big["status"], "not-cached", "{big}");
+    let reason = big["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "no room left where it is staged, {}",
+            cache.join("nar").display()
+        )),
+        "{reason}"
+    );
+}

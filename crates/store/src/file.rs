@@ -117,13 +117,13 @@ impl FileCache {
                 }
                 None => {
                     let mut src = staged.file;
-                    let tmp = nar_path.with_extension("tmp");
-                    let mut out = std::fs::File::create(&tmp)
-                        .map_err(io(format!("cannot write {}", tmp.display())))?;
+                    let (mut out, tmp) = temp_beside(&nar_path)?;
                     std::io::copy(&mut src, &mut out)
-                        .map_err(io(format!("cannot write {}", tmp.display())))?;
-                    std::fs::rename(&tmp, &nar_path)
                         .map_err(io(format!("cannot write {}", nar_path.display())))?;
+                    tmp.persist(&nar_path).map_err(|e| StoreError::Io {
+                        what: format!("cannot write {}", nar_path.display()),
+                        source: e.error,
+                    })?;
                 }
             }
             // The narinfo last: it never points at a NAR that is not there.
@@ -136,8 +136,32 @@ impl FileCache {
     }
 }
 
+/// A new file of its own beside `path` (pushers side by side each write theirs: a shared
+/// temporary name had one rename another's half-written file), removed if it is never
+/// put in place (a full disk leaves no debris), readable by whoever serves the cache.
+fn temp_beside(path: &Path) -> Result<(std::fs::File, tempfile::TempPath), StoreError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".nixfarm-")
+        .tempfile_in(dir)
+        .map_err(io(format!(
+            "cannot write in the cache at {}",
+            dir.display()
+        )))?;
+    let (file, tmp) = tmp.into_parts();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+        .map_err(io(format!("cannot write {}", path.display())))?;
+    Ok((file, tmp))
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp-nixfarm");
-    std::fs::write(&tmp, bytes).map_err(io(format!("cannot write {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("cannot write {}", path.display())))
+    use std::io::Write as _;
+    let (mut file, tmp) = temp_beside(path)?;
+    file.write_all(bytes)
+        .map_err(io(format!("cannot write {} in the cache", path.display())))?;
+    tmp.persist(path).map_err(|e| StoreError::Io {
+        what: format!("cannot write {}", path.display()),
+        source: e.error,
+    })
 }

@@ -158,14 +158,33 @@ pub(crate) fn stage(
     };
     // Buffered: the NAR's many small tokens reach the hasher and the encoder in large writes.
     let mut buffered = std::io::BufWriter::with_capacity(256 << 10, &mut nar);
-    nar::dump(path, &mut buffered).map_err(io(format!("cannot archive {}", path.display())))?;
-    buffered
-        .flush()
-        .map_err(io(format!("cannot archive {}", path.display())))?;
+    // A full disk is the staging directory's (a file:// cache's own nar/, or the temporary
+    // directory), not the store's: said so, where.
+    let staging = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    let archiving = |e: std::io::Error| {
+        let full = matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        );
+        StoreError::Io {
+            what: if full {
+                format!(
+                    "cannot archive {}: no room left where it is staged, {}",
+                    path.display(),
+                    staging.display()
+                )
+            } else {
+                format!("cannot archive {}", path.display())
+            },
+            source: e,
+        }
+    };
+    nar::dump(path, &mut buffered).map_err(archiving)?;
+    buffered.flush().map_err(archiving)?;
     drop(buffered);
     let nar_hash = nar.hash.finalize().to_vec();
     let nar_size = nar.len;
-    let compressed = nar.inner.finish().map_err(io("compression failed"))?;
+    let compressed = nar.inner.finish().map_err(archiving)?;
     let file_hash = compressed.hash.finalize().to_vec();
     let file_size = compressed.len;
     let mut file = compressed.inner.into_inner().map_err(|e| StoreError::Io {
