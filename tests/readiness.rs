@@ -1456,3 +1456,78 @@ fn a_full_cache_disk_is_named_as_such() {
         "{reason}"
     );
 }
+
+/// A flake in a subdirectory of a git repository is read with the whole repository, as
+/// `nix build ./sub` reads it: an expression may read `../`, and the fixes' paths are the
+/// repository's, so the patch applies with `git apply` at its root.
+#[test]
+fn a_flake_in_a_subdirectory_of_a_git_repository_reads_the_repository() {
+    let dir = scratch();
+    let repo = dir.path().join("mono");
+    std::fs::create_dir_all(repo.join("nix/pkgs")).unwrap();
+    std::fs::create_dir_all(repo.join("shared")).unwrap();
+    std::fs::write(
+        repo.join("shared/greeting.txt"),
+        "hello from the repository\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("nix/flake.nix"),
+        r#"{ outputs = { self }: let
+    sys = "x86_64-linux";
+    greeting = builtins.readFile ../shared/greeting.txt;
+  in { packages.${sys} = {
+    greet = derivation { name = "greet"; system = sys; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+      args = [ "-c" "echo '${greeting}' > $out" ]; };
+    fetched = import ./pkgs/fetched.nix { inherit sys; };
+  }; }; }
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("nix/pkgs/fetched.nix"),
+        "{ sys }:\nderivation {\n  name = \"fetched\"; system = sys; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\";\n  args = [ \"-c\" \"printf '%s\\\\n' 'fetched source' > $out\" ];\n  outputHashMode = \"flat\"; outputHashAlgo = \"sha256\";\n  outputHash = \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\";\n}\n",
+    )
+    .unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.email=t@t", "-c", "user.name=t"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "init"]);
+    let host = Host::new(&dir.path().join("host"));
+    let patch = dir.path().join("fix.patch");
+    let report = local(
+        &host,
+        &dir.path().join("state"),
+        &repo.join("nix"),
+        &["--patch-out", patch.to_str().unwrap()],
+    );
+    let got = packages_by_attr(&report);
+    assert_eq!(got["greet"]["status"], "ready", "{}", got["greet"]);
+    let out = got["greet"]["outputs"]["out"].as_str().unwrap();
+    assert_eq!(
+        stdout(&host.run(&["cat", out])).trim(),
+        "hello from the repository"
+    );
+    // --patch-out fixes hashes: its stages go on with the same whole-repository tree.
+    let fetched = &got["fetched"];
+    assert_eq!(fetched["status"], "ready", "{fetched}");
+    assert_eq!(
+        fetched["hash_fixes"][0]["file"], "nix/pkgs/fetched.nix",
+        "{fetched}"
+    );
+    git(&["apply", patch.to_str().unwrap()]);
+    assert!(
+        std::fs::read_to_string(repo.join("nix/pkgs/fetched.nix"))
+            .unwrap()
+            .contains(&sri("fetched source"))
+    );
+}

@@ -385,7 +385,9 @@ pub async fn run(
         Some(_) => crate::source::Reader::File,
         None => crate::source::Reader::Flake,
     };
-    let checkout = Checkout::read(dir, reader)?;
+    // The tree the snapshot is of: a flake's repository, for one in a subdirectory of it.
+    let (root, _) = crate::source::snapshot_root(dir, reader)?;
+    let checkout = Checkout::read(&root, reader)?;
     let fixing = fix.enabled();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut s = Session {

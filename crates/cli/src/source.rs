@@ -301,21 +301,56 @@ pub fn entry_file(dir: &Path, file: Option<&str>) -> anyhow::Result<Option<Strin
     }
 }
 
-/// Uploads a local checkout (or passes a flake reference through) and returns the run's source.
+/// Where a snapshot of the checkout `dir` is taken from, and the flake's directory in it
+/// (empty: the root). A git flake in a subdirectory of its repository is read with the
+/// whole repository, as Nix reads `./sub` (`git+file:…?dir=sub`): its expressions may read
+/// `../`, and paths in reports and patches are the repository's. Anything else is `dir`.
+pub fn snapshot_root(dir: &Path, reader: Reader) -> anyhow::Result<(PathBuf, String)> {
+    let alone = || Ok((dir.to_path_buf(), String::new()));
+    if reader != Reader::Flake || !in_git_tree(dir) {
+        return alone();
+    }
+    let Ok(out) = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "--show-toplevel", "--show-prefix"])
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return alone();
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let (Some(top), prefix) = (lines.next(), lines.next().unwrap_or_default()) else {
+        return alone();
+    };
+    let prefix = prefix.trim_end_matches('/');
+    if !out.status.success() || prefix.is_empty() {
+        return alone();
+    }
+    nixfarm_core::entry::check_flake_dir(prefix).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((PathBuf::from(top), prefix.to_string()))
+}
+
+/// Uploads a local checkout (or passes a flake reference through) and returns the run's
+/// source, its label, and the flake's directory in the snapshot (see [`snapshot_root`]).
 pub async fn prepare(
     client: &Client,
     s: &str,
     reader: Reader,
     overrides: &BTreeMap<PathBuf, Vec<u8>>,
-) -> anyhow::Result<(pb::Source, String)> {
+) -> anyhow::Result<(pb::Source, String, String)> {
     match check_local_or_ref(s)? {
         Named::FlakeRef(f) => Ok((
             pb::Source {
                 kind: Some(pb::source::Kind::FlakeRef(f.clone())),
             },
             f,
+            String::new(),
         )),
-        Named::Dir(dir) => {
+        Named::Dir(named) => {
+            let label = label_of(&named);
+            let (dir, flake_dir) = snapshot_root(&named, reader)?;
             let Snapshot {
                 files,
                 links_out,
@@ -329,10 +364,13 @@ pub async fn prepare(
                 );
             }
             // Without it nothing evaluates: said here, not as an agent's puzzle.
-            if untracked.iter().any(|f| f == Path::new("flake.nix")) {
+            if untracked
+                .iter()
+                .any(|f| *f == Path::new(&flake_dir).join("flake.nix"))
+            {
                 bail!(
                     "{}/flake.nix is not tracked by git, and Nix reads only tracked files of a git flake: `git add flake.nix` (and the files it reads)",
-                    dir.display()
+                    named.display()
                 );
             }
             if !untracked.is_empty() && overrides.is_empty() {
@@ -383,7 +421,8 @@ pub async fn prepare(
                 pb::Source {
                     kind: Some(pb::source::Kind::Snapshot(resp.digest)),
                 },
-                label_of(&dir),
+                label,
+                flake_dir,
             ))
         }
     }

@@ -139,6 +139,9 @@ pub struct EntrySpec {
     /// For a flake: (input, flake reference) overridden, as `--override-input`.
     #[serde(default)]
     pub overrides: Vec<(String, String)>,
+    /// For a flake in a subdirectory of its snapshot: that directory (empty: the root).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub flake_dir: String,
 }
 
 /// What an agent offers when it registers.

@@ -31,6 +31,29 @@ pub fn check_file(file: &str) -> Result<(), BadEntry> {
     }
 }
 
+/// A flake's directory in its snapshot (a flake in a subdirectory of a git repository,
+/// read with the whole repository as Nix reads `./sub`): a relative path of plain
+/// components, in characters a flake reference's `?dir=` carries as they are.
+pub fn check_flake_dir(dir: &str) -> Result<(), BadEntry> {
+    let ok = !dir.is_empty()
+        && dir.len() <= 256
+        && !dir.starts_with('/')
+        && dir
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+        && dir
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.' | '+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(BadEntry(format!(
+            "the flake's directory '{}' is not a plain relative path (letters, digits, - _ . + and /)",
+            crate::limits::clip(dir, 80)
+        )))
+    }
+}
+
 /// An argument: a Nix identifier for a name, a bounded value without NUL bytes.
 pub fn check_arg(name: &str, value: &str) -> Result<(), BadEntry> {
     let mut chars = name.chars();
@@ -71,6 +94,18 @@ pub fn check_override(name: &str, reference: &str, allow_local: bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flake_dir_is_a_plain_relative_path() {
+        for ok in ["nix", "a/b-c_d.e+f", "sub/flake"] {
+            assert!(check_flake_dir(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "/abs", "../x", "a//b", "a/./b", "a b", "a?b", "a#b", "a&dir=b",
+        ] {
+            assert!(check_flake_dir(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn files_stay_inside_the_tree() {

@@ -4,6 +4,53 @@ use super::*;
 use std::collections::VecDeque;
 
 /// Makes the run's flake available locally and returns a flake reference to it.
+/// The tree a reference to a run's unpacked snapshot names, and the directory of its flake:
+/// `path:TREE` (the tree's root), or `file://TREE.flake.tar?dir=SUB` for a flake in a
+/// subdirectory of its repository (see [`flake_in_dir`]). None for any other reference.
+pub(super) fn local_flake(reference: &str) -> Option<(PathBuf, PathBuf)> {
+    if let Some(root) = reference.strip_prefix("path:") {
+        if root.contains('?') {
+            return None;
+        }
+        return Some((PathBuf::from(root), PathBuf::from(root)));
+    }
+    let (tar, dir) = reference.strip_prefix("file://")?.split_once("?dir=")?;
+    nixfarm_core::entry::check_flake_dir(dir).ok()?;
+    let root = PathBuf::from(tar.strip_suffix(FLAKE_TAR)?);
+    let flake = root.join(dir);
+    Some((root, flake))
+}
+
+/// What a run's tree is packed as for a flake in a subdirectory, beside the tree.
+const FLAKE_TAR: &str = ".flake.tar";
+
+/// The reference to the flake in `dir` of the run's unpacked tree `root`, read with the
+/// whole tree as Nix reads `./sub` of a git repository. Nix 2.8 takes `?dir=` of a tarball
+/// and not of a `path:`, so the tree (already checked, links and all) is packed once into a
+/// tarball of one top directory beside it, which Nix unpacks into its store.
+fn flake_in_dir(root: &std::path::Path, dir: &str) -> Result<String, String> {
+    let mut tar = root.as_os_str().to_owned();
+    tar.push(FLAKE_TAR);
+    let tar = PathBuf::from(tar);
+    if !tar.is_file() {
+        let tmp = tar.with_extension(format!("tmp-{:016x}", fastrand::u64(..)));
+        let packed = (|| -> std::io::Result<()> {
+            let mut b = ::tar::Builder::new(std::fs::File::create(&tmp)?);
+            b.follow_symlinks(false);
+            b.append_dir_all("source", root)?;
+            b.into_inner()?.sync_all()?;
+            std::fs::rename(&tmp, &tar)
+        })();
+        if let Err(e) = packed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!(
+                "cannot pack the checkout for its flake in {dir}: {e}"
+            ));
+        }
+    }
+    Ok(format!("file://{}?dir={dir}", tar.display()))
+}
+
 pub(super) async fn prepare_source(
     shared: &Arc<Shared>,
     channel: Channel,
@@ -50,8 +97,8 @@ pub(super) async fn check_flake_inputs(
         if overrides.is_empty() {
             return Ok(());
         }
-        let dir = match reference.strip_prefix("path:") {
-            Some(root) => PathBuf::from(root),
+        let dir = match local_flake(reference) {
+            Some((_, flake)) => flake,
             None => shared.nix.prefetch_flake(reference).await?,
         };
         let declared = shared.nix.flake_inputs(&dir).await?;
@@ -67,8 +114,8 @@ pub(super) async fn check_flake_inputs(
     if cached && shared.checked_flakes.lock().is_ok_and(|c| c.contains(&key)) {
         return Ok(());
     }
-    let dir = match reference.strip_prefix("path:") {
-        Some(root) => PathBuf::from(root),
+    let dir = match local_flake(reference) {
+        Some((_, flake)) => flake,
         None => shared.nix.prefetch_flake(reference).await?,
     };
     let overridden: Vec<String> = overrides.iter().map(|(n, _)| n.clone()).collect();
@@ -215,8 +262,27 @@ pub(super) fn entry_for(
                 .map_err(|x| refuse(x.0))?;
             overrides.push((o.name.clone(), o.value.clone()));
         }
-        // The flake's own inputs are checked by `check_flake_inputs`, before Nix runs.
-        return Ok(Entry::Flake(flake.to_string(), overrides));
+        // A flake in a subdirectory of the uploaded tree (its git repository's): Nix reads
+        // the whole tree and evaluates the directory's flake, as it reads `./sub`.
+        let dir = entry.as_ref().map_or("", |e| e.flake_dir.as_str());
+        if dir.is_empty() {
+            // The flake's own inputs are checked by `check_flake_inputs`, before Nix runs.
+            return Ok(Entry::Flake(flake.to_string(), overrides));
+        }
+        nixfarm_core::entry::check_flake_dir(dir).map_err(|x| refuse(x.0))?;
+        let Some((root, _)) = local_flake(flake) else {
+            return Err(refuse(
+                "a flake's directory applies to an uploaded checkout, not to a flake reference"
+                    .into(),
+            ));
+        };
+        if !std::fs::symlink_metadata(root.join(dir).join("flake.nix")).is_ok_and(|m| m.is_file()) {
+            return Err(refuse(format!(
+                "{dir}/flake.nix is not a file of the checkout"
+            )));
+        }
+        let reference = flake_in_dir(&root, dir).map_err(NixError::Infra)?;
+        return Ok(Entry::Flake(reference, overrides));
     }
     let Some(e) = entry else {
         return Err(refuse("no entry".into()));
@@ -462,6 +528,7 @@ pub(super) fn touch_run_source(shared: &Shared, sources: &std::path::Path, dir: 
         if let Err(e) = snapshot::remove_tree(&sources.join(&old)) {
             tracing::warn!("cannot remove the old source {old}: {e}");
         }
+        let _ = std::fs::remove_file(sources.join(format!("{old}{FLAKE_TAR}")));
     }
 }
 
@@ -496,8 +563,11 @@ pub(super) fn repo_position(position: &str, flake: &str) -> String {
 }
 
 fn relative_in(position: &str, flake: &str, store: &std::path::Path) -> Option<String> {
-    let root = std::path::Path::new(flake.strip_prefix("path:")?);
-    if flake.contains('?') || !root.is_absolute() {
+    // The tree's root, whatever directory of it the flake is in: positions are the
+    // repository's.
+    let (root, _) = local_flake(flake)?;
+    let root = root.as_path();
+    if !root.is_absolute() {
         return None;
     }
     let (file, line) = match position.rsplit_once(':') {
@@ -541,7 +611,31 @@ fn relative_in(position: &str, flake: &str, store: &std::path::Path) -> Option<S
 
 #[cfg(test)]
 mod tests {
-    use super::{relative_in, repo_position, sweep};
+    use super::{local_flake, relative_in, repo_position, sweep};
+
+    /// Only the references this agent makes of a run's tree are taken for one: `path:TREE`
+    /// and `file://TREE.flake.tar?dir=SUB` with a plain relative SUB.
+    #[test]
+    fn a_runs_tree_is_known_by_the_references_made_of_it() {
+        let p = std::path::PathBuf::from;
+        assert_eq!(
+            local_flake("path:/w/sources/r1-d"),
+            Some((p("/w/sources/r1-d"), p("/w/sources/r1-d")))
+        );
+        assert_eq!(
+            local_flake("file:///w/sources/r1-d.flake.tar?dir=nix/flake"),
+            Some((p("/w/sources/r1-d"), p("/w/sources/r1-d/nix/flake")))
+        );
+        for other in [
+            "path:/w/sources/r1-d?rev=abc",
+            "file:///etc/passwd?dir=x",
+            "file:///w/sources/r1-d.flake.tar?dir=../up",
+            "file:///w/sources/r1-d.flake.tar",
+            "github:o/r",
+        ] {
+            assert_eq!(local_flake(other), None, "{other}");
+        }
+    }
 
     /// The least recently used sources beyond the number kept go, but not one whose run
     /// has a job going on here (an evaluation of a `--file` run reads its tree for as long

@@ -106,7 +106,7 @@ pub(crate) async fn submit(
     if !cache.is_empty() && stage_of.is_none() {
         probe_cache(&cache).await?;
     }
-    let (src, label) = source::prepare(client, source, reader, overrides).await?;
+    let (src, label, flake_dir) = source::prepare(client, source, reader, overrides).await?;
     let req = pb::SubmitRunRequest {
         source: Some(src),
         attr_path: run.attr_path.clone().unwrap_or_default(),
@@ -119,12 +119,14 @@ pub(crate) async fn submit(
                     file,
                     args: nix_args,
                     overrides: vec![],
+                    flake_dir: String::new(),
                 })
             }
-            None if run.override_inputs.is_empty() => None,
+            None if run.override_inputs.is_empty() && flake_dir.is_empty() => None,
             None => Some(pb::NixEntry {
                 file: String::new(),
                 args: vec![],
+                flake_dir,
                 overrides: run
                     .override_inputs
                     .chunks(2)

@@ -65,10 +65,19 @@ pub(super) fn entry_from_wire(e: Option<pb::NixEntry>) -> Result<EntrySpec, Wire
                 .map_err(|x| WireError(x.0))?;
             overrides.push((o.name, o.value));
         }
+        if !e.flake_dir.is_empty() {
+            nixfarm_core::entry::check_flake_dir(&e.flake_dir).map_err(|x| WireError(x.0))?;
+        }
         return Ok(EntrySpec {
             overrides,
+            flake_dir: e.flake_dir,
             ..EntrySpec::default()
         });
+    }
+    if !e.flake_dir.is_empty() {
+        return Err(WireError(
+            "a flake's directory applies to a flake, not to a Nix file (--file)".into(),
+        ));
     }
     if !e.overrides.is_empty() {
         return Err(WireError(
@@ -92,6 +101,7 @@ pub(super) fn entry_from_wire(e: Option<pb::NixEntry>) -> Result<EntrySpec, Wire
         file: e.file,
         args,
         overrides: Vec::new(),
+        flake_dir: String::new(),
     })
 }
 
@@ -116,6 +126,7 @@ pub fn entry_to_wire(e: &EntrySpec) -> pb::NixEntry {
                 literal: true,
             })
             .collect(),
+        flake_dir: e.flake_dir.clone(),
     }
 }
 
@@ -206,6 +217,12 @@ impl TryFrom<pb::SubmitRunRequest> for RunSpec {
             entry: entry_from_wire(r.entry)?,
             stage_of: stage_from_wire(r.stage_of)?,
         };
+        // A flake's directory is one of an uploaded tree: a remote reference says its own.
+        if !spec.entry.flake_dir.is_empty() && !matches!(spec.source, SourceSpec::Snapshot(_)) {
+            return Err(WireError(
+                "a flake's directory applies to an uploaded checkout, not to a flake reference (give it ?dir=)".into(),
+            ));
+        }
         // A Nix file is read from an uploaded tree; a remote flake has no such file here.
         if !spec.entry.file.is_empty() && !matches!(spec.source, SourceSpec::Snapshot(_)) {
             return Err(WireError(
