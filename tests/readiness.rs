@@ -1530,4 +1530,24 @@ fn a_flake_in_a_subdirectory_of_a_git_repository_reads_the_repository() {
             .unwrap()
             .contains(&sri("fetched source"))
     );
+    // On a farm, whose agents evaluate with their host's secrets (HOME too) covered.
+    let coordinator = Coordinator::start(&dir.path().join("farm")).unwrap();
+    let farm_host = Host::new(&dir.path().join("farm-host"));
+    let _agent = farm_host
+        .start_agent("a1", &coordinator.url, None, 2)
+        .unwrap();
+    let out = farm_host.run(&[
+        bin("nixfarm").to_str().unwrap(),
+        "--coordinator",
+        &coordinator.url,
+        "submit",
+        repo.join("nix").to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let farm: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    let got = packages_by_attr(&farm);
+    assert_eq!(got["greet"]["status"], "ready", "{farm}");
+    assert_eq!(got["fetched"]["status"], "ready", "{farm}");
 }

@@ -169,6 +169,12 @@ impl Agent {
             .with_declining_hook(&cfg.work_dir)
             .with_build_isolation(isolation.as_ref(), &readable)
             .with_daemon(&cfg.work_dir);
+        if isolation.is_some() {
+            let cache = cfg.work_dir.join("eval-cache");
+            std::fs::create_dir_all(&cache)
+                .with_context(|| format!("cannot create {}", cache.display()))?;
+            nix.eval_cache_home = Some(cache);
+        }
         nix.isolation = isolation;
         Ok(Agent {
             shared: Arc::new(Shared {

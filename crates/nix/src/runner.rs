@@ -108,6 +108,10 @@ pub struct Nix {
     /// are the agent's own secret files (covered whenever they exist, as a file written
     /// later does). None: they read all they can (a single user's own farm).
     pub isolation: Option<std::sync::Arc<Vec<PathBuf>>>,
+    /// Where an isolated evaluation keeps Nix's fetcher cache (`XDG_CACHE_HOME`): its HOME
+    /// is covered, and fetching a tarball (a flake in a subdirectory of its checkout) needs
+    /// one. None: Nix's default.
+    pub eval_cache_home: Option<PathBuf>,
     /// What builds in this process's own store may not read (see
     /// [`Nix::with_build_isolation`]); None: builds are not covered.
     pub(crate) build_covers: Option<std::sync::Arc<Vec<PathBuf>>>,
@@ -140,6 +144,7 @@ impl Default for Nix {
             daemon: None,
             eval_deadline: EVAL_DEADLINE,
             isolation: None,
+            eval_cache_home: None,
             build_covers: None,
             no_flake_registry: false,
             eval_nice: 0,
@@ -311,6 +316,9 @@ impl Nix {
                 ));
                 // None of the agent's environment (its tokens) either: what Nix needs.
                 crate::entry::keep_env(&mut c, &["NIX_CONFIG"]);
+                if let Some(cache) = &self.eval_cache_home {
+                    c.env("XDG_CACHE_HOME", cache);
+                }
                 c
             }
             None => self.nix_cmd(),
