@@ -124,7 +124,7 @@ fn every_status_matches_the_repository_and_outputs_travel_through_the_cache() {
     // Positions name the repository's own file, as a maintainer opens it.
     let pos = got["pds"]["position"].as_str().unwrap();
     assert!(
-        pos.starts_with("pkgs/bluesky-social/pds.nix:")
+        pos.starts_with(&format!("{}pkgs/bluesky-social/pds.nix:", example_prefix()))
             && pos.rsplit(':').next().unwrap().parse::<u32>().is_ok(),
         "position of pds: {pos}"
     );
@@ -156,12 +156,13 @@ fn every_status_matches_the_repository_and_outputs_travel_through_the_cache() {
             "{attr}"
         );
         let first = &e["fixes"][0];
+        let file = format!("{}{}", example_prefix(), first["file"].as_str().unwrap());
         assert!(
             p["hash_fixes"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|f| f["file"] == first["file"] && f["new"] == first["new"]),
+                .any(|f| f["file"] == file.as_str() && f["new"] == first["new"]),
             "{attr}: {}",
             p["hash_fixes"]
         );

@@ -42,6 +42,22 @@ pub fn example_repo() -> PathBuf {
     repo_root().join("examples/atproto-pkgs")
 }
 
+/// What the example's files are named by in reports when it is run in place: a flake in a
+/// subdirectory of a git repository is read with the whole repository (as `nix build ./sub`
+/// reads it), so its paths carry that subdirectory (`examples/atproto-pkgs/`); none out of
+/// git (a CI checkout from a tarball, say).
+pub fn example_prefix() -> String {
+    Command::new("git")
+        .arg("-C")
+        .arg(example_repo())
+        .args(["rev-parse", "--show-prefix"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Expected statuses of the example repository, as the fixture documents them.
 pub fn expected() -> serde_json::Value {
     let text =

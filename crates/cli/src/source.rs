@@ -411,9 +411,14 @@ pub async fn prepare(
                     bytes.len()
                 );
             }
+            let whose = if flake_dir.is_empty() {
+                String::new()
+            } else {
+                format!(" with its git repository, {}", dir.display())
+            };
             note!(
-                "uploaded {} ({} files, {} bytes)",
-                dir.display(),
+                "uploaded {}{whose} ({} files, {} bytes)",
+                named.display(),
                 files.len(),
                 resp.size
             );
