@@ -81,6 +81,18 @@ fn local(
     repo: &std::path::Path,
     extra: &[&str],
 ) -> serde_json::Value {
+    let out = local_output(host, state, repo, extra);
+    serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&out), stderr(&out)))
+}
+
+/// `nixfarm local REPO --format json` on `host` with its state in `state`: what it printed.
+fn local_output(
+    host: &Host,
+    state: &std::path::Path,
+    repo: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
     let mut argv = vec![
         bin("nixfarm").display().to_string(),
         "local".into(),
@@ -93,13 +105,10 @@ fn local(
     argv.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
     // A secret in the agents' environment, which no evaluation may read.
-    let out = host
-        .command(&refs)
+    host.command(&refs)
         .env("NIXFARM_TEST_SECRET", "s3cret")
         .output()
-        .unwrap();
-    serde_json::from_str(&stdout(&out))
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&out), stderr(&out)))
+        .unwrap()
 }
 
 fn assert_caught(report: &serde_json::Value) {
@@ -1134,18 +1143,7 @@ fn a_git_flake_is_its_tracked_files_with_uncommitted_edits_an_untracked_file_lef
     std::fs::write(repo.join("forgotten.nix"), pkg("forgotten", "forgotten")).unwrap();
     let host = Host::new(&dir.path().join("host"));
     let state = dir.path().join("state");
-    let out = host
-        .command(&[
-            bin("nixfarm").to_str().unwrap(),
-            "local",
-            repo.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--format",
-            "json",
-        ])
-        .output()
-        .unwrap();
+    let out = local_output(&host, &state, &repo, &[]);
     let report: serde_json::Value = serde_json::from_str(&stdout(&out))
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&out), stderr(&out)));
     let got = packages_by_attr(&report);
@@ -1232,20 +1230,7 @@ fn a_refused_apply_still_prints_the_report_and_its_fixes() {
     std::fs::write(&fixme, &original).unwrap();
     let host = Host::new(&dir.path().join("host"));
     let state = dir.path().join("state");
-    let out = host
-        .command(&[
-            bin("nixfarm").to_str().unwrap(),
-            "local",
-            repo.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--format",
-            "json",
-            "--fix-hashes",
-            "--apply",
-        ])
-        .output()
-        .unwrap();
+    let out = local_output(&host, &state, &repo, &["--fix-hashes", "--apply"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(

@@ -694,15 +694,18 @@ fn a_revoked_certificate_is_cut_off_and_refused_without_a_restart() {
         .unwrap()
         .replace(':', "")
         .to_lowercase();
-    let listing = stdout(
-        &Command::new(bin("nixfarm"))
-            .arg("agents")
-            .env("NIXFARM_COORDINATOR", &url)
-            .env("NIXFARM_TLS_CA", &ca)
-            .env("NIXFARM_TOKEN", "cli-secret-1")
-            .output()
-            .unwrap(),
-    );
+    let agents = || {
+        stdout(
+            &Command::new(bin("nixfarm"))
+                .arg("agents")
+                .env("NIXFARM_COORDINATOR", &url)
+                .env("NIXFARM_TLS_CA", &ca)
+                .env("NIXFARM_TOKEN", "cli-secret-1")
+                .output()
+                .unwrap(),
+        )
+    };
+    let listing = agents();
     assert!(
         listing.contains(&format!("compromised: {hex}")),
         "{hex} in:\n{listing}"
@@ -716,15 +719,7 @@ fn a_revoked_certificate_is_cut_off_and_refused_without_a_restart() {
         .expect_err("registered again with a revoked certificate");
     assert_eq!(again.code(), tonic::Code::PermissionDenied);
     assert!(again.message().contains("revoked"), "{again:?}");
-    let listing = stdout(
-        &Command::new(bin("nixfarm"))
-            .arg("agents")
-            .env("NIXFARM_COORDINATOR", &url)
-            .env("NIXFARM_TLS_CA", &ca)
-            .env("NIXFARM_TOKEN", "cli-secret-1")
-            .output()
-            .unwrap(),
-    );
+    let listing = agents();
     assert!(
         listing.contains(&format!("compromised: {hex} (revoked)"))
             && !listing.contains("keeper: (revoked)"),

@@ -307,29 +307,7 @@ fn a_hash_binding_shared_by_fetches_of_different_contents_is_not_filled_in() {
         "flake.nix".into(),
         "{ outputs = { self }: let\n  mk = n: fetchSrc { owner = \"o\"; repo = n; hash = lib.fakeHash; };\nin { a = mk \"a\"; b = mk \"b\"; }; }\n".into(),
     );
-    let fetch = |c: char, got: &str| Mismatch {
-        fod_drv: StorePath::parse_drv(&format!(
-            "/nix/store/{}-source.drv",
-            c.to_string().repeat(32)
-        ))
-        .unwrap(),
-        hints: vec!["o".into()],
-        specified: Sri::parse(FAKE).unwrap(),
-        got: Sri::parse(got).unwrap(),
-    };
-    let packages = [
-        PackageMismatches {
-            attr: "a".into(),
-            own_file: Some("flake.nix".into()),
-            mismatches: vec![fetch('c', GOT1)],
-        },
-        PackageMismatches {
-            attr: "b".into(),
-            own_file: Some("flake.nix".into()),
-            mismatches: vec![fetch('d', GOT2)],
-        },
-    ];
-    let planned = plan(&t, &packages);
+    let planned = plan_two(&t, GOT1, GOT2);
     assert!(planned.fixes.is_empty(), "{:?}", planned.fixes);
     assert_eq!(planned.unlocated.len(), 2);
     for u in &planned.unlocated {
@@ -342,12 +320,13 @@ fn a_hash_binding_shared_by_fetches_of_different_contents_is_not_filled_in() {
         );
     }
     // The same content twice: one value fits both, and is written.
-    let same = plan_same(&t);
+    let same = plan_two(&t, GOT1, GOT1);
     assert!(same.unlocated.is_empty(), "{:?}", same.unlocated);
     assert_eq!(same.fixes.len(), 2);
 
-    fn plan_same(t: &Tree) -> Plan {
-        let fetch = |c: char| Mismatch {
+    /// Packages a and b of flake.nix, each with a fetch of its own that got `a` and `b`.
+    fn plan_two(t: &Tree, a: &str, b: &str) -> Plan {
+        let fetch = |c: char, got: &str| Mismatch {
             fod_drv: StorePath::parse_drv(&format!(
                 "/nix/store/{}-source.drv",
                 c.to_string().repeat(32)
@@ -355,22 +334,16 @@ fn a_hash_binding_shared_by_fetches_of_different_contents_is_not_filled_in() {
             .unwrap(),
             hints: vec!["o".into()],
             specified: Sri::parse(FAKE).unwrap(),
-            got: Sri::parse(GOT1).unwrap(),
+            got: Sri::parse(got).unwrap(),
+        };
+        let package = |attr: &str, m: Mismatch| PackageMismatches {
+            attr: attr.into(),
+            own_file: Some("flake.nix".into()),
+            mismatches: vec![m],
         };
         plan(
             t,
-            &[
-                PackageMismatches {
-                    attr: "a".into(),
-                    own_file: Some("flake.nix".into()),
-                    mismatches: vec![fetch('c')],
-                },
-                PackageMismatches {
-                    attr: "b".into(),
-                    own_file: Some("flake.nix".into()),
-                    mismatches: vec![fetch('d')],
-                },
-            ],
+            &[package("a", fetch('c', a)), package("b", fetch('d', b))],
         )
     }
 }
