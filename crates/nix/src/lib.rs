@@ -16,6 +16,7 @@ pub mod flake_inputs;
 pub mod isolation;
 pub mod messages;
 mod path_info;
+mod quote;
 pub mod room;
 pub mod runner;
 mod store_query;

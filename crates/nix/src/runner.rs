@@ -163,41 +163,7 @@ fn nix_flags(mut c: Command) -> Command {
     c
 }
 
-/// Escapes a string for a Nix double-quoted string literal.
-pub fn nix_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '$' => out.push_str("\\$"),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Renders an attribute path (`packages.x86_64-linux`) as a flake fragment with each
-/// element quoted where needed.
-pub(crate) fn fragment(attr_path: &str) -> String {
-    attr_path
-        .split('.')
-        .map(|p| {
-            if p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                && !p.is_empty()
-            {
-                p.to_string()
-            } else {
-                nix_string(p)
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(".")
-}
+pub use crate::quote::{fragment, nix_string};
 
 /// Gives `c` these settings, as `--option NAME VALUE`. The CA file goes in the environment
 /// as well (`NIX_SSL_CERT_FILE`): Nix 2.8 takes `ssl-cert-file` from there and ignores it on

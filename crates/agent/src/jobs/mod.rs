@@ -21,6 +21,7 @@ mod check;
 mod claims;
 mod disk;
 mod eval;
+mod flake_ref;
 mod isolate;
 pub(crate) mod output_locks;
 mod prewarm;

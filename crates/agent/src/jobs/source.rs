@@ -1,56 +1,10 @@
 //! A run's flake on this host: remote references checked, snapshots fetched as a stream, checked whole and unpacked read-only in a directory of the run's own.
 
+use super::flake_ref::{FLAKE_TAR, flake_in_dir, local_flake};
 use super::*;
 use std::collections::VecDeque;
 
 /// Makes the run's flake available locally and returns a flake reference to it.
-/// The tree a reference to a run's unpacked snapshot names, and the directory of its flake:
-/// `path:TREE` (the tree's root), or `file://TREE.flake.tar?dir=SUB` for a flake in a
-/// subdirectory of its repository (see [`flake_in_dir`]). None for any other reference.
-pub(super) fn local_flake(reference: &str) -> Option<(PathBuf, PathBuf)> {
-    if let Some(root) = reference.strip_prefix("path:") {
-        if root.contains('?') {
-            return None;
-        }
-        return Some((PathBuf::from(root), PathBuf::from(root)));
-    }
-    let (tar, dir) = reference.strip_prefix("file://")?.split_once("?dir=")?;
-    nixfarm_core::entry::check_flake_dir(dir).ok()?;
-    let root = PathBuf::from(tar.strip_suffix(FLAKE_TAR)?);
-    let flake = root.join(dir);
-    Some((root, flake))
-}
-
-/// What a run's tree is packed as for a flake in a subdirectory, beside the tree.
-const FLAKE_TAR: &str = ".flake.tar";
-
-/// The reference to the flake in `dir` of the run's unpacked tree `root`, read with the
-/// whole tree as Nix reads `./sub` of a git repository. Nix 2.8 takes `?dir=` of a tarball
-/// and not of a `path:`, so the tree (already checked, links and all) is packed once into a
-/// tarball of one top directory beside it, which Nix unpacks into its store.
-fn flake_in_dir(root: &std::path::Path, dir: &str) -> Result<String, String> {
-    let mut tar = root.as_os_str().to_owned();
-    tar.push(FLAKE_TAR);
-    let tar = PathBuf::from(tar);
-    if !tar.is_file() {
-        let tmp = tar.with_extension(format!("tmp-{:016x}", fastrand::u64(..)));
-        let packed = (|| -> std::io::Result<()> {
-            let mut b = ::tar::Builder::new(std::fs::File::create(&tmp)?);
-            b.follow_symlinks(false);
-            b.append_dir_all("source", root)?;
-            b.into_inner()?.sync_all()?;
-            std::fs::rename(&tmp, &tar)
-        })();
-        if let Err(e) = packed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(format!(
-                "cannot pack the checkout for its flake in {dir}: {e}"
-            ));
-        }
-    }
-    Ok(format!("file://{}?dir={dir}", tar.display()))
-}
-
 pub(super) async fn prepare_source(
     shared: &Arc<Shared>,
     channel: Channel,
@@ -610,81 +564,5 @@ fn relative_in(position: &str, flake: &str, store: &std::path::Path) -> Option<S
 }
 
 #[cfg(test)]
-mod tests {
-    use super::{local_flake, relative_in, repo_position, sweep};
-
-    /// Only the references this agent makes of a run's tree are taken for one: `path:TREE`
-    /// and `file://TREE.flake.tar?dir=SUB` with a plain relative SUB.
-    #[test]
-    fn a_runs_tree_is_known_by_the_references_made_of_it() {
-        let p = std::path::PathBuf::from;
-        assert_eq!(
-            local_flake("path:/w/sources/r1-d"),
-            Some((p("/w/sources/r1-d"), p("/w/sources/r1-d")))
-        );
-        assert_eq!(
-            local_flake("file:///w/sources/r1-d.flake.tar?dir=nix/flake"),
-            Some((p("/w/sources/r1-d"), p("/w/sources/r1-d/nix/flake")))
-        );
-        for other in [
-            "path:/w/sources/r1-d?rev=abc",
-            "file:///etc/passwd?dir=x",
-            "file:///w/sources/r1-d.flake.tar?dir=../up",
-            "file:///w/sources/r1-d.flake.tar",
-            "github:o/r",
-        ] {
-            assert_eq!(local_flake(other), None, "{other}");
-        }
-    }
-
-    /// The least recently used sources beyond the number kept go, but not one whose run
-    /// has a job going on here (an evaluation of a `--file` run reads its tree for as long
-    /// as it runs): the next oldest goes instead, or none while all are in use.
-    #[test]
-    fn the_sweep_keeps_the_sources_of_runs_with_a_job_going_on() {
-        let mut lru: std::collections::VecDeque<String> = ["r1-aa", "r2-bb", "r3-cc", "r4-dd"]
-            .map(String::from)
-            .into();
-        let in_use: std::collections::HashSet<String> = ["r1".to_string()].into();
-        assert_eq!(sweep(&mut lru, 2, &in_use), ["r2-bb", "r3-cc"]);
-        assert_eq!(lru, ["r1-aa", "r4-dd"]);
-        let all: std::collections::HashSet<String> = ["r1", "r4"].map(String::from).into();
-        lru.push_back("r5-ee".into());
-        let mut busy = lru.clone();
-        assert_eq!(sweep(&mut busy, 1, &all), ["r5-ee"]);
-        assert_eq!(busy, ["r1-aa", "r4-dd"]);
-    }
-
-    #[test]
-    fn positions_in_the_runs_tree_become_repository_relative() {
-        let d = tempfile::tempdir().unwrap();
-        let tree = d.path().join("tree");
-        let store = d.path().join("store");
-        let copy = store.join("0a1b-source");
-        for root in [&tree, &copy] {
-            std::fs::create_dir_all(root.join("pkgs")).unwrap();
-            std::fs::write(root.join("pkgs/a.nix"), "{ }").unwrap();
-        }
-        std::fs::write(tree.join("pkgs/b.nix"), "tree").unwrap();
-        std::fs::write(copy.join("pkgs/b.nix"), "another input's").unwrap();
-        let flake = format!("path:{}", tree.display());
-        // Inside the tree itself.
-        let p = format!("{}/pkgs/a.nix:12", tree.display());
-        assert_eq!(repo_position(&p, &flake), "pkgs/a.nix:12");
-        // Nix's store copy of the tree.
-        let p = format!("{}/pkgs/a.nix:3", copy.display());
-        assert_eq!(
-            relative_in(&p, &flake, &store).as_deref(),
-            Some("pkgs/a.nix:3")
-        );
-        // A file of the same name whose content is not the tree's: another input's.
-        let p = format!("{}/pkgs/b.nix:1", copy.display());
-        assert_eq!(relative_in(&p, &flake, &store), None);
-        assert_eq!(repo_position(&p, &flake), p);
-        // A remote flake: this host holds no tree to compare with.
-        assert_eq!(
-            repo_position("/nix/store/x-source/pkgs/a.nix:3", "github:o/r"),
-            "/nix/store/x-source/pkgs/a.nix:3"
-        );
-    }
-}
+#[path = "source_tests.rs"]
+mod tests;
