@@ -306,6 +306,14 @@ impl Session<'_> {
                 }
             }
         }
+        // A package whose every fix is listed under another (the one whose file holds it)
+        // builds on that package's fix: said so at the end.
+        for (attr, list) in &plan.fixes {
+            if !owners.values().any(|(owner, _)| *owner == attr) {
+                self.refilled
+                    .insert(attr.clone(), list.iter().map(|f| f.new.clone()).collect());
+            }
+        }
         for (attr, fix) in owners.into_values() {
             self.fixes
                 .entry(attr.clone())
