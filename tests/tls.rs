@@ -584,8 +584,17 @@ fn only_agents_that_can_get_into_the_farm_cache_are_told_of_it() {
     assert_ne!(new.farm_cache_port, 0, "told of the farm cache");
     assert_eq!(new.farm_cache_token.len(), 64);
     assert!(new.farm_cache_token.bytes().all(|b| b.is_ascii_hexdigit()));
-    // The same token when it comes back.
-    let (again, new_stream) = registered("new", true);
+    // The same token when it comes back, once the coordinator has seen its first stream
+    // end (until then the name is still connected, and refused as such).
+    let (again, new_stream) =
+        wait_for(
+            Duration::from_secs(10),
+            "the agent to come back",
+            || match by_hand(&rt, &url, &ca, (&cert, &key), "new", true) {
+                Err(e) if e.code() == tonic::Code::AlreadyExists => None,
+                r => Some(r.unwrap()),
+            },
+        );
     assert_eq!(again.farm_cache_token, new.farm_cache_token);
     let (old, _old) = registered("old", false);
     assert_eq!(
