@@ -308,13 +308,17 @@ pub(crate) fn hash_edits_only(old: &str, new: &str, got: &HashSet<String>) -> bo
     old[o..] == new[n..]
 }
 
-/// The length of the value `s` starts with that a hash fix may replace: a plain string
-/// literal (no escapes, no interpolation, one line), or a name that is a fake hash
-/// (`lib.fakeHash`, `pkgs.lib.fakeSha256`).
+/// The length of the value `s` starts with that a hash fix may replace: a string literal
+/// that is empty or a hash in any spelling Nix takes (what the fixer replaces: `""`, a
+/// stale hash), or a name that is a fake hash (`lib.fakeHash`, `pkgs.lib.fakeSha256`).
+/// No other string (a URL, a builder) can become a hash in a stage.
 fn value_len(s: &str) -> Option<usize> {
     if let Some(rest) = s.strip_prefix('"') {
         let end = rest.find(['"', '\\', '$', '\n'])?;
-        return (rest[end..].starts_with('"') && end + 2 <= MAX_OLD_VALUE).then_some(end + 2);
+        let text = &rest[..end];
+        let hashy = text.is_empty() || nixfarm_core::hash::Hash::parse(text, None).is_some();
+        return (rest[end..].starts_with('"') && end + 2 <= MAX_OLD_VALUE && hashy)
+            .then_some(end + 2);
     }
     let len = s
         .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '\'')))
@@ -350,6 +354,9 @@ mod tests {
         // Code changed beside a hash.
         let code = new.replace("url = \"u\"", "url = \"evil\"");
         assert!(!hash_edits_only(old, &code, &got));
+        // A string that is no hash (a URL) made one.
+        let url = old.replace("url = \"u\"", &format!("url = \"{A}\""));
+        assert!(!hash_edits_only(old, &url, &got));
         // An expression that is no fake hash made a hash.
         let expr = "{ x = builtins.readFile ./h; }";
         assert!(!hash_edits_only(expr, &format!("{{ x = \"{A}\"; }}"), &got));
