@@ -33,13 +33,23 @@ pub(super) fn flake_in_dir(root: &std::path::Path, dir: &str) -> Result<String, 
     let tar = PathBuf::from(tar);
     if !tar.is_file() {
         let tmp = tar.with_extension(format!("tmp-{:016x}", fastrand::u64(..)));
-        let packed = (|| -> std::io::Result<()> {
+        let pack = || -> std::io::Result<()> {
             let mut b = ::tar::Builder::new(std::fs::File::create(&tmp)?);
             b.follow_symlinks(false);
+            // No times of this host's unpacking: the flake's lastModified is the same on
+            // every agent.
+            b.mode(::tar::HeaderMode::Deterministic);
             b.append_dir_all("source", root)?;
             b.into_inner()?.sync_all()?;
             std::fs::rename(&tmp, &tar)
-        })();
+        };
+        // A repository may be large: packed off the runtime's own threads.
+        let packed = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(pack)
+            }
+            _ => pack(),
+        };
         if let Err(e) = packed {
             let _ = std::fs::remove_file(&tmp);
             return Err(format!(

@@ -64,7 +64,7 @@ pub(super) async fn check_flake_inputs(
     let key = format!("{reference} {overrides:?}");
     // An override may name another commit each time too (Nix fetches it again after its
     // tarball-ttl): only a run's own tree without overrides is checked once.
-    let cached = reference.starts_with("path:") && overrides.is_empty();
+    let cached = local_flake(reference).is_some() && overrides.is_empty();
     if cached && shared.checked_flakes.lock().is_ok_and(|c| c.contains(&key)) {
         return Ok(());
     }
@@ -483,6 +483,15 @@ pub(super) fn touch_run_source(shared: &Shared, sources: &std::path::Path, dir: 
             tracing::warn!("cannot remove the old source {old}: {e}");
         }
         let _ = std::fs::remove_file(sources.join(format!("{old}{FLAKE_TAR}")));
+        // And a packing a crash left half done.
+        if let Ok(dir) = std::fs::read_dir(sources) {
+            let half = format!("{old}.flake.tmp-");
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&half) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
 

@@ -137,10 +137,25 @@ impl Engine {
                     .get(&p.attr)
                     .map(|was| was.hash_fixes.clone())
                     .unwrap_or_default();
+                // A place filled in again later (a value corrected) shows its last value,
+                // from what the file had first.
                 for f in &p.hash_fixes {
-                    if !fixes.iter().any(|k| k.file == f.file && k.line == f.line) {
-                        fixes.push(f.clone());
+                    match fixes
+                        .iter_mut()
+                        .find(|k| k.file == f.file && k.line == f.line)
+                    {
+                        Some(k) => {
+                            k.new = f.new.clone();
+                        }
+                        None => fixes.push(f.clone()),
                     }
+                }
+                // A stage's row stands for its package only once it came to something: a
+                // stage cancelled, or not built yet, leaves the row before it.
+                if matches!(p.status, PackageStatus::Pending | PackageStatus::Cancelled)
+                    && packages.contains_key(&p.attr)
+                {
+                    continue;
                 }
                 let mut p = p;
                 p.hash_fixes = fixes;
@@ -152,11 +167,12 @@ impl Engine {
                 }
                 packages.insert(p.attr.clone(), p);
             }
-            // Going on beats ended; of ended ones, failed beats cancelled beats finished.
+            // Going on beats ended; of ended ones, failed beats finished. A cancelled stage
+            // left its rows as they were (above), and so the session's state.
             let rank = |s: RunState| match s {
                 s if !s.is_terminal() => 3,
                 RunState::Failed => 2,
-                RunState::Cancelled => 1,
+                RunState::Cancelled => 0,
                 _ => 0,
             };
             if rank(stage.state) > rank(state) {
@@ -230,7 +246,8 @@ pub(crate) fn only_hashes_filled(
 struct Entry {
     kind: u8,
     mode: u32,
-    link: Option<String>,
+    link: Option<Vec<u8>>,
+    /// Of the content and the name's exact bytes.
     digest: [u8; 32],
     /// The text of a UTF-8 file of at most [`MAX_EDITED_FILE`] bytes.
     text: Option<String>,
@@ -243,34 +260,41 @@ fn entries(tar: &Path) -> std::io::Result<BTreeMap<String, Entry>> {
     let mut archive = tar::Archive::new(std::fs::File::open(tar)?);
     for entry in archive.entries()? {
         let mut entry = entry?;
-        let name = entry.path()?.to_string_lossy().into_owned();
+        // Names as bytes, as the upload's check reads them (`./x` is `x`); one name twice
+        // could hide a file behind another.
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(raw.strip_prefix(b"./").unwrap_or(&raw))
+            .trim_end_matches('/')
+            .to_string();
         let header = entry.header();
-        let (kind, mode, size) = (
-            header.entry_type().as_byte(),
-            header.mode()?,
-            header.size()?,
-        );
-        let link = entry.link_name()?.map(|l| l.to_string_lossy().into_owned());
+        let (kind, mode) = (header.entry_type().as_byte(), header.mode()?);
+        // The size the entry really has (a PAX header may say another than the plain one).
+        let size = entry.size();
+        let link = entry.link_name_bytes().map(|l| l.into_owned());
         let mut hasher = sha2::Sha256::new();
         let mut text = None;
         if size <= MAX_EDITED_FILE {
             let mut bytes = Vec::new();
-            (&mut entry).take(MAX_EDITED_FILE).read_to_end(&mut bytes)?;
+            entry.read_to_end(&mut bytes)?;
             hasher.update(&bytes);
             text = String::from_utf8(bytes).ok();
         } else {
             std::io::copy(&mut entry, &mut hasher)?;
         }
-        out.insert(
-            name,
-            Entry {
-                kind,
-                mode,
-                link,
-                digest: hasher.finalize().into(),
-                text,
-            },
-        );
+        hasher.update(&raw);
+        let e = Entry {
+            kind,
+            mode,
+            link,
+            digest: hasher.finalize().into(),
+            text,
+        };
+        if out.insert(name.clone(), e).is_some() {
+            return Err(std::io::Error::other(format!(
+                "{} is in it twice",
+                nixfarm_core::limits::clip(&name, 200)
+            )));
+        }
     }
     Ok(out)
 }
@@ -320,11 +344,22 @@ fn value_len(s: &str) -> Option<usize> {
         return (rest[end..].starts_with('"') && end + 2 <= MAX_OLD_VALUE && hashy)
             .then_some(end + 2);
     }
+    // A name of identifiers joined by dots whose last is a fake hash's: nothing else (a
+    // `''` that closes a string, say) is taken for one.
     let len = s
-        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '\'')))
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.')))
         .unwrap_or(s.len());
     let name = &s[..len];
-    (len > 0 && len <= MAX_OLD_VALUE && name.to_ascii_lowercase().contains("fake")).then_some(len)
+    let parts_ok = name.split('.').all(|p| {
+        p.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    });
+    let fake = matches!(
+        name.rsplit('.').next(),
+        Some("fakeHash" | "fakeSha256" | "fakeSha512" | "fakeSha1")
+    );
+    (len <= MAX_OLD_VALUE && parts_ok && fake).then_some(len)
 }
 
 #[cfg(test)]
@@ -354,6 +389,18 @@ mod tests {
         // Code changed beside a hash.
         let code = new.replace("url = \"u\"", "url = \"evil\"");
         assert!(!hash_edits_only(old, &code, &got));
+        // Quotes that close one string and open the next are no value: the text between
+        // them (code) cannot be cut out for a hash; nor can a `''` after a "fake" word.
+        let script = "{ check = ''\n  echo \"ok\"; exit 1; echo \"done\"\n''; }";
+        let cut = script.replace("\"; exit 1; echo \"", &format!("\"{A}\""));
+        assert!(!hash_edits_only(script, &cut, &got));
+        let indented = "{ a = ''run --fake''; b = 1; }";
+        let closed = indented.replace("fake''", &format!("\"{A}\""));
+        assert!(!hash_edits_only(indented, &closed, &got));
+        // pkgs.lib.fakeSha256 is a fake hash's name.
+        let long = "{ sha256 = pkgs.lib.fakeSha256; }";
+        let filled = long.replace("pkgs.lib.fakeSha256", &format!("\"{A}\""));
+        assert!(hash_edits_only(long, &filled, &got));
         // A string that is no hash (a URL) made one.
         let url = old.replace("url = \"u\"", &format!("url = \"{A}\""));
         assert!(!hash_edits_only(old, &url, &got));
