@@ -1104,6 +1104,18 @@ fn a_fixed_output_with_a_store_reference_is_the_packages_failure_not_the_machine
     );
 }
 
+/// Runs `git` in `repo` as a test's committer; it must succeed.
+fn git_in(repo: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["-c", "user.email=t@t", "-c", "user.name=t"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+}
+
 /// A git flake is read as Nix reads it: tracked files as they are now (uncommitted edits
 /// included), and no file that was never `git add`ed, so "ready" is what `nix build` on this
 /// checkout, and on a clone of it, says. The file left out is named.
@@ -1112,16 +1124,7 @@ fn a_git_flake_is_its_tracked_files_with_uncommitted_edits_an_untracked_file_lef
     let dir = scratch();
     let repo = dir.path().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(["-c", "user.email=t@t", "-c", "user.name=t"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
-    };
+    let git = |args: &[&str]| git_in(&repo, args);
     let pkg = |name: &str, text: &str| {
         format!(
             "{{ system }}: derivation {{ name = \"{name}\"; inherit system; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {text} > $out\" ]; }}\n"
@@ -1474,16 +1477,7 @@ fn a_flake_in_a_subdirectory_of_a_git_repository_reads_the_repository() {
         "{ sys }:\nderivation {\n  name = \"fetched\"; system = sys; builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\";\n  args = [ \"-c\" \"printf '%s\\\\n' 'fetched source' > $out\" ];\n  outputHashMode = \"flat\"; outputHashAlgo = \"sha256\";\n  outputHash = \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\";\n}\n",
     )
     .unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(["-c", "user.email=t@t", "-c", "user.name=t"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
-    };
+    let git = |args: &[&str]| git_in(&repo, args);
     git(&["init", "-q"]);
     git(&["add", "."]);
     git(&["commit", "-qm", "init"]);
